@@ -1,0 +1,214 @@
+"""``torch.ops.sparsecc.*``: the custom ops rewritten graphs call.
+
+Every op has a fake (meta) implementation, so Inductor and dynamic shapes
+trace through it, and a real implementation that dispatches on the ``impl``
+argument the compiler baked in:
+
+* ``"reference"``: the pure-PyTorch reference beside each kernel (the test
+  oracle and the CPU path);
+* ``"triton"``: the Triton kernel registered for the op (an error if none);
+* ``"auto"``: the Triton kernel where one is registered for the tensor's
+  device, the reference otherwise.
+
+Kernels are listed in one table, ``TRITON_KERNELS``, that maps an op name to
+a loader; loaders import their kernel module only when first used, so
+importing sparsecc never compiles or imports Triton.
+
+Ops are registered by ``register_ops()``, which the backend calls; it is
+idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+NAMESPACE = "sparsecc"
+IMPL_CHOICES = ("auto", "triton", "reference")
+
+# op name -> zero-argument loader returning (kernel fn, supported device types).
+# Kernel work registers here; an op absent from this table runs its reference everywhere.
+TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {}
+
+_registered = False
+_lock = threading.Lock()
+
+
+def triton_kernel(op: str, device: torch.device) -> Optional[Callable]:
+    """The Triton kernel for ``op`` on ``device``, or None when there is none (or Triton is missing)."""
+    loader = TRITON_KERNELS.get(op)
+    if loader is None:
+        return None
+    try:
+        fn, device_types = loader()
+    except ImportError:
+        return None
+    return fn if device.type in device_types else None
+
+
+def has_triton_kernel(op: str, device: torch.device) -> bool:
+    """True when ``op`` has a Triton kernel for ``device``."""
+    return triton_kernel(op, device) is not None
+
+
+def _pick(op: str, impl: str, device: torch.device, reference: Callable) -> Callable:
+    if impl not in IMPL_CHOICES:
+        raise ValueError(f"sparsecc op {op}: impl={impl!r} is not one of {IMPL_CHOICES}")
+    if impl == "reference":
+        return reference
+    kernel = triton_kernel(op, device)
+    if kernel is not None:
+        return kernel
+    if impl == "triton":
+        raise RuntimeError(f"sparsecc op {op}: kernels='triton' but no Triton kernel exists for {device.type}")
+    return reference
+
+
+# ---------------------------------------------------------------- attention
+
+def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                        scale: float, causal: bool, sink: List[int], window: List[int],
+                        impl: str) -> torch.Tensor:
+    """Sink + window attention, per-head sink/window (window -1 keeps the head dense)."""
+    from sparsecc.codegen.block_attention import streaming_attention_ref
+
+    def reference(q, k, v, mask, scale, causal, sink, window):
+        return streaming_attention_ref(q, k, v, sink=sink, window=window, scale=scale, causal=causal, mask=mask)
+
+    fn = _pick("streaming_attention", impl, q.device, reference)
+    return fn(q, k, v, mask, scale, causal, sink, window)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                           scale: float, causal: bool, block: int, local_blocks: int, global_blocks: int,
+                           random_blocks: int, seed: int, dense_heads: List[int], impl: str) -> torch.Tensor:
+    """BigBird-style block attention; heads listed in ``dense_heads`` keep every block."""
+    from sparsecc.codegen.block_attention import block_sparse_attention_ref
+
+    table = layout_table(q.shape[1], q.shape[2], k.shape[2], causal, block, local_blocks, global_blocks,
+                         random_blocks, seed, tuple(dense_heads), q.device)
+
+    def reference(q, k, v, mask, scale, table):
+        return block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask)
+
+    fn = _pick("block_sparse_attention", impl, q.device, reference)
+    return fn(q, k, v, mask, scale, table)
+
+
+@functools.lru_cache(maxsize=64)
+def layout_table(heads: int, seq_q: int, seq_k: int, causal: bool, block: int, local_blocks: int,
+                 global_blocks: int, random_blocks: int, seed: int, dense_heads: tuple, device: torch.device):
+    """Build (and cache per shape) the block table of a block_sparse layout."""
+    from sparsecc.forms import BlockSparse
+    from sparsecc.layouts import block_sparse_table, merge_head_tables
+
+    form = BlockSparse(block, local_blocks, global_blocks, random_blocks, seed)
+    table = block_sparse_table(form, heads, seq_q, seq_k, causal, device)
+    if not dense_heads:
+        return table
+    n_kblocks = -(-seq_k // block)
+    full = BlockSparse(block, local_blocks=n_kblocks + 1)
+    dense_table = block_sparse_table(full, 1, seq_q, seq_k, causal, device)
+    return merge_head_tables([dense_table if h in dense_heads else table for h in range(heads)], head_index=list(
+        0 if h in dense_heads else h for h in range(heads)))
+
+
+# ---------------------------------------------------------------- ffn / linear
+
+def threshold_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tau: float,
+                     impl: str) -> torch.Tensor:
+    """``F.linear(x * (|x| > tau), weight, bias)``: input activation sparsity (TEAL)."""
+    from sparsecc.codegen.activation_sparse import threshold_linear_ref
+    return _pick("threshold_linear", impl, x.device, threshold_linear_ref)(x, weight, bias, tau)
+
+
+def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor],
+                    w_up: Optional[torch.Tensor], b_up: Optional[torch.Tensor], w_down: torch.Tensor,
+                    b_down: Optional[torch.Tensor], act: str, tau: float, impl: str) -> torch.Tensor:
+    """FFN with thresholded gate activations (CATS); ``w_up`` None for a plain FFN."""
+    from sparsecc.codegen.activation_sparse import gate_sparse_ffn_ref
+
+    def reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau):
+        return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
+
+    fn = _pick("gate_sparse_ffn", impl, x.device, reference)
+    return fn(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau)
+
+
+def semi_structured_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                           bias: Optional[torch.Tensor], out_features: int, in_features: int,
+                           impl: str) -> torch.Tensor:
+    """``x @ Wᵀ + b`` with W stored 2:4-compressed (values + 2-bit positions)."""
+    from sparsecc.codegen.semi_structured_linear import semi_structured_linear_ref
+    from sparsecc.weights import SemiStructuredWeight
+
+    def reference(x, values, indices, bias):
+        weight = SemiStructuredWeight(values=values, indices=indices, shape=(out_features, in_features))
+        return semi_structured_linear_ref(x, weight, bias)
+
+    return _pick("semi_structured_linear", impl, x.device, reference)(x, values, indices, bias)
+
+
+def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                        bias: Optional[torch.Tensor], out_features: int, in_features: int,
+                        impl: str) -> torch.Tensor:
+    """``x @ Wᵀ + b`` with W stored as kept (bm x bk) blocks in BSR order."""
+    from sparsecc.codegen.block_sparse_linear import block_sparse_linear_ref
+    from sparsecc.weights import BlockSparseWeight
+
+    def reference(x, blocks, row_ptr, col_idx, bias):
+        weight = BlockSparseWeight(blocks=blocks, row_ptr=row_ptr, col_idx=col_idx,
+                                   shape=(out_features, in_features), block=tuple(blocks.shape[1:]))
+        return block_sparse_linear_ref(x, weight, bias)
+
+    return _pick("block_sparse_linear", impl, x.device, reference)(x, blocks, row_ptr, col_idx, bias)
+
+
+# ---------------------------------------------------------------- fake implementations
+
+def _attention_fake(q, k, v, *args):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _linear_fake(x, *args):
+    out_features = args[-3]
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _threshold_linear_fake(x, weight, bias, tau, impl):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _ffn_fake(x, w_gate, b_gate, w_up, b_up, w_down, *args):
+    return x.new_empty((*x.shape[:-1], w_down.shape[0]))
+
+
+_OPS = (
+    ("streaming_attention", streaming_attention, _attention_fake),
+    ("block_sparse_attention", block_sparse_attention, _attention_fake),
+    ("threshold_linear", threshold_linear, _threshold_linear_fake),
+    ("gate_sparse_ffn", gate_sparse_ffn, _ffn_fake),
+    ("semi_structured_linear", semi_structured_linear, _linear_fake),
+    ("block_sparse_linear", block_sparse_linear, _linear_fake),
+)
+
+
+def register_ops() -> None:
+    """Define every ``torch.ops.sparsecc`` op with its fake implementation (idempotent)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        for name, fn, fake in _OPS:
+            op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
+            op.register_fake(fake)
+        _registered = True
+
+
+def op(name: str):
+    """The registered ``torch.ops.sparsecc.<name>.default`` overload."""
+    register_ops()
+    return getattr(getattr(torch.ops, NAMESPACE), name).default

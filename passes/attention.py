@@ -1,0 +1,286 @@
+"""Attention sites: search, check and replace.
+
+Two searches find attention however the model spells it:
+
+* ``sdpa``: ``F.scaled_dot_product_attention`` with is_causal / attn_mask /
+  scale / enable_gqa;
+* ``softmax``: ``softmax(q @ kᵀ * scale + mask) @ v`` written by hand, with
+  matmul / bmm / einsum / ``@``, masks by addition, ``masked_fill`` or
+  ``where``, casts around the softmax and eval-mode dropout.
+
+In both, GQA expansion of k/v (``repeat_interleave`` on the head dim, or the
+``[:, :, None].expand(...).reshape(...)`` idiom) is peeled, so the sparse op
+reads the un-repeated KV heads: query head h uses KV head h // (H // Hkv).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch.fx import GraphModule, Node
+
+from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
+from sparsecc.passes.normalize import op_of
+from sparsecc.passes.site import Site, debug_no_match
+
+# A masked_fill value at or below this is a "masked out" marker (models use -inf, finfo.min or -1e9).
+MASK_FILL_MAX = -1.0e4
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class MaskTerm:
+    """One mask the model applies to the logits.
+
+    ``node`` is a bool tensor (``keep=True`` means True takes part, as in SDPA;
+    ``keep=False`` means True is filled out, as in masked_fill) or an additive
+    float tensor (``additive=True``).
+    """
+
+    node: Node
+    additive: bool
+    keep: bool = True
+
+
+@dataclass
+class AttentionMatch:
+    """Operands of a matched attention, in the layout the sparse op takes."""
+
+    q: Node
+    k: Node
+    v: Node
+    masks: List[MaskTerm]
+    scale: Optional[float]          # None: 1/sqrt(head_dim)
+    causal: bool
+    folded_heads: bool              # 3-D (batch*heads, S, D) operands
+    out_dtype: torch.dtype
+
+
+def _peel_repeat_kv(node: Node) -> Tuple[Node, int]:
+    """Undo GQA expansion: return (source with Hkv heads, n_rep)."""
+    op = op_of(node)
+    if op is not None and op.name == "repeat_kv":
+        return op.inputs[0], op.params["n_rep"]
+    # x[:, :, None, :, :].expand(B, Hkv, n_rep, S, D).reshape(B, Hkv * n_rep, S, D)
+    if op is not None and op.name == "view":
+        expand = op.inputs[0]
+        eop = op_of(expand)
+        if eop is not None and eop.name == "expand":
+            index = op_of(eop.inputs[0])
+            src_shape, exp_shape = None, shape_of(expand)
+            if index is not None and index.name == "getitem":
+                src = index.inputs[0]
+                src_shape = shape_of(src)
+                idx = index.params["index"]
+                inserted = (isinstance(idx, tuple) and len(idx) >= 3 and idx[2] is None
+                            and all(i == slice(None) for i in idx[:2]) and all(i == slice(None) for i in idx[3:]))
+                if (inserted and src_shape is not None and len(src_shape) == 4 and exp_shape is not None
+                        and len(exp_shape) == 5 and isinstance(exp_shape[2], int)):
+                    return src, exp_shape[2]
+    return node, 1
+
+
+def _forward_chain(node: Node) -> Optional[Node]:
+    """Follow casts / eval dropout from the softmax to the P @ V matmul; None if the chain branches."""
+    cur = node
+    while True:
+        user = _single_user(cur)
+        if user is None:
+            return None
+        op = op_of(user)
+        if op is None:
+            return None
+        if op.name in ("cast", "identity") and op.inputs[0] is cur:
+            cur = user
+            continue
+        if op.name == "matmul" and op.inputs[0] is cur and not op.params["transpose_rhs"]:
+            return user
+        return None
+
+
+def _single_user(node: Node) -> Optional[Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _peel_logits(node: Node, nodes: List[Node]) -> Optional[Tuple[Node, float, List[MaskTerm], str]]:
+    """Walk back from the softmax input to the q @ kᵀ matmul; collect scale and masks.
+
+    Returns (matmul node, scale, masks, "") or None with a reason via the
+    last tuple element when it fails.
+    """
+    cur, scale, masks = node, 1.0, []
+    while True:
+        op = op_of(cur)
+        if op is None:
+            return None
+        nodes.append(cur)
+        if op.name == "matmul":
+            return cur, scale, masks, ""
+        if len(cur.users) != 1 and cur is not node:
+            return None
+        if op.name in ("cast", "identity"):
+            cur = op.inputs[0]
+        elif op.name == "scale":
+            if any(m.additive for m in masks):
+                return None  # an additive mask applied before scaling would be scaled too
+            if op.params["factor"] <= 0:
+                return None
+            scale *= op.params["factor"]
+            cur = op.inputs[0]
+        elif op.name == "masked_fill":
+            value = op.params.get("value")
+            if value is None or value > MASK_FILL_MAX:
+                return None
+            masks.append(MaskTerm(op.inputs[1], additive=False, keep=not op.params["fill_where"]))
+            cur = op.inputs[0]
+        elif op.name == "add":
+            a, b = op.inputs
+            logits_side = _logits_operand(a, b)
+            if logits_side is None:
+                return None
+            other = b if logits_side is a else a
+            if dtype_of(other) == torch.bool:
+                return None
+            masks.append(MaskTerm(other, additive=True))
+            cur = logits_side
+        else:
+            return None
+
+
+def _logits_operand(a: Node, b: Node) -> Optional[Node]:
+    """Which operand of an add carries the logits: the one that leads back to a matmul."""
+    for cand in (a, b):
+        cur = cand
+        for _ in range(8):  # logits chains are short; this bounds the walk
+            op = op_of(cur)
+            if op is None:
+                break
+            if op.name == "matmul":
+                return cand
+            if op.name in ("cast", "identity", "scale", "masked_fill", "add"):
+                cur = op.inputs[0] if op.name != "add" else (_logits_operand(*op.inputs) or op.inputs[0])
+                continue
+            break
+    return None
+
+
+def _check_operands(q: Node, k: Node, v: Node, n_rep_k: int, n_rep_v: int) -> str:
+    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+    if qs is None or ks is None or vs is None:
+        return "operand shapes are unknown"
+    if not (len(qs) == len(ks) == len(vs)) or len(qs) not in (3, 4):
+        return f"operands are not 3-D or 4-D alike (q {len(qs)}-D, k {len(ks)}-D, v {len(vs)}-D)"
+    if n_rep_k != n_rep_v:
+        return "k and v are repeated differently for GQA"
+    dt = dtype_of(q)
+    if dt not in SUPPORTED_DTYPES or dtype_of(k) != dt or dtype_of(v) != dt:
+        return f"unsupported or mixed dtypes ({dt}, {dtype_of(k)}, {dtype_of(v)})"
+    return ""
+
+
+def search_sdpa(gm: GraphModule, ctx) -> List[Site]:
+    """Find ``F.scaled_dot_product_attention`` calls."""
+    sites = []
+    for node in gm.graph.nodes:
+        op = op_of(node)
+        if op is None or op.name != "sdpa":
+            continue
+        q, k, v, mask = op.inputs
+        dropout = op.params["dropout_p"]
+        if not (isinstance(dropout, (int, float)) and dropout == 0):
+            debug_no_match("attention", node, f"dropout_p={dropout!r} (only 0 is supported)")
+            continue
+        k0, rk = _peel_repeat_kv(k)
+        v0, rv = _peel_repeat_kv(v)
+        why = _check_operands(q, k0, v0, rk, rv)
+        if why:
+            debug_no_match("attention", node, why)
+            continue
+        masks = []
+        if isinstance(mask, Node):
+            masks.append(MaskTerm(mask, additive=dtype_of(mask) != torch.bool, keep=True))
+        scale = op.params["scale"]
+        match = AttentionMatch(q, k0, v0, masks, float(scale) if scale is not None else None,
+                               bool(op.params["is_causal"]), len(shape_of(q)) == 3, dtype_of(node))
+        sites.append(_make_site(node, (node,), match, "sdpa", ctx))
+    return sites
+
+
+def search_softmax(gm: GraphModule, ctx) -> List[Site]:
+    """Find hand-written ``softmax(q @ kᵀ * scale + mask) @ v`` attention."""
+    sites = []
+    for node in gm.graph.nodes:
+        op = op_of(node)
+        if op is None or op.name != "softmax":
+            continue
+        pv = _forward_chain(node)
+        if pv is None:
+            debug_no_match("attention", node, "softmax output is not consumed only by a matmul with v")
+            continue
+        chain: List[Node] = []
+        peeled = _peel_logits(op.inputs[0], chain)
+        if peeled is None:
+            debug_no_match("attention", node, "logits are not q @ kᵀ with only scale/mask/cast steps, "
+                                              "or an intermediate is used elsewhere")
+            continue
+        qk, scale, masks, _ = peeled
+        if len(qk.users) != 1:
+            debug_no_match("attention", node, "the q @ kᵀ product is used elsewhere")
+            continue
+        qk_op = op_of(qk)
+        q, kt = qk_op.inputs
+        if qk_op.params["transpose_rhs"]:
+            k = kt
+        else:
+            t_op = op_of(kt)
+            if t_op is None or t_op.name != "transpose":
+                debug_no_match("attention", node, "the right operand of q @ k is not a transposed k")
+                continue
+            k = t_op.inputs[0]
+        v = op_of(pv).inputs[1]
+        k0, rk = _peel_repeat_kv(k)
+        v0, rv = _peel_repeat_kv(v)
+        why = _check_operands(q, k0, v0, rk, rv)
+        if why:
+            debug_no_match("attention", node, why)
+            continue
+        site_nodes = tuple(chain) + (node,) + _between(node, pv)
+        match = AttentionMatch(q, k0, v0, masks, scale, False, len(shape_of(q)) == 3, dtype_of(pv))
+        sites.append(_make_site(pv, site_nodes, match, "softmax", ctx))
+    return sites
+
+
+def _between(start: Node, end: Node) -> Tuple[Node, ...]:
+    out, cur = [], start
+    while cur is not end:
+        cur = next(iter(cur.users))
+        out.append(cur)
+    return tuple(out)
+
+
+def _make_site(output: Node, nodes, match: AttentionMatch, spelling: str, ctx) -> Site:
+    qs, ks = shape_of(match.q), shape_of(match.k)
+    if match.folded_heads:
+        batch, heads, kv_heads = 1, qs[0], ks[0]
+        sq, sk, dim = qs[1], ks[1], qs[2]
+    else:
+        batch, heads, sq, dim = qs
+        kv_heads, sk = ks[1], ks[2]
+    module = common_module(nodes)
+    shapes = {"q": concrete_shape(match.q), "k": concrete_shape(match.k), "v": concrete_shape(match.v)}
+    attrs = {
+        "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_q": sq, "seq_k": sk, "head_dim": dim,
+        "causal": match.causal, "scale": match.scale if match.scale is not None else 1.0 / math.sqrt(_hint(dim)),
+        "masks": len(match.masks), "gqa_groups": _hint(heads) // max(1, _hint(kv_heads)),
+        "folded_heads": match.folded_heads,
+    }
+    symbolic = not all(is_static(shape_of(n)) for n in (match.q, match.k))
+    return Site("attention", module, output, tuple(nodes), shapes, match.out_dtype,
+                device_of(match.q) or torch.device("cpu"), attrs, match, spelling, symbolic)
+
+
+_hint = size_hint

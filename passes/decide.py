@@ -1,0 +1,68 @@
+"""Shared parts of every family's ``check``: rule lookup, policy and the cost verdict.
+
+The family checks (attention, ffn, linear) work out which form the spec asks
+for and whether it can apply to the site; ``verdict`` then turns that plus the
+cost estimate into the final ``Decision``. Reasons are one sentence each,
+written for the report.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from sparsecc.forms import Dense
+from sparsecc.passes.site import Decision, Estimate, Site
+
+NO_RULE = "no rule"
+
+
+def last_rule(site: Site, ctx):
+    """The last spec rule whose glob matches the site's module (later rules override earlier ones)."""
+    if ctx.spec is None:
+        return None
+    rules = ctx.spec.matching(site.kind, site.module)
+    return rules[-1] if rules else None
+
+
+def no_rule() -> Decision:
+    """Decision for a site no rule names."""
+    return Decision(False, None, NO_RULE)
+
+
+def dense_rule(rule, policy: str) -> Decision:
+    """Decision for a site whose rule asks for the dense form."""
+    return Decision(False, Dense(), f"{rule.key} asks for the dense form", rule=rule.key, policy=policy)
+
+
+def fallback(form, rule, policy, why: str, estimate: Optional[Estimate] = None, **params) -> Decision:
+    """The form cannot apply here; the site stays dense with ``why`` as the reason."""
+    return Decision(False, form, f"dense fallback: {why}", estimate, rule, policy, params)
+
+
+def verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimate, kernel_op: str,
+            **params) -> Decision:
+    """Apply or not, by policy, training mode, kernel availability and the cost estimate."""
+    if policy == "off":
+        return Decision(False, form, f"policy off in {rule_key}", estimate, rule_key, policy, params)
+    if ctx.autograd:
+        return fallback(form, rule_key, policy, "autograd is recording; sparse forms are inference-only "
+                        "(compile under torch.no_grad() or torch.inference_mode())", estimate, **params)
+    has_kernel = ctx.has_kernel(kernel_op, site.device)
+    if ctx.kernels == "triton" and not has_kernel:
+        return fallback(form, rule_key, policy, f"kernels='triton' but no Triton kernel for {kernel_op} "
+                        f"on {site.device.type}", estimate, **params)
+    gain = f"predicted {estimate.speedup:.2f}x on {ctx.hardware.name}"
+    if policy == "force":
+        impl = "triton kernel" if has_kernel and ctx.kernels != "reference" else "reference"
+        return Decision(True, form, f"policy force: applied ({impl}; {gain})", estimate, rule_key, policy, params)
+    # policy auto
+    if site.device.type == "cpu":
+        return Decision(False, form, "auto: on CPU the reference path is not faster than dense "
+                        "(policy = \"force\" runs it for accuracy studies)", estimate, rule_key, policy, params)
+    if not has_kernel or ctx.kernels == "reference":
+        return Decision(False, form, f"auto: no fast kernel for {kernel_op} on {site.device.type} "
+                        "(the reference would be slower than dense)", estimate, rule_key, policy, params)
+    margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
+    if estimate.speedup >= margin:
+        return Decision(True, form, f"auto: applied, {gain} >= margin {margin:g}", estimate, rule_key, policy, params)
+    return Decision(False, form, f"auto: kept dense, {gain} < margin {margin:g}", estimate, rule_key, policy, params)

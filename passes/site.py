@@ -1,0 +1,100 @@
+"""The data every rewrite shares: sites, decisions, estimates and the rewrite triple.
+
+A rewrite family (attention, ffn, linear) is a table of ``Rewrite`` entries.
+Each entry is a search -> check -> replace triple:
+
+* ``search(gm, ctx)`` finds sites structurally and returns ``Site`` objects;
+  it never decides anything;
+* ``check(site, ctx)`` is the one decision point: it consults the spec and the
+  cost model and returns a ``Decision`` with a one-sentence reason;
+* ``replace(gm, site, decision, ctx)`` rewrites an applied site into
+  ``torch.ops.sparsecc.*`` custom ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.fx import GraphModule, Node
+
+from sparsecc.forms import Form
+
+log = logging.getLogger("sparsecc")
+
+# Set to 1 to log, for every candidate node, why it did not become a site.
+DEBUG_MATCH_ENV = "SPARSECC_DEBUG_MATCH"
+
+
+def debug_no_match(kind: str, node: Node, why: str) -> None:
+    """Log why ``node`` did not become a ``kind`` site, when SPARSECC_DEBUG_MATCH is set."""
+    if os.environ.get(DEBUG_MATCH_ENV, "") not in ("", "0"):
+        log.warning("sparsecc: %s candidate %s not matched: %s", kind, node.name, why)
+
+
+@dataclass
+class Site:
+    """One matched attention / ffn / linear computation in the graph."""
+
+    kind: str                       # "attention" | "ffn" | "linear"
+    module: str                     # qualified module path, as in model.named_modules()
+    output: Node                    # the node whose value the site produces
+    nodes: Tuple[Node, ...]         # nodes that belong to the site (removed when it is rewritten)
+    shapes: Dict[str, tuple]        # named operand shapes (hints for symbolic sizes)
+    dtype: torch.dtype
+    device: torch.device
+    attrs: Dict[str, Any] = field(default_factory=dict)   # causal, heads, activation, bias, ...
+    match: Any = None               # the family's own match record
+    spelling: str = ""              # which search found it (e.g. "sdpa", "softmax")
+    symbolic: bool = False          # True when some size is symbolic
+    parent: Optional["Site"] = None  # the ffn site a linear belongs to
+
+    @property
+    def label(self) -> str:
+        """Readable identifier, e.g. ``attention @ layers.0.self_attn``."""
+        return f"{self.kind} @ {self.module or '<root>'}"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Roofline estimate of a site, dense and with the form applied."""
+
+    dense_flops: float
+    sparse_flops: float
+    dense_bytes: float
+    sparse_bytes: float
+    dense_time_s: float
+    sparse_time_s: float
+    density: float
+
+    @property
+    def speedup(self) -> float:
+        """Predicted dense time / sparse time."""
+        return self.dense_time_s / self.sparse_time_s if self.sparse_time_s > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``check`` decided for one site, and why."""
+
+    apply: bool
+    form: Optional[Form]
+    reason: str
+    estimate: Optional[Estimate] = None
+    rule: Optional[str] = None      # the spec rule that named the form, e.g. "attention[1]"
+    policy: Optional[str] = None
+    params: Dict[str, Any] = field(default_factory=dict)  # resolved per-site parameters (per-head lists, taus)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A named search -> check -> replace triple."""
+
+    name: str
+    kind: str
+    search: Callable[[GraphModule, Any], List[Site]]
+    check: Callable[[Site, Any], Decision]
+    replace: Callable[[GraphModule, Site, Decision, Any], None]

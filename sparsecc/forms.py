@@ -1,0 +1,208 @@
+"""Sparse forms: one frozen, validated dataclass per form.
+
+A form is *what* sparsity is applied, independent of where (the spec decides
+where) and of how it runs (codegen holds the kernels and their references).
+Every form validates its fields in ``__post_init__`` and raises ``ValueError``
+with the field name and the allowed values; the spec loader turns those into
+``SpecError`` with the file and key path.
+
+Exact semantics (the references in ``sparsecc.codegen`` implement these):
+
+* ``Streaming(sink, window)``: with query position p and key position j,
+  causal attention keeps (p, j) iff ``j <= p and (j < sink or p - j < window)``;
+  bidirectional attention keeps it iff ``j < sink or p < sink or |p - j| < window``.
+  When the query length Sq is shorter than the key length Sk, query row i has
+  position ``p = i + Sk - Sq`` (queries are the last Sq positions).
+* ``BlockSparse(block, local_blocks, global_blocks, random_blocks, seed)``:
+  query block a keeps key block b iff ``|a - b| < local_blocks``, or
+  ``a < global_blocks`` or ``b < global_blocks``, or b is one of the
+  ``random_blocks`` blocks drawn for (head, a) from ``seed``. Causality and the
+  model's own mask are intersected afterwards, at token granularity.
+* ``ActivationThreshold``: an input x of a chosen projection is replaced by
+  ``x * (|x| > tau)``.
+* ``TwoFour``: in every group of 4 consecutive input-dimension weights the 2
+  with the largest magnitude are kept.
+* ``BlockWeights(block=(bm, bk), density)``: the ``ceil(density * n_blocks)``
+  (bm x bk) weight blocks with the largest Frobenius norm are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple, Union
+
+ATTENTION_FORMS = ("dense", "streaming", "block_sparse")
+FFN_FORMS = ("dense", "activation_threshold")
+LINEAR_FORMS = ("dense", "2:4", "block_weights")
+FORMS_BY_KIND = {"attention": ATTENTION_FORMS, "ffn": FFN_FORMS, "linear": LINEAR_FORMS}
+
+PRUNE_MODES = ("magnitude", "keep")
+THRESHOLD_MODES = ("input", "gate")
+# Which projections a threshold may name, per mode.
+THRESHOLD_KEYS = {"input": ("input", "down"), "gate": ("gate",)}
+WEIGHT_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _require(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed; expected {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Dense:
+    """The dense form: leave the site as the model wrote it."""
+
+    name: str = field(default="dense", init=False)
+
+    def __str__(self) -> str:
+        return "dense"
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """Attention sink + sliding window (StreamingLLM)."""
+
+    sink: int
+    window: int
+    name: str = field(default="streaming", init=False)
+
+    def __post_init__(self):
+        _require(_is_int(self.sink) and self.sink >= 0, "sink", self.sink, "an integer >= 0")
+        _require(_is_int(self.window) and self.window >= 1, "window", self.window, "an integer >= 1")
+
+    def __str__(self) -> str:
+        return f"streaming(sink={self.sink}, window={self.window})"
+
+
+@dataclass(frozen=True)
+class BlockSparse:
+    """BigBird-style static block layout: local band, global blocks, random blocks."""
+
+    block: int = 64
+    local_blocks: int = 1
+    global_blocks: int = 0
+    random_blocks: int = 0
+    seed: int = 0
+    name: str = field(default="block_sparse", init=False)
+
+    def __post_init__(self):
+        _require(_is_int(self.block) and self.block >= 1 and self.block & (self.block - 1) == 0,
+                 "block", self.block, "a power of two >= 1 (e.g. 64 or 128)")
+        _require(_is_int(self.local_blocks) and self.local_blocks >= 1,
+                 "local_blocks", self.local_blocks, "an integer >= 1")
+        _require(_is_int(self.global_blocks) and self.global_blocks >= 0,
+                 "global_blocks", self.global_blocks, "an integer >= 0")
+        _require(_is_int(self.random_blocks) and self.random_blocks >= 0,
+                 "random_blocks", self.random_blocks, "an integer >= 0")
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+    def __str__(self) -> str:
+        return (f"block_sparse(block={self.block}, local={self.local_blocks}, "
+                f"global={self.global_blocks}, random={self.random_blocks}, seed={self.seed})")
+
+
+ThresholdValue = Union[float, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class ActivationThreshold:
+    """Activation thresholding of FFN inputs (TEAL, mode="input") or gate activations (CATS, mode="gate").
+
+    ``thresholds`` maps projection names to tau: ``input``/``down`` in input
+    mode, ``gate`` in gate mode. A rule may instead give a target ``sparsity``
+    in (0, 1); ``sparsecc.calibrate`` turns that into thresholds. A form with a
+    sparsity target and no thresholds is not applicable until calibrated.
+    """
+
+    mode: str = "input"
+    thresholds: Tuple[Tuple[str, float], ...] = ()
+    sparsity: Optional[float] = None
+    name: str = field(default="activation_threshold", init=False)
+
+    def __post_init__(self):
+        _require(self.mode in THRESHOLD_MODES, "mode", self.mode, f"one of {THRESHOLD_MODES}")
+        allowed = THRESHOLD_KEYS[self.mode]
+        for key, tau in self.thresholds:
+            _require(key in allowed, "threshold key", key, f"one of {allowed} in mode {self.mode!r}")
+            _require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
+                     and math.isfinite(tau) and tau >= 0, f"threshold.{key}", tau, "a finite number >= 0")
+        if self.sparsity is not None:
+            _require(isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool)
+                     and 0.0 < self.sparsity < 1.0, "sparsity", self.sparsity, "a number in (0, 1)")
+        _require(bool(self.thresholds) or self.sparsity is not None, "threshold", None,
+                 "a threshold or a target sparsity")
+
+    @staticmethod
+    def from_value(mode: str, threshold: Optional[ThresholdValue] = None,
+                   sparsity: Optional[float] = None) -> "ActivationThreshold":
+        """Build from the spec's ``threshold`` (a float applies to every projection of the mode, or a table)."""
+        if threshold is None:
+            pairs: Tuple[Tuple[str, float], ...] = ()
+        elif isinstance(threshold, Mapping):
+            pairs = tuple(sorted((str(k), v) for k, v in threshold.items()))
+        else:
+            _require(mode in THRESHOLD_KEYS, "mode", mode, f"one of {THRESHOLD_MODES}")
+            pairs = tuple((key, threshold) for key in THRESHOLD_KEYS[mode])
+        return ActivationThreshold(mode=mode, thresholds=pairs, sparsity=sparsity)
+
+    def tau(self, projection: str) -> Optional[float]:
+        """Threshold for one projection, or None when the form leaves it dense."""
+        return dict(self.thresholds).get(projection)
+
+    @property
+    def calibrated(self) -> bool:
+        """True when at least one projection has a threshold (a bare sparsity target needs calibration)."""
+        return bool(self.thresholds)
+
+    def __str__(self) -> str:
+        taus = ", ".join(f"{k}={v:g}" for k, v in self.thresholds)
+        target = f", sparsity={self.sparsity:g}" if self.sparsity is not None else ""
+        return f"activation_threshold(mode={self.mode}{', ' + taus if taus else ''}{target})"
+
+
+@dataclass(frozen=True)
+class TwoFour:
+    """2:4 semi-structured weight sparsity along the input dimension."""
+
+    prune: str = "magnitude"
+    name: str = field(default="2:4", init=False)
+
+    def __post_init__(self):
+        _require(self.prune in PRUNE_MODES, "prune", self.prune, f"one of {PRUNE_MODES}")
+
+    def __str__(self) -> str:
+        return f"2:4(prune={self.prune})"
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Block-sparse weights: keep the densest fraction of (bm x bk) blocks by Frobenius norm."""
+
+    block: Tuple[int, int] = (64, 64)
+    density: float = 0.25
+    prune: str = "magnitude"
+    name: str = field(default="block_weights", init=False)
+
+    def __post_init__(self):
+        ok = (isinstance(self.block, tuple) and len(self.block) == 2
+              and all(_is_int(b) and b in WEIGHT_BLOCK_SIZES for b in self.block))
+        _require(ok, "block", self.block, f"[bm, bk] with each in {WEIGHT_BLOCK_SIZES}")
+        _require(isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
+                 and 0.0 < self.density <= 1.0, "density", self.density, "a number in (0, 1]")
+        _require(self.prune in PRUNE_MODES, "prune", self.prune, f"one of {PRUNE_MODES}")
+
+    def kept_blocks(self, n_blocks: int) -> int:
+        """Number of blocks kept out of ``n_blocks`` (ceil, at least one)."""
+        # The epsilon keeps float noise (0.3 * 10 == 3.0000000000000004) from adding a block.
+        return max(1, math.ceil(self.density * n_blocks - 1e-9))
+
+    def __str__(self) -> str:
+        return f"block_weights(block={self.block[0]}x{self.block[1]}, density={self.density:g}, prune={self.prune})"
+
+
+Form = Union[Dense, Streaming, BlockSparse, ActivationThreshold, TwoFour, BlockWeights]
