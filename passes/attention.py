@@ -16,6 +16,7 @@ reads the un-repeated KV heads: query head h uses KV head h // (H // Hkv).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -23,8 +24,13 @@ import torch
 from torch.fx import GraphModule, Node
 
 from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
+from sparsecc.codegen import ops
+from sparsecc.codegen.block_attention import FULL_WINDOW
+from sparsecc.cost import attention_density, estimate_attention
+from sparsecc.forms import Dense, Streaming
+from sparsecc.passes.decide import dense_rule, fallback, no_rule, verdict
 from sparsecc.passes.normalize import op_of
-from sparsecc.passes.site import Site, debug_no_match
+from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
 # A masked_fill value at or below this is a "masked out" marker (models use -inf, finfo.min or -1e9).
 MASK_FILL_MAX = -1.0e4
@@ -284,3 +290,141 @@ def _make_site(output: Node, nodes, match: AttentionMatch, spelling: str, ctx) -
 
 
 _hint = size_hint
+
+
+# ---------------------------------------------------------------- check
+
+def check_attention(site: Site, ctx) -> Decision:
+    """Decide one attention site: which heads get which form, whether it applies, and why."""
+    if ctx.spec is None:
+        return no_rule()
+    rules = ctx.spec.matching("attention", site.module)
+    if not rules:
+        return no_rule()
+    heads = size_hint(site.attrs["heads"])
+    per_head = [None] * heads           # the rule in force for each head
+    ignored = set()
+    for rule in rules:
+        for h in (rule.heads if rule.heads is not None else range(heads)):
+            if h < heads:
+                per_head[h] = rule
+            else:
+                ignored.add(h)
+    last = rules[-1]
+    policy = ctx.spec.policy_for(last)
+    sparse = [r for r in per_head if r is not None and not isinstance(r.form, Dense)]
+    if not sparse:
+        return dense_rule(last, policy)
+    kinds = {type(r.form) for r in sparse}
+    rule_keys = ", ".join(sorted({r.key for r in sparse}))
+    form = sparse[-1].form
+    if len(kinds) > 1:
+        return fallback(form, rule_keys, policy, "streaming and block_sparse heads mixed in one site "
+                        "are not supported yet")
+    if site.attrs["folded_heads"] and (len(sparse) != heads or len({r.form for r in sparse}) > 1):
+        return fallback(form, rule_keys, policy, "heads are folded into the batch dimension (3-D attention), "
+                        "so per-head rules cannot be applied")
+    sq, sk = site.attrs["seq_q"], site.attrs["seq_k"]
+    if site.attrs["causal"] and not _same_size(sq, sk):
+        return fallback(form, rule_keys, policy, "is_causal with seq_q != seq_k is top-left aligned in SDPA, "
+                        "but sparse forms place queries at the end")
+    params = {}
+    if isinstance(form, Streaming):
+        params["sink"] = [r.form.sink if r is not None and isinstance(r.form, Streaming) else 0 for r in per_head]
+        params["window"] = [r.form.window if r is not None and isinstance(r.form, Streaming) else FULL_WINDOW
+                            for r in per_head]
+        per_head_geom = list(zip(params["sink"], params["window"]))
+        op_name = "streaming_attention"
+    else:
+        if len({r.form for r in sparse}) > 1:
+            return fallback(form, rule_keys, policy, "block_sparse heads with different layouts in one site "
+                            "are not supported yet")
+        if isinstance(sk, int) and form.block > sk:
+            return fallback(form, rule_keys, policy, f"block {form.block} is larger than the key sequence ({sk})")
+        params["dense_heads"] = [h for h, r in enumerate(per_head) if r is None or isinstance(r.form, Dense)]
+        per_head_geom = [None if h in params["dense_heads"] else 1 for h in range(heads)]
+        op_name = "block_sparse_attention"
+    estimate = _estimate(site, form, per_head_geom, ctx)
+    decision = verdict(site, ctx, form, rule_keys, ctx.spec.policy_for(sparse[-1]), estimate, op_name, **params)
+    if ignored and decision.apply:
+        decision = Decision(decision.apply, decision.form,
+                            decision.reason + f"; heads {sorted(ignored)} do not exist (site has {heads})",
+                            decision.estimate, decision.rule, decision.policy, decision.params)
+    return decision
+
+
+def _same_size(a, b) -> bool:
+    """True when two sizes are provably equal: equal ints, or the same symbolic expression."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    # Comparing SymInts with == would install a guard; equal expressions need none.
+    return str(a) == str(b)
+
+
+def _estimate(site: Site, form, per_head_geom, ctx) -> Estimate:
+    a = site.attrs
+    batch, heads, kv_heads = size_hint(a["batch"]), size_hint(a["heads"]), size_hint(a["kv_heads"])
+    sq, sk, dim = size_hint(a["seq_q"]), size_hint(a["seq_k"]), size_hint(a["head_dim"])
+    causal = a["causal"]
+    density = attention_density(form, sq, sk, causal, heads, per_head_geom)
+    numbers = estimate_attention(batch, heads, kv_heads, sq, sk, dim, site.dtype, causal, density, ctx.hardware)
+    return Estimate(*numbers, density=density)
+
+
+# ---------------------------------------------------------------- replace
+
+def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
+    """Swap the site's computation for one ``torch.ops.sparsecc`` attention op."""
+    m: AttentionMatch = site.match
+    graph = gm.graph
+    scale = site.attrs["scale"]
+    with graph.inserting_before(site.output):
+        q, k, v = m.q, m.k, m.v
+        if m.folded_heads:
+            q, k, v = (graph.call_method("unsqueeze", (t, 0)) for t in (q, k, v))
+        mask = _combine_masks(graph, m.masks)
+        if mask is not None and m.folded_heads:
+            mask = graph.call_method("unsqueeze", (mask, 0))
+        if isinstance(decision.form, Streaming):
+            out = graph.call_function(ops.op("streaming_attention"), (
+                q, k, v, mask, float(scale), m.causal, decision.params["sink"], decision.params["window"],
+                ctx.kernels))
+        else:
+            f = decision.form
+            out = graph.call_function(ops.op("block_sparse_attention"), (
+                q, k, v, mask, float(scale), m.causal, f.block, f.local_blocks, f.global_blocks,
+                f.random_blocks, f.seed, decision.params["dense_heads"], ctx.kernels))
+        if m.folded_heads:
+            out = graph.call_method("squeeze", (out, 0))
+        if m.out_dtype != dtype_of(m.q):
+            out = graph.call_method("to", (out, m.out_dtype))
+    out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
+    site.output.replace_all_uses_with(out)
+
+
+def _combine_masks(graph, masks: List[MaskTerm]):
+    """One mask for the op: bool (True takes part) when all masks are boolean, else additive float."""
+    if not masks:
+        return None
+    keep = None
+    for term in masks:
+        if term.additive:
+            continue
+        b = term.node if term.keep else graph.call_function(torch.logical_not, (term.node,))
+        keep = b if keep is None else graph.call_function(torch.logical_and, (keep, b))
+    additive = [t.node for t in masks if t.additive]
+    if not additive:
+        return keep
+    bias = additive[0]
+    for extra in additive[1:]:
+        bias = graph.call_function(operator.add, (bias, extra))
+    if keep is not None:
+        bias = graph.call_method("masked_fill", (bias, graph.call_function(torch.logical_not, (keep,)),
+                                                 float("-inf")))
+    return bias
+
+
+ATTENTION_REWRITES = (
+    Rewrite("sdpa", "attention", search_sdpa, check_attention, replace_attention),
+    Rewrite("softmax", "attention", search_softmax, check_attention, replace_attention),
+)

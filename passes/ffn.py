@@ -1,0 +1,332 @@
+"""FFN sites: Linear -> act -> Linear, and gated act(x W_g) * (x W_u) -> W_d.
+
+The activation is whatever single-input pointwise chain sits between the
+linears. It is named by evaluating the chain on a probe vector and comparing
+with the known activations, so hand-written forms (GPT-2's tanh GELU,
+``relu(x) ** 2``) are recognised as well as ``F.gelu``/``F.silu``. Gate and
+up may be one fused Linear split by ``chunk``/``split``. An FFN site belongs
+to the innermost module containing all of its nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.fx import GraphModule, Node
+
+from sparsecc.codegen import ops
+from sparsecc.codegen.activation_sparse import ACTIVATIONS
+from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_linear
+from sparsecc.forms import ActivationThreshold, Dense
+from sparsecc.passes.decide import dense_rule, fallback, last_rule, no_rule, verdict
+from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, is_static, shape_of, size_hint
+from sparsecc.passes.linear import LinearMatch, match_linear
+from sparsecc.passes.normalize import op_of
+from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
+
+# Probe points for naming an activation: dense enough to tell GELU from tanh-GELU (they differ by ~1e-3).
+_PROBE = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)
+_ACT_TOLERANCE = 1e-6
+_MAX_ACT_NODES = 16  # activations are short chains; longer ones are not an activation
+
+
+@dataclass
+class FfnMatch:
+    """The linears of one FFN and how the hidden activation is formed."""
+
+    x: Node
+    first: LinearMatch               # W1 (plain) or W_gate (gated) or the fused gate_up linear
+    first_node: Node
+    up: Optional[LinearMatch]        # W_up for unfused gated FFNs
+    up_node: Optional[Node]
+    down: LinearMatch
+    down_node: Node
+    act_nodes: Tuple[Node, ...]
+    act: Optional[str]               # recognised activation name, None if unknown
+    fused_halves: Optional[Tuple[int, int]] = None  # (gate half, up half) of a fused gate_up weight
+
+
+def _eval_chain(start: Node, nodes: Tuple[Node, ...], probe: torch.Tensor) -> Optional[torch.Tensor]:
+    env: Dict[Node, torch.Tensor] = {start: probe}
+
+    def sub(a):
+        if isinstance(a, Node):
+            return env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(sub(x) for x in a)
+        return a
+    try:
+        for n in nodes:
+            args = sub(n.args)
+            kwargs = {k: sub(v) for k, v in n.kwargs.items()}
+            if n.op == "call_function":
+                env[n] = n.target(*args, **kwargs)
+            else:
+                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        return env[nodes[-1]] if nodes else probe
+    except Exception:  # noqa: BLE001 - a chain we cannot evaluate is simply not a known activation
+        return None
+
+
+def name_activation(start: Node, nodes: Tuple[Node, ...]) -> Optional[str]:
+    """Name of the activation the pointwise ``nodes`` compute from ``start``, or None."""
+    out = _eval_chain(start, nodes, _PROBE.clone())
+    if not isinstance(out, torch.Tensor) or out.shape != _PROBE.shape:
+        return None
+    for name, fn in ACTIVATIONS.items():
+        if torch.allclose(out.double(), fn(_PROBE.clone()).double(), atol=_ACT_TOLERANCE, rtol=_ACT_TOLERANCE):
+            return name
+    return None
+
+
+def _act_chain(start: Node, end: Node) -> Optional[Tuple[Node, ...]]:
+    """Nodes from ``start`` (exclusive) to ``end`` (inclusive) if they form a single-input pointwise chain."""
+    chain: List[Node] = []
+    cur = end
+    while cur is not start:
+        op = op_of(cur)
+        if op is None or op.name not in ("pointwise", "scale", "cast", "identity") or len(chain) >= _MAX_ACT_NODES:
+            return None
+        tensors = [a for a in op.inputs if isinstance(a, Node)]
+        parents = set(tensors)
+        if len(parents) != 1:
+            return None
+        chain.append(cur)
+        cur = tensors[0]
+    chain.reverse()
+    # Every intermediate must feed only the next step (else the hidden state is reused elsewhere).
+    for node in [start] + chain[:-1]:
+        if len(node.users) != 1:
+            return None
+    return tuple(chain)
+
+
+def _fused_half(node: Node) -> Optional[Tuple[Node, int]]:
+    """If ``node`` is getitem(chunk(lin, 2, -1), i) or getitem(split(lin, F, -1), i), return (lin, i)."""
+    op = op_of(node)
+    if op is None or op.name != "getitem" or not isinstance(op.params["index"], int):
+        return None
+    parent = op_of(op.inputs[0])
+    if parent is None or parent.name not in ("chunk", "split"):
+        return None
+    src = parent.inputs[0]
+    shape = shape_of(src)
+    if shape is None or parent.params["dim"] not in (-1, len(shape) - 1):
+        return None
+    if parent.name == "chunk" and parent.params["chunks"] != 2:
+        return None
+    if parent.name == "split" and not (isinstance(shape[-1], int) and parent.params["size"] == shape[-1] // 2):
+        return None
+    return src, op.params["index"]
+
+
+def search_ffn(gm: GraphModule, ctx) -> List[Site]:
+    """Find plain and gated FFNs ending in a linear with a parameter weight."""
+    sites = []
+    for node in gm.graph.nodes:
+        down = match_linear(node, ctx)
+        if down is None:
+            continue
+        hidden = down.x
+        found = _match_plain(hidden, ctx) or _match_gated(hidden, ctx)
+        if found is None:
+            continue
+        match = FfnMatch(down=down, down_node=node, **found)
+        sites.append(_make_site(match))
+    return sites
+
+
+def _match_plain(hidden: Node, ctx) -> Optional[dict]:
+    op = op_of(hidden)
+    if op is None or op.name == "linear":
+        return None
+    # Walk up single-input pointwise nodes to the first linear.
+    cur, steps = hidden, 0
+    while steps < _MAX_ACT_NODES:
+        cur_op = op_of(cur)
+        if cur_op is None or cur_op.name not in ("pointwise", "scale", "cast", "identity"):
+            break
+        tensors = [a for a in cur_op.inputs if isinstance(a, Node)]
+        if len(set(tensors)) != 1:
+            break
+        cur, steps = tensors[0], steps + 1
+    first = match_linear(cur, ctx)
+    if first is None or steps == 0:
+        return None
+    chain = _act_chain(cur, hidden)
+    if chain is None:
+        debug_no_match("ffn", hidden, "the activation chain branches or is reused elsewhere")
+        return None
+    return dict(x=first.x, first=first, first_node=cur, up=None, up_node=None, act_nodes=chain,
+                act=name_activation(cur, chain))
+
+
+def _match_gated(hidden: Node, ctx) -> Optional[dict]:
+    op = op_of(hidden)
+    if op is None or op.name != "pointwise" or hidden.target not in (operator.mul, torch.mul, "mul", "__mul__"):
+        return None
+    operands = [a for a in op.inputs if isinstance(a, Node)]
+    if len(operands) != 2:
+        return None
+    for gate_side, up_side in (operands, operands[::-1]):
+        # gate_side = act(...) chain ending at a linear (or fused half); up_side = linear (or fused half)
+        gate_src = _chain_source(gate_side)
+        if gate_src is None:
+            continue
+        gate_root, chain = gate_src
+        fused_gate, fused_up = _fused_half(gate_root), _fused_half(up_side)
+        if fused_gate and fused_up and fused_gate[0] is fused_up[0]:
+            lin = match_linear(fused_gate[0], ctx)
+            if lin is None or len(fused_gate[0].users) != 1:
+                continue
+            return dict(x=lin.x, first=lin, first_node=fused_gate[0], up=None, up_node=None,
+                        act_nodes=chain, act=name_activation(gate_root, chain),
+                        fused_halves=(fused_gate[1], fused_up[1]))
+        g_lin, u_lin = match_linear(gate_root, ctx), match_linear(up_side, ctx)
+        if g_lin is None or u_lin is None or g_lin.x is not u_lin.x:
+            continue
+        if len(up_side.users) != 1:
+            debug_no_match("ffn", hidden, "the up projection is used elsewhere")
+            continue
+        return dict(x=g_lin.x, first=g_lin, first_node=gate_root, up=u_lin, up_node=up_side,
+                    act_nodes=chain, act=name_activation(gate_root, chain))
+    return None
+
+
+def _chain_source(end: Node) -> Optional[Tuple[Node, Tuple[Node, ...]]]:
+    cur = end
+    for _ in range(_MAX_ACT_NODES):
+        op = op_of(cur)
+        if op is None or op.name not in ("pointwise", "scale", "cast", "identity"):
+            break
+        tensors = [a for a in op.inputs if isinstance(a, Node)]
+        if len(set(tensors)) != 1:
+            break
+        cur = tensors[0]
+    if cur is end:
+        return None
+    chain = _act_chain(cur, end)
+    return (cur, chain) if chain is not None else None
+
+
+def _make_site(m: FfnMatch) -> Site:
+    nodes = (m.first_node,) + ((m.up_node,) if m.up_node is not None else ()) + m.act_nodes + (m.down_node,)
+    x_shape = shape_of(m.x)
+    tokens = 1
+    for d in (x_shape or ())[:-1]:
+        tokens *= size_hint(d)
+    hidden = m.down.in_features
+    attrs = {"gated": m.up is not None or m.fused_halves is not None, "fused_gate_up": m.fused_halves is not None,
+             "activation": m.act or "unknown", "hidden": m.first.in_features, "intermediate": hidden,
+             "tokens": tokens, "bias": m.first.bias is not None,
+             # Owner modules of first/[up]/down weights, and which fused half is the gate: calibrate hooks them.
+             "linear_modules": ",".join(lin.weight.module for lin in (m.first, m.up, m.down) if lin is not None),
+             "gate_half": m.fused_halves[0] if m.fused_halves is not None else None}
+    shapes = {"x": concrete_shape(m.x), "down.weight": tuple(m.down.weight.tensor.shape)}
+    dtype = m.down_node.meta["example_value"].dtype
+    return Site("ffn", common_module(nodes), m.down_node, nodes, shapes, dtype,
+                device_of(m.down_node) or torch.device("cpu"), attrs, m, "gated" if attrs["gated"] else "plain",
+                not is_static(x_shape))
+
+
+def linear_nodes(site: Site) -> Tuple[Node, ...]:
+    """The linear nodes of an FFN site (so the linear family can tell they belong to it)."""
+    m: FfnMatch = site.match
+    return tuple(n for n in (m.first_node, m.up_node, m.down_node) if n is not None)
+
+
+# ---------------------------------------------------------------- check
+
+def check_ffn(site: Site, ctx) -> Decision:
+    """Decide activation thresholding for one FFN site."""
+    rule = last_rule(site, ctx)
+    if rule is None:
+        return no_rule()
+    policy = ctx.spec.policy_for(rule)
+    form = rule.form
+    if isinstance(form, Dense):
+        return dense_rule(rule, policy)
+    assert isinstance(form, ActivationThreshold)
+    estimate = _estimate(site, form, ctx)
+    if not form.calibrated:
+        return fallback(form, rule.key, policy, f"{rule.key} gives a target sparsity but no threshold; "
+                        "run sparsecc.calibrate to fill it in", estimate)
+    m: FfnMatch = site.match
+    if form.mode == "gate":
+        if m.act is None:
+            return fallback(form, rule.key, policy, "gate mode needs a recognised activation "
+                            f"(one of {sorted(ACTIVATIONS)})", estimate)
+        return verdict(site, ctx, form, rule.key, policy, estimate, "gate_sparse_ffn", tau=form.tau("gate"))
+    if form.tau("input") is None and form.tau("down") is None:
+        return fallback(form, rule.key, policy, "input mode with neither an input nor a down threshold", estimate)
+    return verdict(site, ctx, form, rule.key, policy, estimate, "threshold_linear",
+                   tau_input=form.tau("input"), tau_down=form.tau("down"))
+
+
+def _estimate(site: Site, form: ActivationThreshold, ctx) -> Estimate:
+    m: FfnMatch = site.match
+    sparsity = form.sparsity if form.sparsity is not None else ASSUMED_ACTIVATION_SPARSITY
+    tokens = site.attrs["tokens"]
+    linears = [m.first] + ([m.up] if m.up is not None else []) + [m.down]
+    totals = [0.0] * 6
+    for lin in linears:
+        numbers = estimate_linear(tokens, lin.in_features, lin.out_features, site.dtype, None, ctx.hardware,
+                                  activation_sparsity=sparsity)
+        totals = [t + x for t, x in zip(totals, numbers[:6])]
+    density = totals[1] / totals[0] if totals[0] else 1.0
+    return Estimate(*totals, density=density)
+
+
+# ---------------------------------------------------------------- replace
+
+def _weight_node(graph, lin: LinearMatch):
+    """The weight as [out, in], transposing Conv1D-style [in, out] storage."""
+    w = lin.weight.node
+    return graph.call_method("t", (w,)) if lin.in_out else w
+
+
+def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
+    """Input mode: thresholded linears; gate mode: one fused gate-sparse FFN op."""
+    m: FfnMatch = site.match
+    graph = gm.graph
+    if decision.form.mode == "input":
+        targets = [(m.first_node, m.first, decision.params["tau_input"])]
+        if m.up is not None:
+            targets.append((m.up_node, m.up, decision.params["tau_input"]))
+        targets.append((m.down_node, m.down, decision.params["tau_down"]))
+        for node, lin, tau in targets:
+            if tau is None:
+                continue
+            with graph.inserting_before(node):
+                out = graph.call_function(ops.op("threshold_linear"),
+                                          (lin.x, _weight_node(graph, lin), lin.bias, float(tau), ctx.kernels))
+            out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+            node.replace_all_uses_with(out)
+        return
+    with graph.inserting_before(m.down_node):
+        if m.fused_halves is not None:
+            w = _weight_node(graph, m.first)
+            half = m.first.out_features // 2
+            gate_i, up_i = m.fused_halves
+            w_gate = graph.call_function(operator.getitem, (w, slice(gate_i * half, (gate_i + 1) * half)))
+            w_up = graph.call_function(operator.getitem, (w, slice(up_i * half, (up_i + 1) * half)))
+            b = m.first.bias
+            b_gate = graph.call_function(operator.getitem, (b, slice(gate_i * half, (gate_i + 1) * half))) if b else None
+            b_up = graph.call_function(operator.getitem, (b, slice(up_i * half, (up_i + 1) * half))) if b else None
+        else:
+            w_gate, b_gate = _weight_node(graph, m.first), m.first.bias
+            w_up = _weight_node(graph, m.up) if m.up is not None else None
+            b_up = m.up.bias if m.up is not None else None
+        out = graph.call_function(ops.op("gate_sparse_ffn"), (
+            m.x, w_gate, b_gate, w_up, b_up, _weight_node(graph, m.down), m.down.bias, m.act,
+            float(decision.params["tau"]), ctx.kernels))
+    out.meta["nn_module_stack"] = m.down_node.meta.get("nn_module_stack", {})
+    m.down_node.replace_all_uses_with(out)
+
+
+FFN_REWRITES = (
+    Rewrite("ffn", "ffn", search_ffn, check_ffn, replace_ffn),
+)

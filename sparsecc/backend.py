@@ -1,0 +1,171 @@
+"""The ``torch.compile`` backend registered as ``backend="sparsecc"``.
+
+It is found through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="sparsecc", options={...})`` works without
+importing sparsecc. Dynamo hands it one FX graph at a time (one per graph
+break); each goes through the pipeline in ``sparsecc.pipeline`` and then to
+Inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from sparsecc.codegen import ops
+from sparsecc.cost import profile_for
+from sparsecc.pipeline import EXPLAIN_STAGES, CompileContext, build_report, run_stages
+from sparsecc.report.model import Report
+from sparsecc.report.render import REPORT_SUFFIXES
+from sparsecc.spec import Spec, SpecError, load_spec
+
+log = logging.getLogger("sparsecc")
+
+ALLOWED_OPTIONS = ("spec", "report", "kernels")
+KERNEL_CHOICES = ops.IMPL_CHOICES
+
+_reports_lock = threading.Lock()
+_reports_by_path: Dict[str, Report] = {}
+_last_report: Optional[Report] = None
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Validated backend options."""
+
+    spec: Optional[Spec] = None
+    report: Any = None          # None/False, True, or a path ending .json/.md/.html
+    kernels: str = "auto"
+
+
+def parse_options(options: Optional[dict]) -> BackendOptions:
+    """Validate ``options=`` of torch.compile; every problem is a SpecError naming the key and allowed values."""
+    if options is None:
+        return BackendOptions()
+    if isinstance(options, BackendOptions):
+        return options
+    if not isinstance(options, dict):
+        raise SpecError(f"options must be a dict with keys {ALLOWED_OPTIONS}", value=options,
+                        allowed=f"a dict with keys {ALLOWED_OPTIONS}")
+    unknown = sorted(set(options) - set(ALLOWED_OPTIONS))
+    if unknown:
+        raise SpecError(f"unknown backend option(s) {unknown}; allowed keys are {list(ALLOWED_OPTIONS)}",
+                        key=f"options.{unknown[0]}", value=unknown[0], allowed=str(list(ALLOWED_OPTIONS)))
+    kernels = options.get("kernels", "auto")
+    if kernels not in KERNEL_CHOICES:
+        raise SpecError(f"options.kernels = {kernels!r} is not allowed; expected one of {KERNEL_CHOICES}",
+                        key="options.kernels", value=kernels, allowed=str(KERNEL_CHOICES))
+    report = options.get("report")
+    if report not in (None, False, True):
+        text = str(report)
+        if not any(text.lower().endswith(s) for s in REPORT_SUFFIXES):
+            raise SpecError(f"options.report = {report!r} is not allowed; expected True, False, or a path "
+                            f"ending in one of {REPORT_SUFFIXES}", key="options.report", value=report,
+                            allowed=f"True, False, or a path ending {REPORT_SUFFIXES}")
+    return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels)
+
+
+def _device_of(example_inputs: Sequence) -> torch.device:
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def _autograd_active(example_inputs: Sequence) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in example_inputs)
+
+
+def make_context(gm, example_inputs, opts: BackendOptions) -> CompileContext:
+    """A fresh CompileContext for one graph."""
+    ops.register_ops()
+    return CompileContext(spec=opts.spec, kernels=opts.kernels, autograd=_autograd_active(example_inputs),
+                          example_inputs=list(example_inputs), hardware=profile_for(_device_of(example_inputs)))
+
+
+def explain_graph(gm, example_inputs, opts: BackendOptions, sink: Report):
+    """Capture, match and decide only; append the graph's report to ``sink`` and run the graph eagerly."""
+    ctx = make_context(gm, example_inputs, opts)
+    run_stages(gm, ctx, EXPLAIN_STAGES)
+    sink.extend(build_report(ctx))
+    return gm.forward
+
+
+def compile_graph(gm, example_inputs, opts: BackendOptions):
+    """Run the full pipeline on one graph and return the compiled callable."""
+    from torch._inductor.compile_fx import compile_fx
+
+    ctx = make_context(gm, example_inputs, opts)
+    run_stages(gm, ctx)
+    start = time.perf_counter()
+    compiled = compile_fx(gm, list(example_inputs) + ctx.extra_inputs)
+    ctx.stages.append(("lower", (time.perf_counter() - start) * 1e3))
+    report = build_report(ctx)
+    emit_report(report, opts)
+    if not ctx.bindings:
+        return compiled
+    return _with_weights(compiled, ctx)
+
+
+def _with_weights(compiled, ctx: CompileContext):
+    """Wrap the compiled graph so compressed weights are passed in and kept fresh."""
+    bindings = ctx.bindings
+    extra = ctx.extra_inputs
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def run(*args):
+        if len(args) == 1 and isinstance(args[0], list) and boxed:
+            args = tuple(args[0])
+        for b in bindings:
+            if b.input_index is not None:
+                b.refresh(args[b.input_index])
+        full = list(args) + extra
+        return compiled(full) if boxed else compiled(*full)
+
+    return run
+
+
+def emit_report(report: Report, opts: BackendOptions) -> None:
+    """Log/print the report (report=True) or write it to the requested file (accumulating graphs)."""
+    global _last_report
+    with _reports_lock:
+        if opts.report is True:
+            text = str(report)
+            log.info("%s", text)
+            print(text, file=sys.stderr)
+        elif opts.report:
+            path = str(opts.report)
+            total = _reports_by_path.setdefault(path, Report(kernels=report.kernels))
+            total.extend(report)
+            total.save(path)
+        if _last_report is None or _last_report.spec != report.spec:
+            _last_report = Report(kernels=report.kernels)
+        _last_report.extend(report)
+
+
+def last_report() -> Optional[Report]:
+    """The report of the graphs compiled most recently in this process (all graphs of that compile)."""
+    return _last_report
+
+
+def reset_reports() -> None:
+    """Forget accumulated reports (the next compile starts fresh files and a fresh ``last_report``)."""
+    global _last_report
+    with _reports_lock:
+        _reports_by_path.clear()
+        _last_report = None
+
+
+def sparsecc_backend(gm, example_inputs, options: Optional[dict] = None, **kwargs):
+    """The Dynamo backend: ``torch.compile(model, backend="sparsecc", options={spec, report, kernels})``."""
+    if kwargs:
+        raise SpecError(f"unknown backend argument(s) {sorted(kwargs)}; pass settings through options= "
+                        f"with keys {list(ALLOWED_OPTIONS)}")
+    return compile_graph(gm, example_inputs, parse_options(options))

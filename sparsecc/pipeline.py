@@ -1,0 +1,242 @@
+"""The sparsecc pipeline, readable top to bottom as a named list of stages.
+
+    normalize  classify every node into the canonical op vocabulary
+    match      structural search for attention / ffn / linear sites
+    decide     one check per site: spec rule + cost model -> Decision(apply, form, reason, estimate)
+    rewrite    replace applied sites by torch.ops.sparsecc.* ops (weights compressed once, here)
+    lower      hand the rewritten graph to Inductor (compile_fx); the dense rest compiles as usual
+    report     every site, its decision and reason, estimates, stage times
+
+``explain`` runs the first three stages only. Each stage is timed; setting
+``SPARSECC_DEBUG_DIR`` dumps the graph's code after every stage.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.fx import GraphModule, Node
+
+from sparsecc.codegen import ops
+from sparsecc.cost import HardwareProfile, profile_for
+from sparsecc.forms import BlockWeights, TwoFour
+from sparsecc.passes import normalize as normalize_mod
+from sparsecc.passes.attention import ATTENTION_REWRITES
+from sparsecc.passes.ffn import FFN_REWRITES, linear_nodes
+from sparsecc.passes.fx_utils import collect_params
+from sparsecc.passes.linear import LINEAR_REWRITES
+from sparsecc.passes.site import Decision, Rewrite, Site
+from sparsecc.report.model import Report, SiteRecord
+from sparsecc.weights import compress_2to4, compress_block_weights
+
+DEBUG_DIR_ENV = "SPARSECC_DEBUG_DIR"
+
+# Families in decision order: FFN before linear, so a linear inside a rewritten FFN knows it.
+REWRITES: Tuple[Rewrite, ...] = ATTENTION_REWRITES + FFN_REWRITES + LINEAR_REWRITES
+
+
+@dataclass
+class WeightBinding:
+    """Compressed tensors derived from one parameter, fed to the compiled graph as extra inputs."""
+
+    input_index: Optional[int]     # the parameter's position among the graph inputs (None: get_attr)
+    param: torch.Tensor
+    form: Any
+    fields: Tuple[str, ...]
+    tensors: List[torch.Tensor]
+    version: int
+    data_ptr: int
+    qualname: str
+
+    def refresh(self, param: torch.Tensor) -> None:
+        """Recompress when the parameter changed since compile; never run on stale weights."""
+        if param is self.param and param._version == self.version and param.data_ptr() == self.data_ptr:
+            return
+        fresh = compress(param, self.form)
+        new = [getattr(fresh, f) for f in self.fields]
+        if any(a.shape != b.shape for a, b in zip(new, self.tensors)):
+            raise RuntimeError(
+                f"sparsecc: weight {self.qualname} changed after compile and its compressed form no longer "
+                f"fits the compiled graph ({self.form}); recompile the model (torch._dynamo.reset()).")
+        with torch.no_grad():
+            for dst, src in zip(self.tensors, new):
+                dst.copy_(src)
+        self.param, self.version, self.data_ptr = param, param._version, param.data_ptr()
+
+
+def compress(weight: torch.Tensor, form):
+    """Compress a weight [out, in] for a weight form (once, without autograd)."""
+    with torch.no_grad():
+        w = weight.detach()
+        if isinstance(form, TwoFour):
+            return compress_2to4(w, form.prune)
+        if isinstance(form, BlockWeights):
+            return compress_block_weights(w, form)
+    raise TypeError(f"not a weight form: {form}")
+
+
+@dataclass
+class CompileContext:
+    """Everything the stages share for one graph."""
+
+    spec: Any
+    kernels: str = "auto"
+    autograd: bool = False
+    params: Dict[Node, Any] = field(default_factory=dict)
+    example_inputs: Sequence = ()
+    hardware: HardwareProfile = field(default_factory=lambda: profile_for(torch.device("cpu")))
+    sites: List[Site] = field(default_factory=list)
+    rewrites: Dict[int, Rewrite] = field(default_factory=dict)
+    decisions: Dict[int, Decision] = field(default_factory=dict)
+    bindings: List[WeightBinding] = field(default_factory=list)
+    stages: List[Tuple[str, float]] = field(default_factory=list)
+    _compressed: Dict[Tuple[str, Any], Any] = field(default_factory=dict)
+    gm: Optional[GraphModule] = None
+
+    def has_kernel(self, op_name: str, device: torch.device) -> bool:
+        """True when a Triton kernel exists for ``op_name`` on ``device``."""
+        return ops.has_triton_kernel(op_name, device)
+
+    def decision(self, site: Site) -> Optional[Decision]:
+        """The decision already made for ``site``."""
+        return self.decisions.get(id(site))
+
+    def applied(self, site: Site) -> bool:
+        """True when ``site`` was decided "apply"."""
+        d = self.decision(site)
+        return bool(d and d.apply)
+
+    def _weight_of(self, site: Site) -> torch.Tensor:
+        m = site.match
+        return m.weight.tensor.t() if m.in_out else m.weight.tensor
+
+    def compressed_weight(self, site: Site, form):
+        """Compress the site's weight for ``form`` (cached: check and replace share one compression)."""
+        key = (site.match.weight.qualname, form)
+        if key not in self._compressed:
+            self._compressed[key] = compress(self._weight_of(site), form)
+        return self._compressed[key]
+
+    def bind_weight(self, site: Site, form, fields: Tuple[str, ...]) -> List[Node]:
+        """Add graph inputs for the compressed weight's ``fields``; return their placeholder nodes."""
+        graph = self.gm.graph
+        container = self.compressed_weight(site, form)
+        tensors = [getattr(container, f) for f in fields]
+        ref = site.match.weight
+        self.bindings.append(WeightBinding(ref.input_index, ref.tensor, form, fields, tensors,
+                                           ref.tensor._version, ref.tensor.data_ptr(), ref.qualname))
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        nodes = []
+        for f, t in zip(fields, tensors):
+            with graph.inserting_after(last):
+                node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_{f}")
+            node.meta["example_value"] = t
+            nodes.append(node)
+            last = node
+        return nodes
+
+    @property
+    def extra_inputs(self) -> List[torch.Tensor]:
+        """The compressed tensors, in the order their placeholders were added."""
+        return [t for b in self.bindings for t in b.tensors]
+
+
+# ---------------------------------------------------------------- stages
+
+def stage_normalize(gm: GraphModule, ctx: CompileContext) -> None:
+    """Annotate every node with its canonical op."""
+    normalize_mod.annotate(gm.graph)
+    ctx.params = collect_params(gm, ctx.example_inputs)
+
+
+def stage_match(gm: GraphModule, ctx: CompileContext) -> None:
+    """Run every search; link linear sites to the FFN they belong to."""
+    for rewrite in REWRITES:
+        for site in rewrite.search(gm, ctx):
+            ctx.sites.append(site)
+            ctx.rewrites[id(site)] = rewrite
+    owner = {}
+    for site in ctx.sites:
+        if site.kind == "ffn":
+            for node in linear_nodes(site):
+                owner[node] = site
+    for site in ctx.sites:
+        if site.kind == "linear":
+            site.parent = owner.get(site.output)
+
+
+def stage_decide(gm: GraphModule, ctx: CompileContext) -> None:
+    """Make one decision per site, in family order."""
+    for site in ctx.sites:
+        ctx.decisions[id(site)] = ctx.rewrites[id(site)].check(site, ctx)
+
+
+def stage_rewrite(gm: GraphModule, ctx: CompileContext) -> None:
+    """Replace every applied site, then drop the dead dense nodes."""
+    for site in ctx.sites:
+        decision = ctx.decisions[id(site)]
+        if decision.apply:
+            ctx.rewrites[id(site)].replace(gm, site, decision, ctx)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+STAGES: Tuple[Tuple[str, Callable[[GraphModule, CompileContext], None]], ...] = (
+    ("normalize", stage_normalize),
+    ("match", stage_match),
+    ("decide", stage_decide),
+    ("rewrite", stage_rewrite),
+)
+EXPLAIN_STAGES = STAGES[:3]
+
+
+def run_stages(gm: GraphModule, ctx: CompileContext, stages=STAGES) -> None:
+    """Run ``stages`` in order, timing each and dumping the graph when SPARSECC_DEBUG_DIR is set."""
+    ctx.gm = gm
+    debug_dir = os.environ.get(DEBUG_DIR_ENV)
+    for index, (name, fn) in enumerate(stages):
+        start = time.perf_counter()
+        fn(gm, ctx)
+        ctx.stages.append((name, (time.perf_counter() - start) * 1e3))
+        if debug_dir:
+            os.makedirs(debug_dir, exist_ok=True)
+            with open(os.path.join(debug_dir, f"graph_{id(gm):x}_{index}_{name}.py"), "w") as fh:
+                fh.write(gm.code)
+
+
+def build_report(ctx: CompileContext) -> Report:
+    """Turn the context's sites and decisions into a Report (one graph)."""
+    report = Report(spec=getattr(ctx.spec, "source", None) or ("<inline spec>" if ctx.spec else None),
+                    kernels=ctx.kernels, hardware=ctx.hardware.name, graphs=1, stages=list(ctx.stages))
+    used_rules = set()
+    for site in ctx.sites:
+        d = ctx.decisions.get(id(site))
+        if d is None:
+            continue
+        if d.rule:
+            used_rules.update(r.strip() for r in d.rule.split(","))
+        est = d.estimate
+        record = SiteRecord(
+            kind=site.kind, module=site.module, form=getattr(d.form, "name", None), applied=d.apply,
+            reason=d.reason, rule=d.rule, policy=d.policy, form_detail=str(d.form) if d.form else None,
+            spelling=site.spelling, shapes={k: list(v) if v else v for k, v in site.shapes.items()},
+            dtype=str(site.dtype).replace("torch.", ""), device=str(site.device),
+            attrs={k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in site.attrs.items()})
+        if est is not None:
+            record.density = est.density
+            record.dense_flops, record.sparse_flops = est.dense_flops, est.sparse_flops
+            record.dense_bytes, record.sparse_bytes = est.dense_bytes, est.sparse_bytes
+            record.dense_time_us, record.sparse_time_us = est.dense_time_s * 1e6, est.sparse_time_s * 1e6
+        report.sites.append(record)
+    if ctx.spec is not None:
+        for kind in ("attention", "ffn", "linear"):
+            for rule in ctx.spec.rules(kind):
+                if rule.key not in used_rules and not any(rule.matches(s.module) for s in ctx.sites
+                                                          if s.kind == kind):
+                    report.warnings.append(f"{rule.key} (modules={rule.modules!r}) matches no {kind} site")
+    return report
