@@ -103,17 +103,36 @@ def layout_table(heads: int, seq_q: int, seq_k: int, causal: bool, block: int, l
                  global_blocks: int, random_blocks: int, seed: int, dense_heads: tuple, device: torch.device):
     """Build (and cache per shape) the block table of a block_sparse layout."""
     from sparsecc.forms import BlockSparse
-    from sparsecc.layouts import block_sparse_table, merge_head_tables
+    from sparsecc.layouts import block_sparse_table
 
     form = BlockSparse(block, local_blocks, global_blocks, random_blocks, seed)
     table = block_sparse_table(form, heads, seq_q, seq_k, causal, device)
     if not dense_heads:
         return table
+    # Dense heads keep every block: a band as wide as the whole key range.
     n_kblocks = -(-seq_k // block)
-    full = BlockSparse(block, local_blocks=n_kblocks + 1)
-    dense_table = block_sparse_table(full, 1, seq_q, seq_k, causal, device)
-    return merge_head_tables([dense_table if h in dense_heads else table for h in range(heads)], head_index=list(
-        0 if h in dense_heads else h for h in range(heads)))
+    dense = block_sparse_table(BlockSparse(block, local_blocks=n_kblocks + 1), 1, seq_q, seq_k, causal, device)
+    return _pick_heads(table, dense, dense_heads, heads)
+
+
+def _pick_heads(sparse, dense, dense_heads: tuple, heads: int):
+    """A table whose head h comes from ``dense`` when h is in ``dense_heads``, else from ``sparse``."""
+    from sparsecc.layouts import BlockTable
+
+    fields = {}
+    for name in ("kv_num_blocks", "full_kv_num_blocks"):
+        a, b = getattr(sparse, name).expand(-1, heads, -1), getattr(dense, name).expand(-1, heads, -1)
+        pick = torch.tensor([h in dense_heads for h in range(heads)], device=a.device)[None, :, None]
+        fields[name] = torch.where(pick, b, a).contiguous()
+    for name in ("kv_indices", "full_kv_indices"):
+        a, b = getattr(sparse, name).expand(-1, heads, -1, -1), getattr(dense, name).expand(-1, heads, -1, -1)
+        width = max(a.shape[-1], b.shape[-1])
+        a = torch.nn.functional.pad(a, (0, width - a.shape[-1]))
+        b = torch.nn.functional.pad(b, (0, width - b.shape[-1]))
+        pick = torch.tensor([h in dense_heads for h in range(heads)], device=a.device)[None, :, None, None]
+        fields[name] = torch.where(pick, b, a).contiguous()
+    return BlockTable(block_q=sparse.block_q, block_k=sparse.block_k, seq_q=sparse.seq_q, seq_k=sparse.seq_k,
+                      causal=sparse.causal, **fields)
 
 
 # ---------------------------------------------------------------- ffn / linear

@@ -119,6 +119,7 @@ def _peel_logits(node: Node, nodes: List[Node]) -> Optional[Tuple[Node, float, L
     last tuple element when it fails.
     """
     cur, scale, masks = node, 1.0, []
+    seen_scale = False   # walking backwards: a scale seen before an additive mask would scale that mask
     while True:
         op = op_of(cur)
         if op is None:
@@ -131,10 +132,9 @@ def _peel_logits(node: Node, nodes: List[Node]) -> Optional[Tuple[Node, float, L
         if op.name in ("cast", "identity"):
             cur = op.inputs[0]
         elif op.name == "scale":
-            if any(m.additive for m in masks):
-                return None  # an additive mask applied before scaling would be scaled too
             if op.params["factor"] <= 0:
                 return None
+            seen_scale = True
             scale *= op.params["factor"]
             cur = op.inputs[0]
         elif op.name == "masked_fill":
@@ -149,8 +149,8 @@ def _peel_logits(node: Node, nodes: List[Node]) -> Optional[Tuple[Node, float, L
             if logits_side is None:
                 return None
             other = b if logits_side is a else a
-            if dtype_of(other) == torch.bool:
-                return None
+            if dtype_of(other) == torch.bool or seen_scale:
+                return None  # bool masks are not additive; a mask added before scaling gets scaled
             masks.append(MaskTerm(other, additive=True))
             cur = logits_side
         else:

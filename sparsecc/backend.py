@@ -10,6 +10,7 @@ Inductor.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -28,11 +29,17 @@ from sparsecc.spec import Spec, SpecError, load_spec
 log = logging.getLogger("sparsecc")
 
 ALLOWED_OPTIONS = ("spec", "report", "kernels")
+# SPARSECC_LOWERING=eager runs the rewritten FX graph without Inductor: for debugging a rewrite, and for
+# tests that check rewrites numerically many times (Inductor's CPU codegen costs seconds per graph).
+LOWERING_ENV = "SPARSECC_LOWERING"
+LOWERINGS = ("inductor", "eager")
 KERNEL_CHOICES = ops.IMPL_CHOICES
 
 _reports_lock = threading.Lock()
 _reports_by_path: Dict[str, Report] = {}
 _last_report: Optional[Report] = None
+# Rewritten graph modules of this process, newest last (for tests and debugging; cleared by reset_reports).
+_graphs: List[Any] = []
 
 
 @dataclass(frozen=True)
@@ -51,23 +58,21 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
     if isinstance(options, BackendOptions):
         return options
     if not isinstance(options, dict):
-        raise SpecError(f"options must be a dict with keys {ALLOWED_OPTIONS}", value=options,
-                        allowed=f"a dict with keys {ALLOWED_OPTIONS}")
-    unknown = sorted(set(options) - set(ALLOWED_OPTIONS))
+        raise SpecError("is not allowed", key="options", value=options,
+                        allowed=f"a dict with keys {list(ALLOWED_OPTIONS)}")
+    unknown = sorted(set(options) - set(ALLOWED_OPTIONS), key=str)
     if unknown:
-        raise SpecError(f"unknown backend option(s) {unknown}; allowed keys are {list(ALLOWED_OPTIONS)}",
-                        key=f"options.{unknown[0]}", value=unknown[0], allowed=str(list(ALLOWED_OPTIONS)))
+        raise SpecError("is not a sparsecc option", key=f"options.{unknown[0]}", value=options[unknown[0]],
+                        allowed=f"only the keys {list(ALLOWED_OPTIONS)}")
     kernels = options.get("kernels", "auto")
     if kernels not in KERNEL_CHOICES:
-        raise SpecError(f"options.kernels = {kernels!r} is not allowed; expected one of {KERNEL_CHOICES}",
-                        key="options.kernels", value=kernels, allowed=str(KERNEL_CHOICES))
+        raise SpecError(key="options.kernels", value=kernels, allowed=f"one of {list(KERNEL_CHOICES)}")
     report = options.get("report")
     if report not in (None, False, True):
-        text = str(report)
-        if not any(text.lower().endswith(s) for s in REPORT_SUFFIXES):
-            raise SpecError(f"options.report = {report!r} is not allowed; expected True, False, or a path "
-                            f"ending in one of {REPORT_SUFFIXES}", key="options.report", value=report,
-                            allowed=f"True, False, or a path ending {REPORT_SUFFIXES}")
+        if not (isinstance(report, (str, os.PathLike))
+                and os.fspath(report).lower().endswith(REPORT_SUFFIXES)):
+            raise SpecError(key="options.report", value=report,
+                            allowed=f"True, False, or a path ending in one of {list(REPORT_SUFFIXES)}")
     return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels)
 
 
@@ -104,8 +109,15 @@ def compile_graph(gm, example_inputs, opts: BackendOptions):
 
     ctx = make_context(gm, example_inputs, opts)
     run_stages(gm, ctx)
+    _graphs.append(gm)
     start = time.perf_counter()
-    compiled = compile_fx(gm, list(example_inputs) + ctx.extra_inputs)
+    lowering = os.environ.get(LOWERING_ENV, "inductor")
+    if lowering not in LOWERINGS:
+        raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
+    if lowering == "inductor":
+        compiled = compile_fx(gm, list(example_inputs) + ctx.extra_inputs)
+    else:
+        compiled = gm.forward
     ctx.stages.append(("lower", (time.perf_counter() - start) * 1e3))
     report = build_report(ctx)
     emit_report(report, opts)
@@ -160,12 +172,19 @@ def reset_reports() -> None:
     global _last_report
     with _reports_lock:
         _reports_by_path.clear()
+        _graphs.clear()
         _last_report = None
+
+
+def rewritten_graphs() -> List[Any]:
+    """The FX graph modules compiled so far (after rewriting), oldest first."""
+    return list(_graphs)
 
 
 def sparsecc_backend(gm, example_inputs, options: Optional[dict] = None, **kwargs):
     """The Dynamo backend: ``torch.compile(model, backend="sparsecc", options={spec, report, kernels})``."""
     if kwargs:
-        raise SpecError(f"unknown backend argument(s) {sorted(kwargs)}; pass settings through options= "
-                        f"with keys {list(ALLOWED_OPTIONS)}")
+        name = sorted(kwargs)[0]
+        raise SpecError("is not a backend argument", key=name, value=kwargs[name],
+                        allowed=f"settings passed as options= with keys {list(ALLOWED_OPTIONS)}")
     return compile_graph(gm, example_inputs, parse_options(options))

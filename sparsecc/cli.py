@@ -1,0 +1,102 @@
+"""The ``sparsecc`` command line.
+
+    sparsecc check-spec SPEC
+        validate a spec and print its resolved rules
+    sparsecc explain MODULE:FACTORY --spec SPEC [--seq N] [--batch B] [--out REPORT]
+        build a model from a factory, capture/match/decide, print the report
+
+A factory is a callable ``FACTORY()`` in an importable module. It returns
+either a model, or ``(model, example_inputs)`` where example_inputs is a tuple
+of positional arguments (then --seq/--batch are ignored). For a bare model,
+the example input is ``torch.randint(0, vocab, (batch, seq))`` when the model
+has an integer ``config.vocab_size``, else ``torch.randn(batch, seq, hidden)``
+with ``hidden`` from the factory module's ``HIDDEN`` or the model's
+``config.hidden_size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+EXIT_SPEC_ERROR = 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsecc", description="sparsity compiler for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-spec", help="validate a spec and print the resolved rules")
+    check.add_argument("spec", help="path to a .toml or .json spec")
+    explain = sub.add_parser("explain", help="print the compile report for a model factory")
+    explain.add_argument("factory", help="MODULE:FACTORY, e.g. examples.quickstart:build_model")
+    explain.add_argument("--spec", default=None, help="spec file (.toml/.json); without it every site says 'no rule'")
+    explain.add_argument("--seq", type=int, default=128, help="sequence length of the example input")
+    explain.add_argument("--batch", type=int, default=1, help="batch size of the example input")
+    explain.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
+    explain.add_argument("--out", default=None, help="also write the report (.json, .md or .html)")
+    return parser
+
+
+def _load_factory(text: str):
+    if ":" not in text:
+        raise SystemExit(f"sparsecc: factory {text!r} must look like MODULE:FACTORY")
+    module_name, attr = text.split(":", 1)
+    sys.path.insert(0, "")
+    module = importlib.import_module(module_name)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SystemExit(f"sparsecc: {module_name} has no callable {attr!r}")
+    return module, factory
+
+
+def _example_inputs(module, model, seq: int, batch: int):
+    import torch
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int):
+        return (torch.randint(0, vocab, (batch, seq)),)
+    hidden = getattr(module, "HIDDEN", None) or getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise SystemExit("sparsecc: cannot build an example input; return (model, inputs) from the factory "
+                         "or define HIDDEN in its module")
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    return (torch.randn(batch, seq, hidden, dtype=dtype),)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``sparsecc`` command."""
+    args = _build_parser().parse_args(argv)
+    from sparsecc.spec import SpecError, load_spec
+    try:
+        if args.command == "check-spec":
+            spec = load_spec(args.spec)
+            print(f"{args.spec}: ok (version {spec.version}, "
+                  f"{len(spec.attention)} attention, {len(spec.ffn)} ffn, {len(spec.linear)} linear rules)")
+            print(spec)
+            return 0
+        import sparsecc
+        module, factory = _load_factory(args.factory)
+        built = factory()
+        if isinstance(built, tuple):
+            model, inputs = built[0], tuple(built[1])
+        else:
+            model, inputs = built, None
+        model.eval()
+        if inputs is None:
+            inputs = _example_inputs(module, model, args.seq, args.batch)
+        report = sparsecc.explain(model, *inputs, spec=args.spec, kernels=args.kernels)
+        print(report)
+        if args.out:
+            report.save(args.out)
+            print(f"report written to {args.out}")
+        return 0
+    except SpecError as err:
+        print(f"sparsecc: spec error: {err}", file=sys.stderr)
+        return EXIT_SPEC_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Attention matching and rewriting across spellings, with positive and negative cases."""
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc.backend import rewritten_graphs
+from tests import zoo
+
+
+def _sparsecc_ops(kind_prefix="sparsecc"):
+    names = []
+    for gm in rewritten_graphs():
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and str(node.target).startswith(kind_prefix):
+                names.append(str(node.target))
+    return names
+
+
+def streaming_keep(s, sink, window, causal):
+    i = torch.arange(s)[:, None]
+    j = torch.arange(s)[None, :]
+    if causal:
+        return (j <= i) & ((j < sink) | (i - j < window))
+    return (j < sink) | (i < sink) | ((i - j).abs() < window)
+
+
+@pytest.mark.parametrize("cls", zoo.ATTENTION_SPELLINGS, ids=lambda c: c.__name__)
+def test_every_spelling_is_found(cls):
+    torch.manual_seed(0)
+    block = cls().eval()
+    report = sparsecc.explain(block, torch.randn(2, 9, 32))
+    sites = [s for s in report.sites if s.kind == "attention"]
+    assert len(sites) == 1
+    assert sites[0].module == ""
+    assert sites[0].reason == "no rule"
+    assert sites[0].attrs["causal"] == (cls is zoo.SdpaAttention)
+    assert sites[0].attrs["folded_heads"] == cls.folded
+
+
+@pytest.mark.parametrize("cls", zoo.ATTENTION_SPELLINGS, ids=lambda c: c.__name__)
+def test_streaming_rewrite_matches_semantics(cls, eager_lowering):
+    torch.manual_seed(1)
+    block = cls().eval()
+    x = torch.randn(2, 13, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": 2, "window": 3}]}
+    with torch.no_grad():
+        out = sparsecc.compile(block, spec=spec, kernels="reference")(x)
+        expected = block.expected(x, streaming_keep(13, 2, 3, block.causal))
+    assert any("streaming_attention" in n for n in _sparsecc_ops())
+    report = sparsecc.last_report()
+    assert [s.applied for s in report.sites if s.kind == "attention"] == [True]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reused_probabilities_do_not_match():
+    block = zoo.ReusedLogitsAttention().eval()
+    report = sparsecc.explain(block, torch.randn(1, 8, 32))
+    assert not [s for s in report.sites if s.kind == "attention"]
+
+
+def test_float64_attention_is_not_matched():
+    block = zoo.SdpaAttention().double().eval()
+    report = sparsecc.explain(block, torch.randn(1, 8, 32, dtype=torch.float64))
+    assert not [s for s in report.sites if s.kind == "attention"]
+
+
+def test_dense_spec_leaves_graph_alone(eager_lowering):
+    block = zoo.MatmulMaskedFillAttention().eval()
+    x = torch.randn(1, 8, 32)
+    spec = {"version": 1, "attention": [{"form": "dense"}]}
+    with torch.no_grad():
+        out = sparsecc.compile(block, spec=spec)(x)
+        ref = block(x)
+    assert not _sparsecc_ops()
+    site = [s for s in sparsecc.last_report().sites if s.kind == "attention"][0]
+    assert not site.applied and "dense" in site.reason
+    torch.testing.assert_close(out, ref)
+
+
+def test_per_head_rules_and_gqa_mapping(eager_lowering):
+    torch.manual_seed(2)
+    block = zoo.SdpaAttention(hidden=32, heads=4, kv_heads=2).eval()
+    x = torch.randn(1, 11, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"heads": [1, 2], "form": "streaming", "sink": 1, "window": 2}]}
+    with torch.no_grad():
+        out = sparsecc.compile(block, spec=spec, kernels="reference")(x)
+    keep = torch.ones(4, 11, 11, dtype=torch.bool)
+    keep[1] = keep[2] = streaming_keep(11, 1, 2, True)
+    torch.testing.assert_close(out, block.expected(x, keep), atol=1e-5, rtol=1e-5)
+
+
+def test_block_sparse_rewrite_matches_semantics(eager_lowering):
+    torch.manual_seed(3)
+    block = zoo.EinsumAdditiveAttention().eval()
+    x = torch.randn(1, 40, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "block_sparse", "block": 8, "local_blocks": 1, "global_blocks": 1}]}
+    with torch.no_grad():
+        out = sparsecc.compile(block, spec=spec, kernels="reference")(x)
+    qb = torch.arange(40)[:, None] // 8
+    kb = torch.arange(40)[None, :] // 8
+    keep = ((qb - kb).abs() < 1) | (qb < 1) | (kb < 1)
+    torch.testing.assert_close(out, block.expected(x, keep), atol=1e-5, rtol=1e-5)
+
+
+def test_block_larger_than_sequence_falls_back():
+    block = zoo.SdpaAttention().eval()
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{"form": "block_sparse", "block": 64}]}
+    report = sparsecc.explain(block, torch.randn(1, 10, 32), spec=spec)
+    site = [s for s in report.sites if s.kind == "attention"][0]
+    assert not site.applied and "larger than the key sequence" in site.reason
+
+
+def test_auto_policy_keeps_cpu_dense():
+    block = zoo.SdpaAttention().eval()
+    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 4}]}
+    report = sparsecc.explain(block, torch.randn(1, 10, 32), spec=spec)
+    site = [s for s in report.sites if s.kind == "attention"][0]
+    assert not site.applied and "CPU" in site.reason
+    assert site.dense_flops > site.sparse_flops > 0
+
+
+def test_block_sparse_dense_heads(eager_lowering):
+    torch.manual_seed(4)
+    block = zoo.SdpaAttention().eval()
+    x = torch.randn(1, 24, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"heads": [0, 3], "form": "block_sparse", "block": 8, "local_blocks": 1}]}
+    with torch.no_grad():
+        out = sparsecc.compile(block, spec=spec, kernels="reference")(x)
+    qb = torch.arange(24)[:, None] // 8
+    kb = torch.arange(24)[None, :] // 8
+    keep = torch.ones(4, 24, 24, dtype=torch.bool)
+    keep[0] = keep[3] = (qb - kb).abs() < 1
+    torch.testing.assert_close(out, block.expected(x, keep), atol=1e-5, rtol=1e-5)
