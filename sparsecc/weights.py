@@ -1,0 +1,265 @@
+"""Compressed weight containers and the compression that fills them.
+
+Both containers hold a linear weight ``W`` of shape ``[N, K]`` (out x in, as
+``nn.Linear`` stores it):
+
+* :class:`SemiStructuredWeight`: 2:4 sparsity along K; the two kept values of
+  every group of four plus their positions in the group.
+* :class:`BlockSparseWeight`: (bm x bk) blocks in BSR order (block rows over N).
+
+Compression runs under ``torch.no_grad()`` and copies what it keeps, so a
+container never holds (a view of) the original parameter: freeing or updating
+the parameter does not change the container.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from sparsecc.forms import PRUNE_MODES, BlockWeights
+
+# 2:4 sparsity: GROUP consecutive input weights, KEPT of them stored.
+GROUP = 4
+KEPT = 2
+
+
+def _check_shape(shape, name: str = "shape") -> Tuple[int, int]:
+    if not (isinstance(shape, tuple) and len(shape) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise ValueError(f"{name}={shape!r} is not allowed; expected a tuple (N, K) of integers >= 1")
+    return shape
+
+
+def _check_prune(prune: str) -> None:
+    if prune not in PRUNE_MODES:
+        raise ValueError(f"prune={prune!r} is not allowed; expected one of {PRUNE_MODES}")
+
+
+def _check_matrix(w: Tensor) -> None:
+    if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+        got = f"{w.dtype} with shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"weight must be a 2-d floating-point tensor [N, K], got {got}")
+
+
+# ------------------------------------------------------------------ 2:4
+
+
+@dataclass(frozen=True)
+class SemiStructuredWeight:
+    """A 2:4 semi-structured weight: in every group of 4 consecutive input weights, 2 are stored.
+
+    * ``values`` ``[N, K // 2]``: the kept weights (the weight's dtype), two per group, in group order.
+    * ``indices`` uint8 ``[N, K // 2]``: the position (0..3) of each kept weight inside its group,
+      strictly ascending within each group.
+    * ``shape``: the dense shape ``(N, K)``, with ``K % 4 == 0``.
+    """
+
+    values: Tensor
+    indices: Tensor
+    shape: Tuple[int, int]
+
+    def __post_init__(self):
+        n, k = _check_shape(self.shape)
+        if k % GROUP:
+            raise ValueError(f"shape={self.shape}: K={k} must be a multiple of {GROUP} for 2:4")
+        want = (n, k // GROUP * KEPT)
+        if not isinstance(self.values, Tensor) or tuple(self.values.shape) != want:
+            raise ValueError(f"values must have shape {want}, got "
+                             f"{tuple(self.values.shape) if isinstance(self.values, Tensor) else self.values!r}")
+        if not isinstance(self.indices, Tensor) or self.indices.dtype != torch.uint8 \
+                or tuple(self.indices.shape) != want:
+            raise ValueError(f"indices must be uint8 with shape {want}")
+        pairs = self.indices.view(n, k // GROUP, KEPT).long()
+        if bool((pairs >= GROUP).any()):
+            raise ValueError(f"indices must lie in [0, {GROUP})")
+        if bool((pairs[..., 1] <= pairs[..., 0]).any()):
+            raise ValueError("indices must be strictly ascending within each group")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weight's dtype."""
+        return self.values.dtype
+
+    def to_dense(self) -> Tensor:
+        """The dense ``[N, K]`` weight with zeros at the pruned positions."""
+        n, k = self.shape
+        dense = torch.zeros(n, k // GROUP, GROUP, dtype=self.values.dtype, device=self.values.device)
+        dense.scatter_(-1, self.indices.view(n, k // GROUP, KEPT).long(), self.values.view(n, k // GROUP, KEPT))
+        return dense.view(n, k)
+
+    def __str__(self) -> str:
+        n, k = self.shape
+        return f"SemiStructuredWeight(2:4, shape={n}x{k}, dtype={str(self.values.dtype).replace('torch.', '')})"
+
+
+def compress_2to4(w: Tensor, prune: str = "magnitude") -> SemiStructuredWeight:
+    """Compress ``w`` ``[N, K]`` to 2:4 along K.
+
+    * ``prune="magnitude"``: keep the 2 largest ``|w|`` of each group of 4; ties
+      go to the lower index (a stable sort), so a group of equal magnitudes keeps
+      positions 0 and 1.
+    * ``prune="keep"``: ``w`` must already be 2:4 (at most 2 non-zeros per
+      group); raises ``ValueError`` naming the first offending (row, group) in
+      row-major order. Groups with fewer than 2 non-zeros store zeros at their
+      lowest zero positions.
+
+    Raises ``ValueError`` when ``K % 4 != 0``.
+    """
+    _check_prune(prune)
+    _check_matrix(w)
+    n, k = w.shape
+    if k % GROUP:
+        raise ValueError(f"2:4 needs K % {GROUP} == 0; the weight has shape {tuple(w.shape)}")
+    with torch.no_grad():
+        groups = w.detach().reshape(n, k // GROUP, GROUP)
+        if prune == "keep":
+            nonzero = (groups != 0).sum(-1)
+            bad = (nonzero > KEPT).nonzero()
+            if bad.numel():
+                row, group = (int(x) for x in bad[0])
+                raise ValueError(f"weight is not 2:4: row {row}, group {group} (columns {group * GROUP}.."
+                                 f"{group * GROUP + GROUP - 1}) has {int(nonzero[row, group])} non-zeros")
+        # For a valid 2:4 weight, magnitude order puts the non-zeros first, so both modes share it.
+        order = torch.sort(groups.abs(), dim=-1, descending=True, stable=True).indices[..., :KEPT]
+        order = order.sort(dim=-1).values
+        values = torch.gather(groups, -1, order).reshape(n, k // GROUP * KEPT).clone()
+        indices = order.to(torch.uint8).reshape(n, k // GROUP * KEPT).contiguous()
+    return SemiStructuredWeight(values=values, indices=indices, shape=(n, k))
+
+
+# --------------------------------------------------------------- blocks
+
+
+@dataclass(frozen=True)
+class BlockSparseWeight:
+    """A block-sparse weight in BSR order: (bm x bk) blocks, block rows over N.
+
+    * ``blocks`` ``[nnzb, bm, bk]``: the kept blocks, block row by block row.
+    * ``row_ptr`` int32 ``[N // bm + 1]``: block row ``r`` owns ``blocks[row_ptr[r]:row_ptr[r + 1]]``.
+    * ``col_idx`` int32 ``[nnzb]``: the block column of each block, ascending within a block row.
+    * ``shape``: the dense ``(N, K)``; ``block``: ``(bm, bk)``, dividing N and K.
+    """
+
+    blocks: Tensor
+    row_ptr: Tensor
+    col_idx: Tensor
+    shape: Tuple[int, int]
+    block: Tuple[int, int]
+
+    def __post_init__(self):
+        n, k = _check_shape(self.shape)
+        bm, bk = _check_shape(self.block, "block")
+        if n % bm or k % bk:
+            raise ValueError(f"block={self.block} must divide shape={self.shape}")
+        n_rows, n_cols = n // bm, k // bk
+        if not isinstance(self.blocks, Tensor) or self.blocks.dim() != 3 or tuple(self.blocks.shape[1:]) != (bm, bk):
+            raise ValueError(f"blocks must have shape [nnzb, {bm}, {bk}]")
+        nnzb = self.blocks.shape[0]
+        if not isinstance(self.row_ptr, Tensor) or self.row_ptr.dtype != torch.int32 \
+                or tuple(self.row_ptr.shape) != (n_rows + 1,):
+            raise ValueError(f"row_ptr must be int32 with shape ({n_rows + 1},)")
+        if not isinstance(self.col_idx, Tensor) or self.col_idx.dtype != torch.int32 \
+                or tuple(self.col_idx.shape) != (nnzb,):
+            raise ValueError(f"col_idx must be int32 with shape ({nnzb},)")
+        ptr = self.row_ptr.long()
+        if int(ptr[0]) != 0 or int(ptr[-1]) != nnzb or bool((ptr[1:] < ptr[:-1]).any()):
+            raise ValueError(f"row_ptr must rise from 0 to nnzb={nnzb}")
+        cols = self.col_idx.long()
+        if nnzb and (int(cols.min()) < 0 or int(cols.max()) >= n_cols):
+            raise ValueError(f"col_idx must lie in [0, {n_cols})")
+        # Within a block row the columns rise strictly; across a row boundary they may drop.
+        row_of = self.block_rows().long()
+        rising = (cols[1:] > cols[:-1]) | (row_of[1:] != row_of[:-1])
+        if not bool(rising.all()):
+            raise ValueError("col_idx must be strictly ascending within each block row")
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of blocks in the dense grid."""
+        return (self.shape[0] // self.block[0]) * (self.shape[1] // self.block[1])
+
+    @property
+    def nnzb(self) -> int:
+        """Number of stored blocks."""
+        return self.blocks.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Stored blocks / all blocks."""
+        return self.nnzb / self.n_blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weight's dtype."""
+        return self.blocks.dtype
+
+    def block_rows(self) -> Tensor:
+        """The block row of each stored block (int64 ``[nnzb]``), expanded from ``row_ptr``."""
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+    def to_dense(self) -> Tensor:
+        """The dense ``[N, K]`` weight with zeros outside the stored blocks."""
+        n, k = self.shape
+        bm, bk = self.block
+        grid = torch.zeros(n // bm, k // bk, bm, bk, dtype=self.blocks.dtype, device=self.blocks.device)
+        grid[self.block_rows(), self.col_idx.long()] = self.blocks
+        return grid.permute(0, 2, 1, 3).reshape(n, k)
+
+    def __str__(self) -> str:
+        n, k = self.shape
+        return (f"BlockSparseWeight(shape={n}x{k}, block={self.block[0]}x{self.block[1]}, "
+                f"blocks={self.nnzb}/{self.n_blocks}, density={self.density:.3f}, "
+                f"dtype={str(self.blocks.dtype).replace('torch.', '')})")
+
+
+def _block_grid(w: Tensor, bm: int, bk: int) -> Tensor:
+    """``w`` ``[N, K]`` viewed as ``[N // bm, K // bk, bm, bk]``."""
+    n, k = w.shape
+    return w.reshape(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
+
+
+def compress_block_weights(w: Tensor, form: BlockWeights) -> BlockSparseWeight:
+    """Compress ``w`` ``[N, K]`` into (bm x bk) blocks per ``form``.
+
+    * ``prune="magnitude"``: keep ``form.kept_blocks(n_blocks)`` blocks with the
+      largest Frobenius norm over the whole matrix (norms in float64 so that the
+      order does not depend on the weight's dtype rounding); ties go to the lower
+      flat (row-major block) index.
+    * ``prune="keep"``: keep exactly the blocks with a non-zero entry, whatever
+      ``form.density`` says; every dropped block is then exactly zero, so the
+      compression is lossless.
+
+    Raises ``ValueError`` when bm does not divide N or bk does not divide K.
+    """
+    if not isinstance(form, BlockWeights):
+        raise ValueError(f"form must be BlockWeights, got {type(form).__name__}")
+    _check_matrix(w)
+    n, k = w.shape
+    bm, bk = form.block
+    if n % bm or k % bk:
+        raise ValueError(f"block {bm}x{bk} does not divide the weight shape {n}x{k}")
+    with torch.no_grad():
+        grid = _block_grid(w.detach(), bm, bk)
+        n_rows, n_cols = grid.shape[:2]
+        if form.prune == "keep":
+            keep = (grid != 0).flatten(2).any(-1)
+        else:
+            norms = grid.double().pow(2).sum((-1, -2)).flatten()
+            n_keep = form.kept_blocks(norms.numel())
+            # Stable descending sort: equal norms keep the lower flat index first.
+            top = torch.sort(norms, descending=True, stable=True).indices[:n_keep]
+            keep = torch.zeros(n_rows * n_cols, dtype=torch.bool, device=w.device)
+            keep[top] = True
+            keep = keep.view(n_rows, n_cols)
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major, so BSR order with ascending columns
+        blocks = grid[rows, cols].contiguous().clone()
+        counts = keep.sum(1, dtype=torch.int64)
+        row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=w.device)
+        row_ptr[1:] = counts.cumsum(0)
+    return BlockSparseWeight(blocks=blocks, row_ptr=row_ptr.to(torch.int32), col_idx=cols.to(torch.int32),
+                             shape=(n, k), block=(bm, bk))
