@@ -82,26 +82,41 @@ def name_activation(start: Node, nodes: Tuple[Node, ...]) -> Optional[str]:
     return None
 
 
-def _act_chain(start: Node, end: Node) -> Optional[Tuple[Node, ...]]:
-    """Nodes from ``start`` (exclusive) to ``end`` (inclusive) if they form a single-input pointwise chain."""
-    chain: List[Node] = []
-    cur = end
-    while cur is not start:
-        op = op_of(cur)
-        if op is None or op.name not in ("pointwise", "scale", "cast", "identity") or len(chain) >= _MAX_ACT_NODES:
-            return None
+_POINTWISE_NAMES = ("pointwise", "scale", "cast", "identity", "add")
+
+
+def _pointwise_cone(end: Node) -> Optional[Tuple[Node, Tuple[Node, ...]]]:
+    """The pointwise subgraph computing ``end`` from exactly one non-pointwise node.
+
+    Returns (root, nodes in graph order) when ``end`` is a function of a single
+    tensor ``root`` through pointwise ops only (a chain, or a DAG such as the
+    hand-written tanh GELU, which reads its input three times) and no
+    intermediate value escapes to other users. None otherwise.
+    """
+    cone, roots, stack = set(), set(), [end]
+    while stack:
+        node = stack.pop()
+        if node in cone:
+            continue
+        op = op_of(node)
+        if op is None or op.name not in _POINTWISE_NAMES or len(cone) >= _MAX_ACT_NODES:
+            if node is end:
+                return None
+            roots.add(node)
+            continue
+        cone.add(node)
         tensors = [a for a in op.inputs if isinstance(a, Node)]
-        parents = set(tensors)
-        if len(parents) != 1:
+        if not tensors:
             return None
-        chain.append(cur)
-        cur = tensors[0]
-    chain.reverse()
-    # Every intermediate must feed only the next step (else the hidden state is reused elsewhere).
-    for node in [start] + chain[:-1]:
-        if len(node.users) != 1:
+        stack.extend(tensors)
+    if len(roots) != 1:
+        return None
+    root = next(iter(roots))
+    for node in cone | {root}:
+        if node is not end and any(u not in cone for u in node.users):
             return None
-    return tuple(chain)
+    order = {n: i for i, n in enumerate(end.graph.nodes)}
+    return root, tuple(sorted(cone, key=order.__getitem__))
 
 
 def _fused_half(node: Node) -> Optional[Tuple[Node, int]]:
@@ -131,6 +146,9 @@ def search_ffn(gm: GraphModule, ctx) -> List[Site]:
         if down is None:
             continue
         hidden = down.x
+        if not isinstance(hidden, Node) or len(hidden.users) != 1:
+            debug_no_match("ffn", node, "the hidden activation is used elsewhere")
+            continue
         found = _match_plain(hidden, ctx) or _match_gated(hidden, ctx)
         if found is None:
             continue
@@ -140,28 +158,16 @@ def search_ffn(gm: GraphModule, ctx) -> List[Site]:
 
 
 def _match_plain(hidden: Node, ctx) -> Optional[dict]:
-    op = op_of(hidden)
-    if op is None or op.name == "linear":
+    cone = _pointwise_cone(hidden)
+    if cone is None:
         return None
-    # Walk up single-input pointwise nodes to the first linear.
-    cur, steps = hidden, 0
-    while steps < _MAX_ACT_NODES:
-        cur_op = op_of(cur)
-        if cur_op is None or cur_op.name not in ("pointwise", "scale", "cast", "identity"):
-            break
-        tensors = [a for a in cur_op.inputs if isinstance(a, Node)]
-        if len(set(tensors)) != 1:
-            break
-        cur, steps = tensors[0], steps + 1
-    first = match_linear(cur, ctx)
-    if first is None or steps == 0:
+    root, nodes = cone
+    first = match_linear(root, ctx)
+    if first is None:
+        debug_no_match("ffn", hidden, "the activation does not start at a linear with a parameter weight")
         return None
-    chain = _act_chain(cur, hidden)
-    if chain is None:
-        debug_no_match("ffn", hidden, "the activation chain branches or is reused elsewhere")
-        return None
-    return dict(x=first.x, first=first, first_node=cur, up=None, up_node=None, act_nodes=chain,
-                act=name_activation(cur, chain))
+    return dict(x=first.x, first=first, first_node=root, up=None, up_node=None, act_nodes=nodes,
+                act=name_activation(root, nodes))
 
 
 def _match_gated(hidden: Node, ctx) -> Optional[dict]:
@@ -197,19 +203,7 @@ def _match_gated(hidden: Node, ctx) -> Optional[dict]:
 
 
 def _chain_source(end: Node) -> Optional[Tuple[Node, Tuple[Node, ...]]]:
-    cur = end
-    for _ in range(_MAX_ACT_NODES):
-        op = op_of(cur)
-        if op is None or op.name not in ("pointwise", "scale", "cast", "identity"):
-            break
-        tensors = [a for a in op.inputs if isinstance(a, Node)]
-        if len(set(tensors)) != 1:
-            break
-        cur = tensors[0]
-    if cur is end:
-        return None
-    chain = _act_chain(cur, end)
-    return (cur, chain) if chain is not None else None
+    return _pointwise_cone(end)
 
 
 def _make_site(m: FfnMatch) -> Site:

@@ -115,7 +115,7 @@ def compile_graph(gm, example_inputs, opts: BackendOptions):
     if lowering not in LOWERINGS:
         raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
     if lowering == "inductor":
-        compiled = compile_fx(gm, list(example_inputs) + ctx.extra_inputs)
+        compiled = compile_fx(gm, list(example_inputs))
     else:
         compiled = gm.forward
     ctx.stages.append(("lower", (time.perf_counter() - start) * 1e3))
@@ -127,9 +127,8 @@ def compile_graph(gm, example_inputs, opts: BackendOptions):
 
 
 def _with_weights(compiled, ctx: CompileContext):
-    """Wrap the compiled graph so compressed weights are passed in and kept fresh."""
+    """Wrap the compiled graph so the compressed weights it reads are refreshed when a parameter changes."""
     bindings = ctx.bindings
-    extra = ctx.extra_inputs
     boxed = getattr(compiled, "_boxed_call", False)
 
     def run(*args):
@@ -138,8 +137,7 @@ def _with_weights(compiled, ctx: CompileContext):
         for b in bindings:
             if b.input_index is not None:
                 b.refresh(args[b.input_index])
-        full = list(args) + extra
-        return compiled(full) if boxed else compiled(*full)
+        return compiled(list(args)) if boxed else compiled(*args)
 
     return run
 

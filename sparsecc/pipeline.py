@@ -86,7 +86,7 @@ class CompileContext:
     spec: Any
     kernels: str = "auto"
     autograd: bool = False
-    params: Dict[Node, Any] = field(default_factory=dict)
+    params: Dict[Node, Any] = field(default_factory=dict)   # placeholder/get_attr node -> ParamRef
     example_inputs: Sequence = ()
     hardware: HardwareProfile = field(default_factory=lambda: profile_for(torch.device("cpu")))
     sites: List[Site] = field(default_factory=list)
@@ -122,27 +122,28 @@ class CompileContext:
         return self._compressed[key]
 
     def bind_weight(self, site: Site, form, fields: Tuple[str, ...]) -> List[Node]:
-        """Add graph inputs for the compressed weight's ``fields``; return their placeholder nodes."""
-        graph = self.gm.graph
+        """Attach the compressed weight's ``fields`` to the graph module as buffers; return get_attr nodes.
+
+        Buffers rather than new graph inputs: Dynamo keeps using the graph's
+        placeholder list after the backend returns. The buffers are updated in
+        place by ``WeightBinding.refresh`` when the parameter changes.
+        """
+        gm = self.gm
         container = self.compressed_weight(site, form)
         tensors = [getattr(container, f) for f in fields]
         ref = site.match.weight
         self.bindings.append(WeightBinding(ref.input_index, ref.tensor, form, fields, tensors,
                                            ref.tensor._version, ref.tensor.data_ptr(), ref.qualname))
-        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
         nodes = []
+        first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
         for f, t in zip(fields, tensors):
-            with graph.inserting_after(last):
-                node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_{f}")
+            name = f"sparsecc_{ref.qualname.replace('.', '_')}_{f}"
+            gm.register_buffer(name, t)
+            with gm.graph.inserting_before(first_op):
+                node = gm.graph.get_attr(name)
             node.meta["example_value"] = t
             nodes.append(node)
-            last = node
         return nodes
-
-    @property
-    def extra_inputs(self) -> List[torch.Tensor]:
-        """The compressed tensors, in the order their placeholders were added."""
-        return [t for b in self.bindings for t in b.tensors]
 
 
 # ---------------------------------------------------------------- stages

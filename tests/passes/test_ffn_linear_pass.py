@@ -1,0 +1,202 @@
+"""FFN and linear matching and rewriting across spellings, with negative cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsecc
+from sparsecc.backend import rewritten_graphs
+from tests import zoo
+
+ACTS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu2": lambda t: torch.relu(t) ** 2,
+        "silu": F.silu}
+
+
+def _ops():
+    return [str(n.target) for gm in rewritten_graphs() for n in gm.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("sparsecc")]
+
+
+def _thr(t, tau):
+    return t * (t.abs() > tau)
+
+
+@pytest.mark.parametrize("cls", zoo.FFN_SPELLINGS, ids=lambda c: c.__name__)
+def test_every_ffn_spelling_is_found(cls):
+    ffn = cls().eval()
+    report = sparsecc.explain(ffn, torch.randn(2, 5, 32))
+    sites = [s for s in report.sites if s.kind == "ffn"]
+    assert len(sites) == 1, report
+    assert sites[0].attrs["gated"] == cls.gated
+    assert sites[0].attrs["activation"] == cls.act
+    # the linears are reported too, each under the module owning its weight
+    assert len([s for s in report.sites if s.kind == "linear"]) == (3 if cls is zoo.GatedSiluFFN else 2)
+
+
+def _ffn_expected(ffn, x, mode, tau):
+    """The activation_threshold semantics, computed from the module's weights in float64."""
+    x = x.double()
+    act = ACTS[ffn.act]
+    if isinstance(ffn, zoo.FusedGateUpFFN):
+        w, b = ffn.gate_up.weight.double(), ffn.gate_up.bias.double()
+        inner = w.shape[0] // 2
+        lin_g = lambda t: F.linear(t, w[:inner], b[:inner])  # noqa: E731
+        lin_u = lambda t: F.linear(t, w[inner:], b[inner:])  # noqa: E731
+        down = ffn.down
+    elif isinstance(ffn, zoo.GatedSiluFFN):
+        lin_g = lambda t: F.linear(t, ffn.gate_proj.weight.double())  # noqa: E731
+        lin_u = lambda t: F.linear(t, ffn.up_proj.weight.double())  # noqa: E731
+        down = ffn.down_proj
+    else:
+        lin_g = lambda t: F.linear(t, ffn.fc1.weight.double(), ffn.fc1.bias.double())  # noqa: E731
+        lin_u = None
+        down = ffn.fc2
+    lin_d = lambda t: F.linear(t, down.weight.double(), None if down.bias is None else down.bias.double())  # noqa: E731
+    if mode == "input":
+        xi = _thr(x, tau)
+        h = act(lin_g(xi)) * (lin_u(xi) if lin_u else 1.0)
+        return lin_d(_thr(h, tau))
+    a = act(lin_g(x))
+    h = _thr(a, tau) * (lin_u(x) if lin_u else 1.0)
+    return lin_d(h)
+
+
+@pytest.mark.parametrize("mode", ["input", "gate"])
+@pytest.mark.parametrize("cls", zoo.FFN_SPELLINGS, ids=lambda c: c.__name__)
+def test_threshold_rewrite_matches_semantics(cls, mode, eager_lowering):
+    torch.manual_seed(5)
+    ffn = cls().eval()
+    x = torch.randn(2, 5, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "mode": mode, "threshold": 0.3}]}
+    with torch.no_grad():
+        out = sparsecc.compile(ffn, spec=spec, kernels="reference")(x)
+        expected = _ffn_expected(ffn, x, mode, 0.3).float()
+    wanted = "threshold_linear" if mode == "input" else "gate_sparse_ffn"
+    assert any(wanted in n for n in _ops())
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_reused_hidden_is_not_an_ffn():
+    report = sparsecc.explain(zoo.ReusedHiddenFFN().eval(), torch.randn(1, 4, 32))
+    assert not [s for s in report.sites if s.kind == "ffn"]
+
+
+def test_uncalibrated_sparsity_target_falls_back():
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "sparsity": 0.5}]}
+    report = sparsecc.explain(zoo.GatedSiluFFN().eval(), torch.randn(1, 4, 32), spec=spec)
+    site = [s for s in report.sites if s.kind == "ffn"][0]
+    assert not site.applied and "calibrate" in site.reason
+
+
+@pytest.mark.parametrize("cls", zoo.LINEAR_SPELLINGS, ids=lambda c: c.__name__)
+def test_every_linear_spelling_is_found(cls):
+    model = cls().eval()
+    report = sparsecc.explain(model, torch.randn(3, 32))
+    sites = [s for s in report.sites if s.kind == "linear"]
+    assert len(sites) == 1
+    expected_module = "proj" if cls is zoo.ModuleLinear else ""
+    assert sites[0].module == expected_module
+    assert sites[0].attrs["in_features"] == 32 and sites[0].attrs["out_features"] == 64
+
+
+def _two_four_dense(w):
+    groups = w.reshape(w.shape[0], -1, 4)
+    idx = groups.abs().topk(2, dim=-1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return (groups * keep).reshape(w.shape)
+
+
+def _block_dense(w, bm, bk, density):
+    n, k = w.shape
+    blocks = w.reshape(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
+    norms = blocks.flatten(2).norm(dim=-1).flatten()
+    kept = math.ceil(density * norms.numel())
+    keep = torch.zeros_like(norms, dtype=torch.bool)
+    keep[norms.topk(kept).indices] = True
+    mask = keep.view(n // bm, k // bk)[:, None, :, None].expand(-1, bm, -1, bk).reshape(n, k)
+    return w * mask
+
+
+def _weight_and_bias(model):
+    if isinstance(model, zoo.ModuleLinear):
+        return model.proj.weight, model.proj.bias
+    if isinstance(model, zoo.Conv1DLinear):
+        return model.weight.t(), model.bias
+    return model.weight, model.bias
+
+
+@pytest.mark.parametrize("form", ["2:4", "block_weights"])
+@pytest.mark.parametrize("cls", zoo.LINEAR_SPELLINGS, ids=lambda c: c.__name__)
+def test_weight_forms_match_semantics(cls, form, eager_lowering):
+    torch.manual_seed(6)
+    model = cls().eval()
+    x = torch.randn(3, 32)
+    rule = {"form": form} if form == "2:4" else {"form": form, "block": [16, 16], "density": 0.5}
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [rule]}
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=spec, kernels="reference")(x)
+        w, b = _weight_and_bias(model)
+        w_sparse = _two_four_dense(w) if form == "2:4" else _block_dense(w, 16, 16, 0.5)
+        expected = x @ w_sparse.t() + b
+    assert any(("semi_structured" if form == "2:4" else "block_sparse_linear") in n for n in _ops())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_buffer_weight_is_not_a_linear_site():
+    report = sparsecc.explain(zoo.BufferWeightLinear().eval(), torch.randn(2, 32))
+    assert not [s for s in report.sites if s.kind == "linear"]
+
+
+def test_float64_linear_is_not_matched():
+    report = sparsecc.explain(zoo.ModuleLinear().double().eval(), torch.randn(2, 32, dtype=torch.float64))
+    assert not [s for s in report.sites if s.kind == "linear"]
+
+
+def test_two_four_needs_k_divisible_by_4():
+    model = zoo.ModuleLinear(k=30).eval()
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    site = sparsecc.explain(model, torch.randn(2, 30), spec=spec).sites[0]
+    assert not site.applied and "divisible by 4" in site.reason
+
+
+def test_keep_mode_rejects_dense_weights():
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4", "prune": "keep"}]}
+    site = sparsecc.explain(zoo.ModuleLinear().eval(), torch.randn(2, 32), spec=spec).sites[0]
+    assert not site.applied and "cannot compress" in site.reason
+
+
+def test_weight_update_after_compile_is_never_stale(eager_lowering):
+    torch.manual_seed(7)
+    model = zoo.ModuleLinear().eval()
+    x = torch.randn(3, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    with torch.no_grad():
+        compiled = sparsecc.compile(model, spec=spec, kernels="reference")
+        compiled(x)
+        model.proj.weight.mul_(-2.0).add_(0.5)
+        out = compiled(x)
+        expected = x @ _two_four_dense(model.proj.weight).t() + model.proj.bias
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_autograd_falls_back_to_dense():
+    model = zoo.ModuleLinear()
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    x = torch.randn(2, 32)
+    compiled = sparsecc.compile(model, spec=spec, report=False)
+    from sparsecc.backend import parse_options, make_context  # noqa: F401  (API exists)
+    with torch.enable_grad():
+        import os
+        os.environ["SPARSECC_LOWERING"] = "eager"
+        try:
+            out = compiled(x)
+        finally:
+            del os.environ["SPARSECC_LOWERING"]
+    out.sum().backward()
+    assert model.proj.weight.grad is not None
+    site = sparsecc.last_report().sites[0]
+    assert not site.applied and "autograd" in site.reason
