@@ -1,0 +1,312 @@
+"""Loading a v1 spec from a TOML or JSON file, or a mapping, into a validated :class:`Spec`.
+
+Every problem becomes a :class:`SpecError` naming the file, the key path, the line (TOML;
+JSON best effort), the bad value and what is allowed. Checks run in the order a reader
+would fix things: the version first, then unknown keys, then each value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from .errors import _UNSET, KeyPath, SpecError, format_key
+from .locate import DuplicateKey, TomlLocator, line_at, parse_json
+from .registry import COMMON_KEYS, FORMS, KINDS, THRESHOLD_TABLE_KEYS
+from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_MARGIN, ALLOWED_POLICY, SPEC_VERSION,
+                     Defaults, Rule, Spec, check_glob, check_heads, check_margin, check_policy,
+                     find_meta_problem, is_int)
+from .writer import SUFFIXES
+
+TOP_KEYS = ("version", "defaults", "attention", "ffn", "linear", "meta")
+DEFAULTS_KEYS = ("policy", "margin")
+DICT_SOURCE = "<dict>"
+THRESHOLD_MODES = tuple(THRESHOLD_TABLE_KEYS)
+# The forms' ValueError text: "name=value is not allowed; expected ..." (see sparsecc.forms).
+_FORM_ERROR = re.compile(r"^(?P<name>[^=]+)=(?P<value>.*) is not allowed; expected (?P<allowed>.*)$", re.S)
+_TOML_LINE = re.compile(r"at line (\d+)")
+
+SpecSource = Union[str, "os.PathLike[str]", Mapping[str, Any], Spec, None]
+
+
+class _Context:
+    """Where the data came from, to turn a key path into a located SpecError."""
+
+    def __init__(self, file: str, text: Optional[str] = None, locator: Any = None):
+        self.file = file
+        self._text = text
+        self._locator = locator
+
+    def line(self, path: KeyPath) -> Optional[int]:
+        if self._locator is None and self._text is not None:
+            # Built on the first error only: a spec that loads cleanly never pays for it.
+            self._locator = TomlLocator(self._text)
+        return self._locator.line(path) if (self._locator is not None and path) else None
+
+    def error(self, path: KeyPath, problem: str = "is not allowed", value: Any = _UNSET,
+              allowed: Optional[str] = None) -> SpecError:
+        return SpecError(problem, file=self.file, key=format_key(path), line=self.line(path),
+                         value=value, allowed=allowed)
+
+
+def _one_of(names) -> str:
+    return "one of " + ", ".join(names)
+
+
+# ---------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------
+
+def load_spec(src: SpecSource) -> Optional[Spec]:
+    """Load and validate a spec.
+
+    ``None`` gives None (no spec: every site stays dense); a :class:`Spec` is returned as is;
+    a mapping is validated (errors name the file ``"<dict>"``); a path must end in ``.toml``
+    or ``.json``. Raises :class:`SpecError` for every problem, and nothing else.
+    """
+    if src is None:
+        return None
+    if isinstance(src, Spec):
+        return src
+    if isinstance(src, Mapping):
+        return build_spec(src, _Context(DICT_SOURCE))
+    if isinstance(src, (str, os.PathLike)):
+        return _load_file(src)
+    raise SpecError(f"cannot load a spec from a {type(src).__name__}",
+                    allowed="a path (.toml or .json), a mapping, a sparsecc.spec.Spec or None")
+
+
+def _load_file(src: Any) -> Spec:
+    try:
+        name = os.fsdecode(os.fspath(src))
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"is not a usable path: {exc}", allowed="a str or os.PathLike") from None
+    suffix = Path(name).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise SpecError(f"has the suffix {suffix or '(none)'!r}, which is not a spec format",
+                        file=name, value=suffix, allowed=" or ".join(SUFFIXES))
+    path = Path(name)
+    if path.is_dir():
+        raise SpecError("is a directory, not a spec file", file=name)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError("does not exist", file=name) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SpecError(f"cannot be read: {reason}", file=name) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise SpecError(f"is not valid UTF-8 text (byte {exc.start})", file=name, line=line) from None
+    if suffix == ".toml":
+        data, ctx = _parse_toml(text, name)
+    else:
+        data, ctx = _parse_json(text, name)
+    return build_spec(data, ctx, source=name)
+
+
+def _parse_toml(text: str, name: str) -> Tuple[Dict[str, Any], _Context]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = _TOML_LINE.search(str(exc))
+        raise SpecError(f"invalid TOML: {exc}", file=name,
+                        line=int(match.group(1)) if match else None) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of thousands of digits
+        raise SpecError(f"invalid TOML: {type(exc).__name__}: {exc}", file=name) from None
+    return data, _Context(name, text=text)
+
+
+def _parse_json(text: str, name: str) -> Tuple[Any, _Context]:
+    try:
+        data, locator = parse_json(text)
+    except DuplicateKey as exc:
+        line = line_at(text, exc.pos) if exc.pos is not None else None
+        raise SpecError(f"invalid JSON: the key {exc.key!r} appears twice in one object",
+                        file=name, line=line) from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        line = getattr(exc, "lineno", None)
+        message = getattr(exc, "msg", None) or f"{type(exc).__name__}: {exc}"
+        where = f" (line {line}, column {exc.colno})" if line is not None else ""
+        raise SpecError(f"invalid JSON: {message}{where}", file=name, line=line) from None
+    return data, _Context(name, locator=locator)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation and building
+# ---------------------------------------------------------------------------------------
+
+def build_spec(data: Any, ctx: _Context, source: Optional[str] = None) -> Spec:
+    """Validate parsed data and build the Spec (``ctx`` locates errors)."""
+    if not isinstance(data, Mapping):
+        raise ctx.error((), f"has a top level that is a {type(data).__name__}, not a table",
+                        allowed="a table with version = 1 and [[attention]], [[ffn]], [[linear]] rules")
+    _check_string_keys(data, (), ctx)
+    if "version" not in data:
+        raise ctx.error(("version",), "is missing", allowed=f"version = {SPEC_VERSION} at the top of the spec")
+    version = data["version"]
+    if not (is_int(version) and version == SPEC_VERSION):
+        raise ctx.error(("version",), value=version, allowed=f"{SPEC_VERSION} (the only spec version)")
+    _check_keys(data, (), TOP_KEYS, ctx)
+    defaults = _build_defaults(data["defaults"], ctx) if "defaults" in data else Defaults()
+    rules: Dict[str, Tuple[Rule, ...]] = {}
+    for kind in KINDS:
+        rules[kind] = _build_rules(kind, data[kind], ctx) if kind in data else ()
+    meta = _check_meta(data["meta"], ctx) if "meta" in data else {}
+    return Spec(version=SPEC_VERSION, defaults=defaults, meta=meta, source=source, **rules)
+
+
+def _check_string_keys(table: Mapping, path: KeyPath, ctx: _Context) -> None:
+    # Only Python mappings can have non-string keys; TOML and JSON keys are always strings.
+    for key in table:
+        if not isinstance(key, str):
+            raise ctx.error(path, f"has the key {key!r}, which is not a string", allowed="string keys")
+
+
+def _check_keys(table: Mapping, path: KeyPath, allowed: Tuple[str, ...], ctx: _Context,
+                foreign: Optional[Dict[str, str]] = None, form: Optional[str] = None) -> None:
+    """Refuse keys outside ``allowed``; ``foreign`` names the form a misplaced key belongs to."""
+    for key, value in table.items():
+        if key in allowed:
+            continue
+        if foreign and key in foreign:
+            problem = f"belongs to form {foreign[key]!r}, not to form {form!r}"
+            expected = f"only these keys for form {form!r}: " + ", ".join(allowed)
+        else:
+            problem = "is not an allowed key"
+            expected = _one_of(allowed)
+        raise ctx.error(path + (key,), problem, value=value, allowed=expected)
+
+
+def _build_defaults(raw: Any, ctx: _Context) -> Defaults:
+    path: KeyPath = ("defaults",)
+    if not isinstance(raw, Mapping):
+        raise ctx.error(path, "is not a table", value=raw, allowed="a [defaults] table with policy and margin")
+    _check_string_keys(raw, path, ctx)
+    _check_keys(raw, path, DEFAULTS_KEYS, ctx)
+    policy = raw.get("policy", "auto")
+    if check_policy(policy):
+        raise ctx.error(path + ("policy",), value=policy, allowed=ALLOWED_POLICY)
+    margin = raw.get("margin", Defaults.margin)
+    if check_margin(margin):
+        raise ctx.error(path + ("margin",), value=margin, allowed=ALLOWED_MARGIN)
+    return Defaults(policy=policy, margin=margin)
+
+
+def _build_rules(kind: str, raw: Any, ctx: _Context) -> Tuple[Rule, ...]:
+    if not isinstance(raw, (list, tuple)):
+        raise ctx.error((kind,), "is not an array of tables", value=raw,
+                        allowed=f"a list of rule tables (in TOML, [[{kind}]] with two brackets)")
+    return tuple(_build_rule(kind, i, item, ctx) for i, item in enumerate(raw))
+
+
+def _build_rule(kind: str, index: int, raw: Any, ctx: _Context) -> Rule:
+    path: KeyPath = (kind, index)
+    forms = FORMS[kind]
+    if not isinstance(raw, Mapping):
+        raise ctx.error(path, "is not a table", value=raw, allowed=f"a rule table with a form key ({_one_of(forms)})")
+    _check_string_keys(raw, path, ctx)
+    if "form" not in raw:
+        raise ctx.error(path + ("form",), "is missing", allowed=_one_of(forms))
+    form_name = raw["form"]
+    if not (isinstance(form_name, str) and form_name in forms):
+        other = [k for k in KINDS if k != kind and isinstance(form_name, str) and form_name in FORMS[k]]
+        hint = f" ({form_name!r} is a form for [[{other[0]}]] rules)" if other else ""
+        raise ctx.error(path + ("form",), value=form_name, allowed=_one_of(forms) + hint)
+    entry = forms[form_name]
+    allowed = COMMON_KEYS[kind] + entry.keys
+    foreign = {key: other.name for other in forms.values() if other is not entry
+               for key in other.keys if key not in allowed}
+    _check_keys(raw, path, allowed, ctx, foreign=foreign, form=form_name)
+    for key in entry.required:
+        if key not in raw:
+            raise ctx.error(path + (key,), "is missing", allowed=f"{key} for form {form_name!r}")
+
+    modules = raw.get("modules", "*")
+    if check_glob(modules):
+        raise ctx.error(path + ("modules",), value=modules, allowed=ALLOWED_GLOB)
+    heads = None
+    if "heads" in raw:
+        heads = raw["heads"]
+        if check_heads(heads):
+            raise ctx.error(path + ("heads",), value=heads, allowed=ALLOWED_HEADS)
+        heads = tuple(heads)
+    policy = None
+    if "policy" in raw:
+        policy = raw["policy"]
+        if check_policy(policy):
+            raise ctx.error(path + ("policy",), value=policy, allowed=ALLOWED_POLICY)
+
+    form_raw = {key: raw[key] for key in entry.keys if key in raw}
+    if form_name == "activation_threshold":
+        _check_threshold(form_raw, path, ctx)
+    for key, value in form_raw.items():
+        if isinstance(value, int) and not isinstance(value, bool) and not is_int(value):
+            raise ctx.error(path + (key,), value=value, allowed="an integer within the 64-bit range")
+    try:
+        form = entry.build(form_raw)
+    except (ValueError, TypeError) as exc:
+        # TypeError too: whatever a form makes of a strange value, the user gets a SpecError.
+        raise _form_error(exc, path, form_raw, ctx) from None
+    return Rule(kind=kind, index=index, form=form, modules=modules, heads=heads, policy=policy)
+
+
+def _check_threshold(raw: Mapping[str, Any], path: KeyPath, ctx: _Context) -> None:
+    """The activation_threshold checks the form cannot phrase in spec terms."""
+    mode = raw.get("mode", "input")
+    if not (isinstance(mode, str) and mode in THRESHOLD_MODES):
+        raise ctx.error(path + ("mode",), value=mode, allowed=_one_of(THRESHOLD_MODES))
+    if "threshold" not in raw and "sparsity" not in raw:
+        raise ctx.error(path + ("threshold",), "is missing",
+                        allowed="a threshold, a target sparsity, or both")
+    keys = THRESHOLD_TABLE_KEYS[mode]
+    table_allowed = f"a number >= 0, or a table with keys from {', '.join(keys)} (mode {mode!r})"
+    # A spec has no null: None (from a dict or JSON null) never means "absent".
+    if "threshold" in raw and raw["threshold"] is None:
+        raise ctx.error(path + ("threshold",), value=None, allowed=table_allowed)
+    if "sparsity" in raw and raw["sparsity"] is None:
+        raise ctx.error(path + ("sparsity",), value=None, allowed="a number in (0, 1)")
+    threshold = raw.get("threshold")
+    if isinstance(threshold, Mapping):
+        if not threshold:
+            raise ctx.error(path + ("threshold",), value=threshold, allowed=table_allowed)
+        for key, tau in threshold.items():
+            if not isinstance(key, str):
+                raise ctx.error(path + ("threshold",), f"has the key {key!r}, which is not a string",
+                                allowed=_one_of(keys))
+            if key not in keys:
+                raise ctx.error(path + ("threshold", key), f"is not an allowed key in mode {mode!r}",
+                                value=tau, allowed=_one_of(keys))
+
+
+def _form_error(exc: Exception, path: KeyPath, raw: Mapping[str, Any], ctx: _Context) -> SpecError:
+    """Re-raise a form's ``"name=value is not allowed; expected ..."`` at its key path."""
+    match = _FORM_ERROR.match(str(exc))
+    if match is None:
+        return ctx.error(path + ("form",), f"cannot be built from these keys: {exc}")
+    parts: KeyPath = tuple(match.group("name").strip().split("."))
+    if parts[0] == "threshold" and not isinstance(raw.get("threshold"), Mapping):
+        parts = ("threshold",)  # one number was given for every projection: point at it
+    value: Any = raw
+    for part in parts:
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        else:
+            value = _UNSET
+            break
+    return ctx.error(path + parts, value=value, allowed=match.group("allowed"))
+
+
+def _check_meta(raw: Any, ctx: _Context) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ctx.error(("meta",), "is not a table", value=raw, allowed="a [meta] table of free-form provenance")
+    problem = find_meta_problem(raw, ("meta",))
+    if problem:
+        path, value, allowed = problem
+        raise ctx.error(path, value=value, allowed=allowed)
+    return raw
