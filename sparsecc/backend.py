@@ -103,10 +103,24 @@ def explain_graph(gm, example_inputs, opts: BackendOptions, sink: Report):
     return gm.forward
 
 
+def _private_copy(gm):
+    """A copy of Dynamo's graph module that the rewrite may change freely.
+
+    Dynamo keeps reading its own graph (its placeholders, its parameter
+    sources) after the backend returns, so rewrites never touch it.
+    """
+    graph = torch.fx.Graph()
+    value_map = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    return torch.fx.GraphModule(gm, graph)
+
+
 def compile_graph(gm, example_inputs, opts: BackendOptions):
     """Run the full pipeline on one graph and return the compiled callable."""
     from torch._inductor.compile_fx import compile_fx
 
+    gm = _private_copy(gm)
     ctx = make_context(gm, example_inputs, opts)
     run_stages(gm, ctx)
     _graphs.append(gm)
@@ -115,29 +129,28 @@ def compile_graph(gm, example_inputs, opts: BackendOptions):
     if lowering not in LOWERINGS:
         raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
     if lowering == "inductor":
-        compiled = compile_fx(gm, list(example_inputs))
+        compiled = compile_fx(gm, list(example_inputs) + ctx.extra_inputs)
     else:
         compiled = gm.forward
+    if ctx.bindings:
+        compiled = _with_weights(compiled, ctx)
     ctx.stages.append(("lower", (time.perf_counter() - start) * 1e3))
     report = build_report(ctx)
     emit_report(report, opts)
-    if not ctx.bindings:
-        return compiled
-    return _with_weights(compiled, ctx)
+    return compiled
 
 
 def _with_weights(compiled, ctx: CompileContext):
-    """Wrap the compiled graph so the compressed weights it reads are refreshed when a parameter changes."""
+    """Wrap the compiled graph: pass the compressed weights after the inputs, refreshed when a parameter changes."""
     bindings = ctx.bindings
-    boxed = getattr(compiled, "_boxed_call", False)
+    extra = ctx.extra_inputs
 
     def run(*args):
-        if len(args) == 1 and isinstance(args[0], list) and boxed:
-            args = tuple(args[0])
         for b in bindings:
             if b.input_index is not None:
                 b.refresh(args[b.input_index])
-        return compiled(list(args)) if boxed else compiled(*args)
+        full = list(args) + extra
+        return compiled(*full)
 
     return run
 

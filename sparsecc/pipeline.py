@@ -122,28 +122,32 @@ class CompileContext:
         return self._compressed[key]
 
     def bind_weight(self, site: Site, form, fields: Tuple[str, ...]) -> List[Node]:
-        """Attach the compressed weight's ``fields`` to the graph module as buffers; return get_attr nodes.
+        """Add graph inputs for the compressed weight's ``fields``; return their placeholder nodes.
 
-        Buffers rather than new graph inputs: Dynamo keeps using the graph's
-        placeholder list after the backend returns. The buffers are updated in
-        place by ``WeightBinding.refresh`` when the parameter changes.
+        The backend passes ``extra_inputs`` after the graph's own inputs on
+        every call, and ``WeightBinding.refresh`` updates them in place when
+        the parameter changes.
         """
-        gm = self.gm
+        graph = self.gm.graph
         container = self.compressed_weight(site, form)
         tensors = [getattr(container, f) for f in fields]
         ref = site.match.weight
         self.bindings.append(WeightBinding(ref.input_index, ref.tensor, form, fields, tensors,
                                            ref.tensor._version, ref.tensor.data_ptr(), ref.qualname))
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
         nodes = []
-        first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
         for f, t in zip(fields, tensors):
-            name = f"sparsecc_{ref.qualname.replace('.', '_')}_{f}"
-            gm.register_buffer(name, t)
-            with gm.graph.inserting_before(first_op):
-                node = gm.graph.get_attr(name)
+            with graph.inserting_after(last):
+                node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_{f}")
             node.meta["example_value"] = t
             nodes.append(node)
+            last = node
         return nodes
+
+    @property
+    def extra_inputs(self) -> List[torch.Tensor]:
+        """The compressed tensors, in the order their placeholders were added."""
+        return [t for b in self.bindings for t in b.tensors]
 
 
 # ---------------------------------------------------------------- stages

@@ -1,0 +1,118 @@
+"""The torch.compile backend: entry point, options, Inductor lowering, reports, weight freshness."""
+
+import json
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import SpecError
+from tests import zoo
+
+
+class TinyModel(torch.nn.Module):
+    """Attention + gated FFN + linears, to exercise every family through Inductor."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = zoo.SdpaAttention()
+        self.mlp = zoo.GatedSiluFFN()
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+def test_entry_point_backend_without_spec_equals_eager():
+    torch.manual_seed(0)
+    model = TinyModel().eval()
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        out = torch.compile(model, backend="sparsecc")(x)
+        ref = model(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    report = sparsecc.last_report()
+    assert report.sites and all(s.reason == "no rule" for s in report.sites)
+    assert {s.kind for s in report.sites} == {"attention", "ffn", "linear"}
+
+
+def test_inductor_lowering_runs_sparse_ops_and_refreshes_weights(tmp_path):
+    torch.manual_seed(1)
+    model = TinyModel().eval()
+    x = torch.randn(1, 12, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": 2, "window": 4}],
+            "linear": [{"modules": "attn.o_proj", "form": "2:4"}]}
+    path = tmp_path / "report.json"
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="sparsecc",
+                                 options={"spec": spec, "kernels": "reference", "report": str(path)})
+        first = compiled(x)
+        model.attn.o_proj.weight.mul_(0.5)
+        second = compiled(x)
+    assert not torch.allclose(first, second)
+    data = json.loads(path.read_text())
+    applied = {(s["kind"], s["module"]) for s in data["sites"] if s["applied"]}
+    assert applied == {("attention", "attn"), ("linear", "attn.o_proj")}
+    # the refreshed weight gives the same result as a fresh compile
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fresh = sparsecc.compile(model, spec=spec, kernels="reference")(x)
+    torch.testing.assert_close(second, fresh, atol=1e-5, rtol=1e-5)
+
+
+def _spec_error_in_chain(exc):
+    while exc is not None:
+        if isinstance(exc, SpecError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"kernels": "cuda"}, "options.kernels"),
+    ({"report": "out.txt"}, "options.report"),
+    ({"spec": "missing.toml"}, None),
+])
+def test_bad_options_raise_spec_error(options, key):
+    with pytest.raises(SpecError) as info:
+        sparsecc.compile(torch.nn.Linear(4, 4), **options)
+    if key:
+        assert key in str(info.value) and "expected" in str(info.value)
+
+
+def test_unknown_option_lists_allowed_keys():
+    with pytest.raises(Exception) as info:
+        torch.compile(torch.nn.Linear(4, 4), backend="sparsecc", options={"sepc": "x.toml"})(torch.randn(2, 4))
+    err = _spec_error_in_chain(info.value)
+    assert err is not None
+    text = str(err)
+    assert "sepc" in text and "'spec'" in text and "'kernels'" in text
+
+
+@pytest.mark.parametrize("suffix", [".json", ".md", ".html"])
+def test_report_files(tmp_path, suffix, eager_lowering):
+    model = TinyModel().eval()
+    path = tmp_path / f"r{suffix}"
+    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 2}]}
+    with torch.no_grad():
+        sparsecc.compile(model, spec=spec, report=str(path))(torch.randn(1, 8, 32))
+    text = path.read_text()
+    assert "attention" in text and "streaming" in text
+
+
+def test_report_true_prints_to_stderr(capsys, eager_lowering):
+    with torch.no_grad():
+        sparsecc.compile(TinyModel().eval(), report=True)(torch.randn(1, 8, 32))
+    err = capsys.readouterr().err
+    assert "sparsecc report" in err and "no rule" in err
+
+
+def test_report_renderers_and_unused_rule_warning():
+    spec = {"version": 1, "attention": [{"modules": "nothing.here", "form": "streaming", "sink": 1, "window": 2}]}
+    report = sparsecc.explain(TinyModel().eval(), torch.randn(1, 8, 32), spec=spec)
+    assert any("attention[0]" in w and "matches no" in w for w in report.warnings)
+    assert "<table>" in report.to_html()
+    assert "| kind |" in report.to_markdown()
+    assert json.loads(report.to_json())["counts"]["linear"] == 7
+    assert "est. speedup" in str(report)
