@@ -145,8 +145,10 @@ def search_ffn(gm: GraphModule, ctx) -> List[Site]:
         down = match_linear(node, ctx)
         if down is None:
             continue
-        hidden = down.x
-        if not isinstance(hidden, Node) or len(hidden.users) != 1:
+        hidden = _through_view(down.x)
+        if not isinstance(hidden, Node) or op_of(hidden) is None or op_of(hidden).name not in _POINTWISE_NAMES:
+            continue  # the linear's input is not an activation: not an FFN's second projection
+        if len(hidden.users) != 1:
             debug_no_match("ffn", node, "the hidden activation is used elsewhere")
             continue
         found = _match_plain(hidden, ctx) or _match_gated(hidden, ctx)
@@ -157,16 +159,38 @@ def search_ffn(gm: GraphModule, ctx) -> List[Site]:
     return sites
 
 
+def _through_view(node):
+    """Skip one single-user view/reshape (Conv1D reshapes its 2-D addmm output back to 3-D and down again)."""
+    op = op_of(node)
+    if op is not None and op.name == "view" and isinstance(op.inputs[0], Node) and len(node.users) == 1:
+        return op.inputs[0] if len(op.inputs[0].users) == 1 else node
+    return node
+
+
+def _linear_output(ctx, node):
+    """(linear node, match) when ``node`` is a linear's output, possibly behind one single-user view."""
+    m = match_linear(node, ctx)
+    if m is not None:
+        return node, m
+    op = op_of(node)
+    if op is not None and op.name == "view" and isinstance(op.inputs[0], Node) and len(op.inputs[0].users) == 1:
+        inner = op.inputs[0]
+        m = match_linear(inner, ctx)
+        if m is not None:
+            return inner, m
+    return node, None
+
+
 def _match_plain(hidden: Node, ctx) -> Optional[dict]:
     cone = _pointwise_cone(hidden)
     if cone is None:
         return None
     root, nodes = cone
-    first = match_linear(root, ctx)
+    lin_node, first = _linear_output(ctx, root)
     if first is None:
         debug_no_match("ffn", hidden, "the activation does not start at a linear with a parameter weight")
         return None
-    return dict(x=first.x, first=first, first_node=root, up=None, up_node=None, act_nodes=nodes,
+    return dict(x=first.x, first=first, first_node=lin_node, up=None, up_node=None, act_nodes=nodes,
                 act=name_activation(root, nodes))
 
 
