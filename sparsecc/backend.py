@@ -38,6 +38,7 @@ KERNEL_CHOICES = ops.IMPL_CHOICES
 _reports_lock = threading.Lock()
 _reports_by_path: Dict[str, Report] = {}
 _last_report: Optional[Report] = None
+_last_options: Any = None   # the options object of the compile that _last_report belongs to
 # Rewritten graph modules of this process, newest last (for tests and debugging; cleared by reset_reports).
 _graphs: List[Any] = []
 
@@ -116,7 +117,7 @@ def _private_copy(gm):
     return torch.fx.GraphModule(gm, graph)
 
 
-def compile_graph(gm, example_inputs, opts: BackendOptions):
+def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     """Run the full pipeline on one graph and return the compiled callable."""
     from torch._inductor.compile_fx import compile_fx
 
@@ -136,7 +137,7 @@ def compile_graph(gm, example_inputs, opts: BackendOptions):
         compiled = _with_weights(compiled, ctx)
     ctx.stages.append(("lower", (time.perf_counter() - start) * 1e3))
     report = build_report(ctx)
-    emit_report(report, opts)
+    emit_report(report, opts, owner)
     return compiled
 
 
@@ -155,9 +156,14 @@ def _with_weights(compiled, ctx: CompileContext):
     return run
 
 
-def emit_report(report: Report, opts: BackendOptions) -> None:
-    """Log/print the report (report=True) or write it to the requested file (accumulating graphs)."""
-    global _last_report
+def emit_report(report: Report, opts: BackendOptions, owner: Any = None) -> None:
+    """Log/print the report (report=True) or write it to the requested file (accumulating graphs).
+
+    ``owner`` identifies one torch.compile call (its options object): graphs
+    with the same owner accumulate into ``last_report()``, a new owner starts
+    it afresh.
+    """
+    global _last_report, _last_options
     with _reports_lock:
         if opts.report is True:
             text = str(report)
@@ -168,8 +174,9 @@ def emit_report(report: Report, opts: BackendOptions) -> None:
             total = _reports_by_path.setdefault(path, Report(kernels=report.kernels))
             total.extend(report)
             total.save(path)
-        if _last_report is None or _last_report.spec != report.spec:
+        if _last_report is None or owner is None or owner is not _last_options:
             _last_report = Report(kernels=report.kernels)
+            _last_options = owner
         _last_report.extend(report)
 
 
@@ -180,9 +187,10 @@ def last_report() -> Optional[Report]:
 
 def reset_reports() -> None:
     """Forget accumulated reports (the next compile starts fresh files and a fresh ``last_report``)."""
-    global _last_report
+    global _last_report, _last_options
     with _reports_lock:
         _reports_by_path.clear()
+        _last_options = None
         _graphs.clear()
         _last_report = None
 
@@ -198,4 +206,4 @@ def sparsecc_backend(gm, example_inputs, options: Optional[dict] = None, **kwarg
         name = sorted(kwargs)[0]
         raise SpecError("is not a backend argument", key=name, value=kwargs[name],
                         allowed=f"settings passed as options= with keys {list(ALLOWED_OPTIONS)}")
-    return compile_graph(gm, example_inputs, parse_options(options))
+    return compile_graph(gm, example_inputs, parse_options(options), owner=options)

@@ -281,3 +281,57 @@ class BufferWeightLinear(nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.weight)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+               "relu2": lambda t: torch.relu(t) ** 2, "silu": F.silu}
+
+
+def _threshold(t, tau):
+    return t * (t.abs() > tau)
+
+
+def ffn_expected(ffn, x, mode, tau):
+    """activation_threshold semantics for one of the FFN spellings, from its weights, in float64."""
+    x = x.double()
+    act = ACTIVATIONS[ffn.act]
+    if isinstance(ffn, FusedGateUpFFN):
+        w, b = ffn.gate_up.weight.double(), None if ffn.gate_up.bias is None else ffn.gate_up.bias.double()
+        inner = w.shape[0] // 2
+        def lin_g(t): return F.linear(t, w[:inner], None if b is None else b[:inner])
+        def lin_u(t): return F.linear(t, w[inner:], None if b is None else b[inner:])
+        down = ffn.down
+    elif isinstance(ffn, GatedSiluFFN):
+        def lin_g(t): return F.linear(t, ffn.gate_proj.weight.double(), _b(ffn.gate_proj))
+        def lin_u(t): return F.linear(t, ffn.up_proj.weight.double(), _b(ffn.up_proj))
+        down = ffn.down_proj
+    else:
+        def lin_g(t): return F.linear(t, ffn.fc1.weight.double(), _b(ffn.fc1))
+        lin_u = None
+        down = ffn.fc2
+
+    def lin_d(t):
+        return F.linear(t, down.weight.double(), _b(down))
+    if mode == "input":
+        xi = _threshold(x, tau)
+        h = act(lin_g(xi)) * (lin_u(xi) if lin_u else 1.0)
+        return lin_d(_threshold(h, tau))
+    a = act(lin_g(x))
+    return lin_d(_threshold(a, tau) * (lin_u(x) if lin_u else 1.0))
+
+
+def _b(linear):
+    return None if linear.bias is None else linear.bias.double()
+
+
+class Block(nn.Module):
+    """A transformer block assembled from one attention and one FFN spelling (pre-norm omitted)."""
+
+    def __init__(self, attn_cls, ffn_cls, hidden, heads, kv_heads, inner, bias):
+        super().__init__()
+        self.attn = attn_cls(hidden=hidden, heads=heads, kv_heads=kv_heads, bias=bias)
+        self.mlp = ffn_cls(hidden=hidden, inner=inner, bias=bias)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)

@@ -4,23 +4,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparsecc
 from sparsecc.backend import rewritten_graphs
 from tests import zoo
 
-ACTS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu2": lambda t: torch.relu(t) ** 2,
-        "silu": F.silu}
-
-
 def _ops():
     return [str(n.target) for gm in rewritten_graphs() for n in gm.graph.nodes
             if n.op == "call_function" and str(n.target).startswith("sparsecc")]
-
-
-def _thr(t, tau):
-    return t * (t.abs() > tau)
 
 
 @pytest.mark.parametrize("cls", zoo.FFN_SPELLINGS, ids=lambda c: c.__name__)
@@ -35,34 +26,6 @@ def test_every_ffn_spelling_is_found(cls):
     assert len([s for s in report.sites if s.kind == "linear"]) == (3 if cls is zoo.GatedSiluFFN else 2)
 
 
-def _ffn_expected(ffn, x, mode, tau):
-    """The activation_threshold semantics, computed from the module's weights in float64."""
-    x = x.double()
-    act = ACTS[ffn.act]
-    if isinstance(ffn, zoo.FusedGateUpFFN):
-        w, b = ffn.gate_up.weight.double(), ffn.gate_up.bias.double()
-        inner = w.shape[0] // 2
-        lin_g = lambda t: F.linear(t, w[:inner], b[:inner])  # noqa: E731
-        lin_u = lambda t: F.linear(t, w[inner:], b[inner:])  # noqa: E731
-        down = ffn.down
-    elif isinstance(ffn, zoo.GatedSiluFFN):
-        lin_g = lambda t: F.linear(t, ffn.gate_proj.weight.double())  # noqa: E731
-        lin_u = lambda t: F.linear(t, ffn.up_proj.weight.double())  # noqa: E731
-        down = ffn.down_proj
-    else:
-        lin_g = lambda t: F.linear(t, ffn.fc1.weight.double(), ffn.fc1.bias.double())  # noqa: E731
-        lin_u = None
-        down = ffn.fc2
-    lin_d = lambda t: F.linear(t, down.weight.double(), None if down.bias is None else down.bias.double())  # noqa: E731
-    if mode == "input":
-        xi = _thr(x, tau)
-        h = act(lin_g(xi)) * (lin_u(xi) if lin_u else 1.0)
-        return lin_d(_thr(h, tau))
-    a = act(lin_g(x))
-    h = _thr(a, tau) * (lin_u(x) if lin_u else 1.0)
-    return lin_d(h)
-
-
 @pytest.mark.parametrize("mode", ["input", "gate"])
 @pytest.mark.parametrize("cls", zoo.FFN_SPELLINGS, ids=lambda c: c.__name__)
 def test_threshold_rewrite_matches_semantics(cls, mode, eager_lowering):
@@ -73,7 +36,7 @@ def test_threshold_rewrite_matches_semantics(cls, mode, eager_lowering):
             "ffn": [{"form": "activation_threshold", "mode": mode, "threshold": 0.3}]}
     with torch.no_grad():
         out = sparsecc.compile(ffn, spec=spec, kernels="reference")(x)
-        expected = _ffn_expected(ffn, x, mode, 0.3).float()
+        expected = zoo.ffn_expected(ffn, x, mode, 0.3).float()
     wanted = "threshold_linear" if mode == "input" else "gate_sparse_ffn"
     assert any(wanted in n for n in _ops())
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
