@@ -1,6 +1,7 @@
 """Activation sparsity: thresholded projection inputs (TEAL) and gate-sparse FFNs (CATS).
 
-Layout of this file: module notes, then the reference section; kernels go after it.
+Layout of this file: module notes, then the reference section, then the Triton kernels (bound
+lazily by ``epilogue.bind_triton``, so importing this module never imports Triton).
 The threshold rule is the ``ActivationThreshold`` rule of ``sparsecc.forms``: a
 value x takes part iff ``|x| > tau`` (strictly), so ``tau = 0`` drops exact zeros only.
 References compute in the input dtype, as the dense model would.
@@ -8,13 +9,18 @@ References compute in the input dtype, as the dense model would.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref"]
+from sparsecc.codegen.epilogue import bind_triton
+
+__all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
+           "k_major", "MAX_DECODE_TOKENS"]
 
 # ============================================================== reference
 
@@ -79,3 +85,167 @@ def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_u
         h = h * up
     y = F.linear(h, w_down[:, active], b_down)
     return y.reshape(*lead, w_down.shape[0])
+
+
+# ============================================================== Triton kernels: input mode (TEAL)
+#
+# Notation: x [M, K] with M <= MAX_DECODE_TOKENS, W [N, K], Wt = Wᵀ [K, N] (K-major: row k of Wt is
+# the contiguous weight row of input channel k), y [M, N] = (x * [|x| > tau]) Wtᵀ... i.e. x̃ @ Wt + b.
+#
+# Stage 1 (_threshold_gemv_kernel): program (n tile, K split) walks its ROWS_PER_SPLIT input
+# channels in BLOCK_K chunks (unrolled, so every chunk's loads can be in flight at once). A
+# channel that no token keeps has its Wt row load predicated off, so the bytes read from memory
+# follow the survivors: the cost is the surviving rows plus a small per-chunk constant. Each
+# program writes a float32 partial sum to partial[split, m, n-tile].
+# Stage 2 (_split_reduce_kernel): y = sum over splits + bias, cast once. Two launches instead of
+# atomics: there are no bfloat16 atomics to lean on, and the order is deterministic.
+#
+# Layout: the kernel reads Wt [K, N] through W's strides; a weight whose stride(0) is 1 (the view
+# W = Wt.t() of a K-major buffer) is used as is. A row-major W is transposed once and cached by
+# (data_ptr, _version, shape, strides, dtype): that holds a second copy of the weight; the compiler
+# avoids it by binding a K-major copy at compile time and passing its ``.t()`` view.
+
+MAX_DECODE_TOKENS = 16  # above this, thresholding saves little weight traffic: dense F.linear on x̃
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch knobs of :func:`threshold_linear`'s split-K GEMV."""
+
+    BLOCK_N: int
+    BLOCK_K: int
+    ROWS_PER_SPLIT: int
+    num_warps: int
+
+    def __post_init__(self):
+        if self.ROWS_PER_SPLIT % self.BLOCK_K:
+            raise ValueError(f"ROWS_PER_SPLIT={self.ROWS_PER_SPLIT} must be a multiple of BLOCK_K={self.BLOCK_K}")
+
+
+# 1792 programs at 4096 -> 14336 and at 14336 -> 4096 (a dozen per SM on an H100), each reading up
+# to 256 x 128 weights; four 64-row chunks per program keep 64 KB of loads in flight per program.
+DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=128, BLOCK_K=64, ROWS_PER_SPLIT=256, num_warps=4)
+REDUCE_BLOCK = 1024  # outputs per program of the split reduction (memory bound; any large power of 2)
+
+
+def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, M, N, K, tau,
+                           stride_xm, stride_xk, stride_wk, stride_wn,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
+                           ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):  # noqa: F821
+    """Partial ``x̃ @ Wt`` over one K split for one N tile; only surviving channels' rows are loaded."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    k0 = split * ROWS_PER_SPLIT
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
+        offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        keep = tl.abs(xv.to(tl.float32)) > tau
+        xs = tl.where(keep, xv, tl.zeros_like(xv))
+        # A channel is read when any token keeps it (the union over the M <= 16 tokens).
+        row_live = tl.max(keep.to(tl.int32), axis=0) > 0
+        w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=row_live[:, None] & n_mask[None, :], other=0.0)
+        if BLOCK_M == 1:
+            # One token: a broadcast multiply; the K reduction waits until after the loop.
+            acc2 += tl.reshape(xs.to(tl.float32), (BLOCK_K, 1)) * w.to(tl.float32)
+        else:
+            if DOT_IN_FP32:  # the CPU interpreter's dot misreads bfloat16 (it multiplies the raw bits)
+                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, w, acc)
+    if BLOCK_M == 1:
+        acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
+    out = partial_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :]
+    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _split_reduce_kernel(partial_ptr, bias_ptr, y_ptr, MN, N, n_splits,
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # noqa: F821
+    """``y = sum_s partial[s] + bias``, cast to y's dtype (float32 throughout until the store)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(n_splits):
+        total += tl.load(partial_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_KERNELS = ("_threshold_gemv_kernel", "_split_reduce_kernel")
+
+_KMAJOR_CACHE: Dict[tuple, Tensor] = {}
+_KMAJOR_CACHE_MAX = 64  # distinct thresholded weights per process; beyond this, drop the oldest
+
+
+def k_major(weight: Tensor) -> Tensor:
+    """``weight [N, K]`` as a tensor whose ``.t()`` is contiguous ``[K, N]`` (a view when it already is).
+
+    A row-major weight is transposed once and cached by (data_ptr, _version,
+    shape, strides, dtype, device): weights of a compiled model are frozen, so
+    one copy serves every call, and an in-place update bumps ``_version``.
+    """
+    if weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]:
+        return weight
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
+    hit = _KMAJOR_CACHE.get(key)
+    if hit is None:
+        if len(_KMAJOR_CACHE) >= _KMAJOR_CACHE_MAX:
+            _KMAJOR_CACHE.pop(next(iter(_KMAJOR_CACHE)))
+        hit = _KMAJOR_CACHE[key] = weight.t().contiguous().t()
+    return hit
+
+
+@functools.lru_cache(maxsize=256)
+def _tau_in(tau: float, dtype: torch.dtype) -> float:
+    # torch compares |x| > tau with tau rounded to x's dtype; the kernel compares in float32 with
+    # that same rounded value, so both keep exactly the same channels.
+    return float(torch.tensor(tau, dtype=dtype))
+
+
+def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
+                     config: Optional[GemvConfig] = None, out: Optional[Tensor] = None) -> Tensor:
+    """Triton ``F.linear(x * (|x| > tau), weight, bias)`` for decode (TEAL input mode).
+
+    For at most :data:`MAX_DECODE_TOKENS` tokens of float16/bfloat16/float32,
+    a split-K GEMV reads only the weight rows of input channels that some token
+    keeps (see the notes above); otherwise the reference (dense ``F.linear`` on
+    the thresholded input) runs. ``config`` overrides the default launch knobs;
+    ``out`` (contiguous ``[M, N]``, ``x.dtype``) receives the result of the kernel path.
+    """
+    k = x.shape[-1]
+    n = weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return threshold_linear_ref(x, weight, bias, tau)
+    bind_triton(globals(), _KERNELS)
+    cfg = config or DEFAULT_GEMV_CONFIG
+    wt = k_major(weight.to(x.dtype)).t()
+    n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
+    partial = torch.empty(n_splits, m, n, dtype=torch.float32, device=x.device)
+    block_m = 1 if m == 1 else 16  # tl.dot needs 16 rows; padded rows load nothing and store nothing
+    interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
+    _threshold_gemv_kernel[(triton.cdiv(n, cfg.BLOCK_N), n_splits)](  # noqa: F821
+        x2, wt, partial, m, n, k, _tau_in(float(tau), x.dtype),
+        x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
+        BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT,
+        DOT_IN_FP32=interpreting or x.dtype == torch.float32, num_warps=cfg.num_warps)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    if tuple(y.shape) != (m, n) or y.dtype != x.dtype or not y.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor")
+    _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](  # noqa: F821
+        partial, bias.contiguous() if bias is not None else y, y, m * n, n, n_splits,
+        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK)
+    return y.reshape(*lead, n)

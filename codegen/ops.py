@@ -29,9 +29,27 @@ import torch
 NAMESPACE = "sparsecc"
 IMPL_CHOICES = ("auto", "triton", "reference")
 
+
+def _load_block_sparse_linear():
+    """The Triton BSR linear kernel; importing Triton here keeps ``import sparsecc`` free of it."""
+    import triton  # noqa: F401 - ImportError means no kernel
+    from sparsecc.codegen.block_sparse_linear import block_sparse_linear
+    return block_sparse_linear, ("cuda",)
+
+
+def _load_threshold_linear():
+    """The Triton activation-sparse GEMV (TEAL input mode); imports Triton."""
+    import triton  # noqa: F401 - ImportError means no kernel
+    from sparsecc.codegen.activation_sparse import threshold_linear
+    return threshold_linear, ("cuda",)
+
+
 # op name -> zero-argument loader returning (kernel fn, supported device types).
 # Kernel work registers here; an op absent from this table runs its reference everywhere.
-TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {}
+TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {
+    "block_sparse_linear": _load_block_sparse_linear,
+    "threshold_linear": _load_threshold_linear,
+}
 
 _registered = False
 _lock = threading.Lock()

@@ -1,0 +1,219 @@
+"""Benchmark the sparsecc linear kernels on a CUDA GPU against dense cuBLAS and torch's sparse anchors.
+
+Workloads are those of ``TARGETS.md`` (Linear / FFN). For each: a correctness
+check on random data against a float32 reference, then medians of
+``triton.testing.do_bench`` for sparsecc, dense ``F.linear`` and the anchor
+measured in the same run. ``--sweep`` also times a few launch configurations
+per kernel and reports the best (to tune the defaults). The summary table is
+printed last; ``--json PATH`` saves every number.
+
+    python bench/linear.py [--sweep] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sparsecc.codegen.activation_sparse import GemvConfig, threshold_linear
+from sparsecc.codegen.block_sparse_linear import BlockLinearConfig, block_sparse_linear
+from sparsecc.forms import BlockWeights
+from sparsecc.weights import compress_block_weights
+
+WARMUP_MS, REP_MS = 25, 100  # do_bench defaults named in GPU.md
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Row:
+    """One summary line: times in ms, ratios over dense."""
+
+    workload: str
+    sparsecc: float
+    dense: float
+    anchor: Optional[float]
+    anchor_name: str
+    ideal: float
+    target: float
+    note: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.dense / self.sparsecc
+
+    def line(self) -> str:
+        anchor = f"{self.anchor:8.4f} ({self.dense / self.anchor:5.2f}x {self.anchor_name})" if self.anchor else \
+            f"{'-':>8} {'':>24}"
+        verdict = "pass" if self.speedup >= self.target else "miss"
+        return (f"{self.workload:<44} {self.sparsecc:8.4f} {self.dense:8.4f} {anchor}  {self.speedup:6.2f}x "
+                f"{self.ideal:6.2f}x {self.target:5.2f}x {verdict} {self.note}")
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` (L2 flushed between runs by do_bench)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf."""
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> None:
+    """Abort the benchmark on a wrong result: timing a wrong kernel means nothing."""
+    err = rel_err(out, ref)
+    print(f"  check {name}: rel err {err:.2e}", flush=True)
+    if not err < tol:
+        raise SystemExit(f"correctness check failed for {name}: rel err {err}")
+
+
+# ------------------------------------------------------------------ block-sparse weights
+
+
+def torch_bsr_anchor(w_dense: torch.Tensor, block, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """torch's ``bsr_dense_mm`` on W (BSR) times xᵀ, the TARGETS.md anchor (xᵀ prepared outside the timing)."""
+    wb = w_dense.to_sparse_bsr(block)
+    xt = x.t().contiguous()
+    try:
+        from torch.sparse._triton_ops import bsr_dense_mm
+        bsr_dense_mm(wb, xt)
+        return lambda: bsr_dense_mm(wb, xt)
+    except Exception as err:  # noqa: BLE001 - fall back to the plain operator, and say so
+        print(f"  bsr_dense_mm unavailable ({err}); anchor is wb @ xt")
+        return lambda: wb @ xt
+
+
+def bsr_workload(m: int, k: int, n: int, block, density: float, target: float, sweep: bool,
+                 activation: str = "none", with_bias: bool = False) -> Row:
+    """One block-sparse workload: check, time sparsecc / dense (+ separate epilogue) / torch BSR."""
+    name = f"bsr x[{m},{k}]->{n} {block[0]}x{block[1]} {density:.0%}"
+    if with_bias or activation != "none":
+        name += f" +bias+{activation}"
+    print(name, flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=DTYPE, generator=gen) / k ** 0.5
+    c = compress_block_weights(w, BlockWeights(block=block, density=density))
+    wd = c.to_dense()
+    x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
+    bias = torch.randn(n, device="cuda", dtype=DTYPE, generator=gen) if with_bias else None
+    act = {"none": lambda v: v, "silu": F.silu, "gelu": F.gelu}[activation]
+    ref = act(x.float() @ wd.float().T + (0 if bias is None else bias.float()))
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=DTYPE)
+    check(name, block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, bias, activation=activation, out=out), ref)
+
+    def ours(cfg=None):
+        return lambda: block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, bias, activation=activation,
+                                           config=cfg)
+    t_ours = bench(ours())
+    note = ""
+    if sweep:
+        best = (t_ours, "default")
+        for block_m in (64, 128, 256):
+            for warps in (4, 8):
+                for stages in (3, 4, 5):
+                    cfg = BlockLinearConfig(BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+                    try:
+                        t = bench(ours(cfg))
+                    except Exception as err:  # noqa: BLE001 - out of shared memory etc.: skip the config
+                        print(f"  {cfg}: failed ({type(err).__name__})")
+                        continue
+                    print(f"  {cfg}: {t:.4f} ms")
+                    best = min(best, (t, str(cfg)))
+        note = f"best {best[0]:.4f} {best[1]}"
+    dense = bench(lambda: act(F.linear(x, w, bias)))
+    anchor = bench(torch_bsr_anchor(wd, block, x)) if activation == "none" and not with_bias else None
+    return Row(name, t_ours, dense, anchor, "torch BSR", 1 / density, target, note)
+
+
+# ------------------------------------------------------------------ activation-sparse GEMV
+
+
+GEMV_SWEEP = [GemvConfig(bn, bk, rows, warps) for bn in (64, 128, 256) for bk in (32, 64)
+              for rows in (128, 256, 512) for warps in (4, 8) if rows % bk == 0]
+
+
+def gemv_workload(m: int, k: int, n: int, sparsity: float, target: float, sweep: bool) -> Row:
+    """One thresholded GEMV: check, time sparsecc / dense / torch gather of the kept rows."""
+    name = f"gemv {m}x{k}->{n} sparsity {sparsity:.0%}"
+    print(name, flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    w = torch.randn(n, k, device="cuda", dtype=DTYPE, generator=gen) / k ** 0.5
+    w_kmajor = w.t().contiguous()  # the compile-time layout the kernel wants, passed as its .t() view
+    w_view = w_kmajor.t()
+    bias = torch.randn(n, device="cuda", dtype=DTYPE, generator=gen)
+    x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
+    tau = float(torch.quantile(x.abs().float().flatten(), sparsity))
+    keep = x.abs() > tau
+    ref = (x.float() * keep) @ w.float().T + bias.float()
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=DTYPE)
+    check(name, threshold_linear(x, w_view, bias, tau, out=out), ref)
+    t_ours = bench(lambda: threshold_linear(x, w_view, bias, tau))
+    note = ""
+    if sweep:
+        best = (t_ours, "default")
+        for cfg in GEMV_SWEEP:
+            t = bench(lambda: threshold_linear(x, w_view, bias, tau, config=cfg))
+            best = min(best, (t, str(cfg)))
+        note = f"best {best[0] * 1e3:.1f}us {best[1]}"
+    dense = bench(lambda: F.linear(x, w, bias))
+    idx = keep.any(0).nonzero().squeeze(-1)
+    x_kept = x[:, idx]
+    anchor = bench(lambda: torch.addmm(bias, x_kept, w_kmajor[idx]))  # the gather anchor, idx given
+    kept = idx.numel() / k
+    return Row(name, t_ours, dense, anchor, "gather", 1 / kept, target, note)
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Run every workload and print the summary table last."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--json", help="save the rows here")
+    parser.add_argument("--only", choices=("bsr", "gemv"), help="run one family")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/linear.py needs a CUDA device")
+    torch.manual_seed(0)
+    rows: List[Row] = []
+    if args.only in (None, "gemv"):
+        for (k, n) in ((4096, 14336), (14336, 4096)):
+            for sparsity, target in ((0.5, 1.85), (0.7, 3.0), (0.9, 6.0)):
+                rows.append(gemv_workload(1, k, n, sparsity, target, args.sweep))
+        for m in (4, 16):
+            rows.append(gemv_workload(m, 4096, 14336, 0.9, 1.0, False))
+    if args.only in (None, "bsr"):
+        rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.1, 7.0, args.sweep))
+        rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.5, 1.7, args.sweep))
+        rows.append(bsr_workload(8192, 14336, 4096, (64, 64), 0.1, 7.0, args.sweep))
+        rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.1, 7.0, False, "silu", True))
+        rows.append(bsr_workload(8192, 4096, 14336, (128, 128), 0.1, 7.0, False))
+        rows.append(bsr_workload(8192, 4096, 14336, (32, 32), 0.1, 7.0, False))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    header = (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"{datetime.date.today()}, commit {commit or '?'}, {DTYPE}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": [r.__dict__ for r in rows]}, f, indent=1)
+    print("\n" + header)
+    print(f"{'workload':<44} {'sparsecc':>8} {'dense':>8} {'anchor (dense/anchor)':>33}  {'ratio':>7} "
+          f"{'ideal':>7} {'target':>6} verdict   (ms)")
+    for r in rows:
+        print(r.line())
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Triton linear kernels against their references.
+
+On a machine without CUDA the kernels run in Triton's interpreter at tiny
+shapes (``TRITON_INTERPRET=1`` is set here, before any kernel is bound: the
+kernels are JIT-decorated on first use, which is when Triton reads it). With
+CUDA, the interpreter tests are skipped and the ``gpu`` tests run realistic
+shapes against float32/float64 references, with outputs poisoned first.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from sparsecc.codegen import ops  # noqa: E402
+from sparsecc.codegen.activation_sparse import (GemvConfig, MAX_DECODE_TOKENS, threshold_linear,  # noqa: E402
+                                                threshold_linear_ref)
+from sparsecc.codegen.block_sparse_linear import BlockLinearConfig, block_sparse_linear  # noqa: E402
+from sparsecc.codegen.epilogue import EPILOGUES, activation_ref  # noqa: E402
+from sparsecc.forms import BlockWeights  # noqa: E402
+from sparsecc.weights import compress_block_weights  # noqa: E402
+
+interpreter = pytest.mark.skipif(CUDA, reason="interpreter tests run on machines without CUDA")
+# The interpreter runs every program in Python: few examples, tiny shapes.
+SETTINGS = settings(deadline=None)  # max_examples from the profile in tests/conftest.py
+KERNEL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Relative to the output scale: float32 accumulation, then one rounding to the output dtype
+# (the reference rounds nothing, so the kernel's single rounding is the whole error).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+POISON = float("nan")
+SMALL_GEMV = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4)
+
+
+def randn(gen, *shape, dtype, device="cpu"):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def assert_matches(out, ref, dtype):
+    """``out`` equals the float64 ``ref`` within one output rounding, relative to the output scale."""
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert bool(torch.isfinite(out).all()), "unwritten (poisoned) or non-finite outputs"
+    scale = float(ref.abs().max().clamp(min=1.0))
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
+
+
+def bsr_expected(x, c, bias, activation):
+    y = x.double() @ c.to_dense().double().T
+    if bias is not None:
+        y = y + bias.double()
+    return activation_ref(activation)(y)
+
+
+def poisoned(m, n, dtype, device="cpu"):
+    return torch.full((m, n), POISON, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------ block-sparse linear (interpreter)
+
+
+@interpreter
+@SETTINGS
+@given(bm=st.sampled_from([16, 32]), bk=st.sampled_from([16, 32]), rows=st.integers(1, 3), cols=st.integers(1, 3),
+       lead=st.lists(st.integers(1, 5), min_size=1, max_size=2), density=st.floats(0.05, 1.0),
+       dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(), activation=st.sampled_from(sorted(EPILOGUES)),
+       block_m=st.sampled_from([16, 32]), seed=st.integers(0, 10**6))
+def test_block_sparse_linear_kernel(bm, bk, rows, cols, lead, density, dtype, has_bias, activation, block_m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, k = rows * bm, cols * bk
+    c = compress_block_weights(randn(gen, n, k, dtype=dtype), BlockWeights(block=(bm, bk), density=density))
+    x = randn(gen, *lead, k, dtype=dtype)
+    bias = randn(gen, n, dtype=dtype) if has_bias else None
+    m = x.numel() // k
+    out = poisoned(m, n, dtype)
+    y = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, bias, activation=activation,
+                            config=BlockLinearConfig(BLOCK_M=block_m, num_warps=4, num_stages=2), out=out)
+    assert y.shape == (*lead, n)
+    assert_matches(y, bsr_expected(x, c, bias, activation), dtype)
+
+
+@interpreter
+@pytest.mark.parametrize("bm,bk", [(64, 16), (16, 128), (128, 64)])
+def test_block_sparse_linear_large_blocks(bm, bk):
+    gen = torch.Generator().manual_seed(bm + bk)
+    c = compress_block_weights(randn(gen, 2 * bm, 2 * bk, dtype=torch.bfloat16), BlockWeights((bm, bk), 0.5))
+    x = randn(gen, 3, 2 * bk, dtype=torch.bfloat16)
+    y = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, None)
+    assert_matches(y, bsr_expected(x, c, None, "none"), torch.bfloat16)
+
+
+@interpreter
+def test_block_sparse_linear_unequal_and_empty_rows():
+    """Rows with 3, 0 and 1 stored blocks (run heaviest first): the empty row is act(bias)."""
+    gen = torch.Generator().manual_seed(1)
+    w = randn(gen, 48, 48, dtype=torch.float32)
+    w[16:32] = 0          # block row 1: empty
+    w[32:48, :32] = 0     # block row 2: one block
+    c = compress_block_weights(w, BlockWeights((16, 16), 1.0, prune="keep"))
+    assert (c.row_ptr[1:] - c.row_ptr[:-1]).tolist() == [3, 0, 1]
+    x = randn(gen, 5, 48, dtype=torch.float32)
+    bias = randn(gen, 48, dtype=torch.float32)
+    y = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, bias, activation="silu")
+    assert_matches(y, bsr_expected(x, c, bias, "silu"), torch.float32)
+
+
+@interpreter
+def test_block_sparse_linear_strided_input_and_float64():
+    gen = torch.Generator().manual_seed(2)
+    c = compress_block_weights(randn(gen, 32, 64, dtype=torch.float32), BlockWeights((16, 16), 0.5))
+    x = randn(gen, 64, 7, dtype=torch.float32).T  # [7, 64], column-major
+    y = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, None, activation="relu")
+    assert_matches(y, bsr_expected(x, c, None, "relu"), torch.float32)
+    y64 = block_sparse_linear(x.double(), c.blocks.double(), c.row_ptr, c.col_idx, None, activation="relu")
+    torch.testing.assert_close(y64, bsr_expected(x, c, None, "relu"))
+
+
+def test_unknown_epilogue_is_rejected():
+    c = compress_block_weights(torch.randn(16, 16), BlockWeights((16, 16), 1.0))
+    with pytest.raises(ValueError, match="not a fused epilogue"):
+        block_sparse_linear(torch.randn(2, 16), c.blocks, c.row_ptr, c.col_idx, None, activation="tanh")
+
+
+# ------------------------------------------------------------------ threshold GEMV (interpreter)
+
+
+@interpreter
+@SETTINGS
+@given(m=st.integers(1, MAX_DECODE_TOKENS), n=st.integers(1, 80), k=st.integers(1, 100),
+       sparsity=st.floats(0.0, 0.99), dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(),
+       k_major=st.booleans(), seed=st.integers(0, 10**6))
+def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, m, k, dtype=dtype)
+    tau = float(torch.quantile(x.abs().double().flatten(), sparsity))
+    w = randn(gen, n, k, dtype=dtype)
+    w_in = w.t().contiguous().t() if k_major else w
+    bias = randn(gen, n, dtype=dtype) if has_bias else None
+    out = poisoned(m, n, dtype)
+    y = threshold_linear(x, w_in, bias, tau, config=SMALL_GEMV, out=out)
+    # The kernel compares with tau rounded to x's dtype, as torch does: same survivors as the reference.
+    keep = x.abs() > tau
+    ref = (x.double() * keep) @ w.double().T + (0 if bias is None else bias.double())
+    assert_matches(y, ref, dtype)
+
+
+@interpreter
+def test_threshold_linear_reads_only_surviving_rows():
+    """Weight rows of channels no token keeps are NaN: a kernel that read them would return NaN."""
+    gen = torch.Generator().manual_seed(3)
+    m, n, k = 3, 40, 64
+    x = randn(gen, m, k, dtype=torch.bfloat16)
+    x[:, ::3] = 0.01  # below tau for every token
+    w = randn(gen, n, k, dtype=torch.bfloat16)
+    w_bad = w.clone()
+    w_bad[:, ::3] = float("nan")
+    y = threshold_linear(x, w_bad.t().contiguous().t(), None, 0.05, config=SMALL_GEMV)
+    assert_matches(y, threshold_linear_ref(x.double(), w.double(), None, 0.05), torch.bfloat16)
+
+
+@interpreter
+def test_threshold_linear_values_at_tau_are_dropped():
+    x = torch.tensor([[0.5, -0.5, 0.75, 0.25]], dtype=torch.float16)
+    w = torch.eye(4, dtype=torch.float16)
+    y = threshold_linear(x, w, None, 0.5, config=SMALL_GEMV)
+    assert y.tolist() == [[0.0, 0.0, 0.75, 0.0]]
+
+
+def test_threshold_linear_many_tokens_is_the_dense_reference():
+    gen = torch.Generator().manual_seed(4)
+    x = randn(gen, MAX_DECODE_TOKENS + 1, 24, dtype=torch.float32)
+    w, b = randn(gen, 8, 24, dtype=torch.float32), randn(gen, 8, dtype=torch.float32)
+    torch.testing.assert_close(threshold_linear(x, w, b, 0.3), threshold_linear_ref(x, w, b, 0.3))
+
+
+# ------------------------------------------------------------------ registration
+
+
+def test_kernels_are_registered_for_cuda_only():
+    for name, fn in (("block_sparse_linear", block_sparse_linear), ("threshold_linear", threshold_linear)):
+        assert ops.triton_kernel(name, torch.device("cuda")) is fn
+        assert ops.triton_kernel(name, torch.device("cpu")) is None
+
+
+def test_import_sparsecc_does_not_import_triton():
+    code = "import sys, sparsecc, sparsecc.codegen.ops; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ GPU: realistic shapes
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,block,density,activation", [
+    (1024, 14336, 4096, (64, 64), 0.1, "silu"),
+    (512, 4096, 14336, (128, 128), 0.25, "gelu_tanh"),
+    (300, 4096, 4096, (32, 64), 0.5, "none"),
+    (7, 1024, 4096, (16, 32), 0.1, "relu2"),
+])
+def test_block_sparse_linear_gpu(dtype, m, n, k, block, density, activation):
+    gen = torch.Generator().manual_seed(m)
+    c = compress_block_weights(randn(gen, n, k, dtype=dtype, device="cuda"), BlockWeights(block, density))
+    x = randn(gen, m, k, dtype=dtype, device="cuda")
+    bias = randn(gen, n, dtype=dtype, device="cuda")
+    out = poisoned(m, n, dtype, "cuda")
+    y = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, bias, activation=activation, out=out)
+    ref = activation_ref(activation)(x.float() @ c.to_dense().float().T + bias.float()).double()
+    assert_matches(y, ref, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_threshold_linear_gpu(dtype, m, n, k, sparsity):
+    gen = torch.Generator().manual_seed(m + n)
+    x = randn(gen, m, k, dtype=dtype, device="cuda")
+    tau = float(torch.quantile(x.abs().float().flatten(), sparsity))
+    w = randn(gen, n, k, dtype=dtype, device="cuda") / k ** 0.5
+    bias = randn(gen, n, dtype=dtype, device="cuda")
+    out = poisoned(m, n, dtype, "cuda")
+    y = threshold_linear(x, w, bias, tau, out=out)
+    keep = x.abs() > tau
+    ref = ((x.float() * keep) @ w.float().T + bias.float()).double()
+    assert_matches(y, ref, dtype)
