@@ -231,7 +231,8 @@ def build_report(ctx: CompileContext) -> Report:
             reason=d.reason, rule=d.rule, policy=d.policy, form_detail=str(d.form) if d.form else None,
             spelling=site.spelling, shapes={k: list(v) if v else v for k, v in site.shapes.items()},
             dtype=str(site.dtype).replace("torch.", ""), device=str(site.device),
-            attrs={k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in site.attrs.items()})
+            attrs={k: (v if v is None or isinstance(v, (int, float, bool, str)) else str(v))
+                   for k, v in site.attrs.items()})
         if est is not None:
             record.density = est.density
             record.dense_flops, record.sparse_flops = est.dense_flops, est.sparse_flops

@@ -1,0 +1,95 @@
+"""calibrate(), the CLI, and explain() on a factory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import cli
+from tests import zoo
+
+
+class TwoMlps(torch.nn.Module):
+    """Two gated MLPs, so calibration must find a separate threshold for each."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([zoo.GatedSiluFFN(), zoo.PlainGeluFFN()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def build_two_mlps():
+    """CLI factory: a model and its example input."""
+    torch.manual_seed(0)
+    return TwoMlps().eval(), (torch.randn(2, 6, 32),)
+
+
+@pytest.mark.parametrize("mode", ["input", "gate"])
+def test_calibrate_hits_the_target_sparsity(mode, tmp_path):
+    torch.manual_seed(0)
+    model = TwoMlps().eval()
+    batches = [(torch.randn(4, 16, 32),) for _ in range(3)]
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"modules": "layers.*", "form": "activation_threshold", "mode": mode, "sparsity": 0.6}]}
+    calibrated = sparsecc.calibrate(model, batches, spec, progress=False)
+    new = calibrated.ffn[1:]
+    assert sorted(r.modules for r in new) == ["layers.0", "layers.1"]
+    # measured sparsity of the thresholded input on fresh data is close to the target
+    rule0 = [r for r in new if r.modules == "layers.0"][0]
+    x = torch.randn(4, 16, 32)
+    with torch.no_grad():
+        if mode == "input":
+            tau = rule0.form.tau("input")
+            measured = (x.abs() <= tau).float().mean().item()
+        else:
+            tau = rule0.form.tau("gate")
+            a = torch.nn.functional.silu(model.layers[0].gate_proj(x))
+            measured = (a.abs() <= tau).float().mean().item()
+    assert abs(measured - 0.6) < 0.05
+    # the calibrated spec saves, loads back, and compiles with every FFN applied
+    path = tmp_path / "calibrated.toml"
+    calibrated.save(path)
+    report = sparsecc.explain(model, x, spec=str(path))
+    assert [s.applied for s in report.sites if s.kind == "ffn"] == [True, True]
+
+
+def test_calibrate_without_targets_returns_spec_unchanged():
+    spec = sparsecc.load_spec({"version": 1, "ffn": [{"form": "activation_threshold", "threshold": 0.1}]})
+    assert sparsecc.calibrate(TwoMlps().eval(), [torch.randn(1, 4, 32)], spec, progress=False) == spec
+
+
+def test_cli_check_spec(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text('version = 1\n[[attention]]\nform = "streaming"\nsink = 4\nwindow = 16\n')
+    assert cli.main(["check-spec", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "streaming(sink=4, window=16)" in out
+
+
+def test_cli_check_spec_reports_errors(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('version = 1\n[[attention]]\nform = "streaming"\nsink = 4\nwindow = -1\n')
+    assert cli.main(["check-spec", str(path)]) == cli.EXIT_SPEC_ERROR
+    err = capsys.readouterr().err
+    assert "bad.toml:5" in err and "attention[0].window" in err
+
+
+def test_cli_explain_writes_report(tmp_path, capsys):
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({"version": 1, "ffn": [{"form": "activation_threshold", "threshold": 0.1}]}))
+    out = tmp_path / "r.json"
+    assert cli.main(["explain", "tests.test_api_cli:build_two_mlps", "--spec", str(spec), "--out", str(out)]) == 0
+    assert "ffn" in capsys.readouterr().out
+    assert [s["kind"] for s in json.loads(out.read_text())["sites"]].count("ffn") == 2
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "sparsecc.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "check-spec" in result.stdout
