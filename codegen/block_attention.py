@@ -1,8 +1,10 @@
 """Sparse attention: streaming (sink + window) and block-table attention.
 
 Layout of this file: module notes, then the **reference** section (plain
-PyTorch, chunked, the ground truth for the kernels); the Triton kernel section
-(configs, jit kernel, wrapper) goes after it.
+PyTorch, chunked, the ground truth for the kernels), then the **kernel
+wrappers** (validation, dense dispatch, launch). The Triton jit code lives in
+``block_attention_kernels.py`` (prefill) and ``decode_attention.py`` (decode);
+both are imported only when a wrapper first runs, never at import time.
 
 Conventions shared by every function here:
 
@@ -32,7 +34,8 @@ from torch import Tensor
 
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
-__all__ = ["FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref"]
+__all__ = ["FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
+           "streaming_attention", "block_sparse_attention", "streaming_attention_op", "block_sparse_attention_op"]
 
 # Upper bound on the elements of one score tile (batch x heads x rows x keys): with the
 # exp, mask and product temporaries this keeps a reference step under ~1 GiB.
@@ -319,3 +322,200 @@ def dense_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal
     q_t, k_t, v_t = _tile_inputs(q, k, v, heads, group, 0, sq, keys, dtype)
     out, lse = _attend(q_t, k_t, v_t, keep, add_m, scale)
     return _finish(out, lse, q, return_lse)
+
+
+# ============================================================== kernel wrappers
+
+# Dtypes the Triton kernels take; others (fp32, fp64) run the reference, whose fp32 math is exact enough.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+# Largest head dim with a kernel config (bigger tiles would not fit in registers / shared memory).
+MAX_KERNEL_HEAD_DIM = 256
+# Queries of at most this many rows go to the split-KV decode kernel instead of the prefill kernel.
+DECODE_MAX_Q = 16
+# A table block must be a power of two of at least this size: tl.dot needs 16-wide tiles.
+MIN_TABLE_BLOCK = 16
+
+
+def _kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the Triton kernels take these inputs (else the reference runs)."""
+    return (q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] == v.shape[-1] and q.shape[-1] <= MAX_KERNEL_HEAD_DIM
+            and q.device == k.device == v.device and min(q.shape[2], k.shape[2]) > 0)
+
+
+def _mask_args(m4: Optional[Tensor], q: Tensor, b: int, h: int, sq: int, sk: int) -> tuple:
+    """(tensor, strides, has_mask, is_bool) for the kernels; a broadcast mask keeps stride 0 on its size-1 dims."""
+    if m4 is None:
+        return q, (0, 0, 0, 0), False, False
+    m = m4.expand(b, h, sq, sk)
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)  # same storage; Triton reads bytes
+    return m, tuple(m.stride()), True, m4.dtype == torch.bool
+
+
+def _into(out: Optional[Tensor], result: AttentionOut) -> AttentionOut:
+    """Copy a non-kernel result into ``out`` when the caller gave one (kernel paths write it directly)."""
+    if out is None:
+        return result
+    if isinstance(result, tuple):
+        out.copy_(result[0])
+        return out, result[1]
+    out.copy_(result)
+    return out
+
+
+def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    """``F.scaled_dot_product_attention`` with repeat_interleave GQA (for exactly dense layouts)."""
+    import torch.nn.functional as F
+
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
+
+
+def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
+                    return_lse: bool, sinks: Optional[Tensor] = None, windows: Optional[Tensor] = None,
+                    table: Optional[BlockTable] = None, out: Optional[Tensor] = None) -> AttentionOut:
+    """Run the prefill kernel: streaming when ``sinks``/``windows`` are given, else the block table.
+
+    ``out`` (contiguous in its last dim, shaped like ``q``) receives the result when given.
+    """
+    import triton
+
+    from sparsecc.codegen import block_attention_kernels as kern
+
+    b, h, sq, sk, group = _check_qkv(q, k, v)
+    d = q.shape[-1]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
+    mask_t, mask_strides, has_mask, mask_bool = _mask_args(m4, q, b, h, sq, sk)
+    block_d = max(MIN_TABLE_BLOCK, triton.next_power_of_2(d))
+    if table is None:
+        layout, block_q, block_k = kern.LAYOUT_STREAMING, 0, 0
+        tbl = (q, q, q, q)
+        tbl_strides = (0,) * 8
+        kernel = kern.prefill_kernel(block_d)
+    else:
+        layout, block_q, block_k = kern.LAYOUT_TABLE, table.block_q, table.block_k
+        num = table.kv_num_blocks.to(q.device).expand(b, h, -1)
+        fnum = table.full_kv_num_blocks.to(q.device).expand(b, h, -1)
+        idx = table.kv_indices.to(q.device).expand(b, h, -1, -1)
+        fidx = table.full_kv_indices.to(q.device).expand(b, h, -1, -1)
+        if num.stride(-1) != 1 or idx.stride(-1) != 1 or fidx.stride(-1) != 1 or fnum.stride() != num.stride():
+            num, fnum, idx, fidx = (t.contiguous() for t in (num, fnum, idx, fidx))
+        tbl = (num, idx, fnum, fidx)
+        tbl_strides = (num.stride(0), num.stride(1), *idx.stride()[:3], *fidx.stride()[:3])
+        sinks = windows = num  # unused by the table layout
+        kernel = kern.prefill_kernel(block_d, block_q, block_k)
+
+    def grid(meta):
+        return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
+
+    kernel[grid](q, k, v, out, lse, mask_t, sinks, windows, *tbl,
+                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides, *tbl_strides,
+                 h, sq, sk, scale * kern.LOG2E.value, triton.next_power_of_2(sk),
+                 GROUP=group, LAYOUT=layout, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+                 WRITE_LSE=return_lse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=max(block_q, 1), BLOCK_K=max(block_k, 1),
+                 UPCAST_DOT=kern.interpreting())
+    return (out, lse) if return_lse else out
+
+
+def _streaming_is_dense(sinks: Sequence[int], windows: Sequence[int], sq: int, sk: int, causal: bool) -> bool:
+    """True when every head keeps every (causally allowed) element, so the layout is plain dense attention."""
+    # Causal distances p - j stay below Sk; bidirectional ones below Sk + Sq (queries may start before 0).
+    reach = sk if causal else sk + sq
+    return all(w == FULL_WINDOW or w >= reach or s >= sk for s, w in zip(sinks, windows))
+
+
+def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int], window: Sequence[int],
+                        scale: float, causal: bool, mask: Optional[Tensor] = None,
+                        return_lse: bool = False, out: Optional[Tensor] = None) -> AttentionOut:
+    """Streaming (sink + window) attention on the Triton kernels; same contract as :func:`streaming_attention_ref`.
+
+    ``out``, when given, receives the output (tests pass a NaN-poisoned buffer).
+
+    Dispatch: fp32/fp64 inputs, mismatched v head dim or head dims over 256 run
+    the reference; an exactly dense layout (every head FULL_WINDOW or a window
+    covering the sequence) with no mask and no lse request, and aligned
+    causality (``Sq == Sk`` or not causal), runs ``F.scaled_dot_product_attention``;
+    ``Sq <= 16`` runs the split-KV decode kernel; everything else the prefill
+    kernel with the key ranges computed in the kernel.
+    """
+    b, h, sq, sk, group = _check_qkv(q, k, v)
+    sinks, windows = _per_head(sink, h, "sink"), _per_head(window, h, "window")
+    for s_, w_ in zip(sinks, windows):
+        if s_ < 0 or (w_ < 1 and w_ != FULL_WINDOW):
+            raise ValueError(f"sink={s_}, window={w_} is not allowed; expected sink >= 0 and window >= 1 "
+                             f"or FULL_WINDOW ({FULL_WINDOW})")
+    m4 = _check_mask(mask, b, h, sq, sk)
+    if not _kernel_ok(q, k, v):
+        return _into(out, streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=causal,
+                                                  mask=mask, return_lse=return_lse))
+    if (_streaming_is_dense(sinks, windows, sq, sk, causal) and m4 is None and not return_lse
+            and (sq == sk or not causal) and q.device.type == "cuda"):
+        return _into(out, _dense_sdpa(q, k, v, scale, causal))
+    # A window longer than any distance is the same as no limit; encode both as one large int32 window.
+    unlimited = sk + sq + 1
+    win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
+    snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
+    sinks_t = torch.tensor(snk, dtype=torch.int32, device=q.device)
+    windows_t = torch.tensor(win, dtype=torch.int32, device=q.device)
+    if sq <= DECODE_MAX_Q:
+        from sparsecc.codegen import decode_attention
+
+        if decode_attention.decode_supported(sinks, windows, group, sq):
+            return decode_attention.streaming_decode(q, k, v, m4, scale, causal, sinks_t, windows_t, return_lse,
+                                                     out=out)
+    return _launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
+
+
+def _table_is_dense(table: BlockTable) -> bool:
+    """True when the table keeps every causally allowed block for every batch and head."""
+    n_q, n_k = table.num_q_blocks, table.num_k_blocks
+    if not table.causal:
+        allowed = n_q * n_k
+    else:
+        last_row = torch.clamp((torch.arange(n_q) + 1) * table.block_q, max=table.seq_q) - 1 + table.q_offset
+        allowed = int(torch.clamp(last_row // table.block_k + 1, min=0, max=n_k).sum())
+    kept = table.kv_num_blocks.sum(-1) + table.full_kv_num_blocks.sum(-1)
+    return bool((kept == allowed).all())
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, table: BlockTable, scale: float,
+                           mask: Optional[Tensor] = None, return_lse: bool = False,
+                           out: Optional[Tensor] = None) -> AttentionOut:
+    """Block-table attention on the Triton kernel; same contract as :func:`block_sparse_attention_ref`.
+
+    Full blocks skip every per-element test, partial blocks apply causality
+    and the sequence end; the user mask applies everywhere. Tables whose
+    blocks are not powers of two >= 16, and non-fp16/bf16 inputs, run the
+    reference; a table that keeps every allowed block (with no mask, no lse
+    request and aligned causality) runs SDPA. ``out``, when given, receives the output.
+    """
+    b, h, sq, sk, group = _check_qkv(q, k, v)
+    if (table.seq_q, table.seq_k) != (sq, sk):
+        raise ValueError(f"table is for seq_q={table.seq_q}, seq_k={table.seq_k}; inputs have Sq={sq}, Sk={sk}")
+    bt, ht = table.kv_num_blocks.shape[:2]
+    if bt not in (1, b) or ht not in (1, h):
+        raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({b}, {h})")
+    m4 = _check_mask(mask, b, h, sq, sk)
+    blocks_ok = all(x >= MIN_TABLE_BLOCK and x & (x - 1) == 0 for x in (table.block_q, table.block_k))
+    if not (_kernel_ok(q, k, v) and blocks_ok):
+        return _into(out, block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask,
+                                                     return_lse=return_lse))
+    if (m4 is None and not return_lse and (sq == sk or not table.causal) and q.device.type == "cuda"
+            and _table_is_dense(table)):
+        return _into(out, _dense_sdpa(q, k, v, scale, table.causal))
+    return _launch_prefill(q, k, v, m4, scale, table.causal, return_lse, table=table, out=out)
+
+
+def streaming_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                           sink: Sequence[int], window: Sequence[int]) -> Tensor:
+    """The ``torch.ops.sparsecc.streaming_attention`` kernel callable (argument order of the op's reference)."""
+    return streaming_attention(q, k, v, sink=sink, window=window, scale=scale, causal=causal, mask=mask)
+
+
+def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
+                              table: BlockTable) -> Tensor:
+    """The ``torch.ops.sparsecc.block_sparse_attention`` kernel callable (argument order of the op's reference)."""
+    return block_sparse_attention(q, k, v, table=table, scale=scale, mask=mask)

@@ -44,9 +44,25 @@ def _load_threshold_linear():
     return threshold_linear, ("cuda",)
 
 
+def _load_streaming_attention():
+    """Streaming attention kernels (prefill + split-KV decode); imports Triton, so only called on use."""
+    import triton  # noqa: F401 - ImportError means no kernel
+    from sparsecc.codegen.block_attention import streaming_attention_op
+    return streaming_attention_op, ("cuda",)
+
+
+def _load_block_sparse_attention():
+    """Block-table flash attention kernel; imports Triton, so only called on use."""
+    import triton  # noqa: F401 - ImportError means no kernel
+    from sparsecc.codegen.block_attention import block_sparse_attention_op
+    return block_sparse_attention_op, ("cuda",)
+
+
 # op name -> zero-argument loader returning (kernel fn, supported device types).
 # Kernel work registers here; an op absent from this table runs its reference everywhere.
 TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {
+    "streaming_attention": _load_streaming_attention,
+    "block_sparse_attention": _load_block_sparse_attention,
     "block_sparse_linear": _load_block_sparse_linear,
     "threshold_linear": _load_threshold_linear,
 }

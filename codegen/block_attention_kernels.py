@@ -1,0 +1,269 @@
+"""Triton kernels for block-sparse flash attention (prefill), streaming and block-table layouts.
+
+Imported lazily by the wrappers in ``sparsecc.codegen.block_attention`` (never at
+``import sparsecc``). The semantics are those of the references there: query row
+``i`` sits at position ``p = i + Sk - Sq``, causal keeps ``j <= p``, a user mask
+(bool keep / additive float) is intersected, rows with no kept key give zeros
+and ``lse = -inf``.
+
+One jit kernel serves both layouts, specialised by the ``LAYOUT`` constexpr:
+
+* ``LAYOUT_STREAMING``: per-head sink/window are loaded from two int32 vectors
+  and the key ranges are computed in the kernel: the sink blocks, then the
+  window blocks split into [lower edge | full blocks | diagonal edge]. Only the
+  edges evaluate the per-element rule.
+* ``LAYOUT_TABLE``: key blocks come from a ``BlockTable`` (full blocks skip all
+  structural masking; partial ones apply causality and the sequence end).
+
+Scores use ``exp2`` with ``scale * log2(e)`` folded into one multiplier; the
+accumulator is fp32. Grid: axis 0 walks the query blocks last-first (the
+heaviest causal blocks start first, so the tail of the launch is short) and
+consecutive programs are neighbouring query blocks of one head, whose
+key windows overlap and stay in L2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import triton
+import triton.language as tl
+from triton import knobs
+
+LAYOUT_STREAMING = 0
+LAYOUT_TABLE = 1
+
+# log2(e): scores are computed in base 2 so the softmax uses the fast exp2.
+LOG2E = tl.constexpr(1.4426950408889634)
+# ln(2), to turn the base-2 logsumexp back into the natural-log one the references return.
+LN2 = tl.constexpr(0.6931471805599453)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per padded head dim, for the autotuner.
+# Wider head dims hold bigger Q/accumulator tiles in registers, hence smaller tiles and fewer stages.
+_GPU_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
+# Under the interpreter one small fixed tile: there is nothing to tune, and tiny shapes stay cheap.
+_INTERPRETER_CONFIG = (16, 16, 4, 1)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return bool(knobs.runtime.interpret)
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, start_n, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
+                 offs_m, offs_n, offs_d, pos, seq_q, seq_k, sink, window, qk_scale,
+                 MASKED: tl.constexpr, STREAMING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 MASK_BOOL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One online-softmax step over keys ``[start_n, start_n + BLOCK_N)``; returns the new (acc, l, m).
+
+    ``MASKED`` blocks evaluate the structural rule per element (sequence end,
+    causality, and the streaming rule when ``STREAMING``); unmasked blocks are
+    known to be fully kept and skip it. The user mask applies to every block.
+    ``UPCAST_DOT`` feeds fp32 operands to ``tl.dot`` (the CPU interpreter of
+    triton 3.9 multiplies bf16 operands as raw integers).
+    """
+    cols = start_n + offs_n
+    d_ok = offs_d < HEAD_DIM
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(cols[None, :] < seq_k) & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & d_ok[None, :], other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if UPCAST_DOT:
+        s = tl.dot(q.to(tl.float32), k.to(tl.float32)) * qk_scale
+    else:
+        s = tl.dot(q, k) * qk_scale
+    if HAS_MASK:
+        m_ptrs = mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
+        in_range = (offs_m[:, None] < seq_q) & (cols[None, :] < seq_k)
+        if MASK_BOOL:
+            user = tl.load(m_ptrs, mask=in_range, other=0)
+            s = tl.where(user != 0, s, float("-inf"))
+        else:
+            user = tl.load(m_ptrs, mask=in_range, other=0.0).to(tl.float32)
+            s = s + user * LOG2E  # the additive mask joins the base-2 scores
+    if MASKED:
+        keep = cols[None, :] < seq_k
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= pos[:, None])
+            if STREAMING:
+                keep = keep & ((cols[None, :] < sink) | (pos[:, None] - cols[None, :] < window))
+        elif STREAMING:
+            dist = pos[:, None] - cols[None, :]
+            keep = keep & ((cols[None, :] < sink) | (pos[:, None] < sink) | ((dist < window) & (dist > -window)))
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED or HAS_MASK:
+        # A row with every score -inf so far would give exp2(-inf - -inf) = NaN; shift it by 0 instead.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST_DOT:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
+                    TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                    stride_mb, stride_mh, stride_mm, stride_mn,
+                    stride_nb, stride_nh, stride_pb, stride_ph, stride_pq, stride_fb, stride_fh, stride_fq,
+                    n_heads, seq_q, seq_k, qk_scale, seq_bucket,
+                    GROUP: tl.constexpr, LAYOUT: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, WRITE_LSE: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Forward attention of one (query block, batch x head) program over its kept key blocks.
+
+    ``seq_bucket`` is unused by the body: it is part of the autotuning key
+    (``next_power_of_2(seq_k)``), so the tuner re-runs per size class, not per length.
+    """
+    n_qblocks = tl.cdiv(seq_q, BLOCK_M)
+    pid_m = n_qblocks - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    kvh = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offset = seq_k - seq_q
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = offs_m + offset
+    row_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    mask_base = MASK + b * stride_mb + h * stride_mh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    if LAYOUT == 0:  # LAYOUT_STREAMING
+        sink = tl.load(SINK + h)
+        window = tl.load(WINDOW + h)
+        p0 = m0 + offset
+        p1 = tl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
+        if CAUSAL:
+            hi = tl.minimum(p1 + 1, seq_k)
+            full_last = p0  # keys at or before the first row's position are causal for every row
+        else:
+            hi = tl.minimum(p1 + window, seq_k)
+            full_last = p0 + window - 1
+        lo = tl.maximum(p0 - window + 1, 0)
+        sink_hi = tl.minimum(sink, hi)
+        if not CAUSAL:
+            # Rows before the sink see every key (bidirectional rule): one masked sweep over all keys.
+            if p0 < sink:
+                sink_hi = seq_k
+                lo = seq_k
+        hi = tl.maximum(hi, 0)
+        n_sink = tl.cdiv(tl.maximum(sink_hi, 0), BLOCK_N)
+        wb = tl.maximum(lo // BLOCK_N, n_sink)
+        we = tl.maximum(tl.cdiv(hi, BLOCK_N), wb)
+        fb = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(p1 - window + 1, 0), BLOCK_N), wb), we)
+        fe = tl.minimum(tl.maximum(tl.minimum((full_last + 1) // BLOCK_N, seq_k // BLOCK_N), fb), we)
+        for nb in range(0, n_sink):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                                         mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
+                                         seq_k, sink, window, qk_scale, True, True, CAUSAL, HAS_MASK, MASK_BOOL,
+                                         HEAD_DIM, BLOCK_D, UPCAST_DOT)
+        for nb in range(wb, fb):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                                         mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
+                                         seq_k, sink, window, qk_scale, True, True, CAUSAL, HAS_MASK, MASK_BOOL,
+                                         HEAD_DIM, BLOCK_D, UPCAST_DOT)
+        for nb in range(fb, fe):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                                         mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
+                                         seq_k, sink, window, qk_scale, False, True, CAUSAL, HAS_MASK, MASK_BOOL,
+                                         HEAD_DIM, BLOCK_D, UPCAST_DOT)
+        for nb in range(fe, we):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                                         mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
+                                         seq_k, sink, window, qk_scale, True, True, CAUSAL, HAS_MASK, MASK_BOOL,
+                                         HEAD_DIM, BLOCK_D, UPCAST_DOT)
+    else:
+        # Table layout: BLOCK_M divides BLOCK_Q and BLOCK_N divides BLOCK_K (checked by the wrapper),
+        # so one table row serves the program and each table block is SUBS key tiles.
+        SUBS: tl.constexpr = BLOCK_K // BLOCK_N
+        t_row = m0 // BLOCK_Q
+        num_off = b * stride_nb + h * stride_nh + t_row
+        f_num = tl.load(TBL_FNUM + num_off)
+        f_row = TBL_FIDX + b * stride_fb + h * stride_fh + t_row * stride_fq
+        for t in range(0, f_num * SUBS):
+            kb = tl.load(f_row + t // SUBS)
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kb * BLOCK_K + (t % SUBS) * BLOCK_N, k_base, v_base,
+                                         stride_kn, stride_vn, mask_base, stride_mm, stride_mn, offs_m, offs_n,
+                                         offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, False, False, CAUSAL, HAS_MASK,
+                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT)
+        p_num = tl.load(TBL_NUM + num_off)
+        p_row = TBL_IDX + b * stride_pb + h * stride_ph + t_row * stride_pq
+        for t in range(0, p_num * SUBS):
+            kb = tl.load(p_row + t // SUBS)
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kb * BLOCK_K + (t % SUBS) * BLOCK_N, k_base, v_base,
+                                         stride_kn, stride_vn, mask_base, stride_mm, stride_mn, offs_m, offs_n,
+                                         offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, True, False, CAUSAL, HAS_MASK,
+                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = tl.where((l_i > 0)[:, None], acc / l_safe[:, None], 0.0)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if WRITE_LSE:
+        lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+        tl.store(LSE + bh * seq_q + offs_m, lse, mask=row_ok)
+
+
+def _configs(block_d: int, block_q: int = 0, block_k: int = 0) -> list:
+    """Autotuner configs for a padded head dim; for tables, only tiles that divide the table's blocks."""
+    if interpreting():
+        choices = [_INTERPRETER_CONFIG]
+    else:
+        choices = _GPU_CONFIGS[min(256, max(64, block_d))]
+    out = []
+    for bm, bn, warps, stages in choices:
+        if block_q:
+            bm, bn = min(bm, block_q), min(bn, block_k)
+            if block_q % bm or block_k % bn:
+                continue
+        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        if all(str(cfg) != str(c) for c in out):
+            out.append(cfg)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def prefill_kernel(block_d: int, block_q: int = 0, block_k: int = 0):
+    """The autotuned prefill kernel for a padded head dim (and, for tables, the table's block sizes).
+
+    One autotuner per (head dim, table block) so every config it holds is legal
+    for the layout; the tuning key adds the layout, causality, mask kind and
+    the power-of-two class of the key length.
+    """
+    return triton.autotune(configs=_configs(block_d, block_q, block_k),
+                           key=["seq_bucket", "GROUP", "LAYOUT", "CAUSAL", "HAS_MASK", "HEAD_DIM"])(_prefill_kernel)

@@ -1,0 +1,277 @@
+"""Sparse decode attention (1-16 query rows): flash-decoding split-KV over the kept key blocks only.
+
+The semantics are those of ``streaming_attention_ref`` (sink + window per head,
+bottom-right causality, optional bool/additive mask). Decode is bound by
+reading K/V, so the kernel is shaped around reading every kept K/V tile once:
+
+* **Head packing.** The ``G = H // Hkv`` query heads that share a kv head, and
+  their ``Sq`` rows, form one ``M = G * Sq`` row tile (padded to 16 for
+  ``tl.dot``). Row ``r`` is head ``kvh * G + r // Sq``, query row ``r % Sq``.
+* **Split-KV over kept blocks.** The kept key blocks of a kv head are the sink
+  blocks followed by the window blocks; they are numbered ``0..n_kept`` and cut
+  into ``NSPLIT`` equal runs, one program each, so only kept blocks are
+  spread over the SMs (none idles on a masked-out range).
+* **Reduce.** A second kernel merges the per-split (out, logsumexp) pairs.
+
+Works on a contiguous KV cache ``[B, Hkv, S, D]`` (any strides with a unit
+last dim). Heads of one group must share sink and window (checked by
+:func:`decode_supported`; other layouts use the prefill kernel).
+
+This module imports Triton at the top: it is only imported by the kernel
+wrappers and the op loaders, never by ``import sparsecc``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
+
+# Rows of one packed tile at most (G * Sq); wider groups use the prefill kernel.
+MAX_PACKED_ROWS = 128
+# tl.dot needs at least 16 rows and 16 columns.
+MIN_TILE = 16
+# Keys per K/V tile: 64 x 128 bf16 = 16 KiB per operand, a few stages deep in shared memory.
+DECODE_BLOCK_N = 64
+# Each split walks at least this many key blocks, so the reduce stays a small share of the work.
+MIN_BLOCKS_PER_SPLIT = 4
+# Aim for this many programs per SM: enough loads in flight to saturate HBM.
+PROGRAMS_PER_SM = 8
+
+
+def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, sq: int = 1) -> bool:
+    """True when the decode kernel takes the layout: every kv group's heads share sink and window."""
+    if group * sq > MAX_PACKED_ROWS:
+        return False
+    for g0 in range(0, len(sinks), group):
+        if len(set(zip(sinks[g0:g0 + group], windows[g0:g0 + group]))) != 1:
+            return False
+    return True
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, O_PART, L_PART,
+                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
+                         n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split,
+                         GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One split of one (batch, kv head): attend the packed rows to kept blocks ``[t0, t1)``.
+
+    Writes the split's normalised output and base-2 logsumexp (``-inf`` for rows
+    that kept nothing) to the partial buffers.
+    """
+    split = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = bkv // n_kv_heads
+    kvh = bkv % n_kv_heads
+    offset = seq_k - seq_q
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    g = offs_r // seq_q
+    row = offs_r % seq_q
+    r_ok = offs_r < GROUP * seq_q
+    d_ok = offs_d < HEAD_DIM
+    head = kvh * GROUP + g
+    pos = row + offset
+
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Kept key blocks of this kv head (all rows share its sink/window): sink blocks then window blocks.
+    sink = tl.load(SINK + kvh * GROUP)
+    window = tl.load(WINDOW + kvh * GROUP)
+    p0 = offset
+    p1 = seq_k - 1
+    if CAUSAL:
+        hi = tl.minimum(p1 + 1, seq_k)
+    else:
+        hi = tl.minimum(p1 + window, seq_k)
+    lo = tl.maximum(p0 - window + 1, 0)
+    sink_hi = tl.minimum(sink, hi)
+    if not CAUSAL:
+        if p0 < sink:
+            sink_hi = seq_k
+            lo = seq_k
+    hi = tl.maximum(hi, 0)
+    n_sink = tl.cdiv(tl.maximum(sink_hi, 0), BLOCK_N)
+    wb = tl.maximum(lo // BLOCK_N, n_sink)
+    we = tl.maximum(tl.cdiv(hi, BLOCK_N), wb)
+    n_kept = n_sink + we - wb
+    t0 = split * blocks_per_split
+    t1 = tl.minimum(t0 + blocks_per_split, n_kept)
+
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for t in range(t0, t1):
+        nb = tl.where(t < n_sink, t, wb + t - n_sink)
+        cols = nb * BLOCK_N + offs_n
+        c_ok = cols < seq_k
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=c_ok[None, :] & d_ok[:, None],
+                    other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        if UPCAST_DOT:  # the triton 3.9 interpreter multiplies bf16 dot operands as raw integers
+            s = tl.dot(q.to(tl.float32), k.to(tl.float32)) * qk_scale
+        else:
+            s = tl.dot(q, k) * qk_scale
+        keep = c_ok[None, :] & r_ok[:, None]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= pos[:, None])
+            keep = keep & ((cols[None, :] < sink) | (pos[:, None] - cols[None, :] < window))
+        else:
+            dist = pos[:, None] - cols[None, :]
+            keep = keep & ((cols[None, :] < sink) | (pos[:, None] < sink) | ((dist < window) & (dist > -window)))
+        if HAS_MASK:
+            m_ptrs = (MASK + b * stride_mb + head[:, None] * stride_mh + row[:, None] * stride_mm
+                      + cols[None, :] * stride_mn)
+            if MASK_BOOL:
+                keep = keep & (tl.load(m_ptrs, mask=keep, other=0) != 0)
+            else:
+                s = s + tl.load(m_ptrs, mask=keep, other=0.0).to(tl.float32) * LOG2E
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with only -inf scores so far shift by 0 rather than -inf (avoids NaN from -inf - -inf).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+    part = bkv * n_split + split
+    tl.store(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :], out)
+    tl.store(L_PART + part * BLOCK_M + offs_r, lse2)
+
+
+@triton.jit
+def _decode_reduce_kernel(O_PART, L_PART, O, LSE, stride_ob, stride_oh, stride_om, n_kv_heads, seq_q, n_split,
+                          GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the splits of one (batch, kv head): weights ``2^(lse_s - lse)``, rows with nothing give 0."""
+    bkv = tl.program_id(0)
+    b = bkv // n_kv_heads
+    kvh = bkv % n_kv_heads
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < n_split
+    lse_all = tl.load(L_PART + (bkv * n_split + offs_s[:, None]) * BLOCK_M + offs_r[None, :], mask=s_ok[:, None],
+                      other=float("-inf"))
+    m = tl.max(lse_all, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.math.exp2(lse_all - m_use[None, :]), 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, n_split):
+        part = bkv * n_split + s
+        lse_s = tl.load(L_PART + part * BLOCK_M + offs_r)
+        w = tl.math.exp2(lse_s - m_use)
+        o_s = tl.load(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :])
+        acc += w[:, None] * o_s
+    t_safe = tl.where(total > 0, total, 1.0)
+    out = tl.where((total > 0)[:, None], acc / t_safe[:, None], 0.0)
+    g = offs_r // seq_q
+    row = offs_r % seq_q
+    r_ok = offs_r < GROUP * seq_q
+    head = kvh * GROUP + g
+    o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + row[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if WRITE_LSE:
+        lse = tl.where(total > 0, (m_use + tl.math.log2(t_safe)) * LN2, float("-inf"))
+        tl.store(LSE + (b * n_kv_heads * GROUP + head) * seq_q + row, lse, mask=r_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_kernel():
+    """The split kernel, autotuned over warps/stages on GPU (one fixed config under the interpreter)."""
+    if interpreting():
+        configs = [triton.Config({}, num_warps=4, num_stages=1)]
+    else:
+        # Memory-bound: the choices differ in how many K/V tiles are in flight per SM.
+        configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 3), (4, 4), (8, 3), (2, 4))]
+    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "BLOCK_M", "blocks_per_split"])(
+        _decode_split_kernel)
+
+
+def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
+    """Number of kept key blocks of one kv head (the same count the kernel computes)."""
+    p0, p1 = sk - sq, sk - 1
+    hi = min(p1 + 1, sk) if causal else min(p1 + window, sk)
+    lo = max(p0 - window + 1, 0)
+    sink_hi = min(sink, hi)
+    if not causal and p0 < sink:
+        sink_hi, lo = sk, sk
+    n_sink = -(-max(sink_hi, 0) // block_n)
+    wb = max(lo // block_n, n_sink)
+    we = max(-(-max(hi, 0) // block_n), wb)
+    return n_sink + we - wb
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one by one; few splits keep tiny tests fast
+
+
+def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
+                     sinks: Tensor, windows: Tensor, return_lse: bool = False, out: Optional[Tensor] = None):
+    """Split-KV streaming attention for ``Sq <= 16`` query rows; returns out (and the natural-log lse).
+
+    ``sinks``/``windows`` are int32 per-head vectors in kernel form (an
+    unlimited window encoded as ``Sk + Sq + 1``, as the prefill wrapper does);
+    heads of one kv group must share them (:func:`decode_supported`). ``m4`` is
+    the mask already viewed as 4-d, or None. ``out`` receives the output when given.
+    """
+    from sparsecc.codegen.block_attention import _mask_args
+
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    group = h // hkv
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    block_d = max(MIN_TILE, triton.next_power_of_2(d))
+    block_m = max(MIN_TILE, triton.next_power_of_2(group * sq))
+    s_list, w_list = sinks.tolist(), windows.tolist()
+    n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, DECODE_BLOCK_N)
+                 for i in range(hkv))
+    n_kept = max(n_kept, 1)
+    want_splits = max(1, -(-PROGRAMS_PER_SM * _num_sms(q.device) // (b * hkv)))
+    n_split = max(1, min(want_splits, -(-n_kept // MIN_BLOCKS_PER_SPLIT)))
+    blocks_per_split = -(-n_kept // n_split)
+    n_split = -(-n_kept // blocks_per_split)
+    o_part = torch.empty(b * hkv * n_split, block_m, block_d, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(b * hkv * n_split, block_m, dtype=torch.float32, device=q.device)
+    mask_t, mask_strides, has_mask, mask_bool = _mask_args(m4, q, b, h, sq, sk)
+    _split_kernel()[(n_split, b * hkv)](
+        q, k, v, mask_t, sinks, windows, o_part, l_part,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
+        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split,
+        GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, HEAD_DIM=d, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N, UPCAST_DOT=interpreting())
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
+    _decode_reduce_kernel[(b * hkv,)](
+        o_part, l_part, out, lse, *out.stride()[:3], hkv, sq, n_split,
+        GROUP=group, WRITE_LSE=return_lse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
+        BLOCK_S=max(2, triton.next_power_of_2(n_split)))
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["decode_supported", "streaming_decode"]

@@ -1,0 +1,296 @@
+"""Triton attention kernels (prefill + decode) against the references in codegen/block_attention.py.
+
+CPU: the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) at tiny
+shapes. Triton decides interpreter-or-compiler when a ``@triton.jit`` function
+is decorated, so the ``interpreter`` fixture sets the variable and (re)imports
+the kernel modules before any kernel runs, and restores the variable after.
+GPU (``gpu`` marker): realistic shapes, fp32 reference of the same layout,
+NaN-poisoned outputs, relative error under 1e-2 for bf16.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparsecc.codegen.block_attention import (
+    FULL_WINDOW, block_sparse_attention, block_sparse_attention_ref, streaming_attention, streaming_attention_ref)
+from sparsecc.forms import BlockSparse
+from sparsecc.layouts import BlockTable, block_sparse_table, streaming_block_table
+
+KERNEL_MODULES = ("sparsecc.codegen.block_attention_kernels", "sparsecc.codegen.decode_attention")
+# The interpreter is slow: few examples per property (the deep profile still raises it through max_examples).
+FEW = settings(deadline=None, max_examples=min(settings().max_examples, 10))
+# Output tolerance against the fp32 reference on the same bf16/fp16 inputs: both round the output once
+# (bf16: 2^-8 relative), and the kernel also rounds the probabilities to the input dtype before P @ V.
+OUT_TOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+# lse is computed from fp32 scores in both; only summation order differs.
+LSE_TOL = 1e-3
+
+
+# Set in the child process that runs the interpreter checks (see test_interpreter_checks).
+CHILD = os.environ.get("SPARSECC_ATTENTION_INTERPRETER_CHILD") == "1"
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """Interpreter checks run only in the child process, where Triton was imported with TRITON_INTERPRET=1."""
+    if not CHILD:
+        pytest.skip("runs inside test_interpreter_checks' child process")
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    assert knobs.runtime.interpret
+
+
+def test_interpreter_checks():
+    """Run this file's CPU checks in a child process that imports Triton in interpreter mode.
+
+    Triton fixes interpreter-or-compiler when each ``@triton.jit`` function is
+    decorated, its own standard library included; any module of the session
+    may already have imported Triton, so setting the variable here would be too late.
+    """
+    if CHILD:
+        pytest.skip("this is the child process")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter checks run on CPU-only machines; the gpu tests cover CUDA")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", SPARSECC_ATTENTION_INTERPRETER_CHILD="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-m", "not gpu"], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))))
+    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
+
+
+def make_qkv(seed, b, h, hkv, sq, sk, d, dtype, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, sq, d, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(b, hkv, sk, d, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(b, hkv, sk, d, generator=gen).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+def make_mask(seed, kind, b, h, sq, sk):
+    """None, a bool keep mask or an additive float mask (some -inf), with random broadcast dims."""
+    if kind == "none":
+        return None
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = [b if seed % 2 else 1, h if seed % 3 else 1, sq, sk]
+    if kind == "bool":
+        return torch.rand(*shape, generator=gen) < 0.8
+    m = torch.randn(*shape, generator=gen)
+    return m.masked_fill(torch.rand(*shape, generator=gen) < 0.1, -math.inf)
+
+
+def check(out, lse, ref_out, ref_lse, dtype):
+    """Kernel output and lse against the reference: same empty rows, close values, no NaN."""
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite].float(), atol=LSE_TOL, rtol=LSE_TOL)
+
+
+@st.composite
+def shapes(draw, max_s=80):
+    h = draw(st.sampled_from([1, 2, 4]))
+    hkv = draw(st.sampled_from([x for x in (1, 2, 4) if h % x == 0]))
+    sk = draw(st.integers(1, max_s))
+    sq = draw(st.one_of(st.just(sk), st.integers(1, sk), st.integers(sk, sk + 20)))
+    return dict(b=draw(st.integers(1, 2)), h=h, hkv=hkv, sq=sq, sk=sk, d=draw(st.sampled_from([16, 64, 80])),
+                dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])), causal=draw(st.booleans()),
+                mask=draw(st.sampled_from(["none", "bool", "float"])), seed=draw(st.integers(0, 10_000)))
+
+
+# ------------------------------------------------------------------ streaming (prefill and decode)
+
+@FEW
+@given(c=shapes(), data=st.data())
+def test_streaming_kernel_matches_reference(interpreter, c, data):
+    n_rules = data.draw(st.sampled_from([1, c["h"]]))
+    sinks = data.draw(st.lists(st.integers(0, 20), min_size=n_rules, max_size=n_rules))
+    windows = data.draw(st.lists(st.one_of(st.just(FULL_WINDOW), st.integers(1, 50)),
+                                 min_size=n_rules, max_size=n_rules))
+    q, k, v = make_qkv(c["seed"], c["b"], c["h"], c["hkv"], c["sq"], c["sk"], c["d"], c["dtype"])
+    mask = make_mask(c["seed"], c["mask"], c["b"], c["h"], c["sq"], c["sk"])
+    kw = dict(sink=sinks, window=windows, scale=1 / math.sqrt(c["d"]), causal=c["causal"], mask=mask,
+              return_lse=True)
+    out, lse = streaming_attention(q, k, v, **kw)
+    ref_out, ref_lse = streaming_attention_ref(q, k, v, **kw)
+    check(out, lse, ref_out, ref_lse, c["dtype"])
+
+
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+def test_streaming_head_dims(interpreter, d):
+    q, k, v = make_qkv(d, 1, 2, 1, 37, 45, d, torch.bfloat16)
+    kw = dict(sink=[3], window=[11], scale=d ** -0.5, causal=True, return_lse=True)
+    check(*streaming_attention(q, k, v, **kw), *streaming_attention_ref(q, k, v, **kw), torch.bfloat16)
+
+
+@pytest.mark.parametrize("sq", [1, 3, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_kernel_matches_reference(interpreter, sq, causal):
+    # Groups of 2 query heads share a kv head and a rule; the two groups have different rules.
+    q, k, v = make_qkv(sq, 2, 4, 2, sq, 150, 64, torch.bfloat16)
+    mask = make_mask(7, "bool", 2, 4, sq, 150)
+    kw = dict(sink=[4, 4, 0, 0], window=[33, 33, FULL_WINDOW, FULL_WINDOW], scale=0.125, causal=causal, mask=mask,
+              return_lse=True)
+    check(*streaming_attention(q, k, v, **kw), *streaming_attention_ref(q, k, v, **kw), torch.bfloat16)
+
+
+def test_decode_splits_and_float_mask(interpreter):
+    from sparsecc.codegen import decode_attention
+
+    q, k, v = make_qkv(5, 1, 2, 1, 2, 700, 64, torch.float16)
+    mask = make_mask(4, "float", 1, 2, 2, 700)
+    sinks = torch.tensor([5, 5], dtype=torch.int32)
+    windows = torch.tensor([300, 300], dtype=torch.int32)
+    out, lse = decode_attention.streaming_decode(q, k, v, mask, 0.1, True,
+                                                 sinks, windows, return_lse=True)
+    ref = streaming_attention_ref(q, k, v, sink=[5], window=[300], scale=0.1, causal=True, mask=mask,
+                                  return_lse=True)
+    check(out, lse, *ref, torch.float16)
+
+
+def test_gqa_maps_query_heads_like_repeat_interleave(interpreter):
+    # kv head 0 has v = 0, kv head 1 has v ~ 100: a wrong head mapping cannot pass.
+    b, h, hkv, s, d = 1, 4, 2, 40, 64
+    q, k, _ = make_qkv(3, b, h, hkv, s, s, d, torch.bfloat16)
+    v = torch.stack([torch.zeros(b, s, d), 100 + torch.randn(b, s, d)], dim=1).to(torch.bfloat16)
+    table = block_sparse_table(BlockSparse(block=16, local_blocks=2), h, s, s, causal=True)
+    outs = [streaming_attention(q, k, v, sink=[2], window=[9], scale=0.1, causal=True),
+            streaming_attention(q[:, :, -1:], k, v, sink=[2], window=[9], scale=0.1, causal=True),  # decode
+            block_sparse_attention(q, k, v, table=table, scale=0.1)]
+    for o in outs:
+        assert torch.all(o[:, :2].abs() < 1e-6)
+        assert torch.all(o[:, 2:] > 90)
+
+
+def test_rows_without_keys_output_zero(interpreter):
+    q, k, v = make_qkv(0, 1, 2, 1, 40, 20, 64, torch.bfloat16)  # Sq > Sk, causal: 20 rows see nothing
+    out, lse = streaming_attention(q, k, v, sink=[1], window=[4], scale=1.0, causal=True, return_lse=True)
+    assert torch.all(out[:, :, :20] == 0) and torch.all(torch.isneginf(lse[:, :, :20]))
+    check(out, lse, *streaming_attention_ref(q, k, v, sink=[1], window=[4], scale=1.0, causal=True,
+                                             return_lse=True), torch.bfloat16)
+
+
+# ------------------------------------------------------------------ block tables
+
+@FEW
+@given(c=shapes(max_s=100), data=st.data())
+def test_table_kernel_matches_reference(interpreter, c, data):
+    block = data.draw(st.sampled_from([16, 32]))
+    form = BlockSparse(block, local_blocks=data.draw(st.integers(1, 2)), global_blocks=data.draw(st.integers(0, 1)),
+                       random_blocks=data.draw(st.integers(0, 2)), seed=c["seed"])
+    table = block_sparse_table(form, c["h"], c["sq"], c["sk"], c["causal"])
+    q, k, v = make_qkv(c["seed"], c["b"], c["h"], c["hkv"], c["sq"], c["sk"], c["d"], c["dtype"])
+    mask = make_mask(c["seed"], c["mask"], c["b"], c["h"], c["sq"], c["sk"])
+    kw = dict(table=table, scale=1 / math.sqrt(c["d"]), mask=mask, return_lse=True)
+    check(*block_sparse_attention(q, k, v, **kw), *block_sparse_attention_ref(q, k, v, **kw), c["dtype"])
+
+
+@pytest.mark.parametrize("kind", ["streaming_table", "dense_table", "batch_table", "block_32x16"])
+def test_table_layout_kinds(interpreter, kind):
+    b, h, sq, sk = 2, 2, 45, 60
+    if kind == "streaming_table":
+        table = streaming_block_table([3, 0], [20, FULL_WINDOW], block=16, seq_q=sq, seq_k=sk, causal=True)
+    elif kind == "dense_table":
+        table = block_sparse_table(BlockSparse(16, local_blocks=10), 1, sq, sk, causal=False)
+    elif kind == "batch_table":
+        kept = torch.rand(b, 1, 3, 4, generator=torch.Generator().manual_seed(1)) < 0.6
+        table = BlockTable.from_dense(kept, torch.zeros_like(kept), block_q=16, block_k=16, seq_q=sq, seq_k=sk,
+                                      causal=False)
+    else:
+        kept = torch.ones(1, 1, 2, 4, dtype=torch.bool)
+        table = BlockTable.from_dense(kept, torch.zeros_like(kept), block_q=32, block_k=16, seq_q=sq, seq_k=sk,
+                                      causal=True)
+    q, k, v = make_qkv(11, b, h, 1, sq, sk, 64, torch.bfloat16)
+    kw = dict(table=table, scale=0.125, return_lse=True)
+    check(*block_sparse_attention(q, k, v, **kw), *block_sparse_attention_ref(q, k, v, **kw), torch.bfloat16)
+
+
+# ------------------------------------------------------------------ routing and registration
+
+def test_fp32_and_odd_blocks_run_the_reference():
+    q, k, v = make_qkv(2, 1, 2, 1, 20, 20, 16, torch.float32)
+    kw = dict(sink=[2], window=[5], scale=0.25, causal=True)
+    assert torch.equal(streaming_attention(q, k, v, **kw), streaming_attention_ref(q, k, v, **kw))
+    table = block_sparse_table(BlockSparse(8, local_blocks=1), 2, 20, 20, causal=True)  # 8 < 16: no kernel
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    assert torch.equal(block_sparse_attention(qb, kb, vb, table=table, scale=0.25),
+                       block_sparse_attention_ref(qb, kb, vb, table=table, scale=0.25))
+
+
+def test_ops_table_registers_attention_kernels():
+    from sparsecc.codegen import ops
+    from sparsecc.codegen.block_attention import block_sparse_attention_op, streaming_attention_op
+
+    pytest.importorskip("triton")
+    assert ops.TRITON_KERNELS["streaming_attention"]() == (streaming_attention_op, ("cuda",))
+    assert ops.TRITON_KERNELS["block_sparse_attention"]() == (block_sparse_attention_op, ("cuda",))
+    assert ops.triton_kernel("streaming_attention", torch.device("cpu")) is None
+
+
+def test_importing_sparsecc_loads_no_kernel_module():
+    code = ("import sys, sparsecc, sparsecc.codegen.ops, sparsecc.codegen.block_attention; "
+            "print(any(m in sys.modules for m in %r))" % (KERNEL_MODULES,))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ GPU
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def poisoned(q):
+    return torch.full_like(q, float("nan"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hkv", [8, 32])
+@pytest.mark.parametrize("s,sink,window", [(4096, 128, 1024), (3000, 64, 700), (2048, 0, FULL_WINDOW)])
+def test_gpu_streaming_prefill(hkv, s, sink, window):
+    q, k, v = make_qkv(s, 1, 32, hkv, s, s, 128, torch.bfloat16, "cuda")
+    kw = dict(sink=[sink], window=[window], scale=128 ** -0.5, causal=True)
+    ref = streaming_attention_ref(q.float(), k.float(), v.float(), **kw)
+    out = streaming_attention(q, k, v, out=poisoned(q), **kw)
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 80, 96, 256])
+def test_gpu_streaming_head_dims_and_chunked_prefill(d):
+    q, k, v = make_qkv(d, 2, 8, 2, 1000, 2500, d, torch.bfloat16, "cuda")
+    mask = (torch.rand(2, 1, 1000, 2500, device="cuda") < 0.9)
+    kw = dict(sink=[16] * 4 + [0] * 4, window=[512] * 4 + [FULL_WINDOW] * 4, scale=d ** -0.5, causal=True, mask=mask)
+    ref = streaming_attention_ref(q.float(), k.float(), v.float(), **kw)
+    out = streaming_attention(q, k, v, out=poisoned(q), **kw)
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_block_table(causal):
+    s = 4096 + 77
+    table = block_sparse_table(BlockSparse(128, local_blocks=2, global_blocks=1, random_blocks=3, seed=1), 16, s, s,
+                               causal, device="cuda")
+    q, k, v = make_qkv(5, 1, 16, 4, s, s, 128, torch.bfloat16, "cuda")
+    ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), table=table, scale=0.088)
+    out = block_sparse_attention(q, k, v, table=table, scale=0.088, out=poisoned(q))
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,hkv", [(1, 32), (1, 8), (4, 8), (16, 4)])
+def test_gpu_decode(sq, hkv):
+    q, k, v = make_qkv(sq, 4, 32, hkv, sq, 20000, 128, torch.bfloat16, "cuda")
+    kw = dict(sink=[128], window=[4096], scale=128 ** -0.5, causal=True)
+    ref = streaming_attention_ref(q.float(), k.float(), v.float(), **kw)
+    out = streaming_attention(q, k, v, out=poisoned(q), **kw)
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-2
