@@ -24,6 +24,21 @@ def last_rule(site: Site, ctx):
     return rules[-1] if rules else None
 
 
+def site_rule(site: Site, ctx):
+    """(rule, policy, early decision) for a one-form site; the decision is set when there is nothing to apply.
+
+    The early decision is "no rule" when no rule names the site, and the dense
+    decision when the last matching rule asks for the dense form.
+    """
+    rule = last_rule(site, ctx)
+    if rule is None:
+        return None, None, no_rule()
+    policy = ctx.spec.policy_for(rule)
+    if isinstance(rule.form, Dense):
+        return rule, policy, dense_rule(rule, policy)
+    return rule, policy, None
+
+
 def no_rule() -> Decision:
     """Decision for a site no rule names."""
     return Decision(False, None, NO_RULE)

@@ -20,8 +20,8 @@ from torch.fx import GraphModule, Node
 from sparsecc.codegen import ops
 from sparsecc.codegen.activation_sparse import ACTIVATIONS
 from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_linear
-from sparsecc.forms import ActivationThreshold, Dense
-from sparsecc.passes.decide import dense_rule, fallback, last_rule, no_rule, verdict
+from sparsecc.forms import ActivationThreshold
+from sparsecc.passes.decide import fallback, site_rule, verdict
 from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, is_static, shape_of, size_hint
 from sparsecc.passes.linear import LinearMatch, match_linear
 from sparsecc.passes.normalize import op_of
@@ -260,14 +260,10 @@ def linear_nodes(site: Site) -> Tuple[Node, ...]:
 
 def check_ffn(site: Site, ctx) -> Decision:
     """Decide activation thresholding for one FFN site."""
-    rule = last_rule(site, ctx)
-    if rule is None:
-        return no_rule()
-    policy = ctx.spec.policy_for(rule)
+    rule, policy, early = site_rule(site, ctx)
+    if early is not None:
+        return early
     form = rule.form
-    if isinstance(form, Dense):
-        return dense_rule(rule, policy)
-    assert isinstance(form, ActivationThreshold)
     estimate = _estimate(site, form, ctx)
     if not form.calibrated:
         return fallback(form, rule.key, policy, f"{rule.key} gives a target sparsity but no threshold; "

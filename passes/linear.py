@@ -18,8 +18,8 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.codegen import ops
 from sparsecc.cost import estimate_linear
-from sparsecc.forms import BlockWeights, Dense, TwoFour
-from sparsecc.passes.decide import dense_rule, fallback, last_rule, no_rule, verdict
+from sparsecc.forms import TwoFour
+from sparsecc.passes.decide import fallback, site_rule, verdict
 from sparsecc.passes.fx_utils import ParamRef, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
@@ -105,13 +105,10 @@ def search_linear(gm: GraphModule, ctx) -> List[Site]:
 
 def check_linear(site: Site, ctx) -> Decision:
     """Decide a weight form for one linear site."""
-    rule = last_rule(site, ctx)
-    if rule is None:
-        return no_rule()
-    policy = ctx.spec.policy_for(rule)
+    rule, policy, early = site_rule(site, ctx)
+    if early is not None:
+        return early
     form = rule.form
-    if isinstance(form, Dense):
-        return dense_rule(rule, policy)
     if site.parent is not None and ctx.applied(site.parent):
         return fallback(form, rule.key, policy, f"inside {site.parent.label}, which is rewritten as "
                         f"{ctx.decision(site.parent).form.name}; weight forms do not compose with it yet")

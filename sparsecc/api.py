@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import fnmatch
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 import torch
 
-from sparsecc.backend import BackendOptions, explain_graph, parse_options, sparsecc_backend
+from sparsecc.backend import explain_graph, parse_options, sparsecc_backend
 from sparsecc.forms import ActivationThreshold
 from sparsecc.report.model import Report
 from sparsecc.spec import Rule, Spec, SpecError, load_spec
