@@ -10,8 +10,9 @@ References compute in the input dtype, as the dense model would.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -141,30 +142,35 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, M, N, K, tau,
     m_mask = offs_m < M
     k0 = split * ROWS_PER_SPLIT
     if BLOCK_M == 1:
+        # One token: x is loaded as a vector along K, so its keep mask already has the layout of
+        # the weight tile's rows (no layout conversion between the x load and the weight load);
+        # a broadcast multiply accumulates, and the K reduction waits until after the loop.
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
+            offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+            keep = tl.abs(xk) > tau
+            w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=keep[:, None] & n_mask[None, :], other=0.0)
+            acc2 += tl.where(keep, xk, 0.0)[:, None] * w.to(tl.float32)
+        acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
-        offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        keep = tl.abs(xv.to(tl.float32)) > tau
-        xs = tl.where(keep, xv, tl.zeros_like(xv))
-        # A channel is read when any token keeps it (the union over the M <= 16 tokens).
-        row_live = tl.max(keep.to(tl.int32), axis=0) > 0
-        w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=row_live[:, None] & n_mask[None, :], other=0.0)
-        if BLOCK_M == 1:
-            # One token: a broadcast multiply; the K reduction waits until after the loop.
-            acc2 += tl.reshape(xs.to(tl.float32), (BLOCK_K, 1)) * w.to(tl.float32)
-        else:
+        for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
+            offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            keep = tl.abs(xv.to(tl.float32)) > tau
+            xs = tl.where(keep, xv, tl.zeros_like(xv))
+            # A channel's weight row is read when any token keeps it (the union over the tokens).
+            row_live = tl.max(keep.to(tl.int32), axis=0) > 0
+            w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=row_live[:, None] & n_mask[None, :], other=0.0)
             if DOT_IN_FP32:  # the CPU interpreter's dot misreads bfloat16 (it multiplies the raw bits)
                 acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xs, w, acc)
-    if BLOCK_M == 1:
-        acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
     out = partial_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :]
     tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
 
@@ -184,26 +190,39 @@ def _split_reduce_kernel(partial_ptr, bias_ptr, y_ptr, MN, N, n_splits,
 
 _KERNELS = ("_threshold_gemv_kernel", "_split_reduce_kernel")
 
-_KMAJOR_CACHE: Dict[tuple, Tensor] = {}
-_KMAJOR_CACHE_MAX = 64  # distinct thresholded weights per process; beyond this, drop the oldest
+# id(weight) -> (weakref to weight, data_ptr, _version, K-major copy). The identity check (the weakref
+# still points at this very tensor) guards against a freed weight whose address and shape are
+# reused by another; the weakref callback drops the copy when the weight dies.
+_KMAJOR_CACHE: Dict[int, Tuple[weakref.ref, int, int, Tensor]] = {}
+
+
+def _forget(key: int, dead: weakref.ref) -> None:
+    """Drop the cached copy of a weight that died (unless the entry already belongs to a newer one)."""
+    hit = _KMAJOR_CACHE.get(key)
+    if hit is not None and hit[0] is dead:
+        del _KMAJOR_CACHE[key]
 
 
 def k_major(weight: Tensor) -> Tensor:
     """``weight [N, K]`` as a tensor whose ``.t()`` is contiguous ``[K, N]`` (a view when it already is).
 
-    A row-major weight is transposed once and cached by (data_ptr, _version,
-    shape, strides, dtype, device): weights of a compiled model are frozen, so
-    one copy serves every call, and an in-place update bumps ``_version``.
+    A row-major weight is transposed once and the copy cached for that weight
+    tensor (same object, data pointer and ``_version``): weights of a compiled
+    model are frozen, so one copy serves every call and an in-place update
+    (which bumps ``_version``) makes a new one. The copy doubles the weight's
+    memory; a compiler that binds a K-major buffer and passes its ``.t()`` view
+    avoids both the copy and the cache.
     """
     if weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]:
         return weight
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
+    key = id(weight)
     hit = _KMAJOR_CACHE.get(key)
-    if hit is None:
-        if len(_KMAJOR_CACHE) >= _KMAJOR_CACHE_MAX:
-            _KMAJOR_CACHE.pop(next(iter(_KMAJOR_CACHE)))
-        hit = _KMAJOR_CACHE[key] = weight.t().contiguous().t()
-    return hit
+    if hit is not None and hit[0]() is weight and hit[1] == weight.data_ptr() and hit[2] == weight._version:
+        return hit[3]
+    copy = weight.t().contiguous().t()
+    ref = weakref.ref(weight, functools.partial(_forget, key))
+    _KMAJOR_CACHE[key] = (ref, weight.data_ptr(), weight._version, copy)
+    return copy
 
 
 @functools.lru_cache(maxsize=256)

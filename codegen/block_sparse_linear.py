@@ -76,11 +76,16 @@ def block_sparse_linear_ref(x: Tensor, weight: BlockSparseWeight, bias: Optional
 
 @dataclass(frozen=True)
 class BlockLinearConfig:
-    """Launch knobs of :func:`block_sparse_linear`: M tile, warps and pipeline depth."""
+    """Launch knobs of :func:`block_sparse_linear`: M tile, warps, pipeline depth, operand order.
+
+    ``SWAP_AB`` computes the transposed tile ``W_blk @ x_tileᵀ`` (the block as the MMA's left
+    operand), which suits Hopper's 64-row warpgroup MMA when bm is small.
+    """
 
     BLOCK_M: int
     num_warps: int
     num_stages: int
+    SWAP_AB: bool = False
 
     def __post_init__(self):
         if self.BLOCK_M not in (16, 32, 64, 128, 256):
@@ -110,7 +115,8 @@ def _bsr_linear_kernel(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, order_ptr, b
                        M, N, stride_xm, stride_xk, stride_ym, n_block_rows,
                        BM: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,  # noqa: F821
                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
-                       INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):  # noqa: F821
+                       INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
+                       SWAP_AB: tl.constexpr):  # noqa: F821
     """One (BLOCK_M x BM) output tile of block row ``order[pid % n_block_rows]``, over its stored blocks."""
     pid = tl.program_id(0)
     m_tile = pid // n_block_rows
@@ -122,15 +128,26 @@ def _bsr_linear_kernel(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, order_ptr, b
     offs_n = tl.arange(0, BM)
     offs_k = tl.arange(0, BK)
     m_mask = offs_m < M
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    # blocks[j] is (BM x BK) row-major; read it as its transpose (BK x BM) so the dot needs no permute.
-    w_tile = blocks_ptr + start.to(tl.int64) * (BM * BK) + offs_k[:, None] + offs_n[None, :] * BK
-
-    acc = tl.zeros((BLOCK_M, BM), dtype=tl.float32)
+    block0 = blocks_ptr + start.to(tl.int64) * (BM * BK)
+    if SWAP_AB:
+        # Compute the transposed tile yᵀ = W_blk @ xᵀ: the block's BM rows become the MMA's M
+        # side (64 per warpgroup on Hopper) and BLOCK_M tokens its wide N side.
+        x_tile = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None] * stride_xk
+        w_tile = block0 + offs_n[:, None] * BK + offs_k[None, :]
+        acc = tl.zeros((BM, BLOCK_M), dtype=tl.float32)
+    else:
+        x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        # blocks[j] is (BM x BK) row-major; read it as its transpose (BK x BM) so the dot needs no permute.
+        w_tile = block0 + offs_k[:, None] + offs_n[None, :] * BK
+        acc = tl.zeros((BLOCK_M, BM), dtype=tl.float32)
     for j in range(start, end):
         col = tl.load(col_idx_ptr + j)
-        a = tl.load(x_rows + (col * BK).to(tl.int64) * stride_xk, mask=m_mask[:, None], other=0.0)
-        b = tl.load(w_tile)
+        if SWAP_AB:
+            a = tl.load(w_tile)
+            b = tl.load(x_tile + (col * BK).to(tl.int64) * stride_xk, mask=m_mask[None, :], other=0.0)
+        else:
+            a = tl.load(x_tile + (col * BK).to(tl.int64) * stride_xk, mask=m_mask[:, None], other=0.0)
+            b = tl.load(w_tile)
         if DOT_IN_FP32:  # the CPU interpreter's dot misreads bfloat16 (it multiplies the raw bits)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -138,11 +155,18 @@ def _bsr_linear_kernel(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, order_ptr, b
         w_tile += BM * BK  # blocks of a row are stored back to back
 
     cols = row * BM + offs_n
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    acc = _epi.apply_activation(acc, ACTIVATION)
-    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + cols[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None])
+    if SWAP_AB:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[:, None]
+        acc = _epi.apply_activation(acc, ACTIVATION)
+        y = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + cols[:, None]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        acc = _epi.apply_activation(acc, ACTIVATION)
+        y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + cols[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
 _KERNELS = ("_bsr_linear_kernel",)
@@ -217,5 +241,5 @@ def block_sparse_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Ten
         BM=bm, BK=bk, BLOCK_M=cfg.BLOCK_M, HAS_BIAS=bias is not None, ACTIVATION=activation,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreting else "tf32",
         DOT_IN_FP32=interpreting and x.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SWAP_AB=cfg.SWAP_AB, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.reshape(*lead, n)

@@ -71,8 +71,9 @@ def poisoned(m, n, dtype, device="cpu"):
 @given(bm=st.sampled_from([16, 32]), bk=st.sampled_from([16, 32]), rows=st.integers(1, 3), cols=st.integers(1, 3),
        lead=st.lists(st.integers(1, 5), min_size=1, max_size=2), density=st.floats(0.05, 1.0),
        dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(), activation=st.sampled_from(sorted(EPILOGUES)),
-       block_m=st.sampled_from([16, 32]), seed=st.integers(0, 10**6))
-def test_block_sparse_linear_kernel(bm, bk, rows, cols, lead, density, dtype, has_bias, activation, block_m, seed):
+       block_m=st.sampled_from([16, 32]), swap_ab=st.booleans(), seed=st.integers(0, 10**6))
+def test_block_sparse_linear_kernel(bm, bk, rows, cols, lead, density, dtype, has_bias, activation, block_m,
+                                    swap_ab, seed):
     gen = torch.Generator().manual_seed(seed)
     n, k = rows * bm, cols * bk
     c = compress_block_weights(randn(gen, n, k, dtype=dtype), BlockWeights(block=(bm, bk), density=density))
@@ -81,7 +82,8 @@ def test_block_sparse_linear_kernel(bm, bk, rows, cols, lead, density, dtype, ha
     m = x.numel() // k
     out = poisoned(m, n, dtype)
     y = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, bias, activation=activation,
-                            config=BlockLinearConfig(BLOCK_M=block_m, num_warps=4, num_stages=2), out=out)
+                            config=BlockLinearConfig(BLOCK_M=block_m, num_warps=4, num_stages=2, SWAP_AB=swap_ab),
+                            out=out)
     assert y.shape == (*lead, n)
     assert_matches(y, bsr_expected(x, c, bias, activation), dtype)
 
@@ -173,6 +175,24 @@ def test_threshold_linear_values_at_tau_are_dropped():
     assert y.tolist() == [[0.0, 0.0, 0.75, 0.0]]
 
 
+@interpreter
+def test_threshold_linear_new_weight_at_a_reused_address():
+    """The K-major copy is cached per weight tensor: a new weight never gets an old weight's copy."""
+    gen = torch.Generator().manual_seed(5)
+    x = randn(gen, 2, 32, dtype=torch.float16)
+    for _ in range(3):
+        w = randn(gen, 24, 32, dtype=torch.float16)  # row-major: the wrapper makes a K-major copy
+        y = threshold_linear(x, w, None, 0.2, config=SMALL_GEMV)
+        assert_matches(y, threshold_linear_ref(x.double(), w.double(), None, 0.2), torch.float16)
+        del w, y
+    w = randn(gen, 24, 32, dtype=torch.float16)
+    threshold_linear(x, w, None, 0.2, config=SMALL_GEMV)
+    with torch.no_grad():
+        w.mul_(2)  # an in-place update bumps _version: the copy is rebuilt
+    assert_matches(threshold_linear(x, w, None, 0.2, config=SMALL_GEMV),
+                   threshold_linear_ref(x.double(), w.double(), None, 0.2), torch.float16)
+
+
 def test_threshold_linear_many_tokens_is_the_dense_reference():
     gen = torch.Generator().manual_seed(4)
     x = randn(gen, MAX_DECODE_TOKENS + 1, 24, dtype=torch.float32)
@@ -202,6 +222,7 @@ gpu = pytest.mark.gpu
 
 
 @gpu
+@pytest.mark.parametrize("swap_ab", [None, False, True])  # None: the default config
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k,block,density,activation", [
     (1024, 14336, 4096, (64, 64), 0.1, "silu"),
@@ -209,13 +230,16 @@ gpu = pytest.mark.gpu
     (300, 4096, 4096, (32, 64), 0.5, "none"),
     (7, 1024, 4096, (16, 32), 0.1, "relu2"),
 ])
-def test_block_sparse_linear_gpu(dtype, m, n, k, block, density, activation):
+def test_block_sparse_linear_gpu(dtype, m, n, k, block, density, activation, swap_ab):
     gen = torch.Generator().manual_seed(m)
     c = compress_block_weights(randn(gen, n, k, dtype=dtype, device="cuda"), BlockWeights(block, density))
     x = randn(gen, m, k, dtype=dtype, device="cuda")
     bias = randn(gen, n, dtype=dtype, device="cuda")
     out = poisoned(m, n, dtype, "cuda")
-    y = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, bias, activation=activation, out=out)
+    block_m = 64 if m >= 64 else 16
+    cfg = None if swap_ab is None else BlockLinearConfig(BLOCK_M=block_m, num_warps=4, num_stages=3,
+                                                         SWAP_AB=swap_ab)
+    y = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, bias, activation=activation, config=cfg, out=out)
     ref = activation_ref(activation)(x.float() @ c.to_dense().float().T + bias.float()).double()
     assert_matches(y, ref, dtype)
 
