@@ -85,7 +85,8 @@ def _attend_tile(acc, l_i, m_i, q, start_n, k_base, v_base, stride_kn, stride_vn
     else:
         s = tl.dot(q, k) * qk_scale
     if HAS_MASK:
-        m_ptrs = mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
+        # int64 rows: a [Sq, Sk] mask plane passes 2^31 elements at 46K tokens.
+        m_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn
         in_range = (offs_m[:, None] < seq_q) & (cols[None, :] < seq_k)
         if MASK_BOOL:
             user = tl.load(m_ptrs, mask=in_range, other=0)
@@ -140,7 +141,8 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
     n_qblocks = tl.cdiv(seq_q, BLOCK_M)
     pid_m = n_qblocks - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // n_heads
+    # Batch/head offsets in int64: B * H * S * D elements can pass 2^31 (e.g. a KV cache, or a mask).
+    b = (bh // n_heads).to(tl.int64)
     h = bh % n_heads
     kvh = h // GROUP
     m0 = pid_m * BLOCK_M
@@ -153,11 +155,11 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
     row_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-    mask_base = MASK + b * stride_mb + h * stride_mh
+    k_base = K + b * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + kvh.to(tl.int64) * stride_vh
+    mask_base = MASK + b * stride_mb + h.to(tl.int64) * stride_mh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -232,11 +234,11 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = tl.where((l_i > 0)[:, None], acc / l_safe[:, None], 0.0)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = O + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if WRITE_LSE:
         lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-        tl.store(LSE + bh * seq_q + offs_m, lse, mask=row_ok)
+        tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
 
 
 def _configs(block_d: int, block_q: int = 0, block_k: int = 0) -> list:

@@ -70,7 +70,8 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, O_PART, L_PART,
     """
     split = tl.program_id(0)
     bkv = tl.program_id(1)
-    b = bkv // n_kv_heads
+    # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
+    b = (bkv // n_kv_heads).to(tl.int64)
     kvh = bkv % n_kv_heads
     offset = seq_k - seq_q
 
@@ -84,7 +85,7 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, O_PART, L_PART,
     head = kvh * GROUP + g
     pos = row + offset
 
-    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = Q + b * stride_qb + head[:, None].to(tl.int64) * stride_qh + row[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
 
     # Kept key blocks of this kv head (all rows share its sink/window): sink blocks then window blocks.
@@ -110,8 +111,8 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, O_PART, L_PART,
     t0 = split * blocks_per_split
     t1 = tl.minimum(t0 + blocks_per_split, n_kept)
 
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    k_base = K + b * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + kvh.to(tl.int64) * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -135,7 +136,7 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, O_PART, L_PART,
             dist = pos[:, None] - cols[None, :]
             keep = keep & ((cols[None, :] < sink) | (pos[:, None] < sink) | ((dist < window) & (dist > -window)))
         if HAS_MASK:
-            m_ptrs = (MASK + b * stride_mb + head[:, None] * stride_mh + row[:, None] * stride_mm
+            m_ptrs = (MASK + b * stride_mb + head[:, None].to(tl.int64) * stride_mh + row[:, None] * stride_mm
                       + cols[None, :] * stride_mn)
             if MASK_BOOL:
                 keep = keep & (tl.load(m_ptrs, mask=keep, other=0) != 0)
@@ -157,7 +158,7 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, O_PART, L_PART,
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
-    part = bkv * n_split + split
+    part = bkv.to(tl.int64) * n_split + split
     tl.store(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :], out)
     tl.store(L_PART + part * BLOCK_M + offs_r, lse2)
 
@@ -168,7 +169,7 @@ def _decode_reduce_kernel(O_PART, L_PART, O, LSE, stride_ob, stride_oh, stride_o
                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     """Merge the splits of one (batch, kv head): weights ``2^(lse_s - lse)``, rows with nothing give 0."""
     bkv = tl.program_id(0)
-    b = bkv // n_kv_heads
+    b = (bkv // n_kv_heads).to(tl.int64)
     kvh = bkv % n_kv_heads
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -192,7 +193,7 @@ def _decode_reduce_kernel(O_PART, L_PART, O, LSE, stride_ob, stride_oh, stride_o
     row = offs_r % seq_q
     r_ok = offs_r < GROUP * seq_q
     head = kvh * GROUP + g
-    o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + row[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = O + b * stride_ob + head[:, None].to(tl.int64) * stride_oh + row[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     if WRITE_LSE:
         lse = tl.where(total > 0, (m_use + tl.math.log2(t_safe)) * LN2, float("-inf"))

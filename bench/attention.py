@@ -1,0 +1,270 @@
+"""Sparse attention benchmark: sparsecc kernels against dense SDPA and FlexAttention on the same mask.
+
+One command (on a CUDA machine)::
+
+    python bench/attention.py [--quick] [--results bench/RESULTS.md] [--json out.json]
+
+It first checks correctness on random data against the fp32 references (and
+stops if any check fails), then times every workload of ``../shared/TARGETS.md``
+with ``triton.testing.do_bench(..., return_mode="median")``, timing the anchors
+(dense SDPA and FlexAttention with the same mask) in the same run. It prints a
+table last and appends a section to the results file.
+
+"Ideal" is the dense time times the kept share of causal 128-blocks (TARGETS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsecc.codegen.block_attention import (
+    FULL_WINDOW, block_sparse_attention, block_sparse_attention_ref, streaming_attention, streaming_attention_ref)
+from sparsecc.forms import BlockSparse
+from sparsecc.layouts import block_sparse_table, streaming_block_table, streaming_mask_mod
+
+# TARGETS.md: the block used to count kept causal blocks for "ideal".
+IDEAL_BLOCK = 128
+SINK, WINDOW = 128, 4096
+# Random blocks per query block for ~10-11% of causal blocks at 16K / 32K / 64K (random + the diagonal).
+RANDOM_BLOCKS = {16384: 7, 32768: 13, 65536: 27}
+# Speedup targets over dense SDPA (TARGETS.md); random layouts are judged against ideal instead.
+STREAM_TARGET = {16384: 1.9, 32768: 3.5, 65536: 6.6, 131072: 13.0}
+RANDOM_TARGET_OF_IDEAL = 0.8
+DENSE_TARGET = 0.98
+DECODE_TARGET = 28.0
+# bf16 relative-error bound of the correctness checks (issue 3).
+MAX_REL_ERR = 1e-2
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float32 (NaN counts as a failure)."""
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    return err if math.isfinite(err) else float("inf")
+
+
+def bench(fn) -> float:
+    """Median milliseconds of ``fn`` (do_bench, as GPU.md prescribes)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def qkv(b, h, hkv, sq, sk, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda n, s: torch.randn(b, n, s, d, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    return mk(h, sq), mk(hkv, sk), mk(hkv, sk)
+
+
+def sdpa(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+_FLEX = None
+
+
+def flex():
+    """The compiled ``flex_attention`` (compiled once; each new shape recompiles)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def flex_call(q, k, v, block_mask):
+    return flex()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def streaming_flex_mask(s_q, s_k):
+    """Flex BlockMask of sink + window through the O(S^2/B^2) table (no S^2 mask materialised)."""
+    table = streaming_block_table(SINK, WINDOW, block=IDEAL_BLOCK, seq_q=s_q, seq_k=s_k, causal=True, device="cuda")
+    extra = streaming_mask_mod(SINK, WINDOW, seq_q=s_q, seq_k=s_k, causal=True, device="cuda")
+    return table, table.to_flex_block_mask(extra_mask_mod=extra)
+
+
+# ------------------------------------------------------------------ correctness
+
+def check_correctness(log) -> bool:
+    """Random-data checks of every path against the fp32 references; returns True when all pass."""
+    ok = True
+    cases = []
+    q, k, v = qkv(1, 32, 8, 4096, 4096, 128, seed=1)
+    kw = dict(sink=[SINK], window=[1024], scale=128 ** -0.5, causal=True)
+    cases.append(("streaming 4K GQA", lambda: streaming_attention(q, k, v, **kw),
+                  lambda: streaming_attention_ref(q.float(), k.float(), v.float(), **kw)))
+    table = block_sparse_table(BlockSparse(128, local_blocks=1, random_blocks=4, seed=0), 32, 4096, 4096, True,
+                               device="cuda")
+    cases.append(("random table 4K", lambda: block_sparse_attention(q, k, v, table=table, scale=0.088),
+                  lambda: block_sparse_attention_ref(q.float(), k.float(), v.float(), table=table, scale=0.088)))
+    kwd = dict(sink=[0], window=[FULL_WINDOW], scale=0.088, causal=True)
+    cases.append(("dense dispatch 4K", lambda: streaming_attention(q, k, v, **kwd),
+                  lambda: streaming_attention_ref(q.float(), k.float(), v.float(), **kwd)))
+    qd, kd, vd = qkv(4, 32, 32, 1, 32768, 128, seed=2)
+    kw1 = dict(sink=[SINK], window=[WINDOW], scale=128 ** -0.5, causal=True)
+    cases.append(("decode 32K", lambda: streaming_attention(qd, kd, vd, **kw1),
+                  lambda: streaming_attention_ref(qd.float(), kd.float(), vd.float(), **kw1)))
+    for name, fn, ref in cases:
+        err = rel_err(fn(), ref())
+        good = err < MAX_REL_ERR
+        ok &= good
+        log(f"check {name:24s} rel err {err:.2e} {'ok' if good else 'FAIL'}")
+    return ok
+
+
+# ------------------------------------------------------------------ workloads
+
+def run_prefill(rows, log, s, hkv=32, d=128, kinds=("stream", "random"), flex_ok=True):
+    """Time sparsecc, SDPA and Flex at sequence length ``s`` for the given mask kinds."""
+    q, k, v = qkv(1, 32, hkv, s, s, d)
+    scale = d ** -0.5
+    t_dense = bench(lambda: sdpa(q, k, v, True))
+    for kind in kinds:
+        if kind == "stream":
+            table, bm = streaming_flex_mask(s, s)
+            fn = lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale, causal=True)  # noqa
+            name, target = f"stream {s // 1024}K", STREAM_TARGET.get(s)
+        else:
+            form = BlockSparse(IDEAL_BLOCK, local_blocks=1, random_blocks=RANDOM_BLOCKS[s], seed=0)
+            table = block_sparse_table(form, 32, s, s, True, device="cuda")
+            bm = table.to_flex_block_mask()
+            fn = lambda: block_sparse_attention(q, k, v, table=table, scale=scale)  # noqa
+            name, target = f"random {s // 1024}K", None
+        if hkv != 32 or d != 128:
+            name += f" hkv{hkv} d{d}"
+        density = table.density()
+        t_ours = bench(fn)
+        t_flex = float("nan")
+        if flex_ok:
+            try:
+                t_flex = bench(lambda: flex_call(q, k, v, bm))
+            except Exception as e:  # an anchor failing must not hide our numbers
+                log(f"flex failed on {name}: {type(e).__name__}: {str(e)[:200]}")
+        rows.append(dict(workload=name, ours=t_ours, sdpa=t_dense, flex=t_flex, density=density,
+                         target=target, target_kind="x_sdpa" if target else "of_ideal",
+                         target_value=target if target else RANDOM_TARGET_OF_IDEAL))
+        log(f"{name}: ours {t_ours:.3f} ms, sdpa {t_dense:.3f}, flex {t_flex:.3f}, density {density:.3f}")
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
+def run_dense_dispatch(rows, log, s=32768):
+    q, k, v = qkv(1, 32, 32, s, s, 128)
+    t_dense = bench(lambda: sdpa(q, k, v, True))
+    t_ours = bench(lambda: streaming_attention(q, k, v, sink=[0], window=[FULL_WINDOW], scale=128 ** -0.5,
+                                               causal=True))
+    rows.append(dict(workload=f"dense spec {s // 1024}K", ours=t_ours, sdpa=t_dense, flex=float("nan"), density=1.0,
+                     target_kind="x_sdpa", target_value=DENSE_TARGET))
+    log(f"dense spec: ours {t_ours:.3f} sdpa {t_dense:.3f}")
+
+
+def run_decode(rows, log, kv, b=8, flex_ok=True):
+    q, k, v = qkv(b, 32, 32, 1, kv, 128)
+    scale = 128 ** -0.5
+    t_dense = bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
+    t_ours = bench(lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale, causal=True))
+    t_flex = float("nan")
+    if flex_ok:
+        try:
+            table, bm = streaming_flex_mask(1, kv)
+            t_flex = bench(lambda: flex_call(q, k, v, bm))
+        except Exception as e:
+            log(f"flex decode failed: {type(e).__name__}: {str(e)[:200]}")
+    density = min(1.0, (SINK + WINDOW) / kv)
+    rows.append(dict(workload=f"decode B{b} {kv // 1024}K", ours=t_ours, sdpa=t_dense, flex=t_flex, density=density,
+                     target_kind="x_sdpa", target_value=DECODE_TARGET if kv >= 131072 else None))
+    log(f"decode {kv}: ours {t_ours:.4f} sdpa {t_dense:.4f} flex {t_flex:.4f}")
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ report
+
+def verdict(row):
+    speed = row["sdpa"] / row["ours"]
+    of_ideal = speed * row["density"]
+    if row.get("target_value") is None:
+        return speed, of_ideal, "-", "-"
+    if row["target_kind"] == "x_sdpa":
+        return speed, of_ideal, f">={row['target_value']}x", "pass" if speed >= row["target_value"] else "miss"
+    return speed, of_ideal, f">={row['target_value']} ideal", "pass" if of_ideal >= row["target_value"] else "miss"
+
+
+def table_lines(rows):
+    head = (f"| workload | sparsecc ms | SDPA ms | Flex ms | x SDPA | x Flex | ideal x | of ideal | target | |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed, of_ideal, target, ok = verdict(r)
+        ideal = 1 / r["density"]
+        lines.append(f"| {r['workload']} | {r['ours']:.3f} | {r['sdpa']:.3f} | {r['flex']:.3f} | {speed:.2f} | "
+                     f"{r['flex'] / r['ours']:.2f} | {ideal:.2f} | {of_ideal:.2f} | {target} | {ok} |")
+    return lines
+
+
+def write_results(path, rows, header):
+    section = ["", "## Attention (bench/attention.py)", "", *header, "", *table_lines(rows), ""]
+    with open(path, "a") as f:
+        if f.tell() == 0:
+            f.write("# sparsecc benchmark results\n")
+        f.write("\n".join(section))
+
+
+def main(argv=None):
+    """Check correctness, time every workload, print the table and append it to the results file."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="16K/32K only, no 128K, no extra head dims")
+    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention anchor")
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    ap.add_argument("--json", default=None, help="also write the raw rows here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA device")
+    t0 = time.time()
+    log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
+    if not check_correctness(log):
+        sys.exit("correctness checks failed; not timing")
+    rows = []
+    flex_ok = not args.no_flex
+    sizes = (16384, 32768) if args.quick else (16384, 32768, 65536)
+    for s in sizes:
+        run_prefill(rows, log, s, flex_ok=flex_ok)
+    run_dense_dispatch(rows, log)
+    run_decode(rows, log, 131072, flex_ok=flex_ok)
+    if not args.quick:
+        run_prefill(rows, log, 32768, hkv=8, kinds=("stream",), flex_ok=False)
+        for d in (64, 256):
+            run_prefill(rows, log, 32768, d=d, kinds=("stream",), flex_ok=False)
+        run_decode(rows, log, 32768, flex_ok=False)
+        try:
+            run_prefill(rows, log, 131072, kinds=("stream",), flex_ok=flex_ok)
+        except torch.cuda.OutOfMemoryError as e:
+            log(f"128K skipped: {e}")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    header = [f"- device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"triton {__import__('triton').__version__}",
+              f"- date: {datetime.date.today().isoformat()}, commit {commit or '?'}",
+              "- B=1, H=32, D=128, causal, bf16 unless named; sink 128 + window 4096; random = per-head blocks; "
+              "medians of do_bench; ideal = dense / kept share of causal 128-blocks"]
+    write_results(args.results, rows, header)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header=header, rows=rows), f, indent=1)
+    print("\n".join(header))
+    print("\n".join(table_lines(rows)))
+
+
+if __name__ == "__main__":
+    main()
