@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from sparsecc.passes.linear import LINEAR_REWRITES
 from sparsecc.passes.site import Decision, Rewrite, Site
 from sparsecc.report.model import Report, SiteRecord
 from sparsecc.weights import compress_2to4, compress_block_weights
+
+log = logging.getLogger("sparsecc")
 
 DEBUG_DIR_ENV = "SPARSECC_DEBUG_DIR"
 
@@ -94,6 +97,7 @@ class CompileContext:
     decisions: Dict[int, Decision] = field(default_factory=dict)
     bindings: List[WeightBinding] = field(default_factory=list)
     stages: List[Tuple[str, float]] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
     _compressed: Dict[Tuple[str, Any], Any] = field(default_factory=dict)
     gm: Optional[GraphModule] = None
 
@@ -159,9 +163,19 @@ def stage_normalize(gm: GraphModule, ctx: CompileContext) -> None:
 
 
 def stage_match(gm: GraphModule, ctx: CompileContext) -> None:
-    """Run every search; link linear sites to the FFN they belong to."""
+    """Run every search; link linear sites to the FFN they belong to.
+
+    A search that fails on an unexpected graph costs its sites, never the
+    compile: the failure becomes a report warning.
+    """
     for rewrite in REWRITES:
-        for site in rewrite.search(gm, ctx):
+        try:
+            found = rewrite.search(gm, ctx)
+        except Exception as err:  # noqa: BLE001 - dense fallback rather than a crash
+            log.warning("sparsecc: %s search failed: %r", rewrite.name, err)
+            ctx.warnings.append(f"{rewrite.kind} search '{rewrite.name}' failed ({err!r}); its sites stay dense")
+            continue
+        for site in found:
             ctx.sites.append(site)
             ctx.rewrites[id(site)] = rewrite
     owner = {}
@@ -177,15 +191,26 @@ def stage_match(gm: GraphModule, ctx: CompileContext) -> None:
 def stage_decide(gm: GraphModule, ctx: CompileContext) -> None:
     """Make one decision per site, in family order."""
     for site in ctx.sites:
-        ctx.decisions[id(site)] = ctx.rewrites[id(site)].check(site, ctx)
+        try:
+            ctx.decisions[id(site)] = ctx.rewrites[id(site)].check(site, ctx)
+        except Exception as err:  # noqa: BLE001 - dense fallback rather than a crash
+            log.warning("sparsecc: check of %s failed: %r", site.label, err)
+            ctx.decisions[id(site)] = Decision(False, None, f"dense fallback: the check failed ({err!r})")
 
 
 def stage_rewrite(gm: GraphModule, ctx: CompileContext) -> None:
     """Replace every applied site, then drop the dead dense nodes."""
     for site in ctx.sites:
         decision = ctx.decisions[id(site)]
-        if decision.apply:
+        if not decision.apply:
+            continue
+        try:
+            # Replacements redirect the site's users last, so a failure leaves only dead nodes behind.
             ctx.rewrites[id(site)].replace(gm, site, decision, ctx)
+        except Exception as err:  # noqa: BLE001 - dense fallback rather than a crash
+            log.warning("sparsecc: rewrite of %s failed: %r", site.label, err)
+            ctx.decisions[id(site)] = Decision(False, decision.form, f"dense fallback: the rewrite failed ({err!r})",
+                                               decision.estimate, decision.rule, decision.policy)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -218,6 +243,7 @@ def build_report(ctx: CompileContext) -> Report:
     """Turn the context's sites and decisions into a Report (one graph)."""
     report = Report(spec=getattr(ctx.spec, "source", None) or ("<inline spec>" if ctx.spec else None),
                     kernels=ctx.kernels, hardware=ctx.hardware.name, graphs=1, stages=list(ctx.stages))
+    report.warnings.extend(ctx.warnings)
     used_rules = set()
     for site in ctx.sites:
         d = ctx.decisions.get(id(site))

@@ -116,3 +116,45 @@ def test_report_renderers_and_unused_rule_warning():
     assert "| kind |" in report.to_markdown()
     assert json.loads(report.to_json())["counts"]["linear"] == 7
     assert "est. speedup" in str(report)
+
+
+def test_a_failing_rewrite_falls_back_to_dense(monkeypatch, eager_lowering):
+    from sparsecc.passes import attention
+
+    def broken(*args):
+        raise RuntimeError("synthetic failure")
+    monkeypatch.setattr(attention, "ATTENTION_REWRITES", attention.ATTENTION_REWRITES)
+    import sparsecc.pipeline as pipeline
+    rewrites = tuple(r if r.kind != "attention" else r.__class__(r.name, r.kind, r.search, r.check, broken)
+                     for r in pipeline.REWRITES)
+    monkeypatch.setattr(pipeline, "REWRITES", rewrites)
+    model = TinyModel().eval()
+    x = torch.randn(1, 8, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{"form": "streaming", "sink": 1, "window": 2}]}
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=spec)(x)
+        ref = model(x)
+    torch.testing.assert_close(out, ref)
+    site = [s for s in sparsecc.last_report().sites if s.kind == "attention"][0]
+    assert not site.applied and "synthetic failure" in site.reason
+
+
+def test_dynamic_shapes_with_sparse_ops(eager_lowering):
+    torch.manual_seed(3)
+    model = TinyModel().eval()
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": 2, "window": 5}],
+            "ffn": [{"form": "activation_threshold", "mode": "input", "threshold": 0.1}]}
+    inputs = [torch.randn(1, s, 32) for s in (9, 17, 30)]
+    with torch.no_grad():
+        compiled = sparsecc.compile(model, spec=spec, kernels="reference", dynamic=True)
+        outs = [compiled(x) for x in inputs]
+        report = sparsecc.last_report()
+        statics = []
+        for x in inputs:
+            torch._dynamo.reset()
+            statics.append(sparsecc.compile(model, spec=spec, kernels="reference", dynamic=False)(x))
+    assert all(s.applied for s in report.sites if s.kind in ("attention", "ffn"))
+    assert any(not str(s.attrs.get("seq_q", 0)).isdigit() for s in report.sites if s.kind == "attention")
+    for out, ref in zip(outs, statics):
+        torch.testing.assert_close(out, ref)
