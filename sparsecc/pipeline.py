@@ -252,9 +252,13 @@ def build_report(ctx: CompileContext) -> Report:
         if d.rule:
             used_rules.update(r.strip() for r in d.rule.split(","))
         est = d.estimate
+        detail = str(d.form) if d.form else None
+        sparse_heads = _sparse_heads(d.params, site.attrs.get("heads"))
+        if detail and sparse_heads is not None:
+            detail += f" on heads {sparse_heads}"
         record = SiteRecord(
             kind=site.kind, module=site.module, form=getattr(d.form, "name", None), applied=d.apply,
-            reason=d.reason, rule=d.rule, policy=d.policy, form_detail=str(d.form) if d.form else None,
+            reason=d.reason, rule=d.rule, policy=d.policy, form_detail=detail,
             spelling=site.spelling, shapes={k: list(v) if v else v for k, v in site.shapes.items()},
             dtype=str(site.dtype).replace("torch.", ""), device=str(site.device),
             attrs={k: (v if v is None or isinstance(v, (int, float, bool, str)) else str(v))
@@ -272,3 +276,16 @@ def build_report(ctx: CompileContext) -> Report:
                                                           if s.kind == kind):
                     report.warnings.append(f"{rule.key} (modules={rule.modules!r}) matches no {kind} site")
     return report
+
+
+def _sparse_heads(params, heads) -> Optional[List[int]]:
+    """Heads that run the sparse form when only some do (None when all heads do, or for non-attention sites)."""
+    if "window" in params:
+        sparse = [h for h, w in enumerate(params["window"]) if w >= 0]
+        total = len(params["window"])
+    elif "dense_heads" in params and isinstance(heads, int):
+        dense = set(params["dense_heads"])
+        sparse, total = [h for h in range(heads) if h not in dense], heads
+    else:
+        return None
+    return sparse if len(sparse) < total else None
