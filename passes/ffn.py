@@ -22,8 +22,8 @@ from sparsecc.codegen.activation_sparse import ACTIVATIONS
 from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_linear
 from sparsecc.forms import ActivationThreshold
 from sparsecc.passes.decide import fallback, site_rule, verdict
-from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, is_static, shape_of, size_hint
-from sparsecc.passes.linear import LinearMatch, match_linear
+from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
+from sparsecc.passes.linear import SUPPORTED_DTYPES, LinearMatch, match_linear
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
@@ -153,6 +153,9 @@ def search_ffn(gm: GraphModule, ctx) -> List[Site]:
             continue
         found = _match_plain(hidden, ctx) or _match_gated(hidden, ctx)
         if found is None:
+            continue
+        if dtype_of(node) not in SUPPORTED_DTYPES:
+            debug_no_match("ffn", node, f"unsupported dtype {dtype_of(node)}")
             continue
         match = FfnMatch(down=down, down_node=node, **found)
         sites.append(_make_site(match))

@@ -47,6 +47,11 @@ def test_reused_hidden_is_not_an_ffn():
     assert not [s for s in report.sites if s.kind == "ffn"]
 
 
+def test_float64_ffn_is_not_matched():
+    report = sparsecc.explain(zoo.GatedSiluFFN().double().eval(), torch.randn(1, 4, 32, dtype=torch.float64))
+    assert not report.sites
+
+
 def test_uncalibrated_sparsity_target_falls_back():
     spec = {"version": 1, "defaults": {"policy": "force"},
             "ffn": [{"form": "activation_threshold", "sparsity": 0.5}]}
