@@ -158,3 +158,17 @@ def test_dynamic_shapes_with_sparse_ops(eager_lowering):
     assert any(not str(s.attrs.get("seq_q", 0)).isdigit() for s in report.sites if s.kind == "attention")
     for out, ref in zip(outs, statics):
         torch.testing.assert_close(out, ref)
+
+
+def test_backend_is_found_without_importing_sparsecc():
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "m = torch.nn.Linear(8, 8)\n"
+            "out = torch.compile(m, backend='sparsecc', options={'kernels': 'reference'})(torch.randn(2, 8))\n"
+            "assert 'sparsecc' in sys.modules  # loaded through the entry point, not by this script\n"
+            "print(out.shape)\n")
+    env = {**__import__("os").environ, "SPARSECC_LOWERING": "eager"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torch.Size([2, 8])" in result.stdout
