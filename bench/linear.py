@@ -174,8 +174,9 @@ def bsr_workload(m: int, k: int, n: int, block, density: float, target: float, s
 # ------------------------------------------------------------------ activation-sparse GEMV
 
 
-GEMV_SWEEP = [GemvConfig(bn, bk, rows, warps) for bn in (64, 128, 256) for bk in (32, 64)
-              for rows in (128, 256, 512) for warps in (4, 8) if rows % bk == 0]
+# The compacted one-token path over tile shapes, plus the best predicated config of the first sweep.
+GEMV_SWEEP = [GemvConfig(bn, bk, rows, warps) for bn in (64, 128) for bk in (32, 64, 128)
+              for rows in (256, 512, 1024) for warps in (4, 8)] + [GemvConfig(64, 32, 512, 8, COMPACT=False)]
 
 
 def gemv_workload(m: int, k: int, n: int, sparsity: float, target: float, sweep: bool) -> Row:
@@ -231,6 +232,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
     parser.add_argument("--json", help="save the rows here")
     parser.add_argument("--only", choices=("bsr", "gemv"), help="run one family")
+    parser.add_argument("--sweep-bsr", action="store_true", help="sweep block-sparse configs too (slow)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/linear.py needs a CUDA device")
@@ -243,9 +245,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         for m in (4, 16):
             rows.append(gemv_workload(m, 4096, 14336, 0.9, 1.0, False))
     if args.only in (None, "bsr"):
-        rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.1, 7.0, args.sweep))
-        rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.5, 1.7, args.sweep))
-        rows.append(bsr_workload(8192, 14336, 4096, (64, 64), 0.1, 7.0, args.sweep))
+        rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.1, 7.0, args.sweep_bsr))
+        rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.5, 1.7, args.sweep_bsr))
+        rows.append(bsr_workload(8192, 14336, 4096, (64, 64), 0.1, 7.0, args.sweep_bsr))
         rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.1, 7.0, False, "silu", True))
         rows.append(bsr_workload(8192, 4096, 14336, (128, 128), 0.1, 7.0, False))
         rows.append(bsr_workload(8192, 4096, 14336, (32, 32), 0.1, 7.0, False))

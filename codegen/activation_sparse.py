@@ -111,28 +111,34 @@ MAX_DECODE_TOKENS = 16  # above this, thresholding saves little weight traffic: 
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch knobs of :func:`threshold_linear`'s split-K GEMV."""
+    """Launch knobs of :func:`threshold_linear`'s split-K GEMV.
+
+    ``COMPACT`` (one token only) lists the surviving channels first and loops over them;
+    without it every chunk is visited with the dropped rows' loads predicated off.
+    """
 
     BLOCK_N: int
     BLOCK_K: int
     ROWS_PER_SPLIT: int
     num_warps: int
+    COMPACT: bool = True
 
     def __post_init__(self):
         if self.ROWS_PER_SPLIT % self.BLOCK_K:
             raise ValueError(f"ROWS_PER_SPLIT={self.ROWS_PER_SPLIT} must be a multiple of BLOCK_K={self.BLOCK_K}")
 
 
-# 1792 programs at 4096 -> 14336 and at 14336 -> 4096 (a dozen per SM on an H100), each reading up
-# to 256 x 128 weights; four 64-row chunks per program keep 64 KB of loads in flight per program.
-DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=128, BLOCK_K=64, ROWS_PER_SPLIT=256, num_warps=4)
+# 1792 programs at 4096 -> 14336 and at 14336 -> 4096 (about 14 per SM on an H100), each owning
+# 512 input channels x 64 outputs; narrow N tiles won the first H100 sweep (bench/linear.py --sweep).
+DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=512, num_warps=8)
 REDUCE_BLOCK = 1024  # outputs per program of the split reduction (memory bound; any large power of 2)
 
 
-def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, M, N, K, tau,
+def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, M, N, K, tau,
                            stride_xm, stride_xk, stride_wk, stride_wn,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
-                           ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):  # noqa: F821
+                           ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
+                           COMPACT: tl.constexpr):  # noqa: F821
     """Partial ``x̃ @ Wt`` over one K split for one N tile; only surviving channels' rows are loaded."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -141,10 +147,31 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, M, N, K, tau,
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     k0 = split * ROWS_PER_SPLIT
-    if BLOCK_M == 1:
-        # One token: x is loaded as a vector along K, so its keep mask already has the layout of
-        # the weight tile's rows (no layout conversion between the x load and the weight load);
-        # a broadcast multiply accumulates, and the K reduction waits until after the loop.
+    if BLOCK_M == 1 and COMPACT:
+        # One token, compacted: list this split's surviving channels in the program's scratch
+        # slot (only survivors are written), then walk that list BLOCK_K rows at a time, so the
+        # loop runs ceil(survivors / BLOCK_K) times and touches no weight row of a dropped channel.
+        offs_r = k0 + tl.arange(0, ROWS_PER_SPLIT)
+        keep_r = tl.abs(tl.load(x_ptr + offs_r * stride_xk, mask=offs_r < K, other=0.0).to(tl.float32)) > tau
+        rank = tl.cumsum(keep_r.to(tl.int32), axis=0) - 1
+        count = tl.sum(keep_r.to(tl.int32), axis=0)
+        slot = scratch_ptr + (split * tl.num_programs(0) + pid_n).to(tl.int64) * ROWS_PER_SPLIT
+        tl.store(slot + rank, offs_r, mask=keep_r)
+        tl.debug_barrier()  # the list is written by all threads of the program and read by all
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for c in range(0, count, BLOCK_K):
+            offs_j = c + tl.arange(0, BLOCK_K)
+            live = offs_j < count
+            kk = tl.load(slot + offs_j, mask=live, other=0)
+            xk = tl.load(x_ptr + kk * stride_xk, mask=live, other=0.0).to(tl.float32)
+            w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=live[:, None] & n_mask[None, :], other=0.0)
+            acc2 += xk[:, None] * w.to(tl.float32)
+        acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
+    elif BLOCK_M == 1:
+        # One token, predicated: every chunk is visited and dropped rows' loads are masked off;
+        # x is loaded as a vector along K, so its keep mask already has the layout of the weight
+        # tile's rows (no layout conversion between the x load and the weight load).
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
             offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -256,11 +283,17 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     partial = torch.empty(n_splits, m, n, dtype=torch.float32, device=x.device)
     block_m = 1 if m == 1 else 16  # tl.dot needs 16 rows; padded rows load nothing and store nothing
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
-    _threshold_gemv_kernel[(triton.cdiv(n, cfg.BLOCK_N), n_splits)](  # noqa: F821
-        x2, wt, partial, m, n, k, _tau_in(float(tau), x.dtype),
+    grid = (triton.cdiv(n, cfg.BLOCK_N), n_splits)  # noqa: F821
+    compact = cfg.COMPACT and m == 1
+    # One slot of ROWS_PER_SPLIT channel indices per program for the compacted path (only the
+    # survivors' entries are written); a 1-element dummy otherwise.
+    scratch = torch.empty(grid[0] * grid[1] * cfg.ROWS_PER_SPLIT if compact else 1, dtype=torch.int32,
+                          device=x.device)
+    _threshold_gemv_kernel[grid](
+        x2, wt, partial, scratch, m, n, k, _tau_in(float(tau), x.dtype),
         x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
         BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT,
-        DOT_IN_FP32=interpreting or x.dtype == torch.float32, num_warps=cfg.num_warps)
+        DOT_IN_FP32=interpreting or x.dtype == torch.float32, COMPACT=compact, num_warps=cfg.num_warps)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if tuple(y.shape) != (m, n) or y.dtype != x.dtype or not y.is_contiguous():
         raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor")

@@ -92,23 +92,31 @@ class BlockLinearConfig:
             raise ValueError(f"BLOCK_M={self.BLOCK_M} must be a power of two in [16, 256]")
 
 
-# Small M (decode) wastes less of the tile with BLOCK_M=16, tl.dot's minimum; large M takes the
-# largest tile whose x and W stages fit in shared memory with the block sizes of this form.
-# Keys: (M at least, bm * bk at most) -> config; the first match wins.
+# Measured on an H100 (bench/linear.py --sweep, 2026-11-23): for bm = 64 at M = 8192, the swapped
+# 64 x 256 tile (SWAP_AB, 8 warps) beat every unswapped one, with 3 stages for rows of ~6 blocks
+# and 5 for rows of ~32 (a deeper pipeline pays only over longer rows). 128 x 128 blocks keep the
+# unswapped 128-row tile, whose x and W stages still fit in shared memory. Small M (decode) wastes
+# least with BLOCK_M = 16, tl.dot's minimum.
+# Keys: (M at least, bm * bk at most, bm at least) -> config; the first match wins.
 CONFIGS = (
-    (1024, 64 * 64, BlockLinearConfig(BLOCK_M=128, num_warps=4, num_stages=4)),
-    (1024, 128 * 128, BlockLinearConfig(BLOCK_M=128, num_warps=8, num_stages=3)),
-    (64, 128 * 128, BlockLinearConfig(BLOCK_M=64, num_warps=4, num_stages=3)),
-    (1, 128 * 128, BlockLinearConfig(BLOCK_M=16, num_warps=4, num_stages=3)),
+    (1024, 64 * 64, 64, BlockLinearConfig(BLOCK_M=256, num_warps=8, num_stages=3, SWAP_AB=True)),
+    (1024, 64 * 64, 16, BlockLinearConfig(BLOCK_M=128, num_warps=4, num_stages=4)),
+    (1024, 128 * 128, 16, BlockLinearConfig(BLOCK_M=128, num_warps=8, num_stages=3)),
+    (64, 128 * 128, 16, BlockLinearConfig(BLOCK_M=64, num_warps=4, num_stages=3)),
+    (1, 128 * 128, 16, BlockLinearConfig(BLOCK_M=16, num_warps=4, num_stages=3)),
 )
+LONG_ROW_BLOCKS = 16  # mean stored blocks per row from which the swapped tile takes 5 stages
+LONG_ROW_STAGES = 5
 
 
-def pick_config(m: int, bm: int, bk: int) -> BlockLinearConfig:
-    """The first entry of :data:`CONFIGS` whose M floor and block-area ceiling fit ``(m, bm, bk)``."""
-    for m_min, area_max, config in CONFIGS:
-        if m >= m_min and bm * bk <= area_max:
+def pick_config(m: int, bm: int, bk: int, blocks_per_row: float = 0.0) -> BlockLinearConfig:
+    """The first entry of :data:`CONFIGS` that fits ``(m, bm, bk)``; deeper pipelines for long rows."""
+    for m_min, area_max, bm_min, config in CONFIGS:
+        if m >= m_min and bm * bk <= area_max and bm >= bm_min:
+            if config.SWAP_AB and blocks_per_row >= LONG_ROW_BLOCKS:
+                return BlockLinearConfig(config.BLOCK_M, config.num_warps, LONG_ROW_STAGES, True)
             return config
-    return CONFIGS[-1][2]
+    return CONFIGS[-1][3]
 
 
 def _bsr_linear_kernel(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, order_ptr, bias_ptr, y_ptr,
@@ -231,7 +239,7 @@ def block_sparse_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Ten
         return y.reshape(*lead, n)
     blocks = blocks.to(x.dtype).contiguous()
     bias_arg = bias.contiguous() if bias is not None else y
-    cfg = config or pick_config(m, bm, bk)
+    cfg = config or pick_config(m, bm, bk, blocks.shape[0] / max(row_ptr.numel() - 1, 1))
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     n_rows = row_ptr.numel() - 1
     grid = (triton.cdiv(m, cfg.BLOCK_M) * n_rows,)  # noqa: F821 - bound by bind_triton

@@ -137,8 +137,8 @@ def test_unknown_epilogue_is_rejected():
 @SETTINGS
 @given(m=st.integers(1, MAX_DECODE_TOKENS), n=st.integers(1, 80), k=st.integers(1, 100),
        sparsity=st.floats(0.0, 0.99), dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(),
-       k_major=st.booleans(), seed=st.integers(0, 10**6))
-def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, seed):
+       k_major=st.booleans(), compact=st.booleans(), seed=st.integers(0, 10**6))
+def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, compact, seed):
     gen = torch.Generator().manual_seed(seed)
     x = randn(gen, m, k, dtype=dtype)
     tau = float(torch.quantile(x.abs().double().flatten(), sparsity))
@@ -146,7 +146,8 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, se
     w_in = w.t().contiguous().t() if k_major else w
     bias = randn(gen, n, dtype=dtype) if has_bias else None
     out = poisoned(m, n, dtype)
-    y = threshold_linear(x, w_in, bias, tau, config=SMALL_GEMV, out=out)
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4, COMPACT=compact)
+    y = threshold_linear(x, w_in, bias, tau, config=cfg, out=out)
     # The kernel compares with tau rounded to x's dtype, as torch does: same survivors as the reference.
     keep = x.abs() > tau
     ref = (x.double() * keep) @ w.double().T + (0 if bias is None else bias.double())
@@ -154,16 +155,18 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, se
 
 
 @interpreter
-def test_threshold_linear_reads_only_surviving_rows():
+@pytest.mark.parametrize("m,compact", [(1, True), (1, False), (3, False)])
+def test_threshold_linear_reads_only_surviving_rows(m, compact):
     """Weight rows of channels no token keeps are NaN: a kernel that read them would return NaN."""
     gen = torch.Generator().manual_seed(3)
-    m, n, k = 3, 40, 64
+    n, k = 40, 64
     x = randn(gen, m, k, dtype=torch.bfloat16)
     x[:, ::3] = 0.01  # below tau for every token
     w = randn(gen, n, k, dtype=torch.bfloat16)
     w_bad = w.clone()
     w_bad[:, ::3] = float("nan")
-    y = threshold_linear(x, w_bad.t().contiguous().t(), None, 0.05, config=SMALL_GEMV)
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4, COMPACT=compact)
+    y = threshold_linear(x, w_bad.t().contiguous().t(), None, 0.05, config=cfg)
     assert_matches(y, threshold_linear_ref(x.double(), w.double(), None, 0.05), torch.bfloat16)
 
 
