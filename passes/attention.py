@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.codegen import ops
 from sparsecc.codegen.block_attention import FULL_WINDOW
-from sparsecc.cost import attention_density, estimate_attention
+from sparsecc.cost import estimate_attention
 from sparsecc.forms import Dense, Streaming
 from sparsecc.passes.decide import dense_rule, fallback, no_rule, verdict
 from sparsecc.passes.normalize import op_of
@@ -363,12 +363,13 @@ def _same_size(a, b) -> bool:
 
 def _estimate(site: Site, form, per_head_geom, ctx) -> Estimate:
     a = site.attrs
-    batch, heads, kv_heads = size_hint(a["batch"]), size_hint(a["heads"]), size_hint(a["kv_heads"])
-    sq, sk, dim = size_hint(a["seq_q"]), size_hint(a["seq_k"]), size_hint(a["head_dim"])
-    causal = a["causal"]
-    density = attention_density(form, sq, sk, causal, heads, per_head_geom)
-    numbers = estimate_attention(batch, heads, kv_heads, sq, sk, dim, site.dtype, causal, density, ctx.hardware)
-    return Estimate(*numbers, density=density)
+    margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
+    result = estimate_attention(
+        form, per_head_geom, batch=size_hint(a["batch"]), heads=size_hint(a["heads"]),
+        kv_heads=size_hint(a["kv_heads"]), seq_q=size_hint(a["seq_q"]), seq_k=size_hint(a["seq_k"]),
+        head_dim=size_hint(a["head_dim"]), dtype=site.dtype, causal=a["causal"], hw=ctx.hardware, margin=margin,
+        symbolic_seq=not isinstance(a["seq_k"], int))
+    return Estimate.of(result)
 
 
 # ---------------------------------------------------------------- replace

@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.codegen import ops
 from sparsecc.codegen.activation_sparse import ACTIVATIONS
-from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_linear
+from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_ffn
 from sparsecc.forms import ActivationThreshold
 from sparsecc.passes.decide import fallback, site_rule, verdict
 from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
@@ -286,15 +286,10 @@ def check_ffn(site: Site, ctx) -> Decision:
 def _estimate(site: Site, form: ActivationThreshold, ctx) -> Estimate:
     m: FfnMatch = site.match
     sparsity = form.sparsity if form.sparsity is not None else ASSUMED_ACTIVATION_SPARSITY
-    tokens = site.attrs["tokens"]
     linears = [m.first] + ([m.up] if m.up is not None else []) + [m.down]
-    totals = [0.0] * 6
-    for lin in linears:
-        numbers = estimate_linear(tokens, lin.in_features, lin.out_features, site.dtype, None, ctx.hardware,
-                                  activation_sparsity=sparsity)
-        totals = [t + x for t, x in zip(totals, numbers[:6])]
-    density = totals[1] / totals[0] if totals[0] else 1.0
-    return Estimate(*totals, density=density)
+    return Estimate.of(estimate_ffn([(lin.in_features, lin.out_features) for lin in linears],
+                                    tokens=site.attrs["tokens"], dtype=site.dtype, hw=ctx.hardware,
+                                    activation_sparsity=sparsity))
 
 
 # ---------------------------------------------------------------- replace

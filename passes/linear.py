@@ -113,7 +113,8 @@ def check_linear(site: Site, ctx) -> Decision:
         return fallback(form, rule.key, policy, f"inside {site.parent.label}, which is rewritten as "
                         f"{ctx.decision(site.parent).form.name}; weight forms do not compose with it yet")
     n, k = site.attrs["out_features"], site.attrs["in_features"]
-    estimate = Estimate(*estimate_linear(site.attrs["tokens"], k, n, site.dtype, form, ctx.hardware))
+    estimate = Estimate.of(estimate_linear(form, tokens=site.attrs["tokens"], in_features=k, out_features=n,
+                                           dtype=site.dtype, hw=ctx.hardware))
     if isinstance(form, TwoFour):
         if k % 4:
             return fallback(form, rule.key, policy, f"2:4 needs in_features divisible by 4 (got {k})", estimate)

@@ -69,6 +69,16 @@ class Estimate:
     dense_time_s: float
     sparse_time_s: float
     density: float
+    crossover: Optional[str] = None   # e.g. "sparse when seq_k >= 3712", for symbolic sizes
+    crossover_at: Optional[int] = None  # the threshold itself (None: no crossover computed or never)
+
+    @staticmethod
+    def of(site_estimate) -> "Estimate":
+        """From a ``sparsecc.cost.SiteEstimate``."""
+        p, cross = site_estimate.prediction, site_estimate.crossover
+        return Estimate(p.dense_flops, p.sparse_flops, p.dense_bytes, p.sparse_bytes, p.dense_time_s,
+                        p.sparse_time_s, site_estimate.density, str(cross) if cross else None,
+                        cross.threshold if cross else None)
 
     @property
     def speedup(self) -> float:

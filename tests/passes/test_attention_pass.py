@@ -116,8 +116,8 @@ def test_block_larger_than_sequence_falls_back():
 
 def test_auto_policy_keeps_cpu_dense():
     block = zoo.SdpaAttention().eval()
-    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 4}]}
-    report = sparsecc.explain(block, torch.randn(1, 10, 32), spec=spec)
+    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 64}]}
+    report = sparsecc.explain(block, torch.randn(1, 600, 32), spec=spec)
     site = [s for s in report.sites if s.kind == "attention"][0]
     assert not site.applied and "CPU" in site.reason
     assert site.dense_flops > site.sparse_flops > 0
