@@ -4,6 +4,8 @@
         validate a spec and print its resolved rules
     sparsecc explain MODULE:FACTORY --spec SPEC [--seq N] [--batch B] [--out REPORT]
         build a model from a factory, capture/match/decide, print the report
+    sparsecc calibrate-hw [--device cuda] [--size N] [--no-save]
+        measure copy bandwidth, GEMM rates and launch overhead; save a profile that later compiles use
 
 A factory is a callable ``FACTORY()`` in an importable module. It returns
 either a model, or ``(model, example_inputs)`` where example_inputs is a tuple
@@ -36,6 +38,10 @@ def _build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--batch", type=int, default=1, help="batch size of the example input")
     explain.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
     explain.add_argument("--out", default=None, help="also write the report (.json, .md or .html)")
+    hw = sub.add_parser("calibrate-hw", help="measure this machine's ceilings and save a hardware profile")
+    hw.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    hw.add_argument("--size", type=int, default=None, help="GEMM edge (default 8192 on CUDA, 1024 on CPU)")
+    hw.add_argument("--no-save", action="store_true", help="print the profile without saving it")
     return parser
 
 
@@ -66,6 +72,22 @@ def _example_inputs(module, model, seq: int, batch: int):
     return (torch.randn(batch, seq, hidden, dtype=dtype),)
 
 
+def _calibrate_hw(args) -> int:
+    import torch
+    from sparsecc.cost.hardware import measure_profile, profile_for, save_profile
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("sparsecc: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 1
+    before = profile_for(device)
+    profile = measure_profile(device, size=args.size)
+    print(f"shipped/previous: {before}")
+    print(f"measured:         {profile}")
+    if not args.no_save:
+        print(f"saved to {save_profile(profile, device)}; later compiles on this device use it")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``sparsecc`` command."""
     args = _build_parser().parse_args(argv)
@@ -77,6 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{len(spec.attention)} attention, {len(spec.ffn)} ffn, {len(spec.linear)} linear rules)")
             print(spec)
             return 0
+        if args.command == "calibrate-hw":
+            return _calibrate_hw(args)
         import sparsecc
         module, factory = _load_factory(args.factory)
         built = factory()

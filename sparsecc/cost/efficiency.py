@@ -12,22 +12,36 @@ import json
 import os
 from dataclasses import dataclass
 
-SIZE_CLASSES = ("small", "large")
+import sympy as sp
+
+# Compute efficiency moves from compute_small to compute_large between these FLOP counts (log-linear),
+# so predicted time never jumps at a size-class boundary.
+SMALL_FLOPS, LARGE_FLOPS = 1e8, 1e10
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "efficiency.json")
 
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Fractions (0, 1] of peak compute and of memory bandwidth a kernel family reaches."""
+    """What a kernel family reaches: fractions (0, 1] of peak compute and bandwidth, and a per-call floor."""
 
-    compute: float
+    compute_small: float
+    compute_large: float
     memory: float
+    floor_s: float = 0.0
 
     def __post_init__(self):
-        for name in ("compute", "memory"):
+        for name in ("compute_small", "compute_large", "memory"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"efficiency {name}={value!r} is not in (0, 1]")
+        if self.floor_s < 0:
+            raise ValueError(f"efficiency floor_s={self.floor_s!r} must be >= 0")
+
+    def compute(self, flops) -> sp.Expr:
+        """Compute efficiency at ``flops`` (a number or sympy expression)."""
+        lo, hi = sp.log(SMALL_FLOPS, 10), sp.log(LARGE_FLOPS, 10)
+        t = sp.Min(1, sp.Max(0, (sp.log(flops, 10) - lo) / (hi - lo)))
+        return self.compute_small + (self.compute_large - self.compute_small) * t
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,14 +51,12 @@ def table() -> dict:
         return json.load(fh)
 
 
-def efficiency(family: str, size: str) -> Efficiency:
-    """Efficiency of a kernel family ("attention_sparse", "gemm_dense", ...) in a size class."""
+def efficiency(family: str) -> Efficiency:
+    """Efficiency of a kernel family ("attention_sparse", "gemm_dense", ...)."""
     families = table()["families"]
     if family not in families:
         raise KeyError(f"no efficiency for kernel family {family!r}; known: {sorted(families)}")
-    if size not in SIZE_CLASSES:
-        raise KeyError(f"size class {size!r} is not one of {SIZE_CLASSES}")
-    return Efficiency(**families[family][size])
+    return Efficiency(**families[family])
 
 
 def provenance() -> dict:

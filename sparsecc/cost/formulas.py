@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import sympy as sp
 import torch
@@ -43,22 +42,10 @@ class Cost:
 
     def time(self, hw: HardwareProfile, dtype: torch.dtype) -> sp.Expr:
         """Predicted seconds on ``hw`` as an expression of the remaining symbols."""
-        size = "large" if _numeric(self.flops) is None or _numeric(self.flops) >= SMALL_FLOPS else "small"
-        eff = efficiency(self.family, size)
-        compute = self.flops / (hw.peak(dtype) * eff.compute)
+        eff = efficiency(self.family)
+        compute = self.flops / (hw.peak(dtype) * eff.compute(self.flops))
         memory = self.bytes / (hw.bandwidth * eff.memory)
-        return sp.Max(compute, memory) + self.launches * hw.launch_overhead_s
-
-
-# Below this many FLOPs a kernel counts as "small" (launch- and latency-bound); 1 GFLOP is a few microseconds.
-SMALL_FLOPS = 1e9
-
-
-def _numeric(expr) -> Optional[float]:
-    try:
-        return float(expr)
-    except (TypeError, ValueError):
-        return None
+        return sp.Max(compute, memory, eff.floor_s) + self.launches * hw.launch_overhead_s
 
 
 def _prefix_min(n, per_row):

@@ -56,7 +56,7 @@ class HardwareProfile:
 
     def __str__(self) -> str:
         return (f"{self.name}{' (measured)' if self.measured else ''}: "
-                f"bf16 {self.matmul_flops['bf16'] / TFLOP:.0f} TFLOP/s, {self.bandwidth / TB:.2f} TB/s, "
+                f"bf16 {self.matmul_flops['bf16'] / TFLOP:.3g} TFLOP/s, {self.bandwidth / TB:.3g} TB/s, "
                 f"{self.sm_count} SMs, L2 {self.l2_bytes / 2**20:.0f} MiB, "
                 f"launch {self.launch_overhead_s * 1e6:.1f} us")
 

@@ -1,0 +1,135 @@
+"""The cost model: monotonicity, crossovers against numeric scans, decisions against direct evaluation."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparsecc.cost import H100_SXM, PROFILES, estimate_attention, estimate_linear, profile_for
+from sparsecc.cost.efficiency import efficiency, provenance
+from sparsecc.cost.hardware import CPU, measure_profile, save_profile
+from sparsecc.forms import BlockSparse, BlockWeights, Streaming, TwoFour
+
+ATTN = dict(batch=1, heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, causal=True, hw=H100_SXM,
+            margin=1.05)
+
+
+def _attn(form, seq, per_head=None, symbolic=False, **kw):
+    args = {**ATTN, **kw}
+    return estimate_attention(form, per_head, seq_q=seq, seq_k=seq, symbolic_seq=symbolic, **args)
+
+
+def test_every_profile_cites_its_figures():
+    for profile in list(PROFILES.values()) + [CPU]:
+        assert profile.sources, profile.name
+        assert all(text for text in profile.sources.values())
+    assert "TARGETS.md" in H100_SXM.sources["bf16"]
+    assert provenance()["device"]
+
+
+@pytest.mark.parametrize("seqs", [(4096, 16384, 65536)])
+def test_attention_costs_rise_with_length_and_window(seqs):
+    times = [_attn(Streaming(128, 4096), s).prediction.sparse_time_s for s in seqs]
+    assert times == sorted(times)
+    dense = [_attn(Streaming(128, 4096), s).prediction.dense_time_s for s in seqs]
+    assert dense == sorted(dense)
+    windows = [_attn(Streaming(128, w), 32768).prediction.sparse_flops for w in (512, 2048, 8192)]
+    assert windows == sorted(windows)
+
+
+def test_streaming_density_matches_block_counting():
+    est = _attn(Streaming(128, 4096), 32768)
+    n = 32768 // 128
+    per_row = 1 + math.ceil(4095 / 128) + 1
+    kept = sum(min(a + 1, per_row) for a in range(n))
+    assert est.density == pytest.approx(kept / (n * (n + 1) / 2), rel=1e-9)
+    # TARGETS.md: sink 128 + window 4096 keeps 24.8% of causal blocks at 32K (block 128)
+    assert est.density == pytest.approx(0.248, abs=0.01)
+
+
+def test_linear_costs_rise_with_density_and_tokens():
+    sparse = [estimate_linear(BlockWeights((64, 64), d), tokens=4096, in_features=4096, out_features=14336,
+                              dtype=torch.bfloat16, hw=H100_SXM).prediction.sparse_time_s for d in (0.1, 0.5, 0.9)]
+    assert sparse == sorted(sparse)
+    dense = [estimate_linear(None, tokens=t, in_features=4096, out_features=4096, dtype=torch.bfloat16,
+                             hw=H100_SXM).prediction.dense_time_s for t in (1, 64, 4096)]
+    assert dense == sorted(dense)
+
+
+def test_decode_sizes_never_pick_two_four():
+    # TARGETS.md: cuSPARSELt 2:4 runs at 0.06x of dense at decode sizes
+    for tokens in (1, 4, 16):
+        est = estimate_linear(TwoFour(), tokens=tokens, in_features=4096, out_features=14336,
+                              dtype=torch.bfloat16, hw=H100_SXM)
+        assert est.prediction.speedup < 1.05, tokens
+    large = estimate_linear(TwoFour(), tokens=8192, in_features=4096, out_features=14336, dtype=torch.bfloat16,
+                            hw=H100_SXM)
+    assert large.prediction.speedup > 1.0
+
+
+def test_crossover_agrees_with_numeric_scan():
+    est = _attn(Streaming(128, 4096), 8192, symbolic=True)
+    cross = est.crossover
+    assert cross is not None and not cross.never and not cross.always
+    t = cross.threshold
+
+    def wins(s):
+        p = _attn(Streaming(128, 4096), s).prediction
+        return p.sparse_time_s <= p.dense_time_s / ATTN["margin"]
+    assert not wins(t - 1) and wins(t)
+    assert all(wins(s) for s in range(t, t + 20 * 128, 97))
+    assert not any(wins(s) for s in range(max(1, t - 20 * 128), t, 97))
+    assert str(cross) == f"sparse when seq_k >= {t}"
+
+
+def test_decisions_are_stable_away_from_the_crossover():
+    t = _attn(Streaming(128, 1024), 4096, symbolic=True).crossover.threshold
+    for s in (t // 2, t * 3):
+        base = _attn(Streaming(128, 1024), s).prediction.speedup >= 1.05
+        for ds in (-2, -1, 1, 2):
+            assert (_attn(Streaming(128, 1024), s + ds).prediction.speedup >= 1.05) == base
+
+
+def _direct_time(flops, nbytes, family, dtype, hw):
+    eff = efficiency(family)
+    t = min(1.0, max(0.0, (math.log10(flops) - 8) / 2))
+    compute_eff = eff.compute_small + (eff.compute_large - eff.compute_small) * t
+    return max(flops / (hw.peak(dtype) * compute_eff), nbytes / (hw.bandwidth * eff.memory),
+               eff.floor_s) + hw.launch_overhead_s
+
+
+@given(tokens=st.integers(1, 8192), k=st.sampled_from([512, 4096, 14336]), n=st.sampled_from([1024, 4096, 14336]),
+       density=st.floats(0.05, 0.9), bf16=st.booleans())
+def test_linear_decision_matches_direct_evaluation(tokens, k, n, density, bf16):
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    form = BlockWeights((64, 64), density)
+    est = estimate_linear(form, tokens=tokens, in_features=k, out_features=n, dtype=dtype, hw=H100_SXM)
+    elem = 2
+    flops = 2.0 * tokens * n * k
+    w_bytes, act = elem * n * k, elem * tokens * (n + k)
+    dense = _direct_time(flops, w_bytes + act, "gemm_dense", dtype, H100_SXM)
+    sparse = _direct_time(flops * density, w_bytes * density + 4 * n * k * density / 4096 + act,
+                          "gemm_block_sparse", dtype, H100_SXM)
+    assert est.prediction.dense_time_s == pytest.approx(dense, rel=1e-9)
+    assert est.prediction.sparse_time_s == pytest.approx(sparse, rel=1e-9)
+    assert (est.prediction.speedup >= 1.05) == (dense / sparse >= 1.05)
+
+
+@given(seq=st.integers(1, 200_000), window=st.integers(1, 16384), sink=st.integers(0, 512))
+def test_attention_density_is_a_fraction_and_block_sparse_is_bounded(seq, window, sink):
+    est = _attn(Streaming(sink, window), seq)
+    assert 0 < est.density <= 1 + 1e-12
+    assert est.prediction.sparse_flops <= est.prediction.dense_flops * (1 + 1e-12)
+    bs = _attn(BlockSparse(128, 2, 1, 1), seq)
+    assert 0 < bs.density <= 1 + 1e-12
+
+
+def test_profile_detection_and_measured_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
+    assert profile_for(torch.device("cpu")) is CPU
+    measured = measure_profile(torch.device("cpu"), size=128, progress=False)
+    assert measured.measured and measured.bandwidth > 0 and measured.matmul_flops["fp32"] > 0
+    save_profile(measured, torch.device("cpu"))
+    assert profile_for(torch.device("cpu")) == measured
