@@ -103,10 +103,38 @@ def _pick(op: str, impl: str, device: torch.device, reference: Callable) -> Call
 
 # ---------------------------------------------------------------- attention
 
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                    causal: bool) -> torch.Tensor:
+    """The dense attention a sparse site replaced (SDPA with GQA), for the below-crossover branch.
+
+    ``causal`` here always comes with seq_q == seq_k (the compiler keeps other
+    causal sites dense), where SDPA's top-left causal mask is the same as ours.
+    """
+    if causal and mask is not None:   # SDPA refuses is_causal together with a mask
+        mask, causal = _with_causal(mask, q.shape[2], k.shape[2]), False
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                            enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _with_causal(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
+    """Intersect a bool or additive mask with a bottom-right causal mask."""
+    keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=mask.device).tril(seq_k - seq_q)
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
+
+
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                        scale: float, causal: bool, sink: List[int], window: List[int],
+                        scale: float, causal: bool, sink: List[int], window: List[int], dense_below: int,
                         impl: str) -> torch.Tensor:
-    """Sink + window attention, per-head sink/window (window -1 keeps the head dense)."""
+    """Sink + window attention, per-head sink/window (window -1 keeps the head dense).
+
+    ``dense_below`` > 0 runs dense attention while the key length is below it:
+    the cost model's crossover, branched on at run time so a dynamic-shape
+    compile never recompiles when the length crosses it.
+    """
+    if dense_below > 0 and k.shape[2] < dense_below:
+        return dense_attention(q, k, v, mask, scale, causal)
     from sparsecc.codegen.block_attention import streaming_attention_ref
 
     def reference(q, k, v, mask, scale, causal, sink, window):
@@ -118,8 +146,14 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                            scale: float, causal: bool, block: int, local_blocks: int, global_blocks: int,
-                           random_blocks: int, seed: int, dense_heads: List[int], impl: str) -> torch.Tensor:
-    """BigBird-style block attention; heads listed in ``dense_heads`` keep every block."""
+                           random_blocks: int, seed: int, dense_heads: List[int], dense_below: int,
+                           impl: str) -> torch.Tensor:
+    """BigBird-style block attention; heads listed in ``dense_heads`` keep every block.
+
+    ``dense_below`` works as in ``streaming_attention``.
+    """
+    if dense_below > 0 and k.shape[2] < dense_below:
+        return dense_attention(q, k, v, mask, scale, causal)
     from sparsecc.codegen.block_attention import block_sparse_attention_ref
 
     table = layout_table(q.shape[1], q.shape[2], k.shape[2], causal, block, local_blocks, global_blocks,

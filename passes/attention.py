@@ -389,12 +389,13 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
         if isinstance(decision.form, Streaming):
             out = graph.call_function(ops.op("streaming_attention"), (
                 q, k, v, mask, float(scale), m.causal, decision.params["sink"], decision.params["window"],
-                ctx.kernels))
+                decision.params.get("dense_below", 0), ctx.kernels))
         else:
             f = decision.form
             out = graph.call_function(ops.op("block_sparse_attention"), (
                 q, k, v, mask, float(scale), m.causal, f.block, f.local_blocks, f.global_blocks,
-                f.random_blocks, f.seed, decision.params["dense_heads"], ctx.kernels))
+                f.random_blocks, f.seed, decision.params["dense_heads"], decision.params.get("dense_below", 0),
+                ctx.kernels))
         if m.folded_heads:
             out = graph.call_method("squeeze", (out, 0))
         if m.out_dtype != dtype_of(m.q):

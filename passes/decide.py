@@ -14,6 +14,9 @@ from sparsecc.forms import Dense
 from sparsecc.passes.site import Decision, Estimate, Site
 
 NO_RULE = "no rule"
+# Under policy auto, CPU sites stay dense: the pure-PyTorch reference is the CPU path and is not a fast path.
+# (Tests of the auto machinery on a CPU-only machine switch this off.)
+KEEP_CPU_DENSE = True
 
 
 def last_rule(site: Site, ctx):
@@ -73,13 +76,22 @@ def verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimat
         impl = "triton kernel" if has_kernel and ctx.kernels != "reference" else "reference"
         return Decision(True, form, f"policy force: applied ({impl}; {gain})", estimate, rule_key, policy, params)
     # policy auto
-    if site.device.type == "cpu":
+    if site.device.type == "cpu" and KEEP_CPU_DENSE:
         return Decision(False, form, "auto: on CPU the reference path is not faster than dense "
                         "(policy = \"force\" runs it for accuracy studies)", estimate, rule_key, policy, params)
     if not has_kernel or ctx.kernels == "reference":
         return Decision(False, form, f"auto: no fast kernel for {kernel_op} on {site.device.type} "
                         "(the reference would be slower than dense)", estimate, rule_key, policy, params)
     margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
+    if estimate.crossover is not None:
+        # A symbolic size: decide along it, and let the op branch at run time below the crossover.
+        if estimate.crossover_at is None:
+            return Decision(False, form, f"auto: kept dense, {estimate.crossover} (margin {margin:g})", estimate,
+                            rule_key, policy, params)
+        branch = {} if estimate.crossover_at <= 1 else {"dense_below": estimate.crossover_at}
+        return Decision(True, form, f"auto: applied, {estimate.crossover} (runtime branch, no recompile; "
+                        f"predicted {estimate.speedup:.2f}x at the traced size)", estimate, rule_key, policy,
+                        {**params, **branch})
     if estimate.speedup >= margin:
         return Decision(True, form, f"auto: applied, {gain} >= margin {margin:g}", estimate, rule_key, policy, params)
     return Decision(False, form, f"auto: kept dense, {gain} < margin {margin:g}", estimate, rule_key, policy, params)

@@ -268,6 +268,7 @@ def build_report(ctx: CompileContext) -> Report:
             record.dense_flops, record.sparse_flops = est.dense_flops, est.sparse_flops
             record.dense_bytes, record.sparse_bytes = est.dense_bytes, est.sparse_bytes
             record.dense_time_us, record.sparse_time_us = est.dense_time_s * 1e6, est.sparse_time_s * 1e6
+            record.crossover = est.crossover
         report.sites.append(record)
     if ctx.spec is not None:
         for kind in ("attention", "ffn", "linear"):

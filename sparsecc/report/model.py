@@ -32,6 +32,7 @@ class SiteRecord:
     sparse_bytes: Optional[float] = None
     dense_time_us: Optional[float] = None
     sparse_time_us: Optional[float] = None
+    crossover: Optional[str] = None   # for symbolic sizes, e.g. "sparse when seq_k >= 3712"
 
     @property
     def predicted_speedup(self) -> Optional[float]:
