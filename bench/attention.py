@@ -219,6 +219,17 @@ def write_results(path, rows, header):
         f.write("\n".join(section))
 
 
+def log_tuning(log):
+    """Print the configs the autotuners picked (why a workload is as fast as it is)."""
+    from sparsecc.codegen import block_attention_kernels as kern, decode_attention
+
+    tuners = [(f"prefill d{d}", kern.prefill_kernel(d)) for d in (64, 128, 256)]
+    tuners += [("prefill table 128", kern.prefill_kernel(128, 128, 128)), ("decode", decode_attention._split_kernel())]
+    for name, tuner in tuners:
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            log(f"tuned {name}: {cfg} for key {key}")
+
+
 def main(argv=None):
     """Check correctness, time every workload, print the table and append it to the results file."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -262,6 +273,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(header=header, rows=rows), f, indent=1)
+    log_tuning(log)
     print("\n".join(header))
     print("\n".join(table_lines(rows)))
 

@@ -26,6 +26,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -336,9 +337,12 @@ DECODE_MAX_Q = 16
 MIN_TABLE_BLOCK = 16
 
 
-def _kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether the Triton kernels take these inputs (else the reference runs)."""
-    return (q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+def _kernel_ok(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
+    """Whether the Triton kernels take these inputs (else the reference runs).
+
+    The kernels fold ``scale`` into the exponent after the row max, which needs ``scale > 0``.
+    """
+    return (q.dtype in KERNEL_DTYPES and scale > 0 and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[-1] == v.shape[-1] and q.shape[-1] <= MAX_KERNEL_HEAD_DIM
             and q.device == k.device == v.device and min(q.shape[2], k.shape[2]) > 0)
 
@@ -413,7 +417,7 @@ def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale
 
     kernel[grid](q, k, v, out, lse, mask_t, sinks, windows, *tbl,
                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides, *tbl_strides,
-                 h, sq, sk, scale * kern.LOG2E.value, triton.next_power_of_2(sk),
+                 h, sq, sk, scale * kern.LOG2E.value, 1.0 / scale, triton.next_power_of_2(sk),
                  GROUP=group, LAYOUT=layout, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                  WRITE_LSE=return_lse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=max(block_q, 1), BLOCK_K=max(block_k, 1),
                  UPCAST_DOT=kern.interpreting())
@@ -448,7 +452,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
             raise ValueError(f"sink={s_}, window={w_} is not allowed; expected sink >= 0 and window >= 1 "
                              f"or FULL_WINDOW ({FULL_WINDOW})")
     m4 = _check_mask(mask, b, h, sq, sk)
-    if not _kernel_ok(q, k, v):
+    if not _kernel_ok(q, k, v, scale):
         return _into(out, streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=causal,
                                                   mask=mask, return_lse=return_lse))
     if (_streaming_is_dense(sinks, windows, sq, sk, causal) and m4 is None and not return_lse
@@ -458,19 +462,29 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     unlimited = sk + sq + 1
     win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
     snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
-    sinks_t = torch.tensor(snk, dtype=torch.int32, device=q.device)
-    windows_t = torch.tensor(win, dtype=torch.int32, device=q.device)
+    sinks_t, windows_t = _rule_vectors(tuple(snk), tuple(win), q.device)
     if sq <= DECODE_MAX_Q:
         from sparsecc.codegen import decode_attention
 
         if decode_attention.decode_supported(sinks, windows, group, sq):
             return decode_attention.streaming_decode(q, k, v, m4, scale, causal, sinks_t, windows_t, return_lse,
-                                                     out=out)
+                                                     out=out, rules=(snk, win))
     return _launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
 
 
+@functools.lru_cache(maxsize=64)
+def _rule_vectors(sinks: tuple, windows: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-head sink/window as int32 device vectors, cached: a host-to-device copy per call would stall launches."""
+    return (torch.tensor(sinks, dtype=torch.int32, device=device),
+            torch.tensor(windows, dtype=torch.int32, device=device))
+
+
+@functools.lru_cache(maxsize=32)
 def _table_is_dense(table: BlockTable) -> bool:
-    """True when the table keeps every causally allowed block for every batch and head."""
+    """True when the table keeps every causally allowed block for every batch and head.
+
+    Cached per table (tables are immutable): the count comparison reads device memory back, a host sync.
+    """
     n_q, n_k = table.num_q_blocks, table.num_k_blocks
     if not table.causal:
         allowed = n_q * n_k
@@ -500,7 +514,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, table: BlockTable
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({b}, {h})")
     m4 = _check_mask(mask, b, h, sq, sk)
     blocks_ok = all(x >= MIN_TABLE_BLOCK and x & (x - 1) == 0 for x in (table.block_q, table.block_k))
-    if not (_kernel_ok(q, k, v) and blocks_ok):
+    if not (_kernel_ok(q, k, v, scale) and blocks_ok):
         return _into(out, block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask,
                                                      return_lse=return_lse))
     if (m4 is None and not return_lse and (sq == sk or not table.causal) and q.device.type == "cuda"

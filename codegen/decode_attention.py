@@ -40,9 +40,9 @@ MIN_TILE = 16
 # Keys per K/V tile: 64 x 128 bf16 = 16 KiB per operand, a few stages deep in shared memory.
 DECODE_BLOCK_N = 64
 # Each split walks at least this many key blocks, so the reduce stays a small share of the work.
-MIN_BLOCKS_PER_SPLIT = 4
+MIN_BLOCKS_PER_SPLIT = 2
 # Aim for this many programs per SM: enough loads in flight to saturate HBM.
-PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM = 16
 
 
 def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, sq: int = 1) -> bool:
@@ -226,20 +226,25 @@ def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n
     return n_sink + we - wb
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
+    """SM count of ``device`` (cached: the property query is slow next to a decode step)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # the interpreter runs programs one by one; few splits keep tiny tests fast
 
 
 def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
-                     sinks: Tensor, windows: Tensor, return_lse: bool = False, out: Optional[Tensor] = None):
+                     sinks: Tensor, windows: Tensor, return_lse: bool = False, out: Optional[Tensor] = None,
+                     rules: Optional[tuple] = None):
     """Split-KV streaming attention for ``Sq <= 16`` query rows; returns out (and the natural-log lse).
 
     ``sinks``/``windows`` are int32 per-head vectors in kernel form (an
     unlimited window encoded as ``Sk + Sq + 1``, as the prefill wrapper does);
     heads of one kv group must share them (:func:`decode_supported`). ``m4`` is
     the mask already viewed as 4-d, or None. ``out`` receives the output when given.
+    ``rules`` are the same vectors as host lists, when the caller has them: reading
+    them back from the device would sync the host on every decode step.
     """
     from sparsecc.codegen.block_attention import _mask_args
 
@@ -249,7 +254,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     block_d = max(MIN_TILE, triton.next_power_of_2(d))
     block_m = max(MIN_TILE, triton.next_power_of_2(group * sq))
-    s_list, w_list = sinks.tolist(), windows.tolist()
+    s_list, w_list = rules if rules is not None else (sinks.tolist(), windows.tolist())
     n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, DECODE_BLOCK_N)
                  for i in range(hkv))
     n_kept = max(n_kept, 1)
