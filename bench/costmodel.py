@@ -146,23 +146,39 @@ def summarize(rows):
                 worst_vs_dense=worst, points=len(rows))
 
 
-def refit(rows, hw):
-    """Efficiencies per family from the measured times (compute- or memory-bound by the model's own terms)."""
+def predicted_ms(flops: float, nbytes: float, family: str, hw, families: dict) -> float:
+    """The cost model's time for one kernel (the numeric form of ``Cost.time``), with a given table."""
+    e = families[family]
+    t = min(1.0, max(0.0, (math.log10(max(flops, 1.0)) - 8) / 2))
+    eff_c = e["compute_small"] + (e["compute_large"] - e["compute_small"]) * t
+    seconds = max(flops / (hw.peak(torch.bfloat16) * eff_c), nbytes / (hw.bandwidth * e["memory"]), e["floor_s"])
+    return (seconds + hw.launch_overhead_s) * 1e3
+
+
+def refit(rows, hw, device: str):
+    """Refit every family's efficiencies and per-call floor from measured times.
+
+    floor_s: the shortest measured call of a family whose roofline time is under half of it
+    (host and launch overhead dominate there); compute efficiencies: median of FLOPs / (peak * t)
+    over compute-bound points well above the floor, split at 1e9 FLOPs; memory: the same over
+    memory-bound points.
+    """
     fams = json.loads(json.dumps(table()))
-    by_family = {}
+    peak = hw.peak(torch.bfloat16)
+    points = {}
     for r in rows:
         for which in ("dense", "sparse"):
-            fam = r[f"{which}_family"]
-            t = r[f"{which}_ms"] / 1e3
-            flops, nbytes = r[f"{which}_flops"], r[f"{which}_bytes"]
-            peak = hw.peak(torch.bfloat16)
-            compute_t, memory_t = flops / peak, nbytes / hw.bandwidth
-            by_family.setdefault(fam, []).append((flops, compute_t / t, memory_t / t, compute_t >= memory_t))
-    for fam, pts in by_family.items():
+            points.setdefault(r[f"{which}_family"], []).append(
+                (r[f"{which}_flops"], r[f"{which}_bytes"], r[f"{which}_ms"] / 1e3))
+    for fam, pts in points.items():
         entry = fams["families"][fam]
-        large = [c for f, c, m, cb in pts if cb and f >= 1e10]
-        small = [c for f, c, m, cb in pts if cb and f <= 1e8]
-        mem = [m for f, c, m, cb in pts if not cb]
+        overhead_bound = [t for f, b, t in pts if max(f / peak, b / hw.bandwidth) < 0.5 * t]
+        floor = min(overhead_bound) if overhead_bound else 0.0
+        entry["floor_s"] = round(floor, 7)
+        usable = [(f, b, t) for f, b, t in pts if t > 2 * floor]
+        large = [f / (peak * t) for f, b, t in usable if f / peak >= b / hw.bandwidth and f >= 1e9]
+        small = [f / (peak * t) for f, b, t in usable if f / peak >= b / hw.bandwidth and f < 1e9]
+        mem = [b / (hw.bandwidth * t) for f, b, t in usable if f / peak < b / hw.bandwidth]
         if large:
             entry["compute_large"] = round(min(1.0, statistics.median(large)), 3)
         if small:
@@ -170,10 +186,29 @@ def refit(rows, hw):
         if mem:
             entry["memory"] = round(min(1.0, statistics.median(mem)), 3)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    fams["provenance"] = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                          "commit": commit or "unknown", "source": "refit by bench/costmodel.py from measured "
-                          f"times of {len(rows)} grid points", "regenerate": "python bench/costmodel.py --write"}
+    fams["provenance"] = {"device": device, "date": datetime.date.today().isoformat(),
+                          "commit": commit or "unknown",
+                          "source": f"refit by bench/costmodel.py from measured times of {len(rows)} grid points "
+                                    "(dense: SDPA / cuBLAS; sparse: sparsecc Triton kernels through torch.ops.sparsecc)",
+                          "regenerate": "python bench/costmodel.py --write (GPU), or --refit-from RESULTS.json"}
     return fams
+
+
+def repredict(rows, hw, families: dict) -> None:
+    """Recompute each row's predicted speedup with ``families`` (in place)."""
+    for r in rows:
+        dense = predicted_ms(r["dense_flops"], r["dense_bytes"], r["dense_family"], hw, families)
+        sparse = predicted_ms(r["sparse_flops"], r["sparse_bytes"], r["sparse_family"], hw, families)
+        r["predicted"] = dense / sparse
+
+
+def print_summary(summary: dict, device: str) -> None:
+    """The short table, printed last."""
+    print(f"\ncost model on {device}, {summary['points']} points")
+    print(f"{'metric':40s} {'value':>8s} {'target':>8s}")
+    print(f"{'median |predicted - measured| speedup':40s} {summary['median_abs_error']:8.1%} {'<= 20%':>8s}")
+    print(f"{'chosen within 5% of best':40s} {summary['share_within_5pct']:8.1%} {'>= 95%':>8s}")
+    print(f"{'worst chosen / dense time':40s} {summary['worst_vs_dense']:8.3f} {'<= 1.02':>8s}")
 
 
 def main() -> None:
@@ -182,7 +217,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument("--write", action="store_true", help="refit and write sparsecc/cost/efficiency.json")
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
+    parser.add_argument("--refit-from", default=None, help="refit from a saved --out file (no GPU needed); "
+                        "prints the summary before and after, and writes the table with --write")
     args = parser.parse_args()
+    if args.refit_from:
+        with open(args.refit_from) as fh:
+            saved = json.load(fh)
+        hw = profile_for(torch.device("cuda")) if torch.cuda.is_available() else __import__(
+            "sparsecc.cost.hardware", fromlist=["H100_SXM"]).H100_SXM
+        rows = saved["rows"]
+        print_summary(summarize(rows), saved["device"] + " (shipped table)")
+        fitted = refit(rows, hw, saved["device"])
+        repredict(rows, hw, fitted["families"])
+        print_summary(summarize(rows), saved["device"] + " (refit table, same points: in-sample)")
+        if args.write:
+            with open(TABLE_PATH, "w") as fh:
+                json.dump(fitted, fh, indent=2)
+            print(f"wrote {TABLE_PATH}")
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/costmodel.py needs a CUDA device")
     ops.register_ops()
@@ -202,15 +254,11 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump({"summary": summary, "rows": rows, "device": torch.cuda.get_device_name()}, fh, indent=1)
     if args.write:
-        fitted = refit(rows, hw)
+        fitted = refit(rows, hw, torch.cuda.get_device_name())
         with open(TABLE_PATH, "w") as fh:
             json.dump(fitted, fh, indent=2)
         print(f"wrote {TABLE_PATH}")
-    print(f"\ncost model on {torch.cuda.get_device_name()}, {summary['points']} points")
-    print(f"{'metric':40s} {'value':>8s} {'target':>8s}")
-    print(f"{'median |predicted - measured| speedup':40s} {summary['median_abs_error']:8.1%} {'<= 20%':>8s}")
-    print(f"{'chosen within 5% of best':40s} {summary['share_within_5pct']:8.1%} {'>= 95%':>8s}")
-    print(f"{'worst chosen / dense time':40s} {summary['worst_vs_dense']:8.3f} {'<= 1.02':>8s}")
+    print_summary(summary, torch.cuda.get_device_name())
 
 
 if __name__ == "__main__":

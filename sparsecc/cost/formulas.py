@@ -94,7 +94,7 @@ def attention_blocks(form, seq_q, seq_k, causal: bool, dense_head_fraction=0) ->
 
 def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None) -> Cost:
     """Cost of one attention call; ``form`` None is dense flash attention."""
-    s = dict(batch=B, heads=H, kv_heads=HKV, seq_q=SQ, seq_k=SK, head_dim=D, **(shapes or {}))
+    s = {**dict(batch=B, heads=H, kv_heads=HKV, seq_q=SQ, seq_k=SK, head_dim=D), **(shapes or {})}
     blocks = attention_blocks(form, s["seq_q"], s["seq_k"], causal, dense_head_fraction)
     # QK^T and PV: 2 * 2 * block^2 * D multiply-adds per kept block pair
     flops = 4 * s["batch"] * s["heads"] * blocks * ATTENTION_BLOCK**2 * s["head_dim"]
@@ -104,7 +104,7 @@ def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None) -> Co
 
 def linear_cost(form=None, activation_sparsity=None, shapes=None) -> Cost:
     """Cost of ``x[tokens, in] @ W[out, in]ᵀ`` dense, with a weight form, or with input activation sparsity."""
-    s = dict(tokens=M, out_features=N, in_features=K, **(shapes or {}))
+    s = {**dict(tokens=M, out_features=N, in_features=K), **(shapes or {})}
     t, n, k = s["tokens"], s["out_features"], s["in_features"]
     flops = 2 * t * n * k
     w_bytes = ELEM * n * k

@@ -4,7 +4,7 @@ import torch
 import torch._dynamo.utils
 
 import sparsecc
-from sparsecc.cost import H100_SXM
+from sparsecc.cost import H100_SXM, efficiency
 from tests import zoo
 
 
@@ -15,6 +15,12 @@ def test_one_compile_both_sides_of_the_crossover(monkeypatch, eager_lowering):
     monkeypatch.setattr(decide, "KEEP_CPU_DENSE", False)
     monkeypatch.setattr(sparsecc.backend, "profile_for", lambda device: H100_SXM)
     monkeypatch.setattr(sparsecc.pipeline.CompileContext, "has_kernel", lambda self, op, device: True)
+    # A fixed efficiency table, so the crossover falls at a length this CPU runs quickly whatever the
+    # shipped (fitted) table says; this test is about the branch, not the numbers.
+    fixed = {"provenance": {}, "families": {
+        fam: {"compute_small": 0.3, "compute_large": 0.8 if fam == "attention_dense" else 0.7, "memory": 0.8,
+              "floor_s": 0.0} for fam in efficiency.table()["families"]}}
+    monkeypatch.setattr(efficiency, "table", lambda: fixed)
     torch.manual_seed(0)
     block = zoo.SdpaAttention(hidden=256, heads=4, kv_heads=2).eval()
     spec = {"version": 1, "attention": [{"form": "streaming", "sink": 0, "window": 128}]}
