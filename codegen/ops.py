@@ -141,7 +141,8 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         return streaming_attention_ref(q, k, v, sink=sink, window=window, scale=scale, causal=causal, mask=mask)
 
     fn = _pick("streaming_attention", impl, q.device, reference)
-    return fn(q, k, v, mask, scale, causal, sink, window)
+    # Kernels may write a transposed layout; the op's contract (and its fake) is a contiguous result.
+    return fn(q, k, v, mask, scale, causal, sink, window).contiguous()
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -163,7 +164,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         return block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask)
 
     fn = _pick("block_sparse_attention", impl, q.device, reference)
-    return fn(q, k, v, mask, scale, table)
+    return fn(q, k, v, mask, scale, table).contiguous()
 
 
 @functools.lru_cache(maxsize=64)
@@ -209,7 +210,7 @@ def threshold_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      impl: str) -> torch.Tensor:
     """``F.linear(x * (|x| > tau), weight, bias)``: input activation sparsity (TEAL)."""
     from sparsecc.codegen.activation_sparse import threshold_linear_ref
-    return _pick("threshold_linear", impl, x.device, threshold_linear_ref)(x, weight, bias, tau)
+    return _pick("threshold_linear", impl, x.device, threshold_linear_ref)(x, weight, bias, tau).contiguous()
 
 
 def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor],
@@ -222,7 +223,7 @@ def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torc
         return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
 
     fn = _pick("gate_sparse_ffn", impl, x.device, reference)
-    return fn(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau)
+    return fn(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau).contiguous()
 
 
 def semi_structured_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -236,7 +237,7 @@ def semi_structured_linear(x: torch.Tensor, values: torch.Tensor, indices: torch
         weight = SemiStructuredWeight(values=values, indices=indices, shape=(out_features, in_features))
         return semi_structured_linear_ref(x, weight, bias)
 
-    return _pick("semi_structured_linear", impl, x.device, reference)(x, values, indices, bias)
+    return _pick("semi_structured_linear", impl, x.device, reference)(x, values, indices, bias).contiguous()
 
 
 def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -251,7 +252,8 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Te
                                    shape=(out_features, in_features), block=tuple(blocks.shape[1:]))
         return block_sparse_linear_ref(x, weight, bias)
 
-    return _pick("block_sparse_linear", impl, x.device, reference)(x, blocks, row_ptr, col_idx, bias)
+    return _pick("block_sparse_linear", impl, x.device, reference)(x, blocks, row_ptr, col_idx,
+                                                                   bias).contiguous()
 
 
 # ---------------------------------------------------------------- fake implementations
