@@ -155,6 +155,16 @@ def _per_head(values: Union[int, Sequence[int]], n_heads: int, name: str) -> lis
     return vals
 
 
+def _streaming_heads(sink, window, n_heads: int) -> tuple[list[int], list[int]]:
+    """Per-head sink and window lists, validated (sink >= 0; window >= 1 or FULL_WINDOW)."""
+    sinks, windows = _per_head(sink, n_heads, "sink"), _per_head(window, n_heads, "window")
+    for s_, w_ in zip(sinks, windows):
+        if s_ < 0 or (w_ < 1 and w_ != FULL_WINDOW):
+            raise ValueError(f"sink={s_}, window={w_} is not allowed; expected sink >= 0 and window >= 1 "
+                             f"or FULL_WINDOW ({FULL_WINDOW})")
+    return sinks, windows
+
+
 def _streaming_keys(p0: int, p1: int, sink: int, window: int, seq_k: int, causal: bool,
                     device: torch.device) -> Tensor:
     """Ascending key positions that some query position in ``[p0, p1]`` can keep (sink range + window range)."""
@@ -210,11 +220,7 @@ def streaming_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[i
     b, h, sq, sk, group = _check_qkv(q, k, v)
     if chunk < 1:
         raise ValueError(f"chunk={chunk} is not allowed; expected an integer >= 1")
-    sinks, windows = _per_head(sink, h, "sink"), _per_head(window, h, "window")
-    for s_, w_ in zip(sinks, windows):
-        if s_ < 0 or (w_ < 1 and w_ != FULL_WINDOW):
-            raise ValueError(f"sink={s_}, window={w_} is not allowed; expected sink >= 0 and window >= 1 "
-                             f"or FULL_WINDOW ({FULL_WINDOW})")
+    sinks, windows = _streaming_heads(sink, window, h)
     m4 = _check_mask(mask, b, h, sq, sk)
     dtype = _compute_dtype(q)
     dev = q.device
@@ -446,11 +452,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     kernel with the key ranges computed in the kernel.
     """
     b, h, sq, sk, group = _check_qkv(q, k, v)
-    sinks, windows = _per_head(sink, h, "sink"), _per_head(window, h, "window")
-    for s_, w_ in zip(sinks, windows):
-        if s_ < 0 or (w_ < 1 and w_ != FULL_WINDOW):
-            raise ValueError(f"sink={s_}, window={w_} is not allowed; expected sink >= 0 and window >= 1 "
-                             f"or FULL_WINDOW ({FULL_WINDOW})")
+    sinks, windows = _streaming_heads(sink, window, h)
     m4 = _check_mask(mask, b, h, sq, sk)
     if not _kernel_ok(q, k, v, scale):
         return _into(out, streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=causal,

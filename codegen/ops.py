@@ -89,16 +89,22 @@ def has_triton_kernel(op: str, device: torch.device) -> bool:
 
 
 def _pick(op: str, impl: str, device: torch.device, reference: Callable) -> Callable:
+    """The implementation ``impl`` selects, wrapped to return a contiguous tensor.
+
+    Every op's fake implementation promises a contiguous result (Inductor
+    asserts the strides); a kernel may write a transposed layout, so the
+    contract is enforced here, once, for every op and implementation.
+    """
     if impl not in IMPL_CHOICES:
         raise ValueError(f"sparsecc op {op}: impl={impl!r} is not one of {IMPL_CHOICES}")
-    if impl == "reference":
-        return reference
-    kernel = triton_kernel(op, device)
-    if kernel is not None:
-        return kernel
-    if impl == "triton":
-        raise RuntimeError(f"sparsecc op {op}: kernels='triton' but no Triton kernel exists for {device.type}")
-    return reference
+    fn = reference
+    if impl != "reference":
+        kernel = triton_kernel(op, device)
+        if kernel is not None:
+            fn = kernel
+        elif impl == "triton":
+            raise RuntimeError(f"sparsecc op {op}: kernels='triton' but no Triton kernel exists for {device.type}")
+    return lambda *args: fn(*args).contiguous()
 
 
 # ---------------------------------------------------------------- attention
@@ -141,8 +147,7 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         return streaming_attention_ref(q, k, v, sink=sink, window=window, scale=scale, causal=causal, mask=mask)
 
     fn = _pick("streaming_attention", impl, q.device, reference)
-    # Kernels may write a transposed layout; the op's contract (and its fake) is a contiguous result.
-    return fn(q, k, v, mask, scale, causal, sink, window).contiguous()
+    return fn(q, k, v, mask, scale, causal, sink, window)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -164,7 +169,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         return block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask)
 
     fn = _pick("block_sparse_attention", impl, q.device, reference)
-    return fn(q, k, v, mask, scale, table).contiguous()
+    return fn(q, k, v, mask, scale, table)
 
 
 @functools.lru_cache(maxsize=64)
@@ -210,7 +215,7 @@ def threshold_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      impl: str) -> torch.Tensor:
     """``F.linear(x * (|x| > tau), weight, bias)``: input activation sparsity (TEAL)."""
     from sparsecc.codegen.activation_sparse import threshold_linear_ref
-    return _pick("threshold_linear", impl, x.device, threshold_linear_ref)(x, weight, bias, tau).contiguous()
+    return _pick("threshold_linear", impl, x.device, threshold_linear_ref)(x, weight, bias, tau)
 
 
 def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor],
@@ -223,7 +228,7 @@ def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torc
         return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
 
     fn = _pick("gate_sparse_ffn", impl, x.device, reference)
-    return fn(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau).contiguous()
+    return fn(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau)
 
 
 def semi_structured_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -237,7 +242,7 @@ def semi_structured_linear(x: torch.Tensor, values: torch.Tensor, indices: torch
         weight = SemiStructuredWeight(values=values, indices=indices, shape=(out_features, in_features))
         return semi_structured_linear_ref(x, weight, bias)
 
-    return _pick("semi_structured_linear", impl, x.device, reference)(x, values, indices, bias).contiguous()
+    return _pick("semi_structured_linear", impl, x.device, reference)(x, values, indices, bias)
 
 
 def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -252,8 +257,7 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Te
                                    shape=(out_features, in_features), block=tuple(blocks.shape[1:]))
         return block_sparse_linear_ref(x, weight, bias)
 
-    return _pick("block_sparse_linear", impl, x.device, reference)(x, blocks, row_ptr, col_idx,
-                                                                   bias).contiguous()
+    return _pick("block_sparse_linear", impl, x.device, reference)(x, blocks, row_ptr, col_idx, bias)
 
 
 # ---------------------------------------------------------------- fake implementations

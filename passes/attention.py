@@ -280,16 +280,14 @@ def _make_site(output: Node, nodes, match: AttentionMatch, spelling: str, ctx) -
     shapes = {"q": concrete_shape(match.q), "k": concrete_shape(match.k), "v": concrete_shape(match.v)}
     attrs = {
         "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_q": sq, "seq_k": sk, "head_dim": dim,
-        "causal": match.causal, "scale": match.scale if match.scale is not None else 1.0 / math.sqrt(_hint(dim)),
-        "masks": len(match.masks), "gqa_groups": _hint(heads) // max(1, _hint(kv_heads)),
+        "causal": match.causal, "scale": match.scale if match.scale is not None else 1.0 / math.sqrt(size_hint(dim)),
+        "masks": len(match.masks), "gqa_groups": size_hint(heads) // max(1, size_hint(kv_heads)),
         "folded_heads": match.folded_heads,
     }
     symbolic = not all(is_static(shape_of(n)) for n in (match.q, match.k))
     return Site("attention", module, output, tuple(nodes), shapes, match.out_dtype,
                 device_of(match.q) or torch.device("cpu"), attrs, match, spelling, symbolic)
 
-
-_hint = size_hint
 
 
 # ---------------------------------------------------------------- check

@@ -37,7 +37,7 @@ def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kw
     The model runs once, eagerly, under ``torch.no_grad()`` (as an inference
     compile would). Returns the ``Report`` of every graph Dynamo captured.
     """
-    opts = parse_options({"spec": spec, "kernels": kernels} if spec is not None else {"kernels": kernels})
+    opts = parse_options({"spec": spec, "kernels": kernels})
     sink = Report(kernels=kernels)
 
     def backend(gm, example_inputs, **_):
