@@ -44,6 +44,19 @@ def _load_threshold_linear():
     return threshold_linear, ("cuda",)
 
 
+def _load_gate_sparse_ffn():
+    """The Triton gate-mode (CATS) decode FFN; imports Triton."""
+    import triton  # noqa: F401 - ImportError means no kernel
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    return gate_sparse_ffn, ("cuda",)
+
+
+def _load_semi_structured_linear():
+    """The cuSPARSELt 2:4 linear (falls back inside when cuSPARSELt cannot take a shape or dtype)."""
+    from sparsecc.codegen.semi_structured_linear import semi_structured_linear
+    return semi_structured_linear, ("cuda",)
+
+
 def _load_streaming_attention():
     """Streaming attention kernels (prefill + split-KV decode); imports Triton, so only called on use."""
     import triton  # noqa: F401 - ImportError means no kernel
@@ -65,6 +78,8 @@ TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {
     "block_sparse_attention": _load_block_sparse_attention,
     "block_sparse_linear": _load_block_sparse_linear,
     "threshold_linear": _load_threshold_linear,
+    "gate_sparse_ffn": _load_gate_sparse_ffn,
+    "semi_structured_linear": _load_semi_structured_linear,
 }
 
 _registered = False

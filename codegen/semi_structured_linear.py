@@ -1,20 +1,25 @@
 """2:4 semi-structured linear: ``y = x Wᵀ + b`` with ``W`` stored as a :class:`~sparsecc.weights.SemiStructuredWeight`.
 
-Layout of this file: module notes, then the reference section; kernels (and the
-cuSPARSELt / ``to_sparse_semi_structured`` path) go after it.
+Layout of this file: module notes, then the reference section, then the cuSPARSELt path
+(no Triton: the sparse tensor cores are driven by NVIDIA's cuSPARSELt through torch's private
+``_cslt_*`` ops; notes above that section).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsecc.weights import SemiStructuredWeight
+from sparsecc.codegen.epilogue import activation_ref
+from sparsecc.weights import GROUP, KEPT, SemiStructuredWeight
 
-__all__ = ["semi_structured_linear_ref"]
+__all__ = ["semi_structured_linear_ref", "semi_structured_linear", "semi_structured_linear_act",
+           "cusparselt_available", "prepared_weight", "FUSED_ACTIVATIONS"]
 
 # ============================================================== reference
 
@@ -35,3 +40,160 @@ def semi_structured_linear_ref(x: Tensor, weight: SemiStructuredWeight, bias: Op
     w = weight.to_dense().to(acc)
     out = F.linear(x.to(acc), w, None if bias is None else bias.to(acc))
     return out.to(x.dtype)
+
+
+# ============================================================== cuSPARSELt path
+#
+# torch exposes cuSPARSELt as two private ops (present in torch 2.1+; torch 2.11 signature):
+#   torch._cslt_compress(dense [R, C]) -> packed values + metadata, one buffer;
+#   torch._cslt_sparse_mm(packed, dense_B, bias=None, alpha=None, out_dtype=None,
+#                         transpose_result=False, alg_id=0, split_k=1, split_k_mode=-1).
+# The sparse operand is the left one, so a linear runs as yᵀ = W @ xᵀ with W [N, K] 2:4 along K
+# (the layout of SemiStructuredWeight); ``transpose_result=True`` writes y [M, N] row-major
+# directly, and ``bias`` (length N, one per row of W @ xᵀ) is added inside the matmul.
+# Limits (torch.sparse.semi_structured, cuSPARSELt backend): float16 / bfloat16 (also int8 /
+# float8, unused here), both sparse dims multiples of 16, the dense operand's dims multiples of 8
+# (x is zero-padded to a multiple of 8 tokens; padded rows are dropped from the result).
+# cuSPARSELt itself has fused ReLU / GELU epilogues, but ``_cslt_sparse_mm`` does not expose them
+# and cuSPARSELt has no SiLU, so activations run as one in-place pass over y after the matmul.
+#
+# The compressed buffer is built once per weight and cached by the identity of the (values,
+# indices) tensors and their ``_version``: an in-place recompression at a weight update bumps the
+# version and the next call rebuilds. A weight cuSPARSELt refuses is remembered as dense (its
+# decompressed copy), so it pays the refusal once and then runs cuBLAS.
+
+SPARSE_MULTIPLE = 16  # both dims of the 2:4 operand (torch's cuSPARSELt constraints, fp16/bf16)
+DENSE_MULTIPLE = 8    # both dims of the dense operand
+CSLT_DTYPES = (torch.float16, torch.bfloat16)
+FUSED_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "relu2")
+
+
+def cusparselt_available() -> bool:
+    """True when this torch build has cuSPARSELt and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    backend = getattr(torch.backends, "cusparselt", None)
+    return bool(backend is not None and backend.is_available())
+
+
+@dataclass
+class _Entry:
+    """One cached weight: weakrefs to its tensors, their versions, and the prepared operand."""
+
+    values: weakref.ref
+    indices: weakref.ref
+    versions: Tuple[int, int]
+    dtype: torch.dtype
+    packed: Optional[Tensor]  # cuSPARSELt buffer, or None when the weight runs dense
+    dense: Optional[Tensor]   # decompressed weight when cuSPARSELt refused it
+    reason: str = ""
+
+
+_CACHE: Dict[Tuple[int, torch.dtype], _Entry] = {}
+_CACHE_MAX = 512  # distinct (weight, dtype) pairs held at once; the oldest is dropped beyond this
+
+
+def _unsupported_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
+    """Why cuSPARSELt cannot take this weight ('' when it can)."""
+    if device.type != "cuda":
+        return f"device {device.type} (cuSPARSELt is CUDA only)"
+    if dtype not in CSLT_DTYPES:
+        return f"dtype {dtype} (cuSPARSELt path takes {CSLT_DTYPES})"
+    if n % SPARSE_MULTIPLE or k % SPARSE_MULTIPLE:
+        return f"shape {n}x{k}: both dims must be multiples of {SPARSE_MULTIPLE}"
+    if not cusparselt_available():
+        return "this torch build has no cuSPARSELt"
+    return ""
+
+
+def prepared_weight(values: Tensor, indices: Tensor, n: int, k: int, dtype: torch.dtype) -> _Entry:
+    """The cached cuSPARSELt operand (or dense fallback) of one 2:4 weight in ``dtype``.
+
+    Built on the first call for these (values, indices) tensors and rebuilt
+    when either is updated in place (its ``_version`` changes) or replaced.
+    """
+    key = (id(values), dtype)
+    hit = _CACHE.get(key)
+    if hit is not None and hit.values() is values and hit.indices() is indices \
+            and hit.versions == (values._version, indices._version):
+        return hit
+    dense = SemiStructuredWeight(values=values, indices=indices, shape=(n, k)).to_dense().to(dtype).contiguous()
+    reason = _unsupported_reason(n, k, dtype, values.device)
+    packed = None
+    if not reason:
+        try:
+            packed = torch._cslt_compress(dense)
+        except RuntimeError as err:  # a shape or build cuSPARSELt rejects: run dense, correctly
+            reason = f"cuSPARSELt refused the weight ({err})"
+    entry = _Entry(values=weakref.ref(values), indices=weakref.ref(indices),
+                   versions=(values._version, indices._version), dtype=dtype, packed=packed,
+                   dense=None if packed is not None else dense, reason=reason)
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = entry
+    return entry
+
+
+def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], alg_id: int) -> Tensor:
+    """``x2 [M, K] @ Wᵀ (+ bias)`` through cuSPARSELt, padding M to the dense operand's multiple."""
+    m = x2.shape[0]
+    pad = (-m) % DENSE_MULTIPLE
+    xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
+    # xp.t() is the [K, M] operand in column-major order, which cuSPARSELt takes without a copy.
+    y = torch._cslt_sparse_mm(packed, xp.contiguous().t(), bias=bias, transpose_result=True, alg_id=alg_id)
+    return y[:m] if pad else y
+
+
+def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None,
+                               activation: str = "none", alg_id: int = 0) -> Tensor:
+    """``act(x Wᵀ + b)`` for a 2:4 weight: cuSPARSELt matmul with the bias fused, then ``act`` in place.
+
+    ``values`` / ``indices`` are a :class:`SemiStructuredWeight`'s tensors
+    (N = ``values.shape[0]``, K = ``x.shape[-1]``). On CUDA with float16 /
+    bfloat16 and dims that are multiples of 16, the weight is compressed for
+    cuSPARSELt once (cached) and the product runs on sparse tensor cores; any
+    other case runs the decompressed weight through cuBLAS (CUDA) or the
+    reference (CPU, float32/float64), so every input gets the right answer.
+    ``activation`` is one of :data:`FUSED_ACTIVATIONS`; ``alg_id`` picks a
+    cuSPARSELt algorithm (benchmarks).
+    """
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not allowed; expected one of {FUSED_ACTIVATIONS}")
+    n, k = values.shape[0], x.shape[-1]
+    if values.shape[1] * GROUP != k * KEPT:
+        raise ValueError(f"x has {k} input features; the 2:4 weight stores {values.shape[1]} values per row "
+                         f"(K = {values.shape[1] * GROUP // KEPT})")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x.device.type != "cuda" or x.dtype not in CSLT_DTYPES or x2.shape[0] == 0:
+        weight = SemiStructuredWeight(values=values, indices=indices, shape=(n, k))
+        y = activation_ref(activation)(semi_structured_linear_ref(x2, weight, bias).to(
+            torch.float64 if x.dtype == torch.float64 else torch.float32)).to(x.dtype)
+        return y.reshape(*lead, n)
+    entry = prepared_weight(values, indices, n, k, x.dtype)
+    b = bias.to(x.dtype).contiguous() if bias is not None else None
+    if entry.packed is not None:
+        y = _cslt_matmul(x2, entry.packed, b, alg_id)
+    else:
+        y = torch.nn.functional.linear(x2, entry.dense, b)
+    if activation != "none":
+        y = _activation_inplace(y, activation)
+    return y.reshape(*lead, n)
+
+
+def _activation_inplace(y: Tensor, activation: str) -> Tensor:
+    """Apply an epilogue activation to ``y`` in place where torch has an in-place form (one pass)."""
+    if activation == "relu":
+        return y.relu_()
+    if activation == "silu":
+        return F.silu(y, inplace=True)
+    if activation == "relu2":
+        return y.relu_().square_()
+    return activation_ref(activation)(y)
+
+
+def semi_structured_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The ``sparsecc::semi_structured_linear`` kernel: ``x Wᵀ + b`` through cuSPARSELt (see above)."""
+    return semi_structured_linear_act(x, values, indices, bias, "none")

@@ -1,0 +1,244 @@
+"""Gate-mode activation sparsity (CATS): a decode FFN that runs up/down only for surviving neurons.
+
+Layout of this file: module notes, the reference (re-exported from ``activation_sparse``, where
+the op's semantics live), then configs, the Triton kernel (bound lazily by
+``epilogue.bind_triton``, so importing this module never imports Triton) and the wrapper.
+
+Semantics (``gate_sparse_ffn_ref``): ``a = act(x Wgᵀ + bg)``; neuron j is kept for token m iff
+``|a[m, j]| > tau``; gated FFN ``y = ((a ⊙ keep) ⊙ (x Wuᵀ + bu)) Wdᵀ + bd``; plain FFN (no
+``w_up``) ``y = (a ⊙ keep) Wdᵀ + bd``.
+
+Notation: x [M, D] with M <= MAX_DECODE_TOKENS, Wg / Wu [F, D], Wd [D_out, F], g [M, F] the
+gated hidden state (zero where a token drops a neuron).
+
+Stage 1 (``_gate_up_kernel``): program f owns BLOCK_F neurons. It streams their gate rows over
+all of D (the gate must be computed densely: it decides who survives), adds the bias, applies
+the activation and the threshold per token, and takes the union over the tokens. Then it
+streams the *up* rows of the surviving neurons only: the loads of dropped rows are predicated
+off (no memory traffic), and a program whose neurons all died skips the up loop entirely. It
+writes g for its BLOCK_F neurons (zeros for the dropped ones) in x's dtype. Fusing gate, act,
+threshold and up in one program costs no extra pass over x or the hidden state, and the up
+rows of a block are read right after its gate rows.
+Stage 2 + 3 (``activation_sparse.threshold_linear`` on g with tau = 0): the down projection
+reads only the K-major rows ``Wdᵀ[j]`` of neurons that some token kept. For one token each
+split ranks its surviving neurons (``tl.cumsum``) and loops over that compacted list, so loop
+trips and bytes follow the survivors; for 2-16 tokens every chunk is visited with dead rows'
+loads predicated off. Partials are float32 per (split, N tile) and a second kernel sums them
+with the bias: no atomics, so bfloat16 and float16 behave alike and results are deterministic.
+``Wd`` is transposed once and cached per weight tensor (``activation_sparse.k_major``).
+
+Cost per call: the dense gate read (F x D), plus the survivors' up rows and down rows, plus
+three launches and the float32 partials. Dropping a neuron with an exact-zero product is exact;
+the only values the down stage drops are exact zeros of g.
+
+Rounding follows the reference, which computes in the input dtype: the gate pre-activation and
+the activation are rounded to x's dtype before the threshold (so both keep the same neurons
+unless a value sits within one rounding of tau), and g is rounded once to x's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, _tau_in,
+                                                gate_sparse_ffn_ref, threshold_linear)
+from sparsecc.codegen.epilogue import bind_triton
+
+__all__ = ["gate_sparse_ffn", "gate_sparse_ffn_ref", "GateConfig", "DEFAULT_GATE_CONFIG",
+           "DEFAULT_GATE_CONFIG_TOKENS", "KERNEL_DTYPES"]
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Launch knobs of the gate + up stage: neurons per program, D chunk, warps."""
+
+    BLOCK_F: int
+    BLOCK_D: int
+    num_warps: int
+
+    def __post_init__(self):
+        for name in ("BLOCK_F", "BLOCK_D"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"GateConfig.{name}={value} must be a power of two >= 16 (tl.dot and tl.arange)")
+
+
+# One token: 16 neurons per program gives 896 programs at F = 14336 (about 7 per H100 SM), each
+# streaming 16 contiguous 8 KB rows in 1 KB chunks. Starting point; bench/ffn.py --sweep times others.
+DEFAULT_GATE_CONFIG = GateConfig(BLOCK_F=16, BLOCK_D=512, num_warps=4)
+# 2-16 tokens use tl.dot on a 16-row tile; 32 neurons per program keeps 448 programs at F = 14336.
+DEFAULT_GATE_CONFIG_TOKENS = GateConfig(BLOCK_F=32, BLOCK_D=128, num_warps=4)
+
+
+# ============================================================== Triton kernel
+
+
+def _activation(v, ACTIVATION: tl.constexpr):  # noqa: F821 - tl is bound by bind_triton
+    """The FFN activation ``ACTIVATION`` (a name of ``ACTIVATIONS``) on float32 ``v``; chosen at compile time."""
+    if ACTIVATION == "relu":
+        v = tl.maximum(v, 0.0)
+    elif ACTIVATION == "relu2":
+        v = tl.maximum(v, 0.0)
+        v = v * v
+    elif ACTIVATION == "gelu":
+        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))  # exact GELU: erf(v / sqrt 2)
+    elif ACTIVATION == "gelu_tanh":
+        # 0.5 (1 + tanh(u)) == sigmoid(2u), u = sqrt(2/pi) (v + 0.044715 v^3): Triton 3.6 has no tl.math.tanh.
+        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        v = v * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == "silu":
+        v = v * tl.sigmoid(v)
+    return v
+
+
+def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
+                    stride_xm, stride_xd, stride_gf, stride_gd, stride_uf, stride_ud,
+                    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: F821
+                    HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,  # noqa: F821
+                    ACTIVATION: tl.constexpr, DOT_IN_FP32: tl.constexpr):  # noqa: F821
+    """g[:, f-block] = act(x Wgᵀ + bg) ⊙ keep (⊙ (x Wuᵀ + bu), up rows of survivors only)."""
+    pid = tl.program_id(0)
+    offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_mask = offs_f < F
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    io_dtype = g_ptr.dtype.element_ty
+    # ---- gate GEMV over all of D
+    if BLOCK_M == 1:
+        # One token: multiply-add on [BLOCK_F, BLOCK_D] tiles, reduce once at the end (no tl.dot
+        # at M = 1: it would pad the token to 16 rows).
+        acc2 = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            xv = tl.load(x_ptr + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
+            w = tl.load(wg_ptr + offs_f[:, None].to(tl.int64) * stride_gf + offs_d[None, :] * stride_gd,
+                        mask=f_mask[:, None] & d_mask[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * xv[None, :]
+        lin = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_F))
+    else:
+        lin = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
+                         mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(wg_ptr + offs_d[:, None] * stride_gd + offs_f[None, :].to(tl.int64) * stride_gf,
+                        mask=d_mask[:, None] & f_mask[None, :], other=0.0)
+            if DOT_IN_FP32:  # fp32 inputs, or the CPU interpreter (its bf16 dot multiplies raw bits)
+                lin = tl.dot(xv.to(tl.float32), w.to(tl.float32), lin, input_precision="ieee")
+            else:
+                lin = tl.dot(xv, w, lin)
+    if HAS_BG:
+        lin += tl.load(bg_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+    # Round where the reference rounds (linear output, then activation output), so both compare
+    # the same values with tau.
+    lin = lin.to(io_dtype).to(tl.float32)
+    a = _activation(lin, ACTIVATION).to(io_dtype).to(tl.float32)
+    keep = (tl.abs(a) > tau) & m_mask[:, None] & f_mask[None, :]
+    h = tl.where(keep, a, 0.0)
+    if GATED:
+        # A neuron's up row is read when any token keeps it (the union over the tokens).
+        live = tl.max(keep.to(tl.int32), axis=0) > 0
+        n_live = tl.sum(live.to(tl.int32), axis=0)
+        d_end = tl.where(n_live > 0, D, 0)  # a block with no survivor skips the up loop
+        if BLOCK_M == 1:
+            accu2 = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+            for d0 in range(0, d_end, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < D
+                xv = tl.load(x_ptr + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
+                w = tl.load(wu_ptr + offs_f[:, None].to(tl.int64) * stride_uf + offs_d[None, :] * stride_ud,
+                            mask=live[:, None] & d_mask[None, :], other=0.0)
+                accu2 += w.to(tl.float32) * xv[None, :]
+            up = tl.reshape(tl.sum(accu2, axis=1), (1, BLOCK_F))
+        else:
+            up = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+            for d0 in range(0, d_end, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < D
+                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
+                             mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+                w = tl.load(wu_ptr + offs_d[:, None] * stride_ud + offs_f[None, :].to(tl.int64) * stride_uf,
+                            mask=d_mask[:, None] & live[None, :], other=0.0)
+                if DOT_IN_FP32:
+                    up = tl.dot(xv.to(tl.float32), w.to(tl.float32), up, input_precision="ieee")
+                else:
+                    up = tl.dot(xv, w, up)
+        if HAS_BU:
+            up += tl.load(bu_ptr + offs_f, mask=live, other=0.0).to(tl.float32)[None, :]
+        up = up.to(io_dtype).to(tl.float32)
+        h = tl.where(keep, h * up, 0.0)
+    out = g_ptr + offs_m[:, None] * F + offs_f[None, :]
+    tl.store(out, h.to(io_dtype), mask=m_mask[:, None] & f_mask[None, :])
+
+
+_KERNELS = ("_activation", "_gate_up_kernel")
+
+
+# ============================================================== wrapper
+
+
+def _check_shapes(x: Tensor, w_gate: Tensor, b_gate, w_up, b_up, w_down: Tensor, b_down) -> None:
+    """Raise ``ValueError`` naming the first argument whose shape does not fit the FFN."""
+    f, d = w_gate.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x has {x.shape[-1]} features; w_gate [{f}, {d}] expects {d}")
+    if w_up is not None and tuple(w_up.shape) != (f, d):
+        raise ValueError(f"w_up must have shape ({f}, {d}) like w_gate, got {tuple(w_up.shape)}")
+    if w_down.shape[1] != f:
+        raise ValueError(f"w_down must have {f} input features (one per neuron), got {tuple(w_down.shape)}")
+    for name, b, n in (("b_gate", b_gate, f), ("b_up", b_up, f), ("b_down", b_down, w_down.shape[0])):
+        if b is not None and tuple(b.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+
+
+def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Optional[Tensor],
+                    b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], act: str, tau: float,
+                    config: Optional[GateConfig] = None, down_config: Optional[GemvConfig] = None,
+                    out: Optional[Tensor] = None) -> Tensor:
+    """Triton gate-sparse FFN for decode (CATS); same arguments and result as ``gate_sparse_ffn_ref``.
+
+    For at most :data:`MAX_DECODE_TOKENS` tokens of float16/bfloat16/float32
+    the fused gate + act + threshold + up kernel writes g, and the compacted
+    down GEMV reads only surviving neurons (see the module notes). More tokens
+    or float64 run the reference. ``config`` / ``down_config`` override the
+    launch knobs of the two stages (benchmarks, tests); ``out`` (contiguous
+    ``[M, D_out]``, ``x.dtype``) receives the kernel path's result.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
+    if b_up is not None and w_up is None:
+        raise ValueError("b_up is given without w_up")
+    _check_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
+    f, d = w_gate.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    m = x2.shape[0]
+    if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in KERNEL_DTYPES:
+        return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
+    bind_triton(globals(), _KERNELS)
+    cfg = config or (DEFAULT_GATE_CONFIG if m == 1 else DEFAULT_GATE_CONFIG_TOKENS)
+    dtype = x.dtype
+    w_gate = w_gate.to(dtype)
+    w_up = w_up.to(dtype) if w_up is not None else None
+    g = torch.empty(m, f, dtype=dtype, device=x.device)
+    interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
+    dummy = g  # never read: its HAS_* / GATED flag is off
+    wu = w_up if w_up is not None else w_gate
+    _gate_up_kernel[(triton.cdiv(f, cfg.BLOCK_F),)](  # noqa: F821 - bound by bind_triton
+        x2, w_gate, b_gate.contiguous() if b_gate is not None else dummy, wu,
+        b_up.contiguous() if b_up is not None else dummy, g, m, f, d, _tau_in(float(tau), dtype),
+        x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), wu.stride(0), wu.stride(1),
+        BLOCK_M=1 if m == 1 else 16, BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D,
+        HAS_BG=b_gate is not None, GATED=w_up is not None, HAS_BU=b_up is not None, ACTIVATION=act,
+        DOT_IN_FP32=interpreting or dtype == torch.float32, num_warps=cfg.num_warps)
+    # g is zero exactly where a neuron is dropped for a token, so tau = 0 keeps every survivor.
+    y = threshold_linear(g, w_down, b_down, 0.0, config=down_config, out=out)
+    return y.reshape(*lead, w_down.shape[0])
