@@ -33,8 +33,8 @@ IMPL_CHOICES = ("auto", "triton", "reference")
 def _load_block_sparse_linear():
     """The Triton BSR linear kernel; importing Triton here keeps ``import sparsecc`` free of it."""
     import triton  # noqa: F401 - ImportError means no kernel
-    from sparsecc.codegen.block_sparse_linear import block_sparse_linear
-    return block_sparse_linear, ("cuda",)
+    from sparsecc.codegen.block_sparse_linear import block_sparse_linear_op
+    return block_sparse_linear_op, ("cuda",)
 
 
 def _load_threshold_linear():
@@ -262,17 +262,21 @@ def semi_structured_linear(x: torch.Tensor, values: torch.Tensor, indices: torch
 
 def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                         bias: Optional[torch.Tensor], out_features: int, in_features: int,
-                        impl: str) -> torch.Tensor:
-    """``x @ Wᵀ + b`` with W stored as kept (bm x bk) blocks in BSR order."""
-    from sparsecc.codegen.block_sparse_linear import block_sparse_linear_ref
-    from sparsecc.weights import BlockSparseWeight
+                        impl: str, epilogue: str = "", gate: Optional[torch.Tensor] = None,
+                        residual: Optional[torch.Tensor] = None, up_blocks: Optional[torch.Tensor] = None,
+                        up_row_ptr: Optional[torch.Tensor] = None,
+                        up_col_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``chain(x @ Wᵀ + b)`` with W stored as kept (bm x bk) blocks in BSR order.
 
-    def reference(x, blocks, row_ptr, col_idx, bias):
-        weight = BlockSparseWeight(blocks=blocks, row_ptr=row_ptr, col_idx=col_idx,
-                                   shape=(out_features, in_features), block=tuple(blocks.shape[1:]))
-        return block_sparse_linear_ref(x, weight, bias)
+    ``epilogue`` is an ``EpilogueChain`` string (codegen/epilogue.py: bias,
+    activation, ``mul:gate``, ``add:residual``, ``mul:up``, cast) whose extra
+    inputs are ``gate`` / ``residual`` (the output's shape) and the up
+    projection's blocks (fused gate/up).
+    """
+    from sparsecc.codegen.block_sparse_linear import block_sparse_linear_op_ref
 
-    return _pick("block_sparse_linear", impl, x.device, reference)(x, blocks, row_ptr, col_idx, bias)
+    fn = _pick("block_sparse_linear", impl, x.device, block_sparse_linear_op_ref)
+    return fn(x, blocks, row_ptr, col_idx, bias, epilogue, gate, residual, up_blocks, up_row_ptr, up_col_idx)
 
 
 # ---------------------------------------------------------------- fake implementations
@@ -284,6 +288,12 @@ def _attention_fake(q, k, v, *args):
 def _linear_fake(x, *args):
     out_features = args[-3]
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _block_sparse_linear_fake(x, blocks, row_ptr, col_idx, bias, out_features, in_features, impl, epilogue="",
+                              gate=None, residual=None, up_blocks=None, up_row_ptr=None, up_col_idx=None):
+    from sparsecc.codegen.epilogue import EpilogueChain
+    return x.new_empty((*x.shape[:-1], out_features), dtype=EpilogueChain.parse(epilogue).out_dtype(x.dtype))
 
 
 def _threshold_linear_fake(x, weight, bias, tau, impl):
@@ -300,7 +310,7 @@ _OPS = (
     ("threshold_linear", threshold_linear, _threshold_linear_fake),
     ("gate_sparse_ffn", gate_sparse_ffn, _ffn_fake),
     ("semi_structured_linear", semi_structured_linear, _linear_fake),
-    ("block_sparse_linear", block_sparse_linear, _linear_fake),
+    ("block_sparse_linear", block_sparse_linear, _block_sparse_linear_fake),
 )
 
 

@@ -6,25 +6,39 @@ and ``x @ W`` with W [in, out]. A linear site belongs to the module that owns
 the weight. Weight forms (2:4, block_weights) compress the weight once at
 compile time; the compressed tensors enter the compiled graph as extra inputs
 that ``WeightBindings`` keeps in step with the parameter (see backend).
+
+A ``block_weights`` site also takes over the pointwise chain that follows it
+(bias, activation, gating multiply, residual add, cast: ``passes/epilogue.py``),
+which its kernel computes in a generated epilogue. ``SPARSECC_FOLD_EPILOGUES=0``
+turns folding off. With ``SPARSECC_FUSE_GATE_UP=1``, the gate and up projections
+of a gated FFN that both get ``block_weights`` with the same block shape become
+one op computing ``act(x W_gᵀ) * (x W_uᵀ)`` in one pass over x (off by default:
+docs/kernels.md says why).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
 
 from sparsecc.codegen import ops
 from sparsecc.cost import estimate_linear
-from sparsecc.forms import TwoFour
+from sparsecc.forms import BlockWeights, TwoFour
 from sparsecc.passes.decide import fallback, site_rule, verdict
+from sparsecc.passes.epilogue import FoldedChain, fold_chain
 from sparsecc.passes.fx_utils import ParamRef, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
-from sparsecc.passes.normalize import op_of
+from sparsecc.passes.normalize import canonical, op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FOLD_ENV = "SPARSECC_FOLD_EPILOGUES"      # "1" (default): fold the pointwise chain after block-sparse linears
+FUSE_GATE_UP_ENV = "SPARSECC_FUSE_GATE_UP"  # "1": one op for a gated FFN's gate and up projections; "0" default
+_LINEAR_OPS = ("linear", "addmm", "matmul")
+_BSR_FIELDS = ("blocks", "row_ptr", "col_idx")
 
 
 @dataclass
@@ -131,23 +145,131 @@ def check_linear(site: Site, ctx) -> Decision:
     return verdict(site, ctx, form, rule.key, policy, estimate, op_name)
 
 
+def _flag(name: str, default: str) -> bool:
+    """A 0/1 environment switch; anything else is an error naming the variable and its values."""
+    value = os.environ.get(name, default).strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+def _operands(node: Node) -> Tuple[Node, Optional[Node]]:
+    """(x, bias) of a linear node as its arguments stand now (an earlier rewrite may have replaced x)."""
+    op = canonical(node)
+    if op is None or op.name not in _LINEAR_OPS:
+        raise ValueError(f"{node.name} is no longer a linear")
+    bias = op.inputs[2] if op.name in ("linear", "addmm") and isinstance(op.inputs[2], Node) else None
+    return op.inputs[0], bias
+
+
+def _block_form(site: Site, ctx) -> Optional[BlockWeights]:
+    """The site's applied block_weights form, else None."""
+    d = ctx.decision(site)
+    return d.form if d is not None and d.apply and isinstance(d.form, BlockWeights) else None
+
+
+def _blocked(site: Site, ctx) -> Callable[[Node], bool]:
+    """Nodes that belong to another applied non-linear site: never folded into this one."""
+    owned = {n for s in ctx.sites if s is not site and s.kind != "linear" and ctx.applied(s) for n in s.nodes}
+    return owned.__contains__
+
+
+def _up_partner(site: Site, ctx) -> Callable[[Node], Optional[Site]]:
+    """For fused gate/up: the linear site whose output ``node`` is, when it can fuse into ``site``'s op.
+
+    It must be an unrewritten block_weights linear with the same block shape, the same input
+    node and no bias, and the multiply must be its only user.
+    """
+    form = _block_form(site, ctx)
+    if form is None or not _flag(FUSE_GATE_UP_ENV, "0"):
+        return lambda node: None
+    x = _operands(site.output)[0]
+
+    def partner(node: Node) -> Optional[Site]:
+        for other in ctx.sites:
+            if other is site or other.kind != "linear" or other.output is not node or other.attrs.get("fused_gate_up"):
+                continue
+            other_form = _block_form(other, ctx)
+            if other_form is None or other_form.block != form.block or len(node.users) != 1:
+                return None
+            op = canonical(node)
+            if op is None or op.name not in _LINEAR_OPS or _operands(node) != (x, None):
+                return None
+            return other
+        return None
+    return partner
+
+
+def _fold(site: Site, ctx) -> FoldedChain:
+    """The chain after ``site``'s linear that its op can compute (empty when folding is off)."""
+    if not _flag(FOLD_ENV, "1"):
+        return FoldedChain()
+    has_bias = _operands(site.output)[1] is not None
+    return fold_chain(site.output, has_bias, _blocked(site, ctx), _up_partner(site, ctx))
+
+
+def _gate_half(site: Site, ctx) -> Optional[Tuple[Site, FoldedChain]]:
+    """When ``site`` is the up projection that another site's chain multiplies in (``mul:up``): that site."""
+    if not _flag(FUSE_GATE_UP_ENV, "0") or not _flag(FOLD_ENV, "1"):
+        return None
+    for other in ctx.sites:
+        if other is site or other.kind != "linear" or _block_form(other, ctx) is None or other.attrs.get("fused_gate_up"):
+            continue
+        op = canonical(other.output)
+        if op is None or op.name not in _LINEAR_OPS:
+            continue
+        folded = _fold(other, ctx)
+        if folded.up is site:
+            return other, folded
+    return None
+
+
 def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
-    """Replace the linear by a compressed-weight op whose weight tensors are extra graph inputs."""
+    """Replace the linear by a compressed-weight op whose weight tensors are extra graph inputs.
+
+    A block_weights op also takes over the folded epilogue chain (and, fused, the up projection).
+    """
+    if site.attrs.get("fused_gate_up"):
+        return  # already computed by the fused gate/up op its partner's rewrite emitted
     m: LinearMatch = site.match
     graph = gm.graph
-    compressed = ctx.compressed_weight(site, decision.form)
     n, k = m.out_features, m.in_features
     if isinstance(decision.form, TwoFour):
+        x, bias = _operands(site.output)
         values, indices = ctx.bind_weight(site, decision.form, ("values", "indices"))
-        target, tensors = ops.op("semi_structured_linear"), (values, indices)
-    else:
-        blocks, row_ptr, col_idx = ctx.bind_weight(site, decision.form, ("blocks", "row_ptr", "col_idx"))
-        target, tensors = ops.op("block_sparse_linear"), (blocks, row_ptr, col_idx)
-    del compressed
-    with graph.inserting_before(site.output):
-        out = graph.call_function(target, (m.x, *tensors, m.bias, n, k, ctx.kernels))
-    out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
-    site.output.replace_all_uses_with(out)
+        with graph.inserting_before(site.output):
+            out = graph.call_function(ops.op("semi_structured_linear"), (x, values, indices, bias, n, k, ctx.kernels))
+        out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
+        _take_over(graph, site.output, out, (site.output,))
+        return
+    pair = _gate_half(site, ctx)
+    root, folded = pair if pair is not None else (site, _fold(site, ctx))
+    up: Optional[Site] = folded.up
+    x, bias = _operands(root.output)
+    if folded.bias is not None:
+        bias = folded.bias
+    tensors = ctx.bind_weight(root, _block_form(root, ctx), _BSR_FIELDS)
+    up_tensors = ctx.bind_weight(up, _block_form(up, ctx), _BSR_FIELDS) if up is not None else (None, None, None)
+    last = folded.output or root.output
+    with graph.inserting_before(last):
+        out = graph.call_function(ops.op("block_sparse_linear"), (
+            x, *tensors, bias, n, k, ctx.kernels, str(folded.chain), folded.gate, folded.residual, *up_tensors))
+    out.meta["nn_module_stack"] = root.output.meta.get("nn_module_stack", {})
+    _take_over(graph, last, out, (root.output,) + folded.nodes + ((up.output,) if up is not None else ()))
+    root.attrs["epilogue"] = str(folded.chain)
+    if up is not None:
+        root.attrs["fused_gate_up"] = up.attrs["fused_gate_up"] = f"gate={root.module}, up={up.module}"
+
+
+def _take_over(graph, last: Node, out: Node, replaced: Tuple[Node, ...]) -> None:
+    """Point ``last``'s users at ``out``, then erase the replaced nodes that nothing reads any more."""
+    if "example_value" in last.meta:
+        out.meta["example_value"] = last.meta["example_value"]
+    last.replace_all_uses_with(out)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in sorted(set(replaced), key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
 
 
 LINEAR_REWRITES = (

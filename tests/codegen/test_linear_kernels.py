@@ -24,7 +24,8 @@ triton = pytest.importorskip("triton")
 from sparsecc.codegen import ops  # noqa: E402
 from sparsecc.codegen.activation_sparse import (GemvConfig, MAX_DECODE_TOKENS, threshold_linear,  # noqa: E402
                                                 threshold_linear_ref)
-from sparsecc.codegen.block_sparse_linear import BlockLinearConfig, block_sparse_linear  # noqa: E402
+from sparsecc.codegen.block_sparse_linear import (BlockLinearConfig, block_sparse_linear,  # noqa: E402
+                                                  block_sparse_linear_op)
 from sparsecc.codegen.epilogue import EPILOGUES, activation_ref  # noqa: E402
 from sparsecc.forms import BlockWeights  # noqa: E402
 from sparsecc.weights import compress_block_weights  # noqa: E402
@@ -207,7 +208,7 @@ def test_threshold_linear_many_tokens_is_the_dense_reference():
 
 
 def test_kernels_are_registered_for_cuda_only():
-    for name, fn in (("block_sparse_linear", block_sparse_linear), ("threshold_linear", threshold_linear)):
+    for name, fn in (("block_sparse_linear", block_sparse_linear_op), ("threshold_linear", threshold_linear)):
         assert ops.triton_kernel(name, torch.device("cuda")) is fn
         assert ops.triton_kernel(name, torch.device("cpu")) is None
 
