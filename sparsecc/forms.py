@@ -19,7 +19,9 @@ Exact semantics (the references in ``sparsecc.codegen`` implement these):
   ``random_blocks`` blocks drawn for (head, a) from ``seed``. Causality and the
   model's own mask are intersected afterwards, at token granularity.
 * ``ActivationThreshold``: an input x of a chosen projection is replaced by
-  ``x * (|x| > tau)``.
+  ``x * (score > tau)``, where the score of channel i is ``|x_i|`` with
+  ``criterion="magnitude"`` (the default) and ``|x_i| * ||W[:, i]||_2`` with
+  ``criterion="weighted"`` (W the projection that consumes x, ``[out, in]``).
 * ``TwoFour``: in every group of 4 consecutive input-dimension weights the 2
   with the largest magnitude are kept.
 * ``BlockWeights(block=(bm, bk), density)``: the ``ceil(density * n_blocks)``
@@ -39,6 +41,8 @@ FORMS_BY_KIND = {"attention": ATTENTION_FORMS, "ffn": FFN_FORMS, "linear": LINEA
 
 PRUNE_MODES = ("magnitude", "keep")
 THRESHOLD_MODES = ("input", "gate")
+# How a channel is scored against tau: |x_i| alone, or |x_i| times the norm of the weight column it multiplies.
+THRESHOLD_CRITERIA = ("magnitude", "weighted")
 # Which projections a threshold may name, per mode.
 THRESHOLD_KEYS = {"input": ("input", "down"), "gate": ("gate",)}
 WEIGHT_BLOCK_SIZES = (16, 32, 64, 128)
@@ -117,15 +121,20 @@ class ActivationThreshold:
     mode, ``gate`` in gate mode. A rule may instead give a target ``sparsity``
     in (0, 1); ``sparsecc.calibrate`` turns that into thresholds. A form with a
     sparsity target and no thresholds is not applicable until calibrated.
+    ``criterion`` chooses the channel score compared with tau: ``"magnitude"``
+    (``|x_i|``) or ``"weighted"`` (``|x_i| * ||W[:, i]||_2``).
     """
 
     mode: str = "input"
     thresholds: Tuple[Tuple[str, float], ...] = ()
     sparsity: Optional[float] = None
+    criterion: str = "magnitude"
     name: str = field(default="activation_threshold", init=False)
 
     def __post_init__(self):
         _require(self.mode in THRESHOLD_MODES, "mode", self.mode, f"one of {THRESHOLD_MODES}")
+        _require(isinstance(self.criterion, str) and self.criterion in THRESHOLD_CRITERIA,
+                 "criterion", self.criterion, f"one of {THRESHOLD_CRITERIA}")
         allowed = THRESHOLD_KEYS[self.mode]
         for key, tau in self.thresholds:
             _require(key in allowed, "threshold key", key, f"one of {allowed} in mode {self.mode!r}")
@@ -139,7 +148,8 @@ class ActivationThreshold:
 
     @staticmethod
     def from_value(mode: str, threshold: Optional[ThresholdValue] = None,
-                   sparsity: Optional[float] = None) -> "ActivationThreshold":
+                   sparsity: Optional[float] = None,
+                   criterion: str = "magnitude") -> "ActivationThreshold":
         """Build from the spec's ``threshold`` (a float applies to every projection of the mode, or a table)."""
         if threshold is None:
             pairs: Tuple[Tuple[str, float], ...] = ()
@@ -148,7 +158,7 @@ class ActivationThreshold:
         else:
             _require(mode in THRESHOLD_KEYS, "mode", mode, f"one of {THRESHOLD_MODES}")
             pairs = tuple((key, threshold) for key in THRESHOLD_KEYS[mode])
-        return ActivationThreshold(mode=mode, thresholds=pairs, sparsity=sparsity)
+        return ActivationThreshold(mode=mode, thresholds=pairs, sparsity=sparsity, criterion=criterion)
 
     def tau(self, projection: str) -> Optional[float]:
         """Threshold for one projection, or None when the form leaves it dense."""
@@ -162,7 +172,8 @@ class ActivationThreshold:
     def __str__(self) -> str:
         taus = ", ".join(f"{k}={v:g}" for k, v in self.thresholds)
         target = f", sparsity={self.sparsity:g}" if self.sparsity is not None else ""
-        return f"activation_threshold(mode={self.mode}{', ' + taus if taus else ''}{target})"
+        criterion = f", criterion={self.criterion}" if self.criterion != "magnitude" else ""
+        return f"activation_threshold(mode={self.mode}{', ' + taus if taus else ''}{target}{criterion})"
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,8 @@ def _build_threshold(raw: Mapping[str, Any]) -> ActivationThreshold:
     else:
         threshold = as_float(threshold)
     return ActivationThreshold.from_value(raw.get("mode", "input"), threshold,
-                                          as_float(raw.get("sparsity")))
+                                          as_float(raw.get("sparsity")),
+                                          raw.get("criterion", "magnitude"))
 
 
 def _dump_threshold(form: ActivationThreshold) -> Dict[str, Any]:
@@ -92,12 +93,14 @@ def _dump_threshold(form: ActivationThreshold) -> Dict[str, Any]:
         # form is exactly what that number builds, so that loading it back gives an equal form.
         if len(taus) == 1:
             scalar = next(iter(taus))
-            if ActivationThreshold.from_value(form.mode, scalar, form.sparsity) == form:
+            if ActivationThreshold.from_value(form.mode, scalar, form.sparsity, form.criterion) == form:
                 out["threshold"] = scalar
         if "threshold" not in out:
             out["threshold"] = dict(form.thresholds)
     if form.sparsity is not None:
         out["sparsity"] = form.sparsity
+    if form.criterion != "magnitude":
+        out["criterion"] = form.criterion
     return out
 
 
@@ -128,7 +131,8 @@ _ENTRIES = (
               lambda form: _non_default(form, ("block", "local_blocks", "global_blocks",
                                                "random_blocks", "seed"))),
     FormEntry("ffn", "dense", Dense, (), (), lambda raw: Dense(), lambda form: {}),
-    FormEntry("ffn", "activation_threshold", ActivationThreshold, ("mode", "threshold", "sparsity"), (),
+    FormEntry("ffn", "activation_threshold", ActivationThreshold,
+              ("mode", "threshold", "sparsity", "criterion"), (),
               _build_threshold, _dump_threshold),
     FormEntry("linear", "dense", Dense, (), (), lambda raw: Dense(), lambda form: {}),
     FormEntry("linear", "2:4", TwoFour, ("prune",), (),
