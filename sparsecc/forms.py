@@ -18,6 +18,9 @@ Exact semantics (the references in ``sparsecc.codegen`` implement these):
   ``a < global_blocks`` or ``b < global_blocks``, or b is one of the
   ``random_blocks`` blocks drawn for (head, a) from ``seed``. Causality and the
   model's own mask are intersected afterwards, at token granularity.
+* ``BlockTopK`` and ``VerticalSlash``: dynamic (per-input) block layouts; their
+  exact estimate and selection rules are in the class docstrings below and in
+  docs/spec.md, and ``sparsecc.codegen.dynamic_attention`` implements them.
 * ``ActivationThreshold``: an input x of a chosen projection is replaced by
   ``x * (score > tau)``, where the score of channel i is ``|x_i|`` with
   ``criterion="magnitude"`` (the default) and ``|x_i| * ||W[:, i]||_2`` with
@@ -34,7 +37,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple, Union
 
-ATTENTION_FORMS = ("dense", "streaming", "block_sparse")
+ATTENTION_FORMS = ("dense", "streaming", "block_sparse", "block_topk", "vertical_slash")
+# The attention forms whose layout is chosen per input, at run time.
+DYNAMIC_ATTENTION_FORMS = ("block_topk", "vertical_slash")
+# Block sizes of the dynamic forms: powers of two that the block-table kernel tiles (tl.dot needs >= 16).
+DYNAMIC_BLOCK_SIZES = (16, 32, 64, 128, 256)
+POOL_MODES = ("mean", "max")
 FFN_FORMS = ("dense", "activation_threshold")
 LINEAR_FORMS = ("dense", "2:4", "block_weights")
 FORMS_BY_KIND = {"attention": ATTENTION_FORMS, "ffn": FFN_FORMS, "linear": LINEAR_FORMS}
@@ -108,6 +116,104 @@ class BlockSparse:
     def __str__(self) -> str:
         return (f"block_sparse(block={self.block}, local={self.local_blocks}, "
                 f"global={self.global_blocks}, random={self.random_blocks}, seed={self.seed})")
+
+
+def _check_dynamic_block(block) -> None:
+    _require(_is_int(block) and block in DYNAMIC_BLOCK_SIZES, "block", block,
+             f"a power of two in 16..256 (one of {DYNAMIC_BLOCK_SIZES})")
+
+
+@dataclass(frozen=True)
+class BlockTopK:
+    """Dynamic block sparsity: per (batch, head, query block), the key blocks with the highest pooled scores.
+
+    Queries and keys are cut into blocks of ``block`` tokens (query blocks over
+    rows, key blocks over positions; queries are the last Sq positions). The
+    *estimate* of block pair (a, b) is ``scale * pool(q[a]) . pool(k[b])``,
+    computed in float32, where ``pool`` is the mean (``pool="mean"``) or the
+    per-feature maximum (``pool="max"``) over the block's real tokens (a ragged
+    last block pools only the tokens it has), and k is the query head's GQA kv
+    head. In causal attention a pair with no causally allowed element is never
+    a candidate and gets no probability mass.
+
+    Always kept (when causally allowed): the *sink* blocks ``b < sink_blocks``
+    and the *local* band ``lo(a) - local_blocks + 1 <= b <= hi(a)``, where
+    ``lo(a)``/``hi(a)`` are the key blocks holding the first/last position of
+    query block a (both equal a when Sq == Sk; ``local_blocks = 0`` keeps no band).
+    The remaining candidates are ranked by estimate, highest first, ties to the
+    lower block index; then
+
+    * ``topk``: the first ``topk`` candidates are kept (all when fewer remain);
+    * ``cdf``: with p the softmax of the estimates over all allowed key blocks
+      of a, a candidate is kept iff the mass of the always-kept blocks plus the
+      candidates ranked before it is below ``cdf`` (the shortest ranked prefix
+      whose mass, with the always-kept blocks, reaches cdf).
+
+    Exactly one of ``topk`` and ``cdf`` is set.
+    """
+
+    block: int = 64
+    topk: Optional[int] = None
+    cdf: Optional[float] = None
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    pool: str = "mean"
+    name: str = field(default="block_topk", init=False)
+
+    def __post_init__(self):
+        _check_dynamic_block(self.block)
+        _require((self.topk is None) != (self.cdf is None), "topk/cdf", (self.topk, self.cdf),
+                 "exactly one of topk (an integer >= 1) and cdf (a number in (0, 1])")
+        if self.topk is not None:
+            _require(_is_int(self.topk) and self.topk >= 1, "topk", self.topk, "an integer >= 1")
+        if self.cdf is not None:
+            _require(isinstance(self.cdf, (int, float)) and not isinstance(self.cdf, bool)
+                     and 0.0 < self.cdf <= 1.0, "cdf", self.cdf, "a number in (0, 1]")
+        _require(_is_int(self.sink_blocks) and self.sink_blocks >= 0, "sink_blocks", self.sink_blocks,
+                 "an integer >= 0")
+        _require(_is_int(self.local_blocks) and self.local_blocks >= 0, "local_blocks", self.local_blocks,
+                 "an integer >= 0")
+        _require(isinstance(self.pool, str) and self.pool in POOL_MODES, "pool", self.pool,
+                 f"one of {POOL_MODES}")
+
+    def __str__(self) -> str:
+        budget = f"topk={self.topk}" if self.topk is not None else f"cdf={self.cdf:g}"
+        return (f"block_topk(block={self.block}, {budget}, sink={self.sink_blocks}, "
+                f"local={self.local_blocks}, pool={self.pool})")
+
+
+@dataclass(frozen=True)
+class VerticalSlash:
+    """Dynamic vertical (key column) + slash (diagonal) sparsity, rounded out to a block table.
+
+    The last ``min(last_q, Sq)`` query rows (positions ``p = i + Sk - Sq``)
+    compute float32 softmax probabilities ``P[i, j]`` of ``scale * q_i . k_j``
+    over their keys (``j <= p`` when causal, every key otherwise; GQA kv head of
+    the query head). Column j scores ``sum_i P[i, j]``; diagonal ``t = p - j``
+    scores ``sum_i P[i, p_i - t]`` over the rows where that key exists.
+    Column 0 and diagonal 0 are always kept; besides them the ``vertical``
+    highest-scoring other columns and the ``slash`` highest-scoring other
+    diagonals are kept (ties to the lower column index / lower offset t).
+    Element (p, j) is kept iff its column or its diagonal is kept; the block
+    table keeps block (a, b) iff the cell holds a kept element that exists and,
+    when causal, has ``j <= p``.
+    """
+
+    last_q: int
+    vertical: int
+    slash: int
+    block: int = 64
+    name: str = field(default="vertical_slash", init=False)
+
+    def __post_init__(self):
+        _require(_is_int(self.last_q) and self.last_q >= 1, "last_q", self.last_q, "an integer >= 1")
+        _require(_is_int(self.vertical) and self.vertical >= 0, "vertical", self.vertical, "an integer >= 0")
+        _require(_is_int(self.slash) and self.slash >= 0, "slash", self.slash, "an integer >= 0")
+        _check_dynamic_block(self.block)
+
+    def __str__(self) -> str:
+        return (f"vertical_slash(last_q={self.last_q}, vertical={self.vertical}, slash={self.slash}, "
+                f"block={self.block})")
 
 
 ThresholdValue = Union[float, Mapping[str, float]]
@@ -216,4 +322,4 @@ class BlockWeights:
         return f"block_weights(block={self.block[0]}x{self.block[1]}, density={self.density:g}, prune={self.prune})"
 
 
-Form = Union[Dense, Streaming, BlockSparse, ActivationThreshold, TwoFour, BlockWeights]
+Form = Union[Dense, Streaming, BlockSparse, BlockTopK, VerticalSlash, ActivationThreshold, TwoFour, BlockWeights]

@@ -245,6 +245,8 @@ def _build_rule(kind: str, index: int, raw: Any, ctx: _Context) -> Rule:
     form_raw = {key: raw[key] for key in entry.keys if key in raw}
     if form_name == "activation_threshold":
         _check_threshold(form_raw, path, ctx)
+    if form_name == "block_topk":
+        _check_block_topk(form_raw, path, ctx)
     for key, value in form_raw.items():
         if isinstance(value, int) and not isinstance(value, bool) and not is_int(value):
             raise ctx.error(path + (key,), value=value, allowed="an integer within the 64-bit range")
@@ -282,6 +284,16 @@ def _check_threshold(raw: Mapping[str, Any], path: KeyPath, ctx: _Context) -> No
             if key not in keys:
                 raise ctx.error(path + ("threshold", key), f"is not an allowed key in mode {mode!r}",
                                 value=tau, allowed=_one_of(keys))
+
+
+def _check_block_topk(raw: Mapping[str, Any], path: KeyPath, ctx: _Context) -> None:
+    """block_topk takes exactly one budget: a block count (topk) or a probability mass (cdf)."""
+    if "topk" in raw and "cdf" in raw:
+        raise ctx.error(path + ("cdf",), "cannot be given together with topk", value=raw["cdf"],
+                        allowed="exactly one of topk (an integer >= 1) and cdf (a number in (0, 1])")
+    if "topk" not in raw and "cdf" not in raw:
+        raise ctx.error(path + ("topk",), "is missing",
+                        allowed="exactly one of topk (an integer >= 1) and cdf (a number in (0, 1])")
 
 
 def _form_error(exc: Exception, path: KeyPath, raw: Mapping[str, Any], ctx: _Context) -> SpecError:

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Mapping, Tuple
 
-from sparsecc.forms import (FORMS_BY_KIND, THRESHOLD_KEYS, ActivationThreshold, BlockSparse,
-                            BlockWeights, Dense, Form, Streaming, TwoFour)
+from sparsecc.forms import (FORMS_BY_KIND, THRESHOLD_KEYS, ActivationThreshold, BlockSparse, BlockTopK,
+                            BlockWeights, Dense, Form, Streaming, TwoFour, VerticalSlash)
 
 KINDS: Tuple[str, ...] = tuple(FORMS_BY_KIND)
 POLICIES: Tuple[str, ...] = ("auto", "force", "off")
@@ -72,6 +72,17 @@ def _build_block_sparse(raw: Mapping[str, Any]) -> BlockSparse:
     return BlockSparse(**dict(raw))
 
 
+def _build_block_topk(raw: Mapping[str, Any]) -> BlockTopK:
+    kwargs = dict(raw)
+    if "cdf" in kwargs:
+        kwargs["cdf"] = as_float(kwargs["cdf"])
+    return BlockTopK(**kwargs)
+
+
+BLOCK_TOPK_KEYS = ("block", "topk", "cdf", "sink_blocks", "local_blocks", "pool")
+VERTICAL_SLASH_KEYS = ("last_q", "vertical", "slash", "block")
+
+
 def _build_threshold(raw: Mapping[str, Any]) -> ActivationThreshold:
     threshold = raw.get("threshold")
     if isinstance(threshold, Mapping):
@@ -130,6 +141,12 @@ _ENTRIES = (
               _build_block_sparse,
               lambda form: _non_default(form, ("block", "local_blocks", "global_blocks",
                                                "random_blocks", "seed"))),
+    FormEntry("attention", "block_topk", BlockTopK, BLOCK_TOPK_KEYS, (), _build_block_topk,
+              lambda form: _non_default(form, BLOCK_TOPK_KEYS)),
+    FormEntry("attention", "vertical_slash", VerticalSlash, VERTICAL_SLASH_KEYS, ("last_q", "vertical", "slash"),
+              lambda raw: VerticalSlash(**dict(raw)),
+              lambda form: {"last_q": form.last_q, "vertical": form.vertical, "slash": form.slash,
+                            **_non_default(form, ("block",))}),
     FormEntry("ffn", "dense", Dense, (), (), lambda raw: Dense(), lambda form: {}),
     FormEntry("ffn", "activation_threshold", ActivationThreshold,
               ("mode", "threshold", "sparsity", "criterion"), (),
