@@ -50,9 +50,17 @@ def _threshold(x: Tensor, tau: float) -> Tensor:
     return x * (x.abs() > tau).to(x.dtype)
 
 
-def threshold_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float) -> Tensor:
-    """Reference ``F.linear(x * (|x| > tau), weight, bias)`` with ``weight`` ``[N, K]``."""
-    return F.linear(_threshold(x, tau), weight, bias)
+def threshold_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
+                         channel_scale: Optional[Tensor] = None) -> Tensor:
+    """Reference ``F.linear(x * (|x| > tau), weight, bias)`` with ``weight`` ``[N, K]``.
+
+    With ``channel_scale`` s (``[K]``; criterion "weighted", s_i = ||W[:, i]||_2) input
+    channel i is kept iff ``|x_i| * s_i > tau``, the score computed in float32.
+    """
+    if channel_scale is None:
+        return F.linear(_threshold(x, tau), weight, bias)
+    keep = (x.abs().float() * channel_scale.float()) > tau
+    return F.linear(x * keep.to(x.dtype), weight, bias)
 
 
 def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Optional[Tensor],

@@ -227,9 +227,18 @@ def _pick_heads(sparse, dense, dense_heads: tuple, heads: int):
 # ---------------------------------------------------------------- ffn / linear
 
 def threshold_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tau: float,
-                     impl: str) -> torch.Tensor:
-    """``F.linear(x * (|x| > tau), weight, bias)``: input activation sparsity (TEAL)."""
+                     impl: str, channel_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x * (|x| > tau), weight, bias)``: input activation sparsity (TEAL).
+
+    ``channel_scale`` (criterion "weighted") keeps channel i iff ``|x_i| * channel_scale[i] > tau``.
+    The Triton GEMV compares with one scalar threshold, so weighted calls run the reference.
+    """
     from sparsecc.codegen.activation_sparse import threshold_linear_ref
+    if channel_scale is not None:
+        if impl == "triton":
+            raise RuntimeError("sparsecc op threshold_linear: kernels='triton' but the Triton kernel takes no "
+                               "channel_scale (criterion weighted)")
+        return threshold_linear_ref(x, weight, bias, tau, channel_scale).contiguous()
     return _pick("threshold_linear", impl, x.device, threshold_linear_ref)(x, weight, bias, tau)
 
 
@@ -296,7 +305,7 @@ def _block_sparse_linear_fake(x, blocks, row_ptr, col_idx, bias, out_features, i
     return x.new_empty((*x.shape[:-1], out_features), dtype=EpilogueChain.parse(epilogue).out_dtype(x.dtype))
 
 
-def _threshold_linear_fake(x, weight, bias, tau, impl):
+def _threshold_linear_fake(x, weight, bias, tau, impl, channel_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

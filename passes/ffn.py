@@ -10,8 +10,9 @@ to the innermost module containing all of its nodes.
 
 from __future__ import annotations
 
+import functools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -272,6 +273,10 @@ def check_ffn(site: Site, ctx) -> Decision:
         return fallback(form, rule.key, policy, f"{rule.key} gives a target sparsity but no threshold; "
                         "run sparsecc.calibrate to fill it in", estimate)
     m: FfnMatch = site.match
+    criterion = getattr(form, "criterion", "magnitude")
+    if criterion == "weighted" and form.mode != "input":
+        return fallback(form, rule.key, policy, "criterion weighted is defined for mode input only "
+                        "(the gate-sparse FFN op compares act(gate) with one scalar threshold)", estimate)
     if form.mode == "gate":
         if m.act is None:
             return fallback(form, rule.key, policy, "gate mode needs a recognised activation "
@@ -279,8 +284,35 @@ def check_ffn(site: Site, ctx) -> Decision:
         return verdict(site, ctx, form, rule.key, policy, estimate, "gate_sparse_ffn", tau=form.tau("gate"))
     if form.tau("input") is None and form.tau("down") is None:
         return fallback(form, rule.key, policy, "input mode with neither an input nor a down threshold", estimate)
-    return verdict(site, ctx, form, rule.key, policy, estimate, "threshold_linear",
-                   tau_input=form.tau("input"), tau_down=form.tau("down"))
+    params = dict(tau_input=form.tau("input"), tau_down=form.tau("down"))
+    if criterion == "weighted":
+        return _weighted_verdict(site, ctx, form, rule.key, policy, estimate, params)
+    return verdict(site, ctx, form, rule.key, policy, estimate, "threshold_linear", **params)
+
+
+# Why weighted sites never run the Triton GEMV (one sentence for the report).
+_WEIGHTED_NO_KERNEL = ("criterion weighted needs a per-channel threshold and the Triton threshold GEMV takes one "
+                       "scalar, so it runs the reference")
+
+
+def _weighted_verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimate, params) -> Decision:
+    """The usual verdict, but a weighted site runs the reference op: never "triton", never "fast" under auto."""
+    if ctx.kernels == "triton" and policy != "off":
+        return fallback(form, rule_key, policy, f"kernels='triton' but {_WEIGHTED_NO_KERNEL}", estimate, **params)
+    decision = verdict(site, ctx, form, rule_key, policy, estimate, "threshold_linear", **params)
+    if not decision.apply or ctx.kernels == "reference" or not ctx.has_kernel("threshold_linear", site.device):
+        return decision
+    if policy == "force":
+        return replace(decision, reason=decision.reason.replace("triton kernel", "reference") +
+                       f" ({_WEIGHTED_NO_KERNEL})")
+    return replace(decision, apply=False, reason=f"auto: kept dense, {_WEIGHTED_NO_KERNEL}, "
+                   "which is slower than dense")
+
+
+def column_norms(weight: torch.Tensor, in_out: bool = False) -> torch.Tensor:
+    """``||W[:, i]||_2`` per input channel i, in float32, for W stored [out, in] (``in_out``: [in, out])."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight.detach().float(), dim=1 if in_out else 0).contiguous()
 
 
 def _estimate(site: Site, form: ActivationThreshold, ctx) -> Estimate:
@@ -309,12 +341,16 @@ def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
         if m.up is not None:
             targets.append((m.up_node, m.up, decision.params["tau_input"]))
         targets.append((m.down_node, m.down, decision.params["tau_down"]))
+        weighted = getattr(decision.form, "criterion", "magnitude") == "weighted"
         for node, lin, tau in targets:
             if tau is None:
                 continue
+            # Magnitude keeps the five-argument call, so its graphs are exactly what they always were.
+            extra = (_bind_column_norms(ctx, lin),) if weighted else ()
             with graph.inserting_before(node):
                 out = graph.call_function(ops.op("threshold_linear"),
-                                          (lin.x, _weight_node(graph, lin), lin.bias, float(tau), ctx.kernels))
+                                          (lin.x, _weight_node(graph, lin), lin.bias, float(tau), ctx.kernels,
+                                           *extra))
             out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
             node.replace_all_uses_with(out)
         return
@@ -337,6 +373,55 @@ def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
             float(decision.params["tau"]), ctx.kernels))
     out.meta["nn_module_stack"] = m.down_node.meta.get("nn_module_stack", {})
     m.down_node.replace_all_uses_with(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _column_norm_binding_type():
+    """``WeightBinding`` for column norms: ``refresh`` recomputes the norms instead of compressing.
+
+    Built on first use because the pipeline imports this module.
+    """
+    from sparsecc.pipeline import WeightBinding
+
+    class ColumnNormBinding(WeightBinding):
+        """Column norms of one weight, fed to the compiled graph like a compressed weight."""
+
+        def refresh(self, param: torch.Tensor) -> None:
+            """Recompute the norms when the parameter changed since compile."""
+            if param is self.param and param._version == self.version and param.data_ptr() == self.data_ptr:
+                return
+            fresh = column_norms(param, self.in_out)
+            if fresh.shape != self.tensors[0].shape:
+                raise RuntimeError(f"sparsecc: weight {self.qualname} changed shape after compile; recompile "
+                                   "the model (torch._dynamo.reset())")
+            self.tensors[0].copy_(fresh)
+            self.param, self.version, self.data_ptr = param, param._version, param.data_ptr()
+
+    return ColumnNormBinding
+
+
+def _bind_column_norms(ctx, lin: LinearMatch) -> Node:
+    """A graph input holding ``column_norms`` of ``lin``'s weight, computed once here (one per weight per graph).
+
+    It is registered with the compile's weight bindings, so it is passed on
+    every call and recomputed when the parameter changes after compile.
+    """
+    ref = lin.weight
+    for binding in ctx.bindings:
+        if getattr(binding, "column_norms_of", None) == ref.qualname:
+            return binding.node
+    norms = column_norms(ref.tensor, lin.in_out)
+    binding_type = _column_norm_binding_type()
+    binding = binding_type(ref.input_index, ref.tensor, None, ("column_norms",), [norms],
+                           ref.tensor._version, ref.tensor.data_ptr(), ref.qualname)
+    graph = ctx.gm.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_column_norms")
+    node.meta["example_value"] = norms
+    binding.column_norms_of, binding.node, binding.in_out = ref.qualname, node, lin.in_out
+    ctx.bindings.append(binding)
+    return node
 
 
 FFN_REWRITES = (

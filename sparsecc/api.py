@@ -59,7 +59,9 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
 
     For each FFN site such a rule covers, tau is the ``sparsity`` quantile of
     |x| over the batches: the FFN input (input mode: shared by gate/up, or
-    W1) and the down projection's input, or act(gate) (gate mode). Returns a
+    W1) and the down projection's input, or act(gate) (gate mode). With
+    ``criterion = "weighted"`` the quantile is of the score |x_i| * ||W[:, i]||_2
+    (the scores of gate and up pooled for the shared input). Returns a
     new Spec with one rule per calibrated site appended (later rules
     override), so the result saves and loads like any spec. Each batch is a
     tuple of positional arguments, a dict of keyword arguments, or a tensor.
@@ -76,6 +78,8 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
     args, kwargs = _split_batch(batches[0])
     report = explain(model, *args, spec=spec, **kwargs)
     modules = dict(model.named_modules())
+    # Weight layout per owning module, for the column norms of the weighted criterion.
+    in_out = {s.module: s.attrs.get("weight_layout") == "in_out" for s in report.sites if s.kind == "linear"}
     targets = []   # (site record, rule, {projection: module path, tensor role})
     for site in report.sites:
         if site.kind != "ffn":
@@ -91,7 +95,12 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
     for site, rule in targets:
         form = rule.form
         linears = site.attrs.get("linear_modules", "").split(",")
-        if form.mode == "input":
+        if form.mode == "input" and getattr(form, "criterion", "magnitude") == "weighted":
+            for path in linears:   # first, [up,] down: each scores x with its own column norms
+                proj = "down" if path == linears[-1] else "input"
+                hooks.append(_sample_hook(modules, path, (site.module, proj), samples, use_output=False,
+                                          weighted_in_out=in_out.get(path, False)))
+        elif form.mode == "input":
             first, down = linears[0], linears[-1]
             hooks.append(_sample_hook(modules, first, (site.module, "input"), samples, use_output=False))
             hooks.append(_sample_hook(modules, down, (site.module, "down"), samples, use_output=False))
@@ -121,8 +130,9 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
                 taus[proj] = float(values.kthvalue(k).values)
         if not taus:
             continue
+        extra = {"criterion": form.criterion} if hasattr(form, "criterion") else {}
         calibrated = ActivationThreshold(mode=form.mode, thresholds=tuple(sorted(taus.items())),
-                                         sparsity=form.sparsity)
+                                         sparsity=form.sparsity, **extra)
         new_rules.append(Rule(kind="ffn", index=len(new_rules), form=calibrated,
                               modules=_glob_escape(site.module), policy=rule.policy))
     return spec.with_rules("ffn", new_rules)
@@ -136,11 +146,15 @@ def _split_batch(batch):
     return (batch,), {}
 
 
-def _sample_hook(modules, path, key, samples, use_output, transform=None, half=None):
+def _sample_hook(modules, path, key, samples, use_output, transform=None, half=None, weighted_in_out=None):
     module = modules.get(path)
     if not isinstance(module, torch.nn.Module) or not hasattr(module, "weight"):
         raise ValueError(f"calibrate: the FFN projection owned by {path!r} is not a Linear-like module, "
                          "so its input cannot be hooked")
+    norms = None
+    if weighted_in_out is not None:
+        from sparsecc.passes.ffn import column_norms
+        norms = column_norms(module.weight, weighted_in_out)
 
     def record(tensor):
         x = tensor.detach()
@@ -148,6 +162,8 @@ def _sample_hook(modules, path, key, samples, use_output, transform=None, half=N
             x = x.chunk(2, dim=-1)[half]
         if transform is not None:
             x = transform(x.double())
+        if norms is not None:   # the weighted score, in float32 as the op computes it
+            x = x.abs().float() * norms.to(x.device)
         flat = x.abs().flatten().float()
         if flat.numel() > CALIBRATION_SAMPLES_PER_BATCH:
             stride = flat.numel() // CALIBRATION_SAMPLES_PER_BATCH
