@@ -6,6 +6,9 @@
         build a model from a factory, capture/match/decide, print the report
     sparsecc calibrate-hw [--device cuda] [--size N] [--no-save]
         measure copy bandwidth, GEMM rates and launch overhead; save a profile that later compiles use
+    sparsecc import FORMAT FILE -o OUT [--modules-template T] [--threshold X] [--sink N] [--recent N]
+                    [--query-heads H] [--policy P]
+        turn a published sparsity file (minference, duo_attention, compressed_tensors) into a spec
 
 A factory is a callable ``FACTORY()`` in an importable module. It returns
 either a model, or ``(model, example_inputs)`` where example_inputs is a tuple
@@ -42,6 +45,18 @@ def _build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     hw.add_argument("--size", type=int, default=None, help="GEMM edge (default 8192 on CUDA, 1024 on CPU)")
     hw.add_argument("--no-save", action="store_true", help="print the profile without saving it")
+    imp = sub.add_parser("import", help="turn a published sparsity file into a spec (see docs/importers.md)")
+    imp.add_argument("format", help="minference, duo_attention or compressed_tensors")
+    imp.add_argument("file", help="the file to import (DuoAttention: the .tsv or its directory)")
+    imp.add_argument("-o", "--out", required=True, help="the spec to write (.toml or .json)")
+    imp.add_argument("--modules-template", default=None,
+                     help='attention module path with {layer} (default "model.layers.{layer}.self_attn")')
+    imp.add_argument("--threshold", type=float, default=None, help="DuoAttention: gate value that keeps full attention")
+    imp.add_argument("--sink", type=int, default=None, help="DuoAttention: sink tokens (default: sink_size)")
+    imp.add_argument("--recent", type=int, default=None, help="DuoAttention: recent tokens (default: recent_size)")
+    imp.add_argument("--query-heads", type=int, default=None,
+                     help="DuoAttention: the model's query heads per layer (num_attention_heads)")
+    imp.add_argument("--policy", default=None, help="defaults.policy of the written spec (auto, force, off)")
     return parser
 
 
@@ -88,6 +103,18 @@ def _calibrate_hw(args) -> int:
     return 0
 
 
+def _import(args) -> int:
+    from sparsecc.importers import import_spec
+    given = {"modules_template": args.modules_template, "threshold": args.threshold, "sink": args.sink,
+             "recent": args.recent, "query_heads": args.query_heads, "policy": args.policy}
+    spec = import_spec(args.format, args.file, **{k: v for k, v in given.items() if v is not None})
+    spec.save(args.out)
+    counts = ", ".join(f"{len(spec.rules(kind))} {kind}" for kind in ("attention", "ffn", "linear"))
+    print(f"{args.out}: imported {args.file} ({spec.meta['import']['format']}, sha256 "
+          f"{spec.meta['import']['sha256'][:12]}...): {counts} rules")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``sparsecc`` command."""
     args = _build_parser().parse_args(argv)
@@ -101,6 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "calibrate-hw":
             return _calibrate_hw(args)
+        if args.command == "import":
+            return _import(args)
         import sparsecc
         module, factory = _load_factory(args.factory)
         built = factory()

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -93,3 +94,39 @@ def test_cli_explain_writes_report(tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "sparsecc.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "check-spec" in result.stdout
+
+
+IMPORT_DATA = str(Path(__file__).parent / "data" / "importers")
+
+
+def test_cli_import_writes_a_loadable_spec(tmp_path, capsys):
+    from sparsecc.importers import import_duo_attention
+    out = tmp_path / "duo.toml"
+    argv = ["import", "duo_attention", f"{IMPORT_DATA}/duo", "-o", str(out), "--query-heads", "4",
+            "--modules-template", "layers.{layer}", "--sink", "8", "--policy", "force"]
+    assert cli.main(argv) == 0
+    assert "2 attention, 0 ffn, 0 linear rules" in capsys.readouterr().out
+    expected = import_duo_attention(f"{IMPORT_DATA}/duo", query_heads=4, modules_template="layers.{layer}",
+                                     sink=8, policy="force")
+    assert sparsecc.load_spec(str(out)) == expected
+    assert [r.form.sink for r in expected.attention] == [8, 8]
+
+
+def test_cli_import_compressed_tensors_summary(tmp_path, capsys):
+    out = tmp_path / "ct.json"
+    assert cli.main(["import", "compressed-tensors", f"{IMPORT_DATA}/ct_two_four.json", "-o", str(out)]) == 0
+    assert "0 attention, 0 ffn, 5 linear rules" in capsys.readouterr().out
+    assert json.loads(out.read_text())["linear"][0] == {"form": "2:4", "prune": "keep"}  # modules "*" is the default
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["import", "compressed_tensors", f"{IMPORT_DATA}/ct_unstructured.json"], "sparsity_structure = 'unstructured'"),
+    (["import", "minference", f"{IMPORT_DATA}/minference_streaming.json", "--threshold", "0.4"], "threshold"),
+    (["import", "duo_attention", f"{IMPORT_DATA}/duo"], "query_heads is missing"),
+    (["import", "h2o", f"{IMPORT_DATA}/duo"], "not an import format"),
+])
+def test_cli_import_errors(tmp_path, capsys, argv, fragment):
+    out = tmp_path / "x.toml"
+    assert cli.main(argv + ["-o", str(out)]) == cli.EXIT_SPEC_ERROR
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()
