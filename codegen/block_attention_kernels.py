@@ -56,22 +56,28 @@ def interpreting() -> bool:
 
 @triton.jit
 def _attend_tile(acc, l_i, m_i, q, start_n, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
-                 offs_m, offs_n, offs_d, pos, seq_q, seq_k, sink, window, qk_scale, inv_scale,
+                 offs_m, offs_n, offs_d, pos, seq_q, seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc,
                  MASKED: tl.constexpr, STREAMING: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                 MASK_BOOL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                 MASK_BOOL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 USE_TMA: tl.constexpr):
     """One online-softmax step over keys ``[start_n, start_n + BLOCK_N)``; returns the new (acc, l, m).
 
     ``MASKED`` blocks evaluate the structural rule per element (sequence end,
     causality, and the streaming rule when ``STREAMING``); unmasked blocks are
     known to be fully kept and skip it. The user mask applies to every block.
     ``UPCAST_DOT`` feeds fp32 operands to ``tl.dot`` (the CPU interpreter of
-    triton 3.9 multiplies bf16 operands as raw integers).
+    triton 3.9 multiplies bf16 operands as raw integers). ``USE_TMA`` loads K/V
+    through the tensor descriptors ``k_desc``/``v_desc`` (bounds and padding
+    handled by the copy engine, zeros outside ``[seq_k, HEAD_DIM]``).
     """
     cols = start_n + offs_n
     d_ok = offs_d < HEAD_DIM
     k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
+    if USE_TMA:
+        k = tl.trans(k_desc.load([start_n, 0]))
+        v = v_desc.load([start_n, 0])
+    elif MASKED:
         k = tl.load(k_ptrs, mask=(cols[None, :] < seq_k) & d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & d_ok[None, :], other=0.0)
     elif BLOCK_D != HEAD_DIM:
@@ -134,7 +140,8 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
                     GROUP: tl.constexpr, LAYOUT: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, WRITE_LSE: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    USE_TMA: tl.constexpr):
     """Forward attention of one (query block, batch x head) program over its kept key blocks.
 
     ``seq_bucket`` is unused by the body: it is part of the autotuning key
@@ -162,6 +169,15 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
     k_base = K + b * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + kvh.to(tl.int64) * stride_vh
     mask_base = MASK + b * stride_mb + h.to(tl.int64) * stride_mh
+    if USE_TMA:
+        # One (seq_k x HEAD_DIM) view per program; the wrapper checked the 16-byte alignment TMA needs.
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[seq_k, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[seq_k, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -194,23 +210,23 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
         for nb in range(0, n_sink):
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
                                          mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
-                                         seq_k, sink, window, qk_scale, inv_scale, True, True, CAUSAL, HAS_MASK, MASK_BOOL,
-                                         HEAD_DIM, BLOCK_D, UPCAST_DOT)
+                                         seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
+                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
         for nb in range(wb, fb):
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
                                          mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
-                                         seq_k, sink, window, qk_scale, inv_scale, True, True, CAUSAL, HAS_MASK, MASK_BOOL,
-                                         HEAD_DIM, BLOCK_D, UPCAST_DOT)
+                                         seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
+                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
         for nb in range(fb, fe):
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
                                          mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
-                                         seq_k, sink, window, qk_scale, inv_scale, False, True, CAUSAL, HAS_MASK, MASK_BOOL,
-                                         HEAD_DIM, BLOCK_D, UPCAST_DOT)
+                                         seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, False, True, CAUSAL, HAS_MASK,
+                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
         for nb in range(fe, we):
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
                                          mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
-                                         seq_k, sink, window, qk_scale, inv_scale, True, True, CAUSAL, HAS_MASK, MASK_BOOL,
-                                         HEAD_DIM, BLOCK_D, UPCAST_DOT)
+                                         seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
+                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
     else:
         # Table layout: BLOCK_M divides BLOCK_Q and BLOCK_N divides BLOCK_K (checked by the wrapper),
         # so one table row serves the program and each table block is SUBS key tiles.
@@ -223,16 +239,16 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
             kb = tl.load(f_row + t // SUBS)
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kb * BLOCK_K + (t % SUBS) * BLOCK_N, k_base, v_base,
                                          stride_kn, stride_vn, mask_base, stride_mm, stride_mn, offs_m, offs_n,
-                                         offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, inv_scale, False, False, CAUSAL, HAS_MASK,
-                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT)
+                                         offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, inv_scale, k_desc, v_desc, False, False, CAUSAL,
+                                         HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
         p_num = tl.load(TBL_NUM + num_off)
         p_row = TBL_IDX + b * stride_pb + h * stride_ph + t_row * stride_pq
         for t in range(0, p_num * SUBS):
             kb = tl.load(p_row + t // SUBS)
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kb * BLOCK_K + (t % SUBS) * BLOCK_N, k_base, v_base,
                                          stride_kn, stride_vn, mask_base, stride_mm, stride_mn, offs_m, offs_n,
-                                         offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, inv_scale, True, False, CAUSAL, HAS_MASK,
-                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT)
+                                         offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, inv_scale, k_desc, v_desc, True, False, CAUSAL,
+                                         HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = tl.where((l_i > 0)[:, None], acc / l_safe[:, None], 0.0)
@@ -243,31 +259,70 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
         tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
 
 
-def _configs(block_d: int, block_q: int = 0, block_k: int = 0) -> list:
-    """Autotuner configs for a padded head dim; for tables, only tiles that divide the table's blocks."""
+def _configs(block_d: int, block_q: int = 0, block_k: int = 0, tma: bool = False) -> list:
+    """Autotuner configs for a padded head dim; for tables, only tiles that divide the table's blocks.
+
+    With ``tma`` every tile is offered twice, with pointer loads and with
+    tensor-descriptor (TMA) loads, and the tuner keeps the faster.
+    """
     if interpreting():
         choices = [_INTERPRETER_CONFIG]
     else:
         choices = _GPU_CONFIGS[min(256, max(64, block_d))]
     out = []
-    for bm, bn, warps, stages in choices:
-        if block_q:
-            bm, bn = min(bm, block_q), min(bn, block_k)
-            if block_q % bm or block_k % bn:
-                continue
-        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        if all(str(cfg) != str(c) for c in out):
-            out.append(cfg)
+    for use_tma in ((False, True) if tma else (False,)):
+        for bm, bn, warps, stages in choices:
+            if block_q:
+                bm, bn = min(bm, block_q), min(bn, block_k)
+                if block_q % bm or block_k % bn:
+                    continue
+            cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": use_tma}, num_warps=warps,
+                                num_stages=stages)
+            if all(str(cfg) != str(c) for c in out):
+                out.append(cfg)
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def prefill_kernel(block_d: int, block_q: int = 0, block_k: int = 0):
+def prefill_kernel(block_d: int, block_q: int = 0, block_k: int = 0, tma: bool = False):
     """The autotuned prefill kernel for a padded head dim (and, for tables, the table's block sizes).
 
-    One autotuner per (head dim, table block) so every config it holds is legal
-    for the layout; the tuning key adds the layout, causality, mask kind and
-    the power-of-two class of the key length.
+    One autotuner per (head dim, table block, TMA allowed) so every config it
+    holds is legal for the layout and the inputs' alignment; the tuning key
+    adds the layout, causality, mask kind and the power-of-two class of the
+    key length.
     """
-    return triton.autotune(configs=_configs(block_d, block_q, block_k),
+    return triton.autotune(configs=_configs(block_d, block_q, block_k, tma),
                            key=["seq_bucket", "GROUP", "LAYOUT", "CAUSAL", "HAS_MASK", "HEAD_DIM"])(_prefill_kernel)
+
+
+def tma_supported(*tensors) -> bool:
+    """Whether K/V can be read through tensor descriptors: a Hopper-or-newer GPU and 16-byte aligned rows.
+
+    TMA needs the base address and every stride but the last to be multiples
+    of 16 bytes; each program builds its descriptor at a (batch, head) offset,
+    so the batch and head strides must be aligned too. ``SPARSECC_TMA=0``
+    turns the path off.
+    """
+    import os
+
+    import torch
+
+    if os.environ.get("SPARSECC_TMA", "1") == "0" or interpreting():
+        return False
+    if not all(t.is_cuda for t in tensors) or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+               and t.stride(-1) == 1 for t in tensors)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    """Global scratch for in-kernel tensor descriptors (Triton asks the allocator for it)."""
+    import torch
+
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def enable_descriptors() -> None:
+    """Install the scratch allocator that in-kernel tensor descriptors need (cheap, idempotent)."""
+    triton.set_allocator(_descriptor_scratch)
