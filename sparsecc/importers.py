@@ -45,6 +45,9 @@ MINFERENCE_BLOCK = 64
 # The vertical-slash kernel raises the budgets to at least 30 columns and 50 diagonals.
 MINFERENCE_MIN_VERTICAL = 30
 MINFERENCE_MIN_SLASH = 50
+# MInference's budgets count every kept column / diagonal, including column 0 and the main
+# diagonal (forced in); sparsecc's vertical_slash keeps those two besides its budgets.
+ALWAYS_KEPT_LINES = 1
 # The block-sparse kernel keeps 100 key blocks per query block, whatever the config says.
 MINFERENCE_BLOCK_TOPK = 100
 MINFERENCE_PATTERNS = ("vertical_and_slash", "stream_llm", "a_shape", "block_sparse")
@@ -201,7 +204,8 @@ def _minference_form(src: _Source, path: Tuple[Any, ...], entry: Any) -> Dict[st
         raise src.error(path + (3,), value=score, allowed="a number (the search score; not used)")
     if name == "vertical_and_slash":
         return {"form": "vertical_slash", "last_q": MINFERENCE_LAST_Q,
-                "vertical": max(size_a, MINFERENCE_MIN_VERTICAL), "slash": max(size_b, MINFERENCE_MIN_SLASH),
+                "vertical": max(size_a, MINFERENCE_MIN_VERTICAL) - ALWAYS_KEPT_LINES,
+                "slash": max(size_b, MINFERENCE_MIN_SLASH) - ALWAYS_KEPT_LINES,
                 "block": MINFERENCE_BLOCK}
     if name in ("stream_llm", "a_shape"):
         if size_b < 1:
@@ -254,8 +258,9 @@ def import_minference(path: Any, *, modules_template: str = DEFAULT_ATTENTION_TE
     ``heads`` list. Mapping:
 
     * ``vertical_and_slash`` -> ``vertical_slash`` with ``last_q = 64``, ``vertical =
-      max(size_a, 30)``, ``slash = max(size_b, 50)``, ``block = 64`` (MInference's kernel
-      applies the same lower bounds and 64-token tiles);
+      max(size_a, 30) - 1``, ``slash = max(size_b, 50) - 1``, ``block = 64``: MInference
+      raises the budgets to those lower bounds and counts column 0 and the main diagonal in
+      them, which sparsecc keeps besides its budgets, so the totals are equal;
     * ``stream_llm`` (also spelled ``a_shape``) -> ``streaming`` with ``sink = size_a``
       (``n_init``) and ``window = size_b`` (``n_local``);
     * ``block_sparse`` -> ``block_topk`` with ``block = 64``, ``topk = 100``,

@@ -94,13 +94,14 @@ def test_minference_tables_map_every_pattern():
     topk = {"form": "block_topk", "block": 64, "topk": 100, "sink_blocks": 0, "local_blocks": 0, "pool": "mean"}
     layer0, layer1 = "model.layers.0.self_attn", "model.layers.1.self_attn"
     assert rules == [
-        {"modules": layer0, "heads": [0, 1], **vs, "vertical": 1000, "slash": 6096},
+        # MInference's budgets include column 0 and the main diagonal; sparsecc's do not.
+        {"modules": layer0, "heads": [0, 1], **vs, "vertical": 999, "slash": 6095},
         {"modules": layer0, "heads": [2], "form": "streaming", "sink": 4, "window": 16},
         {"modules": layer0, "heads": [3], **topk},
         # a_shape and stream_llm are one pattern: heads 0, 1 and 3 share a rule.
         {"modules": layer1, "heads": [0, 1, 3], "form": "streaming", "sink": 2, "window": 8},
         # MInference raises budgets below 30 columns / 50 diagonals to those minimums.
-        {"modules": layer1, "heads": [2], **vs, "vertical": 30, "slash": 50},
+        {"modules": layer1, "heads": [2], **vs, "vertical": 29, "slash": 49},
     ]
 
 
@@ -109,8 +110,9 @@ def test_minference_mixed_loads_and_round_trips(tmp_path):
     spec = import_minference(DATA / "minference_mixed.json")
     assert [type(r.form).__name__ for r in spec.attention] == [
         "VerticalSlash", "Streaming", "BlockTopK", "Streaming", "VerticalSlash"]
-    assert spec.attention[0].form.vertical == 1000 and spec.attention[0].form.last_q == 64
-    assert spec.attention[2].form.topk == 100
+    assert spec.attention[0].form.vertical == 999 and spec.attention[0].form.last_q == 64
+    topk = spec.attention[2].form
+    assert (topk.topk, topk.cdf, topk.sink_blocks, topk.local_blocks, topk.pool) == (100, None, 0, 0, "mean")
     assert_round_trip(spec, tmp_path)
 
 
