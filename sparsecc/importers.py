@@ -75,15 +75,15 @@ FORMAT_NAMES = ("minference", "duo_attention", "compressed_tensors")
 class _Source:
     """One input file: its name for errors, its text, sha256 and (for JSON) a line locator."""
 
-    def __init__(self, path: Any, role: str = "file"):
+    def __init__(self, path: Any):
         try:
             self.name = os.fsdecode(os.fspath(path))
         except TypeError:
-            raise SpecError(f"cannot read a {role} from a {type(path).__name__}",
+            raise SpecError(f"cannot read a file from a {type(path).__name__}",
                             allowed="a path (str or os.PathLike)") from None
         file = Path(self.name)
         if file.is_dir():
-            raise SpecError(f"is a directory, not a {role}", file=self.name)
+            raise SpecError("is a directory, not a file", file=self.name)
         try:
             raw = file.read_bytes()
         except FileNotFoundError:
@@ -138,9 +138,9 @@ def _option_error(fmt: str, name: str, value: Any, allowed: str) -> SpecError:
 
 def _check_template(fmt: str, template: Any) -> str:
     """A module-path template must hold ``{layer}`` once and give a valid glob."""
-    rest = template.replace("{layer}", "") if isinstance(template, str) else "{"
-    ok = template.count("{layer}") == 1 and "{" not in rest and "}" not in rest
-    if not ok or check_glob(template.replace("{layer}", "0")):
+    ok = isinstance(template, str) and template.count("{layer}") == 1
+    rest = template.replace("{layer}", "") if ok else ""
+    if not ok or "{" in rest or "}" in rest or check_glob(template.replace("{layer}", "0")):
         raise _option_error(fmt, "modules_template", template,
                             'a module-path glob with one "{layer}", e.g. "model.layers.{layer}.self_attn"')
     return template

@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparsecc
-import sparsecc.forms
 from sparsecc import importers
 from sparsecc.importers import (import_compressed_tensors, import_duo_attention, import_minference,
                                 import_spec, minference_tables)
@@ -22,13 +21,6 @@ from sparsecc.spec import SpecError, load_spec
 from tests import zoo
 
 DATA = Path(__file__).parent / "data" / "importers"
-
-# vertical_slash and block_topk are spec forms that arrive separately; the importer already
-# writes their tables, and the tests that load them as a Spec run once the forms exist.
-needs_topk_forms = pytest.mark.skipif(
-    not (hasattr(sparsecc.forms, "VerticalSlash") and hasattr(sparsecc.forms, "BlockTopK")),
-    reason="sparsecc.forms has no VerticalSlash/BlockTopK yet")
-
 
 def streaming_keep(s, sink, window):
     """Causal sink + window keep mask [s, s] (docs/spec.md)."""
@@ -105,7 +97,6 @@ def test_minference_tables_map_every_pattern():
     ]
 
 
-@needs_topk_forms
 def test_minference_mixed_loads_and_round_trips(tmp_path):
     spec = import_minference(DATA / "minference_mixed.json")
     assert [type(r.form).__name__ for r in spec.attention] == [
@@ -175,7 +166,7 @@ def test_minference_invalid_json_and_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("template", ["model.layers.self_attn", "a.{layer}.{layer}", "a {layer}", "a.{layer}.{x}",
-                                      "a.[{layer}"])
+                                      "a.[{layer}", "a.{layer}}", 3])
 def test_bad_module_template_is_an_error(template):
     with pytest.raises(SpecError) as info:
         import_minference(DATA / "minference_streaming.json", modules_template=template)
