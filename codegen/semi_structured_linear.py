@@ -1,4 +1,4 @@
-"""2:4 semi-structured linear: ``y = x Wᵀ + b`` with ``W`` stored as a :class:`~sparsecc.weights.SemiStructuredWeight`.
+"""2:4 semi-structured linear: ``y = x Wᵀ + b``, ``W`` a :class:`~sparsecc.weights.SemiStructuredWeight`.
 
 Layout of this file: module notes, then the reference section, then the cuSPARSELt path
 (no Triton: the sparse tensor cores are driven by NVIDIA's cuSPARSELt through torch's private

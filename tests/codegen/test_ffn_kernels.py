@@ -1,0 +1,385 @@
+"""Gate-mode FFN kernel (codegen/gate_sparse_ffn.py) and the cuSPARSELt 2:4 linear (codegen/semi_structured_linear.py).
+
+CPU: the Triton kernel runs in Triton's interpreter at tiny shapes, in a child
+process that imports Triton with ``TRITON_INTERPRET=1`` (Triton fixes
+interpreter-or-compiler when a function is decorated, and another module of the
+session may already have imported it). The 2:4 path's CPU fallbacks and its
+per-weight cache run in this process. GPU (``gpu`` marker): Llama-3-8B shapes,
+NaN-poisoned outputs, float32 references; 2:4 tests skip without cuSPARSELt.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, gate_sparse_ffn_ref
+from sparsecc.weights import compress_2to4
+
+CHILD = os.environ.get("SPARSECC_FFN_INTERPRETER_CHILD") == "1"
+FEW = settings(deadline=None, max_examples=min(settings().max_examples, 15))  # the interpreter is slow
+KERNEL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Relative to the output scale: float32 accumulation, g and the output each rounded once to the dtype.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# One rounding of the dtype, relative: tau must sit farther than this from every |a| (see pick_tau).
+ULP = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """Interpreter checks run only in the child process, where Triton was imported with TRITON_INTERPRET=1."""
+    if not CHILD:
+        pytest.skip("runs inside test_interpreter_checks' child process")
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    assert knobs.runtime.interpret
+
+
+def test_interpreter_checks():
+    """Run this file's interpreter checks in a child process that imports Triton in interpreter mode."""
+    if CHILD:
+        pytest.skip("this is the child process")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter checks run on CPU-only machines; the gpu tests cover CUDA")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", SPARSECC_FFN_INTERPRETER_CHILD="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # addopts reset so that the child prints its "N passed" summary line.
+    cmd = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-x", "-m", "not gpu", "-k", "interp"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout, res.stdout[-2000:]
+
+
+def randn(gen, *shape, dtype, device="cpu", scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def rounded(v, dtype):
+    """``v`` rounded to ``dtype`` and back to float64 (what the dense model stores)."""
+    return v.to(dtype).double()
+
+
+def ffn_expected(x, wg, bg, wu, bu, wd, bd, act, tau):
+    """Float64 FFN that rounds where the reference and the kernel round: linear outputs, activation, g."""
+    dtype = x.dtype
+    x64 = x.double().reshape(-1, x.shape[-1])
+    lin = x64 @ wg.double().T + (0 if bg is None else bg.double())
+    a = rounded(ACTIVATIONS[act](rounded(lin, dtype)), dtype)
+    keep = a.abs() > float(torch.tensor(tau, dtype=dtype))
+    h = a * keep
+    if wu is not None:
+        up = rounded(x64 @ wu.double().T + (0 if bu is None else bu.double()), dtype)
+        h = rounded(h * up, dtype)
+    y = h @ wd.double().T + (0 if bd is None else bd.double())
+    return y.reshape(*x.shape[:-1], wd.shape[0]), a, keep
+
+
+def pick_tau(a_abs, sparsity, dtype):
+    """A threshold near the ``sparsity`` quantile of |a| in the widest gap there, or None if no gap is safe.
+
+    The kernel's gate sums run in float32 and the oracle's in float64: their
+    rounded activations can differ by one unit, so tau keeps a margin of a few
+    units from every value (a neuron exactly at the edge could flip otherwise).
+    """
+    vals = torch.unique(a_abs.flatten()).sort().values
+    if vals.numel() < 2:
+        return None
+    lo = max(0, int((sparsity - 0.15) * (vals.numel() - 1)))
+    hi = min(vals.numel() - 1, max(lo + 1, int((sparsity + 0.15) * (vals.numel() - 1))))
+    gaps = vals[lo + 1:hi + 1] - vals[lo:hi]
+    i = int(gaps.argmax())
+    left, right = float(vals[lo + i]), float(vals[lo + i + 1])
+    tau = (left + right) / 2
+    if right - left < 8 * ULP[dtype] * max(right, 1e-3):
+        return None
+    return tau
+
+
+def assert_close_scaled(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert bool(torch.isfinite(out).all()), "unwritten (poisoned) or non-finite outputs"
+    scale = float(ref.abs().max().clamp(min=1.0))
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
+
+
+def small_configs(m):
+    """Small launch knobs, so tiny shapes still span several programs and splits."""
+    from sparsecc.codegen.gate_sparse_ffn import GateConfig
+    return GateConfig(BLOCK_F=16, BLOCK_D=16, num_warps=4), GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=32,
+                                                                          num_warps=4)
+
+
+def make_ffn(gen, m, d, f, d_out, gated, biases, dtype, device="cpu"):
+    x = randn(gen, m, d, dtype=dtype, device=device)
+    wg = randn(gen, f, d, dtype=dtype, device=device, scale=d ** -0.5)
+    wu = randn(gen, f, d, dtype=dtype, device=device, scale=d ** -0.5) if gated else None
+    wd = randn(gen, d_out, f, dtype=dtype, device=device, scale=f ** -0.5)
+    bg = randn(gen, f, dtype=dtype, device=device, scale=0.5) if biases else None
+    bu = randn(gen, f, dtype=dtype, device=device, scale=0.5) if biases and gated else None
+    bd = randn(gen, d_out, dtype=dtype, device=device) if biases else None
+    return x, wg, bg, wu, bu, wd, bd
+
+
+# ------------------------------------------------------------------ gate-mode FFN (interpreter)
+
+
+@FEW
+@given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40),
+       gated=st.booleans(), biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)),
+       dtype=st.sampled_from(KERNEL_DTYPES), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 10 ** 6))
+def test_interp_gate_sparse_ffn_kernel(interpreter, m, d, f, d_out, gated, biases, act, dtype, sparsity, seed):
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(seed)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, gated, biases, dtype)
+    _, a, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, act, 0.0)
+    tau = pick_tau(a.abs(), sparsity, dtype)
+    assume(tau is not None)
+    ref, _, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, act, tau)
+    cfg, down = small_configs(m)
+    out = torch.full((m, d_out), float("nan"), dtype=dtype)
+    y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, act, tau, config=cfg, down_config=down, out=out)
+    assert_close_scaled(y, ref, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("gated", [True, False])
+def test_interp_default_configs_match_the_reference(interpreter, m, gated):
+    """The op's own reference (float32, where rounding is negligible) at the default launch knobs."""
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(m + 10 * gated)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 64, 80, 48, gated, True, torch.float32)
+    _, a, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "gelu", 0.0)
+    tau = pick_tau(a.abs(), 0.6, torch.float32)
+    y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "gelu", tau)
+    ref = gate_sparse_ffn_ref(x, wg, bg, wu, bu, wd, bd, act="gelu", tau=tau)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interp_all_dead_and_all_alive(interpreter, m, dtype):
+    """tau above every |a|: y is b_down exactly; tau below zero: every neuron survives (the dense FFN)."""
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(7)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 32, 40, 24, True, True, dtype)
+    cfg, down = small_configs(m)
+    dead = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 1e4, config=cfg, down_config=down)
+    assert torch.equal(dead, bd.expand(m, -1))
+    alive = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", -1.0, config=cfg, down_config=down)
+    ref, _, keep = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", -1.0)
+    assert bool(keep.all())
+    assert_close_scaled(alive, ref, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_reads_only_surviving_rows(interpreter, m):
+    """Neurons no token keeps have NaN up rows, up biases and down columns.
+
+    A down column that were read would turn the output NaN; the up stage must
+    not let a dead row's NaN through either (its product is masked, not multiplied by zero).
+    """
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(11)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 32, 48, 24, True, True, torch.bfloat16)
+    dead = torch.arange(48) % 3 == 0
+    wg[dead] = 0
+    bg[dead] = 0  # a = act(0) = 0 for every token: below any positive tau
+    wu_bad, wd_bad, bu_bad = wu.clone(), wd.clone(), bu.clone()
+    wu_bad[dead] = float("nan")
+    bu_bad[dead] = float("nan")
+    wd_bad[:, dead] = float("nan")
+    cfg, down = small_configs(m)
+    y = gate_sparse_ffn(x, wg, bg, wu_bad, bu_bad, wd_bad, bd, "silu", 0.05, config=cfg, down_config=down)
+    ref, _, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", 0.05)
+    assert_close_scaled(y, ref, torch.bfloat16)
+
+
+def test_interp_k_major_and_strided_inputs(interpreter):
+    """Weights given as .t() views of K-major buffers and a column-major x read through their strides."""
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(12)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 6, 32, 40, 24, True, False, torch.float16)
+    xs = x.t().contiguous().t()
+    _, a, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "relu", 0.0)
+    tau = pick_tau(a.abs(), 0.7, torch.float16)
+    km = [w.t().contiguous().t() for w in (wg, wu, wd)]
+    cfg, down = small_configs(6)
+    y = gate_sparse_ffn(xs, km[0], bg, km[1], bu, km[2], bd, "relu", tau, config=cfg, down_config=down)
+    assert_close_scaled(y, ffn_expected(x, wg, bg, wu, bu, wd, bd, "relu", tau)[0], torch.float16)
+
+
+# ------------------------------------------------------------------ gate-mode FFN: dispatch and errors (no Triton run)
+
+
+def test_many_tokens_and_float64_run_the_reference():
+    pytest.importorskip("triton")
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(3)
+    for m, dtype in ((MAX_DECODE_TOKENS + 1, torch.float32), (2, torch.float64)):
+        args = make_ffn(gen, m, 16, 24, 8, True, True, dtype)
+        want = gate_sparse_ffn_ref(*args, act="silu", tau=0.2)
+        torch.testing.assert_close(gate_sparse_ffn(*args, "silu", 0.2), want)
+
+
+def test_gate_sparse_ffn_rejects_bad_arguments():
+    pytest.importorskip("triton")
+    from sparsecc.codegen.gate_sparse_ffn import GateConfig, gate_sparse_ffn
+    gen = torch.Generator().manual_seed(4)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 1, 16, 24, 8, True, True, torch.float32)
+    with pytest.raises(ValueError, match="act='tanh' is not allowed"):
+        gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "tanh", 0.1)
+    with pytest.raises(ValueError, match="b_up is given without w_up"):
+        gate_sparse_ffn(x, wg, bg, None, bu, wd, bd, "silu", 0.1)
+    with pytest.raises(ValueError, match="w_down must have 24 input features"):
+        gate_sparse_ffn(x, wg, bg, wu, bu, wd[:, :20], bd, "silu", 0.1)
+    with pytest.raises(ValueError, match="x has 15 features"):
+        gate_sparse_ffn(x[:, :15], wg, bg, wu, bu, wd, bd, "silu", 0.1)
+    with pytest.raises(ValueError, match="BLOCK_F=24 must be a power of two"):
+        GateConfig(BLOCK_F=24, BLOCK_D=32, num_warps=4)
+
+
+def test_oracle_is_the_op_reference_in_float64():
+    """The test oracle (with its roundings) is the op's reference when nothing rounds (float64)."""
+    gen = torch.Generator().manual_seed(5)
+    for gated in (True, False):
+        args = make_ffn(gen, 3, 16, 24, 8, gated, True, torch.float64)
+        for act in sorted(ACTIVATIONS):
+            torch.testing.assert_close(ffn_expected(*args, act, 0.1)[0],
+                                       gate_sparse_ffn_ref(*args, act=act, tau=0.1))
+
+
+def test_kernels_are_registered_for_cuda_only():
+    pytest.importorskip("triton")
+    from sparsecc.codegen import ops
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    from sparsecc.codegen.semi_structured_linear import semi_structured_linear
+    for name, fn in (("gate_sparse_ffn", gate_sparse_ffn), ("semi_structured_linear", semi_structured_linear)):
+        assert ops.triton_kernel(name, torch.device("cuda")) is fn
+        assert ops.triton_kernel(name, torch.device("cpu")) is None
+
+
+# ------------------------------------------------------------------ 2:4 (CPU: fallbacks and the cache)
+
+
+def test_semi_structured_cpu_fallback_matches_the_reference():
+    from sparsecc.codegen.epilogue import activation_ref
+    from sparsecc.codegen.semi_structured_linear import (FUSED_ACTIVATIONS, semi_structured_linear,
+                                                         semi_structured_linear_act)
+    gen = torch.Generator().manual_seed(6)
+    c = compress_2to4(randn(gen, 24, 32, dtype=torch.float32))
+    x = randn(gen, 2, 5, 32, dtype=torch.float32)
+    b = randn(gen, 24, dtype=torch.float32)
+    dense = x.double() @ c.to_dense().double().T + b.double()
+    torch.testing.assert_close(semi_structured_linear(x, c.values, c.indices, b).double(), dense, atol=1e-5, rtol=1e-5)
+    for act in FUSED_ACTIVATIONS:
+        y = semi_structured_linear_act(x, c.values, c.indices, b, act)
+        torch.testing.assert_close(y.double(), activation_ref(act)(dense), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="activation='tanh' is not allowed"):
+        semi_structured_linear_act(x, c.values, c.indices, b, "tanh")
+    with pytest.raises(ValueError, match="x has 28 input features"):
+        semi_structured_linear(x[..., :28], c.values, c.indices, b)
+
+
+def test_semi_structured_cache_follows_in_place_updates():
+    """One prepared operand per weight; an in-place recompression (bumped _version) rebuilds it."""
+    from sparsecc.codegen.semi_structured_linear import prepared_weight
+    gen = torch.Generator().manual_seed(8)
+    c = compress_2to4(randn(gen, 16, 32, dtype=torch.float32))
+    first = prepared_weight(c.values, c.indices, 16, 32, torch.float32)
+    assert prepared_weight(c.values, c.indices, 16, 32, torch.float32) is first
+    assert first.packed is None and "device cpu" in first.reason  # CPU: the dense copy serves
+    new = compress_2to4(randn(gen, 16, 32, dtype=torch.float32))
+    with torch.no_grad():
+        c.values.copy_(new.values)
+        c.indices.copy_(new.indices)
+    again = prepared_weight(c.values, c.indices, 16, 32, torch.float32)
+    assert again is not first
+    assert torch.equal(again.dense, new.to_dense())
+
+
+# ------------------------------------------------------------------ GPU: Llama-3-8B shapes
+
+
+gpu = pytest.mark.gpu
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_gate_sparse_ffn_gpu(dtype, m, gated, sparsity):
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(m + int(100 * sparsity))
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 4096, 14336, 4096, gated, True, dtype, "cuda")
+    # float32 oracle on the GPU with the same roundings (linear outputs, activation, g) as the kernel.
+    lin = (x.float() @ wg.float().T + bg.float()).to(dtype).float()
+    a = torch.nn.functional.silu(lin).to(dtype).float()
+    tau = float(torch.quantile(a.abs().flatten()[:2 ** 20], sparsity))
+    keep = a.abs() > float(torch.tensor(tau, dtype=dtype))
+    h = a * keep
+    if gated:
+        h = (h * (x.float() @ wu.float().T + bu.float()).to(dtype).float()).to(dtype).float()
+    ref = h @ wd.float().T + bd.float()
+    out = torch.full((m, 4096), float("nan"), dtype=dtype, device="cuda")
+    y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, out=out)
+    assert bool(torch.isfinite(y).all())
+    assert rel_err(y, ref) < 1e-2
+
+
+def cusparselt_or_skip():
+    from sparsecc.codegen.semi_structured_linear import cusparselt_available
+    if not cusparselt_available():
+        pytest.skip("this torch build has no cuSPARSELt")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 16, 129, 1024])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("act", ["none", "silu", "relu", "gelu"])
+def test_semi_structured_linear_gpu(dtype, m, n, k, act):
+    cusparselt_or_skip()
+    from sparsecc.codegen.epilogue import activation_ref
+    from sparsecc.codegen.semi_structured_linear import prepared_weight, semi_structured_linear_act
+    gen = torch.Generator().manual_seed(m)
+    c = compress_2to4(randn(gen, n, k, dtype=dtype, device="cuda", scale=k ** -0.5))
+    x = randn(gen, m, k, dtype=dtype, device="cuda")
+    b = randn(gen, n, dtype=dtype, device="cuda")
+    y = semi_structured_linear_act(x, c.values, c.indices, b, act)
+    assert prepared_weight(c.values, c.indices, n, k, dtype).packed is not None  # really ran cuSPARSELt
+    ref = activation_ref(act)(x.float() @ c.to_dense().float().T + b.float())
+    assert y.shape == (m, n) and bool(torch.isfinite(y).all())
+    assert rel_err(y, ref) < 1e-2
+
+
+@gpu
+def test_semi_structured_linear_gpu_fallbacks_and_recompression():
+    """Shapes cuSPARSELt cannot take run dense (right answer); an in-place recompression is picked up."""
+    from sparsecc.codegen.semi_structured_linear import prepared_weight, semi_structured_linear
+    gen = torch.Generator().manual_seed(9)
+    c = compress_2to4(randn(gen, 24, 40, dtype=torch.bfloat16, device="cuda"))  # 40 is not a multiple of 16
+    x = randn(gen, 3, 40, dtype=torch.bfloat16, device="cuda")
+    assert rel_err(semi_structured_linear(x, c.values, c.indices, None), x.float() @ c.to_dense().float().T) < 1e-2
+    assert prepared_weight(c.values, c.indices, 24, 40, torch.bfloat16).packed is None
+    x32 = x.float()
+    assert rel_err(semi_structured_linear(x32, c.values, c.indices, None), x32 @ c.to_dense().float().T) < 1e-5
+    cusparselt_or_skip()
+    c = compress_2to4(randn(gen, 256, 512, dtype=torch.bfloat16, device="cuda"))
+    x = randn(gen, 8, 512, dtype=torch.bfloat16, device="cuda")
+    semi_structured_linear(x, c.values, c.indices, None)
+    new = compress_2to4(randn(gen, 256, 512, dtype=torch.bfloat16, device="cuda"))
+    with torch.no_grad():
+        c.values.copy_(new.values)
+        c.indices.copy_(new.indices)
+    y = semi_structured_linear(x, c.values, c.indices, None)
+    assert rel_err(y, x.float() @ new.to_dense().float().T) < 1e-2
