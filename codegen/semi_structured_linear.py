@@ -7,6 +7,7 @@ Layout of this file: module notes, then the reference section, then the cuSPARSE
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -93,6 +94,13 @@ _CACHE: Dict[Tuple[int, torch.dtype], _Entry] = {}
 _CACHE_MAX = 512  # distinct (weight, dtype) pairs held at once; the oldest is dropped beyond this
 
 
+def _forget(key: Tuple[int, torch.dtype], dead: weakref.ref) -> None:
+    """Drop the prepared operand of a weight whose values tensor died (unless a newer weight owns the key)."""
+    hit = _CACHE.get(key)
+    if hit is not None and hit.values is dead:
+        del _CACHE[key]
+
+
 def _unsupported_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
     """Why cuSPARSELt cannot take this weight ('' when it can)."""
     if device.type != "cuda":
@@ -125,7 +133,7 @@ def prepared_weight(values: Tensor, indices: Tensor, n: int, k: int, dtype: torc
             packed = torch._cslt_compress(dense)
         except RuntimeError as err:  # a shape or build cuSPARSELt rejects: run dense, correctly
             reason = f"cuSPARSELt refused the weight ({err})"
-    entry = _Entry(values=weakref.ref(values), indices=weakref.ref(indices),
+    entry = _Entry(values=weakref.ref(values, functools.partial(_forget, key)), indices=weakref.ref(indices),
                    versions=(values._version, indices._version), dtype=dtype, packed=packed,
                    dense=None if packed is not None else dense, reason=reason)
     if len(_CACHE) >= _CACHE_MAX:

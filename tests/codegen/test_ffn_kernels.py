@@ -8,6 +8,7 @@ per-weight cache run in this process. GPU (``gpu`` marker): Llama-3-8B shapes,
 NaN-poisoned outputs, float32 references; 2:4 tests skip without cuSPARSELt.
 """
 
+import gc
 import os
 import subprocess
 import sys
@@ -300,6 +301,12 @@ def test_semi_structured_cache_follows_in_place_updates():
     again = prepared_weight(c.values, c.indices, 16, 32, torch.float32)
     assert again is not first
     assert torch.equal(again.dense, new.to_dense())
+    from sparsecc.codegen import semi_structured_linear as module
+    key = (id(c.values), torch.float32)
+    assert key in module._CACHE
+    del c, new  # the weight dies: its prepared operand is dropped with it
+    gc.collect()
+    assert key not in module._CACHE
 
 
 # ------------------------------------------------------------------ GPU: Llama-3-8B shapes
