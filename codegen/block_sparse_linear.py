@@ -316,15 +316,15 @@ def block_sparse_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Ten
         raise ValueError(f"x has {k} input features, not a multiple of bk={bk}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    bind_triton(globals(), _KERNELS)
-    epilogue_fn = epilogue_function(chain)
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     y = _output(out, m, n, x, chain.out_dtype(x.dtype))
+    gate2, residual2 = _rows(gate, "gate", lead, m, n), _rows(residual, "residual", lead, m, n)
     if m == 0:
         return y.reshape(*lead, n)
-    gate2, residual2 = _rows(gate, "gate", lead, m, n), _rows(residual, "residual", lead, m, n)
+    bind_triton(globals(), _KERNELS)
+    epilogue_fn = epilogue_function(chain)
     blocks = blocks.to(x.dtype).contiguous()
     up_blocks, up_row_ptr, up_col_idx = (up[0].to(x.dtype).contiguous(), up[1], up[2]) if up is not None else \
         (blocks, row_ptr, col_idx)

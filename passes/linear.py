@@ -187,7 +187,8 @@ def _up_partner(site: Site, ctx) -> Callable[[Node], Optional[Site]]:
 
     def partner(node: Node) -> Optional[Site]:
         for other in ctx.sites:
-            if other is site or other.kind != "linear" or other.output is not node or other.attrs.get("fused_gate_up"):
+            if other is site or other.kind != "linear" or other.output is not node \
+                    or other.attrs.get("gate_up_kernel"):
                 continue
             other_form = _block_form(other, ctx)
             if other_form is None or other_form.block != form.block or len(node.users) != 1:
@@ -213,7 +214,8 @@ def _gate_half(site: Site, ctx) -> Optional[Tuple[Site, FoldedChain]]:
     if not _flag(FUSE_GATE_UP_ENV, "0") or not _flag(FOLD_ENV, "1"):
         return None
     for other in ctx.sites:
-        if other is site or other.kind != "linear" or _block_form(other, ctx) is None or other.attrs.get("fused_gate_up"):
+        if other is site or other.kind != "linear" or _block_form(other, ctx) is None \
+                or other.attrs.get("gate_up_kernel"):
             continue
         op = canonical(other.output)
         if op is None or op.name not in _LINEAR_OPS:
@@ -229,7 +231,7 @@ def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None
 
     A block_weights op also takes over the folded epilogue chain (and, fused, the up projection).
     """
-    if site.attrs.get("fused_gate_up"):
+    if site.attrs.get("gate_up_kernel"):
         return  # already computed by the fused gate/up op its partner's rewrite emitted
     m: LinearMatch = site.match
     graph = gm.graph
@@ -258,7 +260,7 @@ def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None
     _take_over(graph, last, out, (root.output,) + folded.nodes + ((up.output,) if up is not None else ()))
     root.attrs["epilogue"] = str(folded.chain)
     if up is not None:
-        root.attrs["fused_gate_up"] = up.attrs["fused_gate_up"] = f"gate={root.module}, up={up.module}"
+        root.attrs["gate_up_kernel"] = up.attrs["gate_up_kernel"] = f"gate={root.module}, up={up.module}"
 
 
 def _take_over(graph, last: Node, out: Node, replaced: Tuple[Node, ...]) -> None:
