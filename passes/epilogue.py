@@ -60,19 +60,19 @@ class FoldedChain:
         return str(self.chain) or "(nothing folded)"
 
 
+def _size_key(dim):
+    """An int for a static or constant-valued symbolic size, else the symbol's expression."""
+    if isinstance(dim, int):
+        return dim
+    expr = dim.node.expr
+    return int(expr) if expr.is_number else expr
+
+
 def same_shape(a: Optional[tuple], b: Optional[tuple]) -> bool:
     """Shapes equal size by size, symbolic sizes by their expressions (never adds a guard)."""
     if a is None or b is None or len(a) != len(b):
         return False
-    for x, y in zip(a, b):
-        if isinstance(x, int) and isinstance(y, int):
-            if x != y:
-                return False
-        elif isinstance(x, int) or isinstance(y, int):
-            return False
-        elif x.node.expr != y.node.expr:
-            return False
-    return True
+    return all(_size_key(x) == _size_key(y) for x, y in zip(a, b))
 
 
 def _activation(node: Node, value: Node) -> Optional[str]:

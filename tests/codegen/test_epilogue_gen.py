@@ -295,3 +295,25 @@ def test_fused_gate_up_gpu_matches_two_launches():
                               gate=u)
     assert_matches(fused, expected, torch.bfloat16)
     assert_matches(two, expected, torch.bfloat16)
+
+
+# ------------------------------------------------------------------ the op: schema and fake
+
+
+@pytest.mark.parametrize("chain", ["act:silu;mul:gate;add:residual", "act:gelu;mul:up;cast:bfloat16", "bias"])
+def test_op_schema_and_fake_with_chains(chain):
+    """opcheck with the chain's extra inputs; the fake's dtype follows a cast step."""
+    from sparsecc.codegen import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 32)
+    c = compress_block_weights(torch.randn(48, 32), BlockWeights((16, 16), 0.5))
+    u = compress_block_weights(torch.randn(48, 32), BlockWeights((16, 16), 0.5))
+    parsed = EpilogueChain.parse(chain)
+    bias = torch.randn(48) if "bias" in parsed.inputs else None
+    gate = torch.randn(3, 5, 48) if "gate" in parsed.inputs else None
+    residual = torch.randn(3, 5, 48) if "residual" in parsed.inputs else None
+    up = (u.blocks, u.row_ptr, u.col_idx) if "up" in parsed.inputs else (None, None, None)
+    args = (x, c.blocks, c.row_ptr, c.col_idx, bias, 48, 32, "reference", chain, gate, residual, *up)
+    torch.library.opcheck(ops.op("block_sparse_linear"), args, test_utils=("test_schema", "test_faketensor"))
+    assert ops.op("block_sparse_linear")(*args).dtype == parsed.out_dtype(x.dtype)
