@@ -150,14 +150,28 @@ LONG_ROW_BLOCKS = 16  # mean stored blocks per row from which the swapped tile t
 LONG_ROW_STAGES = 5
 
 
-def pick_config(m: int, bm: int, bk: int, blocks_per_row: float = 0.0) -> BlockLinearConfig:
-    """The first entry of :data:`CONFIGS` that fits ``(m, bm, bk)``; deeper pipelines for long rows."""
-    for m_min, area_max, bm_min, config in CONFIGS:
+# A fused gate/up program holds two fp32 accumulators and runs two pipelined loops; a 256-token tile
+# would need 128 accumulator registers per thread (8 warps, 64-row blocks) and, if the loops' shared
+# buffers are not reused, about 240 KB of shared memory at 3 stages (H100: 228 KB). Not measured yet
+# (bench/epilogue.py --sweep): until then the fused kernel caps the tile at 128 tokens.
+FUSED_MAX_BLOCK_M = 128
+
+
+def pick_config(m: int, bm: int, bk: int, blocks_per_row: float = 0.0, fused_up: bool = False) -> BlockLinearConfig:
+    """The first entry of :data:`CONFIGS` that fits ``(m, bm, bk)``; deeper pipelines for long rows.
+
+    ``blocks_per_row`` counts both weights' blocks for a fused gate/up (``fused_up``).
+    """
+    config = CONFIGS[-1][3]
+    for m_min, area_max, bm_min, candidate in CONFIGS:
         if m >= m_min and bm * bk <= area_max and bm >= bm_min:
+            config = candidate
             if config.SWAP_AB and blocks_per_row >= LONG_ROW_BLOCKS:
-                return BlockLinearConfig(config.BLOCK_M, config.num_warps, LONG_ROW_STAGES, True)
-            return config
-    return CONFIGS[-1][3]
+                config = BlockLinearConfig(config.BLOCK_M, config.num_warps, LONG_ROW_STAGES, True)
+            break
+    if fused_up and config.BLOCK_M > FUSED_MAX_BLOCK_M:
+        config = BlockLinearConfig(FUSED_MAX_BLOCK_M, config.num_warps, config.num_stages, config.SWAP_AB)
+    return config
 
 
 def _row_product(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row, offs_m, m_mask, stride_xm, stride_xk,
@@ -329,7 +343,7 @@ def block_sparse_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Ten
     up_blocks, up_row_ptr, up_col_idx = (up[0].to(x.dtype).contiguous(), up[1], up[2]) if up is not None else \
         (blocks, row_ptr, col_idx)
     stored = blocks.shape[0] + (up_blocks.shape[0] if up is not None else 0)
-    cfg = config or pick_config(m, bm, bk, stored / max(row_ptr.numel() - 1, 1))
+    cfg = config or pick_config(m, bm, bk, stored / max(row_ptr.numel() - 1, 1), fused_up=up is not None)
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     n_rows = row_ptr.numel() - 1
     grid = (triton.cdiv(m, cfg.BLOCK_M) * n_rows,)  # noqa: F821 - bound by bind_triton

@@ -317,3 +317,13 @@ def test_op_schema_and_fake_with_chains(chain):
     args = (x, c.blocks, c.row_ptr, c.col_idx, bias, 48, 32, "reference", chain, gate, residual, *up)
     torch.library.opcheck(ops.op("block_sparse_linear"), args, test_utils=("test_schema", "test_faketensor"))
     assert ops.op("block_sparse_linear")(*args).dtype == parsed.out_dtype(x.dtype)
+
+
+def test_fused_gate_up_default_tile_is_capped():
+    from sparsecc.codegen.block_sparse_linear import FUSED_MAX_BLOCK_M, pick_config
+
+    single = pick_config(8192, 64, 64, blocks_per_row=6.4)
+    fused = pick_config(8192, 64, 64, blocks_per_row=12.8, fused_up=True)
+    assert single.BLOCK_M > FUSED_MAX_BLOCK_M == fused.BLOCK_M
+    assert (fused.num_warps, fused.SWAP_AB) == (single.num_warps, single.SWAP_AB)
+    assert pick_config(8, 16, 16, fused_up=True) == pick_config(8, 16, 16)
