@@ -213,13 +213,14 @@ def _gate_half(site: Site, ctx) -> Optional[Tuple[Site, FoldedChain]]:
     """When ``site`` is the up projection that another site's chain multiplies in (``mul:up``): that site."""
     if not _flag(FUSE_GATE_UP_ENV, "0") or not _flag(FOLD_ENV, "1"):
         return None
+    x = _operands(site.output)[0]
     for other in ctx.sites:
         if other is site or other.kind != "linear" or _block_form(other, ctx) is None \
                 or other.attrs.get("gate_up_kernel"):
             continue
         op = canonical(other.output)
-        if op is None or op.name not in _LINEAR_OPS:
-            continue
+        if op is None or op.name not in _LINEAR_OPS or op.inputs[0] is not x:
+            continue  # only a linear on the same input can be the gate half (cheap test before folding)
         folded = _fold(other, ctx)
         if folded.up is site:
             return other, folded
