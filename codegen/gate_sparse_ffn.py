@@ -97,11 +97,27 @@ def _activation(v, ACTIVATION: tl.constexpr):  # noqa: F821 - tl is bound by bin
     return v
 
 
+def _rounded(v, like_ptr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
+    """float32 ``v`` rounded (to nearest even) to the element type of ``like_ptr``, returned as float32.
+
+    ``ROUND_BY_BITS`` (bfloat16 under the CPU interpreter only): Triton 3.9's
+    interpreter truncates float32 -> bfloat16 casts, while torch and compiled
+    Triton round to nearest even; the bit form below rounds like them.
+    """
+    if ROUND_BY_BITS:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # keep the top 16 bits, ties to even
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return v.to(like_ptr.dtype.element_ty).to(tl.float32)
+
+
 def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
                     stride_xm, stride_xd, stride_gf, stride_gd, stride_uf, stride_ud,
                     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: F821
                     HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,  # noqa: F821
-                    ACTIVATION: tl.constexpr, DOT_IN_FP32: tl.constexpr):  # noqa: F821
+                    ACTIVATION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
+                    ROUND_BY_BITS: tl.constexpr):  # noqa: F821
     """g[:, f-block] = act(x Wgᵀ + bg) ⊙ keep (⊙ (x Wuᵀ + bu), up rows of survivors only)."""
     pid = tl.program_id(0)
     offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -139,8 +155,8 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
         lin += tl.load(bg_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
     # Round where the reference rounds (linear output, then activation output), so both compare
     # the same values with tau.
-    lin = lin.to(io_dtype).to(tl.float32)
-    a = _activation(lin, ACTIVATION).to(io_dtype).to(tl.float32)
+    lin = _rounded(lin, g_ptr, ROUND_BY_BITS)
+    a = _rounded(_activation(lin, ACTIVATION), g_ptr, ROUND_BY_BITS)
     keep = (tl.abs(a) > tau) & m_mask[:, None] & f_mask[None, :]
     h = tl.where(keep, a, 0.0)
     if GATED:
@@ -173,13 +189,13 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
                     up = tl.dot(xv, w, up)
         if HAS_BU:
             up += tl.load(bu_ptr + offs_f, mask=live, other=0.0).to(tl.float32)[None, :]
-        up = up.to(io_dtype).to(tl.float32)
-        h = tl.where(keep, h * up, 0.0)
+        up = _rounded(up, g_ptr, ROUND_BY_BITS)
+        h = tl.where(keep, _rounded(h * up, g_ptr, ROUND_BY_BITS), 0.0)
     out = g_ptr + offs_m[:, None] * F + offs_f[None, :]
     tl.store(out, h.to(io_dtype), mask=m_mask[:, None] & f_mask[None, :])
 
 
-_KERNELS = ("_activation", "_gate_up_kernel")
+_KERNELS = ("_activation", "_rounded", "_gate_up_kernel")
 
 
 # ============================================================== wrapper
@@ -238,7 +254,8 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
         x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), wu.stride(0), wu.stride(1),
         BLOCK_M=1 if m == 1 else 16, BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D,
         HAS_BG=b_gate is not None, GATED=w_up is not None, HAS_BU=b_up is not None, ACTIVATION=act,
-        DOT_IN_FP32=interpreting or dtype == torch.float32, num_warps=cfg.num_warps)
+        DOT_IN_FP32=interpreting or dtype == torch.float32, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
+        num_warps=cfg.num_warps)
     # g is zero exactly where a neuron is dropped for a token, so tau = 0 keeps every survivor.
     y = threshold_linear(g, w_down, b_down, 0.0, config=down_config, out=out)
     return y.reshape(*lead, w_down.shape[0])
