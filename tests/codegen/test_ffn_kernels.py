@@ -390,3 +390,18 @@ def test_semi_structured_linear_gpu_fallbacks_and_recompression():
         c.indices.copy_(new.indices)
     y = semi_structured_linear(x, c.values, c.indices, None)
     assert rel_err(y, x.float() @ new.to_dense().float().T) < 1e-2
+
+
+@gpu
+def test_ops_dispatch_to_the_cuda_paths():
+    """``torch.ops.sparsecc.*`` with kernels='triton' on CUDA run these implementations and agree with them."""
+    from sparsecc.codegen import ops
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(13)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 2, 512, 1024, 512, True, False, torch.bfloat16, "cuda")
+    tau = 0.05
+    y = ops.op("gate_sparse_ffn")(x, wg, bg, wu, bu, wd, bd, "silu", tau, "triton")
+    torch.testing.assert_close(y, gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau), atol=0, rtol=0)
+    c = compress_2to4(randn(gen, 256, 512, dtype=torch.bfloat16, device="cuda"))
+    y = ops.op("semi_structured_linear")(x, c.values, c.indices, None, 256, 512, "triton")
+    assert rel_err(y, x.float() @ c.to_dense().float().T) < 1e-2
