@@ -29,7 +29,8 @@ with the bias: no atomics, so bfloat16 and float16 behave alike and results are 
 
 Cost per call: the dense gate read (F x D), plus the survivors' up rows and down rows, plus
 three launches and the float32 partials. Dropping a neuron with an exact-zero product is exact;
-the only values the down stage drops are exact zeros of g.
+the only values the down stage drops are exact zeros of g. (NaN inputs: the reference multiplies a
+dropped NaN activation by 0 and propagates it; the kernel masks it out.)
 
 Rounding follows the reference, which computes in the input dtype: the gate pre-activation and
 the activation are rounded to x's dtype before the threshold (so both keep the same neurons
@@ -254,8 +255,8 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
         x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), wu.stride(0), wu.stride(1),
         BLOCK_M=1 if m == 1 else 16, BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D,
         HAS_BG=b_gate is not None, GATED=w_up is not None, HAS_BU=b_up is not None, ACTIVATION=act,
-        DOT_IN_FP32=interpreting or dtype == torch.float32, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
-        num_warps=cfg.num_warps)
-    # g is zero exactly where a neuron is dropped for a token, so tau = 0 keeps every survivor.
+        DOT_IN_FP32=interpreting or dtype == torch.float32,
+        ROUND_BY_BITS=interpreting and dtype == torch.bfloat16, num_warps=cfg.num_warps)
+    # tau = 0 skips exactly the zeros of g: dropped neurons, and survivors whose product is 0 (no contribution).
     y = threshold_linear(g, w_down, b_down, 0.0, config=down_config, out=out)
     return y.reshape(*lead, w_down.shape[0])
