@@ -214,7 +214,7 @@ def searched_alg(c, x: torch.Tensor, bias: torch.Tensor) -> int:
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x
     try:
         return int(search(packed, xp.t(), bias=bias, transpose_result=True))
-    except RuntimeError as err:  # removed or refused in this build: the default algorithm stands
+    except (RuntimeError, TypeError) as err:  # refused, or another signature in this build: keep alg 0
         print(f"  cuSPARSELt algorithm search failed ({str(err).splitlines()[0][:80]})")
         return 0
 
