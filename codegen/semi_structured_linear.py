@@ -160,8 +160,9 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     (N = ``values.shape[0]``, K = ``x.shape[-1]``). On CUDA with float16 /
     bfloat16 and dims that are multiples of 16, the weight is compressed for
     cuSPARSELt once (cached) and the product runs on sparse tensor cores; any
-    other case runs the decompressed weight through cuBLAS (CUDA) or the
-    reference (CPU, float32/float64), so every input gets the right answer.
+    other CUDA case (float32, other dims) runs the decompressed weight, cached
+    the same way, through cuBLAS; CPU and float64 run the reference. Every
+    input gets the right answer.
     ``activation`` is one of :data:`FUSED_ACTIVATIONS`; ``alg_id`` picks a
     cuSPARSELt algorithm (benchmarks).
     """
@@ -175,7 +176,7 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    if x.device.type != "cuda" or x.dtype not in CSLT_DTYPES or x2.shape[0] == 0:
+    if x.device.type != "cuda" or x.dtype == torch.float64 or x2.shape[0] == 0:
         weight = SemiStructuredWeight(values=values, indices=indices, shape=(n, k))
         y = activation_ref(activation)(semi_structured_linear_ref(x2, weight, bias).to(
             torch.float64 if x.dtype == torch.float64 else torch.float32)).to(x.dtype)
