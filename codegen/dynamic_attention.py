@@ -1,0 +1,326 @@
+"""Dynamic (per-input) attention layouts: ``block_topk`` and ``vertical_slash``.
+
+Both forms look at the actual q and k of a call, choose key blocks per
+(batch, head, query block), and hand the result to the block-table flash
+kernel of ``block_attention.py`` as a :class:`~sparsecc.layouts.BlockTable`.
+The exact selection rules are those of :class:`sparsecc.forms.BlockTopK` and
+:class:`sparsecc.forms.VerticalSlash` (also in docs/spec.md).
+
+Layout of this file: shared helpers, the PyTorch **references** (the ground
+truth, and the CPU path), then the **GPU path** (Triton kernels from
+``dynamic_attention_kernels.py``, imported on first use only), then the
+dispatching entry points :func:`dynamic_table` and :func:`dynamic_block_attention`.
+
+Conventions are those of ``block_attention.py``: q ``[B, H, Sq, D]``, k ``[B,
+Hkv, Sk, D]``, query head h reads kv head ``h // (H // Hkv)``, queries are the
+last Sq positions (row i has position ``i + Sk - Sq``), and ``Sq <= Sk``.
+
+Ties and ordering: every ranking here orders by score, highest first, and
+breaks ties towards the lower index. Both paths implement that by ranking a
+packed int64 key (order-preserving bits of the float32 score in the high
+word, ``N - 1 - index`` in the low word), so a ranking never depends on the
+sort algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from sparsecc.forms import BlockTopK, VerticalSlash
+from sparsecc.layouts import BlockTable
+
+__all__ = ["block_topk_table_ref", "vertical_slash_table_ref", "dynamic_attention_ref", "dynamic_table",
+           "dynamic_block_attention", "packed_rank_keys", "block_masks"]
+
+DynamicForm = Union[BlockTopK, VerticalSlash]
+# The lowest packed key: marks entries that are not candidates (they sort last and are never chosen).
+NOT_A_CANDIDATE = -(1 << 63)
+# Widest key-block row the fused Triton table kernel sorts in registers; wider rows use the PyTorch path.
+MAX_KERNEL_KEY_BLOCKS = 4096
+
+
+# ============================================================== shared helpers
+
+
+def _check_inputs(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int]:
+    """Validate shapes; returns ``(B, H, Sq, Sk, group)``."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-d [B, H, S, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, h, sq, d = q.shape
+    bk, hkv, sk, dk = k.shape
+    if bk != b or dk != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim")
+    if hkv < 1 or h % hkv:
+        raise ValueError(f"kv heads {hkv} must divide query heads {h}")
+    if sq > sk or sq < 1:
+        raise ValueError(f"Sq={sq} must lie in [1, Sk={sk}] (queries are the last Sq positions)")
+    return b, h, sq, sk, h // hkv
+
+
+def _scale(q: Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def packed_rank_keys(scores: Tensor, candidate: Tensor) -> Tensor:
+    """int64 keys whose descending order is (score desc, index asc); non-candidates get the lowest key.
+
+    ``scores`` is float32 ``[..., N]``. The float bits are mapped to an int32
+    with the same order (negative floats get their magnitude bits flipped).
+    """
+    n = scores.shape[-1]
+    bits = scores.float().contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    low = (n - 1 - torch.arange(n, device=scores.device, dtype=torch.int64))
+    keys = ordered * (1 << 32) + low
+    return torch.where(candidate, keys, torch.full_like(keys, NOT_A_CANDIDATE))
+
+
+def _keep_top(keys: Tensor, count: Tensor) -> Tensor:
+    """Bool mask of the ``count`` (per row, a tensor) highest keys of each row; ``count`` never exceeds the candidates."""
+    ranked = torch.sort(keys, dim=-1, descending=True).values
+    pos = (count - 1).clamp(min=0).unsqueeze(-1)
+    threshold = torch.gather(ranked, -1, pos)
+    return (keys >= threshold) & (count.unsqueeze(-1) > 0) & (keys != NOT_A_CANDIDATE)
+
+
+def block_geometry(seq_q: int, seq_k: int, block: int, device) -> dict:
+    """Per query block a: first/last position; per key block b: first/last key; and nQ, nK."""
+    n_q, n_k = -(-seq_q // block), -(-seq_k // block)
+    a = torch.arange(n_q, device=device)
+    b = torch.arange(n_k, device=device)
+    offset = seq_k - seq_q
+    return {"n_q": n_q, "n_k": n_k, "first_pos": a * block + offset,
+            "last_pos": torch.clamp((a + 1) * block, max=seq_q) - 1 + offset,
+            "first_key": b * block, "last_key": torch.clamp((b + 1) * block, max=seq_k) - 1}
+
+
+def block_masks(seq_q: int, seq_k: int, block: int, causal: bool, device) -> tuple[Tensor, Tensor]:
+    """``(allowed, full)`` bool ``[nQ, nK]``: cells with some causally allowed element, and cells all of whose
+    elements exist and are allowed (full blocks need no per-element mask; every other kept block is partial)."""
+    g = block_geometry(seq_q, seq_k, block, device)
+    rows_whole = ((torch.arange(g["n_q"], device=device) + 1) * block <= seq_q)[:, None]
+    keys_whole = ((torch.arange(g["n_k"], device=device) + 1) * block <= seq_k)[None, :]
+    if causal:
+        allowed = g["first_key"][None, :] <= g["last_pos"][:, None]
+        full = rows_whole & keys_whole & (g["last_key"][None, :] <= g["first_pos"][:, None])
+    else:
+        allowed = torch.ones(g["n_q"], g["n_k"], dtype=torch.bool, device=device)
+        full = rows_whole & keys_whole
+    return allowed, full
+
+
+def table_from_keep(keep: Tensor, block: int, seq_q: int, seq_k: int, causal: bool) -> BlockTable:
+    """The validated BlockTable of a kept-block mask ``[B, H, nQ, nK]`` (full/partial split by :func:`block_masks`)."""
+    allowed, full = block_masks(seq_q, seq_k, block, causal, keep.device)
+    keep = keep & allowed
+    return BlockTable.from_dense(keep, keep & full, block_q=block, block_k=block, seq_q=seq_q, seq_k=seq_k,
+                                 causal=causal)
+
+
+# ============================================================== references
+
+
+def pool_blocks(x: Tensor, block: int, pool: str) -> Tensor:
+    """float32 ``[B, Hx, n, D]``: mean or per-feature max of each block of ``block`` tokens (real tokens only)."""
+    b, hx, s, d = x.shape
+    n = -(-s // block)
+    pad = n * block - s
+    xf = x.float()
+    if pool == "mean":
+        summed = torch.nn.functional.pad(xf, (0, 0, 0, pad)).view(b, hx, n, block, d).sum(3)
+        counts = torch.clamp(s - torch.arange(n, device=x.device) * block, max=block).to(torch.float32)
+        return summed / counts[:, None]
+    if pool == "max":
+        return torch.nn.functional.pad(xf, (0, 0, 0, pad), value=-math.inf).view(b, hx, n, block, d).amax(3)
+    raise ValueError(f"pool={pool!r} is not allowed; expected 'mean' or 'max'")
+
+
+def block_topk_table_ref(q: Tensor, k: Tensor, *, block: int, topk: Optional[int] = None,
+                         cdf: Optional[float] = None, sink_blocks: int = 1, local_blocks: int = 1,
+                         pool: str = "mean", causal: bool = True, scale: Optional[float] = None) -> BlockTable:
+    """Reference ``block_topk`` selection (see :class:`sparsecc.forms.BlockTopK`); a table ``[B, H, nQ, ...]``."""
+    form = BlockTopK(block=block, topk=topk, cdf=cdf, sink_blocks=sink_blocks, local_blocks=local_blocks, pool=pool)
+    b, h, sq, sk, group = _check_inputs(q, k)
+    dev = q.device
+    qbar = pool_blocks(q, block, pool)
+    kbar = pool_blocks(k, block, pool).repeat_interleave(group, dim=1)
+    scores = _scale(q, scale) * torch.matmul(qbar, kbar.transpose(-1, -2))
+    g = block_geometry(sq, sk, block, dev)
+    allowed, _ = block_masks(sq, sk, block, causal, dev)
+    kb = torch.arange(g["n_k"], device=dev)[None, :]
+    lo, hi = (g["first_pos"] // block)[:, None], (g["last_pos"] // block)[:, None]
+    band = (kb >= lo - local_blocks + 1) & (kb <= hi) if local_blocks > 0 else torch.zeros_like(allowed)
+    forced = allowed & ((kb < sink_blocks) | band)
+    cand = (allowed & ~forced).expand(b, h, -1, -1)
+    keys = packed_rank_keys(scores, cand)
+    n_cand = cand.sum(-1)
+    if form.topk is not None:
+        count = torch.clamp(n_cand, max=form.topk)
+    else:
+        count = _cdf_count(scores, allowed, forced, keys, n_cand, form.cdf)
+    keep = forced | _keep_top(keys, count)
+    return table_from_keep(keep, block, sq, sk, causal)
+
+
+def _cdf_count(scores: Tensor, allowed: Tensor, forced: Tensor, keys: Tensor, n_cand: Tensor, cdf: float) -> Tensor:
+    """How many ranked candidates the cdf rule keeps: those whose mass before them (forced + higher ranked) < cdf."""
+    masked = scores.masked_fill(~allowed, -math.inf)
+    row_max = masked.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(masked - row_max)
+    denom = e.sum(-1, keepdim=True)
+    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    forced_mass = (p * forced).sum(-1, keepdim=True)
+    order = torch.sort(keys, dim=-1, descending=True).indices
+    ranked_p = torch.gather(p, -1, order)
+    valid = torch.arange(p.shape[-1], device=p.device) < n_cand.unsqueeze(-1)
+    ranked_p = torch.where(valid, ranked_p, torch.zeros_like(ranked_p))
+    before = forced_mass + torch.cumsum(ranked_p, -1) - ranked_p
+    return (valid & (before < cdf)).sum(-1)
+
+
+def vertical_slash_scores_ref(q: Tensor, k: Tensor, *, last_q: int, causal: bool = True,
+                              scale: Optional[float] = None) -> tuple[Tensor, Tensor, int]:
+    """Column and diagonal scores of the last ``last_q`` queries: ``(col [B, H, Sk], diag [B, H, T], t_min)``.
+
+    ``diag[..., i]`` is the score of diagonal ``t = t_min + i`` (``t = p - j``);
+    ``t_min`` is 0 when causal and ``p_first - (Sk - 1)`` otherwise.
+    """
+    b, h, sq, sk, group = _check_inputs(q, k)
+    n_last = min(last_q, sq)
+    offset = sk - sq
+    pos = torch.arange(sq - n_last, sq, device=q.device) + offset
+    kf = k.float().repeat_interleave(group, dim=1)
+    s = _scale(q, scale) * torch.matmul(q[:, :, sq - n_last:].float(), kf.transpose(-1, -2))
+    j = torch.arange(sk, device=q.device)
+    if causal:
+        s = s.masked_fill(j[None, :] > pos[:, None], -math.inf)
+    p = torch.softmax(s, dim=-1)
+    col = p.sum(-2)
+    t_min = 0 if causal else int(pos[0]) - (sk - 1)
+    n_diag = sk - t_min
+    index = (pos[:, None] - j[None, :] - t_min).clamp(0, n_diag - 1).expand_as(p)
+    diag = torch.zeros(b, h, n_diag, dtype=torch.float32, device=q.device).scatter_add_(
+        -1, index.flatten(-2), p.flatten(-2))
+    return col, diag, t_min
+
+
+def vertical_slash_keep(col: Tensor, diag: Tensor, t_min: int, *, vertical: int, slash: int, block: int,
+                        seq_q: int, seq_k: int, causal: bool) -> Tensor:
+    """Kept-block mask ``[B, H, nQ, nK]`` from column and diagonal scores (selection + rounding to blocks)."""
+    dev = col.device
+    n_col, n_diag = col.shape[-1], diag.shape[-1]
+    col_idx = torch.arange(n_col, device=dev)
+    t_idx = torch.arange(n_diag, device=dev) + t_min
+    col_keys = packed_rank_keys(col, (col_idx != 0).expand_as(col))
+    diag_keys = packed_rank_keys(diag, (t_idx != 0).expand_as(diag))
+    lead = col.shape[:-1]
+    kept_col = _keep_top(col_keys, torch.full(lead, min(vertical, n_col - 1), device=dev)) | (col_idx == 0)
+    # t_min <= 0 <= t_max always (the last query row sits at position Sk - 1), so diagonal 0 is in range.
+    kept_diag = _keep_top(diag_keys, torch.full(lead, min(slash, n_diag - 1), device=dev)) | (t_idx == 0)
+    g = block_geometry(seq_q, seq_k, block, dev)
+    # Columns: the first kept column of each key block, seen by query block a when it is <= a's last position.
+    big = torch.iinfo(torch.int64).max
+    first_col = torch.where(kept_col, col_idx, torch.full_like(col_idx, big))
+    pad = g["n_k"] * block - n_col
+    first_col = torch.nn.functional.pad(first_col, (0, pad), value=big).view(*lead, g["n_k"], block).amin(-1)
+    if causal:
+        by_col = first_col[..., None, :] <= g["last_pos"][:, None]
+    else:
+        by_col = (first_col < big)[..., None, :].expand(*lead, g["n_q"], g["n_k"])
+    # Diagonals: cell (a, b) holds exactly the offsets t in [first_pos - last_key, last_pos - first_key].
+    prefix = torch.nn.functional.pad(torch.cumsum(kept_diag.to(torch.int64), -1), (1, 0))   # prefix[i] = # kept < i
+
+    def kept_below(t: Tensor) -> Tensor:
+        index = (t - t_min).clamp(0, n_diag).flatten().expand(*lead, -1)
+        return torch.gather(prefix, -1, index).view(*lead, *t.shape)
+
+    t_lo = g["first_pos"][:, None] - g["last_key"][None, :]
+    t_hi = g["last_pos"][:, None] - g["first_key"][None, :]
+    by_diag = kept_below(t_hi + 1) > kept_below(t_lo)
+    return by_col | by_diag
+
+
+def vertical_slash_table_ref(q: Tensor, k: Tensor, *, last_q: int, vertical: int, slash: int, block: int = 64,
+                             causal: bool = True, scale: Optional[float] = None) -> BlockTable:
+    """Reference ``vertical_slash`` selection (see :class:`sparsecc.forms.VerticalSlash`); a table ``[B, H, ...]``."""
+    VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=block)
+    _, _, sq, sk, _ = _check_inputs(q, k)
+    col, diag, t_min = vertical_slash_scores_ref(q, k, last_q=last_q, causal=causal, scale=scale)
+    keep = vertical_slash_keep(col, diag, t_min, vertical=vertical, slash=slash, block=block, seq_q=sq, seq_k=sk,
+                               causal=causal)
+    return table_from_keep(keep, block, sq, sk, causal)
+
+
+def dynamic_table_ref(q: Tensor, k: Tensor, form: DynamicForm, causal: bool, scale: Optional[float]) -> BlockTable:
+    """The reference table of either dynamic form."""
+    if isinstance(form, BlockTopK):
+        return block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
+                                    sink_blocks=form.sink_blocks, local_blocks=form.local_blocks, pool=form.pool,
+                                    causal=causal, scale=scale)
+    if isinstance(form, VerticalSlash):
+        return vertical_slash_table_ref(q, k, last_q=form.last_q, vertical=form.vertical, slash=form.slash,
+                                        block=form.block, causal=causal, scale=scale)
+    raise TypeError(f"not a dynamic attention form: {form!r}")
+
+
+def dynamic_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, form: DynamicForm, causal: bool,
+                          scale: Optional[float] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """Reference dynamic attention: the reference table, then block-sparse reference attention over it.
+
+    The model's own ``mask`` is not used by the estimate; it is intersected afterwards, token by token.
+    """
+    from sparsecc.codegen.block_attention import block_sparse_attention_ref
+
+    table = dynamic_table_ref(q, k, form, causal, scale)
+    return block_sparse_attention_ref(q, k, v, table=table, scale=_scale(q, scale), mask=mask)
+
+
+# ============================================================== GPU path
+
+
+def _kernel_ok(q: Tensor, k: Tensor) -> bool:
+    return q.device.type == "cuda" and q.device == k.device and q.shape[-1] <= 256
+
+
+def dynamic_table(q: Tensor, k: Tensor, form: DynamicForm, causal: bool, scale: Optional[float]) -> BlockTable:
+    """The form's table for these inputs: Triton on CUDA, the reference elsewhere."""
+    if not _kernel_ok(q, k):
+        return dynamic_table_ref(q, k, form, causal, scale)
+    from sparsecc.codegen import dynamic_attention_kernels as kern
+
+    _check_inputs(q, k)
+    if isinstance(form, BlockTopK):
+        if -(-k.shape[2] // form.block) > MAX_KERNEL_KEY_BLOCKS:
+            return dynamic_table_ref(q, k, form, causal, scale)
+        return kern.block_topk_table(q, k, form, causal, _scale(q, scale))
+    if isinstance(form, VerticalSlash):
+        return kern.vertical_slash_table(q, k, form, causal, _scale(q, scale))
+    raise TypeError(f"not a dynamic attention form: {form!r}")
+
+
+def dynamic_block_attention(q: Tensor, k: Tensor, v: Tensor, *, form: DynamicForm, causal: bool,
+                            scale: Optional[float] = None, mask: Optional[Tensor] = None,
+                            out: Optional[Tensor] = None) -> Tensor:
+    """Dynamic attention: :func:`dynamic_table`, then the block-table flash kernel (reference off CUDA).
+
+    ``out``, when given, receives the output (tests pass a poisoned buffer).
+    """
+    from sparsecc.codegen import block_attention as ba
+
+    table = dynamic_table(q, k, form, causal, scale)
+    s = _scale(q, scale)
+    if ba._kernel_ok(q, k, v, s) and q.device.type == "cuda":
+        # Straight to the launch: block_sparse_attention's dense-table test reads the table back
+        # (a host sync) and caches it per table object, neither of which suits a fresh table per call.
+        return ba._launch_prefill(q, k, v, ba._check_mask(mask, *q.shape[:3], k.shape[2]), s, causal, False,
+                                  table=table, out=out)
+    result = ba.block_sparse_attention_ref(q, k, v, table=table, scale=s, mask=mask)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
