@@ -5,7 +5,7 @@ finds attention, FFN and linear sites in the captured graph, decides per site
 (spec rule + cost model) whether a sparse form pays off, rewrites the chosen
 sites into ``torch.ops.sparsecc`` ops and hands the rest to Inductor.
 
-Public names: ``compile``, ``explain``, ``calibrate``, ``load_spec``, ``Spec``,
+Public names: ``compile``, ``explain``, ``calibrate``, ``tune``, ``load_spec``, ``Spec``,
 ``SpecError``, ``Report``, ``last_report``.
 """
 
@@ -13,7 +13,8 @@ from sparsecc.api import calibrate, compile, explain
 from sparsecc.backend import last_report
 from sparsecc.report import Report, SiteRecord
 from sparsecc.spec import Spec, SpecError, load_spec
+from sparsecc.tune import tune
 
-__all__ = ["compile", "explain", "calibrate", "load_spec", "Spec", "SpecError", "Report", "SiteRecord",
+__all__ = ["compile", "explain", "calibrate", "tune", "load_spec", "Spec", "SpecError", "Report", "SiteRecord",
            "last_report"]
 __version__ = "0.1.0"

@@ -1,0 +1,14 @@
+"""``sparsecc.tune``: tune a spec on calibration data.
+
+* :func:`tune` sets FFN activation thresholds per layer and projection by a
+  greedy search on the measured output error, chooses per-head attention forms
+  by recalled attention mass under a density budget, and writes a spec whose
+  ``[meta.tune]`` records its provenance (docs/tune.md).
+* :func:`tune_ffn` is the FFN search alone, for several targets at once.
+* :func:`cli_main` is the ``sparsecc tune`` command line.
+"""
+
+from sparsecc.tune.cli import cli_main
+from sparsecc.tune.tuner import attention_rules, ffn_rules, measure, tune, tune_ffn
+
+__all__ = ["tune", "tune_ffn", "measure", "ffn_rules", "attention_rules", "cli_main"]

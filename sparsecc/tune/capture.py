@@ -1,0 +1,199 @@
+"""Calibration plumbing shared by the tuner: batches, FFN projections, thresholding hooks, output error.
+
+The tuner measures the model as it runs eagerly: forward pre-hooks on the
+projection modules apply exactly the thresholding the compiled op applies
+(``x * (score > tau)``, score ``|x_i|`` or ``|x_i| * ||W[:, i]||_2`` in float32),
+so a spec written from these measurements compiles to the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from sparsecc.passes.ffn import column_norms
+
+CRITERIA = ("magnitude", "weighted")
+# Score samples kept per projection per batch: bounds memory on long calibration sets (quantiles stay exact
+# enough: 2^18 samples put a quantile within ~0.2% of its rank).
+SCORE_SAMPLES_PER_BATCH = 1 << 18
+
+# error_fn(dense output, sparse output, batch) -> float; the batch lets it use e.g. an attention mask.
+ErrorFn = Callable[[Any, Any, Any], float]
+
+
+def split_batch(batch) -> Tuple[tuple, dict]:
+    """A batch as (args, kwargs): a dict is keyword arguments, a tuple/list positional ones, else one tensor."""
+    if isinstance(batch, dict):
+        return (), batch
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def run(model, batch):
+    """``model`` on one batch, without autograd."""
+    args, kwargs = split_batch(batch)
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def first_tensor(output) -> torch.Tensor:
+    """The tensor an output error is measured on: the output itself, or its first tensor entry."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output
+    if hasattr(output, "to_tuple"):   # transformers ModelOutput: the first field set
+        values = output.to_tuple()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"tune: the model output {type(output).__name__} holds no tensor to measure an error on; "
+                    "pass error_fn")
+
+
+def relative_error(dense, sparse, batch=None) -> float:
+    """Default output error: ``||y - y_dense||^2 / ||y_dense||^2`` on the first output tensor."""
+    d, s = first_tensor(dense).double(), first_tensor(sparse).double()
+    return float((s - d).square().sum() / d.square().sum().clamp_min(1e-300))
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One threshold the spec can set: the ``input`` or ``down`` key of an FFN site (input mode).
+
+    ``modules`` are the Linear-like modules whose input the threshold applies to
+    (first [and up] for ``input``, down for ``down``), ``in_out`` their weight
+    layouts, and ``weight_elements`` the weights the threshold can skip: the
+    weight of the average sparsity the tuner targets.
+    """
+
+    site: str
+    key: str
+    modules: Tuple[str, ...]
+    in_out: Tuple[bool, ...]
+    weight_elements: int
+
+    def __str__(self) -> str:
+        return f"{self.site or '<root>'}:{self.key}"
+
+
+def ffn_projections(model, report) -> List[Projection]:
+    """The thresholdable projections of every FFN site in ``report`` (an ``explain`` report of ``model``)."""
+    modules = dict(model.named_modules())
+    layout = {s.module: s.attrs.get("weight_layout") == "in_out" for s in report.sites if s.kind == "linear"}
+    out = []
+    for site in report.sites:
+        if site.kind != "ffn":
+            continue
+        paths = [p for p in str(site.attrs.get("linear_modules", "")).split(",") if p]
+        if len(paths) < 2 or any(not hasattr(modules.get(p), "weight") for p in paths):
+            continue
+        for key, group in (("input", paths[:-1]), ("down", paths[-1:])):
+            elements = sum(modules[p].weight.numel() for p in group)
+            out.append(Projection(site.module, key, tuple(group), tuple(layout.get(p, False) for p in group),
+                                  elements))
+    return out
+
+
+@dataclass
+class ThresholdHooks:
+    """Forward pre-hooks that threshold the projections' inputs with the taus in ``taus`` (None: dense).
+
+    ``counts`` accumulates (kept, total) input entries per projection while ``counting`` is set.
+    """
+
+    model: torch.nn.Module
+    projections: Sequence[Projection]
+    criterion: str = "magnitude"
+    taus: Dict[Projection, Optional[float]] = field(default_factory=dict)
+    counting: bool = False
+    counts: Dict[Projection, List[int]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["ThresholdHooks"]:
+        """Install the hooks for the duration of the ``with`` block."""
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion={self.criterion!r} is not allowed; expected one of {CRITERIA}")
+        modules = dict(self.model.named_modules())
+        handles = []
+        try:
+            for proj in self.projections:
+                for path, in_out in zip(proj.modules, proj.in_out):
+                    module = modules[path]
+                    norms = column_norms(module.weight, in_out) if self.criterion == "weighted" else None
+                    handles.append(module.register_forward_pre_hook(self._hook(proj, norms)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, proj: Projection, norms: Optional[torch.Tensor]):
+        def hook(module, args):
+            tau = self.taus.get(proj)
+            if tau is None and not self.counting:
+                return None
+            x = args[0]
+            keep = keep_mask(x, 0.0 if tau is None else tau, norms)
+            if self.counting:
+                c = self.counts.setdefault(proj, [0, 0])
+                c[0] += int(keep.sum()) if tau is not None else x.numel()
+                c[1] += x.numel()
+            if tau is None:
+                return None
+            return (x * keep.to(x.dtype),) + tuple(args[1:])
+        return hook
+
+
+def keep_mask(x: torch.Tensor, tau: float, norms: Optional[torch.Tensor]) -> torch.Tensor:
+    """The kept entries of ``x``: ``|x| > tau`` (magnitude) or ``|x| * norms > tau`` in float32 (weighted).
+
+    These are the comparisons of ``threshold_linear_ref``, so hooks and compiled ops keep the same entries.
+    """
+    if norms is None:
+        return x.abs() > tau
+    return (x.abs().float() * norms.to(x.device)) > tau
+
+
+def score_samples(model, batches, projections: Sequence[Projection], criterion: str) -> Dict[Projection, torch.Tensor]:
+    """Sorted threshold scores per projection over the batches (the dense model), for quantile lookups."""
+    modules = dict(model.named_modules())
+    chunks: Dict[Projection, List[torch.Tensor]] = {p: [] for p in projections}
+    handles = []
+
+    def recorder(proj, norms):
+        def hook(module, args):
+            x = args[0].detach()
+            score = x.abs().float() if norms is None else x.abs().float() * norms.to(x.device)
+            flat = score.flatten()
+            if flat.numel() > SCORE_SAMPLES_PER_BATCH:
+                flat = flat[:: flat.numel() // SCORE_SAMPLES_PER_BATCH]
+            chunks[proj].append(flat.cpu())
+        return hook
+
+    try:
+        for proj in projections:
+            for path, in_out in zip(proj.modules, proj.in_out):
+                norms = column_norms(modules[path].weight, in_out) if criterion == "weighted" else None
+                handles.append(modules[path].register_forward_pre_hook(recorder(proj, norms)))
+        for batch in batches:
+            run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: torch.sort(torch.cat(c)).values for p, c in chunks.items()}
+
+
+def quantile_tau(sorted_scores: torch.Tensor, sparsity: float) -> Optional[float]:
+    """The tau that zeroes a ``sparsity`` fraction of the scores (None for 0: the projection stays dense).
+
+    The same rank rule as ``sparsecc.calibrate``: the k-th smallest score, k = round(sparsity * n).
+    """
+    if sparsity <= 0:
+        return None
+    n = sorted_scores.numel()
+    k = max(1, min(n, int(round(sparsity * n))))
+    return float(sorted_scores[k - 1])

@@ -1,0 +1,151 @@
+"""FFN thresholds by greedy allocation: raise sparsity where the model output suffers least.
+
+Every projection p (the ``input`` or ``down`` threshold of one FFN site) has a
+sparsity level s_p, turned into tau_p by the s_p-quantile of its scores on the
+dense calibration run. The average sparsity is weighted by the weights each
+threshold can skip: ``S = sum_p w_p s_p / sum_p w_p``. Starting from all zero,
+each step raises one s_p by ``step``; the chosen p minimises the measured
+increase of the output error per unit of S gained,
+``(E(s + step e_p) - E(s)) / (w_p step / sum w)``, where E is the error of the
+whole model's output on the search batches with every current threshold
+applied. Steps stop at the target (the last one is cut to hit it exactly).
+
+Measuring every candidate at every step costs one forward per candidate, so the
+search is lazy: a candidate's last measured increase is kept, the best one is
+re-measured under the current levels and accepted if it is still no worse than
+every other candidate's last measurement; otherwise its new value is stored and
+the next-best is tried. Every ``refresh_every`` accepted steps all candidates
+are re-measured, so a stale value cannot hide a candidate for long.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from sparsecc.tune.capture import ErrorFn, Projection, ThresholdHooks, quantile_tau, run
+
+# Ties in measured error increases are broken towards the projection listed first; below this an increase
+# counts as zero (float noise of the error sum).
+_ERROR_EPS = 1e-12
+
+
+@dataclass
+class Allocation:
+    """Per-projection sparsity levels at one average sparsity, with the error measured there."""
+
+    target: float
+    levels: Dict[Projection, float]
+    taus: Dict[Projection, Optional[float]]
+    error: float
+    evaluations: int
+
+    def average(self, projections: Sequence[Projection]) -> float:
+        """The weighted average sparsity of these levels."""
+        total = sum(p.weight_elements for p in projections)
+        return sum(p.weight_elements * self.levels.get(p, 0.0) for p in projections) / total
+
+
+@dataclass
+class GreedySearch:
+    """The greedy allocation over ``projections`` (see the module docstring).
+
+    ``scores`` are the sorted calibration scores per projection, ``dense`` the
+    dense outputs of ``batches``, ``error_fn(dense, sparse, batch)`` the error
+    of one batch (averaged over batches).
+    """
+
+    model: object
+    batches: Sequence
+    dense: Sequence
+    projections: Sequence[Projection]
+    scores: Dict[Projection, object]
+    hooks: ThresholdHooks
+    error_fn: ErrorFn
+    step: float = 0.05
+    max_level: float = 0.95
+    refresh_every: int = 8
+    on_step: Optional[Callable[[float, float, int], None]] = None
+    evaluations: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        if not 0 < self.step < 1:
+            raise ValueError(f"step={self.step!r} is not allowed; expected a number in (0, 1)")
+        if not 0 < self.max_level < 1:
+            raise ValueError(f"max_level={self.max_level!r} is not allowed; expected a number in (0, 1)")
+        total = sum(p.weight_elements for p in self.projections)
+        self.share = {p: p.weight_elements / total for p in self.projections}
+
+    def taus(self, levels: Dict[Projection, float]) -> Dict[Projection, Optional[float]]:
+        """The thresholds that give ``levels`` on the calibration scores."""
+        return {p: quantile_tau(self.scores[p], levels.get(p, 0.0)) for p in self.projections}
+
+    def error(self, levels: Dict[Projection, float]) -> float:
+        """Measured output error with ``levels`` applied (one forward per search batch)."""
+        self.hooks.taus = self.taus(levels)
+        total = 0.0
+        for batch, dense in zip(self.batches, self.dense):
+            total += self.error_fn(dense, run(self.model, batch), batch)
+        self.hooks.taus = {}
+        self.evaluations += 1
+        return total / len(self.batches)
+
+    def run(self, targets: Sequence[float]) -> List[Allocation]:
+        """Allocations at each average sparsity in ``targets`` (one greedy path, snapshots on the way)."""
+        for t in targets:
+            if not 0 < t <= self.max_level:
+                raise ValueError(f"target={t!r} is not allowed; expected a number in (0, max_level={self.max_level}]")
+        levels = {p: 0.0 for p in self.projections}
+        current, version, accepted = 0.0, 0, 0
+        # p -> (error increase per unit of S, levels version it was measured at, error of that trial)
+        measured: Dict[Projection, Tuple[float, int, float]] = {}
+        out: List[Allocation] = []
+        for target in sorted(targets):
+            while self._average(levels) < target - 1e-9:
+                if accepted and accepted % self.refresh_every == 0:
+                    measured.clear()
+                open_ = [p for p in self.projections if levels[p] < self.max_level - 1e-9]
+                if not open_:
+                    raise ValueError(f"target {target} cannot be reached with every projection at "
+                                     f"max_level={self.max_level}")
+                need = target - self._average(levels)
+                while True:
+                    for p in open_:
+                        if p not in measured:
+                            measured[p] = self._rate(levels, p, current, need) + (version,)
+                    best = min(open_, key=lambda p: measured[p][0])
+                    if measured[best][2] == version:
+                        break
+                    measured[best] = self._rate(levels, best, current, need) + (version,)
+                    others = [measured[p][0] for p in open_ if p is not best]
+                    if not others or measured[best][0] <= min(others):
+                        break
+                # The accepted trial was measured under the current levels: its error is the new current one.
+                levels[best] = min(self.max_level, levels[best] + self._increment(levels, best, need))
+                current = measured[best][1]
+                version, accepted = version + 1, accepted + 1
+                del measured[best]
+                if self.on_step is not None:
+                    self.on_step(self._average(levels), current, self.evaluations)
+            out.append(Allocation(target, dict(levels), self.taus(levels), current, self.evaluations))
+        return out
+
+    def _average(self, levels: Dict[Projection, float]) -> float:
+        return sum(self.share[p] * levels[p] for p in self.projections)
+
+    def _increment(self, levels, p: Projection, need: float) -> float:
+        return min(self.step, self.max_level - levels[p], need / self.share[p])
+
+    def _rate(self, levels, p: Projection, current: float, need: float) -> Tuple[float, float]:
+        """(error increase per unit of average sparsity, error) of raising ``p`` one step from ``levels``."""
+        inc = self._increment(levels, p, need)
+        trial = dict(levels)
+        trial[p] = min(self.max_level, levels[p] + inc)
+        error = self.error(trial)
+        delta = max(0.0, error - current)
+        return (0.0 if delta < _ERROR_EPS else delta) / (self.share[p] * inc), error
+
+
+def uniform_allocation(projections: Sequence[Projection], scores, sparsity: float) -> Dict[Projection, Optional[float]]:
+    """Taus that give every projection the same ``sparsity`` (the baseline greedy is compared with)."""
+    return {p: quantile_tau(scores[p], sparsity) for p in projections}

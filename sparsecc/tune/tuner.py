@@ -1,0 +1,212 @@
+"""``sparsecc.tune``: FFN thresholds by greedy search, per-head attention forms, a spec with provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from sparsecc.forms import ActivationThreshold, Dense
+from sparsecc.spec import Defaults, Rule, Spec
+from sparsecc.tune import provenance
+from sparsecc.tune.attention import HeadChoice, choose_heads, record_attention
+from sparsecc.tune.capture import (CRITERIA, ErrorFn, Projection, ThresholdHooks, ffn_projections, relative_error,
+                                   run, score_samples, split_batch)
+from sparsecc.tune.ffn import Allocation, GreedySearch
+
+DEFAULT_STEP = 0.05      # TEAL's greedy raises sparsity in 5% steps
+DEFAULT_MAX_LEVEL = 0.95  # no projection is driven past 95%: beyond it single channels carry the output
+
+
+def glob_escape(path: str) -> str:
+    """A ``modules`` glob that matches exactly ``path``."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in path)
+
+
+@dataclass
+class FfnTuning:
+    """The outcome of the FFN search: projections, calibration scores and one allocation per target."""
+
+    projections: List[Projection]
+    scores: Dict[Projection, torch.Tensor]
+    allocations: List[Allocation]
+    criterion: str
+    search: GreedySearch = field(repr=False)
+
+    def allocation(self, target: float) -> Allocation:
+        """The allocation found for ``target``."""
+        for a in self.allocations:
+            if abs(a.target - target) < 1e-9:
+                return a
+        raise KeyError(f"no allocation for target {target}; tuned for {[a.target for a in self.allocations]}")
+
+
+def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: str = "magnitude",
+             error_fn: Optional[ErrorFn] = None, search_batches: Optional[Sequence] = None,
+             step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL, progress: bool = True) -> FfnTuning:
+    """Greedy FFN threshold allocation for each average sparsity in ``targets`` (one search path).
+
+    ``batches`` set the thresholds' quantiles; ``search_batches`` (default:
+    ``batches``) are the ones whose output error the search measures.
+    """
+    from tqdm.auto import tqdm
+    import sparsecc
+
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r} is not allowed; expected one of {CRITERIA}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("tune needs at least one calibration batch")
+    search_batches = batches if search_batches is None else list(search_batches)
+    args, kwargs = split_batch(batches[0])
+    report = sparsecc.explain(model, *args, **kwargs)
+    projections = ffn_projections(model, report)
+    if not projections:
+        raise ValueError("tune: the model has no FFN site with Linear-like projections to threshold")
+    scores = score_samples(model, batches, projections, criterion)
+    dense = [run(model, b) for b in search_batches]
+    hooks = ThresholdHooks(model, projections, criterion)
+    top = max(targets)
+    bar = tqdm(total=100, desc=f"sparsecc tune ffn ({criterion})", unit="%", disable=not progress)
+
+    def on_step(average, error, evaluations):
+        bar.n = min(100, int(round(100 * average / top)))
+        bar.set_postfix(sparsity=f"{average:.3f}", error=f"{error:.2e}", forwards=evaluations)
+        bar.refresh()
+
+    search = GreedySearch(model, search_batches, dense, projections, scores, hooks, error_fn or relative_error,
+                          step=step, max_level=max_level, on_step=on_step)
+    try:
+        with hooks.installed():
+            allocations = search.run(sorted(targets))
+    finally:
+        bar.close()
+    return FfnTuning(projections, scores, allocations, criterion, search)
+
+
+def measure(model, batches, projections: Sequence[Projection], taus, criterion: str,
+            error_fn: Optional[ErrorFn] = None, dense=None):
+    """(mean error, measured sparsity per projection) of ``model`` with ``taus`` applied on ``batches``."""
+    error_fn = error_fn or relative_error
+    dense = dense if dense is not None else [run(model, b) for b in batches]
+    hooks = ThresholdHooks(model, projections, criterion, taus=dict(taus), counting=True)
+    total = 0.0
+    with hooks.installed():
+        for batch, d in zip(batches, dense):
+            total += error_fn(d, run(model, batch), batch)
+    sparsity = {p: 1.0 - kept / max(1, seen) for p, (kept, seen) in hooks.counts.items()}
+    return total / len(batches), sparsity
+
+
+def ffn_rules(projections: Sequence[Projection], taus, criterion: str) -> List[Rule]:
+    """One ``activation_threshold`` rule per FFN site with a threshold (projections without one stay dense)."""
+    by_site: Dict[str, Dict[str, float]] = {}
+    for p in projections:
+        if taus.get(p) is not None:
+            by_site.setdefault(p.site, {})[p.key] = float(taus[p])
+    rules = []
+    for site, table in by_site.items():
+        form = ActivationThreshold(mode="input", thresholds=tuple(sorted(table.items())), criterion=criterion)
+        rules.append(Rule(kind="ffn", index=len(rules), form=form, modules=glob_escape(site)))
+    return rules
+
+
+def attention_rules(choices: Sequence[HeadChoice]) -> List[Rule]:
+    """Per-site rules naming the heads of each chosen sparse form (dense heads get no rule)."""
+    rules = []
+    for choice in choices:
+        groups: Dict[object, List[int]] = {}
+        for h, form in enumerate(choice.forms):
+            if not isinstance(form, Dense):
+                groups.setdefault(form, []).append(h)
+        for form, heads in groups.items():
+            full = len(heads) == len(choice.forms)
+            rules.append(Rule(kind="attention", index=len(rules), form=form, modules=glob_escape(choice.site),
+                              heads=None if full else tuple(heads)))
+    return rules
+
+
+def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "magnitude",
+         error_fn: Optional[ErrorFn] = None, search_batches: Optional[Sequence] = None,
+         step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL,
+         attention_density: Optional[float] = None, attention_candidates: Optional[Sequence] = None,
+         policy: str = "auto", progress: bool = True) -> Spec:
+    """Tune a spec for ``model`` on calibration ``batches``; save it to ``out`` (.toml/.json) when given.
+
+    * FFN: input-mode thresholds per layer and projection at average sparsity
+      ``target`` by the greedy search of :mod:`sparsecc.tune.ffn`, with
+      ``criterion`` "magnitude" or "weighted"; ``error_fn(dense_out, sparse_out, batch)``
+      is the output error it minimises (default: relative squared error of the
+      first output tensor).
+    * Attention (when ``attention_density`` is given): one form per head among
+      dense and the candidates (default grid: streaming, block_topk,
+      vertical_slash) by recalled attention mass, mean density at most
+      ``attention_density`` (:mod:`sparsecc.tune.attention`).
+    * ``[meta.tune]`` records the provenance and what was achieved per layer.
+
+    Each batch is a tuple of positional arguments, a dict of keyword arguments
+    or a tensor. Returns the Spec (with ``defaults.policy = policy``).
+    """
+    from tqdm.auto import tqdm
+
+    batches = list(batches)
+    if not 0 < target < 1:
+        raise ValueError(f"target={target!r} is not allowed; expected an average FFN sparsity in (0, 1)")
+    model_was_training = model.training
+    model.eval()
+    try:
+        ffn = tune_ffn(model, batches, [target], criterion=criterion, error_fn=error_fn,
+                       search_batches=search_batches, step=step, max_level=max_level, progress=progress)
+        alloc = ffn.allocation(target)
+        searched = ffn.search.batches
+        error, measured = measure(model, searched, ffn.projections, alloc.taus, criterion, error_fn, ffn.search.dense)
+        per_site = []
+        for site in dict.fromkeys(p.site for p in ffn.projections):
+            mine = [p for p in ffn.projections if p.site == site]
+            alone, _ = measure(model, searched, mine, {p: alloc.taus[p] for p in mine}, criterion, error_fn,
+                               ffn.search.dense)
+            row = {"module": site, "output_error_alone": provenance.rounded(alone)}
+            for p in mine:
+                row[f"{p.key}_sparsity"] = provenance.rounded(alloc.levels[p])
+                row[f"{p.key}_sparsity_measured"] = provenance.rounded(measured.get(p, 0.0))
+            per_site.append(row)
+        choices: List[HeadChoice] = []
+        if attention_density is not None:
+            stats = record_attention(model, tqdm(batches, desc="sparsecc tune attention", disable=not progress),
+                                     attention_candidates)
+            choices = choose_heads(stats, attention_density)
+    finally:
+        model.train(model_was_training)
+    total = sum(p.weight_elements for p in ffn.projections)
+    meta = {
+        "model_class": provenance.model_class(model),
+        "config_hash": provenance.config_hash(model),
+        "date": provenance.utc_now(),
+        "calibration": {"batches": len(batches), "items": provenance.count_items(batches),
+                        "hash": provenance.batches_hash(batches), "search_batches": len(searched)},
+        "target": {"ffn_sparsity": target},
+        "criterion": criterion,
+        "search": {"step": step, "max_level": max_level, "forwards": ffn.search.evaluations,
+                   "error": getattr(error_fn, "__name__", "custom") if error_fn else "relative_error"},
+        "achieved": {
+            "ffn_sparsity": provenance.rounded(alloc.average(ffn.projections)),
+            "ffn_sparsity_measured": provenance.rounded(
+                sum(p.weight_elements * measured.get(p, 0.0) for p in ffn.projections) / total),
+            "output_error": provenance.rounded(error)},
+        "ffn": per_site,
+    }
+    if attention_density is not None:
+        meta["target"]["attention_density"] = attention_density
+        heads = [(r, d) for c in choices for r, d in zip(c.recall, c.density)]
+        if heads:
+            meta["achieved"]["attention_recall"] = provenance.rounded(sum(r for r, _ in heads) / len(heads))
+            meta["achieved"]["attention_density"] = provenance.rounded(sum(d for _, d in heads) / len(heads))
+        meta["attention"] = [{"module": c.site, "recall": provenance.rounded(sum(c.recall) / len(c.recall)),
+                              "density": provenance.rounded(sum(c.density) / len(c.density)),
+                              "heads": [str(f) for f in c.forms]} for c in choices]
+    spec = Spec(defaults=Defaults(policy=policy), attention=tuple(attention_rules(choices)),
+                ffn=tuple(ffn_rules(ffn.projections, alloc.taus, criterion)), meta={"tune": meta})
+    if out is not None:
+        spec.save(out)
+    return spec
