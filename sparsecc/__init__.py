@@ -13,7 +13,8 @@ from sparsecc.api import calibrate, compile, explain
 from sparsecc.backend import last_report
 from sparsecc.report import Report, SiteRecord
 from sparsecc.spec import Spec, SpecError, load_spec
-from sparsecc.tune import tune
+# The subpackage itself is callable (``sparsecc.tune(model, batches, ...)``) and also holds ``cli_main``.
+from sparsecc import tune
 
 __all__ = ["compile", "explain", "calibrate", "tune", "load_spec", "Spec", "SpecError", "Report", "SiteRecord",
            "last_report"]

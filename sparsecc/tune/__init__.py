@@ -8,7 +8,20 @@
 * :func:`cli_main` is the ``sparsecc tune`` command line.
 """
 
+import sys
+import types
+
 from sparsecc.tune.cli import cli_main
 from sparsecc.tune.tuner import attention_rules, ffn_rules, measure, tune, tune_ffn
 
 __all__ = ["tune", "tune_ffn", "measure", "ffn_rules", "attention_rules", "cli_main"]
+
+
+class _CallableModule(types.ModuleType):
+    """``sparsecc.tune`` is both this package and the function: calling the module calls :func:`tune`."""
+
+    def __call__(self, *args, **kwargs):
+        return tune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
