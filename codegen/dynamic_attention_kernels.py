@@ -1,0 +1,390 @@
+"""Triton kernels of the dynamic attention forms (imported by ``dynamic_attention.py`` on first GPU use).
+
+* ``_pool_kernel``: mean / max pooling of q or k per block of tokens (fp32 out).
+* ``_topk_table_kernel``: block scores ``qbar @ kbarᵀ`` for a tile of query
+  blocks against every key block, the block_topk selection (sort of packed
+  rank keys, topk or cdf), and the table rows (full/partial split, ascending
+  compacted indices), fused: nothing O(S²/block²) but the table is written.
+* ``_vs_rowstats_kernel`` / ``_vs_scores_kernel``: softmax statistics of the
+  last ``last_q`` queries, then their column sums and diagonal sums.
+* ``_compact_kernel``: a kept-block mask to table rows (vertical_slash).
+
+The selection semantics are those of the references in ``dynamic_attention.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+from sparsecc.forms import BlockTopK, VerticalSlash
+from sparsecc.layouts import BlockTable
+
+# Query blocks per program of the table kernel: tl.dot needs at least 16 rows.
+QUERY_BLOCKS_PER_PROGRAM = 16
+# Tokens pooled per loop step (keeps the pooled tile small for block = 256).
+POOL_CHUNK = 32
+# Rows / keys per tile of the vertical_slash score kernels.
+VS_ROWS = 16
+VS_KEYS = 64
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (its bf16 ``tl.dot`` is wrong, so tiles are upcast there)."""
+    return bool(knobs.runtime.interpret)
+
+
+@triton.jit
+def _pool_kernel(x_ptr, out_ptr, stride_xb, stride_xh, stride_xs, heads, seq, n_blocks,
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MAX_POOL: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi, hi = bh // heads, bh % heads
+    offs_d = tl.arange(0, BLOCK_D)
+    base = x_ptr + bi.to(tl.int64) * stride_xb + hi.to(tl.int64) * stride_xh
+    if MAX_POOL:
+        acc = tl.full((BLOCK_D,), float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+    for t0 in range(0, BLOCK, CHUNK):
+        rows = blk * BLOCK + t0 + tl.arange(0, CHUNK)
+        ok = (rows < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        if MAX_POOL:
+            x = tl.load(base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :], mask=ok,
+                        other=float("-inf")).to(tl.float32)
+            acc = tl.maximum(acc, tl.max(x, axis=0))
+        else:
+            x = tl.load(base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(x, axis=0)
+    if not MAX_POOL:
+        acc = acc / tl.minimum(seq - blk * BLOCK, BLOCK).to(tl.float32)
+    tl.store(out_ptr + (bh.to(tl.int64) * n_blocks + blk) * HEAD_DIM + offs_d, acc, mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, row_base, width,
+               BLOCK_NK: tl.constexpr):
+    """Write table rows: counts, and the kept key-block indices in ascending order (full and partial apart)."""
+    cols = tl.arange(0, BLOCK_NK)[None, :]
+    # Masks rebuilt from int32 arithmetic: the interpreter's store rejects some derived bool arrays.
+    keep_i = tl.where(keep & row_ok[:, None], 1, 0)
+    full_i = tl.where(full, 1, 0)
+    part = (keep_i * (1 - full_i)) != 0
+    fl = (keep_i * full_i) != 0
+    n_part = tl.sum(part.to(tl.int32), axis=1)
+    n_full = tl.sum(fl.to(tl.int32), axis=1)
+    pos_part = tl.cumsum(part.to(tl.int32), axis=1) - 1
+    pos_full = tl.cumsum(fl.to(tl.int32), axis=1) - 1
+    row_off = (row_base + rows).to(tl.int64)
+    tl.store(num_ptr + row_off, n_part, mask=row_ok)
+    tl.store(fnum_ptr + row_off, n_full, mask=row_ok)
+    cols_b = cols + tl.zeros_like(pos_part)
+    tl.store(idx_ptr + row_off[:, None] * width + pos_part, cols_b, mask=part)
+    tl.store(fidx_ptr + row_off[:, None] * width + pos_full, cols_b, mask=fl)
+
+
+@triton.jit
+def _topk_table_kernel(qbar_ptr, kbar_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr,
+                       heads, group, kv_heads, seq_q, seq_k, n_q, n_k, width, scale, topk, cdf,
+                       sink_blocks, local_blocks,
+                       BLOCK: tl.constexpr, QB: tl.constexpr, BLOCK_NK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       D_CHUNK: tl.constexpr, CAUSAL: tl.constexpr, USE_CDF: tl.constexpr):
+    pid_a = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi, hi = bh // heads, bh % heads
+    kvh = bi * kv_heads + hi // group
+    rows = pid_a * QB + tl.arange(0, QB)
+    cols = tl.arange(0, BLOCK_NK)
+    row_ok = rows < n_q
+    col_ok = cols < n_k
+    q_base = qbar_ptr + (bh.to(tl.int64) * n_q) * HEAD_DIM
+    k_base = kbar_ptr + (kvh.to(tl.int64) * n_k) * HEAD_DIM
+    scores = tl.zeros((QB, BLOCK_NK), tl.float32)
+    for d0 in range(0, HEAD_DIM, D_CHUNK):
+        dd = d0 + tl.arange(0, D_CHUNK)
+        d_ok = dd < HEAD_DIM
+        qt = tl.load(q_base + rows[:, None] * HEAD_DIM + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        kt = tl.load(k_base + cols[None, :] * HEAD_DIM + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        # ieee: the selection compares scores, so they must match the float32 reference closely.
+        scores += tl.dot(qt, kt, input_precision="ieee")
+    scores = scores * scale
+
+    offset = seq_k - seq_q
+    first_pos = (rows * BLOCK + offset)[:, None]
+    last_pos = (tl.minimum((rows + 1) * BLOCK, seq_q) - 1 + offset)[:, None]
+    c2 = cols[None, :]
+    allowed = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        allowed = allowed & (c2 * BLOCK <= last_pos)
+    band = (c2 >= first_pos // BLOCK - local_blocks + 1) & (c2 <= last_pos // BLOCK) & (local_blocks > 0)
+    forced = allowed & ((c2 < sink_blocks) | band)
+    cand = allowed & ~forced
+
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    packed = (ordered.to(tl.int64) << 32) + (BLOCK_NK - 1 - c2).to(tl.int64)
+    lowest = tl.full((QB, BLOCK_NK), -9223372036854775808, tl.int64)
+    packed = tl.where(cand, packed, lowest)
+    ranked = tl.sort(packed, dim=1, descending=True)
+    n_cand = tl.sum(cand.to(tl.int32), axis=1)
+    rank = c2 + tl.zeros((QB, BLOCK_NK), tl.int32)
+    if USE_CDF:
+        masked = tl.where(allowed, scores, float("-inf"))
+        row_max = tl.max(masked, axis=1)
+        row_max = tl.where(row_max > float("-inf"), row_max, 0.0)
+        e = tl.where(allowed, tl.exp(scores - row_max[:, None]), 0.0)
+        denom = tl.sum(e, axis=1)
+        denom = tl.where(denom > 0, denom, 1.0)
+        forced_mass = tl.sum(tl.where(forced, e, 0.0), axis=1) / denom
+        r_key = (ranked >> 32).to(tl.int32)
+        r_bits = r_key ^ ((r_key >> 31) & 0x7FFFFFFF)
+        r_score = r_bits.to(tl.float32, bitcast=True)
+        valid = rank < n_cand[:, None]
+        r_p = tl.where(valid, tl.exp(r_score - row_max[:, None]) / denom[:, None], 0.0)
+        before = forced_mass[:, None] + tl.cumsum(r_p, axis=1) - r_p
+        count = tl.sum((valid & (before < cdf)).to(tl.int32), axis=1)
+    else:
+        count = tl.minimum(n_cand, topk)
+    threshold = tl.sum(tl.where(rank == (count - 1)[:, None], ranked, 0), axis=1)
+    chosen = cand & (packed >= threshold[:, None]) & (count[:, None] > 0)
+    keep = forced | chosen
+
+    full = (((rows + 1) * BLOCK <= seq_q)[:, None] & ((c2 + 1) * BLOCK <= seq_k))
+    if CAUSAL:
+        full = full & ((c2 + 1) * BLOCK - 1 <= first_pos)
+    _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, bh * n_q, width, BLOCK_NK)
+
+
+@triton.jit
+def _compact_kernel(keep_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, heads, seq_q, seq_k, n_q, n_k, width,
+                    BLOCK: tl.constexpr, QB: tl.constexpr, BLOCK_NK: tl.constexpr, CAUSAL: tl.constexpr):
+    pid_a = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = pid_a * QB + tl.arange(0, QB)
+    cols = tl.arange(0, BLOCK_NK)
+    c2 = cols[None, :]
+    row_ok = rows < n_q
+    ok = row_ok[:, None] & (c2 < n_k)
+    keep = tl.load(keep_ptr + (bh.to(tl.int64) * n_q + rows[:, None]) * n_k + c2, mask=ok, other=0) != 0
+    offset = seq_k - seq_q
+    first_pos = (rows * BLOCK + offset)[:, None]
+    last_pos = (tl.minimum((rows + 1) * BLOCK, seq_q) - 1 + offset)[:, None]
+    keep = keep & ok
+    full = (((rows + 1) * BLOCK <= seq_q)[:, None] & ((c2 + 1) * BLOCK <= seq_k))
+    if CAUSAL:
+        keep = keep & (c2 * BLOCK <= last_pos)
+        full = full & ((c2 + 1) * BLOCK - 1 <= first_pos)
+    _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, bh * n_q, width, BLOCK_NK)
+
+
+@triton.jit
+def _vs_rowstats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh,
+                        stride_ks, heads, group, seq_q, seq_k, n_last, scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi, hi = bh // heads, bh % heads
+    r = pid * BM + tl.arange(0, BM)
+    r_ok = r < n_last
+    rows = seq_q - n_last + r
+    pos = rows + seq_k - seq_q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + bi.to(tl.int64) * stride_qb + hi.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64)
+                * stride_qs + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + bi.to(tl.int64) * stride_kb + (hi // group).to(tl.int64) * stride_kh
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    for n0 in range(0, seq_k, BN):
+        keys = n0 + tl.arange(0, BN)
+        kt = tl.load(k_base + keys[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
+                     mask=(keys < seq_k)[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt) * scale
+        ok = (keys < seq_k)[None, :] & r_ok[:, None]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        m_i = m_new
+    tl.store(m_ptr + bh * n_last + r, m_i, mask=r_ok)
+    tl.store(l_ptr + bh * n_last + r, l_i, mask=r_ok)
+
+
+@triton.jit
+def _vs_scores_kernel(q_ptr, k_ptr, m_ptr, l_ptr, col_ptr, diag_ptr, stride_qb, stride_qh, stride_qs, stride_kb,
+                      stride_kh, stride_ks, heads, group, seq_q, seq_k, n_last, n_diag, t_min, scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi, hi = bh // heads, bh % heads
+    keys = pid_n * BN + tl.arange(0, BN)
+    k_ok = keys < seq_k
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k_base = k_ptr + bi.to(tl.int64) * stride_kb + (hi // group).to(tl.int64) * stride_kh
+    kt = tl.load(k_base + keys[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
+                 mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    col = tl.zeros((BN,), tl.float32)
+    q_base = q_ptr + bi.to(tl.int64) * stride_qb + hi.to(tl.int64) * stride_qh
+    diag_base = diag_ptr + bh.to(tl.int64) * n_diag
+    for r0 in range(0, n_last, BM):
+        r = r0 + tl.arange(0, BM)
+        r_ok = r < n_last
+        rows = seq_q - n_last + r
+        pos = rows + seq_k - seq_q
+        q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        s = tl.dot(q, kt) * scale
+        ok = r_ok[:, None] & k_ok[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= pos[:, None])
+        m_i = tl.load(m_ptr + bh * n_last + r, mask=r_ok, other=0.0)
+        l_i = tl.load(l_ptr + bh * n_last + r, mask=r_ok, other=1.0)
+        p = tl.where(ok, tl.exp(s - m_i[:, None]) / l_i[:, None], 0.0)
+        col += tl.sum(p, axis=0)
+        t_index = pos[:, None] - keys[None, :] - t_min
+        tl.atomic_add(diag_base + t_index, p, mask=ok, sem="relaxed")
+    tl.store(col_ptr + bh.to(tl.int64) * seq_k + keys, col, mask=k_ok)
+
+
+def _table_buffers(b: int, h: int, n_q: int, width: int, device) -> tuple:
+    num = torch.empty(b, h, n_q, dtype=torch.int32, device=device)
+    fnum = torch.empty_like(num)
+    idx = torch.empty(b, h, n_q, width, dtype=torch.int32, device=device)
+    fidx = torch.empty_like(idx)
+    return num, idx, fnum, fidx
+
+
+def _trusted_table(num, idx, fnum, fidx, block: int, seq_q: int, seq_k: int, causal: bool) -> BlockTable:
+    """A BlockTable from kernel output without the validating constructor.
+
+    Validation reads the table back to the host several times (syncs) and scans
+    O(S²/block²) entries per call; the kernels build valid tables by
+    construction, and the interpreter tests pass their output through the
+    validating constructor instead.
+    """
+    table = object.__new__(BlockTable)
+    for name, value in (("kv_num_blocks", num), ("kv_indices", idx), ("full_kv_num_blocks", fnum),
+                        ("full_kv_indices", fidx), ("block_q", block), ("block_k", block), ("seq_q", seq_q),
+                        ("seq_k", seq_k), ("causal", causal)):
+        object.__setattr__(table, name, value)
+    return table
+
+
+def pool(x: torch.Tensor, block: int, max_pool: bool) -> torch.Tensor:
+    """float32 ``[B, Hx, n, D]`` block pooling of ``x`` on the GPU (see ``pool_blocks`` in the reference)."""
+    b, hx, s, d = x.shape
+    n = triton.cdiv(s, block)
+    out = torch.empty(b, hx, n, d, dtype=torch.float32, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    _pool_kernel[(n, b * hx)](x, out, x.stride(0), x.stride(1), x.stride(2), hx, s, n, BLOCK=block,
+                              CHUNK=min(POOL_CHUNK, block), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+                              MAX_POOL=max_pool)
+    return out
+
+
+def block_topk_table(q: torch.Tensor, k: torch.Tensor, form: BlockTopK, causal: bool, scale: float,
+                     validate: bool = False) -> BlockTable:
+    """The block_topk table on the GPU: pooling kernel, then the fused score/selection/table kernel."""
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    block = form.block
+    n_q, n_k = triton.cdiv(sq, block), triton.cdiv(sk, block)
+    qbar = pool(q, block, form.pool == "max")
+    kbar = pool(k, block, form.pool == "max")
+    if form.topk is not None:
+        # sink + topk + a local band that spans at most one block more than local_blocks
+        width = min(n_k, form.sink_blocks + form.topk + form.local_blocks + 1)
+    else:
+        width = n_k
+    num, idx, fnum, fidx = _table_buffers(b, h, n_q, width, q.device)
+    block_nk = max(16, triton.next_power_of_2(n_k))
+    # Keep the [QB, D_CHUNK] x [D_CHUNK, BLOCK_NK] step near 8K elements per operand tile.
+    d_chunk = max(16, min(64, 8192 // block_nk))
+    grid = (triton.cdiv(n_q, QUERY_BLOCKS_PER_PROGRAM), b * h)
+    _topk_table_kernel[grid](qbar, kbar, num, idx, fnum, fidx, h, h // hkv, hkv, sq, sk, n_q, n_k, width, scale,
+                             form.topk or 0, float(form.cdf or 0.0), form.sink_blocks, form.local_blocks,
+                             BLOCK=block, QB=QUERY_BLOCKS_PER_PROGRAM, BLOCK_NK=block_nk, HEAD_DIM=d,
+                             D_CHUNK=d_chunk, CAUSAL=causal, USE_CDF=form.cdf is not None,
+                             num_warps=8 if block_nk >= 1024 else 4)
+    if validate:
+        return _validated(num, idx, fnum, fidx, block, sq, sk, causal)
+    return _trusted_table(num, idx, fnum, fidx, block, sq, sk, causal)
+
+
+def _validated(num, idx, fnum, fidx, block, sq, sk, causal) -> BlockTable:
+    # Padding past each count is never read; zero it so the validating constructor sees in-range values.
+    width = idx.shape[-1]
+    pad = torch.arange(width, device=idx.device) >= num.unsqueeze(-1)
+    fpad = torch.arange(width, device=idx.device) >= fnum.unsqueeze(-1)
+    return BlockTable(num, idx.masked_fill(pad, 0), fnum, fidx.masked_fill(fpad, 0), block_q=block, block_k=block,
+                      seq_q=sq, seq_k=sk, causal=causal)
+
+
+def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Column and diagonal scores on the GPU, as ``vertical_slash_scores_ref`` returns them."""
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    n_last = min(last_q, sq)
+    t_min = 0 if causal else (sk - n_last) - (sk - 1)
+    n_diag = sk - t_min
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    m = torch.empty(b * h, n_last, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    col = torch.empty(b, h, sk, dtype=torch.float32, device=q.device)
+    diag = torch.zeros(b, h, n_diag, dtype=torch.float32, device=q.device)
+    common = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BM=VS_ROWS, BN=VS_KEYS, CAUSAL=causal,
+                  UPCAST=interpreting())
+    strides = (*q.stride()[:3], *k.stride()[:3])
+    _vs_rowstats_kernel[(triton.cdiv(n_last, VS_ROWS), b * h)](q, k, m, l, *strides, h, h // hkv, sq, sk, n_last,
+                                                               scale, **common)
+    _vs_scores_kernel[(triton.cdiv(sk, VS_KEYS), b * h)](q, k, m, l, col, diag, *strides, h, h // hkv, sq, sk,
+                                                         n_last, n_diag, t_min, scale, **common)
+    return col, diag, t_min
+
+
+def vertical_slash_table(q: torch.Tensor, k: torch.Tensor, form: VerticalSlash, causal: bool, scale: float,
+                         validate: bool = False) -> BlockTable:
+    """The vertical_slash table on the GPU: score kernels, top-k selection, block rounding, compaction kernel."""
+    from sparsecc.codegen.dynamic_attention import vertical_slash_keep
+
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    block = form.block
+    col, diag, t_min = vertical_slash_scores(q, k, form.last_q, causal, scale)
+    keep = vertical_slash_keep(col, diag, t_min, vertical=form.vertical, slash=form.slash, block=block,
+                               seq_q=sq, seq_k=sk, causal=causal)
+    return compact(keep, block, sq, sk, causal, validate)
+
+
+def compact(keep: torch.Tensor, block: int, sq: int, sk: int, causal: bool, validate: bool = False) -> BlockTable:
+    """Kept-block mask ``[B, H, nQ, nK]`` to a table, on the GPU (full/partial split as ``table_from_keep``)."""
+    b, h, n_q, n_k = keep.shape
+    num, idx, fnum, fidx = _table_buffers(b, h, n_q, n_k, keep.device)
+    keep_u8 = keep.to(torch.uint8).contiguous()
+    block_nk = max(16, triton.next_power_of_2(n_k))
+    _compact_kernel[(triton.cdiv(n_q, QUERY_BLOCKS_PER_PROGRAM), b * h)](
+        keep_u8, num, idx, fnum, fidx, h, sq, sk, n_q, n_k, n_k, BLOCK=block, QB=QUERY_BLOCKS_PER_PROGRAM,
+        BLOCK_NK=block_nk, CAUSAL=causal, num_warps=8 if block_nk >= 1024 else 4)
+    if validate:
+        return _validated(num, idx, fnum, fidx, block, sq, sk, causal)
+    return _trusted_table(num, idx, fnum, fidx, block, sq, sk, causal)
