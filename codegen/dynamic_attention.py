@@ -34,7 +34,8 @@ from sparsecc.forms import BlockTopK, VerticalSlash
 from sparsecc.layouts import BlockTable
 
 __all__ = ["block_topk_table_ref", "vertical_slash_table_ref", "dynamic_attention_ref", "dynamic_table",
-           "dynamic_block_attention", "packed_rank_keys", "block_masks"]
+           "dynamic_block_attention", "dynamic_block_attention_op", "form_from_args", "packed_rank_keys",
+           "block_masks"]
 
 DynamicForm = Union[BlockTopK, VerticalSlash]
 # The lowest packed key: marks entries that are not candidates (they sort last and are never chosen).
@@ -324,3 +325,28 @@ def dynamic_block_attention(q: Tensor, k: Tensor, v: Tensor, *, form: DynamicFor
         return result
     out.copy_(result)
     return out
+
+
+def dynamic_block_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                               form: DynamicForm) -> Tensor:
+    """The ``torch.ops.sparsecc.dynamic_block_attention`` kernel callable (argument order of the op's reference)."""
+    return dynamic_block_attention(q, k, v, form=form, causal=causal, scale=scale, mask=mask)
+
+
+def form_from_args(form: str, block: int, topk: int, cdf: float, sink_blocks: int, local_blocks: int, pool: str,
+                   last_q: int, vertical: int, slash: int) -> DynamicForm:
+    """Rebuild the form from the op's flat arguments (``topk`` 0 and ``cdf`` 0.0 mean unset)."""
+    if form == "block_topk":
+        return BlockTopK(block=block, topk=topk or None, cdf=cdf or None, sink_blocks=sink_blocks,
+                         local_blocks=local_blocks, pool=pool)
+    if form == "vertical_slash":
+        return VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=block)
+    raise ValueError(f"form={form!r} is not allowed; expected 'block_topk' or 'vertical_slash'")
+
+
+def op_args(form: DynamicForm) -> tuple:
+    """The op's flat form arguments, in order: the inverse of :func:`form_from_args`."""
+    if isinstance(form, BlockTopK):
+        return ("block_topk", form.block, form.topk or 0, float(form.cdf or 0.0), form.sink_blocks,
+                form.local_blocks, form.pool, 0, 0, 0)
+    return ("vertical_slash", form.block, 0, 0.0, 0, 0, "mean", form.last_q, form.vertical, form.slash)

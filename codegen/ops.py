@@ -71,11 +71,19 @@ def _load_block_sparse_attention():
     return block_sparse_attention_op, ("cuda",)
 
 
+def _load_dynamic_block_attention():
+    """Dynamic-layout attention: Triton estimate + table build, then the block-table flash kernel."""
+    import triton  # noqa: F401 - ImportError means no kernel
+    from sparsecc.codegen.dynamic_attention import dynamic_block_attention_op
+    return dynamic_block_attention_op, ("cuda",)
+
+
 # op name -> zero-argument loader returning (kernel fn, supported device types).
 # Kernel work registers here; an op absent from this table runs its reference everywhere.
 TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {
     "streaming_attention": _load_streaming_attention,
     "block_sparse_attention": _load_block_sparse_attention,
+    "dynamic_block_attention": _load_dynamic_block_attention,
     "block_sparse_linear": _load_block_sparse_linear,
     "threshold_linear": _load_threshold_linear,
     "gate_sparse_ffn": _load_gate_sparse_ffn,
@@ -185,6 +193,28 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
     fn = _pick("block_sparse_attention", impl, q.device, reference)
     return fn(q, k, v, mask, scale, table)
+
+
+def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                            scale: float, causal: bool, form: str, block: int, topk: int, cdf: float,
+                            sink_blocks: int, local_blocks: int, pool: str, last_q: int, vertical: int, slash: int,
+                            dense_below: int, impl: str) -> torch.Tensor:
+    """Attention over a layout chosen per input (``form`` "block_topk" or "vertical_slash").
+
+    The form's keys travel as plain arguments (``topk`` 0 / ``cdf`` 0.0 mean
+    unset; keys of the other form are ignored). ``dense_below`` works as in
+    ``streaming_attention``.
+    """
+    if dense_below > 0 and k.shape[2] < dense_below:
+        return dense_attention(q, k, v, mask, scale, causal)
+    from sparsecc.codegen.dynamic_attention import dynamic_attention_ref, form_from_args
+
+    spec_form = form_from_args(form, block, topk, cdf, sink_blocks, local_blocks, pool, last_q, vertical, slash)
+
+    def reference(q, k, v, mask, scale, causal, spec_form):
+        return dynamic_attention_ref(q, k, v, form=spec_form, causal=causal, scale=scale, mask=mask)
+
+    return _pick("dynamic_block_attention", impl, q.device, reference)(q, k, v, mask, scale, causal, spec_form)
 
 
 @functools.lru_cache(maxsize=64)
@@ -316,6 +346,7 @@ def _ffn_fake(x, w_gate, b_gate, w_up, b_up, w_down, *args):
 _OPS = (
     ("streaming_attention", streaming_attention, _attention_fake),
     ("block_sparse_attention", block_sparse_attention, _attention_fake),
+    ("dynamic_block_attention", dynamic_block_attention, _attention_fake),
     ("threshold_linear", threshold_linear, _threshold_linear_fake),
     ("gate_sparse_ffn", gate_sparse_ffn, _ffn_fake),
     ("semi_structured_linear", semi_structured_linear, _linear_fake),
