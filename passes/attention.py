@@ -26,8 +26,9 @@ from torch.fx import GraphModule, Node
 from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.codegen import ops
 from sparsecc.codegen.block_attention import FULL_WINDOW
+from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
 from sparsecc.cost import estimate_attention
-from sparsecc.forms import Dense, Streaming
+from sparsecc.forms import BlockTopK, Dense, Streaming, VerticalSlash
 from sparsecc.passes.decide import dense_rule, fallback, no_rule, verdict
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
@@ -35,6 +36,8 @@ from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_mat
 # A masked_fill value at or below this is a "masked out" marker (models use -inf, finfo.min or -1e9).
 MASK_FILL_MAX = -1.0e4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.
+DYNAMIC_FORMS = (BlockTopK, VerticalSlash)
 
 
 @dataclass
@@ -317,8 +320,8 @@ def check_attention(site: Site, ctx) -> Decision:
     rule_keys = ", ".join(sorted({r.key for r in sparse}))
     form = sparse[-1].form
     if len(kinds) > 1:
-        return fallback(form, rule_keys, policy, "streaming and block_sparse heads mixed in one site "
-                        "are not supported yet")
+        names = " and ".join(sorted({r.form.name for r in sparse}))
+        return fallback(form, rule_keys, policy, f"{names} heads mixed in one site are not supported yet")
     if site.attrs["folded_heads"] and (len(sparse) != heads or len({r.form for r in sparse}) > 1):
         return fallback(form, rule_keys, policy, "heads are folded into the batch dimension (3-D attention), "
                         "so per-head rules cannot be applied")
@@ -327,7 +330,15 @@ def check_attention(site: Site, ctx) -> Decision:
         return fallback(form, rule_keys, policy, "is_causal with seq_q != seq_k is top-left aligned in SDPA, "
                         "but sparse forms place queries at the end")
     params = {}
-    if isinstance(form, Streaming):
+    if isinstance(form, DYNAMIC_FORMS):
+        if len(sparse) != heads or len({r.form for r in sparse}) > 1:
+            return fallback(form, rule_keys, policy, f"{form.name} needs one layout rule for every head of the "
+                            "site (dense or differing heads are not supported yet)")
+        if isinstance(sk, int) and form.block > sk:
+            return fallback(form, rule_keys, policy, f"block {form.block} is larger than the key sequence ({sk})")
+        per_head_geom = None
+        op_name = "dynamic_block_attention"
+    elif isinstance(form, Streaming):
         params["sink"] = [r.form.sink if r is not None and isinstance(r.form, Streaming) else 0 for r in per_head]
         params["window"] = [r.form.window if r is not None and isinstance(r.form, Streaming) else FULL_WINDOW
                             for r in per_head]
@@ -384,7 +395,11 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
         mask = _combine_masks(graph, m.masks)
         if mask is not None and m.folded_heads:
             mask = graph.call_method("unsqueeze", (mask, 0))
-        if isinstance(decision.form, Streaming):
+        if isinstance(decision.form, DYNAMIC_FORMS):
+            out = graph.call_function(ops.op("dynamic_block_attention"), (
+                q, k, v, mask, float(scale), m.causal, *dynamic_op_args(decision.form),
+                decision.params.get("dense_below", 0), ctx.kernels))
+        elif isinstance(decision.form, Streaming):
             out = graph.call_function(ops.op("streaming_attention"), (
                 q, k, v, mask, float(scale), m.causal, decision.params["sink"], decision.params["window"],
                 decision.params.get("dense_below", 0), ctx.kernels))

@@ -21,10 +21,14 @@ import torch
 
 from sparsecc.cost.efficiency import efficiency
 from sparsecc.cost.hardware import HardwareProfile
-from sparsecc.forms import BlockSparse, BlockWeights, Streaming, TwoFour
+from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour, VerticalSlash
 
 # Tokens per attention block: the kernels' key-block granularity (BLOCK_N = 128 on Hopper).
 ATTENTION_BLOCK = 128
+# A cdf-budget block_topk keeps an input-dependent number of blocks. Assumed: this fraction of the causal
+# blocks times cdf (XAttention and FlexPrefill report roughly 10-30% block density at thresholds near 0.9
+# on long contexts). It only steers policy "auto"; the report shows the estimate.
+ASSUMED_CDF_BLOCK_FRACTION = 0.25
 
 B, H, HKV, SQ, SK, D = sp.symbols("batch heads kv_heads seq_q seq_k head_dim", positive=True, integer=True)
 M, N, K = sp.symbols("tokens out_features in_features", positive=True, integer=True)
@@ -85,6 +89,19 @@ def attention_blocks(form, seq_q, seq_k, causal: bool, dense_head_fraction=0) ->
         scale = form.block / ATTENTION_BLOCK   # the form's own blocks in kernel-block units
         band = (form.local_blocks if causal else 2 * form.local_blocks - 1) + form.global_blocks
         per_row = max(1, math.ceil((band + form.random_blocks) * scale))
+    elif isinstance(form, BlockTopK) and form.cdf is not None:
+        sparse = sp.Min(dense, sp.Max(nq, ASSUMED_CDF_BLOCK_FRACTION * form.cdf * dense))
+        return dense_head_fraction * dense + (1 - dense_head_fraction) * sparse
+    elif isinstance(form, BlockTopK):
+        # sink + topk + the local band (one block wider when queries are not block-aligned), in kernel blocks
+        kept = form.sink_blocks + form.topk + form.local_blocks + 1
+        per_row = max(1, math.ceil(kept * form.block / ATTENTION_BLOCK))
+    elif isinstance(form, VerticalSlash):
+        # Budget-based estimate. Assumed: kept columns and diagonals cluster (as in MInference's measured
+        # patterns), so each set covers about as many key blocks as that many contiguous tokens, plus one
+        # partially covered block per set; column 0 and diagonal 0 come on top of the budgets.
+        per_row = (math.ceil((form.vertical + 1) / ATTENTION_BLOCK) + math.ceil((form.slash + 1) / ATTENTION_BLOCK)
+                   + 2)
     else:
         raise TypeError(f"not an attention form: {form}")
     sparse = _kept_causal_rows(nq, nk, per_row) if causal else nq * sp.Min(nk, per_row)
@@ -100,6 +117,29 @@ def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None) -> Co
     flops = 4 * s["batch"] * s["heads"] * blocks * ATTENTION_BLOCK**2 * s["head_dim"]
     nbytes = ELEM * s["head_dim"] * s["batch"] * (2 * s["heads"] * s["seq_q"] + 2 * s["kv_heads"] * s["seq_k"])
     return Cost(flops, nbytes, 1, "attention_dense" if form is None else "attention_sparse")
+
+
+def dynamic_estimate_cost(form, shapes=None) -> tuple:
+    """(FLOPs, bytes, launches) of a dynamic form's per-call estimate and table build; zeros for static forms.
+
+    block_topk: pool q and k (one read of each), then ``qbar @ kbarᵀ`` over the
+    (Sq / block) x (Sk / block) block grid and the table write (int32 per cell).
+    vertical_slash: two passes of the last ``last_q`` queries over every key
+    (softmax statistics, then column/diagonal sums), plus the table.
+    """
+    s = {**dict(batch=B, heads=H, kv_heads=HKV, seq_q=SQ, seq_k=SK, head_dim=D), **(shapes or {})}
+    b, h, hkv, sq, sk, d = (s[n] for n in ("batch", "heads", "kv_heads", "seq_q", "seq_k", "head_dim"))
+    if isinstance(form, BlockTopK):
+        cells = b * h * sp.ceiling(sq / form.block) * sp.ceiling(sk / form.block)
+        flops = 2 * cells * d
+        nbytes = ELEM * d * b * (h * sq + hkv * sk) + 4 * cells
+        return flops, nbytes, 2
+    if isinstance(form, VerticalSlash):
+        rows = sp.Min(sq, form.last_q)
+        flops = 2 * 2 * b * h * rows * sk * d
+        nbytes = 2 * ELEM * d * b * h * sk + 4 * b * h * sp.ceiling(sq / form.block) * sp.ceiling(sk / form.block)
+        return flops, nbytes, 4
+    return 0, 0, 0
 
 
 def linear_cost(form=None, activation_sparsity=None, shapes=None) -> Cost:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from sparsecc.cost.formulas import (B, D, H, HKV, K, M, N, SK, SQ, Cost, attention_blocks, attention_cost,
-                                    linear_cost)
+                                    dynamic_estimate_cost, linear_cost)
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.cost.model import Crossover, Prediction, crossover, predict
 from sparsecc.forms import Streaming
@@ -52,7 +52,10 @@ def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, 
     blocks = _per_head_blocks(form, per_head, SQ, SK, causal, heads)
     base = attention_cost(None, causal)
     dense_blocks = attention_blocks(None, SQ, SK, causal)
-    sparse = Cost(base.flops * blocks / dense_blocks, base.bytes, 1, "attention_sparse")
+    # Dynamic forms pay for their estimate and table build on every call.
+    est_flops, est_bytes, est_launches = dynamic_estimate_cost(form)
+    sparse = Cost(base.flops * blocks / dense_blocks + est_flops, base.bytes + est_bytes, 1 + est_launches,
+                  "attention_sparse")
     values = {B: batch, H: heads, HKV: kv_heads, SQ: seq_q, SK: seq_k, D: head_dim}
     prediction = predict(dense, sparse, hw, dtype, values)
     density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0

@@ -1,0 +1,78 @@
+"""Compiling zoo attention models with the dynamic forms (policy force) against the dynamic references."""
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc.backend import rewritten_graphs
+from sparsecc.codegen.dynamic_attention import dynamic_table_ref
+from sparsecc.forms import BlockTopK, VerticalSlash
+from tests import zoo
+
+FORMS = {
+    "block_topk": ({"form": "block_topk", "block": 16, "topk": 1}, BlockTopK(block=16, topk=1)),
+    "block_topk_cdf": ({"form": "block_topk", "block": 16, "cdf": 0.5, "pool": "max", "local_blocks": 0},
+                       BlockTopK(block=16, cdf=0.5, pool="max", local_blocks=0)),
+    "vertical_slash": ({"form": "vertical_slash", "block": 16, "last_q": 8, "vertical": 3, "slash": 4},
+                       VerticalSlash(last_q=8, vertical=3, slash=4, block=16)),
+}
+SPELLINGS = (zoo.SdpaAttention, zoo.SdpaRepeatAttention)
+
+
+def _token_keep(block, x, form):
+    """Token-level keep [H, S, S] of the reference table for this block's own q and k (batch 1)."""
+    q, k, _ = block.qkv(x)
+    table = dynamic_table_ref(q, k, form, block.causal, None)
+    cells = table.to_dense_block_mask()[0]
+    s = x.shape[1]
+    rows = torch.arange(s) // form.block
+    return cells[:, rows][:, :, rows]
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+@pytest.mark.parametrize("cls", SPELLINGS, ids=lambda c: c.__name__)
+def test_dynamic_form_compiles_and_matches_reference(cls, name, eager_lowering):
+    torch.manual_seed(3)
+    block = cls(hidden=64, heads=4, kv_heads=2).eval()
+    x = torch.randn(1, 100, 64)   # 100: a ragged last block of 16
+    rule, form = FORMS[name]
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [rule]}
+    with torch.no_grad():
+        out = sparsecc.compile(block, spec=spec, kernels="reference")(x)
+        keep = _token_keep(block, x, form)
+        expected = block.expected(x, keep)
+    targets = [str(n.target) for gm in rewritten_graphs() for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("dynamic_block_attention" in t for t in targets)
+    site = [s for s in sparsecc.last_report().sites if s.kind == "attention"][0]
+    assert site.applied and site.form == form.name
+    # The layout really is sparse here, so a dense result would fail the comparison.
+    assert not bool(keep.all() if not block.causal else keep[:, torch.ones(100, 100).tril().bool()].all())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_dynamic_and_dense_heads_stay_dense():
+    block = zoo.SdpaAttention(hidden=64, heads=4, kv_heads=2).eval()
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "block_topk", "block": 16, "topk": 1, "heads": [0, 1]}]}
+    report = sparsecc.explain(block, torch.randn(1, 40, 64), spec=spec)
+    site = [s for s in report.sites if s.kind == "attention"][0]
+    assert not site.applied and "every head" in site.reason
+
+
+def test_mixed_forms_across_heads_stay_dense():
+    block = zoo.SdpaAttention(hidden=64, heads=4, kv_heads=2).eval()
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "block_topk", "block": 16, "topk": 1},
+                          {"form": "streaming", "sink": 1, "window": 4, "heads": [3]}]}
+    report = sparsecc.explain(block, torch.randn(1, 40, 64), spec=spec)
+    site = [s for s in report.sites if s.kind == "attention"][0]
+    assert not site.applied and "mixed" in site.reason
+
+
+def test_block_larger_than_sequence_stays_dense():
+    block = zoo.SdpaAttention(hidden=64, heads=4, kv_heads=2).eval()
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "vertical_slash", "block": 64, "last_q": 4, "vertical": 1, "slash": 1}]}
+    report = sparsecc.explain(block, torch.randn(1, 40, 64), spec=spec)
+    site = [s for s in report.sites if s.kind == "attention"][0]
+    assert not site.applied and "larger than the key sequence" in site.reason
