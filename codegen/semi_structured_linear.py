@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -88,6 +88,8 @@ class _Entry:
     packed: Optional[Tensor]  # cuSPARSELt buffer, or None when the weight runs dense
     dense: Optional[Tensor]   # decompressed weight when cuSPARSELt refused it
     reason: str = ""
+    # cuSPARSELt algorithm id per power-of-two token bucket, searched on first use (see _algorithm).
+    algs: Dict[int, int] = field(default_factory=dict)
 
 
 _CACHE: Dict[Tuple[int, torch.dtype], _Entry] = {}
@@ -152,8 +154,33 @@ def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], alg_id: int
     return y[:m] if pad else y
 
 
+def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> int:
+    """cuSPARSELt's best algorithm for this weight at this token count, searched once per power-of-two bucket.
+
+    The default algorithm (id 0) is far from the best at large M on an H100:
+    at M = 8192, 4096 -> 14336, bf16 the searched id ran the fused product in
+    1.13 ms against 1.88 ms (bench/ffn.py, bench/RESULTS.md). The search runs
+    the candidates once, so it happens on the first call of a shape (warm-up),
+    never per call; if it is unavailable or fails, id 0 is used.
+    """
+    bucket = 1 << max(0, x2.shape[0] - 1).bit_length()
+    alg = entry.algs.get(bucket)
+    if alg is None:
+        alg = 0
+        search = getattr(torch, "_cslt_sparse_mm_search", None)
+        if search is not None and not torch.cuda.is_current_stream_capturing():
+            m = x2.shape[0]
+            xp = torch.nn.functional.pad(x2, (0, 0, 0, (-m) % DENSE_MULTIPLE)).contiguous()
+            try:
+                alg = int(search(entry.packed, xp.t(), bias=bias, transpose_result=True))
+            except (RuntimeError, TypeError):  # no search in this build: the default algorithm is correct
+                alg = 0
+        entry.algs[bucket] = alg
+    return alg
+
+
 def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None,
-                               activation: str = "none", alg_id: int = 0) -> Tensor:
+                               activation: str = "none", alg_id: Optional[int] = None) -> Tensor:
     """``act(x Wᵀ + b)`` for a 2:4 weight: cuSPARSELt matmul with the bias fused, then ``act`` in place.
 
     ``values`` / ``indices`` are a :class:`SemiStructuredWeight`'s tensors
@@ -164,7 +191,8 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     the same way, through cuBLAS; CPU and float64 run the reference. Every
     input gets the right answer.
     ``activation`` is one of :data:`FUSED_ACTIVATIONS`; ``alg_id`` picks a
-    cuSPARSELt algorithm (benchmarks).
+    cuSPARSELt algorithm (benchmarks); None uses the one cuSPARSELt's search
+    picked for this weight and token count (searched once, cached).
     """
     if activation not in FUSED_ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not allowed; expected one of {FUSED_ACTIVATIONS}")
@@ -184,7 +212,7 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     entry = prepared_weight(values, indices, n, k, x.dtype)
     b = bias.to(x.dtype).contiguous() if bias is not None else None
     if entry.packed is not None:
-        y = _cslt_matmul(x2, entry.packed, b, alg_id)
+        y = _cslt_matmul(x2, entry.packed, b, _algorithm(entry, x2, b) if alg_id is None else alg_id)
     else:
         y = torch.nn.functional.linear(x2, entry.dense, b)
     if activation != "none":

@@ -151,7 +151,8 @@ def test_matmul_bias_add_is_folded_into_the_bias():
     assert "add" not in targets()
 
 
-def test_gated_ffn_folds_the_gating_multiply():
+def test_gated_ffn_folds_the_gating_multiply(monkeypatch):
+    monkeypatch.setenv(FUSE_GATE_UP_ENV, "0")  # the unfused form: gate and up as two ops
     torch.manual_seed(3)
     nodes = check(zoo.GatedSiluFFN().eval(), torch.randn(2, 5, 32))
     gate = next(n for n in nodes if n.args[ARG_EPILOGUE])
@@ -159,6 +160,12 @@ def test_gated_ffn_folds_the_gating_multiply():
     assert epilogues == ["", "", "act:silu;mul:gate"]
     assert gate.args[ARG_GATE] in nodes  # the up projection's op output
     assert "silu" not in targets() and "mul" not in targets()
+
+
+def test_gate_up_fusion_is_the_default():
+    torch.manual_seed(4)
+    nodes = check(zoo.GatedSiluFFN().eval(), torch.randn(2, 5, 32))
+    assert len(nodes) == 2 and sum(n.args[ARG_UP_BLOCKS] is not None for n in nodes) == 1
 
 
 @pytest.mark.parametrize("cls", [zoo.GatedSiluFFN, UpFirstGatedFFN], ids=lambda c: c.__name__)
@@ -205,7 +212,7 @@ def test_residual_after_o_proj_and_down_proj_in_a_block():
     by_module = {s.module: s.attrs.get("epilogue") for s in last_report().sites if s.kind == "linear"}
     assert by_module["attn.o_proj"] == "add:residual"
     assert by_module["mlp.down_proj"] == "add:residual"
-    assert by_module["mlp.gate_proj"] == "act:silu;mul:gate"
+    assert by_module["mlp.gate_proj"] == "act:silu;mul:up"  # gate and up fused (the default)
     o_proj = next(n for n in nodes if n.args[ARG_EPILOGUE] == "add:residual" and n.args[ARG_RESIDUAL].op ==
                   "placeholder")
     assert any(n.args[0] is o_proj for n in nodes)  # gate/up read the folded residual stream
@@ -276,4 +283,6 @@ def test_folding_with_dynamic_shapes(cls):
             x = torch.randn(2, seq, 32)
             torch.testing.assert_close(compiled(x), pruned(model)(x), atol=1e-5, rtol=1e-5)
     assert len(rewritten_graphs()) == 1
-    assert sorted(n.args[ARG_EPILOGUE] for n in bsr_ops())[-1] in ("act:silu;mul:gate", "add:residual")
+    # Gated FFNs fold as one fused gate+up op ("mul:up", the default) or as gate with "mul:gate".
+    assert sorted(n.args[ARG_EPILOGUE] for n in bsr_ops())[-1] in ("act:silu;mul:gate", "act:silu;mul:up",
+                                                                    "add:residual")
