@@ -206,6 +206,37 @@ def run_dense_dispatch(rows, log, s=32768):
     torch.cuda.empty_cache()
 
 
+# Dynamic forms at ~10% of causal blocks: top-12 of 128-blocks (+ sink + local), and MInference's
+# usual vertical/slash budgets (1000 columns, 6096 diagonals) scored by the last 64 queries.
+DYNAMIC_FORMS = {"block_topk": dict(block=128, topk=12), "vertical_slash": dict(last_q=64, vertical=1000, slash=6096)}
+# Issue 6: the estimate + table build must cost at most this share of dense attention at 32K and above.
+DYNAMIC_OVERHEAD_LIMIT = 0.10
+
+
+def run_dynamic(rows, log, s, hkv=8):
+    """Time the dynamic forms' estimate + table build alone, and the whole dynamic attention, against SDPA."""
+    from sparsecc.codegen.dynamic_attention import dynamic_block_attention, dynamic_table
+    from sparsecc.forms import BlockTopK, VerticalSlash
+
+    q, k, v = qkv(1, 32, hkv, s, s, 128)
+    scale = 128 ** -0.5
+    t_dense = bench(lambda: sdpa(q, k, v, True))
+    for name, kw in DYNAMIC_FORMS.items():
+        form = BlockTopK(**kw) if name == "block_topk" else VerticalSlash(**kw)
+        table = dynamic_table(q, k, form, True, scale)
+        t_table = bench(lambda: dynamic_table(q, k, form, True, scale))
+        t_all = bench(lambda: dynamic_block_attention(q, k, v, form=form, causal=True, scale=scale))
+        density = table.density()
+        rows.append(dict(workload=f"{name} {s // 1024}K hkv{hkv}", kind=name, s=s, hkv=hkv, d=128, ours=t_all,
+                         sdpa=t_dense, flex=float("nan"), density=density, target_kind="x_sdpa", target_value=None,
+                         estimate_ms=t_table, estimate_share=t_table / t_dense))
+        verdict = "pass" if t_table / t_dense <= DYNAMIC_OVERHEAD_LIMIT else "miss"
+        log(f"{name} {s}: estimate+table {t_table:.3f} ms = {t_table / t_dense:.1%} of dense {t_dense:.3f} "
+            f"(limit {DYNAMIC_OVERHEAD_LIMIT:.0%}: {verdict}); whole {t_all:.3f} ms, density {density:.3f}")
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
 def run_million_layout(log) -> list:
     """Build the random-block table for 1M tokens (32 heads) and report its size and build time."""
     torch.cuda.synchronize()
@@ -302,6 +333,7 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention anchor")
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     ap.add_argument("--json", default=None, help="also write the raw rows here")
+    ap.add_argument("--no-dynamic", action="store_true", help="skip the dynamic forms (block_topk, vertical_slash)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA device")
@@ -328,7 +360,16 @@ def main(argv=None):
             run_prefill(rows, log, 32768, d=d, kinds=("stream",), flex_ok=False)
         run_decode(rows, log, 32768, flex_ok=False)
         notes += run_million_layout(log)
+    if not args.no_dynamic:
+        for s in ((32768,) if args.quick else (32768, 65536, 131072)):
+            try:
+                run_dynamic(rows, log, s)
+            except Exception as e:  # a dynamic-form failure must not lose the static rows
+                log(f"dynamic {s} failed: {type(e).__name__}: {str(e)[:300]}")
     for r in rows:
+        if "estimate_ms" in r:
+            notes.append(f"{r['workload']}: estimate + table build {r['estimate_ms']:.3f} ms = "
+                         f"{r['estimate_share']:.1%} of dense SDPA (limit {DYNAMIC_OVERHEAD_LIMIT:.0%})")
         if r.get("metadata_bytes") and r["s"] == 131072:
             mib = r["metadata_bytes"] / 2 ** 20
             notes.append(f"{r['workload']}: sparse metadata {mib:.3f} MiB (limit {METADATA_LIMIT_MIB} MiB)")
