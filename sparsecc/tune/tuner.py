@@ -20,7 +20,9 @@ DEFAULT_MAX_LEVEL = 0.95  # no projection is driven past 95%: beyond it single c
 
 
 def glob_escape(path: str) -> str:
-    """A ``modules`` glob that matches exactly ``path``."""
+    """A ``modules`` glob that matches exactly ``path`` ("*" for the root module, which has no path to name)."""
+    if not path:
+        return "*"
     return "".join(f"[{c}]" if c in "[]*?" else c for c in path)
 
 

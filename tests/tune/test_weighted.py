@@ -1,0 +1,128 @@
+"""The weighted criterion: keep channel i iff |x_i| * ||W[:, i]||_2 > tau, against hand computations."""
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc.backend import rewritten_graphs
+from sparsecc.codegen.activation_sparse import threshold_linear_ref
+from sparsecc.passes.ffn import column_norms
+from tests import zoo
+
+
+def _hand_weighted_linear(x, w, b, tau):
+    """Element by element, in float64: channel i of token t survives iff |x[t, i]| * ||W[:, i]|| > tau."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    out = torch.zeros(x2.shape[0], w.shape[0], dtype=torch.float64)
+    norms = [float(w[:, i].double().square().sum().sqrt()) for i in range(w.shape[1])]
+    for t in range(x2.shape[0]):
+        for i in range(w.shape[1]):
+            if abs(float(x2[t, i])) * norms[i] > tau:
+                out[t] += x2[t, i] * w[:, i].double()
+    if b is not None:
+        out += b.double()
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def test_reference_matches_hand_computation():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 12), torch.randn(7, 12) * torch.linspace(0.1, 3.0, 12), torch.randn(7)
+    got = threshold_linear_ref(x, w, b, 1.5, column_norms(w))
+    torch.testing.assert_close(got.double(), _hand_weighted_linear(x, w, b, 1.5), atol=1e-5, rtol=1e-5)
+    # The weighting changes the decision: magnitude at the same tau keeps a different set.
+    assert not torch.allclose(got, threshold_linear_ref(x, w, b, 1.5))
+
+
+def test_column_norms_of_in_out_storage():
+    w = torch.randn(6, 9)
+    torch.testing.assert_close(column_norms(w.t().contiguous(), in_out=True), column_norms(w))
+
+
+@pytest.mark.parametrize("cls", [zoo.PlainGeluFFN, zoo.GatedSiluFFN], ids=lambda c: c.__name__)
+def test_compiled_weighted_ffn_matches_hand_computation(cls, eager_lowering):
+    torch.manual_seed(3)
+    ffn = cls().eval()
+    x = torch.randn(2, 4, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "threshold": {"input": 0.6, "down": 0.05},
+                     "criterion": "weighted"}]}
+    with torch.no_grad():
+        out = sparsecc.compile(ffn, spec=spec, kernels="reference")(x)
+        if cls is zoo.GatedSiluFFN:
+            gate = _hand_weighted_linear(x, ffn.gate_proj.weight, None, 0.6)
+            up = _hand_weighted_linear(x, ffn.up_proj.weight, None, 0.6)
+            h = torch.nn.functional.silu(gate) * up
+            expected = _hand_weighted_linear(h, ffn.down_proj.weight.double(), None, 0.05)
+        else:
+            h = torch.nn.functional.gelu(_hand_weighted_linear(x, ffn.fc1.weight, ffn.fc1.bias, 0.6))
+            expected = _hand_weighted_linear(h, ffn.fc2.weight.double(), ffn.fc2.bias, 0.05)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    calls = [n for gm in rewritten_graphs() for n in gm.graph.nodes if "threshold_linear" in str(n.target)]
+    assert calls and all(len(n.args) == 6 for n in calls)   # each carries its column norms
+
+
+def test_magnitude_calls_are_unchanged(eager_lowering):
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "threshold": 0.3}]}
+    with torch.no_grad():
+        sparsecc.compile(zoo.PlainGeluFFN().eval(), spec=spec, kernels="reference")(torch.randn(1, 3, 32))
+    calls = [n for gm in rewritten_graphs() for n in gm.graph.nodes if "threshold_linear" in str(n.target)]
+    assert calls and all(len(n.args) == 5 for n in calls)
+
+
+def test_norms_follow_weight_updates(eager_lowering):
+    torch.manual_seed(4)
+    ffn = zoo.PlainGeluFFN().eval()
+    x = torch.randn(2, 3, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "threshold": {"input": 0.8}, "criterion": "weighted"}]}
+    with torch.no_grad():
+        compiled = sparsecc.compile(ffn, spec=spec, kernels="reference")
+        compiled(x)
+        ffn.fc1.weight.mul_(torch.linspace(0.2, 4.0, 32))
+        out = compiled(x)
+        expected = ffn.fc2(torch.nn.functional.gelu(_hand_weighted_linear(x, ffn.fc1.weight, ffn.fc1.bias, 0.8)
+                                                    .float()))
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_kernels_fall_back_with_a_reason():
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "threshold": 0.3, "criterion": "weighted"}]}
+    report = sparsecc.explain(zoo.PlainGeluFFN().eval(), torch.randn(1, 3, 32), spec=spec, kernels="triton")
+    site = [s for s in report.sites if s.kind == "ffn"][0]
+    assert not site.applied and "scalar" in site.reason
+
+
+def test_weighted_gate_mode_falls_back():
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "mode": "gate", "threshold": 0.1, "criterion": "weighted"}]}
+    report = sparsecc.explain(zoo.GatedSiluFFN().eval(), torch.randn(1, 3, 32), spec=spec)
+    site = [s for s in report.sites if s.kind == "ffn"][0]
+    assert not site.applied and "mode input only" in site.reason
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_calibrate_takes_the_quantile_of_the_weighted_score():
+    torch.manual_seed(6)
+    ffn = zoo.PlainGeluFFN().eval()
+    model = _Wrapped(ffn).eval()   # a root-module site has no module glob to write
+    batches = [torch.randn(4, 8, 32) for _ in range(3)]
+    spec = {"version": 1, "ffn": [{"form": "activation_threshold", "sparsity": 0.4, "criterion": "weighted"}]}
+    calibrated = sparsecc.calibrate(model, batches, spec, progress=False)
+    form = calibrated.ffn[-1].form
+    assert form.criterion == "weighted"
+    x = torch.cat(batches)
+    score = x.abs() * column_norms(ffn.fc1.weight)
+    assert abs(float((score <= form.tau("input")).float().mean()) - 0.4) < 0.01
+    h = torch.nn.functional.gelu(ffn.fc1(x))
+    score_down = h.abs() * column_norms(ffn.fc2.weight)
+    assert abs(float((score_down <= form.tau("down")).float().mean()) - 0.4) < 0.01
