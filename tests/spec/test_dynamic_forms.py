@@ -59,3 +59,100 @@ def test_criterion_belongs_to_activation_threshold_only():
 def test_criterion_validated_in_code():
     with pytest.raises(ValueError, match="criterion"):
         ActivationThreshold(mode="input", thresholds=(("input", 0.1),), criterion="weighed")
+
+
+# ---------------------------------------------------------------- block_topk / vertical_slash
+
+from sparsecc.forms import BlockTopK, VerticalSlash  # noqa: E402
+
+TOML = '''version = 1
+
+[[attention]]
+modules = "model.layers.*.self_attn"
+form = "block_topk"
+block = 64
+topk = 8
+sink_blocks = 1
+local_blocks = 1
+pool = "mean"
+
+[[attention]]
+modules = "model.layers.0.self_attn"
+form = "block_topk"
+block = 128
+cdf = 0.9
+pool = "max"
+
+[[attention]]
+modules = "model.layers.1.self_attn"
+form = "vertical_slash"
+last_q = 64
+vertical = 1000
+slash = 6096
+block = 64
+'''
+
+
+def test_dynamic_forms_load_from_toml(tmp_path):
+    path = tmp_path / "dyn.toml"
+    path.write_text(TOML)
+    spec = load_spec(path)
+    forms = [r.form for r in spec.attention]
+    assert forms == [BlockTopK(block=64, topk=8), BlockTopK(block=128, cdf=0.9, pool="max"),
+                     VerticalSlash(last_q=64, vertical=1000, slash=6096)]
+    assert str(forms[1]) == "block_topk(block=128, cdf=0.9, sink=1, local=1, pool=max)"
+    assert str(forms[2]) == "vertical_slash(last_q=64, vertical=1000, slash=6096, block=64)"
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_dynamic_forms_round_trip(tmp_path, suffix):
+    spec = load_spec({"version": 1, "attention": [
+        {"form": "block_topk", "topk": 3, "sink_blocks": 0, "local_blocks": 2, "block": 32},
+        {"form": "block_topk", "cdf": 1},
+        {"form": "vertical_slash", "last_q": 16, "vertical": 0, "slash": 0, "block": 256, "heads": [0, 2]}]})
+    assert spec.to_dict()["attention"][1] == {"form": "block_topk", "cdf": 1.0}
+    assert spec.to_dict()["attention"][2]["last_q"] == 16   # required keys are always written
+    path = tmp_path / f"spec{suffix}"
+    spec.save(path)
+    assert load_spec(path) == spec
+
+
+@pytest.mark.parametrize("rule,key,allowed", [
+    ({"form": "block_topk"}, "topk", "exactly one of topk"),
+    ({"form": "block_topk", "topk": 2, "cdf": 0.5}, "cdf", "exactly one of topk"),
+    ({"form": "block_topk", "topk": 0}, "topk", "an integer >= 1"),
+    ({"form": "block_topk", "topk": 2.0}, "topk", "an integer >= 1"),
+    ({"form": "block_topk", "cdf": 0}, "cdf", "(0, 1]"),
+    ({"form": "block_topk", "cdf": 1.01}, "cdf", "(0, 1]"),
+    ({"form": "block_topk", "topk": 1, "block": 512}, "block", "16..256"),
+    ({"form": "block_topk", "topk": 1, "block": 48}, "block", "16..256"),
+    ({"form": "block_topk", "topk": 1, "sink_blocks": -1}, "sink_blocks", ">= 0"),
+    ({"form": "block_topk", "topk": 1, "local_blocks": True}, "local_blocks", ">= 0"),
+    ({"form": "block_topk", "topk": 1, "pool": "min"}, "pool", "'mean', 'max'"),
+    ({"form": "vertical_slash", "vertical": 1, "slash": 1}, "last_q", "last_q"),
+    ({"form": "vertical_slash", "last_q": 0, "vertical": 1, "slash": 1}, "last_q", ">= 1"),
+    ({"form": "vertical_slash", "last_q": 4, "vertical": -1, "slash": 1}, "vertical", ">= 0"),
+    ({"form": "vertical_slash", "last_q": 4, "vertical": 1, "slash": 1, "block": 8}, "block", "16..256"),
+    ({"form": "vertical_slash", "last_q": 4, "vertical": 1, "slash": 1, "topk": 2}, "topk", "block_topk"),
+])
+def test_dynamic_form_errors_name_key_and_allowed(rule, key, allowed):
+    with pytest.raises(SpecError) as info:
+        load_spec({"version": 1, "attention": [rule]})
+    assert info.value.key == f"attention[0].{key}"
+    assert allowed in str(info.value)
+
+
+def test_dynamic_form_error_in_toml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(TOML.replace("cdf = 0.9", "cdf = 1.5"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.line == TOML.splitlines().index("cdf = 0.9") + 1
+    assert str(path) in str(info.value) and "(0, 1]" in str(info.value)
+
+
+def test_dynamic_forms_are_validated_in_code():
+    with pytest.raises(ValueError, match="exactly one of topk"):
+        BlockTopK(block=64)
+    with pytest.raises(ValueError, match="last_q"):
+        VerticalSlash(last_q=-1, vertical=1, slash=1)
