@@ -185,7 +185,7 @@ def _compact_kernel(keep_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, heads, seq_q
 def _vs_rowstats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh,
                         stride_ks, heads, group, seq_q, seq_k, n_last, scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     bi, hi = bh // heads, bh % heads
@@ -208,7 +208,7 @@ def _vs_rowstats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride
                      mask=(keys < seq_k)[None, :] & d_ok[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt) * scale
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
         ok = (keys < seq_k)[None, :] & r_ok[:, None]
         if CAUSAL:
             ok = ok & (keys[None, :] <= pos[:, None])
@@ -225,7 +225,7 @@ def _vs_rowstats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, stride_qb, stride_qh, stride
 def _vs_scores_kernel(q_ptr, k_ptr, m_ptr, l_ptr, col_ptr, diag_ptr, stride_qb, stride_qh, stride_qs, stride_kb,
                       stride_kh, stride_ks, heads, group, seq_q, seq_k, n_last, n_diag, t_min, scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     bi, hi = bh // heads, bh % heads
@@ -250,7 +250,7 @@ def _vs_scores_kernel(q_ptr, k_ptr, m_ptr, l_ptr, col_ptr, diag_ptr, stride_qb, 
                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        s = tl.dot(q, kt) * scale
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
         ok = r_ok[:, None] & k_ok[None, :]
         if CAUSAL:
             ok = ok & (keys[None, :] <= pos[:, None])
@@ -352,8 +352,11 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, causal:
     l = torch.empty_like(m)
     col = torch.empty(b, h, sk, dtype=torch.float32, device=q.device)
     diag = torch.zeros(b, h, n_diag, dtype=torch.float32, device=q.device)
+    upcast = interpreting()
+    # float32 tiles (fp32 inputs, or upcast in the interpreter) keep full precision: tf32 would move the scores
+    # away from the float32 reference; fp16/bf16 tiles ignore the setting.
     common = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BM=VS_ROWS, BN=VS_KEYS, CAUSAL=causal,
-                  UPCAST=interpreting())
+                  UPCAST=upcast, DOT_PRECISION="ieee" if upcast or q.dtype == torch.float32 else "tf32")
     strides = (*q.stride()[:3], *k.stride()[:3])
     _vs_rowstats_kernel[(triton.cdiv(n_last, VS_ROWS), b * h)](q, k, m, l, *strides, h, h // hkv, sq, sk, n_last,
                                                                scale, **common)
