@@ -29,6 +29,8 @@ POOL_CHUNK = 32
 # Rows / keys per tile of the vertical_slash score kernels.
 VS_ROWS = 16
 VS_KEYS = 64
+# Widest key-block row the compaction kernel holds in registers (wider rows compact in PyTorch, on the GPU too).
+MAX_KEY_BLOCKS = 4096
 
 
 def interpreting() -> bool:
@@ -382,6 +384,10 @@ def vertical_slash_table(q: torch.Tensor, k: torch.Tensor, form: VerticalSlash, 
 def compact(keep: torch.Tensor, block: int, sq: int, sk: int, causal: bool, validate: bool = False) -> BlockTable:
     """Kept-block mask ``[B, H, nQ, nK]`` to a table, on the GPU (full/partial split as ``table_from_keep``)."""
     b, h, n_q, n_k = keep.shape
+    if n_k > MAX_KEY_BLOCKS:
+        from sparsecc.codegen.dynamic_attention import table_from_keep
+
+        return table_from_keep(keep, block, sq, sk, causal)
     num, idx, fnum, fidx = _table_buffers(b, h, n_q, n_k, keep.device)
     keep_u8 = keep.to(torch.uint8).contiguous()
     block_nk = max(16, triton.next_power_of_2(n_k))

@@ -76,3 +76,21 @@ def test_block_larger_than_sequence_stays_dense():
     report = sparsecc.explain(block, torch.randn(1, 40, 64), spec=spec)
     site = [s for s in report.sites if s.kind == "attention"][0]
     assert not site.applied and "larger than the key sequence" in site.reason
+
+
+def test_cost_estimate_counts_the_per_call_estimate():
+    from sparsecc.cost.hardware import H100_SXM
+    from sparsecc.cost.sites import estimate_attention
+    from sparsecc.forms import BlockSparse
+
+    shape = dict(batch=1, heads=32, kv_heads=8, seq_q=32768, seq_k=32768, head_dim=128, dtype=torch.bfloat16,
+                 causal=True, hw=H100_SXM, margin=1.05, symbolic_seq=False)
+    topk = estimate_attention(BlockTopK(block=64, topk=8), None, **shape)
+    # Same kept blocks as a static band of sink + topk + local + 1 blocks, plus the estimate's work.
+    static = estimate_attention(BlockSparse(block=64, local_blocks=11), None, **shape)
+    assert topk.prediction.sparse_flops > static.prediction.sparse_flops
+    assert 0 < topk.density < 0.1
+    cdf = estimate_attention(BlockTopK(block=64, cdf=0.9), None, **shape)
+    assert 0.2 < cdf.density < 0.25
+    vs = estimate_attention(VerticalSlash(last_q=64, vertical=1000, slash=6096), None, **shape)
+    assert 0 < vs.density < 1
