@@ -94,3 +94,17 @@ def test_cost_estimate_counts_the_per_call_estimate():
     assert 0.2 < cdf.density < 0.25
     vs = estimate_attention(VerticalSlash(last_q=64, vertical=1000, slash=6096), None, **shape)
     assert 0 < vs.density < 1
+
+
+def test_dynamic_op_schema_and_fake():
+    from sparsecc.codegen import ops
+    from sparsecc.codegen.dynamic_attention import op_args
+
+    q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    op = ops.op("dynamic_block_attention")
+    for form in (BlockTopK(block=16, topk=1), BlockTopK(block=16, cdf=0.8), VerticalSlash(4, 2, 2, block=16)):
+        args = (q, k, v, None, 0.25, True, *op_args(form), 0, "reference")
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    # Below the crossover the op runs dense attention.
+    dense = op(q, k, v, None, 0.25, True, *op_args(BlockTopK(block=16, topk=1)), 41, "reference")
+    torch.testing.assert_close(dense, ops.dense_attention(q, k, v, None, 0.25, True))
