@@ -336,6 +336,9 @@ def check_attention(site: Site, ctx) -> Decision:
                             "site (dense or differing heads are not supported yet)")
         if isinstance(sk, int) and form.block > sk:
             return fallback(form, rule_keys, policy, f"block {form.block} is larger than the key sequence ({sk})")
+        if isinstance(sq, int) and isinstance(sk, int) and sq > sk:
+            return fallback(form, rule_keys, policy, f"{form.name} places queries at the last key positions, "
+                            f"which needs seq_q <= seq_k (got {sq} > {sk})")
         per_head_geom = None
         op_name = "dynamic_block_attention"
     elif isinstance(form, Streaming):
