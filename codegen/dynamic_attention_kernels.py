@@ -28,7 +28,7 @@ QUERY_BLOCKS_PER_PROGRAM = 16
 POOL_CHUNK = 32
 # Rows / keys per tile of the vertical_slash score kernels.
 VS_ROWS = 16
-VS_KEYS = 64
+VS_KEYS = 128
 # Widest key-block row the compaction kernel holds in registers (wider rows compact in PyTorch, on the GPU too).
 MAX_KEY_BLOCKS = 4096
 
