@@ -57,6 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--query-heads", type=int, default=None,
                      help="DuoAttention: the model's query heads per layer (num_attention_heads)")
     imp.add_argument("--policy", default=None, help="defaults.policy of the written spec (auto, force, off)")
+    # Listed for `sparsecc --help`; its arguments are parsed by sparsecc.tune.cli (main dispatches before parsing).
+    sub.add_parser("tune", add_help=False,
+                   help="tune a spec on calibration data (`sparsecc tune --help`; see docs/tune.md)")
     return parser
 
 
@@ -117,6 +120,10 @@ def _import(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``sparsecc`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:
+        from sparsecc.tune.cli import cli_main
+        return cli_main(argv[1:])
     args = _build_parser().parse_args(argv)
     from sparsecc.spec import SpecError, load_spec
     try:

@@ -76,3 +76,15 @@ def test_cli_main_writes_the_spec(tmp_path):
 def _hash_of(batches):
     from sparsecc.tune.provenance import batches_hash
     return batches_hash(batches)
+
+
+def test_sparsecc_command_dispatches_tune(tmp_path, capsys):
+    from sparsecc.cli import main
+
+    data = tmp_path / "batches.pt"
+    torch.save(models.batches(2), data)
+    out = tmp_path / "via_sparsecc.toml"
+    assert main(["tune", "--model", "tests.tune.models:Stack", "--data", str(data), "--target", "0.3",
+                 "--out", str(out), "--step", "0.15", "--no-progress"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert len(load_spec(out).ffn) == 4
