@@ -64,7 +64,7 @@ class GreedySearch:
     error_fn: ErrorFn
     step: float = 0.05
     max_level: float = 0.95
-    refresh_every: int = 8
+    refresh_every: int = 16
     on_step: Optional[Callable[[float, float, int], None]] = None
     evaluations: int = field(default=0, init=False)
 
