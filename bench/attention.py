@@ -343,6 +343,12 @@ def main(argv=None):
         sys.exit("correctness checks failed; not timing")
     rows = []
     flex_ok = not args.no_flex
+
+    def save():  # rows so far, so a run cut short still leaves its numbers
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(header=[], rows=rows), f, indent=1)
+
     sizes = (16384, 32768) if args.quick else PREFILL_LENGTHS
     for s in sizes:
         try:
@@ -353,19 +359,23 @@ def main(argv=None):
         except torch.cuda.OutOfMemoryError as e:  # report what fit rather than nothing
             log(f"{s} skipped: {e}")
             torch.cuda.empty_cache()
+        save()
     run_decode(rows, log, 131072, flex_ok=flex_ok)
-    notes = []
-    if not args.quick:
-        for d in (64, 256):
-            run_prefill(rows, log, 32768, d=d, kinds=("stream",), flex_ok=False)
-        run_decode(rows, log, 32768, flex_ok=False)
-        notes += run_million_layout(log)
+    save()
     if not args.no_dynamic:
         for s in ((32768,) if args.quick else (32768, 65536, 131072)):
             try:
                 run_dynamic(rows, log, s)
             except Exception as e:  # a dynamic-form failure must not lose the static rows
                 log(f"dynamic {s} failed: {type(e).__name__}: {str(e)[:300]}")
+            save()
+    notes = []
+    if not args.quick:
+        for d in (64, 256):
+            run_prefill(rows, log, 32768, d=d, kinds=("stream",), flex_ok=False)
+        run_decode(rows, log, 32768, flex_ok=False)
+        save()
+        notes += run_million_layout(log)
     for r in rows:
         if "estimate_ms" in r:
             notes.append(f"{r['workload']}: estimate + table build {r['estimate_ms']:.3f} ms = "
