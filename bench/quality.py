@@ -222,9 +222,24 @@ def render(rows, checks, args, n_sentences, elapsed) -> str:
     for criterion, applied, diff in checks:
         lines.append(f"- {criterion}: {applied}/6 FFN sites rewritten; max |embedding diff| vs the tuner's "
                      f"hooks {diff:.1e}")
-    lines += ["", "Targets: tuned >= 0.99 at 40% and >= 0.985 at 50%; tuned >= uniform at every density. "
-              "Plot: `bench/plots/quality_minilm.png`.", ""]
+    lines += ["", verdict(rows), "", "Plot: `bench/plots/quality_minilm.png`.", ""]
     return "\n".join(lines)
+
+
+def verdict(rows) -> str:
+    """The targets, each marked pass or miss per criterion."""
+    parts = []
+    for criterion in CRITERIA:
+        mine = {r["sparsity"]: r for r in rows if r["criterion"] == criterion}
+        checks = [f"tuned {mine[0.4]['tuned']:.4f} at 40% (target >= 0.99: "
+                  f"{'pass' if mine[0.4]['tuned'] >= 0.99 else 'miss'})",
+                  f"{mine[0.5]['tuned']:.4f} at 50% (target >= 0.985: "
+                  f"{'pass' if mine[0.5]['tuned'] >= 0.985 else 'miss'})"]
+        behind = [f"{s:.0%}" for s, r in sorted(mine.items()) if r["tuned"] < r["uniform"]]
+        checks.append("tuned >= uniform at every density: " + ("pass" if not behind else
+                                                             f"miss at {', '.join(behind)}"))
+        parts.append(f"{criterion}: " + "; ".join(checks) + ".")
+    return "Targets. " + " ".join(parts)
 
 
 def plot(curves, path: Path) -> None:
