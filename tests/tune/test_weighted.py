@@ -126,3 +126,32 @@ def test_calibrate_takes_the_quantile_of_the_weighted_score():
     h = torch.nn.functional.gelu(ffn.fc1(x))
     score_down = h.abs() * column_norms(ffn.fc2.weight)
     assert abs(float((score_down <= form.tau("down")).float().mean()) - 0.4) < 0.01
+
+
+def test_op_schema_with_channel_scale():
+    from sparsecc.codegen import ops
+    torch.manual_seed(7)
+    x, w, b = torch.randn(2, 3, 8), torch.randn(5, 8), torch.randn(5)
+    op = ops.op("threshold_linear")
+    torch.library.opcheck(op, (x, w, b, 0.5, "reference", column_norms(w)))
+    torch.library.opcheck(op, (x, w, b, 0.5, "reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["force", "auto"])
+def test_weighted_on_cuda_runs_the_reference_or_stays_dense(policy, eager_lowering):
+    torch.manual_seed(8)
+    ffn = zoo.PlainGeluFFN().cuda().eval()
+    x = torch.randn(1, 1, 32, device="cuda")
+    spec = {"version": 1, "defaults": {"policy": policy},
+            "ffn": [{"form": "activation_threshold", "threshold": {"input": 0.6}, "criterion": "weighted"}]}
+    with torch.no_grad():
+        out = sparsecc.compile(ffn, spec=spec, kernels="auto")(x)
+        expected = ffn.fc2(torch.nn.functional.gelu(
+            _hand_weighted_linear(x.cpu(), ffn.fc1.weight.cpu(), ffn.fc1.bias.cpu(), 0.6).float().cuda()))
+    site = [s for s in sparsecc.last_report().sites if s.kind == "ffn"][0]
+    assert site.applied == (policy == "force") and "scalar" in site.reason
+    if policy == "force":
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    else:
+        torch.testing.assert_close(out, ffn(x), atol=1e-5, rtol=1e-5)
