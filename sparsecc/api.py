@@ -133,8 +133,11 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
         extra = {"criterion": form.criterion} if hasattr(form, "criterion") else {}
         calibrated = ActivationThreshold(mode=form.mode, thresholds=tuple(sorted(taus.items())),
                                          sparsity=form.sparsity, **extra)
-        new_rules.append(Rule(kind="ffn", index=len(new_rules), form=calibrated,
-                              modules=_glob_escape(site.module), policy=rule.policy))
+        # A model that is itself the FFN has the empty module path, which no glob spells; "*" matches it
+        # (and, the root being the only FFN such a model has, nothing else).
+        modules = _glob_escape(site.module) if site.module else "*"
+        new_rules.append(Rule(kind="ffn", index=len(new_rules), form=calibrated, modules=modules,
+                              policy=rule.policy))
     return spec.with_rules("ffn", new_rules)
 
 

@@ -130,3 +130,14 @@ def test_cli_import_errors(tmp_path, capsys, argv, fragment):
     assert cli.main(argv + ["-o", str(out)]) == cli.EXIT_SPEC_ERROR
     assert fragment in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_calibrate_a_model_that_is_itself_the_ffn():
+    torch.manual_seed(0)
+    model = zoo.PlainGeluFFN().eval()
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "mode": "input", "sparsity": 0.5}]}
+    calibrated = sparsecc.calibrate(model, [(torch.randn(2, 8, 32),)], spec, progress=False)
+    assert calibrated.ffn[-1].modules == "*" and calibrated.ffn[-1].form.tau("input") > 0
+    report = sparsecc.explain(model, torch.randn(2, 8, 32), spec=calibrated)
+    assert [s.applied for s in report.sites if s.kind == "ffn"] == [True]
