@@ -9,7 +9,6 @@ NaN-poisoned outputs, relative error under 1e-2 for bf16.
 """
 
 import math
-import os
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ from sparsecc.codegen.block_attention import (
     FULL_WINDOW, block_sparse_attention, block_sparse_attention_ref, streaming_attention, streaming_attention_ref)
 from sparsecc.forms import BlockSparse
 from sparsecc.layouts import BlockTable, block_sparse_table, streaming_block_table
+from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
 KERNEL_MODULES = ("sparsecc.codegen.block_attention_kernels", "sparsecc.codegen.decode_attention")
 # The interpreter is slow: few examples per property (the deep profile still raises it through max_examples).
@@ -32,38 +32,11 @@ OUT_TOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
 LSE_TOL = 1e-3
 
 
-# Set in the child process that runs the interpreter checks (see test_interpreter_checks).
-CHILD = os.environ.get("SPARSECC_ATTENTION_INTERPRETER_CHILD") == "1"
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """Interpreter checks run only in the child process, where Triton was imported with TRITON_INTERPRET=1."""
-    if not CHILD:
-        pytest.skip("runs inside test_interpreter_checks' child process")
-    pytest.importorskip("triton")
-    from triton import knobs
-
-    assert knobs.runtime.interpret
-
-
 def test_interpreter_checks():
-    """Run this file's CPU checks in a child process that imports Triton in interpreter mode.
+    """Run this file's CPU checks in a child process that imports Triton in interpreter mode."""
+    run_interpreter_checks(__file__)
 
-    Triton fixes interpreter-or-compiler when each ``@triton.jit`` function is
-    decorated, its own standard library included; any module of the session
-    may already have imported Triton, so setting the variable here would be too late.
-    """
-    if CHILD:
-        pytest.skip("this is the child process")
-    if torch.cuda.is_available():
-        pytest.skip("interpreter checks run on CPU-only machines; the gpu tests cover CUDA")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", SPARSECC_ATTENTION_INTERPRETER_CHILD="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-m", "not gpu"], env=env,
-                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                             os.path.abspath(__file__)))))
-    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
+
 
 
 def make_qkv(seed, b, h, hkv, sq, sk, d, dtype, device="cpu"):

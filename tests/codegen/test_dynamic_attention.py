@@ -7,9 +7,6 @@ kernel's own table, bf16 relative error under 1e-2.
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,9 +16,14 @@ from sparsecc.codegen.block_attention import block_sparse_attention_ref, dense_a
 from sparsecc.codegen.dynamic_attention import (block_topk_table_ref, dynamic_attention_ref, dynamic_table_ref,
                                                 vertical_slash_scores_ref, vertical_slash_table_ref)
 from sparsecc.forms import BlockTopK, VerticalSlash
+from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
-CHILD = os.environ.get("SPARSECC_DYNAMIC_INTERPRETER_CHILD") == "1"
 FEW = settings(deadline=None, max_examples=min(settings().max_examples, 8))
+
+
+def test_interpreter_checks():
+    """Run this file's interpreter checks in a child process that imports Triton with TRITON_INTERPRET=1."""
+    run_interpreter_checks(__file__, select='kernel')
 
 
 def rows_of(table, b=0, h=0):
@@ -170,30 +172,6 @@ def test_block_topk_invariants(seed, b, hkv, group, sk, cut, topk, sink, local, 
 
 
 # ---------------------------------------------------------------- Triton interpreter
-
-@pytest.fixture(scope="module")
-def interpreter():
-    if not CHILD:
-        pytest.skip("runs inside test_interpreter_checks' child process")
-    pytest.importorskip("triton")
-    from triton import knobs
-
-    assert knobs.runtime.interpret
-
-
-def test_interpreter_checks():
-    """Run this file's interpreter checks in a child process that imports Triton with TRITON_INTERPRET=1."""
-    if CHILD:
-        pytest.skip("this is the child process")
-    if torch.cuda.is_available():
-        pytest.skip("interpreter checks run on CPU-only machines; the gpu tests cover CUDA")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", SPARSECC_DYNAMIC_INTERPRETER_CHILD="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-m", "not gpu", "-k", "kernel"],
-                         env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
-
 
 def same_table(a, b):
     return (torch.equal(a.to_dense_block_mask(full_only=True), b.to_dense_block_mask(full_only=True))

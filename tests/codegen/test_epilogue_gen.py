@@ -7,9 +7,6 @@ mode when a function is decorated); ``gpu`` tests run Llama-sized shapes
 NaN-poisoned outputs.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,8 +15,8 @@ from sparsecc.codegen import epilogue as epi
 from sparsecc.codegen.epilogue import EpilogueChain, EpilogueStep
 from sparsecc.forms import BlockWeights
 from sparsecc.weights import compress_block_weights
+from tests.interpreter import CHILD, run_interpreter_checks
 
-CHILD = os.environ.get("SPARSECC_EPILOGUE_INTERPRETER_CHILD") == "1"
 CUDA = torch.cuda.is_available()
 # Relative to the output scale: float32 epilogue, then one rounding to the output dtype.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -29,6 +26,11 @@ POISON = float("nan")
 CHAINS = ["", "bias", "act:relu", "act:relu2", "act:gelu", "act:gelu_tanh", "act:silu", "mul:gate",
           "add:residual", "mul:up", "cast:float32", "bias;act:silu;mul:gate;add:residual",
           "act:gelu;mul:up;add:residual;cast:float32", "act:relu;bias;cast:bfloat16"]
+
+
+def test_interpreter_checks():
+    """Run this file's interpreter kernel checks in a child process that imports Triton in interpreter mode."""
+    run_interpreter_checks(__file__, select='kernel', no_skips=True)  # every kernel check runs
 
 
 # ------------------------------------------------------------------ chain descriptions
@@ -133,21 +135,6 @@ def test_debug_dump(cache, monkeypatch):
 
 
 # ------------------------------------------------------------------ kernels in the interpreter (child process)
-
-
-def test_interpreter_checks():
-    """Run this file's interpreter kernel checks in a child process that imports Triton in interpreter mode."""
-    if CHILD:
-        pytest.skip("this is the child process")
-    if CUDA:
-        pytest.skip("interpreter checks run on CPU-only machines; the gpu tests cover CUDA")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", SPARSECC_EPILOGUE_INTERPRETER_CHILD="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-rs", "-m", "not gpu",
-                          "-k", "kernel"], env=env, capture_output=True, text=True, cwd=root)
-    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
-    assert "SKIPPED" not in res.stdout, res.stdout[-2000:]  # every kernel check ran in the child
 
 
 child = pytest.mark.skipif(not CHILD, reason="runs inside test_interpreter_checks' child process")

@@ -9,9 +9,6 @@ NaN-poisoned outputs, float32 references; 2:4 tests skip without cuSPARSELt.
 """
 
 import gc
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +16,8 @@ from hypothesis import assume, given, settings, strategies as st
 
 from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, gate_sparse_ffn_ref
 from sparsecc.weights import compress_2to4
+from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
-CHILD = os.environ.get("SPARSECC_FFN_INTERPRETER_CHILD") == "1"
 FEW = settings(deadline=None, max_examples=min(settings().max_examples, 15))  # the interpreter is slow
 KERNEL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Relative to the output scale: float32 accumulation, g and the output each rounded once to the dtype.
@@ -29,31 +26,9 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 ULP = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
 
 
-@pytest.fixture(scope="module")
-def interpreter():
-    """Interpreter checks run only in the child process, where Triton was imported with TRITON_INTERPRET=1."""
-    if not CHILD:
-        pytest.skip("runs inside test_interpreter_checks' child process")
-    pytest.importorskip("triton")
-    from triton import knobs
-
-    assert knobs.runtime.interpret
-
-
 def test_interpreter_checks():
     """Run this file's interpreter checks in a child process that imports Triton in interpreter mode."""
-    if CHILD:
-        pytest.skip("this is the child process")
-    if torch.cuda.is_available():
-        pytest.skip("interpreter checks run on CPU-only machines; the gpu tests cover CUDA")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", SPARSECC_FFN_INTERPRETER_CHILD="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    # addopts reset so that the child prints its "N passed" summary line.
-    cmd = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-x", "-m", "not gpu", "-k", "interp"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
-    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout, res.stdout[-2000:]
+    run_interpreter_checks(__file__, select='interp')
 
 
 def randn(gen, *shape, dtype, device="cpu", scale=1.0):
