@@ -21,7 +21,7 @@ from torch import Tensor
 from sparsecc.codegen.epilogue import bind_triton
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
-           "k_major", "MAX_DECODE_TOKENS"]
+           "k_major", "MAX_DECODE_TOKENS", "default_gemv_config"]
 
 # ============================================================== reference
 
@@ -99,15 +99,22 @@ def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_u
 # ============================================================== Triton kernels: input mode (TEAL)
 #
 # Notation: x [M, K] with M <= MAX_DECODE_TOKENS, W [N, K], Wt = Wᵀ [K, N] (K-major: row k of Wt is
-# the contiguous weight row of input channel k), y [M, N] = (x * [|x| > tau]) Wtᵀ... i.e. x̃ @ Wt + b.
+# the contiguous weight row of input channel k), y [M, N] = x̃ @ Wt + b with x̃ = x * [|x| > tau].
 #
-# Stage 1 (_threshold_gemv_kernel): program (n tile, K split) walks its ROWS_PER_SPLIT input
-# channels in BLOCK_K chunks (unrolled, so every chunk's loads can be in flight at once). A
-# channel that no token keeps has its Wt row load predicated off, so the bytes read from memory
-# follow the survivors: the cost is the surviving rows plus a small per-chunk constant. Each
-# program writes a float32 partial sum to partial[split, m, n-tile].
-# Stage 2 (_split_reduce_kernel): y = sum over splits + bias, cast once. Two launches instead of
-# atomics: there are no bfloat16 atomics to lean on, and the order is deterministic.
+# Stage 1 (_threshold_gemv_kernel): program (n tile, K split, token) walks its ROWS_PER_SPLIT input
+# channels. A channel nobody needs has no weight-row load at all, so the bytes read follow the
+# survivors: the cost is the surviving rows plus a small per-split constant. Three ways to find them:
+#   * compacted (COMPACT): the program ranks its split's survivors (tl.cumsum), writes their indices
+#     to its scratch slot and loops over that list BLOCK_K rows at a time, so loop trips follow the
+#     survivors too;
+#   * predicated (not COMPACT): every BLOCK_K chunk is visited, dropped rows' loads masked off;
+#   * tokens: with M > 1 and PER_TOKEN each program serves one token (grid axis 2) and reads that
+#     token's survivors only (its own mask; rows two tokens share are read twice, the second time
+#     mostly from L2); otherwise one program serves all M tokens with tl.dot and reads the union.
+# With several K splits each program writes a float32 partial to partial[split, m, n-tile] and
+# stage 2 (_split_reduce_kernel) sums them with the bias, cast once: two launches instead of
+# atomics (there are no bfloat16 atomics to lean on, and the order is deterministic). With one
+# split (ROWS_PER_SPLIT >= K) the kernel adds the bias and stores y directly: one launch.
 #
 # Layout: the kernel reads Wt [K, N] through W's strides; a weight whose stride(0) is 1 (the view
 # W = Wt.t() of a K-major buffer) is used as is. A row-major W is transposed once and cached by
@@ -121,8 +128,10 @@ MAX_DECODE_TOKENS = 16  # above this, thresholding saves little weight traffic: 
 class GemvConfig:
     """Launch knobs of :func:`threshold_linear`'s split-K GEMV.
 
-    ``COMPACT`` (one token only) lists the surviving channels first and loops over them;
+    ``COMPACT`` lists each split's surviving channels first and loops over them;
     without it every chunk is visited with the dropped rows' loads predicated off.
+    ``PER_TOKEN`` (2-16 tokens) gives every token its own programs and its own
+    survivors instead of one program over the union of the tokens' survivors.
     """
 
     BLOCK_N: int
@@ -130,46 +139,79 @@ class GemvConfig:
     ROWS_PER_SPLIT: int
     num_warps: int
     COMPACT: bool = True
+    PER_TOKEN: bool = False
 
     def __post_init__(self):
+        for name in ("BLOCK_N", "BLOCK_K", "ROWS_PER_SPLIT"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"GemvConfig.{name}={value} must be a power of two (a Triton block size)")
         if self.ROWS_PER_SPLIT % self.BLOCK_K:
             raise ValueError(f"ROWS_PER_SPLIT={self.ROWS_PER_SPLIT} must be a multiple of BLOCK_K={self.BLOCK_K}")
+
+    def __str__(self) -> str:
+        mode = ("compacted" if self.COMPACT else "predicated") + (", per token" if self.PER_TOKEN else "")
+        return (f"GemvConfig(N tile {self.BLOCK_N}, {self.BLOCK_K} rows/trip, {self.ROWS_PER_SPLIT} rows/split, "
+                f"{self.num_warps} warps, {mode})")
 
 
 # One token (compacted): 64-wide N tiles over 1024-channel splits, 128 survivors per trip, won the
 # H100 sweep at 50% and 70% sparsity (bench/linear.py --sweep, commit 52f7f49); 896 programs at
 # 4096 -> 14336 and 896 at 14336 -> 4096.
 DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=1024, num_warps=4)
-# 2-16 tokens (predicated, tl.dot): 128-wide N tiles over 256-channel splits measured 2.4x faster
-# on the H100 than the one-token shape above (45 vs 106 us at 4 tokens, 4096 -> 14336).
-DEFAULT_GEMV_CONFIG_TOKENS = GemvConfig(BLOCK_N=128, BLOCK_K=64, ROWS_PER_SPLIT=256, num_warps=4)
+# 2-16 tokens (predicated union, tl.dot): 128-wide N tiles over 256-channel splits measured 2.4x
+# faster on the H100 than the one-token shape above (45 vs 106 us at 4 tokens, 4096 -> 14336).
+DEFAULT_GEMV_CONFIG_TOKENS = GemvConfig(BLOCK_N=128, BLOCK_K=64, ROWS_PER_SPLIT=256, num_warps=4, COMPACT=False)
 REDUCE_BLOCK = 1024  # outputs per program of the split reduction (memory bound; any large power of 2)
+DOT_ROWS = 16  # tl.dot needs at least 16 rows: the union path pads M up to this (padded rows load nothing)
 
 
-def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, M, N, K, tau,
+def default_gemv_config(tokens: int) -> GemvConfig:
+    """The launch knobs :func:`threshold_linear` uses for ``tokens`` rows when none are given."""
+    return DEFAULT_GEMV_CONFIG if tokens == 1 else DEFAULT_GEMV_CONFIG_TOKENS
+
+
+def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot,
+                    BLOCK_M: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr):  # noqa: F821
+    """Write the indices of channels k0..k0+ROWS_PER_SPLIT that some of the M tokens keep to ``slot``.
+
+    Returns their count. Only survivors' entries are written, in channel order.
+    """
+    offs_r = k0 + tl.arange(0, ROWS_PER_SPLIT)
+    r_mask = offs_r < K
+    if BLOCK_M == 1:
+        keep_r = tl.abs(tl.load(x_ptr + offs_r * stride_xk, mask=r_mask, other=0.0).to(tl.float32)) > tau
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xk,
+                     mask=(offs_m < M)[:, None] & r_mask[None, :], other=0.0)
+        keep_r = tl.max((tl.abs(xv.to(tl.float32)) > tau).to(tl.int32), axis=0) > 0
+    rank = tl.cumsum(keep_r.to(tl.int32), axis=0) - 1
+    count = tl.sum(keep_r.to(tl.int32), axis=0)
+    tl.store(slot + rank, offs_r, mask=keep_r)
+    tl.debug_barrier()  # the list is written by all threads of the program and read by all
+    return count
+
+
+def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, M, N, K, tau,
                            stride_xm, stride_xk, stride_wk, stride_wn,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
                            ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
-                           COMPACT: tl.constexpr):  # noqa: F821
-    """Partial ``x̃ @ Wt`` over one K split for one N tile; only surviving channels' rows are loaded."""
+                           COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):  # noqa: F821
+    """``x̃ @ Wt`` over one K split for one N tile (and one token when BLOCK_M == 1); see the notes above."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    token = tl.program_id(2)  # 0 unless every token has its own programs (BLOCK_M == 1, M > 1)
+    x_ptr += token * stride_xm
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    m_mask = offs_m < M - token
     k0 = split * ROWS_PER_SPLIT
+    slot = scratch_ptr + ((token * tl.num_programs(1) + split) * tl.num_programs(0) + pid_n).to(tl.int64) \
+        * ROWS_PER_SPLIT
     if BLOCK_M == 1 and COMPACT:
-        # One token, compacted: list this split's surviving channels in the program's scratch
-        # slot (only survivors are written), then walk that list BLOCK_K rows at a time, so the
-        # loop runs ceil(survivors / BLOCK_K) times and touches no weight row of a dropped channel.
-        offs_r = k0 + tl.arange(0, ROWS_PER_SPLIT)
-        keep_r = tl.abs(tl.load(x_ptr + offs_r * stride_xk, mask=offs_r < K, other=0.0).to(tl.float32)) > tau
-        rank = tl.cumsum(keep_r.to(tl.int32), axis=0) - 1
-        count = tl.sum(keep_r.to(tl.int32), axis=0)
-        slot = scratch_ptr + (split * tl.num_programs(0) + pid_n).to(tl.int64) * ROWS_PER_SPLIT
-        tl.store(slot + rank, offs_r, mask=keep_r)
-        tl.debug_barrier()  # the list is written by all threads of the program and read by all
+        count = _list_survivors(x_ptr, stride_xm, stride_xk, 1, K, k0, tau, slot, 1, ROWS_PER_SPLIT)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for c in range(0, count, BLOCK_K):
             offs_j = c + tl.arange(0, BLOCK_K)
@@ -181,7 +223,6 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, M, N, K, tau
             acc2 += xk[:, None] * w.to(tl.float32)
         acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
     elif BLOCK_M == 1:
-        # One token, predicated: every chunk is visited and dropped rows' loads are masked off;
         # x is loaded as a vector along K, so its keep mask already has the layout of the weight
         # tile's rows (no layout conversion between the x load and the weight load).
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -193,6 +234,23 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, M, N, K, tau
                         mask=keep[:, None] & n_mask[None, :], other=0.0)
             acc2 += tl.where(keep, xk, 0.0)[:, None] * w.to(tl.float32)
         acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
+    elif COMPACT:
+        # Union of the tokens' survivors, compacted: every trip multiplies BLOCK_K live rows.
+        count = _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, BLOCK_M, ROWS_PER_SPLIT)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in range(0, count, BLOCK_K):
+            offs_j = c + tl.arange(0, BLOCK_K)
+            live = offs_j < count
+            kk = tl.load(slot + offs_j, mask=live, other=0)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                         mask=m_mask[:, None] & live[None, :], other=0.0)
+            xs = tl.where(tl.abs(xv.to(tl.float32)) > tau, xv, tl.zeros_like(xv))
+            w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=live[:, None] & n_mask[None, :], other=0.0)
+            if DOT_IN_FP32:  # the CPU interpreter's dot misreads bfloat16 (it multiplies the raw bits)
+                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, w, acc)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
@@ -206,12 +264,18 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, M, N, K, tau
             row_live = tl.max(keep.to(tl.int32), axis=0) > 0
             w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=row_live[:, None] & n_mask[None, :], other=0.0)
-            if DOT_IN_FP32:  # the CPU interpreter's dot misreads bfloat16 (it multiplies the raw bits)
+            if DOT_IN_FP32:
                 acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xs, w, acc)
-    out = partial_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :]
-    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+    rows = token + offs_m
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(partial_ptr + (split * M + rows[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
 
 
 def _split_reduce_kernel(partial_ptr, bias_ptr, y_ptr, MN, N, n_splits,
@@ -227,7 +291,7 @@ def _split_reduce_kernel(partial_ptr, bias_ptr, y_ptr, MN, N, n_splits,
     tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_KERNELS = ("_threshold_gemv_kernel", "_split_reduce_kernel")
+_KERNELS = ("_list_survivors", "_threshold_gemv_kernel", "_split_reduce_kernel")
 
 # id(weight) -> (weakref to weight, data_ptr, _version, K-major copy). The identity check (the weakref
 # still points at this very tensor) guards against a freed weight whose address and shape are
@@ -276,9 +340,9 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     """Triton ``F.linear(x * (|x| > tau), weight, bias)`` for decode (TEAL input mode).
 
     For at most :data:`MAX_DECODE_TOKENS` tokens of float16/bfloat16/float32,
-    a split-K GEMV reads only the weight rows of input channels that some token
-    keeps (see the notes above); otherwise the reference (dense ``F.linear`` on
-    the thresholded input) runs. ``config`` overrides the default launch knobs;
+    a split-K GEMV reads only the weight rows of input channels that are kept
+    (see the notes above); otherwise the reference (dense ``F.linear`` on the
+    thresholded input) runs. ``config`` overrides :func:`default_gemv_config`;
     ``out`` (contiguous ``[M, N]``, ``x.dtype``) receives the result of the kernel path.
     """
     k = x.shape[-1]
@@ -288,28 +352,30 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     m = x2.shape[0]
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return threshold_linear_ref(x, weight, bias, tau)
-    bind_triton(globals(), _KERNELS)
-    cfg = config or (DEFAULT_GEMV_CONFIG if m == 1 else DEFAULT_GEMV_CONFIG_TOKENS)
-    wt = k_major(weight.to(x.dtype)).t()
-    n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
-    partial = torch.empty(n_splits, m, n, dtype=torch.float32, device=x.device)
-    block_m = 1 if m == 1 else 16  # tl.dot needs 16 rows; padded rows load nothing and store nothing
-    interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
-    grid = (triton.cdiv(n, cfg.BLOCK_N), n_splits)  # noqa: F821
-    compact = cfg.COMPACT and m == 1
-    # One slot of ROWS_PER_SPLIT channel indices per program for the compacted path (only the
-    # survivors' entries are written); a 1-element dummy otherwise.
-    scratch = torch.empty(grid[0] * grid[1] * cfg.ROWS_PER_SPLIT if compact else 1, dtype=torch.int32,
-                          device=x.device)
-    _threshold_gemv_kernel[grid](
-        x2, wt, partial, scratch, m, n, k, _tau_in(float(tau), x.dtype),
-        x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
-        BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT,
-        DOT_IN_FP32=interpreting or x.dtype == torch.float32, COMPACT=compact, num_warps=cfg.num_warps)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-    if tuple(y.shape) != (m, n) or y.dtype != x.dtype or not y.is_contiguous():
+    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor")
-    _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](  # noqa: F821
-        partial, bias.contiguous() if bias is not None else y, y, m * n, n, n_splits,
-        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK)
+    bind_triton(globals(), _KERNELS)
+    cfg = config or default_gemv_config(m)
+    wt = k_major(weight.to(x.dtype)).t()
+    per_token = m == 1 or cfg.PER_TOKEN
+    n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
+    direct = n_splits == 1  # one split: the kernel stores y itself, no partials, no second launch
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    partial = y if direct else torch.empty(n_splits, m, n, dtype=torch.float32, device=x.device)
+    interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
+    grid = (triton.cdiv(n, cfg.BLOCK_N), n_splits, m if per_token else 1)  # noqa: F821
+    # One slot of ROWS_PER_SPLIT channel indices per program for the compacted paths (only the
+    # survivors' entries are written); a 1-element dummy otherwise.
+    slots = grid[0] * grid[1] * grid[2] * cfg.ROWS_PER_SPLIT if cfg.COMPACT else 1
+    scratch = torch.empty(slots, dtype=torch.int32, device=x.device)
+    bias_arg = bias.contiguous() if bias is not None else y
+    _threshold_gemv_kernel[grid](
+        x2, wt, partial, scratch, bias_arg, y, m, n, k, _tau_in(float(tau), x.dtype),
+        x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
+        BLOCK_M=1 if per_token else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT, DOT_IN_FP32=interpreting or x.dtype == torch.float32,
+        COMPACT=cfg.COMPACT, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=cfg.num_warps)
+    if not direct:
+        _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](  # noqa: F821
+            partial, bias_arg, y, m * n, n, n_splits, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK)
     return y.reshape(*lead, n)

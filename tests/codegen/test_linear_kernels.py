@@ -138,8 +138,10 @@ def test_unknown_epilogue_is_rejected():
 @SETTINGS
 @given(m=st.integers(1, MAX_DECODE_TOKENS), n=st.integers(1, 80), k=st.integers(1, 100),
        sparsity=st.floats(0.0, 0.99), dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(),
-       k_major=st.booleans(), compact=st.booleans(), seed=st.integers(0, 10**6))
-def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, compact, seed):
+       k_major=st.booleans(), compact=st.booleans(), per_token=st.booleans(), rows=st.sampled_from([16, 32, 128]),
+       seed=st.integers(0, 10**6))
+def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, compact, per_token, rows, seed):
+    """Every path (compacted / predicated, union / per token, split / direct store) against float64."""
     gen = torch.Generator().manual_seed(seed)
     x = randn(gen, m, k, dtype=dtype)
     tau = float(torch.quantile(x.abs().double().flatten(), sparsity))
@@ -147,7 +149,7 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, co
     w_in = w.t().contiguous().t() if k_major else w
     bias = randn(gen, n, dtype=dtype) if has_bias else None
     out = poisoned(m, n, dtype)
-    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4, COMPACT=compact)
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, COMPACT=compact, PER_TOKEN=per_token)
     y = threshold_linear(x, w_in, bias, tau, config=cfg, out=out)
     # The kernel compares with tau rounded to x's dtype, as torch does: same survivors as the reference.
     keep = x.abs() > tau
@@ -156,8 +158,9 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, co
 
 
 @interpreter
-@pytest.mark.parametrize("m,compact", [(1, True), (1, False), (3, False)])
-def test_threshold_linear_reads_only_surviving_rows(m, compact):
+@pytest.mark.parametrize("m,compact,per_token", [(1, True, False), (1, False, False), (3, False, False),
+                                                 (3, True, False), (3, True, True), (3, False, True)])
+def test_threshold_linear_reads_only_surviving_rows(m, compact, per_token):
     """Weight rows of channels no token keeps are NaN: a kernel that read them would return NaN."""
     gen = torch.Generator().manual_seed(3)
     n, k = 40, 64
@@ -166,7 +169,7 @@ def test_threshold_linear_reads_only_surviving_rows(m, compact):
     w = randn(gen, n, k, dtype=torch.bfloat16)
     w_bad = w.clone()
     w_bad[:, ::3] = float("nan")
-    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4, COMPACT=compact)
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4, COMPACT=compact, PER_TOKEN=per_token)
     y = threshold_linear(x, w_bad.t().contiguous().t(), None, 0.05, config=cfg)
     assert_matches(y, threshold_linear_ref(x.double(), w.double(), None, 0.05), torch.bfloat16)
 
