@@ -174,9 +174,22 @@ def bsr_workload(m: int, k: int, n: int, block, density: float, target: float, s
 # ------------------------------------------------------------------ activation-sparse GEMV
 
 
-# The compacted one-token path over tile shapes, plus the best predicated config of the first sweep.
-GEMV_SWEEP = [GemvConfig(bn, bk, rows, warps) for bn in (64, 128) for bk in (32, 64, 128)
-              for rows in (256, 512, 1024) for warps in (4, 8)] + [GemvConfig(64, 32, 512, 8, COMPACT=False)]
+# The compacted one-token path over tile shapes, the best predicated config of the first sweep,
+# and one-split shapes (ROWS_PER_SPLIT >= K at 4096 -> 14336: one launch, no partials).
+GEMV_SWEEP = ([GemvConfig(bn, bk, rows, warps) for bn in (64, 128) for bk in (32, 64, 128)
+               for rows in (256, 512, 1024) for warps in (4, 8)] + [GemvConfig(64, 32, 512, 8, COMPACT=False)]
+              + [GemvConfig(bn, bk, 4096, warps) for bn in (16, 32, 64) for bk in (64, 128) for warps in (4, 8)])
+
+# 2-16 tokens: the union of the tokens' survivors (predicated or compacted, tl.dot) against one
+# program per token (each token's own survivors), a few tile shapes of each.
+TOKEN_STRATEGIES = {
+    "union predicated": [GemvConfig(128, 64, 256, 4, COMPACT=False), GemvConfig(64, 64, 256, 4, COMPACT=False),
+                         GemvConfig(128, 32, 512, 4, COMPACT=False)],
+    "union compacted": [GemvConfig(128, 64, 256, 4), GemvConfig(64, 64, 512, 4), GemvConfig(128, 128, 1024, 8)],
+    "per-token compacted": [GemvConfig(64, 128, 1024, 4, PER_TOKEN=True), GemvConfig(64, 64, 512, 4, PER_TOKEN=True),
+                            GemvConfig(128, 128, 1024, 4, PER_TOKEN=True)],
+    "per-token predicated": [GemvConfig(64, 32, 512, 8, COMPACT=False, PER_TOKEN=True)],
+}
 
 
 def gemv_workload(m: int, k: int, n: int, sparsity: float, target: float, sweep: bool) -> Row:
@@ -223,6 +236,45 @@ def gemv_workload(m: int, k: int, n: int, sparsity: float, target: float, sweep:
     return Row(name, t_ours, dense, anchor, "gather", 1 / kept, target, note)
 
 
+def tokens_sweep(k: int, n: int, m: int, sparsity: float) -> dict:
+    """Union against per-token masks for ``m`` decode tokens: graph-replay µs of each strategy's best config."""
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    kmajor = [(torch.randn(n, k, device="cuda", dtype=DTYPE, generator=gen) / k ** 0.5).t().contiguous()
+              for _ in range(GRAPH_COPIES)]
+    bias = torch.randn(n, device="cuda", dtype=DTYPE, generator=gen)
+    x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
+    tau = float(torch.quantile(x.abs().float().flatten(), sparsity))
+    keep = x.abs() > tau
+    ref = (x.float() * keep) @ kmajor[0].float() + bias.float()
+    row = {"m": m, "k": k, "n": n, "sparsity": sparsity, "union_kept": float(keep.any(0).float().mean()),
+           "token_kept": float(keep.float().mean())}
+    for strategy, configs in TOKEN_STRATEGIES.items():
+        best = None
+        for cfg in configs:
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=DTYPE)
+            check(f"{strategy} {cfg}", threshold_linear(x, kmajor[0].t(), bias, tau, config=cfg, out=out), ref)
+            t = bench_graph([lambda wk=wk, cfg=cfg: threshold_linear(x, wk.t(), bias, tau, config=cfg)
+                             for wk in kmajor])
+            best = min(best or (t, str(cfg)), (t, str(cfg)))
+        row[strategy] = best[0] * 1e3
+        row[strategy + " config"] = best[1]
+    row["default"] = bench_graph([lambda wk=wk: threshold_linear(x, wk.t(), bias, tau) for wk in kmajor]) * 1e3
+    row["dense"] = bench_graph([lambda wk=wk: F.linear(x, wk.t(), bias) for wk in kmajor]) * 1e3
+    return row
+
+
+def print_tokens_table(rows: List[dict]) -> None:
+    """One line per (shape, M, sparsity): µs per call of each strategy, dense, and the winner."""
+    names = list(TOKEN_STRATEGIES)
+    print(f"\n{'shape':<12} {'M':>3} {'sp':>4} {'union':>6} {'tok':>5} " +
+          " ".join(f"{n[:18]:>18}" for n in names) + f" {'default':>8} {'dense':>7}  best")
+    for r in rows:
+        best = min(names, key=lambda n: r[n])
+        print(f"{r['k']}->{r['n']:<6} {r['m']:>3} {r['sparsity']:>4.0%} {r['union_kept']:>6.0%} {r['token_kept']:>5.0%} "
+              + " ".join(f"{r[n]:>18.1f}" for n in names) + f" {r['default']:>8.1f} {r['dense']:>7.1f}  "
+              f"{best} ({r['dense'] / r[best]:.2f}x dense)")
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -233,10 +285,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--json", help="save the rows here")
     parser.add_argument("--only", choices=("bsr", "gemv"), help="run one family")
     parser.add_argument("--sweep-bsr", action="store_true", help="sweep block-sparse configs too (slow)")
+    parser.add_argument("--tokens", action="store_true",
+                        help="only the 2-16 token sweep: union against per-token masks (graph-replay us)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/linear.py needs a CUDA device")
     torch.manual_seed(0)
+    if args.tokens:
+        token_rows = []
+        for (k, n) in ((4096, 14336), (14336, 4096)):
+            for m in (2, 4, 8, 16):
+                for sparsity in (0.5, 0.7, 0.9):
+                    token_rows.append(tokens_sweep(k, n, m, sparsity))
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump(token_rows, f, indent=1)
+        print_tokens_table(token_rows)
+        return
     rows: List[Row] = []
     if args.only in (None, "gemv"):
         for (k, n) in ((4096, 14336), (14336, 4096)):

@@ -19,7 +19,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from sparsecc.codegen import ops
-from sparsecc.codegen.activation_sparse import ACTIVATIONS
+from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS
 from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_ffn
 from sparsecc.forms import ActivationThreshold
 from sparsecc.passes.decide import fallback, site_rule, verdict
@@ -348,9 +348,11 @@ def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
             # Magnitude keeps the five-argument call, so its graphs are exactly what they always were.
             extra = (_bind_column_norms(ctx, lin),) if weighted else ()
             with graph.inserting_before(node):
+                # A weighted site runs the reference (see _WEIGHTED_NO_KERNEL): no K-major copy for it.
+                weight = _weight_node(graph, lin) if weighted else \
+                    _decode_weight_node(graph, ctx, site, lin, "threshold_linear")
                 out = graph.call_function(ops.op("threshold_linear"),
-                                          (lin.x, _weight_node(graph, lin), lin.bias, float(tau), ctx.kernels,
-                                           *extra))
+                                          (lin.x, weight, lin.bias, float(tau), ctx.kernels, *extra))
             out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
             node.replace_all_uses_with(out)
         return
@@ -369,59 +371,94 @@ def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
             w_up = _weight_node(graph, m.up) if m.up is not None else None
             b_up = m.up.bias if m.up is not None else None
         out = graph.call_function(ops.op("gate_sparse_ffn"), (
-            m.x, w_gate, b_gate, w_up, b_up, _weight_node(graph, m.down), m.down.bias, m.act,
+            m.x, w_gate, b_gate, w_up, b_up, _decode_weight_node(graph, ctx, site, m.down, "gate_sparse_ffn"),
+            m.down.bias, m.act,
             float(decision.params["tau"]), ctx.kernels))
     out.meta["nn_module_stack"] = m.down_node.meta.get("nn_module_stack", {})
     m.down_node.replace_all_uses_with(out)
 
 
-@functools.lru_cache(maxsize=None)
-def _column_norm_binding_type():
-    """``WeightBinding`` for column norms: ``refresh`` recomputes the norms instead of compressing.
+def k_major_copy(weight: torch.Tensor, in_out: bool = False) -> torch.Tensor:
+    """The weight as a contiguous ``[in, out]`` buffer (K-major), detached, for the decode GEMVs."""
+    with torch.no_grad():
+        w = weight.detach()
+        return (w if in_out else w.t()).contiguous()
 
-    Built on first use because the pipeline imports this module.
+
+@functools.lru_cache(maxsize=None)
+def _derived_binding_type():
+    """``WeightBinding`` for a tensor derived from a weight (column norms, a K-major copy).
+
+    ``refresh`` re-derives it (instead of compressing) when the parameter
+    changed since compile. Built on first use because the pipeline imports this module.
     """
     from sparsecc.pipeline import WeightBinding
 
-    class ColumnNormBinding(WeightBinding):
-        """Column norms of one weight, fed to the compiled graph like a compressed weight."""
+    class DerivedBinding(WeightBinding):
+        """One tensor derived from one weight, fed to the compiled graph like a compressed weight."""
 
         def refresh(self, param: torch.Tensor) -> None:
-            """Recompute the norms when the parameter changed since compile."""
+            """Re-derive the tensor when the parameter changed since compile."""
             if param is self.param and param._version == self.version and param.data_ptr() == self.data_ptr:
                 return
-            fresh = column_norms(param, self.in_out)
+            fresh = self.derive(param, self.in_out)
             if fresh.shape != self.tensors[0].shape:
                 raise RuntimeError(f"sparsecc: weight {self.qualname} changed shape after compile; recompile "
                                    "the model (torch._dynamo.reset())")
             self.tensors[0].copy_(fresh)
             self.param, self.version, self.data_ptr = param, param._version, param.data_ptr()
 
-    return ColumnNormBinding
+    return DerivedBinding
 
 
-def _bind_column_norms(ctx, lin: LinearMatch) -> Node:
-    """A graph input holding ``column_norms`` of ``lin``'s weight, computed once here (one per weight per graph).
+def _bind_derived(ctx, lin: LinearMatch, what: str, derive) -> Node:
+    """A graph input holding ``derive(weight, in_out)`` of ``lin``'s weight, computed once here.
 
-    It is registered with the compile's weight bindings, so it is passed on
-    every call and recomputed when the parameter changes after compile.
+    One per (weight, what) per graph. It is registered with the compile's
+    weight bindings, so it is passed on every call and re-derived when the
+    parameter changes after compile.
     """
     ref = lin.weight
     for binding in ctx.bindings:
-        if getattr(binding, "column_norms_of", None) == ref.qualname:
+        if getattr(binding, "derived_key", None) == (ref.qualname, what):
             return binding.node
-    norms = column_norms(ref.tensor, lin.in_out)
-    binding_type = _column_norm_binding_type()
-    binding = binding_type(ref.input_index, ref.tensor, None, ("column_norms",), [norms],
-                           ref.tensor._version, ref.tensor.data_ptr(), ref.qualname)
+    tensor = derive(ref.tensor, lin.in_out)
+    binding = _derived_binding_type()(ref.input_index, ref.tensor, None, (what,), [tensor],
+                                      ref.tensor._version, ref.tensor.data_ptr(), ref.qualname)
     graph = ctx.gm.graph
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
-        node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_column_norms")
-    node.meta["example_value"] = norms
-    binding.column_norms_of, binding.node, binding.in_out = ref.qualname, node, lin.in_out
+        node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_{what}")
+    node.meta["example_value"] = tensor
+    binding.derived_key, binding.node, binding.in_out, binding.derive = (ref.qualname, what), node, lin.in_out, derive
     ctx.bindings.append(binding)
     return node
+
+
+def _bind_column_norms(ctx, lin: LinearMatch) -> Node:
+    """``column_norms`` of ``lin``'s weight as a bound graph input (criterion "weighted")."""
+    return _bind_derived(ctx, lin, "column_norms", column_norms)
+
+
+def _decode_weight_node(graph, ctx, site: Site, lin: LinearMatch, op: str):
+    """The weight [out, in] for a decode GEMV that reads it K-major (input rows contiguous).
+
+    Where the site's GEMV kernel will run (Triton kernels on this device, at
+    most MAX_DECODE_TOKENS tokens), a K-major copy is bound once at compile time
+    and its ``.t()`` view is passed, so the kernel neither transposes nor
+    caches a copy per call. Conv1D-style ``[in, out]`` storage already is
+    K-major. Elsewhere the plain weight is passed.
+    """
+    if lin.in_out or not _runs_decode_kernel(ctx, site, op):
+        return _weight_node(graph, lin)
+    return graph.call_method("t", (_bind_derived(ctx, lin, "k_major", k_major_copy),))
+
+
+def _runs_decode_kernel(ctx, site: Site, op: str) -> bool:
+    """True when ``op`` will run its Triton GEMV at this site (kernels allowed, decode-sized, static tokens)."""
+    tokens = site.attrs.get("tokens")
+    return (ctx.kernels != "reference" and ctx.has_kernel(op, site.device) and isinstance(tokens, int)
+            and 0 < tokens <= MAX_DECODE_TOKENS)
 
 
 FFN_REWRITES = (

@@ -42,6 +42,44 @@ def test_threshold_rewrite_matches_semantics(cls, mode, eager_lowering):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["input", "gate"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_lowering):
+    """Where the decode GEMV runs, its weights arrive as views of K-major buffers bound at compile time.
+
+    A stand-in "kernel" registered for CPU records each weight's strides and
+    runs the reference. Decode-sized sites (<= MAX_DECODE_TOKENS) get K-major
+    views, larger ones the plain weight; after an in-place weight update the
+    bound copy is refreshed, so the output never goes stale.
+    """
+    from sparsecc.codegen import activation_sparse, ops
+
+    seen = []
+
+    def fake_linear(x, weight, bias, tau):
+        seen.append(weight.stride())
+        return activation_sparse.threshold_linear_ref(x, weight, bias, tau)
+
+    def fake_ffn(x, wg, bg, wu, bu, wd, bd, act, tau):
+        seen.append(wd.stride())
+        return activation_sparse.gate_sparse_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau=tau)
+
+    monkeypatch.setitem(ops.TRITON_KERNELS, "threshold_linear", lambda: (fake_linear, ("cpu",)))
+    monkeypatch.setitem(ops.TRITON_KERNELS, "gate_sparse_ffn", lambda: (fake_ffn, ("cpu",)))
+    torch.manual_seed(9)
+    ffn = zoo.GatedSiluFFN().eval()
+    x = torch.randn(1, tokens, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "mode": mode, "threshold": 0.3}]}
+    with torch.no_grad():
+        compiled = sparsecc.compile(ffn, spec=spec, kernels="auto")
+        torch.testing.assert_close(compiled(x), zoo.ffn_expected(ffn, x, mode, 0.3).float(), atol=1e-4, rtol=1e-4)
+        decode = tokens <= activation_sparse.MAX_DECODE_TOKENS
+        assert seen and all((s[0] == 1) == decode for s in seen), seen
+        ffn.down_proj.weight.mul_(-1.5)
+        torch.testing.assert_close(compiled(x), zoo.ffn_expected(ffn, x, mode, 0.3).float(), atol=1e-4, rtol=1e-4)
+
+
 def test_reused_hidden_is_not_an_ffn():
     report = sparsecc.explain(zoo.ReusedHiddenFFN().eval(), torch.randn(1, 4, 32))
     assert not [s for s in report.sites if s.kind == "ffn"]
