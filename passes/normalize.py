@@ -299,7 +299,14 @@ def _repeat_interleave(node: Node, x, repeats, dim) -> Optional[CanonicalOp]:
 
 
 def annotate(graph: Graph) -> int:
-    """Store ``canonical(node)`` in every node's meta; return how many nodes were classified."""
+    """Store ``canonical(node)`` in every node's meta; return how many nodes were classified.
+
+    Before classifying, constant causal masks of SDPA calls are folded into
+    ``is_causal=True`` (:func:`fold_causal_masks`): the one graph edit of this
+    pass, exact by construction, so that neither Inductor nor a sparse op
+    reads a materialised ``S x S`` mask.
+    """
+    fold_causal_masks(graph)
     count = 0
     for node in graph.nodes:
         op = canonical(node)
@@ -315,3 +322,164 @@ def op_of(node: Any) -> Optional[CanonicalOp]:
     if META_KEY not in node.meta:
         node.meta[META_KEY] = canonical(node)
     return node.meta[META_KEY]
+
+
+# ---------------------------------------------------------------- constant causal masks
+#
+# HF transformers builds its causal mask inside the traced forward (masking_utils). Eagerly it
+# passes attn_mask=None / is_causal=True to SDPA, but under torch.compile with torch < 2.14 it
+# always materialises the (B, 1, S, S) mask from aranges: SDPA then cannot take the causal flash
+# path, and the mask costs S*S bytes of reads per head. When such a mask depends on no graph input,
+# it is a constant of the graph: evaluate it once and, when it is exactly the causal mask, drop it
+# for is_causal=True. Masks that read inputs (padding, cache positions) are left alone.
+
+# Additive masks: an entry at or below this is "masked out" (exp underflows to exactly 0 in fp32).
+_ADDITIVE_MASKED_MAX = -1.0e4
+# Rows compared with the causal pattern per step, so the check never builds a second S x S tensor.
+_CHECK_ROWS = 4096
+# Host-memory budget for evaluating a CPU mask; device masks are checked against free device memory.
+_CPU_FOLD_BYTES = 8 << 30
+# The mask's subgraph holds a few S x S intermediates at once (mask, comparison, logical and).
+_LIVE_COPIES = 3
+
+
+def fold_causal_masks(graph: Graph) -> int:
+    """Replace constant causal ``attn_mask`` arguments of SDPA by ``is_causal=True``; return how many.
+
+    A mask qualifies when every node it is computed from is a function call,
+    method call or attribute of the module (no placeholder, no in-place
+    method), ``Sq == Sk`` (so SDPA's top-left causal alignment is the same as
+    the mask's), and its value keeps exactly ``j <= i`` for every batch row
+    and head. Anything else, or a mask too large to evaluate, is left as is.
+    """
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _SDPA_FUNCS:
+            continue
+        mask = _kw(node, 3, "attn_mask")
+        if not isinstance(mask, Node) or _kw(node, 5, "is_causal", False):
+            continue
+        q, k = example_value(node.args[0]), example_value(node.args[1])
+        if q is None or k is None or q.dim() != 4:
+            continue
+        sq, sk = q.shape[-2], k.shape[-2]
+        if not (isinstance(sq, int) and isinstance(sk, int)) or sq != sk:
+            continue
+        value = _evaluate_constant(mask, graph)
+        if value is None or not _is_causal_value(value, sq):
+            continue
+        kwargs = {"attn_mask": None, "dropout_p": _kw(node, 4, "dropout_p", 0.0), "is_causal": True,
+                  "scale": _kw(node, 6, "scale")}
+        if "enable_gqa" in node.kwargs:
+            kwargs["enable_gqa"] = node.kwargs["enable_gqa"]
+        node.args = tuple(node.args[:3])
+        node.kwargs = kwargs
+        _erase_dead(_constant_subgraph(mask) or [])
+        folded += 1
+    return folded
+
+
+def _erase_dead(nodes: list) -> None:
+    """Erase the now unused nodes of a folded mask (only those: a graph-wide DCE could drop cache writes)."""
+    for node in reversed(nodes):
+        if not node.users:
+            node.graph.erase_node(node)
+
+
+def _constant_subgraph(root: Node) -> Optional[list]:
+    """The nodes ``root`` is computed from, in graph order, or None if one reads an input or mutates."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        if node.op not in ("call_function", "call_method", "get_attr"):
+            return None
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            return None
+        if any(_mutates(user) for user in node.users):
+            return None   # e.g. mask[i, j] = False after the mask was built: its value is not the traced one
+        seen.add(node)
+        for arg in node.all_input_nodes:
+            stack.append(arg)
+    return [n for n in root.graph.nodes if n in seen]
+
+
+def _mutates(node: Node) -> bool:
+    """True for nodes that may write into one of their inputs (setitem, in-place methods, mutable ops)."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        target, name = node.target, getattr(node.target, "__name__", "")
+        if getattr(target, "__module__", None) == "_operator" or target in vars(operator).values():
+            # operator.and_ / or_ are pure; setitem and the augmented assignments (iadd, iand, ...) write.
+            return target is operator.setitem or (name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_")))
+        return name.endswith("_") or node.is_impure()
+    return False
+
+
+def _fits_in_memory(value: torch.Tensor) -> bool:
+    """True when a few copies of ``value`` fit where it would be evaluated."""
+    need = _LIVE_COPIES * value.numel() * value.element_size()
+    device = value.device
+    if device.type == "cuda" and torch.cuda.is_available():
+        return need < torch.cuda.mem_get_info(device)[0]
+    return need < _CPU_FOLD_BYTES
+
+
+def _evaluate_constant(root: Node, graph: Graph) -> Optional[torch.Tensor]:
+    """Evaluate a mask that depends on no graph input, freeing intermediates as soon as they are dead."""
+    nodes = _constant_subgraph(root)
+    fake = example_value(root)
+    if nodes is None or fake is None or not _fits_in_memory(fake):
+        return None
+    last_use = {}
+    for index, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last_use[arg] = index
+    values: dict = {}
+    module = graph.owning_module
+    try:
+        for index, node in enumerate(nodes):
+            args = torch.fx.node.map_arg(node.args, lambda n: values[n])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: values[n])
+            if node.op == "get_attr":
+                if module is None:
+                    return None
+                out = module
+                for part in str(node.target).split("."):
+                    out = getattr(out, part)
+            elif node.op == "call_method":
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                out = node.target(*args, **kwargs)
+            values[node] = out
+            for arg in node.all_input_nodes:
+                if last_use.get(arg) == index and arg is not root:
+                    values.pop(arg, None)
+    except Exception:  # noqa: BLE001 - an unevaluable mask simply stays in the graph
+        return None
+    out = values.get(root)
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _is_causal_value(value: torch.Tensor, seq: int) -> bool:
+    """True when a bool (True keeps) or additive mask of shape (..., seq, seq) keeps exactly ``j <= i``."""
+    if value.dim() < 2 or value.shape[-1] != seq or value.shape[-2] != seq:
+        return False
+    if value.dtype != torch.bool and not value.is_floating_point():
+        return False
+    cols = torch.arange(seq, device=value.device)
+    for r0 in range(0, seq, _CHECK_ROWS):
+        rows = torch.arange(r0, min(seq, r0 + _CHECK_ROWS), device=value.device)
+        causal = cols[None, :] <= rows[:, None]
+        part = value[..., r0:r0 + len(rows), :]
+        if value.dtype == torch.bool:
+            if not bool((part == causal).all()):
+                return False
+        else:
+            kept_ok = bool((part.masked_fill(~causal, 0) == 0).all())
+            masked_ok = bool((part.masked_fill(causal, float("-inf")) <= _ADDITIVE_MASKED_MAX).all())
+            if not (kept_ok and masked_ok):
+                return False
+    return True

@@ -1,0 +1,148 @@
+"""Constant causal masks of SDPA calls are folded into is_causal=True (passes/normalize.py), and only those."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsecc
+from sparsecc.backend import rewritten_graphs
+from sparsecc.passes.normalize import fold_causal_masks
+
+
+def _capture(fn, *args):
+    """The Dynamo graph of ``fn(*args)`` (captured by a backend that runs it unchanged)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def _sdpa_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
+
+
+def _qkv(s=24, h=4, d=16):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, h, s, d, generator=g) for _ in range(3))
+
+
+def causal_bool(q, k, v):
+    s = q.shape[-2]
+    mask = torch.arange(s)[None, :] <= torch.arange(s)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+
+def causal_additive(q, k, v):
+    s = q.shape[-2]
+    keep = torch.arange(s)[None, :] <= torch.arange(s)[:, None]
+    bias = torch.zeros(s, s).masked_fill(~keep, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def causal_finfo_min(q, k, v):
+    s = q.shape[-2]
+    keep = torch.arange(s)[None, :] <= torch.arange(s)[:, None]
+    bias = torch.zeros(s, s).masked_fill(~keep, torch.finfo(torch.float32).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def sliding_window(q, k, v):
+    s = q.shape[-2]
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < 5))
+
+
+def causal_but_one_hole(q, k, v):
+    s = q.shape[-2]
+    mask = torch.arange(s)[None, :] <= torch.arange(s)[:, None]
+    mask[s - 1, 0] = False   # in place: the fold must not evaluate through it
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def causal_off_by_one(q, k, v):
+    s = q.shape[-2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(s)[None, :] < torch.arange(s)[:, None] + 2)
+
+
+def padded_causal(q, k, v, padding):
+    s = q.shape[-2]
+    mask = (torch.arange(s)[None, :] <= torch.arange(s)[:, None]) & padding[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("fn", [causal_bool, causal_additive, causal_finfo_min], ids=lambda f: f.__name__)
+def test_constant_causal_masks_fold(fn):
+    q, k, v = _qkv()
+    gm = _capture(fn, q, k, v)
+    assert fold_causal_masks(gm.graph) == 1
+    gm.recompile()
+    (node,) = _sdpa_nodes(gm)
+    assert node.kwargs["attn_mask"] is None and node.kwargs["is_causal"] is True
+    assert not [n for n in gm.graph.nodes if "arange" in str(n.target)], "the mask's nodes are erased"
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = gm(q, k, v)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, expected)
+
+
+@pytest.mark.parametrize("fn", [sliding_window, causal_off_by_one, causal_but_one_hole], ids=lambda f: f.__name__)
+def test_other_constant_masks_stay(fn):
+    q, k, v = _qkv()
+    gm = _capture(fn, q, k, v)
+    assert fold_causal_masks(gm.graph) == 0
+    (node,) = _sdpa_nodes(gm)
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    assert mask is not None
+
+
+def test_masks_reading_inputs_stay():
+    q, k, v = _qkv()
+    padding = torch.ones(1, q.shape[-2], dtype=torch.bool)
+    gm = _capture(padded_causal, q, k, v, padding)
+    assert fold_causal_masks(gm.graph) == 0
+
+
+def test_decode_shaped_mask_stays():
+    """Sq != Sk: SDPA's is_causal would be top-left aligned, so even a constant mask is kept."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 1, 8, generator=g)
+    k = v = torch.randn(1, 2, 6, 8, generator=g)
+
+    def last_row(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(1, 6, dtype=torch.bool))
+
+    gm = _capture(last_row, q, k, v)
+    assert fold_causal_masks(gm.graph) == 0
+
+
+def test_hf_llama_materialised_mask_is_folded(monkeypatch):
+    """HF's compile-time mask path (torch < 2.14) builds the causal mask in-graph; sparsecc drops it."""
+    pytest.importorskip("transformers")
+    import transformers.masking_utils as masking
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # transformers never skips the mask while compiling when torch.compiler.is_exporting() is True under
+    # Dynamo, which is what torch < 2.14 reports; emulate that here.
+    monkeypatch.setattr(masking, "is_torchdynamo_exporting", torch.compiler.is_compiling)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 40))
+
+    plain = _capture(lambda x: model(x, use_cache=False).logits, ids)
+    masks = [n for n in _sdpa_nodes(plain) if n.kwargs.get("attn_mask") is not None]
+    assert len(masks) == 2, "the emulation must reproduce the materialised mask"
+
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        out = sparsecc.compile(model, spec={"version": 1}, kernels="reference")(ids, use_cache=False).logits
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    calls = [n for gm in rewritten_graphs() for n in _sdpa_nodes(gm)]
+    assert len(calls) == 2
+    assert all(n.kwargs["attn_mask"] is None and n.kwargs["is_causal"] is True for n in calls)
