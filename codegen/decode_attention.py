@@ -56,24 +56,29 @@ def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, s
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, O_PART, L_PART,
+def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O_PART, L_PART,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
                          n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split,
                          GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                         HAS_POS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """One split of one (batch, kv head): attend the packed rows to kept blocks ``[t0, t1)``.
 
     Writes the split's normalised output and base-2 logsumexp (``-inf`` for rows
-    that kept nothing) to the partial buffers.
+    that kept nothing) to the partial buffers. With ``HAS_POS`` the last query
+    row sits at ``POS[b]`` (a static cache's fill level) instead of ``seq_k - 1``;
+    splits past this position's kept blocks write empty partials.
     """
     split = tl.program_id(0)
     bkv = tl.program_id(1)
     # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
     b = (bkv // n_kv_heads).to(tl.int64)
     kvh = bkv % n_kv_heads
-    offset = seq_k - seq_q
+    if HAS_POS:
+        offset = tl.load(POS + b).to(tl.int32) - seq_q + 1
+    else:
+        offset = seq_k - seq_q
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -92,7 +97,7 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, O_PART, L_PART,
     sink = tl.load(SINK + kvh * GROUP)
     window = tl.load(WINDOW + kvh * GROUP)
     p0 = offset
-    p1 = seq_k - 1
+    p1 = offset + seq_q - 1
     if CAUSAL:
         hi = tl.minimum(p1 + 1, seq_k)
     else:
@@ -226,6 +231,42 @@ def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n
     return n_sink + we - wb
 
 
+def _kept_blocks_bound(sink: int, window: int, sq: int, sk: int, block_n: int) -> int:
+    """Most kept key blocks a causal query tile can have at any position: sink blocks, window span, one straddle."""
+    all_blocks = -(-sk // block_n)
+    if window >= sk:
+        return all_blocks
+    return min(all_blocks, -(-min(sink, sk) // block_n) + -(-(window + sq - 1) // block_n) + 1)
+
+
+def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
+                                  sink: Sequence[int], window: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
+    """The ``torch.ops.sparsecc.streaming_attention_from_mask`` kernel callable (argument order of its reference).
+
+    Decode shapes whose kv groups share a rule run the split-KV kernel with the
+    query position read from the mask on the device; anything else runs the
+    reference (prefill into a static cache is rare next to decode steps).
+    ``out``, when given, receives the output (tests pass a NaN-poisoned buffer).
+    """
+    from sparsecc.codegen import ops
+    from sparsecc.codegen.block_attention import (
+        DECODE_MAX_Q, FULL_WINDOW, _check_mask, _check_qkv, _kernel_ok, _rule_vectors, _streaming_heads)
+
+    b, h, sq, sk, group = _check_qkv(q, k, v)
+    sinks, windows = _streaming_heads(sink, window, h)
+    if sq > DECODE_MAX_Q or not _kernel_ok(q, k, v, scale) or not decode_supported(sinks, windows, group, sq):
+        result = ops.streaming_attention_from_mask_ref(q, k, v, mask, scale, sinks, windows)
+        return result if out is None else out.copy_(result)
+    m4 = _check_mask(mask, b, h, sq, sk)
+    query_end = ops.mask_query_end(mask, sq, sk).expand(b).contiguous()
+    unlimited = sk + sq + 1
+    win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
+    snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
+    sinks_t, windows_t = _rule_vectors(tuple(snk), tuple(win), q.device)
+    return streaming_decode(q, k, v, m4, scale, True, sinks_t, windows_t, out=out, rules=(snk, win),
+                            query_end=query_end)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     """SM count of ``device`` (cached: the property query is slow next to a decode step)."""
@@ -236,7 +277,7 @@ def _num_sms(device: torch.device) -> int:
 
 def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
                      sinks: Tensor, windows: Tensor, return_lse: bool = False, out: Optional[Tensor] = None,
-                     rules: Optional[tuple] = None):
+                     rules: Optional[tuple] = None, query_end: Optional[Tensor] = None):
     """Split-KV streaming attention for ``Sq <= 16`` query rows; returns out (and the natural-log lse).
 
     ``sinks``/``windows`` are int32 per-head vectors in kernel form (an
@@ -245,6 +286,9 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     the mask already viewed as 4-d, or None. ``out`` receives the output when given.
     ``rules`` are the same vectors as host lists, when the caller has them: reading
     them back from the device would sync the host on every decode step.
+    ``query_end`` (int32 ``[B]``, causal only) places the last query row of each
+    batch element at that position instead of ``Sk - 1``; the split count then
+    covers the widest layout any position can have, so no host sync is needed.
     """
     from sparsecc.codegen.block_attention import _mask_args
 
@@ -255,8 +299,14 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     block_d = max(MIN_TILE, triton.next_power_of_2(d))
     block_m = max(MIN_TILE, triton.next_power_of_2(group * sq))
     s_list, w_list = rules if rules is not None else (sinks.tolist(), windows.tolist())
-    n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, DECODE_BLOCK_N)
-                 for i in range(hkv))
+    if query_end is not None:
+        if not causal:
+            raise ValueError("streaming_decode: query_end needs causal=True (positions past it are masked)")
+        n_kept = max(_kept_blocks_bound(s_list[i * group], w_list[i * group], sq, sk, DECODE_BLOCK_N)
+                     for i in range(hkv))
+    else:
+        n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, DECODE_BLOCK_N)
+                     for i in range(hkv))
     n_kept = max(n_kept, 1)
     want_splits = max(1, -(-PROGRAMS_PER_SM * _num_sms(q.device) // (b * hkv)))
     n_split = max(1, min(want_splits, -(-n_kept // MIN_BLOCKS_PER_SPLIT)))
@@ -266,11 +316,11 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     l_part = torch.empty(b * hkv * n_split, block_m, dtype=torch.float32, device=q.device)
     mask_t, mask_strides, has_mask, mask_bool = _mask_args(m4, q, b, h, sq, sk)
     _split_kernel()[(n_split, b * hkv)](
-        q, k, v, mask_t, sinks, windows, o_part, l_part,
+        q, k, v, mask_t, sinks, windows, query_end if query_end is not None else sinks, o_part, l_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
         hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split,
-        GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, HEAD_DIM=d, BLOCK_D=block_d,
-        BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N, UPCAST_DOT=interpreting())
+        GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_POS=query_end is not None,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N, UPCAST_DOT=interpreting())
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
     _decode_reduce_kernel[(b * hkv,)](
@@ -280,4 +330,4 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     return (out, lse) if return_lse else out
 
 
-__all__ = ["decode_supported", "streaming_decode"]
+__all__ = ["decode_supported", "streaming_decode", "streaming_decode_from_mask_op"]

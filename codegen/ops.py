@@ -64,6 +64,13 @@ def _load_streaming_attention():
     return streaming_attention_op, ("cuda",)
 
 
+def _load_streaming_attention_from_mask():
+    """Split-KV decode kernel with query positions read from the mask; imports Triton."""
+    import triton  # noqa: F401 - ImportError means no kernel
+    from sparsecc.codegen.decode_attention import streaming_decode_from_mask_op
+    return streaming_decode_from_mask_op, ("cuda",)
+
+
 def _load_block_sparse_attention():
     """Block-table flash attention kernel; imports Triton, so only called on use."""
     import triton  # noqa: F401 - ImportError means no kernel
@@ -82,6 +89,7 @@ def _load_dynamic_block_attention():
 # Kernel work registers here; an op absent from this table runs its reference everywhere.
 TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {
     "streaming_attention": _load_streaming_attention,
+    "streaming_attention_from_mask": _load_streaming_attention_from_mask,
     "block_sparse_attention": _load_block_sparse_attention,
     "dynamic_block_attention": _load_dynamic_block_attention,
     "block_sparse_linear": _load_block_sparse_linear,
@@ -171,6 +179,68 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
     fn = _pick("streaming_attention", impl, q.device, reference)
     return fn(q, k, v, mask, scale, causal, sink, window)
+
+
+# An additive mask entry at or below this hides its key (passes/attention.py uses the same bound).
+_MASKED_ADDITIVE_MAX = -1.0e4
+
+
+def mask_query_end(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
+    """Per batch element, the position of the last query row: the last key its mask keeps (head 0).
+
+    A static KV cache hides its unfilled tail with the mask, so this is the
+    query's true position, where ``Sk - 1`` would be the end of the buffer.
+    Rows that keep nothing count as position ``Sq - 1``. Returns int32 ``[B]``
+    (``B`` is the mask's batch size, possibly 1 for a broadcast mask);
+    computed on the device, without a host sync.
+    """
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    row = m4[:, 0, -1, :]
+    keep = row if row.dtype == torch.bool else row > _MASKED_ADDITIVE_MAX
+    index = torch.arange(row.shape[-1], device=row.device).expand_as(keep)
+    if row.shape[-1] != seq_k:  # a mask broadcast along the keys keeps all of them or none
+        index = torch.full_like(keep, seq_k - 1, dtype=torch.long)
+    last = torch.where(keep, index, -1).amax(-1)
+    return last.clamp(min=seq_q - 1).to(torch.int32)
+
+
+def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                                      scale: float, sink: List[int], window: List[int]) -> torch.Tensor:
+    """Reference of ``streaming_attention_from_mask``: streaming attention with query positions from the mask.
+
+    Query row ``i`` of batch ``b`` sits at ``P_b - (Sq - 1 - i)`` with ``P_b =
+    mask_query_end(mask)[b]``; key ``j`` takes part iff ``j <= p`` and (``j <
+    sink`` or ``p - j < window``), and the mask keeps it. This is the bottom-right
+    streaming reference on the keys ``0..P_b`` of each batch element.
+    """
+    from sparsecc.codegen.block_attention import streaming_attention_ref
+
+    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
+    ends = mask_query_end(mask, sq, sk).expand(b).tolist()
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    outs = []
+    for i, end in enumerate(ends):
+        m_i = m4[i:i + 1] if m4.shape[0] > 1 else m4
+        if m_i.shape[-1] > 1:
+            m_i = m_i[..., :end + 1]
+        outs.append(streaming_attention_ref(q[i:i + 1], k[i:i + 1, :, :end + 1], v[i:i + 1, :, :end + 1],
+                                            sink=sink, window=window, scale=scale, causal=True, mask=m_i))
+    return torch.cat(outs)
+
+
+def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                                  scale: float, sink: List[int], window: List[int], dense_below: int,
+                                  impl: str) -> torch.Tensor:
+    """Sink + window attention for queries whose positions the mask tells (static-cache decode).
+
+    Used for non-causal sites with ``Sq < Sk`` and a mask: the window counts
+    back from each query's true position (:func:`mask_query_end`), not from the
+    end of the key buffer. ``dense_below`` works as in ``streaming_attention``.
+    """
+    if dense_below > 0 and k.shape[2] < dense_below:
+        return dense_attention(q, k, v, mask, scale, False)
+    fn = _pick("streaming_attention_from_mask", impl, q.device, streaming_attention_from_mask_ref)
+    return fn(q, k, v, mask, scale, sink, window)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -345,6 +415,7 @@ def _ffn_fake(x, w_gate, b_gate, w_up, b_up, w_down, *args):
 
 _OPS = (
     ("streaming_attention", streaming_attention, _attention_fake),
+    ("streaming_attention_from_mask", streaming_attention_from_mask, _attention_fake),
     ("block_sparse_attention", block_sparse_attention, _attention_fake),
     ("dynamic_block_attention", dynamic_block_attention, _attention_fake),
     ("threshold_linear", threshold_linear, _threshold_linear_fake),

@@ -347,6 +347,9 @@ def check_attention(site: Site, ctx) -> Decision:
                             for r in per_head]
         per_head_geom = list(zip(params["sink"], params["window"]))
         op_name = "streaming_attention"
+        if _positions_from_mask(site, sq, sk):
+            params["anchor"] = "mask"
+            op_name = "streaming_attention_from_mask"
     else:
         if len({r.form for r in sparse}) > 1:
             return fallback(form, rule_keys, policy, "block_sparse heads with different layouts in one site "
@@ -363,6 +366,19 @@ def check_attention(site: Site, ctx) -> Decision:
                             decision.reason + f"; heads {sorted(ignored)} do not exist (site has {heads})",
                             decision.estimate, decision.rule, decision.policy, decision.params)
     return decision
+
+
+def _positions_from_mask(site: Site, sq, sk) -> bool:
+    """True when the queries' positions must come from the mask: fewer queries than keys, not causal, masked.
+
+    A static KV cache is a buffer longer than the tokens so far; HF hides its
+    unfilled tail with the mask and calls SDPA with ``is_causal=False``. The
+    end of the key axis is then not the query's position, but the last key the
+    mask keeps is (for a dynamic cache both are the same).
+    """
+    if site.attrs["causal"] or not site.attrs["masks"]:
+        return False
+    return isinstance(sq, int) and isinstance(sk, int) and sq < sk
 
 
 def _same_size(a, b) -> bool:
@@ -401,6 +417,10 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
         if isinstance(decision.form, DYNAMIC_FORMS):
             out = graph.call_function(ops.op("dynamic_block_attention"), (
                 q, k, v, mask, float(scale), m.causal, *dynamic_op_args(decision.form),
+                decision.params.get("dense_below", 0), ctx.kernels))
+        elif isinstance(decision.form, Streaming) and decision.params.get("anchor") == "mask":
+            out = graph.call_function(ops.op("streaming_attention_from_mask"), (
+                q, k, v, mask, float(scale), decision.params["sink"], decision.params["window"],
                 decision.params.get("dense_below", 0), ctx.kernels))
         elif isinstance(decision.form, Streaming):
             out = graph.call_function(ops.op("streaming_attention"), (

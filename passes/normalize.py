@@ -413,7 +413,8 @@ def _mutates(node: Node) -> bool:
         target, name = node.target, getattr(node.target, "__name__", "")
         if getattr(target, "__module__", None) == "_operator" or target in vars(operator).values():
             # operator.and_ / or_ are pure; setitem and the augmented assignments (iadd, iand, ...) write.
-            return target is operator.setitem or (name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_")))
+            augmented = name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_"))
+            return target is operator.setitem or augmented
         return name.endswith("_") or node.is_impure()
     return False
 
