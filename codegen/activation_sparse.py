@@ -140,17 +140,21 @@ class GemvConfig:
     num_warps: int
     COMPACT: bool = True
     PER_TOKEN: bool = False
+    STAGES: int = 3  # Triton's num_stages (software-pipelining depth of the loops); 3 is Triton's default
 
     def __post_init__(self):
         for name in ("BLOCK_N", "BLOCK_K", "ROWS_PER_SPLIT"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"GemvConfig.{name}={value} must be a power of two (a Triton block size)")
+        if self.STAGES < 1:
+            raise ValueError(f"GemvConfig.STAGES={self.STAGES} must be >= 1")
         if self.ROWS_PER_SPLIT % self.BLOCK_K:
             raise ValueError(f"ROWS_PER_SPLIT={self.ROWS_PER_SPLIT} must be a multiple of BLOCK_K={self.BLOCK_K}")
 
     def __str__(self) -> str:
-        mode = ("compacted" if self.COMPACT else "predicated") + (", per token" if self.PER_TOKEN else "")
+        mode = ("compacted" if self.COMPACT else "predicated") + (", per token" if self.PER_TOKEN else "") + \
+            (f", {self.STAGES} stages" if self.STAGES != 3 else "")
         return (f"GemvConfig(N tile {self.BLOCK_N}, {self.BLOCK_K} rows/trip, {self.ROWS_PER_SPLIT} rows/split, "
                 f"{self.num_warps} warps, {mode})")
 
@@ -374,7 +378,8 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
         x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
         BLOCK_M=1 if per_token else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT, DOT_IN_FP32=interpreting or x.dtype == torch.float32,
-        COMPACT=cfg.COMPACT, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=cfg.num_warps)
+        COMPACT=cfg.COMPACT, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.STAGES)
     if not direct:
         _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](  # noqa: F821
             partial, bias_arg, y, m * n, n, n_splits, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK)
