@@ -1,16 +1,35 @@
 """Achieved fraction of the hardware ceilings, per kernel family and size class.
 
 The table lives in ``efficiency.json`` beside this file, with its provenance
-(device, date, how it was obtained). ``bench/costmodel.py`` refits it from
-measured kernel times.
+(device, date, commit, how it was obtained). ``bench/costmodel.py`` refits it
+from measured kernel times (``--write`` on the GPU, ``--refit-from`` offline).
+
+One kernel's predicted time (``kernel_seconds``; ``Cost.time`` builds the same
+expression in sympy)::
+
+    compute = FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute(FLOPs) * occupancy)
+    memory  = bytes / (bandwidth * memory * occupancy)
+    t       = max(compute, memory, floor_s) + launches * launch_overhead
+
+``steps`` is the inner-loop trip count of one output tile (kept key blocks per
+query block, kept weight blocks per block row); ``tile_overhead`` is the
+tile's fixed work (operand prologue, softmax finalisation, output store) in
+units of one step, so short rows run at a lower rate. ``occupancy`` is
+``min(1, programs / SMs)`` for kernels that launch one program per output
+tile; fewer programs than SMs leave part of the GPU idle. ``floor_s`` is the
+host-side time per call (Python wrapper, argument checks, library planning):
+a call never takes less in eager mode, and it disappears under CUDA-graph
+replay.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import sympy as sp
 
@@ -22,12 +41,14 @@ TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "efficienc
 
 @dataclass(frozen=True)
 class Efficiency:
-    """What a kernel family reaches: fractions (0, 1] of peak compute and bandwidth, and a per-call floor."""
+    """What a kernel family reaches: fractions (0, 1] of peak compute and bandwidth, a per-call floor,
+    and the fixed per-tile work in inner-loop steps (0: none modelled)."""
 
     compute_small: float
     compute_large: float
     memory: float
     floor_s: float = 0.0
+    tile_overhead: float = 0.0
 
     def __post_init__(self):
         for name in ("compute_small", "compute_large", "memory"):
@@ -36,12 +57,34 @@ class Efficiency:
                 raise ValueError(f"efficiency {name}={value!r} is not in (0, 1]")
         if self.floor_s < 0:
             raise ValueError(f"efficiency floor_s={self.floor_s!r} must be >= 0")
+        if self.tile_overhead < 0:
+            raise ValueError(f"efficiency tile_overhead={self.tile_overhead!r} must be >= 0")
 
     def compute(self, flops) -> sp.Expr:
         """Compute efficiency at ``flops`` (a number or sympy expression)."""
         lo, hi = sp.log(SMALL_FLOPS, 10), sp.log(LARGE_FLOPS, 10)
         t = sp.Min(1, sp.Max(0, (sp.log(flops, 10) - lo) / (hi - lo)))
         return self.compute_small + (self.compute_large - self.compute_small) * t
+
+    def compute_numeric(self, flops: float) -> float:
+        """``compute`` for a plain number (the refit evaluates thousands of candidate tables)."""
+        lo, hi = math.log10(SMALL_FLOPS), math.log10(LARGE_FLOPS)
+        t = min(1.0, max(0.0, (math.log10(max(flops, 1.0)) - lo) / (hi - lo)))
+        return self.compute_small + (self.compute_large - self.compute_small) * t
+
+
+def kernel_seconds(eff: Efficiency, *, flops: float, nbytes: float, launches: int, peak: float, bandwidth: float,
+                   launch_overhead_s: float, sm_count: int, steps: Optional[float] = None,
+                   programs: Optional[float] = None, host: bool = True) -> float:
+    """Predicted seconds of one kernel from plain numbers: the numeric twin of ``Cost.time``.
+
+    ``host`` False drops the per-call floor (a call replayed from a CUDA graph).
+    """
+    occupancy = 1.0 if programs is None else min(1.0, programs / sm_count)
+    stretch = 1.0 if steps is None or steps <= 0 else 1.0 + eff.tile_overhead / steps
+    compute = flops * stretch / (peak * eff.compute_numeric(flops) * occupancy) if flops > 0 else 0.0
+    memory = nbytes / (bandwidth * eff.memory * occupancy)
+    return max(compute, memory, eff.floor_s if host else 0.0) + launches * launch_overhead_s
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,7 +98,7 @@ def efficiency(family: str) -> Efficiency:
     """Efficiency of a kernel family ("attention_sparse", "gemm_dense", ...)."""
     families = table()["families"]
     if family not in families:
-        raise KeyError(f"no efficiency for kernel family {family!r}; known: {sorted(families)}")
+        raise KeyError(f"no efficiency for kernel family {family!r} in {TABLE_PATH}; known: {sorted(families)}")
     return Efficiency(**families[family])
 
 

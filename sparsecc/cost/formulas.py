@@ -6,15 +6,17 @@ Attention work is counted in key/value blocks of ``ATTENTION_BLOCK`` tokens,
 the granularity the kernels work at: that is where causality, the sink and
 window geometry and block rounding enter.
 
-Predicted time = max(FLOPs / (peak * eff_compute), bytes / (bandwidth * eff_memory))
-               + launches * launch_overhead,
-with the efficiencies of the kernel family from ``efficiency.json``.
+Predicted time = max(FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute * occupancy),
+                     bytes / (bandwidth * eff_memory * occupancy), floor) + launches * launch_overhead,
+with the efficiencies of the kernel family from ``efficiency.json`` (see
+``sparsecc.cost.efficiency`` for each term).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import sympy as sp
 import torch
@@ -37,19 +39,50 @@ ELEM = sp.Symbol("elem_bytes", positive=True)
 
 @dataclass(frozen=True)
 class Cost:
-    """One kernel's work: FLOPs and bytes (sympy expressions), launches, and its efficiency family."""
+    """One kernel's work: FLOPs and bytes (sympy expressions), launches, and its efficiency family.
+
+    ``steps`` is the inner-loop trip count of one output tile and ``programs``
+    the number of output tiles launched (None: not modelled, e.g. library
+    kernels); see ``sparsecc.cost.efficiency``. ``extra`` holds kernels that
+    run before this one on every call (a dynamic form's estimate pass); their
+    times add.
+    """
 
     flops: sp.Expr
     bytes: sp.Expr
     launches: int
     family: str
+    steps: Optional[sp.Expr] = None
+    programs: Optional[sp.Expr] = None
+    extra: Tuple["Cost", ...] = ()
+
+    @property
+    def total_flops(self) -> sp.Expr:
+        """FLOPs of this kernel and its extra kernels."""
+        return self.flops + sum((e.total_flops for e in self.extra), sp.Integer(0))
+
+    @property
+    def total_bytes(self) -> sp.Expr:
+        """Bytes of this kernel and its extra kernels."""
+        return self.bytes + sum((e.total_bytes for e in self.extra), sp.Integer(0))
 
     def time(self, hw: HardwareProfile, dtype: torch.dtype) -> sp.Expr:
-        """Predicted seconds on ``hw`` as an expression of the remaining symbols."""
+        """Predicted seconds on ``hw`` as an expression of the remaining symbols (``kernel_seconds`` in sympy)."""
         eff = efficiency(self.family)
-        compute = self.flops / (hw.peak(dtype) * eff.compute(self.flops))
-        memory = self.bytes / (hw.bandwidth * eff.memory)
-        return sp.Max(compute, memory, eff.floor_s) + self.launches * hw.launch_overhead_s
+        occupancy = 1 if self.programs is None else sp.Min(1, self.programs / hw.sm_count)
+        stretch = 1 if self.steps is None or eff.tile_overhead == 0 else 1 + eff.tile_overhead / self.steps
+        compute = self.flops * stretch / (hw.peak(dtype) * eff.compute(self.flops) * occupancy)
+        memory = self.bytes / (hw.bandwidth * eff.memory * occupancy)
+        own = sp.Max(compute, memory, eff.floor_s) + self.launches * hw.launch_overhead_s
+        return own + sum((e.time(hw, dtype) for e in self.extra), sp.Integer(0))
+
+    def kernels(self, values: Dict[sp.Symbol, float]) -> List[dict]:
+        """This kernel and its extra kernels as plain numbers (``values`` substituted), for the refit."""
+        def num(expr):
+            return None if expr is None else float(expr.subs(values) if hasattr(expr, "subs") else expr)
+        own = dict(family=self.family, flops=num(self.flops), nbytes=num(self.bytes), launches=self.launches,
+                   steps=num(self.steps), programs=num(self.programs))
+        return [own] + [k for e in self.extra for k in e.kernels(values)]
 
 
 def _prefix_min(n, per_row):
@@ -109,18 +142,47 @@ def attention_blocks(form, seq_q, seq_k, causal: bool, dense_head_fraction=0) ->
     return dense_head_fraction * dense + (1 - dense_head_fraction) * sparse
 
 
-def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None) -> Cost:
-    """Cost of one attention call; ``form`` None is dense flash attention."""
+def attention_family(form) -> str:
+    """Efficiency family of the kernel that runs ``form``: the layout decides how the kernel walks K/V.
+
+    Streaming windows walk contiguous key blocks (L2 reuse between neighbouring
+    query blocks); static block tables without random blocks are bands of a
+    few blocks; random blocks and the tables a dynamic form builds per call
+    scatter over the keys and have short rows.
+    """
+    if form is None:
+        return "attention_dense"
+    if isinstance(form, Streaming):
+        return "attention_sparse"
+    if isinstance(form, BlockSparse) and form.random_blocks == 0:
+        return "attention_block"
+    return "attention_random"
+
+
+def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None, blocks=None) -> Cost:
+    """Cost of one attention call; ``form`` None is dense flash attention.
+
+    ``blocks`` overrides the kept (query block, key block) pairs per head
+    (the per-head mean a site computes); a dynamic form's estimate pass is
+    attached as an extra kernel.
+    """
     s = {**dict(batch=B, heads=H, kv_heads=HKV, seq_q=SQ, seq_k=SK, head_dim=D), **(shapes or {})}
-    blocks = attention_blocks(form, s["seq_q"], s["seq_k"], causal, dense_head_fraction)
+    if blocks is None:
+        blocks = attention_blocks(form, s["seq_q"], s["seq_k"], causal, dense_head_fraction)
     # QK^T and PV: 2 * 2 * block^2 * D multiply-adds per kept block pair
     flops = 4 * s["batch"] * s["heads"] * blocks * ATTENTION_BLOCK**2 * s["head_dim"]
     nbytes = ELEM * s["head_dim"] * s["batch"] * (2 * s["heads"] * s["seq_q"] + 2 * s["kv_heads"] * s["seq_k"])
-    return Cost(flops, nbytes, 1, "attention_dense" if form is None else "attention_sparse")
+    if form is None:
+        return Cost(flops, nbytes, 1, "attention_dense")
+    # one program per (head, query block) walks that row's kept key blocks
+    steps = blocks / sp.ceiling(s["seq_q"] / ATTENTION_BLOCK)
+    estimate = dynamic_estimate_cost(form, shapes)
+    extra = () if estimate is None else (estimate,)
+    return Cost(flops, nbytes, 1, attention_family(form), steps=steps, extra=extra)
 
 
-def dynamic_estimate_cost(form, shapes=None) -> tuple:
-    """(FLOPs, bytes, launches) of a dynamic form's per-call estimate and table build; zeros for static forms.
+def dynamic_estimate_cost(form, shapes=None) -> Optional[Cost]:
+    """The per-call estimate and table build of a dynamic form (family "attention_estimate"); None when static.
 
     block_topk: pool q and k (one read of each), then ``qbar @ kbarᵀ`` over the
     (Sq / block) x (Sk / block) block grid and the table write (int32 per cell).
@@ -133,13 +195,27 @@ def dynamic_estimate_cost(form, shapes=None) -> tuple:
         cells = b * h * sp.ceiling(sq / form.block) * sp.ceiling(sk / form.block)
         flops = 2 * cells * d
         nbytes = ELEM * d * b * (h * sq + hkv * sk) + 4 * cells
-        return flops, nbytes, 2
+        return Cost(flops, nbytes, 2, "attention_estimate")
     if isinstance(form, VerticalSlash):
         rows = sp.Min(sq, form.last_q)
         flops = 2 * 2 * b * h * rows * sk * d
         nbytes = 2 * ELEM * d * b * h * sk + 4 * b * h * sp.ceiling(sq / form.block) * sp.ceiling(sk / form.block)
-        return flops, nbytes, 4
-    return 0, 0, 0
+        return Cost(flops, nbytes, 4, "attention_estimate")
+    return None
+
+
+def block_linear_programs(tokens, out_features, form: BlockWeights):
+    """Programs the block-sparse linear kernel launches: token tiles x block rows (its ``pick_config`` tile)."""
+    from sparsecc.codegen.block_sparse_linear import CONFIGS, pick_config
+
+    bm, bk = form.block
+    rows = sp.ceiling(out_features / bm)
+    if isinstance(tokens, (int, float)) or getattr(tokens, "is_number", False):
+        tile = pick_config(int(tokens), bm, bk).BLOCK_M
+        return sp.ceiling(sp.Integer(int(tokens)) / tile) * rows
+    pieces = [(sp.ceiling(tokens / cfg.BLOCK_M) * rows, tokens >= m_min)
+              for m_min, area, bm_min, cfg in CONFIGS if bm * bk <= area and bm >= bm_min]
+    return sp.Piecewise(*pieces, (sp.ceiling(tokens / CONFIGS[-1][3].BLOCK_M) * rows, True))
 
 
 def linear_cost(form=None, activation_sparsity=None, shapes=None) -> Cost:
@@ -154,10 +230,22 @@ def linear_cost(form=None, activation_sparsity=None, shapes=None) -> Cost:
     if isinstance(form, BlockWeights):
         # kept blocks plus one int32 column index per block
         index = 4 * n * k * form.density / (form.block[0] * form.block[1])
-        return Cost(flops * form.density, w_bytes * form.density + index + act_bytes, 1, "gemm_block_sparse")
+        steps = form.density * k / form.block[1]   # kept blocks per block row
+        return Cost(flops * form.density, w_bytes * form.density + index + act_bytes, 1, "gemm_block_sparse",
+                    steps=steps, programs=block_linear_programs(t, n, form))
     if isinstance(form, TwoFour):
         # half the values plus 2-bit metadata per kept value
         return Cost(flops / 2, w_bytes * sp.Rational(1, 2) + n * k / 8 + act_bytes, 1, "gemm_2to4")
     # activation sparsity: a weight row is read when any token keeps that input channel
     keep = 1 - sp.Float(activation_sparsity) ** t
     return Cost(flops * keep, w_bytes * keep + act_bytes, 1, "gemv_activation_sparse")
+
+
+def gate_ffn_cost(d_model, d_ff, tokens, sparsity: float, gated: bool) -> Cost:
+    """Gate-mode (CATS) FFN: the gate GEMV reads all of W_gate; up rows and down columns only for the
+    neurons some token keeps (``1 - sparsity^tokens`` of them); two launches (gate + up, then down)."""
+    keep = 1 - sp.Float(sparsity) ** tokens
+    weights = d_model * d_ff * (1 + (keep if gated else 0) + keep)
+    flops = 2 * tokens * weights
+    nbytes = ELEM * (weights + tokens * (2 * d_model + 2 * d_ff))
+    return Cost(flops, nbytes, 2, "ffn_gate_sparse")

@@ -76,8 +76,8 @@ def predict(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype,
             values: Dict[sp.Symbol, float]) -> Prediction:
     """Evaluate both costs with every symbol in ``values`` substituted."""
     values = {**values, ELEM: torch.tensor([], dtype=dtype).element_size()}
-    numbers = [float(_subs(e, values)) for e in (dense.flops, sparse.flops, dense.bytes, sparse.bytes,
-                                                 dense.time(hw, dtype), sparse.time(hw, dtype))]
+    numbers = [float(_subs(e, values)) for e in (dense.total_flops, sparse.total_flops, dense.total_bytes,
+                                                 sparse.total_bytes, dense.time(hw, dtype), sparse.time(hw, dtype))]
     return Prediction(*numbers)
 
 

@@ -2,34 +2,43 @@
 
 Each function returns a ``SiteEstimate``: the prediction at the site's sizes
 (hints for symbolic ones) and, when the sequence length is symbolic, the
-crossover along it.
+crossover along it. The ``*_costs`` builders return the dense and sparse
+``Cost`` pair behind an estimate (``bench/costmodel.py`` refits from them).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from sparsecc.cost.formulas import (B, D, H, HKV, K, M, N, SK, SQ, Cost, attention_blocks, attention_cost,
-                                    dynamic_estimate_cost, linear_cost)
+                                    gate_ffn_cost, linear_cost)
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.cost.model import Crossover, Prediction, crossover, predict
 from sparsecc.forms import Streaming
 
 # Activation sparsity assumed when a rule gives a threshold but no target sparsity.
 ASSUMED_ACTIVATION_SPARSITY = 0.5
+# A linear or FFN site whose token count is symbolic may run at any count; it is judged at its worst
+# count among these (decode 1 .. long prefill 8192, the validated range) and its traced hint.
+SYMBOLIC_TOKEN_PROBES = (1, 4, 16, 128, 1024, 8192)
 
 
 @dataclass(frozen=True)
 class SiteEstimate:
-    """Prediction at the traced sizes, kept-work density, and the crossover when a size is symbolic."""
+    """Prediction at the traced sizes, kept-work density, and the crossover when a size is symbolic.
+
+    ``worst_tokens`` is set when the token count is symbolic: the probed
+    count with the lowest predicted speedup, at which ``prediction`` is taken.
+    """
 
     prediction: Prediction
     density: float
     crossover: Optional[Crossover] = None
+    worst_tokens: Optional[int] = None
 
 
 def _per_head_blocks(form, per_head: Optional[Sequence], seq_q, seq_k, causal: bool, heads: int):
@@ -45,17 +54,16 @@ def _per_head_blocks(form, per_head: Optional[Sequence], seq_q, seq_k, causal: b
     return attention_blocks(form, seq_q, seq_k, causal, dense_fraction)
 
 
+def attention_costs(form, per_head: Optional[Sequence], causal: bool, heads: int = 1) -> Tuple[Cost, Cost]:
+    """(dense, sparse) costs of an attention site as expressions of the attention symbols."""
+    blocks = _per_head_blocks(form, per_head, SQ, SK, causal, heads)
+    return attention_cost(None, causal), attention_cost(form, causal, blocks=blocks)
+
+
 def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype: torch.dtype,
                        causal: bool, hw: HardwareProfile, margin: float, symbolic_seq: bool) -> SiteEstimate:
-    """Dense flash attention vs the form, per-head geometry included."""
-    dense = attention_cost(None, causal)
-    blocks = _per_head_blocks(form, per_head, SQ, SK, causal, heads)
-    base = attention_cost(None, causal)
-    dense_blocks = attention_blocks(None, SQ, SK, causal)
-    # Dynamic forms pay for their estimate and table build on every call.
-    est_flops, est_bytes, est_launches = dynamic_estimate_cost(form)
-    sparse = Cost(base.flops * blocks / dense_blocks + est_flops, base.bytes + est_bytes, 1 + est_launches,
-                  "attention_sparse")
+    """Dense flash attention vs the form, per-head geometry and a dynamic form's estimate pass included."""
+    dense, sparse = attention_costs(form, per_head, causal, heads)
     values = {B: batch, H: heads, HKV: kv_heads, SQ: seq_q, SK: seq_k, D: head_dim}
     prediction = predict(dense, sparse, hw, dtype, values)
     density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0
@@ -66,26 +74,69 @@ def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, 
     return SiteEstimate(prediction, density, cross)
 
 
+def linear_costs(form, activation_sparsity=None) -> Tuple[Cost, Cost]:
+    """(dense, sparse) costs of a linear site as expressions of tokens, in_features, out_features."""
+    return linear_cost(), linear_cost(form, activation_sparsity)
+
+
+def _probes(tokens: int, symbolic: bool):
+    return sorted({tokens, *SYMBOLIC_TOKEN_PROBES}) if symbolic else [tokens]
+
+
+def _worst(predictions):
+    """(prediction, tokens) with the lowest predicted speedup."""
+    return min(predictions, key=lambda pt: pt[0].speedup)
+
+
 def estimate_linear(form, *, tokens, in_features, out_features, dtype, hw: HardwareProfile,
-                    activation_sparsity=None) -> SiteEstimate:
-    """Dense GEMM vs a weight form or input activation sparsity."""
-    dense = linear_cost()
-    sparse = linear_cost(form, activation_sparsity)
-    values = {M: tokens, N: out_features, K: in_features}
-    prediction = predict(dense, sparse, hw, dtype, values)
+                    activation_sparsity=None, symbolic_tokens: bool = False) -> SiteEstimate:
+    """Dense GEMM vs a weight form or input activation sparsity.
+
+    With ``symbolic_tokens`` the site may run at any token count and no
+    runtime branch exists for linears, so the estimate is taken at the probed
+    count where sparse fares worst: ``auto`` applies the form only when it
+    wins at every probed count.
+    """
+    dense, sparse = linear_costs(form, activation_sparsity)
+    probes = [(predict(dense, sparse, hw, dtype, {M: t, N: out_features, K: in_features}), t)
+              for t in _probes(tokens, symbolic_tokens)]
+    prediction, worst = _worst(probes)
     density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0
-    return SiteEstimate(prediction, density)
+    return SiteEstimate(prediction, density, worst_tokens=worst if symbolic_tokens else None)
 
 
-def estimate_ffn(linears, *, tokens, dtype, hw: HardwareProfile, activation_sparsity: float) -> SiteEstimate:
-    """Sum over the FFN's linears (``(in_features, out_features)`` pairs) with activation sparsity."""
-    totals = [0.0] * 6
-    for k, n in linears:
-        p = estimate_linear(None, tokens=tokens, in_features=k, out_features=n, dtype=dtype, hw=hw,
-                            activation_sparsity=activation_sparsity).prediction
-        values = (p.dense_flops, p.sparse_flops, p.dense_bytes, p.sparse_bytes, p.dense_time_s, p.sparse_time_s)
-        totals = [t + v for t, v in zip(totals, values)]
-    prediction = Prediction(*totals)
-    return SiteEstimate(prediction, totals[1] / totals[0] if totals[0] else 1.0)
+def ffn_costs(linears, activation_sparsity: float, mode: str = "input") -> Tuple[Cost, Cost]:
+    """(dense, sparse) costs of an FFN as expressions of ``tokens``; ``linears`` are (in, out) pairs in order
+    (first, [up,] down).
+
+    Costs of several kernels are returned as one ``Cost`` whose ``extra``
+    holds the later kernels. Mode "input" thresholds each linear's input;
+    mode "gate" (CATS) runs the gate in full and skips up rows / down columns.
+    """
+    if mode not in ("input", "gate"):
+        raise ValueError(f"FFN mode {mode!r} is not one of ['gate', 'input']")
+    dense = [linear_cost(shapes=dict(in_features=k, out_features=n)) for k, n in linears]
+    dense_cost = Cost(dense[0].flops, dense[0].bytes, dense[0].launches, dense[0].family, extra=tuple(dense[1:]))
+    if mode == "gate":
+        d_model, d_ff = linears[0]
+        return dense_cost, gate_ffn_cost(d_model, d_ff, M, activation_sparsity, gated=len(linears) == 3)
+    sparse = [linear_cost(None, activation_sparsity, dict(in_features=k, out_features=n)) for k, n in linears]
+    return dense_cost, Cost(sparse[0].flops, sparse[0].bytes, sparse[0].launches, sparse[0].family,
+                            extra=tuple(sparse[1:]))
 
 
+def estimate_ffn(linears, *, tokens, dtype, hw: HardwareProfile, activation_sparsity: float, mode: str = "input",
+                 symbolic_tokens: bool = False) -> SiteEstimate:
+    """The FFN's linears (``(in_features, out_features)`` pairs) dense vs with activation sparsity in ``mode``.
+
+    ``symbolic_tokens`` as in ``estimate_linear``.
+    """
+    dense, sparse = ffn_costs(linears, activation_sparsity, mode)
+    probes = [(predict(dense, sparse, hw, dtype, {M: t}), t) for t in _probes(tokens, symbolic_tokens)]
+    prediction, worst = _worst(probes)
+    density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0
+    return SiteEstimate(prediction, density, worst_tokens=worst if symbolic_tokens else None)
+
+
+__all__ = ["SiteEstimate", "ASSUMED_ACTIVATION_SPARSITY", "SYMBOLIC_TOKEN_PROBES", "attention_costs",
+           "estimate_attention", "linear_costs", "estimate_linear", "ffn_costs", "estimate_ffn"]

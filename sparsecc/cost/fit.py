@@ -1,0 +1,233 @@
+"""Decision-aware refit of the efficiency table from measured rows, with cross-validated metrics.
+
+``bench/costmodel.py`` measures grid points on a GPU and turns every measured
+row (its own grid, older grids, ``bench/crossover_*.json``) into a
+``FitRow``: the site's dense and sparse kernels as plain numbers (FLOPs,
+bytes, steps, programs, family; from the package's own cost formulas), the
+measured times, and whether the call was timed eagerly (``host`` True: the
+per-call floor applies) or replayed from a CUDA graph.
+
+``fit`` searches the table (per family: compute_small, compute_large,
+memory, floor_s, tile_overhead) by coordinate descent on multiplicative
+steps, minimising
+
+    mean(min(|predicted - measured| / measured speedup, ERROR_CAP))
+      + REGRET_WEIGHT * mean(chosen / best - 1)
+      + WORST_WEIGHT * max(0, worst chosen / dense - WORST_LIMIT)
+      + KERNEL_WEIGHT * mean(|log(predicted / measured)|) over time-only rows,
+
+so a table that predicts speedups well but flips decisions at the wrong
+places scores worse than one that decides right. The decision terms are
+piecewise constant in the parameters, hence a derivative-free search.
+``cross_validate`` refits with one group of shapes held out at a time and
+scores the held-out rows, so published figures are not scored on the points
+they were fitted on.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from sparsecc.cost.efficiency import Efficiency, kernel_seconds
+
+# The decision rule the package applies (the spec's default margin).
+MARGIN = 1.05
+# Loss weights. A relative error is capped so that one wild point (a host hiccup) cannot dominate the mean.
+ERROR_CAP = 2.0
+# Regret of a wrong decision weighs 4x a relative error: a 10% slowdown chosen costs as much as a 40% miss.
+REGRET_WEIGHT = 4.0
+# The issue's worst-case target: the chosen variant never more than 2% slower than dense.
+WORST_LIMIT = 1.02
+WORST_WEIGHT = 1.0
+KERNEL_WEIGHT = 0.5
+# Search bounds: efficiencies are fractions of the ceilings; a floor above 2 ms or a per-tile overhead of
+# more than 32 inner-loop steps would describe a broken kernel, not a slow one.
+EFF_BOUNDS = (0.01, 1.0)
+FLOOR_MAX_S = 2e-3
+TILE_OVERHEAD_MAX = 32.0
+# Multiplicative steps tried per parameter and sweep (coarse to fine), and values tried from zero.
+STEPS = (0.5, 0.7, 0.85, 0.95, 1.05, 1.18, 1.4, 2.0)
+FROM_ZERO = {"floor_s": (5e-6, 2e-5, 5e-5, 1e-4), "tile_overhead": (0.5, 1.0, 2.0, 4.0)}
+MAX_SWEEPS = 12
+PARAMS = ("compute_small", "compute_large", "memory", "floor_s", "tile_overhead")
+
+
+@dataclass
+class Hardware:
+    """The ceilings the refit divides by (a ``HardwareProfile``'s numbers for one dtype)."""
+
+    peak: float
+    bandwidth: float
+    launch_overhead_s: float
+    sm_count: int
+
+
+@dataclass
+class FitRow:
+    """One measured point: dense and sparse kernels, times in seconds, the shape group it belongs to.
+
+    ``dense_s`` None marks a time-only row (one kernel's time, e.g. a dynamic
+    form's estimate pass): it enters the loss by its log error, not the
+    decision metrics.
+    """
+
+    label: str
+    group: str
+    source: str
+    dense: List[dict]
+    sparse: List[dict]
+    dense_s: Optional[float]
+    sparse_s: float
+    host: bool = True
+    predicted: float = field(default=float("nan"))
+
+    @property
+    def measured(self) -> float:
+        """Measured dense / sparse time."""
+        return self.dense_s / self.sparse_s
+
+
+def _eff(families: Dict[str, dict], family: str) -> Efficiency:
+    return Efficiency(**families[family])
+
+
+def side_seconds(kernels: Sequence[dict], families: Dict[str, dict], hw: Hardware, host: bool) -> float:
+    """Predicted seconds of one side (a list of kernels) with the table ``families``."""
+    total = 0.0
+    for k in kernels:
+        total += kernel_seconds(_eff(families, k["family"]), flops=k["flops"], nbytes=k["nbytes"],
+                                launches=k["launches"], peak=hw.peak, bandwidth=hw.bandwidth,
+                                launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count, steps=k["steps"],
+                                programs=k["programs"], host=host)
+    return total
+
+
+def predict_rows(rows: Sequence[FitRow], families: Dict[str, dict], hw: Hardware) -> List[float]:
+    """Predicted speedup (dense / sparse) per row; for time-only rows, the predicted sparse seconds."""
+    out = []
+    for r in rows:
+        sparse = side_seconds(r.sparse, families, hw, r.host)
+        out.append(sparse if r.dense_s is None else side_seconds(r.dense, families, hw, r.host) / sparse)
+    return out
+
+
+def metrics(rows: Sequence[FitRow], predicted: Sequence[float]) -> dict:
+    """The issue's three figures (and the mean regret) over the speedup rows."""
+    errors, regrets, within, worst, n = [], [], 0, 0.0, 0
+    for r, p in zip(rows, predicted):
+        if r.dense_s is None:
+            continue
+        n += 1
+        errors.append(abs(p - r.measured) / r.measured)
+        chosen = r.sparse_s if p >= MARGIN else r.dense_s
+        best = min(r.sparse_s, r.dense_s)
+        regrets.append(chosen / best - 1)
+        within += chosen <= 1.05 * best
+        worst = max(worst, chosen / r.dense_s)
+    if not n:
+        return dict(points=0)
+    return dict(points=n, median_abs_error=statistics.median(errors), share_within_5pct=within / n,
+                worst_vs_dense=worst, mean_regret=statistics.fmean(regrets))
+
+
+def loss(rows: Sequence[FitRow], predicted: Sequence[float]) -> float:
+    """The refit's objective (module docstring)."""
+    errors, regrets, kernel_errors, worst = [], [], [], 1.0
+    for r, p in zip(rows, predicted):
+        if r.dense_s is None:
+            kernel_errors.append(abs(math.log(p / r.sparse_s)))
+            continue
+        errors.append(min(ERROR_CAP, abs(p - r.measured) / r.measured))
+        chosen = r.sparse_s if p >= MARGIN else r.dense_s
+        regrets.append(chosen / min(r.sparse_s, r.dense_s) - 1)
+        worst = max(worst, chosen / r.dense_s)
+    total = statistics.fmean(errors) + REGRET_WEIGHT * statistics.fmean(regrets) if errors else 0.0
+    total += WORST_WEIGHT * max(0.0, worst - WORST_LIMIT)
+    if kernel_errors:
+        total += KERNEL_WEIGHT * statistics.fmean(kernel_errors)
+    return total
+
+
+def _clamp(name: str, value: float) -> float:
+    if name == "floor_s":
+        return min(FLOOR_MAX_S, max(0.0, value))
+    if name == "tile_overhead":
+        return min(TILE_OVERHEAD_MAX, max(0.0, value))
+    return min(EFF_BOUNDS[1], max(EFF_BOUNDS[0], value))
+
+
+def _free_params(rows: Sequence[FitRow], families: Dict[str, dict]) -> List[tuple]:
+    """(family, parameter) pairs the rows can inform: tile_overhead only where kernels report steps."""
+    used, with_steps = set(), set()
+    for r in rows:
+        for k in r.dense + r.sparse:
+            used.add(k["family"])
+            if k["steps"] is not None:
+                with_steps.add(k["family"])
+    pairs = []
+    for fam in sorted(used):
+        for name in PARAMS:
+            if name == "tile_overhead" and fam not in with_steps:
+                continue
+            pairs.append((fam, name))
+    return pairs
+
+
+def fit(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, max_sweeps: int = MAX_SWEEPS) -> dict:
+    """Coordinate descent from ``start`` (a ``families`` mapping); returns the fitted ``families``."""
+    families = copy.deepcopy(start)
+    for entry in families.values():
+        entry.setdefault("floor_s", 0.0)
+        entry.setdefault("tile_overhead", 0.0)
+    best = loss(rows, predict_rows(rows, families, hw))
+    pairs = _free_params(rows, families)
+    for _ in range(max_sweeps):
+        improved = False
+        for fam, name in pairs:
+            entry = families[fam]
+            current = entry[name]
+            candidates = [current * s for s in STEPS] if current > 0 else list(FROM_ZERO.get(name, ()))
+            if name in FROM_ZERO and current > 0:
+                candidates.append(0.0)
+            for value in candidates:
+                value = _clamp(name, value)
+                if value == entry[name]:
+                    continue
+                old = entry[name]
+                entry[name] = value
+                if entry["compute_small"] > entry["compute_large"]:
+                    entry[name] = old   # compute efficiency never falls with size
+                    continue
+                trial = loss(rows, predict_rows(rows, families, hw))
+                if trial < best - 1e-12:
+                    best, improved = trial, True
+                else:
+                    entry[name] = old
+        if not improved:
+            break
+    for entry in families.values():
+        for name in PARAMS:
+            entry[name] = float(f"{entry[name]:.4g}")
+    return families
+
+
+def cross_validate(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, folds: int = 8,
+                   max_sweeps: int = MAX_SWEEPS) -> List[float]:
+    """Out-of-fold predictions: shape groups dealt round-robin into ``folds`` folds, each predicted by a table
+    fitted on the other folds."""
+    groups = sorted({r.group for r in rows})
+    fold_of = {g: i % folds for i, g in enumerate(groups)}
+    predicted = [float("nan")] * len(rows)
+    for f in range(folds):
+        train = [r for r in rows if fold_of[r.group] != f]
+        test = [i for i, r in enumerate(rows) if fold_of[r.group] == f]
+        if not test:
+            continue
+        fitted = fit(train, start, hw, max_sweeps)
+        for i, p in zip(test, predict_rows([rows[i] for i in test], fitted, hw)):
+            predicted[i] = p
+    return predicted

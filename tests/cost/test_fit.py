@@ -1,0 +1,139 @@
+"""The decision-aware refit (sparsecc.cost.fit) and bench/costmodel.py's CPU path (row loading, sites)."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from sparsecc.cost.fit import FitRow, Hardware, cross_validate, fit, loss, metrics, predict_rows
+
+HW = Hardware(peak=700e12, bandwidth=3e12, launch_overhead_s=4e-6, sm_count=132)
+TRUE = {"dense": dict(compute_small=0.3, compute_large=0.9, memory=0.8, floor_s=0.0, tile_overhead=0.0),
+        "sparse": dict(compute_small=0.2, compute_large=0.5, memory=0.6, floor_s=6e-5, tile_overhead=2.0)}
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+
+
+def _kernel(family, flops, nbytes, steps=None):
+    return dict(family=family, flops=flops, nbytes=nbytes, launches=1, steps=steps, programs=None)
+
+
+def _rows(families, scale_noise=()):
+    """Rows whose measured times come from ``families`` itself (optionally scaled per row)."""
+    rows = []
+    for i, (m, density) in enumerate((m, d) for m in (16, 256, 2048, 8192) for d in (0.1, 0.3, 0.6, 0.9)):
+        flops, nbytes = 2.0 * m * 4096 * 14336, 2.0 * (4096 * 14336 + m * (4096 + 14336))
+        dense = [_kernel("dense", flops, nbytes)]
+        sparse = [_kernel("sparse", flops * density, nbytes * density, steps=density * 64)]
+        row = FitRow(f"m={m} d={density}", f"m={m}", "synthetic", dense, sparse, 1.0, 1.0)
+        row.dense_s = predict_rows([FitRow("", "", "", [], dense, None, 1.0)], families, HW)[0]
+        row.sparse_s = predict_rows([FitRow("", "", "", [], sparse, None, 1.0)], families, HW)[0]
+        if i < len(scale_noise):
+            row.sparse_s *= scale_noise[i]
+        rows.append(row)
+    return rows
+
+
+def test_metrics_on_a_hand_example():
+    rows = [FitRow("a", "g", "s", [], [], 2.0, 1.0), FitRow("b", "g", "s", [], [], 1.0, 2.0)]
+    # a: measured 2x, predicted 1.0 -> kept dense: chosen 2.0 vs best 1.0; b: predicted 1.1 -> sparse, 2x slower
+    m = metrics(rows, [1.0, 1.1])
+    assert m["points"] == 2
+    assert m["median_abs_error"] == pytest.approx((0.5 + 1.2) / 2)
+    assert m["share_within_5pct"] == 0
+    assert m["worst_vs_dense"] == pytest.approx(2.0)
+    assert m["mean_regret"] == pytest.approx(1.0)
+    assert metrics(rows, [2.0, 0.5])["share_within_5pct"] == 1
+
+
+def test_refit_recovers_a_table_that_decides_like_the_truth():
+    rows = _rows(TRUE)
+    start = {"dense": dict(TRUE["dense"]),
+             "sparse": dict(compute_small=0.4, compute_large=0.9, memory=0.9, floor_s=0.0, tile_overhead=0.0)}
+    before = metrics(rows, predict_rows(rows, start, HW))
+    fitted = fit(rows, start, HW)
+    after = metrics(rows, predict_rows(rows, fitted, HW))
+    assert loss(rows, predict_rows(rows, fitted, HW)) < loss(rows, predict_rows(rows, start, HW))
+    assert before["mean_regret"] > 0
+    assert after["mean_regret"] == pytest.approx(0, abs=0.01)
+    assert after["worst_vs_dense"] <= 1.02
+    assert after["median_abs_error"] < 0.05
+    for name in ("compute_small", "compute_large", "memory"):
+        assert 0 < fitted["sparse"][name] <= 1
+
+
+def test_regret_outweighs_a_small_error():
+    # one measured point much slower than the formulas can express: the fit gives up accuracy elsewhere
+    # rather than choose a variant that loses to dense
+    rows = _rows(TRUE, scale_noise=(1.0,) * 5 + (3.0,))
+    fitted = fit(rows, TRUE, HW)
+    assert metrics(rows, predict_rows(rows, fitted, HW))["worst_vs_dense"] <= \
+        metrics(rows, predict_rows(rows, TRUE, HW))["worst_vs_dense"]
+
+
+def test_cross_validation_predicts_every_row_from_other_shapes():
+    rows = _rows(TRUE)
+    held_out = cross_validate(rows, TRUE, HW, folds=4, max_sweeps=2)
+    assert len(held_out) == len(rows) and all(math.isfinite(p) for p in held_out)
+    # the true table is a fixed point: held-out predictions equal the in-sample ones
+    assert held_out == pytest.approx(predict_rows(rows, TRUE, HW), rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def bench_costmodel():
+    sys.path.insert(0, BENCH)
+    try:
+        import costmodel
+        yield costmodel
+    finally:
+        sys.path.remove(BENCH)
+
+
+def test_bench_grid_sites_have_kernels_without_a_gpu(bench_costmodel):
+    for quick in (True, False):
+        points = bench_costmodel.attention_points(quick) + bench_costmodel.linear_points(quick)
+        seqs = {site["seq"] for _, site in points if site["kind"] == "attention"}
+        tokens = {site["tokens"] for _, site in points if site["kind"] in ("linear", "ffn")}
+        assert 131072 in seqs and min(seqs) == 1024
+        assert {1, 8192} <= tokens
+        names = {(site.get("form") or {}).get("name", site.get("mode")) for _, site in points}
+        assert {"streaming", "block_sparse", "block_weights", "2:4", None, "gate"} <= names
+        for label, site in points:
+            dense, sparse = bench_costmodel.site_kernels(site)
+            assert dense and sparse, label
+            assert all(k["flops"] > 0 and k["nbytes"] > 0 for k in dense + sparse), label
+        densities = {site["form"]["density"] for _, site in points
+                     if (site.get("form") or {}).get("name") == "block_weights"}
+        assert min(densities) == 0.05 and max(densities) == 0.9
+
+
+def test_bench_loads_every_measured_source(bench_costmodel):
+    sources = {"costmodel_h100_full.json": 87, "costmodel_h100_quick.json": 25, "crossover_h100.json": 30}
+    for name, count in sources.items():
+        rows = bench_costmodel.load_rows(os.path.join(BENCH, name))
+        assert len(rows) == count, name
+        for r in rows:
+            fit_row = bench_costmodel.to_fit_row(r, name)
+            assert fit_row.dense and fit_row.sparse and fit_row.sparse_s > 0
+    crossover = bench_costmodel.load_rows(os.path.join(BENCH, "crossover_h100.json"))
+    assert {r["site"]["kind"] for r in crossover} == {"linear", "ffn"}
+    assert any(r["timing"] == "graph" for r in crossover)
+    text = ("| stream 8K | 0.935 | 0.982 | 1.084 |\n| random 16K | 0.731 | 3.776 | 0.738 |\n"
+            "| stream 32K hkv32 d64 | 2.711 | 9.389 | nan |\n| vertical_slash 32K hkv8 | 21.779 | 14.575 | nan |\n"
+            "- block_topk 32K hkv8: estimate + table build 0.385 ms = 2.6% of dense SDPA (limit 10%)\n")
+    rows = bench_costmodel.rows_from_results_md(text)
+    assert [r["label"] for r in rows] == ["stream 8K hkv32", "random 16K hkv32", "stream 32K hkv32",
+                                          "block_topk estimate 32K"]
+    assert rows[1]["site"]["form"]["random_blocks"] == 7 and rows[2]["site"]["head_dim"] == 64
+    assert rows[3]["dense_ms"] is None and bench_costmodel.to_fit_row(rows[3], "md").dense_s is None
+
+
+def test_form_specs_round_trip(bench_costmodel):
+    from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour
+    for form in (Streaming(64, 256), BlockSparse(128, 4, 1, 2), BlockTopK(block=128, topk=12),
+                 BlockWeights((64, 64), 0.05), TwoFour()):
+        spec = bench_costmodel.form_spec(form)
+        assert bench_costmodel.make_form(json.loads(json.dumps(spec))) == form
+    with pytest.raises(ValueError, match="unknown form"):
+        bench_costmodel.make_form({"name": "nope"})
