@@ -420,8 +420,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         block = block_rows([16, 1024, 8192], [0.1, 0.5, 0.9])
         thresh = threshold_rows([1, 16], [0.5, 0.9])
     else:
-        block = block_rows([16, 128, 1024, 8192], [0.1, 0.25, 0.5, 0.75, 0.9])
-        thresh = threshold_rows([1, 4, 16], [0.3, 0.5, 0.7, 0.9])
+        # The Llama-3-8B projections: the up shape in full, the others at a few sizes.
+        block = (block_rows([1, 16, 128, 1024, 8192], [0.05, 0.1, 0.25, 0.5, 0.9])
+                 + block_rows([16, 1024, 8192], [0.1, 0.5], k=D_FF, n=D_MODEL)
+                 + block_rows([16, 8192], [0.1, 0.5], k=D_MODEL, n=D_MODEL)
+                 + block_rows([16, 8192], [0.1, 0.5], k=D_MODEL, n=1024))
+        thresh = (threshold_rows([1, 4, 16], [0.3, 0.5, 0.7, 0.9])
+                  + threshold_rows([1, 4, 16], [0.5, 0.9], k=D_FF, n=D_MODEL))
     rows = gate + semi + block + thresh
     grid = crossovers(rows)
     head = header()

@@ -159,20 +159,27 @@ class GemvConfig:
                 f"{self.num_warps} warps, {mode})")
 
 
-# One token (compacted): 64-wide N tiles over 1024-channel splits, 128 survivors per trip, won the
-# H100 sweep at 50% and 70% sparsity (bench/linear.py --sweep, commit 52f7f49); 896 programs at
-# 4096 -> 14336 and 896 at 14336 -> 4096.
-DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=1024, num_warps=4)
-# 2-16 tokens (predicated union, tl.dot): 128-wide N tiles over 256-channel splits measured 2.4x
-# faster on the H100 than the one-token shape above (45 vs 106 us at 4 tokens, 4096 -> 14336).
-DEFAULT_GEMV_CONFIG_TOKENS = GemvConfig(BLOCK_N=128, BLOCK_K=64, ROWS_PER_SPLIT=256, num_warps=4, COMPACT=False)
+# One token (compacted), from the H100 sweeps of bench/linear.py --sweep (commits 3e5de2f, 7a8328c):
+# 64-wide N tiles, 128 survivors per trip, 4 warps; 4096-channel splits where K <= 4096 (one split:
+# the kernel stores y, one launch) and 2048-channel splits above (14336 -> 4096: 12.9-13.8 us at 90%
+# against 15.7-15.9 us with the earlier 1024-channel splits). Pipelining depth changed < 1 us.
+DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
+DEFAULT_GEMV_CONFIG_LONG_K = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=4)
+ONE_SPLIT_MAX_K = 4096  # up to here one token runs one split (one launch)
+# 2-16 tokens: the compacted union with 128-wide N tiles over 2048-channel splits, 8 warps, was the
+# fastest of union-predicated, union-compacted and per-token strategies at every M in 2..16 and
+# sparsity 70-95% on the H100 (bench/linear.py --tokens, commit 7a8328c; per-token masks re-read
+# rows the tokens share and lost 1.1-4x at M >= 4).
+DEFAULT_GEMV_CONFIG_TOKENS = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=8)
 REDUCE_BLOCK = 1024  # outputs per program of the split reduction (memory bound; any large power of 2)
 DOT_ROWS = 16  # tl.dot needs at least 16 rows: the union path pads M up to this (padded rows load nothing)
 
 
-def default_gemv_config(tokens: int) -> GemvConfig:
-    """The launch knobs :func:`threshold_linear` uses for ``tokens`` rows when none are given."""
-    return DEFAULT_GEMV_CONFIG if tokens == 1 else DEFAULT_GEMV_CONFIG_TOKENS
+def default_gemv_config(tokens: int, in_features: int) -> GemvConfig:
+    """The launch knobs :func:`threshold_linear` uses for ``tokens`` rows of ``in_features`` when none are given."""
+    if tokens > 1:
+        return DEFAULT_GEMV_CONFIG_TOKENS
+    return DEFAULT_GEMV_CONFIG if in_features <= ONE_SPLIT_MAX_K else DEFAULT_GEMV_CONFIG_LONG_K
 
 
 def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot,
@@ -359,7 +366,7 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor")
     bind_triton(globals(), _KERNELS)
-    cfg = config or default_gemv_config(m)
+    cfg = config or default_gemv_config(m, k)
     wt = k_major(weight.to(x.dtype)).t()
     per_token = m == 1 or cfg.PER_TOKEN
     n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
