@@ -66,6 +66,7 @@ def semi_structured_linear_ref(x: Tensor, weight: SemiStructuredWeight, bias: Op
 SPARSE_MULTIPLE = 16  # both dims of the 2:4 operand (torch's cuSPARSELt constraints, fp16/bf16)
 DENSE_MULTIPLE = 8    # both dims of the dense operand
 CSLT_DTYPES = (torch.float16, torch.bfloat16)
+SEARCH_DTYPES = (torch.bfloat16,)  # dtypes whose cuSPARSELt algorithm search is safe (see _algorithm)
 FUSED_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "relu2")
 
 
@@ -162,13 +163,20 @@ def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> int:
     1.13 ms against 1.88 ms (bench/ffn.py, bench/RESULTS.md). The search runs
     the candidates once, so it happens on the first call of a shape (warm-up),
     never per call; if it is unavailable or fails, id 0 is used.
+
+    Only bfloat16 weights are searched: with float16 operands the search
+    itself fails inside cuSPARSELt on the H100 (torch 2.11: "internal error
+    when calling cusparseLtMatmulSearch" at M = 1, 16 and 128, 14336 x 4096),
+    and without CUDA_LAUNCH_BLOCKING the failure surfaces later as an illegal
+    instruction that poisons the CUDA context, so it cannot be caught and
+    retried. Float16 keeps the default algorithm, which is correct there.
     """
     bucket = 1 << max(0, x2.shape[0] - 1).bit_length()
     alg = entry.algs.get(bucket)
     if alg is None:
         alg = 0
         search = getattr(torch, "_cslt_sparse_mm_search", None)
-        if search is not None and not torch.cuda.is_current_stream_capturing():
+        if search is not None and entry.dtype in SEARCH_DTYPES and not torch.cuda.is_current_stream_capturing():
             m = x2.shape[0]
             xp = torch.nn.functional.pad(x2, (0, 0, 0, (-m) % DENSE_MULTIPLE)).contiguous()
             try:
