@@ -278,6 +278,20 @@ def sdpa_calls(model, ids) -> List[str]:
     return calls
 
 
+def rewritten_sdpa_calls() -> List[str]:
+    """The SDPA calls left in sparsecc's rewritten graphs (the ones Inductor lowers): mask or is_causal."""
+    from sparsecc.backend import rewritten_graphs
+
+    calls = []
+    for gm in rewritten_graphs():
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "scaled_dot_product" in str(node.target):
+                mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+                calls.append(f"attn_mask={'a tensor' if mask is not None else None} "
+                             f"is_causal={node.kwargs.get('is_causal')}")
+    return calls
+
+
 def profile(opts, device, dtype, tiny: bool) -> None:
     """Top kernels of eager, Inductor and sparsecc-dense at the first length, and the SDPA calls Dynamo emits."""
     import transformers
@@ -307,6 +321,9 @@ def profile(opts, device, dtype, tiny: bool) -> None:
             events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0) or 0, reverse=True)
             total = sum(getattr(e, key, 0) or 0 for e in events)
             print(f"\n{config}: {total / 1e3:.1f} ms of {'CUDA kernel' if cuda else 'CPU op'} time")
+            if config.startswith("sparsecc"):
+                for line in rewritten_sdpa_calls():
+                    print(f"  after sparsecc's passes: {line}")
             print(f"  {'ms':>9} {'share':>6} {'calls':>6}  name")
             for e in events[:PROFILE_TOP]:
                 t = getattr(e, key, 0) or 0
@@ -433,7 +450,7 @@ def parse(argv: Optional[List[str]]):
     ap.add_argument("--quick", action="store_true", help="2 layers, 8K/32K prefill, KV 32K decode (~4 min on H100)")
     ap.add_argument("--tiny", action="store_true", help="a small Llama on CPU at short lengths (tests)")
     ap.add_argument("--layers", help="comma-separated layer counts (default 2,4)")
-    ap.add_argument("--lengths", help="comma-separated prefill lengths (default 8192,32768,65536,131072)")
+    ap.add_argument("--lengths", help="comma-separated prefill lengths (default 8192,32768,65536,131072; 0 for none)")
     ap.add_argument("--decode-kv", help="comma-separated decode KV lengths (default 32768,131072; 0 for none)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     ap.add_argument("--check-seq", type=int, help="reference-check length (default 6144)")
@@ -493,7 +510,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                 json.dump({"header": head, "rows": rows}, fh, indent=1, default=str)
 
     start = time.perf_counter()
-    for layers in opts.layers:
+    for layers in opts.layers if opts.lengths else []:
         prefill_rows(layers, opts.lengths, opts, device, dtype, tiny, emit)
     for layers in opts.layers[:1]:
         if opts.decode_kv:
