@@ -152,8 +152,6 @@ def amdahl_bound(dense_model_ms: float, sites: List[dict]) -> float:
 
 def prefill_rows(layers: int, lengths: List[int], opts, device, dtype, tiny: bool, emit) -> None:
     """Every config at every length for one layer count; ``emit`` receives each finished row."""
-    import sparsecc
-
     model = build_llama(layers, tiny=tiny, device=device, dtype=dtype)
     specs = bench_specs(layers, tiny)
     kernels = "auto" if torch.device(device).type == "cuda" else "reference"
@@ -165,35 +163,13 @@ def prefill_rows(layers: int, lengths: List[int], opts, device, dtype, tiny: boo
             times: Dict[str, float] = {}
             for config in opts.configs:
                 free_memory()
-                spec = specs.get(config)
-                fn = compile_with(config.split("-")[0], model, spec, kernels)
-                call = prefill_call(fn)
-                t0 = time.perf_counter()
-                call(ids)
-                synchronize(device)
-                first_s = time.perf_counter() - t0
-                ms = time_ms(lambda: call(ids), device, opts.calls, warmup=1)
-                row = {"kind": "prefill", "layers": layers, "seq": seq, "config": config, "ms": ms,
-                       "compile_s": max(first_s - ms / 1e3, 0.0), "peak_gib": peak_gib(lambda: call(ids), device)}
-                times[config] = ms
-                if spec is not None:
-                    report = sparsecc.last_report()
-                    row["sites"] = rewritten_forms(report)
-                    sparse_sites = [s for s in report.sites if s.kind == "attention" and s.applied]
-                    if sparse_sites and "sparsecc-dense" in times:
-                        per_site = site_times_ms(model, sparsecc.load_spec(spec), report, seq, device, opts.calls)
-                        row["site_times"] = per_site
-                        row["bound"] = amdahl_bound(times["sparsecc-dense"], per_site)
-                if config not in check_diff and seq == opts.check_seq:  # the timed graph serves the check
-                    report = sparsecc.last_report() if spec is not None else None
-                    check_diff[config] = prefill_diff(model, spec, report, ids, call(ids))
-                del fn, call
-                if config not in check_diff and opts.check_seq not in lengths:
-                    check_diff[config] = reference_check(model, config, spec, kernels, opts.check_seq, device)
-                row["max_diff"] = check_diff.get(config)
-                row["check_seq"] = opts.check_seq
-                if "eager" in times:
-                    row["x_eager"] = times["eager"] / ms
+                try:
+                    row = prefill_row(model, ids, layers, config, specs.get(config), kernels, opts, lengths, times,
+                                      check_diff, device)
+                except (RuntimeError, ValueError) as err:  # e.g. out of memory: keep the other rows
+                    row = {"kind": "prefill", "layers": layers, "seq": seq, "config": config, "ms": None,
+                           "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+                    free_memory()
                 rows_of_run.append(row)
                 emit(row)
             del ids
@@ -202,6 +178,43 @@ def prefill_rows(layers: int, lengths: List[int], opts, device, dtype, tiny: boo
             row["max_diff"] = check_diff.get(row["config"])
     del model
     free_memory()
+
+
+def prefill_row(model, ids, layers: int, config: str, spec, kernels: str, opts, lengths: List[int],
+                times: Dict[str, float], check_diff: Dict[str, Optional[float]], device) -> dict:
+    """Compile, time and check one config at one length; records its time in ``times``."""
+    import sparsecc
+
+    seq = ids.shape[1]
+    fn = compile_with(config.split("-")[0], model, spec, kernels)
+    call = prefill_call(fn)
+    t0 = time.perf_counter()
+    call(ids)
+    synchronize(device)
+    first_s = time.perf_counter() - t0
+    ms = time_ms(lambda: call(ids), device, opts.calls, warmup=1)
+    row = {"kind": "prefill", "layers": layers, "seq": seq, "config": config, "ms": ms,
+           "compile_s": max(first_s - ms / 1e3, 0.0), "peak_gib": peak_gib(lambda: call(ids), device)}
+    times[config] = ms
+    if spec is not None:
+        report = sparsecc.last_report()
+        row["sites"] = rewritten_forms(report)
+        sparse_sites = [s for s in report.sites if s.kind == "attention" and s.applied]
+        if sparse_sites and "sparsecc-dense" in times:
+            per_site = site_times_ms(model, sparsecc.load_spec(spec), report, seq, device, opts.calls)
+            row["site_times"] = per_site
+            row["bound"] = amdahl_bound(times["sparsecc-dense"], per_site)
+    if config not in check_diff and seq == opts.check_seq:  # the timed graph serves the check
+        report = sparsecc.last_report() if spec is not None else None
+        check_diff[config] = prefill_diff(model, spec, report, ids, call(ids))
+    del fn, call
+    if config not in check_diff and opts.check_seq not in lengths:
+        check_diff[config] = reference_check(model, config, spec, kernels, opts.check_seq, device)
+    row["max_diff"] = check_diff.get(config)
+    row["check_seq"] = opts.check_seq
+    if "eager" in times:
+        row["x_eager"] = times["eager"] / ms
+    return row
 
 
 def reference_check(model, config: str, spec, kernels: str, check_seq: int, device) -> Optional[float]:
@@ -239,8 +252,14 @@ def decode_rows(layers: int, kvs: List[int], opts, device, dtype, tiny: bool, em
     backends = tuple(b for b in ("eager", "inductor", "sparsecc")
                      if b in [c.split("-")[0] for c in opts.configs])
     for kv in kvs:
-        result = decode_example.run_decode(model, spec, kv, opts.decode_steps, device, backends=backends,
-                                           kernels=kernels)
+        try:
+            result = decode_example.run_decode(model, spec, kv, opts.decode_steps, device, backends=backends,
+                                               kernels=kernels)
+        except (RuntimeError, ValueError) as err:  # e.g. out of memory: keep the other rows
+            emit({"kind": "decode", "layers": layers, "kv": kv, "config": "all", "ms_per_token": None,
+                  "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"})
+            free_memory()
+            continue
         eager = result["backends"].get("eager", {}).get("ms_per_token")
         for backend, r in result["backends"].items():
             row = {"kind": "decode", "layers": layers, "kv": kv, "config": backend, **r}
@@ -338,7 +357,8 @@ def profile(opts, device, dtype, tiny: bool) -> None:
 def verdicts(rows: List[dict]) -> Dict[tuple, str]:
     """Target checks of docs/e2e.md, keyed by (kind, layers, length, config)."""
     out = {}
-    prefill = {(r["layers"], r["seq"], r["config"]): r for r in rows if r["kind"] == "prefill"}
+    prefill = {(r["layers"], r["seq"], r["config"]): r for r in rows
+               if r["kind"] == "prefill" and r.get("ms") is not None}
     for (layers, seq, config), r in prefill.items():
         eager = prefill.get((layers, seq, "eager"))
         inductor = prefill.get((layers, seq, "inductor"))
@@ -378,6 +398,10 @@ def table(rows: List[dict]) -> List[str]:
     for r in rows:
         if r["kind"] != "prefill":
             continue
+        if r.get("ms") is None:
+            lines.append(f"| {r['layers']} | {r['seq']} | {r['config']} | - | - | - | - | - | - | - | - | "
+                         f"{r.get('error', 'failed')} |")
+            continue
         sites = ", ".join(f"{k}={v}" for k, v in sorted((r.get("sites") or {}).items())) or "-"
         diff = f"{r['max_diff']:.1e} ({r['check_seq']})" if r.get("max_diff") is not None else "-"
         lines.append(f"| {r['layers']} | {r['seq']} | {r['config']} | {r['ms']:.2f} | {_fmt(r.get('x_eager'))} | "
@@ -389,6 +413,10 @@ def table(rows: List[dict]) -> List[str]:
         lines += ["", "| layers | KV | config | ms/token | tokens/s | x eager | sites rewritten | max\\|diff\\| | "
                   "targets |", "|---|---|---|---|---|---|---|---|---|"]
         for r in decode:
+            if r.get("ms_per_token") is None:
+                lines.append(f"| {r['layers']} | {r['kv']} | {r['config']} | - | - | - | - | - | "
+                             f"{r.get('error', 'failed')} |")
+                continue
             sites = ", ".join(f"{k}={v}" for k, v in sorted((r.get("sites") or {}).items())) or "-"
             lines.append(f"| {r['layers']} | {r['kv']} | {r['config']} | {r['ms_per_token']:.3f} | "
                          f"{r['tokens_per_s']:.1f} | {_fmt(r.get('x_eager'))} | {sites} | "
@@ -504,7 +532,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         rows.append(row)
         what = f"{row['seq']} tokens" if row["kind"] == "prefill" else f"KV {row['kv']}"
         ms = row.get("ms", row.get("ms_per_token"))
-        print(f"[{row['kind']}] {row['layers']} layers, {what}, {row['config']}: {ms:.3f} ms", flush=True)
+        result = f"{ms:.3f} ms" if ms is not None else row.get("error", "failed")
+        print(f"[{row['kind']}] {row['layers']} layers, {what}, {row['config']}: {result}", flush=True)
         if opts.json:
             with open(opts.json, "w") as fh:
                 json.dump({"header": head, "rows": rows}, fh, indent=1, default=str)
