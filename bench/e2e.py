@@ -63,9 +63,9 @@ from llama_long_context import (  # noqa: E402
 BEGIN = "<!-- e2e:begin (bench/e2e.py writes this section) -->"
 END = "<!-- e2e:end -->"
 CONFIGS = ("eager", "inductor", "sparsecc-dense", "sparsecc-streaming", "sparsecc-tuned")
-FULL = dict(layers=[2, 4], lengths=[8192, 32768, 65536, 131072], decode_kv=[32768, 131072], check_seq=6144,
+FULL = dict(layers=[2, 4], lengths=[8192, 32768, 65536, 131072], decode_kv=[32768, 131072], check_seq=8192,
             decode_steps=32, calls=5)
-QUICK = dict(layers=[2], lengths=[8192, 32768], decode_kv=[32768], check_seq=6144, decode_steps=24, calls=3)
+QUICK = dict(layers=[2], lengths=[8192, 32768], decode_kv=[32768], check_seq=8192, decode_steps=24, calls=3)
 TINY = dict(layers=[3], lengths=[64, 128], decode_kv=[96], check_seq=64, decode_steps=5, calls=1)
 # Sparse geometry per scale: (sink, window, narrow window, block, topk); the tiny one keeps windows shorter
 # than its sequences so the forms still drop keys.
@@ -208,7 +208,7 @@ def prefill_row(model, ids, layers: int, config: str, spec, kernels: str, opts, 
         report = sparsecc.last_report() if spec is not None else None
         check_diff[config] = prefill_diff(model, spec, report, ids, call(ids))
     del fn, call
-    if config not in check_diff and opts.check_seq not in lengths:
+    if config not in check_diff and opts.check_seq and opts.check_seq not in lengths:
         check_diff[config] = reference_check(model, config, spec, kernels, opts.check_seq, device)
     row["max_diff"] = check_diff.get(config)
     row["check_seq"] = opts.check_seq
@@ -481,7 +481,8 @@ def parse(argv: Optional[List[str]]):
     ap.add_argument("--lengths", help="comma-separated prefill lengths (default 8192,32768,65536,131072; 0 for none)")
     ap.add_argument("--decode-kv", help="comma-separated decode KV lengths (default 32768,131072; 0 for none)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
-    ap.add_argument("--check-seq", type=int, help="reference-check length (default 6144)")
+    ap.add_argument("--check-seq", type=int, help="reference-check length (default 8192, reusing the 8K graphs; "
+                    "0: no check)")
     ap.add_argument("--calls", type=int, help="timed calls per measurement")
     ap.add_argument("--json", help="write the rows here (rewritten after every row)")
     ap.add_argument("--write", action="store_true", help="replace the e2e section of bench/RESULTS.md and plot")
@@ -498,7 +499,8 @@ def parse(argv: Optional[List[str]]):
     opts.layers = ints(opts.layers, preset["layers"])
     opts.lengths = ints(opts.lengths, preset["lengths"])
     opts.decode_kv = ints(opts.decode_kv, preset["decode_kv"])
-    opts.check_seq = opts.check_seq or min(preset["check_seq"], max(opts.lengths))
+    if opts.check_seq is None:
+        opts.check_seq = min(preset["check_seq"], max(opts.lengths)) if opts.lengths else 0
     opts.calls = opts.calls or preset["calls"]
     opts.decode_steps = preset["decode_steps"]
     opts.configs = [c for c in opts.configs.split(",") if c]

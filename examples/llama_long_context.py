@@ -265,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--spec", default=None, help="spec path (default: specs/llama3_long_context.toml, "
                         "--tiny: specs/llama_tiny_long_context.toml)")
     parser.add_argument("--check-seq", type=int, default=None,
-                        help="length of the reference check (default min(seq, 6144): float64 reference attention)")
+                        help="length of the reference check (default min(seq, 8192): float64 reference attention)")
     parser.add_argument("--backends", default="eager,inductor,sparsecc", help="comma-separated subset to time")
     parser.add_argument("--calls", type=int, default=TIMED_CALLS, help="timed calls per backend (median)")
     args = parser.parse_args(argv)
@@ -279,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     seq = args.seq or (32768 if not args.tiny else 256)
     spec_path = args.spec or os.path.join(SPEC_DIR, "llama_tiny_long_context.toml" if args.tiny
                                           else "llama3_long_context.toml")
-    check_seq = min(seq, args.check_seq or (6144 if not args.tiny else seq))
+    check_seq = min(seq, args.check_seq or (8192 if not args.tiny else seq))
     kernels = "auto" if cuda else "reference"
 
     model = build_llama(layers, tiny=args.tiny or not cuda, device=device, dtype=dtype)
