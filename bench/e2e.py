@@ -562,7 +562,9 @@ def finish(rows: List[dict], head: List[str], opts, device: str, seconds: float)
         write_results(text, opts.results)
         try:
             from plot_e2e import plot
-            plot(rows, os.path.join(HERE, "plots", f"e2e_{slug}.png"))
+            plots = os.path.join(os.path.dirname(os.path.abspath(opts.results)), "plots")
+            os.makedirs(plots, exist_ok=True)
+            plot(rows, os.path.join(plots, f"e2e_{slug}.png"))
         except ImportError as err:
             print(f"no plot ({err}); matplotlib is a bench-only dependency")
 

@@ -119,6 +119,7 @@ def test_bench_e2e_tiny(tmp_path, capsys):
     assert len(saved["rows"]) == 3
     written = results.read_text()
     assert e2e.BEGIN in written and e2e.END in written and "kept" in written
+    assert (tmp_path / "plots" / "e2e_cpu.png").exists() or "no plot" in text
     # A second write replaces the section instead of appending another.
     e2e.write_results("## End to end\nnew", str(results))
     assert results.read_text().count(e2e.BEGIN) == 1 and "new" in results.read_text()
