@@ -187,7 +187,7 @@ def prefill_row(model, ids, layers: int, config: str, spec, kernels: str, opts, 
 
     seq = ids.shape[1]
     fn = compile_with(config.split("-")[0], model, spec, kernels)
-    call = prefill_call(fn)
+    call = prefill_call(fn, opts.logits_to_keep)
     t0 = time.perf_counter()
     call(ids)
     synchronize(device)
@@ -328,7 +328,7 @@ def profile(opts, device, dtype, tiny: bool) -> None:
         for config in ("eager", "inductor", "sparsecc-dense"):
             free_memory()
             fn = prefill_call(compile_with(config.split("-")[0], model, specs.get(config),
-                                           "auto" if cuda else "reference"))
+                                           "auto" if cuda else "reference"), opts.logits_to_keep)
             fn(ids)
             fn(ids)
             synchronize(device)
@@ -437,7 +437,8 @@ def header(device: str, opts) -> List[str]:
     return [f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {name}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, sparsecc {commit}; "
             f"{'tiny Llama (CPU, --tiny)' if opts.tiny else 'Llama-3-8B shape, bf16'}, random weights, batch 1.",
-            f"Prefill: HF `logits_to_keep=1` (last-position logits, full {'512' if opts.tiny else '128256'} vocabulary), "
+            f"Prefill: {'all positions' if opts.all_logits else 'HF `logits_to_keep=1` (last-position'} logits, full "
+            f"{'512' if opts.tiny else '128256'} vocabulary{'' if opts.all_logits else ')'}, "
             "no KV cache returned; "
             f"max|diff| against the reference semantics at {opts.check_seq} tokens. Tuned = hand-written spec in "
             "the shape `sparsecc tune` writes (see bench/e2e.py). Decode: static cache, batch 1, "
@@ -484,6 +485,8 @@ def parse(argv: Optional[List[str]]):
     ap.add_argument("--check-seq", type=int, help="reference-check length (default 8192, reusing the 8K graphs; "
                     "0: no check)")
     ap.add_argument("--calls", type=int, help="timed calls per measurement")
+    ap.add_argument("--all-logits", action="store_true",
+                    help="compute every position's logits (the issue's anchor setup; 33 GB of logits at 128K)")
     ap.add_argument("--json", help="write the rows here (rewritten after every row)")
     ap.add_argument("--write", action="store_true", help="replace the e2e section of bench/RESULTS.md and plot")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"), help="the RESULTS.md to write")
@@ -503,6 +506,7 @@ def parse(argv: Optional[List[str]]):
         opts.check_seq = min(preset["check_seq"], max(opts.lengths)) if opts.lengths else 0
     opts.calls = opts.calls or preset["calls"]
     opts.decode_steps = preset["decode_steps"]
+    opts.logits_to_keep = 0 if opts.all_logits else 1
     opts.configs = [c for c in opts.configs.split(",") if c]
     unknown = [c for c in opts.configs if c not in CONFIGS]
     if unknown:
