@@ -16,6 +16,12 @@ re-measured under the current levels and accepted if it is still no worse than
 every other candidate's last measurement; otherwise its new value is stored and
 the next-best is tried. Every ``refresh_every`` accepted steps all candidates
 are re-measured, so a stale value cannot hide a candidate for long.
+
+The separable allocation (:func:`separable_allocation`) needs no search: it
+takes a :class:`Sensitivity` table (each projection's error alone, per level)
+and minimises the summed errors at the target, the optimum when errors add up.
+On a model whose projections cost about the same it shows how little any
+allocation can gain over uniform levels.
 """
 
 from __future__ import annotations
@@ -149,3 +155,95 @@ class GreedySearch:
 def uniform_allocation(projections: Sequence[Projection], scores, sparsity: float) -> Dict[Projection, Optional[float]]:
     """Taus that give every projection the same ``sparsity`` (the baseline greedy is compared with)."""
     return {p: quantile_tau(scores[p], sparsity) for p in projections}
+
+
+@dataclass
+class Sensitivity:
+    """The output error with one projection thresholded alone, at each sparsity level of a grid.
+
+    ``errors[p][i]`` is the error (averaged over the batches it was measured on)
+    with only ``p`` at sparsity ``levels[i]`` and every other projection dense.
+    """
+
+    levels: Tuple[float, ...]
+    errors: Dict[Projection, Tuple[float, ...]]
+
+    def __post_init__(self):
+        levels = tuple(float(v) for v in self.levels)
+        if not levels or any(not 0 < v < 1 for v in levels) or list(levels) != sorted(set(levels)):
+            raise ValueError(f"levels={self.levels!r} is not allowed; expected strictly increasing numbers in (0, 1)")
+        for p, row in self.errors.items():
+            if len(row) != len(levels):
+                raise ValueError(f"errors[{p}] has {len(row)} entries; expected one per level ({len(levels)})")
+        self.levels = levels
+
+    def __str__(self) -> str:
+        head = "projection".ljust(28) + "".join(f"{v:>9.0%}" for v in self.levels)
+        rows = [str(p).ljust(28) + "".join(f"{e:9.2e}" for e in row) for p, row in self.errors.items()]
+        return "\n".join([head] + rows)
+
+
+def _lower_hull(points: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """The lower convex hull of (level, error) points sorted by level: its slopes increase."""
+    hull: List[Tuple[float, float]] = []
+    for x, y in points:
+        # Pop the last point while it lies on or above the segment from its predecessor to (x, y).
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (x - x0) >= (y - y0) * (x1 - x0):
+                hull.pop()
+            else:
+                break
+        hull.append((x, y))
+    return hull
+
+
+def separable_allocation(sensitivity: Sensitivity, projections: Sequence[Projection], scores,
+                         targets: Sequence[float], max_level: float = 0.95) -> List[Allocation]:
+    """Levels that minimise the summed single-projection errors at each average sparsity in ``targets``.
+
+    The error of the whole model is modelled as the sum over projections of
+    their errors alone (``sensitivity``), each interpolated linearly between
+    its grid levels (0 at level 0) on its lower convex hull; grid levels above
+    ``max_level`` are not used. Under that model the optimum takes hull segments
+    in increasing order of error per unit of average sparsity, the last one cut
+    to land on the target: no model runs, and one ordering serves every target.
+    ``Allocation.error`` is the modelled (summed) error and ``evaluations`` 0;
+    measure the result with :func:`sparsecc.tune.measure`.
+    """
+    total = sum(p.weight_elements for p in projections)
+    missing = [str(p) for p in projections if p not in sensitivity.errors]
+    if missing:
+        raise ValueError(f"sensitivity has no errors for {missing}")
+    segments = []   # (error per unit of average sparsity, projection index, level from, level to, error from, to)
+    for index, p in enumerate(projections):
+        points = [(0.0, 0.0)] + [(lv, float(e)) for lv, e in zip(sensitivity.levels, sensitivity.errors[p])
+                                 if lv <= max_level + 1e-12]
+        hull = _lower_hull(points)
+        share = p.weight_elements / total
+        for (l0, e0), (l1, e1) in zip(hull, hull[1:]):
+            segments.append(((e1 - e0) / (share * (l1 - l0)), index, l0, l1, e0, e1))
+    # Hull slopes increase along each projection, so the sorted order takes its segments in level order.
+    segments.sort(key=lambda s: (s[0], s[1], s[2]))
+    reachable = sum(p.weight_elements * max((s[3] for s in segments if s[1] == i), default=0.0)
+                    for i, p in enumerate(projections)) / total
+    out = []
+    for target in sorted(targets):
+        if not 0 < target <= reachable + 1e-9:
+            raise ValueError(f"target={target!r} is not allowed; expected a number in (0, {reachable:.3f}] "
+                             f"(every projection at its highest usable level, max_level={max_level})")
+        levels = {p: 0.0 for p in projections}
+        error, average = 0.0, 0.0
+        for _rate, index, l0, l1, e0, e1 in segments:
+            p = projections[index]
+            share = p.weight_elements / total
+            gain = share * (l1 - l0)
+            fraction = min(1.0, (target - average) / gain)
+            levels[p] = l0 + fraction * (l1 - l0)
+            error += fraction * (e1 - e0)
+            average += fraction * gain
+            if fraction < 1.0 or average >= target - 1e-12:
+                break
+        taus = {p: quantile_tau(scores[p], levels[p]) for p in projections}
+        out.append(Allocation(target, levels, taus, error, 0))
+    return out

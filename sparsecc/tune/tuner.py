@@ -11,12 +11,14 @@ from sparsecc.forms import ActivationThreshold, Dense
 from sparsecc.spec import Defaults, Rule, Spec
 from sparsecc.tune import provenance
 from sparsecc.tune.attention import HeadChoice, choose_heads, record_attention
-from sparsecc.tune.capture import (CRITERIA, ErrorFn, Projection, ThresholdHooks, ffn_projections, relative_error,
-                                   run, score_samples, split_batch)
-from sparsecc.tune.ffn import Allocation, GreedySearch
+from sparsecc.tune.capture import (CRITERIA, ErrorFn, Projection, ThresholdHooks, ffn_projections, quantile_tau,
+                                   relative_error, run, score_samples, split_batch)
+from sparsecc.tune.ffn import Allocation, GreedySearch, Sensitivity, separable_allocation
 
 DEFAULT_STEP = 0.05      # TEAL's greedy raises sparsity in 5% steps
 DEFAULT_MAX_LEVEL = 0.95  # no projection is driven past 95%: beyond it single channels carry the output
+# The sensitivity grid: every 10% up to 90%, enough to see where each projection's error turns steep.
+DEFAULT_SENSITIVITY_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def glob_escape(path: str) -> str:
@@ -44,15 +46,8 @@ class FfnTuning:
         raise KeyError(f"no allocation for target {target}; tuned for {[a.target for a in self.allocations]}")
 
 
-def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: str = "magnitude",
-             error_fn: Optional[ErrorFn] = None, search_batches: Optional[Sequence] = None,
-             step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL, progress: bool = True) -> FfnTuning:
-    """Greedy FFN threshold allocation for each average sparsity in ``targets`` (one search path).
-
-    ``batches`` set the thresholds' quantiles; ``search_batches`` (default:
-    ``batches``) are the ones whose output error the search measures.
-    """
-    from tqdm.auto import tqdm
+def _ffn_setup(model, batches, criterion: str, search_batches):
+    """(batches, search batches, FFN projections, sorted calibration scores) with the arguments checked."""
     import sparsecc
 
     if criterion not in CRITERIA:
@@ -66,7 +61,20 @@ def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: s
     projections = ffn_projections(model, report)
     if not projections:
         raise ValueError("tune: the model has no FFN site with Linear-like projections to threshold")
-    scores = score_samples(model, batches, projections, criterion)
+    return batches, search_batches, projections, score_samples(model, batches, projections, criterion)
+
+
+def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: str = "magnitude",
+             error_fn: Optional[ErrorFn] = None, search_batches: Optional[Sequence] = None,
+             step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL, progress: bool = True) -> FfnTuning:
+    """Greedy FFN threshold allocation for each average sparsity in ``targets`` (one search path).
+
+    ``batches`` set the thresholds' quantiles; ``search_batches`` (default:
+    ``batches``) are the ones whose output error the search measures.
+    """
+    from tqdm.auto import tqdm
+
+    batches, search_batches, projections, scores = _ffn_setup(model, batches, criterion, search_batches)
     dense = [run(model, b) for b in search_batches]
     hooks = ThresholdHooks(model, projections, criterion)
     top = max(targets)
@@ -85,6 +93,56 @@ def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: s
     finally:
         bar.close()
     return FfnTuning(projections, scores, allocations, criterion, search)
+
+
+@dataclass
+class FfnSensitivity:
+    """Per-projection error curves of one model (:func:`ffn_sensitivity`), with what allocations need."""
+
+    projections: List[Projection]
+    scores: Dict[Projection, torch.Tensor]
+    sensitivity: Sensitivity
+    criterion: str
+    forwards: int
+
+    def allocations(self, targets: Sequence[float], max_level: float = DEFAULT_MAX_LEVEL) -> List[Allocation]:
+        """The separable allocation (:func:`sparsecc.tune.ffn.separable_allocation`) for each target."""
+        return separable_allocation(self.sensitivity, self.projections, self.scores, targets, max_level)
+
+
+def ffn_sensitivity(model, batches: Sequence, *, levels: Sequence[float] = DEFAULT_SENSITIVITY_LEVELS,
+                    criterion: str = "magnitude", error_fn: Optional[ErrorFn] = None,
+                    search_batches: Optional[Sequence] = None, progress: bool = True) -> FfnSensitivity:
+    """The output error with each FFN projection alone at each sparsity in ``levels`` (the others dense).
+
+    ``batches`` set the quantiles, ``search_batches`` (default: ``batches``)
+    are where the error is measured: ``len(projections) * len(levels)`` model
+    runs per search batch. The table shows how unevenly sparsity costs across
+    layers and projections, i.e. how much any allocation can gain over uniform
+    levels, and feeds the separable allocation.
+    """
+    from tqdm.auto import tqdm
+
+    batches, search_batches, projections, scores = _ffn_setup(model, batches, criterion, search_batches)
+    table = Sensitivity(tuple(levels), {})   # validates the levels before any model run
+    model_was_training = model.training
+    model.eval()
+    try:
+        dense = [run(model, b) for b in search_batches]
+        errors: Dict[Projection, List[float]] = {p: [] for p in projections}
+        bar = tqdm(total=len(projections) * len(table.levels), desc=f"sparsecc ffn sensitivity ({criterion})",
+                   disable=not progress)
+        for p in projections:
+            for level in table.levels:
+                error, _ = measure(model, search_batches, [p], {p: quantile_tau(scores[p], level)}, criterion,
+                                   error_fn, dense)
+                errors[p].append(error)
+                bar.update()
+        bar.close()
+    finally:
+        model.train(model_was_training)
+    table = Sensitivity(table.levels, {p: tuple(row) for p, row in errors.items()})
+    return FfnSensitivity(projections, scores, table, criterion, len(projections) * len(table.levels))
 
 
 def measure(model, batches, projections: Sequence[Projection], taus, criterion: str,
