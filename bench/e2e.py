@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -138,7 +137,6 @@ def site_times_ms(model, spec, report, seq: int, device, calls: int) -> List[dic
             def sparse():
                 return ops.streaming_attention(q, k, v, None, scale, True, sinks, windows, 0, kernels)
         rows.append({"site": path, "dense_ms": dense_ms, "sparse_ms": time_ms(sparse, device, calls)})
-    del q, k, v
     return rows
 
 

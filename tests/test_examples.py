@@ -78,25 +78,6 @@ def test_decode_matches_reference(capsys):
     assert _number(r"(?m)^sparsecc\s+\S+\s+(\S+)", out) > 0   # tokens/s
 
 
-def test_decode_static_cache_site_uses_mask_positions():
-    """The decode graph's attention becomes streaming_attention_from_mask (positions from the mask)."""
-    import decode
-    import sparsecc
-    from sparsecc.backend import rewritten_graphs
-
-    model = decode.build_llama(2, tiny=True, device="cpu", dtype=torch.float32)
-    spec = {"version": 1, "defaults": {"policy": "force"},
-            "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": 2, "window": 8}]}
-    cache = decode.new_cache(model, 40, 2)
-    prompt = decode.random_ids(model, 40)
-    decode.prefill(model, cache, prompt)
-    with torch.no_grad():
-        sparsecc.compile(model, spec=spec, kernels="reference")(
-            prompt[:, :1], past_key_values=cache, cache_position=torch.tensor([40]), use_cache=True)
-    targets = [str(n.target) for gm in rewritten_graphs() for n in gm.graph.nodes if n.op == "call_function"]
-    assert sum("streaming_attention_from_mask" in t for t in targets) == 2
-
-
 def test_bench_e2e_tiny(tmp_path, capsys):
     import e2e
 

@@ -104,22 +104,25 @@ def _decode_llama():
     return LlamaForCausalLM(config).eval()
 
 
-def test_static_cache_decode_site_reads_positions_from_the_mask():
+def test_static_cache_decode_site_reads_positions_from_the_mask(eager_lowering):
     pytest.importorskip("transformers")
     from transformers import StaticCache
+    from sparsecc.backend import rewritten_graphs
 
     model = _decode_llama()
     cache = StaticCache(config=model.config, max_cache_len=64)
     spec = {"version": 1, "defaults": {"policy": "force"},
             "attention": [{"modules": "model.layers.1.self_attn", "form": "streaming", "sink": 2, "window": 4}]}
-    ids = torch.randint(0, 256, (1, 12))
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(ids, past_key_values=cache, cache_position=torch.arange(12))
-        report = sparsecc.explain(model, ids[:, :1], spec=spec, past_key_values=cache,
-                                  cache_position=torch.tensor([12]))
-    (site,) = [s for s in report.sites if s.kind == "attention" and s.applied]
-    assert site.module == "model.layers.1.self_attn"
-    assert "streaming_attention_from_mask" in str(site.params) or site.params.get("anchor") == "mask"
+        sparsecc.compile(model, spec=spec, kernels="reference")(
+            ids[:, :1], past_key_values=cache, cache_position=torch.tensor([12]))
+    applied = [s for s in sparsecc.last_report().sites if s.kind == "attention" and s.applied]
+    assert [s.module for s in applied] == ["model.layers.1.self_attn"]
+    targets = [str(n.target) for gm in rewritten_graphs() for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum("streaming_attention_from_mask" in t for t in targets) == 1
+    assert not any(t.endswith("sparsecc.streaming_attention.default") for t in targets)
 
 
 @pytest.mark.gpu
