@@ -136,3 +136,9 @@ def test_gpu_kernel_matches_true_positions(sink, window):
     streaming_decode_from_mask_op(q, k, v, mask, 128 ** -0.5, [sink], [window], out=out)
     expected = expected_streaming(q.cpu(), k.cpu(), v.cpu(), [9000, 16383], sink, window, 128 ** -0.5)
     torch.testing.assert_close(out.cpu().double(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_opcheck():
+    """Schema, fake implementation and dispatch of the registered op (torch.library.opcheck)."""
+    q, k, v, mask = _case(sq=1, sk=48, fill=(20, 47))
+    torch.library.opcheck(ops.op("streaming_attention_from_mask"), (q, k, v, mask, 0.25, [4], [8], 0, "reference"))
