@@ -395,7 +395,7 @@ def _constant_subgraph(root: Node) -> Optional[list]:
             continue
         if node.op not in ("call_function", "call_method", "get_attr"):
             return None
-        if node.op == "call_method" and str(node.target).endswith("_"):
+        if node.op == "call_method" and _inplace_method(str(node.target)):
             return None
         if any(_mutates(user) for user in node.users):
             return None   # e.g. mask[i, j] = False after the mask was built: its value is not the traced one
@@ -408,7 +408,7 @@ def _constant_subgraph(root: Node) -> Optional[list]:
 def _mutates(node: Node) -> bool:
     """True for nodes that may write into one of their inputs (setitem, in-place methods, mutable ops)."""
     if node.op == "call_method":
-        return str(node.target).endswith("_")
+        return _inplace_method(str(node.target))
     if node.op == "call_function":
         target, name = node.target, getattr(node.target, "__name__", "")
         if getattr(target, "__module__", None) == "_operator" or target in vars(operator).values():
@@ -417,6 +417,17 @@ def _mutates(node: Node) -> bool:
             return target is operator.setitem or augmented
         return name.endswith("_") or node.is_impure()
     return False
+
+
+def _inplace_method(name: str) -> bool:
+    """True for tensor methods that write into ``self``: ``add_``, ``masked_fill_``, ``__iadd__``, ``__setitem__``.
+
+    Plain dunders end with an underscore too, but ``__eq__`` or ``__and__``
+    (which torch 2.11's Dynamo records as method calls) return new tensors.
+    """
+    if name.startswith("__") and name.endswith("__"):
+        return name == "__setitem__" or (name.startswith("__i") and hasattr(operator, name[3:-2] + "_"))
+    return name.endswith("_")
 
 
 def _fits_in_memory(value: torch.Tensor) -> bool:

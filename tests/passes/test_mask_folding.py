@@ -1,5 +1,7 @@
 """Constant causal masks of SDPA calls are folded into is_causal=True (passes/normalize.py), and only those."""
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,3 +173,26 @@ def test_gpu_hf_llama_materialised_mask_is_folded(monkeypatch):
     calls = [n for gm in rewritten_graphs() for n in _sdpa_nodes(gm)]
     assert len(calls) == 2 and all(n.kwargs["attn_mask"] is None and n.kwargs["is_causal"] for n in calls)
     torch.testing.assert_close(out, expected, atol=5e-2, rtol=5e-2)
+
+
+def test_dunder_method_calls_in_the_mask_are_not_mutations():
+    """torch 2.11's Dynamo records ``a == b`` in HF's mask builder as ``call_method __eq__``: still constant."""
+    from sparsecc.passes.normalize import _inplace_method
+
+    assert not _inplace_method("__eq__") and not _inplace_method("__and__") and not _inplace_method("__getitem__")
+    assert _inplace_method("__iand__") and _inplace_method("__setitem__") and _inplace_method("masked_fill_")
+    q, k, v = _qkv()
+
+    def eq_mask(q, k, v):
+        s = q.shape[-2]
+        rows, cols = torch.arange(s)[:, None], torch.arange(s)[None, :]
+        mask = (cols <= rows) == torch.ones(s, s, dtype=torch.bool)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+    gm = _capture(eq_mask, q, k, v)
+    eq = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.eq]
+    assert len(eq) == 1
+    eq[0].op, eq[0].target = "call_method", "__eq__"  # the spelling torch 2.11 records
+    assert fold_causal_masks(gm.graph) == 1
+    gm.recompile()
+    torch.testing.assert_close(gm(q, k, v)[0], F.scaled_dot_product_attention(q, k, v, is_causal=True))
