@@ -405,6 +405,14 @@ def _constant_subgraph(root: Node) -> Optional[list]:
     return [n for n in root.graph.nodes if n in seen]
 
 
+def writes_inputs(node: Node) -> bool:
+    """True for nodes that may write into one of their inputs (in-place methods and ops, setitem).
+
+    Dead-code elimination must keep them even when their result is unused.
+    """
+    return _mutates(node)
+
+
 def _mutates(node: Node) -> bool:
     """True for nodes that may write into one of their inputs (setitem, in-place methods, mutable ops)."""
     if node.op == "call_method":

@@ -211,9 +211,16 @@ def stage_rewrite(gm: GraphModule, ctx: CompileContext) -> None:
             log.warning("sparsecc: rewrite of %s failed: %r", site.label, err)
             ctx.decisions[id(site)] = Decision(False, decision.form, f"dense fallback: the rewrite failed ({err!r})",
                                                decision.estimate, decision.rule, decision.policy)
-    gm.graph.eliminate_dead_code()
+    # FX's default purity test knows in-place *functions* but not in-place *methods*: a KV cache's
+    # ``keys.index_copy_(...)`` or a buffer's ``count.add_(1)`` has no users and would be erased.
+    gm.graph.eliminate_dead_code(is_impure_node=_keeps_side_effects)
     gm.graph.lint()
     gm.recompile()
+
+
+def _keeps_side_effects(node: Node) -> bool:
+    """True for nodes dead-code elimination must keep although nothing reads them (they write state)."""
+    return node.is_impure() or normalize_mod.writes_inputs(node)
 
 
 STAGES: Tuple[Tuple[str, Callable[[GraphModule, CompileContext], None]], ...] = (

@@ -170,3 +170,33 @@ def test_backend_is_found_without_importing_sparsecc():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch.Size([2, 8])" in result.stdout
+
+
+class _CountingFFN(torch.nn.Module):
+    """An FFN site plus state written in place and never read in the graph (a cache's bookkeeping)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 32)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros(4, 32))
+
+    def forward(self, x):
+        self.calls.add_(1)                                             # in-place method, result unused
+        self.seen.index_copy_(0, torch.tensor([0]), x[:1, 0])          # a KV-cache style write
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_in_place_writes_survive_dead_code_elimination(eager_lowering):
+    """The rewrite stage's dead-code elimination keeps in-place method calls nobody reads."""
+    model = _CountingFFN().eval()
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "mode": "input", "threshold": 0.1}]}
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        compiled = sparsecc.compile(model, spec=spec, kernels="reference", report=False)
+        compiled(x)
+        compiled(x)
+    assert float(model.calls) == 2.0
+    torch.testing.assert_close(model.seen[0], x[0, 0])
