@@ -48,34 +48,15 @@ def test_llama_long_context_matches_reference(capsys):
     assert re.search(r"^eager\s+\d", out, re.M) and re.search(r"^sparsecc\s+\d", out, re.M)
 
 
-def _pipeline_keeps_cache_writes() -> bool:
-    """Whether sparsecc's rewrite stage keeps in-place writes (a StaticCache's index_copy_) in the graph."""
-    import sparsecc
-    from sparsecc.backend import rewritten_graphs
-
-    def write(cache, x):
-        cache.index_copy_(0, torch.tensor([1]), x)
-        return cache.sum()
-
-    torch._dynamo.reset()
-    sparsecc.compile(write, spec={"version": 1})(torch.zeros(3, 2), torch.ones(1, 2))
-    kept = any(n.target == "index_copy_" for gm in rewritten_graphs() for n in gm.graph.nodes)
-    torch._dynamo.reset()
-    return kept
-
-
 def test_decode_matches_reference(capsys):
     import decode
 
-    if not _pipeline_keeps_cache_writes():
-        pytest.xfail("the rewrite stage's dead-code elimination drops in-place StaticCache writes "
-                     "(sparsecc/pipeline.py stage_rewrite), so decode steps read a stale cache")
     decode.main(["--tiny", "--steps", "3", "--backends", "eager,sparsecc"])
     out = capsys.readouterr().out
     assert "attention: 2/2 rewritten; ffn: 2/2 rewritten" in out
     assert "{'attention:streaming': 2, 'ffn:activation_threshold': 2}" in out
     assert _number(r"over 3 steps' logits = (\S+)", out) < 1e-4
-    assert _number(r"(?m)^sparsecc\s+\S+\s+(\S+)", out) > 0   # tokens/s
+    assert _number(r"(?m)^sparsecc\s+[0-9.]+\s+([0-9.]+)", out) > 0   # tokens/s
 
 
 def test_bench_e2e_tiny(tmp_path, capsys):
@@ -145,9 +126,6 @@ def test_gpu_decode_kernels_match_reference():
     """On CUDA: static-cache decode through the Triton decode kernel and the CATS kernel vs the reference (bf16)."""
     import decode
 
-    if not _pipeline_keeps_cache_writes():
-        pytest.xfail("the rewrite stage's dead-code elimination drops in-place StaticCache writes "
-                     "(sparsecc/pipeline.py stage_rewrite), so decode steps read a stale cache")
     model = decode.build_llama(2, tiny=True, device="cuda", dtype=torch.bfloat16)
     spec = decode.calibrated_spec(model, os.path.join(decode.SPEC_DIR, "llama_tiny_decode.toml"), tiny=True)
     result = decode.run_decode(model, spec, kv=300, steps=4, device="cuda", backends=("sparsecc",), kernels="auto")
