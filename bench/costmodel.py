@@ -389,6 +389,8 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
         held_out = cross_validate(fit_rows, shipped, hw, folds, sweeps)
         summary["refit_cross_validated"] = metrics(fit_rows, held_out)
         print_metrics(f"refit, cross-validated ({folds} folds over shapes)", summary["refit_cross_validated"])
+        for r, p in zip(rows, held_out):
+            r["predicted_cv"] = p
     for r, p_before, p_after in zip(rows, before, after):
         r["predicted_shipped"], r["predicted"] = p_before, p_after
         if r.get("dense_ms"):

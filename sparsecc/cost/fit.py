@@ -9,7 +9,7 @@ per-call floor applies) or replayed from a CUDA graph.
 
 ``fit`` searches the table (per family: compute_small, compute_large,
 memory, floor_s, tile_overhead) by coordinate descent on multiplicative
-steps, minimising
+steps, first on the accuracy terms alone, then minimising
 
     mean(min(|predicted - measured| / measured speedup, ERROR_CAP))
       + REGRET_WEIGHT * mean(chosen / best - 1)
@@ -177,14 +177,17 @@ def _free_params(rows: Sequence[FitRow], families: Dict[str, dict]) -> List[tupl
     return pairs
 
 
-def fit(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, max_sweeps: int = MAX_SWEEPS) -> dict:
-    """Coordinate descent from ``start`` (a ``families`` mapping); returns the fitted ``families``."""
-    families = copy.deepcopy(start)
-    for entry in families.values():
-        entry.setdefault("floor_s", 0.0)
-        entry.setdefault("tile_overhead", 0.0)
-    best = loss(rows, predict_rows(rows, families, hw))
-    pairs = _free_params(rows, families)
+def error_loss(rows: Sequence[FitRow], predicted: Sequence[float]) -> float:
+    """The accuracy part of ``loss`` alone (the first stage of ``fit``)."""
+    errors = [min(ERROR_CAP, abs(p - r.measured) / r.measured) for r, p in zip(rows, predicted) if r.dense_s]
+    kernel = [abs(math.log(p / r.sparse_s)) for r, p in zip(rows, predicted) if r.dense_s is None]
+    return (statistics.fmean(errors) if errors else 0.0) + (KERNEL_WEIGHT * statistics.fmean(kernel) if kernel
+                                                            else 0.0)
+
+
+def _descend(rows, families, hw, pairs, objective, max_sweeps: int) -> None:
+    """Coordinate descent on ``objective`` over ``pairs``, in place."""
+    best = objective(rows, predict_rows(rows, families, hw))
     for _ in range(max_sweeps):
         improved = False
         for fam, name in pairs:
@@ -202,13 +205,29 @@ def fit(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, max_sweeps
                 if entry["compute_small"] > entry["compute_large"]:
                     entry[name] = old   # compute efficiency never falls with size
                     continue
-                trial = loss(rows, predict_rows(rows, families, hw))
+                trial = objective(rows, predict_rows(rows, families, hw))
                 if trial < best - 1e-12:
                     best, improved = trial, True
                 else:
                     entry[name] = old
         if not improved:
             break
+
+
+def fit(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, max_sweeps: int = MAX_SWEEPS) -> dict:
+    """Fit the table to ``rows`` from ``start`` (a ``families`` mapping); returns the fitted ``families``.
+
+    Two stages of coordinate descent: first on the accuracy terms alone (a
+    smoother landscape that moves every family near its measured rates), then
+    on the full decision-aware ``loss`` from there.
+    """
+    families = copy.deepcopy(start)
+    for entry in families.values():
+        entry.setdefault("floor_s", 0.0)
+        entry.setdefault("tile_overhead", 0.0)
+    pairs = _free_params(rows, families)
+    _descend(rows, families, hw, pairs, error_loss, max_sweeps)
+    _descend(rows, families, hw, pairs, loss, max_sweeps)
     for entry in families.values():
         for name in PARAMS:
             entry[name] = float(f"{entry[name]:.4g}")

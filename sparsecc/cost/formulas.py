@@ -242,10 +242,18 @@ def linear_cost(form=None, activation_sparsity=None, shapes=None) -> Cost:
 
 
 def gate_ffn_cost(d_model, d_ff, tokens, sparsity: float, gated: bool) -> Cost:
-    """Gate-mode (CATS) FFN: the gate GEMV reads all of W_gate; up rows and down columns only for the
-    neurons some token keeps (``1 - sparsity^tokens`` of them); two launches (gate + up, then down)."""
+    """Gate-mode (CATS) FFN: the gate GEMV reads all of W_gate; up rows and down columns are read only for the
+    neurons some token keeps (``1 - sparsity^tokens`` of them).
+
+    Two parts with their own families, because they run at different rates
+    on the H100 (``bench/crossover_h100.json``: at M = 1 the time is about
+    0.086 ms + 0.094 ms x kept share, i.e. ~1.4 TB/s on the gate against
+    ~2.5 TB/s on the kept rows): ``ffn_gate`` (the gate GEMV and threshold,
+    fused with the up rows in the first launch) and ``ffn_gate_kept`` (the kept
+    up rows and the compacted down GEMV, the second launch).
+    """
     keep = 1 - sp.Float(sparsity) ** tokens
-    weights = d_model * d_ff * (1 + (keep if gated else 0) + keep)
-    flops = 2 * tokens * weights
-    nbytes = ELEM * (weights + tokens * (2 * d_model + 2 * d_ff))
-    return Cost(flops, nbytes, 2, "ffn_gate_sparse")
+    gate = Cost(2 * tokens * d_model * d_ff, ELEM * (d_model * d_ff + tokens * (d_model + d_ff)), 1, "ffn_gate")
+    kept_weights = d_model * d_ff * keep * (2 if gated else 1)
+    kept = Cost(2 * tokens * kept_weights, ELEM * (kept_weights + tokens * (d_model + d_ff)), 1, "ffn_gate_kept")
+    return Cost(gate.flops, gate.bytes, gate.launches, gate.family, extra=(kept,))

@@ -202,7 +202,7 @@ def test_shipped_table_has_every_family_the_formulas_use():
     families = set(table()["families"])
     for form in (None, Streaming(128, 1024), BlockSparse(128, 2, 1, 0), BlockSparse(128, 2, 1, 2)):
         assert attention_costs(form, None, True)[1].family in families
-    assert {"gemm_dense", "gemm_block_sparse", "gemm_2to4", "gemv_activation_sparse", "ffn_gate_sparse",
+    assert {"gemm_dense", "gemm_block_sparse", "gemm_2to4", "gemv_activation_sparse", "ffn_gate", "ffn_gate_kept",
             "attention_estimate"} <= families
     prov = provenance()
     assert prov["device"] and prov["date"] and prov["commit"]
