@@ -426,11 +426,13 @@ def header(device: str, opts) -> List[str]:
     """Provenance lines: device, versions, commit, what the numbers are."""
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = os.environ.get("SPARSECC_COMMIT", "")  # a copied checkout (a remote GPU) may carry no git state
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip() or "?"
+        except OSError:
+            commit = "?"
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "CPU"
     return [f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {name}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, sparsecc {commit}; "
@@ -458,11 +460,13 @@ def write_results(text: str, path: str) -> None:
         fh.write(new)
 
 
-def device_slug(device: str) -> str:
-    """A file-name tag for the device (h100, cpu, ...)."""
-    if torch.device(device).type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name().lower()
+def device_slug(device: str, name: Optional[str] = None) -> str:
+    """A file-name tag for the device (h100, cpu, ...); ``name`` is a recorded device name (``--from-json``)."""
+    if name is None:
+        if torch.device(device).type != "cuda":
+            return "cpu"
+        name = torch.cuda.get_device_name()
+    name = name.lower()
     for tag in ("h100", "h200", "a100", "l40", "b200"):
         if tag in name:
             return tag
@@ -558,7 +562,9 @@ def finish(rows: List[dict], head: List[str], opts, device: str, seconds: float)
     print("\n" + "\n".join(head + [""] + lines))
     print(f"\n{seconds:.0f} s in all")
     if opts.write:
-        slug = device_slug(device)
+        # Rows loaded with --from-json carry the device they ran on in their header line.
+        recorded = next((tag for tag in ("H100", "H200", "A100", "L40", "B200") if head and tag in head[0]), None)
+        slug = device_slug(device, recorded)
         text = "\n".join(["## End to end (bench/e2e.py)", "", *head, "", *lines, "",
                           f"![e2e](plots/e2e_{slug}.png)"])
         write_results(text, opts.results)
