@@ -137,3 +137,15 @@ def test_form_specs_round_trip(bench_costmodel):
         assert bench_costmodel.make_form(json.loads(json.dumps(spec))) == form
     with pytest.raises(ValueError, match="unknown form"):
         bench_costmodel.make_form({"name": "nope"})
+
+
+def test_bench_report_runs_offline(bench_costmodel, capsys):
+    # the --refit-from path end to end on the 2:4 and gate-mode rows, without writing the table
+    from sparsecc.cost.hardware import H100_SXM
+    rows = [r for r in bench_costmodel.load_rows(os.path.join(BENCH, "crossover_h100.json"))
+            if r["site"]["kind"] == "ffn" or r["site"].get("form") == {"name": "2:4"}]
+    summary = bench_costmodel.report(rows, H100_SXM, "test device", write=False, folds=2, sweeps=1)
+    assert set(summary) == {"shipped", "refit_in_sample", "refit_cross_validated"}
+    assert all(s["points"] == len(rows) for s in summary.values())
+    assert all("predicted" in r and "predicted_cv" in r for r in rows)
+    assert "cross-validated (2 folds over shapes)" in capsys.readouterr().out
