@@ -116,6 +116,8 @@ def test_bench_specs_follow_the_issue():
     assert streaming.resolve("attention", "model.layers.2.self_attn").form.window == 4096
     assert streaming.resolve("attention", "model.layers.2.self_attn").form.sink == 128
     assert streaming.resolve("attention", "model.layers.1.self_attn").form.name == "dense"
+    every_layer = sparsecc.load_spec(specs["sparsecc-streaming-all"])
+    assert every_layer.resolve("attention", "model.layers.0.self_attn").form.window == 4096
     tuned = sparsecc.load_spec(specs["sparsecc-tuned"])
     assert tuned.resolve("attention", "model.layers.3.self_attn").form.name == "block_topk"
     assert tuned.resolve("attention", "model.layers.0.self_attn").form.name == "dense"
