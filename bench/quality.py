@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python bench/quality.py            # full sweep, writes bench/RESULTS.md + plot
     python bench/quality.py --quick --no-write          # a smaller smoke run
+    python bench/quality.py --study                     # corrections beyond the form (printed only)
 
 Sentences are docstrings of Python standard-library modules (read from their
 source files with ``ast``, nothing imported), alternately split into a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import importlib.util
 import os
@@ -40,6 +42,8 @@ CRITERIA = ("magnitude", "weighted")
 MAX_TOKENS = 64          # docstring sentences are short; longer ones are cut
 BATCH = 16
 SECTION = "## Quality (MiniLM)"
+# (input, down) levels of the --study rows: uniform 40/50/60% and 50% moved towards the down projection.
+STUDY_LEVELS = ((0.4, 0.4), (0.5, 0.5), (0.3, 0.7), (0.2, 0.8), (0.6, 0.6))
 # Near-zero bounds for the natural-sparsity table: inputs below them are already (almost) free to drop.
 NEAR_ZERO = (1e-3, 1e-2, 5e-2)
 
@@ -115,6 +119,108 @@ def evaluate(model, batches, projections, taus, criterion):
     return 1 - error, sum(p.weight_elements * sparsity.get(p, 0.0) for p in projections) / total
 
 
+def dropped_statistics(model, batches, projections, taus):
+    """Per projection: (mean over tokens of x * dropped, mean of x where dropped) per channel, on the dense model."""
+    from sparsecc.tune.capture import run
+    modules = dict(model.named_modules())
+    sums, handles = {}, []
+
+    def recorder(proj, tau):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            dropped = (x.abs() <= tau).double()
+            acc = sums.setdefault(proj, [0.0, 0.0, 0])
+            acc[0] = acc[0] + (x * dropped).sum(0)
+            acc[1] = acc[1] + dropped.sum(0)
+            acc[2] += x.shape[0]
+        return hook
+
+    try:
+        for proj in projections:
+            # Every module of a projection reads the same input: one recorder is enough.
+            handles.append(modules[proj.modules[0]].register_forward_pre_hook(recorder(proj, taus[proj])))
+        for batch in batches:
+            run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: ((a[0] / a[2]).float(), (a[0] / a[1].clamp_min(1)).float()) for p, a in sums.items()}
+
+
+@contextlib.contextmanager
+def corrected(model, projections, taus, correction=None, stats=None, dense_tokens=None):
+    """Magnitude thresholds plus a correction outside the form, as forward hooks.
+
+    ``correction``: None (the form), "bias" (add ``W m``, m the mean dropped part per channel: a constant) or
+    "token" (add ``W (c * dropped)``, c the mean of a channel where dropped: per token, a dense product).
+    ``dense_tokens["mask"]``, when given, is a [batch, seq] bool mask of tokens left dense and uncorrected.
+    """
+    modules = dict(model.named_modules())
+    handles, dropped = [], {}
+
+    def pre(proj, tau):
+        def hook(module, args):
+            x = args[0]
+            keep = x.abs() > tau
+            if dense_tokens is not None:
+                keep = keep | dense_tokens["mask"].unsqueeze(-1)
+            dropped[proj] = ~keep
+            return (x * keep,) + tuple(args[1:])
+        return hook
+
+    def post(proj):
+        def hook(module, args, out):
+            mean, conditional = stats[proj]
+            if correction == "bias":
+                extra = (mean @ module.weight.t()).expand_as(out)
+                if dense_tokens is not None:
+                    extra = extra * (~dense_tokens["mask"]).unsqueeze(-1)
+            else:
+                extra = (dropped[proj].float() * conditional) @ module.weight.t()
+            return out + extra
+        return hook
+
+    try:
+        for proj in projections:
+            for path in proj.modules:
+                handles.append(modules[path].register_forward_pre_hook(pre(proj, taus[proj])))
+                if correction is not None:
+                    handles.append(modules[path].register_forward_hook(post(proj)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def correction_study(model, tok, calib, held_out) -> str:
+    """Cos on the evaluation half at uniform-per-key levels: the form, and corrections the form does not have."""
+    from sparsecc.tune.capture import ffn_projections, quantile_tau, run, score_samples
+    import sparsecc
+    projections = ffn_projections(model, sparsecc.explain(model, **calib[0]))
+    scores = score_samples(model, calib, projections, "magnitude")
+    dense = [run(model, b) for b in held_out]
+    variants = (("the form", None, False), ("+ bias correction", "bias", False),
+                ("+ per-token dropped mean", "token", False), ("+ bias, [CLS]/[SEP] dense", "bias", True))
+    lines = ["| input / down | " + " | ".join(v[0] for v in variants) + " |", "|---|" + "---|" * len(variants)]
+    for level_in, level_down in STUDY_LEVELS:
+        taus = {p: quantile_tau(scores[p], level_in if p.key == "input" else level_down) for p in projections}
+        stats = dropped_statistics(model, calib, projections, taus)
+        cells = []
+        for _name, correction, special_dense in variants:
+            holder = {} if special_dense else None
+            total = 0.0
+            with corrected(model, projections, taus, correction, stats, holder):
+                for batch, d in zip(held_out, dense):
+                    if holder is not None:
+                        ids = batch["input_ids"]
+                        holder["mask"] = (ids == tok.cls_token_id) | (ids == tok.sep_token_id)
+                    total += cosine_error(d, run(model, batch), batch)
+            cells.append(f"{1 - total / len(held_out):.4f}")
+        lines.append(f"| {level_in:.1f} / {level_down:.1f} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def compiled_check(model, batches, spec):
     """max |compiled embedding - hook embedding| for ``spec`` through sparsecc (reference kernels, eager)."""
     import sparsecc
@@ -140,6 +246,8 @@ def main(argv=None):
     parser.add_argument("--step", type=float, default=0.1)
     parser.add_argument("--quick", action="store_true", help="64 sentences, one search batch, 0.2 steps")
     parser.add_argument("--no-write", action="store_true", help="print only; no RESULTS.md section, no plot")
+    parser.add_argument("--study", action="store_true",
+                        help="only print what corrections outside the form would give (docs/tune.md); writes nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.sentences, args.search_batches, args.step = 64, 1, 0.2
@@ -158,6 +266,9 @@ def main(argv=None):
     calib, held_out = make_batches(tok, sentences[0::2]), make_batches(tok, sentences[1::2])
     # Search on batches spread over the length range, not only the shortest sentences.
     spread = [calib[int((i + 0.5) * len(calib) / args.search_batches)] for i in range(args.search_batches)]
+    if args.study:
+        print(correction_study(model, tok, calib, held_out))
+        return []
     rows, curves, checks, tables = [], {}, [], {}
     for criterion in CRITERIA:
         tuning = tune_ffn(model, calib, SPARSITIES, criterion=criterion, error_fn=cosine_error,
