@@ -127,19 +127,19 @@ def ffn_sensitivity(model, batches: Sequence, *, levels: Sequence[float] = DEFAU
     table = Sensitivity(tuple(levels), {})   # validates the levels before any model run
     model_was_training = model.training
     model.eval()
+    errors: Dict[Projection, List[float]] = {p: [] for p in projections}
+    bar = tqdm(total=len(projections) * len(table.levels), desc=f"sparsecc ffn sensitivity ({criterion})",
+               disable=not progress)
     try:
         dense = [run(model, b) for b in search_batches]
-        errors: Dict[Projection, List[float]] = {p: [] for p in projections}
-        bar = tqdm(total=len(projections) * len(table.levels), desc=f"sparsecc ffn sensitivity ({criterion})",
-                   disable=not progress)
         for p in projections:
             for level in table.levels:
                 error, _ = measure(model, search_batches, [p], {p: quantile_tau(scores[p], level)}, criterion,
                                    error_fn, dense)
                 errors[p].append(error)
                 bar.update()
-        bar.close()
     finally:
+        bar.close()
         model.train(model_was_training)
     table = Sensitivity(table.levels, {p: tuple(row) for p, row in errors.items()})
     return FfnSensitivity(projections, scores, table, criterion, len(projections) * len(table.levels))
