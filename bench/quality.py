@@ -87,6 +87,13 @@ def stdlib_sentences(limit: int):
     return [out[int(i * stride)] for i in range(limit)]
 
 
+def spread_batches(batches, count: int):
+    """``count`` of the length-sorted ``batches``, spread over the length range rather than the shortest ones."""
+    if not 1 <= count <= len(batches):
+        raise SystemExit(f"{count} batches asked for, 1..{len(batches)} available")
+    return [batches[int((i + 0.5) * len(batches) / count)] for i in range(count)]
+
+
 def make_batches(tok, sentences):
     """Length-sorted batches of BATCH sentences (little padding), as keyword-argument dicts."""
     order = sorted(sentences, key=lambda s: len(tok(s)["input_ids"]))
@@ -244,13 +251,16 @@ def main(argv=None):
                         help="calibration batches whose output error the greedy search measures")
     # 0.1 steps keep the search within the bench's 2-core time budget (5% steps take about twice the forwards).
     parser.add_argument("--step", type=float, default=0.1)
+    # Three batches spread over the length range keep the table's 108 runs per batch within the time budget.
+    parser.add_argument("--sensitivity-batches", type=int, default=3,
+                        help="calibration batches the sensitivity table (and so the separable allocation) measures")
     parser.add_argument("--quick", action="store_true", help="64 sentences, one search batch, 0.2 steps")
     parser.add_argument("--no-write", action="store_true", help="print only; no RESULTS.md section, no plot")
     parser.add_argument("--study", action="store_true",
                         help="only print what corrections outside the form would give (docs/tune.md); writes nothing")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sentences, args.search_batches, args.step = 64, 1, 0.2
+        args.sentences, args.search_batches, args.step, args.sensitivity_batches = 64, 1, 0.2, 2
     from transformers import AutoModel, AutoTokenizer
     from sparsecc.tune import ffn_rules, tune_ffn
     from sparsecc.tune.tuner import ffn_sensitivity
@@ -265,7 +275,8 @@ def main(argv=None):
     sentences = stdlib_sentences(args.sentences)
     calib, held_out = make_batches(tok, sentences[0::2]), make_batches(tok, sentences[1::2])
     # Search on batches spread over the length range, not only the shortest sentences.
-    spread = [calib[int((i + 0.5) * len(calib) / args.search_batches)] for i in range(args.search_batches)]
+    spread = spread_batches(calib, args.search_batches)
+    table_batches = spread_batches(calib, args.sensitivity_batches)
     if args.study:
         print(correction_study(model, tok, calib, held_out))
         return []
@@ -274,9 +285,9 @@ def main(argv=None):
         tuning = tune_ffn(model, calib, SPARSITIES, criterion=criterion, error_fn=cosine_error,
                           search_batches=spread, step=args.step, progress=True)
         projections = tuning.projections
-        # The sensitivity table is measured on every calibration batch: it costs one run per projection and
-        # level, independent of the targets.
-        sensitivity = ffn_sensitivity(model, calib, criterion=criterion, error_fn=cosine_error, progress=True)
+        # The sensitivity table costs one run per projection and level and search batch, whatever the targets.
+        sensitivity = ffn_sensitivity(model, calib, criterion=criterion, error_fn=cosine_error,
+                                      search_batches=table_batches, progress=True)
         separable = {a.target: a for a in sensitivity.allocations(SPARSITIES)}
         tables[criterion] = (sensitivity, natural_sparsity(tuning.scores, projections))
         for s in SPARSITIES:
@@ -348,7 +359,8 @@ def render(rows, checks, tables, args, n_sentences, elapsed) -> str:
              "(nominal = calibration quantiles; measured = zeros counted on the evaluation half). Tuned: "
              f"greedy step {args.step}, output error 1 - cos on {args.search_batches} calibration batches "
              f"of {BATCH}. Separable: levels minimising the sum of the single-projection errors of the "
-             "sensitivity table below (measured on all calibration batches); modelled = 1 - that sum.", "",
+             f"sensitivity table below (measured on {args.sensitivity_batches} calibration batches); modelled = 1 - "
+             "that sum.", "",
              "| criterion | FFN sparsity | uniform cos | tuned cos | separable cos (modelled) | tuned - uniform | "
              "measured (uniform / tuned / separable) |",
              "|---|---|---|---|---|---|---|"]
@@ -378,7 +390,7 @@ def sensitivity_lines(tables):
     """The sensitivity table (cos lost, x 1e-3, each projection alone) and the natural-sparsity table."""
     sensitivity, natural = tables["magnitude"]
     table = sensitivity.sensitivity
-    lines = ["", "Sensitivity (magnitude criterion): cos lost x 1e-3 on the calibration half with one projection "
+    lines = ["", "Sensitivity (magnitude criterion): cos lost x 1e-3 on the sensitivity batches with one projection "
              "thresholded alone at each level, the others dense; sum = the errors added up over all projections.",
              "",
              "| projection | " + " | ".join(f"{v:.0%}" for v in table.levels) + " |",
