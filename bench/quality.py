@@ -448,14 +448,21 @@ def plot(curves, path: Path) -> None:
 
 
 def append_section(table: str) -> None:
-    """Replace this bench's own section of bench/RESULTS.md (appended at the end), leaving the others alone."""
+    """Write this bench's own section of bench/RESULTS.md in place (appended when absent), leaving the others alone.
+
+    The section ends at the next heading or at the next HTML comment line: other benches mark their sections
+    with ``<!-- name:begin -->`` lines just above their headings.
+    """
     path = ROOT / "bench" / "RESULTS.md"
     text = path.read_text(encoding="utf-8")
     start = text.find(SECTION)
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + (text[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n\n" + table, encoding="utf-8")
+    if start < 0:
+        path.write_text(text.rstrip("\n") + "\n\n" + table, encoding="utf-8")
+        return
+    ends = [i for i in (text.find("\n## ", start + len(SECTION)), text.find("\n<!--", start)) if i >= 0]
+    end = min(ends) + 1 if ends else len(text)
+    rest = text[end:]
+    path.write_text(text[:start] + table.rstrip("\n") + "\n" + ("\n" + rest if rest else ""), encoding="utf-8")
 
 
 if __name__ == "__main__":
