@@ -44,7 +44,7 @@ from typing import Callable, List, Optional
 import torch
 
 from sparsecc.cost.efficiency import TABLE_PATH, table
-from sparsecc.cost.fit import FitRow, Hardware, cross_validate, fit, metrics, predict_rows
+from sparsecc.cost.fit import FitRow, Hardware, cross_validate, fit, metrics, predict_rows, prior
 from sparsecc.cost.formulas import ELEM, B, D, H, HKV, K, M, N, SK, SQ
 from sparsecc.cost.hardware import H100_SXM, profile_for
 from sparsecc.cost.sites import attention_costs, ffn_costs, linear_costs
@@ -104,8 +104,8 @@ def site_kernels(site: dict):
             return [], [k for k in sparse_kernels if k["family"] == "attention_estimate"]
         return dense.kernels(values), sparse_kernels
     if kind == "linear":
-        dense, sparse = linear_costs(make_form(site["form"]), site.get("activation_sparsity"))
-        values = {M: site["tokens"], N: site["out"], K: site["in"], **elem}
+        dense, sparse = linear_costs(make_form(site["form"]), site.get("activation_sparsity"), site["tokens"])
+        values = {N: site["out"], K: site["in"], **elem}
         return dense.kernels(values), sparse.kernels(values)
     if kind == "ffn":
         d, f = site["d_model"], site["d_ff"]
@@ -381,12 +381,13 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
     before = predict_rows(fit_rows, shipped, hw)
     summary = {"shipped": metrics(fit_rows, before)}
     print_metrics("shipped table", summary["shipped"])
-    fitted = fit(fit_rows, shipped, hw, sweeps)
+    start = prior(shipped)   # every fit (and every fold) starts from the same generic table
+    fitted = fit(fit_rows, start, hw, sweeps)
     after = predict_rows(fit_rows, fitted, hw)
     summary["refit_in_sample"] = metrics(fit_rows, after)
     print_metrics("refit table, scored on the rows it was fitted on (in-sample)", summary["refit_in_sample"])
     if folds > 1:
-        held_out = cross_validate(fit_rows, shipped, hw, folds, sweeps)
+        held_out = cross_validate(fit_rows, start, hw, folds, sweeps)
         summary["refit_cross_validated"] = metrics(fit_rows, held_out)
         print_metrics(f"refit, cross-validated ({folds} folds over shapes)", summary["refit_cross_validated"])
         for r, p in zip(rows, held_out):

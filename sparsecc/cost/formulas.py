@@ -218,6 +218,18 @@ def block_linear_programs(tokens, out_features, form: BlockWeights):
     return sp.Piecewise(*pieces, (sp.ceiling(tokens / CONFIGS[-1][3].BLOCK_M) * rows, True))
 
 
+def block_linear_family(tokens, form: BlockWeights) -> str:
+    """"gemm_block_sparse_decode" when the kernel runs its decode tile (the smallest token tile, for few
+    tokens: a different, latency-bound inner loop), else "gemm_block_sparse"; a symbolic count takes the latter."""
+    from sparsecc.codegen.block_sparse_linear import CONFIGS, pick_config
+
+    if isinstance(tokens, (int, float)) or getattr(tokens, "is_number", False):
+        smallest = min(cfg.BLOCK_M for *_, cfg in CONFIGS)
+        if pick_config(int(tokens), *form.block).BLOCK_M == smallest:
+            return "gemm_block_sparse_decode"
+    return "gemm_block_sparse"
+
+
 def linear_cost(form=None, activation_sparsity=None, shapes=None) -> Cost:
     """Cost of ``x[tokens, in] @ W[out, in]ᵀ`` dense, with a weight form, or with input activation sparsity."""
     s = {**dict(tokens=M, out_features=N, in_features=K), **(shapes or {})}
@@ -231,8 +243,8 @@ def linear_cost(form=None, activation_sparsity=None, shapes=None) -> Cost:
         # kept blocks plus one int32 column index per block
         index = 4 * n * k * form.density / (form.block[0] * form.block[1])
         steps = form.density * k / form.block[1]   # kept blocks per block row
-        return Cost(flops * form.density, w_bytes * form.density + index + act_bytes, 1, "gemm_block_sparse",
-                    steps=steps, programs=block_linear_programs(t, n, form))
+        return Cost(flops * form.density, w_bytes * form.density + index + act_bytes, 1,
+                    block_linear_family(t, form), steps=steps, programs=block_linear_programs(t, n, form))
     if isinstance(form, TwoFour):
         # half the values plus 2-bit metadata per kept value
         return Cost(flops / 2, w_bytes * sp.Rational(1, 2) + n * k / 8 + act_bytes, 1, "gemm_2to4")

@@ -74,9 +74,13 @@ def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, 
     return SiteEstimate(prediction, density, cross)
 
 
-def linear_costs(form, activation_sparsity=None) -> Tuple[Cost, Cost]:
-    """(dense, sparse) costs of a linear site as expressions of tokens, in_features, out_features."""
-    return linear_cost(), linear_cost(form, activation_sparsity)
+def linear_costs(form, activation_sparsity=None, tokens=None) -> Tuple[Cost, Cost]:
+    """(dense, sparse) costs of a linear site as expressions of tokens, in_features, out_features.
+
+    A known ``tokens`` is built in (the block-sparse kernel's family depends on its token tile).
+    """
+    shapes = None if tokens is None else dict(tokens=tokens)
+    return linear_cost(shapes=shapes), linear_cost(form, activation_sparsity, shapes)
 
 
 def _probes(tokens: int, symbolic: bool):
@@ -97,9 +101,8 @@ def estimate_linear(form, *, tokens, in_features, out_features, dtype, hw: Hardw
     count where sparse fares worst: ``auto`` applies the form only when it
     wins at every probed count.
     """
-    dense, sparse = linear_costs(form, activation_sparsity)
-    probes = [(predict(dense, sparse, hw, dtype, {M: t, N: out_features, K: in_features}), t)
-              for t in _probes(tokens, symbolic_tokens)]
+    probes = [(predict(*linear_costs(form, activation_sparsity, t), hw, dtype, {N: out_features, K: in_features}),
+               t) for t in _probes(tokens, symbolic_tokens)]
     prediction, worst = _worst(probes)
     density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0
     return SiteEstimate(prediction, density, worst_tokens=worst if symbolic_tokens else None)

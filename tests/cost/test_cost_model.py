@@ -119,8 +119,10 @@ def test_linear_decision_matches_direct_evaluation(tokens, k, n, density, bf16):
     dense = _direct_time(flops, w_bytes + act, "gemm_dense", dtype, H100_SXM)
     tile = pick_config(tokens, 64, 64).BLOCK_M
     programs = math.ceil(tokens / tile) * math.ceil(n / 64)
+    # the 16-token decode tile is its own family
+    family = "gemm_block_sparse_decode" if tile == 16 else "gemm_block_sparse"
     sparse = _direct_time(flops * density, w_bytes * density + 4 * n * k * density / 4096 + act,
-                          "gemm_block_sparse", dtype, H100_SXM, steps=density * k / 64, programs=programs)
+                          family, dtype, H100_SXM, steps=density * k / 64, programs=programs)
     assert est.prediction.dense_time_s == pytest.approx(dense, rel=1e-9)
     assert est.prediction.sparse_time_s == pytest.approx(sparse, rel=1e-9)
     assert (est.prediction.speedup >= 1.05) == (dense / sparse >= 1.05)
@@ -202,7 +204,7 @@ def test_shipped_table_has_every_family_the_formulas_use():
     families = set(table()["families"])
     for form in (None, Streaming(128, 1024), BlockSparse(128, 2, 1, 0), BlockSparse(128, 2, 1, 2)):
         assert attention_costs(form, None, True)[1].family in families
-    assert {"gemm_dense", "gemm_block_sparse", "gemm_2to4", "gemv_activation_sparse", "ffn_gate", "ffn_gate_kept",
+    assert {"gemm_dense", "gemm_block_sparse", "gemm_block_sparse_decode", "gemm_2to4", "gemv_activation_sparse", "ffn_gate", "ffn_gate_kept",
             "attention_estimate"} <= families
     prov = provenance()
     assert prov["device"] and prov["date"] and prov["commit"]
