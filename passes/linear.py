@@ -127,8 +127,9 @@ def check_linear(site: Site, ctx) -> Decision:
         return fallback(form, rule.key, policy, f"inside {site.parent.label}, which is rewritten as "
                         f"{ctx.decision(site.parent).form.name}; weight forms do not compose with it yet")
     n, k = site.attrs["out_features"], site.attrs["in_features"]
+    # A symbolic token count has no runtime branch for linears: judge the form at its worst probed count.
     estimate = Estimate.of(estimate_linear(form, tokens=site.attrs["tokens"], in_features=k, out_features=n,
-                                           dtype=site.dtype, hw=ctx.hardware))
+                                           dtype=site.dtype, hw=ctx.hardware, symbolic_tokens=site.symbolic))
     if isinstance(form, TwoFour):
         if k % 4:
             return fallback(form, rule.key, policy, f"2:4 needs in_features divisible by 4 (got {k})", estimate)
