@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import sympy as sp
 import torch
 
-from sparsecc.cost.efficiency import efficiency
+from sparsecc.cost.efficiency import efficiency, kernel_seconds
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour, VerticalSlash
 
@@ -75,6 +75,21 @@ class Cost:
         memory = self.bytes / (hw.bandwidth * eff.memory * occupancy)
         own = sp.Max(compute, memory, eff.floor_s) + self.launches * hw.launch_overhead_s
         return own + sum((e.time(hw, dtype) for e in self.extra), sp.Integer(0))
+
+    def seconds(self, hw: HardwareProfile, dtype: torch.dtype, values: Dict[sp.Symbol, float]) -> float:
+        """``time`` at concrete sizes, as a plain number.
+
+        Substitutes ``values`` into FLOPs, bytes, steps and programs first and
+        adds up ``kernel_seconds`` per kernel: the same formula, without building
+        the symbolic ``Max`` of ``time`` (sympy spends about a second per
+        attention site simplifying it, which a compile of a deep model would pay
+        per layer).
+        """
+        return sum(kernel_seconds(efficiency(k["family"]), flops=k["flops"], nbytes=k["nbytes"],
+                                  launches=k["launches"], peak=hw.peak(dtype), bandwidth=hw.bandwidth,
+                                  launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count, steps=k["steps"],
+                                  programs=k["programs"])
+                   for k in self.kernels(values))
 
     def kernels(self, values: Dict[sp.Symbol, float]) -> List[dict]:
         """This kernel and its extra kernels as plain numbers (``values`` substituted), for the refit."""

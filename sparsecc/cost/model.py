@@ -77,8 +77,8 @@ def predict(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype,
     """Evaluate both costs with every symbol in ``values`` substituted."""
     values = {**values, ELEM: torch.tensor([], dtype=dtype).element_size()}
     numbers = [float(_subs(e, values)) for e in (dense.total_flops, sparse.total_flops, dense.total_bytes,
-                                                 sparse.total_bytes, dense.time(hw, dtype), sparse.time(hw, dtype))]
-    return Prediction(*numbers)
+                                                 sparse.total_bytes)]
+    return Prediction(*numbers, dense.seconds(hw, dtype, values), sparse.seconds(hw, dtype, values))
 
 
 def crossover(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype, values: Dict[sp.Symbol, float],

@@ -208,3 +208,24 @@ def test_shipped_table_has_every_family_the_formulas_use():
             "attention_estimate"} <= families
     prov = provenance()
     assert prov["device"] and prov["date"] and prov["commit"]
+
+
+@given(seq=st.integers(1, 200_000), window=st.integers(1, 8192), sink=st.integers(0, 512),
+       tokens=st.integers(1, 8192), density=st.sampled_from([0.05, 0.25, 0.5, 0.9]))
+def test_numeric_seconds_equal_the_symbolic_time(seq, window, sink, tokens, density):
+    """``Cost.seconds`` (what ``predict`` uses) is ``Cost.time`` with the sizes substituted."""
+    from sparsecc.cost.formulas import ELEM
+    from sparsecc.cost.sites import B, D, H, HKV, K, M, N, SK, SQ, linear_costs
+
+    dtype = torch.bfloat16
+    cases = [(attention_costs(Streaming(sink=sink, window=window), None, True, 32),
+              {B: 1, H: 32, HKV: 8, SQ: seq, SK: seq, D: 128}),
+             (attention_costs(BlockSparse(block=128, local_blocks=2, global_blocks=1), None, True, 32),
+              {B: 1, H: 32, HKV: 8, SQ: seq, SK: seq, D: 128})]
+    for form in (BlockWeights(block=(64, 64), density=density), TwoFour()):
+        cases.append((linear_costs(form, tokens=tokens), {M: tokens, K: 4096, N: 14336}))
+    for (dense, sparse), values in cases:
+        values = {**values, ELEM: 2}
+        for cost in (dense, sparse):
+            symbolic = float(cost.time(H100_SXM, dtype).subs(values))
+            assert math.isclose(cost.seconds(H100_SXM, dtype, values), symbolic, rel_tol=1e-9), (cost, values)
