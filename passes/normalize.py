@@ -397,7 +397,7 @@ def _constant_subgraph(root: Node) -> Optional[list]:
             return None
         if node.op == "call_method" and _inplace_method(str(node.target)):
             return None
-        if any(_mutates(user) for user in node.users):
+        if any(writes_inputs(user) for user in node.users):
             return None   # e.g. mask[i, j] = False after the mask was built: its value is not the traced one
         seen.add(node)
         for arg in node.all_input_nodes:
@@ -406,15 +406,10 @@ def _constant_subgraph(root: Node) -> Optional[list]:
 
 
 def writes_inputs(node: Node) -> bool:
-    """True for nodes that may write into one of their inputs (in-place methods and ops, setitem).
+    """True for nodes that may write into one of their inputs (setitem, in-place methods, mutable ops).
 
-    Dead-code elimination must keep them even when their result is unused.
+    Dead-code elimination must keep them even when nothing reads their result.
     """
-    return _mutates(node)
-
-
-def _mutates(node: Node) -> bool:
-    """True for nodes that may write into one of their inputs (setitem, in-place methods, mutable ops)."""
     if node.op == "call_method":
         return _inplace_method(str(node.target))
     if node.op == "call_function":
