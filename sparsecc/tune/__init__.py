@@ -5,6 +5,8 @@
   by recalled attention mass under a density budget, and writes a spec whose
   ``[meta.tune]`` records its provenance (docs/tune.md).
 * :func:`tune_ffn` is the FFN search alone, for several targets at once.
+* :func:`ffn_sensitivity` measures each FFN projection's output error alone at
+  each sparsity level (the table behind the separable allocation, docs/tune.md).
 * :func:`cli_main` is the ``sparsecc tune`` command line.
 """
 
@@ -12,9 +14,9 @@ import sys
 import types
 
 from sparsecc.tune.cli import cli_main
-from sparsecc.tune.tuner import attention_rules, ffn_rules, measure, tune, tune_ffn
+from sparsecc.tune.tuner import attention_rules, ffn_rules, ffn_sensitivity, measure, tune, tune_ffn
 
-__all__ = ["tune", "tune_ffn", "measure", "ffn_rules", "attention_rules", "cli_main"]
+__all__ = ["tune", "tune_ffn", "ffn_sensitivity", "measure", "ffn_rules", "attention_rules", "cli_main"]
 
 
 class _CallableModule(types.ModuleType):
