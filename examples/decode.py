@@ -128,7 +128,7 @@ def run_decode(model, spec, kv: int, steps: int, device, backends=("eager", "ind
     prompt = random_ids(model, kv, seed=2)
     tokens = random_ids(model, steps, seed=3)
     result = {"kv": kv, "steps": steps, "backends": {}}
-    sparse_logits = None
+    sparse_logits = {}   # sparsecc backend -> its logits, each checked against the reference
     for backend in backends:
         free_memory()
         fn = compile_with(backend, model, spec, kernels)
@@ -138,13 +138,15 @@ def run_decode(model, spec, kv: int, steps: int, device, backends=("eager", "ind
         timed = times[WARMUP_STEPS:] if len(times) > WARMUP_STEPS else times
         ms = statistics.median(timed)
         result["backends"][backend] = {"ms_per_token": ms, "tokens_per_s": 1e3 / ms, "first_step_s": times[0] / 1e3}
-        if backend == "sparsecc":
+        if backend.startswith("sparsecc"):
             result["report"] = sparsecc.last_report()
-            sparse_logits = logits
+            sparse_logits[backend] = logits
         del fn, cache
-    if check and sparse_logits is not None:
+    if check and sparse_logits:
         expected = reference_decode(model, spec, result["report"], prompt, tokens, steps)
-        result["max_diff"] = (sparse_logits - expected).abs().max().item()
+        for backend, logits in sparse_logits.items():
+            result["backends"][backend]["max_diff"] = (logits - expected).abs().max().item()
+        result["max_diff"] = max(r["max_diff"] for r in result["backends"].values() if "max_diff" in r)
     return result
 
 
@@ -157,7 +159,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="decoded tokens (default 32; --tiny 5)")
     parser.add_argument("--spec", default=None, help="spec path (default specs/llama3_decode.toml; "
                         "--tiny: specs/llama_tiny_decode.toml)")
-    parser.add_argument("--backends", default="eager,inductor,sparsecc", help="comma-separated subset")
+    parser.add_argument("--backends", default="eager,inductor,sparsecc",
+                        help="comma-separated, from eager, inductor, sparsecc, inductor-graphs, sparsecc-graphs "
+                             "(the -graphs variants replay CUDA graphs)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.tiny

@@ -123,15 +123,27 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+BACKENDS = ("eager", "inductor", "sparsecc", "inductor-graphs", "sparsecc-graphs")
+
+
 def compile_with(backend: str, model, spec=None, kernels: str = "auto"):
-    """``model`` compiled by ``backend``: "eager" (none), "inductor" (default torch.compile) or "sparsecc"."""
+    """``model`` compiled by ``backend`` (one of :data:`BACKENDS`).
+
+    "eager" is the model itself, "inductor" the default ``torch.compile``,
+    "sparsecc" the sparsecc backend; the "-graphs" variants replay CUDA graphs
+    (``mode="reduce-overhead"`` for Inductor, ``cudagraphs=True`` for sparsecc).
+    """
     import sparsecc
 
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed; expected one of {BACKENDS}")
     if backend == "eager":
         return model
     if backend == "inductor":
         return torch.compile(model)
-    return sparsecc.compile(model, spec=spec, kernels=kernels)
+    if backend == "inductor-graphs":
+        return torch.compile(model, mode="reduce-overhead")
+    return sparsecc.compile(model, spec=spec, kernels=kernels, cudagraphs=backend == "sparsecc-graphs")
 
 
 def rewritten_forms(report) -> Dict[str, int]:

@@ -15,14 +15,19 @@ from sparsecc.spec import Rule, Spec, SpecError, load_spec
 CALIBRATION_SAMPLES_PER_BATCH = 1 << 20
 
 
-def compile(model, spec=None, report=None, kernels: str = "auto", **torch_compile_kwargs):
+def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bool = False,
+            **torch_compile_kwargs):
     """``torch.compile(model, backend="sparsecc", options=...)``, with the options as arguments.
 
     ``spec`` is a path (.toml/.json), a dict or a ``Spec``; ``report`` is True
     (print) or a .json/.md/.html path; ``kernels`` is "auto", "triton" or
-    "reference". Other keyword arguments go to ``torch.compile``.
+    "reference"; ``cudagraphs`` replays CUDA graphs (Inductor's cudagraph
+    trees, as ``mode="reduce-overhead"`` does for the default backend). Other
+    keyword arguments go to ``torch.compile``.
     """
     options: Dict[str, Any] = {"kernels": kernels}
+    if cudagraphs is not False:
+        options["cudagraphs"] = cudagraphs   # validated (a bool) by parse_options below
     if spec is not None:
         options["spec"] = spec
     if report is not None:

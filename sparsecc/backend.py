@@ -28,7 +28,7 @@ from sparsecc.spec import Spec, SpecError, load_spec
 
 log = logging.getLogger("sparsecc")
 
-ALLOWED_OPTIONS = ("spec", "report", "kernels")
+ALLOWED_OPTIONS = ("spec", "report", "kernels", "cudagraphs")
 # SPARSECC_LOWERING=eager runs the rewritten FX graph without Inductor: for debugging a rewrite, and for
 # tests that check rewrites numerically many times (Inductor's CPU codegen costs seconds per graph).
 LOWERING_ENV = "SPARSECC_LOWERING"
@@ -50,6 +50,7 @@ class BackendOptions:
     spec: Optional[Spec] = None
     report: Any = None          # None/False, True, or a path ending .json/.md/.html
     kernels: str = "auto"
+    cudagraphs: bool = False    # replay CUDA graphs from Inductor's cudagraph trees (decode is launch-bound)
 
 
 def parse_options(options: Optional[dict]) -> BackendOptions:
@@ -74,7 +75,11 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
                 and os.fspath(report).lower().endswith(REPORT_SUFFIXES)):
             raise SpecError(key="options.report", value=report,
                             allowed=f"True, False, or a path ending in one of {list(REPORT_SUFFIXES)}")
-    return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels)
+    cudagraphs = options.get("cudagraphs", False)
+    if not isinstance(cudagraphs, bool):
+        raise SpecError(key="options.cudagraphs", value=cudagraphs, allowed="True or False")
+    return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels,
+                          cudagraphs=cudagraphs)
 
 
 def _device_of(example_inputs: Sequence) -> torch.device:
@@ -130,7 +135,7 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     if lowering not in LOWERINGS:
         raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
     if lowering == "inductor":
-        compiled = compile_fx(gm, list(example_inputs) + ctx.extra_inputs)
+        compiled = compile_fx(gm, list(example_inputs) + ctx.extra_inputs, config_patches=_lowering_config(opts, ctx))
     else:
         compiled = gm.forward
     if ctx.bindings:
@@ -139,6 +144,22 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     report = build_report(ctx)
     emit_report(report, opts, owner)
     return compiled
+
+
+def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict]:
+    """Inductor config patches for one graph: cudagraph trees when ``options["cudagraphs"]`` asks for them.
+
+    The bound weight tensors (compressed weights, K-major copies, column
+    norms) keep their addresses for the life of the compile and are refreshed
+    in place, so they are marked static: a replay reads them where they are
+    instead of copying them into the graph's input buffers on every call.
+    Inductor itself skips cudagraphs for graphs on the CPU.
+    """
+    if not opts.cudagraphs:
+        return None
+    for tensor in ctx.extra_inputs:
+        torch._dynamo.mark_static_address(tensor)
+    return {"triton.cudagraphs": True}
 
 
 def _with_weights(compiled, ctx: CompileContext):

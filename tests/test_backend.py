@@ -73,6 +73,7 @@ def _spec_error_in_chain(exc):
     ({"kernels": "cuda"}, "options.kernels"),
     ({"report": "out.txt"}, "options.report"),
     ({"spec": "missing.toml"}, None),
+    ({"cudagraphs": "yes"}, "options.cudagraphs"),
 ])
 def test_bad_options_raise_spec_error(options, key):
     with pytest.raises(SpecError) as info:
@@ -200,3 +201,32 @@ def test_in_place_writes_survive_dead_code_elimination(eager_lowering):
         compiled(x)
     assert float(model.calls) == 2.0
     torch.testing.assert_close(model.seen[0], x[0, 0])
+
+
+def test_cudagraphs_option_marks_bound_weights_static(monkeypatch):
+    """With cudagraphs=True, Inductor gets cudagraph trees and the bound weights are static inputs.
+
+    On the CPU Inductor skips cudagraphs itself; the result must equal the compile without the option.
+    """
+    from torch._inductor import compile_fx as inductor
+
+    seen = []
+    real = inductor.compile_fx
+
+    def spy(gm, inputs, *args, **kwargs):
+        seen.append((kwargs.get("config_patches"), [hasattr(t, "_dynamo_static_input_type") for t in inputs]))
+        return real(gm, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", spy)
+    torch.manual_seed(3)
+    model = zoo.ModuleLinear().eval()
+    x = torch.randn(3, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    with torch.no_grad():
+        plain = sparsecc.compile(model, spec=spec, kernels="reference")(x)
+        torch._dynamo.reset()
+        graphed = sparsecc.compile(model, spec=spec, kernels="reference", cudagraphs=True)(x)
+    torch.testing.assert_close(graphed, plain)
+    assert seen[0][0] is None and seen[1][0] == {"triton.cudagraphs": True}
+    n_extra = 2  # the 2:4 weight's values and indices, passed after the graph's own inputs
+    assert all(seen[1][1][-n_extra:]) and not any(seen[0][1][-n_extra:])
