@@ -342,20 +342,33 @@ def profile(opts, device, dtype, tiny: bool) -> None:
             with torch_profile(activities=activities) as prof:
                 fn(ids)
                 synchronize(device)
-            key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-            events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0) or 0, reverse=True)
-            total = sum(getattr(e, key, 0) or 0 for e in events)
+            events = sorted(prof.key_averages(), key=lambda e: _self_time_us(e, cuda), reverse=True)
+            total = sum(_self_time_us(e, cuda) for e in events)
             print(f"\n{config}: {total / 1e3:.1f} ms of {'CUDA kernel' if cuda else 'CPU op'} time")
             if config.startswith("sparsecc"):
                 for line in rewritten_sdpa_calls():
                     print(f"  after sparsecc's passes: {line}")
             print(f"  {'ms':>9} {'share':>6} {'calls':>6}  name")
             for e in events[:PROFILE_TOP]:
-                t = getattr(e, key, 0) or 0
+                t = _self_time_us(e, cuda)
                 print(f"  {t / 1e3:9.2f} {t / max(total, 1):6.1%} {e.count:6d}  {e.key[:100]}")
             del fn
     del model
     free_memory()
+
+
+def _self_time_us(event, cuda: bool) -> float:
+    """An averaged profiler event's own time in us: device time on CUDA, CPU time otherwise.
+
+    torch 2.11 names the device time ``self_device_time_total``; older builds ``self_cuda_time_total``.
+    """
+    if not cuda:
+        return event.self_cpu_time_total or 0
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value:
+            return value
+    return 0
 
 
 # ---------------------------------------------------------------- table, RESULTS.md, plots
