@@ -87,6 +87,15 @@ def kernel_seconds(eff: Efficiency, *, flops: float, nbytes: float, launches: in
     return max(compute, memory, eff.floor_s if host else 0.0) + launches * launch_overhead_s
 
 
+def side_seconds(kernels, eff_of, *, peak: float, bandwidth: float, launch_overhead_s: float, sm_count: int,
+                 host: bool = True) -> float:
+    """Predicted seconds of a list of kernels (``Cost.kernels`` dicts), ``eff_of(family)`` giving each one's table."""
+    return sum(kernel_seconds(eff_of(k["family"]), flops=k["flops"], nbytes=k["nbytes"], launches=k["launches"],
+                              peak=peak, bandwidth=bandwidth, launch_overhead_s=launch_overhead_s,
+                              sm_count=sm_count, steps=k["steps"], programs=k["programs"], host=host)
+               for k in kernels)
+
+
 @functools.lru_cache(maxsize=1)
 def table() -> dict:
     """The whole efficiency table, with its provenance."""

@@ -32,7 +32,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from sparsecc.cost.efficiency import Efficiency, kernel_seconds
+from sparsecc.cost.efficiency import Efficiency
+from sparsecc.cost.efficiency import side_seconds as efficiency_side_seconds
 
 # The decision rule the package applies (the spec's default margin).
 MARGIN = 1.05
@@ -109,13 +110,9 @@ def _eff(families: Dict[str, dict], family: str) -> Efficiency:
 
 def side_seconds(kernels: Sequence[dict], families: Dict[str, dict], hw: Hardware, host: bool) -> float:
     """Predicted seconds of one side (a list of kernels) with the table ``families``."""
-    total = 0.0
-    for k in kernels:
-        total += kernel_seconds(_eff(families, k["family"]), flops=k["flops"], nbytes=k["nbytes"],
-                                launches=k["launches"], peak=hw.peak, bandwidth=hw.bandwidth,
-                                launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count, steps=k["steps"],
-                                programs=k["programs"], host=host)
-    return total
+    return efficiency_side_seconds(kernels, lambda family: _eff(families, family), peak=hw.peak,
+                                   bandwidth=hw.bandwidth, launch_overhead_s=hw.launch_overhead_s,
+                                   sm_count=hw.sm_count, host=host)
 
 
 def predict_times(rows: Sequence[FitRow], families: Dict[str, dict], hw: Hardware) -> List[tuple]:

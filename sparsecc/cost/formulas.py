@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import sympy as sp
 import torch
 
-from sparsecc.cost.efficiency import efficiency, kernel_seconds
+from sparsecc.cost.efficiency import efficiency, side_seconds
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour, VerticalSlash
 
@@ -80,16 +80,13 @@ class Cost:
         """``time`` at concrete sizes, as a plain number.
 
         Substitutes ``values`` into FLOPs, bytes, steps and programs first and
-        adds up ``kernel_seconds`` per kernel: the same formula, without building
+        adds up ``kernel_seconds`` per kernel (``side_seconds``): the same formula, without building
         the symbolic ``Max`` of ``time`` (sympy spends about a second per
         attention site simplifying it, which a compile of a deep model would pay
         per layer).
         """
-        return sum(kernel_seconds(efficiency(k["family"]), flops=k["flops"], nbytes=k["nbytes"],
-                                  launches=k["launches"], peak=hw.peak(dtype), bandwidth=hw.bandwidth,
-                                  launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count, steps=k["steps"],
-                                  programs=k["programs"])
-                   for k in self.kernels(values))
+        return side_seconds(self.kernels(values), efficiency, peak=hw.peak(dtype), bandwidth=hw.bandwidth,
+                            launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count)
 
     def kernels(self, values: Dict[sp.Symbol, float]) -> List[dict]:
         """This kernel and its extra kernels as plain numbers (``values`` substituted), for the refit."""
