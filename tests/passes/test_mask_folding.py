@@ -121,20 +121,30 @@ def test_decode_shaped_mask_stays():
     assert fold_causal_masks(gm.graph) == 0
 
 
-def test_hf_llama_materialised_mask_is_folded(monkeypatch):
-    """HF's compile-time mask path (torch < 2.14) builds the causal mask in-graph; sparsecc drops it."""
+def _materialising_llama(monkeypatch, vocab, hidden, heads, device="cpu", dtype=torch.float32):
+    """A 2-layer HF Llama (random weights) whose compiled forward builds its causal mask in the graph.
+
+    transformers never skips the mask while compiling when torch.compiler.is_exporting() is True under
+    Dynamo, which is what torch < 2.14 reports; this emulates that.
+    """
     pytest.importorskip("transformers")
     import transformers.masking_utils as masking
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    # transformers never skips the mask while compiling when torch.compiler.is_exporting() is True under
-    # Dynamo, which is what torch < 2.14 reports; emulate that here.
     monkeypatch.setattr(masking, "is_torchdynamo_exporting", torch.compiler.is_compiling)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=2, head_dim=hidden // heads,
+                         max_position_embeddings=4096)
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def test_hf_llama_materialised_mask_is_folded(monkeypatch):
+    """HF's compile-time mask path (torch < 2.14) builds the causal mask in-graph; sparsecc drops it."""
+    model = _materialising_llama(monkeypatch, vocab=128, hidden=64, heads=4)
     ids = torch.randint(0, 128, (1, 40))
 
     plain = _capture(lambda x: model(x, use_cache=False).logits, ids)
@@ -153,18 +163,7 @@ def test_hf_llama_materialised_mask_is_folded(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_hf_llama_materialised_mask_is_folded(monkeypatch):
     """On CUDA: the folded graph matches eager (bf16) and Inductor lowers a mask-free causal SDPA."""
-    pytest.importorskip("transformers")
-    import transformers.masking_utils as masking
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    monkeypatch.setattr(masking, "is_torchdynamo_exporting", torch.compiler.is_compiling)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    model = model.to(torch.bfloat16).eval()
+    model = _materialising_llama(monkeypatch, vocab=1024, hidden=512, heads=8, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 1024, (1, 2048), device="cuda")
     with torch.no_grad():
         expected = model(ids, use_cache=False, logits_to_keep=1).logits.float()
