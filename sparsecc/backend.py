@@ -119,7 +119,34 @@ def _private_copy(gm):
     value_map = {}
     out = graph.graph_copy(gm.graph, value_map)
     graph.output(out)
-    return torch.fx.GraphModule(gm, graph)
+    copy = torch.fx.GraphModule(gm, graph)
+    # What Inductor reads of Dynamo's capture: the compile id, the sources of
+    # the parameters, and each placeholder's source with its tensor's
+    # attributes (``tensor_dict``). From them it learns which inputs are
+    # static (parameters, a static KV cache marked by mark_static_address), so
+    # CUDA graphs neither copy those on every replay nor refuse a graph that
+    # updates a static cache in place.
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    for old, new in value_map.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return copy
+
+
+def _mark_bound_inputs(gm) -> None:
+    """Give the placeholders the rewrite added (bound weights) what Inductor expects of Dynamo's placeholders.
+
+    They have no source in user code, and they are static: the tensors live
+    as long as the compile and are refreshed in place.
+    """
+    if "dynamo_compile_id" not in gm.meta:
+        return
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if not hasattr(node, "_dynamo_source"):
+            node._dynamo_source = None
+            node.meta["tensor_dict"] = {**node.meta.get("tensor_dict", {}), "_dynamo_static_input_type": "unguarded"}
 
 
 def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
@@ -129,6 +156,7 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     gm = _private_copy(gm)
     ctx = make_context(gm, example_inputs, opts)
     run_stages(gm, ctx)
+    _mark_bound_inputs(gm)
     _graphs.append(gm)
     start = time.perf_counter()
     lowering = os.environ.get(LOWERING_ENV, "inductor")

@@ -230,3 +230,47 @@ def test_cudagraphs_option_marks_bound_weights_static(monkeypatch):
     assert seen[0][0] is None and seen[1][0] == {"triton.cudagraphs": True}
     n_extra = 2  # the 2:4 weight's values and indices, passed after the graph's own inputs
     assert all(seen[1][1][-n_extra:]) and not any(seen[0][1][-n_extra:])
+
+
+class _StaticCacheUpdate(torch.nn.Module):
+    """A linear layer plus an in-place update of a cache tensor passed in (a static KV cache's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32)
+
+    def forward(self, x, cache):
+        cache.add_(1.0)
+        return self.proj(x) + cache
+
+
+def test_rewritten_graph_keeps_what_inductor_needs_to_find_static_inputs():
+    """The rewritten graph keeps Dynamo's compile id, parameter sources and placeholder sources.
+
+    From them Inductor learns which inputs are static: the parameters, a cache
+    tensor marked with mark_static_address (which the graph updates in place),
+    and the weights sparsecc binds. Losing them made CUDA graphs copy every
+    weight on each replay and refuse graphs that update a static cache.
+    """
+    from sparsecc.backend import rewritten_graphs
+
+    torch.manual_seed(5)
+    model = _StaticCacheUpdate().eval()
+    cache = torch.zeros(3, 32)
+    torch._dynamo.mark_static_address(cache)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=spec, kernels="reference")(torch.randn(3, 32), cache)
+    assert out.shape == (3, 32) and float(cache[0, 0]) == 1.0
+    gm = rewritten_graphs()[-1]
+    assert "dynamo_compile_id" in gm.meta and hasattr(gm, "_param_name_to_source")
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    assert all(hasattr(p, "_dynamo_source") for p in placeholders)
+    static = {p.name for p in placeholders if p.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")}
+    bound = {p.name for p in placeholders if p._dynamo_source is None}
+    assert len(bound) == 2 and bound <= static   # the 2:4 values and indices
+    names = {p.name: p._dynamo_source.name for p in placeholders if p._dynamo_source is not None}
+    names = {k: v() if callable(v) else v for k, v in names.items()}   # a method before torch 2.12
+    cache_nodes = [p for p in placeholders if "cache" in names.get(p.name, "")]
+    assert len(cache_nodes) == 1 and cache_nodes[0].name in static

@@ -65,3 +65,33 @@ def test_cudagraphs_decode_ffn_matches_reference_and_follows_weight_updates():
         ffn.down_proj.weight.mul_(-1.0)
         for x in xs[:2]:
             torch.testing.assert_close(graphed(x).float(), reference(x).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_cudagraphs_record_a_graph_that_updates_a_static_cache_in_place():
+    """A graph that updates a mark_static_address tensor in place is recorded, not skipped, and replays correctly.
+
+    This is the static KV cache's pattern (HF's StaticCache marks its tensors
+    and updates them in place). Inductor allows in-place updates only of
+    inputs it knows are static, which it learns from Dynamo's metadata on the
+    graph that sparsecc rewrote.
+    """
+    from torch._dynamo.utils import counters
+    from tests.test_backend import _StaticCacheUpdate
+
+    torch.manual_seed(6)
+    model = _StaticCacheUpdate().eval().cuda()
+    cache = torch.zeros(3, 32, device="cuda")
+    torch._dynamo.mark_static_address(cache)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    xs = [torch.randn(3, 32, device="cuda") for _ in range(4)]
+    torch._dynamo.reset()
+    counters.clear()
+    reference_cache = torch.zeros(3, 32, device="cuda")
+    with torch.no_grad():
+        graphed = sparsecc.compile(model, spec=spec, kernels="reference", cudagraphs=True)
+        reference = sparsecc.compile(model, spec=spec, kernels="reference")
+        for step, x in enumerate(xs, start=1):   # warm-up, record, then replays
+            out = graphed(x, cache)
+            assert float(cache[0, 0]) == step
+            torch.testing.assert_close(out, reference(x, reference_cache))
+    assert counters["inductor"]["cudagraph_skips"] == 0
