@@ -430,16 +430,16 @@ def table(rows: List[dict]) -> List[str]:
                      f"{checks.get(('prefill', r['layers'], r['seq'], r['config']), '')} |")
     decode = [r for r in rows if r["kind"] == "decode"]
     if decode:
-        lines += ["", "| layers | KV | config | ms/token | tokens/s | x eager | sites rewritten | max\\|diff\\| | "
-                  "targets |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| layers | KV | config | ms/token | tokens/s | x eager | CUDA graphs | sites rewritten | "
+                  "max\\|diff\\| | targets |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in decode:
             if r.get("ms_per_token") is None:
-                lines.append(f"| {r['layers']} | {r['kv']} | {r['config']} | - | - | - | - | - | "
+                lines.append(f"| {r['layers']} | {r['kv']} | {r['config']} | - | - | - | - | - | - | "
                              f"{r.get('error', 'failed')} |")
                 continue
             sites = ", ".join(f"{k}={v}" for k, v in sorted((r.get("sites") or {}).items())) or "-"
             lines.append(f"| {r['layers']} | {r['kv']} | {r['config']} | {r['ms_per_token']:.3f} | "
-                         f"{r['tokens_per_s']:.1f} | {_fmt(r.get('x_eager'))} | {sites} | "
+                         f"{r['tokens_per_s']:.1f} | {_fmt(r.get('x_eager'))} | {r.get('cuda_graphs', '-')} | {sites} | "
                          f"{_fmt(r.get('max_diff'), '.1e')} | {checks.get(('decode', r['layers'], r['kv'], r['config']), '')} |")
     return lines
 

@@ -124,6 +124,7 @@ def run_decode(model, spec, kv: int, steps: int, device, backends=("eager", "ind
                kernels: str = "auto", check: bool = True) -> dict:
     """Decode ``steps`` tokens after a ``kv``-token prompt with each backend; timings, report and reference error."""
     import sparsecc
+    from torch._dynamo.utils import counters
 
     prompt = random_ids(model, kv, seed=2)
     tokens = random_ids(model, steps, seed=3)
@@ -131,6 +132,7 @@ def run_decode(model, spec, kv: int, steps: int, device, backends=("eager", "ind
     sparse_logits = {}   # sparsecc backend -> its logits, each checked against the reference
     for backend in backends:
         free_memory()
+        counters.clear()
         fn = compile_with(backend, model, spec, kernels)
         cache = new_cache(model, kv, steps)
         prefill(model, cache, prompt)
@@ -138,6 +140,9 @@ def run_decode(model, spec, kv: int, steps: int, device, backends=("eager", "ind
         timed = times[WARMUP_STEPS:] if len(times) > WARMUP_STEPS else times
         ms = statistics.median(timed)
         result["backends"][backend] = {"ms_per_token": ms, "tokens_per_s": 1e3 / ms, "first_step_s": times[0] / 1e3}
+        if backend.endswith("-graphs"):   # Inductor falls back to plain launches when it skips graphs: say so
+            skips = counters["inductor"]["cudagraph_skips"]
+            result["backends"][backend]["cuda_graphs"] = f"skipped {skips}x" if skips else "replayed"
         if backend.startswith("sparsecc"):
             result["report"] = sparsecc.last_report()
             sparse_logits[backend] = logits
