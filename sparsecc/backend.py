@@ -185,6 +185,13 @@ def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict
     """
     if not opts.cudagraphs:
         return None
+    if opts.kernels == "reference" and any(ctx.applied(site) for site in ctx.sites) \
+            and _device_of(ctx.example_inputs).type == "cuda":
+        # The reference forms read their layouts and weight tables on the host (.tolist(), data checks), which
+        # a CUDA-graph capture forbids; the graph runs without CUDA graphs rather than failing at capture.
+        log.warning("sparsecc: cudagraphs=True is ignored for a graph with sparse sites on the reference path "
+                    "(kernels='reference' synchronises with the host); use kernels='auto' or 'triton'")
+        return None
     for tensor in ctx.extra_inputs:
         torch._dynamo.mark_static_address(tensor)
     return {"triton.cudagraphs": True}
