@@ -260,14 +260,33 @@ def _row_order(row_ptr: Tensor, up_row_ptr: Optional[Tensor] = None) -> Tensor:
     ptrs = (row_ptr,) if up_row_ptr is None else (row_ptr, up_row_ptr)
     key = (id(row_ptr), id(up_row_ptr))
     hit = _ORDER_CACHE.get(key)
-    if hit is not None and all(r() is p for r, p in zip(hit[0], ptrs)) and hit[1] == tuple(p._version for p in ptrs):
+    versions = tuple(p._version for p in ptrs)
+    same_tensors = hit is not None and all(r() is p for r, p in zip(hit[0], ptrs))
+    if same_tensors and hit[1] == versions:
         return hit[2]
     counts = sum((p[1:] - p[:-1]).long() for p in ptrs)
     order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    if same_tensors:
+        # The weight was refreshed in place: refresh the order in place too, so the cached tensor keeps the
+        # address it got at compile time (outside any CUDA-graph memory pool; see prepare_row_order).
+        hit[2].copy_(order)
+        _ORDER_CACHE[key] = (hit[0], versions, hit[2])
+        return hit[2]
     if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
         _ORDER_CACHE.pop(next(iter(_ORDER_CACHE)))
     _ORDER_CACHE[key] = (tuple(weakref.ref(p) for p in ptrs), tuple(p._version for p in ptrs), order)
     return order
+
+
+def prepare_row_order(row_ptr: Tensor, up_row_ptr: Optional[Tensor] = None) -> None:
+    """Compute and cache the row order of a bound weight now (the compiler calls this when it binds one).
+
+    Computed lazily at the first call instead, the cached tensor would be
+    allocated inside the memory pool of a CUDA-graph warm-up or recording
+    (``cudagraphs=True``), which Inductor rejects as a live allocation that no
+    graph output owns.
+    """
+    _row_order(row_ptr, up_row_ptr)
 
 
 def _output(out: Optional[Tensor], m: int, n: int, x: Tensor, dtype: torch.dtype) -> Tensor:

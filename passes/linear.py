@@ -254,6 +254,10 @@ def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None
         bias = folded.bias
     tensors = ctx.bind_weight(root, _block_form(root, ctx), _BSR_FIELDS)
     up_tensors = ctx.bind_weight(up, _block_form(up, ctx), _BSR_FIELDS) if up is not None else (None, None, None)
+    row_ptr = tensors[1].meta["example_value"]
+    if row_ptr.device.type == "cuda" and ctx.kernels != "reference":
+        from sparsecc.codegen.block_sparse_linear import prepare_row_order
+        prepare_row_order(row_ptr, up_tensors[1].meta["example_value"] if up is not None else None)
     last = folded.output or root.output
     with graph.inserting_before(last):
         out = graph.call_function(ops.op("block_sparse_linear"), (

@@ -267,3 +267,20 @@ def test_threshold_linear_gpu(dtype, m, n, k, sparsity):
     keep = x.abs() > tau
     ref = ((x.float() * keep) @ w.float().T + bias.float()).double()
     assert_matches(y, ref, dtype)
+
+
+def test_row_order_is_prepared_once_and_refreshed_in_place():
+    """The cached row order keeps its tensor (and address) when the weight's row pointers change in place.
+
+    The compiler prepares it when it binds a weight, outside any CUDA-graph
+    memory pool; a later in-place weight refresh must not allocate a new one.
+    """
+    from sparsecc.codegen.block_sparse_linear import _row_order, prepare_row_order
+
+    row_ptr = torch.tensor([0, 1, 4, 6], dtype=torch.int32)   # rows keep 1, 3, 2 blocks
+    prepare_row_order(row_ptr)
+    first = _row_order(row_ptr)
+    assert first.tolist() == [1, 2, 0]
+    row_ptr.copy_(torch.tensor([0, 3, 4, 6], dtype=torch.int32))   # now 3, 1, 2 blocks
+    again = _row_order(row_ptr)
+    assert again is first and again.tolist() == [0, 2, 1]
