@@ -12,6 +12,7 @@ Inductor still sees the model's own graph for everything we leave alone.
 
 from __future__ import annotations
 
+import logging
 import operator
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
+
+log = logging.getLogger("sparsecc")
 
 META_KEY = "sparsecc_op"
 
@@ -438,8 +441,18 @@ def _fits_in_memory(value: torch.Tensor) -> bool:
     need = _LIVE_COPIES * value.numel() * value.element_size()
     device = value.device
     if device.type == "cuda" and torch.cuda.is_available():
-        return need < torch.cuda.mem_get_info(device)[0]
-    return need < _CPU_FOLD_BYTES
+        # Blocks the caching allocator holds but no tensor uses are free for this too (a previous compile or
+        # run may have left tens of GiB reserved).
+        unused_reserved = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        available = torch.cuda.mem_get_info(device)[0] + unused_reserved
+    else:
+        available = _CPU_FOLD_BYTES
+    if need >= available:
+        log.warning("sparsecc: a constant attention mask of shape %s stays in the graph: checking whether it is "
+                    "causal needs about %.1f GiB and %.1f GiB is available on %s", tuple(value.shape),
+                    need / 2**30, available / 2**30, device)
+        return False
+    return True
 
 
 def _evaluate_constant(root: Node, graph: Graph) -> Optional[torch.Tensor]:
@@ -472,7 +485,9 @@ def _evaluate_constant(root: Node, graph: Graph) -> Optional[torch.Tensor]:
             for arg in node.all_input_nodes:
                 if last_use.get(arg) == index and arg is not root:
                     values.pop(arg, None)
-    except Exception:  # noqa: BLE001 - an unevaluable mask simply stays in the graph
+    except Exception as err:  # noqa: BLE001 - an unevaluable mask simply stays in the graph
+        log.warning("sparsecc: a constant attention mask stays in the graph: evaluating it failed (%s: %s)",
+                    type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
         return None
     out = values.get(root)
     return out if isinstance(out, torch.Tensor) else None
