@@ -201,6 +201,27 @@ def _free_params(rows: Sequence[FitRow], families: Dict[str, dict]) -> List[tupl
     return pairs
 
 
+def dense_family_of(family: str) -> str:
+    """The dense counterpart whose host floor bounds ``family``'s from below."""
+    return "attention_dense" if family.startswith("attention") else "gemm_dense"
+
+
+def _floors_ordered(families: Dict[str, dict]) -> bool:
+    """True when no sparse family's floor is below its dense counterpart's.
+
+    A sparse op is a custom op around Triton launches, so an eager call of it
+    costs at least the host time of the aten call it replaces. Without this
+    bound the fit may explain slow small calls by low efficiencies and a zero
+    floor, which extrapolates to sparse wins below the measured sizes (a
+    streaming site "faster" than SDPA at 64 tokens).
+    """
+    for fam, entry in families.items():
+        dense = families.get(dense_family_of(fam))
+        if dense is not None and fam != dense_family_of(fam) and entry["floor_s"] < dense["floor_s"]:
+            return False
+    return True
+
+
 def _descend(rows, families, hw, pairs, objective, max_sweeps: int) -> None:
     """Coordinate descent on ``objective`` over ``pairs``, in place."""
     best = objective(rows, predict_times(rows, families, hw))
@@ -218,8 +239,8 @@ def _descend(rows, families, hw, pairs, objective, max_sweeps: int) -> None:
                     continue
                 old = entry[name]
                 entry[name] = value
-                if entry["compute_small"] > entry["compute_large"]:
-                    entry[name] = old   # compute efficiency never falls with size
+                if entry["compute_small"] > entry["compute_large"] or not _floors_ordered(families):
+                    entry[name] = old   # compute efficiency never falls with size; floors stay ordered
                     continue
                 trial = objective(rows, predict_times(rows, families, hw))
                 if trial < best - 1e-12:

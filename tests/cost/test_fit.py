@@ -149,3 +149,17 @@ def test_bench_report_runs_offline(bench_costmodel, capsys):
     assert all(s["points"] == len(rows) for s in summary.values())
     assert all("predicted" in r and "predicted_cv" in r for r in rows)
     assert "cross-validated (2 folds over shapes)" in capsys.readouterr().out
+
+
+def test_fitted_sparse_floors_never_undercut_dense(bench_costmodel):
+    """On measured H100 rows, no sparse family's fitted host floor falls below its dense counterpart's."""
+    from sparsecc.cost.efficiency import table
+    from sparsecc.cost.fit import dense_family_of, prior
+
+    path = os.path.join(BENCH, "costmodel_h100_quick_v4.json")
+    rows = [bench_costmodel.to_fit_row(r, "v4") for r in bench_costmodel.load_rows(path)]
+    fitted = fit(rows, prior(table()["families"]), HW)
+    for fam, entry in fitted.items():
+        dense = dense_family_of(fam)
+        if fam != dense:
+            assert entry["floor_s"] >= fitted[dense]["floor_s"], fam
