@@ -49,6 +49,21 @@ _GPU_CONFIGS = {
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 
 
+def autotune(configs: list, key: list):
+    """``triton.autotune`` with its timings cached on disk (Triton's cache directory) where Triton supports it.
+
+    Autotuning compiles and times every candidate at the call's size, which at
+    64K-128K tokens costs tens of seconds of the first compile; with the
+    timings cached, a later process compiles only the chosen config. The cache
+    key holds the kernel source, the tuning key's values, the configs and the
+    target, so a change to any of them re-tunes.
+    """
+    import inspect
+
+    extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=key, **extra)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return bool(knobs.runtime.interpret)
@@ -292,8 +307,8 @@ def prefill_kernel(block_d: int, block_q: int = 0, block_k: int = 0, tma: bool =
     adds the layout, causality, mask kind and the power-of-two class of the
     key length.
     """
-    return triton.autotune(configs=_configs(block_d, block_q, block_k, tma),
-                           key=["seq_bucket", "GROUP", "LAYOUT", "CAUSAL", "HAS_MASK", "HEAD_DIM"])(_prefill_kernel)
+    return autotune(configs=_configs(block_d, block_q, block_k, tma),
+                    key=["seq_bucket", "GROUP", "LAYOUT", "CAUSAL", "HAS_MASK", "HEAD_DIM"])(_prefill_kernel)
 
 
 def tma_supported(*tensors) -> bool:

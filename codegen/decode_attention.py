@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
+from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, autotune, interpreting
 
 # Rows of one packed tile at most (G * Sq); wider groups use the prefill kernel.
 MAX_PACKED_ROWS = 128
@@ -213,8 +213,7 @@ def _split_kernel():
     else:
         # Memory-bound: the choices differ in how many K/V tiles are in flight per SM.
         configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 3), (4, 4), (8, 3), (2, 4))]
-    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "BLOCK_M", "blocks_per_split"])(
-        _decode_split_kernel)
+    return autotune(configs=configs, key=["GROUP", "HEAD_DIM", "BLOCK_M", "blocks_per_split"])(_decode_split_kernel)
 
 
 def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
