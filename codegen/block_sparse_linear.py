@@ -274,7 +274,7 @@ def _row_order(row_ptr: Tensor, up_row_ptr: Optional[Tensor] = None) -> Tensor:
         return hit[2]
     if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
         _ORDER_CACHE.pop(next(iter(_ORDER_CACHE)))
-    _ORDER_CACHE[key] = (tuple(weakref.ref(p) for p in ptrs), tuple(p._version for p in ptrs), order)
+    _ORDER_CACHE[key] = (tuple(weakref.ref(p) for p in ptrs), versions, order)
     return order
 
 

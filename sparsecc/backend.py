@@ -179,9 +179,11 @@ def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict
 
     The bound weight tensors (compressed weights, K-major copies, column
     norms) keep their addresses for the life of the compile and are refreshed
-    in place, so they are marked static: a replay reads them where they are
-    instead of copying them into the graph's input buffers on every call.
-    Inductor itself skips cudagraphs for graphs on the CPU.
+    in place, so they are static: a replay reads them where they are instead
+    of copying them into the graph's input buffers on every call. Inductor
+    learns that from their placeholders (``_mark_bound_inputs``); the tensors
+    carry the same mark for anything that reads it from them. Inductor itself
+    skips cudagraphs for graphs on the CPU.
     """
     if not opts.cudagraphs:
         return None

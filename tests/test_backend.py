@@ -232,18 +232,6 @@ def test_cudagraphs_option_marks_bound_weights_static(monkeypatch):
     assert all(seen[1][1][-n_extra:]) and not any(seen[0][1][-n_extra:])
 
 
-class _StaticCacheUpdate(torch.nn.Module):
-    """A linear layer plus an in-place update of a cache tensor passed in (a static KV cache's pattern)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(32, 32)
-
-    def forward(self, x, cache):
-        cache.add_(1.0)
-        return self.proj(x) + cache
-
-
 def test_rewritten_graph_keeps_what_inductor_needs_to_find_static_inputs():
     """The rewritten graph keeps Dynamo's compile id, parameter sources and placeholder sources.
 
@@ -255,7 +243,7 @@ def test_rewritten_graph_keeps_what_inductor_needs_to_find_static_inputs():
     from sparsecc.backend import rewritten_graphs
 
     torch.manual_seed(5)
-    model = _StaticCacheUpdate().eval()
+    model = zoo.StaticCacheUpdate().eval()
     cache = torch.zeros(3, 32)
     torch._dynamo.mark_static_address(cache)
     spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}

@@ -76,10 +76,9 @@ def test_cudagraphs_record_a_graph_that_updates_a_static_cache_in_place():
     graph that sparsecc rewrote.
     """
     from torch._dynamo.utils import counters
-    from tests.test_backend import _StaticCacheUpdate
 
     torch.manual_seed(6)
-    model = _StaticCacheUpdate().eval().cuda().to(torch.bfloat16)
+    model = zoo.StaticCacheUpdate().eval().cuda().to(torch.bfloat16)
     cache = torch.zeros(3, 32, device="cuda", dtype=torch.bfloat16)
     torch._dynamo.mark_static_address(cache)
     spec = {"version": 1, "defaults": {"policy": "force"},

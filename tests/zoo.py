@@ -237,6 +237,18 @@ class ModuleLinear(nn.Module):
         return self.proj(x)
 
 
+class StaticCacheUpdate(nn.Module):
+    """A linear layer plus an in-place update of a cache tensor passed in (a static KV cache's pattern)."""
+
+    def __init__(self, hidden=32):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x, cache):
+        cache.add_(1.0)
+        return self.proj(x) + cache
+
+
 class FunctionalLinear(nn.Module):
     """F.linear with raw parameters."""
 

@@ -216,8 +216,9 @@ def _floors_ordered(families: Dict[str, dict]) -> bool:
     streaming site "faster" than SDPA at 64 tokens).
     """
     for fam, entry in families.items():
-        dense = families.get(dense_family_of(fam))
-        if dense is not None and fam != dense_family_of(fam) and entry["floor_s"] < dense["floor_s"]:
+        dense_name = dense_family_of(fam)
+        dense = families.get(dense_name)
+        if dense is not None and fam != dense_name and entry["floor_s"] < dense["floor_s"]:
             return False
     return True
 
@@ -239,7 +240,8 @@ def _descend(rows, families, hw, pairs, objective, max_sweeps: int) -> None:
                     continue
                 old = entry[name]
                 entry[name] = value
-                if entry["compute_small"] > entry["compute_large"] or not _floors_ordered(families):
+                if entry["compute_small"] > entry["compute_large"] or \
+                        (name == "floor_s" and not _floors_ordered(families)):
                     entry[name] = old   # compute efficiency never falls with size; floors stay ordered
                     continue
                 trial = objective(rows, predict_times(rows, families, hw))
