@@ -1,60 +1,29 @@
 """FX helpers shared by the matchers: module paths, parameters, users.
 
-Module paths are reported the way ``model.named_modules()`` names them,
-relative to the compiled module: Dynamo's ``L['self'].layers.0.q`` and
-``L['self']._modules['layers']._modules['0']._modules['q']`` both become
-``layers.0.q``. When the compiled callable is a plain function, the root is
-its argument name (``model.layers.0.q`` for ``f(model, x)``).
+Module paths are the qualified names of ``model.named_modules()`` of the
+compiled root, resolved by module identity in ``passes/module_tree.py``
+(stored on each node by the pipeline's first stage). A module that is not in
+the root's tree has no path: ``UNRESOLVED`` stands in its place, and the site
+says why in the report instead of being matched against the spec's globs.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
 
-# One segment of a Dynamo source name: .attr, ['key'] or [index].
-_SEGMENT = re.compile(r"\.([A-Za-z0-9_]+)|\[\s*'([^']*)'\s*\]|\[\s*\"([^\"]*)\"\s*\]|\[\s*(-?\d+)\s*\]")
-# Dict names Dynamo walks through inside nn.Module; they are not part of the user's path.
-_CONTAINER_ATTRS = {"_modules", "_parameters", "_buffers"}
-# The name the compiled module's own forward binds; stripped from paths.
-_ROOT_SELF = "self"
+from sparsecc.passes.module_tree import ModuleTree, stack_entries
 
-
-def split_source_name(name: str) -> List[str]:
-    """Split a Dynamo source/stack name into user-visible path components.
-
-    ``L['self']._modules['layers']._modules['0']._parameters['weight']`` ->
-    ``['layers', '0', 'weight']``. Unknown syntax (e.g. ``getattr(...)``)
-    yields the components that could be read.
-    """
-    text = name.strip()
-    m = re.match(r"^[A-Z]\[\s*'([^']*)'\s*\]", text)
-    parts: List[str] = []
-    if m:
-        root = m.group(1)
-        if root != _ROOT_SELF:
-            parts.append(root)
-        text = text[m.end():]
-    for seg in _SEGMENT.finditer(text):
-        piece = next(g for g in seg.groups() if g is not None)
-        if piece in _CONTAINER_ATTRS:
-            continue
-        parts.append(piece)
-    return parts
+# The module path of a site whose owner is not in the compiled root's module tree.
+UNRESOLVED = "<unresolved>"
 
 
 def stack_paths(node: Node) -> List[str]:
-    """The module paths enclosing ``node``, outermost first ("" is the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = []
-    for value in stack.values():
-        key = value[0] if isinstance(value, tuple) else str(value)
-        paths.append(".".join(split_source_name(key)))
-    return paths
+    """The module paths enclosing ``node``, outermost first ("" is the root; UNRESOLVED when unknown)."""
+    return [UNRESOLVED if name is None else name for _, name in stack_entries(node)]
 
 
 def innermost_module(node: Node) -> str:
@@ -64,15 +33,18 @@ def innermost_module(node: Node) -> str:
 
 
 def common_module(nodes: Iterable[Node]) -> str:
-    """Innermost module whose forward contains all ``nodes``."""
-    stacks = [stack_paths(n) for n in nodes]
+    """Innermost module whose forward contains all ``nodes`` ("" is the root)."""
+    stacks = [stack_entries(n) for n in nodes]
     if not stacks:
         return ""
     common = stacks[0]
     for stack in stacks[1:]:
-        keep = [p for p in common if p in stack]
-        common = keep
-    return common[-1] if common else ""
+        keys = {key for key, _ in stack}
+        common = [entry for entry in common if entry[0] in keys]
+    if not common:
+        return ""
+    name = common[-1][1]
+    return UNRESOLVED if name is None else name
 
 
 @dataclass(frozen=True)
@@ -91,8 +63,14 @@ class ParamRef:
         return isinstance(self.tensor, torch.nn.Parameter)
 
 
-def collect_params(gm: GraphModule, example_inputs: Sequence) -> dict:
-    """Map each placeholder/get_attr node that is a module parameter or buffer to its ParamRef."""
+def collect_params(gm: GraphModule, example_inputs: Sequence, tree: Optional[ModuleTree] = None) -> dict:
+    """Map each placeholder/get_attr node that is a module parameter or buffer to its ParamRef.
+
+    A lifted parameter is recognised by its Dynamo source (a ``_parameters``
+    or ``_buffers`` entry) or by being an ``nn.Parameter``; its name comes from
+    ``tree`` by tensor identity (UNRESOLVED module when it is not in the tree).
+    """
+    tree = tree or ModuleTree()
     refs = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for index, node in enumerate(placeholders):
@@ -104,8 +82,7 @@ def collect_params(gm: GraphModule, example_inputs: Sequence) -> dict:
         name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
         if "_parameters[" not in name and "_buffers[" not in name and not isinstance(tensor, torch.nn.Parameter):
             continue
-        parts = split_source_name(name)
-        refs[node] = ParamRef(".".join(parts), ".".join(parts[:-1]), node, index, tensor)
+        refs[node] = _param_ref(tree.tensor_name(tensor), node, index, tensor)
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
@@ -116,9 +93,16 @@ def collect_params(gm: GraphModule, example_inputs: Sequence) -> dict:
                 tensor = gm.get_buffer(node.target)
             except AttributeError:
                 continue
-        parts = str(node.target).split(".")
-        refs[node] = ParamRef(".".join(parts), ".".join(parts[:-1]), node, None, tensor)
+        refs[node] = _param_ref(tree.tensor_name(tensor), node, None, tensor)
     return refs
+
+
+def _param_ref(qualname: Optional[str], node: Node, index: Optional[int], tensor: torch.Tensor) -> "ParamRef":
+    if qualname is None:
+        # Not a tensor of the compiled root: it still needs a unique name for its bindings.
+        return ParamRef(f"{UNRESOLVED}.{node.name}", UNRESOLVED, node, index, tensor)
+    module, _, _ = qualname.rpartition(".")
+    return ParamRef(qualname, module, node, index, tensor)
 
 
 def only_user(node: Node) -> Optional[Node]:

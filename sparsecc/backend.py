@@ -21,6 +21,7 @@ import torch
 
 from sparsecc.codegen import ops
 from sparsecc.cost import profile_for
+from sparsecc.passes import module_tree
 from sparsecc.pipeline import EXPLAIN_STAGES, CompileContext, build_report, run_stages
 from sparsecc.report.model import Report
 from sparsecc.report.render import REPORT_SUFFIXES
@@ -95,10 +96,11 @@ def _autograd_active(example_inputs: Sequence) -> bool:
 
 
 def make_context(gm, example_inputs, opts: BackendOptions) -> CompileContext:
-    """A fresh CompileContext for one graph."""
+    """A fresh CompileContext for one graph (the module tree comes from the frame Dynamo is compiling)."""
     ops.register_ops()
     return CompileContext(spec=opts.spec, kernels=opts.kernels, autograd=_autograd_active(example_inputs),
-                          example_inputs=list(example_inputs), hardware=profile_for(_device_of(example_inputs)))
+                          example_inputs=list(example_inputs), hardware=profile_for(_device_of(example_inputs)),
+                          modules=module_tree.from_dynamo())
 
 
 def explain_graph(gm, example_inputs, opts: BackendOptions, sink: Report):

@@ -28,7 +28,8 @@ from sparsecc.forms import BlockWeights, TwoFour
 from sparsecc.passes import normalize as normalize_mod
 from sparsecc.passes.attention import ATTENTION_REWRITES
 from sparsecc.passes.ffn import FFN_REWRITES, linear_nodes
-from sparsecc.passes.fx_utils import collect_params
+from sparsecc.passes import module_tree
+from sparsecc.passes.fx_utils import UNRESOLVED, collect_params
 from sparsecc.passes.linear import LINEAR_REWRITES
 from sparsecc.passes.site import Decision, Rewrite, Site
 from sparsecc.report.model import Report, SiteRecord
@@ -92,6 +93,7 @@ class CompileContext:
     params: Dict[Node, Any] = field(default_factory=dict)   # placeholder/get_attr node -> ParamRef
     example_inputs: Sequence = ()
     hardware: HardwareProfile = field(default_factory=lambda: profile_for(torch.device("cpu")))
+    modules: module_tree.ModuleTree = field(default_factory=module_tree.ModuleTree)   # the compiled root's names
     sites: List[Site] = field(default_factory=list)
     rewrites: Dict[int, Rewrite] = field(default_factory=dict)
     decisions: Dict[int, Decision] = field(default_factory=dict)
@@ -157,9 +159,10 @@ class CompileContext:
 # ---------------------------------------------------------------- stages
 
 def stage_normalize(gm: GraphModule, ctx: CompileContext) -> None:
-    """Annotate every node with its canonical op."""
+    """Annotate every node with its canonical op and its module stack (names from the root's module tree)."""
+    module_tree.annotate(gm, ctx.modules)
     normalize_mod.annotate(gm.graph)
-    ctx.params = collect_params(gm, ctx.example_inputs)
+    ctx.params = collect_params(gm, ctx.example_inputs, ctx.modules)
 
 
 def stage_match(gm: GraphModule, ctx: CompileContext) -> None:
@@ -191,11 +194,20 @@ def stage_match(gm: GraphModule, ctx: CompileContext) -> None:
 def stage_decide(gm: GraphModule, ctx: CompileContext) -> None:
     """Make one decision per site, in family order."""
     for site in ctx.sites:
+        if site.module == UNRESOLVED:
+            ctx.decisions[id(site)] = Decision(False, None, unresolved_reason(ctx))
+            continue
         try:
             ctx.decisions[id(site)] = ctx.rewrites[id(site)].check(site, ctx)
         except Exception as err:  # noqa: BLE001 - dense fallback rather than a crash
             log.warning("sparsecc: check of %s failed: %r", site.label, err)
             ctx.decisions[id(site)] = Decision(False, None, f"dense fallback: the check failed ({err!r})")
+
+
+def unresolved_reason(ctx: CompileContext) -> str:
+    """Why a site has no module path (so no rule can name it)."""
+    why = ctx.modules.unresolved_reason or "its owning module is not in the compiled module's named_modules()"
+    return f"no module path: {why}; no rule applies"
 
 
 def stage_rewrite(gm: GraphModule, ctx: CompileContext) -> None:
