@@ -30,9 +30,12 @@ DEBUG_MATCH_ENV = "SPARSECC_DEBUG_MATCH"
 
 
 def debug_no_match(kind: str, node: Node, why: str) -> None:
-    """Log why ``node`` did not become a ``kind`` site, when SPARSECC_DEBUG_MATCH is set."""
-    if os.environ.get(DEBUG_MATCH_ENV, "") not in ("", "0"):
-        log.warning("sparsecc: %s candidate %s not matched: %s", kind, node.name, why)
+    """Log why ``node`` did not become a ``kind`` site: at DEBUG (``TORCH_LOGS=+sparsecc``), or as a warning
+    when SPARSECC_DEBUG_MATCH is set."""
+    loud = os.environ.get(DEBUG_MATCH_ENV, "") not in ("", "0")
+    if loud or log.isEnabledFor(logging.DEBUG):
+        log.log(logging.WARNING if loud else logging.DEBUG, "sparsecc: %s candidate %s not matched: %s",
+                kind, node.name, why)
 
 
 @dataclass

@@ -14,6 +14,8 @@ import os
 import sys
 import threading
 import time
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -37,9 +39,6 @@ LOWERINGS = ("inductor", "eager")
 KERNEL_CHOICES = ops.IMPL_CHOICES
 
 _reports_lock = threading.Lock()
-_reports_by_path: Dict[str, Report] = {}
-_last_report: Optional[Report] = None
-_last_options: Any = None   # the options object of the compile that _last_report belongs to
 # Rewritten graph modules of this process, newest last (for tests and debugging; cleared by reset_reports).
 _graphs: List[Any] = []
 
@@ -76,11 +75,29 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
                 and os.fspath(report).lower().endswith(REPORT_SUFFIXES)):
             raise SpecError(key="options.report", value=report,
                             allowed=f"True, False, or a path ending in one of {list(REPORT_SUFFIXES)}")
+        problem = _unwritable(os.fspath(report))
+        if problem:
+            raise SpecError(f"cannot be written: {problem}", key="options.report", value=report,
+                            allowed="a path in an existing, writable folder")
     cudagraphs = options.get("cudagraphs", False)
     if not isinstance(cudagraphs, bool):
         raise SpecError(key="options.cudagraphs", value=cudagraphs, allowed="True or False")
     return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels,
                           cudagraphs=cudagraphs)
+
+
+def _unwritable(path: str) -> Optional[str]:
+    """Why a report cannot be written at ``path`` (None when it can)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a folder"
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None
 
 
 def _device_of(example_inputs: Sequence) -> torch.device:
@@ -172,7 +189,7 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
         compiled = _with_weights(compiled, ctx)
     ctx.stages.append(("lower", (time.perf_counter() - start) * 1e3))
     report = build_report(ctx)
-    emit_report(report, opts, owner)
+    emit_report(report, opts, owner, ctx.modules.roots[0] if ctx.modules.roots else None)
     return compiled
 
 
@@ -216,43 +233,69 @@ def _with_weights(compiled, ctx: CompileContext):
     return run
 
 
-def emit_report(report: Report, opts: BackendOptions, owner: Any = None) -> None:
-    """Log/print the report (report=True) or write it to the requested file (accumulating graphs).
+class SparseccWarning(UserWarning):
+    """What sparsecc says at every compile: how many sites it rewrote, and the spec rules that matched nothing."""
 
-    ``owner`` identifies one torch.compile call (its options object): graphs
-    with the same owner accumulate into ``last_report()``, a new owner starts
-    it afresh.
+
+@dataclass
+class _CompileReports:
+    """The accumulated report of one compile: its options object and the module it compiled."""
+
+    options: Any
+    root: Any                # weakref to the compiled root module (None when unknown)
+    report: Report
+
+
+_current: Optional[_CompileReports] = None
+
+
+def _same_compile(record: Optional[_CompileReports], options: Any, root: Any) -> bool:
+    if record is None or options is None or record.options is not options:
+        return False
+    old_root = record.root() if record.root is not None else None
+    return old_root is root
+
+
+def emit_report(report: Report, opts: BackendOptions, owner: Any = None, root: Any = None) -> Report:
+    """Add one graph's report to its compile's report; print or write it; warn with the compile's summary.
+
+    A compile is one ``options`` object applied to one root module: graphs
+    with the same owner and root (graph breaks, recompiles) accumulate, a new
+    one starts afresh, so a ``report=`` file always describes the compile that
+    wrote it. Returns the accumulated report.
     """
-    global _last_report, _last_options
+    global _current
     with _reports_lock:
+        if not _same_compile(_current, owner, root):
+            _current = _CompileReports(owner, weakref.ref(root) if root is not None else None,
+                                       Report(kernels=report.kernels))
+        total = _current.report
+        total.extend(report)
         if opts.report is True:
-            text = str(report)
-            log.info("%s", text)
-            print(text, file=sys.stderr)
+            text = str(total)
+            if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+                log.info("%s", text)   # logging is configured: one copy, through it
+            else:
+                print(text, file=sys.stderr)
         elif opts.report:
-            path = str(opts.report)
-            total = _reports_by_path.setdefault(path, Report(kernels=report.kernels))
-            total.extend(report)
-            total.save(path)
-        if _last_report is None or owner is None or owner is not _last_options:
-            _last_report = Report(kernels=report.kernels)
-            _last_options = owner
-        _last_report.extend(report)
+            total.save(str(opts.report))
+    summary = f"sparsecc: {total.summary()}"
+    log.warning("%s", summary)
+    warnings.warn(summary, SparseccWarning, stacklevel=2)
+    return total
 
 
 def last_report() -> Optional[Report]:
-    """The report of the graphs compiled most recently in this process (all graphs of that compile)."""
-    return _last_report
+    """The report of the most recent compile in this process (all its graphs)."""
+    return _current.report if _current is not None else None
 
 
 def reset_reports() -> None:
-    """Forget accumulated reports (the next compile starts fresh files and a fresh ``last_report``)."""
-    global _last_report, _last_options
+    """Forget the current compile's report (the next compile starts fresh)."""
+    global _current
     with _reports_lock:
-        _reports_by_path.clear()
-        _last_options = None
+        _current = None
         _graphs.clear()
-        _last_report = None
 
 
 def rewritten_graphs() -> List[Any]:
@@ -260,8 +303,25 @@ def rewritten_graphs() -> List[Any]:
     return list(_graphs)
 
 
+def register_torch_logs() -> None:
+    """Make ``TORCH_LOGS=sparsecc`` / ``+sparsecc`` and ``torch._logging.set_logs`` know the ``sparsecc`` logger.
+
+    torch parses TORCH_LOGS when it is imported, before sparsecc is; when the
+    variable names sparsecc, the log settings are parsed again after
+    registering, as for torch's own artifacts.
+    """
+    from torch._logging import _internal
+    if _internal.log_registry.is_log("sparsecc") and "sparsecc" in _internal.log_registry.log_alias_to_log_qnames:
+        return
+    torch._logging._internal.register_log("sparsecc", "sparsecc")
+    if "sparsecc" in os.environ.get(_internal.LOG_ENV_VAR, ""):
+        _internal._parse_log_settings.cache_clear()
+        _internal._init_logs()
+
+
 def sparsecc_backend(gm, example_inputs, options: Optional[dict] = None, **kwargs):
     """The Dynamo backend: ``torch.compile(model, backend="sparsecc", options={spec, report, kernels})``."""
+    register_torch_logs()
     if kwargs:
         name = sorted(kwargs)[0]
         raise SpecError("is not a backend argument", key=name, value=kwargs[name],

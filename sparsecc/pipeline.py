@@ -261,8 +261,9 @@ def run_stages(gm: GraphModule, ctx: CompileContext, stages=STAGES) -> None:
 def build_report(ctx: CompileContext) -> Report:
     """Turn the context's sites and decisions into a Report (one graph)."""
     report = Report(spec=getattr(ctx.spec, "source", None) or ("<inline spec>" if ctx.spec else None),
-                    kernels=ctx.kernels, hardware=ctx.hardware.name, graphs=1, stages=list(ctx.stages))
-    report.warnings.extend(ctx.warnings)
+                    kernels=ctx.kernels, hardware=ctx.hardware.name, graphs=1, stages=list(ctx.stages),
+                    frame=_frame_of(ctx.gm))
+    report.notes.extend(ctx.warnings)
     used_rules = set()
     for site in ctx.sites:
         d = ctx.decisions.get(id(site))
@@ -292,10 +293,17 @@ def build_report(ctx: CompileContext) -> Report:
     if ctx.spec is not None:
         for kind in ("attention", "ffn", "linear"):
             for rule in ctx.spec.rules(kind):
-                if rule.key not in used_rules and not any(rule.matches(s.module) for s in ctx.sites
-                                                          if s.kind == kind):
-                    report.warnings.append(f"{rule.key} (modules={rule.modules!r}) matches no {kind} site")
+                report.rules[rule.key] = (kind, rule.modules)
+                if rule.key in used_rules or any(rule.matches(s.module) for s in ctx.sites
+                                                 if s.kind == kind and s.module != UNRESOLVED):
+                    report.matched_rules.append(rule.key)
     return report
+
+
+def _frame_of(gm: Optional[GraphModule]) -> Optional[int]:
+    """The Dynamo frame a graph was captured from (its recompiles share it), when Dynamo recorded one."""
+    compile_id = gm.meta.get("dynamo_compile_id") if gm is not None else None
+    return getattr(compile_id, "frame_id", None)
 
 
 def _sparse_heads(params, heads) -> Optional[List[int]]:

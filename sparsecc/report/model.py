@@ -25,6 +25,7 @@ class SiteRecord:
     device: str = ""
     attrs: Dict[str, Any] = field(default_factory=dict)
     graph: int = 0
+    frame: Optional[int] = None   # the Dynamo frame whose graph holds the site (a recompile replaces its sites)
     density: Optional[float] = None
     dense_flops: Optional[float] = None
     sparse_flops: Optional[float] = None
@@ -50,27 +51,75 @@ class SiteRecord:
 
 @dataclass
 class Report:
-    """All sites of one compile (every graph Dynamo handed over), plus warnings and stage times."""
+    """All sites of one compile (every graph Dynamo handed over), plus warnings and stage times.
+
+    ``rules`` lists the spec's rules (key -> its ``modules`` glob and kind) and
+    ``matched_rules`` the keys that cover at least one site of any graph, so
+    that a rule which matches nothing is reported once per compile, not per
+    graph. ``frames`` maps each site's graph to the Dynamo frame it came from:
+    a recompile of a frame replaces that frame's earlier sites.
+    """
 
     sites: List[SiteRecord] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
     stages: List[Tuple[str, float]] = field(default_factory=list)   # (stage name, milliseconds)
     spec: Optional[str] = None
     kernels: str = "auto"
     hardware: str = ""
     graphs: int = 0
+    rules: Dict[str, Tuple[str, str]] = field(default_factory=dict)   # rule key -> (kind, modules glob)
+    matched_rules: List[str] = field(default_factory=list)
+    frame: Optional[int] = None         # the Dynamo frame of a one-graph report (None: unknown)
+    recompiles: int = 0
 
     def extend(self, other: "Report") -> None:
-        """Append another graph's report to this one (graph indices are renumbered)."""
+        """Append another graph's report to this one (graph indices are renumbered).
+
+        When ``other`` recompiles a frame this report already holds, the
+        frame's earlier sites are replaced, so a recompile never lists a site
+        twice.
+        """
+        if other.frame is not None and any(s.frame == other.frame for s in self.sites):
+            self.sites = [s for s in self.sites if s.frame != other.frame]
+            self.recompiles += 1
         for site in other.sites:
             site.graph = self.graphs + site.graph
+            site.frame = other.frame
             self.sites.append(site)
-        self.warnings.extend(w for w in other.warnings if w not in self.warnings)
+        self.notes.extend(w for w in other.notes if w not in self.notes)
         self.stages.extend(other.stages)
         self.spec = self.spec or other.spec
         self.kernels = other.kernels
         self.hardware = other.hardware or self.hardware
         self.graphs += max(1, other.graphs)
+        self.rules.update(other.rules)
+        self.matched_rules.extend(k for k in other.matched_rules if k not in self.matched_rules)
+
+    def unmatched_rules(self) -> List[str]:
+        """The spec rules that cover no site of any graph, as ``key (modules='glob')``."""
+        return [f"{key} (modules={glob!r})" for key, (_, glob) in self.rules.items() if key not in self.matched_rules]
+
+    @property
+    def warnings(self) -> List[str]:
+        """Everything the user should look at: notes of the stages, rules that match nothing, recompiles."""
+        out = list(self.notes)
+        out += [f"{key} (modules={glob!r}) matches no {kind} site" for key, (kind, glob) in self.rules.items()
+                if key not in self.matched_rules]
+        if self.recompiles:
+            out.append(f"{self.recompiles} recompile(s): each frame shows the sites of its latest graph")
+        return out
+
+    def summary(self) -> str:
+        """One line: ``K/N sites rewritten (per kind); rules that matched nothing: ...``."""
+        counts = self.counts()
+        kinds = ", ".join(f"{kind} {counts.get(kind + '.applied', 0)}/{counts[kind]}"
+                          for kind in ("attention", "ffn", "linear") if counts.get(kind))
+        line = f"{len(self.applied)}/{len(self.sites)} sites rewritten" + (f" ({kinds})" if kinds else "")
+        if self.spec is None:
+            line += "; no spec given, so every site stays dense"
+        unmatched = self.unmatched_rules()
+        line += "; rules that matched nothing: " + (", ".join(unmatched) if unmatched else "none")
+        return line
 
     @property
     def applied(self) -> List[SiteRecord]:
@@ -90,6 +139,7 @@ class Report:
         """Plain-dict form of the whole report."""
         return {"spec": self.spec, "kernels": self.kernels, "hardware": self.hardware, "graphs": self.graphs,
                 "sites": [s.to_dict() for s in self.sites], "warnings": list(self.warnings),
+                "summary": self.summary(),
                 "stages_ms": [{"stage": n, "ms": ms} for n, ms in self.stages], "counts": self.counts()}
 
     def to_json(self, indent: int = 2) -> str:

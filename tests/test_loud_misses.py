@@ -1,0 +1,129 @@
+"""Misses are loud: every compile warns with its summary; reports describe the compile that wrote them."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import SparseccWarning, SpecError
+from tests import zoo
+
+X = torch.randn(1, 8, 32)
+STREAMING = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 2, "policy": "force"}]}
+NOWHERE = {"version": 1, "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": 1,
+                                        "window": 2}]}
+
+
+def _compile_and_run(model, **kwargs):
+    with torch.no_grad():
+        return sparsecc.compile(model, kernels="reference", **kwargs)(X)
+
+
+def test_every_compile_warns_with_its_summary(eager_lowering):
+    with pytest.warns(SparseccWarning, match=r"0/\d+ sites rewritten .*rules that matched nothing: "
+                                             r"attention\[0\] \(modules='model.layers.\*.self_attn'\)"):
+        _compile_and_run(zoo.SdpaAttention().eval(), spec=NOWHERE)
+    torch._dynamo.reset()
+    with pytest.warns(SparseccWarning, match=r"1/5 sites rewritten \(attention 1/1, linear 0/4\); "
+                                             r"rules that matched nothing: none"):
+        _compile_and_run(zoo.SdpaAttention().eval(), spec=STREAMING)
+
+
+def test_the_summary_also_goes_to_the_logger_without_report(caplog, eager_lowering):
+    with caplog.at_level(logging.WARNING, logger="sparsecc"):
+        _compile_and_run(zoo.SdpaAttention().eval(), spec=NOWHERE)
+    lines = [r for r in caplog.records if r.name == "sparsecc" and "sites rewritten" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "attention[0]" in lines[0].getMessage()
+
+
+def test_no_spec_says_so():
+    with pytest.warns(SparseccWarning, match="no spec given"):
+        with torch.no_grad():
+            torch.compile(zoo.SdpaAttention().eval(), backend="sparsecc")(X)
+
+
+@pytest.mark.parametrize("setting", ["sparsecc", "+sparsecc"])
+def test_torch_logs_knows_sparsecc(setting, tmp_path):
+    script = textwrap.dedent("""
+        import torch, sparsecc
+        from tests import zoo
+        with torch.no_grad():
+            torch.compile(zoo.SdpaAttention().eval(), backend="sparsecc")(torch.randn(1, 8, 32))
+        from torch._logging import _internal
+        print("registered", _internal.log_registry.is_log("sparsecc"))
+        print("level", __import__("logging").getLogger("sparsecc").getEffectiveLevel())
+    """)
+    env = {**os.environ, "TORCH_LOGS": setting, "SPARSECC_LOWERING": "eager", "PYTHONWARNINGS": "ignore"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "registered True" in out.stdout
+    assert f"level {logging.DEBUG if setting.startswith('+') else logging.INFO}" in out.stdout
+    assert "sites rewritten" in out.stderr
+
+
+def test_a_report_file_describes_only_the_compile_that_wrote_it(tmp_path, eager_lowering):
+    path = tmp_path / "r.json"
+    _compile_and_run(zoo.SdpaAttention().eval(), spec=STREAMING, report=str(path))
+    first = json.loads(path.read_text())
+    torch._dynamo.reset()
+    _compile_and_run(zoo.GatedSiluFFN().eval(), spec=STREAMING, report=str(path))
+    second = json.loads(path.read_text())
+    assert {s["kind"] for s in first["sites"]} == {"attention", "linear"}
+    assert {s["kind"] for s in second["sites"]} == {"ffn", "linear"}
+    assert len(second["sites"]) == 4
+
+
+def test_a_recompile_does_not_duplicate_sites(tmp_path, eager_lowering):
+    path = tmp_path / "r.json"
+    model = zoo.SdpaAttention().eval()
+    compiled = sparsecc.compile(model, spec=STREAMING, kernels="reference", report=str(path), dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randn(1, 8, 32))
+        compiled(torch.randn(1, 12, 32))     # a new static shape: Dynamo recompiles the same frame
+    report = json.loads(path.read_text())
+    assert report["graphs"] == 2
+    assert sorted(s["kind"] for s in report["sites"]) == ["attention", "linear", "linear", "linear", "linear"]
+    assert report["sites"][0]["shapes"]["q"][2] == 12   # the latest graph's sites
+    assert any("recompile" in w for w in report["warnings"])
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "read-only"])
+def test_unwritable_report_paths_are_rejected_with_the_options(tmp_path, where):
+    if where == "missing-folder":
+        path = tmp_path / "no" / "such" / "r.json"
+    elif where == "a-folder":
+        path = tmp_path / "r.json"
+        path.mkdir()
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes read-only folders")
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        path = folder / "r.json"
+    with pytest.raises(SpecError, match="options.report"):
+        sparsecc.compile(zoo.SdpaAttention(), report=str(path))
+
+
+def test_report_true_prints_once_with_logging_configured(capsys, eager_lowering):
+    logger = logging.getLogger("sparsecc")
+    handler = logging.StreamHandler(sys.stderr)
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        _compile_and_run(zoo.SdpaAttention().eval(), spec=STREAMING, report=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    err = capsys.readouterr().err
+    assert err.count("sparsecc report:") == 1
