@@ -66,30 +66,64 @@ class AttentionMatch:
     causal: bool
     folded_heads: bool              # 3-D (batch*heads, S, D) operands
     out_dtype: torch.dtype
+    layout: Optional[tuple] = None  # permutation taking q/k/v as the model holds them to [B, H, S, D]
+    out_perm: Optional[tuple] = None  # permutation taking the [B, H, Sq, D] result to the model's output layout
 
 
-def _peel_repeat_kv(node: Node) -> Tuple[Node, int]:
-    """Undo GQA expansion: return (source with Hkv heads, n_rep)."""
+def permuted_shape(node: Node, perm: Optional[tuple]) -> Optional[tuple]:
+    """The shape of ``node`` read through ``perm`` (None: as it is)."""
+    shape = shape_of(node)
+    if shape is None or perm is None:
+        return shape
+    return tuple(shape[p] for p in perm) if len(perm) == len(shape) else None
+
+
+def _peel_repeat_kv(node: Node, head_axis: int = 1) -> Tuple[Node, int]:
+    """Undo GQA expansion of the head axis: return (source with Hkv heads, n_rep).
+
+    Spellings: ``repeat_interleave(n, dim=1)``, and a new axis after the head
+    axis expanded and merged back: ``x[:, :, None].expand(...).reshape(...)``
+    (or ``unsqueeze``) for ``[B, H, S, D]``, ``x[:, :, :, None]...`` for
+    ``[B, S, H, D]``.
+    """
     op = op_of(node)
-    if op is not None and op.name == "repeat_kv":
+    if op is not None and op.name == "repeat_kv" and head_axis == 1:
         return op.inputs[0], op.params["n_rep"]
-    # x[:, :, None, :, :].expand(B, Hkv, n_rep, S, D).reshape(B, Hkv * n_rep, S, D)
-    if op is not None and op.name == "view":
-        expand = op.inputs[0]
-        eop = op_of(expand)
-        if eop is not None and eop.name == "expand":
-            index = op_of(eop.inputs[0])
-            src_shape, exp_shape = None, shape_of(expand)
-            if index is not None and index.name == "getitem":
-                src = index.inputs[0]
-                src_shape = shape_of(src)
-                idx = index.params["index"]
-                inserted = (isinstance(idx, tuple) and len(idx) >= 3 and idx[2] is None
-                            and all(i == slice(None) for i in idx[:2]) and all(i == slice(None) for i in idx[3:]))
-                if (inserted and src_shape is not None and len(src_shape) == 4 and exp_shape is not None
-                        and len(exp_shape) == 5 and isinstance(exp_shape[2], int)):
-                    return src, exp_shape[2]
-    return node, 1
+    if op is None or op.name != "view":
+        return node, 1
+    expand = op.inputs[0]
+    eop = op_of(expand)
+    exp_shape, out_shape = shape_of(expand), shape_of(node)
+    if eop is None or eop.name != "expand" or exp_shape is None or out_shape is None or len(exp_shape) != 5 \
+            or len(out_shape) != 4 or not isinstance(exp_shape[head_axis + 1], int):
+        return node, 1
+    src = _new_axis_source(eop.inputs[0], head_axis + 1)
+    src_shape = shape_of(src) if src is not None else None
+    if src_shape is None or len(src_shape) != 4:
+        return node, 1
+    rep = exp_shape[head_axis + 1]
+    merged = [d for i, d in enumerate(exp_shape) if i != head_axis + 1]
+    if str(out_shape[head_axis]) != str(src_shape[head_axis] * rep) or any(
+            str(a) != str(b) for i, (a, b) in enumerate(zip(out_shape, merged)) if i != head_axis):
+        return node, 1
+    return src, rep
+
+
+def _new_axis_source(node: Node, axis: int) -> Optional[Node]:
+    """The tensor ``node`` adds a length-1 axis to at ``axis`` (by ``x[..., None, ...]`` or ``unsqueeze``)."""
+    if node.op == "call_method" and node.target == "unsqueeze" and len(node.args) == 2:
+        src = node.args[0]
+        value = shape_of(src)
+        return src if value is not None and node.args[1] in (axis, axis - len(value) - 1) else None
+    index = op_of(node)
+    if index is None or index.name != "getitem":
+        return None
+    idx = index.params["index"]
+    if not (isinstance(idx, tuple) and len(idx) > axis and idx[axis] is None):
+        return None
+    if all(i == slice(None) for i in idx[:axis]) and all(i == slice(None) or i is Ellipsis for i in idx[axis + 1:]):
+        return index.inputs[0]
+    return None
 
 
 def _forward_chain(node: Node) -> Optional[Node]:
@@ -105,7 +139,8 @@ def _forward_chain(node: Node) -> Optional[Node]:
         if op.name in ("cast", "identity") and op.inputs[0] is cur:
             cur = user
             continue
-        if op.name == "matmul" and op.inputs[0] is cur and not op.params["transpose_rhs"]:
+        if op.name == "matmul" and op.inputs[0] is cur and not op.params["transpose_rhs"] \
+                and op.params.get("lhs_perm") is None:
             return user
         return None
 
@@ -177,8 +212,8 @@ def _logits_operand(a: Node, b: Node) -> Optional[Node]:
     return None
 
 
-def _check_operands(q: Node, k: Node, v: Node, n_rep_k: int, n_rep_v: int) -> str:
-    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+def _check_operands(q: Node, k: Node, v: Node, n_rep_k: int, n_rep_v: int, layout: Optional[tuple] = None) -> str:
+    qs, ks, vs = (permuted_shape(t, layout) for t in (q, k, v))
     if qs is None or ks is None or vs is None:
         return "operand shapes are unknown"
     if not (len(qs) == len(ks) == len(vs)) or len(qs) not in (3, 4):
@@ -201,13 +236,16 @@ def search_sdpa(gm: GraphModule, ctx) -> List[Site]:
         q, k, v, mask = op.inputs
         dropout = op.params["dropout_p"]
         if not (isinstance(dropout, (int, float)) and dropout == 0):
-            debug_no_match("attention", node, f"dropout_p={dropout!r} (only 0 is supported)")
+            why = f"dropout_p={dropout!r} (only 0 is supported)"
+            debug_no_match("attention", node, why)
+            sites.append(_refused_site(node, why, "sdpa"))
             continue
         k0, rk = _peel_repeat_kv(k)
         v0, rv = _peel_repeat_kv(v)
         why = _check_operands(q, k0, v0, rk, rv)
         if why:
             debug_no_match("attention", node, why)
+            sites.append(_refused_site(node, why, "sdpa"))
             continue
         masks = []
         if isinstance(mask, Node):
@@ -220,7 +258,13 @@ def search_sdpa(gm: GraphModule, ctx) -> List[Site]:
 
 
 def search_softmax(gm: GraphModule, ctx) -> List[Site]:
-    """Find hand-written ``softmax(q @ kᵀ * scale + mask) @ v`` attention."""
+    """Find hand-written ``softmax(q @ kᵀ * scale + mask) @ v`` attention, in any einsum axis order.
+
+    A softmax whose result feeds ``@ v`` but whose logits are not a plain
+    ``q @ kᵀ`` with scale / mask / cast steps (a tanh soft-cap, a learned
+    temperature, an intermediate used elsewhere) is still reported, as a
+    refused site with the reason.
+    """
     sites = []
     for node in gm.graph.nodes:
         op = op_of(node)
@@ -230,37 +274,56 @@ def search_softmax(gm: GraphModule, ctx) -> List[Site]:
         if pv is None:
             debug_no_match("attention", node, "softmax output is not consumed only by a matmul with v")
             continue
-        chain: List[Node] = []
-        peeled = _peel_logits(op.inputs[0], chain)
-        if peeled is None:
-            debug_no_match("attention", node, "logits are not q @ kᵀ with only scale/mask/cast steps, "
-                                              "or an intermediate is used elsewhere")
+        matched = _match_softmax(node, op, pv)
+        if isinstance(matched, str):
+            debug_no_match("attention", node, matched)
+            sites.append(_refused_site(pv, matched, "softmax"))
             continue
-        qk, scale, masks, _ = peeled
-        if len(qk.users) != 1:
-            debug_no_match("attention", node, "the q @ kᵀ product is used elsewhere")
-            continue
-        qk_op = op_of(qk)
-        q, kt = qk_op.inputs
-        if qk_op.params["transpose_rhs"]:
-            k = kt
-        else:
-            t_op = op_of(kt)
-            if t_op is None or t_op.name != "transpose":
-                debug_no_match("attention", node, "the right operand of q @ k is not a transposed k")
-                continue
-            k = t_op.inputs[0]
-        v = op_of(pv).inputs[1]
-        k0, rk = _peel_repeat_kv(k)
-        v0, rv = _peel_repeat_kv(v)
-        why = _check_operands(q, k0, v0, rk, rv)
-        if why:
-            debug_no_match("attention", node, why)
-            continue
-        site_nodes = tuple(chain) + (node,) + _between(node, pv)
-        match = AttentionMatch(q, k0, v0, masks, scale, False, len(shape_of(q)) == 3, dtype_of(pv))
+        site_nodes, match = matched
         sites.append(_make_site(pv, site_nodes, match, "softmax", ctx))
     return sites
+
+
+def _match_softmax(node: Node, op, pv: Node):
+    """(site nodes, AttentionMatch) for one softmax -> P @ V candidate, or the reason it is refused."""
+    chain: List[Node] = []
+    peeled = _peel_logits(op.inputs[0], chain)
+    if peeled is None:
+        return ("the logits are not q @ kᵀ with only scale / mask / cast steps (e.g. a soft-cap, a learned "
+                "temperature or a bias that is not a mask), or an intermediate is used elsewhere")
+    qk, scale, masks, _ = peeled
+    if len(qk.users) != 1:
+        return "the q @ kᵀ product is used elsewhere"
+    qk_op, pv_op = op_of(qk), op_of(pv)
+    if qk_op.params.get("out_perm") is not None:
+        return "the q @ kᵀ product is not laid out [..., query, key]"
+    q, kt = qk_op.inputs
+    if qk_op.params["transpose_rhs"]:
+        k, k_perm = kt, qk_op.params.get("rhs_perm")
+    else:
+        t_op = op_of(kt)
+        if t_op is None or t_op.name != "transpose" or qk_op.params.get("rhs_perm") is not None:
+            return "the right operand of q @ k is not a transposed k"
+        k, k_perm = t_op.inputs[0], None
+    q_perm, v, v_perm = qk_op.params.get("lhs_perm"), pv_op.inputs[1], pv_op.params.get("rhs_perm")
+    if not (q_perm == k_perm == v_perm):
+        return f"q, k and v are read in different axis orders ({q_perm}, {k_perm}, {v_perm})"
+    head_axis = q_perm[1] if q_perm is not None else 1
+    k0, rk = _peel_repeat_kv(k, head_axis)
+    v0, rv = _peel_repeat_kv(v, head_axis)
+    why = _check_operands(q, k0, v0, rk, rv, q_perm)
+    if why:
+        return why
+    site_nodes = tuple(chain) + (node,) + _between(node, pv)
+    match = AttentionMatch(q, k0, v0, masks, scale, False, len(shape_of(q)) == 3, dtype_of(pv),
+                           layout=q_perm, out_perm=pv_op.params.get("out_perm"))
+    return site_nodes, match
+
+
+def _refused_site(output: Node, why: str, spelling: str) -> Site:
+    """A candidate the matcher cannot rewrite: reported with its reason, never replaced."""
+    return Site("attention", common_module((output,)), output, (), {}, dtype_of(output) or torch.float32,
+                device_of(output) or torch.device("cpu"), {"refused": why}, None, spelling)
 
 
 def _between(start: Node, end: Node) -> Tuple[Node, ...]:
@@ -272,7 +335,7 @@ def _between(start: Node, end: Node) -> Tuple[Node, ...]:
 
 
 def _make_site(output: Node, nodes, match: AttentionMatch, spelling: str, ctx) -> Site:
-    qs, ks = shape_of(match.q), shape_of(match.k)
+    qs, ks = permuted_shape(match.q, match.layout), permuted_shape(match.k, match.layout)
     if match.folded_heads:
         batch, heads, kv_heads = 1, qs[0], ks[0]
         sq, sk, dim = qs[1], ks[1], qs[2]
@@ -280,13 +343,16 @@ def _make_site(output: Node, nodes, match: AttentionMatch, spelling: str, ctx) -
         batch, heads, sq, dim = qs
         kv_heads, sk = ks[1], ks[2]
     module = common_module(nodes)
-    shapes = {"q": concrete_shape(match.q), "k": concrete_shape(match.k), "v": concrete_shape(match.v)}
+    shapes = {name: tuple(size_hint(d) for d in permuted_shape(t, match.layout))
+              for name, t in (("q", match.q), ("k", match.k), ("v", match.v))}
     attrs = {
         "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_q": sq, "seq_k": sk, "head_dim": dim,
         "causal": match.causal, "scale": match.scale if match.scale is not None else 1.0 / math.sqrt(size_hint(dim)),
         "masks": len(match.masks), "gqa_groups": size_hint(heads) // max(1, size_hint(kv_heads)),
         "folded_heads": match.folded_heads,
     }
+    if match.layout is not None:
+        attrs["layout"] = "".join("bhsd"[match.layout.index(i)] for i in range(4))   # e.g. "bshd"
     symbolic = not all(is_static(shape_of(n)) for n in (match.q, match.k))
     return Site("attention", module, output, tuple(nodes), shapes, match.out_dtype,
                 device_of(match.q) or torch.device("cpu"), attrs, match, spelling, symbolic)
@@ -297,6 +363,8 @@ def _make_site(output: Node, nodes, match: AttentionMatch, spelling: str, ctx) -
 
 def check_attention(site: Site, ctx) -> Decision:
     """Decide one attention site: which heads get which form, whether it applies, and why."""
+    if site.match is None:
+        return Decision(False, None, f"not rewritable: {site.attrs['refused']}")
     if ctx.spec is None:
         return no_rule()
     rules = ctx.spec.matching("attention", site.module)
@@ -409,6 +477,8 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
     scale = site.attrs["scale"]
     with graph.inserting_before(site.output):
         q, k, v = m.q, m.k, m.v
+        if m.layout is not None:
+            q, k, v = (graph.call_method("permute", (t, *m.layout)) for t in (q, k, v))
         if m.folded_heads:
             q, k, v = (graph.call_method("unsqueeze", (t, 0)) for t in (q, k, v))
         mask = _combine_masks(graph, m.masks)
@@ -434,6 +504,8 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
                 ctx.kernels))
         if m.folded_heads:
             out = graph.call_method("squeeze", (out, 0))
+        if m.out_perm is not None:
+            out = graph.call_method("permute", (out, *m.out_perm))
         if m.out_dtype != dtype_of(m.q):
             out = graph.call_method("to", (out, m.out_dtype))
     out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})

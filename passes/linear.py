@@ -2,7 +2,7 @@
 
 Spellings: ``F.linear`` / ``nn.Linear``; ``torch.addmm(b, x, W)`` with W stored
 [in, out] (HF ``Conv1D``, as in GPT-2); ``x @ W.t()`` / ``torch.matmul(x, W.T)``;
-and ``x @ W`` with W [in, out]. A linear site belongs to the module that owns
+``x @ W`` with W [in, out]; and ``einsum("bsd,od->bso", x, W)`` (or ``do``). A linear site belongs to the module that owns
 the weight. Weight forms (2:4, block_weights) compress the weight once at
 compile time; the compressed tensors enter the compiled graph as extra inputs
 that ``WeightBindings`` keeps in step with the parameter (see backend).
@@ -31,7 +31,7 @@ from sparsecc.forms import BlockWeights, TwoFour
 from sparsecc.passes.decide import fallback, site_rule, verdict
 from sparsecc.passes.epilogue import FoldedChain, fold_chain
 from sparsecc.passes.fx_utils import ParamRef, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
-from sparsecc.passes.normalize import canonical, op_of
+from sparsecc.passes.normalize import canonical, is_plain_matmul, op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -77,7 +77,13 @@ def match_linear(node: Node, ctx) -> Optional[LinearMatch]:
             return None
         k, n = ref.tensor.shape
         return LinearMatch(x, ref, b if isinstance(b, Node) else None, True, k, n)
-    if op.name == "matmul" and not op.params["transpose_rhs"]:
+    if is_plain_matmul(op) and op.params["transpose_rhs"]:
+        x, rhs = op.inputs          # einsum("bsd,od->bso", x, W): W stored [out, in]
+        ref = _param(ctx, rhs)
+        if ref is not None:
+            n, k = ref.tensor.shape
+            return LinearMatch(x, ref, None, False, k, n)
+    if is_plain_matmul(op) and not op.params["transpose_rhs"]:
         x, rhs = op.inputs
         ref = _param(ctx, rhs)
         if ref is not None:

@@ -98,30 +98,64 @@ def _norm_dim(dim: int, ndim: int) -> int:
 
 
 def _einsum_matmul(node: Node) -> Optional[CanonicalOp]:
-    """Recognise a two-operand einsum that is a batched matmul, possibly with a transposed right operand."""
+    """Recognise a two-operand einsum that is a batched matrix product, in any axis order.
+
+    The result is a ``matmul`` whose params say how to read it as the
+    standard ``[batch..., i, c] @ [batch..., c, j] -> [batch..., i, j]``:
+    ``lhs_perm`` / ``rhs_perm`` permute the operands into that order (None:
+    already in it), ``transpose_rhs`` says the right operand is stored
+    ``[batch..., j, c]``, and ``out_perm`` permutes the standard result into
+    the einsum's output order (None: the same). ``bqhd,bkhd->bhqk`` is then
+    q and k permuted to ``[b, h, s, d]`` with k transposed, and
+    ``bhqk,bkhd->bqhd`` a product whose result is permuted back to
+    ``[b, q, h, d]``. A right operand without batch letters and a left operand
+    whose free letters all lead the output (``bsd,od->bso``) is a plain
+    ``x @ Wᵀ`` (or ``x @ W``) with no permutation.
+    """
     equation = node.args[0]
     operands = node.args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     if not isinstance(equation, str) or len(operands) != 2:
         return None
-    m = re.fullmatch(r"\s*([a-zA-Z.]+)\s*,\s*([a-zA-Z.]+)\s*->\s*([a-zA-Z.]+)\s*", equation)
-    if not m or "." in equation:
+    m = re.fullmatch(r"\s*([a-zA-Z]+)\s*,\s*([a-zA-Z]+)\s*->\s*([a-zA-Z]+)\s*", equation)
+    if not m:
         return None
     left, right, out = m.groups()
-    if not (len(left) == len(right) == len(out) >= 2):
+    if any(len(set(t)) != len(t) for t in (left, right, out)) or not set(out) <= set(left) | set(right):
         return None
-    batch = left[:-2]
-    if right[:-2] != batch or out[:-2] != batch:
+    contracted = [c for c in left if c in right and c not in out]
+    batch = [c for c in out if c in left and c in right]
+    left_free = [c for c in left if c not in right]
+    right_free = [c for c in right if c not in left]
+    if len(contracted) != 1 or any(c not in out for c in left_free + right_free):
         return None
-    i, c = left[-2], left[-1]
-    if out[-2:] != i + right[-1] and out[-2:] != i + right[-2]:
+    (c,) = contracted
+    if not batch and len(right) == 2 and len(right_free) == 1 and left[-1] == c \
+            and out == left[:-1] + right_free[0]:
+        # x @ Wᵀ (W stored [out, in]) or x @ W (W stored [in, out]): the linear spellings.
+        return CanonicalOp("matmul", (operands[0], operands[1]), {"transpose_rhs": right[0] != c})
+    if len(left_free) != 1 or len(right_free) != 1:
         return None
-    if right[-2:] == c + out[-1]:       # ...ic,...cj->...ij: plain matmul
-        return CanonicalOp("matmul", (operands[0], operands[1]), {"transpose_rhs": False})
-    if right[-2:] == out[-1] + c:       # ...ic,...jc->...ij: right operand transposed
-        return CanonicalOp("matmul", (operands[0], operands[1]), {"transpose_rhs": True})
-    return None
+    i, j = left_free[0], right_free[0]
+    transpose_rhs = right.index(j) < right.index(c)
+    lhs_order = "".join(batch) + i + c
+    rhs_order = "".join(batch) + ((j + c) if transpose_rhs else (c + j))
+    std_out = "".join(batch) + i + j
+
+    def perm(src: str, dst: str) -> Optional[tuple]:
+        p = tuple(src.index(ch) for ch in dst)
+        return None if p == tuple(range(len(p))) else p
+
+    return CanonicalOp("matmul", (operands[0], operands[1]), {
+        "transpose_rhs": transpose_rhs, "lhs_perm": perm(left, lhs_order), "rhs_perm": perm(right, rhs_order),
+        "out_perm": perm(std_out, out)})
+
+
+def is_plain_matmul(op: Optional[CanonicalOp]) -> bool:
+    """True for a ``matmul`` read as written: no operand or result permutation (see ``_einsum_matmul``)."""
+    return (op is not None and op.name == "matmul" and op.params.get("lhs_perm") is None
+            and op.params.get("rhs_perm") is None and op.params.get("out_perm") is None)
 
 
 def _transpose_last_two(node: Node, dims: tuple) -> bool:

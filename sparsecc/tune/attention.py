@@ -184,11 +184,14 @@ def recording_backend(stats: AttentionStats):
         run_stages(gm, ctx, (("normalize", stage_normalize), ("match", stage_match)))
         graph = gm.graph
         for site in ctx.sites:
-            if site.kind != "attention" or site.attrs.get("folded_heads"):
-                continue   # folded (3-D) heads cannot take per-head forms
+            if site.kind != "attention" or site.match is None or site.attrs.get("folded_heads"):
+                continue   # refused sites cannot be rewritten; folded (3-D) heads cannot take per-head forms
             m = site.match
             with graph.inserting_before(site.output):
-                graph.call_function(_record, (key, site.module, m.q, m.k, [t.node for t in m.masks],
+                q, k = m.q, m.k
+                if m.layout is not None:   # operands held [B, S, H, D]: the statistics read [B, H, S, D]
+                    q, k = (graph.call_method("permute", (t, *m.layout)) for t in (q, k))
+                graph.call_function(_record, (key, site.module, q, k, [t.node for t in m.masks],
                                               [(t.additive, t.keep) for t in m.masks],
                                               float(site.attrs["scale"]), bool(m.causal)))
         graph.lint()

@@ -60,10 +60,12 @@ def test_reused_probabilities_do_not_match():
     assert not [s for s in report.sites if s.kind == "attention"]
 
 
-def test_float64_attention_is_not_matched():
+def test_float64_attention_is_reported_as_not_rewritable():
     block = zoo.SdpaAttention().double().eval()
-    report = sparsecc.explain(block, torch.randn(1, 8, 32, dtype=torch.float64))
-    assert not [s for s in report.sites if s.kind == "attention"]
+    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 2, "policy": "force"}]}
+    report = sparsecc.explain(block, torch.randn(1, 8, 32, dtype=torch.float64), spec=spec)
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    assert not site.applied and "not rewritable: unsupported or mixed dtypes" in site.reason
 
 
 def test_dense_spec_leaves_graph_alone(eager_lowering):

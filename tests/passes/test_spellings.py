@@ -1,0 +1,155 @@
+"""Spellings beyond the zoo: einsum attention over [B, S, H, D], GQA by a new axis, einsum linears, refusals.
+
+Expected values are float64 attention with an explicit keep mask built here from
+docs/spec.md (streaming, causal: j <= p and (j < sink or p - j < window)).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsecc
+from sparsecc.backend import rewritten_graphs
+
+SINK, WINDOW = 2, 5
+
+
+class EinsumProjection(nn.Module):
+    """A linear map written as einsum over a bare parameter stored [out, in]."""
+
+    def __init__(self, fan_in, fan_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(fan_out, fan_in) / math.sqrt(fan_in))
+
+    def forward(self, x):
+        return torch.einsum("bsd,od->bso", x, self.weight)
+
+
+class EinsumBSHD(nn.Module):
+    """Attention on [B, S, H, D] tensors written with einsum; GQA by expand on a new axis plus reshape."""
+
+    def __init__(self, hidden=32, heads=4, kv_heads=2, causal=True, unsqueeze=False):
+        super().__init__()
+        self.h, self.hkv, self.d = heads, kv_heads, hidden // heads
+        self.causal, self.unsqueeze = causal, unsqueeze
+        self.q = nn.Linear(hidden, heads * self.d, bias=False)
+        self.k = nn.Linear(hidden, kv_heads * self.d, bias=False)
+        self.v = nn.Linear(hidden, kv_heads * self.d, bias=False)
+        self.out = EinsumProjection(heads * self.d, hidden)
+
+    def repeat(self, t):
+        b, s = t.shape[:2]
+        rep = self.h // self.hkv
+        t = t.unsqueeze(3) if self.unsqueeze else t[:, :, :, None, :]
+        return t.expand(b, s, self.hkv, rep, self.d).reshape(b, s, self.h, self.d)
+
+    def operands(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.d)
+        k = self.k(x).view(b, s, self.hkv, self.d)
+        v = self.v(x).view(b, s, self.hkv, self.d)
+        return q, k, v
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.operands(x)
+        k, v = self.repeat(k), self.repeat(v)
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d)
+        if self.causal:
+            logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v)
+        return self.out(out.reshape(b, s, -1))
+
+
+def _streaming_keep(s):
+    p = torch.arange(s)[:, None]
+    j = torch.arange(s)[None, :]
+    return (j <= p) & ((j < SINK) | (p - j < WINDOW))
+
+
+def _expected(model, x, keep):
+    """float64 attention restricted to ``keep`` [S, S], from the module's own projections."""
+    b, s, _ = x.shape
+    q, k, v = (t.double() for t in model.operands(x.double().float()))
+    rep = model.h // model.hkv
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(model.d)
+    logits = logits.masked_fill(~keep, float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v).reshape(b, s, -1)
+    return out @ model.out.weight.double().t()
+
+
+def _spec(**attention):
+    return {"version": 1, "attention": [{"form": "streaming", "sink": SINK, "window": WINDOW, "policy": "force",
+                                         **attention}]}
+
+
+@pytest.mark.parametrize("unsqueeze", [False, True])
+def test_einsum_bshd_attention_with_new_axis_gqa_is_rewritten(unsqueeze, eager_lowering):
+    torch.manual_seed(0)
+    model = EinsumBSHD(unsqueeze=unsqueeze).eval()
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=_spec(), kernels="reference")(x)
+    report = sparsecc.last_report()
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    assert site.applied and site.attrs["layout"] == "bshd" and site.attrs["kv_heads"] == 2
+    assert site.shapes["q"] == [2, 4, 12, 8] and site.shapes["k"] == [2, 2, 12, 8]
+    assert any("sparsecc" in str(n.target) for g in rewritten_graphs() for n in g.graph.nodes)
+    torch.testing.assert_close(out.double(), _expected(model, x, _streaming_keep(12)), atol=1e-5, rtol=1e-5)
+
+
+def test_einsum_linear_is_a_linear_site(eager_lowering):
+    torch.manual_seed(1)
+    model = EinsumBSHD().eval()
+    x = torch.randn(1, 8, 32)
+    spec = {"version": 1, "linear": [{"modules": "out", "form": "2:4", "policy": "force"}]}
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=spec, kernels="reference")(x)
+    sites = {(s.kind, s.module): s for s in sparsecc.last_report().sites}
+    out_linear = sites[("linear", "out")]
+    assert out_linear.applied and out_linear.attrs["weight"] == "out.weight"
+    # Expected: the output projection with 2:4 pruning by magnitude (2 largest |w| of every 4 along the input).
+    w = model.out.weight.detach().double()
+    groups = w.view(w.shape[0], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, -1).indices, True)
+    pruned = (groups * keep).view_as(w)
+    with torch.no_grad():
+        b, s, _ = x.shape
+        q, k, v = model.operands(x)
+        k, v = model.repeat(k), model.repeat(v)
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(model.d)
+        logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        attn = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v).reshape(b, s, -1)
+    torch.testing.assert_close(out.double(), attn.double() @ pruned.t(), atol=1e-5, rtol=1e-5)
+
+
+class SoftCapped(nn.Module):
+    """Gemma-2-style logit soft-cap: tanh(logits / cap) * cap; no sparse form can keep its meaning."""
+
+    def forward(self, q, k, v):
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        logits = torch.tanh(logits / 30.0) * 30.0
+        return logits.softmax(-1) @ v
+
+
+class LearnedTemperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.ones(4, 1, 1))
+
+    def forward(self, q, k, v):
+        return ((q @ k.transpose(-1, -2)) * self.temperature).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("model", [SoftCapped(), LearnedTemperature()], ids=["softcap", "temperature"])
+def test_refused_attention_is_in_the_report_with_its_reason(model, eager_lowering):
+    q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
+    with torch.no_grad():
+        expected = model(q, k, v)
+        out = sparsecc.compile(model, spec=_spec(), kernels="reference")(q, k, v)
+    (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert not site.applied and site.reason.startswith("not rewritable: the logits are not q @ kᵀ")
+    torch.testing.assert_close(out, expected)
