@@ -47,7 +47,6 @@ import platform
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -112,7 +111,7 @@ def bench_specs(layers: int, tiny: bool) -> Dict[str, dict]:
 
 # ---------------------------------------------------------------- per-site timing (Amdahl bound)
 
-def site_times_ms(model, spec, report, seq: int, device, calls: int) -> List[dict]:
+def site_times_ms(model, spec, seq: int, device, calls: int) -> List[dict]:
     """Dense SDPA and sparse op time of every rewritten attention site, alone, at this shape (random q/k/v)."""
     import torch.nn.functional as F
     from sparsecc.codegen import ops
@@ -132,7 +131,7 @@ def site_times_ms(model, spec, report, seq: int, device, calls: int) -> List[dic
     dense_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                               enable_gqa=True), device, calls)
     rows = []
-    for path, forms in head_forms(spec, report, h).items():
+    for path, forms in head_forms(spec, model).items():
         dynamic = [f for f in forms if isinstance(f, (BlockTopK, VerticalSlash))]
         if dynamic:
             def sparse():
@@ -206,12 +205,11 @@ def prefill_row(model, ids, layers: int, config: str, spec, kernels: str, opts, 
         row["sites"] = rewritten_forms(report)
         sparse_sites = [s for s in report.sites if s.kind == "attention" and s.applied]
         if sparse_sites and "sparsecc-dense" in times:
-            per_site = site_times_ms(model, sparsecc.load_spec(spec), report, seq, device, opts.calls)
+            per_site = site_times_ms(model, sparsecc.load_spec(spec), seq, device, opts.calls)
             row["site_times"] = per_site
             row["bound"] = amdahl_bound(times["sparsecc-dense"], per_site)
     if config not in check_diff and seq == opts.check_seq:  # the timed graph serves the check
-        report = sparsecc.last_report() if spec is not None else None
-        check_diff[config] = prefill_diff(model, spec, report, ids, call(ids))
+        check_diff[config] = prefill_diff(model, spec, ids, call(ids))
     del fn, call
     if config not in check_diff and opts.check_seq and opts.check_seq not in lengths:
         check_diff[config] = reference_check(model, config, spec, kernels, opts.check_seq, device)
@@ -224,26 +222,23 @@ def prefill_row(model, ids, layers: int, config: str, spec, kernels: str, opts, 
 
 def reference_check(model, config: str, spec, kernels: str, check_seq: int, device) -> Optional[float]:
     """max |output - reference semantics| of one config at ``check_seq`` tokens (dense reference for eager/Inductor)."""
-    import sparsecc
-
     free_memory()
     ids = random_ids(model, check_seq)
     fn = compile_with(config.split("-")[0], model, spec, kernels)
     logits = prefill_call(fn)(ids)
-    diff = prefill_diff(model, spec, sparsecc.last_report() if spec is not None else None, ids, logits)
+    diff = prefill_diff(model, spec, ids, logits)
     del fn, logits
     free_memory()
     return diff
 
 
-def prefill_diff(model, spec, report, ids, logits) -> float:
+def prefill_diff(model, spec, ids, logits) -> float:
     """max |logits - reference semantics|; without a spec (eager, Inductor) the reference is dense attention."""
     import sparsecc
 
     if spec is None:
-        return reference_prefill_diff(model, sparsecc.load_spec({"version": 1}), SimpleNamespace(sites=[]), ids,
-                                      logits)
-    return reference_prefill_diff(model, sparsecc.load_spec(spec), report, ids, logits)
+        return reference_prefill_diff(model, sparsecc.load_spec({"version": 1}), ids, logits)
+    return reference_prefill_diff(model, sparsecc.load_spec(spec), ids, logits)
 
 
 # ---------------------------------------------------------------- decode rows

@@ -61,13 +61,11 @@ def calibrated_spec(model, spec_path: str, tiny: bool):
                                   progress=False)
 
 
-def gate_thresholds(spec, report) -> Dict[str, float]:
-    """CATS thresholds of the applied FFN sites, by MLP path (the last covering rule decides)."""
-    taus = {}
-    for site in report.sites:
-        if site.kind == "ffn" and site.applied:
-            taus[site.module] = spec.matching("ffn", site.module)[-1].form.tau("gate")
-    return taus
+def gate_thresholds(spec, model) -> Dict[str, float]:
+    """CATS thresholds of the FFN sites the spec forces, by MLP path (from the spec and the model, not the report)."""
+    from spec_sites import intended_sites
+
+    return {path: form.tau("gate") for (kind, path), form in intended_sites(model, spec).items() if kind == "ffn"}
 
 
 def new_cache(model, kv: int, steps: int):
@@ -104,10 +102,10 @@ def decode_steps(step_fn: Callable, cache, tokens: torch.Tensor, start: int, dev
     return torch.cat(logits), times
 
 
-def reference_decode(model, spec, report, prompt: torch.Tensor, tokens: torch.Tensor, steps: int):
+def reference_decode(model, spec, prompt: torch.Tensor, tokens: torch.Tensor, steps: int):
     """Logits of each decode step under the reference semantics (dense prefill, then the spec's forms)."""
-    forms = head_forms(spec, report, model.config.num_attention_heads)
-    ref = ReferenceModel(model, forms, gate_thresholds(spec, report))
+    forms = head_forms(spec, model)
+    ref = ReferenceModel(model, forms, gate_thresholds(spec, model))
     cache = new_cache(model, prompt.shape[1], steps)
     prefill(model, cache, prompt)
     out = []
@@ -148,7 +146,9 @@ def run_decode(model, spec, kv: int, steps: int, device, backends=("eager", "ind
             sparse_logits[backend] = logits
         del fn, cache
     if check and sparse_logits:
-        expected = reference_decode(model, spec, result["report"], prompt, tokens, steps)
+        from spec_sites import intended_sites, require_rewrites
+        require_rewrites(result["report"], spec, intended_sites(model, spec))
+        expected = reference_decode(model, spec, prompt, tokens, steps)
         for backend, logits in sparse_logits.items():
             result["backends"][backend]["max_diff"] = (logits - expected).abs().max().item()
         result["max_diff"] = max(r["max_diff"] for r in result["backends"].values() if "max_diff" in r)

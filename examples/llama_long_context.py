@@ -153,21 +153,15 @@ def rewritten_forms(report) -> Dict[str, int]:
 
 # ---------------------------------------------------------------- reference semantics
 
-def head_forms(spec, report, heads: int) -> Dict[str, list]:
-    """Per applied attention site, the form in force for each head (None: dense), read from the spec's rules."""
-    from sparsecc.forms import Dense
+def head_forms(spec, model) -> Dict[str, list]:
+    """Per attention site the spec forces, the form in force for each head (None: dense).
 
-    forms = {}
-    for site in report.sites:
-        if site.kind != "attention" or not site.applied:
-            continue
-        per_head = []
-        for h in range(heads):
-            covering = [r for r in spec.matching("attention", site.module) if r.heads is None or h in r.heads]
-            form = covering[-1].form if covering else None
-            per_head.append(None if form is None or isinstance(form, Dense) else form)
-        forms[site.module] = per_head
-    return forms
+    Read from the spec's rules and the model's own module tree, never from the
+    compile report, so that the reference does not share the compile's view.
+    """
+    from spec_sites import intended_sites
+
+    return {path: forms for (kind, path), forms in intended_sites(model, spec).items() if kind == "attention"}
 
 
 def _static_keep(form, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -257,9 +251,9 @@ def _threshold_gate(mlp, tau: float) -> None:
     mlp.forward = forward
 
 
-def reference_prefill_diff(model, spec, report, ids: torch.Tensor, compiled_logits: torch.Tensor) -> float:
+def reference_prefill_diff(model, spec, ids: torch.Tensor, compiled_logits: torch.Tensor) -> float:
     """max |compiled - reference semantics| of the last-position logits of a prefill of ``ids``."""
-    forms = head_forms(spec, report, model.config.num_attention_heads)
+    forms = head_forms(spec, model)
     ref = ReferenceModel(model, forms)
     ref.positions = torch.arange(ids.shape[1], device=ids.device)
     expected = ref(ids, use_cache=False, logits_to_keep=1).logits
@@ -300,6 +294,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     model = build_llama(layers, tiny=args.tiny or not cuda, device=device, dtype=dtype)
     spec = sparsecc.load_spec(spec_path)
+    from spec_sites import intended_sites, require_rewrites
     ids = random_ids(model, seq)
     print(f"model: LlamaForCausalLM, {layers} layers, {'tiny' if (args.tiny or not cuda) else 'Llama-3-8B'} shape, "
           f"{dtype}, {device}; prefill {seq} tokens, last-position logits")
@@ -320,8 +315,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             if backend == "sparsecc":
                 report = sparsecc.last_report()
                 print(report)
+                require_rewrites(report, spec, intended_sites(model, spec))
                 if check_seq == seq:  # the timed graph serves the check too
-                    diff = reference_prefill_diff(model, spec, report, ids, logits)
+                    diff = reference_prefill_diff(model, spec, ids, logits)
             del fn, call, logits
 
         if check_seq != seq:
@@ -329,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             check_ids = ids[:, :check_seq]
             compiled = sparsecc.compile(model, spec=spec, kernels=kernels)
             got = prefill_call(compiled)(check_ids)
-            diff = reference_prefill_diff(model, spec, sparsecc.last_report(), check_ids, got)
+            diff = reference_prefill_diff(model, spec, check_ids, got)
 
     eager_ms = results.get("eager", {}).get("ms")
     print(f"\n{'backend':10} {'ms':>10} {'x eager':>8} {'first call s':>13} {'peak GiB':>9}")

@@ -1,10 +1,10 @@
 """Independent reference for the quickstart: the spec's forms applied by hand to an eager HF Llama.
 
-Nothing here calls sparsecc's rewrites or references. Weight forms prune a
-copy of each weight in place; the gate threshold wraps each MLP's forward;
-attention runs a float64 masked softmax whose keep mask is built from the
-form's definition (``sparsecc.forms``). Only sites the compile report marks
-as applied are changed, so dense fallbacks stay dense here too.
+Nothing here calls sparsecc's rewrites or references, nor reads its report:
+which sites change follows from the spec and the model's own module tree
+(``intended_sites``). Weight forms prune a copy of each weight in place; the
+gate threshold wraps each MLP's forward; attention runs a float64 masked
+softmax whose keep mask is built from the form's definition in docs/spec.md.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 
 from sparsecc.forms import BlockSparse, BlockWeights, Streaming, TwoFour
+from spec_sites import intended_sites
 
 
 def _prune_two_four(w: torch.Tensor) -> torch.Tensor:
@@ -48,34 +48,22 @@ def _head_keep(form, seq: int, causal: bool) -> torch.Tensor:
     return keep & (j <= i) if causal else keep
 
 
-def sparse_reference_logits(model, ids: torch.Tensor, report) -> torch.Tensor:
-    """Logits of ``model`` with every applied site's form applied by hand (float64 attention)."""
+def sparse_reference_logits(model, ids: torch.Tensor, spec) -> torch.Tensor:
+    """Logits of ``model`` with every site the spec forces applied by hand (float64 attention)."""
     from transformers import AttentionInterface
 
-    spec = _spec_of(report)
-    applied = {(s.kind, s.module) for s in report.sites if s.applied}
+    intended = intended_sites(model, spec)
     ref = copy.deepcopy(model)
     modules = dict(ref.named_modules())
     with torch.no_grad():
-        for kind, path in applied:
-            rules = spec.matching(kind, path)
+        for (kind, path), form in intended.items():
             if kind == "linear":
                 lin = modules[path]
-                form = rules[-1].form
                 lin.weight.copy_(_prune_two_four(lin.weight) if isinstance(form, TwoFour)
                                  else _prune_blocks(lin.weight, form))
             elif kind == "ffn":
-                _threshold_gate(modules[path], rules[-1].form.tau("gate"))
-
-    heads = ref.config.num_attention_heads
-    per_layer = {}
-    for kind, path in applied:
-        if kind == "attention":
-            forms = []
-            for h in range(heads):
-                covering = [r for r in spec.matching("attention", path) if r.heads is None or h in r.heads]
-                forms.append(covering[-1].form if covering else None)
-            per_layer[path] = forms
+                _threshold_gate(modules[path], form.tau("gate"))
+    per_layer = {path: forms for (kind, path), forms in intended.items() if kind == "attention"}
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         path = next(p for p, m in modules.items() if m is module)
@@ -100,8 +88,3 @@ def _threshold_gate(mlp, tau: float) -> None:
         a = mlp.act_fn(mlp.gate_proj(x))
         return mlp.down_proj(a * (a.abs() > tau) * mlp.up_proj(x))
     mlp.forward = forward
-
-
-def _spec_of(report):
-    import sparsecc
-    return sparsecc.load_spec(report.spec)

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch.fx import GraphModule, Node
 
-from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
+from sparsecc.passes.fx_utils import common_module, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.codegen import ops
 from sparsecc.codegen.block_attention import FULL_WINDOW
 from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args

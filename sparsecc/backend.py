@@ -17,7 +17,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -281,7 +281,8 @@ def emit_report(report: Report, opts: BackendOptions, owner: Any = None, root: A
             total.save(str(opts.report))
     summary = f"sparsecc: {total.summary()}"
     log.warning("%s", summary)
-    warnings.warn(summary, SparseccWarning, stacklevel=2)
+    # warn_explicit: the message stands alone (no source line of Dynamo's or ours), once per compile.
+    warnings.warn_explicit(summary, SparseccWarning, filename="sparsecc", lineno=0, module="sparsecc")
     return total
 
 

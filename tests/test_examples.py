@@ -138,3 +138,26 @@ def test_gpu_decode_kernels_match_reference():
 def rewritten_forms_of(result) -> dict:
     from llama_long_context import rewritten_forms
     return rewritten_forms(result["report"])
+
+
+def test_quickstart_demo_rewrites_what_the_spec_forces_and_matches_its_reference(capsys):
+    import quickstart
+
+    quickstart.main(["--seq", "64"])
+    out = capsys.readouterr().out
+    assert "attention: 3/4 rewritten; ffn: 4/4 rewritten; linear: 8/29 rewritten" in out
+    assert re.search(r"model\.layers\.1\.self_attn\s+streaming\(sink=4, window=32\) on heads \[2, 3, 4, 5, 6, 7\]"
+                     r"\s+yes", out)
+    assert _number(r"max \|compiled - reference semantics\| = (\S+)", out) < 1e-4
+
+
+def test_quickstart_exits_non_zero_when_a_forced_site_is_not_rewritten(tmp_path, capsys):
+    import quickstart
+
+    spec = tmp_path / "too_big.toml"
+    # A block larger than the 64-token sequence cannot apply: the site falls back to dense, which must be loud.
+    spec.write_text('version = 1\n[defaults]\npolicy = "force"\n[[attention]]\nmodules = "model.layers.3.self_attn"\n'
+                    'form = "block_sparse"\nblock = 128\n')
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main(["--seq", "64", "--spec", str(spec)])
+    assert "did not rewrite: attention model.layers.3.self_attn" in str(exit_info.value)
