@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Iterable, List
 
 import torch
@@ -24,6 +25,11 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     "reference"; ``cudagraphs`` replays CUDA graphs (Inductor's cudagraph
     trees, as ``mode="reduce-overhead"`` does for the default backend). Other
     keyword arguments go to ``torch.compile``.
+
+    A model with a ``generate`` method (HF transformers) comes back as a
+    shallow copy whose ``forward`` is compiled, so ``generate()`` decodes
+    through the compiled forward; any other model or function comes back from
+    ``torch.compile``.
     """
     options: Dict[str, Any] = {"kernels": kernels}
     if cudagraphs is not False:
@@ -33,7 +39,25 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     if report is not None:
         options["report"] = report
     parse_options(options)  # fail now, with a SpecError, rather than at the first call
+    if isinstance(model, torch.nn.Module) and callable(getattr(model, "generate", None)):
+        return _with_compiled_forward(model, options, torch_compile_kwargs)
     return torch.compile(model, backend=sparsecc_backend, options=options, **torch_compile_kwargs)
+
+
+def _with_compiled_forward(model: torch.nn.Module, options: Dict[str, Any], torch_compile_kwargs) -> torch.nn.Module:
+    """A shallow copy of a generating model (HF ``generate``) whose ``forward`` is the compiled one.
+
+    ``torch.compile(model)`` wraps ``__call__`` only: ``compiled.generate()``
+    reaches the original module and runs eagerly. The copy shares every
+    parameter, buffer and submodule with ``model`` (nothing is duplicated and
+    ``model`` itself is not changed); its own ``forward`` is compiled, so both
+    ``copy(ids)`` and ``copy.generate(...)`` run through sparsecc, and site
+    paths stay those of ``model.named_modules()``.
+    """
+    clone = copy.copy(model)
+    forward = type(model).forward.__get__(clone)
+    clone.forward = torch.compile(forward, backend=sparsecc_backend, options=options, **torch_compile_kwargs)
+    return clone
 
 
 def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kwargs) -> Report:
