@@ -82,8 +82,13 @@ def _is_tensor_node(arg: Any) -> bool:
 
 
 def _scalar(arg: Any) -> Optional[float]:
+    """A Python number, or a 0-d constant tensor made by ``torch.full([], c)`` (GPT-2's mask value and scale)."""
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return float(arg)
+    if isinstance(arg, Node) and arg.op == "call_function" and arg.target is torch.full and len(arg.args) >= 2 \
+            and tuple(arg.args[0]) == () and isinstance(arg.args[1], (int, float)) \
+            and not isinstance(arg.args[1], bool):
+        return float(arg.args[1])
     return None
 
 
