@@ -50,3 +50,18 @@ def test_generate_runs_the_compiled_forward_and_equals_eager(spec_name, cache):
         assert not report.applied
     assert torch.equal(out, expected)
     assert model.forward.__func__ is type(model).forward   # the user's model is untouched
+
+
+def test_hf_compile_config_path_runs_sparsecc():
+    model = _llama()
+    ids = torch.randint(0, 128, (1, PROMPT))
+    config = transformers.CompileConfig(backend="sparsecc", mode=None,
+                                        options={"spec": STREAMING, "kernels": "reference"})
+    config._compile_all_devices = True   # transformers applies compile_config on accelerators only; CPU here
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                             compile_config=config)
+    report = sparsecc.last_report()
+    assert report is not None and all(s.applied for s in report.sites if s.kind == "attention")
+    assert torch.equal(out, expected)
