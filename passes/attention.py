@@ -379,14 +379,22 @@ def check_attention(site: Site, ctx) -> Decision:
                 per_head[h] = rule
             else:
                 ignored.add(h)
-    last = rules[-1]
-    policy = ctx.spec.policy_for(last)
+    in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
+    if not in_force:
+        keys = ", ".join(r.key for r in rules)
+        return Decision(False, None, f"{keys} name only heads {sorted(ignored)}, which do not exist (the site "
+                        f"has {heads} heads)", rule=keys, policy=ctx.spec.policy_for(rules[-1]))
     sparse = [r for r in per_head if r is not None and not isinstance(r.form, Dense)]
     if not sparse:
-        return dense_rule(last, policy)
+        last = in_force[-1]
+        return dense_rule(last, ctx.spec.policy_for(last))
+    # docs/spec.md: the last covering sparse rule (in spec order, among the rules in force for some head) sets
+    # the site's policy and its form family.
+    deciding = [r for r in in_force if not isinstance(r.form, Dense)][-1]
+    policy = ctx.spec.policy_for(deciding)
     kinds = {type(r.form) for r in sparse}
-    rule_keys = ", ".join(sorted({r.key for r in sparse}))
-    form = sparse[-1].form
+    rule_keys = ", ".join(sorted({r.key for r in sparse}, key=lambda k: (k.split("[")[0], int(k.split("[")[1][:-1]))))
+    form = deciding.form
     if len(kinds) > 1:
         names = " and ".join(sorted({r.form.name for r in sparse}))
         return fallback(form, rule_keys, policy, f"{names} heads mixed in one site are not supported yet")
@@ -428,7 +436,7 @@ def check_attention(site: Site, ctx) -> Decision:
         per_head_geom = [None if h in params["dense_heads"] else 1 for h in range(heads)]
         op_name = "block_sparse_attention"
     estimate = _estimate(site, form, per_head_geom, ctx)
-    decision = verdict(site, ctx, form, rule_keys, ctx.spec.policy_for(sparse[-1]), estimate, op_name, **params)
+    decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
     if ignored and decision.apply:
         decision = Decision(decision.apply, decision.form,
                             decision.reason + f"; heads {sorted(ignored)} do not exist (site has {heads})",

@@ -1,0 +1,65 @@
+"""Per-head rules, as docs/spec.md states them: each head takes the last rule that covers it, and the policy of
+the last covering sparse rule (spec order) applies to the site. Expected outputs are float64 attention with an
+explicit per-head keep mask built here."""
+
+import math
+
+import torch
+
+import sparsecc
+from sparsecc.backend import rewritten_graphs
+
+H, S, D = 4, 12, 8
+SINK, WINDOW = 1, 3
+
+
+class Attn(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, H, S, D, generator=g) for _ in range(3)]
+
+
+def _expected(q, k, v, streaming_heads):
+    p = torch.arange(S)[:, None]
+    j = torch.arange(S)[None, :]
+    causal = j <= p
+    keep = torch.stack([causal & ((j < SINK) | (p - j < WINDOW)) if h in streaming_heads else causal
+                        for h in range(H)])
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    return torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ v.double()
+
+
+def _rule(heads, policy):
+    return {"form": "streaming", "sink": SINK, "window": WINDOW, "heads": heads, "policy": policy}
+
+
+def _run(rules):
+    q, k, v = _inputs()
+    with torch.no_grad():
+        out = sparsecc.compile(Attn(), spec={"version": 1, "attention": rules}, kernels="reference")(q, k, v)
+    (site,) = sparsecc.last_report().sites
+    return out, site, (q, k, v)
+
+
+def test_the_last_covering_sparse_rule_sets_the_policy_off(eager_lowering):
+    out, site, (q, k, v) = _run([_rule([3], "force"), _rule([0], "off")])
+    assert not site.applied and site.reason == "policy off in attention[0], attention[1]"
+    assert not any("sparsecc" in str(n.target) for g in rewritten_graphs() for n in g.graph.nodes)
+    torch.testing.assert_close(out.double(), _expected(q, k, v, streaming_heads=()), atol=1e-6, rtol=1e-6)
+
+
+def test_the_last_covering_sparse_rule_sets_the_policy_force(eager_lowering):
+    out, site, (q, k, v) = _run([_rule([0], "off"), _rule([3], "force")])
+    assert site.applied and site.policy == "force" and site.form_detail.endswith("on heads [0, 3]")
+    torch.testing.assert_close(out.double(), _expected(q, k, v, streaming_heads=(0, 3)), atol=1e-6, rtol=1e-6)
+
+
+def test_a_rule_naming_only_missing_heads_says_so(eager_lowering):
+    out, site, (q, k, v) = _run([_rule([7, 9], "force")])
+    assert not site.applied
+    assert site.reason == "attention[0] name only heads [7, 9], which do not exist (the site has 4 heads)"
+    torch.testing.assert_close(out.double(), _expected(q, k, v, streaming_heads=()), atol=1e-6, rtol=1e-6)
