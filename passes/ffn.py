@@ -10,7 +10,6 @@ to the innermost module containing all of its nodes.
 
 from __future__ import annotations
 
-import functools
 import operator
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
@@ -27,6 +26,7 @@ from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, d
 from sparsecc.passes.linear import SUPPORTED_DTYPES, LinearMatch, match_linear
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
+from sparsecc.weights import WeightBinding, register_binding
 
 # Probe points for naming an activation: dense enough to tell GELU from tanh-GELU (they differ by ~1e-3).
 _PROBE = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)
@@ -385,30 +385,13 @@ def k_major_copy(weight: torch.Tensor, in_out: bool = False) -> torch.Tensor:
         return (w if in_out else w.t()).contiguous()
 
 
-@functools.lru_cache(maxsize=None)
-def _derived_binding_type():
-    """``WeightBinding`` for a tensor derived from a weight (column norms, a K-major copy).
+class DerivedBinding(WeightBinding):
+    """One tensor derived from one weight (column norms, a K-major copy), fed to the compiled graph like a
+    compressed weight; ``refresh`` re-derives it (instead of compressing) when the parameter changed."""
 
-    ``refresh`` re-derives it (instead of compressing) when the parameter
-    changed since compile. Built on first use because the pipeline imports this module.
-    """
-    from sparsecc.pipeline import WeightBinding
-
-    class DerivedBinding(WeightBinding):
-        """One tensor derived from one weight, fed to the compiled graph like a compressed weight."""
-
-        def refresh(self, param: torch.Tensor) -> None:
-            """Re-derive the tensor when the parameter changed since compile."""
-            if param is self.param and param._version == self.version and param.data_ptr() == self.data_ptr:
-                return
-            fresh = self.derive(param, self.in_out)
-            if fresh.shape != self.tensors[0].shape:
-                raise RuntimeError(f"sparsecc: weight {self.qualname} changed shape after compile; recompile "
-                                   "the model (torch._dynamo.reset())")
-            self.tensors[0].copy_(fresh)
-            self.param, self.version, self.data_ptr = param, param._version, param.data_ptr()
-
-    return DerivedBinding
+    def derive(self, param: torch.Tensor):
+        """The derived tensor for the parameter's current values (no compression)."""
+        return [self.derive_fn(param, self.in_out)]
 
 
 def _bind_derived(ctx, lin: LinearMatch, what: str, derive) -> Node:
@@ -423,15 +406,16 @@ def _bind_derived(ctx, lin: LinearMatch, what: str, derive) -> Node:
         if getattr(binding, "derived_key", None) == (ref.qualname, what):
             return binding.node
     tensor = derive(ref.tensor, lin.in_out)
-    binding = _derived_binding_type()(ref.input_index, ref.tensor, None, (what,), [tensor],
-                                      ref.tensor._version, ref.tensor.data_ptr(), ref.qualname)
+    binding = DerivedBinding(ref.input_index, ref.tensor, None, (what,), [tensor],
+                            ref.tensor._version, ref.tensor.data_ptr(), ref.qualname, in_out=lin.in_out)
     graph = ctx.gm.graph
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
         node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_{what}")
     node.meta["example_value"] = tensor
-    binding.derived_key, binding.node, binding.in_out, binding.derive = (ref.qualname, what), node, lin.in_out, derive
+    binding.derived_key, binding.node, binding.derive_fn = (ref.qualname, what), node, derive
     ctx.bindings.append(binding)
+    register_binding(binding)
     return node
 
 

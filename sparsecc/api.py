@@ -17,14 +17,16 @@ CALIBRATION_SAMPLES_PER_BATCH = 1 << 20
 
 
 def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bool = False,
-            **torch_compile_kwargs):
+            check_weights: bool = False, **torch_compile_kwargs):
     """``torch.compile(model, backend="sparsecc", options=...)``, with the options as arguments.
 
     ``spec`` is a path (.toml/.json), a dict or a ``Spec``; ``report`` is True
     (print) or a .json/.md/.html path; ``kernels`` is "auto", "triton" or
     "reference"; ``cudagraphs`` replays CUDA graphs (Inductor's cudagraph
-    trees, as ``mode="reduce-overhead"`` does for the default backend). Other
-    keyword arguments go to ``torch.compile``.
+    trees, as ``mode="reduce-overhead"`` does for the default backend);
+    ``check_weights`` compares a checksum of every compressed weight's
+    parameter on every call (see ``refresh``). Other keyword arguments go to
+    ``torch.compile``.
 
     A model with a ``generate`` method (HF transformers) comes back as a
     shallow copy whose ``forward`` is compiled, so ``generate()`` decodes
@@ -34,6 +36,8 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     options: Dict[str, Any] = {"kernels": kernels}
     if cudagraphs is not False:
         options["cudagraphs"] = cudagraphs   # validated (a bool) by parse_options below
+    if check_weights is not False:
+        options["check_weights"] = check_weights
     if spec is not None:
         options["spec"] = spec
     if report is not None:
@@ -58,6 +62,28 @@ def _with_compiled_forward(model: torch.nn.Module, options: Dict[str, Any], torc
     forward = type(model).forward.__get__(clone)
     clone.forward = torch.compile(forward, backend=sparsecc_backend, options=options, **torch_compile_kwargs)
     return clone
+
+
+def refresh(model) -> int:
+    """Rebuild every compressed or derived weight that compiled graphs hold for ``model``'s parameters.
+
+    Updates through a parameter itself (``p.copy_()``, ``p.mul_()``, an
+    optimizer step) are seen on the next call without this. Call it after
+    writes that bypass the parameter's version counter, such as
+    ``p.data.mul_(2)`` or a write through another view, or compile with
+    ``check_weights=True``. ``model`` may be the module or what
+    ``sparsecc.compile`` returned. Returns the number of bindings rebuilt.
+    """
+    from sparsecc.weights import live_bindings
+
+    module = getattr(model, "_orig_mod", model)
+    owned = {id(t) for t in list(module.parameters()) + list(module.buffers())}
+    count = 0
+    for binding in live_bindings():
+        if id(binding.param) in owned:
+            binding.refresh(binding.param, force=True)
+            count += 1
+    return count
 
 
 def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kwargs) -> Report:

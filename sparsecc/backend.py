@@ -31,7 +31,7 @@ from sparsecc.spec import Spec, SpecError, load_spec
 
 log = logging.getLogger("sparsecc")
 
-ALLOWED_OPTIONS = ("spec", "report", "kernels", "cudagraphs")
+ALLOWED_OPTIONS = ("spec", "report", "kernels", "cudagraphs", "check_weights")
 # SPARSECC_LOWERING=eager runs the rewritten FX graph without Inductor: for debugging a rewrite, and for
 # tests that check rewrites numerically many times (Inductor's CPU codegen costs seconds per graph).
 LOWERING_ENV = "SPARSECC_LOWERING"
@@ -51,6 +51,7 @@ class BackendOptions:
     report: Any = None          # None/False, True, or a path ending .json/.md/.html
     kernels: str = "auto"
     cudagraphs: bool = False    # replay CUDA graphs from Inductor's cudagraph trees (decode is launch-bound)
+    check_weights: bool = False  # checksum every bound weight on every call (sees writes through .data)
 
 
 def parse_options(options: Optional[dict]) -> BackendOptions:
@@ -82,8 +83,11 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
     cudagraphs = options.get("cudagraphs", False)
     if not isinstance(cudagraphs, bool):
         raise SpecError(key="options.cudagraphs", value=cudagraphs, allowed="True or False")
+    check_weights = options.get("check_weights", False)
+    if not isinstance(check_weights, bool):
+        raise SpecError(key="options.check_weights", value=check_weights, allowed="True or False")
     return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels,
-                          cudagraphs=cudagraphs)
+                          cudagraphs=cudagraphs, check_weights=check_weights)
 
 
 def _unwritable(path: str) -> Optional[str]:
@@ -186,7 +190,7 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     else:
         compiled = gm.forward
     if ctx.bindings:
-        compiled = _with_weights(compiled, ctx)
+        compiled = _with_weights(compiled, ctx, opts.check_weights)
     ctx.stages.append(("lower", (time.perf_counter() - start) * 1e3))
     report = build_report(ctx)
     emit_report(report, opts, owner, ctx.modules.roots[0] if ctx.modules.roots else None)
@@ -218,15 +222,23 @@ def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict
     return {"triton.cudagraphs": True}
 
 
-def _with_weights(compiled, ctx: CompileContext):
-    """Wrap the compiled graph: pass the compressed weights after the inputs, refreshed when a parameter changes."""
+def _with_weights(compiled, ctx: CompileContext, check_weights: bool = False):
+    """Wrap the compiled graph: pass the bound weights after the inputs, rebuilt when a parameter changed.
+
+    A parameter that enters as a graph input is checked as passed (a new
+    object or a bumped version); one read as a graph attribute is checked as
+    bound. With ``check_weights`` every binding also compares a checksum of
+    its parameter on every call.
+    """
     bindings = ctx.bindings
     extra = ctx.extra_inputs
+    if check_weights:
+        for b in bindings:
+            b.watch()
 
     def run(*args):
         for b in bindings:
-            if b.input_index is not None:
-                b.refresh(args[b.input_index])
+            b.refresh(args[b.input_index] if b.input_index is not None else b.param)
         full = list(args) + extra
         return compiled(*full)
 

@@ -24,7 +24,6 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.codegen import ops
 from sparsecc.cost import HardwareProfile, profile_for
-from sparsecc.forms import BlockWeights, TwoFour
 from sparsecc.passes import normalize as normalize_mod
 from sparsecc.passes.attention import ATTENTION_REWRITES
 from sparsecc.passes.ffn import FFN_REWRITES, linear_nodes
@@ -33,7 +32,7 @@ from sparsecc.passes.fx_utils import UNRESOLVED, collect_params
 from sparsecc.passes.linear import LINEAR_REWRITES
 from sparsecc.passes.site import Decision, Rewrite, Site
 from sparsecc.report.model import Report, SiteRecord
-from sparsecc.weights import compress_2to4, compress_block_weights
+from sparsecc.weights import WeightBinding, compress, register_binding
 
 log = logging.getLogger("sparsecc")
 
@@ -41,46 +40,6 @@ DEBUG_DIR_ENV = "SPARSECC_DEBUG_DIR"
 
 # Families in decision order: FFN before linear, so a linear inside a rewritten FFN knows it.
 REWRITES: Tuple[Rewrite, ...] = ATTENTION_REWRITES + FFN_REWRITES + LINEAR_REWRITES
-
-
-@dataclass
-class WeightBinding:
-    """Compressed tensors derived from one parameter, fed to the compiled graph as extra inputs."""
-
-    input_index: Optional[int]     # the parameter's position among the graph inputs (None: get_attr)
-    param: torch.Tensor
-    form: Any
-    fields: Tuple[str, ...]
-    tensors: List[torch.Tensor]
-    version: int
-    data_ptr: int
-    qualname: str
-
-    def refresh(self, param: torch.Tensor) -> None:
-        """Recompress when the parameter changed since compile; never run on stale weights."""
-        if param is self.param and param._version == self.version and param.data_ptr() == self.data_ptr:
-            return
-        fresh = compress(param, self.form)
-        new = [getattr(fresh, f) for f in self.fields]
-        if any(a.shape != b.shape for a, b in zip(new, self.tensors)):
-            raise RuntimeError(
-                f"sparsecc: weight {self.qualname} changed after compile and its compressed form no longer "
-                f"fits the compiled graph ({self.form}); recompile the model (torch._dynamo.reset()).")
-        with torch.no_grad():
-            for dst, src in zip(self.tensors, new):
-                dst.copy_(src)
-        self.param, self.version, self.data_ptr = param, param._version, param.data_ptr()
-
-
-def compress(weight: torch.Tensor, form):
-    """Compress a weight [out, in] for a weight form (once, without autograd)."""
-    with torch.no_grad():
-        w = weight.detach()
-        if isinstance(form, TwoFour):
-            return compress_2to4(w, form.prune)
-        if isinstance(form, BlockWeights):
-            return compress_block_weights(w, form)
-    raise TypeError(f"not a weight form: {form}")
 
 
 @dataclass
@@ -138,8 +97,10 @@ class CompileContext:
         container = self.compressed_weight(site, form)
         tensors = [getattr(container, f) for f in fields]
         ref = site.match.weight
-        self.bindings.append(WeightBinding(ref.input_index, ref.tensor, form, fields, tensors,
-                                           ref.tensor._version, ref.tensor.data_ptr(), ref.qualname))
+        binding = WeightBinding(ref.input_index, ref.tensor, form, fields, tensors, ref.tensor._version,
+                                ref.tensor.data_ptr(), ref.qualname, in_out=bool(site.match.in_out))
+        self.bindings.append(binding)
+        register_binding(binding)
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]
         nodes = []
         for f, t in zip(fields, tensors):

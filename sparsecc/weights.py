@@ -1,4 +1,4 @@
-"""Compressed weight containers and the compression that fills them.
+"""Compressed weight containers, the compression that fills them, and the bindings that keep them fresh.
 
 Both containers hold a linear weight ``W`` of shape ``[N, K]`` (out x in, as
 ``nn.Linear`` stores it):
@@ -14,13 +14,14 @@ the parameter does not change the container.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from sparsecc.forms import PRUNE_MODES, BlockWeights
+from sparsecc.forms import PRUNE_MODES, BlockWeights, TwoFour
 
 # 2:4 sparsity: GROUP consecutive input weights, KEPT of them stored.
 GROUP = 4
@@ -263,3 +264,94 @@ def compress_block_weights(w: Tensor, form: BlockWeights) -> BlockSparseWeight:
         row_ptr[1:] = counts.cumsum(0)
     return BlockSparseWeight(blocks=blocks, row_ptr=row_ptr.to(torch.int32), col_idx=cols.to(torch.int32),
                              shape=(n, k), block=(bm, bk))
+
+
+# ---------------------------------------------------------------- bindings of compiled graphs
+
+@dataclass(eq=False)
+class WeightBinding:
+    """Tensors derived from one parameter (a compressed weight), fed to the compiled graph as extra inputs.
+
+    The contract (docs/design.md, "Weights"): an update through the parameter
+    itself (``p.copy_()``, ``p.mul_()`` under ``no_grad``, an optimizer step, a
+    new Parameter object) bumps its version or changes its identity and is
+    seen on the next call, which rebuilds the tensors in place. An update that
+    bypasses the version counter (``p.data.mul_()``, a write through another
+    view) is seen only with ``check_weights=True`` (a checksum of the weight on
+    every call) or after ``sparsecc.refresh(model)``.
+    """
+
+    input_index: Optional[int]     # the parameter's position among the graph inputs (None: get_attr)
+    param: torch.Tensor
+    form: Any
+    fields: Tuple[str, ...]
+    tensors: List[torch.Tensor]
+    version: int
+    data_ptr: int
+    qualname: str
+    in_out: bool = False           # the parameter is stored [in, out] (Conv1D): compress its transpose
+    fingerprint: Optional[torch.Tensor] = None   # checksum of the parameter, kept when check_weights is on
+
+    def derive(self, param: torch.Tensor) -> List[torch.Tensor]:
+        """The bound tensors for the parameter's current values."""
+        fresh = compress(param.t() if self.in_out else param, self.form)
+        return [getattr(fresh, f) for f in self.fields]
+
+    def changed(self, param: torch.Tensor) -> bool:
+        """True when the parameter is another object, was written through itself, or fails its checksum."""
+        if param is not self.param or param._version != self.version or param.data_ptr() != self.data_ptr:
+            return True
+        return self.fingerprint is not None and not torch.equal(weight_fingerprint(param), self.fingerprint)
+
+    def refresh(self, param: torch.Tensor, force: bool = False) -> None:
+        """Rebuild the bound tensors in place when the parameter changed (or always, with ``force``)."""
+        if not force and not self.changed(param):
+            return
+        new = self.derive(param)
+        if any(a.shape != b.shape for a, b in zip(new, self.tensors)):
+            raise RuntimeError(
+                f"sparsecc: weight {self.qualname} changed after compile and its derived form no longer "
+                f"fits the compiled graph ({self.form or self.fields[0]}); recompile the model "
+                "(torch._dynamo.reset()).")
+        with torch.no_grad():
+            for dst, src in zip(self.tensors, new):
+                dst.copy_(src)
+        self.param, self.version, self.data_ptr = param, param._version, param.data_ptr()
+        if self.fingerprint is not None:
+            self.fingerprint = weight_fingerprint(param)
+
+    def watch(self) -> None:
+        """Keep a checksum of the parameter, compared on every call (``check_weights=True``)."""
+        self.fingerprint = weight_fingerprint(self.param)
+
+
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """A checksum of a weight's values: float64 sums of the values and of their magnitudes."""
+    with torch.no_grad():
+        w = weight.detach()
+        return torch.stack([w.sum(dtype=torch.float64), w.abs().sum(dtype=torch.float64)])
+
+
+# Every binding alive in this process, for sparsecc.refresh(model).
+_live_bindings: "weakref.WeakSet[WeightBinding]" = weakref.WeakSet()
+
+
+def register_binding(binding: WeightBinding) -> None:
+    """Make ``binding`` known to ``sparsecc.refresh``."""
+    _live_bindings.add(binding)
+
+
+def live_bindings() -> List[WeightBinding]:
+    """The weight bindings of every compiled graph still alive."""
+    return list(_live_bindings)
+
+
+def compress(weight: torch.Tensor, form):
+    """Compress a weight [out, in] for a weight form (once, without autograd)."""
+    with torch.no_grad():
+        w = weight.detach()
+        if isinstance(form, TwoFour):
+            return compress_2to4(w, form.prune)
+        if isinstance(form, BlockWeights):
+            return compress_block_weights(w, form)
+    raise TypeError(f"not a weight form: {form}")
