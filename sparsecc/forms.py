@@ -14,6 +14,8 @@ Exact semantics (the references in ``sparsecc.codegen`` implement these):
   When the query length Sq is shorter than the key length Sk, query row i has
   position ``p = i + Sk - Sq`` (queries are the last Sq positions).
 * ``BlockSparse(block, local_blocks, global_blocks, random_blocks, seed)``:
+  blocks are blocks of positions (query row i, at position ``p = i + Sk - Sq``,
+  is in query block ``p // block``; key j in key block ``j // block``);
   query block a keeps key block b iff ``|a - b| < local_blocks``, or
   ``a < global_blocks`` or ``b < global_blocks``, or b is one of the
   ``random_blocks`` blocks drawn for (head, a) from ``seed``. Causality and the
