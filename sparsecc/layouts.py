@@ -49,8 +49,8 @@ from sparsecc.forms import BlockSparse
 # sparsecc.codegen.block_attention so both sides read the same sentinel.
 FULL_WINDOW = -1
 
-# The random-block generator for head h is seeded with seed * _HEAD_SEED_STRIDE + h:
-# distinct (seed, head) pairs get distinct seeds for any model with fewer heads than this.
+# The random-block generator for head h is seeded with (seed * _HEAD_SEED_STRIDE + h) mod 2**64: distinct
+# (seed, head) pairs with seed < 2**44 get distinct seeds for any model with fewer heads than this.
 _HEAD_SEED_STRIDE = 1 << 20
 
 
@@ -351,7 +351,7 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
     block's last position (blocks with nothing causally allowed are dropped).
 
     Random draws, exactly: for head ``h`` a CPU ``torch.Generator`` is seeded with
-    ``form.seed * 2**20 + h``; then for each position block ``c = 0, 1, ..., nK - 1``
+    ``(form.seed * 2**20 + h) mod 2**64``; then for each position block ``c = 0, 1, ..., nK - 1``
     in order, the candidates are key blocks ``0..c`` when causal and ``0..nK-1``
     otherwise, and the first ``min(random_blocks, n_candidates)`` entries of
     ``torch.randperm(n_candidates, generator=g)`` are drawn. Drawing for every
@@ -376,7 +376,7 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
     kept = base.expand(n_heads, n_q, n_k).clone()
     if form.random_blocks > 0:
         for h in range(n_heads):
-            g = torch.Generator().manual_seed(form.seed * _HEAD_SEED_STRIDE + h)
+            g = torch.Generator().manual_seed(_generator_seed(form.seed, h))
             drawn = torch.zeros(n_k, n_k, dtype=torch.bool)
             for pos_block in range(n_k):
                 n_cand = pos_block + 1 if causal else n_k
@@ -390,6 +390,15 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
     full = kept & _token_full(rows, seq_k, block, block, causal)[None]
     return BlockTable.from_dense(kept[None].to(device), full[None].to(device), block_q=block, block_k=block,
                                  seq_q=rows, seq_k=seq_k, causal=causal)
+
+
+def _generator_seed(seed: int, head: int) -> int:
+    """The random-block generator seed of ``head``: ``(seed * 2**20 + head) mod 2**64``.
+
+    ``torch.Generator.manual_seed`` takes 64 bits; the reduction keeps every seed the
+    spec allows (up to ``2**63 - 1``) usable, and leaves seeds below ``2**44`` as they were.
+    """
+    return (seed * _HEAD_SEED_STRIDE + head) % (1 << 64)
 
 
 def _per_head(values: Union[int, Sequence[int]], name: str) -> list[int]:

@@ -36,7 +36,7 @@ def draws_from_docstring(form, n_heads, n_k, causal):
     """The random draws exactly as block_sparse_table documents them: [H, nK (position block), nK]."""
     out = torch.zeros(n_heads, n_k, n_k, dtype=torch.bool)
     for h in range(n_heads):
-        g = torch.Generator().manual_seed(form.seed * 2**20 + h)
+        g = torch.Generator().manual_seed((form.seed * 2**20 + h) % 2**64)
         for c in range(n_k):
             n = c + 1 if causal else n_k
             out[h, c, torch.randperm(n, generator=g)[:min(form.random_blocks, n)]] = True
@@ -93,6 +93,34 @@ def test_block_sparse_table_is_deterministic_and_seeded():
     assert not torch.equal(a.to_dense_block_mask(), c.to_dense_block_mask())
     dense = a.to_dense_block_mask()[0]
     assert not torch.equal(dense[0], dense[1])  # heads draw differently
+
+
+@pytest.mark.parametrize("seed", [2**44 - 1, 2**44, 2**44 + 5, 2**62 + 12345, 2**63 - 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_sparse_large_seeds_draw_deterministically(seed, causal):
+    """Regression: seeds >= 2**44 overflowed the generator seed; every signed 64-bit seed must work."""
+    form = BlockSparse(block=16, local_blocks=1, random_blocks=2, seed=seed)
+    a = block_sparse_table(form, 3, 128, 128, causal)
+    b = block_sparse_table(form, 3, 128, 128, causal)
+    assert torch.equal(a.to_dense_block_mask(), b.to_dense_block_mask())
+    # The documented draws: generator seed (seed * 2**20 + h) mod 2**64.
+    c = torch.arange(8)[:, None]
+    k = torch.arange(8)[None, :]
+    want = ((c - k).abs() < 1) | draws_from_docstring(form, 3, 8, causal)
+    if causal:
+        want &= k <= c
+    assert torch.equal(a.to_dense_block_mask()[0], want)
+
+
+def test_block_sparse_op_takes_the_largest_seed():
+    """Through the registered op (its schema holds the seed as a signed 64-bit int)."""
+    from sparsecc.codegen import ops
+
+    ops.register_ops()
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    outs = [ops.op("block_sparse_attention")(q, k, v, None, 0.3, True, 16, 1, 0, 1, 2**63 - 1, [], 0, "reference")
+            for _ in range(2)]
+    assert torch.equal(outs[0], outs[1]) and torch.isfinite(outs[0]).all()
 
 
 def test_block_sparse_decode_step_sees_the_prefill_layout():

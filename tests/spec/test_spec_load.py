@@ -425,3 +425,24 @@ def test_the_example_in_the_docs_loads(tmp_path):
     assert spec.resolve("attention", "model.layers.5.self_attn", head=0).form == Streaming(128, 4096)
     assert spec.resolve("attention", "model.layers.5.self_attn", head=5) is None
     assert not spec.ffn[0].form.calibrated
+
+
+def test_block_sparse_seed_takes_the_whole_signed_64_bit_range(tmp_path):
+    """The spec's limit for seed is TOML's (signed 64-bit); the largest one loads and draws a layout."""
+    from sparsecc.layouts import block_sparse_table
+
+    text = ('version = 1\n[[attention]]\nform = "block_sparse"\nblock = 16\nrandom_blocks = 2\n'
+            'seed = 9223372036854775807\n')
+    spec = load_spec(write(tmp_path, "seed.toml", text))
+    form = spec.attention[0].form
+    assert form.seed == 2**63 - 1
+    table = block_sparse_table(form, 2, 64, 64, causal=True)
+    assert torch_equal_tables(table, block_sparse_table(form, 2, 64, 64, causal=True))
+    with pytest.raises(SpecError, match=r"attention\[0\]\.seed"):
+        load_spec({"version": 1, "attention": [{"form": "block_sparse", "seed": 2**63}]})
+
+
+def torch_equal_tables(a, b):
+    import torch
+
+    return torch.equal(a.to_dense_block_mask(), b.to_dense_block_mask())
