@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -16,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from .errors import _UNSET, KeyPath, SpecError, format_key
 from .locate import DuplicateKey, TomlLocator, line_at, parse_json
 from .registry import COMMON_KEYS, FORMS, KINDS, THRESHOLD_TABLE_KEYS
-from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_MARGIN, ALLOWED_POLICY, SPEC_VERSION,
+from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_MARGIN, ALLOWED_POLICY, MAX_META_DEPTH, SPEC_VERSION,
                      Defaults, Rule, Spec, check_glob, check_heads, check_margin, check_policy,
                      find_meta_problem, is_int)
 from .writer import SUFFIXES
@@ -28,6 +29,12 @@ THRESHOLD_MODES = tuple(THRESHOLD_TABLE_KEYS)
 # The forms' ValueError text: "name=value is not allowed; expected ..." (see sparsecc.forms).
 _FORM_ERROR = re.compile(r"^(?P<name>[^=]+)=(?P<value>.*) is not allowed; expected (?P<allowed>.*)$", re.S)
 _TOML_LINE = re.compile(r"at line (\d+)")
+# A spec is a few kilobytes; anything past this is not one (and reading it whole could exhaust memory).
+MAX_SPEC_BYTES = 16 * 1024 * 1024
+# Deepest nesting anywhere in the data: [meta] may nest MAX_META_DEPTH levels below its own table, which sits
+# one level below the top; rules need far less. Checked without recursion before anything else recurses.
+MAX_DEPTH = MAX_META_DEPTH + 1
+_READ_CHUNK = 1 << 20
 
 SpecSource = Union[str, "os.PathLike[str]", Mapping[str, Any], Spec, None]
 
@@ -72,11 +79,73 @@ def load_spec(src: SpecSource) -> Optional[Spec]:
     if isinstance(src, Spec):
         return src
     if isinstance(src, Mapping):
-        return build_spec(src, _Context(DICT_SOURCE))
+        return _guarded(lambda: build_spec(src, _Context(DICT_SOURCE)), DICT_SOURCE)
     if isinstance(src, (str, os.PathLike)):
         return _load_file(src)
     raise SpecError(f"cannot load a spec from a {type(src).__name__}",
                     allowed="a path (.toml or .json), a mapping, a sparsecc.spec.Spec or None")
+
+
+def _guarded(build, file: str) -> Spec:
+    """Run ``build``; a RecursionError that escapes the nesting check still becomes a SpecError."""
+    try:
+        return build()
+    except RecursionError:
+        raise SpecError("is nested too deeply to load", file=file,
+                        allowed=f"at most {MAX_DEPTH} levels of tables and arrays") from None
+
+
+def _reason(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _check_regular(mode: int, name: str) -> None:
+    """Only regular files are read: a FIFO would block the open or the read, a device may never end."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise SpecError("is a directory, not a spec file", file=name)
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise SpecError(f"is {kind}, not a regular file", file=name, allowed="a regular .toml or .json file")
+
+
+def _read_file(name: str) -> bytes:
+    """The bytes of a regular file of at most MAX_SPEC_BYTES; anything else is a SpecError, and nothing blocks.
+
+    The file is checked with ``stat`` before it is opened, opened non-blocking (a FIFO swapped in after the
+    check cannot block the open), checked again on the open descriptor, then read.
+    """
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        raise SpecError("does not exist", file=name) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise SpecError(f"cannot be read: {_reason(exc)}", file=name) from None
+    _check_regular(mode, name)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(name, flags)
+    except FileNotFoundError:
+        raise SpecError("does not exist", file=name) from None
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"cannot be read: {_reason(exc)}", file=name) from None
+    try:
+        _check_regular(os.fstat(fd).st_mode, name)  # SpecError is no OSError: it passes the handler below
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, min(_READ_CHUNK, MAX_SPEC_BYTES + 1 - size))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_SPEC_BYTES:
+                raise SpecError(f"is larger than {MAX_SPEC_BYTES} bytes, which no spec is", file=name,
+                                allowed=f"a spec file of at most {MAX_SPEC_BYTES // (1024 * 1024)} MiB")
+    except OSError as exc:
+        raise SpecError(f"cannot be read: {_reason(exc)}", file=name) from None
+    finally:
+        os.close(fd)
 
 
 def _load_file(src: Any) -> Spec:
@@ -88,16 +157,7 @@ def _load_file(src: Any) -> Spec:
     if suffix not in SUFFIXES:
         raise SpecError(f"has the suffix {suffix or '(none)'!r}, which is not a spec format",
                         file=name, value=suffix, allowed=" or ".join(SUFFIXES))
-    path = Path(name)
-    if path.is_dir():
-        raise SpecError("is a directory, not a spec file", file=name)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError("does not exist", file=name) from None
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SpecError(f"cannot be read: {reason}", file=name) from None
+    raw = _read_file(name)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -107,7 +167,7 @@ def _load_file(src: Any) -> Spec:
         data, ctx = _parse_toml(text, name)
     else:
         data, ctx = _parse_json(text, name)
-    return build_spec(data, ctx, source=name)
+    return _guarded(lambda: build_spec(data, ctx, source=name), name)
 
 
 def _parse_toml(text: str, name: str) -> Tuple[Dict[str, Any], _Context]:
@@ -146,6 +206,7 @@ def build_spec(data: Any, ctx: _Context, source: Optional[str] = None) -> Spec:
     if not isinstance(data, Mapping):
         raise ctx.error((), f"has a top level that is a {type(data).__name__}, not a table",
                         allowed="a table with version = 1 and [[attention]], [[ffn]], [[linear]] rules")
+    _check_depth(data, ctx)
     _check_string_keys(data, (), ctx)
     if "version" not in data:
         raise ctx.error(("version",), "is missing", allowed=f"version = {SPEC_VERSION} at the top of the spec")
@@ -159,6 +220,26 @@ def build_spec(data: Any, ctx: _Context, source: Optional[str] = None) -> Spec:
         rules[kind] = _build_rules(kind, data[kind], ctx) if kind in data else ()
     meta = _check_meta(data["meta"], ctx) if "meta" in data else {}
     return Spec(version=SPEC_VERSION, defaults=defaults, meta=meta, source=source, **rules)
+
+
+def _check_depth(data: Mapping, ctx: _Context) -> None:
+    """Refuse tables and arrays nested deeper than MAX_DEPTH, iteratively (so that later recursion is safe).
+
+    A Python mapping may even contain itself; the walk stops at the limit all the same.
+    """
+    stack = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, Mapping):
+            items = list(value.items())
+        elif isinstance(value, (list, tuple)):
+            items = list(enumerate(value))
+        else:
+            continue
+        if len(path) > MAX_DEPTH:
+            raise ctx.error(path, value=value, allowed=f"at most {MAX_META_DEPTH} levels of nesting")
+        # Reversed, so that the first bad entry in reading order is the one reported.
+        stack.extend((item, path + (key,)) for key, item in reversed(items))
 
 
 def _check_string_keys(table: Mapping, path: KeyPath, ctx: _Context) -> None:
