@@ -58,13 +58,25 @@ THRESHOLD_KEYS = {"input": ("input", "down"), "gate": ("gate",)}
 WEIGHT_BLOCK_SIZES = (16, 32, 64, 128)
 
 
+# Integers in a spec are signed 64-bit (TOML's own limit, docs/spec.md); forms hold every integer field to it.
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
 def _require(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            allowed += " within the signed 64-bit range"
         raise ValueError(f"{name}={value!r} is not allowed; expected {allowed}")
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A real integer (bools are not) within the signed 64-bit range."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+
+
+def _is_number(value) -> bool:
+    """A float, or an integer within the signed 64-bit range (where a number is expected, ints are accepted)."""
+    return isinstance(value, float) or _is_int(value)
 
 
 @dataclass(frozen=True)
@@ -169,8 +181,7 @@ class BlockTopK:
         if self.topk is not None:
             _require(_is_int(self.topk) and self.topk >= 1, "topk", self.topk, "an integer >= 1")
         if self.cdf is not None:
-            _require(isinstance(self.cdf, (int, float)) and not isinstance(self.cdf, bool)
-                     and 0.0 < self.cdf <= 1.0, "cdf", self.cdf, "a number in (0, 1]")
+            _require(_is_number(self.cdf) and 0.0 < self.cdf <= 1.0, "cdf", self.cdf, "a number in (0, 1]")
         _require(_is_int(self.sink_blocks) and self.sink_blocks >= 0, "sink_blocks", self.sink_blocks,
                  "an integer >= 0")
         _require(_is_int(self.local_blocks) and self.local_blocks >= 0, "local_blocks", self.local_blocks,
@@ -246,11 +257,11 @@ class ActivationThreshold:
         allowed = THRESHOLD_KEYS[self.mode]
         for key, tau in self.thresholds:
             _require(key in allowed, "threshold key", key, f"one of {allowed} in mode {self.mode!r}")
-            _require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
-                     and math.isfinite(tau) and tau >= 0, f"threshold.{key}", tau, "a finite number >= 0")
+            _require(_is_number(tau) and math.isfinite(tau) and tau >= 0, f"threshold.{key}", tau,
+                     "a finite number >= 0")
         if self.sparsity is not None:
-            _require(isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool)
-                     and 0.0 < self.sparsity < 1.0, "sparsity", self.sparsity, "a number in (0, 1)")
+            _require(_is_number(self.sparsity) and 0.0 < self.sparsity < 1.0, "sparsity", self.sparsity,
+                     "a number in (0, 1)")
         _require(bool(self.thresholds) or self.sparsity is not None, "threshold", None,
                  "a threshold or a target sparsity")
 
@@ -311,8 +322,8 @@ class BlockWeights:
         ok = (isinstance(self.block, tuple) and len(self.block) == 2
               and all(_is_int(b) and b in WEIGHT_BLOCK_SIZES for b in self.block))
         _require(ok, "block", self.block, f"[bm, bk] with each in {WEIGHT_BLOCK_SIZES}")
-        _require(isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
-                 and 0.0 < self.density <= 1.0, "density", self.density, "a number in (0, 1]")
+        _require(_is_number(self.density) and 0.0 < self.density <= 1.0, "density", self.density,
+                 "a number in (0, 1]")
         _require(self.prune in PRUNE_MODES, "prune", self.prune, f"one of {PRUNE_MODES}")
 
     def kept_blocks(self, n_blocks: int) -> int:

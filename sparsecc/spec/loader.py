@@ -17,9 +17,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from .errors import _UNSET, KeyPath, SpecError, format_key
 from .locate import DuplicateKey, TomlLocator, line_at, parse_json
 from .registry import COMMON_KEYS, FORMS, KINDS, THRESHOLD_TABLE_KEYS
-from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_MARGIN, ALLOWED_POLICY, MAX_META_DEPTH, SPEC_VERSION,
+from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_INT64, ALLOWED_POLICY, MAX_META_DEPTH, SPEC_VERSION,
                      Defaults, Rule, Spec, check_glob, check_heads, check_margin, check_policy,
-                     find_meta_problem, is_int)
+                     find_meta_problem, is_int, out_of_int64)
 from .writer import SUFFIXES
 
 TOP_KEYS = ("version", "defaults", "attention", "ffn", "linear", "meta")
@@ -270,12 +270,14 @@ def _build_defaults(raw: Any, ctx: _Context) -> Defaults:
         raise ctx.error(path, "is not a table", value=raw, allowed="a [defaults] table with policy and margin")
     _check_string_keys(raw, path, ctx)
     _check_keys(raw, path, DEFAULTS_KEYS, ctx)
+    _check_int_range(raw, path, ctx)
     policy = raw.get("policy", "auto")
     if check_policy(policy):
         raise ctx.error(path + ("policy",), value=policy, allowed=ALLOWED_POLICY)
     margin = raw.get("margin", Defaults.margin)
-    if check_margin(margin):
-        raise ctx.error(path + ("margin",), value=margin, allowed=ALLOWED_MARGIN)
+    allowed = check_margin(margin)
+    if allowed:
+        raise ctx.error(path + ("margin",), value=margin, allowed=allowed)
     return Defaults(policy=policy, margin=margin)
 
 
@@ -307,6 +309,7 @@ def _build_rule(kind: str, index: int, raw: Any, ctx: _Context) -> Rule:
     for key in entry.required:
         if key not in raw:
             raise ctx.error(path + (key,), "is missing", allowed=f"{key} for form {form_name!r}")
+    _check_int_range(raw, path, ctx)
 
     modules = raw.get("modules", "*")
     if check_glob(modules):
@@ -328,15 +331,29 @@ def _build_rule(kind: str, index: int, raw: Any, ctx: _Context) -> Rule:
         _check_threshold(form_raw, path, ctx)
     if form_name == "block_topk":
         _check_block_topk(form_raw, path, ctx)
-    for key, value in form_raw.items():
-        if isinstance(value, int) and not isinstance(value, bool) and not is_int(value):
-            raise ctx.error(path + (key,), value=value, allowed="an integer within the 64-bit range")
     try:
         form = entry.build(form_raw)
     except (ValueError, TypeError) as exc:
         # TypeError too: whatever a form makes of a strange value, the user gets a SpecError.
         raise _form_error(exc, path, form_raw, ctx) from None
     return Rule(kind=kind, index=index, form=form, modules=modules, heads=heads, policy=policy)
+
+
+def _check_int_range(value: Any, path: KeyPath, ctx: _Context) -> None:
+    """Refuse every integer outside the signed 64-bit range in ``value``, at any depth (docs/spec.md, Types).
+
+    One check for every numeric key, integer or number, scalar or inside a table or array, before any
+    key-specific check can turn the value into a float (``margin = 2**70`` would pass as 1.2e21).
+    Nesting is bounded by :func:`_check_depth`, so the recursion is shallow.
+    """
+    if out_of_int64(value):
+        raise ctx.error(path, value=value, allowed=ALLOWED_INT64)
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_int_range(item, path + (key,), ctx)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_int_range(item, path + (i,), ctx)
 
 
 def _check_threshold(raw: Mapping[str, Any], path: KeyPath, ctx: _Context) -> None:

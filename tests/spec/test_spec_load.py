@@ -630,3 +630,82 @@ def test_a_file_name_that_is_not_utf8_prints(tmp_path):
         load_spec(os.fsdecode(name))
     assert "\\udcff.toml:1: version = 2" in str(info.value)
     str(info.value).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Integers outside the signed 64-bit range, wherever a number is expected
+# ---------------------------------------------------------------------------------------
+
+def _with(path, value):
+    """A valid spec with ``value`` put at one numeric key (``path`` names where)."""
+    rules = {
+        "margin": lambda v: {"defaults": {"margin": v}},
+        "threshold": lambda v: {"ffn": [{"form": "activation_threshold", "threshold": v}]},
+        "threshold.input": lambda v: {"ffn": [{"form": "activation_threshold", "threshold": {"input": v}}]},
+        "threshold.gate": lambda v: {"ffn": [{"form": "activation_threshold", "mode": "gate",
+                                              "threshold": {"gate": v}}]},
+        "sparsity": lambda v: {"ffn": [{"form": "activation_threshold", "sparsity": v}]},
+        "density": lambda v: {"linear": [{"form": "block_weights", "density": v}]},
+        "block[1]": lambda v: {"linear": [{"form": "block_weights", "block": [64, v]}]},
+        "cdf": lambda v: {"attention": [{"form": "block_topk", "cdf": v}]},
+        "topk": lambda v: {"attention": [{"form": "block_topk", "topk": v}]},
+        "heads[1]": lambda v: {"attention": [{"form": "dense", "heads": [0, v]}]},
+        "window": lambda v: {"attention": [{"form": "streaming", "sink": 4, "window": v}]},
+        "sink": lambda v: {"attention": [{"form": "streaming", "sink": v, "window": 4}]},
+        "seed": lambda v: {"attention": [{"form": "block_sparse", "seed": v}]},
+        "last_q": lambda v: {"attention": [{"form": "vertical_slash", "last_q": v, "vertical": 1, "slash": 1}]},
+        "meta": lambda v: {"meta": {"nested": {"n": [v]}}},
+    }
+    return {"version": 1, **rules[path](value)}
+
+
+KEY_OF = {"margin": r"defaults\.margin", "threshold": r"ffn\[0\]\.threshold",
+          "threshold.input": r"ffn\[0\]\.threshold\.input", "threshold.gate": r"ffn\[0\]\.threshold\.gate",
+          "sparsity": r"ffn\[0\]\.sparsity", "density": r"linear\[0\]\.density", "block[1]": r"linear\[0\]\.block\[1\]",
+          "cdf": r"attention\[0\]\.cdf", "topk": r"attention\[0\]\.topk", "heads[1]": r"attention\[0\]\.heads\[1\]",
+          "window": r"attention\[0\]\.window", "sink": r"attention\[0\]\.sink", "seed": r"attention\[0\]\.seed",
+          "last_q": r"attention\[0\]\.last_q", "meta": r"meta\.nested\.n\[0\]"}
+
+
+@pytest.mark.parametrize("value", [2**63, 2**70, -(2**63) - 1, -(2**200)])
+@pytest.mark.parametrize("path", list(KEY_OF))
+def test_integers_outside_int64_are_refused_at_every_numeric_key(path, value):
+    """Regression: margin = 2**70 (and a threshold table entry) loaded as a float."""
+    with pytest.raises(SpecError, match=KEY_OF[path] + r" = -?\d+ is not allowed; "
+                                        r"expected an integer within the 64-bit range"):
+        load_spec(_with(path, value))
+
+
+@pytest.mark.parametrize("path", ["margin", "threshold", "threshold.input", "window", "seed", "sink", "meta"])
+def test_the_largest_int64_is_accepted(path):
+    spec = load_spec(_with(path, 2**63 - 1))
+    assert isinstance(spec, Spec)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_integers_outside_int64_are_refused_in_files(tmp_path, suffix):
+    """tomllib and json read integers of any size: the loader holds them to 64 bits."""
+    big = 2**63
+    if suffix == ".toml":
+        text = f"version = 1\n\n[defaults]\nmargin = {big}\n"
+        want = r"m\.toml:4: defaults\.margin = 9223372036854775808 is not allowed; expected an integer"
+    else:
+        text = json.dumps({"version": 1, "ffn": [{"form": "activation_threshold", "threshold": {"down": big}}]})
+        want = r"ffn\[0\]\.threshold\.down = 9223372036854775808 is not allowed; expected an integer"
+    with pytest.raises(SpecError, match=want):
+        load_spec(write(tmp_path, "m" + suffix, text))
+
+
+def test_objects_built_in_code_refuse_integers_outside_int64():
+    with pytest.raises(SpecError, match=r"<Spec>: defaults\.margin = 1180591620717411303424 is not allowed; "
+                                        r"expected an integer within the 64-bit range"):
+        Defaults(margin=2**70)
+    Defaults(margin=2**63 - 1)
+    for build in (lambda: Streaming(1, 2**63), lambda: BlockSparse(seed=2**63),
+                  lambda: ActivationThreshold.from_value("input", 2**70),
+                  lambda: ActivationThreshold.from_value("input", 0.1, sparsity=-(2**64)),
+                  lambda: BlockWeights(density=2**64)):
+        with pytest.raises(ValueError, match="within the signed 64-bit range"):
+            build()
+    with pytest.raises(SpecError, match="heads"):
+        Rule(kind="attention", index=0, form=Dense(), heads=(2**63,))
