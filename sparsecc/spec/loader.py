@@ -10,9 +10,14 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomllib is tomli, added to the standard library in 3.11 (a dependency below 3.11)
+    import tomli as tomllib
 
 from .errors import _UNSET, KeyPath, SpecError, format_key
 from .locate import DuplicateKey, TomlLocator, line_at, parse_json
