@@ -106,8 +106,11 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, add: Optional[Tensor]
     if add is not None:
         s = s + add
     s = s.masked_fill(~keep, -math.inf)
-    row_max = s.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    if s.shape[-1] == 0:  # no keys at all (Sk = 0): amax has nothing to reduce, and every row keeps nothing
+        row_max = s.new_zeros(*s.shape[:-1], 1)
+    else:
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)
     den = e.sum(dim=-1, keepdim=True)
     out = torch.matmul(e, v)

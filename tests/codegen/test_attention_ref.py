@@ -188,6 +188,22 @@ def test_streaming_rows_without_keys_output_zero():
     assert torch.all(torch.isfinite(lse[:, :, 6:]))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_rows_with_no_keys_at_all_output_zero(causal):
+    """Sk = 0: every row keeps nothing (zeros, lse -inf), also in the dense reference (it raised IndexError)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv(gen, 2, 4, 2, 5, 0, 8, torch.float64)
+    keep = torch.ones(1, 1, 5, 0, dtype=torch.bool)
+    ref_out, ref_lse = brute_attention(q, k, v, keep, None, 0.5)
+    for out, lse in (dense_attention_ref(q, k, v, scale=0.5, causal=causal, return_lse=True),
+                     dense_attention_ref(q, k, v, scale=0.5, causal=causal, return_lse=True,
+                                         mask=torch.zeros(5, 0, dtype=torch.float64)),
+                     streaming_attention_ref(q, k, v, sink=[1], window=[2], scale=0.5, causal=causal,
+                                             return_lse=True)):
+        assert torch.equal(out, torch.zeros(2, 4, 5, 8, dtype=torch.float64)) and torch.equal(out, ref_out)
+        assert torch.isneginf(lse).all() and torch.equal(lse, ref_lse)
+
+
 def test_streaming_full_window_equals_sdpa():
     q, k, v = make_qkv(torch.Generator().manual_seed(1), 2, 4, 2, 37, 37, 16, torch.float32)
     out = streaming_attention_ref(q, k, v, sink=[0], window=[FULL_WINDOW], scale=0.25, causal=True, chunk=8)
