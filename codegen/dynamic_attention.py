@@ -189,7 +189,9 @@ def vertical_slash_scores_ref(q: Tensor, k: Tensor, *, last_q: int, causal: bool
     """Column and diagonal scores of the last ``last_q`` queries: ``(col [B, H, Sk], diag [B, H, T], t_min)``.
 
     ``diag[..., i]`` is the score of diagonal ``t = t_min + i`` (``t = p - j``);
-    ``t_min`` is 0 when causal and ``p_first - (Sk - 1)`` otherwise.
+    ``t_min`` is 0 when causal and ``p_first - (Sk - 1)`` otherwise, with
+    ``p_first`` the first scoring row's position: these are exactly the diagonals
+    a scoring row reaches, the only candidates of the selection (docs/spec.md).
     """
     b, h, sq, sk, group = _check_inputs(q, k)
     n_last = min(last_q, sq)

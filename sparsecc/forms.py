@@ -203,7 +203,9 @@ class VerticalSlash:
     compute float32 softmax probabilities ``P[i, j]`` of ``scale * q_i . k_j``
     over their keys (``j <= p`` when causal, every key otherwise; GQA kv head of
     the query head). Column j scores ``sum_i P[i, j]``; diagonal ``t = p - j``
-    scores ``sum_i P[i, p_i - t]`` over the rows where that key exists.
+    scores ``sum_i P[i, p_i - t]`` over the rows where that key exists; the
+    diagonals are those a scoring row reaches (``t = 0 .. Sk - 1`` when causal,
+    ``t = 1 - min(last_q, Sq) .. Sk - 1`` when bidirectional; lower ones are never kept).
     Column 0 and diagonal 0 are always kept; besides them the ``vertical``
     highest-scoring other columns and the ``slash`` highest-scoring other
     diagonals are kept (ties to the lower column index / lower offset t).

@@ -256,6 +256,21 @@ def test_vertical_slash_bidirectional_ragged_last_block_is_not_always_kept():
     torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.25), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("last_q", [1, 5])
+def test_vertical_slash_bidirectional_never_keeps_diagonals_no_scoring_row_reaches(last_q):
+    """A slash budget larger than the reached diagonals keeps them all, and none below t = 1 - last_q."""
+    q, k, v = make(last_q, 1, 2, 1, 64, 64, 16)
+    form = VerticalSlash(last_q=last_q, vertical=0, slash=10_000, block=16)
+    table = vertical_slash_table_ref(q, k, last_q=last_q, vertical=0, slash=10_000, block=16, causal=False)
+    # Every diagonal t >= 1 - last_q is kept, so block (a, b) is kept iff it holds some p - j >= 1 - last_q.
+    a, b = torch.arange(4)[:, None], torch.arange(4)[None, :]
+    want = (a * 16 + 15) - (b * 16) >= 1 - last_q
+    assert torch.equal(table.to_dense_block_mask()[0], want.expand(2, 4, 4))
+    keep, _ = brute_vs_keep(q, k, last_q, 0, 10_000, 16, False, 0.25)
+    out = dynamic_attention_ref(q, k, v, form=form, causal=False)
+    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.25), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("sq,sk", [(40, 40), (23, 50), (1, 33), (50, 50), (17, 31)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_vertical_slash_structural_layout_matches_brute_force(sq, sk, causal):
