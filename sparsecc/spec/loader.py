@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -20,6 +19,7 @@ else:  # Python 3.10: tomllib is tomli, added to the standard library in 3.11 (a
     import tomli as tomllib
 
 from .errors import _UNSET, KeyPath, SpecError, format_key
+from .files import read_regular
 from .locate import DuplicateKey, TomlLocator, line_at, parse_json
 from .registry import COMMON_KEYS, FORMS, KINDS, THRESHOLD_TABLE_KEYS
 from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_INT64, ALLOWED_POLICY, MAX_META_DEPTH, SPEC_VERSION,
@@ -34,12 +34,9 @@ THRESHOLD_MODES = tuple(THRESHOLD_TABLE_KEYS)
 # The forms' ValueError text: "name=value is not allowed; expected ..." (see sparsecc.forms).
 _FORM_ERROR = re.compile(r"^(?P<name>[^=]+)=(?P<value>.*) is not allowed; expected (?P<allowed>.*)$", re.S)
 _TOML_LINE = re.compile(r"at line (\d+)")
-# A spec is a few kilobytes; anything past this is not one (and reading it whole could exhaust memory).
-MAX_SPEC_BYTES = 16 * 1024 * 1024
 # Deepest nesting anywhere in the data: [meta] may nest MAX_META_DEPTH levels below its own table, which sits
 # one level below the top; rules need far less. Checked without recursion before anything else recurses.
 MAX_DEPTH = MAX_META_DEPTH + 1
-_READ_CHUNK = 1 << 20
 
 SpecSource = Union[str, "os.PathLike[str]", Mapping[str, Any], Spec, None]
 
@@ -100,59 +97,6 @@ def _guarded(build, file: str) -> Spec:
                         allowed=f"at most {MAX_DEPTH} levels of tables and arrays") from None
 
 
-def _reason(exc: Exception) -> str:
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-
-
-def _check_regular(mode: int, name: str) -> None:
-    """Only regular files are read: a FIFO would block the open or the read, a device may never end."""
-    if stat.S_ISREG(mode):
-        return
-    if stat.S_ISDIR(mode):
-        raise SpecError("is a directory, not a spec file", file=name)
-    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-    raise SpecError(f"is {kind}, not a regular file", file=name, allowed="a regular .toml or .json file")
-
-
-def _read_file(name: str) -> bytes:
-    """The bytes of a regular file of at most MAX_SPEC_BYTES; anything else is a SpecError, and nothing blocks.
-
-    The file is checked with ``stat`` before it is opened, opened non-blocking (a FIFO swapped in after the
-    check cannot block the open), checked again on the open descriptor, then read.
-    """
-    try:
-        mode = os.stat(name).st_mode
-    except FileNotFoundError:
-        raise SpecError("does not exist", file=name) from None
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise SpecError(f"cannot be read: {_reason(exc)}", file=name) from None
-    _check_regular(mode, name)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(name, flags)
-    except FileNotFoundError:
-        raise SpecError("does not exist", file=name) from None
-    except (OSError, ValueError) as exc:
-        raise SpecError(f"cannot be read: {_reason(exc)}", file=name) from None
-    try:
-        _check_regular(os.fstat(fd).st_mode, name)  # SpecError is no OSError: it passes the handler below
-        chunks, size = [], 0
-        while True:
-            chunk = os.read(fd, min(_READ_CHUNK, MAX_SPEC_BYTES + 1 - size))
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_SPEC_BYTES:
-                raise SpecError(f"is larger than {MAX_SPEC_BYTES} bytes, which no spec is", file=name,
-                                allowed=f"a spec file of at most {MAX_SPEC_BYTES // (1024 * 1024)} MiB")
-    except OSError as exc:
-        raise SpecError(f"cannot be read: {_reason(exc)}", file=name) from None
-    finally:
-        os.close(fd)
-
-
 def _load_file(src: Any) -> Spec:
     try:
         name = os.fsdecode(os.fspath(src))
@@ -162,7 +106,7 @@ def _load_file(src: Any) -> Spec:
     if suffix not in SUFFIXES:
         raise SpecError(f"has the suffix {suffix or '(none)'!r}, which is not a spec format",
                         file=name, value=suffix, allowed=" or ".join(SUFFIXES))
-    raw = _read_file(name)
+    raw = read_regular(name)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -553,7 +553,7 @@ def test_unusable_paths_raise_spec_error(tmp_path, name):
 
 
 def test_a_huge_file_is_refused_before_it_is_read_whole(tmp_path):
-    from sparsecc.spec.loader import MAX_SPEC_BYTES
+    from sparsecc.spec.files import MAX_SPEC_BYTES
 
     path = tmp_path / "huge.toml"
     with open(path, "wb") as f:
@@ -770,3 +770,58 @@ def test_loader_reads_toml_with_tomli_on_python_310(tmp_path):
     lines = res.stdout.splitlines()
     assert lines[0] == "streaming(sink=1, window=2)"
     assert lines[1].startswith(f"{bad_file}:1: invalid TOML")
+
+
+# ---------------------------------------------------------------------------------------
+# Saving: regular files only, never blocking
+# ---------------------------------------------------------------------------------------
+
+def _save_in_thread(spec, path, timeout=20.0):
+    import threading
+
+    result = {}
+
+    def run():
+        try:
+            spec.save(path)
+        except BaseException as exc:  # noqa: BLE001 - the point is to see what escapes
+            result["exc"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return thread.is_alive(), result
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_saving_to_a_fifo_is_refused_without_blocking(tmp_path):
+    """Regression: Spec.save opened a FIFO for writing and blocked until a reader came."""
+    import os
+
+    fifo = tmp_path / "out.toml"
+    os.mkfifo(fifo)
+    blocked, result = _save_in_thread(load_spec(EXAMPLE_DICT), fifo)
+    if blocked:  # let the writer through before failing, so the thread does not outlive the test
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(fd)
+    assert not blocked, "Spec.save blocked on a FIFO"
+    err = result.get("exc")
+    assert isinstance(err, SpecError) and err.file == str(fifo) and "named pipe" in str(err), result
+
+
+def test_saving_refuses_devices_and_directories_and_replaces_files(tmp_path):
+    import os
+
+    spec = load_spec(EXAMPLE_DICT)
+    null = tmp_path / "null.json"
+    null.symlink_to(os.devnull)
+    with pytest.raises(SpecError, match=r"null\.json: is a device, not a regular file"):
+        spec.save(null)
+    (tmp_path / "d.toml").mkdir()
+    with pytest.raises(SpecError, match=r"d\.toml: is a directory"):
+        spec.save(tmp_path / "d.toml")
+    with pytest.raises(SpecError, match=r"cannot be written"):
+        spec.save(tmp_path / "missing" / "s.toml")
+    target = write(tmp_path, "s.toml", "x" * 100_000)   # longer than the spec: must be cut, not overwritten
+    spec.save(target)
+    assert load_spec(target) == spec
