@@ -106,8 +106,11 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, add: Optional[Tensor]
     if add is not None:
         s = s + add
     s = s.masked_fill(~keep, -math.inf)
-    row_max = s.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    if s.shape[-1] == 0:  # no keys at all (Sk = 0): amax has nothing to reduce, and every row keeps nothing
+        row_max = s.new_zeros(*s.shape[:-1], 1)
+    else:
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)
     den = e.sum(dim=-1, keepdim=True)
     out = torch.matmul(e, v)
@@ -258,16 +261,17 @@ def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, table: BlockT
 
     Keeps the table's kept blocks (full and partial), then at token level
     bottom-right causality when ``table.causal`` (the sequence ends are implicit:
-    keys past ``Sk`` do not exist), intersected with ``mask``. A table with
-    ``Bt == 1`` / ``Ht == 1`` broadcasts over batch / heads. Query rows go
-    ``chunk`` at a time (rounded down to whole query blocks, at least one), each
-    against the union of the key blocks its row blocks keep.
+    keys past ``Sk`` do not exist), intersected with ``mask``. Query row ``i``
+    reads table row ``i + lead`` (``lead = table.seq_q - Sq``, the table's lead
+    rows; see ``sparsecc.layouts``). A table with ``Bt == 1`` / ``Ht == 1``
+    broadcasts over batch / heads. Table rows go ``chunk`` at a time (rounded
+    down to whole query blocks, at least one), each against the union of the
+    key blocks its row blocks keep.
     """
     b, h, sq, sk, group = _check_qkv(q, k, v)
     if chunk < 1:
         raise ValueError(f"chunk={chunk} is not allowed; expected an integer >= 1")
-    if (table.seq_q, table.seq_k) != (sq, sk):
-        raise ValueError(f"table is for seq_q={table.seq_q}, seq_k={table.seq_k}; inputs have Sq={sq}, Sk={sk}")
+    lead = table.lead_rows(sq, sk)
     bt, ht = table.kv_num_blocks.shape[:2]
     if bt not in (1, b) or ht not in (1, h):
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({b}, {h})")
@@ -281,9 +285,10 @@ def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, table: BlockT
     offset = sk - sq
     for h0, h1 in _head_batches(h, b * min(rows, sq) * sk):
         heads = torch.arange(h0, h1, device=dev)
-        for r0 in range(0, sq, rows):
-            r1 = min(sq, r0 + rows)
-            a0, a1 = r0 // bq, -(-r1 // bq)
+        # Steps are aligned to the table's row blocks; r0:r1 are the query rows of one step.
+        for t0 in range(0, table.seq_q, rows):
+            r0, r1 = max(0, t0 - lead), min(sq, t0 + rows - lead)
+            a0, a1 = (r0 + lead) // bq, -(-(r1 + lead) // bq)
             blocks = table.dense_block_rows(a0, a1).to(dev)
             if ht != 1:
                 blocks = blocks[:, h0:h1]
@@ -292,7 +297,7 @@ def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, table: BlockT
                 continue
             keys = (chosen[:, None] * bk + torch.arange(bk, device=dev)).flatten()
             keys = keys[keys < sk]
-            row_block = torch.arange(r0, r1, device=dev) // bq - a0
+            row_block = (torch.arange(r0, r1, device=dev) + lead) // bq - a0
             keep = blocks[:, :, row_block][..., keys // bk]
             if table.causal:
                 pos = torch.arange(r0, r1, device=dev) + offset
@@ -408,6 +413,7 @@ def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale
     tma = table is None and kern.tma_supported(k, v)
     if tma:
         kern.enable_descriptors()
+    lead = 0
     if table is None:
         layout, block_q, block_k = kern.LAYOUT_STREAMING, 0, 0
         tbl = (q, q, q, q)
@@ -415,6 +421,7 @@ def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale
         kernel = kern.prefill_kernel(block_d, tma=tma)
     else:
         layout, block_q, block_k = kern.LAYOUT_TABLE, table.block_q, table.block_k
+        lead = table.lead_rows(sq, sk)
         num = table.kv_num_blocks.to(q.device).expand(b, h, -1)
         fnum = table.full_kv_num_blocks.to(q.device).expand(b, h, -1)
         idx = table.kv_indices.to(q.device).expand(b, h, -1, -1)
@@ -433,11 +440,12 @@ def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale
             kern.enable_descriptors()
 
     def grid(meta):
-        return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
+        # Tiles are aligned to table rows (query row i is table row i + lead); only tiles holding a query run.
+        return ((lead + sq - 1) // meta["BLOCK_M"] - lead // meta["BLOCK_M"] + 1, b * h)
 
     kernel[grid](q, k, v, out, lse, mask_t, sinks, windows, *tbl,
                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides, *tbl_strides,
-                 h, sq, sk, scale * kern.LOG2E.value, 1.0 / scale, triton.next_power_of_2(sk),
+                 h, sq, sk, lead, scale * kern.LOG2E.value, 1.0 / scale, triton.next_power_of_2(sk),
                  GROUP=group, LAYOUT=layout, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                  WRITE_LSE=return_lse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=max(block_q, 1), BLOCK_K=max(block_k, 1),
                  UPCAST_DOT=kern.interpreting(), **extra)
@@ -523,8 +531,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, table: BlockTable
     request and aligned causality) runs SDPA. ``out``, when given, receives the output.
     """
     b, h, sq, sk, group = _check_qkv(q, k, v)
-    if (table.seq_q, table.seq_k) != (sq, sk):
-        raise ValueError(f"table is for seq_q={table.seq_q}, seq_k={table.seq_k}; inputs have Sq={sq}, Sk={sk}")
+    table.lead_rows(sq, sk)
     bt, ht = table.kv_num_blocks.shape[:2]
     if bt not in (1, b) or ht not in (1, h):
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({b}, {h})")

@@ -14,6 +14,9 @@ One jit kernel serves both layouts, specialised by the ``LAYOUT`` constexpr:
   edges evaluate the per-element rule.
 * ``LAYOUT_TABLE``: key blocks come from a ``BlockTable`` (full blocks skip all
   structural masking; partial ones apply causality and the sequence end).
+  Query tiles are aligned to table rows: with ``lead`` lead rows (see
+  ``sparsecc.layouts``) query row ``i`` is table row ``i + lead``, so a tile
+  never straddles two table row blocks, whatever ``(Sk - Sq) % block`` is.
 
 Scores use ``exp2`` with ``scale * log2(e)`` folded into one multiplier; the
 accumulator is fp32. Grid: axis 0 walks the query blocks last-first (the
@@ -110,7 +113,7 @@ def _attend_tile(acc, l_i, m_i, q, start_n, k_base, v_base, stride_kn, stride_vn
     if HAS_MASK:
         # int64 rows: a [Sq, Sk] mask plane passes 2^31 elements at 46K tokens.
         m_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn
-        in_range = (offs_m[:, None] < seq_q) & (cols[None, :] < seq_k)
+        in_range = (offs_m[:, None] >= 0) & (offs_m[:, None] < seq_q) & (cols[None, :] < seq_k)
         if MASK_BOOL:
             user = tl.load(m_ptrs, mask=in_range, other=0)
             s = tl.where(user != 0, s, float("-inf"))
@@ -151,7 +154,7 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                     stride_mb, stride_mh, stride_mm, stride_mn,
                     stride_nb, stride_nh, stride_pb, stride_ph, stride_pq, stride_fb, stride_fh, stride_fq,
-                    n_heads, seq_q, seq_k, qk_scale, inv_scale, seq_bucket,
+                    n_heads, seq_q, seq_k, lead, qk_scale, inv_scale, seq_bucket,
                     GROUP: tl.constexpr, LAYOUT: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, WRITE_LSE: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -161,22 +164,26 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
 
     ``seq_bucket`` is unused by the body: it is part of the autotuning key
     (``next_power_of_2(seq_k)``), so the tuner re-runs per size class, not per length.
+    Tiles are aligned to table rows: query row ``i`` is table row ``i + lead``
+    (``lead`` is 0 for streaming), so the first tile may start before row 0.
     """
-    n_qblocks = tl.cdiv(seq_q, BLOCK_M)
-    pid_m = n_qblocks - 1 - tl.program_id(0)
+    first_tile = lead // BLOCK_M
+    n_qblocks = (lead + seq_q - 1) // BLOCK_M - first_tile + 1
+    pid_m = first_tile + n_qblocks - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     # Batch/head offsets in int64: B * H * S * D elements can pass 2^31 (e.g. a KV cache, or a mask).
     b = (bh // n_heads).to(tl.int64)
     h = bh % n_heads
     kvh = h // GROUP
-    m0 = pid_m * BLOCK_M
+    t0 = pid_m * BLOCK_M  # table row of the tile's first row
+    m0 = t0 - lead        # its query row (negative for lead rows)
     offset = seq_k - seq_q
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     pos = offs_m + offset
-    row_ok = offs_m < seq_q
+    row_ok = (offs_m >= 0) & (offs_m < seq_q)
     d_ok = offs_d < HEAD_DIM
 
     q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
@@ -246,7 +253,7 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
         # Table layout: BLOCK_M divides BLOCK_Q and BLOCK_N divides BLOCK_K (checked by the wrapper),
         # so one table row serves the program and each table block is SUBS key tiles.
         SUBS: tl.constexpr = BLOCK_K // BLOCK_N
-        t_row = m0 // BLOCK_Q
+        t_row = t0 // BLOCK_Q
         num_off = b * stride_nb + h * stride_nh + t_row
         f_num = tl.load(TBL_FNUM + num_off)
         f_row = TBL_FIDX + b * stride_fb + h * stride_fh + t_row * stride_fq

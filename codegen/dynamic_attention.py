@@ -189,7 +189,9 @@ def vertical_slash_scores_ref(q: Tensor, k: Tensor, *, last_q: int, causal: bool
     """Column and diagonal scores of the last ``last_q`` queries: ``(col [B, H, Sk], diag [B, H, T], t_min)``.
 
     ``diag[..., i]`` is the score of diagonal ``t = t_min + i`` (``t = p - j``);
-    ``t_min`` is 0 when causal and ``p_first - (Sk - 1)`` otherwise.
+    ``t_min`` is 0 when causal and ``p_first - (Sk - 1)`` otherwise, with
+    ``p_first`` the first scoring row's position: these are exactly the diagonals
+    a scoring row reaches, the only candidates of the selection (docs/spec.md).
     """
     b, h, sq, sk, group = _check_inputs(q, k)
     n_last = min(last_q, sq)
@@ -225,14 +227,16 @@ def vertical_slash_keep(col: Tensor, diag: Tensor, t_min: int, *, vertical: int,
     kept_diag = _keep_top(diag_keys, torch.full(lead, min(slash, n_diag - 1), device=dev)) | (t_idx == 0)
     g = block_geometry(seq_q, seq_k, block, dev)
     # Columns: the first kept column of each key block, seen by query block a when it is <= a's last position.
-    big = torch.iinfo(torch.int64).max
-    first_col = torch.where(kept_col, col_idx, torch.full_like(col_idx, big))
-    pad = g["n_k"] * block - n_col
-    first_col = torch.nn.functional.pad(first_col, (0, pad), value=big).view(*lead, g["n_k"], block).amin(-1)
+    # "No kept column" is n_k * block, past every real column. The ragged tail of the last key block is filled
+    # with it in int64 (F.pad takes a float fill value, and int64 max rounds to 2^63, which wraps to int64 min).
+    none = g["n_k"] * block
+    first_col = torch.full((*lead, none), none, dtype=torch.int64, device=dev)
+    first_col[..., :n_col] = torch.where(kept_col, col_idx, torch.full_like(col_idx, none))
+    first_col = first_col.view(*lead, g["n_k"], block).amin(-1)
     if causal:
         by_col = first_col[..., None, :] <= g["last_pos"][:, None]
     else:
-        by_col = (first_col < big)[..., None, :].expand(*lead, g["n_q"], g["n_k"])
+        by_col = (first_col < none)[..., None, :].expand(*lead, g["n_q"], g["n_k"])
     # Diagonals: cell (a, b) holds exactly the offsets t in [first_pos - last_key, last_pos - first_key].
     prefix = torch.nn.functional.pad(torch.cumsum(kept_diag.to(torch.int64), -1), (1, 0))   # prefix[i] = # kept < i
 

@@ -14,6 +14,8 @@ Exact semantics (the references in ``sparsecc.codegen`` implement these):
   When the query length Sq is shorter than the key length Sk, query row i has
   position ``p = i + Sk - Sq`` (queries are the last Sq positions).
 * ``BlockSparse(block, local_blocks, global_blocks, random_blocks, seed)``:
+  blocks are blocks of positions (query row i, at position ``p = i + Sk - Sq``,
+  is in query block ``p // block``; key j in key block ``j // block``);
   query block a keeps key block b iff ``|a - b| < local_blocks``, or
   ``a < global_blocks`` or ``b < global_blocks``, or b is one of the
   ``random_blocks`` blocks drawn for (head, a) from ``seed``. Causality and the
@@ -56,13 +58,25 @@ THRESHOLD_KEYS = {"input": ("input", "down"), "gate": ("gate",)}
 WEIGHT_BLOCK_SIZES = (16, 32, 64, 128)
 
 
+# Integers in a spec are signed 64-bit (TOML's own limit, docs/spec.md); forms hold every integer field to it.
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
 def _require(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            allowed += " within the signed 64-bit range"
         raise ValueError(f"{name}={value!r} is not allowed; expected {allowed}")
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A real integer (bools are not) within the signed 64-bit range."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+
+
+def _is_number(value) -> bool:
+    """A float, or an integer within the signed 64-bit range (where a number is expected, ints are accepted)."""
+    return isinstance(value, float) or _is_int(value)
 
 
 @dataclass(frozen=True)
@@ -167,8 +181,7 @@ class BlockTopK:
         if self.topk is not None:
             _require(_is_int(self.topk) and self.topk >= 1, "topk", self.topk, "an integer >= 1")
         if self.cdf is not None:
-            _require(isinstance(self.cdf, (int, float)) and not isinstance(self.cdf, bool)
-                     and 0.0 < self.cdf <= 1.0, "cdf", self.cdf, "a number in (0, 1]")
+            _require(_is_number(self.cdf) and 0.0 < self.cdf <= 1.0, "cdf", self.cdf, "a number in (0, 1]")
         _require(_is_int(self.sink_blocks) and self.sink_blocks >= 0, "sink_blocks", self.sink_blocks,
                  "an integer >= 0")
         _require(_is_int(self.local_blocks) and self.local_blocks >= 0, "local_blocks", self.local_blocks,
@@ -190,7 +203,9 @@ class VerticalSlash:
     compute float32 softmax probabilities ``P[i, j]`` of ``scale * q_i . k_j``
     over their keys (``j <= p`` when causal, every key otherwise; GQA kv head of
     the query head). Column j scores ``sum_i P[i, j]``; diagonal ``t = p - j``
-    scores ``sum_i P[i, p_i - t]`` over the rows where that key exists.
+    scores ``sum_i P[i, p_i - t]`` over the rows where that key exists; the
+    diagonals are those a scoring row reaches (``t = 0 .. Sk - 1`` when causal,
+    ``t = 1 - min(last_q, Sq) .. Sk - 1`` when bidirectional; lower ones are never kept).
     Column 0 and diagonal 0 are always kept; besides them the ``vertical``
     highest-scoring other columns and the ``slash`` highest-scoring other
     diagonals are kept (ties to the lower column index / lower offset t).
@@ -244,11 +259,11 @@ class ActivationThreshold:
         allowed = THRESHOLD_KEYS[self.mode]
         for key, tau in self.thresholds:
             _require(key in allowed, "threshold key", key, f"one of {allowed} in mode {self.mode!r}")
-            _require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
-                     and math.isfinite(tau) and tau >= 0, f"threshold.{key}", tau, "a finite number >= 0")
+            _require(_is_number(tau) and math.isfinite(tau) and tau >= 0, f"threshold.{key}", tau,
+                     "a finite number >= 0")
         if self.sparsity is not None:
-            _require(isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool)
-                     and 0.0 < self.sparsity < 1.0, "sparsity", self.sparsity, "a number in (0, 1)")
+            _require(_is_number(self.sparsity) and 0.0 < self.sparsity < 1.0, "sparsity", self.sparsity,
+                     "a number in (0, 1)")
         _require(bool(self.thresholds) or self.sparsity is not None, "threshold", None,
                  "a threshold or a target sparsity")
 
@@ -309,8 +324,8 @@ class BlockWeights:
         ok = (isinstance(self.block, tuple) and len(self.block) == 2
               and all(_is_int(b) and b in WEIGHT_BLOCK_SIZES for b in self.block))
         _require(ok, "block", self.block, f"[bm, bk] with each in {WEIGHT_BLOCK_SIZES}")
-        _require(isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
-                 and 0.0 < self.density <= 1.0, "density", self.density, "a number in (0, 1]")
+        _require(_is_number(self.density) and 0.0 < self.density <= 1.0, "density", self.density,
+                 "a number in (0, 1]")
         _require(self.prune in PRUNE_MODES, "prune", self.prune, f"one of {PRUNE_MODES}")
 
     def kept_blocks(self, n_blocks: int) -> int:

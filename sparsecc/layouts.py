@@ -19,6 +19,13 @@ Coordinates
 * Counts are ``nQ = ceil(seq_q / block_q)`` query blocks and
   ``nK = ceil(seq_k / block_k)`` key blocks; the last block of each may be cut
   short by the sequence end, which makes it partial.
+* A table may start before the first query (*lead rows*): attention over
+  ``Sq`` queries uses the table's **last** ``Sq`` rows, so query ``i`` is table
+  row ``i + lead`` with ``lead = table.seq_q - Sq`` (``0 <= lead < block_q``,
+  see :meth:`BlockTable.lead_rows`) and keeps its position ``i + seq_k - Sq``.
+  Lead rows stand for positions before the queries and are never computed.
+  :func:`block_sparse_table` uses them so that its query blocks are position
+  blocks; every other builder makes tables without lead rows.
 
 A kept block is **full** iff every (row, key) element inside the block grid cell
 exists (is before both sequence ends) and is kept by causality when the table
@@ -42,8 +49,8 @@ from sparsecc.forms import BlockSparse
 # sparsecc.codegen.block_attention so both sides read the same sentinel.
 FULL_WINDOW = -1
 
-# The random-block generator for head h is seeded with seed * _HEAD_SEED_STRIDE + h:
-# distinct (seed, head) pairs get distinct seeds for any model with fewer heads than this.
+# The random-block generator for head h is seeded with (seed * _HEAD_SEED_STRIDE + h) mod 2**64: distinct
+# (seed, head) pairs with seed < 2**44 get distinct seeds for any model with fewer heads than this.
 _HEAD_SEED_STRIDE = 1 << 20
 
 
@@ -133,8 +140,20 @@ class BlockTable:
 
     @property
     def q_offset(self) -> int:
-        """Position of query row 0: ``seq_k - seq_q`` (queries are the last positions)."""
+        """Position of table row 0: ``seq_k - seq_q`` (queries are the last positions)."""
         return self.seq_k - self.seq_q
+
+    def lead_rows(self, seq_q: int, seq_k: int) -> int:
+        """Table rows before the first of ``seq_q`` queries over ``seq_k`` keys (query i is table row i + lead).
+
+        Raises ``ValueError`` when the table is not for these inputs: a different
+        ``seq_k``, fewer rows than queries, or a whole query block or more of lead rows.
+        """
+        lead = self.seq_q - seq_q
+        if self.seq_k != seq_k or not 0 <= lead < self.block_q:
+            raise ValueError(f"table is for seq_q={self.seq_q}, seq_k={self.seq_k}; inputs have Sq={seq_q}, "
+                             f"Sk={seq_k} (expected seq_k == Sk and Sq <= seq_q < Sq + block_q={self.block_q})")
+        return lead
 
     # ------------------------------------------------------------ dense views
 
@@ -218,7 +237,9 @@ class BlockTable:
         ``extra_mask_mod`` when given: a layout whose partial blocks need more than
         causality (a streaming table) passes its element rule here, e.g.
         :func:`streaming_mask_mod`. Index rows are padded to ``nK`` entries because
-        Flex sizes its dense view by the index width.
+        Flex sizes its dense view by the index width. Flex has no lead rows: the
+        mask is for ``seq_q`` queries, so a table with lead rows needs that many
+        rows put in front of q (and their outputs dropped).
         """
         from torch.nn.attention.flex_attention import BlockMask, and_masks
 
@@ -313,10 +334,14 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
                        device: Union[str, torch.device] = "cpu") -> BlockTable:
     """The :class:`BlockTable` of ``form`` for ``n_heads`` heads (``Bt = 1``, ``Ht = n_heads``).
 
-    ``block_q = block_k = form.block``. Query row-block ``a`` is aligned with key
-    block ``c(a) = a + (seq_k - seq_q) // block``, the key block holding the
-    position of its first row (``c(a) = a`` when ``seq_q == seq_k``). Row-block
-    ``a`` keeps key block ``b`` iff
+    ``block_q = block_k = form.block``. The query blocks are *position* blocks,
+    as in docs/spec.md: query row ``i`` (position ``p = i + seq_k - seq_q``)
+    belongs to block ``p // block``. When ``(seq_k - seq_q) % block != 0`` the
+    table therefore starts with ``lead = (seq_k - seq_q) % block`` lead rows
+    (``table.seq_q = seq_q + lead``, see the module docstring), so that its
+    row-block ``a`` is position block ``c(a) = a + (seq_k - seq_q) // block``
+    (floor division; ``c(a) = a`` when ``seq_q == seq_k``). Row-block ``a``
+    keeps key block ``b`` iff
 
     * ``|c(a) - b| < local_blocks``, or
     * ``c(a) < global_blocks`` or ``b < global_blocks``, or
@@ -326,18 +351,13 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
     block's last position (blocks with nothing causally allowed are dropped).
 
     Random draws, exactly: for head ``h`` a CPU ``torch.Generator`` is seeded with
-    ``form.seed * 2**20 + h``; then for each position block ``c = 0, 1, ..., nK - 1``
+    ``(form.seed * 2**20 + h) mod 2**64``; then for each position block ``c = 0, 1, ..., nK - 1``
     in order, the candidates are key blocks ``0..c`` when causal and ``0..nK-1``
     otherwise, and the first ``min(random_blocks, n_candidates)`` entries of
     ``torch.randperm(n_candidates, generator=g)`` are drawn. Drawing for every
     position block in a fixed order makes causal draws independent of
     ``seq_q`` (a decode step sees the same blocks as the prefill).
     Random blocks may coincide with local or global ones.
-
-    When ``seq_k - seq_q`` is not a multiple of ``block``, a row block spans two
-    position blocks and is placed by its first row, so its later rows see their
-    own diagonal block only through the band (``local_blocks >= 2``), a global
-    or a random block. Blocks with ``seq_q == seq_k`` are exact.
     """
     if not (isinstance(n_heads, int) and n_heads >= 1):
         raise ValueError(f"n_heads={n_heads!r} is not allowed; expected an integer >= 1")
@@ -345,9 +365,10 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= 1")
     block = form.block
-    n_q, n_k = -(-seq_q // block), -(-seq_k // block)
     offset = seq_k - seq_q
-    # Python floor division keeps c(a) correct when seq_q > seq_k (negative offset).
+    # Lead rows align the table's row blocks with position blocks (Python's % and // floor, also for Sq > Sk).
+    rows = seq_q + offset % block
+    n_q, n_k = -(-rows // block), -(-seq_k // block)
     c = torch.arange(n_q) + offset // block
     b = torch.arange(n_k)
     base = ((c[:, None] - b[None, :]).abs() < form.local_blocks)
@@ -355,21 +376,29 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
     kept = base.expand(n_heads, n_q, n_k).clone()
     if form.random_blocks > 0:
         for h in range(n_heads):
-            g = torch.Generator().manual_seed(form.seed * _HEAD_SEED_STRIDE + h)
+            g = torch.Generator().manual_seed(_generator_seed(form.seed, h))
             drawn = torch.zeros(n_k, n_k, dtype=torch.bool)
             for pos_block in range(n_k):
                 n_cand = pos_block + 1 if causal else n_k
                 pick = torch.randperm(n_cand, generator=g)[:min(form.random_blocks, n_cand)]
                 drawn[pos_block, pick] = True
-            rows = c.clamp(0, n_k - 1)
             valid = (c >= 0) & (c < n_k)
-            kept[h] |= drawn[rows] & valid[:, None]
-    _, q_last = _block_bounds(seq_q, block, n_q, offset)
+            kept[h] |= drawn[c.clamp(0, n_k - 1)] & valid[:, None]
+    _, q_last = _block_bounds(rows, block, n_q, seq_k - rows)
     if causal:
         kept &= (b * block)[None, None, :] <= q_last[None, :, None]
-    full = kept & _token_full(seq_q, seq_k, block, block, causal)[None]
+    full = kept & _token_full(rows, seq_k, block, block, causal)[None]
     return BlockTable.from_dense(kept[None].to(device), full[None].to(device), block_q=block, block_k=block,
-                                 seq_q=seq_q, seq_k=seq_k, causal=causal)
+                                 seq_q=rows, seq_k=seq_k, causal=causal)
+
+
+def _generator_seed(seed: int, head: int) -> int:
+    """The random-block generator seed of ``head``: ``(seed * 2**20 + head) mod 2**64``.
+
+    ``torch.Generator.manual_seed`` takes 64 bits; the reduction keeps every seed the
+    spec allows (up to ``2**63 - 1``) usable, and leaves seeds below ``2**44`` as they were.
+    """
+    return (seed * _HEAD_SEED_STRIDE + head) % (1 << 64)
 
 
 def _per_head(values: Union[int, Sequence[int]], name: str) -> list[int]:

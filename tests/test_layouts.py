@@ -36,7 +36,7 @@ def draws_from_docstring(form, n_heads, n_k, causal):
     """The random draws exactly as block_sparse_table documents them: [H, nK (position block), nK]."""
     out = torch.zeros(n_heads, n_k, n_k, dtype=torch.bool)
     for h in range(n_heads):
-        g = torch.Generator().manual_seed(form.seed * 2**20 + h)
+        g = torch.Generator().manual_seed((form.seed * 2**20 + h) % 2**64)
         for c in range(n_k):
             n = c + 1 if causal else n_k
             out[h, c, torch.randperm(n, generator=g)[:min(form.random_blocks, n)]] = True
@@ -46,7 +46,7 @@ def draws_from_docstring(form, n_heads, n_k, causal):
 @st.composite
 def block_sparse_case(draw):
     sk = draw(st.integers(1, 300))
-    sq = draw(st.one_of(st.just(sk), st.integers(1, sk)))
+    sq = draw(st.one_of(st.just(sk), st.integers(1, sk), st.integers(sk, sk + 40)))
     form = BlockSparse(block=draw(st.sampled_from([16, 32, 64])), local_blocks=draw(st.integers(1, 3)),
                        global_blocks=draw(st.integers(0, 2)), random_blocks=draw(st.integers(0, 3)),
                        seed=draw(st.integers(0, 1000)))
@@ -58,16 +58,24 @@ def block_sparse_case(draw):
 def test_block_sparse_table_follows_the_form(case):
     form, heads, sq, sk, causal = case
     t = block_sparse_table(form, heads, sq, sk, causal)
-    nq, nk = -(-sq // form.block), -(-sk // form.block)
+    # Query blocks are position blocks: lead rows fill the first one up to a block boundary.
+    lead = (sk - sq) % form.block
+    rows = sq + lead
+    assert t.seq_q == rows and t.lead_rows(sq, sk) == lead
+    assert ((sk - rows) % form.block) == 0
+    nq, nk = -(-rows // form.block), -(-sk // form.block)
     assert t.kv_num_blocks.shape == (1, heads, nq) and (t.block_q, t.block_k) == (form.block, form.block)
-    # Block rule written out from the forms.py text, with c(a) = a + (Sk - Sq) // block.
+    # Block rule written out from the forms.py text; table row block a is position block c(a).
     c = torch.arange(nq)[:, None] + (sk - sq) // form.block
+    i = torch.arange(sq)
+    assert torch.equal(c.squeeze(1)[(i + lead) // form.block], (i + sk - sq) // form.block)
     b = torch.arange(nk)[None, :]
     want = ((c - b).abs() < form.local_blocks) | (c < form.global_blocks) | (b < form.global_blocks)
     want = want[None].repeat(heads, 1, 1)
     if form.random_blocks:
-        want |= draws_from_docstring(form, heads, nk, causal)[:, c.squeeze(1)]
-    any_el, all_el = cells(causal_el(sq, sk) if causal else torch.ones(sq, sk, dtype=torch.bool),
+        valid = (c.squeeze(1) >= 0) & (c.squeeze(1) < nk)
+        want |= draws_from_docstring(form, heads, nk, causal)[:, c.squeeze(1).clamp(0, nk - 1)] & valid[:, None]
+    any_el, all_el = cells(causal_el(rows, sk) if causal else torch.ones(rows, sk, dtype=torch.bool),
                            form.block, form.block)
     want &= any_el
     got = t.to_dense_block_mask()[0]
@@ -85,6 +93,34 @@ def test_block_sparse_table_is_deterministic_and_seeded():
     assert not torch.equal(a.to_dense_block_mask(), c.to_dense_block_mask())
     dense = a.to_dense_block_mask()[0]
     assert not torch.equal(dense[0], dense[1])  # heads draw differently
+
+
+@pytest.mark.parametrize("seed", [2**44 - 1, 2**44, 2**44 + 5, 2**62 + 12345, 2**63 - 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_sparse_large_seeds_draw_deterministically(seed, causal):
+    """Regression: seeds >= 2**44 overflowed the generator seed; every signed 64-bit seed must work."""
+    form = BlockSparse(block=16, local_blocks=1, random_blocks=2, seed=seed)
+    a = block_sparse_table(form, 3, 128, 128, causal)
+    b = block_sparse_table(form, 3, 128, 128, causal)
+    assert torch.equal(a.to_dense_block_mask(), b.to_dense_block_mask())
+    # The documented draws: generator seed (seed * 2**20 + h) mod 2**64.
+    c = torch.arange(8)[:, None]
+    k = torch.arange(8)[None, :]
+    want = ((c - k).abs() < 1) | draws_from_docstring(form, 3, 8, causal)
+    if causal:
+        want &= k <= c
+    assert torch.equal(a.to_dense_block_mask()[0], want)
+
+
+def test_block_sparse_op_takes_the_largest_seed():
+    """Through the registered op (its schema holds the seed as a signed 64-bit int)."""
+    from sparsecc.codegen import ops
+
+    ops.register_ops()
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    outs = [ops.op("block_sparse_attention")(q, k, v, None, 0.3, True, 16, 1, 0, 1, 2**63 - 1, [], 0, "reference")
+            for _ in range(2)]
+    assert torch.equal(outs[0], outs[1]) and torch.isfinite(outs[0]).all()
 
 
 def test_block_sparse_decode_step_sees_the_prefill_layout():
@@ -169,7 +205,7 @@ def test_flex_round_trip(sq, sk, causal):
                            3, sq, sk, causal)
     bm = t.to_flex_block_mask()
     assert torch.equal(bm.to_dense().bool(), t.to_dense_block_mask())
-    back = BlockTable.from_flex_block_mask(bm, sq, sk, causal)
+    back = BlockTable.from_flex_block_mask(bm, t.seq_q, sk, causal)   # t.seq_q counts the lead rows
     for name in ("kv_num_blocks", "full_kv_num_blocks"):
         assert torch.equal(getattr(back, name), getattr(t, name))
     assert torch.equal(back.to_dense_block_mask(full_only=True), t.to_dense_block_mask(full_only=True))
@@ -187,7 +223,8 @@ def test_from_flex_create_block_mask_matches_dense_causal_table():
         warnings.simplefilter("ignore")
         bm = create_block_mask(causal, None, None, sq, sk, device="cpu", BLOCK_SIZE=16)
     t = BlockTable.from_flex_block_mask(bm, sq, sk, causal=True)
-    ours = block_sparse_table(BlockSparse(block=16, local_blocks=100), 1, sq, sk, causal=True)
+    # The dense causal table over query rows (block_sparse_table would add lead rows: (Sk - Sq) % 16 != 0).
+    ours = streaming_block_table(0, FULL_WINDOW, block=16, seq_q=sq, seq_k=sk, causal=True)
     assert torch.equal(t.to_dense_block_mask(), ours.to_dense_block_mask())
     # Flex does not know about our sequence-end rule for the last (cut) blocks, so compare full blocks
     # only where the block lies inside both sequences.

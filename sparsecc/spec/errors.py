@@ -22,14 +22,28 @@ _UNSET: Any = object()
 KeyPath = Tuple[Union[str, int], ...]
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that would not print escaped (a lone surrogate from JSON or a
+    non-UTF-8 file name, a control character), so that a message always prints on a UTF-8 terminal."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def format_key(path: KeyPath) -> Optional[str]:
-    """Render a key path tuple such as ``("attention", 2, "window")`` as ``attention[2].window``."""
+    """Render a key path tuple such as ``("attention", 2, "window")`` as ``attention[2].window``.
+
+    A key that would not print (a lone surrogate from JSON, a control character) is shown as its repr.
+    """
     text = ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            part = str(part)
+            if printable(part) != part:
+                part = repr(part)
+            text += f".{part}" if text else part
     return text or None
 
 
@@ -80,7 +94,8 @@ class SpecError(ValueError):
     def _render(self) -> str:
         where = ""
         if self.file is not None:
-            where = self.file if self.line is None else f"{self.file}:{self.line}"
+            file = printable(str(self.file))
+            where = file if self.line is None else f"{file}:{self.line}"
         elif self.line is not None:
             where = f"line {self.line}"
         subject = self.key or ""

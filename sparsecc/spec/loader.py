@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomllib is tomli, added to the standard library in 3.11 (a dependency below 3.11)
+    import tomli as tomllib
+
 from .errors import _UNSET, KeyPath, SpecError, format_key
+from .files import read_regular
 from .locate import DuplicateKey, TomlLocator, line_at, parse_json
 from .registry import COMMON_KEYS, FORMS, KINDS, THRESHOLD_TABLE_KEYS
-from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_MARGIN, ALLOWED_POLICY, SPEC_VERSION,
+from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_INT64, ALLOWED_POLICY, MAX_META_DEPTH, SPEC_VERSION,
                      Defaults, Rule, Spec, check_glob, check_heads, check_margin, check_policy,
-                     find_meta_problem, is_int)
+                     find_meta_problem, is_int, out_of_int64)
 from .writer import SUFFIXES
 
 TOP_KEYS = ("version", "defaults", "attention", "ffn", "linear", "meta")
@@ -28,6 +34,9 @@ THRESHOLD_MODES = tuple(THRESHOLD_TABLE_KEYS)
 # The forms' ValueError text: "name=value is not allowed; expected ..." (see sparsecc.forms).
 _FORM_ERROR = re.compile(r"^(?P<name>[^=]+)=(?P<value>.*) is not allowed; expected (?P<allowed>.*)$", re.S)
 _TOML_LINE = re.compile(r"at line (\d+)")
+# Deepest nesting anywhere in the data: [meta] may nest MAX_META_DEPTH levels below its own table, which sits
+# one level below the top; rules need far less. Checked without recursion before anything else recurses.
+MAX_DEPTH = MAX_META_DEPTH + 1
 
 SpecSource = Union[str, "os.PathLike[str]", Mapping[str, Any], Spec, None]
 
@@ -72,11 +81,20 @@ def load_spec(src: SpecSource) -> Optional[Spec]:
     if isinstance(src, Spec):
         return src
     if isinstance(src, Mapping):
-        return build_spec(src, _Context(DICT_SOURCE))
+        return _guarded(lambda: build_spec(src, _Context(DICT_SOURCE)), DICT_SOURCE)
     if isinstance(src, (str, os.PathLike)):
         return _load_file(src)
     raise SpecError(f"cannot load a spec from a {type(src).__name__}",
                     allowed="a path (.toml or .json), a mapping, a sparsecc.spec.Spec or None")
+
+
+def _guarded(build, file: str) -> Spec:
+    """Run ``build``; a RecursionError that escapes the nesting check still becomes a SpecError."""
+    try:
+        return build()
+    except RecursionError:
+        raise SpecError("is nested too deeply to load", file=file,
+                        allowed=f"at most {MAX_DEPTH} levels of tables and arrays") from None
 
 
 def _load_file(src: Any) -> Spec:
@@ -88,16 +106,7 @@ def _load_file(src: Any) -> Spec:
     if suffix not in SUFFIXES:
         raise SpecError(f"has the suffix {suffix or '(none)'!r}, which is not a spec format",
                         file=name, value=suffix, allowed=" or ".join(SUFFIXES))
-    path = Path(name)
-    if path.is_dir():
-        raise SpecError("is a directory, not a spec file", file=name)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError("does not exist", file=name) from None
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SpecError(f"cannot be read: {reason}", file=name) from None
+    raw = read_regular(name)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -107,7 +116,7 @@ def _load_file(src: Any) -> Spec:
         data, ctx = _parse_toml(text, name)
     else:
         data, ctx = _parse_json(text, name)
-    return build_spec(data, ctx, source=name)
+    return _guarded(lambda: build_spec(data, ctx, source=name), name)
 
 
 def _parse_toml(text: str, name: str) -> Tuple[Dict[str, Any], _Context]:
@@ -146,6 +155,7 @@ def build_spec(data: Any, ctx: _Context, source: Optional[str] = None) -> Spec:
     if not isinstance(data, Mapping):
         raise ctx.error((), f"has a top level that is a {type(data).__name__}, not a table",
                         allowed="a table with version = 1 and [[attention]], [[ffn]], [[linear]] rules")
+    _check_depth(data, ctx)
     _check_string_keys(data, (), ctx)
     if "version" not in data:
         raise ctx.error(("version",), "is missing", allowed=f"version = {SPEC_VERSION} at the top of the spec")
@@ -159,6 +169,26 @@ def build_spec(data: Any, ctx: _Context, source: Optional[str] = None) -> Spec:
         rules[kind] = _build_rules(kind, data[kind], ctx) if kind in data else ()
     meta = _check_meta(data["meta"], ctx) if "meta" in data else {}
     return Spec(version=SPEC_VERSION, defaults=defaults, meta=meta, source=source, **rules)
+
+
+def _check_depth(data: Mapping, ctx: _Context) -> None:
+    """Refuse tables and arrays nested deeper than MAX_DEPTH, iteratively (so that later recursion is safe).
+
+    A Python mapping may even contain itself; the walk stops at the limit all the same.
+    """
+    stack = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, Mapping):
+            items = list(value.items())
+        elif isinstance(value, (list, tuple)):
+            items = list(enumerate(value))
+        else:
+            continue
+        if len(path) > MAX_DEPTH:
+            raise ctx.error(path, value=value, allowed=f"at most {MAX_META_DEPTH} levels of nesting")
+        # Reversed, so that the first bad entry in reading order is the one reported.
+        stack.extend((item, path + (key,)) for key, item in reversed(items))
 
 
 def _check_string_keys(table: Mapping, path: KeyPath, ctx: _Context) -> None:
@@ -189,12 +219,14 @@ def _build_defaults(raw: Any, ctx: _Context) -> Defaults:
         raise ctx.error(path, "is not a table", value=raw, allowed="a [defaults] table with policy and margin")
     _check_string_keys(raw, path, ctx)
     _check_keys(raw, path, DEFAULTS_KEYS, ctx)
+    _check_int_range(raw, path, ctx)
     policy = raw.get("policy", "auto")
     if check_policy(policy):
         raise ctx.error(path + ("policy",), value=policy, allowed=ALLOWED_POLICY)
     margin = raw.get("margin", Defaults.margin)
-    if check_margin(margin):
-        raise ctx.error(path + ("margin",), value=margin, allowed=ALLOWED_MARGIN)
+    allowed = check_margin(margin)
+    if allowed:
+        raise ctx.error(path + ("margin",), value=margin, allowed=allowed)
     return Defaults(policy=policy, margin=margin)
 
 
@@ -226,6 +258,7 @@ def _build_rule(kind: str, index: int, raw: Any, ctx: _Context) -> Rule:
     for key in entry.required:
         if key not in raw:
             raise ctx.error(path + (key,), "is missing", allowed=f"{key} for form {form_name!r}")
+    _check_int_range(raw, path, ctx)
 
     modules = raw.get("modules", "*")
     if check_glob(modules):
@@ -247,15 +280,29 @@ def _build_rule(kind: str, index: int, raw: Any, ctx: _Context) -> Rule:
         _check_threshold(form_raw, path, ctx)
     if form_name == "block_topk":
         _check_block_topk(form_raw, path, ctx)
-    for key, value in form_raw.items():
-        if isinstance(value, int) and not isinstance(value, bool) and not is_int(value):
-            raise ctx.error(path + (key,), value=value, allowed="an integer within the 64-bit range")
     try:
         form = entry.build(form_raw)
     except (ValueError, TypeError) as exc:
         # TypeError too: whatever a form makes of a strange value, the user gets a SpecError.
         raise _form_error(exc, path, form_raw, ctx) from None
     return Rule(kind=kind, index=index, form=form, modules=modules, heads=heads, policy=policy)
+
+
+def _check_int_range(value: Any, path: KeyPath, ctx: _Context) -> None:
+    """Refuse every integer outside the signed 64-bit range in ``value``, at any depth (docs/spec.md, Types).
+
+    One check for every numeric key, integer or number, scalar or inside a table or array, before any
+    key-specific check can turn the value into a float (``margin = 2**70`` would pass as 1.2e21).
+    Nesting is bounded by :func:`_check_depth`, so the recursion is shallow.
+    """
+    if out_of_int64(value):
+        raise ctx.error(path, value=value, allowed=ALLOWED_INT64)
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_int_range(item, path + (key,), ctx)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_int_range(item, path + (i,), ctx)
 
 
 def _check_threshold(raw: Mapping[str, Any], path: KeyPath, ctx: _Context) -> None:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from sparsecc.forms import Form
+from sparsecc.forms import INT64_MAX, INT64_MIN, Form
 
 from .errors import KeyPath, SpecError, format_key
 from .registry import FORMS, KINDS, POLICIES, entry_for
@@ -23,8 +23,8 @@ DEFAULT_POLICY = "auto"
 # Apply a form only when it is predicted at least 5% faster than dense: below that, the
 # cost model's error is larger than the gain, and a dense site is the safe choice.
 DEFAULT_MARGIN = 1.05
-# TOML integers are signed 64-bit; holding every integer to that keeps TOML and JSON alike.
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+# TOML integers are signed 64-bit; holding every integer to that (INT64_MIN..INT64_MAX, shared with
+# sparsecc.forms) keeps TOML, JSON and mappings alike.
 # Free-form [meta] nesting beyond this is surely a mistake, and it keeps recursion shallow.
 MAX_META_DEPTH = 32
 # The file name errors carry for objects built in Python rather than loaded from a file.
@@ -34,6 +34,7 @@ ALLOWED_GLOB = "a non-empty glob with no whitespace and balanced [...] (e.g. \"m
 ALLOWED_HEADS = "a non-empty list of distinct integers >= 0"
 ALLOWED_POLICY = "one of " + ", ".join(POLICIES)
 ALLOWED_MARGIN = "a finite number > 0"
+ALLOWED_INT64 = "an integer within the 64-bit range"
 ALLOWED_META = "a string, finite number, bool, array or table"
 
 
@@ -110,8 +111,15 @@ def check_policy(value: Any) -> Optional[str]:
     return None if isinstance(value, str) and value in POLICIES else ALLOWED_POLICY
 
 
+def out_of_int64(value: Any) -> bool:
+    """An integer (not a bool) outside the signed 64-bit range: refused wherever it appears in a spec."""
+    return isinstance(value, int) and not isinstance(value, bool) and not is_int(value)
+
+
 def check_margin(value: Any) -> Optional[str]:
     """Validate ``defaults.margin``."""
+    if out_of_int64(value):
+        return ALLOWED_INT64
     return None if is_finite_number(value) and value > 0 else ALLOWED_MARGIN
 
 
@@ -134,8 +142,8 @@ def find_meta_problem(value: Any, path: KeyPath, depth: int = 0) -> Optional[Tup
                 return found
         return None
     if isinstance(value, bool) or is_text(value) or is_finite_number(value):
-        if isinstance(value, int) and not isinstance(value, bool) and not is_int(value):
-            return path, value, "an integer within the 64-bit range"
+        if out_of_int64(value):
+            return path, value, ALLOWED_INT64
         return None
     return path, value, ALLOWED_META
 
@@ -215,8 +223,9 @@ class Defaults:
     def __post_init__(self):
         if check_policy(self.policy):
             raise _fail("defaults.policy", self.policy, ALLOWED_POLICY)
-        if check_margin(self.margin):
-            raise _fail("defaults.margin", self.margin, ALLOWED_MARGIN)
+        allowed = check_margin(self.margin)
+        if allowed:
+            raise _fail("defaults.margin", self.margin, allowed)
         # Keep the margin a float whatever numeric type it came in as (margin = 2 in TOML).
         object.__setattr__(self, "margin", float(self.margin))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
 from .errors import SpecError
+from .files import write_regular
 from .registry import KINDS, entry_for
 from .schema import DEFAULT_MARGIN, DEFAULT_POLICY, thaw
 
@@ -153,7 +154,5 @@ def save_spec(spec: Any, path: Any) -> None:
                         file=name, value=suffix, allowed=" or ".join(SUFFIXES))
     data = spec_to_dict(spec)
     text = dumps_toml(data) if suffix == ".toml" else dumps_json(data)
-    try:
-        Path(name).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"cannot be written: {exc.strerror or exc}", file=name) from None
+    # A regular file only: opening a FIFO for writing would block until a reader came.
+    write_regular(name, text.encode("utf-8"))

@@ -1,8 +1,9 @@
-"""Attention references against brute-force float64 attention built from the forms.py semantics.
+"""Attention references (and, for block_sparse positions, the Triton kernel) against brute-force float64 attention.
 
 The brute force here is written independently of codegen/block_attention.py:
 it builds the whole Sq x Sk keep mask from the rules, then runs a float64
-softmax over it.
+softmax over it. The ``kernel`` tests run in Triton's interpreter, in a child
+process (see tests/interpreter.py).
 """
 
 import math
@@ -17,6 +18,7 @@ from sparsecc.codegen.block_attention import (
     FULL_WINDOW, block_sparse_attention_ref, dense_attention_ref, streaming_attention_ref)
 from sparsecc.forms import BlockSparse
 from sparsecc.layouts import block_sparse_table
+from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
 # max_examples comes from the profile in tests/conftest.py (ci: 20, deep: 2000).
 SETTINGS = settings(deadline=None)
@@ -56,15 +58,45 @@ def streaming_keep_full(sq, sk, sinks, windows, causal):
     return torch.stack(out)
 
 
-def table_keep_full(table, causal_tokens=True):
-    """Element mask of a block table: kept blocks expanded to tokens, cropped, and causal."""
+def table_keep_full(table, sq, causal_tokens=True):
+    """Element mask of a block table for Sq queries: kept blocks expanded to tokens, cropped, and causal.
+
+    The queries are the table's last Sq rows (a table may have lead rows before them).
+    """
     blocks = table.to_dense_block_mask()
     el = blocks.repeat_interleave(table.block_q, 2).repeat_interleave(table.block_k, 3)
-    el = el[:, :, :table.seq_q, :table.seq_k]
+    el = el[:, :, table.seq_q - sq:table.seq_q, :table.seq_k]
     if table.causal and causal_tokens:
-        p = torch.arange(table.seq_q)[:, None] + table.seq_k - table.seq_q
+        p = torch.arange(sq)[:, None] + table.seq_k - sq
         el = el & (torch.arange(table.seq_k)[None, :] <= p)
     return el
+
+
+def block_sparse_keep_brute(form, n_heads, sq, sk, causal):
+    """[H, Sq, Sk] keep mask of block_sparse written from docs/spec.md, element by element.
+
+    Query row i has position p = i + Sk - Sq and query block p // block; key j has key block j // block.
+    Random blocks follow the exact draws documented in sparsecc.layouts.block_sparse_table.
+    """
+    bs = form.block
+    n_k = -(-sk // bs)
+    drawn = torch.zeros(n_heads, n_k, n_k, dtype=torch.bool)
+    for h in range(n_heads):
+        g = torch.Generator().manual_seed((form.seed * 2**20 + h) % 2**64)
+        for c in range(n_k):
+            n = c + 1 if causal else n_k
+            drawn[h, c, torch.randperm(n, generator=g)[:min(form.random_blocks, n)]] = True
+    keep = torch.zeros(n_heads, sq, sk, dtype=torch.bool)
+    for i in range(sq):
+        p = i + sk - sq
+        a = p // bs
+        for j in range(sk):
+            b = j // bs
+            kept = abs(a - b) < form.local_blocks or a < form.global_blocks or b < form.global_blocks
+            for h in range(n_heads):
+                random = 0 <= a < n_k and bool(drawn[h, a, b])
+                keep[h, i, j] = (kept or random) and (j <= p or not causal)
+    return keep
 
 
 def make_qkv(gen, b, h, hkv, sq, sk, d, dtype):
@@ -156,6 +188,22 @@ def test_streaming_rows_without_keys_output_zero():
     assert torch.all(torch.isfinite(lse[:, :, 6:]))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_rows_with_no_keys_at_all_output_zero(causal):
+    """Sk = 0: every row keeps nothing (zeros, lse -inf), also in the dense reference (it raised IndexError)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv(gen, 2, 4, 2, 5, 0, 8, torch.float64)
+    keep = torch.ones(1, 1, 5, 0, dtype=torch.bool)
+    ref_out, ref_lse = brute_attention(q, k, v, keep, None, 0.5)
+    for out, lse in (dense_attention_ref(q, k, v, scale=0.5, causal=causal, return_lse=True),
+                     dense_attention_ref(q, k, v, scale=0.5, causal=causal, return_lse=True,
+                                         mask=torch.zeros(5, 0, dtype=torch.float64)),
+                     streaming_attention_ref(q, k, v, sink=[1], window=[2], scale=0.5, causal=causal,
+                                             return_lse=True)):
+        assert torch.equal(out, torch.zeros(2, 4, 5, 8, dtype=torch.float64)) and torch.equal(out, ref_out)
+        assert torch.isneginf(lse).all() and torch.equal(lse, ref_lse)
+
+
 def test_streaming_full_window_equals_sdpa():
     q, k, v = make_qkv(torch.Generator().manual_seed(1), 2, 4, 2, 37, 37, 16, torch.float32)
     out = streaming_attention_ref(q, k, v, sink=[0], window=[FULL_WINDOW], scale=0.25, causal=True, chunk=8)
@@ -217,11 +265,85 @@ def test_block_sparse_matches_brute_force(case, data):
     scale = 1 / math.sqrt(c["d"])
     out, lse = block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask, return_lse=True,
                                           chunk=c["chunk"])
-    keep = table_keep_full(table)
+    keep = table_keep_full(table, c["sq"])
     if bool_m is not None:
         keep = keep & bool_m
     ref_out, ref_lse = brute_attention(q, k, v, keep, add_m, scale)
     assert_matches(out, lse, ref_out, ref_lse, c["dtype"])
+
+
+@SETTINGS
+@given(case=attention_case(), data=st.data())
+def test_block_sparse_matches_the_spec_brute_force(case, data):
+    """Query rows sit in the block of their own position p = i + Sk - Sq (chunked prefill, multi-token decode)."""
+    c = case
+    form = BlockSparse(block=data.draw(st.sampled_from([4, 8, 16])), local_blocks=data.draw(st.integers(1, 3)),
+                       global_blocks=data.draw(st.integers(0, 2)), random_blocks=data.draw(st.integers(0, 2)),
+                       seed=data.draw(st.integers(0, 100)))
+    table = block_sparse_table(form, c["h"], c["sq"], c["sk"], c["causal"])
+    gen = torch.Generator().manual_seed(c["seed"])
+    q, k, v = make_qkv(gen, c["b"], c["h"], c["hkv"], c["sq"], c["sk"], c["d"], c["dtype"])
+    mask, bool_m, add_m = make_mask(gen, c["mask"], c["b"], c["h"], c["sq"], c["sk"])
+    out, lse = block_sparse_attention_ref(q, k, v, table=table, scale=0.3, mask=mask, return_lse=True,
+                                          chunk=c["chunk"])
+    keep = block_sparse_keep_brute(form, c["h"], c["sq"], c["sk"], c["causal"])[None]
+    if bool_m is not None:
+        keep = keep & bool_m
+    assert_matches(out, lse, *brute_attention(q, k, v, keep, add_m, 0.3), c["dtype"])
+
+
+@pytest.mark.parametrize("sq,sk", [(20, 50), (2, 35), (7, 16 * 4 + 3), (40, 45), (33, 33), (30, 20)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_sparse_rows_use_the_block_of_their_position(sq, sk, causal):
+    """Regression: with (Sk - Sq) % block != 0 a row went to block i // block + (Sk - Sq) // block."""
+    form = BlockSparse(block=16, local_blocks=1)
+    q, k, v = make_qkv(torch.Generator().manual_seed(sq * sk), 1, 2, 1, sq, sk, 8, torch.float64)
+    table = block_sparse_table(form, 2, sq, sk, causal)
+    out = block_sparse_attention_ref(q, k, v, table=table, scale=0.5)
+    keep = block_sparse_keep_brute(form, 2, sq, sk, causal)[None]
+    ref, _ = brute_attention(q, k, v, keep, None, 0.5)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_interpreter_checks():
+    """Run this file's kernel checks in a child process that imports Triton with TRITON_INTERPRET=1."""
+    run_interpreter_checks(__file__, select="kernel", no_skips=True)
+
+
+KERNEL_POSITION_CASES = [
+    # (b, h, hkv, sq, sk, block, local, global, random, causal, mask)
+    (1, 2, 1, 20, 50, 16, 1, 0, 0, True, "none"),     # (Sk - Sq) % 16 = 14: tiles straddle position blocks
+    (2, 4, 2, 37, 70, 16, 2, 1, 1, True, "bool"),
+    (1, 2, 2, 9, 37, 32, 1, 0, 0, True, "float"),     # multi-token decode across a 32-block boundary
+    (1, 4, 1, 3, 33, 16, 1, 1, 0, True, "none"),
+    (1, 2, 1, 25, 60, 16, 1, 0, 2, False, "none"),
+    (2, 2, 2, 40, 40, 16, 1, 0, 1, True, "none"),     # Sq == Sk: no lead rows
+    (1, 2, 1, 30, 21, 16, 1, 0, 0, False, "bool"),    # Sq > Sk: negative offset
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_POSITION_CASES, ids=str)
+def test_kernel_block_sparse_positions_match_brute_force(interpreter, case):
+    """The Triton table kernel maps each query row to the block of its own position."""
+    from sparsecc.codegen.block_attention import block_sparse_attention
+
+    b, h, hkv, sq, sk, block, local, glob, rand, causal, mask_kind = case
+    form = BlockSparse(block=block, local_blocks=local, global_blocks=glob, random_blocks=rand, seed=3)
+    gen = torch.Generator().manual_seed(sq * 1000 + sk)
+    q, k, v = make_qkv(gen, b, h, hkv, sq, sk, 16, torch.bfloat16)
+    mask, bool_m, add_m = make_mask(gen, mask_kind, b, h, sq, sk)
+    table = block_sparse_table(form, h, sq, sk, causal)
+    out = torch.full_like(q, float("nan"))
+    out, lse = block_sparse_attention(q, k, v, table=table, scale=0.25, mask=mask, return_lse=True, out=out)
+    keep = block_sparse_keep_brute(form, h, sq, sk, causal)[None]
+    if bool_m is not None:
+        keep = keep & bool_m
+    ref_out, ref_lse = brute_attention(q, k, v, keep, add_m, 0.25)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref_out, atol=3e-2, rtol=3e-2)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-3, rtol=1e-3)
 
 
 def test_block_sparse_chunk_size_does_not_change_the_result():
@@ -256,6 +378,11 @@ def test_block_sparse_rejects_mismatched_table():
     table = block_sparse_table(BlockSparse(block=16), 2, 20, 24, causal=True)
     with pytest.raises(ValueError, match="seq_k"):
         block_sparse_attention_ref(q, k, v, table=table, scale=1.0)
+    # A table for fewer queries, or with a whole block of lead rows, is for other inputs.
+    for rows in (3, 36):
+        table = block_sparse_table(BlockSparse(block=16), 2, rows, 20, causal=True)
+        with pytest.raises(ValueError, match="seq_q"):
+            block_sparse_attention_ref(q, k, v, table=table, scale=1.0)
     table = block_sparse_table(BlockSparse(block=16), 3, 20, 20, causal=True)
     with pytest.raises(ValueError, match="heads"):
         block_sparse_attention_ref(q, k, v, table=table, scale=1.0)

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from sparsecc.codegen.block_attention import block_sparse_attention_ref, dense_attention_ref
 from sparsecc.codegen.dynamic_attention import (block_topk_table_ref, dynamic_attention_ref, dynamic_table_ref,
@@ -171,6 +171,129 @@ def test_block_topk_invariants(seed, b, hkv, group, sk, cut, topk, sink, local, 
     assert (kept.sum(-1) >= torch.clamp(n_allowed, max=topk)).all()
 
 
+# ---------------------------------------------------------------- brute force from docs/spec.md
+#
+# Written from the text of docs/spec.md only (no sparsecc helper): float64 everywhere, the keep mask built
+# element by element, then rounded out to blocks, then intersected with causality.
+
+def brute_softmax_attention(q, k, v, keep, scale):
+    """Float64 attention of [B, H, Sq, D] queries over GQA keys with an explicit bool keep [B, H, Sq, Sk]."""
+    group = q.shape[1] // k.shape[1]
+    kk, vv = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    s = (scale * q.double() @ kk.transpose(-1, -2)).masked_fill(~keep, -math.inf)
+    return torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0) @ vv
+
+
+def brute_vs_selection(q, k, last_q, vertical, slash, causal, scale):
+    """vertical_slash steps 1-2 per (batch, head): kept columns, kept diagonals {t} and the selection's margin.
+
+    The margin is the smallest gap, relative to the largest score, between the last kept and the first
+    dropped score of either ranking: float32 kernels and this float64 brute force may only disagree below it.
+    """
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    group = h // k.shape[1]
+    n = min(last_q, sq)
+    out, margin = {}, math.inf
+    for bi in range(b):
+        for hi in range(h):
+            rows = range(sq - n, sq)
+            col = [0.0] * sk
+            diag = {}
+            for i in rows:
+                p = i + sk - sq
+                keys = [j for j in range(sk) if j <= p] if causal else list(range(sk))
+                logits = torch.stack([scale * (q[bi, hi, i].double() @ k[bi, hi // group, j].double()) for j in keys])
+                probs = torch.softmax(logits, 0).tolist()
+                for j, pr in zip(keys, probs):
+                    col[j] += pr
+                    diag[p - j] = diag.get(p - j, 0.0) + pr
+            # Diagonals some scoring row reaches (every t = p - j of a kept-or-not key of a scoring row).
+            cols = sorted(range(1, sk), key=lambda j: (-col[j], j))
+            diags = sorted((t for t in diag if t != 0), key=lambda t: (-diag[t], t))
+            kept_cols = {0, *cols[:vertical]}
+            kept_diags = {0, *diags[:slash]}
+            top = max(col + list(diag.values()))
+            for ranked, score, budget in ((cols, col, vertical), (diags, diag, slash)):
+                if 0 < budget < len(ranked):
+                    margin = min(margin, abs(score[ranked[budget - 1]] - score[ranked[budget]]) / top)
+            out[bi, hi] = (kept_cols, kept_diags)
+    return out, margin
+
+
+def brute_vs_keep(q, k, last_q, vertical, slash, block, causal, scale):
+    """Token keep [B, H, Sq, Sk] of vertical_slash (steps 1-3 and the attention rule) and the selection margin."""
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    selection, margin = brute_vs_selection(q, k, last_q, vertical, slash, causal, scale)
+    p = torch.arange(sq)[:, None] + sk - sq
+    j = torch.arange(sk)[None, :]
+    keep = torch.zeros(b, h, sq, sk, dtype=torch.bool)
+    for (bi, hi), (cols, diags) in selection.items():
+        element = torch.isin(j, torch.tensor(sorted(cols))) | torch.isin(p - j, torch.tensor(sorted(diags)))
+        if causal:
+            element = element & (j <= p)     # a kept element counts only where it is causally allowed
+        rows_block, cols_block = torch.arange(sq) // block, torch.arange(sk) // block
+        cell = torch.zeros(rows_block.max() + 1, cols_block.max() + 1, dtype=torch.bool)
+        for i in range(sq):
+            for jj in range(sk):
+                if element[i, jj]:
+                    cell[rows_block[i], cols_block[jj]] = True
+        tokens = cell[rows_block][:, cols_block]
+        keep[bi, hi] = tokens & (j <= p) if causal else tokens
+    return keep, margin
+
+
+def test_vertical_slash_bidirectional_ragged_last_block_is_not_always_kept():
+    """Regression: with Sk % block != 0 the last key block was kept by every query block (bidirectional)."""
+    q, k, v = make(0, 1, 2, 1, 40, 40, 16)
+    table = vertical_slash_table_ref(q, k, last_q=4, vertical=0, slash=0, block=16, causal=False)
+    # Only column 0 and diagonal 0: block (a, b) holds one iff b == 0 or a == b.
+    want = torch.eye(3, dtype=torch.bool) | (torch.arange(3) == 0)[None, :]
+    assert torch.equal(table.to_dense_block_mask()[0], want.expand(2, 3, 3))
+    keep, _ = brute_vs_keep(q, k, 4, 0, 0, 16, False, 0.25)
+    out = dynamic_attention_ref(q, k, v, form=VerticalSlash(last_q=4, vertical=0, slash=0, block=16), causal=False)
+    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.25), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("last_q", [1, 5])
+def test_vertical_slash_bidirectional_never_keeps_diagonals_no_scoring_row_reaches(last_q):
+    """A slash budget larger than the reached diagonals keeps them all, and none below t = 1 - last_q."""
+    q, k, v = make(last_q, 1, 2, 1, 64, 64, 16)
+    form = VerticalSlash(last_q=last_q, vertical=0, slash=10_000, block=16)
+    table = vertical_slash_table_ref(q, k, last_q=last_q, vertical=0, slash=10_000, block=16, causal=False)
+    # Every diagonal t >= 1 - last_q is kept, so block (a, b) is kept iff it holds some p - j >= 1 - last_q.
+    a, b = torch.arange(4)[:, None], torch.arange(4)[None, :]
+    want = (a * 16 + 15) - (b * 16) >= 1 - last_q
+    assert torch.equal(table.to_dense_block_mask()[0], want.expand(2, 4, 4))
+    keep, _ = brute_vs_keep(q, k, last_q, 0, 10_000, 16, False, 0.25)
+    out = dynamic_attention_ref(q, k, v, form=form, causal=False)
+    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.25), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sq,sk", [(40, 40), (23, 50), (1, 33), (50, 50), (17, 31)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_vertical_slash_structural_layout_matches_brute_force(sq, sk, causal):
+    """vertical = slash = 0 keeps column 0 and diagonal 0 only: the layout does not depend on scores."""
+    q, k, v = make(sq * 100 + sk, 2, 4, 2, sq, sk, 16)
+    keep, _ = brute_vs_keep(q, k, 3, 0, 0, 16, causal, 0.25)
+    out = dynamic_attention_ref(q, k, v, form=VerticalSlash(last_q=3, vertical=0, slash=0, block=16), causal=causal)
+    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.25), atol=1e-5, rtol=1e-5)
+
+
+@FEW
+@given(seed=st.integers(0, 2**16), sk=st.integers(1, 70), cut=st.integers(0, 40), last_q=st.integers(1, 12),
+       vertical=st.integers(0, 5), slash=st.integers(0, 5), block=st.sampled_from([16, 32]), causal=st.booleans())
+def test_vertical_slash_matches_brute_force(seed, sk, cut, last_q, vertical, slash, block, causal):
+    sq = max(1, sk - cut)
+    q, k, v = make(seed, 1, 2, 1, sq, sk, 8)
+    keep, margin = brute_vs_keep(q, k, last_q, vertical, slash, block, causal, 0.3)
+    assume(margin > 1e-4)   # a near-tie may rank either way in float32
+    form = VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=block)
+    out = dynamic_attention_ref(q, k, v, form=form, causal=causal, scale=0.3)
+    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.3), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- Triton interpreter
 
 def same_table(a, b):
@@ -220,6 +343,24 @@ def test_kernel_vertical_slash_property(interpreter, seed, sk, cut, last_q, vert
     form = VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=16)
     got = kern.vertical_slash_table(q, k, form, causal, 0.25, validate=True)
     assert same_table(got, dynamic_table_ref(q, k, form, causal, None))
+
+
+@pytest.mark.parametrize("sq,sk", [(40, 40), (17, 50), (33, 33)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_vertical_slash_ragged_last_block_matches_brute_force(interpreter, sq, sk, causal):
+    """The Triton table path against the brute force (regression: bidirectional kept the ragged last block)."""
+    from sparsecc.codegen import dynamic_attention_kernels as kern
+
+    q, k, _ = make(5, 1, 2, 1, sq, sk, 16)
+    table = kern.vertical_slash_table(q, k, VerticalSlash(last_q=4, vertical=0, slash=0, block=16), causal, 0.25,
+                                      validate=True)
+    keep, _ = brute_vs_keep(q, k, 4, 0, 0, 16, causal, 0.25)
+    rows = torch.arange(sq) // 16
+    cols = torch.arange(sk) // 16
+    tokens = table.to_dense_block_mask()[0][:, rows][:, :, cols]
+    if causal:
+        tokens = tokens & (torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + sk - sq)
+    assert torch.equal(tokens, keep[0])
 
 
 def test_kernel_attention_on_the_kernel_table(interpreter):

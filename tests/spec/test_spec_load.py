@@ -425,3 +425,403 @@ def test_the_example_in_the_docs_loads(tmp_path):
     assert spec.resolve("attention", "model.layers.5.self_attn", head=0).form == Streaming(128, 4096)
     assert spec.resolve("attention", "model.layers.5.self_attn", head=5) is None
     assert not spec.ffn[0].form.calibrated
+
+
+def test_block_sparse_seed_takes_the_whole_signed_64_bit_range(tmp_path):
+    """The spec's limit for seed is TOML's (signed 64-bit); the largest one loads and draws a layout."""
+    from sparsecc.layouts import block_sparse_table
+
+    text = ('version = 1\n[[attention]]\nform = "block_sparse"\nblock = 16\nrandom_blocks = 2\n'
+            'seed = 9223372036854775807\n')
+    spec = load_spec(write(tmp_path, "seed.toml", text))
+    form = spec.attention[0].form
+    assert form.seed == 2**63 - 1
+    table = block_sparse_table(form, 2, 64, 64, causal=True)
+    assert torch_equal_tables(table, block_sparse_table(form, 2, 64, 64, causal=True))
+    with pytest.raises(SpecError, match=r"attention\[0\]\.seed"):
+        load_spec({"version": 1, "attention": [{"form": "block_sparse", "seed": 2**63}]})
+
+
+def torch_equal_tables(a, b):
+    import torch
+
+    return torch.equal(a.to_dense_block_mask(), b.to_dense_block_mask())
+
+
+# ---------------------------------------------------------------------------------------
+# Files that are not regular, unreadable, huge or pathological: always a SpecError, never a hang
+# ---------------------------------------------------------------------------------------
+
+def _load_in_thread(path, timeout=20.0):
+    """load_spec(path) in a daemon thread: returns what it raised, or fails the test if it blocks."""
+    import threading
+
+    result = {}
+
+    def run():
+        try:
+            load_spec(path)
+        except BaseException as exc:  # noqa: BLE001 - the point is to see what escapes
+            result["exc"] = exc
+        else:
+            result["loaded"] = True
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    blocked = thread.is_alive()
+    return blocked, result
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    blocked, result = _load_in_thread(fifo)
+    if blocked:  # release the reader before failing, so the thread does not outlive the test
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+    assert not blocked, "load_spec blocked on a FIFO"
+    err = result.get("exc")
+    assert isinstance(err, SpecError), result
+    assert err.file == str(fifo) and "named pipe" in str(err) and str(fifo) in str(err)
+
+
+def test_devices_and_sockets_are_refused(tmp_path):
+    import os
+    import socket
+
+    null = tmp_path / "null.toml"
+    null.symlink_to(os.devnull)
+    with pytest.raises(SpecError, match=r"null\.toml: is a device, not a regular file"):
+        load_spec(null)
+    if os.path.exists("/dev/zero"):  # endless: reading it whole would never finish
+        zero = tmp_path / "zero.json"
+        zero.symlink_to("/dev/zero")
+        blocked, result = _load_in_thread(zero)
+        assert not blocked and isinstance(result.get("exc"), SpecError), result
+    if hasattr(socket, "AF_UNIX") and len(str(tmp_path / "s.toml")) < 100:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.bind(str(tmp_path / "s.toml"))
+            with pytest.raises(SpecError, match=r"s\.toml: is a socket"):
+                load_spec(tmp_path / "s.toml")
+        finally:
+            sock.close()
+
+
+def test_unreadable_files_raise_spec_error(tmp_path, monkeypatch):
+    import os
+
+    path = write(tmp_path, "locked.toml", "version = 1\n")
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root reads anything: simulate the refusal below
+        path.chmod(0)
+        try:
+            with pytest.raises(SpecError, match=r"locked\.toml: cannot be read: Permission denied"):
+                load_spec(path)
+        finally:
+            path.chmod(0o600)
+    from sparsecc.spec import loader
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(loader.os, "open", refuse)
+    with pytest.raises(SpecError, match=r"locked\.toml: cannot be read: Permission denied") as info:
+        load_spec(path)
+    assert info.value.file == str(path)
+    monkeypatch.undo()
+
+    def fail_read(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(loader.os, "read", fail_read)
+    with pytest.raises(SpecError, match=r"locked\.toml: cannot be read: Input/output error"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("name", ["a" * 5000 + ".toml", "nul\0byte.toml", "loop.json", "file.toml/x.toml"])
+def test_unusable_paths_raise_spec_error(tmp_path, name):
+    write(tmp_path, "file.toml", "version = 1\n")
+    (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
+    with pytest.raises(SpecError) as info:
+        load_spec(str(tmp_path / name))
+    assert info.value.file == str(tmp_path / name)
+    assert "cannot be read" in str(info.value) or "does not exist" in str(info.value)
+
+
+def test_a_huge_file_is_refused_before_it_is_read_whole(tmp_path):
+    from sparsecc.spec.files import MAX_SPEC_BYTES
+
+    path = tmp_path / "huge.toml"
+    with open(path, "wb") as f:
+        f.write(b"version = 1\n")
+        f.truncate(MAX_SPEC_BYTES + 1)   # sparse: costs no disk
+    with pytest.raises(SpecError, match=r"huge\.toml: is larger than"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: {"version": 1, "attention": [{"form": "streaming", "sink": d, "window": 1}]},
+    lambda d: {"version": 1, "attention": [{"form": "dense", "heads": [d]}]},
+    lambda d: {"version": 1, "ffn": [{"form": "activation_threshold", "threshold": {"input": d}}]},
+    lambda d: {"version": 1, "meta": {"x": d}},
+    lambda d: {"version": 1, "colour": d},
+], ids=["sink", "heads", "threshold", "meta", "unknown-key"])
+@pytest.mark.parametrize("depth", [40, 990, 5000, 100_000])
+def test_deeply_nested_values_raise_spec_error(make, depth):
+    """Regression: a nested value in a rule escaped as RecursionError (from the form's repr)."""
+    nested = 1
+    for _ in range(depth):
+        nested = [nested]
+    with pytest.raises(SpecError) as info:
+        load_spec(make(nested))
+    assert info.value.file == "<dict>"
+    str(info.value).encode("utf-8")
+
+
+def test_a_mapping_that_contains_itself_raises_spec_error():
+    data = {"version": 1, "meta": {}}
+    data["meta"]["self"] = data["meta"]
+    with pytest.raises(SpecError, match="levels of nesting"):
+        load_spec(data)
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".toml", "version = 1\nx = " + "[" * 100_000 + "]" * 100_000 + "\n"),
+    (".toml", "version = 1\n[meta]\nx = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n"),
+    (".json", '{"version": 1, "meta": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}"),
+    (".json", '{"version": 1, "attention": [{"form": "streaming", "window": 1, "sink": '
+     + "[" * 990 + "]" * 990 + "}]}"),
+])
+def test_deeply_nested_files_raise_spec_error(tmp_path, suffix, text):
+    path = write(tmp_path, "deep" + suffix, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.file == str(path)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"version": 1, "\\ud800": 1}', r"'\ud800' = 1 is not an allowed key"),
+    ('{"version": 1, "attention": [{"form": "dense", "\\udfff": 1}]}', r"attention[0].'\udfff' = 1"),
+    ('{"version": 1, "attention": [{"form": "dense", "a\\nb": 1}]}', r"attention[0].'a\nb' = 1"),
+])
+def test_messages_always_print_as_utf8(tmp_path, text, needle):
+    """Lone surrogates (valid JSON escapes) and control characters in keys are shown escaped."""
+    path = write(tmp_path, "odd.json", text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    message.encode("utf-8")
+    assert needle in message
+
+
+def test_a_file_name_that_is_not_utf8_prints(tmp_path):
+    import os
+
+    if os.fsencode("\udcff") != b"\xff":
+        pytest.skip("file names are not bytes here")
+    name = os.path.join(os.fsencode(tmp_path), b"\xff.toml")
+    with open(name, "wb") as f:
+        f.write(b"version = 2\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(os.fsdecode(name))
+    assert "\\udcff.toml:1: version = 2" in str(info.value)
+    str(info.value).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Integers outside the signed 64-bit range, wherever a number is expected
+# ---------------------------------------------------------------------------------------
+
+def _with(path, value):
+    """A valid spec with ``value`` put at one numeric key (``path`` names where)."""
+    rules = {
+        "margin": lambda v: {"defaults": {"margin": v}},
+        "threshold": lambda v: {"ffn": [{"form": "activation_threshold", "threshold": v}]},
+        "threshold.input": lambda v: {"ffn": [{"form": "activation_threshold", "threshold": {"input": v}}]},
+        "threshold.gate": lambda v: {"ffn": [{"form": "activation_threshold", "mode": "gate",
+                                              "threshold": {"gate": v}}]},
+        "sparsity": lambda v: {"ffn": [{"form": "activation_threshold", "sparsity": v}]},
+        "density": lambda v: {"linear": [{"form": "block_weights", "density": v}]},
+        "block[1]": lambda v: {"linear": [{"form": "block_weights", "block": [64, v]}]},
+        "cdf": lambda v: {"attention": [{"form": "block_topk", "cdf": v}]},
+        "topk": lambda v: {"attention": [{"form": "block_topk", "topk": v}]},
+        "heads[1]": lambda v: {"attention": [{"form": "dense", "heads": [0, v]}]},
+        "window": lambda v: {"attention": [{"form": "streaming", "sink": 4, "window": v}]},
+        "sink": lambda v: {"attention": [{"form": "streaming", "sink": v, "window": 4}]},
+        "seed": lambda v: {"attention": [{"form": "block_sparse", "seed": v}]},
+        "last_q": lambda v: {"attention": [{"form": "vertical_slash", "last_q": v, "vertical": 1, "slash": 1}]},
+        "meta": lambda v: {"meta": {"nested": {"n": [v]}}},
+    }
+    return {"version": 1, **rules[path](value)}
+
+
+KEY_OF = {"margin": r"defaults\.margin", "threshold": r"ffn\[0\]\.threshold",
+          "threshold.input": r"ffn\[0\]\.threshold\.input", "threshold.gate": r"ffn\[0\]\.threshold\.gate",
+          "sparsity": r"ffn\[0\]\.sparsity", "density": r"linear\[0\]\.density", "block[1]": r"linear\[0\]\.block\[1\]",
+          "cdf": r"attention\[0\]\.cdf", "topk": r"attention\[0\]\.topk", "heads[1]": r"attention\[0\]\.heads\[1\]",
+          "window": r"attention\[0\]\.window", "sink": r"attention\[0\]\.sink", "seed": r"attention\[0\]\.seed",
+          "last_q": r"attention\[0\]\.last_q", "meta": r"meta\.nested\.n\[0\]"}
+
+
+@pytest.mark.parametrize("value", [2**63, 2**70, -(2**63) - 1, -(2**200)])
+@pytest.mark.parametrize("path", list(KEY_OF))
+def test_integers_outside_int64_are_refused_at_every_numeric_key(path, value):
+    """Regression: margin = 2**70 (and a threshold table entry) loaded as a float."""
+    with pytest.raises(SpecError, match=KEY_OF[path] + r" = -?\d+ is not allowed; "
+                                        r"expected an integer within the 64-bit range"):
+        load_spec(_with(path, value))
+
+
+@pytest.mark.parametrize("path", ["margin", "threshold", "threshold.input", "window", "seed", "sink", "meta"])
+def test_the_largest_int64_is_accepted(path):
+    spec = load_spec(_with(path, 2**63 - 1))
+    assert isinstance(spec, Spec)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_integers_outside_int64_are_refused_in_files(tmp_path, suffix):
+    """tomllib and json read integers of any size: the loader holds them to 64 bits."""
+    big = 2**63
+    if suffix == ".toml":
+        text = f"version = 1\n\n[defaults]\nmargin = {big}\n"
+        want = r"m\.toml:4: defaults\.margin = 9223372036854775808 is not allowed; expected an integer"
+    else:
+        text = json.dumps({"version": 1, "ffn": [{"form": "activation_threshold", "threshold": {"down": big}}]})
+        want = r"ffn\[0\]\.threshold\.down = 9223372036854775808 is not allowed; expected an integer"
+    with pytest.raises(SpecError, match=want):
+        load_spec(write(tmp_path, "m" + suffix, text))
+
+
+def test_objects_built_in_code_refuse_integers_outside_int64():
+    with pytest.raises(SpecError, match=r"<Spec>: defaults\.margin = 1180591620717411303424 is not allowed; "
+                                        r"expected an integer within the 64-bit range"):
+        Defaults(margin=2**70)
+    Defaults(margin=2**63 - 1)
+    for build in (lambda: Streaming(1, 2**63), lambda: BlockSparse(seed=2**63),
+                  lambda: ActivationThreshold.from_value("input", 2**70),
+                  lambda: ActivationThreshold.from_value("input", 0.1, sparsity=-(2**64)),
+                  lambda: BlockWeights(density=2**64)):
+        with pytest.raises(ValueError, match="within the signed 64-bit range"):
+            build()
+    with pytest.raises(SpecError, match="heads"):
+        Rule(kind="attention", index=0, form=Dense(), heads=(2**63,))
+
+
+# ---------------------------------------------------------------------------------------
+# Python 3.10: TOML through tomli
+# ---------------------------------------------------------------------------------------
+
+def test_pyproject_declares_tomli_below_python_311():
+    """requires-python allows 3.10, whose standard library has no tomllib: tomli must be a dependency there."""
+    from pathlib import Path
+
+    from sparsecc.spec import loader
+
+    root = Path(__file__).resolve().parents[2]
+    project = loader.tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["requires-python"] == ">=3.10"
+    tomli = [d for d in project["dependencies"] if d.split(";")[0].strip().startswith("tomli")]
+    assert len(tomli) == 1 and tomli[0].split(";")[1].strip() == 'python_version < "3.11"'
+
+
+def test_loader_reads_toml_with_tomli_on_python_310(tmp_path):
+    """The import guard: with Python 3.10's view (no tomllib), specs load through tomli.
+
+    Simulated in a child process (the real 3.10 run is the test suite under 3.10): sys.version_info
+    reads 3.10, ``import tomllib`` fails, and a ``tomli`` module stands in for the dependency. The
+    sparsecc package is stubbed so that only the spec modules (no torch) load under the simulation.
+    """
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    spec_file = write(tmp_path, "s.toml", 'version = 1\n[[attention]]\nform = "streaming"\nsink = 1\nwindow = 2\n')
+    bad_file = write(tmp_path, "bad.toml", "version = = 1\n")
+    package_dir = Path(__file__).resolve().parents[2] / "sparsecc"
+    code = textwrap.dedent(f"""
+        import collections, sys, types
+        try:
+            import tomllib as parser
+        except ImportError:
+            import tomli as parser
+        stand_in = types.ModuleType("tomli")
+        stand_in.loads, stand_in.TOMLDecodeError = parser.loads, parser.TOMLDecodeError
+        sys.modules["tomli"] = stand_in
+        sys.modules["tomllib"] = None          # import tomllib raises ImportError, as on 3.10
+        sys.version_info = collections.namedtuple("v", "major minor micro releaselevel serial")(3, 10, 13, "final", 0)
+        package = types.ModuleType("sparsecc")
+        package.__path__ = [{str(package_dir)!r}]
+        sys.modules["sparsecc"] = package
+        from sparsecc.spec import SpecError, load_spec, loader
+        assert loader.tomllib is stand_in
+        print(load_spec({str(spec_file)!r}).attention[0].form)
+        try:
+            load_spec({str(bad_file)!r})
+        except SpecError as err:
+            print(err)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "streaming(sink=1, window=2)"
+    assert lines[1].startswith(f"{bad_file}:1: invalid TOML")
+
+
+# ---------------------------------------------------------------------------------------
+# Saving: regular files only, never blocking
+# ---------------------------------------------------------------------------------------
+
+def _save_in_thread(spec, path, timeout=20.0):
+    import threading
+
+    result = {}
+
+    def run():
+        try:
+            spec.save(path)
+        except BaseException as exc:  # noqa: BLE001 - the point is to see what escapes
+            result["exc"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return thread.is_alive(), result
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_saving_to_a_fifo_is_refused_without_blocking(tmp_path):
+    """Regression: Spec.save opened a FIFO for writing and blocked until a reader came."""
+    import os
+
+    fifo = tmp_path / "out.toml"
+    os.mkfifo(fifo)
+    blocked, result = _save_in_thread(load_spec(EXAMPLE_DICT), fifo)
+    if blocked:  # let the writer through before failing, so the thread does not outlive the test
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(fd)
+    assert not blocked, "Spec.save blocked on a FIFO"
+    err = result.get("exc")
+    assert isinstance(err, SpecError) and err.file == str(fifo) and "named pipe" in str(err), result
+
+
+def test_saving_refuses_devices_and_directories_and_replaces_files(tmp_path):
+    import os
+
+    spec = load_spec(EXAMPLE_DICT)
+    null = tmp_path / "null.json"
+    null.symlink_to(os.devnull)
+    with pytest.raises(SpecError, match=r"null\.json: is a device, not a regular file"):
+        spec.save(null)
+    (tmp_path / "d.toml").mkdir()
+    with pytest.raises(SpecError, match=r"d\.toml: is a directory"):
+        spec.save(tmp_path / "d.toml")
+    with pytest.raises(SpecError, match=r"cannot be written"):
+        spec.save(tmp_path / "missing" / "s.toml")
+    target = write(tmp_path, "s.toml", "x" * 100_000)   # longer than the spec: must be cut, not overwritten
+    spec.save(target)
+    assert load_spec(target) == spec
