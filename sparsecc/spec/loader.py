@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: tomllib is tomli, added to the standard library in 3.11 (a dependency below 3.11)
-    import tomli as tomllib
+import tomllib   # Python >= 3.11 (pyproject.toml's requires-python)
 
 from .errors import _UNSET, KeyPath, SpecError, format_key
 from .files import read_regular

@@ -712,67 +712,6 @@ def test_objects_built_in_code_refuse_integers_outside_int64():
 
 
 # ---------------------------------------------------------------------------------------
-# Python 3.10: TOML through tomli
-# ---------------------------------------------------------------------------------------
-
-def test_pyproject_declares_tomli_below_python_311():
-    """requires-python allows 3.10, whose standard library has no tomllib: tomli must be a dependency there."""
-    from pathlib import Path
-
-    from sparsecc.spec import loader
-
-    root = Path(__file__).resolve().parents[2]
-    project = loader.tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    assert project["requires-python"] == ">=3.10"
-    tomli = [d for d in project["dependencies"] if d.split(";")[0].strip().startswith("tomli")]
-    assert len(tomli) == 1 and tomli[0].split(";")[1].strip() == 'python_version < "3.11"'
-
-
-def test_loader_reads_toml_with_tomli_on_python_310(tmp_path):
-    """The import guard: with Python 3.10's view (no tomllib), specs load through tomli.
-
-    Simulated in a child process (the real 3.10 run is the test suite under 3.10): sys.version_info
-    reads 3.10, ``import tomllib`` fails, and a ``tomli`` module stands in for the dependency. The
-    sparsecc package is stubbed so that only the spec modules (no torch) load under the simulation.
-    """
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
-
-    spec_file = write(tmp_path, "s.toml", 'version = 1\n[[attention]]\nform = "streaming"\nsink = 1\nwindow = 2\n')
-    bad_file = write(tmp_path, "bad.toml", "version = = 1\n")
-    package_dir = Path(__file__).resolve().parents[2] / "sparsecc"
-    code = textwrap.dedent(f"""
-        import collections, sys, types
-        try:
-            import tomllib as parser
-        except ImportError:
-            import tomli as parser
-        stand_in = types.ModuleType("tomli")
-        stand_in.loads, stand_in.TOMLDecodeError = parser.loads, parser.TOMLDecodeError
-        sys.modules["tomli"] = stand_in
-        sys.modules["tomllib"] = None          # import tomllib raises ImportError, as on 3.10
-        sys.version_info = collections.namedtuple("v", "major minor micro releaselevel serial")(3, 10, 13, "final", 0)
-        package = types.ModuleType("sparsecc")
-        package.__path__ = [{str(package_dir)!r}]
-        sys.modules["sparsecc"] = package
-        from sparsecc.spec import SpecError, load_spec, loader
-        assert loader.tomllib is stand_in
-        print(load_spec({str(spec_file)!r}).attention[0].form)
-        try:
-            load_spec({str(bad_file)!r})
-        except SpecError as err:
-            print(err)
-    """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert lines[0] == "streaming(sink=1, window=2)"
-    assert lines[1].startswith(f"{bad_file}:1: invalid TOML")
-
-
-# ---------------------------------------------------------------------------------------
 # Saving: regular files only, never blocking
 # ---------------------------------------------------------------------------------------
 
