@@ -28,6 +28,7 @@ key windows overlap and stay in L2.
 from __future__ import annotations
 
 import functools
+import os
 
 import triton
 import triton.language as tl
@@ -52,6 +53,12 @@ _GPU_CONFIGS = {
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 
 
+# SPARSECC_AUTOTUNE=first keeps only the first candidate of every autotuner: the GPU test suite checks
+# correctness, and tuning every kernel at every test shape took longer than one device call. Debugging and
+# tests only; a config changes speed, never the computed function.
+AUTOTUNE_ENV = "SPARSECC_AUTOTUNE"
+
+
 def autotune(configs: list, key: list):
     """``triton.autotune`` with its timings cached on disk (Triton's cache directory) where Triton supports it.
 
@@ -63,6 +70,8 @@ def autotune(configs: list, key: list):
     """
     import inspect
 
+    if os.environ.get(AUTOTUNE_ENV, "") == "first":
+        configs = configs[:1]
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=configs, key=key, **extra)
 
