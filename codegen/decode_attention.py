@@ -242,21 +242,25 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                                   sink: Sequence[int], window: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
     """The ``torch.ops.sparsecc.streaming_attention_from_mask`` kernel callable (argument order of its reference).
 
-    Decode shapes whose kv groups share a rule run the split-KV kernel with the
-    query position read from the mask on the device; anything else runs the
+    One-token decode whose kv groups share a rule runs the split-KV kernel with
+    the query position read from the mask on the device; anything else runs the
     reference (prefill into a static cache is rare next to decode steps).
     ``out``, when given, receives the output (tests pass a NaN-poisoned buffer).
     """
     from sparsecc.codegen import ops
     from sparsecc.codegen.block_attention import (
-        DECODE_MAX_Q, FULL_WINDOW, _check_mask, _check_qkv, _kernel_ok, _rule_vectors, _streaming_heads)
+        FULL_WINDOW, _check_mask, _check_qkv, _kernel_ok, _rule_vectors, _streaming_heads)
 
     b, h, sq, sk, group = _check_qkv(q, k, v)
     sinks, windows = _streaming_heads(sink, window, h)
-    if sq > DECODE_MAX_Q or not _kernel_ok(q, k, v, scale) or not decode_supported(sinks, windows, group, sq):
+    m4 = _check_mask(mask, b, h, sq, sk)
+    # The kernel takes one query position per batch element and the causal rule: exact for one query row and a
+    # mask shared by the heads (the row's keys after its position are masked, so the causal and bidirectional
+    # rules agree). Several rows may sit at positions that are not consecutive: the reference handles those.
+    one_position = sq == 1 and m4.shape[1] == 1
+    if not one_position or not _kernel_ok(q, k, v, scale) or not decode_supported(sinks, windows, group, sq):
         result = ops.streaming_attention_from_mask_ref(q, k, v, mask, scale, sinks, windows)
         return result if out is None else out.copy_(result)
-    m4 = _check_mask(mask, b, h, sq, sk)
     query_end = ops.mask_query_end(mask, sq, sk).expand(b).contiguous()
     unlimited = sk + sq + 1
     win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]

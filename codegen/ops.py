@@ -186,47 +186,78 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 _MASKED_ADDITIVE_MAX = -1.0e4
 
 
-def mask_query_end(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
-    """Per batch element, the position of the last query row: the last key its mask keeps (head 0).
-
-    A static KV cache hides its unfilled tail with the mask, so this is the
-    query's true position, where ``Sk - 1`` would be the end of the buffer.
-    Rows that keep nothing count as position ``Sq - 1``. Returns int32 ``[B]``
-    (``B`` is the mask's batch size, possibly 1 for a broadcast mask);
-    computed on the device, without a host sync.
-    """
+def _mask_keeps(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
+    """A mask as a 4-d bool "this key takes part" tensor, broadcast along the keys to ``seq_k``."""
     m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    row = m4[:, 0, -1, :]
-    keep = row if row.dtype == torch.bool else row > _MASKED_ADDITIVE_MAX
-    index = torch.arange(row.shape[-1], device=row.device).expand_as(keep)
-    if row.shape[-1] != seq_k:  # a mask broadcast along the keys keeps all of them or none
-        index = torch.full_like(keep, seq_k - 1, dtype=torch.long)
+    keep = m4 if m4.dtype == torch.bool else m4 > _MASKED_ADDITIVE_MAX
+    return keep.expand(*keep.shape[:3], seq_k)
+
+
+def mask_query_positions(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
+    """Query positions when fewer queries than keys come with a mask (docs/spec.md, "Attention forms").
+
+    Row ``i`` sits at ``min(i + Sk - Sq, the last key its mask lets it
+    attend)``; a row that may attend nothing sits at ``i + Sk - Sq``. A static
+    KV cache hides its unwritten tail with the mask, so its rows sit at their
+    true positions; an all-zero mask changes nothing. Returns int64
+    ``[B|1, H|1, Sq]`` (the mask's own batch and head sizes), on the device,
+    without a host sync.
+    """
+    keep = _mask_keeps(mask, seq_k)
+    index = torch.arange(seq_k, device=mask.device)
     last = torch.where(keep, index, -1).amax(-1)
-    return last.clamp(min=seq_q - 1).to(torch.int32)
+    default = torch.arange(seq_q, device=mask.device) + (seq_k - seq_q)
+    return torch.where(last >= 0, torch.minimum(last, default), default)
+
+
+def mask_query_end(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
+    """Per batch element, the position of the last query row (``mask_query_positions``), as int32 ``[B]``.
+
+    For the decode kernel, which takes one position per batch element: it
+    serves masks without a head dimension (HF's), where this is exact.
+    """
+    return mask_query_positions(mask, seq_q, seq_k)[:, 0, -1].to(torch.int32)
 
 
 def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                                      scale: float, sink: List[int], window: List[int]) -> torch.Tensor:
+                                      scale: float, sink: List[int], window: List[int],
+                                      rows_per_chunk: int = 256) -> torch.Tensor:
     """Reference of ``streaming_attention_from_mask``: streaming attention with query positions from the mask.
 
-    Query row ``i`` of batch ``b`` sits at ``P_b - (Sq - 1 - i)`` with ``P_b =
-    mask_query_end(mask)[b]``; key ``j`` takes part iff ``j <= p`` and (``j <
-    sink`` or ``p - j < window``), and the mask keeps it. This is the bottom-right
-    streaming reference on the keys ``0..P_b`` of each batch element.
+    Query row ``i`` of batch ``b`` and head ``h`` sits at ``p = mask_query_positions(mask)[b, h, i]``; key
+    ``j`` takes part iff the mask keeps it and (``j < sink`` or ``p < sink`` or ``|p - j| < window``), the
+    bidirectional streaming rule (the site is not causal; a causal-shaped mask, such as a static cache's,
+    removes the keys after ``p`` itself). A row with no key taking part gives zeros. Computed in float32,
+    ``rows_per_chunk`` query rows at a time.
     """
-    from sparsecc.codegen.block_attention import streaming_attention_ref
+    from sparsecc.codegen.block_attention import FULL_WINDOW, _streaming_heads
 
-    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
-    ends = mask_query_end(mask, sq, sk).expand(b).tolist()
+    b, h, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    sinks, windows = _streaming_heads(sink, window, h)
+    dev = q.device
+    sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1)
+    window_t = torch.tensor([sk + sq + 1 if w == FULL_WINDOW else w for w in windows], device=dev).view(1, h, 1, 1)
+    positions = mask_query_positions(mask, sq, sk)                       # [B|1, H|1, Sq]
     m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    outs = []
-    for i, end in enumerate(ends):
-        m_i = m4[i:i + 1] if m4.shape[0] > 1 else m4
-        if m_i.shape[-1] > 1:
-            m_i = m_i[..., :end + 1]
-        outs.append(streaming_attention_ref(q[i:i + 1], k[i:i + 1, :, :end + 1], v[i:i + 1, :, :end + 1],
-                                            sink=sink, window=window, scale=scale, causal=True, mask=m_i))
-    return torch.cat(outs)
+    kf = k.float().repeat_interleave(h // hkv, 1)
+    vf = v.float().repeat_interleave(h // hkv, 1)
+    keys = torch.arange(sk, device=dev)
+    out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float32, device=dev)
+    for r0 in range(0, sq, rows_per_chunk):
+        r1 = min(sq, r0 + rows_per_chunk)
+        p = positions[:, :, r0:r1, None]
+        rule = (keys < sink_t) | (p < sink_t) | ((p - keys).abs() < window_t)
+        tile = m4[:, :, r0:r1] if m4.shape[2] != 1 else m4
+        logits = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale
+        if tile.dtype == torch.bool:
+            rule = rule & tile
+        else:
+            logits = logits + tile.float()
+        logits = logits.masked_fill(~rule, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out[:, :, r0:r1] = probs @ vf
+    return out.to(q.dtype)
 
 
 def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -234,12 +265,15 @@ def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   impl: str) -> torch.Tensor:
     """Sink + window attention for queries whose positions the mask tells (static-cache decode).
 
-    Used for non-causal sites with ``Sq < Sk`` and a mask: the window counts
-    back from each query's true position (:func:`mask_query_end`), not from the
-    end of the key buffer. ``dense_below`` works as in ``streaming_attention``.
+    Used for non-causal sites with ``Sq < Sk`` and a mask: each query row sits
+    at the position :func:`mask_query_positions` gives, so a static cache's
+    window counts back from each query's true position, not from the end of the
+    key buffer. ``dense_below`` works as in ``streaming_attention``.
     """
     if dense_below > 0 and k.shape[2] < dense_below:
         return dense_attention(q, k, v, mask, scale, False)
+    if q.shape[2] == k.shape[2]:   # as many queries as keys: row i sits at i, the plain bidirectional op
+        return streaming_attention(q, k, v, mask, scale, False, sink, window, 0, impl)
     fn = _pick("streaming_attention_from_mask", impl, q.device, streaming_attention_from_mask_ref)
     return fn(q, k, v, mask, scale, sink, window)
 

@@ -36,6 +36,9 @@ from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_mat
 # A masked_fill value at or below this is a "masked out" marker (models use -inf, finfo.min or -1e9).
 MASK_FILL_MAX = -1.0e4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Why block layouts stay dense where the query positions come from the mask (docs/spec.md).
+MASK_POSITIONS_STREAMING_ONLY = ("fewer queries than keys with a mask place each query at the last key its mask "
+                                 "keeps (docs/spec.md); only streaming implements that rule so far")
 # Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.
 DYNAMIC_FORMS = (BlockTopK, VerticalSlash)
 
@@ -402,6 +405,9 @@ def check_attention(site: Site, ctx) -> Decision:
         return fallback(form, rule_keys, policy, "heads are folded into the batch dimension (3-D attention), "
                         "so per-head rules cannot be applied")
     sq, sk = site.attrs["seq_q"], site.attrs["seq_k"]
+    if isinstance(sq, int) and isinstance(sk, int) and sq > sk:
+        return fallback(form, rule_keys, policy, f"more queries than keys ({sq} > {sk}, e.g. cross-attention): "
+                        "positional forms place queries at key positions (docs/spec.md)")
     if site.attrs["causal"] and not _same_size(sq, sk):
         return fallback(form, rule_keys, policy, "is_causal with seq_q != seq_k is top-left aligned in SDPA, "
                         "but sparse forms place queries at the end")
@@ -415,6 +421,8 @@ def check_attention(site: Site, ctx) -> Decision:
         if isinstance(sq, int) and isinstance(sk, int) and sq > sk:
             return fallback(form, rule_keys, policy, f"{form.name} places queries at the last key positions, "
                             f"which needs seq_q <= seq_k (got {sq} > {sk})")
+        if _positions_from_mask(site, sq, sk):
+            return fallback(form, rule_keys, policy, MASK_POSITIONS_STREAMING_ONLY)
         per_head_geom = None
         op_name = "dynamic_block_attention"
     elif isinstance(form, Streaming):
@@ -430,6 +438,8 @@ def check_attention(site: Site, ctx) -> Decision:
         if len({r.form for r in sparse}) > 1:
             return fallback(form, rule_keys, policy, "block_sparse heads with different layouts in one site "
                             "are not supported yet")
+        if _positions_from_mask(site, sq, sk):
+            return fallback(form, rule_keys, policy, MASK_POSITIONS_STREAMING_ONLY)
         if isinstance(sk, int) and form.block > sk:
             return fallback(form, rule_keys, policy, f"block {form.block} is larger than the key sequence ({sk})")
         params["dense_heads"] = [h for h, r in enumerate(per_head) if r is None or isinstance(r.form, Dense)]
@@ -437,6 +447,10 @@ def check_attention(site: Site, ctx) -> Decision:
         op_name = "block_sparse_attention"
     estimate = _estimate(site, form, per_head_geom, ctx)
     decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
+    if decision.apply and params.get("anchor") == "mask":
+        decision = Decision(decision.apply, decision.form, decision.reason + "; query positions from the mask "
+                            "(min(i + Sk - Sq, last key the row keeps))", decision.estimate, decision.rule,
+                            decision.policy, decision.params)
     if ignored and decision.apply:
         decision = Decision(decision.apply, decision.form,
                             decision.reason + f"; heads {sorted(ignored)} do not exist (site has {heads})",
@@ -445,16 +459,17 @@ def check_attention(site: Site, ctx) -> Decision:
 
 
 def _positions_from_mask(site: Site, sq, sk) -> bool:
-    """True when the queries' positions must come from the mask: fewer queries than keys, not causal, masked.
+    """True when the queries' positions come from the mask (docs/spec.md): not causal, masked, and fewer
+    queries than keys (or sizes that may differ at run time; the op then decides on the actual sizes).
 
     A static KV cache is a buffer longer than the tokens so far; HF hides its
     unfilled tail with the mask and calls SDPA with ``is_causal=False``. The
-    end of the key axis is then not the query's position, but the last key the
-    mask keeps is (for a dynamic cache both are the same).
+    end of the key axis is then not the query's position; the rule
+    ``min(i + Sk - Sq, last key the row's mask keeps)`` is.
     """
     if site.attrs["causal"] or not site.attrs["masks"]:
         return False
-    return isinstance(sq, int) and isinstance(sk, int) and sq < sk
+    return not _same_size(sq, sk)
 
 
 def _same_size(a, b) -> bool:
