@@ -25,7 +25,16 @@ STREAMING = {"version": 1, "attention": [{"modules": "model.layers.*.self_attn",
                                           "window": PROMPT + NEW + 4, "policy": "force"}]}
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+# torch 2.11's Inductor emits C++ that does not compile ("'tmp2' was not declared in this scope") for the
+# dynamic-shape decode graph of HF's DynamicCache on the CPU, with a dense spec too (nothing rewritten): seen on the
+# CUDA machine, whose tests run this model on its CPU. torch 2.13 compiles it.
+_OLD_INDUCTOR_CPU = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
+@pytest.mark.parametrize("cache", [
+    pytest.param("dynamic", marks=pytest.mark.xfail(_OLD_INDUCTOR_CPU, reason="Inductor CPU codegen in torch < 2.13",
+                                                     raises=Exception, strict=False)),
+    "static"])
 @pytest.mark.parametrize("spec_name", ["dense", "streaming"])
 def test_generate_runs_the_compiled_forward_and_equals_eager(spec_name, cache):
     model = _llama()
