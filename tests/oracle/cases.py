@@ -310,3 +310,12 @@ def attention_cases(draw, form: str, *, decode: Optional[bool] = None, causal: O
     else:
         raise ValueError(form)
     return c
+
+
+def case(**kw) -> AttnCase:
+    """A hand-written case: one batch element, one head, float32, SDPA, no mask unless given."""
+    base = dict(spelling="sdpa_gqa", batch=1, heads=1, kv_heads=1, sq=8, sk=8, dim=4, causal=False, causal_via="",
+                mask_kind="none", padding="none", lengths=(), compact_mask=False, dtype="float32", scale=None,
+                temperature=1.0, seed=0, rules=[], defaults_policy="force")
+    base.update(kw)
+    return AttnCase(**base)
