@@ -8,7 +8,6 @@ the form was applied, and compares with ``oracle.expected_attention``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 

@@ -10,13 +10,12 @@ fallback and its reason instead.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from hypothesis import assume, example, given, settings
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from tests.oracle import cases
@@ -91,6 +90,44 @@ def test_block_sparse_decode_aligned(c):
 @given(c=attention_cases("block_sparse", decode=True, aligned=False))
 def test_block_sparse_decode_unaligned(c):
     run_case(c)
+
+
+@hn.examples(15)
+@given(c=attention_cases("block_sparse", decode=False, per_head=False), random_blocks=st.integers(1, 2),
+       seed=st.integers(0, 1000))
+def test_block_sparse_random_blocks(c, random_blocks, seed):
+    """Random blocks are drawn by sparsecc, so check the property: for every (head, query block) some set of at
+    most ``random_blocks`` extra key blocks, the same for every batch element, explains the output; and the
+    draw is reproducible from the seed."""
+    i = next(n for n, r in enumerate(c.rules) if r["form"] == "block_sparse")
+    rule = {**c.rules[i], "random_blocks": random_blocks, "seed": seed}
+    c = c.replace(rules=c.rules[:i] + [rule] + c.rules[i + 1:])
+    q, k, v, mask = cases.tensors(c)
+    out, report = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
+    hn.assert_applied(report, "attention", hn.SITE, "block_sparse")
+    again, _ = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
+    torch.testing.assert_close(again, out, atol=0, rtol=0, equal_nan=True)
+    block = rule["block"]
+    base_form = {key: val for key, val in rule.items() if key not in ("random_blocks", "seed")}
+    base = oracle.static_keep(base_form, c.sq, c.sk, c.causal)
+    qblock = oracle.query_positions(c.sq, c.sk) // block
+    n_kb = math.ceil(c.sk / block)
+    scale = c.scale if c.scale is not None else 1.0 / math.sqrt(c.dim)
+    tol = hn.tolerance(c.torch_dtype)
+    for a in qblock.unique().tolist():
+        rows_a = (qblock == a).nonzero().flatten()
+        kept = {j // block for j in base[rows_a[0]].nonzero().flatten().tolist()}
+        free = [b for b in range(n_kb) if b not in kept]
+        subsets = [s for n in range(random_blocks + 1) for s in itertools.combinations(free, n)]
+        expl = [oracle.attend(q, k, v, (base | oracle.block_sparse_block_keep(c.sq, c.sk, block, s))
+                              .expand(c.batch, c.heads, c.sq, c.sk), scale=scale, mask=mask) for s in subsets]
+        for h in range(c.heads):
+            def fits(e):
+                exp, valid = e
+                sel = valid[:, h, rows_a]
+                return torch.allclose(out[:, h, rows_a][sel].double(), exp[:, h, rows_a][sel], **tol)
+            assert any(fits(e) for e in expl), f"head {h}, query block {a}: no set of <= {random_blocks} extra " \
+                                               f"key blocks explains the output; {c}"
 
 
 # ================================================================ attention: block_topk
