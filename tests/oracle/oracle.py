@@ -1,0 +1,507 @@
+"""Expected outputs of sparsecc's forms, computed from the text of docs/spec.md alone.
+
+This module imports nothing from sparsecc (nor from the other tests): every
+rule below is read off docs/spec.md and computed element by element in
+float64 (except the dynamic estimates, which the spec puts in float32; they
+are computed in float64 here and every decision closer than a tolerance to
+its boundary is reported as *undefined*, because a float32 computation may
+legitimately fall on either side of it).
+
+Conventions
+
+* q is ``[B, H, Sq, D]``, k and v are ``[B, Hkv, Sk, D]``; query head ``h``
+  uses kv head ``h // (H // Hkv)``.
+* Query row ``i`` has position ``p = i + Sk - Sq`` (spec, "Attention forms").
+* A keep mask is boolean ``[B, H, Sq, Sk]`` (True: the key takes part).
+* The model's own mask is boolean (True takes part) or additive float (added
+  to the logits, ``-inf`` removes the key); it broadcasts to ``[B, H, Sq, Sk]``.
+* Functions that return ``valid`` mark the rows (or tokens, or output
+  features) whose expected value the spec defines unambiguously: a row with
+  no kept key (the spec does not say what it outputs), or a dynamic selection
+  within a tolerance of a tie or of the cdf boundary, is not valid.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+F64 = torch.float64
+# An additive mask value at or below this takes a key out for the purpose of deciding whether a row is empty
+# (HF masks use finfo.min; anything this negative has no weight next to a key that is not masked).
+EFFECTIVELY_MASKED = -1.0e4
+# Relative tolerance of the float32 estimates of the dynamic forms (scores, block estimates, cdf masses).
+ESTIMATE_RTOL = 1e-4
+
+DYNAMIC_FORMS = ("block_topk", "vertical_slash")
+
+
+# ---------------------------------------------------------------- which rule applies (spec: "How a site finds its rule")
+
+def covers(rule: dict, path: str) -> bool:
+    """A rule covers a site when its ``modules`` glob (default ``*``) matches the module path, case-sensitively."""
+    return fnmatch.fnmatchcase(path, rule.get("modules", "*"))
+
+
+def policy_of(spec: dict, rule: dict) -> str:
+    """The rule's own policy wins; without one, ``defaults.policy`` (default ``auto``)."""
+    return rule.get("policy", spec.get("defaults", {}).get("policy", "auto"))
+
+
+@dataclass
+class AttentionSiteRule:
+    """Per-head forms of one attention site and the policy in force for the site."""
+
+    forms: List[Optional[dict]]   # per head: the deciding sparse rule, or None (dense: no rule or a dense rule)
+    policy: Optional[str]         # the policy of the last covering sparse rule; None without one
+
+    @property
+    def sparse(self) -> bool:
+        """On the CPU only ``force`` applies a form (``auto`` keeps CPU sites dense, ``off`` never applies)."""
+        return self.policy == "force" and any(f is not None for f in self.forms)
+
+
+def attention_site_rule(spec: dict, path: str, heads: int) -> AttentionSiteRule:
+    """Rule 3 (later rules override earlier ones) applied per head, plus the site's policy.
+
+    "For an attention site whose heads are covered by several rules, the
+    policy of the last covering sparse rule applies to the site."
+    """
+    covering = [r for r in spec.get("attention", []) if covers(r, path)]
+    per_head: List[Optional[dict]] = [None] * heads
+    for rule in covering:
+        for h in rule.get("heads", range(heads)):
+            if h < heads:
+                per_head[h] = rule
+    forms = [None if r is None or r["form"] == "dense" else r for r in per_head]
+    sparse_rules = [r for r in covering if r["form"] != "dense"]
+    return AttentionSiteRule(forms, policy_of(spec, sparse_rules[-1]) if sparse_rules else None)
+
+
+def site_rule(spec: dict, kind: str, path: str) -> Tuple[Optional[dict], Optional[str]]:
+    """(deciding rule, its policy) of an FFN or linear site: the last covering rule, or (None, None)."""
+    covering = [r for r in spec.get(kind, []) if covers(r, path)]
+    if not covering:
+        return None, None
+    return covering[-1], policy_of(spec, covering[-1])
+
+
+def site_applies(spec: dict, kind: str, path: str) -> bool:
+    """Whether an FFN / linear site gets its form on the CPU: a non-dense deciding rule under ``force``."""
+    rule, policy = site_rule(spec, kind, path)
+    return rule is not None and rule["form"] != "dense" and policy == "force"
+
+
+# ---------------------------------------------------------------- attention: static layouts
+
+def query_positions(sq: int, sk: int) -> torch.Tensor:
+    """``p = i + Sk - Sq``: the queries are the last Sq positions."""
+    return torch.arange(sq) + (sk - sq)
+
+
+def causal_keep(sq: int, sk: int) -> torch.Tensor:
+    """``j <= p`` as a ``[Sq, Sk]`` mask."""
+    return torch.arange(sk)[None, :] <= query_positions(sq, sk)[:, None]
+
+
+def streaming_keep(sq: int, sk: int, sink: int, window: int, causal: bool) -> torch.Tensor:
+    """``form = "streaming"``, ``[Sq, Sk]``.
+
+    Causal: ``j <= p`` and (``j < sink`` or ``p - j < window``).
+    Bidirectional: ``j < sink``, or ``p < sink``, or ``|p - j| < window``.
+    """
+    p = query_positions(sq, sk)[:, None]
+    j = torch.arange(sk)[None, :]
+    if causal:
+        return (j <= p) & ((j < sink) | (p - j < window))
+    return (j < sink) | (p < sink) | ((p - j).abs() < window)
+
+
+def block_sparse_keep(sq: int, sk: int, block: int, local_blocks: int = 1, global_blocks: int = 0,
+                      causal: bool = False) -> torch.Tensor:
+    """``form = "block_sparse"`` without random blocks, ``[Sq, Sk]``.
+
+    Query block ``a`` is the block of the query *position* ``p`` (positions are
+    what the section's preamble defines; ``|a - b|`` is "a band around the
+    diagonal"), key block ``b`` the block of key position ``j``. Kept iff
+    ``|a - b| < local_blocks`` or ``a < global_blocks`` or ``b < global_blocks``;
+    then causality (and, in ``attention``, the model's mask) token by token.
+    """
+    p = query_positions(sq, sk)[:, None]
+    j = torch.arange(sk)[None, :]
+    a, b = p // block, j // block
+    keep = ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks)
+    if causal:
+        keep = keep & (j <= p)
+    return keep
+
+
+def block_sparse_block_keep(sq: int, sk: int, block: int, extra_blocks: Sequence[int]) -> torch.Tensor:
+    """``[Sq, Sk]``: keys of the given key blocks, for every query (used to add drawn random blocks)."""
+    j = torch.arange(sk)
+    keep = torch.zeros(sk, dtype=torch.bool)
+    for b in extra_blocks:
+        keep |= (j // block) == b
+    return keep[None, :].expand(sq, sk)
+
+
+def static_keep(form: Optional[dict], sq: int, sk: int, causal: bool) -> torch.Tensor:
+    """The ``[Sq, Sk]`` keep mask of one head under a static form (None: dense), causality included."""
+    if form is None or form["form"] == "dense":
+        return causal_keep(sq, sk) if causal else torch.ones(sq, sk, dtype=torch.bool)
+    if form["form"] == "streaming":
+        return streaming_keep(sq, sk, form["sink"], form["window"], causal)
+    if form["form"] == "block_sparse":
+        if form.get("random_blocks", 0):
+            raise ValueError("random blocks are drawn by sparsecc; the oracle has no layout for them")
+        return block_sparse_keep(sq, sk, form.get("block", 64), form.get("local_blocks", 1),
+                                 form.get("global_blocks", 0), causal)
+    raise ValueError(f"{form['form']} is not a static attention form")
+
+
+# ---------------------------------------------------------------- attention: dynamic layouts
+
+def _rank_bounds(scores: torch.Tensor, cand: torch.Tensor, tol: torch.Tensor):
+    """Pairwise ranking relations for "highest first, equal scores to the lower index".
+
+    ``scores``/``cand``/``tol`` are ``[..., n]``. Returns two bool tensors
+    ``[..., n(x), n(y)]``: y ranks before x for sure, and y may rank before x
+    (a difference within ``tol`` may go either way in float32; an exact float64
+    tie is a tie and goes to the lower index, as the spec says).
+    """
+    n = scores.shape[-1]
+    sx, sy = scores[..., :, None], scores[..., None, :]
+    tx = tol[..., :, None]
+    idx = torch.arange(n)
+    y_lower = idx[None, :] < idx[:, None]          # [x, y]: y has the lower index
+    exact = sy == sx
+    cy = cand[..., None, :]
+    surely = cy & ((sy > sx + tx) | (exact & y_lower))
+    maybe = cy & ((sy >= sx - tx) & ~(exact & ~y_lower))   # excludes y == x and exact ties won by x
+    return surely, maybe
+
+
+def _select_budget(scores, cand, budget: int, tol):
+    """The ``budget`` highest-ranked candidates (all when fewer): (surely kept, maybe kept)."""
+    surely, maybe = _rank_bounds(scores, cand, tol)
+    sure = cand & (maybe.sum(-1) < budget)
+    could = cand & (surely.sum(-1) < budget)
+    return sure, could
+
+
+def _select_cdf(scores, allowed, always, cdf: float, tol):
+    """cdf selection: ranked block kept iff mass(always) + mass(ranked before it) < cdf. (sure, maybe)."""
+    ranked = allowed & ~always
+    logits = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0)
+    base = (p * always).sum(-1, keepdim=True)
+    surely, maybe = _rank_bounds(scores, ranked, tol)
+    py = p[..., None, :]
+    min_before = base + (py * surely).sum(-1)
+    max_before = base + (py * maybe).sum(-1)
+    mtol = ESTIMATE_RTOL
+    sure = ranked & (max_before < cdf - mtol)
+    could = ranked & (min_before < cdf + mtol)
+    return sure, could
+
+
+def _tol(scores):
+    return ESTIMATE_RTOL * (1.0 + scores.abs())
+
+
+def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    return k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
+def block_topk_keep(q, k, *, scale: float, causal: bool, block: int = 64, topk: Optional[int] = None,
+                    cdf: Optional[float] = None, sink_blocks: int = 1, local_blocks: int = 1,
+                    pool: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``form = "block_topk"``: (keep_min, keep_max), each ``[B, H, Sq, Sk]``, causality included.
+
+    keep_min holds the blocks kept whichever way float32 rounding goes,
+    keep_max those that may be kept; where they agree the layout is defined.
+    """
+    b_, h_, sq, _ = q.shape
+    sk = k.shape[2]
+    off = sk - sq
+    nq, nk = math.ceil(sq / block), math.ceil(sk / block)
+    qd, kd = q.to(F64), _expand_kv(k.to(F64), h_)
+
+    def pooled(x, n):
+        parts = [x[:, :, i * block:(i + 1) * block] for i in range(n)]   # the last block may be shorter
+        if pool == "mean":
+            return torch.stack([t.mean(2) for t in parts], 2)
+        return torch.stack([t.amax(2) for t in parts], 2)
+
+    est = scale * pooled(qd, nq) @ pooled(kd, nk).transpose(-1, -2)        # [B, H, nq, nk]
+    a = torch.arange(nq)
+    first = a * block + off
+    last = torch.clamp((a + 1) * block, max=sq) - 1 + off
+    c = torch.arange(nk)
+    if causal:
+        allowed = c[None, :] * block <= last[:, None]     # a pair whose first key is after the last position is out
+    else:
+        allowed = torch.ones(nq, nk, dtype=torch.bool)
+    lo, hi = first // block, last // block
+    band = (c[None, :] >= lo[:, None] - local_blocks + 1) & (c[None, :] <= hi[:, None]) if local_blocks > 0 \
+        else torch.zeros(nq, nk, dtype=torch.bool)
+    always = allowed & ((c[None, :] < sink_blocks) | band)
+    allowed = allowed.expand(b_, h_, nq, nk)
+    always = always.expand(b_, h_, nq, nk)
+    ranked = allowed & ~always
+    if topk is not None:
+        sure, could = _select_budget(est, ranked, topk, _tol(est))
+    else:
+        sure, could = _select_cdf(est, allowed, always, cdf, _tol(est))
+    table_min, table_max = always | sure, always | could
+    return _blocks_to_keep(table_min, sq, sk, block, causal), _blocks_to_keep(table_max, sq, sk, block, causal)
+
+
+def _blocks_to_keep(table: torch.Tensor, sq: int, sk: int, block: int, causal: bool) -> torch.Tensor:
+    """Block table ``[B, H, nq, nk]`` (query blocks over rows, key blocks over positions) -> ``[B, H, Sq, Sk]``."""
+    rows = torch.arange(sq) // block
+    cols = torch.arange(sk) // block
+    keep = table[:, :, rows][:, :, :, cols]
+    if causal:
+        keep = keep & causal_keep(sq, sk)
+    return keep
+
+
+def vertical_slash_keep(q, k, *, scale: float, causal: bool, last_q: int, vertical: int, slash: int,
+                        block: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``form = "vertical_slash"``: (keep_min, keep_max), each ``[B, H, Sq, Sk]``, causality included.
+
+    The estimate does not read the model's mask: the rows' softmax runs "over
+    their keys: j <= p when causal, every key otherwise". Diagonal offsets
+    ``t = p - j`` run over ``0 .. Sk-1`` (causal) or ``-(Sk-1) .. Sk-1``
+    (bidirectional); a diagonal without an element in the estimate rows scores 0.
+    """
+    b_, h_, sq, _ = q.shape
+    sk = k.shape[2]
+    off = sk - sq
+    n = min(last_q, sq)
+    rows = torch.arange(sq - n, sq)
+    prow = rows + off                                             # positions of the estimate rows
+    qd, kd = q.to(F64)[:, :, rows], _expand_kv(k.to(F64), h_)
+    logits = scale * qd @ kd.transpose(-1, -2)                     # [B, H, n, Sk]
+    j = torch.arange(sk)
+    if causal:
+        logits = logits.masked_fill(j[None, :] > prow[:, None], float("-inf"))
+    P = torch.softmax(logits, -1)
+    col = P.sum(2)                                                 # [B, H, Sk]
+    t_of = prow[:, None] - j[None, :]                              # [n, Sk]
+    nt = 2 * sk - 1                                                # t = -(Sk-1) .. Sk-1 -> index t + Sk - 1
+    diag = torch.zeros(b_, h_, nt, dtype=F64)
+    diag.index_add_(2, (t_of + sk - 1).reshape(-1), P.reshape(b_, h_, -1))
+    t_all = torch.arange(nt) - (sk - 1)
+    col_cand = (j != 0).expand(b_, h_, sk)
+    diag_cand = ((t_all != 0) & ((t_all >= 0) if causal else torch.ones(nt, dtype=torch.bool))).expand(b_, h_, nt)
+    col_sure, col_could = _select_budget(col, col_cand, vertical, _tol(col))
+    diag_sure, diag_could = _select_budget(diag, diag_cand, slash, _tol(diag))
+    always_col, always_diag = j == 0, t_all == 0
+    col_sure, col_could = col_sure | always_col, col_could | always_col
+    diag_sure, diag_could = diag_sure | always_diag, diag_could | always_diag
+
+    p_all = query_positions(sq, sk)
+    t_elem = p_all[:, None] - j[None, :] + sk - 1                  # [Sq, Sk] index of each element's diagonal
+    exists = causal_keep(sq, sk) if causal else torch.ones(sq, sk, dtype=torch.bool)
+
+    def table(cols, diags):
+        elem = cols[:, :, None, :] | diags[:, :, t_elem]          # [B, H, Sq, Sk]
+        elem = elem & exists
+        nq, nk = math.ceil(sq / block), math.ceil(sk / block)
+        padded = torch.zeros(b_, h_, nq * block, nk * block, dtype=torch.bool)
+        padded[:, :, :sq, :sk] = elem
+        return padded.view(b_, h_, nq, block, nk, block).any(5).any(3)
+
+    return (_blocks_to_keep(table(col_sure, diag_sure), sq, sk, block, causal),
+            _blocks_to_keep(table(col_could, diag_could), sq, sk, block, causal))
+
+
+# ---------------------------------------------------------------- attention: the whole site
+
+def head_keep(q, k, forms: Sequence[Optional[dict]], *, scale: float, causal: bool):
+    """(keep_min, keep_max) ``[B, H, Sq, Sk]`` for per-head forms (None: dense head)."""
+    b_, h_, sq, _ = q.shape
+    sk = k.shape[2]
+    names = {f["form"] for f in forms if f is not None}
+    if names & set(DYNAMIC_FORMS):
+        (name,) = names
+        form = forms[0]
+        assert all(f == form for f in forms), "dynamic forms need one rule for every head"
+        args = {key: val for key, val in form.items() if key not in ("form", "modules", "heads", "policy")}
+        fn = block_topk_keep if name == "block_topk" else vertical_slash_keep
+        return fn(q, k, scale=scale, causal=causal, **args)
+    keep = torch.stack([static_keep(f, sq, sk, causal) for f in forms])[None].expand(b_, h_, sq, sk)
+    return keep, keep
+
+
+def attend(q, k, v, keep_min, keep_max=None, *, scale: float, mask=None):
+    """Dense float64 softmax attention over the kept keys (and the model's mask).
+
+    Returns ``(out [B, H, Sq, Dv], valid [B, H, Sq])``; a row is valid when its
+    kept set is defined (keep_min == keep_max after the mask) and it keeps at
+    least one key that the mask does not (effectively) remove.
+    """
+    b_, h_, sq, _ = q.shape
+    sk = k.shape[2]
+    keep_max = keep_min if keep_max is None else keep_max
+    qd, kd, vd = q.to(F64), _expand_kv(k.to(F64), h_), _expand_kv(v.to(F64), h_)
+    logits = scale * qd @ kd.transpose(-1, -2)
+    takes_part = torch.ones(b_, h_, sq, sk, dtype=torch.bool)   # not (effectively) removed by the mask
+    if mask is not None:
+        m = torch.broadcast_to(mask, (b_, h_, sq, sk))
+        if m.dtype == torch.bool:
+            takes_part = hard = m
+        else:
+            m = m.to(F64)
+            logits = logits + m
+            takes_part, hard = m > EFFECTIVELY_MASKED, m > float("-inf")
+        keep_min, keep_max = keep_min & hard, keep_max & hard
+    probs = torch.softmax(logits.masked_fill(~keep_min, float("-inf")), -1).nan_to_num(0.0)
+    out = probs @ vd
+    defined = (keep_min == keep_max).all(-1)
+    nonempty = (keep_min & takes_part).any(-1)
+    return out, defined & nonempty
+
+
+def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool, mask=None,
+                       scale: Optional[float] = None):
+    """The output of an attention site whose heads use ``forms`` (None: dense). Returns (out, valid rows)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    keep_min, keep_max = head_keep(q, k, forms, scale=scale, causal=causal)
+    return attend(q, k, v, keep_min, keep_max, scale=scale, mask=mask)
+
+
+# ---------------------------------------------------------------- FFN: activation_threshold
+
+ACTIVATIONS = {
+    "gelu": lambda t: 0.5 * t * (1.0 + torch.erf(t / math.sqrt(2.0))),
+    "gelu_tanh": lambda t: 0.5 * t * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * t ** 3))),
+    "silu": lambda t: t * torch.sigmoid(t),
+    "relu": lambda t: t.clamp_min(0.0),
+    "relu2": lambda t: t.clamp_min(0.0) ** 2,
+}
+
+
+def _linear(x, w, b):
+    y = x @ w.to(F64).t()
+    return y if b is None else y + b.to(F64)
+
+
+def threshold(x, tau: Optional[float], *, weight=None, rtol: float = 0.0):
+    """``x * (score > tau)``; score ``|x|`` or, with ``weight`` ([out, in]), ``|x_i| * ||W[:, i]||_2``.
+
+    Returns (thresholded x, near) where ``near`` marks the tokens (all dims but
+    the last) with a score within ``rtol * tau`` of tau (tau > 0), which a
+    computation in a narrower dtype may put on either side. (At tau = 0 an
+    entry on the boundary is 0 and contributes nothing either way.)
+    """
+    if tau is None:
+        return x, torch.zeros(x.shape[:-1], dtype=torch.bool)
+    score = x.abs()
+    if weight is not None:
+        score = score * torch.linalg.vector_norm(weight.to(F64), dim=0)
+    near = ((score - tau).abs() <= rtol * tau).any(-1) if tau > 0 else torch.zeros(x.shape[:-1], dtype=torch.bool)
+    return x * (score > tau), near
+
+
+@dataclass
+class Ffn:
+    """An FFN's weights as [out, in] tensors (``up`` None for a plain FFN) and its activation name."""
+
+    gate_w: torch.Tensor
+    gate_b: Optional[torch.Tensor]
+    up_w: Optional[torch.Tensor]
+    up_b: Optional[torch.Tensor]
+    down_w: torch.Tensor
+    down_b: Optional[torch.Tensor]
+    act: str
+
+
+def expected_ffn(ffn: Ffn, x, *, mode: str, tau_input=None, tau_down=None, tau_gate=None,
+                 criterion: str = "magnitude", rtol_input: float = 0.0, rtol_hidden: float = 0.0):
+    """``form = "activation_threshold"`` on one FFN, float64. Returns (out, valid tokens).
+
+    input mode: the input of the up/gate projections is thresholded with
+    ``tau_input``, the input of the down projection with ``tau_down`` (None:
+    that projection stays dense). With ``criterion = "weighted"`` each
+    projection thresholds with its own ``W`` (the projection that consumes x).
+    gate mode: ``act(x W_gate)`` is thresholded with ``tau_gate`` before it
+    multiplies ``up`` (gated FFNs).
+    A token is not valid when a score lies within ``rtol_input`` (scores of the
+    FFN's input) or ``rtol_hidden`` (scores of computed activations) of its tau.
+    """
+    x = x.to(F64)
+    act = ACTIVATIONS[ffn.act]
+    weighted = criterion == "weighted"
+    near = torch.zeros(x.shape[:-1], dtype=torch.bool)
+    if mode == "input":
+        xg, n1 = threshold(x, tau_input, weight=ffn.gate_w if weighted else None, rtol=rtol_input)
+        h = act(_linear(xg, ffn.gate_w, ffn.gate_b))
+        near |= n1
+        if ffn.up_w is not None:
+            xu, n2 = threshold(x, tau_input, weight=ffn.up_w if weighted else None, rtol=rtol_input)
+            h = h * _linear(xu, ffn.up_w, ffn.up_b)
+            near |= n2
+        hd, n3 = threshold(h, tau_down, weight=ffn.down_w if weighted else None, rtol=rtol_hidden)
+        near |= n3
+        return _linear(hd, ffn.down_w, ffn.down_b), ~near
+    assert mode == "gate" and not weighted
+    a = act(_linear(x, ffn.gate_w, ffn.gate_b))
+    a, n1 = threshold(a, tau_gate, rtol=rtol_hidden)
+    if ffn.up_w is not None:
+        a = a * _linear(x, ffn.up_w, ffn.up_b)
+    return _linear(a, ffn.down_w, ffn.down_b), ~n1
+
+
+# ---------------------------------------------------------------- linear: 2:4 and block_weights
+
+def prune_2_4(w) -> Tuple[torch.Tensor, torch.Tensor]:
+    """2 of every 4 consecutive weights along the input dimension, the 2 of largest magnitude, float64.
+
+    Returns (pruned ``[out, in]``, valid output features): a group whose 2nd
+    and 3rd largest magnitudes are equal has no defined choice (the spec does
+    not break ties), so its output feature is not valid.
+    """
+    out_f, in_f = w.shape
+    assert in_f % 4 == 0
+    g = w.to(F64).reshape(out_f, in_f // 4, 4)
+    mag = g.abs()
+    srt = mag.sort(-1, descending=True).values
+    tie = (srt[..., 1] == srt[..., 2]).any(-1)
+    order = mag.argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, order[..., :2], True)
+    return (g * keep).reshape(out_f, in_f), ~tie
+
+
+def prune_block_weights(w, block: Tuple[int, int] = (64, 64), density: float = 0.25, rtol: float = 1e-5):
+    """The ``ceil(density * n_blocks)`` blocks (at least one) of largest Frobenius norm, float64.
+
+    Returns (pruned, defined): not defined when the norm at the cut is tied
+    within ``rtol`` with a dropped block.
+    """
+    bm, bk = block
+    out_f, in_f = w.shape
+    assert out_f % bm == 0 and in_f % bk == 0
+    wd = w.to(F64)
+    blocks = wd.reshape(out_f // bm, bm, in_f // bk, bk)
+    norms = blocks.pow(2).sum((1, 3)).sqrt().reshape(-1)
+    n = norms.numel()
+    kept = max(1, math.ceil(density * n))
+    srt = norms.sort(descending=True).values
+    defined = kept == n or bool(srt[kept - 1] - srt[kept] > rtol * srt[kept - 1])
+    order = norms.argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:kept]] = True
+    keep = keep.reshape(out_f // bm, 1, in_f // bk, 1)
+    return (blocks * keep).reshape(out_f, in_f), defined
+
+
+def expected_linear(x, w, b=None):
+    """``x W^T + b`` in float64."""
+    return _linear(x.to(F64), w, b)
