@@ -86,11 +86,11 @@ def compile_and_run(model: nn.Module, args, spec: dict, *, lower: str = "eager",
     return (outs[0] if len(outs) == 1 else outs), sparsecc.last_report()
 
 
-def compiled_fn(model: nn.Module, spec: dict):
+def compiled_fn(model: nn.Module, spec: dict, **options):
     """A compiled callable (reference kernels); call it inside ``lowering(...)`` and ``torch.no_grad()``."""
     torch._dynamo.reset()
     reset_reports()
-    return torch.compile(model, backend="sparsecc", options={"spec": spec, "kernels": "reference"})
+    return torch.compile(model, backend="sparsecc", options={"spec": spec, "kernels": "reference", **options})
 
 
 def sparse_ops() -> List[str]:

@@ -103,6 +103,29 @@ def query_positions(sq: int, sk: int) -> torch.Tensor:
     return torch.arange(sq) + (sk - sq)
 
 
+def mask_positions(mask, b: int, h: int, sq: int, sk: int) -> torch.Tensor:
+    """``[B, H, Sq]`` positions of a site that is not causal and has a mask, with Sq < Sk (spec, "Attention
+    forms"): ``p = min(i + Sk - Sq, m_i)``, ``m_i`` the last key row i's mask keeps (bool True, or an additive
+    value above -1e4); ``i + Sk - Sq`` for a row that keeps none."""
+    m = torch.broadcast_to(mask, (b, h, sq, sk))
+    keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
+    out = torch.empty(b, h, sq, dtype=torch.long)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(sq):
+                kept = torch.nonzero(keeps[bi, hi, i]).flatten()
+                default = i + sk - sq
+                out[bi, hi, i] = min(default, int(kept[-1])) if kept.numel() else default
+    return out
+
+
+def streaming_keep_at(p: torch.Tensor, sk: int, sink: int, window: int) -> torch.Tensor:
+    """Bidirectional streaming at explicit query positions ``p`` (``[..., Sq]``): ``[..., Sq, Sk]``."""
+    j = torch.arange(sk)
+    p = p[..., None]
+    return (j < sink) | (p < sink) | ((p - j).abs() < window)
+
+
 def causal_keep(sq: int, sk: int) -> torch.Tensor:
     """``j <= p`` as a ``[Sq, Sk]`` mask."""
     return torch.arange(sk)[None, :] <= query_positions(sq, sk)[:, None]
@@ -340,6 +363,11 @@ def head_keep(q, k, forms: Sequence[Optional[dict]], *, scale: float, causal: bo
     return keep, keep
 
 
+def positions_from_mask(causal: bool, mask, sq: int, sk: int) -> bool:
+    """Whether the spec's mask rule places the queries (not causal, a mask, fewer queries than keys)."""
+    return not causal and mask is not None and sq < sk
+
+
 def attend(q, k, v, keep_min, keep_max=None, *, scale: float, mask=None):
     """Dense float64 softmax attention over the kept keys (and the model's mask).
 
@@ -370,9 +398,22 @@ def attend(q, k, v, keep_min, keep_max=None, *, scale: float, mask=None):
 
 
 def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool, mask=None,
-                       scale: Optional[float] = None):
-    """The output of an attention site whose heads use ``forms`` (None: dense). Returns (out, valid rows)."""
+                       scale: Optional[float] = None, is_causal_flag: Optional[bool] = None):
+    """The output of an attention site whose heads use ``forms`` (None: dense). Returns (out, valid rows).
+
+    ``is_causal_flag``: whether causality comes from SDPA's ``is_causal`` (default: ``causal``); a site made
+    causal by a mask tensor is "not causal" for the spec's position rule.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    b_, h_, sq, _ = q.shape
+    sk = k.shape[2]
+    if positions_from_mask(causal if is_causal_flag is None else is_causal_flag, mask, sq, sk):
+        if any(f is not None and f["form"] != "streaming" for f in forms):
+            raise ValueError("the spec keeps block layouts dense where the mask places the queries")
+        p = mask_positions(mask, b_, h_, sq, sk)
+        keep = torch.stack([streaming_keep_at(p[:, hi], sk, f["sink"], f["window"]) if f is not None
+                            else torch.ones(b_, sq, sk, dtype=torch.bool) for hi, f in enumerate(forms)], 1)
+        return attend(q, k, v, keep, keep, scale=scale, mask=mask)
     keep_min, keep_max = head_keep(q, k, forms, scale=scale, causal=causal)
     return attend(q, k, v, keep_min, keep_max, scale=scale, mask=mask)
 
