@@ -210,6 +210,24 @@ def mask_query_positions(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Te
     return torch.where(last >= 0, torch.minimum(last, default), default)
 
 
+def mask_is_causal(mask: torch.Tensor, seq: int, rows_per_chunk: int = 1024) -> bool:
+    """True when a ``[.., seq, seq]`` mask removes every key after each query (bool False, or additive <= -1e4).
+
+    Reads the mask once, ``rows_per_chunk`` rows at a time (never a second
+    ``seq x seq`` tensor), and returns to the host once.
+    """
+    keep = _mask_keeps(mask, seq)
+    if keep.shape[-2] == 1:        # one row broadcast to every query: causal only for a single key
+        return seq == 1 or not bool(keep[..., 1:].any())
+    keys = torch.arange(seq, device=mask.device)
+    later = torch.zeros((), dtype=torch.bool, device=mask.device)
+    for r0 in range(0, seq, rows_per_chunk):
+        r1 = min(seq, r0 + rows_per_chunk)
+        rows = torch.arange(r0, r1, device=mask.device)[:, None]
+        later = later | (keep[..., r0:r1, :] & (keys[None, :] > rows)).any()
+    return not bool(later)
+
+
 def mask_query_end(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
     """Per batch element, the position of the last query row (``mask_query_positions``), as int32 ``[B]``.
 
@@ -312,6 +330,10 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """
     if dense_below > 0 and k.shape[2] < dense_below:
         return dense_attention(q, k, v, mask, scale, causal)
+    if not causal and mask is not None and q.shape[2] == k.shape[2] and mask_is_causal(mask, q.shape[2]):
+        # docs/spec.md: a mask that removes every key after the query makes the estimate causal, as is_causal
+        # does (HF passes its causal mask as a tensor whenever a batch is padded).
+        causal = True
     from sparsecc.codegen.dynamic_attention import dynamic_attention_ref, form_from_args
 
     spec_form = form_from_args(form, block, topk, cdf, sink_blocks, local_blocks, pool, last_q, vertical, slash)

@@ -197,9 +197,7 @@ def test_causal_mask_tensor_equals_is_causal(form, data):
     _check_causal_tensor(data.draw(causal_tensor_pairs(form)))
 
 
-@pytest.mark.xfail(strict=True, reason="block_topk with a causal mask tensor (not is_causal) lets future blocks "
-                                       "compete")
-@hn.examples(10, expected_failure=True)
+@hn.examples(10)
 @example(pair=(cases.case(sq=32, sk=32, causal=True, causal_via="is_causal",
                           rules=[{"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0,
                                   "local_blocks": 0}]), "bool", False))
@@ -208,9 +206,7 @@ def test_causal_mask_tensor_equals_is_causal_block_topk(pair):
     _check_causal_tensor(pair)
 
 
-@pytest.mark.xfail(strict=True, reason="vertical_slash with a causal mask tensor (not is_causal) estimates and selects "
-                                       "as if bidirectional")
-@hn.examples(10, expected_failure=True)
+@hn.examples(10)
 @example(pair=(cases.case(sq=49, sk=49, causal=True, causal_via="is_causal", temperature=0.5, seed=3,
                           rules=[{"form": "vertical_slash", "block": 16, "last_q": 3, "vertical": 2, "slash": 0}]),
                "bool", False))
