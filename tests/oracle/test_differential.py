@@ -23,6 +23,8 @@ from tests.oracle import harness as hn
 from tests.oracle import oracle
 from tests.oracle.cases import AttnCase, attention_cases, run_case
 
+NOT_FOLDED = tuple(s for s in cases.ALL_SPELLINGS if s != "bmm_folded")
+
 # ================================================================ attention: streaming
 
 
@@ -87,39 +89,60 @@ def test_block_sparse_decode_unaligned(c):
 
 
 @hn.examples(15)
-@given(c=attention_cases("block_sparse", decode=False, per_head=False), random_blocks=st.integers(1, 2),
-       seed=st.integers(0, 1000))
+@given(c=attention_cases("block_sparse", decode=False, per_head=False, spellings=NOT_FOLDED),
+       random_blocks=st.integers(1, 2), seed=st.integers(0, 1000))
 def test_block_sparse_random_blocks(c, random_blocks, seed):
     """Random blocks are drawn by sparsecc, so check the property: for every (head, query block) some set of at
     most ``random_blocks`` extra key blocks, the same for every batch element, explains the output; and the
     draw is reproducible from the seed."""
+    check_random_blocks(c, random_blocks, seed)
+
+
+@pytest.mark.xfail(strict=True, reason="heads folded into the batch (3-D bmm attention): random blocks are drawn per "
+                                       "folded batch*head index, so batch elements of one head get different blocks")
+@hn.examples(10, expected_failure=True)
+@example(c=cases.case(spelling="bmm_folded", batch=2, sq=2, sk=2, temperature=0.5,
+                      rules=[{"form": "block_sparse", "block": 1}]), random_blocks=1, seed=0)
+@given(c=attention_cases("block_sparse", decode=False, per_head=False, spellings=("bmm_folded",)),
+       random_blocks=st.integers(1, 2), seed=st.integers(0, 1000))
+def test_block_sparse_random_blocks_folded_heads(c, random_blocks, seed):
+    """"drawn for (head, a) from seed": the same for every batch element, however the model spells its heads."""
+    check_random_blocks(c, random_blocks, seed)
+
+
+def check_random_blocks(c, random_blocks, seed):
     i = next(n for n, r in enumerate(c.rules) if r["form"] == "block_sparse")
     rule = {**c.rules[i], "random_blocks": random_blocks, "seed": seed}
-    c = c.replace(rules=c.rules[:i] + [rule] + c.rules[i + 1:])
+    block = rule["block"]
+    sk = min(c.sk, 8 * block)    # at most 8 key blocks, so the sets of extra blocks can be enumerated
+    c = c.replace(rules=c.rules[:i] + [rule] + c.rules[i + 1:], sk=sk, sq=min(c.sq, sk),
+                  lengths=tuple(min(n, sk) for n in c.lengths))
     q, k, v, mask = cases.tensors(c)
     out, report = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
     hn.assert_applied(report, "attention", hn.SITE, "block_sparse")
     again, _ = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
     torch.testing.assert_close(again, out, atol=0, rtol=0, equal_nan=True)
-    block = rule["block"]
     base_form = {key: val for key, val in rule.items() if key not in ("random_blocks", "seed")}
     base = oracle.static_keep(base_form, c.sq, c.sk, c.causal)
     qblock = oracle.query_positions(c.sq, c.sk) // block
     n_kb = math.ceil(c.sk / block)
     scale = c.scale if c.scale is not None else 1.0 / math.sqrt(c.dim)
     tol = hn.tolerance(c.torch_dtype)
+    full_mask = None if mask is None else torch.broadcast_to(mask, (c.batch, c.heads, c.sq, c.sk))
     for a in qblock.unique().tolist():
         rows_a = (qblock == a).nonzero().flatten()
         kept = {j // block for j in base[rows_a[0]].nonzero().flatten().tolist()}
         free = [b for b in range(n_kb) if b not in kept]
         subsets = [s for n in range(random_blocks + 1) for s in itertools.combinations(free, n)]
-        expl = [oracle.attend(q, k, v, (base | oracle.block_sparse_block_keep(c.sq, c.sk, block, s))
-                              .expand(c.batch, c.heads, c.sq, c.sk), scale=scale, mask=mask) for s in subsets]
+        q_a, m_a = q[:, :, rows_a], None if full_mask is None else full_mask[:, :, rows_a]
+        expl = [oracle.attend(q_a, k, v, (base | oracle.block_sparse_block_keep(c.sq, c.sk, block, s))[rows_a]
+                              .expand(c.batch, c.heads, len(rows_a), c.sk), scale=scale, mask=m_a)
+                for s in subsets]
         for h in range(c.heads):
             def fits(e):
                 exp, valid = e
-                sel = valid[:, h, rows_a]
-                return torch.allclose(out[:, h, rows_a][sel].double(), exp[:, h, rows_a][sel], **tol)
+                sel = valid[:, h]
+                return torch.allclose(out[:, h, rows_a][sel].double(), exp[:, h][sel], **tol)
             assert any(fits(e) for e in expl), f"head {h}, query block {a}: no set of <= {random_blocks} extra " \
                                                f"key blocks explains the output; {c}"
 
@@ -336,9 +359,6 @@ def test_linear_block_weights(c):
 
 
 # ================================================================ policies of per-head rules
-
-NOT_FOLDED = tuple(s for s in cases.ALL_SPELLINGS if s != "bmm_folded")
-
 
 @st.composite
 def policy_cases(draw, mixed: bool):
