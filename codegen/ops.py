@@ -29,6 +29,11 @@ import torch
 NAMESPACE = "sparsecc"
 IMPL_CHOICES = ("auto", "triton", "reference")
 
+# The mask position rule lives in its own module; these names are part of this module's interface too.
+from sparsecc.codegen.mask_positions import (  # noqa: E402,F401
+    block_sparse_attention_from_mask_ref, mask_is_causal, mask_query_end, mask_query_positions, mask_rows_moved,
+    streaming_attention_from_mask_ref)
+
 
 def _load_block_sparse_linear():
     """The Triton BSR linear kernel; importing Triton here keeps ``import sparsecc`` free of it."""
@@ -182,102 +187,6 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return fn(q, k, v, mask, scale, causal, sink, window)
 
 
-# An additive mask entry at or below this hides its key (passes/attention.py uses the same bound).
-_MASKED_ADDITIVE_MAX = -1.0e4
-
-
-def _mask_keeps(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
-    """A mask as a 4-d bool "this key takes part" tensor, broadcast along the keys to ``seq_k``."""
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    keep = m4 if m4.dtype == torch.bool else m4 > _MASKED_ADDITIVE_MAX
-    return keep.expand(*keep.shape[:3], seq_k)
-
-
-def mask_query_positions(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
-    """Query positions when fewer queries than keys come with a mask (docs/spec.md, "Attention forms").
-
-    Row ``i`` sits at ``min(i + Sk - Sq, the last key its mask lets it
-    attend)``; a row that may attend nothing sits at ``i + Sk - Sq``. A static
-    KV cache hides its unwritten tail with the mask, so its rows sit at their
-    true positions; an all-zero mask changes nothing. Returns int64
-    ``[B|1, H|1, Sq]`` (the mask's own batch and head sizes), on the device,
-    without a host sync.
-    """
-    keep = _mask_keeps(mask, seq_k)
-    index = torch.arange(seq_k, device=mask.device)
-    last = torch.where(keep, index, -1).amax(-1)
-    default = torch.arange(seq_q, device=mask.device) + (seq_k - seq_q)
-    return torch.where(last >= 0, torch.minimum(last, default), default)
-
-
-def mask_is_causal(mask: torch.Tensor, seq: int, rows_per_chunk: int = 1024) -> bool:
-    """True when a ``[.., seq, seq]`` mask removes every key after each query (bool False, or additive <= -1e4).
-
-    Reads the mask once, ``rows_per_chunk`` rows at a time (never a second
-    ``seq x seq`` tensor), and returns to the host once.
-    """
-    keep = _mask_keeps(mask, seq)
-    if keep.shape[-2] == 1:        # one row broadcast to every query: causal only for a single key
-        return seq == 1 or not bool(keep[..., 1:].any())
-    keys = torch.arange(seq, device=mask.device)
-    later = torch.zeros((), dtype=torch.bool, device=mask.device)
-    for r0 in range(0, seq, rows_per_chunk):
-        r1 = min(seq, r0 + rows_per_chunk)
-        rows = torch.arange(r0, r1, device=mask.device)[:, None]
-        later = later | (keep[..., r0:r1, :] & (keys[None, :] > rows)).any()
-    return not bool(later)
-
-
-def mask_query_end(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
-    """Per batch element, the position of the last query row (``mask_query_positions``), as int32 ``[B]``.
-
-    For the decode kernel, which takes one position per batch element: it
-    serves masks without a head dimension (HF's), where this is exact.
-    """
-    return mask_query_positions(mask, seq_q, seq_k)[:, 0, -1].to(torch.int32)
-
-
-def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                                      scale: float, sink: List[int], window: List[int],
-                                      rows_per_chunk: int = 256) -> torch.Tensor:
-    """Reference of ``streaming_attention_from_mask``: streaming attention with query positions from the mask.
-
-    Query row ``i`` of batch ``b`` and head ``h`` sits at ``p = mask_query_positions(mask)[b, h, i]``; key
-    ``j`` takes part iff the mask keeps it and (``j < sink`` or ``p < sink`` or ``|p - j| < window``), the
-    bidirectional streaming rule (the site is not causal; a causal-shaped mask, such as a static cache's,
-    removes the keys after ``p`` itself). A row with no key taking part gives zeros. Computed in float32,
-    ``rows_per_chunk`` query rows at a time.
-    """
-    from sparsecc.codegen.block_attention import FULL_WINDOW, _streaming_heads
-
-    b, h, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    sinks, windows = _streaming_heads(sink, window, h)
-    dev = q.device
-    sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1)
-    window_t = torch.tensor([sk + sq + 1 if w == FULL_WINDOW else w for w in windows], device=dev).view(1, h, 1, 1)
-    positions = mask_query_positions(mask, sq, sk)                       # [B|1, H|1, Sq]
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    kf = k.float().repeat_interleave(h // hkv, 1)
-    vf = v.float().repeat_interleave(h // hkv, 1)
-    keys = torch.arange(sk, device=dev)
-    out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float32, device=dev)
-    for r0 in range(0, sq, rows_per_chunk):
-        r1 = min(sq, r0 + rows_per_chunk)
-        p = positions[:, :, r0:r1, None]
-        rule = (keys < sink_t) | (p < sink_t) | ((p - keys).abs() < window_t)
-        tile = m4[:, :, r0:r1] if m4.shape[2] != 1 else m4
-        logits = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale
-        if tile.dtype == torch.bool:
-            rule = rule & tile
-        else:
-            logits = logits + tile.float()
-        logits = logits.masked_fill(~rule, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        out[:, :, r0:r1] = probs @ vf
-    return out.to(q.dtype)
-
-
 def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                                   scale: float, sink: List[int], window: List[int], dense_below: int,
                                   impl: str) -> torch.Tensor:
@@ -299,15 +208,24 @@ def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                            scale: float, causal: bool, block: int, local_blocks: int, global_blocks: int,
                            random_blocks: int, seed: int, dense_heads: List[int], dense_below: int,
-                           impl: str) -> torch.Tensor:
+                           impl: str, positions_from_mask: bool = False) -> torch.Tensor:
     """BigBird-style block attention; heads listed in ``dense_heads`` keep every block.
 
-    ``dense_below`` works as in ``streaming_attention``.
+    ``dense_below`` works as in ``streaming_attention``. ``positions_from_mask``
+    (a non-causal site with a mask): with fewer queries than keys, each row sits
+    at the position the mask gives (``mask_query_positions``); when the mask
+    moves any row, the call runs ``block_sparse_attention_from_mask_ref`` (one
+    host read-back decides), otherwise the usual table and kernel.
     """
     if dense_below > 0 and k.shape[2] < dense_below:
         return dense_attention(q, k, v, mask, scale, causal)
     from sparsecc.codegen.block_attention import block_sparse_attention_ref
 
+    sq, sk = q.shape[2], k.shape[2]
+    if positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any()):
+        square = layout_table(q.shape[1], sk, sk, False, block, local_blocks, global_blocks, random_blocks, seed,
+                              tuple(dense_heads), q.device)
+        return block_sparse_attention_from_mask_ref(q, k, v, mask, scale, square).contiguous()
     table = layout_table(q.shape[1], q.shape[2], k.shape[2], causal, block, local_blocks, global_blocks,
                          random_blocks, seed, tuple(dense_heads), q.device)
 
@@ -321,12 +239,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                             scale: float, causal: bool, form: str, block: int, topk: int, cdf: float,
                             sink_blocks: int, local_blocks: int, pool: str, last_q: int, vertical: int, slash: int,
-                            dense_below: int, impl: str) -> torch.Tensor:
+                            dense_below: int, impl: str, positions_from_mask: bool = False) -> torch.Tensor:
     """Attention over a layout chosen per input (``form`` "block_topk" or "vertical_slash").
 
     The form's keys travel as plain arguments (``topk`` 0 / ``cdf`` 0.0 mean
     unset; keys of the other form are ignored). ``dense_below`` works as in
-    ``streaming_attention``.
+    ``streaming_attention``. ``positions_from_mask`` (a non-causal site with a
+    mask): with fewer queries than keys, rows the mask moves off
+    ``i + Sk - Sq`` attend densely (``dense_rows_where_moved``, docs/spec.md).
     """
     if dense_below > 0 and k.shape[2] < dense_below:
         return dense_attention(q, k, v, mask, scale, causal)
@@ -341,7 +261,11 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     def reference(q, k, v, mask, scale, causal, spec_form):
         return dynamic_attention_ref(q, k, v, form=spec_form, causal=causal, scale=scale, mask=mask)
 
-    return _pick("dynamic_block_attention", impl, q.device, reference)(q, k, v, mask, scale, causal, spec_form)
+    out = _pick("dynamic_block_attention", impl, q.device, reference)(q, k, v, mask, scale, causal, spec_form)
+    if positions_from_mask and mask is not None and q.shape[2] < k.shape[2]:
+        from sparsecc.codegen.mask_positions import dense_rows_where_moved
+        out = dense_rows_where_moved(out, q, k, v, mask, scale)
+    return out
 
 
 @functools.lru_cache(maxsize=64)

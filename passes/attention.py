@@ -36,9 +36,13 @@ from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_mat
 # A masked_fill value at or below this is a "masked out" marker (models use -inf, finfo.min or -1e9).
 MASK_FILL_MAX = -1.0e4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Why block layouts stay dense where the query positions come from the mask (docs/spec.md).
-MASK_POSITIONS_STREAMING_ONLY = ("fewer queries than keys with a mask place each query at the last key its mask "
-                                 "keeps (docs/spec.md); only streaming implements that rule so far")
+# What the report says of a site whose query positions come from the mask (docs/spec.md), per op.
+_AT_MASK = "query positions from the mask (min(i + Sk - Sq, last key the row keeps))"
+MASK_POSITIONS = {
+    "streaming_attention_from_mask": _AT_MASK,
+    "block_sparse_attention": _AT_MASK + "; a call whose mask moves a row runs the reference path",
+    "dynamic_block_attention": _AT_MASK + "; rows the mask moves off i + Sk - Sq attend densely",
+}
 # Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.
 DYNAMIC_FORMS = (BlockTopK, VerticalSlash)
 
@@ -422,7 +426,7 @@ def check_attention(site: Site, ctx) -> Decision:
             return fallback(form, rule_keys, policy, f"{form.name} places queries at the last key positions, "
                             f"which needs seq_q <= seq_k (got {sq} > {sk})")
         if _positions_from_mask(site, sq, sk):
-            return fallback(form, rule_keys, policy, MASK_POSITIONS_STREAMING_ONLY)
+            params["anchor"] = "mask"
         per_head_geom = None
         op_name = "dynamic_block_attention"
     elif isinstance(form, Streaming):
@@ -439,7 +443,7 @@ def check_attention(site: Site, ctx) -> Decision:
             return fallback(form, rule_keys, policy, "block_sparse heads with different layouts in one site "
                             "are not supported yet")
         if _positions_from_mask(site, sq, sk):
-            return fallback(form, rule_keys, policy, MASK_POSITIONS_STREAMING_ONLY)
+            params["anchor"] = "mask"
         if isinstance(sk, int) and form.block > sk:
             return fallback(form, rule_keys, policy, f"block {form.block} is larger than the key sequence ({sk})")
         params["dense_heads"] = [h for h, r in enumerate(per_head) if r is None or isinstance(r.form, Dense)]
@@ -448,9 +452,8 @@ def check_attention(site: Site, ctx) -> Decision:
     estimate = _estimate(site, form, per_head_geom, ctx)
     decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
     if decision.apply and params.get("anchor") == "mask":
-        decision = Decision(decision.apply, decision.form, decision.reason + "; query positions from the mask "
-                            "(min(i + Sk - Sq, last key the row keeps))", decision.estimate, decision.rule,
-                            decision.policy, decision.params)
+        decision = Decision(decision.apply, decision.form, decision.reason + "; " + MASK_POSITIONS[op_name],
+                            decision.estimate, decision.rule, decision.policy, decision.params)
     if ignored and decision.apply:
         decision = Decision(decision.apply, decision.form,
                             decision.reason + f"; heads {sorted(ignored)} do not exist (site has {heads})",
@@ -510,7 +513,7 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
         if isinstance(decision.form, DYNAMIC_FORMS):
             out = graph.call_function(ops.op("dynamic_block_attention"), (
                 q, k, v, mask, float(scale), m.causal, *dynamic_op_args(decision.form),
-                decision.params.get("dense_below", 0), ctx.kernels))
+                decision.params.get("dense_below", 0), ctx.kernels, decision.params.get("anchor") == "mask"))
         elif isinstance(decision.form, Streaming) and decision.params.get("anchor") == "mask":
             out = graph.call_function(ops.op("streaming_attention_from_mask"), (
                 q, k, v, mask, float(scale), decision.params["sink"], decision.params["window"],
@@ -524,7 +527,7 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
             out = graph.call_function(ops.op("block_sparse_attention"), (
                 q, k, v, mask, float(scale), m.causal, f.block, f.local_blocks, f.global_blocks,
                 f.random_blocks, f.seed, decision.params["dense_heads"], decision.params.get("dense_below", 0),
-                ctx.kernels))
+                ctx.kernels, decision.params.get("anchor") == "mask"))
         if m.folded_heads:
             out = graph.call_method("squeeze", (out, 0))
         if m.out_perm is not None:

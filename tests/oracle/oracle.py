@@ -163,6 +163,15 @@ def block_sparse_keep(sq: int, sk: int, block: int, local_blocks: int = 1, globa
     return keep
 
 
+def block_sparse_keep_at(p: torch.Tensor, sk: int, block: int, local_blocks: int = 1,
+                         global_blocks: int = 0) -> torch.Tensor:
+    """Bidirectional ``block_sparse`` (no random blocks) at explicit query positions ``p`` (``[..., Sq]``):
+    query block ``p // block``; ``[..., Sq, Sk]``."""
+    j = torch.arange(sk)
+    a, b = (p // block)[..., None], j // block
+    return ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks)
+
+
 def block_sparse_block_keep(sq: int, sk: int, block: int, extra_blocks: Sequence[int]) -> torch.Tensor:
     """``[Sq, Sk]``: keys of the given key blocks, for every query (used to add drawn random blocks)."""
     j = torch.arange(sk)
@@ -397,6 +406,18 @@ def attend(q, k, v, keep_min, keep_max=None, *, scale: float, mask=None):
     return out, defined & nonempty
 
 
+def _keep_at(form: Optional[dict], p: torch.Tensor, sk: int) -> torch.Tensor:
+    """One head's bidirectional keep mask at explicit positions ``p`` (``[B, Sq]``) -> ``[B, Sq, Sk]``."""
+    if form is None or form["form"] == "dense":
+        return torch.ones(*p.shape, sk, dtype=torch.bool)
+    if form["form"] == "streaming":
+        return streaming_keep_at(p, sk, form["sink"], form["window"])
+    if form.get("random_blocks", 0):
+        raise ValueError("random blocks are drawn by sparsecc; the oracle has no layout for them")
+    return block_sparse_keep_at(p, sk, form.get("block", 64), form.get("local_blocks", 1),
+                                form.get("global_blocks", 0))
+
+
 def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool, mask=None,
                        scale: Optional[float] = None, is_causal_flag: Optional[bool] = None):
     """The output of an attention site whose heads use ``forms`` (None: dense). Returns (out, valid rows).
@@ -408,11 +429,13 @@ def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool
     b_, h_, sq, _ = q.shape
     sk = k.shape[2]
     if positions_from_mask(causal if is_causal_flag is None else is_causal_flag, mask, sq, sk):
-        if any(f is not None and f["form"] != "streaming" for f in forms):
-            raise ValueError("the spec keeps block layouts dense where the mask places the queries")
         p = mask_positions(mask, b_, h_, sq, sk)
-        keep = torch.stack([streaming_keep_at(p[:, hi], sk, f["sink"], f["window"]) if f is not None
-                            else torch.ones(b_, sq, sk, dtype=torch.bool) for hi, f in enumerate(forms)], 1)
+        if {f["form"] for f in forms if f is not None} & set(DYNAMIC_FORMS):
+            # dynamic forms select as if every row sat at i + Sk - Sq; a row the mask moves attends densely
+            keep_min, keep_max = head_keep(q, k, forms, scale=scale, causal=causal)
+            moved = (p != query_positions(sq, sk))[..., None]
+            return attend(q, k, v, keep_min | moved, keep_max | moved, scale=scale, mask=mask)
+        keep = torch.stack([_keep_at(f, p[:, hi], sk) for hi, f in enumerate(forms)], 1)
         return attend(q, k, v, keep, keep, scale=scale, mask=mask)
     keep_min, keep_max = head_keep(q, k, forms, scale=scale, causal=causal)
     return attend(q, k, v, keep_min, keep_max, scale=scale, mask=mask)

@@ -109,14 +109,82 @@ def test_a_sequence_does_not_depend_on_its_batch_mates_padding(eager_lowering):
     torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("form", [{"form": "block_sparse", "block": 4},
-                                  {"form": "block_topk", "block": 16, "topk": 1}], ids=["block_sparse", "block_topk"])
-def test_block_layouts_stay_dense_where_positions_come_from_the_mask(form, eager_lowering):
-    q, k, v = _qkv(1, 2, 32, seed=3)
-    mask = torch.zeros(1, 1, 2, 32)
+def _expected_block_sparse(q, k, v, mask, block, local_blocks, global_blocks):
+    """docs/spec.md, block_sparse: row i at p (the rule above) is in query block a = p // block; key j in block
+    b = j // block is kept iff |a - b| < local_blocks or a < global_blocks or b < global_blocks, and the mask
+    keeps it."""
+    b_, h, sq, _ = q.shape
+    sk = k.shape[2]
+    keep_mask = (mask if mask.dtype == torch.bool else mask > -1e4).expand(b_, h, sq, sk)
+    out = torch.zeros(b_, h, sq, D, dtype=torch.float64)
+    for bi in range(b_):
+        for hi in range(h):
+            for i in range(sq):
+                kept = [j for j in range(sk) if keep_mask[bi, hi, i, j]]
+                p = min(i + sk - sq, kept[-1]) if kept else i + sk - sq
+                a = p // block
+                cols = [j for j in kept if abs(a - j // block) < local_blocks or a < global_blocks
+                        or j // block < global_blocks]
+                if not cols:
+                    continue
+                logits = (q[bi, hi, i].double() @ k[bi, hi, cols].double().T) / math.sqrt(D)
+                out[bi, hi, i] = torch.softmax(logits, -1) @ v[bi, hi, cols].double()
+    return out
+
+
+def _dense_masked(q, k, v, keep):
+    """float64 attention over the keys ``keep`` ([B, 1, Sq, Sk] bool) allows."""
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    return torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ v.double()
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_block_sparse_rows_sit_at_their_mask_positions(kind, eager_lowering):
+    """A static cache of 24 slots holding 11 tokens, two new ones at positions 9 and 10, block 4: the rows are
+    in query block 2, not in the blocks of the buffer's end."""
+    q, k, v = _qkv(1, 2, 24, seed=3)
+    pos = torch.tensor([9, 10])
+    keep = (torch.arange(24)[None, :] <= pos[:, None])[None, None]
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    form = {"form": "block_sparse", "block": 4, "local_blocks": 1, "global_blocks": 1}
     out, site = _run(q, k, v, mask, _streaming_spec(form))
-    assert not site.applied and "only streaming implements that rule" in site.reason
-    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert site.applied and "query positions from the mask" in site.reason, site.reason
+    torch.testing.assert_close(out.double(), _expected_block_sparse(q, k, v, mask, 4, 1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_block_sparse_neutral_mask_changes_nothing(eager_lowering):
+    q, k, v = _qkv(2, 3, 22, seed=5)
+    form = {"form": "block_sparse", "block": 4, "local_blocks": 2}
+    out, site = _run(q, k, v, torch.zeros(1, 1, 3, 22), _streaming_spec(form))
+    assert site.applied
+    torch.testing.assert_close(out.double(), _expected_block_sparse(q, k, v, torch.zeros(1, 1, 3, 22), 4, 2, 0),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_forms_attend_densely_on_rows_the_mask_moves(eager_lowering):
+    """block_topk (one block of 16 kept, no sink, no band) over a 64-slot static cache holding 20 tokens: both
+    rows moved, so both attend to every written slot; a right-padded batch-mate does not change sequence 0,
+    whose rows stay at i + Sk - Sq."""
+    form = {"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0, "local_blocks": 1}
+    q, k, v = _qkv(1, 2, 64, seed=6)
+    pos = torch.tensor([18, 19])
+    keep = (torch.arange(64)[None, :] <= pos[:, None])[None, None]
+    out, site = _run(q, k, v, keep, _streaming_spec(form))
+    assert site.applied and "attend densely" in site.reason, site.reason
+    torch.testing.assert_close(out.double(), _dense_masked(q, k, v, keep), atol=1e-5, rtol=1e-5)
+
+    q, k, v = _qkv(2, 2, 64, seed=7)
+    keep = torch.ones(2, 1, 2, 64, dtype=torch.bool)
+    keep[1, ..., 40:] = False
+    torch._dynamo.reset()
+    out, site = _run(q, k, v, keep, _streaming_spec(form))
+    assert site.applied
+    torch.testing.assert_close(out[1:].double(), _dense_masked(q[1:], k[1:], v[1:], keep[1:]), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    alone, _ = _run(q[:1], k[:1], v[:1], keep[:1], _streaming_spec(form))
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
+    # sequence 0 is not moved: the form applies (one 16-key block per query block, so not dense attention)
+    assert not torch.allclose(out[:1].double(), _dense_masked(q[:1], k[:1], v[:1], keep[:1]), atol=1e-3)
 
 
 def test_more_queries_than_keys_stay_dense(eager_lowering):

@@ -1,0 +1,180 @@
+"""Query positions read from the mask, and the attention references that use them (docs/spec.md).
+
+When an attention site is not causal, has a mask and fewer queries than keys
+(a static KV cache, right-padded decode), query row ``i`` sits at
+``min(i + Sk - Sq, the last key its mask keeps)``. This module holds that rule
+and the per-form references built on it: ``streaming`` and ``block_sparse``
+place each row by its position; the dynamic forms attend densely on rows the
+mask moves. Nothing here imports Triton.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+# An additive mask entry at or below this hides its key (passes/attention.py uses the same bound).
+_MASKED_ADDITIVE_MAX = -1.0e4
+
+
+def _mask_keeps(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
+    """A mask as a 4-d bool "this key takes part" tensor, broadcast along the keys to ``seq_k``."""
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    keep = m4 if m4.dtype == torch.bool else m4 > _MASKED_ADDITIVE_MAX
+    return keep.expand(*keep.shape[:3], seq_k)
+
+
+def mask_query_positions(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
+    """Query positions when fewer queries than keys come with a mask (docs/spec.md, "Attention forms").
+
+    Row ``i`` sits at ``min(i + Sk - Sq, the last key its mask lets it
+    attend)``; a row that may attend nothing sits at ``i + Sk - Sq``. A static
+    KV cache hides its unwritten tail with the mask, so its rows sit at their
+    true positions; an all-zero mask changes nothing. Returns int64
+    ``[B|1, H|1, Sq]`` (the mask's own batch and head sizes), on the device,
+    without a host sync.
+    """
+    keep = _mask_keeps(mask, seq_k)
+    index = torch.arange(seq_k, device=mask.device)
+    last = torch.where(keep, index, -1).amax(-1)
+    default = torch.arange(seq_q, device=mask.device) + (seq_k - seq_q)
+    return torch.where(last >= 0, torch.minimum(last, default), default)
+
+
+def mask_rows_moved(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
+    """Bool ``[B|1, H|1, Sq]``: rows whose mask position is not the default ``i + Sk - Sq``."""
+    default = torch.arange(seq_q, device=mask.device) + (seq_k - seq_q)
+    return mask_query_positions(mask, seq_q, seq_k) != default
+
+
+def mask_is_causal(mask: torch.Tensor, seq: int, rows_per_chunk: int = 1024) -> bool:
+    """True when a ``[.., seq, seq]`` mask removes every key after each query (bool False, or additive <= -1e4).
+
+    Reads the mask once, ``rows_per_chunk`` rows at a time (never a second
+    ``seq x seq`` tensor), and returns to the host once.
+    """
+    keep = _mask_keeps(mask, seq)
+    if keep.shape[-2] == 1:        # one row broadcast to every query: causal only for a single key
+        return seq == 1 or not bool(keep[..., 1:].any())
+    keys = torch.arange(seq, device=mask.device)
+    later = torch.zeros((), dtype=torch.bool, device=mask.device)
+    for r0 in range(0, seq, rows_per_chunk):
+        r1 = min(seq, r0 + rows_per_chunk)
+        rows = torch.arange(r0, r1, device=mask.device)[:, None]
+        later = later | (keep[..., r0:r1, :] & (keys[None, :] > rows)).any()
+    return not bool(later)
+
+
+def mask_query_end(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
+    """Per batch element, the position of the last query row (``mask_query_positions``), as int32 ``[B]``.
+
+    For the decode kernel, which takes one position per batch element: it
+    serves masks without a head dimension (HF's), where this is exact.
+    """
+    return mask_query_positions(mask, seq_q, seq_k)[:, 0, -1].to(torch.int32)
+
+
+def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                                      scale: float, sink: List[int], window: List[int],
+                                      rows_per_chunk: int = 256) -> torch.Tensor:
+    """Reference of ``streaming_attention_from_mask``: streaming attention with query positions from the mask.
+
+    Query row ``i`` of batch ``b`` and head ``h`` sits at ``p = mask_query_positions(mask)[b, h, i]``; key
+    ``j`` takes part iff the mask keeps it and (``j < sink`` or ``p < sink`` or ``|p - j| < window``), the
+    bidirectional streaming rule (the site is not causal; a causal-shaped mask, such as a static cache's,
+    removes the keys after ``p`` itself). A row with no key taking part gives zeros. Computed in float32,
+    ``rows_per_chunk`` query rows at a time.
+    """
+    from sparsecc.codegen.block_attention import FULL_WINDOW, _streaming_heads
+
+    b, h, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    sinks, windows = _streaming_heads(sink, window, h)
+    dev = q.device
+    sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1)
+    window_t = torch.tensor([sk + sq + 1 if w == FULL_WINDOW else w for w in windows], device=dev).view(1, h, 1, 1)
+    positions = mask_query_positions(mask, sq, sk)                       # [B|1, H|1, Sq]
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    kf = k.float().repeat_interleave(h // hkv, 1)
+    vf = v.float().repeat_interleave(h // hkv, 1)
+    keys = torch.arange(sk, device=dev)
+    out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float32, device=dev)
+    for r0 in range(0, sq, rows_per_chunk):
+        r1 = min(sq, r0 + rows_per_chunk)
+        p = positions[:, :, r0:r1, None]
+        rule = (keys < sink_t) | (p < sink_t) | ((p - keys).abs() < window_t)
+        tile = m4[:, :, r0:r1] if m4.shape[2] != 1 else m4
+        logits = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale
+        if tile.dtype == torch.bool:
+            rule = rule & tile
+        else:
+            logits = logits + tile.float()
+        logits = logits.masked_fill(~rule, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out[:, :, r0:r1] = probs @ vf
+    return out.to(q.dtype)
+
+
+
+
+def block_sparse_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                                         scale: float, table, rows_per_chunk: int = 256) -> torch.Tensor:
+    """``block_sparse`` attention with query positions from the mask (docs/spec.md, "Attention forms").
+
+    ``table`` is the form's bidirectional layout over ``Sk`` queries and ``Sk``
+    keys (a ``sparsecc.layouts.BlockTable`` with one row block per position
+    block). Query row ``i`` of batch ``b`` and head ``h`` sits at
+    ``p = mask_query_positions(mask)[b, h, i]`` and reads row block
+    ``p // block`` of the table; key ``j`` takes part iff its block is kept
+    there and the mask keeps it (additive masks are added to the logits). A
+    row with no key taking part gives zeros. Computed in float32,
+    ``rows_per_chunk`` query rows at a time.
+    """
+    b, h, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if table.causal or table.seq_q != sk or table.seq_k != sk or table.kv_num_blocks.shape[0] != 1:
+        raise ValueError(f"expected a bidirectional batch-1 layout over {sk} x {sk} positions, got {table}")
+    dev = q.device
+    blocks = table.dense_block_rows(0, table.num_q_blocks).to(dev)[0]        # [Ht, nQ, nK]
+    blocks = blocks.expand(h, *blocks.shape[1:])
+    positions = mask_query_positions(mask, sq, sk).expand(b, h, sq)
+    heads = torch.arange(h, device=dev)[None, :, None]
+    key_block = torch.arange(sk, device=dev) // table.block_k
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    kf = k.float().repeat_interleave(h // hkv, 1)
+    vf = v.float().repeat_interleave(h // hkv, 1)
+    out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float32, device=dev)
+    for r0 in range(0, sq, rows_per_chunk):
+        r1 = min(sq, r0 + rows_per_chunk)
+        row_blocks = positions[:, :, r0:r1] // table.block_q                  # [B, H, r]
+        rule = blocks[heads, row_blocks][..., key_block]                      # [B, H, r, Sk]
+        tile = m4[:, :, r0:r1] if m4.shape[2] != 1 else m4
+        logits = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale
+        if tile.dtype == torch.bool:
+            rule = rule & tile
+        else:
+            logits = logits + tile.float()
+        logits = logits.masked_fill(~rule, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out[:, :, r0:r1] = probs @ vf
+    return out.to(q.dtype)
+
+
+def dense_rows_where_moved(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The dynamic forms' rule: rows the mask moves (``mask_rows_moved``) attend densely, under the mask alone.
+
+    ``out`` is the form's output with every row at ``i + Sk - Sq``. Reads the
+    moved rows back to the host once; when none moved, ``out`` is returned as is.
+    A moved row whose mask keeps no key gives zeros.
+    """
+    sq, sk = q.shape[2], k.shape[2]
+    moved = mask_rows_moved(mask, sq, sk)
+    if not bool(moved.any()):
+        return out
+    # float32, as the sparse references compute, whatever dtype an additive mask has
+    attn_mask = mask if mask.dtype == torch.bool else mask.float()
+    dense = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                             scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return torch.where(moved[..., None], dense.nan_to_num(0.0).to(out.dtype), out)
