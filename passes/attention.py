@@ -442,6 +442,9 @@ def check_attention(site: Site, ctx) -> Decision:
         if len({r.form for r in sparse}) > 1:
             return fallback(form, rule_keys, policy, "block_sparse heads with different layouts in one site "
                             "are not supported yet")
+        if site.attrs["folded_heads"] and form.random_blocks > 0:
+            return fallback(form, rule_keys, policy, "random blocks are drawn per head (docs/spec.md), and heads "
+                            "folded into the batch dimension (3-D attention) cannot be told from batch elements")
         if _positions_from_mask(site, sq, sk):
             params["anchor"] = "mask"
         if isinstance(sk, int) and form.block > sk:
@@ -453,6 +456,10 @@ def check_attention(site: Site, ctx) -> Decision:
     decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
     if decision.apply and params.get("anchor") == "mask":
         decision = Decision(decision.apply, decision.form, decision.reason + "; " + MASK_POSITIONS[op_name],
+                            decision.estimate, decision.rule, decision.policy, decision.params)
+    if decision.apply and isinstance(form, BlockTopK) and form.local_blocks == 0 and site.attrs["masks"]:
+        decision = Decision(decision.apply, decision.form, decision.reason + "; local_blocks = 0 with a mask: a row "
+                            "whose kept blocks the mask hides entirely outputs zeros (docs/spec.md)",
                             decision.estimate, decision.rule, decision.policy, decision.params)
     if ignored and decision.apply:
         decision = Decision(decision.apply, decision.form,

@@ -193,3 +193,17 @@ def test_more_queries_than_keys_stay_dense(eager_lowering):
     out, site = _run(q, k, v, mask)
     assert not site.applied and "more queries than keys" in site.reason
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_block_topk_rows_left_without_keys_output_zeros(eager_lowering):
+    """block_topk keeps one block per query block and no band; the estimate (which ignores the mask) prefers key
+    block 0, which the mask hides: every row is left with no key and outputs zeros, and the report says so."""
+    q = torch.ones(1, H, 32, D)
+    k = torch.cat([torch.full((1, H, 16, D), 2.0), torch.full((1, H, 16, D), -2.0)], dim=2)
+    v = torch.randn(1, H, 32, D)
+    keep = torch.ones(1, 1, 32, 32, dtype=torch.bool)
+    keep[..., :16] = False
+    form = {"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0, "local_blocks": 0}
+    out, site = _run(q, k, v, keep, _streaming_spec(form))
+    assert site.applied and "outputs zeros" in site.reason, site.reason
+    assert torch.equal(out, torch.zeros_like(out))
