@@ -22,9 +22,10 @@ from sparsecc.backend import reset_reports, rewritten_graphs
 
 # ---------------------------------------------------------------- hypothesis budgets
 
-# ci (the default profile) keeps the whole directory to a few minutes on 2 CPU cores; deep runs every
-# hypothesis test of this directory with the profile's max_examples (2000), well over 10,000 cases in all.
+# ci (the default profile) keeps the whole directory to a few minutes on 2 CPU cores (about 650 cases); deep
+# gives every hypothesis test of this directory DEEP_FACTOR times its ci budget (about 13,000 cases in all).
 DEEP = settings.default.max_examples >= 1000
+DEEP_FACTOR = 20
 
 
 def examples(ci: int, expected_failure: bool = False) -> settings:
@@ -33,7 +34,7 @@ def examples(ci: int, expected_failure: bool = False) -> settings:
     ``expected_failure``: for tests marked xfail (a known product bug), skip shrinking and explaining the
     failure; the explicit minimal example on each such test already is the reproduction.
     """
-    n = settings.default.max_examples if DEEP else min(ci, settings.default.max_examples)
+    n = ci * DEEP_FACTOR if DEEP else min(ci, settings.default.max_examples)
     if expected_failure:
         return settings(max_examples=max(1, n), phases=(Phase.explicit, Phase.reuse, Phase.generate))
     return settings(max_examples=max(1, n))
