@@ -377,6 +377,16 @@ def check_attention(site: Site, ctx) -> Decision:
     rules = ctx.spec.matching("attention", site.module)
     if not rules:
         return no_rule()
+    # docs/spec.md: a rule whose phase excludes this site (prefill: more than one query; decode: one) does not
+    # cover it at all, so a decode rule and a prefill rule can share modules.
+    at_phase = [r for r in rules if r.applies_at(site.attrs["seq_q"])]
+    if not at_phase:
+        keys = ", ".join(r.key for r in rules)
+        here = "decode (one query)" if site.attrs["seq_q"] == 1 else "prefill (more than one query)"
+        phases = " / ".join(sorted({r.phase for r in rules}))
+        return Decision(False, None, f"{keys} apply at {phases} only; this site is {here}", rule=keys,
+                        policy=ctx.spec.policy_for(rules[-1]))
+    rules = at_phase
     heads = size_hint(site.attrs["heads"])
     per_head = [None] * heads           # the rule in force for each head
     ignored = set()
@@ -457,6 +467,10 @@ def check_attention(site: Site, ctx) -> Decision:
     if decision.apply and params.get("anchor") == "mask":
         decision = Decision(decision.apply, decision.form, decision.reason + "; " + MASK_POSITIONS[op_name],
                             decision.estimate, decision.rule, decision.policy, decision.params)
+    if decision.apply and deciding.phase != "both":
+        decision = Decision(decision.apply, decision.form, decision.reason + f"; {deciding.key} applies at "
+                            f"{deciding.phase} only", decision.estimate, decision.rule, decision.policy,
+                            decision.params)
     if decision.apply and isinstance(form, BlockTopK) and form.local_blocks == 0 and site.attrs["masks"]:
         decision = Decision(decision.apply, decision.form, decision.reason + "; local_blocks = 0 with a mask: a row "
                             "whose kept blocks the mask hides entirely outputs zeros (docs/spec.md)",

@@ -18,8 +18,9 @@ from .errors import _UNSET, KeyPath, SpecError, format_key
 from .files import read_regular
 from .locate import DuplicateKey, TomlLocator, line_at, parse_json
 from .registry import COMMON_KEYS, FORMS, KINDS, THRESHOLD_TABLE_KEYS
-from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_INT64, ALLOWED_POLICY, MAX_META_DEPTH, SPEC_VERSION,
-                     Defaults, Rule, Spec, check_glob, check_heads, check_margin, check_policy,
+from .schema import (ALLOWED_GLOB, ALLOWED_HEADS, ALLOWED_INT64, ALLOWED_PHASE, ALLOWED_POLICY, MAX_META_DEPTH,
+                     SPEC_VERSION, Defaults, Rule, Spec, check_glob, check_heads, check_margin, check_phase,
+                     check_policy,
                      find_meta_problem, is_int, out_of_int64)
 from .writer import SUFFIXES
 
@@ -271,6 +272,10 @@ def _build_rule(kind: str, index: int, raw: Any, ctx: _Context) -> Rule:
         if check_policy(policy):
             raise ctx.error(path + ("policy",), value=policy, allowed=ALLOWED_POLICY)
 
+    phase = raw.get("phase", "both")
+    if check_phase(phase):
+        raise ctx.error(path + ("phase",), value=phase, allowed=ALLOWED_PHASE)
+
     form_raw = {key: raw[key] for key in entry.keys if key in raw}
     if form_name == "activation_threshold":
         _check_threshold(form_raw, path, ctx)
@@ -281,7 +286,7 @@ def _build_rule(kind: str, index: int, raw: Any, ctx: _Context) -> Rule:
     except (ValueError, TypeError) as exc:
         # TypeError too: whatever a form makes of a strange value, the user gets a SpecError.
         raise _form_error(exc, path, form_raw, ctx) from None
-    return Rule(kind=kind, index=index, form=form, modules=modules, heads=heads, policy=policy)
+    return Rule(kind=kind, index=index, form=form, modules=modules, heads=heads, policy=policy, phase=phase)
 
 
 def _check_int_range(value: Any, path: KeyPath, ctx: _Context) -> None:

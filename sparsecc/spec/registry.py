@@ -15,10 +15,12 @@ from sparsecc.forms import (FORMS_BY_KIND, THRESHOLD_KEYS, ActivationThreshold, 
 
 KINDS: Tuple[str, ...] = tuple(FORMS_BY_KIND)
 POLICIES: Tuple[str, ...] = ("auto", "force", "off")
+# Where an attention rule applies: prefill (more than one query), decode (one query) or both (docs/spec.md).
+PHASES: Tuple[str, ...] = ("both", "prefill", "decode")
 
 # Keys every rule of a kind may carry, whatever its form (in the order the writer emits them).
 COMMON_KEYS: Dict[str, Tuple[str, ...]] = {
-    "attention": ("modules", "heads", "form", "policy"),
+    "attention": ("modules", "heads", "form", "policy", "phase"),
     "ffn": ("modules", "form", "policy"),
     "linear": ("modules", "form", "policy"),
 }

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from sparsecc.forms import INT64_MAX, INT64_MIN, Form
 
 from .errors import KeyPath, SpecError, format_key
-from .registry import FORMS, KINDS, POLICIES, entry_for
+from .registry import FORMS, KINDS, PHASES, POLICIES, entry_for
 
 SPEC_VERSION = 1
 DEFAULT_POLICY = "auto"
@@ -33,6 +33,7 @@ IN_CODE = "<Spec>"
 ALLOWED_GLOB = "a non-empty glob with no whitespace and balanced [...] (e.g. \"model.layers.*.mlp\")"
 ALLOWED_HEADS = "a non-empty list of distinct integers >= 0"
 ALLOWED_POLICY = "one of " + ", ".join(POLICIES)
+ALLOWED_PHASE = "one of " + ", ".join(PHASES)
 ALLOWED_MARGIN = "a finite number > 0"
 ALLOWED_INT64 = "an integer within the 64-bit range"
 ALLOWED_META = "a string, finite number, bool, array or table"
@@ -104,6 +105,11 @@ def check_heads(value: Any) -> Optional[str]:
     ok = (isinstance(value, (list, tuple)) and len(value) > 0
           and all(is_int(h) and h >= 0 for h in value) and len(set(value)) == len(value))
     return None if ok else ALLOWED_HEADS
+
+
+def check_phase(value: Any) -> Optional[str]:
+    """Validate an attention rule's phase string."""
+    return None if isinstance(value, str) and value in PHASES else ALLOWED_PHASE
 
 
 def check_policy(value: Any) -> Optional[str]:
@@ -235,6 +241,8 @@ class Rule:
     """One ``[[attention]]``, ``[[ffn]]`` or ``[[linear]]`` entry: where (``modules``, ``heads``) and what (``form``).
 
     ``heads`` is kept sorted (it is a set of heads); ``policy`` None means "the spec's default".
+    ``phase`` (attention only): "prefill" applies the rule where a site has more than one
+    query, "decode" where it has one, "both" everywhere.
     """
 
     kind: str
@@ -243,6 +251,7 @@ class Rule:
     modules: str = "*"
     heads: Optional[Tuple[int, ...]] = None
     policy: Optional[str] = None
+    phase: str = "both"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -264,6 +273,10 @@ class Rule:
             object.__setattr__(self, "heads", tuple(sorted(self.heads)))
         if self.policy is not None and check_policy(self.policy):
             raise _fail(f"{self.key}.policy", self.policy, ALLOWED_POLICY)
+        if check_phase(self.phase):
+            raise _fail(f"{self.key}.phase", self.phase, ALLOWED_PHASE)
+        if self.phase != "both" and self.kind != "attention":
+            raise _fail(f"{self.key}.phase", self.phase, "'both': only attention rules select a phase")
 
     @property
     def key(self) -> str:
@@ -280,11 +293,20 @@ class Rule:
             return True
         return head is not None and head in self.heads
 
+    def applies_at(self, seq_q) -> bool:
+        """True when the rule's phase covers a site with ``seq_q`` queries (an int, or symbolic: more than one)."""
+        if self.phase == "both":
+            return True
+        decode = isinstance(seq_q, int) and seq_q == 1
+        return decode == (self.phase == "decode")
+
     def describe(self, policy: Optional[str] = None) -> str:
         """One line: key, modules, heads (attention), form, policy (``policy`` replaces an unset one)."""
         parts = [self.key, self.modules]
         if self.kind == "attention":
             parts.append("heads=" + ("all" if self.heads is None else ",".join(map(str, self.heads))))
+            if self.phase != "both":
+                parts.append(f"phase={self.phase}")
         parts.append(str(self.form))
         parts.append(f"policy={self.policy or policy or 'default'}")
         return "  ".join(parts)

@@ -41,6 +41,8 @@ def rule_to_dict(rule: Any) -> Dict[str, Any]:
     out.update(entry.dump(rule.form))
     if rule.policy is not None:
         out["policy"] = rule.policy
+    if rule.phase != "both":
+        out["phase"] = rule.phase
     return out
 
 

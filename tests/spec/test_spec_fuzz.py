@@ -42,6 +42,7 @@ def attention_rules(draw):
     rule = {}
     _maybe(draw, "modules", globs, rule)
     _maybe(draw, "heads", st.lists(st.integers(0, 127), min_size=1, max_size=6, unique=True), rule)
+    _maybe(draw, "phase", st.sampled_from(["prefill", "decode", "both"]), rule)
     rule["form"] = form
     if form == "streaming":
         rule["sink"] = draw(st.integers(0, 10_000))
@@ -151,6 +152,7 @@ BAD_VALUES = {
     "modules": ["", "a b", "x\t", "[ab", "ab]", "a[]", 1, True, None, ["*"], {"a": 1}],
     "heads": [[], [0, 0], [-1], [1.0], [True], [None], 0, "0", None, {"0": 1}, [2 ** 70]],
     "policy": ["always", "", "AUTO", 1, True, None, ["auto"]],
+    "phase": ["prompt", "", "PREFILL", 1, True, None, ["decode"]],
     "sink": [-1, 1.0, 2.5, True, "1", None, [1], {"a": 1}, NAN, INF, 2 ** 70],
     "window": [0, -1, 1.0, True, False, "8", None, [8], NAN, -INF, 2 ** 64],
     "block": [0, 3, 48, -64, 64.0, True, None, "64", [64]],
@@ -182,7 +184,7 @@ FOREIGN_KEYS = {  # keys that belong to a different form of the same kind (or to
     ("attention", "dense"): ["sink", "block", "density", "threshold"],
     ("attention", "streaming"): ["block", "seed", "local_blocks"],
     ("attention", "block_sparse"): ["sink", "window"],
-    ("ffn", "dense"): ["mode", "threshold", "sparsity", "heads"],
+    ("ffn", "dense"): ["mode", "threshold", "sparsity", "heads", "phase"],
     ("ffn", "activation_threshold"): ["heads", "prune", "window"],
     ("linear", "dense"): ["prune", "density", "heads"],
     ("linear", "2:4"): ["density", "block", "heads"],
@@ -190,7 +192,7 @@ FOREIGN_KEYS = {  # keys that belong to a different form of the same kind (or to
 }
 unknown_keys = st.text(min_size=1, max_size=10).filter(lambda k: k not in {
     "version", "defaults", "attention", "ffn", "linear", "meta", "policy", "margin", "modules", "heads",
-    "form", "sink", "window", "block", "local_blocks", "global_blocks", "random_blocks", "seed", "mode",
+    "form", "phase", "sink", "window", "block", "local_blocks", "global_blocks", "random_blocks", "seed", "mode",
     "threshold", "sparsity", "prune", "density", "input", "down", "gate"})
 
 
@@ -218,7 +220,7 @@ def malformed_specs(draw):
         rule = spec[kind][index]
         form = rule["form"]
         if choice == "rule_value":
-            keys = ["modules", "policy", "form"] + (["heads"] if kind == "attention" else [])
+            keys = ["modules", "policy", "form"] + (["heads", "phase"] if kind == "attention" else [])
             keys += {"streaming": ["sink", "window"],
                      "block_sparse": ["block", "local_blocks", "global_blocks", "random_blocks", "seed"],
                      "activation_threshold": ["mode", "threshold", "sparsity"],
