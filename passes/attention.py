@@ -15,10 +15,11 @@ reads the un-repeated KV heads: query head h uses KV head h // (H // Hkv).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
@@ -369,7 +370,40 @@ def _make_site(output: Node, nodes, match: AttentionMatch, spelling: str, ctx) -
 # ---------------------------------------------------------------- check
 
 def check_attention(site: Site, ctx) -> Decision:
-    """Decide one attention site: which heads get which form, whether it applies, and why."""
+    """Decide one attention site: which heads get which form, whether it applies, and why.
+
+    A site whose heads ask for different forms records them, grouped, in ``Decision.head_forms``.
+    """
+    resolved: List[list] = []          # the rule in force for each head, once the heads are resolved
+    decision = _decide_attention(site, ctx, resolved)
+    if resolved:
+        groups = group_head_forms(resolved[0])
+        if len(groups) > 1:
+            decision = dataclasses.replace(decision, head_forms="; ".join(f"{form} on heads {spans}"
+                                                                          for form, spans in groups))
+    return decision
+
+
+def group_head_forms(per_head) -> List[Tuple[str, str]]:
+    """(form, heads) pairs in head order, e.g. ``("streaming(sink=4, window=64)", "0-3, 6")``; heads no rule
+    covers, or a dense rule covers, are "dense"."""
+    forms: Dict[str, List[int]] = {}
+    for h, rule in enumerate(per_head):
+        forms.setdefault("dense" if rule is None or isinstance(rule.form, Dense) else str(rule.form), []).append(h)
+    return [(form, _spans(heads)) for form, heads in forms.items()]
+
+
+def _spans(heads: List[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, start = [], heads[0]
+    for prev, cur in zip(heads, heads[1:] + [None]):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(out)
+
+
+def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     if site.match is None:
         return Decision(False, None, f"not rewritable: {site.attrs['refused']}")
     if ctx.spec is None:
@@ -396,6 +430,7 @@ def check_attention(site: Site, ctx) -> Decision:
                 per_head[h] = rule
             else:
                 ignored.add(h)
+    resolved.append(per_head)
     in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
     if not in_force:
         keys = ", ".join(r.key for r in rules)

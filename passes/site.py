@@ -100,6 +100,7 @@ class Decision:
     rule: Optional[str] = None      # the spec rule that named the form, e.g. "attention[1]"
     policy: Optional[str] = None
     params: Dict[str, Any] = field(default_factory=dict)  # resolved per-site parameters (per-head lists, taus)
+    head_forms: Optional[str] = None  # a site whose heads ask for different forms: each form and its heads
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,9 @@ def build_report(ctx: CompileContext) -> Report:
         est = d.estimate
         detail = str(d.form) if d.form else None
         sparse_heads = _sparse_heads(d.params, site.attrs.get("heads"))
-        if detail and sparse_heads is not None:
+        if d.head_forms:
+            detail = d.head_forms
+        elif detail and sparse_heads is not None:
             detail += f" on heads {sparse_heads}"
         record = SiteRecord(
             kind=site.kind, module=site.module, form=getattr(d.form, "name", None), applied=d.apply,

@@ -54,7 +54,8 @@ def test_the_last_covering_sparse_rule_sets_the_policy_off(eager_lowering):
 
 def test_the_last_covering_sparse_rule_sets_the_policy_force(eager_lowering):
     out, site, (q, k, v) = _run([_rule([0], "off"), _rule([3], "force")])
-    assert site.applied and site.policy == "force" and site.form_detail.endswith("on heads [0, 3]")
+    assert site.applied and site.policy == "force"
+    assert site.form_detail.endswith("on heads 0, 3; dense on heads 1-2"), site.form_detail
     torch.testing.assert_close(out.double(), _expected(q, k, v, streaming_heads=(0, 3)), atol=1e-6, rtol=1e-6)
 
 
@@ -63,3 +64,16 @@ def test_a_rule_naming_only_missing_heads_says_so(eager_lowering):
     assert not site.applied
     assert site.reason == "attention[0] name only heads [7, 9], which do not exist (the site has 4 heads)"
     torch.testing.assert_close(out.double(), _expected(q, k, v, streaming_heads=()), atol=1e-6, rtol=1e-6)
+
+
+def test_the_report_groups_per_head_forms(eager_lowering):
+    """Different windows on different heads: the report lists each form with its heads, in head order."""
+    rules = [{"form": "streaming", "sink": 1, "window": 2, "policy": "force"},
+             {"form": "streaming", "sink": 1, "window": 4, "heads": [2, 3], "policy": "force"},
+             {"form": "dense", "heads": [1]}]
+    _, site, _ = _run(rules)
+    assert site.applied
+    (narrow, dense, wide) = site.form_detail.split("; ")
+    assert narrow.endswith("on heads 0") and "window=2" in narrow, site.form_detail
+    assert dense == "dense on heads 1", site.form_detail
+    assert wide.endswith("on heads 2-3") and "window=4" in wide, site.form_detail
