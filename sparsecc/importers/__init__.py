@@ -30,8 +30,9 @@ from sparsecc.importers.common import DEFAULT_ATTENTION_TEMPLATE, _option_error
 from sparsecc.importers.minference import (ALWAYS_KEPT_LINES, MINFERENCE_BLOCK, MINFERENCE_BLOCK_TOPK,
                                            MINFERENCE_LAST_Q, MINFERENCE_MIN_SLASH, MINFERENCE_MIN_VERTICAL,
                                            MINFERENCE_PATTERNS, import_minference, minference_tables)
-from sparsecc.importers.duo_attention import (DUO_CONFIG, DUO_DEFAULT_THRESHOLD, DUO_TSV, duo_attention_tables,
-                                              import_duo_attention)
+from sparsecc.importers.duo_attention import (DUO_CONFIG, DUO_DEFAULT_THRESHOLD, DUO_DEPLOY_RECENT,
+                                              DUO_DEPLOY_SINK, DUO_DEPLOY_SPARSITY, DUO_TSV, duo_attention_tables,
+                                              import_duo_attention, select_streaming, streaming_count)
 from sparsecc.importers.compressed_tensors import (ALLOWED_TARGET, CT_CONTAINERS, CT_SUPPORTED_STRUCTURES,
                                                    MAX_GLOBS_PER_REGEX, _regex_to_globs,
                                                    compressed_tensors_tables, import_compressed_tensors)
@@ -42,7 +43,8 @@ __all__ = ["import_spec", "import_minference", "import_duo_attention", "import_c
            "minference_tables", "duo_attention_tables", "compressed_tensors_tables", "IMPORTERS",
            "IMPORT_OPTIONS", "FORMAT_NAMES", "DEFAULT_ATTENTION_TEMPLATE", "MINFERENCE_LAST_Q", "MINFERENCE_BLOCK",
            "MINFERENCE_MIN_VERTICAL", "MINFERENCE_MIN_SLASH", "ALWAYS_KEPT_LINES", "MINFERENCE_BLOCK_TOPK",
-           "MINFERENCE_PATTERNS", "DUO_TSV", "DUO_CONFIG", "DUO_DEFAULT_THRESHOLD", "CT_CONTAINERS",
+           "MINFERENCE_PATTERNS", "DUO_TSV", "DUO_CONFIG", "DUO_DEFAULT_THRESHOLD", "DUO_DEPLOY_SPARSITY",
+           "DUO_DEPLOY_SINK", "DUO_DEPLOY_RECENT", "select_streaming", "streaming_count", "CT_CONTAINERS",
            "CT_SUPPORTED_STRUCTURES", "MAX_GLOBS_PER_REGEX", "ALLOWED_TARGET", "Spec", "SpecError", "load_spec"]
 
 
@@ -54,7 +56,7 @@ IMPORTERS: Dict[str, Callable[..., Spec]] = {
 # The options each importer takes (the CLI passes only those given).
 IMPORT_OPTIONS: Dict[str, Tuple[str, ...]] = {
     "minference": ("modules_template", "policy"),
-    "duo_attention": ("query_heads", "threshold", "sink", "recent", "modules_template", "policy"),
+    "duo_attention": ("query_heads", "threshold", "sparsity", "sink", "recent", "modules_template", "policy"),
     "compressed_tensors": ("policy",),
 }
 
