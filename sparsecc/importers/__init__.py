@@ -57,7 +57,7 @@ IMPORTERS: Dict[str, Callable[..., Spec]] = {
 IMPORT_OPTIONS: Dict[str, Tuple[str, ...]] = {
     "minference": ("modules_template", "policy"),
     "duo_attention": ("query_heads", "threshold", "sparsity", "sink", "recent", "modules_template", "policy"),
-    "compressed_tensors": ("policy",),
+    "compressed_tensors": ("policy", "model"),
 }
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from itertools import product
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from sparsecc.backend import SparseccWarning
 from sparsecc.spec import SpecError
 from sparsecc.spec.schema import Spec
 from sparsecc.importers.common import _base_spec, _check_policy, _Source, _to_spec
@@ -20,8 +22,16 @@ CT_SUPPORTED_STRUCTURES = ("2:4",)
 MAX_GLOBS_PER_REGEX = 64
 
 
-ALLOWED_TARGET = ('"Linear", an exact module name (e.g. "lm_head"), or "re:<regex>" using only literals, '
-                  '".", ".*", ".+", "\\d", [...] classes, (a|b) groups, "^" and a final "$"')
+ALLOWED_TARGET = ('"Linear", another module class name (needs model=), an exact module name (e.g. "lm_head"), '
+                  'or "re:<regex>" using only literals, ".", ".*", ".+", "\\d", [...] classes, (a|b) groups, '
+                  '"^" and a final "$"')
+# Keys of the container (quantization_config / compression_config) that are not quantization:
+# compressed-tensors' parse_quantization_config removes exactly these before it looks for one.
+CT_NOT_QUANTIZATION = ("sparsity_config", "transform_config", "quant_method", "version")
+# Keys a QuantizationConfig holds besides its groups; alone (no groups, no kv-cache scheme)
+# they quantize nothing.
+CT_QUANTIZATION_BOOKKEEPING = ("format", "quantization_status", "global_compression_ratio", "ignore",
+                               "kv_cache_scheme", "config_groups", "run_compressed")
 
 
 def _glob_literal(text: str) -> str:
@@ -102,11 +112,34 @@ def _regex_to_globs(pattern: str, fail: Callable[[str], SpecError]) -> List[str]
     return globs
 
 
-def _target_globs(src: _Source, path: Tuple[Any, ...], target: Any) -> List[str]:
-    """The module globs of one compressed-tensors target or ignore entry."""
+def _class_names(module: Any) -> List[str]:
+    """The class names compressed-tensors compares a target with: every nn.Module class in the MRO."""
+    import torch
+    names = [cls.__name__ for cls in type(module).__mro__ if isinstance(cls, type) and issubclass(cls, torch.nn.Module)]
+    # compressed-tensors lets vLLM's LinearBase match "Linear".
+    return names + (["Linear"] if "LinearBase" in names else [])
+
+
+def _weight_modules(model: Any) -> List[Tuple[str, Any]]:
+    """Modules that can own a linear site: a linear site's weight is a 2-D parameter of its module."""
+    return [(name, module) for name, module in model.named_modules()
+            if name and any(p.dim() == 2 for p in module.parameters(recurse=False))]
+
+
+def _target_globs(src: _Source, path: Tuple[Any, ...], target: Any, model: Any = None,
+                  resolved: Optional[Dict[str, int]] = None) -> List[str]:
+    """The module globs of one compressed-tensors target or ignore entry.
+
+    compressed-tensors matches an entry against a module's name (``re:`` -> ``re.match``,
+    else equality) *or* its classes (any nn.Module class in its MRO by ``__name__``).
+    Names become globs; ``"Linear"`` becomes ``"*"`` (``[[linear]]`` rules only reach linear
+    sites); any other class name is resolved against ``model`` to the paths of its modules
+    that own a 2-D parameter, and is an error without ``model``.
+    """
     if not isinstance(target, str) or not target or any(c.isspace() for c in target):
         raise src.error(path, value=target, allowed=ALLOWED_TARGET)
     if target.startswith("re:"):
+        # A regex never names a class: ":" cannot occur in a class name.
         def fail(reason: str) -> SpecError:
             return src.error(path, f"is not supported: {reason}", value=target, allowed=ALLOWED_TARGET)
         try:
@@ -116,9 +149,69 @@ def _target_globs(src: _Source, path: Tuple[Any, ...], target: Any) -> List[str]
         return _regex_to_globs(target[3:], fail)
     if target == "Linear":
         return ["*"]  # sparsecc's [[linear]] rules only ever reach linear sites
-    if target.isidentifier() and target[0].isupper():
-        raise src.error(path, "is a class name sparsecc cannot select by", value=target, allowed=ALLOWED_TARGET)
-    return [_glob_literal(target)]
+    if not target.isidentifier():
+        return [_glob_literal(target)]   # a dotted module path cannot be a class name
+    if model is None:
+        if target[0].isupper():
+            raise src.error(path, "is a class name: compressed-tensors matches it against each module's classes, "
+                            "but a spec selects modules by path", value=target,
+                            allowed="pass model= (the model to compile, e.g. built on the meta device) so that "
+                            "sparsecc can find its modules of that class, or list module names or re: patterns "
+                            "instead; without a model only " + ALLOWED_TARGET)
+        return [_glob_literal(target)]
+    # With the model, an identifier is tried both ways, as compressed-tensors does.
+    modules = dict(model.named_modules())
+    of_class = [name for name, module in modules.items() if name and target in _class_names(module)]
+    by_class = [name for name, _ in _weight_modules(model) if name in set(of_class)]
+    if resolved is not None and of_class:
+        resolved[target] = len(by_class)
+    # A name that is neither a module nor a class of the model still becomes its glob, so
+    # that the compile report lists it as a rule that matches nothing.
+    globs = [_glob_literal(target)] if (target in modules or not of_class) else []
+    return globs + [_glob_literal(name) for name in by_class if name != target]
+
+
+def _dropped(data: Mapping[str, Any]) -> List[str]:
+    """What the file holds besides the sparsity config that sparsecc does not apply (quantization, transforms)."""
+    dropped: List[str] = []
+    for name in [c for c in CT_CONTAINERS if isinstance(data.get(c), dict)]:
+        container = data[name]
+        groups = container.get("config_groups")
+        if isinstance(groups, dict):
+            for group, scheme in groups.items():
+                dropped.append(f"quantization: {name}.config_groups.{group} ({_describe_scheme(scheme, container)})")
+        elif groups is not None:
+            dropped.append(f"quantization: {name}.config_groups ({groups!r})")
+        if container.get("kv_cache_scheme") is not None:
+            dropped.append(f"quantization: {name}.kv_cache_scheme ({_describe_args(container['kv_cache_scheme'])})")
+        other = sorted(k for k in container if k not in CT_NOT_QUANTIZATION + CT_QUANTIZATION_BOOKKEEPING)
+        if other:
+            method = container.get("quant_method")
+            dropped.append(f"quantization: {name} keys {', '.join(other)}" + (f" (quant_method {method})" if method else ""))
+        if container.get("transform_config"):
+            dropped.append(f"transform: {name}.transform_config (transforms applied online at inference)")
+    return dropped
+
+
+def _describe_args(args: Any) -> str:
+    if not isinstance(args, dict):
+        return repr(args)
+    kind = f"{args.get('type', '?')}{args.get('num_bits', '')}"
+    extra = ", ".join(f"{k} {args[k]}" for k in ("strategy", "group_size", "dynamic") if args.get(k) is not None)
+    return kind + (f" {extra}" if extra else "")
+
+
+def _describe_scheme(scheme: Any, container: Mapping[str, Any]) -> str:
+    if isinstance(scheme, list):   # a preset name (the group's key) mapped to its targets
+        return f"preset, targets {scheme}"
+    if not isinstance(scheme, dict):
+        return repr(scheme)
+    parts = [f"{role} {_describe_args(scheme[role])}" for role in ("weights", "input_activations", "output_activations")
+             if scheme.get(role) is not None]
+    parts.append(f"targets {scheme.get('targets')}")
+    if container.get("format"):
+        parts.append(f"format {container['format']}")
+    return "; ".join(parts)
 
 
 def _find_sparsity_config(src: _Source, data: Any) -> Tuple[Tuple[str, ...], Mapping[str, Any]]:
@@ -139,12 +232,16 @@ def _find_sparsity_config(src: _Source, data: Any) -> Tuple[Tuple[str, ...], Map
     raise src.error(("quantization_config", "sparsity_config"), "is missing", show_value=False, allowed=allowed)
 
 
-def compressed_tensors_tables(path: Any, *, policy: Optional[str] = None) -> Dict[str, Any]:
+def compressed_tensors_tables(path: Any, *, policy: Optional[str] = None, model: Any = None) -> Dict[str, Any]:
     """The spec (plain v1 data) for a compressed-tensors config; see :func:`import_compressed_tensors`."""
     fmt = "compressed_tensors"
     _check_policy(fmt, policy)
+    if model is not None and not callable(getattr(model, "named_modules", None)):
+        raise SpecError(file=f"<{fmt} import>", key="model", value=type(model).__name__,
+                        allowed="a torch.nn.Module (the model to compile; the meta device is enough)")
     src = _Source(path)
-    where, config = _find_sparsity_config(src, src.json())
+    data = src.json()
+    where, config = _find_sparsity_config(src, data)
     structure = config.get("sparsity_structure")
     supported = "one of " + ", ".join(repr(s) for s in CT_SUPPORTED_STRUCTURES) + " (sparsecc has no unstructured form)"
     if not isinstance(structure, str) or structure.lower() not in CT_SUPPORTED_STRUCTURES:
@@ -162,13 +259,23 @@ def compressed_tensors_tables(path: Any, *, policy: Optional[str] = None) -> Dic
         raise src.error(where + ("format",), value=fmt_name, allowed='a string such as "sparse-24-bitmask"')
     sparsity = config.get("global_sparsity")
 
-    # No targets: compressed-tensors documents that every layer is targeted.
-    target_globs = ["*"] if not lists["targets"] else []
+    # compressed-tensors' match_named_modules reads missing or empty targets as [] and selects
+    # nothing (its config docstring says "all layers", its code does not).
+    resolved: Dict[str, int] = {}
+    target_globs: List[str] = []
     for i, target in enumerate(lists["targets"]):
-        target_globs += [g for g in _target_globs(src, where + ("targets", i), target) if g not in target_globs]
+        globs = _target_globs(src, where + ("targets", i), target, model, resolved)
+        target_globs += [g for g in globs if g not in target_globs]
     ignore_globs: List[str] = []
     for i, target in enumerate(lists["ignore"]):
-        ignore_globs += [g for g in _target_globs(src, where + ("ignore", i), target) if g not in ignore_globs]
+        globs = _target_globs(src, where + ("ignore", i), target, model, resolved)
+        ignore_globs += [g for g in globs if g not in ignore_globs]
+    if not target_globs:
+        ignore_globs = []   # nothing selected: nothing to exclude
+        warnings.warn(f"{src.name}: {'.'.join(where)} selects no module (" +
+                      ("no targets: compressed-tensors then selects nothing" if not lists["targets"] else
+                       "its class targets match no module of the model") + "), so the spec has no [[linear]] rules",
+                      SparseccWarning, stacklevel=3)
     rules = [{"modules": g, "form": "2:4", "prune": "keep"} for g in target_globs]
     # Ignored modules come later, so that they override the targets (later rules win).
     rules += [{"modules": g, "form": "dense"} for g in ignore_globs]
@@ -176,13 +283,24 @@ def compressed_tensors_tables(path: Any, *, policy: Optional[str] = None) -> Dic
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
         sparsity = None  # recorded only when it is a usable number
     options = {"policy": policy, "config_key": ".".join(where), "sparsity_format": fmt_name,
-               "sparsity_structure": structure, "global_sparsity": sparsity}
-    tables = _base_spec(policy, src.provenance(fmt, options))
-    tables["linear"] = rules
+               "sparsity_structure": structure, "global_sparsity": sparsity,
+               "model_class": None if model is None else f"{type(model).__module__}.{type(model).__qualname__}",
+               "class_matches": resolved or None}
+    meta = src.provenance(fmt, options)
+    dropped = _dropped(data)
+    if dropped:
+        # Never silently: the spec would otherwise look like the whole recipe of the checkpoint.
+        meta["import"]["dropped"] = dropped
+        warnings.warn(f"{src.name}: sparsecc applies only the 2:4 sparsity of this checkpoint; not applied: "
+                      + "; ".join(dropped) + ". Load the model with these handled (e.g. decompressed) before "
+                      "compiling; the list is kept in [meta.import] dropped.", SparseccWarning, stacklevel=3)
+    tables = _base_spec(policy, meta)
+    if rules:
+        tables["linear"] = rules
     return tables
 
 
-def import_compressed_tensors(path: Any, *, policy: Optional[str] = None) -> Spec:
+def import_compressed_tensors(path: Any, *, policy: Optional[str] = None, model: Any = None) -> Spec:
     """Import the ``sparsity_config`` of a compressed-tensors checkpoint's ``config.json``.
 
     The config is read from ``quantization_config.sparsity_config`` (or
@@ -198,8 +316,13 @@ def import_compressed_tensors(path: Any, *, policy: Optional[str] = None) -> Spe
     module name -> that name (glob characters escaped); ``"re:<regex>"`` -> the globs that
     accept exactly the names ``re.match`` accepts, for a supported regex subset (``.*``,
     ``.+``, ``.``, ``\\d``, escaped punctuation, ``[...]``, ``(a|b)``, ``^``, a final
-    ``$``; anything else is a SpecError). Missing or empty ``targets`` means every linear
-    layer. Module names are used as they are in the checkpoint, so compile the same
-    top-level model class (e.g. ``*ForCausalLM``).
+    ``$``; anything else is a SpecError). Another class name (``"LlamaMLP"``,
+    ``"Embedding"``) matches modules by class, as in compressed-tensors: give ``model`` (the
+    model you compile; a meta-device copy is enough) and it becomes the paths of that class's
+    modules that own a 2-D parameter; without ``model`` it is a SpecError. Missing or empty
+    ``targets`` select nothing, as in compressed-tensors (a SparseccWarning says so).
+    Quantization or transforms in the file are not applied: a SparseccWarning lists them and
+    ``[meta.import] dropped`` keeps the list. Module names are used as they are in the
+    checkpoint, so compile the same top-level model class (e.g. ``*ForCausalLM``).
     """
-    return _to_spec(compressed_tensors_tables(path, policy=policy), os.fspath(path))
+    return _to_spec(compressed_tensors_tables(path, policy=policy, model=model), os.fspath(path))
