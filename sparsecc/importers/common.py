@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from sparsecc.spec import SpecError, load_spec
 from sparsecc.spec.locate import DuplicateKey, line_at, parse_json
 from sparsecc.spec.schema import POLICIES, Spec, check_glob
+from sparsecc.tune.provenance import library_versions
 
 # HF Llama, Mistral, Qwen2/3 and most decoder-only families name their attention this way;
 # the path is relative to the module that is compiled (a *ForCausalLM here).
@@ -68,13 +69,14 @@ class _Source:
         return SpecError(problem, file=self.name, key=key, line=line, allowed=allowed)
 
     def provenance(self, fmt: str, options: Mapping[str, Any]) -> Dict[str, Any]:
-        """The ``[meta.import]`` table: what was imported, from which bytes, when and how."""
+        """The ``[meta.import]`` table: what was imported, from which bytes, when, how and with which libraries."""
         return {"import": {
             "format": fmt,
             "file": Path(self.name).name,
             "sha256": self.sha256,
             "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
             "options": {k: v for k, v in options.items() if v is not None},
+            "versions": library_versions(),
         }}
 
 
