@@ -6,7 +6,7 @@
         build a model from a factory, capture/match/decide, print the report
     sparsecc calibrate-hw [--device cuda] [--size N] [--no-save]
         measure copy bandwidth, GEMM rates and launch overhead; save a profile that later compiles use
-    sparsecc import FORMAT FILE -o OUT [--modules-template T] [--threshold X] [--sink N] [--recent N]
+    sparsecc import FORMAT FILE -o OUT [--modules-template T] [--threshold X | --sparsity S] [--sink N] [--recent N]
                     [--query-heads H] [--policy P]
         turn a published sparsity file (minference, duo_attention, compressed_tensors) into a spec
 
@@ -51,7 +51,11 @@ def _build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-o", "--out", required=True, help="the spec to write (.toml or .json)")
     imp.add_argument("--modules-template", default=None,
                      help='attention module path with {layer} (default "model.layers.{layer}.self_attn")')
-    imp.add_argument("--threshold", type=float, default=None, help="DuoAttention: gate value that keeps full attention")
+    imp.add_argument("--threshold", type=float, default=None,
+                     help="DuoAttention: gate value from which a KV head keeps full attention (give this or --sparsity)")
+    imp.add_argument("--sparsity", type=float, default=None,
+                     help="DuoAttention: quantile in [0, 1] of all gates below which KV heads stream "
+                          "(DuoAttention's scripts use 0.5; give this or --threshold)")
     imp.add_argument("--sink", type=int, default=None, help="DuoAttention: sink tokens (default: sink_size)")
     imp.add_argument("--recent", type=int, default=None, help="DuoAttention: recent tokens (default: recent_size)")
     imp.add_argument("--query-heads", type=int, default=None,
@@ -108,7 +112,8 @@ def _calibrate_hw(args) -> int:
 
 def _import(args) -> int:
     from sparsecc.importers import import_spec
-    given = {"modules_template": args.modules_template, "threshold": args.threshold, "sink": args.sink,
+    given = {"modules_template": args.modules_template, "threshold": args.threshold, "sparsity": args.sparsity,
+             "sink": args.sink,
              "recent": args.recent, "query_heads": args.query_heads, "policy": args.policy}
     spec = import_spec(args.format, args.file, **{k: v for k, v in given.items() if v is not None})
     spec.save(args.out)

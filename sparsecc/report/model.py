@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,6 +48,18 @@ class SiteRecord:
         d = asdict(self)
         d["predicted_speedup"] = self.predicted_speedup
         return d
+
+
+_KIND_ORDER = {"attention": 0, "ffn": 1, "linear": 2}
+
+
+def rule_sort_key(key: str) -> Tuple[int, str, int, str]:
+    """Order rule keys by kind, then index as a number: ``attention[9]`` before ``attention[10]``."""
+    match = re.fullmatch(r"([A-Za-z_]+)\[(\d+)\]", key)
+    if match is None:
+        return (len(_KIND_ORDER), key, 0, key)   # not a rule key: after the rules, by text
+    kind, index = match.group(1), int(match.group(2))
+    return (_KIND_ORDER.get(kind, len(_KIND_ORDER)), kind, index, key)
 
 
 @dataclass
@@ -97,13 +110,17 @@ class Report:
 
     def unmatched_rules(self) -> List[str]:
         """The spec rules that cover no site of any graph, as ``key (modules='glob')``."""
-        return [f"{key} (modules={glob!r})" for key, (_, glob) in self.rules.items() if key not in self.matched_rules]
+        return [f"{key} (modules={glob!r})" for key, (_, glob) in self._sorted_rules() if key not in self.matched_rules]
+
+    def _sorted_rules(self) -> List[Tuple[str, Tuple[str, str]]]:
+        # Reports merged from several graphs can hold the keys in any order; list them numerically.
+        return sorted(self.rules.items(), key=lambda item: rule_sort_key(item[0]))
 
     @property
     def warnings(self) -> List[str]:
         """Everything the user should look at: notes of the stages, rules that match nothing, recompiles."""
         out = list(self.notes)
-        out += [f"{key} (modules={glob!r}) matches no {kind} site" for key, (kind, glob) in self.rules.items()
+        out += [f"{key} (modules={glob!r}) matches no {kind} site" for key, (kind, glob) in self._sorted_rules()
                 if key not in self.matched_rules]
         if self.recompiles:
             out.append(f"{self.recompiles} recompile(s): each frame shows the sites of its latest graph")

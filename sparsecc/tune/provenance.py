@@ -63,6 +63,24 @@ def count_items(batches) -> int:
     return total
 
 
+def library_versions() -> dict:
+    """Versions of the libraries that shaped a spec: sparsecc, torch and (when installed) transformers."""
+    import sys
+    import sparsecc
+    versions = {"sparsecc": sparsecc.__version__, "torch": str(torch.__version__)}
+    loaded = sys.modules.get("transformers")
+    if loaded is not None and hasattr(loaded, "__version__"):
+        versions["transformers"] = str(loaded.__version__)
+    else:
+        # Installed but not imported: read its metadata rather than pay for the import.
+        from importlib import metadata
+        try:
+            versions["transformers"] = metadata.version("transformers")
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second (a string: spec [meta] holds no TOML dates)."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -243,6 +243,7 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
         "model_class": provenance.model_class(model),
         "config_hash": provenance.config_hash(model),
         "date": provenance.utc_now(),
+        "versions": provenance.library_versions(),
         "calibration": {"batches": len(batches), "items": provenance.count_items(batches),
                         "hash": provenance.batches_hash(batches), "search_batches": len(searched)},
         "target": {"ffn_sparsity": target},
