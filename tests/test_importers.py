@@ -82,16 +82,18 @@ def test_meta_records_provenance():
 
 def test_minference_tables_map_every_pattern():
     rules = minference_tables(DATA / "minference_mixed.json")["attention"]
-    vs = {"form": "vertical_slash", "last_q": 64, "block": 64}
-    topk = {"form": "block_topk", "block": 64, "topk": 100, "sink_blocks": 0, "local_blocks": 0, "pool": "mean"}
+    # MInference sparsifies prefill only: every imported rule says so.
+    vs = {"form": "vertical_slash", "last_q": 64, "block": 64, "phase": "prefill"}
+    topk = {"form": "block_topk", "block": 64, "topk": 100, "sink_blocks": 0, "local_blocks": 0, "pool": "mean",
+            "phase": "prefill"}
     layer0, layer1 = "model.layers.0.self_attn", "model.layers.1.self_attn"
     assert rules == [
         # MInference's budgets include column 0 and the main diagonal; sparsecc's do not.
         {"modules": layer0, "heads": [0, 1], **vs, "vertical": 999, "slash": 6095},
-        {"modules": layer0, "heads": [2], "form": "streaming", "sink": 4, "window": 16},
+        {"modules": layer0, "heads": [2], "form": "streaming", "sink": 4, "window": 16, "phase": "prefill"},
         {"modules": layer0, "heads": [3], **topk},
         # a_shape and stream_llm are one pattern: heads 0, 1 and 3 share a rule.
-        {"modules": layer1, "heads": [0, 1, 3], "form": "streaming", "sink": 2, "window": 8},
+        {"modules": layer1, "heads": [0, 1, 3], "form": "streaming", "sink": 2, "window": 8, "phase": "prefill"},
         # MInference raises budgets below 30 columns / 50 diagonals to those minimums.
         {"modules": layer1, "heads": [2], **vs, "vertical": 29, "slash": 49},
     ]

@@ -26,6 +26,10 @@ MINFERENCE_BLOCK_TOPK = 100
 MINFERENCE_PATTERNS = ("vertical_and_slash", "stream_llm", "a_shape", "block_sparse")
 
 
+# MInference sparsifies prefill only; decode runs dense attention (its forward's dense path for one query).
+PREFILL = "prefill"
+
+
 def _minference_form(src: _Source, path: Tuple[Any, ...], entry: Any) -> Dict[str, Any]:
     allowed_entry = "[pattern, size_a, size_b, score] with pattern one of " + ", ".join(MINFERENCE_PATTERNS)
     if not isinstance(entry, list) or len(entry) != 4:
@@ -42,14 +46,14 @@ def _minference_form(src: _Source, path: Tuple[Any, ...], entry: Any) -> Dict[st
         return {"form": "vertical_slash", "last_q": MINFERENCE_LAST_Q,
                 "vertical": max(size_a, MINFERENCE_MIN_VERTICAL) - ALWAYS_KEPT_LINES,
                 "slash": max(size_b, MINFERENCE_MIN_SLASH) - ALWAYS_KEPT_LINES,
-                "block": MINFERENCE_BLOCK}
+                "block": MINFERENCE_BLOCK, "phase": PREFILL}
     if name in ("stream_llm", "a_shape"):
         if size_b < 1:
             raise src.error(path + (2,), value=size_b, allowed="an integer >= 1 (the local window of stream_llm)")
-        return {"form": "streaming", "sink": size_a, "window": size_b}
+        return {"form": "streaming", "sink": size_a, "window": size_b, "phase": PREFILL}
     # block_sparse: the kernel ignores both sizes (see MINFERENCE_BLOCK_TOPK).
     return {"form": "block_topk", "block": MINFERENCE_BLOCK, "topk": MINFERENCE_BLOCK_TOPK,
-            "sink_blocks": 0, "local_blocks": 0, "pool": "mean"}
+            "sink_blocks": 0, "local_blocks": 0, "pool": "mean", "phase": PREFILL}
 
 
 def minference_tables(path: Any, *, modules_template: str = DEFAULT_ATTENTION_TEMPLATE,
