@@ -300,13 +300,17 @@ def _weighted_verdict(site: Site, ctx, form, rule_key: str, policy: str, estimat
     if ctx.kernels == "triton" and policy != "off":
         return fallback(form, rule_key, policy, f"kernels='triton' but {_WEIGHTED_NO_KERNEL}", estimate, **params)
     decision = verdict(site, ctx, form, rule_key, policy, estimate, "threshold_linear", **params)
-    if not decision.apply or ctx.kernels == "reference" or not ctx.has_kernel("threshold_linear", site.device):
+    if ctx.kernels == "reference" or not ctx.has_kernel("threshold_linear", site.device):
         return decision
-    if policy == "force":
+    if policy == "force" and decision.apply:
         return replace(decision, reason=decision.reason.replace("triton kernel", "reference") +
                        f" ({_WEIGHTED_NO_KERNEL})")
-    return replace(decision, apply=False, reason=f"auto: kept dense, {_WEIGHTED_NO_KERNEL}, "
-                   "which is slower than dense")
+    if policy == "auto" and not ctx.autograd:
+        # docs/spec.md: under auto a site whose form has no fast kernel stays dense and the report says so. The
+        # estimate above is the scalar kernel's, which this site cannot run, so it decides nothing either way.
+        return replace(decision, apply=False, reason=f"auto: kept dense, {_WEIGHTED_NO_KERNEL}, "
+                       "which is slower than dense")
+    return decision
 
 
 def column_norms(weight: torch.Tensor, in_out: bool = False) -> torch.Tensor:

@@ -267,3 +267,44 @@ def test_gpu_decode(sq, hkv):
     ref = streaming_attention_ref(q.float(), k.float(), v.float(), **kw)
     out = streaming_attention(q, k, v, out=poisoned(q), **kw)
     assert not out.isnan().any() and rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["streaming", "table"])
+def test_gpu_prefill_every_autotune_config(layout):
+    """Each autotuner candidate of the prefill kernel, TMA loads included, computes the same attention.
+
+    The suite keeps every autotuner's first config (SPARSECC_AUTOTUNE=first in tests/conftest.py), but a tuned
+    run may pick any candidate, so each is launched once here on ragged tiles (1000 rows). A candidate that does
+    not fit the GPU (Triton's OutOfResources) is one the autotuner drops too; at least one must run.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    from sparsecc.codegen import block_attention as ba
+    from sparsecc.codegen import block_attention_kernels as kern
+
+    d, s, scale = 128 if layout == "streaming" else 64, 1000, 0.09
+    q, k, v = make_qkv(17, 1, 8, 2, s, s, d, torch.bfloat16, "cuda")
+    if layout == "streaming":
+        kw = dict(sinks=ba._rule_vectors((16,) * 8, (300,) * 8, q.device)[0],
+                  windows=ba._rule_vectors((16,) * 8, (300,) * 8, q.device)[1])
+        ref = streaming_attention_ref(q.float(), k.float(), v.float(), sink=[16], window=[300], scale=scale,
+                                      causal=True)
+        configs = kern._configs(128, tma=kern.tma_supported(k, v))
+        assert any(c.kwargs["USE_TMA"] for c in configs), "an H100/H200 offers TMA configs"
+    else:
+        table = block_sparse_table(BlockSparse(128, local_blocks=2, global_blocks=1, random_blocks=1, seed=3), 8,
+                                   s, s, True, device="cuda")
+        kw = dict(table=table)
+        ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), table=table, scale=scale)
+        configs = kern._configs(64, 128, 128)
+    ran = 0
+    for cfg in configs:
+        config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        try:
+            out = ba._launch_prefill(q, k, v, None, scale, True, False, out=poisoned(q), config=config, **kw)
+        except OutOfResources:
+            continue
+        ran += 1
+        assert not out.isnan().any() and rel_err(out, ref) < 1e-2, config
+    assert ran > 0

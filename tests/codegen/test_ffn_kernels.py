@@ -32,7 +32,9 @@ def test_interpreter_checks():
 
 
 def randn(gen, *shape, dtype, device="cpu", scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    """Drawn where ``gen`` lives (a CUDA generator for GPU shapes: tens of millions of CPU draws took seconds)."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64, device=gen.device) * scale).to(device=device,
+                                                                                                   dtype=dtype)
 
 
 def rounded(v, dtype):
@@ -301,7 +303,7 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_gate_sparse_ffn_gpu(dtype, m, gated, sparsity):
     from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
-    gen = torch.Generator().manual_seed(m + int(100 * sparsity))
+    gen = cuda_generator(m + int(100 * sparsity))
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 4096, 14336, 4096, gated, True, dtype, "cuda")
     # float32 oracle on the GPU with the same roundings (linear outputs, activation, g) as the kernel.
     lin = (x.float() @ wg.float().T + bg.float()).to(dtype).float()
@@ -316,6 +318,25 @@ def test_gate_sparse_ffn_gpu(dtype, m, gated, sparsity):
     y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, out=out)
     assert bool(torch.isfinite(y).all())
     assert rel_err(y, ref) < 1e-2
+
+
+def cuda_generator(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+# One 2:4 weight per (dtype, N, K), shared by the parametrized cases below. A deployed model compresses a weight
+# for cuSPARSELt once and searches its algorithm once per token bucket (semi_structured_linear.py's cache); a fresh
+# weight per case redid both 64 times, which made this file the slowest of the GPU suite. Token counts and
+# activations still vary per case, so every bucket's search and every epilogue runs.
+_SHARED_2TO4 = {}
+
+
+def shared_2to4_weight(dtype, n, k):
+    key = (dtype, n, k)
+    if key not in _SHARED_2TO4:
+        gen = cuda_generator(n + k)
+        _SHARED_2TO4[key] = compress_2to4(randn(gen, n, k, dtype=dtype, device="cuda", scale=k ** -0.5))
+    return _SHARED_2TO4[key]
 
 
 def cusparselt_or_skip():
@@ -333,8 +354,8 @@ def test_semi_structured_linear_gpu(dtype, m, n, k, act):
     cusparselt_or_skip()
     from sparsecc.codegen.epilogue import activation_ref
     from sparsecc.codegen.semi_structured_linear import prepared_weight, semi_structured_linear_act
-    gen = torch.Generator().manual_seed(m)
-    c = compress_2to4(randn(gen, n, k, dtype=dtype, device="cuda", scale=k ** -0.5))
+    gen = cuda_generator(m)
+    c = shared_2to4_weight(dtype, n, k)
     x = randn(gen, m, k, dtype=dtype, device="cuda")
     b = randn(gen, n, dtype=dtype, device="cuda")
     y = semi_structured_linear_act(x, c.values, c.indices, b, act)
@@ -348,7 +369,7 @@ def test_semi_structured_linear_gpu(dtype, m, n, k, act):
 def test_semi_structured_linear_gpu_fallbacks_and_recompression():
     """Shapes cuSPARSELt cannot take run dense (right answer); an in-place recompression is picked up."""
     from sparsecc.codegen.semi_structured_linear import prepared_weight, semi_structured_linear
-    gen = torch.Generator().manual_seed(9)
+    gen = cuda_generator(9)
     c = compress_2to4(randn(gen, 24, 40, dtype=torch.bfloat16, device="cuda"))  # 40 is not a multiple of 16
     x = randn(gen, 3, 40, dtype=torch.bfloat16, device="cuda")
     assert rel_err(semi_structured_linear(x, c.values, c.indices, None), x.float() @ c.to_dense().float().T) < 1e-2
@@ -372,7 +393,7 @@ def test_ops_dispatch_to_the_cuda_paths():
     """``torch.ops.sparsecc.*`` with kernels='triton' on CUDA run these implementations and agree with them."""
     from sparsecc.codegen import ops
     from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
-    gen = torch.Generator().manual_seed(13)
+    gen = cuda_generator(13)
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 2, 512, 1024, 512, True, False, torch.bfloat16, "cuda")
     tau = 0.05
     y = ops.op("gate_sparse_ffn")(x, wg, bg, wu, bu, wd, bd, "silu", tau, "triton")

@@ -42,7 +42,8 @@ SMALL_GEMV = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4)
 
 
 def randn(gen, *shape, dtype, device="cpu"):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    """Drawn where ``gen`` lives (a CUDA generator for GPU shapes: tens of millions of CPU draws took seconds)."""
+    return torch.randn(*shape, generator=gen, dtype=torch.float64, device=gen.device).to(device=device, dtype=dtype)
 
 
 def assert_matches(out, ref, dtype):
@@ -238,7 +239,7 @@ gpu = pytest.mark.gpu
     (7, 1024, 4096, (16, 32), 0.1, "relu2"),
 ])
 def test_block_sparse_linear_gpu(dtype, m, n, k, block, density, activation, swap_ab):
-    gen = torch.Generator().manual_seed(m)
+    gen = torch.Generator(device="cuda").manual_seed(m)
     c = compress_block_weights(randn(gen, n, k, dtype=dtype, device="cuda"), BlockWeights(block, density))
     x = randn(gen, m, k, dtype=dtype, device="cuda")
     bias = randn(gen, n, dtype=dtype, device="cuda")
@@ -257,7 +258,7 @@ def test_block_sparse_linear_gpu(dtype, m, n, k, block, density, activation, swa
 @pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336)])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_threshold_linear_gpu(dtype, m, n, k, sparsity):
-    gen = torch.Generator().manual_seed(m + n)
+    gen = torch.Generator(device="cuda").manual_seed(m + n)
     x = randn(gen, m, k, dtype=dtype, device="cuda")
     tau = float(torch.quantile(x.abs().float().flatten(), sparsity))
     w = randn(gen, n, k, dtype=dtype, device="cuda") / k ** 0.5

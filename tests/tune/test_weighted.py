@@ -102,6 +102,36 @@ def test_weighted_gate_mode_falls_back():
     assert not site.applied and "mode input only" in site.reason
 
 
+@pytest.mark.parametrize("margin", [1.05, 0.01])
+def test_auto_on_a_gpu_keeps_weighted_sites_dense_for_want_of_a_kernel(monkeypatch, margin):
+    """docs/spec.md: under auto, a site whose form has no fast kernel stays dense and the report says so.
+
+    The decision is made as on an H200 (its profile, the threshold GEMV registered for the device, CPU sites
+    not kept dense by rule), so it runs on any machine. Whether the scalar kernel's estimate would keep the site
+    dense (margin 1.05) or apply it (margin 0.01), the reason is the missing per-channel kernel.
+    """
+    from sparsecc import backend
+    from sparsecc.codegen import ops
+    from sparsecc.cost.hardware import H200
+    from sparsecc.passes import decide
+
+    monkeypatch.setattr(backend, "profile_for", lambda device: H200)
+    monkeypatch.setattr(ops, "has_triton_kernel", lambda op, device: op == "threshold_linear")
+    monkeypatch.setattr(decide, "KEEP_CPU_DENSE", False)
+    torch.manual_seed(8)
+    rule = {"form": "activation_threshold", "threshold": {"input": 0.6}}
+    for criterion, kept_dense_because in (("weighted", "takes one scalar"), ("magnitude", None)):
+        spec = {"version": 1, "defaults": {"policy": "auto", "margin": margin},
+                "ffn": [{**rule, "criterion": criterion}]}
+        with torch.no_grad():
+            report = sparsecc.explain(zoo.PlainGeluFFN().eval(), torch.randn(1, 1, 32), spec=spec)
+        site = [s for s in report.sites if s.kind == "ffn"][0]
+        if kept_dense_because:
+            assert not site.applied and kept_dense_because in site.reason, site.reason
+        else:   # the magnitude criterion has the kernel: the estimate decides, so the margin flips it
+            assert site.applied == (margin < 1) and "H200" in site.reason, site.reason
+
+
 class _Wrapped(torch.nn.Module):
     def __init__(self, mlp):
         super().__init__()
