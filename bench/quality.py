@@ -3,6 +3,8 @@
     HF_HUB_OFFLINE=1 python bench/quality.py            # full sweep, writes bench/RESULTS.md + plot
     python bench/quality.py --quick --no-write          # a smaller smoke run
     python bench/quality.py --study                     # corrections beyond the form (printed only)
+    python bench/quality.py --text pydoc [--lm smollm2-135m] [--ctx 512] [--windows 2]
+                                                        # perplexity of a causal LM, dense vs uniform vs tuned
 
 Sentences are docstrings of Python standard-library modules (read from their
 source files with ``ast``, nothing imported), alternately split into a
@@ -16,6 +18,15 @@ single-projection errors of a sensitivity table measured on the calibration
 half). The section also holds that sensitivity table and the natural sparsity of
 each projection's input. The tuned 50% specs are also compiled through sparsecc
 (reference kernels) to check they give the hook path's embeddings.
+
+With ``--text FILES`` (or ``--text pydoc``), the bench measures a causal LM
+instead (``--lm``, default smollm2-135m; MiniLM is an encoder and has no
+perplexity): for each ``--lm-targets`` sparsity, uniform and tuned FFN
+thresholds (calibrated and searched on ``--calib-windows`` windows that follow
+the evaluated ones in the text), each with its output error (the tuner's
+relative squared error of the logits, hook path) and its perplexity through
+``sparsecc.compile`` (policy forced) beside the dense perplexity. It prints
+only; RESULTS.md is not touched.
 """
 
 from __future__ import annotations
@@ -258,7 +269,17 @@ def main(argv=None):
     parser.add_argument("--no-write", action="store_true", help="print only; no RESULTS.md section, no plot")
     parser.add_argument("--study", action="store_true",
                         help="only print what corrections outside the form would give (docs/tune.md); writes nothing")
+    lm = parser.add_argument_group("perplexity", "--text switches the bench to a causal LM (printed only)")
+    lm.add_argument("--text", nargs="+", metavar="FILE", help="text files, or 'pydoc' (the pydoc topics)")
+    lm.add_argument("--lm", default="smollm2-135m", help="causal LM reference (sparsecc.tune.models)")
+    lm.add_argument("--lm-targets", type=float, nargs="+", default=[0.4], help="FFN sparsities (default 0.4)")
+    lm.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    lm.add_argument("--windows", type=int, default=2, help="evaluated windows (default 2)")
+    lm.add_argument("--calib-windows", type=int, default=1,
+                    help="windows after the evaluated ones that calibrate and search (default 1)")
     args = parser.parse_args(argv)
+    if args.text:
+        return perplexity_bench(args)
     if args.quick:
         args.sentences, args.search_batches, args.step, args.sensitivity_batches = 64, 1, 0.2, 2
     from transformers import AutoModel, AutoTokenizer
@@ -324,6 +345,47 @@ def main(argv=None):
     if not args.no_write:
         plot(curves, ROOT / "bench" / "plots" / "quality_minilm.png")
         append_section(table)
+    return rows
+
+
+def perplexity_bench(args):
+    """Dense vs uniform vs tuned FFN thresholds on a causal LM: output error and perplexity per target."""
+    from sparsecc.tune import ffn_rules, measure, tune_ffn
+    from sparsecc.tune.ffn import uniform_allocation
+    from sparsecc.tune.evalcli import windows_for
+    from sparsecc.tune.models import load_model
+    from sparsecc.tune.quality import evaluate, model_kwargs, perplexity
+    from sparsecc.spec import Defaults, Spec
+
+    start = time.time()
+    model, tok = load_model(args.lm)
+    evaluated, calibration = windows_for(tok, args.text, args.ctx, args.windows, None, args.calib_windows)
+    if not calibration:
+        raise SystemExit("--calib-windows must be >= 1: the thresholds are calibrated on windows of the text")
+
+    def batches(windows):
+        return [{"input_ids": w.ids[None], **model_kwargs(model)} for w in windows]
+
+    calib, held_out = batches(calibration), batches(evaluated)
+    tuning = tune_ffn(model, calib, args.lm_targets, step=args.step, progress=True)
+    dense = perplexity(model, evaluated, desc="dense perplexity")
+    print(f"{args.lm}: {len(evaluated)} windows of {args.ctx} tokens of {' '.join(args.text)}, thresholds from "
+          f"{len(calibration)} later windows; greedy step {args.step}; dense perplexity {dense.value:.4f}", flush=True)
+    rows = ["| FFN sparsity | allocation | output error (logits) | measured sparsity | perplexity | vs dense |",
+            "|---|---|---|---|---|---|"]
+    total = sum(p.weight_elements for p in tuning.projections)
+    for target in sorted(args.lm_targets):
+        for name, taus in (("uniform", uniform_allocation(tuning.projections, tuning.scores, target)),
+                           ("tuned", tuning.allocation(target).taus)):
+            error, sparsity = measure(model, held_out, tuning.projections, taus, "magnitude")
+            measured = sum(p.weight_elements * sparsity.get(p, 0.0) for p in tuning.projections) / total
+            spec = Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(tuning.projections, taus, "magnitude")))
+            result = evaluate(model, spec, evaluated, dense=dense, lowering_kind="eager", progress=True)
+            rows.append(f"| {target:.0%} | {name} | {error:.3e} | {measured:.3f} | {result.sparse.value:.4f} | "
+                        f"{100 * result.relative_change:+.2f}% |")
+            print(rows[-1], flush=True)
+    print("\n".join(rows))
+    print(f"{(time.time() - start) / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads")
     return rows
 
 

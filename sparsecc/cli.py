@@ -9,6 +9,8 @@
     sparsecc import FORMAT FILE -o OUT [--modules-template T] [--threshold X | --sparsity S] [--sink N] [--recent N]
                     [--query-heads H] [--policy P]
         turn a published sparsity file (minference, duo_attention, compressed_tensors) into a spec
+    sparsecc eval MODEL --spec SPEC --text FILE... [--ctx N] [--windows K] [--force]
+        dense vs sparse perplexity of a causal LM through the compiled model (docs/tune.md)
 
 A factory is a callable ``FACTORY()`` in an importable module. It returns
 either a model, or ``(model, example_inputs)`` where example_inputs is a tuple
@@ -64,6 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
     # Listed for `sparsecc --help`; its arguments are parsed by sparsecc.tune.cli (main dispatches before parsing).
     sub.add_parser("tune", add_help=False,
                    help="tune a spec on calibration data (`sparsecc tune --help`; see docs/tune.md)")
+    # Likewise parsed by sparsecc.tune.evalcli.
+    sub.add_parser("eval", add_help=False,
+                   help="dense vs sparse perplexity of a causal LM on text (`sparsecc eval --help`; docs/tune.md)")
     return parser
 
 
@@ -129,6 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["tune"]:
         from sparsecc.tune.cli import cli_main
         return cli_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from sparsecc.tune.evalcli import eval_main
+        return eval_main(argv[1:])
     args = _build_parser().parse_args(argv)
     from sparsecc.spec import SpecError, load_spec
     try:

@@ -8,6 +8,9 @@
 * :func:`ffn_sensitivity` measures each FFN projection's output error alone at
   each sparsity level (the table behind the separable allocation, docs/tune.md).
 * :func:`cli_main` is the ``sparsecc tune`` command line.
+* :mod:`sparsecc.tune.models` loads a causal LM and its tokenizer (``smollm2-135m``, a ``.gguf``
+  file, a directory, a hub id); :mod:`sparsecc.tune.quality` computes perplexity, eagerly or through
+  ``sparsecc.compile``, dense vs sparse; :mod:`sparsecc.tune.evalcli` is ``sparsecc eval``.
 """
 
 import sys

@@ -29,7 +29,8 @@ def _resolve(ref: str, what: str) -> Callable:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsecc tune", description="Tune a sparsity spec on calibration data.")
     p.add_argument("--model", required=True,
-                   help="MODULE:CALLABLE returning the model (or CALLABLE with --model-module MODULE)")
+                   help="MODULE:CALLABLE returning the model (or CALLABLE with --model-module MODULE), or a causal "
+                        "LM reference: smollm2-135m, a .gguf file, a saved directory or a hub id")
     p.add_argument("--model-module", help="module holding the --model callable")
     p.add_argument("--data", required=True,
                    help="calibration batches: a torch.save'd list of batches, or MODULE:CALLABLE returning them "
@@ -42,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=float, default=0.05, help="greedy sparsity step (default 0.05)")
     p.add_argument("--policy", choices=("auto", "force", "off"), default="auto", help="defaults.policy of the spec")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    text = p.add_argument_group("perplexity", "with --text, also report dense vs tuned perplexity of a causal LM")
+    text.add_argument("--text", nargs="+", metavar="FILE",
+                      help="text files, or 'pydoc' for the pydoc topics shipped with Python")
+    text.add_argument("--tokenizer", help="model reference to take the tokenizer from (default: --model's, "
+                                          "when it is a model reference)")
+    text.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    text.add_argument("--windows", type=int, default=2, help="windows from the start of the text (default 2)")
+    text.add_argument("--stride", type=int, default=None, help="strided windows (default: non-overlapping)")
     return p
 
 
@@ -58,9 +67,23 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
     """Run ``sparsecc tune`` with ``argv`` (default: sys.argv[1:]); returns the exit status."""
     from sparsecc.tune.tuner import tune
 
+    from sparsecc.tune.models import ModelLoadError, is_model_ref, load_model
+
     args = _parser().parse_args(argv)
-    ref = f"{args.model_module}:{args.model}" if args.model_module else args.model
-    model = _resolve(ref, "--model")()
+    tokenizer = None
+    try:
+        if not args.model_module and is_model_ref(args.model):
+            model, tokenizer = load_model(args.model)
+        else:
+            ref = f"{args.model_module}:{args.model}" if args.model_module else args.model
+            model = _resolve(ref, "--model")()
+        if args.tokenizer:
+            _, tokenizer = load_model(args.tokenizer)
+    except ModelLoadError as err:
+        raise SystemExit(f"sparsecc tune: --model/--tokenizer: {err}") from None
+    if args.text and tokenizer is None:
+        raise SystemExit("sparsecc tune: --text needs a tokenizer: give --tokenizer, or a model reference as --model")
+    windows = _text_windows(tokenizer, args) if args.text else None   # text errors before the long tuning run
     batches = _load_data(args.data)
     spec = tune(model, batches, target=args.target, out=args.out, criterion=args.criterion, step=args.step,
                 attention_density=args.attention_density, policy=args.policy, progress=not args.no_progress)
@@ -69,6 +92,35 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
           f"(measured {achieved['ffn_sparsity_measured']:.3f}), output error {achieved['output_error']:.3e}"
           + (f", attention recall {achieved['attention_recall']:.4f} at density "
              f"{achieved['attention_density']:.3f}" if "attention_recall" in achieved else ""))
+    if windows is not None:
+        return _report_perplexity(model, spec, windows, args)
+    return 0
+
+
+def _text_windows(tokenizer, args):
+    from sparsecc.tune.quality import read_texts, token_windows, tokenize
+    try:
+        return token_windows(tokenize(tokenizer, read_texts(args.text)), args.ctx, args.windows, args.stride)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"sparsecc tune: --text: {err}") from None
+
+
+def _report_perplexity(model, spec, windows, args) -> int:
+    """Dense vs tuned perplexity on the --text windows, the tuned spec compiled with policy forced.
+
+    The written spec keeps --policy; the measurement forces it because a perplexity of sites the cost model
+    kept dense would say nothing about the thresholds (on CPU, ``auto`` keeps most sites dense).
+    """
+    from sparsecc.tune.quality import NothingRewrittenError, default_kernels, evaluate
+    lowering = "inductor" if default_kernels(model) == "auto" else "eager"
+    try:
+        result = evaluate(model, spec, windows, force=True, lowering_kind=lowering, progress=not args.no_progress)
+    except NothingRewrittenError as err:
+        print(f"sparsecc tune: --text: {err}", file=sys.stderr)
+        return 1
+    print(f"sparsecc tune: perplexity on {' '.join(args.text)} ({result.dense.windows} windows of {args.ctx} "
+          f"tokens, tuned spec compiled with policy forced): dense {result.dense.value:.4f}, tuned "
+          f"{result.sparse.value:.4f} ({100 * result.relative_change:+.2f}%); {result.lines()[0]}")
     return 0
 
 
