@@ -112,8 +112,10 @@ def test_block_sparse_random_blocks_folded_heads(c, random_blocks, seed):
     q, k, v, mask = cases.tensors(c)
     out, report = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
     hn.assert_dense(report, "attention", hn.SITE, because="cannot be told from batch elements")
-    exp, valid = oracle.expected_attention(q, k, v, [None] * c.heads, causal=c.causal, mask=mask, scale=c.scale)
-    hn.assert_rows_close(out, exp, valid, c.torch_dtype, what=f"{c}")
+    # dense fallback runs the model's own computation (in bf16 its softmax too), so compare with the model
+    with torch.no_grad():
+        own = cases.model_of(c)(q, k, v, mask)
+    torch.testing.assert_close(out, own, **hn.tolerance(c.torch_dtype))
 
 
 def check_random_blocks(c, random_blocks, seed):
