@@ -48,22 +48,24 @@ def mask_rows_moved(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
     return mask_query_positions(mask, seq_q, seq_k) != default
 
 
-def mask_is_causal(mask: torch.Tensor, seq: int, rows_per_chunk: int = 1024) -> bool:
-    """True when a ``[.., seq, seq]`` mask removes every key after each query (bool False, or additive <= -1e4).
+def mask_is_causal(mask: torch.Tensor, seq_q: int, seq_k: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """Per batch element of the mask, whether it removes every key after each query's position
+    ``p = i + Sk - Sq`` (bool False, or additive <= -1e4): a causal mask passed as a tensor, padded or not.
 
-    Reads the mask once, ``rows_per_chunk`` rows at a time (never a second
-    ``seq x seq`` tensor), and returns to the host once.
+    Returns a bool ``[B|1]`` tensor (the mask's own batch size, 1 when it has fewer than 4 dims). Reads the
+    mask ``rows_per_chunk`` rows at a time (never a second ``Sq x Sk`` tensor).
     """
-    keep = _mask_keeps(mask, seq)
-    if keep.shape[-2] == 1:        # one row broadcast to every query: causal only for a single key
-        return seq == 1 or not bool(keep[..., 1:].any())
-    keys = torch.arange(seq, device=mask.device)
-    later = torch.zeros((), dtype=torch.bool, device=mask.device)
-    for r0 in range(0, seq, rows_per_chunk):
-        r1 = min(seq, r0 + rows_per_chunk)
-        rows = torch.arange(r0, r1, device=mask.device)[:, None]
-        later = later | (keep[..., r0:r1, :] & (keys[None, :] > rows)).any()
-    return not bool(later)
+    keep = _mask_keeps(mask, seq_k)
+    offset = seq_k - seq_q
+    keys = torch.arange(seq_k, device=mask.device)
+    if keep.shape[-2] == 1:        # one row broadcast to every query: the first query's later keys decide
+        return ~keep[..., offset + 1:].flatten(1).any(-1)
+    later = torch.zeros(keep.shape[0], dtype=torch.bool, device=mask.device)
+    for r0 in range(0, seq_q, rows_per_chunk):
+        r1 = min(seq_q, r0 + rows_per_chunk)
+        positions = torch.arange(r0, r1, device=mask.device)[:, None] + offset
+        later = later | (keep[..., r0:r1, :] & (keys[None, :] > positions)).flatten(1).any(-1)
+    return ~later
 
 
 def mask_query_end(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:

@@ -250,10 +250,23 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """
     if dense_below > 0 and k.shape[2] < dense_below:
         return dense_attention(q, k, v, mask, scale, causal)
-    if not causal and mask is not None and q.shape[2] == k.shape[2] and mask_is_causal(mask, q.shape[2]):
-        # docs/spec.md: a mask that removes every key after the query makes the estimate causal, as is_causal
-        # does (HF passes its causal mask as a tensor whenever a batch is padded).
-        causal = True
+    sq, sk = q.shape[2], k.shape[2]
+    if not causal and mask is not None and sq <= sk:
+        # docs/spec.md: a mask that removes every key after each query's position makes the estimate causal, as
+        # is_causal does (HF passes its causal mask as a tensor whenever a batch is padded, or a chunk prefilled).
+        # Decided per batch element, so a sequence's layout never depends on its batch-mates' masks.
+        causal_rows = mask_is_causal(mask, sq, sk)
+        if bool(causal_rows.all()):
+            causal = True
+        elif bool(causal_rows.any()):
+            m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+            for rows, is_causal in ((causal_rows.nonzero().flatten(), True),
+                                    ((~causal_rows).nonzero().flatten(), False)):
+                out[rows] = dynamic_block_attention(
+                    q[rows], k[rows], v[rows], m4[rows], scale, is_causal, form, block, topk, cdf, sink_blocks,
+                    local_blocks, pool, last_q, vertical, slash, 0, impl, positions_from_mask)
+            return out
     from sparsecc.codegen.dynamic_attention import dynamic_attention_ref, form_from_args
 
     spec_form = form_from_args(form, block, topk, cdf, sink_blocks, local_blocks, pool, last_q, vertical, slash)

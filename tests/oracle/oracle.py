@@ -432,13 +432,39 @@ def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool
         p = mask_positions(mask, b_, h_, sq, sk)
         if {f["form"] for f in forms if f is not None} & set(DYNAMIC_FORMS):
             # dynamic forms select as if every row sat at i + Sk - Sq; a row the mask moves attends densely
-            keep_min, keep_max = head_keep(q, k, forms, scale=scale, causal=causal)
+            keep_min, keep_max = _dynamic_keep(q, k, forms, scale=scale, causal=causal, mask=mask)
             moved = (p != query_positions(sq, sk))[..., None]
             return attend(q, k, v, keep_min | moved, keep_max | moved, scale=scale, mask=mask)
         keep = torch.stack([_keep_at(f, p[:, hi], sk) for hi, f in enumerate(forms)], 1)
         return attend(q, k, v, keep, keep, scale=scale, mask=mask)
-    keep_min, keep_max = head_keep(q, k, forms, scale=scale, causal=causal)
+    keep_min, keep_max = _dynamic_keep(q, k, forms, scale=scale, causal=causal, mask=mask)
     return attend(q, k, v, keep_min, keep_max, scale=scale, mask=mask)
+
+
+def removes_later_keys(mask, b: int, sq: int, sk: int) -> bool:
+    """Spec, block_topk step 1: batch element ``b``'s mask removes every key after each query's position
+    ``p = i + Sk - Sq`` (bool False, or additive at or below -1e4), for every head."""
+    m = mask
+    while m.dim() < 4:
+        m = m[None]
+    m = m[b if m.shape[0] > 1 else 0]                                   # [H|1, Sq|1, Sk]
+    keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
+    keeps = torch.broadcast_to(keeps, (keeps.shape[0], sq, sk))
+    for i in range(sq):
+        if keeps[..., i, i + sk - sq + 1:].any():
+            return False
+    return True
+
+
+def _dynamic_keep(q, k, forms, *, scale: float, causal: bool, mask):
+    """head_keep, with the spec's rule that a mask removing every later key makes a dynamic estimate causal,
+    decided per batch element."""
+    if causal or mask is None or not {f["form"] for f in forms if f is not None} & set(DYNAMIC_FORMS):
+        return head_keep(q, k, forms, scale=scale, causal=causal)
+    sq, sk = q.shape[2], k.shape[2]
+    parts = [head_keep(q[b:b + 1], k[b:b + 1], forms, scale=scale,
+                       causal=sq <= sk and removes_later_keys(mask, b, sq, sk)) for b in range(q.shape[0])]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 # ---------------------------------------------------------------- FFN: activation_threshold

@@ -174,6 +174,9 @@ def test_block_topk_bidirectional(c):
 @hn.examples(10)
 @example(c=cases.case(sq=32, sk=32, causal=True, causal_via="mask", mask_kind="bool",
                       rules=[{"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0, "local_blocks": 0}]))
+@example(c=cases.case(spelling="matmul_masked_fill", sq=17, sk=49, causal=True, causal_via="mask", mask_kind="bool",
+                      temperature=0.5, rules=[{"form": "block_topk", "block": 16, "sink_blocks": 0,
+                                               "local_blocks": 0, "pool": "mean", "cdf": 0.2}]))
 @given(c=attention_cases("block_topk", causal=True, causal_via="mask"))
 def test_block_topk_causal_mask_tensor(c):
     run_case(c)

@@ -207,3 +207,20 @@ def test_block_topk_rows_left_without_keys_output_zeros(eager_lowering):
     out, site = _run(q, k, v, keep, _streaming_spec(form))
     assert site.applied and "outputs zeros" in site.reason, site.reason
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_dynamic_estimate_is_causal_per_batch_element(eager_lowering):
+    """Chunked prefill (Sq < Sk) of a bidirectional site whose mask removes every later key for sequence 0 only:
+    sequence 0's layout is chosen causally, and equals the layout it gets alone (not its batch-mate's choice)."""
+    form = {"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0, "local_blocks": 1}
+    q, k, v = _qkv(2, 20, 64, seed=8)
+    keep = torch.ones(2, 1, 20, 64, dtype=torch.bool)
+    keep[0] = torch.arange(64)[None, :] <= (torch.arange(20) + 44)[:, None]     # causal for sequence 0
+    out, site = _run(q, k, v, keep, _streaming_spec(form))
+    assert site.applied
+    torch._dynamo.reset()
+    alone, _ = _run(q[:1], k[:1], v[:1], keep[:1], _streaming_spec(form))
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    other, _ = _run(q[1:], k[1:], v[1:], keep[1:], _streaming_spec(form))
+    torch.testing.assert_close(out[1:], other, atol=1e-5, rtol=1e-5)
