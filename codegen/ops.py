@@ -254,6 +254,11 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         # docs/spec.md: a mask that removes every key after the query makes the estimate causal, as is_causal
         # does (HF passes its causal mask as a tensor whenever a batch is padded).
         causal = True
+    elif form == "vertical_slash" and not causal and mask is not None and q.shape[2] < k.shape[2]:
+        # docs/spec.md (vertical_slash): with a cache, a mask that keeps no key after each row's position
+        # i + Sk - Sq is causal too; any other call without is_causal attends densely.
+        from sparsecc.codegen.vertical_slash import mask_keeps_no_later_key
+        causal = mask_keeps_no_later_key(mask, q.shape[2], k.shape[2])
     from sparsecc.codegen.dynamic_attention import dynamic_attention_ref, form_from_args
 
     spec_form = form_from_args(form, block, topk, cdf, sink_blocks, local_blocks, pool, last_q, vertical, slash)
