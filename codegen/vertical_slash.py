@@ -39,7 +39,8 @@ from sparsecc.forms import VerticalSlash
 
 __all__ = ["FORCED_COLUMNS", "FORCED_DIAGONALS", "MIN_VERTICAL", "MIN_SLASH", "VSIndex", "budgets",
            "vertical_slash_select_ref", "vertical_slash_index_ref", "vertical_slash_key_mask",
-           "vertical_slash_attention_ref", "vertical_slash_kept_pairs", "mask_keeps_no_later_key"]
+           "vertical_slash_attention_ref", "vertical_slash_kept_pairs", "mask_keeps_no_later_key",
+           "vertical_slash_keep_ref", "vertical_slash_attention", "vertical_slash_index", "vertical_slash_density"]
 
 # MInference's constants (minference_prefill_kernel): the first 30 columns and the 100 nearest diagonals rank
 # above every score; the budgets are at least 30 columns and 50 diagonals.
@@ -164,7 +165,8 @@ def vertical_slash_index_ref(cols: Tensor, offs: Tensor, *, block: int, seq_q: i
 def vertical_slash_key_mask(index: VSIndex, a0: int, a1: int) -> Tensor:
     """Bool ``[B, H, a1 - a0, Sk]``: the keys of query blocks ``a0:a1`` (ranges and columns, before causality)."""
     sk = index.seq_k
-    starts, ends = index.range_start[:, :, a0:a1], index.range_end[:, :, a0:a1]
+    # int64: scatter indices must be (the kernel's index is int32).
+    starts, ends = index.range_start[:, :, a0:a1].long(), index.range_end[:, :, a0:a1].long()
     n_s = starts.shape[-1]
     valid = torch.arange(n_s, device=starts.device) < index.range_count[:, :, a0:a1, None]
     # A difference array over keys: +1 at each range start, -1 at its end (both clipped to Sk; slot Sk is a sink).
@@ -173,7 +175,7 @@ def vertical_slash_key_mask(index: VSIndex, a0: int, a1: int) -> Tensor:
     diff.scatter_add_(-1, torch.where(valid, starts.clamp(max=sk), sk), one)
     diff.scatter_add_(-1, torch.where(valid, ends.clamp(max=sk), sk), -one)
     keep = diff.cumsum(-1)[..., :sk] > 0
-    cols = index.col_index[:, :, a0:a1]
+    cols = index.col_index[:, :, a0:a1].long()
     cvalid = torch.arange(cols.shape[-1], device=cols.device) < index.col_count[:, :, a0:a1, None]
     hit = torch.zeros(*cols.shape[:-1], sk + 1, dtype=torch.bool, device=cols.device)
     hit.scatter_(-1, torch.where(cvalid, cols.clamp(max=sk), sk), True)
@@ -289,11 +291,27 @@ def vertical_slash_attention(q: Tensor, k: Tensor, v: Tensor, *, form: VerticalS
         return dense_attention_ref(q, k, v, scale=scale, causal=False, mask=mask).to(q.dtype)
     if not _kernel_ok(q, k, v):
         return vertical_slash_attention_ref(q, k, v, form=form, scale=scale, mask=mask)
+    from sparsecc.codegen import vertical_slash_kernels as vk
+
+    return vk.vertical_slash_attention_kernel(q, k, v, vertical_slash_index(q, k, form, scale), scale, mask)
+
+
+def vertical_slash_index(q: Tensor, k: Tensor, form: VerticalSlash, scale: float) -> VSIndex:
+    """Selection and index of these inputs (causal): score and index kernels on CUDA, the reference elsewhere."""
+    sq, sk = q.shape[2], k.shape[2]
+    if q.device.type != "cuda":
+        cols, offs = vertical_slash_select_ref(q, k, form, scale)
+        return vertical_slash_index_ref(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
     from sparsecc.codegen import dynamic_attention_kernels as dk
     from sparsecc.codegen import vertical_slash_kernels as vk
 
-    sq, sk = q.shape[2], k.shape[2]
     col, diag, _ = dk.vertical_slash_scores(q, k, form.last_q, True, scale)
     cols, offs = vertical_slash_select_ref(q, k, form, scale, col=col, diag=diag)
-    index = vk.vertical_slash_index(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
-    return vk.vertical_slash_attention_kernel(q, k, v, index, scale, mask)
+    return vk.vertical_slash_index(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
+
+
+def vertical_slash_density(index: VSIndex) -> float:
+    """Kept pairs over causal pairs, averaged over (batch, head): the measured density of a call."""
+    sq, sk = index.seq_q, index.seq_k
+    causal_pairs = sq * (sk - sq) + sq * (sq + 1) // 2
+    return float(vertical_slash_kept_pairs(index).double().mean()) / causal_pairs
