@@ -1,8 +1,11 @@
 """Dynamic (per-input) attention layouts: ``block_topk`` and ``vertical_slash``.
 
-Both forms look at the actual q and k of a call, choose key blocks per
-(batch, head, query block), and hand the result to the block-table flash
-kernel of ``block_attention.py`` as a :class:`~sparsecc.layouts.BlockTable`.
+Both forms look at the actual q and k of a call and choose keys per
+(batch, head, query block). block_topk hands its choice to the block-table
+flash kernel of ``block_attention.py`` as a :class:`~sparsecc.layouts.BlockTable`;
+vertical_slash (MInference's rule) keeps key ranges that start anywhere plus
+single columns, so its index, reference and kernels live in ``vertical_slash.py``
+and ``vertical_slash_kernels.py``; this file holds its score reference.
 The exact selection rules are those of :class:`sparsecc.forms.BlockTopK` and
 :class:`sparsecc.forms.VerticalSlash` (also in docs/spec.md).
 
@@ -33,7 +36,7 @@ from torch import Tensor
 from sparsecc.forms import BlockTopK, VerticalSlash
 from sparsecc.layouts import BlockTable
 
-__all__ = ["block_topk_table_ref", "vertical_slash_table_ref", "dynamic_attention_ref", "dynamic_table",
+__all__ = ["block_topk_table_ref", "vertical_slash_scores_ref", "dynamic_attention_ref", "dynamic_table",
            "dynamic_block_attention", "dynamic_block_attention_op", "form_from_args", "packed_rank_keys",
            "block_masks"]
 
@@ -212,55 +215,6 @@ def vertical_slash_scores_ref(q: Tensor, k: Tensor, *, last_q: int, causal: bool
     return col, diag, t_min
 
 
-def vertical_slash_keep(col: Tensor, diag: Tensor, t_min: int, *, vertical: int, slash: int, block: int,
-                        seq_q: int, seq_k: int, causal: bool) -> Tensor:
-    """Kept-block mask ``[B, H, nQ, nK]`` from column and diagonal scores (selection + rounding to blocks)."""
-    dev = col.device
-    n_col, n_diag = col.shape[-1], diag.shape[-1]
-    col_idx = torch.arange(n_col, device=dev)
-    t_idx = torch.arange(n_diag, device=dev) + t_min
-    col_keys = packed_rank_keys(col, (col_idx != 0).expand_as(col))
-    diag_keys = packed_rank_keys(diag, (t_idx != 0).expand_as(diag))
-    lead = col.shape[:-1]
-    kept_col = _keep_top(col_keys, torch.full(lead, min(vertical, n_col - 1), device=dev)) | (col_idx == 0)
-    # t_min <= 0 <= t_max always (the last query row sits at position Sk - 1), so diagonal 0 is in range.
-    kept_diag = _keep_top(diag_keys, torch.full(lead, min(slash, n_diag - 1), device=dev)) | (t_idx == 0)
-    g = block_geometry(seq_q, seq_k, block, dev)
-    # Columns: the first kept column of each key block, seen by query block a when it is <= a's last position.
-    # "No kept column" is n_k * block, past every real column. The ragged tail of the last key block is filled
-    # with it in int64 (F.pad takes a float fill value, and int64 max rounds to 2^63, which wraps to int64 min).
-    none = g["n_k"] * block
-    first_col = torch.full((*lead, none), none, dtype=torch.int64, device=dev)
-    first_col[..., :n_col] = torch.where(kept_col, col_idx, torch.full_like(col_idx, none))
-    first_col = first_col.view(*lead, g["n_k"], block).amin(-1)
-    if causal:
-        by_col = first_col[..., None, :] <= g["last_pos"][:, None]
-    else:
-        by_col = (first_col < none)[..., None, :].expand(*lead, g["n_q"], g["n_k"])
-    # Diagonals: cell (a, b) holds exactly the offsets t in [first_pos - last_key, last_pos - first_key].
-    prefix = torch.nn.functional.pad(torch.cumsum(kept_diag.to(torch.int64), -1), (1, 0))   # prefix[i] = # kept < i
-
-    def kept_below(t: Tensor) -> Tensor:
-        index = (t - t_min).clamp(0, n_diag).flatten().expand(*lead, -1)
-        return torch.gather(prefix, -1, index).view(*lead, *t.shape)
-
-    t_lo = g["first_pos"][:, None] - g["last_key"][None, :]
-    t_hi = g["last_pos"][:, None] - g["first_key"][None, :]
-    by_diag = kept_below(t_hi + 1) > kept_below(t_lo)
-    return by_col | by_diag
-
-
-def vertical_slash_table_ref(q: Tensor, k: Tensor, *, last_q: int, vertical: int, slash: int, block: int = 64,
-                             causal: bool = True, scale: Optional[float] = None) -> BlockTable:
-    """Reference ``vertical_slash`` selection (see :class:`sparsecc.forms.VerticalSlash`); a table ``[B, H, ...]``."""
-    VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=block)
-    _, _, sq, sk, _ = _check_inputs(q, k)
-    col, diag, t_min = vertical_slash_scores_ref(q, k, last_q=last_q, causal=causal, scale=scale)
-    keep = vertical_slash_keep(col, diag, t_min, vertical=vertical, slash=slash, block=block, seq_q=sq, seq_k=sk,
-                               causal=causal)
-    return table_from_keep(keep, block, sq, sk, causal)
-
-
 def dynamic_table_ref(q: Tensor, k: Tensor, form: DynamicForm, causal: bool, scale: Optional[float]) -> BlockTable:
     """The reference table of either dynamic form."""
     if isinstance(form, BlockTopK):
@@ -268,19 +222,24 @@ def dynamic_table_ref(q: Tensor, k: Tensor, form: DynamicForm, causal: bool, sca
                                     sink_blocks=form.sink_blocks, local_blocks=form.local_blocks, pool=form.pool,
                                     causal=causal, scale=scale)
     if isinstance(form, VerticalSlash):
-        return vertical_slash_table_ref(q, k, last_q=form.last_q, vertical=form.vertical, slash=form.slash,
-                                        block=form.block, causal=causal, scale=scale)
+        raise TypeError("vertical_slash has no block table: its key ranges start anywhere (codegen/vertical_slash.py)")
     raise TypeError(f"not a dynamic attention form: {form!r}")
 
 
 def dynamic_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, form: DynamicForm, causal: bool,
                           scale: Optional[float] = None, mask: Optional[Tensor] = None) -> Tensor:
-    """Reference dynamic attention: the reference table, then block-sparse reference attention over it.
+    """Reference dynamic attention: block_topk's reference table, then block-sparse reference attention over it;
+    vertical_slash's own reference (``vertical_slash.py``), dense when not causal (docs/spec.md).
 
     The model's own ``mask`` is not used by the estimate; it is intersected afterwards, token by token.
     """
-    from sparsecc.codegen.block_attention import block_sparse_attention_ref
+    from sparsecc.codegen.block_attention import block_sparse_attention_ref, dense_attention_ref
 
+    if isinstance(form, VerticalSlash):
+        if not causal:
+            return dense_attention_ref(q, k, v, scale=_scale(q, scale), causal=False, mask=mask).to(q.dtype)
+        from sparsecc.codegen.vertical_slash import vertical_slash_attention_ref
+        return vertical_slash_attention_ref(q, k, v, form=form, scale=_scale(q, scale), mask=mask)
     table = dynamic_table_ref(q, k, form, causal, scale)
     return block_sparse_attention_ref(q, k, v, table=table, scale=_scale(q, scale), mask=mask)
 
@@ -303,8 +262,6 @@ def dynamic_table(q: Tensor, k: Tensor, form: DynamicForm, causal: bool, scale: 
         if -(-k.shape[2] // form.block) > MAX_KERNEL_KEY_BLOCKS:
             return dynamic_table_ref(q, k, form, causal, scale)
         return kern.block_topk_table(q, k, form, causal, _scale(q, scale))
-    if isinstance(form, VerticalSlash):
-        return kern.vertical_slash_table(q, k, form, causal, _scale(q, scale))
     raise TypeError(f"not a dynamic attention form: {form!r}")
 
 
@@ -314,9 +271,17 @@ def dynamic_block_attention(q: Tensor, k: Tensor, v: Tensor, *, form: DynamicFor
     """Dynamic attention: :func:`dynamic_table`, then the block-table flash kernel (reference off CUDA).
 
     ``out``, when given, receives the output (tests pass a poisoned buffer).
+    vertical_slash has no block table: it runs its own kernels (``vertical_slash.py``).
     """
     from sparsecc.codegen import block_attention as ba
 
+    if isinstance(form, VerticalSlash):
+        from sparsecc.codegen.vertical_slash import vertical_slash_attention
+        result = vertical_slash_attention(q, k, v, form=form, causal=causal, scale=_scale(q, scale), mask=mask)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
     table = dynamic_table(q, k, form, causal, scale)
     s = _scale(q, scale)
     if ba._kernel_ok(q, k, v, s) and q.device.type == "cuda":

@@ -6,8 +6,8 @@
   rank keys, topk or cdf), and the table rows (full/partial split, ascending
   compacted indices), fused: nothing O(S²/block²) but the table is written.
 * ``_vs_rowstats_kernel`` / ``_vs_scores_kernel``: softmax statistics of the
-  last ``last_q`` queries, then their column sums and diagonal sums.
-* ``_compact_kernel``: a kept-block mask to table rows (vertical_slash).
+  last ``last_q`` queries, then their column sums and diagonal sums (vertical_slash's
+  selection; its index and attention kernels are in ``vertical_slash_kernels.py``).
 
 The selection semantics are those of the references in ``dynamic_attention.py``.
 """
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from sparsecc.forms import BlockTopK, VerticalSlash
+from sparsecc.forms import BlockTopK
 from sparsecc.layouts import BlockTable
 
 # Query blocks per program of the table kernel: tl.dot needs at least 16 rows.
@@ -29,8 +29,6 @@ POOL_CHUNK = 32
 # Rows / keys per tile of the vertical_slash score kernels.
 VS_ROWS = 16
 VS_KEYS = 128
-# Widest key-block row the compaction kernel holds in registers (wider rows compact in PyTorch, on the GPU too).
-MAX_KEY_BLOCKS = 4096
 
 
 def interpreting() -> bool:
@@ -157,28 +155,6 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr,
 
     full = (((rows + 1) * BLOCK <= seq_q)[:, None] & ((c2 + 1) * BLOCK <= seq_k))
     if CAUSAL:
-        full = full & ((c2 + 1) * BLOCK - 1 <= first_pos)
-    _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, bh * n_q, width, BLOCK_NK)
-
-
-@triton.jit
-def _compact_kernel(keep_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, heads, seq_q, seq_k, n_q, n_k, width,
-                    BLOCK: tl.constexpr, QB: tl.constexpr, BLOCK_NK: tl.constexpr, CAUSAL: tl.constexpr):
-    pid_a = tl.program_id(0)
-    bh = tl.program_id(1)
-    rows = pid_a * QB + tl.arange(0, QB)
-    cols = tl.arange(0, BLOCK_NK)
-    c2 = cols[None, :]
-    row_ok = rows < n_q
-    ok = row_ok[:, None] & (c2 < n_k)
-    keep = tl.load(keep_ptr + (bh.to(tl.int64) * n_q + rows[:, None]) * n_k + c2, mask=ok, other=0) != 0
-    offset = seq_k - seq_q
-    first_pos = (rows * BLOCK + offset)[:, None]
-    last_pos = (tl.minimum((rows + 1) * BLOCK, seq_q) - 1 + offset)[:, None]
-    keep = keep & ok
-    full = (((rows + 1) * BLOCK <= seq_q)[:, None] & ((c2 + 1) * BLOCK <= seq_k))
-    if CAUSAL:
-        keep = keep & (c2 * BLOCK <= last_pos)
         full = full & ((c2 + 1) * BLOCK - 1 <= first_pos)
     _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, bh * n_q, width, BLOCK_NK)
 
@@ -365,35 +341,3 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, causal:
     _vs_scores_kernel[(triton.cdiv(sk, VS_KEYS), b * h)](q, k, m, l, col, diag, *strides, h, h // hkv, sq, sk,
                                                          n_last, n_diag, t_min, scale, **common)
     return col, diag, t_min
-
-
-def vertical_slash_table(q: torch.Tensor, k: torch.Tensor, form: VerticalSlash, causal: bool, scale: float,
-                         validate: bool = False) -> BlockTable:
-    """The vertical_slash table on the GPU: score kernels, top-k selection, block rounding, compaction kernel."""
-    from sparsecc.codegen.dynamic_attention import vertical_slash_keep
-
-    b, h, sq, _ = q.shape
-    sk = k.shape[2]
-    block = form.block
-    col, diag, t_min = vertical_slash_scores(q, k, form.last_q, causal, scale)
-    keep = vertical_slash_keep(col, diag, t_min, vertical=form.vertical, slash=form.slash, block=block,
-                               seq_q=sq, seq_k=sk, causal=causal)
-    return compact(keep, block, sq, sk, causal, validate)
-
-
-def compact(keep: torch.Tensor, block: int, sq: int, sk: int, causal: bool, validate: bool = False) -> BlockTable:
-    """Kept-block mask ``[B, H, nQ, nK]`` to a table, on the GPU (full/partial split as ``table_from_keep``)."""
-    b, h, n_q, n_k = keep.shape
-    if n_k > MAX_KEY_BLOCKS:
-        from sparsecc.codegen.dynamic_attention import table_from_keep
-
-        return table_from_keep(keep, block, sq, sk, causal)
-    num, idx, fnum, fidx = _table_buffers(b, h, n_q, n_k, keep.device)
-    keep_u8 = keep.to(torch.uint8).contiguous()
-    block_nk = max(16, triton.next_power_of_2(n_k))
-    _compact_kernel[(triton.cdiv(n_q, QUERY_BLOCKS_PER_PROGRAM), b * h)](
-        keep_u8, num, idx, fnum, fidx, h, sq, sk, n_q, n_k, n_k, BLOCK=block, QB=QUERY_BLOCKS_PER_PROGRAM,
-        BLOCK_NK=block_nk, CAUSAL=causal, num_warps=8 if block_nk >= 1024 else 4)
-    if validate:
-        return _validated(num, idx, fnum, fidx, block, sq, sk, causal)
-    return _trusted_table(num, idx, fnum, fidx, block, sq, sk, causal)

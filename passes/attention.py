@@ -470,6 +470,10 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         if isinstance(sq, int) and isinstance(sk, int) and sq > sk:
             return fallback(form, rule_keys, policy, f"{form.name} places queries at the last key positions, "
                             f"which needs seq_q <= seq_k (got {sq} > {sk})")
+        if isinstance(form, VerticalSlash) and not site.attrs["causal"] and not site.attrs["masks"]:
+            return fallback(form, rule_keys, policy, "vertical_slash is MInference's causal prefill rule and "
+                            "this attention is bidirectional (no is_causal, no mask): no rule says which keys "
+                            "a query may see after it (docs/spec.md)")
         if _positions_from_mask(site, sq, sk):
             params["anchor"] = "mask"
         per_head_geom = None
@@ -506,6 +510,10 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         decision = Decision(decision.apply, decision.form, decision.reason + f"; {deciding.key} applies at "
                             f"{deciding.phase} only", decision.estimate, decision.rule, decision.policy,
                             decision.params)
+    if decision.apply and isinstance(form, VerticalSlash) and not site.attrs["causal"]:
+        decision = Decision(decision.apply, decision.form, decision.reason + "; not is_causal: a call whose mask "
+                            "keeps a key after a query's position attends densely (docs/spec.md)",
+                            decision.estimate, decision.rule, decision.policy, decision.params)
     if decision.apply and isinstance(form, BlockTopK) and form.local_blocks == 0 and site.attrs["masks"]:
         decision = Decision(decision.apply, decision.form, decision.reason + "; local_blocks = 0 with a mask: a row "
                             "whose kept blocks the mask hides entirely outputs zeros (docs/spec.md)",

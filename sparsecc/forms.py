@@ -197,21 +197,22 @@ class BlockTopK:
 
 @dataclass(frozen=True)
 class VerticalSlash:
-    """Dynamic vertical (key column) + slash (diagonal) sparsity, rounded out to a block table.
+    """MInference's vertical-and-slash sparsity: kept key columns and diagonals, per input (docs/spec.md).
 
-    The last ``min(last_q, Sq)`` query rows (positions ``p = i + Sk - Sq``)
-    compute float32 softmax probabilities ``P[i, j]`` of ``scale * q_i . k_j``
-    over their keys (``j <= p`` when causal, every key otherwise; GQA kv head of
-    the query head). Column j scores ``sum_i P[i, j]``; diagonal ``t = p - j``
-    scores ``sum_i P[i, p_i - t]`` over the rows where that key exists; the
-    diagonals are those a scoring row reaches (``t = 0 .. Sk - 1`` when causal,
-    ``t = 1 - min(last_q, Sq) .. Sk - 1`` when bidirectional; lower ones are never kept).
-    Column 0 and diagonal 0 are always kept; besides them the ``vertical``
-    highest-scoring other columns and the ``slash`` highest-scoring other
-    diagonals are kept (ties to the lower column index / lower offset t).
-    Element (p, j) is kept iff its column or its diagonal is kept; the block
-    table keeps block (a, b) iff the cell holds a kept element that exists and,
-    when causal, has ``j <= p``.
+    Causal attention only (a non-causal call attends densely). Budgets
+    ``V = min(Sk, max(vertical, 30))`` columns and ``S = min(Sk, max(slash, 50))``
+    diagonals ``t = p - j``. The last ``min(last_q, Sq)`` rows (positions
+    ``p = i + Sk - Sq``) give float32 causal softmax probabilities; columns score
+    their sums, diagonals the sums along them. Columns ``j < 30`` and diagonals
+    ``t < 100`` rank first (lower index first), then the others by score (ties
+    to the lower index); the first V / S are kept. Per query block of ``block``
+    rows (``end`` = its first position + block), the kept diagonals in
+    descending t (those with ``t >= end`` skipped) become key ranges ``[e - block,
+    e)`` with ``e = max(end - t, block)``, merged as MInference's
+    ``convert_vertical_slash_indexes`` merges them (a range grows by ``block``
+    when the next e is within one block of its end); kept columns in no range
+    and before the last range's end are single keys. Row p attends those keys
+    with ``j <= p``.
     """
 
     last_q: int

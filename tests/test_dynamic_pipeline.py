@@ -23,6 +23,11 @@ SPELLINGS = (zoo.SdpaAttention, zoo.SdpaRepeatAttention)
 def _token_keep(block, x, form):
     """Token-level keep [H, S, S] of the reference table for this block's own q and k (batch 1)."""
     q, k, _ = block.qkv(x)
+    if isinstance(form, VerticalSlash):   # token-level ranges and columns; causal only (dense otherwise)
+        from sparsecc.codegen.vertical_slash import vertical_slash_keep_ref
+        if not block.causal:
+            return torch.ones(q.shape[1], q.shape[2], k.shape[2], dtype=torch.bool)
+        return vertical_slash_keep_ref(q, k, form, 1.0 / q.shape[-1] ** 0.5)[0]
     table = dynamic_table_ref(q, k, form, block.causal, None)
     cells = table.to_dense_block_mask()[0]
     s = x.shape[1]
@@ -41,6 +46,12 @@ def test_dynamic_form_compiles_and_matches_reference(cls, name, eager_lowering):
     with torch.no_grad():
         out = sparsecc.compile(block, spec=spec, kernels="reference")(x)
         keep = _token_keep(block, x, form)
+    if name == "vertical_slash" and not block.causal:
+        # MInference's rule is causal only: a bidirectional site without a mask stays dense, with the reason.
+        site = [s for s in sparsecc.last_report().sites if s.kind == "attention"][0]
+        assert not site.applied and "causal" in site.reason
+        return
+    with torch.no_grad():
         expected = block.expected(x, keep)
     targets = [str(n.target) for gm in rewritten_graphs() for n in gm.graph.nodes if n.op == "call_function"]
     assert any("dynamic_block_attention" in t for t in targets)

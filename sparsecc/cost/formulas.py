@@ -142,11 +142,13 @@ def attention_blocks(form, seq_q, seq_k, causal: bool, dense_head_fraction=0) ->
         kept = form.sink_blocks + form.topk + form.local_blocks + 1
         per_row = max(1, math.ceil(kept * form.block / ATTENTION_BLOCK))
     elif isinstance(form, VerticalSlash):
-        # Budget-based estimate. Assumed: kept columns and diagonals cluster (as in MInference's measured
-        # patterns), so each set covers about as many key blocks as that many contiguous tokens, plus one
-        # partially covered block per set; column 0 and diagonal 0 come on top of the budgets.
-        per_row = (math.ceil((form.vertical + 1) / ATTENTION_BLOCK) + math.ceil((form.slash + 1) / ATTENTION_BLOCK)
-                   + 2)
+        # Budget-based estimate (docs/spec.md, vertical_slash). Assumed: the kept diagonals cluster (as in
+        # MInference's measured patterns), so one query block's ranges span about S + block keys, read in
+        # kernel tiles (one more for a range that starts off a tile boundary); the V kept columns are gathered
+        # ATTENTION_BLOCK at a time. V and S are the budgets after MInference's minimums (30 and 50).
+        n_cols = max(form.vertical, 30)
+        n_diags = max(form.slash, 50)
+        per_row = math.ceil(n_cols / ATTENTION_BLOCK) + math.ceil((n_diags + form.block) / ATTENTION_BLOCK) + 1
     else:
         raise TypeError(f"not an attention form: {form}")
     sparse = _kept_causal_rows(nq, nk, per_row) if causal else nq * sp.Min(nk, per_row)
@@ -199,7 +201,8 @@ def dynamic_estimate_cost(form, shapes=None) -> Optional[Cost]:
     block_topk: pool q and k (one read of each), then ``qbar @ kbarᵀ`` over the
     (Sq / block) x (Sk / block) block grid and the table write (int32 per cell).
     vertical_slash: two passes of the last ``last_q`` queries over every key
-    (softmax statistics, then column/diagonal sums), plus the table.
+    (softmax statistics, then column/diagonal sums), plus the per-query-block
+    index (range starts/ends and columns, int32).
     """
     s = {**dict(batch=B, heads=H, kv_heads=HKV, seq_q=SQ, seq_k=SK, head_dim=D), **(shapes or {})}
     b, h, hkv, sq, sk, d = (s[n] for n in ("batch", "heads", "kv_heads", "seq_q", "seq_k", "head_dim"))
@@ -211,7 +214,8 @@ def dynamic_estimate_cost(form, shapes=None) -> Optional[Cost]:
     if isinstance(form, VerticalSlash):
         rows = sp.Min(sq, form.last_q)
         flops = 2 * 2 * b * h * rows * sk * d
-        nbytes = 2 * ELEM * d * b * h * sk + 4 * b * h * sp.ceiling(sq / form.block) * sp.ceiling(sk / form.block)
+        lanes = b * h * sp.ceiling(sq / form.block)
+        nbytes = 2 * ELEM * d * b * h * sk + 4 * lanes * (2 * max(form.slash, 50) + max(form.vertical, 30) + 2)
         return Cost(flops, nbytes, 4, "attention_estimate")
     return None
 

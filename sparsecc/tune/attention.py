@@ -13,7 +13,7 @@ Scoring, per head h and candidate form c (exact definitions):
 * A query row counts when its own position is an allowed key (padding queries
   of self-attention drop out; rows with Sq > Sk count all).
 * K_c is the kept-entry mask of c: the token mask of ``streaming``, or the block
-  table of ``block_topk`` / ``vertical_slash`` (from their references) expanded
+  table of ``block_topk`` / the kept pairs of ``vertical_slash`` (from their references) expanded
   to tokens.
 * recall(h, c) = sum over counted rows of sum_j P * K_c, divided by the number
   of counted rows (the mean kept attention mass per query);
@@ -96,13 +96,15 @@ def dynamic_mask(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: fl
     """The token-level kept mask [B, H, Sq, Sk] of a block_topk / vertical_slash form, from its reference."""
     from sparsecc.codegen import dynamic_attention as dyn
 
-    if form.name == "block_topk":
-        table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
-                                         sink_blocks=form.sink_blocks, local_blocks=form.local_blocks,
-                                         pool=form.pool, causal=causal, scale=scale)
-    else:
-        table = dyn.vertical_slash_table_ref(q, k, last_q=form.last_q, vertical=form.vertical, slash=form.slash,
-                                             block=form.block, causal=causal, scale=scale)
+    if form.name == "vertical_slash":
+        # Token-level (ranges start anywhere, no block table); a non-causal call attends densely (docs/spec.md).
+        if not causal:
+            return torch.ones(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+        from sparsecc.codegen.vertical_slash import vertical_slash_keep_ref
+        return vertical_slash_keep_ref(q, k, form, scale)
+    table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
+                                     sink_blocks=form.sink_blocks, local_blocks=form.local_blocks,
+                                     pool=form.pool, causal=causal, scale=scale)
     blocks = table.to_dense_block_mask()
     tokens = blocks.repeat_interleave(table.block_q, dim=-2).repeat_interleave(table.block_k, dim=-1)
     return tokens[..., : q.shape[-2], : k.shape[-2]]

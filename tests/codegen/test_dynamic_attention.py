@@ -1,5 +1,7 @@
 """Dynamic attention (block_topk, vertical_slash): reference semantics, Triton kernels against the references.
 
+vertical_slash is checked against tests/oracle/oracle.py (written from docs/spec.md alone, float64).
+
 CPU: the Triton kernels run in the interpreter in a child process (see
 test_interpreter_checks, as in test_attention_kernels.py). GPU (``gpu``
 marker): realistic shapes, NaN-poisoned outputs, an fp32 reference over the
@@ -14,7 +16,10 @@ from hypothesis import assume, given, settings, strategies as st
 
 from sparsecc.codegen.block_attention import block_sparse_attention_ref, dense_attention_ref
 from sparsecc.codegen.dynamic_attention import (block_topk_table_ref, dynamic_attention_ref, dynamic_table_ref,
-                                                vertical_slash_scores_ref, vertical_slash_table_ref)
+                                                vertical_slash_scores_ref)
+from sparsecc.codegen.vertical_slash import (vertical_slash_attention_ref, vertical_slash_index_ref,
+                                             vertical_slash_keep_ref, vertical_slash_kept_pairs,
+                                             vertical_slash_select_ref)
 from sparsecc.forms import BlockTopK, VerticalSlash
 from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
@@ -111,30 +116,6 @@ def test_block_topk_queries_are_the_last_positions():
     assert rows_of(table) == [{1, 3, 4}, {1, 4}]
 
 
-def _vs_inputs(sk=128, hot=100, d=16):
-    q = torch.zeros(1, 1, sk, d)
-    q[..., 0] = 1.0
-    k = torch.zeros(1, 1, sk, d)
-    k[0, 0, hot, 0] = 10.0
-    return q, k
-
-
-def test_vertical_slash_column_hand_case():
-    q, k = _vs_inputs(sk=64, hot=40)
-    table = vertical_slash_table_ref(q, k, last_q=1, vertical=1, slash=0, block=16)
-    assert rows_of(table) == [{0}, {0, 1}, {0, 2}, {0, 2, 3}]
-
-
-def test_vertical_slash_diagonal_hand_case():
-    q, k = _vs_inputs(sk=128, hot=100)
-    col, diag, t_min = vertical_slash_scores_ref(q, k, last_q=1)
-    assert t_min == 0 and int(col.argmax()) == 100 and int(diag.argmax()) == 27
-    table = vertical_slash_table_ref(q, k, last_q=1, vertical=0, slash=1, block=16)
-    rows = rows_of(table)
-    # Diagonal 27 crosses key blocks a-1 and a-2 of query block a; column 0 and diagonal 0 are always kept.
-    assert rows[7] == {0, 5, 6, 7} and rows[3] == {0, 1, 2, 3} and rows[1] == {0, 1}
-
-
 def test_vertical_slash_scores_are_probability_sums():
     q, k, _ = make(0, 2, 4, 2, 20, 37, 8)
     for causal in (True, False):
@@ -143,8 +124,7 @@ def test_vertical_slash_scores_are_probability_sums():
         torch.testing.assert_close(diag.sum(-1), torch.full((2, 4), 5.0))
 
 
-@pytest.mark.parametrize("form", [BlockTopK(block=16, topk=1), BlockTopK(block=16, cdf=0.7, pool="max"),
-                                  VerticalSlash(last_q=4, vertical=2, slash=3, block=16)], ids=str)
+@pytest.mark.parametrize("form", [BlockTopK(block=16, topk=1), BlockTopK(block=16, cdf=0.7, pool="max")], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 def test_output_is_dense_attention_restricted_to_the_table(form, causal):
     q, k, v = make(1, 2, 4, 2, 37, 53, 16)
@@ -184,115 +164,125 @@ def brute_softmax_attention(q, k, v, keep, scale):
     return torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0) @ vv
 
 
-def brute_vs_selection(q, k, last_q, vertical, slash, causal, scale):
-    """vertical_slash steps 1-2 per (batch, head): kept columns, kept diagonals {t} and the selection's margin.
-
-    The margin is the smallest gap, relative to the largest score, between the last kept and the first
-    dropped score of either ranking: float32 kernels and this float64 brute force may only disagree below it.
-    """
-    b, h, sq, _ = q.shape
-    sk = k.shape[2]
-    group = h // k.shape[1]
-    n = min(last_q, sq)
-    out, margin = {}, math.inf
-    for bi in range(b):
-        for hi in range(h):
-            rows = range(sq - n, sq)
-            col = [0.0] * sk
-            diag = {}
-            for i in rows:
-                p = i + sk - sq
-                keys = [j for j in range(sk) if j <= p] if causal else list(range(sk))
-                logits = torch.stack([scale * (q[bi, hi, i].double() @ k[bi, hi // group, j].double()) for j in keys])
-                probs = torch.softmax(logits, 0).tolist()
-                for j, pr in zip(keys, probs):
-                    col[j] += pr
-                    diag[p - j] = diag.get(p - j, 0.0) + pr
-            # Diagonals some scoring row reaches (every t = p - j of a kept-or-not key of a scoring row).
-            cols = sorted(range(1, sk), key=lambda j: (-col[j], j))
-            diags = sorted((t for t in diag if t != 0), key=lambda t: (-diag[t], t))
-            kept_cols = {0, *cols[:vertical]}
-            kept_diags = {0, *diags[:slash]}
-            top = max(col + list(diag.values()))
-            for ranked, score, budget in ((cols, col, vertical), (diags, diag, slash)):
-                if 0 < budget < len(ranked):
-                    margin = min(margin, abs(score[ranked[budget - 1]] - score[ranked[budget]]) / top)
-            out[bi, hi] = (kept_cols, kept_diags)
-    return out, margin
+def _oracle_keep(q, k, form, scale):
+    from tests.oracle import oracle
+    return oracle.vertical_slash_keep(q, k, scale=scale, causal=True, last_q=form.last_q, vertical=form.vertical,
+                                      slash=form.slash, block=form.block)
 
 
-def brute_vs_keep(q, k, last_q, vertical, slash, block, causal, scale):
-    """Token keep [B, H, Sq, Sk] of vertical_slash (steps 1-3 and the attention rule) and the selection margin."""
-    b, h, sq, _ = q.shape
-    sk = k.shape[2]
-    selection, margin = brute_vs_selection(q, k, last_q, vertical, slash, causal, scale)
-    p = torch.arange(sq)[:, None] + sk - sq
-    j = torch.arange(sk)[None, :]
-    keep = torch.zeros(b, h, sq, sk, dtype=torch.bool)
-    for (bi, hi), (cols, diags) in selection.items():
-        element = torch.isin(j, torch.tensor(sorted(cols))) | torch.isin(p - j, torch.tensor(sorted(diags)))
-        if causal:
-            element = element & (j <= p)     # a kept element counts only where it is causally allowed
-        rows_block, cols_block = torch.arange(sq) // block, torch.arange(sk) // block
-        cell = torch.zeros(rows_block.max() + 1, cols_block.max() + 1, dtype=torch.bool)
-        for i in range(sq):
-            for jj in range(sk):
-                if element[i, jj]:
-                    cell[rows_block[i], cols_block[jj]] = True
-        tokens = cell[rows_block][:, cols_block]
-        keep[bi, hi] = tokens & (j <= p) if causal else tokens
-    return keep, margin
+def _hot(sk, d=16, cols=(), diag_keys=()):
+    """q = e0 everywhere; keys listed in ``cols`` score 8 on e0 (hot columns), the others 0."""
+    q = torch.zeros(1, 1, sk, d)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, sk, d)
+    for j in cols:
+        k[0, 0, j, 0] = 8.0
+    return q, k
 
 
-def test_vertical_slash_bidirectional_ragged_last_block_is_not_always_kept():
-    """Regression: with Sk % block != 0 the last key block was kept by every query block (bidirectional)."""
-    q, k, v = make(0, 1, 2, 1, 40, 40, 16)
-    table = vertical_slash_table_ref(q, k, last_q=4, vertical=0, slash=0, block=16, causal=False)
-    # Only column 0 and diagonal 0: block (a, b) holds one iff b == 0 or a == b.
-    want = torch.eye(3, dtype=torch.bool) | (torch.arange(3) == 0)[None, :]
-    assert torch.equal(table.to_dense_block_mask()[0], want.expand(2, 3, 3))
-    keep, _ = brute_vs_keep(q, k, 4, 0, 0, 16, False, 0.25)
-    out = dynamic_attention_ref(q, k, v, form=VerticalSlash(last_q=4, vertical=0, slash=0, block=16), causal=False)
-    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.25), atol=1e-5, rtol=1e-5)
+def test_vertical_slash_forced_and_budgets():
+    """Budgets at least 30 / 50; the first 30 columns and the nearest diagonals come first (docs/spec.md)."""
+    q, k = _hot(300, cols=(200, 250))
+    cols, offs = vertical_slash_select_ref(q, k, VerticalSlash(last_q=4, vertical=1, slash=1, block=16), 1.0)
+    assert cols[0, 0].tolist() == list(range(30))           # max(1, 30) = 30: only the forced ones
+    assert offs[0, 0].tolist() == list(range(49, -1, -1))    # max(1, 50) = 50 < 100 forced: the 50 nearest
+    cols, offs = vertical_slash_select_ref(q, k, VerticalSlash(last_q=4, vertical=32, slash=101, block=16), 1.0)
+    assert cols[0, 0].tolist() == list(range(30)) + [200, 250]
+    assert sorted(offs[0, 0].tolist())[:100] == list(range(100)) and offs.shape[-1] == 101
+    cols, _ = vertical_slash_select_ref(q[:, :, :20], k[:, :, :20], VerticalSlash(4, 1000, 1000, block=16), 1.0)
+    assert cols[0, 0].tolist() == list(range(20))            # min(Sk, .): every column
 
 
-@pytest.mark.parametrize("last_q", [1, 5])
-def test_vertical_slash_bidirectional_never_keeps_diagonals_no_scoring_row_reaches(last_q):
-    """A slash budget larger than the reached diagonals keeps them all, and none below t = 1 - last_q."""
-    q, k, v = make(last_q, 1, 2, 1, 64, 64, 16)
-    form = VerticalSlash(last_q=last_q, vertical=0, slash=10_000, block=16)
-    table = vertical_slash_table_ref(q, k, last_q=last_q, vertical=0, slash=10_000, block=16, causal=False)
-    # Every diagonal t >= 1 - last_q is kept, so block (a, b) is kept iff it holds some p - j >= 1 - last_q.
-    a, b = torch.arange(4)[:, None], torch.arange(4)[None, :]
-    want = (a * 16 + 15) - (b * 16) >= 1 - last_q
-    assert torch.equal(table.to_dense_block_mask()[0], want.expand(2, 4, 4))
-    keep, _ = brute_vs_keep(q, k, last_q, 0, 10_000, 16, False, 0.25)
-    out = dynamic_attention_ref(q, k, v, form=form, causal=False)
-    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.25), atol=1e-5, rtol=1e-5)
+def test_vertical_slash_ties_go_to_the_lower_index():
+    """All-equal scores (q = 0): the score-ranked part takes the lowest columns / offsets."""
+    q, k = torch.zeros(1, 1, 200, 8), torch.randn(1, 1, 200, 8)
+    cols, offs = vertical_slash_select_ref(q, k, VerticalSlash(last_q=200, vertical=33, slash=102, block=16), 1.0)
+    assert cols[0, 0].tolist() == list(range(33))
+    assert sorted(offs[0, 0].tolist()) == list(range(102))
 
 
-@pytest.mark.parametrize("sq,sk", [(40, 40), (23, 50), (1, 33), (50, 50), (17, 31)])
-@pytest.mark.parametrize("causal", [True, False])
-def test_vertical_slash_structural_layout_matches_brute_force(sq, sk, causal):
-    """vertical = slash = 0 keeps column 0 and diagonal 0 only: the layout does not depend on scores."""
-    q, k, v = make(sq * 100 + sk, 2, 4, 2, sq, sk, 16)
-    keep, _ = brute_vs_keep(q, k, 3, 0, 0, 16, causal, 0.25)
-    out = dynamic_attention_ref(q, k, v, form=VerticalSlash(last_q=3, vertical=0, slash=0, block=16), causal=causal)
-    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.25), atol=1e-5, rtol=1e-5)
+def test_vertical_slash_merge_hand_case():
+    """Query blocks of 64 rows over 256 keys; kept diagonals 200, 100, 10, 0; kept columns 3, 70, 100, 170, 300."""
+    cols = torch.tensor([[[3, 70, 100, 170, 300]]])
+    offs = torch.tensor([[[200, 100, 10, 0]]])
+    idx = vertical_slash_index_ref(cols, offs, block=64, seq_q=256, seq_k=256)
+
+    def ranges(a):
+        n = int(idx.range_count[0, 0, a])
+        return list(zip(idx.range_start[0, 0, a, :n].tolist(), idx.range_end[0, 0, a, :n].tolist()))
+
+    def columns(a):
+        return idx.col_index[0, 0, a, :int(idx.col_count[0, 0, a])].tolist()
+
+    # Block 3 (end 256): t = 200 -> e = max(56, 64) -> [0, 64); t = 100 -> e = 156 > 64 + 64: emit, open
+    # [92, 156); t = 10 -> e = 246 > 220: emit, open [182, 246); t = 0 -> e = 256 within a block: grow to 310.
+    assert ranges(3) == [(0, 64), (92, 156), (182, 310)]
+    assert columns(3) == [70, 170]                 # 3, 100 and 300 lie in ranges
+    # Block 0 (end 64): t = 200 and 100 are skipped; t = 10 -> [0, 64); t = 0 -> e = 64: covered.
+    assert ranges(0) == [(0, 64)] and columns(0) == []   # 3 is covered; 70 and up are past the last range
+
+
+def test_vertical_slash_scores_are_probability_sums_causal():
+    q, k, _ = make(0, 2, 4, 2, 20, 37, 8)
+    col, diag, t_min = vertical_slash_scores_ref(q, k, last_q=5, causal=True)
+    assert t_min == 0 and diag.shape[-1] == 37
+    torch.testing.assert_close(col.sum(-1), torch.full((2, 4), 5.0))
+
+
+VS_SHAPES = [(1, 2, 1, 150, 150), (2, 4, 2, 90, 170), (1, 2, 2, 1, 140), (1, 2, 1, 40, 40)]
+VS_FORMS = [VerticalSlash(last_q=8, vertical=35, slash=60, block=16), VerticalSlash(last_q=64, vertical=0, slash=0,
+                                                                                  block=32),
+            VerticalSlash(last_q=3, vertical=50, slash=110, block=16)]
+
+
+@pytest.mark.parametrize("shape", VS_SHAPES, ids=str)
+@pytest.mark.parametrize("form", VS_FORMS, ids=str)
+def test_vertical_slash_matches_the_oracle(form, shape):
+    """Kept pairs equal the oracle's (docs/spec.md in float64), attention equals dense attention restricted to them."""
+    b, h, hkv, sq, sk = shape
+    q, k, v = make(sq + sk, b, h, hkv, sq, sk, 8)
+    q = q * 2.0
+    keep_min, keep_max = _oracle_keep(q, k, form, 0.3)
+    got = vertical_slash_keep_ref(q, k, form, 0.3)
+    assert not (keep_min & ~got).any() and not (got & ~keep_max).any()
+    defined = (keep_min == keep_max).all(-1).all(-1)
+    assert defined.any(), "the case is all near-ties; pick another seed"
+    out = vertical_slash_attention_ref(q, k, v, form=form, scale=0.3)
+    want = brute_softmax_attention(q, k, v, got, 0.3)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    cols, offs = vertical_slash_select_ref(q, k, form, 0.3)
+    pairs = vertical_slash_kept_pairs(vertical_slash_index_ref(cols, offs, block=form.block, seq_q=sq, seq_k=sk))
+    assert torch.equal(pairs, got.sum((-1, -2)))
 
 
 @FEW
-@given(seed=st.integers(0, 2**16), sk=st.integers(1, 70), cut=st.integers(0, 40), last_q=st.integers(1, 12),
-       vertical=st.integers(0, 5), slash=st.integers(0, 5), block=st.sampled_from([16, 32]), causal=st.booleans())
-def test_vertical_slash_matches_brute_force(seed, sk, cut, last_q, vertical, slash, block, causal):
+@given(seed=st.integers(0, 2**16), sk=st.integers(1, 200), cut=st.integers(0, 120), last_q=st.integers(1, 70),
+       vertical=st.integers(0, 60), slash=st.integers(0, 130), block=st.sampled_from([16, 32]))
+def test_vertical_slash_property(seed, sk, cut, last_q, vertical, slash, block):
     sq = max(1, sk - cut)
     q, k, v = make(seed, 1, 2, 1, sq, sk, 8)
-    keep, margin = brute_vs_keep(q, k, last_q, vertical, slash, block, causal, 0.3)
-    assume(margin > 1e-4)   # a near-tie may rank either way in float32
     form = VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=block)
-    out = dynamic_attention_ref(q, k, v, form=form, causal=causal, scale=0.3)
-    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.3), atol=1e-5, rtol=1e-5)
+    keep_min, keep_max = _oracle_keep(q, k, form, 0.3)
+    got = vertical_slash_keep_ref(q, k, form, 0.3)
+    assert not (keep_min & ~got).any() and not (got & ~keep_max).any()
+    out = dynamic_attention_ref(q, k, v, form=form, causal=True, scale=0.3)
+    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, got, 0.3), atol=1e-5, rtol=1e-5)
 
+
+def test_vertical_slash_not_causal_is_dense():
+    q, k, v = make(2, 1, 2, 1, 40, 40, 8)
+    out = dynamic_attention_ref(q, k, v, form=VerticalSlash(4, 1, 1, block=16), causal=False, scale=0.3)
+    torch.testing.assert_close(out, dense_attention_ref(q, k, v, scale=0.3, causal=False), atol=1e-6, rtol=1e-6)
+
+
+def test_vertical_slash_model_mask_applies_token_by_token():
+    q, k, v = make(4, 2, 2, 1, 130, 130, 8)
+    form = VerticalSlash(last_q=8, vertical=35, slash=60, block=16)
+    mask = torch.rand(2, 1, 130, 130, generator=torch.Generator().manual_seed(0)) > 0.2
+    got = vertical_slash_keep_ref(q, k, form, 0.3)
+    out = vertical_slash_attention_ref(q, k, v, form=form, scale=0.3, mask=mask)
+    torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, got & mask, 0.3), atol=1e-5,
+                               rtol=1e-5)
 
 # ---------------------------------------------------------------- Triton interpreter
 
@@ -302,9 +292,7 @@ def same_table(a, b):
 
 
 KERNEL_FORMS = [BlockTopK(block=16, topk=1), BlockTopK(block=16, topk=2, sink_blocks=0, local_blocks=2),
-                BlockTopK(block=16, cdf=0.6, pool="max"), BlockTopK(block=32, cdf=1.0),
-                VerticalSlash(last_q=8, vertical=3, slash=4, block=16), VerticalSlash(last_q=3, vertical=0, slash=0,
-                                                                                      block=32)]
+                BlockTopK(block=16, cdf=0.6, pool="max"), BlockTopK(block=32, cdf=1.0)]
 KERNEL_SHAPES = [(1, 2, 1, 40, 50, 16), (2, 4, 2, 64, 64, 32), (1, 2, 2, 17, 33, 8), (2, 4, 4, 1, 70, 16)]
 
 
@@ -315,8 +303,7 @@ def test_kernel_tables_match_reference(interpreter, form, shape, causal):
     from sparsecc.codegen import dynamic_attention_kernels as kern
 
     q, k, _ = make(7, *shape)
-    build = kern.block_topk_table if isinstance(form, BlockTopK) else kern.vertical_slash_table
-    got = build(q, k, form, causal, 0.3, validate=True)   # validate: the BlockTable constructor checks it
+    got = kern.block_topk_table(q, k, form, causal, 0.3, validate=True)   # validate: the BlockTable constructor checks it
     assert same_table(got, dynamic_table_ref(q, k, form, causal, 0.3))
 
 
@@ -333,35 +320,57 @@ def test_kernel_block_topk_property(interpreter, seed, hkv, group, sk, cut, d, t
     assert same_table(got, dynamic_table_ref(q, k, form, causal, None))
 
 
-@FEW
-@given(seed=st.integers(0, 2**16), sk=st.integers(1, 80), cut=st.integers(0, 50), last_q=st.integers(1, 20),
-       vertical=st.integers(0, 6), slash=st.integers(0, 6), causal=st.booleans())
-def test_kernel_vertical_slash_property(interpreter, seed, sk, cut, last_q, vertical, slash, causal):
-    from sparsecc.codegen import dynamic_attention_kernels as kern
-
-    q, k, _ = make(seed, 1, 2, 1, max(1, sk - cut), sk, 16)
-    form = VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=16)
-    got = kern.vertical_slash_table(q, k, form, causal, 0.25, validate=True)
-    assert same_table(got, dynamic_table_ref(q, k, form, causal, None))
+VS_KERNEL_SHAPES = [(1, 2, 1, 150, 150, 16), (2, 4, 2, 70, 130, 32), (1, 2, 2, 1, 120, 8), (1, 2, 1, 33, 33, 16)]
 
 
-@pytest.mark.parametrize("sq,sk", [(40, 40), (17, 50), (33, 33)])
-@pytest.mark.parametrize("causal", [True, False])
-def test_kernel_vertical_slash_ragged_last_block_matches_brute_force(interpreter, sq, sk, causal):
-    """The Triton table path against the brute force (regression: bidirectional kept the ragged last block)."""
-    from sparsecc.codegen import dynamic_attention_kernels as kern
+@pytest.mark.parametrize("shape", VS_KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("form", VS_FORMS, ids=str)
+def test_kernel_vertical_slash_index_matches_reference(interpreter, form, shape):
+    from sparsecc.codegen import vertical_slash_kernels as vk
 
-    q, k, _ = make(5, 1, 2, 1, sq, sk, 16)
-    table = kern.vertical_slash_table(q, k, VerticalSlash(last_q=4, vertical=0, slash=0, block=16), causal, 0.25,
-                                      validate=True)
-    keep, _ = brute_vs_keep(q, k, 4, 0, 0, 16, causal, 0.25)
-    rows = torch.arange(sq) // 16
-    cols = torch.arange(sk) // 16
-    tokens = table.to_dense_block_mask()[0][:, rows][:, :, cols]
-    if causal:
-        tokens = tokens & (torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + sk - sq)
-    assert torch.equal(tokens, keep[0])
+    b, h, hkv, sq, sk, d = shape
+    q, k, _ = make(9, b, h, hkv, sq, sk, d)
+    cols, offs = vertical_slash_select_ref(q, k, form, 0.3)
+    ref = vertical_slash_index_ref(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
+    got = vk.vertical_slash_index(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
+    assert torch.equal(got.range_count.long(), ref.range_count) and torch.equal(got.col_count.long(), ref.col_count)
+    rv = torch.arange(offs.shape[-1]) < ref.range_count[..., None]
+    assert torch.equal(got.range_start.long()[rv], ref.range_start[rv])
+    assert torch.equal(got.range_end.long()[rv], ref.range_end[rv])
+    cv = torch.arange(cols.shape[-1]) < ref.col_count[..., None]
+    assert torch.equal(got.col_index.long()[cv], ref.col_index[cv])
 
+
+@pytest.mark.parametrize("shape", VS_KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_vertical_slash_attention(interpreter, shape, mask_kind, dtype):
+    """The attention kernel over the kernel index equals the reference and float64 attention restricted to the
+    kept pairs (rows the mask leaves empty output zeros)."""
+    from sparsecc.codegen import vertical_slash_kernels as vk
+
+    b, h, hkv, sq, sk, d = shape
+    q, k, v = make(11, b, h, hkv, sq, sk, d, dtype)
+    form = VerticalSlash(last_q=8, vertical=35, slash=60, block=16)
+    g = torch.Generator().manual_seed(1)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(b, 1, sq, sk, generator=g) > 0.3
+    elif mask_kind == "additive":
+        mask = torch.randn(sq, sk, generator=g).masked_fill(torch.rand(sq, sk, generator=g) > 0.7, -math.inf)
+    cols, offs = vertical_slash_select_ref(q, k, form, 0.3)
+    index = vk.vertical_slash_index(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
+    out = torch.full_like(q, float("nan"))
+    vk.vertical_slash_attention_kernel(q, k, v, index, 0.3, mask, out=out)
+    ref = vertical_slash_attention_ref(q.float(), k.float(), v.float(), form=form, scale=0.3, mask=mask)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    keep = vertical_slash_keep_ref(q, k, form, 0.3)
+    if mask_kind == "bool":
+        keep = keep & mask
+    elif mask_kind == "additive":
+        keep = keep & (mask > -math.inf)
+    if mask_kind != "additive":
+        torch.testing.assert_close(out.double(), brute_softmax_attention(q, k, v, keep, 0.3), atol=3e-2, rtol=3e-2)
 
 def test_kernel_attention_on_the_kernel_table(interpreter):
     """The flash kernel over a kernel-built table equals dense attention restricted to it."""
@@ -379,7 +388,7 @@ def test_kernel_attention_on_the_kernel_table(interpreter):
 
 GPU_CASES = [(BlockTopK(block=64, topk=8), True), (BlockTopK(block=128, cdf=0.9), True),
              (BlockTopK(block=64, topk=4, pool="max"), False),
-             (VerticalSlash(last_q=64, vertical=256, slash=512, block=64), True)]
+]
 
 
 @pytest.mark.gpu
@@ -401,5 +410,32 @@ def test_gpu_dynamic_attention(form, causal, sq):
     dynamic_block_attention(q, k, v, form=form, causal=causal, out=out)
     assert torch.isfinite(out).all()
     exact = block_sparse_attention_ref(q.float(), k.float(), v.float(), table=table, scale=1 / math.sqrt(128))
+    err = (out.float() - exact).norm() / exact.norm()
+    assert err.item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq", [4096, 3000])
+@pytest.mark.parametrize("block", [64, 128])
+def test_gpu_vertical_slash(sq, block):
+    """GPU index and attention against the reference index and fp32 attention restricted to it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from sparsecc.codegen import dynamic_attention_kernels as dk
+    from sparsecc.codegen import vertical_slash_kernels as vk
+    from sparsecc.codegen.dynamic_attention import dynamic_block_attention
+
+    sk, scale = 4096, 1 / math.sqrt(128)
+    form = VerticalSlash(last_q=64, vertical=256, slash=512, block=block)
+    q, k, v = (t.cuda() for t in make(11, 2, 8, 2, sq, sk, 128, torch.bfloat16))
+    col, diag, _ = dk.vertical_slash_scores(q, k, form.last_q, True, scale)
+    cols, offs = vertical_slash_select_ref(q, k, form, scale, col=col, diag=diag)
+    got = vk.vertical_slash_index(cols, offs, block=block, seq_q=sq, seq_k=sk)
+    ref = vertical_slash_index_ref(cols, offs, block=block, seq_q=sq, seq_k=sk)
+    assert torch.equal(got.range_count.long(), ref.range_count) and torch.equal(got.col_count.long(), ref.col_count)
+    out = torch.full_like(q, float("nan"))
+    dynamic_block_attention(q, k, v, form=form, causal=True, out=out)
+    assert torch.isfinite(out).all()
+    exact = vertical_slash_attention_ref(q.float(), k.float(), v.float(), form=form, scale=scale, index=ref)
     err = (out.float() - exact).norm() / exact.norm()
     assert err.item() < 1e-2

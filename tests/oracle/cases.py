@@ -205,12 +205,11 @@ def block_topk_rule(draw, block: int):
 
 @st.composite
 def vertical_slash_rule(draw, block: int, sq: int, sk: int, causal: bool):
-    # Bidirectional: at most Sk - 1 other diagonals, so no diagonal without an element in the estimate rows is
-    # ever needed (whether those count as candidates is not said; see oracle.vertical_slash_keep).
-    # Small budgets mostly, so that the block table is not simply full.
+    # Budgets below the minimums (30 / 50), between them and the forced 100 diagonals, and above, so that the
+    # score-ranked part of the selection is reached on the longer cases (Sk up to 192).
     return {"form": "vertical_slash", "block": block, "last_q": draw(st.integers(1, sq + 4)),
-            "vertical": draw(st.integers(0, 3) | st.integers(0, sk + 2)),
-            "slash": draw(st.integers(0, 3) | st.integers(0, sk + 2 if causal else sk - 1))}
+            "vertical": draw(st.integers(0, 3) | st.integers(25, 40) | st.integers(0, sk + 2)),
+            "slash": draw(st.integers(0, 3) | st.integers(45, 110) | st.integers(0, sk + 2))}
 
 
 def dynamic_rules(draw, form_rule: dict, heads: int) -> List[dict]:

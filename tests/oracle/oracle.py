@@ -303,55 +303,84 @@ def _blocks_to_keep(table: torch.Tensor, sq: int, sk: int, block: int, causal: b
     return keep
 
 
+# spec, vertical_slash: the constants it names
+VS_FORCED_COLUMNS, VS_FORCED_DIAGONALS, VS_MIN_VERTICAL, VS_MIN_SLASH = 30, 100, 30, 50
+# A score above every probability sum: the forced columns / diagonals rank first (equal among themselves, so the
+# spec's "lower index first" decides, as the exact-tie rule of _rank_bounds does).
+_VS_FORCED_SCORE = 1.0e9
+
+
+def _vs_merge(kept_t_desc: List[int], kept_cols: List[int], end: int, block: int) -> set:
+    """spec, vertical_slash step 4, for one query block: the set of keys of its ranges and single columns."""
+    ranges, cur = [], None
+    for t in kept_t_desc:
+        if t >= end:
+            continue
+        e = max(end - t, block)
+        if cur is None:
+            cur = [e - block, e]
+        elif e > cur[1] + block:
+            ranges.append(cur)
+            cur = [e - block, e]
+        elif e > cur[1]:
+            cur[1] += block
+    ranges.append(cur)
+    keys = set()
+    for lo, hi in ranges:
+        keys.update(range(lo, hi))
+    keys.update(c for c in kept_cols if c < cur[1])     # a column inside a range is already there
+    return keys
+
+
 def vertical_slash_keep(q, k, *, scale: float, causal: bool, last_q: int, vertical: int, slash: int,
                         block: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
     """``form = "vertical_slash"``: (keep_min, keep_max), each ``[B, H, Sq, Sk]``, causality included.
 
-    The estimate does not read the model's mask: the rows' softmax runs "over
-    their keys: j <= p when causal, every key otherwise". Diagonal offsets
-    ``t = p - j`` run over ``0 .. Sk-1`` (causal) or ``-(Sk-1) .. Sk-1``
-    (bidirectional); a diagonal without an element in the estimate rows scores 0.
+    Not causal: the call attends densely. A (batch, head) whose column or
+    diagonal selection lies within the float32 tolerance of a tie is undefined
+    as a whole (keep_min all False, keep_max all True): the key ranges do not
+    grow monotonically with the diagonal set, so no narrower bound is sure.
     """
     b_, h_, sq, _ = q.shape
     sk = k.shape[2]
+    if not causal:
+        ones = torch.ones(b_, h_, sq, sk, dtype=torch.bool)
+        return ones, ones
     off = sk - sq
     n = min(last_q, sq)
-    rows = torch.arange(sq - n, sq)
-    prow = rows + off                                             # positions of the estimate rows
-    qd, kd = q.to(F64)[:, :, rows], _expand_kv(k.to(F64), h_)
-    logits = scale * qd @ kd.transpose(-1, -2)                     # [B, H, n, Sk]
-    j = torch.arange(sk)
-    if causal:
-        logits = logits.masked_fill(j[None, :] > prow[:, None], float("-inf"))
-    P = torch.softmax(logits, -1)
-    col = P.sum(2)                                                 # [B, H, Sk]
-    t_of = prow[:, None] - j[None, :]                              # [n, Sk]
-    nt = 2 * sk - 1                                                # t = -(Sk-1) .. Sk-1 -> index t + Sk - 1
-    diag = torch.zeros(b_, h_, nt, dtype=F64)
-    diag.index_add_(2, (t_of + sk - 1).reshape(-1), P.reshape(b_, h_, -1))
-    t_all = torch.arange(nt) - (sk - 1)
-    col_cand = (j != 0).expand(b_, h_, sk)
-    diag_cand = ((t_all != 0) & ((t_all >= 0) if causal else torch.ones(nt, dtype=torch.bool))).expand(b_, h_, nt)
-    col_sure, col_could = _select_budget(col, col_cand, vertical, _tol(col))
-    diag_sure, diag_could = _select_budget(diag, diag_cand, slash, _tol(diag))
-    always_col, always_diag = j == 0, t_all == 0
-    col_sure, col_could = col_sure | always_col, col_could | always_col
-    diag_sure, diag_could = diag_sure | always_diag, diag_could | always_diag
-
-    p_all = query_positions(sq, sk)
-    t_elem = p_all[:, None] - j[None, :] + sk - 1                  # [Sq, Sk] index of each element's diagonal
-    exists = causal_keep(sq, sk) if causal else torch.ones(sq, sk, dtype=torch.bool)
-
-    def table(cols, diags):
-        elem = cols[:, :, None, :] | diags[:, :, t_elem]          # [B, H, Sq, Sk]
-        elem = elem & exists
-        nq, nk = math.ceil(sq / block), math.ceil(sk / block)
-        padded = torch.zeros(b_, h_, nq * block, nk * block, dtype=torch.bool)
-        padded[:, :, :sq, :sk] = elem
-        return padded.view(b_, h_, nq, block, nk, block).any(5).any(3)
-
-    return (_blocks_to_keep(table(col_sure, diag_sure), sq, sk, block, causal),
-            _blocks_to_keep(table(col_could, diag_could), sq, sk, block, causal))
+    n_v, n_s = min(sk, max(vertical, VS_MIN_VERTICAL)), min(sk, max(slash, VS_MIN_SLASH))
+    qd, kd = q.to(F64), _expand_kv(k.to(F64), h_)
+    keep_min = torch.zeros(b_, h_, sq, sk, dtype=torch.bool)
+    keep_max = torch.zeros(b_, h_, sq, sk, dtype=torch.bool)
+    idx = torch.arange(sk)
+    for bi in range(b_):
+        for hi in range(h_):
+            col = torch.zeros(sk, dtype=F64)
+            diag = torch.zeros(sk, dtype=F64)                      # diag[t], t = 0 .. Sk-1
+            for i in range(sq - n, sq):
+                p = i + off
+                logits = scale * (kd[bi, hi, :p + 1] @ qd[bi, hi, i])
+                probs = torch.softmax(logits, 0)                   # over keys j = 0 .. p
+                col[:p + 1] += probs
+                diag.index_add_(0, p - torch.arange(p + 1), probs)  # key j lies on diagonal p - j
+            col_s = torch.where(idx < VS_FORCED_COLUMNS, _VS_FORCED_SCORE, col)
+            diag_s = torch.where(idx < VS_FORCED_DIAGONALS, _VS_FORCED_SCORE, diag)
+            every = torch.ones(sk, dtype=torch.bool)
+            c_sure, c_could = _select_budget(col_s, every, n_v, _tol(col))
+            d_sure, d_could = _select_budget(diag_s, every, n_s, _tol(diag))
+            if not (torch.equal(c_sure, c_could) and torch.equal(d_sure, d_could)):
+                keep_max[bi, hi] = True
+                continue
+            cols = sorted(int(j) for j in torch.nonzero(c_sure).flatten())
+            ts = sorted((int(t) for t in torch.nonzero(d_sure).flatten()), reverse=True)
+            for a in range(math.ceil(sq / block)):
+                end = a * block + off + block
+                keys = torch.zeros(sk, dtype=torch.bool)
+                keys[[j for j in _vs_merge(ts, cols, end, block) if j < sk]] = True
+                for i in range(a * block, min(sq, a * block + block)):
+                    keep_min[bi, hi, i] = keys & (idx <= i + off)
+            keep_max[bi, hi] = keep_min[bi, hi]
+    return keep_min, keep_max
 
 
 # ---------------------------------------------------------------- attention: the whole site

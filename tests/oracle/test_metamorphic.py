@@ -67,7 +67,9 @@ def _check_neutral(pair):
     c, kind, compact = pair
     q, k, v, _ = cases.tensors(c)
     masked = _neutral(c, kind, compact)
-    plain = _run(c, (q, k, v, None))
+    # vertical_slash is causal only: the bidirectional site without a mask stays dense (docs/spec.md); with the
+    # neutral mask it is rewritten and its calls attend densely, so the outputs still agree.
+    plain = _run(c, (q, k, v, None), applied=_form_of(c.spec, 0, c.heads) != "vertical_slash")
     with_mask = _run(masked, (q, k, v, cases.build_mask(masked)))
     _close(with_mask, plain, c.torch_dtype, what=str(pair))
 
@@ -121,6 +123,8 @@ def _stack(parts):
 def test_output_does_not_depend_on_batch_mates(form, data):
     """The same sequence alone and among other sequences (other data, other padding) gives the same rows."""
     c, mates, position = data.draw(batch_mate_cases(form))
+    if form == "vertical_slash":
+        assume(c.causal or c.mask_kind != "none")   # a bidirectional site without a mask stays dense
     x = cases.tensors(c)
     alone = _run(c, x)
     parts = [cases.tensors(m) for m in mates]

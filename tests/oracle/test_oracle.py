@@ -121,26 +121,32 @@ def test_block_topk_ragged_last_block_and_max_pool():
 
 # ---------------------------------------------------------------- vertical_slash
 
-def test_vertical_slash_elements_by_hand():
-    # one estimate row (p = 3) with logits [0, 0, 5, 0]: best other column j = 2, best other diagonal t = 1
-    q = torch.tensor([[0.0], [0.0], [0.0], [1.0]], dtype=F64).view(1, 1, 4, 1)
-    k = torch.tensor([0.0, 0.0, 5.0, 0.0], dtype=F64).view(1, 1, 4, 1)
-    lo, hi = oracle.vertical_slash_keep(q, k, scale=1.0, causal=False, last_q=1, vertical=1, slash=1, block=1)
-    assert torch.equal(lo, hi)
-    # kept: columns 0 and 2, diagonals t = 0 and t = 1
-    assert rows(lo[0, 0]) == [[0, 2], [0, 1, 2], [0, 1, 2], [0, 2, 3]]
+def test_vertical_slash_merge_by_hand():
+    """spec step 4 for one block: ranges [e - block, e) merged in descending t, single columns between them."""
+    keys = oracle._vs_merge([200, 100, 10, 0], [3, 70, 100, 170, 300], end=256, block=64)
+    assert keys == set(range(0, 64)) | set(range(92, 156)) | set(range(182, 310)) | {70, 170}
+    assert oracle._vs_merge([200, 100, 10, 0], [3, 70], end=64, block=64) == set(range(64))
 
 
-@pytest.mark.parametrize("sk", [8, 9])
-def test_vertical_slash_rounds_column_and_diagonal_to_blocks(sk):
+def test_vertical_slash_small_sequences_are_dense_and_bidirectional_is_dense():
+    # Sk <= 50: the budgets keep every diagonal (S = min(Sk, max(slash, 50))), so every causal pair is kept.
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, sk, 4, generator=g, dtype=F64), torch.randn(1, 1, sk, 4, generator=g, dtype=F64)
-    lo, _ = oracle.vertical_slash_keep(q, k, scale=0.5, causal=False, last_q=2, vertical=0, slash=0, block=4)
-    # column 0 and diagonal 0 only: query block a keeps key blocks 0 and a
-    blocks = _block_rows(lo, 4)
-    assert blocks == [[0], [0, 1]] + ([[0, 2]] if sk == 9 else [])
-    lo, _ = oracle.vertical_slash_keep(q, k, scale=0.5, causal=True, last_q=2, vertical=0, slash=0, block=4)
-    assert _block_rows(lo, 4) == [[0], [0, 1]] + ([[0, 2]] if sk == 9 else [])
+    q, k = torch.randn(1, 1, 40, 4, generator=g, dtype=F64), torch.randn(1, 1, 40, 4, generator=g, dtype=F64)
+    lo, hi = oracle.vertical_slash_keep(q, k, scale=0.5, causal=True, last_q=2, vertical=0, slash=0, block=16)
+    assert torch.equal(lo, hi) and torch.equal(lo[0, 0], oracle.causal_keep(40, 40))
+    lo, hi = oracle.vertical_slash_keep(q, k, scale=0.5, causal=False, last_q=2, vertical=0, slash=0, block=16)
+    assert lo.all() and hi.all()
+
+
+def test_vertical_slash_forced_band_and_columns_by_hand():
+    """Sk = 200, budgets at their minimums: columns 0..29 and diagonals 0..49, rounded to ranges of 16."""
+    q = torch.zeros(1, 1, 200, 4, dtype=F64)
+    k = torch.randn(1, 1, 200, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    lo, hi = oracle.vertical_slash_keep(q, k, scale=1.0, causal=True, last_q=4, vertical=0, slash=0, block=16)
+    assert torch.equal(lo, hi)
+    # Row block 12 (rows 192..199, end = 208): t = 49 -> [143, 159), then one block at a time up to 207.
+    want = set(range(30)) | set(range(143, 200))
+    assert rows(lo[0, 0])[199] == sorted(want)
 
 
 # ---------------------------------------------------------------- dense attention and masks
