@@ -88,14 +88,14 @@ def test_minference_tables_map_every_pattern():
             "phase": "prefill"}
     layer0, layer1 = "model.layers.0.self_attn", "model.layers.1.self_attn"
     assert rules == [
-        # MInference's budgets include column 0 and the main diagonal; sparsecc's do not.
-        {"modules": layer0, "heads": [0, 1], **vs, "vertical": 999, "slash": 6095},
+        # vertical_slash takes MInference's budgets as they are (the form applies its minimums itself).
+        {"modules": layer0, "heads": [0, 1], **vs, "vertical": 1000, "slash": 6096},
         {"modules": layer0, "heads": [2], "form": "streaming", "sink": 4, "window": 16, "phase": "prefill"},
         {"modules": layer0, "heads": [3], **topk},
         # a_shape and stream_llm are one pattern: heads 0, 1 and 3 share a rule.
         {"modules": layer1, "heads": [0, 1, 3], "form": "streaming", "sink": 2, "window": 8, "phase": "prefill"},
-        # MInference raises budgets below 30 columns / 50 diagonals to those minimums.
-        {"modules": layer1, "heads": [2], **vs, "vertical": 29, "slash": 49},
+        # budgets below MInference's minimums (30 columns, 50 diagonals) stay as written; the form raises them
+        {"modules": layer1, "heads": [2], **vs, "vertical": 10, "slash": 20},
     ]
 
 
@@ -103,7 +103,7 @@ def test_minference_mixed_loads_and_round_trips(tmp_path):
     spec = import_minference(DATA / "minference_mixed.json")
     assert [type(r.form).__name__ for r in spec.attention] == [
         "VerticalSlash", "Streaming", "BlockTopK", "Streaming", "VerticalSlash"]
-    assert spec.attention[0].form.vertical == 999 and spec.attention[0].form.last_q == 64
+    assert spec.attention[0].form.vertical == 1000 and spec.attention[0].form.last_q == 64
     topk = spec.attention[2].form
     assert (topk.topk, topk.cdf, topk.sink_blocks, topk.local_blocks, topk.pool) == (100, None, 0, 0, "mean")
     assert_round_trip(spec, tmp_path)

@@ -27,8 +27,7 @@ from typing import Any, Callable, Dict, Tuple
 from sparsecc.spec import SpecError, load_spec
 from sparsecc.spec.schema import Spec
 from sparsecc.importers.common import DEFAULT_ATTENTION_TEMPLATE, _option_error
-from sparsecc.importers.minference import (ALWAYS_KEPT_LINES, MINFERENCE_BLOCK, MINFERENCE_BLOCK_TOPK,
-                                           MINFERENCE_LAST_Q, MINFERENCE_MIN_SLASH, MINFERENCE_MIN_VERTICAL,
+from sparsecc.importers.minference import (MINFERENCE_BLOCK, MINFERENCE_BLOCK_TOPK, MINFERENCE_LAST_Q,
                                            MINFERENCE_PATTERNS, import_minference, minference_tables)
 from sparsecc.importers.duo_attention import (DUO_CONFIG, DUO_DEFAULT_THRESHOLD, DUO_DEPLOY_RECENT,
                                               DUO_DEPLOY_SINK, DUO_DEPLOY_SPARSITY, DUO_TSV, duo_attention_tables,
@@ -42,7 +41,7 @@ FORMAT_NAMES = ("minference", "duo_attention", "compressed_tensors")
 __all__ = ["import_spec", "import_minference", "import_duo_attention", "import_compressed_tensors",
            "minference_tables", "duo_attention_tables", "compressed_tensors_tables", "IMPORTERS",
            "IMPORT_OPTIONS", "FORMAT_NAMES", "DEFAULT_ATTENTION_TEMPLATE", "MINFERENCE_LAST_Q", "MINFERENCE_BLOCK",
-           "MINFERENCE_MIN_VERTICAL", "MINFERENCE_MIN_SLASH", "ALWAYS_KEPT_LINES", "MINFERENCE_BLOCK_TOPK",
+           "MINFERENCE_BLOCK_TOPK",
            "MINFERENCE_PATTERNS", "DUO_TSV", "DUO_CONFIG", "DUO_DEFAULT_THRESHOLD", "DUO_DEPLOY_SPARSITY",
            "DUO_DEPLOY_SINK", "DUO_DEPLOY_RECENT", "select_streaming", "streaming_count", "CT_CONTAINERS",
            "CT_SUPPORTED_STRUCTURES", "MAX_GLOBS_PER_REGEX", "ALLOWED_TARGET", "Spec", "SpecError", "load_spec"]

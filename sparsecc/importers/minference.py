@@ -15,12 +15,8 @@ from sparsecc.importers.common import (DEFAULT_ATTENTION_TEMPLATE, _base_spec, _
 MINFERENCE_LAST_Q = 64
 # Its vertical-slash and block-sparse kernels tile queries and keys in 64-token blocks.
 MINFERENCE_BLOCK = 64
-# The vertical-slash kernel raises the budgets to at least 30 columns and 50 diagonals.
-MINFERENCE_MIN_VERTICAL = 30
-MINFERENCE_MIN_SLASH = 50
-# MInference's budgets count every kept column / diagonal, including column 0 and the main
-# diagonal (forced in); sparsecc's vertical_slash keeps those two besides its budgets.
-ALWAYS_KEPT_LINES = 1
+# vertical_slash takes MInference's budgets as they are: the form itself raises them to at least 30 columns and
+# 50 diagonals and forces the first columns and nearest diagonals inside them (sparsecc.forms.VerticalSlash).
 # The block-sparse kernel keeps 100 key blocks per query block, whatever the config says.
 MINFERENCE_BLOCK_TOPK = 100
 MINFERENCE_PATTERNS = ("vertical_and_slash", "stream_llm", "a_shape", "block_sparse")
@@ -44,8 +40,7 @@ def _minference_form(src: _Source, path: Tuple[Any, ...], entry: Any) -> Dict[st
         raise src.error(path + (3,), value=score, allowed="a number (the search score; not used)")
     if name == "vertical_and_slash":
         return {"form": "vertical_slash", "last_q": MINFERENCE_LAST_Q,
-                "vertical": max(size_a, MINFERENCE_MIN_VERTICAL) - ALWAYS_KEPT_LINES,
-                "slash": max(size_b, MINFERENCE_MIN_SLASH) - ALWAYS_KEPT_LINES,
+                "vertical": size_a, "slash": size_b,
                 "block": MINFERENCE_BLOCK, "phase": PREFILL}
     if name in ("stream_llm", "a_shape"):
         if size_b < 1:
