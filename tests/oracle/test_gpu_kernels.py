@@ -92,9 +92,8 @@ def gpu_cases(draw, form: str, *, decode: Optional[bool] = None, causal: Optiona
               masked: Optional[bool] = None, spellings=cases.ALL_SPELLINGS, op_level: bool = False):
     """An attention case at kernel-tile sizes (see cases.attention_cases for the fields).
 
-    Block layouts and dynamic forms are kept off the sites where the mask places the queries (not causal, a
-    mask, Sq < Sk): spec.md keeps those dense, so they exercise no kernel (test_differential.py checks that).
-    ``op_level``: the case is called through the op (see run_causal_op_case), where that rule does not arise.
+    Sites where the mask places the queries (not causal, a mask, Sq < Sk) follow spec.md's position rule for
+    every form. ``op_level``: the case is called through the op (see run_causal_op_case), where that rule does not arise.
     """
     dynamic = form in oracle.DYNAMIC_FORMS
     causal = draw(st.booleans()) if causal is None else causal
@@ -119,12 +118,8 @@ def gpu_cases(draw, form: str, *, decode: Optional[bool] = None, causal: Optiona
         spellings = [s for s in spellings if s in cases.SDPA]
     elif causal_via == "mask":
         masked = True
-    elif form != "streaming" and decode and not op_level:
-        masked = False
     elif masked is None:
         masked = draw(st.booleans())
-    if causal_via == "mask" and decode and form != "streaming" and not op_level:
-        causal, causal_via, masked = False, "", False    # see the docstring: such a site stays dense
     kind = "none"
     if masked:
         kind = draw(st.sampled_from(["bool", "additive", "finfo", "bias"]))
