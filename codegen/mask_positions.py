@@ -91,33 +91,43 @@ def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch
     from sparsecc.codegen.block_attention import FULL_WINDOW, _streaming_heads
 
     b, h, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
+    sk = k.shape[2]
     sinks, windows = _streaming_heads(sink, window, h)
     dev = q.device
     sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1)
     window_t = torch.tensor([sk + sq + 1 if w == FULL_WINDOW else w for w in windows], device=dev).view(1, h, 1, 1)
     positions = mask_query_positions(mask, sq, sk)                       # [B|1, H|1, Sq]
+    keys = torch.arange(sk, device=dev)
+
+    def rule(r0: int, r1: int) -> torch.Tensor:
+        p = positions[:, :, r0:r1, None]
+        return (keys < sink_t) | (p < sink_t) | ((p - keys).abs() < window_t)
+
+    return _attend_by_rows(q, k, v, mask, scale, rule, rows_per_chunk)
+
+
+def _attend_by_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                    rule, rows_per_chunk: int) -> torch.Tensor:
+    """float32 attention where ``rule(r0, r1)`` (bool ``[B|1, H|1, r1 - r0, Sk]``) says which keys rows
+    ``r0:r1`` may attend, and-ed with a bool mask or plus an additive one; rows with no key give zeros."""
+    b, h, sq, _ = q.shape
+    hkv = k.shape[1]
     m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     kf = k.float().repeat_interleave(h // hkv, 1)
     vf = v.float().repeat_interleave(h // hkv, 1)
-    keys = torch.arange(sk, device=dev)
-    out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float32, device=dev)
+    out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float32, device=q.device)
     for r0 in range(0, sq, rows_per_chunk):
         r1 = min(sq, r0 + rows_per_chunk)
-        p = positions[:, :, r0:r1, None]
-        rule = (keys < sink_t) | (p < sink_t) | ((p - keys).abs() < window_t)
+        keep = rule(r0, r1)
         tile = m4[:, :, r0:r1] if m4.shape[2] != 1 else m4
         logits = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale
         if tile.dtype == torch.bool:
-            rule = rule & tile
+            keep = keep & tile
         else:
             logits = logits + tile.float()
-        logits = logits.masked_fill(~rule, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        out[:, :, r0:r1] = probs @ vf
+        logits = logits.masked_fill(~keep, float("-inf"))
+        out[:, :, r0:r1] = torch.softmax(logits, dim=-1).nan_to_num(0.0) @ vf
     return out.to(q.dtype)
-
-
 
 
 def block_sparse_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -134,7 +144,7 @@ def block_sparse_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: to
     ``rows_per_chunk`` query rows at a time.
     """
     b, h, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
+    sk = k.shape[2]
     if table.causal or table.seq_q != sk or table.seq_k != sk or table.kv_num_blocks.shape[0] != 1:
         raise ValueError(f"expected a bidirectional batch-1 layout over {sk} x {sk} positions, got {table}")
     dev = q.device
@@ -143,24 +153,12 @@ def block_sparse_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: to
     positions = mask_query_positions(mask, sq, sk).expand(b, h, sq)
     heads = torch.arange(h, device=dev)[None, :, None]
     key_block = torch.arange(sk, device=dev) // table.block_k
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    kf = k.float().repeat_interleave(h // hkv, 1)
-    vf = v.float().repeat_interleave(h // hkv, 1)
-    out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float32, device=dev)
-    for r0 in range(0, sq, rows_per_chunk):
-        r1 = min(sq, r0 + rows_per_chunk)
+
+    def rule(r0: int, r1: int) -> torch.Tensor:
         row_blocks = positions[:, :, r0:r1] // table.block_q                  # [B, H, r]
-        rule = blocks[heads, row_blocks][..., key_block]                      # [B, H, r, Sk]
-        tile = m4[:, :, r0:r1] if m4.shape[2] != 1 else m4
-        logits = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale
-        if tile.dtype == torch.bool:
-            rule = rule & tile
-        else:
-            logits = logits + tile.float()
-        logits = logits.masked_fill(~rule, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        out[:, :, r0:r1] = probs @ vf
-    return out.to(q.dtype)
+        return blocks[heads, row_blocks][..., key_block]                      # [B, H, r, Sk]
+
+    return _attend_by_rows(q, k, v, mask, scale, rule, rows_per_chunk)
 
 
 def dense_rows_where_moved(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
