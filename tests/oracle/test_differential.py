@@ -406,8 +406,10 @@ def run_policy_case(c: AttnCase):
     out, report = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
     hn.assert_dense(report, "attention", hn.SITE)
     assert not hn.sparse_ops()
-    exp, valid = oracle.expected_attention(q, k, v, [None] * c.heads, causal=c.causal, mask=mask, scale=c.scale)
-    hn.assert_rows_close(out, exp, valid, c.torch_dtype, what=str(c))
+    # a dense site runs the model's own computation (in bf16, its own bf16 softmax): compare with the model
+    with torch.no_grad():
+        own = cases.model_of(c)(q, k, v, mask)
+    torch.testing.assert_close(out, own, **hn.tolerance(c.torch_dtype), equal_nan=True, msg=lambda m: f"{c}\n{m}")
 
 
 @hn.examples(20)
