@@ -14,14 +14,14 @@ from typing import List
 
 import torch
 
-# An additive mask entry at or below this hides its key (passes/attention.py uses the same bound).
-_MASKED_ADDITIVE_MAX = -1.0e4
+from sparsecc.forms import MASKED_LOGIT_MAX
+
 
 
 def _mask_keeps(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
     """A mask as a 4-d bool "this key takes part" tensor, broadcast along the keys to ``seq_k``."""
     m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    keep = m4 if m4.dtype == torch.bool else m4 > _MASKED_ADDITIVE_MAX
+    keep = m4 if m4.dtype == torch.bool else m4 > MASKED_LOGIT_MAX
     return keep.expand(*keep.shape[:3], seq_k)
 
 

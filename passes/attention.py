@@ -29,13 +29,11 @@ from sparsecc.codegen import ops
 from sparsecc.codegen.block_attention import FULL_WINDOW
 from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
 from sparsecc.cost import estimate_attention
-from sparsecc.forms import BlockTopK, Dense, Streaming, VerticalSlash
+from sparsecc.forms import MASKED_LOGIT_MAX, BlockTopK, Dense, Streaming, VerticalSlash
 from sparsecc.passes.decide import dense_rule, fallback, no_rule, verdict
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
-# A masked_fill value at or below this is a "masked out" marker (models use -inf, finfo.min or -1e9).
-MASK_FILL_MAX = -1.0e4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What the report says of a site whose query positions come from the mask (docs/spec.md), per op.
 _AT_MASK = "query positions from the mask (min(i + Sk - Sq, last key the row keeps))"
@@ -185,7 +183,7 @@ def _peel_logits(node: Node, nodes: List[Node]) -> Optional[Tuple[Node, float, L
             cur = op.inputs[0]
         elif op.name == "masked_fill":
             value = op.params.get("value")
-            if value is None or value > MASK_FILL_MAX:
+            if value is None or value > MASKED_LOGIT_MAX:
                 return None
             masks.append(MaskTerm(op.inputs[1], additive=False, keep=not op.params["fill_where"]))
             cur = op.inputs[0]

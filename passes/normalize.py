@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
+from sparsecc.forms import MASKED_LOGIT_MAX
+
 log = logging.getLogger("sparsecc")
 
 META_KEY = "sparsecc_op"
@@ -375,8 +377,6 @@ def op_of(node: Any) -> Optional[CanonicalOp]:
 # it is a constant of the graph: evaluate it once and, when it is exactly the causal mask, drop it
 # for is_causal=True. Masks that read inputs (padding, cache positions) are left alone.
 
-# Additive masks: an entry at or below this is "masked out" (exp underflows to exactly 0 in fp32).
-_ADDITIVE_MASKED_MAX = -1.0e4
 # Rows compared with the causal pattern per step, so the check never builds a second S x S tensor.
 _CHECK_ROWS = 4096
 # Host-memory budget for evaluating a CPU mask; device masks are checked against free device memory.
@@ -548,7 +548,7 @@ def _is_causal_value(value: torch.Tensor, seq: int) -> bool:
                 return False
         else:
             kept_ok = bool((part.masked_fill(~causal, 0) == 0).all())
-            masked_ok = bool((part.masked_fill(causal, float("-inf")) <= _ADDITIVE_MASKED_MAX).all())
+            masked_ok = bool((part.masked_fill(causal, float("-inf")) <= MASKED_LOGIT_MAX).all())
             if not (kept_ok and masked_ok):
                 return False
     return True

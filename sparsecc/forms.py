@@ -60,6 +60,9 @@ WEIGHT_BLOCK_SIZES = (16, 32, 64, 128)
 
 # Integers in a spec are signed 64-bit (TOML's own limit, docs/spec.md); forms hold every integer field to it.
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+# docs/spec.md: an additive mask value (or a masked_fill value) at or below this hides its key. Models write -inf,
+# finfo.min or -1e9 there; exp(-1e4) underflows to exactly 0 in float32, so such a key takes no part.
+MASKED_LOGIT_MAX = -1.0e4
 
 
 def _require(ok: bool, name: str, value, allowed: str) -> None:

@@ -38,10 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from sparsecc.forms import DYNAMIC_BLOCK_SIZES, Dense, Streaming
+from sparsecc.forms import DYNAMIC_BLOCK_SIZES, MASKED_LOGIT_MAX, Dense, Streaming
 
-# Additive mask values at or below this mean "masked out" (models use -inf, finfo.min or -1e9).
-MASKED_BELOW = -1.0e4
 # Bisection steps on the density price: 60 halvings of [0, 2^10] resolve it far below any recall difference.
 _PRICE_STEPS = 60
 _PRICE_MAX = 1024.0
@@ -129,7 +127,7 @@ class AttentionStats:
         for mask, (additive, keep) in zip(masks, flags):
             if additive:
                 logits = logits + mask.float()
-                allowed = allowed & (mask > MASKED_BELOW)
+                allowed = allowed & (mask > MASKED_LOGIT_MAX)
             else:
                 allowed = allowed & (mask if keep else ~mask)
         if causal:
