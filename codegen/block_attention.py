@@ -33,6 +33,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from sparsecc.codegen.mask_positions import mask_4d
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
 __all__ = ["FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
@@ -74,7 +75,7 @@ def _check_mask(mask: Optional[Tensor], b: int, h: int, sq: int, sk: int) -> Opt
         return None
     if mask.dim() > 4:
         raise ValueError(f"mask has {mask.dim()} dims; expected at most 4")
-    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m = mask_4d(mask)
     for size, want, name in zip(m.shape, (b, h, sq, sk), ("batch", "heads", "Sq", "Sk")):
         if size not in (1, want):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to [B, H, Sq, Sk] "

@@ -18,9 +18,14 @@ from sparsecc.forms import MASKED_LOGIT_MAX
 
 
 
+def mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` viewed with 4 dims ``[B|1, H|1, Sq|1, Sk]`` (leading size-1 dims added, nothing copied)."""
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
 def _mask_keeps(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
     """A mask as a 4-d bool "this key takes part" tensor, broadcast along the keys to ``seq_k``."""
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m4 = mask_4d(mask)
     keep = m4 if m4.dtype == torch.bool else m4 > MASKED_LOGIT_MAX
     return keep.expand(*keep.shape[:3], seq_k)
 
@@ -112,7 +117,7 @@ def _attend_by_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     ``r0:r1`` may attend, and-ed with a bool mask or plus an additive one; rows with no key give zeros."""
     b, h, sq, _ = q.shape
     hkv = k.shape[1]
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m4 = mask_4d(mask)
     kf = k.float().repeat_interleave(h // hkv, 1)
     vf = v.float().repeat_interleave(h // hkv, 1)
     out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float32, device=q.device)

@@ -31,8 +31,8 @@ IMPL_CHOICES = ("auto", "triton", "reference")
 
 # The mask position rule lives in its own module; these names are part of this module's interface too.
 from sparsecc.codegen.mask_positions import (  # noqa: E402,F401
-    block_sparse_attention_from_mask_ref, mask_is_causal, mask_query_end, mask_query_positions, mask_rows_moved,
-    streaming_attention_from_mask_ref)
+    block_sparse_attention_from_mask_ref, mask_4d, mask_is_causal, mask_query_end, mask_query_positions,
+    mask_rows_moved, streaming_attention_from_mask_ref)
 
 
 def _load_block_sparse_linear():
@@ -259,7 +259,7 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         if bool(causal_rows.all()):
             causal = True
         elif bool(causal_rows.any()):
-            m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+            m4 = mask_4d(mask)
             out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
             for rows, is_causal in ((causal_rows.nonzero().flatten(), True),
                                     ((~causal_rows).nonzero().flatten(), False)):
@@ -275,7 +275,7 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         return dynamic_attention_ref(q, k, v, form=spec_form, causal=causal, scale=scale, mask=mask)
 
     out = _pick("dynamic_block_attention", impl, q.device, reference)(q, k, v, mask, scale, causal, spec_form)
-    if positions_from_mask and mask is not None and q.shape[2] < k.shape[2]:
+    if positions_from_mask and mask is not None and sq < sk:
         from sparsecc.codegen.mask_positions import dense_rows_where_moved
         out = dense_rows_where_moved(out, q, k, v, mask, scale)
     return out

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from sparsecc.codegen.mask_positions import mask_4d
 from sparsecc.codegen.vertical_slash import VSIndex
 
 # Rows and keys per tile of the attention kernel (a lane's block is walked in such tiles).
@@ -205,7 +206,7 @@ def vertical_slash_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.T
     if mask is None:
         mask_kind, m4, mstr = 0, q, (0, 0, 0, 0)
     else:
-        m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        m4 = mask_4d(mask)
         if m4.dtype == torch.bool:
             mask_kind, m4 = 1, m4.to(torch.uint8)
         else:

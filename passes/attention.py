@@ -19,7 +19,7 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
@@ -30,7 +30,7 @@ from sparsecc.codegen.block_attention import FULL_WINDOW
 from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
 from sparsecc.cost import estimate_attention
 from sparsecc.forms import MASKED_LOGIT_MAX, BlockTopK, Dense, Streaming, VerticalSlash
-from sparsecc.passes.decide import dense_rule, fallback, no_rule, verdict
+from sparsecc.passes.decide import dense_rule, fallback, group_head_forms, no_rule, verdict
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
@@ -382,25 +382,6 @@ def check_attention(site: Site, ctx) -> Decision:
     return decision
 
 
-def group_head_forms(per_head) -> List[Tuple[str, str]]:
-    """(form, heads) pairs in head order, e.g. ``("streaming(sink=4, window=64)", "0-3, 6")``; heads no rule
-    covers, or a dense rule covers, are "dense"."""
-    forms: Dict[str, List[int]] = {}
-    for h, rule in enumerate(per_head):
-        forms.setdefault("dense" if rule is None or isinstance(rule.form, Dense) else str(rule.form), []).append(h)
-    return [(form, _spans(heads)) for form, heads in forms.items()]
-
-
-def _spans(heads: List[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    out, start = [], heads[0]
-    for prev, cur in zip(heads, heads[1:] + [None]):
-        if cur != prev + 1:
-            out.append(str(start) if start == prev else f"{start}-{prev}")
-            start = cur
-    return ", ".join(out)
-
-
 def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     if site.match is None:
         return Decision(False, None, f"not rewritable: {site.attrs['refused']}")
@@ -501,26 +482,23 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         op_name = "block_sparse_attention"
     estimate = _estimate(site, form, per_head_geom, ctx)
     decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
-    if decision.apply and params.get("anchor") == "mask":
-        decision = Decision(decision.apply, decision.form, decision.reason + "; " + MASK_POSITIONS[op_name],
-                            decision.estimate, decision.rule, decision.policy, decision.params)
-    if decision.apply and deciding.phase != "both":
-        decision = Decision(decision.apply, decision.form, decision.reason + f"; {deciding.key} applies at "
-                            f"{deciding.phase} only", decision.estimate, decision.rule, decision.policy,
-                            decision.params)
-    if decision.apply and isinstance(form, VerticalSlash) and not site.attrs["causal"]:
-        decision = Decision(decision.apply, decision.form, decision.reason + "; not is_causal: a call whose mask "
-                            "keeps a key after a query's position attends densely (docs/spec.md)",
-                            decision.estimate, decision.rule, decision.policy, decision.params)
-    if decision.apply and isinstance(form, BlockTopK) and form.local_blocks == 0 and site.attrs["masks"]:
-        decision = Decision(decision.apply, decision.form, decision.reason + "; local_blocks = 0 with a mask: a row "
-                            "whose kept blocks the mask hides entirely outputs zeros (docs/spec.md)",
-                            decision.estimate, decision.rule, decision.policy, decision.params)
-    if ignored and decision.apply:
-        decision = Decision(decision.apply, decision.form,
-                            decision.reason + f"; heads {sorted(ignored)} do not exist (site has {heads})",
-                            decision.estimate, decision.rule, decision.policy, decision.params)
-    return decision
+    if not decision.apply:
+        return decision
+    # What an applied site's report adds to its reason (docs/spec.md), in this order.
+    notes = []
+    if params.get("anchor") == "mask":
+        notes.append(MASK_POSITIONS[op_name])
+    if deciding.phase != "both":
+        notes.append(f"{deciding.key} applies at {deciding.phase} only")
+    if isinstance(form, VerticalSlash) and not site.attrs["causal"]:
+        notes.append("not is_causal: a call whose mask keeps a key after a query's position attends densely "
+                     "(docs/spec.md)")
+    if isinstance(form, BlockTopK) and form.local_blocks == 0 and site.attrs["masks"]:
+        notes.append("local_blocks = 0 with a mask: a row whose kept blocks the mask hides entirely outputs zeros "
+                     "(docs/spec.md)")
+    if ignored:
+        notes.append(f"heads {sorted(ignored)} do not exist (site has {heads})")
+    return dataclasses.replace(decision, reason="; ".join([decision.reason] + notes))
 
 
 def _positions_from_mask(site: Site, sq, sk) -> bool:

@@ -8,7 +8,7 @@ written for the report.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 from sparsecc.forms import Dense
 from sparsecc.passes.site import Decision, Estimate, Site
@@ -95,3 +95,22 @@ def verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimat
     if estimate.speedup >= margin:
         return Decision(True, form, f"auto: applied, {gain} >= margin {margin:g}", estimate, rule_key, policy, params)
     return Decision(False, form, f"auto: kept dense, {gain} < margin {margin:g}", estimate, rule_key, policy, params)
+
+
+def group_head_forms(per_head) -> List[Tuple[str, str]]:
+    """(form, heads) pairs in head order, e.g. ``("streaming(sink=4, window=64)", "0-3, 6")``; heads no rule
+    covers, or a dense rule covers, are "dense"."""
+    forms: Dict[str, List[int]] = {}
+    for h, rule in enumerate(per_head):
+        forms.setdefault("dense" if rule is None or isinstance(rule.form, Dense) else str(rule.form), []).append(h)
+    return [(form, _spans(heads)) for form, heads in forms.items()]
+
+
+def _spans(heads: List[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, start = [], heads[0]
+    for prev, cur in zip(heads, heads[1:] + [None]):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(out)

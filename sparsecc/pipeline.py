@@ -233,12 +233,8 @@ def build_report(ctx: CompileContext) -> Report:
         if d.rule:
             used_rules.update(r.strip() for r in d.rule.split(","))
         est = d.estimate
-        detail = str(d.form) if d.form else None
-        sparse_heads = _sparse_heads(d.params, site.attrs.get("heads"))
-        if d.head_forms:
-            detail = d.head_forms
-        elif detail and sparse_heads is not None:
-            detail += f" on heads {sparse_heads}"
+        # a site whose heads differ lists each form with its heads (dense heads included)
+        detail = d.head_forms or (str(d.form) if d.form else None)
         record = SiteRecord(
             kind=site.kind, module=site.module, form=getattr(d.form, "name", None), applied=d.apply,
             reason=d.reason, rule=d.rule, policy=d.policy, form_detail=detail,
@@ -267,16 +263,3 @@ def _frame_of(gm: Optional[GraphModule]) -> Optional[int]:
     """The Dynamo frame a graph was captured from (its recompiles share it), when Dynamo recorded one."""
     compile_id = gm.meta.get("dynamo_compile_id") if gm is not None else None
     return getattr(compile_id, "frame_id", None)
-
-
-def _sparse_heads(params, heads) -> Optional[List[int]]:
-    """Heads that run the sparse form when only some do (None when all heads do, or for non-attention sites)."""
-    if "window" in params:
-        sparse = [h for h, w in enumerate(params["window"]) if w >= 0]
-        total = len(params["window"])
-    elif "dense_heads" in params and isinstance(heads, int):
-        dense = set(params["dense_heads"])
-        sparse, total = [h for h in range(heads) if h not in dense], heads
-    else:
-        return None
-    return sparse if len(sparse) < total else None

@@ -146,6 +146,14 @@ def run_case(c: AttnCase, lower: str = "eager"):
 
 # ---------------------------------------------------------------- strategies
 
+def maybe_dense_heads(draw, rules: List[dict], heads: int) -> None:
+    """Maybe insert, anywhere in ``rules``, a dense rule for some (not all) heads."""
+    if heads > 1 and draw(st.booleans()):
+        rules.insert(draw(st.integers(0, len(rules))),
+                     {"form": "dense", "heads": draw(st.lists(st.integers(0, heads - 1), min_size=1,
+                                                              max_size=heads - 1, unique=True))})
+
+
 @st.composite
 def streaming_rules(draw, heads: int, per_head: bool = True, policy: Optional[str] = None):
     """1-3 streaming rules (per-head sink/window), maybe a dense rule for some heads; >= 1 sparse head left."""
@@ -156,10 +164,8 @@ def streaming_rules(draw, heads: int, per_head: bool = True, policy: Optional[st
         if per_head and draw(st.booleans()):
             r["heads"] = draw(st.lists(st.integers(0, heads - 1), min_size=1, max_size=heads, unique=True))
         rules.append(r)
-    if per_head and heads > 1 and draw(st.booleans()):
-        rules.insert(draw(st.integers(0, len(rules))),
-                     {"form": "dense", "heads": draw(st.lists(st.integers(0, heads - 1), min_size=1,
-                                                              max_size=heads - 1, unique=True))})
+    if per_head:
+        maybe_dense_heads(draw, rules, heads)
     if policy is not None:
         for r in rules:
             r["policy"] = policy

@@ -63,10 +63,8 @@ def _streaming_rules(draw, heads: int, sk: int, per_head: bool):
         if per_head and heads > 1 and draw(st.booleans()):
             r["heads"] = draw(st.lists(st.integers(0, heads - 1), min_size=1, max_size=heads, unique=True))
         rules.append(r)
-    if per_head and heads > 1 and draw(st.booleans()):
-        rules.insert(draw(st.integers(0, len(rules))),
-                     {"form": "dense", "heads": draw(st.lists(st.integers(0, heads - 1), min_size=1,
-                                                              max_size=heads - 1, unique=True))})
+    if per_head:
+        cases.maybe_dense_heads(draw, rules, heads)
     if not any(f is not None for f in oracle.attention_site_rule({"version": 1, "attention": rules}, hn.SITE,
                                                                   heads).forms):
         rules.append({"form": "streaming", "sink": 4, "window": 32})

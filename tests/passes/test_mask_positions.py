@@ -27,7 +27,14 @@ def _streaming_spec(form=None):
     return {"version": 1, "attention": [{**rule, "policy": "force"}]}
 
 
-def _expected(q, k, v, mask):
+def _streaming_keeps(p, j):
+    """docs/spec.md, bidirectional streaming: key j is kept for a query at p."""
+    return j < SINK or p < SINK or abs(p - j) < WINDOW
+
+
+def _expected(q, k, v, mask, form_keeps=_streaming_keeps):
+    """float64 attention: row i sits at p (the rule above); key j takes part iff the mask keeps it and
+    ``form_keeps(p, j)``; additive mask values are added to the logits."""
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     keep_mask = mask if mask.dtype == torch.bool else mask > -1e4
@@ -38,7 +45,7 @@ def _expected(q, k, v, mask):
             for i in range(sq):
                 kept = [j for j in range(sk) if keep_mask[bi, hi, i, j]]
                 p = min(i + sk - sq, kept[-1]) if kept else i + sk - sq
-                cols = [j for j in kept if j < SINK or p < SINK or abs(p - j) < WINDOW]
+                cols = [j for j in kept if form_keeps(p, j)]
                 if not cols:
                     continue
                 logits = (q[bi, hi, i].double() @ k[bi, hi, cols].double().T) / math.sqrt(D)
@@ -113,23 +120,10 @@ def _expected_block_sparse(q, k, v, mask, block, local_blocks, global_blocks):
     """docs/spec.md, block_sparse: row i at p (the rule above) is in query block a = p // block; key j in block
     b = j // block is kept iff |a - b| < local_blocks or a < global_blocks or b < global_blocks, and the mask
     keeps it."""
-    b_, h, sq, _ = q.shape
-    sk = k.shape[2]
-    keep_mask = (mask if mask.dtype == torch.bool else mask > -1e4).expand(b_, h, sq, sk)
-    out = torch.zeros(b_, h, sq, D, dtype=torch.float64)
-    for bi in range(b_):
-        for hi in range(h):
-            for i in range(sq):
-                kept = [j for j in range(sk) if keep_mask[bi, hi, i, j]]
-                p = min(i + sk - sq, kept[-1]) if kept else i + sk - sq
-                a = p // block
-                cols = [j for j in kept if abs(a - j // block) < local_blocks or a < global_blocks
-                        or j // block < global_blocks]
-                if not cols:
-                    continue
-                logits = (q[bi, hi, i].double() @ k[bi, hi, cols].double().T) / math.sqrt(D)
-                out[bi, hi, i] = torch.softmax(logits, -1) @ v[bi, hi, cols].double()
-    return out
+    def keeps(p, j):
+        a, b = p // block, j // block
+        return abs(a - b) < local_blocks or a < global_blocks or b < global_blocks
+    return _expected(q, k, v, mask, keeps)
 
 
 def _dense_masked(q, k, v, keep):
