@@ -392,7 +392,8 @@ def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale
                     return_lse: bool, sinks: Optional[Tensor] = None, windows: Optional[Tensor] = None,
                     table: Optional[BlockTable] = None, out: Optional[Tensor] = None,
                     config: Optional[dict] = None) -> AttentionOut:
-    """Run the prefill kernel: streaming when ``sinks``/``windows`` are given, else the block table.
+    """Run the prefill kernel: streaming when only ``sinks``/``windows`` are given, the block table when only
+    ``table`` is, and both per head when both are (a head with window 0 reads the table).
 
     ``out`` (contiguous in its last dim, shaped like ``q``) receives the result when given.
     ``config`` (keys BLOCK_M, BLOCK_N, USE_TMA, num_warps, num_stages)
@@ -431,7 +432,10 @@ def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale
             num, fnum, idx, fidx = (t.contiguous() for t in (num, fnum, idx, fidx))
         tbl = (num, idx, fnum, fidx)
         tbl_strides = (num.stride(0), num.stride(1), *idx.stride()[:3], *fidx.stride()[:3])
-        sinks = windows = num  # unused by the table layout
+        if sinks is None:
+            sinks = windows = num  # unused by the table layout
+        else:
+            layout = kern.LAYOUT_MIXED  # per head: window 0 reads the table, others their bounds
         kernel = kern.prefill_kernel(block_d, block_q, block_k, tma=tma)
 
     extra = {}

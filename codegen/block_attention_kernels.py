@@ -17,6 +17,9 @@ One jit kernel serves both layouts, specialised by the ``LAYOUT`` constexpr:
   Query tiles are aligned to table rows: with ``lead`` lead rows (see
   ``sparsecc.layouts``) query row ``i`` is table row ``i + lead``, so a tile
   never straddles two table row blocks, whatever ``(Sk - Sq) % block`` is.
+* ``LAYOUT_MIXED``: both, chosen per head (a site whose heads run different
+  forms, ``codegen/mixed_attention.py``): a head whose window entry is 0 reads
+  the table, every other head its sink/window bounds. Tiles follow the table.
 
 Scores use ``exp2`` with ``scale * log2(e)`` folded into one multiplier; the
 accumulator is fp32. Grid: axis 0 walks the query blocks last-first (the
@@ -36,6 +39,7 @@ from triton import knobs
 
 LAYOUT_STREAMING = 0
 LAYOUT_TABLE = 1
+LAYOUT_MIXED = 2
 
 # log2(e): scores are computed in base 2 so the softmax uses the fast exp2.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -214,7 +218,10 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    if LAYOUT == 0:  # LAYOUT_STREAMING
+    use_bounds = LAYOUT == 0
+    if LAYOUT == 2:  # LAYOUT_MIXED: a window of 0 marks a head that reads the table
+        use_bounds = tl.load(WINDOW + h) > 0
+    if use_bounds:  # LAYOUT_STREAMING, or a streaming/dense head of LAYOUT_MIXED
         sink = tl.load(SINK + h)
         window = tl.load(WINDOW + h)
         p0 = m0 + offset

@@ -90,6 +90,13 @@ def _load_dynamic_block_attention():
     return dynamic_block_attention_op, ("cuda",)
 
 
+def _load_mixed_head_attention():
+    """One launch over a per-head table of forms (vertical_slash or block family); imports Triton."""
+    import triton  # noqa: F401 - ImportError means no kernel
+    from sparsecc.codegen.mixed_attention import mixed_head_attention_kernel
+    return mixed_head_attention_kernel, ("cuda",)
+
+
 # op name -> zero-argument loader returning (kernel fn, supported device types).
 # Kernel work registers here; an op absent from this table runs its reference everywhere.
 TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {
@@ -97,6 +104,7 @@ TRITON_KERNELS: Dict[str, Callable[[], Tuple[Callable, Tuple[str, ...]]]] = {
     "streaming_attention_from_mask": _load_streaming_attention_from_mask,
     "block_sparse_attention": _load_block_sparse_attention,
     "dynamic_block_attention": _load_dynamic_block_attention,
+    "mixed_head_attention": _load_mixed_head_attention,
     "block_sparse_linear": _load_block_sparse_linear,
     "threshold_linear": _load_threshold_linear,
     "gate_sparse_ffn": _load_gate_sparse_ffn,
@@ -281,6 +289,78 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return out
 
 
+def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                         scale: float, causal: bool, kinds: List[int], sink: List[int], window: List[int],
+                         vertical: List[int], slash: List[int], local_blocks: List[int], global_blocks: List[int],
+                         random_blocks: List[int], seed: List[int], block: int, last_q: int, dense_below: int,
+                         impl: str, positions_from_mask: bool = False) -> torch.Tensor:
+    """Attention whose heads run different forms: each head computes what a site of its form alone computes
+    (docs/spec.md). The per-head lists are ``HeadTable.op_args`` (``codegen/mixed_attention.py``).
+
+    With a kernel, one launch runs the whole table (:func:`mixed_head_attention_kernel`); inputs it does not
+    cover (a mask that moves query positions, non-causal vertical_slash heads, other mixes) and the
+    reference run the heads group by group through each form's own op. ``dense_below`` works as in
+    ``streaming_attention``.
+    """
+    from sparsecc.codegen.mixed_attention import HeadTable
+
+    if dense_below > 0 and k.shape[2] < dense_below:
+        return dense_attention(q, k, v, mask, scale, causal)
+    table = HeadTable.from_op_args(kinds, sink, window, vertical, slash, local_blocks, global_blocks,
+                                   random_blocks, seed, block, last_q)
+    kernel = None if impl == "reference" else triton_kernel("mixed_head_attention", q.device)
+    if kernel is None and impl == "triton":
+        raise RuntimeError(f"sparsecc op mixed_head_attention: kernels='triton' but no Triton kernel exists for "
+                           f"{q.device.type}")
+    sq, sk = q.shape[2], k.shape[2]
+    if kernel is not None:
+        moved = positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any())
+        run_causal = causal
+        if not causal and mask is not None and sq <= sk and table.family() == "vertical_slash":
+            # As for the dynamic forms: a mask that removes every key after each query's position is causal.
+            run_causal = bool(mask_is_causal(mask, sq, sk).all())
+        out = None if moved else kernel(q, k, v, mask, scale, run_causal, table)
+        if out is not None:
+            return out.contiguous()
+    return mixed_head_attention_by_groups(q, k, v, mask, scale, causal, table, impl, positions_from_mask)
+
+
+def mixed_head_attention_by_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                                   scale: float, causal: bool, table, impl: str,
+                                   positions_from_mask: bool = False) -> torch.Tensor:
+    """The heads of ``table`` group by group, each group through its form's own op: the definition of a mixed
+    site (docs/spec.md), the reference of its kernels, and the path for inputs they do not cover."""
+    from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
+    from sparsecc.forms import BlockSparse, Streaming
+
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    m4 = None if mask is None else mask_4d(mask)
+    for form, members in table.groups().items():
+        if isinstance(form, BlockSparse):
+            # Random blocks are drawn per head index (docs/spec.md): run every head, keep this form's.
+            o = block_sparse_attention(q, k, v, mask, scale, causal, form.block, form.local_blocks,
+                                       form.global_blocks, form.random_blocks, form.seed, [], 0, impl,
+                                       positions_from_mask)
+            out[:, members] = o[:, members]
+            continue
+        sel = torch.tensor(members, device=q.device)
+        kv_sel = torch.tensor([h // group for h in members], device=q.device)
+        qh, kh, vh = q[:, sel], k[:, kv_sel], v[:, kv_sel]
+        mh = None if m4 is None else (m4 if m4.shape[1] == 1 else m4[:, sel])
+        if form is None:
+            o = dense_attention(qh, kh, vh, mh, scale, causal)
+        elif isinstance(form, Streaming) and positions_from_mask and mh is not None:
+            o = streaming_attention_from_mask(qh, kh, vh, mh, scale, [form.sink], [form.window], 0, impl)
+        elif isinstance(form, Streaming):
+            o = streaming_attention(qh, kh, vh, mh, scale, causal, [form.sink], [form.window], 0, impl)
+        else:
+            o = dynamic_block_attention(qh, kh, vh, mh, scale, causal, *dynamic_op_args(form), 0, impl,
+                                        positions_from_mask)
+        out[:, members] = o
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def layout_table(heads: int, seq_q: int, seq_k: int, causal: bool, block: int, local_blocks: int,
                  global_blocks: int, random_blocks: int, seed: int, dense_heads: tuple, device: torch.device):
@@ -412,6 +492,7 @@ _OPS = (
     ("streaming_attention_from_mask", streaming_attention_from_mask, _attention_fake),
     ("block_sparse_attention", block_sparse_attention, _attention_fake),
     ("dynamic_block_attention", dynamic_block_attention, _attention_fake),
+    ("mixed_head_attention", mixed_head_attention, _attention_fake),
     ("threshold_linear", threshold_linear, _threshold_linear_fake),
     ("gate_sparse_ffn", gate_sparse_ffn, _ffn_fake),
     ("semi_structured_linear", semi_structured_linear, _linear_fake),

@@ -40,7 +40,8 @@ from sparsecc.forms import VerticalSlash
 __all__ = ["FORCED_COLUMNS", "FORCED_DIAGONALS", "MIN_VERTICAL", "MIN_SLASH", "VSIndex", "budgets",
            "vertical_slash_select_ref", "vertical_slash_index_ref", "vertical_slash_key_mask",
            "vertical_slash_attention_ref", "vertical_slash_kept_pairs",
-           "vertical_slash_keep_ref", "vertical_slash_attention", "vertical_slash_index", "vertical_slash_density"]
+           "vertical_slash_keep_ref", "vertical_slash_attention", "vertical_slash_index", "vertical_slash_density",
+           "head_budgets"]
 
 # MInference's constants (minference_prefill_kernel): the first 30 columns and the 100 nearest diagonals rank
 # above every score; the budgets are at least 30 columns and 50 diagonals.
@@ -77,6 +78,11 @@ def budgets(form: VerticalSlash, seq_k: int) -> tuple[int, int]:
     return (min(seq_k, max(form.vertical, MIN_VERTICAL)), min(seq_k, max(form.slash, MIN_SLASH)))
 
 
+def head_budgets(forms, seq_k: int) -> list[tuple[int, int]]:
+    """``(V, S)`` of each head's form (one ``VerticalSlash`` per head)."""
+    return [budgets(f, seq_k) for f in forms]
+
+
 def _ranked_top(scores: Tensor, forced: Tensor, count: int) -> Tensor:
     """Indices of the ``count`` best entries: forced first (lower index first), then score desc, lower index."""
     from sparsecc.codegen.dynamic_attention import packed_rank_keys
@@ -88,11 +94,14 @@ def _ranked_top(scores: Tensor, forced: Tensor, count: int) -> Tensor:
 
 
 def vertical_slash_select_ref(q: Tensor, k: Tensor, form: VerticalSlash, scale: float,
-                              col: Optional[Tensor] = None, diag: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                              col: Optional[Tensor] = None, diag: Optional[Tensor] = None,
+                              per_head: Optional[list] = None) -> tuple[Tensor, Tensor]:
     """Kept columns (int64 ``[B, H, V]``, ascending) and kept diagonals ``t = p - j`` (``[B, H, S]``, descending).
 
     ``col``/``diag`` (float32 ``[B, H, Sk]``, diagonal t at index t) may be passed
     in (the GPU score kernels); otherwise the reference scores are computed.
+    ``per_head`` (one ``(V, S)`` per head, see :func:`head_budgets`) gives each
+    head its own budgets; ``form`` then only supplies ``last_q`` and ``block``.
     """
     from sparsecc.codegen.dynamic_attention import vertical_slash_scores_ref
 
@@ -100,10 +109,24 @@ def vertical_slash_select_ref(q: Tensor, k: Tensor, form: VerticalSlash, scale: 
     if col is None or diag is None:
         col, diag, t_min = vertical_slash_scores_ref(q, k, last_q=form.last_q, causal=True, scale=scale)
         assert t_min == 0
-    n_v, n_s = budgets(form, sk)
     idx = torch.arange(sk, device=q.device)
-    cols = _ranked_top(col, (idx < FORCED_COLUMNS).expand_as(col), n_v)
-    offs = _ranked_top(diag, (idx < FORCED_DIAGONALS).expand_as(diag), n_s)
+    if per_head is None:
+        n_v, n_s = budgets(form, sk)
+        cols = _ranked_top(col, (idx < FORCED_COLUMNS).expand_as(col), n_v)
+        offs = _ranked_top(diag, (idx < FORCED_DIAGONALS).expand_as(diag), n_s)
+        return cols.sort(-1).values, offs.sort(-1, descending=True).values
+    # Per-head budgets: rank to the largest budget; a head's own top n are the first n of its ranking (topk
+    # returns them in rank order). Beyond its budget a head's columns become a key past every range end and
+    # its diagonals repeat its smallest kept one; the index merge skips both (docs/spec.md, mixed heads).
+    n_v = torch.tensor([nv for nv, _ in per_head], device=q.device)[:, None]
+    n_s = torch.tensor([ns for _, ns in per_head], device=q.device)[:, None]
+    ranked_cols = _ranked_top(col, (idx < FORCED_COLUMNS).expand_as(col), int(n_v.max()))
+    ranked_offs = _ranked_top(diag, (idx < FORCED_DIAGONALS).expand_as(diag), int(n_s.max()))
+    past = sk + form.block
+    cols = torch.where(torch.arange(ranked_cols.shape[-1], device=q.device) < n_v, ranked_cols, past)
+    in_budget = torch.arange(ranked_offs.shape[-1], device=q.device) < n_s
+    smallest = torch.where(in_budget, ranked_offs, sk).min(-1, keepdim=True).values
+    offs = torch.where(in_budget, ranked_offs, smallest)
     return cols.sort(-1).values, offs.sort(-1, descending=True).values
 
 

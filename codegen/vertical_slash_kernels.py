@@ -113,8 +113,10 @@ def vertical_slash_index(cols: torch.Tensor, offs: torch.Tensor, *, block: int, 
 
 @triton.jit
 def _vs_tile(q, keys, k_ok, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, rows, pos, r_ok, m_i, l_i, acc,
-             mask_base, stride_mq, stride_mk, scale, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr):
-    """One online-softmax step of a row tile over ``keys`` (causal and mask per element)."""
+             mask_base, stride_mq, stride_mk, scale, sink, window, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
+             MIXED: tl.constexpr):
+    """One online-softmax step of a row tile over ``keys`` (causal, the head's sink/window rule when
+    ``MIXED``, and the mask, per element)."""
     kt = tl.load(k_base + keys[None, :].to(tl.int64) * stride_ks + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None],
                  other=0.0)
     vt = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
@@ -124,6 +126,8 @@ def _vs_tile(q, keys, k_ok, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, 
         vt = vt.to(tl.float32)
     s = tl.dot(q, kt) * scale
     ok = r_ok[:, None] & k_ok[None, :] & (keys[None, :] <= pos[:, None])
+    if MIXED:
+        ok = ok & ((keys[None, :] < sink) | (pos[:, None] - keys[None, :] < window))
     if MASK_KIND != 0:
         m_ptrs = mask_base + rows[:, None].to(tl.int64) * stride_mq + keys[None, :].to(tl.int64) * stride_mk
         if MASK_KIND == 1:
@@ -143,12 +147,13 @@ def _vs_tile(q, keys, k_ok, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, 
 
 @triton.jit
 def _vs_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, rcount_ptr, rstart_ptr, rend_ptr, ccount_ptr, cidx_ptr,
-                         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                         analytic_ptr, sink_ptr, window_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
                          stride_mb, stride_mh, stride_mq, stride_mk,
                          heads, group, seq_q, seq_k, n_q, n_s, n_v, scale,
                          LANE_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr):
+                         BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
+                         MIXED: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     bi, hi = bh // heads, bh % heads
@@ -170,22 +175,47 @@ def _vs_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, rcount_ptr, rstar
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BLOCK_D), tl.float32)
-    n_ranges = tl.load(rcount_ptr + lane)
-    for r in range(0, n_ranges):
-        rs = tl.load(rstart_ptr + lane * n_s + r)
-        re = tl.minimum(tl.load(rend_ptr + lane * n_s + r), seq_k)
-        for start in range(rs, re, BN):
+    sink = 0
+    window = seq_q + seq_k + 1                        # longer than any distance: no window limit
+    analytic = 0
+    if MIXED:
+        analytic = tl.load(analytic_ptr + hi)
+        sink = tl.load(sink_ptr + hi)
+        window = tl.load(window_ptr + hi)
+    if analytic != 0:
+        # A streaming or dense head of a mixed table: the sink range, then the window range (causal).
+        p0 = pid * BM + (seq_k - seq_q)
+        k_hi = tl.minimum(tl.minimum(pid * BM + BM, seq_q) + (seq_k - seq_q), seq_k)
+        sink_hi = tl.minimum(sink, k_hi)
+        k_lo = tl.maximum(tl.maximum(p0 - window + 1, 0), sink_hi)
+        for start in range(0, sink_hi, BN):
             keys = start + tl.arange(0, BN)
-            m_i, l_i, acc = _vs_tile(q, keys, keys < re, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, rows,
-                                     pos, r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale,
-                                     MASK_KIND, UPCAST)
-    n_cols = tl.load(ccount_ptr + lane)
-    for c0 in range(0, n_cols, BN):
-        idx = c0 + tl.arange(0, BN)
-        c_ok = idx < n_cols
-        keys = tl.load(cidx_ptr + lane * n_v + idx, mask=c_ok, other=0)
-        m_i, l_i, acc = _vs_tile(q, keys, c_ok, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, rows, pos, r_ok,
-                                 m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, MASK_KIND, UPCAST)
+            m_i, l_i, acc = _vs_tile(q, keys, keys < sink_hi, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok,
+                                     rows, pos, r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, sink,
+                                     window, MASK_KIND, UPCAST, MIXED)
+        for start in range(k_lo, k_hi, BN):
+            keys = start + tl.arange(0, BN)
+            m_i, l_i, acc = _vs_tile(q, keys, keys < k_hi, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok,
+                                     rows, pos, r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, sink,
+                                     window, MASK_KIND, UPCAST, MIXED)
+    else:
+        n_ranges = tl.load(rcount_ptr + lane)
+        for r in range(0, n_ranges):
+            rs = tl.load(rstart_ptr + lane * n_s + r)
+            re = tl.minimum(tl.load(rend_ptr + lane * n_s + r), seq_k)
+            for start in range(rs, re, BN):
+                keys = start + tl.arange(0, BN)
+                m_i, l_i, acc = _vs_tile(q, keys, keys < re, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok,
+                                         rows, pos, r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale,
+                                         sink, window, MASK_KIND, UPCAST, MIXED)
+        n_cols = tl.load(ccount_ptr + lane)
+        for c0 in range(0, n_cols, BN):
+            idx = c0 + tl.arange(0, BN)
+            c_ok = idx < n_cols
+            keys = tl.load(cidx_ptr + lane * n_v + idx, mask=c_ok, other=0)
+            m_i, l_i, acc = _vs_tile(q, keys, c_ok, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, rows, pos,
+                                     r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, sink, window,
+                                     MASK_KIND, UPCAST, MIXED)
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)   # no key: zeros
     tl.store(o_ptr + bi.to(tl.int64) * stride_ob + hi.to(tl.int64) * stride_oh
              + rows[:, None].to(tl.int64) * stride_os + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -194,8 +224,16 @@ def _vs_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, rcount_ptr, rstar
 
 def vertical_slash_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: VSIndex, scale: float,
                                     mask: Optional[torch.Tensor] = None,
-                                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Attention over the lanes' ranges and columns (fp16/bf16 q/k/v, ``[B, H|Hkv, S, D]``, unit last stride)."""
+                                    out: Optional[torch.Tensor] = None,
+                                    head_rules: Optional[tuple] = None) -> torch.Tensor:
+    """Attention over the lanes' ranges and columns (fp16/bf16 q/k/v, ``[B, H|Hkv, S, D]``, unit last stride).
+
+    ``head_rules`` (a mixed site, ``codegen/mixed_attention.py``): three int32
+    ``[H]`` vectors: analytic (1: the head ignores the index and walks its sink
+    and window ranges), sink and window of each head's element rule
+    ``j < sink or p - j < window`` (vertical_slash heads: 0 and a window past
+    every distance).
+    """
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -214,10 +252,11 @@ def vertical_slash_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.T
         m4 = m4.expand(b, h, sq, sk)               # broadcast dimensions get stride 0
         mstr = m4.stride()
     grid = (triton.cdiv(sq, bm), b * h)
+    rules = (q, q, q) if head_rules is None else head_rules
     _vs_attention_kernel[grid](q, k, v, out, m4, index.range_count, index.range_start, index.range_end,
-                               index.col_count, index.col_index, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                               index.col_count, index.col_index, *rules, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                *out.stride()[:3], *mstr, h, h // hkv, sq, sk, n_q, index.range_start.shape[-1],
                                index.col_index.shape[-1], scale, LANE_BLOCK=block, BM=bm, BN=bm, HEAD_DIM=d,
                                BLOCK_D=max(16, triton.next_power_of_2(d)), MASK_KIND=mask_kind,
-                               UPCAST=interpreting(), num_warps=4)
+                               UPCAST=interpreting(), MIXED=head_rules is not None, num_warps=4)
     return out

@@ -1,4 +1,4 @@
-"""Attention sites: search, check and replace.
+"""Attention sites: search and replace (check: ``passes/attention_check.py``).
 
 Two searches find attention however the model spells it:
 
@@ -15,7 +15,6 @@ reads the un-repeated KV heads: query head h uses KV head h // (H // Hkv).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -26,24 +25,13 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.passes.fx_utils import common_module, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.codegen import ops
-from sparsecc.codegen.block_attention import FULL_WINDOW
 from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
-from sparsecc.cost import estimate_attention
-from sparsecc.forms import MASKED_LOGIT_MAX, BlockTopK, Dense, Streaming, VerticalSlash
-from sparsecc.passes.decide import dense_rule, fallback, group_head_forms, no_rule, verdict
+from sparsecc.forms import MASKED_LOGIT_MAX, Streaming
+from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention
 from sparsecc.passes.normalize import op_of
-from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
+from sparsecc.passes.site import Decision, Rewrite, Site, debug_no_match
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# What the report says of a site whose query positions come from the mask (docs/spec.md), per op.
-_AT_MASK = "query positions from the mask (min(i + Sk - Sq, last key the row keeps))"
-MASK_POSITIONS = {
-    "streaming_attention_from_mask": _AT_MASK,
-    "block_sparse_attention": _AT_MASK + "; a call whose mask moves a row runs the reference path",
-    "dynamic_block_attention": _AT_MASK + "; rows the mask moves off i + Sk - Sq attend densely",
-}
-# Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.
-DYNAMIC_FORMS = (BlockTopK, VerticalSlash)
 
 
 @dataclass
@@ -365,175 +353,6 @@ def _make_site(output: Node, nodes, match: AttentionMatch, spelling: str, ctx) -
 
 
 
-# ---------------------------------------------------------------- check
-
-def check_attention(site: Site, ctx) -> Decision:
-    """Decide one attention site: which heads get which form, whether it applies, and why.
-
-    A site whose heads ask for different forms records them, grouped, in ``Decision.head_forms``.
-    """
-    resolved: List[list] = []          # the rule in force for each head, once the heads are resolved
-    decision = _decide_attention(site, ctx, resolved)
-    if resolved:
-        groups = group_head_forms(resolved[0])
-        if len(groups) > 1:
-            decision = dataclasses.replace(decision, head_forms="; ".join(f"{form} on heads {spans}"
-                                                                          for form, spans in groups))
-    return decision
-
-
-def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
-    if site.match is None:
-        return Decision(False, None, f"not rewritable: {site.attrs['refused']}")
-    if ctx.spec is None:
-        return no_rule()
-    rules = ctx.spec.matching("attention", site.module)
-    if not rules:
-        return no_rule()
-    # docs/spec.md: a rule whose phase excludes this site (prefill: more than one query; decode: one) does not
-    # cover it at all, so a decode rule and a prefill rule can share modules.
-    at_phase = [r for r in rules if r.applies_at(site.attrs["seq_q"])]
-    if not at_phase:
-        keys = ", ".join(r.key for r in rules)
-        here = "decode (one query)" if site.attrs["seq_q"] == 1 else "prefill (more than one query)"
-        phases = " / ".join(sorted({r.phase for r in rules}))
-        return Decision(False, None, f"{keys} apply at {phases} only; this site is {here}", rule=keys,
-                        policy=ctx.spec.policy_for(rules[-1]))
-    rules = at_phase
-    heads = size_hint(site.attrs["heads"])
-    per_head = [None] * heads           # the rule in force for each head
-    ignored = set()
-    for rule in rules:
-        for h in (rule.heads if rule.heads is not None else range(heads)):
-            if h < heads:
-                per_head[h] = rule
-            else:
-                ignored.add(h)
-    resolved.append(per_head)
-    in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
-    if not in_force:
-        keys = ", ".join(r.key for r in rules)
-        return Decision(False, None, f"{keys} name only heads {sorted(ignored)}, which do not exist (the site "
-                        f"has {heads} heads)", rule=keys, policy=ctx.spec.policy_for(rules[-1]))
-    sparse = [r for r in per_head if r is not None and not isinstance(r.form, Dense)]
-    if not sparse:
-        last = in_force[-1]
-        return dense_rule(last, ctx.spec.policy_for(last))
-    # docs/spec.md: the last covering sparse rule (in spec order, among the rules in force for some head) sets
-    # the site's policy and its form family.
-    deciding = [r for r in in_force if not isinstance(r.form, Dense)][-1]
-    policy = ctx.spec.policy_for(deciding)
-    kinds = {type(r.form) for r in sparse}
-    rule_keys = ", ".join(sorted({r.key for r in sparse}, key=lambda k: (k.split("[")[0], int(k.split("[")[1][:-1]))))
-    form = deciding.form
-    if len(kinds) > 1:
-        names = " and ".join(sorted({r.form.name for r in sparse}))
-        return fallback(form, rule_keys, policy, f"{names} heads mixed in one site are not supported yet")
-    if site.attrs["folded_heads"] and (len(sparse) != heads or len({r.form for r in sparse}) > 1):
-        return fallback(form, rule_keys, policy, "heads are folded into the batch dimension (3-D attention), "
-                        "so per-head rules cannot be applied")
-    sq, sk = site.attrs["seq_q"], site.attrs["seq_k"]
-    if isinstance(sq, int) and isinstance(sk, int) and sq > sk:
-        return fallback(form, rule_keys, policy, f"more queries than keys ({sq} > {sk}, e.g. cross-attention): "
-                        "positional forms place queries at key positions (docs/spec.md)")
-    if site.attrs["causal"] and not _same_size(sq, sk):
-        return fallback(form, rule_keys, policy, "is_causal with seq_q != seq_k is top-left aligned in SDPA, "
-                        "but sparse forms place queries at the end")
-    params = {}
-    if isinstance(form, DYNAMIC_FORMS):
-        if len(sparse) != heads or len({r.form for r in sparse}) > 1:
-            return fallback(form, rule_keys, policy, f"{form.name} needs one layout rule for every head of the "
-                            "site (dense or differing heads are not supported yet)")
-        if isinstance(sk, int) and form.block > sk:
-            return fallback(form, rule_keys, policy, f"block {form.block} is larger than the key sequence ({sk})")
-        if isinstance(sq, int) and isinstance(sk, int) and sq > sk:
-            return fallback(form, rule_keys, policy, f"{form.name} places queries at the last key positions, "
-                            f"which needs seq_q <= seq_k (got {sq} > {sk})")
-        if isinstance(form, VerticalSlash) and not site.attrs["causal"] and not site.attrs["masks"]:
-            return fallback(form, rule_keys, policy, "vertical_slash is MInference's causal prefill rule and "
-                            "this attention is bidirectional (no is_causal, no mask): no rule says which keys "
-                            "a query may see after it (docs/spec.md)")
-        if _positions_from_mask(site, sq, sk):
-            params["anchor"] = "mask"
-        per_head_geom = None
-        op_name = "dynamic_block_attention"
-    elif isinstance(form, Streaming):
-        params["sink"] = [r.form.sink if r is not None and isinstance(r.form, Streaming) else 0 for r in per_head]
-        params["window"] = [r.form.window if r is not None and isinstance(r.form, Streaming) else FULL_WINDOW
-                            for r in per_head]
-        per_head_geom = list(zip(params["sink"], params["window"]))
-        op_name = "streaming_attention"
-        if _positions_from_mask(site, sq, sk):
-            params["anchor"] = "mask"
-            op_name = "streaming_attention_from_mask"
-    else:
-        if len({r.form for r in sparse}) > 1:
-            return fallback(form, rule_keys, policy, "block_sparse heads with different layouts in one site "
-                            "are not supported yet")
-        if site.attrs["folded_heads"] and form.random_blocks > 0:
-            return fallback(form, rule_keys, policy, "random blocks are drawn per head (docs/spec.md), and heads "
-                            "folded into the batch dimension (3-D attention) cannot be told from batch elements")
-        if _positions_from_mask(site, sq, sk):
-            params["anchor"] = "mask"
-        if isinstance(sk, int) and form.block > sk:
-            return fallback(form, rule_keys, policy, f"block {form.block} is larger than the key sequence ({sk})")
-        params["dense_heads"] = [h for h, r in enumerate(per_head) if r is None or isinstance(r.form, Dense)]
-        per_head_geom = [None if h in params["dense_heads"] else 1 for h in range(heads)]
-        op_name = "block_sparse_attention"
-    estimate = _estimate(site, form, per_head_geom, ctx)
-    decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
-    if not decision.apply:
-        return decision
-    # What an applied site's report adds to its reason (docs/spec.md), in this order.
-    notes = []
-    if params.get("anchor") == "mask":
-        notes.append(MASK_POSITIONS[op_name])
-    if deciding.phase != "both":
-        notes.append(f"{deciding.key} applies at {deciding.phase} only")
-    if isinstance(form, VerticalSlash) and not site.attrs["causal"]:
-        notes.append("not is_causal: a call whose mask keeps a key after a query's position attends densely "
-                     "(docs/spec.md)")
-    if isinstance(form, BlockTopK) and form.local_blocks == 0 and site.attrs["masks"]:
-        notes.append("local_blocks = 0 with a mask: a row whose kept blocks the mask hides entirely outputs zeros "
-                     "(docs/spec.md)")
-    if ignored:
-        notes.append(f"heads {sorted(ignored)} do not exist (site has {heads})")
-    return dataclasses.replace(decision, reason="; ".join([decision.reason] + notes))
-
-
-def _positions_from_mask(site: Site, sq, sk) -> bool:
-    """True when the queries' positions come from the mask (docs/spec.md): not causal, masked, and fewer
-    queries than keys (or sizes that may differ at run time; the op then decides on the actual sizes).
-
-    A static KV cache is a buffer longer than the tokens so far; HF hides its
-    unfilled tail with the mask and calls SDPA with ``is_causal=False``. The
-    end of the key axis is then not the query's position; the rule
-    ``min(i + Sk - Sq, last key the row's mask keeps)`` is.
-    """
-    if site.attrs["causal"] or not site.attrs["masks"]:
-        return False
-    return not _same_size(sq, sk)
-
-
-def _same_size(a, b) -> bool:
-    """True when two sizes are provably equal: equal ints, or the same symbolic expression."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    # Comparing SymInts with == would install a guard; equal expressions need none.
-    return str(a) == str(b)
-
-
-def _estimate(site: Site, form, per_head_geom, ctx) -> Estimate:
-    a = site.attrs
-    margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
-    result = estimate_attention(
-        form, per_head_geom, batch=size_hint(a["batch"]), heads=size_hint(a["heads"]),
-        kv_heads=size_hint(a["kv_heads"]), seq_q=size_hint(a["seq_q"]), seq_k=size_hint(a["seq_k"]),
-        head_dim=size_hint(a["head_dim"]), dtype=site.dtype, causal=a["causal"], hw=ctx.hardware, margin=margin,
-        symbolic_seq=not isinstance(a["seq_k"], int))
-    return Estimate.of(result)
-
-
 # ---------------------------------------------------------------- replace
 
 def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
@@ -550,7 +369,11 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
         mask = _combine_masks(graph, m.masks)
         if mask is not None and m.folded_heads:
             mask = graph.call_method("unsqueeze", (mask, 0))
-        if isinstance(decision.form, DYNAMIC_FORMS):
+        if "head_table" in decision.params:
+            out = graph.call_function(ops.op("mixed_head_attention"), (
+                q, k, v, mask, float(scale), m.causal, *decision.params["head_table"].op_args(),
+                decision.params.get("dense_below", 0), ctx.kernels, decision.params.get("anchor") == "mask"))
+        elif isinstance(decision.form, DYNAMIC_FORMS):
             out = graph.call_function(ops.op("dynamic_block_attention"), (
                 q, k, v, mask, float(scale), m.causal, *dynamic_op_args(decision.form),
                 decision.params.get("dense_below", 0), ctx.kernels, decision.params.get("anchor") == "mask"))

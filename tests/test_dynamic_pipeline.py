@@ -71,14 +71,14 @@ def test_mixed_dynamic_and_dense_heads_stay_dense():
     assert not site.applied and "every head" in site.reason
 
 
-def test_mixed_forms_across_heads_stay_dense():
+def test_block_topk_mixed_with_other_heads_stays_dense():
     block = zoo.SdpaAttention(hidden=64, heads=4, kv_heads=2).eval()
     spec = {"version": 1, "defaults": {"policy": "force"},
             "attention": [{"form": "block_topk", "block": 16, "topk": 1},
                           {"form": "streaming", "sink": 1, "window": 4, "heads": [3]}]}
     report = sparsecc.explain(block, torch.randn(1, 40, 64), spec=spec)
     site = [s for s in report.sites if s.kind == "attention"][0]
-    assert not site.applied and "mixed" in site.reason
+    assert not site.applied and "block_topk needs one rule for every head" in site.reason
 
 
 def test_block_larger_than_sequence_stays_dense():

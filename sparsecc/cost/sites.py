@@ -18,7 +18,6 @@ from sparsecc.cost.formulas import (B, D, H, HKV, K, M, N, SK, SQ, Cost, attenti
                                     gate_ffn_cost, linear_cost)
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.cost.model import Crossover, Prediction, crossover, predict
-from sparsecc.forms import Streaming
 
 # Activation sparsity assumed when a rule gives a threshold but no target sparsity.
 ASSUMED_ACTIVATION_SPARSITY = 0.5
@@ -41,28 +40,28 @@ class SiteEstimate:
     worst_tokens: Optional[int] = None
 
 
-def _per_head_blocks(form, per_head: Optional[Sequence], seq_q, seq_k, causal: bool, heads: int):
-    """Mean kept blocks per head, grouping heads that share a geometry."""
-    if isinstance(form, Streaming) and per_head:
-        groups = Counter(per_head)
-        total = 0
-        for (sink, window), count in groups.items():
-            head_form = None if window < 0 else Streaming(sink, window)
-            total += count * attention_blocks(head_form, seq_q, seq_k, causal)
-        return total / len(per_head)
-    dense_fraction = (per_head.count(None) / len(per_head)) if per_head else 0
-    return attention_blocks(form, seq_q, seq_k, causal, dense_fraction)
+def _per_head_blocks(form, per_head: Optional[Sequence], seq_q, seq_k, causal: bool):
+    """Mean kept blocks per head: ``per_head`` gives each head's form (None: dense), else every head has ``form``.
+
+    Heads sharing a form are counted once per form (a site of several forms, or of dense and sparse heads,
+    averages them).
+    """
+    if not per_head:
+        return attention_blocks(form, seq_q, seq_k, causal)
+    counts = Counter(per_head)
+    return sum(n * attention_blocks(f, seq_q, seq_k, causal) for f, n in counts.items()) / len(per_head)
 
 
 def attention_costs(form, per_head: Optional[Sequence], causal: bool, heads: int = 1) -> Tuple[Cost, Cost]:
-    """(dense, sparse) costs of an attention site as expressions of the attention symbols."""
-    blocks = _per_head_blocks(form, per_head, SQ, SK, causal, heads)
+    """(dense, sparse) costs of an attention site as expressions of the attention symbols; ``per_head`` as in
+    ``_per_head_blocks`` (``heads`` is not needed: the kept blocks are a per-head mean)."""
+    blocks = _per_head_blocks(form, per_head, SQ, SK, causal)
     return attention_cost(None, causal), attention_cost(form, causal, blocks=blocks)
 
 
 def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype: torch.dtype,
                        causal: bool, hw: HardwareProfile, margin: float, symbolic_seq: bool) -> SiteEstimate:
-    """Dense flash attention vs the form, per-head geometry and a dynamic form's estimate pass included."""
+    """Dense flash attention vs the form, per-head forms and a dynamic form's estimate pass included."""
     dense, sparse = attention_costs(form, per_head, causal, heads)
     values = {B: batch, H: heads, HKV: kv_heads, SQ: seq_q, SK: seq_k, D: head_dim}
     prediction = predict(dense, sparse, hw, dtype, values)

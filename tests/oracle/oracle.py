@@ -385,20 +385,33 @@ def vertical_slash_keep(q, k, *, scale: float, causal: bool, last_q: int, vertic
 
 # ---------------------------------------------------------------- attention: the whole site
 
-def head_keep(q, k, forms: Sequence[Optional[dict]], *, scale: float, causal: bool):
-    """(keep_min, keep_max) ``[B, H, Sq, Sk]`` for per-head forms (None: dense head)."""
+def head_keep(q, k, forms: Sequence[Optional[dict]], *, scale: float, causal: bool,
+              dynamic_causal: Optional[bool] = None):
+    """(keep_min, keep_max) ``[B, H, Sq, Sk]`` for per-head forms (None: dense head).
+
+    Spec, "Heads with different forms": each head keeps what a site of its form alone keeps, so a dynamic
+    head's keys come from that form's selection (made for every head, then read at this head).
+    ``dynamic_causal`` overrides ``causal`` for the dynamic heads (their estimate is causal when the mask
+    removes every later key; the static heads follow is_causal).
+    """
     b_, h_, sq, _ = q.shape
     sk = k.shape[2]
-    names = {f["form"] for f in forms if f is not None}
-    if names & set(DYNAMIC_FORMS):
-        (name,) = names
-        form = forms[0]
-        assert all(f == form for f in forms), "dynamic forms need one rule for every head"
-        args = {key: val for key, val in form.items() if key not in ("form", "modules", "heads", "policy")}
-        fn = block_topk_keep if name == "block_topk" else vertical_slash_keep
-        return fn(q, k, scale=scale, causal=causal, **args)
-    keep = torch.stack([static_keep(f, sq, sk, causal) for f in forms])[None].expand(b_, h_, sq, sk)
-    return keep, keep
+    keep_min = torch.zeros(b_, h_, sq, sk, dtype=torch.bool)
+    keep_max = torch.zeros_like(keep_min)
+    selections = {}
+    for hi, form in enumerate(forms):
+        if form is not None and form["form"] in DYNAMIC_FORMS:
+            args = {key: val for key, val in form.items() if key not in ("form", "modules", "heads", "policy",
+                                                                          "phase")}
+            key = (form["form"], tuple(sorted(args.items())))
+            if key not in selections:
+                fn = block_topk_keep if form["form"] == "block_topk" else vertical_slash_keep
+                selections[key] = fn(q, k, scale=scale, causal=causal if dynamic_causal is None else dynamic_causal,
+                                     **args)
+            keep_min[:, hi], keep_max[:, hi] = selections[key][0][:, hi], selections[key][1][:, hi]
+        else:
+            keep_min[:, hi] = keep_max[:, hi] = static_keep(form, sq, sk, causal)
+    return keep_min, keep_max
 
 
 def positions_from_mask(causal: bool, mask, sq: int, sk: int) -> bool:
@@ -459,13 +472,18 @@ def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool
     sk = k.shape[2]
     if positions_from_mask(causal if is_causal_flag is None else is_causal_flag, mask, sq, sk):
         p = mask_positions(mask, b_, h_, sq, sk)
-        if {f["form"] for f in forms if f is not None} & set(DYNAMIC_FORMS):
-            # dynamic forms select as if every row sat at i + Sk - Sq; a row the mask moves attends densely
-            keep_min, keep_max = _dynamic_keep(q, k, forms, scale=scale, causal=causal, mask=mask)
-            moved = (p != query_positions(sq, sk))[..., None]
-            return attend(q, k, v, keep_min | moved, keep_max | moved, scale=scale, mask=mask)
-        keep = torch.stack([_keep_at(f, p[:, hi], sk) for hi, f in enumerate(forms)], 1)
-        return attend(q, k, v, keep, keep, scale=scale, mask=mask)
+        # static heads apply at the mask's positions; dynamic heads select as if every row sat at
+        # i + Sk - Sq, and a row the mask moves attends densely
+        dynamic = [f is not None and f["form"] in DYNAMIC_FORMS for f in forms]
+        keep_min, keep_max = _dynamic_keep(q, k, forms, scale=scale, causal=causal, mask=mask)
+        moved = (p != query_positions(sq, sk))[..., None]
+        for hi, f in enumerate(forms):
+            if dynamic[hi]:
+                keep_min[:, hi] |= moved[:, hi]
+                keep_max[:, hi] |= moved[:, hi]
+            else:
+                keep_min[:, hi] = keep_max[:, hi] = _keep_at(f, p[:, hi], sk)
+        return attend(q, k, v, keep_min, keep_max, scale=scale, mask=mask)
     keep_min, keep_max = _dynamic_keep(q, k, forms, scale=scale, causal=causal, mask=mask)
     return attend(q, k, v, keep_min, keep_max, scale=scale, mask=mask)
 
@@ -491,8 +509,8 @@ def _dynamic_keep(q, k, forms, *, scale: float, causal: bool, mask):
     if causal or mask is None or not {f["form"] for f in forms if f is not None} & set(DYNAMIC_FORMS):
         return head_keep(q, k, forms, scale=scale, causal=causal)
     sq, sk = q.shape[2], k.shape[2]
-    parts = [head_keep(q[b:b + 1], k[b:b + 1], forms, scale=scale,
-                       causal=sq <= sk and removes_later_keys(mask, b, sq, sk)) for b in range(q.shape[0])]
+    parts = [head_keep(q[b:b + 1], k[b:b + 1], forms, scale=scale, causal=causal,
+                       dynamic_causal=sq <= sk and removes_later_keys(mask, b, sq, sk)) for b in range(q.shape[0])]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 

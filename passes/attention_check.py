@@ -1,0 +1,202 @@
+"""Attention sites: check. Which heads get which form, whether the site applies, and why.
+
+Every decision about an attention site is made here and recorded in its
+``Decision`` (the op to call and its parameters included); ``replace`` in
+``passes/attention.py`` only builds the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List
+
+from sparsecc.codegen.block_attention import FULL_WINDOW
+from sparsecc.codegen.mixed_attention import HeadTable
+from sparsecc.cost import estimate_attention
+from sparsecc.forms import BlockSparse, BlockTopK, Dense, Streaming, VerticalSlash
+from sparsecc.passes.decide import dense_rule, fallback, group_head_forms, no_rule, verdict
+from sparsecc.passes.fx_utils import size_hint
+from sparsecc.passes.site import Decision, Estimate, Site
+
+# What the report says of a site whose query positions come from the mask (docs/spec.md), per op.
+_AT_MASK = "query positions from the mask (min(i + Sk - Sq, last key the row keeps))"
+MASK_POSITIONS = {
+    "streaming_attention_from_mask": _AT_MASK,
+    "block_sparse_attention": _AT_MASK + "; a call whose mask moves a row runs the reference path",
+    "dynamic_block_attention": _AT_MASK + "; rows the mask moves off i + Sk - Sq attend densely",
+    "mixed_head_attention": _AT_MASK + "; each head as its form's op treats it",
+}
+# Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.
+DYNAMIC_FORMS = (BlockTopK, VerticalSlash)
+# Sparse forms a site's heads may mix (codegen/mixed_attention.py); block_topk heads need the whole site.
+MIXABLE_FORMS = (Streaming, VerticalSlash, BlockSparse)
+
+
+def check_attention(site: Site, ctx) -> Decision:
+    """Decide one attention site: which heads get which form, whether it applies, and why.
+
+    A site whose heads ask for different forms records them, grouped, in ``Decision.head_forms``.
+    """
+    resolved: List[list] = []          # the rule in force for each head, once the heads are resolved
+    decision = _decide_attention(site, ctx, resolved)
+    if resolved:
+        groups = group_head_forms(resolved[0])
+        if len(groups) > 1:
+            decision = dataclasses.replace(decision, head_forms="; ".join(f"{form} on heads {spans}"
+                                                                          for form, spans in groups))
+    return decision
+
+
+def _rule_key_order(key: str):
+    name, index = key.split("[")
+    return name, int(index[:-1])
+
+
+def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
+    if site.match is None:
+        return Decision(False, None, f"not rewritable: {site.attrs['refused']}")
+    if ctx.spec is None:
+        return no_rule()
+    rules = ctx.spec.matching("attention", site.module)
+    if not rules:
+        return no_rule()
+    # docs/spec.md: a rule whose phase excludes this site (prefill: more than one query; decode: one) does not
+    # cover it at all, so a decode rule and a prefill rule can share modules.
+    at_phase = [r for r in rules if r.applies_at(site.attrs["seq_q"])]
+    if not at_phase:
+        keys = ", ".join(r.key for r in rules)
+        here = "decode (one query)" if site.attrs["seq_q"] == 1 else "prefill (more than one query)"
+        phases = " / ".join(sorted({r.phase for r in rules}))
+        return Decision(False, None, f"{keys} apply at {phases} only; this site is {here}", rule=keys,
+                        policy=ctx.spec.policy_for(rules[-1]))
+    rules = at_phase
+    heads = size_hint(site.attrs["heads"])
+    per_head = [None] * heads           # the rule in force for each head
+    ignored = set()
+    for rule in rules:
+        for h in (rule.heads if rule.heads is not None else range(heads)):
+            if h < heads:
+                per_head[h] = rule
+            else:
+                ignored.add(h)
+    resolved.append(per_head)
+    in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
+    if not in_force:
+        keys = ", ".join(r.key for r in rules)
+        return Decision(False, None, f"{keys} name only heads {sorted(ignored)}, which do not exist (the site "
+                        f"has {heads} heads)", rule=keys, policy=ctx.spec.policy_for(rules[-1]))
+    sparse = [r for r in per_head if r is not None and not isinstance(r.form, Dense)]
+    if not sparse:
+        last = in_force[-1]
+        return dense_rule(last, ctx.spec.policy_for(last))
+    # docs/spec.md: the last covering sparse rule (in spec order, among the rules in force for some head) sets
+    # the site's policy and, for a site of one form, its form.
+    deciding = [r for r in in_force if not isinstance(r.form, Dense)][-1]
+    policy = ctx.spec.policy_for(deciding)
+    rule_keys = ", ".join(sorted({r.key for r in sparse}, key=_rule_key_order))
+    form = deciding.form
+    head_forms = [None if r is None or isinstance(r.form, Dense) else r.form for r in per_head]
+    distinct = {f for f in head_forms if f is not None}
+    # One op per form covers its dense heads too, except the dynamic forms (one form for every head).
+    mixed = len(distinct) > 1 or (isinstance(form, DYNAMIC_FORMS) and None in head_forms)
+    if mixed and not all(isinstance(f, MIXABLE_FORMS) for f in distinct):
+        names = " and ".join(sorted({f.name for f in distinct} | ({"dense"} if None in head_forms else set())))
+        return fallback(form, rule_keys, policy, f"{names} heads in one site: block_topk needs one rule for "
+                        "every head (heads of streaming, vertical_slash and block_sparse may mix)")
+    if site.attrs["folded_heads"] and (len(sparse) != heads or len(distinct) > 1):
+        return fallback(form, rule_keys, policy, "heads are folded into the batch dimension (3-D attention), "
+                        "so per-head rules cannot be applied")
+    sq, sk = site.attrs["seq_q"], site.attrs["seq_k"]
+    if isinstance(sq, int) and isinstance(sk, int) and sq > sk:
+        return fallback(form, rule_keys, policy, f"more queries than keys ({sq} > {sk}, e.g. cross-attention): "
+                        "positional forms place queries at key positions (docs/spec.md)")
+    if site.attrs["causal"] and not _same_size(sq, sk):
+        return fallback(form, rule_keys, policy, "is_causal with seq_q != seq_k is top-left aligned in SDPA, "
+                        "but sparse forms place queries at the end")
+    for f in sorted(distinct, key=str):
+        if isinstance(f, (VerticalSlash, BlockTopK, BlockSparse)) and isinstance(sk, int) and f.block > sk:
+            return fallback(form, rule_keys, policy, f"block {f.block} is larger than the key sequence ({sk})")
+    if (any(isinstance(f, VerticalSlash) for f in distinct) and not site.attrs["causal"]
+            and not site.attrs["masks"]):
+        return fallback(form, rule_keys, policy, "vertical_slash is MInference's causal prefill rule and "
+                        "this attention is bidirectional (no is_causal, no mask): no rule says which keys "
+                        "a query may see after it (docs/spec.md)")
+    params = {}
+    if _positions_from_mask(site, sq, sk):
+        params["anchor"] = "mask"
+    notes = []
+    if mixed:
+        try:
+            table = HeadTable.of(head_forms)
+        except ValueError as e:
+            return fallback(form, rule_keys, policy, str(e))
+        params["head_table"] = table
+        op_name = "mixed_head_attention"
+        if table.family() is None:
+            notes.append("no one-launch kernel for this mix: heads run form by form")
+    elif isinstance(form, DYNAMIC_FORMS):
+        op_name = "dynamic_block_attention"
+    elif isinstance(form, Streaming):
+        params["sink"] = [f.sink if f is not None else 0 for f in head_forms]
+        params["window"] = [f.window if f is not None else FULL_WINDOW for f in head_forms]
+        op_name = "streaming_attention_from_mask" if params.get("anchor") == "mask" else "streaming_attention"
+    else:
+        if site.attrs["folded_heads"] and form.random_blocks > 0:
+            return fallback(form, rule_keys, policy, "random blocks are drawn per head (docs/spec.md), and heads "
+                            "folded into the batch dimension (3-D attention) cannot be told from batch elements")
+        params["dense_heads"] = [h for h, f in enumerate(head_forms) if f is None]
+        op_name = "block_sparse_attention"
+    estimate = _estimate(site, form, head_forms if mixed or not isinstance(form, DYNAMIC_FORMS) else None, ctx)
+    decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
+    if not decision.apply:
+        return decision
+    # What an applied site's report adds to its reason (docs/spec.md), in this order.
+    if params.get("anchor") == "mask":
+        notes.insert(0, MASK_POSITIONS[op_name])
+    for phase in ("prefill", "decode"):
+        keys = sorted({r.key for r in sparse if r.phase == phase}, key=_rule_key_order)
+        if keys:
+            notes.append(f"{', '.join(keys)} appl{'ies' if len(keys) == 1 else 'y'} at {phase} only")
+    if any(isinstance(f, VerticalSlash) for f in distinct) and not site.attrs["causal"]:
+        notes.append("not is_causal: a call whose mask keeps a key after a query's position attends densely "
+                     "(docs/spec.md)")
+    if isinstance(form, BlockTopK) and form.local_blocks == 0 and site.attrs["masks"]:
+        notes.append("local_blocks = 0 with a mask: a row whose kept blocks the mask hides entirely outputs zeros "
+                     "(docs/spec.md)")
+    if ignored:
+        notes.append(f"heads {sorted(ignored)} do not exist (site has {heads})")
+    return dataclasses.replace(decision, reason="; ".join([decision.reason] + notes))
+
+
+def _positions_from_mask(site: Site, sq, sk) -> bool:
+    """True when the queries' positions come from the mask (docs/spec.md): not causal, masked, and fewer
+    queries than keys (or sizes that may differ at run time; the op then decides on the actual sizes).
+
+    A static KV cache is a buffer longer than the tokens so far; HF hides its
+    unfilled tail with the mask and calls SDPA with ``is_causal=False``. The
+    end of the key axis is then not the query's position; the rule
+    ``min(i + Sk - Sq, last key the row's mask keeps)`` is.
+    """
+    if site.attrs["causal"] or not site.attrs["masks"]:
+        return False
+    return not _same_size(sq, sk)
+
+
+def _same_size(a, b) -> bool:
+    """True when two sizes are provably equal: equal ints, or the same symbolic expression."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    # Comparing SymInts with == would install a guard; equal expressions need none.
+    return str(a) == str(b)
+
+
+def _estimate(site: Site, form, head_forms, ctx) -> Estimate:
+    """The cost model's estimate; ``head_forms`` gives each head's form (None: dense) when heads differ."""
+    a = site.attrs
+    margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
+    result = estimate_attention(
+        form, head_forms, batch=size_hint(a["batch"]), heads=size_hint(a["heads"]),
+        kv_heads=size_hint(a["kv_heads"]), seq_q=size_hint(a["seq_q"]), seq_k=size_hint(a["seq_k"]),
+        head_dim=size_hint(a["head_dim"]), dtype=site.dtype, causal=a["causal"], hw=ctx.hardware, margin=margin,
+        symbolic_seq=not isinstance(a["seq_k"], int))
+    return Estimate.of(result)
