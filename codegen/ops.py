@@ -348,7 +348,11 @@ def mixed_head_attention_by_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         kv_sel = torch.tensor([h // group for h in members], device=q.device)
         qh, kh, vh = q[:, sel], k[:, kv_sel], v[:, kv_sel]
         mh = None if m4 is None else (m4 if m4.shape[1] == 1 else m4[:, sel])
-        if form is None:
+        if form is None and causal and qh.shape[2] != kh.shape[2]:
+            # Bottom-right causality (the queries are the last positions) as a mask: SDPA's is_causal is top-left.
+            keep = torch.ones(qh.shape[2], kh.shape[2], dtype=torch.bool, device=q.device) if mh is None else mh
+            o = dense_attention(qh, kh, vh, _with_causal(keep, qh.shape[2], kh.shape[2]), scale, False)
+        elif form is None:
             o = dense_attention(qh, kh, vh, mh, scale, causal)
         elif isinstance(form, Streaming) and positions_from_mask and mh is not None:
             o = streaming_attention_from_mask(qh, kh, vh, mh, scale, [form.sink], [form.window], 0, impl)
