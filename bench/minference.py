@@ -4,7 +4,7 @@ The pattern file's first two layers (tests/data/importers/minference_configs/, f
 fb56c91) are imported with ``sparsecc.importers.import_minference``. Each layer's heads have their own
 vertical/slash budgets, so each attention site is one ``mixed_head_attention`` call.
 
-Per layer, at each prefill length (B=1, H=32, Hkv=8, D=128, bf16, causal, seeded random q/k/v), in one run:
+Per layer, at each prefill length (B=1, H=32, Hkv=8, D=128, bf16, causal; random and rope-local q/k/v), in one run:
 the sparsecc op (scores, selection, index and attention, as each call runs them), dense SDPA, and
 FlexAttention fed the same per-head layout at its 128x128 block granularity (the blocks holding a kept pair,
 causal inside) -- plus the kept density of each. MInference's own selection keeps exactly sparsecc's pairs
@@ -34,6 +34,7 @@ from bench.attention import bench, qkv, sdpa  # noqa: E402
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "importers",
                       "minference_configs", "Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern.json")
 FLEX_BLOCK = 128
+DEVICE = "cuda"
 
 
 def head_table(spec, layer: int, heads: int):
@@ -123,13 +124,53 @@ def flex_from_keep(keep, sq, sk):
     return mask, flex_pairs
 
 
+def rope_local_qkv(s: int, seed: int = 0):
+    """q/k/v whose attention is local plus a few sink keys, as trained decoders' often is: each head's q and k
+    are one content vector rotated by RoPE (Llama-3's base 500000) plus noise, so q_i . k_j falls off with
+    i - j; the first four keys carry a direction every query shares."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    d, h, hkv = 128, 32, 8
+    inv = 500000.0 ** (-torch.arange(0, d, 2, device=DEVICE, dtype=torch.float32) / d)
+    ang = torch.arange(s, device=DEVICE, dtype=torch.float32)[:, None] * inv[None, :]     # [S, D/2]
+    cos, sin = ang.cos(), ang.sin()
+
+    def rotate(x):
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)
+
+    content = torch.randn(hkv, 1, d, device=DEVICE, generator=g)
+    k = rotate(content.expand(hkv, s, d)) + 0.5 * torch.randn(hkv, s, d, device=DEVICE, generator=g)
+    q = rotate(content.repeat_interleave(h // hkv, 0).expand(h, s, d)) * 1.5
+    q = q + 0.5 * torch.randn(h, s, d, device=DEVICE, generator=g)
+    k[:, :4] += 3.0 * content
+    v = torch.randn(hkv, s, d, device=DEVICE, generator=g)
+    return tuple(t[None].to(torch.bfloat16).contiguous() for t in (q, k, v))
+
+
+def sweep(seqs, log):
+    """Time the vertical_slash attention kernel's launch settings on layer 0's index (the default is LAUNCH)."""
+    from sparsecc.codegen import vertical_slash_kernels as vk
+    from sparsecc.importers import import_minference
+
+    spec = import_minference(CONFIG, policy="force")
+    for s in seqs:
+        q, k, v = rope_local_qkv(s)
+        table = head_table(spec, 0, 32)
+        index = vs_index(q, k, table, 1 / math.sqrt(128))
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                cfg = {"num_warps": warps, "num_stages": stages}
+                t = bench(lambda: vk.vertical_slash_attention_kernel(q, k, v, index, 1 / math.sqrt(128), launch=cfg))
+                log(f"sweep {s // 1024}K warps={warps} stages={stages}: {t:.3f} ms")
+
+
 def op_rows(spec, seqs, log):
     from bench.attention import flex_call
     from sparsecc.codegen import ops
 
     rows = []
-    for s in seqs:
-        q, k, v = qkv(1, 32, 8, s, s, 128)
+    for s, inputs in ((s, kind) for s in seqs for kind in ("random", "rope-local")):
+        q, k, v = qkv(1, 32, 8, s, s, 128) if inputs == "random" else rope_local_qkv(s)
         scale = 1 / math.sqrt(128)
         t_sdpa = bench(lambda: sdpa(q, k, v, True))
         for layer in (0, 1):
@@ -143,7 +184,7 @@ def op_rows(spec, seqs, log):
             kept, causal_pairs, keep = kept_pairs_and_blocks(index)
             mask, flex_pairs = flex_from_keep(keep, s, s)
             t_flex = bench(lambda: flex_call(q, k, v, mask))
-            row = dict(workload=f"layer {layer}, {s // 1024}K", sc=t_sc, index=t_index, sdpa=t_sdpa, flex=t_flex,
+            row = dict(workload=f"layer {layer}, {s // 1024}K, {inputs} q/k", sc=t_sc, index=t_index, sdpa=t_sdpa, flex=t_flex,
                        density=kept / causal_pairs, flex_density=flex_pairs / causal_pairs)
             log(f"{row['workload']}: sparsecc {t_sc:.3f} ms (selection+index {t_index:.3f}), SDPA {t_sdpa:.3f}, "
                 f"Flex {t_flex:.3f}; density {row['density']:.4f}, Flex-block density {row['flex_density']:.4f}")
@@ -153,10 +194,13 @@ def op_rows(spec, seqs, log):
     return rows
 
 
-def model_rows(spec, seqs, log, budget_s):
+def model_rows(seqs, log, budget_s):
     import transformers
 
     import sparsecc
+    from sparsecc.importers import import_minference
+
+    spec = import_minference(CONFIG, policy="force", modules_template="layers.{layer}.self_attn")
 
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=262144,
@@ -168,7 +212,7 @@ def model_rows(spec, seqs, log, budget_s):
         if time.time() - start > budget_s:
             log(f"model {s // 1024}K: skipped (time budget)")
             continue
-        ids = torch.randint(0, 32000, (1, s), device="cuda")
+        ids = torch.randint(0, 32000, (1, s), device=DEVICE)
         with torch.no_grad():
             torch._dynamo.reset()
             inductor = torch.compile(model, dynamic=False)
@@ -210,6 +254,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
     ap.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
+    ap.add_argument("--sweep", action="store_true", help="also time the attention kernel's launch settings")
     ap.add_argument("--model-budget", type=float, default=300.0, help="seconds after which model rows are skipped")
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     args = ap.parse_args(argv)
@@ -218,13 +263,16 @@ def main(argv=None):
     spec = import_minference(CONFIG, policy="force")
     log = lambda m: print(m, flush=True)  # noqa: E731
     op = op_rows(spec, args.seqs, log)
-    model = [] if args.no_model else model_rows(spec, args.seqs, log, args.model_budget)
+    if args.sweep:
+        sweep(args.seqs, log)
+    model = [] if args.no_model else model_rows(args.seqs, log, args.model_budget)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import triton
 
     header = [f"- device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
               f"- date: {datetime.date.today()}, commit {commit or 'unknown'}",
-              "- B=1, H=32, Hkv=8, D=128, bf16, causal, seeded random q/k/v; layers 0 and 1 of the pattern file; "
+              "- B=1, H=32, Hkv=8, D=128, bf16, causal; q/k/v seeded random, or rope-local (RoPE-rotated shared "
+              "content per head plus noise and four sink keys: local attention); layers 0 and 1 of the pattern file; "
               "medians of do_bench; densities are kept (query, key) pairs over causal pairs"]
     write(args.results, op, model, header)
 

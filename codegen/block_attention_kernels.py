@@ -161,6 +161,93 @@ def _attend_tile(acc, l_i, m_i, q, start_n, k_base, v_base, stride_kn, stride_vn
 
 
 @triton.jit
+def _streaming_keys(SINK, WINDOW, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base,
+                    stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale, k_desc, v_desc,
+                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The streaming layout's key ranges for one program: sink blocks, then the window's blocks split into
+    [lower edge | full blocks | diagonal edge]; only the edges evaluate the element rule."""
+    sink = tl.load(SINK + h)
+    window = tl.load(WINDOW + h)
+    p0 = m0 + offset
+    p1 = tl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
+    if CAUSAL:
+        hi = tl.minimum(p1 + 1, seq_k)
+        full_last = p0  # keys at or before the first row's position are causal for every row
+    else:
+        hi = tl.minimum(p1 + window, seq_k)
+        full_last = p0 + window - 1
+    lo = tl.maximum(p0 - window + 1, 0)
+    sink_hi = tl.minimum(sink, hi)
+    if not CAUSAL:
+        # Rows before the sink see every key (bidirectional rule): one masked sweep over all keys.
+        if p0 < sink:
+            sink_hi = seq_k
+            lo = seq_k
+    hi = tl.maximum(hi, 0)
+    n_sink = tl.cdiv(tl.maximum(sink_hi, 0), BLOCK_N)
+    wb = tl.maximum(lo // BLOCK_N, n_sink)
+    we = tl.maximum(tl.cdiv(hi, BLOCK_N), wb)
+    fb = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(p1 - window + 1, 0), BLOCK_N), wb), we)
+    fe = tl.minimum(tl.maximum(tl.minimum((full_last + 1) // BLOCK_N, seq_k // BLOCK_N), fb), we)
+    for nb in range(0, n_sink):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                                     mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
+                                     seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
+                                     MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
+    for nb in range(wb, fb):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                                     mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
+                                     seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
+                                     MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
+    for nb in range(fb, fe):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                                     mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
+                                     seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, False, True, CAUSAL, HAS_MASK,
+                                     MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
+    for nb in range(fe, we):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
+                                     mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
+                                     seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
+                                     MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _table_keys(TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX, b, h, t0, stride_nb, stride_nh, stride_pb, stride_ph,
+                stride_pq, stride_fb, stride_fh, stride_fq, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale,
+                k_desc, v_desc,
+                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The block table's key blocks for one program: full blocks without element tests, then partial ones."""
+    # Table layout: BLOCK_M divides BLOCK_Q and BLOCK_N divides BLOCK_K (checked by the wrapper),
+    # so one table row serves the program and each table block is SUBS key tiles.
+    SUBS: tl.constexpr = BLOCK_K // BLOCK_N
+    t_row = t0 // BLOCK_Q
+    num_off = b * stride_nb + h * stride_nh + t_row
+    f_num = tl.load(TBL_FNUM + num_off)
+    f_row = TBL_FIDX + b * stride_fb + h * stride_fh + t_row * stride_fq
+    for t in range(0, f_num * SUBS):
+        kb = tl.load(f_row + t // SUBS)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kb * BLOCK_K + (t % SUBS) * BLOCK_N, k_base, v_base,
+                                     stride_kn, stride_vn, mask_base, stride_mm, stride_mn, offs_m, offs_n,
+                                     offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, inv_scale, k_desc, v_desc, False, False, CAUSAL,
+                                     HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
+    p_num = tl.load(TBL_NUM + num_off)
+    p_row = TBL_IDX + b * stride_pb + h * stride_ph + t_row * stride_pq
+    for t in range(0, p_num * SUBS):
+        kb = tl.load(p_row + t // SUBS)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kb * BLOCK_K + (t % SUBS) * BLOCK_N, k_base, v_base,
+                                     stride_kn, stride_vn, mask_base, stride_mm, stride_mn, offs_m, offs_n,
+                                     offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, inv_scale, k_desc, v_desc, True, False, CAUSAL,
+                                     HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
                     TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -218,75 +305,32 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    use_bounds = LAYOUT == 0
-    if LAYOUT == 2:  # LAYOUT_MIXED: a window of 0 marks a head that reads the table
-        use_bounds = tl.load(WINDOW + h) > 0
-    if use_bounds:  # LAYOUT_STREAMING, or a streaming/dense head of LAYOUT_MIXED
-        sink = tl.load(SINK + h)
-        window = tl.load(WINDOW + h)
-        p0 = m0 + offset
-        p1 = tl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
-        if CAUSAL:
-            hi = tl.minimum(p1 + 1, seq_k)
-            full_last = p0  # keys at or before the first row's position are causal for every row
-        else:
-            hi = tl.minimum(p1 + window, seq_k)
-            full_last = p0 + window - 1
-        lo = tl.maximum(p0 - window + 1, 0)
-        sink_hi = tl.minimum(sink, hi)
-        if not CAUSAL:
-            # Rows before the sink see every key (bidirectional rule): one masked sweep over all keys.
-            if p0 < sink:
-                sink_hi = seq_k
-                lo = seq_k
-        hi = tl.maximum(hi, 0)
-        n_sink = tl.cdiv(tl.maximum(sink_hi, 0), BLOCK_N)
-        wb = tl.maximum(lo // BLOCK_N, n_sink)
-        we = tl.maximum(tl.cdiv(hi, BLOCK_N), wb)
-        fb = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(p1 - window + 1, 0), BLOCK_N), wb), we)
-        fe = tl.minimum(tl.maximum(tl.minimum((full_last + 1) // BLOCK_N, seq_k // BLOCK_N), fb), we)
-        for nb in range(0, n_sink):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                                         mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
-                                         seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
-                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
-        for nb in range(wb, fb):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                                         mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
-                                         seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
-                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
-        for nb in range(fb, fe):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                                         mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
-                                         seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, False, True, CAUSAL, HAS_MASK,
-                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
-        for nb in range(fe, we):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
-                                         mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
-                                         seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
-                                         MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
+    # Each condition below is a constexpr expression, so LAYOUT_STREAMING and LAYOUT_TABLE compile one branch;
+    # LAYOUT_MIXED branches per head at run time (a window of 0 marks a head that reads the table).
+    if LAYOUT == 0:
+        acc, l_i, m_i = _streaming_keys(
+            SINK, WINDOW, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base,
+            stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale, k_desc, v_desc,
+            CAUSAL, HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA, BLOCK_M, BLOCK_N)
+    elif LAYOUT == 1:
+        acc, l_i, m_i = _table_keys(
+            TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX, b, h, t0, stride_nb, stride_nh, stride_pb, stride_ph, stride_pq,
+            stride_fb, stride_fh, stride_fq, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base,
+            stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale, k_desc, v_desc,
+            CAUSAL, HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_Q, BLOCK_K)
     else:
-        # Table layout: BLOCK_M divides BLOCK_Q and BLOCK_N divides BLOCK_K (checked by the wrapper),
-        # so one table row serves the program and each table block is SUBS key tiles.
-        SUBS: tl.constexpr = BLOCK_K // BLOCK_N
-        t_row = t0 // BLOCK_Q
-        num_off = b * stride_nb + h * stride_nh + t_row
-        f_num = tl.load(TBL_FNUM + num_off)
-        f_row = TBL_FIDX + b * stride_fb + h * stride_fh + t_row * stride_fq
-        for t in range(0, f_num * SUBS):
-            kb = tl.load(f_row + t // SUBS)
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kb * BLOCK_K + (t % SUBS) * BLOCK_N, k_base, v_base,
-                                         stride_kn, stride_vn, mask_base, stride_mm, stride_mn, offs_m, offs_n,
-                                         offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, inv_scale, k_desc, v_desc, False, False, CAUSAL,
-                                         HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
-        p_num = tl.load(TBL_NUM + num_off)
-        p_row = TBL_IDX + b * stride_pb + h * stride_ph + t_row * stride_pq
-        for t in range(0, p_num * SUBS):
-            kb = tl.load(p_row + t // SUBS)
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kb * BLOCK_K + (t % SUBS) * BLOCK_N, k_base, v_base,
-                                         stride_kn, stride_vn, mask_base, stride_mm, stride_mn, offs_m, offs_n,
-                                         offs_d, pos, seq_q, seq_k, 0, 0, qk_scale, inv_scale, k_desc, v_desc, True, False, CAUSAL,
-                                         HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA)
+        if tl.load(WINDOW + h) > 0:
+            acc, l_i, m_i = _streaming_keys(
+                SINK, WINDOW, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base,
+                stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale, k_desc,
+                v_desc, CAUSAL, HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA, BLOCK_M, BLOCK_N)
+        else:
+            acc, l_i, m_i = _table_keys(
+                TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX, b, h, t0, stride_nb, stride_nh, stride_pb, stride_ph,
+                stride_pq, stride_fb, stride_fh, stride_fq, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale,
+                k_desc, v_desc, CAUSAL, HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA, BLOCK_M,
+                BLOCK_N, BLOCK_Q, BLOCK_K)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = tl.where((l_i > 0)[:, None], acc / l_safe[:, None], 0.0)

@@ -178,8 +178,11 @@ def vertical_slash_family(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
     budgets = head_budgets([f if isinstance(f, VerticalSlash) else form for f in table.forms], sk)
     cols, offs = vertical_slash_select_ref(q, k, form, scale, col=col, diag=diag, per_head=budgets)
     index = vk.vertical_slash_index(cols, offs, block=table.block, seq_q=sq, seq_k=sk)
-    sinks, windows = _analytic_rules(table, sq, sk)
     analytic = tuple(int(f is None or isinstance(f, Streaming)) for f in table.forms)
+    if not any(analytic):
+        # Budgets differ but every head reads the index: the kernel needs no per-head rule.
+        return vk.vertical_slash_attention_kernel(q, k, v, index, scale, mask)
+    sinks, windows = _analytic_rules(table, sq, sk)
     dev = q.device
     rules = (_head_vectors(analytic, dev), _head_vectors(tuple(sinks), dev), _head_vectors(tuple(windows), dev))
     return vk.vertical_slash_attention_kernel(q, k, v, index, scale, mask, head_rules=rules)

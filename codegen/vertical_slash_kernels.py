@@ -30,6 +30,8 @@ from sparsecc.codegen.vertical_slash import VSIndex
 
 # Rows and keys per tile of the attention kernel (a lane's block is walked in such tiles).
 TILE = 64
+# Launch settings of the attention kernel (bench/minference.py --sweep times the alternatives).
+LAUNCH = {"num_warps": 4}
 
 
 def interpreting() -> bool:
@@ -182,40 +184,35 @@ def _vs_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, rcount_ptr, rstar
         analytic = tl.load(analytic_ptr + hi)
         sink = tl.load(sink_ptr + hi)
         window = tl.load(window_ptr + hi)
-    if analytic != 0:
-        # A streaming or dense head of a mixed table: the sink range, then the window range (causal).
+    n_ranges = tl.load(rcount_ptr + lane)
+    n_cols = tl.load(ccount_ptr + lane)
+    if MIXED:
+        # A streaming or dense head ignores the index: two ranges, its sink and its window (causal), and no
+        # columns. Selected without a branch around the loops, which would keep them from being pipelined.
         p0 = pid * BM + (seq_k - seq_q)
         k_hi = tl.minimum(tl.minimum(pid * BM + BM, seq_q) + (seq_k - seq_q), seq_k)
         sink_hi = tl.minimum(sink, k_hi)
         k_lo = tl.maximum(tl.maximum(p0 - window + 1, 0), sink_hi)
-        for start in range(0, sink_hi, BN):
+        n_ranges = tl.where(analytic != 0, 2, n_ranges)
+        n_cols = tl.where(analytic != 0, 0, n_cols)
+    for r in range(0, n_ranges):
+        rs = tl.load(rstart_ptr + lane * n_s + r, mask=r < n_s, other=0)
+        re = tl.minimum(tl.load(rend_ptr + lane * n_s + r, mask=r < n_s, other=0), seq_k)
+        if MIXED:
+            rs = tl.where(analytic != 0, tl.where(r == 0, 0, k_lo), rs)
+            re = tl.where(analytic != 0, tl.where(r == 0, sink_hi, k_hi), re)
+        for start in range(rs, re, BN):
             keys = start + tl.arange(0, BN)
-            m_i, l_i, acc = _vs_tile(q, keys, keys < sink_hi, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok,
-                                     rows, pos, r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, sink,
-                                     window, MASK_KIND, UPCAST, MIXED)
-        for start in range(k_lo, k_hi, BN):
-            keys = start + tl.arange(0, BN)
-            m_i, l_i, acc = _vs_tile(q, keys, keys < k_hi, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok,
-                                     rows, pos, r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, sink,
-                                     window, MASK_KIND, UPCAST, MIXED)
-    else:
-        n_ranges = tl.load(rcount_ptr + lane)
-        for r in range(0, n_ranges):
-            rs = tl.load(rstart_ptr + lane * n_s + r)
-            re = tl.minimum(tl.load(rend_ptr + lane * n_s + r), seq_k)
-            for start in range(rs, re, BN):
-                keys = start + tl.arange(0, BN)
-                m_i, l_i, acc = _vs_tile(q, keys, keys < re, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok,
-                                         rows, pos, r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale,
-                                         sink, window, MASK_KIND, UPCAST, MIXED)
-        n_cols = tl.load(ccount_ptr + lane)
-        for c0 in range(0, n_cols, BN):
-            idx = c0 + tl.arange(0, BN)
-            c_ok = idx < n_cols
-            keys = tl.load(cidx_ptr + lane * n_v + idx, mask=c_ok, other=0)
-            m_i, l_i, acc = _vs_tile(q, keys, c_ok, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, rows, pos,
-                                     r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, sink, window,
+            m_i, l_i, acc = _vs_tile(q, keys, keys < re, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, rows,
+                                     pos, r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, sink, window,
                                      MASK_KIND, UPCAST, MIXED)
+    for c0 in range(0, n_cols, BN):
+        idx = c0 + tl.arange(0, BN)
+        c_ok = idx < n_cols
+        keys = tl.load(cidx_ptr + lane * n_v + idx, mask=c_ok, other=0)
+        m_i, l_i, acc = _vs_tile(q, keys, c_ok, k_base, v_base, stride_ks, stride_vs, offs_d, d_ok, rows, pos,
+                                 r_ok, m_i, l_i, acc, mask_base, stride_mq, stride_mk, scale, sink, window,
+                                 MASK_KIND, UPCAST, MIXED)
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)   # no key: zeros
     tl.store(o_ptr + bi.to(tl.int64) * stride_ob + hi.to(tl.int64) * stride_oh
              + rows[:, None].to(tl.int64) * stride_os + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -225,14 +222,15 @@ def _vs_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, rcount_ptr, rstar
 def vertical_slash_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: VSIndex, scale: float,
                                     mask: Optional[torch.Tensor] = None,
                                     out: Optional[torch.Tensor] = None,
-                                    head_rules: Optional[tuple] = None) -> torch.Tensor:
+                                    head_rules: Optional[tuple] = None,
+                                    launch: Optional[dict] = None) -> torch.Tensor:
     """Attention over the lanes' ranges and columns (fp16/bf16 q/k/v, ``[B, H|Hkv, S, D]``, unit last stride).
 
     ``head_rules`` (a mixed site, ``codegen/mixed_attention.py``): three int32
     ``[H]`` vectors: analytic (1: the head ignores the index and walks its sink
     and window ranges), sink and window of each head's element rule
     ``j < sink or p - j < window`` (vertical_slash heads: 0 and a window past
-    every distance).
+    every distance). ``launch`` overrides ``num_warps``/``num_stages`` (the bench's sweep).
     """
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -258,5 +256,6 @@ def vertical_slash_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.T
                                *out.stride()[:3], *mstr, h, h // hkv, sq, sk, n_q, index.range_start.shape[-1],
                                index.col_index.shape[-1], scale, LANE_BLOCK=block, BM=bm, BN=bm, HEAD_DIM=d,
                                BLOCK_D=max(16, triton.next_power_of_2(d)), MASK_KIND=mask_kind,
-                               UPCAST=interpreting(), MIXED=head_rules is not None, num_warps=4)
+                               UPCAST=interpreting(), MIXED=head_rules is not None,
+                               **{**LAUNCH, **(launch or {})})
     return out
