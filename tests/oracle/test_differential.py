@@ -460,15 +460,27 @@ DYN_RULES = {"block_topk": {"form": "block_topk", "block": 16, "topk": 1},
              "vertical_slash": {"form": "vertical_slash", "block": 16, "last_q": 4, "vertical": 1, "slash": 1}}
 
 
-@pytest.mark.parametrize("form", sorted(DYN_RULES))
-def test_dynamic_form_on_some_heads_stays_dense(form):
-    """"Both dynamic forms apply to a site only when one rule covers every head with the same form"."""
+def test_block_topk_on_some_heads_stays_dense():
+    """"block_topk applies to a site only when one rule covers every head with the same form"."""
     model = hn.AttnNet("sdpa_gqa", is_causal=True)
     args = _attn_inputs()
-    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{**DYN_RULES[form], "heads": [0, 1]}]}
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{**DYN_RULES["block_topk"], "heads": [0, 1]}]}
     out, report = hn.compile_and_run(model, args, spec)
-    hn.assert_dense(report, "attention", hn.SITE, because=form)
+    hn.assert_dense(report, "attention", hn.SITE, because="block_topk")
     _eager_equal(model, args, out)
+
+
+def test_vertical_slash_on_some_heads_applies_beside_dense_heads():
+    """"vertical_slash heads may ... sit beside streaming and dense heads": heads 0-1 vertical_slash, the others
+    the model's own attention (tests/oracle/test_mixed_heads.py draws such sites at random)."""
+    c = cases.case(heads=4, kv_heads=2, sq=48, sk=48, dim=8, causal=True, causal_via="is_causal",
+                   rules=[{**DYN_RULES["vertical_slash"], "heads": [0, 1]}])
+    q, k, v, mask = cases.tensors(c)
+    out, report = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
+    (site,) = hn.sites(report, "attention")
+    assert site.applied and "dense on heads 2-3" in site.form_detail, (site.reason, site.form_detail)
+    exp, valid, _ = cases.expected(c, q, k, v, mask)
+    hn.assert_rows_close(out, exp, valid, c.torch_dtype)
 
 
 def test_two_dynamic_forms_in_one_site_stay_dense():
