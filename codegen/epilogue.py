@@ -22,7 +22,7 @@ Each extra input appears at most once. The string form joins the steps with
 **Generation.** :func:`epilogue_source` writes a ``@triton.jit`` function for
 a chain; :func:`epilogue_function` loads it. Generated modules are cached by a
 hash of their source, in memory and on disk (``<cache dir>/epilogues``, the
-user cache directory of :func:`sparsecc.cost.hardware.cache_dir`, so
+user cache directory of :func:`sparsecc.cache.cache_dir`, so
 ``$SPARSECC_CACHE_DIR`` moves it). Triton reads a kernel's source through
 ``inspect``, so a generated function must live in a real file: the disk cache
 is also where it is imported from. With ``$SPARSECC_DEBUG_DIR`` set, each
@@ -271,7 +271,7 @@ def epilogue_source(chain: EpilogueChain) -> str:
 
 def epilogue_cache_dir() -> str:
     """Directory of the generated epilogue modules (under the user cache dir)."""
-    from sparsecc.cost.hardware import cache_dir
+    from sparsecc.cache import cache_dir
     return os.path.join(cache_dir(), CACHE_SUBDIR)
 
 

@@ -9,16 +9,15 @@ that ``WeightBindings`` keeps in step with the parameter (see backend).
 
 A ``block_weights`` site also takes over the pointwise chain that follows it
 (bias, activation, gating multiply, residual add, cast: ``passes/epilogue.py``),
-which its kernel computes in a generated epilogue. ``SPARSECC_FOLD_EPILOGUES=0``
+which its kernel computes in a generated epilogue. The backend option ``fold_epilogues=False``
 turns folding off. The gate and up projections of a gated FFN that both get
 ``block_weights`` with the same block shape become one op computing
 ``act(x W_gᵀ) * (x W_uᵀ)`` in one pass over x (measured 1.27x faster than two
-launches on an H100: docs/kernels.md); ``SPARSECC_FUSE_GATE_UP=0`` keeps them apart.
+launches on an H100: docs/kernels.md); the backend option ``fuse_gate_up=False`` keeps them apart.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -35,8 +34,6 @@ from sparsecc.passes.normalize import canonical, is_plain_matmul, op_of
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FOLD_ENV = "SPARSECC_FOLD_EPILOGUES"      # "1" (default): fold the pointwise chain after block-sparse linears
-FUSE_GATE_UP_ENV = "SPARSECC_FUSE_GATE_UP"  # "1" (default): one op for a gated FFN's gate and up projections; "0" off
 _LINEAR_OPS = ("linear", "addmm", "matmul")
 _BSR_FIELDS = ("blocks", "row_ptr", "col_idx")
 
@@ -152,14 +149,6 @@ def check_linear(site: Site, ctx) -> Decision:
     return verdict(site, ctx, form, rule.key, policy, estimate, op_name)
 
 
-def _flag(name: str, default: str) -> bool:
-    """A 0/1 environment switch; anything else is an error naming the variable and its values."""
-    value = os.environ.get(name, default).strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: expected 0 or 1")
-    return value == "1"
-
-
 def _operands(node: Node) -> Tuple[Node, Optional[Node]]:
     """(x, bias) of a linear node as its arguments stand now (an earlier rewrite may have replaced x)."""
     op = canonical(node)
@@ -188,7 +177,7 @@ def _up_partner(site: Site, ctx) -> Callable[[Node], Optional[Site]]:
     node and no bias, and the multiply must be its only user.
     """
     form = _block_form(site, ctx)
-    if form is None or not _flag(FUSE_GATE_UP_ENV, "1"):
+    if form is None or not ctx.fuse_gate_up:
         return lambda node: None
     x = _operands(site.output)[0]
 
@@ -210,7 +199,7 @@ def _up_partner(site: Site, ctx) -> Callable[[Node], Optional[Site]]:
 
 def _fold(site: Site, ctx) -> FoldedChain:
     """The chain after ``site``'s linear that its op can compute (empty when folding is off)."""
-    if not _flag(FOLD_ENV, "1"):
+    if not ctx.fold_epilogues:
         return FoldedChain()
     has_bias = _operands(site.output)[1] is not None
     return fold_chain(site.output, has_bias, _blocked(site, ctx), _up_partner(site, ctx))
@@ -218,7 +207,7 @@ def _fold(site: Site, ctx) -> FoldedChain:
 
 def _gate_half(site: Site, ctx) -> Optional[Tuple[Site, FoldedChain]]:
     """When ``site`` is the up projection that another site's chain multiplies in (``mul:up``): that site."""
-    if not _flag(FUSE_GATE_UP_ENV, "1") or not _flag(FOLD_ENV, "1"):
+    if not ctx.fuse_gate_up or not ctx.fold_epilogues:
         return None
     x = _operands(site.output)[0]
     for other in ctx.sites:

@@ -17,7 +17,8 @@ CALIBRATION_SAMPLES_PER_BATCH = 1 << 20
 
 
 def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bool = False,
-            check_weights: bool = False, **torch_compile_kwargs):
+            check_weights: bool = False, fold_epilogues: bool = True, fuse_gate_up: bool = True,
+            **torch_compile_kwargs):
     """``torch.compile(model, backend="sparsecc", options=...)``, with the options as arguments.
 
     ``spec`` is a path (.toml/.json), a dict or a ``Spec``; ``report`` is True
@@ -25,8 +26,10 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     "reference"; ``cudagraphs`` replays CUDA graphs (Inductor's cudagraph
     trees, as ``mode="reduce-overhead"`` does for the default backend);
     ``check_weights`` compares a checksum of every compressed weight's
-    parameter on every call (see ``refresh``). Other keyword arguments go to
-    ``torch.compile``.
+    parameter on every call (see ``refresh``); ``fold_epilogues`` and
+    ``fuse_gate_up`` switch off epilogue folding and gate/up fusion of
+    block-sparse linears (the report shows both). Other keyword arguments go
+    to ``torch.compile``.
 
     A model with a ``generate`` method (HF transformers) comes back as a
     shallow copy whose ``forward`` is compiled, so ``generate()`` decodes
@@ -38,6 +41,9 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
         options["cudagraphs"] = cudagraphs   # validated (a bool) by parse_options below
     if check_weights is not False:
         options["check_weights"] = check_weights
+    for name, value in (("fold_epilogues", fold_epilogues), ("fuse_gate_up", fuse_gate_up)):
+        if value is not True:
+            options[name] = value
     if spec is not None:
         options["spec"] = spec
     if report is not None:

@@ -31,7 +31,9 @@ from sparsecc.spec import Spec, SpecError, load_spec
 
 log = logging.getLogger("sparsecc")
 
-ALLOWED_OPTIONS = ("spec", "report", "kernels", "cudagraphs", "check_weights")
+ALLOWED_OPTIONS = ("spec", "report", "kernels", "cudagraphs", "check_weights", "fold_epilogues", "fuse_gate_up")
+# Options that change the rewritten graph (not only how it runs): the report shows them.
+GRAPH_OPTIONS = ("fold_epilogues", "fuse_gate_up")
 # SPARSECC_LOWERING=eager runs the rewritten FX graph without Inductor: for debugging a rewrite, and for
 # tests that check rewrites numerically many times (Inductor's CPU codegen costs seconds per graph).
 LOWERING_ENV = "SPARSECC_LOWERING"
@@ -52,6 +54,8 @@ class BackendOptions:
     kernels: str = "auto"
     cudagraphs: bool = False    # replay CUDA graphs from Inductor's cudagraph trees (decode is launch-bound)
     check_weights: bool = False  # checksum every bound weight on every call (sees writes through .data)
+    fold_epilogues: bool = True  # fold the pointwise chain after a block-sparse linear into its op
+    fuse_gate_up: bool = True    # one op for a gated FFN's gate and up projections (needs fold_epilogues)
 
 
 def parse_options(options: Optional[dict]) -> BackendOptions:
@@ -86,8 +90,14 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
     check_weights = options.get("check_weights", False)
     if not isinstance(check_weights, bool):
         raise SpecError(key="options.check_weights", value=check_weights, allowed="True or False")
+    switches = {}
+    for name in GRAPH_OPTIONS:
+        value = options.get(name, True)
+        if not isinstance(value, bool):
+            raise SpecError(key=f"options.{name}", value=value, allowed="True or False")
+        switches[name] = value
     return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels,
-                          cudagraphs=cudagraphs, check_weights=check_weights)
+                          cudagraphs=cudagraphs, check_weights=check_weights, **switches)
 
 
 def _unwritable(path: str) -> Optional[str]:
@@ -120,6 +130,7 @@ def make_context(gm, example_inputs, opts: BackendOptions) -> CompileContext:
     """A fresh CompileContext for one graph (the module tree comes from the frame Dynamo is compiling)."""
     ops.register_ops()
     return CompileContext(spec=opts.spec, kernels=opts.kernels, autograd=_autograd_active(example_inputs),
+                          fold_epilogues=opts.fold_epilogues, fuse_gate_up=opts.fuse_gate_up,
                           example_inputs=list(example_inputs), hardware=profile_for(_device_of(example_inputs)),
                           modules=module_tree.from_dynamo())
 

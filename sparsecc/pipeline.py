@@ -49,6 +49,8 @@ class CompileContext:
     spec: Any
     kernels: str = "auto"
     autograd: bool = False
+    fold_epilogues: bool = True     # backend options that change the rewritten graph (shown in the report)
+    fuse_gate_up: bool = True
     params: Dict[Node, Any] = field(default_factory=dict)   # placeholder/get_attr node -> ParamRef
     example_inputs: Sequence = ()
     hardware: HardwareProfile = field(default_factory=lambda: profile_for(torch.device("cpu")))
@@ -223,7 +225,8 @@ def build_report(ctx: CompileContext) -> Report:
     """Turn the context's sites and decisions into a Report (one graph)."""
     report = Report(spec=getattr(ctx.spec, "source", None) or ("<inline spec>" if ctx.spec else None),
                     kernels=ctx.kernels, hardware=ctx.hardware.name, graphs=1, stages=list(ctx.stages),
-                    frame=_frame_of(ctx.gm))
+                    frame=_frame_of(ctx.gm),
+                    options={"fold_epilogues": ctx.fold_epilogues, "fuse_gate_up": ctx.fuse_gate_up})
     report.notes.extend(ctx.warnings)
     used_rules = set()
     for site in ctx.sites:

@@ -24,6 +24,7 @@ import torch
 from sparsecc.cost.efficiency import efficiency, side_seconds
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour, VerticalSlash
+from sparsecc.kernel_tiles import CONFIGS, pick_config
 
 # Tokens per attention block: the kernels' key-block granularity (BLOCK_N = 128 on Hopper).
 ATTENTION_BLOCK = 128
@@ -222,8 +223,6 @@ def dynamic_estimate_cost(form, shapes=None) -> Optional[Cost]:
 
 def block_linear_programs(tokens, out_features, form: BlockWeights):
     """Programs the block-sparse linear kernel launches: token tiles x block rows (its ``pick_config`` tile)."""
-    from sparsecc.codegen.block_sparse_linear import CONFIGS, pick_config
-
     bm, bk = form.block
     rows = sp.ceiling(out_features / bm)
     if isinstance(tokens, (int, float)) or getattr(tokens, "is_number", False):
@@ -237,8 +236,6 @@ def block_linear_programs(tokens, out_features, form: BlockWeights):
 def block_linear_family(tokens, form: BlockWeights) -> str:
     """"gemm_block_sparse_decode" when the kernel runs its decode tile (the smallest token tile, for few
     tokens: a different, latency-bound inner loop), else "gemm_block_sparse"; a symbolic count takes the latter."""
-    from sparsecc.codegen.block_sparse_linear import CONFIGS, pick_config
-
     if isinstance(tokens, (int, float)) or getattr(tokens, "is_number", False):
         smallest = min(cfg.BLOCK_M for *_, cfg in CONFIGS)
         if pick_config(int(tokens), *form.block).BLOCK_M == smallest:

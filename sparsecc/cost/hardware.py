@@ -16,7 +16,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-CACHE_ENV = "SPARSECC_CACHE_DIR"
+from sparsecc.cache import CACHE_ENV, cache_dir  # noqa: F401 (part of this module's interface)
+
 TFLOP = 1e12
 TB = 1e12
 
@@ -131,15 +132,6 @@ PROFILES: Dict[str, HardwareProfile] = {"h100": H100_SXM, "h200": H200, "a100": 
                                         "l4": L4}
 GENERIC_CUDA = replace(H100_SXM, name="unknown CUDA GPU (H100 figures)",
                        sources={"all": "no profile matches this GPU; H100 figures stand in. Run calibrate-hw"})
-
-
-def cache_dir() -> str:
-    """Where measured profiles live: $SPARSECC_CACHE_DIR, else $XDG_CACHE_HOME/sparsecc, else ~/.cache/sparsecc."""
-    base = os.environ.get(CACHE_ENV)
-    if base:
-        return base
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "sparsecc")
 
 
 def _device_name(device: torch.device) -> str:

@@ -84,6 +84,7 @@ class Report:
     matched_rules: List[str] = field(default_factory=list)
     frame: Optional[int] = None         # the Dynamo frame of a one-graph report (None: unknown)
     recompiles: int = 0
+    options: Dict[str, Any] = field(default_factory=dict)   # backend options that change the rewritten graph
 
     def extend(self, other: "Report") -> None:
         """Append another graph's report to this one (graph indices are renumbered).
@@ -103,6 +104,7 @@ class Report:
         self.stages.extend(other.stages)
         self.spec = self.spec or other.spec
         self.kernels = other.kernels
+        self.options = {**self.options, **other.options}
         self.hardware = other.hardware or self.hardware
         self.graphs += max(1, other.graphs)
         self.rules.update(other.rules)
@@ -154,7 +156,8 @@ class Report:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-dict form of the whole report."""
-        return {"spec": self.spec, "kernels": self.kernels, "hardware": self.hardware, "graphs": self.graphs,
+        return {"spec": self.spec, "kernels": self.kernels, "options": dict(self.options),
+                "hardware": self.hardware, "graphs": self.graphs,
                 "sites": [s.to_dict() for s in self.sites], "warnings": list(self.warnings),
                 "summary": self.summary(),
                 "stages_ms": [{"stage": n, "ms": ms} for n, ms in self.stages], "counts": self.counts()}

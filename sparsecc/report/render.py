@@ -30,7 +30,8 @@ def _summary(report) -> str:
             parts.append(f"{kind}: {counts.get(kind + '.applied', 0)}/{counts[kind]} rewritten")
     total_ms = sum(ms for _, ms in report.stages)
     head = (f"sparsecc report: {len(report.sites)} sites in {report.graphs} graph(s); "
-            f"spec {report.spec or '(none)'}; kernels={report.kernels}; hardware={report.hardware or '?'}")
+            f"spec {report.spec or '(none)'}; kernels={report.kernels}; hardware={report.hardware or '?'}"
+            + "".join(f"; {name}={value}" for name, value in sorted(report.options.items())))
     return head + ("\n" + "; ".join(parts) if parts else "") + f"\ncompile stages: {total_ms:.1f} ms"
 
 

@@ -10,6 +10,7 @@ weight replaced by its block-pruned dense copy (the compiler prunes with the sam
 import copy
 
 import pytest
+import sparsecc
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 from sparsecc.backend import last_report, rewritten_graphs
 from sparsecc.codegen import ops
 from sparsecc.forms import BlockWeights
-from sparsecc.passes.linear import FOLD_ENV, FUSE_GATE_UP_ENV
 from sparsecc.weights import compress_block_weights
 from tests import zoo
 
@@ -29,9 +29,8 @@ ARG_BIAS, ARG_EPILOGUE, ARG_GATE, ARG_RESIDUAL, ARG_UP_BLOCKS = 4, 8, 9, 10, 11
 
 
 @pytest.fixture(autouse=True)
-def _eager(eager_lowering, monkeypatch):
-    monkeypatch.delenv(FUSE_GATE_UP_ENV, raising=False)
-    monkeypatch.delenv(FOLD_ENV, raising=False)
+def _eager(eager_lowering):
+    pass
 
 
 def pruned(model):
@@ -45,9 +44,9 @@ def pruned(model):
     return model
 
 
-def compile_and_run(model, x):
+def compile_and_run(model, x, **switches):
     with torch.no_grad():
-        compiled = torch.compile(model, backend="sparsecc", options={"spec": SPEC, "kernels": "reference"})
+        compiled = torch.compile(model, backend="sparsecc", options={"spec": SPEC, "kernels": "reference", **switches})
         return compiled(x)
 
 
@@ -61,9 +60,10 @@ def targets():
             if n.op in ("call_function", "call_method")}
 
 
-def check(model, x, atol=1e-5):
-    """Compile, compare with the pruned eager model, return the block_sparse_linear nodes."""
-    out = compile_and_run(model, x)
+def check(model, x, atol=1e-5, **switches):
+    """Compile (``switches``: backend options), compare with the pruned eager model, return the
+    block_sparse_linear nodes."""
+    out = compile_and_run(model, x, **switches)
     with torch.no_grad():
         expected = pruned(model)(x)
     torch.testing.assert_close(out, expected, atol=atol, rtol=atol)
@@ -151,10 +151,10 @@ def test_matmul_bias_add_is_folded_into_the_bias():
     assert "add" not in targets()
 
 
-def test_gated_ffn_folds_the_gating_multiply(monkeypatch):
-    monkeypatch.setenv(FUSE_GATE_UP_ENV, "0")  # the unfused form: gate and up as two ops
+def test_gated_ffn_folds_the_gating_multiply():
     torch.manual_seed(3)
-    nodes = check(zoo.GatedSiluFFN().eval(), torch.randn(2, 5, 32))
+    # the unfused form: gate and up as two ops
+    nodes = check(zoo.GatedSiluFFN().eval(), torch.randn(2, 5, 32), fuse_gate_up=False)
     gate = next(n for n in nodes if n.args[ARG_EPILOGUE])
     epilogues = sorted(n.args[ARG_EPILOGUE] for n in nodes)
     assert epilogues == ["", "", "act:silu;mul:gate"]
@@ -162,15 +162,17 @@ def test_gated_ffn_folds_the_gating_multiply(monkeypatch):
     assert "silu" not in targets() and "mul" not in targets()
 
 
-def test_gate_up_fusion_is_the_default():
+def test_gate_up_fusion_is_the_default_and_the_report_says_so():
     torch.manual_seed(4)
     nodes = check(zoo.GatedSiluFFN().eval(), torch.randn(2, 5, 32))
     assert len(nodes) == 2 and sum(n.args[ARG_UP_BLOCKS] is not None for n in nodes) == 1
+    report = last_report()
+    assert report.options == {"fold_epilogues": True, "fuse_gate_up": True}
+    assert "fuse_gate_up=True" in str(report) and report.to_dict()["options"]["fold_epilogues"] is True
 
 
 @pytest.mark.parametrize("cls", [zoo.GatedSiluFFN, UpFirstGatedFFN], ids=lambda c: c.__name__)
-def test_fused_gate_up_is_one_op(cls, monkeypatch):
-    monkeypatch.setenv(FUSE_GATE_UP_ENV, "1")
+def test_fused_gate_up_is_one_op(cls):
     torch.manual_seed(4)
     nodes = check(cls().eval(), torch.randn(2, 5, 32))
     assert len(nodes) == 2
@@ -183,8 +185,7 @@ def test_fused_gate_up_is_one_op(cls, monkeypatch):
         "gate=gate_proj, up=up_proj"
 
 
-def test_fused_gate_up_needs_the_same_block_shape(monkeypatch):
-    monkeypatch.setenv(FUSE_GATE_UP_ENV, "1")
+def test_fused_gate_up_needs_the_same_block_shape():
     spec = {"version": 1, "defaults": {"policy": "force"},
             "linear": [{"form": "block_weights", "block": [16, 16], "density": 0.5},
                        {"modules": "up_proj", "form": "block_weights", "block": [32, 16], "density": 0.5}]}
@@ -245,21 +246,21 @@ def test_unfoldable_chains_are_left_alone(kind):
     torch.testing.assert_close(out, expected, atol=1e-2 if kind == "promote" else 1e-5, rtol=1e-5)
 
 
-def test_folding_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv(FOLD_ENV, "0")
+def test_folding_can_be_turned_off():
     torch.manual_seed(9)
-    nodes = check(zoo.GatedSiluFFN().eval(), torch.randn(2, 5, 32))
+    nodes = check(zoo.GatedSiluFFN().eval(), torch.randn(2, 5, 32), fold_epilogues=False)
     assert [n.args[ARG_EPILOGUE] for n in nodes] == ["", "", ""]
     assert "silu" in targets()
+    assert last_report().options == {"fold_epilogues": False, "fuse_gate_up": True}
+    assert "fold_epilogues=False" in str(last_report())
 
 
-def test_bad_flag_value_names_the_variable(monkeypatch):
-    monkeypatch.setenv(FUSE_GATE_UP_ENV, "yes")
-    with torch.no_grad():
-        torch.compile(zoo.GatedSiluFFN().eval(), backend="sparsecc",
-                      options={"spec": SPEC, "kernels": "reference"})(torch.randn(2, 5, 32))
-    reasons = " ".join(s.reason for s in last_report().sites)
-    assert FUSE_GATE_UP_ENV in reasons and "expected 0 or 1" in reasons
+@pytest.mark.parametrize("name", ["fold_epilogues", "fuse_gate_up"])
+def test_a_switch_that_is_not_a_bool_names_the_option(name):
+    from sparsecc.backend import parse_options
+
+    with pytest.raises(sparsecc.SpecError, match=f"options.{name}.*True or False"):
+        parse_options({"spec": SPEC, name: "yes"})
 
 
 def test_two_four_sites_are_not_folded():
