@@ -124,7 +124,8 @@ def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: s
     * ``method="greedy"``: the greedy search of :mod:`sparsecc.tune.ffn` (one
       search path, a forward per candidate step).
     * ``method="separable"``: the sensitivity table at ``levels``
-      (:func:`ffn_sensitivity`), its separable allocation per target, then
+      (:func:`ffn_sensitivity`), refined to 5% steps by log-linear
+      interpolation (:meth:`Sensitivity.refined`), its separable allocation per target, then
       blends of that allocation with uniform levels (:data:`SEPARABLE_BLENDS`,
       uniform included) measured on the whole model; the best measured one
       wins, so the result never measures worse than uniform on the search batches.
@@ -136,7 +137,7 @@ def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: s
     if method == "separable":
         sens = ffn_sensitivity(model, batches, levels=levels, criterion=criterion, error_fn=error_fn,
                                search_batches=search_batches, mode=mode, progress=progress)
-        return _blended(model, sens, targets, error_fn, max_level, progress)
+        return blend_with_uniform(model, sens, targets, error_fn, max_level, progress)
     from tqdm.auto import tqdm
 
     error_fn = error_function(error_fn)
@@ -162,7 +163,7 @@ def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: s
                      mode, "greedy", search=search)
 
 
-def _blended(model, sens: "FfnSensitivity", targets: Sequence[float], error_fn, max_level: float,
+def blend_with_uniform(model, sens: "FfnSensitivity", targets: Sequence[float], error_fn, max_level: float,
              progress: bool) -> FfnTuning:
     """The separable allocations of ``sens`` blended with uniform levels, the best measured blend per target."""
     from tqdm.auto import tqdm
@@ -172,7 +173,8 @@ def _blended(model, sens: "FfnSensitivity", targets: Sequence[float], error_fn, 
     forwards = sens.forwards
     bar = tqdm(total=len(targets) * len(SEPARABLE_BLENDS), desc="sparsecc tune ffn (blends)", disable=not progress)
     try:
-        for separable in sens.allocations(sorted(targets), max_level):
+        for separable in separable_allocation(sens.sensitivity.refined(), projections, scores, sorted(targets),
+                                              max_level):
             t = separable.target
             tried: Dict[float, float] = {}
             best = None
