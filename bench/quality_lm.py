@@ -39,7 +39,7 @@ from sparsecc.tune.ffn import Sensitivity  # noqa: E402
 from sparsecc.tune.models import load_model  # noqa: E402
 from sparsecc.tune.prefix import LayerPrefix  # noqa: E402
 from sparsecc.tune.quality import evaluate, perplexity, read_texts, token_windows, tokenize  # noqa: E402
-from sparsecc.tune.tuner import FfnSensitivity, _blended, ffn_rules, ffn_sensitivity  # noqa: E402
+from sparsecc.tune.tuner import FfnSensitivity, blend_with_uniform, ffn_rules, ffn_sensitivity  # noqa: E402
 
 LEVELS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
 
