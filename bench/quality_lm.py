@@ -91,6 +91,8 @@ def main(argv=None):
     p.add_argument("--search-windows", type=int, default=1, help="calibration windows the KL is measured on")
     p.add_argument("--tables", type=Path, default=ROOT / "bench" / "quality_lm" / "tables.json")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "quality_lm")
+    p.add_argument("--plot", default=str(ROOT / "bench" / "plots" / "quality_smollm2.png"),
+                   help="where the plot goes ('' for none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-eval", action="store_true", help="tune and write the specs only")
     args = p.parse_args(argv)
@@ -144,8 +146,8 @@ def main(argv=None):
             (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))
     results["seconds"] = round(time.time() - started)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    if not args.no_eval:
-        plot(results, ROOT / "bench" / "plots" / "quality_smollm2.png")
+    if not args.no_eval and args.plot:
+        plot(results, Path(args.plot))
 
 
 def plot(results, path: Path) -> None:
