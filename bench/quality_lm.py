@@ -96,6 +96,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-eval", action="store_true", help="tune and write the specs only")
     args = p.parse_args(argv)
+    args.out_dir, args.tables = args.out_dir.resolve(), args.tables.resolve()
     torch.set_num_threads(args.threads)
     started = time.time()
     model, tok = load_model("smollm2-135m")
