@@ -92,8 +92,8 @@ def read_texts(sources: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]
         path = Path(src)
         if not path.is_file():
             raise FileNotFoundError(f"text file {str(src)!r} does not exist (or is not a file); "
-                                    f"give text files, '{PYDOC}' for the pydoc topics or '{DOCSTRINGS}' for the standard "
-                                    "library's docstrings (both ship with Python)")
+                                    f"give text files, '{PYDOC}' for the pydoc topics or '{DOCSTRINGS}' for the "
+                                    "standard library's docstrings (both ship with Python)")
         parts.append(path.read_text(encoding="utf-8"))
     return "\n\n".join(parts)
 

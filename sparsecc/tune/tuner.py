@@ -68,7 +68,7 @@ class FfnTuning:
 
 
 def error_function(error_fn) -> ErrorFn:
-    """``error_fn`` itself, a named one (``"relative"``, ``"kl"``: :data:`sparsecc.tune.capture.ERRORS`), or the default."""
+    """``error_fn`` itself, a named one (``"relative"``, ``"kl"``: ``sparsecc.tune.capture.ERRORS``) or the default."""
     if error_fn is None:
         return relative_error
     if isinstance(error_fn, str):
