@@ -182,7 +182,7 @@ class Sensitivity:
         """The table on a grid of ``step`` (up to the last level), each curve interpolated log-linearly.
 
         Error curves of thresholds grow about exponentially with the level
-        (each 15% of sparsity multiplies SmolLM2's per-projection KL by 3-8),
+        (each 15% of sparsity multiplies SmolLM2's per-projection KL by 2-14),
         so a straight line between two measured levels overstates every error
         in between and the separable allocation would stop on grid levels only.
         Between measured levels log(error) is interpolated linearly; below the
