@@ -1,7 +1,9 @@
 """``sparsecc.tune``: tune a spec on calibration data.
 
-* :func:`tune` sets FFN activation thresholds per layer and projection by a
-  greedy search on the measured output error, chooses per-head attention forms
+* :func:`tune` sets FFN activation thresholds per layer and projection (input
+  mode, or gate mode) by a greedy search on the measured output error or by the
+  separable allocation of a sensitivity table blended with uniform levels (on
+  next-token KL for a causal LM), chooses per-head attention forms
   by recalled attention mass under a density budget, and writes a spec whose
   ``[meta.tune]`` records its provenance (docs/tune.md).
 * :func:`tune_ffn` is the FFN search alone, for several targets at once.

@@ -1,9 +1,12 @@
-"""Calibration plumbing shared by the tuner: batches, FFN projections, thresholding hooks, output error.
+"""Calibration plumbing shared by the tuner: batches, FFN projections, thresholding hooks, output errors.
 
 The tuner measures the model as it runs eagerly: forward pre-hooks on the
 projection modules apply exactly the thresholding the compiled op applies
 (``x * (score > tau)``, score ``|x_i|`` or ``|x_i| * ||W[:, i]||_2`` in float32),
-so a spec written from these measurements compiles to the same numbers.
+so a spec written from these measurements compiles to the same numbers. In
+gate mode (CATS) a forward hook on the gate projection keeps the neurons with
+``|act(x W_gate)| > tau`` and a pre-hook on the down projection zeroes the
+others, which is the gate-sparse FFN's formula.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from sparsecc.passes.ffn import column_norms
 
 CRITERIA = ("magnitude", "weighted")
+MODES = ("input", "gate")
 # Score samples kept per projection per batch: bounds memory on long calibration sets (quantiles stay exact
 # enough: 2^18 samples put a quantile within ~0.2% of its rank).
 SCORE_SAMPLES_PER_BATCH = 1 << 18
@@ -61,14 +65,36 @@ def relative_error(dense, sparse, batch=None) -> float:
     return float((s - d).square().sum() / d.square().sum().clamp_min(1e-300))
 
 
+def next_token_kl(dense, sparse, batch=None) -> float:
+    """Mean over positions of KL(p_dense || p_sparse) of the next-token distributions, in nats.
+
+    The first output tensor holds the logits ``[..., vocab]`` (a causal LM's
+    ``logits``); every position counts, each distribution softmaxed in float32.
+    Perplexity is exp of the mean NLL, and the NLL increase a threshold causes is
+    close to this KL on average, so the KL ranks allocations as perplexity does
+    without the labels' noise.
+    """
+    d = torch.log_softmax(first_tensor(dense).float(), dim=-1)
+    s = torch.log_softmax(first_tensor(sparse).float(), dim=-1)
+    kl = (d.exp() * (d - s)).sum(-1)
+    return float(kl.double().mean())
+
+
+ERRORS = {"relative": relative_error, "kl": next_token_kl}
+"""Output errors by the name ``sparsecc tune --error`` uses."""
+
+
 @dataclass(frozen=True)
 class Projection:
-    """One threshold the spec can set: the ``input`` or ``down`` key of an FFN site (input mode).
+    """One threshold the spec can set: the ``input`` or ``down`` key (input mode) or ``gate`` key of an FFN site.
 
     ``modules`` are the Linear-like modules whose input the threshold applies to
-    (first [and up] for ``input``, down for ``down``), ``in_out`` their weight
-    layouts, and ``weight_elements`` the weights the threshold can skip: the
-    weight of the average sparsity the tuner targets.
+    (first [and up] for ``input``, down for ``down``; for ``gate`` the gate
+    projection whose activated output is compared and the down projection whose
+    input is masked), ``in_out`` their weight layouts, and ``weight_elements``
+    the weights the threshold can skip (for ``gate`` the up and down weights):
+    the weight of the average sparsity the tuner targets. ``act`` names the gate
+    activation (gate mode only).
     """
 
     site: str
@@ -76,21 +102,47 @@ class Projection:
     modules: Tuple[str, ...]
     in_out: Tuple[bool, ...]
     weight_elements: int
+    act: Optional[str] = None
+
+    @property
+    def mode(self) -> str:
+        """The ``activation_threshold`` mode this threshold belongs to."""
+        return "gate" if self.key == "gate" else "input"
 
     def __str__(self) -> str:
         return f"{self.site or '<root>'}:{self.key}"
 
 
-def ffn_projections(model, report) -> List[Projection]:
-    """The thresholdable projections of every FFN site in ``report`` (an ``explain`` report of ``model``)."""
+def ffn_projections(model, report, mode: str = "input") -> List[Projection]:
+    """The thresholdable projections of every FFN site in ``report`` (an ``explain`` report of ``model``).
+
+    ``mode="input"``: an ``input`` and a ``down`` projection per site.
+    ``mode="gate"``: one ``gate`` projection per gated site with separate gate
+    and up linears and an activation the gate-sparse op knows (others are left
+    out: the compiled form would fall back to dense there).
+    """
+    from sparsecc.codegen.activation_sparse import ACTIVATIONS
+
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; expected one of {MODES}")
     modules = dict(model.named_modules())
     layout = {s.module: s.attrs.get("weight_layout") == "in_out" for s in report.sites if s.kind == "linear"}
     out = []
+    seen = set()
     for site in report.sites:
-        if site.kind != "ffn":
+        if site.kind != "ffn" or site.module in seen:
             continue
+        seen.add(site.module)
         paths = [p for p in str(site.attrs.get("linear_modules", "")).split(",") if p]
         if len(paths) < 2 or any(not hasattr(modules.get(p), "weight") for p in paths):
+            continue
+        if mode == "gate":
+            if len(paths) != 3 or site.attrs.get("fused_gate_up") or site.attrs.get("activation") not in ACTIVATIONS:
+                continue
+            gate, up, down = paths
+            out.append(Projection(site.module, "gate", (gate, down), (layout.get(gate, False), layout.get(down, False)),
+                                  modules[up].weight.numel() + modules[down].weight.numel(),
+                                  act=str(site.attrs["activation"])))
             continue
         for key, group in (("input", paths[:-1]), ("down", paths[-1:])):
             elements = sum(modules[p].weight.numel() for p in group)
@@ -101,9 +153,9 @@ def ffn_projections(model, report) -> List[Projection]:
 
 @dataclass
 class ThresholdHooks:
-    """Forward pre-hooks that threshold the projections' inputs with the taus in ``taus`` (None: dense).
+    """Hooks that threshold the projections' inputs with the taus in ``taus`` (None: dense).
 
-    ``counts`` accumulates (kept, total) input entries per projection while ``counting`` is set.
+    ``counts`` accumulates (kept, total) entries per projection while ``counting`` is set.
     """
 
     model: torch.nn.Module
@@ -122,6 +174,11 @@ class ThresholdHooks:
         handles = []
         try:
             for proj in self.projections:
+                if proj.mode == "gate":
+                    masks: Dict[str, torch.Tensor] = {}
+                    handles.append(modules[proj.modules[0]].register_forward_hook(self._gate_hook(proj, masks)))
+                    handles.append(modules[proj.modules[1]].register_forward_pre_hook(self._mask_hook(masks)))
+                    continue
                 for path, in_out in zip(proj.modules, proj.in_out):
                     module = modules[path]
                     norms = column_norms(module.weight, in_out) if self.criterion == "weighted" else None
@@ -131,6 +188,11 @@ class ThresholdHooks:
             for h in handles:
                 h.remove()
 
+    def _count(self, proj: Projection, keep: Optional[torch.Tensor], total: int) -> None:
+        c = self.counts.setdefault(proj, [0, 0])
+        c[0] += int(keep.sum()) if keep is not None else total
+        c[1] += total
+
     def _hook(self, proj: Projection, norms: Optional[torch.Tensor]):
         def hook(module, args):
             tau = self.taus.get(proj)
@@ -139,11 +201,37 @@ class ThresholdHooks:
             x = args[0]
             keep = keep_mask(x, 0.0 if tau is None else tau, norms)
             if self.counting:
-                c = self.counts.setdefault(proj, [0, 0])
-                c[0] += int(keep.sum()) if tau is not None else x.numel()
-                c[1] += x.numel()
+                self._count(proj, keep if tau is not None else None, x.numel())
             if tau is None:
                 return None
+            return (x * keep.to(x.dtype),) + tuple(args[1:])
+        return hook
+
+    def _gate_hook(self, proj: Projection, masks: Dict[str, torch.Tensor]):
+        """Forward hook on the gate projection: the neurons whose |act(gate)| passes tau, for the down pre-hook."""
+        from sparsecc.codegen.activation_sparse import ACTIVATIONS
+
+        def hook(module, args, out):
+            masks.pop("keep", None)
+            tau = self.taus.get(proj)
+            if tau is None and not self.counting:
+                return None
+            keep = ACTIVATIONS[proj.act](out).abs() > (0.0 if tau is None else tau)
+            if self.counting:
+                self._count(proj, keep if tau is not None else None, out.numel())
+            if tau is not None:
+                masks["keep"] = keep
+            return None
+        return hook
+
+    @staticmethod
+    def _mask_hook(masks: Dict[str, torch.Tensor]):
+        """Pre-hook on the down projection: zero the neurons the gate hook dropped (act(g) * up * keep)."""
+        def hook(module, args):
+            keep = masks.pop("keep", None)
+            if keep is None:
+                return None
+            x = args[0]
             return (x * keep.to(x.dtype),) + tuple(args[1:])
         return hook
 
@@ -159,23 +247,39 @@ def keep_mask(x: torch.Tensor, tau: float, norms: Optional[torch.Tensor]) -> tor
 
 
 def score_samples(model, batches, projections: Sequence[Projection], criterion: str) -> Dict[Projection, torch.Tensor]:
-    """Sorted threshold scores per projection over the batches (the dense model), for quantile lookups."""
+    """Sorted threshold scores per projection over the batches (the dense model), for quantile lookups.
+
+    Input mode: ``|x|`` (or the weighted score) of the projection's inputs;
+    gate mode: ``|act(x W_gate)|``, the gate-sparse FFN's comparison.
+    """
+    from sparsecc.codegen.activation_sparse import ACTIVATIONS
+
     modules = dict(model.named_modules())
     chunks: Dict[Projection, List[torch.Tensor]] = {p: [] for p in projections}
     handles = []
 
+    def keep_samples(proj, score):
+        flat = score.flatten()
+        if flat.numel() > SCORE_SAMPLES_PER_BATCH:
+            flat = flat[:: flat.numel() // SCORE_SAMPLES_PER_BATCH]
+        chunks[proj].append(flat.cpu())
+
     def recorder(proj, norms):
         def hook(module, args):
             x = args[0].detach()
-            score = x.abs().float() if norms is None else x.abs().float() * norms.to(x.device)
-            flat = score.flatten()
-            if flat.numel() > SCORE_SAMPLES_PER_BATCH:
-                flat = flat[:: flat.numel() // SCORE_SAMPLES_PER_BATCH]
-            chunks[proj].append(flat.cpu())
+            keep_samples(proj, x.abs().float() if norms is None else x.abs().float() * norms.to(x.device))
+        return hook
+
+    def gate_recorder(proj):
+        def hook(module, args, out):
+            keep_samples(proj, ACTIVATIONS[proj.act](out.detach()).abs().float())
         return hook
 
     try:
         for proj in projections:
+            if proj.mode == "gate":
+                handles.append(modules[proj.modules[0]].register_forward_hook(gate_recorder(proj)))
+                continue
             for path, in_out in zip(proj.modules, proj.in_out):
                 norms = column_norms(modules[path].weight, in_out) if criterion == "weighted" else None
                 handles.append(modules[path].register_forward_pre_hook(recorder(proj, norms)))

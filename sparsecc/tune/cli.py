@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=0.5, help="average FFN activation sparsity (default 0.5)")
     p.add_argument("--out", required=True, help="the spec to write (.toml or .json)")
     p.add_argument("--criterion", choices=("magnitude", "weighted"), default="magnitude")
+    p.add_argument("--method", choices=("greedy", "separable"), default="greedy",
+                   help="greedy search, or the sensitivity table's separable allocation blended with uniform")
+    p.add_argument("--mode", choices=("input", "gate"), default="input",
+                   help="FFN thresholds on the projections' inputs (TEAL) or on act(gate) (CATS)")
+    p.add_argument("--error", choices=("relative", "kl"), default="relative",
+                   help="the output error minimised: relative squared error of the first output, or the "
+                        "next-token KL of a causal LM")
     p.add_argument("--attention-density", type=float, default=None,
                    help="also choose per-head attention forms with this mean density budget in (0, 1]")
     p.add_argument("--step", type=float, default=0.05, help="greedy sparsity step (default 0.05)")
@@ -86,6 +93,7 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
     windows = _text_windows(tokenizer, args) if args.text else None   # text errors before the long tuning run
     batches = _load_data(args.data)
     spec = tune(model, batches, target=args.target, out=args.out, criterion=args.criterion, step=args.step,
+                method=args.method, mode=args.mode, error_fn=args.error,
                 attention_density=args.attention_density, policy=args.policy, progress=not args.no_progress)
     achieved = spec.meta["tune"]["achieved"]
     print(f"sparsecc tune: wrote {args.out}: FFN sparsity {achieved['ffn_sparsity']:.3f} "

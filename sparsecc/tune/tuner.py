@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -11,9 +11,10 @@ from sparsecc.forms import ActivationThreshold, Dense
 from sparsecc.spec import Defaults, Rule, Spec
 from sparsecc.tune import provenance
 from sparsecc.tune.attention import HeadChoice, choose_heads, record_attention
-from sparsecc.tune.capture import (CRITERIA, ErrorFn, Projection, ThresholdHooks, ffn_projections, quantile_tau,
-                                   relative_error, run, score_samples, split_batch)
+from sparsecc.tune.capture import (CRITERIA, ERRORS, MODES, ErrorFn, Projection, ThresholdHooks, ffn_projections,
+                                   quantile_tau, relative_error, run, score_samples, split_batch)
 from sparsecc.tune.ffn import Allocation, GreedySearch, Sensitivity, separable_allocation
+from sparsecc.tune.prefix import LayerPrefix
 
 DEFAULT_STEP = 0.05      # TEAL's greedy raises sparsity in 5% steps
 DEFAULT_MAX_LEVEL = 0.95  # no projection is driven past 95%: beyond it single channels carry the output
@@ -28,15 +29,35 @@ def glob_escape(path: str) -> str:
     return "".join(f"[{c}]" if c in "[]*?" else c for c in path)
 
 
+METHODS = ("greedy", "separable")
+# Blends of the separable allocation with uniform levels that the separable method also measures: the separable
+# model adds single-projection errors, and where they do not add up a step back towards uniform can measure better.
+SEPARABLE_BLENDS = (1.0, 0.5, 0.0)
+
+
 @dataclass
 class FfnTuning:
-    """The outcome of the FFN search: projections, calibration scores and one allocation per target."""
+    """The outcome of the FFN search: projections, calibration scores and one allocation per target.
+
+    ``search_batches``/``dense`` are the batches the errors were measured on and
+    their dense outputs, ``forwards`` the error evaluations spent, ``mode`` the
+    activation_threshold mode; ``search`` the greedy search (greedy method),
+    ``sensitivity`` the table (separable method), and ``candidates`` per target
+    the measured error of every blend tried (separable method).
+    """
 
     projections: List[Projection]
     scores: Dict[Projection, torch.Tensor]
     allocations: List[Allocation]
     criterion: str
-    search: GreedySearch = field(repr=False)
+    search_batches: List = field(repr=False)
+    dense: List = field(repr=False)
+    forwards: int = 0
+    mode: str = "input"
+    method: str = "greedy"
+    search: Optional[GreedySearch] = field(default=None, repr=False)
+    sensitivity: Optional["FfnSensitivity"] = field(default=None, repr=False)
+    candidates: Dict[float, Dict[float, float]] = field(default_factory=dict)
 
     def allocation(self, target: float) -> Allocation:
         """The allocation found for ``target``."""
@@ -46,53 +67,132 @@ class FfnTuning:
         raise KeyError(f"no allocation for target {target}; tuned for {[a.target for a in self.allocations]}")
 
 
-def _ffn_setup(model, batches, criterion: str, search_batches):
+def error_function(error_fn) -> ErrorFn:
+    """``error_fn`` itself, a named one (``"relative"``, ``"kl"``: ``sparsecc.tune.capture.ERRORS``) or the default."""
+    if error_fn is None:
+        return relative_error
+    if isinstance(error_fn, str):
+        if error_fn not in ERRORS:
+            raise ValueError(f"error_fn={error_fn!r} is not allowed; expected a callable or one of {sorted(ERRORS)}")
+        return ERRORS[error_fn]
+    return error_fn
+
+
+def error_name(error_fn) -> str:
+    """How ``[meta.tune]`` names an error function."""
+    if error_fn is None:
+        return "relative_error"
+    if isinstance(error_fn, str):
+        return ERRORS[error_fn].__name__
+    return getattr(error_fn, "__name__", "custom")
+
+
+def _ffn_setup(model, batches, criterion: str, search_batches, mode: str = "input"):
     """(batches, search batches, FFN projections, sorted calibration scores) with the arguments checked."""
     import sparsecc
 
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is not allowed; expected one of {CRITERIA}")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; expected one of {MODES}")
+    if mode == "gate" and criterion != "magnitude":
+        raise ValueError(f"criterion={criterion!r} is defined for mode 'input' only; gate mode compares "
+                         "|act(x W_gate)| (criterion 'magnitude')")
     batches = list(batches)
     if not batches:
         raise ValueError("tune needs at least one calibration batch")
     search_batches = batches if search_batches is None else list(search_batches)
     args, kwargs = split_batch(batches[0])
     report = sparsecc.explain(model, *args, **kwargs)
-    projections = ffn_projections(model, report)
+    projections = ffn_projections(model, report, mode)
     if not projections:
-        raise ValueError("tune: the model has no FFN site with Linear-like projections to threshold")
+        what = "gated FFN site with separate gate and up linears" if mode == "gate" else "FFN site"
+        raise ValueError(f"tune: the model has no {what} with Linear-like projections to threshold")
     return batches, search_batches, projections, score_samples(model, batches, projections, criterion)
 
 
 def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: str = "magnitude",
-             error_fn: Optional[ErrorFn] = None, search_batches: Optional[Sequence] = None,
-             step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL, progress: bool = True) -> FfnTuning:
-    """Greedy FFN threshold allocation for each average sparsity in ``targets`` (one search path).
+             error_fn=None, search_batches: Optional[Sequence] = None, step: float = DEFAULT_STEP,
+             max_level: float = DEFAULT_MAX_LEVEL, method: str = "greedy", mode: str = "input",
+             levels: Sequence[float] = DEFAULT_SENSITIVITY_LEVELS, progress: bool = True) -> FfnTuning:
+    """FFN threshold allocation for each average sparsity in ``targets``.
 
     ``batches`` set the thresholds' quantiles; ``search_batches`` (default:
-    ``batches``) are the ones whose output error the search measures.
+    ``batches``) are the ones whose output error is measured; ``error_fn`` a
+    callable or a name (``"kl"`` for a causal LM's next-token KL).
+
+    * ``method="greedy"``: the greedy search of :mod:`sparsecc.tune.ffn` (one
+      search path, a forward per candidate step).
+    * ``method="separable"``: the sensitivity table at ``levels``
+      (:func:`ffn_sensitivity`), refined to 5% steps by log-linear
+      interpolation (:meth:`Sensitivity.refined`), its separable allocation per target, then
+      blends of that allocation with uniform levels (:data:`SEPARABLE_BLENDS`,
+      uniform included) measured on the whole model; the best measured one
+      wins, so the result never measures worse than uniform on the search batches.
+
+    ``mode="gate"`` allocates gate-mode (CATS) thresholds, one per gated site.
     """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed; expected one of {METHODS}")
+    if method == "separable":
+        sens = ffn_sensitivity(model, batches, levels=levels, criterion=criterion, error_fn=error_fn,
+                               search_batches=search_batches, mode=mode, progress=progress)
+        return blend_with_uniform(model, sens, targets, error_fn, max_level, progress)
     from tqdm.auto import tqdm
 
-    batches, search_batches, projections, scores = _ffn_setup(model, batches, criterion, search_batches)
+    error_fn = error_function(error_fn)
+    batches, search_batches, projections, scores = _ffn_setup(model, batches, criterion, search_batches, mode)
     dense = [run(model, b) for b in search_batches]
     hooks = ThresholdHooks(model, projections, criterion)
     top = max(targets)
-    bar = tqdm(total=100, desc=f"sparsecc tune ffn ({criterion})", unit="%", disable=not progress)
+    bar = tqdm(total=100, desc=f"sparsecc tune ffn ({mode}, {criterion})", unit="%", disable=not progress)
 
     def on_step(average, error, evaluations):
         bar.n = min(100, int(round(100 * average / top)))
         bar.set_postfix(sparsity=f"{average:.3f}", error=f"{error:.2e}", forwards=evaluations)
         bar.refresh()
 
-    search = GreedySearch(model, search_batches, dense, projections, scores, hooks, error_fn or relative_error,
+    search = GreedySearch(model, search_batches, dense, projections, scores, hooks, error_fn,
                           step=step, max_level=max_level, on_step=on_step)
     try:
         with hooks.installed():
             allocations = search.run(sorted(targets))
     finally:
         bar.close()
-    return FfnTuning(projections, scores, allocations, criterion, search)
+    return FfnTuning(projections, scores, allocations, criterion, list(search_batches), dense, search.evaluations,
+                     mode, "greedy", search=search)
+
+
+def blend_with_uniform(model, sens: "FfnSensitivity", targets: Sequence[float], error_fn, max_level: float,
+             progress: bool) -> FfnTuning:
+    """The separable allocations of ``sens`` blended with uniform levels, the best measured blend per target."""
+    from tqdm.auto import tqdm
+
+    projections, scores = sens.projections, sens.scores
+    allocations, candidates = [], {}
+    forwards = sens.forwards
+    bar = tqdm(total=len(targets) * len(SEPARABLE_BLENDS), desc="sparsecc tune ffn (blends)", disable=not progress)
+    try:
+        for separable in separable_allocation(sens.sensitivity.refined(), projections, scores, sorted(targets),
+                                              max_level):
+            t = separable.target
+            tried: Dict[float, float] = {}
+            best = None
+            for blend in SEPARABLE_BLENDS:
+                levels = {p: blend * separable.levels[p] + (1.0 - blend) * t for p in projections}
+                taus = {p: quantile_tau(scores[p], levels[p]) for p in projections}
+                error, _ = measure(model, sens.search_batches, projections, taus, sens.criterion, error_fn, sens.dense)
+                forwards += 1
+                tried[blend] = error
+                if best is None or error < best.error:
+                    best = Allocation(t, levels, taus, error, forwards)
+                bar.update()
+            candidates[t] = tried
+            allocations.append(best)
+    finally:
+        bar.close()
+    return FfnTuning(projections, scores, allocations, sens.criterion, sens.search_batches, sens.dense, forwards,
+                     sens.mode, "separable", sensitivity=sens, candidates=candidates)
 
 
 @dataclass
@@ -104,6 +204,9 @@ class FfnSensitivity:
     sensitivity: Sensitivity
     criterion: str
     forwards: int
+    mode: str = "input"
+    search_batches: List = field(default_factory=list, repr=False)
+    dense: List = field(default_factory=list, repr=False)
 
     def allocations(self, targets: Sequence[float], max_level: float = DEFAULT_MAX_LEVEL) -> List[Allocation]:
         """The separable allocation (:func:`sparsecc.tune.ffn.separable_allocation`) for each target."""
@@ -111,44 +214,55 @@ class FfnSensitivity:
 
 
 def ffn_sensitivity(model, batches: Sequence, *, levels: Sequence[float] = DEFAULT_SENSITIVITY_LEVELS,
-                    criterion: str = "magnitude", error_fn: Optional[ErrorFn] = None,
-                    search_batches: Optional[Sequence] = None, progress: bool = True) -> FfnSensitivity:
+                    criterion: str = "magnitude", error_fn=None, search_batches: Optional[Sequence] = None,
+                    mode: str = "input", replay: bool = True, progress: bool = True) -> FfnSensitivity:
     """The output error with each FFN projection alone at each sparsity in ``levels`` (the others dense).
 
     ``batches`` set the quantiles, ``search_batches`` (default: ``batches``)
     are where the error is measured: ``len(projections) * len(levels)`` model
     runs per search batch. The table shows how unevenly sparsity costs across
     layers and projections, i.e. how much any allocation can gain over uniform
-    levels, and feeds the separable allocation.
+    levels, and feeds the separable allocation. ``mode`` "gate" tabulates one
+    gate threshold per gated site instead of the input/down pair;
+    ``error_fn`` may name an error (``"kl"``: next-token KL for a causal LM).
+    With ``replay`` the layers before a projection's layer replay their
+    recorded dense outputs (:mod:`sparsecc.tune.prefix`; same numbers, about
+    half the compute on a deep stack).
     """
     from tqdm.auto import tqdm
 
-    batches, search_batches, projections, scores = _ffn_setup(model, batches, criterion, search_batches)
+    error_fn = error_function(error_fn)
+    batches, search_batches, projections, scores = _ffn_setup(model, batches, criterion, search_batches, mode)
     table = Sensitivity(tuple(levels), {})   # validates the levels before any model run
     model_was_training = model.training
     model.eval()
     errors: Dict[Projection, List[float]] = {p: [] for p in projections}
-    bar = tqdm(total=len(projections) * len(table.levels), desc=f"sparsecc ffn sensitivity ({criterion})",
+    bar = tqdm(total=len(projections) * len(table.levels), desc=f"sparsecc ffn sensitivity ({mode}, {criterion})",
                disable=not progress)
     try:
-        dense = [run(model, b) for b in search_batches]
-        for p in projections:
-            for level in table.levels:
-                error, _ = measure(model, search_batches, [p], {p: quantile_tau(scores[p], level)}, criterion,
-                                   error_fn, dense)
-                errors[p].append(error)
-                bar.update()
+        prefix = LayerPrefix(model, search_batches, [p.site for p in projections] if replay else [])
+        hooks = ThresholdHooks(model, projections, criterion)
+        with hooks.installed():
+            for p in projections:
+                first = prefix.layer_of(p.site)
+                for level in table.levels:
+                    hooks.taus = {p: quantile_tau(scores[p], level)}
+                    outs = prefix.run_batches(first)
+                    errors[p].append(sum(error_fn(d, o, b) for d, o, b in zip(prefix.dense, outs, search_batches))
+                                     / len(search_batches))
+                    bar.update()
     finally:
         bar.close()
         model.train(model_was_training)
     table = Sensitivity(table.levels, {p: tuple(row) for p, row in errors.items()})
-    return FfnSensitivity(projections, scores, table, criterion, len(projections) * len(table.levels))
+    return FfnSensitivity(projections, scores, table, criterion, len(projections) * len(table.levels), mode,
+                          list(search_batches), prefix.dense)
 
 
 def measure(model, batches, projections: Sequence[Projection], taus, criterion: str,
-            error_fn: Optional[ErrorFn] = None, dense=None):
+            error_fn=None, dense=None):
     """(mean error, measured sparsity per projection) of ``model`` with ``taus`` applied on ``batches``."""
-    error_fn = error_fn or relative_error
+    error_fn = error_function(error_fn)
     dense = dense if dense is not None else [run(model, b) for b in batches]
     hooks = ThresholdHooks(model, projections, criterion, taus=dict(taus), counting=True)
     total = 0.0
@@ -161,13 +275,15 @@ def measure(model, batches, projections: Sequence[Projection], taus, criterion: 
 
 def ffn_rules(projections: Sequence[Projection], taus, criterion: str) -> List[Rule]:
     """One ``activation_threshold`` rule per FFN site with a threshold (projections without one stay dense)."""
-    by_site: Dict[str, Dict[str, float]] = {}
+    by_site: Dict[Tuple[str, str], Dict[str, float]] = {}
     for p in projections:
         if taus.get(p) is not None:
-            by_site.setdefault(p.site, {})[p.key] = float(taus[p])
+            by_site.setdefault((p.site, p.mode), {})[p.key] = float(taus[p])
     rules = []
-    for site, table in by_site.items():
-        form = ActivationThreshold(mode="input", thresholds=tuple(sorted(table.items())), criterion=criterion)
+    for (site, mode), table in by_site.items():
+        # Gate mode compares |act(gate)| only: its criterion is always magnitude.
+        form = ActivationThreshold(mode=mode, thresholds=tuple(sorted(table.items())),
+                                   criterion=criterion if mode == "input" else "magnitude")
         rules.append(Rule(kind="ffn", index=len(rules), form=form, modules=glob_escape(site)))
     return rules
 
@@ -188,17 +304,22 @@ def attention_rules(choices: Sequence[HeadChoice]) -> List[Rule]:
 
 
 def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "magnitude",
-         error_fn: Optional[ErrorFn] = None, search_batches: Optional[Sequence] = None,
-         step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL,
+         error_fn=None, search_batches: Optional[Sequence] = None,
+         step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL, method: str = "greedy",
+         mode: str = "input", levels: Sequence[float] = DEFAULT_SENSITIVITY_LEVELS,
          attention_density: Optional[float] = None, attention_candidates: Optional[Sequence] = None,
          policy: str = "auto", progress: bool = True) -> Spec:
     """Tune a spec for ``model`` on calibration ``batches``; save it to ``out`` (.toml/.json) when given.
 
-    * FFN: input-mode thresholds per layer and projection at average sparsity
-      ``target`` by the greedy search of :mod:`sparsecc.tune.ffn`, with
-      ``criterion`` "magnitude" or "weighted"; ``error_fn(dense_out, sparse_out, batch)``
-      is the output error it minimises (default: relative squared error of the
-      first output tensor).
+    * FFN: thresholds per layer and projection at average sparsity ``target``
+      (:func:`tune_ffn`): ``method`` "greedy" (the search of
+      :mod:`sparsecc.tune.ffn`) or "separable" (sensitivity table at
+      ``levels``, separable allocation, best measured blend with uniform);
+      ``mode`` "input" (TEAL; ``criterion`` "magnitude" or "weighted") or
+      "gate" (CATS, one threshold per gated site); ``error_fn(dense_out,
+      sparse_out, batch)`` or a name (``"kl"``: next-token KL of a causal LM)
+      is the output error it minimises (default: relative squared error of
+      the first output tensor).
     * Attention (when ``attention_density`` is given): one form per head among
       dense and the candidates (default grid: streaming, block_topk,
       vertical_slash) by recalled attention mass, mean density at most
@@ -217,15 +338,16 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
     model.eval()
     try:
         ffn = tune_ffn(model, batches, [target], criterion=criterion, error_fn=error_fn,
-                       search_batches=search_batches, step=step, max_level=max_level, progress=progress)
+                       search_batches=search_batches, step=step, max_level=max_level, method=method, mode=mode,
+                       levels=levels, progress=progress)
         alloc = ffn.allocation(target)
-        searched = ffn.search.batches
-        error, measured = measure(model, searched, ffn.projections, alloc.taus, criterion, error_fn, ffn.search.dense)
+        searched = ffn.search_batches
+        error, measured = measure(model, searched, ffn.projections, alloc.taus, criterion, error_fn, ffn.dense)
         per_site = []
         for site in dict.fromkeys(p.site for p in ffn.projections):
             mine = [p for p in ffn.projections if p.site == site]
             alone, _ = measure(model, searched, mine, {p: alloc.taus[p] for p in mine}, criterion, error_fn,
-                               ffn.search.dense)
+                               ffn.dense)
             row = {"module": site, "output_error_alone": provenance.rounded(alone)}
             for p in mine:
                 row[f"{p.key}_sparsity"] = provenance.rounded(alloc.levels[p])
@@ -248,8 +370,9 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
                         "hash": provenance.batches_hash(batches), "search_batches": len(searched)},
         "target": {"ffn_sparsity": target},
         "criterion": criterion,
-        "search": {"step": step, "max_level": max_level, "forwards": ffn.search.evaluations,
-                   "error": getattr(error_fn, "__name__", "custom") if error_fn else "relative_error"},
+        "search": {"method": method, "mode": mode, "max_level": max_level, "forwards": ffn.forwards,
+                   "error": error_name(error_fn),
+                   **({"step": step} if method == "greedy" else {"levels": list(levels)})},
         "achieved": {
             "ffn_sparsity": provenance.rounded(alloc.average(ffn.projections)),
             "ffn_sparsity_measured": provenance.rounded(
@@ -257,6 +380,9 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
             "output_error": provenance.rounded(error)},
         "ffn": per_site,
     }
+    if method == "separable":
+        # What each blend of the separable allocation with uniform levels measured (1.0: separable, 0.0: uniform).
+        meta["search"]["blend_errors"] = [[b, provenance.rounded(e)] for b, e in ffn.candidates[alloc.target].items()]
     if attention_density is not None:
         meta["target"]["attention_density"] = attention_density
         heads = [(r, d) for c in choices for r, d in zip(c.recall, c.density)]

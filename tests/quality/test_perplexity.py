@@ -1,6 +1,7 @@
 """Perplexity over token windows (checked against an independent computation), and dense-vs-sparse evaluation."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,16 @@ def test_sparsity_targets_are_calibrated_on_the_given_windows(setup):
     assert result.rewritten == {"ffn": 2}
     calibrated = [r for r in result.spec.ffn if r.form.thresholds]
     assert len(calibrated) == 2 and result.spec.defaults.policy == "force"
+
+
+def test_docstrings_text_is_the_standard_library_docstrings_in_module_order():
+    import __future__
+    import json
+
+    text = read_texts("docstrings")
+    # Modules in sorted order: __future__ is the first with a .py file, and its module docstring opens the text.
+    assert text.startswith(__future__.__doc__.strip().splitlines()[0])
+    assert json.__doc__.strip().splitlines()[0] in text and len(text) > 500_000
+    # A missing file is an error that names both shortcuts.
+    with pytest.raises(FileNotFoundError, match=r"'pydoc' .*'docstrings'"):
+        read_texts([Path("./absent-dir/docstrings")])

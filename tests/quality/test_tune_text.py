@@ -45,3 +45,17 @@ def test_tune_text_needs_a_tokenizer(saved, tmp_path):
     with pytest.raises(SystemExit, match=r"--text: the text has 600 tokens"):
         cli_main(["--model", str(saved / "model"), "--data", str(saved / "calib.pt"),
                   "--out", str(tmp_path / "t.toml"), "--text", str(saved / "text.txt"), "--ctx", "400"])
+
+
+def test_tune_cli_separable_gate_mode_on_kl(saved, tmp_path, capsys):
+    out_spec = tmp_path / "gate.toml"
+    rc = cli_main(["--model", str(saved / "model"), "--data", str(saved / "calib.pt"), "--target", "0.5",
+                   "--method", "separable", "--mode", "gate", "--error", "kl", "--out", str(out_spec),
+                   "--no-progress", "--text", str(saved / "text.txt"), "--ctx", "64", "--windows", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    from sparsecc.spec import load_spec
+    spec = load_spec(out_spec)
+    assert [r.form.mode for r in spec.ffn] == ["gate", "gate"]
+    assert spec.meta["tune"]["search"]["error"] == "next_token_kl"
+    assert re.search(r"sites rewritten: 2 \(.*ffn 2/2", out), out

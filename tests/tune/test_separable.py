@@ -129,3 +129,15 @@ def test_separable_spares_the_loud_layer_and_is_deterministic():
     assert first.average(projections) == pytest.approx(0.5)
     loud = next(q for q in projections if q.site == "layers.1" and q.key == "down")
     assert first.levels[loud] < 0.5
+
+
+def test_refined_table_interpolates_log_linearly_and_keeps_the_measured_levels():
+    (p,) = _projections([100])
+    table = Sensitivity((0.2, 0.4, 0.6), {p: (1e-3, 4e-3, 1.6e-2)})
+    fine = table.refined(0.1)
+    assert fine.levels == pytest.approx((0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+    # Between measured levels: the geometric mean; below 20%: the power law through the first two (exponent 2).
+    assert fine.errors[p] == pytest.approx((2.5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2))
+    # A zero error makes its segment linear.
+    flat = Sensitivity((0.2, 0.4), {p: (0.0, 2e-3)}).refined(0.1)
+    assert flat.errors[p] == pytest.approx((0.0, 0.0, 1e-3, 2e-3))
