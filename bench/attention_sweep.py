@@ -68,17 +68,17 @@ def main(argv=None):
     grid = [dict(BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, num_warps=w, num_stages=st)
             for (bm, bn), w, st, tma in itertools.product(tiles, warps, stages, (False, True))]
     for name, (kw, density) in layouts.items():
-        ref = ba._launch_prefill(q, k, v, None, scale, True, False, **kw)
+        ref = ba.launch_prefill(q, k, v, None, scale, True, False, **kw)
         rows = []
         for cfg in grid:
             try:
                 out = torch.full_like(q, float("nan"))
-                ba._launch_prefill(q, k, v, None, scale, True, False, out=out, config=cfg, **kw)
+                ba.launch_prefill(q, k, v, None, scale, True, False, out=out, config=cfg, **kw)
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 if not err < 1e-2:
                     rows.append((float("inf"), cfg, f"wrong (rel err {err:.2e})"))
                     continue
-                t = _time(lambda: ba._launch_prefill(q, k, v, None, scale, True, False, out=out, config=cfg, **kw))
+                t = _time(lambda: ba.launch_prefill(q, k, v, None, scale, True, False, out=out, config=cfg, **kw))
                 rows.append((t, cfg, f"{causal_flops * density / t / 1e9:.0f} TFLOP/s"))
             except Exception as e:  # a config that does not compile or fit is reported, not fatal
                 rows.append((float("inf"), cfg, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))

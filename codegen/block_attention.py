@@ -37,7 +37,10 @@ from sparsecc.codegen.mask_positions import mask_4d
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
 __all__ = ["FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
-           "streaming_attention", "block_sparse_attention", "streaming_attention_op", "block_sparse_attention_op"]
+           "streaming_attention", "block_sparse_attention", "streaming_attention_op", "block_sparse_attention_op",
+           # shared with the other attention modules of codegen/
+           "compute_dtype", "check_qkv", "check_mask", "attend_kept", "split_mask", "streaming_rules_per_head",
+           "mask_args", "launch_prefill"]
 
 # Upper bound on the elements of one score tile (batch x heads x rows x keys): with the
 # exp, mask and product temporaries this keeps a reference step under ~1 GiB.
@@ -48,11 +51,12 @@ AttentionOut = Union[Tensor, tuple[Tensor, Tensor]]
 # ============================================================== reference
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the references compute in: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
     """Validate the shapes; returns ``(B, H, Sq, Sk, group)`` with ``group = H // Hkv``."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-d [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -69,7 +73,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int
     return b, h, sq, sk, h // hkv
 
 
-def _check_mask(mask: Optional[Tensor], b: int, h: int, sq: int, sk: int) -> Optional[Tensor]:
+def check_mask(mask: Optional[Tensor], b: int, h: int, sq: int, sk: int) -> Optional[Tensor]:
     """Return ``mask`` viewed as 4-d (size-1 dims kept for broadcasting), after checking it broadcasts."""
     if mask is None:
         return None
@@ -96,8 +100,8 @@ def _mask_tile(m: Tensor, heads: Tensor, r0: int, r1: int, keys: Tensor) -> Tens
     return m
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, add: Optional[Tensor], scale: float
-            ) -> tuple[Tensor, Tensor]:
+def attend_kept(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, add: Optional[Tensor], scale: float
+                ) -> tuple[Tensor, Tensor]:
     """Softmax attention of one tile over its kept keys; returns ``(out, lse)``.
 
     Rows with no kept key (or only ``-inf`` scores) give zeros and ``lse = -inf``
@@ -136,7 +140,7 @@ def _tile_inputs(q: Tensor, k: Tensor, v: Tensor, heads: Tensor, group: int, r0:
     return q_t, k_t, v_t
 
 
-def _split_mask(m: Optional[Tensor], dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def split_mask(m: Optional[Tensor], dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """``(bool_part, additive_part)`` of a mask tile."""
     if m is None:
         return None, None
@@ -159,7 +163,7 @@ def _per_head(values: Union[int, Sequence[int]], n_heads: int, name: str) -> lis
     return vals
 
 
-def _streaming_heads(sink, window, n_heads: int) -> tuple[list[int], list[int]]:
+def streaming_rules_per_head(sink, window, n_heads: int) -> tuple[list[int], list[int]]:
     """Per-head sink and window lists, validated (sink >= 0; window >= 1 or FULL_WINDOW)."""
     sinks, windows = _per_head(sink, n_heads, "sink"), _per_head(window, n_heads, "window")
     for s_, w_ in zip(sinks, windows):
@@ -221,12 +225,12 @@ def streaming_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[i
     Returns ``out`` ``[B, H, Sq, Dv]`` in ``q.dtype`` (and ``lse`` ``[B, H, Sq]``
     when ``return_lse``).
     """
-    b, h, sq, sk, group = _check_qkv(q, k, v)
+    b, h, sq, sk, group = check_qkv(q, k, v)
     if chunk < 1:
         raise ValueError(f"chunk={chunk} is not allowed; expected an integer >= 1")
-    sinks, windows = _streaming_heads(sink, window, h)
-    m4 = _check_mask(mask, b, h, sq, sk)
-    dtype = _compute_dtype(q)
+    sinks, windows = streaming_rules_per_head(sink, window, h)
+    m4 = check_mask(mask, b, h, sq, sk)
+    dtype = compute_dtype(q)
     dev = q.device
     out = torch.zeros(b, h, sq, v.shape[-1], dtype=dtype, device=dev)
     lse = torch.full((b, h, sq), -math.inf, dtype=dtype, device=dev)
@@ -245,11 +249,11 @@ def streaming_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[i
                     continue
                 pos = torch.arange(r0, r1, device=dev) + offset
                 keep = _streaming_keep(pos[:, None], keys[None, :], s_, w_, causal)
-                bool_m, add_m = _split_mask(None if m4 is None else _mask_tile(m4, heads, r0, r1, keys), dtype)
+                bool_m, add_m = split_mask(None if m4 is None else _mask_tile(m4, heads, r0, r1, keys), dtype)
                 if bool_m is not None:
                     keep = keep & bool_m
                 q_t, k_t, v_t = _tile_inputs(q, k, v, heads, group, r0, r1, keys, dtype)
-                o_t, l_t = _attend(q_t, k_t, v_t, keep, add_m, scale)
+                o_t, l_t = attend_kept(q_t, k_t, v_t, keep, add_m, scale)
                 out[:, heads, r0:r1] = o_t
                 lse[:, heads, r0:r1] = l_t
     return _finish(out, lse, q, return_lse)
@@ -269,15 +273,15 @@ def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, table: BlockT
     down to whole query blocks, at least one), each against the union of the
     key blocks its row blocks keep.
     """
-    b, h, sq, sk, group = _check_qkv(q, k, v)
+    b, h, sq, sk, group = check_qkv(q, k, v)
     if chunk < 1:
         raise ValueError(f"chunk={chunk} is not allowed; expected an integer >= 1")
     lead = table.lead_rows(sq, sk)
     bt, ht = table.kv_num_blocks.shape[:2]
     if bt not in (1, b) or ht not in (1, h):
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({b}, {h})")
-    m4 = _check_mask(mask, b, h, sq, sk)
-    dtype = _compute_dtype(q)
+    m4 = check_mask(mask, b, h, sq, sk)
+    dtype = compute_dtype(q)
     dev = q.device
     out = torch.zeros(b, h, sq, v.shape[-1], dtype=dtype, device=dev)
     lse = torch.full((b, h, sq), -math.inf, dtype=dtype, device=dev)
@@ -303,11 +307,11 @@ def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, table: BlockT
             if table.causal:
                 pos = torch.arange(r0, r1, device=dev) + offset
                 keep = keep & (keys[None, :] <= pos[:, None])
-            bool_m, add_m = _split_mask(None if m4 is None else _mask_tile(m4, heads, r0, r1, keys), dtype)
+            bool_m, add_m = split_mask(None if m4 is None else _mask_tile(m4, heads, r0, r1, keys), dtype)
             if bool_m is not None:
                 keep = keep & bool_m
             q_t, k_t, v_t = _tile_inputs(q, k, v, heads, group, r0, r1, keys, dtype)
-            o_t, l_t = _attend(q_t, k_t, v_t, keep, add_m, scale)
+            o_t, l_t = attend_kept(q_t, k_t, v_t, keep, add_m, scale)
             out[:, h0:h1, r0:r1] = o_t
             lse[:, h0:h1, r0:r1] = l_t
     return _finish(out, lse, q, return_lse)
@@ -321,19 +325,19 @@ def dense_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal
     causality, bool/float ``mask``, empty rows give zeros); float64 inputs are
     computed in float64.
     """
-    b, h, sq, sk, group = _check_qkv(q, k, v)
-    m4 = _check_mask(mask, b, h, sq, sk)
-    dtype = _compute_dtype(q)
+    b, h, sq, sk, group = check_qkv(q, k, v)
+    m4 = check_mask(mask, b, h, sq, sk)
+    dtype = compute_dtype(q)
     heads = torch.arange(h, device=q.device)
     keys = torch.arange(sk, device=q.device)
     keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if causal:
         keep = keys[None, :] <= (torch.arange(sq, device=q.device) + sk - sq)[:, None]
-    bool_m, add_m = _split_mask(m4, dtype)
+    bool_m, add_m = split_mask(m4, dtype)
     if bool_m is not None:
         keep = keep & bool_m
     q_t, k_t, v_t = _tile_inputs(q, k, v, heads, group, 0, sq, keys, dtype)
-    out, lse = _attend(q_t, k_t, v_t, keep, add_m, scale)
+    out, lse = attend_kept(q_t, k_t, v_t, keep, add_m, scale)
     return _finish(out, lse, q, return_lse)
 
 
@@ -359,7 +363,7 @@ def _kernel_ok(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
             and q.device == k.device == v.device and min(q.shape[2], k.shape[2]) > 0)
 
 
-def _mask_args(m4: Optional[Tensor], q: Tensor, b: int, h: int, sq: int, sk: int) -> tuple:
+def mask_args(m4: Optional[Tensor], q: Tensor, b: int, h: int, sq: int, sk: int) -> tuple:
     """(tensor, strides, has_mask, is_bool) for the kernels; a broadcast mask keeps stride 0 on its size-1 dims."""
     if m4 is None:
         return q, (0, 0, 0, 0), False, False
@@ -388,10 +392,10 @@ def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> 
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
 
 
-def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
-                    return_lse: bool, sinks: Optional[Tensor] = None, windows: Optional[Tensor] = None,
-                    table: Optional[BlockTable] = None, out: Optional[Tensor] = None,
-                    config: Optional[dict] = None) -> AttentionOut:
+def launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
+                   return_lse: bool, sinks: Optional[Tensor] = None, windows: Optional[Tensor] = None,
+                   table: Optional[BlockTable] = None, out: Optional[Tensor] = None,
+                   config: Optional[dict] = None) -> AttentionOut:
     """Run the prefill kernel: streaming when only ``sinks``/``windows`` are given, the block table when only
     ``table`` is, and both per head when both are (a head with window 0 reads the table).
 
@@ -403,12 +407,12 @@ def _launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale
 
     from sparsecc.codegen import block_attention_kernels as kern
 
-    b, h, sq, sk, group = _check_qkv(q, k, v)
+    b, h, sq, sk, group = check_qkv(q, k, v)
     d = q.shape[-1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
-    mask_t, mask_strides, has_mask, mask_bool = _mask_args(m4, q, b, h, sq, sk)
+    mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
     block_d = max(MIN_TABLE_BLOCK, triton.next_power_of_2(d))
     # TMA loads measured 4% faster on streaming layouts and no faster on tables (bench/attention_sweep.py),
     # so only the streaming tuner gets the extra configs (each one costs autotuning time).
@@ -478,9 +482,9 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     ``Sq <= 16`` runs the split-KV decode kernel; everything else the prefill
     kernel with the key ranges computed in the kernel.
     """
-    b, h, sq, sk, group = _check_qkv(q, k, v)
-    sinks, windows = _streaming_heads(sink, window, h)
-    m4 = _check_mask(mask, b, h, sq, sk)
+    b, h, sq, sk, group = check_qkv(q, k, v)
+    sinks, windows = streaming_rules_per_head(sink, window, h)
+    m4 = check_mask(mask, b, h, sq, sk)
     if not _kernel_ok(q, k, v, scale):
         return _into(out, streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=causal,
                                                   mask=mask, return_lse=return_lse))
@@ -498,7 +502,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
         if decode_attention.decode_supported(sinks, windows, group, sq):
             return decode_attention.streaming_decode(q, k, v, m4, scale, causal, sinks_t, windows_t, return_lse,
                                                      out=out, rules=(snk, win))
-    return _launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
+    return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -535,12 +539,12 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, table: BlockTable
     reference; a table that keeps every allowed block (with no mask, no lse
     request and aligned causality) runs SDPA. ``out``, when given, receives the output.
     """
-    b, h, sq, sk, group = _check_qkv(q, k, v)
+    b, h, sq, sk, group = check_qkv(q, k, v)
     table.lead_rows(sq, sk)
     bt, ht = table.kv_num_blocks.shape[:2]
     if bt not in (1, b) or ht not in (1, h):
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({b}, {h})")
-    m4 = _check_mask(mask, b, h, sq, sk)
+    m4 = check_mask(mask, b, h, sq, sk)
     blocks_ok = all(x >= MIN_TABLE_BLOCK and x & (x - 1) == 0 for x in (table.block_q, table.block_k))
     if not (_kernel_ok(q, k, v, scale) and blocks_ok):
         return _into(out, block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask,
@@ -548,7 +552,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, table: BlockTable
     if (m4 is None and not return_lse and (sq == sk or not table.causal) and q.device.type == "cuda"
             and _table_is_dense(table)):
         return _into(out, _dense_sdpa(q, k, v, scale, table.causal))
-    return _launch_prefill(q, k, v, m4, scale, table.causal, return_lse, table=table, out=out)
+    return launch_prefill(q, k, v, m4, scale, table.causal, return_lse, table=table, out=out)
 
 
 def streaming_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,

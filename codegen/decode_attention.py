@@ -249,11 +249,11 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     """
     from sparsecc.codegen import ops
     from sparsecc.codegen.block_attention import (
-        FULL_WINDOW, _check_mask, _check_qkv, _kernel_ok, _rule_vectors, _streaming_heads)
+        FULL_WINDOW, check_mask, check_qkv, _kernel_ok, _rule_vectors, streaming_rules_per_head)
 
-    b, h, sq, sk, group = _check_qkv(q, k, v)
-    sinks, windows = _streaming_heads(sink, window, h)
-    m4 = _check_mask(mask, b, h, sq, sk)
+    b, h, sq, sk, group = check_qkv(q, k, v)
+    sinks, windows = streaming_rules_per_head(sink, window, h)
+    m4 = check_mask(mask, b, h, sq, sk)
     # The kernel takes one query position per batch element and the causal rule: exact for one query row and a
     # mask shared by the heads (the row's keys after its position are masked, so the causal and bidirectional
     # rules agree). Several rows may sit at positions that are not consecutive: the reference handles those.
@@ -293,7 +293,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     batch element at that position instead of ``Sk - 1``; the split count then
     covers the widest layout any position can have, so no host sync is needed.
     """
-    from sparsecc.codegen.block_attention import _mask_args
+    from sparsecc.codegen.block_attention import mask_args
 
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -317,7 +317,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     n_split = -(-n_kept // blocks_per_split)
     o_part = torch.empty(b * hkv * n_split, block_m, block_d, dtype=torch.float32, device=q.device)
     l_part = torch.empty(b * hkv * n_split, block_m, dtype=torch.float32, device=q.device)
-    mask_t, mask_strides, has_mask, mask_bool = _mask_args(m4, q, b, h, sq, sk)
+    mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
     _split_kernel()[(n_split, b * hkv)](
         q, k, v, mask_t, sinks, windows, query_end if query_end is not None else sinks, o_part, l_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,

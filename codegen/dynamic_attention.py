@@ -287,7 +287,7 @@ def dynamic_block_attention(q: Tensor, k: Tensor, v: Tensor, *, form: DynamicFor
     if ba._kernel_ok(q, k, v, s) and q.device.type == "cuda":
         # Straight to the launch: block_sparse_attention's dense-table test reads the table back
         # (a host sync) and caches it per table object, neither of which suits a fresh table per call.
-        return ba._launch_prefill(q, k, v, ba._check_mask(mask, *q.shape[:3], k.shape[2]), s, causal, False,
+        return ba.launch_prefill(q, k, v, ba.check_mask(mask, *q.shape[:3], k.shape[2]), s, causal, False,
                                   table=table, out=out)
     result = ba.block_sparse_attention_ref(q, k, v, table=table, scale=s, mask=mask)
     if out is None:

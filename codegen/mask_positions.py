@@ -93,11 +93,11 @@ def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch
     removes the keys after ``p`` itself). A row with no key taking part gives zeros. Computed in float32,
     ``rows_per_chunk`` query rows at a time.
     """
-    from sparsecc.codegen.block_attention import FULL_WINDOW, _streaming_heads
+    from sparsecc.codegen.block_attention import FULL_WINDOW, streaming_rules_per_head
 
     b, h, sq, _ = q.shape
     sk = k.shape[2]
-    sinks, windows = _streaming_heads(sink, window, h)
+    sinks, windows = streaming_rules_per_head(sink, window, h)
     dev = q.device
     sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1)
     window_t = torch.tensor([sk + sq + 1 if w == FULL_WINDOW else w for w in windows], device=dev).view(1, h, 1, 1)

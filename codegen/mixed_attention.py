@@ -227,14 +227,14 @@ def block_family(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale:
     bounds; block_sparse heads read their rows of :func:`mixed_block_table`.
     The kernel tells them apart by the window vector: 0 marks a table head.
     """
-    from sparsecc.codegen.block_attention import _check_mask, _launch_prefill
+    from sparsecc.codegen.block_attention import check_mask, launch_prefill
 
     b, h, sq, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     blocks = mixed_block_table(table, sq, sk, causal, q.device)
     sinks, windows = _analytic_rules(table, sq, sk)
     windows = [0 if isinstance(f, BlockSparse) else w for f, w in zip(table.forms, windows)]
-    m4 = _check_mask(mask, b, h, sq, sk)
-    return _launch_prefill(q, k, v, m4, scale, causal, False, sinks=_head_vectors(tuple(sinks), q.device),
+    m4 = check_mask(mask, b, h, sq, sk)
+    return launch_prefill(q, k, v, m4, scale, causal, False, sinks=_head_vectors(tuple(sinks), q.device),
                            windows=_head_vectors(tuple(windows), q.device), table=blocks)
 
 

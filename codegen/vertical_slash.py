@@ -241,15 +241,15 @@ def vertical_slash_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, form: Verti
     given), causality per element, then ``mask`` (bool or additive) token by
     token; a row left with no key outputs zeros.
     """
-    from sparsecc.codegen.block_attention import _attend, _check_mask, _check_qkv, _compute_dtype, _split_mask
+    from sparsecc.codegen.block_attention import attend_kept, check_mask, check_qkv, compute_dtype, split_mask
 
-    b, h, sq, sk, group = _check_qkv(q, k, v)
+    b, h, sq, sk, group = check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if index is None:
         cols, offs = vertical_slash_select_ref(q, k, form, scale)
         index = vertical_slash_index_ref(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
-    m4 = _check_mask(mask, b, h, sq, sk)
-    dtype = _compute_dtype(q)
+    m4 = check_mask(mask, b, h, sq, sk)
+    dtype = compute_dtype(q)
     out = torch.zeros(b, h, sq, v.shape[-1], dtype=dtype, device=q.device)
     kk = k.to(dtype).repeat_interleave(group, dim=1)
     vv = v.to(dtype).repeat_interleave(group, dim=1)
@@ -258,10 +258,10 @@ def vertical_slash_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, form: Verti
         add = None
         if m4 is not None:
             tile = m4[:, :, r0:r1] if m4.shape[2] != 1 else m4
-            bool_m, add = _split_mask(tile, dtype)
+            bool_m, add = split_mask(tile, dtype)
             if bool_m is not None:
                 keep = keep & bool_m
-        o, _ = _attend(q[:, :, r0:r1].to(dtype), kk, vv, keep, add, scale)
+        o, _ = attend_kept(q[:, :, r0:r1].to(dtype), kk, vv, keep, add, scale)
         out[:, :, r0:r1] = o
     return out.to(q.dtype)
 

@@ -302,7 +302,7 @@ def test_gpu_prefill_every_autotune_config(layout):
     for cfg in configs:
         config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         try:
-            out = ba._launch_prefill(q, k, v, None, scale, True, False, out=poisoned(q), config=config, **kw)
+            out = ba.launch_prefill(q, k, v, None, scale, True, False, out=poisoned(q), config=config, **kw)
         except OutOfResources:
             continue
         ran += 1

@@ -380,7 +380,7 @@ def test_kernel_attention_on_the_kernel_table(interpreter):
     q, k, v = make(3, 1, 2, 1, 40, 48, 16, torch.bfloat16)
     table = kern.block_topk_table(q, k, BlockTopK(block=16, topk=1), True, 0.25, validate=True)
     out = torch.full_like(q, float("nan"))
-    ba._launch_prefill(q, k, v, None, 0.25, True, False, table=table, out=out)
+    ba.launch_prefill(q, k, v, None, 0.25, True, False, table=table, out=out)
     torch.testing.assert_close(out.double(), restricted_dense(q, k, v, table, 0.25), atol=3e-2, rtol=3e-2)
 
 

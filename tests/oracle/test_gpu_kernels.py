@@ -163,7 +163,7 @@ def triton_launches():
     from sparsecc.codegen import block_attention, decode_attention, dynamic_attention_kernels, vertical_slash_kernels
 
     calls = []
-    targets = [(block_attention, "_launch_prefill"), (decode_attention, "streaming_decode"),
+    targets = [(block_attention, "launch_prefill"), (decode_attention, "streaming_decode"),
                (dynamic_attention_kernels, "block_topk_table"),
                (vertical_slash_kernels, "vertical_slash_attention_kernel")]
     with contextlib.ExitStack() as stack:
