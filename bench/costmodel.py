@@ -97,7 +97,7 @@ def site_kernels(site: dict):
     kind = site["kind"]
     if kind in ("attention", "estimate"):
         form = make_form(site["form"])
-        dense, sparse = attention_costs(form, None, True, site["heads"])
+        dense, sparse = attention_costs(form, None, True)
         values = {B: site["batch"], H: site["heads"], HKV: site["kv_heads"], SQ: site["seq"], SK: site["seq"],
                   D: site["head_dim"], **elem}
         sparse_kernels = sparse.kernels(values)

@@ -45,16 +45,10 @@ def head_table(spec, layer: int, heads: int):
 
 
 def vs_index(q, k, table, scale):
-    """The index the mixed op builds (same calls as ``vertical_slash_family``)."""
-    from sparsecc.codegen import dynamic_attention_kernels as dk
-    from sparsecc.codegen import vertical_slash_kernels as vk
-    from sparsecc.codegen.vertical_slash import head_budgets, vertical_slash_select_ref
+    """The index the mixed op builds (``vertical_slash_family`` calls the same function)."""
+    from sparsecc.codegen.mixed_attention import vertical_slash_table_index
 
-    sq, sk = q.shape[2], k.shape[2]
-    col, diag, _ = dk.vertical_slash_scores(q, k, table.last_q, True, scale)
-    cols, offs = vertical_slash_select_ref(q, k, table.forms[0], scale, col=col, diag=diag,
-                                           per_head=head_budgets(table.forms, sk))
-    return vk.vertical_slash_index(cols, offs, block=table.block, seq_q=sq, seq_k=sk)
+    return vertical_slash_table_index(q, k, table, scale)
 
 
 def kept_pairs_and_blocks(index, flex_block: int = FLEX_BLOCK):

@@ -69,18 +69,10 @@ def model_dir() -> Path:
 
 def stdlib_sentences(limit: int):
     """Docstring paragraphs of standard-library modules and their top-level classes/functions, in a fixed order."""
-    stdlib = Path(os.__file__).parent
+    from sparsecc.tune.quality import stdlib_module_trees
+
     out, seen = [], set()
-    for name in sorted(sys.stdlib_module_names):
-        path = stdlib / f"{name}.py"
-        if not path.exists():
-            path = stdlib / name / "__init__.py"
-        if not path.exists():
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
+    for tree in stdlib_module_trees():
         nodes = [tree] + [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))]
         for node in nodes:
             doc = ast.get_docstring(node)

@@ -40,7 +40,7 @@ __all__ = ["FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref
            "streaming_attention", "block_sparse_attention", "streaming_attention_op", "block_sparse_attention_op",
            # shared with the other attention modules of codegen/
            "compute_dtype", "check_qkv", "check_mask", "attend_kept", "split_mask", "streaming_rules_per_head",
-           "mask_args", "launch_prefill"]
+           "mask_args", "launch_prefill", "attention_kernel_ok"]
 
 # Upper bound on the elements of one score tile (batch x heads x rows x keys): with the
 # exp, mask and product temporaries this keeps a reference step under ~1 GiB.
@@ -353,7 +353,7 @@ DECODE_MAX_Q = 16
 MIN_TABLE_BLOCK = 16
 
 
-def _kernel_ok(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
+def attention_kernel_ok(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
     """Whether the Triton kernels take these inputs (else the reference runs).
 
     The kernels fold ``scale`` into the exponent after the row max, which needs ``scale > 0``.
@@ -485,7 +485,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     b, h, sq, sk, group = check_qkv(q, k, v)
     sinks, windows = streaming_rules_per_head(sink, window, h)
     m4 = check_mask(mask, b, h, sq, sk)
-    if not _kernel_ok(q, k, v, scale):
+    if not attention_kernel_ok(q, k, v, scale):
         return _into(out, streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=causal,
                                                   mask=mask, return_lse=return_lse))
     if (_streaming_is_dense(sinks, windows, sq, sk, causal) and m4 is None and not return_lse
@@ -546,7 +546,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, table: BlockTable
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({b}, {h})")
     m4 = check_mask(mask, b, h, sq, sk)
     blocks_ok = all(x >= MIN_TABLE_BLOCK and x & (x - 1) == 0 for x in (table.block_q, table.block_k))
-    if not (_kernel_ok(q, k, v, scale) and blocks_ok):
+    if not (attention_kernel_ok(q, k, v, scale) and blocks_ok):
         return _into(out, block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask,
                                                      return_lse=return_lse))
     if (m4 is None and not return_lse and (sq == sk or not table.causal) and q.device.type == "cuda"

@@ -249,7 +249,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     """
     from sparsecc.codegen import ops
     from sparsecc.codegen.block_attention import (
-        FULL_WINDOW, check_mask, check_qkv, _kernel_ok, _rule_vectors, streaming_rules_per_head)
+        FULL_WINDOW, check_mask, check_qkv, attention_kernel_ok, _rule_vectors, streaming_rules_per_head)
 
     b, h, sq, sk, group = check_qkv(q, k, v)
     sinks, windows = streaming_rules_per_head(sink, window, h)
@@ -258,7 +258,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     # mask shared by the heads (the row's keys after its position are masked, so the causal and bidirectional
     # rules agree). Several rows may sit at positions that are not consecutive: the reference handles those.
     one_position = sq == 1 and m4.shape[1] == 1
-    if not one_position or not _kernel_ok(q, k, v, scale) or not decode_supported(sinks, windows, group, sq):
+    if not one_position or not attention_kernel_ok(q, k, v, scale) or not decode_supported(sinks, windows, group, sq):
         result = ops.streaming_attention_from_mask_ref(q, k, v, mask, scale, sinks, windows)
         return result if out is None else out.copy_(result)
     query_end = ops.mask_query_end(mask, sq, sk).expand(b).contiguous()

@@ -284,7 +284,7 @@ def dynamic_block_attention(q: Tensor, k: Tensor, v: Tensor, *, form: DynamicFor
         return out
     table = dynamic_table(q, k, form, causal, scale)
     s = _scale(q, scale)
-    if ba._kernel_ok(q, k, v, s) and q.device.type == "cuda":
+    if ba.attention_kernel_ok(q, k, v, s) and q.device.type == "cuda":
         # Straight to the launch: block_sparse_attention's dense-table test reads the table back
         # (a host sync) and caches it per table object, neither of which suits a fresh table per call.
         return ba.launch_prefill(q, k, v, ba.check_mask(mask, *q.shape[:3], k.shape[2]), s, causal, False,

@@ -35,11 +35,13 @@ from torch import Tensor
 
 from sparsecc.forms import BlockSparse, Dense, Streaming, VerticalSlash
 
-__all__ = ["HeadTable", "KIND_DENSE", "KIND_STREAMING", "KIND_VERTICAL_SLASH", "KIND_BLOCK_SPARSE",
+__all__ = ["HeadTable", "MIXABLE_FORMS", "KIND_DENSE", "KIND_STREAMING", "KIND_VERTICAL_SLASH", "KIND_BLOCK_SPARSE",
            "mixed_block_table", "vertical_slash_family", "block_family"]
 
 KIND_DENSE, KIND_STREAMING, KIND_VERTICAL_SLASH, KIND_BLOCK_SPARSE = 0, 1, 2, 3
 _KIND_OF = {Streaming: KIND_STREAMING, VerticalSlash: KIND_VERTICAL_SLASH, BlockSparse: KIND_BLOCK_SPARSE}
+# The sparse forms a site's heads may mix (block_topk heads need the whole site).
+MIXABLE_FORMS = tuple(_KIND_OF)
 # The op's per-head integer lists, in order (HeadTable.op_args / from_op_args).
 _FIELDS = ("kinds", "sink", "window", "vertical", "slash", "local_blocks", "global_blocks", "random_blocks", "seed")
 
@@ -75,10 +77,6 @@ class HeadTable:
     @property
     def kinds(self) -> Tuple[int, ...]:
         return tuple(KIND_DENSE if f is None else _KIND_OF[type(f)] for f in self.forms)
-
-    def heads_of(self, kind: int) -> List[int]:
-        """The heads whose form is of ``kind``."""
-        return [h for h, k in enumerate(self.kinds) if k == kind]
 
     def groups(self) -> Dict[object, List[int]]:
         """Heads per distinct form (``None`` for the dense heads), in head order of first appearance."""
@@ -160,6 +158,16 @@ def _head_vectors(values: tuple, device: torch.device) -> Tensor:
 
 # ---------------------------------------------------------------- vertical_slash family
 
+def vertical_slash_table_index(q: Tensor, k: Tensor, table: HeadTable, scale: float):
+    """The ``VSIndex`` of every head with its own budgets (heads of other forms get the first vertical_slash
+    head's budgets; the kernel ignores their lanes)."""
+    from sparsecc.codegen.vertical_slash import head_budgets, vertical_slash_index
+
+    form = next(f for f in table.forms if isinstance(f, VerticalSlash))
+    budgets = head_budgets([f if isinstance(f, VerticalSlash) else form for f in table.forms], k.shape[2])
+    return vertical_slash_index(q, k, form, scale, per_head=budgets)
+
+
 def vertical_slash_family(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
                           table: HeadTable) -> Tensor:
     """Causal attention of a vertical_slash / streaming / dense table in one attention launch (fp16/bf16).
@@ -168,16 +176,10 @@ def vertical_slash_family(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
     budgets; streaming and dense heads ignore the index and walk their sink
     and window ranges (docs/spec.md).
     """
-    from sparsecc.codegen import dynamic_attention_kernels as dk
     from sparsecc.codegen import vertical_slash_kernels as vk
-    from sparsecc.codegen.vertical_slash import head_budgets, vertical_slash_select_ref
 
     sq, sk = q.shape[2], k.shape[2]
-    form = next(f for f in table.forms if isinstance(f, VerticalSlash))
-    col, diag, _ = dk.vertical_slash_scores(q, k, table.last_q, True, scale)
-    budgets = head_budgets([f if isinstance(f, VerticalSlash) else form for f in table.forms], sk)
-    cols, offs = vertical_slash_select_ref(q, k, form, scale, col=col, diag=diag, per_head=budgets)
-    index = vk.vertical_slash_index(cols, offs, block=table.block, seq_q=sq, seq_k=sk)
+    index = vertical_slash_table_index(q, k, table, scale)
     analytic = tuple(int(f is None or isinstance(f, Streaming)) for f in table.forms)
     if not any(analytic):
         # Budgets differ but every head reads the index: the kernel needs no per-head rule.
@@ -197,24 +199,18 @@ def mixed_block_table(table: HeadTable, seq_q: int, seq_k: int, causal: bool, de
     from sparsecc.layouts import BlockTable, block_sparse_table
 
     heads = len(table.forms)
-    parts = {}
-    for form, members in table.groups().items():
-        if isinstance(form, BlockSparse):
-            parts[form] = (block_sparse_table(form, heads, seq_q, seq_k, causal, device), members)
-    some = next(iter(parts.values()))[0]
+    parts = [(block_sparse_table(form, heads, seq_q, seq_k, causal, device), members)
+             for form, members in table.groups().items() if isinstance(form, BlockSparse)]
     fields = {}
     for name in ("kv_num_blocks", "full_kv_num_blocks", "kv_indices", "full_kv_indices"):
-        width = max(getattr(t, name).shape[-1] for t, _ in parts.values()) if name.endswith("indices") else None
-        base = getattr(some, name).expand(1, heads, *getattr(some, name).shape[2:])
-        if width is not None:
-            base = torch.nn.functional.pad(base, (0, width - base.shape[-1]))
-        merged = torch.zeros_like(base)
-        for t, members in parts.values():
-            src = getattr(t, name).expand(1, heads, *getattr(t, name).shape[2:])
-            if width is not None:
-                src = torch.nn.functional.pad(src, (0, width - src.shape[-1]))
-            merged[:, members] = src[:, members]
+        rows = [getattr(t, name).expand(1, heads, *getattr(t, name).shape[2:]) for t, _ in parts]
+        width = max(r.shape[-1] for r in rows)   # index rows differ in length; counts all have one per block
+        rows = [torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows]
+        merged = torch.zeros_like(rows[0])
+        for r, (_, members) in zip(rows, parts):
+            merged[:, members] = r[:, members]
         fields[name] = merged.contiguous()
+    some = parts[0][0]
     return BlockTable(block_q=some.block_q, block_k=some.block_k, seq_q=some.seq_q, seq_k=some.seq_k,
                       causal=some.causal, **fields)
 
@@ -235,28 +231,21 @@ def block_family(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale:
     windows = [0 if isinstance(f, BlockSparse) else w for f, w in zip(table.forms, windows)]
     m4 = check_mask(mask, b, h, sq, sk)
     return launch_prefill(q, k, v, m4, scale, causal, False, sinks=_head_vectors(tuple(sinks), q.device),
-                           windows=_head_vectors(tuple(windows), q.device), table=blocks)
-
-
-
-def _launchable(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """The kernels' input contract: fp16/bf16 everywhere, equal q/v head dims up to 256."""
-    return (q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[-1] == v.shape[-1] and q.shape[-1] <= 256)
+                          windows=_head_vectors(tuple(windows), q.device), table=blocks)
 
 
 def mixed_head_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
                                 causal: bool, table: HeadTable) -> Optional[Tensor]:
     """One launch for the table when a family runs it on these inputs, else None (the op then runs the heads
-    group by group): the vertical_slash family needs causal attention, the block family block sizes of at
+    group by group): each family takes the inputs its kernel takes (``vertical_slash_kernel_ok``,
+    ``attention_kernel_ok``), the vertical_slash family causal attention, the block family block sizes of at
     least 16 (powers of two, as the forms require)."""
-    from sparsecc.codegen.block_attention import MIN_TABLE_BLOCK
+    from sparsecc.codegen.block_attention import MIN_TABLE_BLOCK, attention_kernel_ok
+    from sparsecc.codegen.vertical_slash import vertical_slash_kernel_ok
 
-    if not _launchable(q, k, v):
-        return None
     family = table.family()
-    if family == "vertical_slash" and causal:
+    if family == "vertical_slash" and causal and vertical_slash_kernel_ok(q, k, v):
         return vertical_slash_family(q, k, v, mask, scale, table)
-    if family == "block" and table.block >= MIN_TABLE_BLOCK:
+    if family == "block" and table.block >= MIN_TABLE_BLOCK and attention_kernel_ok(q, k, v, scale):
         return block_family(q, k, v, mask, scale, causal, table)
     return None

@@ -302,18 +302,17 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     reference run the heads group by group through each form's own op. ``dense_below`` works as in
     ``streaming_attention``.
     """
-    from sparsecc.codegen.mixed_attention import HeadTable
-
     if dense_below > 0 and k.shape[2] < dense_below:
         return dense_attention(q, k, v, mask, scale, causal)
-    table = HeadTable.from_op_args(kinds, sink, window, vertical, slash, local_blocks, global_blocks,
-                                   random_blocks, seed, block, last_q)
+    table = _head_table(*(tuple(x) for x in (kinds, sink, window, vertical, slash, local_blocks, global_blocks,
+                                             random_blocks, seed)), block, last_q)
     kernel = None if impl == "reference" else triton_kernel("mixed_head_attention", q.device)
     if kernel is None and impl == "triton":
         raise RuntimeError(f"sparsecc op mixed_head_attention: kernels='triton' but no Triton kernel exists for "
                            f"{q.device.type}")
     sq, sk = q.shape[2], k.shape[2]
-    if kernel is not None:
+    # A table that no one-launch family covers skips the mask read-backs below (they sync with the device).
+    if kernel is not None and table.family() is not None:
         moved = positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any())
         run_causal = causal
         if not causal and mask is not None and sq <= sk and table.family() == "vertical_slash":
@@ -323,6 +322,13 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         if out is not None:
             return out.contiguous()
     return mixed_head_attention_by_groups(q, k, v, mask, scale, causal, table, impl, positions_from_mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _head_table(*op_args):
+    """``HeadTable.from_op_args``, built (and its forms validated) once per distinct table, not per call."""
+    from sparsecc.codegen.mixed_attention import HeadTable
+    return HeadTable.from_op_args(*op_args)
 
 
 def mixed_head_attention_by_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],

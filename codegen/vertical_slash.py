@@ -41,7 +41,7 @@ __all__ = ["FORCED_COLUMNS", "FORCED_DIAGONALS", "MIN_VERTICAL", "MIN_SLASH", "V
            "vertical_slash_select_ref", "vertical_slash_index_ref", "vertical_slash_key_mask",
            "vertical_slash_attention_ref", "vertical_slash_kept_pairs",
            "vertical_slash_keep_ref", "vertical_slash_attention", "vertical_slash_index", "vertical_slash_density",
-           "head_budgets"]
+           "head_budgets", "vertical_slash_kernel_ok"]
 
 # MInference's constants (minference_prefill_kernel): the first 30 columns and the 100 nearest diagonals rank
 # above every score; the budgets are at least 30 columns and 50 diagonals.
@@ -274,7 +274,8 @@ def vertical_slash_keep_ref(q: Tensor, k: Tensor, form: VerticalSlash, scale: fl
     return _row_keep(index, 0, index.range_count.shape[2], 0, sq)
 
 
-def _kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def vertical_slash_kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """The attention kernel's input contract: CUDA, fp16/bf16 everywhere, equal q/v head dims up to 256."""
     return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
             and v.dtype == q.dtype and q.shape[-1] == v.shape[-1] and q.shape[-1] <= 256)
 
@@ -294,24 +295,28 @@ def vertical_slash_attention(q: Tensor, k: Tensor, v: Tensor, *, form: VerticalS
             from sparsecc.codegen.ops import dense_attention
             return dense_attention(q, k, v, mask, scale, False)
         return dense_attention_ref(q, k, v, scale=scale, causal=False, mask=mask).to(q.dtype)
-    if not _kernel_ok(q, k, v):
+    if not vertical_slash_kernel_ok(q, k, v):
         return vertical_slash_attention_ref(q, k, v, form=form, scale=scale, mask=mask)
     from sparsecc.codegen import vertical_slash_kernels as vk
 
     return vk.vertical_slash_attention_kernel(q, k, v, vertical_slash_index(q, k, form, scale), scale, mask)
 
 
-def vertical_slash_index(q: Tensor, k: Tensor, form: VerticalSlash, scale: float) -> VSIndex:
-    """Selection and index of these inputs (causal): score and index kernels on CUDA, the reference elsewhere."""
+def vertical_slash_index(q: Tensor, k: Tensor, form: VerticalSlash, scale: float,
+                         per_head: Optional[list] = None) -> VSIndex:
+    """Selection and index of these inputs (causal): score and index kernels on CUDA, the reference elsewhere.
+
+    ``per_head`` gives each head its own budgets, as in :func:`vertical_slash_select_ref`.
+    """
     sq, sk = q.shape[2], k.shape[2]
     if q.device.type != "cuda":
-        cols, offs = vertical_slash_select_ref(q, k, form, scale)
+        cols, offs = vertical_slash_select_ref(q, k, form, scale, per_head=per_head)
         return vertical_slash_index_ref(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
     from sparsecc.codegen import dynamic_attention_kernels as dk
     from sparsecc.codegen import vertical_slash_kernels as vk
 
     col, diag, _ = dk.vertical_slash_scores(q, k, form.last_q, True, scale)
-    cols, offs = vertical_slash_select_ref(q, k, form, scale, col=col, diag=diag)
+    cols, offs = vertical_slash_select_ref(q, k, form, scale, col=col, diag=diag, per_head=per_head)
     return vk.vertical_slash_index(cols, offs, block=form.block, seq_q=sq, seq_k=sk)
 
 

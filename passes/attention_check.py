@@ -11,12 +11,13 @@ import dataclasses
 from typing import List
 
 from sparsecc.codegen.block_attention import FULL_WINDOW
-from sparsecc.codegen.mixed_attention import HeadTable
+from sparsecc.codegen.mixed_attention import MIXABLE_FORMS, HeadTable
 from sparsecc.cost import estimate_attention
 from sparsecc.forms import BlockSparse, BlockTopK, Dense, Streaming, VerticalSlash
 from sparsecc.passes.decide import dense_rule, fallback, group_head_forms, no_rule, verdict
 from sparsecc.passes.fx_utils import size_hint
 from sparsecc.passes.site import Decision, Estimate, Site
+from sparsecc.spec.schema import rule_sort_key
 
 # What the report says of a site whose query positions come from the mask (docs/spec.md), per op.
 _AT_MASK = "query positions from the mask (min(i + Sk - Sq, last key the row keeps))"
@@ -28,8 +29,6 @@ MASK_POSITIONS = {
 }
 # Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.
 DYNAMIC_FORMS = (BlockTopK, VerticalSlash)
-# Sparse forms a site's heads may mix (codegen/mixed_attention.py); block_topk heads need the whole site.
-MIXABLE_FORMS = (Streaming, VerticalSlash, BlockSparse)
 
 
 def check_attention(site: Site, ctx) -> Decision:
@@ -45,11 +44,6 @@ def check_attention(site: Site, ctx) -> Decision:
             decision = dataclasses.replace(decision, head_forms="; ".join(f"{form} on heads {spans}"
                                                                           for form, spans in groups))
     return decision
-
-
-def _rule_key_order(key: str):
-    name, index = key.split("[")
-    return name, int(index[:-1])
 
 
 def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
@@ -93,7 +87,7 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     # the site's policy and, for a site of one form, its form.
     deciding = [r for r in in_force if not isinstance(r.form, Dense)][-1]
     policy = ctx.spec.policy_for(deciding)
-    rule_keys = ", ".join(sorted({r.key for r in sparse}, key=_rule_key_order))
+    rule_keys = ", ".join(sorted({r.key for r in sparse}, key=rule_sort_key))
     form = deciding.form
     head_forms = [None if r is None or isinstance(r.form, Dense) else r.form for r in per_head]
     distinct = {f for f in head_forms if f is not None}
@@ -146,7 +140,7 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
                             "folded into the batch dimension (3-D attention) cannot be told from batch elements")
         params["dense_heads"] = [h for h, f in enumerate(head_forms) if f is None]
         op_name = "block_sparse_attention"
-    estimate = _estimate(site, form, head_forms if mixed or not isinstance(form, DYNAMIC_FORMS) else None, ctx)
+    estimate = _estimate(site, form, head_forms, ctx)
     decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
     if not decision.apply:
         return decision
@@ -154,7 +148,7 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     if params.get("anchor") == "mask":
         notes.insert(0, MASK_POSITIONS[op_name])
     for phase in ("prefill", "decode"):
-        keys = sorted({r.key for r in sparse if r.phase == phase}, key=_rule_key_order)
+        keys = sorted({r.key for r in sparse if r.phase == phase}, key=rule_sort_key)
         if keys:
             notes.append(f"{', '.join(keys)} appl{'ies' if len(keys) == 1 else 'y'} at {phase} only")
     if any(isinstance(f, VerticalSlash) for f in distinct) and not site.attrs["causal"]:
@@ -191,7 +185,7 @@ def _same_size(a, b) -> bool:
 
 
 def _estimate(site: Site, form, head_forms, ctx) -> Estimate:
-    """The cost model's estimate; ``head_forms`` gives each head's form (None: dense) when heads differ."""
+    """The cost model's estimate; ``head_forms`` gives each head's form (None: dense)."""
     a = site.attrs
     margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
     result = estimate_attention(

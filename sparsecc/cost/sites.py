@@ -52,9 +52,9 @@ def _per_head_blocks(form, per_head: Optional[Sequence], seq_q, seq_k, causal: b
     return sum(n * attention_blocks(f, seq_q, seq_k, causal) for f, n in counts.items()) / len(per_head)
 
 
-def attention_costs(form, per_head: Optional[Sequence], causal: bool, heads: int = 1) -> Tuple[Cost, Cost]:
+def attention_costs(form, per_head: Optional[Sequence], causal: bool) -> Tuple[Cost, Cost]:
     """(dense, sparse) costs of an attention site as expressions of the attention symbols; ``per_head`` as in
-    ``_per_head_blocks`` (``heads`` is not needed: the kept blocks are a per-head mean)."""
+    ``_per_head_blocks`` (the kept blocks are a per-head mean, so the head count stays a symbol)."""
     blocks = _per_head_blocks(form, per_head, SQ, SK, causal)
     return attention_cost(None, causal), attention_cost(form, causal, blocks=blocks)
 
@@ -62,7 +62,7 @@ def attention_costs(form, per_head: Optional[Sequence], causal: bool, heads: int
 def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype: torch.dtype,
                        causal: bool, hw: HardwareProfile, margin: float, symbolic_seq: bool) -> SiteEstimate:
     """Dense flash attention vs the form, per-head forms and a dynamic form's estimate pass included."""
-    dense, sparse = attention_costs(form, per_head, causal, heads)
+    dense, sparse = attention_costs(form, per_head, causal)
     values = {B: batch, H: heads, HKV: kv_heads, SQ: seq_q, SK: seq_k, D: head_dim}
     prediction = predict(dense, sparse, hw, dtype, values)
     density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
+
+from sparsecc.spec.schema import rule_sort_key  # noqa: F401 (part of this module's interface)
 
 
 @dataclass
@@ -48,18 +49,6 @@ class SiteRecord:
         d = asdict(self)
         d["predicted_speedup"] = self.predicted_speedup
         return d
-
-
-_KIND_ORDER = {"attention": 0, "ffn": 1, "linear": 2}
-
-
-def rule_sort_key(key: str) -> Tuple[int, str, int, str]:
-    """Order rule keys by kind, then index as a number: ``attention[9]`` before ``attention[10]``."""
-    match = re.fullmatch(r"([A-Za-z_]+)\[(\d+)\]", key)
-    if match is None:
-        return (len(_KIND_ORDER), key, 0, key)   # not a rule key: after the rules, by text
-    kind, index = match.group(1), int(match.group(2))
-    return (_KIND_ORDER.get(kind, len(_KIND_ORDER)), kind, index, key)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -234,6 +235,18 @@ class Defaults:
             raise _fail("defaults.margin", self.margin, allowed)
         # Keep the margin a float whatever numeric type it came in as (margin = 2 in TOML).
         object.__setattr__(self, "margin", float(self.margin))
+
+
+_KIND_ORDER = {"attention": 0, "ffn": 1, "linear": 2}
+
+
+def rule_sort_key(key: str) -> Tuple[int, str, int, str]:
+    """Order rule keys by kind, then index as a number: ``attention[9]`` before ``attention[10]``."""
+    match = re.fullmatch(r"([A-Za-z_]+)\[(\d+)\]", key)
+    if match is None:
+        return (len(_KIND_ORDER), key, 0, key)   # not a rule key: after the rules, by text
+    kind, index = match.group(1), int(match.group(2))
+    return (_KIND_ORDER.get(kind, len(_KIND_ORDER)), kind, index, key)
 
 
 @dataclass(frozen=True)

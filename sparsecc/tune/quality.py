@@ -37,6 +37,26 @@ def pydoc_text() -> str:
     return "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
 
 
+def stdlib_module_trees():
+    """The parsed source (``ast.Module``) of each pure-Python standard-library module, in sorted
+    ``sys.stdlib_module_names`` order (``name.py``, else ``name/__init__.py``; C-only modules and files that do
+    not parse are skipped)."""
+    import ast
+    import sys
+
+    stdlib = Path(os.__file__).parent
+    for name in sorted(sys.stdlib_module_names):
+        path = stdlib / f"{name}.py"
+        if not path.exists():
+            path = stdlib / name / "__init__.py"
+        if not path.exists():
+            continue
+        try:
+            yield ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+
+
 def docstrings_text() -> str:
     """The docstrings of the standard library's pure-Python modules, blank-line separated, in a fixed order.
 
@@ -48,20 +68,9 @@ def docstrings_text() -> str:
     evaluate on the other.
     """
     import ast
-    import sys
 
-    stdlib = Path(os.__file__).parent
     parts = []
-    for name in sorted(sys.stdlib_module_names):
-        path = stdlib / f"{name}.py"
-        if not path.exists():
-            path = stdlib / name / "__init__.py"
-        if not path.exists():
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
+    for tree in stdlib_module_trees():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)

@@ -218,9 +218,9 @@ def test_numeric_seconds_equal_the_symbolic_time(seq, window, sink, tokens, dens
     from sparsecc.cost.sites import B, D, H, HKV, K, M, N, SK, SQ, linear_costs
 
     dtype = torch.bfloat16
-    cases = [(attention_costs(Streaming(sink=sink, window=window), None, True, 32),
+    cases = [(attention_costs(Streaming(sink=sink, window=window), None, True),
               {B: 1, H: 32, HKV: 8, SQ: seq, SK: seq, D: 128}),
-             (attention_costs(BlockSparse(block=128, local_blocks=2, global_blocks=1), None, True, 32),
+             (attention_costs(BlockSparse(block=128, local_blocks=2, global_blocks=1), None, True),
               {B: 1, H: 32, HKV: 8, SQ: seq, SK: seq, D: 128})]
     for form in (BlockWeights(block=(64, 64), density=density), TwoFour()):
         cases.append((linear_costs(form, tokens=tokens), {M: tokens, K: 4096, N: 14336}))
