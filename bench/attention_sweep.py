@@ -52,7 +52,7 @@ def main(argv=None):
     k = torch.randn(1, args.hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, args.hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=g)
     scale = d ** -0.5
-    sinks, windows = ba._rule_vectors((SINK,) * 32, (WINDOW,) * 32, q.device)
+    sinks, windows = ba.rule_vectors((SINK,) * 32, (WINDOW,) * 32, q)
     table = block_sparse_table(BlockSparse(128, local_blocks=1, random_blocks=RANDOM_BLOCKS.get(s, 13), seed=0),
                                32, s, s, True, device="cuda")
     # Kept share of causal 128-blocks, to turn times into TFLOP/s on the kept work.

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecc.codegen.epilogue import bind_triton
+from sparsecc.codegen.launch import launcher, round_to_dtype, tracing
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
            "k_major", "MAX_DECODE_TOKENS", "default_gemv_config"]
@@ -210,6 +211,8 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
                            ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
                            COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):  # noqa: F821
     """``x̃ @ Wt`` over one K split for one N tile (and one token when BLOCK_M == 1); see the notes above."""
+    # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
+    tau = tl.cast(tau, tl.float32)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     token = tl.program_id(2)  # 0 unless every token has its own programs (BLOCK_M == 1, M > 1)
@@ -329,6 +332,10 @@ def k_major(weight: Tensor) -> Tensor:
     """
     if weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]:
         return weight
+    if tracing(weight):
+        # Traced into Inductor's graph, the transpose is a graph op run per call (no cache can hold it);
+        # the compiler binds K-major weights, so its own calls never take this path.
+        return weight.t().contiguous().t()
     key = id(weight)
     hit = _KMAJOR_CACHE.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight.data_ptr() and hit[2] == weight._version:
@@ -339,11 +346,10 @@ def k_major(weight: Tensor) -> Tensor:
     return copy
 
 
-@functools.lru_cache(maxsize=256)
 def _tau_in(tau: float, dtype: torch.dtype) -> float:
     # torch compares |x| > tau with tau rounded to x's dtype; the kernel compares in float32 with
     # that same rounded value, so both keep exactly the same channels.
-    return float(torch.tensor(tau, dtype=dtype))
+    return round_to_dtype(tau, dtype)
 
 
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
@@ -380,7 +386,7 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     slots = grid[0] * grid[1] * grid[2] * cfg.ROWS_PER_SPLIT if cfg.COMPACT else 1
     scratch = torch.empty(slots, dtype=torch.int32, device=x.device)
     bias_arg = bias.contiguous() if bias is not None else y
-    _threshold_gemv_kernel[grid](
+    launcher(_threshold_gemv_kernel, x2)[grid](  # noqa: F821
         x2, wt, partial, scratch, bias_arg, y, m, n, k, _tau_in(float(tau), x.dtype),
         x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
         BLOCK_M=1 if per_token else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
@@ -388,6 +394,6 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
         COMPACT=cfg.COMPACT, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
         num_stages=cfg.STAGES)
     if not direct:
-        _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](  # noqa: F821
+        launcher(_split_reduce_kernel, x2)[(triton.cdiv(m * n, REDUCE_BLOCK),)](  # noqa: F821
             partial, bias_arg, y, m * n, n, n_splits, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK)
     return y.reshape(*lead, n)

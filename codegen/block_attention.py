@@ -33,10 +33,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from sparsecc.codegen.launch import launcher, tracing
 from sparsecc.codegen.mask_positions import mask_4d
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
-__all__ = ["FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
+__all__ = ["rule_vectors", "FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
            "streaming_attention", "block_sparse_attention", "streaming_attention_op", "block_sparse_attention_op",
            # shared with the other attention modules of codegen/
            "compute_dtype", "check_qkv", "check_mask", "attend_kept", "split_mask", "streaming_rules_per_head",
@@ -416,7 +417,9 @@ def launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale:
     block_d = max(MIN_TABLE_BLOCK, triton.next_power_of_2(d))
     # TMA loads measured 4% faster on streaming layouts and no faster on tables (bench/attention_sweep.py),
     # so only the streaming tuner gets the extra configs (each one costs autotuning time).
-    tma = table is None and kern.tma_supported(k, v)
+    # While traced for Inductor the kernel launches from Inductor's wrapper, which sets up no allocator for
+    # descriptors made in the kernel: TMA is used on eager launches only.
+    tma = table is None and kern.tma_supported(k, v) and not tracing(q)
     if tma:
         kern.enable_descriptors()
     lead = 0
@@ -452,7 +455,7 @@ def launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale:
         # Tiles are aligned to table rows (query row i is table row i + lead); only tiles holding a query run.
         return ((lead + sq - 1) // meta["BLOCK_M"] - lead // meta["BLOCK_M"] + 1, b * h)
 
-    kernel[grid](q, k, v, out, lse, mask_t, sinks, windows, *tbl,
+    launcher(kernel, q)[grid](q, k, v, out, lse, mask_t, sinks, windows, *tbl,
                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides, *tbl_strides,
                  h, sq, sk, lead, scale * kern.LOG2E.value, 1.0 / scale, triton.next_power_of_2(sk),
                  GROUP=group, LAYOUT=layout, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
@@ -495,7 +498,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     unlimited = sk + sq + 1
     win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
     snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
-    sinks_t, windows_t = _rule_vectors(tuple(snk), tuple(win), q.device)
+    sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
     if sq <= DECODE_MAX_Q:
         from sparsecc.codegen import decode_attention
 
@@ -505,9 +508,20 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
 
 
+def rule_vectors(sinks: tuple, windows: tuple, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-head sink/window as int32 vectors on ``like``'s device.
+
+    Eagerly they are cached per device (a host-to-device copy per call would stall launches); while the op
+    is traced they become constants of Inductor's graph, made once when the compiled code loads.
+    """
+    if tracing(like):
+        return (torch.tensor(sinks, dtype=torch.int32, device=like.device),
+                torch.tensor(windows, dtype=torch.int32, device=like.device))
+    return _rule_vectors(sinks, windows, like.device)
+
+
 @functools.lru_cache(maxsize=64)
 def _rule_vectors(sinks: tuple, windows: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-head sink/window as int32 device vectors, cached: a host-to-device copy per call would stall launches."""
     return (torch.tensor(sinks, dtype=torch.int32, device=device),
             torch.tensor(windows, dtype=torch.int32, device=device))
 

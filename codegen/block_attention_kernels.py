@@ -267,6 +267,9 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
     Tiles are aligned to table rows: query row ``i`` is table row ``i + lead``
     (``lead`` is 0 for streaming), so the first tile may start before row 0.
     """
+    # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    inv_scale = tl.cast(inv_scale, tl.float32)
     first_tile = lead // BLOCK_M
     n_qblocks = (lead + seq_q - 1) // BLOCK_M - first_tile + 1
     pid_m = first_tile + n_qblocks - 1 - tl.program_id(0)

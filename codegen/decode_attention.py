@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, autotune, interpreting
+from sparsecc.codegen.launch import launcher
 
 # Rows of one packed tile at most (G * Sq); wider groups use the prefill kernel.
 MAX_PACKED_ROWS = 128
@@ -70,6 +71,8 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O_PART, L_PART,
     row sits at ``POS[b]`` (a static cache's fill level) instead of ``seq_k - 1``;
     splits past this position's kept blocks write empty partials.
     """
+    # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     split = tl.program_id(0)
     bkv = tl.program_id(1)
     # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
@@ -249,7 +252,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     """
     from sparsecc.codegen import ops
     from sparsecc.codegen.block_attention import (
-        FULL_WINDOW, check_mask, check_qkv, attention_kernel_ok, _rule_vectors, streaming_rules_per_head)
+        FULL_WINDOW, check_mask, check_qkv, attention_kernel_ok, rule_vectors, streaming_rules_per_head)
 
     b, h, sq, sk, group = check_qkv(q, k, v)
     sinks, windows = streaming_rules_per_head(sink, window, h)
@@ -265,7 +268,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     unlimited = sk + sq + 1
     win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
     snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
-    sinks_t, windows_t = _rule_vectors(tuple(snk), tuple(win), q.device)
+    sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
     return streaming_decode(q, k, v, m4, scale, True, sinks_t, windows_t, out=out, rules=(snk, win),
                             query_end=query_end)
 
@@ -318,7 +321,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     o_part = torch.empty(b * hkv * n_split, block_m, block_d, dtype=torch.float32, device=q.device)
     l_part = torch.empty(b * hkv * n_split, block_m, dtype=torch.float32, device=q.device)
     mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
-    _split_kernel()[(n_split, b * hkv)](
+    launcher(_split_kernel(), q)[(n_split, b * hkv)](
         q, k, v, mask_t, sinks, windows, query_end if query_end is not None else sinks, o_part, l_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
         hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split,
@@ -326,7 +329,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N, UPCAST_DOT=interpreting())
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
-    _decode_reduce_kernel[(b * hkv,)](
+    launcher(_decode_reduce_kernel, q)[(b * hkv,)](
         o_part, l_part, out, lse, *out.stride()[:3], hkv, sq, n_split,
         GROUP=group, WRITE_LSE=return_lse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
         BLOCK_S=max(2, triton.next_power_of_2(n_split)))

@@ -48,6 +48,7 @@ from torch import Tensor
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, _tau_in,
                                                 gate_sparse_ffn_ref, threshold_linear)
 from sparsecc.codegen.epilogue import bind_triton
+from sparsecc.codegen.launch import launcher
 
 __all__ = ["gate_sparse_ffn", "gate_sparse_ffn_ref", "GateConfig", "DEFAULT_GATE_CONFIG",
            "DEFAULT_GATE_CONFIG_TOKENS", "KERNEL_DTYPES"]
@@ -120,6 +121,8 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
                     ACTIVATION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
                     ROUND_BY_BITS: tl.constexpr):  # noqa: F821
     """g[:, f-block] = act(x Wgᵀ + bg) ⊙ keep (⊙ (x Wuᵀ + bu), up rows of survivors only)."""
+    # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
+    tau = tl.cast(tau, tl.float32)
     pid = tl.program_id(0)
     offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
     f_mask = offs_f < F
@@ -249,7 +252,7 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     dummy = g  # never read: its HAS_* / GATED flag is off
     wu = w_up if w_up is not None else w_gate
-    _gate_up_kernel[(triton.cdiv(f, cfg.BLOCK_F),)](  # noqa: F821 - bound by bind_triton
+    launcher(_gate_up_kernel, x2)[(triton.cdiv(f, cfg.BLOCK_F),)](  # noqa: F821 - bound by bind_triton
         x2, w_gate, b_gate.contiguous() if b_gate is not None else dummy, wu,
         b_up.contiguous() if b_up is not None else dummy, g, m, f, d, _tau_in(float(tau), dtype),
         x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), wu.stride(0), wu.stride(1),

@@ -24,11 +24,14 @@ import torch
 from torch.fx import GraphModule, Node
 
 from sparsecc.passes.fx_utils import common_module, device_of, dtype_of, is_static, shape_of, size_hint
-from sparsecc.codegen import ops
-from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
+from sparsecc.codegen.attention_ops import (
+    BLOCK_SPARSE_ATTENTION, DYNAMIC_BLOCK_ATTENTION, MIXED_HEAD_ATTENTION, STREAMING_ATTENTION,
+    STREAMING_ATTENTION_FROM_MASK, BlockSparseAttentionArgs, DynamicAttentionArgs, MixedHeadArgs,
+    StreamingAttentionArgs, StreamingFromMaskArgs)
 from sparsecc.forms import MASKED_LOGIT_MAX, Streaming
 from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention
 from sparsecc.passes.normalize import op_of
+from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Rewrite, Site, debug_no_match
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -359,7 +362,6 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
     """Swap the site's computation for one ``torch.ops.sparsecc`` attention op."""
     m: AttentionMatch = site.match
     graph = gm.graph
-    scale = site.attrs["scale"]
     with graph.inserting_before(site.output):
         q, k, v = m.q, m.k, m.v
         if m.layout is not None:
@@ -369,28 +371,8 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
         mask = _combine_masks(graph, m.masks)
         if mask is not None and m.folded_heads:
             mask = graph.call_method("unsqueeze", (mask, 0))
-        if "head_table" in decision.params:
-            out = graph.call_function(ops.op("mixed_head_attention"), (
-                q, k, v, mask, float(scale), m.causal, *decision.params["head_table"].op_args(),
-                decision.params.get("dense_below", 0), ctx.kernels, decision.params.get("anchor") == "mask"))
-        elif isinstance(decision.form, DYNAMIC_FORMS):
-            out = graph.call_function(ops.op("dynamic_block_attention"), (
-                q, k, v, mask, float(scale), m.causal, *dynamic_op_args(decision.form),
-                decision.params.get("dense_below", 0), ctx.kernels, decision.params.get("anchor") == "mask"))
-        elif isinstance(decision.form, Streaming) and decision.params.get("anchor") == "mask":
-            out = graph.call_function(ops.op("streaming_attention_from_mask"), (
-                q, k, v, mask, float(scale), decision.params["sink"], decision.params["window"],
-                decision.params.get("dense_below", 0), ctx.kernels))
-        elif isinstance(decision.form, Streaming):
-            out = graph.call_function(ops.op("streaming_attention"), (
-                q, k, v, mask, float(scale), m.causal, decision.params["sink"], decision.params["window"],
-                decision.params.get("dense_below", 0), ctx.kernels))
-        else:
-            f = decision.form
-            out = graph.call_function(ops.op("block_sparse_attention"), (
-                q, k, v, mask, float(scale), m.causal, f.block, f.local_blocks, f.global_blocks,
-                f.random_blocks, f.seed, decision.params["dense_heads"], decision.params.get("dense_below", 0),
-                ctx.kernels, decision.params.get("anchor") == "mask"))
+        call = decision.plan.calls[0]
+        out = call.record.emit(graph, call.args, q=q, k=k, v=v, mask=mask)
         if m.folded_heads:
             out = graph.call_method("squeeze", (out, 0))
         if m.out_perm is not None:
@@ -399,6 +381,38 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
             out = graph.call_method("to", (out, m.out_dtype))
     out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
     site.output.replace_all_uses_with(out)
+
+
+def plan_attention(site: Site, decision: Decision, ctx) -> Plan:
+    """The one op call that runs a decided site, and how it is launched."""
+    record, args = attention_call(decision, float(site.attrs["scale"]), site.match.causal, ctx.kernels)
+    return Plan(calls=[op_call(record, args, site.device, site.symbolic)])
+
+
+def attention_call(decision: Decision, scale: float, causal: bool, impl: str):
+    """(op record, typed arguments) of the attention op that runs a decided site."""
+    params = decision.params
+    dense_below = params.get("dense_below", 0)
+    from_mask = params.get("anchor") == "mask"
+    if "head_table" in params:
+        return MIXED_HEAD_ATTENTION, MixedHeadArgs.of(params["head_table"], scale=scale, causal=causal,
+                                                      dense_below=dense_below, impl=impl,
+                                                      positions_from_mask=from_mask)
+    if isinstance(decision.form, DYNAMIC_FORMS):
+        return DYNAMIC_BLOCK_ATTENTION, DynamicAttentionArgs.of(decision.form, scale=scale, causal=causal,
+                                                                dense_below=dense_below, impl=impl,
+                                                                positions_from_mask=from_mask)
+    if isinstance(decision.form, Streaming) and from_mask:
+        return STREAMING_ATTENTION_FROM_MASK, StreamingFromMaskArgs(
+            scale=scale, sink=tuple(params["sink"]), window=tuple(params["window"]), dense_below=dense_below,
+            impl=impl)
+    if isinstance(decision.form, Streaming):
+        return STREAMING_ATTENTION, StreamingAttentionArgs(
+            scale=scale, causal=causal, sink=tuple(params["sink"]), window=tuple(params["window"]),
+            dense_below=dense_below, impl=impl)
+    return BLOCK_SPARSE_ATTENTION, BlockSparseAttentionArgs.of(
+        decision.form, scale=scale, causal=causal, dense_heads=tuple(params["dense_heads"]),
+        dense_below=dense_below, impl=impl, positions_from_mask=from_mask)
 
 
 def _combine_masks(graph, masks: List[MaskTerm]):
@@ -424,6 +438,6 @@ def _combine_masks(graph, masks: List[MaskTerm]):
 
 
 ATTENTION_REWRITES = (
-    Rewrite("sdpa", "attention", search_sdpa, check_attention, replace_attention),
-    Rewrite("softmax", "attention", search_softmax, check_attention, replace_attention),
+    Rewrite("sdpa", "attention", search_sdpa, check_attention, replace_attention, plan_attention),
+    Rewrite("softmax", "attention", search_softmax, check_attention, replace_attention, plan_attention),
 )

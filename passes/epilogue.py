@@ -24,8 +24,8 @@ annotation, because an earlier rewrite may have replaced their operands.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ class FoldedChain:
     gate: Optional[Node] = None           # the tensor of a ``mul:gate`` step
     residual: Optional[Node] = None       # the tensor of an ``add:residual`` step
     up: Optional[object] = None           # the partner linear site of a ``mul:up`` step (fused gate/up)
+    # role ("bias", "gate", "residual") -> (the folded node that reads the operand, the chain value beside it)
+    consumers: Dict[str, Tuple[Node, Node]] = field(default_factory=dict)
 
     @property
     def output(self) -> Optional[Node]:
@@ -58,6 +60,17 @@ class FoldedChain:
 
     def __str__(self) -> str:
         return str(self.chain) or "(nothing folded)"
+
+    def current(self) -> "FoldedChain":
+        """The same chain with its bias/gate/residual operands read from the graph as it stands now.
+
+        The chain is planned before any rewrite; a rewrite that ran since (an attention site replaced by its
+        op, say) redirected the folded nodes' inputs to new nodes, which is what the op must read.
+        """
+        fresh = {role: _operand(node, value) for role, (node, value) in self.consumers.items()}
+        if any(v is None for v in fresh.values()):
+            raise ValueError(f"the planned epilogue {self} no longer matches the graph")
+        return replace(self, **fresh)
 
 
 def _size_key(dim):
@@ -201,9 +214,11 @@ def fold_chain(start: Node, has_bias: bool, blocked: Callable[[Node], bool],
                     and same_shape(other_shape, shape[-1:])):
                 steps.append(EpilogueStep("bias"))
                 found.bias = other
+                found.consumers["bias"] = (user, value)
             elif same_shape(other_shape, shape) and found.residual is None:
                 steps.append(EpilogueStep("add", "residual"))
                 found.residual = other
+                found.consumers["residual"] = (user, value)
             else:
                 break
             nodes.append(user)
@@ -219,6 +234,7 @@ def fold_chain(start: Node, has_bias: bool, blocked: Callable[[Node], bool],
             else:
                 steps.append(EpilogueStep("mul", "gate"))
                 found.gate = other
+                found.consumers["gate"] = (user, value)
             nodes.append(user)
         else:
             break

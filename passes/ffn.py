@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.fx import GraphModule, Node
 
-from sparsecc.codegen import ops
+from sparsecc.codegen.linear_ops import (GATE_SPARSE_FFN, THRESHOLD_LINEAR, GateSparseFfnArgs,
+                                         ThresholdLinearArgs)
 from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS
 from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_ffn
 from sparsecc.forms import ActivationThreshold
@@ -25,6 +26,7 @@ from sparsecc.passes.decide import fallback, site_rule, verdict
 from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.passes.linear import SUPPORTED_DTYPES, LinearMatch, match_linear
 from sparsecc.passes.normalize import op_of
+from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 from sparsecc.weights import WeightBinding, register_binding
 
@@ -336,27 +338,43 @@ def _weight_node(graph, lin: LinearMatch):
     return graph.call_method("t", (w,)) if lin.in_out else w
 
 
+def plan_ffn(site: Site, decision: Decision, ctx) -> Plan:
+    """Input mode: one ``threshold_linear`` call per thresholded projection (first, up, down; a projection
+    without a threshold stays dense); gate mode: one ``gate_sparse_ffn`` call."""
+    m: FfnMatch = site.match
+    if decision.form.mode == "input":
+        plan = Plan()
+        roles = [("first", decision.params["tau_input"])]
+        if m.up is not None:
+            roles.append(("up", decision.params["tau_input"]))
+        roles.append(("down", decision.params["tau_down"]))
+        plan.state["roles"] = [role for role, tau in roles if tau is not None]
+        for role, tau in roles:
+            if tau is not None:
+                plan.calls.append(op_call(THRESHOLD_LINEAR, ThresholdLinearArgs(tau=float(tau), impl=ctx.kernels),
+                                          site.device, site.symbolic))
+        return plan
+    args = GateSparseFfnArgs(act=m.act, tau=float(decision.params["tau"]), impl=ctx.kernels)
+    return Plan(calls=[op_call(GATE_SPARSE_FFN, args, site.device, site.symbolic)])
+
+
 def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
-    """Input mode: thresholded linears; gate mode: one fused gate-sparse FFN op."""
+    """Input mode: thresholded linears; gate mode: one fused gate-sparse FFN op (as planned)."""
     m: FfnMatch = site.match
     graph = gm.graph
+    plan: Plan = decision.plan
     if decision.form.mode == "input":
-        targets = [(m.first_node, m.first, decision.params["tau_input"])]
-        if m.up is not None:
-            targets.append((m.up_node, m.up, decision.params["tau_input"]))
-        targets.append((m.down_node, m.down, decision.params["tau_down"]))
+        projections = {"first": (m.first_node, m.first), "up": (m.up_node, m.up), "down": (m.down_node, m.down)}
         weighted = getattr(decision.form, "criterion", "magnitude") == "weighted"
-        for node, lin, tau in targets:
-            if tau is None:
-                continue
-            # Magnitude keeps the five-argument call, so its graphs are exactly what they always were.
+        for role, call in zip(plan.state["roles"], plan.calls):
+            node, lin = projections[role]
             extra = (_bind_column_norms(ctx, lin),) if weighted else ()
             with graph.inserting_before(node):
                 # A weighted site runs the reference (see _WEIGHTED_NO_KERNEL): no K-major copy for it.
                 weight = _weight_node(graph, lin) if weighted else \
                     _decode_weight_node(graph, ctx, site, lin, "threshold_linear")
-                out = graph.call_function(ops.op("threshold_linear"),
-                                          (lin.x, weight, lin.bias, float(tau), ctx.kernels, *extra))
+                out = call.record.emit(graph, call.args, x=lin.x, weight=weight, bias=lin.bias,
+                                       channel_scale=extra[0] if extra else None)
             out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
             node.replace_all_uses_with(out)
         return
@@ -374,10 +392,10 @@ def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
             w_gate, b_gate = _weight_node(graph, m.first), m.first.bias
             w_up = _weight_node(graph, m.up) if m.up is not None else None
             b_up = m.up.bias if m.up is not None else None
-        out = graph.call_function(ops.op("gate_sparse_ffn"), (
-            m.x, w_gate, b_gate, w_up, b_up, _decode_weight_node(graph, ctx, site, m.down, "gate_sparse_ffn"),
-            m.down.bias, m.act,
-            float(decision.params["tau"]), ctx.kernels))
+        call = plan.calls[0]
+        out = call.record.emit(
+            graph, call.args, x=m.x, w_gate=w_gate, b_gate=b_gate, w_up=w_up, b_up=b_up,
+            w_down=_decode_weight_node(graph, ctx, site, m.down, "gate_sparse_ffn"), b_down=m.down.bias)
     out.meta["nn_module_stack"] = m.down_node.meta.get("nn_module_stack", {})
     m.down_node.replace_all_uses_with(out)
 
@@ -450,5 +468,5 @@ def _runs_decode_kernel(ctx, site: Site, op: str) -> bool:
 
 
 FFN_REWRITES = (
-    Rewrite("ffn", "ffn", search_ffn, check_ffn, replace_ffn),
+    Rewrite("ffn", "ffn", search_ffn, check_ffn, replace_ffn, plan_ffn),
 )

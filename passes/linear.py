@@ -18,19 +18,21 @@ launches on an H100: docs/kernels.md); the backend option ``fuse_gate_up=False``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
 
-from sparsecc.codegen import ops
+from sparsecc.codegen.linear_ops import (BLOCK_SPARSE_LINEAR, SEMI_STRUCTURED_LINEAR, BlockSparseLinearArgs,
+                                         SemiStructuredLinearArgs)
 from sparsecc.cost import estimate_linear
 from sparsecc.forms import BlockWeights, TwoFour
 from sparsecc.passes.decide import fallback, site_rule, verdict
 from sparsecc.passes.epilogue import FoldedChain, fold_chain
 from sparsecc.passes.fx_utils import ParamRef, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.passes.normalize import canonical, is_plain_matmul, op_of
+from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -165,8 +167,14 @@ def _block_form(site: Site, ctx) -> Optional[BlockWeights]:
 
 
 def _blocked(site: Site, ctx) -> Callable[[Node], bool]:
-    """Nodes that belong to another applied non-linear site: never folded into this one."""
+    """Nodes that belong to another applied non-linear site, or that another linear's plan already folded:
+    never folded into this one."""
     owned = {n for s in ctx.sites if s is not site and s.kind != "linear" and ctx.applied(s) for n in s.nodes}
+    for other in ctx.sites:
+        d = ctx.decision(other)
+        if other is not site and other.kind == "linear" and d is not None and d.plan is not None \
+                and "folded" in d.plan.state:
+            owned.update(d.plan.state["folded"].nodes)
     return owned.__contains__
 
 
@@ -184,7 +192,7 @@ def _up_partner(site: Site, ctx) -> Callable[[Node], Optional[Site]]:
     def partner(node: Node) -> Optional[Site]:
         for other in ctx.sites:
             if other is site or other.kind != "linear" or other.output is not node \
-                    or other.attrs.get("gate_up_kernel"):
+                    or _planned(other, ctx):
                 continue
             other_form = _block_form(other, ctx)
             if other_form is None or other_form.block != form.block or len(node.users) != 1:
@@ -195,6 +203,12 @@ def _up_partner(site: Site, ctx) -> Callable[[Node], Optional[Site]]:
             return other
         return None
     return partner
+
+
+def _planned(site: Site, ctx) -> bool:
+    """True when the plan stage already planned ``site`` (its op, or its place in another's fused op)."""
+    d = ctx.decision(site)
+    return d is not None and d.plan is not None
 
 
 def _fold(site: Site, ctx) -> FoldedChain:
@@ -212,7 +226,7 @@ def _gate_half(site: Site, ctx) -> Optional[Tuple[Site, FoldedChain]]:
     x = _operands(site.output)[0]
     for other in ctx.sites:
         if other is site or other.kind != "linear" or _block_form(other, ctx) is None \
-                or other.attrs.get("gate_up_kernel"):
+                or _planned(other, ctx):
             continue
         op = canonical(other.output)
         if op is None or op.name not in _LINEAR_OPS or op.inputs[0] is not x:
@@ -223,45 +237,82 @@ def _gate_half(site: Site, ctx) -> Optional[Tuple[Site, FoldedChain]]:
     return None
 
 
-def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
-    """Replace the linear by a compressed-weight op whose weight tensors are extra graph inputs.
+def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
+    """The op call of a decided linear; for block_weights also the epilogue it takes over and its gate/up pairing.
 
-    A block_weights op also takes over the folded epilogue chain (and, fused, the up projection).
+    A block_weights linear folds the pointwise chain after it (``passes/epilogue.py``); when the chain
+    multiplies in the output of another block_weights linear on the same input (the up projection), one
+    fused gate/up op computes both and the partner's plan says so. Pairing is decided here, in site order,
+    so ``replace`` only executes it.
     """
-    if site.attrs.get("gate_up_kernel"):
-        return  # already computed by the fused gate/up op its partner's rewrite emitted
+    if decision.plan is not None:
+        return decision.plan            # planned already, as the up half of an earlier site's fused op
+    n, k = site.match.out_features, site.match.in_features
+    if isinstance(decision.form, TwoFour):
+        args = SemiStructuredLinearArgs(out_features=n, in_features=k, impl=ctx.kernels)
+        return Plan(calls=[op_call(SEMI_STRUCTURED_LINEAR, args, site.device, site.symbolic)])
+    pair = _gate_half(site, ctx)
+    root, folded = pair if pair is not None else (site, _fold(site, ctx))
+    up: Optional[Site] = folded.up
+    args = BlockSparseLinearArgs(out_features=root.match.out_features, in_features=root.match.in_features,
+                                 impl=ctx.kernels, epilogue=str(folded.chain))
+    plan = Plan(calls=[op_call(BLOCK_SPARSE_LINEAR, args, root.device, root.symbolic)],
+                notes={"epilogue": str(folded.chain) or "none"}, state={"folded": folded})
+    root.attrs["epilogue"] = str(folded.chain)
+    if up is not None:
+        pairing = f"gate={root.module}, up={up.module}"
+        plan.notes["gate/up"] = pairing
+        root.attrs["gate_up_kernel"] = up.attrs["gate_up_kernel"] = pairing
+        _set_plan(up, Plan(fused_into=root.label), ctx)
+    if root is not site:
+        _set_plan(root, plan, ctx)
+        return Plan(fused_into=root.label)
+    return plan
+
+
+def _set_plan(site: Site, plan: Plan, ctx) -> None:
+    """Store ``plan`` in ``site``'s decision (planning one site may plan its fused partner too)."""
+    ctx.decisions[id(site)] = replace(ctx.decision(site), plan=plan)
+
+
+def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
+    """Replace the linear by its planned compressed-weight op, whose weight tensors are extra graph inputs.
+
+    A block_weights op also takes over the planned epilogue chain (and, fused, the up projection); a site
+    the plan fused into another's op has nothing left to do.
+    """
+    plan: Plan = decision.plan
+    if plan.fused_into is not None:
+        return
     m: LinearMatch = site.match
     graph = gm.graph
-    n, k = m.out_features, m.in_features
+    call = plan.calls[0]
     if isinstance(decision.form, TwoFour):
         x, bias = _operands(site.output)
         values, indices = ctx.bind_weight(site, decision.form, ("values", "indices"))
         with graph.inserting_before(site.output):
-            out = graph.call_function(ops.op("semi_structured_linear"), (x, values, indices, bias, n, k, ctx.kernels))
+            out = call.record.emit(graph, call.args, x=x, values=values, indices=indices, bias=bias)
         out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
         _take_over(graph, site.output, out, (site.output,))
         return
-    pair = _gate_half(site, ctx)
-    root, folded = pair if pair is not None else (site, _fold(site, ctx))
+    folded: FoldedChain = plan.state["folded"].current()
     up: Optional[Site] = folded.up
-    x, bias = _operands(root.output)
+    x, bias = _operands(site.output)
     if folded.bias is not None:
         bias = folded.bias
-    tensors = ctx.bind_weight(root, _block_form(root, ctx), _BSR_FIELDS)
+    tensors = ctx.bind_weight(site, _block_form(site, ctx), _BSR_FIELDS)
     up_tensors = ctx.bind_weight(up, _block_form(up, ctx), _BSR_FIELDS) if up is not None else (None, None, None)
     row_ptr = tensors[1].meta["example_value"]
     if row_ptr.device.type == "cuda" and ctx.kernels != "reference":
         from sparsecc.codegen.block_sparse_linear import prepare_row_order
         prepare_row_order(row_ptr, up_tensors[1].meta["example_value"] if up is not None else None)
-    last = folded.output or root.output
+    last = folded.output or site.output
     with graph.inserting_before(last):
-        out = graph.call_function(ops.op("block_sparse_linear"), (
-            x, *tensors, bias, n, k, ctx.kernels, str(folded.chain), folded.gate, folded.residual, *up_tensors))
-    out.meta["nn_module_stack"] = root.output.meta.get("nn_module_stack", {})
-    _take_over(graph, last, out, (root.output,) + folded.nodes + ((up.output,) if up is not None else ()))
-    root.attrs["epilogue"] = str(folded.chain)
-    if up is not None:
-        root.attrs["gate_up_kernel"] = up.attrs["gate_up_kernel"] = f"gate={root.module}, up={up.module}"
+        out = call.record.emit(
+            graph, call.args, x=x, **dict(zip(_BSR_FIELDS, tensors)), bias=bias, gate=folded.gate,
+            residual=folded.residual, **{f"up_{name}": t for name, t in zip(_BSR_FIELDS, up_tensors)})
+    out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
+    _take_over(graph, last, out, (site.output,) + folded.nodes + ((up.output,) if up is not None else ()))
 
 
 def _take_over(graph, last: Node, out: Node, replaced: Tuple[Node, ...]) -> None:
@@ -276,5 +327,5 @@ def _take_over(graph, last: Node, out: Node, replaced: Tuple[Node, ...]) -> None
 
 
 LINEAR_REWRITES = (
-    Rewrite("linear", "linear", search_linear, check_linear, replace_linear),
+    Rewrite("linear", "linear", search_linear, check_linear, replace_linear, plan_linear),
 )

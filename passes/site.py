@@ -7,8 +7,11 @@ Each entry is a search -> check -> replace triple:
   it never decides anything;
 * ``check(site, ctx)`` is the one decision point: it consults the spec and the
   cost model and returns a ``Decision`` with a one-sentence reason;
-* ``replace(gm, site, decision, ctx)`` rewrites an applied site into
-  ``torch.ops.sparsecc.*`` custom ops.
+* ``plan(site, decision, ctx)`` makes the remaining choices for an applied
+  site (the op calls and their launch, epilogue folding, gate/up pairing) and
+  returns a ``passes.plan.Plan``, stored in the decision;
+* ``replace(gm, site, decision, ctx)`` executes that plan: it rewrites the
+  site into ``torch.ops.sparsecc.*`` custom ops, deciding nothing.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class Decision:
     policy: Optional[str] = None
     params: Dict[str, Any] = field(default_factory=dict)  # resolved per-site parameters (per-head lists, taus)
     head_forms: Optional[str] = None  # a site whose heads ask for different forms: each form and its heads
+    plan: Any = None                  # the plan stage's ``passes.plan.Plan`` for an applied site
 
 
 @dataclass(frozen=True)
@@ -112,3 +116,4 @@ class Rewrite:
     search: Callable[[GraphModule, Any], List[Site]]
     check: Callable[[Site, Any], Decision]
     replace: Callable[[GraphModule, Site, Decision, Any], None]
+    plan: Optional[Callable[[Site, Decision, Any], Any]] = None   # the plan stage's part (passes.plan)

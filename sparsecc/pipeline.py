@@ -3,16 +3,19 @@
     normalize  classify every node into the canonical op vocabulary
     match      structural search for attention / ffn / linear sites
     decide     one check per site: spec rule + cost model -> Decision(apply, form, reason, estimate)
-    rewrite    replace applied sites by torch.ops.sparsecc.* ops (weights compressed once, here)
+    plan       every remaining choice for the applied sites: the op calls (typed arguments, kernel variant,
+               traced into Inductor or opaque), epilogue folding, gate/up pairing -> Decision.plan
+    rewrite    execute the plans: replace applied sites by torch.ops.sparsecc.* ops (weights bound here)
     lower      hand the rewritten graph to Inductor (compile_fx); the dense rest compiles as usual
     report     every site, its decision and reason, estimates, stage times
 
-``explain`` runs the first three stages only. Each stage is timed; setting
+``explain`` runs the first four stages only (no graph change). Each stage is timed; setting
 ``SPARSECC_DEBUG_DIR`` dumps the graph's code after every stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -173,6 +176,25 @@ def unresolved_reason(ctx: CompileContext) -> str:
     return f"no module path: {why}; no rule applies"
 
 
+def stage_plan(gm: GraphModule, ctx: CompileContext) -> None:
+    """Plan every applied site (``Rewrite.plan``) and record the plan in its decision and its report attrs."""
+    for site in ctx.sites:
+        decision = ctx.decisions[id(site)]
+        if not decision.apply:
+            continue
+        try:
+            plan = ctx.rewrites[id(site)].plan(site, decision, ctx)
+        except Exception as err:  # noqa: BLE001 - dense fallback rather than a crash
+            log.warning("sparsecc: plan of %s failed: %r", site.label, err)
+            ctx.decisions[id(site)] = Decision(False, decision.form, f"dense fallback: the plan failed ({err!r})",
+                                               decision.estimate, decision.rule, decision.policy)
+            continue
+        # planning a site may have planned a partner already (fused gate/up): read the decision again
+        ctx.decisions[id(site)] = dataclasses.replace(ctx.decisions[id(site)], plan=plan)
+        site.attrs["launch"] = plan.launch()
+        site.attrs["plan"] = plan.summary()
+
+
 def stage_rewrite(gm: GraphModule, ctx: CompileContext) -> None:
     """Replace every applied site, then drop the dead dense nodes."""
     for site in ctx.sites:
@@ -202,9 +224,10 @@ STAGES: Tuple[Tuple[str, Callable[[GraphModule, CompileContext], None]], ...] = 
     ("normalize", stage_normalize),
     ("match", stage_match),
     ("decide", stage_decide),
+    ("plan", stage_plan),
     ("rewrite", stage_rewrite),
 )
-EXPLAIN_STAGES = STAGES[:3]
+EXPLAIN_STAGES = STAGES[:4]
 
 
 def run_stages(gm: GraphModule, ctx: CompileContext, stages=STAGES) -> None:

@@ -203,8 +203,8 @@ def test_ops_table_registers_attention_kernels():
     from sparsecc.codegen.block_attention import block_sparse_attention_op, streaming_attention_op
 
     pytest.importorskip("triton")
-    assert ops.TRITON_KERNELS["streaming_attention"]() == (streaming_attention_op, ("cuda",))
-    assert ops.TRITON_KERNELS["block_sparse_attention"]() == (block_sparse_attention_op, ("cuda",))
+    assert ops.triton_kernel("streaming_attention", torch.device("cuda")) is streaming_attention_op
+    assert ops.triton_kernel("block_sparse_attention", torch.device("cuda")) is block_sparse_attention_op
     assert ops.triton_kernel("streaming_attention", torch.device("cpu")) is None
 
 
@@ -286,8 +286,8 @@ def test_gpu_prefill_every_autotune_config(layout):
     d, s, scale = 128 if layout == "streaming" else 64, 1000, 0.09
     q, k, v = make_qkv(17, 1, 8, 2, s, s, d, torch.bfloat16, "cuda")
     if layout == "streaming":
-        kw = dict(sinks=ba._rule_vectors((16,) * 8, (300,) * 8, q.device)[0],
-                  windows=ba._rule_vectors((16,) * 8, (300,) * 8, q.device)[1])
+        kw = dict(sinks=ba.rule_vectors((16,) * 8, (300,) * 8, q)[0],
+                  windows=ba.rule_vectors((16,) * 8, (300,) * 8, q)[1])
         ref = streaming_attention_ref(q.float(), k.float(), v.float(), sink=[16], window=[300], scale=scale,
                                       causal=True)
         configs = kern._configs(128, tma=kern.tma_supported(k, v))

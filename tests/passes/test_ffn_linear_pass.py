@@ -64,8 +64,18 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
         seen.append(wd.stride())
         return activation_sparse.gate_sparse_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau=tau)
 
-    monkeypatch.setitem(ops.TRITON_KERNELS, "threshold_linear", lambda: (fake_linear, ("cpu",)))
-    monkeypatch.setitem(ops.TRITON_KERNELS, "gate_sparse_ffn", lambda: (fake_ffn, ("cpu",)))
+    # The records' kernels become these CPU stand-ins: every reader (the op bodies, the compiler's kernel check)
+    # looks the record up by name or through its module's global at call time.
+    import dataclasses
+    import sys
+    from sparsecc.codegen import linear_ops
+    monkeypatch.setitem(sys.modules, "sparsecc_test_kernels", type(sys)("sparsecc_test_kernels"))
+    sys.modules["sparsecc_test_kernels"].fake_linear, sys.modules["sparsecc_test_kernels"].fake_ffn = fake_linear, fake_ffn
+    for attr, fn in (("THRESHOLD_LINEAR", "fake_linear"), ("GATE_SPARSE_FFN", "fake_ffn")):
+        stand_in = dataclasses.replace(getattr(linear_ops, attr), kernel=f"sparsecc_test_kernels:{fn}",
+                                       devices=("cpu",))
+        monkeypatch.setattr(linear_ops, attr, stand_in)
+        monkeypatch.setitem(ops.RECORDS, stand_in.name, stand_in)
     torch.manual_seed(9)
     ffn = zoo.GatedSiluFFN().eval()
     x = torch.randn(1, tokens, 32)

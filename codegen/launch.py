@@ -1,0 +1,75 @@
+"""How the kernel wrappers launch Triton kernels so that Inductor can trace them.
+
+A wrapper runs in two situations:
+
+* **called on real tensors** (eagerly, by a test, a benchmark, or an op that
+  stays opaque): it launches the kernel itself, through Triton's launcher;
+* **traced** by ``torch.compile`` (AOTAutograd's functionalization hands the op
+  fake tensors): every launch must go through :func:`torch.library.wrap_triton`,
+  which records the kernel, its grid and its arguments in the graph, and
+  Inductor then launches it from its own generated wrapper code.
+
+:func:`launcher` picks the right form from the tensors the wrapper was given,
+so one wrapper serves both. Wrapping in the first case would go through the
+tracing machinery on every call (about a millisecond) for nothing.
+
+While tracing, a wrapper must not keep device tensors in a host-side cache
+(they would be fake) nor read device values back: :func:`tracing` lets it tell,
+and :func:`round_to_dtype` rounds a threshold without creating a tensor.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import torch
+
+__all__ = ["tracing", "launcher", "round_to_dtype"]
+
+
+def tracing(*tensors: Any) -> bool:
+    """True when any of ``tensors`` is a fake (or functionalized fake) tensor: the op is being traced."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(isinstance(t, torch.Tensor) and is_fake(t) for t in tensors)
+
+
+def launcher(kernel: Any, *like: Any) -> Any:
+    """``kernel`` itself for real tensors ``like``, ``torch.library.wrap_triton(kernel)`` while tracing.
+
+    Index the result with the grid and call it with the kernel's arguments, as
+    one would the kernel. Under ``TRITON_INTERPRET=1`` kernels are never traced
+    (the interpreter runs on the CPU, where the compiler emits the references).
+    """
+    if tracing(*like):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def round_to_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (round to nearest, ties to even), as a Python float.
+
+    torch compares ``|x| > tau`` with ``tau`` converted to x's dtype; the
+    kernels compare in float32 against this same rounded value, so both keep
+    exactly the same channels. Computed without a tensor, so it also runs while
+    the op is traced.
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return float(value)
+    # torch converts a Python float to float32 first, then to the narrower type (two roundings).
+    try:
+        as_float32 = struct.unpack("<f", struct.pack("<f", float(value)))[0]
+    except OverflowError:
+        as_float32 = float("inf") if value > 0 else float("-inf")
+    if dtype == torch.float16:
+        try:
+            return struct.unpack("<e", struct.pack("<e", as_float32))[0]
+        except OverflowError:
+            return float("inf") if as_float32 > 0 else float("-inf")
+    if dtype == torch.bfloat16:
+        bits = struct.unpack("<I", struct.pack("<f", as_float32))[0]
+        if (bits & 0x7F800000) != 0x7F800000:   # finite: round the low 16 bits to nearest, ties to even
+            bits += 0x7FFF + ((bits >> 16) & 1)
+        return struct.unpack("<f", struct.pack("<I", bits & 0xFFFF0000))[0]
+    return as_float32

@@ -1,0 +1,208 @@
+"""Ops traced into Inductor's graph: which calls decompose, which stay opaque, and (GPU) that Inductor's
+generated code launches the sparse kernels itself with the numbers of docs/spec.md.
+
+CPU: a record whose kernel is a CPU stand-in shows the decomposition (the op disappears from the graph
+AOTAutograd hands the compiler, its body's ops take its place); the crossover branch on symbolic shapes
+and the reference path keep the op; the registry's schemas and typed arguments.
+GPU (``gpu`` marker): streaming decode attention, the TEAL GEMV and the CATS FFN compiled through
+``backend="sparsecc"`` leave no ``torch.ops.sparsecc`` call in Inductor's code, launch the kernels by
+name, and match float64 oracles built from explicit keep masks.
+"""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsecc.codegen import linear_ops, ops
+from sparsecc.codegen.attention_ops import (STREAMING_ATTENTION, BlockSparseAttentionArgs, StreamingAttentionArgs)
+from sparsecc.codegen.linear_ops import THRESHOLD_LINEAR, ThresholdLinearArgs
+
+
+def _aot_graphs(fn, *args, dynamic=False):
+    """The forward graphs AOTAutograd produces for ``fn(*args)`` (after functionalization), as code."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs = []
+
+    def backend(gm, inputs):
+        def keep(g, _):
+            graphs.append(g.code)
+            return g
+        return aot_module_simplified(gm, inputs, fw_compiler=keep)
+
+    with torch.no_grad():
+        out = torch.compile(fn, backend=backend, dynamic=dynamic)(*args)
+    return out, graphs
+
+
+@pytest.fixture
+def cpu_threshold_kernel(monkeypatch):
+    """THRESHOLD_LINEAR with a CPU 'kernel' made of torch ops (x masked by hand, then F.linear)."""
+    module = type(sys)("sparsecc_cpu_stand_in")
+
+    def kernel(x, weight, bias, tau):
+        return F.linear(x * (x.abs() > tau), weight, bias)
+
+    module.kernel = kernel
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    stand_in = dataclasses.replace(THRESHOLD_LINEAR, kernel=f"{module.__name__}:kernel", devices=("cpu",))
+    monkeypatch.setattr(linear_ops, "THRESHOLD_LINEAR", stand_in)
+    monkeypatch.setitem(ops.RECORDS, stand_in.name, stand_in)
+    return stand_in
+
+
+def test_a_call_with_a_kernel_is_traced_into_the_graph(cpu_threshold_kernel):
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    op = ops.op("threshold_linear")
+    out, graphs = _aot_graphs(lambda x, w: op(x, w, None, 0.5, "auto"), x, w)
+    assert graphs and "sparsecc" not in graphs[0], graphs[0]
+    assert "aten.mm" in graphs[0] or "aten.addmm" in graphs[0] or "aten.linear" in graphs[0], graphs[0]
+    expected = (x.double() * (x.double().abs() > 0.5)) @ w.double().t()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_calls_stay_one_opaque_op(cpu_threshold_kernel):
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    op = ops.op("threshold_linear")
+    _, graphs = _aot_graphs(lambda x, w: op(x, w, None, 0.5, "reference"), x, w)
+    assert "sparsecc.threshold_linear" in graphs[0]
+    assert THRESHOLD_LINEAR.launch_mode(ThresholdLinearArgs(0.5, "reference"), x.device, False)[0] == "opaque"
+    assert cpu_threshold_kernel.launch_mode(ThresholdLinearArgs(0.5, "auto"), x.device, False) == ("inductor", "")
+
+
+def test_without_a_kernel_for_the_device_the_op_stays_opaque():
+    q = torch.randn(1, 2, 8, 16)
+    k = torch.randn(1, 1, 8, 16)
+    op = ops.op("streaming_attention")
+    out, graphs = _aot_graphs(lambda q, k: op(q, k, k, None, 0.25, True, [2], [4], 0, "auto"), q, k)
+    assert "sparsecc.streaming_attention" in graphs[0]
+    mode, reason = STREAMING_ATTENTION.launch_mode(StreamingAttentionArgs(0.25, True, (2,), (4,)), q.device, False)
+    assert mode == "opaque" and "no Triton kernel for cpu" in reason
+
+
+def test_a_crossover_on_symbolic_shapes_keeps_the_runtime_branch():
+    args = StreamingAttentionArgs(0.25, True, (2,), (4,), dense_below=64)
+    cuda = torch.device("cuda")
+    mode, reason = STREAMING_ATTENTION.launch_mode(args, cuda, symbolic=True)
+    if STREAMING_ATTENTION.kernel_function(cuda) is None:
+        pytest.skip("no Triton: the op has no kernel to trace")
+    assert mode == "opaque" and "crossover" in reason
+    assert STREAMING_ATTENTION.launch_mode(args, cuda, symbolic=False) == ("inductor", "")
+    assert STREAMING_ATTENTION.launch_mode(dataclasses.replace(args, dense_below=0), cuda, True) == ("inductor", "")
+
+
+def test_records_give_schemas_and_check_their_arguments():
+    assert ops.record("streaming_attention").schema() == (
+        "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int[] sink, int[] window, "
+        "int dense_below=0, str impl=\"auto\") -> Tensor")
+    assert "Tensor? up_col_idx=None" in ops.record("block_sparse_linear").schema()
+    with pytest.raises(KeyError, match="streaming_attention"):
+        ops.record("streaming")
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(TypeError, match="StreamingAttentionArgs"):
+        STREAMING_ATTENTION.flatten({"q": q, "k": q, "v": q}, BlockSparseAttentionArgs(1.0, True, 4, 1, 0, 0, 0))
+    with pytest.raises(TypeError, match="missing tensor inputs"):
+        STREAMING_ATTENTION.flatten({"q": q}, StreamingAttentionArgs(1.0, True, (1,), (2,)))
+    with pytest.raises(ValueError, match="impl='fast'"):
+        STREAMING_ATTENTION(StreamingAttentionArgs(1.0, True, (1,), (2,), impl="fast"), q=q, k=q, v=q)
+
+
+def test_a_record_call_equals_the_positional_op_call():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 12, 16), torch.randn(2, 2, 12, 16)
+    args = StreamingAttentionArgs(0.25, True, (2, 1, 0, 3), (4, 4, -1, 2), impl="reference")
+    by_record = STREAMING_ATTENTION(args, q=q, k=k, v=k)
+    positional = ops.op("streaming_attention")(q, k, k, None, 0.25, True, [2, 1, 0, 3], [4, 4, -1, 2], 0,
+                                               "reference")
+    assert torch.equal(by_record, positional)
+
+
+# ---------------------------------------------------------------- GPU: Inductor launches the kernels
+
+def _inductor_code(compiled, *args):
+    from torch._inductor.utils import run_and_get_code
+    out, sources = run_and_get_code(compiled, *args)
+    return out, "\n".join(sources)
+
+
+class _DecodeAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+@pytest.mark.gpu
+def test_streaming_decode_launches_from_inductors_code():
+    import sparsecc
+
+    torch.manual_seed(0)
+    b, h, hkv, d, sk, sink, window = 2, 8, 2, 64, 700, 16, 128
+    dev = torch.device("cuda")
+    q = torch.randn(b, h, 1, d, device=dev, dtype=torch.float16)
+    k = torch.randn(b, hkv, sk, d, device=dev, dtype=torch.float16)
+    v = torch.randn(b, hkv, sk, d, device=dev, dtype=torch.float16)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": sink, "window": window}]}
+    compiled = torch.compile(_DecodeAttention(), backend="sparsecc", options={"spec": spec})
+    out, code = _inductor_code(compiled, q, k, v)
+    sites = [s for s in sparsecc.last_report().sites if s.applied]
+    assert sites and sites[0].attrs.get("launch") == "inductor", sites
+    assert "torch.ops.sparsecc" not in code and "_decode_split_kernel" in code
+    # docs/spec.md, streaming, queries at the end: the one query sits at position sk - 1
+    p = sk - 1
+    j = torch.arange(sk, device=dev)
+    keep = (j < sink) | ((p - j).abs() < window)
+    kk, vv = k.double().repeat_interleave(h // hkv, 1), v.double().repeat_interleave(h // hkv, 1)
+    logits = (q.double() @ kk.transpose(-1, -2)) * d ** -0.5
+    expected = logits.masked_fill(~keep, float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+
+
+class _FFN(torch.nn.Module):
+    def __init__(self, hidden=256, inner=512):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inner, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inner, bias=False)
+        self.down_proj = torch.nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["input", "gate"])
+def test_decode_ffn_ops_launch_from_inductors_code(mode):
+    import sparsecc
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    ffn = _FFN().to(dev, torch.float16).eval()
+    x = torch.randn(1, 1, 256, device=dev, dtype=torch.float16)
+    wg, wu, wd = (m.weight.double() for m in (ffn.gate_proj, ffn.up_proj, ffn.down_proj))
+    xd = x.double()
+
+    def oracle(tau):
+        """docs/spec.md in float64, and the smallest distance of a thresholded value to tau."""
+        if mode == "input":   # every thresholded projection input v becomes v * (|v| > tau)
+            xk = xd * (xd.abs() > tau)
+            hidden = F.silu(xk @ wg.t()) * (xk @ wu.t())
+            scores = torch.cat([xd.abs().flatten(), hidden.abs().flatten()])
+            return (hidden * (hidden.abs() > tau)) @ wd.t(), (scores - tau).abs().min()
+        a = F.silu(xd @ wg.t())   # gate mode: act(x Wg) kept where |act| > tau
+        return ((a * (a.abs() > tau)) * (xd @ wu.t())) @ wd.t(), (a.abs() - tau).abs().min()
+
+    # A threshold no value sits near, so fp16 rounding cannot move an element across it.
+    tau = next(t / 1000 for t in range(500, 900, 7) if oracle(t / 1000)[1] > 2e-3)
+    expected = oracle(tau)[0]
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "mode": mode, "threshold": tau}]}
+    compiled = torch.compile(ffn, backend="sparsecc", options={"spec": spec})
+    with torch.no_grad():
+        out, code = _inductor_code(compiled, x)
+    sites = [s for s in sparsecc.last_report().sites if s.applied and s.kind == "ffn"]
+    assert sites and sites[0].attrs.get("launch") == "inductor", sites
+    assert "torch.ops.sparsecc" not in code
+    assert ("_threshold_gemv_kernel" if mode == "input" else "_gate_up_kernel") in code
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
