@@ -209,9 +209,18 @@ def attention_rows(emit) -> None:
         chain, single = make(CHAIN), make(1)
         host[name] = host_us_per_op(lambda: chain(qt, kt, vt), lambda: single(qt, kt, vt))
     host_profile(lambda: sparse(q, k, v), os.path.join(OUT_DIR, "profile_attention.txt"))
+    with open(os.path.join(OUT_DIR, "code_attention.py"), "w") as fh:
+        fh.write(code)
+    # the same with Inductor's C++ wrapper (backend option cpp_wrapper)
+    cpp = sparse_compile(DecodeAttention(), streaming_spec(), cpp_wrapper=True)
+    cpp(q, k, v)
+    cpp_chain = sparse_compile(DecodeAttentionChain(CHAIN), streaming_spec(16, 64), cpp_wrapper=True)
+    cpp_single = sparse_compile(DecodeAttentionChain(1), streaming_spec(16, 64), cpp_wrapper=True)
+    t["sparse_cpp"] = bench(lambda: cpp(q, k, v))
+    host["sparse_cpp"] = host_us_per_op(lambda: cpp_chain(qt, kt, vt), lambda: cpp_single(qt, kt, vt))
     emit(dict(workload="decode attention B8 KV32K sink128+window4096", launched_by_inductor=in_wrapper,
               max_err=err, **{f"{k_}_ms": v_ for k_, v_ in t.items()},
-              host_us_sparse=host["sparse"], host_us_dense=host["dense"]))
+              host_us_sparse=host["sparse"], host_us_dense=host["dense"], host_us_sparse_cpp=host["sparse_cpp"]))
 
 
 def ffn_rows(emit, dtype=torch.float16) -> None:
@@ -250,6 +259,8 @@ def ffn_rows(emit, dtype=torch.float16) -> None:
             host_sparse = host_us_per_op(lambda: small[CHAIN](xs), lambda: small[1](xs))
             if (mode, sparsity) == ("input", 0.9):
                 host_profile(lambda: sparse(x), os.path.join(OUT_DIR, "profile_ffn_input90.txt"))
+                with open(os.path.join(OUT_DIR, "code_ffn_input90.py"), "w") as fh:
+                    fh.write(code)
             emit(dict(workload=f"one-token FFN 4096x14336 {mode} {int(sparsity * 100)}%",
                       launched_by_inductor=in_wrapper, rel_err_vs_dense=rel,
                       sparse_ms=t["sparse"], sparse_graph_ms=t["sparse_graph"], dense_ms=t_dense,
@@ -259,6 +270,10 @@ def ffn_rows(emit, dtype=torch.float16) -> None:
 def table(rows) -> str:
     lines = ["| workload | in Inductor's wrapper | normal x dense (Inductor) | graph x dense (graph) | "
              "normal / graph | host us per op: sparse / dense |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "sparse_cpp_ms" in r:
+            lines.append(f"| {r['workload']}, cpp_wrapper | yes | {r['dense_ms'] / r['sparse_cpp_ms']:.2f} | | "
+                         f"{r['sparse_graph_ms'] / r['sparse_cpp_ms']:.2f} | {r['host_us_sparse_cpp']:.1f} / |")
     for r in rows:
         lines.append(f"| {r['workload']} | {'yes' if r['launched_by_inductor'] else 'no'} | "
                      f"{r['dense_ms'] / r['sparse_ms']:.2f} | {r['dense_graph_ms'] / r['sparse_graph_ms']:.2f} | "

@@ -369,8 +369,10 @@ def mask_args(m4: Optional[Tensor], q: Tensor, b: int, h: int, sq: int, sk: int)
     if m4 is None:
         return q, (0, 0, 0, 0), False, False
     m = m4.expand(b, h, sq, sk)
-    if m.dtype == torch.bool:
-        m = m.view(torch.uint8)  # same storage; Triton reads bytes
+    if m.dtype == torch.bool and not tracing(q):
+        # Same storage, read as bytes. While traced the bool tensor goes as is (a pointer to i1, one byte per
+        # element): Inductor cannot lower a bool-to-uint8 view.
+        m = m.view(torch.uint8)
     return m, tuple(m.stride()), True, m4.dtype == torch.bool
 
 
@@ -498,13 +500,17 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     unlimited = sk + sq + 1
     win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
     snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
-    sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
     if sq <= DECODE_MAX_Q:
         from sparsecc.codegen import decode_attention
 
         if decode_attention.decode_supported(sinks, windows, group, sq):
-            return decode_attention.streaming_decode(q, k, v, m4, scale, causal, sinks_t, windows_t, return_lse,
+            # One rule for all heads goes to the kernel as scalars: no vectors (while traced, each would be a
+            # constant Inductor copies to the device on every call).
+            vectors = rule_vectors(tuple(snk), tuple(win), q) if decode_attention.per_head_rules(snk, win) else \
+                (None, None)
+            return decode_attention.streaming_decode(q, k, v, m4, scale, causal, *vectors, return_lse,
                                                      out=out, rules=(snk, win))
+    sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
     return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
 
 

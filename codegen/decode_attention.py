@@ -60,8 +60,8 @@ def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, s
 def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O_PART, L_PART,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
-                         n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split,
-                         GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                         n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split, sink_all, window_all,
+                         PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                          HAS_POS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """One split of one (batch, kv head): attend the packed rows to kept blocks ``[t0, t1)``.
@@ -97,8 +97,13 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O_PART, L_PART,
     q = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
 
     # Kept key blocks of this kv head (all rows share its sink/window): sink blocks then window blocks.
-    sink = tl.load(SINK + kvh * GROUP)
-    window = tl.load(WINDOW + kvh * GROUP)
+    # One rule for every head comes as two scalars (no per-head vectors to build or read per call).
+    if PER_HEAD:
+        sink = tl.load(SINK + kvh * GROUP)
+        window = tl.load(WINDOW + kvh * GROUP)
+    else:
+        sink = sink_all
+        window = window_all
     p0 = offset
     p1 = offset + seq_q - 1
     if CAUSAL:
@@ -268,9 +273,14 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     unlimited = sk + sq + 1
     win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
     snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
-    sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
+    sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q) if per_head_rules(snk, win) else (None, None)
     return streaming_decode(q, k, v, m4, scale, True, sinks_t, windows_t, out=out, rules=(snk, win),
                             query_end=query_end)
+
+
+def per_head_rules(sinks: Sequence[int], windows: Sequence[int]) -> bool:
+    """True when the heads' rules differ (the decode kernel then reads per-head vectors)."""
+    return len(set(sinks)) > 1 or len(set(windows)) > 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,13 +292,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
-                     sinks: Tensor, windows: Tensor, return_lse: bool = False, out: Optional[Tensor] = None,
-                     rules: Optional[tuple] = None, query_end: Optional[Tensor] = None):
+                     sinks: Optional[Tensor], windows: Optional[Tensor], return_lse: bool = False,
+                     out: Optional[Tensor] = None, rules: Optional[tuple] = None,
+                     query_end: Optional[Tensor] = None):
     """Split-KV streaming attention for ``Sq <= 16`` query rows; returns out (and the natural-log lse).
 
     ``sinks``/``windows`` are int32 per-head vectors in kernel form (an
     unlimited window encoded as ``Sk + Sq + 1``, as the prefill wrapper does);
-    heads of one kv group must share them (:func:`decode_supported`). ``m4`` is
+    heads of one kv group must share them (:func:`decode_supported`). When every head has the same rule the
+    kernel takes it as two scalars and the vectors may be None (``rules`` is then required). ``m4`` is
     the mask already viewed as 4-d, or None. ``out`` receives the output when given.
     ``rules`` are the same vectors as host lists, when the caller has them: reading
     them back from the device would sync the host on every decode step.
@@ -305,6 +317,9 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     block_d = max(MIN_TILE, triton.next_power_of_2(d))
     block_m = max(MIN_TILE, triton.next_power_of_2(group * sq))
     s_list, w_list = rules if rules is not None else (sinks.tolist(), windows.tolist())
+    per_head = len(set(s_list)) > 1 or len(set(w_list)) > 1
+    if per_head and (sinks is None or windows is None):
+        raise ValueError("streaming_decode: heads with different rules need the sinks/windows vectors")
     if query_end is not None:
         if not causal:
             raise ValueError("streaming_decode: query_end needs causal=True (positions past it are masked)")
@@ -322,10 +337,11 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     l_part = torch.empty(b * hkv * n_split, block_m, dtype=torch.float32, device=q.device)
     mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
     launcher(_split_kernel(), q)[(n_split, b * hkv)](
-        q, k, v, mask_t, sinks, windows, query_end if query_end is not None else sinks, o_part, l_part,
+        q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,
+        query_end if query_end is not None else q, o_part, l_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
-        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split,
-        GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_POS=query_end is not None,
+        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0],
+        PER_HEAD=per_head, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_POS=query_end is not None,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N, UPCAST_DOT=interpreting())
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
@@ -336,4 +352,4 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     return (out, lse) if return_lse else out
 
 
-__all__ = ["decode_supported", "streaming_decode", "streaming_decode_from_mask_op"]
+__all__ = ["decode_supported", "per_head_rules", "streaming_decode", "streaming_decode_from_mask_op"]

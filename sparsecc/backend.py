@@ -31,7 +31,8 @@ from sparsecc.spec import Spec, SpecError, load_spec
 
 log = logging.getLogger("sparsecc")
 
-ALLOWED_OPTIONS = ("spec", "report", "kernels", "cudagraphs", "check_weights", "fold_epilogues", "fuse_gate_up")
+ALLOWED_OPTIONS = ("spec", "report", "kernels", "cudagraphs", "cpp_wrapper", "check_weights", "fold_epilogues",
+                   "fuse_gate_up")
 # Options that change the rewritten graph (not only how it runs): the report shows them.
 GRAPH_OPTIONS = ("fold_epilogues", "fuse_gate_up")
 # SPARSECC_LOWERING=eager runs the rewritten FX graph without Inductor: for debugging a rewrite, and for
@@ -53,6 +54,7 @@ class BackendOptions:
     report: Any = None          # None/False, True, or a path ending .json/.md/.html
     kernels: str = "auto"
     cudagraphs: bool = False    # replay CUDA graphs from Inductor's cudagraph trees (decode is launch-bound)
+    cpp_wrapper: bool = False   # Inductor's C++ wrapper: the graph's launches run from C++ (less host time)
     check_weights: bool = False  # checksum every bound weight on every call (sees writes through .data)
     fold_epilogues: bool = True  # fold the pointwise chain after a block-sparse linear into its op
     fuse_gate_up: bool = True    # one op for a gated FFN's gate and up projections (needs fold_epilogues)
@@ -87,6 +89,9 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
     cudagraphs = options.get("cudagraphs", False)
     if not isinstance(cudagraphs, bool):
         raise SpecError(key="options.cudagraphs", value=cudagraphs, allowed="True or False")
+    cpp_wrapper = options.get("cpp_wrapper", False)
+    if not isinstance(cpp_wrapper, bool):
+        raise SpecError(key="options.cpp_wrapper", value=cpp_wrapper, allowed="True or False")
     check_weights = options.get("check_weights", False)
     if not isinstance(check_weights, bool):
         raise SpecError(key="options.check_weights", value=check_weights, allowed="True or False")
@@ -97,7 +102,7 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
             raise SpecError(key=f"options.{name}", value=value, allowed="True or False")
         switches[name] = value
     return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels,
-                          cudagraphs=cudagraphs, check_weights=check_weights, **switches)
+                          cudagraphs=cudagraphs, cpp_wrapper=cpp_wrapper, check_weights=check_weights, **switches)
 
 
 def _unwritable(path: str) -> Optional[str]:
@@ -209,7 +214,9 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
 
 
 def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict]:
-    """Inductor config patches for one graph: cudagraph trees when ``options["cudagraphs"]`` asks for them.
+    """Inductor config patches for one graph: cudagraph trees when ``options["cudagraphs"]`` asks for them, and
+    Inductor's C++ wrapper when ``options["cpp_wrapper"]`` does (the graph's launches, the sparse kernels'
+    included, then run from compiled C++ instead of Python: less host time per op, a longer first compile).
 
     The bound weight tensors (compressed weights, K-major copies, column
     norms) keep their addresses for the life of the compile and are refreshed
@@ -219,18 +226,19 @@ def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict
     carry the same mark for anything that reads it from them. Inductor itself
     skips cudagraphs for graphs on the CPU.
     """
+    patches = {"cpp_wrapper": True} if opts.cpp_wrapper else {}
     if not opts.cudagraphs:
-        return None
+        return patches or None
     if opts.kernels == "reference" and any(ctx.applied(site) for site in ctx.sites) \
             and _device_of(ctx.example_inputs).type == "cuda":
         # The reference forms read their layouts and weight tables on the host (.tolist(), data checks), which
         # a CUDA-graph capture forbids; the graph runs without CUDA graphs rather than failing at capture.
         log.warning("sparsecc: cudagraphs=True is ignored for a graph with sparse sites on the reference path "
                     "(kernels='reference' synchronises with the host); use kernels='auto' or 'triton'")
-        return None
+        return patches or None
     for tensor in ctx.extra_inputs:
         torch._dynamo.mark_static_address(tensor)
-    return {"triton.cudagraphs": True}
+    return {**patches, "triton.cudagraphs": True}
 
 
 def _with_weights(compiled, ctx: CompileContext, check_weights: bool = False):
