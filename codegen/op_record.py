@@ -196,8 +196,32 @@ class OpRecord:
         return self.op()(*self.flatten(tensors, args))
 
     def emit(self, graph: torch.fx.Graph, args: Any, **tensors: Any) -> torch.fx.Node:
-        """Insert one call of this op into ``graph`` (at its current insertion point) and return its node."""
-        return graph.call_function(self.op(), self.flatten(tensors, args))
+        """Insert one call of this op into ``graph`` (at its current insertion point) and return its node.
+
+        Trailing arguments equal to their defaults are left out, so a call reads as short as it can.
+        """
+        flat = list(self.flatten(tensors, args))
+        defaults = self._defaults()
+        names = self.param_names()
+        while flat and names[len(flat) - 1] in defaults and _same(flat[-1], defaults[names[len(flat) - 1]]):
+            flat.pop()
+        return graph.call_function(self.op(), tuple(flat))
+
+    def arguments(self, node: torch.fx.Node) -> Dict[str, Any]:
+        """Every argument of an emitted call ``node`` by name, defaults filled in (what a reader of a graph needs)."""
+        return dict(zip(self.param_names(), self.complete(tuple(node.args), dict(node.kwargs))))
+
+    def _defaults(self) -> Dict[str, Any]:
+        """Each defaulted parameter's default, as the op takes it (optional tensors default to None)."""
+        defaults = {f.name: _schema_value(f.default) for f in fields(self.args) if f.default is not dataclasses.MISSING}
+        trailing = True
+        for name in reversed(self.param_names()):   # an optional tensor has a default only in the trailing run
+            tensor = next((t for t in self.tensors if t.name == name), None)
+            if tensor is not None and tensor.optional and trailing:
+                defaults[name] = None
+            elif name not in defaults:
+                trailing = False
+        return defaults
 
     def kernel_function(self, device: torch.device) -> Optional[Callable]:
         """The kernel wrapper for ``device``, or None (no kernel for this device type, or Triton missing)."""
@@ -273,6 +297,13 @@ def _schema_default(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(str(v) for v in value) + "]"
     return repr(value)
+
+
+def _same(value: Any, default: Any) -> bool:
+    """``value`` is the default (identity for None, equality for plain values; never for a graph node)."""
+    if default is None or value is None:
+        return value is default
+    return not isinstance(value, torch.fx.Node) and type(value) is type(default) and value == default
 
 
 def _schema_value(value: Any) -> Any:

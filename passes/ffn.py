@@ -28,7 +28,6 @@ from sparsecc.passes.linear import SUPPORTED_DTYPES, LinearMatch, match_linear
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
-from sparsecc.weights import WeightBinding, register_binding
 
 # Probe points for naming an activation: dense enough to tell GELU from tanh-GELU (they differ by ~1e-3).
 _PROBE = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)
@@ -407,38 +406,9 @@ def k_major_copy(weight: torch.Tensor, in_out: bool = False) -> torch.Tensor:
         return (w if in_out else w.t()).contiguous()
 
 
-class DerivedBinding(WeightBinding):
-    """One tensor derived from one weight (column norms, a K-major copy), fed to the compiled graph like a
-    compressed weight; ``refresh`` re-derives it (instead of compressing) when the parameter changed."""
-
-    def derive(self, param: torch.Tensor):
-        """The derived tensor for the parameter's current values (no compression)."""
-        return [self.derive_fn(param, self.in_out)]
-
-
 def _bind_derived(ctx, lin: LinearMatch, what: str, derive) -> Node:
-    """A graph input holding ``derive(weight, in_out)`` of ``lin``'s weight, computed once here.
-
-    One per (weight, what) per graph. It is registered with the compile's
-    weight bindings, so it is passed on every call and re-derived when the
-    parameter changes after compile.
-    """
-    ref = lin.weight
-    for binding in ctx.bindings:
-        if getattr(binding, "derived_key", None) == (ref.qualname, what):
-            return binding.node
-    tensor = derive(ref.tensor, lin.in_out)
-    binding = DerivedBinding(ref.input_index, ref.tensor, None, (what,), [tensor],
-                            ref.tensor._version, ref.tensor.data_ptr(), ref.qualname, in_out=lin.in_out)
-    graph = ctx.gm.graph
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
-        node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_{what}")
-    node.meta["example_value"] = tensor
-    binding.derived_key, binding.node, binding.derive_fn = (ref.qualname, what), node, derive
-    ctx.bindings.append(binding)
-    register_binding(binding)
-    return node
+    """``derive(weight, in_out)`` of ``lin``'s weight as a bound graph input (the compile's binding service)."""
+    return ctx.bind_derived(lin.weight, lin.in_out, what, derive)
 
 
 def _bind_column_norms(ctx, lin: LinearMatch) -> Node:

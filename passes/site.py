@@ -116,4 +116,4 @@ class Rewrite:
     search: Callable[[GraphModule, Any], List[Site]]
     check: Callable[[Site, Any], Decision]
     replace: Callable[[GraphModule, Site, Decision, Any], None]
-    plan: Optional[Callable[[Site, Decision, Any], Any]] = None   # the plan stage's part (passes.plan)
+    plan: Callable[[Site, Decision, Any], Any]   # the plan stage's part: returns a passes.plan.Plan

@@ -35,7 +35,7 @@ from sparsecc.passes.fx_utils import UNRESOLVED, collect_params
 from sparsecc.passes.linear import LINEAR_REWRITES
 from sparsecc.passes.site import Decision, Rewrite, Site
 from sparsecc.report.model import Report, SiteRecord
-from sparsecc.weights import WeightBinding, compress, register_binding
+from sparsecc.weights import DerivedBinding, WeightBinding, compress, register_binding
 
 log = logging.getLogger("sparsecc")
 
@@ -91,6 +91,8 @@ class CompileContext:
             self._compressed[key] = compress(self._weight_of(site), form)
         return self._compressed[key]
 
+    # ---- weight bindings: the one service through which rewrites feed tensors made from weights to the graph
+
     def bind_weight(self, site: Site, form, fields: Tuple[str, ...]) -> List[Node]:
         """Add graph inputs for the compressed weight's ``fields``; return their placeholder nodes.
 
@@ -98,19 +100,39 @@ class CompileContext:
         every call, and ``WeightBinding.refresh`` updates them in place when
         the parameter changes.
         """
-        graph = self.gm.graph
         container = self.compressed_weight(site, form)
         tensors = [getattr(container, f) for f in fields]
         ref = site.match.weight
         binding = WeightBinding(ref.input_index, ref.tensor, form, fields, tensors, ref.tensor._version,
                                 ref.tensor.data_ptr(), ref.qualname, in_out=bool(site.match.in_out))
+        return self._bind(binding, ref.qualname, fields, tensors)
+
+    def bind_derived(self, ref, in_out: bool, what: str, derive: Callable) -> Node:
+        """A graph input holding ``derive(weight, in_out)`` of the weight ``ref`` (a ``ParamRef``), computed once.
+
+        One per (weight, what) per graph (a K-major copy, column norms); re-derived, not compressed, when the
+        parameter changes after compile (``DerivedBinding``).
+        """
+        for binding in self.bindings:
+            if getattr(binding, "derived_key", None) == (ref.qualname, what):
+                return binding.node
+        tensor = derive(ref.tensor, in_out)
+        binding = DerivedBinding(ref.input_index, ref.tensor, None, (what,), [tensor], ref.tensor._version,
+                                 ref.tensor.data_ptr(), ref.qualname, in_out=in_out)
+        binding.derived_key, binding.derive_fn = (ref.qualname, what), derive
+        binding.node = self._bind(binding, ref.qualname, (what,), [tensor])[0]
+        return binding.node
+
+    def _bind(self, binding: WeightBinding, qualname: str, fields: Sequence[str], tensors) -> List[Node]:
+        """Register ``binding`` and add one placeholder per tensor after the graph's last input."""
         self.bindings.append(binding)
         register_binding(binding)
+        graph = self.gm.graph
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]
         nodes = []
         for f, t in zip(fields, tensors):
             with graph.inserting_after(last):
-                node = graph.placeholder(f"sparsecc_{ref.qualname.replace('.', '_')}_{f}")
+                node = graph.placeholder(f"sparsecc_{qualname.replace('.', '_')}_{f}")
             node.meta["example_value"] = t
             nodes.append(node)
             last = node

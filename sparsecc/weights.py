@@ -325,6 +325,18 @@ class WeightBinding:
         self.fingerprint = weight_fingerprint(self.param)
 
 
+class DerivedBinding(WeightBinding):
+    """One tensor derived from one weight (column norms, a K-major copy), fed to the compiled graph like a
+    compressed weight; ``refresh`` re-derives it (instead of compressing) when the parameter changed.
+    ``derive_fn(param, in_out)`` makes it."""
+
+    derive_fn = None
+
+    def derive(self, param: torch.Tensor):
+        """The derived tensor for the parameter's current values (no compression)."""
+        return [self.derive_fn(param, self.in_out)]
+
+
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """A checksum of a weight's values: float64 sums of the values and of their magnitudes."""
     with torch.no_grad():

@@ -124,7 +124,7 @@ def test_a_failing_rewrite_falls_back_to_dense(monkeypatch, eager_lowering):
 
     def broken(*args):
         raise RuntimeError("synthetic failure")
-    rewrites = tuple(r if r.kind != "attention" else r.__class__(r.name, r.kind, r.search, r.check, broken)
+    rewrites = tuple(r if r.kind != "attention" else r.__class__(r.name, r.kind, r.search, r.check, broken, r.plan)
                      for r in pipeline.REWRITES)
     monkeypatch.setattr(pipeline, "REWRITES", rewrites)
     model = TinyModel().eval()
@@ -136,6 +136,36 @@ def test_a_failing_rewrite_falls_back_to_dense(monkeypatch, eager_lowering):
     torch.testing.assert_close(out, ref)
     site = [s for s in sparsecc.last_report().sites if s.kind == "attention"][0]
     assert not site.applied and "synthetic failure" in site.reason
+
+
+def test_a_failing_plan_falls_back_to_dense(monkeypatch, eager_lowering):
+    import sparsecc.pipeline as pipeline
+
+    def broken(*args):
+        raise RuntimeError("synthetic plan failure")
+    rewrites = tuple(r if r.kind != "attention" else r.__class__(r.name, r.kind, r.search, r.check, r.replace, broken)
+                     for r in pipeline.REWRITES)
+    monkeypatch.setattr(pipeline, "REWRITES", rewrites)
+    model = TinyModel().eval()
+    x = torch.randn(1, 8, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{"form": "streaming", "sink": 1, "window": 2}]}
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=spec)(x)
+        ref = model(x)
+    torch.testing.assert_close(out, ref)
+    site = [s for s in sparsecc.last_report().sites if s.kind == "attention"][0]
+    assert not site.applied and "the plan failed" in site.reason and "synthetic plan failure" in site.reason
+
+
+def test_the_report_shows_each_sites_plan(eager_lowering):
+    model = TinyModel().eval()
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{"form": "streaming", "sink": 1, "window": 2}]}
+    with torch.no_grad():
+        sparsecc.compile(model, spec=spec, kernels="reference")(torch.randn(1, 8, 32))
+    site = [s for s in sparsecc.last_report().sites if s.kind == "attention"][0]
+    assert site.applied
+    assert site.attrs["launch"] == "opaque"
+    assert site.attrs["plan"] == "streaming_attention: opaque (kernels='reference': the reference runs as one op)"
 
 
 def test_dynamic_shapes_with_sparse_ops(eager_lowering):
