@@ -188,9 +188,8 @@ def _estimate(site: Site, form, head_forms, ctx) -> Estimate:
     """The cost model's estimate; ``head_forms`` gives each head's form (None: dense)."""
     a = site.attrs
     margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
-    result = estimate_attention(
+    return estimate_attention(
         form, head_forms, batch=size_hint(a["batch"]), heads=size_hint(a["heads"]),
         kv_heads=size_hint(a["kv_heads"]), seq_q=size_hint(a["seq_q"]), seq_k=size_hint(a["seq_k"]),
         head_dim=size_hint(a["head_dim"]), dtype=site.dtype, causal=a["causal"], hw=ctx.hardware, margin=margin,
         symbolic_seq=not isinstance(a["seq_k"], int))
-    return Estimate.of(result)

@@ -70,7 +70,7 @@ def verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimat
         return fallback(form, rule_key, policy, f"kernels='triton' but no Triton kernel for {kernel_op} "
                         f"on {site.device.type}", estimate, **params)
     gain = f"predicted {estimate.speedup:.2f}x on {ctx.hardware.name}"
-    if estimate.crossover:
+    if estimate.crossover is not None:
         gain += f"; {estimate.crossover}"
     if policy == "force":
         impl = "triton kernel" if has_kernel and ctx.kernels != "reference" else "reference"

@@ -9,12 +9,12 @@ the sparse form is predicted to win by the margin, so the report can say
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import sympy as sp
 import torch
 
+from sparsecc.cost.estimate import Crossover, Estimate
 from sparsecc.cost.formulas import ELEM, Cost
 from sparsecc.cost.hardware import HardwareProfile
 
@@ -22,63 +22,17 @@ from sparsecc.cost.hardware import HardwareProfile
 CROSSOVER_SEARCH_MAX = 2 ** 24
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Dense and sparse FLOPs, bytes and seconds for one site."""
-
-    dense_flops: float
-    sparse_flops: float
-    dense_bytes: float
-    sparse_bytes: float
-    dense_time_s: float
-    sparse_time_s: float
-
-    @property
-    def speedup(self) -> float:
-        """Predicted dense time / sparse time."""
-        return self.dense_time_s / self.sparse_time_s if self.sparse_time_s > 0 else float("inf")
-
-
-@dataclass(frozen=True)
-class Crossover:
-    """Where a sparse form starts to pay along one size.
-
-    ``threshold`` is the smallest value of ``symbol`` from which sparse wins
-    (None when it never does within the search range; 1 when it always does).
-    """
-
-    symbol: str
-    threshold: Optional[int]
-
-    @property
-    def always(self) -> bool:
-        """Sparse wins at every size."""
-        return self.threshold == 1
-
-    @property
-    def never(self) -> bool:
-        """Sparse never wins."""
-        return self.threshold is None
-
-    def __str__(self) -> str:
-        if self.never:
-            return f"dense for every {self.symbol}"
-        if self.always:
-            return f"sparse for every {self.symbol}"
-        return f"sparse when {self.symbol} >= {self.threshold}"
-
-
 def _subs(expr, values: Dict[sp.Symbol, float]):
     return expr.subs(values) if hasattr(expr, "subs") else expr
 
 
 def predict(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype,
-            values: Dict[sp.Symbol, float]) -> Prediction:
-    """Evaluate both costs with every symbol in ``values`` substituted."""
+            values: Dict[sp.Symbol, float]) -> Estimate:
+    """Evaluate both costs with every symbol in ``values`` substituted (no crossover, no worst count)."""
     values = {**values, ELEM: torch.tensor([], dtype=dtype).element_size()}
     numbers = [float(_subs(e, values)) for e in (dense.total_flops, sparse.total_flops, dense.total_bytes,
                                                  sparse.total_bytes)]
-    return Prediction(*numbers, dense.seconds(hw, dtype, values), sparse.seconds(hw, dtype, values))
+    return Estimate(*numbers, dense.seconds(hw, dtype, values), sparse.seconds(hw, dtype, values))
 
 
 def crossover(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype, values: Dict[sp.Symbol, float],
