@@ -5,13 +5,11 @@ import math
 import pytest
 import torch
 from hypothesis import given
-import sympy as sp
 from hypothesis import strategies as st
 
 from sparsecc.codegen.block_sparse_linear import pick_config
 from sparsecc.cost import H100_SXM, PROFILES, estimate_attention, estimate_linear, profile_for
-from sparsecc.cost.efficiency import efficiency, kernel_seconds, provenance, table
-from sparsecc.cost.formulas import Cost
+from sparsecc.cost.efficiency import efficiency, provenance, table
 from sparsecc.cost.sites import attention_costs, estimate_ffn
 from sparsecc.cost.hardware import CPU, measure_profile, save_profile
 from sparsecc.forms import BlockSparse, BlockWeights, Streaming, TwoFour
@@ -128,24 +126,6 @@ def test_linear_decision_matches_direct_evaluation(tokens, k, n, density, bf16):
     assert (est.speedup >= 1.05) == (dense / sparse >= 1.05)
 
 
-@given(flops=st.floats(1e3, 1e15), nbytes=st.floats(1e3, 1e12), steps=st.floats(0.5, 1e4),
-       programs=st.integers(1, 10_000), family=st.sampled_from(sorted(table()["families"])))
-def test_numeric_twin_matches_the_sympy_time(flops, nbytes, steps, programs, family):
-    # the refit scores candidate tables with kernel_seconds; the package decides with Cost.time
-    cost = Cost(sp.Float(flops), sp.Float(nbytes), 2, family, steps=sp.Float(steps), programs=sp.Integer(programs))
-    symbolic = float(cost.time(H100_SXM, torch.bfloat16))
-    numeric = kernel_seconds(efficiency(family), flops=flops, nbytes=nbytes, launches=2,
-                             peak=H100_SXM.peak(torch.bfloat16), bandwidth=H100_SXM.bandwidth,
-                             launch_overhead_s=H100_SXM.launch_overhead_s, sm_count=H100_SXM.sm_count, steps=steps,
-                             programs=programs)
-    assert symbolic == pytest.approx(numeric, rel=1e-9)
-    eager = kernel_seconds(efficiency(family), flops=flops, nbytes=nbytes, launches=2,
-                           peak=H100_SXM.peak(torch.bfloat16), bandwidth=H100_SXM.bandwidth,
-                           launch_overhead_s=H100_SXM.launch_overhead_s, sm_count=H100_SXM.sm_count, steps=steps,
-                           programs=programs, host=False)
-    assert eager <= numeric
-
-
 @given(seq=st.integers(1, 200_000), window=st.integers(1, 16384), sink=st.integers(0, 512))
 def test_attention_density_is_a_fraction_and_block_sparse_is_bounded(seq, window, sink):
     est = _attn(Streaming(sink, window), seq)
@@ -208,24 +188,3 @@ def test_shipped_table_has_every_family_the_formulas_use():
             "attention_estimate"} <= families
     prov = provenance()
     assert prov["device"] and prov["date"] and prov["commit"]
-
-
-@given(seq=st.integers(1, 200_000), window=st.integers(1, 8192), sink=st.integers(0, 512),
-       tokens=st.integers(1, 8192), density=st.sampled_from([0.05, 0.25, 0.5, 0.9]))
-def test_numeric_seconds_equal_the_symbolic_time(seq, window, sink, tokens, density):
-    """``Cost.seconds`` (what ``predict`` uses) is ``Cost.time`` with the sizes substituted."""
-    from sparsecc.cost.formulas import ELEM
-    from sparsecc.cost.sites import B, D, H, HKV, K, M, N, SK, SQ, linear_costs
-
-    dtype = torch.bfloat16
-    cases = [(attention_costs(Streaming(sink=sink, window=window), None, True),
-              {B: 1, H: 32, HKV: 8, SQ: seq, SK: seq, D: 128}),
-             (attention_costs(BlockSparse(block=128, local_blocks=2, global_blocks=1), None, True),
-              {B: 1, H: 32, HKV: 8, SQ: seq, SK: seq, D: 128})]
-    for form in (BlockWeights(block=(64, 64), density=density), TwoFour()):
-        cases.append((linear_costs(form, tokens=tokens), {M: tokens, K: 4096, N: 14336}))
-    for (dense, sparse), values in cases:
-        values = {**values, ELEM: 2}
-        for cost in (dense, sparse):
-            symbolic = float(cost.time(H100_SXM, dtype).subs(values))
-            assert math.isclose(cost.seconds(H100_SXM, dtype, values), symbolic, rel_tol=1e-9), (cost, values)
