@@ -20,11 +20,10 @@ KEEP_CPU_DENSE = True
 
 
 def last_rule(site: Site, ctx):
-    """The last spec rule whose glob matches the site's module (later rules override earlier ones)."""
+    """The spec rule that decides a one-form site (``Spec.resolve``: the last one whose glob matches its module)."""
     if ctx.spec is None:
         return None
-    rules = ctx.spec.matching(site.kind, site.module)
-    return rules[-1] if rules else None
+    return ctx.spec.resolve(site.kind, site.module)
 
 
 def site_rule(site: Site, ctx):
