@@ -59,20 +59,6 @@ class Cost:
     programs: Optional[sp.Expr] = None
     extra: Tuple["Cost", ...] = ()
 
-    @property
-    def total_flops(self) -> sp.Expr:
-        """FLOPs of this kernel and its extra kernels."""
-        return self.flops + sum((e.total_flops for e in self.extra), sp.Integer(0))
-
-    @property
-    def total_bytes(self) -> sp.Expr:
-        """Bytes of this kernel and its extra kernels."""
-        return self.bytes + sum((e.total_bytes for e in self.extra), sp.Integer(0))
-
-    def seconds(self, hw: HardwareProfile, dtype: torch.dtype, values: Dict[sp.Symbol, float]) -> float:
-        """Predicted seconds on ``hw`` at concrete sizes: ``kernel_seconds`` of this kernel and its extra kernels."""
-        return kernels_seconds(self.kernels(values), hw, dtype)
-
     def chain(self) -> List["Cost"]:
         """This kernel, then its extra kernels (depth first): the order of ``kernels``."""
         return [self] + [k for e in self.extra for k in e.chain()]
