@@ -56,23 +56,19 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         return no_rule()
     # docs/spec.md: a rule whose phase excludes this site (prefill: more than one query; decode: one) does not
     # cover it at all, so a decode rule and a prefill rule can share modules.
-    at_phase = [r for r in rules if r.applies_at(site.attrs["seq_q"])]
+    seq_q = site.attrs["seq_q"]
+    at_phase = ctx.spec.matching("attention", site.module, seq_q)
     if not at_phase:
         keys = ", ".join(r.key for r in rules)
-        here = "decode (one query)" if site.attrs["seq_q"] == 1 else "prefill (more than one query)"
+        here = "decode (one query)" if seq_q == 1 else "prefill (more than one query)"
         phases = " / ".join(sorted({r.phase for r in rules}))
         return Decision(False, None, f"{keys} apply at {phases} only; this site is {here}", rule=keys,
                         policy=ctx.spec.policy_for(rules[-1]))
     rules = at_phase
     heads = size_hint(site.attrs["heads"])
-    per_head = [None] * heads           # the rule in force for each head
-    ignored = set()
-    for rule in rules:
-        for h in (rule.heads if rule.heads is not None else range(heads)):
-            if h < heads:
-                per_head[h] = rule
-            else:
-                ignored.add(h)
+    # docs/spec.md: each head's rule is the last rule in force that covers it (None: no rule covers the head)
+    per_head = [ctx.spec.resolve("attention", site.module, h, seq_q) for h in range(heads)]
+    ignored = {h for rule in rules if rule.heads is not None for h in rule.heads if h >= heads}
     resolved.append(per_head)
     in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
     if not in_force:
@@ -188,9 +184,8 @@ def _estimate(site: Site, form, head_forms, ctx) -> Estimate:
     """The cost model's estimate; ``head_forms`` gives each head's form (None: dense)."""
     a = site.attrs
     margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
-    result = estimate_attention(
+    return estimate_attention(
         form, head_forms, batch=size_hint(a["batch"]), heads=size_hint(a["heads"]),
         kv_heads=size_hint(a["kv_heads"]), seq_q=size_hint(a["seq_q"]), seq_k=size_hint(a["seq_k"]),
         head_dim=size_hint(a["head_dim"]), dtype=site.dtype, causal=a["causal"], hw=ctx.hardware, margin=margin,
         symbolic_seq=not isinstance(a["seq_k"], int))
-    return Estimate.of(result)

@@ -20,11 +20,10 @@ KEEP_CPU_DENSE = True
 
 
 def last_rule(site: Site, ctx):
-    """The last spec rule whose glob matches the site's module (later rules override earlier ones)."""
+    """The spec rule that decides a one-form site (``Spec.resolve``: the last one whose glob matches its module)."""
     if ctx.spec is None:
         return None
-    rules = ctx.spec.matching(site.kind, site.module)
-    return rules[-1] if rules else None
+    return ctx.spec.resolve(site.kind, site.module)
 
 
 def site_rule(site: Site, ctx):
@@ -70,7 +69,7 @@ def verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimat
         return fallback(form, rule_key, policy, f"kernels='triton' but no Triton kernel for {kernel_op} "
                         f"on {site.device.type}", estimate, **params)
     gain = f"predicted {estimate.speedup:.2f}x on {ctx.hardware.name}"
-    if estimate.crossover:
+    if estimate.crossover is not None:
         gain += f"; {estimate.crossover}"
     if policy == "force":
         impl = "triton kernel" if has_kernel and ctx.kernels != "reference" else "reference"

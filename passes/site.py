@@ -1,4 +1,4 @@
-"""The data every rewrite shares: sites, decisions, estimates and the rewrite triple.
+"""The data every rewrite shares: sites, decisions and the rewrite triple (estimates: ``sparsecc.cost.Estimate``).
 
 A rewrite family (attention, ffn, linear) is a table of ``Rewrite`` entries.
 Each entry is a search -> check -> replace triple:
@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch.fx import GraphModule, Node
 
+# The cost model's estimate is the one estimate type: decisions carry it and the report embeds it as it is.
+from sparsecc.cost.estimate import Estimate
 from sparsecc.forms import Form
 
 log = logging.getLogger("sparsecc")
@@ -62,34 +64,6 @@ class Site:
     def label(self) -> str:
         """Readable identifier, e.g. ``attention @ layers.0.self_attn``."""
         return f"{self.kind} @ {self.module or '<root>'}"
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Roofline estimate of a site, dense and with the form applied."""
-
-    dense_flops: float
-    sparse_flops: float
-    dense_bytes: float
-    sparse_bytes: float
-    dense_time_s: float
-    sparse_time_s: float
-    density: float
-    crossover: Optional[str] = None   # e.g. "sparse when seq_k >= 3712", for symbolic sizes
-    crossover_at: Optional[int] = None  # the threshold itself (None: no crossover computed or never)
-
-    @staticmethod
-    def of(site_estimate) -> "Estimate":
-        """From a ``sparsecc.cost.SiteEstimate``."""
-        p, cross = site_estimate.prediction, site_estimate.crossover
-        return Estimate(p.dense_flops, p.sparse_flops, p.dense_bytes, p.sparse_bytes, p.dense_time_s,
-                        p.sparse_time_s, site_estimate.density, str(cross) if cross else None,
-                        cross.threshold if cross else None)
-
-    @property
-    def speedup(self) -> float:
-        """Predicted dense time / sparse time."""
-        return self.dense_time_s / self.sparse_time_s if self.sparse_time_s > 0 else float("inf")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable
 
 import torch
 
@@ -11,9 +11,6 @@ from sparsecc.backend import explain_graph, parse_options, sparsecc_backend
 from sparsecc.forms import ActivationThreshold
 from sparsecc.report.model import Report
 from sparsecc.spec import Rule, Spec, SpecError, load_spec
-
-# |x| samples kept per module per batch for calibration; bounds memory on long sequences.
-CALIBRATION_SAMPLES_PER_BATCH = 1 << 20
 
 
 def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bool = False,
@@ -110,25 +107,24 @@ def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kw
     return sink
 
 
-def _glob_escape(path: str) -> str:
-    """A glob that matches exactly ``path`` (brackets, * and ? escaped)."""
-    return "".join(f"[{c}]" if c in "[]*?" else c for c in path)
-
-
 def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
     """Fill thresholds for ``activation_threshold`` rules that give a target ``sparsity``.
 
-    For each FFN site such a rule covers, tau is the ``sparsity`` quantile of
+    For each FFN site such a rule decides, tau is the ``sparsity`` quantile of
     |x| over the batches: the FFN input (input mode: shared by gate/up, or
     W1) and the down projection's input, or act(gate) (gate mode). With
     ``criterion = "weighted"`` the quantile is of the score |x_i| * ||W[:, i]||_2
-    (the scores of gate and up pooled for the shared input). Returns a
-    new Spec with one rule per calibrated site appended (later rules
-    override), so the result saves and loads like any spec. Each batch is a
-    tuple of positional arguments, a dict of keyword arguments, or a tensor.
+    (the scores of gate and up pooled for the shared input). The scores are
+    those ``sparsecc.tune`` measures (``sparsecc.tune.capture.score_samples``),
+    so both give one threshold for one target. Returns a new Spec with one rule
+    per calibrated site appended (later rules override), so the result saves
+    and loads like any spec. Each batch is a tuple of positional arguments, a
+    dict of keyword arguments, or a tensor.
     """
     from tqdm.auto import tqdm
-    from sparsecc.codegen.activation_sparse import ACTIVATIONS
+    from sparsecc.tune.capture import (linear_layouts, quantile_tau, score_samples, site_projections,
+                                       split_batch)
+    from sparsecc.tune.tuner import glob_escape
 
     spec = load_spec(spec)
     if spec is None:
@@ -136,104 +132,38 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate needs at least one batch")
-    args, kwargs = _split_batch(batches[0])
+    args, kwargs = split_batch(batches[0])
     report = explain(model, *args, spec=spec, **kwargs)
     modules = dict(model.named_modules())
-    # Weight layout per owning module, for the column norms of the weighted criterion.
-    in_out = {s.module: s.attrs.get("weight_layout") == "in_out" for s in report.sites if s.kind == "linear"}
-    targets = []   # (site record, rule, {projection: module path, tensor role})
+    layout = linear_layouts(report)
+    targets = []   # (site module, its rule, its projections)
     for site in report.sites:
-        if site.kind != "ffn":
+        if site.kind != "ffn" or any(site.module == t[0] for t in targets):
             continue
-        rules = spec.matching("ffn", site.module)
-        if not rules or not isinstance(rules[-1].form, ActivationThreshold) or rules[-1].form.sparsity is None:
+        rule = spec.resolve("ffn", site.module)
+        if rule is None or not isinstance(rule.form, ActivationThreshold) or rule.form.sparsity is None:
             continue
-        targets.append((site, rules[-1]))
-    if not targets:
+        try:
+            projections = site_projections(site, modules, layout, rule.form.mode)
+        except ValueError as e:
+            raise ValueError(f"calibrate: {e}") from None
+        targets.append((site.module, rule, projections))
+    criteria = {p: rule.form.criterion for _, rule, projections in targets for p in projections}
+    if not criteria:
         return spec
-    samples: Dict[tuple, List[torch.Tensor]] = {}
-    hooks = []
-    for site, rule in targets:
-        form = rule.form
-        linears = site.attrs.get("linear_modules", "").split(",")
-        if form.mode == "input" and getattr(form, "criterion", "magnitude") == "weighted":
-            for path in linears:   # first, [up,] down: each scores x with its own column norms
-                proj = "down" if path == linears[-1] else "input"
-                hooks.append(_sample_hook(modules, path, (site.module, proj), samples, use_output=False,
-                                          weighted_in_out=in_out.get(path, False)))
-        elif form.mode == "input":
-            first, down = linears[0], linears[-1]
-            hooks.append(_sample_hook(modules, first, (site.module, "input"), samples, use_output=False))
-            hooks.append(_sample_hook(modules, down, (site.module, "down"), samples, use_output=False))
-        else:
-            act = ACTIVATIONS.get(site.attrs.get("activation"))
-            if act is None:
-                continue
-            hooks.append(_sample_hook(modules, linears[0], (site.module, "gate"), samples, use_output=True,
-                                      transform=act, half=site.attrs.get("gate_half")))
-    try:
-        with torch.no_grad():
-            for batch in tqdm(batches, desc="sparsecc calibrate", disable=not progress):
-                a, k = _split_batch(batch)
-                model(*a, **k)
-    finally:
-        for h in hooks:
-            h.remove()
+    scores = score_samples(model, tqdm(batches, desc="sparsecc calibrate", disable=not progress), list(criteria),
+                           criteria)
     new_rules = list(spec.ffn)
-    for site, rule in targets:
+    for path, rule, projections in targets:
         form = rule.form
-        taus = {}
-        for proj in ("input", "down", "gate"):
-            chunks = samples.get((site.module, proj))
-            if chunks:
-                values = torch.cat(chunks).float()
-                k = max(1, min(values.numel(), int(round(form.sparsity * values.numel()))))
-                taus[proj] = float(values.kthvalue(k).values)
+        taus = {p.key: quantile_tau(scores[p], form.sparsity) for p in projections}
+        taus = {key: tau for key, tau in taus.items() if tau is not None}
         if not taus:
             continue
-        extra = {"criterion": form.criterion} if hasattr(form, "criterion") else {}
         calibrated = ActivationThreshold(mode=form.mode, thresholds=tuple(sorted(taus.items())),
-                                         sparsity=form.sparsity, **extra)
+                                         sparsity=form.sparsity, criterion=form.criterion)
         # A model that is itself the FFN has the empty module path, which no glob spells; "*" matches it
         # (and, the root being the only FFN such a model has, nothing else).
-        modules = _glob_escape(site.module) if site.module else "*"
-        new_rules.append(Rule(kind="ffn", index=len(new_rules), form=calibrated, modules=modules,
+        new_rules.append(Rule(kind="ffn", index=len(new_rules), form=calibrated, modules=glob_escape(path),
                               policy=rule.policy))
     return spec.with_rules("ffn", new_rules)
-
-
-def _split_batch(batch):
-    if isinstance(batch, dict):
-        return (), batch
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    return (batch,), {}
-
-
-def _sample_hook(modules, path, key, samples, use_output, transform=None, half=None, weighted_in_out=None):
-    module = modules.get(path)
-    if not isinstance(module, torch.nn.Module) or not hasattr(module, "weight"):
-        raise ValueError(f"calibrate: the FFN projection owned by {path!r} is not a Linear-like module, "
-                         "so its input cannot be hooked")
-    norms = None
-    if weighted_in_out is not None:
-        from sparsecc.passes.ffn import column_norms
-        norms = column_norms(module.weight, weighted_in_out)
-
-    def record(tensor):
-        x = tensor.detach()
-        if half is not None:
-            x = x.chunk(2, dim=-1)[half]
-        if transform is not None:
-            x = transform(x.double())
-        if norms is not None:   # the weighted score, in float32 as the op computes it
-            x = x.abs().float() * norms.to(x.device)
-        flat = x.abs().flatten().float()
-        if flat.numel() > CALIBRATION_SAMPLES_PER_BATCH:
-            stride = flat.numel() // CALIBRATION_SAMPLES_PER_BATCH
-            flat = flat[::stride]
-        samples.setdefault(key, []).append(flat.cpu())
-
-    if use_output:
-        return module.register_forward_hook(lambda mod, inp, out: record(out))
-    return module.register_forward_pre_hook(lambda mod, inp: record(inp[0]))

@@ -100,7 +100,7 @@ def test_cost_estimate_counts_the_per_call_estimate():
     topk = estimate_attention(BlockTopK(block=64, topk=8), None, **shape)
     # Same kept blocks as a static band of sink + topk + local + 1 blocks, plus the estimate's work.
     static = estimate_attention(BlockSparse(block=64, local_blocks=11), None, **shape)
-    assert topk.prediction.sparse_flops > static.prediction.sparse_flops
+    assert topk.sparse_flops > static.sparse_flops
     assert 0 < topk.density < 0.1
     cdf = estimate_attention(BlockTopK(block=64, cdf=0.9), None, **shape)
     assert 0.2 < cdf.density < 0.25

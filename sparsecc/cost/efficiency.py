@@ -4,8 +4,9 @@ The table lives in ``efficiency.json`` beside this file, with its provenance
 (device, date, commit, how it was obtained). ``bench/costmodel.py`` refits it
 from measured kernel times (``--write`` on the GPU, ``--refit-from`` offline).
 
-One kernel's predicted time (``kernel_seconds``; ``Cost.time`` builds the same
-expression in sympy)::
+One kernel's predicted time, defined once, on plain numbers (``kernel_seconds``:
+``predict`` at a site's sizes, the crossover search along a symbolic length and
+the refit all call it)::
 
     compute = FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute(FLOPs) * occupancy)
     memory  = bytes / (bandwidth * memory * occupancy)
@@ -30,8 +31,6 @@ import math
 import os
 from dataclasses import dataclass
 from typing import Optional
-
-import sympy as sp
 
 # Compute efficiency moves from compute_small to compute_large between these FLOP counts (log-linear),
 # so predicted time never jumps at a size-class boundary.
@@ -60,14 +59,9 @@ class Efficiency:
         if self.tile_overhead < 0:
             raise ValueError(f"efficiency tile_overhead={self.tile_overhead!r} must be >= 0")
 
-    def compute(self, flops) -> sp.Expr:
-        """Compute efficiency at ``flops`` (a number or sympy expression)."""
-        lo, hi = sp.log(SMALL_FLOPS, 10), sp.log(LARGE_FLOPS, 10)
-        t = sp.Min(1, sp.Max(0, (sp.log(flops, 10) - lo) / (hi - lo)))
-        return self.compute_small + (self.compute_large - self.compute_small) * t
-
-    def compute_numeric(self, flops: float) -> float:
-        """``compute`` for a plain number (the refit evaluates thousands of candidate tables)."""
+    def compute(self, flops: float) -> float:
+        """Compute efficiency at ``flops``: log-linear from ``compute_small`` at SMALL_FLOPS to ``compute_large``
+        at LARGE_FLOPS, constant outside."""
         lo, hi = math.log10(SMALL_FLOPS), math.log10(LARGE_FLOPS)
         t = min(1.0, max(0.0, (math.log10(max(flops, 1.0)) - lo) / (hi - lo)))
         return self.compute_small + (self.compute_large - self.compute_small) * t
@@ -76,13 +70,13 @@ class Efficiency:
 def kernel_seconds(eff: Efficiency, *, flops: float, nbytes: float, launches: int, peak: float, bandwidth: float,
                    launch_overhead_s: float, sm_count: int, steps: Optional[float] = None,
                    programs: Optional[float] = None, host: bool = True) -> float:
-    """Predicted seconds of one kernel from plain numbers: the numeric twin of ``Cost.time``.
+    """Predicted seconds of one kernel from plain numbers: the one definition of a kernel's time.
 
     ``host`` False drops the per-call floor (a call replayed from a CUDA graph).
     """
     occupancy = 1.0 if programs is None else min(1.0, programs / sm_count)
     stretch = 1.0 if steps is None or steps <= 0 else 1.0 + eff.tile_overhead / steps
-    compute = flops * stretch / (peak * eff.compute_numeric(flops) * occupancy) if flops > 0 else 0.0
+    compute = flops * stretch / (peak * eff.compute(flops) * occupancy) if flops > 0 else 0.0
     memory = nbytes / (bandwidth * eff.memory * occupancy)
     return max(compute, memory, eff.floor_s if host else 0.0) + launches * launch_overhead_s
 

@@ -1,22 +1,24 @@
-"""FLOPs, bytes and predicted time of every form and its dense counterpart, as sympy expressions.
+"""FLOPs, bytes, inner-loop steps and programs of every form and its dense counterpart, as sympy expressions.
 
 Shapes are sympy symbols (or numbers), so one formula serves static shapes
-(substitute and evaluate) and symbolic ones (solve for the crossover).
-Attention work is counted in key/value blocks of ``ATTENTION_BLOCK`` tokens,
-the granularity the kernels work at: that is where causality, the sink and
-window geometry and block rounding enter.
+(substitute and evaluate) and symbolic ones (keep the sequence length free and
+search for the crossover). Attention work is counted in key/value blocks of
+``ATTENTION_BLOCK`` tokens, the granularity the kernels work at: that is where
+causality, the sink and window geometry and block rounding enter.
 
-Predicted time = max(FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute * occupancy),
-                     bytes / (bandwidth * eff_memory * occupancy), floor) + launches * launch_overhead,
-with the efficiencies of the kernel family from ``efficiency.json`` (see
-``sparsecc.cost.efficiency`` for each term).
+Time is not a sympy expression: the work is evaluated to plain numbers first
+(``Cost.kernels``, ``Cost.kernels_along``) and each kernel's time comes from
+the one definition, ``sparsecc.cost.efficiency.kernel_seconds``::
+
+    max(FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute * occupancy),
+        bytes / (bandwidth * eff_memory * occupancy), floor) + launches * launch_overhead
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import sympy as sp
 import torch
@@ -57,45 +59,53 @@ class Cost:
     programs: Optional[sp.Expr] = None
     extra: Tuple["Cost", ...] = ()
 
-    @property
-    def total_flops(self) -> sp.Expr:
-        """FLOPs of this kernel and its extra kernels."""
-        return self.flops + sum((e.total_flops for e in self.extra), sp.Integer(0))
-
-    @property
-    def total_bytes(self) -> sp.Expr:
-        """Bytes of this kernel and its extra kernels."""
-        return self.bytes + sum((e.total_bytes for e in self.extra), sp.Integer(0))
-
-    def time(self, hw: HardwareProfile, dtype: torch.dtype) -> sp.Expr:
-        """Predicted seconds on ``hw`` as an expression of the remaining symbols (``kernel_seconds`` in sympy)."""
-        eff = efficiency(self.family)
-        occupancy = 1 if self.programs is None else sp.Min(1, self.programs / hw.sm_count)
-        stretch = 1 if self.steps is None or eff.tile_overhead == 0 else 1 + eff.tile_overhead / self.steps
-        compute = self.flops * stretch / (hw.peak(dtype) * eff.compute(self.flops) * occupancy)
-        memory = self.bytes / (hw.bandwidth * eff.memory * occupancy)
-        own = sp.Max(compute, memory, eff.floor_s) + self.launches * hw.launch_overhead_s
-        return own + sum((e.time(hw, dtype) for e in self.extra), sp.Integer(0))
-
-    def seconds(self, hw: HardwareProfile, dtype: torch.dtype, values: Dict[sp.Symbol, float]) -> float:
-        """``time`` at concrete sizes, as a plain number.
-
-        Substitutes ``values`` into FLOPs, bytes, steps and programs first and
-        adds up ``kernel_seconds`` per kernel (``side_seconds``): the same formula, without building
-        the symbolic ``Max`` of ``time`` (sympy spends about a second per
-        attention site simplifying it, which a compile of a deep model would pay
-        per layer).
-        """
-        return side_seconds(self.kernels(values), efficiency, peak=hw.peak(dtype), bandwidth=hw.bandwidth,
-                            launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count)
+    def chain(self) -> List["Cost"]:
+        """This kernel, then its extra kernels (depth first): the order of ``kernels``."""
+        return [self] + [k for e in self.extra for k in e.chain()]
 
     def kernels(self, values: Dict[sp.Symbol, float]) -> List[dict]:
         """This kernel and its extra kernels as plain numbers (``values`` substituted), for the refit."""
         def num(expr):
             return None if expr is None else float(expr.subs(values) if hasattr(expr, "subs") else expr)
-        own = dict(family=self.family, flops=num(self.flops), nbytes=num(self.bytes), launches=self.launches,
-                   steps=num(self.steps), programs=num(self.programs))
-        return [own] + [k for e in self.extra for k in e.kernels(values)]
+        return [dict(family=c.family, flops=num(c.flops), nbytes=num(c.bytes), launches=c.launches,
+                     steps=num(c.steps), programs=num(c.programs)) for c in self.chain()]
+
+    def kernels_along(self, values: Dict[sp.Symbol, float],
+                      along: Sequence[sp.Symbol]) -> Callable[[int], List[dict]]:
+        """``kernels`` as a function of one size: every symbol in ``along`` takes its argument, ``values`` the rest.
+
+        The crossover search evaluates a site at a few dozen lengths; each work
+        expression is substituted once and compiled (``sympy.lambdify``), so a
+        call costs microseconds where ``kernels`` (a ``subs`` per expression)
+        costs tens of milliseconds.
+        """
+        size = sp.Symbol("size", positive=True, integer=True)
+        subs = {**{k: v for k, v in values.items() if k not in along}, **{a: size for a in along}}
+
+        def compiled(expr):
+            if expr is None:
+                return None
+            fn = sp.lambdify(size, sp.sympify(expr).subs(subs), modules=[_LAMBDIFY_NAMES, "math"])
+            return lambda v: float(fn(v))
+
+        parts = [(c.family, c.launches, compiled(c.flops), compiled(c.bytes), compiled(c.steps),
+                  compiled(c.programs)) for c in self.chain()]
+
+        def at(v: int) -> List[dict]:
+            return [dict(family=family, flops=flops(v), nbytes=nbytes(v), launches=launches,
+                         steps=None if steps is None else steps(v), programs=None if programs is None else programs(v))
+                    for family, launches, flops, nbytes, steps, programs in parts]
+        return at
+
+
+# How lambdify's generated code evaluates the functions the work expressions use (plain Python numbers).
+_LAMBDIFY_NAMES = {"ceiling": math.ceil, "Max": max, "Min": min}
+
+
+def kernels_seconds(kernels: Sequence[dict], hw: HardwareProfile, dtype: torch.dtype) -> float:
+    """Predicted seconds of ``kernels`` (``Cost.kernels`` dicts) on ``hw`` with the shipped efficiency table."""
+    return side_seconds(kernels, efficiency, peak=hw.peak(dtype), bandwidth=hw.bandwidth,
+                        launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count)
 
 
 def _prefix_min(n, per_row):

@@ -1,84 +1,37 @@
 """Predictions and crossovers: evaluate the formulas for a site, or solve where sparse starts to pay.
 
 ``predict`` substitutes a site's sizes into the dense and sparse cost
-formulas. ``crossover`` keeps one size symbolic (the sequence length, for a
-site compiled with dynamic shapes) and finds the smallest value from which
-the sparse form is predicted to win by the margin, so the report can say
-"sparse when seq_k >= 3712" and the compiled op can branch on it at run time.
+formulas and times them with ``kernel_seconds``. ``crossover`` keeps one size
+free (the sequence length, for a site compiled with dynamic shapes) and
+searches the smallest value from which the sparse form is predicted to win by
+the margin, timing each candidate with the same ``kernel_seconds``, so the
+report can say "sparse when seq_k >= 3712" and the compiled op can branch on it
+at run time (``dense_below``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import sympy as sp
 import torch
 
-from sparsecc.cost.formulas import ELEM, Cost
+from sparsecc.cost.estimate import Crossover, Estimate
+from sparsecc.cost.formulas import ELEM, Cost, kernels_seconds
 from sparsecc.cost.hardware import HardwareProfile
 
 # Crossovers are searched over [1, 2**24]: 16M tokens is past any sequence we compile for.
 CROSSOVER_SEARCH_MAX = 2 ** 24
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Dense and sparse FLOPs, bytes and seconds for one site."""
-
-    dense_flops: float
-    sparse_flops: float
-    dense_bytes: float
-    sparse_bytes: float
-    dense_time_s: float
-    sparse_time_s: float
-
-    @property
-    def speedup(self) -> float:
-        """Predicted dense time / sparse time."""
-        return self.dense_time_s / self.sparse_time_s if self.sparse_time_s > 0 else float("inf")
-
-
-@dataclass(frozen=True)
-class Crossover:
-    """Where a sparse form starts to pay along one size.
-
-    ``threshold`` is the smallest value of ``symbol`` from which sparse wins
-    (None when it never does within the search range; 1 when it always does).
-    """
-
-    symbol: str
-    threshold: Optional[int]
-
-    @property
-    def always(self) -> bool:
-        """Sparse wins at every size."""
-        return self.threshold == 1
-
-    @property
-    def never(self) -> bool:
-        """Sparse never wins."""
-        return self.threshold is None
-
-    def __str__(self) -> str:
-        if self.never:
-            return f"dense for every {self.symbol}"
-        if self.always:
-            return f"sparse for every {self.symbol}"
-        return f"sparse when {self.symbol} >= {self.threshold}"
-
-
-def _subs(expr, values: Dict[sp.Symbol, float]):
-    return expr.subs(values) if hasattr(expr, "subs") else expr
-
-
 def predict(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype,
-            values: Dict[sp.Symbol, float]) -> Prediction:
-    """Evaluate both costs with every symbol in ``values`` substituted."""
+            values: Dict[sp.Symbol, float]) -> Estimate:
+    """Evaluate both costs with every symbol in ``values`` substituted (no crossover, no worst count)."""
     values = {**values, ELEM: torch.tensor([], dtype=dtype).element_size()}
-    numbers = [float(_subs(e, values)) for e in (dense.total_flops, sparse.total_flops, dense.total_bytes,
-                                                 sparse.total_bytes)]
-    return Prediction(*numbers, dense.seconds(hw, dtype, values), sparse.seconds(hw, dtype, values))
+    dense_k, sparse_k = dense.kernels(values), sparse.kernels(values)
+    return Estimate(sum(k["flops"] for k in dense_k), sum(k["flops"] for k in sparse_k),
+                    sum(k["nbytes"] for k in dense_k), sum(k["nbytes"] for k in sparse_k),
+                    kernels_seconds(dense_k, hw, dtype), kernels_seconds(sparse_k, hw, dtype))
 
 
 def crossover(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype, values: Dict[sp.Symbol, float],
@@ -86,19 +39,18 @@ def crossover(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype
     """Smallest integer value of ``symbol`` from which ``sparse_time <= dense_time / margin``.
 
     ``values`` fixes the other symbols; symbols in ``tied`` take the same
-    value as ``symbol`` (seq_q = seq_k in prefill). The predicted times are
-    monotone in the sequence length for every form here, so the search is a
-    bisection on integers; the result is checked at the bracketing points.
+    value as ``symbol`` (seq_q = seq_k in prefill). Both times come from the
+    one kernel-time definition (``kernel_seconds``) at integer sizes, the same
+    numbers ``predict`` gives there. They are monotone in the sequence length
+    for every form here, so the search is a bisection on integers between a
+    losing and a winning size.
     """
     fixed = {**values, ELEM: torch.tensor([], dtype=dtype).element_size()}
-    fixed = {k: v for k, v in fixed.items() if k != symbol and k not in tied}
-    x = sp.Symbol(symbol.name, positive=True, integer=True)
-    subs = {symbol: x, **{t: x for t in tied}}
-    gap = (dense.time(hw, dtype) / margin - sparse.time(hw, dtype)).subs(fixed).subs(subs)
-    fn = sp.lambdify(x, gap, modules=["math", {"ceiling": _ceil, "Max": max, "Min": min}])
+    along = (symbol, *tied)
+    dense_at, sparse_at = dense.kernels_along(fixed, along), sparse.kernels_along(fixed, along)
 
     def wins(v: int) -> bool:
-        return fn(v) >= 0
+        return kernels_seconds(sparse_at(v), hw, dtype) <= kernels_seconds(dense_at(v), hw, dtype) / margin
 
     if wins(1):
         return Crossover(symbol.name, 1)
@@ -112,8 +64,3 @@ def crossover(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype
         else:
             lo = mid
     return Crossover(symbol.name, hi)
-
-
-def _ceil(value) -> int:
-    import math
-    return math.ceil(value)

@@ -1,15 +1,16 @@
 """Estimates for the three site families, in the shape ``check`` needs.
 
-Each function returns a ``SiteEstimate``: the prediction at the site's sizes
+Each function returns an ``Estimate``: the prediction at the site's sizes
 (hints for symbolic ones) and, when the sequence length is symbolic, the
-crossover along it. The ``*_costs`` builders return the dense and sparse
+crossover along it (when the token count is symbolic, the count it was
+judged at). The ``*_costs`` builders return the dense and sparse
 ``Cost`` pair behind an estimate (``bench/costmodel.py`` refits from them).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -17,27 +18,14 @@ import torch
 from sparsecc.cost.formulas import (B, D, H, HKV, K, M, N, SK, SQ, Cost, attention_blocks, attention_cost,
                                     gate_ffn_cost, linear_cost)
 from sparsecc.cost.hardware import HardwareProfile
-from sparsecc.cost.model import Crossover, Prediction, crossover, predict
+from sparsecc.cost.estimate import Estimate
+from sparsecc.cost.model import crossover, predict
 
 # Activation sparsity assumed when a rule gives a threshold but no target sparsity.
 ASSUMED_ACTIVATION_SPARSITY = 0.5
 # A linear or FFN site whose token count is symbolic may run at any count; it is judged at its worst
 # count among these (decode 1 .. long prefill 8192, the validated range) and its traced hint.
 SYMBOLIC_TOKEN_PROBES = (1, 4, 16, 128, 1024, 8192)
-
-
-@dataclass(frozen=True)
-class SiteEstimate:
-    """Prediction at the traced sizes, kept-work density, and the crossover when a size is symbolic.
-
-    ``worst_tokens`` is set when the token count is symbolic: the probed
-    count with the lowest predicted speedup, at which ``prediction`` is taken.
-    """
-
-    prediction: Prediction
-    density: float
-    crossover: Optional[Crossover] = None
-    worst_tokens: Optional[int] = None
 
 
 def _per_head_blocks(form, per_head: Optional[Sequence], seq_q, seq_k, causal: bool):
@@ -60,17 +48,15 @@ def attention_costs(form, per_head: Optional[Sequence], causal: bool) -> Tuple[C
 
 
 def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype: torch.dtype,
-                       causal: bool, hw: HardwareProfile, margin: float, symbolic_seq: bool) -> SiteEstimate:
+                       causal: bool, hw: HardwareProfile, margin: float, symbolic_seq: bool) -> Estimate:
     """Dense flash attention vs the form, per-head forms and a dynamic form's estimate pass included."""
     dense, sparse = attention_costs(form, per_head, causal)
     values = {B: batch, H: heads, HKV: kv_heads, SQ: seq_q, SK: seq_k, D: head_dim}
     prediction = predict(dense, sparse, hw, dtype, values)
-    density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0
-    cross = None
-    if symbolic_seq:
-        tied = (SQ,) if seq_q == seq_k else ()
-        cross = crossover(dense, sparse, hw, dtype, values, SK, margin, tied)
-    return SiteEstimate(prediction, density, cross)
+    if not symbolic_seq:
+        return prediction
+    tied = (SQ,) if seq_q == seq_k else ()
+    return replace(prediction, crossover=crossover(dense, sparse, hw, dtype, values, SK, margin, tied))
 
 
 def linear_costs(form, activation_sparsity=None, tokens=None) -> Tuple[Cost, Cost]:
@@ -86,13 +72,14 @@ def _probes(tokens: int, symbolic: bool):
     return sorted({tokens, *SYMBOLIC_TOKEN_PROBES}) if symbolic else [tokens]
 
 
-def _worst(predictions):
-    """(prediction, tokens) with the lowest predicted speedup."""
-    return min(predictions, key=lambda pt: pt[0].speedup)
+def _at_worst(probes, symbolic: bool) -> Estimate:
+    """The (estimate, tokens) probe with the lowest predicted speedup; a symbolic count records which it was."""
+    estimate, tokens = min(probes, key=lambda pt: pt[0].speedup)
+    return replace(estimate, worst_tokens=tokens) if symbolic else estimate
 
 
 def estimate_linear(form, *, tokens, in_features, out_features, dtype, hw: HardwareProfile,
-                    activation_sparsity=None, symbolic_tokens: bool = False) -> SiteEstimate:
+                    activation_sparsity=None, symbolic_tokens: bool = False) -> Estimate:
     """Dense GEMM vs a weight form or input activation sparsity.
 
     With ``symbolic_tokens`` the site may run at any token count and no
@@ -102,9 +89,7 @@ def estimate_linear(form, *, tokens, in_features, out_features, dtype, hw: Hardw
     """
     probes = [(predict(*linear_costs(form, activation_sparsity, t), hw, dtype, {N: out_features, K: in_features}),
                t) for t in _probes(tokens, symbolic_tokens)]
-    prediction, worst = _worst(probes)
-    density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0
-    return SiteEstimate(prediction, density, worst_tokens=worst if symbolic_tokens else None)
+    return _at_worst(probes, symbolic_tokens)
 
 
 def ffn_costs(linears, activation_sparsity: float, mode: str = "input") -> Tuple[Cost, Cost]:
@@ -128,17 +113,15 @@ def ffn_costs(linears, activation_sparsity: float, mode: str = "input") -> Tuple
 
 
 def estimate_ffn(linears, *, tokens, dtype, hw: HardwareProfile, activation_sparsity: float, mode: str = "input",
-                 symbolic_tokens: bool = False) -> SiteEstimate:
+                 symbolic_tokens: bool = False) -> Estimate:
     """The FFN's linears (``(in_features, out_features)`` pairs) dense vs with activation sparsity in ``mode``.
 
     ``symbolic_tokens`` as in ``estimate_linear``.
     """
     dense, sparse = ffn_costs(linears, activation_sparsity, mode)
     probes = [(predict(dense, sparse, hw, dtype, {M: t}), t) for t in _probes(tokens, symbolic_tokens)]
-    prediction, worst = _worst(probes)
-    density = prediction.sparse_flops / prediction.dense_flops if prediction.dense_flops else 1.0
-    return SiteEstimate(prediction, density, worst_tokens=worst if symbolic_tokens else None)
+    return _at_worst(probes, symbolic_tokens)
 
 
-__all__ = ["SiteEstimate", "ASSUMED_ACTIVATION_SPARSITY", "SYMBOLIC_TOKEN_PROBES", "attention_costs",
+__all__ = ["Estimate", "ASSUMED_ACTIVATION_SPARSITY", "SYMBOLIC_TOKEN_PROBES", "attention_costs",
            "estimate_attention", "linear_costs", "estimate_linear", "ffn_costs", "estimate_ffn"]

@@ -3,15 +3,61 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
+from sparsecc.cost.estimate import Crossover, Estimate
 from sparsecc.spec.schema import rule_sort_key  # noqa: F401 (part of this module's interface)
+
+
+class _FromEstimate:
+    """A figure of the embedded estimate under the report's name and unit (``dense_time_us``: seconds x 1e6).
+
+    Reading gives None when the site has no estimate. Assigning rebuilds the
+    embedded estimate with that figure: ``sparsecc.pipeline.build_report``
+    still copies the estimate in field by field, in this order, instead of
+    passing ``estimate=`` (a ``derived`` figure such as ``density`` follows
+    from the others, so assigning it changes nothing).
+    """
+
+    def __init__(self, attr: str, scale: float = 1.0, derived: bool = False):
+        self.attr, self.scale, self.derived = attr, scale, derived
+
+    def __get__(self, record, owner=None):
+        if record is None:
+            return self
+        estimate = record.estimate
+        if estimate is None:
+            return None
+        value = getattr(estimate, self.attr)
+        return value * self.scale if value is not None and self.scale != 1.0 else value
+
+    def __set__(self, record, value) -> None:
+        if self.derived:
+            return
+        if value is not None and self.scale != 1.0:
+            value = value / self.scale
+        base = record.estimate if record.estimate is not None else _NO_ESTIMATE
+        record.estimate = replace(base, **{self.attr: value})
+
+
+# The start of an estimate assembled field by field (see ``_FromEstimate``).
+_NO_ESTIMATE = Estimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+# Keys of an estimate in a site's JSON, in their order (the flat shape of earlier reports, plus crossover_at and
+# worst_tokens).
+ESTIMATE_KEYS = ("density", "dense_flops", "sparse_flops", "dense_bytes", "sparse_bytes", "dense_time_us",
+                 "sparse_time_us", "crossover", "crossover_at", "worst_tokens")
 
 
 @dataclass
 class SiteRecord:
-    """One site in the report (plain data: renderers and JSON need nothing else)."""
+    """One site in the report (plain data: renderers and JSON need nothing else).
+
+    ``estimate`` is the decision's ``sparsecc.cost.Estimate`` itself (None
+    when the site was never estimated); ``density``, ``dense_flops``, ...,
+    ``dense_time_us``, ``crossover`` (its text) and ``predicted_speedup`` read
+    it in the report's units.
+    """
 
     kind: str                  # "attention" | "ffn" | "linear"
     module: str                # qualified module path, as in model.named_modules()
@@ -28,25 +74,44 @@ class SiteRecord:
     attrs: Dict[str, Any] = field(default_factory=dict)
     graph: int = 0
     frame: Optional[int] = None   # the Dynamo frame whose graph holds the site (a recompile replaces its sites)
-    density: Optional[float] = None
-    dense_flops: Optional[float] = None
-    sparse_flops: Optional[float] = None
-    dense_bytes: Optional[float] = None
-    sparse_bytes: Optional[float] = None
-    dense_time_us: Optional[float] = None
-    sparse_time_us: Optional[float] = None
-    crossover: Optional[str] = None   # for symbolic sizes, e.g. "sparse when seq_k >= 3712"
+    estimate: Optional[Estimate] = None
+
+    density = _FromEstimate("density", derived=True)
+    dense_flops = _FromEstimate("dense_flops")
+    sparse_flops = _FromEstimate("sparse_flops")
+    dense_bytes = _FromEstimate("dense_bytes")
+    sparse_bytes = _FromEstimate("sparse_bytes")
+    dense_time_us = _FromEstimate("dense_time_s", 1e6)
+    sparse_time_us = _FromEstimate("sparse_time_s", 1e6)
+    worst_tokens = _FromEstimate("worst_tokens")
+    crossover_at = _FromEstimate("crossover_at", derived=True)
+
+    @property
+    def crossover(self) -> Optional[str]:
+        """For a symbolic sequence length, where sparse starts to win, e.g. "sparse when seq_k >= 3712"."""
+        cross = None if self.estimate is None else self.estimate.crossover
+        return None if cross is None else str(cross)
+
+    @crossover.setter
+    def crossover(self, value: Optional[Crossover]) -> None:
+        # build_report's field-by-field copy (see _FromEstimate) hands over the estimate's Crossover
+        if value is not None and not isinstance(value, Crossover):
+            raise TypeError(f"SiteRecord.crossover takes a sparsecc.cost.Crossover, not {type(value).__name__}")
+        base = self.estimate if self.estimate is not None else _NO_ESTIMATE
+        self.estimate = replace(base, crossover=value)
 
     @property
     def predicted_speedup(self) -> Optional[float]:
         """Estimated dense time / sparse time, when an estimate exists."""
-        if self.dense_time_us is None or not self.sparse_time_us:
+        if self.estimate is None or not self.estimate.sparse_time_s:
             return None
-        return self.dense_time_us / self.sparse_time_us
+        return self.estimate.speedup
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain-dict form (JSON-ready), including the predicted speedup."""
+        """Plain-dict form (JSON-ready): the fields, the estimate's figures flat beside them, the speedup."""
         d = asdict(self)
+        del d["estimate"]
+        d.update((key, getattr(self, key)) for key in ESTIMATE_KEYS)
         d["predicted_speedup"] = self.predicted_speedup
         return d
 

@@ -379,14 +379,25 @@ class Spec:
             raise _fail("kind", kind, "one of " + ", ".join(KINDS))
         return getattr(self, kind)
 
-    def matching(self, kind: str, module_path: str) -> List[Rule]:
-        """The rules of ``kind`` whose ``modules`` match ``module_path``, in spec order (the last one wins)."""
-        return [rule for rule in self.rules(kind) if rule.matches(module_path)]
+    def matching(self, kind: str, module_path: str, seq_q: Any = None) -> List[Rule]:
+        """The rules of ``kind`` whose ``modules`` match ``module_path``, in spec order (the last one wins).
 
-    def resolve(self, kind: str, module_path: str, head: Optional[int] = None) -> Optional[Rule]:
-        """The rule that decides a site (or one head of an attention site): the last matching one, or None."""
-        for rule in reversed(self.rules(kind)):
-            if rule.matches(module_path) and rule.covers_head(head):
+        With ``seq_q`` (a site's query count: an int, or symbolic for more
+        than one) only the rules whose ``phase`` covers that site: a rule of
+        the other phase does not cover it at all (docs/spec.md). None: every
+        phase.
+        """
+        return [rule for rule in self.rules(kind)
+                if rule.matches(module_path) and (seq_q is None or rule.applies_at(seq_q))]
+
+    def resolve(self, kind: str, module_path: str, head: Optional[int] = None, seq_q: Any = None) -> Optional[Rule]:
+        """The rule that decides a site (or one head of an attention site): the last covering one, or None.
+
+        ``head`` None counts only rules without ``heads``; ``seq_q`` as in
+        ``matching`` (rules whose phase excludes the site do not count).
+        """
+        for rule in reversed(self.matching(kind, module_path, seq_q)):
+            if rule.covers_head(head):
                 return rule
         return None
 

@@ -1,4 +1,5 @@
-"""Calibration plumbing shared by the tuner: batches, FFN projections, thresholding hooks, output errors.
+"""Calibration plumbing shared by ``sparsecc.calibrate`` and the tuner: batches, FFN projections, score samples,
+thresholding hooks, output errors.
 
 The tuner measures the model as it runs eagerly: forward pre-hooks on the
 projection modules apply exactly the thresholding the compiled op applies
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -21,7 +22,7 @@ from sparsecc.passes.ffn import column_norms
 
 CRITERIA = ("magnitude", "weighted")
 MODES = ("input", "gate")
-# Score samples kept per projection per batch: bounds memory on long calibration sets (quantiles stay exact
+# Score samples kept per projection module per batch: bounds memory on long calibration sets (quantiles stay exact
 # enough: 2^18 samples put a quantile within ~0.2% of its rank).
 SCORE_SAMPLES_PER_BATCH = 1 << 18
 
@@ -94,7 +95,8 @@ class Projection:
     input is masked), ``in_out`` their weight layouts, and ``weight_elements``
     the weights the threshold can skip (for ``gate`` the up and down weights):
     the weight of the average sparsity the tuner targets. ``act`` names the gate
-    activation (gate mode only).
+    activation and ``half`` which half of a fused gate_up output is the gate
+    (gate mode only; None: the gate projection's whole output).
     """
 
     site: str
@@ -103,6 +105,7 @@ class Projection:
     in_out: Tuple[bool, ...]
     weight_elements: int
     act: Optional[str] = None
+    half: Optional[int] = None
 
     @property
     def mode(self) -> str:
@@ -113,20 +116,65 @@ class Projection:
         return f"{self.site or '<root>'}:{self.key}"
 
 
-def ffn_projections(model, report, mode: str = "input") -> List[Projection]:
-    """The thresholdable projections of every FFN site in ``report`` (an ``explain`` report of ``model``).
+def linear_layouts(report) -> Dict[str, bool]:
+    """Per linear site's owner module in ``report``: True when its weight is stored ``[in, out]`` (GPT-2's Conv1D)."""
+    return {s.module: s.attrs.get("weight_layout") == "in_out" for s in report.sites if s.kind == "linear"}
 
-    ``mode="input"``: an ``input`` and a ``down`` projection per site.
-    ``mode="gate"``: one ``gate`` projection per gated site with separate gate
-    and up linears and an activation the gate-sparse op knows (others are left
-    out: the compiled form would fall back to dense there).
+
+def site_projections(site, modules: Dict[str, torch.nn.Module], layout: Dict[str, bool],
+                     mode: str = "input") -> List[Projection]:
+    """The thresholdable projections of one FFN site (a report's ``SiteRecord``) in ``mode``.
+
+    ``modules`` is the model's ``named_modules()``, ``layout`` its
+    ``linear_layouts``. Input mode: ``input`` (the first linear, and up) and
+    ``down``. Gate mode: one ``gate`` projection comparing the activated
+    output of the gate (W1 of a plain FFN; the gate half of a fused gate_up
+    linear) and masking the down projection's input; none when the gate-sparse
+    op does not know the activation (the compiled form falls back to dense
+    there). A projection whose owner is not a Linear-like module cannot be
+    hooked: a ValueError says which.
     """
     from sparsecc.codegen.activation_sparse import ACTIVATIONS
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not allowed; expected one of {MODES}")
+    paths = [p for p in str(site.attrs.get("linear_modules", "")).split(",") if p]
+    for path in paths:
+        if not hasattr(modules.get(path), "weight"):
+            raise ValueError(f"the FFN projection owned by {path!r} is not a Linear-like module, "
+                             "so its input cannot be hooked")
+    if len(paths) < 2:
+        raise ValueError(f"the FFN site {site.module!r} names {len(paths)} projection module(s); expected 2 or 3")
+    if mode == "gate":
+        act = site.attrs.get("activation")
+        if act not in ACTIVATIONS:
+            return []
+        gate, down = paths[0], paths[-1]
+        fused = bool(site.attrs.get("fused_gate_up"))
+        # the weights the gate can skip: up rows (the up half of a fused weight) and down columns
+        skipped = (modules[paths[1]].weight.numel() if len(paths) == 3 else
+                   modules[gate].weight.numel() // 2 if fused else 0) + modules[down].weight.numel()
+        return [Projection(site.module, "gate", (gate, down), (layout.get(gate, False), layout.get(down, False)),
+                           skipped, act=str(act), half=site.attrs.get("gate_half") if fused else None)]
+    out = []
+    for key, group in (("input", paths[:-1]), ("down", paths[-1:])):
+        elements = sum(modules[p].weight.numel() for p in group)
+        out.append(Projection(site.module, key, tuple(group), tuple(layout.get(p, False) for p in group), elements))
+    return out
+
+
+def ffn_projections(model, report, mode: str = "input") -> List[Projection]:
+    """The tuner's thresholdable projections of every FFN site in ``report`` (an ``explain`` report of ``model``).
+
+    ``mode="input"``: an ``input`` and a ``down`` projection per site.
+    ``mode="gate"``: one ``gate`` projection per gated site with separate gate
+    and up linears and an activation the gate-sparse op knows. Sites whose
+    projections cannot be hooked are left out.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; expected one of {MODES}")
     modules = dict(model.named_modules())
-    layout = {s.module: s.attrs.get("weight_layout") == "in_out" for s in report.sites if s.kind == "linear"}
+    layout = linear_layouts(report)
     out = []
     seen = set()
     for site in report.sites:
@@ -134,20 +182,12 @@ def ffn_projections(model, report, mode: str = "input") -> List[Projection]:
             continue
         seen.add(site.module)
         paths = [p for p in str(site.attrs.get("linear_modules", "")).split(",") if p]
-        if len(paths) < 2 or any(not hasattr(modules.get(p), "weight") for p in paths):
+        if mode == "gate" and (len(paths) != 3 or site.attrs.get("fused_gate_up")):
+            continue   # the tuner's gate mode covers gated sites with separate gate and up linears (docs/tune.md)
+        try:
+            out.extend(site_projections(site, modules, layout, mode))
+        except ValueError:
             continue
-        if mode == "gate":
-            if len(paths) != 3 or site.attrs.get("fused_gate_up") or site.attrs.get("activation") not in ACTIVATIONS:
-                continue
-            gate, up, down = paths
-            out.append(Projection(site.module, "gate", (gate, down), (layout.get(gate, False), layout.get(down, False)),
-                                  modules[up].weight.numel() + modules[down].weight.numel(),
-                                  act=str(site.attrs["activation"])))
-            continue
-        for key, group in (("input", paths[:-1]), ("down", paths[-1:])):
-            elements = sum(modules[p].weight.numel() for p in group)
-            out.append(Projection(site.module, key, tuple(group), tuple(layout.get(p, False) for p in group),
-                                  elements))
     return out
 
 
@@ -209,16 +249,14 @@ class ThresholdHooks:
 
     def _gate_hook(self, proj: Projection, masks: Dict[str, torch.Tensor]):
         """Forward hook on the gate projection: the neurons whose |act(gate)| passes tau, for the down pre-hook."""
-        from sparsecc.codegen.activation_sparse import ACTIVATIONS
-
         def hook(module, args, out):
             masks.pop("keep", None)
             tau = self.taus.get(proj)
             if tau is None and not self.counting:
                 return None
-            keep = ACTIVATIONS[proj.act](out).abs() > (0.0 if tau is None else tau)
+            keep = gate_scores(proj, out).abs() > (0.0 if tau is None else tau)
             if self.counting:
-                self._count(proj, keep if tau is not None else None, out.numel())
+                self._count(proj, keep if tau is not None else None, keep.numel())
             if tau is not None:
                 masks["keep"] = keep
             return None
@@ -236,6 +274,16 @@ class ThresholdHooks:
         return hook
 
 
+def gate_scores(proj: Projection, out: torch.Tensor) -> torch.Tensor:
+    """``act(gate)`` of a gate projection from its module's output (the gate half of a fused gate_up output), in
+    the output's dtype, as the gate-sparse op computes it."""
+    from sparsecc.codegen.activation_sparse import ACTIVATIONS
+
+    if proj.half is not None:
+        out = out.chunk(2, dim=-1)[proj.half]
+    return ACTIVATIONS[proj.act](out)
+
+
 def keep_mask(x: torch.Tensor, tau: float, norms: Optional[torch.Tensor]) -> torch.Tensor:
     """The kept entries of ``x``: ``|x| > tau`` (magnitude) or ``|x| * norms > tau`` in float32 (weighted).
 
@@ -246,14 +294,18 @@ def keep_mask(x: torch.Tensor, tau: float, norms: Optional[torch.Tensor]) -> tor
     return (x.abs().float() * norms.to(x.device)) > tau
 
 
-def score_samples(model, batches, projections: Sequence[Projection], criterion: str) -> Dict[Projection, torch.Tensor]:
+def score_samples(model, batches, projections: Sequence[Projection],
+                  criterion: Union[str, Mapping[Projection, str]]) -> Dict[Projection, torch.Tensor]:
     """Sorted threshold scores per projection over the batches (the dense model), for quantile lookups.
 
-    Input mode: ``|x|`` (or the weighted score) of the projection's inputs;
-    gate mode: ``|act(x W_gate)|``, the gate-sparse FFN's comparison.
+    Input mode: ``|x|`` (or, ``criterion`` "weighted", ``|x_i| * ||W[:, i]||_2``)
+    of the projection's inputs; gate mode: ``|act(x W_gate)|``, the gate-sparse
+    FFN's comparison. ``criterion`` is one for every projection or one per
+    projection. Every batch keeps at most ``SCORE_SAMPLES_PER_BATCH`` scores
+    per projection module (evenly strided). This is the one calibration
+    measurement: ``sparsecc.calibrate`` and the tuner both take their
+    quantiles from it.
     """
-    from sparsecc.codegen.activation_sparse import ACTIVATIONS
-
     modules = dict(model.named_modules())
     chunks: Dict[Projection, List[torch.Tensor]] = {p: [] for p in projections}
     handles = []
@@ -272,7 +324,7 @@ def score_samples(model, batches, projections: Sequence[Projection], criterion: 
 
     def gate_recorder(proj):
         def hook(module, args, out):
-            keep_samples(proj, ACTIVATIONS[proj.act](out.detach()).abs().float())
+            keep_samples(proj, gate_scores(proj, out.detach()).abs().float())
         return hook
 
     try:
@@ -280,24 +332,29 @@ def score_samples(model, batches, projections: Sequence[Projection], criterion: 
             if proj.mode == "gate":
                 handles.append(modules[proj.modules[0]].register_forward_hook(gate_recorder(proj)))
                 continue
-            for path, in_out in zip(proj.modules, proj.in_out):
-                norms = column_norms(modules[path].weight, in_out) if criterion == "weighted" else None
+            weighted = (criterion if isinstance(criterion, str) else criterion[proj]) == "weighted"
+            # An input projection's linears (first [and up]) read one x: its magnitudes are sampled once. Weighted
+            # scores differ per linear (each its own column norms) and are pooled.
+            hooked = zip(proj.modules, proj.in_out) if weighted else [(proj.modules[0], proj.in_out[0])]
+            for path, in_out in hooked:
+                norms = column_norms(modules[path].weight, in_out) if weighted else None
                 handles.append(modules[path].register_forward_pre_hook(recorder(proj, norms)))
         for batch in batches:
             run(model, batch)
     finally:
         for h in handles:
             h.remove()
-    return {p: torch.sort(torch.cat(c)).values for p, c in chunks.items()}
+    return {p: torch.sort(torch.cat(c)).values if c else torch.empty(0) for p, c in chunks.items()}
 
 
 def quantile_tau(sorted_scores: torch.Tensor, sparsity: float) -> Optional[float]:
     """The tau that zeroes a ``sparsity`` fraction of the scores (None for 0: the projection stays dense).
 
-    The same rank rule as ``sparsecc.calibrate``: the k-th smallest score, k = round(sparsity * n).
+    The k-th smallest score, k = round(sparsity * n) (``sparsecc.calibrate`` and the tuner alike); None as well
+    when there are no scores (the projection never ran).
     """
-    if sparsity <= 0:
-        return None
     n = sorted_scores.numel()
+    if sparsity <= 0 or n == 0:
+        return None
     k = max(1, min(n, int(round(sparsity * n))))
     return float(sorted_scores[k - 1])

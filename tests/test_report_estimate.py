@@ -1,0 +1,84 @@
+"""One estimate type: the cost model's ``Estimate`` is what the decision carries and what the report embeds."""
+
+import json
+import typing
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc.cost import Crossover, Estimate
+from sparsecc.passes import site as passes_site
+from sparsecc.report import Report, SiteRecord
+from tests import zoo
+
+# The per-site figures a report's JSON has always carried (flat, times in microseconds).
+FLAT_KEYS = ("density", "dense_flops", "sparse_flops", "dense_bytes", "sparse_bytes", "dense_time_us",
+             "sparse_time_us", "crossover", "predicted_speedup")
+
+
+def test_passes_use_the_cost_models_estimate_type():
+    assert passes_site.Estimate is Estimate
+    assert typing.get_type_hints(passes_site.Decision)["estimate"] == typing.Optional[Estimate]
+
+
+def test_a_record_reads_its_figures_from_the_embedded_estimate():
+    est = Estimate(dense_flops=8e9, sparse_flops=2e9, dense_bytes=4e6, sparse_bytes=3e6, dense_time_s=2e-3,
+                   sparse_time_s=5e-4, crossover=Crossover("seq_k", 3712))
+    record = SiteRecord("attention", "layers.0.attn", "streaming", True, "applied", estimate=est)
+    assert record.estimate is est
+    assert record.density == pytest.approx(0.25)
+    assert record.dense_time_us == pytest.approx(2000.0) and record.sparse_time_us == pytest.approx(500.0)
+    assert record.predicted_speedup == pytest.approx(4.0)
+    assert record.crossover == "sparse when seq_k >= 3712" and record.crossover_at == 3712
+    data = json.loads(Report(sites=[record]).to_json())["sites"][0]
+    assert {k: data[k] for k in FLAT_KEYS} == pytest.approx(
+        {"density": 0.25, "dense_flops": 8e9, "sparse_flops": 2e9, "dense_bytes": 4e6, "sparse_bytes": 3e6,
+         "dense_time_us": 2000.0, "sparse_time_us": 500.0, "crossover": "sparse when seq_k >= 3712",
+         "predicted_speedup": 4.0})
+    assert data["crossover_at"] == 3712 and data["worst_tokens"] is None and "estimate" not in data
+
+
+def test_a_record_without_an_estimate_has_no_figures():
+    record = SiteRecord("linear", "fc", None, False, "no rule")
+    assert all(getattr(record, k) is None for k in FLAT_KEYS)
+    data = record.to_dict()
+    assert all(data[k] is None for k in FLAT_KEYS)
+    assert "-" in str(Report(sites=[record]))
+
+
+def test_figures_assigned_one_by_one_build_the_same_estimate():
+    """The field-by-field copy older code does (in the report's units) ends with the estimate it copied."""
+    est = Estimate(3.0, 1.0, 5.0, 4.0, 1e-4, 4e-5, crossover=Crossover("seq_k", None))
+    record = SiteRecord("attention", "a", "streaming", False, "kept dense")
+    record.density = est.density
+    record.dense_flops, record.sparse_flops = est.dense_flops, est.sparse_flops
+    record.dense_bytes, record.sparse_bytes = est.dense_bytes, est.sparse_bytes
+    record.dense_time_us, record.sparse_time_us = est.dense_time_s * 1e6, est.sparse_time_s * 1e6
+    record.crossover = est.crossover
+    got = record.estimate
+    assert (got.dense_flops, got.sparse_flops, got.dense_bytes, got.sparse_bytes) == (3.0, 1.0, 5.0, 4.0)
+    assert got.dense_time_s == pytest.approx(1e-4, rel=1e-15) and got.sparse_time_s == pytest.approx(4e-5, rel=1e-15)
+    assert got.crossover == est.crossover and record.crossover == "dense for every seq_k"
+    with pytest.raises(TypeError, match="Crossover"):
+        record.crossover = "sparse when seq_k >= 3"
+
+
+def test_the_report_shows_the_estimate_the_decision_made():
+    torch.manual_seed(0)
+    model = zoo.SdpaAttention().eval()
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": 4, "window": 8}],
+            "linear": [{"modules": "*o_proj", "form": "2:4"}]}
+    report = sparsecc.explain(model, torch.randn(1, 300, 32), spec=spec)
+    estimated = [s for s in report.sites if s.estimate is not None]
+    assert {s.kind for s in estimated} == {"attention", "linear"}
+    data = json.loads(report.to_json())
+    for record, row in zip(report.sites, data["sites"]):
+        if record.estimate is None:
+            continue
+        assert isinstance(record.estimate, Estimate)
+        assert row["dense_time_us"] == pytest.approx(record.estimate.dense_time_s * 1e6, rel=1e-12)
+        assert row["sparse_flops"] == record.estimate.sparse_flops
+        assert row["predicted_speedup"] == pytest.approx(record.estimate.speedup, rel=1e-12)
+        assert f"{record.estimate.speedup:.2f}x" in str(report)
