@@ -324,9 +324,9 @@ def _estimate(site: Site, form: ActivationThreshold, ctx) -> Estimate:
     m: FfnMatch = site.match
     sparsity = form.sparsity if form.sparsity is not None else ASSUMED_ACTIVATION_SPARSITY
     linears = [m.first] + ([m.up] if m.up is not None else []) + [m.down]
-    return Estimate.of(estimate_ffn([(lin.in_features, lin.out_features) for lin in linears],
-                                    tokens=site.attrs["tokens"], dtype=site.dtype, hw=ctx.hardware,
-                                    activation_sparsity=sparsity, mode=form.mode, symbolic_tokens=site.symbolic))
+    return estimate_ffn([(lin.in_features, lin.out_features) for lin in linears],
+                        tokens=site.attrs["tokens"], dtype=site.dtype, hw=ctx.hardware,
+                        activation_sparsity=sparsity, mode=form.mode, symbolic_tokens=site.symbolic)
 
 
 # ---------------------------------------------------------------- replace

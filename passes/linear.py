@@ -33,7 +33,7 @@ from sparsecc.passes.epilogue import FoldedChain, fold_chain
 from sparsecc.passes.fx_utils import ParamRef, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.passes.normalize import canonical, is_plain_matmul, op_of
 from sparsecc.passes.plan import Plan, op_call
-from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
+from sparsecc.passes.site import Decision, Rewrite, Site, debug_no_match
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LINEAR_OPS = ("linear", "addmm", "matmul")
@@ -133,8 +133,8 @@ def check_linear(site: Site, ctx) -> Decision:
                         f"{ctx.decision(site.parent).form.name}; weight forms do not compose with it yet")
     n, k = site.attrs["out_features"], site.attrs["in_features"]
     # A symbolic token count has no runtime branch for linears: judge the form at its worst probed count.
-    estimate = Estimate.of(estimate_linear(form, tokens=site.attrs["tokens"], in_features=k, out_features=n,
-                                           dtype=site.dtype, hw=ctx.hardware, symbolic_tokens=site.symbolic))
+    estimate = estimate_linear(form, tokens=site.attrs["tokens"], in_features=k, out_features=n,
+                               dtype=site.dtype, hw=ctx.hardware, symbolic_tokens=site.symbolic)
     if isinstance(form, TwoFour):
         if k % 4:
             return fallback(form, rule.key, policy, f"2:4 needs in_features divisible by 4 (got {k})", estimate)

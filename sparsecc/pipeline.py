@@ -280,7 +280,6 @@ def build_report(ctx: CompileContext) -> Report:
             continue
         if d.rule:
             used_rules.update(r.strip() for r in d.rule.split(","))
-        est = d.estimate
         # a site whose heads differ lists each form with its heads (dense heads included)
         detail = d.head_forms or (str(d.form) if d.form else None)
         record = SiteRecord(
@@ -289,13 +288,8 @@ def build_report(ctx: CompileContext) -> Report:
             spelling=site.spelling, shapes={k: list(v) if v else v for k, v in site.shapes.items()},
             dtype=str(site.dtype).replace("torch.", ""), device=str(site.device),
             attrs={k: (v if v is None or isinstance(v, (int, float, bool, str)) else str(v))
-                   for k, v in site.attrs.items()})
-        if est is not None:
-            record.density = est.density
-            record.dense_flops, record.sparse_flops = est.dense_flops, est.sparse_flops
-            record.dense_bytes, record.sparse_bytes = est.dense_bytes, est.sparse_bytes
-            record.dense_time_us, record.sparse_time_us = est.dense_time_s * 1e6, est.sparse_time_s * 1e6
-            record.crossover = est.crossover
+                   for k, v in site.attrs.items()},
+            estimate=d.estimate)
         report.sites.append(record)
     if ctx.spec is not None:
         for kind in ("attention", "ffn", "linear"):

@@ -47,21 +47,16 @@ def test_a_record_without_an_estimate_has_no_figures():
     assert "-" in str(Report(sites=[record]))
 
 
-def test_figures_assigned_one_by_one_build_the_same_estimate():
-    """The field-by-field copy older code does (in the report's units) ends with the estimate it copied."""
+def test_figures_read_the_embedded_estimate_and_cannot_be_assigned():
+    """One source: the record's figures are the estimate's, in the report's units; no copy can drift."""
     est = Estimate(3.0, 1.0, 5.0, 4.0, 1e-4, 4e-5, crossover=Crossover("seq_k", None))
-    record = SiteRecord("attention", "a", "streaming", False, "kept dense")
-    record.density = est.density
-    record.dense_flops, record.sparse_flops = est.dense_flops, est.sparse_flops
-    record.dense_bytes, record.sparse_bytes = est.dense_bytes, est.sparse_bytes
-    record.dense_time_us, record.sparse_time_us = est.dense_time_s * 1e6, est.sparse_time_s * 1e6
-    record.crossover = est.crossover
-    got = record.estimate
-    assert (got.dense_flops, got.sparse_flops, got.dense_bytes, got.sparse_bytes) == (3.0, 1.0, 5.0, 4.0)
-    assert got.dense_time_s == pytest.approx(1e-4, rel=1e-15) and got.sparse_time_s == pytest.approx(4e-5, rel=1e-15)
-    assert got.crossover == est.crossover and record.crossover == "dense for every seq_k"
-    with pytest.raises(TypeError, match="Crossover"):
-        record.crossover = "sparse when seq_k >= 3"
+    record = SiteRecord("attention", "a", "streaming", False, "kept dense", estimate=est)
+    assert (record.dense_flops, record.sparse_flops, record.dense_bytes, record.sparse_bytes) == (3.0, 1.0, 5.0, 4.0)
+    assert record.dense_time_us == pytest.approx(100.0) and record.sparse_time_us == pytest.approx(40.0)
+    assert record.density == pytest.approx(1 / 3) and record.crossover == "dense for every seq_k"
+    with pytest.raises(AttributeError, match="estimate"):
+        record.dense_time_us = 1.0
+    assert record.dense_time_us == pytest.approx(100.0)
 
 
 def test_the_report_shows_the_estimate_the_decision_made():

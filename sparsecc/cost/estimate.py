@@ -77,17 +77,5 @@ class Estimate:
         """The crossover's threshold (None: no symbolic size, or sparse never wins)."""
         return None if self.crossover is None else self.crossover.threshold
 
-    @classmethod
-    def of(cls, estimate: "Estimate") -> "Estimate":
-        """``estimate`` itself.
-
-        The cost model used to return another type that passes converted
-        with ``Estimate.of(...)``; the call stays valid until every caller
-        drops it.
-        """
-        if not isinstance(estimate, cls):
-            raise TypeError(f"expected a sparsecc.cost.Estimate, got {type(estimate).__name__}")
-        return estimate
-
 
 __all__ = ["Crossover", "Estimate"]

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from sparsecc.cost.estimate import Crossover, Estimate
+from sparsecc.cost.estimate import Estimate
 from sparsecc.spec.schema import rule_sort_key  # noqa: F401 (part of this module's interface)
 
 
 class _FromEstimate:
-    """A figure of the embedded estimate under the report's name and unit (``dense_time_us``: seconds x 1e6).
+    """A figure of the embedded estimate under the report's name and unit (``dense_time_us``: seconds x 1e6);
+    None when the site has no estimate."""
 
-    Reading gives None when the site has no estimate. Assigning rebuilds the
-    embedded estimate with that figure: ``sparsecc.pipeline.build_report``
-    still copies the estimate in field by field, in this order, instead of
-    passing ``estimate=`` (a ``derived`` figure such as ``density`` follows
-    from the others, so assigning it changes nothing).
-    """
-
-    def __init__(self, attr: str, scale: float = 1.0, derived: bool = False):
-        self.attr, self.scale, self.derived = attr, scale, derived
+    def __init__(self, attr: str, scale: float = 1.0):
+        self.attr, self.scale = attr, scale
 
     def __get__(self, record, owner=None):
         if record is None:
@@ -33,16 +27,10 @@ class _FromEstimate:
         return value * self.scale if value is not None and self.scale != 1.0 else value
 
     def __set__(self, record, value) -> None:
-        if self.derived:
-            return
-        if value is not None and self.scale != 1.0:
-            value = value / self.scale
-        base = record.estimate if record.estimate is not None else _NO_ESTIMATE
-        record.estimate = replace(base, **{self.attr: value})
+        # A data descriptor, so an assignment cannot shadow the figure with a copy that drifts from the estimate.
+        raise AttributeError(f"SiteRecord.{self.attr} reads the embedded estimate; pass estimate= instead")
 
 
-# The start of an estimate assembled field by field (see ``_FromEstimate``).
-_NO_ESTIMATE = Estimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 # Keys of an estimate in a site's JSON, in their order (the flat shape of earlier reports, plus crossover_at and
 # worst_tokens).
 ESTIMATE_KEYS = ("density", "dense_flops", "sparse_flops", "dense_bytes", "sparse_bytes", "dense_time_us",
@@ -76,7 +64,7 @@ class SiteRecord:
     frame: Optional[int] = None   # the Dynamo frame whose graph holds the site (a recompile replaces its sites)
     estimate: Optional[Estimate] = None
 
-    density = _FromEstimate("density", derived=True)
+    density = _FromEstimate("density")
     dense_flops = _FromEstimate("dense_flops")
     sparse_flops = _FromEstimate("sparse_flops")
     dense_bytes = _FromEstimate("dense_bytes")
@@ -84,21 +72,13 @@ class SiteRecord:
     dense_time_us = _FromEstimate("dense_time_s", 1e6)
     sparse_time_us = _FromEstimate("sparse_time_s", 1e6)
     worst_tokens = _FromEstimate("worst_tokens")
-    crossover_at = _FromEstimate("crossover_at", derived=True)
+    crossover_at = _FromEstimate("crossover_at")
 
     @property
     def crossover(self) -> Optional[str]:
         """For a symbolic sequence length, where sparse starts to win, e.g. "sparse when seq_k >= 3712"."""
         cross = None if self.estimate is None else self.estimate.crossover
         return None if cross is None else str(cross)
-
-    @crossover.setter
-    def crossover(self, value: Optional[Crossover]) -> None:
-        # build_report's field-by-field copy (see _FromEstimate) hands over the estimate's Crossover
-        if value is not None and not isinstance(value, Crossover):
-            raise TypeError(f"SiteRecord.crossover takes a sparsecc.cost.Crossover, not {type(value).__name__}")
-        base = self.estimate if self.estimate is not None else _NO_ESTIMATE
-        self.estimate = replace(base, crossover=value)
 
     @property
     def predicted_speedup(self) -> Optional[float]:

@@ -7,18 +7,25 @@ import os
 from typing import List, Optional
 
 REPORT_SUFFIXES = (".json", ".md", ".html")
-_COLUMNS = ("kind", "module", "form", "applied", "est. speedup", "reason")
+_COLUMNS = ("kind", "module", "form", "applied", "launch", "est. speedup", "reason")
+_PLAN_COLUMNS = _COLUMNS + ("plan",)   # the Markdown and HTML pages also show each applied site's whole plan
 
 
 def _fmt_speedup(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _rows(report) -> List[List[str]]:
+def _rows(report, plan: bool = False) -> List[List[str]]:
+    """One row per site; ``launch`` is how its ops run (traced into Inductor's code, or opaque ops), ``plan``
+    the plan stage's whole record (op calls with their launch and reason, folded epilogue, gate/up pairing)."""
     rows = []
     for s in report.sites:
-        rows.append([s.kind, s.module or "<root>", s.form_detail or s.form or "-", "yes" if s.applied else "no",
-                     _fmt_speedup(s.predicted_speedup), s.reason])
+        launch = s.attrs.get("launch", "-") if s.applied else "-"
+        row = [s.kind, s.module or "<root>", s.form_detail or s.form or "-", "yes" if s.applied else "no", launch,
+               _fmt_speedup(s.predicted_speedup), s.reason]
+        if plan:
+            row.append(s.attrs.get("plan", "") if s.applied else "")
+        rows.append(row)
     return rows
 
 
@@ -37,7 +44,7 @@ def _summary(report) -> str:
 
 def render_terminal(report, reason_width: int = 90) -> str:
     """A fixed-width table, one row per site, reasons wrapped to ``reason_width``."""
-    rows = [[c if i < 5 else (c if len(c) <= reason_width else c[:reason_width - 3] + "...")
+    rows = [[c if i < 6 else (c if len(c) <= reason_width else c[:reason_width - 3] + "...")
              for i, c in enumerate(r)] for r in _rows(report)]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_COLUMNS)]
     line = "  ".join(h.ljust(w) for h, w in zip(_COLUMNS, widths))
@@ -55,8 +62,8 @@ def render_markdown(report) -> str:
     def esc(text: str) -> str:
         return text.replace("|", "\\|")
     out = ["# sparsecc compile report", "", "```", _summary(report), "```", "",
-           "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in _rows(report)]
+           "| " + " | ".join(_PLAN_COLUMNS) + " |", "|" + "---|" * len(_PLAN_COLUMNS)]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in _rows(report, plan=True)]
     if report.warnings:
         out += ["", "## Warnings", ""] + [f"- {esc(w)}" for w in report.warnings]
     if report.stages:
@@ -67,8 +74,9 @@ def render_markdown(report) -> str:
 
 def render_html(report) -> str:
     """A standalone HTML page with the same content as the Markdown rendering."""
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n" for r in _rows(report))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in _COLUMNS)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n"
+                    for r in _rows(report, plan=True))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in _PLAN_COLUMNS)
     warn = "".join(f"<li>{html.escape(w)}</li>" for w in report.warnings)
     stages = "".join(f"<tr><td>{html.escape(n)}</td><td>{ms:.2f}</td></tr>" for n, ms in report.stages)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>sparsecc report</title>"
