@@ -15,7 +15,7 @@ from sparsecc.spec import Rule, Spec, SpecError, load_spec
 
 def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bool = False,
             check_weights: bool = False, fold_epilogues: bool = True, fuse_gate_up: bool = True,
-            **torch_compile_kwargs):
+            cpp_wrapper: bool = False, **torch_compile_kwargs):
     """``torch.compile(model, backend="sparsecc", options=...)``, with the options as arguments.
 
     ``spec`` is a path (.toml/.json), a dict or a ``Spec``; ``report`` is True
@@ -25,8 +25,8 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     ``check_weights`` compares a checksum of every compressed weight's
     parameter on every call (see ``refresh``); ``fold_epilogues`` and
     ``fuse_gate_up`` switch off epilogue folding and gate/up fusion of
-    block-sparse linears (the report shows both). Other keyword arguments go
-    to ``torch.compile``.
+    block-sparse linears (the report shows both); ``cpp_wrapper`` lowers with
+    Inductor's C++ wrapper. Other keyword arguments go to ``torch.compile``.
 
     A model with a ``generate`` method (HF transformers) comes back as a
     shallow copy whose ``forward`` is compiled, so ``generate()`` decodes
@@ -38,6 +38,8 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
         options["cudagraphs"] = cudagraphs   # validated (a bool) by parse_options below
     if check_weights is not False:
         options["check_weights"] = check_weights
+    if cpp_wrapper is not False:
+        options["cpp_wrapper"] = cpp_wrapper   # validated (a bool) by parse_options
     for name, value in (("fold_epilogues", fold_epilogues), ("fuse_gate_up", fuse_gate_up)):
         if value is not True:
             options[name] = value
