@@ -182,8 +182,10 @@ FX_METHODS: frozenset = frozenset([m for a in ACTIVATION_TABLE for m in a.method
                                   list(_SQUARE_METHODS + _POWER_METHODS))
 """Every ``call_method`` name the table spells an activation (or its square step) with."""
 
-# Probe points: dense enough to tell GELU from tanh GELU (they differ by ~1e-3), wide enough to see saturation.
-_PROBE = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)
+# Probe points: dense enough on [-6, 6] to tell GELU from tanh GELU (they differ by ~1e-3), and a few far points,
+# where every activation of the table is ~0 or ~v, so that a clamp (relu6 equals relu on [-6, 6]) is not named.
+_FAR = torch.tensor([8.0, 12.0, 20.0, 50.0, 100.0], dtype=torch.float64)
+_PROBE = torch.cat([-_FAR.flip(0), torch.linspace(-6.0, 6.0, 241, dtype=torch.float64), _FAR])
 PROBE_TOLERANCE = 1e-6
 """Absolute and relative tolerance of :func:`named_by_probe`."""
 

@@ -69,7 +69,8 @@ def test_probe_names_each_definition_and_nothing_else():
         assert named_by_probe(fn(probe())) == name
         assert named_by_probe(fn(probe()).float()) == name  # a float32 evaluation is close enough
     quick_gelu = probe() * torch.sigmoid(1.702 * probe())  # no kernel computes it: not named
-    for other in (torch.tanh(probe()), quick_gelu, probe()):
+    # relu6 and a clamp at 12 agree with relu over [-6, 6]: the probe reaches past them.
+    for other in (torch.tanh(probe()), quick_gelu, probe(), F.relu6(probe()), probe().clamp(0, 12)):
         assert named_by_probe(other) is None
     assert named_by_probe(DEFINITIONS["gelu"](probe())[:-1]) is None
     assert named_by_probe(None) is None

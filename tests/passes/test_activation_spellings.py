@@ -111,8 +111,9 @@ def test_hand_written_form_is_recognised_by_both_passes(name, label, act):
     ("tanh", torch.tanh, ""),
     ("quick GELU x * sigmoid(1.702 x)", lambda v: v * torch.sigmoid(1.702 * v), ""),
     ("leaky relu", F.leaky_relu, ""),
+    ("relu6", F.relu6, ""),  # equal to relu on [-6, 6]: naming it relu would compute relu past 6
     ("relu ** 3", lambda v: F.relu(v) ** 3, "act:relu"),  # the relu folds; the cube stays in the graph
-], ids=["tanh", "quick GELU", "leaky relu", "relu ** 3"])
+], ids=["tanh", "quick GELU", "leaky relu", "relu6", "relu ** 3"])
 def test_other_pointwise_functions_are_not_named(label, act, folded):
     """Functions outside the table: the FFN is found with an unknown activation, and no activation is folded
     in their place."""
