@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from types import MappingProxyType
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsecc.activations import ACTIVATION_TABLE
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, tracing
 
@@ -27,24 +29,10 @@ __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "thresh
 # ============================================================== reference
 
 
-def _relu2(x: Tensor) -> Tensor:
-    """Squared ReLU (Primer, Nemotron)."""
-    return torch.relu(x).square()
-
-
-def _gelu_tanh(x: Tensor) -> Tensor:
-    """GELU with the tanh approximation (GPT-2, Gemma)."""
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": _gelu_tanh,
-    "relu": torch.relu,
-    "relu2": _relu2,
-    "silu": F.silu,
-}
-"""FFN activations by the name the matcher records on a site."""
+ACTIVATIONS: Mapping[str, Callable[[Tensor], Tensor]] = MappingProxyType(
+    {act.name: act.torch for act in ACTIVATION_TABLE})
+"""FFN activations by the name the matcher records on a site: the references of ``sparsecc.activations``
+(a read-only view of the table, which defines them)."""
 
 
 def _threshold(x: Tensor, tau: float) -> Tensor:

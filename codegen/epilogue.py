@@ -10,7 +10,7 @@ it folds the pointwise nodes after a linear (``passes/epilogue.py``) and the
 :class:`EpilogueStep` s, each one of
 
 * ``bias``          add the bias vector ``[N]`` (broadcast over rows);
-* ``act:<name>``    an activation of :data:`EPILOGUES` (gelu, gelu_tanh, silu, relu, relu2);
+* ``act:<name>``    an activation of ``sparsecc.activations`` (gelu, gelu_tanh, relu, relu2, silu);
 * ``mul:gate``      multiply by an extra ``[M, N]`` tensor (e.g. the up projection's output);
 * ``mul:up``        multiply by a second accumulator ``x W_upᵀ`` of the same kernel (fused gate/up);
 * ``add:residual``  add an extra ``[M, N]`` tensor (a residual stream);
@@ -20,7 +20,10 @@ Each extra input appears at most once. The string form joins the steps with
 ``;`` (``"bias;act:silu;mul:gate"``); the empty string is the empty chain.
 
 **Generation.** :func:`epilogue_source` writes a ``@triton.jit`` function for
-a chain; :func:`epilogue_function` loads it. Generated modules are cached by a
+a chain; :func:`epilogue_function` loads it. An ``act`` step's lines are the
+table's (``Activation.triton``), and so are those of the activation switch
+(:func:`activation_switch`) that kernels branching on an activation constexpr
+call, so every kernel computes an activation with the same code. Generated modules are cached by a
 hash of their source, in memory and on disk (``<cache dir>/epilogues``, the
 user cache directory of :func:`sparsecc.cache.cache_dir`, so
 ``$SPARSECC_CACHE_DIR`` moves it). Triton reads a kernel's source through
@@ -42,28 +45,25 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from types import MappingProxyType
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["EPILOGUES", "check_activation", "activation_ref", "bind_triton", "EpilogueStep", "EpilogueChain",
-           "CAST_DTYPES", "epilogue_source", "epilogue_function", "epilogue_cache_dir"]
+from sparsecc.activations import ACTIVATION_TABLE, BY_NAME
 
-EPILOGUES: Dict[str, str] = {
-    "none": "identity",
-    "relu": "max(v, 0)",
-    "relu2": "max(v, 0)^2 (squared ReLU)",
-    "gelu": "0.5 v (1 + erf(v / sqrt 2)) (exact GELU)",
-    "gelu_tanh": "v * sigmoid(2 sqrt(2/pi) (v + 0.044715 v^3)), which equals the tanh form of GELU",
-    "silu": "v * sigmoid(v)",
-}
-"""Epilogue activations by name (the names of ``activation_sparse.ACTIVATIONS`` plus ``none``)."""
+__all__ = ["EPILOGUES", "check_activation", "activation_ref", "bind_triton", "EpilogueStep", "EpilogueChain",
+           "CAST_DTYPES", "epilogue_source", "epilogue_function", "epilogue_cache_dir", "activation_switch_source",
+           "activation_switch"]
+
+EPILOGUES: Mapping[str, str] = MappingProxyType(
+    {"none": "identity", **{act.name: act.definition for act in ACTIVATION_TABLE}})
+"""Epilogue activations by name, with their definitions: ``none`` and the names of ``sparsecc.activations``
+(a read-only view of its table)."""
 
 CAST_DTYPES: Dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                                        "float32": torch.float32}
@@ -84,16 +84,14 @@ def check_activation(name: str) -> str:
     return name
 
 
+def _identity(v: Tensor) -> Tensor:
+    return v
+
+
 def activation_ref(name: str) -> Callable[[Tensor], Tensor]:
-    """The PyTorch function an epilogue name stands for (the oracle in tests)."""
+    """The PyTorch function an epilogue name stands for: the table's reference (the oracle in tests)."""
     check_activation(name)
-    if name == "none":
-        return lambda v: v
-    if name == "gelu_tanh":
-        return lambda v: F.gelu(v, approximate="tanh")
-    if name == "relu2":
-        return lambda v: torch.relu(v).square()
-    return {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu}[name]
+    return _identity if name == "none" else BY_NAME[name].torch
 
 
 # ------------------------------------------------------------------ chain description
@@ -216,26 +214,12 @@ class EpilogueChain:
 
 # ------------------------------------------------------------------ source generation
 
-# Literals of the generated activations (inlined: a generated function reads no globals but tl).
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)           # exact GELU: 0.5 v (1 + erf(v / sqrt 2))
-_GELU_TANH_SCALE = math.sqrt(2.0 / math.pi)  # tanh GELU: tanh(sqrt(2/pi) (v + 0.044715 v^3))
-_GELU_TANH_CUBIC = 0.044715                  # its cubic coefficient (Hendrycks & Gimpel)
-
-_ACTIVATION_CODE = {
-    "relu": ["v = tl.maximum(v, 0.0)"],
-    "relu2": ["v = tl.maximum(v, 0.0)", "v = v * v"],
-    "gelu": [f"v = 0.5 * v * (1.0 + tl.math.erf(v * {_INV_SQRT2!r}))"],
-    # 0.5 (1 + tanh(u)) == sigmoid(2u): one exp instead of a tanh, which Triton 3.6 lacks in tl.math.
-    "gelu_tanh": [f"v = v * tl.sigmoid(2.0 * {_GELU_TANH_SCALE!r} * (v + {_GELU_TANH_CUBIC!r} * v * v * v))"],
-    "silu": ["v = v * tl.sigmoid(v)"],
-}
-
 _SIGNATURE = "acc, up, offs_m, cols, mask, bias_ptr, gate_ptr, stride_gate, residual_ptr, stride_residual"
 
 
 def _step_code(step: EpilogueStep) -> list:
     if step.kind == "act":
-        return list(_ACTIVATION_CODE[step.arg])
+        return list(BY_NAME[step.arg].triton)
     if step.kind == "bias":
         return ["v = v + tl.load(bias_ptr + cols).to(tl.float32)"]
     if step.kind == "mul" and step.arg == "up":
@@ -298,27 +282,59 @@ def epilogue_function(chain):
     Imports Triton (the generated module does). Thread-safe; a file another
     process is writing is never read half-written (written to a temporary name, then renamed).
     """
-    source = epilogue_source(EpilogueChain.parse(chain))
+    return _load_generated(epilogue_source(EpilogueChain.parse(chain)), "epilogue", "epilogue")
+
+
+def activation_switch_source(name: str = "activation") -> str:
+    """Python source of a module defining ``@triton.jit def <name>(v, ACTIVATION: tl.constexpr)``.
+
+    The function applies the table's activation named ``ACTIVATION`` to the
+    float32 ``v`` with the table's lines, one constexpr branch per activation
+    (Triton compiles only the taken one); another name returns ``v`` unchanged,
+    so callers check the name first. Inductor copies a traced kernel's helper
+    functions into its own code under the name the kernel calls them by, so
+    ``name`` must be that name.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"activation switch: {name!r} is not a Python identifier")
+    lines = [f'"""sparsecc generated activation switch: {", ".join(BY_NAME)}."""',
+             "import triton", "import triton.language as tl", "", "",
+             "@triton.jit", f"def {name}(v, ACTIVATION: tl.constexpr):",
+             '    """The activation named ``ACTIVATION`` (sparsecc.activations) on the float32 ``v``."""']
+    for index, act in enumerate(ACTIVATION_TABLE):
+        lines.append(f"    {'elif' if index else 'if'} ACTIVATION == {act.name!r}:")
+        lines.extend("        " + line for line in act.triton)
+    lines.append("    return v")
+    return "\n".join(lines) + "\n"
+
+
+def activation_switch(name: str = "activation"):
+    """The Triton JIT function of :func:`activation_switch_source` (``name``), cached like the epilogues."""
+    return _load_generated(activation_switch_source(name), "activation", name)
+
+
+def _load_generated(source: str, prefix: str, attr: str):
+    """The function ``attr`` of the generated module ``source``, from the memory cache or ``<prefix>_<hash>.py``."""
     key = source_hash(source)
     with _cache_lock:
         fn = _functions.get(key)
         if fn is not None:
             CACHE_STATS["memory_hits"] += 1
             return fn
-        path = _write_source(source, key)
-        _dump_debug(source, key)
-        spec = importlib.util.spec_from_file_location(f"sparsecc_epilogue_{key}", path)
+        path = _write_source(source, key, prefix)
+        _dump_debug(source, key, prefix)
+        spec = importlib.util.spec_from_file_location(f"sparsecc_{prefix}_{key}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         CACHE_STATS["disk_loads"] += 1
-        _functions[key] = module.epilogue
-        return module.epilogue
+        _functions[key] = getattr(module, attr)
+        return _functions[key]
 
 
-def _write_source(source: str, key: str) -> str:
+def _write_source(source: str, key: str, prefix: str) -> str:
     """The cached file for ``key``, (re)written when missing or not exactly ``source``."""
     directory = epilogue_cache_dir()
-    path = os.path.join(directory, f"epilogue_{key}.py")
+    path = os.path.join(directory, f"{prefix}_{key}.py")
     try:
         with open(path) as fh:
             if fh.read() == source:
@@ -334,11 +350,11 @@ def _write_source(source: str, key: str) -> str:
     return path
 
 
-def _dump_debug(source: str, key: str) -> None:
+def _dump_debug(source: str, key: str, prefix: str) -> None:
     directory = os.environ.get(DEBUG_DIR_ENV)
     if directory:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, f"epilogue_{key}.py"), "w") as fh:
+        with open(os.path.join(directory, f"{prefix}_{key}.py"), "w") as fh:
             fh.write(source)
 
 

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, _tau_in,
                                                 gate_sparse_ffn_ref, threshold_linear)
-from sparsecc.codegen.epilogue import bind_triton
+from sparsecc.codegen.epilogue import activation_switch, bind_triton
 from sparsecc.codegen.launch import launcher
 
 __all__ = ["gate_sparse_ffn", "gate_sparse_ffn_ref", "GateConfig", "DEFAULT_GATE_CONFIG",
@@ -81,22 +81,11 @@ DEFAULT_GATE_CONFIG_TOKENS = GateConfig(BLOCK_F=32, BLOCK_D=128, num_warps=4)
 # ============================================================== Triton kernel
 
 
-def _activation(v, ACTIVATION: tl.constexpr):  # noqa: F821 - tl is bound by bind_triton
-    """The FFN activation ``ACTIVATION`` (a name of ``ACTIVATIONS``) on float32 ``v``; chosen at compile time."""
-    if ACTIVATION == "relu":
-        v = tl.maximum(v, 0.0)
-    elif ACTIVATION == "relu2":
-        v = tl.maximum(v, 0.0)
-        v = v * v
-    elif ACTIVATION == "gelu":
-        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))  # exact GELU: erf(v / sqrt 2)
-    elif ACTIVATION == "gelu_tanh":
-        # 0.5 (1 + tanh(u)) == sigmoid(2u), u = sqrt(2/pi) (v + 0.044715 v^3): Triton 3.6 has no tl.math.tanh.
-        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-        v = v * tl.sigmoid(2.0 * u)
-    elif ACTIVATION == "silu":
-        v = v * tl.sigmoid(v)
-    return v
+# ``_activation(v, ACTIVATION: tl.constexpr)``: the FFN activation named ACTIVATION on float32 ``v``, chosen at
+# compile time. Its source is generated from the activation table (``epilogue.activation_switch``), the lines the
+# epilogues use too, and installed here by ``_bind`` before the kernel is JIT-compiled; Triton and Inductor find it
+# by this name in the module's globals.
+_activation = None
 
 
 def _rounded(v, like_ptr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
@@ -199,7 +188,14 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
     tl.store(out, h.to(io_dtype), mask=m_mask[:, None] & f_mask[None, :])
 
 
-_KERNELS = ("_activation", "_rounded", "_gate_up_kernel")
+_KERNELS = ("_rounded", "_gate_up_kernel")
+
+
+def _bind() -> None:
+    """Install the generated activation switch, then JIT this module's kernels (first use; imports Triton)."""
+    if _activation is None:
+        globals()["_activation"] = activation_switch("_activation")
+    bind_triton(globals(), _KERNELS)
 
 
 # ============================================================== wrapper
@@ -243,7 +239,7 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     m = x2.shape[0]
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in KERNEL_DTYPES:
         return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
-    bind_triton(globals(), _KERNELS)
+    _bind()
     cfg = config or (DEFAULT_GATE_CONFIG if m == 1 else DEFAULT_GATE_CONFIG_TOKENS)
     dtype = x.dtype
     w_gate = w_gate.to(dtype)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsecc.codegen.epilogue import activation_ref
+from sparsecc.activations import BY_NAME
+from sparsecc.codegen.epilogue import EPILOGUES, activation_ref
 from sparsecc.weights import GROUP, KEPT, SemiStructuredWeight
 
 __all__ = ["semi_structured_linear_ref", "semi_structured_linear", "semi_structured_linear_act",
@@ -67,7 +68,7 @@ SPARSE_MULTIPLE = 16  # both dims of the 2:4 operand (torch's cuSPARSELt constra
 DENSE_MULTIPLE = 8    # both dims of the dense operand
 CSLT_DTYPES = (torch.float16, torch.bfloat16)
 SEARCH_DTYPES = (torch.bfloat16,)  # dtypes whose cuSPARSELt algorithm search is safe (see _algorithm)
-FUSED_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "relu2")
+FUSED_ACTIVATIONS = tuple(EPILOGUES)  # "none" and every activation of sparsecc.activations
 
 
 def cusparselt_available() -> bool:
@@ -229,14 +230,9 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
 
 
 def _activation_inplace(y: Tensor, activation: str) -> Tensor:
-    """Apply an epilogue activation to ``y`` in place where torch has an in-place form (one pass)."""
-    if activation == "relu":
-        return y.relu_()
-    if activation == "silu":
-        return F.silu(y, inplace=True)
-    if activation == "relu2":
-        return y.relu_().square_()
-    return activation_ref(activation)(y)
+    """Apply an activation of the table to ``y``, in place where it has an in-place form (one pass, no buffer)."""
+    entry = BY_NAME[activation]
+    return (entry.inplace or entry.torch)(y)
 
 
 def semi_structured_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None) -> Tensor:

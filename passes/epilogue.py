@@ -6,9 +6,10 @@ has a single user, and collects what the kernel's generated epilogue
 (``codegen/epilogue.py``) can compute:
 
 * a bias add: ``+ b`` with ``b`` of shape ``[N]`` (only when the linear has no bias of its own);
-* an activation: ``F.gelu`` (exact / tanh), ``F.silu``, ``relu``, ``relu(v) ** 2`` /
-  ``square``, or a hand-written pointwise subgraph (GPT-2's tanh GELU) recognised by
-  evaluating it on a probe, as the FFN matcher does;
+* an activation of the table (``sparsecc.activations``): a call the table spells it with
+  (``F.gelu`` exact / tanh, ``F.silu``, ``relu``; ``relu(v) ** 2`` / ``square`` for relu2), or a
+  hand-written pointwise subgraph (GPT-2's tanh GELU) named by evaluating it on the table's
+  probe, as the FFN matcher does;
 * a gating multiply ``v * t`` and a residual add ``v + t`` with a tensor ``t`` of
   exactly the value's shape and dtype (no broadcasting, no type promotion); the
   multiply may instead take the product of a second block-sparse linear on the same
@@ -28,15 +29,14 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.fx import Node
 
+from sparsecc.activations import is_square, spelled_by, squared
 from sparsecc.codegen.epilogue import CAST_DTYPES, EpilogueChain, EpilogueStep
 from sparsecc.passes.fx_utils import dtype_of, shape_of
 from sparsecc.passes.normalize import canonical
 
 _MUL_TARGETS = (operator.mul, torch.mul, "mul", "__mul__")
-_SQUARE_EXPONENTS = (2, 2.0)
 _MAX_CONE_NODES = 16  # a hand-written activation is a short subgraph; larger ones are not folded
 
 
@@ -93,24 +93,12 @@ def _activation(node: Node, value: Node) -> Optional[str]:
     tensors = [a for a in node.args if isinstance(a, Node)] + [v for v in node.kwargs.values() if isinstance(v, Node)]
     if tensors != [value]:
         return None
-    target = node.target
-    if target in (F.gelu, torch._C._nn.gelu):
-        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
-    if target is F.silu or (node.op == "call_method" and target == "silu"):
-        return "silu"
-    if target in (F.relu, torch.relu) or (node.op == "call_method" and target == "relu"):
-        return "relu"
-    return None
+    return spelled_by(node.op, node.target, node.args, node.kwargs)
 
 
 def _is_square(node: Node, value: Node) -> bool:
     """True when ``node`` is ``value ** 2`` / ``square(value)``."""
-    if node.target in (torch.square,) or (node.op == "call_method" and node.target == "square"):
-        return list(node.args) == [value]
-    if node.target in (operator.pow, torch.pow) or (node.op == "call_method" and node.target in ("pow", "__pow__")):
-        return len(node.args) == 2 and node.args[0] is value and node.args[1] in _SQUARE_EXPONENTS
-    return False
+    return bool(node.args) and node.args[0] is value and is_square(node.op, node.target, node.args)
 
 
 def _cone_activation(value: Node) -> Optional[Tuple[str, Tuple[Node, ...]]]:
@@ -199,9 +187,9 @@ def fold_chain(start: Node, has_bias: bool, blocked: Callable[[Node], bool],
             name = _activation(user, value)
             nodes.append(user)
             square = only_user(user)
-            if name == "relu" and square is not None and _is_square(square, user) and not blocked(square) \
-                    and same_shape(shape_of(square), shape) and dtype_of(square) == dtype:
-                name = "relu2"
+            if squared(name) is not None and square is not None and _is_square(square, user) \
+                    and not blocked(square) and same_shape(shape_of(square), shape) and dtype_of(square) == dtype:
+                name = squared(name)
                 nodes.append(square)
                 user = square
             steps.append(EpilogueStep("act", name))

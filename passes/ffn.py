@@ -1,9 +1,10 @@
 """FFN sites: Linear -> act -> Linear, and gated act(x W_g) * (x W_u) -> W_d.
 
 The activation is whatever single-input pointwise chain sits between the
-linears. It is named by evaluating the chain on a probe vector and comparing
-with the known activations, so hand-written forms (GPT-2's tanh GELU,
-``relu(x) ** 2``) are recognised as well as ``F.gelu``/``F.silu``. Gate and
+linears. It is named by evaluating the chain on the activation table's probe
+and comparing with the table's references (``sparsecc.activations``), so
+hand-written forms (GPT-2's tanh GELU, ``relu(x) ** 2``) are recognised as
+well as ``F.gelu``/``F.silu``. Gate and
 up may be one fused Linear split by ``chunk``/``split``. An FFN site belongs
 to the innermost module containing all of its nodes.
 """
@@ -17,9 +18,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.fx import GraphModule, Node
 
+from sparsecc.activations import BY_NAME, named_by_probe, probe as activation_probe
 from sparsecc.codegen.linear_ops import (GATE_SPARSE_FFN, THRESHOLD_LINEAR, GateSparseFfnArgs,
                                          ThresholdLinearArgs)
-from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS
+from sparsecc.codegen.activation_sparse import MAX_DECODE_TOKENS
 from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_ffn
 from sparsecc.forms import ActivationThreshold
 from sparsecc.passes.decide import fallback, site_rule, verdict
@@ -29,9 +31,6 @@ from sparsecc.passes.normalize import op_of
 from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
-# Probe points for naming an activation: dense enough to tell GELU from tanh-GELU (they differ by ~1e-3).
-_PROBE = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)
-_ACT_TOLERANCE = 1e-6
 _MAX_ACT_NODES = 16  # activations are short chains; longer ones are not an activation
 
 
@@ -75,13 +74,7 @@ def _eval_chain(start: Node, nodes: Tuple[Node, ...], probe: torch.Tensor) -> Op
 
 def name_activation(start: Node, nodes: Tuple[Node, ...]) -> Optional[str]:
     """Name of the activation the pointwise ``nodes`` compute from ``start``, or None."""
-    out = _eval_chain(start, nodes, _PROBE.clone())
-    if not isinstance(out, torch.Tensor) or out.shape != _PROBE.shape:
-        return None
-    for name, fn in ACTIVATIONS.items():
-        if torch.allclose(out.double(), fn(_PROBE.clone()).double(), atol=_ACT_TOLERANCE, rtol=_ACT_TOLERANCE):
-            return name
-    return None
+    return named_by_probe(_eval_chain(start, nodes, activation_probe()))
 
 
 _POINTWISE_NAMES = ("pointwise", "scale", "cast", "identity", "add")
@@ -281,7 +274,7 @@ def check_ffn(site: Site, ctx) -> Decision:
     if form.mode == "gate":
         if m.act is None:
             return fallback(form, rule.key, policy, "gate mode needs a recognised activation "
-                            f"(one of {sorted(ACTIVATIONS)})", estimate)
+                            f"(one of {sorted(BY_NAME)})", estimate)
         return verdict(site, ctx, form, rule.key, policy, estimate, "gate_sparse_ffn", tau=form.tau("gate"))
     if form.tau("input") is None and form.tau("down") is None:
         return fallback(form, rule.key, policy, "input mode with neither an input nor a down threshold", estimate)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
+from sparsecc.activations import FX_FUNCTIONS, FX_METHODS
 from sparsecc.forms import MASKED_LOGIT_MAX
 
 log = logging.getLogger("sparsecc")
@@ -58,15 +59,16 @@ _SPLIT_FUNCS = {torch.split}
 _TRANSPOSE_FUNCS = {torch.transpose, torch.swapaxes}
 _PERMUTE_FUNCS = {torch.permute}
 
-# Single-input elementwise functions and methods that may form an activation.
-_POINTWISE_FUNCS = {
-    F.gelu, torch._C._nn.gelu, F.relu, torch.relu, F.silu, torch.tanh, torch.sigmoid, torch.erf,
-    torch.square, torch.pow, operator.pow, torch.exp, F.relu6, F.leaky_relu, F.mish, F.hardswish,
+# Elementwise functions and methods that may form an activation: the spellings of the activation table
+# (sparsecc.activations), the building blocks of hand-written forms (named by probing), and activations
+# without a kernel (their FFN sites are found and named "unknown").
+_POINTWISE_FUNCS = set(FX_FUNCTIONS) | {
+    torch.tanh, torch.sigmoid, torch.erf, torch.exp, F.relu6, F.leaky_relu, F.mish, F.hardswish,
     torch.nn.functional.hardtanh, torch.abs, operator.neg, torch.neg, torch.sqrt, torch.rsqrt,
     operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub, torch.div,
 }
-_POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "pow", "square", "exp", "mul", "add", "sub", "div",
-                      "neg", "abs", "sqrt", "rsqrt", "erf", "__mul__", "__add__", "__pow__"}
+_POINTWISE_METHODS = set(FX_METHODS) | {"sigmoid", "tanh", "exp", "mul", "add", "sub", "div", "neg", "abs", "sqrt",
+                                        "rsqrt", "erf", "__mul__", "__add__"}
 _CAST_METHODS = {"float", "half", "bfloat16", "to", "type_as", "double", "type", "contiguous"}
 _VIEW_METHODS = {"view", "reshape"}
 
