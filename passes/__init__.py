@@ -5,7 +5,8 @@ Each site family has a module (``attention``/``attention_check``, ``ffn``, ``lin
 emit ``torch.ops.sparsecc`` calls from ``sparsecc.codegen.ops``.
 
 Layering (``tests/test_layering.py`` checks it): passes may import the core (``sparsecc.forms``,
-``sparsecc.spec``, ``sparsecc.layouts``, ``sparsecc.weights``, ``sparsecc.kernel_tiles``, ``sparsecc.cache``, ``sparsecc.cost``),
+``sparsecc.spec``, ``sparsecc.layouts``, ``sparsecc.weights``, ``sparsecc.kernel_tiles``, ``sparsecc.cache``,
+``sparsecc.activations``, ``sparsecc.cost``),
 ``sparsecc.codegen`` and each other; never ``sparsecc.pipeline``, the backend, the API, ``sparsecc.tune`` or
 the report.
 """
