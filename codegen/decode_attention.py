@@ -44,9 +44,6 @@ DECODE_BLOCK_N = 64
 MIN_BLOCKS_PER_SPLIT = 2
 # Aim for this many programs per SM: enough loads in flight to saturate HBM.
 PROGRAMS_PER_SM = 16
-# Head-dim columns per program of the split merge: a (batch, kv head) is merged by BLOCK_D / this many
-# programs, so the merge's reads of the partials spread over the SMs instead of one program per kv head.
-REDUCE_BLOCK_D = 32
 
 
 def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, sq: int = 1) -> bool:
@@ -175,47 +172,43 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O_PART, L_PART,
     out = acc / l_safe[:, None]
     lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
     part = bkv.to(tl.int64) * n_split + split
-    # Only the packed rows that exist are written (the tile pads G * Sq up to tl.dot's 16 rows).
-    tl.store(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :], out, mask=r_ok[:, None])
-    tl.store(L_PART + part * BLOCK_M + offs_r, lse2, mask=r_ok)
+    tl.store(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :], out)
+    tl.store(L_PART + part * BLOCK_M + offs_r, lse2)
 
 
 @triton.jit
 def _decode_reduce_kernel(O_PART, L_PART, O, LSE, stride_ob, stride_oh, stride_om, n_kv_heads, seq_q, n_split,
                           GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_DR: tl.constexpr):
-    """Merge the splits of one (batch, kv head), ``BLOCK_DR`` head-dim columns of it: weights
-    ``2^(lse_s - lse)``, rows with nothing give 0."""
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the splits of one (batch, kv head): weights ``2^(lse_s - lse)``, rows with nothing give 0."""
     bkv = tl.program_id(0)
     b = (bkv // n_kv_heads).to(tl.int64)
     kvh = bkv % n_kv_heads
     offs_r = tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(1) * BLOCK_DR + tl.arange(0, BLOCK_DR)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, BLOCK_S)
     s_ok = offs_s < n_split
-    r_ok = offs_r < GROUP * seq_q   # rows past the packed ones were never written
-    lse_all = tl.load(L_PART + (bkv * n_split + offs_s[:, None]) * BLOCK_M + offs_r[None, :],
-                      mask=s_ok[:, None] & r_ok[None, :], other=float("-inf"))
+    lse_all = tl.load(L_PART + (bkv * n_split + offs_s[:, None]) * BLOCK_M + offs_r[None, :], mask=s_ok[:, None],
+                      other=float("-inf"))
     m = tl.max(lse_all, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.math.exp2(lse_all - m_use[None, :]), 0)
-    acc = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for s in range(0, n_split):
         part = bkv * n_split + s
-        lse_s = tl.load(L_PART + part * BLOCK_M + offs_r, mask=r_ok, other=float("-inf"))
+        lse_s = tl.load(L_PART + part * BLOCK_M + offs_r)
         w = tl.math.exp2(lse_s - m_use)
-        o_s = tl.load(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :],
-                      mask=r_ok[:, None], other=0.0)
+        o_s = tl.load(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :])
         acc += w[:, None] * o_s
     t_safe = tl.where(total > 0, total, 1.0)
     out = tl.where((total > 0)[:, None], acc / t_safe[:, None], 0.0)
     g = offs_r // seq_q
     row = offs_r % seq_q
+    r_ok = offs_r < GROUP * seq_q
     head = kvh * GROUP + g
     o_ptrs = O + b * stride_ob + head[:, None].to(tl.int64) * stride_oh + row[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    if WRITE_LSE and tl.program_id(1) == 0:
+    if WRITE_LSE:
         lse = tl.where(total > 0, (m_use + tl.math.log2(t_safe)) * LN2, float("-inf"))
         tl.store(LSE + (b * n_kv_heads * GROUP + head) * seq_q + row, lse, mask=r_ok)
 
@@ -352,11 +345,10 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N, UPCAST_DOT=interpreting())
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
-    block_dr = min(block_d, REDUCE_BLOCK_D)
-    launcher(_decode_reduce_kernel, q)[(b * hkv, block_d // block_dr)](
+    launcher(_decode_reduce_kernel, q)[(b * hkv,)](
         o_part, l_part, out, lse, *out.stride()[:3], hkv, sq, n_split,
         GROUP=group, WRITE_LSE=return_lse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
-        BLOCK_S=max(2, triton.next_power_of_2(n_split)), BLOCK_DR=block_dr)
+        BLOCK_S=max(2, triton.next_power_of_2(n_split)))
     return (out, lse) if return_lse else out
 
 
