@@ -421,7 +421,7 @@ def launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale:
     # so only the streaming tuner gets the extra configs (each one costs autotuning time).
     # While traced for Inductor the kernel launches from Inductor's wrapper, which sets up no allocator for
     # descriptors made in the kernel: TMA is used on eager launches only.
-    tma = table is None and kern.tma_supported(k, v) and not tracing(q)
+    tma = table is None and not tracing(q) and kern.tma_supported(k, v)   # the check reads data pointers
     if tma:
         kern.enable_descriptors()
     lead = 0

@@ -120,6 +120,52 @@ def test_a_record_call_equals_the_positional_op_call():
     assert torch.equal(by_record, positional)
 
 
+_FAKE_CUDA_SCRIPT = r"""
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from sparsecc.codegen import activation_sparse, block_attention, decode_attention, gate_sparse_ffn
+
+decode_attention._num_sms = lambda device: 132   # no CUDA device to ask
+cuda, f16 = torch.device("cuda"), torch.float16
+with FakeTensorMode():
+    q = torch.empty(2, 8, 64, 64, device=cuda, dtype=f16)
+    k = torch.empty(2, 2, 64, 64, device=cuda, dtype=f16)
+    qd = torch.empty(2, 8, 1, 64, device=cuda, dtype=f16)
+    x = torch.empty(1, 256, device=cuda, dtype=f16)
+    w_km = torch.empty_strided((512, 256), (1, 512), device=cuda, dtype=f16)   # K-major, as the compiler binds
+    wg = torch.empty(512, 256, device=cuda, dtype=f16)
+    wd_km = torch.empty_strided((256, 512), (1, 256), device=cuda, dtype=f16)   # down [D, F], K-major
+    shapes = [
+        block_attention.streaming_attention(q, k, k, sink=[4], window=[16], scale=0.1, causal=True).shape,
+        block_attention.streaming_attention(q, k, k, sink=[4, 0, 2, 1, 4, 4, 0, 0], window=[16, 8, 8, 8, 16, 16, 4, 4],
+                                            scale=0.1, causal=True).shape,
+        block_attention.streaming_attention(qd, k, k, sink=[4], window=[16], scale=0.1, causal=True).shape,
+        block_attention.streaming_attention(qd, k, k, sink=[4] * 4 + [2] * 4, window=[16] * 4 + [8] * 4, scale=0.1,
+                                            causal=True).shape,
+        activation_sparse.threshold_linear(x, w_km, None, 0.5).shape,
+        gate_sparse_ffn.gate_sparse_ffn(x, wg, None, wg, None, wd_km, None, "silu", 0.5).shape,
+    ]
+print([tuple(s) for s in shapes])
+"""
+
+
+def test_traced_kernel_paths_run_on_fake_cuda_tensors():
+    """The kernel wrappers as Inductor traces them (fake CUDA tensors): no data pointer read, no host read-back,
+    no cached device tensor. Runs on a CPU-only machine; in a child without TRITON_INTERPRET, so the kernels are
+    compiled-mode Triton functions, as on a GPU. (The mask-positioned decode op converts dtypes on the device,
+    which fake CUDA tensors cannot do on a CPU-only build of torch: the GPU tests cover it.)"""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _FAKE_CUDA_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str([(2, 8, 64, 64), (2, 8, 64, 64), (2, 8, 1, 64), (2, 8, 1, 64),
+                                                        (1, 512), (1, 256)])
+
+
 # ---------------------------------------------------------------- GPU: Inductor launches the kernels
 
 def _inductor_code(compiled, *args):
