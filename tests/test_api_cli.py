@@ -13,29 +13,16 @@ from sparsecc import cli
 from tests import zoo
 
 
-class TwoMlps(torch.nn.Module):
-    """Two gated MLPs, so calibration must find a separate threshold for each."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList([zoo.GatedSiluFFN(), zoo.PlainGeluFFN()])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = x + layer(x)
-        return x
-
-
 def build_two_mlps():
     """CLI factory: a model and its example input."""
     torch.manual_seed(0)
-    return TwoMlps().eval(), (torch.randn(2, 6, 32),)
+    return zoo.TwoMlps().eval(), (torch.randn(2, 6, 32),)
 
 
 @pytest.mark.parametrize("mode", ["input", "gate"])
 def test_calibrate_hits_the_target_sparsity(mode, tmp_path):
     torch.manual_seed(0)
-    model = TwoMlps().eval()
+    model = zoo.TwoMlps().eval()
     batches = [(torch.randn(4, 16, 32),) for _ in range(3)]
     spec = {"version": 1, "defaults": {"policy": "force"},
             "ffn": [{"modules": "layers.*", "form": "activation_threshold", "mode": mode, "sparsity": 0.6}]}
@@ -63,7 +50,7 @@ def test_calibrate_hits_the_target_sparsity(mode, tmp_path):
 
 def test_calibrate_without_targets_returns_spec_unchanged():
     spec = sparsecc.load_spec({"version": 1, "ffn": [{"form": "activation_threshold", "threshold": 0.1}]})
-    assert sparsecc.calibrate(TwoMlps().eval(), [torch.randn(1, 4, 32)], spec, progress=False) == spec
+    assert sparsecc.calibrate(zoo.TwoMlps().eval(), [torch.randn(1, 4, 32)], spec, progress=False) == spec
 
 
 def test_cli_check_spec(tmp_path, capsys):

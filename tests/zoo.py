@@ -347,3 +347,16 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(x)
         return x + self.mlp(x)
+
+
+class TwoMlps(nn.Module):
+    """Two MLPs with residual adds (gated SiLU, then plain GELU), so calibration must find a threshold for each."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([GatedSiluFFN(), PlainGeluFFN()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x

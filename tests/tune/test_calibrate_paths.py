@@ -14,17 +14,6 @@ from sparsecc.tune.ffn import uniform_allocation
 from tests import zoo
 
 
-class TwoMlps(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList([zoo.GatedSiluFFN(), zoo.PlainGeluFFN()])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = x + layer(x)
-        return x
-
-
 class OneMlp(torch.nn.Module):
     def __init__(self, mlp):
         super().__init__()
@@ -48,7 +37,7 @@ def _calibrated(model, batches, mode, criterion, sparsity):
 @pytest.mark.parametrize("mode, criterion", [("input", "magnitude"), ("input", "weighted"), ("gate", "magnitude")])
 def test_calibrate_gives_the_tuners_uniform_thresholds(mode, criterion):
     torch.manual_seed(0)
-    model = TwoMlps().eval()
+    model = zoo.TwoMlps().eval()
     batches = _batches()
     forms = _calibrated(model, batches, mode, criterion, 0.6)
     projections = ffn_projections(model, sparsecc.explain(model, batches[0]), mode)
