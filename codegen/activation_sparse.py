@@ -334,12 +334,6 @@ def k_major(weight: Tensor) -> Tensor:
     return copy
 
 
-def _tau_in(tau: float, dtype: torch.dtype) -> float:
-    # torch compares |x| > tau with tau rounded to x's dtype; the kernel compares in float32 with
-    # that same rounded value, so both keep exactly the same channels.
-    return round_to_dtype(tau, dtype)
-
-
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
                      config: Optional[GemvConfig] = None, out: Optional[Tensor] = None) -> Tensor:
     """Triton ``F.linear(x * (|x| > tau), weight, bias)`` for decode (TEAL input mode).
@@ -375,7 +369,7 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     scratch = torch.empty(slots, dtype=torch.int32, device=x.device)
     bias_arg = bias.contiguous() if bias is not None else y
     launcher(_threshold_gemv_kernel, x2)[grid](  # noqa: F821
-        x2, wt, partial, scratch, bias_arg, y, m, n, k, _tau_in(float(tau), x.dtype),
+        x2, wt, partial, scratch, bias_arg, y, m, n, k, round_to_dtype(tau, x.dtype),
         x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
         BLOCK_M=1 if per_token else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT, DOT_IN_FP32=interpreting or x.dtype == torch.float32,

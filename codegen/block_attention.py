@@ -504,11 +504,9 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
         from sparsecc.codegen import decode_attention
 
         if decode_attention.decode_supported(sinks, windows, group, sq):
-            # One rule for all heads goes to the kernel as scalars: no vectors (while traced, each would be a
-            # constant Inductor copies to the device on every call).
-            vectors = rule_vectors(tuple(snk), tuple(win), q) if decode_attention.per_head_rules(snk, win) else \
-                (None, None)
-            return decode_attention.streaming_decode(q, k, v, m4, scale, causal, *vectors, return_lse,
+            # The decode wrapper makes the per-head vectors only when the heads' rules differ: one rule goes to
+            # the kernel as scalars (while traced, each vector would be a constant copied to the device per call).
+            return decode_attention.streaming_decode(q, k, v, m4, scale, causal, None, None, return_lse,
                                                      out=out, rules=(snk, win))
     sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
     return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
@@ -521,8 +519,7 @@ def rule_vectors(sinks: tuple, windows: tuple, like: Tensor) -> tuple[Tensor, Te
     is traced they become constants of Inductor's graph, made once when the compiled code loads.
     """
     if tracing(like):
-        return (torch.tensor(sinks, dtype=torch.int32, device=like.device),
-                torch.tensor(windows, dtype=torch.int32, device=like.device))
+        return _rule_vectors.__wrapped__(sinks, windows, like.device)   # the same vectors, uncached
     return _rule_vectors(sinks, windows, like.device)
 
 

@@ -257,7 +257,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     """
     from sparsecc.codegen import ops
     from sparsecc.codegen.block_attention import (
-        FULL_WINDOW, check_mask, check_qkv, attention_kernel_ok, rule_vectors, streaming_rules_per_head)
+        FULL_WINDOW, check_mask, check_qkv, attention_kernel_ok, streaming_rules_per_head)
 
     b, h, sq, sk, group = check_qkv(q, k, v)
     sinks, windows = streaming_rules_per_head(sink, window, h)
@@ -273,9 +273,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     unlimited = sk + sq + 1
     win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
     snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
-    sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q) if per_head_rules(snk, win) else (None, None)
-    return streaming_decode(q, k, v, m4, scale, True, sinks_t, windows_t, out=out, rules=(snk, win),
-                            query_end=query_end)
+    return streaming_decode(q, k, v, m4, scale, True, None, None, out=out, rules=(snk, win), query_end=query_end)
 
 
 def per_head_rules(sinks: Sequence[int], windows: Sequence[int]) -> bool:
@@ -300,7 +298,8 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     ``sinks``/``windows`` are int32 per-head vectors in kernel form (an
     unlimited window encoded as ``Sk + Sq + 1``, as the prefill wrapper does);
     heads of one kv group must share them (:func:`decode_supported`). When every head has the same rule the
-    kernel takes it as two scalars and the vectors may be None (``rules`` is then required). ``m4`` is
+    kernel takes it as two scalars; the vectors may be None (``rules`` is then required) and are made here
+    when the heads differ. ``m4`` is
     the mask already viewed as 4-d, or None. ``out`` receives the output when given.
     ``rules`` are the same vectors as host lists, when the caller has them: reading
     them back from the device would sync the host on every decode step.
@@ -317,9 +316,10 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     block_d = max(MIN_TILE, triton.next_power_of_2(d))
     block_m = max(MIN_TILE, triton.next_power_of_2(group * sq))
     s_list, w_list = rules if rules is not None else (sinks.tolist(), windows.tolist())
-    per_head = len(set(s_list)) > 1 or len(set(w_list)) > 1
+    per_head = per_head_rules(s_list, w_list)
     if per_head and (sinks is None or windows is None):
-        raise ValueError("streaming_decode: heads with different rules need the sinks/windows vectors")
+        from sparsecc.codegen.block_attention import rule_vectors
+        sinks, windows = rule_vectors(tuple(s_list), tuple(w_list), q)
     if query_end is not None:
         if not causal:
             raise ValueError("streaming_decode: query_end needs causal=True (positions past it are masked)")

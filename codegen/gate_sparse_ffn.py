@@ -45,10 +45,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, _tau_in,
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig,
                                                 gate_sparse_ffn_ref, threshold_linear)
 from sparsecc.codegen.epilogue import activation_switch, bind_triton
-from sparsecc.codegen.launch import launcher
+from sparsecc.codegen.launch import launcher, round_to_dtype
 
 __all__ = ["gate_sparse_ffn", "gate_sparse_ffn_ref", "GateConfig", "DEFAULT_GATE_CONFIG",
            "DEFAULT_GATE_CONFIG_TOKENS", "KERNEL_DTYPES"]
@@ -250,7 +250,7 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     wu = w_up if w_up is not None else w_gate
     launcher(_gate_up_kernel, x2)[(triton.cdiv(f, cfg.BLOCK_F),)](  # noqa: F821 - bound by bind_triton
         x2, w_gate, b_gate.contiguous() if b_gate is not None else dummy, wu,
-        b_up.contiguous() if b_up is not None else dummy, g, m, f, d, _tau_in(float(tau), dtype),
+        b_up.contiguous() if b_up is not None else dummy, g, m, f, d, round_to_dtype(tau, dtype),
         x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), wu.stride(0), wu.stride(1),
         BLOCK_M=1 if m == 1 else 16, BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D,
         HAS_BG=b_gate is not None, GATED=w_up is not None, HAS_BU=b_up is not None, ACTIVATION=act,

@@ -37,6 +37,7 @@ argument object; nobody packs positional arguments by hand.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -114,22 +115,15 @@ class OpRecord:
         tensors = {t.name: t for t in self.tensors}
         arg_fields = {f.name: f for f in fields(self.args)}
         parts = []
-        trailing_defaults = True   # every parameter after this one has a default: an optional tensor may too
-        for name in reversed(self.param_names()):
+        for name in self.param_names():
             if name in tensors:
-                text = tensors[name].schema()
-                if tensors[name].optional and trailing_defaults:
-                    text += "=None"
-                else:
-                    trailing_defaults = False
+                text = tensors[name].schema() + ("=None" if name in self.defaults else "")
             else:
                 f = arg_fields[name]
                 text = f"{_SCHEMA_TYPES[f.type]} {name}"
-                if f.default is not dataclasses.MISSING:
+                if name in self.defaults:
                     text += "=" + _schema_default(f.default)
-                else:
-                    trailing_defaults = False
-            parts.insert(0, text)
+            parts.append(text)
         return "(" + ", ".join(parts) + ") -> Tensor"
 
     @property
@@ -173,14 +167,12 @@ class OpRecord:
         names = self.param_names()
         if len(args) == len(names):
             return tuple(args)
-        defaults = {f.name: f.default for f in fields(self.args) if f.default is not dataclasses.MISSING}
-        defaults.update({t.name: None for t in self.tensors if t.optional})
         flat = list(args)
         for name in names[len(args):]:
             if name in kwargs:
                 flat.append(kwargs[name])
-            elif name in defaults:
-                flat.append(_schema_value(defaults[name]))
+            elif name in self.defaults:
+                flat.append(self.defaults[name])
             else:
                 raise TypeError(f"sparsecc op {self.name}: missing argument {name}")
         return tuple(flat)
@@ -201,8 +193,7 @@ class OpRecord:
         Trailing arguments equal to their defaults are left out, so a call reads as short as it can.
         """
         flat = list(self.flatten(tensors, args))
-        defaults = self._defaults()
-        names = self.param_names()
+        names, defaults = self.param_names(), self.defaults
         while flat and names[len(flat) - 1] in defaults and _same(flat[-1], defaults[names[len(flat) - 1]]):
             flat.pop()
         return graph.call_function(self.op(), tuple(flat))
@@ -211,16 +202,18 @@ class OpRecord:
         """Every argument of an emitted call ``node`` by name, defaults filled in (what a reader of a graph needs)."""
         return dict(zip(self.param_names(), self.complete(tuple(node.args), dict(node.kwargs))))
 
-    def _defaults(self) -> Dict[str, Any]:
-        """Each defaulted parameter's default, as the op takes it (optional tensors default to None)."""
+    @functools.cached_property
+    def defaults(self) -> Dict[str, Any]:
+        """The schema's defaults by parameter name, as the op takes them: each argument field's default, and None
+        for an optional tensor in the trailing run of defaulted parameters (a schema default may not precede a
+        parameter without one). Computed once per record; the schema, ``complete`` and ``emit`` all read it."""
         defaults = {f.name: _schema_value(f.default) for f in fields(self.args) if f.default is not dataclasses.MISSING}
-        trailing = True
-        for name in reversed(self.param_names()):   # an optional tensor has a default only in the trailing run
-            tensor = next((t for t in self.tensors if t.name == name), None)
-            if tensor is not None and tensor.optional and trailing:
+        optional = {t.name for t in self.tensors if t.optional}
+        for name in reversed(self.param_names()):
+            if name in optional:
                 defaults[name] = None
             elif name not in defaults:
-                trailing = False
+                break
         return defaults
 
     def kernel_function(self, device: torch.device) -> Optional[Callable]:

@@ -399,14 +399,9 @@ def k_major_copy(weight: torch.Tensor, in_out: bool = False) -> torch.Tensor:
         return (w if in_out else w.t()).contiguous()
 
 
-def _bind_derived(ctx, lin: LinearMatch, what: str, derive) -> Node:
-    """``derive(weight, in_out)`` of ``lin``'s weight as a bound graph input (the compile's binding service)."""
-    return ctx.bind_derived(lin.weight, lin.in_out, what, derive)
-
-
 def _bind_column_norms(ctx, lin: LinearMatch) -> Node:
     """``column_norms`` of ``lin``'s weight as a bound graph input (criterion "weighted")."""
-    return _bind_derived(ctx, lin, "column_norms", column_norms)
+    return ctx.bind_derived(lin.weight, lin.in_out, "column_norms", column_norms)
 
 
 def _decode_weight_node(graph, ctx, site: Site, lin: LinearMatch, op: str):
@@ -420,7 +415,7 @@ def _decode_weight_node(graph, ctx, site: Site, lin: LinearMatch, op: str):
     """
     if lin.in_out or not _runs_decode_kernel(ctx, site, op):
         return _weight_node(graph, lin)
-    return graph.call_method("t", (_bind_derived(ctx, lin, "k_major", k_major_copy),))
+    return graph.call_method("t", (ctx.bind_derived(lin.weight, lin.in_out, "k_major", k_major_copy),))
 
 
 def _runs_decode_kernel(ctx, site: Site, op: str) -> bool:

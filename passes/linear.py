@@ -284,7 +284,6 @@ def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None
     plan: Plan = decision.plan
     if plan.fused_into is not None:
         return
-    m: LinearMatch = site.match
     graph = gm.graph
     call = plan.calls[0]
     if isinstance(decision.form, TwoFour):

@@ -207,14 +207,19 @@ def stage_plan(gm: GraphModule, ctx: CompileContext) -> None:
         try:
             plan = ctx.rewrites[id(site)].plan(site, decision, ctx)
         except Exception as err:  # noqa: BLE001 - dense fallback rather than a crash
-            log.warning("sparsecc: plan of %s failed: %r", site.label, err)
-            ctx.decisions[id(site)] = Decision(False, decision.form, f"dense fallback: the plan failed ({err!r})",
-                                               decision.estimate, decision.rule, decision.policy)
+            _fall_back(ctx, site, decision, "plan", err)
             continue
         # planning a site may have planned a partner already (fused gate/up): read the decision again
         ctx.decisions[id(site)] = dataclasses.replace(ctx.decisions[id(site)], plan=plan)
         site.attrs["launch"] = plan.launch()
         site.attrs["plan"] = plan.summary()
+
+
+def _fall_back(ctx: CompileContext, site: Site, decision: Decision, stage: str, err: Exception) -> None:
+    """Keep ``site`` dense after its ``stage`` failed: log it, and record the decision with the reason."""
+    log.warning("sparsecc: %s of %s failed: %r", stage, site.label, err)
+    ctx.decisions[id(site)] = Decision(False, decision.form, f"dense fallback: the {stage} failed ({err!r})",
+                                       decision.estimate, decision.rule, decision.policy)
 
 
 def stage_rewrite(gm: GraphModule, ctx: CompileContext) -> None:
@@ -227,9 +232,7 @@ def stage_rewrite(gm: GraphModule, ctx: CompileContext) -> None:
             # Replacements redirect the site's users last, so a failure leaves only dead nodes behind.
             ctx.rewrites[id(site)].replace(gm, site, decision, ctx)
         except Exception as err:  # noqa: BLE001 - dense fallback rather than a crash
-            log.warning("sparsecc: rewrite of %s failed: %r", site.label, err)
-            ctx.decisions[id(site)] = Decision(False, decision.form, f"dense fallback: the rewrite failed ({err!r})",
-                                               decision.estimate, decision.rule, decision.policy)
+            _fall_back(ctx, site, decision, "rewrite", err)
     # FX's default purity test knows in-place *functions* but not in-place *methods*: a KV cache's
     # ``keys.index_copy_(...)`` or a buffer's ``count.add_(1)`` has no users and would be erased.
     gm.graph.eliminate_dead_code(is_impure_node=_keeps_side_effects)

@@ -7,7 +7,6 @@ spellings go through the passes in tests/passes/test_activation_spellings.py.
 """
 
 import ast
-import math
 import operator
 from pathlib import Path
 
@@ -17,17 +16,11 @@ import torch.nn.functional as F
 
 from sparsecc import activations as table
 from sparsecc.activations import ACTIVATION_TABLE, BY_NAME, activation, is_square, named_by_probe, probe, spelled_by
+from tests import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# float64, written from the one-line definitions of docs/kernels.md ("Activations").
-DEFINITIONS = {
-    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
-    "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
-    "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
-    "relu2": lambda x: torch.where(x > 0, x, torch.zeros_like(x)) ** 2,
-    "silu": lambda x: x / (1 + torch.exp(-x)),
-}
+DEFINITIONS = zoo.ACTIVATION_DEFINITIONS   # float64, from docs/kernels.md
 
 
 def _inputs():

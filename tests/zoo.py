@@ -360,3 +360,14 @@ class TwoMlps(nn.Module):
         for layer in self.layers:
             x = x + layer(x)
         return x
+
+
+# float64 definitions of the activations, written from the one-line definitions of docs/kernels.md ("Activations");
+# the activation-table tests compare the table's torch references and Triton lines with these.
+ACTIVATION_DEFINITIONS = {
+    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+    "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
+    "relu2": lambda x: torch.where(x > 0, x, torch.zeros_like(x)) ** 2,
+    "silu": lambda x: x / (1 + torch.exp(-x)),
+}

@@ -11,7 +11,6 @@ float64 here, not the table's references. On CPU the checks run in a child proce
 from __future__ import annotations  # kernel annotations stay strings until bind_triton imports Triton
 
 import importlib.util
-import math
 import os
 import subprocess
 import sys
@@ -21,17 +20,11 @@ import torch
 
 from sparsecc.activations import ACTIVATION_TABLE
 from sparsecc.codegen.activation_sparse import MAX_DECODE_TOKENS
+from tests import zoo
 from tests.interpreter import ROOT, interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
 NAMES = [a.name for a in ACTIVATION_TABLE]
-# float64, written from the one-line definitions of docs/kernels.md ("Activations").
-DEFINITIONS = {
-    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
-    "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
-    "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
-    "relu2": lambda x: torch.where(x > 0, x, torch.zeros_like(x)) ** 2,
-    "silu": lambda x: x / (1 + torch.exp(-x)),
-}
+DEFINITIONS = zoo.ACTIVATION_DEFINITIONS   # float64, from docs/kernels.md
 # float32 arithmetic against float64: a few units in the last place of float32, relative to the value.
 ATOL, RTOL = 1e-6, 1e-5
 BLOCK = 128

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from sparsecc.codegen import linear_ops, ops
 from sparsecc.codegen.attention_ops import (STREAMING_ATTENTION, BlockSparseAttentionArgs, StreamingAttentionArgs)
 from sparsecc.codegen.linear_ops import THRESHOLD_LINEAR, ThresholdLinearArgs
+from tests import zoo
 
 
 def _aot_graphs(fn, *args, dynamic=False):
@@ -206,17 +207,6 @@ def test_streaming_decode_launches_from_inductors_code():
     torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
 
 
-class _FFN(torch.nn.Module):
-    def __init__(self, hidden=256, inner=512):
-        super().__init__()
-        self.gate_proj = torch.nn.Linear(hidden, inner, bias=False)
-        self.up_proj = torch.nn.Linear(hidden, inner, bias=False)
-        self.down_proj = torch.nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["input", "gate"])
 def test_decode_ffn_ops_launch_from_inductors_code(mode):
@@ -224,7 +214,7 @@ def test_decode_ffn_ops_launch_from_inductors_code(mode):
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    ffn = _FFN().to(dev, torch.float16).eval()
+    ffn = zoo.GatedSiluFFN(hidden=256, inner=512).to(dev, torch.float16).eval()
     x = torch.randn(1, 1, 256, device=dev, dtype=torch.float16)
     wg, wu, wd = (m.weight.double() for m in (ffn.gate_proj, ffn.up_proj, ffn.down_proj))
     xd = x.double()
