@@ -49,16 +49,22 @@ _TIE_PRICE = 1e-9
 _RECORDERS: Dict[int, "AttentionStats"] = {}
 
 
+# Above this many keys the default grid leaves vertical_slash out: its kept set is token-level (recording it costs
+# an Sq x Sk mask per head and candidate), and its kernel ran at 0.67-0.78x dense SDPA at 32K-128K keys on the H200
+# (bench/RESULTS.md), so choosing it there cannot pay. Explicit candidates may still name it.
+VERTICAL_SLASH_MAX_KEYS = 2048
+
+
 def default_candidates(seq_k: int) -> List[object]:
     """The candidate grid for a calibration key length ``seq_k`` (see docs/tune.md).
 
-    streaming: sink 0 or 4, window Sk/8, Sk/4, Sk/2; block_topk (when its
-    reference exists): the largest block <= Sk/4, topk of 1/8, 1/4, 1/2 of the key
-    blocks, or cdf 0.9 / 0.95; vertical_slash: last_q 64, vertical and slash
-    Sk/16 or Sk/8.
+    streaming: sink 4 or 64, window Sk/32, Sk/16, Sk/8, Sk/4, Sk/2; block_topk
+    (when its reference exists): the largest block <= Sk/4, topk of 1/8, 1/4,
+    1/2 of the key blocks, or cdf 0.9 / 0.95; vertical_slash (up to
+    ``VERTICAL_SLASH_MAX_KEYS`` keys): last_q 64, vertical and slash Sk/16 or Sk/8.
     """
     out: List[object] = []
-    for sink, frac in itertools.product((0, 4), (8, 4, 2)):
+    for sink, frac in itertools.product((4, 64), (32, 16, 8, 4, 2)):
         window = max(1, math.ceil(seq_k / frac))
         if sink < seq_k and Streaming(sink, window) not in out:
             out.append(Streaming(sink, window))
@@ -75,9 +81,10 @@ def default_candidates(seq_k: int) -> List[object]:
         if form not in out:
             out.append(form)
     out.extend(BlockTopK(block=block, cdf=c) for c in (0.9, 0.95))
-    for v, s in itertools.product((16, 8), (16, 8)):
-        out.append(VerticalSlash(last_q=min(64, seq_k), vertical=max(1, seq_k // v), slash=max(1, seq_k // s),
-                                 block=block))
+    if seq_k <= VERTICAL_SLASH_MAX_KEYS:
+        for v, s in itertools.product((16, 8), (16, 8)):
+            out.append(VerticalSlash(last_q=min(64, seq_k), vertical=max(1, seq_k // v), slash=max(1, seq_k // s),
+                                     block=block))
     return out
 
 
@@ -108,12 +115,46 @@ def dynamic_mask(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: fl
     return tokens[..., : q.shape[-2], : k.shape[-2]]
 
 
+# Query rows per recording chunk: the float32 working set of one call is H x rows x Sk, not H x Sq x Sk
+# (at 8K keys and 9 heads, 150 MB per chunk instead of 2.4 GB per call).
+RECORD_ROWS = 512
+
+
+def _streaming_sums(form: Streaming, positions: torch.Tensor, cum: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Per-row sums [B, H, R] of a row quantity over the keys ``form`` keeps, from its prefix sums ``cum``.
+
+    ``cum[..., j]`` is the sum over keys < j (``cum[..., 0] = 0``). A streaming row at
+    position p keeps the union of the sink ``[0, sink)`` and the band
+    ``[p - window + 1, hi]`` (hi = p when causal, p + window - 1 otherwise), clipped to
+    the keys; a non-causal row with ``p < sink`` keeps every key (docs/spec.md).
+    """
+    sk = cum.shape[-1] - 1
+    hi = (positions if causal else positions + form.window - 1).clamp(-1, sk - 1)
+    lo = (positions - form.window + 1).clamp(0, sk)
+    sink_end = torch.minimum(torch.full_like(hi, form.sink), hi + 1).clamp(0, sk)
+    band_start = torch.maximum(lo, torch.full_like(lo, form.sink)).clamp(max=sk)
+
+    def at(index):   # cum[..., r, index[r]] for every row r
+        return cum.gather(-1, index.view(1, 1, -1, 1).expand(*cum.shape[:-1], 1))[..., 0]
+
+    sums = at(sink_end) + torch.where(band_start <= hi, at((hi + 1).clamp(0, sk)) - at(band_start),
+                                      torch.zeros((), dtype=cum.dtype, device=cum.device))
+    if not causal:
+        sums = torch.where(positions < form.sink, at(torch.full_like(hi, sk)), sums)
+    return sums
+
+
 @dataclass
 class AttentionStats:
-    """Recall and density sums per (site, head, candidate), filled by the recording graph."""
+    """Recall and density sums per (site, head, candidate), filled by the recording graph.
+
+    ``rows_per_chunk`` query rows are scored at a time (memory ~ H x rows x Sk);
+    the sums do not depend on it.
+    """
 
     candidates: Optional[Sequence[object]] = None
     sites: Dict[str, dict] = field(default_factory=dict)
+    rows_per_chunk: int = RECORD_ROWS
 
     def record(self, site: str, q, k, masks, flags, scale: float, causal: bool) -> None:
         """Add one call's statistics (q [B, H, Sq, D], k [B, Hkv, Sk, D])."""
@@ -122,22 +163,6 @@ class AttentionStats:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         b, h, sq, _ = q.shape
         sk = k.shape[2]
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-        allowed = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=q.device)
-        for mask, (additive, keep) in zip(masks, flags):
-            if additive:
-                logits = logits + mask.float()
-                allowed = allowed & (mask > MASKED_LOGIT_MAX)
-            else:
-                allowed = allowed & (mask if keep else ~mask)
-        if causal:
-            allowed = allowed & streaming_mask(Streaming(0, sk + sq), sq, sk, True, q.device)
-        allowed = allowed.expand(b, h, sq, sk)
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        positions = torch.arange(sq, device=q.device) + (sk - sq)
-        rows = allowed.gather(-1, positions.clamp(0, sk - 1).expand(b, h, sq)[..., None])[..., 0]
-        if sq > sk:
-            rows = allowed.any(-1)
         entry = self.sites.setdefault(site, {"heads": h, "seq_k": sk, "causal": causal, "calls": 0})
         if "candidates" not in entry:
             entry["candidates"] = list(self.candidates) if self.candidates is not None else default_candidates(sk)
@@ -145,17 +170,67 @@ class AttentionStats:
             entry.update(mass=torch.zeros(h, n, dtype=torch.float64), kept=torch.zeros(h, n, dtype=torch.float64),
                          rows=torch.zeros(h, dtype=torch.float64), allowed=torch.zeros(h, dtype=torch.float64))
         entry["calls"] += 1
-        row_w = rows.double()
-        entry["rows"] += row_w.sum((0, 2))
-        entry["allowed"] += (allowed & rows[..., None]).double().sum((0, 2, 3))
-        for c, form in enumerate(entry["candidates"]):
-            if isinstance(form, Streaming):
-                keep = streaming_mask(form, sq, sk, causal, q.device).expand(b, h, sq, sk)
+        cands = entry["candidates"]
+        # The dynamic forms' selections depend on the whole call: made once, then read chunk by chunk.
+        selections = {c: _selection(form, q, k, causal, scale) for c, form in enumerate(cands)
+                      if not isinstance(form, Streaming)}
+        for r0 in range(0, sq, self.rows_per_chunk):
+            r1 = min(sq, r0 + self.rows_per_chunk)
+            self._record_rows(entry, cands, selections, q[:, :, r0:r1], k, r0, sq, masks, flags, scale, causal)
+
+    def _record_rows(self, entry, cands, selections, q, k, r0, sq, masks, flags, scale, causal) -> None:
+        """Add the statistics of query rows ``r0 .. r0 + q.shape[-2]`` of a call with ``sq`` rows."""
+        b, h, rows, _ = q.shape
+        sk = k.shape[2]
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+        allowed = torch.ones(1, 1, rows, sk, dtype=torch.bool, device=q.device)
+        for mask, (additive, keep) in zip(masks, flags):
+            if mask.dim() >= 2 and mask.shape[-2] == sq:
+                mask = mask[..., r0:r0 + rows, :]
+            if additive:
+                logits = logits + mask.float()
+                allowed = allowed & (mask > MASKED_LOGIT_MAX)
             else:
-                keep = dynamic_mask(form, q, k, causal, scale).expand(b, h, sq, sk)
-            kept = keep & allowed & rows[..., None]
-            entry["mass"][:, c] += (probs * kept).double().sum((0, 2, 3))
-            entry["kept"][:, c] += kept.double().sum((0, 2, 3))
+                allowed = allowed & (mask if keep else ~mask)
+        positions = torch.arange(r0, r0 + rows, device=q.device) + (sk - sq)
+        if causal:
+            allowed = allowed & (torch.arange(sk, device=q.device)[None, :] <= positions[:, None])
+        allowed = allowed.expand(b, h, rows, sk)
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        del logits
+        if sq > sk:
+            counted = allowed.any(-1)
+        else:
+            counted = allowed.gather(-1, positions.clamp(0, sk - 1).expand(b, h, rows)[..., None])[..., 0]
+        probs = probs * counted[..., None]
+        present = (allowed & counted[..., None]).float()
+        entry["rows"] += counted.double().sum((0, 2))
+        entry["allowed"] += present.sum((0, 2, 3), dtype=torch.float64)
+        zero = torch.zeros(b, h, rows, 1, device=q.device)
+        cum_mass = cum_kept = None
+        for c, form in enumerate(cands):
+            if isinstance(form, Streaming):
+                if cum_mass is None:
+                    cum_mass = torch.cat([zero, probs.cumsum(-1)], -1)
+                    cum_kept = torch.cat([zero, present.cumsum(-1)], -1)
+                mass = _streaming_sums(form, positions, cum_mass, causal)
+                kept = _streaming_sums(form, positions, cum_kept, causal)
+                entry["mass"][:, c] += mass.sum((0, 2), dtype=torch.float64)
+                entry["kept"][:, c] += kept.sum((0, 2), dtype=torch.float64)
+                continue
+            kind, keep = selections[c]
+            if kind == "blocks":
+                blocks, block_q, block_k = keep
+                n_k = blocks.shape[-1]
+                pad = n_k * block_k - sk
+                row_blocks = blocks[:, :, torch.arange(r0, r0 + rows, device=q.device) // block_q].float()
+                for total, values in ((entry["mass"], probs), (entry["kept"], present)):
+                    per_block = torch.nn.functional.pad(values, (0, pad)).view(b, h, rows, n_k, block_k).sum(-1)
+                    total[:, c] += (per_block * row_blocks).sum((0, 2, 3), dtype=torch.float64)
+            else:
+                tokens = keep[..., r0:r0 + rows, :].expand(b, h, rows, sk)
+                entry["mass"][:, c] += (probs * tokens).sum((0, 2, 3), dtype=torch.float64)
+                entry["kept"][:, c] += (present * tokens).sum((0, 2, 3), dtype=torch.float64)
 
     def table(self, site: str) -> Tuple[List[object], torch.Tensor, torch.Tensor]:
         """(candidates, recall [H, C], density [H, C]) of one site."""
@@ -163,6 +238,18 @@ class AttentionStats:
         recall = e["mass"] / e["rows"].clamp_min(1)[:, None]
         density = e["kept"] / e["allowed"].clamp_min(1)[:, None]
         return e["candidates"], recall, density
+
+
+def _selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float):
+    """A dynamic form's kept set for one call: ("blocks", (mask [B, H, nQ, nK], block_q, block_k)) or ("tokens", mask)."""
+    from sparsecc.codegen import dynamic_attention as dyn
+
+    if form.name == "block_topk":
+        table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
+                                         sink_blocks=form.sink_blocks, local_blocks=form.local_blocks,
+                                         pool=form.pool, causal=causal, scale=scale)
+        return "blocks", (table.to_dense_block_mask(), table.block_q, table.block_k)
+    return "tokens", dynamic_mask(form, q, k, causal, scale)
 
 
 def _record(key: int, site: str, q, k, masks, flags, scale: float, causal: bool):

@@ -1,12 +1,15 @@
 """``sparsecc eval``: dense vs sparse perplexity of a causal LM on text files, through ``sparsecc.compile``.
 
     sparsecc eval MODEL --spec S --text FILE [FILE ...] [--ctx N] [--windows K] [--stride S]
-                  [--calib-windows C] [--force] [--kernels K] [--lowering L] [--device D] [--dtype T]
+                  [--calib-windows C] [--needle N] [--force] [--kernels K] [--lowering L] [--device D] [--dtype T]
 
 MODEL is a model reference (``smollm2-135m``, a ``.gguf`` file, a saved directory or a hub id; see
 :mod:`sparsecc.tune.models`) or ``MODULE:CALLABLE`` returning ``(model, tokenizer)`` (or a model, with
 ``--tokenizer`` naming a reference to take the tokenizer from). Exit status: 0 done, 1 the spec rewrote no
 site, 2 a bad argument, spec, model or text.
+
+``--needle N`` also runs N needle-retrieval trials of ``--ctx`` tokens over the same text, dense and sparse
+(:mod:`sparsecc.tune.needle`), and prints both exact-match rates.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
                         "non-overlapping windows)")
     p.add_argument("--calib-windows", type=int, default=1,
                    help="windows after the evaluated ones that calibrate sparsity-only FFN rules (default 1)")
+    p.add_argument("--needle", type=int, default=0, metavar="N",
+                   help="also run N needle-retrieval trials of ctx tokens over the text, dense and sparse (default 0)")
+    p.add_argument("--needle-seed", type=int, default=0, help="seed of the needle trials (default 0)")
     p.add_argument("--force", action="store_true",
                    help="compile with defaults.policy = force (CPU: the cost model keeps most sites dense)")
     p.add_argument("--kernels", choices=("auto", "triton", "reference"), default=None,
@@ -110,13 +116,20 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--calib-windows {args.calib_windows} is not allowed; expected an integer >= 0")
         evaluated, calibration = windows_for(tokenizer, args.text, args.ctx, args.windows, args.stride,
                                              args.calib_windows)
+        if args.needle < 0:
+            raise ValueError(f"--needle {args.needle} is not allowed; expected an integer >= 0 (trials)")
+        needle = []
+        if args.needle:
+            from sparsecc.tune.needle import needle_trials
+            from sparsecc.tune.quality import read_texts
+            needle = needle_trials(tokenizer, read_texts(args.text), args.ctx, args.needle, seed=args.needle_seed)
         lowering = args.lowering or ("inductor" if device.startswith("cuda") else "eager")
         print(f"sparsecc eval: {args.model}, spec {args.spec}, text {' '.join(args.text)}: {len(evaluated)} "
               f"windows of {args.ctx} tokens ({'stride ' + str(args.stride) if args.stride else 'non-overlapping'}), "
               f"device {device}, kernels {args.kernels or 'default'}, lowering {lowering}"
               + (", policy forced" if args.force else ""), flush=True)
         result = evaluate(model, spec, evaluated, kernels=args.kernels, force=args.force, calibration=calibration,
-                          lowering_kind=lowering, progress=not args.no_progress)
+                          lowering_kind=lowering, needle=needle, progress=not args.no_progress)
     except NothingRewrittenError as err:
         print(f"sparsecc eval: {err}", file=sys.stderr)
         return EXIT_NOTHING_REWRITTEN

@@ -276,6 +276,8 @@ class Evaluation:
     sites: Dict[str, int]          # kind -> distinct modules found
     summary: str                   # the report's one-line summary
     spec: object                   # the spec compiled (calibrated and/or forced when asked)
+    needle_dense: Optional[object] = None    # NeedleResult of the dense model, when needle trials were given
+    needle_sparse: Optional[object] = None   # NeedleResult through the compiled model
 
     @property
     def relative_change(self) -> float:
@@ -289,7 +291,16 @@ class Evaluation:
                 f"dense perplexity:  {self.dense.value:.4f}  (mean NLL {self.dense.mean_nll:.5f} nats)",
                 f"sparse perplexity: {self.sparse.value:.4f}  (mean NLL {self.sparse.mean_nll:.5f} nats)",
                 f"relative change:   {100 * self.relative_change:+.2f}%  over {self.dense.tokens} tokens in "
-                f"{self.dense.windows} windows"]
+                f"{self.dense.windows} windows"] + self.needle_lines()
+
+    def needle_lines(self) -> List[str]:
+        """The needle-retrieval lines (none without needle trials)."""
+        if self.needle_dense is None:
+            return []
+        d, s = self.needle_dense, self.needle_sparse
+        ratio = s.rate / d.rate if d.rate > 0 else float("nan")
+        return [f"needle exact match: dense {sum(d.hits)}/{len(d.hits)} ({d.rate:.3f}), sparse "
+                f"{sum(s.hits)}/{len(s.hits)} ({s.rate:.3f}), sparse/dense {ratio:.3f}"]
 
 
 def site_counts(report) -> tuple:
@@ -310,7 +321,7 @@ def default_kernels(model) -> str:
 
 def evaluate(model, spec, windows: Sequence[Window], *, kernels: Optional[str] = None, force: bool = False,
              calibration: Sequence[Window] = (), lowering_kind: Optional[str] = None, dense: Optional[Perplexity] = None,
-             progress: bool = True) -> Evaluation:
+             needle: Sequence = (), progress: bool = True) -> Evaluation:
     """Dense perplexity of ``model`` (eager) and sparse perplexity through ``sparsecc.compile(model, spec)``.
 
     * ``kernels``: default :func:`default_kernels`. ``force``: compile with
@@ -320,6 +331,10 @@ def evaluate(model, spec, windows: Sequence[Window], *, kernels: Optional[str] =
       disjoint from ``windows``); without them that is a ValueError.
     * ``lowering_kind``: ``eager`` or ``inductor`` (SPARSECC_LOWERING), default as set.
     * ``dense``: a dense result already measured on the same windows (skips that run).
+    * ``needle``: :class:`sparsecc.tune.needle.NeedleTrial` s, run through the dense
+      model and the compiled one (the exact-match rates land in the result).
+      Give trials of the windows' length: the compiled model then serves them without
+      a second compile.
 
     Raises :class:`NothingRewrittenError` after the first sparse window when no site was rewritten.
     """
@@ -341,6 +356,10 @@ def evaluate(model, spec, windows: Sequence[Window], *, kernels: Optional[str] =
     kernels = kernels or default_kernels(model)
     if dense is None:
         dense = perplexity(model, windows, progress=progress, desc="dense perplexity")
+    needle_dense = needle_sparse = None
+    if needle:
+        from sparsecc.tune.needle import needle_check
+        needle_dense = needle_check(model, needle, progress=progress, desc="dense needle")
     torch._dynamo.reset()
     reset_reports()
     state = {}
@@ -358,7 +377,9 @@ def evaluate(model, spec, windows: Sequence[Window], *, kernels: Optional[str] =
         with lowering(lowering_kind):
             compiled = sparsecc.compile(model, spec=loaded, kernels=kernels)
             sparse = perplexity(compiled, windows, progress=progress, desc="sparse perplexity", after_first=check)
+            if needle:
+                needle_sparse = needle_check(compiled, needle, progress=progress, desc="sparse needle")
         summary = sparsecc.last_report().summary()
     finally:
         torch._dynamo.reset()
-    return Evaluation(dense, sparse, state["rewritten"], state["found"], summary, loaded)
+    return Evaluation(dense, sparse, state["rewritten"], state["found"], summary, loaded, needle_dense, needle_sparse)

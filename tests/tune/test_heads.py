@@ -83,3 +83,64 @@ def test_recording_through_a_model_finds_every_site():
     _, recall, density = stats.table("blocks.0.attn")
     assert recall.shape == (4, 2) and bool((recall <= 1 + 1e-6).all()) and bool((density <= 1 + 1e-9).all())
     assert bool((recall[:, 1] >= recall[:, 0] - 1e-6).all())   # a superset layout recalls at least as much
+
+
+def _oracle_streaming_keep(sink, window, sq, sk, causal):
+    """docs/spec.md's streaming rule, written out: row i sits at position p = i + Sk - Sq."""
+    keep = torch.zeros(sq, sk, dtype=torch.bool)
+    for i in range(sq):
+        p = i + sk - sq
+        for j in range(sk):
+            if causal:
+                keep[i, j] = j <= p and (j < sink or p - j < window)
+            else:
+                keep[i, j] = j < sink or p < sink or abs(p - j) < window
+    return keep
+
+
+@pytest.mark.parametrize("sq,sk,causal,chunk", [(37, 37, True, 5), (7, 40, True, 3), (33, 33, False, 8),
+                                                (20, 20, True, 512)])
+def test_chunked_recording_equals_the_definitions(sq, sk, causal, chunk):
+    """Recall and density from query chunks equal the float64 definitions (docs/tune.md) on explicit keep masks."""
+    g = torch.Generator().manual_seed(sq * 100 + sk)
+    h, hkv, d = 4, 2, 8
+    q, k = torch.randn(1, h, sq, d, generator=g), torch.randn(1, hkv, sk, d, generator=g)
+    pad = torch.zeros(1, 1, 1, sk)
+    pad[..., :3] = torch.finfo(torch.float32).min          # three padded keys, an additive mask
+    forms = [Streaming(0, 4), Streaming(2, 6), Streaming(4, 100)]
+    stats = AttentionStats(forms, rows_per_chunk=chunk)
+    stats.record("s", q, k, [pad], [(True, True)], 0.3, causal)
+    _, recall, density = stats.table("s")
+
+    kk = k.double().repeat_interleave(h // hkv, dim=1)
+    allowed = (pad > -1e4).expand(1, h, sq, sk).clone()
+    if causal:
+        allowed &= _oracle_streaming_keep(0, sk + sq, sq, sk, True)
+    logits = (q.double() @ kk.transpose(-1, -2)) * 0.3
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    pos = torch.arange(sq) + sk - sq
+    counted = allowed[..., torch.arange(sq), pos.clamp(0, sk - 1)] & (pos >= 0)
+    for c, form in enumerate(forms):
+        keep = _oracle_streaming_keep(form.sink, form.window, sq, sk, causal) & allowed & counted[..., None]
+        want_recall = (probs * keep).sum((0, 2, 3)) / counted.sum((0, 2))
+        want_density = keep.sum((0, 2, 3)).double() / (allowed & counted[..., None]).sum((0, 2, 3))
+        assert torch.allclose(recall[:, c], want_recall, atol=1e-5), (form, recall[:, c], want_recall)
+        assert torch.allclose(density[:, c], want_density, atol=1e-9), (form, density[:, c], want_density)
+
+
+def test_chunked_block_topk_recording_equals_whole_call():
+    """block_topk sums read chunk by chunk equal its token keep mask applied to the whole call at once."""
+    pytest.importorskip("sparsecc.codegen.dynamic_attention")
+    from sparsecc.forms import BlockTopK
+    from sparsecc.tune.attention import dynamic_mask
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 2, 70, 8, generator=g), torch.randn(2, 2, 70, 8, generator=g)
+    form = BlockTopK(block=16, topk=2)
+    stats = AttentionStats([form], rows_per_chunk=9)
+    stats.record("s", q, k, [], [], 0.5, True)
+    _, recall, density = stats.table("s")
+    allowed = _oracle_streaming_keep(0, 200, 70, 70, True).expand(2, 2, 70, 70)
+    probs = torch.softmax((q.double() @ k.double().transpose(-1, -2) * 0.5).masked_fill(~allowed, float("-inf")), -1)
+    keep = dynamic_mask(form, q, k, True, 0.5) & allowed
+    assert torch.allclose(recall[:, 0], (probs * keep).sum((0, 2, 3)) / 140, atol=1e-5)
+    assert torch.allclose(density[:, 0], keep.sum((0, 2, 3)).double() / allowed.sum((0, 2, 3)), atol=1e-9)
