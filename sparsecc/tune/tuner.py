@@ -33,6 +33,7 @@ METHODS = ("greedy", "separable")
 # Blends of the separable allocation with uniform levels that the separable method also measures: the separable
 # model adds single-projection errors, and where they do not add up a step back towards uniform can measure better.
 SEPARABLE_BLENDS = (1.0, 0.5, 0.0)
+UNIFORM_BLEND = 0.0
 
 
 @dataclass
@@ -165,7 +166,12 @@ def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: s
 
 def blend_with_uniform(model, sens: "FfnSensitivity", targets: Sequence[float], error_fn, max_level: float,
              progress: bool) -> FfnTuning:
-    """The separable allocations of ``sens`` blended with uniform levels, the best measured blend per target."""
+    """The separable allocations of ``sens`` blended with uniform levels, the best measured blend per target.
+
+    Uniform levels (blend 0) are the fallback: another blend is taken only when its error is no larger than
+    uniform's on every search batch, so that a gain that one batch shows and another contradicts (noise of
+    the calibration text) never replaces uniform.
+    """
     from tqdm.auto import tqdm
 
     projections, scores = sens.projections, sens.scores
@@ -177,16 +183,21 @@ def blend_with_uniform(model, sens: "FfnSensitivity", targets: Sequence[float], 
                                               max_level):
             t = separable.target
             tried: Dict[float, float] = {}
-            best = None
+            measured: Dict[float, Tuple[Allocation, List[float]]] = {}
             for blend in SEPARABLE_BLENDS:
                 levels = {p: blend * separable.levels[p] + (1.0 - blend) * t for p in projections}
                 taus = {p: quantile_tau(scores[p], levels[p]) for p in projections}
-                error, _ = measure(model, sens.search_batches, projections, taus, sens.criterion, error_fn, sens.dense)
+                errors: List[float] = []
+                error, _ = measure(model, sens.search_batches, projections, taus, sens.criterion, error_fn, sens.dense,
+                                   per_batch=errors)
                 forwards += 1
                 tried[blend] = error
-                if best is None or error < best.error:
-                    best = Allocation(t, levels, taus, error, forwards)
+                measured[blend] = (Allocation(t, levels, taus, error, forwards), errors)
                 bar.update()
+            uniform_errors = measured[UNIFORM_BLEND][1]
+            eligible = [a for a, errors in measured.values()
+                        if all(e <= u for e, u in zip(errors, uniform_errors))]
+            best = min(eligible, key=lambda a: a.error)
             candidates[t] = tried
             allocations.append(best)
     finally:
@@ -260,17 +271,22 @@ def ffn_sensitivity(model, batches: Sequence, *, levels: Sequence[float] = DEFAU
 
 
 def measure(model, batches, projections: Sequence[Projection], taus, criterion: str,
-            error_fn=None, dense=None):
-    """(mean error, measured sparsity per projection) of ``model`` with ``taus`` applied on ``batches``."""
+            error_fn=None, dense=None, per_batch: Optional[List[float]] = None):
+    """(mean error, measured sparsity per projection) of ``model`` with ``taus`` applied on ``batches``.
+
+    ``per_batch``, when given a list, receives each batch's error in order.
+    """
     error_fn = error_function(error_fn)
     dense = dense if dense is not None else [run(model, b) for b in batches]
     hooks = ThresholdHooks(model, projections, criterion, taus=dict(taus), counting=True)
-    total = 0.0
+    errors = []
     with hooks.installed():
         for batch, d in zip(batches, dense):
-            total += error_fn(d, run(model, batch), batch)
+            errors.append(float(error_fn(d, run(model, batch), batch)))
+    if per_batch is not None:
+        per_batch.extend(errors)
     sparsity = {p: 1.0 - kept / max(1, seen) for p, (kept, seen) in hooks.counts.items()}
-    return total / len(batches), sparsity
+    return sum(errors) / len(batches), sparsity
 
 
 def ffn_rules(projections: Sequence[Projection], taus, criterion: str) -> List[Rule]:

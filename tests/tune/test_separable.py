@@ -141,3 +141,38 @@ def test_refined_table_interpolates_log_linearly_and_keeps_the_measured_levels()
     # A zero error makes its segment linear.
     flat = Sensitivity((0.2, 0.4), {p: (0.0, 2e-3)}).refined(0.1)
     assert flat.errors[p] == pytest.approx((0.0, 0.0, 1e-3, 2e-3))
+
+
+def _scripted_blends(monkeypatch, per_batch_errors):
+    """blend_with_uniform with measure() replaced by fixed per-batch errors per blend (keyed by the first level)."""
+    from sparsecc.tune import tuner
+    from sparsecc.tune.tuner import FfnSensitivity, blend_with_uniform
+    cheap, dear = _projections([100, 100])
+    table = Sensitivity(LEVELS, {cheap: (0.001, 0.002, 0.004, 0.1), dear: (0.01, 0.03, 0.07, 0.2)})
+    sens = FfnSensitivity([cheap, dear], _scores([cheap, dear]), table, "magnitude", 0,
+                          search_batches=[0, 1], dense=[None, None])
+    (separable,) = separable_allocation(table, [cheap, dear], sens.scores, [0.35])
+    blend_of = {round(b * separable.levels[cheap] + (1 - b) * 0.35, 9): b for b in tuner.SEPARABLE_BLENDS}
+
+    def fake_measure(model, batches, projections, taus, criterion, error_fn=None, dense=None, per_batch=None):
+        level = next(lv for lv in blend_of if abs(float(taus[cheap]) - float(quantile_tau(sens.scores[cheap], lv)))
+                     < 1e-9)
+        errors = per_batch_errors[blend_of[level]]
+        per_batch.extend(errors)
+        return sum(errors) / len(errors), {}
+
+    monkeypatch.setattr(tuner, "measure", fake_measure)
+    (alloc,) = blend_with_uniform(None, sens, [0.35], None, 0.95, progress=False).allocations
+    return alloc, separable
+
+
+def test_a_blend_replaces_uniform_only_when_no_search_batch_contradicts_it(monkeypatch):
+    # Blend 1 has the lowest mean error but is worse than uniform on batch 1: uniform wins, not blend 1.
+    alloc, separable = _scripted_blends(monkeypatch, {1.0: [0.10, 0.50], 0.5: [0.40, 0.45], 0.0: [0.60, 0.45]})
+    assert alloc.error == pytest.approx(0.425)          # blend 0.5: no worse than uniform on either batch
+    alloc, _ = _scripted_blends(monkeypatch, {1.0: [0.10, 0.50], 0.5: [0.40, 0.50], 0.0: [0.60, 0.45]})
+    assert alloc.error == pytest.approx(0.525)          # every other blend loses a batch: uniform levels
+    assert all(abs(level - 0.35) < 1e-12 for level in alloc.levels.values())
+    alloc, _ = _scripted_blends(monkeypatch, {1.0: [0.10, 0.20], 0.5: [0.40, 0.45], 0.0: [0.60, 0.45]})
+    assert all(alloc.levels[p] == pytest.approx(separable.levels[p]) for p in alloc.levels)
+    assert alloc.error == pytest.approx(0.15)
