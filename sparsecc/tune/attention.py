@@ -90,11 +90,25 @@ def default_candidates(seq_k: int) -> List[object]:
 
 def streaming_mask(form: Streaming, seq_q: int, seq_k: int, causal: bool, device) -> torch.Tensor:
     """The [Sq, Sk] kept mask of a streaming form (the semantics in sparsecc.forms)."""
-    p = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
-    j = torch.arange(seq_k, device=device)[None, :]
+    return streaming_rows(form, torch.arange(seq_q, device=device) + (seq_k - seq_q), seq_k, causal)
+
+
+def streaming_rows(form: Streaming, positions: torch.Tensor, seq_k: int, causal: bool) -> torch.Tensor:
+    """The [R, Sk] kept mask of a streaming form for query rows at ``positions``."""
+    p = positions[:, None]
+    j = torch.arange(seq_k, device=positions.device)[None, :]
     if causal:
         return (j <= p) & ((j < form.sink) | (p - j < form.window))
     return (j < form.sink) | (p < form.sink) | ((p - j).abs() < form.window)
+
+
+def _any_blocks(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., R, Sk] bool -> [..., ceil(R/block), ceil(Sk/block)]: whether each block holds a True entry."""
+    rows, cols = mask.shape[-2:]
+    n_r, n_c = -(-rows // block), -(-cols // block)
+    mask = torch.nn.functional.pad(mask, (0, n_c * block - cols, 0, n_r * block - rows))
+    return mask.view(*mask.shape[:-2], n_r, block, n_c * block).any(-2).view(
+        *mask.shape[:-2], n_r, n_c, block).any(-1)
 
 
 def dynamic_mask(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
@@ -115,6 +129,8 @@ def dynamic_mask(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: fl
     return tokens[..., : q.shape[-2], : k.shape[-2]]
 
 
+# Density is counted in blocks of this many queries x keys: the tile the attention kernels keep or skip whole.
+DENSITY_BLOCK = 64
 # Query rows per recording chunk: the float32 working set of one call is H x rows x Sk, not H x Sq x Sk
 # (at 8K keys and 9 heads, 150 MB per chunk instead of 2.4 GB per call).
 RECORD_ROWS = 512
@@ -148,13 +164,17 @@ def _streaming_sums(form: Streaming, positions: torch.Tensor, cum: torch.Tensor,
 class AttentionStats:
     """Recall and density sums per (site, head, candidate), filled by the recording graph.
 
-    ``rows_per_chunk`` query rows are scored at a time (memory ~ H x rows x Sk);
-    the sums do not depend on it.
+    ``density_block``: density counts kept blocks of ``density_block`` x
+    ``density_block`` entries (a block is kept when a kept, allowed entry lies in
+    it; the kernels skip whole blocks, so that is what sparsity saves); 1 counts
+    entries. ``rows_per_chunk`` query rows (rounded up to whole blocks) are scored
+    at a time (memory ~ H x rows x Sk); the sums do not depend on it.
     """
 
     candidates: Optional[Sequence[object]] = None
     sites: Dict[str, dict] = field(default_factory=dict)
     rows_per_chunk: int = RECORD_ROWS
+    density_block: int = DENSITY_BLOCK
 
     def record(self, site: str, q, k, masks, flags, scale: float, causal: bool) -> None:
         """Add one call's statistics (q [B, H, Sq, D], k [B, Hkv, Sk, D])."""
@@ -168,14 +188,19 @@ class AttentionStats:
             entry["candidates"] = list(self.candidates) if self.candidates is not None else default_candidates(sk)
             n = len(entry["candidates"])
             entry.update(mass=torch.zeros(h, n, dtype=torch.float64), kept=torch.zeros(h, n, dtype=torch.float64),
-                         rows=torch.zeros(h, dtype=torch.float64), allowed=torch.zeros(h, dtype=torch.float64))
+                         rows=torch.zeros(h, dtype=torch.float64), allowed=torch.zeros(h, dtype=torch.float64),
+                         density_block=self.density_block)
+            if self.density_block > 1:
+                entry.update(kept_blocks=torch.zeros(h, n, dtype=torch.float64),
+                             allowed_blocks=torch.zeros(h, dtype=torch.float64))
         entry["calls"] += 1
         cands = entry["candidates"]
         # The dynamic forms' selections depend on the whole call: made once, then read chunk by chunk.
         selections = {c: _selection(form, q, k, causal, scale) for c, form in enumerate(cands)
                       if not isinstance(form, Streaming)}
-        for r0 in range(0, sq, self.rows_per_chunk):
-            r1 = min(sq, r0 + self.rows_per_chunk)
+        step = -(-self.rows_per_chunk // self.density_block) * self.density_block   # chunks hold whole blocks
+        for r0 in range(0, sq, step):
+            r1 = min(sq, r0 + step)
             self._record_rows(entry, cands, selections, q[:, :, r0:r1], k, r0, sq, masks, flags, scale, causal)
 
     def _record_rows(self, entry, cands, selections, q, k, r0, sq, masks, flags, scale, causal) -> None:
@@ -206,6 +231,14 @@ class AttentionStats:
         present = (allowed & counted[..., None]).float()
         entry["rows"] += counted.double().sum((0, 2))
         entry["allowed"] += present.sum((0, 2, 3), dtype=torch.float64)
+        blk = entry["density_block"]
+        present_mask = allowed & counted[..., None]
+        if blk > 1:
+            entry["allowed_blocks"] += _any_blocks(present_mask, blk).sum((0, 2, 3), dtype=torch.float64)
+
+        def count_blocks(c, keep):   # kept blocks of candidate c, from its token keep mask (broadcast to B, H)
+            if blk > 1:
+                entry["kept_blocks"][:, c] += _any_blocks(keep & present_mask, blk).sum((0, 2, 3), dtype=torch.float64)
         zero = torch.zeros(b, h, rows, 1, device=q.device)
         cum_mass = cum_kept = None
         for c, form in enumerate(cands):
@@ -217,6 +250,8 @@ class AttentionStats:
                 kept = _streaming_sums(form, positions, cum_kept, causal)
                 entry["mass"][:, c] += mass.sum((0, 2), dtype=torch.float64)
                 entry["kept"][:, c] += kept.sum((0, 2), dtype=torch.float64)
+                if blk > 1:
+                    count_blocks(c, streaming_rows(form, positions, sk, causal))
                 continue
             kind, keep = selections[c]
             if kind == "blocks":
@@ -227,16 +262,22 @@ class AttentionStats:
                 for total, values in ((entry["mass"], probs), (entry["kept"], present)):
                     per_block = torch.nn.functional.pad(values, (0, pad)).view(b, h, rows, n_k, block_k).sum(-1)
                     total[:, c] += (per_block * row_blocks).sum((0, 2, 3), dtype=torch.float64)
+                if blk > 1:
+                    count_blocks(c, row_blocks.bool().repeat_interleave(block_k, -1)[..., :sk])
             else:
                 tokens = keep[..., r0:r0 + rows, :].expand(b, h, rows, sk)
                 entry["mass"][:, c] += (probs * tokens).sum((0, 2, 3), dtype=torch.float64)
                 entry["kept"][:, c] += (present * tokens).sum((0, 2, 3), dtype=torch.float64)
+                count_blocks(c, tokens)
 
     def table(self, site: str) -> Tuple[List[object], torch.Tensor, torch.Tensor]:
-        """(candidates, recall [H, C], density [H, C]) of one site."""
+        """(candidates, recall [H, C], density [H, C]) of one site (density in blocks of ``density_block``)."""
         e = self.sites[site]
         recall = e["mass"] / e["rows"].clamp_min(1)[:, None]
-        density = e["kept"] / e["allowed"].clamp_min(1)[:, None]
+        if e.get("density_block", 1) > 1:
+            density = e["kept_blocks"] / e["allowed_blocks"].clamp_min(1)[:, None]
+        else:
+            density = e["kept"] / e["allowed"].clamp_min(1)[:, None]
         return e["candidates"], recall, density
 
 
@@ -352,11 +393,15 @@ def choose_heads(stats: AttentionStats, budget: float) -> List[HeadChoice]:
     return out
 
 
-def record_attention(model, batches, candidates: Optional[Sequence[object]] = None) -> AttentionStats:
-    """Run the calibration batches through the recording graph; return the statistics."""
+def record_attention(model, batches, candidates: Optional[Sequence[object]] = None,
+                     density_block: int = DENSITY_BLOCK) -> AttentionStats:
+    """Run the calibration batches through the recording graph; return the statistics (density in
+    ``density_block`` x ``density_block`` blocks, 1 for entries)."""
     from sparsecc.tune.capture import split_batch
 
-    stats = AttentionStats(candidates)
+    if not isinstance(density_block, int) or density_block < 1:
+        raise ValueError(f"density_block={density_block!r} is not allowed; expected an integer >= 1")
+    stats = AttentionStats(candidates, density_block=density_block)
     compiled = torch.compile(model, backend=recording_backend(stats), dynamic=False)
     try:
         with torch.no_grad():

@@ -30,7 +30,7 @@ def _synthetic(heads_kind, seq=SEQ, dim=16, seed=0):
 
 def test_recall_and_density_match_their_definitions():
     q, k = _synthetic(["uniform"])
-    stats = AttentionStats([Streaming(0, 8)])
+    stats = AttentionStats([Streaming(0, 8)], density_block=1)
     stats.record("s", q, k, [], [], 1.0, False)
     _, recall, density = stats.table("s")
     keep = streaming_mask(Streaming(0, 8), SEQ, SEQ, False, "cpu")
@@ -41,7 +41,7 @@ def test_recall_and_density_match_their_definitions():
 
 def test_obvious_choices_within_budget():
     q, k = _synthetic(["local", "uniform", "local", "uniform"])
-    stats = AttentionStats([Streaming(0, 2), Streaming(0, 8), Streaming(4, 16)])
+    stats = AttentionStats([Streaming(0, 2), Streaming(0, 8), Streaming(4, 16)], density_block=1)
     stats.record("s", q, k, [], [], 1.0, False)
     (choice,) = choose_heads(stats, budget=0.6)
     assert isinstance(choice.forms[0], Streaming) and choice.forms[0].window == 2
@@ -54,7 +54,7 @@ def test_obvious_choices_within_budget():
 @pytest.mark.parametrize("budget", [0.15, 0.3, 0.5, 0.8])
 def test_budget_is_respected(budget):
     q, k = _synthetic(["local", "uniform", "uniform", "local"], seed=2)
-    stats = AttentionStats([Streaming(0, 2), Streaming(0, 4), Streaming(0, 8), Streaming(0, 16)])
+    stats = AttentionStats([Streaming(0, 2), Streaming(0, 4), Streaming(0, 8), Streaming(0, 16)], density_block=1)
     stats.record("a", q, k, [], [], 1.0, False)
     stats.record("b", q.flip(1), k.flip(1), [], [], 1.0, True)
     choices = choose_heads(stats, budget)
@@ -67,7 +67,7 @@ def test_vertical_column_head_picks_vertical_slash():
     from sparsecc.forms import VerticalSlash
     q, k = _synthetic(["column"], seq=256)
     cands = [Streaming(0, 8), VerticalSlash(last_q=16, vertical=2, slash=1, block=16)]
-    stats = AttentionStats(cands)
+    stats = AttentionStats(cands, density_block=1)
     # causal: vertical_slash is MInference's causal rule (a bidirectional call attends densely)
     stats.record("s", q, k, [], [], 1.0, True)
     # 30 columns and a band of 50 diagonals (MInference's minimum budgets) keep well under 0.75 of the causal
@@ -98,9 +98,24 @@ def _oracle_streaming_keep(sink, window, sq, sk, causal):
     return keep
 
 
-@pytest.mark.parametrize("sq,sk,causal,chunk", [(37, 37, True, 5), (7, 40, True, 3), (33, 33, False, 8),
-                                                (20, 20, True, 512)])
-def test_chunked_recording_equals_the_definitions(sq, sk, causal, chunk):
+def _oracle_block_density(keep, present, block):
+    """Per head, kept blocks / allowed blocks of [B, H, R, C] masks (batches summed): a block counts when any of
+    its entries is kept (allowed)."""
+    kept = torch.zeros(keep.shape[1], dtype=torch.float64)
+    allowed = torch.zeros(keep.shape[1], dtype=torch.float64)
+    sq, sk = keep.shape[-2:]
+    for r in range(0, sq, block):
+        for c in range(0, sk, block):
+            kept += keep[..., r:r + block, c:c + block].flatten(-2).any(-1).sum(0)
+            allowed += present[..., r:r + block, c:c + block].flatten(-2).any(-1).sum(0)
+    return kept / allowed
+
+
+@pytest.mark.parametrize("sq,sk,causal,chunk,block", [(37, 37, True, 5, 1), (7, 40, True, 3, 1),
+                                                      (33, 33, False, 8, 1), (20, 20, True, 512, 1),
+                                                      (37, 37, True, 5, 4), (7, 40, True, 3, 4),
+                                                      (33, 33, False, 8, 8)])
+def test_chunked_recording_equals_the_definitions(sq, sk, causal, chunk, block):
     """Recall and density from query chunks equal the float64 definitions (docs/tune.md) on explicit keep masks."""
     g = torch.Generator().manual_seed(sq * 100 + sk)
     h, hkv, d = 4, 2, 8
@@ -108,7 +123,7 @@ def test_chunked_recording_equals_the_definitions(sq, sk, causal, chunk):
     pad = torch.zeros(1, 1, 1, sk)
     pad[..., :3] = torch.finfo(torch.float32).min          # three padded keys, an additive mask
     forms = [Streaming(0, 4), Streaming(2, 6), Streaming(4, 100)]
-    stats = AttentionStats(forms, rows_per_chunk=chunk)
+    stats = AttentionStats(forms, rows_per_chunk=chunk, density_block=block)
     stats.record("s", q, k, [pad], [(True, True)], 0.3, causal)
     _, recall, density = stats.table("s")
 
@@ -124,6 +139,9 @@ def test_chunked_recording_equals_the_definitions(sq, sk, causal, chunk):
         keep = _oracle_streaming_keep(form.sink, form.window, sq, sk, causal) & allowed & counted[..., None]
         want_recall = (probs * keep).sum((0, 2, 3)) / counted.sum((0, 2))
         want_density = keep.sum((0, 2, 3)).double() / (allowed & counted[..., None]).sum((0, 2, 3))
+        if block > 1:
+            want_density = _oracle_block_density(keep, allowed & counted[..., None], block)
+        assert want_recall.shape == want_density.shape == (h,)
         assert torch.allclose(recall[:, c], want_recall, atol=1e-5), (form, recall[:, c], want_recall)
         assert torch.allclose(density[:, c], want_density, atol=1e-9), (form, density[:, c], want_density)
 
@@ -136,11 +154,16 @@ def test_chunked_block_topk_recording_equals_whole_call():
     g = torch.Generator().manual_seed(7)
     q, k = torch.randn(2, 2, 70, 8, generator=g), torch.randn(2, 2, 70, 8, generator=g)
     form = BlockTopK(block=16, topk=2)
-    stats = AttentionStats([form], rows_per_chunk=9)
+    stats = AttentionStats([form], rows_per_chunk=9, density_block=1)
     stats.record("s", q, k, [], [], 0.5, True)
     _, recall, density = stats.table("s")
+    blocks = AttentionStats([form], rows_per_chunk=9, density_block=8)
+    blocks.record("s", q, k, [], [], 0.5, True)
+    _, recall8, density8 = blocks.table("s")
     allowed = _oracle_streaming_keep(0, 200, 70, 70, True).expand(2, 2, 70, 70)
     probs = torch.softmax((q.double() @ k.double().transpose(-1, -2) * 0.5).masked_fill(~allowed, float("-inf")), -1)
     keep = dynamic_mask(form, q, k, True, 0.5) & allowed
     assert torch.allclose(recall[:, 0], (probs * keep).sum((0, 2, 3)) / 140, atol=1e-5)
     assert torch.allclose(density[:, 0], keep.sum((0, 2, 3)).double() / allowed.sum((0, 2, 3)), atol=1e-9)
+    assert torch.allclose(recall8, recall, atol=1e-9)
+    assert torch.allclose(density8[:, 0], _oracle_block_density(keep, allowed, 8), atol=1e-9)
