@@ -95,3 +95,12 @@ def test_eval_cli_prints_needle_rates(tmp_path, capsys):
     assert rc == 0, out
     m = re.search(r"needle exact match: dense (\d+)/3 \(([\d.]+)\), sparse (\d+)/3", out)
     assert m, out
+
+
+def test_eval_cli_refuses_a_negative_needle_count(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from sparsecc.cli import main
+    from tests.quality.test_eval_cli import _spec
+    rc = main(["eval", "tests.quality.tiny:build", "--spec", _spec(tmp_path), "--text", "pydoc",
+               "--ctx", "96", "--windows", "1", "--needle", "-1", "--no-progress"])
+    assert rc == 2 and "--needle -1 is not allowed" in capsys.readouterr().err
