@@ -326,10 +326,11 @@ def log_tuning(log):
 
     tuners = [(f"prefill d{d}{' tma' if tma else ''}", kern.prefill_kernel(d, tma=tma))
               for d in (64, 128, 256) for tma in (False, True)]
-    tuners += [("prefill table 128", kern.prefill_kernel(128, 128, 128)), ("decode", decode_attention._split_kernel())]
+    tuners += [("prefill table 128", kern.prefill_kernel(128, 128, 128))]
     for name, tuner in tuners:
         for key, cfg in getattr(tuner, "cache", {}).items():
             log(f"tuned {name}: {cfg} for key {key}")
+    log(f"decode launch shape (fixed, bench/decode.py --sweep): {decode_attention.DEFAULT_CONFIG}")
 
 
 def main(argv=None):

@@ -1,17 +1,27 @@
-"""Sparse decode attention (1-16 query rows): flash-decoding split-KV over the kept key blocks only.
+"""Sparse decode attention (1-16 query rows): flash-decoding split-KV over the kept key blocks only, in one launch.
 
 The semantics are those of ``streaming_attention_ref`` (sink + window per head,
 bottom-right causality, optional bool/additive mask). Decode is bound by
-reading K/V, so the kernel is shaped around reading every kept K/V tile once:
+reading K/V, so the kernel is shaped around reading every kept K/V tile once,
+at the memory's speed, with as little else as possible around it:
 
 * **Head packing.** The ``G = H // Hkv`` query heads that share a kv head, and
   their ``Sq`` rows, form one ``M = G * Sq`` row tile (padded to 16 for
   ``tl.dot``). Row ``r`` is head ``kvh * G + r // Sq``, query row ``r % Sq``.
 * **Split-KV over kept blocks.** The kept key blocks of a kv head are the sink
   blocks followed by the window blocks; they are numbered ``0..n_kept`` and cut
-  into ``NSPLIT`` equal runs, one program each, so only kept blocks are
-  spread over the SMs (none idles on a masked-out range).
-* **Reduce.** A second kernel merges the per-split (out, logsumexp) pairs.
+  into ``n_split`` equal runs, one program each. The split count fills the GPU
+  with about ``programs_per_sm`` long programs per SM (each streams many K/V
+  tiles through a software pipeline), not with many short ones: short splits
+  pay the Q load and the partial store per few tiles, and make the merge large.
+* **Merge in the same launch.** With one split a program normalises and stores
+  its rows itself. With several, each program stores its normalised partial
+  output and base-2 logsumexp (real rows only), then takes a ticket from a
+  per-(batch, kv head) counter; the program that draws the last ticket merges
+  the ``n_split`` partials, stores the output and resets the counter to zero
+  for the next call. The counters live in a zeroed int32 buffer that every
+  complete call leaves zeroed again (cached per device and stream for eager
+  calls; a fresh zeroed tensor while traced, see :func:`_split_counters`).
 
 Works on a contiguous KV cache ``[B, Hkv, S, D]`` (any strides with a unit
 last dim). Heads of one group must share sink and window (checked by
@@ -23,6 +33,7 @@ wrappers and the op loaders, never by ``import sparsecc``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Sequence
 
@@ -31,19 +42,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, autotune, interpreting
-from sparsecc.codegen.launch import launcher
+from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
+from sparsecc.codegen.launch import launcher, tracing
 
 # Rows of one packed tile at most (G * Sq); wider groups use the prefill kernel.
 MAX_PACKED_ROWS = 128
 # tl.dot needs at least 16 rows and 16 columns.
 MIN_TILE = 16
-# Keys per K/V tile: 64 x 128 bf16 = 16 KiB per operand, a few stages deep in shared memory.
-DECODE_BLOCK_N = 64
-# Each split walks at least this many key blocks, so the reduce stays a small share of the work.
+# Each split walks at least this many key blocks, so the merge stays a small share of the work.
 MIN_BLOCKS_PER_SPLIT = 2
-# Aim for this many programs per SM: enough loads in flight to saturate HBM.
-PROGRAMS_PER_SM = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the decode kernel (a config changes speed, never the computed function).
+
+    ``block_n`` keys per K/V tile; ``num_warps``/``num_stages`` as Triton's; the split count is
+    ``programs_per_sm * SMs // (B * Hkv)`` (at least 1, at most one split per ``MIN_BLOCKS_PER_SPLIT``
+    kept blocks) unless ``n_split`` fixes it.
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 2
+    n_split: Optional[int] = None
+
+
+# The shipped launch shape for up to 16 packed rows and head dims up to 128 (bench/decode.py --sweep, H200, B=8,
+# Hkv=8, D=128: 128-key tiles, 4 warps, 3 stages, one program per SM; two splits per kv head at B=8).
+DEFAULT_CONFIG = DecodeConfig(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
+# Wider row tiles or head dims: 64-key tiles, so the score tile and the shared-memory stages stay as large.
+WIDE_CONFIG = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
+# Under the interpreter: small tiles keep the tiny test shapes cheap and still cross tile borders.
+INTERPRETER_CONFIG = DecodeConfig(block_n=16, num_warps=4, num_stages=1)
 
 
 def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, sq: int = 1) -> bool:
@@ -57,19 +89,77 @@ def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, s
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O_PART, L_PART,
+def _store_rows(O, LSE, out, lse2, b, head, row, r_ok, offs_d, stride_ob, stride_oh, stride_om, n_heads, seq_q,
+                WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store the packed rows' output (and the natural-log lse) at their heads' places."""
+    o_ptrs = O + b * stride_ob + head[:, None].to(tl.int64) * stride_oh + row[:, None] * stride_om + offs_d[None, :]
+    if HEAD_DIM == BLOCK_D:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None])
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if WRITE_LSE:
+        tl.store(LSE + (b * n_heads + head) * seq_q + row, lse2 * LN2, mask=r_ok)
+
+
+@triton.jit
+def _merge_splits(O, LSE, O_PART, L_PART, bkv, b, kvh, n_split, stride_ob, stride_oh, stride_om, n_heads, seq_q,
+                  GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr):
+    """Merge the ``n_split`` partials of one (batch, kv head), ``MERGE_S`` splits per load (one round trip each).
+
+    Weights ``2^(lse_s - lse)``; rows that kept nothing in any split give 0 and ``-inf``.
+    """
+    offs_s = tl.arange(0, MERGE_S)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < GROUP * seq_q
+    first = bkv.to(tl.int64) * n_split
+    m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    merged = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, n_split, MERGE_S):
+        s_ok = (s0 + offs_s) < n_split
+        part = first + s0 + offs_s
+        ok2 = s_ok[:, None] & r_ok[None, :]
+        lse_s = tl.load(L_PART + part[:, None] * BLOCK_R + offs_r[None, :], mask=ok2, other=float("-inf"),
+                        cache_modifier=".cg")
+        o_ptrs = O_PART + ((part[:, None, None] * BLOCK_R + offs_r[None, :, None]) * BLOCK_D + offs_d[None, None, :])
+        o_s = tl.load(o_ptrs, mask=ok2[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(lse_s, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_run - m_use)
+        w = tl.math.exp2(lse_s - m_use[None, :])
+        total = total * alpha + tl.sum(w, 0)
+        merged = merged * alpha[:, None] + tl.sum(w[:, :, None] * o_s, 0)
+        m_run = m_new
+    t_safe = tl.where(total > 0, total, 1.0)
+    merged = tl.where((total > 0)[:, None], merged / t_safe[:, None], 0.0)
+    lse2 = tl.where(total > 0, m_run + tl.math.log2(t_safe), float("-inf"))
+    _store_rows(O, LSE, merged, lse2, b, kvh * GROUP + offs_r // seq_q, offs_r % seq_q, r_ok, offs_d, stride_ob,
+                stride_oh, stride_om, n_heads, seq_q, WRITE_LSE, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PART, COUNTERS,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
+                         stride_ob, stride_oh, stride_om,
                          n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split, sink_all, window_all,
-                         PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                         HAS_POS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                         PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                         MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr,
+                         WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
+                         UPCAST_DOT: tl.constexpr):
     """One split of one (batch, kv head): attend the packed rows to kept blocks ``[t0, t1)``.
 
-    Writes the split's normalised output and base-2 logsumexp (``-inf`` for rows
-    that kept nothing) to the partial buffers. With ``HAS_POS`` the last query
-    row sits at ``POS[b]`` (a static cache's fill level) instead of ``seq_k - 1``;
-    splits past this position's kept blocks write empty partials.
+    Without ``SPLIT`` (one split per kv head) the program stores the output. With
+    it, the program stores its normalised partial output and base-2 logsumexp
+    (``-inf`` for rows that kept nothing) and the last of the kv head's splits
+    to finish merges them. With ``HAS_POS`` the last query row sits at ``POS[b]``
+    (a static cache's fill level) instead of ``seq_k - 1``; splits past this
+    position's kept blocks store empty partials. ``EVEN_N``: ``seq_k`` is a
+    multiple of ``BLOCK_N`` (no key needs a bounds test).
     """
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -132,16 +222,20 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O_PART, L_PART,
     for t in range(t0, t1):
         nb = tl.where(t < n_sink, t, wb + t - n_sink)
         cols = nb * BLOCK_N + offs_n
-        c_ok = cols < seq_k
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=c_ok[None, :] & d_ok[:, None],
-                    other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        if UPCAST_DOT:  # the triton 3.9 interpreter multiplies bf16 dot operands as raw integers
-            s = tl.dot(q.to(tl.float32), k.to(tl.float32)) * qk_scale
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if EVEN_N and HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            s = tl.dot(q, k) * qk_scale
-        keep = c_ok[None, :] & r_ok[:, None]
+            kv_ok = (cols < seq_k)[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        if UPCAST_DOT:  # the triton 3.9 interpreter multiplies bf16 dot operands as raw integers
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        keep = r_ok[:, None] & (cols < seq_k)[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= pos[:, None])
             keep = keep & ((cols[None, :] < sink) | (pos[:, None] - cols[None, :] < window))
@@ -171,57 +265,22 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O_PART, L_PART,
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
-    part = bkv.to(tl.int64) * n_split + split
-    tl.store(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :], out)
-    tl.store(L_PART + part * BLOCK_M + offs_r, lse2)
-
-
-@triton.jit
-def _decode_reduce_kernel(O_PART, L_PART, O, LSE, stride_ob, stride_oh, stride_om, n_kv_heads, seq_q, n_split,
-                          GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the splits of one (batch, kv head): weights ``2^(lse_s - lse)``, rows with nothing give 0."""
-    bkv = tl.program_id(0)
-    b = (bkv // n_kv_heads).to(tl.int64)
-    kvh = bkv % n_kv_heads
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < n_split
-    lse_all = tl.load(L_PART + (bkv * n_split + offs_s[:, None]) * BLOCK_M + offs_r[None, :], mask=s_ok[:, None],
-                      other=float("-inf"))
-    m = tl.max(lse_all, 0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.math.exp2(lse_all - m_use[None, :]), 0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(0, n_split):
-        part = bkv * n_split + s
-        lse_s = tl.load(L_PART + part * BLOCK_M + offs_r)
-        w = tl.math.exp2(lse_s - m_use)
-        o_s = tl.load(O_PART + (part * BLOCK_M + offs_r[:, None]) * BLOCK_D + offs_d[None, :])
-        acc += w[:, None] * o_s
-    t_safe = tl.where(total > 0, total, 1.0)
-    out = tl.where((total > 0)[:, None], acc / t_safe[:, None], 0.0)
-    g = offs_r // seq_q
-    row = offs_r % seq_q
-    r_ok = offs_r < GROUP * seq_q
-    head = kvh * GROUP + g
-    o_ptrs = O + b * stride_ob + head[:, None].to(tl.int64) * stride_oh + row[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    if WRITE_LSE:
-        lse = tl.where(total > 0, (m_use + tl.math.log2(t_safe)) * LN2, float("-inf"))
-        tl.store(LSE + (b * n_kv_heads * GROUP + head) * seq_q + row, lse, mask=r_ok)
-
-
-@functools.lru_cache(maxsize=None)
-def _split_kernel():
-    """The split kernel, autotuned over warps/stages on GPU (one fixed config under the interpreter)."""
-    if interpreting():
-        configs = [triton.Config({}, num_warps=4, num_stages=1)]
+    n_heads = n_kv_heads * GROUP
+    if not SPLIT:
+        _store_rows(O, LSE, out, lse2, b, head, row, r_ok, offs_d, stride_ob, stride_oh, stride_om, n_heads, seq_q,
+                    WRITE_LSE, HEAD_DIM, BLOCK_D)
     else:
-        # Memory-bound: the choices differ in how many K/V tiles are in flight per SM.
-        configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 3), (4, 4), (8, 3), (2, 4))]
-    return autotune(configs=configs, key=["GROUP", "HEAD_DIM", "BLOCK_M", "blocks_per_split"])(_decode_split_kernel)
+        # Partials, real rows only: [B * Hkv * n_split, BLOCK_R, BLOCK_D] and [B * Hkv * n_split, BLOCK_R].
+        part = bkv.to(tl.int64) * n_split + split
+        tl.store(O_PART + (part * BLOCK_R + offs_r[:, None]) * BLOCK_D + offs_d[None, :], out, mask=r_ok[:, None])
+        tl.store(L_PART + part * BLOCK_R + offs_r, lse2, mask=r_ok)
+        # Every thread's partial stores happen before the ticket (release); the last ticket's reads after (acquire).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(COUNTERS + bkv, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_split - 1:
+            _merge_splits(O, LSE, O_PART, L_PART, bkv, b, kvh, n_split, stride_ob, stride_oh, stride_om, n_heads,
+                          seq_q, GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_R, MERGE_S)
+            tl.store(COUNTERS + bkv, 0)   # every split of this kv head has drawn its ticket: ready for the next call
 
 
 def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
@@ -289,10 +348,44 @@ def _num_sms(device: torch.device) -> int:
     return 1  # the interpreter runs programs one by one; few splits keep tiny tests fast
 
 
+# Eager calls' split counters: per (device, stream), a list of zeroed int32 buffers, the last one in use. A
+# complete launch leaves its counters zeroed again, so a buffer is zeroed once, when it is made. Buffers are never
+# freed: a CUDA graph captured with one keeps its address, so a larger one is added beside it.
+_COUNTERS: dict = {}
+_MIN_COUNTERS = 4096
+
+
+def _split_counters(n: int, like: Tensor) -> Tensor:
+    """``n`` zeroed int32 ticket counters on ``like``'s device for one launch of the split kernel.
+
+    Traced (Inductor), a fresh zeroed tensor: no device tensor may be cached across traces, and Inductor
+    allocates it like any other buffer. Eagerly, the cached buffer of the current stream (two launches on one
+    stream never overlap; launches on different streams use different buffers).
+    """
+    if tracing(like):
+        return torch.zeros(n, dtype=torch.int32, device=like.device)
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
+    bufs = _COUNTERS.setdefault((like.device, stream), [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=like.device))
+    return bufs[-1]
+
+
+def _plan_splits(bkv: int, n_kept: int, num_sms: int, config: DecodeConfig) -> tuple[int, int]:
+    """``(n_split, blocks_per_split)`` for ``bkv`` (batch, kv head) pairs of ``n_kept`` key blocks each."""
+    if config.n_split is not None:
+        want = config.n_split
+    else:
+        want = max(1, config.programs_per_sm * num_sms // bkv)
+    n_split = max(1, min(want, -(-n_kept // MIN_BLOCKS_PER_SPLIT)))
+    blocks_per_split = -(-n_kept // n_split)
+    return -(-n_kept // blocks_per_split), blocks_per_split
+
+
 def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
                      sinks: Optional[Tensor], windows: Optional[Tensor], return_lse: bool = False,
                      out: Optional[Tensor] = None, rules: Optional[tuple] = None,
-                     query_end: Optional[Tensor] = None):
+                     query_end: Optional[Tensor] = None, config: Optional[DecodeConfig] = None):
     """Split-KV streaming attention for ``Sq <= 16`` query rows; returns out (and the natural-log lse).
 
     ``sinks``/``windows`` are int32 per-head vectors in kernel form (an
@@ -306,6 +399,8 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     ``query_end`` (int32 ``[B]``, causal only) places the last query row of each
     batch element at that position instead of ``Sk - 1``; the split count then
     covers the widest layout any position can have, so no host sync is needed.
+    ``config`` overrides the launch shape (benchmarks and tests; the default is :data:`DEFAULT_CONFIG`, or
+    :data:`WIDE_CONFIG` for more than 16 packed rows or head dims over 128).
     """
     from sparsecc.codegen.block_attention import mask_args
 
@@ -315,6 +410,12 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     block_d = max(MIN_TILE, triton.next_power_of_2(d))
     block_m = max(MIN_TILE, triton.next_power_of_2(group * sq))
+    if config is None:
+        if interpreting():
+            config = INTERPRETER_CONFIG
+        else:
+            config = DEFAULT_CONFIG if block_m <= MIN_TILE and block_d <= 128 else WIDE_CONFIG
+    block_n = config.block_n
     s_list, w_list = rules if rules is not None else (sinks.tolist(), windows.tolist())
     per_head = per_head_rules(s_list, w_list)
     if per_head and (sinks is None or windows is None):
@@ -323,33 +424,36 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     if query_end is not None:
         if not causal:
             raise ValueError("streaming_decode: query_end needs causal=True (positions past it are masked)")
-        n_kept = max(_kept_blocks_bound(s_list[i * group], w_list[i * group], sq, sk, DECODE_BLOCK_N)
-                     for i in range(hkv))
+        n_kept = max(_kept_blocks_bound(s_list[i * group], w_list[i * group], sq, sk, block_n) for i in range(hkv))
     else:
-        n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, DECODE_BLOCK_N)
-                     for i in range(hkv))
-    n_kept = max(n_kept, 1)
-    want_splits = max(1, -(-PROGRAMS_PER_SM * _num_sms(q.device) // (b * hkv)))
-    n_split = max(1, min(want_splits, -(-n_kept // MIN_BLOCKS_PER_SPLIT)))
-    blocks_per_split = -(-n_kept // n_split)
-    n_split = -(-n_kept // blocks_per_split)
-    o_part = torch.empty(b * hkv * n_split, block_m, block_d, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(b * hkv * n_split, block_m, dtype=torch.float32, device=q.device)
-    mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
-    launcher(_split_kernel(), q)[(n_split, b * hkv)](
-        q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,
-        query_end if query_end is not None else q, o_part, l_part,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
-        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0],
-        PER_HEAD=per_head, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_POS=query_end is not None,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N, UPCAST_DOT=interpreting())
+        n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, block_n) for i in range(hkv))
+    n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), _num_sms(q.device), config)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
-    launcher(_decode_reduce_kernel, q)[(b * hkv,)](
-        o_part, l_part, out, lse, *out.stride()[:3], hkv, sq, n_split,
-        GROUP=group, WRITE_LSE=return_lse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
-        BLOCK_S=max(2, triton.next_power_of_2(n_split)))
+    block_r = triton.next_power_of_2(group * sq)
+    # Splits merged per load: as many as keep the merged tile within ~64 fp32 registers per thread.
+    merge_s = 1
+    while merge_s < n_split and 2 * merge_s * block_r * block_d <= 2048 * config.num_warps:
+        merge_s *= 2
+    if n_split > 1:
+        o_part = torch.empty(b * hkv * n_split, block_r, block_d, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(b * hkv * n_split, block_r, dtype=torch.float32, device=q.device)
+        counters = _split_counters(b * hkv, q)
+    else:
+        o_part = l_part = counters = out   # unused: the one split stores the output itself
+    mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
+    launcher(_decode_split_kernel, q)[(n_split, b * hkv)](
+        q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,
+        query_end if query_end is not None else q, out, lse, o_part, l_part, counters,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
+        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0],
+        PER_HEAD=per_head, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+        HAS_POS=query_end is not None, SPLIT=n_split > 1, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, MERGE_S=merge_s,
+        UPCAST_DOT=interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["decode_supported", "per_head_rules", "streaming_decode", "streaming_decode_from_mask_op"]
+__all__ = ["DEFAULT_CONFIG", "WIDE_CONFIG", "DecodeConfig", "decode_supported", "per_head_rules", "streaming_decode",
+           "streaming_decode_from_mask_op"]

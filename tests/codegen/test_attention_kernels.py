@@ -8,6 +8,7 @@ GPU (``gpu`` marker): realistic shapes, fp32 reference of the same layout,
 NaN-poisoned outputs, relative error under 1e-2 for bf16.
 """
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -127,6 +128,61 @@ def test_decode_splits_and_float_mask(interpreter):
     ref = streaming_attention_ref(q, k, v, sink=[5], window=[300], scale=0.1, causal=True, mask=mask,
                                   return_lse=True)
     check(out, lse, *ref, torch.float16)
+
+
+@pytest.mark.parametrize("n_split", [1, 3, 64])
+@pytest.mark.parametrize("sk", [160, 171])   # a multiple of the 16-key interpreter tile, and not
+def test_decode_split_counts_merge_in_one_launch(interpreter, n_split, sk):
+    """One split stores the output itself; several merge in the launch (the last split of a kv head to finish).
+
+    64 asks for more splits than there are kept blocks (capped at one per two). Each call must leave the ticket
+    counters zeroed, so a second call on the same buffers gives the same answer.
+    """
+    from sparsecc.codegen import decode_attention as da
+
+    sq = 2
+    q, k, v = make_qkv(n_split + sk, 2, 4, 2, sq, sk, 64, torch.bfloat16)
+    mask = make_mask(3, "bool", 2, 4, sq, sk)
+    sinks, windows = torch.tensor([5] * 4, dtype=torch.int32), torch.tensor([70] * 4, dtype=torch.int32)
+    config = dataclasses.replace(da.INTERPRETER_CONFIG, n_split=n_split)
+    ref = streaming_attention_ref(q, k, v, sink=[5], window=[70], scale=0.125, causal=True, mask=mask,
+                                  return_lse=True)
+    for _ in range(2):
+        out, lse = da.streaming_decode(q, k, v, mask, 0.125, True, sinks, windows, return_lse=True,
+                                       out=torch.full_like(q, float("nan")), config=config)
+        check(out, lse, *ref, torch.bfloat16)
+        assert all(int(buf.count_nonzero()) == 0 for bufs in da._COUNTERS.values() for buf in bufs)
+
+
+def test_decode_many_splits_merge_in_chunks(interpreter):
+    """More splits than one merge load takes (16 here): the merge walks them in chunks."""
+    from sparsecc.codegen import decode_attention as da
+
+    q, k, v = make_qkv(8, 1, 4, 1, 1, 720, 64, torch.bfloat16)
+    config = dataclasses.replace(da.INTERPRETER_CONFIG, n_split=30)
+    kw = dict(sink=[20], window=[650], scale=0.125, causal=True, return_lse=True)
+    out, lse = da.streaming_decode(q, k, v, None, 0.125, True, None, None, return_lse=True,
+                                   rules=([20] * 4, [650] * 4), config=config)
+    assert da._plan_splits(1, da._kept_blocks(20, 650, 1, 720, True, 16), 1, config)[0] > 16
+    check(out, lse, *streaming_attention_ref(q, k, v, **kw), torch.bfloat16)
+
+
+def test_decode_query_end_leaves_empty_splits(interpreter):
+    """Positions from the device: splits past a batch element's kept blocks store empty partials, which merge to
+    nothing. Each element's answer is one query row at its position over the keys up to it."""
+    from sparsecc.codegen import decode_attention as da
+
+    b, sk = 3, 300
+    q, k, v = make_qkv(21, b, 4, 1, 1, sk, 64, torch.float16)
+    ends = [299, 120, 40]
+    config = dataclasses.replace(da.INTERPRETER_CONFIG, n_split=6)
+    out = da.streaming_decode(q, k, v, None, 0.1, True, None, None, rules=([8] * 4, [50] * 4),
+                              query_end=torch.tensor(ends, dtype=torch.int32), config=config)
+    for i, e in enumerate(ends):
+        ref = streaming_attention_ref(q[i:i + 1], k[i:i + 1, :, :e + 1], v[i:i + 1, :, :e + 1], sink=[8],
+                                      window=[50], scale=0.1, causal=True)
+        torch.testing.assert_close(out[i:i + 1].float(), ref.float(), atol=OUT_TOL[torch.float16],
+                                   rtol=OUT_TOL[torch.float16])
 
 
 def test_gqa_maps_query_heads_like_repeat_interleave(interpreter):

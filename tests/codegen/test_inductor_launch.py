@@ -132,6 +132,7 @@ with FakeTensorMode():
     q = torch.empty(2, 8, 64, 64, device=cuda, dtype=f16)
     k = torch.empty(2, 2, 64, 64, device=cuda, dtype=f16)
     qd = torch.empty(2, 8, 1, 64, device=cuda, dtype=f16)
+    kl = torch.empty(2, 2, 1024, 64, device=cuda, dtype=f16)
     x = torch.empty(1, 256, device=cuda, dtype=f16)
     w_km = torch.empty_strided((512, 256), (1, 512), device=cuda, dtype=f16)   # K-major, as the compiler binds
     wg = torch.empty(512, 256, device=cuda, dtype=f16)
@@ -143,6 +144,7 @@ with FakeTensorMode():
         block_attention.streaming_attention(qd, k, k, sink=[4], window=[16], scale=0.1, causal=True).shape,
         block_attention.streaming_attention(qd, k, k, sink=[4] * 4 + [2] * 4, window=[16] * 4 + [8] * 4, scale=0.1,
                                             causal=True).shape,
+        block_attention.streaming_attention(qd, kl, kl, sink=[4], window=[512], scale=0.1, causal=True).shape,   # splits
         activation_sparse.threshold_linear(x, w_km, None, 0.5).shape,
         gate_sparse_ffn.gate_sparse_ffn(x, wg, None, wg, None, wd_km, None, "silu", 0.5).shape,
     ]
@@ -163,7 +165,7 @@ def test_traced_kernel_paths_run_on_fake_cuda_tensors():
     done = subprocess.run([sys.executable, "-c", _FAKE_CUDA_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == str([(2, 8, 64, 64), (2, 8, 64, 64), (2, 8, 1, 64), (2, 8, 1, 64),
+    assert done.stdout.strip().splitlines()[-1] == str([(2, 8, 64, 64), (2, 8, 64, 64), (2, 8, 1, 64), (2, 8, 1, 64), (2, 8, 1, 64),
                                                         (1, 512), (1, 256)])
 
 
