@@ -330,7 +330,7 @@ def log_tuning(log):
     for name, tuner in tuners:
         for key, cfg in getattr(tuner, "cache", {}).items():
             log(f"tuned {name}: {cfg} for key {key}")
-    log(f"decode launch shape (fixed, bench/decode.py --sweep): {decode_attention.DEFAULT_CONFIG}")
+    log(f"decode launch shape (fixed, bench/decode_kernel.py --sweep): {decode_attention.DEFAULT_CONFIG}")
 
 
 def main(argv=None):

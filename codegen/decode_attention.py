@@ -69,7 +69,7 @@ class DecodeConfig:
     n_split: Optional[int] = None
 
 
-# The shipped launch shape for up to 16 packed rows and head dims up to 128 (bench/decode.py --sweep, H200, B=8,
+# The shipped launch shape for up to 16 packed rows and head dims up to 128 (bench/decode_kernel.py --sweep, H200, B=8,
 # Hkv=8, D=128: 128-key tiles, 4 warps, 3 stages, one program per SM; two splits per kv head at B=8).
 DEFAULT_CONFIG = DecodeConfig(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
 # Wider row tiles or head dims: 64-key tiles, so the score tile and the shared-memory stages stay as large.

@@ -161,3 +161,10 @@ def test_quickstart_exits_non_zero_when_a_forced_site_is_not_rewritten(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         quickstart.main(["--seq", "64", "--spec", str(spec)])
     assert "did not rewrite: attention model.layers.3.self_attn" in str(exit_info.value)
+
+
+def test_bench_and_examples_share_no_module_name():
+    """Both folders go on sys.path here (and bench/e2e.py imports examples): a shared name would shadow one."""
+    names = {folder: {f[:-3] for f in os.listdir(os.path.join(ROOT, folder)) if f.endswith(".py")}
+             for folder in ("bench", "examples")}
+    assert not names["bench"] & names["examples"]

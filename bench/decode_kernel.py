@@ -1,6 +1,6 @@
 """Sparse decode attention: the split-KV kernel against dense SDPA, with the kept K/V bandwidth.
 
-    python bench/decode.py [--baseline OLD.py] [--sweep] [--compiled] [--json out.json]
+    python bench/decode_kernel.py [--baseline OLD.py] [--sweep] [--compiled] [--json out.json]
 
 Workload (TARGETS.md, decode): H=32, Hkv=8, D=128, bf16, one query row at the end of a KV cache of 32K or 128K,
 streaming sink 128 + window 4096, at B = 1, 8 and 32. Every ratio's anchor, ``F.scaled_dot_product_attention``
@@ -287,7 +287,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench/decode.py needs a CUDA device")
+        sys.exit("bench/decode_kernel.py needs a CUDA device")
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
     from sparsecc.codegen import decode_attention as new
