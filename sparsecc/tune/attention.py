@@ -381,6 +381,14 @@ def choose_heads(stats: AttentionStats, budget: float) -> List[HeadChoice]:
         dens = [float(tables[s][2][h, c]) if c >= 0 else 1.0 for s, p in picks.items() for h, c in enumerate(p)]
         return picks, (sum(dens) / len(dens) if dens else 0.0)
 
+    lowest = [min(1.0, float(row.min())) for _, _, dens in tables.values() for row in dens]   # dense: 1
+    if lowest and sum(lowest) / len(lowest) > budget + 1e-12:
+        blocks = {e.get("density_block", 1) for e in stats.sites.values()}
+        raise ValueError(f"attention budget={budget!r} cannot be met: every head at its sparsest candidate still "
+                         f"keeps a mean density of {sum(lowest) / len(lowest):.4f} (density in blocks of "
+                         f"{', '.join(map(str, sorted(blocks)))}; calibration keys shorter than a few blocks leave "
+                         "nothing to skip). Raise the budget, calibrate on longer sequences, or give sparser "
+                         "candidates or a smaller density block")
     picks, mean = assign(0.0)
     if mean > budget:
         lo, hi = 0.0, _PRICE_MAX

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--error", choices=("relative", "kl"), default="relative",
                    help="the output error minimised: relative squared error of the first output, or the "
                         "next-token KL of a causal LM")
+    p.add_argument("--attention-block", type=int, default=64,
+                   help="attention density counted in blocks of N x N queries x keys (default 64; 1: entries)")
     p.add_argument("--attention-density", type=float, default=None,
                    help="also choose per-head attention forms with this mean density budget in (0, 1]")
     p.add_argument("--step", type=float, default=0.05, help="greedy sparsity step (default 0.05)")
@@ -94,7 +96,8 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
     batches = _load_data(args.data)
     spec = tune(model, batches, target=args.target, out=args.out, criterion=args.criterion, step=args.step,
                 method=args.method, mode=args.mode, error_fn=args.error,
-                attention_density=args.attention_density, policy=args.policy, progress=not args.no_progress)
+                attention_density=args.attention_density, attention_block=args.attention_block, policy=args.policy,
+                progress=not args.no_progress)
     achieved = spec.meta["tune"]["achieved"]
     print(f"sparsecc tune: wrote {args.out}: FFN sparsity {achieved['ffn_sparsity']:.3f} "
           f"(measured {achieved['ffn_sparsity_measured']:.3f}), output error {achieved['output_error']:.3e}"

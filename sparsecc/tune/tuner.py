@@ -10,7 +10,7 @@ import torch
 from sparsecc.forms import ActivationThreshold, Dense
 from sparsecc.spec import Defaults, Rule, Spec
 from sparsecc.tune import provenance
-from sparsecc.tune.attention import HeadChoice, choose_heads, record_attention
+from sparsecc.tune.attention import DENSITY_BLOCK, HeadChoice, choose_heads, record_attention
 from sparsecc.tune.capture import (CRITERIA, ERRORS, MODES, ErrorFn, Projection, ThresholdHooks, ffn_projections,
                                    quantile_tau, relative_error, run, score_samples, split_batch)
 from sparsecc.tune.ffn import Allocation, GreedySearch, Sensitivity, separable_allocation
@@ -324,7 +324,7 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
          step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL, method: str = "greedy",
          mode: str = "input", levels: Sequence[float] = DEFAULT_SENSITIVITY_LEVELS,
          attention_density: Optional[float] = None, attention_candidates: Optional[Sequence] = None,
-         policy: str = "auto", progress: bool = True) -> Spec:
+         attention_block: int = DENSITY_BLOCK, policy: str = "auto", progress: bool = True) -> Spec:
     """Tune a spec for ``model`` on calibration ``batches``; save it to ``out`` (.toml/.json) when given.
 
     * FFN: thresholds per layer and projection at average sparsity ``target``
@@ -339,7 +339,8 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
     * Attention (when ``attention_density`` is given): one form per head among
       dense and the candidates (default grid: streaming, block_topk,
       vertical_slash) by recalled attention mass, mean density at most
-      ``attention_density`` (:mod:`sparsecc.tune.attention`).
+      ``attention_density`` (:mod:`sparsecc.tune.attention`), density counted in
+      blocks of ``attention_block`` x ``attention_block`` (1: entries).
     * ``[meta.tune]`` records the provenance and what was achieved per layer.
 
     Each batch is a tuple of positional arguments, a dict of keyword arguments
@@ -372,7 +373,7 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
         choices: List[HeadChoice] = []
         if attention_density is not None:
             stats = record_attention(model, tqdm(batches, desc="sparsecc tune attention", disable=not progress),
-                                     attention_candidates)
+                                     attention_candidates, density_block=attention_block)
             choices = choose_heads(stats, attention_density)
     finally:
         model.train(model_was_training)
@@ -401,6 +402,7 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
         meta["search"]["blend_errors"] = [[b, provenance.rounded(e)] for b, e in ffn.candidates[alloc.target].items()]
     if attention_density is not None:
         meta["target"]["attention_density"] = attention_density
+        meta["target"]["attention_block"] = attention_block
         heads = [(r, d) for c in choices for r, d in zip(c.recall, c.density)]
         if heads:
             meta["achieved"]["attention_recall"] = provenance.rounded(sum(r for r, _ in heads) / len(heads))

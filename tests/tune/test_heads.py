@@ -167,3 +167,13 @@ def test_chunked_block_topk_recording_equals_whole_call():
     assert torch.allclose(density[:, 0], keep.sum((0, 2, 3)).double() / allowed.sum((0, 2, 3)), atol=1e-9)
     assert torch.allclose(recall8, recall, atol=1e-9)
     assert torch.allclose(density8[:, 0], _oracle_block_density(keep, allowed, 8), atol=1e-9)
+
+
+def test_unreachable_budget_is_an_error_naming_the_minimum():
+    """Keys shorter than one density block leave nothing to skip: the budget cannot be met, and the tuner says so."""
+    q, k = _synthetic(["local", "uniform"])
+    stats = AttentionStats([Streaming(0, 2), Streaming(0, 8)], density_block=64)
+    stats.record("s", q, k, [], [], 1.0, True)
+    with pytest.raises(ValueError, match=r"budget=0.5 cannot be met.*1\.0000.*blocks of 64"):
+        choose_heads(stats, 0.5)
+    assert choose_heads(stats, 1.0)          # a budget every option meets still chooses

@@ -17,7 +17,7 @@ def test_tuned_spec_has_provenance_loads_back_and_compiles(tmp_path, criterion, 
     batches = models.batches(2)
     out = tmp_path / "tuned.toml"
     spec = sparsecc.tune(model, batches, target=0.4, out=out, criterion=criterion, step=0.1,
-                         attention_density=0.7, policy="force", progress=False)
+                         attention_density=0.7, attention_block=1, policy="force", progress=False)
     meta = spec.meta["tune"]
     assert all(key in meta for key in PROVENANCE + ("attention",))
     assert meta["model_class"].endswith("tests.tune.models.AttnStack")
@@ -50,8 +50,8 @@ def test_tuned_spec_has_provenance_loads_back_and_compiles(tmp_path, criterion, 
 def test_attention_rules_compile(tmp_path, eager_lowering):
     model = models.AttnStack().eval()
     batches = models.batches(2)
-    spec = sparsecc.tune(model, batches, target=0.3, step=0.15, attention_density=0.6, policy="force",
-                         progress=False)
+    spec = sparsecc.tune(model, batches, target=0.3, step=0.15, attention_density=0.6, attention_block=1,
+                         policy="force", progress=False)
     assert spec.attention, "a 0.6 budget on causal 16-token attention leaves some heads sparse"
     with torch.no_grad():
         sparsecc.compile(model, spec=spec, kernels="reference")(batches[0])
