@@ -118,27 +118,34 @@ def main(argv=None):
     windows = token_windows(tokenize(tok, text), args.ctx, args.windows)
     trials = needle_trials(tok, text, args.ctx, args.needle, seed=0) if args.needle else []
     dense = perplexity(model, windows, desc="dense perplexity")
-    rows = {}
+
+    def save():   # after every step: a stopped run keeps what it measured
+        result = {"ctx": args.ctx, "budget": args.budget, "block": BLOCK, "windows": args.windows,
+                  "scored_tokens": dense.tokens, "dense_perplexity": dense.value, "tuned_block_density": tuned_blocks,
+                  "uniform_window": window, "head_forms": forms, "rows": rows,
+                  "minutes": (time.time() - started) / 60}
+        (out / f"results_{args.ctx}_{args.budget}.json").write_text(json.dumps(result, indent=1))
+
+    rows: dict = {}
     for name, path in (("tuned", tuned_path), ("uniform", uniform_path)):
         ev = evaluate(model, str(path), windows, kernels="reference", lowering_kind="eager", dense=dense)
         rows[name] = {"spec": str(path), "perplexity": ev.sparse.value, "change": ev.relative_change,
                       "rewritten": ev.rewritten, "report": ev.summary}
         print(name, *ev.lines(), sep="\n  ", flush=True)
+        save()
     if trials:
         # Needle trials after the perplexities (they take most of the time): dense, then the tuned spec compiled
         # as evaluate() compiles it.
         import sparsecc
         from sparsecc.tune.quality import forced, lowering
         rows["tuned"]["needle_dense"] = needle_check(model, trials, desc="dense needle").hits
+        save()
         torch._dynamo.reset()
         with lowering("eager"):
             compiled = sparsecc.compile(model, spec=forced(tuned), kernels="reference")
             rows["tuned"]["needle_sparse"] = needle_check(compiled, trials, desc="tuned needle").hits
+        save()
         torch._dynamo.reset()
-    result = {"ctx": args.ctx, "budget": args.budget, "block": BLOCK, "windows": args.windows,
-              "scored_tokens": dense.tokens, "dense_perplexity": dense.value, "tuned_block_density": tuned_blocks,
-              "uniform_window": window, "head_forms": forms, "rows": rows, "minutes": (time.time() - started) / 60}
-    (out / f"results_{args.ctx}_{args.budget}.json").write_text(json.dumps(result, indent=1))
     print(f"\n| spec | block density | perplexity | vs dense | needle |\n|---|---|---|---|---|")
     print(f"| dense | 1.0 | {dense.value:.4f} | | "
           f"{sum(rows['tuned'].get('needle_dense', [])) if trials else '-'}/{len(trials)} |")
