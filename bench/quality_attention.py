@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from sparsecc.forms import Streaming  # noqa: E402
 from sparsecc.spec import Defaults, Rule, Spec  # noqa: E402
-from sparsecc.tune.attention import (DENSITY_BLOCK as BLOCK, AttentionStats, choose_heads, record_attention,  # noqa: E402
-                                     streaming_mask)
+from sparsecc.tune.attention import (DENSITY_BLOCK as BLOCK, AttentionStats, any_blocks, choose_heads,  # noqa: E402
+                                     record_attention, streaming_mask)
 from sparsecc.tune.models import load_model  # noqa: E402
 from sparsecc.tune.needle import needle_check, needle_trials  # noqa: E402
 from sparsecc.tune.quality import evaluate, perplexity, read_texts, token_windows, tokenize  # noqa: E402
@@ -47,10 +47,7 @@ UNIFORM_SINK = 64
 def streaming_block_density(form: Streaming, ctx: int, block: int) -> float:
     """Kept blocks / causal blocks of a streaming form over a ctx x ctx causal grid."""
     n = math.ceil(ctx / block)
-    keep = streaming_mask(form, ctx, ctx, True, "cpu")
-    keep = torch.nn.functional.pad(keep, (0, n * block - ctx, 0, n * block - ctx))
-    kept = keep.view(n, block, n, block).any(3).any(1)
-    return float(kept.sum()) / (n * (n + 1) // 2)
+    return float(any_blocks(streaming_mask(form, ctx, ctx, True, "cpu"), block).sum()) / (n * (n + 1) // 2)
 
 
 def uniform_window(target: float, ctx: int, block: int) -> int:

@@ -102,7 +102,7 @@ def streaming_rows(form: Streaming, positions: torch.Tensor, seq_k: int, causal:
     return (j < form.sink) | (p < form.sink) | ((p - j).abs() < form.window)
 
 
-def _any_blocks(mask: torch.Tensor, block: int) -> torch.Tensor:
+def any_blocks(mask: torch.Tensor, block: int) -> torch.Tensor:
     """[..., R, Sk] bool -> [..., ceil(R/block), ceil(Sk/block)]: whether each block holds a True entry."""
     rows, cols = mask.shape[-2:]
     n_r, n_c = -(-rows // block), -(-cols // block)
@@ -238,7 +238,7 @@ class AttentionStats:
         blk = entry["density_block"]
 
         def block_count(mask):   # [b' <= B, h' <= H, R, Sk] -> blocks holding a True entry, per head [H]
-            return _any_blocks(mask, blk).sum((2, 3), dtype=torch.float64).expand(b, h).sum(0)
+            return any_blocks(mask, blk).sum((2, 3), dtype=torch.float64).expand(b, h).sum(0)
 
         if blk > 1:
             entry["allowed_blocks"] += block_count(present_small)

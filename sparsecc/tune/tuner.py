@@ -182,7 +182,6 @@ def blend_with_uniform(model, sens: "FfnSensitivity", targets: Sequence[float], 
         for separable in separable_allocation(sens.sensitivity.refined(), projections, scores, sorted(targets),
                                               max_level):
             t = separable.target
-            tried: Dict[float, float] = {}
             measured: Dict[float, Tuple[Allocation, List[float]]] = {}
             for blend in SEPARABLE_BLENDS:
                 levels = {p: blend * separable.levels[p] + (1.0 - blend) * t for p in projections}
@@ -191,14 +190,13 @@ def blend_with_uniform(model, sens: "FfnSensitivity", targets: Sequence[float], 
                 error, _ = measure(model, sens.search_batches, projections, taus, sens.criterion, error_fn, sens.dense,
                                    per_batch=errors)
                 forwards += 1
-                tried[blend] = error
                 measured[blend] = (Allocation(t, levels, taus, error, forwards), errors)
                 bar.update()
             uniform_errors = measured[UNIFORM_BLEND][1]
             eligible = [a for a, errors in measured.values()
                         if all(e <= u for e, u in zip(errors, uniform_errors))]
             best = min(eligible, key=lambda a: a.error)
-            candidates[t] = tried
+            candidates[t] = {blend: a.error for blend, (a, _) in measured.items()}
             allocations.append(best)
     finally:
         bar.close()
