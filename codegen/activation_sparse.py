@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sparsecc.activations import ACTIVATION_TABLE
 from sparsecc.codegen.epilogue import bind_triton
-from sparsecc.codegen.launch import launcher, round_to_dtype, tracing
+from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, tracing
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
            "k_major", "MAX_DECODE_TOKENS", "default_gemv_config"]
@@ -100,10 +100,11 @@ def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_u
 #   * tokens: with M > 1 and PER_TOKEN each program serves one token (grid axis 2) and reads that
 #     token's survivors only (its own mask; rows two tokens share are read twice, the second time
 #     mostly from L2); otherwise one program serves all M tokens with tl.dot and reads the union.
-# With several K splits each program writes a float32 partial to partial[split, m, n-tile] and
-# stage 2 (_split_reduce_kernel) sums them with the bias, cast once: two launches instead of
-# atomics (there are no bfloat16 atomics to lean on, and the order is deterministic). With one
-# split (ROWS_PER_SPLIT >= K) the kernel adds the bias and stores y directly: one launch.
+# With several K splits each program writes a float32 partial to partial[split, m, n-tile], then
+# takes a ticket from its (token, n tile)'s counter (launch.ticket_counters); the program that draws
+# the last ticket sums the partials in split order with the bias, casts once, stores y and resets the
+# counter: one launch, no bfloat16 atomics, and the sum's order is fixed (deterministic). With one
+# split (ROWS_PER_SPLIT >= K) the kernel adds the bias and stores y directly.
 #
 # Layout: the kernel reads Wt [K, N] through W's strides; a weight whose stride(0) is 1 (the view
 # W = Wt.t() of a K-major buffer) is used as is. A row-major W is transposed once and cached by
@@ -160,7 +161,6 @@ ONE_SPLIT_MAX_K = 4096  # up to here one token runs one split (one launch)
 # sparsity 70-95% on the H100 (bench/linear.py --tokens, commit 7a8328c; per-token masks re-read
 # rows the tokens share and lost 1.1-4x at M >= 4).
 DEFAULT_GEMV_CONFIG_TOKENS = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=8)
-REDUCE_BLOCK = 1024  # outputs per program of the split reduction (memory bound; any large power of 2)
 DOT_ROWS = 16  # tl.dot needs at least 16 rows: the union path pads M up to this (padded rows load nothing)
 
 
@@ -193,7 +193,7 @@ def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot,
     return count
 
 
-def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, M, N, K, tau,
+def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, counters_ptr, M, N, K, tau,
                            stride_xm, stride_xk, stride_wk, stride_wn,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
                            ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
@@ -278,22 +278,23 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
         tl.store(y_ptr + rows[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(partial_ptr + (split * M + rows[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+        # Every thread's partial stores happen before the ticket (release); the last ticket's reads after (acquire).
+        tl.debug_barrier()
+        counter = counters_ptr + token * tl.num_programs(0) + pid_n
+        n_splits = tl.num_programs(1)
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_splits - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(n_splits):   # split order: the sum does not depend on which program came last
+                total += tl.load(partial_ptr + (s * M + rows[:, None]) * N + offs_n[None, :], mask=out_mask,
+                                 other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rows[:, None] * N + offs_n[None, :], total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(counter, 0)   # every split has drawn its ticket: ready for the next call
 
 
-def _split_reduce_kernel(partial_ptr, bias_ptr, y_ptr, MN, N, n_splits,
-                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # noqa: F821
-    """``y = sum_s partial[s] + bias``, cast to y's dtype (float32 throughout until the store)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(n_splits):
-        total += tl.load(partial_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-_KERNELS = ("_list_survivors", "_threshold_gemv_kernel", "_split_reduce_kernel")
+_KERNELS = ("_list_survivors", "_threshold_gemv_kernel")
 
 # id(weight) -> (weakref to weight, data_ptr, _version, K-major copy). The identity check (the weakref
 # still points at this very tensor) guards against a freed weight whose address and shape are
@@ -358,24 +359,22 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     wt = k_major(weight.to(x.dtype)).t()
     per_token = m == 1 or cfg.PER_TOKEN
     n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
-    direct = n_splits == 1  # one split: the kernel stores y itself, no partials, no second launch
+    direct = n_splits == 1  # one split: the kernel stores y itself (no partials, no tickets)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     partial = y if direct else torch.empty(n_splits, m, n, dtype=torch.float32, device=x.device)
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     grid = (triton.cdiv(n, cfg.BLOCK_N), n_splits, m if per_token else 1)  # noqa: F821
+    counters = y if direct else ticket_counters(grid[0] * grid[2], x2)   # one per (token, N tile)
     # One slot of ROWS_PER_SPLIT channel indices per program for the compacted paths (only the
     # survivors' entries are written); a 1-element dummy otherwise.
     slots = grid[0] * grid[1] * grid[2] * cfg.ROWS_PER_SPLIT if cfg.COMPACT else 1
     scratch = torch.empty(slots, dtype=torch.int32, device=x.device)
     bias_arg = bias.contiguous() if bias is not None else y
     launcher(_threshold_gemv_kernel, x2)[grid](  # noqa: F821
-        x2, wt, partial, scratch, bias_arg, y, m, n, k, round_to_dtype(tau, x.dtype),
+        x2, wt, partial, scratch, bias_arg, y, counters, m, n, k, round_to_dtype(tau, x.dtype),
         x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
         BLOCK_M=1 if per_token else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT, DOT_IN_FP32=interpreting or x.dtype == torch.float32,
         COMPACT=cfg.COMPACT, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
         num_stages=cfg.STAGES)
-    if not direct:
-        launcher(_split_reduce_kernel, x2)[(triton.cdiv(m * n, REDUCE_BLOCK),)](  # noqa: F821
-            partial, bias_arg, y, m * n, n, n_splits, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK)
     return y.reshape(*lead, n)

@@ -21,7 +21,7 @@ at the memory's speed, with as little else as possible around it:
   the ``n_split`` partials, stores the output and resets the counter to zero
   for the next call. The counters live in a zeroed int32 buffer that every
   complete call leaves zeroed again (cached per device and stream for eager
-  calls; a fresh zeroed tensor while traced, see :func:`_split_counters`).
+  calls; a fresh zeroed tensor while traced, see :func:`~sparsecc.codegen.launch.ticket_counters`).
 
 Works on a contiguous KV cache ``[B, Hkv, S, D]`` (any strides with a unit
 last dim). Heads of one group must share sink and window (checked by
@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
-from sparsecc.codegen.launch import launcher, tracing
+from sparsecc.codegen.launch import launcher, ticket_counters, tracing
 
 # Rows of one packed tile at most (G * Sq); wider groups use the prefill kernel.
 MAX_PACKED_ROWS = 128
@@ -348,29 +348,6 @@ def _num_sms(device: torch.device) -> int:
     return 1  # the interpreter runs programs one by one; few splits keep tiny tests fast
 
 
-# Eager calls' split counters: per (device, stream), a list of zeroed int32 buffers, the last one in use. A
-# complete launch leaves its counters zeroed again, so a buffer is zeroed once, when it is made. Buffers are never
-# freed: a CUDA graph captured with one keeps its address, so a larger one is added beside it.
-_COUNTERS: dict = {}
-_MIN_COUNTERS = 4096
-
-
-def _split_counters(n: int, like: Tensor) -> Tensor:
-    """``n`` zeroed int32 ticket counters on ``like``'s device for one launch of the split kernel.
-
-    Traced (Inductor), a fresh zeroed tensor: no device tensor may be cached across traces, and Inductor
-    allocates it like any other buffer. Eagerly, the cached buffer of the current stream (two launches on one
-    stream never overlap; launches on different streams use different buffers).
-    """
-    if tracing(like):
-        return torch.zeros(n, dtype=torch.int32, device=like.device)
-    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
-    bufs = _COUNTERS.setdefault((like.device, stream), [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=like.device))
-    return bufs[-1]
-
-
 def _plan_splits(bkv: int, n_kept: int, num_sms: int, config: DecodeConfig) -> tuple[int, int]:
     """``(n_split, blocks_per_split)`` for ``bkv`` (batch, kv head) pairs of ``n_kept`` key blocks each."""
     if config.n_split is not None:
@@ -438,7 +415,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     if n_split > 1:
         o_part = torch.empty(b * hkv * n_split, block_r, block_d, dtype=torch.float32, device=q.device)
         l_part = torch.empty(b * hkv * n_split, block_r, dtype=torch.float32, device=q.device)
-        counters = _split_counters(b * hkv, q)
+        counters = ticket_counters(b * hkv, q)
     else:
         o_part = l_part = counters = out   # unused: the one split stores the output itself
     mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)

@@ -16,6 +16,10 @@ tracing machinery on every call (about a millisecond) for nothing.
 While tracing, a wrapper must not keep device tensors in a host-side cache
 (they would be fake) nor read device values back: :func:`tracing` lets it tell,
 and :func:`round_to_dtype` rounds a threshold without creating a tensor.
+
+Kernels that split a reduction over several programs and merge in the same
+launch (the last program to finish a group merges it) draw tickets from
+:func:`ticket_counters`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tracing", "launcher", "round_to_dtype"]
+__all__ = ["tracing", "launcher", "round_to_dtype", "ticket_counters"]
 
 
 def tracing(*tensors: Any) -> bool:
@@ -73,3 +77,28 @@ def round_to_dtype(value: float, dtype: torch.dtype) -> float:
             bits += 0x7FFF + ((bits >> 16) & 1)
         return struct.unpack("<f", struct.pack("<I", bits & 0xFFFF0000))[0]
     return as_float32
+
+
+# Eager calls' ticket counters: per (device, stream), a list of zeroed int32 buffers, the last one in use. Every
+# kernel that draws tickets resets each counter it used to zero before it exits, so a buffer is zeroed once, when it
+# is made, and any op may use it after any other on the same stream (launches on one stream never overlap). Buffers
+# are never freed: a CUDA graph captured with one keeps its address, so a larger one is added beside it.
+_COUNTERS: dict = {}
+_MIN_COUNTERS = 4096
+
+
+def ticket_counters(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``n`` zeroed int32 ticket counters on ``like``'s device for one launch of a split-and-merge kernel.
+
+    Traced (Inductor), a fresh zeroed tensor: no device tensor may be cached across traces, and Inductor
+    allocates it like any other buffer. Eagerly, the cached buffer of the current stream (two launches on one
+    stream never overlap; launches on different streams use different buffers). The kernel must leave every
+    counter it used at zero.
+    """
+    if tracing(like):
+        return torch.zeros(n, dtype=torch.int32, device=like.device)
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
+    bufs = _COUNTERS.setdefault((like.device, stream), [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=like.device))
+    return bufs[-1]

@@ -138,7 +138,7 @@ def test_decode_split_counts_merge_in_one_launch(interpreter, n_split, sk):
     64 asks for more splits than there are kept blocks (capped at one per two). Each call must leave the ticket
     counters zeroed, so a second call on the same buffers gives the same answer.
     """
-    from sparsecc.codegen import decode_attention as da
+    from sparsecc.codegen import decode_attention as da, launch
 
     sq = 2
     q, k, v = make_qkv(n_split + sk, 2, 4, 2, sq, sk, 64, torch.bfloat16)
@@ -151,7 +151,7 @@ def test_decode_split_counts_merge_in_one_launch(interpreter, n_split, sk):
         out, lse = da.streaming_decode(q, k, v, mask, 0.125, True, sinks, windows, return_lse=True,
                                        out=torch.full_like(q, float("nan")), config=config)
         check(out, lse, *ref, torch.bfloat16)
-        assert all(int(buf.count_nonzero()) == 0 for bufs in da._COUNTERS.values() for buf in bufs)
+        assert all(int(buf.count_nonzero()) == 0 for bufs in launch._COUNTERS.values() for buf in bufs)
 
 
 def test_decode_many_splits_merge_in_chunks(interpreter):

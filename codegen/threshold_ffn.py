@@ -1,0 +1,223 @@
+"""Input-mode activation sparsity (TEAL) on a whole gated FFN, for decode: two launches instead of five.
+
+Layout of this file: module notes, the reference, then the Triton kernel (bound lazily by
+``epilogue.bind_triton``, so importing this module never imports Triton) and the wrapper.
+
+Semantics (``threshold_ffn_ref``, docs/spec.md "activation_threshold", mode input): the FFN's gate
+and up projections read ``x̃ = x ⊙ [|x| > tau_input]``, the down projection reads
+``h̃ = h ⊙ [|h| > tau_down]``::
+
+    h = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu)        y = h̃ Wdᵀ + bd
+
+exactly what the three thresholded projections of the model compute one after the other (each
+``threshold_linear``), with the activation and the product between them.
+
+Notation: x [M, D] with M <= MAX_DECODE_TOKENS, Wgᵀ / Wuᵀ [D, F] K-major (row d of Wgᵀ is input
+channel d's contiguous weight row), h [M, F].
+
+Stage 1 (``_threshold_gate_up_kernel``): program f owns BLOCK_N neurons. It walks D in chunks of
+ROWS_PER_CHUNK channels; for each chunk it ranks the channels some token keeps (``tl.cumsum``,
+``activation_sparse._list_survivors``) into its scratch slot and loops over that list BLOCK_K rows
+at a time, loading the gate *and* the up rows of each surviving channel in the same trip (two
+independent loads in flight per trip). Dropped channels cost no weight bytes and no loop trips.
+At the end it has the full gate and up sums of its neurons, so it adds the biases, applies the
+activation, multiplies and stores h in x's dtype, rounding where the reference rounds (linear
+outputs, activation output, product): the down stage then drops exactly the h the reference drops.
+Stage 2 (``activation_sparse.threshold_linear`` on h with ``tau_down``): the compacted split-K
+GEMV over the surviving rows of Wdᵀ, merged in the same launch by the last split (ticket counters).
+
+Against the three-op form (gate GEMV, up GEMV, Inductor's act ⊙ up kernel, down GEMV and its merge)
+this reads the same weight bytes, lists x's survivors once per program instead of twice, and runs
+in two launches, which is what a decode step at high sparsity pays for (each launch costs
+microseconds next to a few microseconds of kept bytes).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsecc.codegen import activation_sparse as _gemv
+from sparsecc.codegen import gate_sparse_ffn as _gate
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig, k_major,
+                                                threshold_linear)
+from sparsecc.codegen.epilogue import bind_triton
+from sparsecc.codegen.launch import launcher, round_to_dtype
+
+__all__ = ["threshold_ffn", "threshold_ffn_ref", "default_threshold_ffn_config", "DEFAULT_THRESHOLD_FFN_CONFIG",
+           "DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS", "KERNEL_DTYPES"]
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ============================================================== reference
+
+
+def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+                      w_down: Tensor, b_down: Optional[Tensor], *, act: str, tau_input: float,
+                      tau_down: float) -> Tensor:
+    """Reference gated FFN with thresholded projection inputs (weights ``[out, in]``, computed in x's dtype).
+
+    ``x̃ = x ⊙ [|x| > tau_input]``, ``h = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu)``, ``y = (h ⊙ [|h| > tau_down]) Wdᵀ + bd``.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
+    xt = x * (x.abs() > tau_input).to(x.dtype)
+    h = ACTIVATIONS[act](F.linear(xt, w_gate, b_gate)) * F.linear(xt, w_up, b_up)
+    return F.linear(h * (h.abs() > tau_down).to(h.dtype), w_down, b_down)
+
+
+# ============================================================== Triton kernel
+
+# Stage 1's launch knobs are a GemvConfig: BLOCK_N neurons per program, BLOCK_K survivors per trip, and
+# ROWS_PER_SPLIT channels of D listed per chunk (each program walks all of D, chunk after chunk: the activation
+# needs the whole sum); PER_TOKEN and COMPACT are not used. One token: 64-wide N tiles (224 programs at
+# F = 14336), D listed in one chunk up to 4096 channels, and 64 survivors per trip, half the GEMV's 128, because a
+# trip holds two weight tiles and two accumulators; 2-16 tokens: the tl.dot union over 2048-channel chunks.
+DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=4096, num_warps=4)
+DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
+
+_rounded = _gate._rounded
+_list_survivors = _gemv._list_survivors
+_activation = None
+
+
+def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, M, F, D, tau,
+                              stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
+                              ROWS_PER_CHUNK: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
+                              HAS_BU: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
+                              DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
+    """h[:, f-tile] = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu) over the channels some token keeps (see the notes above)."""
+    # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
+    tau = tl.cast(tau, tl.float32)
+    pid = tl.program_id(0)
+    offs_f = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    f_mask = offs_f < F
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    slot = scratch_ptr + pid.to(tl.int64) * ROWS_PER_CHUNK
+    if BLOCK_M == 1:
+        accg2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        accu2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        accg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        accu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, ROWS_PER_CHUNK):
+        count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, d0, tau, slot, BLOCK_M, ROWS_PER_CHUNK)
+        for c in range(0, count, BLOCK_K):
+            offs_j = c + tl.arange(0, BLOCK_K)
+            live = offs_j < count
+            kk = tl.load(slot + offs_j, mask=live, other=0)
+            w_mask = live[:, None] & f_mask[None, :]
+            wg = tl.load(wg_ptr + kk[:, None].to(tl.int64) * stride_gd + offs_f[None, :] * stride_gf, mask=w_mask,
+                         other=0.0)
+            wu = tl.load(wu_ptr + kk[:, None].to(tl.int64) * stride_ud + offs_f[None, :] * stride_uf, mask=w_mask,
+                         other=0.0)
+            if BLOCK_M == 1:
+                xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
+                accg2 += xk[:, None] * wg.to(tl.float32)
+                accu2 += xk[:, None] * wu.to(tl.float32)
+            else:
+                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
+                             mask=m_mask[:, None] & live[None, :], other=0.0)
+                xs = tl.where(tl.abs(xv.to(tl.float32)) > tau, xv, tl.zeros_like(xv))
+                if DOT_IN_FP32:  # fp32 inputs, or the CPU interpreter (its bf16 dot multiplies raw bits)
+                    accg = tl.dot(xs.to(tl.float32), wg.to(tl.float32), accg, input_precision="ieee")
+                    accu = tl.dot(xs.to(tl.float32), wu.to(tl.float32), accu, input_precision="ieee")
+                else:
+                    accg = tl.dot(xs, wg, accg)
+                    accu = tl.dot(xs, wu, accu)
+        tl.debug_barrier()   # the next chunk's listing overwrites the slot this one's loop read
+    if BLOCK_M == 1:
+        accg = tl.reshape(tl.sum(accg2, axis=0), (1, BLOCK_N))
+        accu = tl.reshape(tl.sum(accu2, axis=0), (1, BLOCK_N))
+    if HAS_BG:
+        accg += tl.load(bg_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BU:
+        accu += tl.load(bu_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+    # Round where the reference rounds: both linear outputs, the activation, the product.
+    a = _rounded(_activation(_rounded(accg, h_ptr, ROUND_BY_BITS), ACTIVATION), h_ptr, ROUND_BY_BITS)
+    h = a * _rounded(accu, h_ptr, ROUND_BY_BITS)
+    tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & f_mask[None, :])
+
+
+_KERNELS = ("_rounded", "_list_survivors", "_threshold_gate_up_kernel")
+
+
+def _bind() -> None:
+    """JIT this module's kernel and the helpers it calls (first use; imports Triton)."""
+    _gate._bind()                          # the helpers resolve ``tl`` in their own modules
+    bind_triton(vars(_gemv), ("_list_survivors",))
+    if _activation is None:
+        globals()["_activation"] = _gate._activation
+    bind_triton(globals(), _KERNELS)
+
+
+# ============================================================== wrapper
+
+
+def _check_shapes(x: Tensor, w_gate: Tensor, b_gate, w_up: Tensor, b_up, w_down: Tensor, b_down) -> None:
+    """Raise ``ValueError`` naming the first argument whose shape does not fit the FFN."""
+    f, d = w_gate.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x has {x.shape[-1]} features; w_gate [{f}, {d}] expects {d}")
+    if tuple(w_up.shape) != (f, d):
+        raise ValueError(f"w_up must have shape ({f}, {d}) like w_gate, got {tuple(w_up.shape)}")
+    if w_down.shape[1] != f:
+        raise ValueError(f"w_down must have {f} input features (one per neuron), got {tuple(w_down.shape)}")
+    for name, b, n in (("b_gate", b_gate, f), ("b_up", b_up, f), ("b_down", b_down, w_down.shape[0])):
+        if b is not None and tuple(b.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+
+
+def default_threshold_ffn_config(tokens: int) -> GemvConfig:
+    """Stage 1's launch knobs for ``tokens`` rows when none are given."""
+    return DEFAULT_THRESHOLD_FFN_CONFIG if tokens == 1 else DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS
+
+
+def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+                  w_down: Tensor, b_down: Optional[Tensor], act: str, tau_input: float, tau_down: float,
+                  config: Optional[GemvConfig] = None, down_config: Optional[GemvConfig] = None,
+                  out: Optional[Tensor] = None) -> Tensor:
+    """Triton gated FFN with thresholded projection inputs for decode (TEAL); same result as ``threshold_ffn_ref``.
+
+    For at most :data:`MAX_DECODE_TOKENS` tokens of float16/bfloat16/float32: stage 1 writes h from the
+    surviving channels' gate and up rows, stage 2 is the compacted down GEMV (see the module notes); weights
+    are read K-major (``k_major``: pass ``.t()`` views of ``[in, out]`` buffers to avoid a cached copy). More
+    tokens or float64 run the reference. ``config`` / ``down_config`` override the stages' launch knobs;
+    ``out`` (contiguous ``[M, D_out]``, ``x.dtype``) receives the kernel path's result.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
+    _check_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
+    f, d = w_gate.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    m = x2.shape[0]
+    if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in KERNEL_DTYPES:
+        return threshold_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau_input=tau_input,
+                                 tau_down=tau_down)
+    _bind()
+    cfg = config or default_threshold_ffn_config(m)
+    dtype = x.dtype
+    wgt, wut = k_major(w_gate.to(dtype)).t(), k_major(w_up.to(dtype)).t()   # [D, F] views
+    h = torch.empty(m, f, dtype=dtype, device=x.device)
+    n_programs = triton.cdiv(f, cfg.BLOCK_N)  # noqa: F821 - bound by bind_triton
+    chunk = min(cfg.ROWS_PER_SPLIT, triton.next_power_of_2(d))  # noqa: F821
+    scratch = torch.empty(n_programs * chunk, dtype=torch.int32, device=x.device)
+    interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
+    launcher(_threshold_gate_up_kernel, x2)[(n_programs,)](  # noqa: F821
+        x2, wgt, b_gate.contiguous() if b_gate is not None else h, wut, b_up.contiguous() if b_up is not None else h,
+        h, scratch, m, f, d, round_to_dtype(tau_input, dtype), x2.stride(0), x2.stride(1),
+        wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
+        BLOCK_M=1 if m == 1 else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_CHUNK=chunk,
+        HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACTIVATION=act,
+        DOT_IN_FP32=interpreting or dtype == torch.float32, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.STAGES)
+    y = threshold_linear(h, w_down, b_down, tau_down, config=down_config, out=out)
+    return y.reshape(*lead, w_down.shape[0])

@@ -1,0 +1,253 @@
+"""Input-mode (TEAL) fused FFN kernel (codegen/threshold_ffn.py).
+
+Oracles follow docs/spec.md ("activation_threshold", mode input) written out in float64 on explicit keep masks:
+x̃ = x ⊙ [|x| > tau_input] feeds the gate and up projections, h = act(gate) ⊙ up (rounded where the model rounds:
+each linear output, the activation, the product), and the down projection reads h ⊙ [|h| > tau_down].
+CPU: the Triton kernels run in Triton's interpreter at tiny shapes, in a child process (tests/interpreter.py).
+GPU (``gpu`` marker): Llama-3-8B shapes into NaN-poisoned outputs against a float32 oracle.
+"""
+
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig
+from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
+
+FEW = settings(deadline=None, max_examples=min(settings().max_examples, 15))  # the interpreter is slow
+KERNEL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ULP = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+
+
+def test_interpreter_checks():
+    """Run this file's interpreter checks in a child process that imports Triton in interpreter mode."""
+    run_interpreter_checks(__file__, select="interp")
+
+
+def randn(gen, *shape, dtype, device="cpu", scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64, device=gen.device) * scale).to(device=device,
+                                                                                                   dtype=dtype)
+
+
+def as_dtype(tau, dtype):
+    """tau as torch compares it with a ``dtype`` tensor (converted to the dtype)."""
+    return float(torch.tensor(tau, dtype=dtype))
+
+
+def expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down):
+    """float64 oracle of docs/spec.md with explicit keep masks; returns (y, h, input keep, h keep)."""
+    dtype = x.dtype
+    x64 = x.double().reshape(-1, x.shape[-1])
+    keep_x = x64.abs() > as_dtype(tau_input, dtype)
+    xt = torch.where(keep_x, x64, torch.zeros_like(x64))
+
+    def rounded(v):
+        return v.to(dtype).double()
+
+    gate = rounded(xt @ wg.double().T + (0 if bg is None else bg.double()))
+    up = rounded(xt @ wu.double().T + (0 if bu is None else bu.double()))
+    h = rounded(rounded(ACTIVATIONS[act](gate)) * up)
+    keep_h = h.abs() > as_dtype(tau_down, dtype)
+    y = torch.where(keep_h, h, torch.zeros_like(h)) @ wd.double().T + (0 if bd is None else bd.double())
+    return y.reshape(*x.shape[:-1], wd.shape[0]), h, keep_x, keep_h
+
+
+def tau_in_gap(values, sparsity, dtype):
+    """A threshold near the ``sparsity`` quantile of ``values`` (>= 0) in the widest gap there, or None.
+
+    The kernel's sums run in float32 and the oracle's in float64, so a rounded h may differ by a unit: tau keeps
+    a margin of a few units from every value.
+    """
+    vals = torch.unique(values.flatten()).sort().values
+    if vals.numel() < 2:
+        return None
+    lo = max(0, int((sparsity - 0.15) * (vals.numel() - 1)))
+    hi = min(vals.numel() - 1, max(lo + 1, int((sparsity + 0.15) * (vals.numel() - 1))))
+    gaps = vals[lo + 1:hi + 1] - vals[lo:hi]
+    i = int(gaps.argmax())
+    left, right = float(vals[lo + i]), float(vals[lo + i + 1])
+    if right - left < 8 * ULP[dtype] * max(right, 1e-3):
+        return None
+    return (left + right) / 2
+
+
+def make_ffn(gen, m, d, f, d_out, biases, dtype, device="cpu"):
+    x = randn(gen, m, d, dtype=dtype, device=device)
+    wg = randn(gen, f, d, dtype=dtype, device=device, scale=d ** -0.5)
+    wu = randn(gen, f, d, dtype=dtype, device=device, scale=d ** -0.5)
+    wd = randn(gen, d_out, f, dtype=dtype, device=device, scale=f ** -0.5)
+    bg = randn(gen, f, dtype=dtype, device=device, scale=0.5) if biases else None
+    bu = randn(gen, f, dtype=dtype, device=device, scale=0.5) if biases else None
+    bd = randn(gen, d_out, dtype=dtype, device=device) if biases else None
+    return x, wg, bg, wu, bu, wd, bd
+
+
+def small_configs():
+    """Small launch knobs, so tiny shapes span several programs, listing chunks and down splits."""
+    return (GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4),
+            GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4))
+
+
+def assert_close_scaled(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert bool(torch.isfinite(out).all()), "unwritten (poisoned) or non-finite outputs"
+    scale = float(ref.abs().max().clamp(min=1.0))
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
+
+
+def counters_at_zero():
+    from sparsecc.codegen import launch
+    return all(int(buf.count_nonzero()) == 0 for bufs in launch._COUNTERS.values() for buf in bufs)
+
+
+# ------------------------------------------------------------------ interpreter
+
+
+@FEW
+@given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40),
+       biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)), dtype=st.sampled_from(KERNEL_DTYPES),
+       sparsity_in=st.floats(0.0, 0.95), sparsity_h=st.floats(0.0, 0.95), seed=st.integers(0, 10 ** 6))
+def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, dtype, sparsity_in, sparsity_h,
+                                     seed):
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator().manual_seed(seed)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, biases, dtype)
+    # x is the input itself, compared exactly by kernel and oracle: any quantile is a safe tau.
+    tau_input = float(torch.quantile(x.abs().double().flatten(), sparsity_in))
+    _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
+    tau_down = tau_in_gap(h.abs(), sparsity_h, dtype)
+    assume(tau_down is not None)
+    ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
+    cfg, down = small_configs()
+    out = torch.full((m, d_out), float("nan"), dtype=dtype)
+    y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down, out=out)
+    assert_close_scaled(y, ref, dtype)
+    assert counters_at_zero()
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_reads_only_surviving_rows(interpreter, m):
+    """Weight rows of input channels no token keeps, and down columns of neurons no token keeps, are NaN.
+
+    Any such row or column that were read would turn the output NaN. The form is applied: both masks drop
+    something, and the oracle computed on the clean weights differs from the dense FFN.
+    """
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator().manual_seed(21 + m)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 48, 40, 24, True, torch.bfloat16)
+    dead_in = torch.arange(48) % 3 == 0
+    x[:, dead_in] = x[:, dead_in].clamp(-0.05, 0.05)   # below tau_input for every token
+    dead_h = torch.arange(40) % 4 == 1
+    wg[dead_h] = 0
+    bg[dead_h] = 0                                      # silu(0) = 0: h = 0, below tau_down
+    tau_input, tau_down = 0.1, 0.01
+    ref, h, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
+    assert not bool(keep_x[:, dead_in].any()) and not bool(keep_h[:, dead_h].any())
+    dense, _, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", -1.0, -1.0)
+    assert not torch.allclose(ref, dense)
+    wg_bad, wu_bad, wd_bad = wg.clone(), wu.clone(), wd.clone()
+    wg_bad[:, dead_in] = float("nan")
+    wu_bad[:, dead_in] = float("nan")
+    wd_bad[:, dead_h] = float("nan")
+    cfg, down = small_configs()
+    y = threshold_ffn(x, wg_bad, bg, wu_bad, bu, wd_bad, bd, "silu", tau_input, tau_down, config=cfg,
+                      down_config=down)
+    assert_close_scaled(y, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_interp_default_configs_and_k_major_weights(interpreter, m):
+    """Default launch knobs, weights given as .t() views of K-major buffers (as the compiler binds them)."""
+    from sparsecc.codegen.threshold_ffn import threshold_ffn, threshold_ffn_ref
+    gen = torch.Generator().manual_seed(30 + m)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 64, 96, 48, True, torch.float32)
+    km = [w.t().contiguous().t() for w in (wg, wu, wd)]
+    tau_input = float(torch.quantile(x.abs().flatten(), 0.5))
+    _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "gelu", tau_input, -1.0)
+    tau_down = tau_in_gap(h.abs(), 0.5, torch.float32)
+    y = threshold_ffn(x, km[0], bg, km[1], bu, km[2], bd, "gelu", tau_input, tau_down)
+    ref, *_ = expected(x, wg, bg, wu, bu, wd, bd, "gelu", tau_input, tau_down)
+    assert_close_scaled(y, ref, torch.float32)
+    torch.testing.assert_close(y, threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act="gelu", tau_input=tau_input,
+                                                    tau_down=tau_down), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ reference, dispatch and errors (no Triton run)
+
+
+def test_reference_matches_the_written_out_oracle():
+    """``threshold_ffn_ref`` in float64 is the oracle's formula (no rounding to compare against)."""
+    from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
+    gen = torch.Generator().manual_seed(4)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 3, 16, 24, 8, True, torch.float64)
+    got = threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act="silu", tau_input=0.7, tau_down=0.05)
+    ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, "silu", 0.7, 0.05)
+    assert 0 < int(keep_x.sum()) < keep_x.numel() and 0 < int(keep_h.sum()) < keep_h.numel()
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_zero_thresholds_change_nothing_but_exact_zeros():
+    """tau = 0 drops only exact zeros, so the result is the dense FFN (metamorphic)."""
+    from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
+    gen = torch.Generator().manual_seed(5)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 2, 16, 24, 8, True, torch.float64)
+    dense = torch.nn.functional.linear(
+        torch.nn.functional.silu(torch.nn.functional.linear(x, wg, bg)) * torch.nn.functional.linear(x, wu, bu),
+        wd, bd)
+    got = threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act="silu", tau_input=0.0, tau_down=0.0)
+    torch.testing.assert_close(got, dense, atol=1e-12, rtol=1e-12)
+
+
+def test_many_tokens_and_float64_run_the_reference():
+    pytest.importorskip("triton")
+    from sparsecc.codegen.threshold_ffn import threshold_ffn, threshold_ffn_ref
+    gen = torch.Generator().manual_seed(6)
+    for m, dtype in ((MAX_DECODE_TOKENS + 1, torch.float32), (2, torch.float64)):
+        x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 16, 24, 8, True, dtype)
+        got = threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.3, 0.02)
+        torch.testing.assert_close(got, threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act="silu", tau_input=0.3,
+                                                          tau_down=0.02))
+
+
+def test_threshold_ffn_rejects_bad_arguments():
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator().manual_seed(8)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 1, 16, 24, 8, True, torch.float32)
+    with pytest.raises(ValueError, match="act='swish' is not allowed"):
+        threshold_ffn(x, wg, bg, wu, bu, wd, bd, "swish", 0.1, 0.1)
+    with pytest.raises(ValueError, match="w_up must have shape"):
+        threshold_ffn(x, wg, bg, wu[:5], bu, wd, bd, "silu", 0.1, 0.1)
+    with pytest.raises(ValueError, match="w_down must have 24 input features"):
+        threshold_ffn(x, wg, bg, wu, bu, wd[:, :5], bd, "silu", 0.1, 0.1)
+    with pytest.raises(ValueError, match="b_up must have shape"):
+        threshold_ffn(x, wg, bg, wu, bu[:3], wd, bd, "silu", 0.1, 0.1)
+
+
+# ------------------------------------------------------------------ GPU
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_threshold_ffn_gpu(dtype, m, sparsity):
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator(device="cuda").manual_seed(m + int(100 * sparsity))
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 4096, 14336, 4096, True, dtype, "cuda")
+    # float32 oracle on the GPU, rounding where the model rounds; thresholds at the sparsity quantiles.
+    tau_input = float(torch.quantile(x.float().abs().flatten(), sparsity))
+    xt = x.float() * (x.float().abs() > as_dtype(tau_input, dtype))
+    gate = (xt @ wg.float().T + bg.float()).to(dtype).float()
+    up = (xt @ wu.float().T + bu.float()).to(dtype).float()
+    h = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype).float()
+    tau_down = float(torch.quantile(h.abs().flatten()[:2 ** 20], sparsity))
+    ref = (h * (h.abs() > as_dtype(tau_down, dtype))) @ wd.float().T + bd.float()
+    out = torch.full((m, 4096), float("nan"), dtype=dtype, device="cuda")
+    y = threshold_ffn(x, wg.t().contiguous().t(), bg, wu.t().contiguous().t(), bu, wd.t().contiguous().t(), bd,
+                      "silu", tau_input, tau_down, out=out)
+    assert bool(torch.isfinite(y).all())
+    assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+    assert counters_at_zero()
