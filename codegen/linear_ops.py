@@ -1,9 +1,9 @@
-"""The FFN and linear ops: ``torch.ops.sparsecc.{threshold_linear, gate_sparse_ffn,
+"""The FFN and linear ops: ``torch.ops.sparsecc.{threshold_linear, threshold_ffn, gate_sparse_ffn,
 semi_structured_linear, block_sparse_linear}``.
 
 Each op is one :class:`~sparsecc.codegen.op_record.OpRecord` at the end of this file, with its typed
 arguments (the ``*Args`` dataclasses) and its body (the functions below, which pick the kernel or the
-reference). The activation-sparse decode ops (``threshold_linear``, ``gate_sparse_ffn``) are traced
+reference). The activation-sparse decode ops (``threshold_linear``, ``threshold_ffn``, ``gate_sparse_ffn``) are traced
 into Inductor's graph on CUDA; the weight-sparse linears bind per-weight state on the host on their
 first call and stay opaque ops (see each record's reason).
 """
@@ -17,10 +17,10 @@ import torch
 
 from sparsecc.codegen.op_record import OpRecord, TensorInput, no_kernel_reason, pick
 
-__all__ = ["ThresholdLinearArgs", "GateSparseFfnArgs", "SemiStructuredLinearArgs", "BlockSparseLinearArgs",
-           "THRESHOLD_LINEAR", "GATE_SPARSE_FFN", "SEMI_STRUCTURED_LINEAR", "BLOCK_SPARSE_LINEAR",
-           "LINEAR_RECORDS", "threshold_linear", "gate_sparse_ffn", "semi_structured_linear",
-           "block_sparse_linear"]
+__all__ = ["ThresholdLinearArgs", "ThresholdFfnArgs", "GateSparseFfnArgs", "SemiStructuredLinearArgs",
+           "BlockSparseLinearArgs", "THRESHOLD_LINEAR", "THRESHOLD_FFN", "GATE_SPARSE_FFN", "SEMI_STRUCTURED_LINEAR",
+           "BLOCK_SPARSE_LINEAR", "LINEAR_RECORDS", "threshold_linear", "threshold_ffn", "gate_sparse_ffn",
+           "semi_structured_linear", "block_sparse_linear"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,16 @@ class ThresholdLinearArgs:
     """Arguments of ``threshold_linear``: the threshold ``tau`` and ``impl`` (auto, triton, reference)."""
 
     tau: float
+    impl: str = "auto"
+
+
+@dataclass(frozen=True)
+class ThresholdFfnArgs:
+    """Arguments of ``threshold_ffn``: the activation's name, the thresholds on x and on h, and ``impl``."""
+
+    act: str
+    tau_input: float
+    tau_down: float
     impl: str = "auto"
 
 
@@ -74,6 +84,14 @@ def threshold_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                                "channel_scale (criterion weighted)")
         return threshold_linear_ref(x, weight, bias, tau, channel_scale).contiguous()
     return pick(THRESHOLD_LINEAR, impl, x.device, threshold_linear_ref)(x, weight, bias, tau)
+
+
+def threshold_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor], w_up: torch.Tensor,
+                  b_up: Optional[torch.Tensor], w_down: torch.Tensor, b_down: Optional[torch.Tensor], act: str,
+                  tau_input: float, tau_down: float, impl: str = "auto") -> torch.Tensor:
+    """Gated FFN whose three projections read thresholded inputs (TEAL input mode), as one op."""
+    return pick(THRESHOLD_FFN, impl, x.device, _threshold_ffn_reference)(
+        x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau_input, tau_down)
 
 
 def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor],
@@ -149,6 +167,13 @@ def _threshold_linear_reference(x, weight, bias, tau, impl="reference", channel_
     return threshold_linear_ref(x, weight, bias, tau, channel_scale)
 
 
+def _threshold_ffn_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau_input, tau_down,
+                             impl="reference"):
+    from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
+    return threshold_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau_input=tau_input,
+                             tau_down=tau_down)
+
+
 def _gate_sparse_ffn_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau, impl="reference"):
     from sparsecc.codegen.activation_sparse import gate_sparse_ffn_ref
     return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
@@ -170,6 +195,10 @@ def _threshold_linear_opaque(args: ThresholdLinearArgs, device: torch.device, sy
     return no_kernel_reason(THRESHOLD_LINEAR, args.impl, device)
 
 
+def _threshold_ffn_opaque(args: ThresholdFfnArgs, device: torch.device, symbolic: bool) -> Optional[str]:
+    return no_kernel_reason(THRESHOLD_FFN, args.impl, device)
+
+
 def _gate_sparse_ffn_opaque(args: GateSparseFfnArgs, device: torch.device, symbolic: bool) -> Optional[str]:
     return no_kernel_reason(GATE_SPARSE_FFN, args.impl, device)
 
@@ -183,6 +212,16 @@ THRESHOLD_LINEAR = OpRecord(
     kernel="sparsecc.codegen.activation_sparse:threshold_linear",
     opaque_reason=_threshold_linear_opaque,
     doc="F.linear(x * (|x| > tau), weight, bias): input activation sparsity (TEAL).")
+
+THRESHOLD_FFN = OpRecord(
+    name="threshold_ffn",
+    tensors=(TensorInput("x"), TensorInput("w_gate"), TensorInput("b_gate", optional=True), TensorInput("w_up"),
+             TensorInput("b_up", optional=True), TensorInput("w_down"), TensorInput("b_down", optional=True)),
+    args=ThresholdFfnArgs,
+    body=threshold_ffn, reference=_threshold_ffn_reference, fake=_ffn_fake,
+    kernel="sparsecc.codegen.threshold_ffn:threshold_ffn",
+    opaque_reason=_threshold_ffn_opaque,
+    doc="act(x~ Wg^T + bg) * (x~ Wu^T + bu), thresholded again, times Wd^T + bd: a gated FFN in TEAL input mode.")
 
 GATE_SPARSE_FFN = OpRecord(
     name="gate_sparse_ffn",
@@ -219,4 +258,4 @@ BLOCK_SPARSE_LINEAR = OpRecord(
     always_opaque="keeps a per-weight row order on the host and generates its epilogue function per chain",
     doc="chain(x @ W^T + b) with W stored as kept blocks in BSR order.")
 
-LINEAR_RECORDS = (THRESHOLD_LINEAR, GATE_SPARSE_FFN, SEMI_STRUCTURED_LINEAR, BLOCK_SPARSE_LINEAR)
+LINEAR_RECORDS = (THRESHOLD_LINEAR, THRESHOLD_FFN, GATE_SPARSE_FFN, SEMI_STRUCTURED_LINEAR, BLOCK_SPARSE_LINEAR)

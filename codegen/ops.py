@@ -27,7 +27,7 @@ from sparsecc.codegen.attention_ops import (  # noqa: F401 - the op bodies are p
     ATTENTION_RECORDS, dense_attention, block_sparse_attention, dynamic_block_attention, layout_table,
     mixed_head_attention, mixed_head_attention_by_groups, streaming_attention, streaming_attention_from_mask)
 from sparsecc.codegen.linear_ops import (  # noqa: F401
-    LINEAR_RECORDS, block_sparse_linear, gate_sparse_ffn, semi_structured_linear, threshold_linear)
+    LINEAR_RECORDS, block_sparse_linear, gate_sparse_ffn, semi_structured_linear, threshold_ffn, threshold_linear)
 # The mask position rule lives in its own module; these names are part of this module's interface too.
 from sparsecc.codegen.mask_positions import (  # noqa: F401
     block_sparse_attention_from_mask_ref, mask_4d, mask_is_causal, mask_query_end, mask_query_positions,

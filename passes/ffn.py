@@ -19,8 +19,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from sparsecc.activations import BY_NAME, named_by_probe, probe as activation_probe
-from sparsecc.codegen.linear_ops import (GATE_SPARSE_FFN, THRESHOLD_LINEAR, GateSparseFfnArgs,
-                                         ThresholdLinearArgs)
+from sparsecc.codegen.linear_ops import (GATE_SPARSE_FFN, THRESHOLD_FFN, THRESHOLD_LINEAR, GateSparseFfnArgs,
+                                         ThresholdFfnArgs, ThresholdLinearArgs)
 from sparsecc.codegen.activation_sparse import MAX_DECODE_TOKENS
 from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_ffn
 from sparsecc.forms import ActivationThreshold
@@ -331,15 +331,23 @@ def _weight_node(graph, lin: LinearMatch):
 
 
 def plan_ffn(site: Site, decision: Decision, ctx) -> Plan:
-    """Input mode: one ``threshold_linear`` call per thresholded projection (first, up, down; a projection
-    without a threshold stays dense); gate mode: one ``gate_sparse_ffn`` call."""
+    """Input mode: one ``threshold_ffn`` call where the whole gated FFN runs the decode kernels (see
+    :func:`_threshold_ffn_refusal`), else one ``threshold_linear`` call per thresholded projection (first, up,
+    down; a projection without a threshold stays dense); gate mode: one ``gate_sparse_ffn`` call."""
     m: FfnMatch = site.match
     if decision.form.mode == "input":
-        plan = Plan()
-        roles = [("first", decision.params["tau_input"])]
+        tau_input, tau_down = decision.params["tau_input"], decision.params["tau_down"]
+        refusal = _threshold_ffn_refusal(site, decision, ctx)
+        if refusal is None:
+            args = ThresholdFfnArgs(act=m.act, tau_input=float(tau_input), tau_down=float(tau_down), impl=ctx.kernels)
+            return Plan(calls=[op_call(THRESHOLD_FFN, args, site.device, site.symbolic)],
+                        notes={"fusion": "gate, up, activation and down in one op (two launches)"},
+                        state={"fused": True})
+        plan = Plan(notes={"fusion": f"one op per projection: {refusal}"})
+        roles = [("first", tau_input)]
         if m.up is not None:
-            roles.append(("up", decision.params["tau_input"]))
-        roles.append(("down", decision.params["tau_down"]))
+            roles.append(("up", tau_input))
+        roles.append(("down", tau_down))
         plan.state["roles"] = [role for role, tau in roles if tau is not None]
         for role, tau in roles:
             if tau is not None:
@@ -350,11 +358,43 @@ def plan_ffn(site: Site, decision: Decision, ctx) -> Plan:
     return Plan(calls=[op_call(GATE_SPARSE_FFN, args, site.device, site.symbolic)])
 
 
+def _threshold_ffn_refusal(site: Site, decision: Decision, ctx) -> Optional[str]:
+    """Why an input-mode site does not run as one ``threshold_ffn`` op (None: it does).
+
+    The fused op computes ``act(gate) * up`` itself, so it needs a gated FFN with a recognised activation and
+    separate gate and up weights, and both thresholds; it is planned where its decode kernel runs (otherwise the
+    per-projection ops give the same result, and Inductor compiles the activation between them).
+    """
+    m: FfnMatch = site.match
+    if getattr(decision.form, "criterion", "magnitude") == "weighted":
+        return "criterion weighted runs the reference per projection"
+    if m.up is None:
+        return "a fused gate_up weight" if m.fused_halves is not None else "a plain (ungated) FFN"
+    if m.act is None:
+        return "the activation between the projections is not one sparsecc recognises"
+    if decision.params["tau_input"] is None or decision.params["tau_down"] is None:
+        return "only one of the input and down thresholds is set"
+    if not _runs_decode_kernel(ctx, site, "threshold_ffn"):
+        return "the decode kernels do not run here (reference kernels, no CUDA, or more than " \
+               f"{MAX_DECODE_TOKENS} or symbolic tokens)"
+    return None
+
+
 def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
-    """Input mode: thresholded linears; gate mode: one fused gate-sparse FFN op (as planned)."""
+    """Input mode: one fused threshold_ffn op or thresholded linears; gate mode: one gate-sparse FFN op (as planned)."""
     m: FfnMatch = site.match
     graph = gm.graph
     plan: Plan = decision.plan
+    if decision.form.mode == "input" and plan.state.get("fused"):
+        call = plan.calls[0]
+        with graph.inserting_before(m.down_node):
+            weights = {role: _decode_weight_node(graph, ctx, site, lin, "threshold_ffn")
+                       for role, lin in (("w_gate", m.first), ("w_up", m.up), ("w_down", m.down))}
+            out = call.record.emit(graph, call.args, x=m.x, b_gate=m.first.bias, b_up=m.up.bias,
+                                   b_down=m.down.bias, **weights)
+        out.meta["nn_module_stack"] = m.down_node.meta.get("nn_module_stack", {})
+        m.down_node.replace_all_uses_with(out)
+        return
     if decision.form.mode == "input":
         projections = {"first": (m.first_node, m.first), "up": (m.up_node, m.up), "down": (m.down_node, m.down)}
         weighted = getattr(decision.form, "criterion", "magnitude") == "weighted"

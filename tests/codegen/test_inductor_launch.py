@@ -124,7 +124,7 @@ def test_a_record_call_equals_the_positional_op_call():
 _FAKE_CUDA_SCRIPT = r"""
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from sparsecc.codegen import activation_sparse, block_attention, decode_attention, gate_sparse_ffn
+from sparsecc.codegen import activation_sparse, block_attention, decode_attention, gate_sparse_ffn, threshold_ffn
 
 decode_attention._num_sms = lambda device: 132   # no CUDA device to ask
 cuda, f16 = torch.device("cuda"), torch.float16
@@ -147,6 +147,10 @@ with FakeTensorMode():
         block_attention.streaming_attention(qd, kl, kl, sink=[4], window=[512], scale=0.1, causal=True).shape,   # splits
         activation_sparse.threshold_linear(x, w_km, None, 0.5).shape,
         gate_sparse_ffn.gate_sparse_ffn(x, wg, None, wg, None, wd_km, None, "silu", 0.5).shape,
+        activation_sparse.threshold_linear(torch.empty(1, 8192, device=cuda, dtype=f16),
+                                           torch.empty_strided((256, 8192), (1, 256), device=cuda, dtype=f16),
+                                           None, 0.5).shape,   # K splits merged by tickets
+        threshold_ffn.threshold_ffn(x, w_km, None, w_km, None, wd_km, None, "silu", 0.5, 0.1).shape,
     ]
 print([tuple(s) for s in shapes])
 """
@@ -166,7 +170,7 @@ def test_traced_kernel_paths_run_on_fake_cuda_tensors():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str([(2, 8, 64, 64), (2, 8, 64, 64), (2, 8, 1, 64), (2, 8, 1, 64), (2, 8, 1, 64),
-                                                        (1, 512), (1, 256)])
+                                                        (1, 512), (1, 256), (1, 256), (1, 256)])
 
 
 # ---------------------------------------------------------------- GPU: Inductor launches the kernels
@@ -243,4 +247,6 @@ def test_decode_ffn_ops_launch_from_inductors_code(mode):
     assert sites and sites[0].attrs.get("launch") == "inductor", sites
     assert "torch.ops.sparsecc" not in code
     assert ("_threshold_gemv_kernel" if mode == "input" else "_gate_up_kernel") in code
+    if mode == "input":   # one fused op: gate, up and the activation in one kernel, then the down GEMV
+        assert "_threshold_gate_up_kernel" in code and "threshold_ffn" in sites[0].attrs["plan"]
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)

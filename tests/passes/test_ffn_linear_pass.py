@@ -53,8 +53,9 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
     bound copy is refreshed, so the output never goes stale.
     """
     from sparsecc.codegen import activation_sparse, ops
+    from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
 
-    seen = []
+    seen, fused = [], []
 
     def fake_linear(x, weight, bias, tau):
         seen.append(weight.stride())
@@ -64,14 +65,21 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
         seen.append(wd.stride())
         return activation_sparse.gate_sparse_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau=tau)
 
+    def fake_threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down):
+        seen.extend(w.stride() for w in (wg, wu, wd))
+        fused.append(act)
+        return threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau_input=tau_input, tau_down=tau_down)
+
     # The records' kernels become these CPU stand-ins: every reader (the op bodies, the compiler's kernel check)
     # looks the record up by name or through its module's global at call time.
     import dataclasses
     import sys
     from sparsecc.codegen import linear_ops
     monkeypatch.setitem(sys.modules, "sparsecc_test_kernels", type(sys)("sparsecc_test_kernels"))
-    sys.modules["sparsecc_test_kernels"].fake_linear, sys.modules["sparsecc_test_kernels"].fake_ffn = fake_linear, fake_ffn
-    for attr, fn in (("THRESHOLD_LINEAR", "fake_linear"), ("GATE_SPARSE_FFN", "fake_ffn")):
+    stand_ins = sys.modules["sparsecc_test_kernels"]
+    stand_ins.fake_linear, stand_ins.fake_ffn, stand_ins.fake_threshold_ffn = fake_linear, fake_ffn, fake_threshold_ffn
+    for attr, fn in (("THRESHOLD_LINEAR", "fake_linear"), ("GATE_SPARSE_FFN", "fake_ffn"),
+                     ("THRESHOLD_FFN", "fake_threshold_ffn")):
         stand_in = dataclasses.replace(getattr(linear_ops, attr), kernel=f"sparsecc_test_kernels:{fn}",
                                        devices=("cpu",))
         monkeypatch.setattr(linear_ops, attr, stand_in)
@@ -86,8 +94,23 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
         torch.testing.assert_close(compiled(x), zoo.ffn_expected(ffn, x, mode, 0.3).float(), atol=1e-4, rtol=1e-4)
         decode = tokens <= activation_sparse.MAX_DECODE_TOKENS
         assert seen and all((s[0] == 1) == decode for s in seen), seen
+        # input mode at decode sizes runs the whole gated FFN as one threshold_ffn op
+        assert fused == (["silu"] if decode and mode == "input" else []), fused
         ffn.down_proj.weight.mul_(-1.5)
         torch.testing.assert_close(compiled(x), zoo.ffn_expected(ffn, x, mode, 0.3).float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls, why", [(zoo.GatedSiluFFN, "the decode kernels do not run here"),
+                                      (zoo.PlainGeluFFN, "a plain (ungated) FFN"),
+                                      (zoo.FusedGateUpFFN, "a fused gate_up weight")])
+def test_input_mode_report_says_why_projections_run_one_op_each(cls, why):
+    """Where the fused threshold_ffn op is not planned, the report's plan says why (never silently)."""
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "mode": "input", "threshold": 0.3}]}
+    report = sparsecc.explain(cls().eval(), torch.randn(1, 1, 32), spec=spec, kernels="reference")
+    site = [s for s in report.sites if s.kind == "ffn"][0]
+    assert site.applied and f"one op per projection: {why}" in site.attrs["plan"], site.attrs["plan"]
+    assert "threshold_ffn" not in site.attrs["plan"]
 
 
 def test_reused_hidden_is_not_an_ffn():

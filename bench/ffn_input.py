@@ -1,0 +1,211 @@
+"""Decode FFN in input mode (TEAL): the fused two-launch op against the three-op form, TEAL's kernels and dense.
+
+    python bench/ffn_input.py [--tokens 1,2,4,8,16] [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16]
+                              [--teal .carry/teal/sparse_gemv.py] [--sweep] [--json out.json]
+
+Workload: one Llama-3-8B gated FFN, D 4096 -> F 14336 -> D (SiLU, no biases). The input x [M, D] is random
+normal; ``tau_input`` drops the ``sparsity`` share of |x| and ``tau_down`` the same share of |h| (h of the dense
+FFN on those tokens), as calibrated thresholds would on this distribution. Columns, all timed in one run:
+
+* **dense**: ``F.linear`` (cuBLAS) gate, up, ``silu(gate) * up``, down;
+* **three-op**: ``threshold_linear`` on gate, up and down with torch's ``silu * up`` between (what a site
+  compiled before the fused op launched: 5 kernels);
+* **fused**: ``threshold_ffn`` (codegen/threshold_ffn.py: gate + up + act in one launch, the down GEMV and its
+  split merge in a second);
+* **TEAL**: TEAL's published Triton GEMV (``splitk_sparse_gemv`` of ``kernels/sparse_gemv.py``, FasterDecoding/TEAL)
+  on gate, up and down with torch's ``silu * up`` between, as TEAL's gpt-fast FFN calls it (commit 5baaec8); float16 and one token
+  only (the kernel writes float16 and serves batch size 1). Optional: pass the file with ``--teal`` (it is
+  never part of sparsecc: fetch it from the public repository into an ignored folder such as ``.carry/``); the
+  part of the file before its torch.compile wrappers is loaded. Without it the column reads "-".
+
+Every column is checked against a float32 oracle (rel err < 1e-2) before it is timed. Timing: CUDA-graph replay
+over ``COPIES`` weight sets (``bench/linear.py``'s ``bench_graph``; 3 x 35 MB of kept rows at 90% is beyond the
+60 MB L2), median per call. "TB/s" = the weight bytes the sparse form must read (kept gate and up rows, kept down
+rows) / fused time. ``--sweep`` also times launch knobs of both stages at one token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from linear import bench_graph, rel_err  # noqa: E402 - the repo's timing conventions
+
+from sparsecc.codegen.activation_sparse import GemvConfig, default_gemv_config, threshold_linear  # noqa: E402
+from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, threshold_ffn  # noqa: E402
+
+D_MODEL, D_FF = 4096, 14336
+COPIES = 3
+TEAL_MARKER = "from compile_wrapper import BaseKernel"   # where the torch.compile wrappers begin
+
+
+def load_teal(path: Optional[str]):
+    """TEAL's ``splitk_sparse_gemv`` from ``path`` (its kernels/sparse_gemv.py), or None when not given/found."""
+    if not path or not os.path.exists(path):
+        return None
+    source = open(path).read()
+    source = source.split(TEAL_MARKER)[0]   # the kernels only: the wrappers below need TEAL's other files
+    spec = importlib.util.spec_from_loader("teal_sparse_gemv", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = path   # Triton reads a kernel's source through its module's file
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module.splitk_sparse_gemv
+
+
+def quantile_abs(t: torch.Tensor, q: float) -> float:
+    return float(torch.quantile(t.float().abs().flatten()[: 2 ** 24], q))
+
+
+def make_weights(dtype, gen):
+    """COPIES sets of (gate, up, down) as [out, in] views of K-major buffers (as the compiler binds them)."""
+    sets = []
+    for _ in range(COPIES):
+        wg = torch.randn(D_FF, D_MODEL, device="cuda", dtype=dtype, generator=gen) / D_MODEL ** 0.5
+        wu = torch.randn(D_FF, D_MODEL, device="cuda", dtype=dtype, generator=gen) / D_MODEL ** 0.5
+        wd = torch.randn(D_MODEL, D_FF, device="cuda", dtype=dtype, generator=gen) / D_FF ** 0.5
+        sets.append(tuple(w.t().contiguous().t() for w in (wg, wu, wd)))
+    return sets
+
+
+def oracle(x, wg, wu, wd, tau_in, tau_down):
+    """float32 FFN with the model's roundings (linear outputs, activation, product) and explicit keep masks."""
+    dtype = x.dtype
+    xt = x.float() * (x.float().abs() > float(torch.tensor(tau_in, dtype=dtype)))
+    gate = (xt @ wg.float().T).to(dtype).float()
+    up = (xt @ wu.float().T).to(dtype).float()
+    h = (F.silu(gate).to(dtype).float() * up).to(dtype).float()
+    return (h * (h.abs() > float(torch.tensor(tau_down, dtype=dtype)))) @ wd.float().T
+
+
+def row(m: int, sparsity: float, dtype, weights, teal, gen, configs=None) -> dict:
+    x = torch.randn(m, D_MODEL, device="cuda", dtype=dtype, generator=gen)
+    wg, wu, wd = weights[0]
+    tau_in = quantile_abs(x, sparsity)
+    h_dense = F.silu(F.linear(x, wg)) * F.linear(x, wu)
+    tau_down = quantile_abs(h_dense, sparsity)
+    ref = oracle(x, wg, wu, wd, tau_in, tau_down)
+    keep_x = (x.float().abs() > float(torch.tensor(tau_in, dtype=dtype))).any(0).float().mean().item()
+    keep_h = (h_dense.float().abs() > float(torch.tensor(tau_down, dtype=dtype))).any(0).float().mean().item()
+    elem = torch.finfo(dtype).bits // 8
+    kept_bytes = elem * (2 * D_FF * D_MODEL * keep_x + D_MODEL * D_FF * keep_h)
+
+    def dense(w):
+        g, u, d = w
+        return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+
+    def three_op(w):
+        g, u, d = w
+        return threshold_linear(F.silu(threshold_linear(x, g, None, tau_in)) * threshold_linear(x, u, None, tau_in),
+                                d, None, tau_down)
+
+    def fused(w, cfg=None, down=None):
+        g, u, d = w
+        return threshold_ffn(x, g, None, u, None, d, None, "silu", tau_in, tau_down, config=cfg, down_config=down)
+
+    methods = {"dense": dense, "three_op": three_op, "fused": fused}
+    if teal is not None and dtype == torch.float16 and m == 1:
+        bin_ = round(10 * sparsity)   # the autotuning key TEAL gives its sparsity level
+        def teal_ffn(w):
+            g, u, d = w
+            x3 = x.view(1, 1, D_MODEL)
+            hh = F.silu(teal(x3, g, tau_in, bin_)) * teal(x3, u, tau_in, bin_)
+            return teal(hh, d, tau_down, bin_).view(1, D_MODEL)
+        methods["teal"] = teal_ffn
+    out = {"tokens": m, "sparsity": sparsity, "dtype": str(dtype).replace("torch.", ""), "kept_x": keep_x,
+           "kept_h": keep_h, "kept_mb": kept_bytes / 1e6}
+    for name, fn in methods.items():
+        err = rel_err(fn(weights[0]).view(m, D_MODEL), ref)
+        # dense ignores the thresholds: its error is the sparsity's own effect, reported, not checked
+        if name != "dense" and not err < 1e-2:
+            raise SystemExit(f"correctness check failed: {name} M={m} {sparsity:.0%} {dtype}: rel err {err}")
+        out[f"{name}_err"] = err
+        out[f"{name}_ms"] = bench_graph([lambda w=w, fn=fn: fn(w) for w in weights])
+    out["tb_s"] = kept_bytes / (out["fused_ms"] * 1e-3) / 1e12
+    if configs:
+        sweep = []
+        for cfg, down in configs:
+            try:
+                err = rel_err(fused(weights[0], cfg, down), ref)
+                ms = bench_graph([lambda w=w: fused(w, cfg, down) for w in weights]) if err < 1e-2 else float("nan")
+            except Exception as exc:   # a launch shape the compiler refuses: record it, keep sweeping
+                err, ms = float("nan"), float("nan")
+                print(f"  sweep {cfg} / {down}: {type(exc).__name__}: {str(exc)[:80]}")
+            sweep.append({"stage1": str(cfg), "down": str(down), "ms": ms, "err": err})
+        out["sweep"] = sorted(sweep, key=lambda r: (r["ms"] != r["ms"], r["ms"]))
+    return out
+
+
+def sweep_configs(m: int):
+    """Launch knobs to time at one token: stage 1 shapes with the default down stage, then down shapes."""
+    down0 = default_gemv_config(m, D_FF)
+    stage1 = [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=4096, num_warps=w, STAGES=s)
+              for bn in (32, 64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+              if bn * bk <= 8192]
+    down = [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w)
+            for bn in (32, 64, 128) for bk in (64, 128) for r in (1024, 2048, 4096) for w in (4, 8) if bn * bk <= 8192]
+    return [(c, down0) for c in stage1] + [(default_threshold_ffn_config(m), d) for d in down]
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="1,2,4,8,16")
+    ap.add_argument("--sparsities", default="0.5,0.7,0.9")
+    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--teal", default=".carry/teal/sparse_gemv.py", help="TEAL's kernels/sparse_gemv.py (optional)")
+    ap.add_argument("--sweep", action="store_true", help="also time launch knobs at one token, 50%% and 90%%")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    teal = load_teal(args.teal)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{__import__('triton').__version__}, {datetime.date.today()}, commit {commit()}, "
+          f"TEAL anchor: {'loaded from ' + args.teal if teal else 'not given'}", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        weights = make_weights(dtype, gen)
+        for m in (int(t) for t in args.tokens.split(",")):
+            for s in (float(v) for v in args.sparsities.split(",")):
+                configs = sweep_configs(m) if args.sweep and m == 1 and s in (0.5, 0.9) and \
+                    dtype == torch.float16 else None
+                r = row(m, s, dtype, weights, teal, gen, configs)
+                rows.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k != "sweep"}), flush=True)
+                for entry in r.get("sweep", [])[:8]:
+                    print("   sweep", json.dumps(entry), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
+                       "date": str(datetime.date.today()), "rows": rows}, fh, indent=1)
+    print("\n| dtype | M | sparsity | dense us | three-op us | fused us | TEAL us | fused x dense | three-op x dense "
+          "| TEAL x dense | fused TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        teal_ms = r.get("teal_ms")
+        print(f"| {r['dtype']} | {r['tokens']} | {r['sparsity']:.0%} | {1e3 * r['dense_ms']:.1f} | "
+              f"{1e3 * r['three_op_ms']:.1f} | {1e3 * r['fused_ms']:.1f} | "
+              f"{'%.1f' % (1e3 * teal_ms) if teal_ms else '-'} | **{r['dense_ms'] / r['fused_ms']:.2f}** | "
+              f"{r['dense_ms'] / r['three_op_ms']:.2f} | {'%.2f' % (r['dense_ms'] / teal_ms) if teal_ms else '-'} | "
+              f"{r['tb_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
