@@ -18,7 +18,8 @@ FFN on those tokens), as calibrated thresholds would on this distribution. Colum
   never part of sparsecc: fetch it from the public repository into an ignored folder such as ``.carry/``); the
   part of the file before its torch.compile wrappers is loaded. Without it the column reads "-".
 
-Every column is checked against a float32 oracle (rel err < 1e-2) before it is timed. Timing: CUDA-graph replay
+Every column is checked against a float32 oracle before it is timed (rel err < 1e-2; TEAL's < 0.1, since its
+kernel sums K-split partials into the float16 output with atomics; each error is recorded). Timing: CUDA-graph replay
 over ``COPIES`` weight sets (``bench/linear.py``'s ``bench_graph``; 3 x 35 MB of kept rows at 90% is beyond the
 60 MB L2), median per call. "TB/s" = the weight bytes the sparse form must read (kept gate and up rows, kept down
 rows) / fused time. ``--sweep`` also times launch knobs of both stages at one token.
@@ -46,6 +47,7 @@ from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, thresho
 
 D_MODEL, D_FF = 4096, 14336
 COPIES = 3
+TEAL_TOLERANCE = 0.1   # rel err: float16 atomics accumulate its partial sums (measured 0.036 at 50%)
 TEAL_MARKER = "from compile_wrapper import BaseKernel"   # where the torch.compile wrappers begin
 
 
@@ -125,8 +127,9 @@ def row(m: int, sparsity: float, dtype, weights, teal, gen, configs=None) -> dic
            "kept_h": keep_h, "kept_mb": kept_bytes / 1e6}
     for name, fn in methods.items():
         err = rel_err(fn(weights[0]).view(m, D_MODEL), ref)
-        # dense ignores the thresholds: its error is the sparsity's own effect, reported, not checked
-        if name != "dense" and not err < 1e-2:
+        # dense ignores the thresholds: its error is the sparsity's own effect, reported, not checked. TEAL's
+        # kernel adds its K-split partials into a float16 output with atomics, so its error is larger by design.
+        if name != "dense" and not err < (TEAL_TOLERANCE if name == "teal" else 1e-2):
             raise SystemExit(f"correctness check failed: {name} M={m} {sparsity:.0%} {dtype}: rel err {err}")
         out[f"{name}_err"] = err
         out[f"{name}_ms"] = bench_graph([lambda w=w, fn=fn: fn(w) for w in weights])
