@@ -15,14 +15,17 @@ exactly what the three thresholded projections of the model compute one after th
 Notation: x [M, D] with M <= MAX_DECODE_TOKENS, Wgᵀ / Wuᵀ [D, F] K-major (row d of Wgᵀ is input
 channel d's contiguous weight row), h [M, F].
 
-Stage 1 (``_threshold_gate_up_kernel``): program f owns BLOCK_N neurons. It walks D in chunks of
-ROWS_PER_CHUNK channels; for each chunk it ranks the channels some token keeps (``tl.cumsum``,
-``activation_sparse._list_survivors``) into its scratch slot and loops over that list BLOCK_K rows
-at a time, loading the gate *and* the up rows of each surviving channel in the same trip (two
-independent loads in flight per trip). Dropped channels cost no weight bytes and no loop trips.
-At the end it has the full gate and up sums of its neurons, so it adds the biases, applies the
-activation, multiplies and stores h in x's dtype, rounding where the reference rounds (linear
-outputs, activation output, product): the down stage then drops exactly the h the reference drops.
+Stage 1 (``_threshold_gate_up_kernel``): program (f tile, D split) owns BLOCK_N neurons and
+ROWS_PER_SPLIT input channels. It ranks the channels of its split that some token keeps (``tl.cumsum``,
+``activation_sparse._list_survivors``) into its scratch slot and loops over that list BLOCK_K rows at a
+time, loading the gate *and* the up rows of each surviving channel in the same trip (two independent
+loads in flight per trip). Dropped channels cost no weight bytes and no loop trips. With one split the
+program has the whole gate and up sums of its neurons; with several it stores float32 partials and takes
+a ticket from its f tile's counter (``launch.ticket_counters``), and the program that draws the last one
+sums the partials in split order. That program adds the biases, applies the activation, multiplies and
+stores h in x's dtype, rounding where the reference rounds (linear outputs, activation output, product):
+the down stage then drops exactly the h the reference drops. Splitting D lets wide f tiles (long
+contiguous row segments, which the memory serves better than many short ones) still fill the GPU.
 Stage 2 (``activation_sparse.threshold_linear`` on h with ``tau_down``): the compacted split-K
 GEMV over the surviving rows of Wdᵀ, merged in the same launch by the last split (ticket counters).
 
@@ -45,7 +48,7 @@ from sparsecc.codegen import gate_sparse_ffn as _gate
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig, k_major,
                                                 threshold_linear)
 from sparsecc.codegen.epilogue import bind_triton
-from sparsecc.codegen.launch import launcher, round_to_dtype
+from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
 
 __all__ = ["threshold_ffn", "threshold_ffn_ref", "default_threshold_ffn_config", "DEFAULT_THRESHOLD_FFN_CONFIG",
            "DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS", "KERNEL_DTYPES"]
@@ -72,12 +75,9 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 
 # ============================================================== Triton kernel
 
-# Stage 1's launch knobs are a GemvConfig: BLOCK_N neurons per program, BLOCK_K survivors per trip, and
-# ROWS_PER_SPLIT channels of D listed per chunk (each program walks all of D, chunk after chunk: the activation
-# needs the whole sum); PER_TOKEN and COMPACT are not used. One token: 64-wide N tiles (224 programs at
-# F = 14336), D listed in one chunk up to 4096 channels, and 64 survivors per trip, half the GEMV's 128, because a
-# trip holds two weight tiles and two accumulators; 2-16 tokens: the tl.dot union over 2048-channel chunks.
-DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=4096, num_warps=4)
+# Stage 1's launch knobs are a GemvConfig: BLOCK_N neurons per program, BLOCK_K survivors per trip, ROWS_PER_SPLIT
+# channels of D per split; PER_TOKEN and COMPACT are not used. Placeholders until bench/ffn_input.py --sweep.
+DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
 DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
 
 _rounded = _gate._rounded
@@ -85,65 +85,84 @@ _list_survivors = _gemv._list_survivors
 _activation = None
 
 
-def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, M, F, D, tau,
-                              stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
+def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr,
+                              M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
-                              ROWS_PER_CHUNK: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
+                              ROWS_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
                               HAS_BU: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
                               DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
     """h[:, f-tile] = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu) over the channels some token keeps (see the notes above)."""
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     offs_f = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     f_mask = offs_f < F
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    slot = scratch_ptr + pid.to(tl.int64) * ROWS_PER_CHUNK
+    out_mask = m_mask[:, None] & f_mask[None, :]
+    slot = scratch_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * ROWS_PER_SPLIT
+    count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, split * ROWS_PER_SPLIT, tau, slot, BLOCK_M,
+                            ROWS_PER_SPLIT)
     if BLOCK_M == 1:
         accg2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         accu2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
         accg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         accu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, ROWS_PER_CHUNK):
-        count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, d0, tau, slot, BLOCK_M, ROWS_PER_CHUNK)
-        for c in range(0, count, BLOCK_K):
-            offs_j = c + tl.arange(0, BLOCK_K)
-            live = offs_j < count
-            kk = tl.load(slot + offs_j, mask=live, other=0)
-            w_mask = live[:, None] & f_mask[None, :]
-            wg = tl.load(wg_ptr + kk[:, None].to(tl.int64) * stride_gd + offs_f[None, :] * stride_gf, mask=w_mask,
-                         other=0.0)
-            wu = tl.load(wu_ptr + kk[:, None].to(tl.int64) * stride_ud + offs_f[None, :] * stride_uf, mask=w_mask,
-                         other=0.0)
-            if BLOCK_M == 1:
-                xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
-                accg2 += xk[:, None] * wg.to(tl.float32)
-                accu2 += xk[:, None] * wu.to(tl.float32)
+    for c in range(0, count, BLOCK_K):
+        offs_j = c + tl.arange(0, BLOCK_K)
+        live = offs_j < count
+        kk = tl.load(slot + offs_j, mask=live, other=0)
+        w_mask = live[:, None] & f_mask[None, :]
+        wg = tl.load(wg_ptr + kk[:, None].to(tl.int64) * stride_gd + offs_f[None, :] * stride_gf, mask=w_mask,
+                     other=0.0)
+        wu = tl.load(wu_ptr + kk[:, None].to(tl.int64) * stride_ud + offs_f[None, :] * stride_uf, mask=w_mask,
+                     other=0.0)
+        if BLOCK_M == 1:
+            xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
+            accg2 += xk[:, None] * wg.to(tl.float32)
+            accu2 += xk[:, None] * wu.to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
+                         mask=m_mask[:, None] & live[None, :], other=0.0)
+            xs = tl.where(tl.abs(xv.to(tl.float32)) > tau, xv, tl.zeros_like(xv))
+            if DOT_IN_FP32:  # fp32 inputs, or the CPU interpreter (its bf16 dot multiplies raw bits)
+                accg = tl.dot(xs.to(tl.float32), wg.to(tl.float32), accg, input_precision="ieee")
+                accu = tl.dot(xs.to(tl.float32), wu.to(tl.float32), accu, input_precision="ieee")
             else:
-                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
-                             mask=m_mask[:, None] & live[None, :], other=0.0)
-                xs = tl.where(tl.abs(xv.to(tl.float32)) > tau, xv, tl.zeros_like(xv))
-                if DOT_IN_FP32:  # fp32 inputs, or the CPU interpreter (its bf16 dot multiplies raw bits)
-                    accg = tl.dot(xs.to(tl.float32), wg.to(tl.float32), accg, input_precision="ieee")
-                    accu = tl.dot(xs.to(tl.float32), wu.to(tl.float32), accu, input_precision="ieee")
-                else:
-                    accg = tl.dot(xs, wg, accg)
-                    accu = tl.dot(xs, wu, accu)
-        tl.debug_barrier()   # the next chunk's listing overwrites the slot this one's loop read
+                accg = tl.dot(xs, wg, accg)
+                accu = tl.dot(xs, wu, accu)
     if BLOCK_M == 1:
         accg = tl.reshape(tl.sum(accg2, axis=0), (1, BLOCK_N))
         accu = tl.reshape(tl.sum(accu2, axis=0), (1, BLOCK_N))
-    if HAS_BG:
-        accg += tl.load(bg_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BU:
-        accu += tl.load(bu_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
-    # Round where the reference rounds: both linear outputs, the activation, the product.
-    a = _rounded(_activation(_rounded(accg, h_ptr, ROUND_BY_BITS), ACTIVATION), h_ptr, ROUND_BY_BITS)
-    h = a * _rounded(accu, h_ptr, ROUND_BY_BITS)
-    tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & f_mask[None, :])
+    last = True
+    if SPLIT:
+        # Partials [split, gate|up, M, F]; the program that draws the last ticket of this N tile finishes it.
+        part = partial_ptr + ((split * 2) * M + offs_m[:, None]) * F + offs_f[None, :]
+        tl.store(part, accg, mask=out_mask)
+        tl.store(part + M * F, accu, mask=out_mask)
+        tl.debug_barrier()   # every thread's partial stores happen before the ticket (release)
+        ticket = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        last = ticket == n_splits - 1
+        if last:
+            accg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            accu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(n_splits):   # split order: the sums do not depend on which program came last
+                part = partial_ptr + ((s * 2) * M + offs_m[:, None]) * F + offs_f[None, :]
+                accg += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
+                accu += tl.load(part + M * F, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(counters_ptr + pid, 0)   # every split has drawn its ticket: ready for the next call
+    if last:
+        if HAS_BG:
+            accg += tl.load(bg_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BU:
+            accu += tl.load(bu_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+        # Round where the reference rounds: both linear outputs, the activation, the product.
+        a = _rounded(_activation(_rounded(accg, h_ptr, ROUND_BY_BITS), ACTIVATION), h_ptr, ROUND_BY_BITS)
+        h = a * _rounded(accu, h_ptr, ROUND_BY_BITS)
+        tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
 _KERNELS = ("_rounded", "_list_survivors", "_threshold_gate_up_kernel")
@@ -207,16 +226,19 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     dtype = x.dtype
     wgt, wut = k_major(w_gate.to(dtype)).t(), k_major(w_up.to(dtype)).t()   # [D, F] views
     h = torch.empty(m, f, dtype=dtype, device=x.device)
-    n_programs = triton.cdiv(f, cfg.BLOCK_N)  # noqa: F821 - bound by bind_triton
-    chunk = min(cfg.ROWS_PER_SPLIT, triton.next_power_of_2(d))  # noqa: F821
-    scratch = torch.empty(n_programs * chunk, dtype=torch.int32, device=x.device)
+    rows = min(cfg.ROWS_PER_SPLIT, triton.next_power_of_2(d))  # noqa: F821 - bound by bind_triton
+    grid = (triton.cdiv(f, cfg.BLOCK_N), triton.cdiv(d, rows))  # noqa: F821
+    scratch = torch.empty(grid[0] * grid[1] * rows, dtype=torch.int32, device=x.device)
+    split = grid[1] > 1
+    partial = torch.empty(grid[1], 2, m, f, dtype=torch.float32, device=x.device) if split else h
+    counters = ticket_counters(grid[0], x2) if split else h   # one per N tile
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
-    launcher(_threshold_gate_up_kernel, x2)[(n_programs,)](  # noqa: F821
+    launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
         x2, wgt, b_gate.contiguous() if b_gate is not None else h, wut, b_up.contiguous() if b_up is not None else h,
-        h, scratch, m, f, d, round_to_dtype(tau_input, dtype), x2.stride(0), x2.stride(1),
+        h, scratch, partial, counters, m, f, d, round_to_dtype(tau_input, dtype), x2.stride(0), x2.stride(1),
         wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
-        BLOCK_M=1 if m == 1 else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_CHUNK=chunk,
-        HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACTIVATION=act,
+        BLOCK_M=1 if m == 1 else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows,
+        SPLIT=split, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACTIVATION=act,
         DOT_IN_FP32=interpreting or dtype == torch.float32, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.STAGES)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_config, out=out)
