@@ -23,7 +23,7 @@ recorded, not checked: its kernel adds K-split partials into the float16 output 
 the first run, growing with sparsity). Timing: CUDA-graph replay
 over ``COPIES`` weight sets (``bench/linear.py``'s ``bench_graph``; 3 x 35 MB of kept rows at 90% is beyond the
 60 MB L2), median per call. "TB/s" = the weight bytes the sparse form must read (kept gate and up rows, kept down
-rows) / fused time. ``--sweep`` also times launch knobs of both stages at one token.
+rows) / fused time. ``--sweep`` also times launch knobs of both stages at the ``SWEPT`` rows.
 """
 
 from __future__ import annotations
@@ -154,14 +154,21 @@ def row(m: int, sparsity: float, dtype, weights, teal, gen, configs=None) -> dic
 
 
 def sweep_configs():
-    """Launch knobs to time at one token: stage 1 shapes (with the default down stage), then down shapes (with
-    the best stage 1)."""
+    """Launch knobs to time: stage 1 shapes (with the default down stage), then down shapes (with the best stage
+    1); compacted and predicated."""
     shapes = [(bn, bk) for bn in (64, 128, 256) for bk in (32, 64, 128) if bn * bk <= 16384]
     stage1 = [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w)
               for bn, bk in shapes for r in (1024, 2048, 4096) for w in (4, 8)]
+    stage1 += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=4, COMPACT=False)
+               for bn, bk in shapes for r in (2048, 4096)]
     down = [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w)
             for bn, bk in shapes for r in (1024, 2048) for w in (4, 8)]
+    down += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=2048, num_warps=w, COMPACT=False)
+             for bn, bk in shapes for w in (4, 8)]
     return stage1, down
+
+
+SWEPT = ((1, 0.5), (1, 0.9), (4, 0.7))   # (tokens, sparsity) rows --sweep times launch knobs at, in float16
 
 
 def commit() -> str:
@@ -178,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--dtypes", default="float16,bfloat16")
     ap.add_argument("--teal", default=".carry/teal/sparse_gemv.py", help="TEAL's kernels/sparse_gemv.py (optional)")
-    ap.add_argument("--sweep", action="store_true", help="also time launch knobs at one token, 50%% and 90%%")
+    ap.add_argument("--sweep", action="store_true", help="also time launch knobs at the SWEPT rows")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     teal = load_teal(args.teal)
@@ -191,8 +198,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         weights = make_weights(dtype, gen)
         for m in (int(t) for t in args.tokens.split(",")):
             for s in (float(v) for v in args.sparsities.split(",")):
-                configs = sweep_configs() if args.sweep and m == 1 and s in (0.5, 0.9) and \
-                    dtype == torch.float16 else None
+                configs = sweep_configs() if args.sweep and (m, s) in SWEPT and dtype == torch.float16 else None
                 r = row(m, s, dtype, weights, teal, gen, configs)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "sweep"}), flush=True)

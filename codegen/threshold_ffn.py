@@ -76,7 +76,8 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 # ============================================================== Triton kernel
 
 # Stage 1's launch knobs are a GemvConfig: BLOCK_N neurons per program, BLOCK_K survivors per trip, ROWS_PER_SPLIT
-# channels of D per split; PER_TOKEN and COMPACT are not used. Placeholders until bench/ffn_input.py --sweep.
+# channels of D per split, COMPACT (list the split's survivors and loop over them) or predicated (visit every
+# BLOCK_K chunk, loading only the rows some token keeps: addresses do not wait on a list); PER_TOKEN is not used.
 DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
 DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
 
@@ -88,7 +89,8 @@ _activation = None
 def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr,
                               M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
-                              ROWS_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
+                              ROWS_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr,  # noqa: F821
+                              COMPACT: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
                               HAS_BU: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
                               DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
     """h[:, f-tile] = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu) over the channels some token keeps (see the notes above)."""
@@ -102,32 +104,48 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     out_mask = m_mask[:, None] & f_mask[None, :]
-    slot = scratch_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * ROWS_PER_SPLIT
-    count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, split * ROWS_PER_SPLIT, tau, slot, BLOCK_M,
-                            ROWS_PER_SPLIT)
+    k0 = split * ROWS_PER_SPLIT
     if BLOCK_M == 1:
         accg2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         accu2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
         accg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         accu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in range(0, count, BLOCK_K):
-        offs_j = c + tl.arange(0, BLOCK_K)
-        live = offs_j < count
-        kk = tl.load(slot + offs_j, mask=live, other=0)
+    if COMPACT:
+        slot = scratch_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * ROWS_PER_SPLIT
+        count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, k0, tau, slot, BLOCK_M, ROWS_PER_SPLIT)
+        trips = tl.cdiv(count, BLOCK_K)
+    else:
+        trips = (ROWS_PER_SPLIT + BLOCK_K - 1) // BLOCK_K   # a split narrower than BLOCK_K still takes one trip
+    for t in range(0, trips):
+        offs_j = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        if COMPACT:   # the t-th BLOCK_K survivors of the list
+            live = offs_j < count
+            kk = tl.load(slot + offs_j, mask=live, other=0)
+        else:         # the t-th BLOCK_K channels of the split; rows no token keeps are not loaded
+            kk = k0 + offs_j
+            live = (offs_j < ROWS_PER_SPLIT) & (kk < D)
+        if BLOCK_M == 1:
+            xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
+            if not COMPACT:
+                live = live & (tl.abs(xk) > tau)
+                xk = tl.where(live, xk, 0.0)
+        else:
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
+                         mask=m_mask[:, None] & live[None, :], other=0.0)
+            keep = tl.abs(xv.to(tl.float32)) > tau
+            xs = tl.where(keep, xv, tl.zeros_like(xv))
+            if not COMPACT:
+                live = live & (tl.max(keep.to(tl.int32), axis=0) > 0)
         w_mask = live[:, None] & f_mask[None, :]
         wg = tl.load(wg_ptr + kk[:, None].to(tl.int64) * stride_gd + offs_f[None, :] * stride_gf, mask=w_mask,
                      other=0.0)
         wu = tl.load(wu_ptr + kk[:, None].to(tl.int64) * stride_ud + offs_f[None, :] * stride_uf, mask=w_mask,
                      other=0.0)
         if BLOCK_M == 1:
-            xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
             accg2 += xk[:, None] * wg.to(tl.float32)
             accu2 += xk[:, None] * wu.to(tl.float32)
         else:
-            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
-                         mask=m_mask[:, None] & live[None, :], other=0.0)
-            xs = tl.where(tl.abs(xv.to(tl.float32)) > tau, xv, tl.zeros_like(xv))
             if DOT_IN_FP32:  # fp32 inputs, or the CPU interpreter (its bf16 dot multiplies raw bits)
                 accg = tl.dot(xs.to(tl.float32), wg.to(tl.float32), accg, input_precision="ieee")
                 accu = tl.dot(xs.to(tl.float32), wu.to(tl.float32), accu, input_precision="ieee")
@@ -228,7 +246,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     h = torch.empty(m, f, dtype=dtype, device=x.device)
     rows = min(cfg.ROWS_PER_SPLIT, triton.next_power_of_2(d))  # noqa: F821 - bound by bind_triton
     grid = (triton.cdiv(f, cfg.BLOCK_N), triton.cdiv(d, rows))  # noqa: F821
-    scratch = torch.empty(grid[0] * grid[1] * rows, dtype=torch.int32, device=x.device)
+    scratch = torch.empty(grid[0] * grid[1] * rows if cfg.COMPACT else 1, dtype=torch.int32, device=x.device)
     split = grid[1] > 1
     partial = torch.empty(grid[1], 2, m, f, dtype=torch.float32, device=x.device) if split else h
     counters = ticket_counters(grid[0], x2) if split else h   # one per N tile
@@ -238,7 +256,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
         h, scratch, partial, counters, m, f, d, round_to_dtype(tau_input, dtype), x2.stride(0), x2.stride(1),
         wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
         BLOCK_M=1 if m == 1 else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows,
-        SPLIT=split, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACTIVATION=act,
+        SPLIT=split, COMPACT=cfg.COMPACT, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACTIVATION=act,
         DOT_IN_FP32=interpreting or dtype == torch.float32, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.STAGES)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_config, out=out)

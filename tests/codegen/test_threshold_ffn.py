@@ -83,10 +83,11 @@ def make_ffn(gen, m, d, f, d_out, biases, dtype, device="cpu"):
     return x, wg, bg, wu, bu, wd, bd
 
 
-def small_configs():
-    """Small launch knobs, so tiny shapes span several programs, listing chunks and down splits."""
-    return (GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4),
-            GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4))
+def small_configs(compact=True):
+    """Small launch knobs, so tiny shapes span several programs, splits of D and down splits; ``compact``: both
+    stages list survivors first (else they visit every chunk, predicated)."""
+    return (GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact),
+            GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact))
 
 
 def assert_close_scaled(out, ref, dtype):
@@ -107,9 +108,10 @@ def counters_at_zero():
 @FEW
 @given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40),
        biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)), dtype=st.sampled_from(KERNEL_DTYPES),
-       sparsity_in=st.floats(0.0, 0.95), sparsity_h=st.floats(0.0, 0.95), seed=st.integers(0, 10 ** 6))
+       sparsity_in=st.floats(0.0, 0.95), sparsity_h=st.floats(0.0, 0.95), compact=st.booleans(),
+       seed=st.integers(0, 10 ** 6))
 def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, dtype, sparsity_in, sparsity_h,
-                                     seed):
+                                     compact, seed):
     from sparsecc.codegen.threshold_ffn import threshold_ffn
     gen = torch.Generator().manual_seed(seed)
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, biases, dtype)
@@ -119,15 +121,16 @@ def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, d
     tau_down = tau_in_gap(h.abs(), sparsity_h, dtype)
     assume(tau_down is not None)
     ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
-    cfg, down = small_configs()
+    cfg, down = small_configs(compact)
     out = torch.full((m, d_out), float("nan"), dtype=dtype)
     y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down, out=out)
     assert_close_scaled(y, ref, dtype)
     assert counters_at_zero()
 
 
+@pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("m", [1, 3])
-def test_interp_reads_only_surviving_rows(interpreter, m):
+def test_interp_reads_only_surviving_rows(interpreter, m, compact):
     """Weight rows of input channels no token keeps, and down columns of neurons no token keeps, are NaN.
 
     Any such row or column that were read would turn the output NaN. The form is applied: both masks drop
@@ -150,7 +153,7 @@ def test_interp_reads_only_surviving_rows(interpreter, m):
     wg_bad[:, dead_in] = float("nan")
     wu_bad[:, dead_in] = float("nan")
     wd_bad[:, dead_h] = float("nan")
-    cfg, down = small_configs()
+    cfg, down = small_configs(compact)
     y = threshold_ffn(x, wg_bad, bg, wu_bad, bu, wd_bad, bd, "silu", tau_input, tau_down, config=cfg,
                       down_config=down)
     assert_close_scaled(y, ref, torch.bfloat16)
