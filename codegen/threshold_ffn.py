@@ -78,7 +78,11 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 # Stage 1's launch knobs are a GemvConfig: BLOCK_N neurons per program, BLOCK_K survivors per trip, ROWS_PER_SPLIT
 # channels of D per split, COMPACT (list the split's survivors and loop over them) or predicated (visit every
 # BLOCK_K chunk, loading only the rows some token keeps: addresses do not wait on a list); PER_TOKEN is not used.
+# One token, from bench/ffn_input.py --sweep on the H200 (64 compacted and predicated stage-1 shapes, 48 down
+# shapes at 50% and 90%): 64-wide N tiles, 128 survivors per trip, D unsplit up to 4096, 4 warps, compacted; the
+# spread over all shapes was about 5%, predicated never won.
 DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
+# 2-16 tokens: the tl.dot union; not swept (the compiler plans the per-projection GEMVs there, see passes/ffn.py).
 DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
 
 _rounded = _gate._rounded

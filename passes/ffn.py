@@ -32,6 +32,9 @@ from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
 
 _MAX_ACT_NODES = 16  # activations are short chains; longer ones are not an activation
+# The fused input-mode op is planned up to this many tokens: at 4 and 16 tokens the three per-projection GEMVs
+# (their tl.dot union path) measured 3-18% faster than it on the H200 (bench/ffn_input.py, bench/RESULTS.md).
+FUSED_FFN_MAX_TOKENS = 1
 
 
 @dataclass
@@ -377,6 +380,9 @@ def _threshold_ffn_refusal(site: Site, decision: Decision, ctx) -> Optional[str]
     if not _runs_decode_kernel(ctx, site, "threshold_ffn"):
         return "the decode kernels do not run here (reference kernels, no CUDA, or more than " \
                f"{MAX_DECODE_TOKENS} or symbolic tokens)"
+    if site.attrs["tokens"] > FUSED_FFN_MAX_TOKENS:
+        return f"{site.attrs['tokens']} tokens: above {FUSED_FFN_MAX_TOKENS} the per-projection GEMVs measured " \
+               "faster than the fused op (bench/RESULTS.md, bench/ffn_input.py)"
     return None
 
 
