@@ -203,17 +203,10 @@ def _bind() -> None:
 
 
 def _check_shapes(x: Tensor, w_gate: Tensor, b_gate, w_up: Tensor, b_up, w_down: Tensor, b_down) -> None:
-    """Raise ``ValueError`` naming the first argument whose shape does not fit the FFN."""
-    f, d = w_gate.shape
-    if x.shape[-1] != d:
-        raise ValueError(f"x has {x.shape[-1]} features; w_gate [{f}, {d}] expects {d}")
-    if tuple(w_up.shape) != (f, d):
-        raise ValueError(f"w_up must have shape ({f}, {d}) like w_gate, got {tuple(w_up.shape)}")
-    if w_down.shape[1] != f:
-        raise ValueError(f"w_down must have {f} input features (one per neuron), got {tuple(w_down.shape)}")
-    for name, b, n in (("b_gate", b_gate, f), ("b_up", b_up, f), ("b_down", b_down, w_down.shape[0])):
-        if b is not None and tuple(b.shape) != (n,):
-            raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+    """Raise ``ValueError`` naming the first argument whose shape does not fit the gated FFN."""
+    if w_up is None:
+        raise ValueError("w_up is None: threshold_ffn computes a gated FFN (use threshold_linear per projection)")
+    _gate._check_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
 
 
 def default_threshold_ffn_config(tokens: int) -> GemvConfig:

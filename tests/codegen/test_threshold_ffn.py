@@ -9,25 +9,16 @@ GPU (``gpu`` marker): Llama-3-8B shapes into NaN-poisoned outputs against a floa
 
 import pytest
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig
+from tests.codegen.test_ffn_kernels import FEW, KERNEL_DTYPES, assert_close_scaled, pick_tau, randn
 from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
-
-FEW = settings(deadline=None, max_examples=min(settings().max_examples, 15))  # the interpreter is slow
-KERNEL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-ULP = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
 
 
 def test_interpreter_checks():
     """Run this file's interpreter checks in a child process that imports Triton in interpreter mode."""
     run_interpreter_checks(__file__, select="interp")
-
-
-def randn(gen, *shape, dtype, device="cpu", scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64, device=gen.device) * scale).to(device=device,
-                                                                                                   dtype=dtype)
 
 
 def as_dtype(tau, dtype):
@@ -53,25 +44,6 @@ def expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down):
     return y.reshape(*x.shape[:-1], wd.shape[0]), h, keep_x, keep_h
 
 
-def tau_in_gap(values, sparsity, dtype):
-    """A threshold near the ``sparsity`` quantile of ``values`` (>= 0) in the widest gap there, or None.
-
-    The kernel's sums run in float32 and the oracle's in float64, so a rounded h may differ by a unit: tau keeps
-    a margin of a few units from every value.
-    """
-    vals = torch.unique(values.flatten()).sort().values
-    if vals.numel() < 2:
-        return None
-    lo = max(0, int((sparsity - 0.15) * (vals.numel() - 1)))
-    hi = min(vals.numel() - 1, max(lo + 1, int((sparsity + 0.15) * (vals.numel() - 1))))
-    gaps = vals[lo + 1:hi + 1] - vals[lo:hi]
-    i = int(gaps.argmax())
-    left, right = float(vals[lo + i]), float(vals[lo + i + 1])
-    if right - left < 8 * ULP[dtype] * max(right, 1e-3):
-        return None
-    return (left + right) / 2
-
-
 def make_ffn(gen, m, d, f, d_out, biases, dtype, device="cpu"):
     x = randn(gen, m, d, dtype=dtype, device=device)
     wg = randn(gen, f, d, dtype=dtype, device=device, scale=d ** -0.5)
@@ -88,13 +60,6 @@ def small_configs(compact=True):
     stages list survivors first (else they visit every chunk, predicated)."""
     return (GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact),
             GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact))
-
-
-def assert_close_scaled(out, ref, dtype):
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert bool(torch.isfinite(out).all()), "unwritten (poisoned) or non-finite outputs"
-    scale = float(ref.abs().max().clamp(min=1.0))
-    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
 
 
 def counters_at_zero():
@@ -118,7 +83,7 @@ def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, d
     # x is the input itself, compared exactly by kernel and oracle: any quantile is a safe tau.
     tau_input = float(torch.quantile(x.abs().double().flatten(), sparsity_in))
     _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
-    tau_down = tau_in_gap(h.abs(), sparsity_h, dtype)
+    tau_down = pick_tau(h.abs(), sparsity_h, dtype)
     assume(tau_down is not None)
     ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
     cfg, down = small_configs(compact)
@@ -168,7 +133,7 @@ def test_interp_default_configs_and_k_major_weights(interpreter, m):
     km = [w.t().contiguous().t() for w in (wg, wu, wd)]
     tau_input = float(torch.quantile(x.abs().flatten(), 0.5))
     _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "gelu", tau_input, -1.0)
-    tau_down = tau_in_gap(h.abs(), 0.5, torch.float32)
+    tau_down = pick_tau(h.abs(), 0.5, torch.float32)
     y = threshold_ffn(x, km[0], bg, km[1], bu, km[2], bd, "gelu", tau_input, tau_down)
     ref, *_ = expected(x, wg, bg, wu, bu, wd, bd, "gelu", tau_input, tau_down)
     assert_close_scaled(y, ref, torch.float32)
@@ -225,6 +190,8 @@ def test_threshold_ffn_rejects_bad_arguments():
         threshold_ffn(x, wg, bg, wu, bu, wd[:, :5], bd, "silu", 0.1, 0.1)
     with pytest.raises(ValueError, match="b_up must have shape"):
         threshold_ffn(x, wg, bg, wu, bu[:3], wd, bd, "silu", 0.1, 0.1)
+    with pytest.raises(ValueError, match="w_up is None"):
+        threshold_ffn(x, wg, bg, None, None, wd, bd, "silu", 0.1, 0.1)
 
 
 # ------------------------------------------------------------------ GPU
