@@ -436,7 +436,8 @@ class KLTuning:
     """The KL judge's result: ``choices`` (what :func:`sparsecc.tune.attention_rules` consumes) and its evidence.
 
     ``used`` is ``"allocation"`` or ``"uniform"`` (the uniform rule measured no worse); ``allocation_kl`` and
-    ``uniform_kl`` are the measured mean KL per scored position with every chosen form applied at once;
+    ``uniform_kl`` are the measured mean KL per scored position with every chosen form applied at once
+    (``uniform_kl`` NaN when no uniform window fits the allocation's density);
     ``density`` the mean block density over heads of what was returned.
     """
 
@@ -486,8 +487,11 @@ def decide(table: KLTable, budget: float, ctx: int, num_layers: int, heads: int,
     uniform_density = streaming_block_density(Streaming(sink, window), ctx, block)
     t0 = time.time()
     allocation_kl = measure(forms_by_layer)
-    uniform_kl = measure(uniform)
-    used = "allocation" if allocation_kl < uniform_kl else "uniform"
+    if uniform_density <= allocation_density + 1e-12:
+        uniform_kl = measure(uniform)
+    else:   # even the narrowest window keeps more blocks than the allocation: no uniform rule to compare with
+        uniform_kl = float("nan")
+    used = "uniform" if uniform_kl <= allocation_kl else "allocation"
     chosen = forms_by_layer if used == "allocation" else uniform
     return KLTuning(_choices(chosen, num_layers, heads, ctx, block, site), used, forms_by_layer, allocation_kl,
                     allocation_density, window, uniform_kl, uniform_density, table,
@@ -496,13 +500,16 @@ def decide(table: KLTable, budget: float, ctx: int, num_layers: int, heads: int,
 
 def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candidates: Optional[Sequence] = None,
                grouping: str = "layer", topk: Optional[int] = DEFAULT_TOPK, score_from: int = 1,
-               block: int = DENSITY_BLOCK, resume: Optional[Path] = None, progress: bool = True) -> KLTuning:
+               block: int = DENSITY_BLOCK, uniform_sink: int = UNIFORM_SINK, resume: Optional[Path] = None,
+               progress: bool = True) -> KLTuning:
     """Per-layer (``grouping="layer"``) or per-KV-head-group (``"kv"``) attention forms judged by next-token KL.
 
     ``windows``: calibration token ids (1-D tensors of one length, ctx); ``budget``: mean block density over all
     heads (blocks of ``block``); ``candidates``: ``Dense``/``Streaming`` forms (default
     :func:`default_kl_candidates`); ``topk``: dense tokens per position kept for the KL (None: the whole
-    vocabulary); ``resume``: JSON file of the table's entries, so a stopped sweep continues. Costs one dense
+    vocabulary); ``uniform_sink``: the sink of the uniform rule compared with (``streaming``, the largest window, a
+    multiple of 16, at the allocation's density or lower; none when no window fits, then the allocation is
+    returned); ``resume``: JSON file of the table's entries, so a stopped sweep continues. Costs one dense
     forward per window, then per group and non-dense candidate one replay from the group's layer (about half a
     forward on average), then two forwards per window to compare with uniform. See :class:`KLTuning`.
     """
@@ -527,7 +534,7 @@ def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candida
     table = kl_table(model, caches, candidates, ctx, grouping=grouping, block=block, resume=resume,
                      fingerprint=_fingerprint(model, caches, windows, topk), progress=progress)
     result = decide(table, budget, ctx, len(layers), model.config.num_attention_heads,
-                    lambda forms: measure_kl(model, caches, forms), block=block)
+                    lambda forms: measure_kl(model, caches, forms), block=block, sink=uniform_sink)
     result.seconds.update(dense=t1 - t0, table=table.seconds, total=time.time() - t0)
     return result
 
