@@ -279,3 +279,24 @@ def test_tune_by_kl_rejects_bad_arguments():
         ak.dense_pass(model, ids, topk=0)
     with pytest.raises(ValueError, match="model=Linear"):
         ak.dense_pass(torch.nn.Linear(2, 2), ids)
+
+
+def test_judged_forms_give_the_logits_of_the_compiled_spec(eager_lowering):
+    # What the judge measures is what sparsecc runs: the rules written from a choice, compiled with the reference
+    # kernels, give the replay's logits.
+    import sparsecc
+    from sparsecc.spec import Defaults, Spec
+    from sparsecc.tune import attention_rules
+
+    model = _llama()
+    ids = _ids()
+    forms = {0: [Streaming(1, 4)] * 4, 1: [Streaming(2, 5), Dense(), Streaming(2, 5), Streaming(0, 9)]}
+    choices = ak._choices(forms, 2, 4, SEQ, 8, "model.layers.{}.self_attn")
+    spec = Spec(defaults=Defaults(policy="force"), attention=tuple(attention_rules(choices)))
+    cache = ak.dense_pass(model, ids, topk=None)
+    with torch.no_grad():
+        replayed = model.lm_head(ak.replay(model, cache, 0, forms))
+        compiled = sparsecc.compile(model, spec=spec, kernels="reference")(input_ids=ids[None], use_cache=False)
+    applied = {s.module for s in sparsecc.last_report().sites if s.kind == "attention" and s.applied}
+    assert applied == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    torch.testing.assert_close(compiled.logits[0, :-1], replayed, atol=1e-5, rtol=1e-5)
