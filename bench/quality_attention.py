@@ -1,11 +1,16 @@
 """Per-head attention tune of SmolLM2-135M at long context: perplexity and needle retrieval, tuned against uniform.
 
-    python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--calib-windows 1] [--windows 1] [--needle 50]
-                                      [--out-dir bench/quality_lm/attention]
+    python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--judge recall|kl] [--calib-windows 1]
+                                      [--windows 1] [--needle 50] [--kl-windows 256,512,1024,2048]
+                                      [--kl-groups layer|kv] [--out-dir bench/quality_lm/attention]
 
 * calibration: ``--calib-windows`` windows of ``--ctx`` tokens spread over the standard library's docstrings;
-  :func:`sparsecc.tune.attention.record_attention` with the default candidates, then
-  :func:`~sparsecc.tune.attention.choose_heads` at mean density ``--budget``;
+  ``--judge recall`` (default): :func:`sparsecc.tune.attention.record_attention` with the default candidates, then
+  :func:`~sparsecc.tune.attention.choose_heads` at mean density ``--budget``; ``--judge kl``:
+  :func:`sparsecc.tune.attention_kl.tune_by_kl` (next-token KL per layer, or per KV-head group with
+  ``--kl-groups kv``, of dense and sink-64 streaming with the ``--kl-windows`` windows; the exact knapsack; uniform
+  kept when it measures no worse on the calibration window); its table is saved after every run
+  (``kl_table_<ctx>_<groups>.json``), so a stopped run continues;
 * density is counted in blocks of 64 x 64 (the tuner's ``density_block``): a block is kept when any of its
   causally allowed entries is kept; the tuned spec's is what the calibration recorded (dense heads count 1);
 * uniform: one ``streaming`` rule, sink 64, on every head, with the largest window whose block density is at most
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,34 +36,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sparsecc.forms import Streaming  # noqa: E402
+from sparsecc.forms import Dense, Streaming  # noqa: E402
 from sparsecc.spec import Defaults, Rule, Spec  # noqa: E402
-from sparsecc.tune.attention import (DENSITY_BLOCK as BLOCK, AttentionStats, any_blocks, choose_heads,  # noqa: E402
-                                     record_attention, streaming_mask)
+from sparsecc.tune.attention import DENSITY_BLOCK as BLOCK, AttentionStats, choose_heads, record_attention  # noqa: E402
+from sparsecc.tune.attention_kl import UNIFORM_SINK, streaming_block_density, tune_by_kl, uniform_window  # noqa: E402
 from sparsecc.tune.models import load_model  # noqa: E402
 from sparsecc.tune.needle import needle_check, needle_trials  # noqa: E402
 from sparsecc.tune.quality import evaluate, perplexity, read_texts, token_windows, tokenize  # noqa: E402
 from sparsecc.tune.tuner import attention_rules  # noqa: E402
 
-UNIFORM_SINK = 64
-
-
-def streaming_block_density(form: Streaming, ctx: int, block: int) -> float:
-    """Kept blocks / causal blocks of a streaming form over a ctx x ctx causal grid."""
-    n = math.ceil(ctx / block)
-    return float(any_blocks(streaming_mask(form, ctx, ctx, True, "cpu"), block).sum()) / (n * (n + 1) // 2)
-
-
-def uniform_window(target: float, ctx: int, block: int) -> int:
-    """The largest window (a multiple of 16) whose sink-64 streaming block density is at most ``target``."""
-    lo, hi = 16, ctx
-    while hi - lo > 16:
-        mid = (lo + hi) // 32 * 16
-        if streaming_block_density(Streaming(UNIFORM_SINK, mid), ctx, block) <= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+JUDGES = ("recall", "kl")
 
 
 def load_stats(path: Path) -> AttentionStats:
@@ -75,28 +61,54 @@ def main(argv=None):
     p.add_argument("--calib-windows", type=int, default=1)
     p.add_argument("--windows", type=int, default=1, help="evaluated pydoc windows")
     p.add_argument("--needle", type=int, default=50, help="needle trials (0: none)")
+    p.add_argument("--judge", default="recall", help=f"how head forms are chosen: one of {JUDGES}")
+    p.add_argument("--kl-windows", default=None,
+                   help="--judge kl: comma-separated sink-64 streaming windows (default ctx/32, ctx/16, ctx/8, ctx/4)")
+    p.add_argument("--kl-groups", default="layer", help="--judge kl: 'layer' or 'kv' (one group per KV head)")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "quality_lm" / "attention"))
     args = p.parse_args(argv)
+    if args.judge not in JUDGES:
+        p.error(f"--judge {args.judge!r} is not allowed; expected one of {JUDGES}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     started = time.time()
 
-    stats_path = out / f"stats_{args.ctx}.pt"
-    if stats_path.exists():
-        stats = load_stats(stats_path)   # recorded by an earlier run with the same --ctx and calibration
+    calib_all = token_windows(tokenize(tok, read_texts("docstrings")), args.ctx)
+    calib = [calib_all[int(i * len(calib_all) / args.calib_windows)] for i in range(args.calib_windows)]
+    suffix = f"{args.ctx}_{args.budget}" + ("_kl" if args.judge == "kl" else "")
+    kl_info = None
+    if args.judge == "recall":
+        stats_path = out / f"stats_{args.ctx}.pt"
+        if stats_path.exists():
+            stats = load_stats(stats_path)   # recorded by an earlier run with the same --ctx and calibration
+        else:
+            stats = record_attention(model, [{"input_ids": w.ids[None], "use_cache": False} for w in calib])
+            torch.save(stats.sites, stats_path)
+        choices = choose_heads(stats, args.budget)
     else:
-        calib_all = token_windows(tokenize(tok, read_texts("docstrings")), args.ctx)
-        calib = [calib_all[int(i * len(calib_all) / args.calib_windows)] for i in range(args.calib_windows)]
-        stats = record_attention(model, [{"input_ids": w.ids[None], "use_cache": False} for w in calib])
-        torch.save(stats.sites, stats_path)
-    choices = choose_heads(stats, args.budget)
+        windows_kl = None
+        if args.kl_windows:
+            windows_kl = [Streaming(UNIFORM_SINK, int(w)) for w in args.kl_windows.split(",")]
+        tuning = tune_by_kl(model, [w.ids for w in calib], args.budget, candidates=windows_kl,
+                            grouping=args.kl_groups, resume=out / f"kl_table_{args.ctx}_{args.kl_groups}.json")
+        choices = tuning.choices
+        kl_info = {"used": tuning.used, "allocation_kl": tuning.allocation_kl,
+                   "allocation_density": tuning.allocation_density, "uniform_window": tuning.uniform_window,
+                   "uniform_kl": tuning.uniform_kl, "uniform_density": tuning.uniform_density,
+                   "allocation": {str(l): [str(f) for f in forms] for l, forms in sorted(tuning.allocation.items())},
+                   "table": tuning.table.rows(), "runs": tuning.table.runs, "seconds": tuning.seconds,
+                   "calibration_minutes": (time.time() - started) / 60}
+        print(f"KL judge: allocation KL {tuning.allocation_kl:.5f} at block density {tuning.allocation_density:.4f}; "
+              f"uniform window {tuning.uniform_window} KL {tuning.uniform_kl:.5f} at "
+              f"{tuning.uniform_density:.4f}; using {tuning.used}", flush=True)
     heads = [(f, r, d) for c in choices for f, r, d in zip(c.forms, c.recall, c.density)]
     tuned_blocks = sum(h[2] for h in heads) / len(heads)
     tuned = Spec(defaults=Defaults(policy="force"), attention=tuple(attention_rules(choices)))
-    tuned_path = out / f"tuned_{args.ctx}_{args.budget}.toml"
+    tuned_path = out / f"tuned_{suffix}.toml"
     tuned.save(tuned_path)
+    sparse_sites = sum(1 for c in choices if any(not isinstance(f, Dense) for f in c.forms))
     window = uniform_window(tuned_blocks, args.ctx, BLOCK)
     uniform = Spec(defaults=Defaults(policy="force"), attention=(
         Rule(kind="attention", index=0, form=Streaming(UNIFORM_SINK, window), modules="model.layers.*.self_attn"),))
@@ -106,28 +118,44 @@ def main(argv=None):
     for f, *_ in heads:
         forms[str(f)] = forms.get(str(f), 0) + 1
     uniform_blocks = streaming_block_density(Streaming(UNIFORM_SINK, window), args.ctx, BLOCK)
-    print(f"tuned at budget {args.budget}: mean block density {tuned_blocks:.4f}, mean recall "
-          f"{sum(h[1] for h in heads) / len(heads):.4f}; uniform window {window} (block density "
-          f"{uniform_blocks:.4f})", flush=True)
+    recall = (f", mean recall {sum(h[1] for h in heads) / len(heads):.4f}" if args.judge == "recall" else "")
+    print(f"tuned at budget {args.budget}: mean block density {tuned_blocks:.4f}{recall}; uniform window {window} "
+          f"(block density {uniform_blocks:.4f})", flush=True)
     print("head forms:", json.dumps(dict(sorted(forms.items(), key=lambda kv: -kv[1]))), flush=True)
+    if kl_info is not None:
+        print("layer forms:", ", ".join(f"{i}:{c.forms[0] if len(set(map(str, c.forms))) == 1 else c.forms}"
+                                        for i, c in enumerate(choices)), flush=True)
 
     text = read_texts("pydoc")
     windows = token_windows(tokenize(tok, text), args.ctx, args.windows)
     trials = needle_trials(tok, text, args.ctx, args.needle, seed=0) if args.needle else []
-    dense = perplexity(model, windows, desc="dense perplexity")
+    dense = None
 
     def save():   # after every step: a stopped run keeps what it measured
-        result = {"ctx": args.ctx, "budget": args.budget, "block": BLOCK, "windows": args.windows,
-                  "scored_tokens": dense.tokens, "dense_perplexity": dense.value, "tuned_block_density": tuned_blocks,
-                  "uniform_window": window, "head_forms": forms, "rows": rows,
+        result = {"ctx": args.ctx, "budget": args.budget, "judge": args.judge, "block": BLOCK,
+                  "windows": args.windows, "scored_tokens": dense.tokens if dense else None,
+                  "dense_perplexity": dense.value if dense else None, "tuned_block_density": tuned_blocks,
+                  "uniform_window": window, "head_forms": forms, "rows": rows, "kl": kl_info,
                   "minutes": (time.time() - started) / 60}
-        (out / f"results_{args.ctx}_{args.budget}.json").write_text(json.dumps(result, indent=1))
+        (out / f"results_{suffix}.json").write_text(json.dumps(result, indent=1))
 
     rows: dict = {}
-    for name, path in (("tuned", tuned_path), ("uniform", uniform_path)):
+    save()   # the choice (and the KL table) before the evaluation
+    dense = perplexity(model, windows, desc="dense perplexity")
+    save()
+    for name, path, expected in (("tuned", tuned_path, sparse_sites), ("uniform", uniform_path, len(choices))):
+        if name == "uniform" and kl_info is not None and kl_info["used"] == "uniform":
+            rows[name] = dict(rows["tuned"], spec=str(path), note="the KL judge returned this uniform rule")
+            save()
+            continue
         ev = evaluate(model, str(path), windows, kernels="reference", lowering_kind="eager", dense=dense)
         rows[name] = {"spec": str(path), "perplexity": ev.sparse.value, "change": ev.relative_change,
-                      "rewritten": ev.rewritten, "report": ev.summary}
+                      "rewritten": ev.rewritten, "sites": ev.sites, "expected_rewritten": expected,
+                      "report": ev.summary}
+        if ev.rewritten.get("attention", 0) != expected:   # every site with a sparse head must be rewritten
+            save()
+            raise SystemExit(f"{name}: {ev.rewritten.get('attention', 0)} attention sites rewritten, expected "
+                             f"{expected} (the sites with a sparse head): {ev.summary}")
         print(name, *ev.lines(), sep="\n  ", flush=True)
         save()
     if trials:

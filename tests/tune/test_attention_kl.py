@@ -1,0 +1,302 @@
+"""The KL judge of attention forms: masked attention against a float64 oracle, KL, exact knapsack, uniform fallback."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from sparsecc.forms import Dense, Streaming
+from sparsecc.tune import attention_kl as ak
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 40
+ORACLE = "sparsecc_test_oracle"
+
+
+def _llama(seed=0, dtype=torch.float32):
+    """A 2-layer random Llama (hidden 32, 4 heads, 2 KV heads, vocab 61) with weights large enough that attention is
+    peaked and narrowing it moves the logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.25, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval().to(dtype)
+
+
+def _ids(seed=1, n=SEQ):
+    return torch.randint(0, 61, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _oracle_keep(form, p, j):
+    """docs/spec.md, causal attention: dense keeps j <= p; streaming keeps j <= p and (j < sink or p - j < window)."""
+    if j > p:
+        return False
+    if isinstance(form, Dense):
+        return True
+    return j < form.sink or p - j < form.window
+
+
+def _oracle_attention(q, k, v, forms, scale):
+    """Float64 attention with explicit per-entry keep masks: q [B, H, Sq, D], k/v [B, Hkv, Sk, D] -> [B, H, Sq, D]."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    rep = h // k.shape[1]
+    out = torch.zeros(b, h, sq, v.shape[-1], dtype=torch.float64)
+    for head in range(h):
+        mask = torch.tensor([[_oracle_keep(forms[head], i + sk - sq, j) for j in range(sk)] for i in range(sq)])
+        scores = (q[:, head] @ k[:, head // rep].transpose(-1, -2)) * scale
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        out[:, head] = probs @ v[:, head // rep]
+    return out
+
+
+def test_keep_attention_matches_the_oracle_with_gqa_and_fewer_queries_than_keys():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, generator=g, dtype=torch.float64)   # 5 queries at positions 11..15
+    k = torch.randn(2, 3, 16, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, 16, 8, generator=g, dtype=torch.float64)
+    forms = [Streaming(2, 3), Dense(), Streaming(0, 1), Streaming(4, 6), Streaming(2, 3), Dense()]
+
+    class Module:
+        num_key_value_groups = 2
+        is_causal = True
+
+    module = Module()
+    setattr(module, ak._KEEP_ATTR, forms)
+    out, _ = ak.keep_attention(module, q, k, v, None, scaling=0.4)
+    expected = _oracle_attention(q, k, v, forms, 0.4).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    assert (out - expected_dense(q, k, v)).abs().max() > 1e-2   # the narrow heads changed their rows
+    # without forms the call is transformers' own causal SDPA (checked where Sq = Sk, the replay's case)
+    full_q = torch.randn(2, 6, 16, 8, generator=g, dtype=torch.float64)
+    dense, _ = ak.keep_attention(Module(), full_q, k, v, None, scaling=0.4)
+    torch.testing.assert_close(dense, expected_dense(full_q, k, v), atol=1e-12, rtol=1e-12)
+
+
+def expected_dense(q, k, v):
+    return _oracle_attention(q, k, v, [Dense()] * q.shape[1], 0.4).transpose(1, 2)
+
+
+def test_replay_with_forms_matches_a_float64_oracle_llama():
+    from transformers import AttentionInterface
+    model = _llama(dtype=torch.float64)
+    ids = _ids()
+    forms = {0: [Streaming(1, 4)] * 4, 1: [Streaming(2, 5), Dense(), Streaming(0, 3), Streaming(4, 9)]}
+
+    def oracle(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        return _oracle_attention(query, key, value, forms[module.layer_idx], scaling).transpose(1, 2), None
+
+    AttentionInterface.register(ORACLE, oracle)
+    old = model.config._attn_implementation
+    model.config._attn_implementation = ORACLE
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+    finally:
+        model.config._attn_implementation = old
+    cache = ak.dense_pass(model, ids, topk=None)
+    with torch.no_grad():
+        got = model.lm_head(ak.replay(model, cache, 0, forms))
+        dense = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert (expected - dense).abs().max() > 1e-2   # the forms changed the logits: the comparison is not vacuous
+    # a replay from layer 1 with only layer 1's forms equals the oracle with layer 0 dense
+    forms[0] = [Dense()] * 4
+    model.config._attn_implementation = ORACLE
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+    finally:
+        model.config._attn_implementation = old
+    with torch.no_grad():
+        got = model.lm_head(ak.replay(model, cache, 1, {1: forms[1]}))
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("topk", [None, 8])
+def test_kl_of_dense_is_zero_and_of_a_narrow_window_is_not(topk):
+    model = _llama()
+    cache = ak.dense_pass(model, _ids(), topk=topk)
+    assert ak.measure_kl(model, [cache], {0: [Dense()] * 4}) == 0.0
+    assert ak.measure_kl(model, [cache], {1: [Dense()] * 4}) == 0.0
+    # a window holding every key keeps everything: the masked path gives the dense distribution
+    assert ak.measure_kl(model, [cache], {0: [Streaming(0, SEQ)] * 4}) < 1e-9
+    narrow = ak.measure_kl(model, [cache], {0: [Streaming(1, 2)] * 4})
+    assert narrow > 1e-4
+
+
+def test_full_vocabulary_kl_is_the_definition():
+    model = _llama()
+    ids = _ids()
+    cache = ak.dense_pass(model, ids, topk=None)
+    forms = {1: [Streaming(1, 3)] * 4}
+    got = ak.measure_kl(model, [cache], forms)
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0, :-1].double(), -1)
+        q = torch.log_softmax(model.lm_head(ak.replay(model, cache, 1, forms)).double(), -1)
+    assert got == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-5)
+    # the top-k form compares k tokens and one bucket: a lower bound of the full KL
+    assert ak.measure_kl(model, [ak.dense_pass(model, ids, topk=5)], forms) <= got + 1e-12
+
+
+def _brute_force(kl, density, weights, budget):
+    best = None
+    for picks in itertools.product(range(len(kl[0])), repeat=len(kl)):
+        d = sum(w * density[g][c] for g, (c, w) in enumerate(zip(picks, weights))) / sum(weights)
+        if d > budget + 1e-12:
+            continue
+        k = sum(kl[g][c] for g, c in enumerate(picks))
+        if best is None or (k, d) < best[:2]:
+            best = (k, d, list(picks))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_is_the_brute_force_optimum(seed):
+    g = torch.Generator().manual_seed(seed)
+    groups, options = 5, 4
+    kl = [[0.0] + sorted(torch.rand(options - 1, generator=g).tolist(), reverse=True) for _ in range(groups)]
+    density = [[1.0] + sorted(torch.rand(options - 1, generator=g).mul(0.8).tolist()) for _ in range(groups)]
+    weights = [1, 3, 2, 1, 2]
+    for budget in (0.3, 0.45, 0.6, 0.8, 1.0):
+        lowest = sum(w * min(d) for w, d in zip(weights, density)) / sum(weights)
+        if lowest > budget:
+            with pytest.raises(ValueError, match="budget"):
+                ak.allocate(kl, density, weights, budget)
+            continue
+        picks = ak.allocate(kl, density, weights, budget)
+        k, d, expected = _brute_force(kl, density, weights, budget)
+        got_d = sum(w * density[i][c] for i, (c, w) in enumerate(zip(picks, weights))) / sum(weights)
+        assert got_d <= budget + 1e-12
+        assert sum(kl[i][c] for i, c in enumerate(picks)) == pytest.approx(k, abs=1e-12)
+        assert picks == expected
+
+
+def test_allocate_beats_the_lagrangian_on_a_hand_made_table():
+    # Two equal layers; options dense (density 1, KL 0), a (0.5, 1.0), b (0.1, 1.1); budget: mean density 0.55.
+    # dense + b (0.55, KL 1.1) is the optimum. A price on density gives both layers the same option, so a
+    # Lagrangian choice is a + a (0.5, KL 2.0) at best.
+    kl = [[0.0, 1.0, 1.1], [0.0, 1.0, 1.1]]
+    density = [[1.0, 0.5, 0.1], [1.0, 0.5, 0.1]]
+    assert sorted(ak.allocate(kl, density, [1, 1], 0.55)) == [0, 2]
+    assert ak.allocate(kl, density, [1, 1], 1.0) == [0, 0]
+    assert ak.allocate(kl, density, [1, 1], 0.1) == [2, 2]
+
+
+def test_allocate_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="budget=0 "):
+        ak.allocate([[0.0]], [[1.0]], [1], 0)
+    with pytest.raises(ValueError, match="budget=0.5 cannot be met"):
+        ak.allocate([[0.0]], [[1.0]], [1], 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        ak.allocate([[0.0, float("nan")]], [[1.0, 0.1]], [1], 0.5)
+    with pytest.raises(ValueError, match="one table"):
+        ak.allocate([[0.0, 1.0]], [[1.0]], [1], 0.5)
+
+
+CTX = 2048
+CANDS = [Dense(), Streaming(64, 64), Streaming(64, 512)]
+
+
+def _scripted_table(layers=3, heads=2):
+    groups = ak.make_groups(layers, heads, heads, "layer")
+    dens = torch.tensor([[ak.form_density(c, CTX) for c in CANDS]] * layers, dtype=torch.float64)
+    kl = torch.tensor([[0.0, 0.5, 0.1], [0.0, 0.01, 0.005], [0.0, 0.02, 0.01]], dtype=torch.float64)
+    return ak.KLTable(groups, CANDS, kl, dens, [heads] * layers)
+
+
+def _is_uniform(forms_by_layer, layers=3):
+    forms = [f for layer in range(layers) for f in forms_by_layer.get(layer, [Dense()])]
+    return len(set(forms)) == 1 and isinstance(forms[0], Streaming) and forms[0].sink == ak.UNIFORM_SINK
+
+
+@pytest.mark.parametrize("uniform_kl, used", [(0.5, "uniform"), (1.0, "uniform"), (1.5, "allocation")])
+def test_uniform_is_returned_when_it_measures_no_worse(uniform_kl, used):
+    table = _scripted_table()
+    measured = []
+
+    def measure(forms_by_layer):
+        measured.append(forms_by_layer)
+        return uniform_kl if _is_uniform(forms_by_layer) else 1.0
+
+    result = ak.decide(table, 0.5, CTX, 3, 2, measure)
+    assert len(measured) == 2 and result.used == used
+    assert result.allocation_kl == 1.0 and result.uniform_kl == uniform_kl
+    # the table's choice: layer 0 (costly when narrowed) dense, the others at the narrowest window
+    assert [result.allocation[layer][0] for layer in range(3)] == [Dense(), CANDS[1], CANDS[1]]
+    assert result.uniform_density <= result.allocation_density + 1e-12
+    assert result.uniform_window == ak.uniform_window(result.allocation_density, CTX)
+    forms = [c.forms for c in result.choices]
+    if used == "uniform":
+        assert forms == [[Streaming(ak.UNIFORM_SINK, result.uniform_window)] * 2] * 3
+        assert result.density == result.uniform_density
+    else:
+        assert forms == [[Dense()] * 2, [CANDS[1]] * 2, [CANDS[1]] * 2]
+        assert result.density == pytest.approx(result.allocation_density)
+    assert [c.site for c in result.choices] == [f"model.layers.{i}.self_attn" for i in range(3)]
+
+
+def test_tune_by_kl_on_a_tiny_llama_by_kv_group(tmp_path):
+    model = _llama()
+    ids = _ids(n=64)
+    cands = [Streaming(1, 4), Streaming(1, 16)]
+    resume = tmp_path / "table.json"
+    result = ak.tune_by_kl(model, [ids], 0.75, candidates=cands, grouping="kv", block=8, resume=resume,
+                           uniform_sink=1, progress=False)
+    table = result.table
+    assert table.groups == [(0, (0, 1)), (0, (2, 3)), (1, (0, 1)), (1, (2, 3))] and table.weights == [2] * 4
+    assert table.runs == 8 and (table.kl[:, 1:] > 0).all() and (table.kl[:, 0] == 0).all()
+    assert result.density <= 0.75 + 1e-12 and result.uniform_density <= result.allocation_density + 1e-12
+    assert not math.isnan(result.uniform_kl)
+    assert min(result.allocation_kl, result.uniform_kl) == (
+        result.allocation_kl if result.used == "allocation" else result.uniform_kl)
+    # a rerun reads every entry back from the resume file
+    again = ak.tune_by_kl(model, [ids], 0.75, candidates=cands, grouping="kv", block=8, resume=resume,
+                          uniform_sink=1, progress=False)
+    assert again.table.runs == 0 and torch.equal(again.table.kl, table.kl)
+    choices = ak.choose_by_kl(model, [ids], 0.75, candidates=cands, grouping="kv", block=8, resume=resume,
+                              uniform_sink=1, progress=False)
+    assert [c.forms for c in choices] == [c.forms for c in result.choices]
+    assert all(math.isnan(r) for c in choices for r in c.recall)
+
+
+def test_tune_by_kl_rejects_bad_arguments():
+    model = _llama()
+    ids = _ids()
+    with pytest.raises(ValueError, match="grouping='head'"):
+        ak.tune_by_kl(model, [ids], 0.5, grouping="head")
+    with pytest.raises(ValueError, match="budget=1.5"):
+        ak.tune_by_kl(model, [ids], 1.5)
+    with pytest.raises(ValueError, match="candidate"):
+        ak.tune_by_kl(model, [ids], 0.5, candidates=["streaming"])
+    with pytest.raises(ValueError, match="windows"):
+        ak.tune_by_kl(model, [], 0.5)
+    with pytest.raises(ValueError, match="topk=0"):
+        ak.dense_pass(model, ids, topk=0)
+    with pytest.raises(ValueError, match="model=Linear"):
+        ak.dense_pass(torch.nn.Linear(2, 2), ids)
+
+
+def test_judged_forms_give_the_logits_of_the_compiled_spec(eager_lowering):
+    # What the judge measures is what sparsecc runs: the rules written from a choice, compiled with the reference
+    # kernels, give the replay's logits.
+    import sparsecc
+    from sparsecc.spec import Defaults, Spec
+    from sparsecc.tune import attention_rules
+
+    model = _llama()
+    ids = _ids()
+    forms = {0: [Streaming(1, 4)] * 4, 1: [Streaming(2, 5), Dense(), Streaming(2, 5), Streaming(0, 9)]}
+    choices = ak._choices(forms, 2, 4, SEQ, 8, "model.layers.{}.self_attn")
+    spec = Spec(defaults=Defaults(policy="force"), attention=tuple(attention_rules(choices)))
+    cache = ak.dense_pass(model, ids, topk=None)
+    with torch.no_grad():
+        replayed = model.lm_head(ak.replay(model, cache, 0, forms))
+        compiled = sparsecc.compile(model, spec=spec, kernels="reference")(input_ids=ids[None], use_cache=False)
+    applied = {s.module for s in sparsecc.last_report().sites if s.kind == "attention" and s.applied}
+    assert applied == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    torch.testing.assert_close(compiled.logits[0, :-1], replayed, atol=1e-5, rtol=1e-5)
