@@ -191,7 +191,9 @@ _KERNELS = ("_rounded", "_list_survivors", "_threshold_gate_up_kernel")
 
 
 def _bind() -> None:
-    """JIT this module's kernel and the helpers it calls (first use; imports Triton)."""
+    """JIT this module's kernel and the helpers it calls (first use; imports Triton; later calls return at once)."""
+    if getattr(_threshold_gate_up_kernel, "_sparsecc_jit", False):
+        return
     _gate._bind()                          # the helpers resolve ``tl`` in their own modules
     bind_triton(vars(_gemv), ("_list_survivors",))
     if _activation is None:

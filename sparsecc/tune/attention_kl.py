@@ -110,9 +110,8 @@ def keep_attention(module, query, key, value, attention_mask, dropout: float = 0
     if len(forms) != h:
         raise ValueError(f"{len(forms)} forms given for an attention call with {h} query heads")
     rep = h // hkv
-    positions = torch.arange(sq, device=query.device) + (sk - sq)
     keys = torch.arange(sk, device=query.device)
-    causal = keys[None, :] <= positions[:, None]
+    causal = keys[None, :] <= (torch.arange(sq, device=query.device) + (sk - sq))[:, None]
     extra = None
     if attention_mask is not None:   # the model's own mask: bool keep, or additive
         extra = attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1e4
@@ -125,8 +124,7 @@ def keep_attention(module, query, key, value, attention_mask, dropout: float = 0
         if isinstance(form, Dense):
             keep = causal
         elif isinstance(form, Streaming):
-            p, j = positions[:, None], keys[None, :]
-            keep = causal & ((j < form.sink) | (p - j < form.window))
+            keep = streaming_mask(form, sq, sk, True, query.device)
         else:
             raise ValueError(f"form {form!r} is not allowed for the KL judge; expected Dense or Streaming")
         mask = keep[None, None] if extra is None else keep[None, None] & extra

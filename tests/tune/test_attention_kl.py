@@ -92,12 +92,17 @@ def test_replay_with_forms_matches_a_float64_oracle_llama():
 
     AttentionInterface.register(ORACLE, oracle)
     old = model.config._attn_implementation
-    model.config._attn_implementation = ORACLE
-    try:
-        with torch.no_grad():
-            expected = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
-    finally:
-        model.config._attn_implementation = old
+
+    def oracle_logits():
+        """The model's logits with the oracle as its attention function (the current ``forms``)."""
+        model.config._attn_implementation = ORACLE
+        try:
+            with torch.no_grad():
+                return model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+        finally:
+            model.config._attn_implementation = old
+
+    expected = oracle_logits()
     cache = ak.dense_pass(model, ids, topk=None)
     with torch.no_grad():
         got = model.lm_head(ak.replay(model, cache, 0, forms))
@@ -106,12 +111,7 @@ def test_replay_with_forms_matches_a_float64_oracle_llama():
     assert (expected - dense).abs().max() > 1e-2   # the forms changed the logits: the comparison is not vacuous
     # a replay from layer 1 with only layer 1's forms equals the oracle with layer 0 dense
     forms[0] = [Dense()] * 4
-    model.config._attn_implementation = ORACLE
-    try:
-        with torch.no_grad():
-            expected = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
-    finally:
-        model.config._attn_implementation = old
+    expected = oracle_logits()
     with torch.no_grad():
         got = model.lm_head(ak.replay(model, cache, 1, {1: forms[1]}))
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
