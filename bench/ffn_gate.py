@@ -122,7 +122,7 @@ def row(m: int, sparsity: float, dtype, weights, gen, sweep: bool = False) -> di
     if sweep:
         results = []
         for cfg in [gate_module.GateConfig(BLOCK_F=f, BLOCK_D=d, num_warps=w)
-                    for f in (16, 32, 64) for d in (256, 512, 1024) for w in (2, 4, 8) if f * d <= 32768]:
+                    for f in (16, 32) for d in (256, 512, 1024, 2048) for w in (1, 2, 4) if f * d <= 32768]:
             try:
                 ms = bench_graph([lambda w=w: _stage1(x, w[0], w[1], tau, cfg) for w in weights])
             except Exception as exc:   # a launch shape the compiler refuses: record it, keep sweeping
@@ -131,7 +131,7 @@ def row(m: int, sparsity: float, dtype, weights, gen, sweep: bool = False) -> di
             results.append({"stage1": str(cfg), "ms": ms})
         downs = []
         for dcfg in [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w)
-                     for bn in (64, 128) for bk in (64, 128) for r in (1024, 2048, 4096) for w in (4, 8)]:
+                     for bn in (64, 128) for bk in (64, 128) for r in (1024, 2048) for w in (2, 4)]:
             try:
                 ms = bench_graph([lambda w=w, g=g: threshold_linear(g, w[2], None, 0.0, config=dcfg)
                                   for w, g in zip(weights, gs)])
@@ -142,7 +142,7 @@ def row(m: int, sparsity: float, dtype, weights, gen, sweep: bool = False) -> di
         key = lambda r: (r["ms"] != r["ms"], r["ms"])   # noqa: E731 - NaN last
         ones = []
         for f, d, w, dcfg in [(f, d, w, GemvConfig(BLOCK_N=bn, BLOCK_K=128, ROWS_PER_SPLIT=r, num_warps=4))
-                              for f in (16, 32) for d in (512,) for w in (4, 8) for bn in (64, 128)
+                              for f in (16,) for d in (512, 1024) for w in (1, 2, 4) for bn in (64, 128)
                               for r in (1024, 2048)]:
             cfg = gate_module.GateConfig(BLOCK_F=f, BLOCK_D=d, num_warps=w, ONE_LAUNCH=True)
             try:
