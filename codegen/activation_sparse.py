@@ -213,8 +213,17 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
     slot = scratch_ptr + ((token * tl.num_programs(1) + split) * tl.num_programs(0) + pid_n).to(tl.int64) \
         * ROWS_PER_SPLIT
     if BLOCK_M == 1 and COMPACT:
-        acc = _one_token_compacted(x_ptr, stride_xk, wt_ptr, stride_wk, stride_wn, K, k0, tau, slot, offs_n, n_mask,
-                                   BLOCK_N, BLOCK_K, ROWS_PER_SPLIT)
+        count = _list_survivors(x_ptr, stride_xm, stride_xk, 1, K, k0, tau, slot, 1, ROWS_PER_SPLIT)
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for c in range(0, count, BLOCK_K):
+            offs_j = c + tl.arange(0, BLOCK_K)
+            live = offs_j < count
+            kk = tl.load(slot + offs_j, mask=live, other=0)
+            xk = tl.load(x_ptr + kk * stride_xk, mask=live, other=0.0).to(tl.float32)
+            w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=live[:, None] & n_mask[None, :], other=0.0)
+            acc2 += xk[:, None] * w.to(tl.float32)
+        acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
     elif BLOCK_M == 1:
         # x is loaded as a vector along K, so its keep mask already has the layout of the weight
         # tile's rows (no layout conversion between the x load and the weight load).
@@ -261,39 +270,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
                 acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xs, w, acc)
-    _finish_split(acc, partial_ptr, counters_ptr + token * tl.num_programs(0) + pid_n, bias_ptr, y_ptr, split,
-                  tl.num_programs(1), M, N, token + offs_m, m_mask, offs_n, n_mask, BLOCK_M, BLOCK_N, DIRECT, HAS_BIAS)
-
-
-def _one_token_compacted(x_ptr, stride_xk, wt_ptr, stride_wk, stride_wn, K, k0, tau, slot, offs_n, n_mask,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr):  # noqa: F821
-    """``[1, BLOCK_N]`` float32: one token's ``x̃[k0 : k0 + ROWS_PER_SPLIT] @ Wt[:, offs_n]``.
-
-    Lists the split's survivors (``|x| > tau``) in ``slot`` first, then loops over that list
-    BLOCK_K rows at a time: loop trips and weight bytes follow the survivors.
-    """
-    count = _list_survivors(x_ptr, 0, stride_xk, 1, K, k0, tau, slot, 1, ROWS_PER_SPLIT)
-    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for c in range(0, count, BLOCK_K):
-        offs_j = c + tl.arange(0, BLOCK_K)
-        live = offs_j < count
-        kk = tl.load(slot + offs_j, mask=live, other=0)
-        xk = tl.load(x_ptr + kk * stride_xk, mask=live, other=0.0).to(tl.float32)
-        w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=live[:, None] & n_mask[None, :], other=0.0)
-        acc2 += xk[:, None] * w.to(tl.float32)
-    return tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
-
-
-def _finish_split(acc, partial_ptr, counter, bias_ptr, y_ptr, split, n_splits, M, N, rows, m_mask, offs_n, n_mask,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # noqa: F821
-                  DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):  # noqa: F821
-    """Store y's ``rows x offs_n`` tile from this split's ``acc``: directly (one split), or through the partials.
-
-    With several splits the partial is stored, a ticket drawn from ``counter``, and the
-    program with the last ticket sums the partials in split order, adds the bias, stores
-    y and resets ``counter`` to zero.
-    """
+    rows = token + offs_m
     out_mask = m_mask[:, None] & n_mask[None, :]
     if DIRECT:
         if HAS_BIAS:
@@ -303,6 +280,8 @@ def _finish_split(acc, partial_ptr, counter, bias_ptr, y_ptr, split, n_splits, M
         tl.store(partial_ptr + (split * M + rows[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
         # Every thread's partial stores happen before the ticket (release); the last ticket's reads after (acquire).
         tl.debug_barrier()
+        counter = counters_ptr + token * tl.num_programs(0) + pid_n
+        n_splits = tl.num_programs(1)
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == n_splits - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -315,7 +294,7 @@ def _finish_split(acc, partial_ptr, counter, bias_ptr, y_ptr, split, n_splits, M
             tl.store(counter, 0)   # every split has drawn its ticket: ready for the next call
 
 
-_KERNELS = ("_list_survivors", "_one_token_compacted", "_finish_split", "_threshold_gemv_kernel")
+_KERNELS = ("_list_survivors", "_threshold_gemv_kernel")
 
 # id(weight) -> (weakref to weight, data_ptr, _version, K-major copy). The identity check (the weakref
 # still points at this very tensor) guards against a freed weight whose address and shape are

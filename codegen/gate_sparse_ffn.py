@@ -45,12 +45,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsecc.codegen import activation_sparse as _gemv
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, _finish_split,
-                                                _one_token_compacted, default_gemv_config, gate_sparse_ffn_ref,
-                                                k_major, threshold_linear)
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig,
+                                                gate_sparse_ffn_ref, threshold_linear)
 from sparsecc.codegen.epilogue import activation_switch, bind_triton
-from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
+from sparsecc.codegen.launch import launcher, round_to_dtype
 
 __all__ = ["gate_sparse_ffn", "gate_sparse_ffn_ref", "GateConfig", "DEFAULT_GATE_CONFIG",
            "DEFAULT_GATE_CONFIG_TOKENS", "KERNEL_DTYPES"]
@@ -60,17 +58,11 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Launch knobs of the gate + up stage: neurons per program, D chunk, warps.
-
-    ``ONE_LAUNCH`` (one token only) runs stage 1 and the down GEMV in one launch
-    (:func:`_gate_ffn_one_launch_kernel`) with the down knobs of the ``GemvConfig``
-    (compacted; its ``ROWS_PER_SPLIT`` a multiple of ``BLOCK_F``) and these warps.
-    """
+    """Launch knobs of the gate + up stage: neurons per program, D chunk, warps."""
 
     BLOCK_F: int
     BLOCK_D: int
     num_warps: int
-    ONE_LAUNCH: bool = False
 
     def __post_init__(self):
         for name in ("BLOCK_F", "BLOCK_D"):
@@ -79,9 +71,11 @@ class GateConfig:
                 raise ValueError(f"GateConfig.{name}={value} must be a power of two >= 16 (tl.dot and tl.arange)")
 
 
-# One token: 16 neurons per program gives 896 programs at F = 14336 (about 7 per H100 SM), each
-# streaming 16 contiguous 8 KB rows in 1 KB chunks. Starting point; bench/ffn.py --sweep times others.
-DEFAULT_GATE_CONFIG = GateConfig(BLOCK_F=16, BLOCK_D=512, num_warps=4)
+# One token: 16 neurons per program gives 896 programs at F = 14336 (about 7 per SM), each streaming
+# 16 contiguous 8 KB rows in 1 KB chunks. Two warps: on the H200 (bench/ffn_gate.py --sweep, 2026-12-03) stage 1
+# took 54.9 / 49.6 us at 50 / 90% with 2 warps against 93.3 / 74.6 us with 4 (the earlier default); of 24 shapes
+# (16-64 neurons, 256-1024 columns, 2-8 warps) it was the fastest at 50% and within 0.5% of the fastest at 90%.
+DEFAULT_GATE_CONFIG = GateConfig(BLOCK_F=16, BLOCK_D=512, num_warps=2)
 # 2-16 tokens use tl.dot on a 16-row tile; 32 neurons per program keeps 448 programs at F = 14336.
 DEFAULT_GATE_CONFIG_TOKENS = GateConfig(BLOCK_F=32, BLOCK_D=128, num_warps=4)
 
@@ -117,21 +111,10 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
                     HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,  # noqa: F821
                     ACTIVATION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
                     ROUND_BY_BITS: tl.constexpr):  # noqa: F821
-    """g[:, f-block] = act(x Wgᵀ + bg) ⊙ keep (⊙ (x Wuᵀ + bu), up rows of survivors only); block = program id."""
-    _gate_up_tile(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau, tl.program_id(0),
-                  stride_xm, stride_xd, stride_gf, stride_gd, stride_uf, stride_ud, BLOCK_M, BLOCK_F, BLOCK_D,
-                  HAS_BG, GATED, HAS_BU, ACTIVATION, DOT_IN_FP32, ROUND_BY_BITS)
-
-
-def _gate_up_tile(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau, pid,
-                  stride_xm, stride_xd, stride_gf, stride_gd, stride_uf, stride_ud,
-                  BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: F821
-                  HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,  # noqa: F821
-                  ACTIVATION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
-                  ROUND_BY_BITS: tl.constexpr):  # noqa: F821
-    """Stage 1 for neuron block ``pid``: g[:, block] (see :func:`_gate_up_kernel`)."""
+    """g[:, f-block] = act(x Wgᵀ + bg) ⊙ keep (⊙ (x Wuᵀ + bu), up rows of survivors only)."""
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
+    pid = tl.program_id(0)
     offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
     f_mask = offs_f < F
     offs_m = tl.arange(0, BLOCK_M)
@@ -207,72 +190,13 @@ def _gate_up_tile(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau, pi
     tl.store(out, h.to(io_dtype), mask=m_mask[:, None] & f_mask[None, :])
 
 
-def _gate_ffn_one_launch_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, wt_ptr, bd_ptr, partial_ptr,
-                                scratch_ptr, y_ptr, counters_ptr, F, D, N, tau,
-                                stride_xd, stride_gf, stride_gd, stride_uf, stride_ud, stride_wk, stride_wn,
-                                BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  # noqa: F821
-                                BLOCK_K: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr,  # noqa: F821
-                                HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,  # noqa: F821
-                                HAS_BD: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
-                                ROUND_BY_BITS: tl.constexpr, DIRECT: tl.constexpr):  # noqa: F821
-    """One token's whole gate-mode FFN in one launch: neuron blocks first, then down tiles, ordered by claims.
-
-    Every program claims the next work item from ``counters[0]`` when it starts. Items below the
-    number of neuron blocks run stage 1 (:func:`_gate_up_tile`) and then count their block in
-    ``counters[2 + split]``; the others are (K split, N tile) items of the down GEMV on g, which
-    wait until every neuron block of their split has counted itself, then list the split's
-    nonzero g (``_one_token_compacted`` with tau 0) and merge their partials by ticket
-    (``_finish_split``, tickets in ``counters[2 + n_splits + tile]``). A program that waits
-    claimed its item after every block it waits for was claimed by a program already running,
-    so the wait always ends, whatever order the hardware starts programs in (and under the
-    interpreter, which runs them one by one, it never waits). The last program to finish
-    (``counters[1]``) puts the claim and split counters back to zero for the next call.
-    """
-    n_blocks = tl.cdiv(F, BLOCK_F)
-    n_splits = tl.cdiv(F, ROWS_PER_SPLIT)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    split_done = counters_ptr + 2
-    item = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
-    if item < n_blocks:
-        _gate_up_tile(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, 1, F, D, tau, item, 0, stride_xd,
-                      stride_gf, stride_gd, stride_uf, stride_ud, 1, BLOCK_F, BLOCK_D, HAS_BG, GATED, HAS_BU,
-                      ACTIVATION, False, ROUND_BY_BITS)
-        tl.debug_barrier()   # every thread's g stores happen before the count (release)
-        tl.atomic_add(split_done + (item * BLOCK_F) // ROWS_PER_SPLIT, 1, sem="release", scope="gpu")
-    else:
-        j = item - n_blocks
-        split = j // n_tiles
-        pid_n = j % n_tiles
-        k0 = split * ROWS_PER_SPLIT
-        need = tl.cdiv(tl.minimum(F - k0, ROWS_PER_SPLIT), BLOCK_F)
-        done = tl.atomic_add(split_done + split, 0, sem="acquire", scope="gpu")
-        while done < need:
-            done = tl.atomic_add(split_done + split, 0, sem="acquire", scope="gpu")
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        acc = _one_token_compacted(g_ptr, 1, wt_ptr, stride_wk, stride_wn, F, k0, 0.0,
-                                   scratch_ptr + j.to(tl.int64) * ROWS_PER_SPLIT, offs_n, n_mask,
-                                   BLOCK_N, BLOCK_K, ROWS_PER_SPLIT)
-        row = tl.arange(0, 1)
-        _finish_split(acc, partial_ptr, split_done + n_splits + pid_n, bd_ptr, y_ptr, split, n_splits, 1, N, row,
-                      row < 1, offs_n, n_mask, 1, BLOCK_N, DIRECT, HAS_BD)
-    tl.debug_barrier()
-    finished = tl.atomic_add(counters_ptr + 1, 1, sem="acq_rel", scope="gpu")
-    if finished == tl.num_programs(0) - 1:   # every program has claimed, counted and stopped waiting
-        offs = tl.arange(0, 64)
-        for c in range(0, n_splits + 2, 64):
-            tl.store(counters_ptr + c + offs, tl.zeros((64,), dtype=tl.int32), mask=c + offs < n_splits + 2)
-
-
-_KERNELS = ("_rounded", "_gate_up_tile", "_gate_up_kernel", "_one_token_compacted", "_finish_split",
-            "_gate_ffn_one_launch_kernel")
+_KERNELS = ("_rounded", "_gate_up_kernel")
 
 
 def _bind() -> None:
     """Install the generated activation switch, then JIT this module's kernels (first use; imports Triton)."""
     if _activation is None:
         globals()["_activation"] = activation_switch("_activation")
-    bind_triton(vars(_gemv), _gemv._KERNELS)   # the down helpers resolve their own calls in their module
     bind_triton(globals(), _KERNELS)
 
 
@@ -322,10 +246,6 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     dtype = x.dtype
     w_gate = w_gate.to(dtype)
     w_up = w_up.to(dtype) if w_up is not None else None
-    if m == 1 and cfg.ONE_LAUNCH:
-        y = _one_launch(x2, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau, cfg,
-                        down_config or default_gemv_config(1, f), out)
-        return y.reshape(*lead, w_down.shape[0])
     g = torch.empty(m, f, dtype=dtype, device=x.device)
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     dummy = g  # never read: its HAS_* / GATED flag is off
@@ -341,38 +261,3 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     # tau = 0 skips exactly the zeros of g: dropped neurons, and survivors whose product is 0 (no contribution).
     y = threshold_linear(g, w_down, b_down, 0.0, config=down_config, out=out)
     return y.reshape(*lead, w_down.shape[0])
-
-
-def _one_launch(x2: Tensor, w_gate: Tensor, b_gate, w_up, b_up, w_down: Tensor, b_down, act: str, tau: float,
-                cfg: GateConfig, down: GemvConfig, out: Optional[Tensor]) -> Tensor:
-    """One token through :func:`_gate_ffn_one_launch_kernel`: ``y [1, D_out]``."""
-    if not down.COMPACT or down.PER_TOKEN or down.ROWS_PER_SPLIT % cfg.BLOCK_F:
-        raise ValueError(f"the one-launch gate FFN needs a compacted down config whose ROWS_PER_SPLIT is a multiple "
-                         f"of BLOCK_F={cfg.BLOCK_F}; got {down}")
-    f, d = w_gate.shape
-    n = w_down.shape[0]
-    dtype = x2.dtype
-    if out is not None and (tuple(out.shape) != (1, n) or out.dtype != dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous [1, {n}] {dtype} tensor")
-    y = torch.empty(1, n, dtype=dtype, device=x2.device) if out is None else out
-    wt = k_major(w_down.to(dtype)).t()
-    n_splits, n_tiles = triton.cdiv(f, down.ROWS_PER_SPLIT), triton.cdiv(n, down.BLOCK_N)  # noqa: F821
-    direct = n_splits == 1
-    partial = y if direct else torch.empty(n_splits, 1, n, dtype=torch.float32, device=x2.device)
-    g = torch.empty(1, f, dtype=dtype, device=x2.device)
-    # Claim and finish counters, one count per K split, one merge ticket per N tile (launch.ticket_counters).
-    counters = ticket_counters(2 + n_splits + n_tiles, x2)
-    scratch = torch.empty(n_splits * n_tiles * down.ROWS_PER_SPLIT, dtype=torch.int32, device=x2.device)
-    wu = w_up if w_up is not None else w_gate
-    interpreting = x2.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
-    grid = (triton.cdiv(f, cfg.BLOCK_F) + n_splits * n_tiles,)  # noqa: F821
-    launcher(_gate_ffn_one_launch_kernel, x2)[grid](  # noqa: F821 - bound by bind_triton
-        x2, w_gate, b_gate.contiguous() if b_gate is not None else g, wu,
-        b_up.contiguous() if b_up is not None else g, g, wt, b_down.contiguous() if b_down is not None else y,
-        partial, scratch, y, counters, f, d, n, round_to_dtype(tau, dtype),
-        x2.stride(1), w_gate.stride(0), w_gate.stride(1), wu.stride(0), wu.stride(1), wt.stride(0), wt.stride(1),
-        BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D, BLOCK_N=down.BLOCK_N, BLOCK_K=down.BLOCK_K,
-        ROWS_PER_SPLIT=down.ROWS_PER_SPLIT, HAS_BG=b_gate is not None, GATED=w_up is not None,
-        HAS_BU=b_up is not None, HAS_BD=b_down is not None, ACTIVATION=act,
-        ROUND_BY_BITS=interpreting and dtype == torch.bfloat16, DIRECT=direct, num_warps=cfg.num_warps)
-    return y

@@ -85,11 +85,11 @@ def assert_close_scaled(out, ref, dtype):
     torch.testing.assert_close(out.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
 
 
-def small_configs(m, one_launch=False):
-    """Small launch knobs, so tiny shapes still span several programs and splits (one launch: one token only)."""
+def small_configs(m):
+    """Small launch knobs, so tiny shapes still span several programs and splits."""
     from sparsecc.codegen.gate_sparse_ffn import GateConfig
-    return (GateConfig(BLOCK_F=16, BLOCK_D=16, num_warps=4, ONE_LAUNCH=one_launch and m == 1),
-            GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4))
+    return GateConfig(BLOCK_F=16, BLOCK_D=16, num_warps=4), GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=32,
+                                                                          num_warps=4)
 
 
 def make_ffn(gen, m, d, f, d_out, gated, biases, dtype, device="cpu"):
@@ -109,20 +109,16 @@ def make_ffn(gen, m, d, f, d_out, gated, biases, dtype, device="cpu"):
 @FEW
 @given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40),
        gated=st.booleans(), biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)),
-       dtype=st.sampled_from(KERNEL_DTYPES), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 10 ** 6),
-       one_launch=st.booleans())
-def test_interp_gate_sparse_ffn_kernel(interpreter, m, d, f, d_out, gated, biases, act, dtype, sparsity, seed,
-                                       one_launch):
+       dtype=st.sampled_from(KERNEL_DTYPES), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 10 ** 6))
+def test_interp_gate_sparse_ffn_kernel(interpreter, m, d, f, d_out, gated, biases, act, dtype, sparsity, seed):
     from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
     gen = torch.Generator().manual_seed(seed)
-    if one_launch:
-        m = 1   # the one-launch kernel serves one token
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, gated, biases, dtype)
     _, a, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, act, 0.0)
     tau = pick_tau(a.abs(), sparsity, dtype)
     assume(tau is not None)
     ref, _, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, act, tau)
-    cfg, down = small_configs(m, one_launch)
+    cfg, down = small_configs(m)
     out = torch.full((m, d_out), float("nan"), dtype=dtype)
     y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, act, tau, config=cfg, down_config=down, out=out)
     assert_close_scaled(y, ref, dtype)
@@ -142,14 +138,14 @@ def test_interp_default_configs_match_the_reference(interpreter, m, gated):
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("m,one_launch", [(1, False), (1, True), (4, False)])
+@pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_interp_all_dead_and_all_alive(interpreter, m, one_launch, dtype):
+def test_interp_all_dead_and_all_alive(interpreter, m, dtype):
     """tau above every |a|: y is b_down exactly; tau below zero: every neuron survives (the dense FFN)."""
     from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
     gen = torch.Generator().manual_seed(7)
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 32, 40, 24, True, True, dtype)
-    cfg, down = small_configs(m, one_launch)
+    cfg, down = small_configs(m)
     dead = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 1e4, config=cfg, down_config=down)
     assert torch.equal(dead, bd.expand(m, -1))
     alive = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", -1.0, config=cfg, down_config=down)
@@ -158,8 +154,8 @@ def test_interp_all_dead_and_all_alive(interpreter, m, one_launch, dtype):
     assert_close_scaled(alive, ref, dtype)
 
 
-@pytest.mark.parametrize("m,one_launch", [(1, False), (1, True), (3, False)])
-def test_interp_reads_only_surviving_rows(interpreter, m, one_launch):
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_reads_only_surviving_rows(interpreter, m):
     """Neurons no token keeps have NaN up rows, up biases and down columns.
 
     A down column that were read would turn the output NaN; the up stage must
@@ -175,28 +171,10 @@ def test_interp_reads_only_surviving_rows(interpreter, m, one_launch):
     wu_bad[dead] = float("nan")
     bu_bad[dead] = float("nan")
     wd_bad[:, dead] = float("nan")
-    cfg, down = small_configs(m, one_launch)
+    cfg, down = small_configs(m)
     y = gate_sparse_ffn(x, wg, bg, wu_bad, bu_bad, wd_bad, bd, "silu", 0.05, config=cfg, down_config=down)
     ref, _, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", 0.05)
     assert_close_scaled(y, ref, torch.bfloat16)
-
-
-def test_interp_one_launch_repeats_and_leaves_its_counters_at_zero(interpreter):
-    """Two calls in a row give the same y (the last program reset the claim, finish and split counters)."""
-    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
-    from sparsecc.codegen.launch import ticket_counters
-    gen = torch.Generator().manual_seed(21)
-    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 1, 24, 96, 40, True, True, torch.float32)
-    _, a, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", 0.0)
-    tau = pick_tau(a.abs(), 0.5, torch.float32)
-    ref, _, keep = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", tau)
-    assert 0 < int(keep.sum()) < keep.numel()   # the form drops some neurons and keeps others
-    cfg, down = small_configs(1, one_launch=True)
-    first = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, config=cfg, down_config=down)
-    assert not bool(ticket_counters(1, x).any()), "a counter was left non-zero"
-    second = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, config=cfg, down_config=down)
-    assert torch.equal(first, second)
-    assert_close_scaled(first, ref, torch.float32)
 
 
 def test_interp_k_major_and_strided_inputs(interpreter):
@@ -241,11 +219,6 @@ def test_gate_sparse_ffn_rejects_bad_arguments():
         gate_sparse_ffn(x[:, :15], wg, bg, wu, bu, wd, bd, "silu", 0.1)
     with pytest.raises(ValueError, match="BLOCK_F=24 must be a power of two"):
         GateConfig(BLOCK_F=24, BLOCK_D=32, num_warps=4)
-    one = GateConfig(BLOCK_F=32, BLOCK_D=32, num_warps=4, ONE_LAUNCH=True)
-    for down in (GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4),
-                 GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=64, num_warps=4, COMPACT=False)):
-        with pytest.raises(ValueError, match="one-launch gate FFN needs a compacted down config"):
-            gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.1, config=one, down_config=down)
 
 
 def test_oracle_is_the_op_reference_in_float64():
@@ -328,11 +301,8 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_gate_sparse_ffn_gpu(dtype, m, gated, sparsity, one_launch):
-    from sparsecc.codegen.gate_sparse_ffn import DEFAULT_GATE_CONFIG, GateConfig, gate_sparse_ffn
-    if one_launch and m != 1:
-        pytest.skip("the one-launch kernel serves one token")
+def test_gate_sparse_ffn_gpu(dtype, m, gated, sparsity):
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
     gen = cuda_generator(m + int(100 * sparsity))
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 4096, 14336, 4096, gated, True, dtype, "cuda")
     # float32 oracle on the GPU with the same roundings (linear outputs, activation, g) as the kernel.
@@ -345,14 +315,9 @@ def test_gate_sparse_ffn_gpu(dtype, m, gated, sparsity, one_launch):
         h = (h * (x.float() @ wu.float().T + bu.float()).to(dtype).float()).to(dtype).float()
     ref = h @ wd.float().T + bd.float()
     out = torch.full((m, 4096), float("nan"), dtype=dtype, device="cuda")
-    cfg = GateConfig(DEFAULT_GATE_CONFIG.BLOCK_F, DEFAULT_GATE_CONFIG.BLOCK_D, DEFAULT_GATE_CONFIG.num_warps,
-                     ONE_LAUNCH=True) if one_launch else None
-    y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, config=cfg, out=out)
+    y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, out=out)
     assert bool(torch.isfinite(y).all())
     assert rel_err(y, ref) < 1e-2
-    if one_launch:   # a second call finds its counters back at zero
-        again = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, config=cfg)
-        assert torch.equal(again, y)
 
 
 def cuda_generator(seed):
