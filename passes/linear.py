@@ -67,32 +67,32 @@ def match_linear(node: Node, ctx) -> Optional[LinearMatch]:
         ref = _param(ctx, w)
         if ref is None:
             return None
-        n, k = ref.tensor.shape
+        n, k = ref.shape
         return LinearMatch(x, ref, b if isinstance(b, Node) else None, False, k, n)
     if op.name == "addmm":
         x, w, b = op.inputs
         ref = _param(ctx, w)
         if ref is None:
             return None
-        k, n = ref.tensor.shape
+        k, n = ref.shape
         return LinearMatch(x, ref, b if isinstance(b, Node) else None, True, k, n)
     if is_plain_matmul(op) and op.params["transpose_rhs"]:
         x, rhs = op.inputs          # einsum("bsd,od->bso", x, W): W stored [out, in]
         ref = _param(ctx, rhs)
         if ref is not None:
-            n, k = ref.tensor.shape
+            n, k = ref.shape
             return LinearMatch(x, ref, None, False, k, n)
     if is_plain_matmul(op) and not op.params["transpose_rhs"]:
         x, rhs = op.inputs
         ref = _param(ctx, rhs)
         if ref is not None:
-            k, n = ref.tensor.shape
+            k, n = ref.shape
             return LinearMatch(x, ref, None, True, k, n)
         t = op_of(rhs)
         if t is not None and t.name == "transpose":
             ref = _param(ctx, t.inputs[0])
             if ref is not None:
-                n, k = ref.tensor.shape
+                n, k = ref.shape
                 return LinearMatch(x, ref, None, False, k, n)
     return None
 
@@ -112,7 +112,7 @@ def search_linear(gm: GraphModule, ctx) -> List[Site]:
         tokens = 1
         for d in (x_shape or ())[:-1]:
             tokens *= size_hint(d)
-        shapes = {"x": concrete_shape(m.x), "weight": tuple(m.weight.tensor.shape)}
+        shapes = {"x": concrete_shape(m.x), "weight": m.weight.shape}
         attrs = {"in_features": m.in_features, "out_features": m.out_features, "tokens": tokens,
                  "bias": m.bias is not None, "weight": m.weight.qualname,
                  "weight_layout": "in_out" if m.in_out else "out_in"}

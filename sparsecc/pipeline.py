@@ -1,6 +1,7 @@
 """The sparsecc pipeline, readable top to bottom as a named list of stages.
 
     normalize  classify every node into the canonical op vocabulary
+    localize   tensor parallelism: sharded linears as local linears on this rank's shard (no-op otherwise)
     match      structural search for attention / ffn / linear sites
     shard      tensor parallelism: the global heads and local weight shapes this rank holds of each site
     decide     one check per site: spec rule + cost model -> Decision(apply, form, reason, estimate)
@@ -10,7 +11,7 @@
     lower      hand the rewritten graph to Inductor (compile_fx); the dense rest compiles as usual
     report     every site, its decision and reason, estimates, stage times
 
-``explain`` runs the first four stages only (no graph change). Each stage is timed; setting
+``explain`` runs the stages up to plan on a private copy of the graph (the captured graph is not changed). Each stage is timed; setting
 ``SPARSECC_DEBUG_DIR`` dumps the graph's code after every stage.
 """
 
@@ -37,6 +38,7 @@ from sparsecc.passes.fx_utils import UNRESOLVED, collect_params
 from sparsecc.passes.linear import LINEAR_REWRITES
 from sparsecc.passes.site import Decision, Rewrite, Site
 from sparsecc.report.model import Report, SiteRecord
+from sparsecc.sharding import local_tensor
 from sparsecc.weights import DerivedBinding, WeightBinding, compress, register_binding
 
 log = logging.getLogger("sparsecc")
@@ -118,7 +120,9 @@ class CompileContext:
         for binding in self.bindings:
             if getattr(binding, "derived_key", None) == (ref.qualname, what):
                 return binding.node
-        tensor = derive(ref.tensor, in_out)
+        # A K-major copy or column norms of a DTensor weight are those of this rank's shard (the FFN's weighted
+        # criterion, which needs whole columns, is refused under tensor parallelism before it gets here).
+        tensor = derive(local_tensor(ref.tensor), in_out)
         binding = DerivedBinding(ref.input_index, ref.tensor, None, (what,), [tensor], ref.tensor._version,
                                  ref.tensor.data_ptr(), ref.qualname, in_out=in_out)
         binding.derived_key, binding.derive_fn = (ref.qualname, what), derive
@@ -179,6 +183,12 @@ def stage_match(gm: GraphModule, ctx: CompileContext) -> None:
     for site in ctx.sites:
         if site.kind == "linear":
             site.parent = owner.get(site.output)
+
+
+def stage_localize(gm: GraphModule, ctx: CompileContext) -> None:
+    """Tensor parallelism: sharded linears become local linears on this rank's weight shard, wrapped back into
+    their DTensors, so the searches see the model as one rank computes it (``passes/tensor_parallel.py``)."""
+    tensor_parallel.localize(gm, ctx)
 
 
 def stage_shard(gm: GraphModule, ctx: CompileContext) -> None:
@@ -270,13 +280,14 @@ def _keeps_side_effects(node: Node) -> bool:
 
 STAGES: Tuple[Tuple[str, Callable[[GraphModule, CompileContext], None]], ...] = (
     ("normalize", stage_normalize),
+    ("localize", stage_localize),
     ("match", stage_match),
     ("shard", stage_shard),
     ("decide", stage_decide),
     ("plan", stage_plan),
     ("rewrite", stage_rewrite),
 )
-EXPLAIN_STAGES = STAGES[:5]
+EXPLAIN_STAGES = STAGES[:6]
 
 
 def run_stages(gm: GraphModule, ctx: CompileContext, stages=STAGES) -> None:

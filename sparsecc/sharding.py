@@ -74,28 +74,26 @@ def shard_of(value) -> Optional[ShardInfo]:
                      partial=partial, supported=supported)
 
 
-def head_span(info: ShardInfo, head_dim: int, local_heads: int) -> Tuple[int, int]:
-    """(first global head, global head count) of the heads a projection output sharded as ``info`` holds.
+def head_span(first: int, local: int, total: int, head_dim: int, local_heads: int) -> Tuple[int, int]:
+    """(first global head, global head count) of the heads a rank holds, from the output features of the
+    projection it computes: ``first .. first + local - 1`` of ``total``.
 
-    The projection output is ``[..., heads * head_dim]`` (the feature axis is
-    the last one); the attention views it as ``(..., -1, head_dim)``, so this
-    rank's heads are the global ones its feature slice covers. Raises
-    ``ValueError`` when the slice is not a whole number of heads or does not
-    hold ``local_heads`` of them (the sharding cannot be established).
+    The attention views the projection output as ``(..., -1, head_dim)``, so this rank's heads are the global
+    ones its feature slice covers. Raises ``ValueError`` when the slice is not a whole number of heads or does
+    not hold the ``local_heads`` the attention sees (the sharding cannot be established).
     """
-    last = len(info.global_shape) - 1
-    if not info.supported or info.partial:
-        raise ValueError(f"the projection output is placed {info.placements}; expected Shard(-1) on a 1-D mesh")
-    if info.dim is not None and info.dim != last:
-        raise ValueError(f"the projection output is sharded on dim {info.dim}, not on its feature dim {last}")
-    features, offset, local = info.global_shape[last], info.offset[last], info.local_shape[last]
-    if features % head_dim or offset % head_dim or local % head_dim:
-        raise ValueError(f"this rank holds features {offset}..{offset + local - 1} of {features}, which is not a "
+    if total % head_dim or first % head_dim or local % head_dim:
+        raise ValueError(f"this rank computes features {first}..{first + local - 1} of {total}, which is not a "
                          f"whole number of heads of {head_dim}")
     if local // head_dim != local_heads:
-        raise ValueError(f"this rank's slice holds {local // head_dim} heads of the projection, but the attention "
-                         f"sees {local_heads}")
-    return offset // head_dim, features // head_dim
+        raise ValueError(f"this rank's projection holds {local // head_dim} heads, but the attention sees "
+                         f"{local_heads}")
+    return first // head_dim, total // head_dim
+
+
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """This rank's local tensor of a DTensor (``to_local()``); any other tensor as it is."""
+    return value.to_local() if is_dtensor(value) else value
 
 
 def local_part(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:

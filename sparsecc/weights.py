@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from sparsecc.forms import PRUNE_MODES, BlockWeights, TwoFour
-from sparsecc.sharding import is_dtensor, local_part, shard_of
+from sparsecc.sharding import is_dtensor, local_part, local_tensor, shard_of
 
 # 2:4 sparsity: GROUP consecutive input weights, KEPT of them stored.
 GROUP = 4
@@ -334,8 +334,8 @@ class DerivedBinding(WeightBinding):
     derive_fn = None
 
     def derive(self, param: torch.Tensor):
-        """The derived tensor for the parameter's current values (no compression)."""
-        return [self.derive_fn(param, self.in_out)]
+        """The derived tensor for the parameter's current values (no compression; a DTensor: its local shard)."""
+        return [self.derive_fn(local_tensor(param), self.in_out)]
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
