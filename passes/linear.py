@@ -135,14 +135,18 @@ def check_linear(site: Site, ctx) -> Decision:
     # A symbolic token count has no runtime branch for linears: judge the form at its worst probed count.
     estimate = estimate_linear(form, tokens=site.attrs["tokens"], in_features=k, out_features=n,
                                dtype=site.dtype, hw=ctx.hardware, symbolic_tokens=site.symbolic)
+    # Under tensor parallelism n and k are this rank's shard (passes/tensor_parallel.py); the reason says so.
+    shard = f" (this rank's shard of the {site.attrs['global_weight']} weight)" if "global_weight" in site.attrs else ""
     if isinstance(form, TwoFour):
         if k % 4:
-            return fallback(form, rule.key, policy, f"2:4 needs in_features divisible by 4 (got {k})", estimate)
+            return fallback(form, rule.key, policy, f"2:4 needs in_features divisible by 4 (got {k}{shard})",
+                            estimate)
         op_name = "semi_structured_linear"
     else:
         bm, bk = form.block
         if n % bm or k % bk:
-            return fallback(form, rule.key, policy, f"block {bm}x{bk} does not tile the weight {n}x{k}", estimate)
+            return fallback(form, rule.key, policy, f"block {bm}x{bk} does not tile the weight {n}x{k}{shard}",
+                            estimate)
         op_name = "block_sparse_linear"
     try:
         ctx.compressed_weight(site, form)
