@@ -103,6 +103,27 @@ def tp_plan() -> dict:
     return plan
 
 
+def build_llama(seed: int = 0):
+    """A 2-layer ``LlamaForCausalLM`` of transformers (rotary embeddings, its own attention code)."""
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                                   max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def llama_plan() -> dict:
+    """The same plan under the paths of HF's Llama (``model.layers.{i}.self_attn.q_proj``, ...)."""
+    return {f"model.{path}".replace(".attn.", ".self_attn."): style for path, style in tp_plan().items()}
+
+
+MODELS = {"tiny": (build, tp_plan, lambda: inputs()),
+          "llama": (build_llama, llama_plan,
+                    lambda: torch.randint(0, 128, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)))}
+
+
 def site_rows(report) -> list:
     """The report's sites as plain dicts (picklable, compared across ranks)."""
     return [dict(kind=s.kind, module=s.module, applied=s.applied, reason=s.reason, form=s.form,
@@ -126,17 +147,20 @@ def compile_and_run(model, spec, x):
     return out, site_rows(sparsecc.last_report()), bound
 
 
-def run_case(spec, mesh, with_report: bool = False) -> dict:
+def run_case(spec, mesh, with_report: bool = False, model: str = "tiny") -> dict:
     """The case's spec on the parallel model and on the unsharded one; the outputs, reports and bound weights."""
     from torch.distributed.tensor.parallel import parallelize_module
     import sparsecc
 
-    x = inputs()
-    ref, ref_sites, ref_bound = compile_and_run(build(), spec, x)
-    model = parallelize_module(build(), mesh, tp_plan())
+    factory, plan, make_inputs = MODELS[model]
+    x = make_inputs()
+    ref, ref_sites, ref_bound = compile_and_run(factory(), spec, x)
+    parallel = parallelize_module(factory(), mesh, plan())
     with torch.no_grad():
-        eager = model(x)
-    out, sites, bound = compile_and_run(model, spec, x)
+        eager = parallel(x)
+    out, sites, bound = compile_and_run(parallel, spec, x)
+    if model == "llama":
+        eager, out, ref = eager.logits, out.logits, ref.logits
     result = dict(out=out, ref=ref, eager=eager, sites=sites, ref_sites=ref_sites, bound=bound, ref_bound=ref_bound)
     if with_report:
         combined = sparsecc.gather_reports()

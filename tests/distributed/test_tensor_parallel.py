@@ -49,6 +49,14 @@ WEIGHTS = {"version": 1, "defaults": {"policy": "force"},
 MISALIGNED = {"version": 1, "defaults": {"policy": "force"},
               "linear": [{"modules": "*.k_proj", "form": "block_weights", "block": [32, 32], "density": 0.5}]}
 
+LLAMA = {"version": 1, "defaults": {"policy": "force"},
+         "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": SINK, "window": WINDOW,
+                        "heads": [1, 2]}],
+         "ffn": [{"modules": "model.layers.1.mlp", "form": "activation_threshold", "mode": "gate", "threshold": 0.02}],
+         "linear": [{"modules": "*.o_proj", "form": "2:4"},
+                    {"modules": "model.layers.0.mlp.gate_proj", "form": "block_weights", "block": [32, 32],
+                     "density": 0.5}]}
+
 CASES = {
     "dense": functools.partial(H.run_case, DENSE),
     "streaming": functools.partial(H.run_case, STREAMING, with_report=True),
@@ -58,6 +66,7 @@ CASES = {
     "calibrate": functools.partial(H.calibration_case, CALIBRATE),
     "weights": functools.partial(H.run_case, WEIGHTS),
     "misaligned": functools.partial(H.run_case, MISALIGNED),
+    "llama": functools.partial(H.run_case, LLAMA, model="llama"),
 }
 
 
@@ -279,3 +288,16 @@ def test_misaligned_blocks_stay_dense_with_a_reason(ranks):
         torch.testing.assert_close(r["out"], r["eager"], atol=ATOL, rtol=0)
         # unsharded, the 32x32 blocks tile the 32x64 weight and apply
         assert _sites({"sites": r["ref_sites"]}, "linear")["layers.0.attn.k_proj"]["applied"]
+
+
+def test_transformers_llama(ranks):
+    """HF's LlamaForCausalLM (rotary embeddings, its own attention spelling) under the same plan."""
+    pytest.importorskip("transformers")
+    records = _case(ranks, "llama")
+    _same_as_unsharded(records)
+    for rank, r in enumerate(records):
+        applied = sorted(s["module"] for s in r["sites"] if s["applied"])
+        assert applied == ["model.layers.0.mlp.gate_proj", "model.layers.0.self_attn", "model.layers.0.self_attn.o_proj",
+                           "model.layers.1.mlp", "model.layers.1.self_attn", "model.layers.1.self_attn.o_proj"], \
+            f"rank {rank}: {applied}"
+        assert _sites(r, "attention")["model.layers.0.self_attn"]["attrs"]["holds_heads"] == ("0-1", "2-3")[rank]
