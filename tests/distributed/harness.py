@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.zoo import GatedSiluFFN
+
 HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, LAYERS = 64, 4, 2, 128, 2
 HEAD_DIM = HIDDEN // HEADS
 BATCH, SEQ = 2, 32
@@ -45,23 +47,10 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-class Mlp(nn.Module):
-    """Llama's gated SiLU FFN."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate_proj = nn.Linear(HIDDEN, INTERMEDIATE, bias=False)
-        self.up_proj = nn.Linear(HIDDEN, INTERMEDIATE, bias=False)
-        self.down_proj = nn.Linear(INTERMEDIATE, HIDDEN, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Layer(nn.Module):
     def __init__(self):
         super().__init__()
-        self.attn, self.mlp = Attention(), Mlp()
+        self.attn, self.mlp = Attention(), GatedSiluFFN(HIDDEN, INTERMEDIATE)   # Llama's gated SiLU FFN
 
     def forward(self, x):
         x = x + self.attn(x)
