@@ -310,9 +310,13 @@ class WeightBinding:
             return
         new = self.derive(param)
         if any(a.shape != b.shape for a, b in zip(new, self.tensors)):
+            # Under tensor parallelism the kept blocks are a global choice: an update can move some to another
+            # rank, and this rank's share then has another size than the compiled graph's.
+            moved = (" (tensor parallelism: the update moved kept blocks between ranks, so this rank's share "
+                     "changed size)") if is_dtensor(param) else ""
             raise RuntimeError(
                 f"sparsecc: weight {self.qualname} changed after compile and its derived form no longer "
-                f"fits the compiled graph ({self.form or self.fields[0]}); recompile the model "
+                f"fits the compiled graph ({self.form or self.fields[0]}){moved}; recompile the model "
                 "(torch._dynamo.reset()).")
         with torch.no_grad():
             for dst, src in zip(self.tensors, new):

@@ -119,9 +119,10 @@ def site_rows(report) -> list:
                  detail=s.form_detail, shapes=s.shapes, attrs=dict(s.attrs)) for s in report.sites]
 
 
-def compile_and_run(model, spec, x):
+def compile_and_run(model, spec, x, lowering: str = "eager"):
     """Compile ``model`` with sparsecc and ``spec``; return (output, report rows, the weights bound by this compile
-    as {qualname: (form name, {field: tensor})})."""
+    as {qualname: (form name, {field: tensor})}). ``lowering="inductor"`` lowers the rewritten graph with
+    Inductor, as in use; "eager" runs it as it is (faster to compile; the numerics of the rewrites)."""
     import sparsecc
     from sparsecc.backend import reset_reports
     from sparsecc.weights import live_bindings
@@ -129,6 +130,7 @@ def compile_and_run(model, spec, x):
     torch._dynamo.reset()
     reset_reports()
     before = {id(b) for b in live_bindings()}
+    os.environ["SPARSECC_LOWERING"] = lowering
     with torch.no_grad():
         out = torch.compile(model, backend="sparsecc", options={"spec": spec})(x)
     bound = {b.qualname: (getattr(b.form, "name", None), dict(zip(b.fields, (t.clone() for t in b.tensors))))
@@ -136,8 +138,9 @@ def compile_and_run(model, spec, x):
     return out, site_rows(sparsecc.last_report()), bound
 
 
-def run_case(spec, mesh, with_report: bool = False, model: str = "tiny") -> dict:
-    """The case's spec on the parallel model and on the unsharded one; the outputs, reports and bound weights."""
+def run_case(spec, mesh, with_report: bool = False, model: str = "tiny", lowering: str = "eager") -> dict:
+    """The case's spec on the parallel model (lowered by ``lowering``) and on the unsharded one; the outputs,
+    reports and bound weights."""
     from torch.distributed.tensor.parallel import parallelize_module
     import sparsecc
 
@@ -147,7 +150,7 @@ def run_case(spec, mesh, with_report: bool = False, model: str = "tiny") -> dict
     parallel = parallelize_module(factory(), mesh, plan())
     with torch.no_grad():
         eager = parallel(x)
-    out, sites, bound = compile_and_run(parallel, spec, x)
+    out, sites, bound = compile_and_run(parallel, spec, x, lowering)
     if model == "llama":
         eager, out, ref = eager.logits, out.logits, ref.logits
     result = dict(out=out, ref=ref, eager=eager, sites=sites, ref_sites=ref_sites, bound=bound, ref_bound=ref_bound)
@@ -155,6 +158,44 @@ def run_case(spec, mesh, with_report: bool = False, model: str = "tiny") -> dict
         combined = sparsecc.gather_reports()
         result["combined"] = site_rows(combined) if combined is not None else None
     return result
+
+
+def _compile_update_run(model, spec, mesh, x):
+    """Compile ``model``, run it, replace every FFN weight through its parameter (on every rank, as
+    ``load_state_dict`` does), run it again: (before, after, applied per site); ``after`` is the error text
+    when the second call raises."""
+    from torch.distributed.tensor import distribute_tensor
+    import sparsecc
+
+    fresh = {name: 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7 + i))
+             for i, (name, p) in enumerate(build().named_parameters()) if ".mlp." in name}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparsecc", options={"spec": spec})
+    with torch.no_grad():
+        before = compiled(x)
+        applied = [s.applied for s in sparsecc.last_report().sites]
+        for name, p in model.named_parameters():
+            if name in fresh:
+                p.copy_(distribute_tensor(fresh[name], mesh, p.placements) if hasattr(p, "placements")
+                        else fresh[name])
+        try:
+            after = compiled(x)
+        except Exception as err:  # noqa: BLE001 - the test reads the message
+            after = str(err)
+    return before, after, applied
+
+
+def update_case(spec, moving_spec, mesh) -> dict:
+    """Weights updated after compile: pruned anew with the unsharded rule (``spec``); with ``moving_spec`` the
+    update moves kept blocks between ranks, which the compiled graph cannot hold."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    x = inputs()
+    ref_before, ref, ref_applied = _compile_update_run(build(), spec, mesh, x)
+    out_before, out, applied = _compile_update_run(parallelize_module(build(), mesh, tp_plan()), spec, mesh, x)
+    moved = _compile_update_run(parallelize_module(build(), mesh, tp_plan()), moving_spec, mesh, x)[1]
+    return dict(out=out, ref=ref, out_before=out_before, ref_before=ref_before, applied=applied,
+                ref_applied=ref_applied, moved=moved if isinstance(moved, str) else None)
 
 
 def calibration_case(spec, mesh) -> dict:
@@ -174,7 +215,6 @@ def calibration_case(spec, mesh) -> dict:
 
 
 def _worker(rank: int, rendezvous: str, out_dir: str, cases: Dict[str, Callable]) -> None:
-    os.environ["SPARSECC_LOWERING"] = "eager"     # numerics of the rewrites; Inductor is not what is tested here
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
