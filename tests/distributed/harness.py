@@ -235,6 +235,14 @@ def _worker(rank: int, rendezvous: str, out_dir: str, cases: Dict[str, Callable]
     dist.destroy_process_group()
 
 
+def records(ranks: list, name: str) -> list:
+    """Every rank's record of case ``name``; fails with a rank's traceback when the case raised there."""
+    out = [r[name] for r in ranks]
+    for rank, record in enumerate(out):
+        assert "error" not in record, f"rank {rank}:\n{record['error']}"
+    return out
+
+
 def spawn(cases: Dict[str, Callable], tmp_dir: str, timeout_s: float = 240.0) -> list:
     """Run ``cases`` (name -> fn(mesh) -> picklable dict) on ``WORLD`` processes; return each rank's results."""
     import torch.multiprocessing as mp

@@ -69,17 +69,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Both ranks' records of every case (one spawn for the module)."""
-    return H.spawn(CASES, str(tmp_path_factory.mktemp("tp")))
-
-
-def _case(ranks, name):
-    records = [r[name] for r in ranks]
-    for rank, record in enumerate(records):
-        assert "error" not in record, f"rank {rank}:\n{record['error']}"
-    return records
+_case = H.records
 
 
 def _sites(record, kind):

@@ -35,18 +35,11 @@ CASES = {"llama": functools.partial(H.run_case, LLAMA, model="llama"),
          "inductor": functools.partial(H.run_case, SPEC, lowering="inductor")}
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Both ranks' records of both cases."""
-    return H.spawn(CASES, str(tmp_path_factory.mktemp("tp")))
-
-
 def _records(ranks, name):
-    records = [r[name] for r in ranks]
-    for rank, r in enumerate(records):
-        assert "error" not in r, f"rank {rank}:\n{r['error']}"
+    out = H.records(ranks, name)
+    for rank, r in enumerate(out):
         torch.testing.assert_close(r["out"], r["ref"], atol=2e-5, rtol=0, msg=lambda m: f"rank {rank}: {m}")
-    return records
+    return out
 
 
 def test_sparse_sites_lower_through_inductor(ranks):
