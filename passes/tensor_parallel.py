@@ -283,10 +283,16 @@ def _annotate_ffn(site: Site, ctx) -> None:
     """An FFN of local linears computes per element (docs/spec.md's thresholds), so it runs as it is; only the
     ``weighted`` criterion needs whole columns of the gate/up weights, which a column-wise shard splits."""
     m = site.match
-    linears = [lin for lin in (m.first, m.up, m.down) if lin is not None]
-    sharded = [lin for lin in linears if is_dtensor(lin.weight.tensor)]
+    nodes = [(lin, node) for lin, node in ((m.first, m.first_node), (m.up, m.up_node), (m.down, m.down_node))
+             if lin is not None]
+    sharded = [lin for lin, _ in nodes if is_dtensor(lin.weight.tensor)]
     if not sharded:
         return
+    unlocal = [lin.weight.qualname for lin, node in nodes if is_dtensor(lin.weight.tensor)
+               and LOCAL_META not in node.meta]
+    if unlocal:
+        raise ValueError(f"the weight {unlocal[0]} is a DTensor in a linear that is neither column-wise nor "
+                         "row-wise (the FFN's rewrite needs local tensors)")
     rule = ctx.spec.resolve("ffn", site.module) if ctx.spec is not None else None
     if getattr(rule.form if rule is not None else None, "criterion", None) == "weighted":
         raise ValueError("criterion 'weighted' needs the norms of whole weight columns, which column-wise "

@@ -46,7 +46,10 @@ WEIGHTS = {"version": 1, "defaults": {"policy": "force"},
                       {"modules": "*.down_proj", "form": "block_weights", "block": list(BLOCK),
                        "density": DENSITY_DOWN}]}
 # k_proj has 32 rows, 16 per rank: a 32-row block would straddle the ranks
+# and the weighted criterion needs whole columns of gate/up, which column-wise shards split
 MISALIGNED = {"version": 1, "defaults": {"policy": "force"},
+              "ffn": [{"modules": "layers.0.mlp", "form": "activation_threshold", "threshold": 0.01,
+                       "criterion": "weighted"}],
               "linear": [{"modules": "*.k_proj", "form": "block_weights", "block": [32, 32], "density": 0.5}]}
 
 # Weight updates after compile: 2:4 shards keep their size; down_proj's kept blocks move between the ranks.
@@ -268,15 +271,18 @@ def test_weight_forms_keep_the_unsharded_groups_and_blocks(ranks):
     assert int(down.sum()) == math.ceil(DENSITY_DOWN * 8) * BLOCK[0] * BLOCK[1]
 
 
-def test_misaligned_blocks_stay_dense_with_a_reason(ranks):
+def test_misaligned_blocks_and_weighted_thresholds_stay_dense_with_a_reason(ranks):
     for rank, r in enumerate(_case(ranks, "misaligned")):
         for i in range(H.LAYERS):
             site = _sites(r, "linear")[f"layers.{i}.attn.k_proj"]
             assert not site["applied"], f"rank {rank}"
             assert "this rank's shard of the 32x64 weight" in site["reason"], f"rank {rank}: {site['reason']}"
+        ffn = _sites(r, "ffn")["layers.0.mlp"]
+        assert not ffn["applied"] and "criterion 'weighted'" in ffn["reason"], f"rank {rank}: {ffn['reason']}"
         torch.testing.assert_close(r["out"], r["eager"], atol=ATOL, rtol=0)
-        # unsharded, the 32x32 blocks tile the 32x64 weight and apply
+        # unsharded, the 32x32 blocks tile the 32x64 weight and the weighted criterion applies
         assert _sites({"sites": r["ref_sites"]}, "linear")["layers.0.attn.k_proj"]["applied"]
+        assert _sites({"sites": r["ref_sites"]}, "ffn")["layers.0.mlp"]["applied"]
 
 
 def test_weight_update_after_compile_prunes_the_new_weights(ranks):
