@@ -27,6 +27,7 @@ No communication is added or removed: the reductions of the plan's hooks stay wh
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,6 +37,8 @@ from sparsecc.passes.fx_utils import ParamRef, size_hint
 from sparsecc.passes.normalize import META_KEY, canonical, op_of
 from sparsecc.passes.site import Site
 from sparsecc.sharding import ShardInfo, format_span, head_span, is_dtensor, shard_of
+
+log = logging.getLogger("sparsecc")
 
 # Site attribute holding why a site's sharding cannot be established (the site then stays dense).
 REFUSED = "sharding_refused"
@@ -70,7 +73,11 @@ def localize(gm: GraphModule, ctx) -> int:
     """
     count = 0
     for node in list(gm.graph.nodes):
-        kind = _local_kind(node, ctx)
+        try:
+            kind = _local_kind(node, ctx)
+        except Exception as err:  # noqa: BLE001 - an unreadable linear is left as it is (shard keeps it dense)
+            log.warning("sparsecc: %s not made local: %r", node.name, err)
+            continue
         if kind is not None:
             _localize_linear(gm.graph, node, kind, ctx)
             count += 1

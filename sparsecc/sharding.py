@@ -61,7 +61,7 @@ def shard_of(value) -> Optional[ShardInfo]:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh, placements = value.device_mesh, tuple(value.placements)
-    shape = tuple(int(d) for d in value.shape)
+    shape = tuple(_hint(d) for d in value.shape)
     text = "(" + ", ".join(str(p) for p in placements) + ")"
     partial = any(isinstance(p, Partial) for p in placements)
     supported = mesh.ndim == 1 and all(isinstance(p, (Shard, Replicate)) for p in placements)
@@ -72,6 +72,15 @@ def shard_of(value) -> Optional[ShardInfo]:
     return ShardInfo(rank=rank, world=int(mesh.size()), global_shape=shape, local_shape=tuple(local),
                      offset=tuple(offset), placements=text, dim=dims[0] if len(dims) == 1 else None,
                      partial=partial, supported=supported)
+
+
+def _hint(dim) -> int:
+    """A size as an int; a symbolic size (dynamic shapes) by the hint it was traced with, so that reading it
+    installs no guard. Only the sharded dims (weights' and features', which are static) are read exactly."""
+    if isinstance(dim, int):
+        return dim
+    hint = getattr(getattr(dim, "node", None), "hint", None)
+    return int(hint) if hint is not None else 1
 
 
 def head_span(first: int, local: int, total: int, head_dim: int, local_heads: int) -> Tuple[int, int]:
