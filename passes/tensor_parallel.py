@@ -199,6 +199,11 @@ def _annotate_linear(site: Site) -> None:
                          "and weight sharded on the input dim) without a bias")
     site.attrs.update(tp_rank=f"{info.rank}/{info.world}", tp_linear=kind, tp_weight=info.placements,
                       global_weight="x".join(str(d) for d in info.global_shape))
+    if info.dim is not None and info.global_shape[info.dim] % info.world:
+        # Uneven shards would let ranks decide differently, and a weight form's compression gathers the weight
+        # (a collective) on the ranks that apply it only: every rank must reach the same decision.
+        raise ValueError(f"the weight's dim {info.dim} ({info.global_shape[info.dim]}) is not divisible by the "
+                         f"{info.world} ranks; uneven shards are not supported")
 
 
 def _annotate_attention(site: Site, ctx) -> None:
