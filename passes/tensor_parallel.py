@@ -42,8 +42,6 @@ log = logging.getLogger("sparsecc")
 
 # Site attribute holding why a site's sharding cannot be established (the site then stays dense).
 REFUSED = "sharding_refused"
-# Node meta of a localized linear: "column-wise" or "row-wise".
-LOCAL_META = "sparsecc_tp_linear"
 # How far back from q / k / v the search for their projection looks (nodes visited), so it stays local.
 _MAX_WALK = 256
 _LINEAR_OPS = ("linear", "addmm", "matmul")
@@ -69,8 +67,13 @@ def _is_call(node, name: str) -> bool:
 def localize(gm: GraphModule, ctx) -> int:
     """Rewrite the sharded linears of a tensor-parallel graph into local linears (see the module docstring).
 
-    Returns how many were rewritten; registers the weights' ``to_local`` nodes in ``ctx.params``.
+    Returns how many were rewritten; registers the weights' ``to_local`` nodes in ``ctx.params``, the model's
+    own ones too (transformers' ``tp_plan`` computes ``F.linear(x, weight.to_local())`` itself).
     """
+    for node in list(gm.graph.nodes):
+        ref = ctx.params.get(node.args[0]) if _is_call(node, "to_local") and node.args else None
+        if ref is not None and is_dtensor(ref.tensor):
+            ctx.params[node] = dataclasses.replace(ref, node=node)
     count = 0
     for node in list(gm.graph.nodes):
         try:
@@ -130,7 +133,6 @@ def _localize_linear(graph, node: Node, kind: str, ctx) -> None:
     for new, value in ((w_local, _value(w)._local_tensor), (linear, produced._local_tensor), (wrapped, produced)):
         new.meta.update(meta)
         new.meta["example_value"] = value
-    linear.meta[LOCAL_META] = kind
     ref: ParamRef = ctx.params[w]
     ctx.params[w_local] = dataclasses.replace(ref, node=w_local)
     _redirect(node, wrapped)
@@ -187,16 +189,23 @@ def annotate_sharding(gm: GraphModule, ctx) -> None:
             site.attrs[REFUSED] = f"tensor parallel: the sharding could not be read ({err!r})"
 
 
+def _is_local(ref: ParamRef) -> bool:
+    """True when the graph reads the weight as ``weight.to_local()``: the linear computes on this rank's shard
+    with plain tensors (after localize, or as the model wrote it), so a sparse op on the same tensors is exact."""
+    return _is_call(ref.node, "to_local")
+
+
 def _annotate_linear(site: Site) -> None:
     ref = site.match.weight
     info = shard_of(ref.tensor)
     if info is None:
         return
-    kind = site.output.meta.get(LOCAL_META)
-    if kind is None:
+    if not _is_local(ref):
         raise ValueError(f"the weight {ref.qualname} is a DTensor placed {info.placements} in a linear that is "
                          "neither column-wise (replicated input, weight sharded on dim 0) nor row-wise (input "
                          "and weight sharded on the input dim) without a bias")
+    out_dim = 1 if site.match.in_out else 0
+    kind = "replicated" if info.dim is None else ("column-wise" if info.dim == out_dim else "row-wise")
     site.attrs.update(tp_rank=f"{info.rank}/{info.world}", tp_linear=kind, tp_weight=info.placements,
                       global_weight="x".join(str(d) for d in info.global_shape))
     if info.dim is not None and info.global_shape[info.dim] % info.world:
@@ -300,8 +309,7 @@ def _annotate_ffn(site: Site, ctx) -> None:
     sharded = [lin for lin, _ in nodes if is_dtensor(lin.weight.tensor)]
     if not sharded:
         return
-    unlocal = [lin.weight.qualname for lin, node in nodes if is_dtensor(lin.weight.tensor)
-               and LOCAL_META not in node.meta]
+    unlocal = [lin.weight.qualname for lin, _ in nodes if is_dtensor(lin.weight.tensor) and not _is_local(lin.weight)]
     if unlocal:
         raise ValueError(f"the weight {unlocal[0]} is a DTensor in a linear that is neither column-wise nor "
                          "row-wise (the FFN's rewrite needs local tensors)")

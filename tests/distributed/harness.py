@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import shutil
 import time
 import traceback
 from typing import Callable, Dict
@@ -158,6 +159,33 @@ def run_case(spec, mesh, with_report: bool = False, model: str = "tiny", lowerin
         combined = sparsecc.gather_reports()
         result["combined"] = site_rows(combined) if combined is not None else None
     return result
+
+
+def hf_auto_case(spec, mesh) -> dict:
+    """transformers' own tensor parallelism (``from_pretrained(..., tp_plan="auto")``) against the unsharded model."""
+    import tempfile
+    import torch.distributed as dist
+    import transformers
+
+    rank = dist.get_rank()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    # transformers saves on rank 0 only: one folder for both ranks
+    folder = [tempfile.mkdtemp(prefix="tp-llama-") if rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)
+    folder = folder[0]
+    model = build_llama()
+    model.save_pretrained(folder)
+    dist.barrier()
+    x = MODELS["llama"][2]()
+    ref, ref_sites, _ = compile_and_run(model, spec, x)
+    parallel = transformers.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", attn_implementation="sdpa")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    out, sites, _ = compile_and_run(parallel.eval(), spec, x)
+    weight = parallel.model.layers[0].self_attn.q_proj.weight
+    return dict(out=out.logits, ref=ref.logits, sites=sites, ref_sites=ref_sites,
+                sharded=type(weight).__name__ == "DTensor")
 
 
 def _compile_update_run(model, spec, mesh, x):
