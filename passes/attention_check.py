@@ -39,7 +39,7 @@ def check_attention(site: Site, ctx) -> Decision:
     resolved: List[list] = []          # the rule in force for each head, once the heads are resolved
     decision = _decide_attention(site, ctx, resolved)
     if resolved:
-        groups = group_head_forms(resolved[0])
+        groups = group_head_forms(resolved[0], site.attrs.get("head_offset", 0))
         if len(groups) > 1:
             decision = dataclasses.replace(decision, head_forms="; ".join(f"{form} on heads {spans}"
                                                                           for form, spans in groups))
@@ -66,13 +66,20 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
                         policy=ctx.spec.policy_for(rules[-1]))
     rules = at_phase
     heads = size_hint(site.attrs["heads"])
+    # Tensor parallelism (passes/tensor_parallel.py): this rank holds global heads offset .. offset + heads - 1
+    # of total; a spec's head indices are global.
+    offset, total = site.attrs.get("head_offset", 0), site.attrs.get("global_heads", heads)
     # docs/spec.md: each head's rule is the last rule in force that covers it (None: no rule covers the head)
-    per_head = [ctx.spec.resolve("attention", site.module, h, seq_q) for h in range(heads)]
-    ignored = {h for rule in rules if rule.heads is not None for h in rule.heads if h >= heads}
+    per_head = [ctx.spec.resolve("attention", site.module, offset + h, seq_q) for h in range(heads)]
+    ignored = {h for rule in rules if rule.heads is not None for h in rule.heads if h >= total}
     resolved.append(per_head)
     in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
     if not in_force:
         keys = ", ".join(r.key for r in rules)
+        if total != heads and len(ignored) < len({h for r in rules if r.heads is not None for h in r.heads}):
+            return Decision(False, None, f"{keys} name only heads that other ranks hold (tensor parallel: this "
+                            f"rank holds heads {site.attrs['holds_heads']} of {total})", rule=keys,
+                            policy=ctx.spec.policy_for(rules[-1]))
         return Decision(False, None, f"{keys} name only heads {sorted(ignored)}, which do not exist (the site "
                         f"has {heads} heads)", rule=keys, policy=ctx.spec.policy_for(rules[-1]))
     sparse = [r for r in per_head if r is not None and not isinstance(r.form, Dense)]
@@ -93,6 +100,10 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         names = " and ".join(sorted({f.name for f in distinct} | ({"dense"} if None in head_forms else set())))
         return fallback(form, rule_keys, policy, f"{names} heads in one site: block_topk needs one rule for "
                         "every head (heads of streaming, vertical_slash and block_sparse may mix)")
+    if total != heads and any(isinstance(f, BlockSparse) and f.random_blocks > 0 for f in distinct):
+        return fallback(form, rule_keys, policy, "random blocks are drawn per head index (docs/spec.md) and the "
+                        "op numbers this rank's heads from 0, so under tensor parallelism they would differ from "
+                        "the unsharded model's")
     if site.attrs["folded_heads"] and (len(sparse) != heads or len(distinct) > 1):
         return fallback(form, rule_keys, policy, "heads are folded into the batch dimension (3-D attention), "
                         "so per-head rules cannot be applied")
@@ -154,7 +165,10 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         notes.append("local_blocks = 0 with a mask: a row whose kept blocks the mask hides entirely outputs zeros "
                      "(docs/spec.md)")
     if ignored:
-        notes.append(f"heads {sorted(ignored)} do not exist (site has {heads})")
+        notes.append(f"heads {sorted(ignored)} do not exist (site has {total})")
+    if total != heads:
+        notes.append(f"tensor parallel rank {site.attrs['tp_rank']}: holds heads {site.attrs['holds_heads']} of "
+                     f"{total} (KV heads {site.attrs['holds_kv_heads']} of {site.attrs['global_kv_heads']})")
     return dataclasses.replace(decision, reason="; ".join([decision.reason] + notes))
 
 

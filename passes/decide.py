@@ -96,11 +96,12 @@ def verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimat
     return Decision(False, form, f"auto: kept dense, {gain} < margin {margin:g}", estimate, rule_key, policy, params)
 
 
-def group_head_forms(per_head) -> List[Tuple[str, str]]:
+def group_head_forms(per_head, offset: int = 0) -> List[Tuple[str, str]]:
     """(form, heads) pairs in head order, e.g. ``("streaming(sink=4, window=64)", "0-3, 6")``; heads no rule
-    covers, or a dense rule covers, are "dense"."""
+    covers, or a dense rule covers, are "dense". ``per_head[i]`` is head ``offset + i`` (tensor parallelism:
+    a rank's first global head)."""
     forms: Dict[str, List[int]] = {}
-    for h, rule in enumerate(per_head):
+    for h, rule in enumerate(per_head, start=offset):
         forms.setdefault("dense" if rule is None or isinstance(rule.form, Dense) else str(rule.form), []).append(h)
     return [(form, _spans(heads)) for form, heads in forms.items()]
 

@@ -244,7 +244,7 @@ def _make_site(m: FfnMatch) -> Site:
              # Owner modules of first/[up]/down weights, and which fused half is the gate: calibrate hooks them.
              "linear_modules": ",".join(lin.weight.module for lin in (m.first, m.up, m.down) if lin is not None),
              "gate_half": m.fused_halves[0] if m.fused_halves is not None else None}
-    shapes = {"x": concrete_shape(m.x), "down.weight": tuple(m.down.weight.tensor.shape)}
+    shapes = {"x": concrete_shape(m.x), "down.weight": m.down.weight.shape}
     dtype = m.down_node.meta["example_value"].dtype
     return Site("ffn", common_module(nodes), m.down_node, nodes, shapes, dtype,
                 device_of(m.down_node) or torch.device("cpu"), attrs, m, "gated" if attrs["gated"] else "plain",

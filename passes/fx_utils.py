@@ -16,6 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from sparsecc.passes.module_tree import ModuleTree, stack_entries
+from sparsecc.sharding import local_tensor
 
 # The module path of a site whose owner is not in the compiled root's module tree.
 UNRESOLVED = "<unresolved>"
@@ -56,6 +57,11 @@ class ParamRef:
     node: Node                 # the placeholder or get_attr node
     input_index: Optional[int]  # position among the graph's placeholders, None for get_attr
     tensor: torch.Tensor       # the real tensor (example input or module attribute)
+
+    @property
+    def shape(self) -> tuple:
+        """The shape this rank computes with: a DTensor parameter's local shard shape (tensor parallelism)."""
+        return tuple(local_tensor(self.tensor).shape)
 
     @property
     def is_parameter(self) -> bool:

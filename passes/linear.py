@@ -67,32 +67,32 @@ def match_linear(node: Node, ctx) -> Optional[LinearMatch]:
         ref = _param(ctx, w)
         if ref is None:
             return None
-        n, k = ref.tensor.shape
+        n, k = ref.shape
         return LinearMatch(x, ref, b if isinstance(b, Node) else None, False, k, n)
     if op.name == "addmm":
         x, w, b = op.inputs
         ref = _param(ctx, w)
         if ref is None:
             return None
-        k, n = ref.tensor.shape
+        k, n = ref.shape
         return LinearMatch(x, ref, b if isinstance(b, Node) else None, True, k, n)
     if is_plain_matmul(op) and op.params["transpose_rhs"]:
         x, rhs = op.inputs          # einsum("bsd,od->bso", x, W): W stored [out, in]
         ref = _param(ctx, rhs)
         if ref is not None:
-            n, k = ref.tensor.shape
+            n, k = ref.shape
             return LinearMatch(x, ref, None, False, k, n)
     if is_plain_matmul(op) and not op.params["transpose_rhs"]:
         x, rhs = op.inputs
         ref = _param(ctx, rhs)
         if ref is not None:
-            k, n = ref.tensor.shape
+            k, n = ref.shape
             return LinearMatch(x, ref, None, True, k, n)
         t = op_of(rhs)
         if t is not None and t.name == "transpose":
             ref = _param(ctx, t.inputs[0])
             if ref is not None:
-                n, k = ref.tensor.shape
+                n, k = ref.shape
                 return LinearMatch(x, ref, None, False, k, n)
     return None
 
@@ -112,7 +112,7 @@ def search_linear(gm: GraphModule, ctx) -> List[Site]:
         tokens = 1
         for d in (x_shape or ())[:-1]:
             tokens *= size_hint(d)
-        shapes = {"x": concrete_shape(m.x), "weight": tuple(m.weight.tensor.shape)}
+        shapes = {"x": concrete_shape(m.x), "weight": m.weight.shape}
         attrs = {"in_features": m.in_features, "out_features": m.out_features, "tokens": tokens,
                  "bias": m.bias is not None, "weight": m.weight.qualname,
                  "weight_layout": "in_out" if m.in_out else "out_in"}
@@ -135,14 +135,18 @@ def check_linear(site: Site, ctx) -> Decision:
     # A symbolic token count has no runtime branch for linears: judge the form at its worst probed count.
     estimate = estimate_linear(form, tokens=site.attrs["tokens"], in_features=k, out_features=n,
                                dtype=site.dtype, hw=ctx.hardware, symbolic_tokens=site.symbolic)
+    # Under tensor parallelism n and k are this rank's shard (passes/tensor_parallel.py); the reason says so.
+    shard = f" (this rank's shard of the {site.attrs['global_weight']} weight)" if "global_weight" in site.attrs else ""
     if isinstance(form, TwoFour):
         if k % 4:
-            return fallback(form, rule.key, policy, f"2:4 needs in_features divisible by 4 (got {k})", estimate)
+            return fallback(form, rule.key, policy, f"2:4 needs in_features divisible by 4 (got {k}{shard})",
+                            estimate)
         op_name = "semi_structured_linear"
     else:
         bm, bk = form.block
         if n % bm or k % bk:
-            return fallback(form, rule.key, policy, f"block {bm}x{bk} does not tile the weight {n}x{k}", estimate)
+            return fallback(form, rule.key, policy, f"block {bm}x{bk} does not tile the weight {n}x{k}{shard}",
+                            estimate)
         op_name = "block_sparse_linear"
     try:
         ctx.compressed_weight(site, form)

@@ -10,6 +10,7 @@ import torch
 from sparsecc.backend import explain_graph, parse_options, sparsecc_backend
 from sparsecc.forms import ActivationThreshold
 from sparsecc.report.model import Report
+from sparsecc.sharding import is_dtensor
 from sparsecc.spec import Rule, Spec, SpecError, load_spec
 
 
@@ -131,6 +132,13 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
     spec = load_spec(spec)
     if spec is None:
         raise SpecError("calibrate needs a spec with activation_threshold rules that give a sparsity target")
+    sharded = next((name for name, p in model.named_parameters() if is_dtensor(p)), None)
+    if sharded is not None:
+        # A quantile over one rank's shard is not the quantile over the whole activation: the ranks would get
+        # different thresholds, and none of them the unsharded model's.
+        raise ValueError(f"calibrate: {sharded} is a DTensor (tensor parallelism); thresholds are quantiles over "
+                         "whole activations, so calibrate the unsharded model (before parallelize_module) and "
+                         "compile the parallel model with the returned spec (docs/distributed.md)")
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate needs at least one batch")

@@ -27,6 +27,7 @@ from sparsecc.passes import module_tree
 from sparsecc.pipeline import EXPLAIN_STAGES, CompileContext, build_report, run_stages
 from sparsecc.report.model import Report
 from sparsecc.report.render import REPORT_SUFFIXES
+from sparsecc.sharding import is_dtensor
 from sparsecc.spec import Spec, SpecError, load_spec
 
 log = logging.getLogger("sparsecc")
@@ -143,7 +144,7 @@ def make_context(gm, example_inputs, opts: BackendOptions) -> CompileContext:
 def explain_graph(gm, example_inputs, opts: BackendOptions, sink: Report):
     """Capture, match and decide only; append the graph's report to ``sink`` and run the graph eagerly."""
     ctx = make_context(gm, example_inputs, opts)
-    run_stages(gm, ctx, EXPLAIN_STAGES)
+    run_stages(_private_copy(gm), ctx, EXPLAIN_STAGES)
     sink.extend(build_report(ctx))
     return gm.forward
 
@@ -252,6 +253,13 @@ def _with_weights(compiled, ctx: CompileContext, check_weights: bool = False):
     bindings = ctx.bindings
     extra = ctx.extra_inputs
     if check_weights:
+        sharded = [b.qualname for b in bindings if is_dtensor(b.param)]
+        if sharded:
+            # A checksum sees a change on the ranks whose shard changed only; the re-pruning gathers the whole
+            # weight (a collective), so the other ranks would never join it.
+            raise SpecError("is not supported for tensor-parallel weights", key="options.check_weights",
+                            value=True, allowed=f"False (sharded weights: {', '.join(sharded)}); "
+                            "updates through the parameters are seen without it (docs/distributed.md)")
         for b in bindings:
             b.watch()
 

@@ -1,7 +1,9 @@
 """The sparsecc pipeline, readable top to bottom as a named list of stages.
 
     normalize  classify every node into the canonical op vocabulary
+    localize   tensor parallelism: sharded linears as local linears on this rank's shard (no-op otherwise)
     match      structural search for attention / ffn / linear sites
+    shard      tensor parallelism: the global heads and local weight shapes this rank holds of each site
     decide     one check per site: spec rule + cost model -> Decision(apply, form, reason, estimate)
     plan       every remaining choice for the applied sites: the op calls (typed arguments, kernel variant,
                traced into Inductor or opaque), epilogue folding, gate/up pairing -> Decision.plan
@@ -9,7 +11,7 @@
     lower      hand the rewritten graph to Inductor (compile_fx); the dense rest compiles as usual
     report     every site, its decision and reason, estimates, stage times
 
-``explain`` runs the first four stages only (no graph change). Each stage is timed; setting
+``explain`` runs the stages up to plan on a private copy of the graph (the captured graph is not changed). Each stage is timed; setting
 ``SPARSECC_DEBUG_DIR`` dumps the graph's code after every stage.
 """
 
@@ -31,10 +33,12 @@ from sparsecc.passes import normalize as normalize_mod
 from sparsecc.passes.attention import ATTENTION_REWRITES
 from sparsecc.passes.ffn import FFN_REWRITES, linear_nodes
 from sparsecc.passes import module_tree
+from sparsecc.passes import tensor_parallel
 from sparsecc.passes.fx_utils import UNRESOLVED, collect_params
 from sparsecc.passes.linear import LINEAR_REWRITES
 from sparsecc.passes.site import Decision, Rewrite, Site
 from sparsecc.report.model import Report, SiteRecord
+from sparsecc.sharding import local_tensor
 from sparsecc.weights import DerivedBinding, WeightBinding, compress, register_binding
 
 log = logging.getLogger("sparsecc")
@@ -116,7 +120,9 @@ class CompileContext:
         for binding in self.bindings:
             if getattr(binding, "derived_key", None) == (ref.qualname, what):
                 return binding.node
-        tensor = derive(ref.tensor, in_out)
+        # A K-major copy or column norms of a DTensor weight are those of this rank's shard (the FFN's weighted
+        # criterion, which needs whole columns, is refused under tensor parallelism before it gets here).
+        tensor = derive(local_tensor(ref.tensor), in_out)
         binding = DerivedBinding(ref.input_index, ref.tensor, None, (what,), [tensor], ref.tensor._version,
                                  ref.tensor.data_ptr(), ref.qualname, in_out=in_out)
         binding.derived_key, binding.derive_fn = (ref.qualname, what), derive
@@ -179,17 +185,44 @@ def stage_match(gm: GraphModule, ctx: CompileContext) -> None:
             site.parent = owner.get(site.output)
 
 
+def stage_localize(gm: GraphModule, ctx: CompileContext) -> None:
+    """Tensor parallelism: sharded linears become local linears on this rank's weight shard, wrapped back into
+    their DTensors, so the searches see the model as one rank computes it (``passes/tensor_parallel.py``)."""
+    tensor_parallel.localize(gm, ctx)
+
+
+def stage_shard(gm: GraphModule, ctx: CompileContext) -> None:
+    """Tensor parallelism: record what this rank holds of each site (global heads, local weight shapes), so that
+    decide reasons with the local shapes and the spec's global head indices (``passes/tensor_parallel.py``)."""
+    tensor_parallel.annotate_sharding(gm, ctx)
+
+
 def stage_decide(gm: GraphModule, ctx: CompileContext) -> None:
     """Make one decision per site, in family order."""
     for site in ctx.sites:
         if site.module == UNRESOLVED:
             ctx.decisions[id(site)] = Decision(False, None, unresolved_reason(ctx))
             continue
+        why = tensor_parallel.refused(site)
+        if why is not None:
+            ctx.decisions[id(site)] = refused_decision(site, ctx, why)
+            continue
         try:
             ctx.decisions[id(site)] = ctx.rewrites[id(site)].check(site, ctx)
         except Exception as err:  # noqa: BLE001 - dense fallback rather than a crash
             log.warning("sparsecc: check of %s failed: %r", site.label, err)
             ctx.decisions[id(site)] = Decision(False, None, f"dense fallback: the check failed ({err!r})")
+
+
+def refused_decision(site: Site, ctx: CompileContext, why: str) -> Decision:
+    """A site whose sharding cannot be established stays dense: "no rule" when no rule names it, else a dense
+    fallback naming the rules that asked for a form (the check is not run: its compression would gather
+    weights that this site will never use)."""
+    rules = ctx.spec.matching(site.kind, site.module) if ctx.spec is not None else []
+    if not rules:
+        return Decision(False, None, "no rule")
+    keys = ", ".join(r.key for r in rules)
+    return Decision(False, rules[-1].form, f"dense fallback: {why}", rule=keys, policy=ctx.spec.policy_for(rules[-1]))
 
 
 def unresolved_reason(ctx: CompileContext) -> str:
@@ -247,12 +280,14 @@ def _keeps_side_effects(node: Node) -> bool:
 
 STAGES: Tuple[Tuple[str, Callable[[GraphModule, CompileContext], None]], ...] = (
     ("normalize", stage_normalize),
+    ("localize", stage_localize),
     ("match", stage_match),
+    ("shard", stage_shard),
     ("decide", stage_decide),
     ("plan", stage_plan),
     ("rewrite", stage_rewrite),
 )
-EXPLAIN_STAGES = STAGES[:4]
+EXPLAIN_STAGES = STAGES[:6]
 
 
 def run_stages(gm: GraphModule, ctx: CompileContext, stages=STAGES) -> None:

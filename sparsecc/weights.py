@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from sparsecc.forms import PRUNE_MODES, BlockWeights, TwoFour
+from sparsecc.sharding import is_dtensor, local_part, local_tensor, shard_of
 
 # 2:4 sparsity: GROUP consecutive input weights, KEPT of them stored.
 GROUP = 4
@@ -309,9 +310,13 @@ class WeightBinding:
             return
         new = self.derive(param)
         if any(a.shape != b.shape for a, b in zip(new, self.tensors)):
+            # Under tensor parallelism the kept blocks are a global choice: an update can move some to another
+            # rank, and this rank's share then has another size than the compiled graph's.
+            moved = (" (tensor parallelism: the update moved kept blocks between ranks, so this rank's share "
+                     "changed size)") if is_dtensor(param) else ""
             raise RuntimeError(
                 f"sparsecc: weight {self.qualname} changed after compile and its derived form no longer "
-                f"fits the compiled graph ({self.form or self.fields[0]}); recompile the model "
+                f"fits the compiled graph ({self.form or self.fields[0]}){moved}; recompile the model "
                 "(torch._dynamo.reset()).")
         with torch.no_grad():
             for dst, src in zip(self.tensors, new):
@@ -333,8 +338,8 @@ class DerivedBinding(WeightBinding):
     derive_fn = None
 
     def derive(self, param: torch.Tensor):
-        """The derived tensor for the parameter's current values (no compression)."""
-        return [self.derive_fn(param, self.in_out)]
+        """The derived tensor for the parameter's current values (no compression; a DTensor: its local shard)."""
+        return [self.derive_fn(local_tensor(param), self.in_out)]
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
@@ -359,7 +364,13 @@ def live_bindings() -> List[WeightBinding]:
 
 
 def compress(weight: torch.Tensor, form):
-    """Compress a weight [out, in] for a weight form (once, without autograd)."""
+    """Compress a weight [out, in] for a weight form (once, without autograd).
+
+    A DTensor weight (tensor parallelism) gives the compressed form of this
+    rank's shard, pruned with the unsharded semantics (``compress_shard``).
+    """
+    if is_dtensor(weight):
+        return compress_shard(weight, form)
     with torch.no_grad():
         w = weight.detach()
         if isinstance(form, TwoFour):
@@ -367,3 +378,42 @@ def compress(weight: torch.Tensor, form):
         if isinstance(form, BlockWeights):
             return compress_block_weights(w, form)
     raise TypeError(f"not a weight form: {form}")
+
+
+def compress_shard(weight, form):
+    """Compress this rank's shard of a DTensor weight ``[out, in]`` with the unsharded semantics.
+
+    docs/spec.md defines 2:4 groups and kept blocks on the whole weight (block_weights keeps the top blocks by
+    norm over the whole matrix), so pruning each shard on its own would keep other blocks. The weight is
+    gathered (``full_tensor()``, a collective: every rank compresses the same weights in the same order), pruned
+    whole, and this rank's slice of the pruned weight is compressed, losslessly (``prune="keep"``). With
+    ``prune="keep"`` the pattern is already in the weight and the shard is compressed as it is, without a
+    gather. Raises ``ValueError`` when the shard boundaries cut 2:4 groups or weight blocks, or when the
+    weight is not a single ``Shard`` on a 1-D mesh.
+    """
+    info = shard_of(weight)
+    if not info.supported or info.partial:
+        raise ValueError(f"the weight is placed {info.placements}; sparse weight forms support one Shard or "
+                         "Replicate placement on a 1-D mesh")
+    n, k = info.global_shape
+    (row0, col0), (rows, cols) = info.offset, info.local_shape
+    if isinstance(form, TwoFour):
+        if (col0 % GROUP or cols % GROUP) and cols:
+            raise ValueError(f"this rank's shard holds input columns {col0}..{col0 + cols - 1}, which cut the "
+                             f"2:4 groups of {GROUP} (shard the input dimension in multiples of {GROUP})")
+    elif isinstance(form, BlockWeights):
+        bm, bk = form.block
+        if n % bm or k % bk:
+            raise ValueError(f"block {bm}x{bk} does not divide the weight shape {n}x{k}")
+        if row0 % bm or rows % bm or col0 % bk or cols % bk:
+            raise ValueError(f"this rank's shard [{row0}:{row0 + rows}, {col0}:{col0 + cols}] of the {n}x{k} "
+                             f"weight does not align with the {bm}x{bk} blocks")
+    else:
+        raise TypeError(f"not a weight form: {form}")
+    with torch.no_grad():
+        if form.prune == "keep":
+            return compress(weight.to_local().detach(), form)
+        pruned = compress(weight.detach().full_tensor(), form).to_dense()
+        lossless = TwoFour(prune="keep") if isinstance(form, TwoFour) else \
+            BlockWeights(block=form.block, density=form.density, prune="keep")
+        return compress(local_part(pruned, info), lossless)

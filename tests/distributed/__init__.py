@@ -1,0 +1,1 @@
+"""Tests of sparsecc under torch.distributed (tensor parallelism, CPU, gloo)."""
