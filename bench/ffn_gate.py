@@ -33,25 +33,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ffn_input import commit, quantile_abs  # noqa: E402
+from ffn_input import commit, make_weights, quantile_abs, write_json  # noqa: E402
 from linear import bench_graph, rel_err  # noqa: E402 - the repo's timing conventions
 
 from sparsecc.codegen import gate_sparse_ffn as gate_module  # noqa: E402
-from sparsecc.codegen.activation_sparse import GemvConfig, default_gemv_config, threshold_linear  # noqa: E402
+from sparsecc.codegen.activation_sparse import GemvConfig, threshold_linear  # noqa: E402
 
 D_MODEL, D_FF = 4096, 14336
-COPIES = 3
-
-
-def make_weights(dtype, gen):
-    """COPIES sets of (gate, up, down): gate/up row-major ``[F, D]``, down ``[D, F]`` as a view of a K-major buffer."""
-    sets = []
-    for _ in range(COPIES):
-        wg = torch.randn(D_FF, D_MODEL, device="cuda", dtype=dtype, generator=gen) / D_MODEL ** 0.5
-        wu = torch.randn(D_FF, D_MODEL, device="cuda", dtype=dtype, generator=gen) / D_MODEL ** 0.5
-        wd = torch.randn(D_MODEL, D_FF, device="cuda", dtype=dtype, generator=gen) / D_FF ** 0.5
-        sets.append((wg, wu, wd.t().contiguous().t()))
-    return sets
 
 
 def oracle(x, wg, wu, wd, tau):
@@ -149,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
-        weights = make_weights(dtype, gen)
+        weights = make_weights(dtype, gen, gate_up_k_major=False)
         for m in (int(t) for t in args.tokens.split(",")):
             for s in (float(v) for v in args.sparsities.split(",")):
                 sweep = args.sweep and m == 1 and s in (0.5, 0.9) and dtype == torch.float16
@@ -161,10 +149,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         print("  ", k, json.dumps(entry), flush=True)
         del weights
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
-                       "date": str(datetime.date.today()), "rows": rows}, fh, indent=1)
+    write_json(args.json, rows)
     print("\n| dtype | M | sparsity | kept | dense us | gate us | stage 1 us | down us | gate x dense | ideal | TB/s |"
           "\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

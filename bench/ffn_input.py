@@ -68,15 +68,29 @@ def quantile_abs(t: torch.Tensor, q: float) -> float:
     return float(torch.quantile(t.float().abs().flatten()[: 2 ** 24], q))
 
 
-def make_weights(dtype, gen):
-    """COPIES sets of (gate, up, down) as [out, in] views of K-major buffers (as the compiler binds them)."""
+def make_weights(dtype, gen, gate_up_k_major: bool = True):
+    """COPIES sets of (gate, up, down) as [out, in] tensors laid out as the compiler binds them.
+
+    Down is always a view of a K-major buffer; gate and up too for input mode (``gate_up_k_major``), row-major
+    for gate mode (a neuron's row contiguous).
+    """
     sets = []
     for _ in range(COPIES):
         wg = torch.randn(D_FF, D_MODEL, device="cuda", dtype=dtype, generator=gen) / D_MODEL ** 0.5
         wu = torch.randn(D_FF, D_MODEL, device="cuda", dtype=dtype, generator=gen) / D_MODEL ** 0.5
         wd = torch.randn(D_MODEL, D_FF, device="cuda", dtype=dtype, generator=gen) / D_FF ** 0.5
-        sets.append(tuple(w.t().contiguous().t() for w in (wg, wu, wd)))
+        if gate_up_k_major:
+            wg, wu = wg.t().contiguous().t(), wu.t().contiguous().t()
+        sets.append((wg, wu, wd.t().contiguous().t()))
     return sets
+
+
+def write_json(path: Optional[str], rows: list) -> None:
+    """The rows with the device, versions, commit and date, to ``path`` (nothing when None)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
+                       "date": str(datetime.date.today()), "rows": rows}, fh, indent=1)
 
 
 def oracle(x, wg, wu, wd, tau_in, tau_down):
@@ -208,10 +222,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                     print("   best", json.dumps(r["best"]), flush=True)
         del weights
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
-                       "date": str(datetime.date.today()), "rows": rows}, fh, indent=1)
+    write_json(args.json, rows)
     print("\n| dtype | M | sparsity | dense us | three-op us | fused us | TEAL us | fused x dense | three-op x dense "
           "| TEAL x dense | fused TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
