@@ -60,8 +60,10 @@ class StreamingFromMaskArgs:
 
 @dataclass(frozen=True)
 class BlockSparseAttentionArgs:
-    """Arguments of ``block_sparse_attention``: the BlockSparse form's fields, heads kept dense, and whether
-    query positions come from the mask (a non-causal site with fewer queries than keys)."""
+    """Arguments of ``block_sparse_attention``: the BlockSparse form's fields, heads kept dense, whether
+    query positions come from the mask (a non-causal site with fewer queries than keys), and the model's
+    index of the op's head 0 (``head_offset``: a tensor-parallel rank's first head; random blocks are
+    drawn per model head)."""
 
     scale: float
     causal: bool
@@ -74,6 +76,7 @@ class BlockSparseAttentionArgs:
     dense_below: int = 0
     impl: str = "auto"
     positions_from_mask: bool = False
+    head_offset: int = 0
 
     @classmethod
     def of(cls, form, **common) -> "BlockSparseAttentionArgs":
@@ -132,6 +135,7 @@ class MixedHeadArgs:
     dense_below: int = 0
     impl: str = "auto"
     positions_from_mask: bool = False
+    head_offset: int = 0   # the model's index of head 0 (tensor parallelism): block_sparse heads draw by it
 
     @classmethod
     def of(cls, table, **common) -> "MixedHeadArgs":
@@ -206,8 +210,10 @@ def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                            scale: float, causal: bool, block: int, local_blocks: int, global_blocks: int,
                            random_blocks: int, seed: int, dense_heads: List[int], dense_below: int,
-                           impl: str, positions_from_mask: bool = False) -> torch.Tensor:
+                           impl: str, positions_from_mask: bool = False, head_offset: int = 0) -> torch.Tensor:
     """BigBird-style block attention; heads listed in ``dense_heads`` keep every block.
+
+    Head ``i`` of q is the model's head ``head_offset + i`` (its random blocks are that head's).
 
     ``dense_below`` works as in ``streaming_attention``. ``positions_from_mask``
     (a non-causal site with a mask): with fewer queries than keys, each row sits
@@ -222,10 +228,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     sq, sk = q.shape[2], k.shape[2]
     if positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any()):
         square = layout_table(q.shape[1], sk, sk, False, block, local_blocks, global_blocks, random_blocks, seed,
-                              tuple(dense_heads), q.device)
+                              tuple(dense_heads), q.device, head_offset)
         return block_sparse_attention_from_mask_ref(q, k, v, mask, scale, square).contiguous()
     table = layout_table(q.shape[1], q.shape[2], k.shape[2], causal, block, local_blocks, global_blocks,
-                         random_blocks, seed, tuple(dense_heads), q.device)
+                         random_blocks, seed, tuple(dense_heads), q.device, head_offset)
 
     def reference(q, k, v, mask, scale, table):
         return block_sparse_attention_ref(q, k, v, table=table, scale=scale, mask=mask)
@@ -283,7 +289,7 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
                          scale: float, causal: bool, kinds: List[int], sink: List[int], window: List[int],
                          vertical: List[int], slash: List[int], local_blocks: List[int], global_blocks: List[int],
                          random_blocks: List[int], seed: List[int], block: int, last_q: int, dense_below: int,
-                         impl: str, positions_from_mask: bool = False) -> torch.Tensor:
+                         impl: str, positions_from_mask: bool = False, head_offset: int = 0) -> torch.Tensor:
     """Attention whose heads run different forms: each head computes what a site of its form alone computes
     (docs/spec.md). The per-head lists are ``HeadTable.op_args`` (``codegen/mixed_attention.py``).
 
@@ -295,7 +301,7 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if dense_below > 0 and k.shape[2] < dense_below:
         return dense_attention(q, k, v, mask, scale, causal)
     table = _head_table(*(tuple(x) for x in (kinds, sink, window, vertical, slash, local_blocks, global_blocks,
-                                             random_blocks, seed)), block, last_q)
+                                             random_blocks, seed)), block, last_q, head_offset)
     check_impl("mixed_head_attention", impl)
     kernel = None if impl == "reference" else MIXED_HEAD_ATTENTION.kernel_function(q.device)
     if kernel is None and impl == "triton":
@@ -338,7 +344,7 @@ def mixed_head_attention_by_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Te
             # Random blocks are drawn per head index (docs/spec.md): run every head, keep this form's.
             o = block_sparse_attention(q, k, v, mask, scale, causal, form.block, form.local_blocks,
                                        form.global_blocks, form.random_blocks, form.seed, [], 0, impl,
-                                       positions_from_mask)
+                                       positions_from_mask, table.head_offset)
             out[:, members] = o[:, members]
             continue
         sel = torch.tensor(members, device=q.device)
@@ -364,13 +370,14 @@ def mixed_head_attention_by_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 @functools.lru_cache(maxsize=64)
 def layout_table(heads: int, seq_q: int, seq_k: int, causal: bool, block: int, local_blocks: int,
-                 global_blocks: int, random_blocks: int, seed: int, dense_heads: tuple, device: torch.device):
-    """Build (and cache per shape) the block table of a block_sparse layout."""
+                 global_blocks: int, random_blocks: int, seed: int, dense_heads: tuple, device: torch.device,
+                 head_offset: int = 0):
+    """Build (and cache per shape) the block table of a block_sparse layout (head i is the model's head_offset + i)."""
     from sparsecc.forms import BlockSparse
     from sparsecc.layouts import block_sparse_table
 
     form = BlockSparse(block, local_blocks, global_blocks, random_blocks, seed)
-    table = block_sparse_table(form, heads, seq_q, seq_k, causal, device)
+    table = block_sparse_table(form, heads, seq_q, seq_k, causal, device, head_offset)
     if not dense_heads:
         return table
     # Dense heads keep every block: a band as wide as the whole key range.

@@ -58,6 +58,7 @@ class HeadTable:
     forms: Tuple[Optional[object], ...]
     block: int = 64
     last_q: int = 64
+    head_offset: int = 0   # the model's index of head 0 (tensor parallelism; random blocks are drawn per model head)
 
     @staticmethod
     def of(forms: Sequence[Optional[object]]) -> "HeadTable":
@@ -103,8 +104,8 @@ class HeadTable:
 
     @staticmethod
     def from_op_args(kinds, sink, window, vertical, slash, local_blocks, global_blocks, random_blocks, seed,
-                     block: int, last_q: int) -> "HeadTable":
-        """The inverse of :meth:`op_args`."""
+                     block: int, last_q: int, head_offset: int = 0) -> "HeadTable":
+        """The inverse of :meth:`op_args` (``head_offset`` travels as its own op argument)."""
         forms = []
         for h, kind in enumerate(kinds):
             if kind == KIND_DENSE:
@@ -118,7 +119,7 @@ class HeadTable:
             else:
                 raise ValueError(f"head {h}: kind {kind} is not one of 0 (dense), 1 (streaming), "
                                  "2 (vertical_slash), 3 (block_sparse)")
-        return HeadTable(tuple(forms), block, last_q)
+        return HeadTable(tuple(forms), block, last_q, head_offset)
 
     def family(self) -> Optional[str]:
         """``"vertical_slash"`` or ``"block"`` when one launch can run the table, else None."""
@@ -199,7 +200,7 @@ def mixed_block_table(table: HeadTable, seq_q: int, seq_k: int, causal: bool, de
     from sparsecc.layouts import BlockTable, block_sparse_table
 
     heads = len(table.forms)
-    parts = [(block_sparse_table(form, heads, seq_q, seq_k, causal, device), members)
+    parts = [(block_sparse_table(form, heads, seq_q, seq_k, causal, device, table.head_offset), members)
              for form, members in table.groups().items() if isinstance(form, BlockSparse)]
     fields = {}
     for name in ("kv_num_blocks", "full_kv_num_blocks", "kv_indices", "full_kv_indices"):

@@ -397,7 +397,8 @@ def attention_call(decision: Decision, scale: float, causal: bool, impl: str):
     if "head_table" in params:
         return MIXED_HEAD_ATTENTION, MixedHeadArgs.of(params["head_table"], scale=scale, causal=causal,
                                                       dense_below=dense_below, impl=impl,
-                                                      positions_from_mask=from_mask)
+                                                      positions_from_mask=from_mask,
+                                                      head_offset=params.get("head_offset", 0))
     if isinstance(decision.form, DYNAMIC_FORMS):
         return DYNAMIC_BLOCK_ATTENTION, DynamicAttentionArgs.of(decision.form, scale=scale, causal=causal,
                                                                 dense_below=dense_below, impl=impl,
@@ -412,7 +413,8 @@ def attention_call(decision: Decision, scale: float, causal: bool, impl: str):
             dense_below=dense_below, impl=impl)
     return BLOCK_SPARSE_ATTENTION, BlockSparseAttentionArgs.of(
         decision.form, scale=scale, causal=causal, dense_heads=tuple(params["dense_heads"]),
-        dense_below=dense_below, impl=impl, positions_from_mask=from_mask)
+        dense_below=dense_below, impl=impl, positions_from_mask=from_mask,
+        head_offset=params.get("head_offset", 0))
 
 
 def _combine_masks(graph, masks: List[MaskTerm]):

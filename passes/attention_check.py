@@ -100,10 +100,6 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         names = " and ".join(sorted({f.name for f in distinct} | ({"dense"} if None in head_forms else set())))
         return fallback(form, rule_keys, policy, f"{names} heads in one site: block_topk needs one rule for "
                         "every head (heads of streaming, vertical_slash and block_sparse may mix)")
-    if total != heads and any(isinstance(f, BlockSparse) and f.random_blocks > 0 for f in distinct):
-        return fallback(form, rule_keys, policy, "random blocks are drawn per head index (docs/spec.md) and the "
-                        "op numbers this rank's heads from 0, so under tensor parallelism they would differ from "
-                        "the unsharded model's")
     if site.attrs["folded_heads"] and (len(sparse) != heads or len(distinct) > 1):
         return fallback(form, rule_keys, policy, "heads are folded into the batch dimension (3-D attention), "
                         "so per-head rules cannot be applied")
@@ -125,6 +121,9 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     params = {}
     if _positions_from_mask(site, sq, sk):
         params["anchor"] = "mask"
+    if offset and any(isinstance(f, BlockSparse) and f.random_blocks > 0 for f in distinct):
+        # Random blocks are drawn per model head (docs/spec.md): this rank's head 0 is the model's head `offset`.
+        params["head_offset"] = offset
     notes = []
     if mixed:
         try:

@@ -331,8 +331,11 @@ def _token_full(seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool
 
 
 def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, causal: bool,
-                       device: Union[str, torch.device] = "cpu") -> BlockTable:
+                       device: Union[str, torch.device] = "cpu", head_offset: int = 0) -> BlockTable:
     """The :class:`BlockTable` of ``form`` for ``n_heads`` heads (``Bt = 1``, ``Ht = n_heads``).
+
+    Row ``i`` of the table is the model's head ``h = head_offset + i``: a tensor-parallel rank
+    holds heads ``head_offset ..`` of the model and draws their random blocks, not head 0's.
 
     ``block_q = block_k = form.block``. The query blocks are *position* blocks,
     as in docs/spec.md: query row ``i`` (position ``p = i + seq_k - seq_q``)
@@ -361,6 +364,8 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
     """
     if not (isinstance(n_heads, int) and n_heads >= 1):
         raise ValueError(f"n_heads={n_heads!r} is not allowed; expected an integer >= 1")
+    if not (isinstance(head_offset, int) and head_offset >= 0):
+        raise ValueError(f"head_offset={head_offset!r} is not allowed; expected an integer >= 0")
     for name, value in (("seq_q", seq_q), ("seq_k", seq_k)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= 1")
@@ -376,7 +381,7 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
     kept = base.expand(n_heads, n_q, n_k).clone()
     if form.random_blocks > 0:
         for h in range(n_heads):
-            g = torch.Generator().manual_seed(_generator_seed(form.seed, h))
+            g = torch.Generator().manual_seed(_generator_seed(form.seed, head_offset + h))
             drawn = torch.zeros(n_k, n_k, dtype=torch.bool)
             for pos_block in range(n_k):
                 n_cand = pos_block + 1 if causal else n_k

@@ -244,3 +244,16 @@ def test_flex_mask_mods_apply_the_element_rules():
         want = torch.zeros(48, 64, dtype=torch.bool)
         want[:40, :50] = streaming_el(40, 50, s, w, True)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_head_offset_rows_are_the_model_heads(causal):
+    """Row i of a table built with head_offset k is row k + i of the table of all heads (random draws per model head)."""
+    form = BlockSparse(16, local_blocks=1, random_blocks=2, seed=5)
+    whole = block_sparse_table(form, 6, 96, 96, causal)
+    part = block_sparse_table(form, 2, 96, 96, causal, head_offset=3)
+    dense_whole, dense_part = whole.to_dense_block_mask(), part.to_dense_block_mask()
+    assert torch.equal(dense_part[0], dense_whole[0, 3:5])
+    assert not torch.equal(dense_whole[0, 3:5], dense_whole[0, 0:2])   # the offset matters for these draws
+    with pytest.raises(ValueError, match="head_offset=-1 is not allowed"):
+        block_sparse_table(form, 2, 96, 96, causal, head_offset=-1)

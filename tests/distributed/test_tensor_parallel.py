@@ -215,13 +215,36 @@ def test_block_sparse(ranks):
         assert all(s["applied"] for s in _sites(r, "attention").values()), f"rank {rank}"
 
 
-def test_random_blocks_stay_dense_with_a_reason(ranks):
-    """Random blocks are drawn per head index; the op numbers a rank's heads from 0, so sparsecc refuses."""
-    for rank, r in enumerate(_case(ranks, "random_blocks")):
-        for site in _sites(r, "attention").values():
-            assert not site["applied"] and "random blocks" in site["reason"], f"rank {rank}: {site['reason']}"
-        torch.testing.assert_close(r["out"], r["eager"], atol=ATOL, rtol=0)
-        assert all(s["applied"] for s in _sites({"sites": r["ref_sites"]}, "attention").values())
+def _random_blocks_keep(head: int, s: int) -> torch.Tensor:
+    """docs/spec.md, block_sparse (causal, RANDOM_BLOCKS): query block a keeps key block b iff |a - b| < 1 or b is
+    the random block drawn for (head, a): a CPU generator seeded (3 * 2**20 + head) mod 2**64 draws, for each
+    position block c in order, the first entry of randperm(c + 1); then token-level causality."""
+    block = RANDOM_BLOCKS["attention"][0]["block"]
+    n = -(-s // block)
+    gen = torch.Generator().manual_seed((3 * 2 ** 20 + head) % 2 ** 64)
+    drawn = torch.zeros(n, n, dtype=torch.bool)
+    for c in range(n):
+        drawn[c, torch.randperm(c + 1, generator=gen)[:1]] = True
+    keep = torch.zeros(s, s, dtype=torch.bool)
+    for i in range(s):
+        for j in range(i + 1):
+            keep[i, j] = i // block == j // block or bool(drawn[i // block, j // block])
+    return keep
+
+
+def test_random_blocks_are_drawn_for_global_heads(ranks):
+    """Rank 1's heads are the model's heads 2 and 3 and draw their random blocks, as the unsharded model does."""
+    records = _case(ranks, "random_blocks")
+    _same_as_unsharded(records)
+    masks = [_random_blocks_keep(h, H.SEQ) for h in range(H.HEADS)]
+    # heads 2 and 3 draw other blocks than heads 0 and 1, so numbering rank 1's heads from 0 would fail below
+    assert not torch.equal(masks[2], masks[0]) or not torch.equal(masks[3], masks[1])
+    oracle = _oracle(_full_weights(), lambda h, s: masks[h])
+    for rank, r in enumerate(records):
+        for module, site in _sites(r, "attention").items():
+            assert site["applied"], f"rank {rank} {module}: {site['reason']}"
+        torch.testing.assert_close(r["out"].double(), oracle, atol=ATOL, rtol=0)
+    assert (records[1]["eager"] - records[1]["out"]).abs().max() > 1e-3   # the form changed the output
 
 
 def test_activation_threshold_input_and_gate_modes(ranks):
