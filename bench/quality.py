@@ -260,7 +260,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="64 sentences, one search batch, 0.2 steps")
     parser.add_argument("--no-write", action="store_true", help="print only; no RESULTS.md section, no plot")
     parser.add_argument("--study", action="store_true",
-                        help="only print what corrections outside the form would give (docs/tune.md); writes nothing")
+                        help="only print what corrections outside the form would give (docs/quality.md); writes nothing")
     lm = parser.add_argument_group("perplexity", "--text switches the bench to a causal LM (printed only)")
     lm.add_argument("--text", nargs="+", metavar="FILE", help="text files, or 'pydoc' (the pydoc topics)")
     lm.add_argument("--lm", default="smollm2-135m", help="causal LM reference (sparsecc.tune.models)")
