@@ -93,7 +93,10 @@ def retrieved(logits: torch.Tensor, trial: NeedleTrial) -> bool:
 
 def needle_check(model, trials: Sequence[NeedleTrial], *, progress: bool = True, desc: str = "needle",
                  after_first: Optional[callable] = None) -> NeedleResult:
-    """Run every trial through ``model`` (batch 1, no KV cache) and record whether it retrieved the needle."""
+    """Run every trial through ``model`` (batch 1, no KV cache) and record whether it retrieved the needle.
+
+    The progress bar shows the hits so far, so a long run stopped early still tells its partial rate.
+    """
     from tqdm.auto import tqdm
 
     from sparsecc.tune.quality import _device, _logits, model_kwargs
@@ -102,9 +105,11 @@ def needle_check(model, trials: Sequence[NeedleTrial], *, progress: bool = True,
     extra = model_kwargs(model)
     hits = []
     with torch.no_grad():
-        for i, trial in enumerate(tqdm(trials, desc=desc, unit="trial", disable=not progress)):
+        bar = tqdm(trials, desc=desc, unit="trial", disable=not progress)
+        for i, trial in enumerate(bar):
             logits = _logits(model(input_ids=trial.ids[None].to(device), **extra))[0]
             hits.append(retrieved(logits, trial))
+            bar.set_postfix_str(f"hits {sum(hits)}/{len(hits)}")
             if i == 0 and after_first is not None:
                 after_first()
     return NeedleResult(hits)

@@ -76,6 +76,13 @@ def test_needle_check_counts_hits_and_misses():
     assert needle_check(_Peek(copy=True), trials, progress=False).rate == 0.0
 
 
+def test_needle_progress_shows_the_hits_so_far(capsys):
+    """A stopped run's log still tells its partial rate: the bar shows hits / trials done."""
+    trials = needle_trials(CharTokenizer(), _text(), ctx=300, trials=3, seed=0)
+    needle_check(_Peek(), trials, progress=True)
+    assert "hits 3/3" in capsys.readouterr().err
+
+
 def test_needle_trials_reject_bad_arguments():
     with pytest.raises(ValueError, match="trials=0"):
         needle_trials(CharTokenizer(), _text(), ctx=300, trials=0)
