@@ -217,6 +217,19 @@ def _check_shapes(x: Tensor, w_gate: Tensor, b_gate, w_up, b_up, w_down: Tensor,
             raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
 
 
+def decode_rows(x: Tensor, act: str, w_gate: Tensor, b_gate, w_up, b_up, w_down: Tensor, b_down,
+                check_shapes=None):
+    """``(x as [M, D] rows, x's leading shape)`` after checking ``act``, then the shapes (``check_shapes``,
+    default this op's ``_check_shapes``).
+
+    The common prologue of the decode FFN wrappers (this one and ``threshold_ffn``); raises ``ValueError``.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
+    (check_shapes or _check_shapes)(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
+    return x.reshape(-1, w_gate.shape[1]), x.shape[:-1]
+
+
 def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Optional[Tensor],
                     b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], act: str, tau: float,
                     config: Optional[GateConfig] = None, down_config: Optional[GemvConfig] = None,
@@ -230,14 +243,10 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     launch knobs of the two stages (benchmarks, tests); ``out`` (contiguous
     ``[M, D_out]``, ``x.dtype``) receives the kernel path's result.
     """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
     if b_up is not None and w_up is None:
         raise ValueError("b_up is given without w_up")
-    _check_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
+    x2, lead = decode_rows(x, act, w_gate, b_gate, w_up, b_up, w_down, b_down)
     f, d = w_gate.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d)
     m = x2.shape[0]
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in KERNEL_DTYPES:
         return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)

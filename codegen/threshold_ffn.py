@@ -228,12 +228,8 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     tokens or float64 run the reference. ``config`` / ``down_config`` override the stages' launch knobs;
     ``out`` (contiguous ``[M, D_out]``, ``x.dtype``) receives the kernel path's result.
     """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
-    _check_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
+    x2, lead = _gate.decode_rows(x, act, w_gate, b_gate, w_up, b_up, w_down, b_down, _check_shapes)
     f, d = w_gate.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d)
     m = x2.shape[0]
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in KERNEL_DTYPES:
         return threshold_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau_input=tau_input,
