@@ -2,13 +2,14 @@
 
     python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--judge recall|kl] [--calib-windows 1]
                                       [--windows 1] [--needle 50] [--kl-windows 256,512,1024,2048]
-                                      [--kl-groups layer|kv] [--out-dir bench/quality_lm/attention]
+                                      [--kl-topk 2,6,14] [--kl-groups layer|kv] [--out-dir bench/quality_lm/attention]
 
 * calibration: ``--calib-windows`` windows of ``--ctx`` tokens spread over the standard library's docstrings;
   ``--judge recall`` (default): :func:`sparsecc.tune.attention.record_attention` with the default candidates, then
   :func:`~sparsecc.tune.attention.choose_heads` at mean density ``--budget``; ``--judge kl``:
   :func:`sparsecc.tune.attention_kl.tune_by_kl` (next-token KL per layer, or per KV-head group with
-  ``--kl-groups kv``, of dense and sink-64 streaming with the ``--kl-windows`` windows; the exact knapsack; uniform
+  ``--kl-groups kv``, of dense, sink-64 streaming with the ``--kl-windows`` windows and, with ``--kl-topk``,
+  ``block_topk`` on 64-blocks (sink 1, local 1, those topk counts; per layer only); the exact knapsack; uniform
   kept when it measures no worse on the calibration window); its table is saved after every run
   (``kl_table_<ctx>_<groups>.json``), so a stopped run continues;
 * density is counted in blocks of 64 x 64 (the tuner's ``density_block``): a block is kept when any of its
@@ -36,10 +37,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sparsecc.forms import Dense, Streaming  # noqa: E402
+from sparsecc.forms import BlockTopK, Dense, Streaming  # noqa: E402
 from sparsecc.spec import Defaults, Rule, Spec  # noqa: E402
 from sparsecc.tune.attention import DENSITY_BLOCK as BLOCK, AttentionStats, choose_heads, record_attention  # noqa: E402
-from sparsecc.tune.attention_kl import UNIFORM_SINK, streaming_block_density, tune_by_kl, uniform_window  # noqa: E402
+from sparsecc.tune.attention_kl import (UNIFORM_SINK, default_kl_candidates, streaming_block_density,  # noqa: E402
+                                        tune_by_kl, uniform_window)
 from sparsecc.tune.models import load_model  # noqa: E402
 from sparsecc.tune.needle import needle_check, needle_trials  # noqa: E402
 from sparsecc.tune.quality import evaluate, perplexity, read_texts, token_windows, tokenize  # noqa: E402
@@ -64,6 +66,8 @@ def main(argv=None):
     p.add_argument("--judge", default="recall", help=f"how head forms are chosen: one of {JUDGES}")
     p.add_argument("--kl-windows", default=None,
                    help="--judge kl: comma-separated sink-64 streaming windows (default ctx/32, ctx/16, ctx/8, ctx/4)")
+    p.add_argument("--kl-topk", default=None,
+                   help="--judge kl: comma-separated topk counts of block_topk candidates (64-blocks, sink 1, local 1)")
     p.add_argument("--kl-groups", default="layer", help="--judge kl: 'layer' or 'kv' (one group per KV head)")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "quality_lm" / "attention"))
     args = p.parse_args(argv)
@@ -88,10 +92,14 @@ def main(argv=None):
             torch.save(stats.sites, stats_path)
         choices = choose_heads(stats, args.budget)
     else:
-        windows_kl = None
+        candidates = default_kl_candidates(args.ctx)
         if args.kl_windows:
-            windows_kl = [Streaming(UNIFORM_SINK, int(w)) for w in args.kl_windows.split(",")]
-        tuning = tune_by_kl(model, [w.ids for w in calib], args.budget, candidates=windows_kl,
+            candidates = [Streaming(UNIFORM_SINK, int(w)) for w in args.kl_windows.split(",")]
+        if args.kl_topk:
+            candidates += [BlockTopK(block=BLOCK, topk=int(k), sink_blocks=1, local_blocks=1)
+                           for k in args.kl_topk.split(",")]
+            suffix += "_topk"
+        tuning = tune_by_kl(model, [w.ids for w in calib], args.budget, candidates=candidates,
                             grouping=args.kl_groups, resume=out / f"kl_table_{args.ctx}_{args.kl_groups}.json")
         choices = tuning.choices
         kl_info = {"used": tuning.used, "allocation_kl": tuning.allocation_kl,

@@ -18,8 +18,12 @@ output instead:
    returned when it measures no worse (:func:`tune_by_kl`), so on the calibration data the tuned choice is never worse
    than uniform.
 
+Candidates are ``Dense``, ``Streaming`` and ``BlockTopK`` with a fixed ``topk`` (per-input block selection, the same
+count of blocks for every input, so its density is known before the input is). ``BlockTopK`` needs one rule for every
+head of a site (docs/spec.md), so it is a candidate with ``grouping="layer"`` only.
+
 Density of a form is counted like the recall tuner's: kept 64 x 64 blocks over causal blocks of a ctx x ctx grid
-(:func:`streaming_block_density`); a dense head has density 1.
+(:func:`streaming_block_density`, :func:`block_topk_density`); a dense head has density 1.
 
 Positions (docs/spec.md): query row i of a call with Sq queries and Sk keys sits at p = i + Sk - Sq. A ``streaming``
 head keeps key j for query p iff j <= p and (j < sink or p - j < window).
@@ -39,8 +43,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from sparsecc.forms import Dense, Streaming
-from sparsecc.tune.attention import DENSITY_BLOCK, HeadChoice, any_blocks, streaming_mask
+from sparsecc.forms import BlockTopK, Dense, Streaming
+from sparsecc.tune.attention import DENSITY_BLOCK, HeadChoice, any_blocks, dynamic_mask, streaming_mask
 
 KEEP_IMPLEMENTATION = "sparsecc_keep"
 """The transformers attention-implementation name under which :func:`keep_attention` is registered."""
@@ -62,13 +66,32 @@ def streaming_block_density(form: Streaming, ctx: int, block: int = DENSITY_BLOC
     return float(any_blocks(streaming_mask(form, ctx, ctx, True, "cpu"), block).sum()) / (n * (n + 1) // 2)
 
 
+def block_topk_density(form: BlockTopK, ctx: int, block: int = DENSITY_BLOCK) -> float:
+    """Kept blocks / causal blocks of a fixed-``topk`` block_topk form over a ctx x ctx causal grid.
+
+    Query block ``a`` has ``a + 1`` causally allowed key blocks; the sink blocks and the local band are kept and
+    ``topk`` of the others, so it keeps ``min(a + 1, sink_blocks + local_blocks + topk)`` whatever the input (when
+    ``a + 1 <= sink_blocks + local_blocks`` the sink and band already cover every allowed block). Needs the form's
+    block to equal the density block; ValueError for a ``cdf`` form (its count depends on the input).
+    """
+    if form.topk is None or form.block != block:
+        raise ValueError(f"candidate form {form!r} is not allowed; a block_topk candidate needs topk (not cdf) and "
+                         f"block = {block} (the density block)")
+    n = math.ceil(ctx / block)
+    per_row = form.sink_blocks + form.local_blocks + form.topk
+    return sum(min(a + 1, per_row) for a in range(n)) / (n * (n + 1) // 2)
+
+
 def form_density(form, ctx: int, block: int = DENSITY_BLOCK) -> float:
-    """Block density of a candidate form at ``ctx`` tokens: 1 for ``Dense``, counted blocks for ``Streaming``."""
+    """Block density of a candidate form at ``ctx`` tokens: 1 for ``Dense``, counted blocks for ``Streaming`` and
+    fixed-``topk`` ``BlockTopK``."""
     if isinstance(form, Dense):
         return 1.0
     if isinstance(form, Streaming):
         return streaming_block_density(form, ctx, block)
-    raise ValueError(f"candidate form {form!r} is not allowed; expected Dense or Streaming")
+    if isinstance(form, BlockTopK):
+        return block_topk_density(form, ctx, block)
+    raise ValueError(f"candidate form {form!r} is not allowed; expected Dense, Streaming or BlockTopK (with topk)")
 
 
 def uniform_window(target: float, ctx: int, block: int = DENSITY_BLOCK, sink: int = UNIFORM_SINK) -> int:
@@ -93,11 +116,13 @@ def default_kl_candidates(ctx: int, sink: int = UNIFORM_SINK) -> List[object]:
 
 
 def keep_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """A transformers attention function: the model's SDPA attention, with per-head ``streaming`` keep masks.
+    """A transformers attention function: the model's SDPA attention, with per-head keep masks.
 
-    ``module.<_sparsecc_keep_forms>`` (set by :func:`attention_forms`) lists one form per query head (``Dense`` or
-    ``Streaming``); without it the call is transformers' own SDPA attention. q [B, H, Sq, D], k and v
-    [B, Hkv, Sk, D]; returns ([B, Sq, H, D], None) like transformers' attention functions.
+    ``module.<_sparsecc_keep_forms>`` (set by :func:`attention_forms`) lists one form per query head (``Dense``,
+    ``Streaming``, or one ``BlockTopK`` for every head); without it the call is transformers' own SDPA attention.
+    q [B, H, Sq, D], k and v [B, Hkv, Sk, D]; returns ([B, Sq, H, D], None) like transformers' attention functions.
+    A ``BlockTopK`` head keeps the token mask of its reference selection (``tune.attention.dynamic_mask``) from this
+    call's q and k, as the compiled op would.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -122,12 +147,19 @@ def keep_attention(module, query, key, value, attention_mask, dropout: float = 0
         groups.setdefault(form, []).append(head)
     for form, heads in groups.items():
         if isinstance(form, Dense):
-            keep = causal
+            keep = causal[None, None]
         elif isinstance(form, Streaming):
-            keep = streaming_mask(form, sq, sk, True, query.device)
+            keep = streaming_mask(form, sq, sk, True, query.device)[None, None]
+        elif isinstance(form, BlockTopK):
+            if len(heads) != h:
+                raise ValueError(f"form {form!r} covers heads {heads} of {h}; block_topk needs one rule for every "
+                                 "head of a site")
+            # the selection's kept blocks, then causality inside them (diagonal blocks are partial)
+            keep = dynamic_mask(form, query, key, True, scaling if scaling is not None else query.shape[-1] ** -0.5)
+            keep = keep & causal[None, None]
         else:
-            raise ValueError(f"form {form!r} is not allowed for the KL judge; expected Dense or Streaming")
-        mask = keep[None, None] if extra is None else keep[None, None] & extra
+            raise ValueError(f"form {form!r} is not allowed for the KL judge; expected Dense, Streaming or BlockTopK")
+        mask = keep if extra is None else keep & extra
         idx = torch.tensor(heads, device=query.device)
         kv = idx // rep
         out[:, idx] = torch.nn.functional.scaled_dot_product_attention(
@@ -506,9 +538,9 @@ def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candida
     """Per-layer (``grouping="layer"``) or per-KV-head-group (``"kv"``) attention forms judged by next-token KL.
 
     ``windows``: calibration token ids (1-D tensors of one length, ctx); ``budget``: mean block density over all
-    heads (blocks of ``block``); ``candidates``: ``Dense``/``Streaming`` forms (default
-    :func:`default_kl_candidates`); ``topk``: dense tokens per position kept for the KL (None: the whole
-    vocabulary); ``uniform_sink``: the sink of the uniform rule compared with (``streaming``, the largest window, a
+    heads (blocks of ``block``); ``candidates``: ``Dense``/``Streaming`` forms, and ``BlockTopK`` with ``topk`` and
+    ``block`` = ``block`` when ``grouping="layer"`` (default :func:`default_kl_candidates`); ``topk``: dense tokens
+    per position kept for the KL (None: the whole vocabulary); ``uniform_sink``: the sink of the uniform rule compared with (``streaming``, the largest window, a
     multiple of 16, at the allocation's density or lower; none when no window fits, then the allocation is
     returned); ``resume``: JSON file of the table's entries, so a stopped sweep continues. Costs one dense
     forward per window, then per group and non-dense candidate one replay from the group's layer (about half a
@@ -526,8 +558,12 @@ def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candida
         raise ValueError(f"budget={budget!r} is not allowed; expected a mean block density in (0, 1]")
     candidates = list(candidates) if candidates is not None else default_kl_candidates(ctx)
     for c in candidates:
-        if not isinstance(c, (Dense, Streaming)):
-            raise ValueError(f"candidate {c!r} is not allowed; expected Dense or Streaming forms")
+        if not isinstance(c, (Dense, Streaming, BlockTopK)):
+            raise ValueError(f"candidate {c!r} is not allowed; expected Dense, Streaming or BlockTopK forms")
+        if isinstance(c, BlockTopK) and grouping != "layer":
+            raise ValueError(f"candidate {c!r} is not allowed with grouping={grouping!r}: block_topk needs one rule "
+                             "for every head of a site, so it is a per-layer candidate (grouping='layer')")
+        form_density(c, ctx, block)   # ValueError for a cdf form or another block size
     layers, _, _ = decoder_parts(model)
     t0 = time.time()
     caches = [dense_pass(model, w, score_from=score_from, topk=topk) for w in windows]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sparsecc.forms import Dense, Streaming
+from sparsecc.forms import BlockTopK, Dense, Streaming
 from sparsecc.tune import attention_kl as ak
 
 transformers = pytest.importorskip("transformers")
@@ -300,3 +300,106 @@ def test_judged_forms_give_the_logits_of_the_compiled_spec(eager_lowering):
     applied = {s.module for s in sparsecc.last_report().sites if s.kind == "attention" and s.applied}
     assert applied == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     torch.testing.assert_close(compiled.logits[0, :-1], replayed, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# block_topk candidates
+
+
+def _oracle_block_topk_keep(q, k, form, scale):
+    """docs/spec.md, ``block_topk`` with ``topk``, causal, Sq = Sk: the token keep mask [B, H, S, S] written from the
+    text (mean-pooled blocks, estimate scale * qbar . kbar, sink blocks and the local band always kept, the others
+    ranked by estimate, ties to the lower block, the first topk kept; then j <= p inside kept blocks)."""
+    b, h, s, _ = q.shape
+    rep = h // k.shape[1]
+    n = -(-s // form.block)
+    keep = torch.zeros(b, h, s, s, dtype=torch.bool)
+    for bi, head in itertools.product(range(b), range(h)):
+        qbar = [q[bi, head, a * form.block:(a + 1) * form.block].double().mean(0) for a in range(n)]
+        kbar = [k[bi, head // rep, c * form.block:(c + 1) * form.block].double().mean(0) for c in range(n)]
+        for a in range(n):
+            allowed = list(range(a + 1))
+            forced = [c for c in allowed if c < form.sink_blocks or a - form.local_blocks + 1 <= c <= a]
+            others = sorted((c for c in allowed if c not in forced), key=lambda c: (-float(scale * qbar[a] @ kbar[c]), c))
+            for c in forced + others[:form.topk]:
+                for i in range(a * form.block, min((a + 1) * form.block, s)):
+                    for j in range(c * form.block, min((c + 1) * form.block, s)):
+                        keep[bi, head, i, j] = j <= i
+    return keep
+
+
+def test_keep_attention_block_topk_matches_the_spec_oracle_with_gqa():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 90, 8, generator=g, dtype=torch.float64)   # 6 blocks of 16, the last one ragged
+    k = torch.randn(2, 3, 90, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, 90, 8, generator=g, dtype=torch.float64)
+    form = BlockTopK(block=16, topk=2, sink_blocks=1, local_blocks=1)
+
+    class Module:
+        num_key_value_groups = 2
+        is_causal = True
+
+    module = Module()
+    setattr(module, ak._KEEP_ATTR, [form] * 6)
+    out, _ = ak.keep_attention(module, q, k, v, None, scaling=0.4)
+    keep = _oracle_block_topk_keep(q, k, form, 0.4)
+    assert not keep.equal(torch.ones(90, 90, dtype=torch.bool).tril().expand_as(keep))   # something was dropped
+    assert not keep[0].equal(keep[1])   # the selection depends on the input
+    qd, kd, vd = q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (qd @ kd.transpose(-1, -2) * 0.4).masked_fill(~keep, float("-inf"))
+    expected = (torch.softmax(scores, -1) @ vd).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    # block_topk takes one rule for every head of a site
+    setattr(module, ak._KEEP_ATTR, [form] * 5 + [Dense()])
+    with pytest.raises(ValueError, match="every head"):
+        ak.keep_attention(module, q, k, v, None, scaling=0.4)
+
+
+def test_block_topk_density_is_the_blocks_its_selection_keeps():
+    # ctx 300 in 64-blocks: 5 query blocks (the last ragged), 15 causal blocks; sink 1 + local 1 + top 1 keeps
+    # 1, 2, 3, 3, 3 blocks of rows 0..4.
+    form = BlockTopK(block=64, topk=1, sink_blocks=1, local_blocks=1)
+    assert ak.form_density(form, 300) == pytest.approx(12 / 15)
+    assert ak.form_density(BlockTopK(block=64, topk=9), 300) == 1.0
+    assert ak.form_density(BlockTopK(block=64, topk=2, sink_blocks=0, local_blocks=0), 300) == pytest.approx(9 / 15)
+    # the count holds for any input: the footprint of a reference selection on random q, k
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 300, 8, generator=g), torch.randn(1, 1, 300, 8, generator=g)
+    from sparsecc.tune.attention import any_blocks, dynamic_mask
+    blocks = any_blocks(dynamic_mask(form, q, k, True, 0.3), 64)
+    assert blocks.sum().item() == 2 * 12
+    with pytest.raises(ValueError, match="topk"):
+        ak.form_density(BlockTopK(block=64, cdf=0.9), 300)
+    with pytest.raises(ValueError, match="block = 64"):
+        ak.form_density(BlockTopK(block=32, topk=2), 300)
+
+
+def test_tune_by_kl_with_block_topk_candidates_gives_the_compiled_logits(tmp_path, eager_lowering):
+    import sparsecc
+    from sparsecc.spec import Defaults, Spec
+    from sparsecc.tune import attention_rules
+
+    model = _llama()
+    ids = _ids(n=128)
+    cands = [Streaming(1, 16), BlockTopK(block=16, topk=1, sink_blocks=1, local_blocks=1)]
+    result = ak.tune_by_kl(model, [ids], 0.6, candidates=cands, block=16, uniform_sink=1, progress=False)
+    table = result.table
+    assert table.runs == 4 and (table.kl[:, 1:] > 0).all()
+    topk_col = [i for i, c in enumerate(table.candidates) if isinstance(c, BlockTopK)][0]
+    assert table.density[0, topk_col].item() == pytest.approx(ak.form_density(cands[1], 128, 16)) == 21 / 36
+    assert result.density <= 0.6 + 1e-12
+    # a choice holding block_topk compiles to rules whose logits are the replay's
+    forms = {0: [cands[1]] * 4, 1: [Streaming(1, 16)] * 4}
+    choices = ak._choices(forms, 2, 4, 128, 16, "model.layers.{}.self_attn")
+    spec = Spec(defaults=Defaults(policy="force"), attention=tuple(attention_rules(choices)))
+    cache = ak.dense_pass(model, ids, topk=None)
+    with torch.no_grad():
+        replayed = model.lm_head(ak.replay(model, cache, 0, forms))
+        compiled = sparsecc.compile(model, spec=spec, kernels="reference")(input_ids=ids[None], use_cache=False)
+    sites = {s.module: s for s in sparsecc.last_report().sites if s.kind == "attention"}
+    assert sites["model.layers.0.self_attn"].applied and sites["model.layers.1.self_attn"].applied
+    torch.testing.assert_close(compiled.logits[0, :-1], replayed, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="grouping='kv'"):
+        ak.tune_by_kl(model, [ids], 0.6, candidates=cands, grouping="kv", block=16, progress=False)
+    with pytest.raises(ValueError, match="topk"):
+        ak.tune_by_kl(model, [ids], 0.6, candidates=[BlockTopK(block=16, cdf=0.5)], block=16, progress=False)
