@@ -1,6 +1,6 @@
 """Decode FFN in gate mode (CATS): ``gate_sparse_ffn`` against dense, with its two stages timed apart.
 
-    python bench/ffn_gate.py [--tokens 1] [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16] [--sweep]
+    python bench/ffn_gate.py [--tokens 1] [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16] [--sweep [reduce]]
                              [--json out.json]
 
 Workload: one Llama-3-8B gated FFN, D 4096 -> F 14336 -> D (SiLU, no biases), laid out as the compiler binds it for
@@ -17,7 +17,8 @@ The op is checked against a float32 oracle written from docs/spec.md's gate-mode
 model's roundings) before it is timed (rel err < 1e-2). Timing: CUDA-graph replay over ``COPIES`` weight sets
 (``bench/linear.py``'s ``bench_graph``), median per call. "ideal" = dense bytes / the bytes gate mode must read (the
 whole gate, the kept up rows and kept down rows); "TB/s" = those bytes / gate time. ``--sweep`` also times launch
-knobs of both stages at one token, 50% and 90%, float16.
+knobs of both stages at one token, 50% and 90%, float16; ``--sweep reduce`` times stage 1 with per-chunk sums
+(``GateConfig.REDUCE_CHUNKS``) instead.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def _stage1(x, wg, wu, tau, cfg):
         x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
         BLOCK_M=1 if m == 1 else 16, BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D, HAS_BG=False, GATED=True,
         HAS_BU=False, ACTIVATION="silu", DOT_IN_FP32=x.dtype == torch.float32, ROUND_BY_BITS=False,
-        num_warps=cfg.num_warps)
+        REDUCE_CHUNKS=cfg.REDUCE_CHUNKS, num_warps=cfg.num_warps)
     return g
 
 
-def row(m: int, sparsity: float, dtype, weights, gen, sweep: bool = False) -> dict:
+def row(m: int, sparsity: float, dtype, weights, gen, sweep: Optional[str] = None) -> dict:
     x = torch.randn(m, D_MODEL, device="cuda", dtype=dtype, generator=gen)
     wg, wu, wd = weights[0]
     tau = quantile_abs(F.silu(F.linear(x, wg)), sparsity)
@@ -100,17 +101,27 @@ def row(m: int, sparsity: float, dtype, weights, gen, sweep: bool = False) -> di
     out["tb_s"] = sparse_bytes / (out["gate_ms"] * 1e-3) / 1e12
     if sweep:
         results = []
-        for cfg in [gate_module.GateConfig(BLOCK_F=f, BLOCK_D=d, num_warps=w)
-                    for f in (16, 32, 64) for d in (256, 512, 1024) for w in (2, 4, 8) if f * d <= 32768]:
+        shapes = [gate_module.GateConfig(BLOCK_F=f, BLOCK_D=d, num_warps=w)
+                  for f in (16, 32, 64) for d in (256, 512, 1024) for w in (2, 4, 8) if f * d <= 32768]
+        if sweep == "reduce":   # per-chunk sums: a [BLOCK_F] accumulator leaves registers for more programs per SM
+            shapes = [gate_module.GateConfig(BLOCK_F=f, BLOCK_D=d, num_warps=w, REDUCE_CHUNKS=True)
+                      for f in (1, 2, 4, 8, 16) for d in (1024, 2048, 4096) for w in (1, 2, 4, 8)
+                      if 2048 <= f * d <= 32768]
+        for cfg in shapes:
             try:
+                g_cfg = _stage1(x, wg, wu, tau, cfg)   # checked through the down GEMV before it is timed
+                cfg_err = rel_err(threshold_linear(g_cfg, wd, None, 0.0).view(m, D_MODEL), ref)
+                if not cfg_err < 1e-2:
+                    raise ValueError(f"wrong result (rel err {cfg_err:.2e})")
                 ms = bench_graph([lambda w=w: _stage1(x, w[0], w[1], tau, cfg) for w in weights])
             except Exception as exc:   # a launch shape the compiler refuses: record it, keep sweeping
                 ms = float("nan")
                 print(f"  sweep {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
             results.append({"stage1": str(cfg), "ms": ms})
         downs = []
-        for dcfg in [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w)
-                     for bn in (64, 128) for bk in (64, 128) for r in (1024, 2048, 4096) for w in (4, 8)]:
+        down_shapes = [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w)
+                       for bn in (64, 128) for bk in (64, 128) for r in (1024, 2048, 4096) for w in (4, 8)]
+        for dcfg in down_shapes if sweep == "shapes" else []:
             try:
                 ms = bench_graph([lambda w=w, g=g: threshold_linear(g, w[2], None, 0.0, config=dcfg)
                                   for w, g in zip(weights, gs)])
@@ -129,7 +140,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--tokens", default="1")
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--dtypes", default="float16,bfloat16")
-    ap.add_argument("--sweep", action="store_true", help="also time launch knobs at one token, 50%% and 90%%, fp16")
+    ap.add_argument("--sweep", nargs="?", const="shapes", choices=("shapes", "reduce"),
+                    help="also time launch knobs at one token, 50%% and 90%%, fp16: 'shapes' (the default) both "
+                         "stages' tile shapes, 'reduce' stage 1 with per-chunk sums (REDUCE_CHUNKS)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -140,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         weights = make_weights(dtype, gen, gate_up_k_major=False)
         for m in (int(t) for t in args.tokens.split(",")):
             for s in (float(v) for v in args.sparsities.split(",")):
-                sweep = args.sweep and m == 1 and s in (0.5, 0.9) and dtype == torch.float16
+                sweep = args.sweep if m == 1 and s in (0.5, 0.9) and dtype == torch.float16 else None
                 r = row(m, s, dtype, weights, gen, sweep)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if not k.startswith("sweep")}), flush=True)

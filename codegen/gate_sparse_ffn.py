@@ -58,24 +58,29 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Launch knobs of the gate + up stage: neurons per program, D chunk, warps."""
+    """Launch knobs of the gate + up stage: neurons per program, D chunk, warps, and (one token) whether each
+    D chunk is summed into per-neuron totals at once (``REDUCE_CHUNKS``: a [BLOCK_F] accumulator, fewer registers)
+    or accumulated as a [BLOCK_F, BLOCK_D] tile summed once at the end."""
 
     BLOCK_F: int
     BLOCK_D: int
     num_warps: int
+    REDUCE_CHUNKS: bool = False
 
     def __post_init__(self):
-        for name in ("BLOCK_F", "BLOCK_D"):
+        for name, low in (("BLOCK_F", 1), ("BLOCK_D", 16)):
             value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"GateConfig.{name}={value} must be a power of two >= 16 (tl.dot and tl.arange)")
+            if value < low or value & (value - 1):
+                raise ValueError(f"GateConfig.{name}={value} must be a power of two >= {low} (tl.arange; 2-16 "
+                                 "tokens also need BLOCK_F >= 16 for tl.dot)")
 
 
-# One token: 16 neurons per program gives 896 programs at F = 14336 (about 7 per SM), each streaming
-# 16 contiguous 8 KB rows in 1 KB chunks. Two warps: on the H200 (bench/ffn_gate.py --sweep, 2026-12-03) stage 1
-# took 54.9 / 49.6 us at 50 / 90% with 2 warps against 93.3 / 74.6 us with 4 (the earlier default); of 24 shapes
-# (16-64 neurons, 256-1024 columns, 2-8 warps) it was the fastest at 50% and within 0.5% of the fastest at 90%.
-DEFAULT_GATE_CONFIG = GateConfig(BLOCK_F=16, BLOCK_D=512, num_warps=2)
+# One token: 2 neurons per program, each program reading its two whole 8 KB rows (D = 4096) in one chunk and keeping
+# only two float32 totals (REDUCE_CHUNKS); 7168 programs at F = 14336. On the H200 (bench/ffn_gate.py --sweep reduce,
+# 2026-12-03) stage 1 took 43.3 / 33.5 us at 50 / 90% against 52.8 / 49.1 us for the earlier default (16 neurons,
+# 512-column chunks, a [16, 512] float32 accumulator tile, 2 warps), whose 128 partial sums per thread capped the
+# programs resident per SM.
+DEFAULT_GATE_CONFIG = GateConfig(BLOCK_F=2, BLOCK_D=4096, num_warps=4, REDUCE_CHUNKS=True)
 # 2-16 tokens use tl.dot on a 16-row tile; 32 neurons per program keeps 448 programs at F = 14336.
 DEFAULT_GATE_CONFIG_TOKENS = GateConfig(BLOCK_F=32, BLOCK_D=128, num_warps=4)
 
@@ -110,7 +115,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
                     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: F821
                     HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,  # noqa: F821
                     ACTIVATION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
-                    ROUND_BY_BITS: tl.constexpr):  # noqa: F821
+                    ROUND_BY_BITS: tl.constexpr, REDUCE_CHUNKS: tl.constexpr):  # noqa: F821
     """g[:, f-block] = act(x Wgᵀ + bg) ⊙ keep (⊙ (x Wuᵀ + bu), up rows of survivors only)."""
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
@@ -122,17 +127,23 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
     io_dtype = g_ptr.dtype.element_ty
     # ---- gate GEMV over all of D
     if BLOCK_M == 1:
-        # One token: multiply-add on [BLOCK_F, BLOCK_D] tiles, reduce once at the end (no tl.dot
-        # at M = 1: it would pad the token to 16 rows).
+        # One token: multiply-add on [BLOCK_F, BLOCK_D] tiles, reduced once at the end or per chunk
+        # (REDUCE_CHUNKS); no tl.dot at M = 1: it would pad the token to 16 rows.
         acc2 = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_F,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
             xv = tl.load(x_ptr + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
             w = tl.load(wg_ptr + offs_f[:, None].to(tl.int64) * stride_gf + offs_d[None, :] * stride_gd,
                         mask=f_mask[:, None] & d_mask[None, :], other=0.0)
-            acc2 += w.to(tl.float32) * xv[None, :]
-        lin = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_F))
+            if REDUCE_CHUNKS:
+                acc1 += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            else:
+                acc2 += w.to(tl.float32) * xv[None, :]
+        if not REDUCE_CHUNKS:
+            acc1 = tl.sum(acc2, axis=1)
+        lin = tl.reshape(acc1, (1, BLOCK_F))
     else:
         lin = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -161,14 +172,20 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
         d_end = tl.where(n_live > 0, D, 0)  # a block with no survivor skips the up loop
         if BLOCK_M == 1:
             accu2 = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+            accu1 = tl.zeros((BLOCK_F,), dtype=tl.float32)
             for d0 in range(0, d_end, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_mask = offs_d < D
                 xv = tl.load(x_ptr + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
                 w = tl.load(wu_ptr + offs_f[:, None].to(tl.int64) * stride_uf + offs_d[None, :] * stride_ud,
                             mask=live[:, None] & d_mask[None, :], other=0.0)
-                accu2 += w.to(tl.float32) * xv[None, :]
-            up = tl.reshape(tl.sum(accu2, axis=1), (1, BLOCK_F))
+                if REDUCE_CHUNKS:
+                    accu1 += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+                else:
+                    accu2 += w.to(tl.float32) * xv[None, :]
+            if not REDUCE_CHUNKS:
+                accu1 = tl.sum(accu2, axis=1)
+            up = tl.reshape(accu1, (1, BLOCK_F))
         else:
             up = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
             for d0 in range(0, d_end, BLOCK_D):
@@ -252,6 +269,8 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
         return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
     _bind()
     cfg = config or (DEFAULT_GATE_CONFIG if m == 1 else DEFAULT_GATE_CONFIG_TOKENS)
+    if m > 1 and cfg.BLOCK_F < 16:
+        raise ValueError(f"config={cfg} is not allowed for {m} tokens; 2-16 tokens need BLOCK_F >= 16 (tl.dot)")
     dtype = x.dtype
     w_gate = w_gate.to(dtype)
     w_up = w_up.to(dtype) if w_up is not None else None
@@ -266,7 +285,8 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
         BLOCK_M=1 if m == 1 else 16, BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D,
         HAS_BG=b_gate is not None, GATED=w_up is not None, HAS_BU=b_up is not None, ACTIVATION=act,
         DOT_IN_FP32=interpreting or dtype == torch.float32,
-        ROUND_BY_BITS=interpreting and dtype == torch.bfloat16, num_warps=cfg.num_warps)
+        ROUND_BY_BITS=interpreting and dtype == torch.bfloat16, REDUCE_CHUNKS=cfg.REDUCE_CHUNKS,
+        num_warps=cfg.num_warps)
     # tau = 0 skips exactly the zeros of g: dropped neurons, and survivors whose product is 0 (no contribution).
     y = threshold_linear(g, w_down, b_down, 0.0, config=down_config, out=out)
     return y.reshape(*lead, w_down.shape[0])

@@ -85,10 +85,11 @@ def assert_close_scaled(out, ref, dtype):
     torch.testing.assert_close(out.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
 
 
-def small_configs(m):
-    """Small launch knobs, so tiny shapes still span several programs and splits."""
+def small_configs(m, reduce_chunks=False, block_f=16):
+    """Small launch knobs, so tiny shapes still span several programs and splits (``block_f`` < 16: one token)."""
     from sparsecc.codegen.gate_sparse_ffn import GateConfig
-    return GateConfig(BLOCK_F=16, BLOCK_D=16, num_warps=4), GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=32,
+    return GateConfig(BLOCK_F=block_f if m == 1 else 16, BLOCK_D=16, num_warps=4,
+                      REDUCE_CHUNKS=reduce_chunks), GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=32,
                                                                           num_warps=4)
 
 
@@ -109,8 +110,10 @@ def make_ffn(gen, m, d, f, d_out, gated, biases, dtype, device="cpu"):
 @FEW
 @given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40),
        gated=st.booleans(), biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)),
-       dtype=st.sampled_from(KERNEL_DTYPES), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 10 ** 6))
-def test_interp_gate_sparse_ffn_kernel(interpreter, m, d, f, d_out, gated, biases, act, dtype, sparsity, seed):
+       dtype=st.sampled_from(KERNEL_DTYPES), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 10 ** 6),
+       reduce_chunks=st.booleans(), block_f=st.sampled_from([1, 2, 16]))
+def test_interp_gate_sparse_ffn_kernel(interpreter, m, d, f, d_out, gated, biases, act, dtype, sparsity, seed,
+                                       reduce_chunks, block_f):
     from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
     gen = torch.Generator().manual_seed(seed)
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, gated, biases, dtype)
@@ -118,7 +121,7 @@ def test_interp_gate_sparse_ffn_kernel(interpreter, m, d, f, d_out, gated, biase
     tau = pick_tau(a.abs(), sparsity, dtype)
     assume(tau is not None)
     ref, _, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, act, tau)
-    cfg, down = small_configs(m)
+    cfg, down = small_configs(m, reduce_chunks, block_f)
     out = torch.full((m, d_out), float("nan"), dtype=dtype)
     y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, act, tau, config=cfg, down_config=down, out=out)
     assert_close_scaled(y, ref, dtype)
@@ -219,6 +222,11 @@ def test_gate_sparse_ffn_rejects_bad_arguments():
         gate_sparse_ffn(x[:, :15], wg, bg, wu, bu, wd, bd, "silu", 0.1)
     with pytest.raises(ValueError, match="BLOCK_F=24 must be a power of two"):
         GateConfig(BLOCK_F=24, BLOCK_D=32, num_warps=4)
+    with pytest.raises(ValueError, match="BLOCK_D=8 must be a power of two >= 16"):
+        GateConfig(BLOCK_F=2, BLOCK_D=8, num_warps=4)
+    x2 = torch.cat([x, x])
+    with pytest.raises(ValueError, match="2-16 tokens need BLOCK_F >= 16"):
+        gate_sparse_ffn(x2, wg, bg, wu, bu, wd, bd, "silu", 0.1, config=GateConfig(BLOCK_F=2, BLOCK_D=32, num_warps=4))
 
 
 def test_oracle_is_the_op_reference_in_float64():
