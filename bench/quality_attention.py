@@ -105,12 +105,16 @@ def main(argv=None):
         kl_info = {"used": tuning.used, "allocation_kl": tuning.allocation_kl,
                    "allocation_density": tuning.allocation_density, "uniform_window": tuning.uniform_window,
                    "uniform_kl": tuning.uniform_kl, "uniform_density": tuning.uniform_density,
+                   "uniform_topk": str(tuning.uniform_topk) if tuning.uniform_topk else None,
+                   "uniform_topk_kl": tuning.uniform_topk_kl, "uniform_topk_density": tuning.uniform_topk_density,
                    "allocation": {str(l): [str(f) for f in forms] for l, forms in sorted(tuning.allocation.items())},
                    "table": tuning.table.rows(), "runs": tuning.table.runs, "seconds": tuning.seconds,
                    "calibration_minutes": (time.time() - started) / 60}
         print(f"KL judge: allocation KL {tuning.allocation_kl:.5f} at block density {tuning.allocation_density:.4f}; "
               f"uniform window {tuning.uniform_window} KL {tuning.uniform_kl:.5f} at "
-              f"{tuning.uniform_density:.4f}; using {tuning.used}", flush=True)
+              f"{tuning.uniform_density:.4f}"
+              + (f"; uniform {tuning.uniform_topk} KL {tuning.uniform_topk_kl:.5f} at {tuning.uniform_topk_density:.4f}"
+                 if tuning.uniform_topk else "") + f"; using {tuning.used}", flush=True)
     heads = [(f, r, d) for c in choices for f, r, d in zip(c.forms, c.recall, c.density)]
     tuned_blocks = sum(h[2] for h in heads) / len(heads)
     tuned = Spec(defaults=Defaults(policy="force"), attention=tuple(attention_rules(choices)))
@@ -122,6 +126,17 @@ def main(argv=None):
         Rule(kind="attention", index=0, form=Streaming(UNIFORM_SINK, window), modules="model.layers.*.self_attn"),))
     uniform_path = out / f"uniform_{args.ctx}_{window}.toml"
     uniform.save(uniform_path)
+    specs = [("tuned", tuned_path, sparse_sites), ("uniform", uniform_path, len(choices))]
+    densities = {"tuned": tuned_blocks, "uniform": streaming_block_density(Streaming(UNIFORM_SINK, window), args.ctx,
+                                                                            BLOCK)}
+    topk_form = tuning.uniform_topk if kl_info is not None else None
+    if topk_form is not None:   # the uniform block_topk rule the KL judge compared with
+        uniform_topk = Spec(defaults=Defaults(policy="force"), attention=(
+            Rule(kind="attention", index=0, form=topk_form, modules="model.layers.*.self_attn"),))
+        topk_path = out / f"uniform_topk_{args.ctx}_{topk_form.topk}.toml"
+        uniform_topk.save(topk_path)
+        specs.append(("uniform_topk", topk_path, len(choices)))
+        densities["uniform_topk"] = tuning.uniform_topk_density
     forms: dict = {}
     for f, *_ in heads:
         forms[str(f)] = forms.get(str(f), 0) + 1
@@ -151,8 +166,8 @@ def main(argv=None):
     save()   # the choice (and the KL table) before the evaluation
     dense = perplexity(model, windows, desc="dense perplexity")
     save()
-    for name, path, expected in (("tuned", tuned_path, sparse_sites), ("uniform", uniform_path, len(choices))):
-        if name == "uniform" and kl_info is not None and kl_info["used"] == "uniform":
+    for name, path, expected in specs:
+        if name != "tuned" and kl_info is not None and kl_info["used"] == name:
             rows[name] = dict(rows["tuned"], spec=str(path), note="the KL judge returned this uniform rule")
             save()
             continue
@@ -184,7 +199,7 @@ def main(argv=None):
           f"{sum(rows['tuned'].get('needle_dense', [])) if trials else '-'}/{len(trials)} |")
     for name in rows:
         r = rows[name]
-        density = tuned_blocks if name == "tuned" else uniform_blocks
+        density = densities[name]
         needle = f"{sum(r['needle_sparse'])}/{len(trials)}" if "needle_sparse" in r else "-"
         print(f"| {name} | {density:.4f} | {r['perplexity']:.4f} | {100 * r['change']:+.2f}% | {needle} |")
 

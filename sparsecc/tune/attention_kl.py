@@ -37,7 +37,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -468,9 +468,11 @@ def allocate(kl, density, weights: Sequence[float], budget: float) -> List[int]:
 class KLTuning:
     """The KL judge's result: ``choices`` (what :func:`sparsecc.tune.attention_rules` consumes) and its evidence.
 
-    ``used`` is ``"allocation"`` or ``"uniform"`` (the uniform rule measured no worse); ``allocation_kl`` and
-    ``uniform_kl`` are the measured mean KL per scored position with every chosen form applied at once
-    (``uniform_kl`` NaN when no uniform window fits the allocation's density);
+    ``used`` is ``"allocation"``, ``"uniform"`` (the uniform streaming rule measured no worse) or
+    ``"uniform_topk"`` (with ``block_topk`` candidates: one ``block_topk`` rule on every layer, the largest topk at
+    the allocation's density or lower, measured no worse than both); ``allocation_kl``, ``uniform_kl`` and
+    ``uniform_topk_kl`` are the measured mean KL per scored position with every chosen form applied at once (NaN
+    when no such uniform rule fits the allocation's density, or no ``block_topk`` candidate was given);
     ``density`` the mean block density over heads of what was returned.
     """
 
@@ -484,11 +486,15 @@ class KLTuning:
     uniform_density: float
     table: KLTable
     seconds: Dict[str, float] = field(default_factory=dict)
+    uniform_topk: Optional[BlockTopK] = None
+    uniform_topk_kl: float = float("nan")
+    uniform_topk_density: float = float("nan")
 
     @property
     def density(self) -> float:
         """Mean block density over all heads of the returned choice."""
-        return self.allocation_density if self.used == "allocation" else self.uniform_density
+        return {"allocation": self.allocation_density, "uniform": self.uniform_density,
+                "uniform_topk": self.uniform_topk_density}[self.used]
 
 
 def _choices(forms_by_layer: Dict[int, List[object]], num_layers: int, heads: int, ctx: int, block: int,
@@ -501,11 +507,30 @@ def _choices(forms_by_layer: Dict[int, List[object]], num_layers: int, heads: in
     return out
 
 
+def uniform_topk_form(candidates: Sequence[object], target: float, ctx: int,
+                      block: int = DENSITY_BLOCK) -> Optional[BlockTopK]:
+    """The uniform ``block_topk`` rule to compare with: the candidates' ``block_topk`` form (sink, band and pool of
+    the one with the largest topk) with the largest topk whose density is at most ``target``; None without
+    ``block_topk`` candidates or when even topk 1 keeps more."""
+    forms = [c for c in candidates if isinstance(c, BlockTopK)]
+    if not forms:
+        return None
+    base = max(forms, key=lambda f: f.topk)
+    best = None
+    for k in range(1, math.ceil(ctx / block) + 1):
+        form = replace(base, topk=k)
+        if block_topk_density(form, ctx, block) > target + 1e-12:
+            break
+        best = form
+    return best
+
+
 def decide(table: KLTable, budget: float, ctx: int, num_layers: int, heads: int,
            measure: Callable[[Dict[int, List[object]]], float], *, block: int = DENSITY_BLOCK,
            sink: int = UNIFORM_SINK, site: str = "model.layers.{}.self_attn") -> KLTuning:
-    """Allocate from ``table`` at ``budget``, measure the allocation and the uniform rule at equal or lower density
-    with ``measure(forms_by_layer) -> KL``, and keep uniform when it measures no worse."""
+    """Allocate from ``table`` at ``budget``, measure the allocation and the uniform rules at equal or lower density
+    (streaming; and ``block_topk`` when the table has such candidates) with ``measure(forms_by_layer) -> KL``, and
+    return a uniform rule when it measures no worse than the allocation (and than the other uniform rule)."""
     picks = allocate(table.kl, table.density, table.weights, budget)
     forms_by_layer: Dict[int, List[object]] = {}
     for (layer, group_heads), c in zip(table.groups, picks):
@@ -524,11 +549,20 @@ def decide(table: KLTable, budget: float, ctx: int, num_layers: int, heads: int,
         uniform_kl = measure(uniform)
     else:   # even the narrowest window keeps more blocks than the allocation: no uniform rule to compare with
         uniform_kl = float("nan")
-    used = "uniform" if uniform_kl <= allocation_kl else "allocation"
-    chosen = forms_by_layer if used == "allocation" else uniform
+    topk_form = uniform_topk_form(table.candidates, allocation_density, ctx, block)
+    topk_kl, topk_density, uniform_topk = float("nan"), float("nan"), {}
+    if topk_form is not None:
+        uniform_topk = {layer: [topk_form] * heads for layer in range(num_layers)}
+        topk_kl, topk_density = measure(uniform_topk), block_topk_density(topk_form, ctx, block)
+    # The least measured KL wins; on a tie the uniform rules come first (NaN: not measured, never chosen).
+    ranked = [(kl, name, forms) for kl, name, forms in ((uniform_kl, "uniform", uniform),
+                                                         (topk_kl, "uniform_topk", uniform_topk),
+                                                         (allocation_kl, "allocation", forms_by_layer))
+              if not math.isnan(kl)]
+    _, used, chosen = min(ranked, key=lambda r: r[0])
     return KLTuning(_choices(chosen, num_layers, heads, ctx, block, site), used, forms_by_layer, allocation_kl,
                     allocation_density, window, uniform_kl, uniform_density, table,
-                    {"measure": time.time() - t0})
+                    {"measure": time.time() - t0}, topk_form, topk_kl, topk_density)
 
 
 def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candidates: Optional[Sequence] = None,

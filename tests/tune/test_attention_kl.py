@@ -403,3 +403,41 @@ def test_tune_by_kl_with_block_topk_candidates_gives_the_compiled_logits(tmp_pat
         ak.tune_by_kl(model, [ids], 0.6, candidates=cands, grouping="kv", block=16, progress=False)
     with pytest.raises(ValueError, match="topk"):
         ak.tune_by_kl(model, [ids], 0.6, candidates=[BlockTopK(block=16, cdf=0.5)], block=16, progress=False)
+
+
+@pytest.mark.parametrize("kls, used", [((1.0, 0.5, 0.5), "uniform"), ((1.0, 0.9, 0.4), "uniform_topk"),
+                                       ((1.0, 1.2, 1.0), "uniform_topk"), ((0.3, 1.2, 0.6), "allocation")])
+def test_uniform_block_topk_is_compared_when_the_table_has_block_topk(kls, used):
+    # KLs scripted for (allocation, uniform streaming, uniform block_topk); ties go to a uniform rule.
+    cands = [Dense(), Streaming(64, 64), BlockTopK(block=64, topk=4, sink_blocks=1, local_blocks=1)]
+    groups = ak.make_groups(3, 2, 2, "layer")
+    dens = torch.tensor([[ak.form_density(c, CTX) for c in cands]] * 3, dtype=torch.float64)
+    kl = torch.tensor([[0.0, 0.5, 0.1], [0.0, 0.01, 0.005], [0.0, 0.02, 0.01]], dtype=torch.float64)
+    table = ak.KLTable(groups, cands, kl, dens, [2] * 3)
+
+    def measure(forms_by_layer):
+        forms = {f for layer in range(3) for f in forms_by_layer.get(layer, [Dense()] * 2)}
+        if len(forms) == 1 and isinstance(next(iter(forms)), Streaming):
+            return kls[1]
+        if len(forms) == 1 and isinstance(next(iter(forms)), BlockTopK):
+            return kls[2]
+        return kls[0]
+
+    result = ak.decide(table, 0.5, CTX, 3, 2, measure)
+    assert result.used == used
+    topk = result.uniform_topk
+    # the largest topk (same sink, band, pool as the candidate) at the allocation's density or lower
+    assert topk == BlockTopK(block=64, topk=topk.topk, sink_blocks=1, local_blocks=1)
+    assert result.uniform_topk_density <= result.allocation_density + 1e-12
+    assert ak.form_density(BlockTopK(block=64, topk=topk.topk + 1), CTX) > result.allocation_density
+    assert result.uniform_topk_kl == kls[2]
+    forms = [c.forms for c in result.choices]
+    expected = {"uniform": [[Streaming(ak.UNIFORM_SINK, result.uniform_window)] * 2] * 3,
+                "uniform_topk": [[topk] * 2] * 3}.get(used)
+    if expected is not None:
+        assert forms == expected
+    assert result.density == {"uniform": result.uniform_density, "uniform_topk": result.uniform_topk_density,
+                              "allocation": result.allocation_density}[used]
+    # without block_topk candidates nothing of the kind is measured
+    plain = ak.decide(_scripted_table(), 0.5, CTX, 3, 2, lambda forms: 1.0)
+    assert plain.uniform_topk is None and math.isnan(plain.uniform_topk_kl)
