@@ -203,7 +203,8 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     if lowering not in LOWERINGS:
         raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
     if lowering == "inductor":
-        compiled = compile_fx(gm, list(example_inputs) + ctx.extra_inputs, config_patches=_lowering_config(opts, ctx))
+        compiled = compile_fx(gm, list(example_inputs) + _static_fakes(ctx.extra_inputs, example_inputs),
+                              config_patches=_lowering_config(opts, ctx))
     else:
         compiled = gm.forward
     if ctx.bindings:
@@ -212,6 +213,23 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     report = build_report(ctx)
     emit_report(report, opts, owner, ctx.modules.roots[0] if ctx.modules.roots else None)
     return compiled
+
+
+def _static_fakes(tensors: Sequence[torch.Tensor], example_inputs) -> list:
+    """The bound weights as fakes of the graph's fake mode with static sizes, for Inductor's example inputs.
+
+    Handed over as real tensors, AOTAutograd fakifies an input that Dynamo never saw with dynamic sizes (it has
+    no symbolic context for it), so every kernel reading a bound weight (a compressed weight, a K-major copy)
+    would compile for symbolic sizes. Their sizes are fixed for the life of the compile (a weight update that
+    changes them recompiles), so static is what they are. Without a fake mode (no tracing context) the tensors
+    are passed as they are.
+    """
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return list(tensors)
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict]:

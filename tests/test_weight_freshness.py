@@ -121,3 +121,28 @@ def test_weighted_criterion_column_norms_follow_data_writes_with_check_weights(e
 def test_check_weights_must_be_a_bool():
     with pytest.raises(SpecError, match="options.check_weights"):
         sparsecc.compile(nn.Linear(4, 4), check_weights="yes")
+
+
+def test_bound_weights_compile_with_static_sizes():
+    """A weight sparsecc binds at compile time (here a block-sparse weight) reaches Inductor with its sizes fixed:
+    handed over as a plain tensor, AOTAutograd would give it symbolic sizes and every kernel reading it would be
+    compiled for them. Its sizes cannot change without a recompile (``refresh`` raises then)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128, bias=False)).eval()
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "linear": [{"modules": "0", "form": "block_weights", "block": [16, 16], "density": 0.5}]}
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="sparsecc", options={"spec": spec})
+        out, sources = run_and_get_code(compiled, x)
+    assert [s.applied for s in sparsecc.last_report().sites] == [True]
+    code = "\n".join(sources)
+    assert "block_sparse_linear" in code or "_bsr" in code
+    assert re.findall(r"\bs\d+\b", code) == [], "the compiled graph has symbolic sizes"
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), out)   # the compiled graph serves the next call as it is
+        assert (out - model(x)).abs().max() > 1e-2    # and it is the pruned weight's product, not the dense one
