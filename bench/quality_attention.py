@@ -127,8 +127,8 @@ def main(argv=None):
     uniform_path = out / f"uniform_{args.ctx}_{window}.toml"
     uniform.save(uniform_path)
     specs = [("tuned", tuned_path, sparse_sites), ("uniform", uniform_path, len(choices))]
-    densities = {"tuned": tuned_blocks, "uniform": streaming_block_density(Streaming(UNIFORM_SINK, window), args.ctx,
-                                                                            BLOCK)}
+    uniform_blocks = streaming_block_density(Streaming(UNIFORM_SINK, window), args.ctx, BLOCK)
+    densities = {"tuned": tuned_blocks, "uniform": uniform_blocks}
     topk_form = tuning.uniform_topk if kl_info is not None else None
     if topk_form is not None:   # the uniform block_topk rule the KL judge compared with
         uniform_topk = Spec(defaults=Defaults(policy="force"), attention=(
@@ -140,7 +140,6 @@ def main(argv=None):
     forms: dict = {}
     for f, *_ in heads:
         forms[str(f)] = forms.get(str(f), 0) + 1
-    uniform_blocks = streaming_block_density(Streaming(UNIFORM_SINK, window), args.ctx, BLOCK)
     recall = (f", mean recall {sum(h[1] for h in heads) / len(heads):.4f}" if args.judge == "recall" else "")
     print(f"tuned at budget {args.budget}: mean block density {tuned_blocks:.4f}{recall}; uniform window {window} "
           f"(block density {uniform_blocks:.4f})", flush=True)
