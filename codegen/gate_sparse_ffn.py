@@ -110,6 +110,27 @@ def _rounded(v, like_ptr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
         return v.to(like_ptr.dtype.element_ty).to(tl.float32)
 
 
+def _row_dots(x_ptr, w_ptr, offs_f, rows, d_end, D, stride_xd, stride_wf, stride_wd,
+              BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, REDUCE_CHUNKS: tl.constexpr):  # noqa: F821
+    """One token: float32 ``x . W[f]`` for the BLOCK_F rows ``offs_f`` (loads of rows off ``rows`` predicated off),
+    over columns ``[0, d_end)``; each chunk summed at once (REDUCE_CHUNKS) or as a tile summed at the end."""
+    acc2 = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    for d0 in range(0, d_end, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        xv = tl.load(x_ptr + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_f[:, None].to(tl.int64) * stride_wf + offs_d[None, :] * stride_wd,
+                    mask=rows[:, None] & d_mask[None, :], other=0.0)
+        if REDUCE_CHUNKS:
+            acc1 += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        else:
+            acc2 += w.to(tl.float32) * xv[None, :]
+    if not REDUCE_CHUNKS:
+        acc1 = tl.sum(acc2, axis=1)
+    return tl.reshape(acc1, (1, BLOCK_F))
+
+
 def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
                     stride_xm, stride_xd, stride_gf, stride_gd, stride_uf, stride_ud,
                     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: F821
@@ -129,21 +150,8 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
     if BLOCK_M == 1:
         # One token: multiply-add on [BLOCK_F, BLOCK_D] tiles, reduced once at the end or per chunk
         # (REDUCE_CHUNKS); no tl.dot at M = 1: it would pad the token to 16 rows.
-        acc2 = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_F,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            xv = tl.load(x_ptr + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
-            w = tl.load(wg_ptr + offs_f[:, None].to(tl.int64) * stride_gf + offs_d[None, :] * stride_gd,
-                        mask=f_mask[:, None] & d_mask[None, :], other=0.0)
-            if REDUCE_CHUNKS:
-                acc1 += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
-            else:
-                acc2 += w.to(tl.float32) * xv[None, :]
-        if not REDUCE_CHUNKS:
-            acc1 = tl.sum(acc2, axis=1)
-        lin = tl.reshape(acc1, (1, BLOCK_F))
+        lin = _row_dots(x_ptr, wg_ptr, offs_f, f_mask, D, D, stride_xd, stride_gf, stride_gd, BLOCK_F, BLOCK_D,
+                        REDUCE_CHUNKS)
     else:
         lin = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -171,21 +179,8 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
         n_live = tl.sum(live.to(tl.int32), axis=0)
         d_end = tl.where(n_live > 0, D, 0)  # a block with no survivor skips the up loop
         if BLOCK_M == 1:
-            accu2 = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
-            accu1 = tl.zeros((BLOCK_F,), dtype=tl.float32)
-            for d0 in range(0, d_end, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                d_mask = offs_d < D
-                xv = tl.load(x_ptr + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
-                w = tl.load(wu_ptr + offs_f[:, None].to(tl.int64) * stride_uf + offs_d[None, :] * stride_ud,
-                            mask=live[:, None] & d_mask[None, :], other=0.0)
-                if REDUCE_CHUNKS:
-                    accu1 += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
-                else:
-                    accu2 += w.to(tl.float32) * xv[None, :]
-            if not REDUCE_CHUNKS:
-                accu1 = tl.sum(accu2, axis=1)
-            up = tl.reshape(accu1, (1, BLOCK_F))
+            up = _row_dots(x_ptr, wu_ptr, offs_f, live, d_end, D, stride_xd, stride_uf, stride_ud, BLOCK_F, BLOCK_D,
+                           REDUCE_CHUNKS)
         else:
             up = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
             for d0 in range(0, d_end, BLOCK_D):
@@ -207,7 +202,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
     tl.store(out, h.to(io_dtype), mask=m_mask[:, None] & f_mask[None, :])
 
 
-_KERNELS = ("_rounded", "_gate_up_kernel")
+_KERNELS = ("_rounded", "_row_dots", "_gate_up_kernel")
 
 
 def _bind() -> None:
