@@ -45,6 +45,7 @@ import torch
 
 from sparsecc.forms import BlockTopK, Dense, Streaming
 from sparsecc.tune.attention import DENSITY_BLOCK, HeadChoice, any_blocks, dynamic_mask, streaming_mask
+from sparsecc.tune.knapsack import allocate  # noqa: F401 (part of this module's interface)
 
 KEEP_IMPLEMENTATION = "sparsecc_keep"
 """The transformers attention-implementation name under which :func:`keep_attention` is registered."""
@@ -405,59 +406,6 @@ def kl_table(model, caches: Sequence[DenseCache], candidates: Sequence[object], 
                 Path(resume).write_text(json.dumps({"fingerprint": fingerprint, "entries": entries}, indent=0))
         kl[g, c] = entries[key]
     return KLTable(groups, candidates, kl, dens, [len(h) for _, h in groups], time.time() - started, runs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the allocation
-
-
-def allocate(kl, density, weights: Sequence[float], budget: float) -> List[int]:
-    """One option per group minimising sum kl[g, option] with sum w_g density[g, option] / sum w <= ``budget``.
-
-    Exact: a dynamic programme over the Pareto frontier of (summed weighted density, summed KL), pruned of dominated
-    and over-budget states. Among equal KL the lower density wins. ValueError when even the sparsest options exceed
-    the budget.
-    """
-    import numpy as np
-
-    kl = np.asarray(kl, dtype=np.float64)
-    density = np.asarray(density, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    if kl.shape != density.shape or kl.ndim != 2 or kl.shape[0] != w.shape[0]:
-        raise ValueError(f"kl {kl.shape}, density {density.shape} and weights {w.shape} do not describe one table")
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget={budget!r} is not allowed; expected a mean block density in (0, 1]")
-    if not (np.isfinite(kl).all() and np.isfinite(density).all()):
-        raise ValueError("kl and density must be finite (a table entry was not measured)")
-    cap = budget * w.sum() * (1 + 1e-12) + 1e-12
-    lowest = float((density.min(1) * w).sum())
-    if lowest > cap:
-        raise ValueError(f"budget={budget!r} cannot be met: the sparsest candidates keep a mean block density of "
-                         f"{lowest / w.sum():.4f}; raise the budget or give sparser candidates")
-    d_sum, k_sum = np.zeros(1), np.zeros(1)
-    backs = []
-    for g in range(kl.shape[0]):
-        n_opt = kl.shape[1]
-        cd = (d_sum[:, None] + w[g] * density[g][None, :]).ravel()
-        ck = (k_sum[:, None] + kl[g][None, :]).ravel()
-        parent = np.repeat(np.arange(d_sum.shape[0]), n_opt)
-        option = np.tile(np.arange(n_opt), d_sum.shape[0])
-        # states that can still finish within the budget with the sparsest options of the remaining groups
-        rest = float((density[g + 1:].min(1) * w[g + 1:]).sum()) if g + 1 < kl.shape[0] else 0.0
-        ok = cd + rest <= cap
-        cd, ck, parent, option = cd[ok], ck[ok], parent[ok], option[ok]
-        order = np.lexsort((ck, cd))
-        cd, ck, parent, option = cd[order], ck[order], parent[order], option[order]
-        best_before = np.concatenate([[np.inf], np.minimum.accumulate(ck)[:-1]])
-        keep = ck < best_before
-        d_sum, k_sum = cd[keep], ck[keep]
-        backs.append((parent[keep], option[keep]))
-    state = int(np.argmin(k_sum))   # the frontier's KL falls as density rises: the last state is the best
-    picks = []
-    for parent, option in reversed(backs):
-        picks.append(int(option[state]))
-        state = int(parent[state])
-    return picks[::-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
