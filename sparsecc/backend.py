@@ -203,8 +203,9 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     if lowering not in LOWERINGS:
         raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
     if lowering == "inductor":
+        patches = _lowering_config(opts, ctx)   # first: it marks the bound weights static, and the fakes copy that
         compiled = compile_fx(gm, list(example_inputs) + _static_fakes(ctx.extra_inputs, example_inputs),
-                              config_patches=_lowering_config(opts, ctx))
+                              config_patches=patches)
     else:
         compiled = gm.forward
     if ctx.bindings:
@@ -221,15 +222,23 @@ def _static_fakes(tensors: Sequence[torch.Tensor], example_inputs) -> list:
     Handed over as real tensors, AOTAutograd fakifies an input that Dynamo never saw with dynamic sizes (it has
     no symbolic context for it), so every kernel reading a bound weight (a compressed weight, a K-major copy)
     would compile for symbolic sizes. Their sizes are fixed for the life of the compile (a weight update that
-    changes them recompiles), so static is what they are. Without a fake mode (no tracing context) the tensors
-    are passed as they are.
+    changes them recompiles), so static is what they are. A fake carries its tensor's static-address mark
+    (``mark_static_address``, set for cudagraphs=True). Without a fake mode (no tracing context) the tensors are
+    passed as they are.
     """
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         return list(tensors)
-    return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+    fakes = []
+    for tensor in tensors:
+        fake = fake_mode.from_tensor(tensor, static_shapes=True)
+        mark = getattr(tensor, "_dynamo_static_input_type", None)
+        if mark is not None:
+            fake._dynamo_static_input_type = mark
+        fakes.append(fake)
+    return fakes
 
 
 def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict]:
