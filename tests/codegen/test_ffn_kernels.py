@@ -294,6 +294,51 @@ def test_semi_structured_cache_follows_in_place_updates():
     assert key not in module._CACHE
 
 
+def test_fastest_algorithm_takes_the_least_median_time():
+    """Each candidate is warmed up once and timed TIMED_CALLS times; the least median wins, ties keep the first."""
+    from sparsecc.codegen.semi_structured_linear import TIMED_CALLS, fastest_algorithm
+    calls = []
+    # Candidate 20 has one slow outlier per round but the least median; 17's times are all 2.0.
+    times = {0: iter([3.0] * TIMED_CALLS), 17: iter([2.0] * TIMED_CALLS),
+             20: iter([9.0] + [1.5] * (TIMED_CALLS - 1))}
+    current = []
+
+    def call(alg):
+        calls.append(alg)
+        current[:] = [alg]
+
+    def time_ms(fn):
+        fn()
+        return next(times[current[0]])
+
+    assert fastest_algorithm([0, 17, 20], call, time_ms) == 20
+    assert calls.count(0) == calls.count(17) == calls.count(20) == TIMED_CALLS + 1   # one warm-up each
+    assert fastest_algorithm([0, 5], lambda a: None, lambda fn: 1.0) == 0
+
+
+def test_algorithm_search_is_repeated_and_its_picks_timed(monkeypatch):
+    """cuSPARSELt's pick varies between searches: every distinct pick and id 0 are timed, once per token bucket."""
+    from sparsecc.codegen import semi_structured_linear as module
+    picks = iter([17, 20, 17, 99, 99, 99])
+    searched, timed = [], []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: searched.append(1) or next(picks),
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(module, "_cslt_matmul", lambda x2, packed, bias, alg: timed.append(alg))
+    cost = {0: 3.0, 17: 2.0, 20: 1.0, 99: 0.5}
+    monkeypatch.setattr(module, "_event_ms", lambda fn: (fn(), cost[timed[-1]])[1])
+    entry = module._Entry(values=None, indices=None, versions=(0, 0), dtype=torch.bfloat16, packed=torch.zeros(1),
+                          dense=None)
+    x2 = torch.zeros(6, 32, dtype=torch.bfloat16)
+    assert module._algorithm(entry, x2, None) == 20
+    assert len(searched) == module.SEARCH_ROUNDS and sorted(set(timed)) == [0, 17, 20]
+    assert module._algorithm(entry, torch.zeros(7, 32, dtype=torch.bfloat16), None) == 20   # same bucket: cached
+    assert len(searched) == module.SEARCH_ROUNDS
+    float16 = module._Entry(values=None, indices=None, versions=(0, 0), dtype=torch.float16, packed=torch.zeros(1),
+                            dense=None)
+    assert module._algorithm(float16, x2, None) == 0 and len(searched) == module.SEARCH_ROUNDS   # never searched
+
+
 # ------------------------------------------------------------------ GPU: Llama-3-8B shapes
 
 
