@@ -164,17 +164,21 @@ def fastest_algorithm(candidates: Sequence[int], call: Callable[[int], object],
                       time_ms: Optional[Callable[[Callable[[], object]], float]] = None) -> int:
     """The candidate whose ``call(alg)`` takes the least median time over :data:`TIMED_CALLS` calls.
 
-    ``time_ms(fn)`` times one call of ``fn`` in milliseconds (default: CUDA events around it); ties keep
-    the earlier candidate.
+    Each candidate is called once first (its set-up), then the candidates are timed in turns, one call each
+    per round: the first call of a compiled model comes after a compile that left the GPU idle, and its
+    clocks ramp up while the candidates are timed, which must not favour the ones timed last.
+    ``time_ms(fn)`` times one call of ``fn`` in milliseconds (default: CUDA events around it); ties keep the
+    earlier candidate.
     """
     time_ms = time_ms or _event_ms
-    best, best_ms = candidates[0], float("inf")
     for alg in candidates:
-        call(alg)   # warm-up (the first call of an algorithm sets it up)
-        times = sorted(time_ms(lambda: call(alg)) for _ in range(TIMED_CALLS))
-        if times[len(times) // 2] < best_ms:
-            best, best_ms = alg, times[len(times) // 2]
-    return best
+        call(alg)
+    times = {alg: [] for alg in candidates}
+    for _ in range(TIMED_CALLS):
+        for alg in candidates:
+            times[alg].append(time_ms(lambda: call(alg)))
+    medians = {alg: sorted(t)[len(t) // 2] for alg, t in times.items()}
+    return min(candidates, key=lambda alg: medians[alg])   # min keeps the first of equal medians
 
 
 def _event_ms(fn: Callable[[], object]) -> float:

@@ -295,7 +295,8 @@ def test_semi_structured_cache_follows_in_place_updates():
 
 
 def test_fastest_algorithm_takes_the_least_median_time():
-    """Each candidate is warmed up once and timed TIMED_CALLS times; the least median wins, ties keep the first."""
+    """Each candidate is called once, then timed TIMED_CALLS times in turns; the least median wins, ties keep the
+    first."""
     from sparsecc.codegen.semi_structured_linear import TIMED_CALLS, fastest_algorithm
     calls = []
     # Candidate 20 has one slow outlier per round but the least median; 17's times are all 2.0.
@@ -313,6 +314,7 @@ def test_fastest_algorithm_takes_the_least_median_time():
 
     assert fastest_algorithm([0, 17, 20], call, time_ms) == 20
     assert calls.count(0) == calls.count(17) == calls.count(20) == TIMED_CALLS + 1   # one warm-up each
+    assert calls[3:9] == [0, 17, 20, 0, 17, 20]   # timed in turns, not one candidate after another
     assert fastest_algorithm([0, 5], lambda a: None, lambda fn: 1.0) == 0
 
 
