@@ -222,9 +222,9 @@ def _static_fakes(tensors: Sequence[torch.Tensor], example_inputs) -> list:
     Handed over as real tensors, AOTAutograd fakifies an input that Dynamo never saw with dynamic sizes (it has
     no symbolic context for it), so every kernel reading a bound weight (a compressed weight, a K-major copy)
     would compile for symbolic sizes. Their sizes are fixed for the life of the compile (a weight update that
-    changes them recompiles), so static is what they are. A fake carries its tensor's static-address mark
-    (``mark_static_address``, set for cudagraphs=True). Without a fake mode (no tracing context) the tensors are
-    passed as they are.
+    changes them raises, asking for a recompile), so static is what they are. A fake carries its tensor's
+    static-address mark (``mark_static_address``, set for cudagraphs=True). Without a fake mode (no tracing
+    context) the tensors are passed as they are.
     """
     from torch._guards import detect_fake_mode
 
