@@ -19,6 +19,7 @@ from torch import Tensor
 from sparsecc.activations import BY_NAME
 from sparsecc.codegen.epilogue import EPILOGUES, activation_ref
 from sparsecc.weights import GROUP, KEPT, SemiStructuredWeight
+from sparsecc.timing import call_seconds
 
 __all__ = ["semi_structured_linear_ref", "semi_structured_linear", "semi_structured_linear_act",
            "cusparselt_available", "prepared_weight", "fastest_algorithm", "FUSED_ACTIVATIONS"]
@@ -161,34 +162,24 @@ TIMED_CALLS = 5     # calls per candidate when the picks are timed against each 
 
 
 def fastest_algorithm(candidates: Sequence[int], call: Callable[[int], object],
-                      time_ms: Optional[Callable[[Callable[[], object]], float]] = None) -> int:
+                      time_call: Optional[Callable[[Callable[[], object]], float]] = None) -> int:
     """The candidate whose ``call(alg)`` takes the least median time over :data:`TIMED_CALLS` calls.
 
     Each candidate is called once first (its set-up), then the candidates are timed in turns, one call each
     per round: the first call of a compiled model comes after a compile that left the GPU idle, and its
     clocks ramp up while the candidates are timed, which must not favour the ones timed last.
-    ``time_ms(fn)`` times one call of ``fn`` in milliseconds (default: CUDA events around it); ties keep the
-    earlier candidate.
+    ``time_call(fn)`` times one call of ``fn`` (default: :func:`sparsecc.timing.call_seconds` on the current CUDA
+    device); ties keep the earlier candidate.
     """
-    time_ms = time_ms or _event_ms
+    time_call = time_call or (lambda fn: call_seconds(fn, torch.device("cuda", torch.cuda.current_device())))
     for alg in candidates:
         call(alg)
     times = {alg: [] for alg in candidates}
     for _ in range(TIMED_CALLS):
         for alg in candidates:
-            times[alg].append(time_ms(lambda: call(alg)))
+            times[alg].append(time_call(lambda: call(alg)))
     medians = {alg: sorted(t)[len(t) // 2] for alg, t in times.items()}
     return min(candidates, key=lambda alg: medians[alg])   # min keeps the first of equal medians
-
-
-def _event_ms(fn: Callable[[], object]) -> float:
-    """Milliseconds of one call of ``fn`` on the current CUDA stream (CUDA events; synchronises)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> int:

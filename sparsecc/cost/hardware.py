@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from sparsecc.cache import CACHE_ENV, cache_dir  # noqa: F401 (part of this module's interface)
+from sparsecc.timing import median_seconds
 
 TFLOP = 1e12
 TB = 1e12
@@ -165,31 +166,12 @@ def profile_for(device: torch.device) -> HardwareProfile:
     return GENERIC_CUDA
 
 
-def _timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` (device events on CUDA, wall clock on CPU)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def _copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     """Bytes read + written per second by a large device-to-device copy."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    seconds = _timed(lambda: dst.copy_(src), device, repeats)
+    seconds = median_seconds(lambda: dst.copy_(src), device, repeats)
     return 2 * nbytes / seconds
 
 
@@ -213,11 +195,11 @@ def measure_profile(device: torch.device, size: Optional[int] = None, progress: 
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
         torch.matmul(a, b)
-        rates[key] = 2 * size**3 / _timed(lambda: torch.matmul(a, b), device, repeats)
+        rates[key] = 2 * size**3 / median_seconds(lambda: torch.matmul(a, b), device, repeats)
         steps.update()
     tiny = torch.zeros(1, device=device)
     launches = 200
-    per_launch = _timed(lambda: [tiny.add_(1) for _ in range(launches)], device, repeats) / launches
+    per_launch = median_seconds(lambda: [tiny.add_(1) for _ in range(launches)], device, repeats) / launches
     steps.update()
     steps.close()
     when = time.strftime("%Y-%m-%d")

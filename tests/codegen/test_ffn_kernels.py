@@ -308,11 +308,11 @@ def test_fastest_algorithm_takes_the_least_median_time():
         calls.append(alg)
         current[:] = [alg]
 
-    def time_ms(fn):
+    def time_call(fn):
         fn()
         return next(times[current[0]])
 
-    assert fastest_algorithm([0, 17, 20], call, time_ms) == 20
+    assert fastest_algorithm([0, 17, 20], call, time_call) == 20
     assert calls.count(0) == calls.count(17) == calls.count(20) == TIMED_CALLS + 1   # one warm-up each
     assert calls[3:9] == [0, 17, 20, 0, 17, 20]   # timed in turns, not one candidate after another
     assert fastest_algorithm([0, 5], lambda a: None, lambda fn: 1.0) == 0
@@ -328,7 +328,8 @@ def test_algorithm_search_is_repeated_and_its_picks_timed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(module, "_cslt_matmul", lambda x2, packed, bias, alg: timed.append(alg))
     cost = {0: 3.0, 17: 2.0, 20: 1.0, 99: 0.5}
-    monkeypatch.setattr(module, "_event_ms", lambda fn: (fn(), cost[timed[-1]])[1])
+    monkeypatch.setattr(module, "call_seconds", lambda fn, device: (fn(), cost[timed[-1]])[1])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     entry = module._Entry(values=None, indices=None, versions=(0, 0), dtype=torch.bfloat16, packed=torch.zeros(1),
                           dense=None)
     x2 = torch.zeros(6, 32, dtype=torch.bfloat16)

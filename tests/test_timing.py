@@ -1,0 +1,23 @@
+"""sparsecc.timing: the one call timer (wall clock on CPU here; CUDA events are exercised by the GPU benches)."""
+
+import pytest
+import torch
+
+from sparsecc import timing
+
+
+def test_median_of_timed_calls(monkeypatch):
+    clock = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0])   # three calls lasting 5, 1 and 3 seconds
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert timing.median_seconds(lambda: calls.append(1), torch.device("cpu"), 3) == 3.0
+    assert len(calls) == 3
+
+
+def test_call_seconds_times_the_call():
+    assert timing.call_seconds(lambda: sum(range(1000)), torch.device("cpu")) >= 0.0
+
+
+def test_repeats_below_one_are_refused():
+    with pytest.raises(ValueError, match="repeats=0"):
+        timing.median_seconds(lambda: None, torch.device("cpu"), 0)
