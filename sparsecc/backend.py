@@ -203,9 +203,11 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     if lowering not in LOWERINGS:
         raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
     if lowering == "inductor":
-        patches = _lowering_config(opts, ctx)   # first: it marks the bound weights static, and the fakes copy that
+        cudagraphs = _uses_cudagraphs(opts, ctx)
+        if cudagraphs:
+            _mark_bound_weights_static(ctx)
         compiled = compile_fx(gm, list(example_inputs) + _static_fakes(ctx.extra_inputs, example_inputs),
-                              config_patches=patches)
+                              config_patches=_lowering_config(opts, cudagraphs))
     else:
         compiled = gm.forward
     if ctx.bindings:
@@ -241,32 +243,43 @@ def _static_fakes(tensors: Sequence[torch.Tensor], example_inputs) -> list:
     return fakes
 
 
-def _lowering_config(opts: BackendOptions, ctx: CompileContext) -> Optional[dict]:
-    """Inductor config patches for one graph: cudagraph trees when ``options["cudagraphs"]`` asks for them, and
-    Inductor's C++ wrapper when ``options["cpp_wrapper"]`` does (the graph's launches, the sparse kernels'
-    included, then run from compiled C++ instead of Python: less host time per op, a longer first compile).
-
-    The bound weight tensors (compressed weights, K-major copies, column
-    norms) keep their addresses for the life of the compile and are refreshed
-    in place, so they are static: a replay reads them where they are instead
-    of copying them into the graph's input buffers on every call. Inductor
-    learns that from their placeholders (``_mark_bound_inputs``); the tensors
-    carry the same mark for anything that reads it from them. Inductor itself
-    skips cudagraphs for graphs on the CPU.
-    """
-    patches = {"cpp_wrapper": True} if opts.cpp_wrapper else {}
+def _uses_cudagraphs(opts: BackendOptions, ctx: CompileContext) -> bool:
+    """Whether this graph runs under cudagraph trees: ``options["cudagraphs"]``, unless its sparse sites run the
+    reference forms on CUDA (those read layouts and weight tables on the host, which a capture forbids; the graph
+    then runs without CUDA graphs, with a warning, rather than failing at capture). Inductor itself skips
+    cudagraphs for graphs on the CPU."""
     if not opts.cudagraphs:
-        return patches or None
+        return False
     if opts.kernels == "reference" and any(ctx.applied(site) for site in ctx.sites) \
             and _device_of(ctx.example_inputs).type == "cuda":
-        # The reference forms read their layouts and weight tables on the host (.tolist(), data checks), which
-        # a CUDA-graph capture forbids; the graph runs without CUDA graphs rather than failing at capture.
         log.warning("sparsecc: cudagraphs=True is ignored for a graph with sparse sites on the reference path "
                     "(kernels='reference' synchronises with the host); use kernels='auto' or 'triton'")
-        return patches or None
+        return False
+    return True
+
+
+def _mark_bound_weights_static(ctx: CompileContext) -> None:
+    """Mark the bound weight tensors (compressed weights, K-major copies, column norms) static for CUDA graphs.
+
+    They keep their addresses for the life of the compile and are refreshed in
+    place, so a replay reads them where they are instead of copying them into
+    the graph's input buffers on every call. Inductor learns that from their
+    placeholders (``_mark_bound_inputs``) and from the static fakes handed to it
+    (``_static_fakes`` copies the mark); the tensors carry it for anything else
+    that reads it from them.
+    """
     for tensor in ctx.extra_inputs:
         torch._dynamo.mark_static_address(tensor)
-    return {**patches, "triton.cudagraphs": True}
+
+
+def _lowering_config(opts: BackendOptions, cudagraphs: bool) -> Optional[dict]:
+    """Inductor config patches for one graph: cudagraph trees when ``cudagraphs`` (:func:`_uses_cudagraphs`), and
+    Inductor's C++ wrapper when ``options["cpp_wrapper"]`` asks for it (the graph's launches, the sparse kernels'
+    included, then run from compiled C++ instead of Python: less host time per op, a longer first compile)."""
+    patches = {"cpp_wrapper": True} if opts.cpp_wrapper else {}
+    if cudagraphs:
+        patches["triton.cudagraphs"] = True
+    return patches or None
 
 
 def _with_weights(compiled, ctx: CompileContext, check_weights: bool = False):

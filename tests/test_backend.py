@@ -84,14 +84,14 @@ def test_bad_options_raise_spec_error(options, key):
 
 def test_cpp_wrapper_is_a_checked_option_that_patches_inductor():
     from sparsecc.backend import BackendOptions, _lowering_config, parse_options
-    from sparsecc.pipeline import CompileContext
 
     with pytest.raises(SpecError, match="options.cpp_wrapper"):
         parse_options({"cpp_wrapper": "yes"})
     opts = parse_options({"cpp_wrapper": True})
     assert opts.cpp_wrapper is True
-    assert _lowering_config(opts, CompileContext(spec=None)) == {"cpp_wrapper": True}
-    assert _lowering_config(BackendOptions(), CompileContext(spec=None)) is None
+    assert _lowering_config(opts, cudagraphs=False) == {"cpp_wrapper": True}
+    assert _lowering_config(opts, cudagraphs=True) == {"cpp_wrapper": True, "triton.cudagraphs": True}
+    assert _lowering_config(BackendOptions(), cudagraphs=False) is None
 
 
 def test_unknown_option_lists_allowed_keys():
