@@ -29,9 +29,8 @@ def main(argv=None) -> int:
     from sparsecc.backend import reset_reports
     from sparsecc.spec import load_spec
     from sparsecc.tune.evalcli import load
-    from sparsecc.tune.needle import retrieved, needle_trials
-    from sparsecc.tune.quality import (_logits, default_kernels, forced, lowering, model_kwargs, read_texts,
-                                       site_counts)
+    from sparsecc.tune.needle import needle_check, needle_trials
+    from sparsecc.tune.quality import default_kernels, forced, lowering, read_texts, site_counts
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", required=True)
@@ -49,30 +48,28 @@ def main(argv=None) -> int:
     spec = forced(load_spec(args.spec))
     torch._dynamo.reset()
     reset_reports()
-    rows, counts = [], None
-    with lowering("inductor" if device.type == "cuda" else "eager"), torch.no_grad():
+    rows, counts, started = [], [], [time.time()]
+
+    def on_trial(i, trial, hit):
+        if not counts:
+            counts.extend(site_counts(sparsecc.last_report()))
+            if not counts[0]:
+                raise SystemExit(f"needle_sparse: the spec rewrote no site ({sparsecc.last_report().summary()})")
+        rows.append({"trial": i, "depth": round(trial.depth, 4), "value": trial.value, "hit": hit,
+                     "seconds": round(time.time() - started[0], 1)})
+        started[0] = time.time()
+        hits = sum(r["hit"] for r in rows)
+        print(f"trial {i:3d} depth {trial.depth:.3f} {'hit ' if hit else 'miss'}  hits {hits}/{len(rows)}  "
+              f"({rows[-1]['seconds']} s)", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "spec": args.spec, "model": args.model, "ctx": args.ctx, "trials": args.trials,
+                "seed": args.seed, "text": args.text, "sites_rewritten": counts[0], "sites_found": counts[1],
+                "hits": hits, "done": len(rows), "rows": rows}, indent=1))
+
+    with lowering("inductor" if device.type == "cuda" else "eager"):
         compiled = sparsecc.compile(model, spec=spec, kernels=default_kernels(model))
-        extra = model_kwargs(model)
-        for i, trial in enumerate(trials):
-            start = time.time()
-            logits = _logits(compiled(input_ids=trial.ids[None].to(device), **extra))[0]
-            if counts is None:
-                counts = site_counts(sparsecc.last_report())
-                if not counts[0]:
-                    print(f"needle_sparse: the spec rewrote no site ({sparsecc.last_report().summary()})",
-                          file=sys.stderr)
-                    return 1
-            hit = retrieved(logits, trial)
-            rows.append({"trial": i, "depth": round(trial.depth, 4), "value": trial.value, "hit": hit,
-                         "seconds": round(time.time() - start, 1)})
-            hits = sum(r["hit"] for r in rows)
-            print(f"trial {i:3d} depth {trial.depth:.3f} {'hit ' if hit else 'miss'}  hits {hits}/{len(rows)}  "
-                  f"({rows[-1]['seconds']} s)", flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps({
-                    "spec": args.spec, "model": args.model, "ctx": args.ctx, "trials": args.trials,
-                    "seed": args.seed, "text": args.text, "sites_rewritten": counts[0], "sites_found": counts[1],
-                    "hits": hits, "done": len(rows), "rows": rows}, indent=1))
+        needle_check(compiled, trials, progress=False, on_trial=on_trial)
     rewritten = ", ".join(f"{family} {n}/{counts[1].get(family, n)}" for family, n in sorted(counts[0].items()))
     print(f"needle exact match, compiled: {sum(r['hit'] for r in rows)}/{len(rows)} (sites rewritten: {rewritten})")
     return 0

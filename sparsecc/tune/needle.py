@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -92,10 +92,12 @@ def retrieved(logits: torch.Tensor, trial: NeedleTrial) -> bool:
 
 
 def needle_check(model, trials: Sequence[NeedleTrial], *, progress: bool = True, desc: str = "needle",
-                 after_first: Optional[callable] = None) -> NeedleResult:
+                 on_trial: Optional[Callable[[int, NeedleTrial, bool], None]] = None) -> NeedleResult:
     """Run every trial through ``model`` (batch 1, no KV cache) and record whether it retrieved the needle.
 
     The progress bar shows the hits so far, so a long run stopped early still tells its partial rate.
+    ``on_trial(i, trial, hit)`` runs after each trial (e.g. to check a compile after the first one, or to save
+    per-trial results as they come).
     """
     from tqdm.auto import tqdm
 
@@ -110,6 +112,6 @@ def needle_check(model, trials: Sequence[NeedleTrial], *, progress: bool = True,
             logits = _logits(model(input_ids=trial.ids[None].to(device), **extra))[0]
             hits.append(retrieved(logits, trial))
             bar.set_postfix_str(f"hits {sum(hits)}/{len(hits)}")
-            if i == 0 and after_first is not None:
-                after_first()
+            if on_trial is not None:
+                on_trial(i, trial, hits[-1])
     return NeedleResult(hits)

@@ -111,3 +111,12 @@ def test_eval_cli_refuses_a_negative_needle_count(tmp_path, capsys):
     rc = main(["eval", "tests.quality.tiny:build", "--spec", _spec(tmp_path), "--text", "pydoc",
                "--ctx", "96", "--windows", "1", "--needle", "-1", "--no-progress"])
     assert rc == 2 and "--needle -1 is not allowed" in capsys.readouterr().err
+
+
+def test_needle_check_reports_each_trial():
+    """``on_trial`` sees every trial in order with its result (a stopped run keeps what it saved)."""
+    trials = needle_trials(CharTokenizer(), _text(), ctx=300, trials=4, seed=1)
+    seen = []
+    result = needle_check(_Peek(copy=True), trials, progress=False,
+                          on_trial=lambda i, trial, hit: seen.append((i, trial.depth, hit)))
+    assert seen == [(i, t.depth, False) for i, t in enumerate(trials)] and result.hits == [False] * 4
