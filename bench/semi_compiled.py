@@ -71,9 +71,10 @@ def main(argv=None) -> int:
             dense_ms = do_bench(lambda: dense(x), warmup=25, rep=100, return_mode="median")
             rows.append((m, err, sparse_ms, dense_ms))
             from sparsecc.codegen import semi_structured_linear as semi
-            picked = sorted({alg for entry in semi._CACHE.values() for alg in entry.algs.values()})
+            picked = sorted({f"alg {c.alg_id} split_k {c.split_k} mode {c.split_k_mode}"
+                             for entry in semi._CACHE.values() for c in entry.algs.values()})
             print(f"M={m}: rel err {err:.2e}, sparsecc {sparse_ms:.4f} ms, Inductor dense {dense_ms:.4f} ms, "
-                  f"{dense_ms / sparse_ms:.2f}x (cuSPARSELt algorithms in use so far: {picked})", flush=True)
+                  f"{dense_ms / sparse_ms:.2f}x (cuSPARSELt settings in use so far: {picked})", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, tree {commit}")

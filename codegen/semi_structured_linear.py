@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +91,8 @@ class _Entry:
     packed: Optional[Tensor]  # cuSPARSELt buffer, or None when the weight runs dense
     dense: Optional[Tensor]   # decompressed weight when cuSPARSELt refused it
     reason: str = ""
-    # cuSPARSELt algorithm id per power-of-two token bucket, searched on first use (see _algorithm).
-    algs: Dict[int, int] = field(default_factory=dict)
+    # cuSPARSELt settings (CsltConfig) per power-of-two token bucket, searched on first use (see _algorithm).
+    algs: Dict[int, "CsltConfig"] = field(default_factory=dict)
 
 
 _CACHE: Dict[Tuple[int, torch.dtype], _Entry] = {}
@@ -147,22 +147,59 @@ def prepared_weight(values: Tensor, indices: Tensor, n: int, k: int, dtype: torc
     return entry
 
 
-def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], alg_id: int) -> Tensor:
+class CsltConfig(NamedTuple):
+    """How cuSPARSELt runs one product: its algorithm id and split-K settings (the defaults: id 0, no split).
+
+    ``split_k_mode`` is the build's third setting as its search returns it (torch 2.13: ``split_k_mode``, an int;
+    earlier builds: ``split_k_one_kernel``, a bool); None leaves the op's default.
+    """
+
+    alg_id: int = 0
+    split_k: int = 1
+    split_k_mode: object = None
+
+
+@functools.lru_cache(maxsize=1)
+def _split_mode_argument() -> str:
+    """The name of ``_cslt_sparse_mm``'s last argument in this build (``split_k_mode`` or ``split_k_one_kernel``)."""
+    return torch.ops.aten._cslt_sparse_mm.default._schema.arguments[-1].name
+
+
+def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], config: CsltConfig) -> Tensor:
     """``x2 [M, K] @ Wᵀ (+ bias)`` through cuSPARSELt, padding M to the dense operand's multiple."""
     m = x2.shape[0]
     pad = (-m) % DENSE_MULTIPLE
     xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
+    settings = {"alg_id": config.alg_id}
+    if config.split_k != 1:
+        settings["split_k"] = config.split_k
+    if config.split_k_mode is not None:
+        settings[_split_mode_argument()] = config.split_k_mode
     # xp.t() is the [K, M] operand in column-major order, which cuSPARSELt takes without a copy.
-    y = torch._cslt_sparse_mm(packed, xp.contiguous().t(), bias=bias, transpose_result=True, alg_id=alg_id)
+    y = torch._cslt_sparse_mm(packed, xp.contiguous().t(), bias=bias, transpose_result=True, **settings)
     return y[:m] if pad else y
+
+
+def _search_once(packed: Tensor, xt: Tensor, bias: Optional[Tensor]) -> CsltConfig:
+    """One cuSPARSELt search: ``torch._C._cusparselt.mm_search`` where the build has it (algorithm and split-K),
+    else ``torch._cslt_sparse_mm_search`` (the algorithm only; deprecated in torch 2.11). RuntimeError or
+    TypeError when the build cannot search."""
+    mm_search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    if mm_search is not None:
+        alg_id, split_k, split_k_mode, _ = mm_search(packed, xt, bias, None, None, True)
+        return CsltConfig(int(alg_id), int(split_k), split_k_mode)
+    search = getattr(torch, "_cslt_sparse_mm_search", None)
+    if search is None:
+        raise RuntimeError("this torch build has no cuSPARSELt search")
+    return CsltConfig(int(search(packed, xt, bias=bias, transpose_result=True)))
 
 
 SEARCH_ROUNDS = 3   # cuSPARSELt's search times each candidate once: its pick differs between runs
 TIMED_CALLS = 5     # calls per candidate when the picks are timed against each other (median)
 
 
-def fastest_algorithm(candidates: Sequence[int], call: Callable[[int], object],
-                      time_call: Optional[Callable[[Callable[[], object]], float]] = None) -> int:
+def fastest_algorithm(candidates: Sequence, call: Callable[[object], object],
+                      time_call: Optional[Callable[[Callable[[], object]], float]] = None):
     """The candidate whose ``call(alg)`` takes the least median time over :data:`TIMED_CALLS` calls.
 
     Each candidate is called once first (its set-up), then the candidates are timed in turns, one call each
@@ -182,8 +219,9 @@ def fastest_algorithm(candidates: Sequence[int], call: Callable[[int], object],
     return min(candidates, key=lambda alg: medians[alg])   # min keeps the first of equal medians
 
 
-def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> int:
-    """cuSPARSELt's best algorithm for this weight at this token count, searched once per power-of-two bucket.
+def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> CsltConfig:
+    """cuSPARSELt's best algorithm and split-K for this weight at this token count, searched once per power-of-two
+    bucket.
 
     The default algorithm (id 0) is far from the best at large M on an H100:
     at M = 8192, 4096 -> 14336, bf16 the searched id ran the fused product in
@@ -194,7 +232,9 @@ def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> int:
     M = 8192 a pick ran the fused product in 1.12 ms where another pick of the
     same weight ran it in 1.04 ms), so the search runs :data:`SEARCH_ROUNDS`
     times and the distinct picks and id 0 are timed against each other
-    (:func:`fastest_algorithm`).
+    (:func:`fastest_algorithm`). A pick carries the split-K settings the
+    search chose where the build reports them (:func:`_search_once`); the
+    older search reports only the id, which then runs without a split.
 
     Only bfloat16 weights are searched: with float16 operands the search
     itself fails inside cuSPARSELt on the H100 (torch 2.11: "internal error
@@ -204,24 +244,24 @@ def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> int:
     retried. Float16 keeps the default algorithm, which is correct there.
     """
     bucket = 1 << max(0, x2.shape[0] - 1).bit_length()
-    alg = entry.algs.get(bucket)
-    if alg is None:
-        alg = 0
-        search = getattr(torch, "_cslt_sparse_mm_search", None)
-        if search is not None and entry.dtype in SEARCH_DTYPES and not torch.cuda.is_current_stream_capturing():
+    config = entry.algs.get(bucket)
+    if config is None:
+        config = CsltConfig()
+        if entry.dtype in SEARCH_DTYPES and not torch.cuda.is_current_stream_capturing():
             m = x2.shape[0]
             xp = torch.nn.functional.pad(x2, (0, 0, 0, (-m) % DENSE_MULTIPLE)).contiguous()
-            picks = []
+            candidates = [config]
             for _ in range(SEARCH_ROUNDS):
                 try:
-                    picks.append(int(search(entry.packed, xp.t(), bias=bias, transpose_result=True)))
+                    pick = _search_once(entry.packed, xp.t(), bias)
                 except (RuntimeError, TypeError):  # no search in this build: the default algorithm is correct
                     break
-            candidates = sorted(set(picks) | {0})
+                if pick not in candidates:
+                    candidates.append(pick)
             if len(candidates) > 1:
-                alg = fastest_algorithm(candidates, lambda a: _cslt_matmul(x2, entry.packed, bias, a))
-        entry.algs[bucket] = alg
-    return alg
+                config = fastest_algorithm(candidates, lambda c: _cslt_matmul(x2, entry.packed, bias, c))
+        entry.algs[bucket] = config
+    return config
 
 
 def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None,
@@ -257,7 +297,7 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     entry = prepared_weight(values, indices, n, k, x.dtype)
     b = bias.to(x.dtype).contiguous() if bias is not None else None
     if entry.packed is not None:
-        y = _cslt_matmul(x2, entry.packed, b, _algorithm(entry, x2, b) if alg_id is None else alg_id)
+        y = _cslt_matmul(x2, entry.packed, b, _algorithm(entry, x2, b) if alg_id is None else CsltConfig(alg_id))
     else:
         y = torch.nn.functional.linear(x2, entry.dense, b)
     if activation != "none":

@@ -326,20 +326,49 @@ def test_algorithm_search_is_repeated_and_its_picks_timed(monkeypatch):
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: searched.append(1) or next(picks),
                         raising=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(module, "_cslt_matmul", lambda x2, packed, bias, alg: timed.append(alg))
+    monkeypatch.setattr(module, "_cslt_matmul", lambda x2, packed, bias, config: timed.append(config.alg_id))
     cost = {0: 3.0, 17: 2.0, 20: 1.0, 99: 0.5}
     monkeypatch.setattr(module, "call_seconds", lambda fn, device: (fn(), cost[timed[-1]])[1])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     entry = module._Entry(values=None, indices=None, versions=(0, 0), dtype=torch.bfloat16, packed=torch.zeros(1),
                           dense=None)
     x2 = torch.zeros(6, 32, dtype=torch.bfloat16)
-    assert module._algorithm(entry, x2, None) == 20
+    assert module._algorithm(entry, x2, None) == module.CsltConfig(20)
     assert len(searched) == module.SEARCH_ROUNDS and sorted(set(timed)) == [0, 17, 20]
-    assert module._algorithm(entry, torch.zeros(7, 32, dtype=torch.bfloat16), None) == 20   # same bucket: cached
+    assert module._algorithm(entry, torch.zeros(7, 32, dtype=torch.bfloat16), None).alg_id == 20   # same bucket
     assert len(searched) == module.SEARCH_ROUNDS
     float16 = module._Entry(values=None, indices=None, versions=(0, 0), dtype=torch.float16, packed=torch.zeros(1),
                             dense=None)
-    assert module._algorithm(float16, x2, None) == 0 and len(searched) == module.SEARCH_ROUNDS   # never searched
+    assert module._algorithm(float16, x2, None) == module.CsltConfig() and len(searched) == module.SEARCH_ROUNDS
+
+
+def test_search_with_split_k_settings_runs_them(monkeypatch):
+    """Where the build's search reports split-K (torch._C._cusparselt.mm_search), the pick runs with it."""
+    import types
+    from sparsecc.codegen import semi_structured_linear as module
+    searched, products = [], []
+    picks = iter([(17, 4, 2, 60), (17, 4, 2, 60), (5, 1, -1, 60)])
+    monkeypatch.setattr(torch._C, "_cusparselt",
+                        types.SimpleNamespace(mm_search=lambda *a: searched.append(a) or next(picks)), raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: pytest.fail("deprecated search used"),
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm",
+                        lambda packed, xt, bias=None, transpose_result=False, **settings:
+                        products.append(settings) or torch.zeros(xt.shape[1], 16), raising=False)
+    cost = {(0, 1): 3.0, (17, 4): 1.0, (5, 1): 2.0}
+    monkeypatch.setattr(module, "call_seconds",
+                        lambda fn, device: (fn(), cost[(products[-1]["alg_id"], products[-1].get("split_k", 1))])[1])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    entry = module._Entry(values=None, indices=None, versions=(0, 0), dtype=torch.bfloat16, packed=torch.zeros(1),
+                          dense=None)
+    config = module._algorithm(entry, torch.zeros(8, 32, dtype=torch.bfloat16), None)
+    assert config == module.CsltConfig(17, 4, 2) and len(searched) == module.SEARCH_ROUNDS
+    mode = module._split_mode_argument()
+    assert mode in ("split_k_mode", "split_k_one_kernel")
+    assert {"alg_id": 17, "split_k": 4, mode: 2} in products
+    assert {"alg_id": 0} in products   # the default runs with the op's own split-K defaults
+    assert {"alg_id": 5, mode: -1} in products
 
 
 # ------------------------------------------------------------------ GPU: Llama-3-8B shapes
