@@ -6,7 +6,8 @@ The module is ``nn.Sequential(nn.Linear(4096, 14336), nn.SiLU())`` in bfloat16 (
 shape). sparsecc compiles it with one ``2:4`` rule (policy forced); Inductor compiles the dense module. Before
 timing, the sparse output is checked against a float32 oracle on the magnitude-pruned weight (2 largest |w| of
 every 4 along K, written out here, not taken from sparsecc) and the report must show the linear site rewritten.
-Times are ``triton.testing.do_bench`` medians of plain calls; both sides in the same run.
+Times are ``triton.testing.do_bench`` medians of plain calls (``--cudagraphs``: of CUDA-graph replays, both sides);
+both sides in the same run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="8192,4096,1024")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="both sides under CUDA graphs (sparsecc's cudagraphs option, Inductor's triton.cudagraphs)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/semi_compiled.py needs a CUDA device")
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         for m in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
             torch._dynamo.reset()
-            sparse = torch.compile(model, backend="sparsecc", options={"spec": spec})
+            sparse = torch.compile(model, backend="sparsecc", options={"spec": spec, "cudagraphs": args.cudagraphs})
             y = sparse(x)
             applied, found = site_counts(sparsecc.last_report())
             if applied.get("linear", 0) != 1:
@@ -66,13 +69,13 @@ def main(argv=None) -> int:
                 raise SystemExit(f"M={m}: rel err {err:.2e} against the float32 oracle")
             sparse_ms = do_bench(lambda: sparse(x), warmup=25, rep=100, return_mode="median")
             torch._dynamo.reset()
-            dense = torch.compile(model)
+            dense = torch.compile(model, options={"triton.cudagraphs": True} if args.cudagraphs else None)
             dense(x)
             dense_ms = do_bench(lambda: dense(x), warmup=25, rep=100, return_mode="median")
             rows.append((m, err, sparse_ms, dense_ms))
             from sparsecc.codegen import semi_structured_linear as semi
             picked = sorted({f"alg {c.alg_id} split_k {c.split_k} mode {c.split_k_mode}"
-                             for entry in semi._CACHE.values() for c in entry.algs.values()})
+                             for entry in [*semi._CACHE.values(), *semi._BOUND.values()] for c in entry.algs.values()})
             print(f"M={m}: rel err {err:.2e}, sparsecc {sparse_ms:.4f} ms, Inductor dense {dense_ms:.4f} ms, "
                   f"{dense_ms / sparse_ms:.2f}x (cuSPARSELt settings in use so far: {picked})", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -109,16 +109,21 @@ def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torc
 
 def semi_structured_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                            bias: Optional[torch.Tensor], out_features: int, in_features: int,
-                           impl: str = "auto") -> torch.Tensor:
-    """``x @ Wᵀ + b`` with W stored 2:4-compressed (values + 2-bit positions)."""
+                           impl: str = "auto", packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ Wᵀ + b`` with W stored 2:4-compressed (values + 2-bit positions).
+
+    ``packed`` is the same weight as cuSPARSELt's compressed operand (``torch._cslt_compress`` of the pruned
+    weight), bound at compile time where cuSPARSELt takes the weight; the kernel then runs it as it is instead of
+    compressing on its first call, which keeps the call capturable in a CUDA graph. The reference ignores it.
+    """
     from sparsecc.codegen.semi_structured_linear import semi_structured_linear_ref
     from sparsecc.weights import SemiStructuredWeight
 
-    def reference(x, values, indices, bias):
+    def reference(x, values, indices, bias, packed):
         weight = SemiStructuredWeight(values=values, indices=indices, shape=(out_features, in_features))
         return semi_structured_linear_ref(x, weight, bias)
 
-    return pick(SEMI_STRUCTURED_LINEAR, impl, x.device, reference)(x, values, indices, bias)
+    return pick(SEMI_STRUCTURED_LINEAR, impl, x.device, reference)(x, values, indices, bias, packed)
 
 
 def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -179,7 +184,7 @@ def _gate_sparse_ffn_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, ac
     return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
 
 
-def _semi_structured_reference(x, values, indices, bias, out_features, in_features, impl="reference"):
+def _semi_structured_reference(x, values, indices, bias, out_features, in_features, impl="reference", packed=None):
     return semi_structured_linear(x, values, indices, bias, out_features, in_features, "reference")
 
 
@@ -236,12 +241,14 @@ GATE_SPARSE_FFN = OpRecord(
 
 SEMI_STRUCTURED_LINEAR = OpRecord(
     name="semi_structured_linear",
-    tensors=(TensorInput("x"), TensorInput("values"), TensorInput("indices"), TensorInput("bias", optional=True)),
+    tensors=(TensorInput("x"), TensorInput("values"), TensorInput("indices"), TensorInput("bias", optional=True),
+             TensorInput("packed", optional=True)),
     args=SemiStructuredLinearArgs,
+    order=("x", "values", "indices", "bias", "out_features", "in_features", "impl", "packed"),
     body=semi_structured_linear, reference=_semi_structured_reference, fake=_linear_fake,
     kernel="sparsecc.codegen.semi_structured_linear:semi_structured_linear",
-    always_opaque="compresses the weight for cuSPARSELt and picks its algorithm on the first call, cached per "
-                  "weight",
+    always_opaque="picks cuSPARSELt's algorithm on the first call of a token bucket (and, without a bound operand, "
+                  "compresses the weight for cuSPARSELt there), cached per weight",
     doc="x @ W^T + b with W stored 2:4-compressed.")
 
 BLOCK_SPARSE_LINEAR = OpRecord(

@@ -22,7 +22,8 @@ from sparsecc.weights import GROUP, KEPT, SemiStructuredWeight
 from sparsecc.timing import call_seconds
 
 __all__ = ["semi_structured_linear_ref", "semi_structured_linear", "semi_structured_linear_act",
-           "cusparselt_available", "prepared_weight", "fastest_algorithm", "FUSED_ACTIVATIONS"]
+           "cusparselt_available", "prepared_weight", "fastest_algorithm", "FUSED_ACTIVATIONS", "CsltConfig",
+           "cslt_operand", "cslt_operand_reason"]
 
 # ============================================================== reference
 
@@ -219,7 +220,7 @@ def fastest_algorithm(candidates: Sequence, call: Callable[[object], object],
     return min(candidates, key=lambda alg: medians[alg])   # min keeps the first of equal medians
 
 
-def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> CsltConfig:
+def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None) -> CsltConfig:
     """cuSPARSELt's best algorithm and split-K for this weight at this token count, searched once per power-of-two
     bucket.
 
@@ -235,6 +236,7 @@ def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> CsltConfig:
     (:func:`fastest_algorithm`). A pick carries the split-K settings the
     search chose where the build reports them (:func:`_search_once`); the
     older search reports only the id, which then runs without a split.
+    ``packed`` is the operand to search with (default: the entry's own).
 
     Only bfloat16 weights are searched: with float16 operands the search
     itself fails inside cuSPARSELt on the H100 (torch 2.11: "internal error
@@ -243,6 +245,7 @@ def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> CsltConfig:
     instruction that poisons the CUDA context, so it cannot be caught and
     retried. Float16 keeps the default algorithm, which is correct there.
     """
+    packed = entry.packed if packed is None else packed
     bucket = 1 << max(0, x2.shape[0] - 1).bit_length()
     config = entry.algs.get(bucket)
     if config is None:
@@ -253,19 +256,20 @@ def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor]) -> CsltConfig:
             candidates = [config]
             for _ in range(SEARCH_ROUNDS):
                 try:
-                    pick = _search_once(entry.packed, xp.t(), bias)
+                    pick = _search_once(packed, xp.t(), bias)
                 except (RuntimeError, TypeError):  # no search in this build: the default algorithm is correct
                     break
                 if pick not in candidates:
                     candidates.append(pick)
             if len(candidates) > 1:
-                config = fastest_algorithm(candidates, lambda c: _cslt_matmul(x2, entry.packed, bias, c))
+                config = fastest_algorithm(candidates, lambda c: _cslt_matmul(x2, packed, bias, c))
         entry.algs[bucket] = config
     return config
 
 
 def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None,
-                               activation: str = "none", alg_id: Optional[int] = None) -> Tensor:
+                               activation: str = "none", alg_id: Optional[int] = None,
+                               packed: Optional[Tensor] = None) -> Tensor:
     """``act(x Wᵀ + b)`` for a 2:4 weight: cuSPARSELt matmul with the bias fused, then ``act`` in place.
 
     ``values`` / ``indices`` are a :class:`SemiStructuredWeight`'s tensors
@@ -278,6 +282,9 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     ``activation`` is one of :data:`FUSED_ACTIVATIONS`; ``alg_id`` picks a
     cuSPARSELt algorithm (benchmarks); None uses the one cuSPARSELt's search
     picked for this weight and token count (searched once, cached).
+    ``packed`` is the weight's cuSPARSELt operand made ahead (:func:`cslt_operand`); when its dtype is
+    ``x``'s, it runs as it is (nothing is allocated and kept on the first call, so the call may be captured
+    by a CUDA graph), else the cached operand of ``x``'s dtype is used.
     """
     if activation not in FUSED_ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not allowed; expected one of {FUSED_ACTIVATIONS}")
@@ -294,10 +301,15 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
         y = activation_ref(activation)(semi_structured_linear_ref(x2, weight, bias).to(
             torch.float64 if x.dtype == torch.float64 else torch.float32)).to(x.dtype)
         return y.reshape(*lead, n)
-    entry = prepared_weight(values, indices, n, k, x.dtype)
     b = bias.to(x.dtype).contiguous() if bias is not None else None
-    if entry.packed is not None:
-        y = _cslt_matmul(x2, entry.packed, b, _algorithm(entry, x2, b) if alg_id is None else CsltConfig(alg_id))
+    if packed is not None and packed.dtype == x.dtype and packed.device == x.device:
+        entry, operand = _bound_entry(packed), packed
+    else:
+        entry = prepared_weight(values, indices, n, k, x.dtype)
+        operand = entry.packed
+    if operand is not None:
+        config = _algorithm(entry, x2, b, operand) if alg_id is None else CsltConfig(alg_id)
+        y = _cslt_matmul(x2, operand, b, config)
     else:
         y = torch.nn.functional.linear(x2, entry.dense, b)
     if activation != "none":
@@ -311,6 +323,37 @@ def _activation_inplace(y: Tensor, activation: str) -> Tensor:
     return (entry.inplace or entry.torch)(y)
 
 
-def semi_structured_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """The ``sparsecc::semi_structured_linear`` kernel: ``x Wᵀ + b`` through cuSPARSELt (see above)."""
-    return semi_structured_linear_act(x, values, indices, bias, "none")
+def semi_structured_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None,
+                           packed: Optional[Tensor] = None) -> Tensor:
+    """The ``sparsecc::semi_structured_linear`` kernel: ``x Wᵀ + b`` through cuSPARSELt (see above).
+
+    ``packed`` (optional) is the weight's cuSPARSELt operand bound at compile time (:func:`cslt_operand`).
+    """
+    return semi_structured_linear_act(x, values, indices, bias, "none", packed=packed)
+
+
+def cslt_operand_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
+    """Why a 2:4 weight [n, k] of ``dtype`` on ``device`` cannot be bound as a cuSPARSELt operand ('' if it can)."""
+    return _unsupported_reason(n, k, dtype, device)
+
+
+def cslt_operand(weight: SemiStructuredWeight, dtype: torch.dtype) -> Tensor:
+    """cuSPARSELt's compressed operand of a 2:4 weight in ``dtype`` (the pruned weight through
+    ``torch._cslt_compress``): what the kernel runs when it is passed as ``packed``."""
+    return torch._cslt_compress(weight.to_dense().to(dtype).contiguous())
+
+
+# Entries for bound operands, by id of the operand tensor: the algorithm cache only (the operand is the caller's).
+_BOUND: Dict[int, _Entry] = {}
+
+
+def _bound_entry(packed: Tensor) -> _Entry:
+    """The algorithm cache of a bound operand, kept while the operand lives (a weight update refreshes the operand
+    in place, which keeps its algorithms: they depend on the shapes only)."""
+    key = id(packed)
+    hit = _BOUND.get(key)
+    if hit is None or hit.values() is not packed:
+        hit = _Entry(values=weakref.ref(packed, lambda _, key=key: _BOUND.pop(key, None)), indices=None,
+                     versions=(0, 0), dtype=packed.dtype, packed=None, dense=None)
+        _BOUND[key] = hit
+    return hit

@@ -26,6 +26,7 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.codegen.linear_ops import (BLOCK_SPARSE_LINEAR, SEMI_STRUCTURED_LINEAR, BlockSparseLinearArgs,
                                          SemiStructuredLinearArgs)
+from sparsecc.codegen.semi_structured_linear import cslt_operand, cslt_operand_reason
 from sparsecc.cost import estimate_linear
 from sparsecc.forms import BlockWeights, TwoFour
 from sparsecc.passes.decide import fallback, site_rule, verdict
@@ -34,6 +35,8 @@ from sparsecc.passes.fx_utils import ParamRef, concrete_shape, device_of, dtype_
 from sparsecc.passes.normalize import canonical, is_plain_matmul, op_of
 from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Rewrite, Site, debug_no_match
+from sparsecc.sharding import is_dtensor
+from sparsecc.weights import compress
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LINEAR_OPS = ("linear", "addmm", "matmul")
@@ -254,7 +257,11 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
     n, k = site.match.out_features, site.match.in_features
     if isinstance(decision.form, TwoFour):
         args = SemiStructuredLinearArgs(out_features=n, in_features=k, impl=ctx.kernels)
-        return Plan(calls=[op_call(SEMI_STRUCTURED_LINEAR, args, site.device, site.symbolic)])
+        plan = Plan(calls=[op_call(SEMI_STRUCTURED_LINEAR, args, site.device, site.symbolic)],
+                    state={"bind_cslt_operand": _cslt_operand_reason(site, ctx) == ""})
+        if plan.state["bind_cslt_operand"]:
+            plan.notes["cuSPARSELt operand"] = "compressed at compile time"
+        return plan
     pair = _gate_half(site, ctx)
     root, folded = pair if pair is not None else (site, _fold(site, ctx))
     up: Optional[Site] = folded.up
@@ -272,6 +279,28 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
         _set_plan(root, plan, ctx)
         return Plan(fused_into=root.label)
     return plan
+
+
+def _cslt_operand_reason(site: Site, ctx) -> str:
+    """Why a 2:4 site's weight is not bound as a cuSPARSELt operand at compile time ('' when it is).
+
+    Bound, the kernel runs the operand as it is; otherwise the kernel compresses the weight on its first call
+    and caches it, which allocates inside a CUDA-graph capture (cudagraphs=True) and is re-done lazily after
+    a weight update, where a replayed graph would still read the operand it was captured with.
+    """
+    if ctx.kernels == "reference":
+        return "reference kernels"
+    if is_dtensor(site.match.weight.tensor):
+        return "tensor-parallel weight (the kernel compresses this rank's shard on its first call)"
+    return cslt_operand_reason(site.match.out_features, site.match.in_features, site.dtype, site.device)
+
+
+def _cslt_derivation(form: TwoFour, dtype: torch.dtype) -> Callable:
+    """``derive(weight, in_out)`` for ``bind_derived``: the weight pruned by ``form``, as cuSPARSELt's operand."""
+    def derive(weight: torch.Tensor, in_out: bool) -> torch.Tensor:
+        with torch.no_grad():
+            return cslt_operand(compress(weight.t() if in_out else weight, form), dtype)
+    return derive
 
 
 def _set_plan(site: Site, plan: Plan, ctx) -> None:
@@ -293,8 +322,12 @@ def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None
     if isinstance(decision.form, TwoFour):
         x, bias = _operands(site.output)
         values, indices = ctx.bind_weight(site, decision.form, ("values", "indices"))
+        packed = None
+        if plan.state["bind_cslt_operand"]:
+            packed = ctx.bind_derived(site.match.weight, bool(site.match.in_out), f"cslt_{str(site.dtype)[6:]}",
+                                      _cslt_derivation(decision.form, site.dtype))
         with graph.inserting_before(site.output):
-            out = call.record.emit(graph, call.args, x=x, values=values, indices=indices, bias=bias)
+            out = call.record.emit(graph, call.args, x=x, values=values, indices=indices, bias=bias, packed=packed)
         out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
         _take_over(graph, site.output, out, (site.output,))
         return

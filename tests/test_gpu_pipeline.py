@@ -99,3 +99,41 @@ def test_cudagraphs_record_a_graph_that_updates_a_static_cache_in_place():
             assert float(cache[0, 0]) == step
             torch.testing.assert_close(out.float(), reference(x, reference_cache).float(), atol=3e-2, rtol=3e-2)
     assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+def _pruned_2to4(w: torch.Tensor) -> torch.Tensor:
+    """docs/spec.md's 2:4 rule written out: the 2 largest |w| of every 4 consecutive inputs kept, in float32."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // 4, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
+    return (groups * keep).reshape(n, k)
+
+
+def test_cudagraphs_two_four_linear_replays_and_follows_weight_updates():
+    """cudagraphs=True with a 2:4 linear on cuSPARSELt: the operand is bound at compile time (nothing is
+    compressed inside the capture), replays match the spec's pruning, and an in-place weight update reaches
+    the next replay (the bound operand is re-derived in place)."""
+    from sparsecc.codegen.semi_structured_linear import cusparselt_available
+
+    if not cusparselt_available():
+        pytest.skip("this torch build has no cuSPARSELt")
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.SiLU()).eval().cuda().to(torch.bfloat16)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    xs = [torch.randn(64, 256, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    torch._dynamo.reset()
+
+    def oracle(x):
+        w, b = model[0].weight, model[0].bias
+        return torch.nn.functional.silu(x.float() @ _pruned_2to4(w).T + b.float())
+
+    with torch.no_grad():
+        graphed = sparsecc.compile(model, spec=spec, kernels="auto", cudagraphs=True)
+        for x in xs:   # warm-up, record, then replays
+            out = graphed(x).float()
+            site = [s for s in sparsecc.last_report().sites if s.kind == "linear"][0]
+            assert site.applied and "cuSPARSELt operand" in site.attrs.get("plan", ""), (site.reason, site.attrs)
+            torch.testing.assert_close(out, oracle(x), atol=3e-2, rtol=3e-2)
+        model[0].weight.mul_(-1.0)
+        for x in xs[:2]:
+            torch.testing.assert_close(graphed(x).float(), oracle(x), atol=3e-2, rtol=3e-2)

@@ -233,3 +233,44 @@ def test_autograd_falls_back_to_dense(eager_lowering):
     assert model.proj.weight.grad is not None
     site = sparsecc.last_report().sites[0]
     assert not site.applied and "autograd" in site.reason
+
+
+def _pruned_2to4(w: torch.Tensor) -> torch.Tensor:
+    """docs/spec.md's 2:4 rule written out: the 2 largest |w| of every 4 consecutive inputs kept, in float64."""
+    n, k = w.shape
+    groups = w.double().reshape(n, k // 4, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
+    return (groups * keep).reshape(n, k)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "reference"])
+def test_two_four_binds_cusparselt_operand_where_cusparselt_takes_it(monkeypatch, kernels):
+    """Where cuSPARSELt takes the weight, the plan binds its operand at compile time (the pruned weight, derived
+    again in place after a weight update); reference kernels bind none. cuSPARSELt is CUDA only, so here its
+    check and its compression are stand-ins that record what they are given."""
+    import sparsecc.passes.linear as linear_pass
+
+    derived = []
+    monkeypatch.setattr(linear_pass, "cslt_operand_reason", lambda n, k, dtype, device: "")
+    monkeypatch.setattr(linear_pass, "cslt_operand",
+                        lambda weight, dtype: derived.append(weight.to_dense().double()) or weight.to_dense().to(dtype))
+    torch.manual_seed(2)
+    model = zoo.ModuleLinear().eval()
+    x = torch.randn(3, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = sparsecc.compile(model, spec=spec, kernels=kernels)
+        for step in range(2):
+            out = compiled(x).double()
+            site = [s for s in sparsecc.last_report().sites if s.kind == "linear"][0] if step == 0 else site
+            assert site.applied, site.reason
+            w, b = model.proj.weight, model.proj.bias
+            torch.testing.assert_close(out, x.double() @ _pruned_2to4(w).T + b.double(), atol=1e-5, rtol=1e-5)
+            if kernels == "auto":
+                assert "cuSPARSELt operand" in site.attrs["plan"]
+                assert len(derived) == step + 1
+                torch.testing.assert_close(derived[-1], _pruned_2to4(w))
+            else:
+                assert "cuSPARSELt operand" not in site.attrs.get("plan", "") and not derived
+            model.proj.weight.mul_(-0.5)
