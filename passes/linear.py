@@ -137,7 +137,8 @@ def check_linear(site: Site, ctx) -> Decision:
     n, k = site.attrs["out_features"], site.attrs["in_features"]
     # A symbolic token count has no runtime branch for linears: judge the form at its worst probed count.
     estimate = estimate_linear(form, tokens=site.attrs["tokens"], in_features=k, out_features=n,
-                               dtype=site.dtype, hw=ctx.hardware, symbolic_tokens=site.symbolic)
+                               dtype=site.dtype, hw=ctx.hardware, symbolic_tokens=site.symbolic,
+                               replayed=ctx.replayed)
     # Under tensor parallelism n and k are this rank's shard (passes/tensor_parallel.py); the reason says so.
     shard = f" (this rank's shard of the {site.attrs['global_weight']} weight)" if "global_weight" in site.attrs else ""
     if isinstance(form, TwoFour):

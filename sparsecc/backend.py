@@ -137,6 +137,8 @@ def make_context(gm, example_inputs, opts: BackendOptions) -> CompileContext:
     ops.register_ops()
     return CompileContext(spec=opts.spec, kernels=opts.kernels, autograd=_autograd_active(example_inputs),
                           fold_epilogues=opts.fold_epilogues, fuse_gate_up=opts.fuse_gate_up,
+                          # the reference forms read tables on the host, which turns cudagraphs off for their graph
+                          replayed=opts.cudagraphs and opts.kernels != "reference",
                           example_inputs=list(example_inputs), hardware=profile_for(_device_of(example_inputs)),
                           modules=module_tree.from_dynamo())
 

@@ -58,6 +58,7 @@ class CompileContext:
     autograd: bool = False
     fold_epilogues: bool = True     # backend options that change the rewritten graph (shown in the report)
     fuse_gate_up: bool = True
+    replayed: bool = False          # cudagraphs=True with kernels that allow capture: no per-call host floors
     params: Dict[Node, Any] = field(default_factory=dict)   # placeholder/get_attr node -> ParamRef
     example_inputs: Sequence = ()
     hardware: HardwareProfile = field(default_factory=lambda: profile_for(torch.device("cpu")))

@@ -102,10 +102,11 @@ class Cost:
 _LAMBDIFY_NAMES = {"ceiling": math.ceil, "Max": max, "Min": min}
 
 
-def kernels_seconds(kernels: Sequence[dict], hw: HardwareProfile, dtype: torch.dtype) -> float:
-    """Predicted seconds of ``kernels`` (``Cost.kernels`` dicts) on ``hw`` with the shipped efficiency table."""
+def kernels_seconds(kernels: Sequence[dict], hw: HardwareProfile, dtype: torch.dtype, host: bool = True) -> float:
+    """Predicted seconds of ``kernels`` (``Cost.kernels`` dicts) on ``hw`` with the shipped efficiency table
+    (``host`` False: replayed from a CUDA graph, without the per-call host floors)."""
     return side_seconds(kernels, efficiency, peak=hw.peak(dtype), bandwidth=hw.bandwidth,
-                        launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count)
+                        launch_overhead_s=hw.launch_overhead_s, sm_count=hw.sm_count, host=host)
 
 
 def _prefix_min(n, per_row):

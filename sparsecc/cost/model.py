@@ -25,13 +25,16 @@ CROSSOVER_SEARCH_MAX = 2 ** 24
 
 
 def predict(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype,
-            values: Dict[sp.Symbol, float]) -> Estimate:
-    """Evaluate both costs with every symbol in ``values`` substituted (no crossover, no worst count)."""
+            values: Dict[sp.Symbol, float], host: bool = True) -> Estimate:
+    """Evaluate both costs with every symbol in ``values`` substituted (no crossover, no worst count).
+
+    ``host`` False drops each kernel's per-call host floor on both sides (calls replayed from a CUDA graph).
+    """
     values = {**values, ELEM: torch.tensor([], dtype=dtype).element_size()}
     dense_k, sparse_k = dense.kernels(values), sparse.kernels(values)
     return Estimate(sum(k["flops"] for k in dense_k), sum(k["flops"] for k in sparse_k),
                     sum(k["nbytes"] for k in dense_k), sum(k["nbytes"] for k in sparse_k),
-                    kernels_seconds(dense_k, hw, dtype), kernels_seconds(sparse_k, hw, dtype))
+                    kernels_seconds(dense_k, hw, dtype, host), kernels_seconds(sparse_k, hw, dtype, host))
 
 
 def crossover(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype, values: Dict[sp.Symbol, float],

@@ -79,16 +79,19 @@ def _at_worst(probes, symbolic: bool) -> Estimate:
 
 
 def estimate_linear(form, *, tokens, in_features, out_features, dtype, hw: HardwareProfile,
-                    activation_sparsity=None, symbolic_tokens: bool = False) -> Estimate:
+                    activation_sparsity=None, symbolic_tokens: bool = False, replayed: bool = False) -> Estimate:
     """Dense GEMM vs a weight form or input activation sparsity.
+
+    ``replayed``: the graph runs under CUDA graphs (``cudagraphs=True``), so neither side pays its per-call host
+    floor (cuSPARSELt's 2:4 call spends about 0.7 ms of host time per call setting up its plan; bench/RESULTS.md).
 
     With ``symbolic_tokens`` the site may run at any token count and no
     runtime branch exists for linears, so the estimate is taken at the probed
     count where sparse fares worst: ``auto`` applies the form only when it
     wins at every probed count.
     """
-    probes = [(predict(*linear_costs(form, activation_sparsity, t), hw, dtype, {N: out_features, K: in_features}),
-               t) for t in _probes(tokens, symbolic_tokens)]
+    probes = [(predict(*linear_costs(form, activation_sparsity, t), hw, dtype, {N: out_features, K: in_features},
+                       host=not replayed), t) for t in _probes(tokens, symbolic_tokens)]
     return _at_worst(probes, symbolic_tokens)
 
 
