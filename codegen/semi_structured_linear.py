@@ -61,7 +61,9 @@ def semi_structured_linear_ref(x: Tensor, weight: SemiStructuredWeight, bias: Op
 # cuSPARSELt itself has fused ReLU / GELU epilogues, but ``_cslt_sparse_mm`` does not expose them
 # and cuSPARSELt has no SiLU, so activations run as one in-place pass over y after the matmul.
 #
-# The compressed buffer is built once per weight and cached by the identity of the (values,
+# A compiled model passes the operand bound at compile time (``packed``, see passes/linear.py), so
+# nothing is built on its calls. Otherwise (direct calls, another dtype than the bound one) the
+# compressed buffer is built once per weight and cached by the identity of the (values,
 # indices) tensors and their ``_version``: an in-place recompression at a weight update bumps the
 # version and the next call rebuilds. A weight cuSPARSELt refuses is remembered as dense (its
 # decompressed copy), so it pays the refusal once and then runs cuBLAS.
@@ -83,7 +85,8 @@ def cusparselt_available() -> bool:
 
 @dataclass
 class _Entry:
-    """One cached weight: weakrefs to its tensors, their versions, and the prepared operand."""
+    """One cached weight: weakrefs to its tensors, their versions, and the prepared operand. For an operand bound
+    at compile time (:func:`_bound_entry`) ``values`` refers to the operand and only ``algs`` is used."""
 
     values: weakref.ref
     indices: weakref.ref
@@ -151,8 +154,9 @@ def prepared_weight(values: Tensor, indices: Tensor, n: int, k: int, dtype: torc
 class CsltConfig(NamedTuple):
     """How cuSPARSELt runs one product: its algorithm id and split-K settings (the defaults: id 0, no split).
 
-    ``split_k_mode`` is the build's third setting as its search returns it (torch 2.13: ``split_k_mode``, an int;
-    earlier builds: ``split_k_one_kernel``, a bool); None leaves the op's default.
+    ``split_k_mode`` is the build's third setting as its search returns it (torch 2.11 and 2.13:
+    ``split_k_mode``, an int, -1 its default; some builds name it ``split_k_one_kernel``, a bool); None leaves
+    the op's default.
     """
 
     alg_id: int = 0
@@ -188,6 +192,8 @@ def _search_once(packed: Tensor, xt: Tensor, bias: Optional[Tensor]) -> CsltConf
     mm_search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
     if mm_search is not None:
         alg_id, split_k, split_k_mode, _ = mm_search(packed, xt, bias, None, None, True)
+        if int(split_k) == 1 and split_k_mode == -1:   # no split, the op's own defaults: the same as CsltConfig()
+            split_k_mode = None
         return CsltConfig(int(alg_id), int(split_k), split_k_mode)
     search = getattr(torch, "_cslt_sparse_mm_search", None)
     if search is None:
@@ -282,9 +288,9 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     ``activation`` is one of :data:`FUSED_ACTIVATIONS`; ``alg_id`` picks a
     cuSPARSELt algorithm (benchmarks); None uses the one cuSPARSELt's search
     picked for this weight and token count (searched once, cached).
-    ``packed`` is the weight's cuSPARSELt operand made ahead (:func:`cslt_operand`); when its dtype is
-    ``x``'s, it runs as it is (nothing is allocated and kept on the first call, so the call may be captured
-    by a CUDA graph), else the cached operand of ``x``'s dtype is used.
+    ``packed`` is the weight's cuSPARSELt operand made ahead (:func:`cslt_operand`); when its dtype and device
+    are ``x``'s, it runs as it is (nothing is allocated and kept on the first call, so the call may be captured
+    by a CUDA graph), else the cached operand of ``x``'s dtype is used, compressed on the first call.
     """
     if activation not in FUSED_ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not allowed; expected one of {FUSED_ACTIVATIONS}")

@@ -258,10 +258,11 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
     n, k = site.match.out_features, site.match.in_features
     if isinstance(decision.form, TwoFour):
         args = SemiStructuredLinearArgs(out_features=n, in_features=k, impl=ctx.kernels)
+        unbound = _cslt_operand_reason(site, decision.form, ctx)
         plan = Plan(calls=[op_call(SEMI_STRUCTURED_LINEAR, args, site.device, site.symbolic)],
-                    state={"bind_cslt_operand": _cslt_operand_reason(site, ctx) == ""})
-        if plan.state["bind_cslt_operand"]:
-            plan.notes["cuSPARSELt operand"] = "compressed at compile time"
+                    state={"bind_cslt_operand": unbound == ""})
+        plan.notes["cuSPARSELt operand"] = ("compressed at compile time" if not unbound
+                                            else f"compressed on the first call ({unbound})")
         return plan
     pair = _gate_half(site, ctx)
     root, folded = pair if pair is not None else (site, _fold(site, ctx))
@@ -282,18 +283,26 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
     return plan
 
 
-def _cslt_operand_reason(site: Site, ctx) -> str:
+def _cslt_operand_reason(site: Site, form: TwoFour, ctx) -> str:
     """Why a 2:4 site's weight is not bound as a cuSPARSELt operand at compile time ('' when it is).
 
     Bound, the kernel runs the operand as it is; otherwise the kernel compresses the weight on its first call
-    and caches it, which allocates inside a CUDA-graph capture (cudagraphs=True) and is re-done lazily after
-    a weight update, where a replayed graph would still read the operand it was captured with.
+    and caches it, which allocates inside a CUDA-graph capture (so ``cudagraphs=True`` is turned off for the
+    graph, sparsecc/backend.py) and is re-done lazily after a weight update. The compression is tried here, so
+    a weight cuSPARSELt refuses is known before anything is bound.
     """
     if ctx.kernels == "reference":
         return "reference kernels"
     if is_dtensor(site.match.weight.tensor):
-        return "tensor-parallel weight (the kernel compresses this rank's shard on its first call)"
-    return cslt_operand_reason(site.match.out_features, site.match.in_features, site.dtype, site.device)
+        return "tensor-parallel weight: the kernel compresses this rank's shard"
+    reason = cslt_operand_reason(site.match.out_features, site.match.in_features, site.dtype, site.device)
+    if reason:
+        return reason
+    try:
+        cslt_operand(ctx.compressed_weight(site, form), site.dtype)
+    except RuntimeError as err:
+        return f"cuSPARSELt refused the weight ({err})"
+    return ""
 
 
 def _cslt_derivation(form: TwoFour, dtype: torch.dtype) -> Callable:
@@ -325,7 +334,9 @@ def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None
         values, indices = ctx.bind_weight(site, decision.form, ("values", "indices"))
         packed = None
         if plan.state["bind_cslt_operand"]:
-            packed = ctx.bind_derived(site.match.weight, bool(site.match.in_out), f"cslt_{str(site.dtype)[6:]}",
+            # one operand per (weight, dtype, pruning rule): a tied weight under two rules gets two
+            packed = ctx.bind_derived(site.match.weight, bool(site.match.in_out),
+                                      f"cslt_{str(site.dtype)[6:]}_{decision.form.prune}",
                                       _cslt_derivation(decision.form, site.dtype))
         with graph.inserting_before(site.output):
             out = call.record.emit(graph, call.args, x=x, values=values, indices=indices, bias=bias, packed=packed)

@@ -23,6 +23,7 @@ import torch
 
 from sparsecc.codegen import ops
 from sparsecc.cost import profile_for
+from sparsecc.forms import TwoFour
 from sparsecc.passes import module_tree
 from sparsecc.pipeline import EXPLAIN_STAGES, CompileContext, build_report, run_stages
 from sparsecc.report.model import Report
@@ -132,13 +133,23 @@ def _autograd_active(example_inputs: Sequence) -> bool:
                                            for t in example_inputs)
 
 
+def _lowering() -> str:
+    """How rewritten graphs are lowered: "inductor", or "eager" (``SPARSECC_LOWERING``, for debugging)."""
+    lowering = os.environ.get(LOWERING_ENV, "inductor")
+    if lowering not in LOWERINGS:
+        raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
+    return lowering
+
+
 def make_context(gm, example_inputs, opts: BackendOptions) -> CompileContext:
     """A fresh CompileContext for one graph (the module tree comes from the frame Dynamo is compiling)."""
     ops.register_ops()
     return CompileContext(spec=opts.spec, kernels=opts.kernels, autograd=_autograd_active(example_inputs),
                           fold_epilogues=opts.fold_epilogues, fuse_gate_up=opts.fuse_gate_up,
-                          # the reference forms read tables on the host, which turns cudagraphs off for their graph
-                          replayed=opts.cudagraphs and opts.kernels != "reference",
+                          # CUDA graphs replay only Inductor's CUDA graphs, and the reference forms (which read
+                          # tables on the host) turn them off for their graph
+                          replayed=(opts.cudagraphs and opts.kernels != "reference" and _lowering() == "inductor"
+                                    and _device_of(example_inputs).type == "cuda"),
                           example_inputs=list(example_inputs), hardware=profile_for(_device_of(example_inputs)),
                           modules=module_tree.from_dynamo())
 
@@ -201,10 +212,7 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     _mark_bound_inputs(gm)
     _graphs.append(gm)
     start = time.perf_counter()
-    lowering = os.environ.get(LOWERING_ENV, "inductor")
-    if lowering not in LOWERINGS:
-        raise SpecError(key=LOWERING_ENV, value=lowering, allowed=f"one of {list(LOWERINGS)}")
-    if lowering == "inductor":
+    if _lowering() == "inductor":
         cudagraphs = _uses_cudagraphs(opts, ctx)
         if cudagraphs:
             _mark_bound_weights_static(ctx)
@@ -246,16 +254,27 @@ def _static_fakes(tensors: Sequence[torch.Tensor], example_inputs) -> list:
 
 
 def _uses_cudagraphs(opts: BackendOptions, ctx: CompileContext) -> bool:
-    """Whether this graph runs under cudagraph trees: ``options["cudagraphs"]``, unless its sparse sites run the
-    reference forms on CUDA (those read layouts and weight tables on the host, which a capture forbids; the graph
-    then runs without CUDA graphs, with a warning, rather than failing at capture). Inductor itself skips
-    cudagraphs for graphs on the CPU."""
+    """Whether this graph runs under cudagraph trees: ``options["cudagraphs"]``, unless a sparse site on CUDA
+    would allocate and keep tensors on its first call, which a capture forbids (the graph then runs without CUDA
+    graphs, with a warning, rather than failing at capture): the reference forms (they read layouts and weight
+    tables on the host) and 2:4 sites whose cuSPARSELt operand is not bound at compile time (they compress or
+    decompress the weight on their first call; the plan says why). Inductor itself skips cudagraphs for graphs
+    on the CPU."""
     if not opts.cudagraphs:
         return False
-    if opts.kernels == "reference" and any(ctx.applied(site) for site in ctx.sites) \
-            and _device_of(ctx.example_inputs).type == "cuda":
+    if _device_of(ctx.example_inputs).type != "cuda":
+        return True
+    if opts.kernels == "reference" and any(ctx.applied(site) for site in ctx.sites):
         log.warning("sparsecc: cudagraphs=True is ignored for a graph with sparse sites on the reference path "
                     "(kernels='reference' synchronises with the host); use kernels='auto' or 'triton'")
+        return False
+    unbound = [site.module for site in ctx.sites if ctx.applied(site) and isinstance(ctx.decision(site).form, TwoFour)
+               and ctx.decision(site).plan is not None
+               and not ctx.decision(site).plan.state.get("bind_cslt_operand", False)]
+    if unbound:
+        log.warning("sparsecc: cudagraphs=True is ignored for a graph whose 2:4 sites %s have no cuSPARSELt "
+                    "operand bound at compile time (see the report's plan column): their first call compresses the "
+                    "weight, which a CUDA-graph capture forbids", ", ".join(unbound))
         return False
     return True
 

@@ -16,11 +16,12 @@ import torch
 def call_seconds(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds one call of ``fn`` takes on ``device`` (CUDA events on CUDA, synchronising after; wall clock else)."""
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
+        with torch.cuda.device(device):   # the events go on that device's current stream
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     fn()

@@ -258,6 +258,39 @@ def test_cudagraphs_option_marks_bound_weights_static(monkeypatch):
     assert all(seen[1][1][-n_extra:]) and not any(seen[0][1][-n_extra:])
 
 
+def test_cudagraphs_are_turned_off_for_an_unbound_two_four_site(monkeypatch, caplog):
+    """A 2:4 site on CUDA whose cuSPARSELt operand is not bound at compile time would compress its weight on its
+    first call, inside the capture: the graph runs without CUDA graphs, with a warning naming the site, and the
+    report's plan says why the operand is not bound. (The graph is compiled on the CPU; the decision is then
+    asked again of its context as if the inputs were on CUDA, which is what it reads.)"""
+    import logging
+
+    import sparsecc.backend as backend
+
+    contexts = []
+    real = backend._uses_cudagraphs
+    monkeypatch.setattr(backend, "_uses_cudagraphs", lambda opts, ctx: contexts.append((opts, ctx)) or real(opts, ctx))
+    torch.manual_seed(3)
+    model = zoo.ModuleLinear().eval()
+    x = torch.randn(3, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        sparsecc.compile(model, spec=spec, kernels="auto", cudagraphs=True)(x)
+    site = [s for s in sparsecc.last_report().sites if s.kind == "linear"][0]
+    assert site.applied and "compressed on the first call" in site.attrs["plan"], site.attrs
+    (opts, ctx), = contexts
+    assert real(opts, ctx)   # on the CPU Inductor skips cudagraphs itself
+    monkeypatch.setattr(backend, "_device_of", lambda inputs: torch.device("cuda"))
+    with caplog.at_level(logging.WARNING, logger=backend.log.name):
+        assert not real(opts, ctx)
+    assert "proj" in caplog.text and "no cuSPARSELt operand bound" in caplog.text
+    for decision in ctx.decisions.values():   # bound, the same site keeps CUDA graphs
+        if decision.plan is not None:
+            decision.plan.state["bind_cslt_operand"] = True
+    assert real(opts, ctx)
+
+
 def test_rewritten_graph_keeps_what_inductor_needs_to_find_static_inputs():
     """The rewritten graph keeps Dynamo's compile id, parameter sources and placeholder sources.
 

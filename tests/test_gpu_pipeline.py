@@ -109,10 +109,13 @@ def _pruned_2to4(w: torch.Tensor) -> torch.Tensor:
     return (groups * keep).reshape(n, k)
 
 
-def test_cudagraphs_two_four_linear_replays_and_follows_weight_updates():
+def test_cudagraphs_two_four_linear_replays_and_follows_weight_updates(monkeypatch):
     """cudagraphs=True with a 2:4 linear on cuSPARSELt: the operand is bound at compile time (nothing is
     compressed inside the capture), replays match the spec's pruning, and an in-place weight update reaches
     the next replay (the bound operand is re-derived in place)."""
+    from torch._dynamo.utils import counters
+
+    from sparsecc.codegen import semi_structured_linear as semi
     from sparsecc.codegen.semi_structured_linear import cusparselt_available
 
     if not cusparselt_available():
@@ -122,6 +125,12 @@ def test_cudagraphs_two_four_linear_replays_and_follows_weight_updates():
     spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
     xs = [torch.randn(64, 256, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     torch._dynamo.reset()
+    counters.clear()
+    cached = len(semi._CACHE)
+    from torch._inductor import compile_fx as inductor
+    patches, real = [], inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx",
+                        lambda gm, inputs, *a, **k: patches.append(k.get("config_patches")) or real(gm, inputs, *a, **k))
 
     def oracle(x):
         w, b = model[0].weight, model[0].bias
@@ -137,3 +146,6 @@ def test_cudagraphs_two_four_linear_replays_and_follows_weight_updates():
         model[0].weight.mul_(-1.0)
         for x in xs[:2]:
             torch.testing.assert_close(graphed(x).float(), oracle(x), atol=3e-2, rtol=3e-2)
+    assert patches and all(p and p.get("triton.cudagraphs") for p in patches)   # CUDA graphs were not turned off
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert len(semi._CACHE) == cached   # the bound operand ran: nothing was compressed on a call

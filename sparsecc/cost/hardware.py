@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 

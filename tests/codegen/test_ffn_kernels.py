@@ -368,7 +368,7 @@ def test_search_with_split_k_settings_runs_them(monkeypatch):
     assert mode in ("split_k_mode", "split_k_one_kernel")
     assert {"alg_id": 17, "split_k": 4, mode: 2} in products
     assert {"alg_id": 0} in products   # the default runs with the op's own split-K defaults
-    assert {"alg_id": 5, mode: -1} in products
+    assert {"alg_id": 5} in products and {"alg_id": 5, mode: -1} not in products   # no split: the op's defaults
 
 
 # ------------------------------------------------------------------ GPU: Llama-3-8B shapes

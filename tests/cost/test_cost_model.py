@@ -212,11 +212,18 @@ def test_replayed_linear_drops_the_per_call_host_floor():
     assert big[0] == pytest.approx(big[1])
 
 
-def test_cudagraphs_option_makes_the_estimates_replayed():
+def test_cudagraphs_option_makes_the_estimates_replayed(monkeypatch):
+    import sparsecc.backend as backend
     from sparsecc.backend import make_context, parse_options
 
     gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    # on the CPU nothing is replayed (Inductor skips cudagraphs there)
+    assert not make_context(gm, [torch.zeros(1)], parse_options({"cudagraphs": True})).replayed
+    monkeypatch.setattr(backend, "_device_of", lambda inputs: torch.device("cuda"))
+    monkeypatch.setattr(backend, "profile_for", lambda device: H100_SXM)
     assert make_context(gm, [], parse_options({"cudagraphs": True})).replayed
     assert not make_context(gm, [], parse_options({})).replayed
     # the reference forms turn CUDA graphs off for their graphs, so their estimates stay per call
     assert not make_context(gm, [], parse_options({"cudagraphs": True, "kernels": "reference"})).replayed
+    monkeypatch.setenv("SPARSECC_LOWERING", "eager")   # no Inductor, no CUDA graphs
+    assert not make_context(gm, [], parse_options({"cudagraphs": True})).replayed
