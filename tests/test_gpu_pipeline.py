@@ -146,6 +146,7 @@ def test_cudagraphs_two_four_linear_replays_and_follows_weight_updates(monkeypat
         model[0].weight.mul_(-1.0)
         for x in xs[:2]:
             torch.testing.assert_close(graphed(x).float(), oracle(x), atol=3e-2, rtol=3e-2)
-    assert patches and all(p and p.get("triton.cudagraphs") for p in patches)   # CUDA graphs were not turned off
+    # sparsecc asked for CUDA graphs (compile_fx then calls itself again inside the patched config, without them)
+    assert patches and patches[0] == {"triton.cudagraphs": True}, patches
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert len(semi._CACHE) == cached   # the bound operand ran: nothing was compressed on a call
