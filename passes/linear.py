@@ -258,9 +258,9 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
     n, k = site.match.out_features, site.match.in_features
     if isinstance(decision.form, TwoFour):
         args = SemiStructuredLinearArgs(out_features=n, in_features=k, impl=ctx.kernels)
-        unbound = _cslt_operand_reason(site, decision.form, ctx)
+        unbound, operand = _cslt_operand(site, decision.form, ctx)
         plan = Plan(calls=[op_call(SEMI_STRUCTURED_LINEAR, args, site.device, site.symbolic)],
-                    state={"bind_cslt_operand": unbound == ""})
+                    state={"cslt_operand": operand})
         plan.notes["cuSPARSELt operand"] = ("compressed at compile time" if not unbound
                                             else f"compressed on the first call ({unbound})")
         return plan
@@ -283,26 +283,25 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
     return plan
 
 
-def _cslt_operand_reason(site: Site, form: TwoFour, ctx) -> str:
-    """Why a 2:4 site's weight is not bound as a cuSPARSELt operand at compile time ('' when it is).
+def _cslt_operand(site: Site, form: TwoFour, ctx) -> Tuple[str, Optional[torch.Tensor]]:
+    """(why not, None), or ('', the operand): a 2:4 site's cuSPARSELt operand, bound at compile time when it can be.
 
     Bound, the kernel runs the operand as it is; otherwise the kernel compresses the weight on its first call
     and caches it, which allocates inside a CUDA-graph capture (so ``cudagraphs=True`` is turned off for the
-    graph, sparsecc/backend.py) and is re-done lazily after a weight update. The compression is tried here, so
-    a weight cuSPARSELt refuses is known before anything is bound.
+    graph, sparsecc/backend.py) and is re-done lazily after a weight update. The operand is made here, so a
+    weight cuSPARSELt refuses is known before anything is bound; ``replace`` binds this one.
     """
     if ctx.kernels == "reference":
-        return "reference kernels"
+        return "reference kernels", None
     if is_dtensor(site.match.weight.tensor):
-        return "tensor-parallel weight: the kernel compresses this rank's shard"
+        return "tensor-parallel weight: the kernel compresses this rank's shard", None
     reason = cslt_operand_reason(site.match.out_features, site.match.in_features, site.dtype, site.device)
     if reason:
-        return reason
+        return reason, None
     try:
-        cslt_operand(ctx.compressed_weight(site, form), site.dtype)
+        return "", cslt_operand(ctx.compressed_weight(site, form), site.dtype)
     except RuntimeError as err:
-        return f"cuSPARSELt refused the weight ({err})"
-    return ""
+        return f"cuSPARSELt refused the weight ({err})", None
 
 
 def _cslt_derivation(form: TwoFour, dtype: torch.dtype) -> Callable:
@@ -333,11 +332,11 @@ def replace_linear(gm: GraphModule, site: Site, decision: Decision, ctx) -> None
         x, bias = _operands(site.output)
         values, indices = ctx.bind_weight(site, decision.form, ("values", "indices"))
         packed = None
-        if plan.state["bind_cslt_operand"]:
+        if plan.state["cslt_operand"] is not None:
             # one operand per (weight, dtype, pruning rule): a tied weight under two rules gets two
             packed = ctx.bind_derived(site.match.weight, bool(site.match.in_out),
                                       f"cslt_{str(site.dtype)[6:]}_{decision.form.prune}",
-                                      _cslt_derivation(decision.form, site.dtype))
+                                      _cslt_derivation(decision.form, site.dtype), plan.state["cslt_operand"])
         with graph.inserting_before(site.output):
             out = call.record.emit(graph, call.args, x=x, values=values, indices=indices, bias=bias, packed=packed)
         out.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})

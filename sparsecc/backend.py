@@ -268,9 +268,9 @@ def _uses_cudagraphs(opts: BackendOptions, ctx: CompileContext) -> bool:
         log.warning("sparsecc: cudagraphs=True is ignored for a graph with sparse sites on the reference path "
                     "(kernels='reference' synchronises with the host); use kernels='auto' or 'triton'")
         return False
-    unbound = [site.module for site in ctx.sites if ctx.applied(site) and isinstance(ctx.decision(site).form, TwoFour)
-               and ctx.decision(site).plan is not None
-               and not ctx.decision(site).plan.state.get("bind_cslt_operand", False)]
+    decided = [(site, ctx.decision(site)) for site in ctx.sites if ctx.applied(site)]
+    unbound = [site.module for site, d in decided if isinstance(d.form, TwoFour) and d.plan is not None
+               and d.plan.state.get("cslt_operand") is None]
     if unbound:
         log.warning("sparsecc: cudagraphs=True is ignored for a graph whose 2:4 sites %s have no cuSPARSELt "
                     "operand bound at compile time (see the report's plan column): their first call compresses the "

@@ -112,18 +112,20 @@ class CompileContext:
                                 ref.tensor.data_ptr(), ref.qualname, in_out=bool(site.match.in_out))
         return self._bind(binding, ref.qualname, fields, tensors)
 
-    def bind_derived(self, ref, in_out: bool, what: str, derive: Callable) -> Node:
+    def bind_derived(self, ref, in_out: bool, what: str, derive: Callable,
+                     initial: Optional[torch.Tensor] = None) -> Node:
         """A graph input holding ``derive(weight, in_out)`` of the weight ``ref`` (a ``ParamRef``), computed once.
 
         One per (weight, what) per graph (a K-major copy, column norms); re-derived, not compressed, when the
-        parameter changes after compile (``DerivedBinding``).
+        parameter changes after compile (``DerivedBinding``). ``initial`` is its current value when the caller
+        already made it (it is then not derived again here).
         """
         for binding in self.bindings:
             if getattr(binding, "derived_key", None) == (ref.qualname, what):
                 return binding.node
         # A K-major copy or column norms of a DTensor weight are those of this rank's shard (the FFN's weighted
         # criterion, which needs whole columns, is refused under tensor parallelism before it gets here).
-        tensor = derive(local_tensor(ref.tensor), in_out)
+        tensor = derive(local_tensor(ref.tensor), in_out) if initial is None else initial
         binding = DerivedBinding(ref.input_index, ref.tensor, None, (what,), [tensor], ref.tensor._version,
                                  ref.tensor.data_ptr(), ref.qualname, in_out=in_out)
         binding.derived_key, binding.derive_fn = (ref.qualname, what), derive

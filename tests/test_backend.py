@@ -287,7 +287,7 @@ def test_cudagraphs_are_turned_off_for_an_unbound_two_four_site(monkeypatch, cap
     assert "proj" in caplog.text and "no cuSPARSELt operand bound" in caplog.text
     for decision in ctx.decisions.values():   # bound, the same site keeps CUDA graphs
         if decision.plan is not None:
-            decision.plan.state["bind_cslt_operand"] = True
+            decision.plan.state["cslt_operand"] = torch.zeros(1)
     assert real(opts, ctx)
 
 
