@@ -144,13 +144,14 @@ def _lowering() -> str:
 def make_context(gm, example_inputs, opts: BackendOptions) -> CompileContext:
     """A fresh CompileContext for one graph (the module tree comes from the frame Dynamo is compiling)."""
     ops.register_ops()
+    device = _device_of(example_inputs)
     return CompileContext(spec=opts.spec, kernels=opts.kernels, autograd=_autograd_active(example_inputs),
                           fold_epilogues=opts.fold_epilogues, fuse_gate_up=opts.fuse_gate_up,
                           # CUDA graphs replay only Inductor's CUDA graphs, and the reference forms (which read
                           # tables on the host) turn them off for their graph
                           replayed=(opts.cudagraphs and opts.kernels != "reference" and _lowering() == "inductor"
-                                    and _device_of(example_inputs).type == "cuda"),
-                          example_inputs=list(example_inputs), hardware=profile_for(_device_of(example_inputs)),
+                                    and device.type == "cuda"),
+                          example_inputs=list(example_inputs), hardware=profile_for(device),
                           modules=module_tree.from_dynamo())
 
 
