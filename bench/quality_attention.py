@@ -1,8 +1,9 @@
 """Per-head attention tune of SmolLM2-135M at long context: perplexity and needle retrieval, tuned against uniform.
 
-    python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--judge recall|kl] [--calib-windows 1]
+    python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--judge recall|kl|retrieval] [--calib-windows 1]
                                       [--windows 1] [--needle 50] [--kl-windows 256,512,1024,2048]
-                                      [--kl-topk 2,6,14] [--kl-groups layer|kv] [--out-dir bench/quality_lm/attention]
+                                      [--kl-topk 2,6,14] [--kl-groups layer|kv] [--retrieval-trials 8]
+                                      [--retrieval-coverage 0.85] [--out-dir bench/quality_lm/attention]
 
 * calibration: ``--calib-windows`` windows of ``--ctx`` tokens spread over the standard library's docstrings;
   ``--judge recall`` (default): :func:`sparsecc.tune.attention.record_attention` with the default candidates, then
@@ -12,6 +13,10 @@
   ``block_topk`` on 64-blocks (sink 1, local 1, those topk counts; per layer only); the exact knapsack; uniform
   kept when it measures no worse on the calibration window); its table is saved after every run
   (``kl_table_<ctx>_<groups>.json``), so a stopped run continues;
+  ``--judge retrieval``: :mod:`sparsecc.tune.retrieval`: the heads' retrieval scores on ``--retrieval-trials``
+  needle trials over the docstrings (seed 1; cached as ``retrieval_scores_<ctx>_<trials>.pt``), the fewest top
+  heads holding ``--retrieval-coverage`` of the scores dense, every other head sink-64 streaming with the widest
+  window the budget holds;
 * density is counted in blocks of 64 x 64 (the tuner's ``density_block``): a block is kept when any of its
   causally allowed entries is kept; the tuned spec's is what the calibration recorded (dense heads count 1);
 * uniform: one ``streaming`` rule, sink 64, on every head, with the largest window whose block density is at most
@@ -44,10 +49,11 @@ from sparsecc.tune.attention_kl import (UNIFORM_SINK, default_kl_candidates, str
                                         tune_by_kl, uniform_window)
 from sparsecc.tune.models import load_model  # noqa: E402
 from sparsecc.tune.needle import needle_check, needle_trials  # noqa: E402
+from sparsecc.tune.retrieval import retrieval_heads, retrieval_scores, split_forms  # noqa: E402
 from sparsecc.tune.quality import evaluate, perplexity, read_texts, token_windows, tokenize  # noqa: E402
 from sparsecc.tune.tuner import attention_rules  # noqa: E402
 
-JUDGES = ("recall", "kl")
+JUDGES = ("recall", "kl", "retrieval")
 
 
 def load_stats(path: Path) -> AttentionStats:
@@ -69,6 +75,10 @@ def main(argv=None):
     p.add_argument("--kl-topk", default=None,
                    help="--judge kl: comma-separated topk counts of block_topk candidates (64-blocks, sink 1, local 1)")
     p.add_argument("--kl-groups", default="layer", help="--judge kl: 'layer' or 'kv' (one group per KV head)")
+    p.add_argument("--retrieval-trials", type=int, default=8,
+                   help="--judge retrieval: needle trials over the docstrings (seed 1) that score the heads")
+    p.add_argument("--retrieval-coverage", type=float, default=0.85,
+                   help="--judge retrieval: dense heads = the fewest top heads holding this share of the scores")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "quality_lm" / "attention"))
     args = p.parse_args(argv)
     if args.judge not in JUDGES:
@@ -81,9 +91,23 @@ def main(argv=None):
 
     calib_all = token_windows(tokenize(tok, read_texts("docstrings")), args.ctx)
     calib = [calib_all[int(i * len(calib_all) / args.calib_windows)] for i in range(args.calib_windows)]
-    suffix = f"{args.ctx}_{args.budget}" + ("_kl" if args.judge == "kl" else "")
+    suffix = f"{args.ctx}_{args.budget}" + {"kl": "_kl", "retrieval": "_retrieval"}.get(args.judge, "")
     kl_info = None
-    if args.judge == "recall":
+    if args.judge == "retrieval":
+        scores_path = out / f"retrieval_scores_{args.ctx}_{args.retrieval_trials}.pt"
+        cal_trials = needle_trials(tok, read_texts("docstrings"), args.ctx, args.retrieval_trials, seed=1)
+        if scores_path.exists():   # scored by an earlier run with the same --ctx and trials
+            scores = torch.load(scores_path)
+        else:
+            scores = retrieval_scores(model, cal_trials)
+            torch.save(scores, scores_path)
+        split = split_forms(scores.shape[0], scores.shape[1], retrieval_heads(scores, args.retrieval_coverage),
+                            args.ctx, args.budget)
+        choices = split.choices
+        print(f"retrieval heads ({len(split.heads)}, coverage {args.retrieval_coverage}): "
+              + ", ".join(f"{l}.{h}" for l, h in split.heads)
+              + f"; other heads streaming sink {split.sink} window {split.window}", flush=True)
+    elif args.judge == "recall":
         stats_path = out / f"stats_{args.ctx}.pt"
         if stats_path.exists():
             stats = load_stats(stats_path)   # recorded by an earlier run with the same --ctx and calibration

@@ -30,12 +30,18 @@ QUESTION = "\nWhat is the secret number? The secret number is"
 
 @dataclass(frozen=True)
 class NeedleTrial:
-    """One trial: ``ids`` (1-D, ctx tokens); the answer is ``ids[answer_start:]``; ``depth`` in [0, 1]."""
+    """One trial: ``ids`` (1-D, ctx tokens); the answer is ``ids[answer_start:]``; ``depth`` in [0, 1].
+
+    ``value_span`` = (start, end): where the value's tokens sit inside the planted needle (the answer's tokens,
+    found in the needle's tokenisation; the whole needle sentence when its tokenisation splits the value
+    differently). (0, 0) for a trial built by hand.
+    """
 
     ids: torch.Tensor
     answer_start: int
     depth: float
     value: str
+    value_span: tuple = (0, 0)
 
 
 @dataclass
@@ -81,8 +87,19 @@ def needle_trials(tokenizer, text: str, ctx: int, trials: int, *, seed: int = 0,
         cut = round(depth * length)
         stack = hay[start:start + length]
         ids = torch.cat([stack[:cut], needle, stack[cut:], question, answer])
-        out.append(NeedleTrial(ids, ctx - answer.numel(), cut / length, value))
+        at = _find(needle, answer)
+        span = (cut + at, cut + at + answer.numel()) if at >= 0 else (cut, cut + needle.numel())
+        out.append(NeedleTrial(ids, ctx - answer.numel(), cut / length, value, span))
     return out
+
+
+def _find(haystack: torch.Tensor, tokens: torch.Tensor) -> int:
+    """First index where ``tokens`` occurs in ``haystack`` (both 1-D), or -1."""
+    n = tokens.numel()
+    for i in range(haystack.numel() - n + 1):
+        if torch.equal(haystack[i:i + n], tokens):
+            return i
+    return -1
 
 
 def retrieved(logits: torch.Tensor, trial: NeedleTrial) -> bool:

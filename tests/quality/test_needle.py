@@ -39,6 +39,8 @@ def test_trials_hold_needle_question_and_answer_at_exact_length():
         at = text.index(NEEDLE.format(value=t.value))
         hay = 400 - needle.numel() - question.numel() - answer.numel()
         assert at == round(t.depth * hay)
+        start, end = t.value_span   # the value's tokens inside the planted needle
+        assert at <= start < end <= at + needle.numel() and torch.equal(t.ids[start:end], answer)
         depths.append(t.depth)
     assert min(depths) < 0.25 and max(depths) > 0.75          # depths spread over the haystack
     again = needle_trials(CharTokenizer(), _text(), ctx=400, trials=20, seed=3)
