@@ -92,7 +92,7 @@ def main(argv=None):
     calib_all = token_windows(tokenize(tok, read_texts("docstrings")), args.ctx)
     calib = [calib_all[int(i * len(calib_all) / args.calib_windows)] for i in range(args.calib_windows)]
     suffix = f"{args.ctx}_{args.budget}" + {"kl": "_kl", "retrieval": "_retrieval"}.get(args.judge, "")
-    kl_info = None
+    kl_info = retrieval_info = None
     if args.judge == "retrieval":
         scores_path = out / f"retrieval_scores_{args.ctx}_{args.retrieval_trials}.pt"
         cal_trials = needle_trials(tok, read_texts("docstrings"), args.ctx, args.retrieval_trials, seed=1)
@@ -104,6 +104,9 @@ def main(argv=None):
         split = split_forms(scores.shape[0], scores.shape[1], retrieval_heads(scores, args.retrieval_coverage),
                             args.ctx, args.budget)
         choices = split.choices
+        retrieval_info = {"heads": [list(x) for x in split.heads], "coverage": args.retrieval_coverage,
+                   "calibration_trials": args.retrieval_trials, "window": split.window, "sink": split.sink,
+                   "density": split.density, "scores": scores.tolist()}
         print(f"retrieval heads ({len(split.heads)}, coverage {args.retrieval_coverage}): "
               + ", ".join(f"{l}.{h}" for l, h in split.heads)
               + f"; other heads streaming sink {split.sink} window {split.window}", flush=True)
@@ -182,6 +185,7 @@ def main(argv=None):
                   "windows": args.windows, "scored_tokens": dense.tokens if dense else None,
                   "dense_perplexity": dense.value if dense else None, "tuned_block_density": tuned_blocks,
                   "uniform_window": window, "head_forms": forms, "rows": rows, "kl": kl_info,
+                  "retrieval": retrieval_info,
                   "minutes": (time.time() - started) / 60}
         (out / f"results_{suffix}.json").write_text(json.dumps(result, indent=1))
 
