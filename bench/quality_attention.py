@@ -95,12 +95,16 @@ def main(argv=None):
     kl_info = retrieval_info = None
     if args.judge == "retrieval":
         scores_path = out / f"retrieval_scores_{args.ctx}_{args.retrieval_trials}.pt"
-        cal_trials = needle_trials(tok, read_texts("docstrings"), args.ctx, args.retrieval_trials, seed=1)
-        if scores_path.exists():   # scored by an earlier run with the same --ctx and trials
-            scores = torch.load(scores_path)
+        # what the scores depend on besides the model; a cached file is used only when all of it matches
+        scored_on = {"ctx": args.ctx, "trials": args.retrieval_trials, "seed": 1, "text": "docstrings",
+                     "span": "value tokens", "rows": "answer-predicting"}
+        cached = torch.load(scores_path) if scores_path.exists() else None
+        if cached is not None and cached.get("scored_on") == scored_on:
+            scores = cached["scores"]
         else:
+            cal_trials = needle_trials(tok, read_texts("docstrings"), args.ctx, args.retrieval_trials, seed=1)
             scores = retrieval_scores(model, cal_trials)
-            torch.save(scores, scores_path)
+            torch.save({"scores": scores, "scored_on": scored_on}, scores_path)
         split = split_forms(scores.shape[0], scores.shape[1], retrieval_heads(scores, args.retrieval_coverage),
                             args.ctx, args.budget)
         choices = split.choices

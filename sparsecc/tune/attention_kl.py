@@ -96,8 +96,9 @@ def form_density(form, ctx: int, block: int = DENSITY_BLOCK) -> float:
 
 
 def uniform_window(target: float, ctx: int, block: int = DENSITY_BLOCK, sink: int = UNIFORM_SINK) -> int:
-    """The largest window (a multiple of 16) whose sink-``sink`` streaming block density is at most ``target``."""
-    lo, hi = 16, ctx
+    """The largest window (a multiple of 16) whose sink-``sink`` streaming block density is at most ``target``
+    (16 when none is)."""
+    lo, hi = 16, -(-ctx // 16) * 16   # both multiples of 16, so every midpoint lies strictly between them
     while hi - lo > 16:
         mid = (lo + hi) // 32 * 16
         if streaming_block_density(Streaming(sink, mid), ctx, block) <= target:
@@ -178,11 +179,12 @@ def decoder_parts(model):
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or getattr(inner, "norm", None) is None or getattr(model, "lm_head", None) is None:
-        raise ValueError(f"model={type(model).__name__} is not allowed; the KL judge needs a transformers decoder LM "
-                         "with model.model.layers, model.model.norm and model.lm_head (e.g. LlamaForCausalLM)")
+        raise ValueError(f"model={type(model).__name__} is not allowed; sparsecc's attention judges need a "
+                         "transformers decoder LM with model.model.layers, model.model.norm and model.lm_head "
+                         "(e.g. LlamaForCausalLM)")
     for layer in layers:
         if getattr(layer, "self_attn", None) is None:
-            raise ValueError("every decoder layer needs a self_attn module for the KL judge")
+            raise ValueError("every decoder layer needs a self_attn module for sparsecc's attention judges")
     return layers, inner.norm, model.lm_head
 
 

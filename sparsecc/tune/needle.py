@@ -32,9 +32,10 @@ QUESTION = "\nWhat is the secret number? The secret number is"
 class NeedleTrial:
     """One trial: ``ids`` (1-D, ctx tokens); the answer is ``ids[answer_start:]``; ``depth`` in [0, 1].
 
-    ``value_span`` = (start, end): where the value's tokens sit inside the planted needle (the answer's tokens,
-    found in the needle's tokenisation; the whole needle sentence when its tokenisation splits the value
-    differently). (0, 0) for a trial built by hand.
+    ``value_span`` = (start, end): where the value's tokens sit inside the planted needle (the answer's tokens
+    ``" V"``, else the tokens of ``"V"`` alone, found in the needle's tokenisation). (0, 0) when the tokeniser
+    splits the value differently inside the needle, and for a trial built by hand;
+    :func:`sparsecc.tune.retrieval.retrieval_scores` refuses such trials.
     """
 
     ids: torch.Tensor
@@ -87,8 +88,12 @@ def needle_trials(tokenizer, text: str, ctx: int, trials: int, *, seed: int = 0,
         cut = round(depth * length)
         stack = hay[start:start + length]
         ids = torch.cat([stack[:cut], needle, stack[cut:], question, answer])
-        at = _find(needle, answer)
-        span = (cut + at, cut + at + answer.numel()) if at >= 0 else (cut, cut + needle.numel())
+        span = (0, 0)
+        for tokens in (answer, tokenize(tokenizer, value)):
+            at = _find(needle, tokens)
+            if at >= 0 and tokens.numel():
+                span = (cut + at, cut + at + tokens.numel())
+                break
         out.append(NeedleTrial(ids, ctx - answer.numel(), cut / length, value, span))
     return out
 

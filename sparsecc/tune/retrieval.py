@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -57,6 +57,9 @@ def _scoring_attention(module, query, key, value, attention_mask, dropout: float
         sk = key.shape[2]
         rep = query.shape[1] // key.shape[1]
         lead = sk - query.shape[2]     # query row i sits at key position i + lead
+        if r0 < lead:
+            raise ValueError(f"retrieval scoring needs the rows {r0}..{r1 - 1} among this call's queries (positions "
+                             f"{lead}..{sk - 1}); score whole sequences without a KV cache")
         q = query[:, :, r0 - lead:r1 - lead].float()
         k = key.float().repeat_interleave(rep, dim=1)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -100,7 +103,12 @@ def retrieval_scores(model, trials: Sequence, *, progress: bool = True) -> torch
     if not trials:
         raise ValueError("trials=[] is not allowed; expected needle trials from sparsecc.tune.needle.needle_trials")
     layers, _, _ = decoder_parts(model)
-    heads = model.config.num_attention_heads
+    config = model.config
+    for name in ("sliding_window", "attn_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            raise ValueError(f"model config {name}={getattr(config, name)!r} is not allowed; retrieval scores assume "
+                             "plain causal softmax attention over every earlier key (a Llama-style model)")
+    heads = config.num_attention_heads
     state = _Scoring(torch.zeros(len(layers), heads, dtype=torch.float64))
     device = next(model.parameters()).device
     with torch.no_grad(), _scoring(model, state):
@@ -108,7 +116,8 @@ def retrieval_scores(model, trials: Sequence, *, progress: bool = True) -> torch
             s0, s1 = trial.value_span
             if not 0 <= s0 < s1 <= trial.answer_start - 1:
                 raise ValueError(f"trial value_span={trial.value_span!r} is not allowed; expected the value's tokens "
-                                 f"before the answer (answer_start={trial.answer_start}), as needle_trials builds")
+                                 f"before the answer (answer_start={trial.answer_start}), as needle_trials records "
+                                 "them ((0, 0) means the tokenizer split the value differently inside the needle)")
             state.rows = (trial.answer_start - 1, trial.ids.numel() - 1)
             state.span = (s0, s1)
             model(input_ids=trial.ids[None].to(device), use_cache=False)
@@ -120,6 +129,9 @@ def retrieval_heads(scores: torch.Tensor, coverage: float = DEFAULT_COVERAGE) ->
     first. ``coverage`` 0 gives no head, 1 every head with a positive score."""
     if not 0 <= coverage <= 1:
         raise ValueError(f"coverage={coverage!r} is not allowed; expected a fraction in [0, 1]")
+    if scores.dim() != 2 or not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+        raise ValueError(f"scores of shape {tuple(scores.shape)} are not allowed; expected finite, non-negative "
+                         "[layers, heads] retrieval scores (retrieval_scores)")
     flat = scores.flatten().double()
     total = float(flat.sum())
     if coverage == 0 or total <= 0:
@@ -136,16 +148,16 @@ def retrieval_heads(scores: torch.Tensor, coverage: float = DEFAULT_COVERAGE) ->
 
 @dataclass
 class RetrievalTuning:
-    """:func:`tune_retrieval`'s result: ``choices`` for :func:`sparsecc.tune.attention_rules`, the ``scores``
-    ``[layers, heads]``, the dense ``heads`` (layer, head), the other heads' ``window`` and the mean block
-    ``density``."""
+    """:func:`tune_retrieval`'s result: ``choices`` for :func:`sparsecc.tune.attention_rules`, the dense ``heads``
+    (layer, head), the other heads' ``sink`` and ``window``, the mean block ``density``, and the ``scores``
+    ``[layers, heads]`` behind the heads (None from :func:`split_forms` alone)."""
 
     choices: List[HeadChoice]
-    scores: torch.Tensor
     heads: List[Tuple[int, int]]
     sink: int
     window: int
     density: float
+    scores: Optional[torch.Tensor] = None
 
 
 def split_forms(num_layers: int, num_heads: int, dense: Sequence[Tuple[int, int]], ctx: int, budget: float, *,
@@ -162,7 +174,8 @@ def split_forms(num_layers: int, num_heads: int, dense: Sequence[Tuple[int, int]
     if not 0 < budget <= 1:
         raise ValueError(f"budget={budget!r} is not allowed; expected a mean block density in (0, 1]")
     if len(dense) == n:
-        raise ValueError(f"every head is a retrieval head; budget={budget} needs some streaming heads")
+        raise ValueError(f"dense={len(dense)} heads of {n} is not allowed; expected fewer than {n}, so that some "
+                         f"heads stream within budget={budget}")
     target = (budget * n - len(dense)) / (n - len(dense))
     window = uniform_window(target, ctx, block, sink)
     stream = Streaming(sink, window)
@@ -178,7 +191,7 @@ def split_forms(num_layers: int, num_heads: int, dense: Sequence[Tuple[int, int]
         choices.append(HeadChoice(site.format(layer), forms, [float("nan")] * num_heads,
                                   [1.0 if isinstance(f, Dense) else d_stream for f in forms]))
     density = (len(dense) + (n - len(dense)) * d_stream) / n
-    return RetrievalTuning(choices, torch.empty(0), dense, sink, window, density)
+    return RetrievalTuning(choices, dense, sink, window, density)
 
 
 def tune_retrieval(model, trials: Sequence, budget: float, *, coverage: float = DEFAULT_COVERAGE,

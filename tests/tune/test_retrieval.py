@@ -51,8 +51,7 @@ def test_scores_equal_the_models_own_attention_probabilities():
     assert got.shape == (3, 4)
     assert expected.abs().max() > 0.02   # the span holds real attention mass: the comparison is not of zeros
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    # the model's attention setting is restored, and its output did not change under scoring
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa"     # the model's attention setting is restored
 
 
 def test_scores_leave_the_forward_unchanged():
@@ -147,3 +146,73 @@ def test_tuned_split_compiles_to_what_the_forms_say(eager_lowering):
     assert applied == {f"model.layers.{i}.self_attn" for i in range(3)}
     assert not torch.allclose(compiled.logits, dense, atol=1e-3)    # the window is narrower than the sequence
     torch.testing.assert_close(compiled.logits[0, :-1], replayed, atol=1e-5, rtol=1e-5)
+
+
+class _PrefixTokenizer:
+    """One token per character, plus a marker token in front of every call (as SentencePiece's word-start marker
+    would): the value tokenised alone never occurs inside the needle's tokens."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1] + [ord(c) % 128 for c in text]}
+
+
+class _CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+def _text(n=3000):
+    return "".join("abcdefghij klmnopqrstuvwxyz,.\n"[(i * 7) % 30] for i in range(n))
+
+
+def test_trials_record_no_span_when_the_value_tokenises_differently_and_scores_refuse_them():
+    from sparsecc.tune.needle import needle_trials
+
+    trials = needle_trials(_PrefixTokenizer(), _text(), ctx=SEQ * 8, trials=3, seed=0)
+    assert all(t.value_span == (0, 0) for t in trials)
+    exact = needle_trials(_CharTokenizer(), _text(), ctx=SEQ * 8, trials=3, seed=0)
+    assert all(t.value_span != (0, 0) for t in exact)
+    with pytest.raises(ValueError, match=r"value_span=\(0, 0\)"):
+        rt.retrieval_scores(_llama(), trials[:1], progress=False)
+
+
+def test_scoring_restores_the_model_after_an_error():
+    model = _llama()
+    bad = NeedleTrial(torch.tensor([70] * SEQ), SEQ - 3, 0.5, "", (5, 8))   # token 70 is outside the vocabulary
+    with pytest.raises(Exception):
+        rt.retrieval_scores(model, [bad], progress=False)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(layer.self_attn, rt._STATE_ATTR) for layer in model.model.layers)
+
+
+def test_scores_refuse_models_without_plain_causal_attention():
+    model = _llama()
+    model.config.sliding_window = 16
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        rt.retrieval_scores(model, [_trial(1, (5, 8))], progress=False)
+
+
+def test_heads_refuse_scores_that_are_not_finite_non_negative_tables():
+    with pytest.raises(ValueError, match="non-negative"):
+        rt.retrieval_heads(torch.tensor([[0.5, float("nan")]]), 0.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        rt.retrieval_heads(torch.tensor([[0.5, -0.1]]), 0.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        rt.retrieval_heads(torch.tensor([0.5, 0.1]), 0.5)
+
+
+def test_split_rejects_a_positive_target_below_the_narrowest_window():
+    # 3 of 12 heads dense at budget 0.3: the other 9 would need (3.6 - 3) / 9 = 0.067, under window 16's density.
+    assert _density(Streaming(64, 16), 2048) > (0.3 * 12 - 3) / 9 > 0
+    with pytest.raises(ValueError, match="cannot hold 3 dense heads"):
+        rt.split_forms(3, 4, [(0, 0), (1, 1), (2, 2)], 2048, 0.3)
+    with pytest.raises(ValueError, match="dense=12 heads of 12"):
+        rt.split_forms(3, 4, [(l, h) for l in range(3) for h in range(4)], 2048, 0.9)
+
+
+def test_uniform_window_ends_when_ctx_is_not_a_multiple_of_16():
+    from sparsecc.tune.attention_kl import uniform_window
+
+    window = uniform_window(1.0, 1001)          # every window fits: the widest multiple of 16 the search reaches
+    assert window % 16 == 0 and window >= 1001 - 16
+    assert _density(Streaming(64, uniform_window(0.5, 1001)), 1001) <= 0.5
