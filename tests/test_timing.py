@@ -14,8 +14,18 @@ def test_median_of_timed_calls(monkeypatch):
     assert len(calls) == 3
 
 
-def test_call_seconds_times_the_call():
-    assert timing.call_seconds(lambda: sum(range(1000)), torch.device("cpu")) >= 0.0
+def test_call_seconds_times_the_call(monkeypatch):
+    """The elapsed time spans the call: the clock is read once before and once after it, around the call."""
+    events = []
+    clock = iter([2.0, 9.5])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: events.append("clock") or next(clock))
+    assert timing.call_seconds(lambda: events.append("call"), torch.device("cpu")) == 7.5
+    assert events == ["clock", "call", "clock"]
+
+
+def test_call_seconds_measures_real_time():
+    import time
+    assert timing.call_seconds(lambda: time.sleep(0.02), torch.device("cpu")) >= 0.02
 
 
 def test_repeats_below_one_are_refused():
