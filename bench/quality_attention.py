@@ -3,7 +3,7 @@
     python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--judge recall|kl|retrieval] [--calib-windows 1]
                                       [--windows 1] [--needle 50] [--kl-windows 256,512,1024,2048]
                                       [--kl-topk 2,6,14] [--kl-groups layer|kv] [--retrieval-trials 8]
-                                      [--retrieval-coverage 0.85] [--out-dir bench/quality_lm/attention]
+                                      [--retrieval-coverage 0.85] [--kl-hold-retrieval] [--out-dir bench/quality_lm/attention]
 
 * calibration: ``--calib-windows`` windows of ``--ctx`` tokens spread over the standard library's docstrings;
   ``--judge recall`` (default): :func:`sparsecc.tune.attention.record_attention` with the default candidates, then
@@ -16,7 +16,8 @@
   ``--judge retrieval``: :mod:`sparsecc.tune.retrieval`: the heads' retrieval scores on ``--retrieval-trials``
   needle trials over the docstrings (seed 1; cached as ``retrieval_scores_<ctx>_<trials>.pt``), the fewest top
   heads holding ``--retrieval-coverage`` of the scores dense, every other head sink-64 streaming with the widest
-  window the budget holds;
+  window the budget holds; ``--judge kl --kl-hold-retrieval`` holds those heads dense inside the KL judge, which
+  chooses the other heads' forms per layer;
 * density is counted in blocks of 64 x 64 (the tuner's ``density_block``): a block is kept when any of its
   causally allowed entries is kept; the tuned spec's is what the calibration recorded (dense heads count 1);
 * uniform: one ``streaming`` rule, sink 64, on every head, with the largest window whose block density is at most
@@ -62,6 +63,21 @@ def load_stats(path: Path) -> AttentionStats:
     return stats
 
 
+def retrieval_scores_cached(model, tok, args, out: Path) -> torch.Tensor:
+    """Retrieval scores on ``--retrieval-trials`` needle trials over the docstrings (seed 1), cached in ``out``; a
+    cached file is used only when everything the scores depend on besides the model matches."""
+    path = out / f"retrieval_scores_{args.ctx}_{args.retrieval_trials}.pt"
+    scored_on = {"ctx": args.ctx, "trials": args.retrieval_trials, "seed": 1, "text": "docstrings",
+                 "span": "value tokens", "rows": "answer-predicting"}
+    cached = torch.load(path) if path.exists() else None
+    if cached is not None and cached.get("scored_on") == scored_on:
+        return cached["scores"]
+    trials = needle_trials(tok, read_texts("docstrings"), args.ctx, args.retrieval_trials, seed=1)
+    scores = retrieval_scores(model, trials)
+    torch.save({"scores": scores, "scored_on": scored_on}, path)
+    return scores
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ctx", type=int, default=8192)
@@ -79,6 +95,9 @@ def main(argv=None):
                    help="--judge retrieval: needle trials over the docstrings (seed 1) that score the heads")
     p.add_argument("--retrieval-coverage", type=float, default=0.85,
                    help="--judge retrieval: dense heads = the fewest top heads holding this share of the scores")
+    p.add_argument("--kl-hold-retrieval", action="store_true",
+                   help="--judge kl: hold the retrieval heads (--retrieval-coverage) dense; the KL judge chooses the "
+                        "other heads' forms per layer")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "quality_lm" / "attention"))
     args = p.parse_args(argv)
     if args.judge not in JUDGES:
@@ -94,23 +113,13 @@ def main(argv=None):
     suffix = f"{args.ctx}_{args.budget}" + {"kl": "_kl", "retrieval": "_retrieval"}.get(args.judge, "")
     kl_info = retrieval_info = None
     if args.judge == "retrieval":
-        scores_path = out / f"retrieval_scores_{args.ctx}_{args.retrieval_trials}.pt"
-        # what the scores depend on besides the model; a cached file is used only when all of it matches
-        scored_on = {"ctx": args.ctx, "trials": args.retrieval_trials, "seed": 1, "text": "docstrings",
-                     "span": "value tokens", "rows": "answer-predicting"}
-        cached = torch.load(scores_path) if scores_path.exists() else None
-        if cached is not None and cached.get("scored_on") == scored_on:
-            scores = cached["scores"]
-        else:
-            cal_trials = needle_trials(tok, read_texts("docstrings"), args.ctx, args.retrieval_trials, seed=1)
-            scores = retrieval_scores(model, cal_trials)
-            torch.save({"scores": scores, "scored_on": scored_on}, scores_path)
+        scores = retrieval_scores_cached(model, tok, args, out)
         split = split_forms(scores.shape[0], scores.shape[1], retrieval_heads(scores, args.retrieval_coverage),
                             args.ctx, args.budget)
         choices = split.choices
         retrieval_info = {"heads": [list(x) for x in split.heads], "coverage": args.retrieval_coverage,
-                   "calibration_trials": args.retrieval_trials, "window": split.window, "sink": split.sink,
-                   "density": split.density, "scores": scores.tolist()}
+                          "calibration_trials": args.retrieval_trials, "window": split.window, "sink": split.sink,
+                          "density": split.density, "scores": scores.tolist()}
         print(f"retrieval heads ({len(split.heads)}, coverage {args.retrieval_coverage}): "
               + ", ".join(f"{l}.{h}" for l, h in split.heads)
               + f"; other heads streaming sink {split.sink} window {split.window}", flush=True)
@@ -130,8 +139,16 @@ def main(argv=None):
             candidates += [BlockTopK(block=BLOCK, topk=int(k), sink_blocks=1, local_blocks=1)
                            for k in args.kl_topk.split(",")]
             suffix += "_topk"
+        held = []
+        if args.kl_hold_retrieval:
+            scores = retrieval_scores_cached(model, tok, args, out)
+            held = retrieval_heads(scores, args.retrieval_coverage)
+            retrieval_info = {"heads": [list(x) for x in held], "coverage": args.retrieval_coverage,
+                              "calibration_trials": args.retrieval_trials, "scores": scores.tolist()}
+            suffix += "_retrieval"
         tuning = tune_by_kl(model, [w.ids for w in calib], args.budget, candidates=candidates,
-                            grouping=args.kl_groups, resume=out / f"kl_table_{args.ctx}_{args.kl_groups}.json")
+                            grouping=args.kl_groups, resume=out / f"kl_table_{args.ctx}_{args.kl_groups}.json",
+                            dense_heads=held)
         choices = tuning.choices
         kl_info = {"used": tuning.used, "allocation_kl": tuning.allocation_kl,
                    "allocation_density": tuning.allocation_density, "uniform_window": tuning.uniform_window,

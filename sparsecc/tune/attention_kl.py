@@ -518,7 +518,7 @@ def decide(table: KLTable, budget: float, ctx: int, num_layers: int, heads: int,
 def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candidates: Optional[Sequence] = None,
                grouping: str = "layer", topk: Optional[int] = DEFAULT_TOPK, score_from: int = 1,
                block: int = DENSITY_BLOCK, uniform_sink: int = UNIFORM_SINK, resume: Optional[Path] = None,
-               progress: bool = True) -> KLTuning:
+               dense_heads: Sequence[Tuple[int, int]] = (), progress: bool = True) -> KLTuning:
     """Per-layer (``grouping="layer"``) or per-KV-head-group (``"kv"``) attention forms judged by next-token KL.
 
     ``windows``: calibration token ids (1-D tensors of one length, ctx); ``budget``: mean block density over all
@@ -526,7 +526,10 @@ def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candida
     ``block`` = ``block`` when ``grouping="layer"`` (default :func:`default_kl_candidates`); ``topk``: dense tokens
     per position kept for the KL (None: the whole vocabulary); ``uniform_sink``: the sink of the uniform rule compared with (``streaming``, the largest window, a
     multiple of 16, at the allocation's density or lower; none when no window fits, then the allocation is
-    returned); ``resume``: JSON file of the table's entries, so a stopped sweep continues. Costs one dense
+    returned); ``resume``: JSON file of the table's entries, so a stopped sweep continues; ``dense_heads``:
+    (layer, head) pairs the allocation keeps dense (:func:`sparsecc.tune.retrieval.hold_dense`; the uniform rules it is compared with do
+    not, so a uniform result drops them; not with ``block_topk`` candidates, which need every head of a layer).
+    Costs one dense
     forward per window, then per group and non-dense candidate one replay from the group's layer (about half a
     forward on average), then two forwards per window to compare with uniform. See :class:`KLTuning`.
     """
@@ -548,13 +551,22 @@ def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candida
             raise ValueError(f"candidate {c!r} is not allowed with grouping={grouping!r}: block_topk needs one rule "
                              "for every head of a site, so it is a per-layer candidate (grouping='layer')")
         form_density(c, ctx, block)   # ValueError for a cdf form or another block size
+        if isinstance(c, BlockTopK) and dense_heads:
+            raise ValueError(f"candidate {c!r} is not allowed with dense_heads: block_topk needs one rule for every "
+                             "head of a site")
     layers, _, _ = decoder_parts(model)
     t0 = time.time()
     caches = [dense_pass(model, w, score_from=score_from, topk=topk) for w in windows]
     t1 = time.time()
     table = kl_table(model, caches, candidates, ctx, grouping=grouping, block=block, resume=resume,
                      fingerprint=_fingerprint(model, caches, windows, topk), progress=progress)
-    result = decide(table, budget, ctx, len(layers), model.config.num_attention_heads,
+    heads = model.config.num_attention_heads
+    if dense_heads:
+        from sparsecc.tune.retrieval import hold_dense   # retrieval builds on this module
+        allocated, free_budget = hold_dense(table, dense_heads, budget, len(layers), heads)
+    else:
+        allocated, free_budget = table, budget
+    result = decide(allocated, free_budget, ctx, len(layers), heads,
                     lambda forms: measure_kl(model, caches, forms), block=block, sink=uniform_sink)
     result.seconds.update(dense=t1 - t0, table=table.seconds, total=time.time() - t0)
     return result
