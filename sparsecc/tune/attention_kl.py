@@ -359,9 +359,14 @@ def make_groups(num_layers: int, heads: int, kv_heads: int, grouping: str) -> Li
     return [(l, tuple(range(g * rep, (g + 1) * rep))) for l in range(num_layers) for g in range(kv_heads)]
 
 
+# Config entries that name the library that wrote the config, not the model: a table stays valid across them.
+_VOLATILE_CONFIG_KEYS = ("transformers_version",)
+
+
 def _fingerprint(model, caches: Sequence[DenseCache], windows: Sequence[torch.Tensor], topk) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for w, c in zip(windows, caches):
         h.update(w.to(torch.int64).numpy().tobytes())
         h.update(str(c.score_from).encode())
@@ -391,8 +396,11 @@ def kl_table(model, caches: Sequence[DenseCache], candidates: Sequence[object], 
     entries: Dict[str, float] = {}
     if resume is not None and Path(resume).exists():
         saved = json.loads(Path(resume).read_text())
-        if saved.get("fingerprint") == fingerprint:
-            entries = saved["entries"]
+        if saved.get("fingerprint") != fingerprint:   # never overwrite another model's or windows' measurements
+            raise ValueError(f"resume={str(resume)!r} holds a KL table for another model, calibration or topk "
+                             f"(fingerprint {saved.get('fingerprint')!r}, this run {fingerprint!r}); move it away or "
+                             "pass another resume path")
+        entries = saved["entries"]
     order = sorted((c for c in range(len(candidates)) if not isinstance(candidates[c], Dense)),
                    key=lambda c: (dens[0, c], str(candidates[c])))
     todo = [(c, g) for c in order for g in range(len(groups))]

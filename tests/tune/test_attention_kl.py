@@ -258,6 +258,16 @@ def test_tune_by_kl_on_a_tiny_llama_by_kv_group(tmp_path):
     again = ak.tune_by_kl(model, [ids], 0.75, candidates=cands, grouping="kv", block=8, resume=resume,
                           uniform_sink=1, progress=False)
     assert again.table.runs == 0 and torch.equal(again.table.kl, table.kl)
+    # the transformers version that wrote the config does not invalidate the table
+    model.config.transformers_version = "0.0.1"
+    assert ak.tune_by_kl(model, [ids], 0.75, candidates=cands, grouping="kv", block=8, resume=resume,
+                         uniform_sink=1, progress=False).table.runs == 0
+    # other windows: the resume file is refused, not overwritten
+    before = resume.read_text()
+    with pytest.raises(ValueError, match="another model, calibration or topk"):
+        ak.tune_by_kl(model, [_ids(seed=9, n=64)], 0.75, candidates=cands, grouping="kv", block=8, resume=resume,
+                      uniform_sink=1, progress=False)
+    assert resume.read_text() == before
     choices = ak.choose_by_kl(model, [ids], 0.75, candidates=cands, grouping="kv", block=8, resume=resume,
                               uniform_sink=1, progress=False)
     assert [c.forms for c in choices] == [c.forms for c in result.choices]
