@@ -156,21 +156,13 @@ class _PrefixTokenizer:
         return {"input_ids": [1] + [ord(c) % 128 for c in text]}
 
 
-class _CharTokenizer:
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) % 128 for c in text]}
-
-
-def _text(n=3000):
-    return "".join("abcdefghij klmnopqrstuvwxyz,.\n"[(i * 7) % 30] for i in range(n))
-
-
 def test_trials_record_no_span_when_the_value_tokenises_differently_and_scores_refuse_them():
     from sparsecc.tune.needle import needle_trials
+    from tests.quality.test_needle import CharTokenizer, _text
 
     trials = needle_trials(_PrefixTokenizer(), _text(), ctx=SEQ * 8, trials=3, seed=0)
     assert all(t.value_span == (0, 0) for t in trials)
-    exact = needle_trials(_CharTokenizer(), _text(), ctx=SEQ * 8, trials=3, seed=0)
+    exact = needle_trials(CharTokenizer(), _text(), ctx=SEQ * 8, trials=3, seed=0)
     assert all(t.value_span != (0, 0) for t in exact)
     with pytest.raises(ValueError, match=r"value_span=\(0, 0\)"):
         rt.retrieval_scores(_llama(), trials[:1], progress=False)
