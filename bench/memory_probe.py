@@ -1,0 +1,169 @@
+"""What the GPU's memory system gives a kernel: L2 and HBM read bandwidth and the launch gap in a CUDA graph.
+
+    python bench/memory_probe.py [--json out.json]
+
+What plain Triton loads get from the memory system, beside the block-sparse linear kernel's traffic in the same run
+(bench/RESULTS.md compares them):
+
+* **read bandwidth**: every program sums its share of a buffer, ``repeats`` times over, with ``.cg`` loads
+  (cached in L2, not in L1). A buffer well inside the L2 (8-32 MB on an H200) measures L2 -> SM bandwidth; 2 GB
+  measures HBM. The best of a few grid / warp shapes is reported; bytes read / ``do_bench`` median.
+* **launch gap**: a CUDA graph of ``LAUNCHES`` back-to-back launches of a kernel that stores one value; replay
+  time / launches.
+* **block-sparse linear, L2 traffic**: ``codegen/block_sparse_linear.py`` on x[8192, 4096] -> 14336 with 64 x 64
+  blocks at 10% and 50% density (the bench/linear.py workloads), with the bytes its tiles load through L2 (each
+  kept block loads its ``BLOCK_M x 64`` slice of x and the 64 x 64 block) over its time, beside cuBLAS.
+
+Every figure is a median of ``do_bench`` or of graph replays; nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LAUNCHES = 64
+L2_SIZES_MB = (8, 16, 32)
+HBM_MB = 2048
+
+
+@triton.jit
+def _read_kernel(src, out, per_program, region, repeats, BLOCK: tl.constexpr):
+    """Sum ``per_program`` elements starting at this program's offset, ``repeats`` times (``.cg``: L2, not L1)."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    start = pid.to(tl.int64) * per_program
+    for r in range(repeats):
+        for i in range(0, per_program, BLOCK):
+            idx = (start + i + offs) % region
+            acc += tl.load(src + idx, cache_modifier=".cg").to(tl.float32)
+    tl.store(out + pid * BLOCK + offs, acc)
+
+
+@triton.jit
+def _tiny_kernel(out):
+    tl.store(out, 1.0)
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def read_bandwidth(mbytes: float, repeats: int) -> dict:
+    """Best TB/s over grid and warp shapes for reading an ``mbytes`` fp16 buffer ``repeats`` times."""
+    n = int(mbytes * 2 ** 20) // 2
+    src = torch.randn(n, device="cuda", dtype=torch.float16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    best = None
+    for per_sm in (1, 2, 4, 8):
+        for warps in (4, 8):
+            block = 1024 * warps // 4
+            programs = sms * per_sm
+            per_program = -(-n // programs)
+            per_program = -(-per_program // block) * block
+            out = torch.empty(programs * block, device="cuda", dtype=torch.float32)
+
+            def run():
+                _read_kernel[(programs,)](src, out, per_program, n, repeats, BLOCK=block, num_warps=warps)
+            ms = bench_ms(run)
+            tbs = programs * per_program * repeats * 2 / (ms * 1e-3) / 1e12
+            if best is None or tbs > best["TB/s"]:
+                best = {"MB": mbytes, "repeats": repeats, "programs_per_sm": per_sm, "warps": warps,
+                        "ms": ms, "TB/s": tbs}
+    return best
+
+
+def launch_gap() -> dict:
+    """us per launch of a one-store Triton kernel, back to back in a CUDA graph."""
+    out = torch.empty(1, device="cuda")
+    _tiny_kernel[(1,)](out)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _tiny_kernel[(1,)](out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(LAUNCHES):
+            _tiny_kernel[(1,)](out)
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / LAUNCHES)
+    return {"launches": LAUNCHES, "us_per_launch": sorted(times)[len(times) // 2]}
+
+
+def bsr_traffic(density: float) -> dict:
+    """The block-sparse linear at ``density``: time, cuBLAS time, and the L2 -> SM bytes its tiles load."""
+    from sparsecc.codegen.block_sparse_linear import block_sparse_linear
+    from sparsecc.forms import BlockWeights
+    from sparsecc.kernel_tiles import pick_config
+    from sparsecc.weights import compress_block_weights
+
+    m, k, n, blk = 8192, 4096, 14336, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k ** 0.5
+    c = compress_block_weights(w, BlockWeights(block=(blk, blk), density=density))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ref = x.float() @ c.to_dense().float().T
+    out = block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, None)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    if not err < 1e-2:
+        raise SystemExit(f"block-sparse linear at {density}: rel err {err:.2e} against the float32 reference")
+    kept = int(c.col_idx.numel())
+    cfg = pick_config(m, blk, blk, kept / (n // blk))
+    m_tiles = -(-m // cfg.BLOCK_M)
+    l2_bytes = m_tiles * kept * (cfg.BLOCK_M * blk + blk * blk) * 2
+    ms = bench_ms(lambda: block_sparse_linear(x, c.blocks, c.row_ptr, c.col_idx, None))
+    dense_w = c.to_dense()
+    dense_ms = bench_ms(lambda: torch.nn.functional.linear(x, dense_w))
+    flops = 2.0 * m * kept * blk * blk
+    return {"density": density, "kept_blocks": kept, "BLOCK_M": cfg.BLOCK_M, "ms": ms, "dense_ms": dense_ms,
+            "x_dense": dense_ms / ms, "kept_TFLOP/s": flops / (ms * 1e-3) / 1e12,
+            "dense_TFLOP/s": 2.0 * m * n * k / (dense_ms * 1e-3) / 1e12,
+            "L2_TB/s": l2_bytes / (ms * 1e-3) / 1e12, "FLOP_per_L2_byte": flops / l2_bytes, "rel_err": err}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None, help="write every figure here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("memory_probe: needs CUDA; nothing measured")
+        return 0
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__}
+    result["read"] = [read_bandwidth(mb, 64) for mb in L2_SIZES_MB] + [read_bandwidth(HBM_MB, 1)]
+    result["launch"] = launch_gap()
+    result["bsr"] = [bsr_traffic(0.1), bsr_traffic(0.5)]
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}")
+    for r in result["read"]:
+        print(f"read {r['MB']:>6} MB x{r['repeats']:<3}: {r['TB/s']:.2f} TB/s ({r['programs_per_sm']} programs/SM, "
+              f"{r['warps']} warps, {r['ms']:.3f} ms)")
+    print(f"graph launch gap: {result['launch']['us_per_launch']:.2f} us per launch")
+    for r in result["bsr"]:
+        print(f"bsr {r['density']:.0%}: {r['ms']:.4f} ms ({r['x_dense']:.2f}x cuBLAS {r['dense_ms']:.4f} ms), kept "
+              f"{r['kept_TFLOP/s']:.0f} TFLOP/s (dense {r['dense_TFLOP/s']:.0f}), L2 reads {r['L2_TB/s']:.2f} TB/s at "
+              f"{r['FLOP_per_L2_byte']:.0f} FLOP/byte (BLOCK_M {r['BLOCK_M']}, rel err {r['rel_err']:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
