@@ -60,6 +60,12 @@ def bench_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def per_program_elements(n: int, programs: int, block: int) -> int:
+    """Elements each of ``programs`` reads so that together they cover ``n``: a multiple of ``block`` (the last
+    programs wrap around to the start, and those elements are counted again, as they are read again)."""
+    return -(-(-(-n // programs)) // block) * block
+
+
 def read_bandwidth(mbytes: float, repeats: int) -> dict:
     """Best TB/s over grid and warp shapes for reading an ``mbytes`` fp16 buffer ``repeats`` times."""
     n = int(mbytes * 2 ** 20) // 2
@@ -70,8 +76,7 @@ def read_bandwidth(mbytes: float, repeats: int) -> dict:
         for warps in (4, 8):
             block = 1024 * warps // 4
             programs = sms * per_sm
-            per_program = -(-n // programs)
-            per_program = -(-per_program // block) * block
+            per_program = per_program_elements(n, programs, block)
             out = torch.empty(programs * block, device="cuda", dtype=torch.float32)
 
             def run():
