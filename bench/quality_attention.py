@@ -78,6 +78,13 @@ def retrieval_scores_cached(model, tok, args, out: Path) -> torch.Tensor:
     return scores
 
 
+def retrieval_evidence(heads, scores: torch.Tensor, args, **split) -> dict:
+    """The results file's ``retrieval`` entry: the dense heads, how they were chosen, the scores, and (retrieval
+    judge) the streaming rule of the other heads."""
+    return {"heads": [list(x) for x in heads], "coverage": args.retrieval_coverage,
+            "calibration_trials": args.retrieval_trials, **split, "scores": scores.tolist()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ctx", type=int, default=8192)
@@ -117,9 +124,8 @@ def main(argv=None):
         split = split_forms(scores.shape[0], scores.shape[1], retrieval_heads(scores, args.retrieval_coverage),
                             args.ctx, args.budget)
         choices = split.choices
-        retrieval_info = {"heads": [list(x) for x in split.heads], "coverage": args.retrieval_coverage,
-                          "calibration_trials": args.retrieval_trials, "window": split.window, "sink": split.sink,
-                          "density": split.density, "scores": scores.tolist()}
+        retrieval_info = retrieval_evidence(split.heads, scores, args, window=split.window, sink=split.sink,
+                                            density=split.density)
         print(f"retrieval heads ({len(split.heads)}, coverage {args.retrieval_coverage}): "
               + ", ".join(f"{l}.{h}" for l, h in split.heads)
               + f"; other heads streaming sink {split.sink} window {split.window}", flush=True)
@@ -143,8 +149,7 @@ def main(argv=None):
         if args.kl_hold_retrieval:
             scores = retrieval_scores_cached(model, tok, args, out)
             held = retrieval_heads(scores, args.retrieval_coverage)
-            retrieval_info = {"heads": [list(x) for x in held], "coverage": args.retrieval_coverage,
-                              "calibration_trials": args.retrieval_trials, "scores": scores.tolist()}
+            retrieval_info = retrieval_evidence(held, scores, args)
             suffix += "_retrieval"
         tuning = tune_by_kl(model, [w.ids for w in calib], args.budget, candidates=candidates,
                             grouping=args.kl_groups, resume=out / f"kl_table_{args.ctx}_{args.kl_groups}.json",
