@@ -247,7 +247,7 @@ def main(argv=None):
             rows["tuned"]["needle_sparse"] = needle_check(compiled, trials, desc="tuned needle").hits
         save()
         torch._dynamo.reset()
-    print(f"\n| spec | block density | perplexity | vs dense | needle |\n|---|---|---|---|---|")
+    print("\n| spec | block density | perplexity | vs dense | needle |\n|---|---|---|---|---|")
     print(f"| dense | 1.0 | {dense.value:.4f} | | "
           f"{sum(rows['tuned'].get('needle_dense', [])) if trials else '-'}/{len(trials)} |")
     for name in rows:

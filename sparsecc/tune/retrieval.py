@@ -30,8 +30,8 @@ import torch
 
 from sparsecc.forms import Dense, Streaming
 from sparsecc.tune.attention import DENSITY_BLOCK, HeadChoice
-from sparsecc.tune.attention_kl import (UNIFORM_SINK, KLTable, decoder_parts, streaming_block_density,
-                                        uniform_window)
+from sparsecc.tune.attention_kl import UNIFORM_SINK, streaming_block_density, uniform_window
+from sparsecc.tune.attention_replay import decoder_parts
 
 SCORING_IMPLEMENTATION = "sparsecc_retrieval_score"
 """The transformers attention-implementation name under which the scoring attention is registered."""
@@ -197,34 +197,6 @@ def split_forms(num_layers: int, num_heads: int, dense: Sequence[Tuple[int, int]
     return RetrievalTuning(choices, dense, sink, window, density)
 
 
-def hold_dense(table: KLTable, dense_heads: Sequence[Tuple[int, int]], budget: float,
-               num_layers: int, num_heads: int) -> Tuple[KLTable, float]:
-    """The KL judge's ``table`` without the ``dense_heads`` ((layer, head) kept ``Dense`` whatever the knapsack
-    picks: the retrieval heads), and the mean density its remaining heads may spend so that
-    the mean over all heads stays at most ``budget``. A group keeps its measured KL row (measured with all its heads
-    under the candidate: an upper estimate once some of them stay dense)."""
-    fixed = {(int(l), int(h)) for l, h in dense_heads}
-    for l, h in fixed:
-        if not (0 <= l < num_layers and 0 <= h < num_heads):
-            raise ValueError(f"dense head (layer {l}, head {h}) is not allowed; the model has {num_layers} layers "
-                             f"of {num_heads} heads")
-    rows, groups = [], []
-    for g, (layer, heads) in enumerate(table.groups):
-        free = tuple(h for h in heads if (layer, h) not in fixed)
-        if free:
-            rows.append(g)
-            groups.append((layer, free))
-    n_free = sum(len(h) for _, h in groups)
-    free_budget = (budget * num_layers * num_heads - len(fixed)) / max(n_free, 1)
-    if n_free == 0 or free_budget <= 0:
-        raise ValueError(f"budget={budget} cannot hold {len(fixed)} dense heads of {num_layers * num_heads}; raise "
-                         "the budget or hold fewer heads dense")
-    index = torch.tensor(rows)
-    reduced = KLTable(groups, table.candidates, table.kl[index], table.density[index], [len(h) for _, h in groups],
-                      table.seconds, table.runs)
-    return reduced, min(free_budget, 1.0)
-
-
 def tune_retrieval(model, trials: Sequence, budget: float, *, coverage: float = DEFAULT_COVERAGE,
                    sink: int = UNIFORM_SINK, block: int = DENSITY_BLOCK, progress: bool = True) -> RetrievalTuning:
     """Retrieval heads dense, the rest sink + window, at mean block density ``budget`` (module docstring).
@@ -244,5 +216,5 @@ def tune_retrieval(model, trials: Sequence, budget: float, *, coverage: float = 
     return result
 
 
-__all__ = ["DEFAULT_COVERAGE", "RetrievalTuning", "hold_dense", "retrieval_heads", "retrieval_scores", "split_forms",
+__all__ = ["DEFAULT_COVERAGE", "RetrievalTuning", "retrieval_heads", "retrieval_scores", "split_forms",
            "tune_retrieval"]

@@ -8,6 +8,7 @@ import torch
 
 from sparsecc.forms import BlockTopK, Dense, Streaming
 from sparsecc.tune import attention_kl as ak
+from sparsecc.tune import attention_replay as ar
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,14 +67,14 @@ def test_keep_attention_matches_the_oracle_with_gqa_and_fewer_queries_than_keys(
         is_causal = True
 
     module = Module()
-    setattr(module, ak._KEEP_ATTR, forms)
-    out, _ = ak.keep_attention(module, q, k, v, None, scaling=0.4)
+    setattr(module, ar._KEEP_ATTR, forms)
+    out, _ = ar.keep_attention(module, q, k, v, None, scaling=0.4)
     expected = _oracle_attention(q, k, v, forms, 0.4).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
     assert (out - expected_dense(q, k, v)).abs().max() > 1e-2   # the narrow heads changed their rows
     # without forms the call is transformers' own causal SDPA (checked where Sq = Sk, the replay's case)
     full_q = torch.randn(2, 6, 16, 8, generator=g, dtype=torch.float64)
-    dense, _ = ak.keep_attention(Module(), full_q, k, v, None, scaling=0.4)
+    dense, _ = ar.keep_attention(Module(), full_q, k, v, None, scaling=0.4)
     torch.testing.assert_close(dense, expected_dense(full_q, k, v), atol=1e-12, rtol=1e-12)
 
 
@@ -103,9 +104,9 @@ def test_replay_with_forms_matches_a_float64_oracle_llama():
             model.config._attn_implementation = old
 
     expected = oracle_logits()
-    cache = ak.dense_pass(model, ids, topk=None)
+    cache = ar.dense_pass(model, ids, topk=None)
     with torch.no_grad():
-        got = model.lm_head(ak.replay(model, cache, 0, forms))
+        got = model.lm_head(ar.replay(model, cache, 0, forms))
         dense = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
     assert (expected - dense).abs().max() > 1e-2   # the forms changed the logits: the comparison is not vacuous
@@ -113,34 +114,34 @@ def test_replay_with_forms_matches_a_float64_oracle_llama():
     forms[0] = [Dense()] * 4
     expected = oracle_logits()
     with torch.no_grad():
-        got = model.lm_head(ak.replay(model, cache, 1, {1: forms[1]}))
+        got = model.lm_head(ar.replay(model, cache, 1, {1: forms[1]}))
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("topk", [None, 8])
 def test_kl_of_dense_is_zero_and_of_a_narrow_window_is_not(topk):
     model = _llama()
-    cache = ak.dense_pass(model, _ids(), topk=topk)
-    assert ak.measure_kl(model, [cache], {0: [Dense()] * 4}) == 0.0
-    assert ak.measure_kl(model, [cache], {1: [Dense()] * 4}) == 0.0
+    cache = ar.dense_pass(model, _ids(), topk=topk)
+    assert ar.measure_kl(model, [cache], {0: [Dense()] * 4}) == 0.0
+    assert ar.measure_kl(model, [cache], {1: [Dense()] * 4}) == 0.0
     # a window holding every key keeps everything: the masked path gives the dense distribution
-    assert ak.measure_kl(model, [cache], {0: [Streaming(0, SEQ)] * 4}) < 1e-9
-    narrow = ak.measure_kl(model, [cache], {0: [Streaming(1, 2)] * 4})
+    assert ar.measure_kl(model, [cache], {0: [Streaming(0, SEQ)] * 4}) < 1e-9
+    narrow = ar.measure_kl(model, [cache], {0: [Streaming(1, 2)] * 4})
     assert narrow > 1e-4
 
 
 def test_full_vocabulary_kl_is_the_definition():
     model = _llama()
     ids = _ids()
-    cache = ak.dense_pass(model, ids, topk=None)
+    cache = ar.dense_pass(model, ids, topk=None)
     forms = {1: [Streaming(1, 3)] * 4}
-    got = ak.measure_kl(model, [cache], forms)
+    got = ar.measure_kl(model, [cache], forms)
     with torch.no_grad():
         p = torch.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0, :-1].double(), -1)
-        q = torch.log_softmax(model.lm_head(ak.replay(model, cache, 1, forms)).double(), -1)
+        q = torch.log_softmax(model.lm_head(ar.replay(model, cache, 1, forms)).double(), -1)
     assert got == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-5)
     # the top-k form compares k tokens and one bucket: a lower bound of the full KL
-    assert ak.measure_kl(model, [ak.dense_pass(model, ids, topk=5)], forms) <= got + 1e-12
+    assert ar.measure_kl(model, [ar.dense_pass(model, ids, topk=5)], forms) <= got + 1e-12
 
 
 def _brute_force(kl, density, weights, budget):
@@ -286,9 +287,9 @@ def test_tune_by_kl_rejects_bad_arguments():
     with pytest.raises(ValueError, match="windows"):
         ak.tune_by_kl(model, [], 0.5)
     with pytest.raises(ValueError, match="topk=0"):
-        ak.dense_pass(model, ids, topk=0)
+        ar.dense_pass(model, ids, topk=0)
     with pytest.raises(ValueError, match="model=Linear"):
-        ak.dense_pass(torch.nn.Linear(2, 2), ids)
+        ar.dense_pass(torch.nn.Linear(2, 2), ids)
 
 
 def test_judged_forms_give_the_logits_of_the_compiled_spec(eager_lowering):
@@ -303,9 +304,9 @@ def test_judged_forms_give_the_logits_of_the_compiled_spec(eager_lowering):
     forms = {0: [Streaming(1, 4)] * 4, 1: [Streaming(2, 5), Dense(), Streaming(2, 5), Streaming(0, 9)]}
     choices = ak._choices(forms, 2, 4, SEQ, 8, "model.layers.{}.self_attn")
     spec = Spec(defaults=Defaults(policy="force"), attention=tuple(attention_rules(choices)))
-    cache = ak.dense_pass(model, ids, topk=None)
+    cache = ar.dense_pass(model, ids, topk=None)
     with torch.no_grad():
-        replayed = model.lm_head(ak.replay(model, cache, 0, forms))
+        replayed = model.lm_head(ar.replay(model, cache, 0, forms))
         compiled = sparsecc.compile(model, spec=spec, kernels="reference")(input_ids=ids[None], use_cache=False)
     applied = {s.module for s in sparsecc.last_report().sites if s.kind == "attention" and s.applied}
     assert applied == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
@@ -350,8 +351,8 @@ def test_keep_attention_block_topk_matches_the_spec_oracle_with_gqa():
         is_causal = True
 
     module = Module()
-    setattr(module, ak._KEEP_ATTR, [form] * 6)
-    out, _ = ak.keep_attention(module, q, k, v, None, scaling=0.4)
+    setattr(module, ar._KEEP_ATTR, [form] * 6)
+    out, _ = ar.keep_attention(module, q, k, v, None, scaling=0.4)
     keep = _oracle_block_topk_keep(q, k, form, 0.4)
     assert not keep.equal(torch.ones(90, 90, dtype=torch.bool).tril().expand_as(keep))   # something was dropped
     assert not keep[0].equal(keep[1])   # the selection depends on the input
@@ -360,9 +361,9 @@ def test_keep_attention_block_topk_matches_the_spec_oracle_with_gqa():
     expected = (torch.softmax(scores, -1) @ vd).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
     # block_topk takes one rule for every head of a site
-    setattr(module, ak._KEEP_ATTR, [form] * 5 + [Dense()])
+    setattr(module, ar._KEEP_ATTR, [form] * 5 + [Dense()])
     with pytest.raises(ValueError, match="every head"):
-        ak.keep_attention(module, q, k, v, None, scaling=0.4)
+        ar.keep_attention(module, q, k, v, None, scaling=0.4)
 
 
 def test_block_topk_density_is_the_blocks_its_selection_keeps():
@@ -402,9 +403,9 @@ def test_tune_by_kl_with_block_topk_candidates_gives_the_compiled_logits(tmp_pat
     forms = {0: [cands[1]] * 4, 1: [Streaming(1, 16)] * 4}
     choices = ak._choices(forms, 2, 4, 128, 16, "model.layers.{}.self_attn")
     spec = Spec(defaults=Defaults(policy="force"), attention=tuple(attention_rules(choices)))
-    cache = ak.dense_pass(model, ids, topk=None)
+    cache = ar.dense_pass(model, ids, topk=None)
     with torch.no_grad():
-        replayed = model.lm_head(ak.replay(model, cache, 0, forms))
+        replayed = model.lm_head(ar.replay(model, cache, 0, forms))
         compiled = sparsecc.compile(model, spec=spec, kernels="reference")(input_ids=ids[None], use_cache=False)
     sites = {s.module: s for s in sparsecc.last_report().sites if s.kind == "attention"}
     assert sites["model.layers.0.self_attn"].applied and sites["model.layers.1.self_attn"].applied
@@ -451,3 +452,56 @@ def test_uniform_block_topk_is_compared_when_the_table_has_block_topk(kls, used)
     # without block_topk candidates nothing of the kind is measured
     plain = ak.decide(_scripted_table(), 0.5, CTX, 3, 2, lambda forms: 1.0)
     assert plain.uniform_topk is None and math.isnan(plain.uniform_topk_kl)
+
+
+def _kl_table():
+    """A scripted KL table: 3 layers of 2 heads, per-layer groups, candidates dense / window 64 / window 512."""
+
+    cands = [Dense(), Streaming(64, 64), Streaming(64, 512)]
+    groups = ak.make_groups(3, 2, 2, "layer")
+    dens = torch.tensor([[ak.form_density(c, 2048) for c in cands]] * 3, dtype=torch.float64)
+    kl = torch.tensor([[0.0, 0.5, 0.1], [0.0, 0.01, 0.005], [0.0, 0.02, 0.01]], dtype=torch.float64)
+    return ak.KLTable(groups, cands, kl, dens, [2, 2, 2])
+
+
+def test_hold_dense_removes_the_heads_and_gives_the_rest_the_budget_they_leave():
+    """The retrieval heads held dense (docs/tune.md, "Attention: retrieval heads") leave their groups and the
+    budget."""
+    table = _kl_table()
+    reduced, free = ak.hold_dense(table, [(0, 0), (2, 1)], 0.5, 3, 2)
+    assert reduced.groups == [(0, (1,)), (1, (0, 1)), (2, (0,))]
+    assert reduced.weights == [1, 2, 1]
+    torch.testing.assert_close(reduced.kl, table.kl)
+    assert free == pytest.approx((0.5 * 6 - 2) / 4)
+    with pytest.raises(ValueError, match="cannot hold 3 dense heads"):
+        ak.hold_dense(table, [(0, 0), (0, 1), (1, 0)], 0.4, 3, 2)
+    with pytest.raises(ValueError, match="layer 3"):
+        ak.hold_dense(table, [(3, 0)], 0.5, 3, 2)
+
+
+def test_kl_decision_keeps_the_held_heads_dense_and_is_the_best_within_budget():
+    """The knapsack over the other heads, against brute force over every per-layer choice (docs/tune.md: least
+    summed KL with the mean block density over all heads at most the budget)."""
+    table, budget, held = _kl_table(), 0.45, [(0, 1)]
+    reduced, free = ak.hold_dense(table, held, budget, 3, 2)
+
+    def measure(forms_by_layer):   # the uniform rule (one form on every head) measures worse
+        return 1.0 if len({f for fs in forms_by_layer.values() for f in fs}) == 1 else 0.0
+
+    result = ak.decide(reduced, free, 2048, 3, 2, measure)
+    assert result.used == "allocation"
+    forms = [c.forms for c in result.choices]
+    assert isinstance(forms[0][1], Dense)
+    d = table.density
+    best = None
+    for picks in itertools.product(range(3), repeat=3):
+        heads = [[picks[0], "held"], [picks[1], picks[1]], [picks[2], picks[2]]]
+        mean = sum(1.0 if c == "held" else float(d[0, c]) for row in heads for c in row) / 6
+        if mean <= budget + 1e-12:
+            cost = float(table.kl[0, picks[0]] + table.kl[1, picks[1]] + table.kl[2, picks[2]])
+            if best is None or cost < best[0] - 1e-15:
+                best = (cost, picks)
+    expected = [[table.candidates[best[1][0]], Dense()], [table.candidates[best[1][1]]] * 2,
+                [table.candidates[best[1][2]]] * 2]
+    assert forms == expected
+    assert result.allocation_density <= budget + 1e-12

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from sparsecc.forms import Dense, Streaming
+from sparsecc.tune import attention_kl as ak
+from sparsecc.tune import attention_replay as ar
 from sparsecc.tune import retrieval as rt
 from sparsecc.tune.needle import NeedleTrial
 
@@ -127,7 +129,6 @@ def test_tuned_split_compiles_to_what_the_forms_say(eager_lowering):
     attention (checked against a float64 oracle in tests/tune/test_attention_kl.py)."""
     import sparsecc
     from sparsecc.spec import Defaults, Spec
-    from sparsecc.tune import attention_kl as ak
     from sparsecc.tune.tuner import attention_rules
 
     model = _llama()
@@ -137,9 +138,9 @@ def test_tuned_split_compiles_to_what_the_forms_say(eager_lowering):
     assert [r.heads for r in spec.attention] == [None, (0, 1, 3), None]   # layer 1's head 2 is dense: no rule
     ids = _trial(5, (5, 8)).ids
     forms = {layer: c.forms for layer, c in enumerate(tuned.choices)}
-    cache = ak.dense_pass(model, ids, topk=None)
+    cache = ar.dense_pass(model, ids, topk=None)
     with torch.no_grad():
-        replayed = model.lm_head(ak.replay(model, cache, 0, forms))
+        replayed = model.lm_head(ar.replay(model, cache, 0, forms))
         dense = model(input_ids=ids[None], use_cache=False).logits
         compiled = sparsecc.compile(model, spec=spec, kernels="reference")(input_ids=ids[None], use_cache=False)
     applied = {s.module for s in sparsecc.last_report().sites if s.kind == "attention" and s.applied}
@@ -210,64 +211,8 @@ def test_uniform_window_ends_when_ctx_is_not_a_multiple_of_16():
     assert _density(Streaming(64, uniform_window(0.5, 1001)), 1001) <= 0.5
 
 
-def _kl_table():
-    """A scripted KL table: 3 layers of 2 heads, per-layer groups, candidates dense / window 64 / window 512."""
-    from sparsecc.tune import attention_kl as ak
-
-    cands = [Dense(), Streaming(64, 64), Streaming(64, 512)]
-    groups = ak.make_groups(3, 2, 2, "layer")
-    dens = torch.tensor([[ak.form_density(c, 2048) for c in cands]] * 3, dtype=torch.float64)
-    kl = torch.tensor([[0.0, 0.5, 0.1], [0.0, 0.01, 0.005], [0.0, 0.02, 0.01]], dtype=torch.float64)
-    return ak.KLTable(groups, cands, kl, dens, [2, 2, 2])
-
-
-def test_hold_dense_removes_the_heads_and_gives_the_rest_the_budget_they_leave():
-    table = _kl_table()
-    reduced, free = rt.hold_dense(table, [(0, 0), (2, 1)], 0.5, 3, 2)
-    assert reduced.groups == [(0, (1,)), (1, (0, 1)), (2, (0,))]
-    assert reduced.weights == [1, 2, 1]
-    torch.testing.assert_close(reduced.kl, table.kl)
-    assert free == pytest.approx((0.5 * 6 - 2) / 4)
-    with pytest.raises(ValueError, match="cannot hold 3 dense heads"):
-        rt.hold_dense(table, [(0, 0), (0, 1), (1, 0)], 0.4, 3, 2)
-    with pytest.raises(ValueError, match="layer 3"):
-        rt.hold_dense(table, [(3, 0)], 0.5, 3, 2)
-
-
-def test_kl_decision_keeps_the_held_heads_dense_and_is_the_best_within_budget():
-    """The knapsack over the other heads, against brute force over every per-layer choice (docs/tune.md: least
-    summed KL with the mean block density over all heads at most the budget)."""
-    import itertools
-
-    from sparsecc.tune import attention_kl as ak
-
-    table, budget, held = _kl_table(), 0.45, [(0, 1)]
-    reduced, free = rt.hold_dense(table, held, budget, 3, 2)
-    def measure(forms_by_layer):   # the uniform rule (one form on every head) measures worse
-        return 1.0 if len({f for fs in forms_by_layer.values() for f in fs}) == 1 else 0.0
-
-    result = ak.decide(reduced, free, 2048, 3, 2, measure)
-    assert result.used == "allocation"
-    forms = [c.forms for c in result.choices]
-    assert isinstance(forms[0][1], Dense)
-    d = table.density
-    best = None
-    for picks in itertools.product(range(3), repeat=3):
-        heads = [[picks[0], "held"], [picks[1], picks[1]], [picks[2], picks[2]]]
-        mean = sum(1.0 if c == "held" else float(d[0, c]) for row in heads for c in row) / 6
-        if mean <= budget + 1e-12:
-            cost = float(table.kl[0, picks[0]] + table.kl[1, picks[1]] + table.kl[2, picks[2]])
-            if best is None or cost < best[0] - 1e-15:
-                best = (cost, picks)
-    expected = [[table.candidates[best[1][0]], Dense()], [table.candidates[best[1][1]]] * 2,
-                [table.candidates[best[1][2]]] * 2]
-    assert forms == expected
-    assert result.allocation_density <= budget + 1e-12
-
-
 def test_kl_judge_refuses_block_topk_with_held_heads():
     from sparsecc.forms import BlockTopK
-    from sparsecc.tune import attention_kl as ak
 
     with pytest.raises(ValueError, match="dense_heads"):
         ak.tune_by_kl(_llama(), [_trial(1, (5, 8)).ids], 0.5,
