@@ -66,6 +66,11 @@ def per_program_elements(n: int, programs: int, block: int) -> int:
     return -(-(-(-n // programs)) // block) * block
 
 
+def bytes_read(programs: int, per_program: int, repeats: int, element_size: int) -> int:
+    """Bytes one launch of the read kernel loads: every program's elements, ``repeats`` times (wrapped ones too)."""
+    return programs * per_program * repeats * element_size
+
+
 def read_bandwidth(mbytes: float, repeats: int) -> dict:
     """Best TB/s over grid and warp shapes for reading an ``mbytes`` fp16 buffer ``repeats`` times."""
     n = int(mbytes * 2 ** 20) // 2
@@ -82,7 +87,7 @@ def read_bandwidth(mbytes: float, repeats: int) -> dict:
             def run():
                 _read_kernel[(programs,)](src, out, per_program, n, repeats, BLOCK=block, num_warps=warps)
             ms = bench_ms(run)
-            tbs = programs * per_program * repeats * 2 / (ms * 1e-3) / 1e12
+            tbs = bytes_read(programs, per_program, repeats, src.element_size()) / (ms * 1e-3) / 1e12
             if best is None or tbs > best["TB/s"]:
                 best = {"MB": mbytes, "repeats": repeats, "programs_per_sm": per_sm, "warps": warps,
                         "ms": ms, "TB/s": tbs}

@@ -19,12 +19,22 @@ def test_interpreter_checks():
     run_interpreter_checks(__file__, select="interp", no_skips=True)
 
 
-@pytest.mark.parametrize("n, programs, block, repeats", [(1000, 3, 128, 2), (4096, 4, 256, 1), (700, 5, 64, 3)])
-def test_interp_read_kernel_reads_what_is_counted(interpreter, n, programs, block, repeats):
+# (n, programs, block, repeats, elements per program written out by hand: ceil(ceil(n / programs) / block) blocks)
+CASES = [(1000, 3, 128, 2, 384), (4096, 4, 256, 1, 1024), (700, 5, 64, 3, 192)]
+
+
+@pytest.mark.parametrize("n, programs, block, repeats, per_program", CASES)
+def test_counts(n, programs, block, repeats, per_program):
+    """The elements per program and the bytes the probe divides by its time, for 2-byte elements."""
     import memory_probe
 
-    per_program = memory_probe.per_program_elements(n, programs, block)
-    assert per_program % block == 0 and per_program * programs >= n
+    assert memory_probe.per_program_elements(n, programs, block) == per_program
+    assert memory_probe.bytes_read(programs, per_program, repeats, 2) == programs * per_program * repeats * 2
+
+
+@pytest.mark.parametrize("n, programs, block, repeats, per_program", CASES)
+def test_interp_read_kernel_reads_what_is_counted(interpreter, n, programs, block, repeats, per_program):
+    import memory_probe
     gen = torch.Generator().manual_seed(n)
     src = torch.randn(n, generator=gen).to(torch.float16)
     out = torch.full((programs * block,), float("nan"))

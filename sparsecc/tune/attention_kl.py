@@ -399,3 +399,8 @@ def choose_by_kl(model, windows: Sequence[torch.Tensor], budget: float, **kwargs
     :func:`sparsecc.tune.attention_rules`: the KL-judged allocation, or the uniform rule when that measured no
     worse on the calibration windows. Dense heads get ``Dense()``; ``recall`` is NaN (not measured)."""
     return tune_by_kl(model, windows, budget, **kwargs).choices
+
+
+__all__ = ["GROUPINGS", "UNIFORM_SINK", "KLTable", "KLTuning", "allocate", "block_topk_density", "choose_by_kl",
+           "decide", "default_kl_candidates", "form_density", "hold_dense", "kl_table", "make_groups",
+           "streaming_block_density", "tune_by_kl", "uniform_topk_form", "uniform_window"]

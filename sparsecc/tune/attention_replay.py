@@ -5,8 +5,8 @@ query head (``Dense``, ``Streaming``, or one ``BlockTopK`` for every head) appli
 docs/spec.md's rules; :func:`attention_forms` switches it on for chosen layers. :func:`dense_pass` runs a decoder LM
 once and caches every layer's input and the dense next-token distribution of the scored positions;
 :func:`replay` runs the layers from one cached input again under chosen forms, and :func:`measure_kl` gives the mean
-KL(dense || sparse) per scored position. :mod:`sparsecc.tune.attention_kl` (the KL judge) and
-:mod:`sparsecc.tune.retrieval` build on these.
+KL(dense || sparse) per scored position. :mod:`sparsecc.tune.attention_kl` (the KL judge) builds on these;
+:mod:`sparsecc.tune.retrieval` uses :func:`decoder_parts`.
 
 Positions (docs/spec.md): query row i of a call with Sq queries and Sk keys sits at p = i + Sk - Sq. A ``streaming``
 head keeps key j for query p iff j <= p and (j < sink or p - j < window).

@@ -16,8 +16,10 @@ This module finds them by measurement and builds that split:
 * :func:`tune_retrieval`: those heads ``Dense``, every other head ``streaming`` with sink ``sink`` and the widest
   window (a multiple of 16) that keeps the mean block density at most ``budget`` (blocks counted as the KL judge
   counts them, :func:`sparsecc.tune.attention_kl.streaming_block_density`).
-* :func:`hold_dense`: the same heads held dense inside the KL judge (``tune_by_kl(..., dense_heads=...)``), which
-  then chooses the other heads' forms per layer from its KL table within the budget they leave.
+
+The same heads can also be held dense inside the KL judge (``sparsecc.tune.attention_kl.tune_by_kl(...,
+dense_heads=...)``, through :func:`sparsecc.tune.attention_kl.hold_dense`), which then chooses the other heads' forms
+per layer from its KL table within the budget they leave.
 """
 
 from __future__ import annotations

@@ -454,9 +454,8 @@ def test_uniform_block_topk_is_compared_when_the_table_has_block_topk(kls, used)
     assert plain.uniform_topk is None and math.isnan(plain.uniform_topk_kl)
 
 
-def _kl_table():
+def _held_heads_table():
     """A scripted KL table: 3 layers of 2 heads, per-layer groups, candidates dense / window 64 / window 512."""
-
     cands = [Dense(), Streaming(64, 64), Streaming(64, 512)]
     groups = ak.make_groups(3, 2, 2, "layer")
     dens = torch.tensor([[ak.form_density(c, 2048) for c in cands]] * 3, dtype=torch.float64)
@@ -467,7 +466,7 @@ def _kl_table():
 def test_hold_dense_removes_the_heads_and_gives_the_rest_the_budget_they_leave():
     """The retrieval heads held dense (docs/tune.md, "Attention: retrieval heads") leave their groups and the
     budget."""
-    table = _kl_table()
+    table = _held_heads_table()
     reduced, free = ak.hold_dense(table, [(0, 0), (2, 1)], 0.5, 3, 2)
     assert reduced.groups == [(0, (1,)), (1, (0, 1)), (2, (0,))]
     assert reduced.weights == [1, 2, 1]
@@ -482,7 +481,7 @@ def test_hold_dense_removes_the_heads_and_gives_the_rest_the_budget_they_leave()
 def test_kl_decision_keeps_the_held_heads_dense_and_is_the_best_within_budget():
     """The knapsack over the other heads, against brute force over every per-layer choice (docs/tune.md: least
     summed KL with the mean block density over all heads at most the budget)."""
-    table, budget, held = _kl_table(), 0.45, [(0, 1)]
+    table, budget, held = _held_heads_table(), 0.45, [(0, 1)]
     reduced, free = ak.hold_dense(table, held, budget, 3, 2)
 
     def measure(forms_by_layer):   # the uniform rule (one form on every head) measures worse
