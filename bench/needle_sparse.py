@@ -1,6 +1,6 @@
 """Needle retrieval through a compiled model only, trial by trial, for comparison with a dense run of the same trials.
 
-    python bench/needle_sparse.py --spec SPEC [--model smollm2-135m] [--ctx 8192] [--trials 50] [--seed 0]
+    python bench/needle_sparse.py --spec SPEC|--dense [--model smollm2-135m] [--ctx 8192] [--trials 50] [--seed 0]
                                   [--text pydoc] [--json out.json]
 
 ``sparsecc eval --needle N`` runs the same trials through the dense model first; at 8K tokens on a 2-core CPU that
@@ -8,6 +8,8 @@ is about an hour per side. When the dense rate of the same trials (same text, ``
 already known, this runs only the compiled side, with the policy forced, reference kernels on CPU (the kernels on
 CUDA) and eager lowering on CPU, as ``sparsecc eval`` does. It prints each trial's depth and result as it goes and
 writes them (with the compiled report's site counts) to ``--json``, so a run stopped early keeps its partial rate.
+``--dense`` runs the same trials through the model itself, uncompiled, and records them the same way (the dense
+side trial by trial, to match against a compiled run's).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def main(argv=None) -> int:
     from sparsecc.tune.quality import default_kernels, forced, lowering, read_texts, site_counts
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--spec", required=True)
+    side = p.add_mutually_exclusive_group(required=True)
+    side.add_argument("--spec", help="the spec to compile the model with")
+    side.add_argument("--dense", action="store_true", help="run the model itself, uncompiled")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ctx", type=int, default=8192)
     p.add_argument("--trials", type=int, default=50)
@@ -45,12 +49,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load(args.model, device=device)
     trials = needle_trials(tokenizer, read_texts(args.text), args.ctx, args.trials, seed=args.seed)
-    spec = forced(load_spec(args.spec))
+    spec = None if args.dense else forced(load_spec(args.spec))
     torch._dynamo.reset()
     reset_reports()
     rows, counts, started = [], [], [time.time()]
 
     def on_trial(i, trial, hit):
+        if args.dense and not counts:
+            counts.extend([{}, {}])
         if not counts:
             counts.extend(site_counts(sparsecc.last_report()))
             if not counts[0]:
@@ -63,10 +69,14 @@ def main(argv=None) -> int:
               f"({rows[-1]['seconds']} s)", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({
-                "spec": args.spec, "model": args.model, "ctx": args.ctx, "trials": args.trials,
+                "spec": "dense" if args.dense else args.spec, "model": args.model, "ctx": args.ctx, "trials": args.trials,
                 "seed": args.seed, "text": args.text, "sites_rewritten": counts[0], "sites_found": counts[1],
                 "hits": hits, "done": len(rows), "rows": rows}, indent=1))
 
+    if args.dense:
+        needle_check(model, trials, progress=False, on_trial=on_trial)
+        print(f"needle exact match, dense: {sum(r['hit'] for r in rows)}/{len(rows)}")
+        return 0
     with lowering("inductor" if device.type == "cuda" else "eager"):
         compiled = sparsecc.compile(model, spec=spec, kernels=default_kernels(model))
         needle_check(compiled, trials, progress=False, on_trial=on_trial)
