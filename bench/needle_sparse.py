@@ -1,7 +1,7 @@
 """Needle retrieval through a compiled model only, trial by trial, for comparison with a dense run of the same trials.
 
     python bench/needle_sparse.py --spec SPEC|--dense [--model smollm2-135m] [--ctx 8192] [--trials 50] [--seed 0]
-                                  [--text pydoc] [--json out.json]
+                                  [--text pydoc] [--json out.json [--resume]]
 
 ``sparsecc eval --needle N`` runs the same trials through the dense model first; at 8K tokens on a 2-core CPU that
 is about an hour per side. When the dense rate of the same trials (same text, ``ctx``, trial count and seed) is
@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", nargs="+", default=["pydoc"])
     p.add_argument("--json", help="write per-trial results here (rewritten after every trial)")
+    p.add_argument("--resume", action="store_true", help="keep the trials already in --json and run the rest")
     args = p.parse_args(argv)
+    rows = _resumed_rows(args) if args.resume else []
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load(args.model, device=device)
@@ -52,9 +54,10 @@ def main(argv=None) -> int:
     spec = None if args.dense else forced(load_spec(args.spec))
     torch._dynamo.reset()
     reset_reports()
-    rows, counts, started = [], [], [time.time()]
+    counts, started, skip = [], [time.time()], len(rows)
 
     def on_trial(i, trial, hit):
+        i += skip
         if args.dense and not counts:
             counts.extend([{}, {}])
         if not counts:
@@ -74,15 +77,34 @@ def main(argv=None) -> int:
                 "hits": hits, "done": len(rows), "rows": rows}, indent=1))
 
     if args.dense:
-        needle_check(model, trials, progress=False, on_trial=on_trial)
+        needle_check(model, trials[skip:], progress=False, on_trial=on_trial)
         print(f"needle exact match, dense: {sum(r['hit'] for r in rows)}/{len(rows)}")
         return 0
     with lowering("inductor" if device.type == "cuda" else "eager"):
         compiled = sparsecc.compile(model, spec=spec, kernels=default_kernels(model))
-        needle_check(compiled, trials, progress=False, on_trial=on_trial)
+        needle_check(compiled, trials[skip:], progress=False, on_trial=on_trial)
     rewritten = ", ".join(f"{family} {n}/{counts[1].get(family, n)}" for family, n in sorted(counts[0].items()))
     print(f"needle exact match, compiled: {sum(r['hit'] for r in rows)}/{len(rows)} (sites rewritten: {rewritten})")
     return 0
+
+
+def _resumed_rows(args) -> list[dict]:
+    """The rows of an earlier run's ``--json``, after checking it ran the same trials with the same model and spec."""
+    if not args.json:
+        raise SystemExit("needle_sparse: --resume needs --json (the file to resume)")
+    path = Path(args.json)
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    wanted = {"spec": "dense" if args.dense else args.spec, "model": args.model, "ctx": args.ctx,
+              "trials": args.trials, "seed": args.seed, "text": args.text}
+    differs = {k: (earlier.get(k), v) for k, v in wanted.items() if earlier.get(k) != v}
+    if differs:
+        raise SystemExit(f"needle_sparse: {path} was written for other settings (file, now): {differs}")
+    rows = earlier["rows"]
+    if [r["trial"] for r in rows] != list(range(len(rows))):
+        raise SystemExit(f"needle_sparse: {path} does not hold trials 0..{len(rows) - 1} in order")
+    return rows
 
 
 if __name__ == "__main__":
