@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=("magnitude", "weighted"), default="magnitude")
     p.add_argument("--method", choices=("greedy", "separable"), default="greedy",
                    help="greedy search, or the sensitivity table's separable allocation blended with uniform")
-    p.add_argument("--mode", choices=("input", "gate"), default="input",
-                   help="FFN thresholds on the projections' inputs (TEAL) or on act(gate) (CATS)")
+    p.add_argument("--mode", choices=("input", "gate", "mixed"), default="input",
+                   help="FFN thresholds on the projections' inputs (TEAL), on act(gate) (CATS), or either per "
+                        "site (mixed; needs --method separable)")
     p.add_argument("--error", choices=("relative", "kl"), default="relative",
                    help="the output error minimised: relative squared error of the first output, or the "
                         "next-token KL of a causal LM")

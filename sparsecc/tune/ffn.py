@@ -39,18 +39,36 @@ _ERROR_EPS = 1e-12
 
 @dataclass
 class Allocation:
-    """Per-projection sparsity levels at one average sparsity, with the error measured there."""
+    """Per-projection sparsity levels at one average sparsity, with the error measured there.
+
+    ``modes`` maps each site to its mode when the allocation comes from a per-site
+    mode choice (``sparsecc.tune(mode="mixed")``); empty otherwise.
+    """
 
     target: float
     levels: Dict[Projection, float]
     taus: Dict[Projection, Optional[float]]
     error: float
     evaluations: int
+    modes: Dict[str, str] = field(default_factory=dict)
 
     def average(self, projections: Sequence[Projection]) -> float:
-        """The weighted average sparsity of these levels."""
-        total = sum(p.weight_elements for p in projections)
-        return sum(p.weight_elements * self.levels.get(p, 0.0) for p in projections) / total
+        """The weighted average sparsity of these levels (:func:`weighted_share`)."""
+        return weighted_share(projections, self.levels)
+
+
+def weighted_share(projections: Sequence[Projection], levels: Dict[Projection, float]) -> float:
+    """The share of the projections' weights that ``levels`` skip: ``sum_p w_p s_p / total``.
+
+    ``total`` is the projections' summed weights when they are of one mode. When
+    both modes are present (the per-site choice of ``sparsecc.tune(mode="mixed")``)
+    it is every FFN weight, which the input-mode projections cover (input: gate
+    and up, down: down); a gate-mode projection's weights (up and down) are part
+    of that total, not added to it.
+    """
+    mixed = len({p.mode for p in projections}) > 1
+    total = sum(p.weight_elements for p in projections if not mixed or p.mode == "input")
+    return sum(p.weight_elements * levels.get(p, 0.0) for p in projections) / total
 
 
 @dataclass
@@ -238,7 +256,8 @@ def _lower_hull(points: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
 
 
 def separable_allocation(sensitivity: Sensitivity, projections: Sequence[Projection], scores,
-                         targets: Sequence[float], max_level: float = 0.95) -> List[Allocation]:
+                         targets: Sequence[float], max_level: float = 0.95,
+                         total_elements: Optional[int] = None) -> List[Allocation]:
     """Levels that minimise the summed single-projection errors at each average sparsity in ``targets``.
 
     The error of the whole model is modelled as the sum over projections of
@@ -248,9 +267,11 @@ def separable_allocation(sensitivity: Sensitivity, projections: Sequence[Project
     in increasing order of error per unit of average sparsity, the last one cut
     to land on the target: no model runs, and one ordering serves every target.
     ``Allocation.error`` is the modelled (summed) error and ``evaluations`` 0;
-    measure the result with :func:`sparsecc.tune.measure`.
+    measure the result with :func:`sparsecc.tune.measure`. ``total_elements``
+    (default: the projections' summed weights) is what the average is a share
+    of: every FFN weight when the projections are a per-site mix of modes.
     """
-    total = sum(p.weight_elements for p in projections)
+    total = sum(p.weight_elements for p in projections) if total_elements is None else total_elements
     missing = [str(p) for p in projections if p not in sensitivity.errors]
     if missing:
         raise ValueError(f"sensitivity has no errors for {missing}")

@@ -13,7 +13,7 @@ from sparsecc.tune import provenance
 from sparsecc.tune.attention import DENSITY_BLOCK, HeadChoice, choose_heads, record_attention
 from sparsecc.tune.capture import (CRITERIA, ERRORS, MODES, ErrorFn, Projection, ThresholdHooks, ffn_projections,
                                    quantile_tau, relative_error, run, score_samples, split_batch)
-from sparsecc.tune.ffn import Allocation, GreedySearch, Sensitivity, separable_allocation
+from sparsecc.tune.ffn import Allocation, GreedySearch, Sensitivity, separable_allocation, weighted_share
 from sparsecc.tune.prefix import LayerPrefix
 
 DEFAULT_STEP = 0.05      # TEAL's greedy raises sparsity in 5% steps
@@ -30,6 +30,9 @@ def glob_escape(path: str) -> str:
 
 
 METHODS = ("greedy", "separable")
+# Modes the tuner allocates: one activation_threshold mode everywhere, or "mixed", input or gate mode per site
+# (sparsecc.tune.ffn_modes; separable method only).
+TUNE_MODES = MODES + ("mixed",)
 # Blends of the separable allocation with uniform levels that the separable method also measures: the separable
 # model adds single-projection errors, and where they do not add up a step back towards uniform can measure better.
 SEPARABLE_BLENDS = (1.0, 0.5, 0.0)
@@ -44,7 +47,11 @@ class FfnTuning:
     their dense outputs, ``forwards`` the error evaluations spent, ``mode`` the
     activation_threshold mode; ``search`` the greedy search (greedy method),
     ``sensitivity`` the table (separable method), and ``candidates`` per target
-    the measured error of every blend tried (separable method).
+    the measured error of every blend tried (separable method). With
+    ``mode="mixed"`` the projections are both modes' (the allocation gives the
+    unchosen mode of each site level 0), ``sensitivity`` the input-mode table,
+    ``gate_sensitivity`` the gate-mode one, and ``candidates`` also holds the
+    per-site mode choice's measured error under the key ``"mixed"``.
     """
 
     projections: List[Projection]
@@ -58,7 +65,9 @@ class FfnTuning:
     method: str = "greedy"
     search: Optional[GreedySearch] = field(default=None, repr=False)
     sensitivity: Optional["FfnSensitivity"] = field(default=None, repr=False)
-    candidates: Dict[float, Dict[float, float]] = field(default_factory=dict)
+    candidates: Dict[float, Dict[object, float]] = field(default_factory=dict)
+    gate_sensitivity: Optional["FfnSensitivity"] = field(default=None, repr=False)
+    modes: Dict[float, Dict[str, str]] = field(default_factory=dict)
 
     def allocation(self, target: float) -> Allocation:
         """The allocation found for ``target``."""
@@ -131,10 +140,23 @@ def tune_ffn(model, batches: Sequence, targets: Sequence[float], *, criterion: s
       uniform included) measured on the whole model; the best measured one
       wins, so the result never measures worse than uniform on the search batches.
 
-    ``mode="gate"`` allocates gate-mode (CATS) thresholds, one per gated site.
+    ``mode="gate"`` allocates gate-mode (CATS) thresholds, one per gated site;
+    ``mode="mixed"`` (separable method only) tabulates both modes and chooses
+    each site's mode (:mod:`sparsecc.tune.ffn_modes`, :func:`blend_mixed`);
+    the target is then the share of every FFN weight skipped.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; expected one of {METHODS}")
+    if mode not in TUNE_MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; expected one of {TUNE_MODES}")
+    if mode == "mixed":
+        if method != "separable":
+            raise ValueError("mode='mixed' chooses modes on the sensitivity tables: it needs method='separable'")
+        inputs = ffn_sensitivity(model, batches, levels=levels, criterion=criterion, error_fn=error_fn,
+                                 search_batches=search_batches, mode="input", progress=progress)
+        gates = ffn_sensitivity(model, batches, levels=levels, criterion="magnitude", error_fn=error_fn,
+                                search_batches=search_batches, mode="gate", progress=progress)
+        return blend_mixed(model, inputs, gates, targets, error_fn, max_level, progress)
     if method == "separable":
         sens = ffn_sensitivity(model, batches, levels=levels, criterion=criterion, error_fn=error_fn,
                                search_batches=search_batches, mode=mode, progress=progress)
@@ -181,27 +203,88 @@ def blend_with_uniform(model, sens: "FfnSensitivity", targets: Sequence[float], 
     try:
         for separable in separable_allocation(sens.sensitivity.refined(), projections, scores, sorted(targets),
                                               max_level):
-            t = separable.target
-            measured: Dict[float, Tuple[Allocation, List[float]]] = {}
-            for blend in SEPARABLE_BLENDS:
-                levels = {p: blend * separable.levels[p] + (1.0 - blend) * t for p in projections}
-                taus = {p: quantile_tau(scores[p], levels[p]) for p in projections}
-                errors: List[float] = []
-                error, _ = measure(model, sens.search_batches, projections, taus, sens.criterion, error_fn, sens.dense,
-                                   per_batch=errors)
-                forwards += 1
-                measured[blend] = (Allocation(t, levels, taus, error, forwards), errors)
-                bar.update()
-            uniform_errors = measured[UNIFORM_BLEND][1]
-            eligible = [a for a, errors in measured.values()
-                        if all(e <= u for e, u in zip(errors, uniform_errors))]
-            best = min(eligible, key=lambda a: a.error)
-            candidates[t] = {blend: a.error for blend, (a, _) in measured.items()}
+            tried = _blends(separable, projections, scores)
+            best, candidates[separable.target] = _best_measured(model, sens, projections, tried, error_fn, bar)
+            forwards += len(tried)
+            best.evaluations = forwards
             allocations.append(best)
     finally:
         bar.close()
     return FfnTuning(projections, scores, allocations, sens.criterion, sens.search_batches, sens.dense, forwards,
                      sens.mode, "separable", sensitivity=sens, candidates=candidates)
+
+
+def blend_mixed(model, inputs: "FfnSensitivity", gates: "FfnSensitivity", targets: Sequence[float], error_fn,
+                max_level: float, progress: bool) -> FfnTuning:
+    """Per target, the best measured of the per-site mode choice and the input-mode blends with uniform.
+
+    The mode choice is :func:`sparsecc.tune.ffn_modes.mixed_allocations` on the
+    refined input-mode and gate-mode tables; it is measured beside the blends of
+    :func:`blend_with_uniform` (input mode, uniform input levels the fallback) and
+    taken under the same rule: no search batch worse than uniform. Both tables
+    must come from the same model, batches and levels.
+    """
+    from tqdm.auto import tqdm
+
+    from sparsecc.tune.ffn_modes import mixed_allocations
+
+    if inputs.mode != "input" or gates.mode != "gate":
+        raise ValueError(f"blend_mixed needs an input-mode and a gate-mode table; got {inputs.mode!r} and {gates.mode!r}")
+    projections = list(inputs.projections) + list(gates.projections)
+    scores = {**inputs.scores, **gates.scores}
+    allocations, candidates, modes = [], {}, {}
+    forwards = inputs.forwards + gates.forwards
+    refined_in, refined_gate = inputs.sensitivity.refined(), gates.sensitivity.refined()
+    mixed = mixed_allocations(refined_in, refined_gate, inputs.projections, gates.projections, scores, targets,
+                              max_level)
+    separable = separable_allocation(refined_in, inputs.projections, inputs.scores, sorted(targets), max_level)
+    bar = tqdm(total=len(targets) * (len(SEPARABLE_BLENDS) + 1), desc="sparsecc tune ffn (modes, blends)",
+               disable=not progress)
+    try:
+        for (choice, site_modes), input_only in zip(mixed, separable):
+            tried = _blends(input_only, projections, scores)
+            tried["mixed"] = choice
+            best, candidates[choice.target] = _best_measured(model, inputs, projections, tried, error_fn, bar)
+            forwards += len(tried)
+            best.evaluations = forwards
+            best.modes = site_modes if best is choice else {p.site: "input" for p in inputs.projections}
+            modes[choice.target] = site_modes
+            allocations.append(best)
+    finally:
+        bar.close()
+    return FfnTuning(projections, scores, allocations, inputs.criterion, inputs.search_batches, inputs.dense,
+                     forwards, "mixed", "separable", sensitivity=inputs, candidates=candidates,
+                     gate_sensitivity=gates, modes=modes)
+
+
+def _blends(separable: Allocation, projections: Sequence[Projection], scores) -> Dict[object, Allocation]:
+    """The blends of ``separable``'s levels with the uniform level of its target (SEPARABLE_BLENDS), unmeasured.
+
+    Projections ``separable`` has no level for (the other mode's, per-site choice) stay at level 0.
+    """
+    t = separable.target
+    out = {}
+    for blend in SEPARABLE_BLENDS:
+        levels = {p: blend * separable.levels[p] + (1.0 - blend) * t if p in separable.levels else 0.0
+                  for p in projections}
+        out[blend] = Allocation(t, levels, {p: quantile_tau(scores[p], levels[p]) for p in projections}, 0.0, 0)
+    return out
+
+
+def _best_measured(model, sens: "FfnSensitivity", projections, tried: Dict[object, Allocation], error_fn,
+                   bar) -> Tuple[Allocation, Dict[object, float]]:
+    """Measure every allocation in ``tried``; the best one no worse than uniform (key 0.0) on any search batch."""
+    per_batch: Dict[object, List[float]] = {}
+    for key, alloc in tried.items():
+        errors: List[float] = []
+        alloc.error, _ = measure(model, sens.search_batches, projections, alloc.taus, sens.criterion, error_fn,
+                                 sens.dense, per_batch=errors)
+        per_batch[key] = errors
+        bar.update()
+    uniform = per_batch[UNIFORM_BLEND]
+    eligible = [key for key, errors in per_batch.items() if all(e <= u for e, u in zip(errors, uniform))]
+    best = min(eligible, key=lambda key: tried[key].error)
+    return tried[best], {key: alloc.error for key, alloc in tried.items()}
 
 
 @dataclass
@@ -329,8 +412,10 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
       (:func:`tune_ffn`): ``method`` "greedy" (the search of
       :mod:`sparsecc.tune.ffn`) or "separable" (sensitivity table at
       ``levels``, separable allocation, best measured blend with uniform);
-      ``mode`` "input" (TEAL; ``criterion`` "magnitude" or "weighted") or
-      "gate" (CATS, one threshold per gated site); ``error_fn(dense_out,
+      ``mode`` "input" (TEAL; ``criterion`` "magnitude" or "weighted"),
+      "gate" (CATS, one threshold per gated site) or "mixed" (either per
+      site, chosen on both modes' tables; separable method; ``criterion``
+      applies to the input-mode sites); ``error_fn(dense_out,
       sparse_out, batch)`` or a name (``"kl"``: next-token KL of a causal LM)
       is the output error it minimises (default: relative squared error of
       the first output tensor).
@@ -360,10 +445,12 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
         error, measured = measure(model, searched, ffn.projections, alloc.taus, criterion, error_fn, ffn.dense)
         per_site = []
         for site in dict.fromkeys(p.site for p in ffn.projections):
-            mine = [p for p in ffn.projections if p.site == site]
+            mine = [p for p in ffn.projections if p.site == site and p.mode == alloc.modes.get(site, p.mode)]
             alone, _ = measure(model, searched, mine, {p: alloc.taus[p] for p in mine}, criterion, error_fn,
                                ffn.dense)
             row = {"module": site, "output_error_alone": provenance.rounded(alone)}
+            if mode == "mixed":
+                row["mode"] = alloc.modes[site]
             for p in mine:
                 row[f"{p.key}_sparsity"] = provenance.rounded(alloc.levels[p])
                 row[f"{p.key}_sparsity_measured"] = provenance.rounded(measured.get(p, 0.0))
@@ -375,7 +462,6 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
             choices = choose_heads(stats, attention_density)
     finally:
         model.train(model_was_training)
-    total = sum(p.weight_elements for p in ffn.projections)
     meta = {
         "model_class": provenance.model_class(model),
         "config_hash": provenance.config_hash(model),
@@ -390,14 +476,19 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
                    **({"step": step} if method == "greedy" else {"levels": list(levels)})},
         "achieved": {
             "ffn_sparsity": provenance.rounded(alloc.average(ffn.projections)),
-            "ffn_sparsity_measured": provenance.rounded(
-                sum(p.weight_elements * measured.get(p, 0.0) for p in ffn.projections) / total),
+            "ffn_sparsity_measured": provenance.rounded(weighted_share(ffn.projections, measured)),
             "output_error": provenance.rounded(error)},
         "ffn": per_site,
     }
     if method == "separable":
         # What each blend of the separable allocation with uniform levels measured (1.0: separable, 0.0: uniform).
-        meta["search"]["blend_errors"] = [[b, provenance.rounded(e)] for b, e in ffn.candidates[alloc.target].items()]
+        tried = ffn.candidates[alloc.target]
+        meta["search"]["blend_errors"] = [[b, provenance.rounded(e)] for b, e in tried.items() if b != "mixed"]
+        if mode == "mixed":
+            # The per-site mode choice's measured error, and how many sites it gave each mode.
+            meta["search"]["mixed_error"] = provenance.rounded(tried["mixed"])
+            chosen = list(ffn.modes[alloc.target].values())
+            meta["search"]["mixed_modes"] = {m: chosen.count(m) for m in sorted(set(chosen))}
     if attention_density is not None:
         meta["target"]["attention_density"] = attention_density
         meta["target"]["attention_block"] = attention_block
