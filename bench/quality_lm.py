@@ -1,6 +1,7 @@
 """Perplexity of SmolLM2-135M under FFN activation thresholds, tuned against uniform, on held-out text.
 
-    python bench/quality_lm.py [--targets 0.2 0.3 0.4 0.5 0.6] [--gate-targets 0.5] [--criterion magnitude]
+    python bench/quality_lm.py [--targets 0.2 0.3 0.4 0.5 0.6] [--gate-targets 0.5] [--mixed-targets 0.4 0.5]
+                               [--criterion magnitude] [--rotate]
                                [--ctx 2048] [--windows 2] [--tables bench/quality_lm/tables.json]
 
 Calibration and evaluation use different texts that ship with Python:
@@ -16,6 +17,11 @@ For each target, "uniform" gives every projection the same sparsity (the calibra
 ``sparsecc.tune``'s separable method on next-token KL (the best measured blend of the separable allocation with
 uniform). Specs go to ``--out-dir`` (``sparsecc eval smollm2-135m --spec S --text pydoc --ctx 2048 --windows 2
 --force`` reproduces any row), results to ``results.json`` there, the plot to ``bench/plots/quality_smollm2.png``.
+``--mixed-targets`` tunes with the mode chosen per site (``sparsecc.tune(mode="mixed")``: both tables, the knapsack's
+choice measured beside the input-mode blends; its rows compare with the input-mode rows of the same target).
+``--rotate`` first folds one rotation of the residual stream into the model (:mod:`sparsecc.tune.rotation`: the
+eigenbasis of the FFN inputs' pooled second moment over the calibration windows), checks that the dense perplexity
+did not move, and then tunes and evaluates the rotated model (its specs are for that model only; tables keyed apart).
 Sensitivity tables are cached in ``--tables`` (keyed by mode, criterion, levels and calibration), so a rerun only
 evaluates. Progress bars on every long step.
 """
@@ -39,7 +45,8 @@ from sparsecc.tune.ffn import Sensitivity  # noqa: E402
 from sparsecc.tune.models import load_model  # noqa: E402
 from sparsecc.tune.prefix import LayerPrefix  # noqa: E402
 from sparsecc.tune.quality import evaluate, perplexity, read_texts, token_windows, tokenize  # noqa: E402
-from sparsecc.tune.tuner import FfnSensitivity, blend_with_uniform, ffn_rules, ffn_sensitivity  # noqa: E402
+from sparsecc.tune.tuner import (FfnSensitivity, blend_mixed, blend_with_uniform, ffn_rules,  # noqa: E402
+                                 ffn_sensitivity)
 
 LEVELS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
 
@@ -54,8 +61,10 @@ def as_batches(windows):
     return [{"input_ids": w.ids[None], "use_cache": False} for w in windows]
 
 
-def table_key(mode: str, criterion: str, levels, calib_windows: int, calib_ctx: int, search) -> str:
-    return f"{mode}/{criterion}/levels={','.join(map(str, levels))}/calib={calib_windows}x{calib_ctx}/search={search}"
+def table_key(mode: str, criterion: str, levels, calib_windows: int, calib_ctx: int, search,
+              rotated: bool = False) -> str:
+    key = f"{mode}/{criterion}/levels={','.join(map(str, levels))}/calib={calib_windows}x{calib_ctx}/search={search}"
+    return key + ("/rotated" if rotated else "")
 
 
 def sensitivity(model, calib, search, mode, criterion, levels, cache: dict, key: str) -> FfnSensitivity:
@@ -80,8 +89,10 @@ def spec_of(projections, taus, criterion) -> Spec:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6])
+    p.add_argument("--targets", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument("--gate-targets", type=float, nargs="*", default=[0.5])
+    p.add_argument("--mixed-targets", type=float, nargs="*", default=[],
+                   help="targets tuned with input or gate mode chosen per site (share of all FFN weights skipped)")
     p.add_argument("--criterion", default="magnitude", choices=("magnitude", "weighted"))
     p.add_argument("--levels", type=float, nargs="+", default=list(LEVELS))
     p.add_argument("--ctx", type=int, default=2048)
@@ -95,6 +106,8 @@ def main(argv=None):
                    help="where the plot goes ('' for none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-eval", action="store_true", help="tune and write the specs only")
+    p.add_argument("--rotate", action="store_true",
+                   help="fold a residual-stream rotation into the model first (sparsecc.tune.rotation)")
     args = p.parse_args(argv)
     args.out_dir, args.tables = args.out_dir.resolve(), args.tables.resolve()
     torch.set_num_threads(args.threads)
@@ -108,30 +121,61 @@ def main(argv=None):
     evaluated = token_windows(tokenize(tok, read_texts("pydoc")), args.ctx, args.windows)
     cache = json.loads(args.tables.read_text()) if args.tables.exists() else {}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    dense = None if args.no_eval else perplexity(model, evaluated, desc="dense perplexity")
-    results = {"dense": None if dense is None else {"ppl": dense.value, "mean_nll": dense.mean_nll,
+    rotation = None
+    if args.rotate:
+        from sparsecc.tune.rotation import residual_basis, rotate_residual
+        before = perplexity(model, evaluated, desc="dense perplexity, unrotated")
+        rotate_residual(model, residual_basis(model, calib))
+        rotation = {"unrotated_ppl": before.value}
+    dense = None if args.no_eval and not args.rotate else perplexity(model, evaluated, desc="dense perplexity")
+    if rotation is not None:
+        rotation["rotated_ppl"] = dense.value
+        print(f"dense perplexity {rotation['unrotated_ppl']:.6f} unrotated, {dense.value:.6f} rotated", flush=True)
+        if abs(dense.value / rotation["unrotated_ppl"] - 1) > 1e-4:
+            raise SystemExit("quality_lm: the rotation changed the dense perplexity by more than 1e-4")
+    results = {"rotation": rotation,
+               "dense": None if dense is None else {"ppl": dense.value, "mean_nll": dense.mean_nll,
                                                     "tokens": dense.tokens},
                "calibration": f"docstrings: {args.calib_windows} windows of {args.calib_ctx} tokens, KL on "
                               f"{len(search)}", "evaluation": f"pydoc: {args.windows} windows of {args.ctx} tokens",
                "rows": []}
-    runs = [("input", args.criterion, args.targets)] + ([("gate", "magnitude", args.gate_targets)]
-                                                        if args.gate_targets else [])
-    for mode, criterion, targets in runs:
-        key = table_key(mode, criterion, args.levels, args.calib_windows, args.calib_ctx, len(search))
+    runs = [(mode, crit, targets) for mode, crit, targets in (("input", args.criterion, args.targets),
+                                                               ("gate", "magnitude", args.gate_targets),
+                                                               ("mixed", args.criterion, args.mixed_targets))
+            if targets]
+
+    def table(mode, criterion):
+        key = table_key(mode, criterion, args.levels, args.calib_windows, args.calib_ctx, len(search), args.rotate)
         t0 = time.time()
         sens = sensitivity(model, calib, search, mode, criterion, args.levels, cache, key)
         if cache[key]["seconds"] is None:
             cache[key]["seconds"] = round(time.time() - t0)
             args.tables.parent.mkdir(parents=True, exist_ok=True)
             args.tables.write_text(json.dumps(cache, indent=1))
-        tuning = blend_with_uniform(model, sens, targets, "kl", 0.95, progress=True)
+        return sens
+
+    for mode, criterion, targets in runs:
+        if mode == "mixed":
+            sens = table("input", criterion)
+            tuning = blend_mixed(model, sens, table("gate", "magnitude"), targets, "kl", 0.95, progress=True)
+        else:
+            sens = table(mode, criterion)
+            tuning = blend_with_uniform(model, sens, targets, "kl", 0.95, progress=True)
         for alloc in tuning.allocations:
             t = alloc.target
             uniform_taus = {q: quantile_tau(sens.scores[q], t) for q in sens.projections}
-            row = {"mode": mode, "criterion": criterion, "target": t, "kl": tuning.candidates[t],
-                   "levels": {str(q): round(v, 4) for q, v in alloc.levels.items()}}
-            for name, taus in (("uniform", uniform_taus), ("tuned", alloc.taus)):
-                spec = spec_of(sens.projections, taus, criterion)
+            row = {"mode": mode, "criterion": criterion, "target": t,
+                   "kl": {str(k): v for k, v in tuning.candidates[t].items()},
+                   "levels": {str(q): round(v, 4) for q, v in alloc.levels.items() if v > 0 or mode != "mixed"}}
+            named = [("uniform", sens.projections, uniform_taus), ("tuned", tuning.projections, alloc.taus)]
+            if mode == "mixed":
+                # The uniform baseline is input mode's (the input-mode rows); the choice's modes are recorded.
+                chosen = list(tuning.modes[t].values())
+                row["modes_chosen"] = {m: chosen.count(m) for m in sorted(set(chosen))}
+                row["picked_gate_sites"] = sorted(site for site, m in alloc.modes.items() if m == "gate")
+                named = named[1:]
+            for name, projections, taus in named:
+                spec = spec_of(projections, taus, criterion)
                 path = args.out_dir / f"{mode}_{criterion}_{int(round(100 * t))}_{name}.toml"
                 spec.save(path)
                 row[f"{name}_spec"] = str(path.relative_to(ROOT))

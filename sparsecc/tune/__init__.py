@@ -9,6 +9,9 @@
 * :func:`tune_ffn` is the FFN search alone, for several targets at once.
 * :func:`ffn_sensitivity` measures each FFN projection's output error alone at
   each sparsity level (the table behind the separable allocation, docs/tune.md).
+* :mod:`sparsecc.tune.ffn_modes` chooses input or gate mode per FFN site (``mode="mixed"``);
+  :mod:`sparsecc.tune.rotation` folds one rotation of a decoder's residual stream into its weights, so FFN
+  thresholds act in that basis (docs/tune.md).
 * :func:`cli_main` is the ``sparsecc tune`` command line.
 * :mod:`sparsecc.tune.models` loads a causal LM and its tokenizer (``smollm2-135m``, a ``.gguf``
   file, a directory, a hub id); :mod:`sparsecc.tune.quality` computes perplexity, eagerly or through

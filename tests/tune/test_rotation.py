@@ -1,0 +1,129 @@
+"""The residual-stream rotation folded into a Llama's weights: same logits, rotated FFN inputs, refusals."""
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc.spec import Defaults, Spec
+from sparsecc.tune import ffn_rules
+from sparsecc.tune.capture import ffn_projections, quantile_tau, score_samples
+from sparsecc.tune.rotation import RotationError, residual_basis, rotate_residual
+
+transformers = pytest.importorskip("transformers")
+from tests.quality import tiny  # noqa: E402
+
+
+def _ids(seed=1, tokens=20):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, len(tiny.WORDS) + 1, (1, tokens), generator=g)
+
+
+def _random_orthogonal(d, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q
+
+
+def _with_random_norm_scales(model):
+    # Random init leaves every RMSNorm scale at 1; non-trivial scales make the fold matter.
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                param.copy_(0.5 + torch.rand(param.shape, generator=g, dtype=torch.float64))
+    return model
+
+
+def _ffn_inputs(model, ids):
+    got = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach().clone()))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, got
+
+
+def test_rotation_keeps_the_logits_and_rotates_the_ffn_inputs():
+    model = _with_random_norm_scales(tiny.model().double())
+    model.lm_head.weight = model.model.embed_tokens.weight   # tied, as SmolLM2's: the fold must untie them
+    model.config.tie_word_embeddings = True
+    ids = _ids()
+    before, inputs_before = _ffn_inputs(model, ids)
+    scales = [layer.post_attention_layernorm.weight.detach().clone() for layer in model.model.layers]
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    q = _random_orthogonal(32)
+    rotate_residual(model, q)
+    after, inputs_after = _ffn_inputs(model, ids)
+    # transformers' RMSNorm normalises in float32 even in a float64 model: rounding at 1e-7, not a float64 1e-15.
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)
+    # What an FFN threshold sees now: the norm's unscaled output, rotated.
+    for x0, x1, g in zip(inputs_before, inputs_after, scales):
+        torch.testing.assert_close(x1, (x0 / g) @ q, atol=1e-6, rtol=1e-5)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    torch.testing.assert_close(model.model.embed_tokens.weight, embedding @ q)
+    assert all(bool((layer.input_layernorm.weight == 1).all()) for layer in model.model.layers)
+
+
+def test_float32_model_keeps_its_logits_to_rounding():
+    model = _with_random_norm_scales(tiny.model())
+    ids = _ids(seed=2)
+    before, _ = _ffn_inputs(model, ids)
+    rotate_residual(model, _random_orthogonal(32))
+    assert model.lm_head.weight.dtype == torch.float32
+    after, _ = _ffn_inputs(model, ids)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_basis_diagonalises_the_pooled_second_moment_of_the_unscaled_ffn_inputs():
+    model = _with_random_norm_scales(tiny.model().double())
+    batches = [{"input_ids": _ids(seed=s), "use_cache": False} for s in (1, 2)]
+    q = residual_basis(model, batches)
+    assert q.dtype == torch.float64
+    torch.testing.assert_close(q.T @ q, torch.eye(32, dtype=torch.float64), atol=1e-10, rtol=0)
+    moment = torch.zeros(32, 32, dtype=torch.float64)
+    for batch in batches:
+        _, inputs = _ffn_inputs(model, batch["input_ids"])
+        for x, layer in zip(inputs, model.model.layers):
+            z = (x / layer.post_attention_layernorm.weight).reshape(-1, 32)
+            moment += z.T @ z
+    rotated = q.T @ moment @ q
+    off = rotated - torch.diag(torch.diagonal(rotated))
+    assert off.abs().max() < 1e-8 * moment.abs().max()
+    assert (torch.diagonal(rotated)[1:] >= torch.diagonal(rotated)[:-1] - 1e-9).all()   # ascending
+
+
+def test_a_spec_tuned_on_the_rotated_model_compiles_and_thresholds_its_rotated_inputs(eager_lowering):
+    model = _with_random_norm_scales(tiny.model())
+    batches = [{"input_ids": _ids(seed=s), "use_cache": False} for s in (1, 2)]
+    rotate_residual(model, residual_basis(model, batches))
+    report = sparsecc.explain(model, **batches[0])
+    projections = ffn_projections(model, report, "input")
+    scores = score_samples(model, batches, projections, "magnitude")
+    taus = {p: quantile_tau(scores[p], 0.4) for p in projections}
+    spec = Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(projections, taus, "magnitude")))
+    with torch.no_grad():
+        dense = model(**batches[0]).logits
+        sparse = sparsecc.compile(model, spec=spec, kernels="reference")(**batches[0]).logits
+    applied = {s.module for s in sparsecc.last_report().sites if s.kind == "ffn" and s.applied}
+    assert applied == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert not torch.allclose(sparse, dense, atol=1e-4)
+
+
+def test_refusals_name_the_problem_and_leave_the_model_alone():
+    model = tiny.model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not orthogonal"):
+        rotate_residual(model, 2 * torch.eye(32))
+    with pytest.raises(ValueError, match=r"shape \(16, 16\); expected \(32, 32\)"):
+        rotate_residual(model, torch.eye(16))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(RotationError, match="has no 'model.embed_tokens'"):
+        rotate_residual(torch.nn.Linear(4, 4), torch.eye(4))
+    model.model.norm = torch.nn.LayerNorm(32)
+    with pytest.raises(RotationError, match="LayerNorm is not an RMS norm"):
+        rotate_residual(model, torch.eye(32))
