@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     torch._dynamo.reset()
     reset_reports()
     counts, started, skip = [], [time.time()], len(rows)
+    if skip >= len(trials):
+        print(f"needle_sparse: {args.json} already holds all {len(trials)} trials: "
+              f"{sum(r['hit'] for r in rows)}/{len(rows)} hits")
+        return 0
 
     def on_trial(i, trial, hit):
         i += skip
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "spec": "dense" if args.dense else args.spec, "model": args.model, "ctx": args.ctx, "trials": args.trials,
-                "seed": args.seed, "text": args.text, "sites_rewritten": counts[0], "sites_found": counts[1],
+                "seed": args.seed, "text": args.text, **_spec_digest(args),
+                "sites_rewritten": counts[0], "sites_found": counts[1],
                 "hits": hits, "done": len(rows), "rows": rows}, indent=1))
 
     if args.dense:
@@ -88,6 +93,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _spec_digest(args) -> dict:
+    """``{"spec_sha256": ...}`` of the spec file's bytes (nothing for ``--dense``): a resumed run checks the contents."""
+    if args.dense:
+        return {}
+    import hashlib
+    return {"spec_sha256": hashlib.sha256(Path(args.spec).read_bytes()).hexdigest()}
+
+
 def _resumed_rows(args) -> list[dict]:
     """The rows of an earlier run's ``--json``, after checking it ran the same trials with the same model and spec."""
     if not args.json:
@@ -98,6 +111,7 @@ def _resumed_rows(args) -> list[dict]:
     earlier = json.loads(path.read_text())
     wanted = {"spec": "dense" if args.dense else args.spec, "model": args.model, "ctx": args.ctx,
               "trials": args.trials, "seed": args.seed, "text": args.text}
+    wanted.update({k: v for k, v in _spec_digest(args).items() if k in earlier})   # files before the digest: by path
     differs = {k: (earlier.get(k), v) for k, v in wanted.items() if earlier.get(k) != v}
     if differs:
         raise SystemExit(f"needle_sparse: {path} was written for other settings (file, now): {differs}")

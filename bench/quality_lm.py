@@ -101,14 +101,19 @@ def main(argv=None):
     p.add_argument("--calib-ctx", type=int, default=512)
     p.add_argument("--search-windows", type=int, default=1, help="calibration windows the KL is measured on")
     p.add_argument("--tables", type=Path, default=ROOT / "bench" / "quality_lm" / "tables.json")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "quality_lm")
-    p.add_argument("--plot", default=str(ROOT / "bench" / "plots" / "quality_smollm2.png"),
-                   help="where the plot goes ('' for none)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="specs and results.json (default bench/quality_lm, with --rotate bench/quality_lm/rotated)")
+    p.add_argument("--plot", default=None,
+                   help="where the plot goes ('' for none; default bench/plots/quality_smollm2.png, none with --rotate)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-eval", action="store_true", help="tune and write the specs only")
     p.add_argument("--rotate", action="store_true",
                    help="fold a residual-stream rotation into the model first (sparsecc.tune.rotation)")
     args = p.parse_args(argv)
+    if args.out_dir is None:   # a rotated run never writes over the plain model's specs and results
+        args.out_dir = ROOT / "bench" / "quality_lm" / ("rotated" if args.rotate else "")
+    if args.plot is None:
+        args.plot = "" if args.rotate else str(ROOT / "bench" / "plots" / "quality_smollm2.png")
     args.out_dir, args.tables = args.out_dir.resolve(), args.tables.resolve()
     torch.set_num_threads(args.threads)
     started = time.time()

@@ -49,9 +49,36 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     if report is not None:
         options["report"] = report
     parse_options(options)  # fail now, with a SpecError, rather than at the first call
+    if spec is not None and isinstance(model, torch.nn.Module):
+        _warn_on_rotation_mismatch(model, spec)
     if isinstance(model, torch.nn.Module) and callable(getattr(model, "generate", None)):
         return _with_compiled_forward(model, options, torch_compile_kwargs)
     return torch.compile(model, backend=sparsecc_backend, options=options, **torch_compile_kwargs)
+
+
+def _warn_on_rotation_mismatch(model: torch.nn.Module, spec) -> None:
+    """Warn when a tuned spec and the model differ in their residual rotation (``sparsecc.tune.rotation``).
+
+    A spec tuned on a rotated model holds thresholds for rotated FFN inputs (``[meta.tune] residual_rotation``),
+    and one tuned on the plain model thresholds for plain ones: either on the other model runs exactly what it
+    says, with thresholds chosen for other activations. Specs without ``[meta.tune]`` are not checked.
+    """
+    import warnings
+
+    from sparsecc.backend import SparseccWarning
+    from sparsecc.tune.rotation import ROTATION_ATTRIBUTE
+
+    loaded = spec if isinstance(spec, Spec) else load_spec(spec)
+    tuned = loaded.meta.get("tune")
+    if not tuned:
+        return
+    expected = tuned.get("residual_rotation")
+    actual = getattr(getattr(model, "config", None), ROTATION_ATTRIBUTE, None)
+    if (expected or None) != (actual or None):
+        warnings.warn(SparseccWarning(
+            f"sparsecc: the spec was tuned on a model with residual rotation {expected or 'none'} and this model has "
+            f"{actual or 'none'}: its FFN thresholds were chosen for other activations (docs/tune.md, 'Rotating the "
+            "residual stream first')"), stacklevel=3)
 
 
 def _with_compiled_forward(model: torch.nn.Module, options: Dict[str, Any], torch_compile_kwargs) -> torch.nn.Module:

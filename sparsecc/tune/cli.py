@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Callable, List, Optional
 
+from sparsecc.tune.tuner import TUNE_MODES
+
 
 def _resolve(ref: str, what: str) -> Callable:
     """``module:attr`` (or ``module.attr``) to the object it names; errors say which argument was wrong."""
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=("magnitude", "weighted"), default="magnitude")
     p.add_argument("--method", choices=("greedy", "separable"), default="greedy",
                    help="greedy search, or the sensitivity table's separable allocation blended with uniform")
-    p.add_argument("--mode", choices=("input", "gate", "mixed"), default="input",
+    p.add_argument("--mode", choices=TUNE_MODES, default="input",
                    help="FFN thresholds on the projections' inputs (TEAL), on act(gate) (CATS), or either per "
                         "site (mixed; needs --method separable)")
     p.add_argument("--error", choices=("relative", "kl"), default="relative",
@@ -79,7 +81,10 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
 
     from sparsecc.tune.models import ModelLoadError, is_model_ref, load_model
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.mode == "mixed" and args.method != "separable":
+        parser.error("--mode mixed chooses modes on the sensitivity tables: it needs --method separable")
     tokenizer = None
     try:
         if not args.model_module and is_model_ref(args.model):

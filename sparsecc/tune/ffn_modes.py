@@ -20,10 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 from sparsecc.tune.capture import Projection
 from sparsecc.tune.ffn import Allocation, Sensitivity, separable_allocation
 
-__all__ = ["MODE_CHOICES", "choose_modes", "mixed_allocations", "site_weights"]
-
-# The modes a site can be given by the per-site choice.
-MODE_CHOICES = ("input", "gate")
+__all__ = ["choose_modes", "mixed_allocations", "site_weights"]
 
 
 def site_weights(input_projections: Sequence[Projection]) -> Dict[str, int]:
@@ -117,9 +114,10 @@ def choose_modes(input_table: Sensitivity, gate_table: Sensitivity, input_projec
     error = np.array([[o[1] for o in t] for t in padded])
     try:
         picks = allocate(error, density, [totals[s] for s in sites], 1.0 - target)
-    except ValueError as err:
-        raise ValueError(f"target={target!r} cannot be reached with levels up to max_level={max_level}: {err}") \
-            from None
+    except ValueError:
+        reachable = 1.0 - float((density.min(1) * np.array([totals[s] for s in sites])).sum()) / sum(totals.values())
+        raise ValueError(f"target={target!r} cannot be reached with levels up to max_level={max_level}: the "
+                         f"sparsest options skip {reachable:.4f} of the FFN weights") from None
     return {site: padded[g][picks[g]][2] for g, site in enumerate(sites)}
 
 
@@ -146,5 +144,6 @@ def mixed_allocations(input_table: Sensitivity, gate_table: Sensitivity, input_p
         everything = list(input_projections) + list(gate_projections)
         alloc.levels = {p: alloc.levels.get(p, 0.0) for p in everything}
         alloc.taus = {p: alloc.taus.get(p) for p in everything}
+        alloc.modes = dict(modes)
         out.append((alloc, modes))
     return out

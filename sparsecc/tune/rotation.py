@@ -19,95 +19,177 @@ nothing per decode step once folded; docs/tune.md, docs/quality.md).
 
 Llama-style decoders (transformers' ``LlamaForCausalLM`` layout: ``model.embed_tokens``, ``model.layers[i]`` with
 ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``, then
-``model.norm`` and ``lm_head``, RMS norms) only; anything else is refused with the module that does not fit.
+``model.norm`` and ``lm_head``, RMS norms) only; anything else is refused with the module that does not fit. The
+fold is then checked on probe tokens: logits that moved (a norm that is not ``g * h / rms(h)``, such as Gemma's
+``(1 + g)``, or a reader that is more than its weight) restore the model and raise :class:`RotationError`.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+import hashlib
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["residual_basis", "rotate_residual", "RotationError"]
+__all__ = ["residual_basis", "rotate_residual", "rotation_fingerprint", "RotationError", "ROTATION_ATTRIBUTE"]
 
 _READERS_ATTN = ("q_proj", "k_proj", "v_proj")
 _READERS_FFN = ("gate_proj", "up_proj")
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+# The config attribute a rotated model carries (the rotation's fingerprint): it changes the model's config hash, is
+# saved with the config, and a spec tuned on the model records it (``[meta.tune] residual_rotation``).
+ROTATION_ATTRIBUTE = "sparsecc_residual_rotation"
+# Probe tokens for the check after the fold, and the largest logit change it accepts (relative to the largest logit;
+# float32 rounding through a deep stack is ~1e-6 of it, a misfolded norm or reader moves logits by percents).
+_PROBE_TOKENS = 16
+_PROBE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+_PROBE_TOLERANCE_LOW = 2e-2   # float16 / bfloat16 weights
 
 
 class RotationError(ValueError):
-    """The model does not have the layout the residual rotation folds into."""
+    """The model does not have the layout the residual rotation folds into, or the fold changed its logits."""
+
+
+def _fail(model, what: str) -> RotationError:
+    return RotationError(f"rotate_residual: {type(model).__name__}: {what} (a Llama-style decoder is needed: "
+                         "model.embed_tokens, model.layers[i] with input_layernorm, self_attn.{q,k,v,o}_proj, "
+                         "post_attention_layernorm, mlp.{gate,up,down}_proj, then model.norm and lm_head)")
 
 
 def _parts(model: nn.Module) -> Dict[str, object]:
-    """The modules the rotation touches, after checking the layout (RotationError naming what is missing)."""
+    """The modules the rotation touches, after checking the layout (RotationError naming what does not fit)."""
     def get(obj, path):
         for name in path.split("."):
             if not hasattr(obj, name):
-                raise RotationError(f"rotate_residual: {type(model).__name__} has no '{path}' (a Llama-style decoder "
-                                    "with model.embed_tokens, model.layers, model.norm and lm_head is needed)")
+                raise _fail(model, f"has no '{path}'")
             obj = getattr(obj, name)
         return obj
 
     embed, layers, final, head = (get(model, p) for p in ("model.embed_tokens", "model.layers", "model.norm",
                                                           "lm_head"))
-    norms = [final]
+    if not isinstance(embed, nn.Embedding):
+        raise _fail(model, f"model.embed_tokens is a {type(embed).__name__}, not an nn.Embedding")
+    d = embed.weight.shape[1]
+
+    def linear(path: str, module, reads: bool) -> None:
+        # Exactly nn.Linear: a wrapper (LoRA, quantised) computes more than its .weight, which the fold would miss.
+        if type(module) is not nn.Linear:
+            raise _fail(model, f"{path} is a {type(module).__name__}, not an nn.Linear")
+        width = module.in_features if reads else module.out_features
+        if width != d:
+            raise _fail(model, f"{path} has {'in' if reads else 'out'}_features {width}, not the hidden size {d}")
+
+    norms = [("model.norm", final)]
     for i, layer in enumerate(layers):
-        for path in ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj", "mlp.down_proj",
-                     *(f"self_attn.{n}" for n in _READERS_ATTN), *(f"mlp.{n}" for n in _READERS_FFN)):
-            get(layer, path)
-        norms += [layer.input_layernorm, layer.post_attention_layernorm]
-    for norm in norms:
+        at = f"model.layers.{i}"
+        for name in _READERS_ATTN:
+            linear(f"{at}.self_attn.{name}", get(layer, f"self_attn.{name}"), True)
+        for name in _READERS_FFN:
+            linear(f"{at}.mlp.{name}", get(layer, f"mlp.{name}"), True)
+        linear(f"{at}.self_attn.o_proj", get(layer, "self_attn.o_proj"), False)
+        linear(f"{at}.mlp.down_proj", get(layer, "mlp.down_proj"), False)
+        extra = [n for n, m in layer.named_children() if "norm" in type(m).__name__.lower() and n not in _LAYER_NORMS]
+        if extra:
+            raise _fail(model, f"{at} has norms besides {_LAYER_NORMS}: {extra}")
+        norms += [(f"{at}.{n}", get(layer, n)) for n in _LAYER_NORMS]
+    linear("lm_head", head, True)
+    for path, norm in norms:
         weight = getattr(norm, "weight", None)
         if "RMSNorm" not in type(norm).__name__ or weight is None or getattr(norm, "bias", None) is not None:
-            raise RotationError(f"rotate_residual: {type(norm).__name__} is not an RMS norm with a scale and no bias; "
-                                "only RMS norms commute with a rotation")
+            raise _fail(model, f"{path} is a {type(norm).__name__}, not an RMS norm with a scale and no bias (only "
+                               "RMS norms commute with a rotation)")
+        if tuple(weight.shape) != (d,):
+            raise _fail(model, f"{path} has a scale of shape {tuple(weight.shape)}, not ({d},)")
     return {"embed": embed, "layers": layers, "final": final, "head": head}
 
 
 def residual_basis(model: nn.Module, batches: Sequence) -> torch.Tensor:
-    """The eigenvectors (columns, float64 [d, d]) of the FFN inputs' pooled second moment, before the norms' scales.
+    """The eigenvectors (columns, float64 [d, d], on the CPU) of the FFN inputs' pooled second moment.
 
     Every layer's ``post_attention_layernorm`` output divided by its scale, over
-    every token of ``batches`` (each a dict of model keyword arguments or a tensor
-    of input ids), summed into one ``d x d`` matrix. Columns in ascending order
+    the tokens of ``batches`` (a tuple of positional arguments, a dict of
+    keyword arguments or a tensor of input ids, as :func:`sparsecc.tune` takes
+    them; positions an ``attention_mask`` masks out are left out), summed into
+    one ``d x d`` matrix. The model runs in eval mode. Columns in ascending order
     of eigenvalue.
     """
+    from sparsecc.tune.capture import run
+
     parts = _parts(model)
     d = parts["embed"].weight.shape[1]
     moment = torch.zeros(d, d, dtype=torch.float64)
+    keep: List = [None]
 
     def hook(norm):
         def record(_module, _args, out):
             nonlocal moment
-            x = (out.detach().double() / norm.weight.detach().double()).reshape(-1, d)
-            moment += x.T @ x
+            x = out.detach().double() / norm.weight.detach().double()
+            if keep[0] is not None and keep[0].shape == x.shape[:-1]:
+                x = x[keep[0].to(x.device)]
+            x = x.reshape(-1, d)
+            moment += (x.T @ x).cpu()
         return record
 
     handles = [layer.post_attention_layernorm.register_forward_hook(hook(layer.post_attention_layernorm))
                for layer in parts["layers"]]
+    was_training = model.training
+    model.eval()
     try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch) if isinstance(batch, dict) else model(batch)
+        for batch in batches:
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            keep[0] = None if mask is None else mask.bool()
+            run(model, batch)
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     if not torch.isfinite(moment).all() or not moment.abs().sum() > 0:
         raise ValueError("residual_basis: the FFN inputs recorded no finite, non-zero values")
     return torch.linalg.eigh(moment)[1]
+
+
+def rotation_fingerprint(basis: torch.Tensor) -> str:
+    """A short SHA-256 of the rotation (float64 bytes): what a rotated model and its specs record."""
+    data = torch.as_tensor(basis).detach().to(torch.float64).cpu().contiguous()
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+
+
+def _probe_logits(model: nn.Module, vocab: int, device) -> torch.Tensor:
+    ids = (torch.arange(_PROBE_TOKENS, device=device) * 7919 % vocab)[None]
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False) if _takes_use_cache(model) else model(input_ids=ids)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.detach().double().cpu()
+
+
+def _takes_use_cache(model) -> bool:
+    import inspect
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
     """Fold the orthogonal ``basis`` (float [d, d]) into ``model``'s weights, in place (see the module docstring).
 
     Computed in float64 and stored in each weight's dtype. ``basis`` must be
-    orthogonal (``basisᵀ basis = I`` to 1e-6); the model is left unchanged when a
-    check fails. A tied LM head is untied and ``config.tie_word_embeddings``
-    (when present) set to False.
+    orthogonal (``basisᵀ basis = I`` to 1e-6). A tied LM head is untied and
+    ``config.tie_word_embeddings`` (when present) set to False; the config
+    gets :data:`ROTATION_ATTRIBUTE`, the rotation's fingerprint (a second
+    rotation is refused). After the fold the logits of 16 probe tokens are
+    compared with those before; if they moved (beyond float rounding), or if
+    anything fails, every weight is restored and RotationError / the error is
+    raised: the model is either rotated or unchanged.
     """
     parts = _parts(model)
-    d = parts["embed"].weight.shape[1]
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, ROTATION_ATTRIBUTE, None):
+        raise RotationError(f"rotate_residual: the model is already rotated ({ROTATION_ATTRIBUTE}="
+                            f"{getattr(config, ROTATION_ATTRIBUTE)!r}); rotate the original model instead")
+    embed, head = parts["embed"], parts["head"]
+    d = embed.weight.shape[1]
     q = torch.as_tensor(basis).detach().to(torch.float64).cpu()
     if q.shape != (d, d):
         raise ValueError(f"rotate_residual: basis has shape {tuple(q.shape)}; expected ({d}, {d}) (the hidden size)")
@@ -115,6 +197,55 @@ def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
     if not error < 1e-6:
         raise ValueError(f"rotate_residual: basis is not orthogonal (max |QᵀQ - I| = {error:.3g})")
 
+    touched = _touched_parameters(parts)
+    saved = [(param, param.detach().clone()) for param in touched]
+    tied = head.weight is embed.weight
+    was_training = model.training
+    model.eval()
+    try:
+        before = _probe_logits(model, embed.weight.shape[0], embed.weight.device)
+        _fold(parts, q, tied)
+        after = _probe_logits(model, embed.weight.shape[0], embed.weight.device)
+        tolerance = _PROBE_TOLERANCE.get(embed.weight.dtype, _PROBE_TOLERANCE_LOW)
+        moved = (after - before).abs().max().item()
+        scale = before.abs().max().item() or 1.0
+        if not moved <= tolerance * scale:
+            raise RotationError(f"rotate_residual: {type(model).__name__}: the fold moved the probe logits by "
+                                f"{moved:.3g} (largest logit {scale:.3g}, allowed {tolerance:g} of it); the model "
+                                "computes something besides the Llama layout (a norm other than g * h / rms(h), or a "
+                                "reader or writer outside the fold), and was restored")
+    except BaseException:
+        with torch.no_grad():
+            for param, value in saved:
+                param.data.copy_(value)
+        if tied:
+            head.weight = embed.weight
+        raise
+    finally:
+        model.train(was_training)
+    if tied and config is not None and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    if config is not None:
+        setattr(config, ROTATION_ATTRIBUTE, rotation_fingerprint(q))
+
+
+def _touched_parameters(parts) -> List[nn.Parameter]:
+    params = [parts["embed"].weight, parts["final"].weight, parts["head"].weight]
+    for layer in parts["layers"]:
+        params += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        for module in [getattr(layer.self_attn, n) for n in (*_READERS_ATTN, "o_proj")] + \
+                      [getattr(layer.mlp, n) for n in (*_READERS_FFN, "down_proj")]:
+            params += [module.weight] + ([module.bias] if module.bias is not None else [])
+    unique, seen = [], set()
+    for param in params:
+        if id(param) not in seen:
+            seen.add(id(param))
+            unique.append(param)
+    return unique
+
+
+def _fold(parts, q: torch.Tensor, tied: bool) -> None:
+    """The fold itself (every new weight computed in float64 from the current ones, then stored)."""
     def store(param: nn.Parameter, value: torch.Tensor) -> None:
         param.data.copy_(value.to(device=param.device, dtype=param.dtype))
 
@@ -124,7 +255,7 @@ def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
 
     def write(linear: nn.Linear) -> None:                                # W -> Qᵀ W, b -> b Q
         store(linear.weight, q.T @ linear.weight.detach().double().cpu())
-        if getattr(linear, "bias", None) is not None:
+        if linear.bias is not None:
             store(linear.bias, linear.bias.detach().double().cpu() @ q)
 
     def take_scale(norm) -> torch.Tensor:
@@ -133,11 +264,8 @@ def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
         return scale
 
     embed, head = parts["embed"], parts["head"]
-    if head.weight is embed.weight:
+    if tied:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "tie_word_embeddings"):
-            config.tie_word_embeddings = False
     with torch.no_grad():
         store(embed.weight, embed.weight.detach().double().cpu() @ q)
         for layer in parts["layers"]:
@@ -150,4 +278,3 @@ def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
                 read(getattr(layer.mlp, name), scale)
             write(layer.mlp.down_proj)
         read(head, take_scale(parts["final"]))
-

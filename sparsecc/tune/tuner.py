@@ -376,6 +376,12 @@ def ffn_rules(projections: Sequence[Projection], taus, criterion: str) -> List[R
     for p in projections:
         if taus.get(p) is not None:
             by_site.setdefault((p.site, p.mode), {})[p.key] = float(taus[p])
+    sites = [site for site, _ in by_site]
+    both = sorted({site for site in sites if sites.count(site) > 1})
+    if both:
+        # One activation_threshold rule applies per site: thresholds of both modes cannot both run.
+        raise ValueError(f"ffn_rules: sites {both} have thresholds in both input and gate mode; give each site "
+                         "one mode (the other mode's taus None)")
     rules = []
     for (site, mode), table in by_site.items():
         # Gate mode compares |act(gate)| only: its criterion is always magnitude.
@@ -398,6 +404,13 @@ def attention_rules(choices: Sequence[HeadChoice]) -> List[Rule]:
             rules.append(Rule(kind="attention", index=len(rules), form=form, modules=glob_escape(choice.site),
                               heads=None if full else tuple(heads)))
     return rules
+
+
+def _rotation_record(model) -> Dict[str, str]:
+    """``{"residual_rotation": fingerprint}`` for a model rotated by :mod:`sparsecc.tune.rotation`, else nothing."""
+    from sparsecc.tune.rotation import ROTATION_ATTRIBUTE
+    fingerprint = getattr(getattr(model, "config", None), ROTATION_ATTRIBUTE, None)
+    return {"residual_rotation": str(fingerprint)} if fingerprint else {}
 
 
 def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "magnitude",
@@ -465,6 +478,7 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
     meta = {
         "model_class": provenance.model_class(model),
         "config_hash": provenance.config_hash(model),
+        **_rotation_record(model),
         "date": provenance.utc_now(),
         "versions": provenance.library_versions(),
         "calibration": {"batches": len(batches), "items": provenance.count_items(batches),

@@ -58,7 +58,8 @@ def _brute_force(input_table, gate_table, sites, target):
 def test_choice_matches_brute_force_on_random_tables():
     rng = random.Random(0)
     for trial in range(12):
-        sites = [_site(i) for i in range(3)]
+        # Sites of unequal width, one of them ungated (input-mode options only).
+        sites = [_site(0, gate_width=64), _site(1, gate_width=96, gated=trial % 2 == 0), _site(2, gate_width=32)]
         inputs = [p for s, _ in sites for p in s]
         gates = [g for _, gs in sites for g in gs]
 
@@ -164,6 +165,43 @@ def test_tune_mixed_writes_a_spec_that_compiles(tmp_path, eager_lowering):
     tried = [e for _, e in meta["search"]["blend_errors"]] + [meta["search"]["mixed_error"]]
     assert any(meta["achieved"]["output_error"] == pytest.approx(e, rel=1e-4) for e in tried)
     assert load_spec(tmp_path / "mixed.toml") == spec
+    with torch.no_grad():
+        sparsecc.compile(model, spec=spec, kernels="reference")(**batches[0])
+    applied = {s.module for s in sparsecc.last_report().sites if s.kind == "ffn" and s.applied}
+    assert applied == {"model.layers.0.mlp", "model.layers.1.mlp"}
+
+
+def test_ffn_rules_refuse_a_site_with_thresholds_in_both_modes():
+    (inputs, gate) = _site(0)
+    taus = {inputs[0]: 0.1, inputs[1]: 0.2, gate[0]: 0.3}
+    with pytest.raises(ValueError, match=r"sites \['layers.0'\] have thresholds in both input and gate mode"):
+        ffn_rules(inputs + gate, taus, "magnitude")
+
+
+def _half_dead_gates(model, layer=0):
+    """Scale half of a layer's gate rows by 1e-4: those neurons' act(gate) is ~0, so gate mode drops them for free."""
+    with torch.no_grad():
+        gate = model.model.layers[layer].mlp.gate_proj.weight
+        gate[::2].mul_(1e-4)
+    return model
+
+
+def test_tune_mixed_runs_a_gate_site_where_gate_mode_is_free(tmp_path, eager_lowering):
+    model = _half_dead_gates(tiny.model())
+    batches = _token_batches(2)
+    spec = sparsecc.tune(model, batches, target=0.3, out=tmp_path / "mixed.toml", method="separable", mode="mixed",
+                         error_fn="kl", levels=(0.2, 0.4, 0.6, 0.8), policy="force", progress=False)
+    meta = spec.meta["tune"]
+    rows = {row["module"]: row for row in meta["ffn"]}
+    # Layer 0: dropping its dead neurons in gate mode costs ~nothing, so the choice (and the measurement) take it.
+    assert rows["model.layers.0.mlp"]["mode"] == "gate" and rows["model.layers.1.mlp"]["mode"] == "input"
+    assert meta["search"]["mixed_modes"] == {"gate": 1, "input": 1}
+    assert meta["search"]["mixed_error"] < min(e for _, e in meta["search"]["blend_errors"])
+    assert {r.modules: r.form.mode for r in spec.ffn} == {"model.layers.0.mlp": "gate", "model.layers.1.mlp": "input"}
+    assert rows["model.layers.0.mlp"]["gate_sparsity"] > 0 and "input_sparsity" not in rows["model.layers.0.mlp"]
+    # The target is the share of every FFN weight skipped (layer 0's gate weights are read whatever it keeps).
+    assert meta["achieved"]["ffn_sparsity"] == pytest.approx(0.3)
+    assert abs(meta["achieved"]["ffn_sparsity_measured"] - 0.3) < 0.05
     with torch.no_grad():
         sparsecc.compile(model, spec=spec, kernels="reference")(**batches[0])
     applied = {s.module for s in sparsecc.last_report().sites if s.kind == "ffn" and s.applied}

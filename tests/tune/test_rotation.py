@@ -7,7 +7,9 @@ import sparsecc
 from sparsecc.spec import Defaults, Spec
 from sparsecc.tune import ffn_rules
 from sparsecc.tune.capture import ffn_projections, quantile_tau, score_samples
-from sparsecc.tune.rotation import RotationError, residual_basis, rotate_residual
+from sparsecc.tune import rotation as rotation_module
+from sparsecc.tune.rotation import (ROTATION_ATTRIBUTE, RotationError, residual_basis, rotate_residual,
+                                    rotation_fingerprint)
 
 transformers = pytest.importorskip("transformers")
 from tests.quality import tiny  # noqa: E402
@@ -114,6 +116,131 @@ def test_a_spec_tuned_on_the_rotated_model_compiles_and_thresholds_its_rotated_i
     assert not torch.allclose(sparse, dense, atol=1e-4)
 
 
+def _biased_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny.WORDS) + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)   # zero-initialised biases would not test their fold
+    return _with_random_norm_scales(model)
+
+
+def test_biases_of_writers_and_readers_fold_too():
+    model = _biased_llama()
+    ids = _ids()
+    before, _ = _ffn_inputs(model, ids)
+    rotate_residual(model, _random_orthogonal(32))
+    after, _ = _ffn_inputs(model, ids)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)
+
+
+def test_the_rotated_model_records_its_rotation_and_survives_a_save(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = _with_random_norm_scales(tiny.model())
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    q = _random_orthogonal(32)
+    rotate_residual(model, q)
+    assert getattr(model.config, ROTATION_ATTRIBUTE) == rotation_fingerprint(q)
+    ids = _ids()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert getattr(loaded.config, ROTATION_ATTRIBUTE) == rotation_fingerprint(q)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, logits)
+    with pytest.raises(RotationError, match="already rotated"):
+        rotate_residual(loaded, q)
+
+
+def test_tuned_specs_record_the_rotation_and_compile_warns_on_the_other_model(tmp_path, eager_lowering):
+    batches = [{"input_ids": _ids(seed=s), "use_cache": False} for s in (1, 2)]
+    plain = tiny.model()
+    rotated = tiny.model()
+    rotate_residual(rotated, residual_basis(rotated, batches))
+    spec = sparsecc.tune(rotated, batches, target=0.3, method="separable", error_fn="kl", levels=(0.3, 0.6),
+                         progress=False)
+    assert spec.meta["tune"]["residual_rotation"] == getattr(rotated.config, ROTATION_ATTRIBUTE)
+    with pytest.warns(sparsecc.SparseccWarning, match="residual rotation"):
+        sparsecc.compile(plain, spec=spec, kernels="reference")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsecc.compile(rotated, spec=spec, kernels="reference")
+
+
+def test_padding_positions_are_left_out_of_the_basis():
+    model = _with_random_norm_scales(tiny.model().double())
+    ids = _ids(tokens=12)
+    mask = torch.ones_like(ids)
+    mask[:, :4] = 0
+    padded = residual_basis(model, [{"input_ids": ids, "attention_mask": mask, "use_cache": False}])
+    moment = torch.zeros(32, 32, dtype=torch.float64)
+    _, inputs = _ffn_inputs_masked(model, ids, mask)
+    for x, layer in zip(inputs, model.model.layers):
+        z = (x[0, 4:] / layer.post_attention_layernorm.weight).reshape(-1, 32)
+        moment += z.T @ z
+    want = torch.linalg.eigh(moment)[1]
+    # Eigenvectors are defined up to sign: compare |cos| of matching columns.
+    cos = (padded * want).sum(0).abs()
+    assert torch.allclose(cos, torch.ones(32, dtype=torch.float64), atol=1e-6)
+
+
+def _ffn_inputs_masked(model, ids, mask):
+    got = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach().clone()))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, got
+
+
+def test_a_norm_other_than_rms_times_scale_is_caught_by_the_probe_and_the_model_restored():
+    from transformers import GemmaConfig, GemmaForCausalLM
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.5)   # Gemma scales by (1 + w); w = 0 would hide the difference
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(RotationError, match="moved the probe logits"):
+        rotate_residual(model, _random_orthogonal(32))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert getattr(model.config, ROTATION_ATTRIBUTE, None) is None
+
+
+def test_a_failure_inside_the_fold_restores_every_weight(monkeypatch):
+    model = _with_random_norm_scales(tiny.model())
+    model.lm_head.weight = model.model.embed_tokens.weight
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    real_fold = rotation_module._fold
+
+    def failing_fold(parts, q, tied):
+        real_fold(parts, q, tied)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(rotation_module, "_fold", failing_fold)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rotate_residual(model, _random_orthogonal(32))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
 def test_refusals_name_the_problem_and_leave_the_model_alone():
     model = tiny.model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -125,5 +252,18 @@ def test_refusals_name_the_problem_and_leave_the_model_alone():
     with pytest.raises(RotationError, match="has no 'model.embed_tokens'"):
         rotate_residual(torch.nn.Linear(4, 4), torch.eye(4))
     model.model.norm = torch.nn.LayerNorm(32)
-    with pytest.raises(RotationError, match="LayerNorm is not an RMS norm"):
+    with pytest.raises(RotationError, match="model.norm is a LayerNorm, not an RMS norm"):
+        rotate_residual(model, torch.eye(32))
+    # A reader that computes more than its weight (a LoRA-style wrapper) is refused, not half-folded.
+    model = tiny.model()
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    model.model.layers[1].self_attn.q_proj = Wrapped(32, 32, bias=False)
+    with pytest.raises(RotationError, match=r"model.layers.1.self_attn.q_proj is a Wrapped, not an nn.Linear"):
+        rotate_residual(model, torch.eye(32))
+    model = tiny.model()
+    model.model.layers[0].extra_norm = type(model.model.norm)(32)
+    with pytest.raises(RotationError, match=r"model.layers.0 has norms besides .*'extra_norm'"):
         rotate_residual(model, torch.eye(32))
