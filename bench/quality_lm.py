@@ -21,7 +21,8 @@ uniform). Specs go to ``--out-dir`` (``sparsecc eval smollm2-135m --spec S --tex
 choice measured beside the input-mode blends; its rows compare with the input-mode rows of the same target).
 ``--rotate`` first folds one rotation of the residual stream into the model (:mod:`sparsecc.tune.rotation`: the
 eigenbasis of the FFN inputs' pooled second moment over the calibration windows), checks that the dense perplexity
-did not move, and then tunes and evaluates the rotated model (its specs are for that model only; tables keyed apart).
+did not move, and then tunes and evaluates the rotated model (its specs are for that model only; tables keyed apart;
+``--save-rotated DIR`` keeps the rotated model for ``sparsecc eval DIR --spec ...``).
 Sensitivity tables are cached in ``--tables`` (keyed by mode, criterion, levels and calibration), so a rerun only
 evaluates. Progress bars on every long step.
 """
@@ -109,6 +110,9 @@ def main(argv=None):
     p.add_argument("--no-eval", action="store_true", help="tune and write the specs only")
     p.add_argument("--rotate", action="store_true",
                    help="fold a residual-stream rotation into the model first (sparsecc.tune.rotation)")
+    p.add_argument("--save-rotated", type=Path, default=None,
+                   help="with --rotate: save the rotated model and tokenizer here (save_pretrained), so that "
+                        "`sparsecc eval DIR --spec ...` reproduces a row")
     args = p.parse_args(argv)
     if args.out_dir is None:   # a rotated run never writes over the plain model's specs and results
         args.out_dir = ROOT / "bench" / "quality_lm" / ("rotated" if args.rotate else "")
@@ -132,6 +136,11 @@ def main(argv=None):
         before = perplexity(model, evaluated, desc="dense perplexity, unrotated")
         rotate_residual(model, residual_basis(model, calib))
         rotation = {"unrotated_ppl": before.value}
+        if args.save_rotated is not None:
+            model.save_pretrained(args.save_rotated)
+            tok.save_pretrained(args.save_rotated)
+    elif args.save_rotated is not None:
+        p.error("--save-rotated needs --rotate")
     dense = None if args.no_eval and not args.rotate else perplexity(model, evaluated, desc="dense perplexity")
     if rotation is not None:
         rotation["rotated_ppl"] = dense.value
