@@ -84,6 +84,26 @@ def sensitivity(model, calib, search, mode, criterion, levels, cache: dict, key:
                           list(search), dense)
 
 
+def save_model(model, tokenizer, directory: Path) -> None:
+    """Config, weights (safetensors) and tokenizer in a directory that ``from_pretrained`` and ``sparsecc eval`` load.
+
+    ``save_pretrained`` refuses a model loaded from a GGUF file (transformers marks it quantised although its weights
+    are dequantised float tensors), so the config is written without its GGUF quantisation entry.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
+
+
 def spec_of(projections, taus, criterion) -> Spec:
     return Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(projections, taus, criterion)))
 
@@ -137,8 +157,7 @@ def main(argv=None):
         rotate_residual(model, residual_basis(model, calib))
         rotation = {"unrotated_ppl": before.value}
         if args.save_rotated is not None:
-            model.save_pretrained(args.save_rotated)
-            tok.save_pretrained(args.save_rotated)
+            save_model(model, tok, args.save_rotated)
     elif args.save_rotated is not None:
         p.error("--save-rotated needs --rotate")
     dense = None if args.no_eval and not args.rotate else perplexity(model, evaluated, desc="dense perplexity")
