@@ -246,7 +246,8 @@ def plot(results, path: Path) -> None:
     ax.set_xlabel("average FFN activation sparsity (%)")
     ax.set_ylabel("perplexity change vs dense (%)")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M, pydoc topics (held out), ctx 2048")
+    rotated = ", residual stream rotated" if results.get("rotation") else ""
+    ax.set_title(f"SmolLM2-135M{rotated}, pydoc topics (held out), ctx 2048")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
