@@ -1,6 +1,6 @@
 """Does thresholding the FFN input in a rotated basis (LaRoSA's idea) pay on SmolLM2, and at equal weight bytes?
 
-    python bench/quality_rotation.py [--levels 0.2,0.3,0.4,0.5,0.6] [--variants plain,layer,global]
+    python bench/quality_rotation.py [--levels 0.2,0.3,0.4,0.5,0.6] [--variants plain,layer,global,plain_topk,global_topk]
                                      [--json out.json]
 
 Only the gate/up input is thresholded (the down projection stays dense), with one quantile threshold per layer
@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("plain", "layer", "global")
+VARIANTS = ("plain", "layer", "global", "plain_topk", "global_topk")
 
 
 def ffn_inputs(model, windows) -> dict:
@@ -68,14 +68,22 @@ def thresholds(inputs: dict, bases: dict, scales: dict, level: float) -> dict:
             for i, x in inputs.items()}
 
 
-def patched_perplexity(model, windows, bases: dict, scales: dict, tau: dict) -> float:
-    """Perplexity with each FFN input replaced by ``((z * [|z| > tau]) Qᵀ) * scale``, ``z = (x / scale) Q``."""
+def patched_perplexity(model, windows, bases: dict, scales: dict, tau: dict, keep_per_token: int = 0) -> float:
+    """Perplexity with each FFN input replaced by ``((z * [|z| > tau]) Qᵀ) * scale``, ``z = (x / scale) Q``.
+
+    With ``keep_per_token`` > 0 each token keeps its ``keep_per_token`` largest ``|z|`` instead (``tau`` unused).
+    """
     from sparsecc.tune.quality import perplexity
 
     def hook(i):
         def pre(_module, args):
             z = (args[0] / scales[i]) @ bases[i]
-            return (((z * (z.abs() > tau[i])) @ bases[i].T) * scales[i],)
+            if keep_per_token:
+                kth = z.abs().topk(keep_per_token, dim=-1).values[..., -1:]
+                keep = z.abs() >= kth
+            else:
+                keep = z.abs() > tau[i]
+            return (((z * keep) @ bases[i].T) * scales[i],)
         return pre
 
     hooks = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
@@ -116,6 +124,7 @@ def main(argv=None) -> int:
         "layer": ({i: eigenbasis(x.T @ x) for i, x in inputs.items()}, ones),
         "global": ({i: global_basis for i in inputs}, norm_scales),
     }
+    setups["plain_topk"], setups["global_topk"] = setups["plain"], setups["global"]
     d_ff = layers[0].mlp.gate_proj.weight.shape[0]
     dense = perplexity(model, evaluation, progress=False).value
     rows = []
@@ -124,7 +133,10 @@ def main(argv=None) -> int:
     for level in [float(s) for s in args.levels.split(",")]:
         for v in variants:
             bases, scales = setups[v]
-            value = patched_perplexity(model, evaluation, bases, scales, thresholds(inputs, bases, scales, level))
+            if v.endswith("_topk"):
+                value = patched_perplexity(model, evaluation, bases, scales, {}, round((1 - level) * d))
+            else:
+                value = patched_perplexity(model, evaluation, bases, scales, thresholds(inputs, bases, scales, level))
             rows.append({"level": level, "variant": v, "perplexity": value, "change": value / dense - 1})
             print(f"gate/up input {level:.0%} {v:>6}: {value:.4f} ({(value / dense - 1) * 100:+.2f}%)", flush=True)
     if args.json:
