@@ -104,8 +104,12 @@ def save_model(model, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def spec_of(projections, taus, criterion) -> Spec:
-    return Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(projections, taus, criterion)))
+def spec_of(projections, taus, criterion, model=None) -> Spec:
+    """A forced spec of these thresholds; for a rotated model ``[meta.tune] residual_rotation`` names its rotation."""
+    from sparsecc.tune.rotation import ROTATION_ATTRIBUTE
+    fingerprint = getattr(getattr(model, "config", None), ROTATION_ATTRIBUTE, None)
+    meta = {"tune": {"source": "bench/quality_lm.py", "residual_rotation": fingerprint}} if fingerprint else {}
+    return Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(projections, taus, criterion)), meta=meta)
 
 
 def main(argv=None):
@@ -208,7 +212,7 @@ def main(argv=None):
                 row["picked_gate_sites"] = sorted(site for site, m in alloc.modes.items() if m == "gate")
                 named = named[1:]
             for name, projections, taus in named:
-                spec = spec_of(projections, taus, criterion)
+                spec = spec_of(projections, taus, criterion, model)
                 path = args.out_dir / f"{mode}_{criterion}_{int(round(100 * t))}_{name}.toml"
                 spec.save(path)
                 row[f"{name}_spec"] = str(path.relative_to(ROOT))

@@ -68,9 +68,11 @@ def _warn_on_rotation_mismatch(model: torch.nn.Module, spec) -> None:
     from sparsecc.backend import SparseccWarning
     from sparsecc.tune.rotation import ROTATION_ATTRIBUTE
 
+    from collections.abc import Mapping
+
     loaded = spec if isinstance(spec, Spec) else load_spec(spec)
     tuned = loaded.meta.get("tune")
-    if not tuned:
+    if not isinstance(tuned, Mapping) or not tuned:
         return
     expected = tuned.get("residual_rotation")
     actual = getattr(getattr(model, "config", None), ROTATION_ATTRIBUTE, None)

@@ -42,9 +42,10 @@ _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 ROTATION_ATTRIBUTE = "sparsecc_residual_rotation"
 # Probe tokens for the check after the fold, and the largest logit change it accepts (relative to the largest logit;
 # float32 rounding through a deep stack is ~1e-6 of it, a misfolded norm or reader moves logits by percents).
+# float64 gets float32's bound: transformers' RMS norm normalises in float32 whatever the weights' dtype.
 _PROBE_TOKENS = 16
-_PROBE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
-_PROBE_TOLERANCE_LOW = 2e-2   # float16 / bfloat16 weights
+_PROBE_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4}
+_PROBE_TOLERANCE_LOW = 2e-2   # any float16 / bfloat16 weight among those the fold touches
 
 
 class RotationError(ValueError):
@@ -133,7 +134,7 @@ def residual_basis(model: nn.Module, batches: Sequence) -> torch.Tensor:
 
     handles = [layer.post_attention_layernorm.register_forward_hook(hook(layer.post_attention_layernorm))
                for layer in parts["layers"]]
-    was_training = model.training
+    states = _training_states(model)
     model.eval()
     try:
         for batch in batches:
@@ -143,7 +144,7 @@ def residual_basis(model: nn.Module, batches: Sequence) -> torch.Tensor:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        _restore_training(states)
     if not torch.isfinite(moment).all() or not moment.abs().sum() > 0:
         raise ValueError("residual_basis: the FFN inputs recorded no finite, non-zero values")
     return torch.linalg.eigh(moment)[1]
@@ -157,10 +158,24 @@ def rotation_fingerprint(basis: torch.Tensor) -> str:
 
 def _probe_logits(model: nn.Module, vocab: int, device) -> torch.Tensor:
     ids = (torch.arange(_PROBE_TOKENS, device=device) * 7919 % vocab)[None]
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=False) if _takes_use_cache(model) else model(input_ids=ids)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")   # TF32 would move float32 logits by ~1e-3 on its own
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=False) if _takes_use_cache(model) else model(input_ids=ids)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits.detach().double().cpu()
+
+
+def _training_states(model: nn.Module) -> Dict[nn.Module, bool]:
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_training(states: Dict[nn.Module, bool]) -> None:
+    for module, training in states.items():
+        module.training = training
 
 
 def _takes_use_cache(model) -> bool:
@@ -198,15 +213,15 @@ def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
         raise ValueError(f"rotate_residual: basis is not orthogonal (max |QᵀQ - I| = {error:.3g})")
 
     touched = _touched_parameters(parts)
-    saved = [(param, param.detach().clone()) for param in touched]
+    saved = [(param, param.detach().to("cpu", copy=True)) for param in touched]   # host copies: no 2x device memory
     tied = head.weight is embed.weight
-    was_training = model.training
+    states = _training_states(model)
     model.eval()
     try:
         before = _probe_logits(model, embed.weight.shape[0], embed.weight.device)
         _fold(parts, q, tied)
         after = _probe_logits(model, embed.weight.shape[0], embed.weight.device)
-        tolerance = _PROBE_TOLERANCE.get(embed.weight.dtype, _PROBE_TOLERANCE_LOW)
+        tolerance = max(_PROBE_TOLERANCE.get(param.dtype, _PROBE_TOLERANCE_LOW) for param in touched)
         moved = (after - before).abs().max().item()
         scale = before.abs().max().item() or 1.0
         if not moved <= tolerance * scale:
@@ -215,15 +230,16 @@ def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
                                 "computes something besides the Llama layout (a norm other than g * h / rms(h), or a "
                                 "reader or writer outside the fold), and was restored")
     except BaseException:
-        with torch.no_grad():
-            for param, value in saved:
-                param.data.copy_(value)
         if tied:
             head.weight = embed.weight
+        with torch.no_grad():
+            for param, value in saved:
+                param.data.copy_(value.to(param.device))
         raise
     finally:
-        model.train(was_training)
-    if tied and config is not None and hasattr(config, "tie_word_embeddings"):
+        _restore_training(states)
+    # Whatever the flag said before: the head and the embedding differ now, and a reload must not tie them again.
+    if config is not None and hasattr(config, "tie_word_embeddings"):
         config.tie_word_embeddings = False
     if config is not None:
         setattr(config, ROTATION_ATTRIBUTE, rotation_fingerprint(q))

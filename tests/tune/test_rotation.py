@@ -146,7 +146,10 @@ def test_the_rotated_model_records_its_rotation_and_survives_a_save(tmp_path):
     model.config.tie_word_embeddings = True
     q = _random_orthogonal(32)
     rotate_residual(model, q)
-    assert getattr(model.config, ROTATION_ATTRIBUTE) == rotation_fingerprint(q)
+    # The fingerprint is the first 16 hex digits of the SHA-256 of Q's float64 bytes.
+    import hashlib
+    assert getattr(model.config, ROTATION_ATTRIBUTE) == hashlib.sha256(q.numpy().tobytes()).hexdigest()[:16]
+    assert rotation_fingerprint(q) == getattr(model.config, ROTATION_ATTRIBUTE)
     ids = _ids()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -220,7 +223,7 @@ def test_a_norm_other_than_rms_times_scale_is_caught_by_the_probe_and_the_model_
     with pytest.raises(RotationError, match="moved the probe logits"):
         rotate_residual(model, _random_orthogonal(32))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert tied and model.lm_head.weight is model.model.embed_tokens.weight
     assert getattr(model.config, ROTATION_ATTRIBUTE, None) is None
 
 
@@ -239,6 +242,35 @@ def test_a_failure_inside_the_fold_restores_every_weight(monkeypatch):
         rotate_residual(model, _random_orthogonal(32))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_bfloat16_model_passes_the_probe_and_keeps_its_logits_to_rounding():
+    model = _with_random_norm_scales(tiny.model()).to(torch.bfloat16)
+    model.model.layers[0].mlp.eval()
+    model.train()
+    model.model.layers[0].mlp.eval()   # a submodule deliberately in eval mode keeps it
+    ids = _ids(seed=4)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+    rotate_residual(model, _random_orthogonal(32))
+    assert model.training and not model.model.layers[0].mlp.training
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        after = model(input_ids=ids).logits.float()
+    assert (after - before).abs().max() <= 2e-2 * before.abs().max()
+
+
+def test_a_stale_tie_flag_is_cleared():
+    # The config says tied, the weights are separate copies: a reload must not tie the rotated embedding to the head.
+    model = tiny.model()
+    model.config.tie_word_embeddings = True
+    rotate_residual(model, _random_orthogonal(32))
+    assert model.config.tie_word_embeddings is False
+
+
+def test_a_spec_whose_meta_tune_is_not_a_table_compiles_without_the_check():
+    spec = Spec(defaults=Defaults(policy="force"), meta={"tune": "by hand"})
+    sparsecc.compile(tiny.model(), spec=spec, kernels="reference")
 
 
 def test_refusals_name_the_problem_and_leave_the_model_alone():
