@@ -106,8 +106,8 @@ def save_model(model, tokenizer, directory: Path) -> None:
 
 def spec_of(projections, taus, criterion, model=None) -> Spec:
     """A forced spec of these thresholds; for a rotated model ``[meta.tune] residual_rotation`` names its rotation."""
-    from sparsecc.tune.rotation import ROTATION_ATTRIBUTE
-    fingerprint = getattr(getattr(model, "config", None), ROTATION_ATTRIBUTE, None)
+    from sparsecc.tune.rotation import rotation_of
+    fingerprint = rotation_of(model)
     meta = {"tune": {"source": "bench/quality_lm.py", "residual_rotation": fingerprint}} if fingerprint else {}
     return Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(projections, taus, criterion)), meta=meta)
 

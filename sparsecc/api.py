@@ -48,15 +48,15 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
         options["spec"] = spec
     if report is not None:
         options["report"] = report
-    parse_options(options)  # fail now, with a SpecError, rather than at the first call
-    if spec is not None and isinstance(model, torch.nn.Module):
-        _warn_on_rotation_mismatch(model, spec)
+    parsed = parse_options(options)  # fail now, with a SpecError, rather than at the first call
+    if parsed.spec is not None and isinstance(model, torch.nn.Module):
+        _warn_on_rotation_mismatch(model, parsed.spec)
     if isinstance(model, torch.nn.Module) and callable(getattr(model, "generate", None)):
         return _with_compiled_forward(model, options, torch_compile_kwargs)
     return torch.compile(model, backend=sparsecc_backend, options=options, **torch_compile_kwargs)
 
 
-def _warn_on_rotation_mismatch(model: torch.nn.Module, spec) -> None:
+def _warn_on_rotation_mismatch(model: torch.nn.Module, spec: Spec) -> None:
     """Warn when a tuned spec and the model differ in their residual rotation (``sparsecc.tune.rotation``).
 
     A spec tuned on a rotated model holds thresholds for rotated FFN inputs (``[meta.tune] residual_rotation``),
@@ -64,19 +64,17 @@ def _warn_on_rotation_mismatch(model: torch.nn.Module, spec) -> None:
     says, with thresholds chosen for other activations. Specs without ``[meta.tune]`` are not checked.
     """
     import warnings
-
-    from sparsecc.backend import SparseccWarning
-    from sparsecc.tune.rotation import ROTATION_ATTRIBUTE
-
     from collections.abc import Mapping
 
-    loaded = spec if isinstance(spec, Spec) else load_spec(spec)
-    tuned = loaded.meta.get("tune")
+    from sparsecc.backend import SparseccWarning
+    from sparsecc.tune.rotation import rotation_of
+
+    tuned = spec.meta.get("tune")
     if not isinstance(tuned, Mapping) or not tuned:
         return
     expected = tuned.get("residual_rotation")
-    actual = getattr(getattr(model, "config", None), ROTATION_ATTRIBUTE, None)
-    if (expected or None) != (actual or None):
+    actual = rotation_of(model)
+    if (expected or None) != actual:
         warnings.warn(SparseccWarning(
             f"sparsecc: the spec was tuned on a model with residual rotation {expected or 'none'} and this model has "
             f"{actual or 'none'}: its FFN thresholds were chosen for other activations (docs/tune.md, 'Rotating the "

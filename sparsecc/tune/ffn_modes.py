@@ -15,6 +15,7 @@ a gate projection (ungated FFNs) have input-mode options only.
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Sequence, Tuple
 
 from sparsecc.tune.capture import Projection
@@ -48,41 +49,59 @@ def _check(input_table: Sensitivity, gate_table: Sensitivity, input_projections:
         raise ValueError(f"the sensitivity tables have no errors for {missing}")
 
 
-def _site_options(site: str, input_table: Sensitivity, gate_table: Sensitivity, inputs: Sequence[Projection],
+def _site_options(input_table: Sensitivity, gate_table: Sensitivity, inputs: Sequence[Projection],
                   gate: Sequence[Projection], total: int, max_level: float) -> List[Tuple[float, float, str]]:
     """(kept share of the site's weights, modelled error, mode) of every option, dominated ones removed."""
-    grid = [i for i, lv in enumerate(input_table.levels) if lv <= max_level + 1e-12]
-    options: List[Tuple[float, float, str]] = [(1.0, 0.0, "input")]
+    grid = [None] + [i for i, lv in enumerate(input_table.levels) if lv <= max_level + 1e-12]   # None: dense
 
-    def add(chosen: List[Tuple[Projection, int]], table: Sensitivity, mode: str) -> None:
+    def option(chosen, table: Sensitivity, mode: str) -> Tuple[float, float, str]:
+        chosen = [(p, i) for p, i in chosen if i is not None]
         skipped = sum(p.weight_elements * table.levels[i] for p, i in chosen)
-        error = sum(float(table.errors[p][i]) for p, i in chosen)
-        options.append((1.0 - skipped / total, error, mode))
+        return 1.0 - skipped / total, sum(float(table.errors[p][i]) for p, i in chosen), mode
 
-    def pairs(projections: Sequence[Projection]):
-        if not projections:
-            yield []
-            return
-        first, rest = projections[0], projections[1:]
-        for tail in pairs(rest):
-            yield tail
-            for i in grid:
-                yield [(first, i)] + tail
-
-    for chosen in pairs(list(inputs)):
-        if chosen:
-            add(chosen, input_table, "input")
-    for p in gate:
-        for i in grid:
-            add([(p, i)], gate_table, "gate")
+    options = [option(zip(inputs, levels), input_table, "input")
+               for levels in itertools.product(grid, repeat=len(inputs))]
+    options += [option([(p, i)], gate_table, "gate") for p in gate for i in grid[1:]]
     # Keep an option only if it has less error than every option keeping fewer weights.
     options.sort(key=lambda o: (o[0], o[1]))
     frontier, best = [], float("inf")
-    for option in options:
-        if option[1] < best:
-            frontier.append(option)
-            best = option[1]
+    for kept_share, error, mode in options:
+        if error < best:
+            frontier.append((kept_share, error, mode))
+            best = error
     return frontier
+
+
+def _options_by_site(input_table: Sensitivity, gate_table: Sensitivity, input_projections: Sequence[Projection],
+                     gate_projections: Sequence[Projection], max_level: float):
+    """(sites, their weights, their option lists): what the knapsack chooses from, the same for every target."""
+    _check(input_table, gate_table, input_projections, gate_projections)
+    totals = site_weights(input_projections)
+    sites = list(totals)
+    tables = [_site_options(input_table, gate_table, [p for p in input_projections if p.site == site],
+                            [p for p in gate_projections if p.site == site], totals[site], max_level)
+              for site in sites]
+    return sites, [totals[s] for s in sites], tables
+
+
+def _knapsack_modes(sites, weights, tables, target: float, max_level: float) -> Dict[str, str]:
+    import numpy as np
+
+    from sparsecc.tune.knapsack import allocate
+
+    if not 0 < target < 1:
+        raise ValueError(f"target={target!r} is not allowed; expected a share of the FFN weights in (0, 1)")
+    width = max(len(t) for t in tables)
+    padded = [t + [t[-1]] * (width - len(t)) for t in tables]   # repeats of an option change no optimum
+    density = np.array([[o[0] for o in t] for t in padded])
+    error = np.array([[o[1] for o in t] for t in padded])
+    try:
+        picks = allocate(error, density, weights, 1.0 - target)
+    except ValueError:
+        reachable = 1.0 - float((density.min(1) * np.array(weights)).sum()) / sum(weights)
+        raise ValueError(f"target={target!r} cannot be reached with levels up to max_level={max_level}: the "
+                         f"sparsest options skip {reachable:.4f} of the FFN weights") from None
+    return {site: padded[g][picks[g]][2] for g, site in enumerate(sites)}
 
 
 def choose_modes(input_table: Sensitivity, gate_table: Sensitivity, input_projections: Sequence[Projection],
@@ -94,56 +113,32 @@ def choose_modes(input_table: Sensitivity, gate_table: Sensitivity, input_projec
     ``max_level`` are not used. A site whose best option keeps it dense is
     given "input". ValueError when even the sparsest options miss the target.
     """
-    import numpy as np
-
-    from sparsecc.tune.knapsack import allocate
-
-    _check(input_table, gate_table, input_projections, gate_projections)
-    if not 0 < target < 1:
-        raise ValueError(f"target={target!r} is not allowed; expected a share of the FFN weights in (0, 1)")
-    totals = site_weights(input_projections)
-    sites = list(totals)
-    tables = []
-    for site in sites:
-        inputs = [p for p in input_projections if p.site == site]
-        gate = [p for p in gate_projections if p.site == site]
-        tables.append(_site_options(site, input_table, gate_table, inputs, gate, totals[site], max_level))
-    width = max(len(t) for t in tables)
-    padded = [t + [t[-1]] * (width - len(t)) for t in tables]   # repeats of an option change no optimum
-    density = np.array([[o[0] for o in t] for t in padded])
-    error = np.array([[o[1] for o in t] for t in padded])
-    try:
-        picks = allocate(error, density, [totals[s] for s in sites], 1.0 - target)
-    except ValueError:
-        reachable = 1.0 - float((density.min(1) * np.array([totals[s] for s in sites])).sum()) / sum(totals.values())
-        raise ValueError(f"target={target!r} cannot be reached with levels up to max_level={max_level}: the "
-                         f"sparsest options skip {reachable:.4f} of the FFN weights") from None
-    return {site: padded[g][picks[g]][2] for g, site in enumerate(sites)}
+    options = _options_by_site(input_table, gate_table, input_projections, gate_projections, max_level)
+    return _knapsack_modes(*options, target, max_level)
 
 
 def mixed_allocations(input_table: Sensitivity, gate_table: Sensitivity, input_projections: Sequence[Projection],
                       gate_projections: Sequence[Projection], scores, targets: Sequence[float],
-                      max_level: float = 0.95) -> List[Tuple[Allocation, Dict[str, str]]]:
-    """Per target: the allocation over both modes' projections (the unchosen mode's at level 0) and the modes.
+                      max_level: float = 0.95) -> List[Allocation]:
+    """Per target: the allocation over both modes' projections (the unchosen mode's at level 0), modes in ``.modes``.
 
     Modes by :func:`choose_modes`; levels by
     :func:`~sparsecc.tune.ffn.separable_allocation` over the chosen
     projections, the average a share of every FFN weight, so it lands on the
     target exactly. ``Allocation.error`` is the modelled error.
     """
-    _check(input_table, gate_table, input_projections, gate_projections)
-    total = sum(site_weights(input_projections).values())
+    options = _options_by_site(input_table, gate_table, input_projections, gate_projections, max_level)
+    total = sum(options[1])
+    everything = list(input_projections) + list(gate_projections)
     out = []
     for target in sorted(targets):
-        modes = choose_modes(input_table, gate_table, input_projections, gate_projections, target, max_level)
-        chosen = [p for p in input_projections if modes[p.site] == "input"]
-        chosen += [p for p in gate_projections if modes[p.site] == "gate"]
+        modes = _knapsack_modes(*options, target, max_level)
+        chosen = [p for p in everything if modes[p.site] == p.mode]
         errors = {p: (gate_table if p.mode == "gate" else input_table).errors[p] for p in chosen}
         (alloc,) = separable_allocation(Sensitivity(input_table.levels, errors), chosen, scores, [target],
                                         max_level, total_elements=total)
-        everything = list(input_projections) + list(gate_projections)
         alloc.levels = {p: alloc.levels.get(p, 0.0) for p in everything}
         alloc.taus = {p: alloc.taus.get(p) for p in everything}
-        alloc.modes = dict(modes)
-        out.append((alloc, modes))
+        alloc.modes = modes
+        out.append(alloc)
     return out

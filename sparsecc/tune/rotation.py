@@ -32,7 +32,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-__all__ = ["residual_basis", "rotate_residual", "rotation_fingerprint", "RotationError", "ROTATION_ATTRIBUTE"]
+__all__ = ["residual_basis", "rotate_residual", "rotation_fingerprint", "rotation_of", "RotationError",
+           "ROTATION_ATTRIBUTE"]
 
 _READERS_ATTN = ("q_proj", "k_proj", "v_proj")
 _READERS_FFN = ("gate_proj", "up_proj")
@@ -150,6 +151,11 @@ def residual_basis(model: nn.Module, batches: Sequence) -> torch.Tensor:
     return torch.linalg.eigh(moment)[1]
 
 
+def rotation_of(model) -> "str | None":
+    """The fingerprint of the rotation folded into ``model`` (:data:`ROTATION_ATTRIBUTE` of its config), or None."""
+    return getattr(getattr(model, "config", None), ROTATION_ATTRIBUTE, None) or None
+
+
 def rotation_fingerprint(basis: torch.Tensor) -> str:
     """A short SHA-256 of the rotation (float64 bytes): what a rotated model and its specs record."""
     data = torch.as_tensor(basis).detach().to(torch.float64).cpu().contiguous()
@@ -200,9 +206,9 @@ def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
     """
     parts = _parts(model)
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, ROTATION_ATTRIBUTE, None):
+    if rotation_of(model):
         raise RotationError(f"rotate_residual: the model is already rotated ({ROTATION_ATTRIBUTE}="
-                            f"{getattr(config, ROTATION_ATTRIBUTE)!r}); rotate the original model instead")
+                            f"{rotation_of(model)!r}); rotate the original model instead")
     embed, head = parts["embed"], parts["head"]
     d = embed.weight.shape[1]
     q = torch.as_tensor(basis).detach().to(torch.float64).cpu()

@@ -235,20 +235,21 @@ def blend_mixed(model, inputs: "FfnSensitivity", gates: "FfnSensitivity", target
     allocations, candidates, modes = [], {}, {}
     forwards = inputs.forwards + gates.forwards
     refined_in, refined_gate = inputs.sensitivity.refined(), gates.sensitivity.refined()
-    mixed = mixed_allocations(refined_in, refined_gate, inputs.projections, gates.projections, scores, targets,
-                              max_level)
+    choices = mixed_allocations(refined_in, refined_gate, inputs.projections, gates.projections, scores, targets,
+                                max_level)
     separable = separable_allocation(refined_in, inputs.projections, inputs.scores, sorted(targets), max_level)
     bar = tqdm(total=len(targets) * (len(SEPARABLE_BLENDS) + 1), desc="sparsecc tune ffn (modes, blends)",
                disable=not progress)
     try:
-        for (choice, site_modes), input_only in zip(mixed, separable):
+        for choice, input_only in zip(choices, separable):
             tried = _blends(input_only, projections, scores)
             tried["mixed"] = choice
             best, candidates[choice.target] = _best_measured(model, inputs, projections, tried, error_fn, bar)
             forwards += len(tried)
             best.evaluations = forwards
-            best.modes = site_modes if best is choice else {p.site: "input" for p in inputs.projections}
-            modes[choice.target] = site_modes
+            if best is not choice:
+                best.modes = {p.site: "input" for p in inputs.projections}
+            modes[choice.target] = choice.modes
             allocations.append(best)
     finally:
         bar.close()
@@ -408,8 +409,8 @@ def attention_rules(choices: Sequence[HeadChoice]) -> List[Rule]:
 
 def _rotation_record(model) -> Dict[str, str]:
     """``{"residual_rotation": fingerprint}`` for a model rotated by :mod:`sparsecc.tune.rotation`, else nothing."""
-    from sparsecc.tune.rotation import ROTATION_ATTRIBUTE
-    fingerprint = getattr(getattr(model, "config", None), ROTATION_ATTRIBUTE, None)
+    from sparsecc.tune.rotation import rotation_of
+    fingerprint = rotation_of(model)
     return {"residual_rotation": str(fingerprint)} if fingerprint else {}
 
 

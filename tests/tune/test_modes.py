@@ -83,8 +83,8 @@ def test_a_cheap_gate_site_runs_gate_mode_and_the_average_lands_on_the_target():
     input_table = Sensitivity(LEVELS, {p: dear for p in inputs})
     # Site 0's gate mode costs a hundredth of anything else; site 1's gate mode is dearer than its input mode.
     gate_table = Sensitivity(LEVELS, {g0[0]: (0.001, 0.004, 0.016), g1[0]: (1.0, 2.0, 4.0)})
-    [(alloc, modes)] = mixed_allocations(input_table, gate_table, inputs, gates, _scores(inputs + gates), [0.4])
-    assert modes == {"layers.0": "gate", "layers.1": "input"}
+    [alloc] = mixed_allocations(input_table, gate_table, inputs, gates, _scores(inputs + gates), [0.4])
+    assert alloc.modes == {"layers.0": "gate", "layers.1": "input"}
     assert alloc.taus[in0[0]] is None and alloc.taus[in0[1]] is None and alloc.taus[g1[0]] is None
     assert alloc.levels[g0[0]] > 0 and alloc.taus[g0[0]] is not None
     # Share of every FFN weight (3 x 2048 per site): the gate projection's up + down count once.
@@ -119,10 +119,7 @@ transformers = pytest.importorskip("transformers")
 from tests.quality import tiny  # noqa: E402
 
 
-def _token_batches(n=2, tokens=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(1, len(tiny.WORDS) + 1, (1, tokens), generator=g), "use_cache": False}
-            for _ in range(n)]
+from tests.tune.test_lm import _token_batches  # noqa: E402
 
 
 def test_a_mixed_spec_compiles_to_what_the_tuner_measured(eager_lowering):

@@ -36,13 +36,13 @@ def _with_random_norm_scales(model):
     return model
 
 
-def _ffn_inputs(model, ids):
+def _ffn_inputs(model, ids, mask=None):
     got = []
     hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach().clone()))
              for layer in model.model.layers]
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
@@ -186,7 +186,7 @@ def test_padding_positions_are_left_out_of_the_basis():
     mask[:, :4] = 0
     padded = residual_basis(model, [{"input_ids": ids, "attention_mask": mask, "use_cache": False}])
     moment = torch.zeros(32, 32, dtype=torch.float64)
-    _, inputs = _ffn_inputs_masked(model, ids, mask)
+    _, inputs = _ffn_inputs(model, ids, mask)
     for x, layer in zip(inputs, model.model.layers):
         z = (x[0, 4:] / layer.post_attention_layernorm.weight).reshape(-1, 32)
         moment += z.T @ z
@@ -194,19 +194,6 @@ def test_padding_positions_are_left_out_of_the_basis():
     # Eigenvectors are defined up to sign: compare |cos| of matching columns.
     cos = (padded * want).sum(0).abs()
     assert torch.allclose(cos, torch.ones(32, dtype=torch.float64), atol=1e-6)
-
-
-def _ffn_inputs_masked(model, ids, mask):
-    got = []
-    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach().clone()))
-             for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, got
 
 
 def test_a_norm_other_than_rms_times_scale_is_caught_by_the_probe_and_the_model_restored():
