@@ -131,7 +131,8 @@ def test_a_mixed_spec_compiles_to_what_the_tuner_measured(eager_lowering):
     scores = {**score_samples(model, [batch], inputs, "magnitude"), **score_samples(model, [batch], gates, "magnitude")}
     modes = {"model.layers.0.mlp": "gate", "model.layers.1.mlp": "input"}
     chosen = [p for p in inputs + gates if modes[p.site] == p.mode]
-    taus = {p: quantile_tau(scores[p], 0.5) if p in chosen else None for p in inputs + gates}
+    # Midway between two neighbouring scores: no entry sits at tau, so float32 and float64 agree on every mask.
+    taus = {p: _midway_tau(scores[p], 0.5) if p in chosen else None for p in inputs + gates}
     spec = Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(inputs + gates, taus, "magnitude")))
     assert sorted((r.modules, r.form.mode) for r in spec.ffn) == sorted(modes.items())
     with torch.no_grad():
@@ -144,6 +145,47 @@ def test_a_mixed_spec_compiles_to_what_the_tuner_measured(eager_lowering):
     assert set(applied) == set(modes)
     assert not torch.allclose(hooked, dense, atol=1e-4)
     torch.testing.assert_close(compiled, hooked, atol=1e-5, rtol=1e-5)
+    # And both equal docs/spec.md's activation_threshold, written out in float64.
+    by_key = {(p.site, p.key): taus[p] for p in chosen}
+    oracle = _spec_oracle_logits(model, batch, lambda site, key: by_key.get((site, key)))
+    torch.testing.assert_close(compiled.double(), oracle, atol=1e-4, rtol=1e-4)
+
+
+def _midway_tau(sorted_scores, sparsity):
+    k = int(round(sparsity * sorted_scores.numel()))
+    return float((sorted_scores[k - 1] + sorted_scores[k]) / 2)
+
+
+def _spec_oracle_logits(model, batch, tau):
+    """Logits with every gated FFN computed by docs/spec.md's rule in float64 (``tau(site, key)``; None: dense).
+
+    Input mode: ``x~ = x [|x| > tau_input]``, ``h = silu(x~ Wgᵀ) (x~ Wuᵀ)``, ``y = (h [|h| > tau_down]) Wdᵀ``.
+    Gate mode: ``g = silu(x Wgᵀ)``, ``y = (g (x Wuᵀ) [|g| > tau_gate]) Wdᵀ``.
+    """
+    import copy
+
+    import torch.nn.functional as F
+
+    oracle = copy.deepcopy(model).double()
+    for i, layer in enumerate(oracle.model.layers):
+        site, mlp = f"model.layers.{i}.mlp", layer.mlp
+
+        def forward(x, mlp=mlp, site=site):
+            wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+            t_in, t_down, t_gate = tau(site, "input"), tau(site, "down"), tau(site, "gate")
+            if t_in is not None:
+                x = x * (x.abs() > t_in)
+            g = F.silu(x @ wg.T)
+            h = g * (x @ wu.T)
+            if t_gate is not None:
+                h = h * (g.abs() > t_gate)
+            if t_down is not None:
+                h = h * (h.abs() > t_down)
+            return h @ wd.T
+
+        mlp.forward = forward
+    with torch.no_grad():
+        return oracle(**batch).logits
 
 
 def test_tune_mixed_writes_a_spec_that_compiles(tmp_path, eager_lowering):
