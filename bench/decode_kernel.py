@@ -17,8 +17,6 @@ over the whole cache (``enable_gqa=True``), is timed in the same run.
   e.g. ``git show main:codegen/decode_attention.py > /tmp/old.py``.
 * ``--sweep`` times launch shapes (tile, warps, stages, split count) at B=8, KV 32K, then the split target of the
   best shape at B=1 and B=32.
-* ``--sweep-heads`` times ``head_split`` shapes (programs sharing one kv head's query heads, each streaming the
-  kv head's K/V, with and without key splits) at B=8, KV 32K, then the three best at B=1 and B=32.
 * ``--compiled`` also times the public path, ``torch.compile(backend="sparsecc")`` of a one-row SDPA module at B=8,
   against the same module compiled by Inductor (normal calls and graph replay).
 """
@@ -176,9 +174,6 @@ SWEEP_SHAPES = ([(32, w, st) for w in (1, 2, 4) for st in (3, 4, 5)]
                 + [(64, w, st) for w in (1, 2, 4, 8) for st in (2, 3, 4, 5)]
                 + [(128, w, st) for w in (2, 4, 8) for st in (2, 3, 4)])
 SWEEP_SPLITS = {32: (2, 4, 6, 8), 64: (2, 3, 4, 6, 8), 128: (1, 2, 3, 4)}
-# --sweep-heads: programs sharing a kv head's query heads (DecodeConfig.head_split), with and without key splits.
-HEAD_SWEEP = [(bn, w, st, hs, ns) for bn in (64, 128) for w in (2, 4, 8) for st in (3, 4) for hs in (1, 2, 4)
-              for ns in (1, 2)]
 
 
 def sweep(new, log) -> list:
@@ -224,46 +219,6 @@ def sweep(new, log) -> list:
         ref = oracle(*sets[0])
         for cfg in top:
             for pps in (1, 2, 3, 4):
-                one(b, sets, ref, new.DecodeConfig(**{**cfg, "n_split": None, "programs_per_sm": pps}))
-        del sets, ref
-        torch.cuda.empty_cache()
-    return results
-
-
-def head_sweep(new, log) -> list:
-    """Graph-replay time of ``head_split`` launch shapes at B=8, KV 32K (each checked against the oracle), then the
-    three best at B=1 and B=32 beside the default."""
-    from triton.runtime.errors import OutOfResources
-
-    results = []
-
-    def one(b, sets, ref, cfg):
-        try:
-            call = lambda q_, k_, v_, o=None: decode_call(new, q_, k_, v_, out=o, config=cfg)  # noqa: E731
-            err = rel_err(call(*sets[0], torch.full_like(sets[0][0], float("nan"))), ref)
-            ms = graph_ms(Cycle(sets, call), max(REPLAYS, len(sets)) // len(sets) * len(sets))
-        except OutOfResources:
-            log(f"heads B{b} {cfg}: out of resources")
-            return
-        r = dict(b=b, config=dataclasses.asdict(cfg), err=err, graph_ms=ms, tbs=kept_bytes(b) / (ms * 1e-3) / 1e12)
-        log(f"heads B{b} {tuple(r['config'].values())} err {err:.1e} {ms * 1e3:.1f} us {r['tbs']:.2f} TB/s")
-        results.append(r)
-
-    sets = inputs(8, 32768, copies_for(8), seed=5)
-    ref = oracle(*sets[0])
-    one(8, sets, ref, new.DEFAULT_CONFIG)
-    for bn, w, st, hs, ns in HEAD_SWEEP:
-        one(8, sets, ref, new.DecodeConfig(block_n=bn, num_warps=w, num_stages=st, head_split=hs, n_split=ns))
-    good = sorted((r for r in results if r["err"] < MAX_REL_ERR), key=lambda r: r["graph_ms"])
-    top = [r["config"] for r in good[:3]]
-    log(f"heads best at B8: {top}")
-    del sets, ref
-    for b in (1, 32):
-        sets = inputs(b, 32768, copies_for(b), seed=6)
-        ref = oracle(*sets[0])
-        one(b, sets, ref, new.DEFAULT_CONFIG)
-        for cfg in top:
-            for pps in (1, 2):
                 one(b, sets, ref, new.DecodeConfig(**{**cfg, "n_split": None, "programs_per_sm": pps}))
         del sets, ref
         torch.cuda.empty_cache()
@@ -327,7 +282,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", default=None, help="another decode_attention.py to time beside this one")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-heads", action="store_true", help="time head_split launch shapes (and skip nothing else)")
     ap.add_argument("--compiled", action="store_true")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--json", default=None)
@@ -352,9 +306,6 @@ def main(argv=None):
 
     if args.sweep:
         out["sweep"] = sweep(new, log)
-        save()
-    if args.sweep_heads:
-        out["head_sweep"] = head_sweep(new, log)
         save()
     out["rows"] = []
     for b in map(int, args.batches.split(",")):

@@ -14,11 +14,6 @@ at the memory's speed, with as little else as possible around it:
   with about ``programs_per_sm`` long programs per SM (each streams many K/V
   tiles through a software pipeline), not with many short ones: short splits
   pay the Q load and the partial store per few tiles, and make the merge large.
-* **Head split.** ``head_split`` programs share one kv head's rows (``G / head_split``
-  heads each) and each streams the whole kept K/V of that kv head: the programs of
-  one kv head start together, so the second reader finds the tiles in L2, and the
-  GPU fills without splitting keys (no partials, no merge) at the price of L2
-  traffic.
 * **Merge in the same launch.** With one split a program normalises and stores
   its rows itself. With several, each program stores its normalised partial
   output and base-2 logsumexp (real rows only), then takes a ticket from a
@@ -62,10 +57,9 @@ MIN_BLOCKS_PER_SPLIT = 2
 class DecodeConfig:
     """Launch shape of the decode kernel (a config changes speed, never the computed function).
 
-    ``block_n`` keys per K/V tile; ``num_warps``/``num_stages`` as Triton's; ``head_split`` programs share the
-    query heads of one kv head (it must divide ``H / Hkv``); the split count is
-    ``programs_per_sm * SMs // (B * Hkv * head_split)`` (at least 1, at most one split per
-    ``MIN_BLOCKS_PER_SPLIT`` kept blocks) unless ``n_split`` fixes it.
+    ``block_n`` keys per K/V tile; ``num_warps``/``num_stages`` as Triton's; the split count is
+    ``programs_per_sm * SMs // (B * Hkv)`` (at least 1, at most one split per ``MIN_BLOCKS_PER_SPLIT``
+    kept blocks) unless ``n_split`` fixes it.
     """
 
     block_n: int = 64
@@ -73,7 +67,6 @@ class DecodeConfig:
     num_stages: int = 3
     programs_per_sm: int = 2
     n_split: Optional[int] = None
-    head_split: int = 1
 
 
 # The shipped launch shape for up to 16 packed rows and head dims up to 128 (bench/decode_kernel.py --sweep, H200, B=8,
@@ -109,19 +102,18 @@ def _store_rows(O, LSE, out, lse2, b, head, row, r_ok, offs_d, stride_ob, stride
 
 
 @triton.jit
-def _merge_splits(O, LSE, O_PART, L_PART, unit, b, head0, n_split, stride_ob, stride_oh, stride_om, n_heads, seq_q,
-                  HEADS: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _merge_splits(O, LSE, O_PART, L_PART, bkv, b, kvh, n_split, stride_ob, stride_oh, stride_om, n_heads, seq_q,
+                  GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr):
-    """Merge the ``n_split`` partials of one unit (batch, kv head, head share: ``HEADS`` heads from ``head0``),
-    ``MERGE_S`` splits per load (one round trip each).
+    """Merge the ``n_split`` partials of one (batch, kv head), ``MERGE_S`` splits per load (one round trip each).
 
     Weights ``2^(lse_s - lse)``; rows that kept nothing in any split give 0 and ``-inf``.
     """
     offs_s = tl.arange(0, MERGE_S)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
-    r_ok = offs_r < HEADS * seq_q
-    first = unit.to(tl.int64) * n_split
+    r_ok = offs_r < GROUP * seq_q
+    first = bkv.to(tl.int64) * n_split
     m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     merged = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -143,7 +135,7 @@ def _merge_splits(O, LSE, O_PART, L_PART, unit, b, head0, n_split, stride_ob, st
     t_safe = tl.where(total > 0, total, 1.0)
     merged = tl.where((total > 0)[:, None], merged / t_safe[:, None], 0.0)
     lse2 = tl.where(total > 0, m_run + tl.math.log2(t_safe), float("-inf"))
-    _store_rows(O, LSE, merged, lse2, b, head0 + offs_r // seq_q, offs_r % seq_q, r_ok, offs_d, stride_ob,
+    _store_rows(O, LSE, merged, lse2, b, kvh * GROUP + offs_r // seq_q, offs_r % seq_q, r_ok, offs_d, stride_ob,
                 stride_oh, stride_om, n_heads, seq_q, WRITE_LSE, HEAD_DIM, BLOCK_D)
 
 
@@ -157,9 +149,9 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
                          MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr,
                          WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr, HEAD_SPLIT: tl.constexpr,
+                         BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
                          UPCAST_DOT: tl.constexpr):
-    """One split of one unit (batch, kv head, head share): attend its packed rows to kept blocks ``[t0, t1)``.
+    """One split of one (batch, kv head): attend the packed rows to kept blocks ``[t0, t1)``.
 
     Without ``SPLIT`` (one split per kv head) the program stores the output. With
     it, the program stores its normalised partial output and base-2 logsumexp
@@ -172,10 +164,7 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     qk_scale = tl.cast(qk_scale, tl.float32)
     split = tl.program_id(0)
-    unit = tl.program_id(1)   # (batch, kv head, head share)
-    bkv = unit // HEAD_SPLIT
-    share = unit % HEAD_SPLIT
-    HEADS: tl.constexpr = GROUP // HEAD_SPLIT
+    bkv = tl.program_id(1)
     # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
     b = (bkv // n_kv_heads).to(tl.int64)
     kvh = bkv % n_kv_heads
@@ -189,10 +178,9 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
     offs_d = tl.arange(0, BLOCK_D)
     g = offs_r // seq_q
     row = offs_r % seq_q
-    r_ok = offs_r < HEADS * seq_q
+    r_ok = offs_r < GROUP * seq_q
     d_ok = offs_d < HEAD_DIM
-    head0 = kvh * GROUP + share * HEADS
-    head = head0 + g
+    head = kvh * GROUP + g
     pos = row + offset
 
     q_ptrs = Q + b * stride_qb + head[:, None].to(tl.int64) * stride_qh + row[:, None] * stride_qm + offs_d[None, :]
@@ -282,17 +270,17 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
         _store_rows(O, LSE, out, lse2, b, head, row, r_ok, offs_d, stride_ob, stride_oh, stride_om, n_heads, seq_q,
                     WRITE_LSE, HEAD_DIM, BLOCK_D)
     else:
-        # Partials, real rows only: [units * n_split, BLOCK_R, BLOCK_D] and [units * n_split, BLOCK_R].
-        part = unit.to(tl.int64) * n_split + split
+        # Partials, real rows only: [B * Hkv * n_split, BLOCK_R, BLOCK_D] and [B * Hkv * n_split, BLOCK_R].
+        part = bkv.to(tl.int64) * n_split + split
         tl.store(O_PART + (part * BLOCK_R + offs_r[:, None]) * BLOCK_D + offs_d[None, :], out, mask=r_ok[:, None])
         tl.store(L_PART + part * BLOCK_R + offs_r, lse2, mask=r_ok)
         # Every thread's partial stores happen before the ticket (release); the last ticket's reads after (acquire).
         tl.debug_barrier()
-        ticket = tl.atomic_add(COUNTERS + unit, 1, sem="acq_rel", scope="gpu")
+        ticket = tl.atomic_add(COUNTERS + bkv, 1, sem="acq_rel", scope="gpu")
         if ticket == n_split - 1:
-            _merge_splits(O, LSE, O_PART, L_PART, unit, b, head0, n_split, stride_ob, stride_oh, stride_om, n_heads,
-                          seq_q, HEADS, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_R, MERGE_S)
-            tl.store(COUNTERS + unit, 0)   # every split of this unit has drawn its ticket: ready for the next call
+            _merge_splits(O, LSE, O_PART, L_PART, bkv, b, kvh, n_split, stride_ob, stride_oh, stride_om, n_heads,
+                          seq_q, GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_R, MERGE_S)
+            tl.store(COUNTERS + bkv, 0)   # every split of this kv head has drawn its ticket: ready for the next call
 
 
 def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
@@ -361,8 +349,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _plan_splits(bkv: int, n_kept: int, num_sms: int, config: DecodeConfig) -> tuple[int, int]:
-    """``(n_split, blocks_per_split)`` for ``bkv`` units (batch, kv head, head share) of ``n_kept`` key blocks
-    each."""
+    """``(n_split, blocks_per_split)`` for ``bkv`` (batch, kv head) pairs of ``n_kept`` key blocks each."""
     if config.n_split is not None:
         want = config.n_split
     else:
@@ -399,17 +386,12 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     group = h // hkv
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     block_d = max(MIN_TILE, triton.next_power_of_2(d))
+    block_m = max(MIN_TILE, triton.next_power_of_2(group * sq))
     if config is None:
         if interpreting():
             config = INTERPRETER_CONFIG
         else:
-            packed = max(MIN_TILE, triton.next_power_of_2(group * sq))
-            config = DEFAULT_CONFIG if packed <= MIN_TILE and block_d <= 128 else WIDE_CONFIG
-    head_split = config.head_split
-    if head_split < 1 or group % head_split:
-        raise ValueError(f"streaming_decode: head_split={head_split} must divide the {group} query heads of a kv head")
-    heads = group // head_split
-    block_m = max(MIN_TILE, triton.next_power_of_2(heads * sq))
+            config = DEFAULT_CONFIG if block_m <= MIN_TILE and block_d <= 128 else WIDE_CONFIG
     block_n = config.block_n
     s_list, w_list = rules if rules is not None else (sinks.tolist(), windows.tolist())
     per_head = per_head_rules(s_list, w_list)
@@ -422,23 +404,22 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         n_kept = max(_kept_blocks_bound(s_list[i * group], w_list[i * group], sq, sk, block_n) for i in range(hkv))
     else:
         n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, block_n) for i in range(hkv))
-    units = b * hkv * head_split
-    n_split, blocks_per_split = _plan_splits(units, max(n_kept, 1), _num_sms(q.device), config)
+    n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), _num_sms(q.device), config)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
-    block_r = triton.next_power_of_2(heads * sq)
+    block_r = triton.next_power_of_2(group * sq)
     # Splits merged per load: as many as keep the merged tile within ~64 fp32 registers per thread.
     merge_s = 1
     while merge_s < n_split and 2 * merge_s * block_r * block_d <= 2048 * config.num_warps:
         merge_s *= 2
     if n_split > 1:
-        o_part = torch.empty(units * n_split, block_r, block_d, dtype=torch.float32, device=q.device)
-        l_part = torch.empty(units * n_split, block_r, dtype=torch.float32, device=q.device)
-        counters = ticket_counters(units, q)
+        o_part = torch.empty(b * hkv * n_split, block_r, block_d, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(b * hkv * n_split, block_r, dtype=torch.float32, device=q.device)
+        counters = ticket_counters(b * hkv, q)
     else:
         o_part = l_part = counters = out   # unused: the one split stores the output itself
     mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
-    launcher(_decode_split_kernel, q)[(n_split, units)](
+    launcher(_decode_split_kernel, q)[(n_split, b * hkv)](
         q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,
         query_end if query_end is not None else q, out, lse, o_part, l_part, counters,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
@@ -446,7 +427,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         PER_HEAD=per_head, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
         HAS_POS=query_end is not None, SPLIT=n_split > 1, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, MERGE_S=merge_s,
-        HEAD_SPLIT=head_split, UPCAST_DOT=interpreting(),
+        UPCAST_DOT=interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return (out, lse) if return_lse else out
 

@@ -154,35 +154,6 @@ def test_decode_split_counts_merge_in_one_launch(interpreter, n_split, sk):
         assert all(int(buf.count_nonzero()) == 0 for bufs in launch._COUNTERS.values() for buf in bufs)
 
 
-@pytest.mark.parametrize("head_split, n_split", [(2, 1), (2, 3), (4, 1), (4, 2)])
-def test_decode_head_split(interpreter, head_split, n_split):
-    """Programs that share a kv head's query heads (each streaming the kv head's whole kept K/V) give the same
-    answer, with and without key splits; every head's rows land at their own head (groups of 4 heads, two rules)."""
-    from sparsecc.codegen import decode_attention as da
-
-    sq, sk = 2, 171
-    q, k, v = make_qkv(40 + head_split + n_split, 2, 8, 2, sq, sk, 64, torch.bfloat16)
-    mask = make_mask(5, "bool", 2, 8, sq, sk)
-    sinks = torch.tensor([5] * 4 + [0] * 4, dtype=torch.int32)
-    windows = torch.tensor([70] * 4 + [40] * 4, dtype=torch.int32)
-    config = dataclasses.replace(da.INTERPRETER_CONFIG, n_split=n_split, head_split=head_split)
-    ref = streaming_attention_ref(q, k, v, sink=[5] * 4 + [0] * 4, window=[70] * 4 + [40] * 4, scale=0.125,
-                                  causal=True, mask=mask, return_lse=True)
-    for _ in range(2):   # the ticket counters are left zeroed
-        out, lse = da.streaming_decode(q, k, v, mask, 0.125, True, sinks, windows, return_lse=True,
-                                       out=torch.full_like(q, float("nan")), config=config)
-        check(out, lse, *ref, torch.bfloat16)
-
-
-def test_decode_head_split_must_divide_the_group(interpreter):
-    from sparsecc.codegen import decode_attention as da
-
-    q, k, v = make_qkv(1, 1, 4, 1, 1, 64, 64, torch.bfloat16)
-    with pytest.raises(ValueError, match="head_split=3 must divide the 4 query heads"):
-        da.streaming_decode(q, k, v, None, 0.125, True, None, None, rules=([0] * 4, [8] * 4),
-                            config=dataclasses.replace(da.INTERPRETER_CONFIG, head_split=3))
-
-
 def test_decode_many_splits_merge_in_chunks(interpreter):
     """More splits than one merge load takes (16 here): the merge walks them in chunks."""
     from sparsecc.codegen import decode_attention as da
