@@ -20,6 +20,10 @@ The job spawns ``--world`` processes (one GPU each, NCCL; the NCCL environment i
    rank 0 (relative error; the issue's claim is equality to dtype tolerance), and the reports: every rank must hold
    its share of the heads (``holds_heads``) with every attention site rewritten.
 
+Dense anchor: the faster of the model compiled by Inductor and the model run eagerly, both timed: under
+``torch.compile`` on torch < 2.14, transformers builds the causal mask as a tensor (it cannot prove it may skip it
+while tracing), so SDPA cannot take its flash kernel there, while the eager model passes ``is_causal=True``.
+
 Timing: per call, all ranks leave a barrier, then CUDA events around the forward on each rank; the median over
 ``--reps`` calls after two warm-up calls, and for TP=N the slowest rank's median (a step ends when the last rank
 ends). Columns: ``sparse x dense`` at each TP, and the TP scaling ``TP=1 time / TP=N time`` of each. It prints a
@@ -132,8 +136,11 @@ def compile_both(model, spec, x, args, device, barrier) -> dict:
     with torch.no_grad():
         torch._dynamo.reset()
         dense = torch.compile(model, backend=args.dense_backend, dynamic=False)
-        _, result["dense_ms"] = timed(lambda: dense(inputs_embeds=x, use_cache=False).last_hidden_state,
-                                      args.reps, device, barrier)
+        _, result["dense_compiled_ms"] = timed(lambda: dense(inputs_embeds=x, use_cache=False).last_hidden_state,
+                                               args.reps, device, barrier)
+        _, result["dense_eager_ms"] = timed(lambda: model(inputs_embeds=x, use_cache=False).last_hidden_state,
+                                            args.reps, device, barrier)
+        result["dense_ms"] = min(result["dense_compiled_ms"], result["dense_eager_ms"])
         torch._dynamo.reset()
         reset_reports()
         sparse = torch.compile(model, backend="sparsecc", dynamic=False, options={"spec": spec})
@@ -171,15 +178,18 @@ def worker(rank: int, args, rendezvous: str, out_dir: str) -> None:
             if rank == 0:   # TP=1: one process, the others wait at the next barrier
                 single = compile_both(build_model(args, device, dtype), spec, x, args, device, lambda: None)
                 row.update(tp1_dense_ms=single["dense_ms"], tp1_sparse_ms=single["sparse_ms"],
-                           tp1_sites=single["sites"])
+                           tp1_dense_compiled_ms=single["dense_compiled_ms"],
+                           tp1_dense_eager_ms=single["dense_eager_ms"], tp1_sites=single["sites"])
             dist.barrier()
             parallel = parallelize_module(build_model(args, device, dtype), mesh, tp_plan(args.layers))
             multi = compile_both(parallel, spec, x, args, device, dist.barrier)
             gathered = [None] * args.world
-            dist.all_gather_object(gathered, {"dense_ms": multi["dense_ms"], "sparse_ms": multi["sparse_ms"],
-                                              "sites": multi["sites"]})
+            dist.all_gather_object(gathered, {k: multi[k] for k in ("dense_ms", "dense_compiled_ms", "dense_eager_ms",
+                                                                     "sparse_ms", "sites")})
             if rank == 0:
                 row.update(tpn_dense_ms=max(g["dense_ms"] for g in gathered),
+                           tpn_dense_compiled_ms=max(g["dense_compiled_ms"] for g in gathered),
+                           tpn_dense_eager_ms=max(g["dense_eager_ms"] for g in gathered),
                            tpn_sparse_ms=max(g["sparse_ms"] for g in gathered),
                            tpn_rank_sparse_ms=[g["sparse_ms"] for g in gathered],
                            tpn_rank_dense_ms=[g["dense_ms"] for g in gathered],
@@ -216,13 +226,14 @@ def check(rows: list, world: int, layers: int) -> list:
 
 
 def table(rows: list, world: int) -> str:
-    head = (f"| seq | TP=1 dense ms | TP=1 sparsecc ms | TP={world} dense ms | TP={world} sparsecc ms (per rank) | "
+    head = (f"| seq | TP=1 dense ms (compiled / eager) | TP=1 sparsecc ms | TP={world} dense ms (compiled / eager) | TP={world} sparsecc ms (per rank) | "
             f"sparsecc x dense, TP=1 | **sparsecc x dense, TP={world}** | TP scaling dense | "
             f"**TP scaling sparsecc** | rel err TP={world} vs TP=1 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         per_rank = " / ".join(f"{t:.2f}" for t in r["tpn_rank_sparse_ms"])
-        lines.append(f"| {r['seq']} | {r['tp1_dense_ms']:.2f} | {r['tp1_sparse_ms']:.2f} | {r['tpn_dense_ms']:.2f} | "
+        lines.append(f"| {r['seq']} | {r['tp1_dense_compiled_ms']:.2f} / {r['tp1_dense_eager_ms']:.2f} | "
+                     f"{r['tp1_sparse_ms']:.2f} | {r['tpn_dense_compiled_ms']:.2f} / {r['tpn_dense_eager_ms']:.2f} | "
                      f"{r['tpn_sparse_ms']:.2f} ({per_rank}) | {r['tp1_dense_ms'] / r['tp1_sparse_ms']:.2f} | "
                      f"**{r['tpn_dense_ms'] / r['tpn_sparse_ms']:.2f}** | "
                      f"{r['tp1_dense_ms'] / r['tpn_dense_ms']:.2f} | **{r['tp1_sparse_ms'] / r['tpn_sparse_ms']:.2f}** | "
@@ -270,7 +281,7 @@ def main(argv=None) -> int:
     header = (f"{device} x {args.world}, torch {torch.__version__}, {datetime.date.today()}, commit {commit}; "
               f"{args.layers} layers of Llama-3-8B shape{' (smoke shapes)' if args.smoke else ''}, streaming "
               f"sink {SMOKE_SINK if args.smoke else SINK} + window {SMOKE_WINDOW if args.smoke else WINDOW}; "
-              f"median of {args.reps} calls, slowest rank")
+              f"median of {args.reps} calls, slowest rank; ratios against the faster dense run")
     text = table(rows, args.world)
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows, "problems": problems}, indent=1))
