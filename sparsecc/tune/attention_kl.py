@@ -21,7 +21,8 @@ output instead:
 
 Candidates are ``Dense``, ``Streaming`` and ``BlockTopK`` with a fixed ``topk`` (per-input block selection, the same
 count of blocks for every input, so its density is known before the input is). ``BlockTopK`` needs one rule for every
-head of a site (docs/spec.md), so it is a candidate with ``grouping="layer"`` only.
+head of a site (docs/spec.md), so it is a candidate with ``grouping="layer"`` only, and not in a layer that holds a
+dense head (``dense_heads``).
 
 Density of a form is counted like the recall tuner's: kept 64 x 64 blocks over causal blocks of a ctx x ctx grid
 (:func:`streaming_block_density`, :func:`block_topk_density`); a dense head has density 1.
@@ -163,11 +164,13 @@ def _fingerprint(model, caches: Sequence[DenseCache], windows: Sequence[torch.Te
 
 def kl_table(model, caches: Sequence[DenseCache], candidates: Sequence[object], ctx: int, *, grouping: str = "layer",
              block: int = DENSITY_BLOCK, resume: Optional[Path] = None, fingerprint: str = "",
-             progress: bool = True) -> KLTable:
+             progress: bool = True, not_allowed: Sequence[Tuple[int, object]] = ()) -> KLTable:
     """Measure every (group, candidate): one replay per pair from the group's layer (docs/tune.md, "KL judge").
 
     ``resume``: a JSON file holding the entries measured so far (written after every run, read when its
     ``fingerprint`` matches), so a stopped sweep continues where it stopped. Candidates are swept narrowest first.
+    ``not_allowed``: (layer, candidate) pairs that are not measured; their KL is ``+inf``, which the knapsack never
+    picks.
     """
     from tqdm.auto import tqdm
 
@@ -190,7 +193,12 @@ def kl_table(model, caches: Sequence[DenseCache], candidates: Sequence[object], 
         entries = saved["entries"]
     order = sorted((c for c in range(len(candidates)) if not isinstance(candidates[c], Dense)),
                    key=lambda c: (dens[0, c], str(candidates[c])))
-    todo = [(c, g) for c in order for g in range(len(groups))]
+    barred = {(int(layer), str(form)) for layer, form in not_allowed}
+    for c in range(len(candidates)):
+        for g, (layer, _) in enumerate(groups):
+            if (layer, str(candidates[c])) in barred:
+                kl[g, c] = math.inf
+    todo = [(c, g) for c in order for g in range(len(groups)) if (groups[g][0], str(candidates[c])) not in barred]
     started, runs = time.time(), 0
     for c, g in tqdm(todo, desc="KL table", unit="run", disable=not progress):
         layer, group_heads = groups[g]
@@ -209,7 +217,8 @@ def hold_dense(table: KLTable, dense_heads: Sequence[Tuple[int, int]], budget: f
                num_layers: int, num_heads: int) -> Tuple[KLTable, float]:
     """The KL judge's ``table`` without the ``dense_heads`` ((layer, head) kept ``Dense`` whatever the knapsack
     picks: the retrieval heads), and the mean density its remaining heads may spend so that
-    the mean over all heads stays at most ``budget``. A group keeps its measured KL row (measured with all its heads
+    the mean over all heads stays at most ``budget``. In a layer holding a dense head, ``block_topk`` options get
+    KL ``+inf`` (not allowed: that form needs one rule for every head of the site). A group keeps its measured KL row (measured with all its heads
     under the candidate: an upper estimate once some of them stay dense)."""
     fixed = {(int(l), int(h)) for l, h in dense_heads}
     for l, h in fixed:
@@ -228,7 +237,14 @@ def hold_dense(table: KLTable, dense_heads: Sequence[Tuple[int, int]], budget: f
         raise ValueError(f"budget={budget} cannot hold {len(fixed)} dense heads of {num_layers * num_heads}; raise "
                          "the budget or hold fewer heads dense")
     index = torch.tensor(rows)
-    reduced = KLTable(groups, table.candidates, table.kl[index], table.density[index], [len(h) for _, h in groups],
+    kl = table.kl[index].clone()
+    held_layers = {l for l, _ in fixed}
+    for g, (layer, _) in enumerate(groups):   # block_topk needs one rule for every head of the layer's site
+        if layer in held_layers:
+            for c, form in enumerate(table.candidates):
+                if isinstance(form, BlockTopK):
+                    kl[g, c] = math.inf
+    reduced = KLTable(groups, table.candidates, kl, table.density[index], [len(h) for _, h in groups],
                       table.seconds, table.runs)
     return reduced, min(free_budget, 1.0)
 
@@ -351,7 +367,8 @@ def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candida
     multiple of 16, at the allocation's density or lower; none when no window fits, then the allocation is
     returned); ``resume``: JSON file of the table's entries, so a stopped sweep continues; ``dense_heads``:
     (layer, head) pairs the allocation keeps dense (:func:`hold_dense`; the uniform rules it is compared with do
-    not, so a uniform result drops them; not with ``block_topk`` candidates, which need every head of a layer).
+    not, so a uniform result drops them); ``block_topk`` candidates need every head of a layer, so they are neither
+    measured nor chosen in a layer that holds a dense head.
     Costs one dense
     forward per window, then per group and non-dense candidate one replay from the group's layer (about half a
     forward on average), then two forwards per window to compare with uniform. See :class:`KLTuning`.
@@ -374,15 +391,16 @@ def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candida
             raise ValueError(f"candidate {c!r} is not allowed with grouping={grouping!r}: block_topk needs one rule "
                              "for every head of a site, so it is a per-layer candidate (grouping='layer')")
         form_density(c, ctx, block)   # ValueError for a cdf form or another block size
-        if isinstance(c, BlockTopK) and dense_heads:
-            raise ValueError(f"candidate {c!r} is not allowed with dense_heads: block_topk needs one rule for every "
-                             "head of a site")
     layers, _, _ = decoder_parts(model)
+    # block_topk needs one rule for every head of a site: not a candidate in a layer that holds a dense head.
+    held_layers = sorted({int(layer) for layer, _ in dense_heads})
+    not_allowed = [(layer, c) for layer in held_layers for c in candidates if isinstance(c, BlockTopK)]
     t0 = time.time()
     caches = [dense_pass(model, w, score_from=score_from, topk=topk) for w in windows]
     t1 = time.time()
     table = kl_table(model, caches, candidates, ctx, grouping=grouping, block=block, resume=resume,
-                     fingerprint=_fingerprint(model, caches, windows, topk), progress=progress)
+                     fingerprint=_fingerprint(model, caches, windows, topk), progress=progress,
+                     not_allowed=not_allowed)
     heads = model.config.num_attention_heads
     if dense_heads:
         allocated, free_budget = hold_dense(table, dense_heads, budget, len(layers), heads)

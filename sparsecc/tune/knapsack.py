@@ -11,8 +11,9 @@ def allocate(kl, density, weights: Sequence[float], budget: float) -> List[int]:
     """One option per group minimising sum kl[g, option] with sum w_g density[g, option] / sum w <= ``budget``.
 
     Exact: a dynamic programme over the Pareto frontier of (summed weighted density, summed KL), pruned of dominated
-    and over-budget states. Among equal KL the lower density wins. ValueError when even the sparsest options exceed
-    the budget.
+    and over-budget states. Among equal KL the lower density wins. A KL of ``+inf`` marks an option a group may not
+    take (e.g. a per-layer form in a layer whose heads cannot all take it); every group needs one allowed option.
+    ValueError when even the sparsest allowed options exceed the budget.
     """
     import numpy as np
 
@@ -23,10 +24,16 @@ def allocate(kl, density, weights: Sequence[float], budget: float) -> List[int]:
         raise ValueError(f"kl {kl.shape}, density {density.shape} and weights {w.shape} do not describe one table")
     if not 0 < budget <= 1:
         raise ValueError(f"budget={budget!r} is not allowed; expected a mean block density in (0, 1]")
-    if not (np.isfinite(kl).all() and np.isfinite(density).all()):
-        raise ValueError("kl and density must be finite (a table entry was not measured)")
+    if np.isnan(kl).any() or (kl == -np.inf).any() or not np.isfinite(density).all():
+        raise ValueError("kl and density must be finite (a table entry was not measured); +inf KL marks an option "
+                         "that is not allowed")
+    allowed = np.isfinite(kl)
+    if not allowed.any(1).all():
+        raise ValueError(f"groups {np.flatnonzero(~allowed.any(1)).tolist()} have no allowed option (every KL +inf)")
+    # the sparsest allowed option of each group (not-allowed options never count as a way to meet the budget)
+    sparsest = np.where(allowed, density, np.inf).min(1)
     cap = budget * w.sum() * (1 + 1e-12) + 1e-12
-    lowest = float((density.min(1) * w).sum())
+    lowest = float((sparsest * w).sum())
     if lowest > cap:
         raise ValueError(f"budget={budget!r} cannot be met: the sparsest candidates keep a mean block density of "
                          f"{lowest / w.sum():.4f}; raise the budget or give sparser candidates")
@@ -39,8 +46,8 @@ def allocate(kl, density, weights: Sequence[float], budget: float) -> List[int]:
         parent = np.repeat(np.arange(d_sum.shape[0]), n_opt)
         option = np.tile(np.arange(n_opt), d_sum.shape[0])
         # states that can still finish within the budget with the sparsest options of the remaining groups
-        rest = float((density[g + 1:].min(1) * w[g + 1:]).sum()) if g + 1 < kl.shape[0] else 0.0
-        ok = cd + rest <= cap
+        rest = float((sparsest[g + 1:] * w[g + 1:]).sum()) if g + 1 < kl.shape[0] else 0.0
+        ok = (cd + rest <= cap) & np.isfinite(ck)
         cd, ck, parent, option = cd[ok], ck[ok], parent[ok], option[ok]
         order = np.lexsort((ck, cd))
         cd, ck, parent, option = cd[order], ck[order], parent[order], option[order]

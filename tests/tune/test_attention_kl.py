@@ -188,6 +188,51 @@ def test_allocate_beats_the_lagrangian_on_a_hand_made_table():
     assert ak.allocate(kl, density, [1, 1], 0.1) == [2, 2]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_allocate_never_picks_a_not_allowed_option(seed):
+    """+inf KL marks an option a group may not take: the result is the brute-force optimum over the allowed
+    options, and the budget is judged with the sparsest allowed option of each group."""
+    g = torch.Generator().manual_seed(seed)
+    groups, options = 5, 4
+    kl = [[0.0] + sorted(torch.rand(options - 1, generator=g).tolist(), reverse=True) for _ in range(groups)]
+    density = [[1.0] + sorted(torch.rand(options - 1, generator=g).mul(0.8).tolist()) for _ in range(groups)]
+    weights = [1, 3, 2, 1, 2]
+    barred = {(0, 3), (2, 1), (2, 3), (4, 2)}
+    allowed_kl = [[float("inf") if (i, c) in barred else v for c, v in enumerate(row)] for i, row in enumerate(kl)]
+    priced = [[1e6 if (i, c) in barred else v for c, v in enumerate(row)] for i, row in enumerate(kl)]
+    checked = 0
+    for budget in (0.45, 0.6, 0.8, 1.0):
+        lowest = sum(w * min(d for c, d in enumerate(density[i]) if (i, c) not in barred)
+                     for i, w in enumerate(weights)) / sum(weights)
+        if lowest > budget:
+            with pytest.raises(ValueError, match="cannot be met"):
+                ak.allocate(allowed_kl, density, weights, budget)
+            continue
+        picks = ak.allocate(allowed_kl, density, weights, budget)
+        assert not any((i, c) in barred for i, c in enumerate(picks))
+        assert picks == _brute_force(priced, density, weights, budget)[2]   # barred options priced out of reach
+        checked += 1
+    assert checked >= 2
+
+
+def test_allocate_needs_an_allowed_option_per_group():
+    with pytest.raises(ValueError, match=r"groups \[1\] have no allowed option"):
+        ak.allocate([[0.0, 1.0], [float("inf"), float("inf")]], [[1.0, 0.1], [1.0, 0.1]], [1, 1], 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        ak.allocate([[0.0, -float("inf")]], [[1.0, 0.1]], [1], 0.5)
+
+
+def test_hold_dense_bars_block_topk_in_layers_with_held_heads():
+    cands = [Dense(), Streaming(64, 64), BlockTopK(block=64, topk=2, sink_blocks=1, local_blocks=1)]
+    dens = torch.tensor([[ak.form_density(c, 2048) for c in cands]] * 3, dtype=torch.float64)
+    kl = torch.tensor([[0.0, 0.5, 0.1], [0.0, 0.01, 0.005], [0.0, 0.02, 0.01]], dtype=torch.float64)
+    table = ak.KLTable(ak.make_groups(3, 2, 2, "layer"), cands, kl, dens, [2, 2, 2])
+    reduced, _ = ak.hold_dense(table, [(0, 1)], 0.5, 3, 2)
+    assert math.isinf(float(reduced.kl[0, 2])) and float(reduced.kl[0, 1]) == 0.5
+    torch.testing.assert_close(reduced.kl[1:], kl[1:])
+    assert float(table.kl[0, 2]) == 0.1   # the measured table itself is unchanged
+
+
 def test_allocate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="budget=0 "):
         ak.allocate([[0.0]], [[1.0]], [1], 0)

@@ -211,10 +211,21 @@ def test_uniform_window_ends_when_ctx_is_not_a_multiple_of_16():
     assert _density(Streaming(64, uniform_window(0.5, 1001)), 1001) <= 0.5
 
 
-def test_kl_judge_refuses_block_topk_with_held_heads():
+def test_kl_judge_takes_block_topk_only_in_layers_without_held_heads():
+    """block_topk needs one rule for every head of a site: with layer 0's head 0 held dense, layer 0 gets no
+    block_topk entry in the table (KL +inf, not measured) while layer 1's is measured, and the choice for layer 0
+    keeps head 0 dense."""
     from sparsecc.forms import BlockTopK
 
-    with pytest.raises(ValueError, match="dense_heads"):
-        ak.tune_by_kl(_llama(), [_trial(1, (5, 8)).ids], 0.5,
-                      candidates=[Streaming(4, 8), BlockTopK(block=16, topk=1, sink_blocks=1, local_blocks=1)],
-                      dense_heads=[(0, 0)], block=16, progress=False)
+    topk = BlockTopK(block=16, topk=1, sink_blocks=1, local_blocks=1)
+    result = ak.tune_by_kl(_llama(), [_trial(1, (5, 8)).ids], 1.0, candidates=[Streaming(4, 8), topk],
+                           dense_heads=[(0, 0)], block=16, progress=False)
+    table = result.table
+    c = table.candidates.index(topk)
+    rows = {layer: g for g, (layer, _) in enumerate(table.groups)}
+    assert math.isinf(float(table.kl[rows[0], c]))
+    assert math.isfinite(float(table.kl[rows[1], c])) and math.isfinite(float(table.kl[rows[2], c]))
+    assert table.runs == 5   # streaming in the 3 layers, block_topk in layers 1 and 2 only
+    layer0 = result.allocation.get(0)
+    assert layer0 is not None and isinstance(layer0[0], Dense)
+    assert not any(isinstance(f, BlockTopK) for f in layer0)
