@@ -215,7 +215,7 @@ def main(argv=None):
                 spec = spec_of(projections, taus, criterion, model)
                 path = args.out_dir / f"{mode}_{criterion}_{int(round(100 * t))}_{name}.toml"
                 spec.save(path)
-                row[f"{name}_spec"] = str(path.relative_to(ROOT))
+                row[f"{name}_spec"] = str(path.relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path)
                 if args.no_eval:
                     continue
                 result = evaluate(model, spec, evaluated, force=True, lowering_kind="eager", dense=dense)
