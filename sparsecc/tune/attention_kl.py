@@ -169,7 +169,7 @@ def kl_table(model, caches: Sequence[DenseCache], candidates: Sequence[object], 
 
     ``resume``: a JSON file holding the entries measured so far (written after every run, read when its
     ``fingerprint`` matches), so a stopped sweep continues where it stopped. Candidates are swept narrowest first.
-    ``not_allowed``: (layer, candidate) pairs that are not measured; their KL is ``+inf``, which the knapsack never
+    ``not_allowed``: (layer, candidate or its name) pairs that are not measured; their KL is ``+inf``, which the knapsack never
     picks.
     """
     from tqdm.auto import tqdm
@@ -213,6 +213,13 @@ def kl_table(model, caches: Sequence[DenseCache], candidates: Sequence[object], 
     return KLTable(groups, candidates, kl, dens, [len(h) for _, h in groups], time.time() - started, runs)
 
 
+def _barred_by_held_heads(candidates: Sequence[object], dense_heads) -> set:
+    """(layer, form name) pairs not allowed because the layer holds a dense head: ``block_topk`` needs one rule for
+    every head of a site (docs/spec.md)."""
+    held_layers = {int(layer) for layer, _ in dense_heads}
+    return {(layer, str(c)) for layer in held_layers for c in candidates if isinstance(c, BlockTopK)}
+
+
 def hold_dense(table: KLTable, dense_heads: Sequence[Tuple[int, int]], budget: float,
                num_layers: int, num_heads: int) -> Tuple[KLTable, float]:
     """The KL judge's ``table`` without the ``dense_heads`` ((layer, head) kept ``Dense`` whatever the knapsack
@@ -238,12 +245,11 @@ def hold_dense(table: KLTable, dense_heads: Sequence[Tuple[int, int]], budget: f
                          "the budget or hold fewer heads dense")
     index = torch.tensor(rows)
     kl = table.kl[index].clone()
-    held_layers = {l for l, _ in fixed}
-    for g, (layer, _) in enumerate(groups):   # block_topk needs one rule for every head of the layer's site
-        if layer in held_layers:
-            for c, form in enumerate(table.candidates):
-                if isinstance(form, BlockTopK):
-                    kl[g, c] = math.inf
+    barred = _barred_by_held_heads(table.candidates, fixed)
+    for g, (layer, _) in enumerate(groups):
+        for c, form in enumerate(table.candidates):
+            if (layer, str(form)) in barred:
+                kl[g, c] = math.inf
     reduced = KLTable(groups, table.candidates, kl, table.density[index], [len(h) for _, h in groups],
                       table.seconds, table.runs)
     return reduced, min(free_budget, 1.0)
@@ -392,15 +398,12 @@ def tune_by_kl(model, windows: Sequence[torch.Tensor], budget: float, *, candida
                              "for every head of a site, so it is a per-layer candidate (grouping='layer')")
         form_density(c, ctx, block)   # ValueError for a cdf form or another block size
     layers, _, _ = decoder_parts(model)
-    # block_topk needs one rule for every head of a site: not a candidate in a layer that holds a dense head.
-    held_layers = sorted({int(layer) for layer, _ in dense_heads})
-    not_allowed = [(layer, c) for layer in held_layers for c in candidates if isinstance(c, BlockTopK)]
     t0 = time.time()
     caches = [dense_pass(model, w, score_from=score_from, topk=topk) for w in windows]
     t1 = time.time()
     table = kl_table(model, caches, candidates, ctx, grouping=grouping, block=block, resume=resume,
                      fingerprint=_fingerprint(model, caches, windows, topk), progress=progress,
-                     not_allowed=not_allowed)
+                     not_allowed=_barred_by_held_heads(candidates, dense_heads))
     heads = model.config.num_attention_heads
     if dense_heads:
         allocated, free_budget = hold_dense(table, dense_heads, budget, len(layers), heads)
