@@ -12,6 +12,9 @@ FFN on those tokens), as calibrated thresholds would on this distribution. Colum
   compiled before the fused op launched: 5 kernels);
 * **fused**: ``threshold_ffn`` (codegen/threshold_ffn.py: gate + up + act in one launch, the down GEMV and its
   split merge in a second);
+* **weighted**: the same op with the weighted criterion (``|x_i| * ||W[:, i]||_2 > tau``, each projection's own
+  column norms; docs/spec.md), its thresholds at the same share of the weighted scores (gate and up scores
+  pooled for the shared input threshold, as ``sparsecc.calibrate`` pools them);
 * **TEAL**: TEAL's published Triton GEMV (``splitk_sparse_gemv`` of ``kernels/sparse_gemv.py``, FasterDecoding/TEAL)
   on gate, up and down with torch's ``silu * up`` between, as TEAL's gpt-fast FFN calls it (commit 5baaec8); float16 and one token
   only (the kernel writes float16 and serves batch size 1). Optional: pass the file with ``--teal`` (it is
@@ -103,6 +106,17 @@ def oracle(x, wg, wu, wd, tau_in, tau_down):
     return (h * (h.abs() > float(torch.tensor(tau_down, dtype=dtype)))) @ wd.float().T
 
 
+def oracle_weighted(x, wg, wu, wd, tau_in, tau_down, norms):
+    """float32 FFN of the weighted criterion (each projection scores |v_i| * ||W[:, i]||_2 in float32)."""
+    dtype = x.dtype
+    sg, su, sd = norms
+    xa = x.float().abs()
+    gate = ((x.float() * (xa * sg > tau_in)) @ wg.float().T).to(dtype).float()
+    up = ((x.float() * (xa * su > tau_in)) @ wu.float().T).to(dtype).float()
+    h = (F.silu(gate).to(dtype).float() * up).to(dtype).float()
+    return (h * (h.abs() * sd > tau_down)) @ wd.float().T
+
+
 def row(m: int, sparsity: float, dtype, weights, teal, gen, configs=None) -> dict:
     x = torch.randn(m, D_MODEL, device="cuda", dtype=dtype, generator=gen)
     wg, wu, wd = weights[0]
@@ -128,7 +142,26 @@ def row(m: int, sparsity: float, dtype, weights, teal, gen, configs=None) -> dic
         g, u, d = w
         return threshold_ffn(x, g, None, u, None, d, None, "silu", tau_in, tau_down, config=cfg, down_config=down)
 
-    methods = {"dense": dense, "three_op": three_op, "fused": fused}
+    # The weighted criterion: thresholds at the same share of the weighted scores; norms bound per weight set.
+    norms = {id(w): tuple(torch.linalg.vector_norm(t.float(), dim=0) for t in w) for w in weights}
+    sg, su, sd = norms[id(weights[0])]
+    xa = x.float().abs()
+    tau_in_w = float(torch.quantile(torch.cat([xa * sg, xa * su]).flatten(), sparsity))
+    h_dense_w = h_dense.float().abs() * sd
+    tau_down_w = float(torch.quantile(h_dense_w.flatten()[: 2 ** 24], sparsity))
+    ref_w = oracle_weighted(x, wg, wu, wd, tau_in_w, tau_down_w, (sg, su, sd))
+    kept_w = elem * D_FF * D_MODEL * ((xa * sg > tau_in_w).any(0).float().mean().item() +
+                                      (xa * su > tau_in_w).any(0).float().mean().item() +
+                                      (h_dense_w > tau_down_w).any(0).float().mean().item())
+
+    def weighted(w):
+        g, u, d = w
+        s_g, s_u, s_d = norms[id(w)]
+        return threshold_ffn(x, g, None, u, None, d, None, "silu", tau_in_w, tau_down_w, scale_gate=s_g,
+                             scale_up=s_u, scale_down=s_d)
+
+    methods = {"dense": dense, "three_op": three_op, "fused": fused, "weighted": weighted}
+    oracles = {"weighted": ref_w}
     if teal is not None and dtype == torch.float16 and m == 1:
         bin_ = round(10 * sparsity)   # the autotuning key TEAL gives its sparsity level
         def teal_ffn(w):
@@ -140,14 +173,16 @@ def row(m: int, sparsity: float, dtype, weights, teal, gen, configs=None) -> dic
     out = {"tokens": m, "sparsity": sparsity, "dtype": str(dtype).replace("torch.", ""), "kept_x": keep_x,
            "kept_h": keep_h, "kept_mb": kept_bytes / 1e6}
     for name, fn in methods.items():
-        err = rel_err(fn(weights[0]).view(m, D_MODEL), ref)
+        err = rel_err(fn(weights[0]).view(m, D_MODEL), oracles.get(name, ref))
         # dense ignores the thresholds: its error is the sparsity's own effect, reported, not checked. TEAL's
         # kernel adds its K-split partials into the float16 output with atomics: its error is recorded only.
-        if name in ("three_op", "fused") and not err < 1e-2:
+        if name in ("three_op", "fused", "weighted") and not err < 1e-2:
             raise SystemExit(f"correctness check failed: {name} M={m} {sparsity:.0%} {dtype}: rel err {err}")
         out[f"{name}_err"] = err
         out[f"{name}_ms"] = bench_graph([lambda w=w, fn=fn: fn(w) for w in weights])
     out["tb_s"] = kept_bytes / (out["fused_ms"] * 1e-3) / 1e12
+    out["weighted_kept_mb"] = kept_w / 1e6
+    out["weighted_tb_s"] = kept_w / (out["weighted_ms"] * 1e-3) / 1e12
     if configs:
         def time_config(cfg, down):
             try:
@@ -223,15 +258,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         del weights
         torch.cuda.empty_cache()
     write_json(args.json, rows)
-    print("\n| dtype | M | sparsity | dense us | three-op us | fused us | TEAL us | fused x dense | three-op x dense "
-          "| TEAL x dense | fused TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| dtype | M | sparsity | dense us | three-op us | fused us | weighted us | TEAL us | fused x dense "
+          "| weighted x dense | three-op x dense | TEAL x dense | fused TB/s | weighted TB/s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         teal_ms = r.get("teal_ms")
         print(f"| {r['dtype']} | {r['tokens']} | {r['sparsity']:.0%} | {1e3 * r['dense_ms']:.1f} | "
-              f"{1e3 * r['three_op_ms']:.1f} | {1e3 * r['fused_ms']:.1f} | "
+              f"{1e3 * r['three_op_ms']:.1f} | {1e3 * r['fused_ms']:.1f} | {1e3 * r['weighted_ms']:.1f} | "
               f"{'%.1f' % (1e3 * teal_ms) if teal_ms else '-'} | **{r['dense_ms'] / r['fused_ms']:.2f}** | "
+              f"{r['dense_ms'] / r['weighted_ms']:.2f} | "
               f"{r['dense_ms'] / r['three_op_ms']:.2f} | {'%.2f' % (r['dense_ms'] / teal_ms) if teal_ms else '-'} | "
-              f"{r['tb_s']:.2f} |")
+              f"{r['tb_s']:.2f} | {r['weighted_tb_s']:.2f} |")
 
 
 if __name__ == "__main__":

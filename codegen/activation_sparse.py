@@ -171,21 +171,38 @@ def default_gemv_config(tokens: int, in_features: int) -> GemvConfig:
     return DEFAULT_GEMV_CONFIG if in_features <= ONE_SPLIT_MAX_K else DEFAULT_GEMV_CONFIG_LONG_K
 
 
-def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot,
-                    BLOCK_M: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr):  # noqa: F821
+def _scores(xabs, scale_ptr, offs, mask, HAS_SCALE: tl.constexpr):  # noqa: F821
+    """The channel scores of ``xabs`` (``|x|`` in float32, channels ``offs`` on its last axis): ``|x_i|``
+    (criterion magnitude) or ``|x_i| * scale_i`` (criterion weighted, ``scale`` float32 ``[K]``)."""
+    if HAS_SCALE:
+        return xabs * tl.load(scale_ptr + offs, mask=mask, other=0.0)
+    return xabs
+
+
+def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr, scale2_ptr,
+                    BLOCK_M: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr, N_SCALES: tl.constexpr):  # noqa: F821
     """Write the indices of channels k0..k0+ROWS_PER_SPLIT that some of the M tokens keep to ``slot``.
 
-    Returns their count. Only survivors' entries are written, in channel order.
+    Returns their count. Only survivors' entries are written, in channel order. ``N_SCALES`` is 0 (a channel
+    survives when ``|x| > tau``), 1 (``|x| * scale > tau``) or 2 (``|x| * scale > tau`` or ``|x| * scale2 > tau``:
+    the union of two projections that read the same x with their own channel scales).
     """
     offs_r = k0 + tl.arange(0, ROWS_PER_SPLIT)
     r_mask = offs_r < K
     if BLOCK_M == 1:
-        keep_r = tl.abs(tl.load(x_ptr + offs_r * stride_xk, mask=r_mask, other=0.0).to(tl.float32)) > tau
+        xabs = tl.abs(tl.load(x_ptr + offs_r * stride_xk, mask=r_mask, other=0.0).to(tl.float32))
     else:
         offs_m = tl.arange(0, BLOCK_M)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xk,
                      mask=(offs_m < M)[:, None] & r_mask[None, :], other=0.0)
-        keep_r = tl.max((tl.abs(xv.to(tl.float32)) > tau).to(tl.int32), axis=0) > 0
+        xabs = tl.abs(xv.to(tl.float32))
+    keep = _scores(xabs, scale_ptr, offs_r, r_mask, N_SCALES > 0) > tau
+    if N_SCALES == 2:
+        keep = keep | (_scores(xabs, scale2_ptr, offs_r, r_mask, True) > tau)
+    if BLOCK_M == 1:
+        keep_r = keep
+    else:
+        keep_r = tl.max(keep.to(tl.int32), axis=0) > 0
     rank = tl.cumsum(keep_r.to(tl.int32), axis=0) - 1
     count = tl.sum(keep_r.to(tl.int32), axis=0)
     tl.store(slot + rank, offs_r, mask=keep_r)
@@ -193,11 +210,12 @@ def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot,
     return count
 
 
-def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, counters_ptr, M, N, K, tau,
-                           stride_xm, stride_xk, stride_wk, stride_wn,
+def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, counters_ptr, scale_ptr,
+                           M, N, K, tau, stride_xm, stride_xk, stride_wk, stride_wn,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
                            ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
-                           COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):  # noqa: F821
+                           COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: F821
+                           HAS_SCALE: tl.constexpr):  # noqa: F821
     """``x̃ @ Wt`` over one K split for one N tile (and one token when BLOCK_M == 1); see the notes above."""
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
@@ -213,7 +231,8 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
     slot = scratch_ptr + ((token * tl.num_programs(1) + split) * tl.num_programs(0) + pid_n).to(tl.int64) \
         * ROWS_PER_SPLIT
     if BLOCK_M == 1 and COMPACT:
-        count = _list_survivors(x_ptr, stride_xm, stride_xk, 1, K, k0, tau, slot, 1, ROWS_PER_SPLIT)
+        count = _list_survivors(x_ptr, stride_xm, stride_xk, 1, K, k0, tau, slot, scale_ptr, scale_ptr, 1,
+                                ROWS_PER_SPLIT, 1 if HAS_SCALE else 0)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for c in range(0, count, BLOCK_K):
             offs_j = c + tl.arange(0, BLOCK_K)
@@ -231,14 +250,15 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
         for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
             offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
-            keep = tl.abs(xk) > tau
+            keep = _scores(tl.abs(xk), scale_ptr, offs_k, offs_k < K, HAS_SCALE) > tau
             w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=keep[:, None] & n_mask[None, :], other=0.0)
             acc2 += tl.where(keep, xk, 0.0)[:, None] * w.to(tl.float32)
         acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
     elif COMPACT:
         # Union of the tokens' survivors, compacted: every trip multiplies BLOCK_K live rows.
-        count = _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, BLOCK_M, ROWS_PER_SPLIT)
+        count = _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr, scale_ptr, BLOCK_M,
+                                ROWS_PER_SPLIT, 1 if HAS_SCALE else 0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in range(0, count, BLOCK_K):
             offs_j = c + tl.arange(0, BLOCK_K)
@@ -246,7 +266,8 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
             kk = tl.load(slot + offs_j, mask=live, other=0)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                          mask=m_mask[:, None] & live[None, :], other=0.0)
-            xs = tl.where(tl.abs(xv.to(tl.float32)) > tau, xv, tl.zeros_like(xv))
+            xs = tl.where(_scores(tl.abs(xv.to(tl.float32)), scale_ptr, kk, live, HAS_SCALE) > tau, xv,
+                          tl.zeros_like(xv))
             w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=live[:, None] & n_mask[None, :], other=0.0)
             if DOT_IN_FP32:  # the CPU interpreter's dot misreads bfloat16 (it multiplies the raw bits)
@@ -260,7 +281,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
             k_mask = offs_k < K
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            keep = tl.abs(xv.to(tl.float32)) > tau
+            keep = _scores(tl.abs(xv.to(tl.float32)), scale_ptr, offs_k, k_mask, HAS_SCALE) > tau
             xs = tl.where(keep, xv, tl.zeros_like(xv))
             # A channel's weight row is read when any token keeps it (the union over the tokens).
             row_live = tl.max(keep.to(tl.int32), axis=0) > 0
@@ -294,7 +315,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
             tl.store(counter, 0)   # every split has drawn its ticket: ready for the next call
 
 
-_KERNELS = ("_list_survivors", "_threshold_gemv_kernel")
+_KERNELS = ("_scores", "_list_survivors", "_threshold_gemv_kernel")
 
 # id(weight) -> (weakref to weight, data_ptr, _version, K-major copy). The identity check (the weakref
 # still points at this very tensor) guards against a freed weight whose address and shape are
@@ -336,22 +357,29 @@ def k_major(weight: Tensor) -> Tensor:
 
 
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
-                     config: Optional[GemvConfig] = None, out: Optional[Tensor] = None) -> Tensor:
+                     config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
+                     channel_scale: Optional[Tensor] = None) -> Tensor:
     """Triton ``F.linear(x * (|x| > tau), weight, bias)`` for decode (TEAL input mode).
 
     For at most :data:`MAX_DECODE_TOKENS` tokens of float16/bfloat16/float32,
     a split-K GEMV reads only the weight rows of input channels that are kept
     (see the notes above); otherwise the reference (dense ``F.linear`` on the
-    thresholded input) runs. ``config`` overrides :func:`default_gemv_config`;
-    ``out`` (contiguous ``[M, N]``, ``x.dtype``) receives the result of the kernel path.
+    thresholded input) runs. ``channel_scale`` (``[K]``, criterion "weighted")
+    keeps channel i iff ``|x_i| * channel_scale[i] > tau``, the score in float32,
+    as :func:`threshold_linear_ref` computes it. ``config`` overrides
+    :func:`default_gemv_config`; ``out`` (contiguous ``[M, N]``, ``x.dtype``)
+    receives the result of the kernel path.
     """
     k = x.shape[-1]
     n = weight.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if channel_scale is not None and tuple(channel_scale.shape) != (k,):
+        raise ValueError(f"channel_scale must have shape [{k}] (one score factor per input channel), "
+                         f"got {list(channel_scale.shape)}")
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return threshold_linear_ref(x, weight, bias, tau)
+        return threshold_linear_ref(x, weight, bias, tau, channel_scale)
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor")
     bind_triton(globals(), _KERNELS)
@@ -370,11 +398,15 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     slots = grid[0] * grid[1] * grid[2] * cfg.ROWS_PER_SPLIT if cfg.COMPACT else 1
     scratch = torch.empty(slots, dtype=torch.int32, device=x.device)
     bias_arg = bias.contiguous() if bias is not None else y
+    scale_arg = channel_scale.float().contiguous() if channel_scale is not None else y
+    # The magnitude criterion compares |x| with tau rounded to x's dtype (as torch compares x with a Python
+    # float); the weighted one compares a float32 score with tau in float32 (as the reference does).
+    tau_arg = round_to_dtype(tau, x.dtype if channel_scale is None else torch.float32)
     launcher(_threshold_gemv_kernel, x2)[grid](  # noqa: F821
-        x2, wt, partial, scratch, bias_arg, y, counters, m, n, k, round_to_dtype(tau, x.dtype),
+        x2, wt, partial, scratch, bias_arg, y, counters, scale_arg, m, n, k, tau_arg,
         x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
         BLOCK_M=1 if per_token else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT, DOT_IN_FP32=interpreting or x.dtype == torch.float32,
-        COMPACT=cfg.COMPACT, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.STAGES)
+        COMPACT=cfg.COMPACT, DIRECT=direct, HAS_BIAS=bias is not None, HAS_SCALE=channel_scale is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.STAGES)
     return y.reshape(*lead, n)

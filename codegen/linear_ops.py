@@ -75,23 +75,23 @@ def threshold_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``F.linear(x * (|x| > tau), weight, bias)``: input activation sparsity (TEAL).
 
     ``channel_scale`` (criterion "weighted") keeps channel i iff ``|x_i| * channel_scale[i] > tau``.
-    The Triton GEMV compares with one scalar threshold, so weighted calls run the reference.
     """
-    from sparsecc.codegen.activation_sparse import threshold_linear_ref
-    if channel_scale is not None:
-        if impl == "triton":
-            raise RuntimeError("sparsecc op threshold_linear: kernels='triton' but the Triton kernel takes no "
-                               "channel_scale (criterion weighted)")
-        return threshold_linear_ref(x, weight, bias, tau, channel_scale).contiguous()
-    return pick(THRESHOLD_LINEAR, impl, x.device, threshold_linear_ref)(x, weight, bias, tau)
+    return pick(THRESHOLD_LINEAR, impl, x.device, _threshold_linear_reference)(
+        x, weight, bias, tau, channel_scale=channel_scale)
 
 
 def threshold_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor], w_up: torch.Tensor,
                   b_up: Optional[torch.Tensor], w_down: torch.Tensor, b_down: Optional[torch.Tensor], act: str,
-                  tau_input: float, tau_down: float, impl: str = "auto") -> torch.Tensor:
-    """Gated FFN whose three projections read thresholded inputs (TEAL input mode), as one op."""
+                  tau_input: float, tau_down: float, impl: str = "auto", scale_gate: Optional[torch.Tensor] = None,
+                  scale_up: Optional[torch.Tensor] = None, scale_down: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gated FFN whose three projections read thresholded inputs (TEAL input mode), as one op.
+
+    ``scale_gate`` / ``scale_up`` / ``scale_down`` (criterion "weighted") are the column norms each projection
+    multiplies its input's magnitudes by before comparing with its threshold.
+    """
     return pick(THRESHOLD_FFN, impl, x.device, _threshold_ffn_reference)(
-        x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau_input, tau_down)
+        x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau_input, tau_down, scale_gate=scale_gate,
+        scale_up=scale_up, scale_down=scale_down)
 
 
 def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor],
@@ -173,10 +173,10 @@ def _threshold_linear_reference(x, weight, bias, tau, impl="reference", channel_
 
 
 def _threshold_ffn_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau_input, tau_down,
-                             impl="reference"):
+                             impl="reference", scale_gate=None, scale_up=None, scale_down=None):
     from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
     return threshold_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau_input=tau_input,
-                             tau_down=tau_down)
+                             tau_down=tau_down, scale_gate=scale_gate, scale_up=scale_up, scale_down=scale_down)
 
 
 def _gate_sparse_ffn_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau, impl="reference"):
@@ -221,8 +221,12 @@ THRESHOLD_LINEAR = OpRecord(
 THRESHOLD_FFN = OpRecord(
     name="threshold_ffn",
     tensors=(TensorInput("x"), TensorInput("w_gate"), TensorInput("b_gate", optional=True), TensorInput("w_up"),
-             TensorInput("b_up", optional=True), TensorInput("w_down"), TensorInput("b_down", optional=True)),
+             TensorInput("b_up", optional=True), TensorInput("w_down"), TensorInput("b_down", optional=True),
+             TensorInput("scale_gate", optional=True), TensorInput("scale_up", optional=True),
+             TensorInput("scale_down", optional=True)),
     args=ThresholdFfnArgs,
+    order=("x", "w_gate", "b_gate", "w_up", "b_up", "w_down", "b_down", "act", "tau_input", "tau_down", "impl",
+           "scale_gate", "scale_up", "scale_down"),
     body=threshold_ffn, reference=_threshold_ffn_reference, fake=_ffn_fake,
     kernel="sparsecc.codegen.threshold_ffn:threshold_ffn",
     opaque_reason=_threshold_ffn_opaque,

@@ -270,7 +270,7 @@ def pick(record: OpRecord, impl: str, device: torch.device, reference: Callable)
         elif impl == "triton":
             raise RuntimeError(f"sparsecc op {record.name}: kernels='triton' but no Triton kernel exists for "
                                f"{device.type}")
-    return lambda *args: fn(*args).contiguous()
+    return lambda *args, **kwargs: fn(*args, **kwargs).contiguous()
 
 
 def no_kernel_reason(record: OpRecord, impl: str, device: torch.device) -> Optional[str]:

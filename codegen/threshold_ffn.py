@@ -59,18 +59,29 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ============================================================== reference
 
 
+def _kept(v: Tensor, tau: float, scale: Optional[Tensor]) -> Tensor:
+    """``v`` with the entries whose score is at most ``tau`` zeroed: ``|v|`` (no scale) or ``|v| * scale`` in
+    float32 (criterion weighted)."""
+    if scale is None:
+        return v * (v.abs() > tau).to(v.dtype)
+    return v * ((v.abs().float() * scale.float()) > tau).to(v.dtype)
+
+
 def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
                       w_down: Tensor, b_down: Optional[Tensor], *, act: str, tau_input: float,
-                      tau_down: float) -> Tensor:
+                      tau_down: float, scale_gate: Optional[Tensor] = None, scale_up: Optional[Tensor] = None,
+                      scale_down: Optional[Tensor] = None) -> Tensor:
     """Reference gated FFN with thresholded projection inputs (weights ``[out, in]``, computed in x's dtype).
 
     ``x̃ = x ⊙ [|x| > tau_input]``, ``h = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu)``, ``y = (h ⊙ [|h| > tau_down]) Wdᵀ + bd``.
+    With the weighted criterion each projection scores its own input with its own column norms
+    (``scale_gate``, ``scale_up``, ``scale_down``): the gate and up projections may keep different channels of x.
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
-    xt = x * (x.abs() > tau_input).to(x.dtype)
-    h = ACTIVATIONS[act](F.linear(xt, w_gate, b_gate)) * F.linear(xt, w_up, b_up)
-    return F.linear(h * (h.abs() > tau_down).to(h.dtype), w_down, b_down)
+    h = ACTIVATIONS[act](F.linear(_kept(x, tau_input, scale_gate), w_gate, b_gate)) * \
+        F.linear(_kept(x, tau_input, scale_up), w_up, b_up)
+    return F.linear(_kept(h, tau_down, scale_down), w_down, b_down)
 
 
 # ============================================================== Triton kernel
@@ -87,17 +98,24 @@ DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PE
 
 _rounded = _gate._rounded
 _list_survivors = _gemv._list_survivors
+_scores = _gemv._scores
 _activation = None
 
 
 def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr,
-                              M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
+                              sg_ptr, su_ptr, M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
                               ROWS_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr,  # noqa: F821
                               COMPACT: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
                               HAS_BU: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
-                              DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
-    """h[:, f-tile] = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu) over the channels some token keeps (see the notes above)."""
+                              DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,  # noqa: F821
+                              HAS_SCALE: tl.constexpr):  # noqa: F821
+    """h[:, f-tile] = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu) over the channels some token keeps (see the notes above).
+
+    With ``HAS_SCALE`` (criterion weighted) the gate keeps channel d iff ``|x_d| * sg_d > tau`` and the up
+    projection iff ``|x_d| * su_d > tau``: the list holds their union, and each weight row is loaded only where
+    its own projection keeps the channel.
+    """
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
     pid = tl.program_id(0)
@@ -117,7 +135,8 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
         accu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if COMPACT:
         slot = scratch_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * ROWS_PER_SPLIT
-        count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, k0, tau, slot, BLOCK_M, ROWS_PER_SPLIT)
+        count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, k0, tau, slot, sg_ptr, su_ptr, BLOCK_M,
+                                ROWS_PER_SPLIT, 2 if HAS_SCALE else 0)
         trips = tl.cdiv(count, BLOCK_K)
     else:
         trips = (ROWS_PER_SPLIT + BLOCK_K - 1) // BLOCK_K   # a split narrower than BLOCK_K still takes one trip
@@ -131,31 +150,48 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
             live = (offs_j < ROWS_PER_SPLIT) & (kk < D)
         if BLOCK_M == 1:
             xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
-            if not COMPACT:
-                live = live & (tl.abs(xk) > tau)
-                xk = tl.where(live, xk, 0.0)
+            if HAS_SCALE:   # each projection's own survivors among the listed (or visited) channels
+                live_g = live & (_scores(tl.abs(xk), sg_ptr, kk, live, True) > tau)
+                live_u = live & (_scores(tl.abs(xk), su_ptr, kk, live, True) > tau)
+                xk_g = tl.where(live_g, xk, 0.0)
+                xk_u = tl.where(live_u, xk, 0.0)
+            else:
+                if not COMPACT:
+                    live = live & (tl.abs(xk) > tau)
+                    xk = tl.where(live, xk, 0.0)
+                live_g = live
+                live_u = live
+                xk_g = xk
+                xk_u = xk
         else:
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
                          mask=m_mask[:, None] & live[None, :], other=0.0)
-            keep = tl.abs(xv.to(tl.float32)) > tau
-            xs = tl.where(keep, xv, tl.zeros_like(xv))
-            if not COMPACT:
-                live = live & (tl.max(keep.to(tl.int32), axis=0) > 0)
-        w_mask = live[:, None] & f_mask[None, :]
-        wg = tl.load(wg_ptr + kk[:, None].to(tl.int64) * stride_gd + offs_f[None, :] * stride_gf, mask=w_mask,
-                     other=0.0)
-        wu = tl.load(wu_ptr + kk[:, None].to(tl.int64) * stride_ud + offs_f[None, :] * stride_uf, mask=w_mask,
-                     other=0.0)
+            xabs = tl.abs(xv.to(tl.float32))
+            keep_g = _scores(xabs, sg_ptr, kk, live, HAS_SCALE) > tau
+            xs_g = tl.where(keep_g, xv, tl.zeros_like(xv))
+            if HAS_SCALE:
+                keep_u = _scores(xabs, su_ptr, kk, live, True) > tau
+                xs_u = tl.where(keep_u, xv, tl.zeros_like(xv))
+            else:
+                keep_u = keep_g
+                xs_u = xs_g
+            # A row is read when some token keeps its channel for that projection (the union over the tokens).
+            live_g = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
+            live_u = live & (tl.max(keep_u.to(tl.int32), axis=0) > 0)
+        wg = tl.load(wg_ptr + kk[:, None].to(tl.int64) * stride_gd + offs_f[None, :] * stride_gf,
+                     mask=live_g[:, None] & f_mask[None, :], other=0.0)
+        wu = tl.load(wu_ptr + kk[:, None].to(tl.int64) * stride_ud + offs_f[None, :] * stride_uf,
+                     mask=live_u[:, None] & f_mask[None, :], other=0.0)
         if BLOCK_M == 1:
-            accg2 += xk[:, None] * wg.to(tl.float32)
-            accu2 += xk[:, None] * wu.to(tl.float32)
+            accg2 += xk_g[:, None] * wg.to(tl.float32)
+            accu2 += xk_u[:, None] * wu.to(tl.float32)
         else:
             if DOT_IN_FP32:  # fp32 inputs, or the CPU interpreter (its bf16 dot multiplies raw bits)
-                accg = tl.dot(xs.to(tl.float32), wg.to(tl.float32), accg, input_precision="ieee")
-                accu = tl.dot(xs.to(tl.float32), wu.to(tl.float32), accu, input_precision="ieee")
+                accg = tl.dot(xs_g.to(tl.float32), wg.to(tl.float32), accg, input_precision="ieee")
+                accu = tl.dot(xs_u.to(tl.float32), wu.to(tl.float32), accu, input_precision="ieee")
             else:
-                accg = tl.dot(xs, wg, accg)
-                accu = tl.dot(xs, wu, accu)
+                accg = tl.dot(xs_g, wg, accg)
+                accu = tl.dot(xs_u, wu, accu)
     if BLOCK_M == 1:
         accg = tl.reshape(tl.sum(accg2, axis=0), (1, BLOCK_N))
         accu = tl.reshape(tl.sum(accu2, axis=0), (1, BLOCK_N))
@@ -187,7 +223,7 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
         tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-_KERNELS = ("_rounded", "_list_survivors", "_threshold_gate_up_kernel")
+_KERNELS = ("_rounded", "_scores", "_list_survivors", "_threshold_gate_up_kernel")
 
 
 def _bind() -> None:
@@ -195,7 +231,7 @@ def _bind() -> None:
     if getattr(_threshold_gate_up_kernel, "_sparsecc_jit", False):
         return
     _gate._bind()                          # the helpers resolve ``tl`` in their own modules
-    bind_triton(vars(_gemv), ("_list_survivors",))
+    bind_triton(vars(_gemv), ("_scores", "_list_survivors"))
     if _activation is None:
         globals()["_activation"] = _gate._activation
     bind_triton(globals(), _KERNELS)
@@ -219,21 +255,29 @@ def default_threshold_ffn_config(tokens: int) -> GemvConfig:
 def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
                   w_down: Tensor, b_down: Optional[Tensor], act: str, tau_input: float, tau_down: float,
                   config: Optional[GemvConfig] = None, down_config: Optional[GemvConfig] = None,
-                  out: Optional[Tensor] = None) -> Tensor:
+                  out: Optional[Tensor] = None, scale_gate: Optional[Tensor] = None,
+                  scale_up: Optional[Tensor] = None, scale_down: Optional[Tensor] = None) -> Tensor:
     """Triton gated FFN with thresholded projection inputs for decode (TEAL); same result as ``threshold_ffn_ref``.
 
     For at most :data:`MAX_DECODE_TOKENS` tokens of float16/bfloat16/float32: stage 1 writes h from the
     surviving channels' gate and up rows, stage 2 is the compacted down GEMV (see the module notes); weights
     are read K-major (``k_major``: pass ``.t()`` views of ``[in, out]`` buffers to avoid a cached copy). More
     tokens or float64 run the reference. ``config`` / ``down_config`` override the stages' launch knobs;
-    ``out`` (contiguous ``[M, D_out]``, ``x.dtype``) receives the kernel path's result.
+    ``out`` (contiguous ``[M, D_out]``, ``x.dtype``) receives the kernel path's result. ``scale_gate`` and
+    ``scale_up`` (both or neither, ``[D]``) and ``scale_down`` (``[F]``) are the weighted criterion's column norms.
     """
     x2, lead = _gate.decode_rows(x, act, w_gate, b_gate, w_up, b_up, w_down, b_down, _check_shapes)
     f, d = w_gate.shape
     m = x2.shape[0]
+    if (scale_gate is None) != (scale_up is None):
+        raise ValueError("scale_gate and scale_up are given together (criterion weighted) or not at all")
+    for name, scale, width in (("scale_gate", scale_gate, d), ("scale_up", scale_up, d), ("scale_down", scale_down, f)):
+        if scale is not None and tuple(scale.shape) != (width,):
+            raise ValueError(f"{name} must have shape [{width}] (one score factor per input channel), "
+                             f"got {list(scale.shape)}")
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in KERNEL_DTYPES:
         return threshold_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau_input=tau_input,
-                                 tau_down=tau_down)
+                                 tau_down=tau_down, scale_gate=scale_gate, scale_up=scale_up, scale_down=scale_down)
     _bind()
     cfg = config or default_threshold_ffn_config(m)
     dtype = x.dtype
@@ -246,13 +290,18 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     partial = torch.empty(grid[1], 2, m, f, dtype=torch.float32, device=x.device) if split else h
     counters = ticket_counters(grid[0], x2) if split else h   # one per N tile
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
+    weighted = scale_gate is not None
+    sg = scale_gate.float().contiguous() if weighted else h
+    su = scale_up.float().contiguous() if weighted else h
+    # As in threshold_linear: |x| against tau in x's dtype, a weighted score against tau in float32.
+    tau_arg = round_to_dtype(tau_input, torch.float32 if weighted else dtype)
     launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
         x2, wgt, b_gate.contiguous() if b_gate is not None else h, wut, b_up.contiguous() if b_up is not None else h,
-        h, scratch, partial, counters, m, f, d, round_to_dtype(tau_input, dtype), x2.stride(0), x2.stride(1),
+        h, scratch, partial, counters, sg, su, m, f, d, tau_arg, x2.stride(0), x2.stride(1),
         wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
         BLOCK_M=1 if m == 1 else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows,
         SPLIT=split, COMPACT=cfg.COMPACT, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACTIVATION=act,
         DOT_IN_FP32=interpreting or dtype == torch.float32, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.STAGES)
-    y = threshold_linear(h, w_down, b_down, tau_down, config=down_config, out=out)
+        HAS_SCALE=weighted, num_warps=cfg.num_warps, num_stages=cfg.STAGES)
+    y = threshold_linear(h, w_down, b_down, tau_down, config=down_config, out=out, channel_scale=scale_down)
     return y.reshape(*lead, w_down.shape[0])

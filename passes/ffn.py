@@ -282,32 +282,7 @@ def check_ffn(site: Site, ctx) -> Decision:
     if form.tau("input") is None and form.tau("down") is None:
         return fallback(form, rule.key, policy, "input mode with neither an input nor a down threshold", estimate)
     params = dict(tau_input=form.tau("input"), tau_down=form.tau("down"))
-    if criterion == "weighted":
-        return _weighted_verdict(site, ctx, form, rule.key, policy, estimate, params)
     return verdict(site, ctx, form, rule.key, policy, estimate, "threshold_linear", **params)
-
-
-# Why weighted sites never run the Triton GEMV (one sentence for the report).
-_WEIGHTED_NO_KERNEL = ("criterion weighted needs a per-channel threshold and the Triton threshold GEMV takes one "
-                       "scalar, so it runs the reference")
-
-
-def _weighted_verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimate, params) -> Decision:
-    """The usual verdict, but a weighted site runs the reference op: never "triton", never "fast" under auto."""
-    if ctx.kernels == "triton" and policy != "off":
-        return fallback(form, rule_key, policy, f"kernels='triton' but {_WEIGHTED_NO_KERNEL}", estimate, **params)
-    decision = verdict(site, ctx, form, rule_key, policy, estimate, "threshold_linear", **params)
-    if ctx.kernels == "reference" or not ctx.has_kernel("threshold_linear", site.device):
-        return decision
-    if policy == "force" and decision.apply:
-        return replace(decision, reason=decision.reason.replace("triton kernel", "reference") +
-                       f" ({_WEIGHTED_NO_KERNEL})")
-    if policy == "auto" and not ctx.autograd:
-        # docs/spec.md: under auto a site whose form has no fast kernel stays dense and the report says so. The
-        # estimate above is the scalar kernel's, which this site cannot run, so it decides nothing either way.
-        return replace(decision, apply=False, reason=f"auto: kept dense, {_WEIGHTED_NO_KERNEL}, "
-                       "which is slower than dense")
-    return decision
 
 
 def column_norms(weight: torch.Tensor, in_out: bool = False) -> torch.Tensor:
@@ -369,8 +344,6 @@ def _threshold_ffn_refusal(site: Site, decision: Decision, ctx) -> Optional[str]
     per-projection ops give the same result, and Inductor compiles the activation between them).
     """
     m: FfnMatch = site.match
-    if getattr(decision.form, "criterion", "magnitude") == "weighted":
-        return "criterion weighted runs the reference per projection"
     if m.up is None:
         return "a fused gate_up weight" if m.fused_halves is not None else "a plain (ungated) FFN"
     if m.act is None:
@@ -391,28 +364,27 @@ def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
     m: FfnMatch = site.match
     graph = gm.graph
     plan: Plan = decision.plan
+    weighted = getattr(decision.form, "criterion", "magnitude") == "weighted"
     if decision.form.mode == "input" and plan.state.get("fused"):
         call = plan.calls[0]
         with graph.inserting_before(m.down_node):
             weights = {role: _decode_weight_node(graph, ctx, site, lin, "threshold_ffn")
                        for role, lin in (("w_gate", m.first), ("w_up", m.up), ("w_down", m.down))}
+            scales = {role: _bind_column_norms(ctx, lin) if weighted else None
+                      for role, lin in (("scale_gate", m.first), ("scale_up", m.up), ("scale_down", m.down))}
             out = call.record.emit(graph, call.args, x=m.x, b_gate=m.first.bias, b_up=m.up.bias,
-                                   b_down=m.down.bias, **weights)
+                                   b_down=m.down.bias, **weights, **scales)
         out.meta["nn_module_stack"] = m.down_node.meta.get("nn_module_stack", {})
         m.down_node.replace_all_uses_with(out)
         return
     if decision.form.mode == "input":
         projections = {"first": (m.first_node, m.first), "up": (m.up_node, m.up), "down": (m.down_node, m.down)}
-        weighted = getattr(decision.form, "criterion", "magnitude") == "weighted"
         for role, call in zip(plan.state["roles"], plan.calls):
             node, lin = projections[role]
-            extra = (_bind_column_norms(ctx, lin),) if weighted else ()
             with graph.inserting_before(node):
-                # A weighted site runs the reference (see _WEIGHTED_NO_KERNEL): no K-major copy for it.
-                weight = _weight_node(graph, lin) if weighted else \
-                    _decode_weight_node(graph, ctx, site, lin, "threshold_linear")
-                out = call.record.emit(graph, call.args, x=lin.x, weight=weight, bias=lin.bias,
-                                       channel_scale=extra[0] if extra else None)
+                out = call.record.emit(graph, call.args, x=lin.x,
+                                       weight=_decode_weight_node(graph, ctx, site, lin, "threshold_linear"),
+                                       bias=lin.bias, channel_scale=_bind_column_norms(ctx, lin) if weighted else None)
             out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
             node.replace_all_uses_with(out)
         return

@@ -78,6 +78,23 @@ def pick_tau(a_abs, sparsity, dtype):
     return tau
 
 
+def gap_tau(scores, sparsity, rel_gap=1e-4):
+    """A threshold near the ``sparsity`` quantile of float64 ``scores``, in the widest gap there, or None.
+
+    The kernel computes the weighted score in float32 and the oracle in float64: tau keeps a relative margin
+    from every score, so both keep the same channels.
+    """
+    vals = torch.unique(scores.flatten()).sort().values
+    if vals.numel() < 2:
+        return None
+    lo = max(0, int((sparsity - 0.15) * (vals.numel() - 1)))
+    hi = min(vals.numel() - 1, max(lo + 1, int((sparsity + 0.15) * (vals.numel() - 1))))
+    gaps = vals[lo + 1:hi + 1] - vals[lo:hi]
+    i = int(gaps.argmax())
+    left, right = float(vals[lo + i]), float(vals[lo + i + 1])
+    return None if right - left < rel_gap * max(right, 1e-6) else (left + right) / 2
+
+
 def assert_close_scaled(out, ref, dtype):
     assert out.dtype == dtype and out.shape == ref.shape
     assert bool(torch.isfinite(out).all()), "unwritten (poisoned) or non-finite outputs"

@@ -44,8 +44,9 @@ def cpu_threshold_kernel(monkeypatch):
     """THRESHOLD_LINEAR with a CPU 'kernel' made of torch ops (x masked by hand, then F.linear)."""
     module = type(sys)("sparsecc_cpu_stand_in")
 
-    def kernel(x, weight, bias, tau):
-        return F.linear(x * (x.abs() > tau), weight, bias)
+    def kernel(x, weight, bias, tau, channel_scale=None):
+        score = x.abs() if channel_scale is None else x.abs() * channel_scale
+        return F.linear(x * (score > tau), weight, bias)
 
     module.kernel = kernel
     monkeypatch.setitem(sys.modules, module.__name__, module)
@@ -151,6 +152,10 @@ with FakeTensorMode():
                                            torch.empty_strided((256, 8192), (1, 256), device=cuda, dtype=f16),
                                            None, 0.5).shape,   # K splits merged by tickets
         threshold_ffn.threshold_ffn(x, w_km, None, w_km, None, wd_km, None, "silu", 0.5, 0.1).shape,
+        activation_sparse.threshold_linear(x, w_km, None, 0.5, channel_scale=torch.empty(256, device=cuda)).shape,
+        threshold_ffn.threshold_ffn(x, w_km, None, w_km, None, wd_km, None, "silu", 0.5, 0.1,
+                                    scale_gate=torch.empty(256, device=cuda), scale_up=torch.empty(256, device=cuda),
+                                    scale_down=torch.empty(512, device=cuda)).shape,   # criterion weighted
     ]
 print([tuple(s) for s in shapes])
 """
@@ -170,7 +175,8 @@ def test_traced_kernel_paths_run_on_fake_cuda_tensors():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str([(2, 8, 64, 64), (2, 8, 64, 64), (2, 8, 1, 64), (2, 8, 1, 64), (2, 8, 1, 64),
-                                                        (1, 512), (1, 256), (1, 256), (1, 256)])
+                                                        (1, 512), (1, 256), (1, 256), (1, 256), (1, 512),
+                                                        (1, 256)])
 
 
 # ---------------------------------------------------------------- GPU: Inductor launches the kernels
@@ -214,7 +220,7 @@ def test_streaming_decode_launches_from_inductors_code():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["input", "gate"])
+@pytest.mark.parametrize("mode", ["input", "gate", "weighted"])
 def test_decode_ffn_ops_launch_from_inductors_code(mode):
     import sparsecc
 
@@ -227,6 +233,11 @@ def test_decode_ffn_ops_launch_from_inductors_code(mode):
 
     def oracle(tau):
         """docs/spec.md in float64, and the smallest distance of a thresholded value to tau."""
+        if mode == "weighted":   # input mode, each projection's input scored by |v_i| * ||W[:, i]||_2
+            sg, su, sd = wg.norm(dim=0), wu.norm(dim=0), wd.norm(dim=0)
+            hidden = F.silu((xd * (xd.abs() * sg > tau)) @ wg.t()) * ((xd * (xd.abs() * su > tau)) @ wu.t())
+            scores = torch.cat([(xd.abs() * sg).flatten(), (xd.abs() * su).flatten(), (hidden.abs() * sd).flatten()])
+            return (hidden * (hidden.abs() * sd > tau)) @ wd.t(), (scores - tau).abs().min()
         if mode == "input":   # every thresholded projection input v becomes v * (|v| > tau)
             xk = xd * (xd.abs() > tau)
             hidden = F.silu(xk @ wg.t()) * (xk @ wu.t())
@@ -238,15 +249,17 @@ def test_decode_ffn_ops_launch_from_inductors_code(mode):
     # A threshold no value sits near, so fp16 rounding cannot move an element across it.
     tau = next(t / 1000 for t in range(500, 900, 7) if oracle(t / 1000)[1] > 2e-3)
     expected = oracle(tau)[0]
-    spec = {"version": 1, "defaults": {"policy": "force"},
-            "ffn": [{"form": "activation_threshold", "mode": mode, "threshold": tau}]}
+    rule = {"form": "activation_threshold", "mode": "gate" if mode == "gate" else "input", "threshold": tau}
+    if mode == "weighted":
+        rule["criterion"] = "weighted"
+    spec = {"version": 1, "defaults": {"policy": "force"}, "ffn": [rule]}
     compiled = torch.compile(ffn, backend="sparsecc", options={"spec": spec})
     with torch.no_grad():
         out, code = _inductor_code(compiled, x)
     sites = [s for s in sparsecc.last_report().sites if s.applied and s.kind == "ffn"]
     assert sites and sites[0].attrs.get("launch") == "inductor", sites
     assert "torch.ops.sparsecc" not in code
-    assert ("_threshold_gemv_kernel" if mode == "input" else "_gate_up_kernel") in code
-    if mode == "input":   # one fused op: gate, up and the activation in one kernel, then the down GEMV
+    assert ("_gate_up_kernel" if mode == "gate" else "_threshold_gemv_kernel") in code
+    if mode != "gate":   # one fused op: gate, up and the activation in one kernel, then the down GEMV
         assert "_threshold_gate_up_kernel" in code and "threshold_ffn" in sites[0].attrs["plan"]
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)

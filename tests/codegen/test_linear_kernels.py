@@ -29,6 +29,7 @@ from sparsecc.codegen.block_sparse_linear import (BlockLinearConfig, block_spars
 from sparsecc.codegen.epilogue import EPILOGUES, activation_ref  # noqa: E402
 from sparsecc.forms import BlockWeights  # noqa: E402
 from sparsecc.weights import compress_block_weights  # noqa: E402
+from tests.codegen.test_ffn_kernels import gap_tau  # noqa: E402
 
 interpreter = pytest.mark.skipif(CUDA, reason="interpreter tests run on machines without CUDA")
 # The interpreter runs every program in Python: few examples, tiny shapes.
@@ -158,6 +159,83 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, co
     assert_matches(y, ref, dtype)
 
 
+def weighted_oracle(x, w, bias, tau):
+    """docs/spec.md, criterion weighted, in float64: keep x_i iff |x_i| * ||W[:, i]||_2 > tau."""
+    norms = w.double().norm(dim=0)
+    keep = x.double().abs() * norms > tau
+    return (x.double() * keep) @ w.double().T + (0 if bias is None else bias.double()), keep
+
+
+@interpreter
+@SETTINGS
+@given(m=st.integers(1, MAX_DECODE_TOKENS), n=st.integers(1, 80), k=st.integers(2, 100),
+       sparsity=st.floats(0.05, 0.95), dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(),
+       compact=st.booleans(), per_token=st.booleans(), rows=st.sampled_from([16, 32, 128]),
+       seed=st.integers(0, 10**6))
+def test_threshold_linear_kernel_weighted(m, n, k, sparsity, dtype, has_bias, compact, per_token, rows, seed):
+    """criterion weighted on every path, against float64 with the column norms written from docs/spec.md."""
+    from hypothesis import assume
+    from sparsecc.passes.ffn import column_norms
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, m, k, dtype=dtype)
+    # Column norms spread over two orders of magnitude, so the weighted criterion keeps other channels than |x|.
+    w = (randn(gen, n, k, dtype=torch.float64) * torch.logspace(-1, 1, k, dtype=torch.float64)[torch.randperm(
+        k, generator=gen)]).to(dtype)
+    bias = randn(gen, n, dtype=dtype) if has_bias else None
+    tau = gap_tau(x.double().abs() * w.double().norm(dim=0), sparsity)
+    assume(tau is not None)
+    ref, keep = weighted_oracle(x, w, bias, tau)
+    out = poisoned(m, n, dtype)
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, COMPACT=compact, PER_TOKEN=per_token)
+    y = threshold_linear(x, w.t().contiguous().t(), bias, tau, config=cfg, out=out, channel_scale=column_norms(w))
+    assert_matches(y, ref, dtype)
+
+
+@interpreter
+@pytest.mark.parametrize("m,compact,per_token", [(1, True, False), (1, False, False), (3, False, False),
+                                                 (3, True, False), (3, True, True), (3, False, True)])
+def test_threshold_linear_weighted_reads_only_surviving_rows(m, compact, per_token):
+    """Channels with large |x| on light columns are dropped by the weighted score; their rows are NaN.
+
+    The form is applied and differs from the magnitude criterion: the dropped channels hold the largest |x|, so
+    magnitude at the same tau would keep them.
+    """
+    gen = torch.Generator().manual_seed(4)
+    n, k = 40, 64
+    x = randn(gen, m, k, dtype=torch.bfloat16)
+    light = torch.arange(k) % 3 == 0
+    x[:, light] = 4.0                                  # large inputs ...
+    w = randn(gen, n, k, dtype=torch.float64)
+    w[:, light] *= 1e-3                                # ... on columns of norm ~0.006
+    w = w.to(torch.bfloat16)
+    norms = w.double().norm(dim=0)
+    tau = 0.5
+    ref, keep = weighted_oracle(x, w, None, tau)
+    assert not bool(keep[:, light].any()) and bool((x[:, light].double().abs() > tau).all())
+    assert 0 < int(keep.sum()) < keep.numel()
+    w_bad = w.clone()
+    w_bad[:, light] = float("nan")
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=32, num_warps=4, COMPACT=compact, PER_TOKEN=per_token)
+    y = threshold_linear(x, w_bad.t().contiguous().t(), None, tau, config=cfg, channel_scale=norms.float())
+    assert_matches(y, ref, torch.bfloat16)
+
+
+@interpreter
+def test_threshold_linear_weighted_score_at_tau_is_dropped():
+    """The comparison is strict: a channel whose float32 score equals tau is dropped."""
+    x = torch.tensor([[0.5, -1.0, 0.75, 0.25]], dtype=torch.float32)
+    w = torch.eye(4, dtype=torch.float32)
+    scale = torch.tensor([2.0, 1.0, 1.0, 8.0])          # scores 1.0, 1.0, 0.75, 2.0
+    y = threshold_linear(x, w, None, 1.0, config=SMALL_GEMV, channel_scale=scale)
+    assert y.tolist() == [[0.0, 0.0, 0.0, 0.25]]
+
+
+def test_threshold_linear_rejects_a_channel_scale_of_the_wrong_width():
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"channel_scale must have shape \[8\]"):
+        threshold_linear(x, w, None, 0.1, channel_scale=torch.ones(4))
+
+
 @interpreter
 @pytest.mark.parametrize("m,compact,per_token", [(1, True, False), (1, False, False), (3, False, False),
                                                  (3, True, False), (3, True, True), (3, False, True)])
@@ -266,6 +344,29 @@ def test_threshold_linear_gpu(dtype, m, n, k, sparsity):
     out = poisoned(m, n, dtype, "cuda")
     y = threshold_linear(x, w, bias, tau, out=out)
     keep = x.abs() > tau
+    ref = ((x.float() * keep) @ w.float().T + bias.float()).double()
+    assert_matches(y, ref, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336)])
+def test_threshold_linear_weighted_gpu(dtype, m, n, k):
+    """criterion weighted at Llama-3-8B shapes, 70% of the weighted scores dropped, float32 oracle."""
+    from sparsecc.passes.ffn import column_norms
+    gen = torch.Generator(device="cuda").manual_seed(7 * m + k)
+    x = randn(gen, m, k, dtype=dtype, device="cuda")
+    w = (randn(gen, n, k, dtype=torch.float32, device="cuda") / k ** 0.5 *
+         torch.logspace(-1, 1, k, device="cuda")).to(dtype)
+    bias = randn(gen, n, dtype=dtype, device="cuda")
+    norms = column_norms(w)
+    score = x.float().abs() * norms
+    tau = float(torch.quantile(score.flatten(), 0.7))
+    keep = score > tau
+    assert 0.25 < float(keep.float().mean()) < 0.35
+    out = poisoned(m, n, dtype, "cuda")
+    y = threshold_linear(x, w.t().contiguous().t(), bias, tau, out=out, channel_scale=norms)
     ref = ((x.float() * keep) @ w.float().T + bias.float()).double()
     assert_matches(y, ref, dtype)
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig
-from tests.codegen.test_ffn_kernels import FEW, KERNEL_DTYPES, assert_close_scaled, pick_tau, randn
+from tests.codegen.test_ffn_kernels import FEW, KERNEL_DTYPES, assert_close_scaled, gap_tau, pick_tau, randn
 from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
 
@@ -124,6 +124,99 @@ def test_interp_reads_only_surviving_rows(interpreter, m, compact):
     assert_close_scaled(y, ref, torch.bfloat16)
 
 
+def expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down):
+    """float64 oracle of docs/spec.md, criterion weighted: each projection keeps channel i of its input iff
+    ``|v_i| * ||W[:, i]||_2 > tau`` with its own weight W; returns (y, h, gate keep, up keep, h keep)."""
+    dtype = x.dtype
+    x64 = x.double().reshape(-1, x.shape[-1])
+    keep_g = x64.abs() * wg.double().norm(dim=0) > tau_input
+    keep_u = x64.abs() * wu.double().norm(dim=0) > tau_input
+
+    def rounded(v):
+        return v.to(dtype).double()
+
+    gate = rounded((x64 * keep_g) @ wg.double().T + (0 if bg is None else bg.double()))
+    up = rounded((x64 * keep_u) @ wu.double().T + (0 if bu is None else bu.double()))
+    h = rounded(rounded(ACTIVATIONS[act](gate)) * up)
+    keep_h = h.abs() * wd.double().norm(dim=0) > tau_down
+    y = (h * keep_h) @ wd.double().T + (0 if bd is None else bd.double())
+    return y.reshape(*x.shape[:-1], wd.shape[0]), h, keep_g, keep_u, keep_h
+
+
+def spread_columns(gen, w):
+    """``w`` with its columns scaled over two orders of magnitude (so weighted and magnitude scores differ)."""
+    k = w.shape[1]
+    return (w.double() * torch.logspace(-1, 1, k, dtype=torch.float64)[torch.randperm(k, generator=gen)]).to(w.dtype)
+
+
+def norms32(w):
+    from sparsecc.passes.ffn import column_norms
+    return column_norms(w)
+
+
+@FEW
+@given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(2, 48), f=st.integers(2, 48), d_out=st.integers(1, 40),
+       biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)), dtype=st.sampled_from(KERNEL_DTYPES),
+       sparsity_in=st.floats(0.05, 0.95), sparsity_h=st.floats(0.05, 0.95), compact=st.booleans(),
+       seed=st.integers(0, 10 ** 6))
+def test_interp_threshold_ffn_kernel_weighted(interpreter, m, d, f, d_out, biases, act, dtype, sparsity_in,
+                                              sparsity_h, compact, seed):
+    """criterion weighted: gate and up keep different channels of x, each by its own column norms."""
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator().manual_seed(seed)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, biases, dtype)
+    wg, wu, wd = spread_columns(gen, wg), spread_columns(gen, wu), spread_columns(gen, wd)
+    x64 = x.double()
+    tau_input = gap_tau(torch.cat([x64.abs() * wg.double().norm(dim=0), x64.abs() * wu.double().norm(dim=0)]),
+                        sparsity_in)
+    assume(tau_input is not None)
+    _, h, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
+    # h is rounded to the dtype by kernel and oracle alike, but their float32 / float64 sums may round it one unit
+    # apart: the margin of pick_tau, on the score scaled by the down weight's norms.
+    tau_down = pick_tau(h.abs() * wd.double().norm(dim=0), sparsity_h, dtype)
+    assume(tau_down is not None)
+    ref, _, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
+    cfg, down = small_configs(compact)
+    out = torch.full((m, d_out), float("nan"), dtype=dtype)
+    y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down, out=out,
+                      scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
+    assert_close_scaled(y, ref, dtype)
+    assert counters_at_zero()
+
+
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_weighted_reads_each_projections_own_rows(interpreter, m, compact):
+    """A channel the gate drops but up keeps (and the other way round) has a NaN row in the dropping weight only.
+
+    Reading a dropped row would turn the output NaN; the masks of the two projections differ on those channels,
+    and the result differs from the magnitude criterion's at the same tau.
+    """
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator().manual_seed(41 + m)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 48, 40, 24, True, torch.bfloat16)
+    x = x.sign() * (x.abs() + 0.5)                   # every |x| above 0.5
+    gate_light = torch.arange(48) % 4 == 0
+    up_light = torch.arange(48) % 4 == 1
+    wg, wu = wg.double(), wu.double()
+    wg[:, gate_light] *= 1e-3
+    wu[:, up_light] *= 1e-3
+    wg, wu = wg.to(torch.bfloat16), wu.to(torch.bfloat16)
+    tau_input, tau_down = 0.05, 1e-4
+    ref, h, keep_g, keep_u, keep_h = expected_weighted(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
+    assert not bool(keep_g[:, gate_light].any()) and bool(keep_u[:, gate_light].all())
+    assert not bool(keep_u[:, up_light].any()) and bool(keep_g[:, up_light].all())
+    magnitude, *_ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
+    assert not torch.allclose(ref, magnitude)
+    wg_bad, wu_bad = wg.clone(), wu.clone()
+    wg_bad[:, gate_light] = float("nan")
+    wu_bad[:, up_light] = float("nan")
+    cfg, down = small_configs(compact)
+    y = threshold_ffn(x, wg_bad, bg, wu_bad, bu, wd, bd, "silu", tau_input, tau_down, config=cfg, down_config=down,
+                      scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
+    assert_close_scaled(y, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("m", [1, 5])
 def test_interp_default_configs_and_k_major_weights(interpreter, m):
     """Default launch knobs, weights given as .t() views of K-major buffers (as the compiler binds them)."""
@@ -152,6 +245,19 @@ def test_reference_matches_the_written_out_oracle():
     got = threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act="silu", tau_input=0.7, tau_down=0.05)
     ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, "silu", 0.7, 0.05)
     assert 0 < int(keep_x.sum()) < keep_x.numel() and 0 < int(keep_h.sum()) < keep_h.numel()
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_weighted_reference_matches_the_written_out_oracle():
+    """``threshold_ffn_ref`` with column norms in float64 is the weighted oracle's formula; gate and up differ."""
+    from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
+    gen = torch.Generator().manual_seed(9)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 3, 16, 24, 8, True, torch.float64)
+    wg, wu, wd = spread_columns(gen, wg), spread_columns(gen, wu), spread_columns(gen, wd)
+    got = threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act="silu", tau_input=0.7, tau_down=0.05,
+                            scale_gate=wg.norm(dim=0), scale_up=wu.norm(dim=0), scale_down=wd.norm(dim=0))
+    ref, _, keep_g, keep_u, keep_h = expected_weighted(x, wg, bg, wu, bu, wd, bd, "silu", 0.7, 0.05)
+    assert not torch.equal(keep_g, keep_u) and 0 < int(keep_h.sum()) < keep_h.numel()
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -192,6 +298,10 @@ def test_threshold_ffn_rejects_bad_arguments():
         threshold_ffn(x, wg, bg, wu, bu[:3], wd, bd, "silu", 0.1, 0.1)
     with pytest.raises(ValueError, match="w_up is None"):
         threshold_ffn(x, wg, bg, None, None, wd, bd, "silu", 0.1, 0.1)
+    with pytest.raises(ValueError, match="scale_gate and scale_up are given together"):
+        threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.1, 0.1, scale_gate=torch.ones(16))
+    with pytest.raises(ValueError, match=r"scale_down must have shape \[24\]"):
+        threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.1, 0.1, scale_down=torch.ones(16))
 
 
 # ------------------------------------------------------------------ GPU
@@ -218,6 +328,35 @@ def test_threshold_ffn_gpu(dtype, m, sparsity):
     out = torch.full((m, 4096), float("nan"), dtype=dtype, device="cuda")
     y = threshold_ffn(x, wg.t().contiguous().t(), bg, wu.t().contiguous().t(), bu, wd.t().contiguous().t(), bd,
                       "silu", tau_input, tau_down, out=out)
+    assert bool(torch.isfinite(y).all())
+    assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+    assert counters_at_zero()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 4])
+def test_threshold_ffn_weighted_gpu(dtype, m):
+    """criterion weighted at Llama-3-8B shapes (column norms spread 100x), 70% of the scores dropped."""
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    from sparsecc.passes.ffn import column_norms
+    gen = torch.Generator(device="cuda").manual_seed(50 + m)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 4096, 14336, 4096, True, dtype, "cuda")
+    spread = torch.logspace(-1, 1, 4096, device="cuda")
+    wg, wu = (wg.float() * spread).to(dtype), (wu.float() * spread.flip(0)).to(dtype)
+    sg, su, sd = column_norms(wg), column_norms(wu), column_norms(wd)
+    xa = x.float().abs()
+    tau_input = float(torch.quantile(torch.cat([xa * sg, xa * su]).flatten(), 0.7))
+    xg, xu = x.float() * (xa * sg > tau_input), x.float() * (xa * su > tau_input)
+    gate = (xg @ wg.float().T + bg.float()).to(dtype).float()
+    up = (xu @ wu.float().T + bu.float()).to(dtype).float()
+    h = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype).float()
+    hs = h.abs() * sd
+    tau_down = float(torch.quantile(hs.flatten()[:2 ** 20], 0.7))
+    ref = (h * (hs > tau_down)) @ wd.float().T + bd.float()
+    out = torch.full((m, 4096), float("nan"), dtype=dtype, device="cuda")
+    y = threshold_ffn(x, wg.t().contiguous().t(), bg, wu.t().contiguous().t(), bu, wd.t().contiguous().t(), bd,
+                      "silu", tau_input, tau_down, out=out, scale_gate=sg, scale_up=su, scale_down=sd)
     assert bool(torch.isfinite(y).all())
     assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
     assert counters_at_zero()

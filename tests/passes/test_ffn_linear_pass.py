@@ -42,7 +42,19 @@ def test_threshold_rewrite_matches_semantics(cls, mode, eager_lowering):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["input", "gate"])
+def _weighted_expected(ffn, x, tau):
+    """docs/spec.md, input mode, criterion weighted, in float64: each projection keeps channel i of its input iff
+    |v_i| * ||W[:, i]||_2 > tau."""
+    def kept(v, w):
+        return v * (v.abs() * w.double().norm(dim=0) > tau)
+
+    xd = x.double()
+    wg, wu, wd = ffn.gate_proj.weight.double(), ffn.up_proj.weight.double(), ffn.down_proj.weight.double()
+    h = torch.nn.functional.silu(kept(xd, wg) @ wg.t()) * (kept(xd, wu) @ wu.t())
+    return kept(h, wd) @ wd.t()
+
+
+@pytest.mark.parametrize("mode", ["input", "gate", "weighted"])
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_lowering):
     """Where the decode GEMV runs, its weights arrive as views of K-major buffers bound at compile time.
@@ -55,20 +67,24 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
     from sparsecc.codegen import activation_sparse, ops
     from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
 
-    seen, fused = [], []
+    seen, fused, scales = [], [], []
 
-    def fake_linear(x, weight, bias, tau):
+    def fake_linear(x, weight, bias, tau, channel_scale=None):
         seen.append(weight.stride())
-        return activation_sparse.threshold_linear_ref(x, weight, bias, tau)
+        scales.append(channel_scale is not None)
+        return activation_sparse.threshold_linear_ref(x, weight, bias, tau, channel_scale)
 
     def fake_ffn(x, wg, bg, wu, bu, wd, bd, act, tau):
         seen.append(wd.stride())
         return activation_sparse.gate_sparse_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau=tau)
 
-    def fake_threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down):
+    def fake_threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, scale_gate=None, scale_up=None,
+                           scale_down=None):
         seen.extend(w.stride() for w in (wg, wu, wd))
         fused.append(act)
-        return threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau_input=tau_input, tau_down=tau_down)
+        scales.extend(s is not None for s in (scale_gate, scale_up, scale_down))
+        return threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau_input=tau_input, tau_down=tau_down,
+                                 scale_gate=scale_gate, scale_up=scale_up, scale_down=scale_down)
 
     # The records' kernels become these CPU stand-ins: every reader (the op bodies, the compiler's kernel check)
     # looks the record up by name or through its module's global at call time.
@@ -87,17 +103,28 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
     torch.manual_seed(9)
     ffn = zoo.GatedSiluFFN().eval()
     x = torch.randn(1, tokens, 32)
-    spec = {"version": 1, "defaults": {"policy": "force"},
-            "ffn": [{"form": "activation_threshold", "mode": mode, "threshold": 0.3}]}
+    rule = {"form": "activation_threshold", "mode": "gate" if mode == "gate" else "input", "threshold": 0.3}
+    if mode == "weighted":
+        rule["criterion"] = "weighted"
+    spec = {"version": 1, "defaults": {"policy": "force"}, "ffn": [rule]}
+
+    def expected():
+        return (_weighted_expected(ffn, x, 0.3) if mode == "weighted" else zoo.ffn_expected(ffn, x, mode, 0.3)).float()
+
     with torch.no_grad():
         compiled = sparsecc.compile(ffn, spec=spec, kernels="auto")
-        torch.testing.assert_close(compiled(x), zoo.ffn_expected(ffn, x, mode, 0.3).float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(compiled(x), expected(), atol=1e-4, rtol=1e-4)
         decode = tokens <= activation_sparse.MAX_DECODE_TOKENS
         assert seen and all((s[0] == 1) == decode for s in seen), seen
-        # input mode at decode sizes runs the whole gated FFN as one threshold_ffn op
-        assert fused == (["silu"] if decode and mode == "input" else []), fused
+        # input mode at decode sizes runs the whole gated FFN as one threshold_ffn op, either criterion
+        assert fused == (["silu"] if decode and mode != "gate" else []), fused
+        # the weighted criterion's column norms reach every thresholded projection
+        if mode == "gate":
+            assert scales == [], scales
+        else:
+            assert scales and all(scales) == (mode == "weighted") and any(scales) == all(scales), scales
         ffn.down_proj.weight.mul_(-1.5)
-        torch.testing.assert_close(compiled(x), zoo.ffn_expected(ffn, x, mode, 0.3).float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(compiled(x), expected(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("cls, why", [(zoo.GatedSiluFFN, "the decode kernels do not run here"),

@@ -86,12 +86,20 @@ def test_norms_follow_weight_updates(eager_lowering):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_triton_kernels_fall_back_with_a_reason():
-    spec = {"version": 1, "defaults": {"policy": "force"},
-            "ffn": [{"form": "activation_threshold", "threshold": 0.3, "criterion": "weighted"}]}
-    report = sparsecc.explain(zoo.PlainGeluFFN().eval(), torch.randn(1, 3, 32), spec=spec, kernels="triton")
-    site = [s for s in report.sites if s.kind == "ffn"][0]
-    assert not site.applied and "scalar" in site.reason
+def test_triton_kernels_decide_both_criteria_alike():
+    """The weighted criterion runs the same kernels as magnitude, so kernels='triton' decides both alike (here, on
+    a machine without a Triton kernel for the device, both fall back with the same reason)."""
+    reports = {}
+    for criterion in ("weighted", "magnitude"):
+        spec = {"version": 1, "defaults": {"policy": "force"},
+                "ffn": [{"form": "activation_threshold", "threshold": 0.3, "criterion": criterion}]}
+        report = sparsecc.explain(zoo.PlainGeluFFN().eval(), torch.randn(1, 3, 32), spec=spec, kernels="triton")
+        site = [s for s in report.sites if s.kind == "ffn"][0]
+        reports[criterion] = (site.applied, site.reason)
+    assert reports["weighted"] == reports["magnitude"]
+    if not torch.cuda.is_available():
+        assert reports["weighted"][0] is False and "no Triton kernel for threshold_linear on cpu" in reports[
+            "weighted"][1]
 
 
 def test_weighted_gate_mode_falls_back():
@@ -103,12 +111,11 @@ def test_weighted_gate_mode_falls_back():
 
 
 @pytest.mark.parametrize("margin", [1.05, 0.01])
-def test_auto_on_a_gpu_keeps_weighted_sites_dense_for_want_of_a_kernel(monkeypatch, margin):
-    """docs/spec.md: under auto, a site whose form has no fast kernel stays dense and the report says so.
+def test_auto_on_a_gpu_decides_weighted_sites_by_the_estimate(monkeypatch, margin):
+    """Under auto the weighted criterion is decided as magnitude is: by the threshold kernel's estimate.
 
     The decision is made as on an H200 (its profile, the threshold GEMV registered for the device, CPU sites
-    not kept dense by rule), so it runs on any machine. Whether the scalar kernel's estimate would keep the site
-    dense (margin 1.05) or apply it (margin 0.01), the reason is the missing per-channel kernel.
+    not kept dense by rule), so it runs on any machine: the margin flips the decision for both criteria alike.
     """
     from sparsecc import backend
     from sparsecc.codegen import ops
@@ -120,16 +127,13 @@ def test_auto_on_a_gpu_keeps_weighted_sites_dense_for_want_of_a_kernel(monkeypat
     monkeypatch.setattr(decide, "KEEP_CPU_DENSE", False)
     torch.manual_seed(8)
     rule = {"form": "activation_threshold", "threshold": {"input": 0.6}}
-    for criterion, kept_dense_because in (("weighted", "takes one scalar"), ("magnitude", None)):
+    for criterion in ("weighted", "magnitude"):
         spec = {"version": 1, "defaults": {"policy": "auto", "margin": margin},
                 "ffn": [{**rule, "criterion": criterion}]}
         with torch.no_grad():
             report = sparsecc.explain(zoo.PlainGeluFFN().eval(), torch.randn(1, 1, 32), spec=spec)
         site = [s for s in report.sites if s.kind == "ffn"][0]
-        if kept_dense_because:
-            assert not site.applied and kept_dense_because in site.reason, site.reason
-        else:   # the magnitude criterion has the kernel: the estimate decides, so the margin flips it
-            assert site.applied == (margin < 1) and "H200" in site.reason, site.reason
+        assert site.applied == (margin < 1) and "H200" in site.reason, (criterion, site.reason)
 
 
 class _Wrapped(torch.nn.Module):
@@ -168,20 +172,27 @@ def test_op_schema_with_channel_scale():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["force", "auto"])
-def test_weighted_on_cuda_runs_the_reference_or_stays_dense(policy, eager_lowering):
+@pytest.mark.parametrize("spelling", ["plain", "gated"])
+def test_weighted_on_cuda_runs_the_triton_kernels(spelling, eager_lowering):
+    """One decode token on CUDA: a forced weighted spec runs the Triton ops (per projection for a plain FFN, the
+    fused threshold_ffn for a gated one) and matches the hand computation of docs/spec.md."""
     torch.manual_seed(8)
-    ffn = zoo.PlainGeluFFN().cuda().eval()
+    ffn = (zoo.PlainGeluFFN() if spelling == "plain" else zoo.GatedSiluFFN()).cuda().eval()
     x = torch.randn(1, 1, 32, device="cuda")
-    spec = {"version": 1, "defaults": {"policy": policy},
-            "ffn": [{"form": "activation_threshold", "threshold": {"input": 0.6}, "criterion": "weighted"}]}
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "ffn": [{"form": "activation_threshold", "threshold": {"input": 0.6, "down": 0.05},
+                     "criterion": "weighted"}]}
     with torch.no_grad():
-        out = sparsecc.compile(ffn, spec=spec, kernels="auto")(x)
-        expected = ffn.fc2(torch.nn.functional.gelu(
-            _hand_weighted_linear(x.cpu(), ffn.fc1.weight.cpu(), ffn.fc1.bias.cpu(), 0.6).float().cuda()))
+        out = sparsecc.compile(ffn, spec=spec, kernels="triton")(x)
+        xc = x.cpu()
+        if spelling == "plain":
+            h = torch.nn.functional.gelu(_hand_weighted_linear(xc, ffn.fc1.weight.cpu(), ffn.fc1.bias.cpu(), 0.6))
+            expected = _hand_weighted_linear(h, ffn.fc2.weight.cpu().double(), ffn.fc2.bias.cpu(), 0.05)
+        else:
+            gate = _hand_weighted_linear(xc, ffn.gate_proj.weight.cpu(), None, 0.6)
+            up = _hand_weighted_linear(xc, ffn.up_proj.weight.cpu(), None, 0.6)
+            h = torch.nn.functional.silu(gate) * up
+            expected = _hand_weighted_linear(h, ffn.down_proj.weight.cpu().double(), None, 0.05)
     site = [s for s in sparsecc.last_report().sites if s.kind == "ffn"][0]
-    assert site.applied == (policy == "force") and "scalar" in site.reason
-    if policy == "force":
-        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    else:
-        torch.testing.assert_close(out, ffn(x), atol=1e-5, rtol=1e-5)
+    assert site.applied and "reference" not in site.reason, site.reason
+    torch.testing.assert_close(out.double().cpu(), expected.double(), atol=1e-4, rtol=1e-4)
