@@ -17,6 +17,11 @@ While tracing, a wrapper must not keep device tensors in a host-side cache
 (they would be fake) nor read device values back: :func:`tracing` lets it tell,
 and :func:`round_to_dtype` rounds a threshold without creating a tensor.
 
+A pointer argument that a launch never reads (an absent optional input) still reaches Inductor's copy of the
+launch: give it a tensor the launch only reads (its input), never one it writes. An output passed as such a dummy
+is one more alias of a mutated tensor, and Inductor's functionalization of the launch then returned wrong results
+on the H200 (bench/RESULTS.md, "The weighted criterion on the same kernels").
+
 Kernels that split a reduction over several programs and merge in the same
 launch (the last program to finish a group merges it) draw tickets from
 :func:`ticket_counters`.

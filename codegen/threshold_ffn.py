@@ -145,14 +145,19 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
         if COMPACT:   # the t-th BLOCK_K survivors of the list
             live = offs_j < count
             kk = tl.load(slot + offs_j, mask=live, other=0)
+            if HAS_SCALE:   # the list's entries carry which projection keeps them (bits 30 and 29)
+                live_g = live & ((kk & 1073741824) != 0)
+                live_u = live & ((kk & 536870912) != 0)
+                kk = kk & 536870911
         else:         # the t-th BLOCK_K channels of the split; rows no token keeps are not loaded
             kk = k0 + offs_j
             live = (offs_j < ROWS_PER_SPLIT) & (kk < D)
         if BLOCK_M == 1:
             xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
-            if HAS_SCALE:   # each projection's own survivors among the listed (or visited) channels
-                live_g = live & (_scores(tl.abs(xk), sg_ptr, kk, live, True) > tau)
-                live_u = live & (_scores(tl.abs(xk), su_ptr, kk, live, True) > tau)
+            if HAS_SCALE:
+                if not COMPACT:   # each projection's own survivors among the visited channels
+                    live_g = live & (_scores(tl.abs(xk), sg_ptr, kk, live, True) > tau)
+                    live_u = live & (_scores(tl.abs(xk), su_ptr, kk, live, True) > tau)
                 xk_g = tl.where(live_g, xk, 0.0)
                 xk_u = tl.where(live_u, xk, 0.0)
             else:
@@ -172,12 +177,15 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
             if HAS_SCALE:
                 keep_u = _scores(xabs, su_ptr, kk, live, True) > tau
                 xs_u = tl.where(keep_u, xv, tl.zeros_like(xv))
+                if not COMPACT:   # a row is read when some token keeps its channel for that projection
+                    live_g = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
+                    live_u = live & (tl.max(keep_u.to(tl.int32), axis=0) > 0)
             else:
-                keep_u = keep_g
                 xs_u = xs_g
-            # A row is read when some token keeps its channel for that projection (the union over the tokens).
-            live_g = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
-            live_u = live & (tl.max(keep_u.to(tl.int32), axis=0) > 0)
+                if not COMPACT:
+                    live = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
+                live_g = live
+                live_u = live
         wg = tl.load(wg_ptr + kk[:, None].to(tl.int64) * stride_gd + offs_f[None, :] * stride_gf,
                      mask=live_g[:, None] & f_mask[None, :], other=0.0)
         wu = tl.load(wu_ptr + kk[:, None].to(tl.int64) * stride_ud + offs_f[None, :] * stride_uf,
@@ -287,16 +295,18 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     grid = (triton.cdiv(f, cfg.BLOCK_N), triton.cdiv(d, rows))  # noqa: F821
     scratch = torch.empty(grid[0] * grid[1] * rows if cfg.COMPACT else 1, dtype=torch.int32, device=x.device)
     split = grid[1] > 1
-    partial = torch.empty(grid[1], 2, m, f, dtype=torch.float32, device=x.device) if split else h
-    counters = ticket_counters(grid[0], x2) if split else h   # one per N tile
+    # Dummies for pointers the launch never touches are x2, which it only reads (codegen/launch.py says why).
+    partial = torch.empty(grid[1], 2, m, f, dtype=torch.float32, device=x.device) if split else x2
+    counters = ticket_counters(grid[0], x2) if split else x2   # one per N tile
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     weighted = scale_gate is not None
-    sg = scale_gate.float().contiguous() if weighted else h
-    su = scale_up.float().contiguous() if weighted else h
+    sg = scale_gate.float().contiguous() if weighted else x2
+    su = scale_up.float().contiguous() if weighted else x2
     # As in threshold_linear: |x| against tau in x's dtype, a weighted score against tau in float32.
     tau_arg = round_to_dtype(tau_input, torch.float32 if weighted else dtype)
     launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
-        x2, wgt, b_gate.contiguous() if b_gate is not None else h, wut, b_up.contiguous() if b_up is not None else h,
+        x2, wgt, b_gate.contiguous() if b_gate is not None else x2, wut,
+        b_up.contiguous() if b_up is not None else x2,
         h, scratch, partial, counters, sg, su, m, f, d, tau_arg, x2.stride(0), x2.stride(1),
         wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
         BLOCK_M=1 if m == 1 else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows,
