@@ -1,15 +1,15 @@
 """Host cost of the sparse ops through ``torch.compile(backend="sparsecc")``: a normal call against its
 CUDA-graph replay, and the host time each sparse op adds.
 
-    python bench/dispatch.py [--json out.json] [--write]
+    python bench/dispatch.py [--json out.json] [--only attention|ffn] [--ffn-modes input,gate,weighted]
 
 Workloads (fp16, H200-sized; every ratio's anchor is timed in the same run):
 
 * **decode attention**: B=8, H=32, Hkv=8, D=128, one query row, KV 32K, sink 128 + window 4096
   (``streaming``), against dense SDPA compiled by Inductor;
 * **one-token gated FFN** 4096 -> 14336 -> 4096 (SiLU), TEAL input mode at 50 / 70 / 90% sparsity
-  and CATS gate mode at 50 / 90%, thresholds calibrated on the same input distribution, against the
-  dense FFN compiled by Inductor.
+  and CATS gate mode at 50 / 90% (``--ffn-modes``; ``weighted``: input mode with the weighted criterion at 50 /
+  70 / 90%), thresholds calibrated on the same input distribution, against the dense FFN compiled by Inductor.
 
 Each is timed called normally (``do_bench`` median: host time included, as a user without CUDA graphs
 sees it) and replayed from a CUDA graph captured around the compiled call (device time only).
@@ -173,8 +173,11 @@ def streaming_spec(sink=SINK, window=WINDOW):
 
 
 def ffn_spec(mode, sparsity):
-    return {"version": 1, "defaults": {"policy": "force"},
-            "ffn": [{"form": "activation_threshold", "mode": mode, "sparsity": sparsity}]}
+    """``mode`` input, gate, or weighted (input mode with the weighted criterion)."""
+    rule = {"form": "activation_threshold", "mode": "gate" if mode == "gate" else "input", "sparsity": sparsity}
+    if mode == "weighted":
+        rule["criterion"] = "weighted"
+    return {"version": 1, "defaults": {"policy": "force"}, "ffn": [rule]}
 
 
 # ---------------------------------------------------------------- workloads
@@ -223,7 +226,10 @@ def attention_rows(emit) -> None:
               host_us_sparse=host["sparse"], host_us_dense=host["dense"], host_us_sparse_cpp=host["sparse_cpp"]))
 
 
-def ffn_rows(emit, dtype=torch.float16) -> None:
+FFN_WORKLOADS = {"input": (0.5, 0.7, 0.9), "gate": (0.5, 0.9), "weighted": (0.5, 0.7, 0.9)}
+
+
+def ffn_rows(emit, dtype=torch.float16, modes=("input", "gate")) -> None:
     import sparsecc
 
     hidden, inner = 4096, 14336
@@ -241,7 +247,7 @@ def ffn_rows(emit, dtype=torch.float16) -> None:
         chains = {n: FFNChain(256, 512, n).to(dev, dtype).eval() for n in (CHAIN, 1)}
         dense_chain, dense_single = (torch.compile(chains[n]) for n in (CHAIN, 1))
         host_dense = host_us_per_op(lambda: dense_chain(xs), lambda: dense_single(xs))
-        for mode, sparsity in (("input", 0.5), ("input", 0.7), ("input", 0.9), ("gate", 0.5), ("gate", 0.9)):
+        for mode, sparsity in ((m, s) for m in modes for s in FFN_WORKLOADS[m]):
             spec = sparsecc.calibrate(base, calib, ffn_spec(mode, sparsity), progress=False)
             torch._dynamo.reset()
             sparse = sparse_compile(base, spec)
@@ -291,7 +297,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--only", choices=("attention", "ffn"), help="one workload family")
+    ap.add_argument("--ffn-modes", default="input,gate",
+                    help=f"comma-separated FFN workloads from {sorted(FFN_WORKLOADS)} (weighted: input mode with the "
+                         "weighted criterion)")
     opts = ap.parse_args()
+    modes = tuple(opts.ffn_modes.split(","))
+    for m in modes:
+        if m not in FFN_WORKLOADS:
+            ap.error(f"--ffn-modes: {m!r} is not one of {sorted(FFN_WORKLOADS)}")
     if not torch.cuda.is_available():
         sys.exit("bench/dispatch.py needs a CUDA device")
     torch._dynamo.config.cache_size_limit = 64   # every workload compiles the same forward code again
@@ -309,7 +322,7 @@ def main() -> None:
     if opts.only in (None, "attention"):
         attention_rows(emit)
     if opts.only in (None, "ffn"):
-        ffn_rows(emit)
+        ffn_rows(emit, modes=modes)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, tree {commit}")
