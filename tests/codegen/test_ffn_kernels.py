@@ -57,6 +57,18 @@ def ffn_expected(x, wg, bg, wu, bu, wd, bd, act, tau):
     return y.reshape(*x.shape[:-1], wd.shape[0]), a, keep
 
 
+def _widest_gap(values, sparsity):
+    """``(left, right)``: the widest gap between neighbouring distinct values within 15 points of the ``sparsity``
+    quantile, or None with fewer than two distinct values."""
+    vals = torch.unique(values.flatten()).sort().values
+    if vals.numel() < 2:
+        return None
+    lo = max(0, int((sparsity - 0.15) * (vals.numel() - 1)))
+    hi = min(vals.numel() - 1, max(lo + 1, int((sparsity + 0.15) * (vals.numel() - 1))))
+    i = int((vals[lo + 1:hi + 1] - vals[lo:hi]).argmax())
+    return float(vals[lo + i]), float(vals[lo + i + 1])
+
+
 def pick_tau(a_abs, sparsity, dtype):
     """A threshold near the ``sparsity`` quantile of |a| in the widest gap there, or None if no gap is safe.
 
@@ -64,18 +76,10 @@ def pick_tau(a_abs, sparsity, dtype):
     rounded activations can differ by one unit, so tau keeps a margin of a few
     units from every value (a neuron exactly at the edge could flip otherwise).
     """
-    vals = torch.unique(a_abs.flatten()).sort().values
-    if vals.numel() < 2:
+    gap = _widest_gap(a_abs, sparsity)
+    if gap is None or gap[1] - gap[0] < 8 * ULP[dtype] * max(gap[1], 1e-3):
         return None
-    lo = max(0, int((sparsity - 0.15) * (vals.numel() - 1)))
-    hi = min(vals.numel() - 1, max(lo + 1, int((sparsity + 0.15) * (vals.numel() - 1))))
-    gaps = vals[lo + 1:hi + 1] - vals[lo:hi]
-    i = int(gaps.argmax())
-    left, right = float(vals[lo + i]), float(vals[lo + i + 1])
-    tau = (left + right) / 2
-    if right - left < 8 * ULP[dtype] * max(right, 1e-3):
-        return None
-    return tau
+    return (gap[0] + gap[1]) / 2
 
 
 def gap_tau(scores, sparsity, rel_gap=1e-4):
@@ -84,15 +88,10 @@ def gap_tau(scores, sparsity, rel_gap=1e-4):
     The kernel computes the weighted score in float32 and the oracle in float64: tau keeps a relative margin
     from every score, so both keep the same channels.
     """
-    vals = torch.unique(scores.flatten()).sort().values
-    if vals.numel() < 2:
+    gap = _widest_gap(scores, sparsity)
+    if gap is None or gap[1] - gap[0] < rel_gap * max(gap[1], 1e-6):
         return None
-    lo = max(0, int((sparsity - 0.15) * (vals.numel() - 1)))
-    hi = min(vals.numel() - 1, max(lo + 1, int((sparsity + 0.15) * (vals.numel() - 1))))
-    gaps = vals[lo + 1:hi + 1] - vals[lo:hi]
-    i = int(gaps.argmax())
-    left, right = float(vals[lo + i]), float(vals[lo + i + 1])
-    return None if right - left < rel_gap * max(right, 1e-6) else (left + right) / 2
+    return (gap[0] + gap[1]) / 2
 
 
 def assert_close_scaled(out, ref, dtype):
