@@ -24,7 +24,7 @@ from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, tracing
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
-           "k_major", "MAX_DECODE_TOKENS", "default_gemv_config"]
+           "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale"]
 
 # ============================================================== reference
 
@@ -372,6 +372,13 @@ def k_major(weight: Tensor) -> Tensor:
     return copy
 
 
+def check_channel_scale(name: str, scale: Optional[Tensor], width: int) -> None:
+    """Raise ``ValueError`` unless ``scale`` (criterion weighted) is None or has one entry per input channel."""
+    if scale is not None and tuple(scale.shape) != (width,):
+        raise ValueError(f"{name} must have shape [{width}] (one score factor per input channel), "
+                         f"got {list(scale.shape)}")
+
+
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
                      config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                      channel_scale: Optional[Tensor] = None) -> Tensor:
@@ -391,9 +398,7 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if channel_scale is not None and tuple(channel_scale.shape) != (k,):
-        raise ValueError(f"channel_scale must have shape [{k}] (one score factor per input channel), "
-                         f"got {list(channel_scale.shape)}")
+    check_channel_scale("channel_scale", channel_scale, k)
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return threshold_linear_ref(x, weight, bias, tau, channel_scale)
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous()):

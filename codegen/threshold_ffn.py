@@ -45,8 +45,8 @@ from torch import Tensor
 
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen import gate_sparse_ffn as _gate
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig, k_major,
-                                                threshold_linear)
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig,
+                                                check_channel_scale, k_major, threshold_linear)
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
 
@@ -280,9 +280,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     if (scale_gate is None) != (scale_up is None):
         raise ValueError("scale_gate and scale_up are given together (criterion weighted) or not at all")
     for name, scale, width in (("scale_gate", scale_gate, d), ("scale_up", scale_up, d), ("scale_down", scale_down, f)):
-        if scale is not None and tuple(scale.shape) != (width,):
-            raise ValueError(f"{name} must have shape [{width}] (one score factor per input channel), "
-                             f"got {list(scale.shape)}")
+        check_channel_scale(name, scale, width)
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in KERNEL_DTYPES:
         return threshold_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau_input=tau_input,
                                  tau_down=tau_down, scale_gate=scale_gate, scale_up=scale_up, scale_down=scale_down)

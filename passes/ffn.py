@@ -12,7 +12,7 @@ to the innermost module containing all of its nodes.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
