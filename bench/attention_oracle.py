@@ -80,24 +80,23 @@ class Oracle:
         pad = nb * BLOCK - s
         causal_tok = torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
         out = torch.empty(b, s, h, d, dtype=query.dtype, device=query.device)
+        rows = torch.full((nb,), BLOCK, dtype=torch.float32)   # query rows per block (the last may be short)
+        rows[-1] = BLOCK - pad
+        pick = torch.arange(BLOCK - 1, -1, -(BLOCK // self.sample_rows))   # the sampled rows of each block
+        tri = torch.ones(nb, nb, dtype=torch.bool).tril(-1)
+        wants_exact = self.mode in ("dense", "rows", "global")
+        wants_sampled = self.mode in ("dense", "sampled", "sampled_global")
         for bi in range(b):
             for hi in range(h):
                 q, k, v = query[bi, hi].float(), key[bi, hi // rep].float(), value[bi, hi // rep].float()
                 p = ((q @ k.T) * scaling).masked_fill_(~causal_tok, float("-inf")).softmax(-1)
-                pp = torch.nn.functional.pad(p, (0, pad, 0, pad))
-                rows = torch.full((nb,), BLOCK, dtype=torch.float32)
-                rows[-1] = BLOCK - pad
-                # the mass seen by a few rows of each query block
-                pick = torch.arange(BLOCK - 1, -1, -(BLOCK // self.sample_rows))
-                sampled = pp.view(nb, BLOCK, nb, BLOCK)[:, pick].sum(3).mean(1)
-                if self.mode in ("sampled", "sampled_global"):
-                    mass = sampled
-                else:
-                    mass = pp.view(nb, BLOCK, nb, BLOCK).sum(3).sum(1) / rows[:, None]
+                blocks = torch.nn.functional.pad(p, (0, pad, 0, pad)).view(nb, BLOCK, nb, BLOCK)
+                exact = blocks.sum(3).sum(1) / rows[:, None] if wants_exact else None
+                sampled = blocks[:, pick].sum(3).mean(1) if wants_sampled else None
                 if self.mode == "dense":
-                    tri = torch.ones(nb, nb, dtype=torch.bool).tril(-1)
-                    self.masses.append(mass[tri])
+                    self.masses.append(exact[tri])
                     self.sampled_masses.append(sampled[tri])
+                mass = exact if wants_exact else sampled
                 keep = self.select(mass)
                 self.kept += int(keep.sum())
                 self.causal += nb * (nb + 1) // 2

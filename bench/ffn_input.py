@@ -38,7 +38,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from linear import bench_graph, rel_err  # noqa: E402 - the repo's timing conventions
 
 from sparsecc.codegen.activation_sparse import GemvConfig, default_gemv_config, threshold_linear  # noqa: E402
-from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, threshold_ffn  # noqa: E402
+from sparsecc.codegen.threshold_ffn import threshold_ffn  # noqa: E402
+from sparsecc.passes.ffn import column_norms  # noqa: E402
 
 D_MODEL, D_FF = 4096, 14336
 COPIES = 3
@@ -96,28 +97,27 @@ def write_json(path: Optional[str], rows: list) -> None:
                        "date": str(datetime.date.today()), "rows": rows}, fh, indent=1)
 
 
-def oracle(x, wg, wu, wd, tau_in, tau_down):
-    """float32 FFN with the model's roundings (linear outputs, activation, product) and explicit keep masks."""
+def oracle(x, wg, wu, wd, tau_in, tau_down, norms=None):
+    """float32 FFN with the model's roundings (linear outputs, activation, product) and explicit keep masks.
+
+    ``norms`` None: the magnitude criterion (|v| against tau in x's dtype, as torch compares); else the weighted
+    criterion with these (gate, up, down) column norms (|v_i| * ||W[:, i]||_2 against tau, in float32).
+    """
     dtype = x.dtype
-    xt = x.float() * (x.float().abs() > float(torch.tensor(tau_in, dtype=dtype)))
-    gate = (xt @ wg.float().T).to(dtype).float()
-    up = (xt @ wu.float().T).to(dtype).float()
+    sg, su, sd = norms if norms is not None else (None, None, None)
+
+    def kept(v, tau, scale):
+        keep = v.abs() > float(torch.tensor(tau, dtype=dtype)) if scale is None else v.abs() * scale > tau
+        return v * keep
+
+    gate = (kept(x.float(), tau_in, sg) @ wg.float().T).to(dtype).float()
+    up = (kept(x.float(), tau_in, su) @ wu.float().T).to(dtype).float()
     h = (F.silu(gate).to(dtype).float() * up).to(dtype).float()
-    return (h * (h.abs() > float(torch.tensor(tau_down, dtype=dtype)))) @ wd.float().T
+    return kept(h, tau_down, sd) @ wd.float().T
 
 
-def oracle_weighted(x, wg, wu, wd, tau_in, tau_down, norms):
-    """float32 FFN of the weighted criterion (each projection scores |v_i| * ||W[:, i]||_2 in float32)."""
-    dtype = x.dtype
-    sg, su, sd = norms
-    xa = x.float().abs()
-    gate = ((x.float() * (xa * sg > tau_in)) @ wg.float().T).to(dtype).float()
-    up = ((x.float() * (xa * su > tau_in)) @ wu.float().T).to(dtype).float()
-    h = (F.silu(gate).to(dtype).float() * up).to(dtype).float()
-    return (h * (h.abs() * sd > tau_down)) @ wd.float().T
-
-
-def row(m: int, sparsity: float, dtype, weights, teal, gen, configs=None) -> dict:
+def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None) -> dict:
+    """One (tokens, sparsity, dtype) row; ``norms`` maps id(weight set) to its (gate, up, down) column norms."""
     x = torch.randn(m, D_MODEL, device="cuda", dtype=dtype, generator=gen)
     wg, wu, wd = weights[0]
     tau_in = quantile_abs(x, sparsity)
@@ -142,14 +142,13 @@ def row(m: int, sparsity: float, dtype, weights, teal, gen, configs=None) -> dic
         g, u, d = w
         return threshold_ffn(x, g, None, u, None, d, None, "silu", tau_in, tau_down, config=cfg, down_config=down)
 
-    # The weighted criterion: thresholds at the same share of the weighted scores; norms bound per weight set.
-    norms = {id(w): tuple(torch.linalg.vector_norm(t.float(), dim=0) for t in w) for w in weights}
+    # The weighted criterion: thresholds at the same share of the weighted scores.
     sg, su, sd = norms[id(weights[0])]
     xa = x.float().abs()
     tau_in_w = float(torch.quantile(torch.cat([xa * sg, xa * su]).flatten(), sparsity))
     h_dense_w = h_dense.float().abs() * sd
     tau_down_w = float(torch.quantile(h_dense_w.flatten()[: 2 ** 24], sparsity))
-    ref_w = oracle_weighted(x, wg, wu, wd, tau_in_w, tau_down_w, (sg, su, sd))
+    ref_w = oracle(x, wg, wu, wd, tau_in_w, tau_down_w, (sg, su, sd))
     kept_w = elem * D_FF * D_MODEL * ((xa * sg > tau_in_w).any(0).float().mean().item() +
                                       (xa * su > tau_in_w).any(0).float().mean().item() +
                                       (h_dense_w > tau_down_w).any(0).float().mean().item())
@@ -253,17 +252,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
         weights = make_weights(dtype, gen)
+        norms = {id(w): tuple(column_norms(t) for t in w) for w in weights}   # as the compiler binds them
         for m in (int(t) for t in args.tokens.split(",")):
             for s in (float(v) for v in args.sparsities.split(",")):
                 configs = sweep_configs() if args.sweep and (m, s) in SWEPT and dtype == torch.float16 else None
-                r = row(m, s, dtype, weights, teal, gen, configs)
+                r = row(m, s, dtype, weights, norms, teal, gen, configs)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "sweep"}), flush=True)
                 for entry in r.get("sweep", [])[:6]:
                     print("   sweep", json.dumps(entry), flush=True)
                 if "best" in r:
                     print("   best", json.dumps(r["best"]), flush=True)
-        del weights
+        del weights, norms
         torch.cuda.empty_cache()
     write_json(args.json, rows)
     print("\n| dtype | M | sparsity | dense us | three-op us | fused us | weighted three-op us | weighted fused us "
