@@ -185,6 +185,7 @@ def test_threshold_linear_kernel_weighted(m, n, k, sparsity, dtype, has_bias, co
     tau = gap_tau(x.double().abs() * w.double().norm(dim=0), sparsity)
     assume(tau is not None)
     ref, keep = weighted_oracle(x, w, bias, tau)
+    assert 0 < int(keep.sum()) < keep.numel()   # tau lies between two scores: the form drops and keeps channels
     out = poisoned(m, n, dtype)
     cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, COMPACT=compact, PER_TOKEN=per_token)
     y = threshold_linear(x, w.t().contiguous().t(), bias, tau, config=cfg, out=out, channel_scale=column_norms(w))

@@ -175,7 +175,10 @@ def test_interp_threshold_ffn_kernel_weighted(interpreter, m, d, f, d_out, biase
     # apart: the margin of pick_tau, on the score scaled by the down weight's norms.
     tau_down = pick_tau(h.abs() * wd.double().norm(dim=0), sparsity_h, dtype)
     assume(tau_down is not None)
-    ref, _, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
+    ref, _, keep_g, keep_u, keep_h = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
+    # Both thresholds lie between two scores: each drops something (the form is applied) and keeps something.
+    assert not bool((keep_g & keep_u).all()) and bool((keep_g | keep_u).any())
+    assert 0 < int(keep_h.sum()) < keep_h.numel()
     cfg, down = small_configs(compact)
     out = torch.full((m, d_out), float("nan"), dtype=dtype)
     y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down, out=out,
