@@ -36,7 +36,7 @@ from torch import Tensor
 from sparsecc.forms import BlockTopK, VerticalSlash
 from sparsecc.layouts import BlockTable
 
-__all__ = ["block_topk_table_ref", "vertical_slash_scores_ref", "dynamic_attention_ref", "dynamic_table",
+__all__ = ["block_topk_table_ref", "block_topk_scores_ref", "sampled_row_scores_ref", "sampled_rows", "vertical_slash_scores_ref", "dynamic_attention_ref", "dynamic_table",
            "dynamic_block_attention", "dynamic_block_attention_op", "form_from_args", "packed_rank_keys",
            "block_masks"]
 
@@ -143,16 +143,66 @@ def pool_blocks(x: Tensor, block: int, pool: str) -> Tensor:
     raise ValueError(f"pool={pool!r} is not allowed; expected 'mean' or 'max'")
 
 
-def block_topk_table_ref(q: Tensor, k: Tensor, *, block: int, topk: Optional[int] = None,
-                         cdf: Optional[float] = None, sink_blocks: int = 1, local_blocks: int = 1,
-                         pool: str = "mean", causal: bool = True, scale: Optional[float] = None) -> BlockTable:
-    """Reference ``block_topk`` selection (see :class:`sparsecc.forms.BlockTopK`); a table ``[B, H, nQ, ...]``."""
-    form = BlockTopK(block=block, topk=topk, cdf=cdf, sink_blocks=sink_blocks, local_blocks=local_blocks, pool=pool)
+def sampled_rows(seq_q: int, block: int, rows: int, device) -> tuple[Tensor, Tensor]:
+    """``(row, valid)``, each ``[nQ, rows]``: the query rows the ``pool = "rows"`` estimate reads per query block.
+
+    Slot t of block a is row ``last(a) - t * (block // rows)``, ``last(a)`` the
+    block's last real row; it is valid when it lies in the block (a short last
+    block has fewer). Invalid slots hold row 0 and must be ignored.
+    """
+    n_q = -(-seq_q // block)
+    a = torch.arange(n_q, device=device)[:, None]
+    last = torch.clamp((a + 1) * block, max=seq_q) - 1
+    row = last - torch.arange(rows, device=device)[None, :] * (block // rows)
+    valid = row >= a * block
+    return torch.where(valid, row, torch.zeros_like(row)), valid
+
+
+def sampled_row_scores_ref(q: Tensor, k: Tensor, *, block: int, rows: int, causal: bool,
+                           scale: Optional[float] = None) -> Tensor:
+    """float32 ``[B, H, nQ, nK]``: the ``pool = "rows"`` estimate, the log of the mean attention mass that the
+    sampled rows of query block a (:func:`sampled_rows`) put on key block b (``-inf`` where it is 0).
+
+    Each sampled row's probabilities are the float32 softmax of ``scale * q . k`` over the keys it may see
+    (``j <= i + Sk - Sq`` when causal, every key otherwise); cells with no causally allowed element are -inf.
+    """
     b, h, sq, sk, group = _check_inputs(q, k)
     dev = q.device
-    qbar = pool_blocks(q, block, pool)
-    kbar = pool_blocks(k, block, pool).repeat_interleave(group, dim=1)
-    scores = _scale(q, scale) * torch.matmul(qbar, kbar.transpose(-1, -2))
+    n_q, n_k = -(-sq // block), -(-sk // block)
+    row, valid = sampled_rows(sq, block, rows, dev)
+    kf = k.float().repeat_interleave(group, dim=1)
+    s = _scale(q, scale) * torch.matmul(q[:, :, row.flatten()].float(), kf.transpose(-1, -2))   # [B, H, nQ*R, Sk]
+    if causal:
+        pos = row.flatten() + sk - sq
+        s = s.masked_fill(torch.arange(sk, device=dev)[None, :] > pos[:, None], -math.inf)
+    p = torch.softmax(s, dim=-1)
+    p = torch.nn.functional.pad(p, (0, n_k * block - sk)).view(b, h, n_q, rows, n_k, block).sum(-1)
+    p = p * valid[:, :, None]
+    mass = p.sum(3) / valid.sum(1).to(torch.float32)[:, None]
+    allowed, _ = block_masks(sq, sk, block, causal, dev)
+    return torch.log(mass).masked_fill(~allowed, -math.inf)
+
+
+def block_topk_scores_ref(q: Tensor, k: Tensor, form: BlockTopK, causal: bool, scale: Optional[float]) -> Tensor:
+    """float32 ``[B, H, nQ, nK]``: block_topk's estimate of every block pair (step 1 of docs/spec.md)."""
+    if form.pool == "rows":
+        return sampled_row_scores_ref(q, k, block=form.block, rows=form.rows, causal=causal, scale=scale)
+    group = q.shape[1] // k.shape[1]
+    qbar = pool_blocks(q, form.block, form.pool)
+    kbar = pool_blocks(k, form.block, form.pool).repeat_interleave(group, dim=1)
+    return _scale(q, scale) * torch.matmul(qbar, kbar.transpose(-1, -2))
+
+
+def block_topk_table_ref(q: Tensor, k: Tensor, *, block: int, topk: Optional[int] = None,
+                         cdf: Optional[float] = None, sink_blocks: int = 1, local_blocks: int = 1,
+                         pool: str = "mean", rows: Optional[int] = None, causal: bool = True,
+                         scale: Optional[float] = None) -> BlockTable:
+    """Reference ``block_topk`` selection (see :class:`sparsecc.forms.BlockTopK`); a table ``[B, H, nQ, ...]``."""
+    form = BlockTopK(block=block, topk=topk, cdf=cdf, sink_blocks=sink_blocks, local_blocks=local_blocks, pool=pool,
+                     rows=rows)
+    b, h, sq, sk, group = _check_inputs(q, k)
+    dev = q.device
+    scores = block_topk_scores_ref(q, k, form, causal, scale)
     g = block_geometry(sq, sk, block, dev)
     allowed, _ = block_masks(sq, sk, block, causal, dev)
     kb = torch.arange(g["n_k"], device=dev)[None, :]
@@ -220,7 +270,7 @@ def dynamic_table_ref(q: Tensor, k: Tensor, form: DynamicForm, causal: bool, sca
     if isinstance(form, BlockTopK):
         return block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
                                     sink_blocks=form.sink_blocks, local_blocks=form.local_blocks, pool=form.pool,
-                                    causal=causal, scale=scale)
+                                    rows=form.rows, causal=causal, scale=scale)
     if isinstance(form, VerticalSlash):
         raise TypeError("vertical_slash has no block table: its key ranges start anywhere (codegen/vertical_slash.py)")
     raise TypeError(f"not a dynamic attention form: {form!r}")
@@ -303,11 +353,11 @@ def dynamic_block_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
 
 
 def form_from_args(form: str, block: int, topk: int, cdf: float, sink_blocks: int, local_blocks: int, pool: str,
-                   last_q: int, vertical: int, slash: int) -> DynamicForm:
-    """Rebuild the form from the op's flat arguments (``topk`` 0 and ``cdf`` 0.0 mean unset)."""
+                   rows: int, last_q: int, vertical: int, slash: int) -> DynamicForm:
+    """Rebuild the form from the op's flat arguments (``topk`` 0, ``cdf`` 0.0 and ``rows`` 0 mean unset)."""
     if form == "block_topk":
         return BlockTopK(block=block, topk=topk or None, cdf=cdf or None, sink_blocks=sink_blocks,
-                         local_blocks=local_blocks, pool=pool)
+                         local_blocks=local_blocks, pool=pool, rows=rows or None)
     if form == "vertical_slash":
         return VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=block)
     raise ValueError(f"form={form!r} is not allowed; expected 'block_topk' or 'vertical_slash'")
@@ -317,5 +367,5 @@ def op_args(form: DynamicForm) -> tuple:
     """The op's flat form arguments, in order: the inverse of :func:`form_from_args`."""
     if isinstance(form, BlockTopK):
         return ("block_topk", form.block, form.topk or 0, float(form.cdf or 0.0), form.sink_blocks,
-                form.local_blocks, form.pool, 0, 0, 0)
-    return ("vertical_slash", form.block, 0, 0.0, 0, 0, "mean", form.last_q, form.vertical, form.slash)
+                form.local_blocks, form.pool, form.rows or 0, 0, 0, 0)
+    return ("vertical_slash", form.block, 0, 0.0, 0, 0, "mean", 0, form.last_q, form.vertical, form.slash)

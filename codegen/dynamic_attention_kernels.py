@@ -5,6 +5,11 @@
   blocks against every key block, the block_topk selection (sort of packed
   rank keys, topk or cdf), and the table rows (full/partial split, ascending
   compacted indices), fused: nothing O(S²/block²) but the table is written.
+* ``_row_mass_kernel``: the ``pool = "rows"`` estimate: the sampled query rows
+  of a few query blocks and every query head of one kv head share a tile; one
+  pass over the keys gives each row's softmax statistics, a second sums its
+  probabilities per key block; the log of the mean mass is written per
+  (head, query block, key block) for the table kernel to rank.
 * ``_vs_rowstats_kernel`` / ``_vs_scores_kernel``: softmax statistics of the
   last ``last_q`` queries, then their column sums and diagonal sums (vertical_slash's
   selection; its index and attention kernels are in ``vertical_slash_kernels.py``).
@@ -20,6 +25,7 @@ import triton.language as tl
 from triton import knobs
 
 from sparsecc.forms import BlockTopK
+from sparsecc.kernel_tiles import ROW_MASS_TILE
 from sparsecc.layouts import BlockTable
 
 # Query blocks per program of the table kernel: tl.dot needs at least 16 rows.
@@ -88,11 +94,12 @@ def _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, r
 
 
 @triton.jit
-def _topk_table_kernel(qbar_ptr, kbar_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr,
+def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr,
                        heads, group, kv_heads, seq_q, seq_k, n_q, n_k, width, scale, topk, cdf,
                        sink_blocks, local_blocks,
                        BLOCK: tl.constexpr, QB: tl.constexpr, BLOCK_NK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       D_CHUNK: tl.constexpr, CAUSAL: tl.constexpr, USE_CDF: tl.constexpr):
+                       D_CHUNK: tl.constexpr, CAUSAL: tl.constexpr, USE_CDF: tl.constexpr,
+                       GIVEN_SCORES: tl.constexpr):
     pid_a = tl.program_id(0)
     bh = tl.program_id(1)
     bi, hi = bh // heads, bh % heads
@@ -101,17 +108,24 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr,
     cols = tl.arange(0, BLOCK_NK)
     row_ok = rows < n_q
     col_ok = cols < n_k
-    q_base = qbar_ptr + (bh.to(tl.int64) * n_q) * HEAD_DIM
-    k_base = kbar_ptr + (kvh.to(tl.int64) * n_k) * HEAD_DIM
-    scores = tl.zeros((QB, BLOCK_NK), tl.float32)
-    for d0 in range(0, HEAD_DIM, D_CHUNK):
-        dd = d0 + tl.arange(0, D_CHUNK)
-        d_ok = dd < HEAD_DIM
-        qt = tl.load(q_base + rows[:, None] * HEAD_DIM + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        kt = tl.load(k_base + cols[None, :] * HEAD_DIM + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        # ieee: the selection compares scores, so they must match the float32 reference closely.
-        scores += tl.dot(qt, kt, input_precision="ieee")
-    scores = scores * scale
+    if GIVEN_SCORES:
+        # The sampled-row estimate (``_row_mass_kernel``): only allowed cells were written; the rest never count.
+        s_off = (bh.to(tl.int64) * n_q + rows[:, None]) * n_k + cols[None, :]
+        scores = tl.load(scores_ptr + s_off, mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
+    else:
+        q_base = qbar_ptr + (bh.to(tl.int64) * n_q) * HEAD_DIM
+        k_base = kbar_ptr + (kvh.to(tl.int64) * n_k) * HEAD_DIM
+        scores = tl.zeros((QB, BLOCK_NK), tl.float32)
+        for d0 in range(0, HEAD_DIM, D_CHUNK):
+            dd = d0 + tl.arange(0, D_CHUNK)
+            d_ok = dd < HEAD_DIM
+            qt = tl.load(q_base + rows[:, None] * HEAD_DIM + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            kt = tl.load(k_base + cols[None, :] * HEAD_DIM + dd[:, None], mask=col_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            # ieee: the selection compares scores, so they must match the float32 reference closely.
+            scores += tl.dot(qt, kt, input_precision="ieee")
+        scores = scores * scale
 
     offset = seq_k - seq_q
     first_pos = (rows * BLOCK + offset)[:, None]
@@ -157,6 +171,96 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr,
     if CAUSAL:
         full = full & ((c2 + 1) * BLOCK - 1 <= first_pos)
     _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, bh * n_q, width, BLOCK_NK)
+
+
+@triton.jit
+def _row_mass_kernel(q_ptr, k_ptr, scores_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                     heads, group, kv_heads, seq_q, seq_k, n_q, n_k, scale,
+                     BLOCK: tl.constexpr, ROWS: tl.constexpr, HEADS_PER_TILE: tl.constexpr, HP_PAD: tl.constexpr,
+                     QBLOCKS_PER_TILE: tl.constexpr, BM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    pid_a = tl.program_id(0)
+    pid = tl.program_id(1)
+    head_chunks = tl.cdiv(group, HEADS_PER_TILE)
+    bi = pid // (kv_heads * head_chunks)
+    kvh = (pid // head_chunks) % kv_heads
+    chunk = pid % head_chunks
+    # Tile row r: slot r // ROWS = (query block a_local, head h_local), sample t = r % ROWS.
+    r = tl.arange(0, BM)
+    slot = r // ROWS
+    t = r % ROWS
+    a = pid_a * QBLOCKS_PER_TILE + slot // HP_PAD
+    h_in_group = chunk * HEADS_PER_TILE + slot % HP_PAD
+    head = kvh * group + h_in_group
+    last_row = tl.minimum((a + 1) * BLOCK, seq_q) - 1
+    row = last_row - t * (BLOCK // ROWS)
+    r_ok = (slot % HP_PAD < HEADS_PER_TILE) & (h_in_group < group) & (a < n_q) & (row >= a * BLOCK) \
+        & (slot < HP_PAD * QBLOCKS_PER_TILE)
+    row = tl.where(r_ok, row, 0)
+    pos = row + seq_k - seq_q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + bi.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
+                + row[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + bi.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    # Key blocks any row of the tile may see: up to the last position of its last query block.
+    a_last = tl.minimum(pid_a * QBLOCKS_PER_TILE + QBLOCKS_PER_TILE, n_q) - 1
+    if CAUSAL:
+        n_vis = (tl.minimum((a_last + 1) * BLOCK, seq_q) - 1 + seq_k - seq_q) // BLOCK + 1
+    else:
+        n_vis = n_k
+    offs_n = tl.arange(0, BLOCK)
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    for kb in range(0, n_vis):
+        keys = kb * BLOCK + offs_n
+        kt = tl.load(k_base + keys[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
+                     mask=(keys < seq_k)[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+        ok = r_ok[:, None] & (keys < seq_k)[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        m_i = m_new
+    m_safe = tl.where(m_i > float("-inf"), m_i, 0.0)
+    inv_l = tl.where(r_ok, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    # Sampled rows per query block (a short last block has fewer): the mass is their mean.
+    n_real = tl.minimum((a + 1) * BLOCK, seq_q) - a * BLOCK
+    count = tl.minimum((n_real - 1) // (BLOCK // ROWS) + 1, ROWS).to(tl.float32)
+    slot_count = tl.max(tl.reshape(tl.where(r_ok, count, 0.0), (BM // ROWS, ROWS)), axis=1)
+    slots = tl.arange(0, BM // ROWS)
+    slot_a = pid_a * QBLOCKS_PER_TILE + slots // HP_PAD
+    slot_h = chunk * HEADS_PER_TILE + slots % HP_PAD
+    slot_ok = (slots % HP_PAD < HEADS_PER_TILE) & (slot_h < group) & (slot_a < n_q) \
+        & (slots < HP_PAD * QBLOCKS_PER_TILE)
+    slot_last = tl.minimum((slot_a + 1) * BLOCK, seq_q) - 1 + seq_k - seq_q
+    out = scores_ptr + ((bi.to(tl.int64) * heads + kvh * group + slot_h) * n_q + slot_a) * n_k
+    for kb in range(0, n_vis):
+        keys = kb * BLOCK + offs_n
+        kt = tl.load(k_base + keys[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
+                     mask=(keys < seq_k)[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+        ok = r_ok[:, None] & (keys < seq_k)[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= pos[:, None])
+        p = tl.where(ok, tl.exp(s - m_safe[:, None]), 0.0)
+        row_mass = tl.sum(p, axis=1) * inv_l
+        mass = tl.sum(tl.reshape(row_mass, (BM // ROWS, ROWS)), axis=1) / tl.where(slot_count > 0, slot_count, 1.0)
+        allowed = slot_ok
+        if CAUSAL:
+            allowed = allowed & (kb * BLOCK <= slot_last)
+        tl.store(out + kb, tl.log(mass), mask=allowed)
 
 
 @triton.jit
@@ -278,15 +382,49 @@ def pool(x: torch.Tensor, block: int, max_pool: bool) -> torch.Tensor:
     return out
 
 
+def sampled_row_scores(q: torch.Tensor, k: torch.Tensor, block: int, rows: int, causal: bool,
+                       scale: float) -> torch.Tensor:
+    """float32 ``[B, H, nQ, nK]``: the ``pool = "rows"`` estimate on the GPU (``sampled_row_scores_ref``).
+
+    Only the causally allowed cells are written; the table kernel never reads the others.
+    """
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    group = h // hkv
+    n_q, n_k = triton.cdiv(sq, block), triton.cdiv(sk, block)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    heads_per_tile = min(group, max(1, ROW_MASS_TILE // rows))
+    hp_pad = triton.next_power_of_2(heads_per_tile)
+    qblocks = max(1, min(ROW_MASS_TILE // (hp_pad * rows), triton.next_power_of_2(n_q)))
+    bm = max(16, hp_pad * rows * qblocks)
+    scores = torch.empty(b, h, n_q, n_k, dtype=torch.float32, device=q.device)
+    upcast = interpreting()
+    grid = (triton.cdiv(n_q, qblocks), b * hkv * triton.cdiv(group, heads_per_tile))
+    _row_mass_kernel[grid](q, k, scores, *q.stride()[:3], *k.stride()[:3], h, group, hkv, sq, sk, n_q, n_k, scale,
+                           BLOCK=block, ROWS=rows, HEADS_PER_TILE=heads_per_tile, HP_PAD=hp_pad,
+                           QBLOCKS_PER_TILE=qblocks, BM=bm, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                           CAUSAL=causal, UPCAST=upcast,
+                           DOT_PRECISION="ieee" if upcast or q.dtype == torch.float32 else "tf32",
+                           num_warps=8 if bm * block >= 8192 else 4)
+    return scores
+
+
 def block_topk_table(q: torch.Tensor, k: torch.Tensor, form: BlockTopK, causal: bool, scale: float,
                      validate: bool = False) -> BlockTable:
-    """The block_topk table on the GPU: pooling kernel, then the fused score/selection/table kernel."""
+    """The block_topk table on the GPU: the estimate (pooling or sampled rows), then the fused selection/table
+    kernel (which computes the pooled scores itself)."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     block = form.block
     n_q, n_k = triton.cdiv(sq, block), triton.cdiv(sk, block)
-    qbar = pool(q, block, form.pool == "max")
-    kbar = pool(k, block, form.pool == "max")
+    if form.pool == "rows":
+        scores = sampled_row_scores(q, k, block, form.rows, causal, scale)
+        qbar = kbar = scores      # unread: the table kernel loads the given scores instead
+    else:
+        qbar = pool(q, block, form.pool == "max")
+        kbar = pool(k, block, form.pool == "max")
+        scores = qbar             # unread
     if form.topk is not None:
         # sink + topk + a local band that spans at most one block more than local_blocks
         width = min(n_k, form.sink_blocks + form.topk + form.local_blocks + 1)
@@ -297,10 +435,11 @@ def block_topk_table(q: torch.Tensor, k: torch.Tensor, form: BlockTopK, causal: 
     # Keep the [QB, D_CHUNK] x [D_CHUNK, BLOCK_NK] step near 8K elements per operand tile.
     d_chunk = max(16, min(64, 8192 // block_nk))
     grid = (triton.cdiv(n_q, QUERY_BLOCKS_PER_PROGRAM), b * h)
-    _topk_table_kernel[grid](qbar, kbar, num, idx, fnum, fidx, h, h // hkv, hkv, sq, sk, n_q, n_k, width, scale,
-                             form.topk or 0, float(form.cdf or 0.0), form.sink_blocks, form.local_blocks,
+    _topk_table_kernel[grid](qbar, kbar, scores, num, idx, fnum, fidx, h, h // hkv, hkv, sq, sk, n_q, n_k, width,
+                             scale, form.topk or 0, float(form.cdf or 0.0), form.sink_blocks, form.local_blocks,
                              BLOCK=block, QB=QUERY_BLOCKS_PER_PROGRAM, BLOCK_NK=block_nk, HEAD_DIM=d,
                              D_CHUNK=d_chunk, CAUSAL=causal, USE_CDF=form.cdf is not None,
+                             GIVEN_SCORES=form.pool == "rows",
                              num_warps=8 if block_nk >= 1024 else 4)
     if validate:
         return _validated(num, idx, fnum, fidx, block, sq, sk, causal)

@@ -44,7 +44,10 @@ ATTENTION_FORMS = ("dense", "streaming", "block_sparse", "block_topk", "vertical
 DYNAMIC_ATTENTION_FORMS = ("block_topk", "vertical_slash")
 # Block sizes of the dynamic forms: powers of two that the block-table kernel tiles (tl.dot needs >= 16).
 DYNAMIC_BLOCK_SIZES = (16, 32, 64, 128, 256)
-POOL_MODES = ("mean", "max")
+POOL_MODES = ("mean", "max", "rows")
+# Query rows per block that block_topk's ``pool = "rows"`` estimate reads (powers of two, at most the block size).
+SAMPLE_ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_SAMPLE_ROWS = 4
 FFN_FORMS = ("dense", "activation_threshold")
 LINEAR_FORMS = ("dense", "2:4", "block_weights")
 FORMS_BY_KIND = {"attention": ATTENTION_FORMS, "ffn": FFN_FORMS, "linear": LINEAR_FORMS}
@@ -142,7 +145,7 @@ def _check_dynamic_block(block) -> None:
 
 @dataclass(frozen=True)
 class BlockTopK:
-    """Dynamic block sparsity: per (batch, head, query block), the key blocks with the highest pooled scores.
+    """Dynamic block sparsity: per (batch, head, query block), the key blocks with the highest estimated scores.
 
     Queries and keys are cut into blocks of ``block`` tokens (query blocks over
     rows, key blocks over positions; queries are the last Sq positions). The
@@ -150,7 +153,11 @@ class BlockTopK:
     computed in float32, where ``pool`` is the mean (``pool="mean"``) or the
     per-feature maximum (``pool="max"``) over the block's real tokens (a ragged
     last block pools only the tokens it has), and k is the query head's GQA kv
-    head. In causal attention a pair with no causally allowed element is never
+    head. With ``pool="rows"`` it is instead the log of the attention mass that
+    ``rows`` sampled query rows of block a put on key block b: exact float32
+    softmax probabilities of those rows (the block's last real row, then every
+    ``block // rows``-th row before it), summed over b's keys and averaged over
+    the rows. In causal attention a pair with no causally allowed element is never
     a candidate and gets no probability mass.
 
     Always kept (when causally allowed): the *sink* blocks ``b < sink_blocks``
@@ -175,6 +182,7 @@ class BlockTopK:
     sink_blocks: int = 1
     local_blocks: int = 1
     pool: str = "mean"
+    rows: Optional[int] = None
     name: str = field(default="block_topk", init=False)
 
     def __post_init__(self):
@@ -191,11 +199,19 @@ class BlockTopK:
                  "an integer >= 0")
         _require(isinstance(self.pool, str) and self.pool in POOL_MODES, "pool", self.pool,
                  f"one of {POOL_MODES}")
+        if self.pool != "rows":
+            _require(self.rows is None, "rows", self.rows, 'no value: rows is read only with pool = "rows"')
+            return
+        if self.rows is None:
+            object.__setattr__(self, "rows", DEFAULT_SAMPLE_ROWS)
+        _require(_is_int(self.rows) and self.rows in SAMPLE_ROW_COUNTS and self.rows <= self.block, "rows",
+                 self.rows, f"one of {SAMPLE_ROW_COUNTS}, at most block={self.block}")
 
     def __str__(self) -> str:
         budget = f"topk={self.topk}" if self.topk is not None else f"cdf={self.cdf:g}"
+        pool = f"rows, rows={self.rows}" if self.pool == "rows" else self.pool
         return (f"block_topk(block={self.block}, {budget}, sink={self.sink_blocks}, "
-                f"local={self.local_blocks}, pool={self.pool})")
+                f"local={self.local_blocks}, pool={pool})")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
-"""Tile choices of the block-sparse linear kernel: facts the kernel (codegen/block_sparse_linear.py) launches
-with and the cost model (sparsecc/cost/formulas.py) counts programs with, in one place below both."""
+"""Tile choices that kernels launch with and the cost model (sparsecc/cost/formulas.py) counts programs or
+traffic with, in one place below both: the block-sparse linear kernel (codegen/block_sparse_linear.py) and the
+sampled-row estimate of block_topk (codegen/dynamic_attention_kernels.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BlockLinearConfig", "CONFIGS", "LONG_ROW_BLOCKS", "LONG_ROW_STAGES", "FUSED_MAX_BLOCK_M", "pick_config"]
+# Sampled query rows per tile of block_topk's pool = "rows" estimate: rows of several heads of one kv head and of
+# several query blocks share every key load (at least 16, what tl.dot needs).
+ROW_MASS_TILE = 64
+
+__all__ = ["ROW_MASS_TILE", "BlockLinearConfig", "CONFIGS", "LONG_ROW_BLOCKS", "LONG_ROW_STAGES", "FUSED_MAX_BLOCK_M", "pick_config"]
 
 
 @dataclass(frozen=True)

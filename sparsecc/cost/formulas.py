@@ -26,7 +26,7 @@ import torch
 from sparsecc.cost.efficiency import efficiency, side_seconds
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour, VerticalSlash
-from sparsecc.kernel_tiles import CONFIGS, pick_config
+from sparsecc.kernel_tiles import CONFIGS, ROW_MASS_TILE, pick_config
 
 # Tokens per attention block: the kernels' key-block granularity (BLOCK_N = 128 on Hopper).
 ATTENTION_BLOCK = 128
@@ -212,12 +212,24 @@ def dynamic_estimate_cost(form, shapes=None) -> Optional[Cost]:
 
     block_topk: pool q and k (one read of each), then ``qbar @ kbarᵀ`` over the
     (Sq / block) x (Sk / block) block grid and the table write (int32 per cell).
+    With ``pool = "rows"``: two passes of the ``rows`` sampled rows of each query
+    block over the keys they may see (half of them on average when causal,
+    ``Sq = Sk``), each tile of sampled rows reading those keys once per pass,
+    and a float32 score per cell (written, then read by the table kernel).
     vertical_slash: two passes of the last ``last_q`` queries over every key
     (softmax statistics, then column/diagonal sums), plus the per-query-block
     index (range starts/ends and columns, int32).
     """
     s = {**dict(batch=B, heads=H, kv_heads=HKV, seq_q=SQ, seq_k=SK, head_dim=D), **(shapes or {})}
     b, h, hkv, sq, sk, d = (s[n] for n in ("batch", "heads", "kv_heads", "seq_q", "seq_k", "head_dim"))
+    if isinstance(form, BlockTopK) and form.pool == "rows":
+        n_q = sp.ceiling(sq / form.block)
+        cells = b * h * n_q * sp.ceiling(sk / form.block)
+        seen = sk - sq / 2
+        flops = 2 * 2 * b * h * n_q * form.rows * seen * d
+        tiles = b * hkv * n_q * form.rows * (h / hkv) / ROW_MASS_TILE
+        nbytes = 2 * ELEM * d * seen * sp.Max(b * hkv, tiles) + 8 * cells
+        return Cost(flops, nbytes, 2, "attention_estimate")
     if isinstance(form, BlockTopK):
         cells = b * h * sp.ceiling(sq / form.block) * sp.ceiling(sk / form.block)
         flops = 2 * cells * d

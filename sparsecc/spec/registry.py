@@ -81,7 +81,7 @@ def _build_block_topk(raw: Mapping[str, Any]) -> BlockTopK:
     return BlockTopK(**kwargs)
 
 
-BLOCK_TOPK_KEYS = ("block", "topk", "cdf", "sink_blocks", "local_blocks", "pool")
+BLOCK_TOPK_KEYS = ("block", "topk", "cdf", "sink_blocks", "local_blocks", "pool", "rows")
 VERTICAL_SLASH_KEYS = ("last_q", "vertical", "slash", "block")
 
 

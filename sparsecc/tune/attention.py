@@ -123,7 +123,7 @@ def dynamic_mask(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: fl
         return vertical_slash_keep_ref(q, k, form, scale)
     table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
                                      sink_blocks=form.sink_blocks, local_blocks=form.local_blocks,
-                                     pool=form.pool, causal=causal, scale=scale)
+                                     pool=form.pool, rows=form.rows, causal=causal, scale=scale)
     blocks = table.to_dense_block_mask()
     tokens = blocks.repeat_interleave(table.block_q, dim=-2).repeat_interleave(table.block_k, dim=-1)
     return tokens[..., : q.shape[-2], : k.shape[-2]]
@@ -295,7 +295,7 @@ def _selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: floa
     if form.name == "block_topk":
         table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
                                          sink_blocks=form.sink_blocks, local_blocks=form.local_blocks,
-                                         pool=form.pool, causal=causal, scale=scale)
+                                         pool=form.pool, rows=form.rows, causal=causal, scale=scale)
         return "blocks", (table.to_dense_block_mask(), table.block_q, table.block_k)
     return "tokens", dynamic_mask(form, q, k, causal, scale)
 

@@ -124,7 +124,8 @@ def test_vertical_slash_scores_are_probability_sums():
         torch.testing.assert_close(diag.sum(-1), torch.full((2, 4), 5.0))
 
 
-@pytest.mark.parametrize("form", [BlockTopK(block=16, topk=1), BlockTopK(block=16, cdf=0.7, pool="max")], ids=str)
+@pytest.mark.parametrize("form", [BlockTopK(block=16, topk=1), BlockTopK(block=16, cdf=0.7, pool="max"),
+                                  BlockTopK(block=16, topk=1, pool="rows", rows=2)], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 def test_output_is_dense_attention_restricted_to_the_table(form, causal):
     q, k, v = make(1, 2, 4, 2, 37, 53, 16)
@@ -132,6 +133,33 @@ def test_output_is_dense_attention_restricted_to_the_table(form, causal):
     assert table.density() < 1.0
     out = dynamic_attention_ref(q, k, v, form=form, causal=causal)
     torch.testing.assert_close(out.double(), restricted_dense(q, k, v, table, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_rows_are_the_last_real_row_and_every_stride_before_it():
+    from sparsecc.codegen.dynamic_attention import sampled_rows
+
+    row, valid = sampled_rows(37, 16, 4, "cpu")       # blocks of rows 0-15, 16-31, 32-36
+    assert row[valid].tolist() == [15, 11, 7, 3, 31, 27, 23, 19, 36, 32]
+    assert valid.sum(1).tolist() == [4, 4, 2]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sampled_row_scores_are_log_mean_masses_of_the_rows_softmax(causal):
+    """Hand computation: one query block of 8 rows, 2 sampled rows (7 and 3), keys in blocks of 8."""
+    from sparsecc.codegen.dynamic_attention import sampled_row_scores_ref
+
+    q, k, _ = make(3, 1, 2, 1, 8, 24, 8)
+    scores = sampled_row_scores_ref(q, k, block=8, rows=2, causal=causal, scale=0.5)
+    qd, kd = q.double(), k.double().expand(1, 2, 24, 8)
+    masses = []
+    for r in (7, 3):
+        logits = 0.5 * torch.einsum("bhd,bhjd->bhj", qd[:, :, r], kd)
+        if causal:
+            logits[..., r + 16 + 1:] = -math.inf
+        masses.append(torch.softmax(logits, -1).view(1, 2, 3, 8).sum(-1))
+    expect = torch.log((masses[0] + masses[1]) / 2)
+    torch.testing.assert_close(scores[:, :, 0].double(), expect, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(scores.exp().sum(-1), torch.ones(1, 2, 1))
 
 
 @FEW
@@ -292,7 +320,8 @@ def same_table(a, b):
 
 
 KERNEL_FORMS = [BlockTopK(block=16, topk=1), BlockTopK(block=16, topk=2, sink_blocks=0, local_blocks=2),
-                BlockTopK(block=16, cdf=0.6, pool="max"), BlockTopK(block=32, cdf=1.0)]
+                BlockTopK(block=16, cdf=0.6, pool="max"), BlockTopK(block=32, cdf=1.0),
+                BlockTopK(block=16, topk=1, pool="rows", rows=4), BlockTopK(block=32, cdf=0.7, pool="rows", rows=16)]
 KERNEL_SHAPES = [(1, 2, 1, 40, 50, 16), (2, 4, 2, 64, 64, 32), (1, 2, 2, 17, 33, 8), (2, 4, 4, 1, 70, 16)]
 
 
@@ -310,7 +339,7 @@ def test_kernel_tables_match_reference(interpreter, form, shape, causal):
 @FEW
 @given(seed=st.integers(0, 2**16), hkv=st.integers(1, 2), group=st.integers(1, 2), sk=st.integers(1, 80),
        cut=st.integers(0, 50), d=st.sampled_from([8, 16]), topk=st.integers(1, 3), cdf=st.floats(0.05, 1.0),
-       use_cdf=st.booleans(), causal=st.booleans(), pool=st.sampled_from(["mean", "max"]))
+       use_cdf=st.booleans(), causal=st.booleans(), pool=st.sampled_from(["mean", "max", "rows"]))
 def test_kernel_block_topk_property(interpreter, seed, hkv, group, sk, cut, d, topk, cdf, use_cdf, causal, pool):
     from sparsecc.codegen import dynamic_attention_kernels as kern
 
@@ -318,6 +347,27 @@ def test_kernel_block_topk_property(interpreter, seed, hkv, group, sk, cut, d, t
     form = BlockTopK(block=16, topk=None if use_cdf else topk, cdf=cdf if use_cdf else None, pool=pool)
     got = kern.block_topk_table(q, k, form, causal, 1.0 / math.sqrt(d), validate=True)
     assert same_table(got, dynamic_table_ref(q, k, form, causal, None))
+
+
+# (b, h, hkv, sq, sk, d, block, rows): one kv head's query heads (3: a padded tile; 8 with 16 rows: two head tiles),
+# several query blocks per tile, a short last block, chunked prefill.
+ROW_MASS_SHAPES = [(1, 3, 1, 40, 40, 16, 16, 4), (2, 8, 1, 37, 70, 8, 16, 16), (1, 2, 2, 1, 50, 16, 16, 2),
+                   (1, 4, 2, 100, 100, 32, 32, 1)]
+
+
+@pytest.mark.parametrize("shape", ROW_MASS_SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_sampled_row_scores_match_reference(interpreter, shape, causal):
+    from sparsecc.codegen import dynamic_attention_kernels as kern
+    from sparsecc.codegen.dynamic_attention import block_masks, sampled_row_scores_ref
+
+    b, h, hkv, sq, sk, d, block, rows = shape
+    q, k, _ = make(11, b, h, hkv, sq, sk, d)
+    got = kern.sampled_row_scores(q, k, block, rows, causal, 0.3)
+    want = sampled_row_scores_ref(q, k, block=block, rows=rows, causal=causal, scale=0.3)
+    allowed = block_masks(sq, sk, block, causal, q.device)[0].expand_as(want)
+    assert torch.isfinite(want[allowed]).all()
+    torch.testing.assert_close(got[allowed], want[allowed], atol=1e-5, rtol=1e-5)
 
 
 VS_KERNEL_SHAPES = [(1, 2, 1, 150, 150, 16), (2, 4, 2, 70, 130, 32), (1, 2, 2, 1, 120, 8), (1, 2, 1, 33, 33, 16)]
@@ -388,6 +438,9 @@ def test_kernel_attention_on_the_kernel_table(interpreter):
 
 GPU_CASES = [(BlockTopK(block=64, topk=8), True), (BlockTopK(block=128, cdf=0.9), True),
              (BlockTopK(block=64, topk=4, pool="max"), False),
+             (BlockTopK(block=64, topk=8, pool="rows", rows=4), True),
+             (BlockTopK(block=128, cdf=0.9, pool="rows", rows=16), True),
+             (BlockTopK(block=64, topk=4, pool="rows", rows=8), False),
 ]
 
 
@@ -412,6 +465,26 @@ def test_gpu_dynamic_attention(form, causal, sq):
     exact = block_sparse_attention_ref(q.float(), k.float(), v.float(), table=table, scale=1 / math.sqrt(128))
     err = (out.float() - exact).norm() / exact.norm()
     assert err.item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1, 32, 8, 4096, 4096, 128, 64, 4), (2, 9, 3, 3000, 4096, 64, 64, 16),
+                                   (1, 8, 1, 2048, 2048, 128, 128, 64)], ids=str)
+def test_gpu_sampled_row_scores(shape, dtype):
+    """The sampled-row estimate on the GPU against the float32 reference, on every allowed cell."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from sparsecc.codegen import dynamic_attention_kernels as kern
+    from sparsecc.codegen.dynamic_attention import block_masks, sampled_row_scores_ref
+
+    b, h, hkv, sq, sk, d, block, rows = shape
+    q, k, _ = (t.cuda() for t in make(5, b, h, hkv, sq, sk, d, dtype))
+    got = kern.sampled_row_scores(q, k, block, rows, True, 1 / math.sqrt(d))
+    want = sampled_row_scores_ref(q, k, block=block, rows=rows, causal=True, scale=1 / math.sqrt(d))
+    allowed = block_masks(sq, sk, block, True, q.device)[0].expand_as(want)
+    # Log masses: compare the masses themselves (tiny masses carry large log differences but no weight).
+    torch.testing.assert_close(got[allowed].exp(), want[allowed].exp(), atol=1e-5, rtol=1e-3)
 
 
 @pytest.mark.gpu

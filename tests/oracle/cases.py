@@ -201,7 +201,9 @@ def rule_block(rules) -> int:
 @st.composite
 def block_topk_rule(draw, block: int):
     r = {"form": "block_topk", "block": block, "sink_blocks": draw(st.integers(0, 2)),
-         "local_blocks": draw(st.integers(0, 2)), "pool": draw(st.sampled_from(["mean", "max"]))}
+         "local_blocks": draw(st.integers(0, 2)), "pool": draw(st.sampled_from(["mean", "max", "rows"]))}
+    if r["pool"] == "rows":
+        r["rows"] = draw(st.sampled_from([n for n in (1, 2, 4, 8, 16) if n <= block]))
     if draw(st.booleans()):
         r["topk"] = draw(st.integers(1, 3))
     else:

@@ -251,7 +251,7 @@ def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
 
 def block_topk_keep(q, k, *, scale: float, causal: bool, block: int = 64, topk: Optional[int] = None,
                     cdf: Optional[float] = None, sink_blocks: int = 1, local_blocks: int = 1,
-                    pool: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
+                    pool: str = "mean", rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``form = "block_topk"``: (keep_min, keep_max), each ``[B, H, Sq, Sk]``, causality included.
 
     keep_min holds the blocks kept whichever way float32 rounding goes,
@@ -269,7 +269,10 @@ def block_topk_keep(q, k, *, scale: float, causal: bool, block: int = 64, topk: 
             return torch.stack([t.mean(2) for t in parts], 2)
         return torch.stack([t.amax(2) for t in parts], 2)
 
-    est = scale * pooled(qd, nq) @ pooled(kd, nk).transpose(-1, -2)        # [B, H, nq, nk]
+    if pool == "rows":
+        est = _sampled_row_estimate(qd, kd, scale=scale, causal=causal, block=block, rows=rows or 4)
+    else:
+        est = scale * pooled(qd, nq) @ pooled(kd, nk).transpose(-1, -2)        # [B, H, nq, nk]
     a = torch.arange(nq)
     first = a * block + off
     last = torch.clamp((a + 1) * block, max=sq) - 1 + off
@@ -291,6 +294,29 @@ def block_topk_keep(q, k, *, scale: float, causal: bool, block: int = 64, topk: 
         sure, could = _select_cdf(est, allowed, always, cdf, _tol(est))
     table_min, table_max = always | sure, always | could
     return _blocks_to_keep(table_min, sq, sk, block, causal), _blocks_to_keep(table_max, sq, sk, block, causal)
+
+
+def _sampled_row_estimate(qd, kd, *, scale: float, causal: bool, block: int, rows: int) -> torch.Tensor:
+    """Spec, block_topk step 1 with ``pool = "rows"``, float64, one query block at a time: the sampled rows are the
+    block's last real row and every ``block // rows``-th row before it that is still in the block; each one's
+    softmax over the keys it may see; the estimate is the log of their mean probability on each key block."""
+    b_, h_, sq, _ = qd.shape
+    sk = kd.shape[2]
+    nq, nk = math.ceil(sq / block), math.ceil(sk / block)
+    est = torch.full((b_, h_, nq, nk), float("-inf"), dtype=F64)
+    for a in range(nq):
+        first, last = a * block, min((a + 1) * block, sq) - 1
+        sampled = [r for r in range(last, first - 1, -(block // rows))][:rows]
+        mass = torch.zeros(b_, h_, nk, dtype=F64)
+        for r in sampled:
+            logits = scale * torch.einsum("bhd,bhjd->bhj", qd[:, :, r], kd)
+            if causal:
+                logits[..., r + sk - sq + 1:] = float("-inf")
+            p = torch.softmax(logits, -1)
+            for kb in range(nk):
+                mass[..., kb] += p[..., kb * block:(kb + 1) * block].sum(-1)
+        est[:, :, a] = torch.log(mass / len(sampled))
+    return est
 
 
 def _blocks_to_keep(table: torch.Tensor, sq: int, sk: int, block: int, causal: bool) -> torch.Tensor:

@@ -250,8 +250,8 @@ def _op_call(c: AttnCase, forms, scale: float, q, k, v, mask):
     assert all(g == f for g in forms), "a dynamic rule covers every head"
     return ops.op("dynamic_block_attention")(
         q, k, v, mask, scale, True, name, f["block"], f.get("topk", 0), float(f.get("cdf", 0.0)),
-        f.get("sink_blocks", 1), f.get("local_blocks", 1), f.get("pool", "mean"), f.get("last_q", 0),
-        f.get("vertical", 0), f.get("slash", 0), 0, "triton")
+        f.get("sink_blocks", 1), f.get("local_blocks", 1), f.get("pool", "mean"), f.get("rows", 0),
+        f.get("last_q", 0), f.get("vertical", 0), f.get("slash", 0), 0, "triton")
 
 
 def run_causal_op_case(c: AttnCase):
@@ -302,7 +302,8 @@ def test_gpu_block_sparse(c):
 @hn.examples(6)
 @given(c=gpu_cases("block_topk"))
 def test_gpu_block_topk(c):
-    """The Triton estimate and table (topk and cdf, mean and max pooling), then the block-table kernel."""
+    """The Triton estimate and table (topk and cdf; mean, max and sampled-row estimates), then the block-table
+    kernel."""
     run_model_case(c)
 
 

@@ -104,6 +104,18 @@ def test_dynamic_forms_load_from_toml(tmp_path):
     assert str(forms[2]) == "vertical_slash(last_q=64, vertical=1000, slash=6096, block=64)"
 
 
+def test_sampled_row_pool_defaults_to_four_rows_and_round_trips(tmp_path):
+    spec = load_spec({"version": 1, "attention": [{"form": "block_topk", "topk": 15, "pool": "rows"},
+                                                  {"form": "block_topk", "cdf": 0.9, "pool": "rows", "rows": 16}]})
+    forms = [r.form for r in spec.attention]
+    assert forms == [BlockTopK(topk=15, pool="rows", rows=4), BlockTopK(cdf=0.9, pool="rows", rows=16)]
+    assert str(forms[0]) == "block_topk(block=64, topk=15, sink=1, local=1, pool=rows, rows=4)"
+    assert spec.to_dict()["attention"][0] == {"form": "block_topk", "topk": 15, "pool": "rows", "rows": 4}
+    path = tmp_path / "rows.toml"
+    spec.save(path)
+    assert load_spec(path) == spec
+
+
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_dynamic_forms_round_trip(tmp_path, suffix):
     spec = load_spec({"version": 1, "attention": [
@@ -128,7 +140,14 @@ def test_dynamic_forms_round_trip(tmp_path, suffix):
     ({"form": "block_topk", "topk": 1, "block": 48}, "block", "16..256"),
     ({"form": "block_topk", "topk": 1, "sink_blocks": -1}, "sink_blocks", ">= 0"),
     ({"form": "block_topk", "topk": 1, "local_blocks": True}, "local_blocks", ">= 0"),
-    ({"form": "block_topk", "topk": 1, "pool": "min"}, "pool", "'mean', 'max'"),
+    ({"form": "block_topk", "topk": 1, "pool": "min"}, "pool", "'mean', 'max', 'rows'"),
+    ({"form": "block_topk", "topk": 1, "rows": 4}, "rows", 'only with pool = "rows"'),
+    ({"form": "block_topk", "topk": 1, "pool": "max", "rows": 4}, "rows", 'only with pool = "rows"'),
+    ({"form": "block_topk", "topk": 1, "pool": "rows", "rows": 3}, "rows", "(1, 2, 4, 8, 16, 32, 64)"),
+    ({"form": "block_topk", "topk": 1, "pool": "rows", "rows": 0}, "rows", "(1, 2, 4, 8, 16, 32, 64)"),
+    ({"form": "block_topk", "topk": 1, "pool": "rows", "rows": 128, "block": 256}, "rows", "(1, 2, 4, 8"),
+    ({"form": "block_topk", "topk": 1, "pool": "rows", "rows": 32, "block": 16}, "rows", "at most block=16"),
+    ({"form": "block_topk", "topk": 1, "pool": "rows", "rows": 4.0}, "rows", "(1, 2, 4, 8, 16, 32, 64)"),
     ({"form": "vertical_slash", "vertical": 1, "slash": 1}, "last_q", "last_q"),
     ({"form": "vertical_slash", "last_q": 0, "vertical": 1, "slash": 1}, "last_q", ">= 1"),
     ({"form": "vertical_slash", "last_q": 4, "vertical": -1, "slash": 1}, "vertical", ">= 0"),
