@@ -2,7 +2,7 @@
 
     python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--judge recall|kl|retrieval] [--calib-windows 1]
                                       [--windows 1] [--needle 50] [--kl-windows 256,512,1024,2048]
-                                      [--kl-topk 2,6,14] [--kl-groups layer|kv] [--retrieval-trials 8]
+                                      [--kl-topk 2,6,14] [--kl-rows 16] [--kl-groups layer|kv] [--retrieval-trials 8]
                                       [--retrieval-coverage 0.85] [--kl-hold-retrieval] [--out-dir bench/quality_lm/attention]
 
 * calibration: ``--calib-windows`` windows of ``--ctx`` tokens spread over the standard library's docstrings;
@@ -10,7 +10,8 @@
   :func:`~sparsecc.tune.attention.choose_heads` at mean density ``--budget``; ``--judge kl``:
   :func:`sparsecc.tune.attention_kl.tune_by_kl` (next-token KL per layer, or per KV-head group with
   ``--kl-groups kv``, of dense, sink-64 streaming with the ``--kl-windows`` windows and, with ``--kl-topk``,
-  ``block_topk`` on 64-blocks (sink 1, local 1, those topk counts; per layer only); the exact knapsack; uniform
+  ``block_topk`` on 64-blocks (sink 1, local 1, those topk counts, mean-pooled or, with ``--kl-rows``, the
+  sampled-row estimate; per layer only); the exact knapsack; uniform
   kept when it measures no worse on the calibration window); its table is saved after every run
   (``kl_table_<ctx>_<groups>.json``), so a stopped run continues;
   ``--judge retrieval``: :mod:`sparsecc.tune.retrieval`: the heads' retrieval scores on ``--retrieval-trials``
@@ -97,6 +98,9 @@ def main(argv=None):
                    help="--judge kl: comma-separated sink-64 streaming windows (default ctx/32, ctx/16, ctx/8, ctx/4)")
     p.add_argument("--kl-topk", default=None,
                    help="--judge kl: comma-separated topk counts of block_topk candidates (64-blocks, sink 1, local 1)")
+    p.add_argument("--kl-rows", type=int, default=None,
+                   help="--judge kl: the --kl-topk candidates use the sampled-row estimate with this many rows "
+                        "(pool = \"rows\"; default: mean pooling)")
     p.add_argument("--kl-groups", default="layer", help="--judge kl: 'layer' or 'kv' (one group per KV head)")
     p.add_argument("--retrieval-trials", type=int, default=8,
                    help="--judge retrieval: needle trials over the docstrings (seed 1) that score the heads")
@@ -142,9 +146,10 @@ def main(argv=None):
         if args.kl_windows:
             candidates = [Streaming(UNIFORM_SINK, int(w)) for w in args.kl_windows.split(",")]
         if args.kl_topk:
-            candidates += [BlockTopK(block=BLOCK, topk=int(k), sink_blocks=1, local_blocks=1)
+            estimate = {"pool": "rows", "rows": args.kl_rows} if args.kl_rows else {}
+            candidates += [BlockTopK(block=BLOCK, topk=int(k), sink_blocks=1, local_blocks=1, **estimate)
                            for k in args.kl_topk.split(",")]
-            suffix += "_topk"
+            suffix += "_topk" + (f"_rows{args.kl_rows}" if args.kl_rows else "")
         held = []
         if args.kl_hold_retrieval:
             scores = retrieval_scores_cached(model, tok, args, out)
