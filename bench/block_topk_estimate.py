@@ -61,13 +61,35 @@ def run(shape: str, s: int, block: int, topk: int) -> list:
     return rows
 
 
+def sweep(s: int) -> None:
+    """Time the sampled-row estimate kernel alone under other launch knobs (Llama-3-8B's shape, 4 and 16 rows)."""
+    from sparsecc.codegen.dynamic_attention_kernels import sampled_row_scores
+
+    h, hkv, d = SHAPES["llama3-8b"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(1, n, s, d, device="cuda", dtype=torch.bfloat16, generator=g) for n in (h, hkv))
+    t_dense = bench(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True))
+    for rows in (4, 16):
+        for tile in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    launch = dict(num_warps=warps, num_stages=stages)
+                    t = bench(lambda: sampled_row_scores(q, k, 128, rows, True, d ** -0.5, launch=launch, tile=tile))
+                    print(f"sweep {s}: rows {rows} tile {tile} warps {warps} stages {stages}: {t:.3f} ms = "
+                          f"{t / t_dense:.1%} of SDPA", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="8192,32768,65536,131072")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="time the sampled-row kernel's launch knobs at 32K only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/block_topk_estimate.py needs a CUDA device")
+    if args.sweep:
+        sweep(32768)
+        return
     rows = []
     for s in (int(x) for x in args.lengths.split(",")):
         # About a quarter of the causal blocks at 8K (SmolLM2's tuned budget), about 10% at 32K and above.

@@ -19,6 +19,8 @@ The selection semantics are those of the references in ``dynamic_attention.py``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -383,10 +385,12 @@ def pool(x: torch.Tensor, block: int, max_pool: bool) -> torch.Tensor:
 
 
 def sampled_row_scores(q: torch.Tensor, k: torch.Tensor, block: int, rows: int, causal: bool,
-                       scale: float) -> torch.Tensor:
+                       scale: float, launch: Optional[dict] = None, tile: int = ROW_MASS_TILE) -> torch.Tensor:
     """float32 ``[B, H, nQ, nK]``: the ``pool = "rows"`` estimate on the GPU (``sampled_row_scores_ref``).
 
-    Only the causally allowed cells are written; the table kernel never reads the others.
+    Only the causally allowed cells are written; the table kernel never reads the others. ``launch`` overrides
+    the launch knobs (``num_warps``, ``num_stages``) and ``tile`` the rows per tile (bench/block_topk_estimate.py
+    --sweep times them).
     """
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -394,9 +398,9 @@ def sampled_row_scores(q: torch.Tensor, k: torch.Tensor, block: int, rows: int, 
     n_q, n_k = triton.cdiv(sq, block), triton.cdiv(sk, block)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    heads_per_tile = min(group, max(1, ROW_MASS_TILE // rows))
+    heads_per_tile = min(group, max(1, tile // rows))
     hp_pad = triton.next_power_of_2(heads_per_tile)
-    qblocks = max(1, min(ROW_MASS_TILE // (hp_pad * rows), triton.next_power_of_2(n_q)))
+    qblocks = max(1, min(tile // (hp_pad * rows), triton.next_power_of_2(n_q)))
     bm = max(16, hp_pad * rows * qblocks)
     scores = torch.empty(b, h, n_q, n_k, dtype=torch.float32, device=q.device)
     upcast = interpreting()
@@ -406,7 +410,7 @@ def sampled_row_scores(q: torch.Tensor, k: torch.Tensor, block: int, rows: int, 
                            QBLOCKS_PER_TILE=qblocks, BM=bm, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
                            CAUSAL=causal, UPCAST=upcast,
                            DOT_PRECISION="ieee" if upcast or q.dtype == torch.float32 else "tf32",
-                           num_warps=8 if bm * block >= 8192 else 4)
+                           **{"num_warps": 8 if bm * block >= 8192 else 4, **(launch or {})})
     return scores
 
 
