@@ -180,6 +180,24 @@ def test_dynamic_form_pays_for_its_estimate_pass():
     assert topk.sparse_bytes > band.sparse_bytes
 
 
+def test_sampled_row_estimate_costs_more_than_pooling_and_scales_with_its_rows():
+    """Two passes of rows / block of the queries over their keys (docs/kernels.md): 16 rows cost 4x the flops
+    of 4, and both more than pooling; the time estimate follows."""
+    from sparsecc.cost.formulas import dynamic_estimate_cost
+    from sparsecc.forms import BlockTopK
+
+    shapes = dict(batch=1, heads=32, kv_heads=8, seq_q=32768, seq_k=32768, head_dim=128)
+    mean, four, sixteen = (dynamic_estimate_cost(BlockTopK(block=128, topk=12, **kw), shapes)
+                           for kw in ({}, {"pool": "rows", "rows": 4}, {"pool": "rows", "rows": 16}))
+    assert float(sixteen.flops) == pytest.approx(4 * float(four.flops))
+    assert float(four.flops) > float(mean.flops)
+    # 2 passes x 2 flops x 32 heads x 256 query blocks x 4 rows x the keys a causal row sees on average (Sk - Sq/2)
+    assert float(four.flops) == pytest.approx(2 * 2 * 32 * 256 * 4 * (32768 - 32768 / 2) * 128)
+    times = [_attn(BlockTopK(block=128, topk=12, **kw), 32768).sparse_time_s
+             for kw in ({}, {"pool": "rows", "rows": 4}, {"pool": "rows", "rows": 16})]
+    assert times[0] < times[1] < times[2]
+
+
 def test_shipped_table_has_every_family_the_formulas_use():
     families = set(table()["families"])
     for form in (None, Streaming(128, 1024), BlockSparse(128, 2, 1, 0), BlockSparse(128, 2, 1, 2)):
