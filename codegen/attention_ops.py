@@ -88,7 +88,7 @@ class BlockSparseAttentionArgs:
 @dataclass(frozen=True)
 class DynamicAttentionArgs:
     """Arguments of ``dynamic_block_attention``: ``form`` "block_topk" or "vertical_slash" and its keys
-    (``topk`` 0 / ``cdf`` 0.0 / ``rows`` 0 mean unset; the other form's keys are ignored)."""
+    (``topk`` 0 / ``cdf`` and ``min_mass`` 0.0 / ``rows`` 0 mean unset; the other form's keys are ignored)."""
 
     scale: float
     causal: bool
@@ -96,6 +96,7 @@ class DynamicAttentionArgs:
     block: int
     topk: int
     cdf: float
+    min_mass: float
     sink_blocks: int
     local_blocks: int
     pool: str
@@ -111,8 +112,8 @@ class DynamicAttentionArgs:
     def of(cls, form, **common) -> "DynamicAttentionArgs":
         """The arguments of a BlockTopK or VerticalSlash form plus ``common`` (scale, causal, ...)."""
         from sparsecc.codegen.dynamic_attention import op_args
-        names = ("form", "block", "topk", "cdf", "sink_blocks", "local_blocks", "pool", "rows", "last_q",
-                 "vertical", "slash")
+        names = ("form", "block", "topk", "cdf", "min_mass", "sink_blocks", "local_blocks", "pool", "rows",
+                 "last_q", "vertical", "slash")
         return cls(**dict(zip(names, op_args(form))), **common)
 
 
@@ -243,12 +244,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                             scale: float, causal: bool, form: str, block: int, topk: int, cdf: float,
-                            sink_blocks: int, local_blocks: int, pool: str, rows: int, last_q: int, vertical: int,
-                            slash: int, dense_below: int, impl: str, positions_from_mask: bool = False) -> torch.Tensor:
+                            min_mass: float, sink_blocks: int, local_blocks: int, pool: str, rows: int, last_q: int,
+                            vertical: int, slash: int, dense_below: int, impl: str, positions_from_mask: bool = False) -> torch.Tensor:
     """Attention over a layout chosen per input (``form`` "block_topk" or "vertical_slash").
 
-    The form's keys travel as plain arguments (``topk`` 0 / ``cdf`` 0.0 mean
-    unset; keys of the other form are ignored). ``dense_below`` works as in
+    The form's keys travel as plain arguments (``topk`` 0 / ``cdf`` and
+    ``min_mass`` 0.0 / ``rows`` 0 mean unset; keys of the other form are ignored). ``dense_below`` works as in
     ``streaming_attention``. ``positions_from_mask`` (a non-causal site with a
     mask): with fewer queries than keys, rows the mask moves off
     ``i + Sk - Sq`` attend densely (``dense_rows_where_moved``, docs/spec.md).
@@ -269,13 +270,13 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
             for batch, is_causal in ((causal_rows.nonzero().flatten(), True),
                                      ((~causal_rows).nonzero().flatten(), False)):
                 out[batch] = dynamic_block_attention(
-                    q[batch], k[batch], v[batch], m4[batch], scale, is_causal, form, block, topk, cdf, sink_blocks,
-                    local_blocks, pool, rows, last_q, vertical, slash, 0, impl, positions_from_mask)
+                    q[batch], k[batch], v[batch], m4[batch], scale, is_causal, form, block, topk, cdf, min_mass,
+                    sink_blocks, local_blocks, pool, rows, last_q, vertical, slash, 0, impl, positions_from_mask)
             return out
     from sparsecc.codegen.dynamic_attention import dynamic_attention_ref, form_from_args
 
-    spec_form = form_from_args(form, block, topk, cdf, sink_blocks, local_blocks, pool, rows, last_q, vertical,
-                               slash)
+    spec_form = form_from_args(form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
+                               vertical, slash)
 
     def reference(q, k, v, mask, scale, causal, spec_form):
         return dynamic_attention_ref(q, k, v, form=spec_form, causal=causal, scale=scale, mask=mask)

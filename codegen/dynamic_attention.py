@@ -36,7 +36,8 @@ from torch import Tensor
 from sparsecc.forms import BlockTopK, VerticalSlash
 from sparsecc.layouts import BlockTable
 
-__all__ = ["block_topk_table_ref", "block_topk_scores_ref", "sampled_row_scores_ref", "sampled_rows", "vertical_slash_scores_ref", "dynamic_attention_ref", "dynamic_table",
+__all__ = ["block_topk_table_ref", "block_topk_scores_ref", "block_probabilities", "sampled_row_scores_ref",
+           "sampled_rows", "vertical_slash_scores_ref", "dynamic_attention_ref", "dynamic_table",
            "dynamic_block_attention", "dynamic_block_attention_op", "form_from_args", "packed_rank_keys",
            "block_masks"]
 
@@ -194,12 +195,12 @@ def block_topk_scores_ref(q: Tensor, k: Tensor, form: BlockTopK, causal: bool, s
 
 
 def block_topk_table_ref(q: Tensor, k: Tensor, *, block: int, topk: Optional[int] = None,
-                         cdf: Optional[float] = None, sink_blocks: int = 1, local_blocks: int = 1,
-                         pool: str = "mean", rows: Optional[int] = None, causal: bool = True,
+                         cdf: Optional[float] = None, min_mass: Optional[float] = None, sink_blocks: int = 1,
+                         local_blocks: int = 1, pool: str = "mean", rows: Optional[int] = None, causal: bool = True,
                          scale: Optional[float] = None) -> BlockTable:
     """Reference ``block_topk`` selection (see :class:`sparsecc.forms.BlockTopK`); a table ``[B, H, nQ, ...]``."""
-    form = BlockTopK(block=block, topk=topk, cdf=cdf, sink_blocks=sink_blocks, local_blocks=local_blocks, pool=pool,
-                     rows=rows)
+    form = BlockTopK(block=block, topk=topk, cdf=cdf, min_mass=min_mass, sink_blocks=sink_blocks,
+                     local_blocks=local_blocks, pool=pool, rows=rows)
     b, h, sq, sk, group = _check_inputs(q, k)
     dev = q.device
     scores = block_topk_scores_ref(q, k, form, causal, scale)
@@ -212,6 +213,9 @@ def block_topk_table_ref(q: Tensor, k: Tensor, *, block: int, topk: Optional[int
     cand = (allowed & ~forced).expand(b, h, -1, -1)
     keys = packed_rank_keys(scores, cand)
     n_cand = cand.sum(-1)
+    if form.min_mass is not None:
+        keep = forced | (cand & (block_probabilities(scores, allowed) >= form.min_mass))
+        return table_from_keep(keep, block, sq, sk, causal)
     if form.topk is not None:
         count = torch.clamp(n_cand, max=form.topk)
     else:
@@ -220,14 +224,20 @@ def block_topk_table_ref(q: Tensor, k: Tensor, *, block: int, topk: Optional[int
     return table_from_keep(keep, block, sq, sk, causal)
 
 
-def _cdf_count(scores: Tensor, allowed: Tensor, forced: Tensor, keys: Tensor, n_cand: Tensor, cdf: float) -> Tensor:
-    """How many ranked candidates the cdf rule keeps: those whose mass before them (forced + higher ranked) < cdf."""
+def block_probabilities(scores: Tensor, allowed: Tensor) -> Tensor:
+    """p of the ``cdf`` and ``min_mass`` rules: the float32 softmax of the estimates over each query block's allowed
+    key blocks (0 elsewhere); with ``pool = "rows"`` it is the sampled attention mass itself."""
     masked = scores.masked_fill(~allowed, -math.inf)
     row_max = masked.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(masked - row_max)
     denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _cdf_count(scores: Tensor, allowed: Tensor, forced: Tensor, keys: Tensor, n_cand: Tensor, cdf: float) -> Tensor:
+    """How many ranked candidates the cdf rule keeps: those whose mass before them (forced + higher ranked) < cdf."""
+    p = block_probabilities(scores, allowed)
     forced_mass = (p * forced).sum(-1, keepdim=True)
     order = torch.sort(keys, dim=-1, descending=True).indices
     ranked_p = torch.gather(p, -1, order)
@@ -268,7 +278,7 @@ def vertical_slash_scores_ref(q: Tensor, k: Tensor, *, last_q: int, causal: bool
 def dynamic_table_ref(q: Tensor, k: Tensor, form: DynamicForm, causal: bool, scale: Optional[float]) -> BlockTable:
     """The reference table of either dynamic form."""
     if isinstance(form, BlockTopK):
-        return block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
+        return block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf, min_mass=form.min_mass,
                                     sink_blocks=form.sink_blocks, local_blocks=form.local_blocks, pool=form.pool,
                                     rows=form.rows, causal=causal, scale=scale)
     if isinstance(form, VerticalSlash):
@@ -352,11 +362,13 @@ def dynamic_block_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
     return dynamic_block_attention(q, k, v, form=form, causal=causal, scale=scale, mask=mask)
 
 
-def form_from_args(form: str, block: int, topk: int, cdf: float, sink_blocks: int, local_blocks: int, pool: str,
-                   rows: int, last_q: int, vertical: int, slash: int) -> DynamicForm:
-    """Rebuild the form from the op's flat arguments (``topk`` 0, ``cdf`` 0.0 and ``rows`` 0 mean unset)."""
+def form_from_args(form: str, block: int, topk: int, cdf: float, min_mass: float, sink_blocks: int,
+                   local_blocks: int, pool: str, rows: int, last_q: int, vertical: int, slash: int) -> DynamicForm:
+    """Rebuild the form from the op's flat arguments (``topk`` 0, ``cdf`` / ``min_mass`` 0.0 and ``rows`` 0 mean
+    unset)."""
     if form == "block_topk":
-        return BlockTopK(block=block, topk=topk or None, cdf=cdf or None, sink_blocks=sink_blocks,
+        return BlockTopK(block=block, topk=topk or None, cdf=cdf or None, min_mass=min_mass or None,
+                         sink_blocks=sink_blocks,
                          local_blocks=local_blocks, pool=pool, rows=rows or None)
     if form == "vertical_slash":
         return VerticalSlash(last_q=last_q, vertical=vertical, slash=slash, block=block)
@@ -366,6 +378,6 @@ def form_from_args(form: str, block: int, topk: int, cdf: float, sink_blocks: in
 def op_args(form: DynamicForm) -> tuple:
     """The op's flat form arguments, in order: the inverse of :func:`form_from_args`."""
     if isinstance(form, BlockTopK):
-        return ("block_topk", form.block, form.topk or 0, float(form.cdf or 0.0), form.sink_blocks,
-                form.local_blocks, form.pool, form.rows or 0, 0, 0, 0)
-    return ("vertical_slash", form.block, 0, 0.0, 0, 0, "mean", 0, form.last_q, form.vertical, form.slash)
+        return ("block_topk", form.block, form.topk or 0, float(form.cdf or 0.0), float(form.min_mass or 0.0),
+                form.sink_blocks, form.local_blocks, form.pool, form.rows or 0, 0, 0, 0)
+    return ("vertical_slash", form.block, 0, 0.0, 0.0, 0, 0, "mean", 0, form.last_q, form.vertical, form.slash)

@@ -97,10 +97,10 @@ def _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, r
 
 @triton.jit
 def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr,
-                       heads, group, kv_heads, seq_q, seq_k, n_q, n_k, width, scale, topk, cdf,
+                       heads, group, kv_heads, seq_q, seq_k, n_q, n_k, width, scale, topk, cdf, min_mass,
                        sink_blocks, local_blocks,
                        BLOCK: tl.constexpr, QB: tl.constexpr, BLOCK_NK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       D_CHUNK: tl.constexpr, CAUSAL: tl.constexpr, USE_CDF: tl.constexpr,
+                       D_CHUNK: tl.constexpr, CAUSAL: tl.constexpr, USE_CDF: tl.constexpr, USE_MIN_MASS: tl.constexpr,
                        GIVEN_SCORES: tl.constexpr):
     pid_a = tl.program_id(0)
     bh = tl.program_id(1)
@@ -165,8 +165,18 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_pt
         count = tl.sum((valid & (before < cdf)).to(tl.int32), axis=1)
     else:
         count = tl.minimum(n_cand, topk)
-    threshold = tl.sum(tl.where(rank == (count - 1)[:, None], ranked, 0), axis=1)
-    chosen = cand & (packed >= threshold[:, None]) & (count[:, None] > 0)
+    if USE_MIN_MASS:
+        # p as the reference's block_probabilities computes it (softmax over the allowed blocks)
+        masked = tl.where(allowed, scores, float("-inf"))
+        row_max = tl.max(masked, axis=1)
+        row_max = tl.where(row_max > float("-inf"), row_max, 0.0)
+        e = tl.where(allowed, tl.exp(scores - row_max[:, None]), 0.0)
+        denom = tl.sum(e, axis=1)
+        denom = tl.where(denom > 0, denom, 1.0)
+        chosen = cand & (e / denom[:, None] >= min_mass)
+    else:
+        threshold = tl.sum(tl.where(rank == (count - 1)[:, None], ranked, 0), axis=1)
+        chosen = cand & (packed >= threshold[:, None]) & (count[:, None] > 0)
     keep = forced | chosen
 
     full = (((rows + 1) * BLOCK <= seq_q)[:, None] & ((c2 + 1) * BLOCK <= seq_k))
@@ -440,9 +450,11 @@ def block_topk_table(q: torch.Tensor, k: torch.Tensor, form: BlockTopK, causal: 
     d_chunk = max(16, min(64, 8192 // block_nk))
     grid = (triton.cdiv(n_q, QUERY_BLOCKS_PER_PROGRAM), b * h)
     _topk_table_kernel[grid](qbar, kbar, scores, num, idx, fnum, fidx, h, h // hkv, hkv, sq, sk, n_q, n_k, width,
-                             scale, form.topk or 0, float(form.cdf or 0.0), form.sink_blocks, form.local_blocks,
+                             scale, form.topk or 0, float(form.cdf or 0.0), float(form.min_mass or 0.0),
+                             form.sink_blocks, form.local_blocks,
                              BLOCK=block, QB=QUERY_BLOCKS_PER_PROGRAM, BLOCK_NK=block_nk, HEAD_DIM=d,
                              D_CHUNK=d_chunk, CAUSAL=causal, USE_CDF=form.cdf is not None,
+                             USE_MIN_MASS=form.min_mass is not None,
                              GIVEN_SCORES=form.pool == "rows",
                              num_warps=8 if block_nk >= 1024 else 4)
     if validate:

@@ -171,14 +171,18 @@ class BlockTopK:
     * ``cdf``: with p the softmax of the estimates over all allowed key blocks
       of a, a candidate is kept iff the mass of the always-kept blocks plus the
       candidates ranked before it is below ``cdf`` (the shortest ranked prefix
-      whose mass, with the always-kept blocks, reaches cdf).
+      whose mass, with the always-kept blocks, reaches cdf);
+    * ``min_mass``: a candidate is kept iff its p is at least ``min_mass`` (one
+      threshold that any head, layer and query block can share, so the number
+      kept follows the input).
 
-    Exactly one of ``topk`` and ``cdf`` is set.
+    Exactly one of ``topk``, ``cdf`` and ``min_mass`` is set.
     """
 
     block: int = 64
     topk: Optional[int] = None
     cdf: Optional[float] = None
+    min_mass: Optional[float] = None
     sink_blocks: int = 1
     local_blocks: int = 1
     pool: str = "mean"
@@ -187,12 +191,16 @@ class BlockTopK:
 
     def __post_init__(self):
         _check_dynamic_block(self.block)
-        _require((self.topk is None) != (self.cdf is None), "topk/cdf", (self.topk, self.cdf),
-                 "exactly one of topk (an integer >= 1) and cdf (a number in (0, 1])")
+        budgets = (self.topk, self.cdf, self.min_mass)
+        _require(sum(b is not None for b in budgets) == 1, "topk/cdf/min_mass", budgets,
+                 "exactly one of topk (an integer >= 1), cdf (a number in (0, 1]) and min_mass (a number in (0, 1])")
         if self.topk is not None:
             _require(_is_int(self.topk) and self.topk >= 1, "topk", self.topk, "an integer >= 1")
         if self.cdf is not None:
             _require(_is_number(self.cdf) and 0.0 < self.cdf <= 1.0, "cdf", self.cdf, "a number in (0, 1]")
+        if self.min_mass is not None:
+            _require(_is_number(self.min_mass) and 0.0 < self.min_mass <= 1.0, "min_mass", self.min_mass,
+                     "a number in (0, 1]")
         _require(_is_int(self.sink_blocks) and self.sink_blocks >= 0, "sink_blocks", self.sink_blocks,
                  "an integer >= 0")
         _require(_is_int(self.local_blocks) and self.local_blocks >= 0, "local_blocks", self.local_blocks,
@@ -208,7 +216,8 @@ class BlockTopK:
                  self.rows, f"one of {SAMPLE_ROW_COUNTS}, at most block={self.block}")
 
     def __str__(self) -> str:
-        budget = f"topk={self.topk}" if self.topk is not None else f"cdf={self.cdf:g}"
+        budget = (f"topk={self.topk}" if self.topk is not None else f"cdf={self.cdf:g}" if self.cdf is not None
+                  else f"min_mass={self.min_mass:g}")
         pool = f"rows, rows={self.rows}" if self.pool == "rows" else self.pool
         return (f"block_topk(block={self.block}, {budget}, sink={self.sink_blocks}, "
                 f"local={self.local_blocks}, pool={pool})")

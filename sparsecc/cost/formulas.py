@@ -32,7 +32,7 @@ from sparsecc.kernel_tiles import CONFIGS, ROW_MASS_TILE, pick_config
 ATTENTION_BLOCK = 128
 # A cdf-budget block_topk keeps an input-dependent number of blocks. Assumed: this fraction of the causal
 # blocks times cdf (XAttention and FlexPrefill report roughly 10-30% block density at thresholds near 0.9
-# on long contexts). It only steers policy "auto"; the report shows the estimate.
+# on long contexts), and this fraction for a min_mass budget (calibrated to a budget of that order). It only steers policy "auto"; the report shows the estimate.
 ASSUMED_CDF_BLOCK_FRACTION = 0.25
 
 B, H, HKV, SQ, SK, D = sp.symbols("batch heads kv_heads seq_q seq_k head_dim", positive=True, integer=True)
@@ -148,6 +148,10 @@ def attention_blocks(form, seq_q, seq_k, causal: bool, dense_head_fraction=0) ->
         per_row = max(1, math.ceil((band + form.random_blocks) * scale))
     elif isinstance(form, BlockTopK) and form.cdf is not None:
         sparse = sp.Min(dense, sp.Max(nq, ASSUMED_CDF_BLOCK_FRACTION * form.cdf * dense))
+        return dense_head_fraction * dense + (1 - dense_head_fraction) * sparse
+    elif isinstance(form, BlockTopK) and form.min_mass is not None:
+        # Input-dependent as well; assumed the cdf rule's fraction (a shared min_mass is calibrated to a budget).
+        sparse = sp.Min(dense, sp.Max(nq, ASSUMED_CDF_BLOCK_FRACTION * dense))
         return dense_head_fraction * dense + (1 - dense_head_fraction) * sparse
     elif isinstance(form, BlockTopK):
         # sink + topk + the local band (one block wider when queries are not block-aligned), in kernel blocks

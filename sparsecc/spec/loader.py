@@ -335,13 +335,15 @@ def _check_threshold(raw: Mapping[str, Any], path: KeyPath, ctx: _Context) -> No
 
 
 def _check_block_topk(raw: Mapping[str, Any], path: KeyPath, ctx: _Context) -> None:
-    """block_topk takes exactly one budget: a block count (topk) or a probability mass (cdf)."""
-    if "topk" in raw and "cdf" in raw:
-        raise ctx.error(path + ("cdf",), "cannot be given together with topk", value=raw["cdf"],
-                        allowed="exactly one of topk (an integer >= 1) and cdf (a number in (0, 1])")
-    if "topk" not in raw and "cdf" not in raw:
-        raise ctx.error(path + ("topk",), "is missing",
-                        allowed="exactly one of topk (an integer >= 1) and cdf (a number in (0, 1])")
+    """block_topk takes exactly one budget: a block count (topk), a probability mass to cover (cdf), or the least
+    probability a kept block has (min_mass)."""
+    allowed = "exactly one of topk (an integer >= 1), cdf (a number in (0, 1]) and min_mass (a number in (0, 1])"
+    given = [key for key in ("topk", "cdf", "min_mass") if key in raw]
+    if len(given) > 1:
+        raise ctx.error(path + (given[1],), f"cannot be given together with {given[0]}", value=raw[given[1]],
+                        allowed=allowed)
+    if not given:
+        raise ctx.error(path + ("topk",), "is missing", allowed=allowed)
 
 
 def _form_error(exc: Exception, path: KeyPath, raw: Mapping[str, Any], ctx: _Context) -> SpecError:

@@ -76,12 +76,13 @@ def _build_block_sparse(raw: Mapping[str, Any]) -> BlockSparse:
 
 def _build_block_topk(raw: Mapping[str, Any]) -> BlockTopK:
     kwargs = dict(raw)
-    if "cdf" in kwargs:
-        kwargs["cdf"] = as_float(kwargs["cdf"])
+    for key in ("cdf", "min_mass"):
+        if key in kwargs:
+            kwargs[key] = as_float(kwargs[key])
     return BlockTopK(**kwargs)
 
 
-BLOCK_TOPK_KEYS = ("block", "topk", "cdf", "sink_blocks", "local_blocks", "pool", "rows")
+BLOCK_TOPK_KEYS = ("block", "topk", "cdf", "min_mass", "sink_blocks", "local_blocks", "pool", "rows")
 VERTICAL_SLASH_KEYS = ("last_q", "vertical", "slash", "block")
 
 

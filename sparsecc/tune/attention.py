@@ -127,7 +127,7 @@ def dynamic_mask(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: fl
             return torch.ones(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
         from sparsecc.codegen.vertical_slash import vertical_slash_keep_ref
         return vertical_slash_keep_ref(q, k, form, scale)
-    table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
+    table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf, min_mass=form.min_mass,
                                      sink_blocks=form.sink_blocks, local_blocks=form.local_blocks,
                                      pool=form.pool, rows=form.rows, causal=causal, scale=scale)
     blocks = table.to_dense_block_mask()
@@ -299,7 +299,7 @@ def _selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: floa
     from sparsecc.codegen import dynamic_attention as dyn
 
     if form.name == "block_topk":
-        table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf,
+        table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf, min_mass=form.min_mass,
                                          sink_blocks=form.sink_blocks, local_blocks=form.local_blocks,
                                          pool=form.pool, rows=form.rows, causal=causal, scale=scale)
         return "blocks", (table.to_dense_block_mask(), table.block_q, table.block_k)

@@ -71,10 +71,10 @@ def block_topk_density(form: BlockTopK, ctx: int, block: int = DENSITY_BLOCK) ->
     Query block ``a`` has ``a + 1`` causally allowed key blocks; the sink blocks and the local band are kept and
     ``topk`` of the others, so it keeps ``min(a + 1, sink_blocks + local_blocks + topk)`` whatever the input (when
     ``a + 1 <= sink_blocks + local_blocks`` the sink and band already cover every allowed block). Needs the form's
-    block to equal the density block; ValueError for a ``cdf`` form (its count depends on the input).
+    block to equal the density block; ValueError for a ``cdf`` or ``min_mass`` form (its count depends on the input).
     """
     if form.topk is None or form.block != block:
-        raise ValueError(f"candidate form {form!r} is not allowed; a block_topk candidate needs topk (not cdf) and "
+        raise ValueError(f"candidate form {form!r} is not allowed; a block_topk candidate needs topk (not cdf or min_mass) and "
                          f"block = {block} (the density block)")
     n = math.ceil(ctx / block)
     per_row = form.sink_blocks + form.local_blocks + form.topk

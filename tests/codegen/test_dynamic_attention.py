@@ -162,6 +162,22 @@ def test_sampled_row_scores_are_log_mean_masses_of_the_rows_softmax(causal):
     assert torch.allclose(scores.exp().sum(-1), torch.ones(1, 2, 1))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_min_mass_keeps_the_always_kept_blocks_and_every_block_with_that_much_sampled_mass(causal):
+    from sparsecc.codegen.dynamic_attention import block_masks, sampled_row_scores_ref
+
+    q, k, _ = make(4, 1, 2, 1, 64, 96, 8)
+    form = BlockTopK(block=16, min_mass=0.15, pool="rows", rows=4, sink_blocks=1, local_blocks=1)
+    kept = dynamic_table_ref(q, k, form, causal, 0.5).to_dense_block_mask()
+    mass = sampled_row_scores_ref(q, k, block=16, rows=4, causal=causal, scale=0.5).exp()
+    allowed = block_masks(64, 96, 16, causal, q.device)[0]
+    a, b = torch.arange(4)[:, None], torch.arange(6)[None, :]
+    forced = allowed & ((b == 0) | ((b >= a + 2) & (b <= a + 2)))    # Sk - Sq = 32: query block a ends in key block a+2
+    want = forced | (allowed & (mass >= 0.15))
+    assert torch.equal(kept, want)
+    assert (allowed & ~want).any() and (want & ~forced).any()       # both kinds of decision were made
+
+
 @FEW
 @given(seed=st.integers(0, 2**16), b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2),
        sk=st.integers(1, 70), cut=st.integers(0, 40), topk=st.integers(1, 3), sink=st.integers(0, 2),
@@ -321,7 +337,8 @@ def same_table(a, b):
 
 KERNEL_FORMS = [BlockTopK(block=16, topk=1), BlockTopK(block=16, topk=2, sink_blocks=0, local_blocks=2),
                 BlockTopK(block=16, cdf=0.6, pool="max"), BlockTopK(block=32, cdf=1.0),
-                BlockTopK(block=16, topk=1, pool="rows", rows=4), BlockTopK(block=32, cdf=0.7, pool="rows", rows=16)]
+                BlockTopK(block=16, topk=1, pool="rows", rows=4), BlockTopK(block=32, cdf=0.7, pool="rows", rows=16),
+                BlockTopK(block=16, min_mass=0.05, pool="rows", rows=4), BlockTopK(block=16, min_mass=0.1)]
 KERNEL_SHAPES = [(1, 2, 1, 40, 50, 16), (2, 4, 2, 64, 64, 32), (1, 2, 2, 17, 33, 8), (2, 4, 4, 1, 70, 16)]
 
 
@@ -441,6 +458,7 @@ GPU_CASES = [(BlockTopK(block=64, topk=8), True), (BlockTopK(block=128, cdf=0.9)
              (BlockTopK(block=64, topk=8, pool="rows", rows=4), True),
              (BlockTopK(block=128, cdf=0.9, pool="rows", rows=16), True),
              (BlockTopK(block=64, topk=4, pool="rows", rows=8), False),
+             (BlockTopK(block=64, min_mass=0.004, pool="rows", rows=16), True),
 ]
 
 

@@ -204,10 +204,13 @@ def block_topk_rule(draw, block: int):
          "local_blocks": draw(st.integers(0, 2)), "pool": draw(st.sampled_from(["mean", "max", "rows"]))}
     if r["pool"] == "rows":
         r["rows"] = draw(st.sampled_from([n for n in (1, 2, 4, 8, 16) if n <= block]))
-    if draw(st.booleans()):
+    budget = draw(st.sampled_from(["topk", "cdf", "min_mass"]))
+    if budget == "topk":
         r["topk"] = draw(st.integers(1, 3))
-    else:
+    elif budget == "cdf":
         r["cdf"] = draw(st.sampled_from([0.2, 0.5, 0.8, 0.9, 0.99, 1.0]))
+    else:
+        r["min_mass"] = draw(st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.5, 1.0]))
     return r
 
 

@@ -241,6 +241,13 @@ def _select_cdf(scores, allowed, always, cdf: float, tol):
     return sure, could
 
 
+def _select_min_mass(scores, allowed, always, min_mass: float):
+    """min_mass selection: a ranked block is kept iff its p (softmax over the allowed blocks) >= min_mass."""
+    ranked = allowed & ~always
+    p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    return ranked & (p >= min_mass + ESTIMATE_RTOL * min_mass), ranked & (p >= min_mass - ESTIMATE_RTOL * min_mass)
+
+
 def _tol(scores):
     return ESTIMATE_RTOL * (1.0 + scores.abs())
 
@@ -250,7 +257,8 @@ def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def block_topk_keep(q, k, *, scale: float, causal: bool, block: int = 64, topk: Optional[int] = None,
-                    cdf: Optional[float] = None, sink_blocks: int = 1, local_blocks: int = 1,
+                    cdf: Optional[float] = None, min_mass: Optional[float] = None, sink_blocks: int = 1,
+                    local_blocks: int = 1,
                     pool: str = "mean", rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``form = "block_topk"``: (keep_min, keep_max), each ``[B, H, Sq, Sk]``, causality included.
 
@@ -290,6 +298,8 @@ def block_topk_keep(q, k, *, scale: float, causal: bool, block: int = 64, topk: 
     ranked = allowed & ~always
     if topk is not None:
         sure, could = _select_budget(est, ranked, topk, _tol(est))
+    elif min_mass is not None:
+        sure, could = _select_min_mass(est, allowed, always, min_mass)
     else:
         sure, could = _select_cdf(est, allowed, always, cdf, _tol(est))
     table_min, table_max = always | sure, always | could

@@ -250,6 +250,7 @@ def _op_call(c: AttnCase, forms, scale: float, q, k, v, mask):
     assert all(g == f for g in forms), "a dynamic rule covers every head"
     return ops.op("dynamic_block_attention")(
         q, k, v, mask, scale, True, name, f["block"], f.get("topk", 0), float(f.get("cdf", 0.0)),
+        float(f.get("min_mass", 0.0)),
         f.get("sink_blocks", 1), f.get("local_blocks", 1), f.get("pool", "mean"), f.get("rows", 0),
         f.get("last_q", 0), f.get("vertical", 0), f.get("slash", 0), 0, "triton")
 

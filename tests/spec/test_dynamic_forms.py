@@ -106,9 +106,12 @@ def test_dynamic_forms_load_from_toml(tmp_path):
 
 def test_sampled_row_pool_defaults_to_four_rows_and_round_trips(tmp_path):
     spec = load_spec({"version": 1, "attention": [{"form": "block_topk", "topk": 15, "pool": "rows"},
-                                                  {"form": "block_topk", "cdf": 0.9, "pool": "rows", "rows": 16}]})
+                                                  {"form": "block_topk", "cdf": 0.9, "pool": "rows", "rows": 16},
+                                                  {"form": "block_topk", "min_mass": 0.004, "pool": "rows"}]})
     forms = [r.form for r in spec.attention]
-    assert forms == [BlockTopK(topk=15, pool="rows", rows=4), BlockTopK(cdf=0.9, pool="rows", rows=16)]
+    assert forms == [BlockTopK(topk=15, pool="rows", rows=4), BlockTopK(cdf=0.9, pool="rows", rows=16),
+                     BlockTopK(min_mass=0.004, pool="rows", rows=4)]
+    assert str(forms[2]) == "block_topk(block=64, min_mass=0.004, sink=1, local=1, pool=rows, rows=4)"
     assert str(forms[0]) == "block_topk(block=64, topk=15, sink=1, local=1, pool=rows, rows=4)"
     assert spec.to_dict()["attention"][0] == {"form": "block_topk", "topk": 15, "pool": "rows", "rows": 4}
     path = tmp_path / "rows.toml"
@@ -132,6 +135,9 @@ def test_dynamic_forms_round_trip(tmp_path, suffix):
 @pytest.mark.parametrize("rule,key,allowed", [
     ({"form": "block_topk"}, "topk", "exactly one of topk"),
     ({"form": "block_topk", "topk": 2, "cdf": 0.5}, "cdf", "exactly one of topk"),
+    ({"form": "block_topk", "cdf": 0.5, "min_mass": 0.01}, "min_mass", "exactly one of topk"),
+    ({"form": "block_topk", "min_mass": 0}, "min_mass", "(0, 1]"),
+    ({"form": "block_topk", "min_mass": 1.5}, "min_mass", "(0, 1]"),
     ({"form": "block_topk", "topk": 0}, "topk", "an integer >= 1"),
     ({"form": "block_topk", "topk": 2.0}, "topk", "an integer >= 1"),
     ({"form": "block_topk", "cdf": 0}, "cdf", "(0, 1]"),
