@@ -191,7 +191,8 @@ def main(argv=None):
     if topk_form is not None:   # the uniform block_topk rule the KL judge compared with
         uniform_topk = Spec(defaults=Defaults(policy="force"), attention=(
             Rule(kind="attention", index=0, form=topk_form, modules="model.layers.*.self_attn"),))
-        topk_path = out / f"uniform_topk_{args.ctx}_{topk_form.topk}.toml"
+        rows = f"_rows{topk_form.rows}" if topk_form.pool == "rows" else ""
+        topk_path = out / f"uniform_topk_{args.ctx}_{topk_form.topk}{rows}.toml"
         uniform_topk.save(topk_path)
         specs.append(("uniform_topk", topk_path, len(choices)))
         densities["uniform_topk"] = tuning.uniform_topk_density
