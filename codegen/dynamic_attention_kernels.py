@@ -186,6 +186,22 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_pt
 
 
 @triton.jit
+def _sampled_scores(q, k_base, kb, r_ok, pos, offs_n, offs_d, d_ok, stride_ks, seq_k, scale, BLOCK: tl.constexpr,
+                    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The tile's scaled scores against key block ``kb``, and which of them the rows may see."""
+    keys = kb * BLOCK + offs_n
+    kt = tl.load(k_base + keys[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
+                 mask=(keys < seq_k)[None, :] & d_ok[:, None], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+    ok = r_ok[:, None] & (keys < seq_k)[None, :]
+    if CAUSAL:
+        ok = ok & (keys[None, :] <= pos[:, None])
+    return s, ok
+
+
+@triton.jit
 def _row_mass_kernel(q_ptr, k_ptr, scores_ptr, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      heads, group, kv_heads, seq_q, seq_k, n_q, n_k, scale,
                      BLOCK: tl.constexpr, ROWS: tl.constexpr, HEADS_PER_TILE: tl.constexpr, HP_PAD: tl.constexpr,
@@ -229,15 +245,8 @@ def _row_mass_kernel(q_ptr, k_ptr, scores_ptr, stride_qb, stride_qh, stride_qs, 
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     for kb in range(0, n_vis):
-        keys = kb * BLOCK + offs_n
-        kt = tl.load(k_base + keys[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
-                     mask=(keys < seq_k)[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
-        ok = r_ok[:, None] & (keys < seq_k)[None, :]
-        if CAUSAL:
-            ok = ok & (keys[None, :] <= pos[:, None])
+        s, ok = _sampled_scores(q, k_base, kb, r_ok, pos, offs_n, offs_d, d_ok, stride_ks, seq_k, scale, BLOCK,
+                                CAUSAL, UPCAST, DOT_PRECISION)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
@@ -257,15 +266,8 @@ def _row_mass_kernel(q_ptr, k_ptr, scores_ptr, stride_qb, stride_qh, stride_qs, 
     slot_last = tl.minimum((slot_a + 1) * BLOCK, seq_q) - 1 + seq_k - seq_q
     out = scores_ptr + ((bi.to(tl.int64) * heads + kvh * group + slot_h) * n_q + slot_a) * n_k
     for kb in range(0, n_vis):
-        keys = kb * BLOCK + offs_n
-        kt = tl.load(k_base + keys[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
-                     mask=(keys < seq_k)[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
-        ok = r_ok[:, None] & (keys < seq_k)[None, :]
-        if CAUSAL:
-            ok = ok & (keys[None, :] <= pos[:, None])
+        s, ok = _sampled_scores(q, k_base, kb, r_ok, pos, offs_n, offs_d, d_ok, stride_ks, seq_k, scale, BLOCK,
+                                CAUSAL, UPCAST, DOT_PRECISION)
         p = tl.where(ok, tl.exp(s - m_safe[:, None]), 0.0)
         row_mass = tl.sum(p, axis=1) * inv_l
         mass = tl.sum(tl.reshape(row_mass, (BM // ROWS, ROWS)), axis=1) / tl.where(slot_count > 0, slot_count, 1.0)
