@@ -96,6 +96,18 @@ def _emit_rows(keep, full, rows, row_ok, num_ptr, idx_ptr, fnum_ptr, fidx_ptr, r
 
 
 @triton.jit
+def _block_softmax(scores, allowed):
+    """p = e / denom of the cdf and min_mass rules, as the reference's block_probabilities computes it: the softmax
+    of each row's estimates over its allowed blocks (``e`` is 0 elsewhere). Returns ``(e, row_max, denom)``."""
+    masked = tl.where(allowed, scores, float("-inf"))
+    row_max = tl.max(masked, axis=1)
+    row_max = tl.where(row_max > float("-inf"), row_max, 0.0)
+    e = tl.where(allowed, tl.exp(scores - row_max[:, None]), 0.0)
+    denom = tl.sum(e, axis=1)
+    return e, row_max, tl.where(denom > 0, denom, 1.0)
+
+
+@triton.jit
 def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_ptr, fidx_ptr,
                        heads, group, kv_heads, seq_q, seq_k, n_q, n_k, width, scale, topk, cdf, min_mass,
                        sink_blocks, local_blocks,
@@ -149,12 +161,7 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_pt
     n_cand = tl.sum(cand.to(tl.int32), axis=1)
     rank = c2 + tl.zeros((QB, BLOCK_NK), tl.int32)
     if USE_CDF:
-        masked = tl.where(allowed, scores, float("-inf"))
-        row_max = tl.max(masked, axis=1)
-        row_max = tl.where(row_max > float("-inf"), row_max, 0.0)
-        e = tl.where(allowed, tl.exp(scores - row_max[:, None]), 0.0)
-        denom = tl.sum(e, axis=1)
-        denom = tl.where(denom > 0, denom, 1.0)
+        e, row_max, denom = _block_softmax(scores, allowed)
         forced_mass = tl.sum(tl.where(forced, e, 0.0), axis=1) / denom
         r_key = (ranked >> 32).to(tl.int32)
         r_bits = r_key ^ ((r_key >> 31) & 0x7FFFFFFF)
@@ -166,13 +173,7 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_pt
     else:
         count = tl.minimum(n_cand, topk)
     if USE_MIN_MASS:
-        # p as the reference's block_probabilities computes it (softmax over the allowed blocks)
-        masked = tl.where(allowed, scores, float("-inf"))
-        row_max = tl.max(masked, axis=1)
-        row_max = tl.where(row_max > float("-inf"), row_max, 0.0)
-        e = tl.where(allowed, tl.exp(scores - row_max[:, None]), 0.0)
-        denom = tl.sum(e, axis=1)
-        denom = tl.where(denom > 0, denom, 1.0)
+        e, row_max, denom = _block_softmax(scores, allowed)
         chosen = cand & (e / denom[:, None] >= min_mass)
     else:
         threshold = tl.sum(tl.where(rank == (count - 1)[:, None], ranked, 0), axis=1)
