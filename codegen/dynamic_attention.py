@@ -211,11 +211,12 @@ def block_topk_table_ref(q: Tensor, k: Tensor, *, block: int, topk: Optional[int
     band = (kb >= lo - local_blocks + 1) & (kb <= hi) if local_blocks > 0 else torch.zeros_like(allowed)
     forced = allowed & ((kb < sink_blocks) | band)
     cand = (allowed & ~forced).expand(b, h, -1, -1)
-    keys = packed_rank_keys(scores, cand)
-    n_cand = cand.sum(-1)
     if form.min_mass is not None:
+        # A threshold on p needs no ranking: every candidate is judged alone.
         keep = forced | (cand & (block_probabilities(scores, allowed) >= form.min_mass))
         return table_from_keep(keep, block, sq, sk, causal)
+    keys = packed_rank_keys(scores, cand)
+    n_cand = cand.sum(-1)
     if form.topk is not None:
         count = torch.clamp(n_cand, max=form.topk)
     else:

@@ -152,30 +152,31 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_pt
     forced = allowed & ((c2 < sink_blocks) | band)
     cand = allowed & ~forced
 
-    bits = scores.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    packed = (ordered.to(tl.int64) << 32) + (BLOCK_NK - 1 - c2).to(tl.int64)
-    lowest = tl.full((QB, BLOCK_NK), -9223372036854775808, tl.int64)
-    packed = tl.where(cand, packed, lowest)
-    ranked = tl.sort(packed, dim=1, descending=True)
-    n_cand = tl.sum(cand.to(tl.int32), axis=1)
-    rank = c2 + tl.zeros((QB, BLOCK_NK), tl.int32)
-    if USE_CDF:
-        e, row_max, denom = _block_softmax(scores, allowed)
-        forced_mass = tl.sum(tl.where(forced, e, 0.0), axis=1) / denom
-        r_key = (ranked >> 32).to(tl.int32)
-        r_bits = r_key ^ ((r_key >> 31) & 0x7FFFFFFF)
-        r_score = r_bits.to(tl.float32, bitcast=True)
-        valid = rank < n_cand[:, None]
-        r_p = tl.where(valid, tl.exp(r_score - row_max[:, None]) / denom[:, None], 0.0)
-        before = forced_mass[:, None] + tl.cumsum(r_p, axis=1) - r_p
-        count = tl.sum((valid & (before < cdf)).to(tl.int32), axis=1)
-    else:
-        count = tl.minimum(n_cand, topk)
     if USE_MIN_MASS:
+        # A threshold on p judges each candidate alone: no ranking, so no sort.
         e, row_max, denom = _block_softmax(scores, allowed)
         chosen = cand & (e / denom[:, None] >= min_mass)
     else:
+        bits = scores.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        packed = (ordered.to(tl.int64) << 32) + (BLOCK_NK - 1 - c2).to(tl.int64)
+        lowest = tl.full((QB, BLOCK_NK), -9223372036854775808, tl.int64)
+        packed = tl.where(cand, packed, lowest)
+        ranked = tl.sort(packed, dim=1, descending=True)
+        n_cand = tl.sum(cand.to(tl.int32), axis=1)
+        rank = c2 + tl.zeros((QB, BLOCK_NK), tl.int32)
+        if USE_CDF:
+            e, row_max, denom = _block_softmax(scores, allowed)
+            forced_mass = tl.sum(tl.where(forced, e, 0.0), axis=1) / denom
+            r_key = (ranked >> 32).to(tl.int32)
+            r_bits = r_key ^ ((r_key >> 31) & 0x7FFFFFFF)
+            r_score = r_bits.to(tl.float32, bitcast=True)
+            valid = rank < n_cand[:, None]
+            r_p = tl.where(valid, tl.exp(r_score - row_max[:, None]) / denom[:, None], 0.0)
+            before = forced_mass[:, None] + tl.cumsum(r_p, axis=1) - r_p
+            count = tl.sum((valid & (before < cdf)).to(tl.int32), axis=1)
+        else:
+            count = tl.minimum(n_cand, topk)
         threshold = tl.sum(tl.where(rank == (count - 1)[:, None], ranked, 0), axis=1)
         chosen = cand & (packed >= threshold[:, None]) & (count[:, None] > 0)
     keep = forced | chosen
