@@ -9,9 +9,9 @@ attention for the next layer while the sampled-row estimate of each call (``pool
 prints for each threshold of ``--grid`` the share of causal 64 x 64 blocks the rule would keep (sink block and
 diagonal always, plus every block whose sampled mass reaches the threshold), over every layer, head and query block.
 Pick the threshold from this table; the held-out density is measured by evaluating the spec (bench/RESULTS.md).
-The tuner's ``sparsecc.tune.min_mass.calibrate_min_mass`` makes the same count through the recording graph, one
-estimate per threshold; this script computes the estimate once per call for every threshold, which is what makes
-an 8K window affordable on the CPU.
+The tuner's ``sparsecc.tune.min_mass.calibrate_min_mass`` makes the same count through the recording graph, which
+also records every threshold's attention recall per head (a full softmax per call and a block sum per threshold);
+this script only counts blocks, which is what makes an 8K window cheap on the CPU.
 """
 
 from __future__ import annotations

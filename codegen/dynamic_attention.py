@@ -197,13 +197,20 @@ def block_topk_scores_ref(q: Tensor, k: Tensor, form: BlockTopK, causal: bool, s
 def block_topk_table_ref(q: Tensor, k: Tensor, *, block: int, topk: Optional[int] = None,
                          cdf: Optional[float] = None, min_mass: Optional[float] = None, sink_blocks: int = 1,
                          local_blocks: int = 1, pool: str = "mean", rows: Optional[int] = None, causal: bool = True,
-                         scale: Optional[float] = None) -> BlockTable:
-    """Reference ``block_topk`` selection (see :class:`sparsecc.forms.BlockTopK`); a table ``[B, H, nQ, ...]``."""
+                         scale: Optional[float] = None, scores: Optional[Tensor] = None) -> BlockTable:
+    """Reference ``block_topk`` selection (see :class:`sparsecc.forms.BlockTopK`); a table ``[B, H, nQ, ...]``.
+
+    ``scores``: the estimate :func:`block_topk_scores_ref` gives for the same q, k, ``block``, ``pool``, ``rows``,
+    ``causal`` and ``scale``, when the caller already has it (rules that differ only in their budget share it).
+    """
     form = BlockTopK(block=block, topk=topk, cdf=cdf, min_mass=min_mass, sink_blocks=sink_blocks,
                      local_blocks=local_blocks, pool=pool, rows=rows)
     b, h, sq, sk, group = _check_inputs(q, k)
     dev = q.device
-    scores = block_topk_scores_ref(q, k, form, causal, scale)
+    if scores is None:
+        scores = block_topk_scores_ref(q, k, form, causal, scale)
+    elif scores.shape[:2] != (b, h) or scores.shape[-2:] != (-(-sq // block), -(-sk // block)):
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not match q, k and block={block}")
     g = block_geometry(sq, sk, block, dev)
     allowed, _ = block_masks(sq, sk, block, causal, dev)
     kb = torch.arange(g["n_k"], device=dev)[None, :]

@@ -202,7 +202,8 @@ class AttentionStats:
         entry["calls"] += 1
         cands = entry["candidates"]
         # The dynamic forms' selections depend on the whole call: made once, then read chunk by chunk.
-        selections = {c: _selection(form, q, k, causal, scale) for c, form in enumerate(cands)
+        estimates: Dict[tuple, torch.Tensor] = {}
+        selections = {c: _selection(form, q, k, causal, scale, estimates) for c, form in enumerate(cands)
                       if not isinstance(form, Streaming)}
         step = -(-self.rows_per_chunk // self.density_block) * self.density_block   # chunks hold whole blocks
         for r0 in range(0, sq, step):
@@ -294,14 +295,25 @@ class AttentionStats:
         return e["candidates"], recall, density
 
 
-def _selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float):
-    """A dynamic form's kept set for one call: ("blocks", (mask [B, H, nQ, nK], block_q, block_k)) or ("tokens", mask)."""
+def _selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float,
+               estimates: Optional[Dict[tuple, torch.Tensor]] = None):
+    """A dynamic form's kept set for one call: ("blocks", (mask [B, H, nQ, nK], block_q, block_k)) or ("tokens", mask).
+
+    ``estimates`` caches block_topk estimates by (block, pool, rows) within the call: candidates that differ only in
+    their budget (a ``min_mass`` grid, several ``topk``) compute the estimate once.
+    """
     from sparsecc.codegen import dynamic_attention as dyn
 
     if form.name == "block_topk":
+        key = (form.block, form.pool, form.rows)
+        scores = None if estimates is None else estimates.get(key)
+        if scores is None:
+            scores = dyn.block_topk_scores_ref(q, k, form, causal, scale)
+            if estimates is not None:
+                estimates[key] = scores
         table = dyn.block_topk_table_ref(q, k, block=form.block, topk=form.topk, cdf=form.cdf, min_mass=form.min_mass,
                                          sink_blocks=form.sink_blocks, local_blocks=form.local_blocks,
-                                         pool=form.pool, rows=form.rows, causal=causal, scale=scale)
+                                         pool=form.pool, rows=form.rows, causal=causal, scale=scale, scores=scores)
         return "blocks", (table.to_dense_block_mask(), table.block_q, table.block_k)
     return "tokens", dynamic_mask(form, q, k, causal, scale)
 

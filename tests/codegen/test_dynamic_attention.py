@@ -178,6 +178,23 @@ def test_min_mass_keeps_the_always_kept_blocks_and_every_block_with_that_much_sa
     assert (allowed & ~want).any() and (want & ~forced).any()       # both kinds of decision were made
 
 
+def test_a_given_estimate_selects_what_the_computed_one_selects():
+    from sparsecc.codegen.dynamic_attention import block_topk_scores_ref, block_topk_table_ref
+
+    q, k, _ = make(5, 1, 4, 2, 80, 80, 8)
+    for rule in ({"topk": 2}, {"cdf": 0.8}, {"min_mass": 0.1}):
+        form = BlockTopK(block=16, pool="rows", rows=4, **rule)
+        scores = block_topk_scores_ref(q, k, form, True, 0.5)
+        given = block_topk_table_ref(q, k, block=16, pool="rows", rows=4, scale=0.5, scores=scores, **rule)
+        computed = block_topk_table_ref(q, k, block=16, pool="rows", rows=4, scale=0.5, **rule)
+        assert torch.equal(given.to_dense_block_mask(), computed.to_dense_block_mask())
+        # The table reads the given scores: reversing their order changes the choice.
+        flipped = block_topk_table_ref(q, k, block=16, pool="rows", rows=4, scale=0.5, scores=-scores, **rule)
+        assert not torch.equal(flipped.to_dense_block_mask(), computed.to_dense_block_mask())
+    with pytest.raises(ValueError, match="do not match"):
+        block_topk_table_ref(q, k, block=16, topk=2, scores=scores[..., :-1])
+
+
 @FEW
 @given(seed=st.integers(0, 2**16), b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2),
        sk=st.integers(1, 70), cut=st.integers(0, 40), topk=st.integers(1, 3), sink=st.integers(0, 2),

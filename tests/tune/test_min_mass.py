@@ -68,3 +68,23 @@ def test_calibration_errors_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         calibrate_min_mass(models.AttnStack().eval(), models.batches(1, tokens=32), budget, block=16, rows=4,
                            **kwargs)
+
+
+def test_the_grid_shares_one_estimate_per_call(monkeypatch):
+    from sparsecc.codegen import dynamic_attention as dyn
+
+    calls = []
+    real = dyn.block_topk_scores_ref
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dyn, "block_topk_scores_ref", counting)
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g)
+    forms = [BlockTopK(block=16, min_mass=t, pool="rows", rows=4) for t in GRID] + [
+        BlockTopK(block=16, topk=1, pool="rows", rows=4), BlockTopK(block=16, topk=1)]
+    stats = AttentionStats(forms, density_block=16)
+    stats.record("s", q, k, [], [], 0.5, True)
+    assert len(calls) == 2          # one sampled-row estimate for six rules, one mean-pooled estimate
