@@ -1,7 +1,7 @@
 """Perplexity of SmolLM2-135M under FFN activation thresholds, tuned against uniform, on held-out text.
 
     python bench/quality_lm.py [--targets 0.2 0.3 0.4 0.5 0.6] [--gate-targets 0.5] [--mixed-targets 0.4 0.5]
-                               [--criterion magnitude] [--rotate]
+                               [--criterion magnitude] [--rotate] [--fisher-scales]
                                [--ctx 2048] [--windows 2] [--tables bench/quality_lm/tables.json]
 
 Calibration and evaluation use different texts that ship with Python:
@@ -23,6 +23,9 @@ choice measured beside the input-mode blends; its rows compare with the input-mo
 eigenbasis of the FFN inputs' pooled second moment over the calibration windows), checks that the dense perplexity
 did not move, and then tunes and evaluates the rotated model (its specs are for that model only; tables keyed apart;
 ``--save-rotated DIR`` keeps the rotated model for ``sparsecc eval DIR --spec ...``).
+``--fisher-scales`` then folds per-channel Fisher scales of the FFN inputs into the model
+(:mod:`sparsecc.tune.channel_scales`, measured on the calibration windows), so that the ``magnitude`` criterion
+ranks channels by ``|x_i| sqrt(F_i)``; the dense perplexity is checked again, and the tables are keyed apart.
 Sensitivity tables are cached in ``--tables`` (keyed by mode, criterion, levels and calibration), so a rerun only
 evaluates. Progress bars on every long step.
 """
@@ -63,9 +66,9 @@ def as_batches(windows):
 
 
 def table_key(mode: str, criterion: str, levels, calib_windows: int, calib_ctx: int, search,
-              rotated: bool = False) -> str:
+              rotated: bool = False, fisher: bool = False) -> str:
     key = f"{mode}/{criterion}/levels={','.join(map(str, levels))}/calib={calib_windows}x{calib_ctx}/search={search}"
-    return key + ("/rotated" if rotated else "")
+    return key + ("/rotated" if rotated else "") + ("/fisher" if fisher else "")
 
 
 def sensitivity(model, calib, search, mode, criterion, levels, cache: dict, key: str) -> FfnSensitivity:
@@ -105,10 +108,11 @@ def save_model(model, tokenizer, directory: Path) -> None:
 
 
 def spec_of(projections, taus, criterion, model=None) -> Spec:
-    """A forced spec of these thresholds; for a rotated model ``[meta.tune] residual_rotation`` names its rotation."""
-    from sparsecc.tune.rotation import rotation_of
-    fingerprint = rotation_of(model)
-    meta = {"tune": {"source": "bench/quality_lm.py", "residual_rotation": fingerprint}} if fingerprint else {}
+    """A forced spec of these thresholds; for a rotated or channel-scaled model ``[meta.tune]`` names the transform
+    (``residual_rotation``, ``ffn_channel_scales``)."""
+    from sparsecc.tune.tuner import _rotation_record
+    record = _rotation_record(model)
+    meta = {"tune": {"source": "bench/quality_lm.py", **record}} if record else {}
     return Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(projections, taus, criterion)), meta=meta)
 
 
@@ -134,14 +138,18 @@ def main(argv=None):
     p.add_argument("--no-eval", action="store_true", help="tune and write the specs only")
     p.add_argument("--rotate", action="store_true",
                    help="fold a residual-stream rotation into the model first (sparsecc.tune.rotation)")
+    p.add_argument("--fisher-scales", action="store_true",
+                   help="fold per-channel Fisher scales of the FFN inputs into the model (after --rotate)")
     p.add_argument("--save-rotated", type=Path, default=None,
                    help="with --rotate: save the rotated model and tokenizer here (save_pretrained), so that "
                         "`sparsecc eval DIR --spec ...` reproduces a row")
     args = p.parse_args(argv)
     if args.out_dir is None:   # a rotated run never writes over the plain model's specs and results
-        args.out_dir = ROOT / "bench" / "quality_lm" / ("rotated" if args.rotate else "")
+        args.out_dir = ROOT / "bench" / "quality_lm" / (("rotated" if args.rotate else "")
+                                                        + ("_fisher" if args.fisher_scales and args.rotate else
+                                                           "fisher" if args.fisher_scales else ""))
     if args.plot is None:
-        args.plot = "" if args.rotate else str(ROOT / "bench" / "plots" / "quality_smollm2.png")
+        args.plot = "" if args.rotate or args.fisher_scales else str(ROOT / "bench" / "plots" / "quality_smollm2.png")
     args.out_dir, args.tables = args.out_dir.resolve(), args.tables.resolve()
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -160,14 +168,23 @@ def main(argv=None):
         before = perplexity(model, evaluated, desc="dense perplexity, unrotated")
         rotate_residual(model, residual_basis(model, calib))
         rotation = {"unrotated_ppl": before.value}
-        if args.save_rotated is not None:
-            save_model(model, tok, args.save_rotated)
     elif args.save_rotated is not None:
         p.error("--save-rotated needs --rotate")
-    dense = None if args.no_eval and not args.rotate else perplexity(model, evaluated, desc="dense perplexity")
+    if args.fisher_scales:
+        from sparsecc.tune.channel_scales import fisher_channel_scales, scale_ffn_channels
+        if rotation is None:
+            rotation = {"unrotated_ppl": perplexity(model, evaluated, desc="dense perplexity, unscaled").value}
+        t0 = time.time()
+        scales = fisher_channel_scales(model, calib)
+        scale_ffn_channels(model, scales)
+        rotation["fisher_scales"] = {"fingerprint": scales.fingerprint(), "tokens": scales.tokens,
+                                     "seconds": round(time.time() - t0)}
+    if args.save_rotated is not None:
+        save_model(model, tok, args.save_rotated)
+    dense = None if args.no_eval and rotation is None else perplexity(model, evaluated, desc="dense perplexity")
     if rotation is not None:
         rotation["rotated_ppl"] = dense.value
-        print(f"dense perplexity {rotation['unrotated_ppl']:.6f} unrotated, {dense.value:.6f} rotated", flush=True)
+        print(f"dense perplexity {rotation['unrotated_ppl']:.6f} before the transforms, {dense.value:.6f} after", flush=True)
         if abs(dense.value / rotation["unrotated_ppl"] - 1) > 1e-4:
             raise SystemExit("quality_lm: the rotation changed the dense perplexity by more than 1e-4")
     results = {"rotation": rotation,
@@ -182,7 +199,8 @@ def main(argv=None):
             if targets]
 
     def table(mode, criterion):
-        key = table_key(mode, criterion, args.levels, args.calib_windows, args.calib_ctx, len(search), args.rotate)
+        key = table_key(mode, criterion, args.levels, args.calib_windows, args.calib_ctx, len(search), args.rotate,
+                        args.fisher_scales)
         t0 = time.time()
         sens = sensitivity(model, calib, search, mode, criterion, args.levels, cache, key)
         if cache[key]["seconds"] is None:

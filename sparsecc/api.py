@@ -57,28 +57,33 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
 
 
 def _warn_on_rotation_mismatch(model: torch.nn.Module, spec: Spec) -> None:
-    """Warn when a tuned spec and the model differ in their residual rotation (``sparsecc.tune.rotation``).
+    """Warn when a tuned spec and the model differ in a transform folded into the model's weights: the residual
+    rotation (``sparsecc.tune.rotation``) or the FFN channel scales (``sparsecc.tune.channel_scales``).
 
-    A spec tuned on a rotated model holds thresholds for rotated FFN inputs (``[meta.tune] residual_rotation``),
-    and one tuned on the plain model thresholds for plain ones: either on the other model runs exactly what it
-    says, with thresholds chosen for other activations. Specs without ``[meta.tune]`` are not checked.
+    A spec tuned on a transformed model holds thresholds for its transformed FFN inputs (``[meta.tune]
+    residual_rotation``, ``ffn_channel_scales``), and one tuned on the plain model thresholds for plain ones: either
+    on the other model runs exactly what it says, with thresholds chosen for other activations. Specs without
+    ``[meta.tune]`` are not checked.
     """
     import warnings
     from collections.abc import Mapping
 
     from sparsecc.backend import SparseccWarning
+    from sparsecc.tune.channel_scales import channel_scales_of
     from sparsecc.tune.rotation import rotation_of
 
     tuned = spec.meta.get("tune")
     if not isinstance(tuned, Mapping) or not tuned:
         return
-    expected = tuned.get("residual_rotation")
-    actual = rotation_of(model)
-    if (expected or None) != actual:
-        warnings.warn(SparseccWarning(
-            f"sparsecc: the spec was tuned on a model with residual rotation {expected or 'none'} and this model has "
-            f"{actual or 'none'}: its FFN thresholds were chosen for other activations (docs/tune.md, 'Rotating the "
-            "residual stream first')"), stacklevel=3)
+    for key, what, actual, section in (
+            ("residual_rotation", "residual rotation", rotation_of(model), "Rotating the residual stream first"),
+            ("ffn_channel_scales", "FFN channel scales", channel_scales_of(model), "Fisher channel scales")):
+        expected = tuned.get(key)
+        if (expected or None) != actual:
+            warnings.warn(SparseccWarning(
+                f"sparsecc: the spec was tuned on a model with {what} {expected or 'none'} and this model has "
+                f"{actual or 'none'}: its FFN thresholds were chosen for other activations (docs/tune.md, "
+                f"'{section}')"), stacklevel=3)
 
 
 def _with_compiled_forward(model: torch.nn.Module, options: Dict[str, Any], torch_compile_kwargs) -> torch.nn.Module:

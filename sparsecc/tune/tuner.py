@@ -408,10 +408,16 @@ def attention_rules(choices: Sequence[HeadChoice]) -> List[Rule]:
 
 
 def _rotation_record(model) -> Dict[str, str]:
-    """``{"residual_rotation": fingerprint}`` for a model rotated by :mod:`sparsecc.tune.rotation`, else nothing."""
+    """The fingerprints of the transforms folded into ``model``: ``residual_rotation`` (:mod:`sparsecc.tune.rotation`)
+    and ``ffn_channel_scales`` (:mod:`sparsecc.tune.channel_scales`), each only when present."""
+    from sparsecc.tune.channel_scales import channel_scales_of
     from sparsecc.tune.rotation import rotation_of
-    fingerprint = rotation_of(model)
-    return {"residual_rotation": str(fingerprint)} if fingerprint else {}
+    record = {}
+    for key, fingerprint in (("residual_rotation", rotation_of(model)), ("ffn_channel_scales",
+                                                                          channel_scales_of(model))):
+        if fingerprint:
+            record[key] = str(fingerprint)
+    return record
 
 
 def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "magnitude",
