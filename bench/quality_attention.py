@@ -1,6 +1,6 @@
 """Per-head attention tune of SmolLM2-135M at long context: perplexity and needle retrieval, tuned against uniform.
 
-    python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--judge recall|kl|retrieval] [--calib-windows 1]
+    python bench/quality_attention.py [--ctx 8192] [--budget 0.25] [--judge recall|kl|retrieval|min_mass] [--calib-windows 1]
                                       [--windows 1] [--needle 50] [--kl-windows 256,512,1024,2048]
                                       [--kl-topk 2,6,14] [--kl-rows 16] [--kl-groups layer|kv] [--retrieval-trials 8]
                                       [--retrieval-coverage 0.85] [--kl-hold-retrieval] [--out-dir bench/quality_lm/attention]
@@ -19,6 +19,9 @@
   heads holding ``--retrieval-coverage`` of the scores dense, every other head sink-64 streaming with the widest
   window the budget holds; ``--judge kl --kl-hold-retrieval`` holds those heads dense inside the KL judge, which
   chooses the other heads' forms per layer;
+  ``--judge min_mass``: :func:`sparsecc.tune.min_mass.calibrate_min_mass`: one ``block_topk`` rule with a shared
+  ``min_mass`` threshold (64-blocks, sink 1, local 1, ``--kl-rows`` sampled rows, default 16) on every head, the
+  smallest threshold of its grid whose block density on the calibration windows is at most ``--budget``;
 * density is counted in blocks of 64 x 64 (the tuner's ``density_block``): a block is kept when any of its
   causally allowed entries is kept; the tuned spec's is what the calibration recorded (dense heads count 1);
 * uniform: one ``streaming`` rule, sink 64, on every head, with the largest window whose block density is at most
@@ -55,7 +58,7 @@ from sparsecc.tune.retrieval import retrieval_heads, retrieval_scores, split_for
 from sparsecc.tune.quality import evaluate, perplexity, read_texts, token_windows, tokenize  # noqa: E402
 from sparsecc.tune.tuner import attention_rules  # noqa: E402
 
-JUDGES = ("recall", "kl", "retrieval")
+JUDGES = ("recall", "kl", "retrieval", "min_mass")
 
 
 def load_stats(path: Path) -> AttentionStats:
@@ -121,9 +124,26 @@ def main(argv=None):
 
     calib_all = token_windows(tokenize(tok, read_texts("docstrings")), args.ctx)
     calib = [calib_all[int(i * len(calib_all) / args.calib_windows)] for i in range(args.calib_windows)]
-    suffix = f"{args.ctx}_{args.budget}" + {"kl": "_kl", "retrieval": "_retrieval"}.get(args.judge, "")
-    kl_info = retrieval_info = None
-    if args.judge == "retrieval":
+    suffix = f"{args.ctx}_{args.budget}" + {"kl": "_kl", "retrieval": "_retrieval",
+                                            "min_mass": f"_min_mass_rows{args.kl_rows or 16}"}.get(args.judge, "")
+    kl_info = retrieval_info = min_mass_info = None
+    if args.judge == "min_mass":
+        from sparsecc.tune.attention import HeadChoice
+        from sparsecc.tune.min_mass import calibrate_min_mass
+        t0 = time.time()
+        calibration = calibrate_min_mass(model, [{"input_ids": w.ids[None], "use_cache": False} for w in calib],
+                                         args.budget, block=BLOCK, rows=args.kl_rows or 16)
+        min_mass_info = {"min_mass": calibration.min_mass, "densities": calibration.densities,
+                         "seconds": round(time.time() - t0)}
+        print("min_mass calibration (threshold, block density): "
+              + ", ".join(f"{t:g}: {d:.4f}" for t, d in calibration.densities), flush=True)
+        if calibration.form is None:
+            raise SystemExit(f"no min_mass threshold of the grid keeps at most {args.budget} of the blocks")
+        density = dict(calibration.densities)[calibration.min_mass]
+        heads = model.config.num_attention_heads
+        choices = [HeadChoice(f"model.layers.{i}.self_attn", [calibration.form] * heads, [float("nan")] * heads,
+                              [density] * heads) for i in range(model.config.num_hidden_layers)]
+    elif args.judge == "retrieval":
         scores = retrieval_scores_cached(model, tok, args, out)
         split = split_forms(scores.shape[0], scores.shape[1], retrieval_heads(scores, args.retrieval_coverage),
                             args.ctx, args.budget)
@@ -217,7 +237,7 @@ def main(argv=None):
                   "windows": args.windows, "scored_tokens": dense.tokens if dense else None,
                   "dense_perplexity": dense.value if dense else None, "tuned_block_density": tuned_blocks,
                   "uniform_window": window, "head_forms": forms, "rows": rows, "kl": kl_info,
-                  "retrieval": retrieval_info,
+                  "retrieval": retrieval_info, "min_mass": min_mass_info,
                   "minutes": (time.time() - started) / 60}
         (out / f"results_{suffix}.json").write_text(json.dumps(result, indent=1))
 
