@@ -169,6 +169,31 @@ def test_chunked_block_topk_recording_equals_whole_call():
     assert torch.allclose(density8[:, 0], _oracle_block_density(keep, allowed, 8), atol=1e-9)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_topk_density_in_its_own_tiles_equals_the_token_definition(causal):
+    """With the density tile equal to the selection's block, kept tiles are counted at block level; that count
+    equals the token-level definition, with padded keys and rows of several chunks."""
+    pytest.importorskip("sparsecc.codegen.dynamic_attention")
+    from sparsecc.forms import BlockTopK
+    from sparsecc.tune.attention import dynamic_mask
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(2, 2, 70, 8, generator=g), torch.randn(2, 2, 90, 8, generator=g)
+    pad = torch.zeros(2, 1, 1, 90)
+    pad[0, ..., :20] = torch.finfo(torch.float32).min      # the first batch's first 20 keys padded (a whole tile)
+    forms = [BlockTopK(block=16, topk=1), BlockTopK(block=16, min_mass=0.2, pool="rows", rows=4)]
+    stats = AttentionStats(forms, rows_per_chunk=20, density_block=16)
+    stats.record("s", q, k, [pad], [(True, True)], 0.5, causal)
+    _, _, density = stats.table("s")
+    allowed = (pad > -1e4).expand(2, 2, 70, 90)
+    if causal:
+        allowed = allowed & _oracle_streaming_keep(0, 500, 70, 90, True)
+    for c, form in enumerate(forms):
+        keep = dynamic_mask(form, q, k, causal, 0.5) & allowed
+        want = _oracle_block_density(keep, allowed, 16)
+        assert torch.allclose(density[:, c], want, atol=1e-9), (form, density[:, c], want)
+        assert (want < 1).all()          # the selection dropped tiles: the count is not trivially full
+
+
 def test_unreachable_budget_is_an_error_naming_the_minimum():
     """Keys shorter than one density block leave nothing to skip: the budget cannot be met, and the tuner says so."""
     q, k = _synthetic(["local", "uniform"])
