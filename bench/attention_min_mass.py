@@ -1,6 +1,7 @@
 """Block density of a shared ``min_mass`` threshold, measured on calibration text, for choosing the threshold.
 
     python bench/attention_min_mass.py [--ctx 8192] [--rows 16] [--grid 0.001,...,0.01] [--calib-windows 1]
+                                       [--text docstrings|pydoc]
 
 ``block_topk`` with ``min_mass`` keeps an input-dependent number of blocks, so its density is known only on text.
 This runs SmolLM2-135M on ``--calib-windows`` windows of the standard library's docstrings (the calibration text of
@@ -8,7 +9,8 @@ This runs SmolLM2-135M on ``--calib-windows`` windows of the standard library's 
 attention for the next layer while the sampled-row estimate of each call (``pool = "rows"``, 64-blocks) is read, and
 prints for each threshold of ``--grid`` the share of causal 64 x 64 blocks the rule would keep (sink block and
 diagonal always, plus every block whose sampled mass reaches the threshold), over every layer, head and query block.
-Pick the threshold from this table; the held-out density is measured by evaluating the spec (bench/RESULTS.md).
+Pick the threshold from this table. ``--text pydoc`` counts on the held-out text instead (its first windows), to
+see what a chosen threshold keeps there; never choose on it.
 The tuner's ``sparsecc.tune.min_mass.calibrate_min_mass`` makes the same count through the recording graph, which
 also records every threshold's attention recall per head (a full softmax per call and a block sum per threshold);
 this script only counts blocks, which is what makes an 8K window cheap on the CPU.
@@ -42,12 +44,15 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=16, help="sampled rows per 64-row query block")
     p.add_argument("--grid", default=DEFAULT_GRID, help="comma-separated min_mass thresholds")
     p.add_argument("--calib-windows", type=int, default=1)
+    p.add_argument("--text", default="docstrings", choices=("docstrings", "pydoc"),
+                   help="docstrings: spread over the calibration text; pydoc: the held-out text's first windows")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     grid = [float(t) for t in args.grid.split(",")]
     model, tok = load("smollm2-135m")
-    windows = token_windows(tokenize(tok, read_texts("docstrings")), args.ctx)
-    calib = [windows[int(i * len(windows) / args.calib_windows)] for i in range(args.calib_windows)]
+    windows = token_windows(tokenize(tok, read_texts(args.text)), args.ctx)
+    calib = ([windows[int(i * len(windows) / args.calib_windows)] for i in range(args.calib_windows)]
+             if args.text == "docstrings" else windows[:args.calib_windows])
     kept = torch.zeros(len(grid), dtype=torch.float64)
     causal_blocks = [0.0]
 
@@ -72,11 +77,12 @@ def main(argv=None):
         for w in calib:
             compiled(input_ids=w.ids[None], use_cache=False)
     density = {tau: float(kept[i] / causal_blocks[0]) for i, tau in enumerate(grid)}
-    print("| min_mass | block density (calibration) |\n|---|---|")
+    print(f"| min_mass | block density ({args.text}) |\n|---|---|")
     for tau, d in density.items():
         print(f"| {tau:g} | {d:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"ctx": args.ctx, "rows": args.rows, "windows": args.calib_windows,
+                                               "text": args.text,
                                                "density": density}, indent=1))
 
 
