@@ -32,8 +32,7 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from sparsecc.tune.rotation import (RotationError, _parts, _probe_logits, _restore_training, _touched_parameters,
-                                    _training_states, _PROBE_TOLERANCE, _PROBE_TOLERANCE_LOW)
+from sparsecc.tune.rotation import RotationError, _parts, _restore_training, _training_states, checked_fold
 
 __all__ = ["ChannelScales", "fisher_channel_scales", "scale_ffn_channels", "channel_scales_of",
            "CHANNEL_SCALES_ATTRIBUTE"]
@@ -168,34 +167,17 @@ def scale_ffn_channels(model: nn.Module, scales: ChannelScales) -> None:
             if tuple(vec.shape) != (width,) or not bool((vec > 0).all()) or not bool(torch.isfinite(vec).all()):
                 raise ValueError(f"scale_ffn_channels: layer {i} {name} scales must be {width} positive finite "
                                  f"numbers; got shape {tuple(vec.shape)}")
-    touched = _touched_parameters(parts)
-    saved = [(param, param.detach().to("cpu", copy=True)) for param in touched]
-    embed = parts["embed"]
-    states = _training_states(model)
-    model.eval()
-    try:
-        before = _probe_logits(model, embed.weight.shape[0], embed.weight.device)
-        with torch.no_grad():
-            for i, layer in enumerate(layers):
-                _fold_layer(layer, scales.inputs[i].double().cpu(), scales.down[i].double().cpu())
-        after = _probe_logits(model, embed.weight.shape[0], embed.weight.device)
-        tolerance = max(_PROBE_TOLERANCE.get(param.dtype, _PROBE_TOLERANCE_LOW) for param in touched)
-        moved = (after - before).abs().max().item()
-        largest = before.abs().max().item() or 1.0
-        if not moved <= tolerance * largest:
-            raise RotationError(f"scale_ffn_channels: {type(model).__name__}: the fold moved the probe logits by "
-                                f"{moved:.3g} (largest logit {largest:.3g}, allowed {tolerance:g} of it): the FFN is "
-                                "not down(act(gate(x)) * up(x)) of a norm's output; the model was restored")
-    except BaseException:
-        with torch.no_grad():
-            for param, value in saved:
-                param.data.copy_(value.to(param.device))
-        raise
-    finally:
-        _restore_training(states)
+    checked_fold(model, parts, lambda: _fold_all(layers, scales), "scale_ffn_channels",
+                 "the FFN is not down(act(gate(x)) * up(x)) of a norm's output; the model was restored")
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CHANNEL_SCALES_ATTRIBUTE, scales.fingerprint())
+
+
+def _fold_all(layers, scales: ChannelScales) -> None:
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            _fold_layer(layer, scales.inputs[i].double().cpu(), scales.down[i].double().cpu())
 
 
 def _fold_layer(layer, c_in: torch.Tensor, c_down: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ fold is then checked on probe tokens: logits that moved (a norm that is not ``g 
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -218,37 +218,54 @@ def rotate_residual(model: nn.Module, basis: torch.Tensor) -> None:
     if not error < 1e-6:
         raise ValueError(f"rotate_residual: basis is not orthogonal (max |QᵀQ - I| = {error:.3g})")
 
-    touched = _touched_parameters(parts)
-    saved = [(param, param.detach().to("cpu", copy=True)) for param in touched]   # host copies: no 2x device memory
     tied = head.weight is embed.weight
+
+    def retie() -> None:
+        if tied:
+            head.weight = embed.weight
+
+    checked_fold(model, parts, lambda: _fold(parts, q, tied), "rotate_residual",
+                 "the model computes something besides the Llama layout (a norm other than g * h / rms(h), or a "
+                 "reader or writer outside the fold), and was restored", undo=retie)
+    # Whatever the flag said before: the head and the embedding differ now, and a reload must not tie them again.
+    if config is not None and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    if config is not None:
+        setattr(config, ROTATION_ATTRIBUTE, rotation_fingerprint(q))
+
+
+def checked_fold(model: nn.Module, parts, fold: Callable[[], None], who: str, cause: str,
+                 undo: Callable[[], None] = lambda: None) -> None:
+    """Run ``fold`` (which changes the weights of ``parts`` in place) between two runs of the probe tokens.
+
+    If the logits moved beyond rounding (the tolerances above, by the touched weights' dtypes), or anything fails,
+    ``undo`` runs, every touched weight is restored from a host copy (no second copy on the device), and the error
+    (RotationError ``"{who}: {model}: the fold moved the probe logits ...; {cause}"``) is raised: the model is
+    either folded or unchanged. Training flags are kept.
+    """
+    embed = parts["embed"]
+    touched = _touched_parameters(parts)
+    saved = [(param, param.detach().to("cpu", copy=True)) for param in touched]
     states = _training_states(model)
     model.eval()
     try:
         before = _probe_logits(model, embed.weight.shape[0], embed.weight.device)
-        _fold(parts, q, tied)
+        fold()
         after = _probe_logits(model, embed.weight.shape[0], embed.weight.device)
         tolerance = max(_PROBE_TOLERANCE.get(param.dtype, _PROBE_TOLERANCE_LOW) for param in touched)
         moved = (after - before).abs().max().item()
-        scale = before.abs().max().item() or 1.0
-        if not moved <= tolerance * scale:
-            raise RotationError(f"rotate_residual: {type(model).__name__}: the fold moved the probe logits by "
-                                f"{moved:.3g} (largest logit {scale:.3g}, allowed {tolerance:g} of it); the model "
-                                "computes something besides the Llama layout (a norm other than g * h / rms(h), or a "
-                                "reader or writer outside the fold), and was restored")
+        largest = before.abs().max().item() or 1.0
+        if not moved <= tolerance * largest:
+            raise RotationError(f"{who}: {type(model).__name__}: the fold moved the probe logits by {moved:.3g} "
+                                f"(largest logit {largest:.3g}, allowed {tolerance:g} of it); {cause}")
     except BaseException:
-        if tied:
-            head.weight = embed.weight
+        undo()
         with torch.no_grad():
             for param, value in saved:
                 param.data.copy_(value.to(param.device))
         raise
     finally:
         _restore_training(states)
-    # Whatever the flag said before: the head and the embedding differ now, and a reload must not tie them again.
-    if config is not None and hasattr(config, "tie_word_embeddings"):
-        config.tie_word_embeddings = False
-    if config is not None:
-        setattr(config, ROTATION_ATTRIBUTE, rotation_fingerprint(q))
 
 
 def _touched_parameters(parts) -> List[nn.Parameter]:
