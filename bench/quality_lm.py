@@ -110,8 +110,8 @@ def save_model(model, tokenizer, directory: Path) -> None:
 def spec_of(projections, taus, criterion, model=None) -> Spec:
     """A forced spec of these thresholds; for a rotated or channel-scaled model ``[meta.tune]`` names the transform
     (``residual_rotation``, ``ffn_channel_scales``)."""
-    from sparsecc.tune.tuner import _rotation_record
-    record = _rotation_record(model)
+    from sparsecc.tune.channel_scales import folded_transforms
+    record = folded_transforms(model)
     meta = {"tune": {"source": "bench/quality_lm.py", **record}} if record else {}
     return Spec(defaults=Defaults(policy="force"), ffn=tuple(ffn_rules(projections, taus, criterion)), meta=meta)
 
@@ -186,7 +186,7 @@ def main(argv=None):
         rotation["rotated_ppl"] = dense.value
         print(f"dense perplexity {rotation['unrotated_ppl']:.6f} before the transforms, {dense.value:.6f} after", flush=True)
         if abs(dense.value / rotation["unrotated_ppl"] - 1) > 1e-4:
-            raise SystemExit("quality_lm: the rotation changed the dense perplexity by more than 1e-4")
+            raise SystemExit("quality_lm: the transforms changed the dense perplexity by more than 1e-4")
     results = {"rotation": rotation,
                "dense": None if dense is None else {"ppl": dense.value, "mean_nll": dense.mean_nll,
                                                     "tokens": dense.tokens},

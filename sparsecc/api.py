@@ -69,16 +69,13 @@ def _warn_on_rotation_mismatch(model: torch.nn.Module, spec: Spec) -> None:
     from collections.abc import Mapping
 
     from sparsecc.backend import SparseccWarning
-    from sparsecc.tune.channel_scales import channel_scales_of
-    from sparsecc.tune.rotation import rotation_of
+    from sparsecc.tune.channel_scales import FOLDED_TRANSFORMS
 
     tuned = spec.meta.get("tune")
     if not isinstance(tuned, Mapping) or not tuned:
         return
-    for key, what, actual, section in (
-            ("residual_rotation", "residual rotation", rotation_of(model), "Rotating the residual stream first"),
-            ("ffn_channel_scales", "FFN channel scales", channel_scales_of(model), "Fisher channel scales")):
-        expected = tuned.get(key)
+    for key, what, read, section in FOLDED_TRANSFORMS:
+        expected, actual = tuned.get(key), read(model)
         if (expected or None) != actual:
             warnings.warn(SparseccWarning(
                 f"sparsecc: the spec was tuned on a model with {what} {expected or 'none'} and this model has "

@@ -258,7 +258,7 @@ class AttentionStats:
         # Candidate-independent block sums, made once per chunk: the mass and the present entries of every
         # (row, key block) per key-block size, and which density tiles hold a present entry.
         block_sums: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        present_tiles: List[Optional[torch.Tensor]] = [None]
+        present_tiles: Optional[torch.Tensor] = None
         for c, form in enumerate(cands):
             if isinstance(form, Streaming):
                 if cum_mass is None:
@@ -283,12 +283,13 @@ class AttentionStats:
                 row_blocks = blocks[:, :, torch.arange(r0, r0 + rows, device=q.device) // block_q].float()
                 for total, per_block in zip((entry["mass"], entry["kept"]), block_sums[block_k]):
                     total[:, c] += (per_block * row_blocks).sum((0, 2, 3), dtype=torch.float64)
-                if blk > 1 and block_q == blk and block_k == blk and r0 % blk == 0:
-                    # The selection's tiles are the density tiles: a kept tile counts when it holds a present entry.
-                    if present_tiles[0] is None:
-                        present_tiles[0] = any_blocks(present_small, blk)
-                    tiles = blocks[:, :, r0 // blk: r0 // blk + present_tiles[0].shape[-2]]
-                    entry["kept_blocks"][:, c] += (tiles & present_tiles[0]).sum(
+                if blk > 1 and block_q == blk and block_k == blk:
+                    # The selection's tiles are the density tiles (and chunks start on them): a kept tile counts
+                    # when it holds a present entry.
+                    if present_tiles is None:
+                        present_tiles = any_blocks(present_small, blk)
+                    tiles = blocks[:, :, r0 // blk: r0 // blk + present_tiles.shape[-2]]
+                    entry["kept_blocks"][:, c] += (tiles & present_tiles).sum(
                         (2, 3), dtype=torch.float64).expand(b, h).sum(0)
                 elif blk > 1:
                     count_blocks(c, row_blocks.bool().repeat_interleave(block_k, -1)[..., :sk])

@@ -32,10 +32,12 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from sparsecc.tune.rotation import RotationError, _parts, _restore_training, _training_states, checked_fold
+from sparsecc.tune.capture import first_tensor, split_batch
+from sparsecc.tune.rotation import (RotationError, _parts, _restore_training, _training_states, checked_fold,
+                                    rotation_of)
 
 __all__ = ["ChannelScales", "fisher_channel_scales", "scale_ffn_channels", "channel_scales_of",
-           "CHANNEL_SCALES_ATTRIBUTE"]
+           "CHANNEL_SCALES_ATTRIBUTE", "FOLDED_TRANSFORMS", "folded_transforms"]
 
 CHANNEL_SCALES_ATTRIBUTE = "sparsecc_ffn_channel_scales"
 # A channel whose measured Fisher is below this share of its layer's largest gets this floor instead: the fold
@@ -66,6 +68,21 @@ def channel_scales_of(model) -> "str | None":
     return getattr(getattr(model, "config", None), CHANNEL_SCALES_ATTRIBUTE, None) or None
 
 
+# The transforms sparsecc folds into a model's weights: the ``[meta.tune]`` key a tuned spec records the fingerprint
+# under, what the transform is called, the function reading a model's fingerprint, and its docs/tune.md section.
+FOLDED_TRANSFORMS = (
+    ("residual_rotation", "residual rotation", rotation_of, "Rotating the residual stream first"),
+    ("ffn_channel_scales", "FFN channel scales", channel_scales_of, "Fisher channel scales"),
+)
+
+
+def folded_transforms(model) -> Dict[str, str]:
+    """``{[meta.tune] key: fingerprint}`` of the transforms of :data:`FOLDED_TRANSFORMS` folded into ``model``
+    (what a spec tuned on it records)."""
+    found = {key: read(model) for key, _what, read, _section in FOLDED_TRANSFORMS}
+    return {key: str(fingerprint) for key, fingerprint in found.items() if fingerprint}
+
+
 def _normalised(fisher: torch.Tensor) -> torch.Tensor:
     scale = fisher.clamp_min(0).sqrt()
     scale = scale.clamp_min(float(scale.max()) * _SCALE_FLOOR if scale.max() > 0 else 1.0)
@@ -75,7 +92,8 @@ def _normalised(fisher: torch.Tensor) -> torch.Tensor:
 def fisher_channel_scales(model: nn.Module, batches: Sequence, *, seed: int = 0) -> ChannelScales:
     """``sqrt`` of the diagonal Fisher information of every FFN input and down input, over ``batches``.
 
-    Each batch (a dict of model keyword arguments with ``input_ids``, or a tensor of input ids) runs forward and
+    Each batch (as :func:`sparsecc.tune` takes them: a dict of keyword arguments, a tuple of positional ones, or a
+    tensor of input ids; logits are the output's first tensor) runs forward and
     backward once: at every position a next token is drawn from the model's own distribution (``torch.Generator``
     seeded with ``seed``) and the gradient of its log-probability is taken with respect to each layer's
     ``post_attention_layernorm`` output and ``mlp.down_proj`` input. Positions an ``attention_mask`` masks out are
@@ -87,14 +105,14 @@ def fisher_channel_scales(model: nn.Module, batches: Sequence, *, seed: int = 0)
     grads_down: Dict[int, torch.Tensor] = {}
     sums_in = {i: 0.0 for i in range(len(layers))}
     sums_down = {i: 0.0 for i in range(len(layers))}
-    keep = [None]
+    keep = None   # the current batch's attention mask, read by the gradient hooks
 
     def capture(store, i):
         def hook(tensor):
             def record(grad):
                 g = grad.detach().double()
-                if keep[0] is not None:
-                    g = g * keep[0].to(g.device)[..., None]
+                if keep is not None:
+                    g = g * keep.to(g.device)[..., None]
                 store[i] = g.reshape(-1, g.shape[-1]).pow(2).sum(0).cpu()
             if tensor.requires_grad:
                 tensor.register_hook(record)
@@ -115,12 +133,11 @@ def fisher_channel_scales(model: nn.Module, batches: Sequence, *, seed: int = 0)
         for p in flags:
             p.requires_grad_(False)
         for batch in batches:
-            kwargs = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}
+            args, kwargs = split_batch(batch)
             mask = kwargs.get("attention_mask")
-            keep[0] = None if mask is None else mask.bool()
+            keep = None if mask is None else mask.bool()
             with torch.enable_grad():
-                out = model(**kwargs)
-                logits = (out.logits if hasattr(out, "logits") else out[0]).float()
+                logits = first_tensor(model(*args, **kwargs)).float()
                 logp = torch.log_softmax(logits, -1)
                 drawn = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]).cpu(), 1,
                                           generator=generator).reshape(logp.shape[:-1]).to(logp.device)

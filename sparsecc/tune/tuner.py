@@ -407,19 +407,6 @@ def attention_rules(choices: Sequence[HeadChoice]) -> List[Rule]:
     return rules
 
 
-def _rotation_record(model) -> Dict[str, str]:
-    """The fingerprints of the transforms folded into ``model``: ``residual_rotation`` (:mod:`sparsecc.tune.rotation`)
-    and ``ffn_channel_scales`` (:mod:`sparsecc.tune.channel_scales`), each only when present."""
-    from sparsecc.tune.channel_scales import channel_scales_of
-    from sparsecc.tune.rotation import rotation_of
-    record = {}
-    for key, fingerprint in (("residual_rotation", rotation_of(model)), ("ffn_channel_scales",
-                                                                          channel_scales_of(model))):
-        if fingerprint:
-            record[key] = str(fingerprint)
-    return record
-
-
 def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "magnitude",
          error_fn=None, search_batches: Optional[Sequence] = None,
          step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL, method: str = "greedy",
@@ -482,10 +469,11 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
             choices = choose_heads(stats, attention_density)
     finally:
         model.train(model_was_training)
+    from sparsecc.tune.channel_scales import folded_transforms   # a spec tuned on a transformed model records it
     meta = {
         "model_class": provenance.model_class(model),
         "config_hash": provenance.config_hash(model),
-        **_rotation_record(model),
+        **folded_transforms(model),
         "date": provenance.utc_now(),
         "versions": provenance.library_versions(),
         "calibration": {"batches": len(batches), "items": provenance.count_items(batches),
