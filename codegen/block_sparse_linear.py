@@ -314,8 +314,9 @@ def block_sparse_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Ten
     _bsr_linear_kernel[grid](
         x2, blocks, row_ptr, col_idx, up_blocks, up_row_ptr, up_col_idx,
         _row_order(row_ptr, up[1] if up is not None else None),
-        bias.contiguous() if bias is not None else y, gate2 if gate2 is not None else y,
-        residual2 if residual2 is not None else y, y,
+        # absent epilogue inputs: x2, which the launch only reads (codegen/launch.py)
+        bias.contiguous() if bias is not None else x2, gate2 if gate2 is not None else x2,
+        residual2 if residual2 is not None else x2, y,
         m, x2.stride(0), x2.stride(1), gate2.stride(0) if gate2 is not None else 0,
         residual2.stride(0) if residual2 is not None else 0, y.stride(0), n_rows,
         BM=bm, BK=bk, BLOCK_M=cfg.BLOCK_M, HAS_UP=up is not None, EPILOGUE=epilogue_fn,

@@ -406,7 +406,8 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, block_n) for i in range(hkv))
     n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), _num_sms(q.device), config)
     out = torch.empty_like(q) if out is None else out
-    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else out
+    # Pointers a launch never touches get q, which it only reads (codegen/launch.py).
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else q
     block_r = triton.next_power_of_2(group * sq)
     # Splits merged per load: as many as keep the merged tile within ~64 fp32 registers per thread.
     merge_s = 1
@@ -417,7 +418,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         l_part = torch.empty(b * hkv * n_split, block_r, dtype=torch.float32, device=q.device)
         counters = ticket_counters(b * hkv, q)
     else:
-        o_part = l_part = counters = out   # unused: the one split stores the output itself
+        o_part = l_part = counters = q     # unused: the one split stores the output itself
     mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
     launcher(_decode_split_kernel, q)[(n_split, b * hkv)](
         q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,

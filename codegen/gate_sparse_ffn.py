@@ -271,7 +271,7 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     w_up = w_up.to(dtype) if w_up is not None else None
     g = torch.empty(m, f, dtype=dtype, device=x.device)
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
-    dummy = g  # never read: its HAS_* / GATED flag is off
+    dummy = x2  # never read (its HAS_* / GATED flag is off); an input, which the launch only reads
     wu = w_up if w_up is not None else w_gate
     launcher(_gate_up_kernel, x2)[(triton.cdiv(f, cfg.BLOCK_F),)](  # noqa: F821 - bound by bind_triton
         x2, w_gate, b_gate.contiguous() if b_gate is not None else dummy, wu,

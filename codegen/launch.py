@@ -20,7 +20,9 @@ and :func:`round_to_dtype` rounds a threshold without creating a tensor.
 A pointer argument that a launch never reads (an absent optional input) still reaches Inductor's copy of the
 launch: give it a tensor the launch only reads (its input), never one it writes. An output passed as such a dummy
 is one more alias of a mutated tensor, and Inductor's functionalization of the launch then returned wrong results
-on the H200 (bench/RESULTS.md, "The weighted criterion on the same kernels").
+on the H200 (bench/RESULTS.md, "The weighted criterion on the same kernels"). The interpreter tests check the
+rule on every launch they run (tests/launch_guard.py: a storage passed through two arguments must come out of
+the launch unchanged).
 
 Kernels that split a reduction over several programs and merge in the same
 launch (the last program to finish a group merges it) draw tickets from

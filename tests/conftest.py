@@ -29,6 +29,20 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _launch_guard():
+    """In the interpreter children (tests/interpreter.py), every launch is checked by tests/launch_guard.py."""
+    from tests.interpreter import CHILD
+
+    if not CHILD:
+        yield
+        return
+    from tests.launch_guard import guard_launches
+
+    with guard_launches():
+        yield
+
+
 @pytest.fixture
 def eager_lowering(monkeypatch):
     """Run rewritten graphs without Inductor (fast numeric checks of rewrites)."""
