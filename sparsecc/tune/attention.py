@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from sparsecc.forms import DYNAMIC_BLOCK_SIZES, MASKED_LOGIT_MAX, Dense, Streaming
+from sparsecc.forms import DYNAMIC_BLOCK_SIZES, MASKED_LOGIT_MAX, BlockTopK, Dense, Streaming
 
 # Bisection steps on the density price: 60 halvings of [0, 2^10] resolve it far below any recall difference.
 _PRICE_STEPS = 60
@@ -203,8 +203,9 @@ class AttentionStats:
         cands = entry["candidates"]
         # The dynamic forms' selections depend on the whole call: made once, then read chunk by chunk.
         estimates: Dict[tuple, torch.Tensor] = {}
-        selections = {c: _selection(form, q, k, causal, scale, estimates) for c, form in enumerate(cands)
-                      if not isinstance(form, Streaming)}
+        causal_rows = None if causal else _mask_causal_rows(masks, flags, sq, sk)
+        selections = {c: _call_selection(form, q, k, causal, causal_rows, scale, estimates)
+                      for c, form in enumerate(cands) if not isinstance(form, Streaming)}
         step = -(-self.rows_per_chunk // self.density_block) * self.density_block   # chunks hold whole blocks
         for r0 in range(0, sq, step):
             r1 = min(sq, r0 + step)
@@ -310,6 +311,44 @@ class AttentionStats:
         return e["candidates"], recall, density
 
 
+def _mask_causal_rows(masks, flags, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
+    """Per batch element (bool ``[B|1]``), whether a non-causal call's masks remove every key after each query's
+    position, or None without masks (or with more queries than keys).
+
+    The compiled dynamic forms run such a call causally, batch element by batch element
+    (``codegen/attention_ops.py``, docs/spec.md: "a mask that removes every later key makes the attention
+    causal"): HF passes its causal mask as a tensor whenever a batch is padded, so the recording must too.
+    """
+    if not masks or seq_q > seq_k:
+        return None
+    from sparsecc.codegen.mask_positions import mask_is_causal
+
+    keeps = [(mask > MASKED_LOGIT_MAX) if additive else (mask if keep else ~mask)
+             for mask, (additive, keep) in zip(masks, flags)]
+    combined = keeps[0]
+    for other in keeps[1:]:
+        combined = combined & other
+    return mask_is_causal(combined, seq_q, seq_k)
+
+
+def _call_selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, causal_rows: Optional[torch.Tensor],
+                    scale: float, estimates: Dict[tuple, torch.Tensor]):
+    """:func:`_selection` for one call, causal for the batch elements whose masks are (``causal_rows``)."""
+    if causal or causal_rows is None or not bool(causal_rows.any()):
+        return _selection(form, q, k, causal, scale, estimates)
+    if bool(causal_rows.all()):
+        return _selection(form, q, k, True, scale, estimates)
+    (kind, causal_keep), (_, plain_keep) = (_selection(form, q, k, flag, scale, estimates) for flag in (True, False))
+    b = q.shape[0]
+    rows = causal_rows.expand(b)
+    if kind == "blocks":
+        (c_blocks, block_q, block_k), (p_blocks, _, _) = causal_keep, plain_keep
+        return kind, (torch.where(rows[:, None, None, None], c_blocks.expand(b, *c_blocks.shape[1:]),
+                                  p_blocks.expand(b, *p_blocks.shape[1:])), block_q, block_k)
+    return kind, torch.where(rows[:, None, None, None], causal_keep.expand(b, *causal_keep.shape[1:]),
+                             plain_keep.expand(b, *plain_keep.shape[1:]))
+
+
 def _selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float,
                estimates: Optional[Dict[tuple, torch.Tensor]] = None):
     """A dynamic form's kept set for one call: ("blocks", (mask [B, H, nQ, nK], block_q, block_k)) or ("tokens", mask).
@@ -320,7 +359,7 @@ def _selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: floa
     from sparsecc.codegen import dynamic_attention as dyn
 
     if form.name == "block_topk":
-        key = (form.block, form.pool, form.rows)
+        key = (form.block, form.pool, form.rows, causal)
         scores = None if estimates is None else estimates.get(key)
         if scores is None:
             scores = dyn.block_topk_scores_ref(q, k, form, causal, scale)
@@ -393,11 +432,17 @@ def _site_option(cands, recall, density, price: float):
     for c, form in enumerate(cands):
         # streaming heads may differ in sink/window; other families share one layout per site
         families.setdefault("streaming" if isinstance(form, Streaming) else form, []).append(c)
-    for members in families.values():
+    for family, members in families.items():
         sub = value[:, members]
         top, arg = sub.max(dim=1)
-        pick = [members[int(a)] if float(t) > dense_value else -1 for t, a in zip(top, arg)]
-        total = sum(max(float(t), dense_value) for t in top)
+        if isinstance(family, BlockTopK):
+            # docs/spec.md: block_topk applies only with one rule for every head (dense heads beside it keep the
+            # whole site dense), so the site takes it for all heads or for none.
+            pick = [members[int(a)] for a in arg]
+            total = float(top.sum())
+        else:
+            pick = [members[int(a)] if float(t) > dense_value else -1 for t, a in zip(top, arg)]
+            total = sum(max(float(t), dense_value) for t in top)
         if total > best_total + 1e-12:
             best_total, best_pick = total, pick
     return best_pick

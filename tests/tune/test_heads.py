@@ -206,3 +206,22 @@ def test_unreachable_budget_is_an_error_naming_the_minimum():
     with pytest.raises(ValueError, match=r"budget=0.5 cannot be met.*1\.0000.*blocks of 64"):
         choose_heads(stats, 0.5)
     assert choose_heads(stats, 1.0)          # a budget every option meets still chooses
+
+
+@pytest.mark.parametrize("budget", [0.6, 0.8, 1.0])
+def test_block_topk_goes_to_every_head_of_a_site_or_none(budget):
+    """docs/spec.md: block_topk applies only with one rule for every head (dense heads beside it keep the site
+    dense), so the tuner may not give it to some heads only: a per-head choice would write a rule the compiler
+    runs dense."""
+    from sparsecc.forms import BlockTopK
+
+    q, k = _synthetic(["local", "uniform", "local", "uniform"], seq=128)
+    form = BlockTopK(block=16, topk=1)
+    stats = AttentionStats([form], density_block=16)
+    stats.record("s", q, k, [], [], 1.0, True)
+    _, recall, _ = stats.table("s")
+    assert float(recall[0, 0]) > 0.99 and float(recall[1, 0]) < 0.8   # per head it pays on heads 0 and 2 only
+    (choice,) = choose_heads(stats, budget)
+    kinds = {type(f) for f in choice.forms}
+    assert len(kinds) == 1, choice
+    assert sum(choice.density) / 4 <= budget + 1e-9

@@ -88,3 +88,50 @@ def test_the_grid_shares_one_estimate_per_call(monkeypatch):
     stats = AttentionStats(forms, density_block=16)
     stats.record("s", q, k, [], [], 0.5, True)
     assert len(calls) == 2          # one sampled-row estimate for six rules, one mean-pooled estimate
+
+
+def test_a_causal_mask_tensor_records_what_is_causal_does():
+    """docs/spec.md: for the dynamic forms a mask that removes every later key makes the attention causal, as
+    is_causal does (HF passes such a tensor whenever a batch is padded); the recording must select as the compiled
+    op runs."""
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 96, 16, generator=g), torch.randn(1, 2, 96, 16, generator=g)
+    forms = [BlockTopK(block=16, min_mass=t, pool="rows", rows=4) for t in GRID]
+    causal_mask = torch.ones(96, 96, dtype=torch.bool).tril()[None, None]
+    stats = AttentionStats(forms, density_block=16)
+    stats.record("s", q, k, [causal_mask], [(False, True)], 0.5, False)
+    got = candidate_densities(stats)
+    for tau, d in zip(GRID, got.tolist()):
+        low, high = _oracle_density(q, k, 0.5, tau, 16, 4)
+        assert low - 1e-9 <= d <= high + 1e-9, (tau, d, low, high)
+    assert got[0] > got[-1]
+
+
+def test_each_batch_element_records_with_its_own_causality(monkeypatch):
+    """A padded causal mask for one sequence, a full mask for its batch-mate: the batch records what each sequence
+    records alone (the first causally, the second not). Without reading causality from the mask the batch's
+    statistics differ, so the comparison is not vacuous."""
+    from sparsecc.forms import VerticalSlash
+    from sparsecc.tune import attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 160, 16, generator=g), torch.randn(2, 2, 160, 16, generator=g)
+    forms = [BlockTopK(block=16, min_mass=0.12, pool="rows", rows=4), BlockTopK(block=16, topk=2),
+             VerticalSlash(last_q=8, vertical=30, slash=50, block=16)]
+    padded = torch.ones(160, 160, dtype=torch.bool).tril()
+    padded[:, :7] = False                                 # left padding: 7 keys no query may see
+    additive = torch.zeros(2, 1, 160, 160)
+    additive[0, 0] = torch.where(padded, 0.0, torch.finfo(torch.float32).min)   # HF's additive form
+    batch = AttentionStats(forms, density_block=16)
+    batch.record("s", q, k, [additive], [(True, True)], 0.25, False)
+    alone = AttentionStats(forms, density_block=16)
+    alone.record("s", q[:1], k[:1], [additive[:1]], [(True, True)], 0.25, True)
+    alone.record("s", q[1:], k[1:], [additive[1:]], [(True, True)], 0.25, False)
+    keys = ("mass", "kept", "rows", "allowed", "kept_blocks", "allowed_blocks")
+    for key in keys:
+        torch.testing.assert_close(batch.sites["s"][key], alone.sites["s"][key], rtol=1e-9, atol=1e-9, msg=key)
+    monkeypatch.setattr(attention, "_mask_causal_rows", lambda *args: None)
+    blind = AttentionStats(forms, density_block=16)
+    blind.record("s", q, k, [additive], [(True, True)], 0.25, False)
+    differs = sum((blind.sites["s"][key] - alone.sites["s"][key]).abs().sum(0) for key in ("mass", "kept_blocks"))
+    assert bool((differs > 1e-6).all()), differs          # every form selects differently without causality
