@@ -184,6 +184,16 @@ def _scores(xabs, scale_ptr, offs, mask, HAS_SCALE: tl.constexpr):  # noqa: F821
     return xabs
 
 
+def _survives(score, tau):  # noqa: F821
+    """Which channels take part: ``score > tau``, and NaN scores too.
+
+    docs/spec.md's ``x * [score > tau]`` turns a NaN x into NaN (NaN * 0), which the reference and a dense layer
+    carry to every output; so a NaN channel is read like a kept one, and its NaN reaches the output the same way
+    whatever the token count or kernel path.
+    """
+    return (score > tau) | (score != score)
+
+
 def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr, scale2_ptr,
                     BLOCK_M: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr, N_SCALES: tl.constexpr):  # noqa: F821
     """Write the indices of channels k0..k0+ROWS_PER_SPLIT that some of the M tokens keep to ``slot``.
@@ -203,9 +213,9 @@ def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr,
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xk,
                      mask=(offs_m < M)[:, None] & r_mask[None, :], other=0.0)
         xabs = tl.abs(xv.to(tl.float32))
-    keep = _scores(xabs, scale_ptr, offs_r, r_mask, N_SCALES > 0) > tau
+    keep = _survives(_scores(xabs, scale_ptr, offs_r, r_mask, N_SCALES > 0), tau)
     if N_SCALES == 2:
-        keep2 = _scores(xabs, scale2_ptr, offs_r, r_mask, True) > tau
+        keep2 = _survives(_scores(xabs, scale2_ptr, offs_r, r_mask, True), tau)
         if BLOCK_M == 1:
             first, second = keep, keep2
         else:
@@ -266,7 +276,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
         for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
             offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
-            keep = _scores(tl.abs(xk), scale_ptr, offs_k, offs_k < K, HAS_SCALE) > tau
+            keep = _survives(_scores(tl.abs(xk), scale_ptr, offs_k, offs_k < K, HAS_SCALE), tau)
             w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=keep[:, None] & n_mask[None, :], other=0.0)
             acc2 += tl.where(keep, xk, 0.0)[:, None] * w.to(tl.float32)
@@ -282,7 +292,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
             kk = tl.load(slot + offs_j, mask=live, other=0)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                          mask=m_mask[:, None] & live[None, :], other=0.0)
-            xs = tl.where(_scores(tl.abs(xv.to(tl.float32)), scale_ptr, kk, live, HAS_SCALE) > tau, xv,
+            xs = tl.where(_survives(_scores(tl.abs(xv.to(tl.float32)), scale_ptr, kk, live, HAS_SCALE), tau), xv,
                           tl.zeros_like(xv))
             w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=live[:, None] & n_mask[None, :], other=0.0)
@@ -297,7 +307,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
             k_mask = offs_k < K
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            keep = _scores(tl.abs(xv.to(tl.float32)), scale_ptr, offs_k, k_mask, HAS_SCALE) > tau
+            keep = _survives(_scores(tl.abs(xv.to(tl.float32)), scale_ptr, offs_k, k_mask, HAS_SCALE), tau)
             xs = tl.where(keep, xv, tl.zeros_like(xv))
             # A channel's weight row is read when any token keeps it (the union over the tokens).
             row_live = tl.max(keep.to(tl.int32), axis=0) > 0
@@ -331,7 +341,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
             tl.store(counter, 0)   # every split has drawn its ticket: ready for the next call
 
 
-_KERNELS = ("_scores", "_list_survivors", "_threshold_gemv_kernel")
+_KERNELS = ("_scores", "_survives", "_list_survivors", "_threshold_gemv_kernel")
 
 # id(weight) -> (weakref to weight, data_ptr, _version, K-major copy). The identity check (the weakref
 # still points at this very tensor) guards against a freed weight whose address and shape are

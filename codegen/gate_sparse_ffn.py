@@ -29,8 +29,8 @@ with the bias: no atomics, so bfloat16 and float16 behave alike and results are 
 
 Cost per call: the dense gate read (F x D), plus the survivors' up rows and down rows, plus
 three launches and the float32 partials. Dropping a neuron with an exact-zero product is exact;
-the only values the down stage drops are exact zeros of g. (NaN inputs: the reference multiplies a
-dropped NaN activation by 0 and propagates it; the kernel masks it out.)
+the only values the down stage drops are exact zeros of g. A NaN activation counts as kept
+(``activation_sparse._survives``), so it reaches the output as in the reference, where NaN * 0 is NaN.
 
 Rounding follows the reference, which computes in the input dtype: the gate pre-activation and
 the activation are rounded to x's dtype before the threshold (so both keep the same neurons
@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig,
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, _survives,
                                                 gate_sparse_ffn_ref, threshold_linear)
 from sparsecc.codegen.epilogue import activation_switch, bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype
@@ -171,7 +171,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
     # the same values with tau.
     lin = _rounded(lin, g_ptr, ROUND_BY_BITS)
     a = _rounded(_activation(lin, ACTIVATION), g_ptr, ROUND_BY_BITS)
-    keep = (tl.abs(a) > tau) & m_mask[:, None] & f_mask[None, :]
+    keep = _survives(tl.abs(a), tau) & m_mask[:, None] & f_mask[None, :]
     h = tl.where(keep, a, 0.0)
     if GATED:
         # A neuron's up row is read when any token keeps it (the union over the tokens).
@@ -202,7 +202,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
     tl.store(out, h.to(io_dtype), mask=m_mask[:, None] & f_mask[None, :])
 
 
-_KERNELS = ("_rounded", "_row_dots", "_gate_up_kernel")
+_KERNELS = ("_rounded", "_survives", "_row_dots", "_gate_up_kernel")
 
 
 def _bind() -> None:

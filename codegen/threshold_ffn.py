@@ -99,6 +99,7 @@ DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PE
 _rounded = _gate._rounded
 _list_survivors = _gemv._list_survivors
 _scores = _gemv._scores
+_survives = _gemv._survives
 _activation = None
 
 
@@ -156,13 +157,13 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
             xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 if not COMPACT:   # each projection's own survivors among the visited channels
-                    live_g = live & (_scores(tl.abs(xk), sg_ptr, kk, live, True) > tau)
-                    live_u = live & (_scores(tl.abs(xk), su_ptr, kk, live, True) > tau)
+                    live_g = live & _survives(_scores(tl.abs(xk), sg_ptr, kk, live, True), tau)
+                    live_u = live & _survives(_scores(tl.abs(xk), su_ptr, kk, live, True), tau)
                 xk_g = tl.where(live_g, xk, 0.0)
                 xk_u = tl.where(live_u, xk, 0.0)
             else:
                 if not COMPACT:
-                    live = live & (tl.abs(xk) > tau)
+                    live = live & _survives(tl.abs(xk), tau)
                     xk = tl.where(live, xk, 0.0)
                 live_g = live
                 live_u = live
@@ -172,10 +173,10 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
                          mask=m_mask[:, None] & live[None, :], other=0.0)
             xabs = tl.abs(xv.to(tl.float32))
-            keep_g = _scores(xabs, sg_ptr, kk, live, HAS_SCALE) > tau
+            keep_g = _survives(_scores(xabs, sg_ptr, kk, live, HAS_SCALE), tau)
             xs_g = tl.where(keep_g, xv, tl.zeros_like(xv))
             if HAS_SCALE:
-                keep_u = _scores(xabs, su_ptr, kk, live, True) > tau
+                keep_u = _survives(_scores(xabs, su_ptr, kk, live, True), tau)
                 xs_u = tl.where(keep_u, xv, tl.zeros_like(xv))
                 if not COMPACT:   # a row is read when some token keeps its channel for that projection
                     live_g = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
@@ -231,7 +232,7 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
         tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-_KERNELS = ("_rounded", "_scores", "_list_survivors", "_threshold_gate_up_kernel")
+_KERNELS = ("_rounded", "_scores", "_survives", "_list_survivors", "_threshold_gate_up_kernel")
 
 
 def _bind() -> None:
@@ -239,7 +240,7 @@ def _bind() -> None:
     if getattr(_threshold_gate_up_kernel, "_sparsecc_jit", False):
         return
     _gate._bind()                          # the helpers resolve ``tl`` in their own modules
-    bind_triton(vars(_gemv), ("_scores", "_list_survivors"))
+    bind_triton(vars(_gemv), ("_scores", "_survives", "_list_survivors"))
     if _activation is None:
         globals()["_activation"] = _gate._activation
     bind_triton(globals(), _KERNELS)

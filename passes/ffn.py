@@ -270,10 +270,6 @@ def check_ffn(site: Site, ctx) -> Decision:
         return fallback(form, rule.key, policy, f"{rule.key} gives a target sparsity but no threshold; "
                         "run sparsecc.calibrate to fill it in", estimate)
     m: FfnMatch = site.match
-    criterion = getattr(form, "criterion", "magnitude")
-    if criterion == "weighted" and form.mode != "input":
-        return fallback(form, rule.key, policy, "criterion weighted is defined for mode input only "
-                        "(the gate-sparse FFN op compares act(gate) with one scalar threshold)", estimate)
     if form.mode == "gate":
         if m.act is None:
             return fallback(form, rule.key, policy, "gate mode needs a recognised activation "

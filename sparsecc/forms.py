@@ -285,6 +285,9 @@ class ActivationThreshold:
         _require(self.mode in THRESHOLD_MODES, "mode", self.mode, f"one of {THRESHOLD_MODES}")
         _require(isinstance(self.criterion, str) and self.criterion in THRESHOLD_CRITERIA,
                  "criterion", self.criterion, f"one of {THRESHOLD_CRITERIA}")
+        # Gate mode thresholds |act(x W_gate)| itself: no projection column weighs its entries.
+        _require(self.mode == "input" or self.criterion == "magnitude", "criterion", self.criterion,
+                 "'magnitude' in mode 'gate' ('weighted' is defined for mode 'input' only)")
         allowed = THRESHOLD_KEYS[self.mode]
         for key, tau in self.thresholds:
             _require(key in allowed, "threshold key", key, f"one of {allowed} in mode {self.mode!r}")

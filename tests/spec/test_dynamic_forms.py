@@ -29,9 +29,17 @@ def test_criterion_weighted_round_trips(tmp_path, suffix):
     again = load_spec(path)
     assert again == spec and again.ffn[0].form.criterion == "weighted"
     # A single threshold with a non-default criterion is still written as one number.
-    scalar = load_spec(_ffn(threshold=0.3, criterion="weighted", mode="gate"))
-    assert scalar.to_dict()["ffn"][0] == {"form": "activation_threshold", "mode": "gate",
-                                          "threshold": 0.3, "criterion": "weighted"}
+    scalar = load_spec(_ffn(threshold=0.3, criterion="weighted"))
+    assert scalar.to_dict()["ffn"][0] == {"form": "activation_threshold", "threshold": 0.3, "criterion": "weighted"}
+
+
+def test_weighted_criterion_in_gate_mode_is_a_spec_error():
+    """Gate mode thresholds |act(x W_gate)| itself, which no projection column weighs: the loader refuses the
+    pair up front, naming the key and what gate mode allows (it used to load, then stay dense when compiled)."""
+    with pytest.raises(SpecError) as info:
+        load_spec(_ffn(threshold=0.3, criterion="weighted", mode="gate"))
+    assert info.value.key == "ffn[0].criterion"
+    assert "'magnitude' in mode 'gate'" in str(info.value)
 
 
 @pytest.mark.parametrize("value", ["l2", "", None, 1, True])

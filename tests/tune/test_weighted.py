@@ -102,12 +102,14 @@ def test_triton_kernels_decide_both_criteria_alike():
             "weighted"][1]
 
 
-def test_weighted_gate_mode_falls_back():
+def test_weighted_gate_mode_is_refused_before_compiling():
+    """Not a silent dense site: compiling with the pair fails at once, naming the key."""
+    from sparsecc.spec import SpecError
+
     spec = {"version": 1, "defaults": {"policy": "force"},
             "ffn": [{"form": "activation_threshold", "mode": "gate", "threshold": 0.1, "criterion": "weighted"}]}
-    report = sparsecc.explain(zoo.GatedSiluFFN().eval(), torch.randn(1, 3, 32), spec=spec)
-    site = [s for s in report.sites if s.kind == "ffn"][0]
-    assert not site.applied and "mode input only" in site.reason
+    with pytest.raises(SpecError, match="ffn\\[0\\].criterion"):
+        sparsecc.explain(zoo.GatedSiluFFN().eval(), torch.randn(1, 3, 32), spec=spec)
 
 
 @pytest.mark.parametrize("margin", [1.05, 0.01])

@@ -1,0 +1,109 @@
+"""NaN inputs through the activation-threshold kernels: the same answer as docs/spec.md's formula.
+
+docs/spec.md thresholds by multiplying: ``x * [score > tau]``. A NaN x has a NaN score, which is not above tau, and
+NaN * 0 is NaN, so the formula (like the dense layer) carries the NaN into every output of its token, and the
+token's batch-mates keep their own finite values. The oracles below write that formula out in float64 (a
+multiplication by the keep mask, never a ``where``, which would drop the NaN). The kernels once dropped a NaN
+channel as if it were below the threshold, so the answer depended on how many tokens came in one call (the
+reference path, taken above 16 tokens, kept it).
+CPU: the Triton kernels in the interpreter, in a child process (tests/interpreter.py).
+"""
+
+import pytest
+import torch
+
+from sparsecc.codegen.activation_sparse import ACTIVATIONS, GemvConfig
+from tests.codegen.test_ffn_kernels import randn
+from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
+
+D, F, N = 40, 48, 24
+
+
+def test_interpreter_checks():
+    run_interpreter_checks(__file__, select="interp", no_skips=True)
+
+
+def _inputs(m, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, m, D, dtype=torch.float32)
+    x[0, 5] = float("nan")                        # token 0 carries one NaN channel; the others none
+    return gen, x
+
+
+def _thresholded(v, tau, scale=None):
+    """docs/spec.md: ``v * [score > tau]`` with score ``|v|`` or ``|v| * scale`` (float64, NaN kept as NaN * 0)."""
+    score = v.abs() if scale is None else v.abs() * scale
+    return v * (score > tau).double()
+
+
+def _check(out, expected):
+    nan = expected.isnan()
+    assert bool(nan[0].all()) and not bool(nan[1:].any())          # the oracle itself: token 0 only
+    assert torch.equal(out.isnan(), nan), out
+    torch.testing.assert_close(out[1:].double(), expected[1:], rtol=1e-4, atol=1e-4)
+
+
+def _gemv_configs():
+    return [GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact)
+            for compact in (True, False)]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_threshold_linear_carries_a_nan_input(interpreter, m, weighted):
+    from sparsecc.codegen.activation_sparse import threshold_linear
+
+    gen, x = _inputs(m)
+    w = randn(gen, N, D, dtype=torch.float32, scale=D ** -0.5)
+    bias = randn(gen, N, dtype=torch.float32)
+    scale = w.double().norm(dim=0) if weighted else None
+    tau = 0.4
+    expected = _thresholded(x.double(), tau, scale) @ w.double().T + bias.double()
+    for cfg in _gemv_configs():
+        out = threshold_linear(x, w, bias, tau, config=cfg, channel_scale=None if scale is None else scale.float())
+        _check(out, expected)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_threshold_ffn_carries_a_nan_input(interpreter, m, weighted):
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+
+    gen, x = _inputs(m, seed=1)
+    wg, wu = (randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5) for _ in range(2))
+    wd = randn(gen, N, F, dtype=torch.float32, scale=F ** -0.5)
+    scales = (wg.double().norm(dim=0), wu.double().norm(dim=0), wd.double().norm(dim=0)) if weighted else (None,) * 3
+    tau_in, tau_down = 0.3, 0.05
+    x64 = x.double()
+    gate = _thresholded(x64, tau_in, scales[0]) @ wg.double().T
+    up = _thresholded(x64, tau_in, scales[1]) @ wu.double().T
+    h = ACTIVATIONS["silu"](gate) * up
+    expected = _thresholded(h, tau_down, scales[2]) @ wd.double().T
+    for cfg in _gemv_configs():
+        kwargs = {} if not weighted else dict(scale_gate=scales[0].float(), scale_up=scales[1].float(),
+                                              scale_down=scales[2].float())
+        out = threshold_ffn(x, wg, None, wu, None, wd, None, "silu", tau_in, tau_down, config=cfg, down_config=cfg,
+                            **kwargs)
+        _check(out, expected)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_gate_sparse_ffn_carries_a_nan_input(interpreter, m, gated):
+    from sparsecc.codegen.gate_sparse_ffn import GateConfig, gate_sparse_ffn
+
+    gen, x = _inputs(m, seed=2)
+    wg = randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5)
+    wu = randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5) if gated else None
+    wd = randn(gen, N, F, dtype=torch.float32, scale=F ** -0.5)
+    tau = 0.1
+    x64 = x.double()
+    a = ACTIVATIONS["silu"](x64 @ wg.double().T)
+    h = _thresholded(a, tau)
+    if gated:
+        h = h * (x64 @ wu.double().T)
+    expected = h @ wd.double().T
+    cfg = GateConfig(BLOCK_F=16, BLOCK_D=16, num_warps=4)
+    out = gate_sparse_ffn(x, wg, None, wu, None, wd, None, "silu", tau, config=cfg,
+                          down_config=_gemv_configs()[0])
+    _check(out, expected)
