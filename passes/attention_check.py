@@ -72,6 +72,13 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     # docs/spec.md: each head's rule is the last rule in force that covers it (None: no rule covers the head)
     per_head = [ctx.spec.resolve("attention", site.module, offset + h, seq_q) for h in range(heads)]
     ignored = {h for rule in rules if rule.heads is not None for h in rule.heads if h >= total}
+    for rule in rules:
+        missing = sorted(h for h in (rule.heads or ()) if h >= total)
+        if missing:   # a spec written for another model: said in the compile's warning, not only in the report
+            note = (f"{rule.key} names heads {missing}, which attention sites of {total} heads (0-{total - 1}) "
+                    "do not have; they are ignored")
+            if note not in ctx.warnings:
+                ctx.warnings.append(note)
     resolved.append(per_head)
     in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
     if not in_force:

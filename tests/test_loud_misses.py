@@ -127,3 +127,15 @@ def test_report_true_prints_once_with_logging_configured(capsys, eager_lowering)
         logger.setLevel(old)
     err = capsys.readouterr().err
     assert err.count("sparsecc report:") == 1
+
+
+def test_heads_that_do_not_exist_are_in_the_warning(eager_lowering):
+    """A rule naming heads the model does not have (a spec written for another model) is said at every compile,
+    not only in a site's reason; the head that exists still takes the rule."""
+    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 2, "heads": [1, 7, 9],
+                                         "policy": "force"}]}
+    with pytest.warns(SparseccWarning, match=r"attention\[0\] names heads \[7, 9\], which attention sites of 4 "
+                                             r"heads \(0-3\) do not have; they are ignored"):
+        _compile_and_run(zoo.SdpaAttention().eval(), spec=spec)
+    (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert site.applied, site.reason

@@ -163,7 +163,8 @@ class Report:
         return out
 
     def summary(self) -> str:
-        """One line: ``K/N sites rewritten (per kind); rules that matched nothing: ...``."""
+        """One line: ``K/N sites rewritten (per kind); rules that matched nothing: ...``, then the stages' notes
+        (e.g. a rule naming heads a site does not have)."""
         counts = self.counts()
         kinds = ", ".join(f"{kind} {counts.get(kind + '.applied', 0)}/{counts[kind]}"
                           for kind in ("attention", "ffn", "linear") if counts.get(kind))
@@ -172,6 +173,8 @@ class Report:
             line += "; no spec given, so every site stays dense"
         unmatched = self.unmatched_rules()
         line += "; rules that matched nothing: " + (", ".join(unmatched) if unmatched else "none")
+        if self.notes:
+            line += "; " + "; ".join(self.notes)
         return line
 
     @property
