@@ -10,7 +10,7 @@ says why in the report instead of being matched against the spec's globs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
@@ -57,6 +57,18 @@ class ParamRef:
     node: Node                 # the placeholder or get_attr node
     input_index: Optional[int]  # position among the graph's placeholders, None for get_attr
     tensor: torch.Tensor       # the real tensor (example input or module attribute)
+    owners: Tuple[str, ...] = ()  # every module holding the tensor (a tied weight has several), ``module`` first
+
+    def owner_at(self, node: Node) -> str:
+        """The module that uses this tensor at ``node``: the innermost module of ``node``'s stack that holds it.
+
+        A tied weight (an embedding shared with the LM head) is named after its first holder; the linear that
+        reads it inside ``lm_head``'s forward is ``lm_head``'s site, as ``named_modules()`` and a spec name it.
+        """
+        for path in reversed(stack_paths(node)):
+            if path in self.owners:
+                return path
+        return self.module
 
     @property
     def shape(self) -> tuple:
@@ -88,7 +100,7 @@ def collect_params(gm: GraphModule, example_inputs: Sequence, tree: Optional[Mod
         name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
         if "_parameters[" not in name and "_buffers[" not in name and not isinstance(tensor, torch.nn.Parameter):
             continue
-        refs[node] = _param_ref(tree.tensor_name(tensor), node, index, tensor)
+        refs[node] = _param_ref(tree, node, index, tensor)
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
@@ -99,16 +111,17 @@ def collect_params(gm: GraphModule, example_inputs: Sequence, tree: Optional[Mod
                 tensor = gm.get_buffer(node.target)
             except AttributeError:
                 continue
-        refs[node] = _param_ref(tree.tensor_name(tensor), node, None, tensor)
+        refs[node] = _param_ref(tree, node, None, tensor)
     return refs
 
 
-def _param_ref(qualname: Optional[str], node: Node, index: Optional[int], tensor: torch.Tensor) -> "ParamRef":
+def _param_ref(tree: ModuleTree, node: Node, index: Optional[int], tensor: torch.Tensor) -> "ParamRef":
+    qualname = tree.tensor_name(tensor)
     if qualname is None:
         # Not a tensor of the compiled root: it still needs a unique name for its bindings.
         return ParamRef(f"{UNRESOLVED}.{node.name}", UNRESOLVED, node, index, tensor)
     module, _, _ = qualname.rpartition(".")
-    return ParamRef(qualname, module, node, index, tensor)
+    return ParamRef(qualname, module, node, index, tensor, tree.tensor_owner_paths(tensor) or (module,))
 
 
 def only_user(node: Node) -> Optional[Node]:

@@ -119,7 +119,7 @@ def search_linear(gm: GraphModule, ctx) -> List[Site]:
         attrs = {"in_features": m.in_features, "out_features": m.out_features, "tokens": tokens,
                  "bias": m.bias is not None, "weight": m.weight.qualname,
                  "weight_layout": "in_out" if m.in_out else "out_in"}
-        sites.append(Site("linear", m.weight.module, node, (node,), shapes, dtype,
+        sites.append(Site("linear", m.weight.owner_at(node), node, (node,), shapes, dtype,
                           device_of(node) or torch.device("cpu"), attrs, m, "linear",
                           not is_static(x_shape)))
     return sites

@@ -41,6 +41,8 @@ class ModuleTree:
     roots: List[torch.nn.Module] = field(default_factory=list)
     module_names: Dict[int, str] = field(default_factory=dict)    # id(module) -> qualified name
     tensor_names: Dict[int, str] = field(default_factory=dict)    # id(parameter or buffer) -> qualified name
+    # id(parameter or buffer) -> every module holding it (tied weights: the embedding and the LM head)
+    tensor_owners: Dict[int, List[str]] = field(default_factory=dict)
     registered: Dict[str, torch.nn.Module] = field(default_factory=dict)  # Dynamo's registered module keys
     scope: Dict[str, Any] = field(default_factory=dict)           # {"L": frame locals, "G": frame globals}
     unresolved_reason: str = ""                                   # why nothing could be resolved (no frame)
@@ -52,10 +54,13 @@ class ModuleTree:
         self.roots.append(root)
         for name, module in root.named_modules(remove_duplicate=False):
             self.module_names.setdefault(id(module), name)
-        for name, tensor in root.named_parameters(remove_duplicate=False):
+        for name, tensor in [*root.named_parameters(remove_duplicate=False),
+                             *root.named_buffers(remove_duplicate=False)]:
             self.tensor_names.setdefault(id(tensor), name)
-        for name, tensor in root.named_buffers(remove_duplicate=False):
-            self.tensor_names.setdefault(id(tensor), name)
+            owners = self.tensor_owners.setdefault(id(tensor), [])
+            owner = name.rpartition(".")[0]
+            if owner not in owners:
+                owners.append(owner)
 
     def module_object(self, key: str, source: str) -> Optional[torch.nn.Module]:
         """The module behind one ``nn_module_stack`` entry, by its key or by evaluating its source."""
@@ -90,6 +95,10 @@ class ModuleTree:
     def tensor_name(self, tensor: Any) -> Optional[str]:
         """The qualified name of a parameter or buffer of the root, by identity."""
         return self.tensor_names.get(id(tensor))
+
+    def tensor_owner_paths(self, tensor: Any) -> Tuple[str, ...]:
+        """Every module path holding ``tensor`` (several for a tied weight), in ``named_parameters`` order."""
+        return tuple(self.tensor_owners.get(id(tensor), ()))
 
 
 def _root_object(source: str, scope: Dict[str, Any]) -> Any:

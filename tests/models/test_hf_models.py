@@ -92,3 +92,43 @@ def test_llama_streaming_spec_rewrites_every_layer(eager_lowering):
     # the first sink + window positions see every key, so those rows agree with dense (up to the FFN threshold)
     assert (out[:, :8] - dense[:, :8]).abs().max() < 0.05
     assert (out[:, 20:] - dense[:, 20:]).abs().max() > 1e-3
+
+
+def _prune_2_4(w):
+    """docs/spec.md's 2:4: in every group of 4 consecutive weights along the input dimension the 2 of largest
+    magnitude stay (float64, written out here)."""
+    groups = w.double().reshape(w.shape[0], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
+    return (groups * keep).reshape(w.shape)
+
+
+@pytest.mark.parametrize("name, head, embedding", [("llama", "lm_head", "model.embed_tokens"),
+                                                   ("gpt2", "lm_head", "transformer.wte")])
+def test_a_tied_lm_head_is_named_lm_head(name, head, embedding, eager_lowering):
+    """A weight tied between the embedding and the LM head: the linear that reads it in ``lm_head``'s forward is
+    the site ``lm_head`` (as ``named_modules()`` and a spec name it), not the weight's first holder; a rule on it
+    prunes the projection only, the embedding lookup keeps the dense weight."""
+    torch.manual_seed(3)
+    factory = MODELS[name][0]
+    if name == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    else:
+        model = factory("sdpa").eval()
+    assert model.get_submodule(head).weight is model.get_submodule(embedding).weight
+    ids = torch.randint(0, 128, (2, 12))
+    captured = {}
+    hook = model.get_submodule(head).register_forward_pre_hook(lambda _, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    expected = captured["x"].double() @ _prune_2_4(model.get_submodule(head).weight).T
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"modules": head, "form": "2:4"}]}
+    with torch.no_grad():
+        out = _output(sparsecc.compile(model, spec=spec, kernels="reference")(ids))
+    report = sparsecc.last_report()
+    assert [(s.module, s.applied) for s in report.sites if s.kind == "linear" and s.form] == [(head, True)]
+    assert not any(s.module == embedding for s in report.sites)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
