@@ -66,7 +66,9 @@ def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_u
     those rows of ``w_up`` and columns of ``w_down`` are gathered and multiplied.
     Tokens for which a surviving neuron failed the threshold still get zero
     there, so the result equals the dense formula; the cost follows the union of
-    survivors (exactly the survivors for a single decode token).
+    survivors (exactly the survivors for a single decode token). A NaN activation
+    survives: the formula's ``a * (|a| > tau)`` is NaN there (NaN * 0), so its
+    neuron must be gathered for the NaN to reach the output.
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
@@ -76,7 +78,7 @@ def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_u
     x2 = x.reshape(-1, x.shape[-1])
     a = ACTIVATIONS[act](F.linear(x2, w_gate, b_gate))
     keep = a.abs() > tau
-    active = keep.any(0).nonzero().squeeze(-1)
+    active = (keep | a.isnan()).any(0).nonzero().squeeze(-1)
     h = a[:, active] * keep[:, active].to(a.dtype)
     if w_up is not None:
         up = F.linear(x2, w_up[active], None if b_up is None else b_up[active])
@@ -184,7 +186,7 @@ def _scores(xabs, scale_ptr, offs, mask, HAS_SCALE: tl.constexpr):  # noqa: F821
     return xabs
 
 
-def _survives(score, tau):  # noqa: F821
+def _survives(score, tau):
     """Which channels take part: ``score > tau``, and NaN scores too.
 
     docs/spec.md's ``x * [score > tau]`` turns a NaN x into NaN (NaN * 0), which the reference and a dense layer

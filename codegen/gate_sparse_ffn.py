@@ -45,7 +45,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, _survives,
+from sparsecc.codegen import activation_sparse as _gemv
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig,
                                                 gate_sparse_ffn_ref, threshold_linear)
 from sparsecc.codegen.epilogue import activation_switch, bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype
@@ -93,6 +94,9 @@ DEFAULT_GATE_CONFIG_TOKENS = GateConfig(BLOCK_F=32, BLOCK_D=128, num_warps=4)
 # epilogues use too, and installed here by ``_bind`` before the kernel is JIT-compiled; Triton and Inductor find it
 # by this name in the module's globals.
 _activation = None
+# ``_survives(score, tau)``: activation_sparse's keep test (NaN counts as kept), installed by ``_bind`` once
+# JIT-compiled in its own module.
+_survives = None
 
 
 def _rounded(v, like_ptr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
@@ -202,13 +206,16 @@ def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
     tl.store(out, h.to(io_dtype), mask=m_mask[:, None] & f_mask[None, :])
 
 
-_KERNELS = ("_rounded", "_survives", "_row_dots", "_gate_up_kernel")
+_KERNELS = ("_rounded", "_row_dots", "_gate_up_kernel")
 
 
 def _bind() -> None:
     """Install the generated activation switch, then JIT this module's kernels (first use; imports Triton)."""
     if _activation is None:
         globals()["_activation"] = activation_switch("_activation")
+    # The shared NaN-aware keep test, JIT-ed in its own module (where it resolves ``tl``), then called from here.
+    bind_triton(vars(_gemv), ("_survives",))
+    globals()["_survives"] = _gemv._survives
     bind_triton(globals(), _KERNELS)
 
 

@@ -73,7 +73,7 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     per_head = [ctx.spec.resolve("attention", site.module, offset + h, seq_q) for h in range(heads)]
     ignored = {h for rule in rules if rule.heads is not None for h in rule.heads if h >= total}
     for rule in rules:
-        missing = sorted(h for h in (rule.heads or ()) if h >= total)
+        missing = sorted(ignored.intersection(rule.heads or ()))
         if missing:   # a spec written for another model: said in the compile's warning, not only in the report
             note = (f"{rule.key} names heads {missing}, which attention sites of {total} heads (0-{total - 1}) "
                     "do not have; they are ignored")

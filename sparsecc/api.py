@@ -148,7 +148,11 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
     ``criterion = "weighted"`` the quantile is of the score |x_i| * ||W[:, i]||_2
     (the scores of gate and up pooled for the shared input). The scores are
     those ``sparsecc.tune`` measures (``sparsecc.tune.capture.score_samples``),
-    so both give one threshold for one target. Returns a new Spec with one rule
+    so both give one threshold for one target. They are measured on the dense
+    model: the down projection's input is scored without the FFN input
+    thresholded upstream, so in the compiled model somewhat more than the target
+    of it falls below its threshold (docs/spec.md). A rule's given thresholds are
+    replaced. Returns a new Spec with one rule
     per calibrated site appended (later rules override), so the result saves
     and loads like any spec. Each batch is a tuple of positional arguments, a
     dict of keyword arguments, or a tensor.

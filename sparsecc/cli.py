@@ -76,8 +76,12 @@ def _load_factory(text: str):
     if ":" not in text:
         raise SystemExit(f"sparsecc: factory {text!r} must look like MODULE:FACTORY")
     module_name, attr = text.split(":", 1)
-    sys.path.insert(0, "")
-    module = importlib.import_module(module_name)
+    if "" not in sys.path:
+        sys.path.insert(0, "")   # a factory module in the current folder
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise SystemExit(f"sparsecc: factory {text!r}: cannot import {module_name!r} ({err})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SystemExit(f"sparsecc: {module_name} has no callable {attr!r}")
@@ -137,7 +141,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["eval"]:
         from sparsecc.tune.evalcli import eval_main
         return eval_main(argv[1:])
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "explain" and args.out:
+        from pathlib import Path
+
+        from sparsecc.report.render import REPORT_SUFFIXES
+        if Path(args.out).suffix.lower() not in REPORT_SUFFIXES:   # before the compile, not after it
+            parser.error(f"--out {args.out!r}: the report's suffix must be one of {', '.join(REPORT_SUFFIXES)}")
     from sparsecc.spec import SpecError, load_spec
     try:
         if args.command == "check-spec":

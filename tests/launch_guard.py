@@ -29,13 +29,18 @@ def _storages(values) -> Counter:
     return count
 
 
+def _bytes(storage) -> torch.Tensor:
+    """A uint8 view of a whole storage (bytes compare exactly, NaN payloads included)."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
 def _snapshot(values, shared: set) -> dict:
     copies = {}
     for value in values:
         if isinstance(value, torch.Tensor) and value.numel() > 0:
             storage = value.untyped_storage()
             if storage.data_ptr() in shared and storage.data_ptr() not in copies:
-                copies[storage.data_ptr()] = (storage, bytes(storage))
+                copies[storage.data_ptr()] = (storage, _bytes(storage).clone())
     return copies
 
 
@@ -60,7 +65,7 @@ def guard_launches() -> Iterator[list]:
         result = original(self, *args, grid=grid, warmup=warmup, **kwargs)
         names = self.arg_names
         for ptr, (storage, data) in before.items():
-            if bytes(storage) != data:
+            if not torch.equal(_bytes(storage), data):
                 params = [names[i] for i, v in enumerate(args) if isinstance(v, torch.Tensor)
                           and v.numel() > 0 and v.untyped_storage().data_ptr() == ptr]
                 params += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)

@@ -128,3 +128,52 @@ def test_calibrate_a_model_that_is_itself_the_ffn():
     assert calibrated.ffn[-1].modules == "*" and calibrated.ffn[-1].form.tau("input") > 0
     report = sparsecc.explain(model, torch.randn(2, 8, 32), spec=calibrated)
     assert [s.applied for s in report.sites if s.kind == "ffn"] == [True]
+
+
+def test_cli_explain_checks_the_report_suffix_before_compiling(tmp_path, capsys):
+    """An --out the report cannot be written to stops the command before the factory is even imported."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["explain", "no_such_module_anywhere:build", "--out", str(tmp_path / "report.txt")])
+    assert info.value.code == 2
+    assert "suffix must be one of .json, .md, .html" in capsys.readouterr().err
+    assert not (tmp_path / "report.txt").exists()
+
+
+def test_cli_explain_names_a_factory_it_cannot_import():
+    with pytest.raises(SystemExit, match="cannot import 'no_such_module_anywhere'"):
+        cli.main(["explain", "no_such_module_anywhere:build"])
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--target", "1.5"], "--target: target=1.5 is not allowed"),
+    (["--step", "0"], "--step: step=0.0 is not allowed"),
+    (["--attention-density", "2"], "--attention-density: attention_density=2.0 is not allowed"),
+    (["--attention-block", "0"], "--attention-block: attention_block=0 is not allowed"),
+    (["--out-suffix", ".yaml"], "--out: "),
+    (["--out-folder", "missing/sub"], "the folder"),
+])
+def test_cli_tune_checks_its_arguments_before_loading_anything(tmp_path, capsys, flags, fragment):
+    """The model and data named here do not exist: the argument error must come first, before any work."""
+    from sparsecc.tune.cli import cli_main
+
+    out = tmp_path / "spec.toml"
+    if flags[0] == "--out-suffix":
+        out, flags = tmp_path / f"spec{flags[1]}", []
+    elif flags[0] == "--out-folder":
+        out, flags = tmp_path / flags[1] / "spec.toml", []
+    with pytest.raises(SystemExit) as info:
+        cli_main(["--model", "no_such_module_anywhere:build", "--data", "no_such_module_anywhere:data",
+                  "--out", str(out), *flags])
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_cli_tune_data_errors_name_the_file(tmp_path):
+    from sparsecc.tune.cli import cli_main
+
+    base = ["--model", "tests.tune.models:Stack", "--out", str(tmp_path / "spec.toml"), "--no-progress"]
+    with pytest.raises(SystemExit, match="no such file"):
+        cli_main([*base, "--data", str(tmp_path / "missing.pt")])
+    (tmp_path / "notes.txt").write_text("not a torch file")
+    with pytest.raises(SystemExit, match="is not a torch.save'd list of batches"):
+        cli_main([*base, "--data", str(tmp_path / "notes.txt")])

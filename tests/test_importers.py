@@ -236,6 +236,17 @@ def test_duo_errors():
     assert info.value.key == "recent" and "integer >= 1" in info.value.allowed
 
 
+@pytest.mark.parametrize("text, line, column", [("0.9\t\t0.1\n", 1, 1), ("0.9\t0.5\t0.1\n0.9 0.5\t0.1\n", 2, 0)])
+def test_duo_cells_are_tab_separated(tmp_path, text, line, column):
+    """An empty cell, or two values in one cell, is an error naming the row and column, as DuoAttention's
+    numpy.loadtxt(delimiter="\\t") refuses the file: splitting on any whitespace read [0.9, 0.1] as two KV heads and
+    streamed the wrong query heads."""
+    (tmp_path / "full_attention_heads.tsv").write_text(text)
+    with pytest.raises(SpecError, match=f"column {column} = ") as info:
+        import_duo_attention(tmp_path, query_heads=6, sink=1, recent=1)
+    assert info.value.line == line
+
+
 def test_duo_bad_values_and_config(tmp_path):
     (tmp_path / "full_attention_heads.tsv").write_text("0.1\t0.2\n0.3\tnan\n")
     with pytest.raises(SpecError, match="row 1, column 1") as info:

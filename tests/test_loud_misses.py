@@ -139,3 +139,14 @@ def test_heads_that_do_not_exist_are_in_the_warning(eager_lowering):
         _compile_and_run(zoo.SdpaAttention().eval(), spec=spec)
     (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
     assert site.applied, site.reason
+
+
+def test_the_summary_carries_a_few_notes_cut_short():
+    """The summary is warned and logged at every compile: the first notes only, each bounded, and how many more."""
+    from sparsecc.report.model import SUMMARY_NOTE_CHARS, SUMMARY_NOTES, Report
+
+    notes = [f"note {i} " + "x" * 500 for i in range(SUMMARY_NOTES + 2)]
+    line = Report(notes=notes).summary()
+    assert all(f"note {i} " in line for i in range(SUMMARY_NOTES))
+    assert f"note {SUMMARY_NOTES} " not in line and "; 2 more note(s) in the report" in line
+    assert len(line) < 200 + SUMMARY_NOTES * (SUMMARY_NOTE_CHARS + 2) + 40

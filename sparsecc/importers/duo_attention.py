@@ -51,7 +51,9 @@ def _duo_gates(src: _Source) -> List[List[float]]:
         if not text:
             continue
         row = []
-        for col, cell in enumerate(text.split()):
+        # Cells are split on tabs, as DuoAttention's numpy.loadtxt(delimiter="\t") splits them: an empty cell
+        # (two tabs in a row) is an error there, never a head dropped and the row's later heads shifted.
+        for col, cell in enumerate(c.strip() for c in text.split("\t")):
             try:
                 value = float(cell)
             except ValueError:

@@ -92,12 +92,13 @@ def import_minference(path: Any, *, modules_template: str = DEFAULT_ATTENTION_TE
     Heads of a layer with identical settings share one ``[[attention]]`` rule with their
     ``heads`` list. Mapping:
 
-    * ``vertical_and_slash`` -> ``vertical_slash`` with ``last_q = 64``, ``vertical =
-      max(size_a, 30) - 1``, ``slash = max(size_b, 50) - 1``, ``block = 64``: MInference
-      raises the budgets to those lower bounds and counts column 0 and the main diagonal in
-      them, which sparsecc keeps besides its budgets, so the totals are equal;
-    * ``stream_llm`` (also spelled ``a_shape``) -> ``streaming`` with ``sink = size_a``
-      (``n_init``) and ``window = size_b`` (``n_local``);
+    * ``vertical_and_slash`` -> ``vertical_slash`` with ``last_q = 64``, ``vertical = size_a``,
+      ``slash = size_b`` (the sizes as written), ``block = 64``: sparsecc's ``vertical_slash`` is
+      MInference's pattern, which raises the budgets to at least 30 columns and 50 diagonals
+      itself (docs/spec.md, docs/importers.md);
+    * ``stream_llm`` -> ``streaming`` with ``sink = size_a`` (``n_init``) and ``window = size_b``
+      (``n_local``). sparsecc also reads ``a_shape`` here, the name of MInference's whole-model
+      streaming mode, which MInference's per-head dispatch does not accept;
     * ``block_sparse`` -> ``block_topk`` with ``block = 64``, ``topk = 100``,
       ``sink_blocks = 0``, ``local_blocks = 0``, ``pool = "mean"``: MInference's kernel keeps
       the 100 key blocks of largest mean-pooled score per query block and ignores both sizes.

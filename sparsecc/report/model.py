@@ -9,6 +9,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from sparsecc.cost.estimate import Estimate
 from sparsecc.spec.schema import rule_sort_key  # noqa: F401 (part of this module's interface)
 
+# How many of the report's notes the one-line summary carries, and how long each may be there.
+SUMMARY_NOTES = 3
+SUMMARY_NOTE_CHARS = 200
+
 
 class _FromEstimate:
     """A figure of the embedded estimate under the report's name and unit (``dense_time_us``: seconds x 1e6);
@@ -173,8 +177,11 @@ class Report:
             line += "; no spec given, so every site stays dense"
         unmatched = self.unmatched_rules()
         line += "; rules that matched nothing: " + (", ".join(unmatched) if unmatched else "none")
-        if self.notes:
-            line += "; " + "; ".join(self.notes)
+        if self.notes:   # the first few, each cut short: the line is warned and logged at every compile
+            shown = [note if len(note) <= SUMMARY_NOTE_CHARS else note[:SUMMARY_NOTE_CHARS - 3] + "..."
+                     for note in self.notes[:SUMMARY_NOTES]]
+            more = len(self.notes) - len(shown)
+            line += "; " + "; ".join(shown) + (f"; {more} more note(s) in the report" if more else "")
         return line
 
     @property

@@ -71,9 +71,11 @@ class TomlLocator:
             else:
                 parts, j = _parse_key(text, i)
                 if parts:
-                    self._lines.setdefault(current + tuple(parts), line)
+                    path = current + tuple(parts)
+                    self._lines.setdefault(path, line)
                     eq = text.find("=", j)
-                    i, line = _skip_value(text, (eq + 1) if eq >= 0 else n, line)
+                    i, line = _skip_value(text, (eq + 1) if eq >= 0 else n, line,
+                                          lambda index, at, path=path: self._lines.setdefault(path + (index,), at))
                 else:
                     i = self._end_of_line(text, i)
 
@@ -136,10 +138,16 @@ def _parse_key(text: str, i: int) -> Tuple[List[str], int]:
     return parts, i
 
 
-def _skip_value(text: str, i: int, line: int) -> Tuple[int, int]:
-    """Skip a value that may span lines (arrays, multi-line strings); returns (position, line)."""
+def _skip_value(text: str, i: int, line: int, on_element=None) -> Tuple[int, int]:
+    """Skip a value that may span lines (arrays, multi-line strings); returns (position, line).
+
+    ``on_element(index, line)`` is told where each element of a top-level array starts (an inline array of
+    rules spread over lines: ``attention = [ {...}, {...} ]``), so errors in one rule point at its line.
+    """
     n = len(text)
     depth = 0
+    outer_array = False          # the value is an array; its elements sit at depth 1
+    index, expecting = 0, False  # the next element's index, and whether one may start here
     while i < n:
         char = text[i]
         if char == "\n":
@@ -151,6 +159,9 @@ def _skip_value(text: str, i: int, line: int) -> Tuple[int, int]:
             end = text.find("\n", i)
             i = n if end < 0 else end
         elif char in "\"'":
+            if depth == 1 and outer_array and expecting and on_element is not None:
+                on_element(index, line)
+                expecting = False
             triple = char * 3
             if text.startswith(triple, i):
                 end = text.find(triple, i + 3)
@@ -168,12 +179,23 @@ def _skip_value(text: str, i: int, line: int) -> Tuple[int, int]:
             line += text.count("\n", i, end)
             i = end
         elif char in "[{":
+            if depth == 1 and outer_array and expecting and on_element is not None:
+                on_element(index, line)
+                expecting = False
+            if depth == 0 and char == "[":
+                outer_array, expecting = True, True
             depth += 1
             i += 1
         elif char in "]}":
             depth = max(0, depth - 1)
             i += 1
+        elif char == "," and depth == 1 and outer_array:
+            index, expecting = index + 1, True
+            i += 1
         else:
+            if depth == 1 and outer_array and expecting and char not in " \t\r" and on_element is not None:
+                on_element(index, line)
+                expecting = False
             i += 1
     return i, line
 
@@ -196,7 +218,7 @@ class DuplicateKey(ValueError):
     def __init__(self, key: str):
         super().__init__(key)
         self.key = key
-        self.pos: Optional[int] = None  # where the object starts, filled in by the decoder
+        self.pos: Optional[int] = None  # where the second spelling of the key is (else the object's start)
 
 
 class _SpanDecoder(json.JSONDecoder):
@@ -222,12 +244,27 @@ class _SpanDecoder(json.JSONDecoder):
         try:
             obj, end = json.decoder.JSONObject(s_and_end, *args, **kwargs)
         except DuplicateKey as exc:
-            # The innermost object that saw the duplicate fills in its own start.
+            # The innermost object that saw the duplicate fills in where the key is written again.
             if exc.pos is None:
-                exc.pos = start - 1
+                exc.pos = self._second_key(s_and_end[0], start, exc.key)
             raise
         self.spans[id(obj)] = (start - 1, end)
         return obj, end
+
+
+    def _second_key(self, text: str, start: int, key: str) -> int:
+        """Where ``key`` is written a second time as a key of the object starting at ``start`` (keys of the
+        objects nested in it, already parsed, do not count); the object's start when it cannot be found."""
+        nested = [span for span in self.spans.values() if span[0] >= start]
+        seen = 0
+        for match in re.finditer(re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:", text[start:]):
+            at = start + match.start()
+            if any(lo <= at < hi for lo, hi in nested):
+                continue
+            seen += 1
+            if seen == 2:
+                return at
+        return start - 1
 
 
 def parse_json(text: str) -> Tuple[Any, "JsonLocator"]:

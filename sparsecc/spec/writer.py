@@ -144,8 +144,8 @@ def dumps_json(data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def save_spec(spec: Any, path: Any) -> None:
-    """Write ``spec`` to ``path`` as TOML or JSON, chosen by the suffix."""
+def _spec_file_name(path: Any) -> str:
+    """``path`` as a str when its suffix names a spec format; else SpecError."""
     try:
         name = os.fsdecode(os.fspath(path))
     except TypeError:
@@ -154,6 +154,26 @@ def save_spec(spec: Any, path: Any) -> None:
     if suffix not in SUFFIXES:
         raise SpecError(f"cannot be saved: the suffix {suffix or '(none)'!r} is not known",
                         file=name, value=suffix, allowed=" or ".join(SUFFIXES))
+    return name
+
+
+def check_spec_path(path: Any) -> str:
+    """``path`` as a str when a spec can be saved there (a known suffix, an existing folder); else SpecError.
+
+    Callers that run for long before saving (``sparsecc.tune``) check their output path first with it.
+    """
+    name = _spec_file_name(path)
+    folder = os.path.dirname(name) or "."
+    if not os.path.isdir(folder):
+        raise SpecError(f"cannot be saved: the folder {folder!r} does not exist", file=name,
+                        allowed="a path in an existing folder")
+    return name
+
+
+def save_spec(spec: Any, path: Any) -> None:
+    """Write ``spec`` to ``path`` as TOML or JSON, chosen by the suffix."""
+    name = _spec_file_name(path)
+    suffix = Path(name).suffix.lower()
     data = spec_to_dict(spec)
     text = dumps_toml(data) if suffix == ".toml" else dumps_json(data)
     # A regular file only: opening a FIFO for writing would block until a reader came.

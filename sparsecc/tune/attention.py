@@ -14,7 +14,9 @@ Scoring, per head h and candidate form c (exact definitions):
   of self-attention drop out; rows with Sq > Sk count all).
 * K_c is the kept-entry mask of c: the token mask of ``streaming``, or the block
   table of ``block_topk`` / the kept pairs of ``vertical_slash`` (from their references) expanded
-  to tokens.
+  to tokens. The dynamic forms select causally in a non-causal call for the batch
+  elements whose masks remove every later key (HF's mask tensor of a padded batch),
+  as the compiled op does (docs/spec.md).
 * recall(h, c) = sum over counted rows of sum_j P * K_c, divided by the number
   of counted rows (the mean kept attention mass per query);
 * density(h, c) = |K_c and allowed| / |allowed| over counted rows.
@@ -23,7 +25,8 @@ Choice under a budget B on the mean density over all heads (dense heads have
 density 1): maximise the total recall. The compiler runs one sparse family per
 site (other heads dense), with per-head sink/window for streaming and one shared
 layout for the other families, so a site's option is a family plus per-head
-choices within it. The problem is solved by its Lagrangian: for a price
+choices within it; ``block_topk`` needs one rule for every head, so it goes to all
+of a site's heads or to none. The problem is solved by its Lagrangian: for a price
 lambda, every site takes the option maximising sum_h (recall - lambda *
 density); the smallest lambda whose choice meets B (bisection) is used. Ties
 go to the lower density.
@@ -338,23 +341,26 @@ def _call_selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, causal
         return _selection(form, q, k, causal, scale, estimates)
     if bool(causal_rows.all()):
         return _selection(form, q, k, True, scale, estimates)
-    (kind, causal_keep), (_, plain_keep) = (_selection(form, q, k, flag, scale, estimates) for flag in (True, False))
+    # A mixed batch: each group of batch elements selects with its own causality (as the compiled op splits it).
+    # The estimates cache keys on causality, and within one call each causality is one group of elements.
     b = q.shape[0]
     rows = causal_rows.expand(b)
-    if kind == "blocks":
-        (c_blocks, block_q, block_k), (p_blocks, _, _) = causal_keep, plain_keep
-        return kind, (torch.where(rows[:, None, None, None], c_blocks.expand(b, *c_blocks.shape[1:]),
-                                  p_blocks.expand(b, *p_blocks.shape[1:])), block_q, block_k)
-    return kind, torch.where(rows[:, None, None, None], causal_keep.expand(b, *causal_keep.shape[1:]),
-                             plain_keep.expand(b, *plain_keep.shape[1:]))
+    kind, keep, extra = None, None, ()
+    for flag, batch in ((True, rows.nonzero().flatten()), (False, (~rows).nonzero().flatten())):
+        kind, selected = _selection(form, q[batch], k[batch], flag, scale, estimates)
+        part, extra = (selected[0], selected[1:]) if kind == "blocks" else (selected, ())
+        if keep is None:
+            keep = part.new_zeros(b, *part.shape[1:])
+        keep[batch] = part.expand(len(batch), *part.shape[1:])
+    return kind, ((keep, *extra) if kind == "blocks" else keep)
 
 
 def _selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float,
                estimates: Optional[Dict[tuple, torch.Tensor]] = None):
     """A dynamic form's kept set for one call: ("blocks", (mask [B, H, nQ, nK], block_q, block_k)) or ("tokens", mask).
 
-    ``estimates`` caches block_topk estimates by (block, pool, rows) within the call: candidates that differ only in
-    their budget (a ``min_mass`` grid, several ``topk``) compute the estimate once.
+    ``estimates`` caches block_topk estimates by (block, pool, rows, causality) within the call: candidates that
+    differ only in their budget (a ``min_mass`` grid, several ``topk``) compute the estimate once.
     """
     from sparsecc.codegen import dynamic_attention as dyn
 
@@ -422,17 +428,34 @@ class HeadChoice:
         return f"{self.site}: {kinds}"
 
 
+def _families(cands) -> Dict[object, List[int]]:
+    """The candidates a site may combine: streaming heads may differ in sink/window; each other form is a family
+    of its own (one layout per site)."""
+    families: Dict[object, List[int]] = {}
+    for c, form in enumerate(cands):
+        families.setdefault("streaming" if isinstance(form, Streaming) else form, []).append(c)
+    return families
+
+
+def _site_lowest(cands, density) -> float:
+    """The smallest summed density over one site's heads that any option reaches (dense heads count 1)."""
+    lowest = float(density.shape[0])
+    for family, members in _families(cands).items():
+        per_head = density[:, members].min(dim=1).values
+        if isinstance(family, BlockTopK):    # every head or none (see _site_option)
+            lowest = min(lowest, float(per_head.sum()))
+        else:
+            lowest = min(lowest, float(per_head.clamp(max=1.0).sum()))
+    return lowest
+
+
 def _site_option(cands, recall, density, price: float):
     """The best (value, per-head candidate index or -1 for dense) of one site at a density price."""
     heads = recall.shape[0]
     dense_value = 1.0 - price - _TIE_PRICE
     value = recall - (price + _TIE_PRICE) * density          # [H, C]
     best_total, best_pick = heads * dense_value, [-1] * heads
-    families: Dict[object, List[int]] = {}
-    for c, form in enumerate(cands):
-        # streaming heads may differ in sink/window; other families share one layout per site
-        families.setdefault("streaming" if isinstance(form, Streaming) else form, []).append(c)
-    for family, members in families.items():
+    for family, members in _families(cands).items():
         sub = value[:, members]
         top, arg = sub.max(dim=1)
         if isinstance(family, BlockTopK):
@@ -459,11 +482,12 @@ def choose_heads(stats: AttentionStats, budget: float) -> List[HeadChoice]:
         dens = [float(tables[s][2][h, c]) if c >= 0 else 1.0 for s, p in picks.items() for h, c in enumerate(p)]
         return picks, (sum(dens) / len(dens) if dens else 0.0)
 
-    lowest = [min(1.0, float(row.min())) for _, _, dens in tables.values() for row in dens]   # dense: 1
-    if lowest and sum(lowest) / len(lowest) > budget + 1e-12:
+    heads = sum(int(dens.shape[0]) for _, _, dens in tables.values())
+    lowest = sum(_site_lowest(cands, dens) for cands, _, dens in tables.values()) / max(heads, 1)
+    if heads and lowest > budget + 1e-12:
         blocks = {e.get("density_block", 1) for e in stats.sites.values()}
-        raise ValueError(f"attention budget={budget!r} cannot be met: every head at its sparsest candidate still "
-                         f"keeps a mean density of {sum(lowest) / len(lowest):.4f} (density in blocks of "
+        raise ValueError(f"attention budget={budget!r} cannot be met: every site at its sparsest option still "
+                         f"keeps a mean density of {lowest:.4f} (density in blocks of "
                          f"{', '.join(map(str, sorted(blocks)))}; calibration keys shorter than a few blocks leave "
                          "nothing to skip). Raise the budget, calibrate on longer sequences, or give sparser "
                          "candidates or a smaller density block")
@@ -477,6 +501,8 @@ def choose_heads(stats: AttentionStats, budget: float) -> List[HeadChoice]:
             else:
                 lo = mid
         picks, mean = assign(hi)
+    if mean > budget + 1e-9:   # the bisection's price cap reached without meeting the budget: never return it
+        raise ValueError(f"attention budget={budget!r} was not met: the choice keeps a mean density of {mean:.4f}")
     out = []
     for s, pick in picks.items():
         cands, recall, density = tables[s]

@@ -18,6 +18,8 @@ def _resolve(ref: str, what: str) -> Callable:
         module_name, _, attr = ref.rpartition(".")
     if not module_name or not attr:
         raise SystemExit(f"sparsecc tune: {what} {ref!r} is not MODULE:CALLABLE")
+    if "" not in sys.path:
+        sys.path.insert(0, "")   # a factory module in the current folder, as `sparsecc explain` finds it
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -66,25 +68,46 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# What --data names when it is a file rather than MODULE:CALLABLE.
+DATA_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
+
+
 def _load_data(ref: str) -> List:
     if os.path.exists(ref):
         import torch
-        data = torch.load(ref, weights_only=False)
+        try:
+            data = torch.load(ref, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why, without a traceback
+            raise SystemExit(f"sparsecc tune: --data {ref!r} is not a torch.save'd list of batches "
+                             f"({type(err).__name__}: {err})") from None
+    elif ref.lower().endswith(DATA_SUFFIXES) or os.sep in ref:
+        raise SystemExit(f"sparsecc tune: --data {ref!r}: no such file")
     else:
         data = _resolve(ref, "--data")()
-    return list(data)
+    try:
+        return list(data)
+    except TypeError:
+        raise SystemExit(f"sparsecc tune: --data {ref!r} gave {type(data).__name__}, not a list of "
+                         "batches") from None
 
 
 def cli_main(argv: Optional[List[str]] = None) -> int:
     """Run ``sparsecc tune`` with ``argv`` (default: sys.argv[1:]); returns the exit status."""
-    from sparsecc.tune.tuner import tune
-
+    from sparsecc.spec import SpecError
     from sparsecc.tune.models import ModelLoadError, is_model_ref, load_model
+    from sparsecc.tune.tuner import check_tune_arguments, tune
 
     parser = _parser()
     args = parser.parse_args(argv)
     if args.mode == "mixed" and args.method != "separable":
         parser.error("--mode mixed chooses modes on the sensitivity tables: it needs --method separable")
+    try:   # before the model loads: a bad argument never costs a calibration run
+        check_tune_arguments(target=args.target, step=args.step, attention_density=args.attention_density,
+                             attention_block=args.attention_block, out=args.out)
+    except (ValueError, SpecError) as err:
+        flag = {"target": "--target", "step": "--step", "attention_density": "--attention-density",
+                "attention_block": "--attention-block"}.get(str(err).split("=", 1)[0], "--out")
+        parser.error(f"{flag}: {err}")
     tokenizer = None
     try:
         if not args.model_module and is_model_ref(args.model):

@@ -407,6 +407,30 @@ def attention_rules(choices: Sequence[HeadChoice]) -> List[Rule]:
     return rules
 
 
+def check_tune_arguments(*, target: float, step: float, attention_density: Optional[float], attention_block: int,
+                         out=None) -> None:
+    """Raise ValueError (or SpecError for ``out``) naming the first argument of :func:`tune` that is not allowed.
+
+    :func:`tune` calls it before any work, and ``sparsecc tune`` before it loads the model, so a bad argument never
+    costs a calibration run.
+    """
+    from sparsecc.spec.writer import check_spec_path
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not (number(target) and 0 < target < 1):
+        raise ValueError(f"target={target!r} is not allowed; expected an average FFN sparsity in (0, 1)")
+    if not (number(step) and 0 < step < 1):
+        raise ValueError(f"step={step!r} is not allowed; expected a number in (0, 1)")
+    if attention_density is not None and not (number(attention_density) and 0 < attention_density <= 1):
+        raise ValueError(f"attention_density={attention_density!r} is not allowed; expected a mean density in (0, 1]")
+    if not (isinstance(attention_block, int) and not isinstance(attention_block, bool) and attention_block >= 1):
+        raise ValueError(f"attention_block={attention_block!r} is not allowed; expected an integer >= 1")
+    if out is not None:
+        check_spec_path(out)
+
+
 def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "magnitude",
          error_fn=None, search_batches: Optional[Sequence] = None,
          step: float = DEFAULT_STEP, max_level: float = DEFAULT_MAX_LEVEL, method: str = "greedy",
@@ -439,8 +463,8 @@ def tune(model, batches, target: float = 0.5, out=None, *, criterion: str = "mag
     from tqdm.auto import tqdm
 
     batches = list(batches)
-    if not 0 < target < 1:
-        raise ValueError(f"target={target!r} is not allowed; expected an average FFN sparsity in (0, 1)")
+    check_tune_arguments(target=target, step=step, attention_density=attention_density,
+                         attention_block=attention_block, out=out)
     model_was_training = model.training
     model.eval()
     try:

@@ -48,27 +48,17 @@ def _gemv_configs():
             for compact in (True, False)]
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("m", [1, 3])
-def test_interp_threshold_linear_carries_a_nan_input(interpreter, m, weighted):
-    from sparsecc.codegen.activation_sparse import threshold_linear
-
+def _linear_case(m, weighted):
     gen, x = _inputs(m)
     w = randn(gen, N, D, dtype=torch.float32, scale=D ** -0.5)
     bias = randn(gen, N, dtype=torch.float32)
     scale = w.double().norm(dim=0) if weighted else None
     tau = 0.4
     expected = _thresholded(x.double(), tau, scale) @ w.double().T + bias.double()
-    for cfg in _gemv_configs():
-        out = threshold_linear(x, w, bias, tau, config=cfg, channel_scale=None if scale is None else scale.float())
-        _check(out, expected)
+    return (x, w, bias, tau), dict(channel_scale=None if scale is None else scale.float()), expected
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("m", [1, 3])
-def test_interp_threshold_ffn_carries_a_nan_input(interpreter, m, weighted):
-    from sparsecc.codegen.threshold_ffn import threshold_ffn
-
+def _input_ffn_case(m, weighted):
     gen, x = _inputs(m, seed=1)
     wg, wu = (randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5) for _ in range(2))
     wd = randn(gen, N, F, dtype=torch.float32, scale=F ** -0.5)
@@ -79,31 +69,73 @@ def test_interp_threshold_ffn_carries_a_nan_input(interpreter, m, weighted):
     up = _thresholded(x64, tau_in, scales[1]) @ wu.double().T
     h = ACTIVATIONS["silu"](gate) * up
     expected = _thresholded(h, tau_down, scales[2]) @ wd.double().T
-    for cfg in _gemv_configs():
-        kwargs = {} if not weighted else dict(scale_gate=scales[0].float(), scale_up=scales[1].float(),
-                                              scale_down=scales[2].float())
-        out = threshold_ffn(x, wg, None, wu, None, wd, None, "silu", tau_in, tau_down, config=cfg, down_config=cfg,
-                            **kwargs)
-        _check(out, expected)
+    kwargs = {} if not weighted else dict(scale_gate=scales[0].float(), scale_up=scales[1].float(),
+                                          scale_down=scales[2].float())
+    return (x, wg, None, wu, None, wd, None), dict(act="silu", tau_input=tau_in, tau_down=tau_down, **kwargs), \
+        expected
 
 
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("m", [1, 3])
-def test_interp_gate_sparse_ffn_carries_a_nan_input(interpreter, m, gated):
-    from sparsecc.codegen.gate_sparse_ffn import GateConfig, gate_sparse_ffn
-
+def _gate_ffn_case(m, gated):
     gen, x = _inputs(m, seed=2)
     wg = randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5)
     wu = randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5) if gated else None
     wd = randn(gen, N, F, dtype=torch.float32, scale=F ** -0.5)
     tau = 0.1
     x64 = x.double()
-    a = ACTIVATIONS["silu"](x64 @ wg.double().T)
-    h = _thresholded(a, tau)
+    h = _thresholded(ACTIVATIONS["silu"](x64 @ wg.double().T), tau)
     if gated:
         h = h * (x64 @ wu.double().T)
-    expected = h @ wd.double().T
+    return (x, wg, None, wu, None, wd, None), dict(act="silu", tau=tau), h @ wd.double().T
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_interp_threshold_linear_carries_a_nan_input(interpreter, m, weighted):
+    """m = 17 is past the kernels' token limit: the wrapper runs the reference, which must agree."""
+    from sparsecc.codegen.activation_sparse import threshold_linear, threshold_linear_ref
+
+    args, kwargs, expected = _linear_case(m, weighted)
+    for cfg in _gemv_configs():
+        _check(threshold_linear(*args, config=cfg, **kwargs), expected)
+    _check(threshold_linear_ref(*args, **kwargs), expected)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_interp_threshold_ffn_carries_a_nan_input(interpreter, m, weighted):
+    from sparsecc.codegen.threshold_ffn import threshold_ffn, threshold_ffn_ref
+
+    args, kwargs, expected = _input_ffn_case(m, weighted)
+    scales = {k: v for k, v in kwargs.items() if k.startswith("scale_")}
+    for cfg in _gemv_configs():
+        _check(threshold_ffn(*args, "silu", kwargs["tau_input"], kwargs["tau_down"], config=cfg, down_config=cfg,
+                             **scales), expected)
+    _check(threshold_ffn_ref(*args, **kwargs), expected)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_interp_gate_sparse_ffn_carries_a_nan_input(interpreter, m, gated):
+    from sparsecc.codegen.activation_sparse import gate_sparse_ffn_ref
+    from sparsecc.codegen.gate_sparse_ffn import GateConfig, gate_sparse_ffn
+
+    args, kwargs, expected = _gate_ffn_case(m, gated)
     cfg = GateConfig(BLOCK_F=16, BLOCK_D=16, num_warps=4)
-    out = gate_sparse_ffn(x, wg, None, wu, None, wd, None, "silu", tau, config=cfg,
-                          down_config=_gemv_configs()[0])
-    _check(out, expected)
+    _check(gate_sparse_ffn(*args, "silu", kwargs["tau"], config=cfg, down_config=_gemv_configs()[0]), expected)
+    _check(gate_sparse_ffn_ref(*args, **kwargs), expected)
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_the_references_carry_a_nan_input(m):
+    """The CPU path (and kernels="reference") runs these references: the same answer as the formula."""
+    from sparsecc.codegen.activation_sparse import gate_sparse_ffn_ref, threshold_linear_ref
+    from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
+
+    for weighted in (False, True):
+        args, kwargs, expected = _linear_case(m, weighted)
+        _check(threshold_linear_ref(*args, **kwargs), expected)
+        args, kwargs, expected = _input_ffn_case(m, weighted)
+        _check(threshold_ffn_ref(*args, **kwargs), expected)
+    for gated in (True, False):
+        args, kwargs, expected = _gate_ffn_case(m, gated)
+        _check(gate_sparse_ffn_ref(*args, **kwargs), expected)

@@ -390,7 +390,11 @@ def test_bad_json_syntax_and_duplicate_keys(tmp_path):
     with pytest.raises(SpecError, match=r"s\.json:3: invalid JSON"):
         load_spec(path)
     path = write(tmp_path, "d.json", '{"version": 1,\n "linear": [\n  {"form": "2:4",\n   "form": "dense"}]}')
-    with pytest.raises(SpecError, match=r"d\.json:3: invalid JSON: the key 'form' appears twice"):
+    with pytest.raises(SpecError, match=r"d\.json:4: invalid JSON: the key 'form' appears twice"):
+        load_spec(path)     # the line of the second "form", not of the object's start
+    # A nested object's own key of the same name, before the duplicate, is not the duplicate.
+    path = write(tmp_path, "n.json", '{"version": 1,\n "meta": {"version": 2},\n "linear": [],\n "version": 1}')
+    with pytest.raises(SpecError, match=r"n\.json:4: invalid JSON: the key 'version' appears twice"):
         load_spec(path)
 
 
@@ -764,3 +768,12 @@ def test_saving_refuses_devices_and_directories_and_replaces_files(tmp_path):
     target = write(tmp_path, "s.toml", "x" * 100_000)   # longer than the spec: must be cut, not overwritten
     spec.save(target)
     assert load_spec(target) == spec
+
+
+def test_an_inline_array_of_rules_points_at_the_bad_rule(tmp_path):
+    """Rules written as one inline array over several lines: the error names the line of the rule at fault."""
+    text = ('version = 1\nattention = [\n  {form = "streaming", sink = 1, window = 8},\n'
+            '  {form = "streaming", sink = 1, window = -2},\n]\n')
+    with pytest.raises(SpecError, match=r"i\.toml:4: attention\[1\]\.window = -2") as info:
+        load_spec(write(tmp_path, "i.toml", text))
+    assert info.value.line == 4

@@ -225,3 +225,22 @@ def test_block_topk_goes_to_every_head_of_a_site_or_none(budget):
     kinds = {type(f) for f in choice.forms}
     assert len(kinds) == 1, choice
     assert sum(choice.density) / 4 <= budget + 1e-9
+
+
+def test_an_unreachable_budget_counts_block_topk_for_every_head():
+    """Head 0 is sparsest under one block_topk form and head 1 under another, but a site takes one form for all
+    its heads: the sparsest option keeps 0.5 on average, so a 0.3 budget is an error, never a choice above it."""
+    from sparsecc.forms import BlockTopK
+
+    class Table:
+        sites = {"s": {"density_block": 64}}
+
+        def table(self, site):
+            recall = torch.tensor([[0.9, 0.9], [0.9, 0.9]], dtype=torch.float64)
+            density = torch.tensor([[0.1, 0.9], [0.9, 0.1]], dtype=torch.float64)
+            return [BlockTopK(block=64, topk=1), BlockTopK(block=64, topk=2)], recall, density
+
+    with pytest.raises(ValueError, match="mean density of 0.5000"):
+        choose_heads(Table(), 0.3)
+    (choice,) = choose_heads(Table(), 0.5)
+    assert len(set(choice.forms)) == 1 and sum(choice.density) / 2 <= 0.5
