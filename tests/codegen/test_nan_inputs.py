@@ -23,9 +23,9 @@ def test_interpreter_checks():
     run_interpreter_checks(__file__, select="interp", no_skips=True)
 
 
-def _inputs(m, seed=0):
+def _inputs(m, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    x = randn(gen, m, D, dtype=torch.float32)
+    x = randn(gen, m, D, dtype=dtype)
     x[0, 5] = float("nan")                        # token 0 carries one NaN channel; the others none
     return gen, x
 
@@ -48,22 +48,24 @@ def _gemv_configs():
             for compact in (True, False)]
 
 
-def _linear_case(m, weighted):
-    gen, x = _inputs(m)
-    w = randn(gen, N, D, dtype=torch.float32, scale=D ** -0.5)
-    bias = randn(gen, N, dtype=torch.float32)
+# Thresholds that float16 holds exactly, so the kernels' comparisons in the input's dtype and the float64 formula's
+# agree on the inputs (which the cases draw in the dtype they test).
+def _linear_case(m, weighted, dtype=torch.float32):
+    gen, x = _inputs(m, dtype=dtype)
+    w = randn(gen, N, D, dtype=dtype, scale=D ** -0.5)
+    bias = randn(gen, N, dtype=dtype)
     scale = w.double().norm(dim=0) if weighted else None
-    tau = 0.4
+    tau = 0.375
     expected = _thresholded(x.double(), tau, scale) @ w.double().T + bias.double()
     return (x, w, bias, tau), dict(channel_scale=None if scale is None else scale.float()), expected
 
 
-def _input_ffn_case(m, weighted):
-    gen, x = _inputs(m, seed=1)
-    wg, wu = (randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5) for _ in range(2))
-    wd = randn(gen, N, F, dtype=torch.float32, scale=F ** -0.5)
+def _input_ffn_case(m, weighted, dtype=torch.float32):
+    gen, x = _inputs(m, seed=1, dtype=dtype)
+    wg, wu = (randn(gen, F, D, dtype=dtype, scale=D ** -0.5) for _ in range(2))
+    wd = randn(gen, N, F, dtype=dtype, scale=F ** -0.5)
     scales = (wg.double().norm(dim=0), wu.double().norm(dim=0), wd.double().norm(dim=0)) if weighted else (None,) * 3
-    tau_in, tau_down = 0.3, 0.05
+    tau_in, tau_down = 0.3125, 0.046875
     x64 = x.double()
     gate = _thresholded(x64, tau_in, scales[0]) @ wg.double().T
     up = _thresholded(x64, tau_in, scales[1]) @ wu.double().T
@@ -75,12 +77,12 @@ def _input_ffn_case(m, weighted):
         expected
 
 
-def _gate_ffn_case(m, gated):
-    gen, x = _inputs(m, seed=2)
-    wg = randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5)
-    wu = randn(gen, F, D, dtype=torch.float32, scale=D ** -0.5) if gated else None
-    wd = randn(gen, N, F, dtype=torch.float32, scale=F ** -0.5)
-    tau = 0.1
+def _gate_ffn_case(m, gated, dtype=torch.float32):
+    gen, x = _inputs(m, seed=2, dtype=dtype)
+    wg = randn(gen, F, D, dtype=dtype, scale=D ** -0.5)
+    wu = randn(gen, F, D, dtype=dtype, scale=D ** -0.5) if gated else None
+    wd = randn(gen, N, F, dtype=dtype, scale=F ** -0.5)
+    tau = 0.09375
     x64 = x.double()
     h = _thresholded(ACTIVATIONS["silu"](x64 @ wg.double().T), tau)
     if gated:
@@ -139,3 +141,33 @@ def test_the_references_carry_a_nan_input(m):
     for gated in (True, False):
         args, kwargs, expected = _gate_ffn_case(m, gated)
         _check(gate_sparse_ffn_ref(*args, **kwargs), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3])
+def test_kernels_carry_a_nan_input_gpu(m):
+    """The same cases compiled for CUDA with the default launch configs, in float16: the NaN token's outputs are
+    all NaN, its batch-mates' are finite and match the formula (float16 tolerance)."""
+    from sparsecc.codegen.activation_sparse import threshold_linear
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+
+    def on_gpu(values):
+        return [v.cuda() if isinstance(v, torch.Tensor) else v for v in values]
+
+    def check(out, expected):
+        nan = expected.isnan()
+        assert torch.equal(out.isnan().cpu(), nan), out
+        scale = expected[1:].abs().max().clamp_min(1.0) if m > 1 else 1.0
+        torch.testing.assert_close(out[1:].double().cpu(), expected[1:], rtol=0, atol=2e-2 * float(scale))
+
+    for weighted in (False, True):
+        args, kwargs, expected = _linear_case(m, weighted, torch.float16)
+        scale = kwargs["channel_scale"]
+        check(threshold_linear(*on_gpu(args), channel_scale=None if scale is None else scale.cuda()), expected)
+        args, kwargs, expected = _input_ffn_case(m, weighted, torch.float16)
+        scales = {k: v.cuda() for k, v in kwargs.items() if k.startswith("scale_")}
+        check(threshold_ffn(*on_gpu(args), "silu", kwargs["tau_input"], kwargs["tau_down"], **scales), expected)
+    for gated in (True, False):
+        args, kwargs, expected = _gate_ffn_case(m, gated, torch.float16)
+        check(gate_sparse_ffn(*on_gpu(args), "silu", kwargs["tau"]), expected)
