@@ -112,13 +112,13 @@ def refresh(model) -> int:
     from sparsecc.weights import live_bindings
 
     module = getattr(model, "_orig_mod", model)
-    owned = {id(t) for t in list(module.parameters()) + list(module.buffers())}
-    count = 0
-    for binding in live_bindings():
-        if id(binding.param) in owned:
-            binding.refresh(binding.param, force=True)
-            count += 1
-    return count
+    # The model's own parameter order, then the order the bindings were made: the same on every tensor-parallel
+    # rank, whose rebuilds gather the whole weight (a collective) one binding at a time.
+    order = {id(t): i for i, t in enumerate(list(module.parameters()) + list(module.buffers()))}
+    mine = [(order[id(b.param)], n, b) for n, b in enumerate(live_bindings()) if id(b.param) in order]
+    for _, _, binding in sorted(mine, key=lambda item: item[:2]):
+        binding.refresh(binding.param, force=True)
+    return len(mine)
 
 
 def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kwargs) -> Report:

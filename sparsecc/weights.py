@@ -14,6 +14,7 @@ the parameter does not change the container.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -247,24 +248,33 @@ def compress_block_weights(w: Tensor, form: BlockWeights) -> BlockSparseWeight:
         raise ValueError(f"block {bm}x{bk} does not divide the weight shape {n}x{k}")
     with torch.no_grad():
         grid = _block_grid(w.detach(), bm, bk)
-        n_rows, n_cols = grid.shape[:2]
-        if form.prune == "keep":
-            keep = (grid != 0).flatten(2).any(-1)
-        else:
-            norms = grid.double().pow(2).sum((-1, -2)).flatten()
-            n_keep = form.kept_blocks(norms.numel())
-            # Stable descending sort: equal norms keep the lower flat index first.
-            top = torch.sort(norms, descending=True, stable=True).indices[:n_keep]
-            keep = torch.zeros(n_rows * n_cols, dtype=torch.bool, device=w.device)
-            keep[top] = True
-            keep = keep.view(n_rows, n_cols)
-        rows, cols = keep.nonzero(as_tuple=True)  # row-major, so BSR order with ascending columns
-        blocks = grid[rows, cols].contiguous().clone()
-        counts = keep.sum(1, dtype=torch.int64)
-        row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=w.device)
-        row_ptr[1:] = counts.cumsum(0)
+        return _blocks_kept(grid, _kept_block_mask(grid, form), (n, k))
+
+
+def _kept_block_mask(grid: Tensor, form: BlockWeights) -> Tensor:
+    """bool ``[N // bm, K // bk]``: the blocks ``form`` keeps of the block grid ``[N // bm, K // bk, bm, bk]``."""
+    n_rows, n_cols = grid.shape[:2]
+    if form.prune == "keep":
+        return (grid != 0).flatten(2).any(-1)
+    norms = grid.double().pow(2).sum((-1, -2)).flatten()
+    n_keep = form.kept_blocks(norms.numel())
+    # Stable descending sort: equal norms keep the lower flat index first.
+    top = torch.sort(norms, descending=True, stable=True).indices[:n_keep]
+    keep = torch.zeros(n_rows * n_cols, dtype=torch.bool, device=grid.device)
+    keep[top] = True
+    return keep.view(n_rows, n_cols)
+
+
+def _blocks_kept(grid: Tensor, keep: Tensor, shape: Tuple[int, int]) -> BlockSparseWeight:
+    """The BSR weight of ``shape`` holding the blocks of ``grid`` that ``keep`` marks (an all-zero one too)."""
+    n_rows = grid.shape[0]
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major, so BSR order with ascending columns
+    blocks = grid[rows, cols].contiguous().clone()
+    counts = keep.sum(1, dtype=torch.int64)
+    row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=grid.device)
+    row_ptr[1:] = counts.cumsum(0)
     return BlockSparseWeight(blocks=blocks, row_ptr=row_ptr.to(torch.int32), col_idx=cols.to(torch.int32),
-                             shape=(n, k), block=(bm, bk))
+                             shape=shape, block=tuple(grid.shape[2:]))
 
 
 # ---------------------------------------------------------------- bindings of compiled graphs
@@ -349,18 +359,21 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
         return torch.stack([w.sum(dtype=torch.float64), w.abs().sum(dtype=torch.float64)])
 
 
-# Every binding alive in this process, for sparsecc.refresh(model).
-_live_bindings: "weakref.WeakSet[WeightBinding]" = weakref.WeakSet()
+# Every binding alive in this process, for sparsecc.refresh(model), with the order it was made in: a WeakSet
+# iterates by address, which differs between processes, and tensor-parallel ranks must gather (``compress_shard``)
+# in one order.
+_live_bindings: "weakref.WeakKeyDictionary[WeightBinding, int]" = weakref.WeakKeyDictionary()
+_binding_order = itertools.count()
 
 
 def register_binding(binding: WeightBinding) -> None:
     """Make ``binding`` known to ``sparsecc.refresh``."""
-    _live_bindings.add(binding)
+    _live_bindings.setdefault(binding, next(_binding_order))
 
 
 def live_bindings() -> List[WeightBinding]:
-    """The weight bindings of every compiled graph still alive."""
-    return list(_live_bindings)
+    """The weight bindings of every compiled graph still alive, in the order they were made."""
+    return [b for b, _ in sorted(_live_bindings.items(), key=lambda item: item[1])]
 
 
 def compress(weight: torch.Tensor, form):
@@ -413,7 +426,13 @@ def compress_shard(weight, form):
     with torch.no_grad():
         if form.prune == "keep":
             return compress(weight.to_local().detach(), form)
+        if isinstance(form, BlockWeights):
+            # The kept blocks are chosen on the whole weight; this rank holds those in its slice, an all-zero kept
+            # block included (re-deriving them from the slice's nonzero blocks would make its share depend on
+            # values rather than on the global choice).
+            bm, bk = form.block
+            keep = _kept_block_mask(_block_grid(weight.detach().full_tensor(), bm, bk), form)
+            mine = keep[row0 // bm:(row0 + rows) // bm, col0 // bk:(col0 + cols) // bk]
+            return _blocks_kept(_block_grid(weight.to_local().detach(), bm, bk), mine, (rows, cols))
         pruned = compress(weight.detach().full_tensor(), form).to_dense()
-        lossless = TwoFour(prune="keep") if isinstance(form, TwoFour) else \
-            BlockWeights(block=form.block, density=form.density, prune="keep")
-        return compress(local_part(pruned, info), lossless)
+        return compress(local_part(pruned, info), TwoFour(prune="keep"))

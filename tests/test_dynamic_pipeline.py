@@ -1,13 +1,14 @@
-"""Compiling zoo attention models with the dynamic forms (policy force) against the dynamic references."""
+"""Compiling zoo attention models with the dynamic forms (policy force) against the float64 oracle's layouts
+(tests/oracle, written from docs/spec.md)."""
 
 import pytest
 import torch
 
 import sparsecc
 from sparsecc.backend import rewritten_graphs
-from sparsecc.codegen.dynamic_attention import dynamic_table_ref
 from sparsecc.forms import BlockTopK, VerticalSlash
 from tests import zoo
+from tests.oracle import oracle
 from tests.oracle.harness import lowering
 
 FORMS = {
@@ -21,18 +22,19 @@ SPELLINGS = (zoo.SdpaAttention, zoo.SdpaRepeatAttention)
 
 
 def _token_keep(block, x, form):
-    """Token-level keep [H, S, S] of the reference table for this block's own q and k (batch 1)."""
+    """Token-level keep [H, S, S] of the oracle's layout for this block's own q and k (batch 1); the data are such
+    that no selection sits within float32 rounding of a tie (keep_min equals keep_max)."""
     q, k, _ = block.qkv(x)
-    if isinstance(form, VerticalSlash):   # token-level ranges and columns; causal only (dense otherwise)
-        from sparsecc.codegen.vertical_slash import vertical_slash_keep_ref
-        if not block.causal:
-            return torch.ones(q.shape[1], q.shape[2], k.shape[2], dtype=torch.bool)
-        return vertical_slash_keep_ref(q, k, form, 1.0 / q.shape[-1] ** 0.5)[0]
-    table = dynamic_table_ref(q, k, form, block.causal, None)
-    cells = table.to_dense_block_mask()[0]
-    s = x.shape[1]
-    rows = torch.arange(s) // form.block
-    return cells[:, rows][:, :, rows]
+    scale = q.shape[-1] ** -0.5
+    if isinstance(form, VerticalSlash):
+        keep_min, keep_max = oracle.vertical_slash_keep(q, k, scale=scale, causal=block.causal, last_q=form.last_q,
+                                                        vertical=form.vertical, slash=form.slash, block=form.block)
+    else:
+        keep_min, keep_max = oracle.block_topk_keep(q, k, scale=scale, causal=block.causal, block=form.block,
+                                                    topk=form.topk, cdf=form.cdf, sink_blocks=form.sink_blocks,
+                                                    local_blocks=form.local_blocks, pool=form.pool)
+    assert torch.equal(keep_min, keep_max), "the layout is not defined on these data (a near tie)"
+    return keep_min[0]
 
 
 @pytest.mark.parametrize("name", list(FORMS))

@@ -226,6 +226,48 @@ def update_case(spec, moving_spec, mesh) -> dict:
                 ref_applied=ref_applied, moved=moved if isinstance(moved, str) else None)
 
 
+def _compile_refresh_run(model, spec, mesh, x):
+    """Compile ``model``, run it, overwrite the weights behind their parameters' backs (``p.data``: no version
+    bump), with a kept q_proj block set to zero, then ``sparsecc.refresh`` and run again: (before, after,
+    applied per site, bindings rebuilt); ``after`` is the error text when it raises."""
+    from torch.distributed.tensor import distribute_tensor
+    import sparsecc
+
+    fresh = {}
+    for i, (name, p) in enumerate(build().named_parameters()):
+        w = 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(11 + i))
+        if name == "layers.0.attn.q_proj.weight":
+            w[32:64, 0:32] = 0.0        # a block the spec keeps (density 1) that is now all zeros
+        fresh[name] = w
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparsecc", options={"spec": spec})
+    with torch.no_grad():
+        before = compiled(x)
+        applied = [s.applied for s in sparsecc.last_report().sites]
+        for name, p in model.named_parameters():
+            p.data.copy_(distribute_tensor(fresh[name], mesh, p.placements) if hasattr(p, "placements")
+                         else fresh[name])
+        try:
+            rebuilt = sparsecc.refresh(compiled)
+            after = compiled(x)
+        except Exception as err:  # noqa: BLE001 - the test reads the message
+            rebuilt, after = -1, str(err)
+    return before, after, applied, rebuilt
+
+
+def refresh_case(spec, mesh) -> dict:
+    """``sparsecc.refresh`` after writes that bypass the parameters: every rank rebuilds its bindings in one order
+    (each rebuild gathers the whole weight), and a kept all-zero block stays in its rank's share."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    x = inputs()
+    ref_before, ref, ref_applied, ref_rebuilt = _compile_refresh_run(build(), spec, mesh, x)
+    out_before, out, applied, rebuilt = _compile_refresh_run(parallelize_module(build(), mesh, tp_plan()), spec,
+                                                             mesh, x)
+    return dict(out=out, ref=ref, out_before=out_before, ref_before=ref_before, applied=applied,
+                ref_applied=ref_applied, rebuilt=rebuilt, ref_rebuilt=ref_rebuilt)
+
+
 def calibration_case(spec, mesh) -> dict:
     """calibrate() on the unsharded model, its spec on both models; calibrate() on the parallel model refuses."""
     from torch.distributed.tensor.parallel import parallelize_module

@@ -59,6 +59,13 @@ UPDATE = {"version": 1, "defaults": {"policy": "force"},
 MOVING = {"version": 1, "defaults": {"policy": "force"},
           "linear": [{"modules": "layers.1.mlp.down_proj", "form": "block_weights", "block": list(BLOCK),
                       "density": DENSITY_DOWN}]}
+# Weights of four shapes (o_proj 64x64, gate_proj 128x64, q_proj 64x64 in blocks, down_proj 64x128 in blocks):
+# refresh() rebuilds them in one order on every rank; q_proj keeps every block, a zero one included.
+REFRESH = {"version": 1, "defaults": {"policy": "force"},
+           "linear": [{"modules": "*.o_proj", "form": "2:4"}, {"modules": "*.gate_proj", "form": "2:4"},
+                      {"modules": "*.q_proj", "form": "block_weights", "block": list(BLOCK), "density": 1.0},
+                      {"modules": "*.down_proj", "form": "block_weights", "block": list(BLOCK),
+                       "density": DENSITY_DOWN}]}
 CASES = {
     "dense": functools.partial(H.run_case, DENSE),
     "streaming": functools.partial(H.run_case, STREAMING, with_report=True),
@@ -69,6 +76,7 @@ CASES = {
     "weights": functools.partial(H.run_case, WEIGHTS),
     "misaligned": functools.partial(H.run_case, MISALIGNED),
     "update": functools.partial(H.update_case, UPDATE, MOVING),
+    "refresh": functools.partial(H.refresh_case, REFRESH),
 }
 
 
@@ -317,3 +325,17 @@ def test_weight_update_after_compile_prunes_the_new_weights(ranks):
         assert r["applied"] == r["ref_applied"] and sum(r["applied"]) == 10
         # a loud error naming the cause, never a silently stale or misplaced block
         assert "moved kept blocks between ranks" in r["moved"] and "recompile" in r["moved"], f"rank {rank}"
+
+
+def test_refresh_rebuilds_in_one_order_and_keeps_zero_blocks(ranks):
+    """sparsecc.refresh after writes through ``p.data``: the ranks gather their weights in one order (they used to
+    follow each process's WeakSet order, which pairs one weight's shard with another's or aborts the collective),
+    and a kept block that became all zeros stays in its rank's share (it used to shrink the share and fail)."""
+    records = _case(ranks, "refresh")
+    for rank, r in enumerate(records):
+        assert not isinstance(r["out"], str), f"rank {rank}: {r['out']}"
+        assert r["applied"] == r["ref_applied"] and sum(r["applied"]) == 8
+        assert r["rebuilt"] == r["ref_rebuilt"] == 8
+        torch.testing.assert_close(r["out_before"], r["ref_before"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(r["out"], r["ref"], atol=ATOL, rtol=0)
+        assert (r["out"] - r["out_before"]).abs().max() > 1e-2, f"rank {rank}: the new weights changed nothing"

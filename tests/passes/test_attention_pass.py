@@ -8,6 +8,11 @@ from sparsecc.backend import rewritten_graphs
 from tests import zoo
 
 
+def _attention_applied():
+    """Every attention site of the last compile was rewritten (the numbers below are not dense by accident)."""
+    return [s.applied for s in sparsecc.last_report().sites if s.kind == "attention"]
+
+
 def _sparsecc_ops(kind_prefix="sparsecc"):
     names = []
     for gm in rewritten_graphs():
@@ -89,6 +94,7 @@ def test_per_head_rules_and_gqa_mapping(eager_lowering):
             "attention": [{"heads": [1, 2], "form": "streaming", "sink": 1, "window": 2}]}
     with torch.no_grad():
         out = sparsecc.compile(block, spec=spec, kernels="reference")(x)
+    assert _attention_applied() == [True]
     keep = torch.ones(4, 11, 11, dtype=torch.bool)
     keep[1] = keep[2] = streaming_keep(11, 1, 2, True)
     torch.testing.assert_close(out, block.expected(x, keep), atol=1e-5, rtol=1e-5)
@@ -105,6 +111,7 @@ def test_block_sparse_rewrite_matches_semantics(eager_lowering):
     qb = torch.arange(40)[:, None] // 8
     kb = torch.arange(40)[None, :] // 8
     keep = ((qb - kb).abs() < 1) | (qb < 1) | (kb < 1)
+    assert _attention_applied() == [True]
     torch.testing.assert_close(out, block.expected(x, keep), atol=1e-5, rtol=1e-5)
 
 
@@ -137,4 +144,5 @@ def test_block_sparse_dense_heads(eager_lowering):
     kb = torch.arange(24)[None, :] // 8
     keep = torch.ones(4, 24, 24, dtype=torch.bool)
     keep[0] = keep[3] = (qb - kb).abs() < 1
+    assert _attention_applied() == [True]
     torch.testing.assert_close(out, block.expected(x, keep), atol=1e-5, rtol=1e-5)

@@ -3,8 +3,9 @@
 Models are compiled with ``torch.compile(backend="sparsecc")``, a spec that puts
 ``block_weights`` on every linear with policy ``force``, the reference kernels and
 ``SPARSECC_LOWERING=eager``. Expected outputs come from the eager model with each
-weight replaced by its block-pruned dense copy (the compiler prunes with the same
-``compress_block_weights``), so they test the folded chain's semantics, not a copy of it.
+weight replaced by its block-pruned dense copy, pruned by the float64 oracle written from
+docs/spec.md (tests/oracle: the blocks of largest Frobenius norm), so they test the folded
+chain's semantics, not a copy of sparsecc's pruning.
 """
 
 import copy
@@ -17,9 +18,8 @@ import torch.nn.functional as F
 
 from sparsecc.backend import last_report, rewritten_graphs
 from sparsecc.codegen import ops
-from sparsecc.forms import BlockWeights
-from sparsecc.weights import compress_block_weights
 from tests import zoo
+from tests.oracle import oracle
 
 BLOCK, DENSITY = (16, 16), 0.5
 SPEC = {"version": 1, "defaults": {"policy": "force"},
@@ -50,11 +50,12 @@ def _eager(eager_lowering):
 def pruned(model):
     """The model with every 2-D ``weight`` parameter replaced by its block-pruned dense copy."""
     model = copy.deepcopy(model)
-    form = BlockWeights(BLOCK, DENSITY)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.split(".")[-1] == "weight" and param.dim() == 2:  # [out, in] weights of the models here
-                param.copy_(compress_block_weights(param, form).to_dense())
+                kept, defined = oracle.prune_block_weights(param, block=BLOCK, density=DENSITY)
+                assert defined, f"{name}: a tie at the density cut; the test's weights must not have one"
+                param.copy_(kept.to(param.dtype))
     return model
 
 

@@ -246,6 +246,7 @@ def test_weight_update_after_compile_is_never_stale(eager_lowering):
         model.proj.weight.mul_(-2.0).add_(0.5)
         out = compiled(x)
         expected = x @ _two_four_dense(model.proj.weight).t() + model.proj.bias
+    assert [s.applied for s in sparsecc.last_report().sites if s.kind == "linear"] == [True]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

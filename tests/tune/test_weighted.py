@@ -83,6 +83,7 @@ def test_norms_follow_weight_updates(eager_lowering):
         out = compiled(x)
         expected = ffn.fc2(torch.nn.functional.gelu(_hand_weighted_linear(x, ffn.fc1.weight, ffn.fc1.bias, 0.8)
                                                     .float()))
+    assert [s.applied for s in sparsecc.last_report().sites if s.kind == "ffn"] == [True]
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
