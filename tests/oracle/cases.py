@@ -236,18 +236,26 @@ def dynamic_rules(draw, form_rule: dict, heads: int) -> List[dict]:
 def attention_cases(draw, form: str, *, decode: Optional[bool] = None, causal: Optional[bool] = None,
                     causal_via: Optional[str] = None, masked: Optional[bool] = None,
                     aligned: Optional[bool] = None, spellings=ALL_SPELLINGS, per_head: bool = True,
-                    paddings=("none", "left", "right"), min_sk: int = 1, max_sk: int = 40):
+                    paddings=("none", "left", "right"), min_sk: int = 1, max_sk: int = 40,
+                    sparse_layouts: bool = False):
     """An attention case for ``form``; keyword arguments pin parts of it (None: drawn).
 
     decode: Sq < Sk (True) or Sq == Sk (False). causal_via: "is_causal" or "mask".
     masked: the model passes a mask. aligned: for block_sparse decode, whether
     (Sk - Sq) is a multiple of the block (or Sq == 1). paddings: the padding
-    kinds to draw from when the mask is a padding mask.
+    kinds to draw from when the mask is a padding mask. sparse_layouts: only key
+    lengths at which the dynamic forms can leave keys out (vertical_slash keeps the
+    100 nearest diagonals, so Sk > 128; block_topk at least 4 key blocks), for tests
+    that compare two sparse runs and would pass vacuously on dense layouts.
     """
     dynamic = form in oracle.DYNAMIC_FORMS
     causal = draw(st.booleans()) if causal is None else causal
     decode = draw(st.booleans()) if decode is None else decode
-    if dynamic:
+    if dynamic and sparse_layouts:
+        dyn_block = draw(st.sampled_from([16, 32]))
+        lo = 129 if form == "vertical_slash" else 3 * dyn_block + 1
+        sk = draw(st.integers(lo, max(lo, 192 if form == "vertical_slash" else 6 * dyn_block)))
+    elif dynamic:
         # 1-6 key blocks, the last one often ragged
         dyn_block = draw(st.sampled_from([16, 32]))
         n_blocks = draw(st.sampled_from([4, 5, 3, 6, 2, 1] if dyn_block == 16 else [3, 4, 2, 1]))

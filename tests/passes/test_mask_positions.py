@@ -207,9 +207,11 @@ def test_dynamic_estimate_is_causal_per_batch_element(eager_lowering):
     """Chunked prefill (Sq < Sk) of a bidirectional site whose mask removes every later key for sequence 0 only:
     sequence 0's layout is chosen causally, and equals the layout it gets alone (not its batch-mate's choice)."""
     form = {"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0, "local_blocks": 1}
-    q, k, v = _qkv(2, 20, 64, seed=8)
-    keep = torch.ones(2, 1, 20, 64, dtype=torch.bool)
-    keep[0] = torch.arange(64)[None, :] <= (torch.arange(20) + 44)[:, None]     # causal for sequence 0
+    # 40 queries at positions 24..63: the first query block may not see key block 3 causally, so the causal and
+    # the bidirectional estimates choose differently (checked below), which the batch-mate checks alone would miss.
+    q, k, v = _qkv(2, 40, 64, seed=12)
+    keep = torch.ones(2, 1, 40, 64, dtype=torch.bool)
+    keep[0] = torch.arange(64)[None, :] <= (torch.arange(40) + 24)[:, None]     # causal for sequence 0
     out, site = _run(q, k, v, keep, _streaming_spec(form))
     assert site.applied
     torch._dynamo.reset()
@@ -218,3 +220,15 @@ def test_dynamic_estimate_is_causal_per_batch_element(eager_lowering):
     torch._dynamo.reset()
     other, _ = _run(q[1:], k[1:], v[1:], keep[1:], _streaming_spec(form))
     torch.testing.assert_close(out[1:], other, atol=1e-5, rtol=1e-5)
+    # Sequence 0 against the float64 oracle's causal layout (tests/oracle, from docs/spec.md), which differs from
+    # the layout a bidirectional estimate would choose: reading the mask as causal is what is checked here.
+    from tests.oracle import oracle
+
+    rule = dict(scale=D ** -0.5, block=16, topk=1, sink_blocks=0, local_blocks=1)
+    causal_min, causal_max = oracle.block_topk_keep(q[:1], k[:1], causal=True, **rule)
+    plain_min, plain_max = oracle.block_topk_keep(q[:1], k[:1], causal=False, **rule)
+    assert torch.equal(causal_min, causal_max) and torch.equal(plain_min, plain_max)
+    assert not torch.equal(causal_min, plain_min & keep[:1])
+    expected, valid = oracle.attend(q[:1], k[:1], v[:1], causal_min, scale=D ** -0.5, mask=keep[:1])
+    assert bool(valid.all())
+    torch.testing.assert_close(out[:1].double(), expected, atol=1e-5, rtol=1e-5)
