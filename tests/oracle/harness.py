@@ -448,3 +448,19 @@ class LinearNet(nn.Module):
 
     def forward(self, x):
         return self.lin(x)
+
+
+def linear_expected(lin, rule, x):
+    """The oracle's output of a linear site under ``rule`` (2:4 or block_weights) and which output features the
+    spec defines: a 2:4 group with tied magnitudes, or a tie at block_weights' density cut, leaves them open."""
+    from tests.oracle import oracle
+
+    w, b = lin.weight_out_in()
+    w = w.detach()
+    if rule["form"] == "2:4":
+        pruned, valid_out = oracle.prune_2_4(w)
+    else:
+        pruned, defined = oracle.prune_block_weights(w, tuple(rule.get("block", (64, 64))), rule.get("density", 0.25))
+        valid_out = torch.full((w.shape[0],), defined, dtype=torch.bool)
+    exp = oracle.expected_linear(x, pruned, None if b is None else b.detach())
+    return exp, valid_out
