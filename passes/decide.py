@@ -38,6 +38,9 @@ def site_rule(site: Site, ctx):
     policy = ctx.spec.policy_for(rule)
     if isinstance(rule.form, Dense):
         return rule, policy, dense_rule(rule, policy)
+    refused = site.attrs.get("refused")
+    if refused:   # the matcher listed the site but no form can run there (e.g. its dtype)
+        return rule, policy, Decision(False, rule.form, f"not rewritable: {refused}", rule=rule.key, policy=policy)
     return rule, policy, None
 
 
@@ -69,11 +72,14 @@ def verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimat
         return fallback(form, rule_key, policy, f"kernels='triton' but no Triton kernel for {kernel_op} "
                         f"on {site.device.type}", estimate, **params)
     gain = f"predicted {estimate.speedup:.2f}x on {ctx.hardware.name}"
+    if policy == "force":
+        # Forced at every length: the cost model's crossover is an estimate here, never a runtime switch.
+        impl = "triton kernel" if has_kernel and ctx.kernels != "reference" else "reference"
+        crossover = f"; the cost model would run it {estimate.crossover}" if estimate.crossover is not None else ""
+        return Decision(True, form, f"policy force: applied ({impl}; {gain}{crossover})", estimate, rule_key,
+                        policy, params)
     if estimate.crossover is not None:
         gain += f"; {estimate.crossover}"
-    if policy == "force":
-        impl = "triton kernel" if has_kernel and ctx.kernels != "reference" else "reference"
-        return Decision(True, form, f"policy force: applied ({impl}; {gain})", estimate, rule_key, policy, params)
     # policy auto
     if site.device.type == "cpu" and KEEP_CPU_DENSE:
         return Decision(False, form, "auto: on CPU the reference path is not faster than dense "

@@ -26,7 +26,7 @@ from sparsecc.cost import ASSUMED_ACTIVATION_SPARSITY, estimate_ffn
 from sparsecc.forms import ActivationThreshold
 from sparsecc.passes.decide import fallback, site_rule, verdict
 from sparsecc.passes.fx_utils import common_module, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
-from sparsecc.passes.linear import SUPPORTED_DTYPES, LinearMatch, match_linear
+from sparsecc.passes.linear import SUPPORTED_DTYPES, LinearMatch, match_linear, unsupported_dtype
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_match
@@ -152,11 +152,11 @@ def search_ffn(gm: GraphModule, ctx) -> List[Site]:
         found = _match_plain(hidden, ctx) or _match_gated(hidden, ctx)
         if found is None:
             continue
-        if dtype_of(node) not in SUPPORTED_DTYPES:
-            debug_no_match("ffn", node, f"unsupported dtype {dtype_of(node)}")
-            continue
         match = FfnMatch(down=down, down_node=node, **found)
-        sites.append(_make_site(match))
+        site = _make_site(match)
+        if dtype_of(node) not in SUPPORTED_DTYPES:   # listed with the reason, as attention sites are
+            site.attrs["refused"] = unsupported_dtype(dtype_of(node))
+        sites.append(site)
     return sites
 
 

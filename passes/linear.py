@@ -34,7 +34,7 @@ from sparsecc.passes.epilogue import FoldedChain, fold_chain
 from sparsecc.passes.fx_utils import ParamRef, concrete_shape, device_of, dtype_of, is_static, shape_of, size_hint
 from sparsecc.passes.normalize import canonical, is_plain_matmul, op_of
 from sparsecc.passes.plan import Plan, op_call
-from sparsecc.passes.site import Decision, Rewrite, Site, debug_no_match
+from sparsecc.passes.site import Decision, Rewrite, Site
 from sparsecc.sharding import is_dtensor
 from sparsecc.weights import compress
 
@@ -100,6 +100,11 @@ def match_linear(node: Node, ctx) -> Optional[LinearMatch]:
     return None
 
 
+def unsupported_dtype(dtype) -> str:
+    """Why a linear or FFN site of ``dtype`` cannot take a sparse form."""
+    return f"unsupported dtype {dtype} (the forms take {', '.join(str(d) for d in SUPPORTED_DTYPES)})"
+
+
 def search_linear(gm: GraphModule, ctx) -> List[Site]:
     """Find every linear map whose weight is a parameter."""
     sites = []
@@ -108,9 +113,6 @@ def search_linear(gm: GraphModule, ctx) -> List[Site]:
         if m is None:
             continue
         dtype = dtype_of(node)
-        if dtype not in SUPPORTED_DTYPES:
-            debug_no_match("linear", node, f"unsupported dtype {dtype}")
-            continue
         x_shape = shape_of(m.x)
         tokens = 1
         for d in (x_shape or ())[:-1]:
@@ -119,6 +121,8 @@ def search_linear(gm: GraphModule, ctx) -> List[Site]:
         attrs = {"in_features": m.in_features, "out_features": m.out_features, "tokens": tokens,
                  "bias": m.bias is not None, "weight": m.weight.qualname,
                  "weight_layout": "in_out" if m.in_out else "out_in"}
+        if dtype not in SUPPORTED_DTYPES:   # listed, so a rule naming it is said to match and why it stays dense
+            attrs["refused"] = unsupported_dtype(dtype)
         sites.append(Site("linear", m.weight.owner_at(node), node, (node,), shapes, dtype,
                           device_of(node) or torch.device("cpu"), attrs, m, "linear",
                           not is_static(x_shape)))

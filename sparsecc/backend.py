@@ -79,7 +79,7 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
     if kernels not in KERNEL_CHOICES:
         raise SpecError(key="options.kernels", value=kernels, allowed=f"one of {list(KERNEL_CHOICES)}")
     report = options.get("report")
-    if report not in (None, False, True):
+    if not (report is None or isinstance(report, bool)):   # 1 == True and 0 == False, but neither is a switch
         if not (isinstance(report, (str, os.PathLike))
                 and os.fspath(report).lower().endswith(REPORT_SUFFIXES)):
             raise SpecError(key="options.report", value=report,

@@ -95,6 +95,8 @@ def _spec_error_in_chain(exc):
 @pytest.mark.parametrize("options, key", [
     ({"kernels": "cuda"}, "options.kernels"),
     ({"report": "out.txt"}, "options.report"),
+    ({"report": 1}, "options.report"),        # equal to True, but not a switch: it used to fail after the compile
+    ({"report": 0.0}, "options.report"),
     ({"spec": "missing.toml"}, None),
     ({"cudagraphs": "yes"}, "options.cudagraphs"),
 ])

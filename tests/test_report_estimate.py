@@ -77,3 +77,18 @@ def test_the_report_shows_the_estimate_the_decision_made():
         assert row["sparse_flops"] == record.estimate.sparse_flops
         assert row["predicted_speedup"] == pytest.approx(record.estimate.speedup, rel=1e-12)
         assert f"{record.estimate.speedup:.2f}x" in str(report)
+
+
+def test_a_forced_site_reports_the_crossover_as_an_estimate_only(eager_lowering):
+    """policy force applies the form at every length: a symbolic sequence's crossover is the cost model's view,
+    never a runtime switch, and the reason says so (it read "sparse when seq_k >= N" as if the op branched)."""
+    import sparsecc
+    from tests import zoo
+
+    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 4, "policy": "force"}]}
+    with torch.no_grad():
+        compiled = sparsecc.compile(zoo.SdpaAttention().eval(), spec=spec, kernels="reference", dynamic=True)
+        compiled(torch.randn(1, 12, 32))
+    (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert site.applied and "the cost model would run it sparse when seq_k >= " in site.reason
+    assert "dense_below" not in str(site.attrs)

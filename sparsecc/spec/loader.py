@@ -7,6 +7,7 @@ would fix things: the version first, then unknown keys, then each value.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from pathlib import Path
@@ -70,7 +71,8 @@ def load_spec(src: SpecSource) -> Optional[Spec]:
     """Load and validate a spec.
 
     ``None`` gives None (no spec: every site stays dense); a :class:`Spec` is returned as is;
-    a mapping is validated (errors name the file ``"<dict>"``); a path must end in ``.toml``
+    a mapping is validated (errors name the file ``"<dict>"``; numpy's integer and float scalars count as
+    numbers); a path must end in ``.toml``
     or ``.json``. Raises :class:`SpecError` for every problem, and nothing else.
     """
     if src is None:
@@ -78,11 +80,26 @@ def load_spec(src: SpecSource) -> Optional[Spec]:
     if isinstance(src, Spec):
         return src
     if isinstance(src, Mapping):
-        return _guarded(lambda: build_spec(src, _Context(DICT_SOURCE)), DICT_SOURCE)
+        return _guarded(lambda: build_spec(_plain_numbers(src), _Context(DICT_SOURCE)), DICT_SOURCE)
     if isinstance(src, (str, os.PathLike)):
         return _load_file(src)
     raise SpecError(f"cannot load a spec from a {type(src).__name__}",
                     allowed="a path (.toml or .json), a mapping, a sparsecc.spec.Spec or None")
+
+
+def _plain_numbers(value: Any, depth: int = 0) -> Any:
+    """A mapping spec with other libraries' number scalars (``numpy.int64(2)``, ``numpy.float32(0.5)``) as Python
+    ints and floats, which is what the rules check for; bools and everything else are left as they are. Deeper
+    than any spec may nest, values are left for the nesting check to refuse."""
+    if depth > MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {k: _plain_numbers(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_numbers(v, depth + 1) for v in value)
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _guarded(build, file: str) -> Spec:

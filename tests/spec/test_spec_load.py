@@ -540,3 +540,16 @@ def test_objects_built_in_code_refuse_integers_outside_int64():
             build()
     with pytest.raises(SpecError, match="heads"):
         Rule(kind="attention", index=0, form=Dense(), heads=(2**63,))
+
+
+def test_numpy_scalars_in_a_mapping_spec_are_numbers():
+    """A spec built in code from computed values: numpy integers and floats are read as the numbers they are
+    (they used to be refused with "expected an integer >= 0" for a value that is one)."""
+    np = pytest.importorskip("numpy")
+    spec = load_spec({"version": 1, "attention": [{"form": "streaming", "sink": np.int64(2), "window": np.int32(8)}],
+                      "linear": [{"form": "block_weights", "block": [np.int64(32), 32], "density": np.float32(0.5)}]})
+    assert spec.attention[0].form == Streaming(sink=2, window=8)
+    assert spec.linear[0].form == BlockWeights(block=(32, 32), density=0.5)
+    assert type(spec.attention[0].form.sink) is int
+    with pytest.raises(SpecError, match="sink"):
+        load_spec({"version": 1, "attention": [{"form": "streaming", "sink": np.float64(2.5), "window": 8}]})
