@@ -302,3 +302,13 @@ def test_float64_ffn_and_linear_sites_are_listed_with_the_reason():
         sites = [s for s in report.sites if s.kind == kind]
         assert sites and all(not s.applied and "unsupported dtype torch.float64" in s.reason for s in sites)
         assert not any(key.startswith(kind) for key in report.unmatched_rules())
+
+
+@pytest.mark.parametrize("rule", [{"form": "2:4"}, {"form": "block_weights", "block": [16, 16], "density": 0.5}])
+def test_meta_weights_stay_dense_with_a_plain_reason(rule):
+    """Weights not loaded yet (the meta device): dense, saying so, instead of a torch error about meta tensors."""
+    model = zoo.ModuleLinear().to("meta").eval()
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [rule]}
+    report = sparsecc.explain(model, torch.randn(3, 32, device="meta"), spec=spec)
+    (site,) = [s for s in report.sites if s.kind == "linear"]
+    assert not site.applied and "is on the meta device (not loaded)" in site.reason
