@@ -188,29 +188,39 @@ def hf_auto_case(spec, mesh) -> dict:
                 sharded=type(weight).__name__ == "DTensor")
 
 
-def _compile_update_run(model, spec, mesh, x):
-    """Compile ``model``, run it, replace every FFN weight through its parameter (on every rank, as
-    ``load_state_dict`` does), run it again: (before, after, applied per site); ``after`` is the error text
-    when the second call raises."""
+def _fresh_weights(seed: int, names=lambda name: True) -> dict:
+    """New values (scale 0.05) for the parameters of :func:`build` whose names ``names`` accepts."""
+    return {name: 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + i))
+            for i, (name, p) in enumerate(build().named_parameters()) if names(name)}
+
+
+def _compile_write_run(model, spec, mesh, x, fresh: dict, refresh: bool):
+    """Compile ``model``, run it, write ``fresh`` into its parameters on every rank, run it again: (before, after,
+    applied per site, bindings rebuilt). Without ``refresh`` the writes go through the parameters (as
+    ``load_state_dict`` does); with it they bypass them (``p.data``: no version bump) and ``sparsecc.refresh``
+    follows (rebuilt -1 when it raises). ``after`` is the error text when a step raises."""
     from torch.distributed.tensor import distribute_tensor
     import sparsecc
 
-    fresh = {name: 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7 + i))
-             for i, (name, p) in enumerate(build().named_parameters()) if ".mlp." in name}
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="sparsecc", options={"spec": spec})
+    rebuilt = None
     with torch.no_grad():
         before = compiled(x)
         applied = [s.applied for s in sparsecc.last_report().sites]
         for name, p in model.named_parameters():
             if name in fresh:
-                p.copy_(distribute_tensor(fresh[name], mesh, p.placements) if hasattr(p, "placements")
-                        else fresh[name])
+                value = distribute_tensor(fresh[name], mesh, p.placements) if hasattr(p, "placements") \
+                    else fresh[name]
+                (p.data if refresh else p).copy_(value)
         try:
+            if refresh:
+                rebuilt = -1
+                rebuilt = sparsecc.refresh(compiled)
             after = compiled(x)
         except Exception as err:  # noqa: BLE001 - the test reads the message
             after = str(err)
-    return before, after, applied
+    return before, after, applied, rebuilt
 
 
 def update_case(spec, moving_spec, mesh) -> dict:
@@ -219,40 +229,14 @@ def update_case(spec, moving_spec, mesh) -> dict:
     from torch.distributed.tensor.parallel import parallelize_module
 
     x = inputs()
-    ref_before, ref, ref_applied = _compile_update_run(build(), spec, mesh, x)
-    out_before, out, applied = _compile_update_run(parallelize_module(build(), mesh, tp_plan()), spec, mesh, x)
-    moved = _compile_update_run(parallelize_module(build(), mesh, tp_plan()), moving_spec, mesh, x)[1]
+    fresh = _fresh_weights(7, lambda name: ".mlp." in name)
+    ref_before, ref, ref_applied, _ = _compile_write_run(build(), spec, mesh, x, fresh, refresh=False)
+    out_before, out, applied, _ = _compile_write_run(parallelize_module(build(), mesh, tp_plan()), spec, mesh, x,
+                                                     fresh, refresh=False)
+    moved = _compile_write_run(parallelize_module(build(), mesh, tp_plan()), moving_spec, mesh, x, fresh,
+                               refresh=False)[1]
     return dict(out=out, ref=ref, out_before=out_before, ref_before=ref_before, applied=applied,
                 ref_applied=ref_applied, moved=moved if isinstance(moved, str) else None)
-
-
-def _compile_refresh_run(model, spec, mesh, x):
-    """Compile ``model``, run it, overwrite the weights behind their parameters' backs (``p.data``: no version
-    bump), with a kept q_proj block set to zero, then ``sparsecc.refresh`` and run again: (before, after,
-    applied per site, bindings rebuilt); ``after`` is the error text when it raises."""
-    from torch.distributed.tensor import distribute_tensor
-    import sparsecc
-
-    fresh = {}
-    for i, (name, p) in enumerate(build().named_parameters()):
-        w = 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(11 + i))
-        if name == "layers.0.attn.q_proj.weight":
-            w[32:64, 0:32] = 0.0        # a block the spec keeps (density 1) that is now all zeros
-        fresh[name] = w
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="sparsecc", options={"spec": spec})
-    with torch.no_grad():
-        before = compiled(x)
-        applied = [s.applied for s in sparsecc.last_report().sites]
-        for name, p in model.named_parameters():
-            p.data.copy_(distribute_tensor(fresh[name], mesh, p.placements) if hasattr(p, "placements")
-                         else fresh[name])
-        try:
-            rebuilt = sparsecc.refresh(compiled)
-            after = compiled(x)
-        except Exception as err:  # noqa: BLE001 - the test reads the message
-            rebuilt, after = -1, str(err)
-    return before, after, applied, rebuilt
 
 
 def refresh_case(spec, mesh) -> dict:
@@ -261,9 +245,11 @@ def refresh_case(spec, mesh) -> dict:
     from torch.distributed.tensor.parallel import parallelize_module
 
     x = inputs()
-    ref_before, ref, ref_applied, ref_rebuilt = _compile_refresh_run(build(), spec, mesh, x)
-    out_before, out, applied, rebuilt = _compile_refresh_run(parallelize_module(build(), mesh, tp_plan()), spec,
-                                                             mesh, x)
+    fresh = _fresh_weights(11)
+    fresh["layers.0.attn.q_proj.weight"][32:64, 0:32] = 0.0   # a block the spec keeps (density 1), now all zeros
+    ref_before, ref, ref_applied, ref_rebuilt = _compile_write_run(build(), spec, mesh, x, fresh, refresh=True)
+    out_before, out, applied, rebuilt = _compile_write_run(parallelize_module(build(), mesh, tp_plan()), spec, mesh,
+                                                           x, fresh, refresh=True)
     return dict(out=out, ref=ref, out_before=out_before, ref_before=ref_before, applied=applied,
                 ref_applied=ref_applied, rebuilt=rebuilt, ref_rebuilt=ref_rebuilt)
 
