@@ -156,9 +156,6 @@ def check_linear(site: Site, ctx) -> Decision:
             return fallback(form, rule.key, policy, f"block {bm}x{bk} does not tile the weight {n}x{k}{shard}",
                             estimate)
         op_name = "block_sparse_linear"
-    if site.match.weight.tensor.device.type == "meta":
-        return fallback(form, rule.key, policy, f"{site.attrs['weight']} is on the meta device (not loaded): "
-                        "there are no values to prune", estimate)
     try:
         ctx.compressed_weight(site, form)
     except ValueError as err:

@@ -380,8 +380,11 @@ def compress(weight: torch.Tensor, form):
     """Compress a weight [out, in] for a weight form (once, without autograd).
 
     A DTensor weight (tensor parallelism) gives the compressed form of this
-    rank's shard, pruned with the unsharded semantics (``compress_shard``).
+    rank's shard, pruned with the unsharded semantics (``compress_shard``). A weight on the meta device is a
+    ValueError (checks turn it into a dense fallback with the reason).
     """
+    if weight.device.type == "meta":   # a model built before its weights were loaded
+        raise ValueError("it is on the meta device (not loaded): there are no values to prune")
     if is_dtensor(weight):
         return compress_shard(weight, form)
     with torch.no_grad():

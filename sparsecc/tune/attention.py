@@ -78,7 +78,7 @@ def default_candidates(seq_k: int) -> List[object]:
             out.append(Streaming(sink, window))
     try:
         from sparsecc.codegen import dynamic_attention  # noqa: F401 - the references of the dynamic forms
-        from sparsecc.forms import BlockTopK, VerticalSlash
+        from sparsecc.forms import VerticalSlash
     except ImportError:
         return out
     fitting = [b for b in DYNAMIC_BLOCK_SIZES if b <= max(DYNAMIC_BLOCK_SIZES[0], seq_k // 4)]
@@ -225,9 +225,7 @@ class AttentionStats:
                 mask = mask[..., r0:r0 + rows, :]
             if additive:
                 logits = logits + mask.float()
-                allowed = allowed & (mask > MASKED_LOGIT_MAX)
-            else:
-                allowed = allowed & (mask if keep else ~mask)
+            allowed = allowed & _takes_part(mask, additive, keep)
         positions = torch.arange(r0, r0 + rows, device=q.device) + (sk - sq)
         if causal:
             allowed = allowed & (torch.arange(sk, device=q.device)[None, :] <= positions[:, None])
@@ -326,12 +324,19 @@ def _mask_causal_rows(masks, flags, seq_q: int, seq_k: int) -> Optional[torch.Te
         return None
     from sparsecc.codegen.mask_positions import mask_is_causal
 
-    keeps = [(mask > MASKED_LOGIT_MAX) if additive else (mask if keep else ~mask)
-             for mask, (additive, keep) in zip(masks, flags)]
-    combined = keeps[0]
-    for other in keeps[1:]:
-        combined = combined & other
+    combined = None
+    for mask, (additive, keep) in zip(masks, flags):
+        part = _takes_part(mask, additive, keep)
+        combined = part if combined is None else combined & part
     return mask_is_causal(combined, seq_q, seq_k)
+
+
+def _takes_part(mask: torch.Tensor, additive: bool, keep: bool) -> torch.Tensor:
+    """Bool: the entries a model mask lets take part (additive values above -1e4; a bool mask that keeps, or the
+    complement of one that removes)."""
+    if additive:
+        return mask > MASKED_LOGIT_MAX
+    return mask if keep else ~mask
 
 
 def _call_selection(form, q: torch.Tensor, k: torch.Tensor, causal: bool, causal_rows: Optional[torch.Tensor],
