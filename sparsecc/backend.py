@@ -27,7 +27,7 @@ from sparsecc.forms import TwoFour
 from sparsecc.passes import module_tree
 from sparsecc.pipeline import EXPLAIN_STAGES, CompileContext, build_report, run_stages
 from sparsecc.report.model import Report
-from sparsecc.report.render import REPORT_SUFFIXES
+from sparsecc.report.render import REPORT_SUFFIXES, report_suffix
 from sparsecc.sharding import is_dtensor
 from sparsecc.spec import Spec, SpecError, load_spec
 
@@ -80,8 +80,7 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
         raise SpecError(key="options.kernels", value=kernels, allowed=f"one of {list(KERNEL_CHOICES)}")
     report = options.get("report")
     if not (report is None or isinstance(report, bool)):   # 1 == True and 0 == False, but neither is a switch
-        if not (isinstance(report, (str, os.PathLike))
-                and os.fspath(report).lower().endswith(REPORT_SUFFIXES)):
+        if not (isinstance(report, (str, os.PathLike)) and report_suffix(report)):
             raise SpecError(key="options.report", value=report,
                             allowed=f"True, False, or a path ending in one of {list(REPORT_SUFFIXES)}")
         problem = _unwritable(os.fspath(report))

@@ -144,10 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "explain" and args.out:
-        from pathlib import Path
-
-        from sparsecc.report.render import REPORT_SUFFIXES
-        if Path(args.out).suffix.lower() not in REPORT_SUFFIXES:   # before the compile, not after it
+        from sparsecc.report.render import REPORT_SUFFIXES, report_suffix
+        if not report_suffix(args.out):   # before the compile, not after it
             parser.error(f"--out {args.out!r}: the report's suffix must be one of {', '.join(REPORT_SUFFIXES)}")
     from sparsecc.spec import SpecError, load_spec
     try:

@@ -89,11 +89,17 @@ def render_html(report) -> str:
             + "</body></html>\n")
 
 
+def report_suffix(path) -> str:
+    """The report format ``path`` names (``.json``, ``.md`` or ``.html``, lower-cased), or "" for none of them."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    return suffix if suffix in REPORT_SUFFIXES else ""
+
+
 def write_report(report, path) -> None:
     """Write ``report`` to ``path`` in the format its suffix names."""
     path = os.fspath(path)
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in REPORT_SUFFIXES:
+    suffix = report_suffix(path)
+    if not suffix:
         raise ValueError(f"report path {path!r}: suffix must be one of {REPORT_SUFFIXES}")
     text = {".json": report.to_json, ".md": report.to_markdown, ".html": report.to_html}[suffix]()
     directory = os.path.dirname(path)
