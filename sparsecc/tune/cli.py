@@ -95,7 +95,7 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
     """Run ``sparsecc tune`` with ``argv`` (default: sys.argv[1:]); returns the exit status."""
     from sparsecc.spec import SpecError
     from sparsecc.tune.models import ModelLoadError, is_model_ref, load_model
-    from sparsecc.tune.tuner import check_tune_arguments, tune
+    from sparsecc.tune.tuner import TuneArgumentError, check_tune_arguments, tune
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -104,10 +104,10 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
     try:   # before the model loads: a bad argument never costs a calibration run
         check_tune_arguments(target=args.target, step=args.step, attention_density=args.attention_density,
                              attention_block=args.attention_block, out=args.out)
-    except (ValueError, SpecError) as err:
-        flag = {"target": "--target", "step": "--step", "attention_density": "--attention-density",
-                "attention_block": "--attention-block"}.get(str(err).split("=", 1)[0], "--out")
-        parser.error(f"{flag}: {err}")
+    except TuneArgumentError as err:   # the flags are the arguments' names with dashes
+        parser.error(f"--{err.argument.replace('_', '-')}: {err}")
+    except SpecError as err:
+        parser.error(f"--out: {err}")
     tokenizer = None
     try:
         if not args.model_module and is_model_ref(args.model):

@@ -407,9 +407,18 @@ def attention_rules(choices: Sequence[HeadChoice]) -> List[Rule]:
     return rules
 
 
+class TuneArgumentError(ValueError):
+    """An argument of :func:`tune` that is not allowed; ``argument`` is its name."""
+
+    def __init__(self, argument: str, value, allowed: str):
+        super().__init__(f"{argument}={value!r} is not allowed; expected {allowed}")
+        self.argument = argument
+
+
 def check_tune_arguments(*, target: float, step: float, attention_density: Optional[float], attention_block: int,
                          out=None) -> None:
-    """Raise ValueError (or SpecError for ``out``) naming the first argument of :func:`tune` that is not allowed.
+    """Raise :class:`TuneArgumentError` (SpecError for ``out``) naming the first argument of :func:`tune` that is
+    not allowed.
 
     :func:`tune` calls it before any work, and ``sparsecc tune`` before it loads the model, so a bad argument never
     costs a calibration run.
@@ -420,13 +429,13 @@ def check_tune_arguments(*, target: float, step: float, attention_density: Optio
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     if not (number(target) and 0 < target < 1):
-        raise ValueError(f"target={target!r} is not allowed; expected an average FFN sparsity in (0, 1)")
+        raise TuneArgumentError("target", target, "an average FFN sparsity in (0, 1)")
     if not (number(step) and 0 < step < 1):
-        raise ValueError(f"step={step!r} is not allowed; expected a number in (0, 1)")
+        raise TuneArgumentError("step", step, "a number in (0, 1)")
     if attention_density is not None and not (number(attention_density) and 0 < attention_density <= 1):
-        raise ValueError(f"attention_density={attention_density!r} is not allowed; expected a mean density in (0, 1]")
+        raise TuneArgumentError("attention_density", attention_density, "a mean density in (0, 1]")
     if not (isinstance(attention_block, int) and not isinstance(attention_block, bool) and attention_block >= 1):
-        raise ValueError(f"attention_block={attention_block!r} is not allowed; expected an integer >= 1")
+        raise TuneArgumentError("attention_block", attention_block, "an integer >= 1")
     if out is not None:
         check_spec_path(out)
 
