@@ -210,7 +210,10 @@ _KERNELS = ("_rounded", "_row_dots", "_gate_up_kernel")
 
 
 def _bind() -> None:
-    """Install the generated activation switch, then JIT this module's kernels (first use; imports Triton)."""
+    """Install the generated activation switch, then JIT this module's kernels (first use; imports Triton; later
+    calls return at once)."""
+    if getattr(_gate_up_kernel, "_sparsecc_jit", False):
+        return
     if _activation is None:
         globals()["_activation"] = activation_switch("_activation")
     # The shared NaN-aware keep test, JIT-ed in its own module (where it resolves ``tl``), then called from here.
