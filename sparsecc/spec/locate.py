@@ -150,6 +150,10 @@ def _skip_value(text: str, i: int, line: int, on_element=None) -> Tuple[int, int
     index, expecting = 0, False  # the next element's index, and whether one may start here
     while i < n:
         char = text[i]
+        if expecting and depth == 1 and char not in " \t\r\n#,]":   # the next element of the array starts here
+            if on_element is not None:
+                on_element(index, line)
+            expecting = False
         if char == "\n":
             line += 1
             i += 1
@@ -159,9 +163,6 @@ def _skip_value(text: str, i: int, line: int, on_element=None) -> Tuple[int, int
             end = text.find("\n", i)
             i = n if end < 0 else end
         elif char in "\"'":
-            if depth == 1 and outer_array and expecting and on_element is not None:
-                on_element(index, line)
-                expecting = False
             triple = char * 3
             if text.startswith(triple, i):
                 end = text.find(triple, i + 3)
@@ -179,9 +180,6 @@ def _skip_value(text: str, i: int, line: int, on_element=None) -> Tuple[int, int
             line += text.count("\n", i, end)
             i = end
         elif char in "[{":
-            if depth == 1 and outer_array and expecting and on_element is not None:
-                on_element(index, line)
-                expecting = False
             if depth == 0 and char == "[":
                 outer_array, expecting = True, True
             depth += 1
@@ -193,9 +191,6 @@ def _skip_value(text: str, i: int, line: int, on_element=None) -> Tuple[int, int
             index, expecting = index + 1, True
             i += 1
         else:
-            if depth == 1 and outer_array and expecting and char not in " \t\r" and on_element is not None:
-                on_element(index, line)
-                expecting = False
             i += 1
     return i, line
 
