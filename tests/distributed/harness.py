@@ -239,14 +239,20 @@ def update_case(spec, moving_spec, mesh) -> dict:
                 ref_applied=ref_applied, moved=moved if isinstance(moved, str) else None)
 
 
+def refresh_weights() -> dict:
+    """What the refresh case writes: new values for every weight, a q_proj block among them all zeros."""
+    fresh = _fresh_weights(11)
+    fresh["layers.0.attn.q_proj.weight"][32:64, 0:32] = 0.0   # a block the spec keeps (density 1), now all zeros
+    return fresh
+
+
 def refresh_case(spec, mesh) -> dict:
     """``sparsecc.refresh`` after writes that bypass the parameters: every rank rebuilds its bindings in one order
     (each rebuild gathers the whole weight), and a kept all-zero block stays in its rank's share."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     x = inputs()
-    fresh = _fresh_weights(11)
-    fresh["layers.0.attn.q_proj.weight"][32:64, 0:32] = 0.0   # a block the spec keeps (density 1), now all zeros
+    fresh = refresh_weights()
     ref_before, ref, ref_applied, ref_rebuilt = _compile_write_run(build(), spec, mesh, x, fresh, refresh=True)
     out_before, out, applied, rebuilt = _compile_write_run(parallelize_module(build(), mesh, tp_plan()), spec, mesh,
                                                            x, fresh, refresh=True)

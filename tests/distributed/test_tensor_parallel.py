@@ -339,3 +339,13 @@ def test_refresh_rebuilds_in_one_order_and_keeps_zero_blocks(ranks):
         torch.testing.assert_close(r["out_before"], r["ref_before"], atol=ATOL, rtol=0)
         torch.testing.assert_close(r["out"], r["ref"], atol=ATOL, rtol=0)
         assert (r["out"] - r["out_before"]).abs().max() > 1e-2, f"rank {rank}: the new weights changed nothing"
+    # and the numbers are docs/spec.md's: the written weights pruned by the spec's rules on the whole weights
+    weights = {name: w.double() for name, w in H.refresh_weights().items()}
+    for name, w in weights.items():
+        if name.endswith(("o_proj.weight", "gate_proj.weight")):
+            weights[name] = torch.where(_keep_2to4(w), w, 0.0)
+        elif name.endswith("down_proj.weight"):
+            weights[name] = torch.where(_keep_blocks(w, BLOCK, DENSITY_DOWN), w, 0.0)
+    expected = _oracle(weights)       # q_proj keeps every block (density 1), the zero one included
+    for rank, r in enumerate(records):
+        torch.testing.assert_close(r["out"].double(), expected, atol=ATOL, rtol=0, msg=lambda m: f"rank {rank}: {m}")
