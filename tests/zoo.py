@@ -50,7 +50,7 @@ class AttentionBlock(nn.Module):
         rep = self.heads // self.kv_heads
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        full = torch.ones(s, s, dtype=torch.bool)
+        full = torch.ones(s, s, dtype=torch.bool, device=keep.device)
         if self.causal:
             full = torch.tril(full)
         keep = keep & full
