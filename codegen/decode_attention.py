@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
-from sparsecc.codegen.launch import launcher, ticket_counters, tracing
+from sparsecc.codegen.launch import launcher, ticket_counters
 
 # Rows of one packed tile at most (G * Sq); wider groups use the prefill kernel.
 MAX_PACKED_ROWS = 128
@@ -59,7 +59,9 @@ class DecodeConfig:
 
     ``block_n`` keys per K/V tile; ``num_warps``/``num_stages`` as Triton's; the split count is
     ``programs_per_sm * SMs // (B * Hkv)`` (at least 1, at most one split per ``MIN_BLOCKS_PER_SPLIT``
-    kept blocks) unless ``n_split`` fixes it.
+    kept blocks) unless ``n_split`` fixes it. ``stream_k`` launches ``programs_per_sm * SMs`` programs (or
+    ``programs``) over the kept-block tiles of all kv heads in one list, so every program gets the same number
+    of tiles whatever the split count per kv head would be (``_decode_stream_kernel``).
     """
 
     block_n: int = 64
@@ -67,6 +69,8 @@ class DecodeConfig:
     num_stages: int = 3
     programs_per_sm: int = 2
     n_split: Optional[int] = None
+    stream_k: bool = False
+    programs: Optional[int] = None
 
 
 # The shipped launch shape for up to 16 packed rows and head dims up to 128 (bench/decode_kernel.py --sweep, H200, B=8,
@@ -102,10 +106,11 @@ def _store_rows(O, LSE, out, lse2, b, head, row, r_ok, offs_d, stride_ob, stride
 
 
 @triton.jit
-def _merge_splits(O, LSE, O_PART, L_PART, bkv, b, kvh, n_split, stride_ob, stride_oh, stride_om, n_heads, seq_q,
+def _merge_splits(O, LSE, O_PART, L_PART, first, n_parts, b, kvh, stride_ob, stride_oh, stride_om, n_heads, seq_q,
                   GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr):
-    """Merge the ``n_split`` partials of one (batch, kv head), ``MERGE_S`` splits per load (one round trip each).
+    """Merge the partials ``first .. first + n_parts`` of one (batch, kv head), ``MERGE_S`` per load (one round
+    trip each).
 
     Weights ``2^(lse_s - lse)``; rows that kept nothing in any split give 0 and ``-inf``.
     """
@@ -113,12 +118,11 @@ def _merge_splits(O, LSE, O_PART, L_PART, bkv, b, kvh, n_split, stride_ob, strid
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     r_ok = offs_r < GROUP * seq_q
-    first = bkv.to(tl.int64) * n_split
     m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     merged = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, n_split, MERGE_S):
-        s_ok = (s0 + offs_s) < n_split
+    for s0 in range(0, n_parts, MERGE_S):
+        s_ok = (s0 + offs_s) < n_parts
         part = first + s0 + offs_s
         ok2 = s_ok[:, None] & r_ok[None, :]
         lse_s = tl.load(L_PART + part[:, None] * BLOCK_R + offs_r[None, :], mask=ok2, other=float("-inf"),
@@ -140,31 +144,15 @@ def _merge_splits(O, LSE, O_PART, L_PART, bkv, b, kvh, n_split, stride_ob, strid
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PART, COUNTERS,
-                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                         stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
-                         stride_ob, stride_oh, stride_om,
-                         n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split, sink_all, window_all,
-                         PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                         MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr,
-                         WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr):
-    """One split of one (batch, kv head): attend the packed rows to kept blocks ``[t0, t1)``.
+def _kv_head_rows(Q, SINK, WINDOW, POS, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all,
+                  stride_qb, stride_qh, stride_qm, PER_HEAD: tl.constexpr, GROUP: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (batch, kv head)'s packed query rows and its kept key blocks.
 
-    Without ``SPLIT`` (one split per kv head) the program stores the output. With
-    it, the program stores its normalised partial output and base-2 logsumexp
-    (``-inf`` for rows that kept nothing) and the last of the kv head's splits
-    to finish merges them. With ``HAS_POS`` the last query row sits at ``POS[b]``
-    (a static cache's fill level) instead of ``seq_k - 1``; splits past this
-    position's kept blocks store empty partials. ``EVEN_N``: ``seq_k`` is a
-    multiple of ``BLOCK_N`` (no key needs a bounds test).
+    Returns ``(b, kvh, head, row, pos, r_ok, q, sink, window, n_sink, wb, n_kept)``: the kept blocks are the
+    ``n_sink`` sink blocks followed by the window blocks from ``wb``, ``n_kept`` in all.
     """
-    # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    split = tl.program_id(0)
-    bkv = tl.program_id(1)
     # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
     b = (bkv // n_kv_heads).to(tl.int64)
     kvh = bkv % n_kv_heads
@@ -172,22 +160,17 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
         offset = tl.load(POS + b).to(tl.int32) - seq_q + 1
     else:
         offset = seq_k - seq_q
-
     offs_r = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    g = offs_r // seq_q
     row = offs_r % seq_q
     r_ok = offs_r < GROUP * seq_q
-    d_ok = offs_d < HEAD_DIM
-    head = kvh * GROUP + g
+    head = kvh * GROUP + offs_r // seq_q
     pos = row + offset
-
     q_ptrs = Q + b * stride_qb + head[:, None].to(tl.int64) * stride_qh + row[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(q_ptrs, mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
-    # Kept key blocks of this kv head (all rows share its sink/window): sink blocks then window blocks.
-    # One rule for every head comes as two scalars (no per-head vectors to build or read per call).
+    # All rows share the kv head's sink/window. One rule for every head comes as two scalars (no per-head
+    # vectors to build or read per call).
     if PER_HEAD:
         sink = tl.load(SINK + kvh * GROUP)
         window = tl.load(WINDOW + kvh * GROUP)
@@ -210,10 +193,20 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
     n_sink = tl.cdiv(tl.maximum(sink_hi, 0), BLOCK_N)
     wb = tl.maximum(lo // BLOCK_N, n_sink)
     we = tl.maximum(tl.cdiv(hi, BLOCK_N), wb)
-    n_kept = n_sink + we - wb
-    t0 = split * blocks_per_split
-    t1 = tl.minimum(t0 + blocks_per_split, n_kept)
+    return b, kvh, head, row, pos, r_ok, q, sink, window, n_sink, wb, n_sink + we - wb
 
+
+@triton.jit
+def _attend_blocks(q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, n_sink, wb, t0, t1, seq_k, qk_scale,
+                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
+                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, EVEN_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr):
+    """Online softmax of the packed rows over the kept blocks ``[t0, t1)``: returns ``(acc, l, m)`` (base 2)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     k_base = K + b * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + kvh.to(tl.int64) * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -261,26 +254,141 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    return acc, l_i, m_i
 
+
+@triton.jit
+def _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv, part, first_part,
+                 n_parts, stride_ob, stride_oh, stride_om, n_heads, seq_q, WHOLE: tl.constexpr,
+                 GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr):
+    """Store the rows (``WHOLE``: this program saw every kept block of the kv head), or store partial ``part``,
+    take a ticket from the kv head's counter, and merge the ``n_parts`` partials from ``first_part`` when it is
+    the last one."""
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
-    n_heads = n_kv_heads * GROUP
-    if not SPLIT:
+    if WHOLE:
         _store_rows(O, LSE, out, lse2, b, head, row, r_ok, offs_d, stride_ob, stride_oh, stride_om, n_heads, seq_q,
                     WRITE_LSE, HEAD_DIM, BLOCK_D)
     else:
-        # Partials, real rows only: [B * Hkv * n_split, BLOCK_R, BLOCK_D] and [B * Hkv * n_split, BLOCK_R].
-        part = bkv.to(tl.int64) * n_split + split
+        # Partials, real rows only: [n_partials, BLOCK_R, BLOCK_D] and [n_partials, BLOCK_R].
         tl.store(O_PART + (part * BLOCK_R + offs_r[:, None]) * BLOCK_D + offs_d[None, :], out, mask=r_ok[:, None])
         tl.store(L_PART + part * BLOCK_R + offs_r, lse2, mask=r_ok)
         # Every thread's partial stores happen before the ticket (release); the last ticket's reads after (acquire).
         tl.debug_barrier()
         ticket = tl.atomic_add(COUNTERS + bkv, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_split - 1:
-            _merge_splits(O, LSE, O_PART, L_PART, bkv, b, kvh, n_split, stride_ob, stride_oh, stride_om, n_heads,
-                          seq_q, GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_R, MERGE_S)
-            tl.store(COUNTERS + bkv, 0)   # every split of this kv head has drawn its ticket: ready for the next call
+        if ticket == n_parts - 1:
+            _merge_splits(O, LSE, O_PART, L_PART, first_part, n_parts, b, kvh, stride_ob, stride_oh, stride_om,
+                          n_heads, seq_q, GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_R, MERGE_S)
+            tl.store(COUNTERS + bkv, 0)   # every part of this kv head has drawn its ticket: ready for the next call
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PART, COUNTERS,
+                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
+                         stride_ob, stride_oh, stride_om,
+                         n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split, sink_all, window_all,
+                         PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                         MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr,
+                         WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
+                         UPCAST_DOT: tl.constexpr):
+    """One split of one (batch, kv head): attend the packed rows to kept blocks ``[t0, t1)``.
+
+    Without ``SPLIT`` (one split per kv head) the program stores the output. With
+    it, the program stores its normalised partial output and base-2 logsumexp
+    (``-inf`` for rows that kept nothing) and the last of the kv head's splits
+    to finish merges them. With ``HAS_POS`` the last query row sits at ``POS[b]``
+    (a static cache's fill level) instead of ``seq_k - 1``; splits past this
+    position's kept blocks store empty partials. ``EVEN_N``: ``seq_k`` is a
+    multiple of ``BLOCK_N`` (no key needs a bounds test).
+    """
+    # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    split = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b, kvh, head, row, pos, r_ok, q, sink, window, n_sink, wb, n_kept = _kv_head_rows(
+        Q, SINK, WINDOW, POS, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all, stride_qb, stride_qh, stride_qm,
+        PER_HEAD, GROUP, CAUSAL, HAS_POS, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+    t0 = split * blocks_per_split
+    t1 = tl.minimum(t0 + blocks_per_split, n_kept)
+    acc, l_i, m_i = _attend_blocks(
+        q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, n_sink, wb, t0, t1, seq_k, qk_scale,
+        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
+        CAUSAL, HAS_MASK, MASK_BOOL, EVEN_N, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST_DOT)
+    first_part = bkv.to(tl.int64) * n_split
+    if SPLIT:
+        _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv,
+                     first_part + split, first_part, n_split, stride_ob, stride_oh, stride_om, n_kv_heads * GROUP,
+                     seq_q, False, GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
+    else:
+        _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv, first_part,
+                     first_part, 1, stride_ob, stride_oh, stride_om, n_kv_heads * GROUP, seq_q, True,
+                     GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
+
+
+@triton.jit
+def _program_of(tile, n_tiles, n_programs):
+    """The program whose run of the global tile list holds ``tile`` (program p owns ``[p*T//P, (p+1)*T//P)``)."""
+    return (((tile + 1).to(tl.int64) * n_programs - 1) // n_tiles).to(tl.int32)
+
+
+@triton.jit
+def _decode_stream_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PART, COUNTERS,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
+                          stride_ob, stride_oh, stride_om,
+                          n_kv_heads, seq_q, seq_k, qk_scale, n_plan, n_tiles, n_programs, max_parts,
+                          sink_all, window_all,
+                          PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                          MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr,
+                          WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
+                          UPCAST_DOT: tl.constexpr):
+    """Stream-K: the ``n_tiles = B * Hkv * n_plan`` kept-block tiles in (batch, kv head)-major order, cut into
+    ``n_programs`` runs that differ by at most one tile. A run may end inside a kv head and go on into the next:
+    each piece of a kv head is one partial (the kv head's ``k``-th program from its first one writes partial
+    ``bkv * max_parts + k``), merged by the last to finish; a kv head seen whole by one program is stored
+    directly. ``n_plan`` is the host's bound on any kv head's kept blocks; tiles past a head's own count are
+    skipped (empty partials)."""
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    pid = tl.program_id(0)
+    # int64 products: tiles x programs passes 2^31 for long caches at large batch
+    g = ((pid.to(tl.int64) * n_tiles) // n_programs).to(tl.int32)
+    g_end = (((pid + 1).to(tl.int64) * n_tiles) // n_programs).to(tl.int32)
+    n_heads = n_kv_heads * GROUP
+    while g < g_end:
+        bkv = g // n_plan
+        head_start = bkv * n_plan
+        piece_end = tl.minimum(g_end, head_start + n_plan)
+        b, kvh, head, row, pos, r_ok, q, sink, window, n_sink, wb, n_kept = _kv_head_rows(
+            Q, SINK, WINDOW, POS, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all, stride_qb, stride_qh,
+            stride_qm, PER_HEAD, GROUP, CAUSAL, HAS_POS, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+        t0 = g - head_start
+        t1 = tl.minimum(piece_end - head_start, n_kept)
+        acc, l_i, m_i = _attend_blocks(
+            q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, n_sink, wb, t0, t1, seq_k, qk_scale,
+            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_mb, stride_mh, stride_mm, stride_mn,
+            CAUSAL, HAS_MASK, MASK_BOOL, EVEN_N, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST_DOT)
+        first_program = _program_of(head_start, n_tiles, n_programs)
+        n_parts = _program_of(head_start + n_plan - 1, n_tiles, n_programs) - first_program + 1
+        first_part = bkv.to(tl.int64) * max_parts
+        if n_parts == 1:
+            _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv, first_part,
+                         first_part, 1, stride_ob, stride_oh, stride_om, n_heads, seq_q, True,
+                         GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
+        else:
+            _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv,
+                         first_part + pid - first_program, first_part, n_parts, stride_ob, stride_oh, stride_om,
+                         n_heads, seq_q, False, GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
+        g = piece_end
 
 
 def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
@@ -404,12 +512,24 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         n_kept = max(_kept_blocks_bound(s_list[i * group], w_list[i * group], sq, sk, block_n) for i in range(hkv))
     else:
         n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, block_n) for i in range(hkv))
-    n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), _num_sms(q.device), config)
     out = torch.empty_like(q) if out is None else out
     # Pointers a launch never touches get q, which it only reads (codegen/launch.py).
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else q
     block_r = triton.next_power_of_2(group * sq)
-    # Splits merged per load: as many as keep the merged tile within ~64 fp32 registers per thread.
+    mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
+    if config.stream_k:
+        n_plan = max(n_kept, 1)
+        n_tiles = b * hkv * n_plan
+        n_programs = min(config.programs or config.programs_per_sm * _num_sms(q.device), n_tiles)
+        # a kv head's n_plan tiles meet at most ceil(n_plan / shortest run) + 1 runs
+        max_parts = min(n_programs, -(-n_plan // (n_tiles // n_programs)) + 1)
+        n_split, grid, plan_args = max_parts, (n_programs,), (n_plan, n_tiles, n_programs, max_parts)
+        kernel, split_args = _decode_stream_kernel, {}
+    else:
+        n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), _num_sms(q.device), config)
+        grid, plan_args = (n_split, b * hkv), (blocks_per_split, n_split)
+        kernel, split_args = _decode_split_kernel, {"SPLIT": n_split > 1}
+    # Partials merged per load: as many as keep the merged tile within ~64 fp32 registers per thread.
     merge_s = 1
     while merge_s < n_split and 2 * merge_s * block_r * block_d <= 2048 * config.num_warps:
         merge_s *= 2
@@ -418,17 +538,16 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         l_part = torch.empty(b * hkv * n_split, block_r, dtype=torch.float32, device=q.device)
         counters = ticket_counters(b * hkv, q)
     else:
-        o_part = l_part = counters = q     # unused: the one split stores the output itself
-    mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
-    launcher(_decode_split_kernel, q)[(n_split, b * hkv)](
+        o_part = l_part = counters = q     # unused: every kv head is stored whole by one program
+    launcher(kernel, q)[grid](
         q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,
         query_end if query_end is not None else q, out, lse, o_part, l_part, counters,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0],
+        hkv, sq, sk, scale * LOG2E.value, *plan_args, s_list[0], w_list[0],
         PER_HEAD=per_head, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-        HAS_POS=query_end is not None, SPLIT=n_split > 1, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
+        HAS_POS=query_end is not None, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, MERGE_S=merge_s,
-        UPCAST_DOT=interpreting(),
+        UPCAST_DOT=interpreting(), **split_args,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return (out, lse) if return_lse else out
 
