@@ -1,7 +1,6 @@
 """Sparse decode attention: the split-KV kernel against dense SDPA, with the kept K/V bandwidth.
 
-    python bench/decode_kernel.py [--baseline OLD.py] [--sweep] [--stream-k] [--sweep-stream-k] [--compiled]
-                                  [--json out.json]
+    python bench/decode_kernel.py [--baseline OLD.py] [--sweep] [--compiled] [--json out.json]
 
 Workload (TARGETS.md, decode): H=32, Hkv=8, D=128, bf16, one query row at the end of a KV cache of 32K or 128K,
 streaming sink 128 + window 4096, at B = 1, 8 and 32. Every ratio's anchor, ``F.scaled_dot_product_attention``
@@ -18,9 +17,6 @@ over the whole cache (``enable_gqa=True``), is timed in the same run.
   e.g. ``git show main:codegen/decode_attention.py > /tmp/old.py``.
 * ``--sweep`` times launch shapes (tile, warps, stages, split count) at B=8, KV 32K, then the split target of the
   best shape at B=1 and B=32.
-* ``--stream-k`` also times the shipped shape with ``stream_k=True`` (all kv heads' kept tiles in one list, cut
-  evenly over the programs) in every workload; ``--sweep-stream-k`` times stream-K launch shapes at B=8, KV 32K
-  beside the shipped one.
 * ``--compiled`` also times the public path, ``torch.compile(backend="sparsecc")`` of a one-row SDPA module at B=8,
   against the same module compiled by Inductor (normal calls and graph replay).
 """
@@ -230,29 +226,6 @@ def sweep(new, log) -> list:
     return results
 
 
-STREAM_K_SHAPES = [(bn, w, st, pps) for bn, w, st in ((128, 4, 3), (128, 4, 2), (128, 8, 3), (64, 4, 3), (64, 2, 3),
-                                                    (64, 4, 4), (32, 1, 3)) for pps in (1, 2)]
-
-
-def sweep_stream_k(new, log) -> list:
-    """Graph-replay time at B=8, KV 32K of the shipped shape and of stream-K launch shapes, checked first."""
-    sets = inputs(8, 32768, copies_for(8), seed=5)
-    ref = oracle(*sets[0])
-    rows = []
-    configs = [new.DEFAULT_CONFIG] + [new.DecodeConfig(block_n=bn, num_warps=w, num_stages=st, programs_per_sm=pps,
-                                                       stream_k=True) for bn, w, st, pps in STREAM_K_SHAPES]
-    for cfg in configs:
-        call = lambda q_, k_, v_, o=None, c=cfg: decode_call(new, q_, k_, v_, out=o, config=c)  # noqa: E731
-        err = rel_err(call(*sets[0], torch.full_like(sets[0][0], float("nan"))), ref)
-        ms = graph_ms(Cycle(sets, call), max(REPLAYS, len(sets)) // len(sets) * len(sets)) if err < MAX_REL_ERR else 0
-        rows.append(dict(config=dataclasses.asdict(cfg), err=err, graph_ms=ms))
-        log(f"stream-k sweep B8 {tuple(rows[-1]['config'].values())} err {err:.1e} {ms * 1e3:.1f} us "
-            f"{kept_bytes(8) / (ms * 1e-3) / 1e12 if ms else 0:.2f} TB/s")
-    del sets, ref
-    torch.cuda.empty_cache()
-    return rows
-
-
 def compiled_rows(log) -> list:
     """The public path: a one-row SDPA module compiled by sparsecc (streaming spec) against Inductor's dense."""
     import torch.nn as nn
@@ -311,8 +284,6 @@ def main(argv=None):
     ap.add_argument("--baseline", default=None, help="another decode_attention.py to time beside this one")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--compiled", action="store_true")
-    ap.add_argument("--stream-k", action="store_true", help="also time the default shape with stream_k=True")
-    ap.add_argument("--sweep-stream-k", action="store_true", help="time stream-K launch shapes at B=8, KV 32K")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -327,11 +298,7 @@ def main(argv=None):
     mods = {"new": (new, None)}
     if args.baseline:
         mods = {"old": (load_module(args.baseline, "decode_attention_baseline"), None), "new": (new, None)}
-    if args.stream_k:
-        mods["streamk"] = (new, dataclasses.replace(new.DEFAULT_CONFIG, stream_k=True))
     out = {"ceilings": ceilings(log)}
-    if args.sweep_stream_k:
-        out["sweep_stream_k"] = sweep_stream_k(new, log)
 
     def save():
         if args.json:

@@ -59,9 +59,7 @@ class DecodeConfig:
 
     ``block_n`` keys per K/V tile; ``num_warps``/``num_stages`` as Triton's; the split count is
     ``programs_per_sm * SMs // (B * Hkv)`` (at least 1, at most one split per ``MIN_BLOCKS_PER_SPLIT``
-    kept blocks) unless ``n_split`` fixes it. ``stream_k`` launches ``programs_per_sm * SMs`` programs (or
-    ``programs``) over the kept-block tiles of all kv heads in one list, so every program gets the same number
-    of tiles whatever the split count per kv head would be (``_decode_stream_kernel``).
+    kept blocks) unless ``n_split`` fixes it.
     """
 
     block_n: int = 64
@@ -69,8 +67,6 @@ class DecodeConfig:
     num_stages: int = 3
     programs_per_sm: int = 2
     n_split: Optional[int] = None
-    stream_k: bool = False
-    programs: Optional[int] = None
 
 
 # The shipped launch shape for up to 16 packed rows and head dims up to 128 (bench/decode_kernel.py --sweep, H200, B=8,
@@ -332,65 +328,6 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
                      GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
 
 
-@triton.jit
-def _program_of(tile, n_tiles, n_programs):
-    """The program whose run of the global tile list holds ``tile`` (program p owns ``[p*T//P, (p+1)*T//P)``)."""
-    return (((tile + 1).to(tl.int64) * n_programs - 1) // n_tiles).to(tl.int32)
-
-
-@triton.jit
-def _decode_stream_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PART, COUNTERS,
-                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                          stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
-                          stride_ob, stride_oh, stride_om,
-                          n_kv_heads, seq_q, seq_k, qk_scale, n_plan, n_tiles, n_programs, max_parts,
-                          sink_all, window_all,
-                          PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                          MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr,
-                          WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
-                          UPCAST_DOT: tl.constexpr):
-    """Stream-K: the ``n_tiles = B * Hkv * n_plan`` kept-block tiles in (batch, kv head)-major order, cut into
-    ``n_programs`` runs that differ by at most one tile. A run may end inside a kv head and go on into the next:
-    each piece of a kv head is one partial (the kv head's ``k``-th program from its first one writes partial
-    ``bkv * max_parts + k``), merged by the last to finish; a kv head seen whole by one program is stored
-    directly. ``n_plan`` is the host's bound on any kv head's kept blocks; tiles past a head's own count are
-    skipped (empty partials)."""
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    pid = tl.program_id(0)
-    # int64 products: tiles x programs passes 2^31 for long caches at large batch
-    g = ((pid.to(tl.int64) * n_tiles) // n_programs).to(tl.int32)
-    g_end = (((pid + 1).to(tl.int64) * n_tiles) // n_programs).to(tl.int32)
-    n_heads = n_kv_heads * GROUP
-    while g < g_end:
-        bkv = g // n_plan
-        head_start = bkv * n_plan
-        piece_end = tl.minimum(g_end, head_start + n_plan)
-        b, kvh, head, row, pos, r_ok, q, sink, window, n_sink, wb, n_kept = _kv_head_rows(
-            Q, SINK, WINDOW, POS, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all, stride_qb, stride_qh,
-            stride_qm, PER_HEAD, GROUP, CAUSAL, HAS_POS, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
-        t0 = g - head_start
-        t1 = tl.minimum(piece_end - head_start, n_kept)
-        acc, l_i, m_i = _attend_blocks(
-            q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, n_sink, wb, t0, t1, seq_k, qk_scale,
-            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_mb, stride_mh, stride_mm, stride_mn,
-            CAUSAL, HAS_MASK, MASK_BOOL, EVEN_N, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST_DOT)
-        first_program = _program_of(head_start, n_tiles, n_programs)
-        n_parts = _program_of(head_start + n_plan - 1, n_tiles, n_programs) - first_program + 1
-        first_part = bkv.to(tl.int64) * max_parts
-        if n_parts == 1:
-            _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv, first_part,
-                         first_part, 1, stride_ob, stride_oh, stride_om, n_heads, seq_q, True,
-                         GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
-        else:
-            _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv,
-                         first_part + pid - first_program, first_part, n_parts, stride_ob, stride_oh, stride_om,
-                         n_heads, seq_q, False, GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
-        g = piece_end
-
-
 def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
     """Number of kept key blocks of one kv head (the same count the kernel computes)."""
     p0, p1 = sk - sq, sk - 1
@@ -517,18 +454,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else q
     block_r = triton.next_power_of_2(group * sq)
     mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
-    if config.stream_k:
-        n_plan = max(n_kept, 1)
-        n_tiles = b * hkv * n_plan
-        n_programs = min(config.programs or config.programs_per_sm * _num_sms(q.device), n_tiles)
-        # a kv head's n_plan tiles meet at most ceil(n_plan / shortest run) + 1 runs
-        max_parts = min(n_programs, -(-n_plan // (n_tiles // n_programs)) + 1)
-        n_split, grid, plan_args = max_parts, (n_programs,), (n_plan, n_tiles, n_programs, max_parts)
-        kernel, split_args = _decode_stream_kernel, {}
-    else:
-        n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), _num_sms(q.device), config)
-        grid, plan_args = (n_split, b * hkv), (blocks_per_split, n_split)
-        kernel, split_args = _decode_split_kernel, {"SPLIT": n_split > 1}
+    n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), _num_sms(q.device), config)
     # Partials merged per load: as many as keep the merged tile within ~64 fp32 registers per thread.
     merge_s = 1
     while merge_s < n_split and 2 * merge_s * block_r * block_d <= 2048 * config.num_warps:
@@ -538,16 +464,16 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         l_part = torch.empty(b * hkv * n_split, block_r, dtype=torch.float32, device=q.device)
         counters = ticket_counters(b * hkv, q)
     else:
-        o_part = l_part = counters = q     # unused: every kv head is stored whole by one program
-    launcher(kernel, q)[grid](
+        o_part = l_part = counters = q     # unused: the one split stores the output itself
+    launcher(_decode_split_kernel, q)[(n_split, b * hkv)](
         q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,
         query_end if query_end is not None else q, out, lse, o_part, l_part, counters,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        hkv, sq, sk, scale * LOG2E.value, *plan_args, s_list[0], w_list[0],
+        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0],
         PER_HEAD=per_head, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
         HAS_POS=query_end is not None, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, MERGE_S=merge_s,
-        UPCAST_DOT=interpreting(), **split_args,
+        UPCAST_DOT=interpreting(), SPLIT=n_split > 1,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return (out, lse) if return_lse else out
 

@@ -185,52 +185,6 @@ def test_decode_query_end_leaves_empty_splits(interpreter):
                                    rtol=OUT_TOL[torch.float16])
 
 
-@pytest.mark.parametrize("programs", [1, 3, 5, 8, 40, 400])
-@pytest.mark.parametrize("sq,sk", [(1, 160), (2, 171)])
-def test_decode_stream_k_runs_cover_every_kv_head(interpreter, programs, sq, sk):
-    """Stream-K: the kept tiles of all kv heads in one list, cut into ``programs`` runs. Runs that end inside a
-    kv head (several partials, merged by the last), runs that hold several whole kv heads (stored directly) and
-    more programs than tiles (capped) all give the reference; a second call on the same counters too."""
-    from sparsecc.codegen import decode_attention as da, launch
-
-    q, k, v = make_qkv(programs + sk, 2, 4, 2, sq, sk, 64, torch.bfloat16)
-    mask = make_mask(5, "bool", 2, 4, sq, sk)
-    sinks, windows = torch.tensor([5, 5, 16, 16], dtype=torch.int32), torch.tensor([70] * 2 + [40] * 2,
-                                                                                  dtype=torch.int32)
-    config = dataclasses.replace(da.INTERPRETER_CONFIG, stream_k=True, programs=programs)
-    ref = streaming_attention_ref(q, k, v, sink=[5, 5, 16, 16], window=[70, 70, 40, 40], scale=0.125, causal=True,
-                                  mask=mask, return_lse=True)
-    for _ in range(2):
-        out, lse = da.streaming_decode(q, k, v, mask, 0.125, True, sinks, windows, return_lse=True,
-                                       out=torch.full_like(q, float("nan")), config=config)
-        check(out, lse, *ref, torch.bfloat16)
-        assert all(int(buf.count_nonzero()) == 0 for bufs in launch._COUNTERS.values() for buf in bufs)
-
-
-@pytest.mark.parametrize("programs", [2, 7])
-def test_decode_stream_k_query_end_and_bidirectional(interpreter, programs):
-    """Stream-K with positions from the device (tiles past a batch element's kept blocks stay empty) and a
-    bidirectional call (the window reaches keys after the query rows)."""
-    from sparsecc.codegen import decode_attention as da
-
-    b, sk = 3, 300
-    q, k, v = make_qkv(31, b, 4, 1, 1, sk, 64, torch.float16)
-    ends = [299, 120, 40]
-    config = dataclasses.replace(da.INTERPRETER_CONFIG, stream_k=True, programs=programs)
-    out = da.streaming_decode(q, k, v, None, 0.1, True, None, None, rules=([8] * 4, [50] * 4),
-                              query_end=torch.tensor(ends, dtype=torch.int32), config=config)
-    for i, e in enumerate(ends):
-        ref = streaming_attention_ref(q[i:i + 1], k[i:i + 1, :, :e + 1], v[i:i + 1, :, :e + 1], sink=[8],
-                                      window=[50], scale=0.1, causal=True)
-        torch.testing.assert_close(out[i:i + 1].float(), ref.float(), atol=OUT_TOL[torch.float16],
-                                   rtol=OUT_TOL[torch.float16])
-    q2 = q[:, :, :1]
-    out, lse = da.streaming_decode(q2, k[:, :, :200], v[:, :, :200], None, 0.1, False, None, None, return_lse=True,
-                                   rules=([3] * 4, [60] * 4), config=config)
-    check(out, lse, *streaming_attention_ref(q2, k[:, :, :200], v[:, :, :200], sink=[3], window=[60], scale=0.1,
-                                             causal=False, return_lse=True), torch.float16)
-
-
 def test_gqa_maps_query_heads_like_repeat_interleave(interpreter):
     # kv head 0 has v = 0, kv head 1 has v ~ 100: a wrong head mapping cannot pass.
     b, h, hkv, s, d = 1, 4, 2, 40, 64
@@ -369,26 +323,6 @@ def test_gpu_decode(sq, hkv):
     ref = streaming_attention_ref(q.float(), k.float(), v.float(), **kw)
     out = streaming_attention(q, k, v, out=poisoned(q), **kw)
     assert not out.isnan().any() and rel_err(out, ref) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("b,programs_per_sm", [(1, 1), (8, 1), (8, 2), (32, 1)])
-def test_gpu_decode_stream_k(b, programs_per_sm):
-    """The stream-K launch compiled for the GPU: runs ending inside kv heads, a mask, the lse, two calls."""
-    import dataclasses as dc
-
-    from sparsecc.codegen import decode_attention as da
-
-    q, k, v = make_qkv(b, b, 32, 8, 1, 9000, 128, torch.bfloat16, "cuda")
-    mask = torch.rand(b, 1, 1, 9000, device="cuda") < 0.9
-    kw = dict(sink=[128], window=[4096], scale=128 ** -0.5, causal=True, mask=mask, return_lse=True)
-    ref, ref_lse = streaming_attention_ref(q.float(), k.float(), v.float(), **kw)
-    config = dc.replace(da.DEFAULT_CONFIG, stream_k=True, programs_per_sm=programs_per_sm)
-    for _ in range(2):
-        out, lse = da.streaming_decode(q, k, v, mask, 128 ** -0.5, True, None, None, return_lse=True,
-                                       out=poisoned(q), rules=([128] * 32, [4096] * 32), config=config)
-        assert not out.isnan().any() and rel_err(out, ref) < 1e-2
-        torch.testing.assert_close(lse, ref_lse.float(), atol=1e-2, rtol=1e-3)
 
 
 @pytest.mark.gpu
