@@ -20,11 +20,12 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 from sparsecc.codegen.block_attention import (
@@ -390,10 +391,7 @@ def main(argv=None):
         if r.get("metadata_bytes") and r["s"] == 131072:
             mib = r["metadata_bytes"] / 2 ** 20
             notes.append(f"{r['workload']}: sparse metadata {mib:.3f} MiB (limit {METADATA_LIMIT_MIB} MiB)")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = source_version()
     header = [f"- device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"triton {__import__('triton').__version__}",
               f"- date: {datetime.date.today().isoformat()}, commit {commit or '?'}",

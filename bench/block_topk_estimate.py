@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
+import os
 import sys
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
@@ -96,7 +98,7 @@ def main(argv=None):
         block, topk = (64, 15) if s <= 8192 else (128, 12)
         for shape in SHAPES:
             rows += run(shape, s, block, topk)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_version()
     header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
               f"{datetime.date.today().isoformat()}, commit {commit or '?'}")
     if args.json:

@@ -38,11 +38,12 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from typing import Callable, List, Optional
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 from sparsecc.cost.efficiency import TABLE_PATH, table
 from sparsecc.cost.fit import FitRow, Hardware, cross_validate, fit, metrics, predict_rows, prior
@@ -409,8 +410,7 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
         if r.get("dense_ms"):
             r["measured"] = r["dense_ms"] / r["sparse_ms"]
     if write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        commit = source_version()
         sources = sorted({r.get("source", "grid") for r in rows})
         out = dict(table())
         out["families"] = fitted

@@ -35,6 +35,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
+
 H, HKV, D = 32, 8, 128
 SINK, WINDOW = 128, 4096
 SCALE = D ** -0.5
@@ -294,7 +297,7 @@ def main(argv=None):
     from sparsecc.codegen import decode_attention as new
 
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
-        f"default config {new.DEFAULT_CONFIG}")
+        f"source {source_version()}, default config {new.DEFAULT_CONFIG}")
     mods = {"new": (new, None)}
     if args.baseline:
         mods = {"old": (load_module(args.baseline, "decode_attention_baseline"), None), "new": (new, None)}

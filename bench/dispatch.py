@@ -31,11 +31,12 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -323,8 +324,7 @@ def main() -> None:
         attention_rows(emit)
     if opts.only in (None, "ffn"):
         ffn_rows(emit, modes=modes)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
+    commit = source_version()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, tree {commit}")
     print(table(rows))
 

@@ -44,12 +44,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -443,13 +444,7 @@ def header(device: str, opts) -> List[str]:
     """Provenance lines: device, versions, commit, what the numbers are."""
     import transformers
 
-    commit = os.environ.get("SPARSECC_COMMIT", "")  # a copied checkout (a remote GPU) may carry no git state
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip() or "?"
-        except OSError:
-            commit = "?"
+    commit = source_version()
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "CPU"
     return [f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {name}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, sparsecc {commit}; "

@@ -49,11 +49,11 @@ import datetime
 import json
 import os
 import re
-import subprocess
 import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -296,8 +296,7 @@ def device_slug(name: str) -> str:
 def header() -> dict:
     """Device, stack, date and commit of this run."""
     import triton
-    commit = os.environ.get("SPARSECC_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = source_version()
     name = torch.cuda.get_device_name()
     return dict(device=name, slug=device_slug(name), torch=torch.__version__, triton=triton.__version__,
                 date=str(datetime.date.today()), commit=commit or "?", dtype=str(DTYPE).replace("torch.", ""))

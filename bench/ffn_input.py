@@ -36,11 +36,11 @@ import datetime
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from typing import List, Optional
 
 import torch
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -228,11 +228,7 @@ SWEPT = ((1, 0.5), (1, 0.9), (4, 0.7))   # (tokens, sparsity) rows --sweep times
 
 
 def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+    return source_version()
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -16,12 +16,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 from sparsecc.codegen.activation_sparse import GemvConfig, threshold_linear
@@ -317,8 +318,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         rows.append(bsr_workload(8192, 4096, 14336, (64, 64), 0.1, 7.0, False, "silu", True))
         rows.append(bsr_workload(8192, 4096, 14336, (128, 128), 0.1, 7.0, False))
         rows.append(bsr_workload(8192, 4096, 14336, (32, 32), 0.1, 7.0, False))
-    commit = os.environ.get("SPARSECC_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_version()
     header = (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"{datetime.date.today()}, commit {commit or '?'}, {DTYPE}")
     if args.json:

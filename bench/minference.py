@@ -21,11 +21,12 @@ import argparse
 import datetime
 import math
 import os
-import subprocess
 import sys
 import time
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -260,7 +261,7 @@ def main(argv=None):
     if args.sweep:
         sweep(args.seqs, log)
     model = [] if args.no_model else model_rows(args.seqs, log, args.model_budget)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_version()
     import triton
 
     header = [f"- device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",

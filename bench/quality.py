@@ -38,13 +38,14 @@ import datetime
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -397,11 +398,7 @@ def natural_sparsity(scores, projections):
 
 def render(rows, checks, tables, args, n_sentences, elapsed) -> str:
     """The RESULTS.md section: setup, the table, levels at 50%, sensitivity, natural sparsity, compile check."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = source_version()
     lines = [SECTION, "",
              f"`python bench/quality.py` on CPU ({torch.get_num_threads()} threads), "
              f"{datetime.date.today().isoformat()}, commit {commit}, torch {torch.__version__}; "

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -78,8 +80,7 @@ def main(argv=None) -> int:
                              for entry in [*semi._CACHE.values(), *semi._BOUND.values()] for c in entry.algs.values()})
             print(f"M={m}: rel err {err:.2e}, sparsecc {sparse_ms:.4f} ms, Inductor dense {dense_ms:.4f} ms, "
                   f"{dense_ms / sparse_ms:.2f}x (cuSPARSELt settings in use so far: {picked})", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = source_version()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, tree {commit}")
     print("| M | sparsecc ms | Inductor dense ms | x Inductor | rel err |\n|---|---|---|---|---|")
     for m, err, s_ms, d_ms in rows:

@@ -38,7 +38,6 @@ import json
 import os
 import pickle
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,8 @@ import traceback
 from pathlib import Path
 
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -280,11 +281,7 @@ def main(argv=None) -> int:
     rows = ranks[0]
     problems = check(rows, args.world, args.layers)
     device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = source_version()
     header = (f"{device} x {args.world}, torch {torch.__version__}, {datetime.date.today()}, commit {commit}; "
               f"{args.layers} layers of Llama-3-8B shape{' (smoke shapes)' if args.smoke else ''}, streaming "
               f"sink {SMOKE_SINK if args.smoke else SINK} + window {SMOKE_WINDOW if args.smoke else WINDOW}; "
