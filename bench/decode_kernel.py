@@ -150,17 +150,16 @@ def run_workload(b, kv, mods, log) -> dict:
     q, k, v = sets[0]
     ref = oracle(q, k, v)
     row = {"b": b, "kv": kv, "kept_mb": kept_bytes(b) / 1e6, "copies": len(sets)}
-    for name, (mod, cfg) in mods.items():
-        err = rel_err(decode_call(mod, q, k, v, out=torch.full_like(q, float("nan")), config=cfg), ref)
+    for name, mod in mods.items():
+        err = rel_err(decode_call(mod, q, k, v, out=torch.full_like(q, float("nan"))), ref)
         row[f"{name}_err"] = err
         if not err < MAX_REL_ERR:
             raise SystemExit(f"{name} B{b} KV{kv}: rel err {err:.3e}; not timing")
     del ref
     row["sdpa_normal"], row["sdpa_graph"] = time_both(
         sets, lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, scale=SCALE, enable_gqa=True))
-    for name, (mod, cfg) in mods.items():
-        row[f"{name}_normal"], row[f"{name}_graph"] = time_both(
-            sets, lambda q_, k_, v_, m=mod, c=cfg: decode_call(m, q_, k_, v_, config=c))
+    for name, mod in mods.items():
+        row[f"{name}_normal"], row[f"{name}_graph"] = time_both(sets, lambda q_, k_, v_, m=mod: decode_call(m, q_, k_, v_))
     from sparsecc.codegen.block_attention import streaming_attention
     row["public_normal"] = bench_ms(Cycle(sets, lambda q_, k_, v_: streaming_attention(
         q_, k_, v_, sink=[SINK], window=[WINDOW], scale=SCALE, causal=True)))
@@ -298,9 +297,9 @@ def main(argv=None):
 
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
         f"source {source_version()}, default config {new.DEFAULT_CONFIG}")
-    mods = {"new": (new, None)}
+    mods = {"new": new}
     if args.baseline:
-        mods = {"old": (load_module(args.baseline, "decode_attention_baseline"), None), "new": (new, None)}
+        mods = {"old": load_module(args.baseline, "decode_attention_baseline"), "new": new}
     out = {"ceilings": ceilings(log)}
 
     def save():

@@ -255,18 +255,18 @@ def _attend_blocks(q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, n_
 
 @triton.jit
 def _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv, part, first_part,
-                 n_parts, stride_ob, stride_oh, stride_om, n_heads, seq_q, WHOLE: tl.constexpr,
+                 n_parts, stride_ob, stride_oh, stride_om, n_heads, seq_q, SPLIT: tl.constexpr,
                  GROUP: tl.constexpr, WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr):
-    """Store the rows (``WHOLE``: this program saw every kept block of the kv head), or store partial ``part``,
-    take a ticket from the kv head's counter, and merge the ``n_parts`` partials from ``first_part`` when it is
-    the last one."""
+    """Without ``SPLIT`` (this program saw every kept block of the kv head) store the rows; with it store partial
+    ``part``, take a ticket from the kv head's counter, and merge the ``n_parts`` partials from ``first_part`` when
+    it is the last one."""
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
-    if WHOLE:
+    if not SPLIT:
         _store_rows(O, LSE, out, lse2, b, head, row, r_ok, offs_d, stride_ob, stride_oh, stride_om, n_heads, seq_q,
                     WRITE_LSE, HEAD_DIM, BLOCK_D)
     else:
@@ -318,14 +318,9 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
         stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
         CAUSAL, HAS_MASK, MASK_BOOL, EVEN_N, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST_DOT)
     first_part = bkv.to(tl.int64) * n_split
-    if SPLIT:
-        _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv,
-                     first_part + split, first_part, n_split, stride_ob, stride_oh, stride_om, n_kv_heads * GROUP,
-                     seq_q, False, GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
-    else:
-        _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv, first_part,
-                     first_part, 1, stride_ob, stride_oh, stride_om, n_kv_heads * GROUP, seq_q, True,
-                     GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
+    _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv, first_part + split,
+                 first_part, n_split, stride_ob, stride_oh, stride_om, n_kv_heads * GROUP, seq_q, SPLIT,
+                 GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
 
 
 def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
