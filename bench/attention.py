@@ -24,14 +24,15 @@ import sys
 import time
 
 import torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
-from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 from sparsecc.codegen.block_attention import (
     FULL_WINDOW, block_sparse_attention, block_sparse_attention_ref, streaming_attention, streaming_attention_ref)
 from sparsecc.forms import BlockSparse
 from sparsecc.layouts import block_sparse_table, streaming_block_table, streaming_mask_mod
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 # TARGETS.md: the block used to count kept causal blocks for "ideal".
 IDEAL_BLOCK = 128

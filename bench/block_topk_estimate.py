@@ -18,9 +18,10 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
 from provenance import source_version  # noqa: E402 - bench/ is on the path
-import torch.nn.functional as F
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 

@@ -42,8 +42,6 @@ import sys
 from typing import Callable, List, Optional
 
 import torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
-from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 from sparsecc.cost.efficiency import TABLE_PATH, table
 from sparsecc.cost.fit import FitRow, Hardware, cross_validate, fit, metrics, predict_rows, prior
@@ -51,6 +49,9 @@ from sparsecc.cost.formulas import ELEM, B, D, H, HKV, K, M, N, SK, SQ
 from sparsecc.cost.hardware import H100_SXM, profile_for
 from sparsecc.cost.sites import attention_costs, ffn_costs, linear_costs
 from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 DTYPE = torch.bfloat16
 ATTN = dict(batch=1, heads=32, kv_heads=8, head_dim=128)

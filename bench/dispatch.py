@@ -35,10 +35,11 @@ import sys
 import time
 
 import torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
-from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.environ.get("OUT", HERE)   # where the profiler tables go

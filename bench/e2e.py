@@ -49,6 +49,7 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
 from provenance import source_version  # noqa: E402 - bench/ is on the path
 

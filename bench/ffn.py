@@ -53,10 +53,10 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
-from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 from linear import bench, bench_graph, check  # noqa: E402 - the repo's timing conventions
 
 from sparsecc.codegen.activation_sparse import threshold_linear  # noqa: E402

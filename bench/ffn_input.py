@@ -40,10 +40,10 @@ import sys
 from typing import List, Optional
 
 import torch
-from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 from linear import bench_graph, rel_err  # noqa: E402 - the repo's timing conventions
 
 from sparsecc.codegen.activation_sparse import GemvConfig, default_gemv_config, threshold_linear  # noqa: E402

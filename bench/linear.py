@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
-from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn.functional as F
 
 from sparsecc.codegen.activation_sparse import GemvConfig, threshold_linear
 from sparsecc.codegen.block_sparse_linear import BlockLinearConfig, block_sparse_linear
 from sparsecc.forms import BlockWeights
 from sparsecc.weights import compress_block_weights
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 WARMUP_MS, REP_MS = 25, 100  # do_bench defaults named in GPU.md
 DTYPE = torch.bfloat16

@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
 from provenance import source_version  # noqa: E402 - bench/ is on the path
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
 from provenance import source_version  # noqa: E402 - bench/ is on the path
 

@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 import torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
-from provenance import source_version  # noqa: E402 - bench/ is on the path
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -45,6 +45,7 @@ import traceback
 from pathlib import Path
 
 import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
 from provenance import source_version  # noqa: E402 - bench/ is on the path
 
