@@ -1,0 +1,142 @@
+"""Streaming prefill: the Gluon kernel for Hopper (codegen/streaming_prefill_hopper.py) against the Triton kernel.
+
+For each length: dense causal SDPA (the anchor), sparsecc's shipped streaming kernel (``streaming_attention``),
+the Gluon kernel in each ``--variants``, and Flex-Triton (``--flex``), all in one process. Every kernel is first
+checked against the float64 reference at small shapes (odd lengths, chunked prefill, GQA, a window wider than
+the sequence). "of ideal" = (SDPA time / kernel time) x the kept share of causal 128 x 128 blocks, as in
+bench/attention.py.
+
+    python bench/prefill_hopper.py --lengths 16384,32768 --hkv 32,8 --variants s3,ws2,ws3 --flex
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsecc.codegen.block_attention import streaming_attention, streaming_attention_ref
+from sparsecc.layouts import streaming_block_table, streaming_mask_mod
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from provenance import source_version  # noqa: E402 - bench/ is on the path
+
+SINK, WINDOW, BLOCK = 128, 4096, 128
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel_err(out, ref) -> float:
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    return err if math.isfinite(err) else float("inf")
+
+
+def qkv(b, h, hkv, sq, sk, d=128, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda n, s: torch.randn(b, n, s, d, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    return mk(h, sq), mk(hkv, sk), mk(hkv, sk)
+
+
+def variant_kwargs(name: str) -> dict:
+    """``s3`` -> stages=3; ``ws2`` -> warp_specialized at stages=2; ``pp3`` -> warp-specialised ping-pong."""
+    if name.startswith("pp"):
+        return dict(stages=int(name[2:]), warp_specialized=True, pingpong=True)
+    if name.startswith("ws"):
+        return dict(stages=int(name[2:]), warp_specialized=True)
+    return dict(stages=int(name[1:]))
+
+
+def check(variants, log) -> bool:
+    from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
+
+    ok = True
+    cases = [(1, 4, 2, 1024, 1024, 64, 256, torch.bfloat16), (2, 8, 8, 1000, 1000, 100, 300, torch.float16),
+             (1, 4, 4, 640, 1536, 128, 512, torch.bfloat16), (1, 2, 1, 777, 777, 0, 5000, torch.bfloat16),
+             (1, 4, 2, 4096, 4096, 128, 1024, torch.float16)]
+    for b, h, hkv, sq, sk, sink, window, dtype in cases:
+        q, k, v = qkv(b, h, hkv, sq, sk, dtype=dtype, seed=sq)
+        ref = streaming_attention_ref(q.double(), k.double(), v.double(), sink=[sink] * h, window=[window] * h,
+                                      scale=128 ** -0.5, causal=True)
+        for name in variants:
+            out = streaming_prefill_hopper(q, k, v, sink, window, **variant_kwargs(name))
+            err = rel_err(out, ref)
+            ok &= err < 1e-2
+            log(f"check b{b} h{h}/{hkv} {sq}x{sk} sink {sink} window {window} {dtype} {name}: rel err {err:.2e}")
+        shipped = streaming_attention(q, k, v, sink=[sink], window=[window], scale=128 ** -0.5, causal=True)
+        log(f"  shipped kernel rel err {rel_err(shipped, ref):.2e}")
+    return ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="16384,32768,65536,131072")
+    ap.add_argument("--hkv", default="32,8")
+    ap.add_argument("--variants", default="s3,ws2,ws3,pp2,pp3",
+                    help="sN: software-pipelined at N stages; wsN: warp-specialised at N stages; ppN: ws with ping-pong")
+    ap.add_argument("--flex", action="store_true", help="time Flex-Triton too (compiles once per shape)")
+    ap.add_argument("--log", default=None)
+    args = ap.parse_args(argv)
+    from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
+
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(msg + "\n")
+
+    variants = args.variants.split(",")
+    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, source {source_version()}, "
+        f"{time.strftime('%Y-%m-%d')}")
+    if not check(variants, log):
+        log("CORRECTNESS FAILED: no timings")
+        return 1
+    rows = []
+    for hkv in [int(x) for x in args.hkv.split(",")]:
+        for s in [int(x) for x in args.lengths.split(",")]:
+            q, k, v = qkv(1, 32, hkv, s, s)
+            scale = 128 ** -0.5
+            table = streaming_block_table(SINK, WINDOW, block=BLOCK, seq_q=s, seq_k=s, causal=True, device="cuda")
+            density = table.density()
+            t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != 32))
+            t_ship = bench(lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale,
+                                                       causal=True))
+            t_gl = {name: bench(lambda: streaming_prefill_hopper(q, k, v, SINK, WINDOW, scale, **variant_kwargs(name)))
+                    for name in variants}
+            t_flex = float("nan")
+            if args.flex:
+                from torch.nn.attention.flex_attention import flex_attention
+                extra = streaming_mask_mod(SINK, WINDOW, seq_q=s, seq_k=s, causal=True, device="cuda")
+                bm = table.to_flex_block_mask(extra_mask_mod=extra)
+                fx = torch.compile(flex_attention, dynamic=False)
+                t_flex = bench(lambda: fx(q, k, v, block_mask=bm, enable_gqa=hkv != 32))
+            best = min(t_gl, key=t_gl.get)
+            rows.append((s, hkv, density, t_sdpa, t_ship, t_gl, best, t_flex))
+            log(f"S={s} hkv={hkv}: sdpa {t_sdpa:.3f} ms, shipped {t_ship:.3f}, "
+                + ", ".join(f"gluon {name} {t:.3f}" for name, t in t_gl.items()) + f", flex {t_flex:.3f}")
+            torch.cuda.empty_cache()
+    log("")
+    log("| S | Hkv | kept | SDPA ms | shipped ms | best Gluon ms (variant) | shipped of ideal | **Gluon of ideal** "
+        "| Gluon x shipped | Flex ms | Gluon x Flex |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    for s, hkv, density, t_sdpa, t_ship, t_gl, best, t_flex in rows:
+        tg = t_gl[best]
+        log(f"| {s // 1024}K | {hkv} | {density:.4f} | {t_sdpa:.3f} | {t_ship:.3f} | {tg:.3f} ({best}) | "
+            f"{t_sdpa / t_ship * density:.2f} | **{t_sdpa / tg * density:.2f}** | {t_ship / tg:.2f} | "
+            f"{t_flex:.3f} | {t_flex / tg:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

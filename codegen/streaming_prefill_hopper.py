@@ -1,0 +1,375 @@
+"""Streaming (sink + window) causal prefill attention for Hopper, written in Gluon.
+
+A second kernel for the streaming layout of ``codegen/block_attention_kernels.py`` on sm_90, with the
+pipeline spelled out instead of left to Triton's scheduler: K and V tiles arrive by TMA into a ring of
+shared-memory stages (one mbarrier per tile), ``S_t = Q K_tᵀ`` and ``O += P_{t-1} V_{t-1}`` are issued
+back to back as asynchronous warpgroup MMAs, and the softmax of ``S_t`` runs while ``P_{t-1} V_{t-1}``
+is still on the tensor cores (P is passed to the MMA from registers, in the accumulator's own layout).
+
+Imported lazily (Gluon is Triton's experimental layer; nothing here runs at import of sparsecc). There
+is no interpreter path for Gluon, so the CPU checks of the streaming layout run the Triton kernel; this
+one is checked on the GPU against the float64 oracle (tests/codegen/test_streaming_prefill_hopper.py).
+
+Semantics (docs/spec.md, streaming, causal): query row ``i`` sits at position ``p = i + Sk - Sq`` and
+attends key ``j`` iff ``j <= p`` and (``j < sink`` or ``p - j < window``). Inputs: contiguous
+``[B, H, Sq, D]`` queries, ``[B, Hkv, Sk, D]`` keys and values (GQA when ``Hkv < H``), float16 or
+bfloat16, ``D = 128``; one sink and window for every head.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+# log2(e): scores in base 2, so the softmax uses exp2 with the scale folded in.
+_LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _trip_block(t, n_sink, window_first):
+    """Key block of trip ``t``: the sink blocks first, then the window's blocks in order."""
+    return gl.where(t < n_sink, t, window_first + t - n_sink)
+
+
+@gluon.jit
+def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, kv_row0,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA load of trip ``t``'s K (or V) tile into its stage; nothing past the last trip."""
+    stage = t % STAGES
+    live = t < n_trips
+    row = kv_row0 + _trip_block(t, n_sink, window_first) * BLOCK_N
+    mbarrier.expect(bars.index(stage), desc.block_type.nbytes, pred=live)
+    tma.async_copy_global_to_shared(desc, [row, 0], bars.index(stage), ring.index(stage), pred=live)
+
+
+@gluon.jit
+def _online_softmax(s, m_i, l_i, n0, pos, offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N: gl.constexpr):
+    """One key block of the online softmax: masks the block where some element falls outside the rule, and
+    returns (P in float32, the rescale factor of the previous rows' sums, the new max, the new sum)."""
+    s = s * qk_scale
+    full = (n0 + BLOCK_N <= seq_k) & (n0 + BLOCK_N - 1 <= p0) & ((n0 + BLOCK_N <= sink) | (n0 > p1 - window))
+    if not full:
+        keys = n0 + offs_n
+        keep = (keys[None, :] <= pos[:, None]) & (keys[None, :] < seq_k) & \
+            ((keys[None, :] < sink) | (pos[:, None] - keys[None, :] < window))
+        s = gl.where(keep, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no kept key so far
+    p = gl.exp2(s - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sink, window, qk_scale,
+                              H: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                              num_warps: gl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of the streaming rule."""
+    gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
+    dtype: gl.constexpr = q_desc.dtype
+    n_m = gl.cdiv(seq_q, BLOCK_M)
+    pid = gl.program_id(0)
+    m_block = n_m - 1 - pid % n_m     # heaviest (latest) query blocks first
+    bh = pid // n_m
+    b = bh // H
+    h = bh % H
+    m0 = m_block * BLOCK_M
+    offset = seq_k - seq_q
+    q_row0 = bh * seq_q + m0
+    kv_row0 = (b * (H // GROUP) + h // GROUP) * seq_k
+
+    # Key ranges (same arithmetic as the Triton kernel): sink blocks, then window blocks [wb, we).
+    p0 = m0 + offset
+    p1 = gl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
+    hi = gl.maximum(gl.minimum(p1 + 1, seq_k), 0)
+    lo = gl.maximum(p0 - window + 1, 0)
+    sink_hi = gl.minimum(sink, hi)
+    n_sink = gl.cdiv(gl.maximum(sink_hi, 0), BLOCK_N)
+    wb = gl.maximum(lo // BLOCK_N, n_sink)
+    we = gl.maximum(gl.cdiv(hi, BLOCK_N), wb)
+    n_trips = n_sink + (we - wb)
+
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+    fence_async_shared()
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row0, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        _load_kv(k_desc, k_bars, k_ring, i, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
+        _load_kv(v_desc, v_bars, v_ring, i, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
+
+    offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    pos = offs_m + offset
+    offs_n = gl.arange(0, BLOCK_N, layout=col_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=mma_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma_layout)
+    p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
+    mbarrier.wait(q_bar, 0)
+
+    # Trip 0 on its own: its S has no P V to overlap with.
+    if n_trips > 0:
+        mbarrier.wait(k_bars.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_ring.index(0)))
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(0, n_sink, wb) * BLOCK_N, pos, offs_n, p0,
+                                                 p1, seq_k, sink, window, qk_scale, BLOCK_N)
+        p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        mbarrier.wait(v_bars.index(0), 0)
+    for t in range(1, n_trips):
+        stage = t % STAGES
+        phase = (t // STAGES) & 1
+        prev = (t - 1) % STAGES
+        mbarrier.wait(k_bars.index(stage), phase)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        # The previous trip's P V, on the tensor cores while this trip's softmax runs.
+        acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_ring.index(stage)))
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, wb) * BLOCK_N, pos, offs_n, p0,
+                                                 p1, seq_k, sink, window, qk_scale, BLOCK_N)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev)))
+        # Every warpgroup is past the previous trip's P V: its K and V stage can be refilled.
+        gl.thread_barrier()
+        _load_kv(k_desc, k_bars, k_ring, t - 1 + STAGES, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
+        _load_kv(v_desc, v_bars, v_ring, t - 1 + STAGES, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
+        acc = acc * alpha[:, None]
+        p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        mbarrier.wait(v_bars.index(stage), phase)
+    if n_trips > 0:
+        last = (n_trips - 1) % STAGES
+        acc = warpgroup_mma(p, v_ring.index(last), acc, is_async=True)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last)))
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / l_safe[:, None]).to(dtype)
+    offs_d = gl.arange(0, HEAD_DIM, layout=col_layout)
+    rows = bh.to(gl.int64) * seq_q + offs_m
+    ptrs = out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    gl.store(ptrs, out, mask=(offs_m < seq_q)[:, None])
+
+
+# ------------------------------------------------------------------ warp-specialised variant
+# Two consumer warpgroups, each with its own 64 query rows, and one producer warp issuing the TMA loads. The
+# consumers share the K/V ring but never wait for each other: each releases a stage (one arrival on its
+# ``kv_empty`` barrier, count 2) once its P V on that stage is done, and the producer refills a stage after
+# both arrivals. Free of a CTA-wide barrier per trip, one warpgroup's softmax can run while the other's
+# MMAs hold the tensor cores.
+
+
+@gluon.jit
+def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, window_first, kv_row0,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    for t in range(0, n_trips):
+        stage = t % STAGES
+        # The stage's previous use (trip t - STAGES) must be released by both consumers.
+        mbarrier.wait(kv_empty.index(stage), ((t // STAGES) - 1) & 1, pred=t >= STAGES)
+        row = kv_row0 + _trip_block(t, n_sink, window_first) * BLOCK_N
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(stage), k_ring.index(stage))
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(stage), v_ring.index(stage))
+
+
+@gluon.jit
+def _take_turn(my_turn, turn_round, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
+    """Ping-pong: wait until the other consumer has issued its MMAs of the previous round (the leader's first
+    round waits for nobody)."""
+    if PINGPONG:
+        mbarrier.wait(my_turn, (turn_round - LEADER) & 1, pred=turn_round >= LEADER)
+
+
+@gluon.jit
+def _pass_turn(other_turn, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(other_turn, count=1)
+
+
+@gluon.jit
+def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, my_turn, other_turn, out_ptr, bh,
+                 m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, window_first,
+                 ROW0: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
+    """HALF_M query rows (ROW0 into the program's tile) over every trip of the tile's key blocks.
+
+    With ``PINGPONG`` the two consumers issue their MMAs in turns (round r of one after round r - 1 of the
+    other), so one's MMAs queue behind the other's and each softmax runs while the other's MMAs execute."""
+    dtype: gl.constexpr = q_desc.dtype
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+    offset = seq_k - seq_q
+    r0 = m0 + ROW0
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [bh * seq_q + r0, 0], q_bar, q_smem)
+    p0 = r0 + offset
+    p1 = gl.minimum(r0 + HALF_M, seq_q) - 1 + offset
+    offs_m = r0 + gl.arange(0, HALF_M, layout=row_layout)
+    pos = offs_m + offset
+    offs_n = gl.arange(0, BLOCK_N, layout=col_layout)
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([HALF_M], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, layout=mma_layout)
+    s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=mma_layout)
+    p = gl.zeros([HALF_M, BLOCK_N], dtype, layout=p_layout)
+    mbarrier.wait(q_bar, 0)
+    if n_trips > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(my_turn, 0, PINGPONG, LEADER)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(other_turn, PINGPONG)
+        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_ring.index(0)))
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(0, n_sink, window_first) * BLOCK_N, pos,
+                                                 offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
+        p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(0), 0)
+    for t in range(1, n_trips):
+        stage = t % STAGES
+        phase = (t // STAGES) & 1
+        prev = (t - 1) % STAGES
+        mbarrier.wait(k_ready.index(stage), phase)
+        _take_turn(my_turn, t, PINGPONG, LEADER)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+        _pass_turn(other_turn, PINGPONG)
+        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_ring.index(stage)))
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, window_first) * BLOCK_N, pos,
+                                                 offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev)))
+        mbarrier.arrive(kv_empty.index(prev), count=1)
+        acc = acc * alpha[:, None]
+        p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(stage), phase)
+    if n_trips > 0:
+        last = (n_trips - 1) % STAGES
+        _take_turn(my_turn, n_trips, PINGPONG, LEADER)
+        acc = warpgroup_mma(p, v_ring.index(last), acc, is_async=True)
+        _pass_turn(other_turn, PINGPONG)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last)))
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / l_safe[:, None]).to(dtype)
+    offs_d = gl.arange(0, HEAD_DIM, layout=col_layout)
+    rows = bh.to(gl.int64) * seq_q + offs_m
+    gl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(offs_m < seq_q)[:, None])
+
+
+@gluon.jit
+def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sink, window, qk_scale,
+                                 H: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                                 PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
+    """The warp-specialised program: same tile, key ranges and semantics as ``_streaming_prefill_kernel``."""
+    gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
+    HALF_M: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    n_m = gl.cdiv(seq_q, BLOCK_M)
+    pid = gl.program_id(0)
+    m_block = n_m - 1 - pid % n_m
+    bh = pid // n_m
+    b = bh // H
+    h = bh % H
+    m0 = m_block * BLOCK_M
+    offset = seq_k - seq_q
+    kv_row0 = (b * (H // GROUP) + h // GROUP) * seq_k
+    p0 = m0 + offset
+    p1 = gl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
+    hi = gl.maximum(gl.minimum(p1 + 1, seq_k), 0)
+    lo = gl.maximum(p0 - window + 1, 0)
+    n_sink = gl.cdiv(gl.maximum(gl.minimum(sink, hi), 0), BLOCK_N)
+    wb = gl.maximum(lo // BLOCK_N, n_sink)
+    we = gl.maximum(gl.cdiv(hi, BLOCK_N), wb)
+    n_trips = n_sink + (we - wb)
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turns.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_ws_consumer, (q_desc, q_smem.index(0), q_bars.index(0), k_ring, v_ring, k_ready, v_ready, kv_empty,
+                        turns.index(0), turns.index(1), out_ptr, bh, m0, seq_q, seq_k, sink, window, qk_scale,
+                        n_trips, n_sink, wb, 0, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 1)),
+        (_ws_consumer, (q_desc, q_smem.index(1), q_bars.index(1), k_ring, v_ring, k_ready, v_ready, kv_empty,
+                        turns.index(1), turns.index(0), out_ptr, bh, m0, seq_q, seq_k, sink, window, qk_scale,
+                        n_trips, n_sink, wb, HALF_M, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 0)),
+        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, wb, kv_row0,
+                        BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: float | None = None, *,
+                             block_m: int = 128, stages: int = 3, num_warps: int = 8,
+                             warp_specialized: bool = False, pingpong: bool = False, consumer_regs: int = 240,
+                             producer_regs: int = 24):
+    """Causal streaming attention of contiguous ``[B, H, Sq, D]`` q and ``[B, Hkv, Sk, D]`` k / v (sm_90).
+
+    ``warp_specialized`` runs the producer / two-consumer program (``num_warps`` is then 4 per consumer);
+    ``pingpong`` makes its consumers take turns at issuing MMAs."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if D != 128 or q.dtype not in (torch.float16, torch.bfloat16) or H % Hkv:
+        raise ValueError(f"streaming_prefill_hopper takes D = 128, float16 / bfloat16 and H % Hkv == 0; "
+                         f"got D={D}, {q.dtype}, H={H}, Hkv={Hkv}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    el = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    block_n = D
+    q_block = block_m // 2 if warp_specialized else block_m
+    q_layout = gl.NVMMASharedLayout.get_default_for([q_block, D], el)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, D], el)
+    q2, k2, v2 = q.view(B * H * Sq, D), k.view(B * Hkv * Sk, D), v.view(B * Hkv * Sk, D)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [q_block, D], q_layout)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, D], kv_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, D], kv_layout)
+    scale = D ** -0.5 if scale is None else scale
+    grid = (B * H * triton.cdiv(Sq, block_m),)
+    if warp_specialized:
+        _streaming_prefill_ws_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * _LOG2E,
+                                           H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                                           STAGES=stages, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
+                                           PINGPONG=pingpong,
+                                           num_warps=4)
+        return out
+    _streaming_prefill_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * _LOG2E,
+                                    H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                                    STAGES=stages, num_warps=num_warps)
+    return out
