@@ -24,6 +24,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+# The TMA load builtin: ``async_load`` in newer Gluon, ``async_copy_global_to_shared`` in triton 3.6 (the newer
+# releases keep the old name only to raise).
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# The CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` in newer Gluon.
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
 # log2(e): scores in base 2, so the softmax uses exp2 with the scale folded in.
 _LOG2E = 1.4426950408889634
 
@@ -42,23 +48,23 @@ def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, kv_row0,
     live = t < n_trips
     row = kv_row0 + _trip_block(t, n_sink, window_first) * BLOCK_N
     mbarrier.expect(bars.index(stage), desc.block_type.nbytes, pred=live)
-    tma.async_copy_global_to_shared(desc, [row, 0], bars.index(stage), ring.index(stage), pred=live)
+    _tma_load(desc, [row, 0], bars.index(stage), ring.index(stage), pred=live)
 
 
 @gluon.jit
 def _online_softmax(s, m_i, l_i, n0, pos, offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N: gl.constexpr):
     """One key block of the online softmax: masks the block where some element falls outside the rule, and
     returns (P in float32, the rescale factor of the previous rows' sums, the new max, the new sum)."""
-    s = s * qk_scale
     full = (n0 + BLOCK_N <= seq_k) & (n0 + BLOCK_N - 1 <= p0) & ((n0 + BLOCK_N <= sink) | (n0 > p1 - window))
     if not full:
         keys = n0 + offs_n
         keep = (keys[None, :] <= pos[:, None]) & (keys[None, :] < seq_k) & \
             ((keys[None, :] < sink) | (pos[:, None] - keys[None, :] < window))
         s = gl.where(keep, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    # The max is taken on the raw scores and scaled once per row, so each score costs one FMA before exp2.
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no kept key so far
-    p = gl.exp2(s - m_use[:, None])
+    p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
@@ -112,7 +118,7 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
     fence_async_shared()
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row0, 0], q_bar, q_smem)
+    _tma_load(q_desc, [q_row0, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         _load_kv(k_desc, k_bars, k_ring, i, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
         _load_kv(v_desc, v_bars, v_ring, i, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
@@ -149,7 +155,7 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
                                                  p1, seq_k, sink, window, qk_scale, BLOCK_N)
         acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev)))
         # Every warpgroup is past the previous trip's P V: its K and V stage can be refilled.
-        gl.thread_barrier()
+        _cta_barrier()
         _load_kv(k_desc, k_bars, k_ring, t - 1 + STAGES, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
         _load_kv(v_desc, v_bars, v_ring, t - 1 + STAGES, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
         acc = acc * alpha[:, None]
@@ -189,9 +195,9 @@ def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_t
         mbarrier.wait(kv_empty.index(stage), ((t // STAGES) - 1) & 1, pred=t >= STAGES)
         row = kv_row0 + _trip_block(t, n_sink, window_first) * BLOCK_N
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(stage), k_ring.index(stage))
+        _tma_load(k_desc, [row, 0], k_ready.index(stage), k_ring.index(stage))
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(stage), v_ring.index(stage))
+        _tma_load(v_desc, [row, 0], v_ready.index(stage), v_ring.index(stage))
 
 
 @gluon.jit
@@ -226,7 +232,7 @@ def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_emp
     offset = seq_k - seq_q
     r0 = m0 + ROW0
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [bh * seq_q + r0, 0], q_bar, q_smem)
+    _tma_load(q_desc, [bh * seq_q + r0, 0], q_bar, q_smem)
     p0 = r0 + offset
     p1 = gl.minimum(r0 + HALF_M, seq_q) - 1 + offset
     offs_m = r0 + gl.arange(0, HALF_M, layout=row_layout)

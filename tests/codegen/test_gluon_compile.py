@@ -1,0 +1,106 @@
+"""The Gluon kernels compile for sm_90 with the installed Triton, on a machine without a GPU.
+
+Gluon has no interpreter path, so the CPU suite cannot run codegen/streaming_prefill_hopper.py; it can still
+compile it. Triton's compiler and its bundled ptxas need no GPU once the target is given, so a child process
+installs a driver stub that reports sm_90 and asks each program for its cubin. This keeps the kernels valid on
+the newest Triton (the GPU machine has triton 3.6, CI installs the newest: Gluon's API moves between them) and
+checks what the source alone decides: asynchronous warpgroup MMAs, register reallocation in the warp-specialised
+programs, shared memory within sm_90's 227 KiB per block. Numbers are checked on the GPU
+(tests/codegen/test_streaming_prefill_hopper.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# sm_90's largest shared-memory allocation per block (227 KiB).
+SM90_MAX_SHARED = 232448
+
+_CHILD = textwrap.dedent('''
+    import json, sys
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.driver import CudaDriver
+
+    class Sm90(CudaDriver):
+        """Reports an sm_90 device; never launches anything."""
+        def __init__(self):
+            pass
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 0
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+        @staticmethod
+        def is_active():
+            return True
+
+    triton.runtime.driver.set_active(Sm90())
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from sparsecc.codegen import streaming_prefill_hopper as sp
+
+    D, S = 128, 1024
+    q = torch.empty(4 * S, D, dtype=torch.bfloat16)
+    kv = torch.empty(2 * S, D, dtype=torch.bfloat16)
+
+    def desc(t, rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, D], layout)
+
+    out = {}
+    common = dict(H=4, GROUP=2, HEAD_DIM=D, BLOCK_M=128, BLOCK_N=128, grid=(1,))
+    for stages in (2, 3):
+        k = sp._streaming_prefill_kernel.warmup(desc(q, 128), desc(kv, 128), desc(kv, 128), q, S, S, 128, 4096,
+                                                0.1, STAGES=stages, num_warps=8, **common)
+        out[f"s{stages}"] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared, cubin=len(k.asm["cubin"]))
+        for pingpong in (False, True):
+            k = sp._streaming_prefill_ws_kernel.warmup(desc(q, 64), desc(kv, 128), desc(kv, 128), q, S, S, 128,
+                                                       4096, 0.1, STAGES=stages, PRODUCER_REGS=24,
+                                                       CONSUMER_REGS=240, PINGPONG=pingpong, num_warps=4, **common)
+            out[("pp" if pingpong else "ws") + str(stages)] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared,
+                                                                  cubin=len(k.asm["cubin"]))
+    print("RESULT" + json.dumps(out))
+''')
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    pytest.importorskip("triton.backends.nvidia.driver")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, f"sm_90 compile failed:\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+@pytest.mark.parametrize("variant", ["s2", "s3", "ws2", "ws3", "pp2", "pp3"])
+def test_compiles_for_sm90(compiled, variant):
+    k = compiled[variant]
+    assert k["cubin"] > 0
+    assert "wgmma.mma_async" in k["ptx"]           # the MMAs are Hopper's asynchronous warpgroup MMAs
+    assert k["shared"] <= SM90_MAX_SHARED
+
+
+@pytest.mark.parametrize("variant", ["ws2", "ws3", "pp2", "pp3"])
+def test_warp_specialised_programs_reallocate_registers(compiled, variant):
+    ptx = compiled[variant]["ptx"]
+    assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx    # the producer gives its registers back
+    assert "setmaxnreg.inc" in ptx
+
+
+def test_pingpong_adds_turns(compiled):
+    """The ping-pong programs wait on more mbarriers than the plain warp-specialised ones (the turns)."""
+    waits = {v: compiled[v]["ptx"].count("mbarrier.try_wait") for v in ("ws3", "pp3")}
+    assert waits["pp3"] > waits["ws3"]
