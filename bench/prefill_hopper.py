@@ -1,10 +1,11 @@
 """Streaming prefill: the Gluon kernel for Hopper (codegen/streaming_prefill_hopper.py) against the Triton kernel.
 
 For each length: dense causal SDPA (the anchor), sparsecc's shipped streaming kernel (``streaming_attention``),
-the Gluon kernel in each ``--variants``, and Flex-Triton (``--flex``), all in one process. Every kernel is first
-checked against the float64 reference at small shapes (odd lengths, chunked prefill, GQA, a window wider than
-the sequence). "of ideal" = (SDPA time / kernel time) x the kept share of causal 128 x 128 blocks, as in
-bench/attention.py.
+the Gluon kernel in each ``--variants``, and Flex-Triton (``--flex``), all in one process. Every Gluon variant is
+first checked against the float64 reference at small shapes (odd lengths, chunked prefill, GQA, a window wider
+than the sequence). The shipped kernel is not checked here (bench/attention.py and the GPU tests do): it autotunes
+at every new shape, and with it in the checks a run on the H200 was still checking after 100 s. "of ideal" =
+(SDPA time / kernel time) x the kept share of causal 128 x 128 blocks, as in bench/attention.py.
 
     python bench/prefill_hopper.py --lengths 16384,32768 --hkv 32,8 --variants s3,ws2,ws3 --flex
 """
@@ -71,8 +72,6 @@ def check(variants, log) -> bool:
             err = rel_err(out, ref)
             ok &= err < 1e-2
             log(f"check b{b} h{h}/{hkv} {sq}x{sk} sink {sink} window {window} {dtype} {name}: rel err {err:.2e}")
-        shipped = streaming_attention(q, k, v, sink=[sink], window=[window], scale=128 ** -0.5, causal=True)
-        log(f"  shipped kernel rel err {rel_err(shipped, ref):.2e}")
     return ok
 
 

@@ -5,10 +5,15 @@ pipeline spelled out instead of left to Triton's scheduler: K and V tiles arrive
 shared-memory stages (one mbarrier per tile), ``S_t = Q K_tᵀ`` and ``O += P_{t-1} V_{t-1}`` are issued
 back to back as asynchronous warpgroup MMAs, and the softmax of ``S_t`` runs while ``P_{t-1} V_{t-1}``
 is still on the tensor cores (P is passed to the MMA from registers, in the accumulator's own layout).
+Three programs (docs/kernels.md): software-pipelined (one CTA-wide barrier per trip), warp-specialised
+(a producer warp, two consumer warpgroups that never wait for each other) and ping-pong (the consumers
+take turns at issuing MMAs). Not dispatched by the compiler yet: bench/prefill_hopper.py times them
+against the Triton kernel (bench/RESULTS.md).
 
 Imported lazily (Gluon is Triton's experimental layer; nothing here runs at import of sparsecc). There
-is no interpreter path for Gluon, so the CPU checks of the streaming layout run the Triton kernel; this
-one is checked on the GPU against the float64 oracle (tests/codegen/test_streaming_prefill_hopper.py).
+is no interpreter path for Gluon, so the CPU checks of the streaming layout run the Triton kernel; these
+programs are checked on the GPU against the float64 oracle (tests/codegen/test_streaming_prefill_hopper.py)
+and compiled for sm_90 on CPU (tests/codegen/test_gluon_compile.py).
 
 Semantics (docs/spec.md, streaming, causal): query row ``i`` sits at position ``p = i + Sk - Sq`` and
 attends key ``j`` iff ``j <= p`` and (``j < sink`` or ``p - j < window``). Inputs: contiguous
@@ -24,14 +29,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from sparsecc.codegen.block_attention_kernels import LOG2E
+
 # The TMA load builtin: ``async_load`` in newer Gluon, ``async_copy_global_to_shared`` in triton 3.6 (the newer
 # releases keep the old name only to raise).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # The CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` in newer Gluon.
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
-# log2(e): scores in base 2, so the softmax uses exp2 with the scale folded in.
-_LOG2E = 1.4426950408889634
+__all__ = ["streaming_prefill_hopper"]
 
 
 @gluon.jit
@@ -49,6 +55,42 @@ def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, kv_row0,
     row = kv_row0 + _trip_block(t, n_sink, window_first) * BLOCK_N
     mbarrier.expect(bars.index(stage), desc.block_type.nbytes, pred=live)
     _tma_load(desc, [row, 0], bars.index(stage), ring.index(stage), pred=live)
+
+
+@gluon.jit
+def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+    """This program's query tile and key blocks: (bh, m0, kv_row0, p0, p1, n_sink, wb, n_trips).
+
+    Query blocks run heaviest (latest) first. The key blocks are the sink blocks, then the window's blocks
+    ``[wb, we)`` (the Triton kernel's arithmetic); trip ``t`` visits ``_trip_block(t, n_sink, wb)``."""
+    n_m = gl.cdiv(seq_q, BLOCK_M)
+    pid = gl.program_id(0)
+    m_block = n_m - 1 - pid % n_m
+    bh = pid // n_m
+    b = bh // H
+    h = bh % H
+    m0 = m_block * BLOCK_M
+    offset = seq_k - seq_q
+    kv_row0 = (b * (H // GROUP) + h // GROUP) * seq_k
+    p0 = m0 + offset
+    p1 = gl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
+    hi = gl.maximum(gl.minimum(p1 + 1, seq_k), 0)
+    lo = gl.maximum(p0 - window + 1, 0)
+    n_sink = gl.cdiv(gl.maximum(gl.minimum(sink, hi), 0), BLOCK_N)
+    wb = gl.maximum(lo // BLOCK_N, n_sink)
+    we = gl.maximum(gl.cdiv(hi, BLOCK_N), wb)
+    return bh, m0, kv_row0, p0, p1, n_sink, wb, n_sink + (we - wb)
+
+
+@gluon.jit
+def _store_rows(out_ptr, acc, l_i, bh, offs_m, seq_q, HEAD_DIM: gl.constexpr, col_layout: gl.constexpr):
+    """O = acc / l in the input dtype, rows past the sequence not stored (a row with no kept key gives 0)."""
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty)
+    offs_d = gl.arange(0, HEAD_DIM, layout=col_layout)
+    rows = bh.to(gl.int64) * seq_q + offs_m
+    gl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(offs_m < seq_q)[:, None])
 
 
 @gluon.jit
@@ -70,6 +112,84 @@ def _online_softmax(s, m_i, l_i, n0, pos, offs_n, p0, p1, seq_k, sink, window, q
 
 
 @gluon.jit
+def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn, other_turn,
+                 out_ptr, bh, r0, kv_row0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, window_first,
+                 ROWS: gl.constexpr, WARPS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
+    """ROWS query rows from ``r0`` (their Q tile on its way into ``q_smem``) over every trip of the program's key
+    blocks, then their output rows stored.
+
+    Each trip issues ``S_t = Q K_tᵀ`` and the previous trip's ``P V`` back to back and runs the softmax of
+    ``S_t`` while ``P V`` executes. Once a stage's ``P V`` is done the stage is handed back: with ``REFILL``
+    (the software-pipelined program, every warp of the CTA here) after a CTA-wide barrier, by loading the
+    trip ``STAGES`` ahead into it; otherwise (a consumer warpgroup of the warp-specialised program) by one
+    arrival on ``kv_empty``, which the producer waits for. With ``PINGPONG`` each round of MMA issues waits for
+    the other consumer's previous round (``_take_turn``)."""
+    dtype: gl.constexpr = q_smem.dtype
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+    offset = seq_k - seq_q
+    p0 = r0 + offset
+    p1 = gl.minimum(r0 + ROWS, seq_q) - 1 + offset
+    offs_m = r0 + gl.arange(0, ROWS, layout=row_layout)
+    pos = offs_m + offset
+    offs_n = gl.arange(0, BLOCK_N, layout=col_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=mma_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=mma_layout)
+    p = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
+    mbarrier.wait(q_bar, 0)
+
+    # Trip 0 on its own: its S has no P V to overlap with.
+    if n_trips > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(my_turn, 0, PINGPONG, LEADER)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(other_turn, PINGPONG)
+        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_ring.index(0)))
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(0, n_sink, window_first) * BLOCK_N, pos,
+                                                 offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
+        p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(0), 0)
+    for t in range(1, n_trips):
+        stage = t % STAGES
+        phase = (t // STAGES) & 1
+        prev = (t - 1) % STAGES
+        mbarrier.wait(k_ready.index(stage), phase)
+        _take_turn(my_turn, t, PINGPONG, LEADER)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        # The previous trip's P V, on the tensor cores while this trip's softmax runs.
+        acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+        _pass_turn(other_turn, PINGPONG)
+        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_ring.index(stage)))
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, window_first) * BLOCK_N, pos,
+                                                 offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev)))
+        if REFILL:   # every warpgroup is past the previous trip's P V: its stage takes the trip STAGES ahead
+            _cta_barrier()
+            _load_kv(k_desc, k_ready, k_ring, t - 1 + STAGES, n_trips, n_sink, window_first, kv_row0, BLOCK_N,
+                     STAGES)
+            _load_kv(v_desc, v_ready, v_ring, t - 1 + STAGES, n_trips, n_sink, window_first, kv_row0, BLOCK_N,
+                     STAGES)
+        else:
+            mbarrier.arrive(kv_empty.index(prev), count=1)
+        acc = acc * alpha[:, None]
+        p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(stage), phase)
+    if n_trips > 0:
+        last = (n_trips - 1) % STAGES
+        _take_turn(my_turn, n_trips, PINGPONG, LEADER)
+        acc = warpgroup_mma(p, v_ring.index(last), acc, is_async=True)
+        _pass_turn(other_turn, PINGPONG)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last)))
+    _store_rows(out_ptr, acc, l_i, bh, offs_m, seq_q, HEAD_DIM, col_layout)
+
+
+@gluon.jit
 def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sink, window, qk_scale,
                               H: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -77,34 +197,8 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of the streaming rule."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     dtype: gl.constexpr = q_desc.dtype
-    n_m = gl.cdiv(seq_q, BLOCK_M)
-    pid = gl.program_id(0)
-    m_block = n_m - 1 - pid % n_m     # heaviest (latest) query blocks first
-    bh = pid // n_m
-    b = bh // H
-    h = bh % H
-    m0 = m_block * BLOCK_M
-    offset = seq_k - seq_q
-    q_row0 = bh * seq_q + m0
-    kv_row0 = (b * (H // GROUP) + h // GROUP) * seq_k
-
-    # Key ranges (same arithmetic as the Triton kernel): sink blocks, then window blocks [wb, we).
-    p0 = m0 + offset
-    p1 = gl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
-    hi = gl.maximum(gl.minimum(p1 + 1, seq_k), 0)
-    lo = gl.maximum(p0 - window + 1, 0)
-    sink_hi = gl.minimum(sink, hi)
-    n_sink = gl.cdiv(gl.maximum(sink_hi, 0), BLOCK_N)
-    wb = gl.maximum(lo // BLOCK_N, n_sink)
-    we = gl.maximum(gl.cdiv(hi, BLOCK_N), wb)
-    n_trips = n_sink + (we - wb)
-
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_N, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-    col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-
+    bh, m0, kv_row0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
+                                                               BLOCK_N)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -118,65 +212,18 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
     fence_async_shared()
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [q_row0, 0], q_bar, q_smem)
+    _tma_load(q_desc, [bh * seq_q + m0, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         _load_kv(k_desc, k_bars, k_ring, i, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
         _load_kv(v_desc, v_bars, v_ring, i, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
-
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
-    pos = offs_m + offset
-    offs_n = gl.arange(0, BLOCK_N, layout=col_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=mma_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma_layout)
-    p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
-    mbarrier.wait(q_bar, 0)
-
-    # Trip 0 on its own: its S has no P V to overlap with.
-    if n_trips > 0:
-        mbarrier.wait(k_bars.index(0), 0)
-        s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_ring.index(0)))
-        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(0, n_sink, wb) * BLOCK_N, pos, offs_n, p0,
-                                                 p1, seq_k, sink, window, qk_scale, BLOCK_N)
-        p = gl.convert_layout(p_f32.to(dtype), p_layout)
-        mbarrier.wait(v_bars.index(0), 0)
-    for t in range(1, n_trips):
-        stage = t % STAGES
-        phase = (t // STAGES) & 1
-        prev = (t - 1) % STAGES
-        mbarrier.wait(k_bars.index(stage), phase)
-        s_tok = warpgroup_mma(q_smem, k_ring.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        # The previous trip's P V, on the tensor cores while this trip's softmax runs.
-        acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
-        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_ring.index(stage)))
-        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, wb) * BLOCK_N, pos, offs_n, p0,
-                                                 p1, seq_k, sink, window, qk_scale, BLOCK_N)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev)))
-        # Every warpgroup is past the previous trip's P V: its K and V stage can be refilled.
-        _cta_barrier()
-        _load_kv(k_desc, k_bars, k_ring, t - 1 + STAGES, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
-        _load_kv(v_desc, v_bars, v_ring, t - 1 + STAGES, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
-        acc = acc * alpha[:, None]
-        p = gl.convert_layout(p_f32.to(dtype), p_layout)
-        mbarrier.wait(v_bars.index(stage), phase)
-    if n_trips > 0:
-        last = (n_trips - 1) % STAGES
-        acc = warpgroup_mma(p, v_ring.index(last), acc, is_async=True)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last)))
+    # kv_empty and the turn barriers are not read without warp specialisation (REFILL, no PINGPONG).
+    _attend_rows(q_smem, q_bar, k_ring, v_ring, k_bars, v_bars, k_bars, k_desc, v_desc, q_bar, q_bar,
+                 out_ptr, bh, m0, kv_row0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, wb,
+                 BLOCK_M, num_warps, HEAD_DIM, BLOCK_N, STAGES, True, False, 0)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
-
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    out = (acc / l_safe[:, None]).to(dtype)
-    offs_d = gl.arange(0, HEAD_DIM, layout=col_layout)
-    rows = bh.to(gl.int64) * seq_q + offs_m
-    ptrs = out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :]
-    gl.store(ptrs, out, mask=(offs_m < seq_q)[:, None])
-
 
 # ------------------------------------------------------------------ warp-specialised variant
 # Two consumer warpgroups, each with its own 64 query rows, and one producer warp issuing the TMA loads. The
@@ -215,73 +262,16 @@ def _pass_turn(other_turn, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, my_turn, other_turn, out_ptr, bh,
-                 m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, window_first,
-                 ROW0: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
-    """HALF_M query rows (ROW0 into the program's tile) over every trip of the tile's key blocks.
-
-    With ``PINGPONG`` the two consumers issue their MMAs in turns (round r of one after round r - 1 of the
-    other), so one's MMAs queue behind the other's and each softmax runs while the other's MMAs execute."""
-    dtype: gl.constexpr = q_desc.dtype
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_N, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-    col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-    offset = seq_k - seq_q
-    r0 = m0 + ROW0
+def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn,
+                 other_turn, out_ptr, bh, m0, kv_row0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
+                 window_first, ROW0: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
+    """One consumer warpgroup: loads its HALF_M rows of Q (ROW0 into the tile), then attends them."""
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [bh * seq_q + r0, 0], q_bar, q_smem)
-    p0 = r0 + offset
-    p1 = gl.minimum(r0 + HALF_M, seq_q) - 1 + offset
-    offs_m = r0 + gl.arange(0, HALF_M, layout=row_layout)
-    pos = offs_m + offset
-    offs_n = gl.arange(0, BLOCK_N, layout=col_layout)
-    m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.full([HALF_M], 0.0, gl.float32, layout=row_layout)
-    acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, layout=mma_layout)
-    s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=mma_layout)
-    p = gl.zeros([HALF_M, BLOCK_N], dtype, layout=p_layout)
-    mbarrier.wait(q_bar, 0)
-    if n_trips > 0:
-        mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(my_turn, 0, PINGPONG, LEADER)
-        s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _pass_turn(other_turn, PINGPONG)
-        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_ring.index(0)))
-        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(0, n_sink, window_first) * BLOCK_N, pos,
-                                                 offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
-        p = gl.convert_layout(p_f32.to(dtype), p_layout)
-        mbarrier.wait(v_ready.index(0), 0)
-    for t in range(1, n_trips):
-        stage = t % STAGES
-        phase = (t // STAGES) & 1
-        prev = (t - 1) % STAGES
-        mbarrier.wait(k_ready.index(stage), phase)
-        _take_turn(my_turn, t, PINGPONG, LEADER)
-        s_tok = warpgroup_mma(q_smem, k_ring.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
-        _pass_turn(other_turn, PINGPONG)
-        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_ring.index(stage)))
-        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, window_first) * BLOCK_N, pos,
-                                                 offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev)))
-        mbarrier.arrive(kv_empty.index(prev), count=1)
-        acc = acc * alpha[:, None]
-        p = gl.convert_layout(p_f32.to(dtype), p_layout)
-        mbarrier.wait(v_ready.index(stage), phase)
-    if n_trips > 0:
-        last = (n_trips - 1) % STAGES
-        _take_turn(my_turn, n_trips, PINGPONG, LEADER)
-        acc = warpgroup_mma(p, v_ring.index(last), acc, is_async=True)
-        _pass_turn(other_turn, PINGPONG)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last)))
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    out = (acc / l_safe[:, None]).to(dtype)
-    offs_d = gl.arange(0, HEAD_DIM, layout=col_layout)
-    rows = bh.to(gl.int64) * seq_q + offs_m
-    gl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(offs_m < seq_q)[:, None])
+    _tma_load(q_desc, [bh * seq_q + m0 + ROW0, 0], q_bar, q_smem)
+    _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn, other_turn,
+                 out_ptr, bh, m0 + ROW0, kv_row0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
+                 window_first, HALF_M, 4, HEAD_DIM, BLOCK_N, STAGES, False, PINGPONG, LEADER)
 
 
 @gluon.jit
@@ -293,23 +283,8 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, 
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     HALF_M: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
-    n_m = gl.cdiv(seq_q, BLOCK_M)
-    pid = gl.program_id(0)
-    m_block = n_m - 1 - pid % n_m
-    bh = pid // n_m
-    b = bh // H
-    h = bh % H
-    m0 = m_block * BLOCK_M
-    offset = seq_k - seq_q
-    kv_row0 = (b * (H // GROUP) + h // GROUP) * seq_k
-    p0 = m0 + offset
-    p1 = gl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
-    hi = gl.maximum(gl.minimum(p1 + 1, seq_k), 0)
-    lo = gl.maximum(p0 - window + 1, 0)
-    n_sink = gl.cdiv(gl.maximum(gl.minimum(sink, hi), 0), BLOCK_N)
-    wb = gl.maximum(lo // BLOCK_N, n_sink)
-    we = gl.maximum(gl.cdiv(hi, BLOCK_N), wb)
-    n_trips = n_sink + (we - wb)
+    bh, m0, kv_row0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
+                                                               BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -328,12 +303,12 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, 
         mbarrier.init(kv_empty.index(i), count=2)
     fence_async_shared()
     gl.warp_specialize([
-        (_ws_consumer, (q_desc, q_smem.index(0), q_bars.index(0), k_ring, v_ring, k_ready, v_ready, kv_empty,
-                        turns.index(0), turns.index(1), out_ptr, bh, m0, seq_q, seq_k, sink, window, qk_scale,
-                        n_trips, n_sink, wb, 0, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 1)),
-        (_ws_consumer, (q_desc, q_smem.index(1), q_bars.index(1), k_ring, v_ring, k_ready, v_ready, kv_empty,
-                        turns.index(1), turns.index(0), out_ptr, bh, m0, seq_q, seq_k, sink, window, qk_scale,
-                        n_trips, n_sink, wb, HALF_M, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 0)),
+        (_ws_consumer, (q_desc, q_smem.index(0), q_bars.index(0), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
+                        v_desc, turns.index(0), turns.index(1), out_ptr, bh, m0, kv_row0, seq_q, seq_k, sink, window,
+                        qk_scale, n_trips, n_sink, wb, 0, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 1)),
+        (_ws_consumer, (q_desc, q_smem.index(1), q_bars.index(1), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
+                        v_desc, turns.index(1), turns.index(0), out_ptr, bh, m0, kv_row0, seq_q, seq_k, sink, window,
+                        qk_scale, n_trips, n_sink, wb, HALF_M, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 0)),
         (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, wb, kv_row0,
                         BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -369,13 +344,13 @@ def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: float | Non
     scale = D ** -0.5 if scale is None else scale
     grid = (B * H * triton.cdiv(Sq, block_m),)
     if warp_specialized:
-        _streaming_prefill_ws_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * _LOG2E,
+        _streaming_prefill_ws_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * LOG2E.value,
                                            H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
                                            STAGES=stages, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
                                            PINGPONG=pingpong,
                                            num_warps=4)
         return out
-    _streaming_prefill_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * _LOG2E,
+    _streaming_prefill_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * LOG2E.value,
                                     H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
                                     STAGES=stages, num_warps=num_warps)
     return out
