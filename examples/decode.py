@@ -28,6 +28,7 @@ query's position from the last key its mask keeps.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -75,18 +76,27 @@ def new_cache(model, kv: int, steps: int):
     return StaticCache(config=model.config, max_cache_len=kv + steps)
 
 
+def cache_keyword(model) -> str:
+    """The keyword that hands a cache to ``model``: ``cache`` where its forward declares one (newer transformers,
+    which deprecate ``past_key_values`` and will remove it in 5.40), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def prefill(model, cache, prompt: torch.Tensor) -> None:
     """Fill the cache with the prompt, densely and in chunks (eager), so every backend starts from the same state."""
     chunk = 8192
     with torch.no_grad():
         for c0 in range(0, prompt.shape[1], chunk):
             c1 = min(prompt.shape[1], c0 + chunk)
-            model(prompt[:, c0:c1], past_key_values=cache, cache_position=torch.arange(c0, c1, device=prompt.device),
-                  use_cache=True, logits_to_keep=1)
+            model(prompt[:, c0:c1], **{cache_keyword(model): cache},
+                  cache_position=torch.arange(c0, c1, device=prompt.device), use_cache=True, logits_to_keep=1)
 
 
-def decode_steps(step_fn: Callable, cache, tokens: torch.Tensor, start: int, device) -> tuple:
-    """Feed ``tokens`` one by one from position ``start``; return (logits per step, ms per step)."""
+def decode_steps(step_fn: Callable, cache, tokens: torch.Tensor, start: int, device,
+                 cache_key: str = "past_key_values") -> tuple:
+    """Feed ``tokens`` one by one from position ``start``; return (logits per step, ms per step).
+
+    ``cache_key`` is the model's keyword for the cache (:func:`cache_keyword`)."""
     logits, times = [], []
     cuda = torch.device(device).type == "cuda"
     with torch.no_grad():
@@ -94,7 +104,7 @@ def decode_steps(step_fn: Callable, cache, tokens: torch.Tensor, start: int, dev
             pos = torch.tensor([start + i], device=tokens.device)
             synchronize(device)
             t0 = time.perf_counter()
-            out = step_fn(tokens[:, i:i + 1], past_key_values=cache, cache_position=pos, use_cache=True).logits
+            out = step_fn(tokens[:, i:i + 1], **{cache_key: cache}, cache_position=pos, use_cache=True).logits
             if cuda:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -112,7 +122,7 @@ def reference_decode(model, spec, prompt: torch.Tensor, tokens: torch.Tensor, st
     for i in range(tokens.shape[1]):
         pos = prompt.shape[1] + i
         ref.positions = torch.tensor([pos], device=prompt.device)
-        step = ref(tokens[:, i:i + 1], past_key_values=cache,
+        step = ref(tokens[:, i:i + 1], **{cache_keyword(model): cache},
                    cache_position=torch.tensor([pos], device=prompt.device), use_cache=True)
         out.append(step.logits[:, -1].float())
     return torch.cat(out)
@@ -134,7 +144,7 @@ def run_decode(model, spec, kv: int, steps: int, device, backends=("eager", "ind
         fn = compile_with(backend, model, spec, kernels)
         cache = new_cache(model, kv, steps)
         prefill(model, cache, prompt)
-        logits, times = decode_steps(fn, cache, tokens, kv, device)
+        logits, times = decode_steps(fn, cache, tokens, kv, device, cache_keyword(model))
         timed = times[WARMUP_STEPS:] if len(times) > WARMUP_STEPS else times
         ms = statistics.median(timed)
         result["backends"][backend] = {"ms_per_token": ms, "tokens_per_s": 1e3 / ms, "first_step_s": times[0] / 1e3}

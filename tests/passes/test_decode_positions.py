@@ -7,6 +7,8 @@ interpreter (child process) and on CUDA (gpu marker); the attention pass is
 checked on an HF Llama decoding into a ``StaticCache``.
 """
 
+import inspect
+
 import pytest
 import torch
 
@@ -114,10 +116,12 @@ def test_static_cache_decode_site_reads_positions_from_the_mask(eager_lowering):
     spec = {"version": 1, "defaults": {"policy": "force"},
             "attention": [{"modules": "model.layers.1.self_attn", "form": "streaming", "sink": 2, "window": 4}]}
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    # Newer transformers name the cache argument `cache` (`past_key_values` is deprecated there).
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        model(ids, past_key_values=cache, cache_position=torch.arange(12))
+        model(ids, **{key: cache}, cache_position=torch.arange(12))
         sparsecc.compile(model, spec=spec, kernels="reference")(
-            ids[:, :1], past_key_values=cache, cache_position=torch.tensor([12]))
+            ids[:, :1], **{key: cache}, cache_position=torch.tensor([12]))
     applied = [s for s in sparsecc.last_report().sites if s.kind == "attention" and s.applied]
     assert [s.module for s in applied] == ["model.layers.1.self_attn"]
     targets = [str(n.target) for gm in rewritten_graphs() for n in gm.graph.nodes if n.op == "call_function"]
