@@ -16,9 +16,10 @@ programs are checked on the GPU against the float64 oracle (tests/codegen/test_s
 and compiled for sm_90 on CPU (tests/codegen/test_gluon_compile.py).
 
 Semantics (docs/spec.md, streaming, causal): query row ``i`` sits at position ``p = i + Sk - Sq`` and
-attends key ``j`` iff ``j <= p`` and (``j < sink`` or ``p - j < window``). Inputs: contiguous
-``[B, H, Sq, D]`` queries, ``[B, Hkv, Sk, D]`` keys and values (GQA when ``Hkv < H``), float16 or
-bfloat16, ``D = 128``; one sink and window for every head.
+attends key ``j`` iff ``j <= p`` and (``j < sink`` or ``p - j < window``). Inputs:
+``[B, H, Sq, D]`` queries, ``[B, Hkv, Sk, D]`` keys and values (GQA when ``Hkv < H``; any strides TMA can
+address, read through 4-D descriptors one (batch, head) tile at a time), float16 or bfloat16, ``D = 128``;
+one sink and window for every head.
 """
 
 from __future__ import annotations
@@ -47,20 +48,20 @@ def _trip_block(t, n_sink, window_first):
 
 
 @gluon.jit
-def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, kv_row0,
+def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, b, hk,
              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Start the TMA load of trip ``t``'s K (or V) tile into its stage; nothing past the last trip."""
     stage = t % STAGES
     live = t < n_trips
-    row = kv_row0 + _trip_block(t, n_sink, window_first) * BLOCK_N
+    row = _trip_block(t, n_sink, window_first) * BLOCK_N
     mbarrier.expect(bars.index(stage), desc.block_type.nbytes, pred=live)
-    _tma_load(desc, [row, 0], bars.index(stage), ring.index(stage), pred=live)
+    _tma_load(desc, [b, hk, row, 0], bars.index(stage), ring.index(stage), pred=live)
 
 
 @gluon.jit
 def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr):
-    """This program's query tile and key blocks: (bh, m0, kv_row0, p0, p1, n_sink, wb, n_trips).
+    """This program's query tile and key blocks: (b, h, m0, p0, p1, n_sink, wb, n_trips).
 
     Query blocks run heaviest (latest) first. The key blocks are the sink blocks, then the window's blocks
     ``[wb, we)`` (the Triton kernel's arithmetic); trip ``t`` visits ``_trip_block(t, n_sink, wb)``."""
@@ -72,7 +73,6 @@ def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constex
     h = bh % H
     m0 = m_block * BLOCK_M
     offset = seq_k - seq_q
-    kv_row0 = (b * (H // GROUP) + h // GROUP) * seq_k
     p0 = m0 + offset
     p1 = gl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
     hi = gl.maximum(gl.minimum(p1 + 1, seq_k), 0)
@@ -80,7 +80,7 @@ def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constex
     n_sink = gl.cdiv(gl.maximum(gl.minimum(sink, hi), 0), BLOCK_N)
     wb = gl.maximum(lo // BLOCK_N, n_sink)
     we = gl.maximum(gl.cdiv(hi, BLOCK_N), wb)
-    return bh, m0, kv_row0, p0, p1, n_sink, wb, n_sink + (we - wb)
+    return b, h, m0, p0, p1, n_sink, wb, n_sink + (we - wb)
 
 
 @gluon.jit
@@ -113,7 +113,7 @@ def _online_softmax(s, m_i, l_i, n0, pos, offs_n, p0, p1, seq_k, sink, window, q
 
 @gluon.jit
 def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn, other_turn,
-                 out_ptr, bh, r0, kv_row0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, window_first,
+                 out_ptr, bh, b, hk, r0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, window_first,
                  ROWS: gl.constexpr, WARPS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
     """ROWS query rows from ``r0`` (their Q tile on its way into ``q_smem``) over every trip of the program's key
@@ -126,6 +126,8 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
     arrival on ``kv_empty``, which the producer waits for. With ``PINGPONG`` each round of MMA issues waits for
     the other consumer's previous round (``_take_turn``)."""
     dtype: gl.constexpr = q_smem.dtype
+    # The TMA tiles are [1, 1, rows, D] (one (batch, head) of a 4-D descriptor); the MMAs read them as [rows, D].
+    q_tile = q_smem.reshape([ROWS, HEAD_DIM])
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
@@ -148,9 +150,9 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
     if n_trips > 0:
         mbarrier.wait(k_ready.index(0), 0)
         _take_turn(my_turn, 0, PINGPONG, LEADER)
-        s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_tile, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(other_turn, PINGPONG)
-        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_ring.index(0)))
+        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_tile, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])))
         p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(0, n_sink, window_first) * BLOCK_N, pos,
                                                  offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
@@ -161,19 +163,19 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         prev = (t - 1) % STAGES
         mbarrier.wait(k_ready.index(stage), phase)
         _take_turn(my_turn, t, PINGPONG, LEADER)
-        s_tok = warpgroup_mma(q_smem, k_ring.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_tile, k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         # The previous trip's P V, on the tensor cores while this trip's softmax runs.
-        acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+        acc = warpgroup_mma(p, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         _pass_turn(other_turn, PINGPONG)
-        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_ring.index(stage)))
+        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_tile, k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])))
         p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, window_first) * BLOCK_N, pos,
                                                  offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev)))
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM])))
         if REFILL:   # every warpgroup is past the previous trip's P V: its stage takes the trip STAGES ahead
             _cta_barrier()
-            _load_kv(k_desc, k_ready, k_ring, t - 1 + STAGES, n_trips, n_sink, window_first, kv_row0, BLOCK_N,
+            _load_kv(k_desc, k_ready, k_ring, t - 1 + STAGES, n_trips, n_sink, window_first, b, hk, BLOCK_N,
                      STAGES)
-            _load_kv(v_desc, v_ready, v_ring, t - 1 + STAGES, n_trips, n_sink, window_first, kv_row0, BLOCK_N,
+            _load_kv(v_desc, v_ready, v_ring, t - 1 + STAGES, n_trips, n_sink, window_first, b, hk, BLOCK_N,
                      STAGES)
         else:
             mbarrier.arrive(kv_empty.index(prev), count=1)
@@ -183,9 +185,9 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
     if n_trips > 0:
         last = (n_trips - 1) % STAGES
         _take_turn(my_turn, n_trips, PINGPONG, LEADER)
-        acc = warpgroup_mma(p, v_ring.index(last), acc, is_async=True)
+        acc = warpgroup_mma(p, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         _pass_turn(other_turn, PINGPONG)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last)))
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM])))
     _store_rows(out_ptr, acc, l_i, bh, offs_m, seq_q, HEAD_DIM, col_layout)
 
 
@@ -197,11 +199,11 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of the streaming rule."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     dtype: gl.constexpr = q_desc.dtype
-    bh, m0, kv_row0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
-                                                               BLOCK_N)
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    b, h, m0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
+    hk = h // GROUP
+    q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -212,13 +214,13 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
     fence_async_shared()
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [bh * seq_q + m0, 0], q_bar, q_smem)
+    _tma_load(q_desc, [b, h, m0, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
-        _load_kv(k_desc, k_bars, k_ring, i, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
-        _load_kv(v_desc, v_bars, v_ring, i, n_trips, n_sink, wb, kv_row0, BLOCK_N, STAGES)
+        _load_kv(k_desc, k_bars, k_ring, i, n_trips, n_sink, wb, b, hk, BLOCK_N, STAGES)
+        _load_kv(v_desc, v_bars, v_ring, i, n_trips, n_sink, wb, b, hk, BLOCK_N, STAGES)
     # kv_empty and the turn barriers are not read without warp specialisation (REFILL, no PINGPONG).
     _attend_rows(q_smem, q_bar, k_ring, v_ring, k_bars, v_bars, k_bars, k_desc, v_desc, q_bar, q_bar,
-                 out_ptr, bh, m0, kv_row0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, wb,
+                 out_ptr, b * H + h, b, hk, m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, wb,
                  BLOCK_M, num_warps, HEAD_DIM, BLOCK_N, STAGES, True, False, 0)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
@@ -234,17 +236,17 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
 
 
 @gluon.jit
-def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, window_first, kv_row0,
+def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, window_first, b, hk,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     for t in range(0, n_trips):
         stage = t % STAGES
         # The stage's previous use (trip t - STAGES) must be released by both consumers.
         mbarrier.wait(kv_empty.index(stage), ((t // STAGES) - 1) & 1, pred=t >= STAGES)
-        row = kv_row0 + _trip_block(t, n_sink, window_first) * BLOCK_N
+        row = _trip_block(t, n_sink, window_first) * BLOCK_N
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [row, 0], k_ready.index(stage), k_ring.index(stage))
+        _tma_load(k_desc, [b, hk, row, 0], k_ready.index(stage), k_ring.index(stage))
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [row, 0], v_ready.index(stage), v_ring.index(stage))
+        _tma_load(v_desc, [b, hk, row, 0], v_ready.index(stage), v_ring.index(stage))
 
 
 @gluon.jit
@@ -263,14 +265,14 @@ def _pass_turn(other_turn, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn,
-                 other_turn, out_ptr, bh, m0, kv_row0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
-                 window_first, ROW0: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 other_turn, out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
+                 window_first, H: gl.constexpr, ROW0: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
     """One consumer warpgroup: loads its HALF_M rows of Q (ROW0 into the tile), then attends them."""
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [bh * seq_q + m0 + ROW0, 0], q_bar, q_smem)
+    _tma_load(q_desc, [b, h, m0 + ROW0, 0], q_bar, q_smem)
     _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn, other_turn,
-                 out_ptr, bh, m0 + ROW0, kv_row0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
+                 out_ptr, b * H + h, b, hk, m0 + ROW0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
                  window_first, HALF_M, 4, HEAD_DIM, BLOCK_N, STAGES, False, PINGPONG, LEADER)
 
 
@@ -283,12 +285,12 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, 
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     HALF_M: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
-    bh, m0, kv_row0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
-                                                               BLOCK_N)
+    b, h, m0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
+    hk = h // GROUP
 
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, HEAD_DIM], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -304,51 +306,68 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, 
     fence_async_shared()
     gl.warp_specialize([
         (_ws_consumer, (q_desc, q_smem.index(0), q_bars.index(0), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
-                        v_desc, turns.index(0), turns.index(1), out_ptr, bh, m0, kv_row0, seq_q, seq_k, sink, window,
-                        qk_scale, n_trips, n_sink, wb, 0, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 1)),
+                        v_desc, turns.index(0), turns.index(1), out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window,
+                        qk_scale, n_trips, n_sink, wb, H, 0, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 1)),
         (_ws_consumer, (q_desc, q_smem.index(1), q_bars.index(1), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
-                        v_desc, turns.index(1), turns.index(0), out_ptr, bh, m0, kv_row0, seq_q, seq_k, sink, window,
-                        qk_scale, n_trips, n_sink, wb, HALF_M, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 0)),
-        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, wb, kv_row0,
+                        v_desc, turns.index(1), turns.index(0), out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window,
+                        qk_scale, n_trips, n_sink, wb, H, HALF_M, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 0)),
+        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, wb, b, hk,
                         BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _tma_addressable(t) -> bool:
+    """TMA reads ``t`` in place: last dim contiguous, other strides and the base 16-byte aligned."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]))
+
+
+def _descriptors(q, k, v, q_rows: int, kv_rows: int) -> tuple:
+    """4-D TMA descriptors of q, k and v whose tiles are ``[1, 1, rows, D]``: one (batch, head) at a time."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    el = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+
+    def descriptor(t, rows):
+        block = [1, 1, rows, t.shape[-1]]
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+                                gl.NVMMASharedLayout.get_default_for(block, el))
+
+    return descriptor(q, q_rows), descriptor(k, kv_rows), descriptor(v, kv_rows)
 
 
 def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: float | None = None, *,
                              block_m: int = 128, stages: int = 3, num_warps: int = 8,
                              warp_specialized: bool = False, pingpong: bool = False, consumer_regs: int = 240,
                              producer_regs: int = 24):
-    """Causal streaming attention of contiguous ``[B, H, Sq, D]`` q and ``[B, Hkv, Sk, D]`` k / v (sm_90).
+    """Causal streaming attention of ``[B, H, Sq, D]`` q and ``[B, Hkv, Sk, D]`` k / v on sm_90; returns a
+    contiguous ``[B, H, Sq, D]`` output.
 
-    ``warp_specialized`` runs the producer / two-consumer program (``num_warps`` is then 4 per consumer);
-    ``pingpong`` makes its consumers take turns at issuing MMAs."""
+    The inputs are read in place through 4-D TMA descriptors when TMA can address them (last dim contiguous, the
+    other strides and the base 16-byte aligned: contiguous tensors and ``[B, S, H, D]`` tensors transposed to
+    ``[B, H, S, D]`` alike); otherwise a contiguous copy is made. Tiles past a head's sequence are zero-filled by
+    the copy engine, so no program reads another head's rows. ``warp_specialized`` runs the producer /
+    two-consumer program (``num_warps`` is then 4 per consumer); ``pingpong`` makes its consumers take turns at
+    issuing MMAs."""
     import torch
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if D != 128 or q.dtype not in (torch.float16, torch.bfloat16) or H % Hkv:
         raise ValueError(f"streaming_prefill_hopper takes D = 128, float16 / bfloat16 and H % Hkv == 0; "
                          f"got D={D}, {q.dtype}, H={H}, Hkv={Hkv}")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
-    el = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
+    out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
     block_n = D
-    q_block = block_m // 2 if warp_specialized else block_m
-    q_layout = gl.NVMMASharedLayout.get_default_for([q_block, D], el)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, D], el)
-    q2, k2, v2 = q.view(B * H * Sq, D), k.view(B * Hkv * Sk, D), v.view(B * Hkv * Sk, D)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [q_block, D], q_layout)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, D], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, D], kv_layout)
+    q_desc, k_desc, v_desc = _descriptors(q, k, v, block_m // 2 if warp_specialized else block_m, block_n)
     scale = D ** -0.5 if scale is None else scale
     grid = (B * H * triton.cdiv(Sq, block_m),)
     if warp_specialized:
         _streaming_prefill_ws_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * LOG2E.value,
                                            H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
                                            STAGES=stages, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
-                                           PINGPONG=pingpong,
-                                           num_warps=4)
+                                           PINGPONG=pingpong, num_warps=4)
         return out
     _streaming_prefill_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * LOG2E.value,
                                     H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,

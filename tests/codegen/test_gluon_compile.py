@@ -46,28 +46,21 @@ _CHILD = textwrap.dedent('''
             return True
 
     triton.runtime.driver.set_active(Sm90())
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from sparsecc.codegen import streaming_prefill_hopper as sp
 
     D, S = 128, 1024
-    q = torch.empty(4 * S, D, dtype=torch.bfloat16)
-    kv = torch.empty(2 * S, D, dtype=torch.bfloat16)
-
-    def desc(t, rows):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, D], layout)
-
+    q = torch.empty(1, 4, S, D, dtype=torch.bfloat16)
+    kv = torch.empty(1, 2, S, D, dtype=torch.bfloat16)
     out = {}
     common = dict(H=4, GROUP=2, HEAD_DIM=D, BLOCK_M=128, BLOCK_N=128, grid=(1,))
     for stages in (2, 3):
-        k = sp._streaming_prefill_kernel.warmup(desc(q, 128), desc(kv, 128), desc(kv, 128), q, S, S, 128, 4096,
-                                                0.1, STAGES=stages, num_warps=8, **common)
+        k = sp._streaming_prefill_kernel.warmup(*sp._descriptors(q, kv, kv, 128, 128), q, S, S, 128, 4096, 0.1,
+                                                STAGES=stages, num_warps=8, **common)
         out[f"s{stages}"] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared, cubin=len(k.asm["cubin"]))
         for pingpong in (False, True):
-            k = sp._streaming_prefill_ws_kernel.warmup(desc(q, 64), desc(kv, 128), desc(kv, 128), q, S, S, 128,
-                                                       4096, 0.1, STAGES=stages, PRODUCER_REGS=24,
-                                                       CONSUMER_REGS=240, PINGPONG=pingpong, num_warps=4, **common)
+            k = sp._streaming_prefill_ws_kernel.warmup(*sp._descriptors(q, kv, kv, 64, 128), q, S, S, 128, 4096,
+                                                       0.1, STAGES=stages, PRODUCER_REGS=24, CONSUMER_REGS=240,
+                                                       PINGPONG=pingpong, num_warps=4, **common)
             out[("pp" if pingpong else "ws") + str(stages)] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared,
                                                                   cubin=len(k.asm["cubin"]))
     print("RESULT" + json.dumps(out))

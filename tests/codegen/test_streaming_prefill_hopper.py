@@ -98,3 +98,34 @@ def test_refuses_what_it_does_not_cover():
     q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="D = 128"):
         streaming_prefill_hopper(q, q, q, 4, 16)
+
+
+@needs_hopper
+@pytest.mark.parametrize("variant", VARIANTS[1::2], ids=VARIANT_IDS[1::2])
+def test_reads_transposed_inputs_in_place(variant):
+    """[B, S, H, D] tensors transposed to [B, H, S, D] (what attention modules pass) give the oracle's output."""
+    from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(2, 600, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k = torch.randn(2, 600, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    v = torch.randn(2, 600, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    assert not q.is_contiguous()
+    out = streaming_prefill_hopper(q, k, v, 16, 200, 0.09, **variant)
+    assert _rel(out, _expected(q, k, v, 16, 200, 0.09)) < 1e-2
+
+
+@needs_hopper
+@pytest.mark.parametrize("variant", VARIANTS[1::2], ids=VARIANT_IDS[1::2])
+def test_rows_past_a_head_are_not_read(variant):
+    """A ragged last key tile of head 0 must not read head 1's rows: a NaN in head 1's values (at a key head 1's
+    later queries drop) leaves head 0 exact and those queries finite."""
+    from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
+
+    g = torch.Generator(device="cuda").manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 200, 128, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+    v[0, 1, 3] = float("nan")
+    out = streaming_prefill_hopper(q, k, v, 0, 64, 0.09, **variant)
+    assert _rel(out[:, :1], _expected(q[:, :1], k[:, :1], v[:, :1], 0, 64, 0.09)) < 1e-2
+    assert torch.isfinite(out[0, 1, 67:]).all()     # rows whose window no longer holds key 3
+    assert torch.isnan(out[0, 1, 3]).all()          # and a row that keeps it carries the NaN (docs/spec.md)
