@@ -24,6 +24,8 @@ one sink and window for every head.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -38,7 +40,7 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # The CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` in newer Gluon.
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
-__all__ = ["streaming_prefill_hopper"]
+__all__ = ["streaming_prefill_hopper", "check_arguments"]
 
 
 @gluon.jit
@@ -170,7 +172,8 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_tile, k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])))
         p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, window_first) * BLOCK_N, pos,
                                                  offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM])))
+        # P is the MMA's register operand: listed so it stays live until the MMA is done.
+        acc, _, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), p))
         if REFILL:   # every warpgroup is past the previous trip's P V: its stage takes the trip STAGES ahead
             _cta_barrier()
             _load_kv(k_desc, k_ready, k_ring, t - 1 + STAGES, n_trips, n_sink, window_first, b, hk, BLOCK_N,
@@ -187,7 +190,7 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         _take_turn(my_turn, n_trips, PINGPONG, LEADER)
         acc = warpgroup_mma(p, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         _pass_turn(other_turn, PINGPONG)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM])))
+        acc, _, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), p))
     _store_rows(out_ptr, acc, l_i, bh, offs_m, seq_q, HEAD_DIM, col_layout)
 
 
@@ -198,6 +201,7 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
                               num_warps: gl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of the streaming rule."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
+    gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     dtype: gl.constexpr = q_desc.dtype
     b, h, m0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
     hk = h // GROUP
@@ -283,6 +287,7 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, 
                                  PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
     """The warp-specialised program: same tile, key ranges and semantics as ``_streaming_prefill_kernel``."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
+    gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     HALF_M: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
     b, h, m0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
@@ -316,10 +321,28 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, 
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+# The program's query tile: 128 rows, 16 per warp of the software-pipelined program's 8 warps, 64 per consumer
+# warpgroup of the warp-specialised one; key tiles are one head dim (128) wide.
+BLOCK_M = 128
+NUM_WARPS = 8
+
+
+def _tma_strides(t) -> list:
+    """``t``'s strides for a TMA descriptor: a dim of size 1 is only ever addressed at 0, so its stride (which
+    PyTorch leaves arbitrary, e.g. on a tensor it already calls contiguous) is replaced by an aligned one."""
+    strides = list(t.stride())
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    return strides
+
+
 def _tma_addressable(t) -> bool:
-    """TMA reads ``t`` in place: last dim contiguous, other strides and the base 16-byte aligned."""
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]))
+    """TMA reads ``t`` in place: last dim contiguous, the base and every other stride 16-byte aligned and none 0
+    (an expanded dim is copied), dims of size 1 aside."""
+    strides = _tma_strides(t)
+    return (strides[-1] == 1 and t.data_ptr() % 16 == 0
+            and all(st > 0 and (st * t.element_size()) % 16 == 0 for st in strides[:-1]))
 
 
 def _descriptors(q, k, v, q_rows: int, kv_rows: int) -> tuple:
@@ -331,14 +354,42 @@ def _descriptors(q, k, v, q_rows: int, kv_rows: int) -> tuple:
 
     def descriptor(t, rows):
         block = [1, 1, rows, t.shape[-1]]
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+        return TensorDescriptor(t, list(t.shape), _tma_strides(t), block,
                                 gl.NVMMASharedLayout.get_default_for(block, el))
 
     return descriptor(q, q_rows), descriptor(k, kv_rows), descriptor(v, kv_rows)
 
 
-def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: float | None = None, *,
-                             block_m: int = 128, stages: int = 3, num_warps: int = 8,
+def check_arguments(q, k, v, sink: int, window: int, scale: float, stages: int) -> None:
+    """Raise ValueError naming what the Gluon programs do not take (nothing is launched before this passes)."""
+    import torch
+
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"streaming_prefill_hopper takes 4-D q, k, v ([B, H, S, D]); got {q.dim()}-D, "
+                         f"{k.dim()}-D, {v.dim()}-D")
+    B, H, _, D = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"streaming_prefill_hopper takes float16 or bfloat16 q, k, v of one dtype; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if D != 128 or k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"streaming_prefill_hopper takes head dim 128 for q, k and v; got {D}, {k.shape[3]}, "
+                         f"{v.shape[3]}")
+    if k.shape != v.shape or k.shape[0] != B or H % k.shape[1]:
+        raise ValueError(f"streaming_prefill_hopper takes k and v of one shape [B, Hkv, Sk, D] with H % Hkv == 0; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"sink={sink!r} is not allowed; expected an integer >= 0")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} is not allowed; expected an integer >= 1")
+    if not scale > 0:   # the row max is taken on raw scores and scaled once per row (one FMA per score)
+        raise ValueError(f"scale={scale!r} is not allowed; expected a number > 0")
+    if stages < 2:      # a trip's stage is refilled only after the previous trip's P V: one stage would wait forever
+        raise ValueError(f"stages={stages!r} is not allowed; expected an integer >= 2")
+    if not (q.is_cuda and k.device == q.device and v.device == q.device):
+        raise ValueError(f"streaming_prefill_hopper runs on one CUDA device; got {q.device}, {k.device}, {v.device}")
+
+
+def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: Optional[float] = None, *, stages: int = 3,
                              warp_specialized: bool = False, pingpong: bool = False, consumer_regs: int = 240,
                              producer_regs: int = 24):
     """Causal streaming attention of ``[B, H, Sq, D]`` q and ``[B, Hkv, Sk, D]`` k / v on sm_90; returns a
@@ -347,29 +398,31 @@ def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: float | Non
     The inputs are read in place through 4-D TMA descriptors when TMA can address them (last dim contiguous, the
     other strides and the base 16-byte aligned: contiguous tensors and ``[B, S, H, D]`` tensors transposed to
     ``[B, H, S, D]`` alike); otherwise a contiguous copy is made. Tiles past a head's sequence are zero-filled by
-    the copy engine, so no program reads another head's rows. ``warp_specialized`` runs the producer /
-    two-consumer program (``num_warps`` is then 4 per consumer); ``pingpong`` makes its consumers take turns at
-    issuing MMAs."""
+    the copy engine, so no program reads another head's rows. ``stages`` K/V stages (>= 2; 3 fill sm_90's shared
+    memory with 128 x 128 tiles); ``warp_specialized`` runs the producer / two-consumer program; ``pingpong``
+    makes its consumers take turns at issuing MMAs. Arguments the programs do not take raise ValueError
+    (:func:`check_arguments`)."""
     import torch
 
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_arguments(q, k, v, sink, window, scale, stages)
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    if D != 128 or q.dtype not in (torch.float16, torch.bfloat16) or H % Hkv:
-        raise ValueError(f"streaming_prefill_hopper takes D = 128, float16 / bfloat16 and H % Hkv == 0; "
-                         f"got D={D}, {q.dtype}, H={H}, Hkv={Hkv}")
-    q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
+    if Sq == 0 or Sk == 0:   # no query, or no key to keep: the rule's output is empty / zeros
+        return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
     out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
-    block_n = D
-    q_desc, k_desc, v_desc = _descriptors(q, k, v, block_m // 2 if warp_specialized else block_m, block_n)
-    scale = D ** -0.5 if scale is None else scale
-    grid = (B * H * triton.cdiv(Sq, block_m),)
+    # Clamped to the key length, the rule keeps the same keys (p <= Sk - 1), and p0 - window cannot overflow.
+    sink, window = min(sink, Sk), min(window, Sk)
+    q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
+    q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M // 2 if warp_specialized else BLOCK_M, D)
+    grid = (B * H * triton.cdiv(Sq, BLOCK_M),)
     if warp_specialized:
         _streaming_prefill_ws_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * LOG2E.value,
-                                           H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                                           H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D,
                                            STAGES=stages, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
                                            PINGPONG=pingpong, num_warps=4)
         return out
     _streaming_prefill_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * LOG2E.value,
-                                    H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-                                    STAGES=stages, num_warps=num_warps)
+                                    H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D,
+                                    STAGES=stages, num_warps=NUM_WARPS)
     return out

@@ -1,7 +1,8 @@
 """The Gluon streaming prefill kernel for Hopper (codegen/streaming_prefill_hopper.py) against the float64 oracle.
 
-Gluon has no interpreter path, so these run on an sm_90 GPU only. Expected values come from docs/spec.md's
-streaming rule through tests/oracle (an explicit boolean keep mask, softmax in float64), never from sparsecc.
+Gluon has no interpreter path, so the numbers are checked on an sm_90 GPU only (``gpu``). Expected values come
+from docs/spec.md's streaming rule through tests/oracle (an explicit boolean keep mask, softmax in float64),
+never from sparsecc. The argument checks and the TMA stride handling run on CPU.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ import torch
 
 from tests.oracle import oracle
 
-pytestmark = pytest.mark.gpu
-
-
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-needs_hopper = pytest.mark.skipif(not _hopper(), reason="the Gluon kernel targets sm_90")
+def needs_hopper(test):
+    """A ``gpu`` test that runs on sm_90 only."""
+    return pytest.mark.gpu(pytest.mark.skipif(not _hopper(), reason="the Gluon kernel targets sm_90")(test))
 
 
 def _expected(q, k, v, sink, window, scale):
@@ -30,7 +30,8 @@ def _expected(q, k, v, sink, window, scale):
     keep = oracle.streaming_keep(sq, sk, sink, window, causal=True).to(q.device)
     scores = (q.double() @ k64.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~keep, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v64
+    probs = torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)   # no kept key: zeros
+    return probs @ v64
 
 
 def _rel(out, ref) -> float:
@@ -38,7 +39,8 @@ def _rel(out, ref) -> float:
 
 
 # (B, H, Hkv, Sq, Sk, sink, window, dtype): aligned and ragged lengths, chunked prefill (Sq < Sk), GQA, no sink,
-# a window wider than the sequence, windows narrower than one 128-key block, a sink that is not block-aligned.
+# a window wider than the sequence, windows narrower than one 128-key block, a sink that is not block-aligned,
+# more queries than keys with a window near 2**31.
 CASES = [
     (1, 4, 2, 1024, 1024, 64, 256, torch.bfloat16),
     (2, 8, 8, 1000, 1000, 100, 300, torch.float16),
@@ -46,6 +48,7 @@ CASES = [
     (1, 2, 1, 777, 777, 0, 5000, torch.bfloat16),
     (1, 4, 2, 513, 513, 3, 50, torch.float16),
     (2, 4, 1, 300, 2100, 200, 129, torch.bfloat16),
+    (1, 2, 1, 300, 200, 5, 2 ** 31 - 1, torch.bfloat16),   # Sq > Sk (rows before the keys: zeros), huge window
 ]
 
 
@@ -129,3 +132,57 @@ def test_rows_past_a_head_are_not_read(variant):
     assert _rel(out[:, :1], _expected(q[:, :1], k[:, :1], v[:, :1], 0, 64, 0.09)) < 1e-2
     assert torch.isfinite(out[0, 1, 67:]).all()     # rows whose window no longer holds key 3
     assert torch.isnan(out[0, 1, 3]).all()          # and a row that keeps it carries the NaN (docs/spec.md)
+
+
+# ---------------------------------------------------------------- CPU: argument checks, TMA strides
+
+def _qkv(dtype=torch.bfloat16, kv_heads=2, d=128):
+    return (torch.empty(1, 4, 64, d, dtype=dtype), torch.empty(1, kv_heads, 64, d, dtype=dtype),
+            torch.empty(1, kv_heads, 64, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(stages=1), "stages=1 is not allowed; expected an integer >= 2"),
+    (dict(scale=-0.1), "scale=-0.1 is not allowed; expected a number > 0"),
+    (dict(scale=0.0), "scale=0.0 is not allowed"),
+    (dict(sink=-1), "sink=-1 is not allowed"),
+    (dict(window=0), "window=0 is not allowed"),
+    (dict(window=True), "window=True is not allowed"),
+    (dict(qkv=_qkv(torch.float32)), "float16 or bfloat16"),
+    (dict(qkv=_qkv(kv_heads=3)), "H % Hkv == 0"),
+    (dict(qkv=_qkv(d=64)), "head dim 128"),
+    (dict(), "runs on one CUDA device"),
+])
+def test_check_arguments_names_what_it_refuses(change, match):
+    from sparsecc.codegen.streaming_prefill_hopper import check_arguments
+
+    args = dict(sink=4, window=16, scale=0.09, stages=3)
+    qkv = change.pop("qkv", _qkv())
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        check_arguments(*qkv, **args)
+
+
+def test_value_shorter_than_key_is_refused():
+    from sparsecc.codegen.streaming_prefill_hopper import check_arguments
+
+    q, k, _ = _qkv()
+    with pytest.raises(ValueError, match="k and v of one shape"):
+        check_arguments(q, k, k[:, :, :10], 4, 16, 0.09, 3)
+
+
+def test_tma_strides():
+    """Size-1 dims get an aligned stride (PyTorch leaves theirs arbitrary and calls the tensor contiguous);
+    transposed [B, S, H, D] inputs are read in place; expanded (stride 0) and misaligned ones are copied."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from sparsecc.codegen import streaming_prefill_hopper as sp
+
+    base = torch.empty(8 * 64 * 128 + 64, dtype=torch.bfloat16)
+    odd = base.as_strided((1, 8, 64, 128), (3, 64 * 128, 128, 1))
+    assert odd.is_contiguous() and odd.contiguous() is odd
+    assert sp._tma_strides(odd) == [8 * 64 * 128, 64 * 128, 128, 1]
+    assert sp._tma_addressable(odd)
+    sp._descriptors(odd, odd[:, :2], odd[:, :2], 128, 128)   # Triton's descriptor checks accept the strides
+    assert sp._tma_addressable(torch.empty(2, 600, 4, 128, dtype=torch.bfloat16).transpose(1, 2))
+    assert not sp._tma_addressable(torch.empty(1, 1, 64, 128, dtype=torch.bfloat16).expand(1, 4, 64, 128))
+    assert not sp._tma_addressable(torch.empty(1, 4, 64, 130, dtype=torch.bfloat16)[..., :128])
