@@ -37,7 +37,7 @@ from sparsecc.codegen.launch import launcher, tracing
 from sparsecc.codegen.mask_positions import mask_4d
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
-__all__ = ["rule_vectors", "FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
+__all__ = ["rule_vectors", "kernel_rules", "FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
            "streaming_attention", "block_sparse_attention", "streaming_attention_op", "block_sparse_attention_op",
            # shared with the other attention modules of codegen/
            "compute_dtype", "check_qkv", "check_mask", "attend_kept", "split_mask", "streaming_rules_per_head",
@@ -497,10 +497,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     if (_streaming_is_dense(sinks, windows, sq, sk, causal) and m4 is None and not return_lse
             and (sq == sk or not causal) and q.device.type == "cuda"):
         return _into(out, _dense_sdpa(q, k, v, scale, causal))
-    # A window longer than any distance is the same as no limit; encode both as one large int32 window.
-    unlimited = sk + sq + 1
-    win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
-    snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
+    snk, win = kernel_rules(sinks, windows, sq, sk)
     if sq <= DECODE_MAX_Q:
         from sparsecc.codegen import decode_attention
 
@@ -511,6 +508,16 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
                                                      out=out, rules=(snk, win))
     sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
     return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
+
+
+def kernel_rules(sinks: Sequence[int], windows: Sequence[int], sq: int, sk: int) -> tuple[list, list]:
+    """Per-head sinks and windows as the kernels take them, keeping the same keys: a window longer than any
+    distance, or FULL_WINDOW, becomes one window of ``sk + sq + 1`` (so the kernels' bounds arithmetic stays
+    within int32), and a sink is clamped to the key length (0 for a FULL_WINDOW head)."""
+    unlimited = sk + sq + 1
+    win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
+    snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
+    return snk, win
 
 
 def rule_vectors(sinks: tuple, windows: tuple, like: Tensor) -> tuple[Tensor, Tensor]:

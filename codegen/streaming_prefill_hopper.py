@@ -32,6 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from sparsecc.codegen.block_attention import kernel_rules
 from sparsecc.codegen.block_attention_kernels import LOG2E
 
 # The TMA load builtin: ``async_load`` in newer Gluon, ``async_copy_global_to_shared`` in triton 3.6 (the newer
@@ -63,7 +64,7 @@ def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, b, hk,
 @gluon.jit
 def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr):
-    """This program's query tile and key blocks: (b, h, m0, p0, p1, n_sink, wb, n_trips).
+    """This program's query tile and key blocks: (b, h, m0, n_sink, wb, n_trips).
 
     Query blocks run heaviest (latest) first. The key blocks are the sink blocks, then the window's blocks
     ``[wb, we)`` (the Triton kernel's arithmetic); trip ``t`` visits ``_trip_block(t, n_sink, wb)``."""
@@ -82,7 +83,7 @@ def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constex
     n_sink = gl.cdiv(gl.maximum(gl.minimum(sink, hi), 0), BLOCK_N)
     wb = gl.maximum(lo // BLOCK_N, n_sink)
     we = gl.maximum(gl.cdiv(hi, BLOCK_N), wb)
-    return b, h, m0, p0, p1, n_sink, wb, n_sink + (we - wb)
+    return b, h, m0, n_sink, wb, n_sink + (we - wb)
 
 
 @gluon.jit
@@ -150,11 +151,12 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
 
     # Trip 0 on its own: its S has no P V to overlap with.
     if n_trips > 0:
+        k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
         mbarrier.wait(k_ready.index(0), 0)
         _take_turn(my_turn, 0, PINGPONG, LEADER)
-        s_tok = warpgroup_mma(q_tile, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(other_turn, PINGPONG)
-        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_tile, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])))
+        s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_tile, k_tile))
         p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(0, n_sink, window_first) * BLOCK_N, pos,
                                                  offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
@@ -163,17 +165,19 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         stage = t % STAGES
         phase = (t // STAGES) & 1
         prev = (t - 1) % STAGES
+        k_tile = k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])
+        v_prev = v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM])
         mbarrier.wait(k_ready.index(stage), phase)
         _take_turn(my_turn, t, PINGPONG, LEADER)
-        s_tok = warpgroup_mma(q_tile, k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         # The previous trip's P V, on the tensor cores while this trip's softmax runs.
-        acc = warpgroup_mma(p, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma(p, v_prev, acc, is_async=True)
         _pass_turn(other_turn, PINGPONG)
-        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_tile, k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])))
+        s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_tile, k_tile))
         p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, window_first) * BLOCK_N, pos,
                                                  offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
         # P is the MMA's register operand: listed so it stays live until the MMA is done.
-        acc, _, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), p))
+        acc, _, _ = warpgroup_mma_wait(0, deps=(acc, v_prev, p))
         if REFILL:   # every warpgroup is past the previous trip's P V: its stage takes the trip STAGES ahead
             _cta_barrier()
             _load_kv(k_desc, k_ready, k_ring, t - 1 + STAGES, n_trips, n_sink, window_first, b, hk, BLOCK_N,
@@ -186,11 +190,11 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(stage), phase)
     if n_trips > 0:
-        last = (n_trips - 1) % STAGES
+        v_last = v_ring.index((n_trips - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM])
         _take_turn(my_turn, n_trips, PINGPONG, LEADER)
-        acc = warpgroup_mma(p, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma(p, v_last, acc, is_async=True)
         _pass_turn(other_turn, PINGPONG)
-        acc, _, _ = warpgroup_mma_wait(0, deps=(acc, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), p))
+        acc, _, _ = warpgroup_mma_wait(0, deps=(acc, v_last, p))
     _store_rows(out_ptr, acc, l_i, bh, offs_m, seq_q, HEAD_DIM, col_layout)
 
 
@@ -203,11 +207,11 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
+    b, h, m0, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
     hk = h // GROUP
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -290,12 +294,12 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, 
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     HALF_M: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, _, _, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
+    b, h, m0, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
     hk = h // GROUP
 
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -411,8 +415,7 @@ def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: Optional[fl
     if Sq == 0 or Sk == 0:   # no query, or no key to keep: the rule's output is empty / zeros
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
     out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
-    # Clamped to the key length, the rule keeps the same keys (p <= Sk - 1), and p0 - window cannot overflow.
-    sink, window = min(sink, Sk), min(window, Sk)
+    (sink,), (window,) = kernel_rules([sink], [window], Sq, Sk)   # the same keys; bounds stay within int32
     q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
     q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M // 2 if warp_specialized else BLOCK_M, D)
     grid = (B * H * triton.cdiv(Sq, BLOCK_M),)
