@@ -84,9 +84,9 @@ def bench_graph(fn) -> float:
     return bench(graph.replay)
 
 
-def qkv(b, h, hkv, sq, sk, d, seed=0):
+def qkv(b, h, hkv, sq, sk, d, seed=0, dtype=torch.bfloat16):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda n, s: torch.randn(b, n, s, d, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    mk = lambda n, s: torch.randn(b, n, s, d, device="cuda", dtype=dtype, generator=g)  # noqa: E731
     return mk(h, sq), mk(hkv, sk), mk(hkv, sk)
 
 

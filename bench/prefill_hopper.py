@@ -13,38 +13,17 @@ at every new shape, and with it in the checks a run on the H200 was still checki
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from sparsecc.codegen.block_attention import streaming_attention, streaming_attention_ref
-from sparsecc.layouts import streaming_block_table, streaming_mask_mod
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from attention import SINK, WINDOW, bench, flex_call, qkv, rel_err, sdpa, streaming_flex_mask  # noqa: E402
 from provenance import source_version  # noqa: E402 - bench/ is on the path
-
-SINK, WINDOW, BLOCK = 128, 4096, 128
-
-
-def bench(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def rel_err(out, ref) -> float:
-    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    return err if math.isfinite(err) else float("inf")
-
-
-def qkv(b, h, hkv, sq, sk, d=128, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda n, s: torch.randn(b, n, s, d, device="cuda", dtype=dtype, generator=g)  # noqa: E731
-    return mk(h, sq), mk(hkv, sk), mk(hkv, sk)
 
 
 def variant_kwargs(name: str) -> dict:
@@ -64,7 +43,7 @@ def check(variants, log) -> bool:
              (1, 4, 4, 640, 1536, 128, 512, torch.bfloat16), (1, 2, 1, 777, 777, 0, 5000, torch.bfloat16),
              (1, 4, 2, 4096, 4096, 128, 1024, torch.float16)]
     for b, h, hkv, sq, sk, sink, window, dtype in cases:
-        q, k, v = qkv(b, h, hkv, sq, sk, dtype=dtype, seed=sq)
+        q, k, v = qkv(b, h, hkv, sq, sk, 128, seed=sq, dtype=dtype)
         ref = streaming_attention_ref(q.double(), k.double(), v.double(), sink=[sink] * h, window=[window] * h,
                                       scale=128 ** -0.5, causal=True)
         for name in variants:
@@ -80,17 +59,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
     ap.add_argument("--hkv", default="32,8")
     ap.add_argument("--variants", default="s3,ws2,ws3,pp2,pp3",
-                    help="sN: software-pipelined at N stages; wsN: warp-specialised at N stages; ppN: ws with ping-pong")
+                    help="sN: software-pipelined at N stages; wsN: warp-specialised at N stages; "
+                         "ppN: warp-specialised with ping-pong")
     ap.add_argument("--flex", action="store_true", help="time Flex-Triton too (compiles once per shape)")
     ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
 
-    lines = []
-
     def log(msg):
         print(msg, flush=True)
-        lines.append(msg)
         if args.log:
             with open(args.log, "a") as f:
                 f.write(msg + "\n")
@@ -104,22 +81,18 @@ def main(argv=None) -> int:
     rows = []
     for hkv in [int(x) for x in args.hkv.split(",")]:
         for s in [int(x) for x in args.lengths.split(",")]:
-            q, k, v = qkv(1, 32, hkv, s, s)
+            q, k, v = qkv(1, 32, hkv, s, s, 128)
             scale = 128 ** -0.5
-            table = streaming_block_table(SINK, WINDOW, block=BLOCK, seq_q=s, seq_k=s, causal=True, device="cuda")
+            table, block_mask = streaming_flex_mask(s, s)
             density = table.density()
-            t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != 32))
+            t_sdpa = bench(lambda: sdpa(q, k, v, True))
             t_ship = bench(lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale,
                                                        causal=True))
             t_gl = {name: bench(lambda: streaming_prefill_hopper(q, k, v, SINK, WINDOW, scale, **variant_kwargs(name)))
                     for name in variants}
             t_flex = float("nan")
             if args.flex:
-                from torch.nn.attention.flex_attention import flex_attention
-                extra = streaming_mask_mod(SINK, WINDOW, seq_q=s, seq_k=s, causal=True, device="cuda")
-                bm = table.to_flex_block_mask(extra_mask_mod=extra)
-                fx = torch.compile(flex_attention, dynamic=False)
-                t_flex = bench(lambda: fx(q, k, v, block_mask=bm, enable_gqa=hkv != 32))
+                t_flex = bench(lambda: flex_call(q, k, v, block_mask))
             best = min(t_gl, key=t_gl.get)
             rows.append((s, hkv, density, t_sdpa, t_ship, t_gl, best, t_flex))
             log(f"S={s} hkv={hkv}: sdpa {t_sdpa:.3f} ms, shipped {t_ship:.3f}, "
