@@ -85,26 +85,27 @@ def cache_keyword(model) -> str:
 def prefill(model, cache, prompt: torch.Tensor) -> None:
     """Fill the cache with the prompt, densely and in chunks (eager), so every backend starts from the same state."""
     chunk = 8192
+    cache_kw = {cache_keyword(model): cache}
     with torch.no_grad():
         for c0 in range(0, prompt.shape[1], chunk):
             c1 = min(prompt.shape[1], c0 + chunk)
-            model(prompt[:, c0:c1], **{cache_keyword(model): cache},
+            model(prompt[:, c0:c1], **cache_kw,
                   cache_position=torch.arange(c0, c1, device=prompt.device), use_cache=True, logits_to_keep=1)
 
 
-def decode_steps(step_fn: Callable, cache, tokens: torch.Tensor, start: int, device,
-                 cache_key: str = "past_key_values") -> tuple:
+def decode_steps(step_fn: Callable, cache, tokens: torch.Tensor, start: int, device, cache_key: str) -> tuple:
     """Feed ``tokens`` one by one from position ``start``; return (logits per step, ms per step).
 
     ``cache_key`` is the model's keyword for the cache (:func:`cache_keyword`)."""
     logits, times = [], []
     cuda = torch.device(device).type == "cuda"
+    cache_kw = {cache_key: cache}
     with torch.no_grad():
         for i in range(tokens.shape[1]):
             pos = torch.tensor([start + i], device=tokens.device)
             synchronize(device)
             t0 = time.perf_counter()
-            out = step_fn(tokens[:, i:i + 1], **{cache_key: cache}, cache_position=pos, use_cache=True).logits
+            out = step_fn(tokens[:, i:i + 1], **cache_kw, cache_position=pos, use_cache=True).logits
             if cuda:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -119,10 +120,11 @@ def reference_decode(model, spec, prompt: torch.Tensor, tokens: torch.Tensor, st
     cache = new_cache(model, prompt.shape[1], steps)
     prefill(model, cache, prompt)
     out = []
+    cache_kw = {cache_keyword(model): cache}
     for i in range(tokens.shape[1]):
         pos = prompt.shape[1] + i
         ref.positions = torch.tensor([pos], device=prompt.device)
-        step = ref(tokens[:, i:i + 1], **{cache_keyword(model): cache},
+        step = ref(tokens[:, i:i + 1], **cache_kw,
                    cache_position=torch.tensor([pos], device=prompt.device), use_cache=True)
         out.append(step.logits[:, -1].float())
     return torch.cat(out)
