@@ -248,6 +248,13 @@ def search_sdpa(gm: GraphModule, ctx) -> List[Site]:
         if isinstance(mask, Node):
             masks.append(MaskTerm(mask, additive=dtype_of(mask) != torch.bool, keep=True))
         scale = op.params["scale"]
+        if isinstance(scale, Node):
+            # Dynamo passes a float attribute it saw change between compiles as a graph value; Inductor's
+            # lowering then asks Dynamo to retrace with the float fixed, and that graph is matched again.
+            why = "the softmax scale is a run-time value, not a constant (a Python float Dynamo did not specialise)"
+            debug_no_match("attention", node, why)
+            sites.append(_refused_site(node, why, "sdpa"))
+            continue
         match = AttentionMatch(q, k0, v0, masks, float(scale) if scale is not None else None,
                                bool(op.params["is_causal"]), len(shape_of(q)) == 3, dtype_of(node))
         sites.append(_make_site(node, (node,), match, "sdpa", ctx))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Dict, Iterable
 
@@ -134,9 +135,20 @@ def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kw
         return explain_graph(gm, example_inputs, opts, sink)
 
     compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
+    with torch.no_grad(), _floats_specialised():
         compiled(*example_args, **example_kwargs)
     return sink
+
+
+def _floats_specialised():
+    """Dynamo fixing every Python float it traces, as a compile ends up doing.
+
+    A float attribute that changed since an earlier compile of the same code (two models in one process) is
+    otherwise traced as a graph value; Inductor's lowering has Dynamo retrace it as a constant, which an
+    explain never reaches, so its report would describe a graph no compile runs.
+    """
+    config = torch._dynamo.config
+    return config.patch(specialize_float=True) if hasattr(config, "specialize_float") else contextlib.nullcontext()
 
 
 def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
