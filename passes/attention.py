@@ -142,6 +142,24 @@ def _forward_chain(node: Node) -> Optional[Node]:
         return None
 
 
+SLICED_SOFTMAX = ("the softmax runs over more logits than the keys and drops some before P @ V (e.g. attention "
+                  "sinks: a learned logit per head beside the keys); no sparse form keeps that normalisation")
+
+
+def _forward_chain_past_key_slice(node: Node) -> Optional[Node]:
+    """The P @ V matmul reached from a softmax through a slice of its last axis (``probs[..., :-1]``), else None."""
+    user = _single_user(node)
+    op = op_of(user) if user is not None else None
+    if op is None or op.name != "getitem" or op.inputs[0] is not node:
+        return None
+    index = op.params["index"]
+    index = index if isinstance(index, tuple) else (index,)
+    if not index or not isinstance(index[-1], slice) \
+            or not all(i is Ellipsis or i == slice(None) for i in index[:-1]):
+        return None
+    return _forward_chain(user)
+
+
 def _single_user(node: Node) -> Optional[Node]:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -276,6 +294,11 @@ def search_softmax(gm: GraphModule, ctx) -> List[Site]:
             continue
         pv = _forward_chain(node)
         if pv is None:
+            pv = _forward_chain_past_key_slice(node)
+            if pv is not None:   # recognisably attention, with extra logits: a site refused with its reason
+                debug_no_match("attention", node, SLICED_SOFTMAX)
+                sites.append(_refused_site(pv, SLICED_SOFTMAX, "softmax"))
+                continue
             debug_no_match("attention", node, "softmax output is not consumed only by a matmul with v")
             continue
         matched = _match_softmax(node, op, pv)

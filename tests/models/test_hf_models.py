@@ -143,3 +143,23 @@ def test_a_tied_lm_head_is_named_lm_head(name, head, embedding, eager_lowering):
     assert [(s.module, s.applied) for s in report.sites if s.kind == "linear" and s.form] == [(head, True)]
     assert not any(s.module == embedding for s in report.sites)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_sinks_stay_dense_with_their_reason(eager_lowering):
+    """GPT-OSS normalises each head's keys together with a learned sink logit: no sparse form keeps that, so a
+    rule covering its attention leaves every layer dense and the report says why (the site is not missing)."""
+    torch.manual_seed(4)
+    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=LAYERS,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=8)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 20))
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": 4, "window": 8}]}
+    with torch.no_grad():
+        expected = _output(model(ids))
+        out = _output(sparsecc.compile(model, spec=spec, kernels="reference")(ids))
+    sites = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert [s.module for s in sites] == [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
+    assert all(not s.applied and "softmax runs over more logits than the keys" in s.reason for s in sites)
+    torch.testing.assert_close(out, expected)

@@ -144,12 +144,33 @@ class LearnedTemperature(nn.Module):
         return ((q @ k.transpose(-1, -2)) * self.temperature).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("model", [SoftCapped(), LearnedTemperature()], ids=["softcap", "temperature"])
-def test_refused_attention_is_in_the_report_with_its_reason(model, eager_lowering):
+class SinkLogits(nn.Module):
+    """A learned logit per head beside the keys, normalised with them and dropped before P @ V (GPT-OSS's
+    attention sinks): the probabilities of the keys sum to less than one."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.randn(4))
+
+    def forward(self, q, k, v):
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        probs = torch.cat([logits, sinks], dim=-1).softmax(-1)
+        return probs[..., :-1] @ v
+
+
+REFUSALS = {"softcap": (SoftCapped, "the logits are not q @ kᵀ"), "temperature": (LearnedTemperature,
+            "the logits are not q @ kᵀ"), "sinks": (SinkLogits, "the softmax runs over more logits than the keys")}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSALS))
+def test_refused_attention_is_in_the_report_with_its_reason(name, eager_lowering):
+    factory, reason = REFUSALS[name]
+    model = factory()
     q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
     with torch.no_grad():
         expected = model(q, k, v)
         out = sparsecc.compile(model, spec=_spec(), kernels="reference")(q, k, v)
     (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
-    assert not site.applied and site.reason.startswith("not rewritable: the logits are not q @ kᵀ")
+    assert not site.applied and site.reason.startswith("not rewritable: " + reason)
     torch.testing.assert_close(out, expected)
