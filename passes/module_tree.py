@@ -20,8 +20,9 @@ several modules names each module by the first of them that contains it.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
@@ -46,6 +47,10 @@ class ModuleTree:
     registered: Dict[str, torch.nn.Module] = field(default_factory=dict)  # Dynamo's registered module keys
     scope: Dict[str, Any] = field(default_factory=dict)           # {"L": frame locals, "G": frame globals}
     unresolved_reason: str = ""                                   # why nothing could be resolved (no frame)
+    # A frame inside the compiled model (after a graph break): the frame locals holding its modules, which its
+    # graph must be tied to (``guard_frame_modules``), and why that failed when it did.
+    frame_module_locals: List[str] = field(default_factory=list)
+    unguarded_reason: str = ""
 
     def add_root(self, root: torch.nn.Module) -> None:
         """Name ``root``'s modules and tensors; names already given by an earlier root are kept."""
@@ -120,15 +125,86 @@ def _modules_in(value: Any) -> Iterable[torch.nn.Module]:
 
 
 def from_frame(f_locals: Dict[str, Any], f_globals: Dict[str, Any],
-               registered: Optional[Dict[str, Any]] = None) -> ModuleTree:
-    """The module tree of a compiled frame: its root is the first module among the frame's locals."""
+               registered: Optional[Dict[str, Any]] = None,
+               callers: Sequence[torch.nn.Module] = ()) -> ModuleTree:
+    """The module tree of a compiled frame: its root is the first module among the frame's locals, or the
+    outermost of ``callers`` (the modules whose forward called the frame, outermost first) that holds it."""
     tree = ModuleTree(scope={"L": dict(f_locals), "G": f_globals},
                       registered={k: v for k, v in (registered or {}).items() if isinstance(v, torch.nn.Module)})
     ordered = sorted(f_locals.items(), key=lambda kv: kv[0] != "self")   # self first, then argument order
-    for _, value in ordered:
-        for module in _modules_in(value):
-            tree.add_root(module)
+    frame_modules = [module for _, value in ordered for module in _modules_in(value)]
+    if frame_modules:
+        enclosing = next((c for c in callers if any(m is frame_modules[0] for m in c.modules())), None)
+    else:   # a plain function called from the model's code: the model is still the root
+        enclosing = callers[0] if callers else None
+    if enclosing is not None:
+        tree.add_root(enclosing)
+        if frame_modules and enclosing is not frame_modules[0]:
+            tree.frame_module_locals = [name for name, value in ordered if isinstance(value, torch.nn.Module)]
+    for module in frame_modules:
+        tree.add_root(module)
     return tree
+
+
+def guard_frame_modules(tree: ModuleTree) -> None:
+    """Tie the graph Dynamo is compiling to the module objects its frame holds (an identity guard each).
+
+    A frame inside the compiled model runs the same code for every layer, and Dynamo reuses one graph for all
+    modules that pass its guards; the sites of that graph were named, and decided, for this frame's modules.
+    With the guards every layer's frame is compiled, and decided, for its own modules (Dynamo's recompile
+    limit counts entries per guarded module). Records ``unguarded_reason`` when the guards cannot be added.
+    """
+    if not tree.frame_module_locals or tree.unguarded_reason:
+        return
+    try:
+        from torch._dynamo.guards import GuardBuilder
+        from torch._dynamo.source import LocalSource
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        guards = InstructionTranslator.current_tx().output.guards
+        for name in tree.frame_module_locals:
+            guards.add(LocalSource(name).make_guard(GuardBuilder.ID_MATCH))
+    except Exception as err:  # noqa: BLE001 - reported, and the sites stay dense
+        tree.unguarded_reason = (f"a graph break put this site in a frame Dynamo may reuse for other modules, and "
+                                 f"the frame could not be tied to its own module ({err!r})")
+    else:
+        tree.frame_module_locals = []   # guarded once per graph
+
+
+# Modules whose frames sit between the backend and the frame Dynamo compiles (its hooks), and the module whose
+# frame is the compiled callable's entry: the caller frames of the compiled frame lie between the two.
+_DYNAMO_HOOK_MODULE = "torch._dynamo.convert_frame"
+_DYNAMO_ENTRY_MODULE = "torch._dynamo.eval_frame"
+
+
+def calling_modules() -> List[torch.nn.Module]:
+    """The modules whose forward called the frame Dynamo compiles now, outermost first, up to the compiled call.
+
+    After a graph break Dynamo compiles frames inside the model (a decoder layer's forward, a submodule's); their
+    own locals hold only that submodule, while the model the user compiled is the ``self`` of a frame further up
+    the Python stack, below Dynamo's entry into the compiled callable. Empty when the stack does not have that
+    shape (a graph not captured from a running frame).
+    """
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    names = [f.f_globals.get("__name__", "") for f in frames]
+    hooks = [i for i, name in enumerate(names) if name == _DYNAMO_HOOK_MODULE]
+    if not hooks:
+        return []
+    start = hooks[0]
+    while start + 1 < len(frames) and names[start + 1] == _DYNAMO_HOOK_MODULE:
+        start += 1
+    end = next((i for i in range(start + 1, len(frames)) if names[i] == _DYNAMO_ENTRY_MODULE), None)
+    if end is None:
+        return []
+    modules: List[torch.nn.Module] = []
+    for f in reversed(frames[start + 1:end]):
+        owner = f.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module) and not any(owner is m for m in modules):
+            modules.append(owner)
+    return modules
 
 
 def from_dynamo() -> ModuleTree:
@@ -141,7 +217,8 @@ def from_dynamo() -> ModuleTree:
     if tx is None:
         return ModuleTree(unresolved_reason="the graph was not captured by Dynamo, so its frame is unknown")
     registered = getattr(getattr(tx, "output", None), "nn_modules", None) or {}
-    return from_frame(getattr(tx, "f_locals", {}) or {}, getattr(tx, "f_globals", {}) or {}, registered)
+    return from_frame(getattr(tx, "f_locals", {}) or {}, getattr(tx, "f_globals", {}) or {}, registered,
+                      calling_modules())
 
 
 def annotate(gm: GraphModule, tree: ModuleTree) -> None:

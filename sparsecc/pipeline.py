@@ -201,10 +201,19 @@ def stage_shard(gm: GraphModule, ctx: CompileContext) -> None:
 
 
 def stage_decide(gm: GraphModule, ctx: CompileContext) -> None:
-    """Make one decision per site, in family order."""
+    """Make one decision per site, in family order.
+
+    A graph of a frame inside the model (after a graph break) is first tied to that frame's modules, since its
+    decisions hold for them only (``module_tree.guard_frame_modules``).
+    """
+    if ctx.sites:
+        module_tree.guard_frame_modules(ctx.modules)
     for site in ctx.sites:
         if site.module == UNRESOLVED:
             ctx.decisions[id(site)] = Decision(False, None, unresolved_reason(ctx))
+            continue
+        if ctx.modules.unguarded_reason:
+            ctx.decisions[id(site)] = refused_decision(site, ctx, ctx.modules.unguarded_reason)
             continue
         why = tensor_parallel.refused(site)
         if why is not None:

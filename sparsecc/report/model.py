@@ -128,12 +128,17 @@ class Report:
         """Append another graph's report to this one (graph indices are renumbered).
 
         When ``other`` recompiles a frame this report already holds, the
-        frame's earlier sites are replaced, so a recompile never lists a site
-        twice.
+        frame's earlier sites at the same module paths are replaced, so a
+        recompile never lists a site twice. The same code run by another
+        module (a graph break inside a decoder layer's forward: each layer is a
+        compile of one frame) has other paths, and its sites are added.
         """
-        if other.frame is not None and any(s.frame == other.frame for s in self.sites):
-            self.sites = [s for s in self.sites if s.frame != other.frame]
-            self.recompiles += 1
+        if other.frame is not None:
+            again = {(s.kind, s.module) for s in other.sites}
+            kept = [s for s in self.sites if s.frame != other.frame or (s.kind, s.module) not in again]
+            if len(kept) < len(self.sites):
+                self.sites = kept
+                self.recompiles += 1
         for site in other.sites:
             site.graph = self.graphs + site.graph
             site.frame = other.frame
@@ -176,7 +181,9 @@ class Report:
         if self.spec is None:
             line += "; no spec given, so every site stays dense"
         unmatched = self.unmatched_rules()
-        line += "; rules that matched nothing: " + (", ".join(unmatched) if unmatched else "none")
+        # With graph breaks each graph adds its sites: a rule may still match in a graph compiled later.
+        so_far = f" in the {self.graphs} graphs so far" if self.graphs > 1 else ""
+        line += f"; rules that matched nothing{so_far}: " + (", ".join(unmatched) if unmatched else "none")
         if self.notes:   # the first few, each cut short: the line is warned and logged at every compile
             shown = [note if len(note) <= SUMMARY_NOTE_CHARS else note[:SUMMARY_NOTE_CHARS - 3] + "..."
                      for note in self.notes[:SUMMARY_NOTES]]

@@ -151,7 +151,7 @@ def test_attention_sinks_stay_dense_with_their_reason(eager_lowering):
     torch.manual_seed(4)
     cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=LAYERS,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                                    num_experts_per_tok=2, sliding_window=8)
+                                    num_experts_per_tok=2, sliding_window=8, experts_implementation="eager")
     model = transformers.GptOssForCausalLM(cfg).eval()
     ids = torch.randint(0, 128, (1, 20))
     spec = {"version": 1, "defaults": {"policy": "force"},
@@ -163,3 +163,30 @@ def test_attention_sinks_stay_dense_with_their_reason(eager_lowering):
     assert [s.module for s in sites] == [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
     assert all(not s.applied and "softmax runs over more logits than the keys" in s.reason for s in sites)
     torch.testing.assert_close(out, expected)
+
+
+def test_graph_breaks_inside_the_layers_keep_the_model_paths(eager_lowering):
+    """Mixtral with its experts looped in Python: Dynamo breaks the graph inside every decoder layer and compiles
+    the layers' frames one by one. The spec still names (and rewrites) every layer by its path in the model, and
+    the report of the compile lists every layer."""
+    torch.manual_seed(5)
+    cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=LAYERS,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, experts_implementation="eager")
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 24))
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": 4, "window": 8}]}
+    import copy
+
+    from tests.models.streaming_oracle import streaming_reference
+
+    reference = streaming_reference(copy.deepcopy(model), 4, 8)
+    with torch.no_grad():
+        out = _output(sparsecc.compile(model, spec=spec, kernels="reference")(ids))
+        expected = _output(reference(ids))
+    report = sparsecc.last_report()
+    assert report.graphs > 1   # the graph really breaks inside the layers
+    assert sorted((s.kind, s.module) for s in report.applied) == \
+        [("attention", f"model.layers.{i}.self_attn") for i in range(LAYERS)]
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

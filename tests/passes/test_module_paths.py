@@ -165,3 +165,79 @@ def test_shared_module_takes_its_first_name(eager_lowering):
         sparsecc.compile(model, kernels="reference")(torch.randn(2, 32))
     assert [s.module for s in sparsecc.last_report().sites] == ["first"]
     assert [n for n, _ in model.named_modules()] == ["", "first"]
+
+
+class BrokenLayer(Layer):
+    """A layer whose forward Dynamo cannot trace whole: each layer's code after the break is a frame of its own,
+    compiled with the layer as its only module (as an HF decoder layer is after a graph break in its MoE block)."""
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return x + self.attn(x)
+
+
+class BrokenNet(Net):
+    def __init__(self, layers=2):
+        super().__init__(layers)
+        self.layers = nn.ModuleList(BrokenLayer() for _ in range(layers))
+
+
+def _streaming_net_oracle(net, x, sink, window):
+    """``net`` with every layer's attention restricted to docs/spec.md's causal streaming keep mask (float64)."""
+    x = x.double()
+    n = x.shape[1]
+    p = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    keep = (j <= p) & ((j < sink) | (p - j < window))
+    for layer in net.layers:
+        attn = layer.attn
+        b, _, d = x.shape
+        q, k, v = F.linear(x, attn.qkv.weight.double(), attn.qkv.bias.double()).view(
+            b, n, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-1, -2)) / (d // attn.heads) ** 0.5
+        out = logits.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+        x = x + F.linear(out.transpose(1, 2).reshape(b, n, d), attn.proj.weight.double(), attn.proj.bias.double())
+    return x
+
+
+@pytest.mark.parametrize("entry", ["sparsecc.compile", "torch.compile"])
+def test_frames_inside_the_model_are_named_from_the_compiled_model(entry, eager_lowering):
+    """After a graph break each layer's frame holds only that layer; its sites are still named (and the spec
+    applied) from the model the user compiled, and the report of the compile holds every layer's sites."""
+    torch.manual_seed(0)
+    net = BrokenNet().eval()
+    x = _x()
+    spec = {"version": 1, "attention": [{"modules": "layers.*.attn", "form": "streaming", "sink": 1, "window": 4,
+                                         "policy": "force"}]}
+    with torch.no_grad():
+        if entry == "sparsecc.compile":
+            compiled = sparsecc.compile(net, spec=spec, kernels="reference")
+        else:
+            compiled = torch.compile(net, backend="sparsecc", options={"spec": spec, "kernels": "reference"})
+        out = compiled(x)
+    report = sparsecc.last_report()
+    assert report.graphs >= 2   # the break is real: the layers were compiled as frames of their own
+    assert _applied(report) == [("attention", "layers.0.attn"), ("attention", "layers.1.attn")]
+    assert not report.unmatched_rules()
+    torch.testing.assert_close(out.double(), _streaming_net_oracle(net, x, 1, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_a_rule_for_one_layer_is_not_reused_by_the_others(eager_lowering):
+    """One graph of a layer's frame would serve every layer that passes Dynamo's guards: a rule naming layer 0
+    alone must leave layer 1 dense (its frame is compiled, and decided, for its own module)."""
+    torch.manual_seed(1)
+    net = BrokenNet().eval()
+    x = _x()
+    spec = {"version": 1, "attention": [{"modules": "layers.0.attn", "form": "streaming", "sink": 1, "window": 4,
+                                         "policy": "force"}]}
+    with torch.no_grad():
+        out = sparsecc.compile(net, spec=spec, kernels="reference")(x)
+    report = sparsecc.last_report()
+    assert _applied(report) == [("attention", "layers.0.attn")]
+    assert [(s.module, s.reason) for s in report.sites if s.kind == "attention" and not s.applied] == \
+        [("layers.1.attn", "no rule")]
+    first = BrokenNet(layers=1).eval()
+    first.layers[0] = net.layers[0]
+    with torch.no_grad():
+        expected = net.layers[1](_streaming_net_oracle(first, x, 1, 4).float())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
