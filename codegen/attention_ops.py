@@ -18,8 +18,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, mask_4d, mask_is_causal,
-                                             mask_rows_moved, streaming_attention_from_mask_ref)
+from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, causal_batch_elements, mask_4d,
+                                             mask_is_causal, mask_rows_moved, streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
 __all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
@@ -228,11 +228,28 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     from sparsecc.codegen.block_attention import block_sparse_attention_ref
 
     sq, sk = q.shape[2], k.shape[2]
+    causal_draws = causal
+    if random_blocks > 0 and not causal:
+        # docs/spec.md: a call in which no row attends a key after its position (a causal mask passed as a tensor,
+        # one query row, a static cache's rows) draws its random blocks as a causal call does, per batch element,
+        # so a sequence's blocks depend neither on its batch-mates' masks nor on how the model passed causality.
+        by_element = causal_batch_elements(mask, sq, sk, positions_from_mask)
+        if bool(by_element.all()):
+            causal_draws = True
+        elif bool(by_element.any()):
+            m4 = mask_4d(mask)
+            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+            for batch in (by_element.nonzero().flatten(), (~by_element).nonzero().flatten()):
+                out[batch] = block_sparse_attention(
+                    q[batch], k[batch], v[batch], m4[batch], scale, causal, block, local_blocks, global_blocks,
+                    random_blocks, seed, dense_heads, 0, impl, positions_from_mask, head_offset)
+            return out
     if positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any()):
         square = layout_table(q.shape[1], sk, sk, False, block, local_blocks, global_blocks, random_blocks, seed,
-                              tuple(dense_heads), q.device, head_offset)
+                              tuple(dense_heads), q.device, head_offset, causal_draws)
         return block_sparse_attention_from_mask_ref(q, k, v, mask, scale, square).contiguous()
-    table = layout_table(q.shape[1], q.shape[2], k.shape[2], causal, block, local_blocks, global_blocks,
+    # Causal draws with rows at i + Sk - Sq: the causal table (its structure only drops keys the call never reads).
+    table = layout_table(q.shape[1], q.shape[2], k.shape[2], causal_draws, block, local_blocks, global_blocks,
                          random_blocks, seed, tuple(dense_heads), q.device, head_offset)
 
     def reference(q, k, v, mask, scale, table):
@@ -318,6 +335,13 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         if not causal and mask is not None and sq <= sk and table.family() == "vertical_slash":
             # As for the dynamic forms: a mask that removes every key after each query's position is causal.
             run_causal = bool(mask_is_causal(mask, sq, sk).all())
+        elif not causal and not moved and any(n > 0 for n in random_blocks):
+            # block_sparse heads draw their random blocks as a causal call does where no row attends a later key
+            # (block_sparse_attention); a batch that mixes both runs group by group, which splits it.
+            by_element = causal_batch_elements(mask, sq, sk, positions_from_mask)
+            run_causal = bool(by_element.all())
+            if not run_causal and bool(by_element.any()):
+                moved = True   # not a one-launch input
         out = None if moved else kernel(q, k, v, mask, scale, run_causal, table)
         if out is not None:
             return out.contiguous()
@@ -374,13 +398,14 @@ def mixed_head_attention_by_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 @functools.lru_cache(maxsize=64)
 def layout_table(heads: int, seq_q: int, seq_k: int, causal: bool, block: int, local_blocks: int,
                  global_blocks: int, random_blocks: int, seed: int, dense_heads: tuple, device: torch.device,
-                 head_offset: int = 0):
-    """Build (and cache per shape) the block table of a block_sparse layout (head i is the model's head_offset + i)."""
+                 head_offset: int = 0, causal_draws: Optional[bool] = None):
+    """Build (and cache per shape) the block table of a block_sparse layout (head i is the model's head_offset + i;
+    ``causal_draws`` as in :func:`sparsecc.layouts.block_sparse_table`)."""
     from sparsecc.forms import BlockSparse
     from sparsecc.layouts import block_sparse_table
 
     form = BlockSparse(block, local_blocks, global_blocks, random_blocks, seed)
-    table = block_sparse_table(form, heads, seq_q, seq_k, causal, device, head_offset)
+    table = block_sparse_table(form, heads, seq_q, seq_k, causal, device, head_offset, causal_draws)
     if not dense_heads:
         return table
     # Dense heads keep every block: a band as wide as the whole key range.

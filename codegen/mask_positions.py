@@ -10,7 +10,7 @@ mask moves. Nothing here imports Triton.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -53,9 +53,11 @@ def mask_rows_moved(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
     return mask_query_positions(mask, seq_q, seq_k) != default
 
 
-def mask_is_causal(mask: torch.Tensor, seq_q: int, seq_k: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+def mask_is_causal(mask: torch.Tensor, seq_q: int, seq_k: int, rows_per_chunk: int = 1024,
+                   positions_from_mask: bool = False) -> torch.Tensor:
     """Per batch element of the mask, whether it removes every key after each query's position
     ``p = i + Sk - Sq`` (bool False, or additive <= -1e4): a causal mask passed as a tensor, padded or not.
+    With ``positions_from_mask`` the positions are :func:`mask_query_positions` (a static cache's rows).
 
     Returns a bool ``[B|1]`` tensor (the mask's own batch size, 1 when it has fewer than 4 dims). Reads the
     mask ``rows_per_chunk`` rows at a time (never a second ``Sq x Sk`` tensor).
@@ -63,14 +65,33 @@ def mask_is_causal(mask: torch.Tensor, seq_q: int, seq_k: int, rows_per_chunk: i
     keep = _mask_keeps(mask, seq_k)
     offset = seq_k - seq_q
     keys = torch.arange(seq_k, device=mask.device)
-    if keep.shape[-2] == 1:        # one row broadcast to every query: the first query's later keys decide
+    placed = mask_query_positions(mask, seq_q, seq_k) if positions_from_mask and seq_q < seq_k else None
+    if keep.shape[-2] == 1 and placed is None:   # one row broadcast to every query: the first query decides
         return ~keep[..., offset + 1:].flatten(1).any(-1)
+    keep = keep.expand(*keep.shape[:2], seq_q, seq_k)
     later = torch.zeros(keep.shape[0], dtype=torch.bool, device=mask.device)
     for r0 in range(0, seq_q, rows_per_chunk):
         r1 = min(seq_q, r0 + rows_per_chunk)
-        positions = torch.arange(r0, r1, device=mask.device)[:, None] + offset
-        later = later | (keep[..., r0:r1, :] & (keys[None, :] > positions)).flatten(1).any(-1)
+        if placed is None:
+            positions = torch.arange(r0, r1, device=mask.device)[:, None] + offset
+        else:
+            positions = placed[..., r0:r1, None]
+        later = later | (keep[..., r0:r1, :] & (keys > positions)).flatten(1).any(-1)
     return ~later
+
+
+def causal_batch_elements(mask: Optional[torch.Tensor], seq_q: int, seq_k: int,
+                          positions_from_mask: bool = False) -> torch.Tensor:
+    """Per batch element of a call that is not causal, whether no query row may attend a key after its position
+    (docs/spec.md, ``block_sparse``'s random draws): a mask that keeps no such key (:func:`mask_is_causal`, at
+    the mask's positions with ``positions_from_mask``), or one query row without a mask (it sits at the last
+    key). Returns a bool ``[B|1]`` tensor (1 without a mask, or when the mask has no batch dimension).
+    """
+    if mask is None:
+        return torch.tensor([seq_q == 1])
+    if seq_q > seq_k:
+        return torch.zeros(mask_4d(mask).shape[0], dtype=torch.bool, device=mask.device)
+    return mask_is_causal(mask, seq_q, seq_k, positions_from_mask=positions_from_mask)
 
 
 def mask_query_end(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:

@@ -331,7 +331,8 @@ def _token_full(seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool
 
 
 def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, causal: bool,
-                       device: Union[str, torch.device] = "cpu", head_offset: int = 0) -> BlockTable:
+                       device: Union[str, torch.device] = "cpu", head_offset: int = 0,
+                       causal_draws: Optional[bool] = None) -> BlockTable:
     """The :class:`BlockTable` of ``form`` for ``n_heads`` heads (``Bt = 1``, ``Ht = n_heads``).
 
     Row ``i`` of the table is the model's head ``h = head_offset + i``: a tensor-parallel rank
@@ -355,11 +356,14 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
 
     Random draws, exactly: for head ``h`` a CPU ``torch.Generator`` is seeded with
     ``(form.seed * 2**20 + h) mod 2**64``; then for each position block ``c = 0, 1, ..., nK - 1``
-    in order, the candidates are key blocks ``0..c`` when causal and ``0..nK-1``
+    in order, the candidates are key blocks ``0..c`` when the draws are causal and ``0..nK-1``
     otherwise, and the first ``min(random_blocks, n_candidates)`` entries of
     ``torch.randperm(n_candidates, generator=g)`` are drawn. Drawing for every
     position block in a fixed order makes causal draws independent of
-    ``seq_q`` (a decode step sees the same blocks as the prefill).
+    ``seq_q`` and ``seq_k`` (a decode step sees the same blocks as the prefill).
+    The draws are causal when ``causal`` unless ``causal_draws`` says otherwise:
+    a call that is not causal but whose mask keeps no key after any row's
+    position draws as a causal one does (docs/spec.md).
     Random blocks may coincide with local or global ones.
     """
     if not (isinstance(n_heads, int) and n_heads >= 1):
@@ -379,12 +383,13 @@ def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, 
     base = ((c[:, None] - b[None, :]).abs() < form.local_blocks)
     base |= (c[:, None] < form.global_blocks) | (b[None, :] < form.global_blocks)
     kept = base.expand(n_heads, n_q, n_k).clone()
+    draws_causal = causal if causal_draws is None else causal_draws
     if form.random_blocks > 0:
         for h in range(n_heads):
             g = torch.Generator().manual_seed(_generator_seed(form.seed, head_offset + h))
             drawn = torch.zeros(n_k, n_k, dtype=torch.bool)
             for pos_block in range(n_k):
-                n_cand = pos_block + 1 if causal else n_k
+                n_cand = pos_block + 1 if draws_causal else n_k
                 pick = torch.randperm(n_cand, generator=g)[:min(form.random_blocks, n_cand)]
                 drawn[pos_block, pick] = True
             valid = (c >= 0) & (c < n_k)
