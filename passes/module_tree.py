@@ -51,6 +51,8 @@ class ModuleTree:
     # graph must be tied to (``guard_frame_modules``), and why that failed when it did.
     frame_module_locals: List[str] = field(default_factory=list)
     unguarded_reason: str = ""
+    # That frame's own module: Dynamo's module stacks start below it (its forward's own nodes have none).
+    frame_module: Optional[torch.nn.Module] = None
 
     def add_root(self, root: torch.nn.Module) -> None:
         """Name ``root``'s modules and tensors; names already given by an earlier root are kept."""
@@ -140,6 +142,7 @@ def from_frame(f_locals: Dict[str, Any], f_globals: Dict[str, Any],
     if enclosing is not None:
         tree.add_root(enclosing)
         if frame_modules and enclosing is not frame_modules[0]:
+            tree.frame_module = frame_modules[0]
             tree.frame_module_locals = [name for name, value in ordered if isinstance(value, torch.nn.Module)]
     for module in frame_modules:
         tree.add_root(module)
@@ -224,6 +227,11 @@ def from_dynamo() -> ModuleTree:
 def annotate(gm: GraphModule, tree: ModuleTree) -> None:
     """Store each node's resolved module stack in ``node.meta[STACK_META]`` (outermost first)."""
     cache: Dict[Tuple[str, str], Optional[str]] = {}
+    # A frame inside the model (after a graph break in it): every node runs inside the frame's own module, which
+    # Dynamo's stacks leave out (the frame's forward is their root), so it heads every stack here.
+    frame = None
+    if tree.frame_module is not None and id(tree.frame_module) in tree.module_names:
+        frame = (f"frame:{id(tree.frame_module)}", tree.module_names[id(tree.frame_module)])
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
         entries: List[Tuple[str, Optional[str]]] = []
@@ -232,6 +240,8 @@ def annotate(gm: GraphModule, tree: ModuleTree) -> None:
             if (key, source) not in cache:
                 cache[(key, source)] = tree.name_of(str(key), source)
             entries.append((str(key), cache[(key, source)]))
+        if frame is not None and not (entries and entries[0][1] == frame[1]):
+            entries.insert(0, frame)
         node.meta[STACK_META] = entries
     tree.scope = {}   # the frame's objects are not kept past the compile
 

@@ -241,3 +241,41 @@ def test_a_rule_for_one_layer_is_not_reused_by_the_others(eager_lowering):
     with torch.no_grad():
         expected = net.layers[1](_streaming_net_oracle(first, x, 1, 4).float())
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+class FfnLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from tests.zoo import GatedSiluFFN
+        self.mlp = GatedSiluFFN()
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+def _break(module, args):
+    """A forward pre-hook that Dynamo cannot trace (as a logging or offloading hook may be)."""
+    torch._dynamo.graph_break()
+
+
+def test_a_module_whose_own_forward_is_the_frame_keeps_its_path(eager_lowering):
+    """A graph break in a pre-hook makes each MLP's forward a frame of its own: the FFN site (its activation and
+    product have no module below the MLP) is still the MLP's path, and a rule naming one layer applies there."""
+    from tests.zoo import ffn_expected
+
+    torch.manual_seed(2)
+    net = Net().eval()
+    net.layers = nn.ModuleList(FfnLayer() for _ in range(2))
+    for layer in net.layers:
+        layer.mlp.register_forward_pre_hook(_break)
+    x = _x()
+    spec = {"version": 1, "ffn": [{"modules": "layers.1.mlp", "form": "activation_threshold", "mode": "gate",
+                                   "threshold": 0.05, "policy": "force"}]}
+    with torch.no_grad():
+        out = sparsecc.compile(net, spec=spec, kernels="reference")(x)
+        h = x + net.layers[0].mlp(x)
+    report = sparsecc.last_report()
+    assert sorted(s.module for s in report.sites if s.kind == "ffn") == ["layers.0.mlp", "layers.1.mlp"]
+    assert _applied(report) == [("ffn", "layers.1.mlp")]
+    expected = h.double() + ffn_expected(net.layers[1].mlp, h, "gate", 0.05)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
