@@ -110,7 +110,8 @@ def _prune_2_4(w):
     magnitude stay (float64, written out here)."""
     groups = w.double().reshape(w.shape[0], -1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
+    # ties go to the lower index: a stable sort of the magnitudes, largest first
+    keep.scatter_(-1, groups.abs().sort(dim=-1, descending=True, stable=True).indices[..., :2], True)
     return (groups * keep).reshape(w.shape)
 
 

@@ -103,19 +103,16 @@ def expected_ffn(ffn: Ffn, x, *, mode: str, tau_input=None, tau_down=None, tau_g
 def prune_2_4(w) -> Tuple[torch.Tensor, torch.Tensor]:
     """2 of every 4 consecutive weights along the input dimension, the 2 of largest magnitude, float64.
 
-    Returns (pruned ``[out, in]``, valid output features): a group whose 2nd
-    and 3rd largest magnitudes are equal has no defined choice (the spec does
-    not break ties), so its output feature is not valid.
+    Returns (pruned ``[out, in]``, valid output features): ties go to the lower index (docs/spec.md), so
+    every output feature is defined; the second value stays for the callers' uniform (pruned, valid) shape.
     """
     out_f, in_f = w.shape
     assert in_f % 4 == 0
     g = w.to(F64).reshape(out_f, in_f // 4, 4)
     mag = g.abs()
-    srt = mag.sort(-1, descending=True).values
-    tie = (srt[..., 1] == srt[..., 2]).any(-1)
-    order = mag.argsort(dim=-1, descending=True, stable=True)
+    order = mag.argsort(dim=-1, descending=True, stable=True)   # equal magnitudes: the lower index first
     keep = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, order[..., :2], True)
-    return (g * keep).reshape(out_f, in_f), ~tie
+    return (g * keep).reshape(out_f, in_f), torch.ones(out_f, dtype=torch.bool)
 
 
 def prune_block_weights(w, block: Tuple[int, int] = (64, 64), density: float = 0.25, rtol: float = 1e-5):

@@ -220,8 +220,8 @@ def test_prune_2_4_by_hand():
     w = torch.tensor([[1.0, -3.0, 2.0, 0.5, 0.1, 0.2, -0.3, 0.4]], dtype=F64)
     pruned, valid = oracle.prune_2_4(w)
     assert pruned.tolist() == [[0.0, -3.0, 2.0, 0.0, 0.0, 0.0, -0.3, 0.4]] and valid.all()
-    _, valid = oracle.prune_2_4(torch.tensor([[3.0, 1.0, -1.0, 0.0]]))   # 2nd and 3rd magnitudes tie
-    assert not valid.any()
+    pruned, valid = oracle.prune_2_4(torch.tensor([[3.0, 1.0, -1.0, 0.0], [0.5, -0.5, 0.5, -0.5]]))
+    assert pruned.tolist() == [[3.0, 1.0, 0.0, 0.0], [0.5, -0.5, 0.0, 0.0]] and valid.all()   # ties: lower index
 
 
 def test_prune_block_weights_by_hand():

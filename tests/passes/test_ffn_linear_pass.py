@@ -277,7 +277,7 @@ def test_two_four_binds_cusparselt_operand_where_cusparselt_takes_it(monkeypatch
             site = [s for s in sparsecc.last_report().sites if s.kind == "linear"][0]
             assert site.applied, site.reason
             w, b = model.proj.weight, model.proj.bias
-            pruned, valid = prune_2_4(w)   # docs/spec.md's rule; a tied group leaves its output undefined
+            pruned, valid = prune_2_4(w)   # docs/spec.md's rule (ties go to the lower index)
             torch.testing.assert_close(out[:, valid], (x.double() @ pruned.T + b.double())[:, valid],
                                        atol=1e-5, rtol=1e-5)
             if kernels == "auto":
@@ -288,6 +288,29 @@ def test_two_four_binds_cusparselt_operand_where_cusparselt_takes_it(monkeypatch
                 assert "compressed at compile time" not in site.attrs["plan"] and not derived
                 assert "compressed on the first call (reference kernels)" in site.attrs["plan"]
             model.proj.weight.mul_(-0.5)
+
+
+def test_two_four_ties_in_a_bf16_weight_keep_the_lower_index(eager_lowering):
+    """bf16 weights tie often: docs/spec.md's rule keeps, of equal magnitudes, the lower index."""
+    from tests.oracle.oracle import prune_2_4
+
+    torch.manual_seed(3)
+    model = zoo.ModuleLinear().eval()
+    with torch.no_grad():   # magnitudes from {0.25, 0.5, 1}: most groups of 4 tie somewhere
+        model.proj.weight.copy_(torch.tensor([0.25, 0.5, 1.0])[torch.randint(0, 3, model.proj.weight.shape)]
+                                * torch.sign(torch.randn(model.proj.weight.shape)))
+    model = model.to(torch.bfloat16)
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=spec, kernels="reference")(x)
+    assert sparsecc.last_report().applied
+    groups = model.proj.weight.double().abs().reshape(-1, 4).sort(-1, descending=True).values
+    assert bool((groups[:, 1] == groups[:, 2]).any())   # the 2nd and 3rd magnitudes do tie
+    pruned, valid = prune_2_4(model.proj.weight)
+    assert valid.all()
+    expected = x.double() @ pruned.T + model.proj.bias.double()
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_float64_ffn_and_linear_sites_are_listed_with_the_reason():
