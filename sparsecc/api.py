@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
+import types
+import weakref
 from typing import Any, Dict, Iterable
 
 import torch
 
-from sparsecc.backend import explain_graph, parse_options, sparsecc_backend
+from sparsecc.backend import (begin_compile, explain_graph, first_call_check, forget_compile, parse_options,
+                              sparsecc_backend)
 from sparsecc.forms import ActivationThreshold
 from sparsecc.report.model import Report
 from sparsecc.sharding import is_dtensor
@@ -34,6 +39,13 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     shallow copy whose ``forward`` is compiled, so ``generate()`` decodes
     through the compiled forward; any other model or function comes back from
     ``torch.compile``.
+
+    Each call compiles afresh, however often one model class was compiled in
+    this process: ``isolate_recompiles=True`` is passed to ``torch.compile``
+    where torch has it, so Dynamo's ``recompile_limit`` counts this compile
+    alone. ``last_report()`` is this compile's report from now on (empty until
+    its graphs compile). After the first call, a ``SparseccWarning`` says so
+    if the model ran without sparsecc (Dynamo handed it no graph).
     """
     options: Dict[str, Any] = {"kernels": kernels}
     if cudagraphs is not False:
@@ -52,9 +64,61 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     parsed = parse_options(options)  # fail now, with a SpecError, rather than at the first call
     if parsed.spec is not None and isinstance(model, torch.nn.Module):
         _warn_on_rotation_mismatch(model, parsed.spec)
+    torch_compile_kwargs = dict(torch_compile_kwargs)
+    if _ISOLATES_RECOMPILES:
+        # Dynamo keeps compiles on the code object, and past config.recompile_limit compiles of one code (one model
+        # class; every HF model shares transformers' forward wrapper) it runs that code eagerly: the 9th compile of
+        # a class in a process would run the dense model. Each sparsecc.compile gets its own limit.
+        torch_compile_kwargs.setdefault("isolate_recompiles", True)
+    # last_report() is this compile's from now on (empty until its graphs reach the backend), never the previous one's
+    begin_compile(options, parsed.kernels)
+    checked = not torch_compile_kwargs.get("disable", False)
     if isinstance(model, torch.nn.Module) and callable(getattr(model, "generate", None)):
-        return _with_compiled_forward(model, options, torch_compile_kwargs)
-    return torch.compile(model, backend=sparsecc_backend, options=options, **torch_compile_kwargs)
+        return _with_compiled_forward(model, options, torch_compile_kwargs, checked)
+    compiled = torch.compile(model, backend=sparsecc_backend, options=options, **torch_compile_kwargs)
+    return _with_first_call_check(compiled, options, _code_of(model)) if checked else compiled
+
+
+# torch.compile(isolate_recompiles=True) (torch >= 2.13): the compile's recompiles count against its own limit.
+_ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def _code_of(model) -> Any:
+    """The code object Dynamo keeps a compile of ``model`` on (its class's ``forward``, or the function's)."""
+    fn = type(model).forward if isinstance(model, torch.nn.Module) else model
+    return getattr(fn, "__code__", None)
+
+
+def _with_first_call_check(compiled, options: Dict[str, Any], code: Any):
+    """``compiled`` checking, after its first call, that sparsecc's backend compiled something for ``options``
+    (``sparsecc.backend.first_call_check``: a ``SparseccWarning`` when the call ran without sparsecc, e.g. past
+    Dynamo's recompile limit). A module gets a forward hook that removes itself; a function a wrapper whose later
+    calls cost one flag test."""
+    try:
+        weakref.finalize(compiled, forget_compile, id(options))
+    except TypeError:   # not weak-referenceable: its pending check is dropped at its first call only
+        pass
+    if isinstance(compiled, torch.nn.Module):
+        handle = None
+
+        def hook(module, args, output):
+            if not torch.compiler.is_compiling():
+                handle.remove()
+                first_call_check(options, "the compiled model", code)
+
+        handle = compiled.register_forward_hook(hook)
+        return compiled
+    pending = [True]
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        out = compiled(*args, **kwargs)
+        if pending and not torch.compiler.is_compiling():
+            pending.clear()
+            first_call_check(options, "the compiled function", code)
+        return out
+
+    return call
 
 
 def _warn_on_rotation_mismatch(model: torch.nn.Module, spec: Spec) -> None:
@@ -84,7 +148,8 @@ def _warn_on_rotation_mismatch(model: torch.nn.Module, spec: Spec) -> None:
                 f"'{section}')"), stacklevel=3)
 
 
-def _with_compiled_forward(model: torch.nn.Module, options: Dict[str, Any], torch_compile_kwargs) -> torch.nn.Module:
+def _with_compiled_forward(model: torch.nn.Module, options: Dict[str, Any], torch_compile_kwargs,
+                           checked: bool = True) -> torch.nn.Module:
     """A shallow copy of a generating model (HF ``generate``) whose ``forward`` is the compiled one.
 
     ``torch.compile(model)`` wraps ``__call__`` only: ``compiled.generate()``
@@ -92,12 +157,49 @@ def _with_compiled_forward(model: torch.nn.Module, options: Dict[str, Any], torc
     parameter, buffer and submodule with ``model`` (nothing is duplicated and
     ``model`` itself is not changed); its own ``forward`` is compiled, so both
     ``copy(ids)`` and ``copy.generate(...)`` run through sparsecc, and site
-    paths stay those of ``model.named_modules()``.
+    paths stay those of ``model.named_modules()``. The compiled function has
+    a code object of its own (:func:`_fresh_function`), so Dynamo's recompile
+    limit counts this compile alone; after the first call, the copy checks
+    that sparsecc compiled it (``first_call_check``) and then calls the
+    compiled forward directly.
     """
     clone = copy.copy(model)
-    forward = type(model).forward.__get__(clone)
-    clone.forward = torch.compile(forward, backend=sparsecc_backend, options=options, **torch_compile_kwargs)
+    function = _fresh_function(type(model).forward)
+    compiled = torch.compile(function.__get__(clone), backend=sparsecc_backend, options=options,
+                             **torch_compile_kwargs)
+    clone.forward = compiled
+    if not checked:
+        return clone
+    weakref.finalize(clone, forget_compile, id(options))
+
+    @functools.wraps(compiled)
+    def first_call(*args, **kwargs):
+        out = compiled(*args, **kwargs)
+        if not torch.compiler.is_compiling():
+            clone.forward = compiled   # later calls go straight to the compiled forward
+            first_call_check(options, "the compiled model's forward", getattr(function, "__code__", None))
+        return out
+
+    clone.forward = first_call
     return clone
+
+
+def _fresh_function(fn):
+    """``fn`` with a code object of its own (same code, globals, defaults, closure and attributes).
+
+    Dynamo keeps compiles on the code object and stops compiling one after ``config.recompile_limit`` entries;
+    every compile of one model class (and of every HF model: transformers wraps all their forwards in one
+    decorator function) would share one. A fresh code object per compile gives each its own cache and limit.
+    Anything but a plain function is returned as it is.
+    """
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    fresh.__kwdefaults__ = copy.copy(fn.__kwdefaults__)
+    fresh.__dict__.update(fn.__dict__)
+    for name in ("__qualname__", "__module__", "__doc__", "__annotations__"):
+        setattr(fresh, name, getattr(fn, name))
+    return fresh
 
 
 def refresh(model) -> int:

@@ -387,7 +387,14 @@ def emit_report(report: Report, opts: BackendOptions, owner: Any = None, root: A
 
 
 def last_report() -> Optional[Report]:
-    """The report of the most recent compile in this process (all its graphs)."""
+    """The report of the most recent compile in this process (all its graphs).
+
+    The most recent compile is the one that compiled a graph last, or one that ``sparsecc.compile`` started since
+    (a ``torch.compile(..., backend="sparsecc")`` starts when its first graph reaches the backend). A compile whose
+    graphs have not reached the backend yet has an empty report (no sites, ``graphs == 0``); one whose first call ran
+    without sparsecc (Dynamo handed it no graph, e.g. past its recompile limit) keeps that empty report, with a note
+    saying so, never the previous compile's.
+    """
     return _current.report if _current is not None else None
 
 
@@ -397,6 +404,137 @@ def reset_reports() -> None:
     with _reports_lock:
         _current = None
         _graphs.clear()
+
+
+# Compiles made by sparsecc.compile whose first call is awaited: id(options) -> whether sparsecc's backend has been
+# called for that options object. The caller holds the options object until it takes its entry back
+# (first_call_check), so an id is never reused meanwhile.
+_pending: dict = {}
+
+
+def begin_compile(options: dict, kernels: str = "auto") -> None:
+    """A new compile (``sparsecc.compile``) of ``options``: ``last_report()`` is its report from now on, empty until
+    its graphs reach the backend, and its first call is checked (:func:`first_call_check`)."""
+    global _current
+    with _reports_lock:
+        _current = _CompileReports(options, None, Report(kernels=kernels))
+        _pending[id(options)] = False
+
+
+def forget_compile(options_id: int) -> None:
+    """Drop the pending first-call check of a compile whose compiled object is gone."""
+    with _reports_lock:
+        _pending.pop(options_id, None)
+
+
+def _backend_called(options: Any) -> None:
+    if options is not None and id(options) in _pending:
+        with _reports_lock:
+            if id(options) in _pending:
+                _pending[id(options)] = True
+
+
+def first_call_check(options: dict, what: str, code: Any = None) -> bool:
+    """After the first call of what ``sparsecc.compile`` returned: True when sparsecc's backend compiled a graph for
+    ``options``; otherwise warn (``SparseccWarning`` and the ``sparsecc`` logger) that the model ran without
+    sparsecc, note it in the compile's (empty) report, and return False. ``code``: the code object Dynamo keeps
+    the compile's cache entries on, named in the warning."""
+    with _reports_lock:
+        ran = _pending.pop(id(options), True)
+        record = _current if _current is not None and _current.options is options else None
+    if ran:
+        return True
+    message = (f"sparsecc: {what} ran without sparsecc (dense: no site rewritten, no report): Dynamo never handed "
+               f"sparsecc a graph for this compile. {_no_graph_reason(code)}")
+    if record is not None and record.report.graphs == 0:
+        record.report.notes.append(message)
+    log.warning("%s", message)
+    warnings.warn_explicit(message, SparseccWarning, filename="sparsecc", lineno=0, module="sparsecc")
+    return False
+
+
+def _no_graph_reason(code: Any = None) -> str:
+    """Why Dynamo may have compiled nothing, and what to do (for the warnings of :func:`first_call_check` and
+    :func:`_RecompileLimitFilter`)."""
+    config = torch._dynamo.config
+    if getattr(config, "disable", False):
+        return "Dynamo is disabled (torch._dynamo.config.disable, TORCHDYNAMO_DISABLE=1)."
+    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", "?"))
+    total = getattr(config, "accumulated_recompile_limit", getattr(config, "accumulated_cache_size_limit", "?"))
+    where = "the compiled code"
+    if isinstance(code, type(_no_graph_reason.__code__)):
+        where = f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
+        entries = _cache_entries(code)
+        if entries is not None:
+            where += f", which holds {entries} compiled entries already"
+    return (f"Typically Dynamo's recompile limit: Dynamo keeps compiles on the code object, and every compile of "
+            f"one model class (every HF model shares transformers' forward wrapper) counts against "
+            f"torch._dynamo.config.recompile_limit ({limit}) and accumulated_recompile_limit ({total}) for "
+            f"{where}; past the limit Dynamo runs that code eagerly, for this compile and every later one. "
+            f"Call torch._dynamo.reset() between compiles (trying several specs in one process), or raise "
+            f"torch._dynamo.config.recompile_limit; also check that Dynamo is not disabled "
+            f"(torch.compiler.set_stance('force_eager'), TORCHDYNAMO_DISABLE=1).")
+
+
+def _cache_entries(code) -> Optional[int]:
+    """How many compiled entries Dynamo holds on ``code`` (all isolation regions), or None when torch cannot say."""
+    from torch._dynamo import eval_frame
+
+    try:
+        if hasattr(eval_frame, "_get_total_cache_entry_count"):
+            return int(eval_frame._get_total_cache_entry_count(code))
+        return len(eval_frame._debug_get_cache_entry_list(code))
+    except Exception:   # a private helper of Dynamo's: only the count in a message depends on it
+        return None
+
+
+class _RecompileLimitFilter(logging.Filter):
+    """Dynamo's own recompile-limit warning, when the frame it stops compiling was being compiled for sparsecc
+    (``torch.compile(model, backend="sparsecc")`` used directly, which sparsecc sees no call of): a
+    ``SparseccWarning`` that the frame runs without sparsecc, and ``last_report()`` an empty report for that
+    compile instead of the previous one's. Compiles made by ``sparsecc.compile`` are left to its first-call check.
+    Records pass unchanged; an internal Dynamo layout this does not know only means no extra warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            if "hit config." in str(record.msg) and "recompile_limit" in record.getMessage():
+                self._warn(record)
+        except Exception:   # never break Dynamo's logging
+            pass
+        return True
+
+    @staticmethod
+    def _warn(record: logging.LogRecord) -> None:
+        global _current
+        from torch._dynamo.eval_frame import innermost_backend
+
+        frame = sys._getframe()
+        while frame is not None and "compiler_fn" not in frame.f_locals:
+            frame = frame.f_back
+        if frame is None:
+            return
+        wrapper = innermost_backend(frame.f_locals["compiler_fn"])
+        if getattr(wrapper, "compiler_fn", None) is not sparsecc_backend:
+            return
+        options = getattr(wrapper, "kwargs", {}).get("options")
+        if options is not None and id(options) in _pending:
+            return   # sparsecc.compile's first-call check says it, once
+        code = frame.f_locals.get("code")
+        message = (f"sparsecc: a torch.compile(..., backend=\"sparsecc\") frame runs without sparsecc (dense: no "
+                   f"site rewritten): Dynamo stopped compiling it. {_no_graph_reason(code)}")
+        with _reports_lock:
+            if _current is None or _current.options is not options:
+                kernels = options.get("kernels", "auto") if isinstance(options, dict) else "auto"
+                _current = _CompileReports(options, None, Report(kernels=kernels))
+            _current.report.notes.append(message)
+        log.warning("%s", message)
+        warnings.warn_explicit(message, SparseccWarning, filename="sparsecc", lineno=0, module="sparsecc")
+
+
+def _install_recompile_limit_filter() -> None:
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _RecompileLimitFilter) for f in dynamo_log.filters):
+        dynamo_log.addFilter(_RecompileLimitFilter())
 
 
 def rewritten_graphs() -> List[Any]:
@@ -423,8 +561,12 @@ def register_torch_logs() -> None:
 def sparsecc_backend(gm, example_inputs, options: Optional[dict] = None, **kwargs):
     """The Dynamo backend: ``torch.compile(model, backend="sparsecc", options={spec, report, kernels})``."""
     register_torch_logs()
+    _backend_called(options)
     if kwargs:
         name = sorted(kwargs)[0]
         raise SpecError("is not a backend argument", key=name, value=kwargs[name],
                         allowed=f"settings passed as options= with keys {list(ALLOWED_OPTIONS)}")
     return compile_graph(gm, example_inputs, parse_options(options), owner=options)
+
+
+_install_recompile_limit_filter()
