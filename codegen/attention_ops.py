@@ -23,7 +23,7 @@ from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_re
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
 __all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
-           "MixedHeadArgs", "STREAMING_ATTENTION", "STREAMING_ATTENTION_FROM_MASK", "BLOCK_SPARSE_ATTENTION",
+           "MixedHeadArgs", "runs_dense", "STREAMING_ATTENTION", "STREAMING_ATTENTION_FROM_MASK", "BLOCK_SPARSE_ATTENTION",
            "DYNAMIC_BLOCK_ATTENTION", "MIXED_HEAD_ATTENTION", "ATTENTION_RECORDS", "dense_attention",
            "streaming_attention", "streaming_attention_from_mask", "block_sparse_attention",
            "dynamic_block_attention", "mixed_head_attention", "mixed_head_attention_by_groups", "layout_table"]
@@ -36,7 +36,9 @@ class StreamingAttentionArgs:
     """Arguments of ``streaming_attention``: per-head ``sink``/``window`` (window -1 keeps a head dense).
 
     ``dense_below`` > 0 runs dense attention while the key length is below it (the cost model's
-    crossover, branched on at run time); ``impl`` is ``auto``, ``triton`` or ``reference``.
+    crossover, branched on at run time); ``impl`` is ``auto``, ``triton`` or ``reference``. ``own_window`` > 0
+    is the model's own sliding window: a call with at least ``own_window - 1`` keys before its queries runs
+    dense (:func:`runs_dense`). Every attention op's arguments end with it.
     """
 
     scale: float
@@ -45,6 +47,7 @@ class StreamingAttentionArgs:
     window: Tuple[int, ...]
     dense_below: int = 0
     impl: str = "auto"
+    own_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class StreamingFromMaskArgs:
     window: Tuple[int, ...]
     dense_below: int = 0
     impl: str = "auto"
+    own_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class BlockSparseAttentionArgs:
     impl: str = "auto"
     positions_from_mask: bool = False
     head_offset: int = 0
+    own_window: int = 0
 
     @classmethod
     def of(cls, form, **common) -> "BlockSparseAttentionArgs":
@@ -107,6 +112,7 @@ class DynamicAttentionArgs:
     dense_below: int = 0
     impl: str = "auto"
     positions_from_mask: bool = False
+    own_window: int = 0
 
     @classmethod
     def of(cls, form, **common) -> "DynamicAttentionArgs":
@@ -138,6 +144,7 @@ class MixedHeadArgs:
     impl: str = "auto"
     positions_from_mask: bool = False
     head_offset: int = 0   # the model's index of head 0 (tensor parallelism): block_sparse heads draw by it
+    own_window: int = 0
 
     @classmethod
     def of(cls, table, **common) -> "MixedHeadArgs":
@@ -171,16 +178,30 @@ def _with_causal(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
     return mask.masked_fill(~keep, float("-inf"))
 
 
+def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: int) -> bool:
+    """Whether an attention op runs the dense attention it replaced for this call (docs/spec.md).
+
+    * below the cost model's crossover (``dense_below``: fewer keys than that), branched on at run time;
+    * with the model's own sliding window ``own_window`` (> 0) and at least ``own_window - 1`` keys before the
+      queries: the model's cache keeps only its last ``own_window - 1`` tokens (transformers' sliding-window
+      layers), so from then on the first key need not be token 0 and the forms' positions are unknown.
+    """
+    seq_k = k.shape[2]
+    if dense_below > 0 and seq_k < dense_below:
+        return True
+    return own_window > 0 and seq_k - q.shape[2] >= own_window - 1
+
+
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                         scale: float, causal: bool, sink: List[int], window: List[int], dense_below: int,
-                        impl: str) -> torch.Tensor:
+                        impl: str, own_window: int = 0) -> torch.Tensor:
     """Sink + window attention, per-head sink/window (window -1 keeps the head dense).
 
     ``dense_below`` > 0 runs dense attention while the key length is below it:
     the cost model's crossover, branched on at run time so a dynamic-shape
     compile never recompiles when the length crosses it.
     """
-    if dense_below > 0 and k.shape[2] < dense_below:
+    if runs_dense(q, k, dense_below, own_window):
         return dense_attention(q, k, v, mask, scale, causal)
     from sparsecc.codegen.block_attention import streaming_attention_ref
 
@@ -193,7 +214,7 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                                   scale: float, sink: List[int], window: List[int], dense_below: int,
-                                  impl: str) -> torch.Tensor:
+                                  impl: str, own_window: int = 0) -> torch.Tensor:
     """Sink + window attention for queries whose positions the mask tells (static-cache decode).
 
     Used for non-causal sites with ``Sq < Sk`` and a mask: each query row sits
@@ -201,7 +222,7 @@ def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     window counts back from each query's true position, not from the end of the
     key buffer. ``dense_below`` works as in ``streaming_attention``.
     """
-    if dense_below > 0 and k.shape[2] < dense_below:
+    if runs_dense(q, k, dense_below, own_window):
         return dense_attention(q, k, v, mask, scale, False)
     if q.shape[2] == k.shape[2]:   # as many queries as keys: row i sits at i, the plain bidirectional op
         return streaming_attention(q, k, v, mask, scale, False, sink, window, 0, impl)
@@ -212,7 +233,8 @@ def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                            scale: float, causal: bool, block: int, local_blocks: int, global_blocks: int,
                            random_blocks: int, seed: int, dense_heads: List[int], dense_below: int,
-                           impl: str, positions_from_mask: bool = False, head_offset: int = 0) -> torch.Tensor:
+                           impl: str, positions_from_mask: bool = False, head_offset: int = 0,
+                           own_window: int = 0) -> torch.Tensor:
     """BigBird-style block attention; heads listed in ``dense_heads`` keep every block.
 
     Head ``i`` of q is the model's head ``head_offset + i`` (its random blocks are that head's).
@@ -223,7 +245,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     moves any row, the call runs ``block_sparse_attention_from_mask_ref`` (one
     host read-back decides), otherwise the usual table and kernel.
     """
-    if dense_below > 0 and k.shape[2] < dense_below:
+    if runs_dense(q, k, dense_below, own_window):
         return dense_attention(q, k, v, mask, scale, causal)
     from sparsecc.codegen.block_attention import block_sparse_attention_ref
 
@@ -262,7 +284,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                             scale: float, causal: bool, form: str, block: int, topk: int, cdf: float,
                             min_mass: float, sink_blocks: int, local_blocks: int, pool: str, rows: int, last_q: int,
-                            vertical: int, slash: int, dense_below: int, impl: str, positions_from_mask: bool = False) -> torch.Tensor:
+                            vertical: int, slash: int, dense_below: int, impl: str, positions_from_mask: bool = False,
+                            own_window: int = 0) -> torch.Tensor:
     """Attention over a layout chosen per input (``form`` "block_topk" or "vertical_slash").
 
     The form's keys travel as plain arguments (``topk`` 0 / ``cdf`` and
@@ -271,7 +294,7 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     mask): with fewer queries than keys, rows the mask moves off
     ``i + Sk - Sq`` attend densely (``dense_rows_where_moved``, docs/spec.md).
     """
-    if dense_below > 0 and k.shape[2] < dense_below:
+    if runs_dense(q, k, dense_below, own_window):
         return dense_attention(q, k, v, mask, scale, causal)
     sq, sk = q.shape[2], k.shape[2]
     if not causal and mask is not None and sq <= sk:
@@ -309,7 +332,8 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
                          scale: float, causal: bool, kinds: List[int], sink: List[int], window: List[int],
                          vertical: List[int], slash: List[int], local_blocks: List[int], global_blocks: List[int],
                          random_blocks: List[int], seed: List[int], block: int, last_q: int, dense_below: int,
-                         impl: str, positions_from_mask: bool = False, head_offset: int = 0) -> torch.Tensor:
+                         impl: str, positions_from_mask: bool = False, head_offset: int = 0,
+                         own_window: int = 0) -> torch.Tensor:
     """Attention whose heads run different forms: each head computes what a site of its form alone computes
     (docs/spec.md). The per-head lists are ``HeadTable.op_args`` (``codegen/mixed_attention.py``).
 
@@ -318,7 +342,7 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     reference run the heads group by group through each form's own op. ``dense_below`` works as in
     ``streaming_attention``.
     """
-    if dense_below > 0 and k.shape[2] < dense_below:
+    if runs_dense(q, k, dense_below, own_window):
         return dense_attention(q, k, v, mask, scale, causal)
     table = _head_table(*(tuple(x) for x in (kinds, sink, window, vertical, slash, local_blocks, global_blocks,
                                              random_blocks, seed)), block, last_q, head_offset)
@@ -454,11 +478,16 @@ def _streaming_opaque(args, device: torch.device, symbolic: bool) -> Optional[st
     reason = no_kernel_reason(record, args.impl, device)
     if reason is None and args.dense_below > 0 and symbolic:
         reason = f"runtime branch at the crossover (dense below seq_k {args.dense_below}) on symbolic shapes"
+    if reason is None and args.own_window > 0 and symbolic:
+        reason = (f"runtime branch at the model's own sliding window (dense from {args.own_window - 1} cached "
+                  "keys) on symbolic shapes")
     return reason
 
 
-def _streaming_reference(q, k, v, mask, scale, causal, sink, window, dense_below=0, impl="reference"):
+def _streaming_reference(q, k, v, mask, scale, causal, sink, window, dense_below=0, impl="reference", own_window=0):
     from sparsecc.codegen.block_attention import streaming_attention_ref
+    if runs_dense(q, k, 0, own_window):   # the model's own window: positions unknown (the crossover is not semantics)
+        return dense_attention(q, k, v, mask, scale, causal)
     return streaming_attention_ref(q, k, v, sink=sink, window=window, scale=scale, causal=causal, mask=mask)
 
 

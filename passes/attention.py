@@ -422,29 +422,26 @@ def plan_attention(site: Site, decision: Decision, ctx) -> Plan:
 def attention_call(decision: Decision, scale: float, causal: bool, impl: str):
     """(op record, typed arguments) of the attention op that runs a decided site."""
     params = decision.params
-    dense_below = params.get("dense_below", 0)
+    # Run-time dense branches every attention op takes (codegen/attention_ops.py, runs_dense).
+    dense = {"dense_below": params.get("dense_below", 0), "own_window": params.get("own_window", 0)}
     from_mask = params.get("anchor") == "mask"
     if "head_table" in params:
-        return MIXED_HEAD_ATTENTION, MixedHeadArgs.of(params["head_table"], scale=scale, causal=causal,
-                                                      dense_below=dense_below, impl=impl,
+        return MIXED_HEAD_ATTENTION, MixedHeadArgs.of(params["head_table"], scale=scale, causal=causal, impl=impl,
                                                       positions_from_mask=from_mask,
-                                                      head_offset=params.get("head_offset", 0))
+                                                      head_offset=params.get("head_offset", 0), **dense)
     if isinstance(decision.form, DYNAMIC_FORMS):
         return DYNAMIC_BLOCK_ATTENTION, DynamicAttentionArgs.of(decision.form, scale=scale, causal=causal,
-                                                                dense_below=dense_below, impl=impl,
-                                                                positions_from_mask=from_mask)
+                                                                impl=impl, positions_from_mask=from_mask, **dense)
     if isinstance(decision.form, Streaming) and from_mask:
         return STREAMING_ATTENTION_FROM_MASK, StreamingFromMaskArgs(
-            scale=scale, sink=tuple(params["sink"]), window=tuple(params["window"]), dense_below=dense_below,
-            impl=impl)
+            scale=scale, sink=tuple(params["sink"]), window=tuple(params["window"]), impl=impl, **dense)
     if isinstance(decision.form, Streaming):
         return STREAMING_ATTENTION, StreamingAttentionArgs(
-            scale=scale, causal=causal, sink=tuple(params["sink"]), window=tuple(params["window"]),
-            dense_below=dense_below, impl=impl)
+            scale=scale, causal=causal, sink=tuple(params["sink"]), window=tuple(params["window"]), impl=impl,
+            **dense)
     return BLOCK_SPARSE_ATTENTION, BlockSparseAttentionArgs.of(
-        decision.form, scale=scale, causal=causal, dense_heads=tuple(params["dense_heads"]),
-        dense_below=dense_below, impl=impl, positions_from_mask=from_mask,
-        head_offset=params.get("head_offset", 0))
+        decision.form, scale=scale, causal=causal, dense_heads=tuple(params["dense_heads"]), impl=impl,
+        positions_from_mask=from_mask, head_offset=params.get("head_offset", 0), **dense)
 
 
 def _combine_masks(graph, masks: List[MaskTerm]):

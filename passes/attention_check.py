@@ -128,6 +128,9 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     params = {}
     if _positions_from_mask(site, sq, sk):
         params["anchor"] = "mask"
+    own_window = model_sliding_window(ctx.modules.module_at(site.module))
+    if own_window:
+        params["own_window"] = own_window
     if offset and any(isinstance(f, BlockSparse) and f.random_blocks > 0 for f in distinct):
         # Random blocks are drawn per model head (docs/spec.md): this rank's head 0 is the model's head `offset`.
         params["head_offset"] = offset
@@ -170,12 +173,34 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     if isinstance(form, BlockTopK) and form.local_blocks == 0 and site.attrs["masks"]:
         notes.append("local_blocks = 0 with a mask: a row whose kept blocks the mask hides entirely outputs zeros "
                      "(docs/spec.md)")
+    if own_window:
+        notes.append(f"the model's own sliding window is {own_window}: calls with {own_window - 1} or more keys "
+                     "before the queries run dense (its cache may then no longer hold the first tokens, so key "
+                     "positions are unknown; docs/spec.md)")
     if ignored:
         notes.append(f"heads {sorted(ignored)} do not exist (site has {total})")
     if total != heads:
         notes.append(f"tensor parallel rank {site.attrs['tp_rank']}: holds heads {site.attrs['holds_heads']} of "
                      f"{total} (KV heads {site.attrs['holds_kv_heads']} of {site.attrs['global_kv_heads']})")
     return dataclasses.replace(decision, reason="; ".join([decision.reason] + notes))
+
+
+def model_sliding_window(module) -> int:
+    """The attention module's own sliding window (0 when it has none), as transformers declares it.
+
+    transformers' attention modules of sliding-window layers either hold it (``self.sliding_window``, None on
+    full-attention layers: Gemma 3, Qwen 2/3, GPT-OSS) or read their config's (``config.sliding_window``:
+    Mistral, Phi-3). The caches of those layers (``DynamicSlidingWindowLayer``, the static sliding layer) keep
+    only the last ``sliding_window - 1`` tokens, so the first cached key is no longer token 0 once the sequence
+    outgrows the window.
+    """
+    if module is None:
+        return 0
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:
+        window = getattr(getattr(module, "config", None), "sliding_window", None)
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else 0
 
 
 def _positions_from_mask(site: Site, sq, sk) -> bool:

@@ -99,6 +99,15 @@ class ModuleTree:
                 self.add_root(base)
         return self.module_names.get(id(module))
 
+    def module_at(self, path: str) -> Optional[torch.nn.Module]:
+        """The module named ``path`` in the first root that has it (None when none has)."""
+        for root in self.roots:
+            try:
+                return root.get_submodule(path)
+            except AttributeError:
+                continue
+        return None
+
     def tensor_name(self, tensor: Any) -> Optional[str]:
         """The qualified name of a parameter or buffer of the root, by identity."""
         return self.tensor_names.get(id(tensor))

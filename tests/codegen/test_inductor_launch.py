@@ -96,10 +96,20 @@ def test_a_crossover_on_symbolic_shapes_keeps_the_runtime_branch():
     assert STREAMING_ATTENTION.launch_mode(dataclasses.replace(args, dense_below=0), cuda, True) == ("inductor", "")
 
 
+def test_the_models_own_window_on_symbolic_shapes_keeps_the_runtime_branch():
+    args = StreamingAttentionArgs(0.25, True, (2,), (4,), own_window=16)
+    cuda = torch.device("cuda")
+    mode, reason = STREAMING_ATTENTION.launch_mode(args, cuda, symbolic=True)
+    if STREAMING_ATTENTION.kernel_function(cuda) is None:
+        pytest.skip("no Triton: the op has no kernel to trace")
+    assert mode == "opaque" and "own sliding window" in reason
+    assert STREAMING_ATTENTION.launch_mode(args, cuda, symbolic=False) == ("inductor", "")
+
+
 def test_records_give_schemas_and_check_their_arguments():
     assert ops.record("streaming_attention").schema() == (
         "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int[] sink, int[] window, "
-        "int dense_below=0, str impl=\"auto\") -> Tensor")
+        "int dense_below=0, str impl=\"auto\", int own_window=0) -> Tensor")
     assert "Tensor? up_col_idx=None" in ops.record("block_sparse_linear").schema()
     with pytest.raises(KeyError, match="streaming_attention"):
         ops.record("streaming")

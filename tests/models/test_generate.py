@@ -102,3 +102,57 @@ def test_generate_with_a_window_shorter_than_the_prompt_matches_the_oracle(eager
     for step, (got, want) in enumerate(zip(out.logits, expected.logits)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"step {step}")
     assert (expected.logits[0] - dense.logits[0]).abs().max() > 1e-3   # the window really leaves keys out
+
+
+def _sliding_window_oracle(model_window, sink, window):
+    """An HF attention function of docs/spec.md's rule for a model with its own sliding window (float64): a call
+    with ``model_window - 1`` or more keys before its queries runs dense (the model's cache may have dropped its
+    first tokens); otherwise causal streaming within the model's own window (and its mask)."""
+    from tests.models.streaming_oracle import streaming_attention
+
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        sq, sk = query.shape[2], key.shape[2]
+        p = torch.arange(sq)[:, None] + (sk - sq)
+        j = torch.arange(sk)[None, :]
+        keep = ((j <= p) & (p - j < model_window))[None, None]
+        if attention_mask is not None:
+            m = attention_mask[..., :sk]
+            keep = keep & (m if m.dtype == torch.bool else m > -1e4)
+        if sk - sq >= model_window - 1:
+            return streaming_attention(module, query, key, value, keep, scaling=scaling, sink=0, window=sk + 1)
+        return streaming_attention(module, query, key, value, keep, scaling=scaling, sink=sink, window=window)
+    return attend
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_model_with_its_own_sliding_window_decodes_by_the_spec(cache, eager_lowering):
+    """Mistral with a sliding window shorter than the prompt: its cache keeps only the last tokens, so the first
+    cached key is not token 0. Prefill is streaming within the model's window; every decode step, whose keys the
+    cache has cut, runs dense (docs/spec.md), and the report says so."""
+    import copy
+
+    import transformers
+
+    torch.manual_seed(6)
+    model_window = 16
+    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     sliding_window=model_window)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    name = f"sparsecc_test_own_window_{model_window}"
+    transformers.AttentionInterface.register(name, _sliding_window_oracle(model_window, SINK, WINDOW))
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation(name)
+    ids = torch.randint(0, 128, (1, 20))
+    spec = {"version": 1, "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": SINK,
+                                         "window": WINDOW, "policy": "force"}]}
+    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if cache == "static":
+        settings["cache_implementation"] = "static"
+    with torch.no_grad():
+        expected = reference.generate(ids, **settings)
+        out = sparsecc.compile(model, spec=spec, kernels="reference").generate(ids, **settings)
+    attention = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert attention and all(s.applied and "own sliding window is 16" in s.reason for s in attention)
+    for step, (got, want) in enumerate(zip(out.logits, expected.logits)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"step {step}")
