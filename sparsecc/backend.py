@@ -416,6 +416,7 @@ def begin_compile(options: dict, kernels: str = "auto") -> None:
     """A new compile (``sparsecc.compile``) of ``options``: ``last_report()`` is its report from now on, empty until
     its graphs reach the backend, and its first call is checked (:func:`first_call_check`)."""
     global _current
+    _install_recompile_limit_filter()
     with _reports_lock:
         _current = _CompileReports(options, None, Report(kernels=kernels))
         _pending[id(options)] = False
@@ -561,6 +562,7 @@ def register_torch_logs() -> None:
 def sparsecc_backend(gm, example_inputs, options: Optional[dict] = None, **kwargs):
     """The Dynamo backend: ``torch.compile(model, backend="sparsecc", options={spec, report, kernels})``."""
     register_torch_logs()
+    _install_recompile_limit_filter()   # on first use, not at import: Dynamo's log is Dynamo's until sparsecc runs
     _backend_called(options)
     if kwargs:
         name = sorted(kwargs)[0]
@@ -568,5 +570,3 @@ def sparsecc_backend(gm, example_inputs, options: Optional[dict] = None, **kwarg
                         allowed=f"settings passed as options= with keys {list(ALLOWED_OPTIONS)}")
     return compile_graph(gm, example_inputs, parse_options(options), owner=options)
 
-
-_install_recompile_limit_filter()
