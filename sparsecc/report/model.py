@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,6 +40,17 @@ class _FromEstimate:
 # worst_tokens).
 ESTIMATE_KEYS = ("density", "dense_flops", "sparse_flops", "dense_bytes", "sparse_bytes", "dense_time_us",
                  "sparse_time_us", "crossover", "crossover_at", "worst_tokens")
+
+
+def token_phase(site: "SiteRecord") -> str:
+    """``"decode"`` for a site that reads one token (one query row; one input row of an FFN or linear), else
+    ``"prefill"`` (also when the count is symbolic): a site's decisions may differ between the two (a rule's
+    ``phase``, the one-token FFN op), so a recompile replaces only the records of its own phase."""
+    shape = site.shapes.get("q" if site.kind == "attention" else "x")
+    if not shape or not all(isinstance(n, int) for n in shape):
+        return "prefill"
+    rows = shape[-2] if site.kind == "attention" else math.prod(shape[:-1])
+    return "decode" if rows == 1 else "prefill"
 
 
 @dataclass
@@ -128,14 +140,17 @@ class Report:
         """Append another graph's report to this one (graph indices are renumbered).
 
         When ``other`` recompiles a frame this report already holds, the
-        frame's earlier sites at the same module paths are replaced, so a
-        recompile never lists a site twice. The same code run by another
-        module (a graph break inside a decoder layer's forward: each layer is a
-        compile of one frame) has other paths, and its sites are added.
+        frame's earlier sites at the same module paths and of the same phase
+        (:func:`token_phase`) are replaced, so a recompile never lists a site
+        twice, while ``generate()`` keeps its prefill's decisions beside its
+        decode steps'. The same code run by another module (a graph break
+        inside a decoder layer's forward: each layer is a compile of one frame)
+        has other paths, and its sites are added.
         """
         if other.frame is not None:
-            again = {(s.kind, s.module) for s in other.sites}
-            kept = [s for s in self.sites if s.frame != other.frame or (s.kind, s.module) not in again]
+            again = {(s.kind, s.module, token_phase(s)) for s in other.sites}
+            kept = [s for s in self.sites
+                    if s.frame != other.frame or (s.kind, s.module, token_phase(s)) not in again]
             if len(kept) < len(self.sites):
                 self.sites = kept
                 self.recompiles += 1

@@ -52,7 +52,10 @@ def test_generate_runs_the_compiled_forward_and_equals_eager(spec_name, cache):
     assert 1 <= graphs <= 3, graphs
     report = sparsecc.last_report()
     attention = [s for s in report.sites if s.kind == "attention"]
-    assert sorted(s.module for s in attention) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    # one record per layer and phase: the prefill's, and the one-token steps'
+    assert sorted({s.module for s in attention}) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert sorted((s.module, s.shapes["q"][2] == 1) for s in attention) == [
+        (f"model.layers.{i}.self_attn", decode) for i in range(2) for decode in (False, True)]
     if spec_name == "streaming":
         assert all(s.applied for s in attention)
         assert any("sparsecc" in str(n.target) for g in rewritten_graphs() for n in g.graph.nodes)
@@ -97,7 +100,7 @@ def test_generate_with_a_window_shorter_than_the_prompt_matches_the_oracle(eager
         dense = model.generate(ids, **settings)
         out = sparsecc.compile(model, spec=spec, kernels="reference").generate(ids, **settings)
     attention = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
-    assert len(attention) == 2 and all(s.applied for s in attention)
+    assert len(attention) == 4 and all(s.applied for s in attention)   # two layers, prefill and decode
     assert torch.equal(out.sequences, expected.sequences)
     for step, (got, want) in enumerate(zip(out.logits, expected.logits)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"step {step}")
@@ -156,3 +159,21 @@ def test_a_model_with_its_own_sliding_window_decodes_by_the_spec(cache, eager_lo
     assert attention and all(s.applied and "own sliding window is 16" in s.reason for s in attention)
     for step, (got, want) in enumerate(zip(out.logits, expected.logits)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+
+
+def test_the_report_after_generate_keeps_the_prefill_and_the_decode_decisions(eager_lowering):
+    """A prefill-only rule: generate() compiles the prefill graph, then recompiles the frame for one-token steps.
+    The report of the compile lists the prefill's applied site beside the decode step's dense one (a recompile of
+    the same phase replaces its records; one of the other phase does not)."""
+    model = _llama()
+    spec = {"version": 1, "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": SINK,
+                                         "window": WINDOW, "policy": "force", "phase": "prefill"}]}
+    with torch.no_grad():
+        sparsecc.compile(model, spec=spec, kernels="reference").generate(torch.randint(0, 128, (1, PROMPT)),
+                                                                         max_new_tokens=3, do_sample=False)
+    attention = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    layers = sorted({s.module for s in attention})
+    assert len(layers) == 2
+    for layer in layers:
+        records = [s for s in attention if s.module == layer]
+        assert sorted((s.shapes["q"][2] == 1, s.applied) for s in records) == [(False, True), (True, False)]
