@@ -19,11 +19,13 @@ from typing import List, Optional, Tuple
 import torch
 
 from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, causal_batch_elements, mask_4d,
-                                             mask_is_causal, mask_rows_moved, streaming_attention_from_mask_ref)
+                                             mask_is_causal, mask_query_positions, mask_rows_moved,
+                                             streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
 __all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
-           "MixedHeadArgs", "runs_dense", "STREAMING_ATTENTION", "STREAMING_ATTENTION_FROM_MASK", "BLOCK_SPARSE_ATTENTION",
+           "MixedHeadArgs", "runs_dense", "STREAMING_ATTENTION", "STREAMING_ATTENTION_FROM_MASK",
+           "BLOCK_SPARSE_ATTENTION",
            "DYNAMIC_BLOCK_ATTENTION", "MIXED_HEAD_ATTENTION", "ATTENTION_RECORDS", "dense_attention",
            "streaming_attention", "streaming_attention_from_mask", "block_sparse_attention",
            "dynamic_block_attention", "mixed_head_attention", "mixed_head_attention_by_groups", "layout_table"]
@@ -178,18 +180,25 @@ def _with_causal(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
     return mask.masked_fill(~keep, float("-inf"))
 
 
-def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: int) -> bool:
+def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: int,
+               mask: Optional[torch.Tensor] = None, positions_from_mask: bool = False) -> bool:
     """Whether an attention op runs the dense attention it replaced for this call (docs/spec.md).
 
     * below the cost model's crossover (``dense_below``: fewer keys than that), branched on at run time;
-    * with the model's own sliding window ``own_window`` (> 0) and at least ``own_window - 1`` keys before the
-      queries: the model's cache keeps only its last ``own_window - 1`` tokens (transformers' sliding-window
-      layers), so from then on the first key need not be token 0 and the forms' positions are unknown.
+    * with the model's own sliding window ``own_window`` (> 0), when the first query row sits at position
+      ``own_window - 1`` or later: ``Sk - Sq``, or the row's mask position when positions come from the mask (a
+      static cache's buffer). The model's cache keeps only its last ``own_window - 1`` tokens (transformers'
+      sliding-window layers), so from then on the first key need not be token 0 and the forms' positions are
+      unknown. Reading a mask position synchronises with the device (only when ``Sk - Sq`` reaches the window).
     """
-    seq_k = k.shape[2]
+    seq_q, seq_k = q.shape[2], k.shape[2]
     if dense_below > 0 and seq_k < dense_below:
         return True
-    return own_window > 0 and seq_k - q.shape[2] >= own_window - 1
+    if own_window <= 0 or seq_k - seq_q < own_window - 1:
+        return False
+    if positions_from_mask and mask is not None and seq_q < seq_k:
+        return int(mask_query_positions(mask, seq_q, seq_k)[..., 0].max()) >= own_window - 1
+    return True
 
 
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -222,7 +231,7 @@ def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     window counts back from each query's true position, not from the end of the
     key buffer. ``dense_below`` works as in ``streaming_attention``.
     """
-    if runs_dense(q, k, dense_below, own_window):
+    if runs_dense(q, k, dense_below, own_window, mask, True):
         return dense_attention(q, k, v, mask, scale, False)
     if q.shape[2] == k.shape[2]:   # as many queries as keys: row i sits at i, the plain bidirectional op
         return streaming_attention(q, k, v, mask, scale, False, sink, window, 0, impl)
@@ -245,7 +254,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     moves any row, the call runs ``block_sparse_attention_from_mask_ref`` (one
     host read-back decides), otherwise the usual table and kernel.
     """
-    if runs_dense(q, k, dense_below, own_window):
+    if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
     from sparsecc.codegen.block_attention import block_sparse_attention_ref
 
@@ -294,7 +303,7 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     mask): with fewer queries than keys, rows the mask moves off
     ``i + Sk - Sq`` attend densely (``dense_rows_where_moved``, docs/spec.md).
     """
-    if runs_dense(q, k, dense_below, own_window):
+    if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
     sq, sk = q.shape[2], k.shape[2]
     if not causal and mask is not None and sq <= sk:
@@ -342,7 +351,7 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     reference run the heads group by group through each form's own op. ``dense_below`` works as in
     ``streaming_attention``.
     """
-    if runs_dense(q, k, dense_below, own_window):
+    if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
     table = _head_table(*(tuple(x) for x in (kinds, sink, window, vertical, slash, local_blocks, global_blocks,
                                              random_blocks, seed)), block, last_q, head_offset)
@@ -481,6 +490,8 @@ def _streaming_opaque(args, device: torch.device, symbolic: bool) -> Optional[st
     if reason is None and args.own_window > 0 and symbolic:
         reason = (f"runtime branch at the model's own sliding window (dense from {args.own_window - 1} cached "
                   "keys) on symbolic shapes")
+    if reason is None and args.own_window > 0 and record is STREAMING_ATTENTION_FROM_MASK:
+        reason = "reads the first query's position from the mask (the model's own sliding window) on the host"
     return reason
 
 

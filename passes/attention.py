@@ -154,9 +154,11 @@ def _forward_chain_past_key_slice(node: Node) -> Optional[Node]:
         return None
     index = op.params["index"]
     index = index if isinstance(index, tuple) else (index,)
-    if not index or not isinstance(index[-1], slice) \
+    shape = shape_of(node)
+    last_axis = bool(index) and (index[0] is Ellipsis or (shape is not None and len(index) == len(shape)))
+    if not last_axis or not isinstance(index[-1], slice) or index[-1] == slice(None) \
             or not all(i is Ellipsis or i == slice(None) for i in index[:-1]):
-        return None
+        return None   # not a slice of the softmax's (last) axis
     return _forward_chain(user)
 
 

@@ -129,6 +129,11 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     if _positions_from_mask(site, sq, sk):
         params["anchor"] = "mask"
     own_window = model_sliding_window(ctx.modules.module_at(site.module))
+    if (own_window and isinstance(sq, int) and isinstance(sk, int) and sk - sq >= own_window - 1
+            and params.get("anchor") != "mask"):   # with the mask placing the queries, each call decides
+        return fallback(form, rule_keys, policy, f"the model's own sliding window is {own_window} and every call of "
+                        f"this graph has {sk - sq} keys before its queries: its cache may no longer hold the first "
+                        "tokens, so key positions are unknown (docs/spec.md)")
     if own_window:
         params["own_window"] = own_window
     if offset and any(isinstance(f, BlockSparse) and f.random_blocks > 0 for f in distinct):

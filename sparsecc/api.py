@@ -71,8 +71,8 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
         # a class in a process would run the dense model. Each sparsecc.compile gets its own limit.
         torch_compile_kwargs.setdefault("isolate_recompiles", True)
     # last_report() is this compile's from now on (empty until its graphs reach the backend), never the previous one's
-    begin_compile(options, parsed.kernels)
     checked = not torch_compile_kwargs.get("disable", False)
+    begin_compile(options, parsed.kernels, check=checked)
     if isinstance(model, torch.nn.Module) and callable(getattr(model, "generate", None)):
         return _with_compiled_forward(model, options, torch_compile_kwargs, checked)
     compiled = torch.compile(model, backend=sparsecc_backend, options=options, **torch_compile_kwargs)

@@ -17,7 +17,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -410,22 +410,27 @@ def reset_reports() -> None:
 # called for that options object. The caller holds the options object until it takes its entry back
 # (first_call_check), so an id is never reused meanwhile.
 _pending: dict = {}
+# The frames Dynamo stopped compiling (its recompile limit) while a compile's first call was pending: id(options) ->
+# their code, named. Such a frame runs dense although other graphs of the compile reached sparsecc.
+_limited: Dict[int, List[str]] = {}
 
 
-def begin_compile(options: dict, kernels: str = "auto") -> None:
+def begin_compile(options: dict, kernels: str = "auto", check: bool = True) -> None:
     """A new compile (``sparsecc.compile``) of ``options``: ``last_report()`` is its report from now on, empty until
-    its graphs reach the backend, and its first call is checked (:func:`first_call_check`)."""
+    its graphs reach the backend, and with ``check`` its first call is checked (:func:`first_call_check`)."""
     global _current
     _install_recompile_limit_filter()
     with _reports_lock:
         _current = _CompileReports(options, None, Report(kernels=kernels))
-        _pending[id(options)] = False
+        if check:
+            _pending[id(options)] = False
 
 
 def forget_compile(options_id: int) -> None:
     """Drop the pending first-call check of a compile whose compiled object is gone."""
     with _reports_lock:
         _pending.pop(options_id, None)
+        _limited.pop(options_id, None)
 
 
 def _backend_called(options: Any) -> None:
@@ -442,12 +447,18 @@ def first_call_check(options: dict, what: str, code: Any = None) -> bool:
     the compile's cache entries on, named in the warning."""
     with _reports_lock:
         ran = _pending.pop(id(options), True)
+        limited = _limited.pop(id(options), [])
         record = _current if _current is not None and _current.options is options else None
-    if ran:
+    if ran and not limited:
         return True
-    message = (f"sparsecc: {what} ran without sparsecc (dense: no site rewritten, no report): Dynamo never handed "
-               f"sparsecc a graph for this compile. {_no_graph_reason(code)}")
-    if record is not None and record.report.graphs == 0:
+    if limited:   # some graphs reached sparsecc, but Dynamo stopped compiling these frames: they ran dense
+        message = (f"sparsecc: part of {what} ran without sparsecc (dense: its sites were not rewritten and are "
+                   f"not in the report): Dynamo stopped compiling {', '.join(sorted(set(limited)))}. "
+                   f"{_no_graph_reason()}")
+    else:
+        message = (f"sparsecc: {what} ran without sparsecc (dense: no site rewritten, no report): Dynamo never "
+                   f"handed sparsecc a graph for this compile. {_no_graph_reason(code)}")
+    if record is not None:
         record.report.notes.append(message)
     log.warning("%s", message)
     warnings.warn_explicit(message, SparseccWarning, filename="sparsecc", lineno=0, module="sparsecc")
@@ -518,9 +529,14 @@ class _RecompileLimitFilter(logging.Filter):
         if getattr(wrapper, "compiler_fn", None) is not sparsecc_backend:
             return
         options = getattr(wrapper, "kwargs", {}).get("options")
-        if options is not None and id(options) in _pending:
-            return   # sparsecc.compile's first-call check says it, once
         code = frame.f_locals.get("code")
+        if options is not None and id(options) in _pending:
+            # sparsecc.compile's first-call check says it, once, naming every frame Dynamo stopped compiling
+            name = f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})" if hasattr(code, "co_name") \
+                else "a frame"
+            with _reports_lock:
+                _limited.setdefault(id(options), []).append(name)
+            return
         message = (f"sparsecc: a torch.compile(..., backend=\"sparsecc\") frame runs without sparsecc (dense: no "
                    f"site rewritten): Dynamo stopped compiling it. {_no_graph_reason(code)}")
         with _reports_lock:

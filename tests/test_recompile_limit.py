@@ -119,7 +119,8 @@ def test_hf_model_compiled_ten_times_runs_each_spec(eager_lowering, llama):
         report = sparsecc.last_report()
         assert report is not previous
         _assert_report_is(report, ["model.layers.0.self_attn", "model.layers.1.self_attn"], window)
-        assert compiled.forward is not type(llama).forward   # after the first call: the compiled forward itself
+        # after the first call the copy calls the compiled forward directly (the checking wrapper stepped aside)
+        assert hasattr(compiled.__dict__["forward"], "_torchdynamo_orig_callable")
         previous = report
 
 
@@ -221,3 +222,32 @@ def test_same_spec_twice_and_a_call_before_the_first_check_do_not_warn(eager_low
     assert not _no_sparsecc_warnings(caught)
     torch.testing.assert_close(a, b)
     _assert_report_is(sparsecc.last_report(), ["attn"], 6)
+
+
+def test_layer_frames_past_the_limit_are_named_in_a_warning(eager_lowering):
+    """A graph break inside every layer: each layer's frame is compiled per layer, and each compile adds entries
+    to the layers' shared code. Once Dynamo stops compiling those frames (its accumulated limit, lowered here),
+    the layers it did not compile run dense: the first call says so, naming the frame, although other graphs of
+    the compile reached sparsecc."""
+    from tests.passes.test_module_paths import BrokenNet
+
+    torch.manual_seed(0)
+    net = BrokenNet().eval()
+    x = torch.randn(1, 24, 32)
+    loud = []
+    with torch._dynamo.config.patch(accumulated_recompile_limit=5):
+        for window in (4, 5, 6):
+            spec = {"version": 1, "attention": [{"modules": "layers.*.attn", "form": "streaming", "sink": 1,
+                                                 "window": window, "policy": "force"}]}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                compiled = sparsecc.compile(net, spec=spec, kernels="reference")
+                with torch.no_grad():
+                    compiled(x)
+            applied = [s.module for s in sparsecc.last_report().sites if s.applied]
+            loud.append((applied, [str(w.message) for w in caught if "without sparsecc" in str(w.message)]))
+    assert loud[0] == (["layers.0.attn", "layers.1.attn"], [])
+    applied, messages = loud[2]
+    assert len(applied) < 2   # the limit was reached: a layer ran dense ...
+    assert messages and "part of the compiled model ran without sparsecc" in messages[0]   # ... and it is said
+    assert "forward" in messages[0]

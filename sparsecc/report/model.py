@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -43,14 +42,14 @@ ESTIMATE_KEYS = ("density", "dense_flops", "sparse_flops", "dense_bytes", "spars
 
 
 def token_phase(site: "SiteRecord") -> str:
-    """``"decode"`` for a site that reads one token (one query row; one input row of an FFN or linear), else
-    ``"prefill"`` (also when the count is symbolic): a site's decisions may differ between the two (a rule's
-    ``phase``, the one-token FFN op), so a recompile replaces only the records of its own phase."""
+    """``"decode"`` for a site that reads one token per sequence (one query row; an FFN or linear input of one
+    position, ``[B, 1, D]``, or one row ``[1, D]``), else ``"prefill"`` (also when the count is symbolic): a site's
+    decisions may differ between the two (a rule's ``phase``, the one-token FFN op), so a recompile replaces only
+    the records of its own phase."""
     shape = site.shapes.get("q" if site.kind == "attention" else "x")
-    if not shape or not all(isinstance(n, int) for n in shape):
+    if not shape or len(shape) < 2 or not all(isinstance(n, int) for n in shape):
         return "prefill"
-    rows = shape[-2] if site.kind == "attention" else math.prod(shape[:-1])
-    return "decode" if rows == 1 else "prefill"
+    return "decode" if shape[-2] == 1 else "prefill"
 
 
 @dataclass

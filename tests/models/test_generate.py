@@ -108,30 +108,35 @@ def test_generate_with_a_window_shorter_than_the_prompt_matches_the_oracle(eager
 
 
 def _sliding_window_oracle(model_window, sink, window):
-    """An HF attention function of docs/spec.md's rule for a model with its own sliding window (float64): a call
-    with ``model_window - 1`` or more keys before its queries runs dense (the model's cache may have dropped its
-    first tokens); otherwise causal streaming within the model's own window (and its mask)."""
+    """An HF attention function of docs/spec.md's rule for a model with its own sliding window (float64).
+
+    Query row ``i`` is the token at ``position_ids[i]`` (what transformers passes). A call whose first query
+    sits at ``model_window - 1`` or later runs dense: its keys are the cache's last tokens in order, ending at
+    the last query (bottom-right causal), within the model's window. Before that no cache has dropped a token,
+    so key ``j`` is token ``j`` (a static cache's unwritten slots lie after every query and drop out by
+    causality): causal streaming within the model's window."""
     from tests.models.streaming_oracle import streaming_attention
 
-    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
         sq, sk = query.shape[2], key.shape[2]
-        p = torch.arange(sq)[:, None] + (sk - sq)
+        p = position_ids[0, -sq:][:, None]
+        if int(p[0]) >= model_window - 1:
+            j = p[-1] - (sk - 1 - torch.arange(sk))[None, :]     # the cache's tokens, ending at the last query
+            keep = (j <= p) & (p - j < model_window)
+            return streaming_attention(module, query, key, value, keep[None, None], scaling=scaling, sink=0,
+                                       window=sk + sq + 1)
         j = torch.arange(sk)[None, :]
-        keep = ((j <= p) & (p - j < model_window))[None, None]
-        if attention_mask is not None:
-            m = attention_mask[..., :sk]
-            keep = keep & (m if m.dtype == torch.bool else m > -1e4)
-        if sk - sq >= model_window - 1:
-            return streaming_attention(module, query, key, value, keep, scaling=scaling, sink=0, window=sk + 1)
-        return streaming_attention(module, query, key, value, keep, scaling=scaling, sink=sink, window=window)
+        keep = (j <= p) & (p - j < model_window) & ((j < sink) | (p - j < window))
+        return streaming_attention(module, query, key, value, keep[None, None], scaling=scaling, sink=sk,
+                                   window=sk + sq + 1)
     return attend
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_a_model_with_its_own_sliding_window_decodes_by_the_spec(cache, eager_lowering):
-    """Mistral with a sliding window shorter than the prompt: its cache keeps only the last tokens, so the first
-    cached key is not token 0. Prefill is streaming within the model's window; every decode step, whose keys the
-    cache has cut, runs dense (docs/spec.md), and the report says so."""
+    """Mistral with its own sliding window of 16 and a prompt of 8: decode steps apply the form until the first
+    query reaches position 15; from then on the cache may have dropped token 0 and the steps run dense
+    (docs/spec.md), as the report says. The static cache places its rows by the mask."""
     import copy
 
     import transformers
@@ -146,17 +151,19 @@ def test_a_model_with_its_own_sliding_window_decodes_by_the_spec(cache, eager_lo
     transformers.AttentionInterface.register(name, _sliding_window_oracle(model_window, SINK, WINDOW))
     reference = copy.deepcopy(model)
     reference.set_attn_implementation(name)
-    ids = torch.randint(0, 128, (1, 20))
+    ids = torch.randint(0, 128, (1, 8))   # shorter than the window: the first decode steps apply the form
     spec = {"version": 1, "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": SINK,
                                          "window": WINDOW, "policy": "force"}]}
-    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    settings = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
     if cache == "static":
         settings["cache_implementation"] = "static"
     with torch.no_grad():
         expected = reference.generate(ids, **settings)
         out = sparsecc.compile(model, spec=spec, kernels="reference").generate(ids, **settings)
     attention = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
-    assert attention and all(s.applied and "own sliding window is 16" in s.reason for s in attention)
+    assert all("own sliding window is 16" in s.reason for s in attention)
+    # the prefill applies the form; a decode graph of fixed sizes past the window is decided dense at compile time
+    assert [s.applied for s in attention if s.shapes["q"][2] > 1] == [True, True]
     for step, (got, want) in enumerate(zip(out.logits, expected.logits)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"step {step}")
 
@@ -168,12 +175,16 @@ def test_the_report_after_generate_keeps_the_prefill_and_the_decode_decisions(ea
     model = _llama()
     spec = {"version": 1, "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": SINK,
                                          "window": WINDOW, "policy": "force", "phase": "prefill"}]}
-    with torch.no_grad():
-        sparsecc.compile(model, spec=spec, kernels="reference").generate(torch.randint(0, 128, (1, PROMPT)),
+    with torch.no_grad():   # a batch of two: the decode steps' FFN inputs are [2, 1, D]
+        sparsecc.compile(model, spec=spec, kernels="reference").generate(torch.randint(0, 128, (2, PROMPT)),
                                                                          max_new_tokens=3, do_sample=False)
-    attention = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    sites = sparsecc.last_report().sites
+    attention = [s for s in sites if s.kind == "attention"]
     layers = sorted({s.module for s in attention})
     assert len(layers) == 2
     for layer in layers:
         records = [s for s in attention if s.module == layer]
         assert sorted((s.shapes["q"][2] == 1, s.applied) for s in records) == [(False, True), (True, False)]
+    for i in range(2):
+        ffn = [s.shapes["x"][-2] for s in sites if s.kind == "ffn" and s.module == f"model.layers.{i}.mlp"]
+        assert sorted(ffn) == [1, PROMPT]   # the prefill's record and the decode steps' one
