@@ -8,7 +8,7 @@ Every decision about an attention site is made here and recorded in its
 from __future__ import annotations
 
 import dataclasses
-from typing import List
+from typing import List, Optional
 
 from sparsecc.codegen.block_attention import FULL_WINDOW
 from sparsecc.codegen.mixed_attention import MIXABLE_FORMS, HeadTable
@@ -191,21 +191,52 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
 
 
 def model_sliding_window(module) -> int:
-    """The attention module's own sliding window (0 when it has none), as transformers declares it.
+    """The window of the KV cache the attention module's model keeps for this layer (0 when it keeps every token).
 
-    transformers' attention modules of sliding-window layers either hold it (``self.sliding_window``, None on
-    full-attention layers: Gemma 3, Qwen 2/3, GPT-OSS) or read their config's (``config.sliding_window``:
-    Mistral, Phi-3). The caches of those layers (``DynamicSlidingWindowLayer``, the static sliding layer) keep
-    only the last ``sliding_window - 1`` tokens, so the first cached key is no longer token 0 once the sequence
-    outgrows the window.
+    transformers builds each layer's cache from its config (``cache_utils.get_layer_types_and_kwargs``): a
+    sliding-window layer (Mistral, Phi-3, the sliding layers of Gemma 3, Qwen 2/3, GPT-OSS) or a chunked-attention
+    layer (Llama 4: ``attention_chunk_size``) gets a cache that keeps only its last ``window - 1`` tokens, so the
+    first cached key is no longer token 0 once the sequence outgrows the window. That rule is asked first, for the
+    module's ``layer_idx``; without it (older transformers, other models), the module's own ``sliding_window``
+    (None on full-attention layers), else its config's ``sliding_window``.
     """
     if module is None:
         return 0
-    if hasattr(module, "sliding_window"):
-        window = module.sliding_window
-    else:
-        window = getattr(getattr(module, "config", None), "sliding_window", None)
+    config = getattr(module, "config", None)
+    window = _transformers_cache_window(config, getattr(module, "layer_idx", None))
+    if window is None:
+        if hasattr(module, "sliding_window"):
+            window = module.sliding_window
+        else:
+            window = getattr(config, "sliding_window", None)
     return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else 0
+
+
+def _transformers_cache_window(config, layer_idx) -> Optional[int]:
+    """The cache window transformers gives layer ``layer_idx`` of ``config`` (0: a full cache), or None when
+    transformers has no such rule or it does not apply to this config."""
+    if config is None or not isinstance(layer_idx, int):
+        return None
+    try:
+        from transformers import cache_utils
+        if hasattr(cache_utils, "get_layer_types_and_kwargs"):
+            _, per_layer = cache_utils.get_layer_types_and_kwargs(config)
+            return int(per_layer[layer_idx].get("sliding_window") or 0)
+        # transformers before that function wrote the same rule inside its cache classes (5.0: StaticCache)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            kind = layer_types[layer_idx]
+        elif getattr(config, "sliding_window", None) is not None:
+            kind = "sliding_attention"
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            kind = "chunked_attention"
+        else:
+            kind = "full_attention"
+        if kind == "sliding_attention":
+            return int(config.sliding_window or 0)
+        return int(config.attention_chunk_size or 0) if kind == "chunked_attention" else 0
+    except Exception:  # noqa: BLE001 - not transformers' config, or one the rule does not read: attributes decide
+        return None
 
 
 def _positions_from_mask(site: Site, sq, sk) -> bool:

@@ -191,3 +191,25 @@ def test_graph_breaks_inside_the_layers_keep_the_model_paths(eager_lowering):
     assert sorted((s.kind, s.module) for s in report.applied) == \
         [("attention", f"model.layers.{i}.self_attn") for i in range(LAYERS)]
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_cache_window_of_each_layer_follows_the_models_config():
+    """The window of the cache transformers keeps per layer (docs/spec.md, "A model with its own sliding window"):
+    written here from the configs. Mistral slides every layer; Gemma 3 the layers its layer_types say; Llama 4
+    chunks the layers its layer_types say (the cache keeps a chunk's worth); Llama keeps every token."""
+    from sparsecc.passes.attention_check import model_sliding_window
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    models = {
+        "mistral": (transformers.MistralForCausalLM(transformers.MistralConfig(**common, num_hidden_layers=2,
+                                                                               sliding_window=16)), [16, 16]),
+        "gemma3": (transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **common, num_hidden_layers=2, head_dim=16, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"])), [16, 0]),
+        "llama4": (transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+            **common, intermediate_size_mlp=128, num_hidden_layers=4, head_dim=16, attention_chunk_size=16,
+            num_local_experts=2, layer_types=["chunked_attention"] * 3 + ["full_attention"])), [16, 16, 16, 0]),
+        "llama": (transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, num_hidden_layers=2)), [0, 0]),
+    }
+    for name, (model, expected) in models.items():
+        assert [model_sliding_window(layer.self_attn) for layer in model.model.layers] == expected, name
