@@ -523,7 +523,8 @@ STREAMING_ATTENTION = OpRecord(
 STREAMING_ATTENTION_FROM_MASK = OpRecord(
     name="streaming_attention_from_mask",
     tensors=(TensorInput("q"), TensorInput("k"), TensorInput("v"), TensorInput("mask")),
-    args=StreamingFromMaskArgs, body=streaming_attention_from_mask, reference=streaming_attention_from_mask_ref,
+    args=StreamingFromMaskArgs, body=streaming_attention_from_mask,
+    reference=_body_as_reference("STREAMING_ATTENTION_FROM_MASK"),
     fake=_attention_fake, kernel="sparsecc.codegen.decode_attention:streaming_decode_from_mask_op",
     opaque_reason=_streaming_opaque,
     doc="Streaming attention for queries whose positions the mask tells (static-cache decode).")

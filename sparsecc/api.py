@@ -236,7 +236,8 @@ def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kw
     def backend(gm, example_inputs, **_):
         return explain_graph(gm, example_inputs, opts, sink)
 
-    compiled = torch.compile(model, backend=backend)
+    # its own recompile limit, as sparsecc.compile's: an explain never uses up the compiles of the model's class
+    compiled = torch.compile(model, backend=backend, **({"isolate_recompiles": True} if _ISOLATES_RECOMPILES else {}))
     with torch.no_grad(), _floats_specialised():
         compiled(*example_args, **example_kwargs)
     return sink
