@@ -348,6 +348,10 @@ def build_report(ctx: CompileContext) -> Report:
                 if rule.key in used_rules or any(rule.matches(s.module) for s in ctx.sites
                                                  if s.kind == kind and s.module != UNRESOLVED):
                     report.matched_rules.append(rule.key)
+                else:
+                    named = next((path for path in ctx.modules.module_names.values() if rule.matches(path)), None)
+                    if named is not None:
+                        report.rule_modules[rule.key] = named
     return report
 
 

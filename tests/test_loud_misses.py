@@ -35,6 +35,19 @@ def test_every_compile_warns_with_its_summary(eager_lowering):
         _compile_and_run(zoo.SdpaAttention().eval(), spec=STREAMING)
 
 
+def test_a_rule_naming_modules_without_sites_is_told_from_a_typo(eager_lowering):
+    """A glob that names modules of the model, none holding a site of its kind (an FFN rule on an attention
+    block, as on MoE experts), is not a typo: the summary names one such module; a typo names none."""
+    spec = {"version": 1, "ffn": [{"modules": "q_proj", "form": "activation_threshold", "mode": "gate",
+                                   "threshold": 0.1, "policy": "force"},
+                                  {"modules": "q_porj", "form": "activation_threshold", "mode": "gate",
+                                   "threshold": 0.1, "policy": "force"}]}
+    _compile_and_run(zoo.SdpaAttention().eval(), spec=spec)
+    assert sparsecc.last_report().unmatched_rules() == [
+        "ffn[0] (modules='q_proj': names module 'q_proj', but no ffn site is in it)",
+        "ffn[1] (modules='q_porj')"]
+
+
 def test_the_summary_also_goes_to_the_logger_without_report(caplog, eager_lowering):
     with caplog.at_level(logging.WARNING, logger="sparsecc"):
         _compile_and_run(zoo.SdpaAttention().eval(), spec=NOWHERE)

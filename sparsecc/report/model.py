@@ -131,6 +131,9 @@ class Report:
     graphs: int = 0
     rules: Dict[str, Tuple[str, str]] = field(default_factory=dict)   # rule key -> (kind, modules glob)
     matched_rules: List[str] = field(default_factory=list)
+    # rule key -> a module path its glob names although no site of its kind is there (MoE experts, code sparsecc
+    # does not recognise): told apart from a glob that names no module at all (a typo)
+    rule_modules: Dict[str, str] = field(default_factory=dict)
     frame: Optional[int] = None         # the Dynamo frame of a one-graph report (None: unknown)
     recompiles: int = 0
     options: Dict[str, Any] = field(default_factory=dict)   # backend options that change the rewritten graph
@@ -166,10 +169,20 @@ class Report:
         self.graphs += max(1, other.graphs)
         self.rules.update(other.rules)
         self.matched_rules.extend(k for k in other.matched_rules if k not in self.matched_rules)
+        for key, path in other.rule_modules.items():
+            self.rule_modules.setdefault(key, path)
 
     def unmatched_rules(self) -> List[str]:
-        """The spec rules that cover no site of any graph, as ``key (modules='glob')``."""
-        return [f"{key} (modules={glob!r})" for key, (_, glob) in self._sorted_rules() if key not in self.matched_rules]
+        """The spec rules that cover no site of any graph, as ``key (modules='glob')``; when the glob names modules
+        of the model, one of them and that no site of the rule's kind is there."""
+        out = []
+        for key, (kind, glob) in self._sorted_rules():
+            if key in self.matched_rules:
+                continue
+            path = self.rule_modules.get(key)
+            there = f": names module {path!r}, but no {kind} site is in it" if path is not None else ""
+            out.append(f"{key} (modules={glob!r}{there})")
+        return out
 
     def _sorted_rules(self) -> List[Tuple[str, Tuple[str, str]]]:
         # Reports merged from several graphs can hold the keys in any order; list them numerically.
