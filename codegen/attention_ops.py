@@ -306,6 +306,8 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
     sq, sk = q.shape[2], k.shape[2]
+    if not causal and mask is None and sq == 1:
+        causal = True   # docs/spec.md: one query row at the last key has no later key; causal and bidirectional agree
     if not causal and mask is not None and sq <= sk:
         # docs/spec.md: a mask that removes every key after each query's position makes the estimate causal, as
         # is_causal does (HF passes its causal mask as a tensor whenever a batch is padded, or a chunk prefilled).
@@ -365,7 +367,9 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if kernel is not None and table.family() is not None:
         moved = positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any())
         run_causal = causal
-        if not causal and mask is not None and sq <= sk and table.family() == "vertical_slash":
+        if not causal and table.family() == "vertical_slash" and mask is None and sq == 1:
+            run_causal = True   # one query row without a mask: no later key (as for the dynamic forms)
+        elif not causal and mask is not None and sq <= sk and table.family() == "vertical_slash":
             # As for the dynamic forms: a mask that removes every key after each query's position is causal.
             run_causal = bool(mask_is_causal(mask, sq, sk).all())
         elif not causal and not moved and any(n > 0 for n in random_blocks):

@@ -121,7 +121,7 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         if isinstance(f, (VerticalSlash, BlockTopK, BlockSparse)) and isinstance(sk, int) and f.block > sk:
             return fallback(form, rule_keys, policy, f"block {f.block} is larger than the key sequence ({sk})")
     if (any(isinstance(f, VerticalSlash) for f in distinct) and not site.attrs["causal"]
-            and not site.attrs["masks"]):
+            and not site.attrs["masks"] and sq != 1):   # one query row (a decode step) has no later key: causal
         return fallback(form, rule_keys, policy, "vertical_slash is MInference's causal prefill rule and "
                         "this attention is bidirectional (no is_causal, no mask): no rule says which keys "
                         "a query may see after it (docs/spec.md)")

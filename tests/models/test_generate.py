@@ -188,3 +188,34 @@ def test_the_report_after_generate_keeps_the_prefill_and_the_decode_decisions(ea
     for i in range(2):
         ffn = [s.shapes["x"][-2] for s in sites if s.kind == "ffn" and s.module == f"model.layers.{i}.mlp"]
         assert sorted(ffn) == [1, PROMPT]   # the prefill's record and the decode steps' one
+
+
+def test_a_vertical_slash_decode_step_does_not_depend_on_a_padded_batch_mate(eager_lowering):
+    """One query row has no key after it, so a decode step is causal with or without a mask (docs/spec.md,
+    vertical_slash): a sequence decodes the same alone (no mask reaches the attention) as beside a left-padded
+    batch-mate (the model then passes one), and both are the sparse form, not dense attention."""
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():   # peaked attention, so that the selection leaves out keys that matter
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    prompt, pad = 260, 20
+    ids = torch.randint(1, 128, (2, prompt))
+    attention_mask = torch.ones(2, prompt, dtype=torch.long)
+    ids[0, :pad], attention_mask[0, :pad] = 0, 0
+    spec = {"version": 1, "attention": [{"form": "vertical_slash", "last_q": 64, "vertical": 30, "slash": 50,
+                                         "block": 32, "policy": "force"}]}
+    settings = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                    pad_token_id=0)
+    compiled = sparsecc.compile(model, spec=spec, kernels="reference")
+    with torch.no_grad():
+        batch = torch.stack(compiled.generate(ids, attention_mask=attention_mask, **settings).logits, 1)[1]
+        alone = torch.stack(compiled.generate(ids[1:], attention_mask=attention_mask[1:], **settings).logits, 1)[0]
+        dense = torch.stack(model.generate(ids[1:], attention_mask=attention_mask[1:], **settings).logits, 1)[0]
+    decode = [s for s in sparsecc.last_report().sites if s.kind == "attention" and s.shapes["q"][2] == 1]
+    assert decode and all(s.applied for s in decode)
+    torch.testing.assert_close(alone, batch, atol=1e-5, rtol=1e-5)
+    assert (alone[1:] - dense[1:]).abs().max() > 1e-3   # the decode steps ran the sparse form
