@@ -122,7 +122,8 @@ def _load_file(src: Any) -> Spec:
                         file=name, value=suffix, allowed=" or ".join(SUFFIXES))
     raw = read_regular(name)
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig: a byte-order mark (some editors write one) is not part of the spec
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise SpecError(f"is not valid UTF-8 text (byte {exc.start})", file=name, line=line) from None

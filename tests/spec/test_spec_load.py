@@ -414,6 +414,18 @@ def test_invalid_utf8(tmp_path):
         load_spec(path)
 
 
+@pytest.mark.parametrize("suffix, text", [
+    (".toml", 'version = 1\n[[attention]]\nform = "streaming"\nsink = 4\nwindow = 8\n'),
+    (".json", '{"version": 1, "attention": [{"form": "streaming", "sink": 4, "window": 8}]}')])
+def test_a_byte_order_mark_is_not_part_of_the_spec(tmp_path, suffix, text):
+    """Editors on Windows start UTF-8 files with a byte-order mark: the spec is the same without it."""
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    plain = tmp_path / f"plain{suffix}"
+    plain.write_text(text)
+    assert load_spec(path) == load_spec(plain)
+
+
 def test_unsupported_source_type():
     with pytest.raises(SpecError, match="a path"):
         load_spec(42)
