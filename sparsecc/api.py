@@ -72,7 +72,8 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
         torch_compile_kwargs.setdefault("isolate_recompiles", True)
     # last_report() is this compile's from now on (empty until its graphs reach the backend), never the previous one's
     checked = not torch_compile_kwargs.get("disable", False)
-    begin_compile(options, parsed.kernels, check=checked)
+    spec_name = (getattr(parsed.spec, "source", None) or "<inline spec>") if parsed.spec is not None else None
+    begin_compile(options, parsed.kernels, check=checked, spec=spec_name)
     if isinstance(model, torch.nn.Module) and callable(getattr(model, "generate", None)):
         return _with_compiled_forward(model, options, torch_compile_kwargs, checked)
     compiled = torch.compile(model, backend=sparsecc_backend, options=options, **torch_compile_kwargs)

@@ -415,13 +415,17 @@ _pending: dict = {}
 _limited: Dict[int, List[str]] = {}
 
 
-def begin_compile(options: dict, kernels: str = "auto", check: bool = True) -> None:
+def begin_compile(options: dict, kernels: str = "auto", check: bool = True, spec: Optional[str] = None) -> None:
     """A new compile (``sparsecc.compile``) of ``options``: ``last_report()`` is its report from now on, empty until
-    its graphs reach the backend, and with ``check`` its first call is checked (:func:`first_call_check`)."""
+    its graphs reach the backend (``spec`` names its spec), and with ``check`` its first call is checked
+    (:func:`first_call_check`); without it (``disable=True``) the report says that nothing is compiled."""
     global _current
     _install_recompile_limit_filter()
+    report = Report(kernels=kernels, spec=spec)
+    if not check:
+        report.notes.append("torch.compile(disable=True): nothing is compiled, the model runs as written")
     with _reports_lock:
-        _current = _CompileReports(options, None, Report(kernels=kernels))
+        _current = _CompileReports(options, None, report)
         if check:
             _pending[id(options)] = False
 

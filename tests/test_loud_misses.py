@@ -163,3 +163,12 @@ def test_the_summary_carries_a_few_notes_cut_short():
     assert all(f"note {i} " in line for i in range(SUMMARY_NOTES))
     assert f"note {SUMMARY_NOTES} " not in line and "; 2 more note(s) in the report" in line
     assert len(line) < 200 + SUMMARY_NOTES * (SUMMARY_NOTE_CHARS + 2) + 40
+
+
+def test_a_disabled_compile_says_so_in_its_report(eager_lowering):
+    """torch.compile(disable=True) compiles nothing: the compile's report names its spec and says why it is empty
+    (not "no spec given")."""
+    _compile_and_run(zoo.SdpaAttention().eval(), spec=STREAMING, disable=True)
+    report = sparsecc.last_report()
+    assert report.spec == "<inline spec>" and not report.sites
+    assert "disable=True" in report.summary() and "no spec given" not in report.summary()
