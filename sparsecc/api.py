@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import sys
 import types
 import weakref
 from typing import Any, Dict, Iterable
@@ -225,13 +226,14 @@ def refresh(model) -> int:
     return len(mine)
 
 
-def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kwargs) -> Report:
+def explain(model, *example_args, spec=None, kernels: str = "auto", report=None, **example_kwargs) -> Report:
     """Capture, match and decide for ``model(*example_args, **example_kwargs)``; run no sparse kernel.
 
     The model runs once, eagerly, under ``torch.no_grad()`` (as an inference
-    compile would). Returns the ``Report`` of every graph Dynamo captured.
+    compile would). Returns the ``Report`` of every graph Dynamo captured;
+    ``report`` (a .json/.md/.html path, as ``compile``'s) also writes it there.
     """
-    opts = parse_options({"spec": spec, "kernels": kernels})
+    opts = parse_options({"spec": spec, "kernels": kernels, **({"report": report} if report is not None else {})})
     sink = Report(kernels=kernels)
 
     def backend(gm, example_inputs, **_):
@@ -241,6 +243,10 @@ def explain(model, *example_args, spec=None, kernels: str = "auto", **example_kw
     compiled = torch.compile(model, backend=backend, **({"isolate_recompiles": True} if _ISOLATES_RECOMPILES else {}))
     with torch.no_grad(), _floats_specialised():
         compiled(*example_args, **example_kwargs)
+    if isinstance(opts.report, str):
+        sink.save(opts.report)
+    elif opts.report is True:
+        print(str(sink), file=sys.stderr)
     return sink
 
 
@@ -309,6 +315,18 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
         targets.append((site.module, rule, projections))
     criteria = {p: rule.form.criterion for _, rule, projections in targets for p in projections}
     if not criteria:
+        # Nothing to calibrate is the caller's mistake more often than not (a glob with a typo, a rule without a
+        # target): said, with what the spec's FFN rules matched, rather than returning the spec silently.
+        import warnings
+
+        from sparsecc.backend import SparseccWarning
+        targeted = [r.key for r in spec.ffn if isinstance(r.form, ActivationThreshold) and r.form.sparsity is not None]
+        unmatched = report.unmatched_rules()
+        warnings.warn(SparseccWarning(
+            "sparsecc.calibrate: nothing calibrated, the spec comes back unchanged: "
+            + ("no activation_threshold rule gives a sparsity target" if not targeted else
+               f"no FFN site is decided by the rules with a sparsity target ({', '.join(targeted)})")
+            + (f"; rules that matched nothing: {', '.join(unmatched)}" if unmatched else "")), stacklevel=2)
         return spec
     scores = score_samples(model, tqdm(batches, desc="sparsecc calibrate", disable=not progress), list(criteria),
                            criteria)

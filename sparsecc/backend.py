@@ -262,7 +262,11 @@ def _uses_cudagraphs(opts: BackendOptions, ctx: CompileContext) -> bool:
     on the CPU."""
     if not opts.cudagraphs:
         return False
-    if _device_of(ctx.example_inputs).type != "cuda":
+    device = _device_of(ctx.example_inputs).type
+    if device != "cuda":
+        note = f"cudagraphs=True is ignored for a graph on {device}: CUDA graphs replay CUDA work only"
+        if note not in ctx.warnings:
+            ctx.warnings.append(note)   # in the report and the compile's summary, not only Inductor's silence
         return True
     if opts.kernels == "reference" and any(ctx.applied(site) for site in ctx.sites):
         log.warning("sparsecc: cudagraphs=True is ignored for a graph with sparse sites on the reference path "

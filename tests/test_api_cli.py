@@ -48,9 +48,19 @@ def test_calibrate_hits_the_target_sparsity(mode, tmp_path):
     assert [s.applied for s in report.sites if s.kind == "ffn"] == [True, True]
 
 
-def test_calibrate_without_targets_returns_spec_unchanged():
+def test_calibrate_without_targets_returns_spec_unchanged_and_says_so():
     spec = sparsecc.load_spec({"version": 1, "ffn": [{"form": "activation_threshold", "threshold": 0.1}]})
-    assert sparsecc.calibrate(zoo.TwoMlps().eval(), [torch.randn(1, 4, 32)], spec, progress=False) == spec
+    with pytest.warns(sparsecc.SparseccWarning, match="nothing calibrated.*no activation_threshold rule gives a "
+                                                     "sparsity target"):
+        assert sparsecc.calibrate(zoo.TwoMlps().eval(), [torch.randn(1, 4, 32)], spec, progress=False) == spec
+
+
+def test_calibrate_with_a_glob_that_matches_nothing_says_so():
+    spec = sparsecc.load_spec({"version": 1, "ffn": [{"modules": "layerz.*", "form": "activation_threshold",
+                                                       "sparsity": 0.5}]})
+    with pytest.warns(sparsecc.SparseccWarning, match=r"nothing calibrated.*ffn\[0\].*rules that matched "
+                                                     r"nothing: ffn\[0\] \(modules='layerz\.\*'\)"):
+        assert sparsecc.calibrate(zoo.TwoMlps().eval(), [torch.randn(1, 4, 32)], spec, progress=False) == spec
 
 
 def test_cli_check_spec(tmp_path, capsys):
@@ -177,3 +187,19 @@ def test_cli_tune_data_errors_name_the_file(tmp_path):
     (tmp_path / "notes.txt").write_text("not a torch file")
     with pytest.raises(SystemExit, match="is not a torch.save'd list of batches"):
         cli_main([*base, "--data", str(tmp_path / "notes.txt")])
+
+
+def test_explain_writes_the_report_it_is_given(tmp_path):
+    """explain(report=...) writes the report (it used to reach the model as a keyword argument)."""
+    path = tmp_path / "explain.json"
+    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 1, "window": 2, "policy": "force"}]}
+    report = sparsecc.explain(zoo.SdpaAttention().eval(), torch.randn(1, 8, 32), spec=spec, report=str(path))
+    written = json.loads(path.read_text())
+    assert [s["module"] for s in written["sites"]] == [s.module for s in report.sites] and report.sites
+
+
+def test_cudagraphs_on_a_cpu_graph_is_said_to_be_ignored():
+    spec = {"version": 1, "linear": [{"form": "2:4", "policy": "force"}]}
+    with torch.no_grad():
+        sparsecc.compile(zoo.ModuleLinear().eval(), spec=spec, kernels="reference", cudagraphs=True)(torch.randn(3, 32))
+    assert any("cudagraphs=True is ignored for a graph on cpu" in n for n in sparsecc.last_report().notes)

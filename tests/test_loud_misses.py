@@ -46,6 +46,13 @@ def test_a_rule_naming_modules_without_sites_is_told_from_a_typo(eager_lowering)
     assert sparsecc.last_report().unmatched_rules() == [
         "ffn[0] (modules='q_proj': names module 'q_proj', but no ffn site is in it)",
         "ffn[1] (modules='q_porj')"]
+    torch._dynamo.reset()   # a linear rule naming the parent of linear sites: they sit deeper, and it says so
+    block = zoo.Block(zoo.SdpaAttention, zoo.GatedSiluFFN, hidden=32, heads=4, kv_heads=2, inner=64, bias=False)
+    _compile_and_run(block.eval(), spec={"version": 1, "linear": [{"modules": "mlp", "form": "2:4",
+                                                                    "policy": "force"}]})
+    (entry,) = sparsecc.last_report().unmatched_rules()
+    assert entry.startswith("linear[0] (modules='mlp': names module 'mlp', whose linear sites sit deeper (e.g. "
+                            "'mlp.gate_proj')")
 
 
 def test_the_summary_also_goes_to_the_logger_without_report(caplog, eager_lowering):

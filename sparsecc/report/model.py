@@ -180,7 +180,13 @@ class Report:
             if key in self.matched_rules:
                 continue
             path = self.rule_modules.get(key)
-            there = f": names module {path!r}, but no {kind} site is in it" if path is not None else ""
+            there = ""
+            if path is not None:
+                deeper = [s.module for s in self.sites if s.kind == kind and s.module.startswith(path + ".")
+                          or (path == "" and s.kind == kind)]
+                there = (f": names module {path!r}, whose {kind} sites sit deeper (e.g. {deeper[0]!r}); a rule "
+                         f"names a site's own module" if deeper else
+                         f": names module {path!r}, but no {kind} site is in it")
             out.append(f"{key} (modules={glob!r}{there})")
         return out
 
