@@ -342,6 +342,9 @@ def build_report(ctx: CompileContext) -> Report:
             estimate=d.estimate)
         report.sites.append(record)
     if ctx.spec is not None:
+        named = [site for site in ctx.sites if site.module != UNRESOLVED]
+        report.deciding_rules.extend(sorted({key for site in named for key in _rules_in_force(site, ctx.spec)}))
+        report.covering_rules.extend(sorted({key for site in named for key in _rules_covering(site, ctx.spec)}))
         for kind in ("attention", "ffn", "linear"):
             for rule in ctx.spec.rules(kind):
                 report.rules[rule.key] = (kind, rule.modules)
@@ -353,6 +356,27 @@ def build_report(ctx: CompileContext) -> Report:
                     if named is not None:
                         report.rule_modules[rule.key] = named
     return report
+
+
+def _rules_in_force(site: Site, spec) -> set:
+    """The keys of the rules that decide ``site``, or one of its heads (``Spec.resolve``, the one resolution)."""
+    heads = site.attrs.get("heads") if site.kind == "attention" else None
+    if not isinstance(heads, int):
+        rule = spec.resolve(site.kind, site.module, None, site.attrs.get("seq_q"))
+        return {rule.key} if rule is not None else set()
+    offset = site.attrs.get("head_offset", 0)
+    rules = (spec.resolve("attention", site.module, offset + h, site.attrs.get("seq_q")) for h in range(heads))
+    return {rule.key for rule in rules if rule is not None}
+
+
+def _rules_covering(site: Site, spec) -> set:
+    """The keys of the rules that cover ``site`` at its phase and name at least one head it has."""
+    heads = site.attrs.get("heads") if site.kind == "attention" else None
+    offset = site.attrs.get("head_offset", 0)
+    rules = spec.matching(site.kind, site.module, site.attrs.get("seq_q"))
+    if not isinstance(heads, int):
+        return {rule.key for rule in rules}
+    return {rule.key for rule in rules if any(rule.covers_head(offset + h) for h in range(heads))}
 
 
 def _frame_of(gm: Optional[GraphModule]) -> Optional[int]:

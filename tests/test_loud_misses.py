@@ -179,3 +179,25 @@ def test_a_disabled_compile_says_so_in_its_report(eager_lowering):
     report = sparsecc.last_report()
     assert report.spec == "<inline spec>" and not report.sites
     assert "disable=True" in report.summary() and "no spec given" not in report.summary()
+
+
+@pytest.mark.parametrize("second, overridden", [
+    ({"form": "streaming", "sink": 2, "window": 2}, ["attention[0]"]),     # a duplicated rule: the first does nothing
+    ({"modules": "*", "form": "dense"}, ["attention[0]"]),                  # a catch-all after it
+    ({"form": "dense", "heads": [2, 3]}, []),                               # another rule for other heads: both act
+])
+def test_a_rule_that_later_rules_override_everywhere_is_named(second, overridden, eager_lowering):
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": 1, "window": 2,
+                           **({"heads": [0, 1]} if "heads" in second else {})}, second]}
+    _compile_and_run(zoo.SdpaAttention().eval(), spec=spec)
+    report = sparsecc.last_report()
+    assert report.overridden_rules() == overridden
+    assert ("override at every site they cover: attention[0]" in report.summary()) == bool(overridden)
+
+
+def test_a_rule_for_another_phase_is_not_called_overridden(eager_lowering):
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": 1, "window": 2, "phase": "decode"}]}
+    _compile_and_run(zoo.SdpaAttention().eval(), spec=spec)   # a prefill call only
+    assert sparsecc.last_report().overridden_rules() == []

@@ -134,6 +134,8 @@ class Report:
     # rule key -> a module path its glob names although no site of its kind is there (MoE experts, code sparsecc
     # does not recognise): told apart from a glob that names no module at all (a typo)
     rule_modules: Dict[str, str] = field(default_factory=dict)
+    deciding_rules: List[str] = field(default_factory=list)   # rules that decide some site, or some head of one
+    covering_rules: List[str] = field(default_factory=list)   # rules covering some site at its phase and heads
     frame: Optional[int] = None         # the Dynamo frame of a one-graph report (None: unknown)
     recompiles: int = 0
     options: Dict[str, Any] = field(default_factory=dict)   # backend options that change the rewritten graph
@@ -171,6 +173,8 @@ class Report:
         self.matched_rules.extend(k for k in other.matched_rules if k not in self.matched_rules)
         for key, path in other.rule_modules.items():
             self.rule_modules.setdefault(key, path)
+        self.deciding_rules.extend(k for k in other.deciding_rules if k not in self.deciding_rules)
+        self.covering_rules.extend(k for k in other.covering_rules if k not in self.covering_rules)
 
     def unmatched_rules(self) -> List[str]:
         """The spec rules that cover no site of any graph, as ``key (modules='glob')``; when the glob names modules
@@ -189,6 +193,11 @@ class Report:
                          f": names module {path!r}, but no {kind} site is in it")
             out.append(f"{key} (modules={glob!r}{there})")
         return out
+
+    def overridden_rules(self) -> List[str]:
+        """The rules that cover sites but decide none of them, or none of their heads: a later rule covers every
+        one (a duplicated rule, a rule before a catch-all), so the rule does nothing."""
+        return [key for key, _ in self._sorted_rules() if key in self.covering_rules and key not in self.deciding_rules]
 
     def _sorted_rules(self) -> List[Tuple[str, Tuple[str, str]]]:
         # Reports merged from several graphs can hold the keys in any order; list them numerically.
@@ -217,6 +226,9 @@ class Report:
         # With graph breaks each graph adds its sites: a rule may still match in a graph compiled later.
         so_far = f" in the {self.graphs} graphs so far" if self.graphs > 1 else ""
         line += f"; rules that matched nothing{so_far}: " + (", ".join(unmatched) if unmatched else "none")
+        overridden = self.overridden_rules()
+        if overridden:
+            line += f"; rules that later rules override at every site they cover{so_far}: {', '.join(overridden)}"
         if self.notes:   # the first few, each cut short: the line is warned and logged at every compile
             shown = [note if len(note) <= SUMMARY_NOTE_CHARS else note[:SUMMARY_NOTE_CHARS - 3] + "..."
                      for note in self.notes[:SUMMARY_NOTES]]
