@@ -31,6 +31,17 @@ from typing import List, Optional
 EXIT_SPEC_ERROR = 2
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (a sequence length, a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= 1")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsecc", description="sparsity compiler for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,8 +50,8 @@ def _build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="print the compile report for a model factory")
     explain.add_argument("factory", help="MODULE:FACTORY, e.g. examples.quickstart:build_model")
     explain.add_argument("--spec", default=None, help="spec file (.toml/.json); without it every site says 'no rule'")
-    explain.add_argument("--seq", type=int, default=128, help="sequence length of the example input")
-    explain.add_argument("--batch", type=int, default=1, help="batch size of the example input")
+    explain.add_argument("--seq", type=_at_least_one, default=128, help="sequence length of the example input")
+    explain.add_argument("--batch", type=_at_least_one, default=1, help="batch size of the example input")
     explain.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
     explain.add_argument("--out", default=None, help="also write the report (.json, .md or .html)")
     hw = sub.add_parser("calibrate-hw", help="measure this machine's ceilings and save a hardware profile")
@@ -159,6 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _calibrate_hw(args)
         if args.command == "import":
             return _import(args)
+        import torch
+
         import sparsecc
         module, factory = _load_factory(args.factory)
         built = factory()
@@ -166,6 +179,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             model, inputs = built[0], tuple(built[1])
         else:
             model, inputs = built, None
+        if not isinstance(model, torch.nn.Module):
+            print(f"sparsecc explain: {args.factory}() returned {type(model).__name__}, not an nn.Module or a "
+                  "(model, inputs) pair", file=sys.stderr)
+            return EXIT_SPEC_ERROR
         model.eval()
         if inputs is None:
             inputs = _example_inputs(module, model, args.seq, args.batch)

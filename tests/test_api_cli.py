@@ -149,6 +149,19 @@ def test_cli_explain_checks_the_report_suffix_before_compiling(tmp_path, capsys)
     assert not (tmp_path / "report.txt").exists()
 
 
+@pytest.mark.parametrize("flags, fragment", [(["--seq", "0"], "--seq: 0 is not allowed; expected an integer >= 1"),
+                                              (["--batch", "-1"], "--batch: -1 is not allowed")])
+def test_cli_explain_checks_its_sizes(capsys, flags, fragment):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["explain", "examples.quickstart:build_model", *flags])
+    assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_cli_explain_names_a_factory_that_returns_no_model(capsys):
+    assert cli.main(["explain", "os:getcwd"]) == 2
+    assert "os:getcwd() returned str, not an nn.Module" in capsys.readouterr().err
+
+
 def test_cli_explain_names_a_factory_it_cannot_import():
     with pytest.raises(SystemExit, match="cannot import 'no_such_module_anywhere'"):
         cli.main(["explain", "no_such_module_anywhere:build"])
@@ -161,6 +174,7 @@ def test_cli_explain_names_a_factory_it_cannot_import():
     (["--attention-block", "0"], "--attention-block: attention_block=0 is not allowed"),
     (["--out-suffix", ".yaml"], "--out: "),
     (["--out-folder", "missing/sub"], "the folder"),
+    (["--mode", "gate", "--criterion", "weighted"], "only --criterion magnitude is allowed with --mode gate"),
 ])
 def test_cli_tune_checks_its_arguments_before_loading_anything(tmp_path, capsys, flags, fragment):
     """The model and data named here do not exist: the argument error must come first, before any work."""

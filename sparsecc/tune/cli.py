@@ -85,10 +85,13 @@ def _load_data(ref: str) -> List:
     else:
         data = _resolve(ref, "--data")()
     try:
-        return list(data)
+        batches = list(data)
     except TypeError:
         raise SystemExit(f"sparsecc tune: --data {ref!r} gave {type(data).__name__}, not a list of "
                          "batches") from None
+    if not batches:
+        raise SystemExit(f"sparsecc tune: --data {ref!r} gave no batches; tuning needs at least one")
+    return batches
 
 
 def cli_main(argv: Optional[List[str]] = None) -> int:
@@ -101,6 +104,9 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "mixed" and args.method != "separable":
         parser.error("--mode mixed chooses modes on the sensitivity tables: it needs --method separable")
+    if args.mode == "gate" and args.criterion != "magnitude":
+        parser.error(f"--criterion {args.criterion}: gate mode compares |act(x W_gate)| itself, so only "
+                     "--criterion magnitude is allowed with --mode gate")
     try:   # before the model loads: a bad argument never costs a calibration run
         check_tune_arguments(target=args.target, step=args.step, attention_density=args.attention_density,
                              attention_block=args.attention_block, out=args.out)
