@@ -252,6 +252,8 @@ def _cdf_count(scores: Tensor, allowed: Tensor, forced: Tensor, keys: Tensor, n_
     valid = torch.arange(p.shape[-1], device=p.device) < n_cand.unsqueeze(-1)
     ranked_p = torch.where(valid, ranked_p, torch.zeros_like(ranked_p))
     before = forced_mass + torch.cumsum(ranked_p, -1) - ranked_p
+    if cdf >= 1.0:   # all the mass: every candidate, although the float32 running sum reaches 1 before the last
+        return n_cand
     return (valid & (before < cdf)).sum(-1)
 
 

@@ -175,6 +175,7 @@ def _topk_table_kernel(qbar_ptr, kbar_ptr, scores_ptr, num_ptr, idx_ptr, fnum_pt
             r_p = tl.where(valid, tl.exp(r_score - row_max[:, None]) / denom[:, None], 0.0)
             before = forced_mass[:, None] + tl.cumsum(r_p, axis=1) - r_p
             count = tl.sum((valid & (before < cdf)).to(tl.int32), axis=1)
+            count = tl.where(cdf >= 1.0, n_cand, count)   # all the mass: every candidate (the reference's rule)
         else:
             count = tl.minimum(n_cand, topk)
         threshold = tl.sum(tl.where(rank == (count - 1)[:, None], ranked, 0), axis=1)

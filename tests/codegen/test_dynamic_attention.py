@@ -547,3 +547,26 @@ def test_gpu_vertical_slash(sq, block):
     exact = vertical_slash_attention_ref(q.float(), k.float(), v.float(), form=form, scale=scale, index=ref)
     err = (out.float() - exact).norm() / exact.norm()
     assert err.item() < 1e-2
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_cdf_one_keeps_every_allowed_block_however_peaked(pool):
+    """cdf = 1 asks for all the mass (docs/spec.md): dense attention, although a float32 running sum of peaked
+    block probabilities reaches 1 before the smallest ones."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 256, 16) * 3, torch.randn(1, 1, 256, 16) * 3, torch.randn(1, 1, 256, 16))
+    form = BlockTopK(block=16, cdf=1.0, sink_blocks=0, local_blocks=0, pool=pool)
+    table = dynamic_table_ref(q, k, form, True, 0.25)
+    dense = dense_attention_ref(q.double(), k.double(), v.double(), scale=0.25, causal=True)
+    out = block_sparse_attention_ref(q.double(), k.double(), v.double(), table=table, scale=0.25)
+    torch.testing.assert_close(out, dense)
+
+
+def test_cdf_one_kernel_table_matches_reference_when_peaked(interpreter):
+    from sparsecc.codegen import dynamic_attention_kernels as kern
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 96, 16) * 4, torch.randn(1, 2, 96, 16) * 4
+    form = BlockTopK(block=16, cdf=1.0, sink_blocks=0, local_blocks=0, pool="max")
+    assert same_table(kern.block_topk_table(q, k, form, True, 0.25, validate=True),
+                      dynamic_table_ref(q, k, form, True, 0.25))
