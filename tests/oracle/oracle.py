@@ -541,11 +541,13 @@ def removes_later_keys(mask, b: int, sq: int, sk: int) -> bool:
 
 
 def _dynamic_keep(q, k, forms, *, scale: float, causal: bool, mask):
-    """head_keep, with the spec's rule that a mask removing every later key makes a dynamic estimate causal,
-    decided per batch element."""
-    if causal or mask is None or not {f["form"] for f in forms if f is not None} & set(DYNAMIC_FORMS):
-        return head_keep(q, k, forms, scale=scale, causal=causal)
+    """head_keep, with the spec's rules that a mask removing every later key makes a dynamic estimate causal,
+    decided per batch element, and that one query row without a mask is causal (no key lies after it)."""
     sq, sk = q.shape[2], k.shape[2]
+    if causal or not {f["form"] for f in forms if f is not None} & set(DYNAMIC_FORMS):
+        return head_keep(q, k, forms, scale=scale, causal=causal)
+    if mask is None:
+        return head_keep(q, k, forms, scale=scale, causal=causal, dynamic_causal=sq == 1)
     parts = [head_keep(q[b:b + 1], k[b:b + 1], forms, scale=scale, causal=causal,
                        dynamic_causal=sq <= sk and removes_later_keys(mask, b, sq, sk)) for b in range(q.shape[0])]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

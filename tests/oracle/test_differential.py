@@ -203,12 +203,21 @@ def _mask_keeps_a_later_key(c: AttnCase) -> bool:
 
 
 @hn.examples(10)
-@given(c=attention_cases("vertical_slash", causal=False, masked=False))
+@given(c=attention_cases("vertical_slash", causal=False, masked=False).filter(lambda c: c.sq > 1))
 def test_vertical_slash_bidirectional_stays_dense(c):
-    """vertical_slash is causal only: a bidirectional site without a mask stays dense, with the reason."""
+    """vertical_slash is causal only: a bidirectional site without a mask stays dense, with the reason (one query
+    row is causal: test_vertical_slash_one_row_without_a_mask_is_causal)."""
     q, k, v, mask = cases.tensors(c)
     out, report = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
     hn.assert_dense(report, "attention", hn.SITE, because="causal")
+
+
+@hn.examples(10)
+@given(c=attention_cases("vertical_slash", causal=False, masked=False).map(lambda c: c.replace(sq=1)))
+def test_vertical_slash_one_row_without_a_mask_is_causal(c):
+    """docs/spec.md: one query row has no key after its position, so without a mask it is causal: applied, and
+    equal to the oracle of the causal rule."""
+    run_case(c)
 
 
 @hn.examples(10)
