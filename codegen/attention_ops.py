@@ -19,8 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, causal_batch_elements, mask_4d,
-                                             mask_is_causal, mask_query_positions, mask_rows_moved,
-                                             streaming_attention_from_mask_ref)
+                                             mask_query_positions, mask_rows_moved, streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
 __all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
@@ -201,6 +200,17 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
     return True
 
 
+def _by_causal_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        by_element: torch.Tensor, run) -> torch.Tensor:
+    """``run(q, k, v, mask, is_causal)`` on the batch elements ``by_element`` marks causal, then on the others: a
+    batch whose elements differ is split, so a sequence's layout never depends on its batch-mates' masks."""
+    m4 = mask_4d(mask)
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    for batch, is_causal in ((by_element.nonzero().flatten(), True), ((~by_element).nonzero().flatten(), False)):
+        out[batch] = run(q[batch], k[batch], v[batch], m4[batch], is_causal)
+    return out
+
+
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                         scale: float, causal: bool, sink: List[int], window: List[int], dense_below: int,
                         impl: str, own_window: int = 0) -> torch.Tensor:
@@ -267,14 +277,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         by_element = causal_batch_elements(mask, sq, sk, positions_from_mask)
         if bool(by_element.all()):
             causal_draws = True
-        elif bool(by_element.any()):
-            m4 = mask_4d(mask)
-            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-            for batch in (by_element.nonzero().flatten(), (~by_element).nonzero().flatten()):
-                out[batch] = block_sparse_attention(
-                    q[batch], k[batch], v[batch], m4[batch], scale, causal, block, local_blocks, global_blocks,
-                    random_blocks, seed, dense_heads, 0, impl, positions_from_mask, head_offset)
-            return out
+        elif bool(by_element.any()):   # each part finds its own draws again (all alike there)
+            return _by_causal_elements(q, k, v, mask, by_element, lambda q, k, v, m, _: block_sparse_attention(
+                q, k, v, m, scale, causal, block, local_blocks, global_blocks, random_blocks, seed, dense_heads, 0,
+                impl, positions_from_mask, head_offset))
     if positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any()):
         square = layout_table(q.shape[1], sk, sk, False, block, local_blocks, global_blocks, random_blocks, seed,
                               tuple(dense_heads), q.device, head_offset, causal_draws)
@@ -306,24 +312,19 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
     sq, sk = q.shape[2], k.shape[2]
-    if not causal and mask is None and sq == 1:
-        causal = True   # docs/spec.md: one query row at the last key has no later key; causal and bidirectional agree
-    if not causal and mask is not None and sq <= sk:
+    if not causal:
         # docs/spec.md: a mask that removes every key after each query's position makes the estimate causal, as
-        # is_causal does (HF passes its causal mask as a tensor whenever a batch is padded, or a chunk prefilled).
-        # Decided per batch element, so a sequence's layout never depends on its batch-mates' masks.
-        causal_rows = mask_is_causal(mask, sq, sk)
+        # is_causal does (HF passes its causal mask as a tensor whenever a batch is padded, or a chunk prefilled),
+        # and so does one query row without a mask (no key lies after it). Decided per batch element.
+        causal_rows = causal_batch_elements(mask, sq, sk)
         if bool(causal_rows.all()):
             causal = True
         elif bool(causal_rows.any()):
-            m4 = mask_4d(mask)
-            out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-            for batch, is_causal in ((causal_rows.nonzero().flatten(), True),
-                                     ((~causal_rows).nonzero().flatten(), False)):
-                out[batch] = dynamic_block_attention(
-                    q[batch], k[batch], v[batch], m4[batch], scale, is_causal, form, block, topk, cdf, min_mass,
-                    sink_blocks, local_blocks, pool, rows, last_q, vertical, slash, 0, impl, positions_from_mask)
-            return out
+            def part(q, k, v, m, is_causal):
+                return dynamic_block_attention(q, k, v, m, scale, is_causal, form, block, topk, cdf, min_mass,
+                                               sink_blocks, local_blocks, pool, rows, last_q, vertical, slash, 0,
+                                               impl, positions_from_mask)
+            return _by_causal_elements(q, k, v, mask, causal_rows, part)
     from sparsecc.codegen.dynamic_attention import dynamic_attention_ref, form_from_args
 
     spec_form = form_from_args(form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
@@ -367,14 +368,10 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if kernel is not None and table.family() is not None:
         moved = positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any())
         run_causal = causal
-        if not causal and table.family() == "vertical_slash" and mask is None and sq == 1:
-            run_causal = True   # one query row without a mask: no later key (as for the dynamic forms)
-        elif not causal and mask is not None and sq <= sk and table.family() == "vertical_slash":
-            # As for the dynamic forms: a mask that removes every key after each query's position is causal.
-            run_causal = bool(mask_is_causal(mask, sq, sk).all())
-        elif not causal and not moved and any(n > 0 for n in random_blocks):
-            # block_sparse heads draw their random blocks as a causal call does where no row attends a later key
-            # (block_sparse_attention); a batch that mixes both runs group by group, which splits it.
+        if not causal and not moved and (table.family() == "vertical_slash" or any(n > 0 for n in random_blocks)):
+            # As the per-form ops decide: vertical_slash heads estimate, and block_sparse heads draw their random
+            # blocks, as a causal call does where no row attends a later key; a batch that mixes both kinds of
+            # element runs group by group, whose ops split it.
             by_element = causal_batch_elements(mask, sq, sk, positions_from_mask)
             run_causal = bool(by_element.all())
             if not run_causal and bool(by_element.any()):
