@@ -342,9 +342,14 @@ def build_report(ctx: CompileContext) -> Report:
             estimate=d.estimate)
         report.sites.append(record)
     if ctx.spec is not None:
-        named = [site for site in ctx.sites if site.module != UNRESOLVED]
-        report.deciding_rules.extend(sorted({key for site in named for key in _rules_in_force(site, ctx.spec)}))
-        report.covering_rules.extend(sorted({key for site in named for key in _rules_covering(site, ctx.spec)}))
+        covering, deciding = set(), set()
+        for site in ctx.sites:
+            if site.module != UNRESOLVED:
+                site_covering, site_deciding = _rule_use(site, ctx.spec)
+                covering |= site_covering
+                deciding |= site_deciding
+        report.covering_rules.extend(sorted(covering))
+        report.deciding_rules.extend(sorted(deciding))
         for kind in ("attention", "ffn", "linear"):
             for rule in ctx.spec.rules(kind):
                 report.rules[rule.key] = (kind, rule.modules)
@@ -352,31 +357,26 @@ def build_report(ctx: CompileContext) -> Report:
                                                  if s.kind == kind and s.module != UNRESOLVED):
                     report.matched_rules.append(rule.key)
                 else:
-                    named = next((path for path in ctx.modules.module_names.values() if rule.matches(path)), None)
-                    if named is not None:
-                        report.rule_modules[rule.key] = named
+                    path = next((p for p in ctx.modules.module_names.values() if rule.matches(p)), None)
+                    if path is not None:
+                        report.rule_modules[rule.key] = path
     return report
 
 
-def _rules_in_force(site: Site, spec) -> set:
-    """The keys of the rules that decide ``site``, or one of its heads (``Spec.resolve``, the one resolution)."""
+def _rule_use(site: Site, spec) -> Tuple[set, set]:
+    """The keys of the rules that cover ``site`` at its phase (naming at least one head it has), and of those that
+    decide it or one of its heads (``Spec.resolve``, the one resolution)."""
+    seq_q = site.attrs.get("seq_q")
     heads = site.attrs.get("heads") if site.kind == "attention" else None
     if not isinstance(heads, int):
-        rule = spec.resolve(site.kind, site.module, None, site.attrs.get("seq_q"))
-        return {rule.key} if rule is not None else set()
-    offset = site.attrs.get("head_offset", 0)
-    rules = (spec.resolve("attention", site.module, offset + h, site.attrs.get("seq_q")) for h in range(heads))
-    return {rule.key for rule in rules if rule is not None}
-
-
-def _rules_covering(site: Site, spec) -> set:
-    """The keys of the rules that cover ``site`` at its phase and name at least one head it has."""
-    heads = site.attrs.get("heads") if site.kind == "attention" else None
-    offset = site.attrs.get("head_offset", 0)
-    rules = spec.matching(site.kind, site.module, site.attrs.get("seq_q"))
-    if not isinstance(heads, int):
-        return {rule.key for rule in rules}
-    return {rule.key for rule in rules if any(rule.covers_head(offset + h) for h in range(heads))}
+        deciding = spec.resolve(site.kind, site.module, None, seq_q)
+        return ({rule.key for rule in spec.matching(site.kind, site.module, seq_q)},
+                {deciding.key} if deciding is not None else set())
+    indices = [site.attrs.get("head_offset", 0) + h for h in range(heads)]
+    covering = {rule.key for rule in spec.matching("attention", site.module, seq_q)
+                if any(rule.covers_head(h) for h in indices)}
+    deciding = (spec.resolve("attention", site.module, h, seq_q) for h in indices)
+    return covering, {rule.key for rule in deciding if rule is not None}
 
 
 def _frame_of(gm: Optional[GraphModule]) -> Optional[int]:

@@ -186,8 +186,8 @@ class Report:
             path = self.rule_modules.get(key)
             there = ""
             if path is not None:
-                deeper = [s.module for s in self.sites if s.kind == kind and s.module.startswith(path + ".")
-                          or (path == "" and s.kind == kind)]
+                deeper = [s.module for s in self.sites
+                          if s.kind == kind and (path == "" or s.module.startswith(path + "."))]
                 there = (f": names module {path!r}, whose {kind} sites sit deeper (e.g. {deeper[0]!r}); a rule "
                          f"names a site's own module" if deeper else
                          f": names module {path!r}, but no {kind} site is in it")
