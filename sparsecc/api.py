@@ -65,12 +65,10 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     parsed = parse_options(options)  # fail now, with a SpecError, rather than at the first call
     if parsed.spec is not None and isinstance(model, torch.nn.Module):
         _warn_on_rotation_mismatch(model, parsed.spec)
-    torch_compile_kwargs = dict(torch_compile_kwargs)
-    if _ISOLATES_RECOMPILES:
-        # Dynamo keeps compiles on the code object, and past config.recompile_limit compiles of one code (one model
-        # class; every HF model shares transformers' forward wrapper) it runs that code eagerly: the 9th compile of
-        # a class in a process would run the dense model. Each sparsecc.compile gets its own limit.
-        torch_compile_kwargs.setdefault("isolate_recompiles", True)
+    # Dynamo keeps compiles on the code object, and past config.recompile_limit compiles of one code (one model
+    # class; every HF model shares transformers' forward wrapper) it runs that code eagerly: the 9th compile of a
+    # class in a process would run the dense model. Each sparsecc.compile gets its own limit.
+    torch_compile_kwargs = {**_isolated(), **torch_compile_kwargs}
     # last_report() is this compile's from now on (empty until its graphs reach the backend), never the previous one's
     checked = not torch_compile_kwargs.get("disable", False)
     spec_name = (getattr(parsed.spec, "source", None) or "<inline spec>") if parsed.spec is not None else None
@@ -81,8 +79,16 @@ def compile(model, spec=None, report=None, kernels: str = "auto", cudagraphs: bo
     return _with_first_call_check(compiled, options, _code_of(model)) if checked else compiled
 
 
-# torch.compile(isolate_recompiles=True) (torch >= 2.13): the compile's recompiles count against its own limit.
-_ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+@functools.lru_cache(maxsize=None)
+def _isolates_recompiles() -> bool:
+    """Whether this torch's ``torch.compile`` takes ``isolate_recompiles`` (torch >= 2.13): a compile's
+    recompiles then count against its own limit. Asked on first use, not at import."""
+    return "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def _isolated() -> Dict[str, Any]:
+    """The ``torch.compile`` keyword that gives a compile its own recompile limit, where torch has it."""
+    return {"isolate_recompiles": True} if _isolates_recompiles() else {}
 
 
 def _code_of(model) -> Any:
@@ -240,7 +246,7 @@ def explain(model, *example_args, spec=None, kernels: str = "auto", report=None,
         return explain_graph(gm, example_inputs, opts, sink)
 
     # its own recompile limit, as sparsecc.compile's: an explain never uses up the compiles of the model's class
-    compiled = torch.compile(model, backend=backend, **({"isolate_recompiles": True} if _ISOLATES_RECOMPILES else {}))
+    compiled = torch.compile(model, backend=backend, **_isolated())
     with torch.no_grad(), _floats_specialised():
         compiled(*example_args, **example_kwargs)
     if isinstance(opts.report, str):

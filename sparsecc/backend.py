@@ -483,7 +483,7 @@ def _no_graph_reason(code: Any = None) -> str:
     total = getattr(config, "accumulated_recompile_limit", getattr(config, "accumulated_cache_size_limit", "?"))
     where = "the compiled code"
     if isinstance(code, type(_no_graph_reason.__code__)):
-        where = f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
+        where = _code_name(code)
         entries = _cache_entries(code)
         if entries is not None:
             where += f", which holds {entries} compiled entries already"
@@ -494,6 +494,11 @@ def _no_graph_reason(code: Any = None) -> str:
             f"Call torch._dynamo.reset() between compiles (trying several specs in one process), or raise "
             f"torch._dynamo.config.recompile_limit; also check that Dynamo is not disabled "
             f"(torch.compiler.set_stance('force_eager'), TORCHDYNAMO_DISABLE=1).")
+
+
+def _code_name(code) -> str:
+    """A code object as the warnings name it: ``'forward' (file.py:12)``."""
+    return f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
 
 
 def _cache_entries(code) -> Optional[int]:
@@ -540,8 +545,7 @@ class _RecompileLimitFilter(logging.Filter):
         code = frame.f_locals.get("code")
         if options is not None and id(options) in _pending:
             # sparsecc.compile's first-call check says it, once, naming every frame Dynamo stopped compiling
-            name = f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})" if hasattr(code, "co_name") \
-                else "a frame"
+            name = _code_name(code) if hasattr(code, "co_name") else "a frame"
             with _reports_lock:
                 _limited.setdefault(id(options), []).append(name)
             return

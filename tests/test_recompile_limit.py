@@ -145,7 +145,7 @@ def test_module_compiled_ten_times_runs_each_spec(eager_lowering):
 
 def test_hf_model_without_isolated_recompiles_still_compiles_every_time(eager_lowering, llama, monkeypatch):
     """On a torch without ``isolate_recompiles``, each HF compile's forward has a code object of its own."""
-    monkeypatch.setattr(api, "_ISOLATES_RECOMPILES", False)
+    monkeypatch.setattr(api, "_isolates_recompiles", lambda: False)
     ids = torch.randint(3, 128, (1, SEQ), generator=torch.Generator().manual_seed(2))
     oracle = copy.deepcopy(llama)
     for window in _windows():
@@ -160,7 +160,7 @@ def test_hf_model_without_isolated_recompiles_still_compiles_every_time(eager_lo
 def test_module_past_the_limit_without_isolation_warns_and_reports_nothing(eager_lowering, monkeypatch):
     """Where the compile cannot get its own limit, the call that ran without sparsecc says so, once, and
     ``last_report()`` is the new compile's empty report (with that note), not the previous compile's."""
-    monkeypatch.setattr(api, "_ISOLATES_RECOMPILES", False)
+    monkeypatch.setattr(api, "_isolates_recompiles", lambda: False)
     torch.manual_seed(0)
     net = Net().eval()
     x = torch.randn(1, SEQ, 32)
