@@ -85,25 +85,20 @@ def test_without_a_kernel_for_the_device_the_op_stays_opaque():
     assert mode == "opaque" and "no Triton kernel for cpu" in reason
 
 
-def test_a_crossover_on_symbolic_shapes_keeps_the_runtime_branch():
-    args = StreamingAttentionArgs(0.25, True, (2,), (4,), dense_below=64)
+@pytest.mark.parametrize("branch, value, why", [("dense_below", 64, "crossover"),
+                                               ("own_window", 16, "own sliding window")])
+def test_a_runtime_dense_branch_on_symbolic_shapes_stays_opaque(branch, value, why):
+    """The crossover and the model's own window are run-time branches on the key length: traced on symbolic
+    shapes they would become guards, so such a call stays one opaque op; on static shapes, or without the
+    branch, it is traced."""
+    args = StreamingAttentionArgs(0.25, True, (2,), (4,), **{branch: value})
     cuda = torch.device("cuda")
     mode, reason = STREAMING_ATTENTION.launch_mode(args, cuda, symbolic=True)
     if STREAMING_ATTENTION.kernel_function(cuda) is None:
         pytest.skip("no Triton: the op has no kernel to trace")
-    assert mode == "opaque" and "crossover" in reason
+    assert mode == "opaque" and why in reason
     assert STREAMING_ATTENTION.launch_mode(args, cuda, symbolic=False) == ("inductor", "")
-    assert STREAMING_ATTENTION.launch_mode(dataclasses.replace(args, dense_below=0), cuda, True) == ("inductor", "")
-
-
-def test_the_models_own_window_on_symbolic_shapes_keeps_the_runtime_branch():
-    args = StreamingAttentionArgs(0.25, True, (2,), (4,), own_window=16)
-    cuda = torch.device("cuda")
-    mode, reason = STREAMING_ATTENTION.launch_mode(args, cuda, symbolic=True)
-    if STREAMING_ATTENTION.kernel_function(cuda) is None:
-        pytest.skip("no Triton: the op has no kernel to trace")
-    assert mode == "opaque" and "own sliding window" in reason
-    assert STREAMING_ATTENTION.launch_mode(args, cuda, symbolic=False) == ("inductor", "")
+    assert STREAMING_ATTENTION.launch_mode(dataclasses.replace(args, **{branch: 0}), cuda, True) == ("inductor", "")
 
 
 def test_records_give_schemas_and_check_their_arguments():
