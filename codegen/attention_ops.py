@@ -12,14 +12,16 @@ block table, mask read-backs, per-input layouts) and stay opaque ops: see each r
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
 
-from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, causal_batch_elements, mask_4d,
-                                             mask_query_positions, mask_rows_moved, streaming_attention_from_mask_ref)
+from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, causal_batch_elements,
+                                             dense_rows, leading_padding, mask_4d, mask_query_positions,
+                                             mask_rows_moved, padding_rows, streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
 __all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
@@ -200,6 +202,47 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
     return True
 
 
+# Set while ``_by_left_padding`` runs a form on what remains of a padded element: the remaining keys' positions
+# already count from the element's first shown key, so the rule is not applied twice.
+_PADDING_APPLIED = contextvars.ContextVar("sparsecc_padding_applied", default=False)
+
+
+def _by_left_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     causal: bool, scale: float, run) -> Optional[torch.Tensor]:
+    """docs/spec.md's left-padding rule for the ops that decide on the host: each batch element whose mask hides
+    its first ``o`` keys from every row (``leading_padding``) runs ``run(q, k, v, mask)`` on its keys from ``o``
+    and its rows after its padding rows (``padding_rows``), so positions count from its first key and a
+    left-padded sequence attends as it does alone; its padding rows attend densely (zeros where the mask keeps no
+    key). Elements are grouped by their cut. Returns None when no element is padded (one host read-back decides).
+    """
+    if mask is None or causal or _PADDING_APPLIED.get():
+        return None
+    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
+    starts = leading_padding(mask, b, sq, sk)
+    if not bool((starts > 0).any()):
+        return None
+    m4 = mask_4d(mask)
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    cut = [(start, padding_rows(m4[i:i + 1] if m4.shape[0] > 1 else m4, start, sq, sk))
+           for i, start in enumerate(starts.tolist())]
+    for start, rows in sorted(set(cut)):
+        batch = torch.tensor([i for i, c in enumerate(cut) if c == (start, rows)], device=q.device)
+        qb, kb, vb = q[batch], k[batch], v[batch]
+        mb = m4 if m4.shape[0] == 1 else m4[batch]
+        if rows > 0:
+            pad_mask = mb if mb.shape[2] == 1 else mb[:, :, :rows]
+            out[batch, :, :rows] = dense_rows(qb[:, :, :rows], kb, vb, pad_mask, scale).to(q.dtype)
+        if rows < sq:
+            rest = mb if mb.shape[2] == 1 else mb[:, :, rows:]
+            rest = rest if rest.shape[3] == 1 else rest[..., start:]
+            token = _PADDING_APPLIED.set(True)
+            try:
+                out[batch, :, rows:] = run(qb[:, :, rows:], kb[:, :, start:], vb[:, :, start:], rest)
+            finally:
+                _PADDING_APPLIED.reset(token)
+    return out
+
+
 def _by_causal_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                         by_element: torch.Tensor, run) -> torch.Tensor:
     """``run(q, k, v, mask, is_causal)`` on the batch elements ``by_element`` marks causal, then on the others: a
@@ -266,6 +309,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """
     if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
+    padded = _by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: block_sparse_attention(
+        q, k, v, m, scale, causal, block, local_blocks, global_blocks, random_blocks, seed, dense_heads, 0, impl,
+        positions_from_mask, head_offset))
+    if padded is not None:
+        return padded
     from sparsecc.codegen.block_attention import block_sparse_attention_ref
 
     sq, sk = q.shape[2], k.shape[2]
@@ -311,6 +359,11 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """
     if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
+    padded = _by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: dynamic_block_attention(
+        q, k, v, m, scale, causal, form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
+        vertical, slash, 0, impl, positions_from_mask))
+    if padded is not None:
+        return padded
     sq, sk = q.shape[2], k.shape[2]
     if not causal:
         # docs/spec.md: a mask that removes every key after each query's position makes the estimate causal, as
@@ -367,6 +420,8 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     # A table that no one-launch family covers skips the mask read-backs below (they sync with the device).
     if kernel is not None and table.family() is not None:
         moved = positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any())
+        if mask is not None and not causal and bool((leading_padding(mask, q.shape[0], sq, sk) > 0).any()):
+            moved = True   # left padding: each head group's own op counts positions from the element's first key
         run_causal = causal
         if not causal and not moved and (table.family() == "vertical_slash" or any(n > 0 for n in random_blocks)):
             # As the per-form ops decide: vertical_slash heads estimate, and block_sparse heads draw their random

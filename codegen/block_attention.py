@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from sparsecc.codegen.launch import launcher, tracing
-from sparsecc.codegen.mask_positions import mask_4d
+from sparsecc.codegen.mask_positions import leading_padding, mask_4d
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
 __all__ = ["rule_vectors", "kernel_rules", "FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
@@ -220,6 +220,11 @@ def streaming_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[i
     ``j <= p and (j < sink or p - j < window)``; bidirectional attention keeps it
     iff ``j < sink or p < sink or |p - j| < window``.
 
+    With a mask and not ``causal`` (the model passed its causality, if any, in the mask), positions count from
+    each batch element's first key the mask shows to some row (its left padding, ``leading_padding``;
+    docs/spec.md): a left-padded sequence attends as it does alone. With the padding's keys hidden, that is the
+    same rule with the element's sink moved past its padding.
+
     Query rows are processed ``chunk`` at a time, each against the union of its
     sink range and window range only, and heads sharing a rule are batched, so
     memory is O(chunk * (sink + chunk + window)) per head, never O(Sq * Sk).
@@ -231,6 +236,25 @@ def streaming_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[i
         raise ValueError(f"chunk={chunk} is not allowed; expected an integer >= 1")
     sinks, windows = streaming_rules_per_head(sink, window, h)
     m4 = check_mask(mask, b, h, sq, sk)
+    starts = None if causal else leading_padding(m4, b, sq, sk)
+    if starts is None or not bool((starts > 0).any()):
+        return _streaming_ref(q, k, v, sinks, windows, scale, causal, m4, return_lse, chunk)
+    out = lse = None
+    for start in sorted(set(starts.tolist())):
+        batch = (starts == start).nonzero().flatten()
+        part = _streaming_ref(q[batch], k[batch], v[batch], [s_ + start for s_ in sinks], windows, scale, causal,
+                              m4 if m4.shape[0] == 1 else m4[batch], True, chunk)
+        if out is None:
+            out = q.new_empty(b, h, sq, v.shape[-1])
+            lse = torch.empty(b, h, sq, dtype=part[1].dtype, device=q.device)
+        out[batch], lse[batch] = part
+    return (out, lse) if return_lse else out
+
+
+def _streaming_ref(q: Tensor, k: Tensor, v: Tensor, sinks: list, windows: list, scale: float, causal: bool,
+                   m4: Optional[Tensor], return_lse: bool, chunk: int) -> AttentionOut:
+    """``streaming_attention_ref`` with positions at ``i + Sk - Sq`` from key 0 (no padding rule)."""
+    b, h, sq, sk, group = check_qkv(q, k, v)
     dtype = compute_dtype(q)
     dev = q.device
     out = torch.zeros(b, h, sq, v.shape[-1], dtype=dtype, device=dev)
@@ -398,9 +422,12 @@ def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> 
 def launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
                    return_lse: bool, sinks: Optional[Tensor] = None, windows: Optional[Tensor] = None,
                    table: Optional[BlockTable] = None, out: Optional[Tensor] = None,
-                   config: Optional[dict] = None) -> AttentionOut:
+                   config: Optional[dict] = None, key_start: Optional[Tensor] = None) -> AttentionOut:
     """Run the prefill kernel: streaming when only ``sinks``/``windows`` are given, the block table when only
     ``table`` is, and both per head when both are (a head with window 0 reads the table).
+
+    ``key_start`` (int32 ``[B]``, streaming heads only): each batch element's left padding
+    (``leading_padding``); its streaming heads count positions from that key.
 
     ``out`` (contiguous in its last dim, shaped like ``q``) receives the result when given.
     ``config`` (keys BLOCK_M, BLOCK_N, USE_TMA, num_warps, num_stages)
@@ -458,12 +485,14 @@ def launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale:
         # Tiles are aligned to table rows (query row i is table row i + lead); only tiles holding a query run.
         return ((lead + sq - 1) // meta["BLOCK_M"] - lead // meta["BLOCK_M"] + 1, b * h)
 
-    launcher(kernel, q)[grid](q, k, v, out, lse, mask_t, sinks, windows, *tbl,
+    if key_start is not None and table is not None:
+        raise ValueError("launch_prefill: key_start applies to the streaming layout only")
+    launcher(kernel, q)[grid](q, k, v, out, lse, mask_t, sinks, windows, q if key_start is None else key_start, *tbl,
                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides, *tbl_strides,
                  h, sq, sk, lead, scale * kern.LOG2E.value, 1.0 / scale, triton.next_power_of_2(sk),
                  GROUP=group, LAYOUT=layout, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                  WRITE_LSE=return_lse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=max(block_q, 1), BLOCK_K=max(block_k, 1),
-                 UPCAST_DOT=kern.interpreting(), **extra)
+                 UPCAST_DOT=kern.interpreting(), HAS_KEY0=key_start is not None, **extra)
     return (out, lse) if return_lse else out
 
 
@@ -498,6 +527,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
             and (sq == sk or not causal) and q.device.type == "cuda"):
         return _into(out, _dense_sdpa(q, k, v, scale, causal))
     snk, win = kernel_rules(sinks, windows, sq, sk)
+    starts = None if causal else leading_padding(m4, b, sq, sk)   # on the device: no host sync, traceable
     if sq <= DECODE_MAX_Q:
         from sparsecc.codegen import decode_attention
 
@@ -505,9 +535,10 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
             # The decode wrapper makes the per-head vectors only when the heads' rules differ: one rule goes to
             # the kernel as scalars (while traced, each vector would be a constant copied to the device per call).
             return decode_attention.streaming_decode(q, k, v, m4, scale, causal, None, None, return_lse,
-                                                     out=out, rules=(snk, win))
+                                                     out=out, rules=(snk, win), key_start=starts)
     sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
-    return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out)
+    return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out,
+                          key_start=starts)
 
 
 def kernel_rules(sinks: Sequence[int], windows: Sequence[int], sq: int, sk: int) -> tuple[list, list]:

@@ -161,14 +161,23 @@ def _attend_tile(acc, l_i, m_i, q, start_n, k_base, v_base, stride_kn, stride_vn
 
 
 @triton.jit
-def _streaming_keys(SINK, WINDOW, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base,
-                    stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale, k_desc, v_desc,
+def _streaming_keys(SINK, WINDOW, KEY0, b, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                    mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale,
+                    k_desc, v_desc,
                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, HAS_KEY0: tl.constexpr):
     """The streaming layout's key ranges for one program: sink blocks, then the window's blocks split into
-    [lower edge | full blocks | diagonal edge]; only the edges evaluate the element rule."""
+    [lower edge | full blocks | diagonal edge]; only the edges evaluate the element rule.
+
+    With ``HAS_KEY0`` the batch element's first ``KEY0[b]`` keys are its left padding (hidden by the mask from
+    every row): its sink starts after them, and the blocks wholly inside the padding are not read."""
     sink = tl.load(SINK + h)
+    first_block = 0
+    if HAS_KEY0:
+        key0 = tl.load(KEY0 + b)
+        sink = sink + key0
+        first_block = key0 // BLOCK_N
     window = tl.load(WINDOW + h)
     p0 = m0 + offset
     p1 = tl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
@@ -191,7 +200,7 @@ def _streaming_keys(SINK, WINDOW, h, m0, offset, acc, l_i, m_i, q, k_base, v_bas
     we = tl.maximum(tl.cdiv(hi, BLOCK_N), wb)
     fb = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(p1 - window + 1, 0), BLOCK_N), wb), we)
     fe = tl.minimum(tl.maximum(tl.minimum((full_last + 1) // BLOCK_N, seq_k // BLOCK_N), fb), we)
-    for nb in range(0, n_sink):
+    for nb in range(first_block, n_sink):
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, nb * BLOCK_N, k_base, v_base, stride_kn, stride_vn,
                                      mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q,
                                      seq_k, sink, window, qk_scale, inv_scale, k_desc, v_desc, True, True, CAUSAL, HAS_MASK,
@@ -248,7 +257,7 @@ def _table_keys(TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX, b, h, t0, stride_nb, strid
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
+def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW, KEY0,
                     TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -258,8 +267,8 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
                     GROUP: tl.constexpr, LAYOUT: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, WRITE_LSE: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    USE_TMA: tl.constexpr):
+                    UPCAST_DOT: tl.constexpr, HAS_KEY0: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """Forward attention of one (query block, batch x head) program over its kept key blocks.
 
     ``seq_bucket`` is unused by the body: it is part of the autotuning key
@@ -312,9 +321,9 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
     # LAYOUT_MIXED branches per head at run time (a window of 0 marks a head that reads the table).
     if LAYOUT == 0:
         acc, l_i, m_i = _streaming_keys(
-            SINK, WINDOW, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base,
+            SINK, WINDOW, KEY0, b, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base,
             stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale, k_desc, v_desc,
-            CAUSAL, HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA, BLOCK_M, BLOCK_N)
+            CAUSAL, HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA, BLOCK_M, BLOCK_N, HAS_KEY0)
     elif LAYOUT == 1:
         acc, l_i, m_i = _table_keys(
             TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX, b, h, t0, stride_nb, stride_nh, stride_pb, stride_ph, stride_pq,
@@ -324,9 +333,10 @@ def _prefill_kernel(Q, K, V, O, LSE, MASK, SINK, WINDOW,
     else:
         if tl.load(WINDOW + h) > 0:
             acc, l_i, m_i = _streaming_keys(
-                SINK, WINDOW, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base,
-                stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale, k_desc,
-                v_desc, CAUSAL, HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA, BLOCK_M, BLOCK_N)
+                SINK, WINDOW, KEY0, b, h, m0, offset, acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                mask_base, stride_mm, stride_mn, offs_m, offs_n, offs_d, pos, seq_q, seq_k, qk_scale, inv_scale,
+                k_desc, v_desc, CAUSAL, HAS_MASK, MASK_BOOL, HEAD_DIM, BLOCK_D, UPCAST_DOT, USE_TMA, BLOCK_M,
+                BLOCK_N, HAS_KEY0)
         else:
             acc, l_i, m_i = _table_keys(
                 TBL_NUM, TBL_IDX, TBL_FNUM, TBL_FIDX, b, h, t0, stride_nb, stride_nh, stride_pb, stride_ph,

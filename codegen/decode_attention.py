@@ -140,14 +140,16 @@ def _merge_splits(O, LSE, O_PART, L_PART, first, n_parts, b, kvh, stride_ob, str
 
 
 @triton.jit
-def _kv_head_rows(Q, SINK, WINDOW, POS, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all,
+def _kv_head_rows(Q, SINK, WINDOW, POS, KEY0, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all,
                   stride_qb, stride_qh, stride_qm, PER_HEAD: tl.constexpr, GROUP: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEY0: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (batch, kv head)'s packed query rows and its kept key blocks.
 
-    Returns ``(b, kvh, head, row, pos, r_ok, q, sink, window, n_sink, wb, n_kept)``: the kept blocks are the
-    ``n_sink`` sink blocks followed by the window blocks from ``wb``, ``n_kept`` in all.
+    Returns ``(b, kvh, head, row, pos, r_ok, q, sink, window, sink_first, n_sink, wb, n_kept)``: the kept
+    blocks are the ``n_sink`` sink blocks from ``sink_first`` followed by the window blocks from ``wb``,
+    ``n_kept`` in all. With ``HAS_KEY0`` the element's first ``KEY0[b]`` keys are its left padding: its sink
+    starts after them, and the sink blocks start at the padding's last block.
     """
     # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
     b = (bkv // n_kv_heads).to(tl.int64)
@@ -173,6 +175,11 @@ def _kv_head_rows(Q, SINK, WINDOW, POS, bkv, n_kv_heads, seq_q, seq_k, sink_all,
     else:
         sink = sink_all
         window = window_all
+    sink_first = 0
+    if HAS_KEY0:
+        key0 = tl.load(KEY0 + b)
+        sink = sink + key0
+        sink_first = key0 // BLOCK_N
     p0 = offset
     p1 = offset + seq_q - 1
     if CAUSAL:
@@ -186,14 +193,16 @@ def _kv_head_rows(Q, SINK, WINDOW, POS, bkv, n_kv_heads, seq_q, seq_k, sink_all,
             sink_hi = seq_k
             lo = seq_k
     hi = tl.maximum(hi, 0)
-    n_sink = tl.cdiv(tl.maximum(sink_hi, 0), BLOCK_N)
-    wb = tl.maximum(lo // BLOCK_N, n_sink)
+    sink_end = tl.cdiv(tl.maximum(sink_hi, 0), BLOCK_N)
+    n_sink = tl.maximum(sink_end - sink_first, 0)
+    wb = tl.maximum(lo // BLOCK_N, sink_end)
     we = tl.maximum(tl.cdiv(hi, BLOCK_N), wb)
-    return b, kvh, head, row, pos, r_ok, q, sink, window, n_sink, wb, n_sink + we - wb
+    return b, kvh, head, row, pos, r_ok, q, sink, window, sink_first, n_sink, wb, n_sink + we - wb
 
 
 @triton.jit
-def _attend_blocks(q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, n_sink, wb, t0, t1, seq_k, qk_scale,
+def _attend_blocks(q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, sink_first, n_sink, wb, t0, t1, seq_k,
+                   qk_scale,
                    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_mb, stride_mh, stride_mm, stride_mn,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, EVEN_N: tl.constexpr,
@@ -209,7 +218,7 @@ def _attend_blocks(q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, n_
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for t in range(t0, t1):
-        nb = tl.where(t < n_sink, t, wb + t - n_sink)
+        nb = tl.where(t < n_sink, sink_first + t, wb + t - n_sink)
         cols = nb * BLOCK_N + offs_n
         k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
@@ -283,13 +292,14 @@ def _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, 
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PART, COUNTERS,
+def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART, L_PART, COUNTERS,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
                          stride_ob, stride_oh, stride_om,
                          n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split, sink_all, window_all,
                          PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                         MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, SPLIT: tl.constexpr,
+                         MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEY0: tl.constexpr,
+                         SPLIT: tl.constexpr,
                          WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
@@ -301,20 +311,21 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, O, LSE, O_PART, L_PAR
     (``-inf`` for rows that kept nothing) and the last of the kv head's splits
     to finish merges them. With ``HAS_POS`` the last query row sits at ``POS[b]``
     (a static cache's fill level) instead of ``seq_k - 1``; splits past this
-    position's kept blocks store empty partials. ``EVEN_N``: ``seq_k`` is a
-    multiple of ``BLOCK_N`` (no key needs a bounds test).
+    position's kept blocks store empty partials. With ``HAS_KEY0`` the element's
+    first ``KEY0[b]`` keys are its left padding (its sink starts after them).
+    ``EVEN_N``: ``seq_k`` is a multiple of ``BLOCK_N`` (no key needs a bounds test).
     """
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     qk_scale = tl.cast(qk_scale, tl.float32)
     split = tl.program_id(0)
     bkv = tl.program_id(1)
-    b, kvh, head, row, pos, r_ok, q, sink, window, n_sink, wb, n_kept = _kv_head_rows(
-        Q, SINK, WINDOW, POS, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all, stride_qb, stride_qh, stride_qm,
-        PER_HEAD, GROUP, CAUSAL, HAS_POS, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+    b, kvh, head, row, pos, r_ok, q, sink, window, sink_first, n_sink, wb, n_kept = _kv_head_rows(
+        Q, SINK, WINDOW, POS, KEY0, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all, stride_qb, stride_qh,
+        stride_qm, PER_HEAD, GROUP, CAUSAL, HAS_POS, HAS_KEY0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
     t0 = split * blocks_per_split
     t1 = tl.minimum(t0 + blocks_per_split, n_kept)
     acc, l_i, m_i = _attend_blocks(
-        q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, n_sink, wb, t0, t1, seq_k, qk_scale,
+        q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, sink_first, n_sink, wb, t0, t1, seq_k, qk_scale,
         stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
         CAUSAL, HAS_MASK, MASK_BOOL, EVEN_N, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST_DOT)
     first_part = bkv.to(tl.int64) * n_split
@@ -356,7 +367,8 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     """
     from sparsecc.codegen import ops
     from sparsecc.codegen.block_attention import (
-        FULL_WINDOW, check_mask, check_qkv, attention_kernel_ok, streaming_rules_per_head)
+        attention_kernel_ok, check_mask, check_qkv, kernel_rules, streaming_rules_per_head)
+    from sparsecc.codegen.mask_positions import leading_padding
 
     b, h, sq, sk, group = check_qkv(q, k, v)
     sinks, windows = streaming_rules_per_head(sink, window, h)
@@ -369,10 +381,9 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
         result = ops.streaming_attention_from_mask_ref(q, k, v, mask, scale, sinks, windows)
         return result if out is None else out.copy_(result)
     query_end = ops.mask_query_end(mask, sq, sk).expand(b).contiguous()
-    unlimited = sk + sq + 1
-    win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
-    snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
-    return streaming_decode(q, k, v, m4, scale, True, None, None, out=out, rules=(snk, win), query_end=query_end)
+    snk, win = kernel_rules(sinks, windows, sq, sk)
+    return streaming_decode(q, k, v, m4, scale, True, None, None, out=out, rules=(snk, win), query_end=query_end,
+                            key_start=leading_padding(m4, b, sq, sk))
 
 
 def per_head_rules(sinks: Sequence[int], windows: Sequence[int]) -> bool:
@@ -402,7 +413,8 @@ def _plan_splits(bkv: int, n_kept: int, num_sms: int, config: DecodeConfig) -> t
 def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale: float, causal: bool,
                      sinks: Optional[Tensor], windows: Optional[Tensor], return_lse: bool = False,
                      out: Optional[Tensor] = None, rules: Optional[tuple] = None,
-                     query_end: Optional[Tensor] = None, config: Optional[DecodeConfig] = None):
+                     query_end: Optional[Tensor] = None, config: Optional[DecodeConfig] = None,
+                     key_start: Optional[Tensor] = None):
     """Split-KV streaming attention for ``Sq <= 16`` query rows; returns out (and the natural-log lse).
 
     ``sinks``/``windows`` are int32 per-head vectors in kernel form (an
@@ -416,6 +428,9 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     ``query_end`` (int32 ``[B]``, causal only) places the last query row of each
     batch element at that position instead of ``Sk - 1``; the split count then
     covers the widest layout any position can have, so no host sync is needed.
+    ``key_start`` (int32 ``[B]``, ``leading_padding``): each element's left padding; its sink starts after it.
+    The split count then allows one more sink block (the padding need not end on a block edge), or every
+    block in bidirectional attention.
     ``config`` overrides the launch shape (benchmarks and tests; the default is :data:`DEFAULT_CONFIG`, or
     :data:`WIDE_CONFIG` for more than 16 packed rows or head dims over 128).
     """
@@ -444,6 +459,11 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         n_kept = max(_kept_blocks_bound(s_list[i * group], w_list[i * group], sq, sk, block_n) for i in range(hkv))
     else:
         n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, block_n) for i in range(hkv))
+    if key_start is not None:
+        # Where the padding ends is on the device: the sink may straddle one more block, and a bidirectional row
+        # before the moved sink sees every key.
+        n_kept = n_kept + 1 if causal else -(-sk // block_n)
+        n_kept = min(n_kept, -(-sk // block_n))
     out = torch.empty_like(q) if out is None else out
     # Pointers a launch never touches get q, which it only reads (codegen/launch.py).
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else q
@@ -462,11 +482,12 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         o_part = l_part = counters = q     # unused: the one split stores the output itself
     launcher(_decode_split_kernel, q)[(n_split, b * hkv)](
         q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,
-        query_end if query_end is not None else q, out, lse, o_part, l_part, counters,
+        query_end if query_end is not None else q, key_start if key_start is not None else q, out, lse, o_part,
+        l_part, counters,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
         hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0],
         PER_HEAD=per_head, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-        HAS_POS=query_end is not None, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
+        HAS_POS=query_end is not None, HAS_KEY0=key_start is not None, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, MERGE_S=merge_s,
         UPCAST_DOT=interpreting(), SPLIT=n_split > 1,
         num_warps=config.num_warps, num_stages=config.num_stages)

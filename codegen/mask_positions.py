@@ -30,6 +30,36 @@ def _mask_keeps(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
     return keep.expand(*keep.shape[:3], seq_k)
 
 
+def leading_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
+    """Per batch element, how many leading keys its mask hides from every query row and head: its left padding
+    (docs/spec.md, "Attention forms"). Positions then count from that key: a left-padded sequence attends as it
+    does alone. Returns int32 ``[batch]`` on the mask's device without a host sync (``seq_k`` for an element
+    whose mask hides every key), or None without a mask.
+    """
+    if mask is None:
+        return None
+    keep = _mask_keeps(mask, seq_k)
+    shown = keep.flatten(1, 2).any(1)                                    # [B|1, Sk]: some row or head sees it
+    index = torch.arange(seq_k, device=mask.device)
+    first = torch.where(shown, index, seq_k).amin(-1)
+    return first.to(torch.int32).expand(batch).contiguous()
+
+
+def padding_rows(mask: torch.Tensor, key_start: int, seq_q: int, seq_k: int) -> int:
+    """The padding rows of a left-padded batch element (docs/spec.md, "Left padding"): its leading query rows that
+    sit before key ``key_start`` (``i + Sk - Sq < key_start``) or whose mask keeps no key (a static cache's
+    padding rows, which sit after the cache's free tail). ``mask`` is the element's mask, 4-d with batch size 1.
+    They attend densely. Reads the mask back to the host.
+    """
+    before = min(seq_q, max(0, key_start - (seq_k - seq_q)))
+    empty = ~_mask_keeps(mask, seq_k).any(-1).any(1).flatten()           # [Sq|1]: rows that keep no key (any head)
+    if empty.numel() == 1:
+        return seq_q if bool(empty) else before
+    kept_rows = (~empty).nonzero()
+    leading_empty = seq_q if kept_rows.numel() == 0 else int(kept_rows[0])
+    return max(before, leading_empty)
+
+
 def mask_query_positions(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
     """Query positions when fewer queries than keys come with a mask (docs/spec.md, "Attention forms").
 
@@ -111,7 +141,8 @@ def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch
     Query row ``i`` of batch ``b`` and head ``h`` sits at ``p = mask_query_positions(mask)[b, h, i]``; key
     ``j`` takes part iff the mask keeps it and (``j < sink`` or ``p < sink`` or ``|p - j| < window``), the
     bidirectional streaming rule (the site is not causal; a causal-shaped mask, such as a static cache's,
-    removes the keys after ``p`` itself). A row with no key taking part gives zeros. Computed in float32,
+    removes the keys after ``p`` itself), with each element's sink moved past its left padding
+    (:func:`leading_padding`). A row with no key taking part gives zeros. Computed in float32,
     ``rows_per_chunk`` query rows at a time.
     """
     from sparsecc.codegen.block_attention import FULL_WINDOW, streaming_rules_per_head
@@ -120,7 +151,7 @@ def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch
     sk = k.shape[2]
     sinks, windows = streaming_rules_per_head(sink, window, h)
     dev = q.device
-    sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1)
+    sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1) + leading_padding(mask, b, sq, sk).view(b, 1, 1, 1)
     window_t = torch.tensor([sk + sq + 1 if w == FULL_WINDOW else w for w in windows], device=dev).view(1, h, 1, 1)
     positions = mask_query_positions(mask, sq, sk)                       # [B|1, H|1, Sq]
     keys = torch.arange(sk, device=dev)
@@ -199,8 +230,13 @@ def dense_rows_where_moved(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     moved = mask_rows_moved(mask, sq, sk)
     if not bool(moved.any()):
         return out
-    # float32, as the sparse references compute, whatever dtype an additive mask has
+    return torch.where(moved[..., None], dense_rows(q, k, v, mask, scale).to(out.dtype), out)
+
+
+def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense attention of ``q``'s rows under ``mask`` alone, in float32 as the sparse references compute (whatever
+    dtype an additive mask has); a row whose mask keeps no key gives zeros."""
     attn_mask = mask if mask.dtype == torch.bool else mask.float()
-    dense = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                                             scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    return torch.where(moved[..., None], dense.nan_to_num(0.0).to(out.dtype), out)
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.nan_to_num(0.0)

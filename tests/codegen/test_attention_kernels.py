@@ -185,6 +185,32 @@ def test_decode_query_end_leaves_empty_splits(interpreter):
                                    rtol=OUT_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("sq, sk, pads", [(40, 40, (0, 5, 19)), (3, 50, (17, 0, 49)), (1, 70, (0, 33, 64)),
+                                          (1, 300, (250, 7, 0))])
+def test_streaming_kernels_count_positions_from_left_padding(interpreter, sq, sk, pads):
+    """docs/spec.md, "Left padding": each element's sink starts after the keys its mask hides from every row, on
+    the prefill kernel, the decode kernel and the static-cache decode op; padding that ends inside a key tile or
+    past the window. Expected values: the float64 oracle written from docs/spec.md."""
+    from sparsecc.codegen import decode_attention as da
+    from tests.oracle import harness as hn
+    from tests.oracle import oracle
+
+    h, hkv, sink, window, scale = 4, 2, 3, 7, 0.25
+    q, k, v = make_qkv(31, len(pads), h, hkv, sq, sk, 16, torch.float16)
+    keep = torch.ones(len(pads), 1, sq, sk, dtype=torch.bool).tril(sk - sq)
+    for i, pad in enumerate(pads):
+        keep[i, ..., :pad] = False
+    forms = [{"form": "streaming", "sink": sink, "window": window}] * h
+    expected, valid = oracle.expected_attention(q, k, v, forms, causal=True, mask=keep, scale=scale,
+                                                is_causal_flag=False)
+    assert valid.any()
+    out = streaming_attention(q, k, v, sink=[sink], window=[window], scale=scale, causal=False, mask=keep)
+    hn.assert_rows_close(out, expected, valid, torch.float16, what="streaming_attention")
+    if sq == 1:   # a static cache's decode step: the kernel with the position read from the mask
+        out = da.streaming_decode_from_mask_op(q, k, v, keep, scale, [sink], [window])
+        hn.assert_rows_close(out, expected, valid, torch.float16, what="streaming_decode_from_mask_op")
+
+
 def test_gqa_maps_query_heads_like_repeat_interleave(interpreter):
     # kv head 0 has v = 0, kv head 1 has v ~ 100: a wrong head mapping cannot pass.
     b, h, hkv, s, d = 1, 4, 2, 40, 64

@@ -219,3 +219,47 @@ def test_a_vertical_slash_decode_step_does_not_depend_on_a_padded_batch_mate(eag
     assert decode and all(s.applied for s in decode)
     torch.testing.assert_close(alone, batch, atol=1e-5, rtol=1e-5)
     assert (alone[1:] - dense[1:]).abs().max() > 1e-3   # the decode steps ran the sparse form
+
+
+LEFT_PADDED_FORMS = {
+    "streaming": {"form": "streaming", "sink": 4, "window": 24},
+    "block_sparse": {"form": "block_sparse", "block": 16, "local_blocks": 1, "global_blocks": 1,
+                     "random_blocks": 1, "seed": 5},
+    "block_topk": {"form": "block_topk", "block": 16, "topk": 2},
+    "vertical_slash": {"form": "vertical_slash", "last_q": 16, "vertical": 30, "slash": 50, "block": 16},
+}
+
+
+@pytest.mark.parametrize("form, cache", [(form, "dynamic") for form in sorted(LEFT_PADDED_FORMS)]
+                         + [("streaming", "static"), ("block_sparse", "static")])
+def test_a_left_padded_sequence_generates_as_it_does_alone(form, cache, eager_lowering):
+    """docs/spec.md, "Left padding": transformers left-pads a batch to its longest prompt; the padded sequence's
+    logits (prefill and every decode step) equal its logits alone, and both are the sparse form's. (The dynamic
+    forms attend densely on a static cache's prefill rows, whose positions the mask moves: dynamic cache only.)"""
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():   # peaked attention, so that what the forms leave out matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    prompt, pad = 150, 37
+    ids = torch.randint(1, 128, (2, pad + prompt), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones_like(ids)
+    ids[0, :pad], attention_mask[0, :pad] = 0, 0
+    spec = {"version": 1, "attention": [dict(LEFT_PADDED_FORMS[form], policy="force")]}
+    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                    pad_token_id=0)
+    if cache == "static":
+        settings["cache_implementation"] = "static"
+    compiled = sparsecc.compile(model, spec=spec, kernels="reference")
+    with torch.no_grad():
+        batch = torch.stack(compiled.generate(ids, attention_mask=attention_mask, **settings).logits, 1)[0]
+        report = sparsecc.last_report()
+        alone = torch.stack(compiled.generate(ids[:1, pad:], **settings).logits, 1)[0]
+        dense = torch.stack(model.generate(ids[:1, pad:], **settings).logits, 1)[0]
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert attention and all(s.applied for s in attention if s.shapes["q"][2] > 1)
+    torch.testing.assert_close(batch, alone, atol=1e-4, rtol=1e-4)
+    assert (alone - dense).abs().max() > 1e-3   # the form left out keys that matter

@@ -8,6 +8,7 @@ docs/spec.md says are equivalent, asserts the sparse form was applied in both
 * a sequence's output does not depend on its batch-mates (dynamic forms choose
   their layout "separately per batch element"), nor, for the static forms,
   on how much right padding follows it;
+* a sequence behind left padding its mask hides attends as it does alone;
 * a causal mask passed as a tensor equals ``is_causal=True``;
 * rules that do not overlap give the same result in either order;
 * a dense spec (no rules, dense rules, policy off, auto on the CPU) equals eager.
@@ -184,6 +185,52 @@ def test_static_forms_ignore_right_padding(form, data):
     long = _run(longer, (q2, k2, v2, mask2))
     n = c.lengths[0]
     _close(long[:, :, :n], short[:, :, :n], c.torch_dtype, what=f"{c} + {extra}")
+
+
+# ================================================================ left padding
+
+
+@st.composite
+def left_padding_cases(draw, form):
+    """A masked sequence (prefill or decode) and how many padding keys to put before it."""
+    causal = draw(st.booleans())
+    c = draw(attention_cases(form, causal=causal, causal_via="mask" if causal else None, masked=True,
+                             paddings=("none", "right"),
+                             spellings=tuple(s for s in cases.ALL_SPELLINGS if s != "bmm_folded")))
+    c = c.replace(batch=1, lengths=c.lengths[:1])
+    return c, draw(st.integers(1, 40))
+
+
+def _left_padded(c: AttnCase, q, k, v, mask, pad: int):
+    """The same sequence behind ``pad`` random padding keys (and, in prefill, their query rows), which its mask
+    hides from every row, as transformers left-pads a batch."""
+    g = torch.Generator().manual_seed(c.seed + 7)
+    rows = pad if c.sq == c.sk else 0
+
+    def ahead(t, n):
+        return torch.cat([torch.randn(*t.shape[:2], n, t.shape[3], generator=g).to(t.dtype), t], 2)
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m4 = m4.expand(1, m4.shape[1], c.sq, c.sk)
+    hidden = False if m4.dtype == torch.bool else float("-inf")
+    padded = torch.full((1, m4.shape[1], c.sq + rows, c.sk + pad), hidden, dtype=m4.dtype)
+    padded[..., rows:, pad:] = m4
+    return ahead(q, rows), ahead(k, pad), ahead(v, pad), padded
+
+
+@pytest.mark.parametrize("form", FORMS)
+@hn.examples(10)
+@given(data=st.data())
+def test_left_padding_changes_nothing(form, data):
+    """spec.md, "Left padding": a sequence's rows are the same alone and behind padding its mask hides (the
+    padding a batch-mate's length gives it); positions count from its first key."""
+    c, pad = data.draw(left_padding_cases(form))
+    if form == "vertical_slash":
+        assume(c.causal)   # bidirectional vertical_slash attends densely on both sides
+    q, k, v, mask = cases.tensors(c)
+    alone = _run(c, (q, k, v, mask))
+    longer = c.replace(sq=c.sq + (pad if c.sq == c.sk else 0), sk=c.sk + pad)
+    together = _run(longer, _left_padded(c, q, k, v, mask, pad))
+    _close(together[:, :, -c.sq:], alone, c.torch_dtype, what=f"{c} behind {pad} padding keys")
 
 
 # ================================================================ a causal mask tensor equals is_causal
