@@ -99,7 +99,7 @@ def test_refuses_what_it_does_not_cover():
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
 
     q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="D = 128"):
+    with pytest.raises(ValueError, match="head dim 128"):
         streaming_prefill_hopper(q, q, q, 4, 16)
 
 
