@@ -211,6 +211,53 @@ def test_streaming_kernels_count_positions_from_left_padding(interpreter, sq, sk
         hn.assert_rows_close(out, expected, valid, torch.float16, what="streaming_decode_from_mask_op")
 
 
+_SM90_CHILD = """
+import torch
+from tests import sm90
+sm90.install()
+from sparsecc.codegen import block_attention as ba, decode_attention as da
+
+class Compile:   # stands in for launch.launcher: compiles for sm_90 instead of launching
+    def __init__(self, kernel):
+        self.kernel = kernel
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            k = self.kernel.warmup(*args, grid=grid if isinstance(grid, tuple) else (1, 1, 1), **kwargs)
+            print("COMPILED", self.kernel.fn.__name__, "HAS_KEY0" if kwargs["HAS_KEY0"] else "-", len(k.asm["cubin"]))
+        return run
+
+ba.launcher = da.launcher = lambda kernel, like: Compile(kernel)
+B, H, HKV, S, D = 2, 8, 2, 1024, 128
+q, k = torch.empty(B, H, S, D, dtype=torch.bfloat16), torch.empty(B, HKV, S, D, dtype=torch.bfloat16)
+starts = torch.zeros(B, dtype=torch.int32)
+sinks, windows = ba.rule_vectors((64,) * H, (256,) * H, q)
+for key_start in (None, starts):
+    ba.launch_prefill(q, k, k, torch.ones(B, 1, S, S, dtype=torch.bool), 0.1, False, False, sinks=sinks,
+                      windows=windows, key_start=key_start,
+                      config=dict(BLOCK_M=128, BLOCK_N=64, USE_TMA=False, num_warps=8, num_stages=3))
+    da.streaming_decode(q[:, :, :1], k, k, torch.ones(B, 1, 1, S, dtype=torch.bool), 0.1, True, None, None,
+                        rules=([64] * H, [256] * H), query_end=torch.full((B,), S - 1, dtype=torch.int32),
+                        key_start=key_start)
+"""
+
+
+def test_kernels_compile_for_sm90_with_and_without_left_padding():
+    """The prefill and decode kernels compile for sm_90 with the installed Triton (no GPU: tests/sm90.py), with and
+    without the left-padding offset, so a GPU never sees a kernel variant only the interpreter ran."""
+    pytest.importorskip("triton.backends.nvidia.driver")
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _SM90_CHILD], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=root)
+    compiled = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("COMPILED")]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted((name, flag) for name, flag, _ in compiled) == [
+        ("_decode_split_kernel", "-"), ("_decode_split_kernel", "HAS_KEY0"),
+        ("_prefill_kernel", "-"), ("_prefill_kernel", "HAS_KEY0")]
+    assert all(int(size) > 0 for *_, size in compiled)
+
+
 def test_gqa_maps_query_heads_like_repeat_interleave(interpreter):
     # kv head 0 has v = 0, kv head 1 has v ~ 100: a wrong head mapping cannot pass.
     b, h, hkv, s, d = 1, 4, 2, 40, 64

@@ -19,33 +19,15 @@ import textwrap
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # sm_90's largest shared-memory allocation per block (227 KiB).
 SM90_MAX_SHARED = 232448
 
 _CHILD = textwrap.dedent('''
     import json, sys
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.driver import CudaDriver
-
-    class Sm90(CudaDriver):
-        """Reports an sm_90 device; never launches anything."""
-        def __init__(self):
-            pass
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-        @staticmethod
-        def is_active():
-            return True
-
-    triton.runtime.driver.set_active(Sm90())
+    from tests import sm90
+    sm90.install()
     from sparsecc.codegen import streaming_prefill_hopper as sp
 
     D, S = 128, 1024
@@ -72,7 +54,8 @@ def compiled():
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     pytest.importorskip("triton.backends.nvidia.driver")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=ROOT)   # the child imports tests.sm90
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert proc.returncode == 0 and lines, f"sm_90 compile failed:\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len("RESULT"):])
