@@ -129,8 +129,9 @@ def test_reads_transposed_inputs_in_place(variant):
 @needs_hopper
 @pytest.mark.parametrize("variant", VARIANTS[1::2], ids=VARIANT_IDS[1::2])
 def test_rows_past_a_head_are_not_read(variant):
-    """A ragged last key tile of head 0 must not read head 1's rows: a NaN in head 1's values (at a key head 1's
-    later queries drop) leaves head 0 exact and those queries finite."""
+    """A ragged last key tile of head 0 must not read head 1's rows: a NaN in head 1's values leaves head 0 exact.
+    In head 1 the NaN reaches the rows that keep key 3 and, through 0 x NaN in P V, the other rows that read its
+    128-key tile (windows starting before key 128: rows up to 190); rows past that read none of it."""
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
 
     g = torch.Generator(device="cuda").manual_seed(12)
@@ -138,7 +139,7 @@ def test_rows_past_a_head_are_not_read(variant):
     v[0, 1, 3] = float("nan")
     out = streaming_prefill_hopper(q, k, v, 0, 64, 0.09, **variant)
     assert _rel(out[:, :1], _expected(q[:, :1], k[:, :1], v[:, :1], 0, 64, 0.09)) < 1e-2
-    assert torch.isfinite(out[0, 1, 67:]).all()     # rows whose window no longer holds key 3
+    assert torch.isfinite(out[0, 1, 191:]).all()    # rows whose window starts past key 3's tile
     assert torch.isnan(out[0, 1, 3]).all()          # and a row that keeps it carries the NaN (docs/spec.md)
 
 
