@@ -98,8 +98,8 @@ def _oracle_streaming_keep(sink, window, sq, sk, causal):
     return keep
 
 
-def _oracle_block_density(keep, present, block):
-    """Per head, kept blocks / allowed blocks of [B, H, R, C] masks (batches summed): a block counts when any of
+def _oracle_block_counts(keep, present, block):
+    """Per head, (kept blocks, allowed blocks) of [B, H, R, C] masks (batches summed): a block counts when any of
     its entries is kept (allowed)."""
     kept = torch.zeros(keep.shape[1], dtype=torch.float64)
     allowed = torch.zeros(keep.shape[1], dtype=torch.float64)
@@ -108,6 +108,12 @@ def _oracle_block_density(keep, present, block):
         for c in range(0, sk, block):
             kept += keep[..., r:r + block, c:c + block].flatten(-2).any(-1).sum(0)
             allowed += present[..., r:r + block, c:c + block].flatten(-2).any(-1).sum(0)
+    return kept, allowed
+
+
+def _oracle_block_density(keep, present, block):
+    """Per head, kept blocks / allowed blocks of [B, H, R, C] masks (batches summed)."""
+    kept, allowed = _oracle_block_counts(keep, present, block)
     return kept / allowed
 
 
@@ -127,6 +133,10 @@ def test_chunked_recording_equals_the_definitions(sq, sk, causal, chunk, block):
     stats.record("s", q, k, [pad], [(True, True)], 0.3, causal)
     _, recall, density = stats.table("s")
 
+    if not causal:
+        # docs/spec.md, "Left padding" (a mask, no is_causal): positions count from the first shown key, and the
+        # three padding rows attend densely, outside the forms: the recording sees keys and rows from 3 on.
+        q, k, pad, sq, sk = q[:, :, 3:], k[:, :, 3:], pad[..., 3:], sq - 3, sk - 3
     kk = k.double().repeat_interleave(h // hkv, dim=1)
     allowed = (pad > -1e4).expand(1, h, sq, sk).clone()
     if causal:
@@ -185,15 +195,23 @@ def test_block_topk_density_in_its_own_tiles_equals_the_token_definition(causal)
     stats = AttentionStats(forms, rows_per_chunk=20, density_block=16)
     stats.record("s", q, k, [pad], [(True, True)], 0.5, causal)
     _, _, density = stats.table("s")
-    allowed = (pad > -1e4).expand(2, 2, 70, 90)
-    if causal:
-        allowed = allowed & _oracle_streaming_keep(0, 500, 70, 90, True)
+    # Each batch element with its keys: without is_causal the mask's left padding (the first batch's 20 keys) is cut
+    # off (docs/spec.md, "Left padding"; no query row sits before key 20 here, so no padding rows).
+    start = [0, 0] if causal else [20, 0]
     for c, form in enumerate(forms):
         rule = {"topk": form.topk} if form.topk is not None else {"min_mass": form.min_mass}
-        keep_min, keep_max = oracle.block_topk_keep(q, k, scale=0.5, causal=causal, block=16, sink_blocks=1,
-                                                    local_blocks=1, pool=form.pool, rows=form.rows, **rule)
-        low = _oracle_block_density(keep_min & allowed, allowed, 16)
-        high = _oracle_block_density(keep_max & allowed, allowed, 16)
+        low_high = []
+        for b in range(2):
+            qb, kb, pb = q[b:b + 1], k[b:b + 1, :, start[b]:], pad[b:b + 1, ..., start[b]:]
+            allowed = (pb > -1e4).expand(1, 2, 70, kb.shape[2])
+            if causal:
+                allowed = allowed & _oracle_streaming_keep(0, 500, 70, kb.shape[2], True)
+            keep_min, keep_max = oracle.block_topk_keep(qb, kb, scale=0.5, causal=causal, block=16, sink_blocks=1,
+                                                        local_blocks=1, pool=form.pool, rows=form.rows, **rule)
+            low_high.append((_oracle_block_counts(keep_min & allowed, allowed, 16),
+                             _oracle_block_counts(keep_max & allowed, allowed, 16)))
+        low = sum(lo[0] for lo, _ in low_high) / sum(lo[1] for lo, _ in low_high)
+        high = sum(hi[0] for _, hi in low_high) / sum(hi[1] for _, hi in low_high)
         assert ((low - 1e-9 <= density[:, c]) & (density[:, c] <= high + 1e-9)).all(), (form, density[:, c], low)
         assert (high < 1).all()          # the selection dropped tiles: the count is not trivially full
 
@@ -244,3 +262,29 @@ def test_an_unreachable_budget_counts_block_topk_for_every_head():
         choose_heads(Table(), 0.3)
     (choice,) = choose_heads(Table(), 0.5)
     assert len(set(choice.forms)) == 1 and sum(choice.density) / 2 <= 0.5
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_a_left_padded_call_records_what_the_sequence_alone_records(decode):
+    """docs/spec.md, "Left padding": the compiled forms run a left-padded sequence as they run it alone, so the
+    recording (recall and density per candidate, docs/tune.md) must not see the padding either."""
+    pytest.importorskip("sparsecc.codegen.dynamic_attention")
+    from sparsecc.forms import BlockTopK
+    g = torch.Generator().manual_seed(9)
+    sq, sk, pad = (3, 40, 11) if decode else (40, 40, 11)
+    q, k = torch.randn(1, 2, sq, 8, generator=g), torch.randn(1, 2, sk, 8, generator=g)
+    keep = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)[None, None]    # a causal mask passed as a tensor
+    rows = 0 if decode else pad
+    q2 = torch.cat([torch.randn(1, 2, rows, 8, generator=g), q], 2)
+    k2 = torch.cat([torch.randn(1, 2, pad, 8, generator=g), k], 2)
+    keep2 = torch.zeros(1, 1, sq + rows, sk + pad, dtype=torch.bool)
+    keep2[..., rows:, pad:] = keep
+    forms = [Streaming(2, 6), BlockTopK(block=16, topk=1)]
+    tables = []
+    for q_, k_, m_ in ((q, k, keep), (q2, k2, keep2)):
+        stats = AttentionStats(forms, rows_per_chunk=7, density_block=1)
+        stats.record("s", q_, k_, [m_], [(False, True)], 0.5, False)
+        tables.append(stats.table("s"))
+    (_, recall, density), (_, recall2, density2) = tables
+    assert torch.allclose(recall2, recall, atol=1e-6) and torch.allclose(density2, density, atol=1e-12)
+    assert (density < 1).any()   # the candidates leave keys out: equal tables are not trivially full

@@ -125,7 +125,8 @@ def test_each_batch_element_records_with_its_own_causality(monkeypatch):
     batch = AttentionStats(forms, density_block=16)
     batch.record("s", q, k, [additive], [(True, True)], 0.25, False)
     alone = AttentionStats(forms, density_block=16)
-    alone.record("s", q[:1], k[:1], [additive[:1]], [(True, True)], 0.25, True)
+    # The first sequence alone: its keys and rows from its first shown key (docs/spec.md, "Left padding"), causal.
+    alone.record("s", q[:1, :, 7:], k[:1, :, 7:], [additive[:1, :, 7:, 7:]], [(True, True)], 0.25, True)
     alone.record("s", q[1:], k[1:], [additive[1:]], [(True, True)], 0.25, False)
     keys = ("mass", "kept", "rows", "allowed", "kept_blocks", "allowed_blocks")
     for key in keys:
