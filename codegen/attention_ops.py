@@ -12,7 +12,6 @@ block table, mask read-backs, per-input layouts) and stay opaque ops: see each r
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
@@ -21,7 +20,8 @@ import torch
 
 from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, causal_batch_elements,
                                              dense_rows, leading_padding, mask_4d, mask_query_positions,
-                                             mask_rows_moved, padding_rows, streaming_attention_from_mask_ref)
+                                             mask_rows_moved, padding_cut, padding_rows,
+                                             streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
 __all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
@@ -202,11 +202,6 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
     return True
 
 
-# Set while ``_by_left_padding`` runs a form on what remains of a padded element: the remaining keys' positions
-# already count from the element's first shown key, so the rule is not applied twice.
-_PADDING_APPLIED = contextvars.ContextVar("sparsecc_padding_applied", default=False)
-
-
 def _by_left_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                      causal: bool, scale: float, run) -> Optional[torch.Tensor]:
     """docs/spec.md's left-padding rule for the ops that decide on the host: each batch element whose mask hides
@@ -215,11 +210,11 @@ def _by_left_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     left-padded sequence attends as it does alone; its padding rows attend densely (zeros where the mask keeps no
     key). Elements are grouped by their cut. Returns None when no element is padded (one host read-back decides).
     """
-    if mask is None or causal or _PADDING_APPLIED.get():
+    if mask is None or causal:
         return None
     b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
     starts = leading_padding(mask, b, sq, sk)
-    if not bool((starts > 0).any()):
+    if starts is None or not bool((starts > 0).any()):
         return None
     m4 = mask_4d(mask)
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -235,11 +230,8 @@ def _by_left_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
         if rows < sq:
             rest = mb if mb.shape[2] == 1 else mb[:, :, rows:]
             rest = rest if rest.shape[3] == 1 else rest[..., start:]
-            token = _PADDING_APPLIED.set(True)
-            try:
+            with padding_cut():
                 out[batch, :, rows:] = run(qb[:, :, rows:], kb[:, :, start:], vb[:, :, start:], rest)
-            finally:
-                _PADDING_APPLIED.reset(token)
     return out
 
 
@@ -409,6 +401,12 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """
     if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
+    # Left padding is found over every head, then each head group runs on what remains (docs/spec.md).
+    padded = _by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: mixed_head_attention(
+        q, k, v, m, scale, causal, kinds, sink, window, vertical, slash, local_blocks, global_blocks, random_blocks,
+        seed, block, last_q, 0, impl, positions_from_mask, head_offset))
+    if padded is not None:
+        return padded
     table = _head_table(*(tuple(x) for x in (kinds, sink, window, vertical, slash, local_blocks, global_blocks,
                                              random_blocks, seed)), block, last_q, head_offset)
     check_impl("mixed_head_attention", impl)
@@ -420,8 +418,6 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     # A table that no one-launch family covers skips the mask read-backs below (they sync with the device).
     if kernel is not None and table.family() is not None:
         moved = positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any())
-        if mask is not None and not causal and bool((leading_padding(mask, q.shape[0], sq, sk) > 0).any()):
-            moved = True   # left padding: each head group's own op counts positions from the element's first key
         run_causal = causal
         if not causal and not moved and (table.family() == "vertical_slash" or any(n > 0 for n in random_blocks)):
             # As the per-form ops decide: vertical_slash heads estimate, and block_sparse heads draw their random
@@ -449,39 +445,46 @@ def mixed_head_attention_by_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    positions_from_mask: bool = False) -> torch.Tensor:
     """The heads of ``table`` group by group, each group through its form's own op: the definition of a mixed
     site (docs/spec.md), the reference of its kernels, and the path for inputs they do not cover."""
-    from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
-    from sparsecc.forms import BlockSparse, Streaming
-
     group = q.shape[1] // k.shape[1]
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     m4 = None if mask is None else mask_4d(mask)
-    for form, members in table.groups().items():
-        if isinstance(form, BlockSparse):
-            # Random blocks are drawn per head index (docs/spec.md): run every head, keep this form's.
-            o = block_sparse_attention(q, k, v, mask, scale, causal, form.block, form.local_blocks,
-                                       form.global_blocks, form.random_blocks, form.seed, [], 0, impl,
-                                       positions_from_mask, table.head_offset)
-            out[:, members] = o[:, members]
-            continue
-        sel = torch.tensor(members, device=q.device)
-        kv_sel = torch.tensor([h // group for h in members], device=q.device)
-        qh, kh, vh = q[:, sel], k[:, kv_sel], v[:, kv_sel]
-        mh = None if m4 is None else (m4 if m4.shape[1] == 1 else m4[:, sel])
-        if form is None and causal and qh.shape[2] != kh.shape[2]:
-            # Bottom-right causality (the queries are the last positions) as a mask: SDPA's is_causal is top-left.
-            keep = torch.ones(qh.shape[2], kh.shape[2], dtype=torch.bool, device=q.device) if mh is None else mh
-            o = dense_attention(qh, kh, vh, _with_causal(keep, qh.shape[2], kh.shape[2]), scale, False)
-        elif form is None:
-            o = dense_attention(qh, kh, vh, mh, scale, causal)
-        elif isinstance(form, Streaming) and positions_from_mask and mh is not None:
-            o = streaming_attention_from_mask(qh, kh, vh, mh, scale, [form.sink], [form.window], 0, impl)
-        elif isinstance(form, Streaming):
-            o = streaming_attention(qh, kh, vh, mh, scale, causal, [form.sink], [form.window], 0, impl)
-        else:
-            o = dynamic_block_attention(qh, kh, vh, mh, scale, causal, *dynamic_op_args(form), 0, impl,
-                                        positions_from_mask)
-        out[:, members] = o
+    # The site's left padding was found over every head before (``mixed_head_attention``): a head group's part
+    # of a mask with a head dimension must not find one of its own.
+    with padding_cut():
+        for form, members in table.groups().items():
+            out[:, members] = _head_group(q, k, v, mask, m4, scale, causal, table, impl, positions_from_mask, form,
+                                          members, group)
     return out
+
+
+def _head_group(q, k, v, mask, m4, scale, causal, table, impl, positions_from_mask, form, members, group):
+    """The output ``[B, len(members), Sq, Dv]`` of heads ``members`` (one form of ``table``) through that form's
+    own op."""
+    from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
+    from sparsecc.forms import BlockSparse, Streaming
+
+    if isinstance(form, BlockSparse):
+        # Random blocks are drawn per head index (docs/spec.md): run every head, keep this form's.
+        o = block_sparse_attention(q, k, v, mask, scale, causal, form.block, form.local_blocks,
+                                   form.global_blocks, form.random_blocks, form.seed, [], 0, impl,
+                                   positions_from_mask, table.head_offset)
+        return o[:, members]
+    sel = torch.tensor(members, device=q.device)
+    kv_sel = torch.tensor([h // group for h in members], device=q.device)
+    qh, kh, vh = q[:, sel], k[:, kv_sel], v[:, kv_sel]
+    mh = None if m4 is None else (m4 if m4.shape[1] == 1 else m4[:, sel])
+    if form is None and causal and qh.shape[2] != kh.shape[2]:
+        # Bottom-right causality (the queries are the last positions) as a mask: SDPA's is_causal is top-left.
+        keep = torch.ones(qh.shape[2], kh.shape[2], dtype=torch.bool, device=q.device) if mh is None else mh
+        return dense_attention(qh, kh, vh, _with_causal(keep, qh.shape[2], kh.shape[2]), scale, False)
+    if form is None:
+        return dense_attention(qh, kh, vh, mh, scale, causal)
+    if isinstance(form, Streaming) and positions_from_mask and mh is not None:
+        return streaming_attention_from_mask(qh, kh, vh, mh, scale, [form.sink], [form.window], 0, impl)
+    if isinstance(form, Streaming):
+        return streaming_attention(qh, kh, vh, mh, scale, causal, [form.sink], [form.window], 0, impl)
+    return dynamic_block_attention(qh, kh, vh, mh, scale, causal, *dynamic_op_args(form), 0, impl,
+                                   positions_from_mask)
 
 
 @functools.lru_cache(maxsize=64)

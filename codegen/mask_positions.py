@@ -10,6 +10,8 @@ mask moves. Nothing here imports Triton.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import List, Optional
 
 import torch
@@ -30,13 +32,28 @@ def _mask_keeps(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
     return keep.expand(*keep.shape[:3], seq_k)
 
 
+# Set while an op runs a form on what remains of left-padded elements (``padding_cut``): their keys already start
+# at the first shown key, and a head group's part of a mask must not find a padding of its own.
+_PADDING_CUT = contextvars.ContextVar("sparsecc_padding_cut", default=False)
+
+
+@contextlib.contextmanager
+def padding_cut():
+    """Within this block the left-padding rule has been applied: :func:`leading_padding` finds none."""
+    token = _PADDING_CUT.set(True)
+    try:
+        yield
+    finally:
+        _PADDING_CUT.reset(token)
+
+
 def leading_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
     """Per batch element, how many leading keys its mask hides from every query row and head: its left padding
-    (docs/spec.md, "Attention forms"). Positions then count from that key: a left-padded sequence attends as it
+    (docs/spec.md, "Left padding"). Positions then count from that key: a left-padded sequence attends as it
     does alone. Returns int32 ``[batch]`` on the mask's device without a host sync (``seq_k`` for an element
-    whose mask hides every key), or None without a mask.
+    whose mask hides every key), or None without a mask or inside :func:`padding_cut`.
     """
-    if mask is None:
+    if mask is None or _PADDING_CUT.get():
         return None
     keep = _mask_keeps(mask, seq_k)
     shown = keep.flatten(1, 2).any(1)                                    # [B|1, Sk]: some row or head sees it
@@ -151,7 +168,10 @@ def streaming_attention_from_mask_ref(q: torch.Tensor, k: torch.Tensor, v: torch
     sk = k.shape[2]
     sinks, windows = streaming_rules_per_head(sink, window, h)
     dev = q.device
-    sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1) + leading_padding(mask, b, sq, sk).view(b, 1, 1, 1)
+    sink_t = torch.tensor(sinks, device=dev).view(1, h, 1, 1)
+    starts = leading_padding(mask, b, sq, sk)
+    if starts is not None:
+        sink_t = sink_t + starts.view(b, 1, 1, 1)
     window_t = torch.tensor([sk + sq + 1 if w == FULL_WINDOW else w for w in windows], device=dev).view(1, h, 1, 1)
     positions = mask_query_positions(mask, sq, sk)                       # [B|1, H|1, Sq]
     keys = torch.arange(sk, device=dev)

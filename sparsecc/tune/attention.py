@@ -355,7 +355,7 @@ def _left_padding_parts(masks, flags, batch: int, seq_q: int, seq_k: int) -> Opt
         part = mask_4d(_takes_part(mask, additive, keep))
         combined = part if combined is None else combined & part
     starts = leading_padding(combined, batch, seq_q, seq_k)
-    if not bool((starts > 0).any()):
+    if starts is None or not bool((starts > 0).any()):
         return None
     return [(start, padding_rows(combined[i:i + 1] if combined.shape[0] > 1 else combined, start, seq_q, seq_k))
             for i, start in enumerate(starts.tolist())]

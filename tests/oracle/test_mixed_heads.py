@@ -129,3 +129,26 @@ def test_vertical_slash_heads_with_two_blocks_stay_dense_with_the_reason():
     q, k, v, mask = cases.tensors(c)
     _, report = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
     hn.assert_dense(report, "attention", hn.SITE, because="one block size")
+
+
+def test_a_mixed_site_finds_left_padding_over_every_head():
+    """docs/spec.md, "Left padding": the padding is the keys the mask hides from every row of every head. A mask
+    with a head dimension that hides the first keys from the streaming heads only leaves the element unpadded, so
+    the mixed site's heads compute what the oracle says (each head group once found a padding of its own, 1.6 off);
+    and the same mask with those keys hidden from every head is padding, cut for all groups alike."""
+    rules = [{"form": "streaming", "sink": 2, "window": 5, "heads": [0, 2]},
+             {"form": "block_sparse", "block": 16, "local_blocks": 1, "global_blocks": 0, "heads": [1, 3]}]
+    c = cases.case(heads=4, kv_heads=2, sq=48, sk=48, dim=8, causal=True, causal_via="mask", mask_kind="bool",
+                   rules=rules, seed=3)
+    q, k, v, _ = cases.tensors(c)
+    site_forms = oracle.attention_site_rule(c.spec, hn.SITE, c.heads).forms
+    for hidden_from in ([0, 2], [0, 1, 2, 3]):
+        mask = torch.ones(1, 4, 48, 48, dtype=torch.bool).tril()
+        mask[:, hidden_from, :, :6] = False
+        out, report = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
+        (site,) = [s for s in hn.sites(report, "attention") if s.module == hn.SITE]
+        assert site.applied and "on heads" in site.form_detail, site.reason
+        assert any("mixed_head_attention" in op for op in hn.sparse_ops()), hn.sparse_ops()
+        expected, valid = oracle.expected_attention(q, k, v, site_forms, causal=True, mask=mask,
+                                                    is_causal_flag=False)
+        hn.assert_rows_close(out, expected, valid, torch.float32, what=f"keys hidden from heads {hidden_from}")
