@@ -197,8 +197,9 @@ def _streaming_keys(p0: int, p1: int, sink: int, window: int, seq_k: int, causal
     return torch.cat([torch.arange(sink_end, device=device), torch.arange(win_start, win_end, device=device)])
 
 
-def _streaming_keep(p: Tensor, j: Tensor, sink: int, window: int, causal: bool) -> Tensor:
-    """The element rule of ``Streaming`` (see ``sparsecc.forms``) for positions ``p`` x keys ``j``."""
+def _streaming_keep(p: Tensor, j: Tensor, sink: Union[int, Tensor], window: int, causal: bool) -> Tensor:
+    """The element rule of ``Streaming`` (see ``sparsecc.forms``) for positions ``p`` x keys ``j``; ``sink`` may be a
+    tensor that broadcasts against them (a per-element sink moved past its left padding)."""
     if causal:
         keep = j <= p
         if window != FULL_WINDOW:
@@ -223,7 +224,7 @@ def streaming_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[i
     With a mask and not ``causal`` (the model passed its causality, if any, in the mask), positions count from
     each batch element's first key the mask shows to some row (its left padding, ``leading_padding``;
     docs/spec.md): a left-padded sequence attends as it does alone. With the padding's keys hidden, that is the
-    same rule with the element's sink moved past its padding.
+    same rule with the element's sink moved past its padding (a per-element sink; such calls read every key).
 
     Query rows are processed ``chunk`` at a time, each against the union of its
     sink range and window range only, and heads sharing a rule are batched, so
@@ -236,25 +237,9 @@ def streaming_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[i
         raise ValueError(f"chunk={chunk} is not allowed; expected an integer >= 1")
     sinks, windows = streaming_rules_per_head(sink, window, h)
     m4 = check_mask(mask, b, h, sq, sk)
+    # Without is_causal a mask may left-pad an element: its sink is a per-element tensor (no host read-back, so
+    # the reference traces too), and each chunk reads every key (a bidirectional tile is that wide already).
     starts = None if causal else leading_padding(m4, b, sq, sk)
-    if starts is None or not bool((starts > 0).any()):
-        return _streaming_ref(q, k, v, sinks, windows, scale, causal, m4, return_lse, chunk)
-    out = lse = None
-    for start in sorted(set(starts.tolist())):
-        batch = (starts == start).nonzero().flatten()
-        part = _streaming_ref(q[batch], k[batch], v[batch], [s_ + start for s_ in sinks], windows, scale, causal,
-                              m4 if m4.shape[0] == 1 else m4[batch], True, chunk)
-        if out is None:
-            out = q.new_empty(b, h, sq, v.shape[-1])
-            lse = torch.empty(b, h, sq, dtype=part[1].dtype, device=q.device)
-        out[batch], lse[batch] = part
-    return (out, lse) if return_lse else out
-
-
-def _streaming_ref(q: Tensor, k: Tensor, v: Tensor, sinks: list, windows: list, scale: float, causal: bool,
-                   m4: Optional[Tensor], return_lse: bool, chunk: int) -> AttentionOut:
-    """``streaming_attention_ref`` with positions at ``i + Sk - Sq`` from key 0 (no padding rule)."""
-    b, h, sq, sk, group = check_qkv(q, k, v)
     dtype = compute_dtype(q)
     dev = q.device
     out = torch.zeros(b, h, sq, v.shape[-1], dtype=dtype, device=dev)
@@ -265,15 +250,19 @@ def _streaming_ref(q: Tensor, k: Tensor, v: Tensor, sinks: list, windows: list, 
         rules.setdefault(rule, []).append(head)
     for (s_, w_), heads_of_rule in rules.items():
         widest = sk if w_ == FULL_WINDOW or not causal else min(sk, s_ + min(chunk, sq) + w_)
+        sink_of = s_ if starts is None else (starts.to(torch.long) + s_).view(b, 1, 1, 1)
         for h0, h1 in _head_batches(len(heads_of_rule), b * min(chunk, sq) * widest):
             heads = torch.tensor(heads_of_rule[h0:h1], device=dev)
             for r0 in range(0, sq, chunk):
                 r1 = min(sq, r0 + chunk)
-                keys = _streaming_keys(r0 + offset, r1 - 1 + offset, s_, w_, sk, causal, dev)
+                if starts is None:
+                    keys = _streaming_keys(r0 + offset, r1 - 1 + offset, s_, w_, sk, causal, dev)
+                else:
+                    keys = torch.arange(sk, device=dev)
                 if keys.numel() == 0:
                     continue
                 pos = torch.arange(r0, r1, device=dev) + offset
-                keep = _streaming_keep(pos[:, None], keys[None, :], s_, w_, causal)
+                keep = _streaming_keep(pos[:, None], keys[None, :], sink_of, w_, causal)
                 bool_m, add_m = split_mask(None if m4 is None else _mask_tile(m4, heads, r0, r1, keys), dtype)
                 if bool_m is not None:
                     keep = keep & bool_m

@@ -485,3 +485,32 @@ def test_gpu_block_sparse_positions_match_the_spec(sq, sk, block, causal):
     assert not out.isnan().any()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
+
+
+def test_streaming_reference_traces_with_left_padding():
+    """The reference applies docs/spec.md's left-padding rule without reading the mask back to the host, so it
+    traces with fake tensors (as a traced op's fallback for dtypes without a kernel is) and one traced graph
+    serves any padding."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sparsecc.codegen.block_attention import streaming_attention_ref
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g), \
+        torch.randn(2, 2, 30, 8, generator=g)
+
+    def ref(q, k, v, m):
+        return streaming_attention_ref(q, k, v, sink=[2], window=[5], scale=0.3, causal=False, mask=m)
+
+    mask = torch.ones(2, 1, 30, 30, dtype=torch.bool).tril()
+    traced = make_fx(ref, tracing_mode="fake")(q, k, v, mask)
+    for pads in ((0, 0), (7, 0), (3, 11)):
+        padded = mask.clone()
+        for i, pad in enumerate(pads):
+            padded[i, ..., :pad] = False
+        out = traced(q, k, v, padded)
+        torch.testing.assert_close(out, ref(q, k, v, padded), rtol=0, atol=0)
+        for i, pad in enumerate(pads):   # each element as it attends alone, from its first key
+            alone = streaming_attention_ref(q[i:i + 1, :, pad:], k[i:i + 1, :, pad:], v[i:i + 1, :, pad:], sink=[2],
+                                            window=[5], scale=0.3, causal=True)
+            torch.testing.assert_close(out[i:i + 1, :, pad:], alone, rtol=1e-6, atol=1e-6)
