@@ -18,10 +18,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, causal_batch_elements,
-                                             dense_rows, leading_padding, mask_4d, mask_query_positions,
-                                             mask_rows_moved, padding_cut, padding_rows,
-                                             streaming_attention_from_mask_ref)
+from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, by_causal_elements,
+                                             by_left_padding, causal_batch_elements, mask_4d, mask_query_positions,
+                                             mask_rows_moved, padding_cut, streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
 __all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
@@ -202,50 +201,6 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
     return True
 
 
-def _by_left_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                     causal: bool, scale: float, run) -> Optional[torch.Tensor]:
-    """docs/spec.md's left-padding rule for the ops that decide on the host: each batch element whose mask hides
-    its first ``o`` keys from every row (``leading_padding``) runs ``run(q, k, v, mask)`` on its keys from ``o``
-    and its rows after its padding rows (``padding_rows``), so positions count from its first key and a
-    left-padded sequence attends as it does alone; its padding rows attend densely (zeros where the mask keeps no
-    key). Elements are grouped by their cut. Returns None when no element is padded (one host read-back decides).
-    """
-    if mask is None or causal:
-        return None
-    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
-    starts = leading_padding(mask, b, sq, sk)
-    if starts is None or not bool((starts > 0).any()):
-        return None
-    m4 = mask_4d(mask)
-    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    cut = [(start, padding_rows(m4[i:i + 1] if m4.shape[0] > 1 else m4, start, sq, sk))
-           for i, start in enumerate(starts.tolist())]
-    for start, rows in sorted(set(cut)):
-        batch = torch.tensor([i for i, c in enumerate(cut) if c == (start, rows)], device=q.device)
-        qb, kb, vb = q[batch], k[batch], v[batch]
-        mb = m4 if m4.shape[0] == 1 else m4[batch]
-        if rows > 0:
-            pad_mask = mb if mb.shape[2] == 1 else mb[:, :, :rows]
-            out[batch, :, :rows] = dense_rows(qb[:, :, :rows], kb, vb, pad_mask, scale).to(q.dtype)
-        if rows < sq:
-            rest = mb if mb.shape[2] == 1 else mb[:, :, rows:]
-            rest = rest if rest.shape[3] == 1 else rest[..., start:]
-            with padding_cut():
-                out[batch, :, rows:] = run(qb[:, :, rows:], kb[:, :, start:], vb[:, :, start:], rest)
-    return out
-
-
-def _by_causal_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                        by_element: torch.Tensor, run) -> torch.Tensor:
-    """``run(q, k, v, mask, is_causal)`` on the batch elements ``by_element`` marks causal, then on the others: a
-    batch whose elements differ is split, so a sequence's layout never depends on its batch-mates' masks."""
-    m4 = mask_4d(mask)
-    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    for batch, is_causal in ((by_element.nonzero().flatten(), True), ((~by_element).nonzero().flatten(), False)):
-        out[batch] = run(q[batch], k[batch], v[batch], m4[batch], is_causal)
-    return out
-
-
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                         scale: float, causal: bool, sink: List[int], window: List[int], dense_below: int,
                         impl: str, own_window: int = 0) -> torch.Tensor:
@@ -301,7 +256,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """
     if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
-    padded = _by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: block_sparse_attention(
+    padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: block_sparse_attention(
         q, k, v, m, scale, causal, block, local_blocks, global_blocks, random_blocks, seed, dense_heads, 0, impl,
         positions_from_mask, head_offset))
     if padded is not None:
@@ -318,7 +273,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         if bool(by_element.all()):
             causal_draws = True
         elif bool(by_element.any()):   # each part finds its own draws again (all alike there)
-            return _by_causal_elements(q, k, v, mask, by_element, lambda q, k, v, m, _: block_sparse_attention(
+            return by_causal_elements(q, k, v, mask, by_element, lambda q, k, v, m, _: block_sparse_attention(
                 q, k, v, m, scale, causal, block, local_blocks, global_blocks, random_blocks, seed, dense_heads, 0,
                 impl, positions_from_mask, head_offset))
     if positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any()):
@@ -351,7 +306,7 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """
     if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
-    padded = _by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: dynamic_block_attention(
+    padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: dynamic_block_attention(
         q, k, v, m, scale, causal, form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
         vertical, slash, 0, impl, positions_from_mask))
     if padded is not None:
@@ -369,7 +324,7 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                 return dynamic_block_attention(q, k, v, m, scale, is_causal, form, block, topk, cdf, min_mass,
                                                sink_blocks, local_blocks, pool, rows, last_q, vertical, slash, 0,
                                                impl, positions_from_mask)
-            return _by_causal_elements(q, k, v, mask, causal_rows, part)
+            return by_causal_elements(q, k, v, mask, causal_rows, part)
     from sparsecc.codegen.dynamic_attention import dynamic_attention_ref, form_from_args
 
     spec_form = form_from_args(form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
@@ -402,7 +357,7 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
         return dense_attention(q, k, v, mask, scale, causal)
     # Left padding is found over every head, then each head group runs on what remains (docs/spec.md).
-    padded = _by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: mixed_head_attention(
+    padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: mixed_head_attention(
         q, k, v, m, scale, causal, kinds, sink, window, vertical, slash, local_blocks, global_blocks, random_blocks,
         seed, block, last_q, 0, impl, positions_from_mask, head_offset))
     if padded is not None:

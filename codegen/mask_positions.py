@@ -1,4 +1,5 @@
-"""Query positions read from the mask, and the attention references that use them (docs/spec.md).
+"""Query positions read from the mask, the attention references that use them, and how a mask splits a batch
+(left padding, causal elements; docs/spec.md).
 
 When an attention site is not causal, has a mask and fewer queries than keys
 (a static KV cache, right-padded decode), query row ``i`` sits at
@@ -62,19 +63,68 @@ def leading_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k:
     return first.to(torch.int32).expand(batch).contiguous()
 
 
-def padding_rows(mask: torch.Tensor, key_start: int, seq_q: int, seq_k: int) -> int:
-    """The padding rows of a left-padded batch element (docs/spec.md, "Left padding"): its leading query rows that
-    sit before key ``key_start`` (``i + Sk - Sq < key_start``) or whose mask keeps no key (a static cache's
-    padding rows, which sit after the cache's free tail). ``mask`` is the element's mask, 4-d with batch size 1.
-    They attend densely. Reads the mask back to the host.
+def left_padding_cuts(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[list]:
+    """Per batch element ``(o, padding rows)`` (docs/spec.md, "Left padding"): its left padding ``o``
+    (:func:`leading_padding`) and how many leading query rows are its padding rows, those that sit before key ``o``
+    (``i + Sk - Sq < o``) or whose mask keeps no key (a static cache's padding rows). Padding rows attend densely;
+    the form runs on the rows after them and the keys from ``o``. None when no element is left-padded, without a
+    mask, or inside :func:`padding_cut`. One read-back to the host.
     """
-    before = min(seq_q, max(0, key_start - (seq_k - seq_q)))
-    empty = ~_mask_keeps(mask, seq_k).any(-1).any(1).flatten()           # [Sq|1]: rows that keep no key (any head)
-    if empty.numel() == 1:
-        return seq_q if bool(empty) else before
-    kept_rows = (~empty).nonzero()
-    leading_empty = seq_q if kept_rows.numel() == 0 else int(kept_rows[0])
-    return max(before, leading_empty)
+    starts = leading_padding(mask, batch, seq_q, seq_k)
+    if starts is None:
+        return None
+    keeps_a_key = _mask_keeps(mask, seq_k).any(-1).any(1).expand(batch, seq_q)   # [B, Sq], any head
+    leading_empty = torch.where(keeps_a_key, torch.arange(seq_q, device=mask.device), seq_q).amin(-1)
+    before = (starts.long() - (seq_k - seq_q)).clamp(0, seq_q)
+    cuts = [tuple(c) for c in torch.stack([starts.long(), torch.maximum(before, leading_empty)], -1).tolist()]
+    return cuts if any(start > 0 for start, _ in cuts) else None
+
+
+def cut_element(mask: torch.Tensor, rows: int, start: int) -> torch.Tensor:
+    """A 4-d mask from query row ``rows`` and key ``start`` on (size-1 dims, which broadcast, kept)."""
+    m = mask if mask.shape[2] == 1 else mask[:, :, rows:]
+    return m if m.shape[3] == 1 else m[..., start:]
+
+
+def by_left_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                    causal: bool, scale: float, run) -> Optional[torch.Tensor]:
+    """docs/spec.md's left-padding rule for the ops that decide on the host: each left-padded batch element
+    (:func:`left_padding_cuts`) runs ``run(q, k, v, mask)`` on its keys from ``o`` and its rows after its padding
+    rows, inside :func:`padding_cut`, so positions count from its first key and it attends as it does alone; its
+    padding rows attend densely (:func:`dense_rows`). Elements are grouped by their cut. Returns None when no
+    element is padded (or the call is causal, or has no mask).
+    """
+    if mask is None or causal:
+        return None
+    sq, sk = q.shape[2], k.shape[2]
+    cuts = left_padding_cuts(mask, q.shape[0], sq, sk)
+    if cuts is None:
+        return None
+    m4 = mask_4d(mask)
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    for start, rows in sorted(set(cuts)):
+        batch = torch.tensor([i for i, c in enumerate(cuts) if c == (start, rows)], device=q.device)
+        qb, kb, vb = q[batch], k[batch], v[batch]
+        mb = m4 if m4.shape[0] == 1 else m4[batch]
+        if rows > 0:
+            pad_mask = mb if mb.shape[2] == 1 else mb[:, :, :rows]
+            out[batch, :, :rows] = dense_rows(qb[:, :, :rows], kb, vb, pad_mask, scale).to(q.dtype)
+        if rows < sq:
+            with padding_cut():
+                out[batch, :, rows:] = run(qb[:, :, rows:], kb[:, :, start:], vb[:, :, start:],
+                                           cut_element(mb, rows, start))
+    return out
+
+
+def by_causal_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       by_element: torch.Tensor, run) -> torch.Tensor:
+    """``run(q, k, v, mask, is_causal)`` on the batch elements ``by_element`` marks causal, then on the others: a
+    batch whose elements differ is split, so a sequence's layout never depends on its batch-mates' masks."""
+    m4 = mask_4d(mask)
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    for batch, is_causal in ((by_element.nonzero().flatten(), True), ((~by_element).nonzero().flatten(), False)):
+        out[batch] = run(q[batch], k[batch], v[batch], m4[batch], is_causal)
+    return out
 
 
 def mask_query_positions(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:

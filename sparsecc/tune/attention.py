@@ -204,12 +204,14 @@ class AttentionStats:
                              allowed_blocks=torch.zeros(h, dtype=torch.float64))
         entry["calls"] += 1
         if not causal and masks:
-            parts = _left_padding_parts(masks, flags, b, sq, sk)
-            if parts is not None:   # docs/spec.md, "Left padding": each element as the compiled forms run it
-                for i, (start, rows) in enumerate(parts):
+            cuts = _left_padding_cuts(masks, flags, b, sq, sk)
+            if cuts is not None:   # docs/spec.md, "Left padding": each element as the compiled forms run it
+                from sparsecc.codegen.mask_positions import cut_element, mask_4d
+                masks_4d = [mask_4d(m) for m in masks]
+                for i, (start, rows) in enumerate(cuts):
                     if rows < sq:
-                        self._record_call(entry, q[i:i + 1, :, rows:], k[i:i + 1, :, start:],
-                                          [_element_mask(m, i, rows, start, sq, sk) for m in masks], flags, scale,
+                        parts = [cut_element(m[i:i + 1] if m.shape[0] > 1 else m, rows, start) for m in masks_4d]
+                        self._record_call(entry, q[i:i + 1, :, rows:], k[i:i + 1, :, start:], parts, flags, scale,
                                           causal)
                 return
         self._record_call(entry, q, k, masks, flags, scale, causal)
@@ -345,30 +347,15 @@ def _mask_causal_rows(masks, flags, seq_q: int, seq_k: int) -> Optional[torch.Te
     return mask_is_causal(combined, seq_q, seq_k)
 
 
-def _left_padding_parts(masks, flags, batch: int, seq_q: int, seq_k: int) -> Optional[list]:
-    """Per batch element ``(left padding, padding rows)`` of a non-causal call's masks (docs/spec.md, "Left
-    padding"; ``codegen/mask_positions.py``), or None when no element is left-padded."""
-    from sparsecc.codegen.mask_positions import leading_padding, mask_4d, padding_rows
+def _left_padding_cuts(masks, flags, batch: int, seq_q: int, seq_k: int) -> Optional[list]:
+    """``left_padding_cuts`` (codegen/mask_positions.py) of what a non-causal call's masks let take part together."""
+    from sparsecc.codegen.mask_positions import left_padding_cuts, mask_4d
 
     combined = None
     for mask, (additive, keep) in zip(masks, flags):
         part = mask_4d(_takes_part(mask, additive, keep))
         combined = part if combined is None else combined & part
-    starts = leading_padding(combined, batch, seq_q, seq_k)
-    if starts is None or not bool((starts > 0).any()):
-        return None
-    return [(start, padding_rows(combined[i:i + 1] if combined.shape[0] > 1 else combined, start, seq_q, seq_k))
-            for i, start in enumerate(starts.tolist())]
-
-
-def _element_mask(mask: torch.Tensor, index: int, rows: int, start: int, seq_q: int, seq_k: int) -> torch.Tensor:
-    """Batch element ``index`` of a model mask, from query row ``rows`` and key ``start`` on (size-1 dims kept)."""
-    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if m.shape[0] > 1:
-        m = m[index:index + 1]
-    if m.shape[2] == seq_q:
-        m = m[:, :, rows:]
-    return m[..., start:] if m.shape[3] == seq_k else m
+    return left_padding_cuts(combined, batch, seq_q, seq_k)
 
 
 def _takes_part(mask: torch.Tensor, additive: bool, keep: bool) -> torch.Tensor:
