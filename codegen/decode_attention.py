@@ -462,8 +462,8 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     if key_start is not None:
         # Where the padding ends is on the device: the sink may straddle one more block, and a bidirectional row
         # before the moved sink sees every key.
-        n_kept = n_kept + 1 if causal else -(-sk // block_n)
-        n_kept = min(n_kept, -(-sk // block_n))
+        all_blocks = -(-sk // block_n)
+        n_kept = min(n_kept + 1, all_blocks) if causal else all_blocks
     out = torch.empty_like(q) if out is None else out
     # Pointers a launch never touches get q, which it only reads (codegen/launch.py).
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else q
