@@ -3,7 +3,8 @@ block_sparse_attention, dynamic_block_attention, mixed_head_attention}``.
 
 Each op is one :class:`~sparsecc.codegen.op_record.OpRecord` at the end of this file: its typed
 arguments (the ``*Args`` dataclasses), its body (the functions below, which branch on the cost
-model's crossover and pick the kernel or the reference), its reference and its kernel wrapper.
+model's crossover and pick the kernel or the reference), its reference and its kernel wrapper. The dense
+attention they replaced and their run-time switches to it live in ``codegen/dense_branches.py``.
 
 The streaming ops are traced into Inductor's graph on CUDA (their kernels launch from Inductor's
 generated code); the block-table, dynamic and mixed ops make host-side decisions per call (a cached
@@ -18,13 +19,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, by_causal_elements,
-                                             by_left_padding, causal_batch_elements, mask_4d, mask_query_positions,
-                                             mask_rows_moved, padding_cut, streaming_attention_from_mask_ref)
+from sparsecc.codegen.dense_branches import dense_attention, dense_by_element, runs_dense, with_causal
+from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, by_elements, by_left_padding,
+                                             causal_batch_elements, mask_4d, mask_rows_moved, padding_cut,
+                                             streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
 __all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
-           "MixedHeadArgs", "runs_dense", "STREAMING_ATTENTION", "STREAMING_ATTENTION_FROM_MASK",
+           "MixedHeadArgs", "runs_dense", "dense_by_element", "STREAMING_ATTENTION", "STREAMING_ATTENTION_FROM_MASK",
            "BLOCK_SPARSE_ATTENTION",
            "DYNAMIC_BLOCK_ATTENTION", "MIXED_HEAD_ATTENTION", "ATTENTION_RECORDS", "dense_attention",
            "streaming_attention", "streaming_attention_from_mask", "block_sparse_attention",
@@ -159,48 +161,6 @@ class MixedHeadArgs:
 
 # ---------------------------------------------------------------- bodies
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-                    causal: bool) -> torch.Tensor:
-    """The dense attention a sparse site replaced (SDPA with GQA), for the below-crossover branch.
-
-    ``causal`` here always comes with seq_q == seq_k (the compiler keeps other
-    causal sites dense), where SDPA's top-left causal mask is the same as ours.
-    """
-    if causal and mask is not None:   # SDPA refuses is_causal together with a mask
-        mask, causal = _with_causal(mask, q.shape[2], k.shape[2]), False
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                                            enable_gqa=k.shape[1] != q.shape[1])
-
-
-def _with_causal(mask: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
-    """Intersect a bool or additive mask with a bottom-right causal mask."""
-    keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=mask.device).tril(seq_k - seq_q)
-    if mask.dtype == torch.bool:
-        return mask & keep
-    return mask.masked_fill(~keep, float("-inf"))
-
-
-def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: int,
-               mask: Optional[torch.Tensor] = None, positions_from_mask: bool = False) -> bool:
-    """Whether an attention op runs the dense attention it replaced for this call (docs/spec.md).
-
-    * below the cost model's crossover (``dense_below``: fewer keys than that), branched on at run time;
-    * with the model's own sliding window ``own_window`` (> 0), when the first query row sits at position
-      ``own_window - 1`` or later: ``Sk - Sq``, or the row's mask position when positions come from the mask (a
-      static cache's buffer). The model's cache keeps only its last ``own_window - 1`` tokens (transformers'
-      sliding-window layers), so from then on the first key need not be token 0 and the forms' positions are
-      unknown. Reading a mask position synchronises with the device (only when ``Sk - Sq`` reaches the window).
-    """
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    if dense_below > 0 and seq_k < dense_below:
-        return True
-    if own_window <= 0 or seq_k - seq_q < own_window - 1:
-        return False
-    if positions_from_mask and mask is not None and seq_q < seq_k:
-        return int(mask_query_positions(mask, seq_q, seq_k)[..., 0].max()) >= own_window - 1
-    return True
-
-
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                         scale: float, causal: bool, sink: List[int], window: List[int], dense_below: int,
                         impl: str, own_window: int = 0) -> torch.Tensor:
@@ -210,8 +170,11 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     the cost model's crossover, branched on at run time so a dynamic-shape
     compile never recompiles when the length crosses it.
     """
-    if runs_dense(q, k, dense_below, own_window):
-        return dense_attention(q, k, v, mask, scale, causal)
+    dense = dense_by_element(runs_dense(q, k, dense_below, own_window, mask, causal=causal), q, k, v, mask, scale,
+                             causal, lambda q, k, v, m: streaming_attention(q, k, v, m, scale, causal, sink, window,
+                                                                            0, impl))
+    if dense is not None:
+        return dense
     from sparsecc.codegen.block_attention import streaming_attention_ref
 
     def reference(q, k, v, mask, scale, causal, sink, window):
@@ -231,8 +194,11 @@ def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     window counts back from each query's true position, not from the end of the
     key buffer. ``dense_below`` works as in ``streaming_attention``.
     """
-    if runs_dense(q, k, dense_below, own_window, mask, True):
-        return dense_attention(q, k, v, mask, scale, False)
+    dense = dense_by_element(runs_dense(q, k, dense_below, own_window, mask, True), q, k, v, mask, scale, False,
+                             lambda q, k, v, m: streaming_attention_from_mask(q, k, v, m, scale, sink, window, 0,
+                                                                              impl))
+    if dense is not None:
+        return dense
     if q.shape[2] == k.shape[2]:   # as many queries as keys: row i sits at i, the plain bidirectional op
         return streaming_attention(q, k, v, mask, scale, False, sink, window, 0, impl)
     fn = pick(STREAMING_ATTENTION_FROM_MASK, impl, q.device, streaming_attention_from_mask_ref)
@@ -254,8 +220,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     moves any row, the call runs ``block_sparse_attention_from_mask_ref`` (one
     host read-back decides), otherwise the usual table and kernel.
     """
-    if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
-        return dense_attention(q, k, v, mask, scale, causal)
+    dense = dense_by_element(runs_dense(q, k, dense_below, own_window, mask, positions_from_mask, causal), q, k, v,
+                             mask, scale, causal, lambda q, k, v, m: block_sparse_attention(
+        q, k, v, m, scale, causal, block, local_blocks, global_blocks, random_blocks, seed, dense_heads, 0, impl,
+        positions_from_mask, head_offset))
+    if dense is not None:
+        return dense
     padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: block_sparse_attention(
         q, k, v, m, scale, causal, block, local_blocks, global_blocks, random_blocks, seed, dense_heads, 0, impl,
         positions_from_mask, head_offset))
@@ -273,7 +243,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         if bool(by_element.all()):
             causal_draws = True
         elif bool(by_element.any()):   # each part finds its own draws again (all alike there)
-            return by_causal_elements(q, k, v, mask, by_element, lambda q, k, v, m, _: block_sparse_attention(
+            return by_elements(q, k, v, mask, by_element, lambda q, k, v, m, _: block_sparse_attention(
                 q, k, v, m, scale, causal, block, local_blocks, global_blocks, random_blocks, seed, dense_heads, 0,
                 impl, positions_from_mask, head_offset))
     if positions_from_mask and mask is not None and sq < sk and bool(mask_rows_moved(mask, sq, sk).any()):
@@ -304,8 +274,12 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     mask): with fewer queries than keys, rows the mask moves off
     ``i + Sk - Sq`` attend densely (``dense_rows_where_moved``, docs/spec.md).
     """
-    if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
-        return dense_attention(q, k, v, mask, scale, causal)
+    dense = dense_by_element(runs_dense(q, k, dense_below, own_window, mask, positions_from_mask, causal), q, k, v,
+                             mask, scale, causal, lambda q, k, v, m: dynamic_block_attention(
+        q, k, v, m, scale, causal, form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
+        vertical, slash, 0, impl, positions_from_mask))
+    if dense is not None:
+        return dense
     padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: dynamic_block_attention(
         q, k, v, m, scale, causal, form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
         vertical, slash, 0, impl, positions_from_mask))
@@ -324,7 +298,7 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                 return dynamic_block_attention(q, k, v, m, scale, is_causal, form, block, topk, cdf, min_mass,
                                                sink_blocks, local_blocks, pool, rows, last_q, vertical, slash, 0,
                                                impl, positions_from_mask)
-            return by_causal_elements(q, k, v, mask, causal_rows, part)
+            return by_elements(q, k, v, mask, causal_rows, part)
     from sparsecc.codegen.dynamic_attention import dynamic_attention_ref, form_from_args
 
     spec_form = form_from_args(form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
@@ -354,8 +328,12 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     reference run the heads group by group through each form's own op. ``dense_below`` works as in
     ``streaming_attention``.
     """
-    if runs_dense(q, k, dense_below, own_window, mask, positions_from_mask):
-        return dense_attention(q, k, v, mask, scale, causal)
+    dense = dense_by_element(runs_dense(q, k, dense_below, own_window, mask, positions_from_mask, causal), q, k, v,
+                             mask, scale, causal, lambda q, k, v, m: mixed_head_attention(
+        q, k, v, m, scale, causal, kinds, sink, window, vertical, slash, local_blocks, global_blocks, random_blocks,
+        seed, block, last_q, 0, impl, positions_from_mask, head_offset))
+    if dense is not None:
+        return dense
     # Left padding is found over every head, then each head group runs on what remains (docs/spec.md).
     padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: mixed_head_attention(
         q, k, v, m, scale, causal, kinds, sink, window, vertical, slash, local_blocks, global_blocks, random_blocks,
@@ -431,7 +409,7 @@ def _head_group(q, k, v, mask, m4, scale, causal, table, impl, positions_from_ma
     if form is None and causal and qh.shape[2] != kh.shape[2]:
         # Bottom-right causality (the queries are the last positions) as a mask: SDPA's is_causal is top-left.
         keep = torch.ones(qh.shape[2], kh.shape[2], dtype=torch.bool, device=q.device) if mh is None else mh
-        return dense_attention(qh, kh, vh, _with_causal(keep, qh.shape[2], kh.shape[2]), scale, False)
+        return dense_attention(qh, kh, vh, with_causal(keep, qh.shape[2], kh.shape[2]), scale, False)
     if form is None:
         return dense_attention(qh, kh, vh, mh, scale, causal)
     if isinstance(form, Streaming) and positions_from_mask and mh is not None:
@@ -511,8 +489,11 @@ def _streaming_opaque(args, device: torch.device, symbolic: bool) -> Optional[st
 
 def _streaming_reference(q, k, v, mask, scale, causal, sink, window, dense_below=0, impl="reference", own_window=0):
     from sparsecc.codegen.block_attention import streaming_attention_ref
-    if runs_dense(q, k, 0, own_window):   # the model's own window: positions unknown (the crossover is not semantics)
-        return dense_attention(q, k, v, mask, scale, causal)
+    # The model's own window: positions unknown (the crossover is not semantics).
+    dense = dense_by_element(runs_dense(q, k, 0, own_window, mask, causal=causal), q, k, v, mask, scale, causal,
+                             lambda q, k, v, m: _streaming_reference(q, k, v, m, scale, causal, sink, window))
+    if dense is not None:
+        return dense
     return streaming_attention_ref(q, k, v, sink=sink, window=window, scale=scale, causal=causal, mask=mask)
 
 

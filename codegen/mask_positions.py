@@ -116,14 +116,18 @@ def by_left_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     return out
 
 
-def by_causal_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                       by_element: torch.Tensor, run) -> torch.Tensor:
-    """``run(q, k, v, mask, is_causal)`` on the batch elements ``by_element`` marks causal, then on the others: a
-    batch whose elements differ is split, so a sequence's layout never depends on its batch-mates' masks."""
-    m4 = mask_4d(mask)
+def by_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                flags: torch.Tensor, run) -> torch.Tensor:
+    """``run(q, k, v, mask, flag)`` on the batch elements ``flags`` (bool ``[B]``) marks, with ``flag`` True, then
+    on the others with ``flag`` False: a batch whose elements are decided differently (causal or not, dense or
+    not) is split, so a sequence's result never depends on its batch-mates'."""
+    m4 = None if mask is None else mask_4d(mask)
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    for batch, is_causal in ((by_element.nonzero().flatten(), True), ((~by_element).nonzero().flatten(), False)):
-        out[batch] = run(q[batch], k[batch], v[batch], m4[batch], is_causal)
+    flags = flags.to(q.device)
+    for batch, flag in ((flags.nonzero().flatten(), True), ((~flags).nonzero().flatten(), False)):
+        if batch.numel():
+            mb = m4 if m4 is None or m4.shape[0] == 1 else m4[batch]
+            out[batch] = run(q[batch], k[batch], v[batch], mb, flag)
     return out
 
 

@@ -180,8 +180,8 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
                      "(docs/spec.md)")
     if own_window:
         notes.append(f"the model's own sliding window is {own_window}: calls with {own_window - 1} or more keys "
-                     "before the queries run dense (its cache may then no longer hold the first tokens, so key "
-                     "positions are unknown; docs/spec.md)")
+                     "before the queries (a left-padded sequence's from its first key) run dense (its cache may "
+                     "then no longer hold the first tokens, so key positions are unknown; docs/spec.md)")
     if ignored:
         notes.append(f"heads {sorted(ignored)} do not exist (site has {total})")
     if total != heads:

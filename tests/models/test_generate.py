@@ -263,3 +263,52 @@ def test_a_left_padded_sequence_generates_as_it_does_alone(form, cache, eager_lo
     assert attention and all(s.applied for s in attention if s.shapes["q"][2] > 1)
     torch.testing.assert_close(batch, alone, atol=1e-4, rtol=1e-4)
     assert (alone - dense).abs().max() > 1e-3   # the form left out keys that matter
+
+
+@pytest.mark.parametrize("form, cache", [("streaming", "dynamic"), ("streaming", "static"),
+                                         ("block_sparse", "dynamic")])
+def test_a_left_padded_sequence_reaches_the_models_own_window_when_it_does_alone(form, cache, eager_lowering):
+    """docs/spec.md, "A model with its own sliding window" with "Left padding": Mistral's cache keeps its last
+    ``W - 1`` tokens, and a decode step runs the model's dense attention once its query sits at ``W - 1``, counted
+    from the sequence's first token. A prompt left-padded by 20 beside a longer one switches at the same step as
+    alone (counted on the key axis it would switch 20 steps earlier), and until then it runs the form: its logits
+    equal its logits alone at every step, and for streaming both equal the float oracle of that rule."""
+    import copy
+
+    torch.manual_seed(4)
+    model_window, sink, window = 40, 4, 8
+    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     sliding_window=model_window)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():   # peaked attention, so that what the forms leave out matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    prompt, pad, new = 24, 20, 20   # alone, the first query reaches W - 1 = 39 at step 16; on the key axis, at 0
+    ids = torch.randint(1, 128, (2, pad + prompt), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones_like(ids)
+    ids[0, :pad], attention_mask[0, :pad] = 0, 0
+    rule = dict(LEFT_PADDED_FORMS[form], policy="force")
+    if form == "streaming":
+        rule.update(sink=sink, window=window)
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=0)
+    if cache == "static":
+        settings["cache_implementation"] = "static"
+    compiled = sparsecc.compile(model, spec={"version": 1, "attention": [rule]}, kernels="reference")
+    with torch.no_grad():
+        batch = torch.stack(compiled.generate(ids, attention_mask=attention_mask, **settings).logits, 1)[0]
+        report = sparsecc.last_report()
+        alone = torch.stack(compiled.generate(ids[:1, pad:], **settings).logits, 1)[0]
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert attention and all(s.applied and "own sliding window is 40" in s.reason for s in attention)
+    torch.testing.assert_close(batch, alone, atol=1e-4, rtol=1e-4)
+    if form == "streaming":
+        name = f"sparsecc_test_own_window_{model_window}_{sink}_{window}"
+        transformers.AttentionInterface.register(name, _sliding_window_oracle(model_window, sink, window))
+        reference = copy.deepcopy(model)
+        reference.set_attn_implementation(name)
+        with torch.no_grad():
+            expected = torch.stack(reference.generate(ids[:1, pad:], **settings).logits, 1)[0]
+        torch.testing.assert_close(alone, expected, atol=1e-4, rtol=1e-4)

@@ -233,6 +233,35 @@ def test_left_padding_changes_nothing(form, data):
     _close(together[:, :, -c.sq:], alone, c.torch_dtype, what=f"{c} behind {pad} padding keys")
 
 
+@pytest.mark.parametrize("form", FORMS)
+@hn.examples(10)
+@given(data=st.data())
+def test_left_padding_moves_the_models_own_window_rule(form, data):
+    """spec.md, "A model with its own sliding window" and "Left padding": the call runs dense once its first
+    query sits at ``W - 1`` or later, counted from the element's first key. With ``W - 1`` between ``Sk - Sq``
+    alone and ``Sk - Sq`` behind the padding, the padded sequence still runs the form, as it does alone (and as
+    the same sequence does at a site without an own window)."""
+    c, pad = data.draw(left_padding_cases(form))
+    assume(c.sq < c.sk)   # with as many queries as keys the first query sits at 0: the rule never applies
+    if form == "vertical_slash":
+        assume(c.causal)
+    own_window = c.sk - c.sq + 2 + data.draw(st.integers(0, pad - 1))   # W - 1 in (Sk - Sq, Sk - Sq + pad]
+    q, k, v, mask = cases.tensors(c)
+    longer = c.replace(sk=c.sk + pad)
+
+    def run(case, tensors, window):
+        model = cases.model_of(case)
+        model.layers[0].attn.sliding_window = window
+        out, report = hn.compile_and_run(model, tensors, case.spec)
+        hn.assert_applied(report, "attention", "layers.0.attn", _form_of(case.spec, 0, case.heads))
+        return out
+    alone = run(c, (q, k, v, mask), own_window)
+    _close(alone, _run(c, (q, k, v, mask)), c.torch_dtype, what=f"{c} alone, own window {own_window}")
+    together = run(longer, _left_padded(c, q, k, v, mask, pad), own_window)
+    _close(together[:, :, -c.sq:], alone, c.torch_dtype,
+           what=f"{c} behind {pad} padding keys, own window {own_window}")
+
+
 # ================================================================ a causal mask tensor equals is_causal
 
 @st.composite
