@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from sparsecc.codegen.dense_branches import dense_attention, dense_by_element, runs_dense, with_causal
-from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, by_elements, by_left_padding,
+from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_ref, by_elements, by_padding,
                                              causal_batch_elements, mask_4d, mask_rows_moved, padding_cut,
                                              streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
@@ -226,7 +226,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         positions_from_mask, head_offset))
     if dense is not None:
         return dense
-    padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: block_sparse_attention(
+    padded = by_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: block_sparse_attention(
         q, k, v, m, scale, causal, block, local_blocks, global_blocks, random_blocks, seed, dense_heads, 0, impl,
         positions_from_mask, head_offset))
     if padded is not None:
@@ -280,7 +280,7 @@ def dynamic_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         vertical, slash, 0, impl, positions_from_mask))
     if dense is not None:
         return dense
-    padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: dynamic_block_attention(
+    padded = by_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: dynamic_block_attention(
         q, k, v, m, scale, causal, form, block, topk, cdf, min_mass, sink_blocks, local_blocks, pool, rows, last_q,
         vertical, slash, 0, impl, positions_from_mask))
     if padded is not None:
@@ -335,7 +335,7 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if dense is not None:
         return dense
     # Left padding is found over every head, then each head group runs on what remains (docs/spec.md).
-    padded = by_left_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: mixed_head_attention(
+    padded = by_padding(q, k, v, mask, causal, scale, lambda q, k, v, m: mixed_head_attention(
         q, k, v, m, scale, causal, kinds, sink, window, vertical, slash, local_blocks, global_blocks, random_blocks,
         seed, block, last_q, 0, impl, positions_from_mask, head_offset))
     if padded is not None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from sparsecc.codegen.mask_positions import by_elements, leading_padding, mask_query_positions
+from sparsecc.codegen.mask_positions import by_elements, leading_padding, mask_query_positions, trailing_padding
 
 __all__ = ["dense_attention", "with_causal", "runs_dense", "dense_by_element"]
 
@@ -48,7 +48,8 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
       unknown.
 
     Both count an element's keys from its left padding ``o`` (docs/spec.md, "Left padding") on a call with a mask
-    that is not causal, so a left-padded sequence switches exactly where it does alone. That reads the mask back
+    that is not causal, and the crossover leaves out its right padding too ("Right padding"), so a padded sequence
+    switches exactly where it does alone. That reads the mask back
     once, and only when some element may run dense (a crossover is set, or ``Sk - Sq`` reaches the window).
     """
     seq_q, seq_k = q.shape[2], k.shape[2]
@@ -65,6 +66,8 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
             return int(mask_query_positions(mask, seq_q, seq_k)[..., 0].max()) >= own_window - 1
         return True
     keys = seq_k - padding.long()
+    if dense_below > 0:   # the element's keys without its padding at either end
+        keys = keys - trailing_padding(mask, q.shape[0], seq_q, seq_k).long()
     dense = torch.zeros_like(keys, dtype=torch.bool)
     if dense_below > 0:
         dense |= keys < dense_below
@@ -74,7 +77,7 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
             first = mask_query_positions(mask, seq_q, seq_k)[..., 0].amax(-1).expand(q.shape[0])
         dense |= first - padding.long() >= own_window - 1
     # An element whose mask hides every key has no position; its rows are padding rows (the forms' path).
-    flags = (dense & (keys > 0)).cpu()
+    flags = (dense & (padding < seq_k)).cpu()
     return True if bool(flags.all()) else False if not bool(flags.any()) else flags
 
 

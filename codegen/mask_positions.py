@@ -63,56 +63,87 @@ def leading_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k:
     return first.to(torch.int32).expand(batch).contiguous()
 
 
-def left_padding_cuts(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[list]:
-    """Per batch element ``(o, padding rows)`` (docs/spec.md, "Left padding"): its left padding ``o``
-    (:func:`leading_padding`) and how many leading query rows are its padding rows, those that sit before key ``o``
-    (``i + Sk - Sq < o``) or whose mask keeps no key (a static cache's padding rows). Padding rows attend densely;
-    the form runs on the rows after them and the keys from ``o``. None when no element is left-padded, without a
-    mask, or inside :func:`padding_cut`. One read-back to the host.
+def trailing_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
+    """Per batch element, its right padding (docs/spec.md, "Right padding"): with as many queries as keys, how many
+    trailing keys its mask hides from every query row and head (``seq_k`` when it hides every key); 0 with fewer
+    queries than keys. int32 ``[batch]`` on the mask's device without a host sync, or None without a mask or
+    inside :func:`padding_cut`.
+    """
+    if mask is None or _PADDING_CUT.get():
+        return None
+    if seq_q != seq_k:
+        return torch.zeros(batch, dtype=torch.int32, device=mask.device)
+    shown = _mask_keeps(mask, seq_k).flatten(1, 2).any(1)                       # [B|1, Sk]: some row or head sees it
+    last = torch.where(shown, torch.arange(seq_k, device=mask.device), -1).amax(-1)
+    return (seq_k - 1 - last).to(torch.int32).expand(batch).contiguous()
+
+
+def padding_cuts(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[list]:
+    """Per batch element ``(o, first row, end, end row)`` (docs/spec.md, "Left padding" and "Right padding"): the
+    form runs on rows ``first row .. end row - 1`` and keys ``o .. end - 1``; the rows before and after are its
+    padding rows. ``o`` is its left padding (:func:`leading_padding`); the leading padding rows sit before key ``o``
+    (``i + Sk - Sq < o``) or keep no key (a static cache's padding rows). With as many queries as keys (row ``i`` is
+    key ``i``'s query), the trailing keys its mask hides from every row and head are its right padding ``r``:
+    ``end = Sk - r`` and ``end row = Sq - r``; otherwise nothing is cut at the end (a static cache's unwritten
+    tail, placed by the mask positions instead). None when no element is padded, without a mask, or inside
+    :func:`padding_cut`. One read-back to the host.
     """
     starts = leading_padding(mask, batch, seq_q, seq_k)
     if starts is None:
         return None
-    keeps_a_key = _mask_keeps(mask, seq_k).any(-1).any(1).expand(batch, seq_q)   # [B, Sq], any head
+    keep = _mask_keeps(mask, seq_k)
+    keeps_a_key = keep.any(-1).any(1).expand(batch, seq_q)                        # [B, Sq], any head
     leading_empty = torch.where(keeps_a_key, torch.arange(seq_q, device=mask.device), seq_q).amin(-1)
     before = (starts.long() - (seq_k - seq_q)).clamp(0, seq_q)
-    cuts = [tuple(c) for c in torch.stack([starts.long(), torch.maximum(before, leading_empty)], -1).tolist()]
-    return cuts if any(start > 0 for start, _ in cuts) else None
+    rows = torch.maximum(before, leading_empty)
+    ends = torch.maximum(seq_k - trailing_padding(mask, batch, seq_q, seq_k).long(), starts.long())
+    end_rows = torch.maximum(ends - (seq_k - seq_q), rows)
+    cuts = [tuple(c) for c in torch.stack([starts.long(), rows, ends, end_rows], -1).tolist()]
+    return cuts if any(c != (0, 0, seq_k, seq_q) for c in cuts) else None
 
 
-def cut_element(mask: torch.Tensor, rows: int, start: int) -> torch.Tensor:
-    """A 4-d mask from query row ``rows`` and key ``start`` on (size-1 dims, which broadcast, kept)."""
-    m = mask if mask.shape[2] == 1 else mask[:, :, rows:]
-    return m if m.shape[3] == 1 else m[..., start:]
+def cut_element(mask: torch.Tensor, rows: int, start: int, end_rows: Optional[int] = None,
+                end: Optional[int] = None) -> torch.Tensor:
+    """A 4-d mask of query rows ``rows .. end_rows - 1`` and keys ``start .. end - 1`` (size-1 dims, which
+    broadcast, kept; None: to the end)."""
+    m = mask if mask.shape[2] == 1 else mask[:, :, rows:end_rows]
+    return m if m.shape[3] == 1 else m[..., start:end]
 
 
-def by_left_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                    causal: bool, scale: float, run) -> Optional[torch.Tensor]:
-    """docs/spec.md's left-padding rule for the ops that decide on the host: each left-padded batch element
-    (:func:`left_padding_cuts`) runs ``run(q, k, v, mask)`` on its keys from ``o`` and its rows after its padding
-    rows, inside :func:`padding_cut`, so positions count from its first key and it attends as it does alone; its
-    padding rows attend densely (:func:`dense_rows`). Elements are grouped by their cut. Returns None when no
-    element is padded (or the call is causal, or has no mask).
+def by_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               causal: bool, scale: float, run) -> Optional[torch.Tensor]:
+    """docs/spec.md's padding rules for the ops that decide on the host: each padded batch element
+    (:func:`padding_cuts`) runs ``run(q, k, v, mask)`` on its keys from ``o`` to its right padding and its rows
+    between its padding rows, inside :func:`padding_cut`, so positions count from its first key, estimates see
+    none of its padding, and it attends as it does alone; its padding rows attend densely (:func:`dense_rows`).
+    Elements are grouped by their cut. Returns None when no element is padded (or the call is causal, or has no
+    mask).
     """
     if mask is None or causal:
         return None
-    sq, sk = q.shape[2], k.shape[2]
-    cuts = left_padding_cuts(mask, q.shape[0], sq, sk)
+    sq = q.shape[2]
+    cuts = padding_cuts(mask, q.shape[0], sq, k.shape[2])
     if cuts is None:
         return None
     m4 = mask_4d(mask)
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    for start, rows in sorted(set(cuts)):
-        batch = torch.tensor([i for i, c in enumerate(cuts) if c == (start, rows)], device=q.device)
-        qb, kb, vb = q[batch], k[batch], v[batch]
-        mb = m4 if m4.shape[0] == 1 else m4[batch]
-        if rows > 0:
-            pad_mask = mb if mb.shape[2] == 1 else mb[:, :, :rows]
-            out[batch, :, :rows] = dense_rows(qb[:, :, :rows], kb, vb, pad_mask, scale).to(q.dtype)
-        if rows < sq:
+    for cut in sorted(set(cuts)):
+        start, rows, end, end_rows = cut
+        members = [i for i, c in enumerate(cuts) if c == cut]
+        if len(members) == len(cuts):   # one cut for the whole batch: views, no copies
+            batch, qb, kb, vb, mb = slice(None), q, k, v, m4
+        else:
+            batch = torch.tensor(members, device=q.device)
+            qb, kb, vb = q[batch], k[batch], v[batch]
+            mb = m4 if m4.shape[0] == 1 else m4[batch]
+        for r0, r1 in ((0, rows), (end_rows, sq)):
+            if r1 > r0:
+                pad_mask = mb if mb.shape[2] == 1 else mb[:, :, r0:r1]
+                out[batch, :, r0:r1] = dense_rows(qb[:, :, r0:r1], kb, vb, pad_mask, scale).to(q.dtype)
+        if rows < end_rows:
             with padding_cut():
-                out[batch, :, rows:] = run(qb[:, :, rows:], kb[:, :, start:], vb[:, :, start:],
-                                           cut_element(mb, rows, start))
+                out[batch, :, rows:end_rows] = run(qb[:, :, rows:end_rows], kb[:, :, start:end],
+                                                   vb[:, :, start:end], cut_element(mb, rows, start, end_rows, end))
     return out
 
 

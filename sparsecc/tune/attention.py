@@ -204,20 +204,21 @@ class AttentionStats:
                              allowed_blocks=torch.zeros(h, dtype=torch.float64))
         entry["calls"] += 1
         if not causal and masks:
-            cuts = _left_padding_cuts(masks, flags, b, sq, sk)
-            if cuts is not None:   # docs/spec.md, "Left padding": each element as the compiled forms run it
+            cuts = _padding_cuts(masks, flags, b, sq, sk)
+            if cuts is not None:   # docs/spec.md, "Left padding", "Right padding": each element as the forms run it
                 from sparsecc.codegen.mask_positions import cut_element, mask_4d
                 masks_4d = [mask_4d(m) for m in masks]
-                for i, (start, rows) in enumerate(cuts):
-                    if rows < sq:
-                        parts = [cut_element(m[i:i + 1] if m.shape[0] > 1 else m, rows, start) for m in masks_4d]
-                        self._record_call(entry, q[i:i + 1, :, rows:], k[i:i + 1, :, start:], parts, flags, scale,
-                                          causal)
+                for i, (start, rows, end, end_rows) in enumerate(cuts):
+                    if rows < end_rows:
+                        parts = [cut_element(m[i:i + 1] if m.shape[0] > 1 else m, rows, start, end_rows, end)
+                                 for m in masks_4d]
+                        self._record_call(entry, q[i:i + 1, :, rows:end_rows], k[i:i + 1, :, start:end], parts,
+                                          flags, scale, causal)
                 return
         self._record_call(entry, q, k, masks, flags, scale, causal)
 
     def _record_call(self, entry, q, k, masks, flags, scale: float, causal: bool) -> None:
-        """Add the statistics of one call (or one left-padded element of it, cut as docs/spec.md says)."""
+        """Add the statistics of one call (or one padded element of it, cut as docs/spec.md says)."""
         sq, sk = q.shape[2], k.shape[2]
         cands = entry["candidates"]
         # The dynamic forms' selections depend on the whole call: made once, then read chunk by chunk.
@@ -347,15 +348,15 @@ def _mask_causal_rows(masks, flags, seq_q: int, seq_k: int) -> Optional[torch.Te
     return mask_is_causal(combined, seq_q, seq_k)
 
 
-def _left_padding_cuts(masks, flags, batch: int, seq_q: int, seq_k: int) -> Optional[list]:
-    """``left_padding_cuts`` (codegen/mask_positions.py) of what a non-causal call's masks let take part together."""
-    from sparsecc.codegen.mask_positions import left_padding_cuts, mask_4d
+def _padding_cuts(masks, flags, batch: int, seq_q: int, seq_k: int) -> Optional[list]:
+    """``padding_cuts`` (codegen/mask_positions.py) of what a non-causal call's masks let take part together."""
+    from sparsecc.codegen.mask_positions import mask_4d, padding_cuts
 
     combined = None
     for mask, (additive, keep) in zip(masks, flags):
         part = mask_4d(_takes_part(mask, additive, keep))
         combined = part if combined is None else combined & part
-    return left_padding_cuts(combined, batch, seq_q, seq_k)
+    return padding_cuts(combined, batch, seq_q, seq_k)
 
 
 def _takes_part(mask: torch.Tensor, additive: bool, keep: bool) -> torch.Tensor:

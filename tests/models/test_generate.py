@@ -312,3 +312,35 @@ def test_a_left_padded_sequence_reaches_the_models_own_window_when_it_does_alone
         with torch.no_grad():
             expected = torch.stack(reference.generate(ids[:1, pad:], **settings).logits, 1)[0]
         torch.testing.assert_close(alone, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["block_topk", "vertical_slash", "block_sparse"])
+def test_a_right_padded_sequence_scores_as_it_does_alone(form, eager_lowering):
+    """docs/spec.md, "Right padding": a batch right-padded to its longest sequence (how a batch is scored) gives a
+    sequence's real positions the logits it has alone: the dynamic forms estimate from its own rows and keys
+    (vertical_slash's last rows are its last tokens, not padding), and both are the sparse form's."""
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():   # peaked attention, so that what the forms leave out matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    length, pad = 300, 37
+    ids = torch.randint(1, 128, (2, length + pad), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones_like(ids)
+    ids[0, length:], attention_mask[0, length:] = 0, 0
+    rule = dict(LEFT_PADDED_FORMS[form], policy="force")
+    if form == "vertical_slash":   # budgets past the forced columns (30) and diagonals (100): the estimate picks
+        rule.update(vertical=40, slash=110)
+    compiled = sparsecc.compile(model, spec={"version": 1, "attention": [rule]}, kernels="reference")
+    with torch.no_grad():
+        batch = compiled(ids, attention_mask=attention_mask).logits[0, :length]
+        report = sparsecc.last_report()
+        alone = compiled(ids[:1, :length]).logits[0]
+        dense = model(ids[:1, :length]).logits[0]
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert attention and all(s.applied for s in attention)
+    torch.testing.assert_close(batch, alone, atol=1e-4, rtol=1e-4)
+    assert (alone - dense).abs().max() > 1e-3   # the form left out keys that matter

@@ -497,18 +497,36 @@ def _keep_at(form: Optional[dict], p: torch.Tensor, sk: int) -> torch.Tensor:
                                 form.get("global_blocks", 0))
 
 
-def left_padding(mask, b: int, sq: int, sk: int) -> int:
-    """Spec, "Left padding": how many leading keys batch element ``b``'s mask hides from every query row and head
-    (bool False, or additive at or below -1e4); ``sk`` when it hides every key."""
+def _shown_keys(mask, b: int, sq: int, sk: int) -> torch.Tensor:
+    """``[Sk]``: the keys batch element ``b``'s mask shows to some query row of some head (bool True, or additive
+    above -1e4)."""
     m = mask
     while m.dim() < 4:
         m = m[None]
     m = m[b if m.shape[0] > 1 else 0]                                   # [H|1, Sq|1, Sk|1]
     keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
-    shown = torch.broadcast_to(keeps, (keeps.shape[0], sq, sk)).any(0).any(0)
+    return torch.broadcast_to(keeps, (keeps.shape[0], sq, sk)).any(0).any(0)
+
+
+def left_padding(mask, b: int, sq: int, sk: int) -> int:
+    """Spec, "Left padding": how many leading keys batch element ``b``'s mask hides from every query row and head
+    (bool False, or additive at or below -1e4); ``sk`` when it hides every key."""
+    shown = _shown_keys(mask, b, sq, sk)
     for j in range(sk):
         if shown[j]:
             return j
+    return sk
+
+
+def right_padding(mask, b: int, sq: int, sk: int) -> int:
+    """Spec, "Right padding": with as many queries as keys, how many trailing keys batch element ``b``'s mask hides
+    from every query row and head; 0 with fewer queries than keys."""
+    if sq != sk:
+        return 0
+    shown = _shown_keys(mask, b, sq, sk)
+    for j in range(sk - 1, -1, -1):
+        if shown[j]:
+            return sk - 1 - j
     return sk
 
 
@@ -519,53 +537,58 @@ def _element_mask(mask, b: int):
     return m[b:b + 1] if m.shape[0] > 1 else m
 
 
-def _by_left_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool):
-    """Spec, "Left padding": per batch element, positions count from its first shown key ``o``; its padding rows
-    (the leading rows that sit before ``o`` or keep no key) attend densely (every key their mask keeps). Returns
-    None when no element is left-padded."""
+def _by_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool):
+    """Spec, "Left padding" and "Right padding": per batch element, the form sees its keys from its first shown key
+    ``o`` to its right padding (and, with as many queries as keys, the rows of those keys); its left padding rows
+    (the leading rows that sit before ``o`` or keep no key) attend densely (every key their mask keeps); the rows of
+    its right padding are unspecified (invalid here). Returns None when no element is padded."""
     b_, h_, sq, _ = q.shape
     sk = k.shape[2]
-    pads = [left_padding(mask, b, sq, sk) for b in range(b_)]
-    if not any(pads):
+    pads = [(left_padding(mask, b, sq, sk), right_padding(mask, b, sq, sk)) for b in range(b_)]
+    if not any(o or r for o, r in pads):
         return None
     out = torch.zeros(b_, h_, sq, v.shape[-1], dtype=F64)
     valid = torch.zeros(b_, h_, sq, dtype=torch.bool)
-    for b, o in enumerate(pads):
+    for b, (o, r) in enumerate(pads):
         m = _element_mask(mask, b)
+        end = max(sk - r, o)
         rows = min(sq, max(0, o - (sk - sq)))          # rows whose position i + Sk - Sq lies before key o
         keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
         keeps = torch.broadcast_to(keeps, (1, keeps.shape[1], sq, sk))
         while rows < sq and not keeps[0, :, rows].any():   # then the leading rows whose mask keeps no key
             rows += 1
+        end_rows = max(end - (sk - sq), rows)          # the rows of the right padding's keys follow
         if rows:
             keep_all = torch.ones(1, h_, rows, sk, dtype=torch.bool)
             m_rows = m if m.shape[2] == 1 else m[:, :, :rows]
-            out[b:b + 1, :, :rows], valid[b:b + 1, :, :rows] = attend(q[b:b + 1, :, :rows], k[b:b + 1], v[b:b + 1],
-                                                                      keep_all, scale=scale, mask=m_rows)
-        if rows < sq:
-            m_rest = m if m.shape[2] == 1 else m[:, :, rows:]
-            m_rest = m_rest if m_rest.shape[3] == 1 else m_rest[..., o:]
-            out[b:b + 1, :, rows:], valid[b:b + 1, :, rows:] = expected_attention(
-                q[b:b + 1, :, rows:], k[b:b + 1, :, o:], v[b:b + 1, :, o:], forms, causal=causal, mask=m_rest,
-                scale=scale, is_causal_flag=flag, left_padded=True)
+            out[b:b + 1, :, :rows], valid[b:b + 1, :, :rows] = attend(
+                q[b:b + 1, :, :rows], k[b:b + 1], v[b:b + 1], keep_all, scale=scale, mask=m_rows)
+        # the rows of the right padding (from end_rows on) are unspecified: left invalid
+        if rows < end_rows:
+            m_rest = m if m.shape[2] == 1 else m[:, :, rows:end_rows]
+            m_rest = m_rest if m_rest.shape[3] == 1 else m_rest[..., o:end]
+            out[b:b + 1, :, rows:end_rows], valid[b:b + 1, :, rows:end_rows] = expected_attention(
+                q[b:b + 1, :, rows:end_rows], k[b:b + 1, :, o:end], v[b:b + 1, :, o:end], forms, causal=causal,
+                mask=m_rest, scale=scale, is_causal_flag=flag, padding_cut=True)
     return out, valid
 
 
 def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool, mask=None,
                        scale: Optional[float] = None, is_causal_flag: Optional[bool] = None,
-                       left_padded: bool = False):
+                       padding_cut: bool = False):
     """The output of an attention site whose heads use ``forms`` (None: dense). Returns (out, valid rows).
 
     ``is_causal_flag``: whether causality comes from SDPA's ``is_causal`` (default: ``causal``); a site made
-    causal by a mask tensor is "not causal" for the spec's position rule. ``left_padded``: the spec's
-    left-padding rule was already applied (the keys given start at the element's first shown key).
+    causal by a mask tensor is "not causal" for the spec's position rule. ``padding_cut``: the spec's
+    padding rules were already applied (the keys given start at the element's first shown key and end at its
+    right padding).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b_, h_, sq, _ = q.shape
     sk = k.shape[2]
     flag = causal if is_causal_flag is None else is_causal_flag
-    if mask is not None and not flag and not left_padded:
-        padded = _by_left_padding(q, k, v, forms, causal=causal, mask=mask, scale=scale, flag=flag)
+    if mask is not None and not flag and not padding_cut:
+        padded = _by_padding(q, k, v, forms, causal=causal, mask=mask, scale=scale, flag=flag)
         if padded is not None:
             return padded
     if positions_from_mask(flag, mask, sq, sk):

@@ -192,12 +192,14 @@ def test_more_queries_than_keys_stay_dense(eager_lowering):
 def test_block_topk_rows_left_without_keys_output_zeros(eager_lowering):
     """block_topk keeps one block per query block and no band; the estimate (which ignores the mask) prefers key
     block 1, which the mask hides: every row is left with no key and outputs zeros, and the report says so. (The
-    mask shows key 0, so the keys it hides are not left padding, which docs/spec.md removes before the estimate.)"""
-    q = torch.ones(1, H, 32, D)
-    k = torch.cat([torch.full((1, H, 16, D), -2.0), torch.full((1, H, 16, D), 2.0)], dim=2)
-    v = torch.randn(1, H, 32, D)
-    keep = torch.ones(1, 1, 32, 32, dtype=torch.bool)
-    keep[..., 16:] = False
+    mask shows the first and the last key, so the keys it hides are neither left nor right padding, which
+    docs/spec.md removes before the estimate.)"""
+    q = torch.ones(1, H, 48, D)
+    k = torch.cat([torch.full((1, H, 16, D), -2.0), torch.full((1, H, 16, D), 2.0),
+                   torch.full((1, H, 16, D), -2.0)], dim=2)
+    v = torch.randn(1, H, 48, D)
+    keep = torch.ones(1, 1, 48, 48, dtype=torch.bool)
+    keep[..., 16:32] = False
     form = {"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0, "local_blocks": 0}
     out, site = _run(q, k, v, keep, _streaming_spec(form))
     assert site.applied and "outputs zeros" in site.reason, site.reason
