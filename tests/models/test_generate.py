@@ -190,18 +190,25 @@ def test_the_report_after_generate_keeps_the_prefill_and_the_decode_decisions(ea
         assert sorted(ffn) == [1, PROMPT]   # the prefill's record and the decode steps' one
 
 
-def test_a_vertical_slash_decode_step_does_not_depend_on_a_padded_batch_mate(eager_lowering):
-    """One query row has no key after it, so a decode step is causal with or without a mask (docs/spec.md,
-    vertical_slash): a sequence decodes the same alone (no mask reaches the attention) as beside a left-padded
-    batch-mate (the model then passes one), and both are the sparse form, not dense attention."""
+def _peaked_llama():
+    """A tiny random Llama whose attention is peaked (q and k scaled by 4), so that what the forms leave out
+    matters."""
     torch.manual_seed(4)
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():   # peaked attention, so that the selection leaves out keys that matter
+    with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(4)
             layer.self_attn.k_proj.weight.mul_(4)
+    return model
+
+
+def test_a_vertical_slash_decode_step_does_not_depend_on_a_padded_batch_mate(eager_lowering):
+    """One query row has no key after it, so a decode step is causal with or without a mask (docs/spec.md,
+    vertical_slash): a sequence decodes the same alone (no mask reaches the attention) as beside a left-padded
+    batch-mate (the model then passes one), and both are the sparse form, not dense attention."""
+    model = _peaked_llama()
     prompt, pad = 260, 20
     ids = torch.randint(1, 128, (2, prompt))
     attention_mask = torch.ones(2, prompt, dtype=torch.long)
@@ -236,14 +243,7 @@ def test_a_left_padded_sequence_generates_as_it_does_alone(form, cache, eager_lo
     """docs/spec.md, "Left padding": transformers left-pads a batch to its longest prompt; the padded sequence's
     logits (prefill and every decode step) equal its logits alone, and both are the sparse form's. (The dynamic
     forms attend densely on a static cache's prefill rows, whose positions the mask moves: dynamic cache only.)"""
-    torch.manual_seed(4)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():   # peaked attention, so that what the forms leave out matters
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
+    model = _peaked_llama()
     prompt, pad = 150, 37
     ids = torch.randint(1, 128, (2, pad + prompt), generator=torch.Generator().manual_seed(5))
     attention_mask = torch.ones_like(ids)
@@ -319,14 +319,7 @@ def test_a_right_padded_sequence_scores_as_it_does_alone(form, eager_lowering):
     """docs/spec.md, "Right padding": a batch right-padded to its longest sequence (how a batch is scored) gives a
     sequence's real positions the logits it has alone: the dynamic forms estimate from its own rows and keys
     (vertical_slash's last rows are its last tokens, not padding), and both are the sparse form's."""
-    torch.manual_seed(4)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():   # peaked attention, so that what the forms leave out matters
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
+    model = _peaked_llama()
     length, pad = 300, 37
     ids = torch.randint(1, 128, (2, length + pad), generator=torch.Generator().manual_seed(5))
     attention_mask = torch.ones_like(ids)
