@@ -470,15 +470,17 @@ _QKV_MASK = (TensorInput("q"), TensorInput("k"), TensorInput("v"), TensorInput("
 
 
 def _streaming_opaque(args, device: torch.device, symbolic: bool) -> Optional[str]:
-    """Why a streaming call stays opaque: no kernel, or a crossover branch on symbolic shapes.
+    """Why a streaming call stays opaque: no kernel, a crossover branch, or the model's own window on symbolic
+    shapes.
 
-    Traced, ``seq_k < dense_below`` would become a guard and compile the graph once per side; as one
-    opaque op the branch is taken at run time and one compile serves both sides.
+    Traced, ``seq_k < dense_below`` would become a guard and compile the graph once per side (the compiler sets a
+    crossover on symbolic shapes only), and with a mask it is decided per batch element from a read-back of the
+    mask (``runs_dense``); as one opaque op the branch is taken at run time and one compile serves both sides.
     """
     record = STREAMING_ATTENTION if isinstance(args, StreamingAttentionArgs) else STREAMING_ATTENTION_FROM_MASK
     reason = no_kernel_reason(record, args.impl, device)
-    if reason is None and args.dense_below > 0 and symbolic:
-        reason = f"runtime branch at the crossover (dense below seq_k {args.dense_below}) on symbolic shapes"
+    if reason is None and args.dense_below > 0:   # symbolic shapes: a guard; a mask: a per-element read-back
+        reason = f"runtime branch at the crossover (dense below seq_k {args.dense_below}), per batch element"
     if reason is None and args.own_window > 0 and symbolic:
         reason = (f"runtime branch at the model's own sliding window (dense from {args.own_window - 1} cached "
                   "keys) on symbolic shapes")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from sparsecc.codegen.mask_positions import by_elements, leading_padding, mask_query_positions, trailing_padding
+from sparsecc.codegen.mask_positions import by_elements, mask_query_positions, padding_cut_applied, padding_cuts
 
 __all__ = ["dense_attention", "with_causal", "runs_dense", "dense_by_element"]
 
@@ -47,17 +47,17 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
       sliding-window layers), so from then on the first key need not be token 0 and the forms' positions are
       unknown.
 
-    Both count an element's keys from its left padding ``o`` (docs/spec.md, "Left padding") on a call with a mask
-    that is not causal, and the crossover leaves out its right padding too ("Right padding"), so a padded sequence
-    switches exactly where it does alone. That reads the mask back
-    once, and only when some element may run dense (a crossover is set, or ``Sk - Sq`` reaches the window).
+    On a call with a mask that is not causal both are decided per batch element on what the forms see of it
+    (docs/spec.md, "Left padding", "Right padding"): its first row after its padding rows, its keys from its left
+    padding ``o`` up to its last row's position, positions counted from ``o``; so a padded sequence switches exactly
+    where it does alone. That reads the mask back, only when some element may run dense (a crossover is set, or
+    ``Sk - Sq`` reaches the window). Without a mask the call is one element: ``Sk`` keys, first row at ``Sk - Sq``.
     """
     seq_q, seq_k = q.shape[2], k.shape[2]
     reaches_window = own_window > 0 and seq_k - seq_q >= own_window - 1
     if not reaches_window and dense_below <= 0:
         return False
-    padding = None if mask is None or causal else leading_padding(mask, q.shape[0], seq_q, seq_k)
-    if padding is None:
+    if mask is None or causal or padding_cut_applied():
         if dense_below > 0 and seq_k < dense_below:
             return True
         if not reaches_window:
@@ -65,20 +65,27 @@ def runs_dense(q: torch.Tensor, k: torch.Tensor, dense_below: int, own_window: i
         if positions_from_mask and mask is not None and seq_q < seq_k:
             return int(mask_query_positions(mask, seq_q, seq_k)[..., 0].max()) >= own_window - 1
         return True
-    keys = seq_k - padding.long()
-    if dense_below > 0:   # the element's keys without its padding at either end
-        keys = keys - trailing_padding(mask, q.shape[0], seq_q, seq_k).long()
-    dense = torch.zeros_like(keys, dtype=torch.bool)
-    if dense_below > 0:
-        dense |= keys < dense_below
-    if reaches_window:
-        first = seq_k - seq_q
-        if positions_from_mask and seq_q < seq_k:
-            first = mask_query_positions(mask, seq_q, seq_k)[..., 0].amax(-1).expand(q.shape[0])
-        dense |= first - padding.long() >= own_window - 1
-    # An element whose mask hides every key has no position; its rows are padding rows (the forms' path).
-    flags = (dense & (padding < seq_k)).cpu()
-    return True if bool(flags.all()) else False if not bool(flags.any()) else flags
+    batch = q.shape[0]
+    cuts = padding_cuts(mask, batch, seq_q, seq_k) or [(0, 0, seq_k, seq_q)] * batch
+    positions = None
+    if positions_from_mask and seq_q < seq_k:   # [B|1, Sq], the latest over heads
+        positions = mask_query_positions(mask, seq_q, seq_k).amax(1).cpu()
+
+    def position(element: int, row: int) -> int:
+        if positions is None:
+            return row + seq_k - seq_q
+        return int(positions[element if positions.shape[0] > 1 else 0, row])
+
+    flags = []
+    for element, (start, rows, end, end_rows) in enumerate(cuts):
+        if rows >= end_rows:   # padding rows only: no position, the forms' path attends them densely
+            flags.append(False)
+            continue
+        dense = dense_below > 0 and position(element, end_rows - 1) + 1 - start < dense_below
+        if reaches_window:
+            dense = dense or position(element, rows) - start >= own_window - 1
+        flags.append(dense)
+    return True if all(flags) else False if not any(flags) else torch.tensor(flags)
 
 
 def dense_by_element(dense, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],

@@ -48,6 +48,11 @@ def padding_cut():
         _PADDING_CUT.reset(token)
 
 
+def padding_cut_applied() -> bool:
+    """Whether the caller runs inside :func:`padding_cut` (the padding rules were applied above it)."""
+    return _PADDING_CUT.get()
+
+
 def leading_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
     """Per batch element, how many leading keys its mask hides from every query row and head: its left padding
     (docs/spec.md, "Left padding"). Positions then count from that key: a left-padded sequence attends as it
