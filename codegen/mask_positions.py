@@ -69,15 +69,12 @@ def leading_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k:
 
 
 def trailing_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
-    """Per batch element, its right padding (docs/spec.md, "Right padding"): with as many queries as keys, how many
-    trailing keys its mask hides from every query row and head (``seq_k`` when it hides every key); 0 with fewer
-    queries than keys. int32 ``[batch]`` on the mask's device without a host sync, or None without a mask or
-    inside :func:`padding_cut`.
+    """Per batch element, its right padding (docs/spec.md, "Right padding"): how many trailing keys its mask hides
+    from every query row and head (``seq_k`` when it hides every key). int32 ``[batch]`` on the mask's device
+    without a host sync, or None without a mask or inside :func:`padding_cut`.
     """
     if mask is None or _PADDING_CUT.get():
         return None
-    if seq_q != seq_k:
-        return torch.zeros(batch, dtype=torch.int32, device=mask.device)
     shown = _mask_keeps(mask, seq_k).flatten(1, 2).any(1)                       # [B|1, Sk]: some row or head sees it
     last = torch.where(shown, torch.arange(seq_k, device=mask.device), -1).amax(-1)
     return (seq_k - 1 - last).to(torch.int32).expand(batch).contiguous()
@@ -87,10 +84,12 @@ def padding_cuts(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: in
     """Per batch element ``(o, first row, end, end row)`` (docs/spec.md, "Left padding" and "Right padding"): the
     form runs on rows ``first row .. end row - 1`` and keys ``o .. end - 1``; the rows before and after are its
     padding rows. ``o`` is its left padding (:func:`leading_padding`); the leading padding rows sit before key ``o``
-    (``i + Sk - Sq < o``) or keep no key (a static cache's padding rows). With as many queries as keys (row ``i`` is
-    key ``i``'s query), the trailing keys its mask hides from every row and head are its right padding ``r``:
-    ``end = Sk - r`` and ``end row = Sq - r``; otherwise nothing is cut at the end (a static cache's unwritten
-    tail, placed by the mask positions instead). None when no element is padded, without a mask, or inside
+    (``i < o`` with as many queries as keys, else ``i + end - Sq < o``) or keep no key (a static cache's padding rows). The trailing keys its mask hides from
+    every row and head are its right padding ``r`` (:func:`trailing_padding`): ``end = Sk - r``. With as many
+    queries as keys (row ``i`` is key ``i``'s query) ``end row = Sq - r``; with fewer, ``end row = Sq`` and the tail is cut
+    only when each row after the leading padding rows then sits at ``i + end - Sq`` exactly where its mask ends
+    (the last key it keeps, over heads): a static cache's new tokens, not a right-padded chunk whose last rows are
+    padding (those keep their mask positions). None when no element is padded, without a mask, or inside
     :func:`padding_cut`. One read-back to the host.
     """
     starts = leading_padding(mask, batch, seq_q, seq_k)
@@ -99,11 +98,21 @@ def padding_cuts(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: in
     keep = _mask_keeps(mask, seq_k)
     keeps_a_key = keep.any(-1).any(1).expand(batch, seq_q)                        # [B, Sq], any head
     leading_empty = torch.where(keeps_a_key, torch.arange(seq_q, device=mask.device), seq_q).amin(-1)
-    before = (starts.long() - (seq_k - seq_q)).clamp(0, seq_q)
-    rows = torch.maximum(before, leading_empty)
-    ends = torch.maximum(seq_k - trailing_padding(mask, batch, seq_q, seq_k).long(), starts.long())
-    end_rows = torch.maximum(ends - (seq_k - seq_q), rows)
-    cuts = [tuple(c) for c in torch.stack([starts.long(), rows, ends, end_rows], -1).tolist()]
+    starts = starts.long()
+    ends = torch.maximum(seq_k - trailing_padding(mask, batch, seq_q, seq_k).long(), starts)
+
+    def leading_rows(ends):   # rows before key o at their positions, or keeping no key
+        offset = ends - seq_q if seq_q < seq_k else torch.zeros_like(ends)   # Sq == Sk: row i is key i's query
+        return torch.maximum((starts - offset).clamp(0, seq_q), leading_empty)
+    if seq_q < seq_k:   # cut when every row then sits where its mask ends (a static cache's new tokens)
+        last_kept = torch.where(keep, torch.arange(seq_k, device=mask.device), -1).amax(-1).amax(1)
+        index = torch.arange(seq_q, device=mask.device)[None, :]
+        placed = (last_kept.expand(batch, seq_q) == index + (ends - seq_q)[:, None]) | \
+            (index < leading_rows(ends)[:, None])
+        ends = torch.where(placed.all(-1), ends, seq_k)
+    rows = leading_rows(ends)
+    end_rows = torch.maximum(ends - (seq_k - seq_q), rows) if seq_q == seq_k else torch.full_like(rows, seq_q)
+    cuts = [tuple(c) for c in torch.stack([starts, rows, ends, end_rows], -1).tolist()]
     return cuts if any(c != (0, 0, seq_k, seq_q) for c in cuts) else None
 
 

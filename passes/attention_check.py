@@ -23,8 +23,10 @@ from sparsecc.spec.schema import rule_sort_key
 _AT_MASK = "query positions from the mask (min(i + Sk - Sq, last key the row keeps))"
 MASK_POSITIONS = {
     "streaming_attention_from_mask": _AT_MASK,
-    "block_sparse_attention": _AT_MASK + "; a call whose mask moves a row runs the reference path",
-    "dynamic_block_attention": _AT_MASK + "; rows the mask moves off i + Sk - Sq attend densely",
+    "block_sparse_attention": _AT_MASK + "; a static cache's unwritten tail is cut as right padding; a call whose "
+                              "mask still moves a row runs the reference path",
+    "dynamic_block_attention": _AT_MASK + "; a static cache's unwritten tail is cut as right padding; rows the "
+                               "mask still moves off i + Sk - Sq attend densely",
     "mixed_head_attention": _AT_MASK + "; each head as its form's op treats it",
 }
 # Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.

@@ -519,15 +519,22 @@ def left_padding(mask, b: int, sq: int, sk: int) -> int:
 
 
 def right_padding(mask, b: int, sq: int, sk: int) -> int:
-    """Spec, "Right padding": with as many queries as keys, how many trailing keys batch element ``b``'s mask hides
-    from every query row and head; 0 with fewer queries than keys."""
-    if sq != sk:
-        return 0
+    """Spec, "Right padding": how many trailing keys batch element ``b``'s mask hides from every query row and head
+    (``sk`` when it hides every key)."""
     shown = _shown_keys(mask, b, sq, sk)
     for j in range(sk - 1, -1, -1):
         if shown[j]:
             return sk - 1 - j
     return sk
+
+
+def _leading_rows(keeps, o: int, end: int, sq: int) -> int:
+    """Spec, "Left padding": the leading rows that sit before key ``o`` (at ``i``, or ``i + end - Sq`` with fewer
+    queries than keys) or keep no key."""
+    rows = min(sq, max(0, o - (end - sq if sq < keeps.shape[-1] else 0)))
+    while rows < sq and not keeps[0, :, rows].any():
+        rows += 1
+    return rows
 
 
 def _element_mask(mask, b: int):
@@ -551,13 +558,17 @@ def _by_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool)
     valid = torch.zeros(b_, h_, sq, dtype=torch.bool)
     for b, (o, r) in enumerate(pads):
         m = _element_mask(mask, b)
-        end = max(sk - r, o)
-        rows = min(sq, max(0, o - (sk - sq)))          # rows whose position i + Sk - Sq lies before key o
         keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
         keeps = torch.broadcast_to(keeps, (1, keeps.shape[1], sq, sk))
-        while rows < sq and not keeps[0, :, rows].any():   # then the leading rows whose mask keeps no key
-            rows += 1
-        end_rows = max(end - (sk - sq), rows)          # the rows of the right padding's keys follow
+        end = max(sk - r, o)
+        rows = _leading_rows(keeps, o, end, sq)
+        if sq < sk and end < sk:   # cut only if each row after the padding rows then sits where its mask ends
+            index = torch.arange(sk)
+            last = [int(torch.where(keeps[0, :, i], index, -1).max()) for i in range(sq)]
+            if any(last[i] != i + end - sq for i in range(rows, sq)):
+                end = sk
+                rows = _leading_rows(keeps, o, end, sq)
+        end_rows = max(end, rows) if sq == sk else sq  # with Sq == Sk the rows of the right padding's keys follow
         if rows:
             keep_all = torch.ones(1, h_, rows, sk, dtype=torch.bool)
             m_rows = m if m.shape[2] == 1 else m[:, :, :rows]

@@ -155,30 +155,50 @@ def test_block_sparse_neutral_mask_changes_nothing(eager_lowering):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_dynamic_forms_attend_densely_on_rows_the_mask_moves(eager_lowering):
-    """block_topk (one block of 16 kept, no sink, no band) over a 64-slot static cache holding 20 tokens: both
-    rows moved, so both attend to every written slot; a right-padded batch-mate does not change sequence 0,
-    whose rows stay at i + Sk - Sq."""
+def test_dynamic_forms_run_a_static_cache_as_its_written_tokens(eager_lowering):
+    """block_topk (one block of 16 kept, no sink, a band of one) over a 128-slot static cache holding 60 tokens, two
+    new rows at 58 and 59: the unwritten tail is right padding (docs/spec.md), so the rows run the form exactly as
+    over the 60 written tokens alone, not dense attention; a batch-mate whose mask hides keys 40 on does not change
+    sequence 0, nor sequence 0 it."""
     form = {"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0, "local_blocks": 1}
-    q, k, v = _qkv(1, 2, 64, seed=6)
-    pos = torch.tensor([18, 19])
-    keep = (torch.arange(64)[None, :] <= pos[:, None])[None, None]
+    q, k, v = _qkv(1, 2, 128, seed=6)
+    pos = torch.tensor([58, 59])
+    keep = (torch.arange(128)[None, :] <= pos[:, None])[None, None]
     out, site = _run(q, k, v, keep, _streaming_spec(form))
-    assert site.applied and "attend densely" in site.reason, site.reason
-    torch.testing.assert_close(out.double(), _dense_masked(q, k, v, keep), atol=1e-5, rtol=1e-5)
+    assert site.applied
+    torch._dynamo.reset()
+    written, _ = _run(q, k[:, :, :60], v[:, :, :60], keep[..., :60], _streaming_spec(form))
+    torch.testing.assert_close(out, written, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.double(), _dense_masked(q, k, v, keep), atol=1e-3)   # the form applies
 
-    q, k, v = _qkv(2, 2, 64, seed=7)
-    keep = torch.ones(2, 1, 2, 64, dtype=torch.bool)
+    q, k, v = _qkv(2, 2, 128, seed=7)
+    keep = torch.ones(2, 1, 2, 128, dtype=torch.bool)
     keep[1, ..., 40:] = False
     torch._dynamo.reset()
     out, site = _run(q, k, v, keep, _streaming_spec(form))
     assert site.applied
-    torch.testing.assert_close(out[1:].double(), _dense_masked(q[1:], k[1:], v[1:], keep[1:]), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
     alone, _ = _run(q[:1], k[:1], v[:1], keep[:1], _streaming_spec(form))
     torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    mate, _ = _run(q[1:], k[1:], v[1:], keep[1:], _streaming_spec(form))
+    torch.testing.assert_close(out[1:], mate, atol=1e-5, rtol=1e-5)
     # sequence 0 is not moved: the form applies (one 16-key block per query block, so not dense attention)
     assert not torch.allclose(out[:1].double(), _dense_masked(q[:1], k[:1], v[:1], keep[:1]), atol=1e-3)
+
+
+def test_dynamic_forms_attend_densely_on_rows_the_mask_moves(eager_lowering):
+    """The same cache, but row 0's mask keeps only keys up to 30: the rows are not the last tokens before the
+    unwritten tail (row 0 would sit at 58), so the tail is not cut (docs/spec.md, "Right padding"); row 0's position
+    is 30 and row 1's 59, both off i + Sk - Sq, so both attend to every key their mask keeps, and the report says
+    so. With row 0 at 58 the same call runs the form (the test above)."""
+    form = {"form": "block_topk", "block": 16, "topk": 1, "sink_blocks": 0, "local_blocks": 1}
+    q, k, v = _qkv(1, 2, 128, seed=6)
+    pos = torch.tensor([30, 59])
+    keep = (torch.arange(128)[None, :] <= pos[:, None])[None, None]
+    out, site = _run(q, k, v, keep, _streaming_spec(form))
+    assert site.applied and "attend densely" in site.reason, site.reason
+    torch.testing.assert_close(out.double(), _dense_masked(q, k, v, keep), atol=1e-5, rtol=1e-5)
 
 
 def test_more_queries_than_keys_stay_dense(eager_lowering):
