@@ -61,23 +61,17 @@ def leading_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k:
     """
     if mask is None or _PADDING_CUT.get():
         return None
-    keep = _mask_keeps(mask, seq_k)
-    shown = keep.flatten(1, 2).any(1)                                    # [B|1, Sk]: some row or head sees it
-    index = torch.arange(seq_k, device=mask.device)
-    first = torch.where(shown, index, seq_k).amin(-1)
-    return first.to(torch.int32).expand(batch).contiguous()
+    return _first_shown(_shown_keys(_mask_keeps(mask, seq_k)), seq_k).to(torch.int32).expand(batch).contiguous()
 
 
-def trailing_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
-    """Per batch element, its right padding (docs/spec.md, "Right padding"): how many trailing keys its mask hides
-    from every query row and head (``seq_k`` when it hides every key). int32 ``[batch]`` on the mask's device
-    without a host sync, or None without a mask or inside :func:`padding_cut`.
-    """
-    if mask is None or _PADDING_CUT.get():
-        return None
-    shown = _mask_keeps(mask, seq_k).flatten(1, 2).any(1)                       # [B|1, Sk]: some row or head sees it
-    last = torch.where(shown, torch.arange(seq_k, device=mask.device), -1).amax(-1)
-    return (seq_k - 1 - last).to(torch.int32).expand(batch).contiguous()
+def _shown_keys(keep: torch.Tensor) -> torch.Tensor:
+    """``[B|1, Sk]``: the keys some query row of some head keeps (``keep`` from :func:`_mask_keeps`)."""
+    return keep.flatten(1, 2).any(1)
+
+
+def _first_shown(shown: torch.Tensor, seq_k: int) -> torch.Tensor:
+    """Per element, its first shown key (``seq_k`` when none): its left padding."""
+    return torch.where(shown, torch.arange(seq_k, device=shown.device), seq_k).amin(-1)
 
 
 def padding_cuts(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[list]:
@@ -85,21 +79,22 @@ def padding_cuts(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: in
     form runs on rows ``first row .. end row - 1`` and keys ``o .. end - 1``; the rows before and after are its
     padding rows. ``o`` is its left padding (:func:`leading_padding`); the leading padding rows sit before key ``o``
     (``i < o`` with as many queries as keys, else ``i + end - Sq < o``) or keep no key (a static cache's padding rows). The trailing keys its mask hides from
-    every row and head are its right padding ``r`` (:func:`trailing_padding`): ``end = Sk - r``. With as many
+    every row and head are its right padding ``r``: ``end = Sk - r``. With as many
     queries as keys (row ``i`` is key ``i``'s query) ``end row = Sq - r``; with fewer, ``end row = Sq`` and the tail is cut
     only when each row after the leading padding rows then sits at ``i + end - Sq`` exactly where its mask ends
     (the last key it keeps, over heads): a static cache's new tokens, not a right-padded chunk whose last rows are
     padding (those keep their mask positions). None when no element is padded, without a mask, or inside
     :func:`padding_cut`. One read-back to the host.
     """
-    starts = leading_padding(mask, batch, seq_q, seq_k)
-    if starts is None:
+    if mask is None or _PADDING_CUT.get():
         return None
     keep = _mask_keeps(mask, seq_k)
+    shown = _shown_keys(keep)
     keeps_a_key = keep.any(-1).any(1).expand(batch, seq_q)                        # [B, Sq], any head
     leading_empty = torch.where(keeps_a_key, torch.arange(seq_q, device=mask.device), seq_q).amin(-1)
-    starts = starts.long()
-    ends = torch.maximum(seq_k - trailing_padding(mask, batch, seq_q, seq_k).long(), starts)
+    starts = _first_shown(shown, seq_k).long().expand(batch)
+    last_shown = torch.where(shown, torch.arange(seq_k, device=mask.device), -1).amax(-1)   # right padding: after it
+    ends = torch.maximum(last_shown.long().expand(batch) + 1, starts)
 
     def leading_rows(ends):   # rows before key o at their positions, or keeping no key
         offset = ends - seq_q if seq_q < seq_k else torch.zeros_like(ends)   # Sq == Sk: row i is key i's query
