@@ -1,5 +1,5 @@
 """The attention ops: ``torch.ops.sparsecc.{streaming_attention, streaming_attention_from_mask,
-block_sparse_attention, dynamic_block_attention, mixed_head_attention}``.
+streaming_prefill_sm90, block_sparse_attention, dynamic_block_attention, mixed_head_attention}``.
 
 Each op is one :class:`~sparsecc.codegen.op_record.OpRecord` at the end of this file: its typed
 arguments (the ``*Args`` dataclasses), its body (the functions below, which branch on the cost
@@ -25,11 +25,11 @@ from sparsecc.codegen.mask_positions import (block_sparse_attention_from_mask_re
                                              streaming_attention_from_mask_ref)
 from sparsecc.codegen.op_record import OpRecord, TensorInput, check_impl, no_kernel_reason, pick
 
-__all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "BlockSparseAttentionArgs", "DynamicAttentionArgs",
-           "MixedHeadArgs", "runs_dense", "dense_by_element", "STREAMING_ATTENTION", "STREAMING_ATTENTION_FROM_MASK",
-           "BLOCK_SPARSE_ATTENTION",
+__all__ = ["StreamingAttentionArgs", "StreamingFromMaskArgs", "HopperPrefillArgs", "BlockSparseAttentionArgs",
+           "DynamicAttentionArgs", "MixedHeadArgs", "runs_dense", "dense_by_element", "STREAMING_ATTENTION",
+           "STREAMING_ATTENTION_FROM_MASK", "STREAMING_PREFILL_SM90", "BLOCK_SPARSE_ATTENTION",
            "DYNAMIC_BLOCK_ATTENTION", "MIXED_HEAD_ATTENTION", "ATTENTION_RECORDS", "dense_attention",
-           "streaming_attention", "streaming_attention_from_mask", "block_sparse_attention",
+           "streaming_attention", "streaming_attention_from_mask", "streaming_prefill_sm90", "block_sparse_attention",
            "dynamic_block_attention", "mixed_head_attention", "mixed_head_attention_by_groups", "layout_table"]
 
 
@@ -64,6 +64,15 @@ class StreamingFromMaskArgs:
     dense_below: int = 0
     impl: str = "auto"
     own_window: int = 0
+
+
+@dataclass(frozen=True)
+class HopperPrefillArgs:
+    """Arguments of ``streaming_prefill_sm90``: causal, no mask, one ``sink`` and ``window`` for every head."""
+
+    scale: float
+    sink: int
+    window: int
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,26 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
     fn = pick(STREAMING_ATTENTION, impl, q.device, reference)
     return fn(q, k, v, mask, scale, causal, sink, window)
+
+
+def streaming_prefill_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int,
+                           window: int) -> torch.Tensor:
+    """Causal sink + window attention with one rule for every head, no mask: the Gluon program on an sm_90 GPU
+    (``codegen/hopper_prefill.py`` says which streaming calls come here), the reference elsewhere."""
+    from sparsecc.codegen.hopper_prefill import program_takes, sm90_gluon
+
+    kernel = STREAMING_PREFILL_SM90.kernel_function(q.device)
+    if (kernel is not None and sm90_gluon(q.device)
+            and program_takes((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]))):
+        return kernel(q, k, v, scale, sink, window)
+    return _hopper_prefill_reference(q, k, v, scale, sink, window)
+
+
+def _hopper_prefill_reference(q, k, v, scale, sink, window):
+    from sparsecc.codegen.block_attention import streaming_attention_ref
+
+    heads = q.shape[1]
+    return streaming_attention_ref(q, k, v, sink=[sink] * heads, window=[window] * heads, scale=scale, causal=True)
 
 
 def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -526,6 +555,14 @@ STREAMING_ATTENTION_FROM_MASK = OpRecord(
     opaque_reason=_streaming_opaque,
     doc="Streaming attention for queries whose positions the mask tells (static-cache decode).")
 
+STREAMING_PREFILL_SM90 = OpRecord(
+    name="streaming_prefill_sm90", tensors=(TensorInput("q"), TensorInput("k"), TensorInput("v")),
+    args=HopperPrefillArgs, body=streaming_prefill_sm90, reference=_hopper_prefill_reference, fake=_attention_fake,
+    kernel="sparsecc.codegen.hopper_prefill:streaming_prefill_sm90_kernel",
+    always_opaque="launches a Gluon program with TMA descriptors made on the host, which traced launches cannot "
+                  "carry",
+    doc="Causal streaming prefill on sm_90 (the Gluon program), called by streaming_attention's kernel wrapper.")
+
 BLOCK_SPARSE_ATTENTION = OpRecord(
     name="block_sparse_attention", tensors=_QKV_MASK, args=BlockSparseAttentionArgs,
     body=block_sparse_attention, reference=_body_as_reference("BLOCK_SPARSE_ATTENTION"), fake=_attention_fake,
@@ -548,5 +585,5 @@ MIXED_HEAD_ATTENTION = OpRecord(
     always_opaque="reads the mask back to pick the one-launch family or the head-group path",
     doc="Attention whose heads run different forms (docs/spec.md, heads with different forms).")
 
-ATTENTION_RECORDS = (STREAMING_ATTENTION, STREAMING_ATTENTION_FROM_MASK, BLOCK_SPARSE_ATTENTION,
-                     DYNAMIC_BLOCK_ATTENTION, MIXED_HEAD_ATTENTION)
+ATTENTION_RECORDS = (STREAMING_ATTENTION, STREAMING_ATTENTION_FROM_MASK, STREAMING_PREFILL_SM90,
+                     BLOCK_SPARSE_ATTENTION, DYNAMIC_BLOCK_ATTENTION, MIXED_HEAD_ATTENTION)

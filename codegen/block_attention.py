@@ -33,6 +33,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from sparsecc.codegen.hopper_prefill import hopper_prefill, hopper_prefill_fits
 from sparsecc.codegen.launch import launcher, tracing
 from sparsecc.codegen.mask_positions import leading_padding, mask_4d
 from sparsecc.layouts import FULL_WINDOW, BlockTable
@@ -503,6 +504,8 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     the reference; an exactly dense layout (every head FULL_WINDOW or a window
     covering the sequence) with no mask and no lse request, and aligned
     causality (``Sq == Sk`` or not causal), runs ``F.scaled_dot_product_attention``;
+    a causal prefill of at least 128 rows with one rule for every head and no
+    mask runs the Gluon program on sm_90 (``codegen/hopper_prefill.py``);
     ``Sq <= 16`` runs the split-KV decode kernel; everything else the prefill
     kernel with the key ranges computed in the kernel.
     """
@@ -516,6 +519,9 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
             and (sq == sk or not causal) and q.device.type == "cuda"):
         return _into(out, _dense_sdpa(q, k, v, scale, causal))
     snk, win = kernel_rules(sinks, windows, sq, sk)
+    if hopper_prefill_fits(q.device, (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]), sq, sk,
+                           causal=causal, masked=m4 is not None, return_lse=return_lse, sinks=snk, windows=win):
+        return _into(out, hopper_prefill(q, k, v, snk[0], win[0], scale))
     starts = None if causal else leading_padding(m4, b, sq, sk)   # on the device: no host sync, traceable
     if sq <= DECODE_MAX_Q:
         from sparsecc.codegen import decode_attention

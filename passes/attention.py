@@ -28,6 +28,8 @@ from sparsecc.codegen.attention_ops import (
     BLOCK_SPARSE_ATTENTION, DYNAMIC_BLOCK_ATTENTION, MIXED_HEAD_ATTENTION, STREAMING_ATTENTION,
     STREAMING_ATTENTION_FROM_MASK, BlockSparseAttentionArgs, DynamicAttentionArgs, MixedHeadArgs,
     StreamingAttentionArgs, StreamingFromMaskArgs)
+from sparsecc.codegen.block_attention import kernel_rules
+from sparsecc.codegen.hopper_prefill import hopper_prefill_fits
 from sparsecc.forms import MASKED_LOGIT_MAX, Streaming
 from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention
 from sparsecc.passes.normalize import op_of
@@ -418,7 +420,23 @@ def replace_attention(gm: GraphModule, site: Site, decision: Decision, ctx) -> N
 def plan_attention(site: Site, decision: Decision, ctx) -> Plan:
     """The one op call that runs a decided site, and how it is launched."""
     record, args = attention_call(decision, float(site.attrs["scale"]), site.match.causal, ctx.kernels)
-    return Plan(calls=[op_call(record, args, site.device, site.symbolic)])
+    plan = Plan(calls=[op_call(record, args, site.device, site.symbolic)])
+    if record is STREAMING_ATTENTION and args.impl != "reference" and _runs_hopper_prefill(site, args):
+        plan.notes["sm_90 prefill"] = "the Gluon program (codegen/hopper_prefill.py), one opaque call"
+    return plan
+
+
+def _runs_hopper_prefill(site: Site, args: StreamingAttentionArgs) -> bool:
+    """Whether the streaming op's prefill calls at the site's shapes run the Gluon program for sm_90 (the kernel
+    wrapper decides the same at run time)."""
+    if site.symbolic:
+        return False
+    m: AttentionMatch = site.match
+    sq, sk = (int(site.attrs[name]) for name in ("seq_q", "seq_k"))
+    sinks, windows = kernel_rules(args.sink, args.window, sq, sk)
+    return hopper_prefill_fits(site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)),
+                               tuple(site.shapes[name][-1] for name in ("q", "k", "v")), sq, sk, causal=args.causal,
+                               masked=bool(m.masks), return_lse=False, sinks=sinks, windows=windows)
 
 
 def attention_call(decision: Decision, scale: float, causal: bool, impl: str):

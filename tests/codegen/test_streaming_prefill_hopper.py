@@ -130,16 +130,19 @@ def test_reads_transposed_inputs_in_place(variant):
 @pytest.mark.parametrize("variant", VARIANTS[1::2], ids=VARIANT_IDS[1::2])
 def test_rows_past_a_head_are_not_read(variant):
     """A ragged last key tile of head 0 must not read head 1's rows: a NaN in head 1's values leaves head 0 exact.
-    In head 1 the NaN reaches the rows that keep key 3 and, through 0 x NaN in P V, the other rows that read its
-    128-key tile (windows starting before key 128: rows up to 190); rows past that read none of it."""
+    In head 1 the NaN reaches the rows that keep key 3 and, through 0 x NaN in P V, every row of a program that
+    reads its 128-key tile: a program holds 128 query rows and reads the key blocks of all of them, so rows
+    128-255 read it (row 128's window starts at key 65); the programs of rows 256 on start past it."""
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
 
     g = torch.Generator(device="cuda").manual_seed(12)
-    q, k, v = (torch.randn(1, 2, 200, 128, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 400, 128, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
     v[0, 1, 3] = float("nan")
     out = streaming_prefill_hopper(q, k, v, 0, 64, 0.09, **variant)
     assert _rel(out[:, :1], _expected(q[:, :1], k[:, :1], v[:, :1], 0, 64, 0.09)) < 1e-2
-    assert torch.isfinite(out[0, 1, 191:]).all()    # rows whose window starts past key 3's tile
+    assert torch.isfinite(out[0, 1, 256:]).all()    # programs whose key blocks start past key 3's tile
+    clean = v[:, 1:].nan_to_num()                   # rows 256 on keep no key of that tile, so its values don't count
+    assert _rel(out[:, 1:, 256:], _expected(q[:, 1:], k[:, 1:], clean, 0, 64, 0.09)[:, :, 256:]) < 1e-2
     assert torch.isnan(out[0, 1, 3]).all()          # and a row that keeps it carries the NaN (docs/spec.md)
 
 

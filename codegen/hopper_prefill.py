@@ -1,0 +1,102 @@
+"""Which streaming prefill calls run the Gluon program for sm_90, and how it is launched.
+
+``codegen/streaming_prefill_hopper.py`` holds three Gluon programs for the causal streaming layout on Hopper.
+Measured against the Triton prefill kernel in one run (bench/RESULTS.md, "The warp-specialised Gluon programs
+timed"), the warp-specialised program at 3 stages is the fastest or within a few percent of the fastest at
+16K-128K, so :data:`VARIANT` is the one the streaming op dispatches to. The ping-pong program is as fast on
+average and stays in the bench.
+
+A streaming call runs it when :func:`hopper_prefill_fits` says so: an sm_90 GPU with Gluon's Hopper module, a
+causal call without a mask or a log-sum-exp request, float16 / bfloat16, head dim 128 for q, k and v, one sink
+and window for every head, a static query count of at least :data:`MIN_ROWS` and no more queries than keys.
+Everything else keeps the Triton kernels (decode-sized and short calls among them: traced into Inductor's
+graph, they launch with no host work).
+
+The Gluon program takes TMA descriptors made on the host, which Inductor's traced launches cannot carry, so
+under ``torch.compile`` the call is the opaque op ``torch.ops.sparsecc.streaming_prefill_sm90`` (its record is
+in ``attention_ops.py``): Inductor calls it through the dispatcher, tens of microseconds of host time on
+calls that take milliseconds. Eager calls launch the program directly.
+
+Nothing here imports Triton: the module is read on every streaming call, on every machine.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+
+__all__ = ["MIN_ROWS", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits", "hopper_prefill",
+           "streaming_prefill_sm90_kernel"]
+
+MIN_ROWS = 128
+"""Fewest query rows that run the Gluon program: one of its 128-row query tiles. Shorter calls (chunks, decode)
+keep the traced Triton kernels, which Inductor launches with no host work."""
+
+VARIANT = dict(stages=3, warp_specialized=True)
+"""The Gluon program the streaming op runs (bench/RESULTS.md)."""
+
+_DTYPES = (torch.float16, torch.bfloat16)
+_HEAD_DIM = 128
+
+
+@functools.lru_cache(maxsize=None)
+def sm90_gluon(device: torch.device) -> bool:
+    """True when ``device`` is an sm_90 GPU and the installed Triton has Gluon's Hopper module (cached per
+    device)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def program_takes(dtypes: Sequence[torch.dtype], head_dims: Sequence[int]) -> bool:
+    """Whether the Gluon program takes q, k and v of these dtypes and head dims (one of float16 / bfloat16, 128)."""
+    return all(d == dtypes[0] for d in dtypes) and dtypes[0] in _DTYPES and all(d == _HEAD_DIM for d in head_dims)
+
+
+def hopper_prefill_fits(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int],
+                        seq_q, seq_k, *, causal: bool, masked: bool, return_lse: bool,
+                        sinks: Sequence[int], windows: Sequence[int]) -> bool:
+    """Whether a streaming call with these facts runs the Gluon program (module notes).
+
+    ``dtypes`` and ``head_dims`` are q's, k's and v's; ``seq_q`` / ``seq_k`` may be symbolic, and a symbolic
+    query count keeps the Triton kernel (deciding on it would add a guard); ``sinks`` / ``windows`` are per
+    head, as the kernels take them (``kernel_rules``)."""
+    if not (causal and not masked and not return_lse):
+        return False
+    if not program_takes(dtypes, head_dims):
+        return False
+    if len(set(sinks)) != 1 or len(set(windows)) != 1:
+        return False
+    if type(seq_q) is not int or type(seq_k) is not int or not MIN_ROWS <= seq_q <= seq_k:
+        return False
+    return sm90_gluon(device)
+
+
+def hopper_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
+                   scale: float) -> torch.Tensor:
+    """Run the Gluon program on a call :func:`hopper_prefill_fits` accepted: directly on real tensors, as the
+    opaque op ``streaming_prefill_sm90`` while traced."""
+    from sparsecc.codegen.launch import tracing
+
+    if tracing(q, k, v):
+        from sparsecc.codegen.attention_ops import STREAMING_PREFILL_SM90, HopperPrefillArgs
+
+        return STREAMING_PREFILL_SM90.op()(*STREAMING_PREFILL_SM90.flatten(
+            dict(q=q, k=k, v=v), HopperPrefillArgs(scale=scale, sink=sink, window=window)))
+    return streaming_prefill_sm90_kernel(q, k, v, scale, sink, window)
+
+
+def streaming_prefill_sm90_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int,
+                                  window: int) -> torch.Tensor:
+    """The ``streaming_prefill_sm90`` op's kernel callable (its argument order): the :data:`VARIANT` program."""
+    from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
+
+    return streaming_prefill_hopper(q, k, v, sink, window, scale, **VARIANT)

@@ -1,0 +1,234 @@
+"""Which streaming calls run the Gluon program for sm_90 (codegen/hopper_prefill.py), and that they compute the
+spec's streaming rule.
+
+On CPU the dispatch is checked with the sm_90 test answered yes and a stand-in for the program (Gluon has no
+interpreter): the rule, the arguments the wrapper passes (compared through the float64 oracle), and the one opaque
+op a traced call becomes. On an sm_90 GPU (``gpu``) the program itself runs: through the kernel wrapper and inside
+a compiled model, each first checking that the program ran, then against float64 attention over the spec's keep
+mask (tests/oracle).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from sparsecc.codegen import hopper_prefill
+from sparsecc.codegen.block_attention import streaming_attention
+from tests.oracle import oracle
+
+
+def _expected(q, k, v, sink, window, scale):
+    """softmax(q kᵀ · scale over the spec's kept keys) v in float64, GQA by repeating kv heads."""
+    rep = q.shape[1] // k.shape[1]
+    k64, v64 = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
+    keep = oracle.streaming_keep(q.shape[2], k.shape[2], sink, window, causal=True).to(q.device)
+    scores = ((q.double() @ k64.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0) @ v64
+
+
+def _rel(out, ref) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def _qkv(sq=256, sk=384, h=4, hkv=2, d=128, dtype=torch.float16, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(2, h, sq, d, dtype=dtype, device=device, generator=g),
+            torch.randn(2, hkv, sk, d, dtype=dtype, device=device, generator=g),
+            torch.randn(2, hkv, sk, d, dtype=dtype, device=device, generator=g))
+
+
+# ---------------------------------------------------------------- CPU: the rule and the dispatch
+
+FITS = dict(dtypes=(torch.bfloat16,) * 3, head_dims=(128, 128, 128), seq_q=256, seq_k=1024, causal=True,
+            masked=False, return_lse=False, sinks=[64] * 4, windows=[512] * 4)
+
+
+def _fits(**change):
+    facts = {**FITS, **change}
+    return hopper_prefill.hopper_prefill_fits(torch.device("cuda"), facts.pop("dtypes"), facts.pop("head_dims"),
+                                              facts.pop("seq_q"), facts.pop("seq_k"), **facts)
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    """Answer "an sm_90 GPU with Gluon" for every device."""
+    monkeypatch.setattr(hopper_prefill, "sm90_gluon", lambda device: True)
+
+
+def test_the_rule_takes_what_the_program_takes(sm90):
+    assert _fits()
+    assert _fits(dtypes=(torch.float16,) * 3, seq_q=128, seq_k=128)
+    assert not _fits(causal=False)
+    assert not _fits(masked=True)
+    assert not _fits(return_lse=True)
+    assert not _fits(dtypes=(torch.float32,) * 3)
+    assert not _fits(dtypes=(torch.bfloat16, torch.float16, torch.bfloat16))
+    assert not _fits(head_dims=(64, 64, 64))
+    assert not _fits(head_dims=(128, 128, 64))
+    assert not _fits(sinks=[64, 64, 0, 0])             # per-head rules: the Triton kernel
+    assert not _fits(windows=[512, 512, 512, 256])
+    assert not _fits(seq_q=127)                         # shorter than one query tile (chunks, decode)
+    assert not _fits(seq_q=2048)                        # more queries than keys
+
+
+def test_a_symbolic_query_count_keeps_the_triton_kernel(sm90):
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    assert not _fits(seq_q=ShapeEnv().create_unbacked_symint())
+
+
+def test_no_gpu_no_program():
+    assert not hopper_prefill.sm90_gluon(torch.device("cpu"))
+    assert not _fits()
+
+
+def test_a_fitting_call_runs_the_program_with_the_spec_rule(sm90, monkeypatch):
+    """The wrapper hands the program one sink and window (the kernels' capped rule) and the scale: run through the
+    op's reference in place of the program, its output is the spec's streaming rule."""
+    calls = []
+
+    def stand_in(q, k, v, scale, sink, window):
+        calls.append((sink, window, scale))
+        return hopper_prefill_reference(q, k, v, scale, sink, window)
+
+    monkeypatch.setattr(hopper_prefill, "streaming_prefill_sm90_kernel", stand_in)
+    q, k, v = _qkv()
+    for sink, window in ((16, 100), (0, 5000)):
+        out = streaming_attention(q, k, v, sink=[sink], window=[window], scale=0.1, causal=True)
+        assert _rel(out, _expected(q, k, v, sink, window, 0.1)) < 2e-3
+    assert calls == [(16, 100, 0.1), (0, 384 + 256 + 1, 0.1)]   # a window past every distance is capped
+
+
+def hopper_prefill_reference(q, k, v, scale, sink, window):
+    from sparsecc.codegen.attention_ops import STREAMING_PREFILL_SM90
+
+    return STREAMING_PREFILL_SM90.reference(q, k, v, scale, sink, window)
+
+
+def test_calls_the_program_does_not_take_skip_it(sm90, monkeypatch):
+    """A mask, per-head rules or a short chunk never reach the program (the reference answers here: float32)."""
+    monkeypatch.setattr(hopper_prefill, "streaming_prefill_sm90_kernel",
+                        lambda *a: pytest.fail("the Gluon program was called"))
+    q, k, v = (t.float() for t in _qkv())
+    out = streaming_attention(q, k, v, sink=[16], window=[100], scale=0.1, causal=True)   # float32: no kernel
+    assert _rel(out, _expected(q, k, v, 16, 100, 0.1)) < 1e-5
+
+
+def test_a_traced_call_is_one_opaque_op(sm90, monkeypatch):
+    """While traced, a fitting call becomes ``torch.ops.sparsecc.streaming_prefill_sm90`` (the program takes
+    descriptors made on the host); the graph, run, gives the spec's rule."""
+    monkeypatch.setattr(hopper_prefill, "streaming_prefill_sm90_kernel",
+                        lambda *a: pytest.fail("the program was launched while tracing"))
+    from sparsecc.codegen.ops import register_ops
+
+    register_ops()
+    q, k, v = _qkv()
+
+    def attend(q, k, v):
+        return streaming_attention(q, k, v, sink=[16], window=[100], scale=0.1, causal=True)
+
+    gm = make_fx(attend, tracing_mode="fake")(q, k, v)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "sparsecc.streaming_prefill_sm90.default" in targets, targets
+    assert not any("triton_kernel_wrapper" in t for t in targets), targets
+    assert _rel(gm(q, k, v), _expected(q, k, v, 16, 100, 0.1)) < 2e-3   # the op on CPU runs its reference
+
+
+def test_the_op_on_cpu_is_the_reference():
+    from sparsecc.codegen.ops import register_ops
+
+    register_ops()
+    q, k, v = (t.float() for t in _qkv(sq=200, sk=300, h=6, hkv=3))
+    out = torch.ops.sparsecc.streaming_prefill_sm90(q, k, v, 0.09, 5, 64)
+    assert _rel(out, _expected(q, k, v, 5, 64, 0.09)) < 1e-5
+
+
+# ---------------------------------------------------------------- sm_90: the program itself
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and hopper_prefill.sm90_gluon(torch.device("cuda"))
+
+
+def needs_hopper(test):
+    """A ``gpu`` test that runs on sm_90 only."""
+    return pytest.mark.gpu(pytest.mark.skipif(not _hopper(), reason="the Gluon program targets sm_90")(test))
+
+
+def _counting(monkeypatch) -> list:
+    """Count the program's launches (the wrapper reads the kernel callable at each call)."""
+    calls, real = [], hopper_prefill.streaming_prefill_sm90_kernel
+
+    def counted(*args):
+        calls.append(args[3:])
+        return real(*args)
+
+    monkeypatch.setattr(hopper_prefill, "streaming_prefill_sm90_kernel", counted)
+    return calls
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_the_wrapper_runs_the_program(dtype, monkeypatch):
+    calls = _counting(monkeypatch)
+    q, k, v = _qkv(sq=640, sk=1000, h=8, hkv=2, dtype=dtype, device="cuda", seed=3)
+    out = streaming_attention(q, k, v, sink=[64], window=[256], scale=0.09, causal=True)
+    assert len(calls) == 1
+    assert _rel(out, _expected(q, k, v, 64, 256, 0.09)) < 1e-2
+    assert _rel(out, _expected(q, k, v, 0, 1000, 0.09)) > 5e-2   # the rule changes this output
+
+
+@needs_hopper
+def test_gpu_a_compiled_site_runs_the_program(monkeypatch):
+    """A compiled block whose streaming site fits: the report names the program, it runs, and the output is the
+    block's float64 output with its attention restricted to the spec's keep mask."""
+    import sparsecc
+    from tests import zoo
+    from tests.oracle.oracle import static_keep
+
+    calls = _counting(monkeypatch)
+    torch.manual_seed(0)
+    model = zoo.Block(zoo.SdpaAttention, zoo.GatedSiluFFN, hidden=512, heads=4, kv_heads=2, inner=1024, bias=False)
+    model = model.eval().cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        model.attn.o_proj.weight.mul_(4.0)
+    x = torch.randn(2, 1000, 512, device="cuda", dtype=torch.bfloat16)
+    attn = {"form": "streaming", "sink": 16, "window": 128}
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [attn]}
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=spec, kernels="triton")(x)
+        site = [s for s in sparsecc.last_report().sites if s.kind == "attention"][0]
+        assert site.applied and "sm_90 prefill" in site.attrs["plan"], site.attrs
+        assert calls, "the compiled site did not run the Gluon program"
+        keep = static_keep(attn, 1000, 1000, causal=True).cuda()
+        mid = x.double() + model.attn.expected(x, keep).double()
+        expected = mid + copy.deepcopy(model.mlp).double()(mid)
+    assert _rel(out.float(), expected) < 1e-2
+
+
+def _block(dtype):
+    from tests import zoo
+
+    torch.manual_seed(0)
+    block = zoo.Block(zoo.SdpaAttention, zoo.GatedSiluFFN, hidden=256, heads=2, kv_heads=1, inner=256, bias=False)
+    return block.eval().to(dtype)
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_the_report_names_the_program_where_the_rule_takes_the_site(answer, monkeypatch):
+    """The plan shows the program on the sites whose calls the kernel wrapper will send to it (same rule)."""
+    import sparsecc
+
+    monkeypatch.setattr(hopper_prefill, "sm90_gluon", lambda device: answer)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{"form": "streaming", "sink": 16,
+                                                                          "window": 64}]}
+    x = torch.randn(1, 256, 256, dtype=torch.float16)
+    report = sparsecc.explain(_block(torch.float16), x, spec=spec)
+    site = [s for s in report.sites if s.kind == "attention"][0]
+    assert site.applied, site.reason
+    assert ("sm_90 prefill" in site.attrs["plan"]) == answer, site.attrs["plan"]
+    short = sparsecc.explain(_block(torch.float16), x[:, :100], spec=spec)    # fewer rows than one tile
+    assert "sm_90 prefill" not in [s for s in short.sites if s.kind == "attention"][0].attrs["plan"]
