@@ -8,7 +8,12 @@ than the sequence). The Triton kernel is not checked here (bench/attention.py an
 at every new shape, and with it in the checks a run on the H200 was still checking after 100 s. "of ideal" =
 (SDPA time / kernel time) x the kept share of causal 128 x 128 blocks, as in bench/attention.py.
 
+``--random`` adds bench/attention.py's random ~10% block layout (128-blocks, per-head draws) at the lengths given:
+the Triton table kernel, ``block_sparse_attention`` (which dispatches to the Gluon table program on sm_90) and the
+Gluon variants over the same table, each variant first checked against the float64 table reference.
+
     python bench/prefill_hopper.py --lengths 16384,32768 --hkv 32,8 --variants s3,ws2,ws3 --flex
+    python bench/prefill_hopper.py --no-streaming --random 16384,32768,65536 --hkv 32 --variants ws3,pp3 --flex
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import time
 
 import torch
 
-from sparsecc.codegen.block_attention import (kernel_rules, launch_prefill, rule_vectors, streaming_attention,
+from sparsecc.codegen.block_attention import (block_sparse_attention, block_sparse_attention_ref, kernel_rules,
+                                              launch_prefill, rule_vectors, streaming_attention,
                                               streaming_attention_ref)
+from sparsecc.forms import BlockSparse
+from sparsecc.layouts import block_sparse_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
-from attention import SINK, WINDOW, bench, flex_call, qkv, rel_err, sdpa, streaming_flex_mask  # noqa: E402
+from attention import (RANDOM_BLOCKS, SINK, WINDOW, bench, flex_call, qkv, rel_err, sdpa,  # noqa: E402
+                       streaming_flex_mask)
 from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 
@@ -56,6 +65,52 @@ def check(variants, log) -> bool:
     return ok
 
 
+def random_table(heads: int, s: int, random_blocks: int):
+    """The random layout of bench/attention.py: 128-blocks, the diagonal and ``random_blocks`` per query block."""
+    return block_sparse_table(BlockSparse(128, local_blocks=1, random_blocks=random_blocks, seed=0), heads, s, s,
+                              True, device="cuda")
+
+
+def check_tables(variants, log) -> bool:
+    from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
+
+    ok = True
+    for b, h, hkv, s, rnd, dtype in [(1, 4, 2, 1000, 3, torch.bfloat16), (2, 8, 8, 2048, 5, torch.float16)]:
+        q, k, v = qkv(b, h, hkv, s, s, 128, seed=s, dtype=dtype)
+        table = random_table(h, s, rnd)
+        ref = block_sparse_attention_ref(q.double(), k.double(), v.double(), table=table, scale=128 ** -0.5)
+        for name in variants:
+            err = rel_err(block_table_prefill_hopper(q, k, v, table, **variant_kwargs(name)), ref)
+            ok &= err < 1e-2
+            log(f"check table b{b} h{h}/{hkv} {s} random {rnd} {dtype} {name}: rel err {err:.2e}")
+    return ok
+
+
+def time_random(args, variants, log) -> list:
+    """Random ~10% layouts: SDPA, the Triton table kernel, the dispatching wrapper, the Gluon variants, Flex."""
+    from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
+
+    rows = []
+    for hkv in [int(x) for x in args.hkv.split(",")]:
+        for s in [int(x) for x in args.random.split(",")]:
+            q, k, v = qkv(1, 32, hkv, s, s, 128)
+            table = random_table(32, s, RANDOM_BLOCKS[s])
+            density = table.density()
+            t_sdpa = bench(lambda: sdpa(q, k, v, True))
+            t_triton = bench(lambda: launch_prefill(q, k, v, None, 128 ** -0.5, True, False, table=table))
+            t_ship = bench(lambda: block_sparse_attention(q, k, v, table=table, scale=128 ** -0.5))
+            t_gl = {name: bench(lambda: block_table_prefill_hopper(q, k, v, table, **variant_kwargs(name)))
+                    for name in variants}
+            block_mask = table.to_flex_block_mask() if args.flex else None
+            t_flex = bench(lambda: flex_call(q, k, v, block_mask)) if args.flex else float("nan")
+            best = min(t_gl, key=t_gl.get)
+            rows.append((s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex))
+            log(f"random S={s} hkv={hkv}: sdpa {t_sdpa:.3f} ms, triton {t_triton:.3f}, shipped {t_ship:.3f}, "
+                + ", ".join(f"gluon {name} {t:.3f}" for name, t in t_gl.items()) + f", flex {t_flex:.3f}")
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
@@ -64,6 +119,8 @@ def main(argv=None) -> int:
                     help="sN: software-pipelined at N stages; wsN: warp-specialised at N stages; "
                          "ppN: warp-specialised with ping-pong")
     ap.add_argument("--flex", action="store_true", help="time Flex-Triton too (compiles once per shape)")
+    ap.add_argument("--random", default="", help="lengths of the random ~10%% block layout to time (e.g. 32768)")
+    ap.add_argument("--no-streaming", action="store_true", help="time the random layouts only")
     ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
@@ -77,11 +134,11 @@ def main(argv=None) -> int:
     variants = args.variants.split(",")
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, source {source_version()}, "
         f"{time.strftime('%Y-%m-%d')}")
-    if not check(variants, log):
+    if not (check(variants, log) and (not args.random or check_tables(variants, log))):
         log("CORRECTNESS FAILED: no timings")
         return 1
     rows = []
-    for hkv in [int(x) for x in args.hkv.split(",")]:
+    for hkv in [] if args.no_streaming else [int(x) for x in args.hkv.split(",")]:
         for s in [int(x) for x in args.lengths.split(",")]:
             q, k, v = qkv(1, 32, hkv, s, s, 128)
             scale = 128 ** -0.5
@@ -103,13 +160,16 @@ def main(argv=None) -> int:
             log(f"S={s} hkv={hkv}: sdpa {t_sdpa:.3f} ms, triton {t_triton:.3f}, shipped {t_ship:.3f}, "
                 + ", ".join(f"gluon {name} {t:.3f}" for name, t in t_gl.items()) + f", flex {t_flex:.3f}")
             torch.cuda.empty_cache()
+    random_rows = time_random(args, variants, log) if args.random else []
     log("")
-    log("| S | Hkv | kept | SDPA ms | Triton ms | shipped ms | best Gluon ms (variant) | Triton of ideal "
+    log("| layout | S | Hkv | kept | SDPA ms | Triton ms | shipped ms | best Gluon ms (variant) | Triton of ideal "
         "| **shipped of ideal** | best Gluon of ideal | shipped x Triton | Flex ms | **shipped x Flex** |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex in rows:
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for layout, (s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex) in (
+            [("streaming", r) for r in rows] + [("random", r) for r in random_rows]):
         tg = t_gl[best]
-        log(f"| {s // 1024}K | {hkv} | {density:.4f} | {t_sdpa:.3f} | {t_triton:.3f} | {t_ship:.3f} | {tg:.3f} ({best}) "
+        log(f"| {layout} | {s // 1024}K | {hkv} | {density:.4f} | {t_sdpa:.3f} | {t_triton:.3f} | {t_ship:.3f} "
+            f"| {tg:.3f} ({best}) "
             f"| {t_sdpa / t_triton * density:.2f} | **{t_sdpa / t_ship * density:.2f}** | {t_sdpa / tg * density:.2f} "
             f"| {t_triton / t_ship:.2f} | {t_flex:.3f} | **{t_flex / t_ship:.2f}** |")
     return 0

@@ -33,7 +33,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from sparsecc.codegen.hopper_prefill import hopper_prefill, hopper_prefill_fits
+from sparsecc.codegen.hopper_prefill import (hopper_prefill, hopper_prefill_fits, hopper_table_fits,
+                                             hopper_table_prefill)
 from sparsecc.codegen.launch import launcher, tracing
 from sparsecc.codegen.mask_positions import leading_padding, mask_4d
 from sparsecc.layouts import FULL_WINDOW, BlockTable
@@ -588,7 +589,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, table: BlockTable
     and the sequence end; the user mask applies everywhere. Tables whose
     blocks are not powers of two >= 16, and non-fp16/bf16 inputs, run the
     reference; a table that keeps every allowed block (with no mask, no lse
-    request and aligned causality) runs SDPA. ``out``, when given, receives the output.
+    request and aligned causality) runs SDPA; a causal 128 x 128 table over
+    ``Sq == Sk`` without mask runs the Gluon program on sm_90
+    (``codegen/hopper_prefill.py``). ``out``, when given, receives the output.
     """
     b, h, sq, sk, group = check_qkv(q, k, v)
     table.lead_rows(sq, sk)
@@ -603,6 +606,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, table: BlockTable
     if (m4 is None and not return_lse and (sq == sk or not table.causal) and q.device.type == "cuda"
             and _table_is_dense(table)):
         return _into(out, _dense_sdpa(q, k, v, scale, table.causal))
+    if hopper_table_fits(q, k, v, table, masked=m4 is not None, return_lse=return_lse):
+        return _into(out, hopper_table_prefill(q, k, v, table, scale))
     return launch_prefill(q, k, v, m4, scale, table.causal, return_lse, table=table, out=out)
 
 

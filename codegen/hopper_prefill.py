@@ -2,7 +2,7 @@
 
 ``codegen/streaming_prefill_hopper.py`` holds three Gluon programs for the causal streaming layout on Hopper.
 Measured against the Triton prefill kernel in one run (bench/RESULTS.md, "The warp-specialised Gluon programs
-timed"), the warp-specialised program at 3 stages is the fastest or within a few percent of the fastest at
+timed, and dispatched"), the warp-specialised program at 3 stages is the fastest or within 6% of the fastest at
 16K-128K, so :data:`VARIANT` is the one the streaming op dispatches to. The ping-pong program is as fast on
 average and stays in the bench.
 
@@ -14,8 +14,8 @@ graph, they launch with no host work).
 
 The Gluon program takes TMA descriptors made on the host, which Inductor's traced launches cannot carry, so
 under ``torch.compile`` the call is the opaque op ``torch.ops.sparsecc.streaming_prefill_sm90`` (its record is
-in ``attention_ops.py``): Inductor calls it through the dispatcher, tens of microseconds of host time on
-calls that take milliseconds. Eager calls launch the program directly.
+in ``attention_ops.py``): Inductor calls it through the dispatcher, host work on calls that take milliseconds
+(which is why short calls keep the traced kernels). Eager calls launch the program directly.
 
 Nothing here imports Triton: the module is read on every streaming call, on every machine.
 """
@@ -27,12 +27,15 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["MIN_ROWS", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits", "hopper_prefill",
-           "streaming_prefill_sm90_kernel"]
+__all__ = ["MIN_ROWS", "TABLE_BLOCK", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits",
+           "hopper_prefill", "streaming_prefill_sm90_kernel", "hopper_table_fits", "hopper_table_prefill"]
 
 MIN_ROWS = 128
 """Fewest query rows that run the Gluon program: one of its 128-row query tiles. Shorter calls (chunks, decode)
 keep the traced Triton kernels, which Inductor launches with no host work."""
+
+TABLE_BLOCK = 128
+"""The table block the programs take (their query and key tiles)."""
 
 VARIANT = dict(stages=3, warp_specialized=True)
 """The Gluon program the streaming op runs (bench/RESULTS.md)."""
@@ -100,3 +103,25 @@ def streaming_prefill_sm90_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
 
     return streaming_prefill_hopper(q, k, v, sink, window, scale, **VARIANT)
+
+
+def hopper_table_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, *, masked: bool,
+                      return_lse: bool) -> bool:
+    """Whether a block-table call runs the Gluon program: an sm_90 GPU with Gluon, an eager call (the block-table
+    op is always opaque) without a mask or an lse request, a causal table of 128 x 128 blocks over ``Sq == Sk``
+    query rows and keys, and what :func:`program_takes`."""
+    from sparsecc.codegen.launch import tracing
+
+    sq, sk = q.shape[2], k.shape[2]
+    return (not masked and not return_lse and table.causal and not tracing(q, k, v)
+            and table.block_q == table.block_k == TABLE_BLOCK and table.seq_q == table.seq_k == sq == sk
+            and sq >= MIN_ROWS
+            and program_takes((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]))
+            and sm90_gluon(q.device))
+
+
+def hopper_table_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, scale: float) -> torch.Tensor:
+    """Run the :data:`VARIANT` program over ``table`` on a call :func:`hopper_table_fits` accepted."""
+    from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
+
+    return block_table_prefill_hopper(q, k, v, table, scale, **VARIANT)

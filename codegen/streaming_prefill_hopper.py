@@ -7,8 +7,8 @@ back to back as asynchronous warpgroup MMAs, and the softmax of ``S_t`` runs whi
 is still on the tensor cores (P is passed to the MMA from registers, in the accumulator's own layout).
 Three programs (docs/kernels.md): software-pipelined (one CTA-wide barrier per trip), warp-specialised
 (a producer warp, two consumer warpgroups that never wait for each other) and ping-pong (the consumers
-take turns at issuing MMAs). Not dispatched by the compiler yet: bench/prefill_hopper.py times them
-against the Triton kernel (bench/RESULTS.md).
+take turns at issuing MMAs). ``codegen/hopper_prefill.py`` says which streaming calls run the
+warp-specialised program; bench/prefill_hopper.py times all three against the Triton kernel (bench/RESULTS.md).
 
 Imported lazily (Gluon is Triton's experimental layer; nothing here runs at import of sparsecc). There
 is no interpreter path for Gluon, so the CPU checks of the streaming layout run the Triton kernel; these
@@ -24,6 +24,7 @@ one sink and window for every head.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import triton
@@ -41,22 +42,27 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # The CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` in newer Gluon.
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
-__all__ = ["streaming_prefill_hopper", "check_arguments"]
+__all__ = ["streaming_prefill_hopper", "block_table_prefill_hopper", "check_arguments", "check_table",
+           "program_blocks"]
 
 
 @gluon.jit
-def _trip_block(t, n_sink, window_first):
-    """Key block of trip ``t``: the sink blocks first, then the window's blocks in order."""
-    return gl.where(t < n_sink, t, window_first + t - n_sink)
+def _trip_block(t, n_trips, n_sink, window_first, blocks, TABLE: gl.constexpr):
+    """Key block of trip ``t``. Streaming: the sink blocks first, then the window's blocks in order. A block
+    table: entry ``t`` of the program's list (``blocks``: its partial blocks, then its full ones)."""
+    if TABLE:
+        return gl.load(blocks + t, mask=t < n_trips, other=0)
+    else:
+        return gl.where(t < n_sink, t, window_first + t - n_sink)
 
 
 @gluon.jit
-def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, b, hk,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, blocks, b, hk,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TABLE: gl.constexpr):
     """Start the TMA load of trip ``t``'s K (or V) tile into its stage; nothing past the last trip."""
     stage = t % STAGES
     live = t < n_trips
-    row = _trip_block(t, n_sink, window_first) * BLOCK_N
+    row = _trip_block(t, n_trips, n_sink, window_first, blocks, TABLE) * BLOCK_N
     mbarrier.expect(bars.index(stage), desc.block_type.nbytes, pred=live)
     _tma_load(desc, [b, hk, row, 0], bars.index(stage), ring.index(stage), pred=live)
 
@@ -87,6 +93,20 @@ def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constex
 
 
 @gluon.jit
+def _table_tile(table, seq_q, H: gl.constexpr, BLOCK_M: gl.constexpr, WIDTH: gl.constexpr):
+    """A block-table program's query tile and key blocks: (b, h, m0, n_partial, blocks, n_trips).
+
+    ``table`` rows are ``[n_partial, n_trips, block_0, ..., block_{WIDTH-3}]`` per (batch, head, query block);
+    query blocks run heaviest (latest) first, as in ``_program_tile``."""
+    n_m = gl.cdiv(seq_q, BLOCK_M)
+    pid = gl.program_id(0)
+    m_block = n_m - 1 - pid % n_m
+    bh = pid // n_m
+    row = table + (bh.to(gl.int64) * n_m + m_block) * WIDTH
+    return bh // H, bh % H, m_block * BLOCK_M, gl.load(row), row + 2, gl.load(row + 1)
+
+
+@gluon.jit
 def _store_rows(out_ptr, acc, l_i, bh, offs_m, seq_q, HEAD_DIM: gl.constexpr, col_layout: gl.constexpr):
     """O = acc / l in the input dtype, rows past the sequence not stored (a row with no kept key gives 0)."""
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
@@ -97,14 +117,24 @@ def _store_rows(out_ptr, acc, l_i, bh, offs_m, seq_q, HEAD_DIM: gl.constexpr, co
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i, n0, pos, offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N: gl.constexpr):
+def _online_softmax(s, m_i, l_i, t, n0, pos, offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N: gl.constexpr,
+                    TABLE: gl.constexpr):
     """One key block of the online softmax: masks the block where some element falls outside the rule, and
-    returns (P in float32, the rescale factor of the previous rows' sums, the new max, the new sum)."""
-    full = (n0 + BLOCK_N <= seq_k) & (n0 + BLOCK_N - 1 <= p0) & ((n0 + BLOCK_N <= sink) | (n0 > p1 - window))
+    returns (P in float32, the rescale factor of the previous rows' sums, the new max, the new sum).
+
+    Streaming: the rule is the sink and window. A block table (causal): trips before ``sink`` (the program's
+    partial blocks) apply causality and the sequence end, the full blocks nothing."""
+    if TABLE:
+        full = t >= sink
+    else:
+        full = (n0 + BLOCK_N <= seq_k) & (n0 + BLOCK_N - 1 <= p0) & ((n0 + BLOCK_N <= sink) | (n0 > p1 - window))
     if not full:
         keys = n0 + offs_n
-        keep = (keys[None, :] <= pos[:, None]) & (keys[None, :] < seq_k) & \
-            ((keys[None, :] < sink) | (pos[:, None] - keys[None, :] < window))
+        if TABLE:
+            keep = (keys[None, :] <= pos[:, None]) & (keys[None, :] < seq_k)
+        else:
+            keep = (keys[None, :] <= pos[:, None]) & (keys[None, :] < seq_k) & \
+                ((keys[None, :] < sink) | (pos[:, None] - keys[None, :] < window))
         s = gl.where(keep, s, float("-inf"))
     # The max is taken on the raw scores and scaled once per row, so each score costs one FMA before exp2.
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -116,9 +146,10 @@ def _online_softmax(s, m_i, l_i, n0, pos, offs_n, p0, p1, seq_k, sink, window, q
 
 @gluon.jit
 def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn, other_turn,
-                 out_ptr, bh, b, hk, r0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, window_first,
+                 out_ptr, bh, b, hk, r0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, window_first, blocks,
                  ROWS: gl.constexpr, WARPS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
+                 STAGES: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr,
+                 TABLE: gl.constexpr):
     """ROWS query rows from ``r0`` (their Q tile on its way into ``q_smem``) over every trip of the program's key
     blocks, then their output rows stored.
 
@@ -157,8 +188,9 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         s_tok = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(other_turn, PINGPONG)
         s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_tile, k_tile))
-        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(0, n_sink, window_first) * BLOCK_N, pos,
-                                                 offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
+        n0 = _trip_block(0, n_trips, n_sink, window_first, blocks, TABLE) * BLOCK_N
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, 0, n0, pos, offs_n, p0, p1, seq_k, sink, window,
+                                                 qk_scale, BLOCK_N, TABLE)
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(0), 0)
     for t in range(1, n_trips):
@@ -174,16 +206,17 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         acc = warpgroup_mma(p, v_prev, acc, is_async=True)
         _pass_turn(other_turn, PINGPONG)
         s, _, _ = warpgroup_mma_wait(1, deps=(s_tok, q_tile, k_tile))
-        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, _trip_block(t, n_sink, window_first) * BLOCK_N, pos,
-                                                 offs_n, p0, p1, seq_k, sink, window, qk_scale, BLOCK_N)
+        n0 = _trip_block(t, n_trips, n_sink, window_first, blocks, TABLE) * BLOCK_N
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, t, n0, pos, offs_n, p0, p1, seq_k, sink, window,
+                                                 qk_scale, BLOCK_N, TABLE)
         # P is the MMA's register operand: listed so it stays live until the MMA is done.
         acc, _, _ = warpgroup_mma_wait(0, deps=(acc, v_prev, p))
         if REFILL:   # every warpgroup is past the previous trip's P V: its stage takes the trip STAGES ahead
             _cta_barrier()
-            _load_kv(k_desc, k_ready, k_ring, t - 1 + STAGES, n_trips, n_sink, window_first, b, hk, BLOCK_N,
-                     STAGES)
-            _load_kv(v_desc, v_ready, v_ring, t - 1 + STAGES, n_trips, n_sink, window_first, b, hk, BLOCK_N,
-                     STAGES)
+            _load_kv(k_desc, k_ready, k_ring, t - 1 + STAGES, n_trips, n_sink, window_first, blocks, b, hk, BLOCK_N,
+                     STAGES, TABLE)
+            _load_kv(v_desc, v_ready, v_ring, t - 1 + STAGES, n_trips, n_sink, window_first, blocks, b, hk, BLOCK_N,
+                     STAGES, TABLE)
         else:
             mbarrier.arrive(kv_empty.index(prev), count=1)
         acc = acc * alpha[:, None]
@@ -199,15 +232,31 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
 
 
 @gluon.jit
-def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sink, window, qk_scale,
+def _tile(table, seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr, TABLE: gl.constexpr, WIDTH: gl.constexpr):
+    """(b, h, m0, n_sink, window_first, blocks, n_trips, sink) of this program, for either layout. A block
+    table's programs carry their count of partial blocks where the streaming ones carry the sink (the softmax
+    masks the trips before it)."""
+    if TABLE:
+        b, h, m0, n_part, blocks, n_trips = _table_tile(table, seq_q, H, BLOCK_M, WIDTH)
+        return b, h, m0, n_part, 0, blocks, n_trips, n_part
+    else:
+        b, h, m0, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
+        return b, h, m0, n_sink, wb, table, n_trips, sink
+
+
+@gluon.jit
+def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, table, seq_q, seq_k, sink, window, qk_scale,
                               H: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                              num_warps: gl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of the streaming rule."""
+                              TABLE: gl.constexpr, WIDTH: gl.constexpr, num_warps: gl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of the streaming rule or,
+    with ``TABLE``, of the block table's row (``table``; unused by the streaming layout)."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
+    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(table, seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
+                                                         BLOCK_N, TABLE, WIDTH)
     hk = h // GROUP
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -224,12 +273,12 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(q_desc, [b, h, m0, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
-        _load_kv(k_desc, k_bars, k_ring, i, n_trips, n_sink, wb, b, hk, BLOCK_N, STAGES)
-        _load_kv(v_desc, v_bars, v_ring, i, n_trips, n_sink, wb, b, hk, BLOCK_N, STAGES)
+        _load_kv(k_desc, k_bars, k_ring, i, n_trips, n_sink, wb, blocks, b, hk, BLOCK_N, STAGES, TABLE)
+        _load_kv(v_desc, v_bars, v_ring, i, n_trips, n_sink, wb, blocks, b, hk, BLOCK_N, STAGES, TABLE)
     # kv_empty and the turn barriers are not read without warp specialisation (REFILL, no PINGPONG).
     _attend_rows(q_smem, q_bar, k_ring, v_ring, k_bars, v_bars, k_bars, k_desc, v_desc, q_bar, q_bar,
-                 out_ptr, b * H + h, b, hk, m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, wb,
-                 BLOCK_M, num_warps, HEAD_DIM, BLOCK_N, STAGES, True, False, 0)
+                 out_ptr, b * H + h, b, hk, m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, wb, blocks,
+                 BLOCK_M, num_warps, HEAD_DIM, BLOCK_N, STAGES, True, False, 0, TABLE)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
@@ -244,13 +293,13 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sin
 
 
 @gluon.jit
-def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, window_first, b, hk,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, window_first, blocks,
+                 b, hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TABLE: gl.constexpr):
     for t in range(0, n_trips):
         stage = t % STAGES
         # The stage's previous use (trip t - STAGES) must be released by both consumers.
         mbarrier.wait(kv_empty.index(stage), ((t // STAGES) - 1) & 1, pred=t >= STAGES)
-        row = _trip_block(t, n_sink, window_first) * BLOCK_N
+        row = _trip_block(t, n_trips, n_sink, window_first, blocks, TABLE) * BLOCK_N
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
         _tma_load(k_desc, [b, hk, row, 0], k_ready.index(stage), k_ring.index(stage))
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
@@ -274,27 +323,30 @@ def _pass_turn(other_turn, PINGPONG: gl.constexpr):
 @gluon.jit
 def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn,
                  other_turn, out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
-                 window_first, H: gl.constexpr, ROW0: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr):
+                 window_first, blocks, H: gl.constexpr, ROW0: gl.constexpr, HALF_M: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                 LEADER: gl.constexpr, TABLE: gl.constexpr):
     """One consumer warpgroup: loads its HALF_M rows of Q (ROW0 into the tile), then attends them."""
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(q_desc, [b, h, m0 + ROW0, 0], q_bar, q_smem)
     _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn, other_turn,
                  out_ptr, b * H + h, b, hk, m0 + ROW0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
-                 window_first, HALF_M, 4, HEAD_DIM, BLOCK_N, STAGES, False, PINGPONG, LEADER)
+                 window_first, blocks, HALF_M, 4, HEAD_DIM, BLOCK_N, STAGES, False, PINGPONG, LEADER, TABLE)
 
 
 @gluon.jit
-def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, sink, window, qk_scale,
+def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, table, seq_q, seq_k, sink, window, qk_scale,
                                  H: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                                 PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
+                                 PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
+                                 TABLE: gl.constexpr, WIDTH: gl.constexpr):
     """The warp-specialised program: same tile, key ranges and semantics as ``_streaming_prefill_kernel``."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     HALF_M: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
+    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(table, seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
+                                                         BLOCK_N, TABLE, WIDTH)
     hk = h // GROUP
 
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, HEAD_DIM], q_desc.layout)
@@ -316,12 +368,14 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, seq_q, seq_k, 
     gl.warp_specialize([
         (_ws_consumer, (q_desc, q_smem.index(0), q_bars.index(0), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
                         v_desc, turns.index(0), turns.index(1), out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window,
-                        qk_scale, n_trips, n_sink, wb, H, 0, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 1)),
+                        qk_scale, n_trips, n_sink, wb, blocks, H, 0, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 1,
+                        TABLE)),
         (_ws_consumer, (q_desc, q_smem.index(1), q_bars.index(1), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
                         v_desc, turns.index(1), turns.index(0), out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window,
-                        qk_scale, n_trips, n_sink, wb, H, HALF_M, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 0)),
-        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, wb, b, hk,
-                        BLOCK_N, STAGES)),
+                        qk_scale, n_trips, n_sink, wb, blocks, H, HALF_M, HALF_M, HEAD_DIM, BLOCK_N, STAGES,
+                        PINGPONG, 0, TABLE)),
+        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, wb, blocks, b,
+                        hk, BLOCK_N, STAGES, TABLE)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -411,21 +465,93 @@ def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: Optional[fl
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     check_arguments(q, k, v, sink, window, scale, stages)
     B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Sk = k.shape[2]
     if Sq == 0 or Sk == 0:   # no query, or no key to keep: the rule's output is empty / zeros
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
-    out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
     (sink,), (window,) = kernel_rules([sink], [window], Sq, Sk)   # the same keys; bounds stay within int32
+    return _launch(q, k, v, None, sink, window, scale, stages, warp_specialized, pingpong, consumer_regs,
+                   producer_regs)
+
+
+def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *, stages: int = 3,
+                               warp_specialized: bool = False, pingpong: bool = False, consumer_regs: int = 240,
+                               producer_regs: int = 24):
+    """Causal block-table attention (docs/spec.md, block_sparse's table semantics: a kept partial block applies
+    causality and the sequence end, a full block keeps every key) on sm_90, with the same programs and arguments
+    as :func:`streaming_prefill_hopper`; ``Sq == Sk`` and 128 x 128 table blocks (:func:`check_table`).
+
+    Each program walks its query block's list of key blocks (partial ones first) from one int32 row per
+    (batch, head, query block) that :func:`program_blocks` builds on the device."""
+    import torch
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_arguments(q, k, v, 0, 1, scale, stages)
+    check_table(table, q, k)
+    B, H, Sq, D = q.shape
+    if Sq == 0:
+        return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    return _launch(q, k, v, program_blocks(table, B, H, q.device), 0, 1, scale, stages, warp_specialized, pingpong,
+                   consumer_regs, producer_regs)
+
+
+def check_table(table, q, k) -> None:
+    """Raise ValueError naming what the table programs do not take: a table that is not causal, blocks other than
+    128 x 128, lengths other than the inputs' ``Sq == Sk``, a batch or head count that does not broadcast."""
+    B, H, Sq = q.shape[:3]
+    if not table.causal:
+        raise ValueError("block_table_prefill_hopper takes a causal table")
+    if (table.block_q, table.block_k) != (BLOCK_M, BLOCK_M):
+        raise ValueError(f"block_table_prefill_hopper takes {BLOCK_M} x {BLOCK_M} table blocks; got "
+                         f"{table.block_q} x {table.block_k}")
+    if not (table.seq_q == table.seq_k == Sq == k.shape[2]):
+        raise ValueError(f"block_table_prefill_hopper takes Sq == Sk and a table of those lengths; got Sq {Sq}, "
+                         f"Sk {k.shape[2]}, table {table.seq_q} x {table.seq_k}")
+    bt, ht = table.kv_num_blocks.shape[:2]
+    if bt not in (1, B) or ht not in (1, H):
+        raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({B}, {H})")
+
+
+@functools.lru_cache(maxsize=16)
+def program_blocks(table, batch: int, heads: int, device):
+    """One int32 row per (batch, head, query block) on ``device``: ``[n_partial, n_trips, partial blocks...,
+    full blocks...]``, padded to one width (entries past ``n_trips`` are never read); the rows of
+    ``b * heads + h`` in query-block order. Cached per table (tables are immutable)."""
+    import torch
+    import torch.nn.functional as F
+
+    num, idx = table.kv_num_blocks.to(device).int(), table.kv_indices.to(device).int()
+    fnum, fidx = table.full_kv_num_blocks.to(device).int(), table.full_kv_indices.to(device).int()
+    n_partial, n_full = idx.shape[-1], fidx.shape[-1]
+    width = max(n_partial + n_full, 1)
+    trip = torch.arange(width, device=device, dtype=torch.int64)
+    lead = (*idx.shape[:-1], width)
+    # One zero column each, so that an empty list gathers too; the clamped indices only feed masked-off entries.
+    from_partial = F.pad(idx, (0, 1)).gather(-1, trip.clamp(max=n_partial).expand(lead))
+    from_full = F.pad(fidx, (0, 1)).gather(-1, (trip - num[..., None]).clamp(0, n_full).expand(lead))
+    blocks = torch.where(trip < num[..., None], from_partial, from_full)
+    rows = torch.cat([num[..., None], (num + fnum)[..., None], blocks], dim=-1)
+    return rows.expand(batch, heads, *rows.shape[2:]).reshape(-1, width + 2).contiguous()
+
+
+def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, pingpong, consumer_regs, producer_regs):
+    """Launch one program over ``B * H * cdiv(Sq, 128)`` query tiles: the streaming layout (``blocks`` None) or a
+    block table's rows."""
+    import torch
+
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
     q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
     q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M // 2 if warp_specialized else BLOCK_M, D)
     grid = (B * H * triton.cdiv(Sq, BLOCK_M),)
+    layout = dict(TABLE=blocks is not None, WIDTH=1 if blocks is None else blocks.shape[-1])
+    table = out if blocks is None else blocks   # the streaming programs never read it
+    common = dict(H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D, STAGES=stages, **layout)
     if warp_specialized:
-        _streaming_prefill_ws_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * LOG2E.value,
-                                           H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D,
-                                           STAGES=stages, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
-                                           PINGPONG=pingpong, num_warps=4)
-        return out
-    _streaming_prefill_kernel[grid](q_desc, k_desc, v_desc, out, Sq, Sk, sink, window, scale * LOG2E.value,
-                                    H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D,
-                                    STAGES=stages, num_warps=NUM_WARPS)
+        _streaming_prefill_ws_kernel[grid](q_desc, k_desc, v_desc, out, table, Sq, Sk, sink, window,
+                                           scale * LOG2E.value, PRODUCER_REGS=producer_regs,
+                                           CONSUMER_REGS=consumer_regs, PINGPONG=pingpong, num_warps=4, **common)
+    else:
+        _streaming_prefill_kernel[grid](q_desc, k_desc, v_desc, out, table, Sq, Sk, sink, window,
+                                        scale * LOG2E.value, num_warps=NUM_WARPS, **common)
     return out

@@ -34,17 +34,20 @@ _CHILD = textwrap.dedent('''
     q = torch.empty(1, 4, S, D, dtype=torch.bfloat16)
     kv = torch.empty(1, 2, S, D, dtype=torch.bfloat16)
     out = {}
+    blocks = torch.zeros(32, 12, dtype=torch.int32)   # a block table's program rows
     common = dict(H=4, GROUP=2, HEAD_DIM=D, BLOCK_M=128, BLOCK_N=128, grid=(1,))
-    for stages in (2, 3):
-        k = sp._streaming_prefill_kernel.warmup(*sp._descriptors(q, kv, kv, 128, 128), q, S, S, 128, 4096, 0.1,
-                                                STAGES=stages, num_warps=8, **common)
-        out[f"s{stages}"] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared, cubin=len(k.asm["cubin"]))
-        for pingpong in (False, True):
-            k = sp._streaming_prefill_ws_kernel.warmup(*sp._descriptors(q, kv, kv, 64, 128), q, S, S, 128, 4096,
-                                                       0.1, STAGES=stages, PRODUCER_REGS=24, CONSUMER_REGS=240,
-                                                       PINGPONG=pingpong, num_warps=4, **common)
-            out[("pp" if pingpong else "ws") + str(stages)] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared,
-                                                                  cubin=len(k.asm["cubin"]))
+    for table, suffix in ((q, ""), (blocks, "_table")):
+        common.update(TABLE=bool(suffix), WIDTH=table.shape[-1] if suffix else 1)
+        for stages in (2, 3):
+            k = sp._streaming_prefill_kernel.warmup(*sp._descriptors(q, kv, kv, 128, 128), q, table, S, S, 128,
+                                                    4096, 0.1, STAGES=stages, num_warps=8, **common)
+            out[f"s{stages}{suffix}"] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared, cubin=len(k.asm["cubin"]))
+            for pingpong in (False, True):
+                k = sp._streaming_prefill_ws_kernel.warmup(*sp._descriptors(q, kv, kv, 64, 128), q, table, S, S, 128,
+                                                           4096, 0.1, STAGES=stages, PRODUCER_REGS=24,
+                                                           CONSUMER_REGS=240, PINGPONG=pingpong, num_warps=4, **common)
+                out[("pp" if pingpong else "ws") + str(stages) + suffix] = dict(
+                    ptx=k.asm["ptx"], shared=k.metadata.shared, cubin=len(k.asm["cubin"]))
     print("RESULT" + json.dumps(out))
 ''')
 
@@ -61,7 +64,7 @@ def compiled():
     return json.loads(lines[-1][len("RESULT"):])
 
 
-@pytest.mark.parametrize("variant", ["s2", "s3", "ws2", "ws3", "pp2", "pp3"])
+@pytest.mark.parametrize("variant", ["s2", "s3", "ws2", "ws3", "pp2", "pp3", "s3_table", "ws3_table", "pp3_table"])
 def test_compiles_for_sm90(compiled, variant):
     k = compiled[variant]
     assert k["cubin"] > 0
@@ -69,7 +72,7 @@ def test_compiles_for_sm90(compiled, variant):
     assert k["shared"] <= SM90_MAX_SHARED
 
 
-@pytest.mark.parametrize("variant", ["ws2", "ws3", "pp2", "pp3"])
+@pytest.mark.parametrize("variant", ["ws2", "ws3", "pp2", "pp3", "ws3_table"])
 def test_warp_specialised_programs_reallocate_registers(compiled, variant):
     ptx = compiled[variant]["ptx"]
     assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx    # the producer gives its registers back

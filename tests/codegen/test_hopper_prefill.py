@@ -232,3 +232,125 @@ def test_the_report_names_the_program_where_the_rule_takes_the_site(answer, monk
     assert ("sm_90 prefill" in site.attrs["plan"]) == answer, site.attrs["plan"]
     short = sparsecc.explain(_block(torch.float16), x[:, :100], spec=spec)    # fewer rows than one tile
     assert "sm_90 prefill" not in [s for s in short.sites if s.kind == "attention"][0].attrs["plan"]
+
+
+# ---------------------------------------------------------------- block tables
+
+def _table(heads: int, seq: int, seed: int, empty=None):
+    """A causal 128 x 128 BlockTable written here: per head, the diagonal block partial (causality applies) and
+    each block below it kept as a full block with probability 0.3 (block 0 always). ``empty`` = (head, query block)
+    keeps nothing. Returns (table, the [H, S, S] keep mask its documented semantics give)."""
+    from sparsecc.layouts import BlockTable
+
+    g = torch.Generator().manual_seed(seed)
+    n = -(-seq // 128)
+    below = torch.rand(heads, n, n, generator=g) < 0.3
+    below[..., 0] = True
+    below &= torch.ones(n, n, dtype=torch.bool).tril(-1)
+    diag = torch.eye(n, dtype=torch.bool).expand(heads, n, n).clone()
+    if empty is not None:
+        below[empty], diag[empty] = False, False
+
+    def lists(blocks):
+        num = blocks.sum(-1).int()
+        idx = torch.zeros(heads, n, n, dtype=torch.int32)
+        for h in range(heads):
+            for a in range(n):
+                kept = blocks[h, a].nonzero().flatten()
+                idx[h, a, :len(kept)] = kept.int()
+        return num[None], idx[None]
+
+    (num, idx), (fnum, fidx) = lists(diag), lists(below)
+    table = BlockTable(num, idx, fnum, fidx, block_q=128, block_k=128, seq_q=seq, seq_k=seq, causal=True)
+    pos = torch.arange(seq)
+    block_of = pos // 128
+    keep = below[:, block_of][:, :, block_of] | (diag[:, block_of][:, :, block_of] & (pos[None, :] <= pos[:, None]))
+    return table, keep
+
+
+def _expected_keep(q, k, v, keep, scale):
+    rep = q.shape[1] // k.shape[1]
+    k64, v64 = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
+    keep = keep.to(q.device)
+    scores = ((q.double() @ k64.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0) @ v64
+
+
+def test_program_blocks_list_each_query_blocks_trips():
+    """Row (b, h, a): the partial count, the trip count, then the partial blocks and the full blocks, in order."""
+    from sparsecc.codegen.streaming_prefill_hopper import program_blocks
+
+    table, _ = _table(heads=3, seq=700, seed=1, empty=(1, 2))
+    rows = program_blocks(table, 2, 3, torch.device("cpu")).view(2, 3, 6, -1)
+    for b in range(2):
+        for h in range(3):
+            for a in range(6):
+                n_part, n_full = int(table.kv_num_blocks[0, h, a]), int(table.full_kv_num_blocks[0, h, a])
+                row = rows[b, h, a].tolist()
+                assert row[:2] == [n_part, n_part + n_full]
+                assert row[2:2 + n_part + n_full] == (table.kv_indices[0, h, a, :n_part].tolist()
+                                                      + table.full_kv_indices[0, h, a, :n_full].tolist())
+    assert rows[0, 1, 2, :2].tolist() == [0, 0]
+
+
+def test_table_calls_reach_the_program_only_when_it_takes_them(sm90, monkeypatch):
+    """A causal 128 x 128 table over Sq == Sk without a mask goes to the program (here a stand-in: the float64
+    expectation from the table's semantics); a mask or another block size keeps the kernel path (the reference
+    answers on CPU for float32)."""
+    from sparsecc.codegen.block_attention import block_sparse_attention
+
+    calls = []
+
+    def stand_in(q, k, v, table, scale):
+        calls.append(scale)
+        return _expected_keep(q, k, v, keep, scale).to(q.dtype)
+
+    monkeypatch.setattr(hopper_prefill, "hopper_table_prefill", stand_in)
+    monkeypatch.setattr("sparsecc.codegen.block_attention.hopper_table_prefill", stand_in)
+    table, keep = _table(heads=4, seq=384, seed=2)
+    q, k, v = _qkv(sq=384, sk=384)
+    block_sparse_attention(q, k, v, table=table, scale=0.1)
+    assert calls == [0.1]
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    out = block_sparse_attention(q32, k32, v32, table=table, scale=0.1)    # float32: not the program
+    assert calls == [0.1]
+    assert _rel(out, _expected_keep(q32, k32, v32, keep, 0.1)) < 1e-5
+    assert not hopper_prefill.hopper_table_fits(q, k, v, table, masked=True, return_lse=False)
+    assert not hopper_prefill.hopper_table_fits(q, k, v, table, masked=False, return_lse=True)
+    assert not hopper_prefill.hopper_table_fits(q[:, :, :256], k, v, table, masked=False, return_lse=False)
+
+
+@needs_hopper
+@pytest.mark.parametrize("variant", [dict(stages=3), dict(stages=3, warp_specialized=True),
+                                     dict(stages=2, warp_specialized=True, pingpong=True)], ids=["s3", "ws3", "pp2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_table_program_keeps_what_the_table_says(variant, dtype):
+    """Every program over a table written here (a ragged last block, GQA, a query block that keeps nothing, whose
+    rows are zeros) against float64 attention over the table's keep mask."""
+    from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
+
+    table, keep = _table(heads=8, seq=1000, seed=5, empty=(3, 4))
+    q, k, v = _qkv(sq=1000, sk=1000, h=8, hkv=2, dtype=dtype, device="cuda", seed=5)
+    out = block_table_prefill_hopper(q, k, v, table, 0.09, **variant)
+    expected = _expected_keep(q, k, v, keep, 0.09)
+    assert _rel(out, expected) < 1e-2
+    assert (out[:, 3, 512:640] == 0).all()
+    assert _rel(out, _expected_keep(q, k, v, oracle.causal_keep(1000, 1000), 0.09)) > 5e-2   # not dense
+
+
+@needs_hopper
+def test_gpu_block_sparse_attention_runs_the_table_program(monkeypatch):
+    from sparsecc.codegen.block_attention import block_sparse_attention
+
+    calls, real = [], hopper_prefill.hopper_table_prefill
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr("sparsecc.codegen.block_attention.hopper_table_prefill", counted)
+    table, keep = _table(heads=4, seq=768, seed=6)
+    q, k, v = _qkv(sq=768, sk=768, h=4, hkv=4, dtype=torch.bfloat16, device="cuda", seed=6)
+    out = block_sparse_attention(q, k, v, table=table, scale=0.09)
+    assert calls == [1]
+    assert _rel(out, _expected_keep(q, k, v, keep, 0.09)) < 1e-2
