@@ -1,21 +1,24 @@
-"""Which streaming prefill calls run the Gluon program for sm_90, and how it is launched.
+"""Which prefill calls run the Gluon programs for sm_90, and how they are launched.
 
-``codegen/streaming_prefill_hopper.py`` holds three Gluon programs for the causal streaming layout on Hopper.
-Measured against the Triton prefill kernel in one run (bench/RESULTS.md, "The warp-specialised Gluon programs
-timed, and dispatched"), the warp-specialised program at 3 stages is the fastest or within 6% of the fastest at
-16K-128K, so :data:`VARIANT` is the one the streaming op dispatches to. The ping-pong program is as fast on
-average and stays in the bench.
+``codegen/streaming_prefill_hopper.py`` holds three Gluon programs for the causal streaming layout and for
+causal block tables on Hopper. Measured against the Triton prefill kernel in one run (bench/RESULTS.md, "The
+warp-specialised Gluon programs timed, and dispatched"), the warp-specialised program at 3 stages is the fastest
+or within 6% of the fastest at 16K-128K, so :data:`VARIANT` is the one the compiler dispatches to. The ping-pong
+program is as fast on average and stays in the bench.
 
-A streaming call runs it when :func:`hopper_prefill_fits` says so: an sm_90 GPU with Gluon's Hopper module, a
-causal call without a mask or a log-sum-exp request, float16 / bfloat16, head dim 128 for q, k and v, one sink
-and window for every head, a static query count of at least :data:`MIN_ROWS` and no more queries than keys.
-Everything else keeps the Triton kernels (decode-sized and short calls among them: traced into Inductor's
-graph, they launch with no host work).
+**Streaming.** A streaming call runs it when :func:`hopper_prefill_fits` says so: an sm_90 GPU with Gluon's
+Hopper module, a causal call without a mask or a log-sum-exp request, float16 / bfloat16, head dim 128 for q, k
+and v, one sink and window for every head, a static query count of at least :data:`MIN_ROWS` and no more queries
+than keys. Everything else keeps the Triton kernels (decode-sized and short calls among them: traced into
+Inductor's graph, they launch with no host work). The program takes TMA descriptors made on the host, which
+Inductor's traced launches cannot carry, so under ``torch.compile`` the call is the opaque op
+``torch.ops.sparsecc.streaming_prefill_sm90`` (its record is in ``attention_ops.py``): Inductor calls it through
+the dispatcher, host work on calls that take milliseconds (which is why short calls keep the traced kernels).
+Eager calls launch the program directly.
 
-The Gluon program takes TMA descriptors made on the host, which Inductor's traced launches cannot carry, so
-under ``torch.compile`` the call is the opaque op ``torch.ops.sparsecc.streaming_prefill_sm90`` (its record is
-in ``attention_ops.py``): Inductor calls it through the dispatcher, host work on calls that take milliseconds
-(which is why short calls keep the traced kernels). Eager calls launch the program directly.
+**Block tables.** ``block_sparse_attention`` runs the same program over a causal table of 128 x 128 blocks with
+``Sq == Sk`` and no mask (:func:`hopper_table_fits`); the block-table op is always opaque, so these calls are
+eager. The dynamic forms' per-call tables keep the Triton kernel.
 
 Nothing here imports Triton: the module is read on every streaming call, on every machine.
 """
