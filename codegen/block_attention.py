@@ -516,12 +516,12 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     if not attention_kernel_ok(q, k, v, scale):
         return _into(out, streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=causal,
                                                   mask=mask, return_lse=return_lse))
-    if (_streaming_is_dense(sinks, windows, sq, sk, causal) and m4 is None and not return_lse
-            and (sq == sk or not causal) and q.device.type == "cuda"):
+    if _runs_sdpa(sinks, windows, sq, sk, causal, m4 is not None, return_lse, q.device):
         return _into(out, _dense_sdpa(q, k, v, scale, causal))
     snk, win = kernel_rules(sinks, windows, sq, sk)
-    if hopper_prefill_fits(q.device, (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]), sq, sk,
-                           causal=causal, masked=m4 is not None, return_lse=return_lse, sinks=snk, windows=win):
+    if streaming_runs_hopper_program(q.device, (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]),
+                                     sq, sk, scale=scale, causal=causal, masked=m4 is not None,
+                                     return_lse=return_lse, sinks=sinks, windows=windows):
         return _into(out, hopper_prefill(q, k, v, snk[0], win[0], scale))
     starts = None if causal else leading_padding(m4, b, sq, sk)   # on the device: no host sync, traceable
     if sq <= DECODE_MAX_Q:
@@ -535,6 +535,29 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
     return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out,
                           key_start=starts)
+
+
+def _runs_sdpa(sinks: Sequence[int], windows: Sequence[int], sq, sk, causal: bool, masked: bool, return_lse: bool,
+               device: torch.device) -> bool:
+    """Whether a streaming call hands over to SDPA: an exactly dense layout, no mask or lse, aligned causality."""
+    return (_streaming_is_dense(sinks, windows, sq, sk, causal) and not masked and not return_lse
+            and (sq == sk or not causal) and device.type == "cuda")
+
+
+def streaming_runs_hopper_program(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int],
+                                  sq, sk, *, scale: float, causal: bool, masked: bool, return_lse: bool,
+                                  sinks: Sequence[int], windows: Sequence[int]) -> bool:
+    """Whether :func:`streaming_attention` sends a call with these facts to the Gluon program for sm_90: not a
+    call for the reference (``scale <= 0``) or for SDPA (an exactly dense layout), and what
+    :func:`~sparsecc.codegen.hopper_prefill.hopper_prefill_fits` takes. ``sinks`` / ``windows`` are per head as the
+    op takes them. The compiler's plan asks the same question for its report."""
+    if type(sq) is not int or type(sk) is not int or not scale > 0:   # symbolic lengths keep the traced kernels
+        return False
+    if _runs_sdpa(sinks, windows, sq, sk, causal, masked, return_lse, device):
+        return False
+    snk, win = kernel_rules(sinks, windows, sq, sk)
+    return hopper_prefill_fits(device, dtypes, head_dims, sq, sk, causal=causal, masked=masked,
+                               return_lse=return_lse, sinks=snk, windows=win)
 
 
 def kernel_rules(sinks: Sequence[int], windows: Sequence[int], sq: int, sk: int) -> tuple[list, list]:

@@ -47,13 +47,17 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIM = 128
 
 
-@functools.lru_cache(maxsize=None)
 def sm90_gluon(device: torch.device) -> bool:
-    """True when ``device`` is an sm_90 GPU and the installed Triton has Gluon's Hopper module (cached per
-    device)."""
+    """True when ``device`` is an sm_90 GPU and the installed Triton has Gluon's Hopper module (cached per GPU;
+    ``cuda`` without an index is the current one)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    if torch.cuda.get_device_capability(device) != (9, 0):
+    return _sm90_gluon(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_gluon(index: int) -> bool:
+    if torch.cuda.get_device_capability(index) != (9, 0):
         return False
     try:
         from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
@@ -75,13 +79,11 @@ def hopper_prefill_fits(device: torch.device, dtypes: Sequence[torch.dtype], hea
     ``dtypes`` and ``head_dims`` are q's, k's and v's; ``seq_q`` / ``seq_k`` may be symbolic, and a symbolic
     query count keeps the Triton kernel (deciding on it would add a guard); ``sinks`` / ``windows`` are per
     head, as the kernels take them (``kernel_rules``)."""
-    if not (causal and not masked and not return_lse):
-        return False
-    if not program_takes(dtypes, head_dims):
+    if type(seq_q) is not int or type(seq_k) is not int or not MIN_ROWS <= seq_q <= seq_k:
+        return False   # first: a symbolic length also makes the per-head rules symbolic (unhashable)
+    if not (causal and not masked and not return_lse) or not program_takes(dtypes, head_dims):
         return False
     if len(set(sinks)) != 1 or len(set(windows)) != 1:
-        return False
-    if type(seq_q) is not int or type(seq_k) is not int or not MIN_ROWS <= seq_q <= seq_k:
         return False
     return sm90_gluon(device)
 

@@ -28,8 +28,7 @@ from sparsecc.codegen.attention_ops import (
     BLOCK_SPARSE_ATTENTION, DYNAMIC_BLOCK_ATTENTION, MIXED_HEAD_ATTENTION, STREAMING_ATTENTION,
     STREAMING_ATTENTION_FROM_MASK, BlockSparseAttentionArgs, DynamicAttentionArgs, MixedHeadArgs,
     StreamingAttentionArgs, StreamingFromMaskArgs)
-from sparsecc.codegen.block_attention import kernel_rules
-from sparsecc.codegen.hopper_prefill import hopper_prefill_fits
+from sparsecc.codegen.block_attention import streaming_runs_hopper_program
 from sparsecc.forms import MASKED_LOGIT_MAX, Streaming
 from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention
 from sparsecc.passes.normalize import op_of
@@ -427,16 +426,15 @@ def plan_attention(site: Site, decision: Decision, ctx) -> Plan:
 
 
 def _runs_hopper_prefill(site: Site, args: StreamingAttentionArgs) -> bool:
-    """Whether the streaming op's prefill calls at the site's shapes run the Gluon program for sm_90 (the kernel
-    wrapper decides the same at run time)."""
+    """Whether the streaming op's calls at the site's shapes run the Gluon program for sm_90 (the kernel wrapper's
+    own rule, ``streaming_runs_hopper_program``, asked with the site's facts)."""
     if site.symbolic:
         return False
     m: AttentionMatch = site.match
-    sq, sk = (int(site.attrs[name]) for name in ("seq_q", "seq_k"))
-    sinks, windows = kernel_rules(args.sink, args.window, sq, sk)
-    return hopper_prefill_fits(site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)),
-                               tuple(site.shapes[name][-1] for name in ("q", "k", "v")), sq, sk, causal=args.causal,
-                               masked=bool(m.masks), return_lse=False, sinks=sinks, windows=windows)
+    return streaming_runs_hopper_program(
+        site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)), tuple(site.shapes[name][-1] for name in "qkv"),
+        int(site.attrs["seq_q"]), int(site.attrs["seq_k"]), scale=args.scale, causal=args.causal,
+        masked=bool(m.masks), return_lse=False, sinks=args.sink, windows=args.window)
 
 
 def attention_call(decision: Decision, scale: float, causal: bool, impl: str):

@@ -81,8 +81,9 @@ def test_a_symbolic_query_count_keeps_the_triton_kernel(sm90):
     assert not _fits(seq_q=ShapeEnv().create_unbacked_symint())
 
 
-def test_no_gpu_no_program():
+def test_no_gpu_no_program(monkeypatch):
     assert not hopper_prefill.sm90_gluon(torch.device("cpu"))
+    monkeypatch.setattr(hopper_prefill, "sm90_gluon", lambda device: False)   # another GPU, or Triton without Gluon
     assert not _fits()
 
 
@@ -110,12 +111,48 @@ def hopper_prefill_reference(q, k, v, scale, sink, window):
 
 
 def test_calls_the_program_does_not_take_skip_it(sm90, monkeypatch):
-    """A mask, per-head rules or a short chunk never reach the program (the reference answers here: float32)."""
+    """Through the wrapper, in half precision: a mask, per-head rules, a short chunk, an lse request, a
+    bidirectional call never reach the program; the Triton prefill launch (a stand-in here) takes them. A layout
+    SDPA serves and ``scale <= 0`` don't either (the wrapper's rule, asked for a CUDA device)."""
+    from sparsecc.codegen import block_attention
+
     monkeypatch.setattr(hopper_prefill, "streaming_prefill_sm90_kernel",
                         lambda *a: pytest.fail("the Gluon program was called"))
-    q, k, v = (t.float() for t in _qkv())
-    out = streaming_attention(q, k, v, sink=[16], window=[100], scale=0.1, causal=True)   # float32: no kernel
-    assert _rel(out, _expected(q, k, v, 16, 100, 0.1)) < 1e-5
+    launches = []
+    monkeypatch.setattr(block_attention, "launch_prefill",
+                        lambda q, *a, **kw: launches.append(1) or torch.zeros_like(q))
+    q, k, v = _qkv()
+    mask = torch.ones(256, 384, dtype=torch.bool)
+    calls = [dict(sink=[16], window=[100], mask=mask), dict(sink=[16, 16, 0, 0], window=[100] * 4),
+             dict(sink=[16], window=[100, 100, 100, 50]), dict(sink=[16], window=[100], causal=False),
+             dict(sink=[16], window=[100], return_lse=True)]
+    for kwargs in calls:
+        streaming_attention(q, k, v, **{"scale": 0.1, "causal": True, **kwargs})
+    streaming_attention(q[:, :, :100], k, v, sink=[16], window=[100], scale=0.1, causal=True)   # one short chunk
+    assert launches == [1] * (len(calls) + 1)
+    # A window covering the sequence is SDPA's on CUDA (the wrapper's own rule, asked for a CUDA device).
+    facts = (torch.device("cuda"), (torch.float16,) * 3, (128,) * 3)
+    rule = dict(scale=0.1, causal=True, masked=False, return_lse=False, sinks=[16], windows=[4096])
+    assert not block_attention.streaming_runs_hopper_program(*facts, 256, 256, **rule)
+    assert block_attention.streaming_runs_hopper_program(*facts, 256, 256, **{**rule, "windows": [100]})
+    assert not block_attention.streaming_runs_hopper_program(*facts, 256, 256, **{**rule, "scale": 0.0})
+
+
+def test_symbolic_lengths_keep_the_traced_kernels(sm90, monkeypatch):
+    """Traced with symbolic lengths (a dense head's window is then a symbolic ``Sk + Sq + 1``), the rule answers no
+    without hashing or guarding on the lengths, and the Triton launch is traced."""
+    from sparsecc.codegen import block_attention
+    from sparsecc.layouts import FULL_WINDOW
+
+    monkeypatch.setattr(block_attention, "launch_prefill", lambda q, *a, **kw: torch.empty_like(q))
+    q, k, v = _qkv()
+
+    def attend(q, k, v):
+        return streaming_attention(q, k, v, sink=[0, 0, 0, 0], window=[256, FULL_WINDOW, 256, FULL_WINDOW],
+                                   scale=0.1, causal=True)
+
+    gm = make_fx(attend, tracing_mode="symbolic")(q, k, v)
+    assert not any("streaming_prefill_sm90" in str(n.target) for n in gm.graph.nodes)
 
 
 def test_a_traced_call_is_one_opaque_op(sm90, monkeypatch):
@@ -232,6 +269,9 @@ def test_the_report_names_the_program_where_the_rule_takes_the_site(answer, monk
     assert ("sm_90 prefill" in site.attrs["plan"]) == answer, site.attrs["plan"]
     short = sparsecc.explain(_block(torch.float16), x[:, :100], spec=spec)    # fewer rows than one tile
     assert "sm_90 prefill" not in [s for s in short.sites if s.kind == "attention"][0].attrs["plan"]
+    wide = {**spec, "attention": [{"form": "streaming", "sink": 16, "window": 4096}]}   # dense at 256: SDPA
+    dense = [s for s in sparsecc.explain(_block(torch.float16), x, spec=wide).sites if s.kind == "attention"][0]
+    assert "sm_90 prefill" not in dense.attrs.get("plan", ""), dense.attrs
 
 
 # ---------------------------------------------------------------- block tables
@@ -281,8 +321,8 @@ def test_program_blocks_list_each_query_blocks_trips():
     from sparsecc.codegen.streaming_prefill_hopper import program_blocks
 
     table, _ = _table(heads=3, seq=700, seed=1, empty=(1, 2))
-    rows = program_blocks(table, 2, 3, torch.device("cpu")).view(2, 3, 6, -1)
-    for b in range(2):
+    rows = program_blocks(table, torch.device("cpu")).view(1, 3, 6, -1)   # one row per table batch and head
+    for b in range(1):
         for h in range(3):
             for a in range(6):
                 n_part, n_full = int(table.kv_num_blocks[0, h, a]), int(table.full_kv_num_blocks[0, h, a])
@@ -291,6 +331,7 @@ def test_program_blocks_list_each_query_blocks_trips():
                 assert row[2:2 + n_part + n_full] == (table.kv_indices[0, h, a, :n_part].tolist()
                                                       + table.full_kv_indices[0, h, a, :n_full].tolist())
     assert rows[0, 1, 2, :2].tolist() == [0, 0]
+    assert program_blocks(table, torch.device("cpu")) is program_blocks(table, torch.device("cpu"))   # cached
 
 
 def test_table_calls_reach_the_program_only_when_it_takes_them(sm90, monkeypatch):
@@ -349,7 +390,7 @@ def test_gpu_block_sparse_attention_runs_the_table_program(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr("sparsecc.codegen.block_attention.hopper_table_prefill", counted)
-    table, keep = _table(heads=4, seq=768, seed=6)
+    table, keep = _table(heads=1, seq=768, seed=6)    # one table head serves every head
     q, k, v = _qkv(sq=768, sk=768, h=4, hkv=4, dtype=torch.bfloat16, device="cuda", seed=6)
     out = block_sparse_attention(q, k, v, table=table, scale=0.09)
     assert calls == [1]

@@ -159,11 +159,14 @@ def gpu_cases(draw, form: str, *, decode: Optional[bool] = None, causal: Optiona
 
 @contextlib.contextmanager
 def triton_launches():
-    """Count calls of the Python functions that launch the attention kernels (prefill, decode, dynamic tables)."""
-    from sparsecc.codegen import block_attention, decode_attention, dynamic_attention_kernels, vertical_slash_kernels
+    """Count calls of the Python functions that launch the attention kernels (prefill, decode, dynamic tables, the
+    Gluon programs for sm_90)."""
+    from sparsecc.codegen import (block_attention, decode_attention, dynamic_attention_kernels, hopper_prefill,
+                                  vertical_slash_kernels)
 
     calls = []
     targets = [(block_attention, "launch_prefill"), (decode_attention, "streaming_decode"),
+               (hopper_prefill, "streaming_prefill_sm90_kernel"), (block_attention, "hopper_table_prefill"),
                (dynamic_attention_kernels, "block_topk_table"),
                (vertical_slash_kernels, "vertical_slash_attention_kernel")]
     with contextlib.ExitStack() as stack:
