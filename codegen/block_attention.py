@@ -2,7 +2,9 @@
 
 Layout of this file: module notes, then the **reference** section (plain
 PyTorch, chunked, the ground truth for the kernels), then the **kernel
-wrappers** (validation, dense dispatch, launch). The Triton jit code lives in
+wrappers** (validation, dense dispatch, launch). The streaming rule as the
+kernels take it and which kernel a streaming call runs live in
+``streaming_rules.py``. The Triton jit code lives in
 ``block_attention_kernels.py`` (prefill) and ``decode_attention.py`` (decode);
 both are imported only when a wrapper first runs, never at import time.
 
@@ -33,10 +35,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from sparsecc.codegen.hopper_prefill import (hopper_prefill, hopper_prefill_fits, hopper_table_fits,
-                                             hopper_table_prefill)
+from sparsecc.codegen.hopper_prefill import hopper_prefill, hopper_table_fits, hopper_table_prefill
 from sparsecc.codegen.launch import launcher, tracing
 from sparsecc.codegen.mask_positions import leading_padding, mask_4d
+from sparsecc.codegen.streaming_rules import (  # noqa: F401 - kernel_rules, rule_vectors: part of this interface
+    kernel_rules, rule_vectors, runs_sdpa, streaming_is_dense, streaming_rules_per_head,
+    streaming_runs_hopper_program)
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
 __all__ = ["rule_vectors", "kernel_rules", "FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
@@ -155,25 +159,6 @@ def split_mask(m: Optional[Tensor], dtype: torch.dtype) -> tuple[Optional[Tensor
 def _finish(out: Tensor, lse: Tensor, q: Tensor, return_lse: bool) -> AttentionOut:
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
-
-
-def _per_head(values: Union[int, Sequence[int]], n_heads: int, name: str) -> list[int]:
-    vals = [values] if isinstance(values, int) else [int(x) for x in values]
-    if len(vals) == 1:
-        vals = vals * n_heads
-    if len(vals) != n_heads:
-        raise ValueError(f"{name} has {len(vals)} entries; expected 1 or H = {n_heads}")
-    return vals
-
-
-def streaming_rules_per_head(sink, window, n_heads: int) -> tuple[list[int], list[int]]:
-    """Per-head sink and window lists, validated (sink >= 0; window >= 1 or FULL_WINDOW)."""
-    sinks, windows = _per_head(sink, n_heads, "sink"), _per_head(window, n_heads, "window")
-    for s_, w_ in zip(sinks, windows):
-        if s_ < 0 or (w_ < 1 and w_ != FULL_WINDOW):
-            raise ValueError(f"sink={s_}, window={w_} is not allowed; expected sink >= 0 and window >= 1 "
-                             f"or FULL_WINDOW ({FULL_WINDOW})")
-    return sinks, windows
 
 
 def _streaming_keys(p0: int, p1: int, sink: int, window: int, seq_k: int, causal: bool,
@@ -487,13 +472,6 @@ def launch_prefill(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scale:
     return (out, lse) if return_lse else out
 
 
-def _streaming_is_dense(sinks: Sequence[int], windows: Sequence[int], sq: int, sk: int, causal: bool) -> bool:
-    """True when every head keeps every (causally allowed) element, so the layout is plain dense attention."""
-    # Causal distances p - j stay below Sk; bidirectional ones below Sk + Sq (queries may start before 0).
-    reach = sk if causal else sk + sq
-    return all(w == FULL_WINDOW or w >= reach or s >= sk for s, w in zip(sinks, windows))
-
-
 def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int], window: Sequence[int],
                         scale: float, causal: bool, mask: Optional[Tensor] = None,
                         return_lse: bool = False, out: Optional[Tensor] = None) -> AttentionOut:
@@ -516,7 +494,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     if not attention_kernel_ok(q, k, v, scale):
         return _into(out, streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=causal,
                                                   mask=mask, return_lse=return_lse))
-    if _runs_sdpa(sinks, windows, sq, sk, causal, m4 is not None, return_lse, q.device):
+    if runs_sdpa(sinks, windows, sq, sk, causal, m4 is not None, return_lse, q.device):
         return _into(out, _dense_sdpa(q, k, v, scale, causal))
     snk, win = kernel_rules(sinks, windows, sq, sk)
     if streaming_runs_hopper_program(q.device, (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]),
@@ -535,56 +513,6 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     sinks_t, windows_t = rule_vectors(tuple(snk), tuple(win), q)
     return launch_prefill(q, k, v, m4, scale, causal, return_lse, sinks=sinks_t, windows=windows_t, out=out,
                           key_start=starts)
-
-
-def _runs_sdpa(sinks: Sequence[int], windows: Sequence[int], sq, sk, causal: bool, masked: bool, return_lse: bool,
-               device: torch.device) -> bool:
-    """Whether a streaming call hands over to SDPA: an exactly dense layout, no mask or lse, aligned causality."""
-    return (_streaming_is_dense(sinks, windows, sq, sk, causal) and not masked and not return_lse
-            and (sq == sk or not causal) and device.type == "cuda")
-
-
-def streaming_runs_hopper_program(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int],
-                                  sq, sk, *, scale: float, causal: bool, masked: bool, return_lse: bool,
-                                  sinks: Sequence[int], windows: Sequence[int]) -> bool:
-    """Whether :func:`streaming_attention` sends a call with these facts to the Gluon program for sm_90: not a
-    call for the reference (``scale <= 0``) or for SDPA (an exactly dense layout), and what
-    :func:`~sparsecc.codegen.hopper_prefill.hopper_prefill_fits` takes. ``sinks`` / ``windows`` are per head as the
-    op takes them. The compiler's plan asks the same question for its report."""
-    if type(sq) is not int or type(sk) is not int or not scale > 0:   # symbolic lengths keep the traced kernels
-        return False
-    if _runs_sdpa(sinks, windows, sq, sk, causal, masked, return_lse, device):
-        return False
-    snk, win = kernel_rules(sinks, windows, sq, sk)
-    return hopper_prefill_fits(device, dtypes, head_dims, sq, sk, causal=causal, masked=masked,
-                               return_lse=return_lse, sinks=snk, windows=win)
-
-
-def kernel_rules(sinks: Sequence[int], windows: Sequence[int], sq: int, sk: int) -> tuple[list, list]:
-    """Per-head sinks and windows as the kernels take them, keeping the same keys: a window longer than any
-    distance, or FULL_WINDOW, becomes one window of ``sk + sq + 1`` (so the kernels' bounds arithmetic stays
-    within int32), and a sink is clamped to the key length (0 for a FULL_WINDOW head)."""
-    unlimited = sk + sq + 1
-    win = [unlimited if w == FULL_WINDOW or w > unlimited else w for w in windows]
-    snk = [0 if w == FULL_WINDOW else min(s_, sk) for s_, w in zip(sinks, windows)]
-    return snk, win
-
-
-def rule_vectors(sinks: tuple, windows: tuple, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-head sink/window as int32 vectors on ``like``'s device.
-
-    Eagerly they are cached per device (a host-to-device copy per call would stall launches); while the op
-    is traced they become constants of Inductor's graph, made once when the compiled code loads.
-    """
-    if tracing(like):
-        return _rule_vectors.__wrapped__(sinks, windows, like.device)   # the same vectors, uncached
-    return _rule_vectors(sinks, windows, like.device)
-
-
-@functools.lru_cache(maxsize=64)
-def _rule_vectors(sinks: tuple, windows: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
-    return (torch.tensor(sinks, dtype=torch.int32, device=device),
-            torch.tensor(windows, dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=32)

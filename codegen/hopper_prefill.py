@@ -6,7 +6,8 @@ warp-specialised Gluon programs timed, and dispatched"), the warp-specialised pr
 or within 6% of the fastest at 16K-128K, so :data:`VARIANT` is the one the compiler dispatches to. The ping-pong
 program is as fast on average and stays in the bench.
 
-**Streaming.** A streaming call runs it when :func:`hopper_prefill_fits` says so: an sm_90 GPU with Gluon's
+**Streaming.** A streaming call runs it when ``streaming_rules.streaming_runs_hopper_program`` says so (SDPA
+keeps the exactly dense layouts) and, within that, :func:`hopper_prefill_fits`: an sm_90 GPU with Gluon's
 Hopper module, a causal call without a mask or a log-sum-exp request, float16 / bfloat16, head dim 128 for q, k
 and v, one sink and window for every head, a static query count of at least :data:`MIN_ROWS` and no more queries
 than keys. Everything else keeps the Triton kernels (decode-sized and short calls among them: traced into

@@ -33,7 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
-from sparsecc.codegen.block_attention import kernel_rules
+from sparsecc.codegen.streaming_rules import kernel_rules
 from sparsecc.codegen.block_attention_kernels import LOG2E
 
 # The TMA load builtin: ``async_load`` in newer Gluon, ``async_copy_global_to_shared`` in triton 3.6 (the newer

@@ -28,7 +28,7 @@ from sparsecc.codegen.attention_ops import (
     BLOCK_SPARSE_ATTENTION, DYNAMIC_BLOCK_ATTENTION, MIXED_HEAD_ATTENTION, STREAMING_ATTENTION,
     STREAMING_ATTENTION_FROM_MASK, BlockSparseAttentionArgs, DynamicAttentionArgs, MixedHeadArgs,
     StreamingAttentionArgs, StreamingFromMaskArgs)
-from sparsecc.codegen.block_attention import streaming_runs_hopper_program
+from sparsecc.codegen.streaming_rules import streaming_runs_hopper_program
 from sparsecc.forms import MASKED_LOGIT_MAX, Streaming
 from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention
 from sparsecc.passes.normalize import op_of

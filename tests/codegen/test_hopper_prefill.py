@@ -114,7 +114,7 @@ def test_calls_the_program_does_not_take_skip_it(sm90, monkeypatch):
     """Through the wrapper, in half precision: a mask, per-head rules, a short chunk, an lse request, a
     bidirectional call never reach the program; the Triton prefill launch (a stand-in here) takes them. A layout
     SDPA serves and ``scale <= 0`` don't either (the wrapper's rule, asked for a CUDA device)."""
-    from sparsecc.codegen import block_attention
+    from sparsecc.codegen import block_attention, streaming_rules
 
     monkeypatch.setattr(hopper_prefill, "streaming_prefill_sm90_kernel",
                         lambda *a: pytest.fail("the Gluon program was called"))
@@ -133,9 +133,9 @@ def test_calls_the_program_does_not_take_skip_it(sm90, monkeypatch):
     # A window covering the sequence is SDPA's on CUDA (the wrapper's own rule, asked for a CUDA device).
     facts = (torch.device("cuda"), (torch.float16,) * 3, (128,) * 3)
     rule = dict(scale=0.1, causal=True, masked=False, return_lse=False, sinks=[16], windows=[4096])
-    assert not block_attention.streaming_runs_hopper_program(*facts, 256, 256, **rule)
-    assert block_attention.streaming_runs_hopper_program(*facts, 256, 256, **{**rule, "windows": [100]})
-    assert not block_attention.streaming_runs_hopper_program(*facts, 256, 256, **{**rule, "scale": 0.0})
+    assert not streaming_rules.streaming_runs_hopper_program(*facts, 256, 256, **rule)
+    assert streaming_rules.streaming_runs_hopper_program(*facts, 256, 256, **{**rule, "windows": [100]})
+    assert not streaming_rules.streaming_runs_hopper_program(*facts, 256, 256, **{**rule, "scale": 0.0})
 
 
 def test_symbolic_lengths_keep_the_traced_kernels(sm90, monkeypatch):
