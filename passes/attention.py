@@ -420,21 +420,46 @@ def plan_attention(site: Site, decision: Decision, ctx) -> Plan:
     """The one op call that runs a decided site, and how it is launched."""
     record, args = attention_call(decision, float(site.attrs["scale"]), site.match.causal, ctx.kernels)
     plan = Plan(calls=[op_call(record, args, site.device, site.symbolic)])
-    if record is STREAMING_ATTENTION and args.impl != "reference" and _runs_hopper_prefill(site, args):
-        plan.notes["sm_90 prefill"] = "the Gluon program (codegen/hopper_prefill.py), one opaque call"
+    if args.impl != "reference":
+        heads = _hopper_prefill_heads(site, record, args, decision.params.get("head_table"))
+        if heads is not None:
+            plan.notes["sm_90 prefill"] = (f"the Gluon program (codegen/hopper_prefill.py){heads}, "
+                                           "one opaque call")
     return plan
 
 
-def _runs_hopper_prefill(site: Site, args: StreamingAttentionArgs) -> bool:
-    """Whether the streaming op's calls at the site's shapes run the Gluon program for sm_90 (the kernel wrapper's
-    own rule, ``streaming_runs_hopper_program``, asked with the site's facts)."""
-    if site.symbolic:
-        return False
+def _hopper_prefill_heads(site: Site, record, args, head_table) -> Optional[str]:
+    """Which of the site's calls run the Gluon program for sm_90 at its shapes: None for none, ``""`` for a
+    streaming op (every head), ``" for heads ..."`` for the streaming head groups of a mixed site that no one-launch
+    family covers (each group runs through the streaming op). The kernel wrapper's own rule,
+    ``streaming_runs_hopper_program``, asked with the site's facts."""
+    if site.symbolic or record not in (STREAMING_ATTENTION, MIXED_HEAD_ATTENTION):
+        return None
     m: AttentionMatch = site.match
-    return streaming_runs_hopper_program(
-        site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)), tuple(site.shapes[name][-1] for name in "qkv"),
-        int(site.attrs["seq_q"]), int(site.attrs["seq_k"]), scale=args.scale, causal=args.causal,
-        masked=bool(m.masks), return_lse=False, sinks=args.sink, windows=args.window)
+    facts = (site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)), tuple(site.shapes[name][-1] for name in "qkv"),
+             int(site.attrs["seq_q"]), int(site.attrs["seq_k"]))
+    rule = dict(scale=args.scale, causal=args.causal, masked=bool(m.masks), return_lse=False)
+    if record is STREAMING_ATTENTION:
+        return "" if streaming_runs_hopper_program(*facts, sinks=args.sink, windows=args.window, **rule) else None
+    if head_table.family() is not None:
+        return None
+    heads = [h for form, members in head_table.groups().items() if isinstance(form, Streaming)
+             and streaming_runs_hopper_program(*facts, sinks=[form.sink] * len(members),
+                                               windows=[form.window] * len(members), **rule)
+             for h in members]
+    return f" for heads {_head_ranges(sorted(heads))}" if heads else None
+
+
+def _head_ranges(heads: List[int]) -> str:
+    """``0-3, 6`` for heads 0, 1, 2, 3, 6."""
+    runs, start = [], None
+    for i, h in enumerate(heads):
+        if start is None:
+            start = h
+        if i + 1 == len(heads) or heads[i + 1] != h + 1:
+            runs.append(str(start) if start == h else f"{start}-{h}")
+            start = None
+    return ", ".join(runs)
 
 
 def attention_call(decision: Decision, scale: float, causal: bool, impl: str):

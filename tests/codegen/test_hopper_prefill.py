@@ -274,6 +274,37 @@ def test_the_report_names_the_program_where_the_rule_takes_the_site(answer, monk
     assert "sm_90 prefill" not in dense.attrs.get("plan", ""), dense.attrs
 
 
+def test_a_mixed_site_names_its_streaming_heads(sm90):
+    """A mixed site that no one-launch family covers (vertical_slash and block_sparse heads together) runs its heads
+    group by group, the streaming group through the streaming op, so the plan names those heads; with
+    block_sparse alone beside them the one launch runs every head (no note). Streaming beside dense heads is one
+    streaming op with per-head rules, which the program does not take."""
+    import sparsecc
+    from tests import zoo
+
+    torch.manual_seed(0)
+    block = zoo.Block(zoo.SdpaAttention, zoo.GatedSiluFFN, hidden=512, heads=4, kv_heads=2, inner=256, bias=False)
+    block = block.eval().to(torch.float16)
+    x = torch.randn(1, 256, 512, dtype=torch.float16)
+    streaming = {"form": "streaming", "sink": 16, "window": 64, "heads": [0, 1], "policy": "force"}
+    vertical_slash = {"form": "vertical_slash", "block": 64, "last_q": 16, "vertical": 2, "slash": 2, "heads": [2],
+                      "policy": "force"}
+    block_sparse = {"form": "block_sparse", "block": 64, "heads": [3], "policy": "force"}
+    dense = {"form": "dense", "heads": [2, 3]}
+    cases = [([streaming, vertical_slash, block_sparse], "mixed_head_attention", " for heads 0-1,"),
+             ([streaming, {"form": "dense", "heads": [2]}, block_sparse], "mixed_head_attention", None),
+             ([streaming, dense], "streaming_attention", None)]
+    for rules, op, note in cases:
+        report = sparsecc.explain(block, x, spec={"version": 1, "attention": rules})
+        site = [s for s in report.sites if s.kind == "attention"][0]
+        assert site.applied, site.reason
+        assert site.attrs["plan"].startswith(op), site.attrs["plan"]
+        if note:
+            assert "sm_90 prefill: the Gluon program (codegen/hopper_prefill.py)" + note in site.attrs["plan"]
+        else:
+            assert "sm_90 prefill" not in site.attrs["plan"], site.attrs["plan"]
+
+
 # ---------------------------------------------------------------- block tables
 
 def _table(heads: int, seq: int, seed: int, empty=None):
