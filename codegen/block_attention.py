@@ -39,8 +39,7 @@ from sparsecc.codegen.hopper_prefill import hopper_prefill, hopper_table_fits, h
 from sparsecc.codegen.launch import launcher, tracing
 from sparsecc.codegen.mask_positions import leading_padding, mask_4d
 from sparsecc.codegen.streaming_rules import (  # noqa: F401 - kernel_rules, rule_vectors: part of this interface
-    kernel_rules, rule_vectors, runs_sdpa, streaming_is_dense, streaming_rules_per_head,
-    streaming_runs_hopper_program)
+    kernel_rules, rule_vectors, runs_sdpa, streaming_rules_per_head, streaming_runs_hopper_program)
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
 __all__ = ["rule_vectors", "kernel_rules", "FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",

@@ -130,6 +130,20 @@ class HeadTable:
             return "block"
         return None
 
+    def launch_family(self, causal: bool) -> Optional[str]:
+        """The family whose one launch runs the table on a call of this causality, or None (the heads then run
+        group by group): the vertical_slash family takes causal calls, the block family table blocks of at least
+        ``MIN_TABLE_BLOCK``. The kernel also checks the inputs (dtypes, head dims); the compiler's plan asks this
+        for its report."""
+        from sparsecc.codegen.block_attention import MIN_TABLE_BLOCK
+
+        family = self.family()
+        if family == "vertical_slash" and not causal:
+            return None
+        if family == "block" and self.block < MIN_TABLE_BLOCK:
+            return None
+        return family
+
 
 def _unlimited(seq_q: int, seq_k: int) -> int:
     """A window longer than any query-key distance (the kernels' encoding of "no window limit")."""
@@ -241,12 +255,12 @@ def mixed_head_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Optional[
     group by group): each family takes the inputs its kernel takes (``vertical_slash_kernel_ok``,
     ``attention_kernel_ok``), the vertical_slash family causal attention, the block family block sizes of at
     least 16 (powers of two, as the forms require)."""
-    from sparsecc.codegen.block_attention import MIN_TABLE_BLOCK, attention_kernel_ok
+    from sparsecc.codegen.block_attention import attention_kernel_ok
     from sparsecc.codegen.vertical_slash import vertical_slash_kernel_ok
 
-    family = table.family()
-    if family == "vertical_slash" and causal and vertical_slash_kernel_ok(q, k, v):
+    family = table.launch_family(causal)
+    if family == "vertical_slash" and vertical_slash_kernel_ok(q, k, v):
         return vertical_slash_family(q, k, v, mask, scale, table)
-    if family == "block" and table.block >= MIN_TABLE_BLOCK and attention_kernel_ok(q, k, v, scale):
+    if family == "block" and attention_kernel_ok(q, k, v, scale):
         return block_family(q, k, v, mask, scale, causal, table)
     return None

@@ -1,11 +1,10 @@
 """The streaming rule as the kernels take it, and which kernel a streaming call runs.
 
 Per-head sinks and windows (validated), capped so that the kernels' bounds stay within int32 without changing the
-kept keys (:func:`kernel_rules`), as device vectors (:func:`rule_vectors`); and the two dispatch questions that
-``block_attention.streaming_attention`` and the compiler's plan both ask: is the layout exactly dense, so SDPA
-serves the call (:func:`runs_sdpa`), and does the call run the Gluon program for sm_90
-(:func:`streaming_runs_hopper_program`, with ``hopper_prefill.hopper_prefill_fits``). Nothing here imports
-Triton.
+kept keys (:func:`kernel_rules`), as device vectors (:func:`rule_vectors`); and the dispatch questions of
+``block_attention.streaming_attention``: is the layout exactly dense, so SDPA serves the call (:func:`runs_sdpa`),
+and does the call run the Gluon program for sm_90 (:func:`streaming_runs_hopper_program`, which the compiler's
+plan asks too, with ``hopper_prefill.hopper_prefill_fits``). Nothing here imports Triton.
 """
 
 from __future__ import annotations
@@ -60,8 +59,8 @@ def runs_sdpa(sinks: Sequence[int], windows: Sequence[int], sq, sk, causal: bool
 def streaming_runs_hopper_program(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int],
                                   sq, sk, *, scale: float, causal: bool, masked: bool, return_lse: bool,
                                   sinks: Sequence[int], windows: Sequence[int]) -> bool:
-    """Whether :func:`streaming_attention` sends a call with these facts to the Gluon program for sm_90: not a
-    call for the reference (``scale <= 0``) or for SDPA (an exactly dense layout), and what
+    """Whether ``block_attention.streaming_attention`` sends a call with these facts to the Gluon program for
+    sm_90: not a call for the reference (``scale <= 0``) or for SDPA (an exactly dense layout), and what
     :func:`~sparsecc.codegen.hopper_prefill.hopper_prefill_fits` takes. ``sinks`` / ``windows`` are per head as the
     op takes them. The compiler's plan asks the same question for its report."""
     if type(sq) is not int or type(sk) is not int or not scale > 0:   # symbolic lengths keep the traced kernels

@@ -31,6 +31,7 @@ from sparsecc.codegen.attention_ops import (
 from sparsecc.codegen.streaming_rules import streaming_runs_hopper_program
 from sparsecc.forms import MASKED_LOGIT_MAX, Streaming
 from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention
+from sparsecc.passes.decide import head_spans
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.plan import Plan, op_call
 from sparsecc.passes.site import Decision, Rewrite, Site, debug_no_match
@@ -422,17 +423,19 @@ def plan_attention(site: Site, decision: Decision, ctx) -> Plan:
     plan = Plan(calls=[op_call(record, args, site.device, site.symbolic)])
     if args.impl != "reference":
         heads = _hopper_prefill_heads(site, record, args, decision.params.get("head_table"))
-        if heads is not None:
-            plan.notes["sm_90 prefill"] = (f"the Gluon program (codegen/hopper_prefill.py){heads}, "
-                                           "one opaque call")
+        if heads == "":
+            plan.notes["sm_90 prefill"] = "the Gluon program (codegen/hopper_prefill.py), one opaque call"
+        elif heads is not None:
+            plan.notes["sm_90 prefill"] = (f"the Gluon program (codegen/hopper_prefill.py) for heads {heads}, one "
+                                           "launch per streaming group inside the mixed op")
     return plan
 
 
 def _hopper_prefill_heads(site: Site, record, args, head_table) -> Optional[str]:
-    """Which of the site's calls run the Gluon program for sm_90 at its shapes: None for none, ``""`` for a
-    streaming op (every head), ``" for heads ..."`` for the streaming head groups of a mixed site that no one-launch
-    family covers (each group runs through the streaming op). The kernel wrapper's own rule,
-    ``streaming_runs_hopper_program``, asked with the site's facts."""
+    """Which of the site's heads run the Gluon program for sm_90 at its shapes: None for none, ``""`` for every
+    head of a streaming op, the model's heads as spans (``"0-1, 5"``) for the streaming head groups of a mixed site
+    whose table no one-launch family runs (each group then runs through the streaming op). The kernel wrapper's own
+    rule, ``streaming_runs_hopper_program``, asked with the site's facts."""
     if site.symbolic or record not in (STREAMING_ATTENTION, MIXED_HEAD_ATTENTION):
         return None
     m: AttentionMatch = site.match
@@ -441,25 +444,14 @@ def _hopper_prefill_heads(site: Site, record, args, head_table) -> Optional[str]
     rule = dict(scale=args.scale, causal=args.causal, masked=bool(m.masks), return_lse=False)
     if record is STREAMING_ATTENTION:
         return "" if streaming_runs_hopper_program(*facts, sinks=args.sink, windows=args.window, **rule) else None
-    if head_table.family() is not None:
+    if head_table.launch_family(args.causal) is not None:
         return None
-    heads = [h for form, members in head_table.groups().items() if isinstance(form, Streaming)
+    heads = [h + args.head_offset for form, members in head_table.groups().items()
+             if isinstance(form, Streaming)
              and streaming_runs_hopper_program(*facts, sinks=[form.sink] * len(members),
                                                windows=[form.window] * len(members), **rule)
              for h in members]
-    return f" for heads {_head_ranges(sorted(heads))}" if heads else None
-
-
-def _head_ranges(heads: List[int]) -> str:
-    """``0-3, 6`` for heads 0, 1, 2, 3, 6."""
-    runs, start = [], None
-    for i, h in enumerate(heads):
-        if start is None:
-            start = h
-        if i + 1 == len(heads) or heads[i + 1] != h + 1:
-            runs.append(str(start) if start == h else f"{start}-{h}")
-            start = None
-    return ", ".join(runs)
+    return head_spans(sorted(heads)) if heads else None
 
 
 def attention_call(decision: Decision, scale: float, causal: bool, impl: str):

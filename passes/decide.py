@@ -109,11 +109,11 @@ def group_head_forms(per_head, offset: int = 0) -> List[Tuple[str, str]]:
     forms: Dict[str, List[int]] = {}
     for h, rule in enumerate(per_head, start=offset):
         forms.setdefault("dense" if rule is None or isinstance(rule.form, Dense) else str(rule.form), []).append(h)
-    return [(form, _spans(heads)) for form, heads in forms.items()]
+    return [(form, head_spans(heads)) for form, heads in forms.items()]
 
 
-def _spans(heads: List[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+def head_spans(heads: List[int]) -> str:
+    """Sorted head indices as spans: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
     out, start = [], heads[0]
     for prev, cur in zip(heads, heads[1:] + [None]):
         if cur != prev + 1:

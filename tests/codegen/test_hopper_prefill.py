@@ -256,29 +256,28 @@ def _block(dtype):
 
 @pytest.mark.parametrize("answer", [True, False])
 def test_the_report_names_the_program_where_the_rule_takes_the_site(answer, monkeypatch):
-    """The plan shows the program on the sites whose calls the kernel wrapper will send to it (same rule)."""
+    """The plan shows the program on the sites whose calls the kernel wrapper will send to it (same rule), at
+    static shapes (each explain starts from a fresh Dynamo, so the lengths stay static)."""
     import sparsecc
 
     monkeypatch.setattr(hopper_prefill, "sm90_gluon", lambda device: answer)
     spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{"form": "streaming", "sink": 16,
                                                                           "window": 64}]}
     x = torch.randn(1, 256, 256, dtype=torch.float16)
-    report = sparsecc.explain(_block(torch.float16), x, spec=spec)
-    site = [s for s in report.sites if s.kind == "attention"][0]
-    assert site.applied, site.reason
-    assert ("sm_90 prefill" in site.attrs["plan"]) == answer, site.attrs["plan"]
-    short = sparsecc.explain(_block(torch.float16), x[:, :100], spec=spec)    # fewer rows than one tile
-    assert "sm_90 prefill" not in [s for s in short.sites if s.kind == "attention"][0].attrs["plan"]
-    wide = {**spec, "attention": [{"form": "streaming", "sink": 16, "window": 4096}]}   # dense at 256: SDPA
-    dense = [s for s in sparsecc.explain(_block(torch.float16), x, spec=wide).sites if s.kind == "attention"][0]
-    assert "sm_90 prefill" not in dense.attrs.get("plan", ""), dense.attrs
+    for rows, note in ((256, answer), (100, False)):      # 100: fewer rows than one query tile
+        torch._dynamo.reset()
+        report = sparsecc.explain(_block(torch.float16), x[:, :rows], spec=spec)
+        site = [s for s in report.sites if s.kind == "attention"][0]
+        assert site.applied and site.attrs["seq_q"] == rows and isinstance(site.attrs["seq_q"], int), site.attrs
+        expected = "sm_90 prefill: the Gluon program (codegen/hopper_prefill.py), one opaque call"
+        assert (expected in site.attrs["plan"]) == note, site.attrs["plan"]
 
 
 def test_a_mixed_site_names_its_streaming_heads(sm90):
-    """A mixed site that no one-launch family covers (vertical_slash and block_sparse heads together) runs its heads
-    group by group, the streaming group through the streaming op, so the plan names those heads; with
-    block_sparse alone beside them the one launch runs every head (no note). Streaming beside dense heads is one
-    streaming op with per-head rules, which the program does not take."""
+    """A mixed site whose table no one-launch family runs (vertical_slash and block_sparse heads together, or
+    block_sparse blocks under 16) runs its heads group by group, the streaming group through the streaming op, so
+    the plan names those heads; with block_sparse heads of 64-blocks beside them the one launch runs every head (no
+    note). Streaming beside dense heads is one streaming op with per-head rules, which the program does not take."""
     import sparsecc
     from tests import zoo
 
@@ -289,20 +288,52 @@ def test_a_mixed_site_names_its_streaming_heads(sm90):
     streaming = {"form": "streaming", "sink": 16, "window": 64, "heads": [0, 1], "policy": "force"}
     vertical_slash = {"form": "vertical_slash", "block": 64, "last_q": 16, "vertical": 2, "slash": 2, "heads": [2],
                       "policy": "force"}
-    block_sparse = {"form": "block_sparse", "block": 64, "heads": [3], "policy": "force"}
-    dense = {"form": "dense", "heads": [2, 3]}
-    cases = [([streaming, vertical_slash, block_sparse], "mixed_head_attention", " for heads 0-1,"),
-             ([streaming, {"form": "dense", "heads": [2]}, block_sparse], "mixed_head_attention", None),
-             ([streaming, dense], "streaming_attention", None)]
-    for rules, op, note in cases:
+
+    def block_sparse(size, heads):
+        return {"form": "block_sparse", "block": size, "heads": heads, "policy": "force"}
+
+    note = ("sm_90 prefill: the Gluon program (codegen/hopper_prefill.py) for heads 0-1, one launch per streaming "
+            "group inside the mixed op")
+    cases = [([streaming, vertical_slash, block_sparse(64, [3])], "mixed_head_attention", note),
+             ([streaming, block_sparse(8, [2, 3])], "mixed_head_attention", note),
+             ([streaming, {"form": "dense", "heads": [2]}, block_sparse(64, [3])], "mixed_head_attention", None),
+             ([streaming, {"form": "dense", "heads": [2, 3]}], "streaming_attention", None)]
+    for rules, op, expected in cases:
+        torch._dynamo.reset()
         report = sparsecc.explain(block, x, spec={"version": 1, "attention": rules})
         site = [s for s in report.sites if s.kind == "attention"][0]
         assert site.applied, site.reason
-        assert site.attrs["plan"].startswith(op), site.attrs["plan"]
-        if note:
-            assert "sm_90 prefill: the Gluon program (codegen/hopper_prefill.py)" + note in site.attrs["plan"]
-        else:
-            assert "sm_90 prefill" not in site.attrs["plan"], site.attrs["plan"]
+        plan = site.attrs["plan"]
+        assert plan.startswith(op), plan
+        assert (expected in plan) if expected else ("sm_90 prefill" not in plan), plan
+
+
+def test_the_group_path_of_a_mixed_site_launches_the_program(sm90, monkeypatch):
+    """What the plan note says runs: a mixed table with block_sparse blocks under 16 leaves the one launch, and its
+    streaming group reaches the program (a stand-in: the op's reference) with one rule for the group's heads."""
+    from sparsecc.codegen import attention_ops, block_attention, mixed_attention
+    from sparsecc.forms import BlockSparse, Streaming
+
+    calls = []
+
+    def stand_in(q, k, v, scale, sink, window):
+        calls.append((tuple(q.shape), sink, window))
+        return hopper_prefill_reference(q, k, v, scale, sink, window)
+
+    monkeypatch.setattr(hopper_prefill, "streaming_prefill_sm90_kernel", stand_in)
+    kernels = {"mixed_head_attention": mixed_attention.mixed_head_attention_kernel,
+               "streaming_attention": block_attention.streaming_attention_op}
+    real = attention_ops.OpRecord.kernel_function
+    monkeypatch.setattr(attention_ops.OpRecord, "kernel_function",
+                        lambda self, device: kernels.get(self.name) or real(self, device))
+    q, k, v = _qkv(sq=256, sk=256)
+    for size, expected in ((8, [((2, 2, 256, 128), 16, 64)]), (64, [])):
+        calls.clear()
+        table = mixed_attention.HeadTable.of([Streaming(16, 64)] * 2 + [BlockSparse(size)] * 2)
+        if size == 64:   # the block family's one launch would run the Triton kernel: stand in for it too
+            monkeypatch.setattr(mixed_attention, "block_family", lambda q, *a: torch.zeros_like(q))
+        attention_ops.mixed_head_attention(q, k, v, None, 0.1, True, *table.op_args(), 0, "auto")
+        assert calls == expected
 
 
 # ---------------------------------------------------------------- block tables
