@@ -35,11 +35,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from sparsecc.codegen.hopper_prefill import hopper_prefill, hopper_table_fits, hopper_table_prefill
+from sparsecc.codegen.hopper_prefill import (hopper_prefill, hopper_prefill_fits, hopper_table_fits,
+                                             hopper_table_prefill)
 from sparsecc.codegen.launch import launcher, tracing
 from sparsecc.codegen.mask_positions import leading_padding, mask_4d
 from sparsecc.codegen.streaming_rules import (  # noqa: F401 - kernel_rules, rule_vectors: part of this interface
-    kernel_rules, rule_vectors, runs_sdpa, streaming_rules_per_head, streaming_runs_hopper_program)
+    kernel_rules, rule_vectors, runs_sdpa, streaming_rules_per_head)
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
 __all__ = ["rule_vectors", "kernel_rules", "FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
@@ -496,9 +497,9 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     if runs_sdpa(sinks, windows, sq, sk, causal, m4 is not None, return_lse, q.device):
         return _into(out, _dense_sdpa(q, k, v, scale, causal))
     snk, win = kernel_rules(sinks, windows, sq, sk)
-    if streaming_runs_hopper_program(q.device, (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]),
-                                     sq, sk, scale=scale, causal=causal, masked=m4 is not None,
-                                     return_lse=return_lse, sinks=sinks, windows=windows):
+    # streaming_runs_hopper_program's last step: the reference and SDPA cases are behind us, the rules capped.
+    if hopper_prefill_fits(q.device, (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]), sq, sk,
+                           causal=causal, masked=m4 is not None, return_lse=return_lse, sinks=snk, windows=win):
         return _into(out, hopper_prefill(q, k, v, snk[0], win[0], scale))
     starts = None if causal else leading_padding(m4, b, sq, sk)   # on the device: no host sync, traceable
     if sq <= DECODE_MAX_Q:

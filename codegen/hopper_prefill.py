@@ -31,21 +31,23 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["MIN_ROWS", "TABLE_BLOCK", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits",
+__all__ = ["TILE", "HEAD_DIM", "MIN_ROWS", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits",
            "hopper_prefill", "streaming_prefill_sm90_kernel", "hopper_table_fits", "hopper_table_prefill"]
 
-MIN_ROWS = 128
-"""Fewest query rows that run the Gluon program: one of its 128-row query tiles. Shorter calls (chunks, decode)
-keep the traced Triton kernels, which Inductor launches with no host work."""
+TILE = 128
+"""The programs' query tile (rows) and key tile (keys); a block table's blocks must be this size."""
 
-TABLE_BLOCK = 128
-"""The table block the programs take (their query and key tiles)."""
+HEAD_DIM = 128
+"""The one head dim the programs take (their key tile is one head dim wide)."""
+
+MIN_ROWS = TILE
+"""Fewest query rows that run the Gluon program: one query tile. Shorter calls (chunks, decode) keep the traced
+Triton kernels, which Inductor launches with no host work."""
 
 VARIANT = dict(stages=3, warp_specialized=True)
 """The Gluon program the streaming op runs (bench/RESULTS.md)."""
 
 _DTYPES = (torch.float16, torch.bfloat16)
-_HEAD_DIM = 128
 
 
 def sm90_gluon(device: torch.device) -> bool:
@@ -69,7 +71,7 @@ def _sm90_gluon(index: int) -> bool:
 
 def program_takes(dtypes: Sequence[torch.dtype], head_dims: Sequence[int]) -> bool:
     """Whether the Gluon program takes q, k and v of these dtypes and head dims (one of float16 / bfloat16, 128)."""
-    return all(d == dtypes[0] for d in dtypes) and dtypes[0] in _DTYPES and all(d == _HEAD_DIM for d in head_dims)
+    return all(d == dtypes[0] for d in dtypes) and dtypes[0] in _DTYPES and all(d == HEAD_DIM for d in head_dims)
 
 
 def hopper_prefill_fits(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int],
@@ -120,7 +122,7 @@ def hopper_table_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, 
 
     sq, sk = q.shape[2], k.shape[2]
     return (not masked and not return_lse and table.causal and not tracing(q, k, v)
-            and table.block_q == table.block_k == TABLE_BLOCK and table.seq_q == table.seq_k == sq == sk
+            and table.block_q == table.block_k == TILE and table.seq_q == table.seq_k == sq == sk
             and sq >= MIN_ROWS
             and program_takes((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]))
             and sm90_gluon(q.device))

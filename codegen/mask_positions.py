@@ -78,13 +78,13 @@ def padding_cuts(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: in
     """Per batch element ``(o, first row, end, end row)`` (docs/spec.md, "Left padding" and "Right padding"): the
     form runs on rows ``first row .. end row - 1`` and keys ``o .. end - 1``; the rows before and after are its
     padding rows. ``o`` is its left padding (:func:`leading_padding`); the leading padding rows sit before key ``o``
-    (``i < o`` with as many queries as keys, else ``i + end - Sq < o``) or keep no key (a static cache's padding rows). The trailing keys its mask hides from
-    every row and head are its right padding ``r``: ``end = Sk - r``. With as many
-    queries as keys (row ``i`` is key ``i``'s query) ``end row = Sq - r``; with fewer, ``end row = Sq`` and the tail is cut
-    only when each row after the leading padding rows then sits at ``i + end - Sq`` exactly where its mask ends
-    (the last key it keeps, over heads): a static cache's new tokens, not a right-padded chunk whose last rows are
-    padding (those keep their mask positions). None when no element is padded, without a mask, or inside
-    :func:`padding_cut`. One read-back to the host.
+    (``i < o`` with as many queries as keys, else ``i + end - Sq < o``) or keep no key (a static cache's padding
+    rows). The trailing keys its mask hides from every row and head are its right padding ``r``: ``end = Sk - r``.
+    With as many queries as keys (row ``i`` is key ``i``'s query) ``end row = Sq - r``; with fewer, ``end row = Sq``
+    and the tail is cut only when each row after the leading padding rows then sits at ``i + end - Sq`` exactly
+    where its mask ends (the last key it keeps, over heads): a static cache's new tokens, not a right-padded chunk
+    whose last rows are padding (those keep their mask positions). None when no element is padded, without a mask,
+    or inside :func:`padding_cut`. One read-back to the host.
     """
     if mask is None or _PADDING_CUT.get():
         return None

@@ -33,6 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from sparsecc.codegen.hopper_prefill import HEAD_DIM, TILE
 from sparsecc.codegen.streaming_rules import kernel_rules
 from sparsecc.codegen.block_attention_kernels import LOG2E
 
@@ -381,7 +382,7 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, table, seq_q, 
 
 # The program's query tile: 128 rows, 16 per warp of the software-pipelined program's 8 warps, 64 per consumer
 # warpgroup of the warp-specialised one; key tiles are one head dim (128) wide.
-BLOCK_M = 128
+BLOCK_M = TILE
 NUM_WARPS = 8
 
 
@@ -429,8 +430,8 @@ def check_arguments(q, k, v, sink: int, window: int, scale: float, stages: int) 
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"streaming_prefill_hopper takes float16 or bfloat16 q, k, v of one dtype; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
-    if D != 128 or k.shape[3] != D or v.shape[3] != D:
-        raise ValueError(f"streaming_prefill_hopper takes head dim 128 for q, k and v; got {D}, {k.shape[3]}, "
+    if D != HEAD_DIM or k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"streaming_prefill_hopper takes head dim {HEAD_DIM} for q, k and v; got {D}, {k.shape[3]}, "
                          f"{v.shape[3]}")
     if k.shape != v.shape or k.shape[0] != B or H % k.shape[1]:
         raise ValueError(f"streaming_prefill_hopper takes k and v of one shape [B, Hkv, Sk, D] with H % Hkv == 0; "

@@ -62,7 +62,8 @@ def streaming_runs_hopper_program(device: torch.device, dtypes: Sequence[torch.d
     """Whether ``block_attention.streaming_attention`` sends a call with these facts to the Gluon program for
     sm_90: not a call for the reference (``scale <= 0``) or for SDPA (an exactly dense layout), and what
     :func:`~sparsecc.codegen.hopper_prefill.hopper_prefill_fits` takes. ``sinks`` / ``windows`` are per head as the
-    op takes them. The compiler's plan asks the same question for its report."""
+    op takes them. The wrapper takes these steps in this order (asking the fit with the rules it has already
+    capped); the compiler's plan asks this function for its report."""
     if type(sq) is not int or type(sk) is not int or not scale > 0:   # symbolic lengths keep the traced kernels
         return False
     if runs_sdpa(sinks, windows, sq, sk, causal, masked, return_lse, device):
