@@ -94,17 +94,21 @@ def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constex
 
 
 @gluon.jit
-def _table_tile(table, seq_q, H: gl.constexpr, BLOCK_M: gl.constexpr, WIDTH: gl.constexpr):
+def _table_tile(table, seq_q, width, table_batches, table_heads, H: gl.constexpr, BLOCK_M: gl.constexpr):
     """A block-table program's query tile and key blocks: (b, h, m0, n_partial, blocks, n_trips).
 
-    ``table`` rows are ``[n_partial, n_trips, block_0, ..., block_{WIDTH-3}]`` per (batch, head, query block);
-    query blocks run heaviest (latest) first, as in ``_program_tile``."""
+    ``table`` rows are ``[n_partial, n_trips, block_0, ..., block_{width-3}]`` per (table batch, table head, query
+    block), a table batch or head count of 1 serving every batch element or head; query blocks run heaviest
+    (latest) first, as in ``_program_tile``."""
     n_m = gl.cdiv(seq_q, BLOCK_M)
     pid = gl.program_id(0)
     m_block = n_m - 1 - pid % n_m
     bh = pid // n_m
-    row = table + (bh.to(gl.int64) * n_m + m_block) * WIDTH
-    return bh // H, bh % H, m_block * BLOCK_M, gl.load(row), row + 2, gl.load(row + 1)
+    b = bh // H
+    h = bh % H
+    table_row = (b % table_batches) * table_heads + h % table_heads
+    row = table + (table_row.to(gl.int64) * n_m + m_block) * width
+    return b, h, m_block * BLOCK_M, gl.load(row), row + 2, gl.load(row + 1)
 
 
 @gluon.jit
@@ -233,13 +237,13 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
 
 
 @gluon.jit
-def _tile(table, seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr, TABLE: gl.constexpr, WIDTH: gl.constexpr):
+def _tile(table, width, table_batches, table_heads, seq_q, seq_k, sink, window, H: gl.constexpr,
+          GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, TABLE: gl.constexpr):
     """(b, h, m0, n_sink, window_first, blocks, n_trips, sink) of this program, for either layout. A block
     table's programs carry their count of partial blocks where the streaming ones carry the sink (the softmax
     masks the trips before it)."""
     if TABLE:
-        b, h, m0, n_part, blocks, n_trips = _table_tile(table, seq_q, H, BLOCK_M, WIDTH)
+        b, h, m0, n_part, blocks, n_trips = _table_tile(table, seq_q, width, table_batches, table_heads, H, BLOCK_M)
         return b, h, m0, n_part, 0, blocks, n_trips, n_part
     else:
         b, h, m0, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
@@ -247,17 +251,17 @@ def _tile(table, seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexp
 
 
 @gluon.jit
-def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, table, seq_q, seq_k, sink, window, qk_scale,
-                              H: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                              TABLE: gl.constexpr, WIDTH: gl.constexpr, num_warps: gl.constexpr):
+def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, table_batches, table_heads, seq_q,
+                              seq_k, sink, window, qk_scale, H: gl.constexpr, GROUP: gl.constexpr,
+                              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              STAGES: gl.constexpr, TABLE: gl.constexpr, num_warps: gl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of the streaming rule or,
     with ``TABLE``, of the block table's row (``table``; unused by the streaming layout)."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(table, seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
-                                                         BLOCK_N, TABLE, WIDTH)
+    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(table, width, table_batches, table_heads, seq_q, seq_k, sink,
+                                                         window, H, GROUP, BLOCK_M, BLOCK_N, TABLE)
     hk = h // GROUP
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -336,18 +340,18 @@ def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_emp
 
 
 @gluon.jit
-def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, table, seq_q, seq_k, sink, window, qk_scale,
-                                 H: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                                 PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
-                                 TABLE: gl.constexpr, WIDTH: gl.constexpr):
+def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, table_batches, table_heads, seq_q,
+                                 seq_k, sink, window, qk_scale, H: gl.constexpr, GROUP: gl.constexpr,
+                                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                 STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                 PINGPONG: gl.constexpr, TABLE: gl.constexpr):
     """The warp-specialised program: same tile, key ranges and semantics as ``_streaming_prefill_kernel``."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     HALF_M: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(table, seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
-                                                         BLOCK_N, TABLE, WIDTH)
+    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(table, width, table_batches, table_heads, seq_q, seq_k, sink,
+                                                         window, H, GROUP, BLOCK_M, BLOCK_N, TABLE)
     hk = h // GROUP
 
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, HEAD_DIM], q_desc.layout)
@@ -482,7 +486,7 @@ def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *,
     as :func:`streaming_prefill_hopper`; ``Sq == Sk`` and 128 x 128 table blocks (:func:`check_table`).
 
     Each program walks its query block's list of key blocks (partial ones first) from one int32 row per
-    (batch, head, query block) that :func:`program_blocks` builds on the device."""
+    (table batch, table head, query block) that :func:`program_blocks` builds on the device."""
     import torch
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -491,7 +495,7 @@ def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *,
     B, H, Sq, D = q.shape
     if Sq == 0:
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
-    return _launch(q, k, v, program_blocks(table, B, H, q.device), 0, 1, scale, stages, warp_specialized, pingpong,
+    return _launch(q, k, v, (program_blocks(table, q.device), *table.kv_num_blocks.shape[:2]), 0, 1, scale, stages, warp_specialized, pingpong,
                    consumer_regs, producer_regs)
 
 
@@ -513,10 +517,10 @@ def check_table(table, q, k) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def program_blocks(table, batch: int, heads: int, device):
-    """One int32 row per (batch, head, query block) on ``device``: ``[n_partial, n_trips, partial blocks...,
-    full blocks...]``, padded to one width (entries past ``n_trips`` are never read); the rows of
-    ``b * heads + h`` in query-block order. Cached per table (tables are immutable)."""
+def program_blocks(table, device):
+    """One int32 row per (table batch, table head, query block) on ``device``: ``[n_partial, n_trips, partial
+    blocks..., full blocks...]``, padded to one width (entries past ``n_trips`` are never read), in the order of
+    the table's ``[Bt, Ht, nQ]`` dims. Cached per table (tables are immutable)."""
     import torch
     import torch.nn.functional as F
 
@@ -531,12 +535,12 @@ def program_blocks(table, batch: int, heads: int, device):
     from_full = F.pad(fidx, (0, 1)).gather(-1, (trip - num[..., None]).clamp(0, n_full).expand(lead))
     blocks = torch.where(trip < num[..., None], from_partial, from_full)
     rows = torch.cat([num[..., None], (num + fnum)[..., None], blocks], dim=-1)
-    return rows.expand(batch, heads, *rows.shape[2:]).reshape(-1, width + 2).contiguous()
+    return rows.reshape(-1, width + 2).contiguous()
 
 
 def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, pingpong, consumer_regs, producer_regs):
     """Launch one program over ``B * H * cdiv(Sq, 128)`` query tiles: the streaming layout (``blocks`` None) or a
-    block table's rows."""
+    block table's rows (``blocks`` = (rows, table batches, table heads))."""
     import torch
 
     B, H, Sq, D = q.shape
@@ -545,14 +549,15 @@ def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, ping
     q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
     q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M // 2 if warp_specialized else BLOCK_M, D)
     grid = (B * H * triton.cdiv(Sq, BLOCK_M),)
-    layout = dict(TABLE=blocks is not None, WIDTH=1 if blocks is None else blocks.shape[-1])
-    table = out if blocks is None else blocks   # the streaming programs never read it
-    common = dict(H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D, STAGES=stages, **layout)
+    # The streaming programs never read the table: out stands in for it.
+    table, batches, heads = (out, 1, 1) if blocks is None else blocks
+    args = (q_desc, k_desc, v_desc, out, table, table.shape[-1] if blocks is not None else 1, batches, heads, Sq, Sk,
+            sink, window, scale * LOG2E.value)
+    common = dict(H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D, STAGES=stages,
+                  TABLE=blocks is not None)
     if warp_specialized:
-        _streaming_prefill_ws_kernel[grid](q_desc, k_desc, v_desc, out, table, Sq, Sk, sink, window,
-                                           scale * LOG2E.value, PRODUCER_REGS=producer_regs,
-                                           CONSUMER_REGS=consumer_regs, PINGPONG=pingpong, num_warps=4, **common)
+        _streaming_prefill_ws_kernel[grid](*args, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
+                                           PINGPONG=pingpong, num_warps=4, **common)
     else:
-        _streaming_prefill_kernel[grid](q_desc, k_desc, v_desc, out, table, Sq, Sk, sink, window,
-                                        scale * LOG2E.value, num_warps=NUM_WARPS, **common)
+        _streaming_prefill_kernel[grid](*args, num_warps=NUM_WARPS, **common)
     return out

@@ -37,15 +37,16 @@ _CHILD = textwrap.dedent('''
     blocks = torch.zeros(32, 12, dtype=torch.int32)   # a block table's program rows
     common = dict(H=4, GROUP=2, HEAD_DIM=D, BLOCK_M=128, BLOCK_N=128, grid=(1,))
     for table, suffix in ((q, ""), (blocks, "_table")):
-        common.update(TABLE=bool(suffix), WIDTH=table.shape[-1] if suffix else 1)
+        common.update(TABLE=bool(suffix))
+        layout = (table, table.shape[-1] if suffix else 1, 1, 1, S, S, 128, 4096, 0.1)
         for stages in (2, 3):
-            k = sp._streaming_prefill_kernel.warmup(*sp._descriptors(q, kv, kv, 128, 128), q, table, S, S, 128,
-                                                    4096, 0.1, STAGES=stages, num_warps=8, **common)
+            k = sp._streaming_prefill_kernel.warmup(*sp._descriptors(q, kv, kv, 128, 128), q, *layout,
+                                                    STAGES=stages, num_warps=8, **common)
             out[f"s{stages}{suffix}"] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared, cubin=len(k.asm["cubin"]))
             for pingpong in (False, True):
-                k = sp._streaming_prefill_ws_kernel.warmup(*sp._descriptors(q, kv, kv, 64, 128), q, table, S, S, 128,
-                                                           4096, 0.1, STAGES=stages, PRODUCER_REGS=24,
-                                                           CONSUMER_REGS=240, PINGPONG=pingpong, num_warps=4, **common)
+                k = sp._streaming_prefill_ws_kernel.warmup(*sp._descriptors(q, kv, kv, 64, 128), q, *layout,
+                                                           STAGES=stages, PRODUCER_REGS=24, CONSUMER_REGS=240,
+                                                           PINGPONG=pingpong, num_warps=4, **common)
                 out[("pp" if pingpong else "ws") + str(stages) + suffix] = dict(
                     ptx=k.asm["ptx"], shared=k.metadata.shared, cubin=len(k.asm["cubin"]))
     print("RESULT" + json.dumps(out))
