@@ -495,8 +495,8 @@ def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *,
     B, H, Sq, D = q.shape
     if Sq == 0:
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
-    return _launch(q, k, v, (program_blocks(table, q.device), *table.kv_num_blocks.shape[:2]), 0, 1, scale, stages, warp_specialized, pingpong,
-                   consumer_regs, producer_regs)
+    rows = (program_blocks(table, q.device), *table.kv_num_blocks.shape[:2])
+    return _launch(q, k, v, rows, 0, 1, scale, stages, warp_specialized, pingpong, consumer_regs, producer_regs)
 
 
 def check_table(table, q, k) -> None:
