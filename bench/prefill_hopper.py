@@ -38,7 +38,10 @@ from provenance import source_version  # noqa: E402 - bench/ is on the path
 
 
 def variant_kwargs(name: str) -> dict:
-    """``s3`` -> stages=3; ``ws2`` -> warp_specialized at stages=2; ``pp3`` -> warp-specialised ping-pong."""
+    """``s3`` -> stages=3; ``ws2`` -> warp_specialized at stages=2; ``pp3`` -> warp-specialised ping-pong; a
+    trailing ``p`` on ``ws`` / ``pp`` (``ws3p``) -> persistent (one program per SM)."""
+    if name[:2] in ("ws", "pp") and name.endswith("p"):
+        return dict(variant_kwargs(name[:-1]), persistent=True)
     if name.startswith("pp"):
         return dict(stages=int(name[2:]), warp_specialized=True, pingpong=True)
     if name.startswith("ws"):
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hkv", default="32,8")
     ap.add_argument("--variants", default="s3,ws2,ws3,pp2,pp3",
                     help="sN: software-pipelined at N stages; wsN: warp-specialised at N stages; "
-                         "ppN: warp-specialised with ping-pong")
+                         "ppN: warp-specialised with ping-pong; wsNp / ppNp: the same, persistent (a program per SM)")
     ap.add_argument("--flex", action="store_true", help="time Flex-Triton too (compiles once per shape)")
     ap.add_argument("--random", default="", help="lengths of the random ~10%% block layout to time (e.g. 32768)")
     ap.add_argument("--no-streaming", action="store_true", help="time the random layouts only")

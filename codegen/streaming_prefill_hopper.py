@@ -69,19 +69,22 @@ def _load_kv(desc, bars, ring, t, n_trips, n_sink, window_first, blocks, b, hk,
 
 
 @gluon.jit
-def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
-    """This program's query tile and key blocks: (b, h, m0, n_sink, wb, n_trips).
-
-    Query blocks run heaviest (latest) first. The key blocks are the sink blocks, then the window's blocks
-    ``[wb, we)`` (the Triton kernel's arithmetic); trip ``t`` visits ``_trip_block(t, n_sink, wb)``."""
+def _tile_coords(tile, seq_q, H: gl.constexpr, BLOCK_M: gl.constexpr):
+    """(b, h, m0) of query tile ``tile``: tiles run over (batch, head) and, within one, heaviest (latest) query
+    block first."""
     n_m = gl.cdiv(seq_q, BLOCK_M)
-    pid = gl.program_id(0)
-    m_block = n_m - 1 - pid % n_m
-    bh = pid // n_m
-    b = bh // H
-    h = bh % H
-    m0 = m_block * BLOCK_M
+    bh = tile // n_m
+    return bh // H, bh % H, (n_m - 1 - tile % n_m) * BLOCK_M
+
+
+@gluon.jit
+def _program_tile(tile, seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+    """Query tile ``tile`` and its key blocks: (b, h, m0, n_sink, wb, n_trips).
+
+    The key blocks are the sink blocks, then the window's blocks ``[wb, we)`` (the Triton kernel's arithmetic);
+    trip ``t`` visits ``_trip_block(t, n_sink, wb)``."""
+    b, h, m0 = _tile_coords(tile, seq_q, H, BLOCK_M)
     offset = seq_k - seq_q
     p0 = m0 + offset
     p1 = gl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
@@ -94,21 +97,16 @@ def _program_tile(seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constex
 
 
 @gluon.jit
-def _table_tile(table, seq_q, width, table_batches, table_heads, H: gl.constexpr, BLOCK_M: gl.constexpr):
-    """A block-table program's query tile and key blocks: (b, h, m0, n_partial, blocks, n_trips).
+def _table_tile(tile, table, seq_q, width, table_batches, table_heads, H: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Query tile ``tile`` of a block table and its key blocks: (b, h, m0, n_partial, blocks, n_trips).
 
     ``table`` rows are ``[n_partial, n_trips, block_0, ..., block_{width-3}]`` per (table batch, table head, query
     block), a table batch or head count of 1 serving every batch element or head; query blocks run heaviest
     (latest) first, as in ``_program_tile``."""
-    n_m = gl.cdiv(seq_q, BLOCK_M)
-    pid = gl.program_id(0)
-    m_block = n_m - 1 - pid % n_m
-    bh = pid // n_m
-    b = bh // H
-    h = bh % H
+    b, h, m0 = _tile_coords(tile, seq_q, H, BLOCK_M)
     table_row = (b % table_batches) * table_heads + h % table_heads
-    row = table + (table_row.to(gl.int64) * n_m + m_block) * width
-    return b, h, m_block * BLOCK_M, gl.load(row), row + 2, gl.load(row + 1)
+    row = table + (table_row.to(gl.int64) * gl.cdiv(seq_q, BLOCK_M) + m0 // BLOCK_M) * width
+    return b, h, m0, gl.load(row), row + 2, gl.load(row + 1)
 
 
 @gluon.jit
@@ -150,13 +148,19 @@ def _online_softmax(s, m_i, l_i, t, n0, pos, offs_n, p0, p1, seq_k, sink, window
 
 
 @gluon.jit
-def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn, other_turn,
-                 out_ptr, bh, b, hk, r0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, window_first, blocks,
+def _attend_rows(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn,
+                 other_turn, out_ptr, bh, b, hk, r0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
+                 window_first, blocks, ring0, q_phase, round0, next_live, next_b, next_h, next_r0,
                  ROWS: gl.constexpr, WARPS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr,
                  TABLE: gl.constexpr):
-    """ROWS query rows from ``r0`` (their Q tile on its way into ``q_smem``) over every trip of the program's key
-    blocks, then their output rows stored.
+    """ROWS query rows from ``r0`` (their Q tile on its way into ``q_smem``, landing as phase ``q_phase`` of
+    ``q_bar``) over every trip of the tile's key blocks, then their output rows stored.
+
+    A persistent program runs several tiles through one K/V ring: the tile's trip ``t`` is use ``ring0 + t`` of
+    the ring and ping-pong round ``round0 + t``. Once the tile's last ``S`` is done, Q is read by no MMA, so the
+    next tile's rows (``next_live``: ``[next_b, next_h, next_r0]``) are loaded into ``q_smem`` while this tile's
+    last ``P V`` and output store run.
 
     Each trip issues ``S_t = Q K_tᵀ`` and the previous trip's ``P V`` back to back and runs the softmax of
     ``S_t`` while ``P V`` executes. Once a stage's ``P V`` is done the stage is handed back: with ``REFILL``
@@ -183,13 +187,15 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=mma_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=mma_layout)
     p = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_bar, q_phase)
 
     # Trip 0 on its own: its S has no P V to overlap with.
     if n_trips > 0:
-        k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
-        mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(my_turn, 0, PINGPONG, LEADER)
+        stage0 = ring0 % STAGES
+        phase0 = (ring0 // STAGES) & 1
+        k_tile = k_ring.index(stage0).reshape([BLOCK_N, HEAD_DIM])
+        mbarrier.wait(k_ready.index(stage0), phase0)
+        _take_turn(my_turn, round0, PINGPONG, LEADER)
         s_tok = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(other_turn, PINGPONG)
         s, _, _ = warpgroup_mma_wait(0, deps=(s_tok, q_tile, k_tile))
@@ -197,15 +203,16 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, 0, n0, pos, offs_n, p0, p1, seq_k, sink, window,
                                                  qk_scale, BLOCK_N, TABLE)
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
-        mbarrier.wait(v_ready.index(0), 0)
+        mbarrier.wait(v_ready.index(stage0), phase0)
     for t in range(1, n_trips):
-        stage = t % STAGES
-        phase = (t // STAGES) & 1
-        prev = (t - 1) % STAGES
+        use = ring0 + t
+        stage = use % STAGES
+        phase = (use // STAGES) & 1
+        prev = (use - 1) % STAGES
         k_tile = k_ring.index(stage).reshape([BLOCK_N, HEAD_DIM])
         v_prev = v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM])
         mbarrier.wait(k_ready.index(stage), phase)
-        _take_turn(my_turn, t, PINGPONG, LEADER)
+        _take_turn(my_turn, round0 + t, PINGPONG, LEADER)
         s_tok = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         # The previous trip's P V, on the tensor cores while this trip's softmax runs.
         acc = warpgroup_mma(p, v_prev, acc, is_async=True)
@@ -227,26 +234,32 @@ def _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_de
         acc = acc * alpha[:, None]
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(stage), phase)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes, pred=next_live)
+    _tma_load(q_desc, [next_b, next_h, next_r0, 0], q_bar, q_smem, pred=next_live)
     if n_trips > 0:
-        v_last = v_ring.index((n_trips - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM])
-        _take_turn(my_turn, n_trips, PINGPONG, LEADER)
+        last = (ring0 + n_trips - 1) % STAGES
+        v_last = v_ring.index(last).reshape([BLOCK_N, HEAD_DIM])
+        _take_turn(my_turn, round0 + n_trips, PINGPONG, LEADER)
         acc = warpgroup_mma(p, v_last, acc, is_async=True)
         _pass_turn(other_turn, PINGPONG)
         acc, _, _ = warpgroup_mma_wait(0, deps=(acc, v_last, p))
+        if not REFILL:   # the ring runs on into the next tile: the last stage goes back too
+            mbarrier.arrive(kv_empty.index(last), count=1)
     _store_rows(out_ptr, acc, l_i, bh, offs_m, seq_q, HEAD_DIM, col_layout)
 
 
 @gluon.jit
-def _tile(table, width, table_batches, table_heads, seq_q, seq_k, sink, window, H: gl.constexpr,
+def _tile(tile, table, width, table_batches, table_heads, seq_q, seq_k, sink, window, H: gl.constexpr,
           GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, TABLE: gl.constexpr):
-    """(b, h, m0, n_sink, window_first, blocks, n_trips, sink) of this program, for either layout. A block
+    """(b, h, m0, n_sink, window_first, blocks, n_trips, sink) of query tile ``tile``, for either layout. A block
     table's programs carry their count of partial blocks where the streaming ones carry the sink (the softmax
     masks the trips before it)."""
     if TABLE:
-        b, h, m0, n_part, blocks, n_trips = _table_tile(table, seq_q, width, table_batches, table_heads, H, BLOCK_M)
+        b, h, m0, n_part, blocks, n_trips = _table_tile(tile, table, seq_q, width, table_batches, table_heads, H,
+                                                        BLOCK_M)
         return b, h, m0, n_part, 0, blocks, n_trips, n_part
     else:
-        b, h, m0, n_sink, wb, n_trips = _program_tile(seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
+        b, h, m0, n_sink, wb, n_trips = _program_tile(tile, seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
         return b, h, m0, n_sink, wb, table, n_trips, sink
 
 
@@ -260,8 +273,8 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, tab
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(table, width, table_batches, table_heads, seq_q, seq_k, sink,
-                                                         window, H, GROUP, BLOCK_M, BLOCK_N, TABLE)
+    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(gl.program_id(0), table, width, table_batches, table_heads,
+                                                         seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N, TABLE)
     hk = h // GROUP
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -280,10 +293,11 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, tab
     for i in gl.static_range(STAGES):
         _load_kv(k_desc, k_bars, k_ring, i, n_trips, n_sink, wb, blocks, b, hk, BLOCK_N, STAGES, TABLE)
         _load_kv(v_desc, v_bars, v_ring, i, n_trips, n_sink, wb, blocks, b, hk, BLOCK_N, STAGES, TABLE)
-    # kv_empty and the turn barriers are not read without warp specialisation (REFILL, no PINGPONG).
-    _attend_rows(q_smem, q_bar, k_ring, v_ring, k_bars, v_bars, k_bars, k_desc, v_desc, q_bar, q_bar,
+    # kv_empty and the turn barriers are not read without warp specialisation (REFILL, no PINGPONG); one tile per
+    # program, so no next tile's Q.
+    _attend_rows(q_desc, q_smem, q_bar, k_ring, v_ring, k_bars, v_bars, k_bars, k_desc, v_desc, q_bar, q_bar,
                  out_ptr, b * H + h, b, hk, m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink, wb, blocks,
-                 BLOCK_M, num_warps, HEAD_DIM, BLOCK_N, STAGES, True, False, 0, TABLE)
+                 0, 0, 0, False, b, h, m0, BLOCK_M, num_warps, HEAD_DIM, BLOCK_N, STAGES, True, False, 0, TABLE)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
@@ -298,17 +312,25 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, tab
 
 
 @gluon.jit
-def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, window_first, blocks,
-                 b, hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TABLE: gl.constexpr):
-    for t in range(0, n_trips):
-        stage = t % STAGES
-        # The stage's previous use (trip t - STAGES) must be released by both consumers.
-        mbarrier.wait(kv_empty.index(stage), ((t // STAGES) - 1) & 1, pred=t >= STAGES)
-        row = _trip_block(t, n_trips, n_sink, window_first, blocks, TABLE) * BLOCK_N
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [b, hk, row, 0], k_ready.index(stage), k_ring.index(stage))
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [b, hk, row, 0], v_ready.index(stage), v_ring.index(stage))
+def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_tiles, table, width, table_batches,
+                 table_heads, seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TABLE: gl.constexpr):
+    """Every trip of the program's tiles, in order, through one ring: use ``u`` of the ring goes to stage
+    ``u % STAGES`` once both consumers have released use ``u - STAGES``."""
+    use = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, m0, n_sink, wb, blocks, n_trips, _ = _tile(tile, table, width, table_batches, table_heads, seq_q,
+                                                         seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N, TABLE)
+        hk = h // GROUP
+        for t in range(0, n_trips):
+            stage = use % STAGES
+            mbarrier.wait(kv_empty.index(stage), ((use // STAGES) - 1) & 1, pred=use >= STAGES)
+            row = _trip_block(t, n_trips, n_sink, wb, blocks, TABLE) * BLOCK_N
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [b, hk, row, 0], k_ready.index(stage), k_ring.index(stage))
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [b, hk, row, 0], v_ready.index(stage), v_ring.index(stage))
+            use += 1
 
 
 @gluon.jit
@@ -327,32 +349,48 @@ def _pass_turn(other_turn, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn,
-                 other_turn, out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
-                 window_first, blocks, H: gl.constexpr, ROW0: gl.constexpr, HALF_M: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                 LEADER: gl.constexpr, TABLE: gl.constexpr):
-    """One consumer warpgroup: loads its HALF_M rows of Q (ROW0 into the tile), then attends them."""
+                 other_turn, out_ptr, n_tiles, table, width, table_batches, table_heads, seq_q, seq_k, sink, window,
+                 qk_scale, H: gl.constexpr, GROUP: gl.constexpr, ROW0: gl.constexpr, HALF_M: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 PINGPONG: gl.constexpr, LEADER: gl.constexpr, TABLE: gl.constexpr):
+    """One consumer warpgroup: its HALF_M rows (ROW0 into each tile) of every tile of the program, in the
+    producer's order; each tile's Q is loaded while the previous tile finishes."""
+    first = gl.program_id(0)
+    step = gl.num_programs(0)
+    b, h, m0 = _tile_coords(first, seq_q, H, BLOCK_M)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(q_desc, [b, h, m0 + ROW0, 0], q_bar, q_smem)
-    _attend_rows(q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn, other_turn,
-                 out_ptr, b * H + h, b, hk, m0 + ROW0, seq_q, seq_k, sink, window, qk_scale, n_trips, n_sink,
-                 window_first, blocks, HALF_M, 4, HEAD_DIM, BLOCK_N, STAGES, False, PINGPONG, LEADER, TABLE)
+    use = 0
+    turn_round = 0
+    q_phase = 0
+    for tile in range(first, n_tiles, step):
+        b, h, m0, n_sink, wb, blocks, n_trips, rule_sink = _tile(tile, table, width, table_batches, table_heads,
+                                                                 seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
+                                                                 BLOCK_N, TABLE)
+        nb, nh, nm0 = _tile_coords(tile + step, seq_q, H, BLOCK_M)
+        _attend_rows(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn,
+                     other_turn, out_ptr, b * H + h, b, h // GROUP, m0 + ROW0, seq_q, seq_k, rule_sink, window,
+                     qk_scale, n_trips, n_sink, wb, blocks, use, q_phase, turn_round, tile + step < n_tiles, nb, nh,
+                     nm0 + ROW0, HALF_M, 4, HEAD_DIM, BLOCK_N, STAGES, False, PINGPONG, LEADER, TABLE)
+        use += n_trips
+        turn_round += gl.where(n_trips > 0, n_trips + 1, 0)
+        q_phase ^= 1
 
 
 @gluon.jit
 def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, table_batches, table_heads, seq_q,
-                                 seq_k, sink, window, qk_scale, H: gl.constexpr, GROUP: gl.constexpr,
+                                 seq_k, sink, window, qk_scale, n_tiles, H: gl.constexpr, GROUP: gl.constexpr,
                                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                  STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                  PINGPONG: gl.constexpr, TABLE: gl.constexpr):
-    """The warp-specialised program: same tile, key ranges and semantics as ``_streaming_prefill_kernel``."""
+    """The warp-specialised program: same tiles, key ranges and semantics as ``_streaming_prefill_kernel``. A
+    program runs tiles ``program_id, program_id + num_programs, ...`` below ``n_tiles``: one tile each when the
+    grid has a program per tile, several when it is persistent (a program per SM), its K/V ring and the next
+    tile's Q loads then running on across tile ends."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     HALF_M: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(table, width, table_batches, table_heads, seq_q, seq_k, sink,
-                                                         window, H, GROUP, BLOCK_M, BLOCK_N, TABLE)
-    hk = h // GROUP
 
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -372,15 +410,16 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, 
     fence_async_shared()
     gl.warp_specialize([
         (_ws_consumer, (q_desc, q_smem.index(0), q_bars.index(0), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
-                        v_desc, turns.index(0), turns.index(1), out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window,
-                        qk_scale, n_trips, n_sink, wb, blocks, H, 0, HALF_M, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, 1,
-                        TABLE)),
+                        v_desc, turns.index(0), turns.index(1), out_ptr, n_tiles, table, width, table_batches,
+                        table_heads, seq_q, seq_k, sink, window, qk_scale, H, GROUP, 0, HALF_M, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, STAGES, PINGPONG, 1, TABLE)),
         (_ws_consumer, (q_desc, q_smem.index(1), q_bars.index(1), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
-                        v_desc, turns.index(1), turns.index(0), out_ptr, b, h, hk, m0, seq_q, seq_k, sink, window,
-                        qk_scale, n_trips, n_sink, wb, blocks, H, HALF_M, HALF_M, HEAD_DIM, BLOCK_N, STAGES,
-                        PINGPONG, 0, TABLE)),
-        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_trips, n_sink, wb, blocks, b,
-                        hk, BLOCK_N, STAGES, TABLE)),
+                        v_desc, turns.index(1), turns.index(0), out_ptr, n_tiles, table, width, table_batches,
+                        table_heads, seq_q, seq_k, sink, window, qk_scale, H, GROUP, HALF_M, HALF_M, HEAD_DIM,
+                        BLOCK_M, BLOCK_N, STAGES, PINGPONG, 0, TABLE)),
+        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_tiles, table, width,
+                        table_batches, table_heads, seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N, STAGES,
+                        TABLE)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -423,7 +462,8 @@ def _descriptors(q, k, v, q_rows: int, kv_rows: int) -> tuple:
     return descriptor(q, q_rows), descriptor(k, kv_rows), descriptor(v, kv_rows)
 
 
-def check_arguments(q, k, v, sink: int, window: int, scale: float, stages: int) -> None:
+def check_arguments(q, k, v, sink: int, window: int, scale: float, stages: int, warp_specialized: bool = False,
+                    persistent: bool = False) -> None:
     """Raise ValueError naming what the Gluon programs do not take (nothing is launched before this passes)."""
     import torch
 
@@ -448,13 +488,15 @@ def check_arguments(q, k, v, sink: int, window: int, scale: float, stages: int) 
         raise ValueError(f"scale={scale!r} is not allowed; expected a number > 0")
     if stages < 2:      # a trip's stage is refilled only after the previous trip's P V: one stage would wait forever
         raise ValueError(f"stages={stages!r} is not allowed; expected an integer >= 2")
+    if persistent and not warp_specialized:   # the software-pipelined program refills its ring within one tile
+        raise ValueError("persistent=True is allowed only with warp_specialized=True")
     if not (q.is_cuda and k.device == q.device and v.device == q.device):
         raise ValueError(f"streaming_prefill_hopper runs on one CUDA device; got {q.device}, {k.device}, {v.device}")
 
 
 def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: Optional[float] = None, *, stages: int = 3,
-                             warp_specialized: bool = False, pingpong: bool = False, consumer_regs: int = 240,
-                             producer_regs: int = 24):
+                             warp_specialized: bool = False, pingpong: bool = False, persistent: bool = False,
+                             consumer_regs: int = 240, producer_regs: int = 24):
     """Causal streaming attention of ``[B, H, Sq, D]`` q and ``[B, Hkv, Sk, D]`` k / v on sm_90; returns a
     contiguous ``[B, H, Sq, D]`` output.
 
@@ -463,24 +505,25 @@ def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: Optional[fl
     ``[B, H, S, D]`` alike); otherwise a contiguous copy is made. Tiles past a head's sequence are zero-filled by
     the copy engine, so no program reads another head's rows. ``stages`` K/V stages (>= 2; 3 fill sm_90's shared
     memory with 128 x 128 tiles); ``warp_specialized`` runs the producer / two-consumer program; ``pingpong``
-    makes its consumers take turns at issuing MMAs. Arguments the programs do not take raise ValueError
-    (:func:`check_arguments`)."""
+    makes its consumers take turns at issuing MMAs; ``persistent`` (warp-specialised only) launches one program
+    per SM, each running every ``num_programs``-th query tile with its K/V ring and next Q loads crossing tile
+    ends. Arguments the programs do not take raise ValueError (:func:`check_arguments`)."""
     import torch
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    check_arguments(q, k, v, sink, window, scale, stages)
+    check_arguments(q, k, v, sink, window, scale, stages, warp_specialized, persistent)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     if Sq == 0 or Sk == 0:   # no query, or no key to keep: the rule's output is empty / zeros
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
     (sink,), (window,) = kernel_rules([sink], [window], Sq, Sk)   # the same keys; bounds stay within int32
-    return _launch(q, k, v, None, sink, window, scale, stages, warp_specialized, pingpong, consumer_regs,
+    return _launch(q, k, v, None, sink, window, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
                    producer_regs)
 
 
 def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *, stages: int = 3,
-                               warp_specialized: bool = False, pingpong: bool = False, consumer_regs: int = 240,
-                               producer_regs: int = 24):
+                               warp_specialized: bool = False, pingpong: bool = False, persistent: bool = False,
+                               consumer_regs: int = 240, producer_regs: int = 24):
     """Causal block-table attention (docs/spec.md, block_sparse's table semantics: a kept partial block applies
     causality and the sequence end, a full block keeps every key) on sm_90, with the same programs and arguments
     as :func:`streaming_prefill_hopper`; ``Sq == Sk`` and 128 x 128 table blocks (:func:`check_table`).
@@ -490,13 +533,14 @@ def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *,
     import torch
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    check_arguments(q, k, v, 0, 1, scale, stages)
+    check_arguments(q, k, v, 0, 1, scale, stages, warp_specialized, persistent)
     check_table(table, q, k)
     B, H, Sq, D = q.shape
     if Sq == 0:
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
     rows = (program_blocks(table, q.device), *table.kv_num_blocks.shape[:2])
-    return _launch(q, k, v, rows, 0, 1, scale, stages, warp_specialized, pingpong, consumer_regs, producer_regs)
+    return _launch(q, k, v, rows, 0, 1, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
+                   producer_regs)
 
 
 def check_table(table, q, k) -> None:
@@ -538,9 +582,18 @@ def program_blocks(table, device):
     return rows.reshape(-1, width + 2).contiguous()
 
 
-def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, pingpong, consumer_regs, producer_regs):
-    """Launch one program over ``B * H * cdiv(Sq, 128)`` query tiles: the streaming layout (``blocks`` None) or a
-    block table's rows (``blocks`` = (rows, table batches, table heads))."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
+            producer_regs):
+    """Launch the programs over ``B * H * cdiv(Sq, 128)`` query tiles, one program per tile or (``persistent``) one
+    per SM: the streaming layout (``blocks`` None) or a block table's rows (``blocks`` = (rows, table batches,
+    table heads))."""
     import torch
 
     B, H, Sq, D = q.shape
@@ -548,7 +601,9 @@ def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, ping
     out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
     q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
     q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M // 2 if warp_specialized else BLOCK_M, D)
-    grid = (B * H * triton.cdiv(Sq, BLOCK_M),)
+    n_tiles = B * H * triton.cdiv(Sq, BLOCK_M)
+    grid = (min(n_tiles, _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+            if persistent else n_tiles,)
     # The streaming programs never read the table: out stands in for it.
     table, batches, heads = (out, 1, 1) if blocks is None else blocks
     args = (q_desc, k_desc, v_desc, out, table, table.shape[-1] if blocks is not None else 1, batches, heads, Sq, Sk,
@@ -556,7 +611,7 @@ def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, ping
     common = dict(H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D, STAGES=stages,
                   TABLE=blocks is not None)
     if warp_specialized:
-        _streaming_prefill_ws_kernel[grid](*args, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
+        _streaming_prefill_ws_kernel[grid](*args, n_tiles, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
                                            PINGPONG=pingpong, num_warps=4, **common)
     else:
         _streaming_prefill_kernel[grid](*args, num_warps=NUM_WARPS, **common)

@@ -44,7 +44,7 @@ _CHILD = textwrap.dedent('''
                                                     STAGES=stages, num_warps=8, **common)
             out[f"s{stages}{suffix}"] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared, cubin=len(k.asm["cubin"]))
             for pingpong in (False, True):
-                k = sp._streaming_prefill_ws_kernel.warmup(*sp._descriptors(q, kv, kv, 64, 128), q, *layout,
+                k = sp._streaming_prefill_ws_kernel.warmup(*sp._descriptors(q, kv, kv, 64, 128), q, *layout, 32,
                                                            STAGES=stages, PRODUCER_REGS=24, CONSUMER_REGS=240,
                                                            PINGPONG=pingpong, num_warps=4, **common)
                 out[("pp" if pingpong else "ws") + str(stages) + suffix] = dict(

@@ -425,12 +425,18 @@ def test_table_calls_reach_the_program_only_when_it_takes_them(sm90, monkeypatch
 
 @needs_hopper
 @pytest.mark.parametrize("variant", [dict(stages=3), dict(stages=3, warp_specialized=True),
-                                     dict(stages=2, warp_specialized=True, pingpong=True)], ids=["s3", "ws3", "pp2"])
+                                     dict(stages=2, warp_specialized=True, pingpong=True),
+                                     dict(stages=3, warp_specialized=True, persistent=True)],
+                         ids=["s3", "ws3", "pp2", "ws3p"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_table_program_keeps_what_the_table_says(variant, dtype):
+def test_gpu_table_program_keeps_what_the_table_says(variant, dtype, monkeypatch):
     """Every program over a table written here (a ragged last block, GQA, a query block that keeps nothing, whose
-    rows are zeros) against float64 attention over the table's keep mask."""
+    rows are zeros) against float64 attention over the table's keep mask. The persistent program runs on 5
+    programs (the SM count patched down), so one program meets tiles of every trip count, the empty one too."""
+    from sparsecc.codegen import streaming_prefill_hopper as sp
     from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
+
+    monkeypatch.setattr(sp, "_sm_count", lambda index: 5)
 
     table, keep = _table(heads=8, seq=1000, seed=5, empty=(3, 4))
     q, k, v = _qkv(sq=1000, sk=1000, h=8, hkv=2, dtype=dtype, device="cuda", seed=5)

@@ -102,6 +102,49 @@ def test_batch_mates_do_not_matter(variant):
     assert torch.equal(both[1:], alone)
 
 
+# The persistent warp-specialised programs (one program per SM, several tiles each).
+PERSISTENT = [dict(stages=3, warp_specialized=True, persistent=True),
+              dict(stages=2, warp_specialized=True, pingpong=True, persistent=True)]
+PERSISTENT_IDS = ["ws3p", "pp2p"]
+
+
+@needs_hopper
+@pytest.mark.parametrize("programs", [3, 7])
+@pytest.mark.parametrize("variant", PERSISTENT, ids=PERSISTENT_IDS)
+def test_persistent_programs_match_oracle(variant, programs, monkeypatch):
+    """A grid of 3 or 7 programs (the SM count patched down), so each runs many tiles with different trip counts
+    (the first query blocks keep fewer keys) and its ring's stages and phases wrap inside and across tiles, on
+    the oracle's cases with ragged lengths, chunked prefill, GQA and Sq > Sk (tiles with no trip)."""
+    from sparsecc.codegen import streaming_prefill_hopper as sp
+
+    monkeypatch.setattr(sp, "_sm_count", lambda index: programs)
+    for b, h, hkv, sq, sk, sink, window, dtype in (CASES[1], CASES[2], CASES[5], CASES[6]):
+        g = torch.Generator(device="cuda").manual_seed(sq + sk)
+        q = torch.randn(b, h, sq, 128, device="cuda", dtype=dtype, generator=g)
+        k = torch.randn(b, hkv, sk, 128, device="cuda", dtype=dtype, generator=g)
+        v = torch.randn(b, hkv, sk, 128, device="cuda", dtype=dtype, generator=g)
+        out = sp.streaming_prefill_hopper(q, k, v, sink, window, 0.09, **variant)
+        assert torch.isfinite(out).all()
+        assert _rel(out, _expected(q, k, v, sink, window, 0.09)) < 1e-2, (sq, sk, sink, window)
+
+
+@needs_hopper
+@pytest.mark.parametrize("variant", PERSISTENT[:1], ids=PERSISTENT_IDS[:1])
+def test_persistent_grid_of_the_gpu(variant):
+    """The device's own SM count, with more tiles than SMs (32 heads x 32 query blocks), equals the one-tile-per-
+    program launch bit for bit (the same arithmetic per tile) and the oracle."""
+    from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
+
+    g = torch.Generator(device="cuda").manual_seed(21)
+    q = torch.randn(1, 32, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = streaming_prefill_hopper(q, k, v, 128, 1024, 0.09, **variant)
+    one_each = streaming_prefill_hopper(q, k, v, 128, 1024, 0.09, stages=3, warp_specialized=True)
+    assert torch.equal(out, one_each)
+    assert _rel(out[:, :4], _expected(q[:, :4], k[:, :1], v[:, :1], 128, 1024, 0.09)) < 1e-2
+
+
 @needs_hopper
 def test_refuses_what_it_does_not_cover():
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
@@ -163,6 +206,7 @@ def _qkv(dtype=torch.bfloat16, kv_heads=2, d=128):
     (dict(qkv=_qkv(torch.float32)), "float16 or bfloat16"),
     (dict(qkv=_qkv(kv_heads=3)), "H % Hkv == 0"),
     (dict(qkv=_qkv(d=64)), "head dim 128"),
+    (dict(persistent=True), "persistent=True is allowed only with warp_specialized=True"),
     (dict(), "runs on one CUDA device"),
 ])
 def test_check_arguments_names_what_it_refuses(change, match):
