@@ -74,6 +74,16 @@ def random_table(heads: int, s: int, random_blocks: int):
                               True, device="cuda")
 
 
+def timed(candidates: dict, rounds: int) -> dict:
+    """Median time of each candidate over ``rounds`` rounds, every round timing all candidates in turn: a slow
+    stretch of the GPU (clocks, power) then costs every candidate alike instead of whichever ran during it."""
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            times[name].append(bench(fn))
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def check_tables(variants, log) -> bool:
     from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
 
@@ -99,13 +109,18 @@ def time_random(args, variants, log) -> list:
             q, k, v = qkv(1, 32, hkv, s, s, 128)
             table = random_table(32, s, RANDOM_BLOCKS[s])
             density = table.density()
-            t_sdpa = bench(lambda: sdpa(q, k, v, True))
-            t_triton = bench(lambda: launch_prefill(q, k, v, None, 128 ** -0.5, True, False, table=table))
-            t_ship = bench(lambda: block_sparse_attention(q, k, v, table=table, scale=128 ** -0.5))
-            t_gl = {name: bench(lambda: block_table_prefill_hopper(q, k, v, table, **variant_kwargs(name)))
-                    for name in variants}
             block_mask = table.to_flex_block_mask() if args.flex else None
-            t_flex = bench(lambda: flex_call(q, k, v, block_mask)) if args.flex else float("nan")
+            candidates = {"sdpa": lambda: sdpa(q, k, v, True),
+                          "triton": lambda: launch_prefill(q, k, v, None, 128 ** -0.5, True, False, table=table),
+                          "shipped": lambda: block_sparse_attention(q, k, v, table=table, scale=128 ** -0.5)}
+            for name in variants:
+                candidates[name] = (lambda kw: lambda: block_table_prefill_hopper(q, k, v, table, **kw))(
+                    variant_kwargs(name))
+            if args.flex:
+                candidates["flex"] = lambda: flex_call(q, k, v, block_mask)
+            t = timed(candidates, args.rounds)
+            t_sdpa, t_triton, t_ship, t_flex = t["sdpa"], t["triton"], t["shipped"], t.get("flex", float("nan"))
+            t_gl = {name: t[name] for name in variants}
             best = min(t_gl, key=t_gl.get)
             rows.append((s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex))
             log(f"random S={s} hkv={hkv}: sdpa {t_sdpa:.3f} ms, triton {t_triton:.3f}, shipped {t_ship:.3f}, "
@@ -124,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--flex", action="store_true", help="time Flex-Triton too (compiles once per shape)")
     ap.add_argument("--random", default="", help="lengths of the random ~10%% block layout to time (e.g. 32768)")
     ap.add_argument("--no-streaming", action="store_true", help="time the random layouts only")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every candidate this many times, in turns, and keep each one's median")
     ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
@@ -147,17 +164,21 @@ def main(argv=None) -> int:
             scale = 128 ** -0.5
             table, block_mask = streaming_flex_mask(s, s)
             density = table.density()
-            t_sdpa = bench(lambda: sdpa(q, k, v, True))
             snk, win = kernel_rules([SINK] * 32, [WINDOW] * 32, s, s)
             sinks, windows = rule_vectors(tuple(snk), tuple(win), q)
-            t_triton = bench(lambda: launch_prefill(q, k, v, None, scale, True, False, sinks=sinks, windows=windows))
-            t_ship = bench(lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale,
-                                                       causal=True))
-            t_gl = {name: bench(lambda: streaming_prefill_hopper(q, k, v, SINK, WINDOW, scale, **variant_kwargs(name)))
-                    for name in variants}
-            t_flex = float("nan")
+            candidates = {"sdpa": lambda: sdpa(q, k, v, True),
+                          "triton": lambda: launch_prefill(q, k, v, None, scale, True, False, sinks=sinks,
+                                                           windows=windows),
+                          "shipped": lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale,
+                                                                 causal=True)}
+            for name in variants:
+                candidates[name] = (lambda kw: lambda: streaming_prefill_hopper(q, k, v, SINK, WINDOW, scale, **kw))(
+                    variant_kwargs(name))
             if args.flex:
-                t_flex = bench(lambda: flex_call(q, k, v, block_mask))
+                candidates["flex"] = lambda: flex_call(q, k, v, block_mask)
+            t = timed(candidates, args.rounds)
+            t_sdpa, t_triton, t_ship, t_flex = t["sdpa"], t["triton"], t["shipped"], t.get("flex", float("nan"))
+            t_gl = {name: t[name] for name in variants}
             best = min(t_gl, key=t_gl.get)
             rows.append((s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex))
             log(f"S={s} hkv={hkv}: sdpa {t_sdpa:.3f} ms, triton {t_triton:.3f}, shipped {t_ship:.3f}, "
