@@ -75,12 +75,14 @@ def random_table(heads: int, s: int, random_blocks: int):
 
 
 def timed(candidates: dict, rounds: int) -> dict:
-    """Median time of each candidate over ``rounds`` rounds, every round timing all candidates in turn: a slow
-    stretch of the GPU (clocks, power) then costs every candidate alike instead of whichever ran during it."""
-    times = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            times[name].append(bench(fn))
+    """Median time of each candidate over ``rounds`` rounds, every round timing all candidates in turn, each round
+    starting one candidate later: a slow stretch of the GPU (clocks, power), or a candidate that runs slower right
+    after another, then costs every candidate alike instead of whichever ran during it or after it."""
+    names = list(candidates)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(bench(candidates[name]))
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
