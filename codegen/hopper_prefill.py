@@ -1,10 +1,11 @@
 """Which prefill calls run the Gluon programs for sm_90, and how they are launched.
 
 ``codegen/streaming_prefill_hopper.py`` holds three Gluon programs for the causal streaming layout and for
-causal block tables on Hopper. Measured against the Triton prefill kernel in one run (bench/RESULTS.md, "The
-warp-specialised Gluon programs timed, and dispatched"), the warp-specialised program at 3 stages is the fastest
-or within 6% of the fastest at 16K-128K, so :data:`VARIANT` is the one the compiler dispatches to. The ping-pong
-program is as fast on average and stays in the bench.
+causal block tables on Hopper, the warp-specialised ones also persistent. Timed against each other in turns over
+three runs (bench/RESULTS.md, "Persistent programs"), the persistent ping-pong program at 3 stages had the least
+summed time over the streaming lengths 16K-128K and, with the persistent warp-specialised one, over the random
+layouts, 1-3% and 5-16% below the one-tile warp-specialised program the compiler ran before; :data:`VARIANT` is the
+one the compiler dispatches to.
 
 **Streaming.** A streaming call runs it when ``streaming_rules.streaming_runs_hopper_program`` says so (SDPA
 keeps the exactly dense layouts) and, within that, :func:`hopper_prefill_fits`: an sm_90 GPU with Gluon's
@@ -44,7 +45,7 @@ MIN_ROWS = TILE
 """Fewest query rows that run the Gluon program: one query tile. Shorter calls (chunks, decode) keep the traced
 Triton kernels, which Inductor launches with no host work."""
 
-VARIANT = dict(stages=3, warp_specialized=True)
+VARIANT = dict(stages=3, warp_specialized=True, pingpong=True, persistent=True)
 """The Gluon program the streaming op runs (bench/RESULTS.md)."""
 
 _DTYPES = (torch.float16, torch.bfloat16)
