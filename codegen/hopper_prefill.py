@@ -1,11 +1,11 @@
 """Which prefill calls run the Gluon programs for sm_90, and how they are launched.
 
 ``codegen/streaming_prefill_hopper.py`` holds three Gluon programs for the causal streaming layout and for
-causal block tables on Hopper, the warp-specialised ones also persistent. Timed against each other in turns over
-three runs (bench/RESULTS.md, "Persistent programs"), the persistent ping-pong program at 3 stages had the least
-summed time over the streaming lengths 16K-128K and, with the persistent warp-specialised one, over the random
-layouts, 1-3% and 5-16% below the one-tile warp-specialised program the compiler ran before; :data:`VARIANT` is the
-one the compiler dispatches to.
+causal block tables on Hopper, the warp-specialised ones also persistent. In four runs (bench/RESULTS.md,
+"Persistent programs") the persistent ping-pong program at 3 stages took less summed time than the one-tile
+warp-specialised program the compiler ran before, 0.6-2.9% over the streaming lengths 16K-128K and 0.4-16% over
+the random layouts (gains of the size of one figure's run-to-run noise), so :data:`VARIANT` is the one the
+compiler dispatches to.
 
 **Streaming.** A streaming call runs it when ``streaming_rules.streaming_runs_hopper_program`` says so (SDPA
 keeps the exactly dense layouts) and, within that, :func:`hopper_prefill_fits`: an sm_90 GPU with Gluon's
