@@ -19,6 +19,7 @@ Gluon variants over the same table, each variant first checked against the float
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -86,6 +87,24 @@ def timed(candidates: dict, rounds: int) -> dict:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def time_row(label: str, s: int, hkv: int, density: float, fixed: dict, program, flex, variants, rounds: int,
+             log) -> tuple:
+    """Time ``fixed`` (sdpa, triton, shipped), ``program(**variant_kwargs(name))`` for each variant and ``flex``
+    (None: not timed) in turns (:func:`timed`); log the times and return the table row."""
+    candidates = dict(fixed)
+    for name in variants:
+        candidates[name] = functools.partial(program, **variant_kwargs(name))
+    if flex is not None:
+        candidates["flex"] = flex
+    t = timed(candidates, rounds)
+    t_gl = {name: t[name] for name in variants}
+    t_flex = t.get("flex", float("nan"))
+    log(f"{label}S={s} hkv={hkv}: sdpa {t['sdpa']:.3f} ms, triton {t['triton']:.3f}, shipped {t['shipped']:.3f}, "
+        + ", ".join(f"gluon {name} {tn:.3f}" for name, tn in t_gl.items()) + f", flex {t_flex:.3f}")
+    torch.cuda.empty_cache()
+    return (s, hkv, density, t["sdpa"], t["triton"], t["shipped"], t_gl, min(t_gl, key=t_gl.get), t_flex)
+
+
 def check_tables(variants, log) -> bool:
     from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
 
@@ -112,22 +131,13 @@ def time_random(args, variants, log) -> list:
             table = random_table(32, s, RANDOM_BLOCKS[s])
             density = table.density()
             block_mask = table.to_flex_block_mask() if args.flex else None
-            candidates = {"sdpa": lambda: sdpa(q, k, v, True),
-                          "triton": lambda: launch_prefill(q, k, v, None, 128 ** -0.5, True, False, table=table),
-                          "shipped": lambda: block_sparse_attention(q, k, v, table=table, scale=128 ** -0.5)}
-            for name in variants:
-                candidates[name] = (lambda kw: lambda: block_table_prefill_hopper(q, k, v, table, **kw))(
-                    variant_kwargs(name))
-            if args.flex:
-                candidates["flex"] = lambda: flex_call(q, k, v, block_mask)
-            t = timed(candidates, args.rounds)
-            t_sdpa, t_triton, t_ship, t_flex = t["sdpa"], t["triton"], t["shipped"], t.get("flex", float("nan"))
-            t_gl = {name: t[name] for name in variants}
-            best = min(t_gl, key=t_gl.get)
-            rows.append((s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex))
-            log(f"random S={s} hkv={hkv}: sdpa {t_sdpa:.3f} ms, triton {t_triton:.3f}, shipped {t_ship:.3f}, "
-                + ", ".join(f"gluon {name} {t:.3f}" for name, t in t_gl.items()) + f", flex {t_flex:.3f}")
-            torch.cuda.empty_cache()
+            fixed = {"sdpa": lambda: sdpa(q, k, v, True),
+                     "triton": lambda: launch_prefill(q, k, v, None, 128 ** -0.5, True, False, table=table),
+                     "shipped": lambda: block_sparse_attention(q, k, v, table=table, scale=128 ** -0.5)}
+            rows.append(time_row("random ", s, hkv, density, fixed,
+                                 functools.partial(block_table_prefill_hopper, q, k, v, table),
+                                 (lambda: flex_call(q, k, v, block_mask)) if args.flex else None,
+                                 variants, args.rounds, log))
     return rows
 
 
@@ -168,24 +178,15 @@ def main(argv=None) -> int:
             density = table.density()
             snk, win = kernel_rules([SINK] * 32, [WINDOW] * 32, s, s)
             sinks, windows = rule_vectors(tuple(snk), tuple(win), q)
-            candidates = {"sdpa": lambda: sdpa(q, k, v, True),
-                          "triton": lambda: launch_prefill(q, k, v, None, scale, True, False, sinks=sinks,
-                                                           windows=windows),
-                          "shipped": lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale,
-                                                                 causal=True)}
-            for name in variants:
-                candidates[name] = (lambda kw: lambda: streaming_prefill_hopper(q, k, v, SINK, WINDOW, scale, **kw))(
-                    variant_kwargs(name))
-            if args.flex:
-                candidates["flex"] = lambda: flex_call(q, k, v, block_mask)
-            t = timed(candidates, args.rounds)
-            t_sdpa, t_triton, t_ship, t_flex = t["sdpa"], t["triton"], t["shipped"], t.get("flex", float("nan"))
-            t_gl = {name: t[name] for name in variants}
-            best = min(t_gl, key=t_gl.get)
-            rows.append((s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex))
-            log(f"S={s} hkv={hkv}: sdpa {t_sdpa:.3f} ms, triton {t_triton:.3f}, shipped {t_ship:.3f}, "
-                + ", ".join(f"gluon {name} {t:.3f}" for name, t in t_gl.items()) + f", flex {t_flex:.3f}")
-            torch.cuda.empty_cache()
+            fixed = {"sdpa": lambda: sdpa(q, k, v, True),
+                     "triton": lambda: launch_prefill(q, k, v, None, scale, True, False, sinks=sinks,
+                                                      windows=windows),
+                     "shipped": lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale,
+                                                            causal=True)}
+            rows.append(time_row("", s, hkv, density, fixed,
+                                 functools.partial(streaming_prefill_hopper, q, k, v, SINK, WINDOW, scale),
+                                 (lambda: flex_call(q, k, v, block_mask)) if args.flex else None,
+                                 variants, args.rounds, log))
     random_rows = time_random(args, variants, log) if args.random else []
     log("")
     log("| layout | S | Hkv | kept | SDPA ms | Triton ms | shipped ms | best Gluon ms (variant) | Triton of ideal "
