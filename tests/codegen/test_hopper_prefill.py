@@ -426,12 +426,13 @@ def test_table_calls_reach_the_program_only_when_it_takes_them(sm90, monkeypatch
 @needs_hopper
 @pytest.mark.parametrize("variant", [dict(stages=3), dict(stages=3, warp_specialized=True),
                                      dict(stages=2, warp_specialized=True, pingpong=True),
-                                     dict(stages=3, warp_specialized=True, persistent=True)],
-                         ids=["s3", "ws3", "pp2", "ws3p"])
+                                     dict(stages=3, warp_specialized=True, persistent=True),
+                                     dict(stages=3, warp_specialized=True, pingpong=True, persistent=True)],
+                         ids=["s3", "ws3", "pp2", "ws3p", "pp3p"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_table_program_keeps_what_the_table_says(variant, dtype, monkeypatch):
     """Every program over a table written here (a ragged last block, GQA, a query block that keeps nothing, whose
-    rows are zeros) against float64 attention over the table's keep mask. The persistent program runs on 5
+    rows are zeros) against float64 attention over the table's keep mask. The persistent programs run on 5
     programs (the SM count patched down), so one program meets tiles of every trip count, the empty one too."""
     from sparsecc.codegen import streaming_prefill_hopper as sp
     from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper

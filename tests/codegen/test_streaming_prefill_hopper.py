@@ -104,8 +104,11 @@ def test_batch_mates_do_not_matter(variant):
 
 # The persistent warp-specialised programs (one program per SM, several tiles each).
 PERSISTENT = [dict(stages=3, warp_specialized=True, persistent=True),
-              dict(stages=2, warp_specialized=True, pingpong=True, persistent=True)]
-PERSISTENT_IDS = ["ws3p", "pp2p"]
+              dict(stages=2, warp_specialized=True, pingpong=True, persistent=True),
+              dict(stages=3, warp_specialized=True, pingpong=True, persistent=True)]   # the dispatched one
+PERSISTENT_IDS = ["ws3p", "pp2p", "pp3p"]
+# Sq - Sk >= 128: whole query tiles before the first key, which have no trip, between tiles that have some.
+NO_TRIP_CASE = (1, 2, 1, 600, 200, 5, 64, torch.bfloat16)
 
 
 @needs_hopper
@@ -114,11 +117,11 @@ PERSISTENT_IDS = ["ws3p", "pp2p"]
 def test_persistent_programs_match_oracle(variant, programs, monkeypatch):
     """A grid of 3 or 7 programs (the SM count patched down), so each runs many tiles with different trip counts
     (the first query blocks keep fewer keys) and its ring's stages and phases wrap inside and across tiles, on
-    the oracle's cases with ragged lengths, chunked prefill, GQA and Sq > Sk (tiles with no trip)."""
+    the oracle's cases with ragged lengths, chunked prefill, GQA and Sq > Sk, one with tiles that have no trip."""
     from sparsecc.codegen import streaming_prefill_hopper as sp
 
     monkeypatch.setattr(sp, "_sm_count", lambda index: programs)
-    for b, h, hkv, sq, sk, sink, window, dtype in (CASES[1], CASES[2], CASES[5], CASES[6]):
+    for b, h, hkv, sq, sk, sink, window, dtype in (CASES[1], CASES[2], CASES[5], CASES[6], NO_TRIP_CASE):
         g = torch.Generator(device="cuda").manual_seed(sq + sk)
         q = torch.randn(b, h, sq, 128, device="cuda", dtype=dtype, generator=g)
         k = torch.randn(b, hkv, sk, 128, device="cuda", dtype=dtype, generator=g)
@@ -129,7 +132,7 @@ def test_persistent_programs_match_oracle(variant, programs, monkeypatch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("variant", PERSISTENT[:1], ids=PERSISTENT_IDS[:1])
+@pytest.mark.parametrize("variant", PERSISTENT[::2], ids=PERSISTENT_IDS[::2])
 def test_persistent_grid_of_the_gpu(variant):
     """The device's own SM count, with more tiles than SMs (32 heads x 32 query blocks), equals the one-tile-per-
     program launch bit for bit (the same arithmetic per tile) and the oracle."""
@@ -140,7 +143,7 @@ def test_persistent_grid_of_the_gpu(variant):
     k = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     out = streaming_prefill_hopper(q, k, v, 128, 1024, 0.09, **variant)
-    one_each = streaming_prefill_hopper(q, k, v, 128, 1024, 0.09, stages=3, warp_specialized=True)
+    one_each = streaming_prefill_hopper(q, k, v, 128, 1024, 0.09, **dict(variant, persistent=False))
     assert torch.equal(out, one_each)
     assert _rel(out[:, :4], _expected(q[:, :4], k[:, :1], v[:, :1], 128, 1024, 0.09)) < 1e-2
 
