@@ -56,7 +56,8 @@ def check(variants, log) -> bool:
     ok = True
     cases = [(1, 4, 2, 1024, 1024, 64, 256, torch.bfloat16), (2, 8, 8, 1000, 1000, 100, 300, torch.float16),
              (1, 4, 4, 640, 1536, 128, 512, torch.bfloat16), (1, 2, 1, 777, 777, 0, 5000, torch.bfloat16),
-             (1, 4, 2, 4096, 4096, 128, 1024, torch.float16)]
+             (1, 4, 2, 4096, 4096, 128, 1024, torch.float16),
+             (2, 8, 2, 2048, 2048, 128, 512, torch.bfloat16)]   # 256 query tiles: several per persistent program
     for b, h, hkv, sq, sk, sink, window, dtype in cases:
         q, k, v = qkv(b, h, hkv, sq, sk, 128, seed=sq, dtype=dtype)
         ref = streaming_attention_ref(q.double(), k.double(), v.double(), sink=[sink] * h, window=[window] * h,
@@ -152,9 +153,12 @@ def main(argv=None) -> int:
     ap.add_argument("--random", default="", help="lengths of the random ~10%% block layout to time (e.g. 32768)")
     ap.add_argument("--no-streaming", action="store_true", help="time the random layouts only")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="time every candidate this many times, in turns, and keep each one's median")
+                    help="time every candidate this many times, in turns, and keep each one's median (odd: the "
+                         "middle one)")
     ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds} is not allowed; expected an integer >= 1")
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
 
     def log(msg):

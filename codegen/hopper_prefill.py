@@ -33,7 +33,8 @@ from typing import Sequence
 import torch
 
 __all__ = ["TILE", "HEAD_DIM", "MIN_ROWS", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits",
-           "hopper_prefill", "streaming_prefill_sm90_kernel", "hopper_table_fits", "hopper_table_prefill"]
+           "hopper_prefill", "streaming_prefill_sm90_kernel", "hopper_table_fits", "hopper_table_prefill",
+           "program_blocks"]
 
 TILE = 128
 """The programs' query tile (rows) and key tile (keys); a block table's blocks must be this size."""
@@ -46,7 +47,7 @@ MIN_ROWS = TILE
 Triton kernels, which Inductor launches with no host work."""
 
 VARIANT = dict(stages=3, warp_specialized=True, pingpong=True, persistent=True)
-"""The Gluon program the streaming op runs (bench/RESULTS.md)."""
+"""The Gluon program streaming and block-table prefill run on sm_90 (bench/RESULTS.md, "Persistent programs")."""
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -134,3 +135,24 @@ def hopper_table_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tabl
     from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
 
     return block_table_prefill_hopper(q, k, v, table, scale, **VARIANT)
+
+
+@functools.lru_cache(maxsize=16)
+def program_blocks(table, device):
+    """One int32 row per (table batch, table head, query block) on ``device``: ``[n_partial, n_trips, partial
+    blocks..., full blocks...]``, padded to one width (entries past ``n_trips`` are never read), in the order of
+    the table's ``[Bt, Ht, nQ]`` dims. Cached per table (tables are immutable)."""
+    import torch.nn.functional as F
+
+    num, idx = table.kv_num_blocks.to(device).int(), table.kv_indices.to(device).int()
+    fnum, fidx = table.full_kv_num_blocks.to(device).int(), table.full_kv_indices.to(device).int()
+    n_partial, n_full = idx.shape[-1], fidx.shape[-1]
+    width = max(n_partial + n_full, 1)
+    trip = torch.arange(width, device=device, dtype=torch.int64)
+    lead = (*idx.shape[:-1], width)
+    # One zero column each, so that an empty list gathers too; the clamped indices only feed masked-off entries.
+    from_partial = F.pad(idx, (0, 1)).gather(-1, trip.clamp(max=n_partial).expand(lead))
+    from_full = F.pad(fidx, (0, 1)).gather(-1, (trip - num[..., None]).clamp(0, n_full).expand(lead))
+    blocks = torch.where(trip < num[..., None], from_partial, from_full)
+    rows = torch.cat([num[..., None], (num + fnum)[..., None], blocks], dim=-1)
+    return rows.reshape(-1, width + 2).contiguous()

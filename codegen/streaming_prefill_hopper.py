@@ -7,8 +7,9 @@ back to back as asynchronous warpgroup MMAs, and the softmax of ``S_t`` runs whi
 is still on the tensor cores (P is passed to the MMA from registers, in the accumulator's own layout).
 Three programs (docs/kernels.md): software-pipelined (one CTA-wide barrier per trip), warp-specialised
 (a producer warp, two consumer warpgroups that never wait for each other) and ping-pong (the consumers
-take turns at issuing MMAs). ``codegen/hopper_prefill.py`` says which streaming calls run the
-warp-specialised program; bench/prefill_hopper.py times all three against the Triton kernel (bench/RESULTS.md).
+take turns at issuing MMAs); the last two also run persistent (a program per SM, several query tiles each).
+``codegen/hopper_prefill.py`` says which calls run which program (``VARIANT``: persistent ping-pong);
+bench/prefill_hopper.py times them against the Triton kernel (bench/RESULTS.md).
 
 Imported lazily (Gluon is Triton's experimental layer; nothing here runs at import of sparsecc). There
 is no interpreter path for Gluon, so the CPU checks of the streaming layout run the Triton kernel; these
@@ -33,7 +34,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
-from sparsecc.codegen.hopper_prefill import HEAD_DIM, TILE
+from sparsecc.codegen.hopper_prefill import HEAD_DIM, TILE, program_blocks
 from sparsecc.codegen.streaming_rules import kernel_rules
 from sparsecc.codegen.block_attention_kernels import LOG2E
 
@@ -43,8 +44,7 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # The CTA-wide barrier: ``thread_barrier`` in triton 3.6, ``barrier`` in newer Gluon.
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
-__all__ = ["streaming_prefill_hopper", "block_table_prefill_hopper", "check_arguments", "check_table",
-           "program_blocks"]
+__all__ = ["streaming_prefill_hopper", "block_table_prefill_hopper", "check_arguments", "check_table"]
 
 
 @gluon.jit
@@ -343,6 +343,7 @@ def _take_turn(my_turn, turn_round, PINGPONG: gl.constexpr, LEADER: gl.constexpr
 
 @gluon.jit
 def _pass_turn(other_turn, PINGPONG: gl.constexpr):
+    """Ping-pong: hand the turn to the other consumer once this round's MMAs are issued."""
     if PINGPONG:
         mbarrier.arrive(other_turn, count=1)
 
@@ -529,7 +530,7 @@ def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *,
     as :func:`streaming_prefill_hopper`; ``Sq == Sk`` and 128 x 128 table blocks (:func:`check_table`).
 
     Each program walks its query block's list of key blocks (partial ones first) from one int32 row per
-    (table batch, table head, query block) that :func:`program_blocks` builds on the device."""
+    (table batch, table head, query block) that ``hopper_prefill.program_blocks`` builds on the device."""
     import torch
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -560,30 +561,9 @@ def check_table(table, q, k) -> None:
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({B}, {H})")
 
 
-@functools.lru_cache(maxsize=16)
-def program_blocks(table, device):
-    """One int32 row per (table batch, table head, query block) on ``device``: ``[n_partial, n_trips, partial
-    blocks..., full blocks...]``, padded to one width (entries past ``n_trips`` are never read), in the order of
-    the table's ``[Bt, Ht, nQ]`` dims. Cached per table (tables are immutable)."""
-    import torch
-    import torch.nn.functional as F
-
-    num, idx = table.kv_num_blocks.to(device).int(), table.kv_indices.to(device).int()
-    fnum, fidx = table.full_kv_num_blocks.to(device).int(), table.full_kv_indices.to(device).int()
-    n_partial, n_full = idx.shape[-1], fidx.shape[-1]
-    width = max(n_partial + n_full, 1)
-    trip = torch.arange(width, device=device, dtype=torch.int64)
-    lead = (*idx.shape[:-1], width)
-    # One zero column each, so that an empty list gathers too; the clamped indices only feed masked-off entries.
-    from_partial = F.pad(idx, (0, 1)).gather(-1, trip.clamp(max=n_partial).expand(lead))
-    from_full = F.pad(fidx, (0, 1)).gather(-1, (trip - num[..., None]).clamp(0, n_full).expand(lead))
-    blocks = torch.where(trip < num[..., None], from_partial, from_full)
-    rows = torch.cat([num[..., None], (num + fnum)[..., None], blocks], dim=-1)
-    return rows.reshape(-1, width + 2).contiguous()
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
+    """The GPU's SM count: the persistent programs' grid (tests patch it down to put many tiles on each program)."""
     import torch
 
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -602,8 +582,7 @@ def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, ping
     q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
     q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M // 2 if warp_specialized else BLOCK_M, D)
     n_tiles = B * H * triton.cdiv(Sq, BLOCK_M)
-    grid = (min(n_tiles, _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
-            if persistent else n_tiles,)
+    grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
     # The streaming programs never read the table: out stands in for it.
     table, batches, heads = (out, 1, 1) if blocks is None else blocks
     args = (q_desc, k_desc, v_desc, out, table, table.shape[-1] if blocks is not None else 1, batches, heads, Sq, Sk,

@@ -380,19 +380,19 @@ def _expected_keep(q, k, v, keep, scale):
 
 def test_program_blocks_list_each_query_blocks_trips():
     """Row (b, h, a): the partial count, the trip count, then the partial blocks and the full blocks, in order."""
-    from sparsecc.codegen.streaming_prefill_hopper import program_blocks
+    from sparsecc.codegen.hopper_prefill import program_blocks
 
     table, _ = _table(heads=3, seq=700, seed=1, empty=(1, 2))
-    rows = program_blocks(table, torch.device("cpu")).view(1, 3, 6, -1)   # one row per table batch and head
-    for b in range(1):
-        for h in range(3):
-            for a in range(6):
-                n_part, n_full = int(table.kv_num_blocks[0, h, a]), int(table.full_kv_num_blocks[0, h, a])
-                row = rows[b, h, a].tolist()
-                assert row[:2] == [n_part, n_part + n_full]
-                assert row[2:2 + n_part + n_full] == (table.kv_indices[0, h, a, :n_part].tolist()
-                                                      + table.full_kv_indices[0, h, a, :n_full].tolist())
-    assert rows[0, 1, 2, :2].tolist() == [0, 0]
+    # One row per table batch (here one, serving every batch element) and table head.
+    rows = program_blocks(table, torch.device("cpu")).view(3, 6, -1)
+    for h in range(3):
+        for a in range(6):
+            n_part, n_full = int(table.kv_num_blocks[0, h, a]), int(table.full_kv_num_blocks[0, h, a])
+            row = rows[h, a].tolist()
+            assert row[:2] == [n_part, n_part + n_full]
+            assert row[2:2 + n_part + n_full] == (table.kv_indices[0, h, a, :n_part].tolist()
+                                                  + table.full_kv_indices[0, h, a, :n_full].tolist())
+    assert rows[1, 2, :2].tolist() == [0, 0]
     assert program_blocks(table, torch.device("cpu")) is program_blocks(table, torch.device("cpu"))   # cached
 
 
