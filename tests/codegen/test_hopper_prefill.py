@@ -370,6 +370,19 @@ def _table(heads: int, seq: int, seed: int, empty=None):
     return table, keep
 
 
+def _batched_table(heads: int, seq: int, seeds):
+    """One table batch per seed (``_table``'s layout, drawn per seed): (table, [keep mask of each batch])."""
+    from sparsecc.layouts import BlockTable
+
+    parts = [_table(heads=heads, seq=seq, seed=seed) for seed in seeds]
+    tables = [t for t, _ in parts]
+    cat = {name: torch.cat([getattr(t, name) for t in tables])
+           for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")}
+    table = BlockTable(cat["kv_num_blocks"], cat["kv_indices"], cat["full_kv_num_blocks"], cat["full_kv_indices"],
+                       block_q=128, block_k=128, seq_q=seq, seq_k=seq, causal=True)
+    return table, [keep for _, keep in parts]
+
+
 def _expected_keep(q, k, v, keep, scale):
     rep = q.shape[1] // k.shape[1]
     k64, v64 = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
@@ -394,6 +407,23 @@ def test_program_blocks_list_each_query_blocks_trips():
                                                   + table.full_kv_indices[0, h, a, :n_full].tolist())
     assert rows[1, 2, :2].tolist() == [0, 0]
     assert program_blocks(table, torch.device("cpu")) is program_blocks(table, torch.device("cpu"))   # cached
+
+
+def test_program_blocks_of_a_table_per_batch_element():
+    """A table with one batch per batch element: its rows run over (table batch, table head, query block), batch 1's
+    rows listing batch 1's blocks."""
+    from sparsecc.codegen.hopper_prefill import program_blocks
+
+    table, _ = _batched_table(heads=3, seq=700, seeds=(2, 3))
+    rows = program_blocks(table, torch.device("cpu")).view(2, 3, 6, -1)
+    for b in range(2):
+        for h in range(3):
+            for a in range(6):
+                n_part, n_full = int(table.kv_num_blocks[b, h, a]), int(table.full_kv_num_blocks[b, h, a])
+                assert rows[b, h, a, :2].tolist() == [n_part, n_part + n_full]
+                assert rows[b, h, a, 2:2 + n_part + n_full].tolist() == (
+                    table.kv_indices[b, h, a, :n_part].tolist() + table.full_kv_indices[b, h, a, :n_full].tolist())
+    assert not torch.equal(rows[0], rows[1])   # the two batches' layouts differ
 
 
 def test_table_calls_reach_the_program_only_when_it_takes_them(sm90, monkeypatch):
@@ -446,6 +476,22 @@ def test_gpu_table_program_keeps_what_the_table_says(variant, dtype, monkeypatch
     assert _rel(out, expected) < 1e-2
     assert (out[:, 3, 512:640] == 0).all()
     assert _rel(out, _expected_keep(q, k, v, oracle.causal_keep(1000, 1000), 0.09)) > 5e-2   # not dense
+
+
+@needs_hopper
+def test_gpu_table_per_batch_element(monkeypatch):
+    """A table with its own layout per batch element, through the dispatched program on 5 programs: each batch
+    element's output is float64 attention over its own keep mask, not the other's."""
+    from sparsecc.codegen import streaming_prefill_hopper as sp
+
+    monkeypatch.setattr(sp, "_sm_count", lambda index: 5)
+    table, keeps = _batched_table(heads=4, seq=640, seeds=(7, 8))
+    q, k, v = _qkv(sq=640, sk=640, h=4, hkv=2, dtype=torch.bfloat16, device="cuda", seed=7)
+    out = sp.block_table_prefill_hopper(q, k, v, table, 0.09, **hopper_prefill.VARIANT)
+    for b in range(2):
+        one = (q[b:b + 1], k[b:b + 1], v[b:b + 1])
+        assert _rel(out[b:b + 1], _expected_keep(*one, keeps[b], 0.09)) < 1e-2
+        assert _rel(out[b:b + 1], _expected_keep(*one, keeps[1 - b], 0.09)) > 5e-2
 
 
 @needs_hopper
