@@ -34,7 +34,6 @@ wrappers and the op loaders, never by ``import sparsecc``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Sequence
 
 import torch
@@ -43,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
-from sparsecc.codegen.launch import launcher, ticket_counters
+from sparsecc.codegen.launch import launcher, sm_count, ticket_counters
 
 # Rows of one packed tile at most (G * Sq); wider groups use the prefill kernel.
 MAX_PACKED_ROWS = 128
@@ -391,14 +390,6 @@ def per_head_rules(sinks: Sequence[int], windows: Sequence[int]) -> bool:
     return len(set(sinks)) > 1 or len(set(windows)) > 1
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """SM count of ``device`` (cached: the property query is slow next to a decode step)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter runs programs one by one; few splits keep tiny tests fast
-
-
 def _plan_splits(bkv: int, n_kept: int, num_sms: int, config: DecodeConfig) -> tuple[int, int]:
     """``(n_split, blocks_per_split)`` for ``bkv`` (batch, kv head) pairs of ``n_kept`` key blocks each."""
     if config.n_split is not None:
@@ -469,7 +460,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device) if return_lse else q
     block_r = triton.next_power_of_2(group * sq)
     mask_t, mask_strides, has_mask, mask_bool = mask_args(m4, q, b, h, sq, sk)
-    n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), _num_sms(q.device), config)
+    n_split, blocks_per_split = _plan_splits(b * hkv, max(n_kept, 1), sm_count(q.device), config)
     # Partials merged per load: as many as keep the merged tile within ~64 fp32 registers per thread.
     merge_s = 1
     while merge_s < n_split and 2 * merge_s * block_r * block_d <= 2048 * config.num_warps:

@@ -31,12 +31,13 @@ launch (the last program to finish a group merges it) draw tickets from
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
 import torch
 
-__all__ = ["tracing", "launcher", "round_to_dtype", "ticket_counters"]
+__all__ = ["tracing", "launcher", "round_to_dtype", "ticket_counters", "sm_count"]
 
 
 def tracing(*tensors: Any) -> bool:
@@ -109,3 +110,12 @@ def ticket_counters(n: int, like: torch.Tensor) -> torch.Tensor:
     if not bufs or bufs[-1].numel() < n:
         bufs.append(torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=like.device))
     return bufs[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """SM count of ``device``, which sizes split and persistent grids (cached: the property query is slow next to
+    a decode step); 1 off CUDA, where the interpreter runs programs one by one and few splits keep tests fast."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1

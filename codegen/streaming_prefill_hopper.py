@@ -25,7 +25,6 @@ one sink and window for every head.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import triton
@@ -35,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from sparsecc.codegen.hopper_prefill import HEAD_DIM, TILE, program_blocks
+from sparsecc.codegen.launch import sm_count
 from sparsecc.codegen.streaming_rules import kernel_rules
 from sparsecc.codegen.block_attention_kernels import LOG2E
 
@@ -561,14 +561,6 @@ def check_table(table, q, k) -> None:
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({B}, {H})")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    """The GPU's SM count: the persistent programs' grid (tests patch it down to put many tiles on each program)."""
-    import torch
-
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
             producer_regs):
     """Launch the programs over ``B * H * cdiv(Sq, 128)`` query tiles, one program per tile or (``persistent``) one
@@ -582,7 +574,7 @@ def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, ping
     q, k, v = (t if _tma_addressable(t) else t.contiguous() for t in (q, k, v))
     q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M // 2 if warp_specialized else BLOCK_M, D)
     n_tiles = B * H * triton.cdiv(Sq, BLOCK_M)
-    grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
+    grid = (min(n_tiles, sm_count(q.device)) if persistent else n_tiles,)
     # The streaming programs never read the table: out stands in for it.
     table, batches, heads = (out, 1, 1) if blocks is None else blocks
     args = (q_desc, k_desc, v_desc, out, table, table.shape[-1] if blocks is not None else 1, batches, heads, Sq, Sk,

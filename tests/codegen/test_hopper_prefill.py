@@ -467,7 +467,7 @@ def test_gpu_table_program_keeps_what_the_table_says(variant, dtype, monkeypatch
     from sparsecc.codegen import streaming_prefill_hopper as sp
     from sparsecc.codegen.streaming_prefill_hopper import block_table_prefill_hopper
 
-    monkeypatch.setattr(sp, "_sm_count", lambda index: 5)
+    monkeypatch.setattr(sp, "sm_count", lambda device: 5)
 
     table, keep = _table(heads=8, seq=1000, seed=5, empty=(3, 4))
     q, k, v = _qkv(sq=1000, sk=1000, h=8, hkv=2, dtype=dtype, device="cuda", seed=5)
@@ -484,7 +484,7 @@ def test_gpu_table_per_batch_element(monkeypatch):
     element's output is float64 attention over its own keep mask, not the other's."""
     from sparsecc.codegen import streaming_prefill_hopper as sp
 
-    monkeypatch.setattr(sp, "_sm_count", lambda index: 5)
+    monkeypatch.setattr(sp, "sm_count", lambda device: 5)
     table, keeps = _batched_table(heads=4, seq=640, seeds=(7, 8))
     q, k, v = _qkv(sq=640, sk=640, h=4, hkv=2, dtype=torch.bfloat16, device="cuda", seed=7)
     out = sp.block_table_prefill_hopper(q, k, v, table, 0.09, **hopper_prefill.VARIANT)

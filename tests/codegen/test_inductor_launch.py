@@ -134,7 +134,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from sparsecc.codegen import activation_sparse, block_attention, decode_attention, gate_sparse_ffn, threshold_ffn
 
-decode_attention._num_sms = lambda device: 132   # no CUDA device to ask
+decode_attention.sm_count = lambda device: 132   # no CUDA device to ask
 cuda, f16 = torch.device("cuda"), torch.float16
 with FakeTensorMode():
     q = torch.empty(2, 8, 64, 64, device=cuda, dtype=f16)

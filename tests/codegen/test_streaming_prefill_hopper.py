@@ -120,7 +120,7 @@ def test_persistent_programs_match_oracle(variant, programs, monkeypatch):
     the oracle's cases with ragged lengths, chunked prefill, GQA and Sq > Sk, one with tiles that have no trip."""
     from sparsecc.codegen import streaming_prefill_hopper as sp
 
-    monkeypatch.setattr(sp, "_sm_count", lambda index: programs)
+    monkeypatch.setattr(sp, "sm_count", lambda device: programs)
     for b, h, hkv, sq, sk, sink, window, dtype in (CASES[1], CASES[2], CASES[5], CASES[6], NO_TRIP_CASE):
         g = torch.Generator(device="cuda").manual_seed(sq + sk)
         q = torch.randn(b, h, sq, 128, device="cuda", dtype=dtype, generator=g)
