@@ -21,13 +21,16 @@ from sparsecc.codegen.block_attention import streaming_attention
 from tests.oracle import oracle
 
 
+def _expected_keep(q, k, v, keep, scale):
+    """The oracle's float64 attention over an explicit keep mask (``oracle.attend``, on the CPU; a row keeping no
+    key gives zeros), on q's device."""
+    out, _ = oracle.attend(q.cpu(), k.cpu(), v.cpu(), keep.cpu(), scale=scale)
+    return out.to(q.device)
+
+
 def _expected(q, k, v, sink, window, scale):
-    """softmax(q kᵀ · scale over the spec's kept keys) v in float64, GQA by repeating kv heads."""
-    rep = q.shape[1] // k.shape[1]
-    k64, v64 = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
-    keep = oracle.streaming_keep(q.shape[2], k.shape[2], sink, window, causal=True).to(q.device)
-    scores = ((q.double() @ k64.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
-    return torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0) @ v64
+    """The spec's causal streaming keep mask through :func:`_expected_keep`."""
+    return _expected_keep(q, k, v, oracle.streaming_keep(q.shape[2], k.shape[2], sink, window, causal=True), scale)
 
 
 def _rel(out, ref) -> float:
@@ -381,14 +384,6 @@ def _batched_table(heads: int, seq: int, seeds):
     table = BlockTable(cat["kv_num_blocks"], cat["kv_indices"], cat["full_kv_num_blocks"], cat["full_kv_indices"],
                        block_q=128, block_k=128, seq_q=seq, seq_k=seq, causal=True)
     return table, [keep for _, keep in parts]
-
-
-def _expected_keep(q, k, v, keep, scale):
-    rep = q.shape[1] // k.shape[1]
-    k64, v64 = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
-    keep = keep.to(q.device)
-    scores = ((q.double() @ k64.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
-    return torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0) @ v64
 
 
 def test_program_blocks_list_each_query_blocks_trips():
