@@ -44,7 +44,7 @@ from typing import Callable, List, Optional
 import torch
 
 from sparsecc.cost.efficiency import TABLE_PATH, table
-from sparsecc.cost.fit import FitRow, Hardware, cross_validate, fit, metrics, predict_rows, prior
+from sparsecc.cost.fit import PARAMS, FitRow, Hardware, cross_validate, fit, metrics, predict_rows, prior
 from sparsecc.cost.formulas import ELEM, B, D, H, HKV, K, M, N, SK, SQ
 from sparsecc.cost.hardware import H100_SXM, profile_for
 from sparsecc.cost.sites import attention_costs, ffn_costs, linear_costs
@@ -99,7 +99,7 @@ def site_kernels(site: dict):
     kind = site["kind"]
     if kind in ("attention", "estimate"):
         form = make_form(site["form"])
-        dense, sparse = attention_costs(form, None, True)
+        dense, sparse = attention_costs(form, None, True, site.get("program", "triton"))
         values = {B: site["batch"], H: site["heads"], HKV: site["kv_heads"], SQ: site["seq"], SK: site["seq"],
                   D: site["head_dim"], **elem}
         sparse_kernels = sparse.kernels(values)
@@ -122,7 +122,8 @@ def site_kernels(site: dict):
 def site_group(site: dict) -> str:
     """The shape a point belongs to (cross-validation holds out whole shapes)."""
     if site["kind"] in ("attention", "estimate"):
-        return f"attention S={site['seq']} hkv={site['kv_heads']} d={site['head_dim']}"
+        program = "" if site.get("program", "triton") == "triton" else f" {site['program']}"
+        return f"attention S={site['seq']} hkv={site['kv_heads']} d={site['head_dim']}{program}"
     if site["kind"] == "linear":
         return f"linear M={site['tokens']} {site['in']}->{site['out']}"
     return f"ffn M={site['tokens']}"
@@ -395,7 +396,10 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
     before = predict_rows(fit_rows, shipped, hw)
     summary = {"shipped": metrics(fit_rows, before)}
     print_metrics("shipped table", summary["shipped"])
-    start = prior(shipped)   # every fit (and every fold) starts from the same generic table
+    # Every fit (and every fold) starts from the same generic table; a family no row runs keeps its shipped values
+    # (it is not fitted, and the generic start would overwrite what another refit measured).
+    used = {k["family"] for r in fit_rows for k in r.dense + r.sparse}
+    start = {fam: (entry if fam in used else dict(shipped[fam])) for fam, entry in prior(shipped).items()}
     fitted = fit(fit_rows, start, hw, sweeps)
     after = predict_rows(fit_rows, fitted, hw)
     summary["refit_in_sample"] = metrics(fit_rows, after)
@@ -433,6 +437,62 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
     return summary
 
 
+def partial_report(rows: List[dict], hw_profile, device: str, partial: dict, params: List[str], write: bool,
+                   folds: int, sweeps: int) -> dict:
+    """Fit new families alone, the rest of the shipped table fixed: ``partial`` maps each new family to the shipped
+    family it starts from (the same work at another rate: a second kernel for one layout), ``params`` names the
+    parameters fitted. Prints the rows' figures with the start and the fit, in sample and cross-validated (whole
+    shapes held out); with ``write``, adds the families to ``efficiency.json`` and records the refit in its
+    provenance (``partial_refits``)."""
+    hw = hardware(hw_profile)
+    shipped = table()["families"]
+    for new, base in partial.items():
+        if base not in shipped:
+            raise SystemExit(f"--partial {new}={base}: no family {base!r} in {TABLE_PATH}; known: {sorted(shipped)}")
+    bad = sorted(set(params) - set(PARAMS))
+    if bad:
+        raise SystemExit(f"--params {','.join(bad)}: not a table parameter; expected some of {list(PARAMS)}")
+    fit_rows = [to_fit_row(r, r.get("source", "grid")) for r in rows]
+    used = {k["family"] for r in fit_rows for k in r.sparse}
+    if not used & set(partial):
+        raise SystemExit(f"no row runs {sorted(partial)}: nothing to fit (rows' sparse families: {sorted(used)})")
+    start = {**shipped, **{new: dict(shipped[base]) for new, base in partial.items()}}
+    free = {new: tuple(params) for new in partial}
+    summary = {"start": metrics(fit_rows, predict_rows(fit_rows, start, hw))}
+    print_metrics("start (each new family as the family it starts from)", summary["start"])
+    fitted = fit(fit_rows, start, hw, sweeps, free)
+    after = predict_rows(fit_rows, fitted, hw)
+    summary["refit_in_sample"] = metrics(fit_rows, after)
+    print_metrics("partial refit, in-sample", summary["refit_in_sample"])
+    held_out = cross_validate(fit_rows, start, hw, folds, sweeps, free) if folds > 1 else after
+    if folds > 1:
+        summary["refit_cross_validated"] = metrics(fit_rows, held_out)
+        print_metrics(f"partial refit, cross-validated ({folds} folds over shapes)", summary["refit_cross_validated"])
+    print(f"\n{'row':40s} {'measured':>9s} {'start':>7s} {'fit':>7s} {'held out':>9s}")
+    for r, fr, p0, p1, p2 in zip(rows, fit_rows, predict_rows(fit_rows, start, hw), after, held_out):
+        r["predicted_start"], r["predicted"], r["predicted_cv"] = p0, p1, p2
+        print(f"{r['label']:40s} {fr.measured:9.2f} {p0:7.2f} {p1:7.2f} {p2:9.2f}")
+    for new in partial:
+        print(f"{new}: " + ", ".join(f"{k} {v:g}" for k, v in fitted[new].items()))
+    if write:
+        out = dict(table())
+        out["families"] = {**shipped, **{new: fitted[new] for new in partial}}
+        provenance = dict(out["provenance"])
+        refits = [p for p in provenance.get("partial_refits", []) if not set(p["families"]) & set(partial)]
+        refits.append({"families": sorted(partial), "start_from": partial, "params": list(params), "device": device,
+                       "date": datetime.date.today().isoformat(), "commit": source_version() or "unknown",
+                       "source": sorted({r.get("source", "grid") for r in rows}), "metrics": summary,
+                       "regenerate": "python bench/costmodel.py --refit-from ROWS --partial NEW=FROM[,...] "
+                                     "--params P[,...] --write"})
+        provenance["partial_refits"] = refits
+        out["provenance"] = provenance
+        with open(TABLE_PATH, "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=2)
+            fh.write("\n")
+        print(f"wrote {TABLE_PATH}")
+    return summary
+
+
 def _save(path: Optional[str], rows, device: str) -> None:
     if path:
         with open(path, "w", encoding="utf-8") as fh:
@@ -450,7 +510,19 @@ def main() -> None:
                         "bench/RESULTS.md")
     parser.add_argument("--folds", type=int, default=8, help="cross-validation folds (1: none)")
     parser.add_argument("--sweeps", type=int, default=12, help="coordinate-descent sweeps per fit")
+    parser.add_argument("--partial", default=None, metavar="NEW=FROM[,NEW=FROM]",
+                        help="fit only these new families, each starting from a shipped one, the rest fixed")
+    parser.add_argument("--params", default="compute_large,tile_overhead",
+                        help="with --partial: the parameters fitted (default compute_large,tile_overhead)")
     args = parser.parse_args()
+    partial = None
+    if args.partial:
+        try:
+            partial = dict(pair.split("=") for pair in args.partial.split(","))
+        except ValueError:
+            parser.error(f"--partial {args.partial!r}: expected NEW=FROM[,NEW=FROM]")
+        if not args.refit_from:
+            parser.error("--partial refits saved rows: give --refit-from")
     rows: List[dict] = []
     for path in ([args.refit_from] if args.refit_from else []) + args.also:
         for r in load_rows(path):
@@ -471,7 +543,11 @@ def main() -> None:
             _save(args.json, rows, device)
             print(f"{label:60s} dense {row['dense_ms']:8.4f} ms  sparse {row['sparse_ms']:8.4f} ms  "
                   f"{row['dense_ms'] / row['sparse_ms']:6.2f}x", flush=True)
-    summary = report(rows, hw_profile, device, args.write, args.folds, args.sweeps)
+    if partial:
+        summary = partial_report(rows, hw_profile, device, partial, args.params.split(","), args.write, args.folds,
+                                 args.sweeps)
+    else:
+        summary = report(rows, hw_profile, device, args.write, args.folds, args.sweeps)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"device": device, "summary": summary, "rows": rows}, fh, indent=1)

@@ -33,8 +33,8 @@ from typing import Sequence
 import torch
 
 __all__ = ["TILE", "HEAD_DIM", "MIN_ROWS", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits",
-           "hopper_prefill", "streaming_prefill_sm90_kernel", "hopper_table_fits", "hopper_table_prefill",
-           "program_blocks"]
+           "hopper_prefill", "streaming_prefill_sm90_kernel", "hopper_table_fits", "hopper_table_runs",
+           "hopper_table_prefill", "program_blocks"]
 
 TILE = 128
 """The programs' query tile (rows) and key tile (keys); a block table's blocks must be this size."""
@@ -117,17 +117,27 @@ def streaming_prefill_sm90_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 def hopper_table_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, *, masked: bool,
                       return_lse: bool) -> bool:
-    """Whether a block-table call runs the Gluon program: an sm_90 GPU with Gluon, an eager call (the block-table
-    op is always opaque) without a mask or an lse request, a causal table of 128 x 128 blocks over ``Sq == Sk``
-    query rows and keys, and what :func:`program_takes`."""
+    """Whether a block-table call runs the Gluon program: an eager call (the block-table op is always opaque), a
+    table of ``q`` and ``k``'s lengths, and what :func:`hopper_table_runs` takes."""
     from sparsecc.codegen.launch import tracing
 
     sq, sk = q.shape[2], k.shape[2]
-    return (not masked and not return_lse and table.causal and not tracing(q, k, v)
-            and table.block_q == table.block_k == TILE and table.seq_q == table.seq_k == sq == sk
-            and sq >= MIN_ROWS
-            and program_takes((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]))
-            and sm90_gluon(q.device))
+    return (not tracing(q, k, v) and table.seq_q == sq and table.seq_k == sk and table.block_q == table.block_k
+            and hopper_table_runs(q.device, (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]),
+                                  sq, sk, block=table.block_q, causal=table.causal, masked=masked,
+                                  return_lse=return_lse))
+
+
+def hopper_table_runs(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int], seq_q, seq_k,
+                      *, block: int, causal: bool, masked: bool, return_lse: bool) -> bool:
+    """Whether a block-table call with these facts runs the Gluon program: an sm_90 GPU with Gluon, a causal table
+    of ``TILE`` x ``TILE`` blocks over ``Sq == Sk`` (static, at least :data:`MIN_ROWS`) query rows and keys, no mask
+    or lse request, and what :func:`program_takes`. The kernel wrapper asks it through :func:`hopper_table_fits`;
+    the compiler asks it with a site's facts, so that the cost model times the program that will run."""
+    if type(seq_q) is not int or type(seq_k) is not int or not MIN_ROWS <= seq_q == seq_k:
+        return False
+    return (causal and not masked and not return_lse and block == TILE and program_takes(dtypes, head_dims)
+            and sm90_gluon(device))
 
 
 def hopper_table_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, scale: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ from sparsecc.codegen.attention_ops import (
     StreamingAttentionArgs, StreamingFromMaskArgs)
 from sparsecc.codegen.streaming_rules import streaming_runs_hopper_program
 from sparsecc.forms import MASKED_LOGIT_MAX, Streaming
-from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention
+from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention, site_facts, sparse_program
 from sparsecc.passes.decide import head_spans
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.plan import Plan, op_call
@@ -425,6 +425,10 @@ def plan_attention(site: Site, decision: Decision, ctx) -> Plan:
         heads = _hopper_prefill_heads(site, record, args, decision.params.get("head_table"))
         if heads == "":
             plan.notes["sm_90 prefill"] = "the Gluon program (codegen/hopper_prefill.py), one opaque call"
+        elif record is BLOCK_SPARSE_ATTENTION and sparse_program(site, record.name, decision.form, decision.params,
+                                                                 args.impl) == "sm90":
+            plan.notes["sm_90 prefill"] = ("the Gluon program over the block table (codegen/hopper_prefill.py), "
+                                           "inside the opaque block-table op")
         elif heads is not None:
             plan.notes["sm_90 prefill"] = (f"the Gluon program (codegen/hopper_prefill.py) for heads {heads}, one "
                                            "launch per streaming group inside the mixed op")
@@ -438,10 +442,8 @@ def _hopper_prefill_heads(site: Site, record, args, head_table) -> Optional[str]
     rule, ``streaming_runs_hopper_program``, asked with the site's facts."""
     if site.symbolic or record not in (STREAMING_ATTENTION, MIXED_HEAD_ATTENTION):
         return None
-    m: AttentionMatch = site.match
-    facts = (site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)), tuple(site.shapes[name][-1] for name in "qkv"),
-             int(site.attrs["seq_q"]), int(site.attrs["seq_k"]))
-    rule = dict(scale=args.scale, causal=args.causal, masked=bool(m.masks), return_lse=False)
+    facts = site_facts(site)
+    rule = dict(scale=args.scale, causal=args.causal, masked=bool(site.match.masks), return_lse=False)
     if record is STREAMING_ATTENTION:
         return "" if streaming_runs_hopper_program(*facts, sinks=args.sink, windows=args.window, **rule) else None
     if head_table.launch_family(args.causal) is not None:

@@ -11,11 +11,13 @@ import dataclasses
 from typing import List, Optional
 
 from sparsecc.codegen.block_attention import FULL_WINDOW
+from sparsecc.codegen.hopper_prefill import hopper_table_runs
 from sparsecc.codegen.mixed_attention import MIXABLE_FORMS, HeadTable
+from sparsecc.codegen.streaming_rules import streaming_runs_hopper_program
 from sparsecc.cost import estimate_attention
 from sparsecc.forms import BlockSparse, BlockTopK, Dense, Streaming, VerticalSlash
 from sparsecc.passes.decide import dense_rule, fallback, group_head_forms, no_rule, verdict
-from sparsecc.passes.fx_utils import size_hint
+from sparsecc.passes.fx_utils import dtype_of, size_hint
 from sparsecc.passes.site import Decision, Estimate, Site
 from sparsecc.spec.schema import rule_sort_key
 
@@ -29,6 +31,8 @@ MASK_POSITIONS = {
                                "mask still moves off i + Sk - Sq attend densely",
     "mixed_head_attention": _AT_MASK + "; each head as its form's op treats it",
 }
+# What the reason adds when the estimate timed the Gluon program for Hopper (sparse_program).
+SM90_ESTIMATE = "estimated for the sm_90 Gluon program (codegen/hopper_prefill.py)"
 # Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.
 DYNAMIC_FORMS = (BlockTopK, VerticalSlash)
 
@@ -163,8 +167,13 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
                             "folded into the batch dimension (3-D attention) cannot be told from batch elements")
         params["dense_heads"] = [h for h, f in enumerate(head_forms) if f is None]
         op_name = "block_sparse_attention"
-    estimate = _estimate(site, form, head_forms, ctx)
+    program = sparse_program(site, op_name, form, params, ctx.kernels)
+    estimate = _estimate(site, form, head_forms, ctx, program)
     decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
+    if program == "sm90":
+        if not decision.apply:
+            return dataclasses.replace(decision, reason=f"{decision.reason}; {SM90_ESTIMATE}")
+        notes.insert(0, SM90_ESTIMATE)
     if not decision.apply:
         return decision
     # What an applied site's report adds to its reason (docs/spec.md), in this order.
@@ -263,12 +272,38 @@ def _same_size(a, b) -> bool:
     return str(a) == str(b)
 
 
-def _estimate(site: Site, form, head_forms, ctx) -> Estimate:
-    """The cost model's estimate; ``head_forms`` gives each head's form (None: dense)."""
+def _estimate(site: Site, form, head_forms, ctx, program: str) -> Estimate:
+    """The cost model's estimate; ``head_forms`` gives each head's form (None: dense); ``program`` the kernels the
+    sparse side runs (:func:`sparse_program`)."""
     a = site.attrs
     margin = ctx.spec.defaults.margin if ctx.spec is not None else 1.0
     return estimate_attention(
         form, head_forms, batch=size_hint(a["batch"]), heads=size_hint(a["heads"]),
         kv_heads=size_hint(a["kv_heads"]), seq_q=size_hint(a["seq_q"]), seq_k=size_hint(a["seq_k"]),
         head_dim=size_hint(a["head_dim"]), dtype=site.dtype, causal=a["causal"], hw=ctx.hardware, margin=margin,
-        symbolic_seq=not isinstance(a["seq_k"], int))
+        symbolic_seq=not isinstance(a["seq_k"], int), program=program)
+
+
+def site_facts(site: Site) -> tuple:
+    """(device, q/k/v dtypes, q/k/v head dims, seq_q, seq_k): what the Gluon programs' rules ask of a call, as a
+    site of static shapes knows it at compile time."""
+    m = site.match
+    return (site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)),
+            tuple(site.shapes[name][-1] for name in "qkv"), int(site.attrs["seq_q"]), int(site.attrs["seq_k"]))
+
+
+def sparse_program(site: Site, op_name: str, form, params: dict, kernels: str) -> str:
+    """Which kernels run the site's sparse op (``formulas.PROGRAMS``): "sm90" when the op is the streaming or the
+    block-table op and the kernel wrapper's own rule sends calls of the site's static facts to the Gluon program for
+    Hopper (``streaming_runs_hopper_program``, ``hopper_table_runs``), else "triton". The cost model then times the
+    program that will run: on an H100 it ran 1.2-1.4x faster than the Triton kernel (bench/RESULTS.md)."""
+    if kernels == "reference" or site.symbolic or op_name not in ("streaming_attention", "block_sparse_attention"):
+        return "triton"
+    facts = site_facts(site)
+    rule = dict(causal=site.attrs["causal"], masked=bool(site.match.masks), return_lse=False)
+    if op_name == "streaming_attention":
+        runs = streaming_runs_hopper_program(*facts, scale=float(site.attrs["scale"]), sinks=params["sink"],
+                                             windows=params["window"], **rule)
+    else:
+        runs = hopper_table_runs(*facts, block=form.block, **rule)
+    return "sm90" if runs else "triton"

@@ -184,8 +184,9 @@ def _clamp(name: str, value: float) -> float:
     return min(EFF_BOUNDS[1], max(EFF_BOUNDS[0], value))
 
 
-def _free_params(rows: Sequence[FitRow], families: Dict[str, dict]) -> List[tuple]:
-    """(family, parameter) pairs the rows can inform: tile_overhead only where kernels report steps."""
+def _free_params(rows: Sequence[FitRow], families: Dict[str, dict], free: Optional[dict] = None) -> List[tuple]:
+    """(family, parameter) pairs the rows can inform: tile_overhead only where kernels report steps. ``free``
+    (family -> parameter names) restricts the search to those pairs; every other value stays as given."""
     used, with_steps = set(), set()
     for r in rows:
         for k in r.dense + r.sparse:
@@ -196,6 +197,8 @@ def _free_params(rows: Sequence[FitRow], families: Dict[str, dict]) -> List[tupl
     for fam in sorted(used):
         for name in PARAMS:
             if name == "tile_overhead" and fam not in with_steps:
+                continue
+            if free is not None and name not in free.get(fam, ()):
                 continue
             pairs.append((fam, name))
     return pairs
@@ -253,18 +256,22 @@ def _descend(rows, families, hw, pairs, objective, max_sweeps: int) -> None:
             break
 
 
-def fit(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, max_sweeps: int = MAX_SWEEPS) -> dict:
+def fit(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, max_sweeps: int = MAX_SWEEPS,
+        free: Optional[dict] = None) -> dict:
     """Fit the table to ``rows`` from ``start`` (a ``families`` mapping); returns the fitted ``families``.
 
     Two stages of coordinate descent: first on the accuracy terms alone (a
     smoother landscape that moves every family near its measured rates), then
-    on the full decision-aware ``loss`` from there.
+    on the full decision-aware ``loss`` from there. ``free`` (family ->
+    parameter names) fits only those parameters (a partial refit: new rows of
+    one kernel, the rest of the table as shipped); None frees every parameter
+    the rows inform.
     """
     families = copy.deepcopy(start)
     for entry in families.values():
         entry.setdefault("floor_s", 0.0)
         entry.setdefault("tile_overhead", 0.0)
-    pairs = _free_params(rows, families)
+    pairs = _free_params(rows, families, free)
     _descend(rows, families, hw, pairs, error_loss, max_sweeps)
     _descend(rows, families, hw, pairs, loss, max_sweeps)
     for entry in families.values():
@@ -274,9 +281,9 @@ def fit(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, max_sweeps
 
 
 def cross_validate(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, folds: int = 8,
-                   max_sweeps: int = MAX_SWEEPS) -> List[float]:
+                   max_sweeps: int = MAX_SWEEPS, free: Optional[dict] = None) -> List[float]:
     """Out-of-fold predictions: shape groups dealt round-robin into ``folds`` folds, each predicted by a table
-    fitted on the other folds."""
+    fitted on the other folds (``free`` as in :func:`fit`)."""
     groups = sorted({r.group for r in rows})
     fold_of = {g: i % folds for i, g in enumerate(groups)}
     predicted = [float("nan")] * len(rows)
@@ -285,7 +292,7 @@ def cross_validate(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware,
         test = [i for i, r in enumerate(rows) if fold_of[r.group] == f]
         if not test:
             continue
-        fitted = fit(train, start, hw, max_sweeps)
+        fitted = fit(train, start, hw, max_sweeps, free)
         for i, p in zip(test, predict_rows([rows[i] for i in test], fitted, hw)):
             predicted[i] = p
     return predicted

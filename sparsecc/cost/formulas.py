@@ -172,16 +172,34 @@ def attention_blocks(form, seq_q, seq_k, causal: bool, dense_head_fraction=0) ->
     return dense_head_fraction * dense + (1 - dense_head_fraction) * sparse
 
 
-def attention_family(form) -> str:
+PROGRAMS = ("triton", "sm90")
+"""Which kernels run a sparse attention call: ``"triton"``, the Triton kernels (every device), or ``"sm90"``, the
+Gluon programs for Hopper (``codegen/hopper_prefill.py``), which the compiler knows will run a site when the kernels'
+own rules take its facts. The two run the same work at different rates, so each has its own efficiency families."""
+
+# The families of the sm_90 Gluon programs: streaming windows, and the block-table program over static tables.
+SM90_FAMILIES = {Streaming: "attention_sparse_sm90", BlockSparse: "attention_table_sm90"}
+
+
+def attention_family(form, program: str = "triton") -> str:
     """Efficiency family of the kernel that runs ``form``: the layout decides how the kernel walks K/V.
 
     Streaming windows walk contiguous key blocks (L2 reuse between neighbouring
     query blocks); static block tables without random blocks are bands of a
     few blocks; random blocks and the tables a dynamic form builds per call
-    scatter over the keys and have short rows.
+    scatter over the keys and have short rows. ``program`` "sm90": the Gluon
+    program that runs streaming windows and static block tables on Hopper
+    (one family per layout it takes; ValueError for a form it does not run).
     """
+    if program not in PROGRAMS:
+        raise ValueError(f"attention program {program!r} is not one of {list(PROGRAMS)}")
     if form is None:
         return "attention_dense"
+    if program == "sm90":
+        family = SM90_FAMILIES.get(type(form))
+        if family is None:
+            raise ValueError(f"no sm_90 Gluon program runs {form}; it runs {sorted(SM90_FAMILIES.values())}")
+        return family
     if isinstance(form, Streaming):
         return "attention_sparse"
     if isinstance(form, BlockSparse) and form.random_blocks == 0:
@@ -189,12 +207,14 @@ def attention_family(form) -> str:
     return "attention_random"
 
 
-def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None, blocks=None) -> Cost:
+def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None, blocks=None,
+                   program: str = "triton") -> Cost:
     """Cost of one attention call; ``form`` None is dense flash attention.
 
     ``blocks`` overrides the kept (query block, key block) pairs per head
     (the per-head mean a site computes); a dynamic form's estimate pass is
-    attached as an extra kernel.
+    attached as an extra kernel. ``program`` picks the sparse kernel's
+    efficiency family (:data:`PROGRAMS`, :func:`attention_family`).
     """
     s = {**dict(batch=B, heads=H, kv_heads=HKV, seq_q=SQ, seq_k=SK, head_dim=D), **(shapes or {})}
     if blocks is None:
@@ -208,7 +228,7 @@ def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None, block
     steps = blocks / sp.ceiling(s["seq_q"] / ATTENTION_BLOCK)
     estimate = dynamic_estimate_cost(form, shapes)
     extra = () if estimate is None else (estimate,)
-    return Cost(flops, nbytes, 1, attention_family(form), steps=steps, extra=extra)
+    return Cost(flops, nbytes, 1, attention_family(form, program), steps=steps, extra=extra)
 
 
 def dynamic_estimate_cost(form, shapes=None) -> Optional[Cost]:

@@ -40,17 +40,20 @@ def _per_head_blocks(form, per_head: Optional[Sequence], seq_q, seq_k, causal: b
     return sum(n * attention_blocks(f, seq_q, seq_k, causal) for f, n in counts.items()) / len(per_head)
 
 
-def attention_costs(form, per_head: Optional[Sequence], causal: bool) -> Tuple[Cost, Cost]:
+def attention_costs(form, per_head: Optional[Sequence], causal: bool, program: str = "triton") -> Tuple[Cost, Cost]:
     """(dense, sparse) costs of an attention site as expressions of the attention symbols; ``per_head`` as in
-    ``_per_head_blocks`` (the kept blocks are a per-head mean, so the head count stays a symbol)."""
+    ``_per_head_blocks`` (the kept blocks are a per-head mean, so the head count stays a symbol); ``program``: the
+    kernels that run the sparse side (``formulas.PROGRAMS``)."""
     blocks = _per_head_blocks(form, per_head, SQ, SK, causal)
-    return attention_cost(None, causal), attention_cost(form, causal, blocks=blocks)
+    return attention_cost(None, causal), attention_cost(form, causal, blocks=blocks, program=program)
 
 
 def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype: torch.dtype,
-                       causal: bool, hw: HardwareProfile, margin: float, symbolic_seq: bool) -> Estimate:
-    """Dense flash attention vs the form, per-head forms and a dynamic form's estimate pass included."""
-    dense, sparse = attention_costs(form, per_head, causal)
+                       causal: bool, hw: HardwareProfile, margin: float, symbolic_seq: bool,
+                       program: str = "triton") -> Estimate:
+    """Dense flash attention vs the form, per-head forms and a dynamic form's estimate pass included; ``program``
+    "sm90" when the site's calls run the Gluon program for Hopper (the compiler asks the kernels' own rule)."""
+    dense, sparse = attention_costs(form, per_head, causal, program)
     values = {B: batch, H: heads, HKV: kv_heads, SQ: seq_q, SK: seq_k, D: head_dim}
     prediction = predict(dense, sparse, hw, dtype, values)
     if not symbolic_seq:
