@@ -3,6 +3,8 @@
     python bench/costmodel.py [--quick] [--json rows.json] [--write]          # GPU: measure the grid
     python bench/costmodel.py --refit-from bench/costmodel_h100_full.json \\
         [--also bench/costmodel_h100_quick.json bench/crossover_h100.json bench/RESULTS.md] [--write]
+    python bench/costmodel.py --refit-from bench/costmodel_h100_sm90.json --folds 7 \\
+        --partial attention_sparse_sm90=attention_sparse,attention_table_sm90=attention_random [--write]
 
 On the GPU it measures a grid of sites, each checked against its reference
 on random data before it is timed: attention prefill (B=1, H=32, Hkv=8,
@@ -27,7 +29,10 @@ shape are held out together).
 ``--json`` output, the older ``bench/costmodel_*.json`` rows, the
 ``bench/crossover_*.json`` grid of ``bench/ffn.py`` and the attention table of
 ``bench/RESULTS.md``), refits, and with ``--write`` writes
-``sparsecc/cost/efficiency.json`` with its provenance.
+``sparsecc/cost/efficiency.json`` with its provenance. ``--partial`` fits
+new families alone (each starting from a shipped family, the rest of the
+table fixed): the sm_90 Gluon programs' families come from the stored H100
+rows of ``bench/costmodel_h100_sm90.json`` that way.
 """
 
 from __future__ import annotations
@@ -293,6 +298,23 @@ def _check(out, ref, what: str) -> None:
         raise AssertionError(f"{what}: the Triton path disagrees with its reference (rel err {err:.3g})")
 
 
+def _program(form, q, scale) -> str:
+    """"sm90" when the op's kernel wrapper sends this causal, unmasked call (Sq == Sk, q/k/v alike) to the Gluon
+    program for Hopper (the wrapper's own rule), else "triton"."""
+    from sparsecc.codegen.hopper_prefill import hopper_table_runs
+    from sparsecc.codegen.streaming_rules import streaming_runs_hopper_program
+
+    h, s, d = q.shape[1], q.shape[2], q.shape[3]
+    facts = (q.device, (q.dtype,) * 3, (d,) * 3, s, s)
+    rule = dict(causal=True, masked=False, return_lse=False)
+    if isinstance(form, Streaming):
+        runs = streaming_runs_hopper_program(*facts, scale=scale, sinks=[form.sink] * h, windows=[form.window] * h,
+                                             **rule)
+    else:
+        runs = isinstance(form, BlockSparse) and hopper_table_runs(*facts, block=form.block, **rule)
+    return "sm90" if runs else "triton"
+
+
 def _attention_calls(site):
     import torch.nn.functional as F
     from sparsecc.codegen import ops
@@ -300,6 +322,7 @@ def _attention_calls(site):
     q = torch.randn(b, h, s, d, device="cuda", dtype=DTYPE)
     k, v = (torch.randn(b, hkv, s, d, device="cuda", dtype=DTYPE) for _ in range(2))
     form, scale = make_form(site["form"]), d ** -0.5
+    site["program"] = _program(form, q, scale)   # the row says which kernels ran (the cost model's family)
     if isinstance(form, Streaming):
         call = lambda impl: ops.op("streaming_attention")(q, k, v, None, scale, True, [form.sink] * h,  # noqa: E731
                                                            [form.window] * h, 0, impl)

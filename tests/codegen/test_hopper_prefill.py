@@ -448,6 +448,26 @@ def test_table_calls_reach_the_program_only_when_it_takes_them(sm90, monkeypatch
     assert not hopper_prefill.hopper_table_fits(q[:, :, :256], k, v, table, masked=False, return_lse=False)
 
 
+def test_the_table_rule_takes_what_the_program_takes(sm90):
+    """The facts-only table rule, which the compiler asks with a site's facts (its cost estimate then times the
+    program): a causal table of 128-blocks over Sq == Sk, static, at least one query tile, no mask or lse."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    facts = dict(dtypes=(torch.bfloat16,) * 3, head_dims=(128,) * 3, seq_q=1024, seq_k=1024, block=128, causal=True,
+                 masked=False, return_lse=False)
+
+    def runs(**change):
+        f = {**facts, **change}
+        return hopper_prefill.hopper_table_runs(torch.device("cuda"), f.pop("dtypes"), f.pop("head_dims"),
+                                                f.pop("seq_q"), f.pop("seq_k"), **f)
+
+    assert runs() and runs(seq_q=128, seq_k=128, dtypes=(torch.float16,) * 3)
+    for change in (dict(block=64), dict(causal=False), dict(masked=True), dict(return_lse=True), dict(seq_q=512),
+                   dict(seq_q=127, seq_k=127), dict(dtypes=(torch.float32,) * 3), dict(head_dims=(64,) * 3),
+                   dict(seq_q=ShapeEnv().create_unbacked_symint())):
+        assert not runs(**change), change
+
+
 @needs_hopper
 @pytest.mark.parametrize("variant", [dict(stages=3), dict(stages=3, warp_specialized=True),
                                      dict(stages=2, warp_specialized=True, pingpong=True),

@@ -163,3 +163,41 @@ def test_fitted_sparse_floors_never_undercut_dense(bench_costmodel):
         dense = dense_family_of(fam)
         if fam != dense:
             assert entry["floor_s"] >= fitted[dense]["floor_s"], fam
+
+
+def test_a_partial_refit_moves_only_the_named_parameters():
+    rows = _rows(TRUE)
+    start = {"dense": dict(TRUE["dense"]),
+             "sparse": dict(compute_small=0.2, compute_large=0.9, memory=0.6, floor_s=6e-5, tile_overhead=2.0)}
+    fitted = fit(rows, start, HW, free={"sparse": ("compute_large",)})
+    assert fitted["dense"] == start["dense"]
+    assert {k: v for k, v in fitted["sparse"].items() if k != "compute_large"} == \
+        {k: v for k, v in start["sparse"].items() if k != "compute_large"}
+    assert fitted["sparse"]["compute_large"] == pytest.approx(TRUE["sparse"]["compute_large"], rel=0.1)
+    held_out = cross_validate(rows, start, HW, folds=4, max_sweeps=2, free={"sparse": ("compute_large",)})
+    assert all(math.isfinite(p) for p in held_out)
+
+
+def test_bench_partial_refit_runs_offline(bench_costmodel, capsys):
+    """``--partial`` on the stored sm_90 rows: the new families start as the named shipped ones, only they are
+    fitted, and the figures (start, in-sample, cross-validated) are printed; nothing is written without --write."""
+    from sparsecc.cost.efficiency import TABLE_PATH
+    from sparsecc.cost.hardware import H100_SXM
+
+    before = open(TABLE_PATH, encoding="utf-8").read()
+    rows = bench_costmodel.load_rows(os.path.join(BENCH, "costmodel_h100_sm90.json"))
+    assert len(rows) == 7 and {r["site"]["program"] for r in rows} == {"sm90"}
+    partial = {"attention_sparse_sm90": "attention_sparse", "attention_table_sm90": "attention_random"}
+    summary = bench_costmodel.partial_report(rows, H100_SXM, "test device", partial, ["compute_large"],
+                                             write=False, folds=3, sweeps=2)
+    assert set(summary) == {"start", "refit_in_sample", "refit_cross_validated"}
+    assert summary["refit_in_sample"]["median_abs_error"] < summary["start"]["median_abs_error"]
+    assert all("predicted_cv" in r for r in rows)
+    assert "sm90 streaming 128+4096 32K" in capsys.readouterr().out
+    assert open(TABLE_PATH, encoding="utf-8").read() == before
+    with pytest.raises(SystemExit, match="no family 'nope'"):
+        bench_costmodel.partial_report(rows, H100_SXM, "d", {"x": "nope"}, ["compute_large"], False, 1, 1)
+    with pytest.raises(SystemExit, match="not a table parameter"):
+        bench_costmodel.partial_report(rows, H100_SXM, "d", partial, ["speed"], False, 1, 1)
+    with pytest.raises(SystemExit, match="no row runs"):
+        bench_costmodel.partial_report(rows, H100_SXM, "d", {"x": "attention_sparse"}, ["compute_large"], False, 1, 1)
