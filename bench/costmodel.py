@@ -51,7 +51,7 @@ import torch
 from sparsecc.cost.efficiency import TABLE_PATH, table
 from sparsecc.cost.fit import PARAMS, FitRow, Hardware, cross_validate, fit, metrics, predict_rows, prior
 from sparsecc.cost.formulas import ELEM, B, D, H, HKV, K, M, N, SK, SQ
-from sparsecc.cost.hardware import H100_SXM, profile_for
+from sparsecc.cost.hardware import H100_SXM, PROFILES, profile_for
 from sparsecc.cost.sites import attention_costs, ffn_costs, linear_costs
 from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour
 
@@ -105,8 +105,8 @@ def site_kernels(site: dict):
     if kind in ("attention", "estimate"):
         form = make_form(site["form"])
         dense, sparse = attention_costs(form, None, True, site.get("program", "triton"))
-        values = {B: site["batch"], H: site["heads"], HKV: site["kv_heads"], SQ: site["seq"], SK: site["seq"],
-                  D: site["head_dim"], **elem}
+        values = {B: site["batch"], H: site["heads"], HKV: site["kv_heads"], SQ: site.get("seq_q", site["seq"]),
+                  SK: site["seq"], D: site["head_dim"], **elem}
         sparse_kernels = sparse.kernels(values)
         if kind == "estimate":   # the estimate pass alone
             return [], [k for k in sparse_kernels if k["family"] == "attention_estimate"]
@@ -128,7 +128,8 @@ def site_group(site: dict) -> str:
     """The shape a point belongs to (cross-validation holds out whole shapes)."""
     if site["kind"] in ("attention", "estimate"):
         program = "" if site.get("program", "triton") == "triton" else f" {site['program']}"
-        return f"attention S={site['seq']} hkv={site['kv_heads']} d={site['head_dim']}{program}"
+        rows = f" Sq={site['seq_q']}" if "seq_q" in site else ""
+        return f"attention S={site['seq']}{rows} B={site['batch']} hkv={site['kv_heads']} d={site['head_dim']}{program}"
     if site["kind"] == "linear":
         return f"linear M={site['tokens']} {site['in']}->{site['out']}"
     return f"ffn M={site['tokens']}"
@@ -461,12 +462,14 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
 
 
 def partial_report(rows: List[dict], hw_profile, device: str, partial: dict, params: List[str], write: bool,
-                   folds: int, sweeps: int) -> dict:
+                   folds: int, sweeps: int, start_values: Optional[dict] = None) -> dict:
     """Fit new families alone, the rest of the shipped table fixed: ``partial`` maps each new family to the shipped
     family it starts from (the same work at another rate: a second kernel for one layout), ``params`` names the
-    parameters fitted. Prints the rows' figures with the start and the fit, in sample and cross-validated (whole
-    shapes held out); with ``write``, adds the families to ``efficiency.json`` and records the refit in its
-    provenance (``partial_refits``)."""
+    parameters fitted, ``start_values`` ({(family, parameter): value}) overrides start values (e.g. a bandwidth
+    share measured beside the rows: coordinate descent moves one value at a time, and two families that are
+    both far from it can settle on a shared wrong scale). Prints the rows' figures with the start and the fit, in
+    sample and cross-validated (whole shapes held out); with ``write``, adds the families to ``efficiency.json``
+    and records the refit in its provenance (``partial_refits``)."""
     hw = hardware(hw_profile)
     shipped = table()["families"]
     for new, base in partial.items():
@@ -480,6 +483,11 @@ def partial_report(rows: List[dict], hw_profile, device: str, partial: dict, par
     if not used & set(partial):
         raise SystemExit(f"no row runs {sorted(partial)}: nothing to fit (rows' sparse families: {sorted(used)})")
     start = {**shipped, **{new: dict(shipped[base]) for new, base in partial.items()}}
+    for (fam, name), value in (start_values or {}).items():
+        if fam not in partial or name not in PARAMS:
+            raise SystemExit(f"--start {fam}.{name}: expected a family of --partial ({sorted(partial)}) and a "
+                             f"parameter of {list(PARAMS)}")
+        start[fam][name] = value
     free = {new: tuple(params) for new in partial}
     summary = {"start": metrics(fit_rows, predict_rows(fit_rows, start, hw))}
     print_metrics("start (each new family as the family it starts from)", summary["start"])
@@ -502,7 +510,9 @@ def partial_report(rows: List[dict], hw_profile, device: str, partial: dict, par
         out["families"] = {**shipped, **{new: fitted[new] for new in partial}}
         provenance = dict(out["provenance"])
         refits = [p for p in provenance.get("partial_refits", []) if not set(p["families"]) & set(partial)]
-        refits.append({"families": sorted(partial), "start_from": partial, "params": list(params), "device": device,
+        refits.append({"families": sorted(partial), "start_from": partial,
+                       "start_values": {f"{fam}.{name}": v for (fam, name), v in (start_values or {}).items()},
+                       "params": list(params), "device": device,
                        "date": datetime.date.today().isoformat(), "commit": source_version() or "unknown",
                        "source": sorted({r.get("source", "grid") for r in rows}), "metrics": summary,
                        "regenerate": "python bench/costmodel.py --refit-from ROWS --partial NEW=FROM[,...] "
@@ -533,10 +543,15 @@ def main() -> None:
                         "bench/RESULTS.md")
     parser.add_argument("--folds", type=int, default=8, help="cross-validation folds (1: none)")
     parser.add_argument("--sweeps", type=int, default=12, help="coordinate-descent sweeps per fit")
+    parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                        help="with --refit-from: the hardware profile the rows were measured on (default: this "
+                             "machine's GPU, else h100)")
     parser.add_argument("--partial", default=None, metavar="NEW=FROM[,NEW=FROM]",
                         help="fit only these new families, each starting from a shipped one, the rest fixed")
     parser.add_argument("--params", default="compute_large,tile_overhead",
                         help="with --partial: the parameters fitted (default compute_large,tile_overhead)")
+    parser.add_argument("--start", default=None, metavar="FAMILY.PARAM=VALUE[,...]",
+                        help="with --partial: start values of the new families (default: those of FROM)")
     args = parser.parse_args()
     partial = None
     if args.partial:
@@ -546,6 +561,14 @@ def main() -> None:
             parser.error(f"--partial {args.partial!r}: expected NEW=FROM[,NEW=FROM]")
         if not args.refit_from:
             parser.error("--partial refits saved rows: give --refit-from")
+    start_values = {}
+    for item in (args.start.split(",") if args.start else []):
+        try:
+            key, value = item.split("=")
+            fam, name = key.split(".")
+            start_values[(fam, name)] = float(value)
+        except ValueError:
+            parser.error(f"--start {item!r}: expected FAMILY.PARAM=VALUE")
     rows: List[dict] = []
     for path in ([args.refit_from] if args.refit_from else []) + args.also:
         for r in load_rows(path):
@@ -553,7 +576,10 @@ def main() -> None:
     if args.refit_from:
         with open(args.refit_from, encoding="utf-8") as fh:
             device = json.load(fh).get("device", "unknown")
-        hw_profile = profile_for(torch.device("cuda")) if torch.cuda.is_available() else H100_SXM
+        if args.profile:
+            hw_profile = PROFILES[args.profile]
+        else:
+            hw_profile = profile_for(torch.device("cuda")) if torch.cuda.is_available() else H100_SXM
     else:
         if not torch.cuda.is_available():
             sys.exit("bench/costmodel.py needs a CUDA device (or --refit-from saved rows)")
@@ -568,7 +594,7 @@ def main() -> None:
                   f"{row['dense_ms'] / row['sparse_ms']:6.2f}x", flush=True)
     if partial:
         summary = partial_report(rows, hw_profile, device, partial, args.params.split(","), args.write, args.folds,
-                                 args.sweeps)
+                                 args.sweeps, start_values)
     else:
         summary = report(rows, hw_profile, device, args.write, args.folds, args.sweeps)
     if args.json:

@@ -40,7 +40,7 @@ from sparsecc.codegen.hopper_prefill import (hopper_prefill, hopper_prefill_fits
 from sparsecc.codegen.launch import launcher, tracing
 from sparsecc.codegen.mask_positions import leading_padding, mask_4d
 from sparsecc.codegen.streaming_rules import (  # noqa: F401 - kernel_rules, rule_vectors: part of this interface
-    kernel_rules, rule_vectors, runs_sdpa, streaming_rules_per_head)
+    DECODE_MAX_Q, kernel_rules, kernels_take, rule_vectors, runs_sdpa, streaming_rules_per_head)
 from sparsecc.layouts import FULL_WINDOW, BlockTable
 
 __all__ = ["rule_vectors", "kernel_rules", "FULL_WINDOW", "streaming_attention_ref", "block_sparse_attention_ref", "dense_attention_ref",
@@ -344,12 +344,6 @@ def dense_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal
 
 # ============================================================== kernel wrappers
 
-# Dtypes the Triton kernels take; others (fp32, fp64) run the reference, whose fp32 math is exact enough.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# Largest head dim with a kernel config (bigger tiles would not fit in registers / shared memory).
-MAX_KERNEL_HEAD_DIM = 256
-# Queries of at most this many rows go to the split-KV decode kernel instead of the prefill kernel.
-DECODE_MAX_Q = 16
 # A table block must be a power of two of at least this size: tl.dot needs 16-wide tiles.
 MIN_TABLE_BLOCK = 16
 
@@ -359,9 +353,8 @@ def attention_kernel_ok(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
 
     The kernels fold ``scale`` into the exponent after the row max, which needs ``scale > 0``.
     """
-    return (q.dtype in KERNEL_DTYPES and scale > 0 and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[-1] == v.shape[-1] and q.shape[-1] <= MAX_KERNEL_HEAD_DIM
-            and q.device == k.device == v.device and min(q.shape[2], k.shape[2]) > 0)
+    return (kernels_take((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]), scale, q.shape[2],
+                         k.shape[2]) and q.device == k.device == v.device)
 
 
 def mask_args(m4: Optional[Tensor], q: Tensor, b: int, h: int, sq: int, sk: int) -> tuple:

@@ -43,9 +43,9 @@ from torch import Tensor
 
 from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
 from sparsecc.codegen.launch import launcher, sm_count, ticket_counters
+# The kernel's layout rule lives with the other streaming dispatch rules (no Triton there: the compiler asks it).
+from sparsecc.codegen.streaming_rules import decode_supported
 
-# Rows of one packed tile at most (G * Sq); wider groups use the prefill kernel.
-MAX_PACKED_ROWS = 128
 # tl.dot needs at least 16 rows and 16 columns.
 MIN_TILE = 16
 # Each split walks at least this many key blocks, so the merge stays a small share of the work.
@@ -75,16 +75,6 @@ DEFAULT_CONFIG = DecodeConfig(block_n=128, num_warps=4, num_stages=3, programs_p
 WIDE_CONFIG = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
 # Under the interpreter: small tiles keep the tiny test shapes cheap and still cross tile borders.
 INTERPRETER_CONFIG = DecodeConfig(block_n=16, num_warps=4, num_stages=1)
-
-
-def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, sq: int = 1) -> bool:
-    """True when the decode kernel takes the layout: every kv group's heads share sink and window."""
-    if group * sq > MAX_PACKED_ROWS:
-        return False
-    for g0 in range(0, len(sinks), group):
-        if len(set(zip(sinks[g0:g0 + group], windows[g0:g0 + group]))) != 1:
-            return False
-    return True
 
 
 @triton.jit

@@ -4,7 +4,9 @@ Per-head sinks and windows (validated), capped so that the kernels' bounds stay 
 kept keys (:func:`kernel_rules`), as device vectors (:func:`rule_vectors`); and the dispatch questions of
 ``block_attention.streaming_attention``: is the layout exactly dense, so SDPA serves the call (:func:`runs_sdpa`),
 and does the call run the Gluon program for sm_90 (:func:`streaming_runs_hopper_program`, which the compiler's
-plan asks too, with ``hopper_prefill.hopper_prefill_fits``). Nothing here imports Triton.
+plan asks too, with ``hopper_prefill.hopper_prefill_fits``) or the split-KV decode kernel
+(:func:`streaming_runs_decode_kernel`, with the kernel's layout rule :func:`decode_supported`); the compiler's check
+asks both with a site's facts, so that the cost model times the kernel that will run. Nothing here imports Triton.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ from sparsecc.codegen.launch import tracing
 from sparsecc.layouts import FULL_WINDOW
 
 __all__ = ["streaming_rules_per_head", "streaming_is_dense", "runs_sdpa", "streaming_runs_hopper_program",
-           "kernel_rules", "rule_vectors"]
+           "kernel_rules", "rule_vectors", "kernels_take", "decode_supported", "streaming_runs_decode_kernel",
+           "KERNEL_DTYPES", "MAX_KERNEL_HEAD_DIM", "DECODE_MAX_Q", "MAX_PACKED_ROWS"]
+
+# Dtypes the Triton kernels take; others (fp32, fp64) run the reference, whose fp32 math is exact enough.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+# Largest head dim with a kernel config (bigger tiles would not fit in registers / shared memory).
+MAX_KERNEL_HEAD_DIM = 256
+# Queries of at most this many rows go to the split-KV decode kernel instead of the prefill kernel.
+DECODE_MAX_Q = 16
+# Rows of one packed decode tile at most (G * Sq); wider groups use the prefill kernel.
+MAX_PACKED_ROWS = 128
 
 
 def _per_head(values: Union[int, Sequence[int]], n_heads: int, name: str) -> list[int]:
@@ -98,3 +110,47 @@ def rule_vectors(sinks: tuple, windows: tuple, like: Tensor) -> tuple[Tensor, Te
 def _rule_vectors(sinks: tuple, windows: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
     return (torch.tensor(sinks, dtype=torch.int32, device=device),
             torch.tensor(windows, dtype=torch.int32, device=device))
+
+
+def kernels_take(dtypes: Sequence[torch.dtype], head_dims: Sequence[int], scale: float, sq: int, sk: int) -> bool:
+    """Whether the Triton attention kernels take q, k and v of these dtypes and head dims (else the reference runs):
+    one dtype of :data:`KERNEL_DTYPES`, q's head dim equal to v's and at most :data:`MAX_KERNEL_HEAD_DIM`, a positive
+    scale (the kernels fold it into the exponent after the row max) and no empty axis."""
+    return (dtypes[0] in KERNEL_DTYPES and all(d == dtypes[0] for d in dtypes) and scale > 0
+            and head_dims[0] == head_dims[2] and head_dims[0] <= MAX_KERNEL_HEAD_DIM and min(sq, sk) > 0)
+
+
+def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, sq: int = 1) -> bool:
+    """True when the decode kernel takes the layout: at most :data:`MAX_PACKED_ROWS` packed rows (``group * sq``)
+    and every kv group's heads share sink and window."""
+    if group * sq > MAX_PACKED_ROWS:
+        return False
+    for g0 in range(0, len(sinks), group):
+        if len(set(zip(sinks[g0:g0 + group], windows[g0:g0 + group]))) != 1:
+            return False
+    return True
+
+
+def streaming_runs_decode_kernel(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int], sq,
+                                 sk, *, scale: float, causal: bool, masked: bool, return_lse: bool,
+                                 sinks: Sequence[int], windows: Sequence[int], kv_heads: int,
+                                 positions_from_mask: bool = False) -> bool:
+    """Whether a streaming call with these facts runs the split-KV decode kernel (``codegen/decode_attention.py``).
+
+    ``block_attention.streaming_attention`` takes these steps in this order: the Triton kernels take the inputs
+    (:func:`kernels_take`, on CUDA), the layout is not exactly dense (:func:`runs_sdpa`), at most
+    :data:`DECODE_MAX_Q` query rows (the Gluon prefill program takes none so short) and :func:`decode_supported`.
+    ``positions_from_mask``: the op that reads the queries' positions from the mask
+    (``streaming_decode_from_mask_op``), which runs the kernel for one query row before more keys, the mask shared
+    by the heads (assumed here). ``sinks`` / ``windows`` are per head as the op takes them. The compiler asks this
+    with a site's facts, so that its cost estimate times the kernel that will run."""
+    if type(sq) is not int or type(sk) is not int or device.type != "cuda":
+        return False
+    if not kernels_take(dtypes, head_dims, scale, sq, sk) or len(sinks) % kv_heads:
+        return False
+    group = len(sinks) // kv_heads
+    if positions_from_mask:
+        return sq == 1 and sq < sk and decode_supported(sinks, windows, group, sq)
+    if sq > DECODE_MAX_Q or runs_sdpa(sinks, windows, sq, sk, causal, masked, return_lse, device):
+        return False
+    return decode_supported(sinks, windows, group, sq)

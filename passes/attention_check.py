@@ -13,7 +13,7 @@ from typing import List, Optional
 from sparsecc.codegen.block_attention import FULL_WINDOW
 from sparsecc.codegen.hopper_prefill import hopper_table_runs
 from sparsecc.codegen.mixed_attention import MIXABLE_FORMS, HeadTable
-from sparsecc.codegen.streaming_rules import streaming_runs_hopper_program
+from sparsecc.codegen.streaming_rules import streaming_runs_decode_kernel, streaming_runs_hopper_program
 from sparsecc.cost import estimate_attention
 from sparsecc.forms import BlockSparse, BlockTopK, Dense, Streaming, VerticalSlash
 from sparsecc.passes.decide import dense_rule, fallback, group_head_forms, no_rule, verdict
@@ -31,8 +31,10 @@ MASK_POSITIONS = {
                                "mask still moves off i + Sk - Sq attend densely",
     "mixed_head_attention": _AT_MASK + "; each head as its form's op treats it",
 }
-# What the reason adds when the estimate timed the Gluon program for Hopper (sparse_program).
+# What the reason adds when the estimate timed kernels other than the Triton prefill kernels (sparse_program).
 SM90_ESTIMATE = "estimated for the sm_90 Gluon program (codegen/hopper_prefill.py)"
+DECODE_ESTIMATE = "estimated for the split-KV decode kernel, which reads the kept K/V only (codegen/decode_attention.py)"
+PROGRAM_ESTIMATES = {"sm90": SM90_ESTIMATE, "decode": DECODE_ESTIMATE}
 # Forms whose layout is chosen per input by torch.ops.sparsecc.dynamic_block_attention.
 DYNAMIC_FORMS = (BlockTopK, VerticalSlash)
 
@@ -170,10 +172,10 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     program = sparse_program(site, op_name, form, params, ctx.kernels)
     estimate = _estimate(site, form, head_forms, ctx, program)
     decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
-    if program == "sm90":
+    if program in PROGRAM_ESTIMATES:
         if not decision.apply:
-            return dataclasses.replace(decision, reason=f"{decision.reason}; {SM90_ESTIMATE}")
-        notes.insert(0, SM90_ESTIMATE)
+            return dataclasses.replace(decision, reason=f"{decision.reason}; {PROGRAM_ESTIMATES[program]}")
+        notes.insert(0, PROGRAM_ESTIMATES[program])
     if not decision.apply:
         return decision
     # What an applied site's report adds to its reason (docs/spec.md), in this order.
@@ -281,7 +283,7 @@ def _estimate(site: Site, form, head_forms, ctx, program: str) -> Estimate:
         form, head_forms, batch=size_hint(a["batch"]), heads=size_hint(a["heads"]),
         kv_heads=size_hint(a["kv_heads"]), seq_q=size_hint(a["seq_q"]), seq_k=size_hint(a["seq_k"]),
         head_dim=size_hint(a["head_dim"]), dtype=site.dtype, causal=a["causal"], hw=ctx.hardware, margin=margin,
-        symbolic_seq=not isinstance(a["seq_k"], int), program=program)
+        symbolic_seq=not isinstance(a["seq_k"], int), program=program, replayed=ctx.replayed)
 
 
 def site_facts(site: Site) -> tuple:
@@ -293,17 +295,25 @@ def site_facts(site: Site) -> tuple:
 
 
 def sparse_program(site: Site, op_name: str, form, params: dict, kernels: str) -> str:
-    """Which kernels run the site's sparse op (``formulas.PROGRAMS``): "sm90" when the op is the streaming or the
-    block-table op and the kernel wrapper's own rule sends calls of the site's static facts to the Gluon program for
-    Hopper (``streaming_runs_hopper_program``, ``hopper_table_runs``), else "triton". The cost model then times the
-    program that will run: on an H100 it ran 1.2-1.4x faster than the Triton kernel (bench/RESULTS.md)."""
-    if kernels == "reference" or site.symbolic or op_name not in ("streaming_attention", "block_sparse_attention"):
+    """Which kernels run the site's sparse op (``formulas.PROGRAMS``), as the kernel wrappers' own rules answer for
+    the site's static facts: "decode" when a streaming op's calls run the split-KV decode kernel
+    (``streaming_runs_decode_kernel``: at most 16 query rows); "sm90" when the streaming or the block-table op's
+    calls run the Gluon program for Hopper (``streaming_runs_hopper_program``, ``hopper_table_runs``); else
+    "triton". The cost model then times the kernels that will run: the Gluon program ran 1.2-1.4x faster than the
+    Triton kernel on an H100, and the decode kernel reads only the kept K/V (bench/RESULTS.md)."""
+    streaming_ops = ("streaming_attention", "streaming_attention_from_mask")
+    if kernels == "reference" or site.symbolic or op_name not in (*streaming_ops, "block_sparse_attention"):
         return "triton"
     facts = site_facts(site)
     rule = dict(causal=site.attrs["causal"], masked=bool(site.match.masks), return_lse=False)
-    if op_name == "streaming_attention":
-        runs = streaming_runs_hopper_program(*facts, scale=float(site.attrs["scale"]), sinks=params["sink"],
-                                             windows=params["window"], **rule)
+    if op_name in streaming_ops:
+        scale, sinks, windows = float(site.attrs["scale"]), params["sink"], params["window"]
+        if streaming_runs_decode_kernel(*facts, scale=scale, sinks=sinks, windows=windows,
+                                        kv_heads=int(site.attrs["kv_heads"]),
+                                        positions_from_mask=op_name != "streaming_attention", **rule):
+            return "decode"
+        runs = op_name == "streaming_attention" and streaming_runs_hopper_program(
+            *facts, scale=scale, sinks=sinks, windows=windows, **rule)
     else:
         runs = hopper_table_runs(*facts, block=form.block, **rule)
     return "sm90" if runs else "triton"

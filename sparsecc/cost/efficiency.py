@@ -10,7 +10,7 @@ the refit all call it)::
 
     compute = FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute(FLOPs) * occupancy)
     memory  = bytes / (bandwidth * memory * occupancy)
-    t       = max(compute, memory, floor_s) + launches * launch_overhead
+    t       = max(max(compute, memory) + fixed_s, floor_s) + launches * launch_overhead
 
 ``steps`` is the inner-loop trip count of one output tile (kept key blocks per
 query block, kept weight blocks per block row); ``tile_overhead`` is the
@@ -20,7 +20,9 @@ units of one step, so short rows run at a lower rate. ``occupancy`` is
 tile; fewer programs than SMs leave part of the GPU idle. ``floor_s`` is the
 host-side time per call (Python wrapper, argument checks, library planning):
 a call never takes less in eager mode, and it disappears under CUDA-graph
-replay.
+replay. ``fixed_s`` is device time per call outside the streaming of bytes
+and FLOPs: a kernel's dependent chain that no size hides (the decode
+kernel's query load, partial store, ticket and merge, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -40,14 +42,15 @@ TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "efficienc
 
 @dataclass(frozen=True)
 class Efficiency:
-    """What a kernel family reaches: fractions (0, 1] of peak compute and bandwidth, a per-call floor,
-    and the fixed per-tile work in inner-loop steps (0: none modelled)."""
+    """What a kernel family reaches: fractions (0, 1] of peak compute and bandwidth, a per-call host floor,
+    the fixed per-tile work in inner-loop steps and a fixed device time per call (0: none modelled)."""
 
     compute_small: float
     compute_large: float
     memory: float
     floor_s: float = 0.0
     tile_overhead: float = 0.0
+    fixed_s: float = 0.0
 
     def __post_init__(self):
         for name in ("compute_small", "compute_large", "memory"):
@@ -56,6 +59,8 @@ class Efficiency:
                 raise ValueError(f"efficiency {name}={value!r} is not in (0, 1]")
         if self.floor_s < 0:
             raise ValueError(f"efficiency floor_s={self.floor_s!r} must be >= 0")
+        if self.fixed_s < 0:
+            raise ValueError(f"efficiency fixed_s={self.fixed_s!r} must be >= 0")
         if self.tile_overhead < 0:
             raise ValueError(f"efficiency tile_overhead={self.tile_overhead!r} must be >= 0")
 
@@ -78,7 +83,7 @@ def kernel_seconds(eff: Efficiency, *, flops: float, nbytes: float, launches: in
     stretch = 1.0 if steps is None or steps <= 0 else 1.0 + eff.tile_overhead / steps
     compute = flops * stretch / (peak * eff.compute(flops) * occupancy) if flops > 0 else 0.0
     memory = nbytes / (bandwidth * eff.memory * occupancy)
-    return max(compute, memory, eff.floor_s if host else 0.0) + launches * launch_overhead_s
+    return max(max(compute, memory) + eff.fixed_s, eff.floor_s if host else 0.0) + launches * launch_overhead_s
 
 
 def side_seconds(kernels, eff_of, *, peak: float, bandwidth: float, launch_overhead_s: float, sm_count: int,

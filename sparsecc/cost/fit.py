@@ -8,7 +8,7 @@ measured times, and whether the call was timed eagerly (``host`` True: the
 per-call floor applies) or replayed from a CUDA graph.
 
 ``fit`` searches the table (per family: compute_small, compute_large,
-memory, floor_s, tile_overhead) by coordinate descent on multiplicative
+memory, floor_s, tile_overhead, fixed_s) by coordinate descent on multiplicative
 steps, first on the accuracy terms alone, then minimising
 
     mean(min(|predicted - measured| / measured speedup, ERROR_CAP))
@@ -55,13 +55,14 @@ TILE_OVERHEAD_MAX = 32.0
 # Multiplicative steps tried per parameter and sweep (coarse to fine), and values tried from zero.
 STEPS = (0.25, 0.5, 0.7, 0.85, 0.95, 1.05, 1.18, 1.4, 2.0, 4.0)
 # Floors from zero span host costs of a few microseconds (one launch) to a millisecond (cuSPARSELt planning).
-FROM_ZERO = {"floor_s": (5e-6, 2e-5, 5e-5, 1e-4, 3e-4, 1e-3), "tile_overhead": (0.5, 1.0, 2.0, 4.0)}
+FROM_ZERO = {"floor_s": (5e-6, 2e-5, 5e-5, 1e-4, 3e-4, 1e-3), "tile_overhead": (0.5, 1.0, 2.0, 4.0),
+             "fixed_s": (1e-6, 3e-6, 1e-5, 3e-5)}
 MAX_SWEEPS = 12
-PARAMS = ("compute_small", "compute_large", "memory", "floor_s", "tile_overhead")
+PARAMS = ("compute_small", "compute_large", "memory", "floor_s", "tile_overhead", "fixed_s")
 # Where every fit starts, for every family: a generic kernel (30% -> 70% of peak, 70% of bandwidth, no floor, no
 # per-tile overhead). A fixed start keeps refits reproducible, and keeps cross-validation honest: starting from
 # the shipped table would carry the held-out rows' information into each fold (coordinate descent is local).
-PRIOR = dict(compute_small=0.3, compute_large=0.7, memory=0.7, floor_s=0.0, tile_overhead=0.0)
+PRIOR = dict(compute_small=0.3, compute_large=0.7, memory=0.7, floor_s=0.0, tile_overhead=0.0, fixed_s=0.0)
 
 
 def prior(families) -> Dict[str, dict]:
@@ -177,7 +178,7 @@ def loss(rows: Sequence[FitRow], times: Sequence[tuple]) -> float:
 
 
 def _clamp(name: str, value: float) -> float:
-    if name == "floor_s":
+    if name in ("floor_s", "fixed_s"):
         return min(FLOOR_MAX_S, max(0.0, value))
     if name == "tile_overhead":
         return min(TILE_OVERHEAD_MAX, max(0.0, value))
@@ -271,6 +272,7 @@ def fit(rows: Sequence[FitRow], start: Dict[str, dict], hw: Hardware, max_sweeps
     for entry in families.values():
         entry.setdefault("floor_s", 0.0)
         entry.setdefault("tile_overhead", 0.0)
+        entry.setdefault("fixed_s", 0.0)
     pairs = _free_params(rows, families, free)
     _descend(rows, families, hw, pairs, error_loss, max_sweeps)
     _descend(rows, families, hw, pairs, loss, max_sweeps)

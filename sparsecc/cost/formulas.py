@@ -172,10 +172,12 @@ def attention_blocks(form, seq_q, seq_k, causal: bool, dense_head_fraction=0) ->
     return dense_head_fraction * dense + (1 - dense_head_fraction) * sparse
 
 
-PROGRAMS = ("triton", "sm90")
-"""Which kernels run a sparse attention call: ``"triton"``, the Triton kernels (every device), or ``"sm90"``, the
-Gluon programs for Hopper (``codegen/hopper_prefill.py``), which the compiler knows will run a site when the kernels'
-own rules take its facts. The two run the same work at different rates, so each has its own efficiency families."""
+PROGRAMS = ("triton", "sm90", "decode")
+"""Which kernels run a sparse attention call: ``"triton"``, the Triton kernels (every device); ``"sm90"``, the
+Gluon programs for Hopper (``codegen/hopper_prefill.py``); ``"decode"``, the split-KV decode kernel of streaming
+calls of at most 16 query rows (``codegen/decode_attention.py``), which reads only the kept K/V and is bound by
+reading it (its dense counterpart, SDPA at a few query rows, is bound by reading all of K/V). The compiler knows
+which will run a site when the kernels' own rules take its facts; each has its own efficiency families."""
 
 # The families of the sm_90 Gluon programs: streaming windows, and the block-table program over static tables.
 SM90_FAMILIES = {Streaming: "attention_sparse_sm90", BlockSparse: "attention_table_sm90"}
@@ -194,12 +196,16 @@ def attention_family(form, program: str = "triton") -> str:
     if program not in PROGRAMS:
         raise ValueError(f"attention program {program!r} is not one of {list(PROGRAMS)}")
     if form is None:
-        return "attention_dense"
+        return "attention_dense_decode" if program == "decode" else "attention_dense"
     if program == "sm90":
         family = SM90_FAMILIES.get(type(form))
         if family is None:
             raise ValueError(f"no sm_90 Gluon program runs {form}; it runs {sorted(SM90_FAMILIES.values())}")
         return family
+    if program == "decode":
+        if not isinstance(form, Streaming):
+            raise ValueError(f"the decode kernel runs streaming forms only, not {form}")
+        return "attention_decode"
     if isinstance(form, Streaming):
         return "attention_sparse"
     if isinstance(form, BlockSparse) and form.random_blocks == 0:
@@ -207,23 +213,42 @@ def attention_family(form, program: str = "triton") -> str:
     return "attention_random"
 
 
+def decode_kept_keys(form, seq_q, seq_k):
+    """Keys of one kv head the decode kernel reads for ``form`` (None: dense, every key): the sink's and the last
+    query rows' window key tiles of ``ATTENTION_BLOCK`` keys (one more where the window straddles a tile), never
+    more than the keys there are."""
+    if form is None:
+        return seq_k
+    tiles = math.ceil(form.sink / ATTENTION_BLOCK) + sp.ceiling((form.window + seq_q - 1) / ATTENTION_BLOCK) + 1
+    return sp.Min(seq_k, tiles * ATTENTION_BLOCK)
+
+
 def attention_cost(form, causal: bool, dense_head_fraction=0, shapes=None, blocks=None,
-                   program: str = "triton") -> Cost:
+                   program: str = "triton", kept_keys=None) -> Cost:
     """Cost of one attention call; ``form`` None is dense flash attention.
 
     ``blocks`` overrides the kept (query block, key block) pairs per head
     (the per-head mean a site computes); a dynamic form's estimate pass is
-    attached as an extra kernel. ``program`` picks the sparse kernel's
-    efficiency family (:data:`PROGRAMS`, :func:`attention_family`).
+    attached as an extra kernel. ``program`` picks the kernels' efficiency
+    families (:data:`PROGRAMS`, :func:`attention_family`); with "decode" the
+    sparse side reads ``kept_keys`` keys per kv head (default
+    :func:`decode_kept_keys`; a per-head mean for sites of several forms)
+    instead of every key, and the dense side is SDPA's decode family.
     """
     s = {**dict(batch=B, heads=H, kv_heads=HKV, seq_q=SQ, seq_k=SK, head_dim=D), **(shapes or {})}
     if blocks is None:
         blocks = attention_blocks(form, s["seq_q"], s["seq_k"], causal, dense_head_fraction)
     # QK^T and PV: 2 * 2 * block^2 * D multiply-adds per kept block pair
     flops = 4 * s["batch"] * s["heads"] * blocks * ATTENTION_BLOCK**2 * s["head_dim"]
-    nbytes = ELEM * s["head_dim"] * s["batch"] * (2 * s["heads"] * s["seq_q"] + 2 * s["kv_heads"] * s["seq_k"])
+    keys = s["seq_k"]
+    if program == "decode":
+        if form is not None:
+            keys = decode_kept_keys(form, s["seq_q"], s["seq_k"]) if kept_keys is None else kept_keys
+        # A few query rows, not 128-row query blocks: QK^T and PV over the keys read, for each row.
+        flops = 4 * s["batch"] * s["heads"] * s["seq_q"] * keys * s["head_dim"]
+    nbytes = ELEM * s["head_dim"] * s["batch"] * (2 * s["heads"] * s["seq_q"] + 2 * s["kv_heads"] * keys)
     if form is None:
-        return Cost(flops, nbytes, 1, "attention_dense")
+        return Cost(flops, nbytes, 1, attention_family(None, program))
     # one program per (head, query block) walks that row's kept key blocks
     steps = blocks / sp.ceiling(s["seq_q"] / ATTENTION_BLOCK)
     estimate = dynamic_estimate_cost(form, shapes)

@@ -38,7 +38,7 @@ def predict(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype,
 
 
 def crossover(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype, values: Dict[sp.Symbol, float],
-              symbol: sp.Symbol, margin: float, tied: tuple = ()) -> Crossover:
+              symbol: sp.Symbol, margin: float, tied: tuple = (), host: bool = True) -> Crossover:
     """Smallest integer value of ``symbol`` from which ``sparse_time <= dense_time / margin``.
 
     ``values`` fixes the other symbols; symbols in ``tied`` take the same
@@ -46,14 +46,14 @@ def crossover(dense: Cost, sparse: Cost, hw: HardwareProfile, dtype: torch.dtype
     one kernel-time definition (``kernel_seconds``) at integer sizes, the same
     numbers ``predict`` gives there. They are monotone in the sequence length
     for every form here, so the search is a bisection on integers between a
-    losing and a winning size.
+    losing and a winning size. ``host`` as in :func:`predict`.
     """
     fixed = {**values, ELEM: torch.tensor([], dtype=dtype).element_size()}
     along = (symbol, *tied)
     dense_at, sparse_at = dense.kernels_along(fixed, along), sparse.kernels_along(fixed, along)
 
     def wins(v: int) -> bool:
-        return kernels_seconds(sparse_at(v), hw, dtype) <= kernels_seconds(dense_at(v), hw, dtype) / margin
+        return kernels_seconds(sparse_at(v), hw, dtype, host) <= kernels_seconds(dense_at(v), hw, dtype, host) / margin
 
     if wins(1):
         return Crossover(symbol.name, 1)

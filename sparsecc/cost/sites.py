@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from sparsecc.cost.formulas import (B, D, H, HKV, K, M, N, SK, SQ, Cost, attention_blocks, attention_cost,
-                                    gate_ffn_cost, linear_cost)
+                                    decode_kept_keys, gate_ffn_cost, linear_cost)
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.cost.estimate import Estimate
 from sparsecc.cost.model import crossover, predict
@@ -45,21 +45,31 @@ def attention_costs(form, per_head: Optional[Sequence], causal: bool, program: s
     ``_per_head_blocks`` (the kept blocks are a per-head mean, so the head count stays a symbol); ``program``: the
     kernels that run the sparse side (``formulas.PROGRAMS``)."""
     blocks = _per_head_blocks(form, per_head, SQ, SK, causal)
-    return attention_cost(None, causal), attention_cost(form, causal, blocks=blocks, program=program)
+    kept_keys = None
+    if program == "decode" and per_head:
+        counts = Counter(per_head)
+        kept_keys = sum(n * decode_kept_keys(f, SQ, SK) for f, n in counts.items()) / len(per_head)
+    return (attention_cost(None, causal, program=program),
+            attention_cost(form, causal, blocks=blocks, program=program, kept_keys=kept_keys))
 
 
 def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype: torch.dtype,
                        causal: bool, hw: HardwareProfile, margin: float, symbolic_seq: bool,
-                       program: str = "triton") -> Estimate:
-    """Dense flash attention vs the form, per-head forms and a dynamic form's estimate pass included; ``program``
-    "sm90" when the site's calls run the Gluon program for Hopper (the compiler asks the kernels' own rule)."""
+                       program: str = "triton", replayed: bool = False) -> Estimate:
+    """Dense flash attention vs the form, per-head forms and a dynamic form's estimate pass included.
+
+    ``program``: the kernels the site's calls run (``formulas.PROGRAMS``; the compiler asks the kernels' own
+    rules). ``replayed``: the graph runs under CUDA graphs, so neither side pays its per-call host floor (which
+    decides short calls such as a one-batch decode step, bench/RESULTS.md).
+    """
     dense, sparse = attention_costs(form, per_head, causal, program)
     values = {B: batch, H: heads, HKV: kv_heads, SQ: seq_q, SK: seq_k, D: head_dim}
-    prediction = predict(dense, sparse, hw, dtype, values)
+    prediction = predict(dense, sparse, hw, dtype, values, host=not replayed)
     if not symbolic_seq:
         return prediction
     tied = (SQ,) if seq_q == seq_k else ()
-    return replace(prediction, crossover=crossover(dense, sparse, hw, dtype, values, SK, margin, tied))
+    return replace(prediction, crossover=crossover(dense, sparse, hw, dtype, values, SK, margin, tied,
+                                                   host=not replayed))
 
 
 def linear_costs(form, activation_sparsity=None, tokens=None) -> Tuple[Cost, Cost]:

@@ -167,8 +167,9 @@ def test_fitted_sparse_floors_never_undercut_dense(bench_costmodel):
 
 def test_a_partial_refit_moves_only_the_named_parameters():
     rows = _rows(TRUE)
-    start = {"dense": dict(TRUE["dense"]),
-             "sparse": dict(compute_small=0.2, compute_large=0.9, memory=0.6, floor_s=6e-5, tile_overhead=2.0)}
+    start = {"dense": dict(TRUE["dense"], fixed_s=0.0),
+             "sparse": dict(compute_small=0.2, compute_large=0.9, memory=0.6, floor_s=6e-5, tile_overhead=2.0,
+                            fixed_s=0.0)}
     fitted = fit(rows, start, HW, free={"sparse": ("compute_large",)})
     assert fitted["dense"] == start["dense"]
     assert {k: v for k, v in fitted["sparse"].items() if k != "compute_large"} == \

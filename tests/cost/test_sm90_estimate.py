@@ -45,7 +45,7 @@ def test_each_program_layout_has_its_family():
     assert attention_family(None, "sm90") == "attention_dense"
     with pytest.raises(ValueError, match="no sm_90 Gluon program runs"):
         attention_family(BlockTopK(block=128, topk=4), "sm90")
-    with pytest.raises(ValueError, match=r"'gluon' is not one of \['triton', 'sm90'\]"):
+    with pytest.raises(ValueError, match=r"'gluon' is not one of \['triton', 'sm90', 'decode'\]"):
         attention_family(Streaming(16, 64), "gluon")
 
 
