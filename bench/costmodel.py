@@ -450,15 +450,19 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
             "metrics": summary,
             "regenerate": "python bench/costmodel.py --json rows.json --write (GPU), or --refit-from rows.json "
                           "[--also ...] --write"}
-        out["notes"] = ("t = max(FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute(FLOPs) * occupancy), "
-                        "bytes / (bandwidth * memory * occupancy), floor_s) + launches * launch_overhead; "
-                        "eff_compute rises log-linearly from compute_small at 1e8 FLOPs to compute_large at 1e10; "
-                        "floor_s is the per-call host time (eager); see sparsecc/cost/efficiency.py")
+        out["notes"] = NOTES
         with open(TABLE_PATH, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)
             fh.write("\n")
         print(f"wrote {TABLE_PATH}")
     return summary
+
+
+NOTES = ("t = max(max(FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute(FLOPs) * occupancy), "
+         "bytes / (bandwidth * memory * occupancy)) + fixed_s, floor_s) + launches * launch_overhead; "
+         "eff_compute rises log-linearly from compute_small at 1e8 FLOPs to compute_large at 1e10; "
+         "floor_s is the per-call host time (eager), fixed_s a fixed device time per call (0 where absent); "
+         "see sparsecc/cost/efficiency.py")
 
 
 def partial_report(rows: List[dict], hw_profile, device: str, partial: dict, params: List[str], write: bool,
@@ -512,13 +516,13 @@ def partial_report(rows: List[dict], hw_profile, device: str, partial: dict, par
         refits = [p for p in provenance.get("partial_refits", []) if not set(p["families"]) & set(partial)]
         refits.append({"families": sorted(partial), "start_from": partial,
                        "start_values": {f"{fam}.{name}": v for (fam, name), v in (start_values or {}).items()},
-                       "params": list(params), "device": device,
+                       "params": list(params), "device": device, "profile": hw_profile.name,
                        "date": datetime.date.today().isoformat(), "commit": source_version() or "unknown",
                        "source": sorted({r.get("source", "grid") for r in rows}), "metrics": summary,
                        "regenerate": "python bench/costmodel.py --refit-from ROWS --partial NEW=FROM[,...] "
                                      "--params P[,...] --write"})
         provenance["partial_refits"] = refits
-        out["provenance"] = provenance
+        out["provenance"], out["notes"] = provenance, NOTES
         with open(TABLE_PATH, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)
             fh.write("\n")
