@@ -142,15 +142,21 @@ def streaming_runs_decode_kernel(device: torch.device, dtypes: Sequence[torch.dt
     :data:`DECODE_MAX_Q` query rows (the Gluon prefill program takes none so short) and :func:`decode_supported`.
     ``positions_from_mask``: the op that reads the queries' positions from the mask
     (``streaming_decode_from_mask_op``), which runs the kernel for one query row before more keys, the mask shared
-    by the heads (assumed here). ``sinks`` / ``windows`` are per head as the op takes them. The compiler asks this
-    with a site's facts, so that its cost estimate times the kernel that will run."""
-    if type(sq) is not int or type(sk) is not int or device.type != "cuda":
+    by the heads (assumed here). ``sinks`` / ``windows`` are per head as the op takes them. ``sk`` None: a key
+    length only known at run time (a growing cache), where the layout is taken as sparse unless every head is dense
+    at any length. The compiler asks this with a site's facts, so that its cost estimate times the kernel that will
+    run."""
+    if type(sq) is not int or (sk is not None and type(sk) is not int) or device.type != "cuda":
         return False
-    if not kernels_take(dtypes, head_dims, scale, sq, sk) or len(sinks) % kv_heads:
+    if not kernels_take(dtypes, head_dims, scale, sq, sq if sk is None else sk) or len(sinks) % kv_heads:
         return False
     group = len(sinks) // kv_heads
     if positions_from_mask:
-        return sq == 1 and sq < sk and decode_supported(sinks, windows, group, sq)
-    if sq > DECODE_MAX_Q or runs_sdpa(sinks, windows, sq, sk, causal, masked, return_lse, device):
+        return sq == 1 and (sk is None or sq < sk) and decode_supported(sinks, windows, group, sq)
+    if sq > DECODE_MAX_Q:
         return False
-    return decode_supported(sinks, windows, group, sq)
+    if sk is None:
+        hands_over = not causal and not masked and not return_lse and all(w == FULL_WINDOW for w in windows)
+    else:
+        hands_over = runs_sdpa(sinks, windows, sq, sk, causal, masked, return_lse, device)
+    return not hands_over and decode_supported(sinks, windows, group, sq)

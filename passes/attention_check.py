@@ -287,11 +287,15 @@ def _estimate(site: Site, form, head_forms, ctx, program: str) -> Estimate:
 
 
 def site_facts(site: Site) -> tuple:
-    """(device, q/k/v dtypes, q/k/v head dims, seq_q, seq_k): what the Gluon programs' rules ask of a call, as a
-    site of static shapes knows it at compile time."""
+    """(device, q/k/v dtypes, q/k/v head dims, seq_q, seq_k): what the kernels' dispatch rules ask of a call, as a
+    site knows it at compile time; a length known only at run time is None."""
     m = site.match
+
+    def static(size):
+        return int(size) if isinstance(size, int) else None
+
     return (site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)),
-            tuple(site.shapes[name][-1] for name in "qkv"), int(site.attrs["seq_q"]), int(site.attrs["seq_k"]))
+            tuple(site.shapes[name][-1] for name in "qkv"), static(site.attrs["seq_q"]), static(site.attrs["seq_k"]))
 
 
 def sparse_program(site: Site, op_name: str, form, params: dict, kernels: str) -> str:
@@ -302,18 +306,21 @@ def sparse_program(site: Site, op_name: str, form, params: dict, kernels: str) -
     "triton". The cost model then times the kernels that will run: the Gluon program ran 1.2-1.4x faster than the
     Triton kernel on an H100, and the decode kernel reads only the kept K/V (bench/RESULTS.md)."""
     streaming_ops = ("streaming_attention", "streaming_attention_from_mask")
-    if kernels == "reference" or site.symbolic or op_name not in (*streaming_ops, "block_sparse_attention"):
+    if kernels == "reference" or op_name not in (*streaming_ops, "block_sparse_attention"):
         return "triton"
     facts = site_facts(site)
     rule = dict(causal=site.attrs["causal"], masked=bool(site.match.masks), return_lse=False)
-    if op_name in streaming_ops:
-        scale, sinks, windows = float(site.attrs["scale"]), params["sink"], params["window"]
-        if streaming_runs_decode_kernel(*facts, scale=scale, sinks=sinks, windows=windows,
-                                        kv_heads=int(site.attrs["kv_heads"]),
-                                        positions_from_mask=op_name != "streaming_attention", **rule):
-            return "decode"
-        runs = op_name == "streaming_attention" and streaming_runs_hopper_program(
-            *facts, scale=scale, sinks=sinks, windows=windows, **rule)
-    else:
+    if op_name in streaming_ops and isinstance(site.attrs["kv_heads"], int) and streaming_runs_decode_kernel(
+            *facts, scale=float(site.attrs["scale"]), sinks=params["sink"], windows=params["window"],
+            kv_heads=site.attrs["kv_heads"], positions_from_mask=op_name != "streaming_attention", **rule):
+        return "decode"   # a decode step over a cache of any length: the key length may be symbolic
+    if site.symbolic:
+        return "triton"   # symbolic lengths keep the traced Triton kernels
+    if op_name == "streaming_attention":
+        runs = streaming_runs_hopper_program(*facts, scale=float(site.attrs["scale"]), sinks=params["sink"],
+                                             windows=params["window"], **rule)
+    elif op_name == "block_sparse_attention":
         runs = hopper_table_runs(*facts, block=form.block, **rule)
+    else:
+        runs = False
     return "sm90" if runs else "triton"

@@ -94,7 +94,10 @@ def test_the_decode_rule_takes_what_the_kernel_takes():
         assert not runs(**change), change
     assert not runs(device="cpu")
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    assert not runs(sk=ShapeEnv().create_unbacked_symint())
+    assert not runs(sk=ShapeEnv().create_unbacked_symint())     # a SymInt is not a fact; None is "unknown"
+    assert runs(sk=None) and runs(sk=None, causal=False)           # a growing cache: sparse at any length
+    from sparsecc.layouts import FULL_WINDOW
+    assert not runs(sk=None, causal=False, windows=[FULL_WINDOW] * 8)   # dense at any length: SDPA
     # The op that reads query positions from the mask runs the kernel for one row before more keys
     assert runs(positions_from_mask=True, causal=False, masked=True)
     assert not runs(positions_from_mask=True, causal=False, masked=True, sq=2)
@@ -159,3 +162,35 @@ def test_a_decode_site_is_estimated_for_the_decode_kernel(monkeypatch):
     kv_bytes = 2 * 2 * 2 * 128 * 2     # batch x kv heads x (K and V) x head dim x bytes
     assert site.estimate.sparse_bytes == 2 * 4 * 1 * 128 * 2 * 2 + kv_bytes * 3 * 128
     assert site.estimate.dense_bytes == 2 * 4 * 1 * 128 * 2 * 2 + kv_bytes * 1024
+
+
+def test_a_decode_site_over_a_growing_cache_branches_at_the_decode_crossover(monkeypatch):
+    """A symbolic key length (a cache that grows) still runs the decode kernel at one query row: the site is
+    estimated for it and gets the crossover of the decode families, from which the op runs sparse (below it,
+    dense), not the prefill families' (which never win at decode)."""
+    import sparsecc
+
+    asked = []
+
+    def rule(*facts, **kw):
+        asked.append(facts[4])
+        return facts[3] <= 16
+
+    monkeypatch.setattr(attention_check, "streaming_runs_decode_kernel", rule)
+    spec = {"version": 1, "attention": [{"form": "streaming", "sink": 16, "window": 64}]}
+    q = torch.randn(2, 4, 1, 128, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, 1024, 128, dtype=torch.float16) for _ in range(2))
+    torch._dynamo.mark_dynamic(k, 2)
+    torch._dynamo.mark_dynamic(v, 2)
+    torch._dynamo.reset()
+    report = sparsecc.explain(_OneRowAttention(), q, k, v, spec=spec)
+    site = [s for s in report.sites if s.kind == "attention"][0]
+    assert not isinstance(site.attrs["seq_k"], int) and asked == [None], (site.attrs, asked)
+    assert attention_check.DECODE_ESTIMATE in site.reason, site.reason
+    hw = profile_for(torch.device("cpu"))
+    args = dict(batch=2, heads=4, kv_heads=2, seq_q=1, seq_k=1024, head_dim=128, dtype=torch.float16,
+                causal=site.attrs["causal"], hw=hw, margin=1.05, symbolic_seq=True)
+    decode = estimate_attention(Streaming(16, 64), None, program="decode", **args)
+    prefill = estimate_attention(Streaming(16, 64), None, program="triton", **args)
+    assert decode.crossover_at is not None and decode.crossover_at > 128   # dense while the cache is short
+    assert site.estimate.crossover_at == decode.crossover_at != prefill.crossover_at
