@@ -293,7 +293,8 @@ def _estimate(site: Site, form: ActivationThreshold, ctx) -> Estimate:
     linears = [m.first] + ([m.up] if m.up is not None else []) + [m.down]
     return estimate_ffn([(lin.in_features, lin.out_features) for lin in linears],
                         tokens=site.attrs["tokens"], dtype=site.dtype, hw=ctx.hardware,
-                        activation_sparsity=sparsity, mode=form.mode, symbolic_tokens=site.symbolic)
+                        activation_sparsity=sparsity, mode=form.mode, symbolic_tokens=site.symbolic,
+                        replayed=ctx.replayed)
 
 
 # ---------------------------------------------------------------- replace

@@ -129,13 +129,15 @@ def ffn_costs(linears, activation_sparsity: float, mode: str = "input") -> Tuple
 
 
 def estimate_ffn(linears, *, tokens, dtype, hw: HardwareProfile, activation_sparsity: float, mode: str = "input",
-                 symbolic_tokens: bool = False) -> Estimate:
+                 symbolic_tokens: bool = False, replayed: bool = False) -> Estimate:
     """The FFN's linears (``(in_features, out_features)`` pairs) dense vs with activation sparsity in ``mode``.
 
-    ``symbolic_tokens`` as in ``estimate_linear``.
+    ``symbolic_tokens`` and ``replayed`` as in ``estimate_linear`` (a decode step's FFN under CUDA graphs: the
+    per-call host floors of its GEMVs, not their reads, decided against it).
     """
     dense, sparse = ffn_costs(linears, activation_sparsity, mode)
-    probes = [(predict(dense, sparse, hw, dtype, {M: t}), t) for t in _probes(tokens, symbolic_tokens)]
+    probes = [(predict(dense, sparse, hw, dtype, {M: t}, host=not replayed), t)
+              for t in _probes(tokens, symbolic_tokens)]
     return _at_worst(probes, symbolic_tokens)
 
 
