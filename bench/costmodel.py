@@ -443,6 +443,8 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
         sources = sorted({r.get("source", "grid") for r in rows})
         out = dict(table())
         out["families"] = fitted
+        # Partial refits of families these rows did not run stay on record (their values were kept, see `start`).
+        kept = [p for p in table()["provenance"].get("partial_refits", []) if not set(p["families"]) & used]
         out["provenance"] = {
             "device": device, "date": datetime.date.today().isoformat(), "commit": commit or "unknown",
             "source": f"refit by bench/costmodel.py (sparsecc.cost.fit: decision-aware coordinate descent) from "
@@ -450,6 +452,8 @@ def report(rows: List[dict], hw_profile, device: str, write: bool, folds: int, s
             "metrics": summary,
             "regenerate": "python bench/costmodel.py --json rows.json --write (GPU), or --refit-from rows.json "
                           "[--also ...] --write"}
+        if kept:
+            out["provenance"]["partial_refits"] = kept
         out["notes"] = NOTES
         with open(TABLE_PATH, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)
@@ -483,9 +487,9 @@ def partial_report(rows: List[dict], hw_profile, device: str, partial: dict, par
     if bad:
         raise SystemExit(f"--params {','.join(bad)}: not a table parameter; expected some of {list(PARAMS)}")
     fit_rows = [to_fit_row(r, r.get("source", "grid")) for r in rows]
-    used = {k["family"] for r in fit_rows for k in r.sparse}
+    used = {k["family"] for r in fit_rows for k in r.dense + r.sparse}
     if not used & set(partial):
-        raise SystemExit(f"no row runs {sorted(partial)}: nothing to fit (rows' sparse families: {sorted(used)})")
+        raise SystemExit(f"no row runs {sorted(partial)}: nothing to fit (rows' families: {sorted(used)})")
     start = {**shipped, **{new: dict(shipped[base]) for new, base in partial.items()}}
     for (fam, name), value in (start_values or {}).items():
         if fam not in partial or name not in PARAMS:
@@ -565,6 +569,8 @@ def main() -> None:
             parser.error(f"--partial {args.partial!r}: expected NEW=FROM[,NEW=FROM]")
         if not args.refit_from:
             parser.error("--partial refits saved rows: give --refit-from")
+    if (args.start or args.params != parser.get_default("params")) and not partial:
+        parser.error("--start and --params go with --partial")
     start_values = {}
     for item in (args.start.split(",") if args.start else []):
         try:

@@ -134,15 +134,16 @@ def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, s
 def streaming_runs_decode_kernel(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int], sq,
                                  sk, *, scale: float, causal: bool, masked: bool, return_lse: bool,
                                  sinks: Sequence[int], windows: Sequence[int], kv_heads: int,
-                                 positions_from_mask: bool = False) -> bool:
+                                 positions_from_mask: bool = False, mask_heads: int = 1) -> bool:
     """Whether a streaming call with these facts runs the split-KV decode kernel (``codegen/decode_attention.py``).
 
     ``block_attention.streaming_attention`` takes these steps in this order: the Triton kernels take the inputs
     (:func:`kernels_take`, on CUDA), the layout is not exactly dense (:func:`runs_sdpa`), at most
     :data:`DECODE_MAX_Q` query rows (the Gluon prefill program takes none so short) and :func:`decode_supported`.
     ``positions_from_mask``: the op that reads the queries' positions from the mask
-    (``streaming_decode_from_mask_op``), which runs the kernel for one query row before more keys, the mask shared
-    by the heads (assumed here). ``sinks`` / ``windows`` are per head as the op takes them. ``sk`` None: a key
+    (``streaming_decode_from_mask_op``), which runs the kernel for one query row before more keys and a mask
+    shared by the heads (``mask_heads``, its head axis, is 1). ``sinks`` / ``windows`` are per head as the op takes
+    them. ``sk`` None: a key
     length only known at run time (a growing cache), where the layout is taken as sparse unless every head is dense
     at any length. The compiler asks this with a site's facts, so that its cost estimate times the kernel that will
     run."""
@@ -152,7 +153,8 @@ def streaming_runs_decode_kernel(device: torch.device, dtypes: Sequence[torch.dt
         return False
     group = len(sinks) // kv_heads
     if positions_from_mask:
-        return sq == 1 and (sk is None or sq < sk) and decode_supported(sinks, windows, group, sq)
+        return (sq == 1 and (sk is None or sq < sk) and mask_heads == 1
+                and decode_supported(sinks, windows, group, sq))
     if sq > DECODE_MAX_Q:
         return False
     if sk is None:

@@ -17,7 +17,7 @@ from sparsecc.codegen.streaming_rules import streaming_runs_decode_kernel, strea
 from sparsecc.cost import estimate_attention
 from sparsecc.forms import BlockSparse, BlockTopK, Dense, Streaming, VerticalSlash
 from sparsecc.passes.decide import dense_rule, fallback, group_head_forms, no_rule, verdict
-from sparsecc.passes.fx_utils import dtype_of, size_hint
+from sparsecc.passes.fx_utils import dtype_of, shape_of, size_hint
 from sparsecc.passes.site import Decision, Estimate, Site
 from sparsecc.spec.schema import rule_sort_key
 
@@ -173,7 +173,9 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     estimate = _estimate(site, form, head_forms, ctx, program)
     decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
     if program in PROGRAM_ESTIMATES:
-        if not decision.apply:
+        if not decision.apply:   # kept dense: the note matters where the estimate decided (policy auto)
+            if not decision.reason.startswith("auto:"):
+                return decision
             return dataclasses.replace(decision, reason=f"{decision.reason}; {PROGRAM_ESTIMATES[program]}")
         notes.insert(0, PROGRAM_ESTIMATES[program])
     if not decision.apply:
@@ -283,7 +285,9 @@ def _estimate(site: Site, form, head_forms, ctx, program: str) -> Estimate:
         form, head_forms, batch=size_hint(a["batch"]), heads=size_hint(a["heads"]),
         kv_heads=size_hint(a["kv_heads"]), seq_q=size_hint(a["seq_q"]), seq_k=size_hint(a["seq_k"]),
         head_dim=size_hint(a["head_dim"]), dtype=site.dtype, causal=a["causal"], hw=ctx.hardware, margin=margin,
-        symbolic_seq=not isinstance(a["seq_k"], int), program=program, replayed=ctx.replayed)
+        symbolic_seq=not isinstance(a["seq_k"], int), program=program,
+        # CUDA graphs are recorded per shape: a length that changes every call (a growing cache) is never replayed
+        replayed=ctx.replayed and isinstance(a["seq_q"], int) and isinstance(a["seq_k"], int))
 
 
 def site_facts(site: Site) -> tuple:
@@ -296,6 +300,16 @@ def site_facts(site: Site) -> tuple:
 
     return (site.device, tuple(dtype_of(t) for t in (m.q, m.k, m.v)),
             tuple(site.shapes[name][-1] for name in "qkv"), static(site.attrs["seq_q"]), static(site.attrs["seq_k"]))
+
+
+def _mask_heads(site: Site) -> int:
+    """The head axis of the site's masks combined (a mask of fewer than 3 dims broadcasts over the heads)."""
+    heads = 1
+    for term in site.match.masks:
+        shape = shape_of(term.node) or ()
+        if len(shape) >= 3 and shape[-3] != 1:
+            heads = shape[-3] if isinstance(shape[-3], int) else 2   # symbolic: not known to be shared
+    return heads
 
 
 def sparse_program(site: Site, op_name: str, form, params: dict, kernels: str) -> str:
@@ -312,7 +326,8 @@ def sparse_program(site: Site, op_name: str, form, params: dict, kernels: str) -
     rule = dict(causal=site.attrs["causal"], masked=bool(site.match.masks), return_lse=False)
     if op_name in streaming_ops and isinstance(site.attrs["kv_heads"], int) and streaming_runs_decode_kernel(
             *facts, scale=float(site.attrs["scale"]), sinks=params["sink"], windows=params["window"],
-            kv_heads=site.attrs["kv_heads"], positions_from_mask=op_name != "streaming_attention", **rule):
+            kv_heads=site.attrs["kv_heads"], positions_from_mask=op_name != "streaming_attention",
+            mask_heads=_mask_heads(site), **rule):
         return "decode"   # a decode step over a cache of any length: the key length may be symbolic
     if site.symbolic:
         return "triton"   # symbolic lengths keep the traced Triton kernels

@@ -10,8 +10,8 @@ Time is not a sympy expression: the work is evaluated to plain numbers first
 (``Cost.kernels``, ``Cost.kernels_along``) and each kernel's time comes from
 the one definition, ``sparsecc.cost.efficiency.kernel_seconds``::
 
-    max(FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute * occupancy),
-        bytes / (bandwidth * eff_memory * occupancy), floor) + launches * launch_overhead
+    max(max(FLOPs * (1 + tile_overhead / steps) / (peak * eff_compute * occupancy),
+            bytes / (bandwidth * eff_memory * occupancy)) + fixed, floor) + launches * launch_overhead
 """
 
 from __future__ import annotations
@@ -214,12 +214,18 @@ def attention_family(form, program: str = "triton") -> str:
 
 
 def decode_kept_keys(form, seq_q, seq_k):
-    """Keys of one kv head the decode kernel reads for ``form`` (None: dense, every key): the sink's and the last
-    query rows' window key tiles of ``ATTENTION_BLOCK`` keys (one more where the window straddles a tile), never
-    more than the keys there are."""
+    """Keys of one kv head the decode kernel reads for ``form`` (None: dense, every key), never more than there are.
+
+    The kernel reads whole key tiles: the sink's, and those the last query rows' window keys touch. A run of ``L =
+    window + Sq - 1`` keys starting at a uniformly placed key touches ``(L - 1) / tile + 1`` tiles on average
+    (``L / tile`` when it starts on a tile boundary, one more otherwise), so that expectation is taken: the cache
+    length moves the window's alignment every step. Tiles of ``ATTENTION_BLOCK`` keys (the kernel's tile at decode
+    up to head dim 128; 64-key tiles above it change the count by less than one tile).
+    """
     if form is None:
         return seq_k
-    tiles = math.ceil(form.sink / ATTENTION_BLOCK) + sp.ceiling((form.window + seq_q - 1) / ATTENTION_BLOCK) + 1
+    window_tiles = (form.window + seq_q - 2) / sp.Integer(ATTENTION_BLOCK) + 1
+    tiles = math.ceil(form.sink / ATTENTION_BLOCK) + window_tiles
     return sp.Min(seq_k, tiles * ATTENTION_BLOCK)
 
 

@@ -76,9 +76,9 @@ def _direct_kernel_time(eff, flops, nbytes, launches, hw, dtype, steps, programs
     compute_eff = eff.compute_small + (eff.compute_large - eff.compute_small) * t
     occupancy = 1.0 if programs is None else min(1.0, programs / hw.sm_count)
     stretch = 1.0 if steps is None else 1.0 + eff.tile_overhead / steps
-    return max(flops * stretch / (hw.peak(dtype) * compute_eff * occupancy),
-               nbytes / (hw.bandwidth * eff.memory * occupancy), eff.floor_s if host else 0.0) \
-        + launches * hw.launch_overhead_s
+    device = max(flops * stretch / (hw.peak(dtype) * compute_eff * occupancy),
+                 nbytes / (hw.bandwidth * eff.memory * occupancy)) + eff.fixed_s
+    return max(device, eff.floor_s if host else 0.0) + launches * hw.launch_overhead_s
 
 
 @given(flops=st.floats(1e3, 1e15), nbytes=st.floats(1e3, 1e12), steps=st.one_of(st.none(), st.floats(0.5, 1e4)),

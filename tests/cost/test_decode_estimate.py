@@ -34,10 +34,12 @@ def test_families_and_kept_keys():
     assert attention_family(None, "decode") == "attention_dense_decode"
     with pytest.raises(ValueError, match="streaming forms only"):
         attention_family(BlockSparse(128, 1, 0, 2, 0), "decode")
-    # sink 128: one 128-key tile; window 4096 ending at the last row: 32 tiles, one more where it straddles a tile
+    # sink 128: one 128-key tile; the last rows' window, L = window + Sq - 1 keys, touches L / 128 tiles when it
+    # starts on a tile boundary and one more otherwise: (L - 1) / 128 + 1 on average over the 128 alignments
     keys = decode_kept_keys(Streaming(128, 4096), SQ, SK)
-    assert keys.subs({SQ: 1, SK: 32768}) == (1 + 32 + 1) * 128
-    assert keys.subs({SQ: 16, SK: 32768}) == (1 + 33 + 1) * 128
+    assert keys.subs({SQ: 1, SK: 32768}) == 128 + (4096 - 1) + 128
+    assert keys.subs({SQ: 16, SK: 32768}) == 128 + (4096 + 15 - 1) + 128
+    assert sum(4096 // 128 + (offset > 0) for offset in range(128)) / 128 == pytest.approx((4096 - 1) / 128 + 1)
     assert keys.subs({SQ: 1, SK: 3000}) == 3000                     # never more keys than the cache holds
     assert decode_kept_keys(None, SQ, SK) is SK
 
@@ -98,14 +100,60 @@ def test_the_decode_rule_takes_what_the_kernel_takes():
     assert runs(sk=None) and runs(sk=None, causal=False)           # a growing cache: sparse at any length
     from sparsecc.layouts import FULL_WINDOW
     assert not runs(sk=None, causal=False, windows=[FULL_WINDOW] * 8)   # dense at any length: SDPA
-    # The op that reads query positions from the mask runs the kernel for one row before more keys
+    # The op that reads query positions from the mask runs the kernel for one row before more keys, the mask
+    # shared by the heads
     assert runs(positions_from_mask=True, causal=False, masked=True)
     assert not runs(positions_from_mask=True, causal=False, masked=True, sq=2)
+    assert not runs(positions_from_mask=True, causal=False, masked=True, mask_heads=8)
+
+
+@pytest.mark.parametrize("sq", [1, 5, 16, 17])
+@pytest.mark.parametrize("case", ["one rule", "rules per kv group", "rules differ in a group", "float32",
+                                  "masked", "wide group"])
+def test_the_decode_rule_agrees_with_the_wrapper(sq, case, monkeypatch):
+    """``block_attention.streaming_attention`` sends a call to the decode kernel (a stand-in recording the call)
+    exactly when the rule, asked with the call's facts, says so. On CPU tensors the wrapper never hands over to
+    SDPA (that needs CUDA), so the cases keep sparse layouts, where the CUDA answer is the same."""
+    from sparsecc.codegen import block_attention, decode_attention
+
+    calls = []
+
+    def stand_in(kernel):
+        def run(q, k, v, *args, **kwargs):
+            calls.append(kernel)
+            return torch.zeros_like(q)
+        return run
+
+    monkeypatch.setattr(decode_attention, "streaming_decode", stand_in("decode"))
+    monkeypatch.setattr(block_attention, "launch_prefill", stand_in("prefill"))
+    h, hkv, sk, dtype = 8, 2, 300, torch.float16
+    sinks, windows = [4] * h, [32] * h
+    mask = None
+    if case == "rules per kv group":
+        sinks = [4] * 4 + [0] * 4
+    elif case == "rules differ in a group":
+        windows = [32] * 3 + [16] * 5
+    elif case == "float32":
+        dtype = torch.float32
+    elif case == "masked":
+        mask = torch.ones(1, 1, sq, sk, dtype=torch.bool)
+    elif case == "wide group":
+        h, hkv, sinks, windows = 64, 1, [4] * 64, [32] * 64    # 64 * sq packed rows: over 128 from sq = 3
+    q = torch.randn(1, h, sq, 64, dtype=dtype)
+    k, v = (torch.randn(1, hkv, sk, 64, dtype=dtype) for _ in range(2))
+    block_attention.streaming_attention(q, k, v, sink=sinks, window=windows, scale=0.125, causal=True, mask=mask)
+    expected = streaming_runs_decode_kernel(torch.device("cuda"), (dtype,) * 3, (64,) * 3, sq, sk, scale=0.125,
+                                            causal=True, masked=mask is not None, return_lse=False, sinks=sinks,
+                                            windows=windows, kv_heads=hkv)
+    if dtype == torch.float32:      # no Triton kernel takes it: the reference runs, and the rule says no
+        assert calls == [] and not expected
+    else:
+        assert calls == ["decode" if expected else "prefill"], (case, sq, calls)
 
 
 def test_check_estimates_decode_sites_with_the_decode_kernel(monkeypatch):
-    """Where the decode rule takes a site (answered yes here: the rule needs CUDA), check's estimate is the decode
-    families' and its reason says so; prefill sites of the same model are not asked as decode."""
+    """A prefill site (256 query rows) is not costed as decode: the rule (a stand-in answering from the query rows,
+    since the real one needs CUDA) says no, and the estimate is the Triton kernel's."""
     import sparsecc
     from tests import zoo
 
@@ -158,9 +206,9 @@ def test_a_decode_site_is_estimated_for_the_decode_kernel(monkeypatch):
                                   program="decode")
     assert site.estimate.sparse_time_s == pytest.approx(expected.sparse_time_s, rel=1e-9)
     assert site.estimate.sparse_bytes == pytest.approx(expected.sparse_bytes)
-    # the kept keys only: 1 sink tile + 1 window tile + 1 straddle of 128 keys, of 1024
+    # the kept keys only, of 1024: the sink's tile and the window's 64 keys, which touch 1 + 63 / 128 tiles on average
     kv_bytes = 2 * 2 * 2 * 128 * 2     # batch x kv heads x (K and V) x head dim x bytes
-    assert site.estimate.sparse_bytes == 2 * 4 * 1 * 128 * 2 * 2 + kv_bytes * 3 * 128
+    assert site.estimate.sparse_bytes == pytest.approx(2 * 4 * 1 * 128 * 2 * 2 + kv_bytes * (128 + 63 + 128))
     assert site.estimate.dense_bytes == 2 * 4 * 1 * 128 * 2 * 2 + kv_bytes * 1024
 
 

@@ -202,3 +202,34 @@ def test_bench_partial_refit_runs_offline(bench_costmodel, capsys):
         bench_costmodel.partial_report(rows, H100_SXM, "d", partial, ["speed"], False, 1, 1)
     with pytest.raises(SystemExit, match="no row runs"):
         bench_costmodel.partial_report(rows, H100_SXM, "d", {"x": "attention_sparse"}, ["compute_large"], False, 1, 1)
+
+
+def test_dense_counterparts_and_named_only_parameters():
+    from sparsecc.cost.fit import NAMED_ONLY, _free_params, dense_family_of
+
+    assert dense_family_of("attention_decode") == dense_family_of("attention_dense_decode") == "attention_dense_decode"
+    assert dense_family_of("attention_sparse_sm90") == "attention_dense"
+    assert dense_family_of("gemm_block_sparse_decode") == "gemm_dense"
+    rows = _rows(TRUE)
+    every = _free_params(rows, TRUE)
+    assert every and not any(name in NAMED_ONLY for _, name in every)    # a full refit leaves fixed_s alone
+    assert ("sparse", "fixed_s") in _free_params(rows, TRUE, free={"sparse": ("fixed_s",)})
+
+
+def test_a_full_refit_keeps_the_record_of_partial_refits_it_did_not_redo(bench_costmodel, tmp_path, monkeypatch):
+    """``report(write=True)`` on rows of 2:4 and the gate-mode FFN keeps the shipped partial refits' record (their
+    families were not fitted: no row runs them) and their values."""
+    from sparsecc.cost.efficiency import table
+    from sparsecc.cost.hardware import H100_SXM
+
+    out = tmp_path / "efficiency.json"
+    monkeypatch.setattr(bench_costmodel, "TABLE_PATH", str(out))
+    rows = [r for r in bench_costmodel.load_rows(os.path.join(BENCH, "crossover_h100.json"))
+            if r["site"]["kind"] == "ffn"]
+    bench_costmodel.report(rows, H100_SXM, "test device", write=True, folds=1, sweeps=1)
+    written = json.loads(out.read_text())
+    shipped = table()
+    assert written["provenance"]["partial_refits"] == shipped["provenance"]["partial_refits"]
+    for fam in ("attention_decode", "attention_dense_decode", "attention_sparse_sm90", "attention_table_sm90"):
+        assert written["families"][fam] == shipped["families"][fam], fam
+    assert written["families"]["ffn_gate"] != shipped["families"]["ffn_gate"]      # fitted from the generic start

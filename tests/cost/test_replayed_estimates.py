@@ -71,3 +71,39 @@ def test_check_passes_the_replay_to_ffn_and_attention_estimates(replayed, reques
     eager_ffn = estimate_ffn([(256, 512), (256, 512), (512, 256)], tokens=4, dtype=torch.float32, hw=hw,
                              activation_sparsity=0.5, mode="input")
     assert (ffn.sparse_time_s < eager_ffn.sparse_time_s) == replayed
+
+
+@pytest.mark.parametrize("growing", [False, True])
+def test_an_attention_site_over_a_growing_cache_is_not_estimated_as_replayed(growing, replayed_context, monkeypatch):
+    """CUDA graphs are recorded per shape: a key length that changes every call is never replayed, so a decode
+    site over a symbolic cache keeps its host floors under cudagraphs=True; a static one drops them."""
+    import sparsecc
+    from sparsecc.cost.sites import estimate_attention
+    from sparsecc.forms import Streaming
+    from sparsecc.passes import attention_check
+
+    class OneRow(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    from sparsecc import backend
+
+    monkeypatch.setattr(attention_check, "streaming_runs_decode_kernel", lambda *facts, **kw: facts[3] <= 16)
+    # The H200's figures, where a short decode call's host floor is far above its device time
+    monkeypatch.setattr(backend, "profile_for", lambda device: H200)
+    q = torch.randn(2, 4, 1, 128, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, 1024, 128, dtype=torch.float16) for _ in range(2))
+    if growing:
+        torch._dynamo.mark_dynamic(k, 2)
+        torch._dynamo.mark_dynamic(v, 2)
+    torch._dynamo.reset()
+    report = sparsecc.explain(OneRow(), q, k, v, spec={"version": 1, "attention": [
+        {"form": "streaming", "sink": 16, "window": 64}]})
+    site = [s for s in report.sites if s.kind == "attention"][0]
+    assert isinstance(site.attrs["seq_k"], int) != growing, site.attrs
+    args = dict(batch=2, heads=4, kv_heads=2, seq_q=1, seq_k=1024, head_dim=128, dtype=torch.float16,
+                causal=site.attrs["causal"], hw=H200, margin=1.05, symbolic_seq=growing, program="decode")
+    expected = estimate_attention(Streaming(16, 64), None, replayed=not growing, **args)
+    other = estimate_attention(Streaming(16, 64), None, replayed=growing, **args)
+    assert site.estimate.sparse_time_s == pytest.approx(expected.sparse_time_s, rel=1e-9)
+    assert site.estimate.sparse_time_s != pytest.approx(other.sparse_time_s, rel=1e-3)
