@@ -14,12 +14,16 @@ Gluon variants over the same table, each variant first checked against the float
 
     python bench/prefill_hopper.py --lengths 16384,32768 --hkv 32,8 --variants s3,ws2,ws3 --flex
     python bench/prefill_hopper.py --no-streaming --random 16384,32768,65536 --hkv 32 --variants ws3,pp3 --flex
+    python bench/prefill_hopper.py --hkv 8 --variants pp3p --flex --random 16384,32768,65536 --rounds 5 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
+import json
+import math
 import os
 import sys
 import time
@@ -142,6 +146,31 @@ def time_random(args, variants, log) -> list:
     return rows
 
 
+def table_rows(rows, random_rows) -> list:
+    """The values of the final table, one dict per row (``--json``); a time or ratio that was not measured (Flex
+    without ``--flex``) is None."""
+    def finite(x):
+        return x if math.isfinite(x) else None
+
+    out = []
+    for layout, (s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex) in (
+            [("streaming", r) for r in rows] + [("random", r) for r in random_rows]):
+        tg = t_gl[best]
+        out.append(dict(layout=layout, s=s, hkv=hkv, kept=density, sdpa_ms=t_sdpa, triton_ms=t_triton,
+                        shipped_ms=t_ship, best_gluon_ms=tg, best_gluon_variant=best, variant_ms=dict(t_gl),
+                        triton_of_ideal=t_sdpa / t_triton * density, shipped_of_ideal=t_sdpa / t_ship * density,
+                        best_gluon_of_ideal=t_sdpa / tg * density, shipped_x_triton=t_triton / t_ship,
+                        flex_ms=finite(t_flex), shipped_x_flex=finite(t_flex / t_ship)))
+    return out
+
+
+def write_json(path, meta: dict, rows, random_rows) -> None:
+    """``meta`` and the table's rows so far to ``path`` (rewritten after every row: a run cut short keeps them)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(meta, rows=table_rows(rows, random_rows)), f, indent=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="16384,32768,65536,131072")
@@ -156,6 +185,7 @@ def main(argv=None) -> int:
                     help="time every candidate this many times, in turns, and keep each one's median (odd: the "
                          "middle one)")
     ap.add_argument("--log", default=None)
+    ap.add_argument("--json", default=None, help="also write the final table's rows here, as dicts")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds} is not allowed; expected an integer >= 1")
@@ -168,6 +198,9 @@ def main(argv=None) -> int:
                 f.write(msg + "\n")
 
     variants = args.variants.split(",")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
+                commit=source_version(), date=str(datetime.date.today()), variants=variants,
+                rounds=args.rounds) if args.json else {}
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, source {source_version()}, "
         f"{time.strftime('%Y-%m-%d')}")
     if not (check(variants, log) and (not args.random or check_tables(variants, log))):
@@ -191,7 +224,9 @@ def main(argv=None) -> int:
                                  functools.partial(streaming_prefill_hopper, q, k, v, SINK, WINDOW, scale),
                                  (lambda: flex_call(q, k, v, block_mask)) if args.flex else None,
                                  variants, args.rounds, log))
+            write_json(args.json, meta, rows, [])
     random_rows = time_random(args, variants, log) if args.random else []
+    write_json(args.json, meta, rows, random_rows)
     log("")
     log("| layout | S | Hkv | kept | SDPA ms | Triton ms | shipped ms | best Gluon ms (variant) | Triton of ideal "
         "| **shipped of ideal** | best Gluon of ideal | shipped x Triton | Flex ms | **shipped x Flex** |")

@@ -1,6 +1,6 @@
 """2:4 linear + bias + SiLU through the public compile path, against the same module compiled by Inductor.
 
-    python bench/semi_compiled.py [--tokens 8192,4096,1024]
+    python bench/semi_compiled.py [--tokens 8192,4096,1024] [--cudagraphs] [--json out.json]
 
 The module is ``nn.Sequential(nn.Linear(4096, 14336), nn.SiLU())`` in bfloat16 (Llama-3-8B's up projection
 shape). sparsecc compiles it with one ``2:4`` rule (policy forced); Inductor compiles the dense module. Before
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,15 @@ def pruned_2to4(w: torch.Tensor) -> torch.Tensor:
     return (groups * keep).reshape(n, k)
 
 
+def write_json(path, meta: dict, rows) -> None:
+    """``meta`` and the table's rows so far to ``path`` (nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(meta, rows=[{"tokens": m, "sparsecc_ms": s_ms, "inductor_ms": d_ms,
+                                        "x_inductor": d_ms / s_ms, "rel_err": err} for m, err, s_ms, d_ms in rows]),
+                      f, indent=1)
+
+
 def main(argv=None) -> int:
     import sparsecc
     from sparsecc.tune.quality import site_counts
@@ -48,9 +58,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="8192,4096,1024")
     p.add_argument("--cudagraphs", action="store_true",
                    help="both sides under CUDA graphs (sparsecc's cudagraphs option, Inductor's triton.cudagraphs)")
+    p.add_argument("--json", default=None, help="also write the table's rows here (after every row)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/semi_compiled.py needs a CUDA device")
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_version(),
+            "date": str(datetime.date.today()), "cudagraphs": args.cudagraphs} if args.json else {}
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4096, 14336), nn.SiLU()).to("cuda", torch.bfloat16).eval()
     w, b = model[0].weight.detach(), model[0].bias.detach()
@@ -76,6 +89,7 @@ def main(argv=None) -> int:
             dense(x)
             dense_ms = do_bench(lambda: dense(x), warmup=25, rep=100, return_mode="median")
             rows.append((m, err, sparse_ms, dense_ms))
+            write_json(args.json, meta, rows)
             from sparsecc.codegen import semi_structured_linear as semi
             picked = sorted({f"alg {c.alg_id} split_k {c.split_k} mode {c.split_k_mode}"
                              for entry in [*semi._CACHE.values(), *semi._BOUND.values()] for c in entry.algs.values()})
