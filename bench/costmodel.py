@@ -9,7 +9,8 @@
 On the GPU it measures a grid of sites, each checked against its reference
 on random data before it is timed: attention prefill (B=1, H=32, Hkv=8,
 D=128, causal, bf16) at 1K..128K x streaming windows / block layouts /
-block_topk; block-sparse weights at M = 1..8192 x density 5..90%; 2:4 via
+block_topk; decode steps (one query row, sink 128 + window 4096, B = 1, 8,
+32 over caches of 8K..128K); block-sparse weights at M = 1..8192 x density 5..90%; 2:4 via
 cuSPARSELt at M = 1..8192; activation-sparse GEMVs (M = 1..16, sparsity
 50..95%); the gate-mode (CATS) FFN at M = 1..16. Dense anchors (SDPA, cuBLAS)
 and the sparse ops (``torch.ops.sparsecc.*``, kernels="triton") are timed
@@ -255,7 +256,14 @@ def attention_points(quick: bool):
     forms += [] if quick else [Streaming(64, 256), BlockTopK(block=128, topk=12)]
     pts = [(s, f) for s in seqs for f in forms if not (isinstance(f, BlockTopK) and s < 8192)]
     pts += [(131072, Streaming(128, 4096))] + ([] if quick else [(131072, Streaming(128, 1024))])
-    return [(f"attn {f} S={s}", dict(kind="attention", form=form_spec(f), seq=s, **ATTN)) for s, f in pts]
+    out = [(f"attn {f} S={s}", dict(kind="attention", form=form_spec(f), seq=s, **ATTN)) for s, f in pts]
+    # Decode steps: one query row over a cache (the split-KV decode kernel against SDPA), called plainly
+    form = Streaming(128, 4096)
+    for b in (1, 8) if quick else (1, 8, 32):
+        for kv in (32768, 131072) if quick else (8192, 32768, 131072):
+            out.append((f"decode {form} B={b} KV={kv}", dict(kind="attention", form=form_spec(form), seq=kv, seq_q=1,
+                                                              **{**ATTN, "batch": b})))
+    return out
 
 
 def linear_points(quick: bool):
@@ -299,15 +307,18 @@ def _check(out, ref, what: str) -> None:
         raise AssertionError(f"{what}: the Triton path disagrees with its reference (rel err {err:.3g})")
 
 
-def _program(form, q, scale) -> str:
-    """"sm90" when the op's kernel wrapper sends this causal, unmasked call (Sq == Sk, q/k/v alike) to the Gluon
-    program for Hopper (the wrapper's own rule), else "triton"."""
+def _program(form, q, k, scale) -> str:
+    """Which kernels the op's wrapper runs for this causal, unmasked call (q/k/v alike), by the wrapper's own rules:
+    "decode" (the split-KV decode kernel), "sm90" (the Gluon program for Hopper) or "triton"."""
     from sparsecc.codegen.hopper_prefill import hopper_table_runs
-    from sparsecc.codegen.streaming_rules import streaming_runs_hopper_program
+    from sparsecc.codegen.streaming_rules import streaming_runs_decode_kernel, streaming_runs_hopper_program
 
-    h, s, d = q.shape[1], q.shape[2], q.shape[3]
-    facts = (q.device, (q.dtype,) * 3, (d,) * 3, s, s)
+    h, sq, d, hkv, sk = q.shape[1], q.shape[2], q.shape[3], k.shape[1], k.shape[2]
+    facts = (q.device, (q.dtype,) * 3, (d,) * 3, sq, sk)
     rule = dict(causal=True, masked=False, return_lse=False)
+    if isinstance(form, Streaming) and streaming_runs_decode_kernel(
+            *facts, scale=scale, sinks=[form.sink] * h, windows=[form.window] * h, kv_heads=hkv, **rule):
+        return "decode"
     if isinstance(form, Streaming):
         runs = streaming_runs_hopper_program(*facts, scale=scale, sinks=[form.sink] * h, windows=[form.window] * h,
                                              **rule)
@@ -320,10 +331,11 @@ def _attention_calls(site):
     import torch.nn.functional as F
     from sparsecc.codegen import ops
     b, h, hkv, s, d = site["batch"], site["heads"], site["kv_heads"], site["seq"], site["head_dim"]
-    q = torch.randn(b, h, s, d, device="cuda", dtype=DTYPE)
+    sq = site.get("seq_q", s)   # fewer query rows than keys: a decode step at the end of the cache
+    q = torch.randn(b, h, sq, d, device="cuda", dtype=DTYPE)
     k, v = (torch.randn(b, hkv, s, d, device="cuda", dtype=DTYPE) for _ in range(2))
     form, scale = make_form(site["form"]), d ** -0.5
-    site["program"] = _program(form, q, scale)   # the row says which kernels ran (the cost model's family)
+    site["program"] = _program(form, q, k, scale)   # the row says which kernels ran (the cost model's family)
     if isinstance(form, Streaming):
         call = lambda impl: ops.op("streaming_attention")(q, k, v, None, scale, True, [form.sink] * h,  # noqa: E731
                                                            [form.window] * h, 0, impl)
@@ -335,8 +347,9 @@ def _attention_calls(site):
         from sparsecc.codegen.dynamic_attention import op_args as dynamic_op_args
         call = lambda impl: ops.op("dynamic_block_attention")(q, k, v, None, scale, True,  # noqa: E731
                                                                *dynamic_op_args(form), 0, impl)
-    dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-    return dense, call, s <= 8192   # the fp32-free reference is too slow and large past 8K
+    # SDPA's is_causal aligns the queries top-left: rows at the end of the cache see every key, so no mask there
+    dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=sq == s, enable_gqa=True)  # noqa: E731
+    return dense, call, s <= 8192 or sq <= 16   # the fp32-free reference is too slow and large past 8K (prefill)
 
 
 def _linear_calls(site):

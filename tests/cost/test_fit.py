@@ -106,6 +106,13 @@ def test_bench_grid_sites_have_kernels_without_a_gpu(bench_costmodel):
         densities = {site["form"]["density"] for _, site in points
                      if (site.get("form") or {}).get("name") == "block_weights"}
         assert min(densities) == 0.05 and max(densities) == 0.9
+        decode = [site for _, site in points if site.get("seq_q") == 1]
+        assert {site["batch"] for site in decode} >= {1, 8} and max(site["seq"] for site in decode) == 131072
+        # on the GPU the run records which kernels ran; the decode kernel's rows cost its kept K/V
+        longest = max(decode, key=lambda site: site["seq"])
+        dense, sparse = bench_costmodel.site_kernels(dict(longest, program="decode"))
+        assert [k["family"] for k in dense + sparse] == ["attention_dense_decode", "attention_decode"]
+        assert sparse[0]["nbytes"] < dense[0]["nbytes"] / 20     # 4351 of 131072 keys, and q / o
 
 
 def test_bench_loads_every_measured_source(bench_costmodel):
