@@ -349,7 +349,8 @@ def _attention_calls(site):
                                                                *dynamic_op_args(form), 0, impl)
     # SDPA's is_causal aligns the queries top-left: rows at the end of the cache see every key, so no mask there
     dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=sq == s, enable_gqa=True)  # noqa: E731
-    return dense, call, s <= 8192 or sq <= 16   # the fp32-free reference is too slow and large past 8K (prefill)
+    # the reference is too slow and large past 8K keys of prefill, or past 1M cached keys of decode (fp32 copies)
+    return dense, call, s <= 8192 or (sq <= 16 and b * s <= 8 * 131072)
 
 
 def _linear_calls(site):
