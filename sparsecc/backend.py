@@ -140,16 +140,20 @@ def _lowering() -> str:
     return lowering
 
 
-def make_context(gm, example_inputs, opts: BackendOptions) -> CompileContext:
-    """A fresh CompileContext for one graph (the module tree comes from the frame Dynamo is compiling)."""
+def make_context(gm, example_inputs, opts: BackendOptions, replayed: Optional[bool] = None) -> CompileContext:
+    """A fresh CompileContext for one graph (the module tree comes from the frame Dynamo is compiling).
+
+    ``replayed`` None: the graph is expected to replay CUDA graphs when ``cudagraphs=True`` allows it on this
+    device and lowering; False: decide its sites for plain calls (the graph turned out not to replay)."""
     ops.register_ops()
     device = _device_of(example_inputs)
+    if replayed is None:
+        # CUDA graphs replay only Inductor's CUDA graphs, and the reference forms (which read tables on the host)
+        # turn them off for their graph
+        replayed = (opts.cudagraphs and opts.kernels != "reference" and _lowering() == "inductor"
+                    and device.type == "cuda")
     return CompileContext(spec=opts.spec, kernels=opts.kernels, autograd=_autograd_active(example_inputs),
-                          fold_epilogues=opts.fold_epilogues, fuse_gate_up=opts.fuse_gate_up,
-                          # CUDA graphs replay only Inductor's CUDA graphs, and the reference forms (which read
-                          # tables on the host) turn them off for their graph
-                          replayed=(opts.cudagraphs and opts.kernels != "reference" and _lowering() == "inductor"
-                                    and device.type == "cuda"),
+                          fold_epilogues=opts.fold_epilogues, fuse_gate_up=opts.fuse_gate_up, replayed=replayed,
                           example_inputs=list(example_inputs), hardware=profile_for(device),
                           modules=module_tree.from_dynamo())
 
@@ -206,9 +210,16 @@ def compile_graph(gm, example_inputs, opts: BackendOptions, owner: Any = None):
     """Run the full pipeline on one graph and return the compiled callable."""
     from torch._inductor.compile_fx import compile_fx
 
-    gm = _private_copy(gm)
+    captured = gm
+    gm = _private_copy(captured)
     ctx = make_context(gm, example_inputs, opts)
     run_stages(gm, ctx)
+    if ctx.replayed and _cudagraphs_refusal(opts, ctx) is not None:
+        # The sites were decided for CUDA-graph replay (no per-call host floors), which a site of this graph now
+        # refuses: decide them again for plain calls, as the graph will run.
+        gm = _private_copy(captured)
+        ctx = make_context(gm, example_inputs, opts, replayed=False)
+        run_stages(gm, ctx)
     _mark_bound_inputs(gm)
     _graphs.append(gm)
     start = time.perf_counter()
@@ -268,19 +279,26 @@ def _uses_cudagraphs(opts: BackendOptions, ctx: CompileContext) -> bool:
         if note not in ctx.warnings:
             ctx.warnings.append(note)   # in the report and the compile's summary, not only Inductor's silence
         return True
-    if opts.kernels == "reference" and any(ctx.applied(site) for site in ctx.sites):
-        log.warning("sparsecc: cudagraphs=True is ignored for a graph with sparse sites on the reference path "
-                    "(kernels='reference' synchronises with the host); use kernels='auto' or 'triton'")
+    refusal = _cudagraphs_refusal(opts, ctx)
+    if refusal is not None:
+        log.warning("sparsecc: cudagraphs=True is ignored for a graph %s", refusal)
         return False
+    return True
+
+
+def _cudagraphs_refusal(opts: BackendOptions, ctx: CompileContext) -> Optional[str]:
+    """Why the decided sites of a CUDA graph keep it from CUDA graphs (None: nothing does); see
+    :func:`_uses_cudagraphs`."""
+    if opts.kernels == "reference" and any(ctx.applied(site) for site in ctx.sites):
+        return ("with sparse sites on the reference path (kernels='reference' synchronises with the host); use "
+                "kernels='auto' or 'triton'")
     decided = [(site, ctx.decision(site)) for site in ctx.sites if ctx.applied(site)]
     unbound = [site.module for site, d in decided if isinstance(d.form, TwoFour) and d.plan is not None
                and d.plan.state.get("cslt_operand") is None]
     if unbound:
-        log.warning("sparsecc: cudagraphs=True is ignored for a graph whose 2:4 sites %s have no cuSPARSELt "
-                    "operand bound at compile time (see the report's plan column): their first call compresses the "
-                    "weight, which a CUDA-graph capture forbids", ", ".join(unbound))
-        return False
-    return True
+        return (f"whose 2:4 sites {', '.join(unbound)} have no cuSPARSELt operand bound at compile time (see the "
+                "report's plan column): their first call compresses the weight, which a CUDA-graph capture forbids")
+    return None
 
 
 def _mark_bound_weights_static(ctx: CompileContext) -> None:

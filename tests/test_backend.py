@@ -349,3 +349,44 @@ def test_rewritten_graph_keeps_what_inductor_needs_to_find_static_inputs():
     names = {k: v() if callable(v) else v for k, v in names.items()}   # a method before torch 2.12
     cache_nodes = [p for p in placeholders if "cache" in names.get(p.name, "")]
     assert len(cache_nodes) == 1 and cache_nodes[0].name in static
+
+
+def test_sites_decided_for_replay_are_decided_again_when_the_graph_cannot_replay(monkeypatch, caplog):
+    """With cudagraphs=True on CUDA the sites are first decided for CUDA-graph replay (no per-call host floors);
+    when a decided site then keeps the graph from CUDA graphs (here an unbound 2:4 operand), they are decided
+    again for plain calls, and the report's estimates are the plain-call ones. (Compiled on the CPU, with the
+    graph's device answered as CUDA and the H200's figures.)"""
+    import logging
+
+    import sparsecc.backend as backend
+    from sparsecc.cost.hardware import H200
+    from sparsecc.cost.sites import estimate_linear
+    from sparsecc.forms import TwoFour
+
+    replayed = []
+    make = backend.make_context
+
+    def recording(*args, **kwargs):
+        ctx = make(*args, **kwargs)
+        replayed.append(ctx.replayed)
+        return ctx
+
+    monkeypatch.setattr(backend, "make_context", recording)
+    monkeypatch.setattr(backend, "_device_of", lambda inputs: torch.device("cuda"))
+    monkeypatch.setattr(backend, "profile_for", lambda device: H200)
+    torch.manual_seed(3)
+    model = zoo.ModuleLinear().eval()
+    x = torch.randn(3, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    torch._dynamo.reset()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger=backend.log.name):
+        sparsecc.compile(model, spec=spec, kernels="auto", cudagraphs=True)(x)
+    assert replayed == [True, False]
+    assert caplog.text.count("no cuSPARSELt operand bound") == 1
+    site = [s for s in sparsecc.last_report().sites if s.kind == "linear"][0]
+    assert site.applied and "compressed on the first call" in site.attrs["plan"]
+    lin = model.proj
+    plain, replay = (estimate_linear(TwoFour(), tokens=3, in_features=lin.in_features, out_features=lin.out_features,
+                                     dtype=torch.float32, hw=H200, replayed=r) for r in (False, True))
+    assert site.estimate.sparse_time_s == pytest.approx(plain.sparse_time_s, rel=1e-9)
+    assert plain.sparse_time_s != pytest.approx(replay.sparse_time_s, rel=1e-3)
