@@ -440,7 +440,7 @@ def _hopper_prefill_heads(site: Site, record, args, head_table) -> Optional[str]
     head of a streaming op, the model's heads as spans (``"0-1, 5"``) for the streaming head groups of a mixed site
     whose table no one-launch family runs (each group then runs through the streaming op). The kernel wrapper's own
     rule, ``streaming_runs_hopper_program``, asked with the site's facts."""
-    if site.symbolic or record not in (STREAMING_ATTENTION, MIXED_HEAD_ATTENTION):
+    if record not in (STREAMING_ATTENTION, MIXED_HEAD_ATTENTION):   # a symbolic length: the rules answer no
         return None
     facts = site_facts(site)
     rule = dict(scale=args.scale, causal=args.causal, masked=bool(site.match.masks), return_lse=False)

@@ -329,8 +329,7 @@ def sparse_program(site: Site, op_name: str, form, params: dict, kernels: str) -
             kv_heads=site.attrs["kv_heads"], positions_from_mask=op_name != "streaming_attention",
             mask_heads=_mask_heads(site), **rule):
         return "decode"   # a decode step over a cache of any length: the key length may be symbolic
-    if site.symbolic:
-        return "triton"   # symbolic lengths keep the traced Triton kernels
+    # (a symbolic length is None among the facts: the Gluon rules then keep the traced Triton kernels)
     if op_name == "streaming_attention":
         runs = streaming_runs_hopper_program(*facts, scale=float(site.attrs["scale"]), sinks=params["sink"],
                                              windows=params["window"], **rule)

@@ -122,3 +122,23 @@ def test_a_site_the_program_does_not_take_keeps_the_triton_estimate(monkeypatch)
                              seq=rows, dtype=torch.float16)
         assert site.estimate.sparse_time_s == pytest.approx(expected.sparse_time_s, rel=1e-9)
         assert SM90_ESTIMATE not in site.reason and "sm_90 prefill" not in site.attrs["plan"]
+
+
+def test_a_symbolic_batch_keeps_the_program_and_a_symbolic_length_does_not(monkeypatch):
+    """The Gluon rules read the sequence lengths: a batch size known only at run time still runs the program (and is
+    estimated for it); a symbolic query length keeps the traced Triton kernels (and their estimate)."""
+    import sparsecc
+
+    monkeypatch.setattr(hopper_prefill, "sm90_gluon", lambda device: True)
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [{"form": "streaming", "sink": 16,
+                                                                          "window": 64}]}
+    for dim, program in ((0, True), (1, False)):
+        x = torch.randn(2, 2048, 256, dtype=torch.float16)
+        torch._dynamo.mark_dynamic(x, dim)
+        torch._dynamo.reset()
+        report = sparsecc.explain(_block(), x, spec=spec)
+        site = [s for s in report.sites if s.kind == "attention"][0]
+        symbolic = "batch" if dim == 0 else "seq_q"
+        assert not isinstance(site.attrs[symbolic], int), site.attrs
+        assert (SM90_ESTIMATE in site.reason) == program, site.reason
+        assert ("sm_90 prefill" in site.attrs["plan"]) == program, site.attrs["plan"]
