@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,13 @@ IDEAL_BLOCK = 128
 SINK, WINDOW = 128, 4096
 # Random blocks per query block for ~10-11% of causal blocks (random + the diagonal).
 RANDOM_BLOCKS = {8192: 3, 16384: 7, 32768: 13, 65536: 27, 131072: 55}
+
+
+def random_form(s: int, random_blocks: Optional[int] = None) -> BlockSparse:
+    """The benches' random layout at ``s`` tokens: 128-blocks, the diagonal block and ``random_blocks`` random ones
+    per query block (default :data:`RANDOM_BLOCKS` at ``s``, ~10% of the causal blocks), seed 0."""
+    return BlockSparse(IDEAL_BLOCK, local_blocks=1, random_blocks=RANDOM_BLOCKS[s] if random_blocks is None
+                       else random_blocks, seed=0)
 # TARGETS.md's prefill lengths; the random-block target applies at 16K-64K.
 PREFILL_LENGTHS = (8192, 16384, 32768, 65536, 131072)
 RANDOM_TARGET_LENGTHS = (16384, 32768, 65536)
@@ -128,7 +136,7 @@ def check_correctness(log) -> bool:
     kw = dict(sink=[SINK], window=[1024], scale=128 ** -0.5, causal=True)
     cases.append(("streaming 4K GQA", lambda: streaming_attention(q, k, v, **kw),
                   lambda: streaming_attention_ref(q.float(), k.float(), v.float(), **kw)))
-    table = block_sparse_table(BlockSparse(128, local_blocks=1, random_blocks=4, seed=0), 32, 4096, 4096, True,
+    table = block_sparse_table(random_form(4096, random_blocks=4), 32, 4096, 4096, True,
                                device="cuda")
     cases.append(("random table 4K", lambda: block_sparse_attention(q, k, v, table=table, scale=0.088),
                   lambda: block_sparse_attention_ref(q.float(), k.float(), v.float(), table=table, scale=0.088)))
@@ -160,8 +168,7 @@ def run_prefill(rows, log, s, hkv=32, d=128, kinds=("stream", "random"), flex_ok
             fn = lambda: streaming_attention(q, k, v, sink=[SINK], window=[WINDOW], scale=scale, causal=True)  # noqa
             name, target = f"stream {s // 1024}K", STREAM_TARGET.get(s)
         else:
-            form = BlockSparse(IDEAL_BLOCK, local_blocks=1, random_blocks=RANDOM_BLOCKS[s], seed=0)
-            table = block_sparse_table(form, 32, s, s, True, device="cuda")
+            table = block_sparse_table(random_form(s), 32, s, s, True, device="cuda")
             bm = table.to_flex_block_mask()
             fn = lambda: block_sparse_attention(q, k, v, table=table, scale=scale)  # noqa
             name, target = f"random {s // 1024}K", None
@@ -249,8 +256,7 @@ def run_million_layout(log) -> list:
     """Build the random-block table for 1M tokens (32 heads) and report its size and build time."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    form = BlockSparse(IDEAL_BLOCK, local_blocks=1, random_blocks=RANDOM_BLOCKS[32768], seed=0)
-    table = block_sparse_table(form, 32, MILLION, MILLION, True, device="cuda")
+    table = block_sparse_table(random_form(32768), 32, MILLION, MILLION, True, device="cuda")
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     mib = metadata_bytes("random", table) / 2 ** 20

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 
 import torch
 
 from sparsecc.codegen import block_attention as ba
-from sparsecc.forms import BlockSparse
 from sparsecc.layouts import block_sparse_table, streaming_block_table
 
-# Random blocks per query block for ~10% of causal 128-blocks (as bench/attention.py).
-RANDOM_BLOCKS = {16384: 7, 32768: 13, 65536: 27}
-SINK, WINDOW = 128, 4096
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
+from attention import RANDOM_BLOCKS, SINK, WINDOW, random_form  # noqa: E402 - the benches' layouts
 
 
 def _time(fn) -> float:
@@ -63,8 +62,7 @@ def _sweep(args, s: int) -> None:
     v = torch.randn(1, args.hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=g)
     scale = d ** -0.5
     sinks, windows = ba.rule_vectors((SINK,) * 32, (WINDOW,) * 32, q)
-    table = block_sparse_table(BlockSparse(128, local_blocks=1, random_blocks=RANDOM_BLOCKS.get(s, 13), seed=0),
-                               32, s, s, True, device="cuda")
+    table = block_sparse_table(random_form(s, RANDOM_BLOCKS.get(s, 13)), 32, s, s, True, device="cuda")
     # Kept share of causal 128-blocks, to turn times into TFLOP/s on the kept work.
     stream_table = streaming_block_table(SINK, WINDOW, block=128, seq_q=s, seq_k=s, causal=True, device="cuda")
     layouts = {

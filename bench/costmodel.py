@@ -57,7 +57,7 @@ from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoF
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
 from provenance import source_version  # noqa: E402 - bench/ is on the path
-from costmodel_rows import (ATTN, DTYPE, LINEAR_SHAPES, LLAMA_D, LLAMA_F, RANDOM_BLOCKS,  # noqa: E402,F401
+from costmodel_rows import (ATTN, DTYPE, LINEAR_SHAPES, LLAMA_D, LLAMA_F,  # noqa: E402,F401
                             form_spec, load_rows, make_form, rows_from_costmodel_json, rows_from_crossover_json,
                             rows_from_results_md)
 

@@ -16,12 +16,12 @@ import torch
 
 from sparsecc.forms import BlockSparse, BlockTopK, BlockWeights, Streaming, TwoFour
 
+from attention import random_form  # bench/ is on the path (bench/costmodel.py puts it there)
+
 DTYPE = torch.bfloat16
 ATTN = dict(batch=1, heads=32, kv_heads=8, head_dim=128)
 LLAMA_D, LLAMA_F = 4096, 14336           # Llama-3-8B FFN
 LINEAR_SHAPES = ((LLAMA_D, LLAMA_F), (LLAMA_F, LLAMA_D))
-# bench/attention.py's random layout: random blocks per query block for ~10% of causal 128-blocks.
-RANDOM_BLOCKS = {8192: 3, 16384: 7, 32768: 13, 65536: 27, 131072: 55}
 
 
 # ------------------------------------------------------------------ sites and forms as JSON
@@ -120,7 +120,7 @@ _ATTN_ROW = re.compile(r"\| (stream|random|block_topk) (\d+)K( hkv(\d+))?( d(\d+
 _ESTIMATE_LINE = re.compile(r"- block_topk (\d+)K hkv(\d+): estimate \+ table build ([\d.]+) ms")
 # bench/attention.py's forms: sink 128 + window 4096; random 128-blocks with the diagonal; top-12 of 128-blocks.
 _RESULTS_FORMS = {"stream": lambda s: Streaming(128, 4096),
-                  "random": lambda s: BlockSparse(128, local_blocks=1, random_blocks=RANDOM_BLOCKS[s], seed=0),
+                  "random": random_form,
                   "block_topk": lambda s: BlockTopK(block=128, topk=12)}
 
 

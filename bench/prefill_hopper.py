@@ -33,11 +33,10 @@ import torch
 from sparsecc.codegen.block_attention import (block_sparse_attention, block_sparse_attention_ref, kernel_rules,
                                               launch_prefill, rule_vectors, streaming_attention,
                                               streaming_attention_ref)
-from sparsecc.forms import BlockSparse
 from sparsecc.layouts import block_sparse_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
-from attention import (RANDOM_BLOCKS, SINK, WINDOW, bench, flex_call, qkv, rel_err, sdpa,  # noqa: E402
+from attention import (RANDOM_BLOCKS, SINK, WINDOW, bench, flex_call, qkv, random_form, rel_err, sdpa,  # noqa: E402
                        streaming_flex_mask)
 from provenance import source_version  # noqa: E402 - bench/ is on the path
 
@@ -76,8 +75,7 @@ def check(variants, log) -> bool:
 
 def random_table(heads: int, s: int, random_blocks: int):
     """The random layout of bench/attention.py: 128-blocks, the diagonal and ``random_blocks`` per query block."""
-    return block_sparse_table(BlockSparse(128, local_blocks=1, random_blocks=random_blocks, seed=0), heads, s, s,
-                              True, device="cuda")
+    return block_sparse_table(random_form(s, random_blocks), heads, s, s, True, device="cuda")
 
 
 def timed(candidates: dict, rounds: int) -> dict:
