@@ -30,7 +30,7 @@ from sparsecc.codegen.attention_ops import (
     StreamingAttentionArgs, StreamingFromMaskArgs)
 from sparsecc.codegen.streaming_rules import streaming_runs_hopper_program
 from sparsecc.forms import MASKED_LOGIT_MAX, Streaming
-from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention, site_facts, sparse_program
+from sparsecc.passes.attention_check import DYNAMIC_FORMS, check_attention, site_facts
 from sparsecc.passes.decide import head_spans
 from sparsecc.passes.normalize import op_of
 from sparsecc.passes.plan import Plan, op_call
@@ -421,33 +421,30 @@ def plan_attention(site: Site, decision: Decision, ctx) -> Plan:
     """The one op call that runs a decided site, and how it is launched."""
     record, args = attention_call(decision, float(site.attrs["scale"]), site.match.causal, ctx.kernels)
     plan = Plan(calls=[op_call(record, args, site.device, site.symbolic)])
-    if args.impl != "reference":
-        heads = _hopper_prefill_heads(site, record, args, decision.params.get("head_table"))
-        if heads == "":
-            plan.notes["sm_90 prefill"] = "the Gluon program (codegen/hopper_prefill.py), one opaque call"
-        elif record is BLOCK_SPARSE_ATTENTION and sparse_program(site, record.name, decision.form, decision.params,
-                                                                 args.impl) == "sm90":
-            plan.notes["sm_90 prefill"] = ("the Gluon program over the block table (codegen/hopper_prefill.py), "
-                                           "inside the opaque block-table op")
-        elif heads is not None:
+    # check asked the kernels' rules which program the site's op runs (Decision.program); a mixed op's streaming
+    # groups each run through the streaming op, asked here per group
+    if decision.program == "sm90" and record is STREAMING_ATTENTION:
+        plan.notes["sm_90 prefill"] = "the Gluon program (codegen/hopper_prefill.py), one opaque call"
+    elif decision.program == "sm90" and record is BLOCK_SPARSE_ATTENTION:
+        plan.notes["sm_90 prefill"] = ("the Gluon program over the block table (codegen/hopper_prefill.py), "
+                                       "inside the opaque block-table op")
+    elif record is MIXED_HEAD_ATTENTION and args.impl != "reference":
+        heads = _mixed_hopper_prefill_heads(site, args, decision.params["head_table"])
+        if heads is not None:
             plan.notes["sm_90 prefill"] = (f"the Gluon program (codegen/hopper_prefill.py) for heads {heads}, one "
                                            "launch per streaming group inside the mixed op")
     return plan
 
 
-def _hopper_prefill_heads(site: Site, record, args, head_table) -> Optional[str]:
-    """Which of the site's heads run the Gluon program for sm_90 at its shapes: None for none, ``""`` for every
-    head of a streaming op, the model's heads as spans (``"0-1, 5"``) for the streaming head groups of a mixed site
-    whose table no one-launch family runs (each group then runs through the streaming op). The kernel wrapper's own
-    rule, ``streaming_runs_hopper_program``, asked with the site's facts."""
-    if record not in (STREAMING_ATTENTION, MIXED_HEAD_ATTENTION):   # a symbolic length: the rules answer no
+def _mixed_hopper_prefill_heads(site: Site, args, head_table) -> Optional[str]:
+    """The model's heads (as spans, ``"0-1, 5"``) of a mixed site's streaming groups that run the Gluon program for
+    sm_90 at its shapes, or None: a table that no one-launch family runs sends each group through the streaming op.
+    The kernel wrapper's own rule, ``streaming_runs_hopper_program``, asked with the site's facts (a symbolic length
+    answers no)."""
+    if head_table.launch_family(args.causal) is not None:
         return None
     facts = site_facts(site)
     rule = dict(scale=args.scale, causal=args.causal, masked=bool(site.match.masks), return_lse=False)
-    if record is STREAMING_ATTENTION:
-        return "" if streaming_runs_hopper_program(*facts, sinks=args.sink, windows=args.window, **rule) else None
-    if head_table.launch_family(args.causal) is not None:
-        return None
     heads = [h + args.head_offset for form, members in head_table.groups().items()
              if isinstance(form, Streaming)
              and streaming_runs_hopper_program(*facts, sinks=[form.sink] * len(members),

@@ -171,7 +171,8 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         op_name = "block_sparse_attention"
     program = sparse_program(site, op_name, form, params, ctx.kernels)
     estimate = _estimate(site, form, head_forms, ctx, program)
-    decision = verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params)
+    decision = dataclasses.replace(verdict(site, ctx, form, rule_keys, policy, estimate, op_name, **params),
+                                   program=program)
     if program in PROGRAM_ESTIMATES:
         if not decision.apply:   # kept dense: the note matters where the estimate decided (policy auto)
             if not decision.reason.startswith("auto:"):

@@ -78,6 +78,7 @@ class Decision:
     policy: Optional[str] = None
     params: Dict[str, Any] = field(default_factory=dict)  # resolved per-site parameters (per-head lists, taus)
     head_forms: Optional[str] = None  # a site whose heads ask for different forms: each form and its heads
+    program: str = "triton"           # the kernels an attention site's estimate timed (cost.formulas.PROGRAMS)
     plan: Any = None                  # the plan stage's ``passes.plan.Plan`` for an applied site
 
 
