@@ -28,27 +28,21 @@ ASSUMED_ACTIVATION_SPARSITY = 0.5
 SYMBOLIC_TOKEN_PROBES = (1, 4, 16, 128, 1024, 8192)
 
 
-def _per_head_blocks(form, per_head: Optional[Sequence], seq_q, seq_k, causal: bool):
-    """Mean kept blocks per head: ``per_head`` gives each head's form (None: dense), else every head has ``form``.
-
-    Heads sharing a form are counted once per form (a site of several forms, or of dense and sparse heads,
-    averages them).
-    """
+def _per_head_mean(form, per_head: Optional[Sequence], of):
+    """Mean of ``of(head's form)`` over the heads: ``per_head`` gives each head's form (None: dense), else every
+    head has ``form``. Heads sharing a form are counted once per form (a site of several forms, or of dense and
+    sparse heads, averages them)."""
     if not per_head:
-        return attention_blocks(form, seq_q, seq_k, causal)
-    counts = Counter(per_head)
-    return sum(n * attention_blocks(f, seq_q, seq_k, causal) for f, n in counts.items()) / len(per_head)
+        return of(form)
+    return sum(n * of(f) for f, n in Counter(per_head).items()) / len(per_head)
 
 
 def attention_costs(form, per_head: Optional[Sequence], causal: bool, program: str = "triton") -> Tuple[Cost, Cost]:
     """(dense, sparse) costs of an attention site as expressions of the attention symbols; ``per_head`` as in
-    ``_per_head_blocks`` (the kept blocks are a per-head mean, so the head count stays a symbol); ``program``: the
-    kernels that run the sparse side (``formulas.PROGRAMS``)."""
-    blocks = _per_head_blocks(form, per_head, SQ, SK, causal)
-    kept_keys = None
-    if program == "decode" and per_head:
-        counts = Counter(per_head)
-        kept_keys = sum(n * decode_kept_keys(f, SQ, SK) for f, n in counts.items()) / len(per_head)
+    ``_per_head_mean`` (the kept blocks, and the decode kernel's kept keys, are per-head means, so the head count
+    stays a symbol); ``program``: the kernels that run the sparse side (``formulas.PROGRAMS``)."""
+    blocks = _per_head_mean(form, per_head, lambda f: attention_blocks(f, SQ, SK, causal))
+    kept_keys = _per_head_mean(form, per_head, lambda f: decode_kept_keys(f, SQ, SK)) if program == "decode" else None
     return (attention_cost(None, causal, program=program),
             attention_cost(form, causal, blocks=blocks, program=program, kept_keys=kept_keys))
 
