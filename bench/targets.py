@@ -217,42 +217,42 @@ def evaluate_decode(data: dict) -> List[TargetRow]:
     return out
 
 
-def evaluate_ffn(data: dict) -> List[TargetRow]:
-    """bench/ffn_input.py --json at one token: fused x dense (fp16 judged, others reported) and fused x TEAL."""
-    rows = data.get("rows", [])
+def _one_token_rows(group: str, mode: str, rows: List[dict], minimums: Dict[float, float], time_key: str,
+                    beside: Optional[Callable[[Optional[dict], float], List[TargetRow]]] = None,
+                    report_sparsities: Optional[Tuple[float, ...]] = None) -> List[TargetRow]:
+    """One-token FFN rows: ``time_key`` x dense judged in fp16 at each sparsity of ``minimums`` (followed by
+    ``beside(row, sparsity)``'s rows), then the other dtypes' rows reported (at ``report_sparsities``; None: all)."""
     anchor = "dense cuBLAS FFN, graph replay"
     out = []
-    for s in FFN_SPARSITIES:
+    for s, minimum in minimums.items():
         r = first_row(rows, tokens=1, sparsity=s, dtype=JUDGED_DTYPE)
-        out.append(target_row("ffn", f"input mode 1 token {_pct(s)} fp16", ratio(r, "dense_ms", "fused_ms"),
-                              FFN_X_DENSE[s], anchor))
+        out.append(target_row(group, f"{mode} 1 token {_pct(s)} fp16", ratio(r, "dense_ms", time_key), minimum,
+                              anchor))
+        out.extend(beside(r, s) if beside else [])
+    for r in rows:
+        if r.get("tokens") == 1 and r.get("dtype") != JUDGED_DTYPE and (
+                report_sparsities is None or r.get("sparsity") in report_sparsities):
+            out.append(report_row(group, f"{mode} 1 token {_pct(r['sparsity'])} {r['dtype']}",
+                                  ratio(r, "dense_ms", time_key), anchor))
+    return out
+
+
+def evaluate_ffn(data: dict) -> List[TargetRow]:
+    """bench/ffn_input.py --json at one token: fused x dense (fp16 judged, others reported) and fused x TEAL."""
+    def against_teal(r, s):
         name = f"input mode 1 token {_pct(s)} fp16, fused x TEAL"
         if r is not None and field(r, "teal_ms") is None:   # TEAL's kernel is optional: no anchor, no verdict
-            out.append(TargetRow("ffn", name, "-", "TEAL's kernel not given (--teal)", "> 1x", SKIPPED))
-        else:
-            out.append(target_row("ffn", name, ratio(r, "teal_ms", "fused_ms"), 1.0, "TEAL's sparse GEMV, same run",
-                                  strict=True))
-    for r in rows:
-        if r.get("tokens") == 1 and r.get("dtype") != JUDGED_DTYPE:
-            out.append(report_row("ffn", f"input mode 1 token {_pct(r['sparsity'])} {r['dtype']}",
-                                  ratio(r, "dense_ms", "fused_ms"), anchor))
-    return out
+            return [TargetRow("ffn", name, "-", "TEAL's kernel not given (--teal)", "> 1x", SKIPPED)]
+        return [target_row("ffn", name, ratio(r, "teal_ms", "fused_ms"), 1.0, "TEAL's sparse GEMV, same run",
+                           strict=True)]
+
+    return _one_token_rows("ffn", "input mode", data.get("rows", []), FFN_X_DENSE, "fused_ms", beside=against_teal)
 
 
 def evaluate_gate(data: dict) -> List[TargetRow]:
     """bench/ffn_gate.py --json at one token: gate x dense, fp16 judged, other dtypes reported."""
-    rows = data.get("rows", [])
-    anchor = "dense cuBLAS FFN, graph replay"
-    out = []
-    for s in GATE_SPARSITIES:
-        r = first_row(rows, tokens=1, sparsity=s, dtype=JUDGED_DTYPE)
-        out.append(target_row("gate", f"gate mode 1 token {_pct(s)} fp16", ratio(r, "dense_ms", "gate_ms"),
-                              GATE_X_DENSE[s], anchor))
-    for r in rows:
-        if r.get("tokens") == 1 and r.get("dtype") != JUDGED_DTYPE and r.get("sparsity") in GATE_SPARSITIES:
-            out.append(report_row("gate", f"gate mode 1 token {_pct(r['sparsity'])} {r['dtype']}",
-                                  ratio(r, "dense_ms", "gate_ms"), anchor))
-    return out
+    return _one_token_rows("gate", "gate mode", data.get("rows", []), GATE_X_DENSE, "gate_ms",
+                           report_sparsities=GATE_SPARSITIES)
 
 
 def planned_ffn_form(tokens: int, fused_max_tokens: Optional[int] = None) -> str:
