@@ -229,13 +229,13 @@ def main(argv=None) -> int:
     log("| layout | S | Hkv | kept | SDPA ms | Triton ms | shipped ms | best Gluon ms (variant) | Triton of ideal "
         "| **shipped of ideal** | best Gluon of ideal | shipped x Triton | Flex ms | **shipped x Flex** |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for layout, (s, hkv, density, t_sdpa, t_triton, t_ship, t_gl, best, t_flex) in (
-            [("streaming", r) for r in rows] + [("random", r) for r in random_rows]):
-        tg = t_gl[best]
-        log(f"| {layout} | {s // 1024}K | {hkv} | {density:.4f} | {t_sdpa:.3f} | {t_triton:.3f} | {t_ship:.3f} "
-            f"| {tg:.3f} ({best}) "
-            f"| {t_sdpa / t_triton * density:.2f} | **{t_sdpa / t_ship * density:.2f}** | {t_sdpa / tg * density:.2f} "
-            f"| {t_triton / t_ship:.2f} | {t_flex:.3f} | **{t_flex / t_ship:.2f}** |")
+    nan = float("nan")   # Flex not timed
+    for r in table_rows(rows, random_rows):
+        flex_ms, x_flex = (nan if r[key] is None else r[key] for key in ("flex_ms", "shipped_x_flex"))
+        log(f"| {r['layout']} | {r['s'] // 1024}K | {r['hkv']} | {r['kept']:.4f} | {r['sdpa_ms']:.3f} "
+            f"| {r['triton_ms']:.3f} | {r['shipped_ms']:.3f} | {r['best_gluon_ms']:.3f} ({r['best_gluon_variant']}) "
+            f"| {r['triton_of_ideal']:.2f} | **{r['shipped_of_ideal']:.2f}** | {r['best_gluon_of_ideal']:.2f} "
+            f"| {r['shipped_x_triton']:.2f} | {flex_ms:.3f} | **{x_flex:.2f}** |")
     return 0
 
 
