@@ -23,6 +23,7 @@ import torch
 
 from sparsecc.codegen import ops
 from sparsecc.cost import profile_for
+from sparsecc.dynamo_notes import code_name, no_graph_reason
 from sparsecc.forms import TwoFour
 from sparsecc.passes import module_tree
 from sparsecc.pipeline import EXPLAIN_STAGES, CompileContext, build_report, run_stages
@@ -480,55 +481,15 @@ def first_call_check(options: dict, what: str, code: Any = None) -> bool:
     if limited:   # some graphs reached sparsecc, but Dynamo stopped compiling these frames: they ran dense
         message = (f"sparsecc: part of {what} ran without sparsecc (dense: its sites were not rewritten and are "
                    f"not in the report): Dynamo stopped compiling {', '.join(sorted(set(limited)))}. "
-                   f"{_no_graph_reason()}")
+                   f"{no_graph_reason()}")
     else:
         message = (f"sparsecc: {what} ran without sparsecc (dense: no site rewritten, no report): Dynamo never "
-                   f"handed sparsecc a graph for this compile. {_no_graph_reason(code)}")
+                   f"handed sparsecc a graph for this compile. {no_graph_reason(code)}")
     if record is not None:
         record.report.notes.append(message)
     log.warning("%s", message)
     warnings.warn_explicit(message, SparseccWarning, filename="sparsecc", lineno=0, module="sparsecc")
     return False
-
-
-def _no_graph_reason(code: Any = None) -> str:
-    """Why Dynamo may have compiled nothing, and what to do (for the warnings of :func:`first_call_check` and
-    :func:`_RecompileLimitFilter`)."""
-    config = torch._dynamo.config
-    if getattr(config, "disable", False):
-        return "Dynamo is disabled (torch._dynamo.config.disable, TORCHDYNAMO_DISABLE=1)."
-    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", "?"))
-    total = getattr(config, "accumulated_recompile_limit", getattr(config, "accumulated_cache_size_limit", "?"))
-    where = "the compiled code"
-    if isinstance(code, type(_no_graph_reason.__code__)):
-        where = _code_name(code)
-        entries = _cache_entries(code)
-        if entries is not None:
-            where += f", which holds {entries} compiled entries already"
-    return (f"Typically Dynamo's recompile limit: Dynamo keeps compiles on the code object, and every compile of "
-            f"one model class (every HF model shares transformers' forward wrapper) counts against "
-            f"torch._dynamo.config.recompile_limit ({limit}) and accumulated_recompile_limit ({total}) for "
-            f"{where}; past the limit Dynamo runs that code eagerly, for this compile and every later one. "
-            f"Call torch._dynamo.reset() between compiles (trying several specs in one process), or raise "
-            f"torch._dynamo.config.recompile_limit; also check that Dynamo is not disabled "
-            f"(torch.compiler.set_stance('force_eager'), TORCHDYNAMO_DISABLE=1).")
-
-
-def _code_name(code) -> str:
-    """A code object as the warnings name it: ``'forward' (file.py:12)``."""
-    return f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
-
-
-def _cache_entries(code) -> Optional[int]:
-    """How many compiled entries Dynamo holds on ``code`` (all isolation regions), or None when torch cannot say."""
-    from torch._dynamo import eval_frame
-
-    try:
-        if hasattr(eval_frame, "_get_total_cache_entry_count"):
-            return int(eval_frame._get_total_cache_entry_count(code))
-        return len(eval_frame._debug_get_cache_entry_list(code))
-    except Exception:   # a private helper of Dynamo's: only the count in a message depends on it
-        return None
 
 
 class _RecompileLimitFilter(logging.Filter):
@@ -563,12 +524,12 @@ class _RecompileLimitFilter(logging.Filter):
         code = frame.f_locals.get("code")
         if options is not None and id(options) in _pending:
             # sparsecc.compile's first-call check says it, once, naming every frame Dynamo stopped compiling
-            name = _code_name(code) if hasattr(code, "co_name") else "a frame"
+            name = code_name(code) if hasattr(code, "co_name") else "a frame"
             with _reports_lock:
                 _limited.setdefault(id(options), []).append(name)
             return
         message = (f"sparsecc: a torch.compile(..., backend=\"sparsecc\") frame runs without sparsecc (dense: no "
-                   f"site rewritten): Dynamo stopped compiling it. {_no_graph_reason(code)}")
+                   f"site rewritten): Dynamo stopped compiling it. {no_graph_reason(code)}")
         with _reports_lock:
             if _current is None or _current.options is not options:
                 kernels = options.get("kernels", "auto") if isinstance(options, dict) else "auto"
