@@ -1,4 +1,4 @@
-"""Decode FFN in input mode (TEAL): the fused two-launch op against the three-op form, TEAL's kernels and dense.
+"""Decode FFN in input mode (TEAL): the fused op against its two-launch form, the three-op form, TEAL's kernels, dense.
 
     python bench/ffn_input.py [--tokens 1,2,4,8,16] [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16]
                               [--teal .carry/teal/sparse_gemv.py] [--sweep] [--json out.json]
@@ -10,8 +10,10 @@ FFN on those tokens), as calibrated thresholds would on this distribution. Colum
 * **dense**: ``F.linear`` (cuBLAS) gate, up, ``silu(gate) * up``, down;
 * **three-op**: ``threshold_linear`` on gate, up and down with torch's ``silu * up`` between (what a site
   compiled before the fused op launched: 5 kernels);
-* **fused**: ``threshold_ffn`` (codegen/threshold_ffn.py: gate + up + act in one launch, the down GEMV and its
-  split merge in a second);
+* **fused**: ``threshold_ffn`` (codegen/threshold_ffn.py) as the compiler calls it: one token runs the whole FFN
+  in one launch (the down GEMV's programs wait on their f tiles); more tokens launch gate + up + act, then the
+  down GEMV and its split merge;
+* **two-launch** (one token): the same op with ``one_launch=False``, the launches of every earlier run;
 * **weighted**: the same op with the weighted criterion (``|x_i| * ||W[:, i]||_2 > tau``, each projection's own
   column norms; docs/spec.md), its thresholds at the same share of the weighted scores (gate and up scores
   pooled for the shared input threshold, as ``sparsecc.calibrate`` pools them);
@@ -138,9 +140,10 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None)
         return threshold_linear(F.silu(threshold_linear(x, g, None, tau_in)) * threshold_linear(x, u, None, tau_in),
                                 d, None, tau_down)
 
-    def fused(w, cfg=None, down=None):
+    def fused(w, cfg=None, down=None, one_launch=None):
         g, u, d = w
-        return threshold_ffn(x, g, None, u, None, d, None, "silu", tau_in, tau_down, config=cfg, down_config=down)
+        return threshold_ffn(x, g, None, u, None, d, None, "silu", tau_in, tau_down, config=cfg, down_config=down,
+                             one_launch=one_launch)
 
     # The weighted criterion: thresholds at the same share of the weighted scores.
     sg, su, sd = norms[id(weights[0])]
@@ -169,6 +172,8 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None)
     methods = {"dense": dense, "three_op": three_op, "fused": fused, "weighted": weighted,
                "weighted_three_op": weighted_three_op}
     oracles = {"weighted": ref_w, "weighted_three_op": ref_w}
+    if m == 1:   # the fused op's stages launched one after the other (the one-launch kernel's anchor)
+        methods["two_launch"] = lambda w: fused(w, one_launch=False)
     if teal is not None and dtype == torch.float16 and m == 1:
         bin_ = round(10 * sparsity)   # the autotuning key TEAL gives its sparsity level
         def teal_ffn(w):
@@ -183,7 +188,7 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None)
         err = rel_err(fn(weights[0]).view(m, D_MODEL), oracles.get(name, ref))
         # dense ignores the thresholds: its error is the sparsity's own effect, reported, not checked. TEAL's
         # kernel adds its K-split partials into the float16 output with atomics: its error is recorded only.
-        if name in ("three_op", "fused", "weighted", "weighted_three_op") and not err < 1e-2:
+        if name in ("three_op", "fused", "weighted", "weighted_three_op", "two_launch") and not err < 1e-2:
             raise SystemExit(f"correctness check failed: {name} M={m} {sparsity:.0%} {dtype}: rel err {err}")
         out[f"{name}_err"] = err
         out[f"{name}_ms"] = bench_graph([lambda w=w, fn=fn: fn(w) for w in weights])
@@ -262,14 +267,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         del weights, norms
         torch.cuda.empty_cache()
     write_json(args.json, rows)
-    print("\n| dtype | M | sparsity | dense us | three-op us | fused us | weighted three-op us | weighted fused us "
-          "| TEAL us | fused x dense | weighted fused x dense | three-op x dense | weighted three-op x dense "
+    print("\n| dtype | M | sparsity | dense us | three-op us | two-launch us | fused us | weighted three-op us "
+          "| weighted fused us | TEAL us | fused x dense | weighted fused x dense | three-op x dense | weighted three-op x dense "
           "| TEAL x dense | fused TB/s | weighted fused TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-          "---|---|")
+          "---|---|---|")
     for r in rows:
         teal_ms = r.get("teal_ms")
+        two_launch = "%.1f" % (1e3 * r["two_launch_ms"]) if "two_launch_ms" in r else "-"
         print(f"| {r['dtype']} | {r['tokens']} | {r['sparsity']:.0%} | {1e3 * r['dense_ms']:.1f} | "
-              f"{1e3 * r['three_op_ms']:.1f} | {1e3 * r['fused_ms']:.1f} | {1e3 * r['weighted_three_op_ms']:.1f} | "
+              f"{1e3 * r['three_op_ms']:.1f} | {two_launch} | {1e3 * r['fused_ms']:.1f} | "
+              f"{1e3 * r['weighted_three_op_ms']:.1f} | "
               f"{1e3 * r['weighted_ms']:.1f} | "
               f"{'%.1f' % (1e3 * teal_ms) if teal_ms else '-'} | **{r['dense_ms'] / r['fused_ms']:.2f}** | "
               f"{r['dense_ms'] / r['weighted_ms']:.2f} | {r['dense_ms'] / r['three_op_ms']:.2f} | "

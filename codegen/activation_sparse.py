@@ -24,7 +24,7 @@ from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, tracing
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
-           "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale"]
+           "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows"]
 
 # ============================================================== reference
 
@@ -197,7 +197,8 @@ def _survives(score, tau):
 
 
 def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr, scale2_ptr,
-                    BLOCK_M: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr, N_SCALES: tl.constexpr):  # noqa: F821
+                    BLOCK_M: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr, N_SCALES: tl.constexpr,  # noqa: F821
+                    X_CACHE: tl.constexpr):  # noqa: F821
     """Write the indices of channels k0..k0+ROWS_PER_SPLIT that some of the M tokens keep to ``slot``.
 
     Returns their count. Only survivors' entries are written, in channel order. ``N_SCALES`` is 0 (a channel
@@ -205,15 +206,17 @@ def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr,
     the union of two projections that read the same x with their own channel scales; each entry then also holds,
     above the channel index, bit 30 when the first projection keeps the channel for some token and bit 29 when the
     second does: a reader masks the index with ``2 ** 29 - 1``. Channel counts stay far below ``2 ** 29``).
+    ``X_CACHE`` is the x loads' cache modifier: ``".cg"`` (past L1) where other programs of the same launch wrote x.
     """
     offs_r = k0 + tl.arange(0, ROWS_PER_SPLIT)
     r_mask = offs_r < K
     if BLOCK_M == 1:
-        xabs = tl.abs(tl.load(x_ptr + offs_r * stride_xk, mask=r_mask, other=0.0).to(tl.float32))
+        xabs = tl.abs(tl.load(x_ptr + offs_r * stride_xk, mask=r_mask, other=0.0,
+                              cache_modifier=X_CACHE).to(tl.float32))
     else:
         offs_m = tl.arange(0, BLOCK_M)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xk,
-                     mask=(offs_m < M)[:, None] & r_mask[None, :], other=0.0)
+                     mask=(offs_m < M)[:, None] & r_mask[None, :], other=0.0, cache_modifier=X_CACHE)
         xabs = tl.abs(xv.to(tl.float32))
     keep = _survives(_scores(xabs, scale_ptr, offs_r, r_mask, N_SCALES > 0), tau)
     if N_SCALES == 2:
@@ -231,6 +234,7 @@ def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr,
         else:
             keep_r = tl.max(keep.to(tl.int32), axis=0) > 0
         entry = offs_r
+    keep_r = keep_r & r_mask   # past K nothing is listed, even where tau < 0 lets a zero score pass
     rank = tl.cumsum(keep_r.to(tl.int32), axis=0) - 1
     count = tl.sum(keep_r.to(tl.int32), axis=0)
     tl.store(slot + rank, entry, mask=keep_r)
@@ -245,28 +249,40 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
                            COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: F821
                            HAS_SCALE: tl.constexpr):  # noqa: F821
     """``x̃ @ Wt`` over one K split for one N tile (and one token when BLOCK_M == 1); see the notes above."""
+    # Grid axes: N tile, K split, token (0 unless every token has its own programs: BLOCK_M == 1, M > 1).
+    _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, counters_ptr, scale_ptr,
+                  M, N, K, tau, stride_xm, stride_xk, stride_wk, stride_wn,
+                  tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(1),
+                  BLOCK_M, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, DOT_IN_FP32, COMPACT, DIRECT, HAS_BIAS, HAS_SCALE, "")
+
+
+def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, counters_ptr, scale_ptr,
+                  M, N, K, tau, stride_xm, stride_xk, stride_wk, stride_wn, pid_n, split, token, n_tiles, n_splits,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
+                  ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
+                  COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: F821
+                  HAS_SCALE: tl.constexpr, X_CACHE: tl.constexpr):  # noqa: F821
+    """The work of program (``pid_n``, ``split``, ``token``) of :func:`_threshold_gemv_kernel`'s grid of
+    ``n_tiles`` N tiles by ``n_splits`` K splits; x's loads take the cache modifier ``X_CACHE`` (``".cg"`` where
+    other programs of the same launch wrote x: codegen/threshold_ffn.py's one-launch FFN)."""
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    token = tl.program_id(2)  # 0 unless every token has its own programs (BLOCK_M == 1, M > 1)
     x_ptr += token * stride_xm
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M - token
     k0 = split * ROWS_PER_SPLIT
-    slot = scratch_ptr + ((token * tl.num_programs(1) + split) * tl.num_programs(0) + pid_n).to(tl.int64) \
-        * ROWS_PER_SPLIT
+    slot = scratch_ptr + ((token * n_splits + split) * n_tiles + pid_n).to(tl.int64) * ROWS_PER_SPLIT
     if BLOCK_M == 1 and COMPACT:
         count = _list_survivors(x_ptr, stride_xm, stride_xk, 1, K, k0, tau, slot, scale_ptr, scale_ptr, 1,
-                                ROWS_PER_SPLIT, 1 if HAS_SCALE else 0)
+                                ROWS_PER_SPLIT, 1 if HAS_SCALE else 0, X_CACHE)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for c in range(0, count, BLOCK_K):
             offs_j = c + tl.arange(0, BLOCK_K)
             live = offs_j < count
             kk = tl.load(slot + offs_j, mask=live, other=0)
-            xk = tl.load(x_ptr + kk * stride_xk, mask=live, other=0.0).to(tl.float32)
+            xk = tl.load(x_ptr + kk * stride_xk, mask=live, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
             w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=live[:, None] & n_mask[None, :], other=0.0)
             acc2 += xk[:, None] * w.to(tl.float32)
@@ -277,7 +293,8 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for c in tl.static_range(ROWS_PER_SPLIT // BLOCK_K):
             offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+            xk = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0,
+                         cache_modifier=X_CACHE).to(tl.float32)
             keep = _survives(_scores(tl.abs(xk), scale_ptr, offs_k, offs_k < K, HAS_SCALE), tau)
             w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=keep[:, None] & n_mask[None, :], other=0.0)
@@ -286,14 +303,14 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
     elif COMPACT:
         # Union of the tokens' survivors, compacted: every trip multiplies BLOCK_K live rows.
         count = _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr, scale_ptr, BLOCK_M,
-                                ROWS_PER_SPLIT, 1 if HAS_SCALE else 0)
+                                ROWS_PER_SPLIT, 1 if HAS_SCALE else 0, X_CACHE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in range(0, count, BLOCK_K):
             offs_j = c + tl.arange(0, BLOCK_K)
             live = offs_j < count
             kk = tl.load(slot + offs_j, mask=live, other=0)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                         mask=m_mask[:, None] & live[None, :], other=0.0)
+                         mask=m_mask[:, None] & live[None, :], other=0.0, cache_modifier=X_CACHE)
             xs = tl.where(_survives(_scores(tl.abs(xv.to(tl.float32)), scale_ptr, kk, live, HAS_SCALE), tau), xv,
                           tl.zeros_like(xv))
             w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
@@ -308,7 +325,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
             offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=X_CACHE)
             keep = _survives(_scores(tl.abs(xv.to(tl.float32)), scale_ptr, offs_k, k_mask, HAS_SCALE), tau)
             xs = tl.where(keep, xv, tl.zeros_like(xv))
             # A channel's weight row is read when any token keeps it (the union over the tokens).
@@ -329,8 +346,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
         tl.store(partial_ptr + (split * M + rows[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
         # Every thread's partial stores happen before the ticket (release); the last ticket's reads after (acquire).
         tl.debug_barrier()
-        counter = counters_ptr + token * tl.num_programs(0) + pid_n
-        n_splits = tl.num_programs(1)
+        counter = counters_ptr + token * n_tiles + pid_n
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == n_splits - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -343,7 +359,7 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
             tl.store(counter, 0)   # every split has drawn its ticket: ready for the next call
 
 
-_KERNELS = ("_scores", "_survives", "_list_survivors", "_threshold_gemv_kernel")
+_KERNELS = ("_scores", "_survives", "_list_survivors", "_gemv_program", "_threshold_gemv_kernel")
 
 # id(weight) -> (weakref to weight, data_ptr, _version, K-major copy). The identity check (the weakref
 # still points at this very tensor) guards against a freed weight whose address and shape are
@@ -391,6 +407,15 @@ def check_channel_scale(name: str, scale: Optional[Tensor], width: int) -> None:
                          f"got {list(scale.shape)}")
 
 
+def out_rows(out: Optional[Tensor], m: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``out`` checked to be a contiguous ``[m, n]`` ``dtype`` tensor (``ValueError`` otherwise), or a new one."""
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if tuple(out.shape) != (m, n) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{m}, {n}] {dtype} tensor")
+    return out
+
+
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
                      config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                      channel_scale: Optional[Tensor] = None) -> Tensor:
@@ -413,15 +438,13 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     check_channel_scale("channel_scale", channel_scale, k)
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return threshold_linear_ref(x, weight, bias, tau, channel_scale)
-    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor")
     bind_triton(globals(), _KERNELS)
     cfg = config or default_gemv_config(m, k)
     wt = k_major(weight.to(x.dtype)).t()
     per_token = m == 1 or cfg.PER_TOKEN
     n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
     direct = n_splits == 1  # one split: the kernel stores y itself (no partials, no tickets)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    y = out_rows(out, m, n, x.dtype, x.device)
     # Dummies for pointers a launch never touches are x2, which it only reads (codegen/launch.py says why).
     partial = x2 if direct else torch.empty(n_splits, m, n, dtype=torch.float32, device=x.device)
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET

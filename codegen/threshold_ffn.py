@@ -1,4 +1,4 @@
-"""Input-mode activation sparsity (TEAL) on a whole gated FFN, for decode: two launches instead of five.
+"""Input-mode activation sparsity (TEAL) on a whole gated FFN, for decode: one or two launches instead of five.
 
 Layout of this file: module notes, the reference, then the Triton kernel (bound lazily by
 ``epilogue.bind_triton``, so importing this module never imports Triton) and the wrapper.
@@ -33,6 +33,11 @@ Against the three-op form (gate GEMV, up GEMV, Inductor's act ⊙ up kernel, dow
 this reads the same weight bytes, lists x's survivors once per program instead of twice, and runs
 in two launches, which is what a decode step at high sparsity pays for (each launch costs
 microseconds next to a few microseconds of kept bytes).
+
+One launch (``_threshold_ffn_kernel``, one token): both stages' programs in one grid, each taking its
+work by ticket; a down program waits until the f tiles of its split of F have stored h (docs/kernels.md
+says why this cannot deadlock). The stages are the same device functions as above, so the result is the
+two launches' bit for bit.
 """
 
 from __future__ import annotations
@@ -46,12 +51,13 @@ from torch import Tensor
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen import gate_sparse_ffn as _gate
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig,
-                                                check_channel_scale, k_major, threshold_linear)
+                                                check_channel_scale, default_gemv_config, k_major, out_rows,
+                                                threshold_linear)
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
 
 __all__ = ["threshold_ffn", "threshold_ffn_ref", "default_threshold_ffn_config", "DEFAULT_THRESHOLD_FFN_CONFIG",
-           "DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS", "KERNEL_DTYPES"]
+           "DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS", "KERNEL_DTYPES", "one_launch_refusal", "ONE_LAUNCH_BY_DEFAULT"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -101,6 +107,7 @@ _list_survivors = _gemv._list_survivors
 _scores = _gemv._scores
 _survives = _gemv._survives
 _activation = None
+_gemv_program = None   # activation_sparse's, once JIT-bound there (``_bind``)
 
 
 def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr,
@@ -111,7 +118,26 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
                               HAS_BU: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
                               DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,  # noqa: F821
                               HAS_SCALE: tl.constexpr):  # noqa: F821
-    """h[:, f-tile] = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu) over the channels some token keeps (see the notes above).
+    """Stage 1 alone: program (f tile, D split) of the grid runs :func:`_gate_up_program`."""
+    _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr, sg_ptr, su_ptr,
+                     M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
+                     tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
+                     BLOCK_M, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, SPLIT, COMPACT, HAS_BG, HAS_BU, ACTIVATION, DOT_IN_FP32,
+                     ROUND_BY_BITS, HAS_SCALE)
+
+
+def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr,
+                     sg_ptr, su_ptr, M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
+                     pid, split, n_tiles, n_splits,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
+                     ROWS_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr,  # noqa: F821
+                     COMPACT: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
+                     HAS_BU: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
+                     DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,  # noqa: F821
+                     HAS_SCALE: tl.constexpr):  # noqa: F821
+    """h[:, f-tile ``pid``] = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu) over the channels some token keeps, for D split
+    ``split`` of ``n_splits`` (``n_tiles`` f tiles); see the notes above. Returns whether this program stored the
+    tile's h (it ran the only split, or drew the tile's last ticket).
 
     With ``HAS_SCALE`` (criterion weighted) the gate keeps channel d iff ``|x_d| * sg_d > tau`` and the up
     projection iff ``|x_d| * su_d > tau``: the list holds their union, and each weight row is loaded only where
@@ -119,9 +145,6 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
     """
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
     offs_f = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     f_mask = offs_f < F
     offs_m = tl.arange(0, BLOCK_M)
@@ -135,9 +158,9 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
         accg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         accu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if COMPACT:
-        slot = scratch_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * ROWS_PER_SPLIT
+        slot = scratch_ptr + (split * n_tiles + pid).to(tl.int64) * ROWS_PER_SPLIT
         count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, k0, tau, slot, sg_ptr, su_ptr, BLOCK_M,
-                                ROWS_PER_SPLIT, 2 if HAS_SCALE else 0)
+                                ROWS_PER_SPLIT, 2 if HAS_SCALE else 0, "")
         trips = tl.cdiv(count, BLOCK_K)
     else:
         trips = (ROWS_PER_SPLIT + BLOCK_K - 1) // BLOCK_K   # a split narrower than BLOCK_K still takes one trip
@@ -230,9 +253,68 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
         a = _rounded(_activation(_rounded(accg, h_ptr, ROUND_BY_BITS), ACTIVATION), h_ptr, ROUND_BY_BITS)
         h = a * _rounded(accu, h_ptr, ROUND_BY_BITS)
         tl.store(h_ptr + offs_m[:, None] * F + offs_f[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
+    return last
 
 
-_KERNELS = ("_rounded", "_scores", "_survives", "_list_survivors", "_threshold_gate_up_kernel")
+def _threshold_ffn_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, sg_ptr, su_ptr,
+                          wd_ptr, bd_ptr, sd_ptr, y_ptr, down_scratch_ptr, down_partial_ptr, counters_ptr,
+                          F, D, N, tau, tau_down, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
+                          stride_dk, stride_dn, N_F_TILES, N_SPLITS, N_DOWN_TILES, N_DOWN_SPLITS,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr,  # noqa: F821
+                          SPLIT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,  # noqa: F821
+                          ACTIVATION: tl.constexpr, ROUND_BY_BITS: tl.constexpr,  # noqa: F821
+                          HAS_SCALE: tl.constexpr, DOWN_BLOCK_N: tl.constexpr,  # noqa: F821
+                          DOWN_BLOCK_K: tl.constexpr, DOWN_ROWS: tl.constexpr,  # noqa: F821
+                          DOWN_DIRECT: tl.constexpr, HAS_BD: tl.constexpr,  # noqa: F821
+                          HAS_SCALE_DOWN: tl.constexpr):  # noqa: F821
+    """One token's whole FFN in one launch: stage 1's tiles, then the down GEMV's, handed out by ticket.
+
+    Counters (int32, zero on entry, zero again on exit): [0] the work ticket; [1, 1 + S) per down split, how many of
+    its f tiles have stored h; [1 + S, 1 + 2S) per down split, how many of its programs have seen them all; then
+    the down GEMV's merge tickets (one per N tile) and stage 1's (one per f tile), S = N_DOWN_SPLITS.
+    """
+    n_stage1 = N_F_TILES * N_SPLITS
+    n_work = n_stage1 + N_DOWN_TILES * N_DOWN_SPLITS
+    ready = counters_ptr + 1
+    passed = ready + N_DOWN_SPLITS
+    down_tickets = passed + N_DOWN_SPLITS
+    stage1_tickets = down_tickets + N_DOWN_TILES
+    # Work goes by ticket, not by program id: a program holding a down ticket started after every stage 1
+    # ticket was drawn, by programs already running, which never wait, so its wait below always ends.
+    ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
+    if ticket == n_work - 1:
+        tl.store(counters_ptr, 0)   # every ticket is drawn: ready for the next call
+    tiles_per_split = DOWN_ROWS // BLOCK_N   # stage 1's f tiles nest in the down splits (the wrapper checks)
+    if ticket < n_stage1:
+        pid = ticket % N_F_TILES
+        last = _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr,
+                                stage1_tickets, sg_ptr, su_ptr, 1, F, D, tau, 0, stride_xd, stride_gd, stride_gf,
+                                stride_ud, stride_uf, pid, ticket // N_F_TILES, N_F_TILES, N_SPLITS,
+                                1, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, SPLIT, True, HAS_BG, HAS_BU, ACTIVATION, False,
+                                ROUND_BY_BITS, HAS_SCALE)
+        if last:   # this tile's h is stored: count it for its down split (every thread's stores come first)
+            tl.debug_barrier()
+            tl.atomic_add(ready + pid // tiles_per_split, 1, sem="release", scope="gpu")
+    else:
+        work = ticket - n_stage1
+        split = work // N_DOWN_TILES   # split-major: the first down programs read the first tiles stored
+        want = tl.minimum(tiles_per_split, N_F_TILES - split * tiles_per_split)
+        seen = tl.atomic_add(ready + split, 0, sem="acquire", scope="gpu")
+        while seen < want:
+            seen = tl.atomic_add(ready + split, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+        _gemv_program(h_ptr, wd_ptr, down_partial_ptr, down_scratch_ptr, bd_ptr, y_ptr, down_tickets, sd_ptr,
+                      1, N, F, tau_down, F, 1, stride_dk, stride_dn, work % N_DOWN_TILES, split, 0, N_DOWN_TILES,
+                      N_DOWN_SPLITS, 1, DOWN_BLOCK_N, DOWN_BLOCK_K, DOWN_ROWS, False, True, DOWN_DIRECT, HAS_BD,
+                      HAS_SCALE_DOWN, ".cg")
+        # The last of a split's programs to get here resets its two counters (all the others are past the wait).
+        if tl.atomic_add(passed + split, 1, sem="relaxed", scope="gpu") == N_DOWN_TILES - 1:
+            tl.store(ready + split, 0)
+            tl.store(passed + split, 0)
+
+
+_KERNELS = ("_rounded", "_scores", "_survives", "_list_survivors", "_gate_up_program", "_threshold_gate_up_kernel",
+            "_threshold_ffn_kernel")
 
 
 def _bind() -> None:
@@ -240,9 +322,11 @@ def _bind() -> None:
     if getattr(_threshold_gate_up_kernel, "_sparsecc_jit", False):
         return
     _gate._bind()                          # the helpers resolve ``tl`` in their own modules
-    bind_triton(vars(_gemv), ("_scores", "_survives", "_list_survivors"))
+    bind_triton(vars(_gemv), _gemv._KERNELS)
     if _activation is None:
         globals()["_activation"] = _gate._activation
+    if _gemv_program is None:
+        globals()["_gemv_program"] = _gemv._gemv_program
     bind_triton(globals(), _KERNELS)
 
 
@@ -261,11 +345,36 @@ def default_threshold_ffn_config(tokens: int) -> GemvConfig:
     return DEFAULT_THRESHOLD_FFN_CONFIG if tokens == 1 else DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS
 
 
+# Whether one token runs the one-launch kernel when the caller does not say: off until it is timed on the GPU
+# against the two launches (bench/ffn_input.py's two-launch column).
+ONE_LAUNCH_BY_DEFAULT = False
+
+
+def one_launch_refusal(tokens: int, config: GemvConfig, down_config: GemvConfig) -> str:
+    """Why the FFN cannot run as one launch with these launch knobs ("" when it can).
+
+    One launch serves one token, with both stages compacted, one warp count and pipelining depth (a launch has one
+    of each), and stage 1's f tiles nesting in the down GEMV's splits of F (a down split waits for its own tiles).
+    """
+    if tokens != 1:
+        return f"{tokens} tokens (one launch serves one token)"
+    if not (config.COMPACT and down_config.COMPACT):
+        return "a predicated stage (one launch lists survivors in both stages)"
+    if (config.num_warps, config.STAGES) != (down_config.num_warps, down_config.STAGES):
+        return (f"stage 1 on {config.num_warps} warps and {config.STAGES} stages, the down GEMV on "
+                f"{down_config.num_warps} warps and {down_config.STAGES} stages (one launch has one of each)")
+    if down_config.ROWS_PER_SPLIT % config.BLOCK_N:
+        return (f"the down GEMV's {down_config.ROWS_PER_SPLIT}-row splits are not whole f tiles of "
+                f"{config.BLOCK_N} neurons")
+    return ""
+
+
 def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
                   w_down: Tensor, b_down: Optional[Tensor], act: str, tau_input: float, tau_down: float,
                   config: Optional[GemvConfig] = None, down_config: Optional[GemvConfig] = None,
                   out: Optional[Tensor] = None, scale_gate: Optional[Tensor] = None,
-                  scale_up: Optional[Tensor] = None, scale_down: Optional[Tensor] = None) -> Tensor:
+                  scale_up: Optional[Tensor] = None, scale_down: Optional[Tensor] = None,
+                  one_launch: Optional[bool] = None) -> Tensor:
     """Triton gated FFN with thresholded projection inputs for decode (TEAL); same result as ``threshold_ffn_ref``.
 
     For at most :data:`MAX_DECODE_TOKENS` tokens of float16/bfloat16/float32: stage 1 writes h from the
@@ -274,6 +383,9 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     tokens or float64 run the reference. ``config`` / ``down_config`` override the stages' launch knobs;
     ``out`` (contiguous ``[M, D_out]``, ``x.dtype``) receives the kernel path's result. ``scale_gate`` and
     ``scale_up`` (both or neither, ``[D]``) and ``scale_down`` (``[F]``) are the weighted criterion's column norms.
+    ``one_launch``: both stages in one launch (the same numbers, bit for bit); by default (None) one token takes it
+    when :data:`ONE_LAUNCH_BY_DEFAULT` is set and :func:`one_launch_refusal` allows; True raises ``ValueError``
+    where it does not; False launches the stages one after the other.
     """
     x2, lead = _gate.decode_rows(x, act, w_gate, b_gate, w_up, b_up, w_down, b_down, _check_shapes)
     f, d = w_gate.shape
@@ -287,6 +399,10 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
                                  tau_down=tau_down, scale_gate=scale_gate, scale_up=scale_up, scale_down=scale_down)
     _bind()
     cfg = config or default_threshold_ffn_config(m)
+    down_cfg = down_config or default_gemv_config(m, f)
+    refusal = one_launch_refusal(m, cfg, down_cfg)
+    if one_launch and refusal:
+        raise ValueError(f"threshold_ffn(one_launch=True): not with {refusal}")
     dtype = x.dtype
     wgt, wut = k_major(w_gate.to(dtype)).t(), k_major(w_up.to(dtype)).t()   # [D, F] views
     h = torch.empty(m, f, dtype=dtype, device=x.device)
@@ -296,21 +412,55 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     split = grid[1] > 1
     # Dummies for pointers the launch never touches are x2, which it only reads (codegen/launch.py says why).
     partial = torch.empty(grid[1], 2, m, f, dtype=torch.float32, device=x.device) if split else x2
-    counters = ticket_counters(grid[0], x2) if split else x2   # one per N tile
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     weighted = scale_gate is not None
     sg = scale_gate.float().contiguous() if weighted else x2
     su = scale_up.float().contiguous() if weighted else x2
+    bg = b_gate.contiguous() if b_gate is not None else x2
+    bu = b_up.contiguous() if b_up is not None else x2
     # As in threshold_linear: |x| against tau in x's dtype, a weighted score against tau in float32.
     tau_arg = round_to_dtype(tau_input, torch.float32 if weighted else dtype)
+    stage1 = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows, SPLIT=split, HAS_BG=b_gate is not None,
+                  HAS_BU=b_up is not None, ACTIVATION=act, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
+                  HAS_SCALE=weighted, num_warps=cfg.num_warps, num_stages=cfg.STAGES)
+    if (one_launch or (one_launch is None and ONE_LAUNCH_BY_DEFAULT)) and not refusal:
+        y = _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_down, scale_down, tau_arg,
+                        tau_down, grid, down_cfg, out, stage1)
+        return y.reshape(*lead, w_down.shape[0])
+    counters = ticket_counters(grid[0], x2) if split else x2   # one per N tile
     launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
-        x2, wgt, b_gate.contiguous() if b_gate is not None else x2, wut,
-        b_up.contiguous() if b_up is not None else x2,
-        h, scratch, partial, counters, sg, su, m, f, d, tau_arg, x2.stride(0), x2.stride(1),
-        wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
-        BLOCK_M=1 if m == 1 else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows,
-        SPLIT=split, COMPACT=cfg.COMPACT, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACTIVATION=act,
-        DOT_IN_FP32=interpreting or dtype == torch.float32, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
-        HAS_SCALE=weighted, num_warps=cfg.num_warps, num_stages=cfg.STAGES)
+        x2, wgt, bg, wut, bu, h, scratch, partial, counters, sg, su, m, f, d, tau_arg, x2.stride(0), x2.stride(1),
+        wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1), BLOCK_M=1 if m == 1 else DOT_ROWS,
+        COMPACT=cfg.COMPACT, DOT_IN_FP32=interpreting or dtype == torch.float32, **stage1)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_config, out=out, channel_scale=scale_down)
     return y.reshape(*lead, w_down.shape[0])
+
+
+def _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_down, scale_down, tau_arg, tau_down,
+                grid, down_cfg: GemvConfig, out, stage1: dict) -> Tensor:
+    """Launch ``_threshold_ffn_kernel`` for one token (stage 1's buffers made by the caller); returns y ``[1, N]``."""
+    dtype, device = x2.dtype, x2.device
+    n, f = w_down.shape
+    d = x2.shape[1]
+    y = out_rows(out, 1, n, dtype, device)
+    wdt = k_major(w_down.to(dtype)).t()   # [F, N] view
+    n_down_tiles = triton.cdiv(n, down_cfg.BLOCK_N)  # noqa: F821
+    n_down_splits = triton.cdiv(f, down_cfg.ROWS_PER_SPLIT)  # noqa: F821
+    down_direct = n_down_splits == 1
+    down_scratch = torch.empty(n_down_tiles * n_down_splits * down_cfg.ROWS_PER_SPLIT, dtype=torch.int32,
+                               device=device)
+    down_partial = x2 if down_direct else torch.empty(n_down_splits, 1, n, dtype=torch.float32, device=device)
+    n_counters = 1 + 2 * n_down_splits + n_down_tiles + (grid[0] if stage1["SPLIT"] else 0)
+    counters = ticket_counters(n_counters, x2)
+    weighted_down = scale_down is not None
+    n_work = grid[0] * grid[1] + n_down_tiles * n_down_splits
+    launcher(_threshold_ffn_kernel, x2)[(n_work,)](  # noqa: F821
+        x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, wdt,
+        b_down.contiguous() if b_down is not None else x2,
+        scale_down.float().contiguous() if weighted_down else x2, y, down_scratch, down_partial, counters,
+        f, d, n, tau_arg, round_to_dtype(tau_down, torch.float32 if weighted_down else dtype), x2.stride(1),
+        wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1), wdt.stride(0), wdt.stride(1),
+        grid[0], grid[1], n_down_tiles, n_down_splits, DOWN_BLOCK_N=down_cfg.BLOCK_N, DOWN_BLOCK_K=down_cfg.BLOCK_K,
+        DOWN_ROWS=down_cfg.ROWS_PER_SPLIT, DOWN_DIRECT=down_direct, HAS_BD=b_down is not None,
+        HAS_SCALE_DOWN=weighted_down, **stage1)
+    return y

@@ -237,6 +237,64 @@ def test_interp_default_configs_and_k_major_weights(interpreter, m):
                                                     tau_down=tau_down), atol=1e-5, rtol=1e-5)
 
 
+@FEW
+@given(d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40), biases=st.booleans(),
+       act=st.sampled_from(sorted(ACTIVATIONS)), dtype=st.sampled_from(KERNEL_DTYPES), weighted=st.booleans(),
+       rows=st.sampled_from([16, 64]), down_rows=st.sampled_from([16, 32]), sparsity_in=st.floats(0.05, 0.95),
+       sparsity_h=st.floats(0.05, 0.95), seed=st.integers(0, 10 ** 6))
+def test_interp_one_launch_is_the_two_launches_bit_for_bit(interpreter, d, f, d_out, biases, act, dtype, weighted,
+                                                            rows, down_rows, sparsity_in, sparsity_h, seed):
+    """One token's FFN in one launch (work by ticket, the down splits waiting on their f tiles) returns exactly
+    the two launches' numbers, which match the float64 oracle; every counter is back at zero after it.
+
+    D and F span one or several splits of either stage (16-row splits), so the stage-1 merge, the down merge and
+    several down splits waiting on their own tiles all run.
+    """
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator().manual_seed(seed)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 1, d, f, d_out, biases, dtype)
+    scales = {}
+    if weighted:
+        scales = dict(scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
+    tau_input = float(torch.quantile(x.abs().double().flatten(), sparsity_in))
+    _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
+    tau_down = pick_tau(h.abs(), sparsity_h, dtype)
+    assume(tau_down is not None)
+    cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4)
+    down = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=down_rows, num_warps=4)
+    one = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down,
+                        one_launch=True, **scales)
+    assert counters_at_zero()
+    two = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down,
+                        one_launch=False, **scales)
+    assert torch.equal(one, two)
+    if not weighted:
+        ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
+        assert_close_scaled(one, ref, dtype)
+
+
+@pytest.mark.parametrize("by_default", [True, False])
+def test_interp_one_launch_by_default_for_one_token(interpreter, monkeypatch, by_default):
+    """With ``ONE_LAUNCH_BY_DEFAULT`` one token with the default knobs takes the one-launch kernel, more tokens the
+    two launches; without it, two launches."""
+    from sparsecc.codegen import threshold_ffn as module
+    monkeypatch.setattr(module, "ONE_LAUNCH_BY_DEFAULT", by_default)
+    launched = []
+    real = module.launcher
+
+    def spy(kernel, *like):
+        launched.append(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
+        return real(kernel, *like)
+
+    monkeypatch.setattr(module, "launcher", spy)
+    gen = torch.Generator().manual_seed(3)
+    for m in (1, 2):
+        x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 32, 128, 16, True, torch.float32)
+        module.threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.3, 0.02)
+    first = "_threshold_ffn_kernel" if by_default else "_threshold_gate_up_kernel"
+    assert launched == [first, "_threshold_gate_up_kernel"], launched
+
+
 # ------------------------------------------------------------------ reference, dispatch and errors (no Triton run)
 
 
@@ -285,6 +343,23 @@ def test_many_tokens_and_float64_run_the_reference():
         got = threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.3, 0.02)
         torch.testing.assert_close(got, threshold_ffn_ref(x, wg, bg, wu, bu, wd, bd, act="silu", tau_input=0.3,
                                                           tau_down=0.02))
+
+
+def test_one_launch_refusals_name_the_knob():
+    """``one_launch=True`` where one launch cannot serve raises, naming why; the refusal rule itself."""
+    pytest.importorskip("triton")
+    from sparsecc.codegen.threshold_ffn import one_launch_refusal, threshold_ffn
+    base = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
+    down = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=4)
+    assert one_launch_refusal(1, base, down) == ""
+    assert "3 tokens" in one_launch_refusal(3, base, down)
+    assert "predicated" in one_launch_refusal(1, GemvConfig(64, 128, 4096, 4, COMPACT=False), down)
+    assert "8 warps" in one_launch_refusal(1, base, GemvConfig(64, 128, 2048, 8))
+    assert "not whole f tiles" in one_launch_refusal(1, GemvConfig(128, 64, 4096, 4), GemvConfig(64, 64, 64, 4))
+    gen = torch.Generator().manual_seed(12)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 2, 16, 24, 8, True, torch.float32)
+    with pytest.raises(ValueError, match=r"one_launch=True\): not with 2 tokens"):
+        threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.1, 0.1, one_launch=True)
 
 
 def test_threshold_ffn_rejects_bad_arguments():
@@ -362,4 +437,45 @@ def test_threshold_ffn_weighted_gpu(dtype, m):
                       "silu", tau_input, tau_down, out=out, scale_gate=sg, scale_up=su, scale_down=sd)
     assert bool(torch.isfinite(y).all())
     assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+    assert counters_at_zero()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_one_launch_replays_in_a_cuda_graph_gpu(dtype, sparsity):
+    """One token at Llama-3-8B shapes in one launch: matches the float32 oracle like the two launches, and 50
+    replays of a CUDA graph of it (its counters reset by the kernel itself, never by a fill) give the eager result
+    bit for bit (the merges sum in a fixed order, whichever program comes last)."""
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator(device="cuda").manual_seed(7 + int(100 * sparsity))
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 1, 4096, 14336, 4096, True, dtype, "cuda")
+    tau_input = float(torch.quantile(x.float().abs().flatten(), sparsity))
+    xt = x.float() * (x.float().abs() > as_dtype(tau_input, dtype))
+    gate = (xt @ wg.float().T + bg.float()).to(dtype).float()
+    up = (xt @ wu.float().T + bu.float()).to(dtype).float()
+    h = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype).float()
+    tau_down = float(torch.quantile(h.abs().flatten(), sparsity))
+    ref = (h * (h.abs() > as_dtype(tau_down, dtype))) @ wd.float().T + bd.float()
+    km = [w.t().contiguous().t() for w in (wg, wu, wd)]
+
+    def call(one_launch):
+        return threshold_ffn(x, km[0], bg, km[1], bu, km[2], bd, "silu", tau_input, tau_down, one_launch=one_launch)
+
+    eager = call(True)
+    for y in (eager, call(False)):
+        assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+    assert counters_at_zero()
+    static = torch.empty_like(eager)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        call(True)   # warm up on the capture stream (its own counters buffer)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            static.copy_(call(True))
+    for _ in range(50):
+        static.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static, eager)
+    torch.cuda.synchronize()
     assert counters_at_zero()
