@@ -10,10 +10,11 @@ FFN on those tokens), as calibrated thresholds would on this distribution. Colum
 * **dense**: ``F.linear`` (cuBLAS) gate, up, ``silu(gate) * up``, down;
 * **three-op**: ``threshold_linear`` on gate, up and down with torch's ``silu * up`` between (what a site
   compiled before the fused op launched: 5 kernels);
-* **fused**: ``threshold_ffn`` (codegen/threshold_ffn.py) as the compiler calls it: one token runs the whole FFN
-  in one launch (the down GEMV's programs wait on their f tiles); more tokens launch gate + up + act, then the
-  down GEMV and its split merge;
-* **two-launch** (one token): the same op with ``one_launch=False``, the launches of every earlier run;
+* **fused**: ``threshold_ffn`` (codegen/threshold_ffn.py) as the compiler calls it: gate + up + act in one launch,
+  the down GEMV and its split merge in a second, or for one token where ``ONE_LAUNCH_BY_DEFAULT`` is set the
+  whole FFN in one launch;
+* **one-launch** and **two-launch** (one token): the same op with ``one_launch=True`` (the down GEMV's programs
+  wait on their f tiles in the same launch) and ``one_launch=False``;
 * **weighted**: the same op with the weighted criterion (``|x_i| * ||W[:, i]||_2 > tau``, each projection's own
   column norms; docs/spec.md), its thresholds at the same share of the weighted scores (gate and up scores
   pooled for the shared input threshold, as ``sparsecc.calibrate`` pools them);
@@ -172,7 +173,8 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None)
     methods = {"dense": dense, "three_op": three_op, "fused": fused, "weighted": weighted,
                "weighted_three_op": weighted_three_op}
     oracles = {"weighted": ref_w, "weighted_three_op": ref_w}
-    if m == 1:   # the fused op's stages launched one after the other (the one-launch kernel's anchor)
+    if m == 1:   # the fused op's two forms for one token, whichever the default is
+        methods["one_launch"] = lambda w: fused(w, one_launch=True)
         methods["two_launch"] = lambda w: fused(w, one_launch=False)
     if teal is not None and dtype == torch.float16 and m == 1:
         bin_ = round(10 * sparsity)   # the autotuning key TEAL gives its sparsity level
@@ -188,7 +190,8 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None)
         err = rel_err(fn(weights[0]).view(m, D_MODEL), oracles.get(name, ref))
         # dense ignores the thresholds: its error is the sparsity's own effect, reported, not checked. TEAL's
         # kernel adds its K-split partials into the float16 output with atomics: its error is recorded only.
-        if name in ("three_op", "fused", "weighted", "weighted_three_op", "two_launch") and not err < 1e-2:
+        if name in ("three_op", "fused", "weighted", "weighted_three_op", "one_launch", "two_launch") and \
+                not err < 1e-2:
             raise SystemExit(f"correctness check failed: {name} M={m} {sparsity:.0%} {dtype}: rel err {err}")
         out[f"{name}_err"] = err
         out[f"{name}_ms"] = bench_graph([lambda w=w, fn=fn: fn(w) for w in weights])
@@ -267,15 +270,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         del weights, norms
         torch.cuda.empty_cache()
     write_json(args.json, rows)
-    print("\n| dtype | M | sparsity | dense us | three-op us | two-launch us | fused us | weighted three-op us "
+    print("\n| dtype | M | sparsity | dense us | three-op us | two-launch us | one-launch us | fused us "
+          "| weighted three-op us "
           "| weighted fused us | TEAL us | fused x dense | weighted fused x dense | three-op x dense | weighted three-op x dense "
           "| TEAL x dense | fused TB/s | weighted fused TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-          "---|---|---|")
+          "---|---|---|---|")
     for r in rows:
         teal_ms = r.get("teal_ms")
-        two_launch = "%.1f" % (1e3 * r["two_launch_ms"]) if "two_launch_ms" in r else "-"
+        two_launch, one_launch = ("%.1f" % (1e3 * r[k]) if k in r else "-" for k in ("two_launch_ms", "one_launch_ms"))
         print(f"| {r['dtype']} | {r['tokens']} | {r['sparsity']:.0%} | {1e3 * r['dense_ms']:.1f} | "
-              f"{1e3 * r['three_op_ms']:.1f} | {two_launch} | {1e3 * r['fused_ms']:.1f} | "
+              f"{1e3 * r['three_op_ms']:.1f} | {two_launch} | {one_launch} | {1e3 * r['fused_ms']:.1f} | "
               f"{1e3 * r['weighted_three_op_ms']:.1f} | "
               f"{1e3 * r['weighted_ms']:.1f} | "
               f"{'%.1f' % (1e3 * teal_ms) if teal_ms else '-'} | **{r['dense_ms'] / r['fused_ms']:.2f}** | "
