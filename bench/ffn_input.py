@@ -1,7 +1,7 @@
 """Decode FFN in input mode (TEAL): the fused op against its two-launch form, the three-op form, TEAL's kernels, dense.
 
     python bench/ffn_input.py [--tokens 1,2,4,8,16] [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16]
-                              [--teal .carry/teal/sparse_gemv.py] [--sweep] [--json out.json]
+                              [--teal .carry/teal/sparse_gemv.py] [--sweep] [--sweep-one-launch] [--json out.json]
 
 Workload: one Llama-3-8B gated FFN, D 4096 -> F 14336 -> D (SiLU, no biases). The input x [M, D] is random
 normal; ``tau_input`` drops the ``sparsity`` share of |x| and ``tau_down`` the same share of |h| (h of the dense
@@ -29,7 +29,8 @@ recorded, not checked: its kernel adds K-split partials into the float16 output 
 the first run, growing with sparsity). Timing: CUDA-graph replay
 over ``COPIES`` weight sets (``bench/linear.py``'s ``bench_graph``; 3 x 35 MB of kept rows at 90% is beyond the
 60 MB L2), median per call. "TB/s" = the weight bytes the sparse form must read (kept gate and up rows, kept down
-rows) / fused time. ``--sweep`` also times launch knobs of both stages at the ``SWEPT`` rows.
+rows) / fused time. ``--sweep`` also times launch knobs of both stages at the ``SWEPT`` rows, ``--sweep-one-launch``
+the one-launch kernel's (``one_launch_pairs``) at the one-token ones.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def oracle(x, wg, wu, wd, tau_in, tau_down, norms=None):
     return kept(h, tau_down, sd) @ wd.float().T
 
 
-def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None) -> dict:
+def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None, pairs=None) -> dict:
     """One (tokens, sparsity, dtype) row; ``norms`` maps id(weight set) to its (gate, up, down) column norms."""
     x = torch.randn(m, D_MODEL, device="cuda", dtype=dtype, generator=gen)
     wg, wu, wd = weights[0]
@@ -198,17 +199,22 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None)
     out["tb_s"] = kept_bytes / (out["fused_ms"] * 1e-3) / 1e12
     out["weighted_kept_mb"] = kept_w / 1e6
     out["weighted_tb_s"] = kept_w / (out["weighted_ms"] * 1e-3) / 1e12
-    if configs:
-        def time_config(cfg, down):
-            try:
-                err = rel_err(fused(weights[0], cfg, down), ref)
-                ms = bench_graph([lambda w=w: fused(w, cfg, down) for w in weights]) if err < 1e-2 else float("nan")
-            except Exception as exc:   # a launch shape the compiler refuses: record it, keep sweeping
-                err, ms = float("nan"), float("nan")
-                print(f"  sweep {cfg} / {down}: {type(exc).__name__}: {str(exc)[:80]}")
-            return {"stage1": str(cfg), "down": str(down), "ms": ms, "err": err, "cfg": cfg, "down_cfg": down}
 
-        by_time = lambda r: (r["ms"] != r["ms"], r["ms"])   # noqa: E731 - NaN last
+    def time_config(cfg, down, one_launch=None):
+        try:
+            err = rel_err(fused(weights[0], cfg, down, one_launch), ref)
+            ms = bench_graph([lambda w=w: fused(w, cfg, down, one_launch) for w in weights]) if err < 1e-2 \
+                else float("nan")
+        except Exception as exc:   # a launch shape the compiler refuses: record it, keep sweeping
+            err, ms = float("nan"), float("nan")
+            print(f"  sweep {cfg} / {down}: {type(exc).__name__}: {str(exc)[:80]}")
+        return {"stage1": str(cfg), "down": str(down), "ms": ms, "err": err, "cfg": cfg, "down_cfg": down}
+
+    by_time = lambda r: (r["ms"] != r["ms"], r["ms"])   # noqa: E731 - NaN last
+    if pairs:   # (stage 1, down) knobs of the one-launch kernel
+        timed = sorted((time_config(c, d, True) for c, d in pairs), key=by_time)
+        out["one_launch_sweep"] = [{k: v for k, v in r.items() if k not in ("cfg", "down_cfg")} for r in timed]
+    if configs:
         first = sorted((time_config(c, default_gemv_config(m, D_FF)) for c in configs[0]), key=by_time)
         best = first[0]["cfg"]
         second = sorted((time_config(best, d) for d in configs[1]), key=by_time)
@@ -235,6 +241,18 @@ def sweep_configs():
 SWEPT = ((1, 0.5), (1, 0.9), (4, 0.7))   # (tokens, sparsity) rows --sweep times launch knobs at, in float16
 
 
+def one_launch_pairs():
+    """(stage 1, down) launch knobs for the one-launch kernel (one token): N tiles and down splits around the
+    defaults, with one warp count for both stages (``one_launch_refusal``)."""
+    pairs = []
+    for bn in (32, 64, 128):
+        for down_rows in (1024, 2048, 4096):
+            for warps in (4, 8):
+                pairs.append((GemvConfig(BLOCK_N=bn, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=warps),
+                              GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=down_rows, num_warps=warps)))
+    return pairs
+
+
 def commit() -> str:
     return source_version()
 
@@ -246,6 +264,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--dtypes", default="float16,bfloat16")
     ap.add_argument("--teal", default=".carry/teal/sparse_gemv.py", help="TEAL's kernels/sparse_gemv.py (optional)")
     ap.add_argument("--sweep", action="store_true", help="also time launch knobs at the SWEPT rows")
+    ap.add_argument("--sweep-one-launch", action="store_true",
+                    help="also time the one-launch kernel's knobs (one_launch_pairs) at the one-token SWEPT rows")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     teal = load_teal(args.teal)
@@ -260,10 +280,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         for m in (int(t) for t in args.tokens.split(",")):
             for s in (float(v) for v in args.sparsities.split(",")):
                 configs = sweep_configs() if args.sweep and (m, s) in SWEPT and dtype == torch.float16 else None
-                r = row(m, s, dtype, weights, norms, teal, gen, configs)
+                pairs = one_launch_pairs() if args.sweep_one_launch and m == 1 and (m, s) in SWEPT and \
+                    dtype == torch.float16 else None
+                r = row(m, s, dtype, weights, norms, teal, gen, configs, pairs)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "sweep"}), flush=True)
-                for entry in r.get("sweep", [])[:6]:
+                for entry in r.get("sweep", [])[:6] + r.get("one_launch_sweep", [])[:6]:
                     print("   sweep", json.dumps(entry), flush=True)
                 if "best" in r:
                     print("   best", json.dumps(r["best"]), flush=True)
