@@ -159,6 +159,22 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, co
     assert_matches(y, ref, dtype)
 
 
+@interpreter
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_threshold_linear_negative_tau_keeps_everything_and_reads_nothing_past_k(m, compact):
+    """tau < 0 keeps every channel, zeros included (|x| > tau always): the dense product. K = 20 in 16-channel
+    splits leaves 12 channel slots past K in the last split, whose scores (0) pass too; they must not be listed
+    (a listed index past K would read past the end of x and the weight)."""
+    gen = torch.Generator().manual_seed(17 + m)
+    x = randn(gen, m, 20, dtype=torch.float32)
+    x[:, ::4] = 0.0
+    w = randn(gen, 24, 20, dtype=torch.float32)
+    cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact)
+    y = threshold_linear(x, w, None, -1.0, config=cfg, out=poisoned(m, 24, torch.float32))
+    assert_matches(y, x.double() @ w.double().T, torch.float32)
+
+
 def weighted_oracle(x, w, bias, tau):
     """docs/spec.md, criterion weighted, in float64: keep x_i iff |x_i| * ||W[:, i]||_2 > tau."""
     norms = w.double().norm(dim=0)
