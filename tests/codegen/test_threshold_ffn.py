@@ -295,6 +295,57 @@ def test_interp_one_launch_by_default_for_one_token(interpreter, monkeypatch, by
     assert launched == [first, "_threshold_gate_up_kernel"], launched
 
 
+_SM90_CHILD = """
+import json, torch
+from tests import sm90
+sm90.install()
+from sparsecc.codegen import threshold_ffn as tf
+tf._bind()
+d, f, n = 4096, 14336, 4096
+x, h, y = (torch.empty(1, w, dtype=torch.float16) for w in (d, f, n))
+wg, wd = torch.empty(d, f, dtype=torch.float16), torch.empty(f, n, dtype=torch.float16)
+i32, f32, scale = torch.empty(16, dtype=torch.int32), torch.empty(16), torch.empty(f)
+out = {}
+for name, split, weighted in (("plain", False, False), ("split_weighted", True, True)):
+    s = scale if weighted else x
+    k = tf._threshold_ffn_kernel.warmup(
+        x, wg, x, wg, x, h, i32, f32 if split else x, s, s, wd, x, s, y, i32, f32, i32, f, d, n, 0.5, 0.5, 1, f, 1,
+        f, 1, n, 1, 224, 2 if split else 1, 64, 7, BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=2048 if split else 4096,
+        SPLIT=split, HAS_BG=False, HAS_BU=False, ACTIVATION="silu", ROUND_BY_BITS=False, HAS_SCALE=weighted,
+        DOWN_BLOCK_N=64, DOWN_BLOCK_K=128, DOWN_ROWS=2048, DOWN_DIRECT=False, HAS_BD=False,
+        HAS_SCALE_DOWN=weighted, num_warps=4, num_stages=3, grid=(1,))
+    out[name] = dict(ptx=k.asm["ptx"], cubin=len(k.asm["cubin"]))
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_one_launch_kernel_compiles_for_sm90_with_its_synchronisation():
+    """The one-launch kernel compiled for sm_90 by the installed Triton (no GPU: tests/sm90.py's driver stub),
+    with the memory orderings its waits rely on still in the PTX: a release add counting a stored f tile, acquire
+    reads of that count, and h read past L1. (The interpreter runs programs one by one, so it never waits: what a
+    GPU needs is checked here and in the gpu tests.)"""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.driver")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SM90_CHILD], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=root)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, f"sm_90 compile failed:\n{proc.stderr[-4000:]}"
+    for name, kernel in json.loads(lines[-1][len("RESULT"):]).items():
+        ops = [line.split()[1] if line.lstrip().startswith("@") else line.split()[0]
+               for line in kernel["ptx"].splitlines() if line.strip() and not line.lstrip().startswith("//")]
+        assert kernel["cubin"] > 0, name
+        assert any(re.match(r"(red|atom)\.", op) and "release" in op for op in ops), name
+        assert any(re.match(r"(ld|atom)\.", op) and "acquire" in op for op in ops), name
+        assert any(op.startswith("ld.global.cg") for op in ops), name
+
+
 # ------------------------------------------------------------------ reference, dispatch and errors (no Triton run)
 
 
