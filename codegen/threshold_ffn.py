@@ -295,13 +295,17 @@ def _threshold_ffn_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_
         if last:   # this tile's h is stored: count it for its down split (every thread's stores come first)
             tl.debug_barrier()
             tl.atomic_add(ready + pid // tiles_per_split, 1, sem="release", scope="gpu")
-    else:
+    elif ticket < n_work:   # (more tickets than work only if two launches shared the counters: launch.py's rule)
         work = ticket - n_stage1
         split = work // N_DOWN_TILES   # split-major: the first down programs read the first tiles stored
         want = tl.minimum(tiles_per_split, N_F_TILES - split * tiles_per_split)
-        seen = tl.atomic_add(ready + split, 0, sem="acquire", scope="gpu")
+        # Spin on relaxed reads (an acquire read invalidates the SM's L1 each time, under the programs beside this
+        # one), then one acquire read of the final count orders the reads of h after every tile's release; the
+        # count cannot be reset before this program has passed.
+        seen = tl.atomic_add(ready + split, 0, sem="relaxed", scope="gpu")
         while seen < want:
-            seen = tl.atomic_add(ready + split, 0, sem="acquire", scope="gpu")
+            seen = tl.atomic_add(ready + split, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(ready + split, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
         _gemv_program(h_ptr, wd_ptr, down_partial_ptr, down_scratch_ptr, bd_ptr, y_ptr, down_tickets, sd_ptr,
                       1, N, F, tau_down, F, 1, stride_dk, stride_dn, work % N_DOWN_TILES, split, 0, N_DOWN_TILES,
@@ -350,14 +354,19 @@ def default_threshold_ffn_config(tokens: int) -> GemvConfig:
 ONE_LAUNCH_BY_DEFAULT = False
 
 
-def one_launch_refusal(tokens: int, config: GemvConfig, down_config: GemvConfig) -> str:
+def one_launch_refusal(tokens: int, config: GemvConfig, down_config: GemvConfig, inner: int = 1,
+                       out_features: int = 1) -> str:
     """Why the FFN cannot run as one launch with these launch knobs ("" when it can).
 
-    One launch serves one token, with both stages compacted, one warp count and pipelining depth (a launch has one
-    of each), and stage 1's f tiles nesting in the down GEMV's splits of F (a down split waits for its own tiles).
+    One launch serves one token of a non-empty FFN (``inner`` F and ``out_features`` N at least 1: the down
+    programs reset the counters stage 1 counts on), with both stages compacted, one warp count and pipelining
+    depth (a launch has one of each), and stage 1's f tiles nesting in the down GEMV's splits of F (a down split
+    waits for its own tiles).
     """
     if tokens != 1:
         return f"{tokens} tokens (one launch serves one token)"
+    if inner < 1 or out_features < 1:
+        return f"an empty FFN (F = {inner}, N = {out_features})"
     if not (config.COMPACT and down_config.COMPACT):
         return "a predicated stage (one launch lists survivors in both stages)"
     if (config.num_warps, config.STAGES) != (down_config.num_warps, down_config.STAGES):
@@ -400,7 +409,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     _bind()
     cfg = config or default_threshold_ffn_config(m)
     down_cfg = down_config or default_gemv_config(m, f)
-    refusal = one_launch_refusal(m, cfg, down_cfg)
+    refusal = one_launch_refusal(m, cfg, down_cfg, f, w_down.shape[0])
     if one_launch and refusal:
         raise ValueError(f"threshold_ffn(one_launch=True): not with {refusal}")
     dtype = x.dtype
