@@ -163,6 +163,11 @@ with FakeTensorMode():
         threshold_ffn.threshold_ffn(x, w_km, None, w_km, None, wd_km, None, "silu", 0.5, 0.1,
                                     scale_gate=torch.empty(256, device=cuda), scale_up=torch.empty(256, device=cuda),
                                     scale_down=torch.empty(512, device=cuda)).shape,   # criterion weighted
+        threshold_ffn.threshold_ffn(x, w_km, None, w_km, None, wd_km, None, "silu", 0.5, 0.1,
+                                    one_launch=True).shape,   # the whole FFN in one launch
+        threshold_ffn.threshold_ffn(x, w_km, None, w_km, None, wd_km, None, "silu", 0.5, 0.1,
+                                    scale_gate=torch.empty(256, device=cuda), scale_up=torch.empty(256, device=cuda),
+                                    scale_down=torch.empty(512, device=cuda), one_launch=True).shape,
     ]
 print([tuple(s) for s in shapes])
 """
@@ -183,7 +188,7 @@ def test_traced_kernel_paths_run_on_fake_cuda_tensors():
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str([(2, 8, 64, 64), (2, 8, 64, 64), (2, 8, 1, 64), (2, 8, 1, 64), (2, 8, 1, 64),
                                                         (1, 512), (1, 256), (1, 256), (1, 256), (1, 512),
-                                                        (1, 256)])
+                                                        (1, 256), (1, 256), (1, 256)])
 
 
 # ---------------------------------------------------------------- GPU: Inductor launches the kernels
