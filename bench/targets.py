@@ -19,7 +19,7 @@ many tokens (``FUSED_FFN_MAX_TOKENS`` of passes/ffn.py, read when the table is b
 | prefill | prefill_hopper.py: streaming 16K-128K, random ~10% 16K-64K, Hkv 8, pp3p, Flex, --rounds 5 | 6-7 min |
 | dense | attention.py run_dense_dispatch: 8K, 32K | < 1 min |
 | decode | decode_kernel.py --batches 8,1,32 | 1-2 min |
-| ffn | ffn_input.py: 1 token, 50 / 70 / 90%, fp16 and bf16, TEAL's kernel when given | about 2 min |
+| ffn | ffn_input.py: 1 token, 50 / 70 / 90%, fp16 and bf16, TEAL's kernel when given, one and two launches | about 2 min |
 | gate | ffn_gate.py: 1 token, 50 / 90%, fp16 and bf16 | about 1 min |
 | batch | ffn_input.py: 2 / 4 / 8 / 16 tokens, 70%, fp16 and bf16 | about 2 min |
 | bsr | linear.py --only bsr | 1-2 min |
@@ -238,15 +238,22 @@ def _one_token_rows(group: str, mode: str, rows: List[dict], minimums: Dict[floa
 
 
 def evaluate_ffn(data: dict) -> List[TargetRow]:
-    """bench/ffn_input.py --json at one token: fused x dense (fp16 judged, others reported) and fused x TEAL."""
-    def against_teal(r, s):
+    """bench/ffn_input.py --json at one token: fused x dense (fp16 judged, others reported) and fused x TEAL; where
+    the run timed the op's one-launch and two-launch forms, each x dense is reported beside."""
+    def beside(r, s):
         name = f"input mode 1 token {_pct(s)} fp16, fused x TEAL"
         if r is not None and field(r, "teal_ms") is None:   # TEAL's kernel is optional: no anchor, no verdict
-            return [TargetRow("ffn", name, "-", "TEAL's kernel not given (--teal)", "> 1x", SKIPPED)]
-        return [target_row("ffn", name, ratio(r, "teal_ms", "fused_ms"), 1.0, "TEAL's sparse GEMV, same run",
-                           strict=True)]
+            out = [TargetRow("ffn", name, "-", "TEAL's kernel not given (--teal)", "> 1x", SKIPPED)]
+        else:
+            out = [target_row("ffn", name, ratio(r, "teal_ms", "fused_ms"), 1.0, "TEAL's sparse GEMV, same run",
+                              strict=True)]
+        for key, form in (("one_launch_ms", "one launch"), ("two_launch_ms", "two launches")):
+            if r is not None and field(r, key) is not None:
+                out.append(report_row("ffn", f"input mode 1 token {_pct(s)} fp16, {form}",
+                                      ratio(r, "dense_ms", key), "dense cuBLAS FFN, graph replay"))
+        return out
 
-    return _one_token_rows("ffn", "input mode", data.get("rows", []), FFN_X_DENSE, "fused_ms", beside=against_teal)
+    return _one_token_rows("ffn", "input mode", data.get("rows", []), FFN_X_DENSE, "fused_ms", beside=beside)
 
 
 def evaluate_gate(data: dict) -> List[TargetRow]:

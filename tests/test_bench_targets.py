@@ -187,6 +187,18 @@ def test_ffn_input_mode_with_teal_in_the_same_run():
     assert rows["input mode 1 token 50% bfloat16"].measured == "1.62x"
 
 
+def test_ffn_one_and_two_launches_are_reported_beside_where_timed():
+    """Rows with the op's one-launch and two-launch times report each x dense (no verdict of their own); rows
+    without them add nothing."""
+    data = ffn_data(teal=True)
+    data["rows"][0].update(one_launch_ms=0.040, two_launch_ms=0.050)   # 2.50x and 2.00x of the 100 us dense
+    rows = by_workload(targets.evaluate_ffn(data))
+    assert rows["input mode 1 token 50% fp16, one launch"].verdict == REPORT
+    assert rows["input mode 1 token 50% fp16, one launch"].measured == "2.50x"
+    assert rows["input mode 1 token 50% fp16, two launches"].measured == "2.00x"
+    assert not any("launch" in name for name in rows if "70%" in name or "90%" in name)
+
+
 def test_ffn_without_teal_skips_that_anchor_only():
     rows = by_workload(targets.evaluate_ffn(ffn_data(teal=False)))
     assert all(rows[f"input mode 1 token {p} fp16, fused x TEAL"].verdict == SKIPPED for p in ("50%", "70%", "90%"))
