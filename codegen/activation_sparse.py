@@ -13,7 +13,7 @@ import functools
 import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,8 @@ from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, tracing
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
-           "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows"]
+           "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows", "GemvBuffers",
+           "gemv_buffers"]
 
 # ============================================================== reference
 
@@ -416,6 +417,48 @@ def out_rows(out: Optional[Tensor], m: int, n: int, dtype: torch.dtype, device: 
     return out
 
 
+class GemvBuffers(NamedTuple):
+    """The operands of one split-K GEMV launch (``_gemv_program``) beside x and its ticket counters."""
+
+    wt: Tensor                   # Wᵀ [K, N], a K-major view in x's dtype
+    y: Tensor                    # [M, N] in x's dtype: the caller's ``out`` or a new tensor
+    partial: Tensor              # float32 [splits, M, N]; the dummy when one split stores y itself
+    scratch: Tensor              # int32 survivor slots, ROWS_PER_SPLIT per program; 1 element when predicated
+    bias: Tensor                 # the bias, or the dummy
+    scale: Tensor                # float32 channel scale (criterion weighted), or the dummy
+    tau: float                   # tau rounded as the criterion compares it
+    grid: Tuple[int, int, int]   # (N tiles, K splits, token programs)
+
+    @property
+    def direct(self) -> bool:
+        """One K split: the kernel stores y itself (no partials, no tickets)."""
+        return self.grid[1] == 1
+
+
+def gemv_buffers(x2: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float, cfg: GemvConfig,
+                 out: Optional[Tensor], channel_scale: Optional[Tensor], per_token: bool,
+                 dummy: Tensor) -> GemvBuffers:
+    """The buffers of a GEMV launch over ``x2 [M, K]`` with ``weight [N, K]``: :func:`threshold_linear`'s, and the
+    down stage of codegen/threshold_ffn.py's one-launch FFN. ``dummy`` stands for pointers the launch never
+    touches: a tensor the launch only reads (codegen/launch.py says why). Needs Triton bound (``bind_triton``)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
+    grid = (triton.cdiv(n, cfg.BLOCK_N), n_splits, m if per_token else 1)  # noqa: F821
+    # One slot of ROWS_PER_SPLIT channel indices per program for the compacted paths (only the
+    # survivors' entries are written); a 1-element dummy otherwise.
+    slots = grid[0] * grid[1] * grid[2] * cfg.ROWS_PER_SPLIT if cfg.COMPACT else 1
+    # The magnitude criterion compares |x| with tau rounded to x's dtype (as torch compares x with a Python
+    # float); the weighted one compares a float32 score with tau in float32 (as the reference does).
+    return GemvBuffers(
+        wt=k_major(weight.to(x2.dtype)).t(), y=out_rows(out, m, n, x2.dtype, x2.device),
+        partial=dummy if n_splits == 1 else torch.empty(n_splits, m, n, dtype=torch.float32, device=x2.device),
+        scratch=torch.empty(slots, dtype=torch.int32, device=x2.device),
+        bias=bias.contiguous() if bias is not None else dummy,
+        scale=channel_scale.float().contiguous() if channel_scale is not None else dummy,
+        tau=round_to_dtype(tau, x2.dtype if channel_scale is None else torch.float32), grid=grid)
+
+
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
                      config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                      channel_scale: Optional[Tensor] = None) -> Tensor:
@@ -440,30 +483,16 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
         return threshold_linear_ref(x, weight, bias, tau, channel_scale)
     bind_triton(globals(), _KERNELS)
     cfg = config or default_gemv_config(m, k)
-    wt = k_major(weight.to(x.dtype)).t()
     per_token = m == 1 or cfg.PER_TOKEN
-    n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
-    direct = n_splits == 1  # one split: the kernel stores y itself (no partials, no tickets)
-    y = out_rows(out, m, n, x.dtype, x.device)
     # Dummies for pointers a launch never touches are x2, which it only reads (codegen/launch.py says why).
-    partial = x2 if direct else torch.empty(n_splits, m, n, dtype=torch.float32, device=x.device)
+    g = gemv_buffers(x2, weight, bias, tau, cfg, out, channel_scale, per_token, x2)
+    counters = x2 if g.direct else ticket_counters(g.grid[0] * g.grid[2], x2)   # one per (token, N tile)
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
-    grid = (triton.cdiv(n, cfg.BLOCK_N), n_splits, m if per_token else 1)  # noqa: F821
-    counters = x2 if direct else ticket_counters(grid[0] * grid[2], x2)   # one per (token, N tile)
-    # One slot of ROWS_PER_SPLIT channel indices per program for the compacted paths (only the
-    # survivors' entries are written); a 1-element dummy otherwise.
-    slots = grid[0] * grid[1] * grid[2] * cfg.ROWS_PER_SPLIT if cfg.COMPACT else 1
-    scratch = torch.empty(slots, dtype=torch.int32, device=x.device)
-    bias_arg = bias.contiguous() if bias is not None else x2
-    scale_arg = channel_scale.float().contiguous() if channel_scale is not None else x2
-    # The magnitude criterion compares |x| with tau rounded to x's dtype (as torch compares x with a Python
-    # float); the weighted one compares a float32 score with tau in float32 (as the reference does).
-    tau_arg = round_to_dtype(tau, x.dtype if channel_scale is None else torch.float32)
-    launcher(_threshold_gemv_kernel, x2)[grid](  # noqa: F821
-        x2, wt, partial, scratch, bias_arg, y, counters, scale_arg, m, n, k, tau_arg,
-        x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
+    launcher(_threshold_gemv_kernel, x2)[g.grid](  # noqa: F821
+        x2, g.wt, g.partial, g.scratch, g.bias, g.y, counters, g.scale, m, n, k, g.tau,
+        x2.stride(0), x2.stride(1), g.wt.stride(0), g.wt.stride(1),
         BLOCK_M=1 if per_token else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT, DOT_IN_FP32=interpreting or x.dtype == torch.float32,
-        COMPACT=cfg.COMPACT, DIRECT=direct, HAS_BIAS=bias is not None, HAS_SCALE=channel_scale is not None,
+        COMPACT=cfg.COMPACT, DIRECT=g.direct, HAS_BIAS=bias is not None, HAS_SCALE=channel_scale is not None,
         num_warps=cfg.num_warps, num_stages=cfg.STAGES)
-    return y.reshape(*lead, n)
+    return g.y.reshape(*lead, n)

@@ -51,7 +51,7 @@ from torch import Tensor
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen import gate_sparse_ffn as _gate
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig,
-                                                check_channel_scale, default_gemv_config, k_major, out_rows,
+                                                check_channel_scale, default_gemv_config, gemv_buffers, k_major,
                                                 threshold_linear)
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
@@ -409,7 +409,9 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     _bind()
     cfg = config or default_threshold_ffn_config(m)
     down_cfg = down_config or default_gemv_config(m, f)
-    refusal = one_launch_refusal(m, cfg, down_cfg, f, w_down.shape[0])
+    # The rule is asked only where one launch is wanted (a decode step's calls with two launches skip it).
+    wanted = one_launch or (one_launch is None and ONE_LAUNCH_BY_DEFAULT)
+    refusal = one_launch_refusal(m, cfg, down_cfg, f, w_down.shape[0]) if wanted else ""
     if one_launch and refusal:
         raise ValueError(f"threshold_ffn(one_launch=True): not with {refusal}")
     dtype = x.dtype
@@ -432,7 +434,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     stage1 = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows, SPLIT=split, HAS_BG=b_gate is not None,
                   HAS_BU=b_up is not None, ACTIVATION=act, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
                   HAS_SCALE=weighted, num_warps=cfg.num_warps, num_stages=cfg.STAGES)
-    if (one_launch or (one_launch is None and ONE_LAUNCH_BY_DEFAULT)) and not refusal:
+    if wanted and not refusal:
         y = _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_down, scale_down, tau_arg,
                         tau_down, grid, down_cfg, out, stage1)
         return y.reshape(*lead, w_down.shape[0])
@@ -448,28 +450,17 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
 def _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_down, scale_down, tau_arg, tau_down,
                 grid, down_cfg: GemvConfig, out, stage1: dict) -> Tensor:
     """Launch ``_threshold_ffn_kernel`` for one token (stage 1's buffers made by the caller); returns y ``[1, N]``."""
-    dtype, device = x2.dtype, x2.device
-    n, f = w_down.shape
-    d = x2.shape[1]
-    y = out_rows(out, 1, n, dtype, device)
-    wdt = k_major(w_down.to(dtype)).t()   # [F, N] view
-    n_down_tiles = triton.cdiv(n, down_cfg.BLOCK_N)  # noqa: F821
-    n_down_splits = triton.cdiv(f, down_cfg.ROWS_PER_SPLIT)  # noqa: F821
-    down_direct = n_down_splits == 1
-    down_scratch = torch.empty(n_down_tiles * n_down_splits * down_cfg.ROWS_PER_SPLIT, dtype=torch.int32,
-                               device=device)
-    down_partial = x2 if down_direct else torch.empty(n_down_splits, 1, n, dtype=torch.float32, device=device)
+    f = h.shape[1]
+    # h is written by this launch: the down stage's dummies are x2, which it only reads.
+    g = gemv_buffers(h, w_down, b_down, tau_down, down_cfg, out, scale_down, True, x2)
+    n_down_tiles, n_down_splits = g.grid[0], g.grid[1]
     n_counters = 1 + 2 * n_down_splits + n_down_tiles + (grid[0] if stage1["SPLIT"] else 0)
-    counters = ticket_counters(n_counters, x2)
-    weighted_down = scale_down is not None
     n_work = grid[0] * grid[1] + n_down_tiles * n_down_splits
     launcher(_threshold_ffn_kernel, x2)[(n_work,)](  # noqa: F821
-        x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, wdt,
-        b_down.contiguous() if b_down is not None else x2,
-        scale_down.float().contiguous() if weighted_down else x2, y, down_scratch, down_partial, counters,
-        f, d, n, tau_arg, round_to_dtype(tau_down, torch.float32 if weighted_down else dtype), x2.stride(1),
-        wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1), wdt.stride(0), wdt.stride(1),
+        x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, g.wt, g.bias, g.scale, g.y, g.scratch, g.partial,
+        ticket_counters(n_counters, x2), f, x2.shape[1], g.y.shape[1], tau_arg, g.tau, x2.stride(1),
+        wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1), g.wt.stride(0), g.wt.stride(1),
         grid[0], grid[1], n_down_tiles, n_down_splits, DOWN_BLOCK_N=down_cfg.BLOCK_N, DOWN_BLOCK_K=down_cfg.BLOCK_K,
-        DOWN_ROWS=down_cfg.ROWS_PER_SPLIT, DOWN_DIRECT=down_direct, HAS_BD=b_down is not None,
-        HAS_SCALE_DOWN=weighted_down, **stage1)
-    return y
+        DOWN_ROWS=down_cfg.ROWS_PER_SPLIT, DOWN_DIRECT=g.direct, HAS_BD=b_down is not None,
+        HAS_SCALE_DOWN=scale_down is not None, **stage1)
+    return g.y
