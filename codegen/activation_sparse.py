@@ -174,17 +174,21 @@ def default_gemv_config(tokens: int, in_features: int) -> GemvConfig:
     return DEFAULT_GEMV_CONFIG if in_features <= ONE_SPLIT_MAX_K else DEFAULT_GEMV_CONFIG_LONG_K
 
 
-def _scores(xabs, scale_ptr, offs, mask, HAS_SCALE: tl.constexpr):  # noqa: F821
-    """The channel scores of ``xabs`` (``|x|`` in float32, channels ``offs`` on its last axis): ``|x_i|``
-    (criterion magnitude) or ``|x_i| * scale_i`` (criterion weighted, ``scale`` float32 ``[K]``).
+def _scores(xabs, scale):
+    """The channel scores of ``xabs`` (``|x|`` in float32): ``|x_i|`` (criterion magnitude, ``scale`` None) or
+    ``|x_i| * scale_i`` (criterion weighted, ``scale`` the float32 channel scales already loaded).
 
-    A ``[tokens, channels]`` tile broadcasts the ``[channels]`` scale over its tokens. (Loading the scale in the
+    A ``[tokens, channels]`` tile broadcasts a ``[channels]`` scale over its tokens. (Loading the scale in the
     tile's own shape instead, to spare the broadcast's layout conversion, measured 2x slower on the H200 at 4 tokens:
-    sixteen times the load instructions.)
+    sixteen times the load instructions.) Callers load the scale themselves, inline: Inductor's mutation analysis takes a helper's result to depend on every argument it was given, so
+    a scale *pointer* passed into a helper whose result picks a store's address reads to it as written, and the
+    compiled graph then copies the scale (or the dummy standing in for it) before every launch.
     """
-    if HAS_SCALE:
-        return xabs * tl.load(scale_ptr + offs, mask=mask, other=0.0)
-    return xabs
+    if scale is None:
+        score = xabs
+    else:
+        score = xabs * scale
+    return score
 
 
 def _survives(score, tau):
@@ -219,9 +223,10 @@ def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr,
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xk,
                      mask=(offs_m < M)[:, None] & r_mask[None, :], other=0.0, cache_modifier=X_CACHE)
         xabs = tl.abs(xv.to(tl.float32))
-    keep = _survives(_scores(xabs, scale_ptr, offs_r, r_mask, N_SCALES > 0), tau)
+    keep = _survives(_scores(xabs, tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0) if N_SCALES > 0 else None),
+                     tau)
     if N_SCALES == 2:
-        keep2 = _survives(_scores(xabs, scale2_ptr, offs_r, r_mask, True), tau)
+        keep2 = _survives(_scores(xabs, tl.load(scale2_ptr + offs_r, mask=r_mask, other=0.0)), tau)
         if BLOCK_M == 1:
             first, second = keep, keep2
         else:
@@ -296,7 +301,8 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
             offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0,
                          cache_modifier=X_CACHE).to(tl.float32)
-            keep = _survives(_scores(tl.abs(xk), scale_ptr, offs_k, offs_k < K, HAS_SCALE), tau)
+            keep = _survives(_scores(tl.abs(xk), tl.load(scale_ptr + offs_k, mask=offs_k < K, other=0.0) if HAS_SCALE
+                                     else None), tau)
             w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=keep[:, None] & n_mask[None, :], other=0.0)
             acc2 += tl.where(keep, xk, 0.0)[:, None] * w.to(tl.float32)
@@ -312,7 +318,9 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
             kk = tl.load(slot + offs_j, mask=live, other=0)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                          mask=m_mask[:, None] & live[None, :], other=0.0, cache_modifier=X_CACHE)
-            xs = tl.where(_survives(_scores(tl.abs(xv.to(tl.float32)), scale_ptr, kk, live, HAS_SCALE), tau), xv,
+            xs = tl.where(_survives(_scores(tl.abs(xv.to(tl.float32)),
+                                            tl.load(scale_ptr + kk, mask=live, other=0.0) if HAS_SCALE else None),
+                                    tau), xv,
                           tl.zeros_like(xv))
             w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=live[:, None] & n_mask[None, :], other=0.0)
@@ -327,7 +335,8 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
             k_mask = offs_k < K
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=X_CACHE)
-            keep = _survives(_scores(tl.abs(xv.to(tl.float32)), scale_ptr, offs_k, k_mask, HAS_SCALE), tau)
+            keep = _survives(_scores(tl.abs(xv.to(tl.float32)),
+                                     tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0) if HAS_SCALE else None), tau)
             xs = tl.where(keep, xv, tl.zeros_like(xv))
             # A channel's weight row is read when any token keeps it (the union over the tokens).
             row_live = tl.max(keep.to(tl.int32), axis=0) > 0

@@ -129,44 +129,28 @@ def _merge_splits(O, LSE, O_PART, L_PART, first, n_parts, b, kvh, stride_ob, str
 
 
 @triton.jit
-def _kv_head_rows(Q, SINK, WINDOW, POS, KEY0, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all,
-                  stride_qb, stride_qh, stride_qm, PER_HEAD: tl.constexpr, GROUP: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEY0: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (batch, kv head)'s packed query rows and its kept key blocks.
+def _kv_head_rows(b, kvh, last_pos, key0, sink, window, seq_q, seq_k, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_KEY0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (batch ``b``, kv head ``kvh``)'s packed query rows and its kept key blocks.
 
-    Returns ``(b, kvh, head, row, pos, r_ok, q, sink, window, sink_first, n_sink, wb, n_kept)``: the kept
-    blocks are the ``n_sink`` sink blocks from ``sink_first`` followed by the window blocks from ``wb``,
-    ``n_kept`` in all. With ``HAS_KEY0`` the element's first ``KEY0[b]`` keys are its left padding: its sink
-    starts after them, and the sink blocks start at the padding's last block.
+    ``last_pos`` is the position of the last query row, ``sink`` and ``window`` the kv head's rule, ``key0`` the
+    element's first key after its left padding (with ``HAS_KEY0``): all already loaded by the caller. Returns
+    ``(head, row, pos, r_ok, sink, sink_first, n_sink, wb, n_kept)``: the kept blocks are the ``n_sink`` sink blocks
+    from ``sink_first`` followed by the window blocks from ``wb``, ``n_kept`` in all. With ``HAS_KEY0`` the sink
+    starts after the padding, and the sink blocks start at the padding's last block.
+
+    Takes no pointer: Inductor's mutation analysis takes a helper's results to depend on every argument, and these
+    results place the output's stores, so a pointer passed here would read as written and be copied before every
+    launch of the compiled graph.
     """
-    # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
-    b = (bkv // n_kv_heads).to(tl.int64)
-    kvh = bkv % n_kv_heads
-    if HAS_POS:
-        offset = tl.load(POS + b).to(tl.int32) - seq_q + 1
-    else:
-        offset = seq_k - seq_q
+    offset = last_pos - seq_q + 1
     offs_r = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row = offs_r % seq_q
     r_ok = offs_r < GROUP * seq_q
     head = kvh * GROUP + offs_r // seq_q
     pos = row + offset
-    q_ptrs = Q + b * stride_qb + head[:, None].to(tl.int64) * stride_qh + row[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-
-    # All rows share the kv head's sink/window. One rule for every head comes as two scalars (no per-head
-    # vectors to build or read per call).
-    if PER_HEAD:
-        sink = tl.load(SINK + kvh * GROUP)
-        window = tl.load(WINDOW + kvh * GROUP)
-    else:
-        sink = sink_all
-        window = window_all
     sink_first = 0
     if HAS_KEY0:
-        key0 = tl.load(KEY0 + b)
         sink = sink + key0
         sink_first = key0 // BLOCK_N
     p0 = offset
@@ -186,7 +170,7 @@ def _kv_head_rows(Q, SINK, WINDOW, POS, KEY0, bkv, n_kv_heads, seq_q, seq_k, sin
     n_sink = tl.maximum(sink_end - sink_first, 0)
     wb = tl.maximum(lo // BLOCK_N, sink_end)
     we = tl.maximum(tl.cdiv(hi, BLOCK_N), wb)
-    return b, kvh, head, row, pos, r_ok, q, sink, window, sink_first, n_sink, wb, n_sink + we - wb
+    return head, row, pos, r_ok, sink, sink_first, n_sink, wb, n_sink + we - wb
 
 
 @triton.jit
@@ -308,9 +292,20 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
     qk_scale = tl.cast(qk_scale, tl.float32)
     split = tl.program_id(0)
     bkv = tl.program_id(1)
-    b, kvh, head, row, pos, r_ok, q, sink, window, sink_first, n_sink, wb, n_kept = _kv_head_rows(
-        Q, SINK, WINDOW, POS, KEY0, bkv, n_kv_heads, seq_q, seq_k, sink_all, window_all, stride_qb, stride_qh,
-        stride_qm, PER_HEAD, GROUP, CAUSAL, HAS_POS, HAS_KEY0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+    # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
+    b = (bkv // n_kv_heads).to(tl.int64)
+    kvh = bkv % n_kv_heads
+    # Inputs are read here, not in a helper (_kv_head_rows says why). All rows share the kv head's sink/window;
+    # one rule for every head comes as two scalars (no per-head vectors to build or read per call).
+    last_pos = tl.load(POS + b).to(tl.int32) if HAS_POS else seq_k - 1
+    key0 = tl.load(KEY0 + b) if HAS_KEY0 else 0
+    sink = tl.load(SINK + kvh * GROUP) if PER_HEAD else sink_all
+    window = tl.load(WINDOW + kvh * GROUP) if PER_HEAD else window_all
+    head, row, pos, r_ok, sink, sink_first, n_sink, wb, n_kept = _kv_head_rows(
+        b, kvh, last_pos, key0, sink, window, seq_q, seq_k, GROUP, CAUSAL, HAS_KEY0, BLOCK_M, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + head[:, None].to(tl.int64) * stride_qh + row[:, None] * stride_qm + offs_d[None, :],
+                mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     t0 = split * blocks_per_split
     t1 = tl.minimum(t0 + blocks_per_split, n_kept)
     acc, l_i, m_i = _attend_blocks(

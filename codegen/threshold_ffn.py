@@ -180,8 +180,8 @@ def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, 
             xk = tl.load(x_ptr + kk * stride_xd, mask=live, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 if not COMPACT:   # each projection's own survivors among the visited channels
-                    live_g = live & _survives(_scores(tl.abs(xk), sg_ptr, kk, live, True), tau)
-                    live_u = live & _survives(_scores(tl.abs(xk), su_ptr, kk, live, True), tau)
+                    live_g = live & _survives(_scores(tl.abs(xk), tl.load(sg_ptr + kk, mask=live, other=0.0)), tau)
+                    live_u = live & _survives(_scores(tl.abs(xk), tl.load(su_ptr + kk, mask=live, other=0.0)), tau)
                 xk_g = tl.where(live_g, xk, 0.0)
                 xk_u = tl.where(live_u, xk, 0.0)
             else:
@@ -196,10 +196,10 @@ def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, 
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
                          mask=m_mask[:, None] & live[None, :], other=0.0)
             xabs = tl.abs(xv.to(tl.float32))
-            keep_g = _survives(_scores(xabs, sg_ptr, kk, live, HAS_SCALE), tau)
+            keep_g = _survives(_scores(xabs, tl.load(sg_ptr + kk, mask=live, other=0.0) if HAS_SCALE else None), tau)
             xs_g = tl.where(keep_g, xv, tl.zeros_like(xv))
             if HAS_SCALE:
-                keep_u = _survives(_scores(xabs, su_ptr, kk, live, True), tau)
+                keep_u = _survives(_scores(xabs, tl.load(su_ptr + kk, mask=live, other=0.0)), tau)
                 xs_u = tl.where(keep_u, xv, tl.zeros_like(xv))
                 if not COMPACT:   # a row is read when some token keeps its channel for that projection
                     live_g = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)

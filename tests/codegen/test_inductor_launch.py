@@ -191,6 +191,116 @@ def test_traced_kernel_paths_run_on_fake_cuda_tensors():
                                                         (1, 256), (1, 256), (1, 256)])
 
 
+_INPUT_COPY_SCRIPT = r"""
+import functools
+import torch
+from tests import sm90
+sm90.install()
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from sparsecc.codegen import activation_sparse, block_attention, decode_attention, gate_sparse_ffn, threshold_ffn
+
+decode_attention.sm_count = lambda device: 132
+s_list, w_list = [4, 0, 2, 1, 4, 4, 0, 0], [16, 0, 8, 8, 16, 16, 0, 0]
+cuda, f16 = torch.device("cuda"), torch.float16
+
+
+def inputs_behind(node):
+    # The graph input a kernel argument is (a view of), or None where the graph made it.
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
+            and (torch.Tag.view_copy in getattr(node.target, "tags", ()) or getattr(node.target, "is_view", False)):
+        node = node.args[0]
+    return node.target if node.op == "placeholder" else None
+
+
+from sparsecc.layouts import streaming_block_table
+table = streaming_block_table(4, 16, block=16, seq_q=64, seq_k=64, causal=True)   # host tensors, made before faking
+with FakeTensorMode(allow_non_fake_inputs=True):
+    x = torch.empty(1, 256, device=cuda, dtype=f16)
+    w_km = torch.empty_strided((512, 256), (1, 512), device=cuda, dtype=f16)
+    wd_km = torch.empty_strided((256, 512), (1, 256), device=cuda, dtype=f16)
+    wg = torch.empty(512, 256, device=cuda, dtype=f16)
+    x_long = torch.empty(1, 8192, device=cuda, dtype=f16)
+    w_long = torch.empty_strided((256, 8192), (1, 256), device=cuda, dtype=f16)
+    s256, s512 = torch.empty(256, device=cuda), torch.empty(512, device=cuda)
+    q = torch.empty(2, 8, 64, 64, device=cuda, dtype=f16)
+    k = torch.empty(2, 2, 64, 64, device=cuda, dtype=f16)
+    qd = torch.empty(2, 8, 1, 64, device=cuda, dtype=f16)
+    kl = torch.empty(2, 2, 1024, 64, device=cuda, dtype=f16)
+    calls = {
+        "threshold_linear": (lambda x, w: activation_sparse.threshold_linear(x, w, None, 0.5), (x, w_km)),
+        "threshold_linear K splits": (lambda x, w: activation_sparse.threshold_linear(x, w, None, 0.5),
+                                      (x_long, w_long)),
+        "threshold_linear weighted": (lambda x, w, s: activation_sparse.threshold_linear(x, w, None, 0.5,
+                                                                                         channel_scale=s),
+                                      (x, w_km, s256)),
+        "gate_sparse_ffn": (lambda x, wg, wd: gate_sparse_ffn.gate_sparse_ffn(x, wg, None, wg, None, wd, None,
+                                                                              "silu", 0.5), (x, wg, wd_km)),
+    }
+    for one in (False, True):
+        def ffn(x, w, wd, one=one):
+            return threshold_ffn.threshold_ffn(x, w, None, w, None, wd, None, "silu", 0.5, 0.1, one_launch=one)
+
+        def weighted_ffn(x, w, wd, sg, su, sd, one=one):
+            return threshold_ffn.threshold_ffn(x, w, None, w, None, wd, None, "silu", 0.5, 0.1, scale_gate=sg,
+                                               scale_up=su, scale_down=sd, one_launch=one)
+
+        calls[f"threshold_ffn one_launch={one}"] = (functools.partial(ffn, one=one), (x, w_km, wd_km))
+        calls[f"threshold_ffn weighted one_launch={one}"] = (functools.partial(weighted_ffn, one=one),
+                                                             (x, w_km, wd_km, s256, s256.clone(), s512))
+    calls["streaming prefill"] = (lambda q, k: block_attention.streaming_attention(
+        q, k, k, sink=[4], window=[16], scale=0.1, causal=True), (q, k))
+    calls["streaming decode, splits"] = (lambda q, k: block_attention.streaming_attention(
+        q, k, k, sink=[4], window=[512], scale=0.1, causal=True), (qd, kl))
+    sinks = torch.tensor([4, 0, 2, 1, 4, 4, 0, 0], dtype=torch.int32, device=cuda)
+    windows = torch.tensor([16, 0, 8, 8, 16, 16, 0, 0], dtype=torch.int32, device=cuda)
+    starts = torch.zeros(2, dtype=torch.int32, device=cuda)
+    ends = torch.full((2,), 1023, dtype=torch.int32, device=cuda)
+    bool_mask = torch.ones(2, 1, 64, 64, dtype=torch.bool, device=cuda)
+    add_mask = torch.zeros(2, 1, 1, 1024, dtype=f16, device=cuda)
+    calls["block table prefill, lse"] = (lambda q, k: block_attention.launch_prefill(
+        q, k, k, None, 0.1, True, True, table=table), (q, k))
+    calls["mixed prefill, mask"] = (lambda q, k, m, s, w: block_attention.launch_prefill(
+        q, k, k, m, 0.1, True, False, sinks=s, windows=w, table=table), (q, k, bool_mask, sinks, windows))
+    calls["streaming prefill, key_start"] = (lambda q, k, s, w, ks: block_attention.launch_prefill(
+        q, k, k, None, 0.1, True, False, sinks=s, windows=w, key_start=ks), (q, k, sinks, windows, starts))
+    calls["decode per head, query_end, key_start, mask, lse"] = (
+        lambda q, k, m, s, w, qe, ks: decode_attention.streaming_decode(
+            q, k, k, m, 0.1, True, s, w, return_lse=True, rules=(s_list, w_list), query_end=qe, key_start=ks),
+        (qd, kl, add_mask, sinks, windows, ends, starts))
+    for name, (fn, args) in calls.items():
+        graph = make_fx(torch.func.functionalize(fn, remove="mutations_and_views"))(*args).graph
+        launches = [n for n in graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
+        for n in launches:
+            bound = n.kwargs["kwargs"]
+            for arg in n.kwargs["tensors_to_clone"]:
+                behind = inputs_behind(bound[arg]) if isinstance(bound[arg], torch.fx.Node) else None
+                if behind:
+                    print(f"COPIED {name}: {arg} is input {behind}")
+        print(f"TRACED {name}: {len(launches)} launch(es)")
+"""
+
+
+def test_no_launch_makes_inductor_copy_an_input():
+    """Inductor's functionalization copies every tensor its analysis of a kernel's TTIR reads as written, before
+    each launch. The analysis takes a ``@triton.jit`` helper's results to depend on all its arguments, so an input
+    pointer passed to a helper whose result places a store (x, q, channel scales, per-head rules, positions) read
+    as written and the compiled graph copied it on every call. For each traced launch path (fake CUDA tensors,
+    sm_90 compile, no GPU) no argument the analysis calls written may be a graph input or a view of one."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _INPUT_COPY_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    traced = [line for line in lines if line.startswith("TRACED")]
+    assert len(traced) == 14 and all(not line.endswith(": 0 launch(es)") for line in traced), lines
+    assert not [line for line in lines if line.startswith("COPIED")], lines
+
+
 # ---------------------------------------------------------------- GPU: Inductor launches the kernels
 
 def _inductor_code(compiled, *args):
