@@ -24,6 +24,12 @@ on the H200 (bench/RESULTS.md, "The weighted criterion on the same kernels"). Th
 rule on every launch they run (tests/launch_guard.py: a storage passed through two arguments must come out of
 the launch unchanged).
 
+Inductor's functionalization copies, before every launch, each tensor torch's analysis of the kernel's TTIR reads
+as written, and that analysis takes a ``@triton.jit`` helper's results to depend on *all* the helper's arguments.
+So a kernel loads its inputs in its own body (or in helpers whose results only feed stored values): an input
+pointer handed to a helper whose result places a store would be copied on every call of the compiled graph.
+tests/codegen/test_inductor_launch.py checks every traced launch path for such copies.
+
 Kernels that split a reduction over several programs and merge in the same
 launch (the last program to finish a group merges it) draw tickets from
 :func:`ticket_counters`.
