@@ -349,8 +349,9 @@ def default_threshold_ffn_config(tokens: int) -> GemvConfig:
     return DEFAULT_THRESHOLD_FFN_CONFIG if tokens == 1 else DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS
 
 
-# Whether one token runs the one-launch kernel when the caller does not say: off until it is timed on the GPU
-# against the two launches (bench/ffn_input.py's two-launch column).
+# Whether one token runs the one-launch kernel when the caller does not say. Off: timed on an H100 against the
+# two launches it was 3.6-5.7 us slower at 50-90% in fp16 and bf16, and no swept knob pair won (bench/RESULTS.md,
+# "One launch for the whole one-token FFN, timed").
 ONE_LAUNCH_BY_DEFAULT = False
 
 
