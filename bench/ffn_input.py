@@ -28,7 +28,8 @@ sparsecc's columns are checked against a float32 oracle before they are timed (r
 recorded, not checked: its kernel adds K-split partials into the float16 output with atomics (rel err 0.01-0.2 in
 the first run, growing with sparsity). Timing: CUDA-graph replay
 over ``COPIES`` weight sets (``bench/linear.py``'s ``bench_graph``; 3 x 35 MB of kept rows at 90% is beyond the
-60 MB L2), median per call. "TB/s" = the weight bytes the sparse form must read (kept gate and up rows, kept down
+60 MB L2), median per call (``--graph-rounds R``: each graph holds R passes over the copies, so the replay's start-up is
+shared by 3R calls; R = 1 charges each call a third of it). "TB/s" = the weight bytes the sparse form must read (kept gate and up rows, kept down
 rows) / fused time. ``--sweep`` also times launch knobs of both stages at the ``SWEPT`` rows, ``--sweep-one-launch``
 the one-launch kernel's (``one_launch_pairs``) at the one-token ones.
 """
@@ -48,7 +49,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import source_version  # noqa: E402 - bench/ is on the path
-from linear import bench_graph, rel_err  # noqa: E402 - the repo's timing conventions
+import linear  # noqa: E402 - the repo's timing conventions
+from linear import bench_graph, rel_err  # noqa: E402
 
 from sparsecc.codegen.activation_sparse import GemvConfig, default_gemv_config, threshold_linear  # noqa: E402
 from sparsecc.codegen.threshold_ffn import threshold_ffn  # noqa: E402
@@ -98,6 +100,7 @@ def write_json(path: Optional[str], rows: list) -> None:
     if path:
         with open(path, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
+                       "graph_rounds": linear.GRAPH_ROUNDS,
                        "date": str(datetime.date.today()), "rows": rows}, fh, indent=1)
 
 
@@ -265,11 +268,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--sweep-one-launch", action="store_true",
                     help="also time the one-launch kernel's knobs (one_launch_pairs) at the one-token SWEPT rows")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--graph-rounds", type=int, default=1,
+                    help="passes over the weight copies in each timed graph (bench/linear.py's bench_graph)")
     args = ap.parse_args(argv)
+    linear.GRAPH_ROUNDS = args.graph_rounds
     teal = load_teal(args.teal)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}, {datetime.date.today()}, commit {commit()}, "
-          f"TEAL anchor: {'loaded from ' + args.teal if teal else 'not given'}", flush=True)
+          f"TEAL anchor: {'loaded from ' + args.teal if teal else 'not given'}, graph rounds {args.graph_rounds}",
+          flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
