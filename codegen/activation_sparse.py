@@ -25,7 +25,7 @@ from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, t
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
            "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows", "GemvBuffers",
-           "gemv_buffers"]
+           "gemv_buffers", "gemv_ticket_count"]
 
 # ============================================================== reference
 
@@ -180,9 +180,10 @@ def _scores(xabs, scale):
 
     A ``[tokens, channels]`` tile broadcasts a ``[channels]`` scale over its tokens. (Loading the scale in the
     tile's own shape instead, to spare the broadcast's layout conversion, measured 2x slower on the H200 at 4 tokens:
-    sixteen times the load instructions.) Callers load the scale themselves, inline: Inductor's mutation analysis takes a helper's result to depend on every argument it was given, so
-    a scale *pointer* passed into a helper whose result picks a store's address reads to it as written, and the
-    compiled graph then copies the scale (or the dummy standing in for it) before every launch.
+    sixteen times the load instructions.) Callers load the scale themselves, inline: Inductor's mutation analysis
+    takes a helper's result to depend on every argument it was given, so a scale *pointer* passed into a helper
+    whose result places a store reads to it as written, and the compiled graph would copy the scale (or the dummy
+    standing in for it) before every launch (codegen/launch.py).
     """
     if scale is None:
         score = xabs
@@ -468,9 +469,17 @@ def gemv_buffers(x2: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
         tau=round_to_dtype(tau, x2.dtype if channel_scale is None else torch.float32), grid=grid)
 
 
+def gemv_ticket_count(tokens: int, in_features: int, out_features: int, cfg: GemvConfig) -> int:
+    """How many ticket counters :func:`threshold_linear`'s launch with ``cfg`` merges its K splits with (one per
+    token program and N tile); 0 where one K split stores y itself."""
+    if triton.cdiv(in_features, cfg.ROWS_PER_SPLIT) == 1:  # noqa: F821 - bound by bind_triton
+        return 0
+    return triton.cdiv(out_features, cfg.BLOCK_N) * (tokens if tokens == 1 or cfg.PER_TOKEN else 1)  # noqa: F821
+
+
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
                      config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
-                     channel_scale: Optional[Tensor] = None) -> Tensor:
+                     channel_scale: Optional[Tensor] = None, counters: Optional[Tensor] = None) -> Tensor:
     """Triton ``F.linear(x * (|x| > tau), weight, bias)`` for decode (TEAL input mode).
 
     For at most :data:`MAX_DECODE_TOKENS` tokens of float16/bfloat16/float32,
@@ -480,7 +489,10 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     keeps channel i iff ``|x_i| * channel_scale[i] > tau``, the score in float32,
     as :func:`threshold_linear_ref` computes it. ``config`` overrides
     :func:`default_gemv_config`; ``out`` (contiguous ``[M, N]``, ``x.dtype``)
-    receives the result of the kernel path.
+    receives the result of the kernel path. ``counters`` (int32, at least
+    :func:`gemv_ticket_count` of them, all zero when this launch starts) replaces
+    the launch's own :func:`~sparsecc.codegen.launch.ticket_counters`: the fused
+    FFN's first launch zeroes them, so a compiled call needs no fill kernel.
     """
     k = x.shape[-1]
     n = weight.shape[0]
@@ -495,7 +507,14 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     per_token = m == 1 or cfg.PER_TOKEN
     # Dummies for pointers a launch never touches are x2, which it only reads (codegen/launch.py says why).
     g = gemv_buffers(x2, weight, bias, tau, cfg, out, channel_scale, per_token, x2)
-    counters = x2 if g.direct else ticket_counters(g.grid[0] * g.grid[2], x2)   # one per (token, N tile)
+    n_tickets = gemv_ticket_count(m, k, n, cfg)   # one per (token, N tile) where K is split
+    if n_tickets == 0:
+        counters = x2
+    elif counters is None:
+        counters = ticket_counters(n_tickets, x2)
+    elif counters.dtype != torch.int32 or counters.numel() < n_tickets:
+        raise ValueError(f"threshold_linear: counters must be at least {n_tickets} int32 values, got "
+                         f"{counters.numel()} {counters.dtype}")
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     launcher(_threshold_gemv_kernel, x2)[g.grid](  # noqa: F821
         x2, g.wt, g.partial, g.scratch, g.bias, g.y, counters, g.scale, m, n, k, g.tau,

@@ -101,15 +101,19 @@ _COUNTERS: dict = {}
 _MIN_COUNTERS = 4096
 
 
-def ticket_counters(n: int, like: torch.Tensor) -> torch.Tensor:
+def ticket_counters(n: int, like: torch.Tensor, zeroed_by_earlier_launch: bool = False) -> torch.Tensor:
     """``n`` zeroed int32 ticket counters on ``like``'s device for one launch of a split-and-merge kernel.
 
     Traced (Inductor), a fresh zeroed tensor: no device tensor may be cached across traces, and Inductor
-    allocates it like any other buffer. Eagerly, the cached buffer of the current stream (two launches on one
-    stream never overlap; launches on different streams use different buffers). The kernel must leave every
-    counter it used at zero.
+    allocates it like any other buffer (and zeroes it with a kernel of its own). With
+    ``zeroed_by_earlier_launch`` the caller's earlier launch on the same stream stores the zeros instead, so a
+    traced call gets an uninitialised buffer and no fill kernel. Eagerly, the cached buffer of the current stream
+    (two launches on one stream never overlap; launches on different streams use different buffers). The kernel
+    must leave every counter it used at zero.
     """
     if tracing(like):
+        if zeroed_by_earlier_launch:
+            return torch.empty(n, dtype=torch.int32, device=like.device)
         return torch.zeros(n, dtype=torch.int32, device=like.device)
     stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
     bufs = _COUNTERS.setdefault((like.device, stream), [])
