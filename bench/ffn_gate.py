@@ -59,11 +59,11 @@ def _stage1(x, wg, wu, tau, cfg):
     m, d = x.shape
     g = torch.empty(m, D_FF, dtype=x.dtype, device=x.device)
     gate_module.launcher(gate_module._gate_up_kernel, x)[(-(-D_FF // cfg.BLOCK_F),)](
-        x, wg, g, wu, g, g, m, D_FF, d, gate_module.round_to_dtype(tau, x.dtype),
+        x, wg, g, wu, g, g, x, 0, m, D_FF, d, gate_module.round_to_dtype(tau, x.dtype),
         x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
         BLOCK_M=1 if m == 1 else 16, BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D, HAS_BG=False, GATED=True,
         HAS_BU=False, ACTIVATION="silu", DOT_IN_FP32=x.dtype == torch.float32, ROUND_BY_BITS=False,
-        REDUCE_CHUNKS=cfg.REDUCE_CHUNKS, num_warps=cfg.num_warps)
+        REDUCE_CHUNKS=cfg.REDUCE_CHUNKS, ZERO_BLOCK=0, num_warps=cfg.num_warps)
     return g
 
 

@@ -25,7 +25,7 @@ from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, t
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
            "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows", "GemvBuffers",
-           "gemv_buffers", "gemv_ticket_count"]
+           "gemv_buffers", "gemv_ticket_count", "zeroed_upstream_counters"]
 
 # ============================================================== reference
 
@@ -370,7 +370,15 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
             tl.store(counter, 0)   # every split has drawn its ticket: ready for the next call
 
 
-_KERNELS = ("_scores", "_survives", "_list_survivors", "_gemv_program", "_threshold_gemv_kernel")
+def _zero_tickets(zero_ptr, n_zero, ZERO_BLOCK: tl.constexpr):  # noqa: F821
+    """Store zeros in ``zero_ptr[:n_zero]`` (``ZERO_BLOCK``, a power of two, at least ``n_zero``): the ticket
+    counters of the GEMV launched next on the stream (:func:`zeroed_upstream_counters`). One program of the launch
+    before it calls this, so that a compiled call allocates the counters without a fill kernel of its own."""
+    offs = tl.arange(0, ZERO_BLOCK)  # noqa: F821
+    tl.store(zero_ptr + offs, tl.zeros((ZERO_BLOCK,), dtype=tl.int32), mask=offs < n_zero)  # noqa: F821
+
+
+_KERNELS = ("_scores", "_survives", "_list_survivors", "_gemv_program", "_threshold_gemv_kernel", "_zero_tickets")
 
 # id(weight) -> (weakref to weight, data_ptr, _version, K-major copy). The identity check (the weakref
 # still points at this very tensor) guards against a freed weight whose address and shape are
@@ -477,6 +485,20 @@ def gemv_ticket_count(tokens: int, in_features: int, out_features: int, cfg: Gem
     return triton.cdiv(out_features, cfg.BLOCK_N) * (tokens if tokens == 1 or cfg.PER_TOKEN else 1)  # noqa: F821
 
 
+def zeroed_upstream_counters(tokens: int, in_features: int, out_features: int, cfg: GemvConfig,
+                             like: Tensor) -> Tuple[Tensor, int, int]:
+    """``(counters, count, zero_block)`` for a :func:`threshold_linear` launch whose ticket counters the launch
+    before it zeroes with ``_zero_tickets(counters, count, zero_block)`` (the fused FFNs' first stage): eagerly the
+    stream's cached counters, traced an uninitialised buffer, so Inductor emits no fill kernel for them. Where the
+    GEMV merges no K splits, ``(like, 0, 0)``: nothing to zero (``like`` stands for the unused pointer). Needs
+    Triton bound (``bind_triton``)."""
+    count = gemv_ticket_count(tokens, in_features, out_features, cfg)
+    if count == 0:
+        return like, 0, 0
+    return (ticket_counters(count, like, zeroed_by_earlier_launch=True), count,
+            triton.next_power_of_2(count))  # noqa: F821 - bound by bind_triton
+
+
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
                      config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                      channel_scale: Optional[Tensor] = None, counters: Optional[Tensor] = None) -> Tensor:
@@ -492,7 +514,8 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     receives the result of the kernel path. ``counters`` (int32, at least
     :func:`gemv_ticket_count` of them, all zero when this launch starts) replaces
     the launch's own :func:`~sparsecc.codegen.launch.ticket_counters`: the fused
-    FFN's first launch zeroes them, so a compiled call needs no fill kernel.
+    FFNs' first launch zeroes them (:func:`zeroed_upstream_counters`), so a
+    compiled call needs no fill kernel.
     """
     k = x.shape[-1]
     n = weight.shape[0]

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 
 from sparsecc.codegen import activation_sparse as _gemv
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig,
-                                                gate_sparse_ffn_ref, threshold_linear)
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, default_gemv_config,
+                                                gate_sparse_ffn_ref, threshold_linear, zeroed_upstream_counters)
 from sparsecc.codegen.epilogue import activation_switch, bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype
 
@@ -94,9 +94,10 @@ DEFAULT_GATE_CONFIG_TOKENS = GateConfig(BLOCK_F=32, BLOCK_D=128, num_warps=4)
 # epilogues use too, and installed here by ``_bind`` before the kernel is JIT-compiled; Triton and Inductor find it
 # by this name in the module's globals.
 _activation = None
-# ``_survives(score, tau)``: activation_sparse's keep test (NaN counts as kept), installed by ``_bind`` once
-# JIT-compiled in its own module.
+# ``_survives(score, tau)``: activation_sparse's keep test (NaN counts as kept), and ``_zero_tickets``, which zeroes
+# the down GEMV's ticket counters: installed by ``_bind`` once JIT-compiled in their own module.
 _survives = None
+_zero_tickets = None
 
 
 def _rounded(v, like_ptr, ROUND_BY_BITS: tl.constexpr):  # noqa: F821
@@ -135,16 +136,21 @@ def _row_dots(x_ptr, w_ptr, offs_f, rows, d_end, D, stride_xd, stride_wf, stride
     return tl.reshape(acc1, (1, BLOCK_F))
 
 
-def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, M, F, D, tau,
+def _gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, g_ptr, zero_ptr, n_zero, M, F, D, tau,
                     stride_xm, stride_xd, stride_gf, stride_gd, stride_uf, stride_ud,
                     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: F821
                     HAS_BG: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr,  # noqa: F821
                     ACTIVATION: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
-                    ROUND_BY_BITS: tl.constexpr, REDUCE_CHUNKS: tl.constexpr):  # noqa: F821
-    """g[:, f-block] = act(x Wgᵀ + bg) ⊙ keep (⊙ (x Wuᵀ + bu), up rows of survivors only)."""
+                    ROUND_BY_BITS: tl.constexpr, REDUCE_CHUNKS: tl.constexpr,  # noqa: F821
+                    ZERO_BLOCK: tl.constexpr):  # noqa: F821
+    """g[:, f-block] = act(x Wgᵀ + bg) ⊙ keep (⊙ (x Wuᵀ + bu), up rows of survivors only). With ``ZERO_BLOCK`` the
+    first program also zeroes the down GEMV's ``n_zero`` ticket counters at ``zero_ptr``."""
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
     pid = tl.program_id(0)
+    if ZERO_BLOCK > 0:
+        if pid == 0:
+            _zero_tickets(zero_ptr, n_zero, ZERO_BLOCK)
     offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
     f_mask = offs_f < F
     offs_m = tl.arange(0, BLOCK_M)
@@ -217,8 +223,9 @@ def _bind() -> None:
     if _activation is None:
         globals()["_activation"] = activation_switch("_activation")
     # The shared NaN-aware keep test, JIT-ed in its own module (where it resolves ``tl``), then called from here.
-    bind_triton(vars(_gemv), ("_survives",))
+    bind_triton(vars(_gemv), ("_survives", "_zero_tickets"))
     globals()["_survives"] = _gemv._survives
+    globals()["_zero_tickets"] = _gemv._zero_tickets
     bind_triton(globals(), _KERNELS)
 
 
@@ -283,15 +290,19 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     dummy = x2  # never read (its HAS_* / GATED flag is off); an input, which the launch only reads
     wu = w_up if w_up is not None else w_gate
+    down_cfg = down_config or default_gemv_config(m, f)
+    # The gate launch zeroes the down GEMV's ticket counters: a compiled call launches no fill kernel for them.
+    down_counters, n_down, zero_block = zeroed_upstream_counters(m, f, w_down.shape[0], down_cfg, dummy)
     launcher(_gate_up_kernel, x2)[(triton.cdiv(f, cfg.BLOCK_F),)](  # noqa: F821 - bound by bind_triton
         x2, w_gate, b_gate.contiguous() if b_gate is not None else dummy, wu,
-        b_up.contiguous() if b_up is not None else dummy, g, m, f, d, round_to_dtype(tau, dtype),
+        b_up.contiguous() if b_up is not None else dummy, g, down_counters, n_down, m, f, d, round_to_dtype(tau, dtype),
         x2.stride(0), x2.stride(1), w_gate.stride(0), w_gate.stride(1), wu.stride(0), wu.stride(1),
         BLOCK_M=1 if m == 1 else 16, BLOCK_F=cfg.BLOCK_F, BLOCK_D=cfg.BLOCK_D,
         HAS_BG=b_gate is not None, GATED=w_up is not None, HAS_BU=b_up is not None, ACTIVATION=act,
         DOT_IN_FP32=interpreting or dtype == torch.float32,
         ROUND_BY_BITS=interpreting and dtype == torch.bfloat16, REDUCE_CHUNKS=cfg.REDUCE_CHUNKS,
-        num_warps=cfg.num_warps)
+        ZERO_BLOCK=zero_block, num_warps=cfg.num_warps)
     # tau = 0 skips exactly the zeros of g: dropped neurons, and survivors whose product is 0 (no contribution).
-    y = threshold_linear(g, w_down, b_down, 0.0, config=down_config, out=out)
+    y = threshold_linear(g, w_down, b_down, 0.0, config=down_cfg, out=out,
+                         counters=down_counters if n_down else None)
     return y.reshape(*lead, w_down.shape[0])

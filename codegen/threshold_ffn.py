@@ -51,8 +51,8 @@ from torch import Tensor
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen import gate_sparse_ffn as _gate
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig,
-                                                check_channel_scale, default_gemv_config, gemv_buffers,
-                                                gemv_ticket_count, k_major, threshold_linear)
+                                                check_channel_scale, default_gemv_config, gemv_buffers, k_major,
+                                                threshold_linear, zeroed_upstream_counters)
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
 
@@ -106,6 +106,7 @@ _rounded = _gate._rounded
 _list_survivors = _gemv._list_survivors
 _scores = _gemv._scores
 _survives = _gemv._survives
+_zero_tickets = _gemv._zero_tickets
 _activation = None
 _gemv_program = None   # activation_sparse's, once JIT-bound there (``_bind``)
 
@@ -124,8 +125,7 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
     launch merges its K splits with: a compiled call then needs no fill kernel of its own)."""
     if ZERO_BLOCK > 0:
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            offs_zero = tl.arange(0, ZERO_BLOCK)
-            tl.store(zero_ptr + offs_zero, tl.zeros((ZERO_BLOCK,), dtype=tl.int32), mask=offs_zero < n_zero)
+            _zero_tickets(zero_ptr, n_zero, ZERO_BLOCK)
     _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr, sg_ptr, su_ptr,
                      M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
                      tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
@@ -324,8 +324,8 @@ def _threshold_ffn_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_
             tl.store(passed + split, 0)
 
 
-_KERNELS = ("_rounded", "_scores", "_survives", "_list_survivors", "_gate_up_program", "_threshold_gate_up_kernel",
-            "_threshold_ffn_kernel")
+_KERNELS = ("_rounded", "_scores", "_survives", "_list_survivors", "_zero_tickets", "_gate_up_program",
+            "_threshold_gate_up_kernel", "_threshold_ffn_kernel")
 
 
 def _bind() -> None:
@@ -447,18 +447,17 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
                         tau_down, grid, down_cfg, out, stage1)
         return y.reshape(*lead, w_down.shape[0])
     counters = ticket_counters(grid[0], x2) if split else x2   # one per N tile
-    # Stage 1 zeroes the down GEMV's ticket counters where it has none of its own (in eager calls they share the
-    # stream's cached buffer, already zero), so a compiled call launches no fill kernel for them.
-    n_down_tickets = 0 if split else gemv_ticket_count(m, f, w_down.shape[0], down_cfg)
-    down_counters = ticket_counters(n_down_tickets, x2, zeroed_by_earlier_launch=True) if n_down_tickets else None
+    # Stage 1 zeroes the down GEMV's ticket counters where it has none of its own (eagerly they would share the
+    # stream's cached buffer with stage 1's), so a compiled call launches no fill kernel for them.
+    down_counters, n_down, zero_block = (x2, 0, 0) if split else \
+        zeroed_upstream_counters(m, f, w_down.shape[0], down_cfg, x2)
     launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
-        x2, wgt, bg, wut, bu, h, scratch, partial, counters, sg, su,
-        down_counters if n_down_tickets else x2, n_down_tickets, m, f, d, tau_arg, x2.stride(0), x2.stride(1),
-        wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1), BLOCK_M=1 if m == 1 else DOT_ROWS,
-        COMPACT=cfg.COMPACT, DOT_IN_FP32=interpreting or dtype == torch.float32,
-        ZERO_BLOCK=triton.next_power_of_2(n_down_tickets) if n_down_tickets else 0, **stage1)  # noqa: F821
+        x2, wgt, bg, wut, bu, h, scratch, partial, counters, sg, su, down_counters, n_down, m, f, d, tau_arg,
+        x2.stride(0), x2.stride(1), wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
+        BLOCK_M=1 if m == 1 else DOT_ROWS, COMPACT=cfg.COMPACT, DOT_IN_FP32=interpreting or dtype == torch.float32,
+        ZERO_BLOCK=zero_block, **stage1)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_cfg, out=out, channel_scale=scale_down,
-                         counters=down_counters)
+                         counters=down_counters if n_down else None)
     return y.reshape(*lead, w_down.shape[0])
 
 

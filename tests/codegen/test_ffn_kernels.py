@@ -143,6 +143,28 @@ def test_interp_gate_sparse_ffn_kernel(interpreter, m, d, f, d_out, gated, biase
     assert_close_scaled(y, ref, dtype)
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_gate_launch_zeroes_the_down_gemvs_counters(interpreter, m):
+    """The gate launch's first program zeroes the down GEMV's ticket counters (a compiled call then allocates them
+    without a fill): counters made non-zero before the call still give the oracle's y, and end at zero."""
+    from sparsecc.codegen import launch
+    from sparsecc.codegen.activation_sparse import gemv_ticket_count
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn
+    gen = torch.Generator().manual_seed(5)
+    d, f, d_out = 24, 96, 40   # the down GEMV: 3 K splits of 32 rows, 3 N tiles of 16
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, True, True, torch.float32)
+    _, a, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", 0.0)
+    tau = pick_tau(a.abs(), 0.5, torch.float32)
+    ref, _, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", tau)
+    cfg, down = small_configs(m)
+    n = gemv_ticket_count(m, f, d_out, down)
+    assert n == 3
+    launch.ticket_counters(n, x)[:n].fill_(2)   # the cached counters this call will use, made non-zero
+    y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, config=cfg, down_config=down)
+    assert_close_scaled(y, ref, torch.float32)
+    assert all(int(buf.count_nonzero()) == 0 for bufs in launch._COUNTERS.values() for buf in bufs)
+
+
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("gated", [True, False])
 def test_interp_default_configs_match_the_reference(interpreter, m, gated):
