@@ -480,9 +480,9 @@ def gemv_buffers(x2: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
 def gemv_ticket_count(tokens: int, in_features: int, out_features: int, cfg: GemvConfig) -> int:
     """How many ticket counters :func:`threshold_linear`'s launch with ``cfg`` merges its K splits with (one per
     token program and N tile); 0 where one K split stores y itself."""
-    if triton.cdiv(in_features, cfg.ROWS_PER_SPLIT) == 1:  # noqa: F821 - bound by bind_triton
+    if -(-in_features // cfg.ROWS_PER_SPLIT) == 1:   # plain integers: callable before Triton is bound
         return 0
-    return triton.cdiv(out_features, cfg.BLOCK_N) * (tokens if tokens == 1 or cfg.PER_TOKEN else 1)  # noqa: F821
+    return -(-out_features // cfg.BLOCK_N) * (tokens if tokens == 1 or cfg.PER_TOKEN else 1)
 
 
 def zeroed_upstream_counters(tokens: int, in_features: int, out_features: int, cfg: GemvConfig,
@@ -490,13 +490,11 @@ def zeroed_upstream_counters(tokens: int, in_features: int, out_features: int, c
     """``(counters, count, zero_block)`` for a :func:`threshold_linear` launch whose ticket counters the launch
     before it zeroes with ``_zero_tickets(counters, count, zero_block)`` (the fused FFNs' first stage): eagerly the
     stream's cached counters, traced an uninitialised buffer, so Inductor emits no fill kernel for them. Where the
-    GEMV merges no K splits, ``(like, 0, 0)``: nothing to zero (``like`` stands for the unused pointer). Needs
-    Triton bound (``bind_triton``)."""
+    GEMV merges no K splits, ``(like, 0, 0)``: nothing to zero (``like`` stands for the unused pointer)."""
     count = gemv_ticket_count(tokens, in_features, out_features, cfg)
     if count == 0:
         return like, 0, 0
-    return (ticket_counters(count, like, zeroed_by_earlier_launch=True), count,
-            triton.next_power_of_2(count))  # noqa: F821 - bound by bind_triton
+    return ticket_counters(count, like, zeroed_by_earlier_launch=True), count, 1 << (count - 1).bit_length()
 
 
 def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,

@@ -159,6 +159,23 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, co
     assert_matches(y, ref, dtype)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("k,rows", [(64, 64), (65, 64), (300, 32), (4096, 2048)])
+def test_gemv_ticket_count_is_the_launch_grids(m, k, rows, per_token):
+    """The counters a caller zeroes for a GEMV (gemv_ticket_count) are exactly the ones its launch merges with: one
+    per (token program, N tile) of gemv_buffers' grid where K is split, none where one split stores y."""
+    from sparsecc.codegen import activation_sparse
+    from sparsecc.codegen.activation_sparse import gemv_buffers, gemv_ticket_count
+    from sparsecc.codegen.epilogue import bind_triton
+    bind_triton(vars(activation_sparse), activation_sparse._KERNELS)
+    n = 40
+    cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, PER_TOKEN=per_token)
+    x2, w = torch.zeros(m, k), torch.zeros(n, k)
+    g = gemv_buffers(x2, w, None, 0.1, cfg, None, None, m == 1 or per_token, x2)
+    assert gemv_ticket_count(m, k, n, cfg) == (0 if g.direct else g.grid[0] * g.grid[2])
+
+
 @interpreter
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("m", [1, 3])

@@ -7,6 +7,8 @@ CPU: the Triton kernels run in Triton's interpreter at tiny shapes, in a child p
 GPU (``gpu`` marker): Llama-3-8B shapes into NaN-poisoned outputs against a float32 oracle.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import assume, given, strategies as st
@@ -93,8 +95,8 @@ def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, d
     assert counters_at_zero()
 
 
-@pytest.mark.parametrize("m", [1, 3])
-def test_interp_stage_one_zeroes_the_down_gemvs_counters(interpreter, m):
+@pytest.mark.parametrize("m,per_token", [(1, False), (3, False), (3, True)])
+def test_interp_stage_one_zeroes_the_down_gemvs_counters(interpreter, m, per_token):
     """Where stage 1 has no D split, its first program zeroes the down GEMV's ticket counters (a compiled call then
     allocates them without a fill): counters left non-zero by something else still give the oracle's y, and end
     at zero. Without the zeroing the down merge would miscount its splits."""
@@ -105,8 +107,9 @@ def test_interp_stage_one_zeroes_the_down_gemvs_counters(interpreter, m):
     d, f, d_out = 16, 48, 40   # one stage-1 split of D; the down GEMV: 3 K splits of 16, 3 N tiles of 16
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, True, torch.float32)
     cfg, down = small_configs()
+    down = dataclasses.replace(down, PER_TOKEN=per_token)
     n = gemv_ticket_count(m, f, d_out, down)
-    assert n == 3   # one per N tile of the down GEMV (its 1 or 3 tokens share programs)
+    assert n == 3 * (m if per_token else 1)   # one per N tile of the down GEMV, and per token where they split
     tau_input = float(torch.quantile(x.abs().flatten(), 0.3))
     _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
     tau_down = pick_tau(h.abs(), 0.5, torch.float32)
