@@ -302,8 +302,9 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
             offs_k = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0,
                          cache_modifier=X_CACHE).to(tl.float32)
+            # Past K nothing is kept, even where tau < 0 lets a zero score pass (the row would be read past the end).
             keep = _survives(_scores(tl.abs(xk), tl.load(scale_ptr + offs_k, mask=offs_k < K, other=0.0) if HAS_SCALE
-                                     else None), tau)
+                                     else None), tau) & (offs_k < K)
             w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=keep[:, None] & n_mask[None, :], other=0.0)
             acc2 += tl.where(keep, xk, 0.0)[:, None] * w.to(tl.float32)
@@ -338,6 +339,7 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=X_CACHE)
             keep = _survives(_scores(tl.abs(xv.to(tl.float32)),
                                      tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0) if HAS_SCALE else None), tau)
+            keep = keep & k_mask[None, :]   # past K nothing is kept, even where tau < 0 lets a zero score pass
             xs = tl.where(keep, xv, tl.zeros_like(xv))
             # A channel's weight row is read when any token keeps it (the union over the tokens).
             row_live = tl.max(keep.to(tl.int32), axis=0) > 0

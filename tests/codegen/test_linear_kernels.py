@@ -187,8 +187,13 @@ def test_threshold_linear_negative_tau_keeps_everything_and_reads_nothing_past_k
     x = randn(gen, m, 20, dtype=torch.float32)
     x[:, ::4] = 0.0
     w = randn(gen, 24, 20, dtype=torch.float32)
+    # K-major, as the compiler binds it, inside a buffer whose rows past K are NaN: a row read past K poisons y.
+    storage = torch.full((32 * 24,), float("nan"))
+    storage[:20 * 24] = w.t().reshape(-1)
+    w_km = storage[:20 * 24].view(20, 24).t()
+    assert torch.equal(w_km, w) and w_km.stride() == (1, 24)
     cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact)
-    y = threshold_linear(x, w, None, -1.0, config=cfg, out=poisoned(m, 24, torch.float32))
+    y = threshold_linear(x, w_km, None, -1.0, config=cfg, out=poisoned(m, 24, torch.float32))
     assert_matches(y, x.double() @ w.double().T, torch.float32)
 
 
