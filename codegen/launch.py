@@ -108,15 +108,16 @@ def ticket_counters(n: int, like: torch.Tensor, zeroed_by_earlier_launch: bool =
     allocates it like any other buffer (and zeroes it with a kernel of its own). With
     ``zeroed_by_earlier_launch`` the caller's earlier launch on the same stream stores the zeros instead, so a
     traced call gets an uninitialised buffer and no fill kernel. Eagerly, the cached buffer of the current stream
-    (two launches on one stream never overlap; launches on different streams use different buffers). The kernel
-    must leave every counter it used at zero.
+    (two launches on one stream never overlap; launches on different streams use different buffers); counters
+    that an earlier launch zeroes come from a second cached buffer, so that launch may use the first one's
+    counters meanwhile. The kernel must leave every counter it used at zero.
     """
     if tracing(like):
         if zeroed_by_earlier_launch:
             return torch.empty(n, dtype=torch.int32, device=like.device)
         return torch.zeros(n, dtype=torch.int32, device=like.device)
     stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
-    bufs = _COUNTERS.setdefault((like.device, stream), [])
+    bufs = _COUNTERS.setdefault((like.device, stream, zeroed_by_earlier_launch), [])
     if not bufs or bufs[-1].numel() < n:
         bufs.append(torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=like.device))
     return bufs[-1]

@@ -447,10 +447,9 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
                         tau_down, grid, down_cfg, out, stage1)
         return y.reshape(*lead, w_down.shape[0])
     counters = ticket_counters(grid[0], x2) if split else x2   # one per N tile
-    # Stage 1 zeroes the down GEMV's ticket counters where it has none of its own (eagerly they would share the
-    # stream's cached buffer with stage 1's), so a compiled call launches no fill kernel for them.
-    down_counters, n_down, zero_block = (x2, 0, 0) if split else \
-        zeroed_upstream_counters(m, f, w_down.shape[0], down_cfg, x2)
+    # Stage 1 zeroes the down GEMV's ticket counters (a buffer apart from its own D-split counters), so a compiled
+    # call launches no fill kernel for them.
+    down_counters, n_down, zero_block = zeroed_upstream_counters(m, f, w_down.shape[0], down_cfg, x2)
     launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
         x2, wgt, bg, wut, bu, h, scratch, partial, counters, sg, su, down_counters, n_down, m, f, d, tau_arg,
         x2.stride(0), x2.stride(1), wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),

@@ -159,7 +159,8 @@ def test_interp_gate_launch_zeroes_the_down_gemvs_counters(interpreter, m):
     cfg, down = small_configs(m)
     n = gemv_ticket_count(m, f, d_out, down)
     assert n == 3
-    launch.ticket_counters(n, x)[:n].fill_(2)   # the cached counters this call will use, made non-zero
+    # the cached counters the down GEMV will use, made non-zero
+    launch.ticket_counters(n, x, zeroed_by_earlier_launch=True)[:n].fill_(2)
     y = gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau, config=cfg, down_config=down)
     assert_close_scaled(y, ref, torch.float32)
     assert all(int(buf.count_nonzero()) == 0 for bufs in launch._COUNTERS.values() for buf in bufs)

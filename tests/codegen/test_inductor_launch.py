@@ -253,6 +253,11 @@ with FakeTensorMode(allow_non_fake_inputs=True):
                       torch.empty_strided((256, 8192), (1, 256), device=cuda, dtype=f16))
     calls["threshold_ffn, down K splits"] = (lambda x, w, wd: threshold_ffn.threshold_ffn(
         x, w, None, w, None, wd, None, "silu", 0.5, 0.1, one_launch=False), (x_f, w_f, wd_f))
+    x_w, w_w, wd_w = (torch.empty(1, 8192, device=cuda, dtype=f16),
+                      torch.empty_strided((8192, 8192), (1, 8192), device=cuda, dtype=f16),
+                      torch.empty_strided((256, 8192), (1, 256), device=cuda, dtype=f16))
+    calls["threshold_ffn, D and down K splits"] = (lambda x, w, wd: threshold_ffn.threshold_ffn(
+        x, w, None, w, None, wd, None, "silu", 0.5, 0.1, one_launch=False), (x_w, w_w, wd_w))
     w_rows = torch.empty(8192, 256, device=cuda, dtype=f16)   # gate mode reads a neuron's row contiguous
     calls["gate_sparse_ffn, down K splits"] = (lambda x, w, wd: gate_sparse_ffn.gate_sparse_ffn(
         x, w, None, w, None, wd, None, "silu", 0.5), (x_f, w_rows, wd_f))
@@ -307,13 +312,15 @@ def test_no_launch_makes_inductor_copy_an_input():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     traced = {line.split(":")[0][len("TRACED "):]: line.split(": ")[1] for line in lines if line.startswith("TRACED")}
-    assert len(traced) == 16 and all(not v.startswith("0 launch") for v in traced.values()), lines
+    assert len(traced) == 17 and all(not v.startswith("0 launch") for v in traced.values()), lines
     assert not [line for line in lines if line.startswith("COPIED")], lines
     # The down GEMV merges its K splits by ticket: alone its counters are a zero fill in the graph, in the fused FFNs
     # (input and gate mode) their first launch zeroes them (no fill kernel).
     assert traced["threshold_linear K splits"] == "1 launch(es), 1 fill(s)", traced
     assert traced["threshold_ffn, down K splits"] == "2 launch(es), 0 fill(s)", traced
     assert traced["gate_sparse_ffn, down K splits"] == "2 launch(es), 0 fill(s)", traced
+    # Stage 1 split over D merges by ticket too: its own counters are the one fill left.
+    assert traced["threshold_ffn, D and down K splits"] == "2 launch(es), 1 fill(s)", traced
 
 
 # ---------------------------------------------------------------- GPU: Inductor launches the kernels

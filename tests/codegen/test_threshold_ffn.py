@@ -95,16 +95,18 @@ def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, d
     assert counters_at_zero()
 
 
+@pytest.mark.parametrize("d", [16, 40])
 @pytest.mark.parametrize("m,per_token", [(1, False), (3, False), (3, True)])
-def test_interp_stage_one_zeroes_the_down_gemvs_counters(interpreter, m, per_token):
-    """Where stage 1 has no D split, its first program zeroes the down GEMV's ticket counters (a compiled call then
-    allocates them without a fill): counters left non-zero by something else still give the oracle's y, and end
-    at zero. Without the zeroing the down merge would miscount its splits."""
+def test_interp_stage_one_zeroes_the_down_gemvs_counters(interpreter, m, per_token, d):
+    """Stage 1's first program zeroes the down GEMV's ticket counters (a compiled call then allocates them without
+    a fill), with or without D splits of its own (their counters are another buffer): counters left non-zero by
+    something else still give the oracle's y, and end at zero. Without the zeroing the down merge would miscount
+    its splits."""
     from sparsecc.codegen import launch
     from sparsecc.codegen.activation_sparse import gemv_ticket_count
     from sparsecc.codegen.threshold_ffn import threshold_ffn
     gen = torch.Generator().manual_seed(3)
-    d, f, d_out = 16, 48, 40   # one stage-1 split of D; the down GEMV: 3 K splits of 16, 3 N tiles of 16
+    f, d_out = 48, 40   # stage 1: 1 or 3 splits of D; the down GEMV: 3 K splits of 16, 3 N tiles of 16
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, True, torch.float32)
     cfg, down = small_configs()
     down = dataclasses.replace(down, PER_TOKEN=per_token)
@@ -114,7 +116,8 @@ def test_interp_stage_one_zeroes_the_down_gemvs_counters(interpreter, m, per_tok
     _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
     tau_down = pick_tau(h.abs(), 0.5, torch.float32)
     ref = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)[0]
-    launch.ticket_counters(n, x)[:n].fill_(2)   # the cached counters this call will use, made non-zero
+    # the cached counters the down GEMV will use, made non-zero
+    launch.ticket_counters(n, x, zeroed_by_earlier_launch=True)[:n].fill_(2)
     y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down, config=cfg, down_config=down)
     assert_close_scaled(y, ref, torch.float32)
     assert counters_at_zero()
