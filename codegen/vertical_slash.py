@@ -308,6 +308,11 @@ def vertical_slash_index(q: Tensor, k: Tensor, form: VerticalSlash, scale: float
 
     ``per_head`` gives each head its own budgets, as in :func:`vertical_slash_select_ref`.
     """
+    from sparsecc.codegen.dynamic_attention import _check_inputs
+
+    # Both paths refuse what the reference refuses (Sq > Sk among them): the index kernel's search assumes
+    # every query block ends after key 0.
+    _check_inputs(q, k)
     sq, sk = q.shape[2], k.shape[2]
     if q.device.type != "cuda":
         cols, offs = vertical_slash_select_ref(q, k, form, scale, per_head=per_head)

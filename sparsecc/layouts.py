@@ -71,7 +71,9 @@ class BlockTable:
     * ``block_q``, ``block_k``: block sizes in rows / key positions.
     * ``seq_q``, ``seq_k``: sequence lengths; ``causal``: apply bottom-right causality.
 
-    See the module docstring for the coordinate conventions.
+    See the module docstring for the coordinate conventions. The constructor checks the counts and indices, and
+    that no block is both partial and full, and refuses a full block whose keys pass ``seq_k`` or, causal, come
+    after its block's first query position (kernels read full blocks without those tests).
     """
 
     kv_num_blocks: Tensor
@@ -122,9 +124,18 @@ class BlockTable:
             dense = self._scatter_dense(num, idx)
             if int(dense.sum()) != int(num.sum()):
                 raise ValueError(f"{idx_name} repeats a key block within a query block")
-        if bool((self._scatter_dense(self.kv_num_blocks, self.kv_indices)
-                 & self._scatter_dense(self.full_kv_num_blocks, self.full_kv_indices)).any()):
+        full = self._scatter_dense(self.full_kv_num_blocks, self.full_kv_indices)
+        if bool((self._scatter_dense(self.kv_num_blocks, self.kv_indices) & full).any()):
             raise ValueError("kv_indices and full_kv_indices name the same block (a block is full or partial)")
+        # Kernels read a full block's keys with no bound or causal test: one past the sequence end, or after a
+        # query of its block, would be read out of bounds or attended although masked.
+        bad = full & ~_keys_full(self.seq_q, self.seq_k, self.block_q, self.block_k, self.causal).to(full.device)
+        if bool(bad.any()):
+            where = tuple(int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"full_kv_indices marks key block {where[3]} of query block {where[2]} (batch "
+                             f"{where[0]}, head {where[1]}) full, but it holds keys past seq_k={self.seq_k}"
+                             + (" or after the block's first query position" if self.causal else "")
+                             + ": list it in kv_indices (partial) instead")
 
     # ----------------------------------------------------------------- sizes
 
@@ -158,13 +169,7 @@ class BlockTable:
     # ------------------------------------------------------------ dense views
 
     def _scatter_dense(self, num: Tensor, idx: Tensor) -> Tensor:
-        n_k = self.num_k_blocks
-        counted = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
-        # Padding entries go to an extra column that is cut off afterwards.
-        target = torch.where(counted, idx.long().clamp(0, n_k), torch.full_like(idx, n_k, dtype=torch.long))
-        dense = torch.zeros(*num.shape, n_k + 1, dtype=torch.int32, device=idx.device)
-        dense.scatter_add_(-1, target, counted.to(torch.int32))
-        return dense[..., :n_k].bool()
+        return _listed_blocks(num, idx, self.num_k_blocks)
 
     def to_dense_block_mask(self, full_only: bool = False, partial_only: bool = False) -> Tensor:
         """Kept blocks as a bool tensor ``[Bt, Ht, nQ, nK]`` (for tests and small sizes).
@@ -262,7 +267,9 @@ class BlockTable:
 
     @staticmethod
     def from_flex_block_mask(bm, seq_q: int, seq_k: int, causal: bool) -> "BlockTable":
-        """Build a table from a Flex ``BlockMask``; its full/partial split is taken as given."""
+        """Build a table from a Flex ``BlockMask``; its full/partial split is taken as given, except that a block
+        Flex marks full but whose keys pass ``seq_k`` (Flex bounds the sequence elsewhere) or, causal, a query of
+        its block, is kept as partial."""
         block_q, block_k = (int(s) for s in bm.BLOCK_SIZE)
         num = bm.kv_num_blocks.to(torch.int32).clone()
         idx = bm.kv_indices.to(torch.int32).clone()
@@ -275,8 +282,12 @@ class BlockTable:
         # Flex may pad the grid beyond ceil(seq / block); the extra blocks are empty.
         n_q = -(-seq_q // block_q)
         num, idx, full_num, full_idx = num[:, :, :n_q], idx[:, :, :n_q], full_num[:, :, :n_q], full_idx[:, :, :n_q]
-        return BlockTable(num.contiguous(), idx.contiguous(), full_num.contiguous(), full_idx.contiguous(),
-                          block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, causal=causal)
+        n_k = -(-seq_k // block_k)
+        full = _listed_blocks(full_num, full_idx, n_k)
+        kept = _listed_blocks(num, idx, n_k) | full
+        full = full & _keys_full(seq_q, seq_k, block_q, block_k, causal).to(full.device)
+        return BlockTable.from_dense(kept, full, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k,
+                                     causal=causal)
 
     # ----------------------------------------------------------- construction
 
@@ -299,6 +310,17 @@ class BlockTable:
                           seq_q=seq_q, seq_k=seq_k, causal=causal)
 
 
+def _listed_blocks(num: Tensor, idx: Tensor, n_k: int) -> Tensor:
+    """Bool ``[..., nK]``: the key blocks the first ``num`` entries of ``idx`` name (indices at ``nK`` or past it
+    are dropped)."""
+    counted = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+    # Padding entries go to an extra column that is cut off afterwards.
+    target = torch.where(counted, idx.long().clamp(0, n_k), torch.full_like(idx, n_k, dtype=torch.long))
+    dense = torch.zeros(*num.shape, n_k + 1, dtype=torch.int32, device=idx.device)
+    dense.scatter_add_(-1, target, counted.to(torch.int32))
+    return dense[..., :n_k].bool()
+
+
 def _ordered(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Counts and ascending indices of the True entries of ``mask`` along its last dim."""
     num = mask.sum(-1, dtype=torch.int32)
@@ -317,17 +339,23 @@ def _block_bounds(seq: int, block: int, n: int, offset: int = 0) -> tuple[Tensor
     return first + offset, last + offset
 
 
-def _token_full(seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool) -> Tensor:
-    """Bool ``[nQ, nK]``: blocks whose every grid element exists and is causally allowed."""
+def _keys_full(seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool) -> Tensor:
+    """Bool ``[nQ, nK]``: blocks whose keys all exist and, when causal, all sit at or before the block's first
+    query position. The least a block marked full must satisfy (rows past ``seq_q`` are never stored)."""
     n_q, n_k = -(-seq_q // block_q), -(-seq_k // block_k)
-    offset = seq_k - seq_q
     q_first = torch.arange(n_q) * block_q
     k_first = torch.arange(n_k) * block_k
-    inside = ((q_first + block_q <= seq_q)[:, None]) & ((k_first + block_k <= seq_k)[None, :])
+    ok = (k_first + block_k <= seq_k)[None, :].expand(n_q, n_k)
     if causal:
-        # Every key of the block is at or before the block's first query position.
-        inside = inside & ((k_first + block_k - 1)[None, :] <= (q_first + offset)[:, None])
-    return inside
+        ok = ok & ((k_first + block_k - 1)[None, :] <= (q_first + seq_k - seq_q)[:, None])
+    return ok
+
+
+def _token_full(seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool) -> Tensor:
+    """Bool ``[nQ, nK]``: blocks whose every grid element exists and is causally allowed."""
+    n_q = -(-seq_q // block_q)
+    rows_inside = (torch.arange(n_q) * block_q + block_q <= seq_q)[:, None]
+    return rows_inside & _keys_full(seq_q, seq_k, block_q, block_k, causal)
 
 
 def block_sparse_table(form: BlockSparse, n_heads: int, seq_q: int, seq_k: int, causal: bool,

@@ -257,3 +257,46 @@ def test_head_offset_rows_are_the_model_heads(causal):
     assert not torch.equal(dense_whole[0, 3:5], dense_whole[0, 0:2])   # the offset matters for these draws
     with pytest.raises(ValueError, match="head_offset=-1 is not allowed"):
         block_sparse_table(form, 2, 96, 96, causal, head_offset=-1)
+
+
+def _one_block_table(kept_partial, kept_full, *, seq_q, seq_k, block, causal):
+    """A hand-made table: one batch and head, the given (query block, key block) pairs partial / full."""
+    n_q, n_k = -(-seq_q // block), -(-seq_k // block)
+    partial = torch.zeros(1, 1, n_q, n_k, dtype=torch.bool)
+    full = torch.zeros(1, 1, n_q, n_k, dtype=torch.bool)
+    for a, b in kept_partial:
+        partial[0, 0, a, b] = True
+    for a, b in kept_full:
+        full[0, 0, a, b] = True
+    def listed(mask):   # counts, and the kept columns first in ascending order
+        order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices
+        return mask.sum(-1, dtype=torch.int32), order
+
+    num_p, idx_p = listed(partial)
+    num_f, idx_f = listed(full)
+    return BlockTable(num_p, idx_p.to(torch.int32), num_f, idx_f.to(torch.int32), block_q=block, block_k=block,
+                      seq_q=seq_q, seq_k=seq_k, causal=causal)
+
+
+def test_a_full_block_past_the_keys_or_the_diagonal_is_refused():
+    """Kernels read a full block's keys without bound or causal tests, so the table refuses a full block that
+    holds keys past seq_k (they would be read out of bounds) or, causal, after its block's first query."""
+    _one_block_table([(0, 2)], [(0, 0), (0, 1)], seq_q=16, seq_k=40, block=16, causal=False)   # the rule's edge
+    with pytest.raises(ValueError, match=r"marks key block 2 of query block 0 .* past seq_k=40"):
+        _one_block_table([], [(0, 2)], seq_q=16, seq_k=40, block=16, causal=False)
+    with pytest.raises(ValueError, match=r"marks key block 1 of query block 1 .*first query position"):
+        _one_block_table([], [(1, 1)], seq_q=32, seq_k=32, block=16, causal=True)
+
+
+def test_flex_full_blocks_past_the_keys_are_imported_as_partial():
+    """A Flex BlockMask that marks a block full although its keys pass seq_k (Flex bounds the sequence in its
+    own kernel) is imported with that block partial, the others as Flex gave them."""
+    from torch.nn.attention.flex_attention import BlockMask
+    num = torch.tensor([[[1]]], dtype=torch.int32)
+    idx = torch.tensor([[[[0, 0]]]], dtype=torch.int32)
+    full_num = torch.tensor([[[1]]], dtype=torch.int32)
+    full_idx = torch.tensor([[[[1, 0]]]], dtype=torch.int32)
+    bm = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=128)
+    table = BlockTable.from_flex_block_mask(bm, 100, 200, False)
+    assert table.full_kv_num_blocks.tolist() == [[[0]]]
+    assert table.kv_num_blocks.tolist() == [[[2]]] and table.kv_indices[0, 0, 0, :2].tolist() == [0, 1]

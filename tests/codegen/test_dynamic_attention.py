@@ -571,3 +571,18 @@ def test_cdf_one_kernel_table_matches_reference_when_peaked(interpreter):
     form = BlockTopK(block=16, cdf=1.0, sink_blocks=0, local_blocks=0, pool="max")
     assert same_table(kern.block_topk_table(q, k, form, True, 0.25, validate=True),
                       dynamic_table_ref(q, k, form, True, 0.25))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_vertical_slash_index_refuses_more_queries_than_keys(device):
+    """Sq > Sk is refused on both paths with the reference's error. On CUDA the selection skipped that check
+    and the index kernel's range search, which assumes every query block ends after key 0, read past its offsets
+    and could store columns without end."""
+    from sparsecc.codegen.vertical_slash import vertical_slash_index
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q = torch.randn(1, 2, 32, 16, device=device, dtype=dtype)
+    k = torch.randn(1, 2, 16, 16, device=device, dtype=dtype)
+    with pytest.raises(ValueError, match=r"Sq=32 must lie in \[1, Sk=16\]"):
+        vertical_slash_index(q, k, VerticalSlash(vertical=2, slash=2, block=16, last_q=16), 0.25)
