@@ -25,7 +25,7 @@ from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, t
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
            "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows", "GemvBuffers",
-           "gemv_buffers", "gemv_ticket_count", "zeroed_upstream_counters"]
+           "gemv_buffers", "gemv_grid", "gemv_ticket_count", "zeroed_upstream_counters"]
 
 # ============================================================== reference
 
@@ -454,17 +454,34 @@ class GemvBuffers(NamedTuple):
         """One K split: the kernel stores y itself (no partials, no tickets)."""
         return self.grid[1] == 1
 
+    @property
+    def tickets(self) -> int:
+        """The ticket counters the launch merges its K splits with (:func:`gemv_ticket_count`)."""
+        return _ticket_count(self.grid)
+
+
+def gemv_grid(tokens: int, in_features: int, out_features: int, cfg: GemvConfig) -> Tuple[int, int, int]:
+    """The GEMV launch's grid ``(N tiles, K splits, token programs)``: one program per token for one token or
+    ``cfg.PER_TOKEN``, else one for all tokens (the ``tl.dot`` union). Plain integers: callable before Triton
+    is bound."""
+    per_token = tokens == 1 or cfg.PER_TOKEN
+    return -(-out_features // cfg.BLOCK_N), -(-in_features // cfg.ROWS_PER_SPLIT), tokens if per_token else 1
+
+
+def _ticket_count(grid: Tuple[int, int, int]) -> int:
+    """One ticket counter per (token program, N tile) where K is split; none where one split stores y."""
+    return 0 if grid[1] == 1 else grid[0] * grid[2]
+
 
 def gemv_buffers(x2: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float, cfg: GemvConfig,
-                 out: Optional[Tensor], channel_scale: Optional[Tensor], per_token: bool,
-                 dummy: Tensor) -> GemvBuffers:
+                 out: Optional[Tensor], channel_scale: Optional[Tensor], dummy: Tensor) -> GemvBuffers:
     """The buffers of a GEMV launch over ``x2 [M, K]`` with ``weight [N, K]``: :func:`threshold_linear`'s, and the
     down stage of codegen/threshold_ffn.py's one-launch FFN. ``dummy`` stands for pointers the launch never
-    touches: a tensor the launch only reads (codegen/launch.py says why). Needs Triton bound (``bind_triton``)."""
+    touches: a tensor the launch only reads (codegen/launch.py says why)."""
     m, k = x2.shape
     n = weight.shape[0]
-    n_splits = triton.cdiv(k, cfg.ROWS_PER_SPLIT)  # noqa: F821 - bound by bind_triton
-    grid = (triton.cdiv(n, cfg.BLOCK_N), n_splits, m if per_token else 1)  # noqa: F821
+    grid = gemv_grid(m, k, n, cfg)
+    n_splits = grid[1]
     # One slot of ROWS_PER_SPLIT channel indices per program for the compacted paths (only the
     # survivors' entries are written); a 1-element dummy otherwise.
     slots = grid[0] * grid[1] * grid[2] * cfg.ROWS_PER_SPLIT if cfg.COMPACT else 1
@@ -482,9 +499,7 @@ def gemv_buffers(x2: Tensor, weight: Tensor, bias: Optional[Tensor], tau: float,
 def gemv_ticket_count(tokens: int, in_features: int, out_features: int, cfg: GemvConfig) -> int:
     """How many ticket counters :func:`threshold_linear`'s launch with ``cfg`` merges its K splits with (one per
     token program and N tile); 0 where one K split stores y itself."""
-    if -(-in_features // cfg.ROWS_PER_SPLIT) == 1:   # plain integers: callable before Triton is bound
-        return 0
-    return -(-out_features // cfg.BLOCK_N) * (tokens if tokens == 1 or cfg.PER_TOKEN else 1)
+    return _ticket_count(gemv_grid(tokens, in_features, out_features, cfg))
 
 
 def zeroed_upstream_counters(tokens: int, in_features: int, out_features: int, cfg: GemvConfig,
@@ -527,10 +542,10 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
         return threshold_linear_ref(x, weight, bias, tau, channel_scale)
     bind_triton(globals(), _KERNELS)
     cfg = config or default_gemv_config(m, k)
-    per_token = m == 1 or cfg.PER_TOKEN
     # Dummies for pointers a launch never touches are x2, which it only reads (codegen/launch.py says why).
-    g = gemv_buffers(x2, weight, bias, tau, cfg, out, channel_scale, per_token, x2)
-    n_tickets = gemv_ticket_count(m, k, n, cfg)   # one per (token, N tile) where K is split
+    g = gemv_buffers(x2, weight, bias, tau, cfg, out, channel_scale, x2)
+    per_token = g.grid[2] == m   # one program per token (gemv_grid)
+    n_tickets = g.tickets
     if n_tickets == 0:
         counters = x2
     elif counters is None:

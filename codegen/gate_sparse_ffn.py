@@ -303,6 +303,5 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
         ROUND_BY_BITS=interpreting and dtype == torch.bfloat16, REDUCE_CHUNKS=cfg.REDUCE_CHUNKS,
         ZERO_BLOCK=zero_block, num_warps=cfg.num_warps)
     # tau = 0 skips exactly the zeros of g: dropped neurons, and survivors whose product is 0 (no contribution).
-    y = threshold_linear(g, w_down, b_down, 0.0, config=down_cfg, out=out,
-                         counters=down_counters if n_down else None)
+    y = threshold_linear(g, w_down, b_down, 0.0, config=down_cfg, out=out, counters=down_counters)
     return y.reshape(*lead, w_down.shape[0])

@@ -456,7 +456,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
         BLOCK_M=1 if m == 1 else DOT_ROWS, COMPACT=cfg.COMPACT, DOT_IN_FP32=interpreting or dtype == torch.float32,
         ZERO_BLOCK=zero_block, **stage1)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_cfg, out=out, channel_scale=scale_down,
-                         counters=down_counters if n_down else None)
+                         counters=down_counters)
     return y.reshape(*lead, w_down.shape[0])
 
 
@@ -465,7 +465,7 @@ def _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_dow
     """Launch ``_threshold_ffn_kernel`` for one token (stage 1's buffers made by the caller); returns y ``[1, N]``."""
     f = h.shape[1]
     # h is written by this launch: the down stage's dummies are x2, which it only reads.
-    g = gemv_buffers(h, w_down, b_down, tau_down, down_cfg, out, scale_down, True, x2)
+    g = gemv_buffers(h, w_down, b_down, tau_down, down_cfg, out, scale_down, x2)
     n_down_tiles, n_down_splits = g.grid[0], g.grid[1]
     n_counters = 1 + 2 * n_down_splits + n_down_tiles + (grid[0] if stage1["SPLIT"] else 0)
     n_work = grid[0] * grid[1] + n_down_tiles * n_down_splits

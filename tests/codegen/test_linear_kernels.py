@@ -172,8 +172,9 @@ def test_gemv_ticket_count_is_the_launch_grids(m, k, rows, per_token):
     n = 40
     cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, PER_TOKEN=per_token)
     x2, w = torch.zeros(m, k), torch.zeros(n, k)
-    g = gemv_buffers(x2, w, None, 0.1, cfg, None, None, m == 1 or per_token, x2)
-    assert gemv_ticket_count(m, k, n, cfg) == (0 if g.direct else g.grid[0] * g.grid[2])
+    g = gemv_buffers(x2, w, None, 0.1, cfg, None, None, x2)
+    assert g.grid[2] == (m if m == 1 or per_token else 1) and g.grid[1] == -(-k // rows)
+    assert gemv_ticket_count(m, k, n, cfg) == g.tickets == (0 if g.direct else g.grid[0] * g.grid[2])
 
 
 @interpreter
