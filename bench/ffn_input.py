@@ -28,9 +28,9 @@ sparsecc's columns are checked against a float32 oracle before they are timed (r
 recorded, not checked: its kernel adds K-split partials into the float16 output with atomics (rel err 0.01-0.2 in
 the first run, growing with sparsity). Timing: CUDA-graph replay
 over ``COPIES`` weight sets (``bench/linear.py``'s ``bench_graph``; 3 x 35 MB of kept rows at 90% is beyond the
-60 MB L2), median per call (``--graph-rounds R``: each graph holds R passes over the copies, so the replay's start-up is
-shared by 3R calls; R = 1 charges each call a third of it). "TB/s" = the weight bytes the sparse form must read (kept gate and up rows, kept down
-rows) / fused time. ``--sweep`` also times launch knobs of both stages at the ``SWEPT`` rows, ``--sweep-one-launch``
+60 MB L2), median per call (``--graph-rounds R``: each graph holds R passes over the copies, so the replay's
+start-up is shared by 3R calls; R = 1 charges each call a third of it). "TB/s" = the weight bytes the sparse form
+must read (kept gate and up rows, kept down rows) / fused time. ``--sweep`` also times launch knobs of both stages at the ``SWEPT`` rows, ``--sweep-one-launch``
 the one-launch kernel's (``one_launch_pairs``) at the one-token ones.
 """
 
