@@ -238,6 +238,11 @@ def sweep_configs():
             for bn, bk in shapes for r in (1024, 2048) for w in (4, 8)]
     down += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=2048, num_warps=w, COMPACT=False)
              for bn, bk in shapes for w in (4, 8)]
+    # The token's row padded to 16 rows on tensor cores (DOT), with the default down stage / best stage 1.
+    stage1 += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=4096, num_warps=w, DOT=True)
+               for bn, bk in shapes for w in (4, 8)]
+    down += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w, DOT=True)
+             for bn, bk in shapes for r in (1024, 2048) for w in (4, 8)]
     return stage1, down
 
 
@@ -249,9 +254,11 @@ def one_launch_pairs():
     defaults, with one warp count for both stages (``one_launch_refusal``)."""
     # One launch gives every program the register count of the larger stage (stage 1's at BLOCK_K 128: about 250
     # per thread at 4 warps, two programs per SM), so 64-row trips, which halve stage 1's accumulators, are timed.
-    return [(GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=4096, num_warps=warps),
-             GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=down_rows, num_warps=warps))
-            for bn in (64, 128) for bk in (64, 128) for down_rows in (2048, 4096) for warps in (4, 8)]
+    # With DOT both stages multiply on tensor cores and need few registers: more programs per SM.
+    return [(GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=4096, num_warps=warps, DOT=dot),
+             GemvConfig(BLOCK_N=down_n, BLOCK_K=128, ROWS_PER_SPLIT=down_rows, num_warps=warps, DOT=dot))
+            for bn in (64, 128) for bk in (64, 128) for down_rows in (2048, 4096) for warps in (4, 8)
+            for dot, down_n in ((False, 64), (True, 128))]
 
 
 def commit() -> str:

@@ -189,7 +189,11 @@ def bsr_workload(m: int, k: int, n: int, block, density: float, target: float, s
 GEMV_SWEEP = ([GemvConfig(64, 128, 4096, 4, STAGES=st) for st in (1, 2, 3, 4)]
               + [GemvConfig(64, 256, 4096, 8, STAGES=st) for st in (2, 3)]
               + [GemvConfig(32, 128, 4096, 4), GemvConfig(32, 256, 4096, 4), GemvConfig(128, 128, 4096, 8),
-                 GemvConfig(64, 128, 2048, 4), GemvConfig(64, 128, 8192, 4), GemvConfig(64, 128, 16384, 8)])
+                 GemvConfig(64, 128, 2048, 4), GemvConfig(64, 128, 8192, 4), GemvConfig(64, 128, 16384, 8)]
+              # The token's row padded to 16 on tensor cores (DOT): wider tiles fit its few registers.
+              + [GemvConfig(bn, bk, rows, w, DOT=True) for bn, bk, rows, w in
+                 ((128, 128, 4096, 4), (128, 128, 2048, 4), (128, 64, 4096, 4), (64, 128, 4096, 4),
+                  (128, 128, 4096, 8), (256, 64, 4096, 4), (128, 128, 1024, 4))])
 
 # 2-16 tokens: the union of the tokens' survivors (predicated or compacted, tl.dot) against one
 # program per token (each token's own survivors), a few tile shapes of each.

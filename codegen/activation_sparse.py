@@ -103,6 +103,8 @@ def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_u
 #   * tokens: with M > 1 and PER_TOKEN each program serves one token (grid axis 2) and reads that
 #     token's survivors only (its own mask; rows two tokens share are read twice, the second time
 #     mostly from L2); otherwise one program serves all M tokens with tl.dot and reads the union.
+#     One token takes that tl.dot path too with DOT (its row padded to 16; gemv_block_m), else
+#     per-lane products into a [BLOCK_K, BLOCK_N] float32 tile summed once at the end.
 # With several K splits each program writes a float32 partial to partial[split, m, n-tile], then
 # takes a ticket from its (token, n tile)'s counter (launch.ticket_counters); the program that draws
 # the last ticket sums the partials in split order with the bias, casts once, stores y and resets the
@@ -125,6 +127,10 @@ class GemvConfig:
     without it every chunk is visited with the dropped rows' loads predicated off.
     ``PER_TOKEN`` (2-16 tokens) gives every token its own programs and its own
     survivors instead of one program over the union of the tokens' survivors.
+    ``DOT`` (one token) multiplies on tensor cores, ``tl.dot`` with the token's
+    row padded to :data:`DOT_ROWS` rows as the union path of 2-16 tokens does,
+    instead of per-lane products summed into a ``[BLOCK_K, BLOCK_N]`` float32
+    tile: far fewer registers, so more programs per SM keep rows in flight.
     """
 
     BLOCK_N: int
@@ -134,6 +140,7 @@ class GemvConfig:
     COMPACT: bool = True
     PER_TOKEN: bool = False
     STAGES: int = 3  # Triton's num_stages (software-pipelining depth of the loops); 3 is Triton's default
+    DOT: bool = False
 
     def __post_init__(self):
         for name in ("BLOCK_N", "BLOCK_K", "ROWS_PER_SPLIT"):
@@ -142,12 +149,15 @@ class GemvConfig:
                 raise ValueError(f"GemvConfig.{name}={value} must be a power of two (a Triton block size)")
         if self.STAGES < 1:
             raise ValueError(f"GemvConfig.STAGES={self.STAGES} must be >= 1")
+        if self.DOT and self.PER_TOKEN:
+            raise ValueError("GemvConfig: DOT (one token on tensor cores) and PER_TOKEN (one program per token, "
+                             "no tensor cores) exclude each other")
         if self.ROWS_PER_SPLIT % self.BLOCK_K:
             raise ValueError(f"ROWS_PER_SPLIT={self.ROWS_PER_SPLIT} must be a multiple of BLOCK_K={self.BLOCK_K}")
 
     def __str__(self) -> str:
         mode = ("compacted" if self.COMPACT else "predicated") + (", per token" if self.PER_TOKEN else "") + \
-            (f", {self.STAGES} stages" if self.STAGES != 3 else "")
+            (", tl.dot" if self.DOT else "") + (f", {self.STAGES} stages" if self.STAGES != 3 else "")
         return (f"GemvConfig(N tile {self.BLOCK_N}, {self.BLOCK_K} rows/trip, {self.ROWS_PER_SPLIT} rows/split, "
                 f"{self.num_warps} warps, {mode})")
 
@@ -156,8 +166,11 @@ class GemvConfig:
 # 64-wide N tiles, 128 survivors per trip, 4 warps; 4096-channel splits where K <= 4096 (one split:
 # the kernel stores y, one launch) and 2048-channel splits above (14336 -> 4096: 12.9-13.8 us at 90%
 # against 15.7-15.9 us with the earlier 1024-channel splits). Pipelining depth changed < 1 us.
+# Above 4096 channels the token runs on tensor cores (DOT) with 128-wide N tiles: as the one-token FFN's down
+# GEMV (14336 -> 4096) on an H100 that took 1.1 us less per FFN at 90% and 3.1 us less at 50% than the
+# per-lane tile (bench/RESULTS.md, "One token on tensor cores").
 DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
-DEFAULT_GEMV_CONFIG_LONG_K = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=4)
+DEFAULT_GEMV_CONFIG_LONG_K = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=4, DOT=True)
 ONE_SPLIT_MAX_K = 4096  # up to here one token runs one split (one launch)
 # 2-16 tokens: the compacted union with 128-wide N tiles over 2048-channel splits, 8 warps, was the
 # fastest of union-predicated, union-compacted and per-token strategies at every M in 2..16 and
@@ -468,6 +481,12 @@ def gemv_grid(tokens: int, in_features: int, out_features: int, cfg: GemvConfig)
     return -(-out_features // cfg.BLOCK_N), -(-in_features // cfg.ROWS_PER_SPLIT), tokens if per_token else 1
 
 
+def gemv_block_m(tokens: int, cfg: GemvConfig) -> int:
+    """The rows one GEMV program multiplies at a time: 1 (per-lane products, one token) for one token or
+    ``cfg.PER_TOKEN``, unless ``cfg.DOT``; else :data:`DOT_ROWS` (``tl.dot``, the tokens padded to 16 rows)."""
+    return 1 if (tokens == 1 and not cfg.DOT) or (tokens > 1 and cfg.PER_TOKEN) else DOT_ROWS
+
+
 def _ticket_count(grid: Tuple[int, int, int]) -> int:
     """One ticket counter per (token program, N tile) where K is split; none where one split stores y."""
     return 0 if grid[1] == 1 else grid[0] * grid[2]
@@ -544,7 +563,6 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     cfg = config or default_gemv_config(m, k)
     # Dummies for pointers a launch never touches are x2, which it only reads (codegen/launch.py says why).
     g = gemv_buffers(x2, weight, bias, tau, cfg, out, channel_scale, x2)
-    per_token = g.grid[2] == m   # one program per token (gemv_grid)
     n_tickets = g.tickets
     if n_tickets == 0:
         counters = x2
@@ -557,7 +575,7 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     launcher(_threshold_gemv_kernel, x2)[g.grid](  # noqa: F821
         x2, g.wt, g.partial, g.scratch, g.bias, g.y, counters, g.scale, m, n, k, g.tau,
         x2.stride(0), x2.stride(1), g.wt.stride(0), g.wt.stride(1),
-        BLOCK_M=1 if per_token else DOT_ROWS, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        BLOCK_M=gemv_block_m(m, cfg), BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT, DOT_IN_FP32=interpreting or x.dtype == torch.float32,
         COMPACT=cfg.COMPACT, DIRECT=g.direct, HAS_BIAS=bias is not None, HAS_SCALE=channel_scale is not None,
         num_warps=cfg.num_warps, num_stages=cfg.STAGES)

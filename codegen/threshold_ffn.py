@@ -42,6 +42,7 @@ two launches' bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -50,8 +51,8 @@ from torch import Tensor
 
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen import gate_sparse_ffn as _gate
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig,
-                                                check_channel_scale, default_gemv_config, gemv_buffers, k_major,
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig,
+                                                check_channel_scale, default_gemv_config, gemv_block_m, gemv_buffers, k_major,
                                                 threshold_linear, zeroed_upstream_counters)
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
@@ -97,8 +98,11 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 # BLOCK_K chunk, loading only the rows some token keeps: addresses do not wait on a list); PER_TOKEN is not used.
 # One token, from bench/ffn_input.py --sweep on the H200 (64 compacted and predicated stage-1 shapes, 48 down
 # shapes at 50% and 90%): 64-wide N tiles, 128 survivors per trip, D unsplit up to 4096, 4 warps, compacted; the
-# spread over all shapes was about 5%, predicated never won.
-DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
+# spread over all shapes was about 5%, predicated never won. Since then the token runs on tensor cores (DOT: its
+# row padded to 16, few registers) with 128-wide N tiles on 8 warps, and the down GEMV likewise
+# (activation_sparse.DEFAULT_GEMV_CONFIG_LONG_K): on an H100 the FFN took 4-6% less time at 50-90% than with
+# the per-lane tiles (bench/RESULTS.md, "One token on tensor cores").
+DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=8, DOT=True)
 # 2-16 tokens: the tl.dot union; not swept (the compiler plans the per-projection GEMVs there, see passes/ffn.py).
 DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
 
@@ -273,7 +277,8 @@ def _threshold_ffn_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_
                           HAS_SCALE: tl.constexpr, DOWN_BLOCK_N: tl.constexpr,  # noqa: F821
                           DOWN_BLOCK_K: tl.constexpr, DOWN_ROWS: tl.constexpr,  # noqa: F821
                           DOWN_DIRECT: tl.constexpr, HAS_BD: tl.constexpr,  # noqa: F821
-                          HAS_SCALE_DOWN: tl.constexpr):  # noqa: F821
+                          HAS_SCALE_DOWN: tl.constexpr, BLOCK_M: tl.constexpr,  # noqa: F821
+                          DOWN_BLOCK_M: tl.constexpr, DOT_IN_FP32: tl.constexpr):  # noqa: F821
     """One token's whole FFN in one launch: stage 1's tiles, then the down GEMV's, handed out by ticket.
 
     Counters (int32, zero on entry, zero again on exit): [0] the work ticket; [1, 1 + S) per down split, how many of
@@ -297,8 +302,8 @@ def _threshold_ffn_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_
         last = _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr,
                                 stage1_tickets, sg_ptr, su_ptr, 1, F, D, tau, 0, stride_xd, stride_gd, stride_gf,
                                 stride_ud, stride_uf, pid, ticket // N_F_TILES, N_F_TILES, N_SPLITS,
-                                1, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, SPLIT, True, HAS_BG, HAS_BU, ACTIVATION, False,
-                                ROUND_BY_BITS, HAS_SCALE)
+                                BLOCK_M, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, SPLIT, True, HAS_BG, HAS_BU, ACTIVATION,
+                                DOT_IN_FP32, ROUND_BY_BITS, HAS_SCALE)
         if last:   # this tile's h is stored: count it for its down split (every thread's stores come first)
             tl.debug_barrier()
             tl.atomic_add(ready + pid // tiles_per_split, 1, sem="release", scope="gpu")
@@ -316,8 +321,8 @@ def _threshold_ffn_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_
         tl.debug_barrier()
         _gemv_program(h_ptr, wd_ptr, down_partial_ptr, down_scratch_ptr, bd_ptr, y_ptr, down_tickets, sd_ptr,
                       1, N, F, tau_down, F, 1, stride_dk, stride_dn, work % N_DOWN_TILES, split, 0, N_DOWN_TILES,
-                      N_DOWN_SPLITS, 1, DOWN_BLOCK_N, DOWN_BLOCK_K, DOWN_ROWS, False, True, DOWN_DIRECT, HAS_BD,
-                      HAS_SCALE_DOWN, ".cg")
+                      N_DOWN_SPLITS, DOWN_BLOCK_M, DOWN_BLOCK_N, DOWN_BLOCK_K, DOWN_ROWS, DOT_IN_FP32, True,
+                      DOWN_DIRECT, HAS_BD, HAS_SCALE_DOWN, ".cg")
         # The last of a split's programs to get here resets its two counters (all the others are past the wait).
         if tl.atomic_add(passed + split, 1, sem="relaxed", scope="gpu") == N_DOWN_TILES - 1:
             tl.store(ready + split, 0)
@@ -402,7 +407,8 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     ``scale_up`` (both or neither, ``[D]``) and ``scale_down`` (``[F]``) are the weighted criterion's column norms.
     ``one_launch``: both stages in one launch (the same numbers, bit for bit); by default (None) one token takes it
     when :data:`ONE_LAUNCH_BY_DEFAULT` is set and :func:`one_launch_refusal` allows; True raises ``ValueError``
-    where it does not; False launches the stages one after the other.
+    where it does not; False launches the stages one after the other. In one launch the default down knobs (no
+    ``down_config``) take stage 1's warp count and pipelining depth, as a launch has one of each.
     """
     x2, lead = _gate.decode_rows(x, act, w_gate, b_gate, w_up, b_up, w_down, b_down, _check_shapes)
     f, d = w_gate.shape
@@ -419,7 +425,10 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     down_cfg = down_config or default_gemv_config(m, f)
     # The rule is asked only where one launch is wanted (a decode step's calls with two launches skip it).
     wanted = one_launch or (one_launch is None and ONE_LAUNCH_BY_DEFAULT)
-    refusal = one_launch_refusal(m, cfg, down_cfg, f, w_down.shape[0]) if wanted else ""
+    # A launch has one warp count and pipelining depth: in one launch the default down knobs take stage 1's.
+    one_down = dataclasses.replace(down_cfg, num_warps=cfg.num_warps, STAGES=cfg.STAGES) \
+        if wanted and down_config is None else down_cfg
+    refusal = one_launch_refusal(m, cfg, one_down, f, w_down.shape[0]) if wanted else ""
     if one_launch and refusal:
         raise ValueError(f"threshold_ffn(one_launch=True): not with {refusal}")
     dtype = x.dtype
@@ -442,9 +451,11 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     stage1 = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows, SPLIT=split, HAS_BG=b_gate is not None,
                   HAS_BU=b_up is not None, ACTIVATION=act, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
                   HAS_SCALE=weighted, num_warps=cfg.num_warps, num_stages=cfg.STAGES)
+    dot_in_fp32 = interpreting or dtype == torch.float32
     if wanted and not refusal:
         y = _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_down, scale_down, tau_arg,
-                        tau_down, grid, down_cfg, out, stage1)
+                        tau_down, grid, one_down, out, dict(stage1, BLOCK_M=gemv_block_m(1, cfg),
+                                                             DOT_IN_FP32=dot_in_fp32))
         return y.reshape(*lead, w_down.shape[0])
     counters = ticket_counters(grid[0], x2) if split else x2   # one per N tile
     # Stage 1 zeroes the down GEMV's ticket counters (a buffer apart from its own D-split counters), so a compiled
@@ -453,7 +464,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
         x2, wgt, bg, wut, bu, h, scratch, partial, counters, sg, su, down_counters, n_down, m, f, d, tau_arg,
         x2.stride(0), x2.stride(1), wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
-        BLOCK_M=1 if m == 1 else DOT_ROWS, COMPACT=cfg.COMPACT, DOT_IN_FP32=interpreting or dtype == torch.float32,
+        BLOCK_M=gemv_block_m(m, cfg), COMPACT=cfg.COMPACT, DOT_IN_FP32=dot_in_fp32,
         ZERO_BLOCK=zero_block, **stage1)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_cfg, out=out, channel_scale=scale_down,
                          counters=down_counters)
@@ -475,5 +486,5 @@ def _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_dow
         wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1), g.wt.stride(0), g.wt.stride(1),
         grid[0], grid[1], n_down_tiles, n_down_splits, DOWN_BLOCK_N=down_cfg.BLOCK_N, DOWN_BLOCK_K=down_cfg.BLOCK_K,
         DOWN_ROWS=down_cfg.ROWS_PER_SPLIT, DOWN_DIRECT=g.direct, HAS_BD=b_down is not None,
-        HAS_SCALE_DOWN=scale_down is not None, **stage1)
+        HAS_SCALE_DOWN=scale_down is not None, DOWN_BLOCK_M=gemv_block_m(1, down_cfg), **stage1)
     return g.y

@@ -140,10 +140,11 @@ def test_unknown_epilogue_is_rejected():
 @SETTINGS
 @given(m=st.integers(1, MAX_DECODE_TOKENS), n=st.integers(1, 80), k=st.integers(1, 100),
        sparsity=st.floats(0.0, 0.99), dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(),
-       k_major=st.booleans(), compact=st.booleans(), per_token=st.booleans(), rows=st.sampled_from([16, 32, 128]),
-       seed=st.integers(0, 10**6))
-def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, compact, per_token, rows, seed):
-    """Every path (compacted / predicated, union / per token, split / direct store) against float64."""
+       k_major=st.booleans(), compact=st.booleans(), program=st.sampled_from(["default", "per token", "dot"]),
+       rows=st.sampled_from([16, 32, 128]), seed=st.integers(0, 10**6))
+def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, compact, program, rows, seed):
+    """Every path (compacted / predicated, union / per token / one token on tl.dot, split / direct store) against
+    float64."""
     gen = torch.Generator().manual_seed(seed)
     x = randn(gen, m, k, dtype=dtype)
     tau = float(torch.quantile(x.abs().double().flatten(), sparsity))
@@ -151,12 +152,27 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, co
     w_in = w.t().contiguous().t() if k_major else w
     bias = randn(gen, n, dtype=dtype) if has_bias else None
     out = poisoned(m, n, dtype)
-    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, COMPACT=compact, PER_TOKEN=per_token)
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, COMPACT=compact,
+                     PER_TOKEN=program == "per token", DOT=program == "dot")
     y = threshold_linear(x, w_in, bias, tau, config=cfg, out=out)
     # The kernel compares with tau rounded to x's dtype, as torch does: same survivors as the reference.
     keep = x.abs() > tau
     ref = (x.double() * keep) @ w.double().T + (0 if bias is None else bias.double())
     assert_matches(y, ref, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_gemv_block_m_follows_the_knobs(m):
+    """One token multiplies one row unless DOT; more tokens pad to 16 rows for tl.dot unless PER_TOKEN; DOT and
+    PER_TOKEN together are refused, naming both."""
+    from sparsecc.codegen.activation_sparse import DOT_ROWS, gemv_block_m
+    plain = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4)
+    assert gemv_block_m(m, plain) == (1 if m == 1 else DOT_ROWS)
+    assert gemv_block_m(m, GemvConfig(16, 16, 16, 4, DOT=True)) == DOT_ROWS
+    assert gemv_block_m(m, GemvConfig(16, 16, 16, 4, PER_TOKEN=True)) == 1
+    with pytest.raises(ValueError, match="DOT.*PER_TOKEN"):
+        GemvConfig(16, 16, 16, 4, DOT=True, PER_TOKEN=True)
+    assert "tl.dot" in str(GemvConfig(16, 16, 16, 4, DOT=True))
 
 
 @pytest.mark.parametrize("per_token", [False, True])

@@ -76,9 +76,9 @@ def counters_at_zero():
 @given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40),
        biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)), dtype=st.sampled_from(KERNEL_DTYPES),
        sparsity_in=st.floats(0.0, 0.95), sparsity_h=st.floats(0.0, 0.95), compact=st.booleans(),
-       seed=st.integers(0, 10 ** 6))
+       dot=st.booleans(), seed=st.integers(0, 10 ** 6))
 def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, dtype, sparsity_in, sparsity_h,
-                                     compact, seed):
+                                     compact, dot, seed):
     from sparsecc.codegen.threshold_ffn import threshold_ffn
     gen = torch.Generator().manual_seed(seed)
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, biases, dtype)
@@ -88,7 +88,8 @@ def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, d
     tau_down = pick_tau(h.abs(), sparsity_h, dtype)
     assume(tau_down is not None)
     ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
-    cfg, down = small_configs(compact)
+    # dot: one token multiplies through tl.dot in both stages (more tokens always do, without PER_TOKEN).
+    cfg, down = (dataclasses.replace(c, DOT=dot) for c in small_configs(compact))
     out = torch.full((m, d_out), float("nan"), dtype=dtype)
     y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down, out=out)
     assert_close_scaled(y, ref, dtype)
@@ -271,14 +272,15 @@ def test_interp_default_configs_and_k_major_weights(interpreter, m):
 @given(d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40), biases=st.booleans(),
        act=st.sampled_from(sorted(ACTIVATIONS)), dtype=st.sampled_from(KERNEL_DTYPES), weighted=st.booleans(),
        rows=st.sampled_from([16, 64]), down_rows=st.sampled_from([16, 32]), sparsity_in=st.floats(0.05, 0.95),
-       sparsity_h=st.floats(0.05, 0.95), seed=st.integers(0, 10 ** 6))
+       sparsity_h=st.floats(0.05, 0.95), dots=st.sampled_from([(False, False), (True, False), (False, True),
+                                                                (True, True)]), seed=st.integers(0, 10 ** 6))
 def test_interp_one_launch_is_the_two_launches_bit_for_bit(interpreter, d, f, d_out, biases, act, dtype, weighted,
-                                                            rows, down_rows, sparsity_in, sparsity_h, seed):
+                                                            rows, down_rows, sparsity_in, sparsity_h, dots, seed):
     """One token's FFN in one launch (work by ticket, the down splits waiting on their f tiles) returns exactly
     the two launches' numbers, which match the float64 oracle; every counter is back at zero after it.
 
     D and F span one or several splits of either stage (16-row splits), so the stage-1 merge, the down merge and
-    several down splits waiting on their own tiles all run.
+    several down splits waiting on their own tiles all run. ``dots``: stage 1's and the down GEMV's ``DOT`` knob.
     """
     from sparsecc.codegen.threshold_ffn import threshold_ffn
     gen = torch.Generator().manual_seed(seed)
@@ -290,8 +292,8 @@ def test_interp_one_launch_is_the_two_launches_bit_for_bit(interpreter, d, f, d_
     _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
     tau_down = pick_tau(h.abs(), sparsity_h, dtype)
     assume(tau_down is not None)
-    cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4)
-    down = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=down_rows, num_warps=4)
+    cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, DOT=dots[0])
+    down = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=down_rows, num_warps=4, DOT=dots[1])
     one = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down,
                         one_launch=True, **scales)
     assert counters_at_zero()
@@ -325,6 +327,53 @@ def test_interp_one_launch_by_default_for_one_token(interpreter, monkeypatch, by
     assert launched == [first, "_threshold_gate_up_kernel"], launched
 
 
+@pytest.mark.parametrize("one_launch", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_interp_dot_knob_puts_one_token_on_tl_dot(interpreter, monkeypatch, dtype, one_launch):
+    """``GemvConfig.DOT`` reaches the launches: one token's stage 1 and down GEMV run with 16 padded rows (the
+    ``tl.dot`` path) where their config says DOT, one row otherwise, and y matches the float64 oracle either way."""
+    from sparsecc.codegen import activation_sparse, threshold_ffn as module
+    launched = []
+
+    def spying(real):
+        def spy(kernel, *like):
+            launch = real(kernel, *like)
+            name = kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
+
+            class Indexed:
+                def __getitem__(self, grid):
+                    def call(*args, **kwargs):
+                        launched.append((name, kwargs.get("BLOCK_M"), kwargs.get("DOWN_BLOCK_M")))
+                        return launch[grid](*args, **kwargs)
+                    return call
+            return Indexed()
+        return spy
+
+    monkeypatch.setattr(module, "launcher", spying(module.launcher))
+    monkeypatch.setattr(activation_sparse, "launcher", spying(activation_sparse.launcher))
+    gen = torch.Generator().manual_seed(5)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 1, 32, 48, 24, True, dtype)
+    tau_input = float(torch.quantile(x.abs().double().flatten(), 0.5))
+    _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
+    tau_down = pick_tau(h.abs(), 0.5, dtype)
+    assert tau_down is not None
+    ref = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)[0]
+    for dots in ((False, False), (True, False), (False, True), (True, True)):
+        launched.clear()
+        cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, DOT=dots[0])
+        down = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, DOT=dots[1])
+        y = module.threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down, config=cfg,
+                                 down_config=down, one_launch=one_launch)
+        rows = [16 if dot else 1 for dot in dots]
+        if one_launch:
+            assert launched == [("_threshold_ffn_kernel", rows[0], rows[1])], launched
+        else:
+            assert launched == [("_threshold_gate_up_kernel", rows[0], None),
+                                ("_threshold_gemv_kernel", rows[1], None)], launched
+        assert_close_scaled(y, ref, dtype)
+    assert counters_at_zero()
+
+
 _SM90_CHILD = """
 import json, torch
 from tests import sm90
@@ -336,17 +385,18 @@ x, h, y = (torch.empty(1, w, dtype=torch.float16) for w in (d, f, n))
 wg, wd = torch.empty(d, f, dtype=torch.float16), torch.empty(f, n, dtype=torch.float16)
 i32, f32, scale = torch.empty(16, dtype=torch.int32), torch.empty(16), torch.empty(f)
 out = {}
-# (name, D split, weighted, one down split storing y directly): where neither merge runs, the only loads past L1
-# are the down programs' reads of h.
-for name, split, weighted, direct in (("direct", False, False, True), ("split_weighted", True, True, False)):
+# (name, D split, weighted, one down split storing y directly, rows per program: 16 is the DOT knob's tl.dot):
+# where neither merge runs, the only loads past L1 are the down programs' reads of h.
+for name, split, weighted, direct, rows in (("direct", False, False, True, 1), ("split_weighted", True, True, False, 1),
+                                            ("direct_dot", False, False, True, 16)):
     s = scale if weighted else x
     k = tf._threshold_ffn_kernel.warmup(
         x, wg, x, wg, x, h, i32, f32 if split else x, s, s, wd, x, s, y, i32, x if direct else f32, i32,
         2048 if direct else f, d, n, 0.5, 0.5, 1, f, 1, f, 1, n, 1, 32 if direct else 224, 2 if split else 1, 64,
         1 if direct else 7, BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=2048 if split else 4096, SPLIT=split,
         HAS_BG=False, HAS_BU=False, ACTIVATION="silu", ROUND_BY_BITS=False, HAS_SCALE=weighted, DOWN_BLOCK_N=64,
-        DOWN_BLOCK_K=128, DOWN_ROWS=2048, DOWN_DIRECT=direct, HAS_BD=False, HAS_SCALE_DOWN=weighted, num_warps=4,
-        num_stages=3, grid=(1,))
+        DOWN_BLOCK_K=128, DOWN_ROWS=2048, DOWN_DIRECT=direct, HAS_BD=False, HAS_SCALE_DOWN=weighted, BLOCK_M=rows,
+        DOWN_BLOCK_M=rows, DOT_IN_FP32=False, num_warps=4, num_stages=3, grid=(1,))
     out[name] = dict(ptx=k.asm["ptx"], cubin=len(k.asm["cubin"]))
 print("RESULT" + json.dumps(out))
 """
@@ -381,7 +431,7 @@ def test_one_launch_kernel_compiles_for_sm90_with_its_synchronisation():
         assert any(re.match(r"ld\.", op) and "relaxed" in op for op in ops[:acquires[0]]), name   # the spin
         past_l1 = [i for i, op in enumerate(ops) if op.startswith("ld.global.cg")]
         assert past_l1, name
-        if name == "direct":   # no merge: these are all reads of h, each after the acquire
+        if name.startswith("direct"):   # no merge: these are all reads of h, each after the acquire
             assert min(past_l1) > acquires[0], name
 
 
