@@ -267,13 +267,14 @@ def _threshold_gemv_kernel(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
                            ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
                            COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: F821
-                           HAS_SCALE: tl.constexpr):  # noqa: F821
+                           HAS_SCALE: tl.constexpr, ONE_TOKEN: tl.constexpr):  # noqa: F821
     """``x̃ @ Wt`` over one K split for one N tile (and one token when BLOCK_M == 1); see the notes above."""
     # Grid axes: N tile, K split, token (0 unless every token has its own programs: BLOCK_M == 1, M > 1).
     _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, counters_ptr, scale_ptr,
                   M, N, K, tau, stride_xm, stride_xk, stride_wk, stride_wn,
                   tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(1),
-                  BLOCK_M, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, DOT_IN_FP32, COMPACT, DIRECT, HAS_BIAS, HAS_SCALE, "")
+                  BLOCK_M, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, DOT_IN_FP32, COMPACT, DIRECT, HAS_BIAS, HAS_SCALE,
+                  ONE_TOKEN, "")
 
 
 def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, counters_ptr, scale_ptr,
@@ -281,9 +282,9 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
                   ROWS_PER_SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,  # noqa: F821
                   COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: F821
-                  HAS_SCALE: tl.constexpr, X_CACHE: tl.constexpr):  # noqa: F821
+                  HAS_SCALE: tl.constexpr, ONE_TOKEN: tl.constexpr, X_CACHE: tl.constexpr):  # noqa: F821
     """The work of program (``pid_n``, ``split``, ``token``) of :func:`_threshold_gemv_kernel`'s grid of
-    ``n_tiles`` N tiles by ``n_splits`` K splits; x's loads take the cache modifier ``X_CACHE`` (``".cg"`` where
+    ``n_tiles`` N tiles by ``n_splits`` K splits (``ONE_TOKEN``: M is 1); x's loads take the cache modifier ``X_CACHE`` (``".cg"`` where
     other programs of the same launch wrote x: codegen/threshold_ffn.py's one-launch FFN)."""
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
@@ -333,10 +334,13 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
             kk = tl.load(slot + offs_j, mask=live, other=0)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                          mask=m_mask[:, None] & live[None, :], other=0.0, cache_modifier=X_CACHE)
-            xs = tl.where(_survives(_scores(tl.abs(xv.to(tl.float32)),
-                                            tl.load(scale_ptr + kk, mask=live, other=0.0) if HAS_SCALE else None),
-                                    tau), xv,
-                          tl.zeros_like(xv))
+            if ONE_TOKEN:   # one token (DOT): the list holds exactly its survivors, nothing to score again
+                xs = xv
+            else:           # the union: each token keeps its own survivors among the listed channels
+                xs = tl.where(_survives(_scores(tl.abs(xv.to(tl.float32)),
+                                                tl.load(scale_ptr + kk, mask=live, other=0.0) if HAS_SCALE else None),
+                                        tau), xv,
+                              tl.zeros_like(xv))
             w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
                         mask=live[:, None] & n_mask[None, :], other=0.0)
             if DOT_IN_FP32:  # the CPU interpreter's dot misreads bfloat16 (it multiplies the raw bits)
@@ -578,5 +582,6 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
         BLOCK_M=gemv_block_m(m, cfg), BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         ROWS_PER_SPLIT=cfg.ROWS_PER_SPLIT, DOT_IN_FP32=interpreting or x.dtype == torch.float32,
         COMPACT=cfg.COMPACT, DIRECT=g.direct, HAS_BIAS=bias is not None, HAS_SCALE=channel_scale is not None,
+        ONE_TOKEN=m == 1,
         num_warps=cfg.num_warps, num_stages=cfg.STAGES)
     return g.y.reshape(*lead, n)

@@ -123,7 +123,8 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
                               COMPACT: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
                               HAS_BU: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
                               DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,  # noqa: F821
-                              HAS_SCALE: tl.constexpr, ZERO_BLOCK: tl.constexpr):  # noqa: F821
+                              HAS_SCALE: tl.constexpr, ZERO_BLOCK: tl.constexpr,  # noqa: F821
+                              ONE_TOKEN: tl.constexpr):  # noqa: F821
     """Stage 1 alone: program (f tile, D split) of the grid runs :func:`_gate_up_program`. With ``ZERO_BLOCK``
     the first program also stores zeros in ``zero_ptr[:n_zero]`` (the down GEMV's ticket counters, which the next
     launch merges its K splits with: a compiled call then needs no fill kernel of its own)."""
@@ -134,7 +135,7 @@ def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scra
                      M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf, stride_ud, stride_uf,
                      tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
                      BLOCK_M, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, SPLIT, COMPACT, HAS_BG, HAS_BU, ACTIVATION, DOT_IN_FP32,
-                     ROUND_BY_BITS, HAS_SCALE)
+                     ROUND_BY_BITS, HAS_SCALE, ONE_TOKEN)
 
 
 def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr,
@@ -145,14 +146,14 @@ def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, 
                      COMPACT: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
                      HAS_BU: tl.constexpr, ACTIVATION: tl.constexpr,  # noqa: F821
                      DOT_IN_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,  # noqa: F821
-                     HAS_SCALE: tl.constexpr):  # noqa: F821
+                     HAS_SCALE: tl.constexpr, ONE_TOKEN: tl.constexpr):  # noqa: F821
     """h[:, f-tile ``pid``] = act(x̃ Wgᵀ + bg) ⊙ (x̃ Wuᵀ + bu) over the channels some token keeps, for D split
     ``split`` of ``n_splits`` (``n_tiles`` f tiles); see the notes above. Returns whether this program stored the
     tile's h (it ran the only split, or drew the tile's last ticket).
 
     With ``HAS_SCALE`` (criterion weighted) the gate keeps channel d iff ``|x_d| * sg_d > tau`` and the up
     projection iff ``|x_d| * su_d > tau``: the list holds their union, and each weight row is loaded only where
-    its own projection keeps the channel.
+    its own projection keeps the channel. ``ONE_TOKEN``: M is 1 (the list then holds exactly the token's survivors).
     """
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
@@ -203,6 +204,16 @@ def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, 
                 live_u = live
                 xk_g = xk
                 xk_u = xk
+        elif COMPACT and ONE_TOKEN:
+            # One token on tensor cores (DOT): the list holds exactly its survivors, and with HAS_SCALE bits 30 / 29
+            # say which projection keeps each: nothing is scored again (no scale re-read per trip).
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
+                         mask=m_mask[:, None] & live[None, :], other=0.0)
+            if not HAS_SCALE:
+                live_g = live
+                live_u = live
+            xs_g = tl.where(live_g[None, :], xv, tl.zeros_like(xv))
+            xs_u = tl.where(live_u[None, :], xv, tl.zeros_like(xv))
         else:
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
                          mask=m_mask[:, None] & live[None, :], other=0.0)
@@ -303,7 +314,7 @@ def _threshold_ffn_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_
                                 stage1_tickets, sg_ptr, su_ptr, 1, F, D, tau, 0, stride_xd, stride_gd, stride_gf,
                                 stride_ud, stride_uf, pid, ticket // N_F_TILES, N_F_TILES, N_SPLITS,
                                 BLOCK_M, BLOCK_N, BLOCK_K, ROWS_PER_SPLIT, SPLIT, True, HAS_BG, HAS_BU, ACTIVATION,
-                                DOT_IN_FP32, ROUND_BY_BITS, HAS_SCALE)
+                                DOT_IN_FP32, ROUND_BY_BITS, HAS_SCALE, True)
         if last:   # this tile's h is stored: count it for its down split (every thread's stores come first)
             tl.debug_barrier()
             tl.atomic_add(ready + pid // tiles_per_split, 1, sem="release", scope="gpu")
@@ -322,7 +333,7 @@ def _threshold_ffn_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_
         _gemv_program(h_ptr, wd_ptr, down_partial_ptr, down_scratch_ptr, bd_ptr, y_ptr, down_tickets, sd_ptr,
                       1, N, F, tau_down, F, 1, stride_dk, stride_dn, work % N_DOWN_TILES, split, 0, N_DOWN_TILES,
                       N_DOWN_SPLITS, DOWN_BLOCK_M, DOWN_BLOCK_N, DOWN_BLOCK_K, DOWN_ROWS, DOT_IN_FP32, True,
-                      DOWN_DIRECT, HAS_BD, HAS_SCALE_DOWN, ".cg")
+                      DOWN_DIRECT, HAS_BD, HAS_SCALE_DOWN, True, ".cg")
         # The last of a split's programs to get here resets its two counters (all the others are past the wait).
         if tl.atomic_add(passed + split, 1, sem="relaxed", scope="gpu") == N_DOWN_TILES - 1:
             tl.store(ready + split, 0)
@@ -465,7 +476,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
         x2, wgt, bg, wut, bu, h, scratch, partial, counters, sg, su, down_counters, n_down, m, f, d, tau_arg,
         x2.stride(0), x2.stride(1), wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
         BLOCK_M=gemv_block_m(m, cfg), COMPACT=cfg.COMPACT, DOT_IN_FP32=dot_in_fp32,
-        ZERO_BLOCK=zero_block, **stage1)
+        ZERO_BLOCK=zero_block, ONE_TOKEN=m == 1, **stage1)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_cfg, out=out, channel_scale=scale_down,
                          counters=down_counters)
     return y.reshape(*lead, w_down.shape[0])

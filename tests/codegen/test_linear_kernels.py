@@ -138,7 +138,7 @@ def test_unknown_epilogue_is_rejected():
 
 @interpreter
 @SETTINGS
-@given(m=st.integers(1, MAX_DECODE_TOKENS), n=st.integers(1, 80), k=st.integers(1, 100),
+@given(m=st.one_of(st.just(1), st.integers(1, MAX_DECODE_TOKENS)), n=st.integers(1, 80), k=st.integers(1, 100),
        sparsity=st.floats(0.0, 0.99), dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(),
        k_major=st.booleans(), compact=st.booleans(), program=st.sampled_from(["default", "per token", "dot"]),
        rows=st.sampled_from([16, 32, 128]), seed=st.integers(0, 10**6))
@@ -223,11 +223,11 @@ def weighted_oracle(x, w, bias, tau):
 
 @interpreter
 @SETTINGS
-@given(m=st.integers(1, MAX_DECODE_TOKENS), n=st.integers(1, 80), k=st.integers(2, 100),
+@given(m=st.one_of(st.just(1), st.integers(1, MAX_DECODE_TOKENS)), n=st.integers(1, 80), k=st.integers(2, 100),
        sparsity=st.floats(0.05, 0.95), dtype=st.sampled_from(KERNEL_DTYPES), has_bias=st.booleans(),
-       compact=st.booleans(), per_token=st.booleans(), rows=st.sampled_from([16, 32, 128]),
-       seed=st.integers(0, 10**6))
-def test_threshold_linear_kernel_weighted(m, n, k, sparsity, dtype, has_bias, compact, per_token, rows, seed):
+       compact=st.booleans(), program=st.sampled_from(["default", "per token", "dot"]),
+       rows=st.sampled_from([16, 32, 128]), seed=st.integers(0, 10**6))
+def test_threshold_linear_kernel_weighted(m, n, k, sparsity, dtype, has_bias, compact, program, rows, seed):
     """criterion weighted on every path, against float64 with the column norms written from docs/spec.md."""
     from hypothesis import assume
     from sparsecc.passes.ffn import column_norms
@@ -242,7 +242,8 @@ def test_threshold_linear_kernel_weighted(m, n, k, sparsity, dtype, has_bias, co
     ref, keep = weighted_oracle(x, w, bias, tau)
     assert 0 < int(keep.sum()) < keep.numel()   # tau lies between two scores: the form drops and keeps channels
     out = poisoned(m, n, dtype)
-    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, COMPACT=compact, PER_TOKEN=per_token)
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, COMPACT=compact,
+                     PER_TOKEN=program == "per token", DOT=program == "dot")
     y = threshold_linear(x, w.t().contiguous().t(), bias, tau, config=cfg, out=out, channel_scale=column_norms(w))
     assert_matches(y, ref, dtype)
 

@@ -72,8 +72,11 @@ def counters_at_zero():
 # ------------------------------------------------------------------ interpreter
 
 
+ONE_OR_MORE_TOKENS = st.one_of(st.just(1), st.integers(1, MAX_DECODE_TOKENS))   # one token often: DOT acts there
+
+
 @FEW
-@given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40),
+@given(m=ONE_OR_MORE_TOKENS, d=st.integers(1, 48), f=st.integers(1, 48), d_out=st.integers(1, 40),
        biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)), dtype=st.sampled_from(KERNEL_DTYPES),
        sparsity_in=st.floats(0.0, 0.95), sparsity_h=st.floats(0.0, 0.95), compact=st.booleans(),
        dot=st.booleans(), seed=st.integers(0, 10 ** 6))
@@ -186,12 +189,12 @@ def norms32(w):
 
 
 @FEW
-@given(m=st.integers(1, MAX_DECODE_TOKENS), d=st.integers(2, 48), f=st.integers(2, 48), d_out=st.integers(1, 40),
+@given(m=ONE_OR_MORE_TOKENS, d=st.integers(2, 48), f=st.integers(2, 48), d_out=st.integers(1, 40),
        biases=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)), dtype=st.sampled_from(KERNEL_DTYPES),
        sparsity_in=st.floats(0.05, 0.95), sparsity_h=st.floats(0.05, 0.95), compact=st.booleans(),
-       seed=st.integers(0, 10 ** 6))
+       dot=st.booleans(), seed=st.integers(0, 10 ** 6))
 def test_interp_threshold_ffn_kernel_weighted(interpreter, m, d, f, d_out, biases, act, dtype, sparsity_in,
-                                              sparsity_h, compact, seed):
+                                              sparsity_h, compact, dot, seed):
     """criterion weighted: gate and up keep different channels of x, each by its own column norms."""
     from sparsecc.codegen.threshold_ffn import threshold_ffn
     gen = torch.Generator().manual_seed(seed)
@@ -210,7 +213,7 @@ def test_interp_threshold_ffn_kernel_weighted(interpreter, m, d, f, d_out, biase
     # Both thresholds lie between two scores: each drops something (the form is applied) and keeps something.
     assert not bool((keep_g & keep_u).all()) and bool((keep_g | keep_u).any())
     assert 0 < int(keep_h.sum()) < keep_h.numel()
-    cfg, down = small_configs(compact)
+    cfg, down = (dataclasses.replace(c, DOT=dot) for c in small_configs(compact))
     out = torch.full((m, d_out), float("nan"), dtype=dtype)
     y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down, out=out,
                       scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
@@ -327,11 +330,13 @@ def test_interp_one_launch_by_default_for_one_token(interpreter, monkeypatch, by
     assert launched == [first, "_threshold_gate_up_kernel"], launched
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_interp_dot_knob_puts_one_token_on_tl_dot(interpreter, monkeypatch, dtype, one_launch):
+def test_interp_dot_knob_puts_one_token_on_tl_dot(interpreter, monkeypatch, dtype, one_launch, weighted):
     """``GemvConfig.DOT`` reaches the launches: one token's stage 1 and down GEMV run with 16 padded rows (the
-    ``tl.dot`` path) where their config says DOT, one row otherwise, and y matches the float64 oracle either way."""
+    ``tl.dot`` path) where their config says DOT, one row otherwise, and y matches the float64 oracle either way,
+    with either criterion (weighted: gate and up keep different channels, read off the survivor list's bits)."""
     from sparsecc.codegen import activation_sparse, threshold_ffn as module
     launched = []
 
@@ -353,17 +358,29 @@ def test_interp_dot_knob_puts_one_token_on_tl_dot(interpreter, monkeypatch, dtyp
     monkeypatch.setattr(activation_sparse, "launcher", spying(activation_sparse.launcher))
     gen = torch.Generator().manual_seed(5)
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 1, 32, 48, 24, True, dtype)
-    tau_input = float(torch.quantile(x.abs().double().flatten(), 0.5))
-    _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
-    tau_down = pick_tau(h.abs(), 0.5, dtype)
-    assert tau_down is not None
-    ref = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)[0]
+    scales = {}
+    if weighted:
+        wg, wu, wd = spread_columns(gen, wg), spread_columns(gen, wu), spread_columns(gen, wd)
+        scales = dict(scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
+        x64 = x.double()
+        tau_input = gap_tau(torch.cat([x64.abs() * wg.double().norm(dim=0), x64.abs() * wu.double().norm(dim=0)]),
+                            0.5)
+        _, h, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
+        tau_down = pick_tau(h.abs() * wd.double().norm(dim=0), 0.5, dtype)
+        ref, _, keep_g, keep_u, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
+        assert not bool((keep_g == keep_u).all())   # the projections keep different channels
+    else:
+        tau_input = float(torch.quantile(x.abs().double().flatten(), 0.5))
+        _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
+        tau_down = pick_tau(h.abs(), 0.5, dtype)
+        ref = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)[0]
+    assert tau_input is not None and tau_down is not None
     for dots in ((False, False), (True, False), (False, True), (True, True)):
         launched.clear()
         cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, DOT=dots[0])
         down = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, DOT=dots[1])
         y = module.threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down, config=cfg,
-                                 down_config=down, one_launch=one_launch)
+                                 down_config=down, one_launch=one_launch, **scales)
         rows = [16 if dot else 1 for dot in dots]
         if one_launch:
             assert launched == [("_threshold_ffn_kernel", rows[0], rows[1])], launched
