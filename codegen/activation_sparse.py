@@ -325,7 +325,9 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
         acc = tl.reshape(tl.sum(acc2, axis=0), (1, BLOCK_N))
     elif COMPACT:
         # Union of the tokens' survivors, compacted: every trip multiplies BLOCK_K live rows.
-        count = _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr, scale_ptr, BLOCK_M,
+        # One token (DOT) lists from a vector of x, not a [BLOCK_M, ROWS_PER_SPLIT] tile of padded rows.
+        count = _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr, scale_ptr,
+                                1 if ONE_TOKEN else BLOCK_M,
                                 ROWS_PER_SPLIT, 1 if HAS_SCALE else 0, X_CACHE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in range(0, count, BLOCK_K):

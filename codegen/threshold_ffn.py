@@ -171,7 +171,9 @@ def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, 
         accu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if COMPACT:
         slot = scratch_ptr + (split * n_tiles + pid).to(tl.int64) * ROWS_PER_SPLIT
-        count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, k0, tau, slot, sg_ptr, su_ptr, BLOCK_M,
+        # One token lists from a vector of x, not a [BLOCK_M, ROWS_PER_SPLIT] tile of padded rows.
+        count = _list_survivors(x_ptr, stride_xm, stride_xd, M, D, k0, tau, slot, sg_ptr, su_ptr,
+                                1 if ONE_TOKEN else BLOCK_M,
                                 ROWS_PER_SPLIT, 2 if HAS_SCALE else 0, "")
         trips = tl.cdiv(count, BLOCK_K)
     else:
