@@ -218,7 +218,7 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None,
         timed = sorted((time_config(c, d, True) for c, d in pairs), key=by_time)
         out["one_launch_sweep"] = [{k: v for k, v in r.items() if k not in ("cfg", "down_cfg")} for r in timed]
     if configs:
-        first = sorted((time_config(c, default_gemv_config(m, D_FF)) for c in configs[0]), key=by_time)
+        first = sorted((time_config(c, default_gemv_config(m)) for c in configs[0]), key=by_time)
         best = first[0]["cfg"]
         second = sorted((time_config(best, d) for d in configs[1]), key=by_time)
         out["sweep"] = [{k: v for k, v in r.items() if k not in ("cfg", "down_cfg")} for r in first + second]

@@ -162,16 +162,13 @@ class GemvConfig:
                 f"{self.num_warps} warps, {mode})")
 
 
-# One token (compacted), from the H100 sweeps of bench/linear.py --sweep (commits 3e5de2f, 7a8328c):
-# 64-wide N tiles, 128 survivors per trip, 4 warps; 4096-channel splits where K <= 4096 (one split:
-# the kernel stores y, one launch) and 2048-channel splits above (14336 -> 4096: 12.9-13.8 us at 90%
-# against 15.7-15.9 us with the earlier 1024-channel splits). Pipelining depth changed < 1 us.
-# Above 4096 channels the token runs on tensor cores (DOT) with 128-wide N tiles: as the one-token FFN's down
-# GEMV (14336 -> 4096) on an H100 that took 1.1 us less per FFN at 90% and 3.1 us less at 50% than the
-# per-lane tile (bench/RESULTS.md, "One token on tensor cores").
-DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
-DEFAULT_GEMV_CONFIG_LONG_K = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=4, DOT=True)
-ONE_SPLIT_MAX_K = 4096  # up to here one token runs one split (one launch)
+# One token (compacted): on tensor cores (DOT, the row padded to 16 rows, few registers per thread) with 128-wide N
+# tiles, 128 survivors per trip, 2048-channel splits, 4 warps. On an H100 (bench/RESULTS.md, "One token on tensor
+# cores") it beat the earlier per-lane tiles (64-wide N tiles, 4096-channel splits below 4096 channels, from the
+# sweeps of 3e5de2f and 7a8328c) by 0.5-4.4 us at 4096 -> 14336 and 14336 -> 4096, 50-90%, and as the one-token
+# FFN's down GEMV; the sweep's other DOT shapes (1024-4096-channel splits, 64-256-wide tiles, 8 warps) were within
+# noise or slower.
+DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=4, DOT=True)
 # 2-16 tokens: the compacted union with 128-wide N tiles over 2048-channel splits, 8 warps, was the
 # fastest of union-predicated, union-compacted and per-token strategies at every M in 2..16 and
 # sparsity 70-95% on the H100 (bench/linear.py --tokens, commit 7a8328c; per-token masks re-read
@@ -180,11 +177,9 @@ DEFAULT_GEMV_CONFIG_TOKENS = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT
 DOT_ROWS = 16  # tl.dot needs at least 16 rows: the union path pads M up to this (padded rows load nothing)
 
 
-def default_gemv_config(tokens: int, in_features: int) -> GemvConfig:
-    """The launch knobs :func:`threshold_linear` uses for ``tokens`` rows of ``in_features`` when none are given."""
-    if tokens > 1:
-        return DEFAULT_GEMV_CONFIG_TOKENS
-    return DEFAULT_GEMV_CONFIG if in_features <= ONE_SPLIT_MAX_K else DEFAULT_GEMV_CONFIG_LONG_K
+def default_gemv_config(tokens: int) -> GemvConfig:
+    """The launch knobs :func:`threshold_linear` uses for ``tokens`` rows when none are given."""
+    return DEFAULT_GEMV_CONFIG if tokens == 1 else DEFAULT_GEMV_CONFIG_TOKENS
 
 
 def _scores(xabs, scale):
@@ -566,7 +561,7 @@ def threshold_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau: flo
     if m == 0 or m > MAX_DECODE_TOKENS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return threshold_linear_ref(x, weight, bias, tau, channel_scale)
     bind_triton(globals(), _KERNELS)
-    cfg = config or default_gemv_config(m, k)
+    cfg = config or default_gemv_config(m)
     # Dummies for pointers a launch never touches are x2, which it only reads (codegen/launch.py says why).
     g = gemv_buffers(x2, weight, bias, tau, cfg, out, channel_scale, x2)
     n_tickets = g.tickets

@@ -290,7 +290,7 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     interpreting = x.device.type == "cpu"  # CPU tensors reach a Triton kernel only under TRITON_INTERPRET
     dummy = x2  # never read (its HAS_* / GATED flag is off); an input, which the launch only reads
     wu = w_up if w_up is not None else w_gate
-    down_cfg = down_config or default_gemv_config(m, f)
+    down_cfg = down_config or default_gemv_config(m)
     # The gate launch zeroes the down GEMV's ticket counters: a compiled call launches no fill kernel for them.
     down_counters, n_down, zero_block = zeroed_upstream_counters(m, f, w_down.shape[0], down_cfg, dummy)
     launcher(_gate_up_kernel, x2)[(triton.cdiv(f, cfg.BLOCK_F),)](  # noqa: F821 - bound by bind_triton

@@ -58,6 +58,7 @@ from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
 
 __all__ = ["threshold_ffn", "threshold_ffn_ref", "default_threshold_ffn_config", "DEFAULT_THRESHOLD_FFN_CONFIG",
+           "DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED",
            "DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS", "KERNEL_DTYPES", "one_launch_refusal", "ONE_LAUNCH_BY_DEFAULT"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -100,9 +101,11 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 # shapes at 50% and 90%): 64-wide N tiles, 128 survivors per trip, D unsplit up to 4096, 4 warps, compacted; the
 # spread over all shapes was about 5%, predicated never won. Since then the token runs on tensor cores (DOT: its
 # row padded to 16, few registers) with 128-wide N tiles on 8 warps, and the down GEMV likewise
-# (activation_sparse.DEFAULT_GEMV_CONFIG_LONG_K): on an H100 the FFN took 4-6% less time at 50-90% than with
-# the per-lane tiles (bench/RESULTS.md, "One token on tensor cores").
+# (activation_sparse.DEFAULT_GEMV_CONFIG): on an H100 the FFN took 1-6% less time at 50-90% than with the
+# per-lane tiles (bench/RESULTS.md, "One token on tensor cores"). Not with the weighted criterion: there stage 1
+# on tensor cores was 14-19% slower in the same runs, so it keeps the per-lane tiles.
 DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=8, DOT=True)
+DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
 # 2-16 tokens: the tl.dot union; not swept (the compiler plans the per-projection GEMVs there, see passes/ffn.py).
 DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
 
@@ -369,9 +372,11 @@ def _check_shapes(x: Tensor, w_gate: Tensor, b_gate, w_up: Tensor, b_up, w_down:
     _gate._check_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
 
 
-def default_threshold_ffn_config(tokens: int) -> GemvConfig:
-    """Stage 1's launch knobs for ``tokens`` rows when none are given."""
-    return DEFAULT_THRESHOLD_FFN_CONFIG if tokens == 1 else DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS
+def default_threshold_ffn_config(tokens: int, weighted: bool = False) -> GemvConfig:
+    """Stage 1's launch knobs for ``tokens`` rows when none are given (``weighted``: the weighted criterion)."""
+    if tokens > 1:
+        return DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS
+    return DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED if weighted else DEFAULT_THRESHOLD_FFN_CONFIG
 
 
 # Whether one token runs the one-launch kernel when the caller does not say. Off: timed on an H100 against the
@@ -434,8 +439,8 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
         return threshold_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau_input=tau_input,
                                  tau_down=tau_down, scale_gate=scale_gate, scale_up=scale_up, scale_down=scale_down)
     _bind()
-    cfg = config or default_threshold_ffn_config(m)
-    down_cfg = down_config or default_gemv_config(m, f)
+    cfg = config or default_threshold_ffn_config(m, weighted=scale_gate is not None)
+    down_cfg = down_config or default_gemv_config(m)
     # The rule is asked only where one launch is wanted (a decode step's calls with two launches skip it).
     wanted = one_launch or (one_launch is None and ONE_LAUNCH_BY_DEFAULT)
     # A launch has one warp count and pipelining depth: in one launch the default down knobs take stage 1's.
