@@ -165,8 +165,8 @@ class GemvConfig:
 # One token (compacted): on tensor cores (DOT, the row padded to 16 rows, few registers per thread) with 128-wide N
 # tiles, 128 survivors per trip, 2048-channel splits, 4 warps. On an H100 (bench/RESULTS.md, "One token on tensor
 # cores") it beat the earlier per-lane tiles (64-wide N tiles, 4096-channel splits below 4096 channels, from the
-# sweeps of 3e5de2f and 7a8328c) by 0.5-4.4 us at 4096 -> 14336 and 14336 -> 4096, 50-90%, and as the one-token
-# FFN's down GEMV; the sweep's other DOT shapes (1024-4096-channel splits, 64-256-wide tiles, 8 warps) were within
+# sweeps of 3e5de2f and 7a8328c) by 0.7-4.4 us at 4096 -> 14336, 50-90%, and as the one-token FFN's down GEMV
+# (14336 -> 4096); the sweep's other DOT shapes (1024-4096-channel splits, 64-256-wide tiles, 8 warps) were within
 # noise or slower.
 DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=4, DOT=True)
 # 2-16 tokens: the compacted union with 128-wide N tiles over 2048-channel splits, 8 warps, was the
