@@ -25,7 +25,7 @@ from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, t
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
            "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows", "GemvBuffers",
-           "gemv_buffers", "gemv_grid", "gemv_ticket_count", "zeroed_upstream_counters"]
+           "gemv_block_m", "gemv_buffers", "gemv_grid", "gemv_ticket_count", "zeroed_upstream_counters"]
 
 # ============================================================== reference
 
