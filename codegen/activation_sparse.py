@@ -119,6 +119,9 @@ def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_u
 MAX_DECODE_TOKENS = 16  # above this, thresholding saves little weight traffic: dense F.linear on x̃
 
 
+DOT_ROWS = 16  # tl.dot needs at least 16 rows: the union path pads M up to this (padded rows load nothing)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch knobs of :func:`threshold_linear`'s split-K GEMV.
@@ -152,6 +155,9 @@ class GemvConfig:
         if self.DOT and self.PER_TOKEN:
             raise ValueError("GemvConfig: DOT (one token on tensor cores) and PER_TOKEN (one program per token, "
                              "no tensor cores) exclude each other")
+        if self.DOT and min(self.BLOCK_N, self.BLOCK_K) < DOT_ROWS:
+            raise ValueError(f"GemvConfig.DOT needs BLOCK_N and BLOCK_K of at least {DOT_ROWS} (tl.dot's minimum), "
+                             f"got BLOCK_N={self.BLOCK_N}, BLOCK_K={self.BLOCK_K}")
         if self.ROWS_PER_SPLIT % self.BLOCK_K:
             raise ValueError(f"ROWS_PER_SPLIT={self.ROWS_PER_SPLIT} must be a multiple of BLOCK_K={self.BLOCK_K}")
 
@@ -165,16 +171,15 @@ class GemvConfig:
 # One token (compacted): on tensor cores (DOT, the row padded to 16 rows, few registers per thread) with 128-wide N
 # tiles, 128 survivors per trip, 2048-channel splits, 4 warps. On an H100 (bench/RESULTS.md, "One token on tensor
 # cores") it beat the earlier per-lane tiles (64-wide N tiles, 4096-channel splits below 4096 channels, from the
-# sweeps of 3e5de2f and 7a8328c) by 0.7-4.4 us at 4096 -> 14336, 50-90%, and as the one-token FFN's down GEMV
-# (14336 -> 4096); the sweep's other DOT shapes (1024-4096-channel splits, 64-256-wide tiles, 8 warps) were within
-# noise or slower.
+# sweeps of 3e5de2f and 7a8328c) by 0.7-4.4 us at 4096 -> 14336, 50-90%; at 14336 -> 4096 it was the best swept
+# shape or within 0.3 us of it, and made the one-token FFN faster as its down stage. The sweep's other DOT shapes
+# (1024-4096-channel splits, 64-256-wide tiles, 8 warps) were within noise or slower.
 DEFAULT_GEMV_CONFIG = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=4, DOT=True)
 # 2-16 tokens: the compacted union with 128-wide N tiles over 2048-channel splits, 8 warps, was the
 # fastest of union-predicated, union-compacted and per-token strategies at every M in 2..16 and
 # sparsity 70-95% on the H100 (bench/linear.py --tokens, commit 7a8328c; per-token masks re-read
 # rows the tokens share and lost 1.1-4x at M >= 4).
 DEFAULT_GEMV_CONFIG_TOKENS = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=2048, num_warps=8)
-DOT_ROWS = 16  # tl.dot needs at least 16 rows: the union path pads M up to this (padded rows load nothing)
 
 
 def default_gemv_config(tokens: int) -> GemvConfig:

@@ -20,15 +20,16 @@ writes g for its BLOCK_F neurons (zeros for the dropped ones) in x's dtype. Fusi
 threshold and up in one program costs no extra pass over x or the hidden state, and the up
 rows of a block are read right after its gate rows.
 Stage 2 + 3 (``activation_sparse.threshold_linear`` on g with tau = 0): the down projection
-reads only the K-major rows ``Wdᵀ[j]`` of neurons that some token kept. For one token each
-split ranks its surviving neurons (``tl.cumsum``) and loops over that compacted list, so loop
-trips and bytes follow the survivors; for 2-16 tokens every chunk is visited with dead rows'
-loads predicated off. Partials are float32 per (split, N tile) and a second kernel sums them
-with the bias: no atomics, so bfloat16 and float16 behave alike and results are deterministic.
+reads only the K-major rows ``Wdᵀ[j]`` of neurons that some token kept. Each split ranks the
+surviving neurons (``tl.cumsum``; for 2-16 tokens the union of theirs) and loops over that
+compacted list, so loop trips and bytes follow the survivors. Partials are float32 per (split,
+N tile), and the program that draws its N tile's last ticket sums them in split order with the
+bias, in the same launch: no floating-point atomics, so bfloat16 and float16 behave alike and
+results are deterministic. Stage 1 zeroes those ticket counters for it.
 ``Wd`` is transposed once and cached per weight tensor (``activation_sparse.k_major``).
 
 Cost per call: the dense gate read (F x D), plus the survivors' up rows and down rows, plus
-three launches and the float32 partials. Dropping a neuron with an exact-zero product is exact;
+two launches and the float32 partials. Dropping a neuron with an exact-zero product is exact;
 the only values the down stage drops are exact zeros of g. A NaN activation counts as kept
 (``activation_sparse._survives``), so it reaches the output as in the reference, where NaN * 0 is NaN.
 

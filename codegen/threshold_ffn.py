@@ -51,14 +51,14 @@ from torch import Tensor
 
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen import gate_sparse_ffn as _gate
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig,
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig,
                                                 check_channel_scale, default_gemv_config, gemv_block_m, gemv_buffers, k_major,
                                                 threshold_linear, zeroed_upstream_counters)
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
 
 __all__ = ["threshold_ffn", "threshold_ffn_ref", "default_threshold_ffn_config", "DEFAULT_THRESHOLD_FFN_CONFIG",
-           "DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED",
+           "DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED", "stage_one_block_m",
            "DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS", "KERNEL_DTYPES", "one_launch_refusal", "ONE_LAUNCH_BY_DEFAULT"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -103,7 +103,7 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 # row padded to 16, few registers) with 128-wide N tiles on 8 warps, and the down GEMV likewise
 # (activation_sparse.DEFAULT_GEMV_CONFIG): on an H100 and an H200 the FFN took 0-9% less time at 50-90% than with
 # the per-lane tiles (bench/RESULTS.md, "One token on tensor cores"). Not with the weighted criterion: there the
-# FFN with stage 1 on tensor cores took 11-15% longer in the same runs, so its stage 1 keeps the per-lane tiles.
+# FFN with stage 1 on tensor cores took 11-15% longer on an H100, so its stage 1 keeps the per-lane tiles.
 DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=128, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=8, DOT=True)
 DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
 # 2-16 tokens: the tl.dot union; not swept (the compiler plans the per-projection GEMVs there, see passes/ffn.py).
@@ -372,6 +372,12 @@ def _check_shapes(x: Tensor, w_gate: Tensor, b_gate, w_up: Tensor, b_up, w_down:
     _gate._check_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
 
 
+def stage_one_block_m(tokens: int, config: GemvConfig) -> int:
+    """The rows one stage-1 program multiplies at a time: every token's (its grid has no token axis, so
+    ``PER_TOKEN`` does not apply), 1 for one token unless ``config.DOT``, else :data:`DOT_ROWS` (``tl.dot``)."""
+    return gemv_block_m(1, config) if tokens == 1 else DOT_ROWS
+
+
 def default_threshold_ffn_config(tokens: int, weighted: bool = False) -> GemvConfig:
     """Stage 1's launch knobs for ``tokens`` rows when none are given (``weighted``: the weighted criterion)."""
     if tokens > 1:
@@ -381,7 +387,8 @@ def default_threshold_ffn_config(tokens: int, weighted: bool = False) -> GemvCon
 
 # Whether one token runs the one-launch kernel when the caller does not say. Off: timed on an H100 against the
 # two launches it was 3.6-5.7 us slower at 50-90% in fp16 and bf16, and no swept knob pair won (bench/RESULTS.md,
-# "One launch for the whole one-token FFN, timed").
+# "One launch for the whole one-token FFN, timed"); with both stages on tensor cores (DOT) the best of 32 pairs was
+# still 0.5-2.9 us slower ("One token on tensor cores").
 ONE_LAUNCH_BY_DEFAULT = False
 
 
@@ -472,7 +479,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     dot_in_fp32 = interpreting or dtype == torch.float32
     if wanted and not refusal:
         y = _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_down, scale_down, tau_arg,
-                        tau_down, grid, one_down, out, dict(stage1, BLOCK_M=gemv_block_m(1, cfg),
+                        tau_down, grid, one_down, out, dict(stage1, BLOCK_M=stage_one_block_m(1, cfg),
                                                              DOT_IN_FP32=dot_in_fp32))
         return y.reshape(*lead, w_down.shape[0])
     counters = ticket_counters(grid[0], x2) if split else x2   # one per N tile
@@ -482,7 +489,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
         x2, wgt, bg, wut, bu, h, scratch, partial, counters, sg, su, down_counters, n_down, m, f, d, tau_arg,
         x2.stride(0), x2.stride(1), wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
-        BLOCK_M=gemv_block_m(m, cfg), COMPACT=cfg.COMPACT, DOT_IN_FP32=dot_in_fp32,
+        BLOCK_M=stage_one_block_m(m, cfg), COMPACT=cfg.COMPACT, DOT_IN_FP32=dot_in_fp32,
         ZERO_BLOCK=zero_block, ONE_TOKEN=m == 1, **stage1)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_cfg, out=out, channel_scale=scale_down,
                          counters=down_counters)

@@ -172,6 +172,8 @@ def test_gemv_block_m_follows_the_knobs(m):
     assert gemv_block_m(m, GemvConfig(16, 16, 16, 4, PER_TOKEN=True)) == 1
     with pytest.raises(ValueError, match="DOT.*PER_TOKEN"):
         GemvConfig(16, 16, 16, 4, DOT=True, PER_TOKEN=True)
+    with pytest.raises(ValueError, match="at least 16.*BLOCK_K=8"):
+        GemvConfig(16, 8, 16, 4, DOT=True)
     assert "tl.dot" in str(GemvConfig(16, 16, 16, 4, DOT=True))
 
 

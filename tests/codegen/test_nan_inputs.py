@@ -44,8 +44,11 @@ def _check(out, expected):
 
 
 def _gemv_configs():
-    return [GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact)
-            for compact in (True, False)]
+    """Compacted and predicated, each with one token on per-lane tiles and on tensor cores (DOT), and per-token
+    programs for several tokens (PER_TOKEN): every path a NaN can take."""
+    return [GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, COMPACT=compact, DOT=dot,
+                       PER_TOKEN=per_token)
+            for compact in (True, False) for dot, per_token in ((False, False), (True, False), (False, True))]
 
 
 # Thresholds that float16 holds exactly, so the kernels' comparisons in the input's dtype and the float64 formula's

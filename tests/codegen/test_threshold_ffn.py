@@ -127,9 +127,10 @@ def test_interp_stage_one_zeroes_the_down_gemvs_counters(interpreter, m, per_tok
     assert counters_at_zero()
 
 
+@pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("m", [1, 3])
-def test_interp_reads_only_surviving_rows(interpreter, m, compact):
+def test_interp_reads_only_surviving_rows(interpreter, m, compact, dot):
     """Weight rows of input channels no token keeps, and down columns of neurons no token keeps, are NaN.
 
     Any such row or column that were read would turn the output NaN. The form is applied: both masks drop
@@ -152,7 +153,7 @@ def test_interp_reads_only_surviving_rows(interpreter, m, compact):
     wg_bad[:, dead_in] = float("nan")
     wu_bad[:, dead_in] = float("nan")
     wd_bad[:, dead_h] = float("nan")
-    cfg, down = small_configs(compact)
+    cfg, down = (dataclasses.replace(c, DOT=dot) for c in small_configs(compact))
     y = threshold_ffn(x, wg_bad, bg, wu_bad, bu, wd_bad, bd, "silu", tau_input, tau_down, config=cfg,
                       down_config=down)
     assert_close_scaled(y, ref, torch.bfloat16)
@@ -221,9 +222,10 @@ def test_interp_threshold_ffn_kernel_weighted(interpreter, m, d, f, d_out, biase
     assert counters_at_zero()
 
 
+@pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("m", [1, 3])
-def test_interp_weighted_reads_each_projections_own_rows(interpreter, m, compact):
+def test_interp_weighted_reads_each_projections_own_rows(interpreter, m, compact, dot):
     """A channel the gate drops but up keeps (and the other way round) has a NaN row in the dropping weight only.
 
     Reading a dropped row would turn the output NaN; the masks of the two projections differ on those channels,
@@ -248,7 +250,7 @@ def test_interp_weighted_reads_each_projections_own_rows(interpreter, m, compact
     wg_bad, wu_bad = wg.clone(), wu.clone()
     wg_bad[:, gate_light] = float("nan")
     wu_bad[:, up_light] = float("nan")
-    cfg, down = small_configs(compact)
+    cfg, down = (dataclasses.replace(c, DOT=dot) for c in small_configs(compact))
     y = threshold_ffn(x, wg_bad, bg, wu_bad, bu, wd, bd, "silu", tau_input, tau_down, config=cfg, down_config=down,
                       scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
     assert_close_scaled(y, ref, torch.bfloat16)
@@ -328,6 +330,27 @@ def test_interp_one_launch_by_default_for_one_token(interpreter, monkeypatch, by
         module.threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.3, 0.02)
     first = "_threshold_ffn_kernel" if by_default else "_threshold_gate_up_kernel"
     assert launched == [first, "_threshold_gate_up_kernel"], launched
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_per_token_knob_leaves_stage_one_on_every_token(interpreter, m):
+    """Stage 1's grid has no token axis: a config with ``PER_TOKEN`` (for the down GEMV's per-token programs), passed
+    for both stages, still computes every token's h, and y matches the float64 oracle row by row."""
+    from sparsecc.codegen.threshold_ffn import stage_one_block_m, threshold_ffn
+    gen = torch.Generator().manual_seed(13 + m)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, 32, 32, 16, True, torch.float32)
+    tau_input = float(torch.quantile(x.abs().double().flatten(), 0.4))
+    _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
+    tau_down = pick_tau(h.abs(), 0.4, torch.float32)
+    assert tau_down is not None
+    ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
+    assert 0 < int(keep_x.sum()) < keep_x.numel() and 0 < int(keep_h.sum()) < keep_h.numel()
+    cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, PER_TOKEN=True)
+    assert stage_one_block_m(m, cfg) == (1 if m == 1 else 16)
+    out = torch.full((m, 16), float("nan"))
+    y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down, config=cfg, down_config=cfg, out=out)
+    for row in range(m):
+        assert_close_scaled(y[row:row + 1], ref[row:row + 1], torch.float32)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
