@@ -239,8 +239,8 @@ def sweep_configs():
     down += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=2048, num_warps=w, COMPACT=False)
              for bn, bk in shapes for w in (4, 8)]
     # The token's row padded to 16 rows on tensor cores (DOT), with the default down stage / best stage 1.
-    stage1 += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=4096, num_warps=w, DOT=True)
-               for bn, bk in shapes for w in (4, 8)]
+    stage1 += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w, DOT=True)
+               for bn, bk in shapes for r in (2048, 4096) for w in (4, 8)]
     down += [GemvConfig(BLOCK_N=bn, BLOCK_K=bk, ROWS_PER_SPLIT=r, num_warps=w, DOT=True)
              for bn, bk in shapes for r in (1024, 2048) for w in (4, 8)]
     return stage1, down
