@@ -284,8 +284,9 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
                   COMPACT: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: F821
                   HAS_SCALE: tl.constexpr, ONE_TOKEN: tl.constexpr, X_CACHE: tl.constexpr):  # noqa: F821
     """The work of program (``pid_n``, ``split``, ``token``) of :func:`_threshold_gemv_kernel`'s grid of
-    ``n_tiles`` N tiles by ``n_splits`` K splits (``ONE_TOKEN``: M is 1); x's loads take the cache modifier ``X_CACHE`` (``".cg"`` where
-    other programs of the same launch wrote x: codegen/threshold_ffn.py's one-launch FFN)."""
+    ``n_tiles`` N tiles by ``n_splits`` K splits (``ONE_TOKEN``: M is 1); x's loads take the cache modifier
+    ``X_CACHE`` (``".cg"`` where other programs of the same launch wrote x: codegen/threshold_ffn.py's one-launch
+    FFN)."""
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
     tau = tl.cast(tau, tl.float32)
     x_ptr += token * stride_xm

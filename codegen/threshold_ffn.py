@@ -52,8 +52,8 @@ from torch import Tensor
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen import gate_sparse_ffn as _gate
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig,
-                                                check_channel_scale, default_gemv_config, gemv_block_m, gemv_buffers, k_major,
-                                                threshold_linear, zeroed_upstream_counters)
+                                                check_channel_scale, default_gemv_config, gemv_block_m, gemv_buffers,
+                                                k_major, threshold_linear, zeroed_upstream_counters)
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters
 
@@ -119,8 +119,8 @@ _gemv_program = None   # activation_sparse's, once JIT-bound there (``_bind``)
 
 
 def _threshold_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, partial_ptr, counters_ptr,
-                              sg_ptr, su_ptr, zero_ptr, n_zero, M, F, D, tau, stride_xm, stride_xd, stride_gd, stride_gf,
-                              stride_ud, stride_uf,
+                              sg_ptr, su_ptr, zero_ptr, n_zero, M, F, D, tau, stride_xm, stride_xd, stride_gd,
+                              stride_gf, stride_ud, stride_uf,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # noqa: F821
                               ROWS_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr,  # noqa: F821
                               COMPACT: tl.constexpr, HAS_BG: tl.constexpr,  # noqa: F821
@@ -209,34 +209,34 @@ def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, 
                 live_u = live
                 xk_g = xk
                 xk_u = xk
-        elif COMPACT and ONE_TOKEN:
-            # One token on tensor cores (DOT): the list holds exactly its survivors, and with HAS_SCALE bits 30 / 29
-            # say which projection keeps each: nothing is scored again (no scale re-read per trip).
-            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
-                         mask=m_mask[:, None] & live[None, :], other=0.0)
-            if not HAS_SCALE:
-                live_g = live
-                live_u = live
-            xs_g = tl.where(live_g[None, :], xv, tl.zeros_like(xv))
-            xs_u = tl.where(live_u[None, :], xv, tl.zeros_like(xv))
         else:
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
                          mask=m_mask[:, None] & live[None, :], other=0.0)
-            xabs = tl.abs(xv.to(tl.float32))
-            keep_g = _survives(_scores(xabs, tl.load(sg_ptr + kk, mask=live, other=0.0) if HAS_SCALE else None), tau)
-            xs_g = tl.where(keep_g, xv, tl.zeros_like(xv))
-            if HAS_SCALE:
-                keep_u = _survives(_scores(xabs, tl.load(su_ptr + kk, mask=live, other=0.0)), tau)
-                xs_u = tl.where(keep_u, xv, tl.zeros_like(xv))
-                if not COMPACT:   # a row is read when some token keeps its channel for that projection
-                    live_g = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
-                    live_u = live & (tl.max(keep_u.to(tl.int32), axis=0) > 0)
+            if COMPACT and ONE_TOKEN:
+                # One token on tensor cores (DOT): the list holds exactly its survivors, and with HAS_SCALE bits
+                # 30 / 29 say which projection keeps each: nothing is scored again (no scale re-read per trip).
+                if not HAS_SCALE:
+                    live_g = live
+                    live_u = live
+                xs_g = tl.where(live_g[None, :], xv, tl.zeros_like(xv))
+                xs_u = tl.where(live_u[None, :], xv, tl.zeros_like(xv)) if HAS_SCALE else xs_g
             else:
-                xs_u = xs_g
-                if not COMPACT:
-                    live = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
-                live_g = live
-                live_u = live
+                xabs = tl.abs(xv.to(tl.float32))
+                keep_g = _survives(_scores(xabs, tl.load(sg_ptr + kk, mask=live, other=0.0) if HAS_SCALE else None),
+                                   tau)
+                xs_g = tl.where(keep_g, xv, tl.zeros_like(xv))
+                if HAS_SCALE:
+                    keep_u = _survives(_scores(xabs, tl.load(su_ptr + kk, mask=live, other=0.0)), tau)
+                    xs_u = tl.where(keep_u, xv, tl.zeros_like(xv))
+                    if not COMPACT:   # a row is read when some token keeps its channel for that projection
+                        live_g = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
+                        live_u = live & (tl.max(keep_u.to(tl.int32), axis=0) > 0)
+                else:
+                    xs_u = xs_g
+                    if not COMPACT:
+                        live = live & (tl.max(keep_g.to(tl.int32), axis=0) > 0)
+                    live_g = live
+                    live_u = live
         wg = tl.load(wg_ptr + kk[:, None].to(tl.int64) * stride_gd + offs_f[None, :] * stride_gf,
                      mask=live_g[:, None] & f_mask[None, :], other=0.0)
         wu = tl.load(wu_ptr + kk[:, None].to(tl.int64) * stride_ud + offs_f[None, :] * stride_uf,
@@ -473,14 +473,14 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     bu = b_up.contiguous() if b_up is not None else x2
     # As in threshold_linear: |x| against tau in x's dtype, a weighted score against tau in float32.
     tau_arg = round_to_dtype(tau_input, torch.float32 if weighted else dtype)
-    stage1 = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows, SPLIT=split, HAS_BG=b_gate is not None,
-                  HAS_BU=b_up is not None, ACTIVATION=act, ROUND_BY_BITS=interpreting and dtype == torch.bfloat16,
-                  HAS_SCALE=weighted, num_warps=cfg.num_warps, num_stages=cfg.STAGES)
-    dot_in_fp32 = interpreting or dtype == torch.float32
+    stage1 = dict(BLOCK_M=stage_one_block_m(m, cfg), BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS_PER_SPLIT=rows,
+                  SPLIT=split, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACTIVATION=act,
+                  DOT_IN_FP32=interpreting or dtype == torch.float32,
+                  ROUND_BY_BITS=interpreting and dtype == torch.bfloat16, HAS_SCALE=weighted, num_warps=cfg.num_warps,
+                  num_stages=cfg.STAGES)
     if wanted and not refusal:
         y = _launch_one(x2, wgt, bg, wut, bu, h, scratch, partial, sg, su, w_down, b_down, scale_down, tau_arg,
-                        tau_down, grid, one_down, out, dict(stage1, BLOCK_M=stage_one_block_m(1, cfg),
-                                                             DOT_IN_FP32=dot_in_fp32))
+                        tau_down, grid, one_down, out, stage1)
         return y.reshape(*lead, w_down.shape[0])
     counters = ticket_counters(grid[0], x2) if split else x2   # one per N tile
     # Stage 1 zeroes the down GEMV's ticket counters (a buffer apart from its own D-split counters), so a compiled
@@ -489,8 +489,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     launcher(_threshold_gate_up_kernel, x2)[grid](  # noqa: F821
         x2, wgt, bg, wut, bu, h, scratch, partial, counters, sg, su, down_counters, n_down, m, f, d, tau_arg,
         x2.stride(0), x2.stride(1), wgt.stride(0), wgt.stride(1), wut.stride(0), wut.stride(1),
-        BLOCK_M=stage_one_block_m(m, cfg), COMPACT=cfg.COMPACT, DOT_IN_FP32=dot_in_fp32,
-        ZERO_BLOCK=zero_block, ONE_TOKEN=m == 1, **stage1)
+        COMPACT=cfg.COMPACT, ZERO_BLOCK=zero_block, ONE_TOKEN=m == 1, **stage1)
     y = threshold_linear(h, w_down, b_down, tau_down, config=down_cfg, out=out, channel_scale=scale_down,
                          counters=down_counters)
     return y.reshape(*lead, w_down.shape[0])
