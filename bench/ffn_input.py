@@ -30,8 +30,8 @@ the first run, growing with sparsity). Timing: CUDA-graph replay
 over ``COPIES`` weight sets (``bench/linear.py``'s ``bench_graph``; 3 x 35 MB of kept rows at 90% is beyond the
 60 MB L2), median per call (``--graph-rounds R``: each graph holds R passes over the copies, so the replay's
 start-up is shared by 3R calls; R = 1 charges each call a third of it). "TB/s" = the weight bytes the sparse form
-must read (kept gate and up rows, kept down rows) / fused time. ``--sweep`` also times launch knobs of both stages at the ``SWEPT`` rows, ``--sweep-one-launch``
-the one-launch kernel's (``one_launch_pairs``) at the one-token ones.
+must read (kept gate and up rows, kept down rows) / fused time. ``--sweep`` also times launch knobs of both stages
+at the ``SWEPT`` rows, ``--sweep-one-launch`` the one-launch kernel's (``one_launch_pairs``) at the one-token ones.
 """
 
 from __future__ import annotations

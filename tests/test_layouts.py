@@ -262,20 +262,13 @@ def test_head_offset_rows_are_the_model_heads(causal):
 def _one_block_table(kept_partial, kept_full, *, seq_q, seq_k, block, causal):
     """A hand-made table: one batch and head, the given (query block, key block) pairs partial / full."""
     n_q, n_k = -(-seq_q // block), -(-seq_k // block)
-    partial = torch.zeros(1, 1, n_q, n_k, dtype=torch.bool)
+    kept = torch.zeros(1, 1, n_q, n_k, dtype=torch.bool)
     full = torch.zeros(1, 1, n_q, n_k, dtype=torch.bool)
-    for a, b in kept_partial:
-        partial[0, 0, a, b] = True
+    for a, b in kept_partial + kept_full:
+        kept[0, 0, a, b] = True
     for a, b in kept_full:
         full[0, 0, a, b] = True
-    def listed(mask):   # counts, and the kept columns first in ascending order
-        order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices
-        return mask.sum(-1, dtype=torch.int32), order
-
-    num_p, idx_p = listed(partial)
-    num_f, idx_f = listed(full)
-    return BlockTable(num_p, idx_p.to(torch.int32), num_f, idx_f.to(torch.int32), block_q=block, block_k=block,
-                      seq_q=seq_q, seq_k=seq_k, causal=causal)
+    return BlockTable.from_dense(kept, full, block_q=block, block_k=block, seq_q=seq_q, seq_k=seq_k, causal=causal)
 
 
 def test_a_full_block_past_the_keys_or_the_diagonal_is_refused():

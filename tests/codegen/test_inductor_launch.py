@@ -297,11 +297,12 @@ with FakeTensorMode(allow_non_fake_inputs=True):
 
 
 def test_no_launch_makes_inductor_copy_an_input():
-    """(And the fused FFN's down counters need no fill kernel.) Inductor's functionalization copies every tensor its analysis of a kernel's TTIR reads as written, before
+    """Inductor's functionalization copies every tensor its analysis of a kernel's TTIR reads as written, before
     each launch. The analysis takes a ``@triton.jit`` helper's results to depend on all its arguments, so an input
     pointer passed to a helper whose result places a store (x, q, channel scales, per-head rules, positions) read
     as written and the compiled graph copied it on every call. For each traced launch path (fake CUDA tensors,
-    sm_90 compile, no GPU) no argument the analysis calls written may be a graph input or a view of one."""
+    sm_90 compile, no GPU) no argument the analysis calls written may be a graph input or a view of one. Also:
+    the fused FFNs' down GEMV counters need no fill kernel (their first launch zeroes them)."""
     import os
     import subprocess
 
