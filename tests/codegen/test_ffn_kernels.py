@@ -155,7 +155,8 @@ def test_interp_gate_launch_zeroes_the_down_gemvs_counters(interpreter, m):
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, True, True, torch.float32)
     _, a, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", 0.0)
     tau = pick_tau(a.abs(), 0.5, torch.float32)
-    ref, _, _ = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", tau)
+    ref, _, keep = ffn_expected(x, wg, bg, wu, bu, wd, bd, "silu", tau)
+    assert 0 < int(keep.sum()) < keep.numel()   # the form drops neurons and keeps some
     cfg, down = small_configs(m)
     n = gemv_ticket_count(m, f, d_out, down)
     assert n == 3

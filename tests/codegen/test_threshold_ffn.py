@@ -92,6 +92,7 @@ def test_interp_threshold_ffn_kernel(interpreter, m, d, f, d_out, biases, act, d
     tau_down = pick_tau(h.abs(), sparsity_h, dtype)
     assume(tau_down is not None)
     ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
+    assume(not bool(keep_x.all() and keep_h.all()))   # the form drops something (else the draw tests nothing)
     # dot: one token multiplies through tl.dot in both stages (more tokens always do, without PER_TOKEN).
     cfg, down = (dataclasses.replace(c, DOT=dot) for c in small_configs(compact))
     out = torch.full((m, d_out), float("nan"), dtype=dtype)
@@ -120,7 +121,8 @@ def test_interp_stage_one_zeroes_the_down_gemvs_counters(interpreter, m, per_tok
     tau_input = float(torch.quantile(x.abs().flatten(), 0.3))
     _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
     tau_down = pick_tau(h.abs(), 0.5, torch.float32)
-    ref = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)[0]
+    ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
+    assert 0 < int(keep_x.sum()) < keep_x.numel() and 0 < int(keep_h.sum()) < keep_h.numel()   # the form applies
     # the cached counters the down GEMV will use, made non-zero
     launch.ticket_counters(n, x, zeroed_by_earlier_launch=True)[:n].fill_(2)
     y = threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down, config=cfg, down_config=down)

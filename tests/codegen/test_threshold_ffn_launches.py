@@ -141,14 +141,17 @@ def test_interp_dot_knob_puts_one_token_on_tl_dot(interpreter, monkeypatch, dtyp
                             0.5)
         _, h, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
         tau_down = pick_tau(h.abs() * wd.double().norm(dim=0), 0.5, dtype)
-        ref, _, keep_g, keep_u, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
+        ref, _, keep_g, keep_u, keep_h = expected_weighted(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
         assert not bool((keep_g == keep_u).all())   # the projections keep different channels
+        keep_x = keep_g | keep_u
     else:
         tau_input = float(torch.quantile(x.abs().double().flatten(), 0.5))
         _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, -1.0)
         tau_down = pick_tau(h.abs(), 0.5, dtype)
-        ref = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)[0]
+        ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
     assert tau_input is not None and tau_down is not None
+    # The form is applied: both thresholds drop channels and keep some.
+    assert 0 < int(keep_x.sum()) < keep_x.numel() and 0 < int(keep_h.sum()) < keep_h.numel()
     for dots in ((False, False), (True, False), (False, True), (True, True)):
         launched.clear()
         cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, DOT=dots[0])
