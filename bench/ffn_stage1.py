@@ -1,0 +1,135 @@
+"""One-token input-mode FFN: stage-1 launch knobs against the default, timed in alternating rounds.
+
+    python bench/ffn_stage1.py [--configs 128x128x8,64x128x4] [--weighted-configs 64x128x4]
+                               [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16] [--rounds 5] [--json out.json]
+
+Workload as bench/ffn_input.py (Llama-3-8B gated FFN, D 4096 -> F 14336 -> D, SiLU, one token, thresholds at the
+given share of |x| and |h|). A config ``NxKxW`` is stage 1 on tensor cores (``GemvConfig(BLOCK_N=N, BLOCK_K=K,
+ROWS_PER_SPLIT=4096, num_warps=W, DOT=True)``) with the default down GEMV. Columns:
+
+* **default**: ``threshold_ffn`` with no knobs (``default_threshold_ffn_config``);
+* each ``--configs`` entry with the magnitude criterion;
+* **weighted**: the weighted criterion at its default, and each ``--weighted-configs`` entry with it (thresholds at
+  the same share of the weighted scores, as bench/ffn_input.py sets them);
+* **dense**: cuBLAS, for the ratio.
+
+Every column is checked against the float32 oracle first (rel err < 1e-2). Each round times every column once
+(CUDA-graph replay over the weight copies, graphs of 30 calls: ``bench_graph`` with 10 rounds); the median over
+``--rounds`` rounds is reported, so slow drift of the machine reaches every column alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import linear  # noqa: E402 - the repo's timing conventions
+from ffn_input import D_MODEL, make_weights, oracle, quantile_abs  # noqa: E402
+from linear import bench_graph, rel_err  # noqa: E402
+from provenance import source_version  # noqa: E402
+
+from sparsecc.codegen.activation_sparse import GemvConfig  # noqa: E402
+from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, threshold_ffn  # noqa: E402
+from sparsecc.passes.ffn import column_norms  # noqa: E402
+
+
+def parse_config(text: str) -> GemvConfig:
+    """``NxKxW`` -> stage 1 on tensor cores with BLOCK_N=N, BLOCK_K=K, W warps, D unsplit up to 4096."""
+    try:
+        n, k, w = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise SystemExit(f"config {text!r} is not allowed; expected NxKxW, e.g. 64x128x4") from None
+    return GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=4096, num_warps=w, DOT=True)
+
+
+def row(sparsity: float, dtype, weights, configs, weighted_configs, rounds: int, gen) -> dict:
+    """Median us per call of every column at one (sparsity, dtype)."""
+    x = torch.randn(1, D_MODEL, device="cuda", dtype=dtype, generator=gen)
+    wg, wu, wd = weights[0]
+    h_dense = F.silu(F.linear(x, wg)) * F.linear(x, wu)
+    tau_in, tau_down = quantile_abs(x, sparsity), quantile_abs(h_dense, sparsity)
+    norms = {id(w): tuple(column_norms(t) for t in w) for w in weights}
+    sg, su, sd = norms[id(weights[0])]
+    xa = x.float().abs()
+    tau_in_w = float(torch.quantile(torch.cat([xa * sg, xa * su]).flatten(), sparsity))
+    tau_down_w = float(torch.quantile((h_dense.float().abs() * sd).flatten(), sparsity))
+    ref = oracle(x, wg, wu, wd, tau_in, tau_down)
+    ref_w = oracle(x, wg, wu, wd, tau_in_w, tau_down_w, (sg, su, sd))
+
+    def magnitude(cfg):
+        return lambda w: threshold_ffn(x, w[0], None, w[1], None, w[2], None, "silu", tau_in, tau_down, config=cfg)
+
+    def weighted(cfg):
+        return lambda w: threshold_ffn(x, w[0], None, w[1], None, w[2], None, "silu", tau_in_w, tau_down_w,
+                                       config=cfg, scale_gate=norms[id(w)][0], scale_up=norms[id(w)][1],
+                                       scale_down=norms[id(w)][2])
+
+    columns = {"default": (magnitude(None), ref)}
+    columns.update({f"stage1 {c}": (magnitude(parse_config(c)), ref) for c in configs})
+    columns["weighted default"] = (weighted(None), ref_w)
+    columns.update({f"weighted stage1 {c}": (weighted(parse_config(c)), ref_w) for c in weighted_configs})
+    columns["dense"] = (lambda w: F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2]), None)
+    for name, (fn, expected) in columns.items():
+        if expected is not None:
+            err = rel_err(fn(weights[0]).view(1, D_MODEL), expected)
+            if not err < 1e-2:
+                raise SystemExit(f"correctness check failed: {name} {sparsity:.0%} {dtype}: rel err {err}")
+    times = {name: [] for name in columns}
+    for _ in range(rounds):
+        for name, (fn, _expected) in columns.items():
+            times[name].append(1e3 * bench_graph([lambda w=w, fn=fn: fn(w) for w in weights]))
+    return {"sparsity": sparsity, "dtype": str(dtype).replace("torch.", ""),
+            "us": {name: statistics.median(v) for name, v in times.items()}}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="128x128x8,64x128x4", help="stage-1 knobs NxKxW, comma-separated")
+    ap.add_argument("--weighted-configs", default="64x128x4", help="the same for the weighted criterion")
+    ap.add_argument("--sparsities", default="0.5,0.7,0.9")
+    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds} is not allowed; expected an integer >= 1")
+    configs = [c for c in args.configs.split(",") if c]
+    weighted_configs = [c for c in args.weighted_configs.split(",") if c]
+    linear.GRAPH_ROUNDS = 10
+    header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "commit": source_version(),
+              "date": str(datetime.date.today()), "default": str(default_threshold_ffn_config(1))}
+    print("#", json.dumps(header), flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        weights = make_weights(dtype, gen)
+        for s in (float(v) for v in args.sparsities.split(",")):
+            rows.append(row(s, dtype, weights, configs, weighted_configs, args.rounds, gen))
+            print(json.dumps(rows[-1]), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({**header, "rows": rows}, fh, indent=1)
+    names = [n for n in rows[0]["us"] if n != "dense"]
+    print("\n| dtype | sparsity | dense us | " + " | ".join(f"{n} us" for n in names) + " | " +
+          " | ".join(f"{n} x dense" for n in names if not n.startswith("weighted")) + " |")
+    for r in rows:
+        us = r["us"]
+        print(f"| {r['dtype']} | {r['sparsity']:.0%} | {us['dense']:.1f} | " +
+              " | ".join(f"{us[n]:.2f}" for n in names) + " | " +
+              " | ".join(f"{us['dense'] / us[n]:.2f}" for n in names if not n.startswith("weighted")) + " |")
+
+
+if __name__ == "__main__":
+    main()
