@@ -1,6 +1,6 @@
 """One-token input-mode FFN: stage-1 launch knobs against the default, timed in alternating rounds.
 
-    python bench/ffn_stage1.py [--configs 128x128x8,64x128x4] [--weighted-configs 64x128x4]
+    python bench/ffn_stage1.py [--configs 128x128x8] [--weighted-configs 64x128x4]
                                [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16] [--rounds 5] [--json out.json]
 
 Workload as bench/ffn_input.py (Llama-3-8B gated FFN, D 4096 -> F 14336 -> D, SiLU, one token, thresholds at the
@@ -43,21 +43,25 @@ from sparsecc.passes.ffn import column_norms  # noqa: E402
 
 
 def parse_config(text: str) -> GemvConfig:
-    """``NxKxW`` -> stage 1 on tensor cores with BLOCK_N=N, BLOCK_K=K, W warps, D unsplit up to 4096."""
+    """``NxKxW`` -> stage 1 on tensor cores with BLOCK_N=N, BLOCK_K=K, W warps, D unsplit up to 4096.
+
+    Raises ``ValueError`` naming the entry and the allowed form for anything else.
+    """
     try:
         n, k, w = (int(v) for v in text.split("x"))
-    except ValueError:
-        raise SystemExit(f"config {text!r} is not allowed; expected NxKxW, e.g. 64x128x4") from None
-    return GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=4096, num_warps=w, DOT=True)
+        return GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=4096, num_warps=w, DOT=True)
+    except ValueError as exc:
+        raise ValueError(f"config {text!r} is not allowed: expected NxKxW with N and K powers of two of at least "
+                         f"16, K at most 4096, W warps (e.g. 64x128x4) ({exc})") from None
 
 
-def row(sparsity: float, dtype, weights, configs, weighted_configs, rounds: int, gen) -> dict:
-    """Median us per call of every column at one (sparsity, dtype)."""
+def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, rounds: int, gen) -> dict:
+    """Median us per call of every column at one (sparsity, dtype); ``norms`` maps id(weight set) to its (gate,
+    up, down) column norms; ``configs`` and ``weighted_configs`` map a name to its stage-1 knobs."""
     x = torch.randn(1, D_MODEL, device="cuda", dtype=dtype, generator=gen)
     wg, wu, wd = weights[0]
     h_dense = F.silu(F.linear(x, wg)) * F.linear(x, wu)
     tau_in, tau_down = quantile_abs(x, sparsity), quantile_abs(h_dense, sparsity)
-    norms = {id(w): tuple(column_norms(t) for t in w) for w in weights}
     sg, su, sd = norms[id(weights[0])]
     xa = x.float().abs()
     tau_in_w = float(torch.quantile(torch.cat([xa * sg, xa * su]).flatten(), sparsity))
@@ -74,9 +78,9 @@ def row(sparsity: float, dtype, weights, configs, weighted_configs, rounds: int,
                                        scale_down=norms[id(w)][2])
 
     columns = {"default": (magnitude(None), ref)}
-    columns.update({f"stage1 {c}": (magnitude(parse_config(c)), ref) for c in configs})
+    columns.update({f"stage1 {name}": (magnitude(cfg), ref) for name, cfg in configs.items()})
     columns["weighted default"] = (weighted(None), ref_w)
-    columns.update({f"weighted stage1 {c}": (weighted(parse_config(c)), ref_w) for c in weighted_configs})
+    columns.update({f"weighted stage1 {name}": (weighted(cfg), ref_w) for name, cfg in weighted_configs.items()})
     columns["dense"] = (lambda w: F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2]), None)
     for name, (fn, expected) in columns.items():
         if expected is not None:
@@ -93,7 +97,7 @@ def row(sparsity: float, dtype, weights, configs, weighted_configs, rounds: int,
 
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="128x128x8,64x128x4", help="stage-1 knobs NxKxW, comma-separated")
+    ap.add_argument("--configs", default="128x128x8", help="stage-1 knobs NxKxW, comma-separated (may be empty)")
     ap.add_argument("--weighted-configs", default="64x128x4", help="the same for the weighted criterion")
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--dtypes", default="float16,bfloat16")
@@ -102,28 +106,46 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds} is not allowed; expected an integer >= 1")
-    configs = [c for c in args.configs.split(",") if c]
-    weighted_configs = [c for c in args.weighted_configs.split(",") if c]
+    # Every argument is checked before any GPU work.
+    try:
+        configs = {c: parse_config(c) for c in args.configs.split(",") if c}
+        weighted_configs = {c: parse_config(c) for c in args.weighted_configs.split(",") if c}
+    except ValueError as exc:
+        ap.error(str(exc))
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    for d in dtypes:
+        if d not in ("float16", "bfloat16"):
+            ap.error(f"--dtypes: {d!r} is not allowed; expected float16 or bfloat16")
+    try:
+        sparsities = [float(v) for v in args.sparsities.split(",") if v]
+    except ValueError:
+        ap.error(f"--sparsities {args.sparsities!r}: expected comma-separated numbers in (0, 1)")
+    if not sparsities or not all(0 < s < 1 for s in sparsities):
+        ap.error(f"--sparsities {args.sparsities!r}: expected comma-separated numbers in (0, 1)")
     linear.GRAPH_ROUNDS = 10
     header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "commit": source_version(),
-              "date": str(datetime.date.today()), "default": str(default_threshold_ffn_config(1))}
+              "date": str(datetime.date.today()), "default": str(default_threshold_ffn_config(1)),
+              "weighted_default": str(default_threshold_ffn_config(1, weighted=True))}
     print("#", json.dumps(header), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+    for dtype in (getattr(torch, d) for d in dtypes):
         weights = make_weights(dtype, gen)
-        for s in (float(v) for v in args.sparsities.split(",")):
-            rows.append(row(s, dtype, weights, configs, weighted_configs, args.rounds, gen))
+        norms = {id(w): tuple(column_norms(t) for t in w) for w in weights}   # as the compiler binds them
+        for s in sparsities:
+            rows.append(row(s, dtype, weights, norms, configs, weighted_configs, args.rounds, gen))
             print(json.dumps(rows[-1]), flush=True)
-        del weights
+        del weights, norms
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({**header, "rows": rows}, fh, indent=1)
     names = [n for n in rows[0]["us"] if n != "dense"]
+    ratios = [n for n in names if not n.startswith("weighted")]
     print("\n| dtype | sparsity | dense us | " + " | ".join(f"{n} us" for n in names) + " | " +
-          " | ".join(f"{n} x dense" for n in names if not n.startswith("weighted")) + " |")
+          " | ".join(f"{n} x dense" for n in ratios) + " |")
+    print("|" + "---|" * (3 + len(names) + len(ratios)))
     for r in rows:
         us = r["us"]
         print(f"| {r['dtype']} | {r['sparsity']:.0%} | {us['dense']:.1f} | " +

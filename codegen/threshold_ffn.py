@@ -102,9 +102,9 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 # spread over all shapes was about 5%, predicated never won. Since then the token runs on tensor cores (DOT: its
 # row padded to 16, few registers), and the down GEMV likewise (activation_sparse.DEFAULT_GEMV_CONFIG): on an H100
 # and an H200 the FFN took 0-9% less time at 50-90% than with the per-lane tiles (bench/RESULTS.md, "One token on
-# tensor cores"). On tensor cores 64-wide N tiles on 4 warps (224 programs) beat 128-wide ones on 8 warps by 4-6% at
-# 90% and tied at 50-70% in four H100 runs ("Stage 1's tile on tensor cores"). Not with the weighted criterion:
-# there the FFN with stage 1 on tensor cores took 11-24% longer on an H100 (triton 3.6 builds that loop with 255
+# tensor cores"). On tensor cores 64-wide N tiles on 4 warps (224 programs) beat 128-wide ones on 8 warps at 90% by
+# 4-6% in fp16 and 2.5-4% in bf16, and tied at 50-70%, in four H100 runs ("Stage 1's tile on tensor cores"). Not
+# with the weighted criterion: there the FFN with stage 1 on tensor cores took 10-23% longer on an H100 (triton 3.6 builds that loop with 255
 # registers per thread and 1.9x the magnitude criterion's instructions), so its stage 1 keeps the per-lane tiles.
 DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4, DOT=True)
 DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
