@@ -1,0 +1,36 @@
+"""bench/ffn_stage1.py refuses malformed arguments before any GPU work, naming the entry and the allowed form."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import ffn_stage1  # noqa: E402
+
+
+def test_a_config_is_stage_one_on_tensor_cores_with_the_given_tile_and_warps():
+    cfg = ffn_stage1.parse_config("64x128x4")
+    assert (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps, cfg.ROWS_PER_SPLIT, cfg.DOT) == (64, 128, 4, 4096, True)
+
+
+@pytest.mark.parametrize("text", ["64x100x4", "8x128x4", "64x8192x4", "64x128", "abc"])
+def test_a_malformed_config_names_itself_and_the_allowed_form(text):
+    with pytest.raises(ValueError, match=rf"config '{text}' is not allowed: expected NxKxW"):
+        ffn_stage1.parse_config(text)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--configs", "64x100x4"], "config '64x100x4' is not allowed"),
+    (["--dtypes", "float64"], "--dtypes: 'float64' is not allowed; expected float16 or bfloat16"),
+    (["--sparsities", "0.5,1.5"], "expected comma-separated numbers in (0, 1)"),
+    (["--rounds", "0"], "--rounds 0 is not allowed"),
+])
+def test_the_command_line_refuses_bad_arguments_before_touching_the_gpu(args, message):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ffn_stage1.py"), *args], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 2
+    assert message in run.stderr
