@@ -1,6 +1,6 @@
 """What the GPU's memory system gives a kernel: L2 and HBM read bandwidth and the launch gap in a CUDA graph.
 
-    python bench/memory_probe.py [--json out.json]
+    python bench/memory_probe.py [--probes read,launch,bsr,gather] [--json out.json]
 
 What plain Triton loads get from the memory system, beside the block-sparse linear kernel's traffic in the same run
 (bench/RESULTS.md compares them):
@@ -13,6 +13,11 @@ What plain Triton loads get from the memory system, beside the block-sparse line
 * **block-sparse linear, L2 traffic**: ``codegen/block_sparse_linear.py`` on x[8192, 4096] -> 14336 with 64 x 64
   blocks at 10% and 50% density (the bench/linear.py workloads), with the bytes its tiles load through L2 (each
   kept block loads its ``BLOCK_M x 64`` slice of x and the 64 x 64 block) over its time, beside cuBLAS.
+* **row gathers**: what a thresholded GEMV's weight reads get from HBM. A [4096, 14336] fp16 matrix (a Llama-3-8B
+  gate weight stored K-major); the kept rows are 10% or 30% of them, either a sorted random sample (as a survivor
+  list is) or the first rows (contiguous); each program reads ``width``-element segments of the kept rows (128 B to
+  2 KB: the FFN's stage 1 reads 64 or 128 columns of a row per program) and sums them. Timed in CUDA graphs over
+  ``GATHER_COPIES`` copies (beyond the L2), best of two pipelining depths; bytes of kept segments / time.
 
 Every figure is a median of ``do_bench`` or of graph replays; nothing here is asserted.
 """
@@ -48,6 +53,25 @@ def _read_kernel(src, out, per_program, region, repeats, BLOCK: tl.constexpr):
             idx = (start + i + offs) % region
             acc += tl.load(src + idx, cache_modifier=".cg").to(tl.float32)
     tl.store(out + pid * BLOCK + offs, acc)
+
+
+@triton.jit
+def _gather_kernel(src, rows, out, n_rows, rows_per_split, stride, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Sum the ``BLOCK_N``-wide segment (column tile ``program_id(0)``) of the listed rows ``rows[split's share]``,
+    ``BLOCK_R`` rows per trip; the row index is loaded in the loop, as a survivor list is."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    lo = split * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, n_rows)
+    for r in range(lo, hi, BLOCK_R):
+        offs_r = r + tl.arange(0, BLOCK_R)
+        live = offs_r < hi
+        idx = tl.load(rows + offs_r, mask=live, other=0)
+        acc += tl.load(src + idx[:, None].to(tl.int64) * stride + offs_n[None, :], mask=live[:, None],
+                       other=0.0).to(tl.float32)
+    tl.store(out + (split * tl.num_programs(0) + pid_n) * BLOCK_N + tl.arange(0, BLOCK_N), tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -149,29 +173,86 @@ def bsr_traffic(density: float) -> dict:
             "L2_TB/s": l2_bytes / (ms * 1e-3) / 1e12, "FLOP_per_L2_byte": flops / l2_bytes, "rel_err": err}
 
 
+GATHER_SHAPE = (4096, 14336)
+GATHER_COPIES = 6
+GATHER_WIDTHS = (64, 128, 256, 512, 1024)
+
+
+def gather_bandwidth(fraction: float, contiguous: bool, width: int, copies, sms: int) -> dict:
+    """TB/s of ``_gather_kernel`` reading ``width``-element segments of ``fraction`` of the rows of each copy."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from linear import bench_graph   # the repo's graph timing: calls cycle over the copies
+    k, n = GATHER_SHAPE
+    kept = int(round(fraction * k))
+    gen = torch.Generator().manual_seed(1)
+    rows = (torch.arange(kept) if contiguous else torch.randperm(k, generator=gen)[:kept].sort().values)
+    rows = rows.to(torch.int32).cuda()
+    block_r = max(8, 8192 // width)               # 16 KB of fp16 per trip
+    tiles = n // width
+    splits = max(1, -(-2 * sms // tiles))         # about two programs per SM
+    per_split = -(-kept // splits)
+    out = torch.empty(splits * tiles * width, device="cuda", dtype=torch.float32)
+    expected = copies[0][rows.long()].float().sum()
+    best = None
+    for stages in (3, 5):
+        def run(src, stages=stages):
+            _gather_kernel[(tiles, splits)](src, rows, out, kept, per_split, n, BLOCK_N=width, BLOCK_R=block_r,
+                                            num_warps=4, num_stages=stages)
+        run(copies[0])
+        got = out.sum()
+        if not torch.allclose(got, expected, rtol=1e-3, atol=1e-2 * float(expected.abs()) ** 0.5 + 1.0):
+            raise SystemExit(f"gather probe: sum {float(got)} against {float(expected)} (width {width})")
+        ms = bench_graph([lambda src=src: run(src) for src in copies])
+        tbs = kept * n * 2 / (ms * 1e-3) / 1e12
+        if best is None or tbs > best["TB/s"]:
+            best = {"fraction": fraction, "contiguous": contiguous, "width": width, "bytes_per_segment": width * 2,
+                    "programs": tiles * splits, "stages": stages, "us": ms * 1e3, "TB/s": tbs}
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--probes", default="read,launch,bsr,gather", help="which probes to run, comma-separated")
     args = p.parse_args(argv)
+    probes = [x for x in args.probes.split(",") if x]
+    for x in probes:
+        if x not in ("read", "launch", "bsr", "gather"):
+            p.error(f"--probes: {x!r} is not allowed; expected read, launch, bsr or gather")
     if not torch.cuda.is_available():
         print("memory_probe: needs CUDA; nothing measured")
         return 0
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__}
-    result["read"] = [read_bandwidth(mb, 64) for mb in L2_SIZES_MB] + [read_bandwidth(HBM_MB, 1)]
-    result["launch"] = launch_gap()
-    result["bsr"] = [bsr_traffic(0.1), bsr_traffic(0.5)]
+    if "read" in probes:
+        result["read"] = [read_bandwidth(mb, 64) for mb in L2_SIZES_MB] + [read_bandwidth(HBM_MB, 1)]
+    if "launch" in probes:
+        result["launch"] = launch_gap()
+    if "bsr" in probes:
+        result["bsr"] = [bsr_traffic(0.1), bsr_traffic(0.5)]
+    if "gather" in probes:
+        copies = [torch.randn(*GATHER_SHAPE, device="cuda", dtype=torch.float16) for _ in range(GATHER_COPIES)]
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        result["gather"] = [gather_bandwidth(f, c, w, copies, sms) for f in (0.1, 0.3) for c in (False, True)
+                            for w in GATHER_WIDTHS]
+        del copies
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}")
-    for r in result["read"]:
+    for r in result.get("read", []):
         print(f"read {r['MB']:>6} MB x{r['repeats']:<3}: {r['TB/s']:.2f} TB/s ({r['programs_per_sm']} programs/SM, "
               f"{r['warps']} warps, {r['ms']:.3f} ms)")
-    print(f"graph launch gap: {result['launch']['us_per_launch']:.2f} us per launch")
-    for r in result["bsr"]:
+    if "launch" in result:
+        print(f"graph launch gap: {result['launch']['us_per_launch']:.2f} us per launch")
+    for r in result.get("bsr", []):
         print(f"bsr {r['density']:.0%}: {r['ms']:.4f} ms ({r['x_dense']:.2f}x cuBLAS {r['dense_ms']:.4f} ms), kept "
               f"{r['kept_TFLOP/s']:.0f} TFLOP/s (dense {r['dense_TFLOP/s']:.0f}), L2 reads {r['L2_TB/s']:.2f} TB/s at "
               f"{r['FLOP_per_L2_byte']:.0f} FLOP/byte (BLOCK_M {r['BLOCK_M']}, rel err {r['rel_err']:.1e})")
+    for r in result.get("gather", []):
+        print(f"gather {r['fraction']:.0%} of rows, {'contiguous' if r['contiguous'] else 'random   '}, "
+              f"{r['bytes_per_segment']:>4} B segments: {r['TB/s']:.2f} TB/s ({r['us']:.1f} us, {r['programs']} programs, "
+              f"{r['stages']} stages)")
     return 0
 
 

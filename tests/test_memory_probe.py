@@ -44,3 +44,23 @@ def test_interp_read_kernel_reads_what_is_counted(interpreter, n, programs, bloc
     index = (torch.arange(programs)[:, None] * per_program + torch.arange(per_program)[None, :]) % n
     expected = src.double()[index].view(programs, per_program // block, block).sum(1) * repeats
     torch.testing.assert_close(out.view(programs, block).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k, n, kept, width, block_r, splits", [(40, 64, 9, 16, 4, 2), (33, 32, 33, 32, 8, 3),
+                                                                 (20, 48, 5, 16, 8, 1)])
+def test_interp_gather_kernel_sums_each_splits_listed_segments(interpreter, k, n, kept, width, block_r, splits):
+    """Program (column tile t, split s) sums rows[s * per_split : (s + 1) * per_split] of columns
+    t * width .. (t + 1) * width - 1: the segments whose bytes the gather probe counts, once each."""
+    import memory_probe
+    gen = torch.Generator().manual_seed(k + kept)
+    src = torch.randn(k, n, generator=gen).to(torch.float16)
+    rows = torch.randperm(k, generator=gen)[:kept].sort().values.to(torch.int32)
+    tiles = n // width
+    per_split = -(-kept // splits)
+    out = torch.full((splits * tiles * width,), float("nan"))
+    memory_probe._gather_kernel[(tiles, splits)](src, rows, out, kept, per_split, n, BLOCK_N=width, BLOCK_R=block_r)
+    expected = torch.zeros(splits, tiles, width, dtype=torch.float64)
+    for s in range(splits):
+        share = rows[s * per_split:(s + 1) * per_split].long()
+        expected[s] = src.double()[share].sum(0).view(tiles, width)
+    torch.testing.assert_close(out.view(splits, tiles, width).double(), expected, rtol=1e-5, atol=1e-4)
