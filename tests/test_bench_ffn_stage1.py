@@ -17,9 +17,15 @@ def test_a_config_is_stage_one_on_tensor_cores_with_the_given_tile_and_warps():
     assert (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps, cfg.ROWS_PER_SPLIT, cfg.DOT) == (64, 128, 4, 4096, True)
 
 
-@pytest.mark.parametrize("text", ["64x100x4", "8x128x4", "64x8192x4", "64x128", "abc"])
+def test_a_fourth_field_splits_d_into_that_many_channels():
+    cfg = ffn_stage1.parse_config("256x64x8x1024")
+    assert (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps, cfg.ROWS_PER_SPLIT, cfg.DOT) == (256, 64, 8, 1024, True)
+
+
+@pytest.mark.parametrize("text", ["64x100x4", "8x128x4", "64x8192x4", "64x128", "abc", "64x128x4x100",
+                                  "64x128x4x64", "64x128x4x1024x2"])
 def test_a_malformed_config_names_itself_and_the_allowed_form(text):
-    with pytest.raises(ValueError, match=rf"config '{text}' is not allowed: expected NxKxW"):
+    with pytest.raises(ValueError, match=rf"config '{text}' is not allowed: expected NxKxW or NxKxWxR"):
         ffn_stage1.parse_config(text)
 
 
