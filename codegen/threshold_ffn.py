@@ -104,10 +104,11 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 # and an H200 the FFN took 0-9% less time at 50-90% than with the per-lane tiles (bench/RESULTS.md, "One token on
 # tensor cores"). On tensor cores 64-wide N tiles on 4 warps (224 programs) beat 128-wide ones on 8 warps at 90% by
 # 4-6% in fp16 and 2.5-4% in bf16, and tied at 50-70%, in four H100 runs ("Stage 1's tile on tensor cores"). Not
-# with the weighted criterion: there the FFN with stage 1 on tensor cores took 10-23% longer on an H100 (triton 3.6 builds that loop with 255
-# registers per thread and 1.9x the magnitude criterion's instructions), so its stage 1 keeps the per-lane tiles.
+# with the weighted criterion: there the FFN with stage 1 on tensor cores took 10-23% longer on an H100 (triton 3.6
+# builds that loop with 255 registers per thread and 1.9x the magnitude criterion's instructions), so its stage 1
+# keeps the same tile with per-lane products.
 DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4, DOT=True)
-DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4)
+DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED = dataclasses.replace(DEFAULT_THRESHOLD_FFN_CONFIG, DOT=False)
 # 2-16 tokens: the tl.dot union; not swept (the compiler plans the per-projection GEMVs there, see passes/ffn.py).
 DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
 
@@ -217,11 +218,14 @@ def _gate_up_program(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, scratch_ptr, 
             if COMPACT and ONE_TOKEN:
                 # One token on tensor cores (DOT): the list holds exactly its survivors, and with HAS_SCALE bits
                 # 30 / 29 say which projection keeps each: nothing is scored again (no scale re-read per trip).
-                if not HAS_SCALE:
+                if HAS_SCALE:
+                    xs_g = tl.where(live_g[None, :], xv, tl.zeros_like(xv))
+                    xs_u = tl.where(live_u[None, :], xv, tl.zeros_like(xv))
+                else:   # xv is already zero off the list (its load's mask)
                     live_g = live
                     live_u = live
-                xs_g = tl.where(live_g[None, :], xv, tl.zeros_like(xv))
-                xs_u = tl.where(live_u[None, :], xv, tl.zeros_like(xv)) if HAS_SCALE else xs_g
+                    xs_g = xv
+                    xs_u = xv
             else:
                 xabs = tl.abs(xv.to(tl.float32))
                 keep_g = _survives(_scores(xabs, tl.load(sg_ptr + kk, mask=live, other=0.0) if HAS_SCALE else None),
