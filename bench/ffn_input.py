@@ -123,6 +123,23 @@ def oracle(x, wg, wu, wd, tau_in, tau_down, norms=None):
     return kept(h, tau_down, sd) @ wd.float().T
 
 
+def dense_ffn(x, w):
+    """The dense FFN (cuBLAS) on x with the weight set ``w`` = (gate, up, down): the anchor."""
+    g, u, d = w
+    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+
+
+def weighted_thresholds(x, h_dense, norms, sparsity: float):
+    """``(tau_input, tau_down)`` of the weighted criterion dropping the ``sparsity`` share of the weighted scores
+    (``norms`` the (gate, up, down) column norms; the gate and up scores pooled for the shared input threshold, as
+    ``sparsecc.calibrate`` pools them)."""
+    sg, su, sd = norms
+    xa = x.float().abs()
+    tau_input = float(torch.quantile(torch.cat([xa * sg, xa * su]).flatten(), sparsity))
+    tau_down = float(torch.quantile((h_dense.float().abs() * sd).flatten()[: 2 ** 24], sparsity))
+    return tau_input, tau_down
+
+
 def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None, pairs=None) -> dict:
     """One (tokens, sparsity, dtype) row; ``norms`` maps id(weight set) to its (gate, up, down) column norms."""
     x = torch.randn(m, D_MODEL, device="cuda", dtype=dtype, generator=gen)
@@ -137,8 +154,7 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None,
     kept_bytes = elem * (2 * D_FF * D_MODEL * keep_x + D_MODEL * D_FF * keep_h)
 
     def dense(w):
-        g, u, d = w
-        return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        return dense_ffn(x, w)
 
     def three_op(w):
         g, u, d = w
@@ -152,10 +168,9 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None,
 
     # The weighted criterion: thresholds at the same share of the weighted scores.
     sg, su, sd = norms[id(weights[0])]
+    tau_in_w, tau_down_w = weighted_thresholds(x, h_dense, (sg, su, sd), sparsity)
     xa = x.float().abs()
-    tau_in_w = float(torch.quantile(torch.cat([xa * sg, xa * su]).flatten(), sparsity))
     h_dense_w = h_dense.float().abs() * sd
-    tau_down_w = float(torch.quantile(h_dense_w.flatten()[: 2 ** 24], sparsity))
     ref_w = oracle(x, wg, wu, wd, tau_in_w, tau_down_w, (sg, su, sd))
     kept_w = elem * D_FF * D_MODEL * ((xa * sg > tau_in_w).any(0).float().mean().item() +
                                       (xa * su > tau_in_w).any(0).float().mean().item() +

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear  # noqa: E402 - the repo's timing conventions
-from ffn_input import D_MODEL, make_weights, oracle, quantile_abs  # noqa: E402
+from ffn_input import D_MODEL, dense_ffn, make_weights, oracle, quantile_abs, weighted_thresholds  # noqa: E402
 from linear import bench_graph, rel_err  # noqa: E402
 from provenance import source_version  # noqa: E402
 
@@ -68,12 +68,9 @@ def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, round
     wg, wu, wd = weights[0]
     h_dense = F.silu(F.linear(x, wg)) * F.linear(x, wu)
     tau_in, tau_down = quantile_abs(x, sparsity), quantile_abs(h_dense, sparsity)
-    sg, su, sd = norms[id(weights[0])]
-    xa = x.float().abs()
-    tau_in_w = float(torch.quantile(torch.cat([xa * sg, xa * su]).flatten(), sparsity))
-    tau_down_w = float(torch.quantile((h_dense.float().abs() * sd).flatten(), sparsity))
+    tau_in_w, tau_down_w = weighted_thresholds(x, h_dense, norms[id(weights[0])], sparsity)
     ref = oracle(x, wg, wu, wd, tau_in, tau_down)
-    ref_w = oracle(x, wg, wu, wd, tau_in_w, tau_down_w, (sg, su, sd))
+    ref_w = oracle(x, wg, wu, wd, tau_in_w, tau_down_w, norms[id(weights[0])])
 
     def magnitude(cfg):
         return lambda w: threshold_ffn(x, w[0], None, w[1], None, w[2], None, "silu", tau_in, tau_down, config=cfg)
@@ -87,7 +84,7 @@ def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, round
     columns.update({f"stage1 {name}": (magnitude(cfg), ref) for name, cfg in configs.items()})
     columns["weighted default"] = (weighted(None), ref_w)
     columns.update({f"weighted stage1 {name}": (weighted(cfg), ref_w) for name, cfg in weighted_configs.items()})
-    columns["dense"] = (lambda w: F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2]), None)
+    columns["dense"] = (lambda w: dense_ffn(x, w), None)
     for name, (fn, expected) in columns.items():
         if expected is not None:
             err = rel_err(fn(weights[0]).view(1, D_MODEL), expected)
