@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -148,6 +148,9 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, co
     gen = torch.Generator().manual_seed(seed)
     x = randn(gen, m, k, dtype=dtype)
     tau = float(torch.quantile(x.abs().double().flatten(), sparsity))
+    # The kernel compares with tau rounded to x's dtype, as torch does: same survivors as the reference.
+    keep = x.abs() > tau
+    assume(0 < int(keep.sum()) < keep.numel())   # the form applies: tau drops some inputs and keeps some
     w = randn(gen, n, k, dtype=dtype)
     w_in = w.t().contiguous().t() if k_major else w
     bias = randn(gen, n, dtype=dtype) if has_bias else None
@@ -155,8 +158,6 @@ def test_threshold_linear_kernel(m, n, k, sparsity, dtype, has_bias, k_major, co
     cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, COMPACT=compact,
                      PER_TOKEN=program == "per token", DOT=program == "dot")
     y = threshold_linear(x, w_in, bias, tau, config=cfg, out=out)
-    # The kernel compares with tau rounded to x's dtype, as torch does: same survivors as the reference.
-    keep = x.abs() > tau
     ref = (x.double() * keep) @ w.double().T + (0 if bias is None else bias.double())
     assert_matches(y, ref, dtype)
 
@@ -231,7 +232,6 @@ def weighted_oracle(x, w, bias, tau):
        rows=st.sampled_from([16, 32, 128]), seed=st.integers(0, 10**6))
 def test_threshold_linear_kernel_weighted(m, n, k, sparsity, dtype, has_bias, compact, program, rows, seed):
     """criterion weighted on every path, against float64 with the column norms written from docs/spec.md."""
-    from hypothesis import assume
     from sparsecc.passes.ffn import column_norms
     gen = torch.Generator().manual_seed(seed)
     x = randn(gen, m, k, dtype=dtype)

@@ -33,10 +33,12 @@ def test_interpreter_checks():
 def test_interp_one_launch_is_the_two_launches_bit_for_bit(interpreter, d, f, d_out, biases, act, dtype, weighted,
                                                             rows, down_rows, sparsity_in, sparsity_h, dots, seed):
     """One token's FFN in one launch (work by ticket, the down splits waiting on their f tiles) returns exactly
-    the two launches' numbers, which match the float64 oracle; every counter is back at zero after it.
+    the two launches' numbers, which match the float64 oracle of its criterion; every counter is back at zero after
+    it.
 
     D and F span one or several splits of either stage (16-row splits), so the stage-1 merge, the down merge and
     several down splits waiting on their own tiles all run. ``dots``: stage 1's and the down GEMV's ``DOT`` knob.
+    Thresholds lie between two scores (weighted: of the weighted scores), and both drop something and keep something.
     """
     from sparsecc.codegen.threshold_ffn import threshold_ffn
     gen = torch.Generator().manual_seed(seed)
@@ -44,10 +46,24 @@ def test_interp_one_launch_is_the_two_launches_bit_for_bit(interpreter, d, f, d_
     scales = {}
     if weighted:
         scales = dict(scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
-    tau_input = float(torch.quantile(x.abs().double().flatten(), sparsity_in))
-    _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
-    tau_down = pick_tau(h.abs(), sparsity_h, dtype)
-    assume(tau_down is not None)
+        x64 = x.double()
+        tau_input = gap_tau(torch.cat([x64.abs() * wg.double().norm(dim=0), x64.abs() * wu.double().norm(dim=0)]),
+                            sparsity_in)
+        assume(tau_input is not None)
+        _, h, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
+        tau_down = pick_tau(h.abs() * wd.double().norm(dim=0), sparsity_h, dtype)
+        assume(tau_down is not None)
+        ref, _, keep_g, keep_u, keep_h = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
+        input_applied = not bool((keep_g & keep_u).all()) and bool((keep_g | keep_u).any())
+    else:
+        tau_input = float(torch.quantile(x.abs().double().flatten(), sparsity_in))
+        _, h, _, _ = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
+        tau_down = pick_tau(h.abs(), sparsity_h, dtype)
+        assume(tau_down is not None)
+        ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
+        input_applied = 0 < int(keep_x.sum()) < keep_x.numel()
+    # The form applies: a draw whose thresholds drop nothing or keep nothing is skipped.
+    assume(input_applied and 0 < int(keep_h.sum()) < keep_h.numel())
     cfg = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=rows, num_warps=4, DOT=dots[0])
     down = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=down_rows, num_warps=4, DOT=dots[1])
     one = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down,
@@ -56,9 +72,7 @@ def test_interp_one_launch_is_the_two_launches_bit_for_bit(interpreter, d, f, d_
     two = threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, config=cfg, down_config=down,
                         one_launch=False, **scales)
     assert torch.equal(one, two)
-    if not weighted:
-        ref, _, keep_x, keep_h = expected(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
-        assert_close_scaled(one, ref, dtype)
+    assert_close_scaled(one, ref, dtype)
 
 
 @pytest.mark.parametrize("by_default", [True, False])
@@ -268,7 +282,9 @@ def test_one_launch_replays_in_a_cuda_graph_gpu(dtype, sparsity, shape):
     up = (xt @ wu.float().T + bu.float()).to(dtype).float()
     h = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype).float()
     tau_down = float(torch.quantile(h.abs().flatten(), sparsity))
-    ref = (h * (h.abs() > as_dtype(tau_down, dtype))) @ wd.float().T + bd.float()
+    keep_x, keep_h = x.float().abs() > as_dtype(tau_input, dtype), h.abs() > as_dtype(tau_down, dtype)
+    assert 0 < int(keep_x.sum()) < keep_x.numel() and 0 < int(keep_h.sum()) < keep_h.numel()   # the form applies
+    ref = (h * keep_h) @ wd.float().T + bd.float()
     km = [w.t().contiguous().t() for w in (wg, wu, wd)]
 
     def call(one_launch):
