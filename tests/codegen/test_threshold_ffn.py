@@ -181,6 +181,23 @@ def expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down):
     return y.reshape(*x.shape[:-1], wd.shape[0]), h, keep_g, keep_u, keep_h
 
 
+def weighted_taus(x, wg, bg, wu, bu, wd, bd, act, sparsity_in, sparsity_h, dtype):
+    """``(tau_input, tau_down)`` for the weighted criterion near the given shares of its own scores, each in a gap
+    between two scores (hypothesis skips the draw where there is none).
+
+    h is rounded to the dtype by kernel and oracle alike, but their float32 / float64 sums may round it one unit
+    apart: tau_down takes pick_tau's margin, on the score scaled by the down weight's norms.
+    """
+    x64 = x.double()
+    tau_input = gap_tau(torch.cat([x64.abs() * wg.double().norm(dim=0), x64.abs() * wu.double().norm(dim=0)]),
+                        sparsity_in)
+    assume(tau_input is not None)
+    _, h, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
+    tau_down = pick_tau(h.abs() * wd.double().norm(dim=0), sparsity_h, dtype)
+    assume(tau_down is not None)
+    return tau_input, tau_down
+
+
 def spread_columns(gen, w):
     """``w`` with its columns scaled over two orders of magnitude (so weighted and magnitude scores differ)."""
     k = w.shape[1]
@@ -204,15 +221,7 @@ def test_interp_threshold_ffn_kernel_weighted(interpreter, m, d, f, d_out, biase
     gen = torch.Generator().manual_seed(seed)
     x, wg, bg, wu, bu, wd, bd = make_ffn(gen, m, d, f, d_out, biases, dtype)
     wg, wu, wd = spread_columns(gen, wg), spread_columns(gen, wu), spread_columns(gen, wd)
-    x64 = x.double()
-    tau_input = gap_tau(torch.cat([x64.abs() * wg.double().norm(dim=0), x64.abs() * wu.double().norm(dim=0)]),
-                        sparsity_in)
-    assume(tau_input is not None)
-    _, h, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
-    # h is rounded to the dtype by kernel and oracle alike, but their float32 / float64 sums may round it one unit
-    # apart: the margin of pick_tau, on the score scaled by the down weight's norms.
-    tau_down = pick_tau(h.abs() * wd.double().norm(dim=0), sparsity_h, dtype)
-    assume(tau_down is not None)
+    tau_input, tau_down = weighted_taus(x, wg, bg, wu, bu, wd, bd, act, sparsity_in, sparsity_h, dtype)
     ref, _, keep_g, keep_u, keep_h = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
     # Both thresholds lie between two scores: each drops something (the form is applied) and keeps something.
     assert not bool((keep_g & keep_u).all()) and bool((keep_g | keep_u).any())

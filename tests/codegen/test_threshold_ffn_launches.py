@@ -13,7 +13,7 @@ from hypothesis import assume, given, strategies as st
 from sparsecc.codegen.activation_sparse import ACTIVATIONS, GemvConfig
 from tests.codegen.test_ffn_kernels import FEW, KERNEL_DTYPES, assert_close_scaled, gap_tau, pick_tau
 from tests.codegen.test_threshold_ffn import (as_dtype, counters_at_zero, expected, expected_weighted, make_ffn,
-                                              norms32, spread_columns)
+                                              norms32, spread_columns, weighted_taus)
 from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
 gpu = pytest.mark.gpu
@@ -46,13 +46,7 @@ def test_interp_one_launch_is_the_two_launches_bit_for_bit(interpreter, d, f, d_
     scales = {}
     if weighted:
         scales = dict(scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
-        x64 = x.double()
-        tau_input = gap_tau(torch.cat([x64.abs() * wg.double().norm(dim=0), x64.abs() * wu.double().norm(dim=0)]),
-                            sparsity_in)
-        assume(tau_input is not None)
-        _, h, _, _, _ = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, -1.0)
-        tau_down = pick_tau(h.abs() * wd.double().norm(dim=0), sparsity_h, dtype)
-        assume(tau_down is not None)
+        tau_input, tau_down = weighted_taus(x, wg, bg, wu, bu, wd, bd, act, sparsity_in, sparsity_h, dtype)
         ref, _, keep_g, keep_u, keep_h = expected_weighted(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down)
         input_applied = not bool((keep_g & keep_u).all()) and bool((keep_g | keep_u).any())
     else:
