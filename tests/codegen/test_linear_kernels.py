@@ -280,6 +280,39 @@ def test_threshold_linear_weighted_reads_only_surviving_rows(m, compact, per_tok
 
 
 @interpreter
+@pytest.mark.parametrize("rows", [2048, 4096])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dot", [False, True])
+def test_threshold_linear_lists_survivors_of_long_splits(rows, weighted, dot):
+    """One token over splits of 2048 and 4096 channels (K = 2600: a split's list spans several 1024-channel
+    pieces, the last one cut by K): the survivors of every piece, and only they, are read, in any piece.
+
+    Dropped channels have NaN rows; a kept channel in each piece and a dropped one at the last channel check that
+    the list runs over every piece and stops at K.
+    """
+    gen = torch.Generator().manual_seed(5 + rows + 2 * weighted + dot)
+    n, k = 16, 2600
+    x = randn(gen, 1, k, dtype=torch.float32)
+    x = x.sign() * (x.abs() + 0.2)                     # every |x| above 0.2 ...
+    dropped = torch.rand(k, generator=gen) < 0.6
+    dropped[[5, 1030, 2100]] = False                   # ... a survivor in each 1024-channel piece
+    dropped[k - 1] = True
+    x[:, dropped] *= 0.01                              # ... dropped channels far below tau
+    w = randn(gen, n, k, dtype=torch.float32)
+    scale = torch.ones(k) if weighted else None
+    tau = 0.1
+    keep = x.abs() > tau
+    assert torch.equal(keep[0], ~dropped)
+    ref = (x.double() * keep) @ w.double().T
+    w_bad = w.clone()
+    w_bad[:, dropped] = float("nan")
+    cfg = GemvConfig(BLOCK_N=16, BLOCK_K=128, ROWS_PER_SPLIT=rows, num_warps=4, DOT=dot)
+    y = threshold_linear(x, w_bad.t().contiguous().t(), None, tau, config=cfg, out=poisoned(1, n, torch.float32),
+                         channel_scale=scale)
+    assert_matches(y, ref, torch.float32)
+
+
+@interpreter
 def test_threshold_linear_weighted_score_at_tau_is_dropped():
     """The comparison is strict: a channel whose float32 score equals tau is dropped."""
     x = torch.tensor([[0.5, -1.0, 0.75, 0.25]], dtype=torch.float32)
