@@ -313,6 +313,42 @@ def test_threshold_linear_lists_survivors_of_long_splits(rows, weighted, dot):
 
 
 @interpreter
+@pytest.mark.parametrize("program", ["lanes", "dot", "per token"])
+@pytest.mark.parametrize("k", [16 * 16, 16 * 37 + 5])
+def test_threshold_linear_merges_many_splits(program, k, monkeypatch):
+    """One row per program over 16 and 38 K splits of 16 channels (one and three loads of up to 16 partials in the
+    merge, the last load partly past the splits), bias included, against float64; the partial buffer is poisoned
+    beyond the splits, so a merge that read past them would return NaN."""
+    m = 3 if program == "per token" else 1
+    gen = torch.Generator().manual_seed(k)
+    n = 40
+    x = randn(gen, m, k, dtype=torch.float32)
+    w = randn(gen, n, k, dtype=torch.float32)
+    bias = randn(gen, n, dtype=torch.float32)
+    tau = 0.5
+    keep = x.abs() > tau
+    assert 0 < int(keep.sum()) < keep.numel()
+    cfg = GemvConfig(BLOCK_N=32, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, DOT=program == "dot",
+                     PER_TOKEN=program == "per token")
+    splits = -(-k // 16)
+    real_empty = torch.empty
+    poisoned_partials = []
+
+    def empty(*shape, **kw):   # the launch's float32 partials: allocated with room past the splits, all NaN
+        if kw.get("dtype") == torch.float32 and tuple(shape[:1]) == (splits,):
+            buf = torch.full((splits + 16, *shape[1:]), float("nan"), dtype=torch.float32)
+            poisoned_partials.append(buf)
+            return buf[:splits]
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    y = threshold_linear(x, w.t().contiguous().t(), bias, tau, config=cfg, out=poisoned(m, n, torch.float32))
+    monkeypatch.undo()
+    assert poisoned_partials, "the launch merged no K splits"
+    assert_matches(y, (x.double() * keep) @ w.double().T + bias.double(), torch.float32)
+
+
+@interpreter
 def test_threshold_linear_weighted_score_at_tau_is_dropped():
     """The comparison is strict: a channel whose float32 score equals tau is dropped."""
     x = torch.tensor([[0.5, -1.0, 0.75, 0.25]], dtype=torch.float32)
