@@ -107,9 +107,8 @@ def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_u
 #     per-lane products into a [BLOCK_K, BLOCK_N] float32 tile summed once at the end.
 # With several K splits each program writes a float32 partial to partial[split, m, n-tile], then
 # takes a ticket from its (token, n tile)'s counter (launch.ticket_counters); the program that draws
-# the last ticket sums the partials with the bias (one row: up to 16 splits' partials per load, summed as one
-# tile; several rows: one split after another), casts once, stores y and resets the counter: one launch, no
-# bfloat16 atomics, and the sum's order is fixed by the split indices (deterministic). With one
+# the last ticket sums the partials in split order with the bias, casts once, stores y and resets the
+# counter: one launch, no bfloat16 atomics, and the sum's order is fixed (deterministic). With one
 # split (ROWS_PER_SPLIT >= K) the kernel adds the bias and stores y directly.
 #
 # Layout: the kernel reads Wt [K, N] through W's strides; a weight whose stride(0) is 1 (the view
@@ -397,24 +396,10 @@ def _gemv_program(x_ptr, wt_ptr, partial_ptr, scratch_ptr, bias_ptr, y_ptr, coun
         counter = counters_ptr + token * n_tiles + pid_n
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == n_splits - 1:
-            # The sum's order is fixed by the split indices, not by which program came last: deterministic.
-            if BLOCK_M == 1 or ONE_TOKEN:
-                # One row: MERGE_SPLITS partials per load, one round trip for up to that many splits, where a
-                # load per split would wait for each in turn at the end of the launch.
-                MERGE_SPLITS: tl.constexpr = 16  # noqa: F821
-                offs_s = tl.arange(0, MERGE_SPLITS)
-                row_total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for s0 in range(0, n_splits, MERGE_SPLITS):
-                    parts = s0 + offs_s
-                    row_total += tl.sum(tl.load(partial_ptr + (parts[:, None] * M + token) * N + offs_n[None, :],
-                                                mask=(parts < n_splits)[:, None] & n_mask[None, :], other=0.0,
-                                                cache_modifier=".cg"), axis=0)
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + row_total[None, :]
-            else:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(n_splits):
-                    total += tl.load(partial_ptr + (s * M + rows[:, None]) * N + offs_n[None, :], mask=out_mask,
-                                     other=0.0, cache_modifier=".cg")
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(n_splits):   # split order: the sum does not depend on which program came last
+                total += tl.load(partial_ptr + (s * M + rows[:, None]) * N + offs_n[None, :], mask=out_mask,
+                                 other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + rows[:, None] * N + offs_n[None, :], total.to(y_ptr.dtype.element_ty), mask=out_mask)

@@ -316,9 +316,8 @@ def test_threshold_linear_lists_survivors_of_long_splits(rows, weighted, dot):
 @pytest.mark.parametrize("program", ["lanes", "dot", "per token"])
 @pytest.mark.parametrize("k", [16 * 16, 16 * 37 + 5])
 def test_threshold_linear_merges_many_splits(program, k, monkeypatch):
-    """One row per program over 16 and 38 K splits of 16 channels (one and three loads of up to 16 partials in the
-    merge, the last load partly past the splits), bias included, against float64; the partial buffer is poisoned
-    beyond the splits, so a merge that read past them would return NaN."""
+    """One row per program over 16 and 38 K splits of 16 channels, merged by the last ticket with the bias, against
+    float64; the partial buffer is poisoned beyond the splits, so a merge that read past them would return NaN."""
     m = 3 if program == "per token" else 1
     gen = torch.Generator().manual_seed(k)
     n = 40
