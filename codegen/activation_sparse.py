@@ -230,7 +230,8 @@ def _list_survivors(x_ptr, stride_xm, stride_xk, M, K, k0, tau, slot, scale_ptr,
     if BLOCK_M == 1:
         # One token ranks its channels as a [LIST_ROWS, LIST_CHUNK] tile of at most 1024-channel rows: a scan along
         # each row, then one over the rows' counts. Listing 4096 channels this way took 0.8 us less per launch than
-        # one scan over the whole vector on an H100, 2048 channels 0.4 us less (bench/RESULTS.md, "Listing the
+        # one scan over the whole vector on an H100, 2048 channels 0.4 us less; from 8192 channels at half kept the
+        # pieces were slower, but only a hand-set GemvConfig splits that long (bench/RESULTS.md, "Listing the
         # survivors").
         LIST_ROWS: tl.constexpr = (ROWS_PER_SPLIT + 1023) // 1024  # noqa: F821
         LIST_CHUNK: tl.constexpr = ROWS_PER_SPLIT // LIST_ROWS  # noqa: F821

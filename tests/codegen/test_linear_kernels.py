@@ -283,12 +283,13 @@ def test_threshold_linear_weighted_reads_only_surviving_rows(m, compact, per_tok
 @pytest.mark.parametrize("rows", [2048, 4096])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dot", [False, True])
-def test_threshold_linear_lists_survivors_of_long_splits(rows, weighted, dot):
+@pytest.mark.parametrize("tau", [0.1, -1.0])
+def test_threshold_linear_lists_survivors_of_long_splits(rows, weighted, dot, tau):
     """One token over splits of 2048 and 4096 channels (K = 2600: a split's list spans several 1024-channel
-    pieces, the last one cut by K): the survivors of every piece, and only they, are read, in any piece.
+    pieces, the last one cut by K): the survivors of every piece, and only they, are read.
 
-    Dropped channels have NaN rows; a kept channel in each piece and a dropped one at the last channel check that
-    the list runs over every piece and stops at K.
+    tau = 0.1 drops channels in every piece (their rows are NaN) and keeps a channel in each; tau = -1 keeps every
+    channel, so a list that ran past K would read the NaN rows stored past the weight's end.
     """
     gen = torch.Generator().manual_seed(5 + rows + 2 * weighted + dot)
     n, k = 16, 2600
@@ -296,19 +297,19 @@ def test_threshold_linear_lists_survivors_of_long_splits(rows, weighted, dot):
     x = x.sign() * (x.abs() + 0.2)                     # every |x| above 0.2 ...
     dropped = torch.rand(k, generator=gen) < 0.6
     dropped[[5, 1030, 2100]] = False                   # ... a survivor in each 1024-channel piece
-    dropped[k - 1] = True
-    x[:, dropped] *= 0.01                              # ... dropped channels far below tau
+    x[:, dropped] *= 0.01                              # ... dropped channels far below tau = 0.1
     w = randn(gen, n, k, dtype=torch.float32)
     scale = torch.ones(k) if weighted else None
-    tau = 0.1
     keep = x.abs() > tau
-    assert torch.equal(keep[0], ~dropped)
+    assert torch.equal(keep[0], ~dropped if tau > 0 else torch.ones(k, dtype=torch.bool))
     ref = (x.double() * keep) @ w.double().T
-    w_bad = w.clone()
-    w_bad[:, dropped] = float("nan")
+    # K-major storage with NaN rows past K; dropped channels' rows NaN too.
+    storage = torch.full((k + 2048, n), float("nan"))
+    storage[:k] = w.t()
+    storage[:k][~keep[0]] = float("nan")
+    w_in = storage[:k].t()
     cfg = GemvConfig(BLOCK_N=16, BLOCK_K=128, ROWS_PER_SPLIT=rows, num_warps=4, DOT=dot)
-    y = threshold_linear(x, w_bad.t().contiguous().t(), None, tau, config=cfg, out=poisoned(1, n, torch.float32),
-                         channel_scale=scale)
+    y = threshold_linear(x, w_in, None, tau, config=cfg, out=poisoned(1, n, torch.float32), channel_scale=scale)
     assert_matches(y, ref, torch.float32)
 
 

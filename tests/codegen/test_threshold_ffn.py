@@ -269,6 +269,34 @@ def test_interp_weighted_reads_each_projections_own_rows(interpreter, m, compact
     assert_close_scaled(y, ref, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dot", [False, True])
+def test_interp_weighted_lists_each_projections_rows_over_long_splits(interpreter, dot):
+    """One token, D = 2600 over stage 1's 4096-channel split (a list of several 1024-channel pieces, the last cut by
+    D): in every piece a channel the gate drops but up keeps, and the other way round, has a NaN row in the dropping
+    weight only, so the list's per-projection bits must be right in every piece."""
+    from sparsecc.codegen.threshold_ffn import threshold_ffn
+    gen = torch.Generator().manual_seed(61 + dot)
+    d = 2600
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 1, d, 32, 16, True, torch.float32)
+    x = x.sign() * (x.abs() + 0.5)                   # every |x| above 0.5
+    gate_light = torch.arange(d) % 5 == 0
+    up_light = torch.arange(d) % 5 == 1
+    wg[:, gate_light] *= 1e-3
+    wu[:, up_light] *= 1e-3
+    tau_input, tau_down = 0.01, 1e-6
+    ref, h, keep_g, keep_u, keep_h = expected_weighted(x, wg, bg, wu, bu, wd, bd, "silu", tau_input, tau_down)
+    assert not bool(keep_g[:, gate_light].any()) and bool(keep_u[:, gate_light].all())
+    assert not bool(keep_u[:, up_light].any()) and bool(keep_g[:, up_light].all())
+    wg_bad, wu_bad = wg.clone(), wu.clone()
+    wg_bad[:, gate_light] = float("nan")
+    wu_bad[:, up_light] = float("nan")
+    cfg = GemvConfig(BLOCK_N=16, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4, DOT=dot)
+    down = GemvConfig(BLOCK_N=16, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4, DOT=dot)
+    y = threshold_ffn(x, wg_bad, bg, wu_bad, bu, wd, bd, "silu", tau_input, tau_down, config=cfg, down_config=down,
+                      scale_gate=norms32(wg), scale_up=norms32(wu), scale_down=norms32(wd))
+    assert_close_scaled(y, ref, torch.float32)
+
+
 @pytest.mark.parametrize("m", [1, 5])
 def test_interp_default_configs_and_k_major_weights(interpreter, m):
     """Default launch knobs, weights given as .t() views of K-major buffers (as the compiler binds them)."""
