@@ -1,6 +1,6 @@
 """What the GPU's memory system gives a kernel: L2 and HBM read bandwidth and the launch gap in a CUDA graph.
 
-    python bench/memory_probe.py [--probes read,launch,bsr,gather] [--json out.json]
+    python bench/memory_probe.py [--probes read,launch,bsr,gather,list] [--json out.json]
 
 What plain Triton loads get from the memory system, beside the block-sparse linear kernel's traffic in the same run
 (bench/RESULTS.md compares them):
@@ -18,6 +18,10 @@ What plain Triton loads get from the memory system, beside the block-sparse line
   list is) or the first rows (contiguous); each program reads ``width``-element segments of the kept rows (128 B to
   2 KB: the FFN's stage 1 reads 64 or 128 columns of a row per program) and sums them. Timed in CUDA graphs over
   ``GATHER_COPIES`` copies (beyond the L2), best of two pipelining depths; bytes of kept segments / time.
+* **survivor listing**: what one launch of ``LIST_PROGRAMS`` programs costs when each lists the survivors of a
+  one-token split (``|x| > tau`` over 2048 or 4096 channels, 10% or 50% kept) and nothing else, with the shipped
+  helper (``activation_sparse._list_survivors``: 1024-channel pieces) and with one scan over the split (the listing
+  before 66d7dc2), beside an empty launch; CUDA graphs of 30 launches.
 
 Every figure is a median of ``do_bench`` or of graph replays; nothing here is asserted.
 """
@@ -37,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from linear import bench_graph  # noqa: E402 - the repo's graph timing (calls cycle over weight copies)
+
+from sparsecc.codegen import activation_sparse as gemv  # noqa: E402 - the shipped survivor listing
 
 LAUNCHES = 64
 L2_SIZES_MB = (8, 16, 32)
@@ -74,6 +80,33 @@ def _gather_kernel(src, rows, out, n_rows, rows_per_split, stride, BLOCK_N: tl.c
         acc += tl.load(src + idx[:, None].to(tl.int64) * stride + offs_n[None, :], mask=live[:, None],
                        other=0.0).to(tl.float32)
     tl.store(out + (split * tl.num_programs(0) + pid_n) * BLOCK_N + tl.arange(0, BLOCK_N), tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _list_shipped_kernel(x, slot, counts, K, tau, ROWS: tl.constexpr):
+    """Each program lists the channels of x[:K] with ``|x| > tau`` into its own slot with the shipped one-token
+    helper (bound by :func:`bind_listing` first) and stores their count."""
+    pid = tl.program_id(0)
+    count = gemv._list_survivors(x, 0, 1, 1, K, 0, tau, slot + pid * ROWS, x, x, 1, ROWS, 0, "")
+    tl.store(counts + pid, count)
+
+
+@triton.jit
+def _list_one_scan_kernel(x, slot, counts, K, tau, ROWS: tl.constexpr):
+    """The same list ranked with one scan over the whole split (one token's listing before 66d7dc2)."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, ROWS)
+    keep = (tl.abs(tl.load(x + offs, mask=offs < K, other=0.0).to(tl.float32)) > tau) & (offs < K)
+    rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(slot + pid * ROWS + rank, offs, mask=keep)
+    tl.debug_barrier()
+    tl.store(counts + pid, tl.sum(keep.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _noop_kernel(x):
+    """Does nothing: the launch alone."""
+    pass
 
 
 @triton.jit
@@ -211,15 +244,47 @@ def gather_bandwidth(fraction: float, contiguous: bool, width: int, copies, sms:
     return best
 
 
+LIST_PROGRAMS = 224   # the one-token FFN's stage-1 grid at Llama-3-8B shapes (14336 / 64 tiles)
+LIST_SPLITS = (2048, 4096)
+
+
+def bind_listing() -> None:
+    """JIT the GEMV module's helpers, so that ``_list_shipped_kernel`` calls the compiled ``_list_survivors``."""
+    from sparsecc.codegen.epilogue import bind_triton
+    bind_triton(vars(gemv), gemv._KERNELS)
+
+
+def listing_cost(rows: int, kept: float) -> dict:
+    """us per launch of each listing kernel over ``rows`` channels keeping ``kept`` of them, and of an empty
+    launch; every list checked against ``torch.nonzero`` first."""
+    bind_listing()
+    xs = [torch.randn(rows, device="cuda", dtype=torch.float16) for _ in range(3)]
+    tau = float(xs[0].float().abs().quantile(1 - kept))
+    slot = torch.empty(LIST_PROGRAMS * rows, device="cuda", dtype=torch.int32)
+    counts = torch.empty(LIST_PROGRAMS, device="cuda", dtype=torch.int32)
+    expected = torch.nonzero(xs[0].float().abs() > tau).flatten().to(torch.int32)
+    out = {"channels": rows, "kept": kept}
+    for name, kernel in (("pieces", _list_shipped_kernel), ("one_scan", _list_one_scan_kernel)):
+        kernel[(LIST_PROGRAMS,)](xs[0], slot, counts, rows, tau, ROWS=rows, num_warps=4)
+        got = slot.view(LIST_PROGRAMS, rows)[:, :expected.numel()]
+        if not (bool((counts == expected.numel()).all()) and bool((got == expected[None, :]).all())):
+            raise SystemExit(f"listing probe: {name} listed other channels than torch.nonzero ({rows} channels)")
+        out[f"{name}_us"] = 1e3 * bench_graph([lambda x=x, k=kernel: k[(LIST_PROGRAMS,)](x, slot, counts, rows, tau,
+                                                                                          ROWS=rows, num_warps=4)
+                                               for x in xs], rounds=10)
+    out["empty_us"] = 1e3 * bench_graph([lambda x=x: _noop_kernel[(LIST_PROGRAMS,)](x) for x in xs], rounds=10)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write every figure here")
-    p.add_argument("--probes", default="read,launch,bsr,gather", help="which probes to run, comma-separated")
+    p.add_argument("--probes", default="read,launch,bsr,gather,list", help="which probes to run, comma-separated")
     args = p.parse_args(argv)
     probes = [x for x in args.probes.split(",") if x]
     for x in probes:
-        if x not in ("read", "launch", "bsr", "gather"):
-            p.error(f"--probes: {x!r} is not allowed; expected read, launch, bsr or gather")
+        if x not in ("read", "launch", "bsr", "gather", "list"):
+            p.error(f"--probes: {x!r} is not allowed; expected read, launch, bsr, gather or list")
     if not torch.cuda.is_available():
         print("memory_probe: needs CUDA; nothing measured")
         return 0
@@ -237,6 +302,8 @@ def main(argv=None) -> int:
         result["gather"] = [gather_bandwidth(f, c, w, copies, sms) for f in (0.1, 0.3) for c in (False, True)
                             for w in GATHER_WIDTHS]
         del copies
+    if "list" in probes:
+        result["list"] = [listing_cost(rows, kept) for rows in LIST_SPLITS for kept in (0.1, 0.5)]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}")
@@ -253,6 +320,9 @@ def main(argv=None) -> int:
         print(f"gather {r['fraction']:.0%} of rows, {'contiguous' if r['contiguous'] else 'random   '}, "
               f"{r['bytes_per_segment']:>4} B segments: {r['TB/s']:.2f} TB/s ({r['us']:.1f} us, {r['programs']} programs, "
               f"{r['stages']} stages)")
+    for r in result.get("list", []):
+        print(f"list {r['channels']} channels, {r['kept']:.0%} kept, {LIST_PROGRAMS} programs: pieces "
+              f"{r['pieces_us']:.2f} us, one scan {r['one_scan_us']:.2f} us, empty launch {r['empty_us']:.2f} us")
     return 0
 
 

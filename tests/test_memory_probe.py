@@ -64,3 +64,26 @@ def test_interp_gather_kernel_sums_each_splits_listed_segments(interpreter, k, n
         share = rows[s * per_split:(s + 1) * per_split].long()
         expected[s] = src.double()[share].sum(0).view(tiles, width)
     torch.testing.assert_close(out.view(splits, tiles, width).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows, k, tau", [(2048, 2048, 1.0), (2048, 1500, 0.3), (256, 200, 1.2)])
+def test_interp_listing_kernels_list_exactly_the_survivors(interpreter, rows, k, tau):
+    """Both listing kernels of the probe (the shipped helper, in 1024-channel pieces, and one scan over the split)
+    write, in every program's slot, the channels of x[:k] with |x| > tau in channel order, and their count."""
+    import memory_probe
+    memory_probe.bind_listing()
+    gen = torch.Generator().manual_seed(rows + k)
+    x = torch.randn(rows, generator=gen).to(torch.float16)
+    x[k - 1] = 3.0                                   # a survivor at the last channel inside k ...
+    if k < rows:
+        x[k:] = 5.0                                  # ... and large values past it, which must not be listed
+    expected = torch.nonzero(x[:k].float().abs() > tau).flatten()
+    assert 0 < expected.numel() < k
+    programs = 3
+    for kernel in (memory_probe._list_shipped_kernel, memory_probe._list_one_scan_kernel):
+        slot = torch.full((programs * rows,), -1, dtype=torch.int32)
+        counts = torch.full((programs,), -1, dtype=torch.int32)
+        kernel[(programs,)](x, slot, counts, k, tau, ROWS=rows)
+        assert counts.tolist() == [expected.numel()] * programs
+        for p in range(programs):
+            assert torch.equal(slot[p * rows:p * rows + expected.numel()].long(), expected)
