@@ -1,12 +1,13 @@
 """One-token input-mode FFN: stage-1 launch knobs against the default, timed in alternating rounds.
 
-    python bench/ffn_stage1.py [--configs 128x128x8,256x64x8x1024] [--weighted-configs 64x128x4]
+    python bench/ffn_stage1.py [--configs 128x128x8,256x64x8x1024,64x128x4s4] [--weighted-configs 64x128x4]
                                [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16] [--rounds 5] [--json out.json]
 
 Workload as bench/ffn_input.py (Llama-3-8B gated FFN, D 4096 -> F 14336 -> D, SiLU, one token, thresholds at the
 given share of |x| and |h|). A config ``NxKxW`` is stage 1 on tensor cores (``GemvConfig(BLOCK_N=N, BLOCK_K=K,
 ROWS_PER_SPLIT=4096, num_warps=W, DOT=True)``) with the default down GEMV; ``NxKxWxR`` splits D into R-channel
-splits (merged by ticket in the same launch), so that wide N tiles still make enough programs. Columns:
+splits (merged by ticket in the same launch), so that wide N tiles still make enough programs; a suffix ``sS``
+(``64x128x4s4``) sets S pipelining stages (3 otherwise). Columns:
 
 * **default**: ``threshold_ffn`` with no knobs (``default_threshold_ffn_config``);
 * each ``--configs`` entry with the magnitude criterion;
@@ -45,20 +46,24 @@ from sparsecc.passes.ffn import column_norms  # noqa: E402
 
 def parse_config(text: str) -> GemvConfig:
     """``NxKxW`` -> stage 1 on tensor cores with BLOCK_N=N, BLOCK_K=K, W warps, D unsplit up to 4096;
-    ``NxKxWxR``: the same over R-channel splits of D.
+    ``NxKxWxR``: the same over R-channel splits of D; either with a suffix ``sS``: S pipelining stages (Triton's
+    ``num_stages``; 3 when not given).
 
     Raises ``ValueError`` naming the entry and the allowed form for anything else.
     """
     try:
-        fields = [int(v) for v in text.split("x")]
+        shape, suffix, stages = text.partition("s")
+        fields = [int(v) for v in shape.split("x")]
         if len(fields) not in (3, 4):
             raise ValueError(f"{len(fields)} fields")
         n, k, w, rows = fields if len(fields) == 4 else fields + [4096]
-        return GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=rows, num_warps=w, DOT=True)
+        return GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=rows, num_warps=w, DOT=True,
+                          STAGES=int(stages) if suffix else 3)
     except ValueError as exc:
         raise ValueError(f"config {text!r} is not allowed: expected NxKxW or NxKxWxR with N, K and R powers of two, "
-                         f"N and K at least 16, R a multiple of K (4096 when not given), W warps (e.g. 64x128x4, "
-                         f"256x64x8x1024) ({exc})") from None
+                         f"N and K at least 16, R a multiple of K (4096 when not given), W warps, optionally "
+                         f"followed by sS, S >= 1 pipelining stages (e.g. 64x128x4, 256x64x8x1024, 64x128x4s4) "
+                         f"({exc})") from None
 
 
 def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, rounds: int, gen) -> dict:

@@ -22,8 +22,14 @@ def test_a_fourth_field_splits_d_into_that_many_channels():
     assert (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps, cfg.ROWS_PER_SPLIT, cfg.DOT) == (256, 64, 8, 1024, True)
 
 
+@pytest.mark.parametrize("text, stages", [("64x128x4s4", 4), ("256x64x8x1024s2", 2), ("64x128x4", 3)])
+def test_a_suffix_sets_the_pipelining_stages(text, stages):
+    assert ffn_stage1.parse_config(text).STAGES == stages
+
+
 @pytest.mark.parametrize("text", ["64x100x4", "8x128x4", "64x8192x4", "64x128", "abc", "64x128x4x100",
-                                  "64x128x4x64", "64x128x4x1024x2"])
+                                  "64x128x4x64", "64x128x4x1024x2", "64x128x4s0", "64x128x4s", "64x128x4sx",
+                                  "64x128s4x4"])
 def test_a_malformed_config_names_itself_and_the_allowed_form(text):
     with pytest.raises(ValueError, match=rf"config '{text}' is not allowed: expected NxKxW or NxKxWxR"):
         ffn_stage1.parse_config(text)
