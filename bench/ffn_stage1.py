@@ -105,7 +105,8 @@ def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, round
 
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="128x128x8", help="stage-1 knobs NxKxW, comma-separated (may be empty)")
+    ap.add_argument("--configs", default="128x128x8",
+                    help="stage-1 knobs NxKxW[xR][sS], comma-separated (may be empty)")
     ap.add_argument("--weighted-configs", default="64x128x4", help="the same for the weighted criterion")
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--dtypes", default="float16,bfloat16")
@@ -158,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         us = r["us"]
         print(f"| {r['dtype']} | {r['sparsity']:.0%} | {us['dense']:.1f} | " +
               " | ".join(f"{us[n]:.2f}" for n in names) + " | " +
-              " | ".join(f"{us['dense'] / us[n]:.2f}" for n in names if not n.startswith("weighted")) + " |")
+              " | ".join(f"{us['dense'] / us[n]:.2f}" for n in ratios) + " |")
 
 
 if __name__ == "__main__":
