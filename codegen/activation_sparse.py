@@ -1,4 +1,4 @@
-"""Activation sparsity: thresholded projection inputs (TEAL) and gate-sparse FFNs (CATS).
+"""Activation sparsity: thresholded projection inputs (TEAL), and the split-K GEMV the FFN kernels share.
 
 Layout of this file: module notes, then the reference section, then the Triton kernels (bound
 lazily by ``epilogue.bind_triton``, so importing this module never imports Triton).
@@ -23,7 +23,7 @@ from sparsecc.activations import ACTIVATION_TABLE
 from sparsecc.codegen.epilogue import bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, tracing
 
-__all__ = ["ACTIVATIONS", "threshold_linear_ref", "gate_sparse_ffn_ref", "threshold_linear", "GemvConfig",
+__all__ = ["ACTIVATIONS", "threshold_linear_ref", "threshold_linear", "GemvConfig",
            "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows", "GemvBuffers",
            "gemv_block_m", "gemv_buffers", "gemv_grid", "gemv_ticket_count", "zeroed_upstream_counters"]
 
@@ -51,41 +51,6 @@ def threshold_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau:
         return F.linear(_threshold(x, tau), weight, bias)
     keep = (x.abs().float() * channel_scale.float()) > tau
     return F.linear(x * keep.to(x.dtype), weight, bias)
-
-
-def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Optional[Tensor],
-                        b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], *, act: str,
-                        tau: float) -> Tensor:
-    """Reference FFN whose up/down projections run only for the surviving neurons.
-
-    * gated (``w_up`` given): ``a = act(x Wgᵀ + bg)``, ``h = (a * (|a| > tau)) * (x Wuᵀ + bu)``,
-      ``y = h Wdᵀ + bd``;
-    * plain (``w_up`` is None): ``a = act(x W1ᵀ + b1)`` (``w_gate`` is W1), ``h = a * (|a| > tau)``,
-      ``y = h W2ᵀ + b2`` (``w_down`` is W2).
-
-    A neuron survives when it passes the threshold for at least one token; only
-    those rows of ``w_up`` and columns of ``w_down`` are gathered and multiplied.
-    Tokens for which a surviving neuron failed the threshold still get zero
-    there, so the result equals the dense formula; the cost follows the union of
-    survivors (exactly the survivors for a single decode token). A NaN activation
-    survives: the formula's ``a * (|a| > tau)`` is NaN there (NaN * 0), so its
-    neuron must be gathered for the NaN to reach the output.
-    """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
-    if b_up is not None and w_up is None:
-        raise ValueError("b_up is given without w_up")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    a = ACTIVATIONS[act](F.linear(x2, w_gate, b_gate))
-    keep = a.abs() > tau
-    active = (keep | a.isnan()).any(0).nonzero().squeeze(-1)
-    h = a[:, active] * keep[:, active].to(a.dtype)
-    if w_up is not None:
-        up = F.linear(x2, w_up[active], None if b_up is None else b_up[active])
-        h = h * up
-    y = F.linear(h, w_down[:, active], b_down)
-    return y.reshape(*lead, w_down.shape[0])
 
 
 # ============================================================== Triton kernels: input mode (TEAL)

@@ -1,7 +1,6 @@
 """Gate-mode activation sparsity (CATS): a decode FFN that runs up/down only for surviving neurons.
 
-Layout of this file: module notes, the reference (re-exported from ``activation_sparse``, where
-the op's semantics live), then configs, the Triton kernel (bound lazily by
+Layout of this file: module notes, the reference, then configs, the Triton kernel (bound lazily by
 ``epilogue.bind_triton``, so importing this module never imports Triton) and the wrapper.
 
 Semantics (``gate_sparse_ffn_ref``): ``a = act(x Wgᵀ + bg)``; neuron j is kept for token m iff
@@ -44,11 +43,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, default_gemv_config,
-                                                gate_sparse_ffn_ref, threshold_linear, zeroed_upstream_counters)
+                                                threshold_linear, zeroed_upstream_counters)
 from sparsecc.codegen.epilogue import activation_switch, bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype
 
@@ -56,6 +56,44 @@ __all__ = ["gate_sparse_ffn", "gate_sparse_ffn_ref", "GateConfig", "DEFAULT_GATE
            "DEFAULT_GATE_CONFIG_TOKENS", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ============================================================== reference
+
+
+def gate_sparse_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Optional[Tensor],
+                        b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], *, act: str,
+                        tau: float) -> Tensor:
+    """Reference FFN whose up/down projections run only for the surviving neurons.
+
+    * gated (``w_up`` given): ``a = act(x Wgᵀ + bg)``, ``h = (a * (|a| > tau)) * (x Wuᵀ + bu)``,
+      ``y = h Wdᵀ + bd``;
+    * plain (``w_up`` is None): ``a = act(x W1ᵀ + b1)`` (``w_gate`` is W1), ``h = a * (|a| > tau)``,
+      ``y = h W2ᵀ + b2`` (``w_down`` is W2).
+
+    A neuron survives when it passes the threshold for at least one token; only
+    those rows of ``w_up`` and columns of ``w_down`` are gathered and multiplied.
+    Tokens for which a surviving neuron failed the threshold still get zero
+    there, so the result equals the dense formula; the cost follows the union of
+    survivors (exactly the survivors for a single decode token). A NaN activation
+    survives: the formula's ``a * (|a| > tau)`` is NaN there (NaN * 0), so its
+    neuron must be gathered for the NaN to reach the output.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act={act!r} is not allowed; expected one of {sorted(ACTIVATIONS)}")
+    if b_up is not None and w_up is None:
+        raise ValueError("b_up is given without w_up")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    a = ACTIVATIONS[act](F.linear(x2, w_gate, b_gate))
+    keep = a.abs() > tau
+    active = (keep | a.isnan()).any(0).nonzero().squeeze(-1)
+    h = a[:, active] * keep[:, active].to(a.dtype)
+    if w_up is not None:
+        up = F.linear(x2, w_up[active], None if b_up is None else b_up[active])
+        h = h * up
+    y = F.linear(h, w_down[:, active], b_down)
+    return y.reshape(*lead, w_down.shape[0])
 
 
 @dataclass(frozen=True)

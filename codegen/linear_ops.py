@@ -98,7 +98,7 @@ def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torc
                     w_up: Optional[torch.Tensor], b_up: Optional[torch.Tensor], w_down: torch.Tensor,
                     b_down: Optional[torch.Tensor], act: str, tau: float, impl: str = "auto") -> torch.Tensor:
     """FFN with thresholded gate activations (CATS); ``w_up`` None for a plain FFN."""
-    from sparsecc.codegen.activation_sparse import gate_sparse_ffn_ref
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn_ref
 
     def reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau):
         return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
@@ -180,7 +180,7 @@ def _threshold_ffn_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act,
 
 
 def _gate_sparse_ffn_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act, tau, impl="reference"):
-    from sparsecc.codegen.activation_sparse import gate_sparse_ffn_ref
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn_ref
     return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
 
 

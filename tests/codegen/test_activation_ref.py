@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
-from sparsecc.codegen.activation_sparse import ACTIVATIONS, gate_sparse_ffn_ref, threshold_linear_ref
+from sparsecc.codegen.activation_sparse import ACTIVATIONS, threshold_linear_ref
+from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn_ref
 
 # max_examples comes from the profile in tests/conftest.py (ci: 20, deep: 2000).
 SETTINGS = settings(deadline=None)

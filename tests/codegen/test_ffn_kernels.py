@@ -14,7 +14,8 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
-from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, gate_sparse_ffn_ref
+from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig
+from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn_ref
 from sparsecc.weights import compress_2to4
 from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 

@@ -121,7 +121,7 @@ def test_interp_threshold_ffn_carries_a_nan_input(interpreter, m, weighted):
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_interp_gate_sparse_ffn_carries_a_nan_input(interpreter, m, gated):
-    from sparsecc.codegen.activation_sparse import gate_sparse_ffn_ref
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn_ref
     from sparsecc.codegen.gate_sparse_ffn import GateConfig, gate_sparse_ffn
 
     args, kwargs, expected = _gate_ffn_case(m, gated)
@@ -133,7 +133,8 @@ def test_interp_gate_sparse_ffn_carries_a_nan_input(interpreter, m, gated):
 @pytest.mark.parametrize("m", [1, 17])
 def test_the_references_carry_a_nan_input(m):
     """The CPU path (and kernels="reference") runs these references: the same answer as the formula."""
-    from sparsecc.codegen.activation_sparse import gate_sparse_ffn_ref, threshold_linear_ref
+    from sparsecc.codegen.activation_sparse import threshold_linear_ref
+    from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn_ref
     from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
 
     for weighted in (False, True):

@@ -64,7 +64,7 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
     views, larger ones the plain weight; after an in-place weight update the
     bound copy is refreshed, so the output never goes stale.
     """
-    from sparsecc.codegen import activation_sparse, ops
+    from sparsecc.codegen import activation_sparse, gate_sparse_ffn, ops
     from sparsecc.codegen.threshold_ffn import threshold_ffn_ref
 
     seen, fused, scales = [], [], []
@@ -76,7 +76,7 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
 
     def fake_ffn(x, wg, bg, wu, bu, wd, bd, act, tau):
         seen.append(wd.stride())
-        return activation_sparse.gate_sparse_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau=tau)
+        return gate_sparse_ffn.gate_sparse_ffn_ref(x, wg, bg, wu, bu, wd, bd, act=act, tau=tau)
 
     def fake_threshold_ffn(x, wg, bg, wu, bu, wd, bd, act, tau_input, tau_down, scale_gate=None, scale_up=None,
                            scale_down=None):
