@@ -82,6 +82,7 @@ def threshold_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], tau:
 # avoids it by binding a K-major copy at compile time and passing its ``.t()`` view.
 
 MAX_DECODE_TOKENS = 16  # above this, thresholding saves little weight traffic: dense F.linear on x̃
+"""Most tokens (rows of x) the thresholded GEMV kernels take; more run dense ``F.linear`` on x̃."""
 
 
 DOT_ROWS = 16  # tl.dot needs at least 16 rows: the union path pads M up to this (padded rows load nothing)
@@ -135,7 +136,7 @@ class GemvConfig:
 
 # One token (compacted): on tensor cores (DOT, the row padded to 16 rows, few registers per thread) with 128-wide N
 # tiles, 128 survivors per trip, 2048-channel splits, 4 warps. On an H100 (bench/RESULTS.md, "One token on tensor
-# cores") it beat the earlier per-lane tiles (64-wide N tiles, 4096-channel splits below 4096 channels, from the
+# cores") it beat the earlier per-lane tiles (64-wide N tiles, 4096-channel splits up to K = 4096, 2048 above, from the
 # sweeps of 3e5de2f and 7a8328c) by 0.7-4.4 us at 4096 -> 14336, 50-90%; at 14336 -> 4096 it was the best swept
 # shape or within 0.3 us of it, and made the one-token FFN faster as its down stage. The sweep's other DOT shapes
 # (1024-4096-channel splits, 64-256-wide tiles, 8 warps) were within noise or slower.

@@ -58,7 +58,7 @@ class DecodeConfig:
 
     ``block_n`` keys per K/V tile; ``num_warps``/``num_stages`` as Triton's; the split count is
     ``programs_per_sm * SMs // (B * Hkv)`` (at least 1, at most one split per ``MIN_BLOCKS_PER_SPLIT``
-    kept blocks) unless ``n_split`` fixes it.
+    kept blocks); ``n_split`` sets that count instead, with the same cap.
     """
 
     block_n: int = 64
@@ -71,8 +71,10 @@ class DecodeConfig:
 # The shipped launch shape for up to 16 packed rows and head dims up to 128 (bench/decode_kernel.py --sweep, H200, B=8,
 # Hkv=8, D=128: 128-key tiles, 4 warps, 3 stages, one program per SM; two splits per kv head at B=8).
 DEFAULT_CONFIG = DecodeConfig(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
+"""The decode kernel's launch shape for up to 16 packed rows and head dims up to 128."""
 # Wider row tiles or head dims: 64-key tiles, so the score tile and the shared-memory stages stay as large.
 WIDE_CONFIG = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
+"""The decode kernel's launch shape for more packed rows or wider heads."""
 # Under the interpreter: small tiles keep the tiny test shapes cheap and still cross tile borders.
 INTERPRETER_CONFIG = DecodeConfig(block_n=16, num_warps=4, num_stages=1)
 
@@ -408,7 +410,8 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     The split count then allows one more sink block (the padding need not end on a block edge), or every
     block in bidirectional attention.
     ``config`` overrides the launch shape (benchmarks and tests; the default is :data:`DEFAULT_CONFIG`, or
-    :data:`WIDE_CONFIG` for more than 16 packed rows or head dims over 128).
+    :data:`WIDE_CONFIG` for more than 16 packed rows or head dims over 128; :data:`INTERPRETER_CONFIG` under the
+    Triton interpreter).
     """
     from sparsecc.codegen.block_attention import mask_args
 

@@ -56,6 +56,7 @@ __all__ = ["gate_sparse_ffn", "gate_sparse_ffn_ref", "GateConfig", "DEFAULT_GATE
            "DEFAULT_GATE_CONFIG_TOKENS", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Dtypes the gate-mode FFN runs as a kernel; others (float64) run the reference."""
 
 
 # ============================================================== reference
@@ -121,8 +122,10 @@ class GateConfig:
 # 512-column chunks, a [16, 512] float32 accumulator tile, 2 warps), whose 128 partial sums per thread capped the
 # programs resident per SM.
 DEFAULT_GATE_CONFIG = GateConfig(BLOCK_F=2, BLOCK_D=4096, num_warps=4, REDUCE_CHUNKS=True)
+"""Gate-mode stage 1's launch knobs for one token."""
 # 2-16 tokens use tl.dot on a 16-row tile; 32 neurons per program keeps 448 programs at F = 14336.
 DEFAULT_GATE_CONFIG_TOKENS = GateConfig(BLOCK_F=32, BLOCK_D=128, num_warps=4)
+"""Gate-mode stage 1's launch knobs for 2-16 tokens."""
 
 
 # ============================================================== Triton kernel

@@ -62,6 +62,7 @@ __all__ = ["threshold_ffn", "threshold_ffn_ref", "default_threshold_ffn_config",
            "DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS", "KERNEL_DTYPES", "one_launch_refusal", "ONE_LAUNCH_BY_DEFAULT"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Dtypes ``threshold_ffn`` runs as a kernel; others (float64) run the reference."""
 
 
 # ============================================================== reference
@@ -108,9 +109,12 @@ def threshold_ffn_ref(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up:
 # builds that loop with 255 registers per thread and 1.9x the magnitude criterion's instructions), so its stage 1
 # keeps the same tile with per-lane products.
 DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLIT=4096, num_warps=4, DOT=True)
+"""Stage 1's launch knobs for one token (magnitude criterion)."""
 DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED = dataclasses.replace(DEFAULT_THRESHOLD_FFN_CONFIG, DOT=False)
+"""Stage 1's launch knobs for one token under the weighted criterion (per-lane products)."""
 # 2-16 tokens: the tl.dot union; not swept (the compiler plans the per-projection GEMVs there, see passes/ffn.py).
 DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
+"""Stage 1's launch knobs for 2-16 tokens (the ``tl.dot`` union)."""
 
 _rounded = _gate._rounded
 _list_survivors = _gemv._list_survivors
@@ -396,6 +400,7 @@ def default_threshold_ffn_config(tokens: int, weighted: bool = False) -> GemvCon
 # "One launch for the whole one-token FFN, timed"); with both stages on tensor cores (DOT) the best of 32 pairs was
 # still 0.5-2.9 us slower ("One token on tensor cores").
 ONE_LAUNCH_BY_DEFAULT = False
+"""Whether one token runs both stages in one launch when the caller does not say."""
 
 
 def one_launch_refusal(tokens: int, config: GemvConfig, down_config: GemvConfig, inner: int = 1,
