@@ -33,8 +33,13 @@ from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_mat
 
 _MAX_ACT_NODES = 16  # activations are short chains; longer ones are not an activation
 # The fused input-mode op is planned up to this many tokens: at 4 and 16 tokens the three per-projection GEMVs
-# (their tl.dot union path) measured 3-18% faster than it on the H200 (bench/ffn_input.py, bench/RESULTS.md).
-FUSED_FFN_MAX_TOKENS = 1
+# (their tl.dot union path) measured 3-18% faster than it on the H200; at 2 tokens the fused op took 2-17% less
+# time at 70-90% and was within 2% at 50% on an H100, while at 3-4 tokens it lost 1.6-4.8% at 50% (bench/ffn_input.py,
+# bench/RESULTS.md "Two tokens through the fused op").
+FUSED_FFN_MAX_TOKENS = 2
+# The weighted criterion's fused op is planned for one token only: at 2-4 tokens its stage 1 (the tl.dot union
+# with both projections' scores per trip) took 1.3-1.5x the per-projection GEMVs' time on an H100 (same bench).
+FUSED_FFN_MAX_TOKENS_WEIGHTED = 1
 
 
 @dataclass
@@ -350,8 +355,11 @@ def _threshold_ffn_refusal(site: Site, decision: Decision, ctx) -> Optional[str]
     if not _runs_decode_kernel(ctx, site, "threshold_ffn"):
         return "the decode kernels do not run here (reference kernels, no CUDA, or more than " \
                f"{MAX_DECODE_TOKENS} or symbolic tokens)"
-    if site.attrs["tokens"] > FUSED_FFN_MAX_TOKENS:
-        return f"{site.attrs['tokens']} tokens: above {FUSED_FFN_MAX_TOKENS} the per-projection GEMVs measured " \
+    weighted = getattr(decision.form, "criterion", "magnitude") == "weighted"
+    most = FUSED_FFN_MAX_TOKENS_WEIGHTED if weighted else FUSED_FFN_MAX_TOKENS
+    if site.attrs["tokens"] > most:
+        criterion = "weighted criterion" if weighted else "magnitude criterion"
+        return f"{site.attrs['tokens']} tokens: above {most} ({criterion}) the per-projection GEMVs measured " \
                "faster than the fused op (bench/RESULTS.md, bench/ffn_input.py)"
     return None
 
