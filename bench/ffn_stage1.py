@@ -1,15 +1,19 @@
-"""One-token input-mode FFN: stage-1 launch knobs against the default, timed in alternating rounds.
+"""Input-mode FFN at decode sizes: stage-1 launch knobs against the default, timed in alternating rounds.
 
     python bench/ffn_stage1.py [--configs 128x128x8,256x64x8x1024,64x128x4s4] [--weighted-configs 64x128x4]
-                               [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16] [--rounds 5] [--json out.json]
+                               [--sparsities 0.5,0.7,0.9] [--dtypes float16,bfloat16] [--tokens 1] [--rounds 5]
+                               [--json out.json]
 
-Workload as bench/ffn_input.py (Llama-3-8B gated FFN, D 4096 -> F 14336 -> D, SiLU, one token, thresholds at the
-given share of |x| and |h|). A config ``NxKxW`` is stage 1 on tensor cores (``GemvConfig(BLOCK_N=N, BLOCK_K=K,
-ROWS_PER_SPLIT=4096, num_warps=W, DOT=True)``) with the default down GEMV; ``NxKxWxR`` splits D into R-channel
+Workload as bench/ffn_input.py (Llama-3-8B gated FFN, D 4096 -> F 14336 -> D, SiLU, ``--tokens`` random tokens,
+thresholds at the given share of |x| and |h|). A config ``NxKxW`` is stage 1 with ``GemvConfig(BLOCK_N=N,
+BLOCK_K=K, ROWS_PER_SPLIT=4096, num_warps=W)``, on tensor cores (``DOT=True``) for one token (2-16 tokens take the
+``tl.dot`` union whatever the flag), with the default down GEMV; ``NxKxWxR`` splits D into R-channel
 splits (merged by ticket in the same launch), so that wide N tiles still make enough programs; a suffix ``sS``
 (``64x128x4s4``) sets S pipelining stages (3 otherwise). Columns:
 
 * **default**: ``threshold_ffn`` with no knobs (``default_threshold_ffn_config``);
+* **three-op**: one ``threshold_linear`` per projection with torch's ``silu * up`` between, the form the compiler
+  plans where the fused op is not planned (``FUSED_FFN_MAX_TOKENS``, passes/ffn.py);
 * each ``--configs`` entry with the magnitude criterion;
 * **weighted**: the weighted criterion at its default, and each ``--weighted-configs`` entry with it (thresholds at
   the same share of the weighted scores, as bench/ffn_input.py sets them);
@@ -39,13 +43,14 @@ from ffn_input import D_MODEL, dense_ffn, make_weights, oracle, quantile_abs, we
 from linear import bench_graph, rel_err  # noqa: E402
 from provenance import source_version  # noqa: E402
 
-from sparsecc.codegen.activation_sparse import GemvConfig  # noqa: E402
+from sparsecc.codegen.activation_sparse import MAX_DECODE_TOKENS, GemvConfig, threshold_linear  # noqa: E402
 from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, threshold_ffn  # noqa: E402
 from sparsecc.passes.ffn import column_norms  # noqa: E402
 
 
-def parse_config(text: str) -> GemvConfig:
-    """``NxKxW`` -> stage 1 on tensor cores with BLOCK_N=N, BLOCK_K=K, W warps, D unsplit up to 4096;
+def parse_config(text: str, tokens: int = 1) -> GemvConfig:
+    """``NxKxW`` -> stage 1 with BLOCK_N=N, BLOCK_K=K, W warps, D unsplit up to 4096, on tensor cores for one
+    token (``tokens``; more take the ``tl.dot`` union, ``DOT`` unset);
     ``NxKxWxR``: the same over R-channel splits of D; either with a suffix ``sS``: S pipelining stages (Triton's
     ``num_stages``; 3 when not given).
 
@@ -57,7 +62,7 @@ def parse_config(text: str) -> GemvConfig:
         if len(fields) not in (3, 4):
             raise ValueError(f"{len(fields)} fields")
         n, k, w, rows = fields if len(fields) == 4 else fields + [4096]
-        return GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=rows, num_warps=w, DOT=True,
+        return GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=rows, num_warps=w, DOT=tokens == 1,
                           STAGES=int(stages) if suffix else 3)
     except ValueError as exc:
         raise ValueError(f"config {text!r} is not allowed: expected NxKxW or NxKxWxR with N, K and R powers of two, "
@@ -66,10 +71,11 @@ def parse_config(text: str) -> GemvConfig:
                          f"({exc})") from None
 
 
-def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, rounds: int, gen) -> dict:
-    """Median us per call of every column at one (sparsity, dtype); ``norms`` maps id(weight set) to its (gate,
-    up, down) column norms; ``configs`` and ``weighted_configs`` map a name to its stage-1 knobs."""
-    x = torch.randn(1, D_MODEL, device="cuda", dtype=dtype, generator=gen)
+def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, rounds: int, gen, tokens: int = 1) -> dict:
+    """Median us per call of every column at one (sparsity, dtype) for ``tokens`` tokens; ``norms`` maps id(weight
+    set) to its (gate, up, down) column norms; ``configs`` and ``weighted_configs`` map a name to its stage-1
+    knobs."""
+    x = torch.randn(tokens, D_MODEL, device="cuda", dtype=dtype, generator=gen)
     wg, wu, wd = weights[0]
     h_dense = F.silu(F.linear(x, wg)) * F.linear(x, wu)
     tau_in, tau_down = quantile_abs(x, sparsity), quantile_abs(h_dense, sparsity)
@@ -85,21 +91,25 @@ def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, round
                                        config=cfg, scale_gate=norms[id(w)][0], scale_up=norms[id(w)][1],
                                        scale_down=norms[id(w)][2])
 
-    columns = {"default": (magnitude(None), ref)}
+    def three_op(w):
+        h = F.silu(threshold_linear(x, w[0], None, tau_in)) * threshold_linear(x, w[1], None, tau_in)
+        return threshold_linear(h, w[2], None, tau_down)
+
+    columns = {"default": (magnitude(None), ref), "three-op": (three_op, ref)}
     columns.update({f"stage1 {name}": (magnitude(cfg), ref) for name, cfg in configs.items()})
     columns["weighted default"] = (weighted(None), ref_w)
     columns.update({f"weighted stage1 {name}": (weighted(cfg), ref_w) for name, cfg in weighted_configs.items()})
     columns["dense"] = (lambda w: dense_ffn(x, w), None)
     for name, (fn, expected) in columns.items():
         if expected is not None:
-            err = rel_err(fn(weights[0]).view(1, D_MODEL), expected)
+            err = rel_err(fn(weights[0]).view(tokens, D_MODEL), expected)
             if not err < 1e-2:
                 raise SystemExit(f"correctness check failed: {name} {sparsity:.0%} {dtype}: rel err {err}")
     times = {name: [] for name in columns}
     for _ in range(rounds):
         for name, (fn, _expected) in columns.items():
             times[name].append(1e3 * bench_graph([lambda w=w, fn=fn: fn(w) for w in weights]))
-    return {"sparsity": sparsity, "dtype": str(dtype).replace("torch.", ""),
+    return {"tokens": tokens, "sparsity": sparsity, "dtype": str(dtype).replace("torch.", ""),
             "us": {name: statistics.median(v) for name, v in times.items()}}
 
 
@@ -110,15 +120,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--weighted-configs", default="64x128x4", help="the same for the weighted criterion")
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--tokens", type=int, default=1, help=f"tokens per call, 1-{MAX_DECODE_TOKENS}")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds} is not allowed; expected an integer >= 1")
+    if not 1 <= args.tokens <= MAX_DECODE_TOKENS:
+        ap.error(f"--tokens {args.tokens} is not allowed; expected an integer from 1 to {MAX_DECODE_TOKENS} "
+                 "(more tokens run dense F.linear)")
     # Every argument is checked before any GPU work.
     try:
-        configs = {c: parse_config(c) for c in args.configs.split(",") if c}
-        weighted_configs = {c: parse_config(c) for c in args.weighted_configs.split(",") if c}
+        configs = {c: parse_config(c, args.tokens) for c in args.configs.split(",") if c}
+        weighted_configs = {c: parse_config(c, args.tokens) for c in args.weighted_configs.split(",") if c}
     except ValueError as exc:
         ap.error(str(exc))
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -134,8 +148,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     linear.GRAPH_ROUNDS = 10
     header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "commit": source_version(),
-              "date": str(datetime.date.today()), "default": str(default_threshold_ffn_config(1)),
-              "weighted_default": str(default_threshold_ffn_config(1, weighted=True))}
+              "date": str(datetime.date.today()), "tokens": args.tokens,
+              "default": str(default_threshold_ffn_config(args.tokens)),
+              "weighted_default": str(default_threshold_ffn_config(args.tokens, weighted=True))}
     print("#", json.dumps(header), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -143,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         weights = make_weights(dtype, gen)
         norms = {id(w): tuple(column_norms(t) for t in w) for w in weights}   # as the compiler binds them
         for s in sparsities:
-            rows.append(row(s, dtype, weights, norms, configs, weighted_configs, args.rounds, gen))
+            rows.append(row(s, dtype, weights, norms, configs, weighted_configs, args.rounds, gen, args.tokens))
             print(json.dumps(rows[-1]), flush=True)
         del weights, norms
         torch.cuda.empty_cache()
@@ -152,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             json.dump({**header, "rows": rows}, fh, indent=1)
     names = [n for n in rows[0]["us"] if n != "dense"]
     ratios = [n for n in names if not n.startswith("weighted")]
+    print(f"\n{args.tokens} token(s) per call")
     print("\n| dtype | sparsity | dense us | " + " | ".join(f"{n} us" for n in names) + " | " +
           " | ".join(f"{n} x dense" for n in ratios) + " |")
     print("|" + "---|" * (3 + len(names) + len(ratios)))

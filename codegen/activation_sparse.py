@@ -25,7 +25,8 @@ from sparsecc.codegen.launch import launcher, round_to_dtype, ticket_counters, t
 
 __all__ = ["ACTIVATIONS", "threshold_linear_ref", "threshold_linear", "GemvConfig",
            "k_major", "MAX_DECODE_TOKENS", "default_gemv_config", "check_channel_scale", "out_rows", "GemvBuffers",
-           "gemv_block_m", "gemv_buffers", "gemv_grid", "gemv_ticket_count", "zeroed_upstream_counters"]
+           "gemv_block_m", "check_dot_tile", "gemv_buffers", "gemv_grid", "gemv_ticket_count",
+           "zeroed_upstream_counters"]
 
 # ============================================================== reference
 
@@ -471,8 +472,22 @@ def gemv_grid(tokens: int, in_features: int, out_features: int, cfg: GemvConfig)
 
 def gemv_block_m(tokens: int, cfg: GemvConfig) -> int:
     """The rows one GEMV program multiplies at a time: 1 (per-lane products, one token) for one token or
-    ``cfg.PER_TOKEN``, unless ``cfg.DOT``; else :data:`DOT_ROWS` (``tl.dot``, the tokens padded to 16 rows)."""
-    return 1 if (tokens == 1 and not cfg.DOT) or (tokens > 1 and cfg.PER_TOKEN) else DOT_ROWS
+    ``cfg.PER_TOKEN``, unless ``cfg.DOT``; else :data:`DOT_ROWS` (``tl.dot``, the tokens padded to 16 rows).
+
+    Raises ``ValueError`` when ``tl.dot`` would get a tile narrower than its minimum (``check_dot_tile``)."""
+    if (tokens == 1 and not cfg.DOT) or (tokens > 1 and cfg.PER_TOKEN):
+        return 1
+    return check_dot_tile(tokens, cfg)
+
+
+def check_dot_tile(tokens: int, cfg: GemvConfig) -> int:
+    """:data:`DOT_ROWS` when ``cfg``'s tile can feed ``tl.dot`` (``BLOCK_N`` and ``BLOCK_K`` at least 16); else
+    ``ValueError`` naming the config (``GemvConfig`` checks this for ``DOT`` itself; 2-16 tokens take ``tl.dot``
+    whatever the flag)."""
+    if min(cfg.BLOCK_N, cfg.BLOCK_K) < DOT_ROWS:
+        raise ValueError(f"{cfg} for {tokens} token(s) multiplies with tl.dot, which needs BLOCK_N and BLOCK_K of "
+                         f"at least {DOT_ROWS}; got BLOCK_N={cfg.BLOCK_N}, BLOCK_K={cfg.BLOCK_K}")
+    return DOT_ROWS
 
 
 def _ticket_count(grid: Tuple[int, int, int]) -> int:

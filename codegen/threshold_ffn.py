@@ -51,7 +51,7 @@ from torch import Tensor
 
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen import gate_sparse_ffn as _gate
-from sparsecc.codegen.activation_sparse import (ACTIVATIONS, DOT_ROWS, MAX_DECODE_TOKENS, GemvConfig,
+from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, check_dot_tile,
                                                 check_channel_scale, default_gemv_config, gemv_block_m, gemv_buffers,
                                                 k_major, threshold_linear, zeroed_upstream_counters)
 from sparsecc.codegen.epilogue import bind_triton
@@ -385,7 +385,7 @@ def _check_shapes(x: Tensor, w_gate: Tensor, b_gate, w_up: Tensor, b_up, w_down:
 def stage_one_block_m(tokens: int, config: GemvConfig) -> int:
     """The rows one stage-1 program multiplies at a time: every token's (its grid has no token axis, so
     ``PER_TOKEN`` does not apply), 1 for one token unless ``config.DOT``, else :data:`DOT_ROWS` (``tl.dot``)."""
-    return gemv_block_m(1, config) if tokens == 1 else DOT_ROWS
+    return gemv_block_m(1, config) if tokens == 1 else check_dot_tile(tokens, config)
 
 
 def default_threshold_ffn_config(tokens: int, weighted: bool = False) -> GemvConfig:

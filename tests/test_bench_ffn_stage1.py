@@ -22,6 +22,11 @@ def test_a_fourth_field_splits_d_into_that_many_channels():
     assert (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps, cfg.ROWS_PER_SPLIT, cfg.DOT) == (256, 64, 8, 1024, True)
 
 
+def test_several_tokens_take_the_tl_dot_union_with_the_dot_flag_unset():
+    cfg = ffn_stage1.parse_config("64x64x8x2048", tokens=4)
+    assert (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps, cfg.ROWS_PER_SPLIT, cfg.DOT) == (64, 64, 8, 2048, False)
+
+
 @pytest.mark.parametrize("text, stages", [("64x128x4s4", 4), ("256x64x8x1024s2", 2), ("64x128x4", 3)])
 def test_a_suffix_sets_the_pipelining_stages(text, stages):
     assert ffn_stage1.parse_config(text).STAGES == stages
@@ -40,6 +45,8 @@ def test_a_malformed_config_names_itself_and_the_allowed_form(text):
     (["--dtypes", "float64"], "--dtypes: 'float64' is not allowed; expected float16 or bfloat16"),
     (["--sparsities", "0.5,1.5"], "expected comma-separated numbers in (0, 1)"),
     (["--rounds", "0"], "--rounds 0 is not allowed"),
+    (["--tokens", "0"], "--tokens 0 is not allowed; expected an integer from 1 to 16"),
+    (["--tokens", "17"], "--tokens 17 is not allowed; expected an integer from 1 to 16"),
 ])
 def test_the_command_line_refuses_bad_arguments_before_touching_the_gpu(args, message):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ffn_stage1.py"), *args], capture_output=True,

@@ -176,6 +176,13 @@ def test_gemv_block_m_follows_the_knobs(m):
     with pytest.raises(ValueError, match="at least 16.*BLOCK_K=8"):
         GemvConfig(16, 8, 16, 4, DOT=True)
     assert "tl.dot" in str(GemvConfig(16, 16, 16, 4, DOT=True))
+    # several tokens take tl.dot whatever the DOT flag: a tile narrower than its minimum is refused by name
+    narrow = GemvConfig(BLOCK_N=8, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4)
+    if m == 1:
+        assert gemv_block_m(m, narrow) == 1
+    else:
+        with pytest.raises(ValueError, match=rf"N tile 8.* for {m} token\(s\) multiplies with tl.dot.*BLOCK_N=8"):
+            gemv_block_m(m, narrow)
 
 
 @pytest.mark.parametrize("per_token", [False, True])

@@ -384,6 +384,16 @@ def test_threshold_ffn_rejects_bad_arguments():
         threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.1, 0.1, scale_down=torch.ones(16))
 
 
+def test_stage_one_refuses_a_tile_too_narrow_for_the_token_union():
+    """2-16 tokens run stage 1 on tl.dot whatever GemvConfig.DOT says: a tile under 16 wide is refused by name
+    before any launch; one token multiplies per lane and takes it."""
+    from sparsecc.codegen.threshold_ffn import stage_one_block_m
+    narrow = GemvConfig(BLOCK_N=16, BLOCK_K=8, ROWS_PER_SPLIT=16, num_warps=4)
+    assert stage_one_block_m(1, narrow) == 1
+    with pytest.raises(ValueError, match=r"for 3 token\(s\) multiplies with tl.dot.*BLOCK_K=8"):
+        stage_one_block_m(3, narrow)
+
+
 # ------------------------------------------------------------------ GPU
 
 gpu = pytest.mark.gpu
