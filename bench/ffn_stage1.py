@@ -43,7 +43,8 @@ from ffn_input import D_MODEL, dense_ffn, make_weights, oracle, quantile_abs, we
 from linear import bench_graph, rel_err  # noqa: E402
 from provenance import source_version  # noqa: E402
 
-from sparsecc.codegen.activation_sparse import MAX_DECODE_TOKENS, GemvConfig, threshold_linear  # noqa: E402
+from sparsecc.codegen.activation_sparse import (MAX_DECODE_TOKENS, GemvConfig, check_dot_tile,  # noqa: E402
+                                                threshold_linear)
 from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, threshold_ffn  # noqa: E402
 from sparsecc.passes.ffn import column_norms  # noqa: E402
 
@@ -62,8 +63,11 @@ def parse_config(text: str, tokens: int = 1) -> GemvConfig:
         if len(fields) not in (3, 4):
             raise ValueError(f"{len(fields)} fields")
         n, k, w, rows = fields if len(fields) == 4 else fields + [4096]
-        return GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=rows, num_warps=w, DOT=tokens == 1,
-                          STAGES=int(stages) if suffix else 3)
+        config = GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=rows, num_warps=w, DOT=tokens == 1,
+                            STAGES=int(stages) if suffix else 3)
+        if tokens > 1:
+            check_dot_tile(tokens, config)   # several tokens take tl.dot whatever DOT says
+        return config
     except ValueError as exc:
         raise ValueError(f"config {text!r} is not allowed: expected NxKxW or NxKxWxR with N, K and R powers of two, "
                          f"N and K at least 16, R a multiple of K (4096 when not given), W warps, optionally "

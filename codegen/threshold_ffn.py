@@ -112,7 +112,8 @@ DEFAULT_THRESHOLD_FFN_CONFIG = GemvConfig(BLOCK_N=64, BLOCK_K=128, ROWS_PER_SPLI
 """Stage 1's launch knobs for one token (magnitude criterion)."""
 DEFAULT_THRESHOLD_FFN_CONFIG_WEIGHTED = dataclasses.replace(DEFAULT_THRESHOLD_FFN_CONFIG, DOT=False)
 """Stage 1's launch knobs for one token under the weighted criterion (per-lane products)."""
-# 2-16 tokens: the tl.dot union; not swept (the compiler plans the per-projection GEMVs there, see passes/ffn.py).
+# 2-16 tokens: the tl.dot union; not swept yet (the compiler plans this op for two tokens with the magnitude
+# criterion, passes/ffn.py; `bench/ffn_stage1.py --tokens 2` sweeps it).
 DEFAULT_THRESHOLD_FFN_CONFIG_TOKENS = GemvConfig(BLOCK_N=64, BLOCK_K=64, ROWS_PER_SPLIT=2048, num_warps=8)
 """Stage 1's launch knobs for 2-16 tokens (the ``tl.dot`` union)."""
 
@@ -459,6 +460,7 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     _bind()
     cfg = config or default_threshold_ffn_config(m, weighted=scale_gate is not None)
     down_cfg = down_config or default_gemv_config(m)
+    gemv_block_m(m, down_cfg)   # a down tile tl.dot cannot take is refused before stage 1 launches
     # The rule is asked only where one launch is wanted (a decode step's calls with two launches skip it).
     wanted = one_launch or (one_launch is None and ONE_LAUNCH_BY_DEFAULT)
     # A launch has one warp count and pipelining depth: in one launch the default down knobs take stage 1's.

@@ -33,12 +33,12 @@ from sparsecc.passes.site import Decision, Estimate, Rewrite, Site, debug_no_mat
 
 _MAX_ACT_NODES = 16  # activations are short chains; longer ones are not an activation
 # The fused input-mode op is planned up to this many tokens: at 4 and 16 tokens the three per-projection GEMVs
-# (their tl.dot union path) measured 3-18% faster than it on the H200; at 2 tokens the fused op took 2-17% less
-# time at 70-90% and was within 2% at 50% on an H100, while at 3-4 tokens it lost 1.6-4.8% at 50% (bench/ffn_input.py,
-# bench/RESULTS.md "Two tokens through the fused op").
+# (their tl.dot union path) measured 3-18% faster than it on the H200; at 2 tokens the fused op took 2-16% less
+# time at 70-90% and was within 2% at 50% on an H100, while at 3-4 tokens it took 1.7-4.8% more at 50% (one H100
+# round at 16 tokens and 70% had it 6-7% ahead; bench/RESULTS.md "Two tokens through the fused op").
 FUSED_FFN_MAX_TOKENS = 2
-# The weighted criterion's fused op is planned for one token only: at 2-4 tokens its stage 1 (the tl.dot union
-# with both projections' scores per trip) took 1.3-1.5x the per-projection GEMVs' time on an H100 (same bench).
+# The weighted criterion's fused op is planned for one token only: at 2-4 tokens it (its stage 1 scores both
+# projections' channels per trip on the tl.dot union) took 1.3-1.5x the per-projection GEMVs' time on an H100.
 FUSED_FFN_MAX_TOKENS_WEIGHTED = 1
 
 

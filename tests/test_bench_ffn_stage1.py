@@ -47,6 +47,7 @@ def test_a_malformed_config_names_itself_and_the_allowed_form(text):
     (["--rounds", "0"], "--rounds 0 is not allowed"),
     (["--tokens", "0"], "--tokens 0 is not allowed; expected an integer from 1 to 16"),
     (["--tokens", "17"], "--tokens 17 is not allowed; expected an integer from 1 to 16"),
+    (["--tokens", "2", "--configs", "8x128x4"], "config '8x128x4' is not allowed"),
 ])
 def test_the_command_line_refuses_bad_arguments_before_touching_the_gpu(args, message):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ffn_stage1.py"), *args], capture_output=True,

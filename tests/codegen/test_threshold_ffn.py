@@ -394,6 +394,25 @@ def test_stage_one_refuses_a_tile_too_narrow_for_the_token_union():
         stage_one_block_m(3, narrow)
 
 
+@pytest.mark.parametrize("op", ["threshold_ffn", "gate_sparse_ffn"])
+def test_a_down_tile_too_narrow_for_the_token_union_is_refused_before_any_launch(op, monkeypatch):
+    """The FFNs check the down GEMV's config before stage 1 launches: nothing runs with a config that fails."""
+    from sparsecc.codegen import gate_sparse_ffn, launch, threshold_ffn
+    launched = []
+    monkeypatch.setattr(launch, "launcher", lambda kernel, like: launched.append(kernel))
+    monkeypatch.setattr(threshold_ffn, "launcher", lambda kernel, like: launched.append(kernel))
+    monkeypatch.setattr(gate_sparse_ffn, "launcher", lambda kernel, like: launched.append(kernel))
+    gen = torch.Generator().manual_seed(8)
+    x, wg, bg, wu, bu, wd, bd = make_ffn(gen, 3, 16, 24, 8, True, torch.float32)
+    narrow = GemvConfig(BLOCK_N=8, BLOCK_K=16, ROWS_PER_SPLIT=16, num_warps=4)
+    with pytest.raises(ValueError, match=r"for 3 token\(s\) multiplies with tl.dot.*BLOCK_N=8"):
+        if op == "threshold_ffn":
+            threshold_ffn.threshold_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.1, 0.1, down_config=narrow)
+        else:
+            gate_sparse_ffn.gate_sparse_ffn(x, wg, bg, wu, bu, wd, bd, "silu", 0.1, down_config=narrow)
+    assert launched == []
+
+
 # ------------------------------------------------------------------ GPU
 
 gpu = pytest.mark.gpu

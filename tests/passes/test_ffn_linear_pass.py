@@ -120,6 +120,10 @@ def test_decode_gemv_weights_are_bound_k_major(mode, tokens, monkeypatch, eager_
         # two with the magnitude criterion (the measured plan rule of passes/ffn.py); otherwise one op per projection
         one_op = mode != "gate" and (tokens == 1 or (tokens == 2 and mode == "input"))
         assert fused == (["silu"] if one_op else []), fused
+        if mode != "gate" and decode and not one_op:   # the report names the token rule (never silently)
+            plan = [s for s in sparsecc.explain(ffn, x, spec=spec, kernels="auto").sites if s.kind == "ffn"][0]
+            rule = "above 2 (magnitude criterion)" if mode == "input" else "above 1 (weighted criterion)"
+            assert f"one op per projection: {tokens} tokens: {rule}" in plan.attrs["plan"], plan.attrs["plan"]
         # the weighted criterion's column norms reach every thresholded projection
         if mode == "gate":
             assert scales == [], scales
