@@ -365,14 +365,15 @@ def test_streaming_decode_launches_from_inductors_code():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("mode", ["input", "gate", "weighted"])
-def test_decode_ffn_ops_launch_from_inductors_code(mode):
+def test_decode_ffn_ops_launch_from_inductors_code(mode, tokens):
     import sparsecc
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
     ffn = zoo.GatedSiluFFN(hidden=256, inner=512).to(dev, torch.float16).eval()
-    x = torch.randn(1, 1, 256, device=dev, dtype=torch.float16)
+    x = torch.randn(1, tokens, 256, device=dev, dtype=torch.float16)
     wg, wu, wd = (m.weight.double() for m in (ffn.gate_proj, ffn.up_proj, ffn.down_proj))
     xd = x.double()
 
@@ -406,9 +407,13 @@ def test_decode_ffn_ops_launch_from_inductors_code(mode):
     assert "torch.ops.sparsecc" not in code
     if mode == "gate":
         assert "_gate_up_kernel" in code
-    else:   # one fused op: one token runs the whole FFN in one kernel where that is the default, else two
+    elif tokens == 1 or mode == "input":   # one fused op (passes/ffn.py plans two tokens fused for magnitude only):
+        # one token runs the whole FFN in one kernel where that is the default, else two launches
         from sparsecc.codegen.threshold_ffn import ONE_LAUNCH_BY_DEFAULT
-        kernels = ("_threshold_ffn_kernel",) if ONE_LAUNCH_BY_DEFAULT else ("_threshold_gate_up_kernel",
-                                                                            "_threshold_gemv_kernel")
+        kernels = ("_threshold_ffn_kernel",) if ONE_LAUNCH_BY_DEFAULT and tokens == 1 else (
+            "_threshold_gate_up_kernel", "_threshold_gemv_kernel")
         assert all(k in code for k in kernels) and "threshold_ffn" in sites[0].attrs["plan"]
+    else:   # the weighted criterion at two tokens: one thresholded GEMV per projection
+        assert "_threshold_gemv_kernel" in code and "_threshold_gate_up_kernel" not in code
+        assert "one op per projection" in sites[0].attrs["plan"], sites[0].attrs["plan"]
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
