@@ -465,7 +465,9 @@ class GemvBuffers(NamedTuple):
 def gemv_grid(tokens: int, in_features: int, out_features: int, cfg: GemvConfig) -> Tuple[int, int, int]:
     """The GEMV launch's grid ``(N tiles, K splits, token programs)``: one program per token for one token or
     ``cfg.PER_TOKEN``, else one for all tokens (the ``tl.dot`` union). Plain integers: callable before Triton
-    is bound."""
+    is bound. Every GEMV launch is planned here first (also the FFNs' down GEMV, before their first stage
+    launches), so a config whose rows cannot go to ``tl.dot`` is refused here (:func:`gemv_block_m`)."""
+    gemv_block_m(tokens, cfg)
     per_token = tokens == 1 or cfg.PER_TOKEN
     return -(-out_features // cfg.BLOCK_N), -(-in_features // cfg.ROWS_PER_SPLIT), tokens if per_token else 1
 

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from sparsecc.codegen import activation_sparse as _gemv
 from sparsecc.codegen.activation_sparse import (ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig, default_gemv_config,
-                                                gemv_block_m, threshold_linear, zeroed_upstream_counters)
+                                                threshold_linear, zeroed_upstream_counters)
 from sparsecc.codegen.epilogue import activation_switch, bind_triton
 from sparsecc.codegen.launch import launcher, round_to_dtype
 
@@ -333,7 +333,6 @@ def gate_sparse_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: O
     dummy = x2  # never read (its HAS_* / GATED flag is off); an input, which the launch only reads
     wu = w_up if w_up is not None else w_gate
     down_cfg = down_config or default_gemv_config(m)
-    gemv_block_m(m, down_cfg)   # a down tile tl.dot cannot take is refused before stage 1 launches
     # The gate launch zeroes the down GEMV's ticket counters: a compiled call launches no fill kernel for them.
     down_counters, n_down, zero_block = zeroed_upstream_counters(m, f, w_down.shape[0], down_cfg, dummy)
     launcher(_gate_up_kernel, x2)[(triton.cdiv(f, cfg.BLOCK_F),)](  # noqa: F821 - bound by bind_triton

@@ -460,7 +460,6 @@ def threshold_ffn(x: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], w_up: Ten
     _bind()
     cfg = config or default_threshold_ffn_config(m, weighted=scale_gate is not None)
     down_cfg = down_config or default_gemv_config(m)
-    gemv_block_m(m, down_cfg)   # a down tile tl.dot cannot take is refused before stage 1 launches
     # The rule is asked only where one launch is wanted (a decode step's calls with two launches skip it).
     wanted = one_launch or (one_launch is None and ONE_LAUNCH_BY_DEFAULT)
     # A launch has one warp count and pipelining depth: in one launch the default down knobs take stage 1's.

@@ -396,10 +396,10 @@ def test_stage_one_refuses_a_tile_too_narrow_for_the_token_union():
 
 @pytest.mark.parametrize("op", ["threshold_ffn", "gate_sparse_ffn"])
 def test_a_down_tile_too_narrow_for_the_token_union_is_refused_before_any_launch(op, monkeypatch):
-    """The FFNs check the down GEMV's config before stage 1 launches: nothing runs with a config that fails."""
-    from sparsecc.codegen import gate_sparse_ffn, launch, threshold_ffn
+    """The FFNs plan the down GEMV (``gemv_grid``) before stage 1 launches: nothing runs with a config that fails."""
+    from sparsecc.codegen import activation_sparse, gate_sparse_ffn, threshold_ffn
     launched = []
-    monkeypatch.setattr(launch, "launcher", lambda kernel, like: launched.append(kernel))
+    monkeypatch.setattr(activation_sparse, "launcher", lambda kernel, like: launched.append(kernel))
     monkeypatch.setattr(threshold_ffn, "launcher", lambda kernel, like: launched.append(kernel))
     monkeypatch.setattr(gate_sparse_ffn, "launcher", lambda kernel, like: launched.append(kernel))
     gen = torch.Generator().manual_seed(8)
