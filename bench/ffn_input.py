@@ -129,6 +129,16 @@ def dense_ffn(x, w):
     return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
 
 
+def three_op_ffn(x, w, tau_in, tau_down, norms=None):
+    """The FFN as one ``threshold_linear`` per projection with torch's ``silu * up`` between (what the compiler
+    plans where the fused op is not); ``norms`` the (gate, up, down) column norms of the weighted criterion."""
+    g, u, d = w
+    s_g, s_u, s_d = norms if norms is not None else (None, None, None)
+    hidden = F.silu(threshold_linear(x, g, None, tau_in, channel_scale=s_g)) * \
+        threshold_linear(x, u, None, tau_in, channel_scale=s_u)
+    return threshold_linear(hidden, d, None, tau_down, channel_scale=s_d)
+
+
 def weighted_thresholds(x, h_dense, norms, sparsity: float):
     """``(tau_input, tau_down)`` of the weighted criterion dropping the ``sparsity`` share of the weighted scores
     (``norms`` the (gate, up, down) column norms; the gate and up scores pooled for the shared input threshold, as
@@ -157,9 +167,7 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None,
         return dense_ffn(x, w)
 
     def three_op(w):
-        g, u, d = w
-        return threshold_linear(F.silu(threshold_linear(x, g, None, tau_in)) * threshold_linear(x, u, None, tau_in),
-                                d, None, tau_down)
+        return three_op_ffn(x, w, tau_in, tau_down)
 
     def fused(w, cfg=None, down=None, one_launch=None):
         g, u, d = w
@@ -183,11 +191,7 @@ def row(m: int, sparsity: float, dtype, weights, norms, teal, gen, configs=None,
                              scale_up=s_u, scale_down=s_d)
 
     def weighted_three_op(w):
-        g, u, d = w
-        s_g, s_u, s_d = norms[id(w)]
-        hidden = F.silu(threshold_linear(x, g, None, tau_in_w, channel_scale=s_g)) * \
-            threshold_linear(x, u, None, tau_in_w, channel_scale=s_u)
-        return threshold_linear(hidden, d, None, tau_down_w, channel_scale=s_d)
+        return three_op_ffn(x, w, tau_in_w, tau_down_w, norms[id(w)])
 
     methods = {"dense": dense, "three_op": three_op, "fused": fused, "weighted": weighted,
                "weighted_three_op": weighted_three_op}

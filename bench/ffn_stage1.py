@@ -39,12 +39,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear  # noqa: E402 - the repo's timing conventions
-from ffn_input import D_MODEL, dense_ffn, make_weights, oracle, quantile_abs, weighted_thresholds  # noqa: E402
+from ffn_input import (D_MODEL, dense_ffn, make_weights, oracle, quantile_abs, three_op_ffn,  # noqa: E402
+                       weighted_thresholds)
 from linear import bench_graph, rel_err  # noqa: E402
 from provenance import source_version  # noqa: E402
 
-from sparsecc.codegen.activation_sparse import (MAX_DECODE_TOKENS, GemvConfig, check_dot_tile,  # noqa: E402
-                                                threshold_linear)
+from sparsecc.codegen.activation_sparse import MAX_DECODE_TOKENS, GemvConfig, check_dot_tile  # noqa: E402
 from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, threshold_ffn  # noqa: E402
 from sparsecc.passes.ffn import column_norms  # noqa: E402
 
@@ -95,11 +95,7 @@ def row(sparsity: float, dtype, weights, norms, configs, weighted_configs, round
                                        config=cfg, scale_gate=norms[id(w)][0], scale_up=norms[id(w)][1],
                                        scale_down=norms[id(w)][2])
 
-    def three_op(w):
-        h = F.silu(threshold_linear(x, w[0], None, tau_in)) * threshold_linear(x, w[1], None, tau_in)
-        return threshold_linear(h, w[2], None, tau_down)
-
-    columns = {"default": (magnitude(None), ref), "three-op": (three_op, ref)}
+    columns = {"default": (magnitude(None), ref), "three-op": (lambda w: three_op_ffn(x, w, tau_in, tau_down), ref)}
     columns.update({f"stage1 {name}": (magnitude(cfg), ref) for name, cfg in configs.items()})
     columns["weighted default"] = (weighted(None), ref_w)
     columns.update({f"weighted stage1 {name}": (weighted(cfg), ref_w) for name, cfg in weighted_configs.items()})

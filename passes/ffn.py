@@ -338,6 +338,11 @@ def plan_ffn(site: Site, decision: Decision, ctx) -> Plan:
     return Plan(calls=[op_call(GATE_SPARSE_FFN, args, site.device, site.symbolic)])
 
 
+def _weighted(decision: Decision) -> bool:
+    """Whether the decision's activation-threshold form scores with the weighted criterion."""
+    return getattr(decision.form, "criterion", "magnitude") == "weighted"
+
+
 def _threshold_ffn_refusal(site: Site, decision: Decision, ctx) -> Optional[str]:
     """Why an input-mode site does not run as one ``threshold_ffn`` op (None: it does).
 
@@ -355,7 +360,7 @@ def _threshold_ffn_refusal(site: Site, decision: Decision, ctx) -> Optional[str]
     if not _runs_decode_kernel(ctx, site, "threshold_ffn"):
         return "the decode kernels do not run here (reference kernels, no CUDA, or more than " \
                f"{MAX_DECODE_TOKENS} or symbolic tokens)"
-    weighted = getattr(decision.form, "criterion", "magnitude") == "weighted"
+    weighted = _weighted(decision)
     most = FUSED_FFN_MAX_TOKENS_WEIGHTED if weighted else FUSED_FFN_MAX_TOKENS
     if site.attrs["tokens"] > most:
         criterion = "weighted criterion" if weighted else "magnitude criterion"
@@ -369,7 +374,7 @@ def replace_ffn(gm: GraphModule, site: Site, decision: Decision, ctx) -> None:
     m: FfnMatch = site.match
     graph = gm.graph
     plan: Plan = decision.plan
-    weighted = getattr(decision.form, "criterion", "magnitude") == "weighted"
+    weighted = _weighted(decision)
     if decision.form.mode == "input" and plan.state.get("fused"):
         call = plan.calls[0]
         with graph.inserting_before(m.down_node):
