@@ -9,6 +9,7 @@ tests (``test_tensor_parallel.py``) compare what both ranks recorded.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import pickle
 import shutil
@@ -162,8 +163,17 @@ def run_case(spec, mesh, with_report: bool = False, model: str = "tiny", lowerin
     return result
 
 
+def _auto_tp(transformers) -> dict:
+    """``from_pretrained``'s keyword for the model's own plan: ``distributed_config=DistributedConfig(tp_plan="auto")``
+    where transformers has it (``tp_plan=`` is deprecated there, to be removed), ``tp_plan="auto"`` before."""
+    config = getattr(transformers, "DistributedConfig", None)
+    if config is not None and "tp_plan" in inspect.signature(config).parameters:
+        return {"distributed_config": config(tp_plan="auto")}
+    return {"tp_plan": "auto"}
+
+
 def hf_auto_case(spec, mesh) -> dict:
-    """transformers' own tensor parallelism (``from_pretrained(..., tp_plan="auto")``) against the unsharded model."""
+    """transformers' own tensor parallelism (its "auto" plan, :func:`_auto_tp`) against the unsharded model."""
     import tempfile
     import torch.distributed as dist
     import transformers
@@ -179,7 +189,7 @@ def hf_auto_case(spec, mesh) -> dict:
     dist.barrier()
     x = MODELS["llama"][2]()
     ref, ref_sites, _ = compile_and_run(model, spec, x)
-    parallel = transformers.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", attn_implementation="sdpa")
+    parallel = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa", **_auto_tp(transformers))
     dist.barrier()
     if rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
