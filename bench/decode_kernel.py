@@ -98,6 +98,7 @@ def rel_err(out, ref) -> float:
 def load_module(path: str, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod   # dataclasses look their module up there while the file runs
     spec.loader.exec_module(mod)
     return mod
 
