@@ -165,7 +165,8 @@ def run_case(spec, mesh, with_report: bool = False, model: str = "tiny", lowerin
 
 def _auto_tp(transformers) -> dict:
     """``from_pretrained``'s keyword for the model's own plan: ``distributed_config=DistributedConfig(tp_plan="auto")``
-    where transformers has it (``tp_plan=`` is deprecated there, to be removed), ``tp_plan="auto"`` before."""
+    where transformers' top-level ``DistributedConfig`` takes a ``tp_plan`` (``tp_plan=`` is deprecated there, to be
+    removed), ``tp_plan="auto"`` where it does not (5.0.0 has no such export)."""
     config = getattr(transformers, "DistributedConfig", None)
     if config is not None and "tp_plan" in inspect.signature(config).parameters:
         return {"distributed_config": config(tp_plan="auto")}
