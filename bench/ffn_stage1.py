@@ -44,8 +44,8 @@ from ffn_input import (D_MODEL, dense_ffn, make_weights, oracle, quantile_abs, t
 from linear import bench_graph, rel_err  # noqa: E402
 from provenance import source_version  # noqa: E402
 
-from sparsecc.codegen.activation_sparse import MAX_DECODE_TOKENS, GemvConfig, check_dot_tile  # noqa: E402
-from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, threshold_ffn  # noqa: E402
+from sparsecc.codegen.activation_sparse import MAX_DECODE_TOKENS, GemvConfig  # noqa: E402
+from sparsecc.codegen.threshold_ffn import default_threshold_ffn_config, stage_one_block_m, threshold_ffn  # noqa: E402
 from sparsecc.passes.ffn import column_norms  # noqa: E402
 
 
@@ -65,8 +65,7 @@ def parse_config(text: str, tokens: int = 1) -> GemvConfig:
         n, k, w, rows = fields if len(fields) == 4 else fields + [4096]
         config = GemvConfig(BLOCK_N=n, BLOCK_K=k, ROWS_PER_SPLIT=rows, num_warps=w, DOT=tokens == 1,
                             STAGES=int(stages) if suffix else 3)
-        if tokens > 1:
-            check_dot_tile(tokens, config)   # several tokens take tl.dot whatever DOT says
+        stage_one_block_m(tokens, config)   # the op's own rule: refuses a tile tl.dot cannot take
         return config
     except ValueError as exc:
         raise ValueError(f"config {text!r} is not allowed: expected NxKxW or NxKxWxR with N, K and R powers of two, "

@@ -190,7 +190,8 @@ def hf_auto_case(spec, mesh) -> dict:
     dist.barrier()
     x = MODELS["llama"][2]()
     ref, ref_sites, _ = compile_and_run(model, spec, x)
-    parallel = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa", **_auto_tp(transformers))
+    parallel = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa",
+                                                             **_auto_tp(transformers))
     dist.barrier()
     if rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
