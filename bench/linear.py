@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -102,7 +103,7 @@ def bench_graph(calls: List[Callable[[], object]], rounds: Optional[int] = None)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / (rounds * len(calls)))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

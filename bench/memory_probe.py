@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def launch_gap() -> dict:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / LAUNCHES)
-    return {"launches": LAUNCHES, "us_per_launch": sorted(times)[len(times) // 2]}
+    return {"launches": LAUNCHES, "us_per_launch": statistics.median(times)}
 
 
 def bsr_traffic(density: float) -> dict:

@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -87,7 +88,7 @@ def timed(candidates: dict, rounds: int) -> dict:
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(bench(candidates[name]))
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items()}   # of two rounds, their mean
 
 
 def time_row(label: str, s: int, hkv: int, density: float, fixed: dict, program, flex, variants, rounds: int,

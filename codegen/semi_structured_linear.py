@@ -8,6 +8,7 @@ Layout of this file: module notes, then the reference section, then the cuSPARSE
 from __future__ import annotations
 
 import functools
+import statistics
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -222,7 +223,7 @@ def fastest_algorithm(candidates: Sequence, call: Callable[[object], object],
     for _ in range(TIMED_CALLS):
         for alg in candidates:
             times[alg].append(time_call(lambda: call(alg)))
-    medians = {alg: sorted(t)[len(t) // 2] for alg, t in times.items()}
+    medians = {alg: statistics.median(t) for alg, t in times.items()}
     return min(candidates, key=lambda alg: medians[alg])   # min keeps the first of equal medians
 
 

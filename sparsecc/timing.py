@@ -7,6 +7,7 @@ other devices with the wall clock.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -29,8 +30,8 @@ def call_seconds(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """The median of ``repeats`` timed calls of ``fn`` (:func:`call_seconds`); ValueError when repeats < 1."""
+    """The median of ``repeats`` timed calls of ``fn`` (:func:`call_seconds`; of an even count, the mean of the
+    middle two); ValueError when repeats < 1."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats!r} is not allowed; expected an integer >= 1")
-    times = sorted(call_seconds(fn, device) for _ in range(repeats))
-    return times[len(times) // 2]
+    return statistics.median(call_seconds(fn, device) for _ in range(repeats))

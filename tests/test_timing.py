@@ -31,3 +31,10 @@ def test_call_seconds_measures_real_time():
 def test_repeats_below_one_are_refused():
     with pytest.raises(ValueError, match="repeats=0"):
         timing.median_seconds(lambda: None, torch.device("cpu"), 0)
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two(monkeypatch):
+    """Four calls lasting 5, 1, 3 and 2 seconds: the median is 2.5, not the upper middle value (3)."""
+    clock = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0, 30.0, 32.0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    assert timing.median_seconds(lambda: None, torch.device("cpu"), 4) == 2.5
