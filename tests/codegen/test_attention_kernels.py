@@ -15,17 +15,18 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from sparsecc.codegen.block_attention import (
     FULL_WINDOW, block_sparse_attention, block_sparse_attention_ref, streaming_attention, streaming_attention_ref)
 from sparsecc.forms import BlockSparse
 from sparsecc.layouts import BlockTable, block_sparse_table, streaming_block_table
+from tests.budgets import examples
 from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
 KERNEL_MODULES = ("sparsecc.codegen.block_attention_kernels", "sparsecc.codegen.decode_attention")
-# The interpreter is slow: few examples per property (the deep profile still raises it through max_examples).
-FEW = settings(deadline=None, max_examples=min(settings().max_examples, 10))
+# The interpreter is slow: few examples per property under ci (the deep profile raises them by DEEP_FACTOR).
+FEW = examples(10)
 # Output tolerance against the fp32 reference on the same bf16/fp16 inputs: both round the output once
 # (bf16: 2^-8 relative), and the kernel also rounds the probabilities to the input dtype before P @ V.
 OUT_TOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}

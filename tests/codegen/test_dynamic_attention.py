@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from sparsecc.codegen.block_attention import block_sparse_attention_ref, dense_attention_ref
 from sparsecc.codegen.dynamic_attention import (block_topk_table_ref, dynamic_attention_ref, dynamic_table_ref,
@@ -21,9 +21,10 @@ from sparsecc.codegen.vertical_slash import (vertical_slash_attention_ref, verti
                                              vertical_slash_keep_ref, vertical_slash_kept_pairs,
                                              vertical_slash_select_ref)
 from sparsecc.forms import BlockTopK, VerticalSlash
+from tests.budgets import examples
 from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
-FEW = settings(deadline=None, max_examples=min(settings().max_examples, 8))
+FEW = examples(8)   # the interpreter is slow: 8 examples under ci, DEEP_FACTOR times that under deep
 
 
 def test_interpreter_checks():

@@ -12,14 +12,15 @@ import gc
 
 import pytest
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from sparsecc.codegen.activation_sparse import ACTIVATIONS, MAX_DECODE_TOKENS, GemvConfig
 from sparsecc.codegen.gate_sparse_ffn import gate_sparse_ffn_ref
 from sparsecc.weights import compress_2to4
+from tests.budgets import examples
 from tests.interpreter import interpreter, run_interpreter_checks  # noqa: F401 (the fixture)
 
-FEW = settings(deadline=None, max_examples=min(settings().max_examples, 15))  # the interpreter is slow
+FEW = examples(15)  # the interpreter is slow: 15 examples under ci, DEEP_FACTOR times that under deep
 KERNEL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Relative to the output scale: float32 accumulation, g and the output each rounded once to the dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

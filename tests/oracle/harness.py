@@ -15,30 +15,12 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import Phase, settings
 
 import sparsecc
 from sparsecc.backend import reset_reports, rewritten_graphs
-
-# ---------------------------------------------------------------- hypothesis budgets
-
-# ci (the default profile) keeps the whole directory to a few minutes on 2 CPU cores (about 650 cases); deep
-# gives every hypothesis test of this directory DEEP_FACTOR times its ci budget (about 13,000 cases in all).
-DEEP = settings.default.max_examples >= 1000
-DEEP_FACTOR = 20
-
-
-def examples(ci: int, expected_failure: bool = False) -> settings:
-    """Per-test budget: ``ci`` examples under the ci profile, the profile's own count otherwise.
-
-    ``expected_failure``: for tests marked xfail (a known product bug), skip shrinking and explaining the
-    failure; the explicit minimal example on each such test already is the reproduction.
-    """
-    n = ci * DEEP_FACTOR if DEEP else min(ci, settings.default.max_examples)
-    if expected_failure:
-        return settings(max_examples=max(1, n), phases=(Phase.explicit, Phase.reuse, Phase.generate))
-    return settings(max_examples=max(1, n))
-
+# Hypothesis budgets: ci keeps the whole directory to a few minutes on 2 CPU cores (about 650 cases); deep gives
+# every hypothesis test of this directory DEEP_FACTOR times its ci budget (about 13,000 cases in all).
+from tests.budgets import DEEP, DEEP_FACTOR, examples  # noqa: F401 - the tests read hn.examples
 
 # ---------------------------------------------------------------- tolerances
 
