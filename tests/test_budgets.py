@@ -12,10 +12,18 @@ def test_ci_counts_are_capped_by_the_profile_and_deep_multiplies_them(monkeypatc
     assert budgets.examples(8).deadline is None
 
 
-def test_the_interpreter_kernel_tests_take_their_budget_from_here():
-    """The kernels' property tests under the interpreter once capped deep at their ci count (``min(profile, 15)``)."""
-    import tests.codegen.test_attention_kernels as attention
-    import tests.codegen.test_dynamic_attention as dynamic
-    import tests.codegen.test_ffn_kernels as ffn
-    assert (ffn.FEW.max_examples, attention.FEW.max_examples, dynamic.FEW.max_examples) == tuple(
-        budgets.examples(n).max_examples for n in (15, 10, 8))
+def test_the_interpreter_kernel_tests_take_their_budget_from_here(monkeypatch):
+    """The kernels' property tests under the interpreter once capped deep at their ci count (``min(profile, 15)``):
+    loaded under deep, their budgets must be DEEP_FACTOR times the ci counts 15, 10 and 8."""
+    import importlib
+    modules = [importlib.import_module(f"tests.codegen.{name}")
+               for name in ("test_ffn_kernels", "test_attention_kernels", "test_dynamic_attention")]
+    monkeypatch.setattr(budgets, "DEEP", True)
+    try:
+        deep = [importlib.reload(module).FEW.max_examples for module in modules]
+    finally:
+        monkeypatch.undo()
+        for module in modules:
+            importlib.reload(module)
+    assert deep == [n * budgets.DEEP_FACTOR for n in (15, 10, 8)]
+    assert [module.FEW.max_examples for module in modules] == [15, 10, 8]   # ci again, as the suite runs them

@@ -20,7 +20,7 @@ import sparsecc
 from sparsecc.backend import reset_reports, rewritten_graphs
 # Hypothesis budgets: ci keeps the whole directory to a few minutes on 2 CPU cores (about 650 cases); deep gives
 # every hypothesis test of this directory DEEP_FACTOR times its ci budget (about 13,000 cases in all).
-from tests.budgets import DEEP, DEEP_FACTOR, examples  # noqa: F401 - the tests read hn.examples
+from tests.budgets import examples  # noqa: F401 - the tests read hn.examples
 
 # ---------------------------------------------------------------- tolerances
 
