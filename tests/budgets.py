@@ -23,6 +23,5 @@ def examples(ci: int, expected_failure: bool = False) -> settings:
     failure; the explicit minimal example on each such test already is the reproduction.
     """
     n = ci * DEEP_FACTOR if DEEP else min(ci, settings.default.max_examples)
-    if expected_failure:
-        return settings(max_examples=max(1, n), deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
-    return settings(max_examples=max(1, n), deadline=None)
+    no_shrinking = {"phases": (Phase.explicit, Phase.reuse, Phase.generate)} if expected_failure else {}
+    return settings(max_examples=max(1, n), deadline=None, **no_shrinking)
