@@ -6,7 +6,7 @@ small ci count here instead of taking the profile's own: ci then stays within th
 still raises them, by :data:`DEEP_FACTOR`.
 """
 
-from hypothesis import Phase, settings
+from hypothesis import settings
 
 DEEP = settings.default.max_examples >= 1000
 """True under the deep profile (``HYPOTHESIS_PROFILE=deep``)."""
@@ -15,13 +15,8 @@ DEEP_FACTOR = 20
 """How many times its ci count a test runs under the deep profile."""
 
 
-def examples(ci: int, expected_failure: bool = False) -> settings:
+def examples(ci: int) -> settings:
     """Per-test budget: ``ci`` examples under the ci profile (at most the profile's own count), ``ci`` times
-    :data:`DEEP_FACTOR` under deep.
-
-    ``expected_failure``: for tests marked xfail (a known product bug), skip shrinking and explaining the
-    failure; the explicit minimal example on each such test already is the reproduction.
-    """
+    :data:`DEEP_FACTOR` under deep."""
     n = ci * DEEP_FACTOR if DEEP else min(ci, settings.default.max_examples)
-    no_shrinking = {"phases": (Phase.explicit, Phase.reuse, Phase.generate)} if expected_failure else {}
-    return settings(max_examples=max(1, n), deadline=None, **no_shrinking)
+    return settings(max_examples=max(1, n), deadline=None)
