@@ -138,10 +138,15 @@ def _forward_chain(node: Node) -> Optional[Node]:
         if op.name in ("cast", "identity") and op.inputs[0] is cur:
             cur = user
             continue
-        if op.name == "matmul" and op.inputs[0] is cur and not op.params["transpose_rhs"] \
-                and op.params.get("lhs_perm") is None:
+        if _is_pv(op, cur):
             return user
         return None
+
+
+def _is_pv(op, probs: Node) -> bool:
+    """True when ``op`` is ``probs @ v``: a matmul taking the probabilities, untransposed, as its left operand."""
+    return (op.name == "matmul" and op.inputs[0] is probs and not op.params["transpose_rhs"]
+            and op.params.get("lhs_perm") is None)
 
 
 SLICED_SOFTMAX = ("the softmax runs over more logits than the keys and drops some before P @ V (e.g. attention "
@@ -162,6 +167,29 @@ def _forward_chain_past_key_slice(node: Node) -> Optional[Node]:
             or not all(i is Ellipsis or i == slice(None) for i in index[:-1]):
         return None   # not a slice of the softmax's (last) axis
     return _forward_chain(user)
+
+
+PROBABILITIES_USED_ELSEWHERE = ("the attention probabilities are also used outside P @ V (e.g. returned, as with "
+                                "output_attentions=True), so they must be computed in full")
+
+
+def _pv_beside_other_users(node: Node) -> Optional[Node]:
+    """The P @ V matmul of a softmax whose probabilities (or a cast of them) also go elsewhere, else None.
+
+    That is recognisably attention that returns or reuses its probabilities: a site the report must list.
+    """
+    frontier = [node]
+    while frontier:
+        cur = frontier.pop()
+        for user in cur.users:
+            op = op_of(user)
+            if op is None:
+                continue
+            if op.name in ("cast", "identity") and op.inputs[0] is cur:
+                frontier.append(user)
+            elif _is_pv(op, cur):
+                return user
+    return None
 
 
 def _single_user(node: Node) -> Optional[Node]:
@@ -288,8 +316,9 @@ def search_softmax(gm: GraphModule, ctx) -> List[Site]:
 
     A softmax whose result feeds ``@ v`` but whose logits are not a plain
     ``q @ kᵀ`` with scale / mask / cast steps (a tanh soft-cap, a learned
-    temperature, an intermediate used elsewhere) is still reported, as a
-    refused site with the reason.
+    temperature, an intermediate used elsewhere), or whose probabilities are
+    also used outside ``@ v``, is still reported, as a refused site with the
+    reason.
     """
     sites = []
     for node in gm.graph.nodes:
@@ -302,6 +331,11 @@ def search_softmax(gm: GraphModule, ctx) -> List[Site]:
             if pv is not None:   # recognisably attention, with extra logits: a site refused with its reason
                 debug_no_match("attention", node, SLICED_SOFTMAX)
                 sites.append(_refused_site(pv, SLICED_SOFTMAX, "softmax"))
+                continue
+            pv = _pv_beside_other_users(node)
+            if pv is not None:
+                debug_no_match("attention", node, PROBABILITIES_USED_ELSEWHERE)
+                sites.append(_refused_site(pv, PROBABILITIES_USED_ELSEWHERE, "softmax"))
                 continue
             debug_no_match("attention", node, "softmax output is not consumed only by a matmul with v")
             continue

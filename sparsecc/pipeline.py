@@ -369,9 +369,12 @@ def _rule_use(site: Site, spec) -> Tuple[set, set]:
     seq_q = site.attrs.get("seq_q")
     heads = site.attrs.get("heads") if site.kind == "attention" else None
     if not isinstance(heads, int):
-        deciding = spec.resolve(site.kind, site.module, None, seq_q)
-        return ({rule.key for rule in spec.matching(site.kind, site.module, seq_q)},
-                {deciding.key} if deciding is not None else set())
+        # No head count (FFN and linear sites; an attention site refused before its heads were read): the last
+        # rule without ``heads`` decides the site, or the heads no later rule names; a rule naming heads after it
+        # may decide some of them, so only the rules before it are overridden everywhere.
+        matching = spec.matching(site.kind, site.module, seq_q)
+        last_whole = max((i for i, rule in enumerate(matching) if rule.heads is None), default=0)
+        return {rule.key for rule in matching}, {rule.key for rule in matching[last_whole:]}
     indices = [site.attrs.get("head_offset", 0) + h for h in range(heads)]
     covering = {rule.key for rule in spec.matching("attention", site.module, seq_q)
                 if any(rule.covers_head(h) for h in indices)}

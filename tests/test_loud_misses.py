@@ -196,6 +196,24 @@ def test_a_rule_that_later_rules_override_everywhere_is_named(second, overridden
     assert ("override at every site they cover: attention[0]" in report.summary()) == bool(overridden)
 
 
+@pytest.mark.parametrize("second, overridden", [
+    ({"form": "streaming", "sink": 2, "window": 2, "heads": [1, 2]}, []),   # may decide heads 1-2, the first the rest
+    ({"form": "dense"}, ["attention[0]"]),                                  # a later rule for the whole site
+])
+def test_a_refused_site_without_a_head_count_names_only_rules_overridden_everywhere(second, overridden,
+                                                                                      eager_lowering):
+    """A refused attention site has no head count: a later rule naming heads does not override the rule before it
+    (it may leave other heads to it), a later rule for the whole site does."""
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": 1, "window": 2}, second]}
+    _compile_and_run(zoo.ReusedLogitsAttention().eval(), spec=spec)
+    report = sparsecc.last_report()
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    assert not site.applied and site.reason.startswith("not rewritable"), site.reason
+    assert report.overridden_rules() == overridden
+    assert ("override at every site they cover: attention[0]" in report.summary()) == bool(overridden)
+
+
 def test_a_rule_for_another_phase_is_not_called_overridden(eager_lowering):
     spec = {"version": 1, "defaults": {"policy": "force"},
             "attention": [{"form": "streaming", "sink": 1, "window": 2, "phase": "decode"}]}

@@ -213,3 +213,26 @@ def test_the_cache_window_of_each_layer_follows_the_models_config():
     }
     for name, (model, expected) in models.items():
         assert [model_sliding_window(layer.self_attn) for layer in model.model.layers] == expected, name
+
+
+def test_returned_attention_probabilities_keep_each_site_in_the_report(eager_lowering):
+    """With output_attentions=True, eager attention returns its probabilities: every attention site is still
+    listed, dense with the reason, so the spec's rule counts as matched; logits and probabilities stay exact."""
+    torch.manual_seed(3)
+    model = _llama("eager").eval()
+    ids = torch.randint(0, 128, (1, 24))
+    spec = {"version": 1, "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": 2,
+                                         "window": 4, "policy": "force"}]}
+    with torch.no_grad():
+        expected = model(ids, output_attentions=True)
+        out = sparsecc.compile(model, spec=spec)(ids, output_attentions=True)
+    report = sparsecc.last_report()
+    attention = [s for s in report.sites if s.kind == "attention"]
+    assert sorted(s.module for s in attention) == [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
+    for site in attention:
+        assert not site.applied and site.reason.startswith("not rewritable: the attention probabilities are also "
+                                                           "used outside P @ V"), site.reason
+    assert report.unmatched_rules() == [] and report.overridden_rules() == []
+    torch.testing.assert_close(out.logits, expected.logits)
+    for got, want in zip(out.attentions, expected.attentions, strict=True):
+        torch.testing.assert_close(got, want)

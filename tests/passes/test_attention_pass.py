@@ -59,9 +59,24 @@ def test_streaming_rewrite_matches_semantics(cls, eager_lowering):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_reused_probabilities_do_not_match():
+def test_reused_probabilities_are_a_refused_site():
+    """Probabilities that are also returned cannot be fused away: the site is listed, dense, with that reason."""
     block = zoo.ReusedLogitsAttention().eval()
     report = sparsecc.explain(block, torch.randn(1, 8, 32))
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    assert not site.applied and site.reason.startswith(
+        "not rewritable: the attention probabilities are also used outside P @ V"), site.reason
+
+
+def test_a_softmax_that_feeds_no_p_at_v_is_not_a_site():
+    """A softmax whose probabilities never meet a value matmul (a router, a classifier) is not attention."""
+
+    class Router(torch.nn.Module):
+        def forward(self, x):
+            p = torch.softmax(x @ x.transpose(-2, -1), dim=-1)
+            return p.sum(-1), p.argmax(-1)
+
+    report = sparsecc.explain(Router().eval(), torch.randn(1, 8, 32))
     assert not [s for s in report.sites if s.kind == "attention"]
 
 
