@@ -369,17 +369,23 @@ def _rule_use(site: Site, spec) -> Tuple[set, set]:
     seq_q = site.attrs.get("seq_q")
     heads = site.attrs.get("heads") if site.kind == "attention" else None
     if not isinstance(heads, int):
-        # No head count (FFN and linear sites; an attention site refused before its heads were read): the last
-        # rule without ``heads`` decides the site, or the heads no later rule names; a rule naming heads after it
-        # may decide some of them, so only the rules before it are overridden everywhere.
+        # No head count (FFN and linear sites; an attention site refused before its heads were read, which may also
+        # lack a query count): a rule decides something unless a later one covers every head and phase it does.
         matching = spec.matching(site.kind, site.module, seq_q)
-        last_whole = max((i for i, rule in enumerate(matching) if rule.heads is None), default=0)
-        return {rule.key for rule in matching}, {rule.key for rule in matching[last_whole:]}
+        return ({rule.key for rule in matching},
+                {rule.key for i, rule in enumerate(matching)
+                 if not any(_covers_all_of(later, rule, seq_q is not None) for later in matching[i + 1:])})
     indices = [site.attrs.get("head_offset", 0) + h for h in range(heads)]
     covering = {rule.key for rule in spec.matching("attention", site.module, seq_q)
                 if any(rule.covers_head(h) for h in indices)}
     deciding = (spec.resolve("attention", site.module, h, seq_q) for h in indices)
     return covering, {rule.key for rule in deciding if rule is not None}
+
+
+def _covers_all_of(later, earlier, phase_known: bool) -> bool:
+    """True when ``later`` takes every head and (unless the site's phase is known) every phase ``earlier`` names."""
+    heads = later.heads is None or (earlier.heads is not None and set(earlier.heads) <= set(later.heads))
+    return heads and (phase_known or later.phase in ("both", earlier.phase))
 
 
 def _frame_of(gm: Optional[GraphModule]) -> Optional[int]:

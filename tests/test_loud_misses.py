@@ -199,13 +199,17 @@ def test_a_rule_that_later_rules_override_everywhere_is_named(second, overridden
 @pytest.mark.parametrize("second, overridden", [
     ({"form": "streaming", "sink": 2, "window": 2, "heads": [1, 2]}, []),   # may decide heads 1-2, the first the rest
     ({"form": "dense"}, ["attention[0]"]),                                  # a later rule for the whole site
+    ({"form": "dense", "phase": "decode"}, []),                             # the first may still decide prefill
+    ({"form": "dense", "phase": "decode", "first": {"phase": "decode"}}, ["attention[0]"]),
+    ({"form": "dense", "heads": [0, 1, 2], "first": {"heads": [0, 1]}}, ["attention[0]"]),   # every head it names
 ])
 def test_a_refused_site_without_a_head_count_names_only_rules_overridden_everywhere(second, overridden,
                                                                                       eager_lowering):
-    """A refused attention site has no head count: a later rule naming heads does not override the rule before it
-    (it may leave other heads to it), a later rule for the whole site does."""
-    spec = {"version": 1, "defaults": {"policy": "force"},
-            "attention": [{"form": "streaming", "sink": 1, "window": 2}, second]}
+    """A refused attention site has no head or query count: a later rule overrides the rule before it only when it
+    takes every head and every phase that rule names."""
+    second = dict(second)
+    first = {"form": "streaming", "sink": 1, "window": 2, **second.pop("first", {})}
+    spec = {"version": 1, "defaults": {"policy": "force"}, "attention": [first, second]}
     _compile_and_run(zoo.ReusedLogitsAttention().eval(), spec=spec)
     report = sparsecc.last_report()
     (site,) = [s for s in report.sites if s.kind == "attention"]
