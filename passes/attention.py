@@ -125,22 +125,37 @@ def _new_axis_source(node: Node, axis: int) -> Optional[Node]:
     return None
 
 
-def _forward_chain(node: Node) -> Optional[Node]:
-    """Follow casts / eval dropout from the softmax to the P @ V matmul; None if the chain branches."""
-    cur = node
-    while True:
-        user = _single_user(cur)
-        if user is None:
-            return None
-        op = op_of(user)
-        if op is None:
-            return None
-        if op.name in ("cast", "identity") and op.inputs[0] is cur:
-            cur = user
-            continue
-        if _is_pv(op, cur):
-            return user
-        return None
+@dataclass(frozen=True)
+class _ProbabilityPath:
+    """How a softmax's probabilities reach their P @ V matmul."""
+
+    pv: Node
+    branched: bool   # a node on the way (the softmax included) also feeds something else
+    sliced: bool     # a slice of the last axis drops some probabilities first (attention sinks' extra logits)
+
+
+def _path_to_pv(softmax: Node) -> Optional[_ProbabilityPath]:
+    """Walk from a softmax through casts, eval dropout and at most one slice of its last axis to ``P @ V``.
+
+    Every branch is followed, so probabilities that are also returned still lead to their matmul; the path
+    says whether it branched or sliced. None when no ``@ v`` matmul is reached (a router, a classifier).
+    Any node on the path with another user sets ``branched``: all of them are visited before the matmul is.
+    """
+    frontier, branched = [(softmax, False)], False
+    while frontier:
+        cur, sliced = frontier.pop()
+        branched |= len(cur.users) > 1
+        for user in cur.users:
+            op = op_of(user)
+            if op is None:
+                continue
+            if op.name in ("cast", "identity") and op.inputs[0] is cur:
+                frontier.append((user, sliced))
+            elif not sliced and _is_last_axis_slice(op, cur):
+                frontier.append((user, True))
+            elif _is_pv(op, cur):
+                return _ProbabilityPath(user, branched, sliced)
+    return None
 
 
 def _is_pv(op, probs: Node) -> bool:
@@ -149,52 +164,41 @@ def _is_pv(op, probs: Node) -> bool:
             and op.params.get("lhs_perm") is None)
 
 
-SLICED_SOFTMAX = ("the softmax runs over more logits than the keys and drops some before P @ V (e.g. attention "
-                  "sinks: a learned logit per head beside the keys); no sparse form keeps that normalisation")
-
-
-def _forward_chain_past_key_slice(node: Node) -> Optional[Node]:
-    """The P @ V matmul reached from a softmax through a slice of its last axis (``probs[..., :-1]``), else None."""
-    user = _single_user(node)
-    op = op_of(user) if user is not None else None
-    if op is None or op.name != "getitem" or op.inputs[0] is not node:
-        return None
+def _is_last_axis_slice(op, src: Node) -> bool:
+    """True when ``op`` is ``src[..., a:b]``: a proper slice of the last axis and nothing else."""
+    if op.name != "getitem" or op.inputs[0] is not src:
+        return False
     index = op.params["index"]
     index = index if isinstance(index, tuple) else (index,)
-    shape = shape_of(node)
+    shape = shape_of(src)
     last_axis = bool(index) and (index[0] is Ellipsis or (shape is not None and len(index) == len(shape)))
-    if not last_axis or not isinstance(index[-1], slice) or index[-1] == slice(None) \
-            or not all(i is Ellipsis or i == slice(None) for i in index[:-1]):
-        return None   # not a slice of the softmax's (last) axis
-    return _forward_chain(user)
+    return (last_axis and isinstance(index[-1], slice) and index[-1] != slice(None)
+            and all(i is Ellipsis or i == slice(None) for i in index[:-1]))
 
 
+SLICED_SOFTMAX = ("the softmax runs over more logits than the keys and drops some before P @ V (e.g. attention "
+                  "sinks: a learned logit per head beside the keys); no sparse form keeps that normalisation")
 PROBABILITIES_USED_ELSEWHERE = ("the attention probabilities are also used outside P @ V (e.g. returned, as with "
                                 "output_attentions=True), so they must be computed in full")
+LOGITS_NOT_QK = ("the logits are not q @ kᵀ with only scale / mask / cast steps (e.g. a soft-cap, a learned "
+                 "temperature or a bias that is not a mask), or an intermediate is used elsewhere")
 
 
-def _pv_beside_other_users(node: Node) -> Optional[Node]:
-    """The P @ V matmul of a softmax whose probabilities (or a cast of them) also go elsewhere, else None.
+def _path_refusal(softmax_op, path: _ProbabilityPath) -> Optional[str]:
+    """Why a softmax whose path to P @ V slices or branches cannot be rewritten (every reason), else None.
 
-    That is recognisably attention that returns or reuses its probabilities: a site the report must list.
+    Logits that are not q @ kᵀ are named first when the path branches: a softmax that is not attention at all
+    (a soft quantiser whose weights meet a matmul and something else) then reads as such. Sliced logits are not
+    q @ kᵀ by construction (the extra logits are concatenated), so the slice alone is named for them.
     """
-    frontier = [node]
-    while frontier:
-        cur = frontier.pop()
-        for user in cur.users:
-            op = op_of(user)
-            if op is None:
-                continue
-            if op.name in ("cast", "identity") and op.inputs[0] is cur:
-                frontier.append(user)
-            elif _is_pv(op, cur):
-                return user
-    return None
-
-
-def _single_user(node: Node) -> Optional[Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
+    reasons = []
+    if path.sliced:
+        reasons.append(SLICED_SOFTMAX)
+    elif path.branched and _peel_logits(softmax_op.inputs[0], []) is None:
+        reasons.append(LOGITS_NOT_QK)
+    if path.branched:
+        reasons.append(PROBABILITIES_USED_ELSEWHERE)
+    return "; ".join(reasons) or None
 
 
 def _peel_logits(node: Node, nodes: List[Node]) -> Optional[Tuple[Node, float, List[MaskTerm], str]]:
@@ -325,20 +329,16 @@ def search_softmax(gm: GraphModule, ctx) -> List[Site]:
         op = op_of(node)
         if op is None or op.name != "softmax":
             continue
-        pv = _forward_chain(node)
-        if pv is None:
-            pv = _forward_chain_past_key_slice(node)
-            if pv is not None:   # recognisably attention, with extra logits: a site refused with its reason
-                debug_no_match("attention", node, SLICED_SOFTMAX)
-                sites.append(_refused_site(pv, SLICED_SOFTMAX, "softmax"))
-                continue
-            pv = _pv_beside_other_users(node)
-            if pv is not None:
-                debug_no_match("attention", node, PROBABILITIES_USED_ELSEWHERE)
-                sites.append(_refused_site(pv, PROBABILITIES_USED_ELSEWHERE, "softmax"))
-                continue
-            debug_no_match("attention", node, "softmax output is not consumed only by a matmul with v")
+        path = _path_to_pv(node)
+        if path is None:
+            debug_no_match("attention", node, "softmax output is not consumed by a matmul with v")
             continue
+        why = _path_refusal(op, path)
+        if why:   # recognisably attention (or shaped like it): a site refused with its reasons
+            debug_no_match("attention", node, why)
+            sites.append(_refused_site(path.pv, why, "softmax"))
+            continue
+        pv = path.pv
         matched = _match_softmax(node, op, pv)
         if isinstance(matched, str):
             debug_no_match("attention", node, matched)
@@ -354,8 +354,7 @@ def _match_softmax(node: Node, op, pv: Node):
     chain: List[Node] = []
     peeled = _peel_logits(op.inputs[0], chain)
     if peeled is None:
-        return ("the logits are not q @ kᵀ with only scale / mask / cast steps (e.g. a soft-cap, a learned "
-                "temperature or a bias that is not a mask), or an intermediate is used elsewhere")
+        return LOGITS_NOT_QK
     qk, scale, masks, _ = peeled
     if len(qk.users) != 1:
         return "the q @ kᵀ product is used elsewhere"

@@ -146,10 +146,8 @@ def test_a_tied_lm_head_is_named_lm_head(name, head, embedding, eager_lowering):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_attention_sinks_stay_dense_with_their_reason(eager_lowering):
-    """GPT-OSS normalises each head's keys together with a learned sink logit: no sparse form keeps that, so a
-    rule covering its attention leaves every layer dense and the report says why (the site is not missing)."""
-    torch.manual_seed(4)
+def _gpt_oss_with_a_streaming_spec():
+    """A small GPT-OSS (attention sinks, eager experts), its input and a spec covering every attention site."""
     cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=LAYERS,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                     num_experts_per_tok=2, sliding_window=8, experts_implementation="eager")
@@ -157,6 +155,14 @@ def test_attention_sinks_stay_dense_with_their_reason(eager_lowering):
     ids = torch.randint(0, 128, (1, 20))
     spec = {"version": 1, "defaults": {"policy": "force"},
             "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": 4, "window": 8}]}
+    return model, ids, spec
+
+
+def test_attention_sinks_stay_dense_with_their_reason(eager_lowering):
+    """GPT-OSS normalises each head's keys together with a learned sink logit: no sparse form keeps that, so a
+    rule covering its attention leaves every layer dense and the report says why (the site is not missing)."""
+    torch.manual_seed(4)
+    model, ids, spec = _gpt_oss_with_a_streaming_spec()
     with torch.no_grad():
         expected = _output(model(ids))
         out = _output(sparsecc.compile(model, spec=spec, kernels="reference")(ids))
@@ -164,6 +170,26 @@ def test_attention_sinks_stay_dense_with_their_reason(eager_lowering):
     assert [s.module for s in sites] == [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
     assert all(not s.applied and "softmax runs over more logits than the keys" in s.reason for s in sites)
     torch.testing.assert_close(out, expected)
+
+
+def test_gpt_oss_returning_its_attention_probabilities_keeps_each_site(eager_lowering):
+    """Under output_attentions=True GPT-OSS returns the sink-sliced probabilities: each layer is still a listed
+    site, dense with both reasons, and the returned probabilities equal the eager model's."""
+    torch.manual_seed(4)
+    model, ids, spec = _gpt_oss_with_a_streaming_spec()
+    with torch.no_grad():
+        expected = model(ids, output_attentions=True)
+        out = sparsecc.compile(model, spec=spec, kernels="reference")(ids, output_attentions=True)
+    report = sparsecc.last_report()
+    sites = [s for s in report.sites if s.kind == "attention"]
+    assert [s.module for s in sites] == [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
+    for site in sites:
+        assert not site.applied and "softmax runs over more logits than the keys" in site.reason, site.reason
+        assert "the attention probabilities are also used outside P @ V" in site.reason, site.reason
+    assert report.unmatched_rules() == []
+    torch.testing.assert_close(out.logits, expected.logits)
+    for got, want in zip(out.attentions, expected.attentions, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_graph_breaks_inside_the_layers_keep_the_model_paths(eager_lowering):

@@ -159,18 +159,48 @@ class SinkLogits(nn.Module):
         return probs[..., :-1] @ v
 
 
-REFUSALS = {"softcap": (SoftCapped, "the logits are not q @ kᵀ"), "temperature": (LearnedTemperature,
-            "the logits are not q @ kᵀ"), "sinks": (SinkLogits, "the softmax runs over more logits than the keys")}
+class SinkLogitsReturned(SinkLogits):
+    """GPT-OSS's eager attention under output_attentions=True: the sliced probabilities are also returned."""
+
+    def forward(self, q, k, v):
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        probs = torch.cat([logits, sinks], dim=-1).softmax(-1)[..., :-1]
+        return probs @ v, probs
+
+
+class SoftQuantiser(nn.Module):
+    """Not attention: soft code assignments that weight a codebook and are also returned (a soft VQ)."""
+
+    def __init__(self):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.randn(4, 8, 16))
+
+    def forward(self, q, k, v):
+        weights = (-torch.cdist(q, self.codebook.unsqueeze(0).expand(q.shape[0], -1, -1, -1))).softmax(-1)
+        return weights @ self.codebook, weights
+
+
+USED_ELSEWHERE = "the attention probabilities are also used outside P @ V"
+REFUSALS = {"softcap": (SoftCapped, ["the logits are not q @ kᵀ"]),
+            "temperature": (LearnedTemperature, ["the logits are not q @ kᵀ"]),
+            "sinks": (SinkLogits, ["the softmax runs over more logits than the keys"]),
+            "sinks_returned": (SinkLogitsReturned, ["the softmax runs over more logits than the keys",
+                                                    USED_ELSEWHERE]),
+            "soft_quantiser": (SoftQuantiser, ["the logits are not q @ kᵀ", USED_ELSEWHERE])}
 
 
 @pytest.mark.parametrize("name", sorted(REFUSALS))
 def test_refused_attention_is_in_the_report_with_its_reason(name, eager_lowering):
-    factory, reason = REFUSALS[name]
+    factory, reasons = REFUSALS[name]
     model = factory()
     q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
     with torch.no_grad():
         expected = model(q, k, v)
         out = sparsecc.compile(model, spec=_spec(), kernels="reference")(q, k, v)
     (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
-    assert not site.applied and site.reason.startswith("not rewritable: " + reason)
+    assert not site.applied and site.reason.startswith("not rewritable: " + reasons[0]), site.reason
+    positions = [site.reason.find(reason) for reason in reasons]
+    assert -1 not in positions and positions == sorted(positions), site.reason
+    assert (USED_ELSEWHERE in site.reason) == (USED_ELSEWHERE in reasons), site.reason
     torch.testing.assert_close(out, expected)
