@@ -35,6 +35,20 @@ def test_every_compile_warns_with_its_summary(eager_lowering):
         _compile_and_run(zoo.SdpaAttention().eval(), spec=STREAMING)
 
 
+def test_the_summary_names_the_spec_file_of_the_rules_that_matched_nothing(tmp_path, eager_lowering):
+    """The summary is one log line, read without the report's header: it says which file the keys are in."""
+    path = tmp_path / "model.toml"
+    path.write_text('version = 1\n[[attention]]\nmodules = "nope.*"\nform = "streaming"\nsink = 1\nwindow = 2\n')
+    with pytest.warns(SparseccWarning) as caught:
+        _compile_and_run(zoo.SdpaAttention().eval(), spec=str(path))
+    (summary,) = [str(w.message) for w in caught if isinstance(w.message, SparseccWarning)]
+    assert summary.endswith(f"rules that matched nothing: attention[0] (modules='nope.*') (spec {path})"), summary
+    torch._dynamo.reset()
+    with pytest.warns(SparseccWarning, match=r"attention\[0\] \(modules='nope\.\*'\) \(spec <inline spec>\)"):
+        _compile_and_run(zoo.SdpaAttention().eval(), spec={"version": 1, "attention": [
+            {"modules": "nope.*", "form": "streaming", "sink": 1, "window": 2}]})
+
+
 def test_a_rule_naming_modules_without_sites_is_told_from_a_typo(eager_lowering):
     """A glob that names modules of the model, none holding a site of its kind (an FFN rule on an attention
     block, as on MoE experts), is not a typo: the summary names one such module; a typo names none."""

@@ -226,6 +226,8 @@ class Report:
         # With graph breaks each graph adds its sites: a rule may still match in a graph compiled later.
         so_far = f" in the {self.graphs} graphs so far" if self.graphs > 1 else ""
         line += f"; rules that matched nothing{so_far}: " + (", ".join(unmatched) if unmatched else "none")
+        if unmatched and self.spec is not None:
+            line += f" (spec {self.spec})"   # the warning stands alone in a log: say which file the keys are in
         overridden = self.overridden_rules()
         if overridden:
             line += f"; rules that later rules override at every site they cover{so_far}: {', '.join(overridden)}"
