@@ -131,31 +131,39 @@ class _ProbabilityPath:
 
     pv: Node
     branched: bool   # a node on the way (the softmax included) also feeds something else
-    sliced: bool     # a slice of the last axis drops some probabilities first (attention sinks' extra logits)
+    sliced: bool     # every P @ V reached is behind a slice of the last axis (attention sinks' extra logits)
+    dropout: object  # the p of a training-mode dropout on the way to every P @ V reached, else None
 
 
 def _path_to_pv(softmax: Node) -> Optional[_ProbabilityPath]:
-    """Walk from a softmax through casts, eval dropout and at most one slice of its last axis to ``P @ V``.
+    """Walk from a softmax through casts, dropout and at most one slice of its last axis to ``P @ V``.
 
-    Every branch is followed, so probabilities that are also returned still lead to their matmul; the path
-    says whether it branched or sliced. None when no ``@ v`` matmul is reached (a router, a classifier).
-    Any node on the path with another user sets ``branched``: all of them are visited before the matmul is.
+    Every branch is followed to its end, so probabilities that are also returned still lead to their matmul, and
+    the answer does not depend on the order of the users: a matmul reached without a slice or a training-mode
+    dropout is preferred, and the path counts as sliced (dropped out) only when every matmul reached is behind
+    one. It branched when any node walked has another user (on an unbranched path those are exactly the path's
+    nodes). None when no ``@ v`` matmul is reached (a router, a classifier).
     """
-    frontier, branched = [(softmax, False)], False
+    frontier, branched, reached = [(softmax, False, None)], False, []
     while frontier:
-        cur, sliced = frontier.pop()
+        cur, sliced, dropout = frontier.pop()
         branched |= len(cur.users) > 1
         for user in cur.users:
             op = op_of(user)
-            if op is None:
+            if op is None or not op.inputs or op.inputs[0] is not cur:
                 continue
-            if op.name in ("cast", "identity") and op.inputs[0] is cur:
-                frontier.append((user, sliced))
+            if op.name in ("cast", "identity"):
+                frontier.append((user, sliced, dropout))
+            elif op.name == "dropout" and dropout is None:
+                frontier.append((user, sliced, op.params["p"]))
             elif not sliced and _is_last_axis_slice(op, cur):
-                frontier.append((user, True))
+                frontier.append((user, True, dropout))
             elif _is_pv(op, cur):
-                return _ProbabilityPath(user, branched, sliced)
-    return None
+                reached.append((sliced, dropout is not None, dropout, user))
+    if not reached:
+        return None
+    sliced, _, dropout, pv = min(reached, key=lambda r: r[:2])   # the plainest matmul, else the first one found
+    return _ProbabilityPath(pv, branched, sliced, dropout)
 
 
 def _is_pv(op, probs: Node) -> bool:
@@ -185,17 +193,21 @@ LOGITS_NOT_QK = ("the logits are not q @ kᵀ with only scale / mask / cast step
 
 
 def _path_refusal(softmax_op, path: _ProbabilityPath) -> Optional[str]:
-    """Why a softmax whose path to P @ V slices or branches cannot be rewritten (every reason), else None.
+    """Why a softmax whose path to P @ V slices, drops out or branches cannot be rewritten (every reason), else
+    None.
 
-    Logits that are not q @ kᵀ are named first when the path branches: a softmax that is not attention at all
-    (a soft quantiser whose weights meet a matmul and something else) then reads as such. Sliced logits are not
-    q @ kᵀ by construction (the extra logits are concatenated), so the slice alone is named for them.
+    Logits that are not q @ kᵀ are named first when the path branches or drops out: a softmax that is not
+    attention at all (a soft quantiser whose weights meet a matmul and something else) then reads as such. Sliced
+    logits are not q @ kᵀ by construction (the extra logits are concatenated), so the slice alone is named.
     """
     reasons = []
     if path.sliced:
         reasons.append(SLICED_SOFTMAX)
-    elif path.branched and _peel_logits(softmax_op.inputs[0], []) is None:
+    elif (path.branched or path.dropout is not None) and _peel_logits(softmax_op.inputs[0], []) is None:
         reasons.append(LOGITS_NOT_QK)
+    if path.dropout is not None:
+        reasons.append(f"training-mode dropout (p={path.dropout!r}) between the softmax and P @ V: no sparse form "
+                       "draws its random mask (compile the model in eval mode)")
     if path.branched:
         reasons.append(PROBABILITIES_USED_ELSEWHERE)
     return "; ".join(reasons) or None

@@ -35,8 +35,8 @@ class CanonicalOp:
     """One node in the canonical vocabulary.
 
     ``name`` is one of: linear, addmm, matmul, transpose, softmax, scale, add,
-    masked_fill, cast, identity, repeat_kv, sdpa, pointwise, chunk, getitem,
-    view. ``inputs`` are the tensor operands in a fixed order per name;
+    masked_fill, cast, identity, dropout (training mode, p > 0), repeat_kv, sdpa,
+    pointwise, chunk, getitem, view. ``inputs`` are the tensor operands in a fixed order per name;
     ``params`` holds the non-tensor arguments the matchers need.
     """
 
@@ -210,7 +210,9 @@ def _canonical_function(node: Node, fn) -> Optional[CanonicalOp]:
             p, training = _kw(node, 1, "p", 0.5), _kw(node, 2, "training", True)
         if training is False or p == 0:
             return CanonicalOp("identity", (args[0],))
-        return None
+        # Kept as its own op so a matcher can name it (attention reports a training-mode dropout as the reason
+        # a site is refused); no matcher steps through it.
+        return CanonicalOp("dropout", (args[0],), {"p": p})
     if fn in _ADD_FUNCS and len(args) == 2 and not node.kwargs:
         return _binary(node, "add", args)
     if fn in _MUL_FUNCS and len(args) == 2:

@@ -146,6 +146,24 @@ def test_a_tied_lm_head_is_named_lm_head(name, head, embedding, eager_lowering):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_training_mode_attention_dropout_is_a_refused_site_with_its_reason():
+    """BERT in training mode drops out its attention probabilities: each site is listed, dense, saying so (the
+    rule counts as matched, not as naming modules without sites); in eval mode the same spec rewrites them."""
+    model = _bert("eager").train()
+    ids = torch.randint(0, 128, (1, 16))
+    spec = {"version": 1, "attention": [{"modules": "encoder.layer.*.attention.self", "form": "streaming",
+                                         "sink": 1, "window": 4, "policy": "force"}]}
+    report = sparsecc.explain(model, ids, spec=spec)
+    sites = [s for s in report.sites if s.kind == "attention"]
+    assert [s.module for s in sites] == [f"encoder.layer.{i}.attention.self" for i in range(LAYERS)]
+    for site in sites:
+        assert not site.applied and site.reason.startswith(
+            "not rewritable: training-mode dropout (p=0.1) between the softmax and P @ V"), site.reason
+    assert report.unmatched_rules() == []
+    report = sparsecc.explain(model.eval(), ids, spec=spec)
+    assert [s.applied for s in report.sites if s.kind == "attention"] == [True] * LAYERS
+
+
 def _gpt_oss_with_a_streaming_spec():
     """A small GPT-OSS (attention sinks, eager experts), its input and a spec covering every attention site."""
     cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=LAYERS,
