@@ -54,6 +54,22 @@ def check_attention(site: Site, ctx) -> Decision:
     return decision
 
 
+def _imported_head_count_mismatch(spec, heads: int) -> Optional[str]:
+    """Why an imported spec's head lists cannot be trusted at a site of ``heads`` query heads, else None.
+
+    An importer that maps per-KV-head data onto query heads (DuoAttention) records the query head count it was
+    given in ``meta.import.options.query_heads``; at a site with another count, KV head ``kv``'s rules name
+    other query heads than ``kv``'s group, so the spec would sparsify the wrong heads without any error.
+    """
+    options = spec.meta.get("import", {}).get("options", {})
+    imported = options.get("query_heads") if hasattr(options, "get") else None
+    if not isinstance(imported, int) or isinstance(imported, bool) or imported == heads:
+        return None
+    return (f"the spec was imported for {imported} query heads (meta.import.options.query_heads) and this "
+            f"attention site has {heads}: its head lists would name other heads than the imported ones; import "
+            f"it again with query_heads={heads} (--query-heads {heads})")
+
+
 def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     if site.match is None:
         return Decision(False, None, f"not rewritable: {site.attrs['refused']}")
@@ -70,13 +86,20 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         keys = ", ".join(r.key for r in rules)
         here = "decode (one query)" if seq_q == 1 else "prefill (more than one query)"
         phases = " / ".join(sorted({r.phase for r in rules}))
-        return Decision(False, None, f"{keys} apply at {phases} only; this site is {here}", rule=keys,
+        verb = "applies" if len(rules) == 1 else "apply"
+        return Decision(False, None, f"{keys} {verb} at {phases} only; this site is {here}", rule=keys,
                         policy=ctx.spec.policy_for(rules[-1]))
     rules = at_phase
     heads = size_hint(site.attrs["heads"])
     # Tensor parallelism (passes/tensor_parallel.py): this rank holds global heads offset .. offset + heads - 1
     # of total; a spec's head indices are global.
     offset, total = site.attrs.get("head_offset", 0), site.attrs.get("global_heads", heads)
+    mismatch = _imported_head_count_mismatch(ctx.spec, total)
+    if mismatch:   # its head lists were laid out for another model: they would name the wrong heads here
+        if mismatch not in ctx.warnings:
+            ctx.warnings.append(mismatch)
+        keys = ", ".join(r.key for r in rules)
+        return Decision(False, None, mismatch, rule=keys, policy=ctx.spec.policy_for(rules[-1]))
     # docs/spec.md: each head's rule is the last rule in force that covers it (None: no rule covers the head)
     per_head = [ctx.spec.resolve("attention", site.module, offset + h, seq_q) for h in range(heads)]
     ignored = {h for rule in rules if rule.heads is not None for h in rule.heads if h >= total}
@@ -91,11 +114,12 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
     if not in_force:
         keys = ", ".join(r.key for r in rules)
+        verb = "names" if len(rules) == 1 else "name"
         if total != heads and len(ignored) < len({h for r in rules if r.heads is not None for h in r.heads}):
-            return Decision(False, None, f"{keys} name only heads that other ranks hold (tensor parallel: this "
+            return Decision(False, None, f"{keys} {verb} only heads that other ranks hold (tensor parallel: this "
                             f"rank holds heads {site.attrs['holds_heads']} of {total})", rule=keys,
                             policy=ctx.spec.policy_for(rules[-1]))
-        return Decision(False, None, f"{keys} name only heads {sorted(ignored)}, which do not exist (the site "
+        return Decision(False, None, f"{keys} {verb} only heads {sorted(ignored)}, which do not exist (the site "
                         f"has {heads} heads)", rule=keys, policy=ctx.spec.policy_for(rules[-1]))
     sparse = [r for r in per_head if r is not None and not isinstance(r.form, Dense)]
     if not sparse:

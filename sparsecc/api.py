@@ -300,6 +300,11 @@ def calibrate(model, batches: Iterable, spec, progress: bool = True) -> Spec:
         raise ValueError(f"calibrate: {sharded} is a DTensor (tensor parallelism); thresholds are quantiles over "
                          "whole activations, so calibrate the unsharded model (before parallelize_module) and "
                          "compile the parallel model with the returned spec (docs/distributed.md)")
+    if isinstance(batches, (torch.Tensor, dict)):
+        # Iterating one tensor would feed its rows, one dimension short, as batches of their own.
+        raise TypeError(f"calibrate: batches is one {type(batches).__name__}; expected an iterable of batches "
+                        "(e.g. [input_ids] or a DataLoader), each a tuple of positional arguments, a dict of "
+                        "keyword arguments, or a tensor")
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate needs at least one batch")

@@ -71,6 +71,31 @@ def test_cli_check_spec(tmp_path, capsys):
     assert "ok" in out and "streaming(sink=4, window=16)" in out
 
 
+def test_a_target_sparsity_without_thresholds_is_said_to_need_calibration(tmp_path, capsys):
+    """Valid, but every site it decides stays dense: check-spec and the compile's summary both say so."""
+    path = tmp_path / "target.toml"
+    path.write_text('version = 1\n[[ffn]]\nform = "activation_threshold"\nmode = "gate"\nsparsity = 0.5\n'
+                    'policy = "force"\n')
+    assert cli.main(["check-spec", str(path)]) == 0
+    assert "note: ffn[0] gives a target sparsity but no threshold" in capsys.readouterr().out
+    with pytest.warns(sparsecc.SparseccWarning, match=r"ffn\[0\] gives a target sparsity but no threshold: the "
+                                                       r"FFN sites it decides stay dense until sparsecc.calibrate"):
+        with torch.no_grad():
+            sparsecc.compile(zoo.TwoMlps().eval(), spec=str(path), kernels="reference")(torch.randn(1, 4, 32))
+    assert [s.applied for s in sparsecc.last_report().sites if s.kind == "ffn"] == [False, False]
+
+
+def test_calibrate_names_one_tensor_given_as_its_batches():
+    spec = {"version": 1, "ffn": [{"form": "activation_threshold", "mode": "gate", "sparsity": 0.5}]}
+    with pytest.raises(TypeError, match="calibrate: batches is one Tensor; expected an iterable of batches"):
+        sparsecc.calibrate(zoo.TwoMlps().eval(), torch.randn(2, 4, 32), spec, progress=False)
+
+
+def test_python_dash_m_sparsecc_is_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "sparsecc", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "check-spec" in result.stdout, result.stderr
+
+
 def test_cli_check_spec_reports_errors(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text('version = 1\n[[attention]]\nform = "streaming"\nsink = 4\nwindow = -1\n')

@@ -219,6 +219,23 @@ def test_duo_import_compiles_and_applies(eager_lowering):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_duo_import_for_another_head_count_stays_dense_and_says_so(eager_lowering):
+    """Imported for 2 query heads, compiled on sites of 4: KV head 1's rule would name query head 1 (KV head 0's
+    group) instead of 2 and 3. Each covered site stays dense with the reason, and the compile's summary warns."""
+    spec = import_duo_attention(DATA / "duo", query_heads=2, modules_template="layers.{layer}", policy="force")
+    assert [r.heads for r in spec.attention] == [(1,), (0,)]
+    model = AttentionStack(3).eval()
+    x = torch.randn(1, 11, 32)
+    with pytest.warns(sparsecc.SparseccWarning, match=r"imported for 2 query heads .* this attention site has 4"):
+        with torch.no_grad():
+            out = sparsecc.compile(model, spec=spec, kernels="reference")(x)
+    sites = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert [(s.module, s.applied) for s in sites] == [("layers.0", False), ("layers.1", False), ("layers.2", False)]
+    assert all("import it again with query_heads=4 (--query-heads 4)" in s.reason for s in sites[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+
+
 def test_duo_errors():
     with pytest.raises(SpecError, match="row 1 has 1 values but row 0 has 2") as info:
         import_duo_attention(DATA / "duo_ragged.tsv", query_heads=4, sink=1, recent=1)

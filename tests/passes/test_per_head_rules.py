@@ -62,7 +62,7 @@ def test_the_last_covering_sparse_rule_sets_the_policy_force(eager_lowering):
 def test_a_rule_naming_only_missing_heads_says_so(eager_lowering):
     out, site, (q, k, v) = _run([_rule([7, 9], "force")])
     assert not site.applied
-    assert site.reason == "attention[0] name only heads [7, 9], which do not exist (the site has 4 heads)"
+    assert site.reason == "attention[0] names only heads [7, 9], which do not exist (the site has 4 heads)"
     torch.testing.assert_close(out.double(), _expected(q, k, v, streaming_heads=()), atol=1e-6, rtol=1e-6)
 
 
