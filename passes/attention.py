@@ -132,7 +132,7 @@ class _ProbabilityPath:
     pv: Node
     branched: bool   # a node on the way (the softmax included) also feeds something else
     sliced: bool     # every P @ V reached is behind a slice of the last axis (attention sinks' extra logits)
-    dropout: object  # the p of a training-mode dropout on the way to every P @ V reached, else None
+    dropout: Optional[float]   # the p of a training-mode dropout on the way to every P @ V reached, else None
 
 
 def _path_to_pv(softmax: Node) -> Optional[_ProbabilityPath]:

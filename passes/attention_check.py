@@ -96,8 +96,7 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
     offset, total = site.attrs.get("head_offset", 0), site.attrs.get("global_heads", heads)
     mismatch = _imported_head_count_mismatch(ctx.spec, total)
     if mismatch:   # its head lists were laid out for another model: they would name the wrong heads here
-        if mismatch not in ctx.warnings:
-            ctx.warnings.append(mismatch)
+        ctx.warn_once(mismatch)
         keys = ", ".join(r.key for r in rules)
         return Decision(False, None, mismatch, rule=keys, policy=ctx.spec.policy_for(rules[-1]))
     # docs/spec.md: each head's rule is the last rule in force that covers it (None: no rule covers the head)
@@ -108,8 +107,7 @@ def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
         if missing:   # a spec written for another model: said in the compile's warning, not only in the report
             note = (f"{rule.key} names heads {missing}, which attention sites of {total} heads (0-{total - 1}) "
                     "do not have; they are ignored")
-            if note not in ctx.warnings:
-                ctx.warnings.append(note)
+            ctx.warn_once(note)
     resolved.append(per_head)
     in_force = sorted({id(r): r for r in per_head if r is not None}.values(), key=lambda r: r.index)
     if not in_force:

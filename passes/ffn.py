@@ -272,11 +272,7 @@ def check_ffn(site: Site, ctx) -> Decision:
     form = rule.form
     estimate = _estimate(site, form, ctx)
     if not form.calibrated:
-        # Every site of such a rule stays dense: said in the compile's summary too, not only per site.
-        note = (f"{rule.key} gives a target sparsity but no threshold: the FFN sites it decides stay dense until "
-                "sparsecc.calibrate fills it in")
-        if note not in ctx.warnings:
-            ctx.warnings.append(note)
+        ctx.warn_once(form.uncalibrated_note(rule.key))   # every site of the rule stays dense: said in the summary
         return fallback(form, rule.key, policy, f"{rule.key} gives a target sparsity but no threshold; "
                         "run sparsecc.calibrate to fill it in", estimate)
     m: FfnMatch = site.match

@@ -277,8 +277,7 @@ def _uses_cudagraphs(opts: BackendOptions, ctx: CompileContext) -> bool:
     device = _device_of(ctx.example_inputs).type
     if device != "cuda":
         note = f"cudagraphs=True is ignored for a graph on {device}: CUDA graphs replay CUDA work only"
-        if note not in ctx.warnings:
-            ctx.warnings.append(note)   # in the report and the compile's summary, not only Inductor's silence
+        ctx.warn_once(note)   # in the report and the compile's summary, not only Inductor's silence
         return True
     refusal = _cudagraphs_refusal(opts, ctx)
     if refusal is not None:

@@ -167,8 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(spec)
             for rule in spec.ffn:   # valid, but a no-op until calibrated: said here rather than at the first compile
                 if not getattr(rule.form, "calibrated", True):
-                    print(f"note: {rule.key} gives a target sparsity but no threshold; its FFN sites stay dense "
-                          "until sparsecc.calibrate fills it in")
+                    print(f"note: {rule.form.uncalibrated_note(rule.key)}")
             return 0
         if args.command == "calibrate-hw":
             return _calibrate_hw(args)

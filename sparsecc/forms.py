@@ -322,6 +322,12 @@ class ActivationThreshold:
         """True when at least one projection has a threshold (a bare sparsity target needs calibration)."""
         return bool(self.thresholds)
 
+    @staticmethod
+    def uncalibrated_note(rule_key: str) -> str:
+        """What check-spec and the compile's summary say of a rule whose form is not :attr:`calibrated`."""
+        return (f"{rule_key} gives a target sparsity but no threshold: the FFN sites it decides stay dense until "
+                "sparsecc.calibrate fills it in")
+
     def __str__(self) -> str:
         taus = ", ".join(f"{k}={v:g}" for k, v in self.thresholds)
         target = f", sparsity={self.sparsity:g}" if self.sparsity is not None else ""

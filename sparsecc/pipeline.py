@@ -76,6 +76,11 @@ class CompileContext:
         """True when a Triton kernel exists for ``op_name`` on ``device``."""
         return ops.has_triton_kernel(op_name, device)
 
+    def warn_once(self, note: str) -> None:
+        """Add ``note`` to the report's notes and the compile's summary, once however many sites raise it."""
+        if note not in self.warnings:
+            self.warnings.append(note)
+
     def decision(self, site: Site) -> Optional[Decision]:
         """The decision already made for ``site``."""
         return self.decisions.get(id(site))

@@ -153,20 +153,20 @@ class SinkLogits(nn.Module):
         super().__init__()
         self.sinks = nn.Parameter(torch.randn(4))
 
-    def forward(self, q, k, v):
+    def key_probabilities(self, q, k):
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
-        probs = torch.cat([logits, sinks], dim=-1).softmax(-1)
-        return probs[..., :-1] @ v
+        return torch.cat([logits, sinks], dim=-1).softmax(-1)[..., :-1]
+
+    def forward(self, q, k, v):
+        return self.key_probabilities(q, k) @ v
 
 
 class SinkLogitsReturned(SinkLogits):
     """GPT-OSS's eager attention under output_attentions=True: the sliced probabilities are also returned."""
 
     def forward(self, q, k, v):
-        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
-        probs = torch.cat([logits, sinks], dim=-1).softmax(-1)[..., :-1]
+        probs = self.key_probabilities(q, k)
         return probs @ v, probs
 
 
