@@ -49,8 +49,7 @@ def check_attention(site: Site, ctx) -> Decision:
     if resolved:
         groups = group_head_forms(resolved[0], site.attrs.get("head_offset", 0))
         if len(groups) > 1:
-            decision = dataclasses.replace(decision, head_forms="; ".join(f"{form} on heads {spans}"
-                                                                          for form, spans in groups))
+            decision = dataclasses.replace(decision, head_forms=tuple(groups))
     return decision
 
 

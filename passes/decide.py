@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from sparsecc.forms import Dense
-from sparsecc.passes.site import Decision, Estimate, Site
+from sparsecc.passes.site import Decision, Estimate, HeadGroup, Site
 
 NO_RULE = "no rule"
 # Under policy auto, CPU sites stay dense: the pure-PyTorch reference is the CPU path and is not a fast path.
@@ -102,14 +102,15 @@ def verdict(site: Site, ctx, form, rule_key: str, policy: str, estimate: Estimat
     return Decision(False, form, f"auto: kept dense, {gain} < margin {margin:g}", estimate, rule_key, policy, params)
 
 
-def group_head_forms(per_head, offset: int = 0) -> List[Tuple[str, str]]:
-    """(form, heads) pairs in head order, e.g. ``("streaming(sink=4, window=64)", "0-3, 6")``; heads no rule
-    covers, or a dense rule covers, are "dense". ``per_head[i]`` is head ``offset + i`` (tensor parallelism:
-    a rank's first global head)."""
-    forms: Dict[str, List[int]] = {}
+def group_head_forms(per_head, offset: int = 0) -> List[HeadGroup]:
+    """The heads grouped by the form they get, in head order; heads no rule covers, or a dense rule covers, are
+    "dense". ``per_head[i]`` is head ``offset + i`` (tensor parallelism: a rank's first global head)."""
+    forms: Dict[str, Tuple[str, List[int]]] = {}
     for h, rule in enumerate(per_head, start=offset):
-        forms.setdefault("dense" if rule is None or isinstance(rule.form, Dense) else str(rule.form), []).append(h)
-    return [(form, head_spans(heads)) for form, heads in forms.items()]
+        dense = rule is None or isinstance(rule.form, Dense)
+        name, text = ("dense", "dense") if dense else (rule.form.name, str(rule.form))
+        forms.setdefault(text, (name, []))[1].append(h)
+    return [HeadGroup(name, text, head_spans(heads)) for text, (name, heads) in forms.items()]
 
 
 def head_spans(heads: List[int]) -> str:

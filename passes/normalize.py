@@ -242,6 +242,8 @@ def _canonical_function(node: Node, fn) -> Optional[CanonicalOp]:
         return CanonicalOp("split", (args[0],), {"size": _kw(node, 1, "split_size_or_sections"),
                                                   "dim": _kw(node, 2, "dim", 0)})
     if fn is operator.getitem:
+        if _selects_everything(args[0], args[1]):   # x[..., 0:] or x[:, :]: the tensor itself
+            return CanonicalOp("identity", (args[0],))
         return CanonicalOp("getitem", (args[0],), {"index": args[1]})
     if fn is getattr and len(args) == 2 and args[1] in ("mT", "T"):
         value = example_value(args[0])
@@ -251,6 +253,30 @@ def _canonical_function(node: Node, fn) -> Optional[CanonicalOp]:
     if fn in _POINTWISE_FUNCS:
         return CanonicalOp("pointwise", tuple(a for a in args if isinstance(a, Node)))
     return None
+
+
+def _selects_everything(source: Any, index: Any) -> bool:
+    """True when ``source[index]`` is ``source`` itself: a tensor indexed only by ``...`` and slices that keep
+    every element of their axis (start 0, step 1, and no stop or one at or past the axis' static size)."""
+    value = example_value(source)
+    if value is None:
+        return False
+    index = index if isinstance(index, tuple) else (index,)
+    ellipses = [position for position, part in enumerate(index) if part is Ellipsis]
+    if len(ellipses) > 1:
+        return False
+    slices = [i for i in index if i is not Ellipsis]
+    if len(slices) > value.dim() or not all(isinstance(i, slice) for i in slices):
+        return False
+    ellipsis_at = ellipses[0] if ellipses else len(index)
+    axes = list(range(ellipsis_at)) + list(range(value.dim() - (len(index) - ellipsis_at - 1), value.dim()))
+    for axis, part in zip(axes, slices):
+        size = value.shape[axis]
+        if part.start not in (None, 0) or part.step not in (None, 1):
+            return False
+        if part.stop is not None and not (isinstance(part.stop, int) and isinstance(size, int) and part.stop >= size):
+            return False
+    return True
 
 
 def _canonical_method(node: Node, name: str) -> Optional[CanonicalOp]:

@@ -67,6 +67,16 @@ class Site:
 
 
 @dataclass(frozen=True)
+class HeadGroup:
+    """Heads of one attention site that get one form: its name ("streaming", "dense"), its text with the
+    parameters ("streaming(sink=4, window=64)") and the heads as spans ("0-3, 6")."""
+
+    name: str
+    text: str
+    heads: str
+
+
+@dataclass(frozen=True)
 class Decision:
     """What ``check`` decided for one site, and why."""
 
@@ -77,7 +87,7 @@ class Decision:
     rule: Optional[str] = None      # the spec rule that named the form, e.g. "attention[1]"
     policy: Optional[str] = None
     params: Dict[str, Any] = field(default_factory=dict)  # resolved per-site parameters (per-head lists, taus)
-    head_forms: Optional[str] = None  # a site whose heads ask for different forms: each form and its heads
+    head_forms: Tuple[HeadGroup, ...] = ()   # a site whose heads ask for different forms: each form, its heads
     program: str = "triton"           # the kernels an attention site's estimate timed (cost.formulas.PROGRAMS)
     plan: Any = None                  # the plan stage's ``passes.plan.Plan`` for an applied site
 

@@ -336,10 +336,14 @@ def build_report(ctx: CompileContext) -> Report:
         if d.rule:
             used_rules.update(r.strip() for r in d.rule.split(","))
         # a site whose heads differ lists each form with its heads (dense heads included)
-        detail = d.head_forms or (str(d.form) if d.form else None)
+        if d.head_forms:
+            detail = "; ".join(f"{group.text} on heads {group.heads}" for group in d.head_forms)
+            forms = list(dict.fromkeys(group.name for group in d.head_forms))
+        else:
+            detail, forms = (str(d.form), [d.form.name]) if d.form else (None, [])
         record = SiteRecord(
             kind=site.kind, module=site.module, form=getattr(d.form, "name", None), applied=d.apply,
-            reason=d.reason, rule=d.rule, policy=d.policy, form_detail=detail,
+            reason=d.reason, rule=d.rule, policy=d.policy, form_detail=detail, forms=forms,
             spelling=site.spelling, shapes={k: list(v) if v else v for k, v in site.shapes.items()},
             dtype=str(site.dtype).replace("torch.", ""), device=str(site.device),
             attrs={k: (v if v is None or isinstance(v, (int, float, bool, str)) else str(v))

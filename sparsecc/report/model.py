@@ -64,12 +64,14 @@ class SiteRecord:
 
     kind: str                  # "attention" | "ffn" | "linear"
     module: str                # qualified module path, as in model.named_modules()
-    form: Optional[str]        # form name ("streaming", "2:4", ...) or None when no rule names one
+    form: Optional[str]        # the deciding rule's form name ("streaming", "2:4", ...); None when no rule names one
     applied: bool
     reason: str                # one sentence
     rule: Optional[str] = None
     policy: Optional[str] = None
-    form_detail: Optional[str] = None
+    form_detail: Optional[str] = None   # the form with its parameters; per head group when the heads differ
+    forms: List[str] = field(default_factory=list)   # every form the site's heads get, in head order ("dense"
+    #                                                  for dense heads); filter on this, not on ``form``
     spelling: str = ""
     shapes: Dict[str, Any] = field(default_factory=dict)
     dtype: str = ""

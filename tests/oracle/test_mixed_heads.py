@@ -64,6 +64,9 @@ def run_mixed(c):
     (site,) = [s for s in hn.sites(report, "attention") if s.module == hn.SITE]
     assert site.applied, site.reason
     assert len(site.form_detail.split("; ")) > 1 and "on heads" in site.form_detail, site.form_detail
+    # docs/spec.md: each head's form is its last covering rule's; the report lists each form once, in head order
+    per_head = oracle.attention_site_rule(c.spec, hn.SITE, c.heads).forms
+    assert site.forms == list(dict.fromkeys("dense" if f is None else f["form"] for f in per_head)), site.forms
     assert any("mixed_head_attention" in op for op in hn.sparse_ops()), hn.sparse_ops()
     exp, valid, _ = cases.expected(c, q, k, v, mask)
     hn.assert_rows_close(out, exp, valid, c.torch_dtype, what=f"{c}")

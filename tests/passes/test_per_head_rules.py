@@ -77,3 +77,4 @@ def test_the_report_groups_per_head_forms(eager_lowering):
     assert narrow.endswith("on heads 0") and "window=2" in narrow, site.form_detail
     assert dense == "dense on heads 1", site.form_detail
     assert wide.endswith("on heads 2-3") and "window=4" in wide, site.form_detail
+    assert site.forms == ["streaming", "dense"] and site.to_dict()["forms"] == site.forms

@@ -127,6 +127,59 @@ def test_einsum_linear_is_a_linear_site(eager_lowering):
     torch.testing.assert_close(out.double(), attn.double() @ pruned.t(), atol=1e-5, rtol=1e-5)
 
 
+class IndexedProbabilities(nn.Module):
+    """Causal attention whose probabilities are indexed before P @ V (``probs[index]``)."""
+
+    def __init__(self, *index):
+        super().__init__()
+        self.index = index
+
+    def forward(self, q, k, v):
+        s = q.shape[-2]
+        logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+        logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        probs = logits.softmax(-1)
+        for index in self.index:
+            probs = probs[index]
+        return probs @ v
+
+
+FULL_SLICES = {"from_zero": [(Ellipsis, slice(0, None))], "every_axis": [(slice(None),) * 4],
+               "to_size": [(Ellipsis, slice(0, 8))], "past_size": [(Ellipsis, slice(None, 100))],
+               "twice": [(Ellipsis, slice(None)), (slice(None), Ellipsis, slice(0, None, 1))]}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SLICES))
+def test_slices_that_keep_every_probability_are_attention(name, eager_lowering):
+    """An index that selects everything is the tensor itself: the site is rewritten, not refused or missed."""
+    torch.manual_seed(2)
+    model = IndexedProbabilities(*FULL_SLICES[name])
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    with torch.no_grad():
+        out = sparsecc.compile(model, spec=_spec(), kernels="reference")(q, k, v)
+    (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert site.applied and site.form == "streaming" and site.forms == ["streaming"], site.reason
+    logits = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    expected = logits.masked_fill(~_streaming_keep(8), float("-inf")).softmax(-1) @ v.double()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sink_slice_followed_by_a_full_slice_is_refused_for_the_sinks(eager_lowering):
+    class SinkSliceThenFullSlice(SinkLogits):
+        def forward(self, q, k, v):
+            return self.key_probabilities(q, k)[..., :] @ v
+
+    model = SinkSliceThenFullSlice()
+    q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
+    with torch.no_grad():
+        expected = model(q, k, v)
+        out = sparsecc.compile(model, spec=_spec(), kernels="reference")(q, k, v)
+    (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert not site.applied and site.reason.startswith("not rewritable: " + SINKS), site.reason
+    assert USED_ELSEWHERE not in site.reason
+    torch.testing.assert_close(out, expected)
+
+
 class SoftCapped(nn.Module):
     """Gemma-2-style logit soft-cap: tanh(logits / cap) * cap; no sparse form can keep its meaning."""
 
