@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import List, Optional
 
@@ -74,6 +75,9 @@ def _build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--query-heads", type=int, default=None,
                      help="DuoAttention: the model's query heads per layer (num_attention_heads)")
     imp.add_argument("--policy", default=None, help="defaults.policy of the written spec (auto, force, off)")
+    imp.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                     help="compressed_tensors: a factory of the model you will compile (as for explain; one built "
+                          "on the meta device is enough), so that class-name targets find their modules")
     # Listed for `sparsecc --help`; its arguments are parsed by sparsecc.tune.cli (main dispatches before parsing).
     sub.add_parser("tune", add_help=False,
                    help="tune a spec on calibration data (`sparsecc tune --help`; see docs/tune.md)")
@@ -130,12 +134,42 @@ def _calibrate_hw(args) -> int:
     return 0
 
 
+# The import command's flag for each importer keyword, so that its errors name what the user typed.
+IMPORT_FLAGS = {"modules_template": "--modules-template", "threshold": "--threshold", "sparsity": "--sparsity",
+                "sink": "--sink", "recent": "--recent", "query_heads": "--query-heads", "policy": "--policy",
+                "model": "--model"}
+
+
+def _as_flags(text: str) -> str:
+    """An importer's error text with its option names written as the import command's flags: a key
+    (``query_heads``, ``threshold and sparsity``), ``name = value``, ``name=`` and ``name (what it means)``.
+    Other words stay (``the model's``, ``model.layers.{layer}``)."""
+    for keyword, flag in IMPORT_FLAGS.items():
+        text = re.sub(rf"(?<![-\w.]){keyword}(?: = |=(?!=)| (?=\()|$| and )",
+                      lambda m: flag + m.group(0)[len(keyword):].replace(" = ", " ").replace("=", ""), text)
+    return text
+
+
 def _import(args) -> int:
-    from sparsecc.importers import import_spec
+    from sparsecc.importers import IMPORT_OPTIONS, import_spec
+    from sparsecc.spec import SpecError
     given = {"modules_template": args.modules_template, "threshold": args.threshold, "sparsity": args.sparsity,
-             "sink": args.sink,
-             "recent": args.recent, "query_heads": args.query_heads, "policy": args.policy}
-    spec = import_spec(args.format, args.file, **{k: v for k, v in given.items() if v is not None})
+             "sink": args.sink, "recent": args.recent, "query_heads": args.query_heads, "policy": args.policy}
+    options = {k: v for k, v in given.items() if v is not None}
+    fmt = args.format.replace("-", "_").lower()
+    takes = IMPORT_OPTIONS.get(fmt, tuple(IMPORT_FLAGS))   # an unknown format: import_spec lists the formats
+    extra = [IMPORT_FLAGS[k] for k in list(options) + ["model"] * bool(args.model) if k not in takes]
+    if extra:
+        raise SpecError(f"{' and '.join(extra)} {'is' if len(extra) == 1 else 'are'} not an option of this format",
+                        file=f"<{fmt} import>", allowed=f"only these options for {fmt}: "
+                        + ", ".join(IMPORT_FLAGS[k] for k in takes))
+    if args.model:
+        built = _load_factory(args.model)[1]()
+        options["model"] = built[0] if isinstance(built, tuple) else built
+    try:
+        spec = import_spec(args.format, args.file, **options)
+    except SpecError as err:   # the key of an error in the imported file is that file's own
+        raise err.reworded(_as_flags, key=isinstance(err.file, str) and err.file.endswith(" import>")) from None
     spec.save(args.out)
     counts = ", ".join(f"{len(spec.rules(kind))} {kind}" for kind in ("attention", "ffn", "linear"))
     print(f"{args.out}: imported {args.file} ({spec.meta['import']['format']}, sha256 "

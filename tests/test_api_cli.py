@@ -143,15 +143,40 @@ def test_cli_import_compressed_tensors_summary(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["import", "compressed_tensors", f"{IMPORT_DATA}/ct_unstructured.json"], "sparsity_structure = 'unstructured'"),
-    (["import", "minference", f"{IMPORT_DATA}/minference_streaming.json", "--threshold", "0.4"], "threshold"),
-    (["import", "duo_attention", f"{IMPORT_DATA}/duo"], "query_heads is missing"),
+    (["import", "minference", f"{IMPORT_DATA}/minference_streaming.json", "--threshold", "0.4"],
+     "--threshold is not an option of this format; expected only these options for minference: --modules-template, "
+     "--policy"),
+    (["import", "duo_attention", f"{IMPORT_DATA}/duo"], "--query-heads is missing; expected the model's"),
+    (["import", "duo_attention", f"{IMPORT_DATA}/duo", "--query-heads", "4", "--threshold", "0.5", "--sparsity", "0.5"],
+     "--threshold and --sparsity are both given (--threshold 0.5, --sparsity 0.5); expected at most one of --threshold"),
+    (["import", "duo_attention", f"{IMPORT_DATA}/duo", "--query-heads", "4", "--modules-template", "a.b"],
+     "--modules-template = 'a.b' is not allowed; expected a module-path glob with one \"{layer}\", e.g. "
+     "\"model.layers.{layer}.self_attn\""),
+    (["import", "duo_attention", f"{IMPORT_DATA}/duo", "--query-heads", "4", "--model", "tests.zoo:TinyLlama"],
+     "--model is not an option of this format"),
     (["import", "h2o", f"{IMPORT_DATA}/duo"], "not an import format"),
 ])
 def test_cli_import_errors(tmp_path, capsys, argv, fragment):
     out = tmp_path / "x.toml"
     assert cli.main(argv + ["-o", str(out)]) == cli.EXIT_SPEC_ERROR
-    assert fragment in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert fragment in err, err
     assert not out.exists()
+
+
+def test_cli_import_of_class_name_targets_takes_the_model_from_a_factory(tmp_path, capsys):
+    """A compressed-tensors class-name entry needs the model: the error names --model, and --model resolves it."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"quantization_config": {"sparsity_config": {
+        "sparsity_structure": "2:4", "targets": ["MyLinear"]}}}))
+    out = tmp_path / "ct.toml"
+    assert cli.main(["import", "compressed_tensors", str(config), "-o", str(out)]) == cli.EXIT_SPEC_ERROR
+    err = capsys.readouterr().err
+    assert "is a class name" in err and "pass --model (the model to compile" in err and "model=" not in err, err
+    assert not out.exists()
+    assert cli.main(["import", "compressed_tensors", str(config), "-o", str(out),
+                     "--model", "tests.test_importers_ct:TinyLM"]) == 0
+    assert [(r.modules, r.form.name) for r in sparsecc.load_spec(out).linear] == [("layers.1.up_proj", "2:4")]
 
 
 def test_calibrate_a_model_that_is_itself_the_ffn():

@@ -105,3 +105,10 @@ class SpecError(ValueError):
         if self.allowed:
             text += f"; expected {self.allowed}"
         return f"{where}: {text}" if where else text
+
+    def reworded(self, words, key: bool = True) -> "SpecError":
+        """The same error with ``words(text)`` applied to its problem, allowed values and (when ``key``) its key,
+        never to its file or value: e.g. to name a command's flags instead of Python keywords."""
+        value = {"value": self.value} if self._has_value else {}
+        return SpecError(words(self.problem), file=self.file, key=self.key and (words(self.key) if key else self.key),
+                         line=self.line, allowed=self.allowed and words(self.allowed), **value)
