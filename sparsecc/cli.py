@@ -152,6 +152,7 @@ def _as_flags(text: str) -> str:
 
 def _import(args) -> int:
     from sparsecc.importers import IMPORT_OPTIONS, import_spec
+    from sparsecc.importers.compressed_tensors import storage_note
     from sparsecc.spec import SpecError
     given = {"modules_template": args.modules_template, "threshold": args.threshold, "sparsity": args.sparsity,
              "sink": args.sink, "recent": args.recent, "query_heads": args.query_heads, "policy": args.policy}
@@ -174,6 +175,9 @@ def _import(args) -> int:
     counts = ", ".join(f"{len(spec.rules(kind))} {kind}" for kind in ("attention", "ffn", "linear"))
     print(f"{args.out}: imported {args.file} ({spec.meta['import']['format']}, sha256 "
           f"{spec.meta['import']['sha256'][:12]}...): {counts} rules")
+    note = storage_note(spec)
+    if note:
+        print(f"note: {note}")
     return 0
 
 

@@ -137,8 +137,15 @@ def test_cli_import_writes_a_loadable_spec(tmp_path, capsys):
 def test_cli_import_compressed_tensors_summary(tmp_path, capsys):
     out = tmp_path / "ct.json"
     assert cli.main(["import", "compressed-tensors", f"{IMPORT_DATA}/ct_two_four.json", "-o", str(out)]) == 0
-    assert "0 attention, 0 ffn, 5 linear rules" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 attention, 0 ffn, 5 linear rules" in printed
+    assert "note: the checkpoint stores its sparse weights as sparse-24-bitmask: load the model decompressed" in printed
     assert json.loads(out.read_text())["linear"][0] == {"form": "2:4", "prune": "keep"}  # modules "*" is the default
+    stored_dense = tmp_path / "config.json"
+    stored_dense.write_text(json.dumps({"sparsity_config": {"format": "dense", "sparsity_structure": "2:4",
+                                                            "targets": ["Linear"]}}))
+    assert cli.main(["import", "compressed-tensors", str(stored_dense), "-o", str(out)]) == 0
+    assert "note:" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, fragment", [

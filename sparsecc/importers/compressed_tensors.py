@@ -300,6 +300,18 @@ def compressed_tensors_tables(path: Any, *, policy: Optional[str] = None, model:
     return tables
 
 
+def storage_note(spec: Spec) -> Optional[str]:
+    """What to do before compiling a model from a compressed-tensors checkpoint whose weights are stored
+    compressed (``format`` other than ``dense``), else None. sparsecc reads the dense weights of the model it
+    compiles."""
+    options = spec.meta.get("import", {}).get("options", {})
+    fmt_name = options.get("sparsity_format")
+    if spec.meta.get("import", {}).get("format") != "compressed_tensors" or fmt_name in (None, "dense"):
+        return None
+    return (f"the checkpoint stores its sparse weights as {fmt_name}: load the model decompressed (dense weights "
+            "holding the 2:4 zeros) before compiling; a layer that is not 2:4 then stays dense with its reason")
+
+
 def import_compressed_tensors(path: Any, *, policy: Optional[str] = None, model: Any = None) -> Spec:
     """Import the ``sparsity_config`` of a compressed-tensors checkpoint's ``config.json``.
 
