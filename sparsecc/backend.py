@@ -28,7 +28,7 @@ from sparsecc.forms import TwoFour
 from sparsecc.passes import module_tree
 from sparsecc.pipeline import EXPLAIN_STAGES, CompileContext, build_report, run_stages
 from sparsecc.report.model import Report
-from sparsecc.report.render import REPORT_SUFFIXES, report_suffix
+from sparsecc.report.render import REPORT_SUFFIXES, report_suffix, unwritable_reason
 from sparsecc.sharding import is_dtensor
 from sparsecc.spec import Spec, SpecError, load_spec
 
@@ -84,7 +84,7 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
         if not (isinstance(report, (str, os.PathLike)) and report_suffix(report)):
             raise SpecError(key="options.report", value=report,
                             allowed=f"True, False, or a path ending in one of {list(REPORT_SUFFIXES)}")
-        problem = _unwritable(os.fspath(report))
+        problem = unwritable_reason(report)
         if problem:
             raise SpecError(f"cannot be written: {problem}", key="options.report", value=report,
                             allowed="a path in an existing, writable folder")
@@ -105,20 +105,6 @@ def parse_options(options: Optional[dict]) -> BackendOptions:
         switches[name] = value
     return BackendOptions(spec=load_spec(options.get("spec")), report=report, kernels=kernels,
                           cudagraphs=cudagraphs, cpp_wrapper=cpp_wrapper, check_weights=check_weights, **switches)
-
-
-def _unwritable(path: str) -> Optional[str]:
-    """Why a report cannot be written at ``path`` (None when it can)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return "it is a folder"
-    if not os.path.isdir(folder):
-        return f"the folder {folder} does not exist"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return "the file is not writable"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"the folder {folder} is not writable"
-    return None
 
 
 def _device_of(example_inputs: Sequence) -> torch.device:

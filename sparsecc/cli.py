@@ -192,10 +192,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return eval_main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command == "explain" and args.out:
-        from sparsecc.report.render import REPORT_SUFFIXES, report_suffix
-        if not report_suffix(args.out):   # before the compile, not after it
+    if args.command == "explain" and args.out:   # checked before the compile, not after it
+        from sparsecc.report.render import REPORT_SUFFIXES, report_suffix, unwritable_reason
+        if not report_suffix(args.out):
             parser.error(f"--out {args.out!r}: the report's suffix must be one of {', '.join(REPORT_SUFFIXES)}")
+        if unwritable_reason(args.out):
+            parser.error(f"--out {args.out!r} cannot be written: {unwritable_reason(args.out)}")
     from sparsecc.spec import SpecError, load_spec
     try:
         if args.command == "check-spec":

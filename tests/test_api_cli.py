@@ -206,6 +206,21 @@ def test_cli_explain_checks_the_report_suffix_before_compiling(tmp_path, capsys)
     assert not (tmp_path / "report.txt").exists()
 
 
+def test_cli_explain_refuses_an_out_in_a_missing_folder_before_compiling(tmp_path, capsys):
+    """As the backend's report= option: a typo in the folder stops the command and creates nothing."""
+    out = tmp_path / "no_such_folder" / "r.html"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["explain", "no_such_module_anywhere:build", "--out", str(out)])
+    assert info.value.code == 2
+    assert f"cannot be written: the folder {out.parent} does not exist" in capsys.readouterr().err
+    assert not out.parent.exists()
+    with pytest.raises(sparsecc.SpecError, match="does not exist"):
+        sparsecc.compile(torch.nn.Linear(2, 2), report=str(out))
+    with pytest.raises(OSError, match="does not exist"):
+        sparsecc.Report().save(out)
+    assert not out.parent.exists()
+
+
 @pytest.mark.parametrize("flags, fragment", [(["--seq", "0"], "--seq: 0 is not allowed; expected an integer >= 1"),
                                               (["--batch", "-1"], "--batch: -1 is not allowed")])
 def test_cli_explain_checks_its_sizes(capsys, flags, fragment):

@@ -95,15 +95,31 @@ def report_suffix(path) -> str:
     return suffix if suffix in REPORT_SUFFIXES else ""
 
 
+def unwritable_reason(path) -> Optional[str]:
+    """Why a report cannot be written at ``path`` (None when it can). A missing folder is a reason: a report
+    path is checked before the compile, and a typo in it should not create folders."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a folder"
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
 def write_report(report, path) -> None:
-    """Write ``report`` to ``path`` in the format its suffix names."""
+    """Write ``report`` to ``path`` in the format its suffix names (into an existing folder)."""
     path = os.fspath(path)
     suffix = report_suffix(path)
     if not suffix:
         raise ValueError(f"report path {path!r}: suffix must be one of {REPORT_SUFFIXES}")
+    problem = unwritable_reason(path)
+    if problem:
+        raise OSError(f"report path {path!r} cannot be written: {problem}")
     text = {".json": report.to_json, ".md": report.to_markdown, ".html": report.to_html}[suffix]()
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
