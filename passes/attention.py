@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch.fx import GraphModule, Node
@@ -188,8 +188,7 @@ SLICED_SOFTMAX = ("the softmax runs over more logits than the keys and drops som
                   "sinks: a learned logit per head beside the keys); no sparse form keeps that normalisation")
 PROBABILITIES_USED_ELSEWHERE = ("the attention probabilities are also used outside P @ V (e.g. returned, as with "
                                 "output_attentions=True), so they must be computed in full")
-LOGITS_NOT_QK = ("the logits are not q @ kᵀ with only scale / mask / cast steps (e.g. a soft-cap, a learned "
-                 "temperature or a bias that is not a mask), or an intermediate is used elsewhere")
+LOGITS_NOT_QK = "the logits are not q @ kᵀ with only scale / mask / cast steps"
 
 
 def _path_refusal(softmax_op, path: _ProbabilityPath) -> Optional[str]:
@@ -203,8 +202,10 @@ def _path_refusal(softmax_op, path: _ProbabilityPath) -> Optional[str]:
     reasons = []
     if path.sliced:
         reasons.append(SLICED_SOFTMAX)
-    elif (path.branched or path.dropout is not None) and _peel_logits(softmax_op.inputs[0], []) is None:
-        reasons.append(LOGITS_NOT_QK)
+    elif path.branched or path.dropout is not None:
+        peeled = _peel_logits(softmax_op.inputs[0], [])
+        if isinstance(peeled, str):
+            reasons.append(f"{LOGITS_NOT_QK}: {peeled}")
     if path.dropout is not None:
         reasons.append(f"training-mode dropout (p={path.dropout!r}) between the softmax and P @ V: no sparse form "
                        "draws its random mask (compile the model in eval mode)")
@@ -213,49 +214,70 @@ def _path_refusal(softmax_op, path: _ProbabilityPath) -> Optional[str]:
     return "; ".join(reasons) or None
 
 
-def _peel_logits(node: Node, nodes: List[Node]) -> Optional[Tuple[Node, float, List[MaskTerm], str]]:
+def _peel_logits(node: Node, nodes: List[Node]) -> Union[Tuple[Node, float, List[MaskTerm]], str]:
     """Walk back from the softmax input to the q @ kᵀ matmul; collect scale and masks.
 
-    Returns (matmul node, scale, masks, "") or None with a reason via the
-    last tuple element when it fails.
+    Returns (matmul node, scale, masks), or why the walk stopped (the step that is not a scale, mask or cast).
     """
     cur, scale, masks = node, 1.0, []
     seen_scale = False   # walking backwards: a scale seen before an additive mask would scale that mask
     while True:
         op = op_of(cur)
-        if op is None:
-            return None
+        if op is None or op.name not in _LOGIT_STEPS:
+            return _not_a_logit_step(cur)
         nodes.append(cur)
         if op.name == "matmul":
-            return cur, scale, masks, ""
+            return cur, scale, masks
         if len(cur.users) != 1 and cur is not node:
-            return None
+            return f"an intermediate step ({_step_name(cur)}) is also used outside the attention"
         if op.name in ("cast", "identity"):
             cur = op.inputs[0]
         elif op.name == "scale":
             if op.params["factor"] <= 0:
-                return None
+                return f"they are scaled by {op.params['factor']:g}, which is not positive"
             seen_scale = True
             scale *= op.params["factor"]
             cur = op.inputs[0]
         elif op.name == "masked_fill":
             value = op.params.get("value")
             if value is None or value > MASKED_LOGIT_MAX:
-                return None
+                return f"a masked_fill writes {value!r}, which is not a masking value (-inf or a large negative one)"
             masks.append(MaskTerm(op.inputs[1], additive=False, keep=not op.params["fill_where"]))
             cur = op.inputs[0]
         elif op.name == "add":
             a, b = op.inputs
             logits_side = _logits_operand(a, b)
-            if logits_side is None:
-                return None
+            if logits_side is None:   # name the step that stops the longer walk: the logits' side, not the mask's
+                return _not_a_logit_step(max((_walk_logit_steps(a), _walk_logit_steps(b)), key=lambda w: w[0])[1])
             other = b if logits_side is a else a
-            if dtype_of(other) == torch.bool or seen_scale:
-                return None  # bool masks are not additive; a mask added before scaling gets scaled
+            if dtype_of(other) == torch.bool:
+                return "a boolean tensor is added to them (a mask is applied with masked_fill or where, not added)"
+            if seen_scale:
+                return "a term is added before they are scaled, so the scale would apply to it too"
             masks.append(MaskTerm(other, additive=True))
             cur = logits_side
-        else:
-            return None
+
+
+_LOGIT_STEPS = ("matmul", "cast", "identity", "scale", "masked_fill", "add")
+
+
+def _walk_logit_steps(node: Node) -> Tuple[int, Node]:
+    """(steps, node) where a walk back through scale / mask / cast steps (an add's first operand) stops."""
+    steps, op = 0, op_of(node)
+    while op is not None and op.name in _LOGIT_STEPS and op.name != "matmul" and steps < 16:
+        node, steps, op = op.inputs[0], steps + 1, op_of(op.inputs[0])
+    return steps, node
+
+
+def _not_a_logit_step(node: Node) -> str:
+    return (f"they pass through {_step_name(node)}, which is not a scale, mask or cast (e.g. a tanh soft-cap, a "
+            "learned temperature)")
+
+
+def _step_name(node: Node) -> str:
+    """A graph node as a reason names it: its function, method or module name (``tanh``, ``mul``)."""
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _logits_operand(a: Node, b: Node) -> Optional[Node]:
@@ -365,9 +387,9 @@ def _match_softmax(node: Node, op, pv: Node):
     """(site nodes, AttentionMatch) for one softmax -> P @ V candidate, or the reason it is refused."""
     chain: List[Node] = []
     peeled = _peel_logits(op.inputs[0], chain)
-    if peeled is None:
-        return LOGITS_NOT_QK
-    qk, scale, masks, _ = peeled
+    if isinstance(peeled, str):
+        return f"{LOGITS_NOT_QK}: {peeled}"
+    qk, scale, masks = peeled
     if len(qk.users) != 1:
         return "the q @ kᵀ product is used elsewhere"
     qk_op, pv_op = op_of(qk), op_of(pv)

@@ -70,11 +70,14 @@ def _imported_head_count_mismatch(spec, heads: int) -> Optional[str]:
 
 
 def _decide_attention(site: Site, ctx, resolved: List[list]) -> Decision:
-    if site.match is None:
-        return Decision(False, None, f"not rewritable: {site.attrs['refused']}")
-    if ctx.spec is None:
-        return no_rule()
-    rules = ctx.spec.matching("attention", site.module)
+    rules = ctx.spec.matching("attention", site.module) if ctx.spec is not None else []
+    if site.match is None:   # the rules covering it are named, so a refused rule can be found in the report
+        refused = f"not rewritable: {site.attrs['refused']}"
+        if not rules:
+            return Decision(False, None, refused)
+        sparse = [r for r in rules if not isinstance(r.form, Dense)] or rules
+        return Decision(False, sparse[-1].form, refused, rule=", ".join(r.key for r in rules),
+                        policy=ctx.spec.policy_for(sparse[-1]))
     if not rules:
         return no_rule()
     # docs/spec.md: a rule whose phase excludes this site (prefill: more than one query; decode: one) does not

@@ -190,6 +190,30 @@ def test_attention_sinks_stay_dense_with_their_reason(eager_lowering):
     torch.testing.assert_close(out, expected)
 
 
+def test_a_soft_capped_attention_names_its_tanh_and_its_rule(eager_lowering):
+    """Gemma-2's eager attention soft-caps its logits (tanh(x / cap) * cap) before the mask is added: each layer is
+    a refused site whose reason names the tanh and whose record names the rule covering it."""
+    torch.manual_seed(5)
+    cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                    query_pre_attn_scalar=16, max_position_embeddings=256)
+    assert cfg.attn_logit_softcapping
+    cfg._attn_implementation = "eager"
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"modules": "model.layers.*.self_attn", "form": "streaming", "sink": 2, "window": 4}]}
+    with torch.no_grad():
+        expected = model(ids).logits
+        out = sparsecc.compile(model, spec=spec, kernels="reference")(ids).logits
+    sites = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert [s.module for s in sites] == [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
+    for site in sites:
+        assert not site.applied and "they pass through tanh" in site.reason, site.reason
+        assert (site.rule, site.form) == ("attention[0]", "streaming"), (site.rule, site.form)
+    torch.testing.assert_close(out, expected)
+
+
 def test_gpt_oss_returning_its_attention_probabilities_keeps_each_site(eager_lowering):
     """Under output_attentions=True GPT-OSS returns the sink-sliced probabilities: each layer is still a listed
     site, dense with both reasons, and the returned probabilities equal the eager model's."""
