@@ -180,4 +180,4 @@ def test_dispatcher_and_cli_take_sparsity(tmp_path, capsys):
     written = load_spec(str(out))
     assert written.attention == direct.attention and written.meta["import"]["options"]["streaming_kv_heads"] == 64
     assert cli.main(argv[:-2] + ["--threshold", "0.5", "-o", str(tmp_path / "x.toml")]) == cli.EXIT_SPEC_ERROR
-    assert "threshold and sparsity" in capsys.readouterr().err
+    assert "--threshold and --sparsity are both given" in capsys.readouterr().err
