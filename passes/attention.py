@@ -247,8 +247,9 @@ def _peel_logits(node: Node, nodes: List[Node]) -> Union[Tuple[Node, float, List
         elif op.name == "add":
             a, b = op.inputs
             logits_side = _logits_operand(a, b)
-            if logits_side is None:   # name the step that stops the longer walk: the logits' side, not the mask's
-                return _not_a_logit_step(max((_walk_logit_steps(a), _walk_logit_steps(b)), key=lambda w: w[0])[1])
+            if logits_side is None:   # name the step that stops the walk on the logits' side, not the mask's
+                stops = [_walk_logit_steps(a), _walk_logit_steps(b)]
+                return _not_a_logit_step(max(stops, key=lambda w: (_has_matmul_above(w[1]), w[0]))[1])
             other = b if logits_side is a else a
             if dtype_of(other) == torch.bool:
                 return "a boolean tensor is added to them (a mask is applied with masked_fill or where, not added)"
@@ -267,6 +268,17 @@ def _walk_logit_steps(node: Node) -> Tuple[int, Node]:
     while op is not None and op.name in _LOGIT_STEPS and op.name != "matmul" and steps < 16:
         node, steps, op = op.inputs[0], steps + 1, op_of(op.inputs[0])
     return steps, node
+
+
+def _has_matmul_above(node: Node, depth: int = 6) -> bool:
+    """Whether a matmul feeds ``node`` within ``depth`` steps (the logits' side of a sum, as opposed to a mask's)."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        frontier = [i for n in frontier for i in n.all_input_nodes if i not in seen]
+        seen.update(frontier)
+        if any((op_of(n) is not None and op_of(n).name == "matmul") for n in frontier):
+            return True
+    return False
 
 
 def _not_a_logit_step(node: Node) -> str:

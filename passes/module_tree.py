@@ -112,6 +112,21 @@ class ModuleTree:
         """The qualified name of a parameter or buffer of the root, by identity."""
         return self.tensor_names.get(id(tensor))
 
+    def stacked_weight_modules(self) -> Dict[str, Tuple[Tuple[str, Tuple[int, ...]], ...]]:
+        """Modules that hold weights stacked along a leading axis (a 3-D or larger parameter of more than one
+        slice, outside convolutions): mixture-of-experts experts stored ``[experts, out, in]``. Path -> each such
+        parameter's name and shape. No sparse form reaches these weights: a rule naming them is told so."""
+        found = {}
+        for root in self.roots:
+            for module in root.modules():
+                if isinstance(module, torch.nn.modules.conv._ConvNd) or id(module) not in self.module_names:
+                    continue
+                stacked = tuple((name, tuple(p.shape)) for name, p in module.named_parameters(recurse=False)
+                                if p.dim() >= 3 and p.shape[0] > 1)
+                if stacked:
+                    found.setdefault(self.module_names[id(module)], stacked)
+        return found
+
     def tensor_owner_paths(self, tensor: Any) -> Tuple[str, ...]:
         """Every module path holding ``tensor`` (several for a tied weight), in ``named_parameters`` order."""
         return tuple(self.tensor_owners.get(id(tensor), ()))

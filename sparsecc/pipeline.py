@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.codegen import ops
 from sparsecc.cost import HardwareProfile, profile_for
+from sparsecc.forms import Dense
 from sparsecc.passes import normalize as normalize_mod
 from sparsecc.passes.attention import ATTENTION_REWRITES
 from sparsecc.passes.ffn import FFN_REWRITES, linear_nodes
@@ -359,17 +360,43 @@ def build_report(ctx: CompileContext) -> Report:
                 deciding |= site_deciding
         report.covering_rules.extend(sorted(covering))
         report.deciding_rules.extend(sorted(deciding))
+        stacked = ctx.modules.stacked_weight_modules()
         for kind in ("attention", "ffn", "linear"):
             for rule in ctx.spec.rules(kind):
                 report.rules[rule.key] = (kind, rule.modules)
+                experts = _stacked_weights_named(rule, kind, stacked)
+                if experts:
+                    report.notes.append(_stacked_weights_note(rule, kind, experts, stacked))
                 if rule.key in used_rules or any(rule.matches(s.module) for s in ctx.sites
                                                  if s.kind == kind and s.module != UNRESOLVED):
                     report.matched_rules.append(rule.key)
                 else:
-                    path = next((p for p in ctx.modules.module_names.values() if rule.matches(p)), None)
+                    path = next((p for p in experts if rule.matches(p)), None)   # what it meant: experts
+                    if path is None:
+                        path = next((p for p in ctx.modules.module_names.values() if rule.matches(p)), None)
                     if path is not None:
                         report.rule_modules[rule.key] = path
     return report
+
+
+def _stacked_weights_named(rule, kind: str, stacked: Dict[str, tuple]) -> List[str]:
+    """The modules of stacked expert weights that a sparse FFN or linear rule covers: a linear rule names the
+    module owning the weight, an FFN rule that module or a block around it (the MoE layer)."""
+    if kind == "attention" or isinstance(rule.form, Dense):
+        return []
+    def covered(path):
+        parts = path.split(".")
+        within = [path] if kind == "linear" else [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        return any(rule.matches(p) for p in within)
+    return [path for path in stacked if covered(path)]
+
+
+def _stacked_weights_note(rule, kind: str, experts: List[str], stacked: Dict[str, tuple]) -> str:
+    first = experts[0]
+    weights = ", ".join(f"{name} {list(shape)}" for name, shape in stacked[first])
+    more = f" and {len(experts) - 1} more module(s) like it" if len(experts) > 1 else ""
+    return (f"{rule.key} (modules={rule.modules!r}) covers {first} ({weights}){more}: weights stacked per expert "
+            f"(mixture-of-experts) are reached by no {kind} form, so those experts run dense")
 
 
 def _rule_use(site: Site, spec) -> Tuple[set, set]:

@@ -69,6 +69,66 @@ def test_a_rule_naming_modules_without_sites_is_told_from_a_typo(eager_lowering)
                             "'mlp.gate_proj')")
 
 
+def test_a_catch_all_rule_without_sites_names_the_whole_model(eager_lowering):
+    spec = {"version": 1, "ffn": [{"modules": "*", "form": "activation_threshold", "mode": "gate",
+                                   "threshold": 0.1, "policy": "force"}]}
+    _compile_and_run(zoo.SdpaAttention().eval(), spec=spec)
+    assert sparsecc.last_report().unmatched_rules() == [
+        "ffn[0] (modules='*': names the whole model (module ''), but no ffn site is in it)"]
+
+
+class StackedExperts(torch.nn.Module):
+    """Mixture-of-experts weights stored stacked, [experts, out, in], as current transformers stores them."""
+
+    def __init__(self, experts=4, hidden=32, inner=16):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * inner, hidden) / hidden ** 0.5)
+        self.down_proj = torch.nn.Parameter(torch.randn(experts, hidden, inner) / inner ** 0.5)
+
+    def forward(self, x, routing):
+        gate, up = torch.einsum("td,eod->teo", x, self.gate_up_proj).chunk(2, dim=-1)
+        out = torch.einsum("tei,edi->ted", torch.nn.functional.silu(gate) * up, self.down_proj)
+        return (out * routing[..., None]).sum(1)
+
+
+class TinyMoE(torch.nn.Module):
+    def __init__(self, hidden=32, experts=4):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(hidden, hidden, 3, padding=1)   # a 3-D weight that is not stacked experts
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = StackedExperts(experts, hidden)
+
+    def forward(self, x):
+        x = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        flat = x.reshape(-1, x.shape[-1])
+        return self.experts(flat, self.router(flat).softmax(-1)).view_as(x)
+
+
+@pytest.mark.parametrize("kind, form", [("ffn", {"form": "activation_threshold", "mode": "input", "threshold": 0.1}),
+                                        ("linear", {"form": "2:4"})])
+def test_rules_covering_stacked_expert_weights_say_they_stay_dense(kind, form, eager_lowering):
+    """No form reaches weights stacked per expert: a rule covering them says so, whether or not it matched other
+    sites, and the experts compute what the model computes."""
+    torch.manual_seed(0)
+    model = TinyMoE().eval()
+    spec = {"version": 1, "defaults": {"policy": "force"}, kind: [{"modules": "*", **form}]}
+    with torch.no_grad():
+        expected = model(X)
+        with pytest.warns(SparseccWarning) as caught:
+            out = sparsecc.compile(model, spec=spec, kernels="reference")(X)
+    report = sparsecc.last_report()
+    note = (f"{kind}[0] (modules='*') covers experts (gate_up_proj [4, 32, 32], down_proj [4, 32, 16]): weights "
+            f"stacked per expert (mixture-of-experts) are reached by no {kind} form, so those experts run dense")
+    assert note in report.notes and not any("conv" in n for n in report.notes), report.notes
+    assert any(note[:60] in str(w.message) for w in caught)
+    if kind == "linear":   # the router is an ordinary linear site: pruned 2:4, so only compare the experts' path
+        assert [(s.module, s.applied) for s in report.sites if s.kind == "linear"] == [("router", True)]
+    else:
+        assert report.unmatched_rules() == [
+            "ffn[0] (modules='*': names module 'experts', but no ffn site is in it)"]
+        torch.testing.assert_close(out, expected)
+
+
 def test_the_summary_also_goes_to_the_logger_without_report(caplog, eager_lowering):
     with caplog.at_level(logging.WARNING, logger="sparsecc"):
         _compile_and_run(zoo.SdpaAttention().eval(), spec=NOWHERE)

@@ -190,9 +190,10 @@ class Report:
             if path is not None:
                 deeper = [s.module for s in self.sites
                           if s.kind == kind and (path == "" or s.module.startswith(path + "."))]
-                there = (f": names module {path!r}, whose {kind} sites sit deeper (e.g. {deeper[0]!r}); a rule "
+                named = "the whole model (module '')" if path == "" else f"module {path!r}"
+                there = (f": names {named}, whose {kind} sites sit deeper (e.g. {deeper[0]!r}); a rule "
                          f"names a site's own module" if deeper else
-                         f": names module {path!r}, but no {kind} site is in it")
+                         f": names {named}, but no {kind} site is in it")
             out.append(f"{key} (modules={glob!r}{there})")
         return out
 

@@ -214,6 +214,30 @@ def test_a_soft_capped_attention_names_its_tanh_and_its_rule(eager_lowering):
     torch.testing.assert_close(out, expected)
 
 
+def test_an_ffn_rule_on_stacked_experts_says_they_stay_dense(eager_lowering):
+    """Qwen3-MoE stores its experts stacked ([experts, out, in] parameters): no FFN site is found in them, and the
+    summary says the rule covers them and that they run dense, instead of only "matched nothing"."""
+    torch.manual_seed(6)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, head_dim=16,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                      moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                      max_position_embeddings=256, experts_implementation="eager")
+    cfg._attn_implementation = "eager"   # (transformers 5.0's grouped_mm experts need bf16 under torch.compile)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    spec = {"version": 1, "defaults": {"policy": "force"}, "ffn": [
+        {"modules": "model.layers.*.mlp", "form": "activation_threshold", "mode": "input", "threshold": 0.05}]}
+    with torch.no_grad():
+        expected = model(ids).logits
+        with pytest.warns(sparsecc.SparseccWarning) as caught:
+            out = sparsecc.compile(model, spec=spec, kernels="reference")(ids).logits
+    summary = " ".join(str(w.message) for w in caught)
+    assert ("ffn[0] (modules='model.layers.*.mlp') covers model.layers.0.mlp.experts (gate_up_proj [4, 64, 64]"
+            in summary), summary
+    assert "are reached by no ffn form, so those experts run dense" in " ".join(sparsecc.last_report().notes)
+    torch.testing.assert_close(out, expected)
+
+
 def test_gpt_oss_returning_its_attention_probabilities_keeps_each_site(eager_lowering):
     """Under output_attentions=True GPT-OSS returns the sink-sliced probabilities: each layer is still a listed
     site, dense with both reasons, and the returned probabilities equal the eager model's."""
