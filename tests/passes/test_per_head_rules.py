@@ -78,3 +78,22 @@ def test_the_report_groups_per_head_forms(eager_lowering):
     assert dense == "dense on heads 1", site.form_detail
     assert wide.endswith("on heads 2-3") and "window=4" in wide, site.form_detail
     assert site.forms == ["streaming", "dense"] and site.to_dict()["forms"] == site.forms
+
+
+def test_streaming_heads_of_several_windows_are_one_streaming_op(eager_lowering):
+    """Two sink/window settings and a dense head: one streaming op with a rule per head (not the mixed op's run
+    group by group), equal to float64 attention with each head's keep mask from docs/spec.md."""
+    rules = [{"form": "streaming", "sink": 1, "window": 2, "policy": "force"},
+             {"form": "streaming", "sink": 2, "window": 5, "heads": [2, 3], "policy": "force"},
+             {"form": "dense", "heads": [1]}]
+    out, site, (q, k, v) = _run(rules)
+    assert site.applied and site.forms == ["streaming", "dense"], site.reason
+    targets = [str(n.target) for g in rewritten_graphs() for n in g.graph.nodes if "sparsecc" in str(n.target)]
+    assert any("streaming_attention" in t for t in targets) and not any("mixed" in t for t in targets), targets
+    p, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    rule = {0: (1, 2), 2: (2, 5), 3: (2, 5)}   # head -> (sink, window); head 1 dense
+    keep = torch.stack([(j <= p) & ((j < rule[h][0]) | (p - j < rule[h][1])) if h in rule else j <= p
+                        for h in range(H)])
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    expected = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ v.double()
+    torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=1e-6)
