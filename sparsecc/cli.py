@@ -145,29 +145,24 @@ def _as_flags(text: str) -> str:
     (``query_heads``, ``threshold and sparsity``), ``name = value``, ``name=`` and ``name (what it means)``.
     Other words stay (``the model's``, ``model.layers.{layer}``)."""
     for keyword, flag in IMPORT_FLAGS.items():
-        text = re.sub(rf"(?<![-\w.]){keyword}(?: = |=(?!=)| (?=\()|$| and )",
+        text = re.sub(rf"(?<![-\w.]){keyword}(?: = |=(?!=)| (?=\()|$| and |(?=, ))",
                       lambda m: flag + m.group(0)[len(keyword):].replace(" = ", " ").replace("=", ""), text)
     return text
 
 
 def _import(args) -> int:
-    from sparsecc.importers import IMPORT_OPTIONS, import_spec
+    from sparsecc.importers import check_import_options, import_spec
     from sparsecc.importers.compressed_tensors import storage_note
     from sparsecc.spec import SpecError
     given = {"modules_template": args.modules_template, "threshold": args.threshold, "sparsity": args.sparsity,
-             "sink": args.sink, "recent": args.recent, "query_heads": args.query_heads, "policy": args.policy}
+             "sink": args.sink, "recent": args.recent, "query_heads": args.query_heads, "policy": args.policy,
+             "model": args.model}
     options = {k: v for k, v in given.items() if v is not None}
-    fmt = args.format.replace("-", "_").lower()
-    takes = IMPORT_OPTIONS.get(fmt, tuple(IMPORT_FLAGS))   # an unknown format: import_spec lists the formats
-    extra = [IMPORT_FLAGS[k] for k in list(options) + ["model"] * bool(args.model) if k not in takes]
-    if extra:
-        raise SpecError(f"{' and '.join(extra)} {'is' if len(extra) == 1 else 'are'} not an option of this format",
-                        file=f"<{fmt} import>", allowed=f"only these options for {fmt}: "
-                        + ", ".join(IMPORT_FLAGS[k] for k in takes))
-    if args.model:
-        built = _load_factory(args.model)[1]()
-        options["model"] = built[0] if isinstance(built, tuple) else built
     try:
+        check_import_options(args.format, options)   # before a model factory runs for --model
+        if args.model:
+            built = _load_factory(args.model)[1]()
+            options["model"] = built[0] if isinstance(built, tuple) else built
         spec = import_spec(args.format, args.file, **options)
     except SpecError as err:   # the key of an error in the imported file is that file's own
         raise err.reworded(_as_flags, key=isinstance(err.file, str) and err.file.endswith(" import>")) from None
@@ -196,8 +191,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from sparsecc.report.render import REPORT_SUFFIXES, report_suffix, unwritable_reason
         if not report_suffix(args.out):
             parser.error(f"--out {args.out!r}: the report's suffix must be one of {', '.join(REPORT_SUFFIXES)}")
-        if unwritable_reason(args.out):
-            parser.error(f"--out {args.out!r} cannot be written: {unwritable_reason(args.out)}")
+        problem = unwritable_reason(args.out)
+        if problem:
+            parser.error(f"--out {args.out!r} cannot be written: {problem}")
     from sparsecc.spec import SpecError, load_spec
     try:
         if args.command == "check-spec":

@@ -151,8 +151,7 @@ def test_cli_import_compressed_tensors_summary(tmp_path, capsys):
 @pytest.mark.parametrize("argv, fragment", [
     (["import", "compressed_tensors", f"{IMPORT_DATA}/ct_unstructured.json"], "sparsity_structure = 'unstructured'"),
     (["import", "minference", f"{IMPORT_DATA}/minference_streaming.json", "--threshold", "0.4"],
-     "--threshold is not an option of this format; expected only these options for minference: --modules-template, "
-     "--policy"),
+     "--threshold = 0.4 is not allowed; expected only these options for minference: --modules-template, --policy"),
     (["import", "duo_attention", f"{IMPORT_DATA}/duo"], "--query-heads is missing; expected the model's"),
     (["import", "duo_attention", f"{IMPORT_DATA}/duo", "--query-heads", "4", "--threshold", "0.5", "--sparsity", "0.5"],
      "--threshold and --sparsity are both given (--threshold 0.5, --sparsity 0.5); expected at most one of --threshold"),
@@ -160,7 +159,8 @@ def test_cli_import_compressed_tensors_summary(tmp_path, capsys):
      "--modules-template = 'a.b' is not allowed; expected a module-path glob with one \"{layer}\", e.g. "
      "\"model.layers.{layer}.self_attn\""),
     (["import", "duo_attention", f"{IMPORT_DATA}/duo", "--query-heads", "4", "--model", "tests.zoo:TinyLlama"],
-     "--model is not an option of this format"),
+     "--model = 'tests.zoo:TinyLlama' is not allowed; expected only these options for duo_attention: "
+     "--query-heads, --threshold, --sparsity, --sink, --recent, --modules-template, --policy"),
     (["import", "h2o", f"{IMPORT_DATA}/duo"], "not an import format"),
 ])
 def test_cli_import_errors(tmp_path, capsys, argv, fragment):

@@ -38,7 +38,7 @@ from sparsecc.importers.compressed_tensors import (ALLOWED_TARGET, CT_CONTAINERS
 
 FORMAT_NAMES = ("minference", "duo_attention", "compressed_tensors")
 
-__all__ = ["import_spec", "import_minference", "import_duo_attention", "import_compressed_tensors",
+__all__ = ["import_spec", "check_import_options", "import_minference", "import_duo_attention", "import_compressed_tensors",
            "minference_tables", "duo_attention_tables", "compressed_tensors_tables", "IMPORTERS",
            "IMPORT_OPTIONS", "FORMAT_NAMES", "DEFAULT_ATTENTION_TEMPLATE", "MINFERENCE_LAST_Q", "MINFERENCE_BLOCK",
            "MINFERENCE_BLOCK_TOPK",
@@ -60,9 +60,10 @@ IMPORT_OPTIONS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def import_spec(fmt: str, path: Any, **options: Any) -> Spec:
-    """Import ``path`` in format ``fmt`` (``minference``, ``duo_attention``, ``compressed_tensors``;
-    dashes are accepted for underscores) with that importer's keyword ``options``."""
+def check_import_options(fmt: str, options: Dict[str, Any]) -> str:
+    """The importer name of ``fmt`` (dashes are accepted for underscores) once every key of ``options`` is an
+    option it takes; a SpecError naming the format or the first option it does not take otherwise. The command
+    line checks with this before it builds a model for ``model``."""
     name = fmt.replace("-", "_").lower() if isinstance(fmt, str) else fmt
     if name not in IMPORTERS:
         raise SpecError("is not an import format", key="format", value=fmt,
@@ -71,6 +72,13 @@ def import_spec(fmt: str, path: Any, **options: Any) -> Spec:
     for key, value in options.items():
         if key not in allowed:
             raise _option_error(name, key, value, f"only these options for {name}: " + ", ".join(allowed))
+    return name
+
+
+def import_spec(fmt: str, path: Any, **options: Any) -> Spec:
+    """Import ``path`` in format ``fmt`` (``minference``, ``duo_attention``, ``compressed_tensors``;
+    dashes are accepted for underscores) with that importer's keyword ``options``."""
+    name = check_import_options(fmt, options)
     if name == "duo_attention" and "query_heads" not in options:
         raise SpecError("is missing", file=f"<{name} import>", key="query_heads",
                         allowed="the model's num_attention_heads (DuoAttention's columns are KV heads)")
