@@ -360,7 +360,8 @@ def build_report(ctx: CompileContext) -> Report:
                 deciding |= site_deciding
         report.covering_rules.extend(sorted(covering))
         report.deciding_rules.extend(sorted(deciding))
-        stacked = ctx.modules.stacked_weight_modules()
+        # (a walk over every module: only for specs whose FFN or linear rules could name expert weights)
+        stacked = ctx.modules.stacked_weight_modules() if ctx.spec.ffn or ctx.spec.linear else {}
         for kind in ("attention", "ffn", "linear"):
             for rule in ctx.spec.rules(kind):
                 report.rules[rule.key] = (kind, rule.modules)
