@@ -498,7 +498,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     if sq <= DECODE_MAX_Q:
         from sparsecc.codegen import decode_attention
 
-        if decode_attention.decode_supported(sinks, windows, group, sq):
+        if decode_attention.decode_supported(group, sq):
             # The decode wrapper makes the per-head vectors only when the heads' rules differ: one rule goes to
             # the kernel as scalars (while traced, each vector would be a constant copied to the device per call).
             return decode_attention.streaming_decode(q, k, v, m4, scale, causal, None, None, return_lse,

@@ -23,9 +23,15 @@ at the memory's speed, with as little else as possible around it:
   complete call leaves zeroed again (cached per device and stream for eager
   calls; a fresh zeroed tensor while traced, see :func:`~sparsecc.codegen.launch.ticket_counters`).
 
+* **Rules per head.** The heads of one kv group may have different sinks and
+  windows (and dense heads among them): the kv head then walks the blocks of
+  the group's widest sink and widest window, so its K/V is still read once for
+  the whole group, and each packed row masks the keys to its own head's rule.
+
 Works on a contiguous KV cache ``[B, Hkv, S, D]`` (any strides with a unit
-last dim). Heads of one group must share sink and window (checked by
-:func:`decode_supported`; other layouts use the prefill kernel).
+last dim), for at most :data:`~sparsecc.codegen.streaming_rules.MAX_PACKED_ROWS`
+packed rows (checked by :func:`decode_supported`; wider groups use the prefill
+kernel).
 
 This module imports Triton at the top: it is only imported by the kernel
 wrappers and the op loaders, never by ``import sparsecc``.
@@ -183,7 +189,10 @@ def _attend_blocks(q, K, V, MASK, b, kvh, head, row, pos, r_ok, sink, window, si
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, EVEN_N: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST_DOT: tl.constexpr):
-    """Online softmax of the packed rows over the kept blocks ``[t0, t1)``: returns ``(acc, l, m)`` (base 2)."""
+    """Online softmax of the packed rows over the kept blocks ``[t0, t1)``: returns ``(acc, l, m)`` (base 2).
+
+    ``sink`` and ``window`` mask the keys: the kv head's one rule as scalars, or each row's own as ``[BLOCK_M, 1]``
+    columns (heads of one kv group with different rules)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -297,14 +306,28 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
     # Batch/head offsets in int64: a KV cache of B * Hkv * S * D elements passes 2^31 at B=8, S=128K.
     b = (bkv // n_kv_heads).to(tl.int64)
     kvh = bkv % n_kv_heads
-    # Inputs are read here, not in a helper (_kv_head_rows says why). All rows share the kv head's sink/window;
-    # one rule for every head comes as two scalars (no per-head vectors to build or read per call).
+    # Inputs are read here, not in a helper (_kv_head_rows says why). One rule for every head comes as two scalars
+    # (no per-head vectors to build or read per call).
     last_pos = tl.load(POS + b).to(tl.int32) if HAS_POS else seq_k - 1
     key0 = tl.load(KEY0 + b) if HAS_KEY0 else 0
-    sink = tl.load(SINK + kvh * GROUP) if PER_HEAD else sink_all
-    window = tl.load(WINDOW + kvh * GROUP) if PER_HEAD else window_all
+    if PER_HEAD:
+        # Each packed row reads its own head's rule: the heads of one kv group may differ. The kv head walks the
+        # blocks of the group's widest sink and widest window, so one read of its K/V serves every head of the
+        # group, and each row keeps only what its own rule keeps.
+        offs_rule = tl.arange(0, BLOCK_M)
+        rule_ok = offs_rule < GROUP * seq_q
+        row_sink = tl.load(SINK + kvh * GROUP + offs_rule // seq_q, mask=rule_ok, other=0)
+        row_window = tl.load(WINDOW + kvh * GROUP + offs_rule // seq_q, mask=rule_ok, other=1)
+        sink = tl.max(row_sink, 0)
+        window = tl.max(row_window, 0)
+    else:
+        sink = sink_all
+        window = window_all
     head, row, pos, r_ok, sink, sink_first, n_sink, wb, n_kept = _kv_head_rows(
         b, kvh, last_pos, key0, sink, window, seq_q, seq_k, GROUP, CAUSAL, HAS_KEY0, BLOCK_M, BLOCK_N)
+    if PER_HEAD:   # the rows' own rules, as [BLOCK_M, 1] columns against the key tile's [1, BLOCK_N] positions
+        sink = (row_sink + key0)[:, None]
+        window = row_window[:, None]
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + b * stride_qb + head[:, None].to(tl.int64) * stride_qh + row[:, None] * stride_qm + offs_d[None, :],
                 mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
@@ -346,7 +369,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                                   sink: Sequence[int], window: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
     """The ``torch.ops.sparsecc.streaming_attention_from_mask`` kernel callable (argument order of its reference).
 
-    One-token decode whose kv groups share a rule runs the split-KV kernel with
+    One-token decode with a mask shared by the heads runs the split-KV kernel with
     the query position read from the mask on the device; anything else runs the
     reference (prefill into a static cache is rare next to decode steps).
     ``out``, when given, receives the output (tests pass a NaN-poisoned buffer).
@@ -363,7 +386,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     # mask shared by the heads (the row's keys after its position are masked, so the causal and bidirectional
     # rules agree). Several rows may sit at positions that are not consecutive: the reference handles those.
     one_position = sq == 1 and m4.shape[1] == 1
-    if not one_position or not attention_kernel_ok(q, k, v, scale) or not decode_supported(sinks, windows, group, sq):
+    if not one_position or not attention_kernel_ok(q, k, v, scale) or not decode_supported(group, sq):
         result = ops.streaming_attention_from_mask_ref(q, k, v, mask, scale, sinks, windows)
         return result if out is None else out.copy_(result)
     query_end = ops.mask_query_end(mask, sq, sk).expand(b).contiguous()
@@ -375,6 +398,13 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
 def per_head_rules(sinks: Sequence[int], windows: Sequence[int]) -> bool:
     """True when the heads' rules differ (the decode kernel then reads per-head vectors)."""
     return len(set(sinks)) > 1 or len(set(windows)) > 1
+
+
+def group_rules(sinks: Sequence[int], windows: Sequence[int], group: int) -> list[tuple[int, int]]:
+    """Per kv head, the ``(sink, window)`` whose blocks the kernel walks: the widest sink and the widest window of
+    its ``group`` query heads (kernel form, so a dense head's window already reaches every key). Every head's kept
+    keys lie within them."""
+    return [(max(sinks[g0:g0 + group]), max(windows[g0:g0 + group])) for g0 in range(0, len(sinks), group)]
 
 
 def _plan_splits(bkv: int, n_kept: int, num_sms: int, config: DecodeConfig) -> tuple[int, int]:
@@ -397,7 +427,8 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
 
     ``sinks``/``windows`` are int32 per-head vectors in kernel form (an
     unlimited window encoded as ``Sk + Sq + 1``, as the prefill wrapper does);
-    heads of one kv group must share them (:func:`decode_supported`). When every head has the same rule the
+    heads of one kv group may differ (each kv head then reads its group's widest rule, :func:`group_rules`, and
+    each row masks to its own head's). When every head has the same rule the
     kernel takes it as two scalars; the vectors may be None (``rules`` is then required) and are made here
     when the heads differ. ``m4`` is
     the mask already viewed as 4-d, or None. ``out`` receives the output when given.
@@ -435,9 +466,9 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     if query_end is not None:
         if not causal:
             raise ValueError("streaming_decode: query_end needs causal=True (positions past it are masked)")
-        n_kept = max(_kept_blocks_bound(s_list[i * group], w_list[i * group], sq, sk, block_n) for i in range(hkv))
+        n_kept = max(_kept_blocks_bound(s_, w_, sq, sk, block_n) for s_, w_ in group_rules(s_list, w_list, group))
     else:
-        n_kept = max(_kept_blocks(s_list[i * group], w_list[i * group], sq, sk, causal, block_n) for i in range(hkv))
+        n_kept = max(_kept_blocks(s_, w_, sq, sk, causal, block_n) for s_, w_ in group_rules(s_list, w_list, group))
     if key_start is not None:
         # Where the padding ends is on the device: the sink may straddle one more block, and a bidirectional row
         # before the moved sink sees every key.
@@ -473,5 +504,5 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     return (out, lse) if return_lse else out
 
 
-__all__ = ["DEFAULT_CONFIG", "WIDE_CONFIG", "DecodeConfig", "decode_supported", "per_head_rules", "streaming_decode",
-           "streaming_decode_from_mask_op"]
+__all__ = ["DEFAULT_CONFIG", "WIDE_CONFIG", "DecodeConfig", "decode_supported", "group_rules", "per_head_rules",
+           "streaming_decode", "streaming_decode_from_mask_op"]

@@ -120,15 +120,11 @@ def kernels_take(dtypes: Sequence[torch.dtype], head_dims: Sequence[int], scale:
             and head_dims[0] == head_dims[2] and head_dims[0] <= MAX_KERNEL_HEAD_DIM and min(sq, sk) > 0)
 
 
-def decode_supported(sinks: Sequence[int], windows: Sequence[int], group: int, sq: int = 1) -> bool:
-    """True when the decode kernel takes the layout: at most :data:`MAX_PACKED_ROWS` packed rows (``group * sq``)
-    and every kv group's heads share sink and window."""
-    if group * sq > MAX_PACKED_ROWS:
-        return False
-    for g0 in range(0, len(sinks), group):
-        if len(set(zip(sinks[g0:g0 + group], windows[g0:g0 + group]))) != 1:
-            return False
-    return True
+def decode_supported(group: int, sq: int = 1) -> bool:
+    """True when the decode kernel takes the layout: at most :data:`MAX_PACKED_ROWS` packed rows (``group * sq``:
+    the query rows of one kv group's heads). The heads' rules may differ, within a kv group too (each kv head reads
+    the keys of its group's widest rule once, each row keeps its own head's)."""
+    return group * sq <= MAX_PACKED_ROWS
 
 
 def streaming_runs_decode_kernel(device: torch.device, dtypes: Sequence[torch.dtype], head_dims: Sequence[int], sq,
@@ -153,12 +149,11 @@ def streaming_runs_decode_kernel(device: torch.device, dtypes: Sequence[torch.dt
         return False
     group = len(sinks) // kv_heads
     if positions_from_mask:
-        return (sq == 1 and (sk is None or sq < sk) and mask_heads == 1
-                and decode_supported(sinks, windows, group, sq))
+        return sq == 1 and (sk is None or sq < sk) and mask_heads == 1 and decode_supported(group, sq)
     if sq > DECODE_MAX_Q:
         return False
     if sk is None:
         hands_over = not causal and not masked and not return_lse and all(w == FULL_WINDOW for w in windows)
     else:
         hands_over = runs_sdpa(sinks, windows, sq, sk, causal, masked, return_lse, device)
-    return not hands_over and decode_supported(sinks, windows, group, sq)
+    return not hands_over and decode_supported(group, sq)

@@ -20,6 +20,7 @@ from sparsecc.cost.formulas import (B, D, H, HKV, K, M, N, SK, SQ, Cost, attenti
 from sparsecc.cost.hardware import HardwareProfile
 from sparsecc.cost.estimate import Estimate
 from sparsecc.cost.model import crossover, predict
+from sparsecc.forms import Streaming
 
 # Activation sparsity assumed when a rule gives a threshold but no target sparsity.
 ASSUMED_ACTIVATION_SPARSITY = 0.5
@@ -37,12 +38,36 @@ def _per_head_mean(form, per_head: Optional[Sequence], of):
     return sum(n * of(f) for f, n in Counter(per_head).items()) / len(per_head)
 
 
-def attention_costs(form, per_head: Optional[Sequence], causal: bool, program: str = "triton") -> Tuple[Cost, Cost]:
+def _widest_rule(forms: Sequence):
+    """The rule whose keys the decode kernel reads for one kv group of heads with ``forms``: the widest sink and
+    the widest window among them (codegen/decode_attention.py ``group_rules``); None (every key) when a head is
+    dense."""
+    if any(f is None for f in forms):
+        return None
+    return Streaming(max(f.sink for f in forms), max(f.window for f in forms))
+
+
+def _decode_kept_keys(form, per_head: Optional[Sequence], kv_heads: Optional[int]):
+    """Mean keys per kv head the decode kernel reads: each kv head reads its group's widest rule once
+    (:func:`_widest_rule`), so a group of heads with different rules costs what its widest head costs. Without
+    ``kv_heads`` (or per-head forms the kv heads do not divide) each head counts as its own group."""
+    if not per_head:
+        return decode_kept_keys(form, SQ, SK)
+    group = len(per_head) // kv_heads if kv_heads and len(per_head) % kv_heads == 0 else 1
+    if group == 1 or not all(f is None or isinstance(f, Streaming) for f in per_head):
+        return _per_head_mean(form, per_head, lambda f: decode_kept_keys(f, SQ, SK))
+    groups = Counter(_widest_rule(per_head[g0:g0 + group]) for g0 in range(0, len(per_head), group))
+    return sum(n * decode_kept_keys(f, SQ, SK) for f, n in groups.items()) / sum(groups.values())
+
+
+def attention_costs(form, per_head: Optional[Sequence], causal: bool, program: str = "triton",
+                    kv_heads: Optional[int] = None) -> Tuple[Cost, Cost]:
     """(dense, sparse) costs of an attention site as expressions of the attention symbols; ``per_head`` as in
-    ``_per_head_mean`` (the kept blocks, and the decode kernel's kept keys, are per-head means, so the head count
-    stays a symbol); ``program``: the kernels that run the sparse side (``formulas.PROGRAMS``)."""
+    ``_per_head_mean`` (the kept blocks are per-head means, the decode kernel's kept keys means over the kv groups
+    of ``kv_heads``, so the head count stays a symbol); ``program``: the kernels that run the sparse side
+    (``formulas.PROGRAMS``)."""
     blocks = _per_head_mean(form, per_head, lambda f: attention_blocks(f, SQ, SK, causal))
-    kept_keys = _per_head_mean(form, per_head, lambda f: decode_kept_keys(f, SQ, SK)) if program == "decode" else None
+    kept_keys = _decode_kept_keys(form, per_head, kv_heads) if program == "decode" else None
     return (attention_cost(None, causal, program=program),
             attention_cost(form, causal, blocks=blocks, program=program, kept_keys=kept_keys))
 
@@ -56,7 +81,7 @@ def estimate_attention(form, per_head, *, batch, heads, kv_heads, seq_q, seq_k, 
     rules). ``replayed``: the graph runs under CUDA graphs, so neither side pays its per-call host floor (which
     decides short calls such as a one-batch decode step, bench/RESULTS.md).
     """
-    dense, sparse = attention_costs(form, per_head, causal, program)
+    dense, sparse = attention_costs(form, per_head, causal, program, kv_heads=kv_heads)
     values = {B: batch, H: heads, HKV: kv_heads, SQ: seq_q, SK: seq_k, D: head_dim}
     prediction = predict(dense, sparse, hw, dtype, values, host=not replayed)
     if not symbolic_seq:

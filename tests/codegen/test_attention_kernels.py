@@ -212,6 +212,60 @@ def test_streaming_kernels_count_positions_from_left_padding(interpreter, sq, sk
         hn.assert_rows_close(out, expected, valid, torch.float16, what="streaming_decode_from_mask_op")
 
 
+# Per query head (H = 8, 2 kv groups of 4): rules that differ inside a kv group, a dense head among streaming ones,
+# a sink wider than another head's window; each case's expected value is the float64 oracle's per-head keep-mask.
+_GROUP_RULES = {
+    "windows": [dict(sink=2, window=w) for w in (40, 9, 40, 17)] * 2,
+    "sinks and windows": [dict(sink=s_, window=w) for s_, w in ((0, 60), (30, 5), (4, 25), (12, 12),
+                                                                 (4, 25), (4, 25), (4, 25), (4, 25))],
+    "a dense head": [None, dict(sink=3, window=20), dict(sink=3, window=20), dict(sink=0, window=7)] * 2,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_GROUP_RULES))
+@pytest.mark.parametrize("call, sq", [("causal", 1), ("causal", 3), ("mask positions", 1), ("left padding", 1),
+                                      ("left padding", 3)])
+def test_decode_kernel_takes_rules_that_differ_within_a_kv_group(interpreter, monkeypatch, case, call, sq):
+    """Heads of one kv group with different sinks and windows (dense heads among them) run the split-KV decode
+    kernel, which reads the group's K/V once and masks each row to its own head's rule: the kernel is launched, and
+    every row equals the float64 oracle of docs/spec.md's per-head keep-mask, with the queries at the end of the
+    keys (causal), at the position the mask gives (a static cache, one row) or after each element's left padding."""
+    from sparsecc.codegen import decode_attention as da
+    from tests.oracle import harness as hn
+    from tests.oracle import oracle
+
+    launched = []
+    real_launcher = da.launcher
+    monkeypatch.setattr(da, "launcher", lambda kernel, like: (
+        launched.append(getattr(kernel, "fn", kernel).__name__), real_launcher(kernel, like))[1])
+    b, h, hkv, sk, scale = 2, 8, 2, 150, 0.25
+    rules = _GROUP_RULES[case]
+    forms = [None if r is None else {"form": "streaming", **r} for r in rules]
+    sinks = [0 if r is None else r["sink"] for r in rules]
+    windows = [FULL_WINDOW if r is None else r["window"] for r in rules]
+    q, k, v = make_qkv(len(launched) + sq, b, h, hkv, sq, sk, 32, torch.float16)
+    if call == "causal":
+        expected, valid = oracle.expected_attention(q, k, v, forms, causal=True, scale=scale)
+        out = streaming_attention(q, k, v, sink=sinks, window=windows, scale=scale, causal=True)
+    else:
+        keep = torch.ones(b, 1, sq, sk, dtype=torch.bool)
+        if call == "mask positions":    # a static cache filled to 101 and 130 keys: the unwritten tail is masked
+            for i, filled in enumerate((101, 130)):
+                keep[i, ..., filled:] = False
+        else:                           # left padding of 0 and 37 keys, causal rows at the end
+            keep = keep.tril(sk - sq)
+            keep[1, ..., :37] = False
+        expected, valid = oracle.expected_attention(q, k, v, forms, causal=True, mask=keep, scale=scale,
+                                                    is_causal_flag=False)
+        if call == "mask positions":
+            out = da.streaming_decode_from_mask_op(q, k, v, keep, scale, sinks, windows)
+        else:
+            out = streaming_attention(q, k, v, sink=sinks, window=windows, scale=scale, causal=False, mask=keep)
+    assert launched == ["_decode_split_kernel"], launched
+    assert valid.any()
+    hn.assert_rows_close(out, expected, valid, torch.float16, what=f"{case}, {call}")
+
+
 _SM90_CHILD = """
 import torch
 from tests import sm90
@@ -224,7 +278,8 @@ class Compile:   # stands in for launch.launcher: compiles for sm_90 instead of 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             k = self.kernel.warmup(*args, grid=grid if isinstance(grid, tuple) else (1, 1, 1), **kwargs)
-            print("COMPILED", self.kernel.fn.__name__, "HAS_KEY0" if kwargs["HAS_KEY0"] else "-", len(k.asm["cubin"]))
+            print("COMPILED", self.kernel.fn.__name__, "HAS_KEY0" if kwargs["HAS_KEY0"] else "-",
+                  "PER_HEAD" if kwargs.get("PER_HEAD") else "-", len(k.asm["cubin"]))
         return run
 
 ba.launcher = da.launcher = lambda kernel, like: Compile(kernel)
@@ -236,15 +291,17 @@ for key_start in (None, starts):
     ba.launch_prefill(q, k, k, torch.ones(B, 1, S, S, dtype=torch.bool), 0.1, False, False, sinks=sinks,
                       windows=windows, key_start=key_start,
                       config=dict(BLOCK_M=128, BLOCK_N=64, USE_TMA=False, num_warps=8, num_stages=3))
-    da.streaming_decode(q[:, :, :1], k, k, torch.ones(B, 1, 1, S, dtype=torch.bool), 0.1, True, None, None,
-                        rules=([64] * H, [256] * H), query_end=torch.full((B,), S - 1, dtype=torch.int32),
-                        key_start=key_start)
+    # one rule for every head, then rules that differ within each kv group (each row reads its head's)
+    for rules in (([64] * H, [256] * H), ([64, 0, 8, 64] * 2, [256, 2048, 32, 16] * 2)):
+        da.streaming_decode(q[:, :, :1], k, k, torch.ones(B, 1, 1, S, dtype=torch.bool), 0.1, True, None, None,
+                            rules=rules, query_end=torch.full((B,), S - 1, dtype=torch.int32), key_start=key_start)
 """
 
 
 def test_kernels_compile_for_sm90_with_and_without_left_padding():
     """The prefill and decode kernels compile for sm_90 with the installed Triton (no GPU: tests/sm90.py), with and
-    without the left-padding offset, so a GPU never sees a kernel variant only the interpreter ran."""
+    without the left-padding offset (the decode kernel also with rules per head), so a GPU never sees a kernel
+    variant only the interpreter ran."""
     pytest.importorskip("triton.backends.nvidia.driver")
     import os
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -253,9 +310,10 @@ def test_kernels_compile_for_sm90_with_and_without_left_padding():
                           timeout=600, cwd=root)
     compiled = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("COMPILED")]
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert sorted((name, flag) for name, flag, _ in compiled) == [
-        ("_decode_split_kernel", "-"), ("_decode_split_kernel", "HAS_KEY0"),
-        ("_prefill_kernel", "-"), ("_prefill_kernel", "HAS_KEY0")]
+    assert sorted((name, flag, rules) for name, flag, rules, _ in compiled) == [
+        ("_decode_split_kernel", "-", "-"), ("_decode_split_kernel", "-", "PER_HEAD"),
+        ("_decode_split_kernel", "HAS_KEY0", "-"), ("_decode_split_kernel", "HAS_KEY0", "PER_HEAD"),
+        ("_prefill_kernel", "-", "-"), ("_prefill_kernel", "HAS_KEY0", "-")]
     assert all(int(size) > 0 for *_, size in compiled)
 
 
@@ -396,6 +454,26 @@ def test_gpu_decode(sq, hkv):
     kw = dict(sink=[128], window=[4096], scale=128 ** -0.5, causal=True)
     ref = streaming_attention_ref(q.float(), k.float(), v.float(), **kw)
     out = streaming_attention(q, k, v, out=poisoned(q), **kw)
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq", [1, 4])
+def test_gpu_decode_rules_that_differ_within_a_kv_group(sq, monkeypatch):
+    """Four query heads per kv head with four rules (a dense head, a long sink, two windows): the decode kernel
+    runs and matches the float32 reference of the same per-head rules."""
+    from sparsecc.codegen import decode_attention as da
+
+    launched = []
+    real_launcher = da.launcher
+    monkeypatch.setattr(da, "launcher", lambda kernel, like: (launched.append(kernel.fn.__name__),
+                                                              real_launcher(kernel, like))[1])
+    q, k, v = make_qkv(sq + 40, 4, 32, 8, sq, 20000, 128, torch.bfloat16, "cuda")
+    kw = dict(sink=[0, 1024, 128, 128] * 8, window=[FULL_WINDOW, 16, 4096, 1024] * 8, scale=128 ** -0.5,
+              causal=True)
+    ref = streaming_attention_ref(q.float(), k.float(), v.float(), **kw)
+    out = streaming_attention(q, k, v, out=poisoned(q), **kw)
+    assert launched == ["_decode_split_kernel"], launched
     assert not out.isnan().any() and rel_err(out, ref) < 1e-2
 
 

@@ -44,6 +44,38 @@ def test_families_and_kept_keys():
     assert decode_kept_keys(None, SQ, SK) is SK
 
 
+def test_a_kv_group_of_different_rules_costs_its_widest_rule():
+    """Heads of one kv group share one read of its K/V: the decode kernel walks the group's widest sink and widest
+    window (a dense head: every key), so the site's kept keys are per kv group, not a mean over the heads."""
+    wide, narrow, sink_only = Streaming(128, 4096), Streaming(128, 1024), Streaming(1024, 16)
+
+    def sparse_s(per_head, kv_heads):
+        return estimate_attention(wide, per_head, batch=8, heads=8, kv_heads=kv_heads, seq_q=1, seq_k=32768,
+                                  head_dim=128, dtype=torch.bfloat16, causal=True, hw=H200, margin=1.05,
+                                  symbolic_seq=False, program="decode", replayed=True).sparse_time_s
+
+    by_hand = {  # keys one kv head reads at Sq = 1, Sk = 32768: sink tiles + (window - 1) / 128 + 1 window tiles
+        "wide": 128 + (4096 - 1) + 128, "narrow": 128 + (1024 - 1) + 128, "dense": 32768,
+        "sink 1024, window 4096": 1024 + (4096 - 1) + 128}
+    mixed = [wide, narrow] * 4
+    # two kv groups of four: each reads the wide window, as a site whose every head is wide
+    assert sparse_s(mixed, 2) == pytest.approx(sparse_s([wide] * 8, 2), rel=1e-12)
+    # one kv head per query head: the mean of the two rules
+    per_head_mean = sparse_s(mixed, 8)
+    assert sparse_s([narrow] * 8, 8) < per_head_mean < sparse_s([wide] * 8, 8)
+    # The second group: the widest sink of one head with the widest window of another; or a dense head (every key).
+    # The memory-bound decode estimate is linear in the kept keys, so each site lies between the all-wide and the
+    # all-dense site where its mean kept keys (written out above) put it.
+    cases = {"sink 1024 beside window 4096": ([wide] * 4 + [wide, sink_only, narrow, narrow],
+                                              ["wide", "sink 1024, window 4096"]),
+             "a dense head in one group": ([wide] * 4 + [None, narrow, narrow, narrow], ["wide", "dense"])}
+    lo, hi = sparse_s([wide] * 8, 2), sparse_s([None] * 8, 2)
+    for name, (per_head, groups) in cases.items():
+        keys = sum(by_hand[g] for g in groups) / len(groups)
+        expected = lo + (hi - lo) * (keys - by_hand["wide"]) / (by_hand["dense"] - by_hand["wide"])
+        assert sparse_s(per_head, 2) == pytest.approx(expected, rel=1e-9), name
+
+
 def test_the_shipped_table_predicts_the_measured_decode_rows():
     """Graph-replayed rows (device time) within 15%, median under 5%; plainly called rows (host time: one
     configuration measured 3.35x and 4.55x in two rounds of one run, another 7.18x and 16.15x) within a factor of 2."""
@@ -88,8 +120,10 @@ def test_the_decode_rule_takes_what_the_kernel_takes():
 
     assert runs() and runs(sq=16) and runs(masked=True) and runs(dtypes=(torch.float16,) * 3)
     assert runs(sinks=[128] * 4 + [0] * 4)                       # rules differ between kv groups, not within
+    assert runs(sinks=[128] * 3 + [0] * 5)          # and within a kv group: it reads the group's widest rule
+    assert runs(windows=[4096, 1 << 20] * 4)        # dense heads among streaming ones in every group
     assert runs(windows=[1 << 20] * 8)       # dense but causal with fewer queries than keys: not SDPA's alignment
-    for change in (dict(sq=17), dict(sinks=[128] * 3 + [0] * 5), dict(dtypes=(torch.float32,) * 3),
+    for change in (dict(sq=17), dict(dtypes=(torch.float32,) * 3),
                    dict(head_dims=(512,) * 3), dict(scale=0.0),
                    dict(windows=[1 << 20] * 8, causal=False),   # exactly dense, aligned: SDPA
                    dict(sq=1, kv_heads=1, sinks=[128] * 129, windows=[4096] * 129)):   # 129 packed rows
