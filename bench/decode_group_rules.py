@@ -11,8 +11,8 @@ per query head:
 * **long sink**: heads 0-2 sink 128 + window 4096, head 3 sink 1024 + window 64;
 * **per kv group**: one rule per kv group (even groups sink 128 + window 4096, odd ones sink 0 + window 4096), the
   case the decode kernel took before too (it read each kv head's rule once; now each row reads its head's):
-  ``--baseline OLD.py`` times another ``codegen/decode_attention.py`` on it beside the shipped one, e.g. ``git show
-  HEAD~1:codegen/decode_attention.py > /tmp/old.py``.
+  ``--baseline OLD.py`` times another ``codegen/decode_attention.py`` on it beside the shipped one (its decode
+  kernel and its from-mask op), e.g. ``git show HEAD~1:codegen/decode_attention.py > /tmp/old.py``.
 
 Columns (each checked against a float64 oracle of docs/spec.md's per-head keep-mask first, into NaN-poisoned
 outputs): **decode kernel** (``streaming_attention``: since rules may differ within a kv group, the split-KV
@@ -117,7 +117,11 @@ def columns(sinks, windows, kv, batch, baseline=None):
     if baseline is not None:
         def old(q, k, v, out=None):
             return baseline.streaming_decode(q, k, v, None, SCALE, True, None, None, out=out, rules=(sinks, windows))
+        def old_from_mask(q, k, v, out=None):
+            return baseline.streaming_decode_from_mask_op(q, k, v, cache_mask, SCALE, sinks, windows, out=out)
+
         cols["baseline decode kernel"] = (old, "rules")
+        cols["baseline from mask, kernel"] = (old_from_mask, "rules")
     return cols
 
 
@@ -203,7 +207,11 @@ def main(argv=None):
         if "baseline decode kernel graph" in r:
             print(f"{r['layout']}, B{r['b']} KV{r['kv'] // 1024}K: decode kernel {r['decode kernel graph'] * 1e3:.1f} us "
                   f"against the baseline's {r['baseline decode kernel graph'] * 1e3:.1f} us (graph), "
-                  f"{r['decode kernel normal'] * 1e3:.1f} / {r['baseline decode kernel normal'] * 1e3:.1f} us (plain)")
+                  f"{r['decode kernel normal'] * 1e3:.1f} / {r['baseline decode kernel normal'] * 1e3:.1f} us (plain); "
+                  f"from mask {r['from mask, kernel graph'] * 1e3:.1f} us against the baseline's "
+                  f"{r['baseline from mask, kernel graph'] * 1e3:.1f} us (graph), "
+                  f"{r['from mask, kernel normal'] * 1e3:.1f} / {r['baseline from mask, kernel normal'] * 1e3:.1f} us "
+                  f"(plain)")
     if not all(math.isfinite(r["decode kernel graph"]) for r in rows):
         sys.exit(1)
 

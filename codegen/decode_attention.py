@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
-from sparsecc.codegen.launch import launcher, sm_count, ticket_counters
+from sparsecc.codegen.launch import launcher, sm_count, ticket_counters, tracing
 # The kernel's layout rule lives with the other streaming dispatch rules (no Triton there: the compiler asks it).
 from sparsecc.codegen.streaming_rules import decode_supported
 
@@ -281,7 +281,8 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
                          stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
                          stride_ob, stride_oh, stride_om,
                          n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split, sink_all, window_all,
-                         PER_HEAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                         PER_HEAD: tl.constexpr, ROW_RULES: tl.constexpr, GROUP: tl.constexpr,
+                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                          MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEY0: tl.constexpr,
                          SPLIT: tl.constexpr,
                          WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -310,8 +311,8 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
     # (no per-head vectors to build or read per call).
     last_pos = tl.load(POS + b).to(tl.int32) if HAS_POS else seq_k - 1
     key0 = tl.load(KEY0 + b) if HAS_KEY0 else 0
-    if PER_HEAD:
-        # Each packed row reads its own head's rule: the heads of one kv group may differ. The kv head walks the
+    if ROW_RULES:
+        # Each packed row reads its own head's rule: the heads of one kv group differ. The kv head walks the
         # blocks of the group's widest sink and widest window, so one read of its K/V serves every head of the
         # group, and each row keeps only what its own rule keeps.
         offs_rule = tl.arange(0, BLOCK_M)
@@ -320,12 +321,15 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
         row_window = tl.load(WINDOW + kvh * GROUP + offs_rule // seq_q, mask=rule_ok, other=1)
         sink = tl.max(row_sink, 0)
         window = tl.max(row_window, 0)
+    elif PER_HEAD:   # one rule per kv group: its first head's
+        sink = tl.load(SINK + kvh * GROUP)
+        window = tl.load(WINDOW + kvh * GROUP)
     else:
         sink = sink_all
         window = window_all
     head, row, pos, r_ok, sink, sink_first, n_sink, wb, n_kept = _kv_head_rows(
         b, kvh, last_pos, key0, sink, window, seq_q, seq_k, GROUP, CAUSAL, HAS_KEY0, BLOCK_M, BLOCK_N)
-    if PER_HEAD:   # the rows' own rules, as [BLOCK_M, 1] columns against the key tile's [1, BLOCK_N] positions
+    if ROW_RULES:   # the rows' own rules, as [BLOCK_M, 1] columns against the key tile's [1, BLOCK_N] positions
         sink = (row_sink + key0)[:, None]
         window = row_window[:, None]
     offs_d = tl.arange(0, BLOCK_D)
@@ -341,6 +345,61 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
     _finish_rows(O, LSE, O_PART, L_PART, COUNTERS, acc, l_i, m_i, b, kvh, head, row, r_ok, bkv, first_part + split,
                  first_part, n_split, stride_ob, stride_oh, stride_om, n_kv_heads * GROUP, seq_q, SPLIT,
                  GROUP, WRITE_LSE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, MERGE_S)
+
+
+@triton.jit
+def _mask_ends_kernel(MASK, QUERY_END, KEY_START, seq_k, stride_mb, stride_mn, masked_max,
+                      MASK_BOOL: tl.constexpr, WRITE_START: tl.constexpr, BLOCK: tl.constexpr):
+    """Batch element ``program_id(0)``'s one mask row: the last key it keeps (the query's position; ``seq_k - 1``
+    when it keeps none) and, with ``WRITE_START``, the first one (its left padding; ``seq_k`` when none). A float
+    mask keeps a key whose value is above ``masked_max`` (compared in float32 against the value rounded to the
+    mask's dtype, as torch compares it)."""
+    b = tl.program_id(0)
+    row = MASK + b.to(tl.int64) * stride_mb
+    first = tl.full([], 0, tl.int32) + seq_k
+    last = tl.full([], -1, tl.int32)
+    for j0 in range(0, seq_k, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        ok = offs < seq_k
+        m = tl.load(row + offs * stride_mn, mask=ok, other=0)
+        if MASK_BOOL:
+            keep = (m != 0) & ok
+        else:
+            keep = (m.to(tl.float32) > masked_max) & ok
+        first = tl.minimum(first, tl.min(tl.where(keep, offs, seq_k), 0))
+        last = tl.maximum(last, tl.max(tl.where(keep, offs, -1), 0))
+    tl.store(QUERY_END + b, tl.where(last >= 0, last, seq_k - 1))
+    if WRITE_START:
+        tl.store(KEY_START + b, first)
+
+
+def mask_ends(m4: Tensor, batch: int, seq_k: int, with_start: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """For one query row and a mask shared by the heads (``m4`` ``[B|1, 1, 1, Sk|1]``): per batch element, as int32
+    ``[batch]`` on the device, the query's position and (``with_start``) the element's left padding, in one launch.
+
+    The same values as ``mask_positions.mask_query_end`` and ``leading_padding`` (docs/spec.md: the row sits at the
+    last key its mask keeps, ``Sk - 1`` when it keeps none; the padding ends at the first kept key, ``Sk`` when none),
+    which compute them in about fifteen small torch kernels: at a decode step each costs a launch (bench/RESULTS.md).
+    """
+    from sparsecc.codegen.block_attention_kernels import interpreting
+    from sparsecc.codegen.launch import round_to_dtype
+    from sparsecc.forms import MASKED_LOGIT_MAX
+
+    if m4.dim() != 4 or m4.shape[1] != 1 or m4.shape[2] != 1 or m4.shape[0] not in (1, batch):
+        raise ValueError(f"mask_ends takes a [B|1, 1, 1, Sk|1] mask, got {tuple(m4.shape)}")
+    m = m4.view(torch.uint8) if m4.dtype == torch.bool and not tracing(m4) else m4
+    query_end = torch.empty(batch, dtype=torch.int32, device=m4.device)
+    # Pointers a launch never touches get the mask, which it only reads (codegen/launch.py).
+    key_start = torch.empty(batch, dtype=torch.int32, device=m4.device) if with_start else m
+    # One program per element walks its row in wide blocks: each block is one round trip to memory (a 32K-key
+    # row takes two), which is what the launch costs beyond its start.
+    block = 1024 if interpreting() else 16384
+    launcher(_mask_ends_kernel, m4)[(batch,)](
+        m, query_end, key_start, seq_k, m.stride(0) if m.shape[0] > 1 else 0, m.stride(3) if m.shape[3] > 1 else 0,
+        round_to_dtype(MASKED_LOGIT_MAX, m4.dtype) if m4.is_floating_point() else 0.0,
+        MASK_BOOL=m4.dtype == torch.bool, WRITE_START=with_start, BLOCK=min(block, triton.next_power_of_2(seq_k)),
+        num_warps=8)
+    return query_end, (key_start if with_start else None)
 
 
 def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
@@ -377,7 +436,7 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     from sparsecc.codegen import ops
     from sparsecc.codegen.block_attention import (
         attention_kernel_ok, check_mask, check_qkv, kernel_rules, streaming_rules_per_head)
-    from sparsecc.codegen.mask_positions import leading_padding
+    from sparsecc.codegen.mask_positions import padding_is_cut
 
     b, h, sq, sk, group = check_qkv(q, k, v)
     sinks, windows = streaming_rules_per_head(sink, window, h)
@@ -389,10 +448,10 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     if not one_position or not attention_kernel_ok(q, k, v, scale) or not decode_supported(group, sq):
         result = ops.streaming_attention_from_mask_ref(q, k, v, mask, scale, sinks, windows)
         return result if out is None else out.copy_(result)
-    query_end = ops.mask_query_end(mask, sq, sk).expand(b).contiguous()
+    query_end, key_start = mask_ends(m4, b, sk, with_start=not padding_is_cut())
     snk, win = kernel_rules(sinks, windows, sq, sk)
     return streaming_decode(q, k, v, m4, scale, True, None, None, out=out, rules=(snk, win), query_end=query_end,
-                            key_start=leading_padding(m4, b, sq, sk))
+                            key_start=key_start)
 
 
 def per_head_rules(sinks: Sequence[int], windows: Sequence[int]) -> bool:
@@ -460,6 +519,9 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     block_n = config.block_n
     s_list, w_list = rules if rules is not None else (sinks.tolist(), windows.tolist())
     per_head = per_head_rules(s_list, w_list)
+    # Rules that differ inside a kv group: each row reads its own (one rule per group costs one load per kv head,
+    # about 1% less time than a load per row on an H100 at B=8, bench/RESULTS.md).
+    row_rules = any(per_head_rules(s_list[g0:g0 + group], w_list[g0:g0 + group]) for g0 in range(0, h, group))
     if per_head and (sinks is None or windows is None):
         from sparsecc.codegen.block_attention import rule_vectors
         sinks, windows = rule_vectors(tuple(s_list), tuple(w_list), q)
@@ -496,7 +558,7 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         l_part, counters,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
         hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0],
-        PER_HEAD=per_head, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+        PER_HEAD=per_head, ROW_RULES=row_rules, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
         HAS_POS=query_end is not None, HAS_KEY0=key_start is not None, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, MERGE_S=merge_s,
         UPCAST_DOT=interpreting(), SPLIT=n_split > 1,
@@ -504,5 +566,5 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     return (out, lse) if return_lse else out
 
 
-__all__ = ["DEFAULT_CONFIG", "WIDE_CONFIG", "DecodeConfig", "decode_supported", "group_rules", "per_head_rules",
-           "streaming_decode", "streaming_decode_from_mask_op"]
+__all__ = ["DEFAULT_CONFIG", "WIDE_CONFIG", "DecodeConfig", "decode_supported", "group_rules", "mask_ends",
+           "per_head_rules", "streaming_decode", "streaming_decode_from_mask_op"]

@@ -53,6 +53,11 @@ def padding_cut_applied() -> bool:
     return _PADDING_CUT.get()
 
 
+def padding_is_cut() -> bool:
+    """True inside :func:`padding_cut`, where :func:`leading_padding` finds no padding."""
+    return _PADDING_CUT.get()
+
+
 def leading_padding(mask: Optional[torch.Tensor], batch: int, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
     """Per batch element, how many leading keys its mask hides from every query row and head: its left padding
     (docs/spec.md, "Left padding"). Positions then count from that key: a left-padded sequence attends as it

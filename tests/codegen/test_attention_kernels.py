@@ -223,8 +223,8 @@ _GROUP_RULES = {
 
 
 @pytest.mark.parametrize("case", sorted(_GROUP_RULES))
-@pytest.mark.parametrize("call, sq", [("causal", 1), ("causal", 3), ("mask positions", 1), ("left padding", 1),
-                                      ("left padding", 3)])
+@pytest.mark.parametrize("call, sq", [("causal", 1), ("causal", 3), ("mask positions", 1),
+                                      ("mask positions, additive", 1), ("left padding", 1), ("left padding", 3)])
 def test_decode_kernel_takes_rules_that_differ_within_a_kv_group(interpreter, monkeypatch, case, call, sq):
     """Heads of one kv group with different sinks and windows (dense heads among them) run the split-KV decode
     kernel, which reads the group's K/V once and masks each row to its own head's rule: the kernel is launched, and
@@ -249,7 +249,7 @@ def test_decode_kernel_takes_rules_that_differ_within_a_kv_group(interpreter, mo
         out = streaming_attention(q, k, v, sink=sinks, window=windows, scale=scale, causal=True)
     else:
         keep = torch.ones(b, 1, sq, sk, dtype=torch.bool)
-        if call == "mask positions":    # a static cache filled to 101 and 130 keys: the unwritten tail is masked
+        if call.startswith("mask positions"):   # a static cache filled to 101 and 130 keys: its tail is masked
             for i, filled in enumerate((101, 130)):
                 keep[i, ..., filled:] = False
         else:                           # left padding of 0 and 37 keys, causal rows at the end
@@ -257,13 +257,56 @@ def test_decode_kernel_takes_rules_that_differ_within_a_kv_group(interpreter, mo
             keep[1, ..., :37] = False
         expected, valid = oracle.expected_attention(q, k, v, forms, causal=True, mask=keep, scale=scale,
                                                     is_causal_flag=False)
-        if call == "mask positions":
-            out = da.streaming_decode_from_mask_op(q, k, v, keep, scale, sinks, windows)
+        if call.startswith("mask positions"):
+            mask = keep
+            if call.endswith("additive"):   # HF's additive form: 0 where kept, the dtype's lowest value elsewhere
+                mask = torch.zeros(keep.shape, dtype=torch.float16).masked_fill(~keep, torch.finfo(torch.float16).min)
+            out = da.streaming_decode_from_mask_op(q, k, v, mask, scale, sinks, windows)
         else:
             out = streaming_attention(q, k, v, sink=sinks, window=windows, scale=scale, causal=False, mask=keep)
-    assert launched == ["_decode_split_kernel"], launched
+    # the from-mask op reads the query positions and the padding from the mask in a launch of its own first
+    assert launched == ["_mask_ends_kernel"] * call.startswith("mask positions") + ["_decode_split_kernel"], launched
     assert valid.any()
     hn.assert_rows_close(out, expected, valid, torch.float16, what=f"{case}, {call}")
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float32", "bfloat16", "float16"])
+def test_mask_ends_reads_positions_and_padding_as_docs_say(interpreter, mask_kind):
+    """docs/spec.md: one query row sits at the last key its mask keeps (``Sk - 1`` when it keeps none), and its
+    element's left padding ends at the first kept key (``Sk`` when none). Expected values by hand from the keep
+    rows; float masks keep a key whose value is above -1e4 (at -1e4 exactly where the dtype holds it, else the
+    nearest value below it: masked; -9000: kept); a mask shared by the batch, and one broadcast along the keys."""
+    from sparsecc.codegen import decode_attention as da
+
+    sk = 2500   # past one interpreter block of 1024 keys
+    keep = torch.zeros(4, 1, 1, sk, dtype=torch.bool)
+    keep[0, ..., 7:1300] = True            # left padding 7, a static cache filled to 1300
+    keep[1, ..., 0] = True                 # one key
+    keep[2, ..., [1030, 2499]] = True      # two keys in different blocks
+    # element 3 keeps nothing
+    expected_end = torch.tensor([1299, 0, 2499, sk - 1], dtype=torch.int32)
+    expected_start = torch.tensor([7, 0, 1030, sk], dtype=torch.int32)
+    if mask_kind == "bool":
+        mask = keep
+    else:
+        dtype = getattr(torch, mask_kind)
+        at_or_below = -1.0e4 if dtype != torch.bfloat16 else -10048.0   # bfloat16 holds no -1e4: the next below
+        assert float(torch.tensor(at_or_below, dtype=dtype)) == at_or_below
+        mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, at_or_below)
+        mask[0, ..., 7] = -9.0e3                           # above it: kept
+        mask[0, ..., 6] = torch.finfo(dtype).min           # far below: masked
+    end, start = da.mask_ends(mask, 4, sk, with_start=True)
+    assert end.dtype == start.dtype == torch.int32
+    assert torch.equal(end, expected_end) and torch.equal(start, expected_start), (end, start)
+    end_only, none = da.mask_ends(mask, 4, sk, with_start=False)
+    assert none is None and torch.equal(end_only, expected_end)
+    # one mask row for the whole batch, and a mask of one key broadcast along all of them
+    end, start = da.mask_ends(mask[2:3], 3, sk, with_start=True)
+    assert end.tolist() == [2499] * 3 and start.tolist() == [1030] * 3
+    end, start = da.mask_ends(keep[1:2, ..., :1], 2, sk, with_start=True)
+    assert end.tolist() == [sk - 1] * 2 and start.tolist() == [0] * 2
+    with pytest.raises(ValueError, match=r"\[B\|1, 1, 1, Sk\|1\] mask"):
+        da.mask_ends(torch.ones(4, 2, 1, sk, dtype=torch.bool), 4, sk, with_start=True)
 
 
 _SM90_CHILD = """
@@ -278,8 +321,9 @@ class Compile:   # stands in for launch.launcher: compiles for sm_90 instead of 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             k = self.kernel.warmup(*args, grid=grid if isinstance(grid, tuple) else (1, 1, 1), **kwargs)
-            print("COMPILED", self.kernel.fn.__name__, "HAS_KEY0" if kwargs["HAS_KEY0"] else "-",
-                  "PER_HEAD" if kwargs.get("PER_HEAD") else "-", len(k.asm["cubin"]))
+            print("COMPILED", self.kernel.fn.__name__, "HAS_KEY0" if kwargs.get("HAS_KEY0") else "-",
+                  "ROW_RULES" if kwargs.get("ROW_RULES") else "PER_HEAD" if kwargs.get("PER_HEAD") else "-",
+                  len(k.asm["cubin"]))
         return run
 
 ba.launcher = da.launcher = lambda kernel, like: Compile(kernel)
@@ -291,17 +335,19 @@ for key_start in (None, starts):
     ba.launch_prefill(q, k, k, torch.ones(B, 1, S, S, dtype=torch.bool), 0.1, False, False, sinks=sinks,
                       windows=windows, key_start=key_start,
                       config=dict(BLOCK_M=128, BLOCK_N=64, USE_TMA=False, num_warps=8, num_stages=3))
-    # one rule for every head, then rules that differ within each kv group (each row reads its head's)
-    for rules in (([64] * H, [256] * H), ([64, 0, 8, 64] * 2, [256, 2048, 32, 16] * 2)):
+    # one rule for every head, one per kv group, then rules that differ within each kv group (each row reads its own)
+    for rules in (([64] * H, [256] * H), ([64] * 4 + [0] * 4, [256] * 4 + [16] * 4),
+                  ([64, 0, 8, 64] * 2, [256, 2048, 32, 16] * 2)):
         da.streaming_decode(q[:, :, :1], k, k, torch.ones(B, 1, 1, S, dtype=torch.bool), 0.1, True, None, None,
                             rules=rules, query_end=torch.full((B,), S - 1, dtype=torch.int32), key_start=key_start)
+da.mask_ends(torch.ones(B, 1, 1, S, dtype=torch.bool), B, S, with_start=True)   # the from-mask op's positions
 """
 
 
 def test_kernels_compile_for_sm90_with_and_without_left_padding():
     """The prefill and decode kernels compile for sm_90 with the installed Triton (no GPU: tests/sm90.py), with and
-    without the left-padding offset (the decode kernel also with rules per head), so a GPU never sees a kernel
-    variant only the interpreter ran."""
+    without the left-padding offset (the decode kernel also with a rule per kv group and with rules per query head),
+    so a GPU never sees a kernel variant only the interpreter ran."""
     pytest.importorskip("triton.backends.nvidia.driver")
     import os
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -312,8 +358,10 @@ def test_kernels_compile_for_sm90_with_and_without_left_padding():
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted((name, flag, rules) for name, flag, rules, _ in compiled) == [
         ("_decode_split_kernel", "-", "-"), ("_decode_split_kernel", "-", "PER_HEAD"),
+        ("_decode_split_kernel", "-", "ROW_RULES"),
         ("_decode_split_kernel", "HAS_KEY0", "-"), ("_decode_split_kernel", "HAS_KEY0", "PER_HEAD"),
-        ("_prefill_kernel", "-", "-"), ("_prefill_kernel", "HAS_KEY0", "-")]
+        ("_decode_split_kernel", "HAS_KEY0", "ROW_RULES"),
+        ("_mask_ends_kernel", "-", "-"), ("_prefill_kernel", "-", "-"), ("_prefill_kernel", "HAS_KEY0", "-")]
     assert all(int(size) > 0 for *_, size in compiled)
 
 

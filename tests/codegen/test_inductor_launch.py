@@ -281,6 +281,12 @@ with FakeTensorMode(allow_non_fake_inputs=True):
         lambda q, k, m, s, w, qe, ks: decode_attention.streaming_decode(
             q, k, k, m, 0.1, True, s, w, return_lse=True, rules=(s_list, w_list), query_end=qe, key_start=ks),
         (qd, kl, add_mask, sinks, windows, ends, starts))
+    bool_row = torch.ones(1, 1, 1, 1024, dtype=torch.bool, device=cuda)
+    calls["mask ends, additive"] = (lambda m: decode_attention.mask_ends(m, 2, 1024, with_start=True), (add_mask,))
+    calls["mask ends, bool row, no start"] = (lambda m: decode_attention.mask_ends(m, 2, 1024, with_start=False),
+                                             (bool_row,))
+    calls["decode from mask, per head"] = (lambda q, k, m: decode_attention.streaming_decode_from_mask_op(
+        q, k, k, m, 0.1, [4, 0, 2, 1, 4, 4, 0, 0], [16, 8, 8, 8, 16, 16, -1, 4]), (qd, kl, add_mask))
     for name, (fn, args) in calls.items():
         graph = make_fx(torch.func.functionalize(fn, remove="mutations_and_views"))(*args).graph
         launches = [n for n in graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
@@ -313,7 +319,9 @@ def test_no_launch_makes_inductor_copy_an_input():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     traced = {line.split(":")[0][len("TRACED "):]: line.split(": ")[1] for line in lines if line.startswith("TRACED")}
-    assert len(traced) == 17 and all(not v.startswith("0 launch") for v in traced.values()), lines
+    assert len(traced) == 20 and all(not v.startswith("0 launch") for v in traced.values()), lines
+    # The from-mask decode op reads the positions and the padding in one launch, then attends in one
+    assert traced["decode from mask, per head"].startswith("2 launch(es)"), traced
     assert not [line for line in lines if line.startswith("COPIED")], lines
     # The down GEMV merges its K splits by ticket: alone its counters are a zero fill in the graph, in the fused FFNs
     # (input and gate mode) their first launch zeroes them (no fill kernel).
