@@ -281,23 +281,27 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
                          stride_vb, stride_vh, stride_vn, stride_mb, stride_mh, stride_mm, stride_mn,
                          stride_ob, stride_oh, stride_om,
                          n_kv_heads, seq_q, seq_k, qk_scale, blocks_per_split, n_split, sink_all, window_all,
+                         pos_parts, key0_parts,
                          PER_HEAD: tl.constexpr, ROW_RULES: tl.constexpr, GROUP: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                          MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEY0: tl.constexpr,
                          SPLIT: tl.constexpr,
                          WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr):
+                         BLOCK_R: tl.constexpr, MERGE_S: tl.constexpr, POS_BLOCK: tl.constexpr,
+                         KEY0_BLOCK: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """One split of one (batch, kv head): attend the packed rows to kept blocks ``[t0, t1)``.
 
     Without ``SPLIT`` (one split per kv head) the program stores the output. With
     it, the program stores its normalised partial output and base-2 logsumexp
     (``-inf`` for rows that kept nothing) and the last of the kv head's splits
-    to finish merges them. With ``HAS_POS`` the last query row sits at ``POS[b]``
-    (a static cache's fill level) instead of ``seq_k - 1``; splits past this
-    position's kept blocks store empty partials. With ``HAS_KEY0`` the element's
-    first ``KEY0[b]`` keys are its left padding (its sink starts after them).
+    to finish merges them. With ``HAS_POS`` the last query row sits at the largest
+    of ``POS[b, :pos_parts]`` (a static cache's fill level; ``seq_k - 1`` when all
+    are negative) instead of ``seq_k - 1``; splits past this position's kept blocks
+    store empty partials. With ``HAS_KEY0`` the element's first
+    ``min(KEY0[b, :key0_parts])`` keys are its left padding (its sink starts after
+    them). Parts, as :func:`mask_ends` writes them: one value per stretch of the
+    mask row, reduced here in the load that reads them.
     ``EVEN_N``: ``seq_k`` is a multiple of ``BLOCK_N`` (no key needs a bounds test).
     """
     # Inductor hands Python floats to the kernels it launches as float64: compute in float32, as Triton does.
@@ -309,8 +313,17 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
     kvh = bkv % n_kv_heads
     # Inputs are read here, not in a helper (_kv_head_rows says why). One rule for every head comes as two scalars
     # (no per-head vectors to build or read per call).
-    last_pos = tl.load(POS + b).to(tl.int32) if HAS_POS else seq_k - 1
-    key0 = tl.load(KEY0 + b) if HAS_KEY0 else 0
+    if HAS_POS:
+        offs_pos = tl.arange(0, POS_BLOCK)
+        last_pos = tl.max(tl.load(POS + b * pos_parts + offs_pos, mask=offs_pos < pos_parts, other=-1), 0)
+        last_pos = tl.where(last_pos >= 0, last_pos, seq_k - 1).to(tl.int32)
+    else:
+        last_pos = seq_k - 1
+    if HAS_KEY0:
+        offs_key0 = tl.arange(0, KEY0_BLOCK)
+        key0 = tl.min(tl.load(KEY0 + b * key0_parts + offs_key0, mask=offs_key0 < key0_parts, other=seq_k), 0)
+    else:
+        key0 = 0
     if ROW_RULES:
         # Each packed row reads its own head's rule: the heads of one kv group differ. The kv head walks the
         # blocks of the group's widest sink and widest window, so one read of its K/V serves every head of the
@@ -348,58 +361,57 @@ def _decode_split_kernel(Q, K, V, MASK, SINK, WINDOW, POS, KEY0, O, LSE, O_PART,
 
 
 @triton.jit
-def _mask_ends_kernel(MASK, QUERY_END, KEY_START, seq_k, stride_mb, stride_mn, masked_max,
-                      MASK_BOOL: tl.constexpr, WRITE_START: tl.constexpr, BLOCK: tl.constexpr):
-    """Batch element ``program_id(0)``'s one mask row: the last key it keeps (the query's position; ``seq_k - 1``
-    when it keeps none) and, with ``WRITE_START``, the first one (its left padding; ``seq_k`` when none). A float
-    mask keeps a key whose value is above ``masked_max`` (compared in float32 against the value rounded to the
-    mask's dtype, as torch compares it)."""
+def _mask_ends_kernel(MASK, LAST, FIRST, seq_k, stride_mb, stride_mn, masked_max, n_parts,
+                      MASK_BOOL: tl.constexpr, WRITE_FIRST: tl.constexpr, CHUNK: tl.constexpr):
+    """Keys ``[p * CHUNK, (p + 1) * CHUNK)`` of batch element ``b``'s one mask row (program ``(b, p)``): the last key
+    they keep (-1 when none) into ``LAST[b, p]`` and, with ``WRITE_FIRST``, the first one (``seq_k`` when none) into
+    ``FIRST[b, p]``. A float mask keeps a key whose value is above ``masked_max`` (compared in float32 against the
+    value rounded to the mask's dtype, as torch compares it)."""
     b = tl.program_id(0)
-    row = MASK + b.to(tl.int64) * stride_mb
-    first = tl.full([], 0, tl.int32) + seq_k
-    last = tl.full([], -1, tl.int32)
-    for j0 in range(0, seq_k, BLOCK):
-        offs = j0 + tl.arange(0, BLOCK)
-        ok = offs < seq_k
-        m = tl.load(row + offs * stride_mn, mask=ok, other=0)
-        if MASK_BOOL:
-            keep = (m != 0) & ok
-        else:
-            keep = (m.to(tl.float32) > masked_max) & ok
-        first = tl.minimum(first, tl.min(tl.where(keep, offs, seq_k), 0))
-        last = tl.maximum(last, tl.max(tl.where(keep, offs, -1), 0))
-    tl.store(QUERY_END + b, tl.where(last >= 0, last, seq_k - 1))
-    if WRITE_START:
-        tl.store(KEY_START + b, first)
+    part = tl.program_id(1)
+    offs = part * CHUNK + tl.arange(0, CHUNK)
+    ok = offs < seq_k
+    m = tl.load(MASK + b.to(tl.int64) * stride_mb + offs * stride_mn, mask=ok, other=0)
+    if MASK_BOOL:
+        keep = (m != 0) & ok
+    else:
+        keep = (m.to(tl.float32) > masked_max) & ok
+    tl.store(LAST + b * n_parts + part, tl.max(tl.where(keep, offs, -1), 0))
+    if WRITE_FIRST:
+        tl.store(FIRST + b * n_parts + part, tl.min(tl.where(keep, offs, seq_k), 0))
+
+
+# At most this many parts per mask row: the decode kernel reads them in one load.
+MAX_MASK_PARTS = 64
 
 
 def mask_ends(m4: Tensor, batch: int, seq_k: int, with_start: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """For one query row and a mask shared by the heads (``m4`` ``[B|1, 1, 1, Sk|1]``): per batch element, as int32
-    ``[batch]`` on the device, the query's position and (``with_start``) the element's left padding, in one launch.
+    """For one query row and a mask shared by the heads (``m4`` ``[B|1, 1, 1, Sk|1]``): the query's position and
+    (``with_start``) the element's left padding, in one launch, as int32 ``[batch, parts]`` on the device, one part per
+    stretch of the mask row. The position is the largest part (``Sk - 1`` when every part is -1) and the padding the
+    smallest: :func:`streaming_decode` takes the parts as they are and reduces them where it loads them.
 
     The same values as ``mask_positions.mask_query_end`` and ``leading_padding`` (docs/spec.md: the row sits at the
     last key its mask keeps, ``Sk - 1`` when it keeps none; the padding ends at the first kept key, ``Sk`` when none),
     which compute them in about fifteen small torch kernels: at a decode step each costs a launch (bench/RESULTS.md).
     """
-    from sparsecc.codegen.block_attention_kernels import interpreting
     from sparsecc.codegen.launch import round_to_dtype
     from sparsecc.forms import MASKED_LOGIT_MAX
 
     if m4.dim() != 4 or m4.shape[1] != 1 or m4.shape[2] != 1 or m4.shape[0] not in (1, batch):
         raise ValueError(f"mask_ends takes a [B|1, 1, 1, Sk|1] mask, got {tuple(m4.shape)}")
     m = m4.view(torch.uint8) if m4.dtype == torch.bool and not tracing(m4) else m4
-    query_end = torch.empty(batch, dtype=torch.int32, device=m4.device)
+    # Every part is one program reading its stretch in one round trip; the stretch grows past MAX_MASK_PARTS parts.
+    chunk = max(128 if interpreting() else 4096, triton.next_power_of_2(-(-seq_k // MAX_MASK_PARTS)))
+    parts = -(-seq_k // chunk)
+    last = torch.empty(batch, parts, dtype=torch.int32, device=m4.device)
     # Pointers a launch never touches get the mask, which it only reads (codegen/launch.py).
-    key_start = torch.empty(batch, dtype=torch.int32, device=m4.device) if with_start else m
-    # One program per element walks its row in wide blocks: each block is one round trip to memory (a 32K-key
-    # row takes two), which is what the launch costs beyond its start.
-    block = 1024 if interpreting() else 16384
-    launcher(_mask_ends_kernel, m4)[(batch,)](
-        m, query_end, key_start, seq_k, m.stride(0) if m.shape[0] > 1 else 0, m.stride(3) if m.shape[3] > 1 else 0,
-        round_to_dtype(MASKED_LOGIT_MAX, m4.dtype) if m4.is_floating_point() else 0.0,
-        MASK_BOOL=m4.dtype == torch.bool, WRITE_START=with_start, BLOCK=min(block, triton.next_power_of_2(seq_k)),
-        num_warps=8)
-    return query_end, (key_start if with_start else None)
+    first = torch.empty(batch, parts, dtype=torch.int32, device=m4.device) if with_start else m
+    launcher(_mask_ends_kernel, m4)[(batch, parts)](
+        m, last, first, seq_k, m.stride(0) if m.shape[0] > 1 else 0, m.stride(3) if m.shape[3] > 1 else 0,
+        round_to_dtype(MASKED_LOGIT_MAX, m4.dtype) if m4.is_floating_point() else 0.0, parts,
+        MASK_BOOL=m4.dtype == torch.bool, WRITE_FIRST=with_start, CHUNK=chunk, num_warps=4)
+    return last, (first if with_start else None)
 
 
 def _kept_blocks(sink: int, window: int, sq: int, sk: int, causal: bool, block_n: int) -> int:
@@ -493,10 +505,12 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     the mask already viewed as 4-d, or None. ``out`` receives the output when given.
     ``rules`` are the same vectors as host lists, when the caller has them: reading
     them back from the device would sync the host on every decode step.
-    ``query_end`` (int32 ``[B]``, causal only) places the last query row of each
+    ``query_end`` (int32 ``[B]``, or ``[B, parts]`` from :func:`mask_ends`: the largest part, ``Sk - 1`` when all are
+    negative; causal only) places the last query row of each
     batch element at that position instead of ``Sk - 1``; the split count then
     covers the widest layout any position can have, so no host sync is needed.
-    ``key_start`` (int32 ``[B]``, ``leading_padding``): each element's left padding; its sink starts after it.
+    ``key_start`` (int32 ``[B]``, ``leading_padding``, or ``[B, parts]`` from :func:`mask_ends`: the smallest part):
+    each element's left padding; its sink starts after it.
     The split count then allows one more sink block (the padding need not end on a block edge), or every
     block in bidirectional attention.
     ``config`` overrides the launch shape (benchmarks and tests; the default is :data:`DEFAULT_CONFIG`, or
@@ -552,15 +566,18 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
         counters = ticket_counters(b * hkv, q)
     else:
         o_part = l_part = counters = q     # unused: the one split stores the output itself
+    pos_parts = 1 if query_end is None or query_end.dim() == 1 else query_end.shape[1]
+    key0_parts = 1 if key_start is None or key_start.dim() == 1 else key_start.shape[1]
     launcher(_decode_split_kernel, q)[(n_split, b * hkv)](
         q, k, v, mask_t, sinks if per_head else q, windows if per_head else q,
         query_end if query_end is not None else q, key_start if key_start is not None else q, out, lse, o_part,
         l_part, counters,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0],
+        hkv, sq, sk, scale * LOG2E.value, blocks_per_split, n_split, s_list[0], w_list[0], pos_parts, key0_parts,
         PER_HEAD=per_head, ROW_RULES=row_rules, GROUP=group, CAUSAL=causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
         HAS_POS=query_end is not None, HAS_KEY0=key_start is not None, WRITE_LSE=return_lse, EVEN_N=sk % block_n == 0,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, MERGE_S=merge_s,
+        POS_BLOCK=triton.next_power_of_2(pos_parts), KEY0_BLOCK=triton.next_power_of_2(key0_parts),
         UPCAST_DOT=interpreting(), SPLIT=n_split > 1,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return (out, lse) if return_lse else out
