@@ -109,7 +109,7 @@ def mask_positions(mask, b: int, h: int, sq: int, sk: int) -> torch.Tensor:
     forms"): ``p = min(i + Sk - Sq, m_i)``, ``m_i`` the last key row i's mask keeps (bool True, or an additive
     value above -1e4); ``i + Sk - Sq`` for a row that keeps none."""
     m = torch.broadcast_to(mask, (b, h, sq, sk))
-    keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
+    keeps = m if m.dtype == torch.bool else m > EFFECTIVELY_MASKED   # in the mask's dtype (docs/spec.md)
     out = torch.empty(b, h, sq, dtype=torch.long)
     for bi in range(b):
         for hi in range(h):
@@ -504,7 +504,7 @@ def _shown_keys(mask, b: int, sq: int, sk: int) -> torch.Tensor:
     while m.dim() < 4:
         m = m[None]
     m = m[b if m.shape[0] > 1 else 0]                                   # [H|1, Sq|1, Sk|1]
-    keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
+    keeps = m if m.dtype == torch.bool else m > EFFECTIVELY_MASKED   # in the mask's dtype (docs/spec.md)
     return torch.broadcast_to(keeps, (keeps.shape[0], sq, sk)).any(0).any(0)
 
 
@@ -558,7 +558,7 @@ def _by_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool)
     valid = torch.zeros(b_, h_, sq, dtype=torch.bool)
     for b, (o, r) in enumerate(pads):
         m = _element_mask(mask, b)
-        keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
+        keeps = m if m.dtype == torch.bool else m > EFFECTIVELY_MASKED   # in the mask's dtype (docs/spec.md)
         keeps = torch.broadcast_to(keeps, (1, keeps.shape[1], sq, sk))
         end = max(sk - r, o)
         rows = _leading_rows(keeps, o, end, sq)
@@ -627,7 +627,7 @@ def removes_later_keys(mask, b: int, sq: int, sk: int) -> bool:
     while m.dim() < 4:
         m = m[None]
     m = m[b if m.shape[0] > 1 else 0]                                   # [H|1, Sq|1, Sk]
-    keeps = m if m.dtype == torch.bool else m.to(F64) > EFFECTIVELY_MASKED
+    keeps = m if m.dtype == torch.bool else m > EFFECTIVELY_MASKED   # in the mask's dtype (docs/spec.md)
     keeps = torch.broadcast_to(keeps, (keeps.shape[0], sq, sk))
     for i in range(sq):
         if keeps[..., i, i + sk - sq + 1:].any():
