@@ -366,7 +366,8 @@ def _mask_ends_kernel(MASK, LAST, FIRST, seq_k, stride_mb, stride_mn, masked_max
     """Keys ``[p * CHUNK, (p + 1) * CHUNK)`` of batch element ``b``'s one mask row (program ``(b, p)``): the last key
     they keep (-1 when none) into ``LAST[b, p]`` and, with ``WRITE_FIRST``, the first one (``seq_k`` when none) into
     ``FIRST[b, p]``. A float mask keeps a key whose value is above ``masked_max`` (compared in float32 against the
-    value rounded to the mask's dtype, as torch compares it)."""
+    value rounded to the mask's dtype, as torch compares it: exact for float16, bfloat16 and float32 masks; the
+    wrapper turns a float64 mask into a bool one first)."""
     b = tl.program_id(0)
     part = tl.program_id(1)
     offs = part * CHUNK + tl.arange(0, CHUNK)
@@ -400,6 +401,8 @@ def mask_ends(m4: Tensor, batch: int, seq_k: int, with_start: bool) -> tuple[Ten
 
     if m4.dim() != 4 or m4.shape[1] != 1 or m4.shape[2] != 1 or m4.shape[0] not in (1, batch):
         raise ValueError(f"mask_ends takes a [B|1, 1, 1, Sk|1] mask, got {tuple(m4.shape)}")
+    if m4.dtype == torch.float64:   # the kernel compares in float32, which would round values next to -1e4
+        m4 = m4 > MASKED_LOGIT_MAX
     m = m4.view(torch.uint8) if m4.dtype == torch.bool and not tracing(m4) else m4
     # Every part is one program reading its stretch in one round trip; the stretch grows past MAX_MASK_PARTS parts.
     chunk = max(128 if interpreting() else 4096, triton.next_power_of_2(-(-seq_k // MAX_MASK_PARTS)))

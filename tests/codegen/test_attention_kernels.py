@@ -270,7 +270,7 @@ def test_decode_kernel_takes_rules_that_differ_within_a_kv_group(interpreter, mo
     hn.assert_rows_close(out, expected, valid, torch.float16, what=f"{case}, {call}")
 
 
-@pytest.mark.parametrize("mask_kind", ["bool", "float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("mask_kind", ["bool", "float64", "float32", "bfloat16", "float16"])
 def test_mask_ends_reads_positions_and_padding_as_docs_say(interpreter, mask_kind):
     """docs/spec.md: one query row sits at the last key its mask keeps (``Sk - 1`` when it keeps none), and its
     element's left padding ends at the first kept key (``Sk`` when none). Expected values by hand from the keep
@@ -294,6 +294,9 @@ def test_mask_ends_reads_positions_and_padding_as_docs_say(interpreter, mask_kin
         mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, -1.0e4)
         mask[0, ..., 7] = -9.0e3                           # above it: kept
         mask[0, ..., 6] = torch.finfo(dtype).min           # far below: masked
+        if dtype in (torch.float64, torch.float32):   # the next value above -1e4 is kept: element 1 now ends at 5
+            mask[1, ..., 5] = torch.nextafter(torch.tensor(-1.0e4, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+            expected_end[1] = 5
 
     def ends(m, batch, with_start=True):   # the parts reduced as mask_ends documents: largest / smallest part
         last, first = da.mask_ends(m, batch, sk, with_start=with_start)
