@@ -68,11 +68,12 @@ class StreamingFromMaskArgs:
 
 @dataclass(frozen=True)
 class HopperPrefillArgs:
-    """Arguments of ``streaming_prefill_sm90``: causal, no mask, one ``sink`` and ``window`` for every head."""
+    """Arguments of ``streaming_prefill_sm90``: causal, no mask; ``sink`` and ``window`` one entry each (every head)
+    or one per query head, in kernel form (``kernel_rules``)."""
 
     scale: float
-    sink: int
-    window: int
+    sink: Tuple[int, ...]
+    window: Tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -193,10 +194,10 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return fn(q, k, v, mask, scale, causal, sink, window)
 
 
-def streaming_prefill_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int,
-                           window: int) -> torch.Tensor:
-    """Causal sink + window attention with one rule for every head, no mask: the Gluon program on an sm_90 GPU
-    (``codegen/hopper_prefill.py`` says which streaming calls come here), the reference elsewhere."""
+def streaming_prefill_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: List[int],
+                           window: List[int]) -> torch.Tensor:
+    """Causal sink + window attention, one rule for every head or one per head, no mask: the Gluon program on an
+    sm_90 GPU (``codegen/hopper_prefill.py`` says which streaming calls come here), the reference elsewhere."""
     from sparsecc.codegen.hopper_prefill import program_takes, sm90_gluon
 
     kernel = STREAMING_PREFILL_SM90.kernel_function(q.device)
@@ -210,7 +211,8 @@ def _hopper_prefill_reference(q, k, v, scale, sink, window):
     from sparsecc.codegen.block_attention import streaming_attention_ref
 
     heads = q.shape[1]
-    return streaming_attention_ref(q, k, v, sink=[sink] * heads, window=[window] * heads, scale=scale, causal=True)
+    sinks, windows = (list(sink) * heads, list(window) * heads) if len(sink) == 1 else (list(sink), list(window))
+    return streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=True)
 
 
 def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

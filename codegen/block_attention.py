@@ -493,7 +493,7 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     # streaming_runs_hopper_program's last step: the reference and SDPA cases are behind us, the rules capped.
     if hopper_prefill_fits(q.device, (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]), sq, sk,
                            causal=causal, masked=m4 is not None, return_lse=return_lse, sinks=snk, windows=win):
-        return _into(out, hopper_prefill(q, k, v, snk[0], win[0], scale))
+        return _into(out, hopper_prefill(q, k, v, snk, win, scale))
     starts = None if causal else leading_padding(m4, b, sq, sk)   # on the device: no host sync, traceable
     if sq <= DECODE_MAX_Q:
         from sparsecc.codegen import decode_attention

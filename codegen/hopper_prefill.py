@@ -10,8 +10,8 @@ compiler dispatches to.
 **Streaming.** A streaming call runs it when ``streaming_rules.streaming_runs_hopper_program`` says so (SDPA
 keeps the exactly dense layouts) and, within that, :func:`hopper_prefill_fits`: an sm_90 GPU with Gluon's
 Hopper module, a causal call without a mask or a log-sum-exp request, float16 / bfloat16, head dim 128 for q, k
-and v, one sink and window for every head, a static query count of at least :data:`MIN_ROWS` and no more queries
-than keys. Everything else keeps the Triton kernels (decode-sized and short calls among them: traced into
+and v, a static query count of at least :data:`MIN_ROWS` and no more queries than keys. The heads may have
+different sinks and windows (dense heads among them): each query tile then reads its head's rule. Everything else keeps the Triton kernels (decode-sized and short calls among them: traced into
 Inductor's graph, they launch with no host work). The program takes TMA descriptors made on the host, which
 Inductor's traced launches cannot carry, so under ``torch.compile`` the call is the opaque op
 ``torch.ops.sparsecc.streaming_prefill_sm90`` (its record is in ``attention_ops.py``): Inductor calls it through
@@ -88,31 +88,41 @@ def hopper_prefill_fits(device: torch.device, dtypes: Sequence[torch.dtype], hea
         return False   # first: a symbolic length also makes the per-head rules symbolic (unhashable)
     if not (causal and not masked and not return_lse) or not program_takes(dtypes, head_dims):
         return False
-    if len(set(sinks)) != 1 or len(set(windows)) != 1:
-        return False
     return sm90_gluon(device)
 
 
-def hopper_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
+def hopper_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Sequence[int], windows: Sequence[int],
                    scale: float) -> torch.Tensor:
-    """Run the Gluon program on a call :func:`hopper_prefill_fits` accepted: directly on real tensors, as the
-    opaque op ``streaming_prefill_sm90`` while traced."""
+    """Run the Gluon program on a call :func:`hopper_prefill_fits` accepted (``sinks`` / ``windows``: one entry, or
+    one per query head, in kernel form): directly on real tensors, as the opaque op ``streaming_prefill_sm90``
+    while traced. One rule for every head goes as one entry each."""
     from sparsecc.codegen.launch import tracing
 
+    sinks, windows = _one_or_per_head(sinks, windows)
     if tracing(q, k, v):
         from sparsecc.codegen.attention_ops import STREAMING_PREFILL_SM90, HopperPrefillArgs
 
         return STREAMING_PREFILL_SM90.op()(*STREAMING_PREFILL_SM90.flatten(
-            dict(q=q, k=k, v=v), HopperPrefillArgs(scale=scale, sink=sink, window=window)))
-    return streaming_prefill_sm90_kernel(q, k, v, scale, sink, window)
+            dict(q=q, k=k, v=v), HopperPrefillArgs(scale=scale, sink=sinks, window=windows)))
+    return streaming_prefill_sm90_kernel(q, k, v, scale, sinks, windows)
 
 
-def streaming_prefill_sm90_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int,
-                                  window: int) -> torch.Tensor:
-    """The ``streaming_prefill_sm90`` op's kernel callable (its argument order): the :data:`VARIANT` program."""
+def _one_or_per_head(sinks: Sequence[int], windows: Sequence[int]) -> tuple:
+    """``(sinks, windows)`` as tuples: one entry each when every head has the same rule."""
+    if len(set(sinks)) == 1 and len(set(windows)) == 1:
+        return (int(sinks[0]),), (int(windows[0]),)
+    return tuple(int(x) for x in sinks), tuple(int(x) for x in windows)
+
+
+def streaming_prefill_sm90_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                  sink: Sequence[int], window: Sequence[int]) -> torch.Tensor:
+    """The ``streaming_prefill_sm90`` op's kernel callable (its argument order): the :data:`VARIANT` program;
+    ``sink`` / ``window`` one entry each (every head) or one per query head."""
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
 
-    return streaming_prefill_hopper(q, k, v, sink, window, scale, **VARIANT)
+    one = len(sink) == 1 and len(window) == 1
+    return streaming_prefill_hopper(q, k, v, sink[0] if one else list(sink), window[0] if one else list(window),
+                                    scale, **VARIANT)
 
 
 def hopper_table_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, *, masked: bool,

@@ -20,7 +20,8 @@ Semantics (docs/spec.md, streaming, causal): query row ``i`` sits at position ``
 attends key ``j`` iff ``j <= p`` and (``j < sink`` or ``p - j < window``). Inputs:
 ``[B, H, Sq, D]`` queries, ``[B, Hkv, Sk, D]`` keys and values (GQA when ``Hkv < H``; any strides TMA can
 address, read through 4-D descriptors one (batch, head) tile at a time), float16 or bfloat16, ``D = 128``;
-one sink and window for every head.
+one sink and window for every head, or one per head (``PER_HEAD``: each query tile reads its head's from two int32
+vectors, and its key blocks follow that rule).
 """
 
 from __future__ import annotations
@@ -78,13 +79,17 @@ def _tile_coords(tile, seq_q, H: gl.constexpr, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _program_tile(tile, seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
-    """Query tile ``tile`` and its key blocks: (b, h, m0, n_sink, wb, n_trips).
+def _program_tile(tile, seq_q, seq_k, sink, window, rule_sinks, rule_windows, H: gl.constexpr,
+                  GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PER_HEAD: gl.constexpr):
+    """Query tile ``tile``, its rule and its key blocks: (b, h, m0, n_sink, wb, n_trips, sink, window).
 
-    The key blocks are the sink blocks, then the window's blocks ``[wb, we)`` (the Triton kernel's arithmetic);
-    trip ``t`` visits ``_trip_block(t, n_sink, wb)``."""
+    The rule is ``sink`` / ``window``, or with ``PER_HEAD`` the tile's head's entries of ``rule_sinks`` /
+    ``rule_windows``. The key blocks are the sink blocks, then the window's blocks ``[wb, we)`` (the Triton
+    kernel's arithmetic); trip ``t`` visits ``_trip_block(t, n_sink, wb)``."""
     b, h, m0 = _tile_coords(tile, seq_q, H, BLOCK_M)
+    if PER_HEAD:
+        sink = gl.load(rule_sinks + h)
+        window = gl.load(rule_windows + h)
     offset = seq_k - seq_q
     p0 = m0 + offset
     p1 = gl.minimum(m0 + BLOCK_M, seq_q) - 1 + offset
@@ -93,7 +98,7 @@ def _program_tile(tile, seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.c
     n_sink = gl.cdiv(gl.maximum(gl.minimum(sink, hi), 0), BLOCK_N)
     wb = gl.maximum(lo // BLOCK_N, n_sink)
     we = gl.maximum(gl.cdiv(hi, BLOCK_N), wb)
-    return b, h, m0, n_sink, wb, n_sink + (we - wb)
+    return b, h, m0, n_sink, wb, n_sink + (we - wb), sink, window
 
 
 @gluon.jit
@@ -249,32 +254,38 @@ def _attend_rows(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_emp
 
 
 @gluon.jit
-def _tile(tile, table, width, table_batches, table_heads, seq_q, seq_k, sink, window, H: gl.constexpr,
-          GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, TABLE: gl.constexpr):
-    """(b, h, m0, n_sink, window_first, blocks, n_trips, sink) of query tile ``tile``, for either layout. A block
-    table's programs carry their count of partial blocks where the streaming ones carry the sink (the softmax
-    masks the trips before it)."""
+def _tile(tile, table, width, table_batches, table_heads, seq_q, seq_k, sink, window, rule_sinks, rule_windows,
+          H: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, TABLE: gl.constexpr,
+          PER_HEAD: gl.constexpr):
+    """(b, h, m0, n_sink, window_first, blocks, n_trips, sink, window) of query tile ``tile``, for either layout. A
+    block table's programs carry their count of partial blocks where the streaming ones carry the sink (the
+    softmax masks the trips before it); a streaming tile carries its head's rule."""
     if TABLE:
         b, h, m0, n_part, blocks, n_trips = _table_tile(tile, table, seq_q, width, table_batches, table_heads, H,
                                                         BLOCK_M)
-        return b, h, m0, n_part, 0, blocks, n_trips, n_part
+        return b, h, m0, n_part, 0, blocks, n_trips, n_part, window
     else:
-        b, h, m0, n_sink, wb, n_trips = _program_tile(tile, seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N)
-        return b, h, m0, n_sink, wb, table, n_trips, sink
+        b, h, m0, n_sink, wb, n_trips, sink, window = _program_tile(tile, seq_q, seq_k, sink, window, rule_sinks,
+                                                                    rule_windows, H, GROUP, BLOCK_M, BLOCK_N,
+                                                                    PER_HEAD)
+        return b, h, m0, n_sink, wb, table, n_trips, sink, window
 
 
 @gluon.jit
 def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, table_batches, table_heads, seq_q,
-                              seq_k, sink, window, qk_scale, H: gl.constexpr, GROUP: gl.constexpr,
-                              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, TABLE: gl.constexpr, num_warps: gl.constexpr):
+                              seq_k, sink, window, rule_sinks, rule_windows, qk_scale, H: gl.constexpr,
+                              GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TABLE: gl.constexpr,
+                              PER_HEAD: gl.constexpr, num_warps: gl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head), over the kept key blocks of the streaming rule or,
     with ``TABLE``, of the block table's row (``table``; unused by the streaming layout)."""
     gl.static_assert(BLOCK_N == HEAD_DIM, "S and O share one accumulator layout only when BLOCK_N == HEAD_DIM")
     gl.static_assert(STAGES >= 2, "a trip's stage is freed by the previous trip's P V: one stage waits for itself")
     dtype: gl.constexpr = q_desc.dtype
-    b, h, m0, n_sink, wb, blocks, n_trips, sink = _tile(gl.program_id(0), table, width, table_batches, table_heads,
-                                                         seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N, TABLE)
+    b, h, m0, n_sink, wb, blocks, n_trips, sink, window = _tile(gl.program_id(0), table, width, table_batches,
+                                                                 table_heads, seq_q, seq_k, sink, window, rule_sinks,
+                                                                 rule_windows, H, GROUP, BLOCK_M, BLOCK_N, TABLE,
+                                                                 PER_HEAD)
     hk = h // GROUP
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -313,14 +324,16 @@ def _streaming_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, tab
 
 @gluon.jit
 def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_tiles, table, width, table_batches,
-                 table_heads, seq_q, seq_k, sink, window, H: gl.constexpr, GROUP: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TABLE: gl.constexpr):
+                 table_heads, seq_q, seq_k, sink, window, rule_sinks, rule_windows, H: gl.constexpr,
+                 GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 TABLE: gl.constexpr, PER_HEAD: gl.constexpr):
     """Every trip of the program's tiles, in order, through one ring: use ``u`` of the ring goes to stage
     ``u % STAGES`` once both consumers have released use ``u - STAGES``."""
     use = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        b, h, m0, n_sink, wb, blocks, n_trips, _ = _tile(tile, table, width, table_batches, table_heads, seq_q,
-                                                         seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N, TABLE)
+        b, h, m0, n_sink, wb, blocks, n_trips, _, _ = _tile(tile, table, width, table_batches, table_heads, seq_q,
+                                                            seq_k, sink, window, rule_sinks, rule_windows, H, GROUP,
+                                                            BLOCK_M, BLOCK_N, TABLE, PER_HEAD)
         hk = h // GROUP
         for t in range(0, n_trips):
             stage = use % STAGES
@@ -351,9 +364,10 @@ def _pass_turn(other_turn, PINGPONG: gl.constexpr):
 @gluon.jit
 def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn,
                  other_turn, out_ptr, n_tiles, table, width, table_batches, table_heads, seq_q, seq_k, sink, window,
-                 qk_scale, H: gl.constexpr, GROUP: gl.constexpr, ROW0: gl.constexpr, HALF_M: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PINGPONG: gl.constexpr, LEADER: gl.constexpr, TABLE: gl.constexpr):
+                 rule_sinks, rule_windows, qk_scale, H: gl.constexpr, GROUP: gl.constexpr, ROW0: gl.constexpr,
+                 HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, LEADER: gl.constexpr, TABLE: gl.constexpr,
+                 PER_HEAD: gl.constexpr):
     """One consumer warpgroup: its HALF_M rows (ROW0 into each tile) of every tile of the program, in the
     producer's order; each tile's Q is loaded while the previous tile finishes."""
     first = gl.program_id(0)
@@ -365,12 +379,12 @@ def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_emp
     turn_round = 0
     q_phase = 0
     for tile in range(first, n_tiles, step):
-        b, h, m0, n_sink, wb, blocks, n_trips, rule_sink = _tile(tile, table, width, table_batches, table_heads,
-                                                                 seq_q, seq_k, sink, window, H, GROUP, BLOCK_M,
-                                                                 BLOCK_N, TABLE)
+        b, h, m0, n_sink, wb, blocks, n_trips, rule_sink, rule_window = _tile(
+            tile, table, width, table_batches, table_heads, seq_q, seq_k, sink, window, rule_sinks, rule_windows, H,
+            GROUP, BLOCK_M, BLOCK_N, TABLE, PER_HEAD)
         nb, nh, nm0 = _tile_coords(tile + step, seq_q, H, BLOCK_M)
         _attend_rows(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc, v_desc, my_turn,
-                     other_turn, out_ptr, b * H + h, b, h // GROUP, m0 + ROW0, seq_q, seq_k, rule_sink, window,
+                     other_turn, out_ptr, b * H + h, b, h // GROUP, m0 + ROW0, seq_q, seq_k, rule_sink, rule_window,
                      qk_scale, n_trips, n_sink, wb, blocks, use, q_phase, turn_round, tile + step < n_tiles, nb, nh,
                      nm0 + ROW0, HALF_M, 4, HEAD_DIM, BLOCK_N, STAGES, False, PINGPONG, LEADER, TABLE)
         use += n_trips
@@ -380,10 +394,11 @@ def _ws_consumer(q_desc, q_smem, q_bar, k_ring, v_ring, k_ready, v_ready, kv_emp
 
 @gluon.jit
 def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, table_batches, table_heads, seq_q,
-                                 seq_k, sink, window, qk_scale, n_tiles, H: gl.constexpr, GROUP: gl.constexpr,
-                                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                 STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                 PINGPONG: gl.constexpr, TABLE: gl.constexpr):
+                                 seq_k, sink, window, rule_sinks, rule_windows, qk_scale, n_tiles, H: gl.constexpr,
+                                 GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                 CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, TABLE: gl.constexpr,
+                                 PER_HEAD: gl.constexpr):
     """The warp-specialised program: same tiles, key ranges and semantics as ``_streaming_prefill_kernel``. A
     program runs tiles ``program_id, program_id + num_programs, ...`` below ``n_tiles``: one tile each when the
     grid has a program per tile, several when it is persistent (a program per SM), its K/V ring and the next
@@ -412,15 +427,15 @@ def _streaming_prefill_ws_kernel(q_desc, k_desc, v_desc, out_ptr, table, width, 
     gl.warp_specialize([
         (_ws_consumer, (q_desc, q_smem.index(0), q_bars.index(0), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
                         v_desc, turns.index(0), turns.index(1), out_ptr, n_tiles, table, width, table_batches,
-                        table_heads, seq_q, seq_k, sink, window, qk_scale, H, GROUP, 0, HALF_M, HEAD_DIM, BLOCK_M,
-                        BLOCK_N, STAGES, PINGPONG, 1, TABLE)),
+                        table_heads, seq_q, seq_k, sink, window, rule_sinks, rule_windows, qk_scale, H, GROUP, 0,
+                        HALF_M, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, 1, TABLE, PER_HEAD)),
         (_ws_consumer, (q_desc, q_smem.index(1), q_bars.index(1), k_ring, v_ring, k_ready, v_ready, kv_empty, k_desc,
                         v_desc, turns.index(1), turns.index(0), out_ptr, n_tiles, table, width, table_batches,
-                        table_heads, seq_q, seq_k, sink, window, qk_scale, H, GROUP, HALF_M, HALF_M, HEAD_DIM,
-                        BLOCK_M, BLOCK_N, STAGES, PINGPONG, 0, TABLE)),
+                        table_heads, seq_q, seq_k, sink, window, rule_sinks, rule_windows, qk_scale, H, GROUP,
+                        HALF_M, HALF_M, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, 0, TABLE, PER_HEAD)),
         (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_empty, n_tiles, table, width,
-                        table_batches, table_heads, seq_q, seq_k, sink, window, H, GROUP, BLOCK_M, BLOCK_N, STAGES,
-                        TABLE)),
+                        table_batches, table_heads, seq_q, seq_k, sink, window, rule_sinks, rule_windows, H, GROUP,
+                        BLOCK_M, BLOCK_N, STAGES, TABLE, PER_HEAD)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -463,9 +478,18 @@ def _descriptors(q, k, v, q_rows: int, kv_rows: int) -> tuple:
     return descriptor(q, q_rows), descriptor(k, kv_rows), descriptor(v, kv_rows)
 
 
-def check_arguments(q, k, v, sink: int, window: int, scale: float, stages: int, warp_specialized: bool = False,
+def _per_head(value, heads: int, name: str) -> list:
+    """``value`` (an int, or one int per head) as one int per head; ValueError names what is wrong."""
+    values = [value] * heads if isinstance(value, int) else list(value)   # a bool too: refused by the caller
+    if len(values) != heads:
+        raise ValueError(f"{name} has {len(values)} entries; expected one integer or one per head (H = {heads})")
+    return values
+
+
+def check_arguments(q, k, v, sink, window, scale: float, stages: int, warp_specialized: bool = False,
                     persistent: bool = False) -> None:
-    """Raise ValueError naming what the Gluon programs do not take (nothing is launched before this passes)."""
+    """Raise ValueError naming what the Gluon programs do not take (nothing is launched before this passes).
+    ``sink`` and ``window`` are one integer each, or one per query head."""
     import torch
 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -481,10 +505,12 @@ def check_arguments(q, k, v, sink: int, window: int, scale: float, stages: int, 
     if k.shape != v.shape or k.shape[0] != B or H % k.shape[1]:
         raise ValueError(f"streaming_prefill_hopper takes k and v of one shape [B, Hkv, Sk, D] with H % Hkv == 0; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-        raise ValueError(f"sink={sink!r} is not allowed; expected an integer >= 0")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window={window!r} is not allowed; expected an integer >= 1")
+    for s_ in _per_head(sink, H, "sink"):
+        if isinstance(s_, bool) or not isinstance(s_, int) or s_ < 0:
+            raise ValueError(f"sink={s_!r} is not allowed; expected an integer >= 0")
+    for w_ in _per_head(window, H, "window"):
+        if isinstance(w_, bool) or not isinstance(w_, int) or w_ < 1:
+            raise ValueError(f"window={w_!r} is not allowed; expected an integer >= 1")
     if not scale > 0:   # the row max is taken on raw scores and scaled once per row (one FMA per score)
         raise ValueError(f"scale={scale!r} is not allowed; expected a number > 0")
     if stages < 2:      # a trip's stage is refilled only after the previous trip's P V: one stage would wait forever
@@ -495,11 +521,12 @@ def check_arguments(q, k, v, sink: int, window: int, scale: float, stages: int, 
         raise ValueError(f"streaming_prefill_hopper runs on one CUDA device; got {q.device}, {k.device}, {v.device}")
 
 
-def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: Optional[float] = None, *, stages: int = 3,
+def streaming_prefill_hopper(q, k, v, sink, window, scale: Optional[float] = None, *, stages: int = 3,
                              warp_specialized: bool = False, pingpong: bool = False, persistent: bool = False,
                              consumer_regs: int = 240, producer_regs: int = 24):
     """Causal streaming attention of ``[B, H, Sq, D]`` q and ``[B, Hkv, Sk, D]`` k / v on sm_90; returns a
-    contiguous ``[B, H, Sq, D]`` output.
+    contiguous ``[B, H, Sq, D]`` output. ``sink`` and ``window`` are one integer each, or one per query head (each
+    query tile then reads its head's rule on the device).
 
     The inputs are read in place through 4-D TMA descriptors when TMA can address them (last dim contiguous, the
     other strides and the base 16-byte aligned: contiguous tensors and ``[B, S, H, D]`` tensors transposed to
@@ -517,9 +544,10 @@ def streaming_prefill_hopper(q, k, v, sink: int, window: int, scale: Optional[fl
     Sk = k.shape[2]
     if Sq == 0 or Sk == 0:   # no query, or no key to keep: the rule's output is empty / zeros
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
-    (sink,), (window,) = kernel_rules([sink], [window], Sq, Sk)   # the same keys; bounds stay within int32
-    return _launch(q, k, v, None, sink, window, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
-                   producer_regs)
+    # The same keys; bounds stay within int32.
+    sinks, windows = kernel_rules(_per_head(sink, H, "sink"), _per_head(window, H, "window"), Sq, Sk)
+    return _launch(q, k, v, None, sinks, windows, scale, stages, warp_specialized, pingpong, persistent,
+                   consumer_regs, producer_regs)
 
 
 def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *, stages: int = 3,
@@ -540,7 +568,7 @@ def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *,
     if Sq == 0:
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
     rows = (program_blocks(table, q.device), *table.kv_num_blocks.shape[:2])
-    return _launch(q, k, v, rows, 0, 1, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
+    return _launch(q, k, v, rows, [0], [1], scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
                    producer_regs)
 
 
@@ -561,12 +589,15 @@ def check_table(table, q, k) -> None:
         raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({B}, {H})")
 
 
-def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
+def _launch(q, k, v, blocks, sinks, windows, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
             producer_regs):
     """Launch the programs over ``B * H * cdiv(Sq, 128)`` query tiles, one program per tile or (``persistent``) one
-    per SM: the streaming layout (``blocks`` None) or a block table's rows (``blocks`` = (rows, table batches,
-    table heads))."""
+    per SM: the streaming layout (``blocks`` None; ``sinks`` / ``windows`` per head in kernel form, one rule as two
+    scalars, several as two device vectors) or a block table's rows (``blocks`` = (rows, table batches, table
+    heads))."""
     import torch
+
+    from sparsecc.codegen.streaming_rules import rule_vectors
 
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -575,12 +606,14 @@ def _launch(q, k, v, blocks, sink, window, scale, stages, warp_specialized, ping
     q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M // 2 if warp_specialized else BLOCK_M, D)
     n_tiles = B * H * triton.cdiv(Sq, BLOCK_M)
     grid = (min(n_tiles, sm_count(q.device)) if persistent else n_tiles,)
-    # The streaming programs never read the table: out stands in for it.
+    # The streaming programs never read the table, nor one rule's programs the rule vectors: out stands in for them.
     table, batches, heads = (out, 1, 1) if blocks is None else blocks
+    per_head = len(set(sinks)) > 1 or len(set(windows)) > 1
+    rule_sinks, rule_windows = rule_vectors(tuple(sinks), tuple(windows), q) if per_head else (out, out)
     args = (q_desc, k_desc, v_desc, out, table, table.shape[-1] if blocks is not None else 1, batches, heads, Sq, Sk,
-            sink, window, scale * LOG2E.value)
+            sinks[0], windows[0], rule_sinks, rule_windows, scale * LOG2E.value)
     common = dict(H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=D, STAGES=stages,
-                  TABLE=blocks is not None)
+                  TABLE=blocks is not None, PER_HEAD=per_head)
     if warp_specialized:
         _streaming_prefill_ws_kernel[grid](*args, n_tiles, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
                                            PINGPONG=pingpong, num_warps=4, **common)

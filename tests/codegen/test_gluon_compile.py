@@ -35,10 +35,11 @@ _CHILD = textwrap.dedent('''
     kv = torch.empty(1, 2, S, D, dtype=torch.bfloat16)
     out = {}
     blocks = torch.zeros(32, 12, dtype=torch.int32)   # a block table's program rows
+    rules = torch.zeros(4, dtype=torch.int32)        # per-head sinks / windows
     common = dict(H=4, GROUP=2, HEAD_DIM=D, BLOCK_M=128, BLOCK_N=128, grid=(1,))
-    for table, suffix in ((q, ""), (blocks, "_table")):
-        common.update(TABLE=bool(suffix))
-        layout = (table, table.shape[-1] if suffix else 1, 1, 1, S, S, 128, 4096, 0.1)
+    for table, suffix in ((q, ""), (blocks, "_table"), (q, "_heads")):
+        common.update(TABLE=suffix == "_table", PER_HEAD=suffix == "_heads")
+        layout = (table, table.shape[-1] if suffix == "_table" else 1, 1, 1, S, S, 128, 4096, rules, rules, 0.1)
         for stages in (2, 3):
             k = sp._streaming_prefill_kernel.warmup(*sp._descriptors(q, kv, kv, 128, 128), q, *layout,
                                                     STAGES=stages, num_warps=8, **common)
@@ -65,7 +66,8 @@ def compiled():
     return json.loads(lines[-1][len("RESULT"):])
 
 
-@pytest.mark.parametrize("variant", ["s2", "s3", "ws2", "ws3", "pp2", "pp3", "s3_table", "ws3_table", "pp3_table"])
+@pytest.mark.parametrize("variant", ["s2", "s3", "ws2", "ws3", "pp2", "pp3", "s3_table", "ws3_table", "pp3_table",
+                                     "s3_heads", "ws3_heads", "pp3_heads"])
 def test_compiles_for_sm90(compiled, variant):
     k = compiled[variant]
     assert k["cubin"] > 0
@@ -73,7 +75,7 @@ def test_compiles_for_sm90(compiled, variant):
     assert k["shared"] <= SM90_MAX_SHARED
 
 
-@pytest.mark.parametrize("variant", ["ws2", "ws3", "pp2", "pp3", "ws3_table"])
+@pytest.mark.parametrize("variant", ["ws2", "ws3", "pp2", "pp3", "ws3_table", "pp3_heads"])
 def test_warp_specialised_programs_reallocate_registers(compiled, variant):
     ptx = compiled[variant]["ptx"]
     assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx    # the producer gives its registers back

@@ -72,8 +72,9 @@ def test_the_rule_takes_what_the_program_takes(sm90):
     assert not _fits(dtypes=(torch.bfloat16, torch.float16, torch.bfloat16))
     assert not _fits(head_dims=(64, 64, 64))
     assert not _fits(head_dims=(128, 128, 64))
-    assert not _fits(sinks=[64, 64, 0, 0])             # per-head rules: the Triton kernel
-    assert not _fits(windows=[512, 512, 512, 256])
+    assert _fits(sinks=[64, 64, 0, 0])                 # per-head rules: each tile reads its head's
+    assert _fits(windows=[512, 512, 512, 256])
+    assert _fits(windows=[512, 1025 + 256, 512, 256])  # a dense head among them (kernel form: past every distance)
     assert not _fits(seq_q=127)                         # shorter than one query tile (chunks, decode)
     assert not _fits(seq_q=2048)                        # more queries than keys
 
@@ -91,8 +92,9 @@ def test_no_gpu_no_program(monkeypatch):
 
 
 def test_a_fitting_call_runs_the_program_with_the_spec_rule(sm90, monkeypatch):
-    """The wrapper hands the program one sink and window (the kernels' capped rule) and the scale: run through the
-    op's reference in place of the program, its output is the spec's streaming rule."""
+    """The wrapper hands the program one sink and window each (the kernels' capped rule), or one per head, and the
+    scale: run through the op's reference in place of the program, its output is the spec's streaming rule, head
+    by head."""
     calls = []
 
     def stand_in(q, k, v, scale, sink, window):
@@ -104,7 +106,14 @@ def test_a_fitting_call_runs_the_program_with_the_spec_rule(sm90, monkeypatch):
     for sink, window in ((16, 100), (0, 5000)):
         out = streaming_attention(q, k, v, sink=[sink], window=[window], scale=0.1, causal=True)
         assert _rel(out, _expected(q, k, v, sink, window, 0.1)) < 2e-3
-    assert calls == [(16, 100, 0.1), (0, 384 + 256 + 1, 0.1)]   # a window past every distance is capped
+    # a window past every distance is capped
+    assert calls == [((16,), (100,), 0.1), ((0,), (384 + 256 + 1,), 0.1)]
+    sinks, windows = [16, 0, 40, 16], [100, 300, 7, -1]   # -1: a dense head
+    out = streaming_attention(q, k, v, sink=sinks, window=windows, scale=0.1, causal=True)
+    keep = torch.stack([oracle.streaming_keep(256, 384, s_, w_ if w_ > 0 else 1 << 20, causal=True)
+                        for s_, w_ in zip(sinks, windows)])[None]
+    assert _rel(out, _expected_keep(q, k, v, keep.expand(2, -1, -1, -1), 0.1)) < 2e-3
+    assert calls[-1] == ((16, 0, 40, 0), (100, 300, 7, 384 + 256 + 1), 0.1)
 
 
 def hopper_prefill_reference(q, k, v, scale, sink, window):
@@ -114,9 +123,9 @@ def hopper_prefill_reference(q, k, v, scale, sink, window):
 
 
 def test_calls_the_program_does_not_take_skip_it(sm90, monkeypatch):
-    """Through the wrapper, in half precision: a mask, per-head rules, a short chunk, an lse request, a
-    bidirectional call never reach the program; the Triton prefill launch (a stand-in here) takes them. A layout
-    SDPA serves and ``scale <= 0`` don't either (the wrapper's rule, asked for a CUDA device)."""
+    """Through the wrapper, in half precision: a mask, a short chunk, an lse request, a bidirectional call never
+    reach the program; the Triton prefill launch (a stand-in here) takes them. A layout SDPA serves and
+    ``scale <= 0`` don't either (the wrapper's rule, asked for a CUDA device)."""
     from sparsecc.codegen import block_attention, streaming_rules
 
     monkeypatch.setattr(hopper_prefill, "streaming_prefill_sm90_kernel",
@@ -126,9 +135,8 @@ def test_calls_the_program_does_not_take_skip_it(sm90, monkeypatch):
                         lambda q, *a, **kw: launches.append(1) or torch.zeros_like(q))
     q, k, v = _qkv()
     mask = torch.ones(256, 384, dtype=torch.bool)
-    calls = [dict(sink=[16], window=[100], mask=mask), dict(sink=[16, 16, 0, 0], window=[100] * 4),
-             dict(sink=[16], window=[100, 100, 100, 50]), dict(sink=[16], window=[100], causal=False),
-             dict(sink=[16], window=[100], return_lse=True)]
+    calls = [dict(sink=[16], window=[100], mask=mask), dict(sink=[16, 16, 0, 0], window=[100] * 4, mask=mask),
+             dict(sink=[16], window=[100], causal=False), dict(sink=[16], window=[100], return_lse=True)]
     for kwargs in calls:
         streaming_attention(q, k, v, **{"scale": 0.1, "causal": True, **kwargs})
     streaming_attention(q[:, :, :100], k, v, sink=[16], window=[100], scale=0.1, causal=True)   # one short chunk
@@ -183,8 +191,12 @@ def test_the_op_on_cpu_is_the_reference():
 
     register_ops()
     q, k, v = (t.float() for t in _qkv(sq=200, sk=300, h=6, hkv=3))
-    out = torch.ops.sparsecc.streaming_prefill_sm90(q, k, v, 0.09, 5, 64)
+    out = torch.ops.sparsecc.streaming_prefill_sm90(q, k, v, 0.09, [5], [64])
     assert _rel(out, _expected(q, k, v, 5, 64, 0.09)) < 1e-5
+    sinks, windows = [5, 0, 40, 5, 5, 9], [64, 200, 3, 64, 64, 301]   # one rule per head; 301: every key
+    out = torch.ops.sparsecc.streaming_prefill_sm90(q, k, v, 0.09, sinks, windows)
+    keep = torch.stack([oracle.streaming_keep(200, 300, s_, w_, causal=True) for s_, w_ in zip(sinks, windows)])
+    assert _rel(out, _expected_keep(q, k, v, keep[None].expand(2, -1, -1, -1), 0.09)) < 1e-5
 
 
 # ---------------------------------------------------------------- sm_90: the program itself
@@ -219,6 +231,20 @@ def test_gpu_the_wrapper_runs_the_program(dtype, monkeypatch):
     assert len(calls) == 1
     assert _rel(out, _expected(q, k, v, 64, 256, 0.09)) < 1e-2
     assert _rel(out, _expected(q, k, v, 0, 1000, 0.09)) > 5e-2   # the rule changes this output
+
+
+@needs_hopper
+def test_gpu_the_wrapper_runs_the_program_with_rules_per_head(monkeypatch):
+    """Per-head rules (a dense head among streaming heads of two windows, different inside a kv group) run the
+    program in one launch, and each head equals the float64 oracle of its own rule."""
+    calls = _counting(monkeypatch)
+    q, k, v = _qkv(sq=640, sk=1000, h=8, hkv=2, dtype=torch.bfloat16, device="cuda", seed=4)
+    sinks, windows = [64, 0, 64, 16] * 2, [256, -1, 64, 512] * 2
+    out = streaming_attention(q, k, v, sink=sinks, window=windows, scale=0.09, causal=True)
+    assert len(calls) == 1
+    keep = torch.stack([oracle.streaming_keep(640, 1000, s_, w_ if w_ > 0 else 1 << 20, causal=True)
+                        for s_, w_ in zip(sinks, windows)])[None].expand(2, -1, -1, -1)
+    assert _rel(out, _expected_keep(q, k, v, keep, 0.09)) < 1e-2
 
 
 @needs_hopper
@@ -280,7 +306,7 @@ def test_a_mixed_site_names_its_streaming_heads(sm90):
     """A mixed site whose table no one-launch family runs (vertical_slash and block_sparse heads together, or
     block_sparse blocks under 16) runs its heads group by group, the streaming group through the streaming op, so
     the plan names those heads; with block_sparse heads of 64-blocks beside them the one launch runs every head (no
-    note). Streaming beside dense heads is one streaming op with per-head rules, which the program does not take."""
+    note). Streaming beside dense heads is one streaming op with per-head rules, which the program takes too."""
     import sparsecc
     from tests import zoo
 
@@ -300,7 +326,8 @@ def test_a_mixed_site_names_its_streaming_heads(sm90):
     cases = [([streaming, vertical_slash, block_sparse(64, [3])], "mixed_head_attention", note),
              ([streaming, block_sparse(8, [2, 3])], "mixed_head_attention", note),
              ([streaming, {"form": "dense", "heads": [2]}, block_sparse(64, [3])], "mixed_head_attention", None),
-             ([streaming, {"form": "dense", "heads": [2, 3]}], "streaming_attention", None)]
+             ([streaming, {"form": "dense", "heads": [2, 3]}], "streaming_attention",
+              "sm_90 prefill: the Gluon program (codegen/hopper_prefill.py), one opaque call")]
     for rules, op, expected in cases:
         torch._dynamo.reset()
         report = sparsecc.explain(block, x, spec={"version": 1, "attention": rules})
@@ -330,7 +357,7 @@ def test_the_group_path_of_a_mixed_site_launches_the_program(sm90, monkeypatch):
     monkeypatch.setattr(attention_ops.OpRecord, "kernel_function",
                         lambda self, device: kernels.get(self.name) or real(self, device))
     q, k, v = _qkv(sq=256, sk=256)
-    for size, expected in ((8, [((2, 2, 256, 128), 16, 64)]), (64, [])):
+    for size, expected in ((8, [((2, 2, 256, 128), (16,), (64,))]), (64, [])):
         calls.clear()
         table = mixed_attention.HeadTable.of([Streaming(16, 64)] * 2 + [BlockSparse(size)] * 2)
         if size == 64:   # the block family's one launch would run the Triton kernel: stand in for it too

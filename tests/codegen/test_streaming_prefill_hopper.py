@@ -148,6 +148,40 @@ def test_persistent_grid_of_the_gpu(variant):
     assert _rel(out[:, :4], _expected(q[:, :4], k[:, :1], v[:, :1], 128, 1024, 0.09)) < 1e-2
 
 
+def _expected_per_head(q, k, v, sinks, windows, scale):
+    """``_expected`` head by head, each with its own rule (query head h reads kv head h // (H / Hkv))."""
+    rep = q.shape[1] // k.shape[1]
+    return torch.cat([_expected(q[:, h:h + 1], k[:, h // rep:h // rep + 1], v[:, h // rep:h // rep + 1], s_, w_,
+                                scale) for h, (s_, w_) in enumerate(zip(sinks, windows))], dim=1)
+
+
+# Per query head, within each kv group of 2 (H = 8, Hkv = 4): windows of 100 and 700 keys, sinks of 0 and 300, a
+# head whose window covers every key (dense), a window under one block beside one over several.
+HEAD_SINKS = [64, 64, 0, 300, 16, 16, 128, 0]
+HEAD_WINDOWS = [100, 700, 2 ** 20, 64, 5, 900, 128, 1000]
+
+
+@needs_hopper
+@pytest.mark.parametrize("variant", VARIANTS[1::2] + PERSISTENT[2:], ids=VARIANT_IDS[1::2] + PERSISTENT_IDS[2:])
+def test_rules_per_head_match_oracle(variant, monkeypatch):
+    """One sink and window per query head, different inside each kv group: every head equals the float64 oracle
+    of its own rule, ragged lengths and chunked prefill; the persistent program on 7 programs, so each runs tiles
+    of several heads (different trip counts and rules) through one ring."""
+    from sparsecc.codegen import streaming_prefill_hopper as sp
+
+    monkeypatch.setattr(sp, "sm_count", lambda device: 7)
+    for sq, sk, dtype in ((1000, 1000, torch.bfloat16), (640, 1500, torch.float16)):
+        g = torch.Generator(device="cuda").manual_seed(sq + sk + 1)
+        q = torch.randn(2, 8, sq, 128, device="cuda", dtype=dtype, generator=g)
+        k = torch.randn(2, 4, sk, 128, device="cuda", dtype=dtype, generator=g)
+        v = torch.randn(2, 4, sk, 128, device="cuda", dtype=dtype, generator=g)
+        out = sp.streaming_prefill_hopper(q, k, v, HEAD_SINKS, HEAD_WINDOWS, 0.09, **variant)
+        assert torch.isfinite(out).all()
+        assert _rel(out, _expected_per_head(q, k, v, HEAD_SINKS, HEAD_WINDOWS, 0.09)) < 1e-2, (sq, sk)
+        # one rule for every head is not what ran: the first head's rule on every head differs
+        assert _rel(out, _expected_per_head(q, k, v, HEAD_SINKS[:1] * 8, HEAD_WINDOWS[:1] * 8, 0.09)) > 5e-2
+
+
 @needs_hopper
 def test_refuses_what_it_does_not_cover():
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
@@ -206,6 +240,8 @@ def _qkv(dtype=torch.bfloat16, kv_heads=2, d=128):
     (dict(sink=-1), "sink=-1 is not allowed"),
     (dict(window=0), "window=0 is not allowed"),
     (dict(window=True), "window=True is not allowed"),
+    (dict(sink=[4, 4, 4]), r"sink has 3 entries; expected one integer or one per head \(H = 4\)"),
+    (dict(window=[16, 16, 0, 16]), "window=0 is not allowed"),
     (dict(qkv=_qkv(torch.float32)), "float16 or bfloat16"),
     (dict(qkv=_qkv(kv_heads=3)), "H % Hkv == 0"),
     (dict(qkv=_qkv(d=64)), "head dim 128"),
