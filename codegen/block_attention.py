@@ -476,8 +476,8 @@ def streaming_attention(q: Tensor, k: Tensor, v: Tensor, *, sink: Sequence[int],
     the reference; an exactly dense layout (every head FULL_WINDOW or a window
     covering the sequence) with no mask and no lse request, and aligned
     causality (``Sq == Sk`` or not causal), runs ``F.scaled_dot_product_attention``;
-    a causal prefill of at least 128 rows with one rule for every head and no
-    mask runs the Gluon program on sm_90 (``codegen/hopper_prefill.py``);
+    a causal prefill of at least 128 rows with no mask (one rule for every head or
+    one per head) runs the Gluon program on sm_90 (``codegen/hopper_prefill.py``);
     ``Sq <= 16`` runs the split-KV decode kernel; everything else the prefill
     kernel with the key ranges computed in the kernel.
     """
