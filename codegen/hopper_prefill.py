@@ -22,6 +22,9 @@ Eager calls launch the program directly.
 ``Sq == Sk`` and no mask (:func:`hopper_table_fits`); the block-table op is always opaque, so these calls are
 eager. The dynamic forms' per-call tables keep the Triton kernel.
 
+The programs' argument checks (:func:`check_arguments`, :func:`check_table`) live here too, beside the rules, so
+that they read without Gluon.
+
 Nothing here imports Triton: the module is read on every streaming call, on every machine.
 """
 
@@ -33,6 +36,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["TILE", "HEAD_DIM", "MIN_ROWS", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits",
+           "per_head", "check_arguments", "check_table",
            "hopper_prefill", "streaming_prefill_sm90_kernel", "hopper_table_fits", "hopper_table_runs",
            "hopper_table_prefill", "program_blocks"]
 
@@ -123,6 +127,64 @@ def streaming_prefill_sm90_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     one = len(sink) == 1 and len(window) == 1
     return streaming_prefill_hopper(q, k, v, sink[0] if one else list(sink), window[0] if one else list(window),
                                     scale, **VARIANT)
+
+
+def per_head(value, heads: int, name: str) -> list:
+    """``value`` (an int, or one int per head) as one int per head; ValueError names what is wrong."""
+    values = [value] * heads if isinstance(value, int) else list(value)   # a bool too: refused by the caller
+    if len(values) != heads:
+        raise ValueError(f"{name} has {len(values)} entries; expected one integer or one per head (H = {heads})")
+    return values
+
+
+def check_arguments(q, k, v, sink, window, scale: float, stages: int, warp_specialized: bool = False,
+                    persistent: bool = False) -> None:
+    """Raise ValueError naming what the Gluon programs do not take (nothing is launched before this passes).
+    ``sink`` and ``window`` are one integer each, or one per query head."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"streaming_prefill_hopper takes 4-D q, k, v ([B, H, S, D]); got {q.dim()}-D, "
+                         f"{k.dim()}-D, {v.dim()}-D")
+    B, H, _, D = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"streaming_prefill_hopper takes float16 or bfloat16 q, k, v of one dtype; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if D != HEAD_DIM or k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"streaming_prefill_hopper takes head dim {HEAD_DIM} for q, k and v; got {D}, {k.shape[3]}, "
+                         f"{v.shape[3]}")
+    if k.shape != v.shape or k.shape[0] != B or H % k.shape[1]:
+        raise ValueError(f"streaming_prefill_hopper takes k and v of one shape [B, Hkv, Sk, D] with H % Hkv == 0; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    for s_ in per_head(sink, H, "sink"):
+        if isinstance(s_, bool) or not isinstance(s_, int) or s_ < 0:
+            raise ValueError(f"sink={s_!r} is not allowed; expected an integer >= 0")
+    for w_ in per_head(window, H, "window"):
+        if isinstance(w_, bool) or not isinstance(w_, int) or w_ < 1:
+            raise ValueError(f"window={w_!r} is not allowed; expected an integer >= 1")
+    if not scale > 0:   # the row max is taken on raw scores and scaled once per row (one FMA per score)
+        raise ValueError(f"scale={scale!r} is not allowed; expected a number > 0")
+    if stages < 2:      # a trip's stage is refilled only after the previous trip's P V: one stage would wait forever
+        raise ValueError(f"stages={stages!r} is not allowed; expected an integer >= 2")
+    if persistent and not warp_specialized:   # the software-pipelined program refills its ring within one tile
+        raise ValueError("persistent=True is allowed only with warp_specialized=True")
+    if not (q.is_cuda and k.device == q.device and v.device == q.device):
+        raise ValueError(f"streaming_prefill_hopper runs on one CUDA device; got {q.device}, {k.device}, {v.device}")
+
+
+def check_table(table, q, k) -> None:
+    """Raise ValueError naming what the table programs do not take: a table that is not causal, blocks other than
+    128 x 128, lengths other than the inputs' ``Sq == Sk``, a batch or head count that does not broadcast."""
+    B, H, Sq = q.shape[:3]
+    if not table.causal:
+        raise ValueError("block_table_prefill_hopper takes a causal table")
+    if (table.block_q, table.block_k) != (TILE, TILE):
+        raise ValueError(f"block_table_prefill_hopper takes {TILE} x {TILE} table blocks; got "
+                         f"{table.block_q} x {table.block_k}")
+    if not (table.seq_q == table.seq_k == Sq == k.shape[2]):
+        raise ValueError(f"block_table_prefill_hopper takes Sq == Sk and a table of those lengths; got Sq {Sq}, "
+                         f"Sk {k.shape[2]}, table {table.seq_q} x {table.seq_k}")
+    bt, ht = table.kv_num_blocks.shape[:2]
+    if bt not in (1, B) or ht not in (1, H):
+        raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({B}, {H})")
 
 
 def hopper_table_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table, *, masked: bool,

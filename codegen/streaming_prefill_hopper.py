@@ -34,7 +34,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
-from sparsecc.codegen.hopper_prefill import HEAD_DIM, TILE, program_blocks
+from sparsecc.codegen.hopper_prefill import TILE, check_arguments, check_table, per_head, program_blocks
 from sparsecc.codegen.launch import sm_count
 from sparsecc.codegen.streaming_rules import kernel_rules
 from sparsecc.codegen.block_attention_kernels import LOG2E
@@ -478,49 +478,6 @@ def _descriptors(q, k, v, q_rows: int, kv_rows: int) -> tuple:
     return descriptor(q, q_rows), descriptor(k, kv_rows), descriptor(v, kv_rows)
 
 
-def _per_head(value, heads: int, name: str) -> list:
-    """``value`` (an int, or one int per head) as one int per head; ValueError names what is wrong."""
-    values = [value] * heads if isinstance(value, int) else list(value)   # a bool too: refused by the caller
-    if len(values) != heads:
-        raise ValueError(f"{name} has {len(values)} entries; expected one integer or one per head (H = {heads})")
-    return values
-
-
-def check_arguments(q, k, v, sink, window, scale: float, stages: int, warp_specialized: bool = False,
-                    persistent: bool = False) -> None:
-    """Raise ValueError naming what the Gluon programs do not take (nothing is launched before this passes).
-    ``sink`` and ``window`` are one integer each, or one per query head."""
-    import torch
-
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"streaming_prefill_hopper takes 4-D q, k, v ([B, H, S, D]); got {q.dim()}-D, "
-                         f"{k.dim()}-D, {v.dim()}-D")
-    B, H, _, D = q.shape
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"streaming_prefill_hopper takes float16 or bfloat16 q, k, v of one dtype; got {q.dtype}, "
-                         f"{k.dtype}, {v.dtype}")
-    if D != HEAD_DIM or k.shape[3] != D or v.shape[3] != D:
-        raise ValueError(f"streaming_prefill_hopper takes head dim {HEAD_DIM} for q, k and v; got {D}, {k.shape[3]}, "
-                         f"{v.shape[3]}")
-    if k.shape != v.shape or k.shape[0] != B or H % k.shape[1]:
-        raise ValueError(f"streaming_prefill_hopper takes k and v of one shape [B, Hkv, Sk, D] with H % Hkv == 0; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    for s_ in _per_head(sink, H, "sink"):
-        if isinstance(s_, bool) or not isinstance(s_, int) or s_ < 0:
-            raise ValueError(f"sink={s_!r} is not allowed; expected an integer >= 0")
-    for w_ in _per_head(window, H, "window"):
-        if isinstance(w_, bool) or not isinstance(w_, int) or w_ < 1:
-            raise ValueError(f"window={w_!r} is not allowed; expected an integer >= 1")
-    if not scale > 0:   # the row max is taken on raw scores and scaled once per row (one FMA per score)
-        raise ValueError(f"scale={scale!r} is not allowed; expected a number > 0")
-    if stages < 2:      # a trip's stage is refilled only after the previous trip's P V: one stage would wait forever
-        raise ValueError(f"stages={stages!r} is not allowed; expected an integer >= 2")
-    if persistent and not warp_specialized:   # the software-pipelined program refills its ring within one tile
-        raise ValueError("persistent=True is allowed only with warp_specialized=True")
-    if not (q.is_cuda and k.device == q.device and v.device == q.device):
-        raise ValueError(f"streaming_prefill_hopper runs on one CUDA device; got {q.device}, {k.device}, {v.device}")
-
-
 def streaming_prefill_hopper(q, k, v, sink, window, scale: Optional[float] = None, *, stages: int = 3,
                              warp_specialized: bool = False, pingpong: bool = False, persistent: bool = False,
                              consumer_regs: int = 240, producer_regs: int = 24):
@@ -545,7 +502,7 @@ def streaming_prefill_hopper(q, k, v, sink, window, scale: Optional[float] = Non
     if Sq == 0 or Sk == 0:   # no query, or no key to keep: the rule's output is empty / zeros
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
     # The same keys; bounds stay within int32.
-    sinks, windows = kernel_rules(_per_head(sink, H, "sink"), _per_head(window, H, "window"), Sq, Sk)
+    sinks, windows = kernel_rules(per_head(sink, H, "sink"), per_head(window, H, "window"), Sq, Sk)
     return _launch(q, k, v, None, sinks, windows, scale, stages, warp_specialized, pingpong, persistent,
                    consumer_regs, producer_regs)
 
@@ -570,23 +527,6 @@ def block_table_prefill_hopper(q, k, v, table, scale: Optional[float] = None, *,
     rows = (program_blocks(table, q.device), *table.kv_num_blocks.shape[:2])
     return _launch(q, k, v, rows, [0], [1], scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
                    producer_regs)
-
-
-def check_table(table, q, k) -> None:
-    """Raise ValueError naming what the table programs do not take: a table that is not causal, blocks other than
-    128 x 128, lengths other than the inputs' ``Sq == Sk``, a batch or head count that does not broadcast."""
-    B, H, Sq = q.shape[:3]
-    if not table.causal:
-        raise ValueError("block_table_prefill_hopper takes a causal table")
-    if (table.block_q, table.block_k) != (BLOCK_M, BLOCK_M):
-        raise ValueError(f"block_table_prefill_hopper takes {BLOCK_M} x {BLOCK_M} table blocks; got "
-                         f"{table.block_q} x {table.block_k}")
-    if not (table.seq_q == table.seq_k == Sq == k.shape[2]):
-        raise ValueError(f"block_table_prefill_hopper takes Sq == Sk and a table of those lengths; got Sq {Sq}, "
-                         f"Sk {k.shape[2]}, table {table.seq_q} x {table.seq_k}")
-    bt, ht = table.kv_num_blocks.shape[:2]
-    if bt not in (1, B) or ht not in (1, H):
-        raise ValueError(f"table batch/heads ({bt}, {ht}) must be 1 or the inputs' ({B}, {H})")
 
 
 def _launch(q, k, v, blocks, sinks, windows, scale, stages, warp_specialized, pingpong, persistent, consumer_regs,
