@@ -205,7 +205,8 @@ def main(argv=None):
         print("| " + " | ".join(cells) + " |")
     for r in rows:
         if "baseline decode kernel graph" in r:
-            print(f"{r['layout']}, B{r['b']} KV{r['kv'] // 1024}K: decode kernel {r['decode kernel graph'] * 1e3:.1f} us "
+            print(f"{r['layout']}, B{r['b']} KV{r['kv'] // 1024}K: "
+                  f"decode kernel {r['decode kernel graph'] * 1e3:.1f} us "
                   f"against the baseline's {r['baseline decode kernel graph'] * 1e3:.1f} us (graph), "
                   f"{r['decode kernel normal'] * 1e3:.1f} / {r['baseline decode kernel normal'] * 1e3:.1f} us (plain); "
                   f"from mask {r['from mask, kernel graph'] * 1e3:.1f} us against the baseline's "

@@ -11,8 +11,9 @@ compiler dispatches to.
 keeps the exactly dense layouts) and, within that, :func:`hopper_prefill_fits`: an sm_90 GPU with Gluon's
 Hopper module, a causal call without a mask or a log-sum-exp request, float16 / bfloat16, head dim 128 for q, k
 and v, a static query count of at least :data:`MIN_ROWS` and no more queries than keys. The heads may have
-different sinks and windows (dense heads among them): each query tile then reads its head's rule. Everything else keeps the Triton kernels (decode-sized and short calls among them: traced into
-Inductor's graph, they launch with no host work). The program takes TMA descriptors made on the host, which
+different sinks and windows (dense heads among them): each query tile then reads its head's rule. Everything else
+keeps the Triton kernels (decode-sized and short calls among them: traced into Inductor's graph, they launch with
+no host work). The program takes TMA descriptors made on the host, which
 Inductor's traced launches cannot carry, so under ``torch.compile`` the call is the opaque op
 ``torch.ops.sparsecc.streaming_prefill_sm90`` (its record is in ``attention_ops.py``): Inductor calls it through
 the dispatcher, host work on calls that take milliseconds (which is why short calls keep the traced kernels).
