@@ -10,7 +10,7 @@ per query head:
   1024;
 * **long sink**: heads 0-2 sink 128 + window 4096, head 3 sink 1024 + window 64;
 * **per kv group**: one rule per kv group (even groups sink 128 + window 4096, odd ones sink 0 + window 4096), the
-  case the decode kernel took before too (it read each kv head's rule once; now each row reads its head's):
+  case the decode kernel took before too (one rule load per kv head, as now where a group's heads agree):
   ``--baseline OLD.py`` times another ``codegen/decode_attention.py`` on it beside the shipped one (its decode
   kernel and its from-mask op), e.g. ``git show HEAD~1:codegen/decode_attention.py > /tmp/old.py``.
 
@@ -19,7 +19,9 @@ outputs): **decode kernel** (``streaming_attention``: since rules may differ wit
 kernel, each kv head reading its group's widest sink and window once); **prefill kernel** (``launch_prefill`` with
 the per-head rules: what ``streaming_attention`` ran for such calls before); **from mask, kernel** /
 **from mask, reference** (the static-cache op, ``streaming_decode_from_mask_op``, and its reference, which it ran
-before); **widest rule** (the decode kernel with every head at the group's widest rule: the same K/V bytes); and
+before); **from mask, launch alone** (that op's decode launch with its positions computed once beforehand) and
+**from mask, positions alone** (the positions as ``mask_query_end`` and ``leading_padding`` compute them in torch,
+what the op did before ``mask_ends``); **widest rule** (the decode kernel with every head at the group's widest rule: the same K/V bytes); and
 SDPA over the whole cache. Times are CUDA-graph replays (``graph_ms``) and plain calls, as in decode_kernel.py; the
 reference copies its rules to the device on every call, which a CUDA graph cannot capture, so it has plain calls
 only.
