@@ -210,9 +210,7 @@ def streaming_prefill_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 def _hopper_prefill_reference(q, k, v, scale, sink, window):
     from sparsecc.codegen.block_attention import streaming_attention_ref
 
-    heads = q.shape[1]
-    sinks, windows = (list(sink) * heads, list(window) * heads) if len(sink) == 1 else (list(sink), list(window))
-    return streaming_attention_ref(q, k, v, sink=sinks, window=windows, scale=scale, causal=True)
+    return streaming_attention_ref(q, k, v, sink=list(sink), window=list(window), scale=scale, causal=True)
 
 
 def streaming_attention_from_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["TILE", "HEAD_DIM", "MIN_ROWS", "VARIANT", "sm90_gluon", "program_takes", "hopper_prefill_fits",
-           "per_head", "check_arguments", "check_table",
+           "check_arguments", "check_table",
            "hopper_prefill", "streaming_prefill_sm90_kernel", "hopper_table_fits", "hopper_table_runs",
            "hopper_table_prefill", "program_blocks"]
 
@@ -100,10 +100,10 @@ def hopper_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Seq
                    scale: float) -> torch.Tensor:
     """Run the Gluon program on a call :func:`hopper_prefill_fits` accepted (``sinks`` / ``windows``: one entry, or
     one per query head, in kernel form): directly on real tensors, as the opaque op ``streaming_prefill_sm90``
-    while traced. One rule for every head goes as one entry each."""
+    while traced."""
     from sparsecc.codegen.launch import tracing
 
-    sinks, windows = _one_or_per_head(sinks, windows)
+    sinks, windows = tuple(int(x) for x in sinks), tuple(int(x) for x in windows)
     if tracing(q, k, v):
         from sparsecc.codegen.attention_ops import STREAMING_PREFILL_SM90, HopperPrefillArgs
 
@@ -112,36 +112,22 @@ def hopper_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Seq
     return streaming_prefill_sm90_kernel(q, k, v, scale, sinks, windows)
 
 
-def _one_or_per_head(sinks: Sequence[int], windows: Sequence[int]) -> tuple:
-    """``(sinks, windows)`` as tuples: one entry each when every head has the same rule."""
-    if len(set(sinks)) == 1 and len(set(windows)) == 1:
-        return (int(sinks[0]),), (int(windows[0]),)
-    return tuple(int(x) for x in sinks), tuple(int(x) for x in windows)
-
-
 def streaming_prefill_sm90_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                   sink: Sequence[int], window: Sequence[int]) -> torch.Tensor:
     """The ``streaming_prefill_sm90`` op's kernel callable (its argument order): the :data:`VARIANT` program;
     ``sink`` / ``window`` one entry each (every head) or one per query head."""
     from sparsecc.codegen.streaming_prefill_hopper import streaming_prefill_hopper
 
-    one = len(sink) == 1 and len(window) == 1
-    return streaming_prefill_hopper(q, k, v, sink[0] if one else list(sink), window[0] if one else list(window),
-                                    scale, **VARIANT)
-
-
-def per_head(value, heads: int, name: str) -> list:
-    """``value`` (an int, or one int per head) as one int per head; ValueError names what is wrong."""
-    values = [value] * heads if isinstance(value, int) else list(value)   # a bool too: refused by the caller
-    if len(values) != heads:
-        raise ValueError(f"{name} has {len(values)} entries; expected one integer or one per head (H = {heads})")
-    return values
+    return streaming_prefill_hopper(q, k, v, list(sink), list(window), scale, **VARIANT)
 
 
 def check_arguments(q, k, v, sink, window, scale: float, stages: int, warp_specialized: bool = False,
                     persistent: bool = False) -> None:
     """Raise ValueError naming what the Gluon programs do not take (nothing is launched before this passes).
-    ``sink`` and ``window`` are one integer each, or one per query head."""
+    ``sink`` and ``window`` are one integer each, or 1 or H of them (one per query head)."""
+    # Imported here: streaming_rules imports this module.
+    from sparsecc.codegen.streaming_rules import per_head_values
+
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"streaming_prefill_hopper takes 4-D q, k, v ([B, H, S, D]); got {q.dim()}-D, "
                          f"{k.dim()}-D, {v.dim()}-D")
@@ -155,10 +141,10 @@ def check_arguments(q, k, v, sink, window, scale: float, stages: int, warp_speci
     if k.shape != v.shape or k.shape[0] != B or H % k.shape[1]:
         raise ValueError(f"streaming_prefill_hopper takes k and v of one shape [B, Hkv, Sk, D] with H % Hkv == 0; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    for s_ in per_head(sink, H, "sink"):
+    for s_ in per_head_values(sink, H, "sink"):
         if isinstance(s_, bool) or not isinstance(s_, int) or s_ < 0:
             raise ValueError(f"sink={s_!r} is not allowed; expected an integer >= 0")
-    for w_ in per_head(window, H, "window"):
+    for w_ in per_head_values(window, H, "window"):
         if isinstance(w_, bool) or not isinstance(w_, int) or w_ < 1:
             raise ValueError(f"window={w_!r} is not allowed; expected an integer >= 1")
     if not scale > 0:   # the row max is taken on raw scores and scaled once per row (one FMA per score)

@@ -34,9 +34,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
-from sparsecc.codegen.hopper_prefill import TILE, check_arguments, check_table, per_head, program_blocks
+from sparsecc.codegen.hopper_prefill import TILE, check_arguments, check_table, program_blocks
 from sparsecc.codegen.launch import sm_count
-from sparsecc.codegen.streaming_rules import kernel_rules
+from sparsecc.codegen.streaming_rules import kernel_rules, per_head_values
 from sparsecc.codegen.block_attention_kernels import LOG2E
 
 # The TMA load builtin: ``async_load`` in newer Gluon, ``async_copy_global_to_shared`` in triton 3.6 (the newer
@@ -502,7 +502,7 @@ def streaming_prefill_hopper(q, k, v, sink, window, scale: Optional[float] = Non
     if Sq == 0 or Sk == 0:   # no query, or no key to keep: the rule's output is empty / zeros
         return torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
     # The same keys; bounds stay within int32.
-    sinks, windows = kernel_rules(per_head(sink, H, "sink"), per_head(window, H, "window"), Sq, Sk)
+    sinks, windows = kernel_rules(per_head_values(sink, H, "sink"), per_head_values(window, H, "window"), Sq, Sk)
     return _launch(q, k, v, None, sinks, windows, scale, stages, warp_specialized, pingpong, persistent,
                    consumer_regs, producer_regs)
 

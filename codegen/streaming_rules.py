@@ -21,7 +21,7 @@ from sparsecc.codegen.hopper_prefill import hopper_prefill_fits
 from sparsecc.codegen.launch import tracing
 from sparsecc.layouts import FULL_WINDOW
 
-__all__ = ["streaming_rules_per_head", "streaming_is_dense", "runs_sdpa", "streaming_runs_hopper_program",
+__all__ = ["per_head_values", "streaming_rules_per_head", "streaming_is_dense", "runs_sdpa", "streaming_runs_hopper_program",
            "kernel_rules", "rule_vectors", "kernels_take", "decode_supported", "streaming_runs_decode_kernel",
            "KERNEL_DTYPES", "MAX_KERNEL_HEAD_DIM", "DECODE_MAX_Q", "MAX_PACKED_ROWS"]
 
@@ -35,7 +35,8 @@ DECODE_MAX_Q = 16
 MAX_PACKED_ROWS = 128
 
 
-def _per_head(values: Union[int, Sequence[int]], n_heads: int, name: str) -> list[int]:
+def per_head_values(values: Union[int, Sequence[int]], n_heads: int, name: str) -> list[int]:
+    """``values`` (an int, or 1 or ``n_heads`` ints) as one int per head; ValueError names ``name`` otherwise."""
     vals = [values] if isinstance(values, int) else [int(x) for x in values]
     if len(vals) == 1:
         vals = vals * n_heads
@@ -46,7 +47,7 @@ def _per_head(values: Union[int, Sequence[int]], n_heads: int, name: str) -> lis
 
 def streaming_rules_per_head(sink, window, n_heads: int) -> tuple[list[int], list[int]]:
     """Per-head sink and window lists, validated (sink >= 0; window >= 1 or FULL_WINDOW)."""
-    sinks, windows = _per_head(sink, n_heads, "sink"), _per_head(window, n_heads, "window")
+    sinks, windows = per_head_values(sink, n_heads, "sink"), per_head_values(window, n_heads, "window")
     for s_, w_ in zip(sinks, windows):
         if s_ < 0 or (w_ < 1 and w_ != FULL_WINDOW):
             raise ValueError(f"sink={s_}, window={w_} is not allowed; expected sink >= 0 and window >= 1 "

@@ -92,8 +92,7 @@ def test_no_gpu_no_program(monkeypatch):
 
 
 def test_a_fitting_call_runs_the_program_with_the_spec_rule(sm90, monkeypatch):
-    """The wrapper hands the program one sink and window each (the kernels' capped rule), or one per head, and the
-    scale: run through the op's reference in place of the program, its output is the spec's streaming rule, head
+    """The wrapper hands the program each head's sink and window (the kernels' capped rule) and the scale: run through the op's reference in place of the program, its output is the spec's streaming rule, head
     by head."""
     calls = []
 
@@ -107,7 +106,7 @@ def test_a_fitting_call_runs_the_program_with_the_spec_rule(sm90, monkeypatch):
         out = streaming_attention(q, k, v, sink=[sink], window=[window], scale=0.1, causal=True)
         assert _rel(out, _expected(q, k, v, sink, window, 0.1)) < 2e-3
     # a window past every distance is capped
-    assert calls == [((16,), (100,), 0.1), ((0,), (384 + 256 + 1,), 0.1)]
+    assert calls == [((16,) * 4, (100,) * 4, 0.1), ((0,) * 4, (384 + 256 + 1,) * 4, 0.1)]
     sinks, windows = [16, 0, 40, 16], [100, 300, 7, -1]   # -1: a dense head
     out = streaming_attention(q, k, v, sink=sinks, window=windows, scale=0.1, causal=True)
     keep = torch.stack([oracle.streaming_keep(256, 384, s_, w_ if w_ > 0 else 1 << 20, causal=True)
@@ -357,7 +356,7 @@ def test_the_group_path_of_a_mixed_site_launches_the_program(sm90, monkeypatch):
     monkeypatch.setattr(attention_ops.OpRecord, "kernel_function",
                         lambda self, device: kernels.get(self.name) or real(self, device))
     q, k, v = _qkv(sq=256, sk=256)
-    for size, expected in ((8, [((2, 2, 256, 128), (16,), (64,))]), (64, [])):
+    for size, expected in ((8, [((2, 2, 256, 128), (16, 16), (64, 64))]), (64, [])):
         calls.clear()
         table = mixed_attention.HeadTable.of([Streaming(16, 64)] * 2 + [BlockSparse(size)] * 2)
         if size == 64:   # the block family's one launch would run the Triton kernel: stand in for it too
