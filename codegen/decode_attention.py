@@ -48,9 +48,10 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
-from sparsecc.codegen.launch import launcher, sm_count, ticket_counters, tracing
+from sparsecc.codegen.launch import launcher, round_to_dtype, sm_count, ticket_counters, tracing
 # The kernel's layout rule lives with the other streaming dispatch rules (no Triton there: the compiler asks it).
 from sparsecc.codegen.streaming_rules import decode_supported
+from sparsecc.forms import MASKED_LOGIT_MAX
 
 # tl.dot needs at least 16 rows and 16 columns.
 MIN_TILE = 16
@@ -396,9 +397,6 @@ def mask_ends(m4: Tensor, batch: int, seq_k: int, with_start: bool) -> tuple[Ten
     last key its mask keeps, ``Sk - 1`` when it keeps none; the padding ends at the first kept key, ``Sk`` when none),
     which compute them in about fifteen small torch kernels: at a decode step each costs a launch (bench/RESULTS.md).
     """
-    from sparsecc.codegen.launch import round_to_dtype
-    from sparsecc.forms import MASKED_LOGIT_MAX
-
     if m4.dim() != 4 or m4.shape[1] != 1 or m4.shape[2] != 1 or m4.shape[0] not in (1, batch):
         raise ValueError(f"mask_ends takes a [B|1, 1, 1, Sk|1] mask, got {tuple(m4.shape)}")
     if m4.dtype == torch.float64:   # the kernel compares in float32, which would round values next to -1e4
@@ -538,7 +536,8 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
     per_head = per_head_rules(s_list, w_list)
     # Rules that differ inside a kv group: each row reads its own (one rule per group costs one load per kv head,
     # about 1% less time than a load per row on an H100 at B=8, bench/RESULTS.md).
-    row_rules = any(per_head_rules(s_list[g0:g0 + group], w_list[g0:g0 + group]) for g0 in range(0, h, group))
+    row_rules = per_head and any(per_head_rules(s_list[g0:g0 + group], w_list[g0:g0 + group])
+                                 for g0 in range(0, h, group))
     if per_head and (sinks is None or windows is None):
         from sparsecc.codegen.block_attention import rule_vectors
         sinks, windows = rule_vectors(tuple(s_list), tuple(w_list), q)
