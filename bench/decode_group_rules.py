@@ -136,17 +136,16 @@ def run(b, kv, layout, log, baseline=None) -> dict:
     ref = oracle(q, k, v, sinks, windows)
     wide_ref = oracle(q, k, v, *widest(sinks, windows))
     row = {"layout": layout, "b": b, "kv": kv, "copies": len(sets)}
+    cols = columns(sinks, windows, kv, b, baseline if layout == "per kv group" else None)
     launched = []
     real_launcher = da.launcher
     da.launcher = lambda kernel, like: (launched.append(kernel.fn.__name__), real_launcher(kernel, like))[1]
     try:
-        decode_fn = columns(sinks, windows, kv, b)["decode kernel"][0]
-        decode_fn(q, k, v)
+        cols["decode kernel"][0](q, k, v)
     finally:
         da.launcher = real_launcher
     if launched != ["_decode_split_kernel"]:
         raise SystemExit(f"{layout}: the decode kernel did not run ({launched})")
-    cols = columns(sinks, windows, kv, b, baseline if layout == "per kv group" else None)
     for name, (fn, expected) in cols.items():
         if expected is None:
             continue
@@ -191,7 +190,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "source": source_version(), "rows": rows}, f, indent=1)
-    names = list(columns(*LAYOUTS["two windows"], 1024, 1))
+    # the columns in the order run() timed them (the first layout has no baseline columns)
+    names = [n[:-len(" graph")] for n in rows[0] if n.endswith(" graph") and n != "sdpa graph"]
     print("\nus per call, graph replay / plain call; x = the anchor's time over the column's (graph; the reference: "
           "plain calls)")
     print("| layout | B | KV | SDPA | " + " | ".join(names) + " | decode kernel x SDPA | decode kernel x prefill "
