@@ -245,6 +245,13 @@ def test_semi_structured_rows_from_the_bench_writer(tmp_path):
     assert row.verdict == MISSED and row.measured == "1.41x" and row.anchor == "Inductor dense, plain calls"
 
 
+def test_semi_bench_refuses_no_rounds_before_touching_the_gpu(capsys):
+    with pytest.raises(SystemExit) as exc:
+        semi_compiled.main(["--rounds", "0"])
+    assert exc.value.code == 2
+    assert "--rounds 0 is not allowed; expected an integer >= 1" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ runs and the table
 
 
