@@ -50,7 +50,7 @@ from torch import Tensor
 from sparsecc.codegen.block_attention_kernels import LN2, LOG2E, interpreting
 from sparsecc.codegen.launch import launcher, round_to_dtype, sm_count, ticket_counters, tracing
 # The kernel's layout rule lives with the other streaming dispatch rules (no Triton there: the compiler asks it).
-from sparsecc.codegen.streaming_rules import decode_supported
+from sparsecc.codegen.streaming_rules import decode_supported, per_head_rules
 from sparsecc.forms import MASKED_LOGIT_MAX
 
 # tl.dot needs at least 16 rows and 16 columns.
@@ -467,11 +467,6 @@ def streaming_decode_from_mask_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                             key_start=key_start)
 
 
-def per_head_rules(sinks: Sequence[int], windows: Sequence[int]) -> bool:
-    """True when the heads' rules differ (the decode kernel then reads per-head vectors)."""
-    return len(set(sinks)) > 1 or len(set(windows)) > 1
-
-
 def group_rules(sinks: Sequence[int], windows: Sequence[int], group: int) -> list[tuple[int, int]]:
     """Per kv head, the ``(sink, window)`` whose blocks the kernel walks: the widest sink and the widest window of
     its ``group`` query heads (kernel form, so a dense head's window already reaches every key). Every head's kept
@@ -586,4 +581,4 @@ def streaming_decode(q: Tensor, k: Tensor, v: Tensor, m4: Optional[Tensor], scal
 
 
 __all__ = ["DEFAULT_CONFIG", "WIDE_CONFIG", "DecodeConfig", "decode_supported", "group_rules", "mask_ends",
-           "per_head_rules", "streaming_decode", "streaming_decode_from_mask_op"]
+           "streaming_decode", "streaming_decode_from_mask_op"]

@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from sparsecc.codegen.hopper_prefill import TILE, check_arguments, check_table, program_blocks
 from sparsecc.codegen.launch import sm_count
-from sparsecc.codegen.streaming_rules import kernel_rules, per_head_values
+from sparsecc.codegen.streaming_rules import kernel_rules, per_head_rules, per_head_values, rule_vectors
 from sparsecc.codegen.block_attention_kernels import LOG2E
 
 # The TMA load builtin: ``async_load`` in newer Gluon, ``async_copy_global_to_shared`` in triton 3.6 (the newer
@@ -537,8 +537,6 @@ def _launch(q, k, v, blocks, sinks, windows, scale, stages, warp_specialized, pi
     heads))."""
     import torch
 
-    from sparsecc.codegen.streaming_rules import rule_vectors
-
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
@@ -548,7 +546,7 @@ def _launch(q, k, v, blocks, sinks, windows, scale, stages, warp_specialized, pi
     grid = (min(n_tiles, sm_count(q.device)) if persistent else n_tiles,)
     # The streaming programs never read the table, nor one rule's programs the rule vectors: out stands in for them.
     table, batches, heads = (out, 1, 1) if blocks is None else blocks
-    per_head = len(set(sinks)) > 1 or len(set(windows)) > 1
+    per_head = per_head_rules(sinks, windows)
     rule_sinks, rule_windows = rule_vectors(tuple(sinks), tuple(windows), q) if per_head else (out, out)
     args = (q_desc, k_desc, v_desc, out, table, table.shape[-1] if blocks is not None else 1, batches, heads, Sq, Sk,
             sinks[0], windows[0], rule_sinks, rule_windows, scale * LOG2E.value)

@@ -21,8 +21,8 @@ from sparsecc.codegen.hopper_prefill import hopper_prefill_fits
 from sparsecc.codegen.launch import tracing
 from sparsecc.layouts import FULL_WINDOW
 
-__all__ = ["per_head_values", "streaming_rules_per_head", "streaming_is_dense", "runs_sdpa", "streaming_runs_hopper_program",
-           "kernel_rules", "rule_vectors", "kernels_take", "decode_supported", "streaming_runs_decode_kernel",
+__all__ = ["per_head_values", "per_head_rules", "streaming_rules_per_head", "streaming_is_dense", "runs_sdpa",
+           "streaming_runs_hopper_program", "kernel_rules", "rule_vectors", "kernels_take", "decode_supported", "streaming_runs_decode_kernel",
            "KERNEL_DTYPES", "MAX_KERNEL_HEAD_DIM", "DECODE_MAX_Q", "MAX_PACKED_ROWS"]
 
 # Dtypes the Triton kernels take; others (fp32, fp64) run the reference, whose fp32 math is exact enough.
@@ -43,6 +43,11 @@ def per_head_values(values: Union[int, Sequence[int]], n_heads: int, name: str) 
     if len(vals) != n_heads:
         raise ValueError(f"{name} has {len(vals)} entries; expected 1 or H = {n_heads}")
     return vals
+
+
+def per_head_rules(sinks: Sequence[int], windows: Sequence[int]) -> bool:
+    """True when the heads' rules differ (the kernels then read per-head vectors instead of one rule's scalars)."""
+    return len(set(sinks)) > 1 or len(set(windows)) > 1
 
 
 def streaming_rules_per_head(sink, window, n_heads: int) -> tuple[list[int], list[int]]:
