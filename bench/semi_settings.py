@@ -2,8 +2,8 @@
 
     python bench/semi_settings.py [--tokens 8192] [--searches 8] [--rounds 4] [--json out.json]
 
-Workload: Llama-3-8B's up projection (4096 -> 14336) with bias and SiLU, bf16, a random 2:4 weight (2 of every 4
-along K kept, chosen at random), ``--tokens`` random tokens. The candidates are the defaults (algorithm 0, no split),
+Workload: Llama-3-8B's up projection (4096 -> 14336) with bias and SiLU, bf16, a random 2:4 weight (random values,
+the 2 largest of every 4 along K kept), ``--tokens`` random tokens. The candidates are the defaults (algorithm 0, no split),
 every distinct pick of ``--searches`` runs of cuSPARSELt's own search (``_search_once``, as the op runs it), and
 algorithm 17 with split-K modes 1 / 2 and without a split where those are not among the picks. Each runs the op's own
 product (``_cslt_matmul``, the bias fused) followed by SiLU in place, as ``semi_structured_linear_act`` does.
@@ -29,16 +29,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s helper modules
 from provenance import source_version  # noqa: E402 - bench/ is on the path
+from semi_compiled import pruned_2to4  # noqa: E402
 
 IN_FEATURES, OUT_FEATURES = 4096, 14336
 
 
 def random_2to4(n: int, k: int, device, dtype, gen: torch.Generator) -> torch.Tensor:
-    """A random ``[n, k]`` weight with 2 of every 4 consecutive input weights kept (the others exactly zero)."""
-    w = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
-    order = torch.rand(n, k // 4, 4, device=device, generator=gen).argsort(-1)
-    keep = torch.zeros(n, k // 4, 4, device=device, dtype=torch.bool).scatter_(-1, order[..., :2], True)
-    return w * keep.reshape(n, k)
+    """A random ``[n, k]`` weight with 2 of every 4 consecutive input weights kept (the others exactly zero): random
+    values pruned by bench/semi_compiled.py's 2:4 rule."""
+    return pruned_2to4(torch.randn(n, k, device=device, generator=gen)).to(dtype)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
