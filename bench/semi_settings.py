@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/'s help
 from provenance import source_version  # noqa: E402 - bench/ is on the path
 from semi_compiled import pruned_2to4  # noqa: E402
 
+from sparsecc.codegen.semi_structured_linear import DENSE_MULTIPLE  # noqa: E402 - no Triton, no GPU
+
 IN_FEATURES, OUT_FEATURES = 4096, 14336
 
 
@@ -43,7 +45,8 @@ def random_2to4(n: int, k: int, device, dtype, gen: torch.Generator) -> torch.Te
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, refused before anything touches the GPU."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=8192, help="rows of x (a multiple of 8 keeps cuSPARSELt unpadded)")
+    p.add_argument("--tokens", type=int, default=8192,
+                   help="rows of x, a multiple of 8 (cuSPARSELt's search takes the dense operand unpadded here)")
     p.add_argument("--searches", type=int, default=8, help="runs of cuSPARSELt's search whose picks are candidates")
     p.add_argument("--rounds", type=int, default=4, help="rounds of timing every candidate in turns")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -51,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("tokens", "searches", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)} is not allowed; expected an integer >= 1")
+    if args.tokens % DENSE_MULTIPLE:
+        p.error(f"--tokens {args.tokens} is not allowed; expected a multiple of {DENSE_MULTIPLE}")
     return args
 
 

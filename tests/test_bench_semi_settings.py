@@ -28,6 +28,13 @@ def test_a_count_below_one_is_refused_naming_the_flag(flag, capsys):
     assert f"{flag} 0 is not allowed; expected an integer >= 1" in capsys.readouterr().err
 
 
+def test_a_token_count_cusparselt_would_pad_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        semi_settings.parse_args(["--tokens", "12"])
+    assert exc.value.code == 2
+    assert "--tokens 12 is not allowed; expected a multiple of 8" in capsys.readouterr().err
+
+
 def test_without_cuda_it_says_so_in_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA device with cuSPARSELt"):
