@@ -21,10 +21,10 @@ the per-head rules: what ``streaming_attention`` ran for such calls before); **f
 **from mask, reference** (the static-cache op, ``streaming_decode_from_mask_op``, and its reference, which it ran
 before); **from mask, launch alone** (that op's decode launch with its positions computed once beforehand) and
 **from mask, positions alone** (the positions as ``mask_query_end`` and ``leading_padding`` compute them in torch,
-what the op did before ``mask_ends``); **widest rule** (the decode kernel with every head at the group's widest rule: the same K/V bytes); and
-SDPA over the whole cache. Times are CUDA-graph replays (``graph_ms``) and plain calls, as in decode_kernel.py; the
-reference copies its rules to the device on every call, which a CUDA graph cannot capture, so it has plain calls
-only.
+what the op did before ``mask_ends``); **widest rule** (the decode kernel with every head at the group's widest
+rule: the same K/V bytes); and SDPA over the whole cache. Times are CUDA-graph replays (``graph_ms``) and plain
+calls, as in decode_kernel.py; the reference copies its rules to the device on every call, which a CUDA graph
+cannot capture, so it has plain calls only.
 """
 
 from __future__ import annotations

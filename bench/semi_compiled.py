@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench/semi_compiled.py needs a CUDA device")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_version(),
-            "date": str(datetime.date.today()), "cudagraphs": args.cudagraphs, "rounds": args.rounds} if args.json else {}
+            "date": str(datetime.date.today()), "cudagraphs": args.cudagraphs,
+            "rounds": args.rounds} if args.json else {}
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4096, 14336), nn.SiLU()).to("cuda", torch.bfloat16).eval()
     dense_model = copy.deepcopy(model)   # Inductor compiles its own copy, so both compiled sides stay live together

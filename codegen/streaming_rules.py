@@ -22,8 +22,8 @@ from sparsecc.codegen.launch import tracing
 from sparsecc.layouts import FULL_WINDOW
 
 __all__ = ["per_head_values", "per_head_rules", "streaming_rules_per_head", "streaming_is_dense", "runs_sdpa",
-           "streaming_runs_hopper_program", "kernel_rules", "rule_vectors", "kernels_take", "decode_supported", "streaming_runs_decode_kernel",
-           "KERNEL_DTYPES", "MAX_KERNEL_HEAD_DIM", "DECODE_MAX_Q", "MAX_PACKED_ROWS"]
+           "streaming_runs_hopper_program", "kernel_rules", "rule_vectors", "kernels_take", "decode_supported",
+           "streaming_runs_decode_kernel", "KERNEL_DTYPES", "MAX_KERNEL_HEAD_DIM", "DECODE_MAX_Q", "MAX_PACKED_ROWS"]
 
 # Dtypes the Triton kernels take; others (fp32, fp64) run the reference, whose fp32 math is exact enough.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)

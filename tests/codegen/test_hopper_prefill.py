@@ -92,8 +92,8 @@ def test_no_gpu_no_program(monkeypatch):
 
 
 def test_a_fitting_call_runs_the_program_with_the_spec_rule(sm90, monkeypatch):
-    """The wrapper hands the program each head's sink and window (the kernels' capped rule) and the scale: run through the op's reference in place of the program, its output is the spec's streaming rule, head
-    by head."""
+    """The wrapper hands the program each head's sink and window (the kernels' capped rule) and the scale: run
+    through the op's reference in place of the program, its output is the spec's streaming rule, head by head."""
     calls = []
 
     def stand_in(q, k, v, scale, sink, window):
