@@ -4,9 +4,10 @@
 
 Workload: Llama-3-8B's up projection (4096 -> 14336) with bias and SiLU, bf16, a random 2:4 weight (random
 values, the 2 largest of every 4 along K kept), ``--tokens`` random tokens. The candidates are the defaults
-(algorithm 0, no split), every distinct pick of ``--searches`` runs of cuSPARSELt's own search (``_search_once``, as the op runs it), and
-algorithm 17 with split-K modes 1 / 2 and without a split where those are not among the picks. Each runs the op's own
-product (``_cslt_matmul``, the bias fused) followed by SiLU in place, as ``semi_structured_linear_act`` does.
+(algorithm 0, no split), every distinct pick of ``--searches`` runs of cuSPARSELt's own search (``_search_once``,
+as the op runs it), and algorithm 17 with split-K modes 1 / 2 and without a split where those are not among the
+picks. Each runs the op's own product (``_cslt_matmul``, the bias fused) followed by SiLU in place, as
+``semi_structured_linear_act`` does.
 
 Every candidate is first checked against a float32 oracle on the dense pruned weight (rel err < 1e-2). Then, over
 ``--rounds`` rounds in turns, each candidate is timed two ways: ``triton.testing.do_bench`` (steady state, the median
