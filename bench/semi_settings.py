@@ -76,10 +76,11 @@ def main(argv=None) -> int:
     b = torch.randn(OUT_FEATURES, device=device, dtype=torch.bfloat16, generator=gen)
     packed = torch._cslt_compress(w)
     picks = [semi._search_once(packed, x.contiguous().t(), b) for _ in range(args.searches)]
-    candidates = [semi.CsltConfig()]
-    for c in [*picks, semi.CsltConfig(17, -1, 1), semi.CsltConfig(17, -1, 2), semi.CsltConfig(17, 1, None)]:
-        if c not in candidates:
-            candidates.append(c)
+    # What the op chooses among, built as ``_algorithm`` builds it (the defaults, then each distinct pick in the order
+    # found; from --searches searches here, SEARCH_ROUNDS there), and the alternatives it could be offered.
+    op_candidates = list(dict.fromkeys([semi.CsltConfig(), *picks]))
+    candidates = list(dict.fromkeys([*op_candidates, semi.CsltConfig(17, -1, 1), semi.CsltConfig(17, -1, 2),
+                                     semi.CsltConfig(17, 1, None)]))
 
     def run(c):
         return F.silu(semi._cslt_matmul(x, packed, b, c), inplace=True)
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
             single[c].append(1e3 * statistics.median(call_seconds(lambda: run(c), device)
                                                      for _ in range(semi.TIMED_CALLS)))
         dense_ms.append(triton.testing.do_bench(dense, warmup=25, rep=100, return_mode="median"))
-    kept = [semi.fastest_algorithm([semi.CsltConfig(), *sorted(set(picks), key=str)], run) for _ in range(3)]
+    kept = [semi.fastest_algorithm(op_candidates, run) for _ in range(3)]
 
     anchor = statistics.median(dense_ms)
     rows = [{"setting": list(c), "steady_ms": steady[c], "single_call_ms": single[c],
