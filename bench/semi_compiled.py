@@ -8,7 +8,8 @@ timing, the sparse output is checked against a float32 oracle on the magnitude-p
 every 4 along K, written out here, not taken from sparsecc) and the report must show the linear site rewritten.
 Times are ``triton.testing.do_bench`` medians of plain calls (``--cudagraphs``: of CUDA-graph replays, both sides);
 both sides in the same run, timed in turns over ``--rounds`` rounds (one ``do_bench`` of each side per round); the
-medians over the rounds are reported and the spread of the per-round ratios printed. One ``do_bench`` per side
+medians over the rounds are reported and the spread of the per-round ratios printed. ``--first-call`` adds a third
+side in the same turns: the op with no cuSPARSELt settings planned (opaque, searching on its first call). One ``do_bench`` per side
 (before 2026-12-07) let the drift between the two measurements into the ratio; the sparse side's plain calls also
 vary between processes (bench/RESULTS.md, "2:4 + bias + SiLU: where the spread comes from").
 """
@@ -54,6 +55,29 @@ def write_json(path, meta: dict, rows) -> None:
                       f, indent=1)
 
 
+def first_call_side(model: nn.Module, spec: dict, cudagraphs: bool, x: torch.Tensor, ref: torch.Tensor):
+    """A copy of ``model`` compiled by sparsecc with no cuSPARSELt settings planned: the op stays opaque and
+    searches on its first call. Checked against ``ref`` like the planned side. (A copy, so Dynamo keeps its graph
+    beside the planned side's.)"""
+    import sparsecc
+    import sparsecc.passes.linear as linear_pass
+
+    planned = linear_pass._cslt_settings
+    linear_pass._cslt_settings = lambda site, operand, ctx: ({}, "withheld by bench/semi_compiled.py --first-call")
+    try:
+        compiled = torch.compile(copy.deepcopy(model), backend="sparsecc", options={"spec": spec, "cudagraphs": cudagraphs})
+        y = compiled(x)
+    finally:
+        linear_pass._cslt_settings = planned
+    site = [s for s in sparsecc.last_report().sites if s.applied][0]
+    if site.attrs.get("launch") != "opaque":
+        raise SystemExit(f"--first-call: the 2:4 op was not opaque ({site.attrs.get('plan')})")
+    err = float((y.float() - ref).norm() / ref.norm())
+    if err > 1e-2:
+        raise SystemExit(f"--first-call: rel err {err:.2e} against the float32 oracle")
+    return compiled
+
+
 def main(argv=None) -> int:
     import sparsecc
     from sparsecc.tune.quality import site_counts
@@ -65,6 +89,9 @@ def main(argv=None) -> int:
                    help="both sides under CUDA graphs (sparsecc's cudagraphs option, Inductor's triton.cudagraphs)")
     p.add_argument("--json", default=None, help="also write the table's rows here (after every row)")
     p.add_argument("--rounds", type=int, default=7, help="rounds of timing the two sides in turns (median kept)")
+    p.add_argument("--first-call", action="store_true",
+                   help="also time the 2:4 op without settings planned at compile time (one opaque op that searches "
+                        "cuSPARSELt's settings on its first call: sparsecc's path before 2026-12-07), in the same turns")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds} is not allowed; expected an integer >= 1")
@@ -89,26 +116,34 @@ def main(argv=None) -> int:
             applied, found = site_counts(sparsecc.last_report())
             if applied.get("linear", 0) != 1:
                 raise SystemExit(f"the 2:4 rule was not applied at M={m}: {applied} of {found}")
+            plan = [s for s in sparsecc.last_report().sites if s.applied][0].attrs.get("plan", "")
             ref = F.silu(x.float() @ oracle_w.T + b.float())
             err = float((y.float() - ref).norm() / ref.norm())
             if err > 1e-2:
                 raise SystemExit(f"M={m}: rel err {err:.2e} against the float32 oracle")
             dense = torch.compile(dense_model, options={"triton.cudagraphs": True} if args.cudagraphs else None)
             dense(x)
-            sparse_times, dense_times = [], []
+            sides = {"sparsecc": sparse, "dense": dense}
+            if args.first_call:
+                sides["first-call"] = first_call_side(model, spec, args.cudagraphs, x, ref)
+            times = {name: [] for name in sides}
             for _ in range(args.rounds):
-                sparse_times.append(do_bench(lambda: sparse(x), warmup=25, rep=100, return_mode="median"))
-                dense_times.append(do_bench(lambda: dense(x), warmup=25, rep=100, return_mode="median"))
-            sparse_ms, dense_ms = statistics.median(sparse_times), statistics.median(dense_times)
-            ratios = sorted(d / s for s, d in zip(sparse_times, dense_times))
+                for name, fn in sides.items():
+                    times[name].append(do_bench(lambda: fn(x), warmup=25, rep=100, return_mode="median"))
+            medians = {name: statistics.median(t) for name, t in times.items()}
+            sparse_ms, dense_ms = medians["sparsecc"], medians["dense"]
+            ratios = sorted(d / s for s, d in zip(times["sparsecc"], times["dense"]))
             print(f"M={m}: per-round x Inductor {ratios[0]:.2f}-{ratios[-1]:.2f} over {args.rounds} rounds", flush=True)
             rows.append((m, err, sparse_ms, dense_ms))
             write_json(args.json, meta, rows)
-            from sparsecc.codegen import semi_structured_linear as semi
-            picked = sorted({f"alg {c.alg_id} split_k {c.split_k} mode {c.split_k_mode}"
-                             for entry in [*semi._CACHE.values(), *semi._BOUND.values()] for c in entry.algs.values()})
             print(f"M={m}: rel err {err:.2e}, sparsecc {sparse_ms:.4f} ms, Inductor dense {dense_ms:.4f} ms, "
-                  f"{dense_ms / sparse_ms:.2f}x (cuSPARSELt settings in use so far: {picked})", flush=True)
+                  f"{dense_ms / sparse_ms:.2f}x; the 2:4 site's plan: {plan}", flush=True)
+            if args.first_call:
+                first = medians["first-call"]
+                per_round = sorted(d / f for f, d in zip(times["first-call"], times["dense"]))
+                print(f"M={m}: first-call op {first:.4f} ms, {dense_ms / first:.2f}x Inductor (per round "
+                      f"{per_round[0]:.2f}-{per_round[-1]:.2f}); planned / first-call {first / sparse_ms:.3f}",
+                      flush=True)
     commit = source_version()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, tree {commit}")
     print("| M | sparsecc ms | Inductor dense ms | x Inductor | rel err |\n|---|---|---|---|---|")

@@ -11,9 +11,10 @@ picks. Each runs the op's own product (``_cslt_matmul``, the bias fused) followe
 
 Every candidate is first checked against a float32 oracle on the dense pruned weight (rel err < 1e-2). Then, over
 ``--rounds`` rounds in turns, each candidate is timed two ways: ``triton.testing.do_bench`` (steady state, the median
-of back-to-back calls) and :func:`fastest_algorithm`'s way (the median of :data:`TIMED_CALLS` single synchronised
-calls). The dense anchor ``F.linear`` + SiLU in place is timed in the same rounds. Last, :func:`fastest_algorithm`
-is asked three times which candidate it keeps. The table is printed last.
+of back-to-back calls) and one call alone between two events (the median of :data:`TIMED_CALLS` such calls: how
+:func:`fastest_algorithm` timed a candidate before 2026-12-07; it now times :data:`CALLS_PER_SAMPLE` back-to-back
+calls per sample). The dense anchor ``F.linear`` + SiLU in place is timed in the same rounds. Last,
+:func:`fastest_algorithm` is asked three times which candidate it keeps. The table is printed last.
 """
 
 from __future__ import annotations

@@ -52,11 +52,15 @@ class GateSparseFfnArgs:
 
 @dataclass(frozen=True)
 class SemiStructuredLinearArgs:
-    """Arguments of ``semi_structured_linear``: the dense weight's shape and ``impl``."""
+    """Arguments of ``semi_structured_linear``: the dense weight's shape, ``impl``, and cuSPARSELt's settings
+    planned at compile time (``alg_id`` -1: none planned, searched on the first call of a token bucket)."""
 
     out_features: int
     in_features: int
     impl: str = "auto"
+    alg_id: int = -1
+    split_k: int = 1
+    split_k_mode: int = -1
 
 
 @dataclass(frozen=True)
@@ -109,21 +113,29 @@ def gate_sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torc
 
 def semi_structured_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                            bias: Optional[torch.Tensor], out_features: int, in_features: int,
-                           impl: str = "auto", packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           impl: str = "auto", packed: Optional[torch.Tensor] = None, alg_id: int = -1,
+                           split_k: int = 1, split_k_mode: int = -1) -> torch.Tensor:
     """``x @ Wᵀ + b`` with W stored 2:4-compressed (values + 2-bit positions).
 
     ``packed`` is the same weight as cuSPARSELt's compressed operand (``torch._cslt_compress`` of the pruned
     weight), bound at compile time where cuSPARSELt takes the weight; the kernel then runs it as it is instead of
-    compressing on its first call, which keeps the call capturable in a CUDA graph. The reference ignores it.
+    compressing on its first call, which keeps the call capturable in a CUDA graph. ``alg_id`` / ``split_k`` /
+    ``split_k_mode`` are cuSPARSELt's settings planned for this call's token count (``alg_id`` -1: searched on
+    the first call). The reference ignores both.
     """
-    from sparsecc.codegen.semi_structured_linear import semi_structured_linear_ref
+    from sparsecc.codegen.semi_structured_linear import config_of, semi_structured_linear_ref
     from sparsecc.weights import SemiStructuredWeight
 
-    def reference(x, values, indices, bias, packed):
+    if alg_id >= 0 and packed is None:
+        raise ValueError(f"sparsecc op semi_structured_linear: alg_id={alg_id} (planned cuSPARSELt settings) needs "
+                         "the bound operand `packed`; pass alg_id=-1 to search on the first call")
+
+    def reference(x, values, indices, bias, packed, config=None):
         weight = SemiStructuredWeight(values=values, indices=indices, shape=(out_features, in_features))
         return semi_structured_linear_ref(x, weight, bias)
 
-    return pick(SEMI_STRUCTURED_LINEAR, impl, x.device, reference)(x, values, indices, bias, packed)
+    return pick(SEMI_STRUCTURED_LINEAR, impl, x.device, reference)(
+        x, values, indices, bias, packed, config=config_of(alg_id, split_k, split_k_mode))
 
 
 def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -184,7 +196,8 @@ def _gate_sparse_ffn_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, ac
     return gate_sparse_ffn_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, act=act, tau=tau)
 
 
-def _semi_structured_reference(x, values, indices, bias, out_features, in_features, impl="reference", packed=None):
+def _semi_structured_reference(x, values, indices, bias, out_features, in_features, impl="reference", packed=None,
+                               alg_id=-1, split_k=1, split_k_mode=-1):
     return semi_structured_linear(x, values, indices, bias, out_features, in_features, "reference")
 
 
@@ -202,6 +215,14 @@ def _threshold_linear_opaque(args: ThresholdLinearArgs, device: torch.device, sy
 
 def _threshold_ffn_opaque(args: ThresholdFfnArgs, device: torch.device, symbolic: bool) -> Optional[str]:
     return no_kernel_reason(THRESHOLD_FFN, args.impl, device)
+
+
+def _semi_structured_opaque(args: SemiStructuredLinearArgs, device: torch.device, symbolic: bool) -> Optional[str]:
+    reason = no_kernel_reason(SEMI_STRUCTURED_LINEAR, args.impl, device)
+    if reason is None and args.alg_id < 0:
+        reason = ("no cuSPARSELt settings planned at compile time: the call searches them on its first call of a "
+                  "token bucket (and, without a bound operand, compresses the weight there), cached per weight")
+    return reason
 
 
 def _gate_sparse_ffn_opaque(args: GateSparseFfnArgs, device: torch.device, symbolic: bool) -> Optional[str]:
@@ -248,11 +269,11 @@ SEMI_STRUCTURED_LINEAR = OpRecord(
     tensors=(TensorInput("x"), TensorInput("values"), TensorInput("indices"), TensorInput("bias", optional=True),
              TensorInput("packed", optional=True)),
     args=SemiStructuredLinearArgs,
-    order=("x", "values", "indices", "bias", "out_features", "in_features", "impl", "packed"),
+    order=("x", "values", "indices", "bias", "out_features", "in_features", "impl", "packed", "alg_id", "split_k",
+           "split_k_mode"),
     body=semi_structured_linear, reference=_semi_structured_reference, fake=_linear_fake,
     kernel="sparsecc.codegen.semi_structured_linear:semi_structured_linear",
-    always_opaque="picks cuSPARSELt's algorithm on the first call of a token bucket (and, without a bound operand, "
-                  "compresses the weight for cuSPARSELt there), cached per weight",
+    opaque_reason=_semi_structured_opaque,
     doc="x @ W^T + b with W stored 2:4-compressed.")
 
 BLOCK_SPARSE_LINEAR = OpRecord(

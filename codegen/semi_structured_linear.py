@@ -24,7 +24,8 @@ from sparsecc.timing import call_seconds
 
 __all__ = ["semi_structured_linear_ref", "semi_structured_linear", "semi_structured_linear_act",
            "cusparselt_available", "prepared_weight", "fastest_algorithm", "FUSED_ACTIVATIONS", "CsltConfig",
-           "cslt_operand", "cslt_operand_reason"]
+           "cslt_operand", "cslt_operand_reason", "search_settings", "planned_settings", "config_of",
+           "steady_call_seconds", "traced_operand_reason"]
 
 # ============================================================== reference
 
@@ -72,7 +73,7 @@ def semi_structured_linear_ref(x: Tensor, weight: SemiStructuredWeight, bias: Op
 SPARSE_MULTIPLE = 16  # both dims of the 2:4 operand (torch's cuSPARSELt constraints, fp16/bf16)
 DENSE_MULTIPLE = 8    # both dims of the dense operand
 CSLT_DTYPES = (torch.float16, torch.bfloat16)
-SEARCH_DTYPES = (torch.bfloat16,)  # dtypes whose cuSPARSELt algorithm search is safe (see _algorithm)
+SEARCH_DTYPES = (torch.bfloat16,)  # dtypes whose cuSPARSELt algorithm search is safe (see search_settings)
 FUSED_ACTIVATIONS = tuple(EPILOGUES)  # "none" and every activation of sparsecc.activations
 
 
@@ -180,10 +181,11 @@ def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], config: Csl
     if config.split_k != 1:
         settings["split_k"] = config.split_k
     if config.split_k_mode is not None:
-        settings[_split_mode_argument()] = config.split_k_mode
+        name = _split_mode_argument()
+        settings[name] = bool(config.split_k_mode) if name == "split_k_one_kernel" else int(config.split_k_mode)
     # xp.t() is the [K, M] operand in column-major order, which cuSPARSELt takes without a copy.
     y = torch._cslt_sparse_mm(packed, xp.contiguous().t(), bias=bias, transpose_result=True, **settings)
-    return y[:m] if pad else y
+    return y.narrow(0, 0, m) if pad else y
 
 
 def _search_once(packed: Tensor, xt: Tensor, bias: Optional[Tensor]) -> CsltConfig:
@@ -203,20 +205,33 @@ def _search_once(packed: Tensor, xt: Tensor, bias: Optional[Tensor]) -> CsltConf
 
 
 SEARCH_ROUNDS = 3   # cuSPARSELt's search times each candidate once: its pick differs between runs
-TIMED_CALLS = 5     # calls per candidate when the picks are timed against each other (median)
+TIMED_CALLS = 5     # samples per candidate when the picks are timed against each other (median)
+CALLS_PER_SAMPLE = 10   # back-to-back calls in one sample: the device's steady-state time, not one call's host setup
+
+
+def steady_call_seconds(fn: Callable[[], object]) -> float:
+    """Seconds per call of ``fn`` over :data:`CALLS_PER_SAMPLE` back-to-back calls on the current CUDA device.
+
+    One call timed alone between two events also counts the host's set-up of that call while the device waits
+    (cuSPARSELt builds its plan on every ``_cslt_sparse_mm`` call); such single calls read 50-100% above the
+    steady state on an H100 at 8192 tokens (bench/RESULTS.md, 2026-12-07), which made the pick close to arbitrary.
+    """
+    def calls():
+        for _ in range(CALLS_PER_SAMPLE):
+            fn()
+    return call_seconds(calls, torch.device("cuda", torch.cuda.current_device())) / CALLS_PER_SAMPLE
 
 
 def fastest_algorithm(candidates: Sequence, call: Callable[[object], object],
                       time_call: Optional[Callable[[Callable[[], object]], float]] = None):
-    """The candidate whose ``call(alg)`` takes the least median time over :data:`TIMED_CALLS` calls.
+    """The candidate whose ``call(alg)`` takes the least median time over :data:`TIMED_CALLS` samples.
 
-    Each candidate is called once first (its set-up), then the candidates are timed in turns, one call each
+    Each candidate is called once first (its set-up), then the candidates are timed in turns, one sample each
     per round: the first call of a compiled model comes after a compile that left the GPU idle, and its
     clocks ramp up while the candidates are timed, which must not favour the ones timed last.
-    ``time_call(fn)`` times one call of ``fn`` (default: :func:`sparsecc.timing.call_seconds` on the current CUDA
-    device); ties keep the earlier candidate.
+    ``time_call(fn)`` times ``fn`` (default: :func:`steady_call_seconds`); ties keep the earlier candidate.
     """
-    time_call = time_call or (lambda fn: call_seconds(fn, torch.device("cuda", torch.cuda.current_device())))
+    time_call = time_call or steady_call_seconds
     for alg in candidates:
         call(alg)
     times = {alg: [] for alg in candidates}
@@ -227,56 +242,98 @@ def fastest_algorithm(candidates: Sequence, call: Callable[[object], object],
     return min(candidates, key=lambda alg: medians[alg])   # min keeps the first of equal medians
 
 
-def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None) -> CsltConfig:
-    """cuSPARSELt's best algorithm and split-K for this weight at this token count, searched once per power-of-two
-    bucket.
+def search_settings(packed: Tensor, x2: Tensor, bias: Optional[Tensor]) -> CsltConfig:
+    """cuSPARSELt's fastest settings for ``x2 [M, K] @ Wᵀ (+ bias)`` with the operand ``packed``, found on the device.
 
     The default algorithm (id 0) is far from the best at large M on an H100:
     at M = 8192, 4096 -> 14336, bf16 the searched id ran the fused product in
-    1.13 ms against 1.88 ms (bench/ffn.py, bench/RESULTS.md). The search runs
-    the candidates once, so it happens on the first call of a shape (warm-up),
-    never per call; if it is unavailable or fails, id 0 is used. One search
-    times each candidate once and its pick varies between runs (on an H200 at
+    1.13 ms against 1.88 ms (bench/ffn.py, bench/RESULTS.md). One search times
+    each candidate once and its pick varies between runs (on an H200 at
     M = 8192 a pick ran the fused product in 1.12 ms where another pick of the
     same weight ran it in 1.04 ms), so the search runs :data:`SEARCH_ROUNDS`
     times and the distinct picks and id 0 are timed against each other
     (:func:`fastest_algorithm`). A pick carries the split-K settings the
     search chose where the build reports them (:func:`_search_once`); the
-    older search reports only the id, which then runs without a split.
-    ``packed`` is the operand to search with (default: the entry's own).
+    older search reports only the id, which then runs without a split. A
+    build without a search, or a search that fails, leaves id 0 (correct).
 
-    Only bfloat16 weights are searched: with float16 operands the search
-    itself fails inside cuSPARSELt on the H100 (torch 2.11: "internal error
-    when calling cusparseLtMatmulSearch" at M = 1, 16 and 128, 14336 x 4096),
-    and without CUDA_LAUNCH_BLOCKING the failure surfaces later as an illegal
-    instruction that poisons the CUDA context, so it cannot be caught and
-    retried. Float16 keeps the default algorithm, which is correct there.
+    Only bfloat16 operands are searched (:data:`SEARCH_DTYPES`): with float16
+    operands the search itself fails inside cuSPARSELt on the H100 (torch
+    2.11: "internal error when calling cusparseLtMatmulSearch" at M = 1, 16
+    and 128, 14336 x 4096), and without CUDA_LAUNCH_BLOCKING the failure
+    surfaces later as an illegal instruction that poisons the CUDA context, so
+    it cannot be caught and retried. Float16 keeps the default algorithm.
+    Never searches while a CUDA graph is being captured (the default then).
     """
+    config = CsltConfig()
+    if x2.dtype not in SEARCH_DTYPES or torch.cuda.is_current_stream_capturing():
+        return config
+    m = x2.shape[0]
+    xp = torch.nn.functional.pad(x2, (0, 0, 0, (-m) % DENSE_MULTIPLE)).contiguous()
+    candidates = [config]
+    for _ in range(SEARCH_ROUNDS):
+        try:
+            pick = _search_once(packed, xp.t(), bias)
+        except (RuntimeError, TypeError):  # no search in this build: the default algorithm is correct
+            break
+        if pick not in candidates:
+            candidates.append(pick)
+    if len(candidates) > 1:
+        config = fastest_algorithm(candidates, lambda c: _cslt_matmul(x2, packed, bias, c))
+    return config
+
+
+def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None) -> CsltConfig:
+    """:func:`search_settings` for this weight at this token count, searched once per power-of-two bucket (on the
+    first call of a shape, never per call). ``packed`` is the operand to search with (default: the entry's own)."""
     packed = entry.packed if packed is None else packed
     bucket = 1 << max(0, x2.shape[0] - 1).bit_length()
     config = entry.algs.get(bucket)
     if config is None:
-        config = CsltConfig()
-        if entry.dtype in SEARCH_DTYPES and not torch.cuda.is_current_stream_capturing():
-            m = x2.shape[0]
-            xp = torch.nn.functional.pad(x2, (0, 0, 0, (-m) % DENSE_MULTIPLE)).contiguous()
-            candidates = [config]
-            for _ in range(SEARCH_ROUNDS):
-                try:
-                    pick = _search_once(packed, xp.t(), bias)
-                except (RuntimeError, TypeError):  # no search in this build: the default algorithm is correct
-                    break
-                if pick not in candidates:
-                    candidates.append(pick)
-            if len(candidates) > 1:
-                config = fastest_algorithm(candidates, lambda c: _cslt_matmul(x2, packed, bias, c))
-        entry.algs[bucket] = config
+        if entry.dtype not in SEARCH_DTYPES:
+            config = entry.algs[bucket] = CsltConfig()
+        elif torch.cuda.is_current_stream_capturing():
+            return CsltConfig()     # not cached: searched on the first call outside a capture
+        else:
+            config = entry.algs[bucket] = search_settings(packed, x2, bias)
     return config
+
+
+# Settings planned at compile time, by (operand rows, operand length, dtype, device, tokens, has bias).
+_PLANNED: Dict[tuple, CsltConfig] = {}
+
+
+def planned_settings(packed: Tensor, tokens: int, out_features: int, in_features: int,
+                     has_bias: bool) -> Tuple[CsltConfig, str]:
+    """The settings a compiled call of ``tokens`` x ``in_features`` -> ``out_features`` runs with, and how they were
+    chosen (for the report).
+
+    Searched once per shape on the operand's device with random inputs of that shape (the settings depend on the
+    shapes and dtype only, not on the values), then cached for every site of the same shape.
+    """
+    n = out_features
+    key = (n, packed.numel(), packed.dtype, packed.device, tokens, has_bias)
+    if packed.dtype not in SEARCH_DTYPES:
+        return CsltConfig(), f"cuSPARSELt's default algorithm ({packed.dtype} operands are not searched)"
+    config = _PLANNED.get(key)
+    if config is None:
+        generator = torch.Generator(device=packed.device).manual_seed(0)
+        x2 = torch.randn(tokens, in_features, device=packed.device, dtype=packed.dtype, generator=generator)
+        bias = torch.randn(n, device=packed.device, dtype=packed.dtype, generator=generator) if has_bias else None
+        config = _PLANNED[key] = search_settings(packed, x2, bias)
+    return config, f"searched at compile time for {tokens} tokens"
+
+
+def config_of(alg_id: int, split_k: int, split_k_mode: int) -> Optional[CsltConfig]:
+    """The :class:`CsltConfig` of an op's planned arguments (None for ``alg_id`` -1: searched on the first call)."""
+    if alg_id < 0:
+        return None
+    return CsltConfig(alg_id, split_k, None if split_k_mode == -1 else split_k_mode)
 
 
 def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None,
                                activation: str = "none", alg_id: Optional[int] = None,
-                               packed: Optional[Tensor] = None) -> Tensor:
+                               packed: Optional[Tensor] = None, config: Optional[CsltConfig] = None) -> Tensor:
     """``act(x Wᵀ + b)`` for a 2:4 weight: cuSPARSELt matmul with the bias fused, then ``act`` in place.
 
     ``values`` / ``indices`` are a :class:`SemiStructuredWeight`'s tensors
@@ -286,12 +343,15 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     other CUDA case (float32, other dims) runs the decompressed weight, cached
     the same way, through cuBLAS; CPU and float64 run the reference. Every
     input gets the right answer.
-    ``activation`` is one of :data:`FUSED_ACTIVATIONS`; ``alg_id`` picks a
-    cuSPARSELt algorithm (benchmarks); None uses the one cuSPARSELt's search
-    picked for this weight and token count (searched once, cached).
+    ``activation`` is one of :data:`FUSED_ACTIVATIONS`; ``config`` (or, for
+    benchmarks, ``alg_id`` alone) gives cuSPARSELt's settings; with neither,
+    the settings cuSPARSELt's search picked for this weight and token count
+    are used (searched once, cached).
     ``packed`` is the weight's cuSPARSELt operand made ahead (:func:`cslt_operand`); when its dtype and device
     are ``x``'s, it runs as it is (nothing is allocated and kept on the first call, so the call may be captured
     by a CUDA graph), else the cached operand of ``x``'s dtype is used, compressed on the first call.
+    With both ``packed`` and ``config`` the call is only the product (and the activation): this is the form a
+    compiled call traces into Inductor's graph, where it runs on fake tensors.
     """
     if activation not in FUSED_ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not allowed; expected one of {FUSED_ACTIVATIONS}")
@@ -309,13 +369,16 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
             torch.float64 if x.dtype == torch.float64 else torch.float32)).to(x.dtype)
         return y.reshape(*lead, n)
     b = bias.to(x.dtype).contiguous() if bias is not None else None
+    if config is None and alg_id is not None:
+        config = CsltConfig(alg_id)
     if packed is not None and packed.dtype == x.dtype and packed.device == x.device:
-        entry, operand = _bound_entry(packed), packed
+        entry, operand = None, packed
     else:
         entry = prepared_weight(values, indices, n, k, x.dtype)
         operand = entry.packed
     if operand is not None:
-        config = _algorithm(entry, x2, b, operand) if alg_id is None else CsltConfig(alg_id)
+        if config is None:
+            config = _algorithm(entry if entry is not None else _bound_entry(packed), x2, b, operand)
         y = _cslt_matmul(x2, operand, b, config)
     else:
         y = torch.nn.functional.linear(x2, entry.dense, b)
@@ -331,12 +394,13 @@ def _activation_inplace(y: Tensor, activation: str) -> Tensor:
 
 
 def semi_structured_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None,
-                           packed: Optional[Tensor] = None) -> Tensor:
+                           packed: Optional[Tensor] = None, config: Optional[CsltConfig] = None) -> Tensor:
     """The ``sparsecc::semi_structured_linear`` kernel: ``x Wᵀ + b`` through cuSPARSELt (see above).
 
-    ``packed`` (optional) is the weight's cuSPARSELt operand bound at compile time (:func:`cslt_operand`).
+    ``packed`` (optional) is the weight's cuSPARSELt operand bound at compile time (:func:`cslt_operand`);
+    ``config`` the settings planned for it (:func:`planned_settings`), None to search on the first call.
     """
-    return semi_structured_linear_act(x, values, indices, bias, "none", packed=packed)
+    return semi_structured_linear_act(x, values, indices, bias, "none", packed=packed, config=config)
 
 
 def cslt_operand_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
@@ -346,8 +410,25 @@ def cslt_operand_reason(n: int, k: int, dtype: torch.dtype, device: torch.device
 
 def cslt_operand(weight: SemiStructuredWeight, dtype: torch.dtype) -> Tensor:
     """cuSPARSELt's compressed operand of a 2:4 weight in ``dtype`` (the pruned weight through
-    ``torch._cslt_compress``): what the kernel runs when it is passed as ``packed``."""
-    return torch._cslt_compress(weight.to_dense().to(dtype).contiguous())
+    ``torch._cslt_compress``): what the kernel runs when it is passed as ``packed``.
+
+    ``_cslt_compress`` returns one flat buffer; it is returned as N rows (one per output feature) where its
+    length allows, because torch's shape function for ``_cslt_sparse_mm`` takes the operand's first dimension
+    as N while the product itself reads N from the buffer's length (so both views run the same product).
+    A traced call (:func:`traced_operand_reason`) needs the rows.
+    """
+    packed = torch._cslt_compress(weight.to_dense().to(dtype).contiguous())
+    n = weight.shape[0]
+    return packed.view(n, -1) if packed.numel() % n == 0 else packed
+
+
+def traced_operand_reason(packed: Tensor, n: int) -> str:
+    """Why a call with the bound operand ``packed`` of an N-row weight cannot be traced into Inductor's graph
+    ('' when it can): torch's shape function of ``_cslt_sparse_mm`` needs the operand as N rows."""
+    if packed.dim() != 2 or packed.shape[0] != n:
+        return (f"the compressed operand ({packed.numel()} elements) does not split into {n} rows, which torch's "
+                "shape function of _cslt_sparse_mm needs")
+    return ""
 
 
 # Entries for bound operands, by id of the operand tensor: the algorithm cache only (the operand is the caller's).

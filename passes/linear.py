@@ -19,14 +19,15 @@ launches on an H100: docs/kernels.md); the backend option ``fuse_gate_up=False``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
 
 from sparsecc.codegen.linear_ops import (BLOCK_SPARSE_LINEAR, SEMI_STRUCTURED_LINEAR, BlockSparseLinearArgs,
                                          SemiStructuredLinearArgs)
-from sparsecc.codegen.semi_structured_linear import cslt_operand, cslt_operand_reason
+from sparsecc.codegen.semi_structured_linear import (cslt_operand, cslt_operand_reason, planned_settings,
+                                                     traced_operand_reason)
 from sparsecc.cost import estimate_linear
 from sparsecc.forms import BlockWeights, TwoFour
 from sparsecc.passes.decide import fallback, site_rule, verdict
@@ -261,12 +262,14 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
         return decision.plan            # planned already, as the up half of an earlier site's fused op
     n, k = site.match.out_features, site.match.in_features
     if isinstance(decision.form, TwoFour):
-        args = SemiStructuredLinearArgs(out_features=n, in_features=k, impl=ctx.kernels)
         unbound, operand = _cslt_operand(site, decision.form, ctx)
+        settings, how = _cslt_settings(site, operand, ctx)
+        args = SemiStructuredLinearArgs(out_features=n, in_features=k, impl=ctx.kernels, **settings)
         plan = Plan(calls=[op_call(SEMI_STRUCTURED_LINEAR, args, site.device, site.symbolic)],
                     state={"cslt_operand": operand})
         plan.notes["cuSPARSELt operand"] = ("compressed at compile time" if not unbound
                                             else f"compressed on the first call ({unbound})")
+        plan.notes["cuSPARSELt settings"] = how
         return plan
     pair = _gate_half(site, ctx)
     root, folded = pair if pair is not None else (site, _fold(site, ctx))
@@ -306,6 +309,32 @@ def _cslt_operand(site: Site, form: TwoFour, ctx) -> Tuple[str, Optional[torch.T
         return "", cslt_operand(ctx.compressed_weight(site, form), site.dtype)
     except RuntimeError as err:
         return f"cuSPARSELt refused the weight ({err})", None
+
+
+def _cslt_settings(site: Site, operand: Optional[torch.Tensor], ctx) -> Tuple[Dict[str, int], str]:
+    """cuSPARSELt's settings for a 2:4 site's op (the op's ``alg_id``, ``split_k``, ``split_k_mode`` arguments) and
+    how they were chosen.
+
+    Planned here when the operand is bound and the token count is static: the search runs now, on the device,
+    and the call is traced into Inductor's graph as cuSPARSELt's product (no Python per call, and the same
+    settings on every run of the compiled model). Otherwise nothing is planned and the op searches on its first
+    call of a token bucket, as one opaque op.
+    """
+    if operand is None:
+        return {}, "searched on the first call (no operand bound at compile time)"
+    if site.symbolic:
+        return {}, "searched on the first call of each token bucket (the token count is symbolic)"
+    why = traced_operand_reason(operand, site.match.out_features)
+    if why:
+        return {}, f"searched on the first call ({why})"
+    tokens = site.attrs["tokens"]
+    if tokens < 1:
+        return {}, "searched on the first call (no tokens at compile time)"
+    has_bias = _operands(site.output)[1] is not None
+    config, how = planned_settings(operand, tokens, site.match.out_features, site.match.in_features, has_bias)
+    mode = -1 if config.split_k_mode is None else int(config.split_k_mode)
+    settings = {"alg_id": config.alg_id, "split_k": config.split_k, "split_k_mode": mode}
+    return settings, f"algorithm {config.alg_id}, split-K {config.split_k} (mode {mode}): {how}"
 
 
 def _cslt_derivation(form: TwoFour, dtype: torch.dtype) -> Callable:
