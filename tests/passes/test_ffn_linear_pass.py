@@ -267,10 +267,15 @@ def test_two_four_binds_cusparselt_operand_where_cusparselt_takes_it(monkeypatch
     import sparsecc.passes.linear as linear_pass
     from tests.oracle.oracle import prune_2_4
 
-    derived = []
+    from sparsecc.codegen.semi_structured_linear import CsltConfig
+
+    derived, searched = [], []
     monkeypatch.setattr(linear_pass, "cslt_operand_reason", lambda n, k, dtype, device: "")
     monkeypatch.setattr(linear_pass, "cslt_operand",
                         lambda weight, dtype: derived.append(weight.to_dense().double()) or weight.to_dense().to(dtype))
+    monkeypatch.setattr(linear_pass, "planned_settings",
+                        lambda packed, tokens, n, k, has_bias: searched.append((tokens, n, k, has_bias))
+                        or (CsltConfig(17, 1, 2), "searched (stand-in)"))
     torch.manual_seed(2)
     model = zoo.ModuleLinear().eval()
     x = torch.randn(3, 32)
@@ -288,10 +293,13 @@ def test_two_four_binds_cusparselt_operand_where_cusparselt_takes_it(monkeypatch
                                        atol=1e-5, rtol=1e-5)
             if kernels == "auto":
                 assert "cuSPARSELt operand" in site.attrs["plan"]
+                # the settings are planned once, for the site's static token count, and reach the op's arguments
+                assert "cuSPARSELt settings: algorithm 17, split-K 1 (mode 2)" in site.attrs["plan"]
+                assert searched == [(3, model.proj.out_features, model.proj.in_features, True)]
                 assert len(derived) == step + 1   # made once by the plan and bound as it is, then one per update
                 torch.testing.assert_close(derived[-1][valid], pruned[valid])
             else:
-                assert "compressed at compile time" not in site.attrs["plan"] and not derived
+                assert "compressed at compile time" not in site.attrs["plan"] and not derived and not searched
                 assert "compressed on the first call (reference kernels)" in site.attrs["plan"]
             model.proj.weight.mul_(-0.5)
 
