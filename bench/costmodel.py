@@ -423,6 +423,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller grid (about 5 minutes on an H100)")
     parser.add_argument("--json", "--out", dest="json", default=None, help="save rows here after every point")
     parser.add_argument("--write", action="store_true", help="refit and write sparsecc/cost/efficiency.json")
+    parser.add_argument("--only", default=None, metavar="PREFIX",
+                        help="measure only the grid points whose label starts with PREFIX (e.g. '2:4', 'decode')")
     parser.add_argument("--refit-from", default=None, help="saved rows to refit from (no GPU needed)")
     parser.add_argument("--also", nargs="*", default=[], help="more measured rows: costmodel/crossover JSON, "
                         "bench/RESULTS.md")
@@ -473,7 +475,11 @@ def main() -> None:
         device = torch.cuda.get_device_name()
         hw_profile = profile_for(torch.device("cuda"))
         torch.manual_seed(0)
-        for label, site in attention_points(args.quick) + linear_points(args.quick):
+        points = [(label, site) for label, site in attention_points(args.quick) + linear_points(args.quick)
+                  if args.only is None or label.startswith(args.only)]
+        if not points:
+            parser.error(f"--only {args.only!r}: no grid point's label starts with it")
+        for label, site in points:
             row = {**measure(label, site), "source": "grid"}
             rows.append(row)
             _save(args.json, rows, device)

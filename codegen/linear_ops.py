@@ -217,14 +217,6 @@ def _threshold_ffn_opaque(args: ThresholdFfnArgs, device: torch.device, symbolic
     return no_kernel_reason(THRESHOLD_FFN, args.impl, device)
 
 
-def _semi_structured_opaque(args: SemiStructuredLinearArgs, device: torch.device, symbolic: bool) -> Optional[str]:
-    reason = no_kernel_reason(SEMI_STRUCTURED_LINEAR, args.impl, device)
-    if reason is None and args.alg_id < 0:
-        reason = ("no cuSPARSELt settings planned at compile time: the call searches them on its first call of a "
-                  "token bucket (and, without a bound operand, compresses the weight there), cached per weight")
-    return reason
-
-
 def _gate_sparse_ffn_opaque(args: GateSparseFfnArgs, device: torch.device, symbolic: bool) -> Optional[str]:
     return no_kernel_reason(GATE_SPARSE_FFN, args.impl, device)
 
@@ -273,7 +265,10 @@ SEMI_STRUCTURED_LINEAR = OpRecord(
            "split_k_mode"),
     body=semi_structured_linear, reference=_semi_structured_reference, fake=_linear_fake,
     kernel="sparsecc.codegen.semi_structured_linear:semi_structured_linear",
-    opaque_reason=_semi_structured_opaque,
+    always_opaque="calls cuSPARSELt through plans kept on the host (made on the first call of a shape, then one "
+                  "library call per product), which Inductor's generated code cannot launch; without settings planned "
+                  "at compile time it also searches them on its first call of a token bucket (and, without a bound "
+                  "operand, compresses the weight there)",
     doc="x @ W^T + b with W stored 2:4-compressed.")
 
 BLOCK_SPARSE_LINEAR = OpRecord(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecc.activations import BY_NAME
+from sparsecc.codegen.cusparselt_plan import planned_product
 from sparsecc.codegen.epilogue import EPILOGUES, activation_ref
 from sparsecc.weights import GROUP, KEPT, SemiStructuredWeight
 from sparsecc.timing import call_seconds
@@ -25,7 +26,7 @@ from sparsecc.timing import call_seconds
 __all__ = ["semi_structured_linear_ref", "semi_structured_linear", "semi_structured_linear_act",
            "cusparselt_available", "prepared_weight", "fastest_algorithm", "FUSED_ACTIVATIONS", "CsltConfig",
            "cslt_operand", "cslt_operand_reason", "search_settings", "planned_settings", "config_of",
-           "steady_call_seconds", "traced_operand_reason"]
+           "steady_call_seconds"]
 
 # ============================================================== reference
 
@@ -173,18 +174,25 @@ def _split_mode_argument() -> str:
 
 
 def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], config: CsltConfig) -> Tensor:
-    """``x2 [M, K] @ Wᵀ (+ bias)`` through cuSPARSELt, padding M to the dense operand's multiple."""
-    m = x2.shape[0]
+    """``x2 [M, K] @ Wᵀ (+ bias)`` through cuSPARSELt, padding M to the dense operand's multiple.
+
+    Runs a plan made once per shape and settings (:mod:`sparsecc.codegen.cusparselt_plan`) where the library can be
+    used that way, else torch's ``_cslt_sparse_mm``, which makes the plan again on every call.
+    """
+    m, k = x2.shape
     pad = (-m) % DENSE_MULTIPLE
-    xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
-    settings = {"alg_id": config.alg_id}
-    if config.split_k != 1:
-        settings["split_k"] = config.split_k
-    if config.split_k_mode is not None:
-        name = _split_mode_argument()
-        settings[name] = bool(config.split_k_mode) if name == "split_k_one_kernel" else int(config.split_k_mode)
-    # xp.t() is the [K, M] operand in column-major order, which cuSPARSELt takes without a copy.
-    y = torch._cslt_sparse_mm(packed, xp.contiguous().t(), bias=bias, transpose_result=True, **settings)
+    xp = (torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2).contiguous()
+    n = packed.numel() * 16 // (9 * k)   # cuSPARSELt's buffer of a 16-bit N x K 2:4 matrix holds 9NK/16 elements
+    y = planned_product(packed, xp, n, bias, (config.alg_id, config.split_k, config.split_k_mode))
+    if y is None:
+        settings = {"alg_id": config.alg_id}
+        if config.split_k != 1:
+            settings["split_k"] = config.split_k
+        if config.split_k_mode is not None:
+            name = _split_mode_argument()
+            settings[name] = bool(config.split_k_mode) if name == "split_k_one_kernel" else int(config.split_k_mode)
+        # xp.t() is the [K, M] operand in column-major order, which cuSPARSELt takes without a copy.
+        y = torch._cslt_sparse_mm(packed, xp.t(), bias=bias, transpose_result=True, **settings)
     return y.narrow(0, 0, m) if pad else y
 
 
@@ -350,8 +358,8 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     ``packed`` is the weight's cuSPARSELt operand made ahead (:func:`cslt_operand`); when its dtype and device
     are ``x``'s, it runs as it is (nothing is allocated and kept on the first call, so the call may be captured
     by a CUDA graph), else the cached operand of ``x``'s dtype is used, compressed on the first call.
-    With both ``packed`` and ``config`` the call is only the product (and the activation): this is the form a
-    compiled call traces into Inductor's graph, where it runs on fake tensors.
+    With both ``packed`` and ``config`` the call is only the product (and the activation): what a compiled call
+    with settings planned at compile time runs.
     """
     if activation not in FUSED_ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not allowed; expected one of {FUSED_ACTIVATIONS}")
@@ -410,25 +418,8 @@ def cslt_operand_reason(n: int, k: int, dtype: torch.dtype, device: torch.device
 
 def cslt_operand(weight: SemiStructuredWeight, dtype: torch.dtype) -> Tensor:
     """cuSPARSELt's compressed operand of a 2:4 weight in ``dtype`` (the pruned weight through
-    ``torch._cslt_compress``): what the kernel runs when it is passed as ``packed``.
-
-    ``_cslt_compress`` returns one flat buffer; it is returned as N rows (one per output feature) where its
-    length allows, because torch's shape function for ``_cslt_sparse_mm`` takes the operand's first dimension
-    as N while the product itself reads N from the buffer's length (so both views run the same product).
-    A traced call (:func:`traced_operand_reason`) needs the rows.
-    """
-    packed = torch._cslt_compress(weight.to_dense().to(dtype).contiguous())
-    n = weight.shape[0]
-    return packed.view(n, -1) if packed.numel() % n == 0 else packed
-
-
-def traced_operand_reason(packed: Tensor, n: int) -> str:
-    """Why a call with the bound operand ``packed`` of an N-row weight cannot be traced into Inductor's graph
-    ('' when it can): torch's shape function of ``_cslt_sparse_mm`` needs the operand as N rows."""
-    if packed.dim() != 2 or packed.shape[0] != n:
-        return (f"the compressed operand ({packed.numel()} elements) does not split into {n} rows, which torch's "
-                "shape function of _cslt_sparse_mm needs")
-    return ""
+    ``torch._cslt_compress``): what the kernel runs when it is passed as ``packed``."""
+    return torch._cslt_compress(weight.to_dense().to(dtype).contiguous())
 
 
 # Entries for bound operands, by id of the operand tensor: the algorithm cache only (the operand is the caller's).

@@ -26,8 +26,7 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.codegen.linear_ops import (BLOCK_SPARSE_LINEAR, SEMI_STRUCTURED_LINEAR, BlockSparseLinearArgs,
                                          SemiStructuredLinearArgs)
-from sparsecc.codegen.semi_structured_linear import (cslt_operand, cslt_operand_reason, planned_settings,
-                                                     traced_operand_reason)
+from sparsecc.codegen.semi_structured_linear import cslt_operand, cslt_operand_reason, planned_settings
 from sparsecc.cost import estimate_linear
 from sparsecc.forms import BlockWeights, TwoFour
 from sparsecc.passes.decide import fallback, site_rule, verdict
@@ -315,18 +314,14 @@ def _cslt_settings(site: Site, operand: Optional[torch.Tensor], ctx) -> Tuple[Di
     """cuSPARSELt's settings for a 2:4 site's op (the op's ``alg_id``, ``split_k``, ``split_k_mode`` arguments) and
     how they were chosen.
 
-    Planned here when the operand is bound and the token count is static: the search runs now, on the device,
-    and the call is traced into Inductor's graph as cuSPARSELt's product (no Python per call, and the same
-    settings on every run of the compiled model). Otherwise nothing is planned and the op searches on its first
-    call of a token bucket, as one opaque op.
+    Planned here when the operand is bound and the token count is static: the search runs now, on the device, so
+    the compiled model runs the same settings on every run and its first call searches nothing. Otherwise
+    nothing is planned and the op searches on its first call of each power-of-two token bucket.
     """
     if operand is None:
         return {}, "searched on the first call (no operand bound at compile time)"
     if site.symbolic:
         return {}, "searched on the first call of each token bucket (the token count is symbolic)"
-    why = traced_operand_reason(operand, site.match.out_features)
-    if why:
-        return {}, f"searched on the first call ({why})"
     tokens = site.attrs["tokens"]
     if tokens < 1:
         return {}, "searched on the first call (no tokens at compile time)"

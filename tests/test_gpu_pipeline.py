@@ -175,3 +175,37 @@ def test_cudagraphs_two_four_linear_replays_and_follows_weight_updates(monkeypat
     assert patches and patches[0] == {"triton.cudagraphs": True}, patches
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert len(semi._CACHE) == cached   # the bound operand ran: nothing was compressed on a call
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_two_four_linear_runs_planned_settings_through_cached_plans(monkeypatch, dtype):
+    """A static 2:4 linear: its cuSPARSELt settings are planned at compile time (searched in bf16, the default in
+    fp16), every product runs through a plan cached on the host (torch's per-call op is never reached), and the
+    numbers are the spec's. The same module under dynamic shapes searches on its first call, also through plans."""
+    import torch.nn.functional as F
+
+    from sparsecc.codegen import cusparselt_plan
+    from sparsecc.codegen.semi_structured_linear import cusparselt_available
+    from tests.oracle.oracle import prune_2_4
+
+    if not cusparselt_available():
+        pytest.skip("this torch build has no cuSPARSELt")
+    if cusparselt_plan.plans_unavailable_reason():
+        pytest.skip(f"no cached plans here: {cusparselt_plan.plans_unavailable_reason()}")
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda *a, **k: pytest.fail("torch's per-call product was used"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.SiLU()).cuda().to(dtype).eval()
+    x = torch.randn(2, 50, 256, device="cuda", dtype=dtype)   # 100 tokens: padded to 104 for cuSPARSELt
+    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
+    pruned, valid = prune_2_4(model[0].weight)   # docs/spec.md's rule; a tied group's feature is not compared
+    expected = F.silu(x.double() @ pruned.T + model[0].bias.double())
+    for dynamic, planned in ((False, "searched at compile time for 100 tokens" if dtype == torch.bfloat16
+                              else "default algorithm"), (True, "the token count is symbolic")):
+        torch._dynamo.reset()
+        plans = cusparselt_plan.plan_count()
+        with torch.no_grad():
+            out = torch.compile(model, backend="sparsecc", options={"spec": spec}, dynamic=dynamic)(x)
+        site = [s for s in sparsecc.last_report().sites if s.kind == "linear"][0]
+        assert site.applied and planned in site.attrs["plan"], (site.reason, site.attrs)
+        assert cusparselt_plan.plan_count() > plans
+        torch.testing.assert_close(out.double()[..., valid], expected[..., valid], atol=3e-2, rtol=3e-2)

@@ -4,9 +4,9 @@ generated code launches the sparse kernels itself with the numbers of docs/spec.
 CPU: a record whose kernel is a CPU stand-in shows the decomposition (the op disappears from the graph
 AOTAutograd hands the compiler, its body's ops take its place); the crossover branch on symbolic shapes
 and the reference path keep the op; the registry's schemas and typed arguments.
-GPU (``gpu`` marker): streaming decode attention, the TEAL GEMV, the CATS FFN and the planned 2:4 linear
-compiled through ``backend="sparsecc"`` leave no ``torch.ops.sparsecc`` call in Inductor's code, launch the
-kernels by name (cuSPARSELt's product for 2:4), and match float64 oracles built from explicit keep masks.
+GPU (``gpu`` marker): streaming decode attention, the TEAL GEMV and the CATS FFN compiled through
+``backend="sparsecc"`` leave no ``torch.ops.sparsecc`` call in Inductor's code, launch the kernels by
+name, and match float64 oracles built from explicit keep masks.
 """
 
 import dataclasses
@@ -425,40 +425,3 @@ def test_decode_ffn_ops_launch_from_inductors_code(mode, tokens):
         assert "_threshold_gemv_kernel" in code and "_threshold_gate_up_kernel" not in code
         assert "one op per projection" in sites[0].attrs["plan"], sites[0].attrs["plan"]
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_two_four_linear_launches_cusparselt_from_inductors_code(dtype):
-    """A static 2:4 linear with a bound operand: its settings are planned at compile time (searched in bf16, the
-    default algorithm in fp16) and Inductor's code calls cuSPARSELt's product itself, with the spec's numbers.
-    The same module under dynamic shapes stays one opaque op that searches on its first call."""
-    import sparsecc
-    from sparsecc.codegen.semi_structured_linear import cusparselt_available
-    from tests.oracle.oracle import prune_2_4
-
-    if not cusparselt_available():
-        pytest.skip("this torch build has no cuSPARSELt")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.SiLU()).cuda().to(dtype).eval()
-    x = torch.randn(2, 50, 256, device="cuda", dtype=dtype)   # 100 tokens: padded to 104 for cuSPARSELt
-    spec = {"version": 1, "defaults": {"policy": "force"}, "linear": [{"form": "2:4"}]}
-    pruned, valid = prune_2_4(model[0].weight)   # docs/spec.md's rule; a tied group's feature is not compared
-    expected = F.silu(x.double() @ pruned.T + model[0].bias.double())
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out, code = _inductor_code(torch.compile(model, backend="sparsecc", options={"spec": spec}), x)
-    site = [s for s in sparsecc.last_report().sites if s.kind == "linear"][0]
-    assert site.applied and site.attrs.get("launch") == "inductor", (site.reason, site.attrs)
-    planned = "searched at compile time for 100 tokens" if dtype == torch.bfloat16 else "default algorithm"
-    assert planned in site.attrs["plan"], site.attrs["plan"]
-    assert "torch.ops.sparsecc" not in code and "_cslt_sparse_mm" in code
-    torch.testing.assert_close(out.double()[..., valid], expected[..., valid], atol=3e-2, rtol=3e-2)
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out, code = _inductor_code(torch.compile(model, backend="sparsecc", options={"spec": spec}, dynamic=True), x)
-    site = [s for s in sparsecc.last_report().sites if s.kind == "linear"][0]
-    assert site.applied and site.attrs.get("launch") == "opaque", (site.reason, site.attrs)
-    assert "symbolic" in site.attrs["plan"] and "torch.ops.sparsecc.semi_structured_linear" in code
-    torch.testing.assert_close(out.double()[..., valid], expected[..., valid], atol=3e-2, rtol=3e-2)

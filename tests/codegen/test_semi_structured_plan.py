@@ -1,9 +1,8 @@
 """cuSPARSELt settings planned at compile time for the 2:4 linear (codegen/semi_structured_linear.py,
 codegen/linear_ops.py, passes/linear.py).
 
-A static call with a bound operand gets its settings searched by the plan stage and traces into Inductor's graph as
-one ``aten._cslt_sparse_mm`` with those settings; anything else stays one opaque op that searches on its first call.
-CPU: fake CUDA tensors for the trace, stand-ins for the search and the timer. GPU: tests/codegen/test_inductor_launch.py.
+A static call with a bound operand gets its settings searched by the plan stage and passed to the op; anything else
+searches on its first call of a token bucket. CPU: stand-ins for the search and the timer. GPU: tests/test_gpu_pipeline.py.
 """
 
 import pytest
@@ -17,44 +16,10 @@ from sparsecc.codegen.semi_structured_linear import CsltConfig
 CUDA = torch.device("cuda")
 
 
-def test_a_planned_call_traces_to_one_cusparselt_product_with_its_settings():
-    """On fake CUDA tensors (as Inductor traces it) the planned call is the product alone: no compression, no
-    search, the padded token count into cuSPARSELt, the settings as given, the activation after it."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    n, k, m = 128, 64, 100
-    with FakeTensorMode():
-        x = torch.empty(m, k, device=CUDA, dtype=torch.bfloat16)
-        values = torch.empty(n, k // 2, device=CUDA, dtype=torch.bfloat16)
-        indices = torch.empty(n, k // 4, device=CUDA, dtype=torch.uint8)
-        packed = torch.empty(n, 9 * k // 16, device=CUDA, dtype=torch.bfloat16)
-        bias = torch.empty(n, device=CUDA, dtype=torch.bfloat16)
-
-        def call(x, values, indices, packed, bias):
-            return semi.semi_structured_linear_act(x, values, indices, bias, "silu", packed=packed,
-                                                   config=CsltConfig(17, 2, 1))
-
-        graph = make_fx(call)(x, values, indices, packed, bias).graph
-    products = [node for node in graph.nodes if node.target is torch.ops.aten._cslt_sparse_mm.default]
-    assert len(products) == 1, graph
-    product = products[0]
-    settings = {**dict(zip(("alg_id", "split_k", semi._split_mode_argument()), product.args[6:])), **product.kwargs}
-    assert settings["alg_id"] == 17 and settings["split_k"] == 2 and settings[semi._split_mode_argument()] == 1
-    assert tuple(product.meta["val"].shape) == (104, n)   # 100 tokens padded to a multiple of 8
-    assert not any("cslt_compress" in str(node.target) for node in graph.nodes)
-    output = [node for node in graph.nodes if node.op == "output"][0].args[0]
-    assert tuple(output.meta["val"].shape) == (m, n)
-
-
-def test_launch_mode_follows_the_planned_settings():
+def test_the_op_stays_opaque_and_says_why():
     planned = SemiStructuredLinearArgs(out_features=128, in_features=64, alg_id=17, split_k=1, split_k_mode=2)
-    assert SEMI_STRUCTURED_LINEAR.launch_mode(planned, CUDA, False) == ("inductor", "")
-    launch, why = SEMI_STRUCTURED_LINEAR.launch_mode(SemiStructuredLinearArgs(128, 64), CUDA, False)
-    assert launch == "opaque" and "no cuSPARSELt settings planned" in why
-    launch, why = SEMI_STRUCTURED_LINEAR.launch_mode(SemiStructuredLinearArgs(128, 64, "reference", 17), CUDA, False)
-    assert launch == "opaque" and "reference" in why
-    assert SEMI_STRUCTURED_LINEAR.launch_mode(planned, torch.device("cpu"), False)[0] == "opaque"
+    launch, why = SEMI_STRUCTURED_LINEAR.launch_mode(planned, CUDA, False)
+    assert launch == "opaque" and "plans kept on the host" in why
 
 
 def test_planned_settings_without_the_operand_are_refused():
@@ -99,17 +64,3 @@ def test_candidates_are_timed_over_back_to_back_calls(monkeypatch):
     monkeypatch.setattr(semi, "call_seconds", lambda fn, device: (fn(), 2.0)[1])
     assert semi.steady_call_seconds(lambda: calls.append(1)) == 2.0 / semi.CALLS_PER_SAMPLE
     assert len(calls) == semi.CALLS_PER_SAMPLE
-
-
-def test_the_operand_is_bound_as_one_row_per_output_feature(monkeypatch):
-    """torch's shape function for ``_cslt_sparse_mm`` reads N from the operand's first dimension."""
-    from sparsecc.weights import compress
-    from sparsecc.forms import TwoFour
-
-    weight = compress(torch.randn(32, 64), TwoFour())
-    monkeypatch.setattr(torch, "_cslt_compress", lambda dense: torch.zeros(dense.numel() * 9 // 16))
-    packed = semi.cslt_operand(weight, torch.bfloat16)
-    assert tuple(packed.shape) == (32, 36) and semi.traced_operand_reason(packed, 32) == ""
-    monkeypatch.setattr(torch, "_cslt_compress", lambda dense: torch.zeros(dense.numel() * 9 // 16 + 1))
-    packed = semi.cslt_operand(weight, torch.bfloat16)
-    assert packed.dim() == 1 and "does not split into 32 rows" in semi.traced_operand_reason(packed, 32)
