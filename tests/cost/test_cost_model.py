@@ -209,25 +209,23 @@ def test_shipped_table_has_every_family_the_formulas_use():
 
 
 def test_replayed_linear_drops_the_per_call_host_floor():
-    """Under CUDA graphs (``replayed``) a 2:4 linear pays no per-call host floor: cuSPARSELt's plan set-up
-    (~0.7 ms a call, bench/RESULTS.md) makes small token counts lose when called normally, not when replayed;
-    where the GPU time exceeds the floor both agree."""
+    """Under CUDA graphs (``replayed``) a 2:4 linear pays no per-call host floor (the opaque op's Python and one
+    cuSPARSELt call through its kept plan: 58 us fitted on an H100, bench/costmodel_h100_2to4_plans.json): at one
+    token the floor is all of a plain call's time and none of a replay's; where the GPU time exceeds the floor
+    both agree."""
     from sparsecc.cost import hardware
     from sparsecc.cost.efficiency import efficiency
     from sparsecc.forms import TwoFour
 
     floor = efficiency("gemm_2to4").floor_s
-    assert floor > 1e-4   # the shipped table carries a host floor for cuSPARSELt calls
+    assert floor > 1e-5   # the shipped table carries a host floor for cuSPARSELt calls
     shape = dict(in_features=4096, out_features=14336, dtype=torch.bfloat16, hw=hardware.H200)
-    plain = estimate_linear(TwoFour(), tokens=1024, **shape)
-    replayed = estimate_linear(TwoFour(), tokens=1024, **shape, replayed=True)
+    plain = estimate_linear(TwoFour(), tokens=1, **shape)
+    replayed = estimate_linear(TwoFour(), tokens=1, **shape, replayed=True)
     assert plain.sparse_time_s >= floor and replayed.sparse_time_s < floor
-    assert replayed.speedup > 2 * plain.speedup
-    for tokens in (1024, 8192, 65536):
-        assert estimate_linear(TwoFour(), tokens=tokens, **shape, replayed=True).speedup >= \
-            estimate_linear(TwoFour(), tokens=tokens, **shape).speedup
-    big = [estimate_linear(TwoFour(), tokens=65536, **shape, replayed=r).sparse_time_s for r in (False, True)]
-    assert big[0] == pytest.approx(big[1])
+    assert replayed.speedup > plain.speedup
+    large = [estimate_linear(TwoFour(), tokens=8192, **shape, replayed=r).sparse_time_s for r in (False, True)]
+    assert large[0] == pytest.approx(large[1])
 
 
 def test_cudagraphs_option_makes_the_estimates_replayed(monkeypatch):
