@@ -215,8 +215,9 @@ def planned_product(packed: Tensor, x: Tensor, n: int, bias: Optional[Tensor],
     runs torch's ``_cslt_sparse_mm``).
 
     ``packed`` is the weight's compressed buffer (N = ``n`` rows), ``x`` contiguous with ``m`` a multiple of 8,
-    ``bias`` a length-N vector of ``x``'s dtype whose storage stays put while the plan is used (its address is
-    part of the plan: a parameter, not a temporary), ``settings`` (algorithm id, split-K, split-K mode or None).
+    ``bias`` a length-N vector of ``x``'s dtype, ``settings`` (algorithm id, split-K, split-K mode or None). The
+    bias's address is part of the plan and of its key: a parameter keeps one plan, a bias made anew at another
+    address makes another.
     None also when an operand is not 16-byte aligned, past :data:`PLAN_LIMIT` plans, when cuSPARSELt refuses the
     plan (remembered per shape), and inside a CUDA-graph capture that would need a larger workspace.
     """

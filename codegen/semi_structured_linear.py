@@ -182,8 +182,9 @@ def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], config: Csl
     m, k = x2.shape
     pad = (-m) % DENSE_MULTIPLE
     xp = (torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2).contiguous()
-    n = packed.numel() * 16 // (9 * k)   # cuSPARSELt's buffer of a 16-bit N x K 2:4 matrix holds 9NK/16 elements
-    y = planned_product(packed, xp, n, bias, (config.alg_id, config.split_k, config.split_k_mode))
+    # cuSPARSELt's buffer of a 16-bit N x K 2:4 matrix holds 9NK/16 elements (torch's op reads N from it too)
+    n, rest = divmod(packed.numel() * 16, 9 * k)
+    y = None if rest else planned_product(packed, xp, n, bias, (config.alg_id, config.split_k, config.split_k_mode))
     if y is None:
         settings = {"alg_id": config.alg_id}
         if config.split_k != 1:

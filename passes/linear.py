@@ -26,6 +26,7 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.codegen.linear_ops import (BLOCK_SPARSE_LINEAR, SEMI_STRUCTURED_LINEAR, BlockSparseLinearArgs,
                                          SemiStructuredLinearArgs)
+from sparsecc.codegen.cusparselt_plan import plans_unavailable_reason
 from sparsecc.codegen.semi_structured_linear import cslt_operand, cslt_operand_reason, planned_settings
 from sparsecc.cost import estimate_linear
 from sparsecc.forms import BlockWeights, TwoFour
@@ -269,6 +270,9 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
         plan.notes["cuSPARSELt operand"] = ("compressed at compile time" if not unbound
                                             else f"compressed on the first call ({unbound})")
         plan.notes["cuSPARSELt settings"] = how
+        if operand is not None:
+            why = plans_unavailable_reason()
+            plan.notes["cuSPARSELt plans"] = "kept per shape" if not why else f"made on every call by torch's op ({why})"
         return plan
     pair = _gate_half(site, ctx)
     root, folded = pair if pair is not None else (site, _fold(site, ctx))
