@@ -14,29 +14,36 @@ the buffer's layout is the one the product expects. The product is torch's too: 
 run as ``W xᵀ`` with the dense operand ``xᵀ`` read transposed from row-major ``x`` and the result written
 column-major ``[N, M]`` (that is row-major ``[M, N]``), accumulation in float32, the bias fused.
 
-The enum values and struct sizes used here are those of cuSPARSELt's public header (``cusparseLt.h``, 0.8 and
-0.10); a library older than :data:`MIN_VERSION`, or none that ctypes can load, leaves every product to torch's op
-(:func:`plans_unavailable_reason` says why). Nothing is loaded at import.
+The enum values used here are those of cuSPARSELt's public header (``cusparseLt.h``), the same in 0.6.3, 0.7.1 and
+0.10; its opaque structs are 13,072 bytes in 0.6.3, 1,024 in 0.7.1 and 512 in 0.10, so libraries older than
+:data:`MIN_VERSION` (0.7.1) are not used (the structs here hold 2,048 bytes). Run on a GPU with 0.8.0. A library older
+than that, or none that ctypes can load, leaves every product to torch's op (:func:`plans_unavailable_reason` says
+why). Nothing is loaded at import.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
+import logging
 import os
 import threading
+from collections import Counter
 from ctypes import byref, c_float, c_int, c_int64, c_size_t, c_uint32, c_void_p
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_VERSION", "plans_unavailable_reason", "planned_product", "PLAN_LIMIT", "plan_count"]
+__all__ = ["MIN_VERSION", "plans_unavailable_reason", "planned_product", "PLAN_LIMIT", "plan_count",
+           "fallback_counts"]
 
-MIN_VERSION = 800   # cuSPARSELt 0.8.0: the oldest library these enum values were checked against on a GPU
-PLAN_LIMIT = 4096   # distinct plans kept per process; past it, new shapes run torch's op (plans are never freed:
+MIN_VERSION = 701   # cuSPARSELt 0.7.1: the oldest header checked whose opaque structs fit in _Opaque (0.6.3's do not)
+PLAN_LIMIT = 1024   # distinct plans kept per process; past it, new shapes run torch's op (plans are never freed:
 #                     a CUDA graph captured with one may replay it at any time)
+_LOG = logging.getLogger("sparsecc")
 
 # cuSPARSELt's and CUDA's enum values (cusparseLt.h, library_types.h).
 _CUDA_R_16F, _CUDA_R_16BF = 2, 14
@@ -52,9 +59,9 @@ _ALIGNMENT = 16     # bytes; every data pointer handed to a product must be alig
 
 
 class _Opaque(ctypes.Structure):
-    """One of cuSPARSELt's opaque structs (512 bytes in 0.8-0.10), with room to spare and 16-byte alignment."""
+    """One of cuSPARSELt's opaque structs (1,024 bytes in 0.7.1, 512 in 0.10), with room to spare, 16-byte aligned."""
 
-    _fields_ = [("data", ctypes.c_longdouble * 256)]
+    _fields_ = [("data", ctypes.c_longdouble * 128)]
 
 
 def _load_library() -> ctypes.CDLL:
@@ -164,9 +171,15 @@ class _Plan:
         self.library.check(self.library.lib.cusparseLtMatmulAlgSetAttribute(
             byref(self.handle), byref(self.selection), c_int(attribute), byref(data), c_size_t(4)), what)
 
-    def run(self, packed: Tensor, x: Tensor, workspace: Optional[Tensor]) -> Tensor:
-        """``x [m, k] @ Wᵀ (+ bias)`` into a new ``[m, n]`` tensor, on the current stream."""
+    def run(self, packed: Tensor, x: Tensor) -> Tensor:
+        """``x [m, k] @ Wᵀ (+ bias)`` into a new ``[m, n]`` tensor, on the current stream.
+
+        The workspace is allocated per call through torch's caching allocator, as torch's op does: it is ordered
+        on the stream that uses it, and inside a CUDA-graph capture it is one of the graph's temporaries.
+        """
         out = torch.empty(self.shape, dtype=x.dtype, device=x.device)
+        workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8, device=x.device) \
+            if self.workspace_bytes else None
         stream = c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
         pointer = c_void_p(workspace.data_ptr()) if workspace is not None else c_void_p(None)
         self.library.check(self.library.lib.cusparseLtMatmul(
@@ -178,9 +191,7 @@ class _Plan:
 
 _PLANS: Dict[tuple, _Plan] = {}
 _REFUSED: Dict[tuple, str] = {}   # shapes whose plan cuSPARSELt refused (they run torch's op), with the error
-# Workspaces per device, largest last. One that a product used is never freed: a CUDA graph captured with it
-# writes there on every replay.
-_WORKSPACES: Dict[int, List[Tensor]] = {}
+_FALLBACKS: Counter = Counter()   # products that ran torch's op although the library is usable, by reason
 _LOCK = threading.Lock()
 
 
@@ -189,17 +200,27 @@ def plan_count() -> int:
     return len(_PLANS)
 
 
-def _workspace(device: int, nbytes: int) -> Tuple[bool, Optional[Tensor]]:
-    """(True, a workspace of at least ``nbytes``) or (False, None) when one would have to be allocated during a
-    CUDA-graph capture (it would live in the graph's pool without being one of its outputs)."""
-    if nbytes == 0:
-        return True, None
-    kept = _WORKSPACES.setdefault(device, [])
-    if not kept or kept[-1].numel() < nbytes:
-        if torch.cuda.is_current_stream_capturing():
-            return False, None
-        kept.append(torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", device)))
-    return True, kept[-1]
+def fallback_counts() -> Dict[str, int]:
+    """Products that ran torch's per-call op although plans are available, by reason (empty when none did)."""
+    return dict(_FALLBACKS)
+
+
+def _fall_back(reason: str) -> None:
+    """Count a product left to torch's op; the first of each reason is logged (the report shows the library's
+    state, not each call's)."""
+    if reason not in _FALLBACKS:
+        _LOG.warning("sparsecc: a 2:4 product runs torch's _cslt_sparse_mm (a cuSPARSELt plan per call): %s", reason)
+    _FALLBACKS[reason] += 1
+
+
+def split_mode_code(mode) -> Optional[int]:
+    """cuSPARSELt's split-K mode as its enum value (1 one kernel, 2 two kernels) from a search's answer: an int as
+    torch 2.11 reports it, or a bool ``split_k_one_kernel`` as older builds do; None for the library's default."""
+    if mode is None:
+        return None
+    if isinstance(mode, bool):
+        return 1 if mode else 2
+    return int(mode) if int(mode) > 0 else None
 
 
 def _cuda_index(t: Tensor) -> Optional[int]:
@@ -210,36 +231,57 @@ def _cuda_index(t: Tensor) -> Optional[int]:
 
 
 def planned_product(packed: Tensor, x: Tensor, n: int, bias: Optional[Tensor],
-                    settings: Tuple[int, int, Optional[int]]) -> Optional[Tensor]:
+                    settings: Tuple[int, int, object]) -> Optional[Tensor]:
     """``x [m, k] @ Wᵀ (+ bias)`` through a cached plan, or None when plans are not used for it (the caller then
     runs torch's ``_cslt_sparse_mm``).
 
     ``packed`` is the weight's compressed buffer (N = ``n`` rows), ``x`` contiguous with ``m`` a multiple of 8,
-    ``bias`` a length-N vector of ``x``'s dtype, ``settings`` (algorithm id, split-K, split-K mode or None). The
-    bias's address is part of the plan and of its key: a parameter keeps one plan, a bias made anew at another
-    address makes another.
-    None also when an operand is not 16-byte aligned, past :data:`PLAN_LIMIT` plans, when cuSPARSELt refuses the
-    plan (remembered per shape), and inside a CUDA-graph capture that would need a larger workspace.
+    ``bias`` a length-N vector of ``x``'s dtype, ``settings`` (algorithm id, split-K, split-K mode as the search
+    reports it). The bias's address is part of the plan and of its key: a parameter keeps one plan, a bias made
+    anew at another address makes another. None (and counted, :func:`fallback_counts`) when the operands do not
+    fit what the plan describes (another device or dtype, a buffer too short for N x K, an operand not 16-byte
+    aligned), past :data:`PLAN_LIMIT` plans, or when cuSPARSELt refuses the plan (remembered per shape).
     """
     library, _ = _library()
+    if library is None:
+        return None
     device = _cuda_index(x)
-    if library is None or device is None or _cuda_index(packed) != device or x.dtype not in _DATA_TYPES:
-        return None
-    if any(t is not None and t.data_ptr() % _ALIGNMENT for t in (packed, x, bias)):
-        return None
     m, k = x.shape
-    key = (device, x.dtype, n, k, m, None if bias is None else bias.data_ptr(), tuple(settings))
+    reason = ""
+    if device is None or _cuda_index(packed) != device or (bias is not None and _cuda_index(bias) != device):
+        reason = "operands on another device"
+    elif x.dtype not in _DATA_TYPES or packed.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        reason = f"dtypes {packed.dtype} / {x.dtype} (plans take float16 or bfloat16, one dtype)"
+    elif packed.numel() * 16 < 9 * n * k:
+        reason = f"a compressed buffer of {packed.numel()} elements, short of a {n} x {k} matrix"
+    elif any(t is not None and t.data_ptr() % _ALIGNMENT for t in (packed, x, bias)):
+        reason = "an operand not 16-byte aligned"
+    if reason:
+        _fall_back(reason)
+        return None
+    key = (device, x.dtype, n, k, m, None if bias is None else bias.data_ptr(),
+           (int(settings[0]), int(settings[1]), split_mode_code(settings[2])))
     plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= PLAN_LIMIT or key in _REFUSED:
-            return None
-        with _LOCK:
-            plan = _PLANS.get(key)
-            if plan is None:
-                try:
-                    plan = _PLANS[key] = _Plan(library, device, x.dtype, n, k, m, bias, settings)
-                except RuntimeError as err:   # settings or a shape this library refuses: torch's op decides
-                    _REFUSED[key] = str(err)
-                    return None
-    ready, workspace = _workspace(device, plan.workspace_bytes)
-    return plan.run(packed, x, workspace) if ready else None
+    with _on_device(device):
+        if plan is None:
+            if key in _REFUSED:
+                _fall_back(f"cuSPARSELt refused the plan ({_REFUSED[key]})")
+                return None
+            if len(_PLANS) >= PLAN_LIMIT:
+                _fall_back(f"{PLAN_LIMIT} plans kept already")
+                return None
+            with _LOCK:
+                plan = _PLANS.get(key)
+                if plan is None:
+                    try:
+                        plan = _PLANS[key] = _Plan(library, device, x.dtype, n, k, m, bias, key[-1])
+                    except RuntimeError as err:   # settings or a shape this library refuses: torch's op decides
+                        _REFUSED[key] = str(err)
+                        _fall_back(f"cuSPARSELt refused the plan ({err})")
+                        return None
+        return plan.run(packed, x)
+
+
+def _on_device(device: int):
+    """A context that makes ``device`` current only where it is not already (a device switch costs host time)."""
+    return contextlib.nullcontext() if torch.cuda.current_device() == device else torch.cuda.device(device)

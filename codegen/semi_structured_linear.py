@@ -7,6 +7,7 @@ Layout of this file: module notes, then the reference section, then the cuSPARSE
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import weakref
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecc.activations import BY_NAME
-from sparsecc.codegen.cusparselt_plan import planned_product
+from sparsecc.codegen.cusparselt_plan import planned_product, split_mode_code
 from sparsecc.codegen.epilogue import EPILOGUES, activation_ref
 from sparsecc.weights import GROUP, KEPT, SemiStructuredWeight
 from sparsecc.timing import call_seconds
@@ -173,25 +174,27 @@ def _split_mode_argument() -> str:
     return torch.ops.aten._cslt_sparse_mm.default._schema.arguments[-1].name
 
 
-def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], config: CsltConfig) -> Tensor:
+def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], config: CsltConfig,
+                 n: Optional[int] = None) -> Tensor:
     """``x2 [M, K] @ Wᵀ (+ bias)`` through cuSPARSELt, padding M to the dense operand's multiple.
 
     Runs a plan made once per shape and settings (:mod:`sparsecc.codegen.cusparselt_plan`) where the library can be
-    used that way, else torch's ``_cslt_sparse_mm``, which makes the plan again on every call.
+    used that way, else torch's ``_cslt_sparse_mm``, which makes the plan again on every call. ``n`` is W's row
+    count (default: read from the buffer's length, 9NK/16 elements for 16-bit values, as torch 2.11's op reads it).
     """
     m, k = x2.shape
     pad = (-m) % DENSE_MULTIPLE
     xp = (torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2).contiguous()
-    # cuSPARSELt's buffer of a 16-bit N x K 2:4 matrix holds 9NK/16 elements (torch's op reads N from it too)
-    n, rest = divmod(packed.numel() * 16, 9 * k)
-    y = None if rest else planned_product(packed, xp, n, bias, (config.alg_id, config.split_k, config.split_k_mode))
+    rows = n if n is not None else packed.numel() * 16 // (9 * k)
+    y = planned_product(packed, xp, rows, bias, (config.alg_id, config.split_k, config.split_k_mode))
     if y is None:
         settings = {"alg_id": config.alg_id}
         if config.split_k != 1:
             settings["split_k"] = config.split_k
-        if config.split_k_mode is not None:
+        mode = split_mode_code(config.split_k_mode)
+        if mode is not None:
             name = _split_mode_argument()
-            settings[name] = bool(config.split_k_mode) if name == "split_k_one_kernel" else int(config.split_k_mode)
+            settings[name] = (mode == 1) if name == "split_k_one_kernel" else mode
         # xp.t() is the [K, M] operand in column-major order, which cuSPARSELt takes without a copy.
         y = torch._cslt_sparse_mm(packed, xp.t(), bias=bias, transpose_result=True, **settings)
     return y.narrow(0, 0, m) if pad else y
@@ -251,7 +254,7 @@ def fastest_algorithm(candidates: Sequence, call: Callable[[object], object],
     return min(candidates, key=lambda alg: medians[alg])   # min keeps the first of equal medians
 
 
-def search_settings(packed: Tensor, x2: Tensor, bias: Optional[Tensor]) -> CsltConfig:
+def search_settings(packed: Tensor, x2: Tensor, bias: Optional[Tensor], n: Optional[int] = None) -> CsltConfig:
     """cuSPARSELt's fastest settings for ``x2 [M, K] @ Wᵀ (+ bias)`` with the operand ``packed``, found on the device.
 
     The default algorithm (id 0) is far from the best at large M on an H100:
@@ -272,7 +275,8 @@ def search_settings(packed: Tensor, x2: Tensor, bias: Optional[Tensor]) -> CsltC
     and 128, 14336 x 4096), and without CUDA_LAUNCH_BLOCKING the failure
     surfaces later as an illegal instruction that poisons the CUDA context, so
     it cannot be caught and retried. Float16 keeps the default algorithm.
-    Never searches while a CUDA graph is being captured (the default then).
+    Never searches while a CUDA graph is being captured (the default then). Runs and times on the operand's
+    device. ``n`` is W's row count (see :func:`_cslt_matmul`).
     """
     config = CsltConfig()
     if x2.dtype not in SEARCH_DTYPES or torch.cuda.is_current_stream_capturing():
@@ -280,21 +284,25 @@ def search_settings(packed: Tensor, x2: Tensor, bias: Optional[Tensor]) -> CsltC
     m = x2.shape[0]
     xp = torch.nn.functional.pad(x2, (0, 0, 0, (-m) % DENSE_MULTIPLE)).contiguous()
     candidates = [config]
-    for _ in range(SEARCH_ROUNDS):
-        try:
-            pick = _search_once(packed, xp.t(), bias)
-        except (RuntimeError, TypeError):  # no search in this build: the default algorithm is correct
-            break
-        if pick not in candidates:
-            candidates.append(pick)
-    if len(candidates) > 1:
-        config = fastest_algorithm(candidates, lambda c: _cslt_matmul(x2, packed, bias, c))
+    on_device = torch.cuda.device(packed.device) if packed.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        for _ in range(SEARCH_ROUNDS):
+            try:
+                pick = _search_once(packed, xp.t(), bias)
+            except (RuntimeError, TypeError):  # no search in this build: the default algorithm is correct
+                break
+            if pick not in candidates:
+                candidates.append(pick)
+        if len(candidates) > 1:
+            config = fastest_algorithm(candidates, lambda c: _cslt_matmul(x2, packed, bias, c, n))
     return config
 
 
-def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None) -> CsltConfig:
+def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None,
+               n: Optional[int] = None) -> CsltConfig:
     """:func:`search_settings` for this weight at this token count, searched once per power-of-two bucket (on the
-    first call of a shape, never per call). ``packed`` is the operand to search with (default: the entry's own)."""
+    first call of a shape, never per call). ``packed`` is the operand to search with (default: the entry's own),
+    ``n`` W's row count."""
     packed = entry.packed if packed is None else packed
     bucket = 1 << max(0, x2.shape[0] - 1).bit_length()
     config = entry.algs.get(bucket)
@@ -304,7 +312,7 @@ def _algorithm(entry: _Entry, x2: Tensor, bias: Optional[Tensor], packed: Option
         elif torch.cuda.is_current_stream_capturing():
             return CsltConfig()     # not cached: searched on the first call outside a capture
         else:
-            config = entry.algs[bucket] = search_settings(packed, x2, bias)
+            config = entry.algs[bucket] = search_settings(packed, x2, bias, n)
     return config
 
 
@@ -329,7 +337,7 @@ def planned_settings(packed: Tensor, tokens: int, out_features: int, in_features
         generator = torch.Generator(device=packed.device).manual_seed(0)
         x2 = torch.randn(tokens, in_features, device=packed.device, dtype=packed.dtype, generator=generator)
         bias = torch.randn(n, device=packed.device, dtype=packed.dtype, generator=generator) if has_bias else None
-        config = _PLANNED[key] = search_settings(packed, x2, bias)
+        config = _PLANNED[key] = search_settings(packed, x2, bias, n)
     return config, f"searched at compile time for {tokens} tokens"
 
 
@@ -360,7 +368,8 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     are ``x``'s, it runs as it is (nothing is allocated and kept on the first call, so the call may be captured
     by a CUDA graph), else the cached operand of ``x``'s dtype is used, compressed on the first call.
     With both ``packed`` and ``config`` the call is only the product (and the activation): what a compiled call
-    with settings planned at compile time runs.
+    with settings planned at compile time runs. ``config`` applies to ``packed`` only: when ``packed`` cannot be
+    used (another dtype or device than ``x``), the cached operand's settings are searched instead.
     """
     if activation not in FUSED_ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not allowed; expected one of {FUSED_ACTIVATIONS}")
@@ -378,17 +387,17 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
             torch.float64 if x.dtype == torch.float64 else torch.float32)).to(x.dtype)
         return y.reshape(*lead, n)
     b = bias.to(x.dtype).contiguous() if bias is not None else None
-    if config is None and alg_id is not None:
-        config = CsltConfig(alg_id)
     if packed is not None and packed.dtype == x.dtype and packed.device == x.device:
         entry, operand = None, packed
-    else:
-        entry = prepared_weight(values, indices, n, k, x.dtype)
+    else:   # not the bound operand: settings planned for it do not apply to this one
+        entry, operand, config = prepared_weight(values, indices, n, k, x.dtype), None, None
         operand = entry.packed
+    if config is None and alg_id is not None:
+        config = CsltConfig(alg_id)
     if operand is not None:
         if config is None:
-            config = _algorithm(entry if entry is not None else _bound_entry(packed), x2, b, operand)
-        y = _cslt_matmul(x2, operand, b, config)
+            config = _algorithm(entry if entry is not None else _bound_entry(packed), x2, b, operand, n)
+        y = _cslt_matmul(x2, operand, b, config, n)
     else:
         y = torch.nn.functional.linear(x2, entry.dense, b)
     if activation != "none":

@@ -272,7 +272,8 @@ def plan_linear(site: Site, decision: Decision, ctx) -> Plan:
         plan.notes["cuSPARSELt settings"] = how
         if operand is not None:
             why = plans_unavailable_reason()
-            plan.notes["cuSPARSELt plans"] = "kept per shape" if not why else f"made on every call by torch's op ({why})"
+            plan.notes["cuSPARSELt plans"] = ("kept per shape (a product they cannot take runs torch's op, logged once "
+                                              "per reason)" if not why else f"made on every call by torch's op ({why})")
         return plan
     pair = _gate_half(site, ctx)
     root, folded = pair if pair is not None else (site, _fold(site, ctx))

@@ -6,7 +6,7 @@ CUSPARSE_OPERATION_TRANSPOSE = 1, CUSPARSE_COMPUTE_32F = 2, CUSPARSELT_MATMUL_BI
 CUSPARSELT_MATMUL_ALG_CONFIG_ID = 0, CUSPARSELT_MATMUL_SPLIT_K = 3, CUSPARSELT_MATMUL_SPLIT_K_MODE = 4;
 CUDA_R_16BF = 14) and from the product torch's ``_cslt_sparse_mm(W, xᵀ, transpose_result=True)`` computes:
 W [N, K] row major, xᵀ read from row-major x [M, K], y written [N, M] column major. The GPU tests compare the
-numbers with torch's op bit for bit (tests/codegen/test_ffn_kernels.py, tests/test_gpu_pipeline.py).
+numbers with torch's op (tests/codegen/test_ffn_kernels.py) and a float64 oracle (tests/test_gpu_pipeline.py).
 """
 
 import ctypes
@@ -26,21 +26,28 @@ def _value(arg):
     return arg
 
 
+WORKSPACE = 4096   # bytes the stand-in's plans ask for
+
+
 class StandIn:
-    """cuSPARSELt's entry points as Python functions returning status 0 (or ``fail`` for one of them)."""
+    """cuSPARSELt's entry points as Python functions returning status 0 (or ``fail`` for one of them). Like a C
+    function called through ctypes without declared argument types, it takes ctypes values and pointers only: a
+    bare Python number would reach the library as a 32-bit int."""
 
     def __init__(self, fail=None):
         self.calls, self.fail = [], fail
 
     def __getattr__(self, name):
         def entry(*args):
+            for a in args:
+                assert isinstance(a, (ctypes._SimpleCData, type(ctypes.byref(ctypes.c_int())))), (name, a)
             values = [_value(a) for a in args]
             if name in ("cusparseLtMatmulDescSetAttribute", "cusparseLtMatmulAlgSetAttribute"):
                 data = ctypes.cast(args[3], ctypes.POINTER(ctypes.c_int64 if values[2] == 8 and
                                                           name == "cusparseLtMatmulDescSetAttribute" else ctypes.c_int))
                 values[3] = data.contents.value
             if name == "cusparseLtMatmulGetWorkspace":
-                args[2]._obj.value = 0
+                args[2]._obj.value = WORKSPACE
             self.calls.append((name, values))
             return 7 if name == self.fail else 0
         return entry
@@ -60,8 +67,9 @@ def library(monkeypatch):
     monkeypatch.setattr(cp, "_PLANS", {})
     monkeypatch.setattr(cp, "_REFUSED", {})
     monkeypatch.setattr(cp, "_cuda_index", lambda t: 0)   # the stand-in's 'device' holds CPU tensors
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1234))
+    monkeypatch.setattr(cp, "_FALLBACKS", cp.Counter())
     return library
 
 
@@ -87,6 +95,7 @@ def test_a_plan_describes_torchs_product_and_is_made_once_per_shape(library):
     assert [a[2:4] for a in _calls(lib, "cusparseLtMatmulAlgSetAttribute")] == [[0, 17]]   # no split asked: none set
     product = _calls(lib, "cusparseLtMatmul")[0]
     assert product[3:5] == [packed.data_ptr(), x.data_ptr()] and product[6] == product[7] == out.data_ptr()
+    assert product[8] not in (None, 0) and product[10] == 1   # a workspace of the plan's size, one stream
 
     cp.planned_product(packed, x, n, bias, (17, 1, None))
     assert cp.plan_count() == 1 and len(_calls(lib, "cusparseLtMatmul")) == 2
@@ -117,11 +126,20 @@ def test_refusals_fall_back_to_torchs_op(library, monkeypatch):
     assert cp.planned_product(packed, x, 32, None, (0, 1, None)) is None
 
 
-def test_no_workspace_is_allocated_inside_a_capture(monkeypatch):
-    monkeypatch.setattr(cp, "_WORKSPACES", {})
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert cp._workspace(0, 1024) == (False, None)
-    assert cp._workspace(0, 0) == (True, None)
+def test_mismatched_operands_fall_back_and_are_counted(library):
+    packed, x = torch.zeros(32 * 64 * 9 // 16, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16)
+    assert cp.planned_product(packed.half(), x, 32, None, (0, 1, None)) is None        # operand of another dtype
+    assert cp.planned_product(packed[:-1], x, 32, None, (0, 1, None)) is None          # buffer short of N x K
+    assert cp.planned_product(packed, x, 32, torch.zeros(32), (0, 1, None)) is None    # float32 bias
+    counts = cp.fallback_counts()
+    assert sum(counts.values()) == 3 and any("short of a 32 x 64 matrix" in r for r in counts)
+    assert cp.plan_count() == 0 and not _calls(library.lib, "cusparseLtMatmul")
+
+
+def test_split_mode_codes():
+    """torch 2.11 reports split_k_mode as cuSPARSELt's enum (1 one kernel, 2 two kernels, -1 default); older builds
+    report split_k_one_kernel as a bool."""
+    assert [cp.split_mode_code(m) for m in (None, -1, 1, 2, True, False)] == [None, None, 1, 2, 1, 2]
 
 
 def test_tensors_off_cuda_never_reach_the_library():

@@ -374,7 +374,7 @@ def test_algorithm_search_is_repeated_and_its_picks_timed(monkeypatch):
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: searched.append(1) or next(picks),
                         raising=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(module, "_cslt_matmul", lambda x2, packed, bias, config: timed.append(config.alg_id))
+    monkeypatch.setattr(module, "_cslt_matmul", lambda x2, packed, bias, config, n=None: timed.append(config.alg_id))
     cost = {0: 3.0, 17: 2.0, 20: 1.0, 99: 0.5}
     monkeypatch.setattr(module, "call_seconds", lambda fn, device: (fn(), cost[timed[-1]])[1])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -496,6 +496,37 @@ def test_semi_structured_linear_gpu(dtype, m, n, k, act):
     ref = activation_ref(act)(x.float() @ c.to_dense().float().T + b.float())
     assert y.shape == (m, n) and bool(torch.isfinite(y).all())
     assert rel_err(y, ref) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [8, 64, 1024])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kept_plans_equal_torchs_per_call_op(dtype, m, with_bias):
+    """A product through a kept cuSPARSELt plan is torch's ``_cslt_sparse_mm`` with the same settings, bit for bit
+    (the same library, descriptors and algorithm), with and without the fused bias, at the default settings and
+    (bf16) at the ones cuSPARSELt's search picks, split-K included."""
+    cusparselt_or_skip()
+    from sparsecc.codegen import cusparselt_plan
+    from sparsecc.codegen.semi_structured_linear import CsltConfig, cslt_operand, search_settings
+
+    if cusparselt_plan.plans_unavailable_reason():
+        pytest.skip(cusparselt_plan.plans_unavailable_reason())
+    n, k = 512, 256
+    gen = cuda_generator(m + n)
+    c = shared_2to4_weight(dtype, n, k)
+    packed = cslt_operand(c, dtype)
+    x = randn(gen, m, k, dtype=dtype, device="cuda")
+    b = randn(gen, n, dtype=dtype, device="cuda") if with_bias else None
+    configs = [CsltConfig()] + ([search_settings(packed, x, b, n)] if dtype == torch.bfloat16 else [])
+    for config in configs:
+        kept = cusparselt_plan.planned_product(packed, x, n, b, tuple(config))
+        assert kept is not None, cusparselt_plan.fallback_counts()
+        extra = {} if config.split_k == 1 else {"split_k": config.split_k}
+        if config.split_k_mode is not None:
+            extra["split_k_mode"] = int(config.split_k_mode)
+        per_call = torch._cslt_sparse_mm(packed, x.t(), bias=b, transpose_result=True, alg_id=config.alg_id, **extra)
+        assert torch.equal(kept, per_call), (config, (kept.float() - per_call.float()).abs().max())
 
 
 @gpu

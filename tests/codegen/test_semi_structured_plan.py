@@ -32,13 +32,14 @@ def test_planned_settings_are_searched_once_per_shape(monkeypatch):
     searched = []
     monkeypatch.setattr(semi, "_PLANNED", {})
     monkeypatch.setattr(semi, "search_settings",
-                        lambda packed, x2, bias: searched.append((tuple(x2.shape), bias is None)) or CsltConfig(9))
+                        lambda packed, x2, bias, n=None: searched.append((tuple(x2.shape), bias is None, n))
+                        or CsltConfig(9))
     packed = torch.zeros(16, 18, dtype=torch.bfloat16)
     assert semi.planned_settings(packed, 24, 16, 32, True) == (CsltConfig(9), "searched at compile time for 24 tokens")
     assert semi.planned_settings(packed, 24, 16, 32, True)[0] == CsltConfig(9)
-    assert searched == [((24, 32), False)]
+    assert searched == [((24, 32), False, 16)]
     semi.planned_settings(packed, 8, 16, 32, False)
-    assert searched[-1] == ((8, 32), True)
+    assert searched[-1] == ((8, 32), True, 16)
     config, how = semi.planned_settings(packed.half(), 24, 16, 32, True)
     assert config == CsltConfig() and "not searched" in how and len(searched) == 2
 
@@ -48,7 +49,7 @@ def test_a_search_during_a_capture_is_not_cached(monkeypatch):
     the next call outside a capture."""
     capturing = [True]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(semi, "search_settings", lambda packed, x2, bias: CsltConfig(5))
+    monkeypatch.setattr(semi, "search_settings", lambda packed, x2, bias, n=None: CsltConfig(5))
     entry = semi._Entry(values=None, indices=None, versions=(0, 0), dtype=torch.bfloat16, packed=torch.zeros(1),
                         dense=None)
     x2 = torch.zeros(6, 32, dtype=torch.bfloat16)

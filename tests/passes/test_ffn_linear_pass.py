@@ -274,6 +274,9 @@ def test_two_four_binds_cusparselt_operand_where_cusparselt_takes_it(monkeypatch
     monkeypatch.setattr(linear_pass, "cslt_operand",
                         lambda weight, dtype: derived.append(weight.to_dense().double()) or weight.to_dense().to(dtype))
     monkeypatch.setattr(linear_pass, "plans_unavailable_reason", lambda: "")   # as where cuSPARSELt's library loads
+    made_args, real_args = [], linear_pass.SemiStructuredLinearArgs   # the op's typed arguments as the plan makes them
+    monkeypatch.setattr(linear_pass, "SemiStructuredLinearArgs",
+                        lambda **kw: made_args.append(real_args(**kw)) or made_args[-1])
     monkeypatch.setattr(linear_pass, "planned_settings",
                         lambda packed, tokens, n, k, has_bias: searched.append((tokens, n, k, has_bias))
                         or (CsltConfig(17, 1, 2), "searched (stand-in)"))
@@ -298,6 +301,7 @@ def test_two_four_binds_cusparselt_operand_where_cusparselt_takes_it(monkeypatch
                 assert "cuSPARSELt settings: algorithm 17, split-K 1 (mode 2)" in site.attrs["plan"]
                 assert "cuSPARSELt plans: kept per shape" in site.attrs["plan"]
                 assert searched == [(3, model.proj.out_features, model.proj.in_features, True)]
+                assert [(a.alg_id, a.split_k, a.split_k_mode) for a in made_args] == [(17, 1, 2)]
                 assert len(derived) == step + 1   # made once by the plan and bound as it is, then one per update
                 torch.testing.assert_close(derived[-1][valid], pruned[valid])
             else:
