@@ -38,11 +38,15 @@ import torch
 from torch import Tensor
 
 __all__ = ["MIN_VERSION", "plans_unavailable_reason", "planned_product", "PLAN_LIMIT", "plan_count",
-           "fallback_counts"]
+           "fallback_counts", "split_mode_code", "TORCH_OP_HOST_S"]
 
 MIN_VERSION = 701   # cuSPARSELt 0.7.1: the oldest header checked whose opaque structs fit in _Opaque (0.6.3's do not)
 PLAN_LIMIT = 1024   # distinct plans kept per process; past it, new shapes run torch's op (plans are never freed:
 #                     a CUDA graph captured with one may replay it at any time)
+# Host time of one call of torch's ``_cslt_sparse_mm`` (its plan made per call): the largest of the calls measured on
+# an H100 at 4096 -> 14336, bf16, 64-8192 tokens (448-686 us, bench/RESULTS.md 2026-12-07). A 2:4 call costs at least
+# this where plans are not kept; the cost model's gemm_2to4 floor (58 us) was fitted with plans kept.
+TORCH_OP_HOST_S = 6.9e-4
 _LOG = logging.getLogger("sparsecc")
 
 # cuSPARSELt's and CUDA's enum values (cusparseLt.h, library_types.h).

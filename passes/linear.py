@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 
 from sparsecc.codegen.linear_ops import (BLOCK_SPARSE_LINEAR, SEMI_STRUCTURED_LINEAR, BlockSparseLinearArgs,
                                          SemiStructuredLinearArgs)
-from sparsecc.codegen.cusparselt_plan import plans_unavailable_reason
+from sparsecc.codegen.cusparselt_plan import TORCH_OP_HOST_S, plans_unavailable_reason
 from sparsecc.codegen.semi_structured_linear import cslt_operand, cslt_operand_reason, planned_settings
 from sparsecc.cost import estimate_linear
 from sparsecc.forms import BlockWeights, TwoFour
@@ -144,6 +144,8 @@ def check_linear(site: Site, ctx) -> Decision:
     estimate = estimate_linear(form, tokens=site.attrs["tokens"], in_features=k, out_features=n,
                                dtype=site.dtype, hw=ctx.hardware, symbolic_tokens=site.symbolic,
                                replayed=ctx.replayed)
+    if isinstance(form, TwoFour):
+        estimate = two_four_host_floor(estimate, site.device, ctx.replayed)
     # Under tensor parallelism n and k are this rank's shard (passes/tensor_parallel.py); the reason says so.
     shard = f" (this rank's shard of the {site.attrs['global_weight']} weight)" if "global_weight" in site.attrs else ""
     if isinstance(form, TwoFour):
@@ -248,6 +250,18 @@ def _gate_half(site: Site, ctx) -> Optional[Tuple[Site, FoldedChain]]:
         if folded.up is site:
             return other, folded
     return None
+
+
+def two_four_host_floor(estimate, device: torch.device, replayed: bool):
+    """A 2:4 estimate with torch's per-call cuSPARSELt plan as its floor where plans are not kept on ``device``.
+
+    The cost model's ``gemm_2to4`` floor (58 us) was fitted with cuSPARSELt's plans kept per shape
+    (codegen/cusparselt_plan.py); where they cannot be (``plans_unavailable_reason``), every plain call makes its
+    plan on the host (:data:`TORCH_OP_HOST_S`). A replayed graph pays neither.
+    """
+    if device.type != "cuda" or replayed or not plans_unavailable_reason():
+        return estimate
+    return replace(estimate, sparse_time_s=max(estimate.sparse_time_s, TORCH_OP_HOST_S))
 
 
 def plan_linear(site: Site, decision: Decision, ctx) -> Plan:

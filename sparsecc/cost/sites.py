@@ -115,7 +115,8 @@ def estimate_linear(form, *, tokens, in_features, out_features, dtype, hw: Hardw
     """Dense GEMM vs a weight form or input activation sparsity.
 
     ``replayed``: the graph runs under CUDA graphs (``cudagraphs=True``), so neither side pays its per-call host
-    floor (cuSPARSELt's 2:4 call spends about 0.7 ms of host time per call setting up its plan; bench/RESULTS.md).
+    floor (a 2:4 call's is 58 us with cuSPARSELt's plans kept per shape; where they cannot be kept the plan stage
+    raises it to torch's per-call plan, passes/linear.py ``two_four_host_floor``).
 
     With ``symbolic_tokens`` the site may run at any token count and no
     runtime branch exists for linears, so the estimate is taken at the probed

@@ -65,3 +65,22 @@ def test_candidates_are_timed_over_back_to_back_calls(monkeypatch):
     monkeypatch.setattr(semi, "call_seconds", lambda fn, device: (fn(), 2.0)[1])
     assert semi.steady_call_seconds(lambda: calls.append(1)) == 2.0 / semi.CALLS_PER_SAMPLE
     assert len(calls) == semi.CALLS_PER_SAMPLE
+
+
+def test_without_kept_plans_a_plain_2to4_call_costs_torchs_per_call_plan(monkeypatch):
+    """The cost model's gemm_2to4 floor assumes kept plans; where the library cannot keep them, a plain call on CUDA
+    is estimated at no less than torch's op's host time per call (448-686 us measured), and a replay is not."""
+    import sparsecc.passes.linear as linear_pass
+    from sparsecc.codegen.cusparselt_plan import TORCH_OP_HOST_S
+    from sparsecc.cost import H100_SXM, estimate_linear
+    from sparsecc.forms import TwoFour
+
+    estimate = estimate_linear(TwoFour(), tokens=64, in_features=4096, out_features=14336, dtype=torch.bfloat16,
+                               hw=H100_SXM)
+    assert estimate.sparse_time_s < TORCH_OP_HOST_S   # the fitted floor: far below torch's per-call plan
+    monkeypatch.setattr(linear_pass, "plans_unavailable_reason", lambda: "cuSPARSELt 600 is older than 701")
+    assert linear_pass.two_four_host_floor(estimate, CUDA, False).sparse_time_s == TORCH_OP_HOST_S
+    assert linear_pass.two_four_host_floor(estimate, CUDA, True) == estimate
+    assert linear_pass.two_four_host_floor(estimate, torch.device("cpu"), False) == estimate
+    monkeypatch.setattr(linear_pass, "plans_unavailable_reason", lambda: "")
+    assert linear_pass.two_four_host_floor(estimate, CUDA, False) == estimate
