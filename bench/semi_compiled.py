@@ -9,8 +9,8 @@ every 4 along K, written out here, not taken from sparsecc) and the report must 
 Times are ``triton.testing.do_bench`` medians of plain calls (``--cudagraphs``: of CUDA-graph replays, both sides);
 both sides in the same run, timed in turns over ``--rounds`` rounds (one ``do_bench`` of each side per round); the
 medians over the rounds are reported and the spread of the per-round ratios printed. ``--torch-op`` adds a third
-side in the same turns: the same compiled model with cuSPARSELt's cached plans switched off (torch's op). One ``do_bench`` per side
-(before 2026-12-07) let the drift between the two measurements into the ratio; the sparse side's plain calls also
+side in the same turns: the same compiled model with cuSPARSELt's cached plans switched off (torch's op). One
+``do_bench`` per side (before 2026-12-07) let the drift between the two measurements into the ratio; the sparse side's plain calls also
 vary between processes (bench/RESULTS.md, "2:4 + bias + SiLU: where the spread comes from").
 """
 
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="rounds of timing the two sides in turns (median kept)")
     p.add_argument("--torch-op", action="store_true",
                    help="also time the same compiled model with cuSPARSELt's cached plans switched off (torch's "
-                        "_cslt_sparse_mm, a plan made per call: sparsecc's product before 2026-12-07), in the same turns")
+                        "_cslt_sparse_mm, a plan made per call: sparsecc's product before 2026-12-07), in the same "
+                        "turns")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds} is not allowed; expected an integer >= 1")

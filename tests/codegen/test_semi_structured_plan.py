@@ -2,7 +2,8 @@
 codegen/linear_ops.py, passes/linear.py).
 
 A static call with a bound operand gets its settings searched by the plan stage and passed to the op; anything else
-searches on its first call of a token bucket. CPU: stand-ins for the search and the timer. GPU: tests/test_gpu_pipeline.py.
+searches on its first call of a token bucket. CPU: stand-ins for the search and the timer.
+GPU: tests/test_gpu_pipeline.py.
 """
 
 import pytest
