@@ -10,8 +10,9 @@ Times are ``triton.testing.do_bench`` medians of plain calls (``--cudagraphs``: 
 both sides in the same run, timed in turns over ``--rounds`` rounds (one ``do_bench`` of each side per round); the
 medians over the rounds are reported and the spread of the per-round ratios printed. ``--torch-op`` adds a third
 side in the same turns: the same compiled model with cuSPARSELt's cached plans switched off (torch's op). One
-``do_bench`` per side (before 2026-12-07) let the drift between the two measurements into the ratio; the sparse side's plain calls also
-vary between processes (bench/RESULTS.md, "2:4 + bias + SiLU: where the spread comes from").
+``do_bench`` per side (before 2026-12-07) let the drift between the two measurements into the ratio; the sparse
+side's plain calls also varied between processes while torch's op made cuSPARSELt's plan on every call
+(bench/RESULTS.md, "2:4 through cuSPARSELt plans kept per shape").
 """
 
 from __future__ import annotations
