@@ -345,7 +345,7 @@ def config_of(alg_id: int, split_k: int, split_k_mode: int) -> Optional[CsltConf
     """The :class:`CsltConfig` of an op's planned arguments (None for ``alg_id`` -1: searched on the first call)."""
     if alg_id < 0:
         return None
-    return CsltConfig(alg_id, split_k, None if split_k_mode == -1 else split_k_mode)
+    return CsltConfig(alg_id, split_k, split_mode_code(split_k_mode))
 
 
 def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None,
@@ -390,7 +390,7 @@ def semi_structured_linear_act(x: Tensor, values: Tensor, indices: Tensor, bias:
     if packed is not None and packed.dtype == x.dtype and packed.device == x.device:
         entry, operand = None, packed
     else:   # not the bound operand: settings planned for it do not apply to this one
-        entry, operand, config = prepared_weight(values, indices, n, k, x.dtype), None, None
+        entry, config = prepared_weight(values, indices, n, k, x.dtype), None
         operand = entry.packed
     if config is None and alg_id is not None:
         config = CsltConfig(alg_id)
