@@ -15,7 +15,8 @@ Columns, all timed in one run:
 
 The op is checked against a float32 oracle written from docs/spec.md's gate-mode rule (explicit keep mask, the
 model's roundings) before it is timed (rel err < 1e-2). Timing: CUDA-graph replay over ``COPIES`` weight sets
-(``bench/linear.py``'s ``bench_graph``), median per call. "ideal" = dense bytes / the bytes gate mode must read (the
+(``bench/linear.py``'s ``bench_graph``, the GPU kept busy while the host submits each replay;
+``--graph-submit-exposed`` times from an idle GPU as before), median per call. "ideal" = dense bytes / the bytes gate mode must read (the
 whole gate, the kept up rows and kept down rows); "TB/s" = those bytes / gate time. ``--sweep`` also times launch
 knobs of both stages at one token, 50% and 90%, float16; ``--sweep reduce`` times stage 1 with per-chunk sums
 (``GateConfig.REDUCE_CHUNKS``) instead.
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ffn_input import commit, make_weights, quantile_abs, write_json  # noqa: E402
-from linear import bench_graph, rel_err  # noqa: E402 - the repo's timing conventions
+import linear  # noqa: E402 - the repo's timing conventions
+from linear import bench_graph, rel_err  # noqa: E402
 
 from sparsecc.codegen import gate_sparse_ffn as gate_module  # noqa: E402
 from sparsecc.codegen.activation_sparse import GemvConfig, threshold_linear  # noqa: E402
@@ -144,9 +146,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="also time launch knobs at one token, 50%% and 90%%, fp16: 'shapes' (the default) both "
                          "stages' tile shapes, 'reduce' stage 1 with per-chunk sums (REDUCE_CHUNKS)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--graph-submit-exposed", action="store_true",
+                    help="time each replay from an idle GPU, the host's submission inside the timing")
     args = ap.parse_args(argv)
+    linear.GRAPH_SUBMIT_HIDDEN = not args.graph_submit_exposed
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-          f"{__import__('triton').__version__}, {datetime.date.today()}, commit {commit()}", flush=True)
+          f"{__import__('triton').__version__}, {datetime.date.today()}, commit {commit()}, graph submission "
+          f"{'exposed' if args.graph_submit_exposed else 'hidden'}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):

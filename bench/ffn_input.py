@@ -28,8 +28,10 @@ sparsecc's columns are checked against a float32 oracle before they are timed (r
 recorded, not checked: its kernel adds K-split partials into the float16 output with atomics (rel err 0.01-0.2 in
 the first run, growing with sparsity). Timing: CUDA-graph replay
 over ``COPIES`` weight sets (``bench/linear.py``'s ``bench_graph``; 3 x 35 MB of kept rows at 90% is beyond the
-60 MB L2), median per call (``--graph-rounds R``: each graph holds R passes over the copies, so the replay's
-start-up is shared by 3R calls; R = 1 charges each call a third of it). "TB/s" = the weight bytes the sparse form
+60 MB L2), median per call (``--graph-rounds R``: each graph holds R passes over the copies). The GPU is kept busy
+while the host submits each timed replay (``bench_graph``'s ``GRAPH_SUBMIT_HIDDEN``), as in a model's decode step
+and in the attention and decode benches; ``--graph-submit-exposed`` times as before that, from an idle GPU, which
+charges each of the 3R calls a 3R-th of the submission (about 15 us per replay on an H100). "TB/s" = the weight bytes the sparse form
 must read (kept gate and up rows, kept down rows) / fused time. ``--sweep`` also times launch knobs of both stages
 at the ``SWEPT`` rows, ``--sweep-one-launch`` the one-launch kernel's (``one_launch_pairs``) at the one-token ones.
 """
@@ -100,7 +102,8 @@ def write_json(path: Optional[str], rows: list) -> None:
     if path:
         with open(path, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
-                       "graph_rounds": linear.GRAPH_ROUNDS,
+                       "graph_rounds": linear.GRAPH_ROUNDS, "graph_submit_hidden": linear.GRAPH_SUBMIT_HIDDEN,
+                       "graph_submit_max_us": 1e6 * linear.graph_submit_max_s,
                        "date": str(datetime.date.today()), "rows": rows}, fh, indent=1)
 
 
@@ -296,12 +299,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--graph-rounds", type=int, default=1,
                     help="passes over the weight copies in each timed graph (bench/linear.py's bench_graph)")
+    ap.add_argument("--graph-submit-exposed", action="store_true",
+                    help="time each replay from an idle GPU, the host's submission inside the timing (as before "
+                         "bench/linear.py's GRAPH_SUBMIT_HIDDEN)")
     args = ap.parse_args(argv)
     linear.GRAPH_ROUNDS = args.graph_rounds
+    linear.GRAPH_SUBMIT_HIDDEN = not args.graph_submit_exposed
     teal = load_teal(args.teal)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}, {datetime.date.today()}, commit {commit()}, "
-          f"TEAL anchor: {'loaded from ' + args.teal if teal else 'not given'}, graph rounds {args.graph_rounds}",
+          f"TEAL anchor: {'loaded from ' + args.teal if teal else 'not given'}, graph rounds {args.graph_rounds}, "
+          f"submission {'exposed' if args.graph_submit_exposed else 'hidden'}",
           flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -340,6 +348,8 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"{r['dense_ms'] / r['weighted_three_op_ms']:.2f} | "
               f"{'%.2f' % (r['dense_ms'] / teal_ms) if teal_ms else '-'} | "
               f"{r['tb_s']:.2f} | {r['weighted_tb_s']:.2f} |")
+    print(f"\nlongest host submission of a timed replay: {1e6 * linear.graph_submit_max_s:.1f} us "
+          f"({'hidden behind' if linear.GRAPH_SUBMIT_HIDDEN else 'exposed, no'} {1e6 * linear.GRAPH_LEAD_S:.0f} us lead)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -71,6 +72,32 @@ GRAPH_COPIES = 6  # weight copies a graph cycles through, so that 90%-sparse wei
 # Passes over the calls in one graph (bench_graph); benches that take --graph-rounds set it.
 GRAPH_ROUNDS = 1
 GRAPH_REPLAYS = 20
+# Whether the GPU is kept busy while the host submits each timed replay (bench_graph), as do_bench's L2 flush keeps it
+# for the attention and decode benches; benches that take --graph-submit-exposed clear it, to time it as before.
+GRAPH_SUBMIT_HIDDEN = True
+GRAPH_LEAD_S = 200e-6   # GPU time queued ahead of each timed replay: several times the host's submission of one
+
+_sleep_cycles_per_s: Optional[float] = None
+
+
+def graph_lead_cycles() -> int:
+    """Cycles of ``torch.cuda._sleep`` that keep the GPU busy for about :data:`GRAPH_LEAD_S` (measured once)."""
+    global _sleep_cycles_per_s
+    if _sleep_cycles_per_s is None:
+        cycles = 2_000_000
+        torch.cuda._sleep(1000)   # the first call loads the kernel
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _sleep_cycles_per_s = cycles / (start.elapsed_time(end) / 1e3)
+    return int(GRAPH_LEAD_S * _sleep_cycles_per_s)
+
+
+# The longest host submission of one timed replay seen by bench_graph in this process, in seconds; a bench may
+# print it beside GRAPH_LEAD_S (a submission longer than the lead would leave the GPU idle inside the timing).
+graph_submit_max_s = 0.0
 
 
 def bench_graph(calls: List[Callable[[], object]], rounds: Optional[int] = None) -> float:
@@ -78,11 +105,17 @@ def bench_graph(calls: List[Callable[[], object]], rounds: Optional[int] = None)
 
     This is GPU time without Python launch overhead, as decode runs under
     CUDA graphs; cycling through copies keeps small sparse weights out of L2.
-    The graph holds ``rounds`` (default :data:`GRAPH_ROUNDS`) passes over ``calls``: the replay's own start-up
-    (the host submitting the graph while the GPU waits, several us) is shared by ``rounds * len(calls)`` calls.
-    A model's decode step replays one graph of hundreds of kernels, so more rounds is closer to what one call
-    costs there; one round charges each call a third of that start-up (with three copies).
+    The graph holds ``rounds`` (default :data:`GRAPH_ROUNDS`) passes over ``calls``.
+
+    With :data:`GRAPH_SUBMIT_HIDDEN` (the default) a ``torch.cuda._sleep`` of about :data:`GRAPH_LEAD_S` is queued
+    before each timed replay, so the GPU is busy while the host submits the graph and the timing starts when the
+    replay's first kernel can: the time is the graph's kernels and the gaps between them. That is what one call
+    costs inside a model's decode step, whose one graph of hundreds of kernels is submitted once, and it is how the
+    attention and decode benches time replays (``do_bench`` runs its L2 flush before each one). Without it the
+    GPU waits for the submission inside the timing (about 15 us per replay on an H100, bench/RESULTS.md "What the
+    one-token FFN's fixed cost is made of"), which one round of three calls charges a third of to each call.
     """
+    global graph_submit_max_s
     rounds = GRAPH_ROUNDS if rounds is None else rounds
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -95,11 +128,23 @@ def bench_graph(calls: List[Callable[[], object]], rounds: Optional[int] = None)
         for _ in range(rounds):
             for fn in calls:
                 fn()
+    torch.cuda.synchronize()
+    submitted = time.perf_counter()
+    graph.replay()   # the first replay uploads the graph: not timed, but its submission bounds the later ones'
+    first_submit_s = time.perf_counter() - submitted
+    torch.cuda.synchronize()
+    # The lead outlasts the submission: GRAPH_LEAD_S, or twice the first (uploading) submission, at most 5 ms.
+    lead = int(graph_lead_cycles() * min(max(1.0, 2 * first_submit_s / GRAPH_LEAD_S), 5e-3 / GRAPH_LEAD_S)) \
+        if GRAPH_SUBMIT_HIDDEN else 0
     times = []
     for _ in range(GRAPH_REPLAYS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if lead:
+            torch.cuda._sleep(lead)
         start.record()
+        submitted = time.perf_counter()
         graph.replay()
+        graph_submit_max_s = max(graph_submit_max_s, time.perf_counter() - submitted)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / (rounds * len(calls)))
