@@ -83,6 +83,9 @@ _sleep_cycles_per_s: Optional[float] = None
 def graph_lead_cycles() -> int:
     """Cycles of ``torch.cuda._sleep`` that keep the GPU busy for about :data:`GRAPH_LEAD_S` (measured once)."""
     global _sleep_cycles_per_s
+    if not hasattr(torch.cuda, "_sleep"):
+        raise SystemExit(f"torch {torch.__version__} has no torch.cuda._sleep to keep the GPU busy while a graph is "
+                         "submitted: time with --graph-submit-exposed (bench/linear.py's GRAPH_SUBMIT_HIDDEN = False)")
     if _sleep_cycles_per_s is None:
         cycles = 2_000_000
         torch.cuda._sleep(1000)   # the first call loads the kernel
