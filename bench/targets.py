@@ -217,12 +217,21 @@ def evaluate_decode(data: dict) -> List[TargetRow]:
     return out
 
 
-def _one_token_rows(group: str, mode: str, rows: List[dict], minimums: Dict[float, float], time_key: str,
+def ffn_graph_anchor(data: dict) -> str:
+    """The FFN benches' anchor, saying how their graph replays were timed: with the host's submission hidden
+    behind GPU work (``graph_submit_hidden`` in the file, bench/linear.py's ``bench_graph``) or exposed, from an idle
+    GPU (files written before that key existed were all timed so)."""
+    how = "submission hidden" if data.get("graph_submit_hidden") else "submission exposed"
+    return f"dense cuBLAS FFN, graph replay ({how})"
+
+
+def _one_token_rows(group: str, mode: str, data: dict, minimums: Dict[float, float], time_key: str,
                     beside: Optional[Callable[[Optional[dict], float], List[TargetRow]]] = None,
                     report_sparsities: Optional[Tuple[float, ...]] = None) -> List[TargetRow]:
     """One-token FFN rows: ``time_key`` x dense judged in fp16 at each sparsity of ``minimums`` (followed by
     ``beside(row, sparsity)``'s rows), then the other dtypes' rows reported (at ``report_sparsities``; None: all)."""
-    anchor = "dense cuBLAS FFN, graph replay"
+    anchor = ffn_graph_anchor(data)
+    rows = data.get("rows", [])
     out = []
     for s, minimum in minimums.items():
         r = first_row(rows, tokens=1, sparsity=s, dtype=JUDGED_DTYPE)
@@ -250,15 +259,15 @@ def evaluate_ffn(data: dict) -> List[TargetRow]:
         for key, form in (("one_launch_ms", "one launch"), ("two_launch_ms", "two launches")):
             if r is not None and field(r, key) is not None:
                 out.append(report_row("ffn", f"input mode 1 token {_pct(s)} fp16, {form}",
-                                      ratio(r, "dense_ms", key), "dense cuBLAS FFN, graph replay"))
+                                      ratio(r, "dense_ms", key), ffn_graph_anchor(data)))
         return out
 
-    return _one_token_rows("ffn", "input mode", data.get("rows", []), FFN_X_DENSE, "fused_ms", beside=beside)
+    return _one_token_rows("ffn", "input mode", data, FFN_X_DENSE, "fused_ms", beside=beside)
 
 
 def evaluate_gate(data: dict) -> List[TargetRow]:
     """bench/ffn_gate.py --json at one token: gate x dense, fp16 judged, other dtypes reported."""
-    return _one_token_rows("gate", "gate mode", data.get("rows", []), GATE_X_DENSE, "gate_ms",
+    return _one_token_rows("gate", "gate mode", data, GATE_X_DENSE, "gate_ms",
                            report_sparsities=GATE_SPARSITIES)
 
 
@@ -272,7 +281,7 @@ def planned_ffn_form(tokens: int, fused_max_tokens: Optional[int] = None) -> str
 def evaluate_batch(data: dict, fused_max_tokens: Optional[int] = None) -> List[TargetRow]:
     """bench/ffn_input.py --json at 2-16 tokens and 70%: the planned form x dense, fp16 judged."""
     rows = data.get("rows", [])
-    anchor = "dense cuBLAS FFN, graph replay"
+    anchor = ffn_graph_anchor(data)
     out = []
 
     def planned(r):

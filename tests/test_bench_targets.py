@@ -187,6 +187,24 @@ def test_ffn_input_mode_with_teal_in_the_same_run():
     assert rows["input mode 1 token 50% bfloat16"].measured == "1.62x"
 
 
+def test_ffn_anchor_says_how_graph_replays_were_timed():
+    """Files from before bench_graph hid the host's submission carry no flag: their rows say it was exposed; a file
+    with the flag says hidden, on every FFN group's rows (input mode, gate mode, 2-16 tokens)."""
+    old = by_workload(targets.evaluate_ffn(ffn_data(teal=True)))
+    assert old["input mode 1 token 90% fp16"].anchor == "dense cuBLAS FFN, graph replay (submission exposed)"
+    assert old["input mode 1 token 50% bfloat16"].anchor.endswith("(submission exposed)")
+    new = {**ffn_data(teal=True), "graph_submit_hidden": True}
+    for row in targets.evaluate_ffn(new):
+        if "TEAL" not in row.anchor:
+            assert row.anchor == "dense cuBLAS FFN, graph replay (submission hidden)", row
+    gate = {**gate_data(), "graph_submit_hidden": True}
+    assert all(r.anchor.endswith("(submission hidden)") for r in targets.evaluate_gate(gate))
+    assert all(r.anchor.endswith("(submission exposed)") for r in targets.evaluate_gate(gate_data()))
+    batch = [ffn_row(m, 0.7, "float16", 100.0, fused_us=60.0) for m in (2, 4, 8, 16)]
+    assert all(r.anchor.endswith("(submission hidden)")
+               for r in targets.evaluate_batch({"rows": batch, "graph_submit_hidden": True}, fused_max_tokens=2))
+
+
 def test_ffn_one_and_two_launches_are_reported_beside_where_timed():
     """Rows with the op's one-launch and two-launch times report each x dense (no verdict of their own); rows
     without them add nothing."""
