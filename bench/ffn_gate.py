@@ -175,6 +175,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"| {r['dtype']} | {r['tokens']} | {r['sparsity']:.0%} | {r['kept']:.2f} | {1e3 * r['dense_ms']:.1f} | "
               f"{1e3 * r['gate_ms']:.1f} | {1e3 * r['stage1_ms']:.1f} | {1e3 * r['down_ms']:.1f} | "
               f"**{r['dense_ms'] / r['gate_ms']:.2f}** | {r['ideal']:.2f} | {r['tb_s']:.2f} |")
+    print(f"\nlongest host submission of a timed replay: {1e6 * linear.graph_submit_max_s:.1f} us "
+          f"({'hidden behind' if linear.GRAPH_SUBMIT_HIDDEN else 'exposed, no'} {1e6 * linear.GRAPH_LEAD_S:.0f} us lead)")
 
 if __name__ == "__main__":
     main()
