@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MIN_VERSION", "plans_unavailable_reason", "planned_product", "PLAN_LIMIT", "plan_count",
-           "fallback_counts", "split_mode_code", "TORCH_OP_HOST_S"]
+           "fallback_counts", "split_mode_code", "TORCH_OP_HOST_S", "compressed_rows", "on_device"]
 
 MIN_VERSION = 701   # cuSPARSELt 0.7.1: the oldest header checked whose opaque structs fit in _Opaque (0.6.3's do not)
 PLAN_LIMIT = 1024   # distinct plans kept per process; past it, new shapes run torch's op (plans are never freed:
@@ -227,6 +227,20 @@ def split_mode_code(mode) -> Optional[int]:
     return int(mode) if int(mode) > 0 else None
 
 
+def compressed_rows(packed: Tensor, k: int) -> int:
+    """W's row count N read from its compressed buffer of ``k`` columns: cuSPARSELt's buffer of a 16-bit N x K 2:4
+    matrix holds 9NK/16 elements (kept values and their metadata), as torch's op reads it."""
+    return packed.numel() * 16 // (9 * k)
+
+
+def on_device(device: torch.device):
+    """A context that makes CUDA ``device`` current only where it is not already (a device switch costs host
+    time); no context for a device that is not CUDA."""
+    if device.type != "cuda" or torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def _cuda_index(t: Tensor) -> Optional[int]:
     """The CUDA device index of ``t``; None on another device."""
     if t.device.type != "cuda":
@@ -256,7 +270,7 @@ def planned_product(packed: Tensor, x: Tensor, n: int, bias: Optional[Tensor],
         reason = "operands on another device"
     elif x.dtype not in _DATA_TYPES or packed.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         reason = f"dtypes {packed.dtype} / {x.dtype} (plans take float16 or bfloat16, one dtype)"
-    elif packed.numel() * 16 < 9 * n * k:
+    elif compressed_rows(packed, k) < n:
         reason = f"a compressed buffer of {packed.numel()} elements, short of a {n} x {k} matrix"
     elif any(t is not None and t.data_ptr() % _ALIGNMENT for t in (packed, x, bias)):
         reason = "an operand not 16-byte aligned"
@@ -266,7 +280,7 @@ def planned_product(packed: Tensor, x: Tensor, n: int, bias: Optional[Tensor],
     key = (device, x.dtype, n, k, m, None if bias is None else bias.data_ptr(),
            (int(settings[0]), int(settings[1]), split_mode_code(settings[2])))
     plan = _PLANS.get(key)
-    with _on_device(device):
+    with on_device(x.device):
         if plan is None:
             if key in _REFUSED:
                 _fall_back(f"cuSPARSELt refused the plan ({_REFUSED[key]})")
@@ -284,8 +298,3 @@ def planned_product(packed: Tensor, x: Tensor, n: int, bias: Optional[Tensor],
                         _fall_back(f"cuSPARSELt refused the plan ({err})")
                         return None
         return plan.run(packed, x)
-
-
-def _on_device(device: int):
-    """A context that makes ``device`` current only where it is not already (a device switch costs host time)."""
-    return contextlib.nullcontext() if torch.cuda.current_device() == device else torch.cuda.device(device)

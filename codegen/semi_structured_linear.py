@@ -7,7 +7,6 @@ Layout of this file: module notes, then the reference section, then the cuSPARSE
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import statistics
 import weakref
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecc.activations import BY_NAME
-from sparsecc.codegen.cusparselt_plan import planned_product, split_mode_code
+from sparsecc.codegen.cusparselt_plan import compressed_rows, on_device, planned_product, split_mode_code
 from sparsecc.codegen.epilogue import EPILOGUES, activation_ref
 from sparsecc.weights import GROUP, KEPT, SemiStructuredWeight
 from sparsecc.timing import call_seconds
@@ -180,12 +179,12 @@ def _cslt_matmul(x2: Tensor, packed: Tensor, bias: Optional[Tensor], config: Csl
 
     Runs a plan made once per shape and settings (:mod:`sparsecc.codegen.cusparselt_plan`) where the library can be
     used that way, else torch's ``_cslt_sparse_mm``, which makes the plan again on every call. ``n`` is W's row
-    count (default: read from the buffer's length, 9NK/16 elements for 16-bit values, as torch 2.11's op reads it).
+    count (default: read from the buffer's length, ``compressed_rows``).
     """
     m, k = x2.shape
     pad = (-m) % DENSE_MULTIPLE
     xp = (torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2).contiguous()
-    rows = n if n is not None else packed.numel() * 16 // (9 * k)
+    rows = n if n is not None else compressed_rows(packed, k)
     y = planned_product(packed, xp, rows, bias, (config.alg_id, config.split_k, config.split_k_mode))
     if y is None:
         settings = {"alg_id": config.alg_id}
@@ -284,8 +283,7 @@ def search_settings(packed: Tensor, x2: Tensor, bias: Optional[Tensor], n: Optio
     m = x2.shape[0]
     xp = torch.nn.functional.pad(x2, (0, 0, 0, (-m) % DENSE_MULTIPLE)).contiguous()
     candidates = [config]
-    on_device = torch.cuda.device(packed.device) if packed.device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
+    with on_device(packed.device):
         for _ in range(SEARCH_ROUNDS):
             try:
                 pick = _search_once(packed, xp.t(), bias)
