@@ -98,11 +98,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--sparsities", default="0.5,0.9,0.99,1")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--graph-submit-exposed", action="store_true",
-                    help="time each replay from an idle GPU, the host's submission inside the timing (how the "
-                         "start-up figures below were first measured)")
+    linear.add_graph_submit_option(ap)
     args = ap.parse_args(argv)
-    linear.GRAPH_SUBMIT_HIDDEN = not args.graph_submit_exposed
+    linear.use_graph_submit_option(args)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device="cuda").manual_seed(0)
     weights = make_weights(dtype, gen)

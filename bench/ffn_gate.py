@@ -146,13 +146,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="also time launch knobs at one token, 50%% and 90%%, fp16: 'shapes' (the default) both "
                          "stages' tile shapes, 'reduce' stage 1 with per-chunk sums (REDUCE_CHUNKS)")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--graph-submit-exposed", action="store_true",
-                    help="time each replay from an idle GPU, the host's submission inside the timing")
+    linear.add_graph_submit_option(ap)
     args = ap.parse_args(argv)
-    linear.GRAPH_SUBMIT_HIDDEN = not args.graph_submit_exposed
+    submission = linear.use_graph_submit_option(args)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-          f"{__import__('triton').__version__}, {datetime.date.today()}, commit {commit()}, graph submission "
-          f"{'exposed' if args.graph_submit_exposed else 'hidden'}", flush=True)
+          f"{__import__('triton').__version__}, {datetime.date.today()}, commit {commit()}, graph {submission}",
+          flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
@@ -175,8 +174,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"| {r['dtype']} | {r['tokens']} | {r['sparsity']:.0%} | {r['kept']:.2f} | {1e3 * r['dense_ms']:.1f} | "
               f"{1e3 * r['gate_ms']:.1f} | {1e3 * r['stage1_ms']:.1f} | {1e3 * r['down_ms']:.1f} | "
               f"**{r['dense_ms'] / r['gate_ms']:.2f}** | {r['ideal']:.2f} | {r['tb_s']:.2f} |")
-    print(f"\nlongest host submission of a timed replay: {1e6 * linear.graph_submit_max_s:.1f} us "
-          f"({'hidden behind' if linear.GRAPH_SUBMIT_HIDDEN else 'exposed, no'} {1e6 * linear.GRAPH_LEAD_S:.0f} us lead)")
+    print("\n" + linear.graph_submit_summary())
 
 if __name__ == "__main__":
     main()

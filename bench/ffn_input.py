@@ -299,17 +299,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--graph-rounds", type=int, default=1,
                     help="passes over the weight copies in each timed graph (bench/linear.py's bench_graph)")
-    ap.add_argument("--graph-submit-exposed", action="store_true",
-                    help="time each replay from an idle GPU, the host's submission inside the timing (as before "
-                         "bench/linear.py's GRAPH_SUBMIT_HIDDEN)")
+    linear.add_graph_submit_option(ap)
     args = ap.parse_args(argv)
     linear.GRAPH_ROUNDS = args.graph_rounds
-    linear.GRAPH_SUBMIT_HIDDEN = not args.graph_submit_exposed
+    submission = linear.use_graph_submit_option(args)
     teal = load_teal(args.teal)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}, {datetime.date.today()}, commit {commit()}, "
           f"TEAL anchor: {'loaded from ' + args.teal if teal else 'not given'}, graph rounds {args.graph_rounds}, "
-          f"submission {'exposed' if args.graph_submit_exposed else 'hidden'}",
+          f"{submission}",
           flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -348,8 +346,7 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"{r['dense_ms'] / r['weighted_three_op_ms']:.2f} | "
               f"{'%.2f' % (r['dense_ms'] / teal_ms) if teal_ms else '-'} | "
               f"{r['tb_s']:.2f} | {r['weighted_tb_s']:.2f} |")
-    print(f"\nlongest host submission of a timed replay: {1e6 * linear.graph_submit_max_s:.1f} us "
-          f"({'hidden behind' if linear.GRAPH_SUBMIT_HIDDEN else 'exposed, no'} {1e6 * linear.GRAPH_LEAD_S:.0f} us lead)")
+    print("\n" + linear.graph_submit_summary())
 
 
 if __name__ == "__main__":

@@ -123,10 +123,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--tokens", type=int, default=1, help=f"tokens per call, 1-{MAX_DECODE_TOKENS}")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--graph-submit-exposed", action="store_true",
-                    help="time each replay from an idle GPU, the host's submission inside the timing")
+    linear.add_graph_submit_option(ap)
     args = ap.parse_args(argv)
-    linear.GRAPH_SUBMIT_HIDDEN = not args.graph_submit_exposed
+    linear.use_graph_submit_option(args)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds} is not allowed; expected an integer >= 1")
     if not 1 <= args.tokens <= MAX_DECODE_TOKENS:

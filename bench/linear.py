@@ -80,8 +80,8 @@ GRAPH_LEAD_S = 200e-6   # GPU time queued ahead of each timed replay: several ti
 _sleep_cycles_per_s: Optional[float] = None
 
 
-def graph_lead_cycles() -> int:
-    """Cycles of ``torch.cuda._sleep`` that keep the GPU busy for about :data:`GRAPH_LEAD_S` (measured once)."""
+def graph_lead_cycles(seconds: float = GRAPH_LEAD_S) -> int:
+    """Cycles of ``torch.cuda._sleep`` that keep the GPU busy for about ``seconds`` (the rate measured once)."""
     global _sleep_cycles_per_s
     if not hasattr(torch.cuda, "_sleep"):
         raise SystemExit(f"torch {torch.__version__} has no torch.cuda._sleep to keep the GPU busy while a graph is "
@@ -95,7 +95,29 @@ def graph_lead_cycles() -> int:
         end.record()
         end.synchronize()
         _sleep_cycles_per_s = cycles / (start.elapsed_time(end) / 1e3)
-    return int(GRAPH_LEAD_S * _sleep_cycles_per_s)
+    return int(seconds * _sleep_cycles_per_s)
+
+
+def add_graph_submit_option(parser) -> None:
+    """``--graph-submit-exposed`` on a bench that times with :func:`bench_graph` (:func:`use_graph_submit_option`
+    applies it)."""
+    parser.add_argument("--graph-submit-exposed", action="store_true",
+                        help="time each graph replay from an idle GPU, the host's submission inside the timing "
+                             "(bench/linear.py's GRAPH_SUBMIT_HIDDEN off)")
+
+
+def use_graph_submit_option(args) -> str:
+    """Set :data:`GRAPH_SUBMIT_HIDDEN` from the parsed ``--graph-submit-exposed``; returns how replays are timed."""
+    global GRAPH_SUBMIT_HIDDEN
+    GRAPH_SUBMIT_HIDDEN = not args.graph_submit_exposed
+    return "submission hidden" if GRAPH_SUBMIT_HIDDEN else "submission exposed"
+
+
+def graph_submit_summary() -> str:
+    """One line for a bench's output: the longest host submission :func:`bench_graph` saw beside its lead."""
+    how = "hidden behind" if GRAPH_SUBMIT_HIDDEN else "exposed, no"
+    return (f"longest host submission of a timed replay: {1e6 * graph_submit_max_s:.1f} us "
+            f"({how} {1e6 * GRAPH_LEAD_S:.0f} us lead)")
 
 
 # The longest host submission of one timed replay seen by bench_graph in this process, in seconds; a bench may
@@ -138,8 +160,7 @@ def bench_graph(calls: List[Callable[[], object]], rounds: Optional[int] = None)
     first_submit_s = time.perf_counter() - submitted
     torch.cuda.synchronize()
     # The lead outlasts the submission: GRAPH_LEAD_S, or twice the first (uploading) submission, at most 5 ms.
-    lead = int(graph_lead_cycles() * min(max(1.0, 2 * first_submit_s / GRAPH_LEAD_S), 5e-3 / GRAPH_LEAD_S)) \
-        if GRAPH_SUBMIT_HIDDEN else 0
+    lead = graph_lead_cycles(min(max(GRAPH_LEAD_S, 2 * first_submit_s), 5e-3)) if GRAPH_SUBMIT_HIDDEN else 0
     times = []
     for _ in range(GRAPH_REPLAYS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
