@@ -146,31 +146,40 @@ def streaming_keep(sq: int, sk: int, sink: int, window: int, causal: bool) -> to
 
 
 def block_sparse_keep(sq: int, sk: int, block: int, local_blocks: int = 1, global_blocks: int = 0,
-                      causal: bool = False) -> torch.Tensor:
+                      causal: bool = False, extra_blocks: Sequence[int] = ()) -> torch.Tensor:
     """``form = "block_sparse"`` without random blocks, ``[Sq, Sk]``.
 
     Query block ``a`` is the block of the query *position* ``p`` (positions are
     what the section's preamble defines; ``|a - b|`` is "a band around the
     diagonal"), key block ``b`` the block of key position ``j``. Kept iff
-    ``|a - b| < local_blocks`` or ``a < global_blocks`` or ``b < global_blocks``;
+    ``|a - b| < local_blocks`` or ``a < global_blocks`` or ``b < global_blocks``
+    (or ``b`` in ``extra_blocks``: a given set of drawn random blocks, for every query block);
     then causality (and, in ``attention``, the model's mask) token by token.
     """
     p = query_positions(sq, sk)[:, None]
     j = torch.arange(sk)[None, :]
     a, b = p // block, j // block
-    keep = ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks)
+    keep = ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks) | _in_blocks(b, extra_blocks)
     if causal:
         keep = keep & (j <= p)
     return keep
 
 
 def block_sparse_keep_at(p: torch.Tensor, sk: int, block: int, local_blocks: int = 1,
-                         global_blocks: int = 0) -> torch.Tensor:
-    """Bidirectional ``block_sparse`` (no random blocks) at explicit query positions ``p`` (``[..., Sq]``):
-    query block ``p // block``; ``[..., Sq, Sk]``."""
+                         global_blocks: int = 0, extra_blocks: Sequence[int] = ()) -> torch.Tensor:
+    """Bidirectional ``block_sparse`` at explicit query positions ``p`` (``[..., Sq]``): query block
+    ``p // block``; ``extra_blocks`` as in :func:`block_sparse_keep`; ``[..., Sq, Sk]``."""
     j = torch.arange(sk)
     a, b = (p // block)[..., None], j // block
-    return ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks)
+    return ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks) | _in_blocks(b, extra_blocks)
+
+
+def _in_blocks(b: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
+    """Whether each key block index of ``b`` is one of ``blocks``."""
+    keep = torch.zeros_like(b, dtype=torch.bool)
+    for x in blocks:
+        keep |= b == x
+    return keep
 
 
 def block_sparse_block_keep(sq: int, sk: int, block: int, extra_blocks: Sequence[int]) -> torch.Tensor:
@@ -192,7 +201,7 @@ def static_keep(form: Optional[dict], sq: int, sk: int, causal: bool) -> torch.T
         if form.get("random_blocks", 0):
             raise ValueError("random blocks are drawn by sparsecc; the oracle has no layout for them")
         return block_sparse_keep(sq, sk, form.get("block", 64), form.get("local_blocks", 1),
-                                 form.get("global_blocks", 0), causal)
+                                 form.get("global_blocks", 0), causal, form.get("extra_blocks", ()))
     raise ValueError(f"{form['form']} is not a static attention form")
 
 
@@ -494,7 +503,7 @@ def _keep_at(form: Optional[dict], p: torch.Tensor, sk: int) -> torch.Tensor:
     if form.get("random_blocks", 0):
         raise ValueError("random blocks are drawn by sparsecc; the oracle has no layout for them")
     return block_sparse_keep_at(p, sk, form.get("block", 64), form.get("local_blocks", 1),
-                                form.get("global_blocks", 0))
+                                form.get("global_blocks", 0), form.get("extra_blocks", ()))
 
 
 def _shown_keys(mask, b: int, sq: int, sk: int) -> torch.Tensor:
@@ -544,18 +553,15 @@ def _element_mask(mask, b: int):
     return m[b:b + 1] if m.shape[0] > 1 else m
 
 
-def _by_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool):
-    """Spec, "Left padding" and "Right padding": per batch element, the form sees its keys from its first shown key
-    ``o`` to its right padding (and, with as many queries as keys, the rows of those keys); its left padding rows
-    (the leading rows that sit before ``o`` or keep no key) attend densely (every key their mask keeps); the rows of
-    its right padding are unspecified (invalid here). Returns None when no element is padded."""
-    b_, h_, sq, _ = q.shape
-    sk = k.shape[2]
+def _padding_segments(mask, b_: int, h_: int, sq: int, sk: int):
+    """Spec, "Left padding" and "Right padding": per batch element, ``(m, o, end, rows, end_rows)``: its mask
+    ``m`` (4-D), its first shown key ``o``, the end ``end`` of the keys the form sees, its leading padding rows
+    ``[0, rows)`` (dense) and the rows the form places ``[rows, end_rows)`` (after them, with as many queries as
+    keys, the rows of its right padding: unspecified). None when no element is padded."""
     pads = [(left_padding(mask, b, sq, sk), right_padding(mask, b, sq, sk)) for b in range(b_)]
     if not any(o or r for o, r in pads):
         return None
-    out = torch.zeros(b_, h_, sq, v.shape[-1], dtype=F64)
-    valid = torch.zeros(b_, h_, sq, dtype=torch.bool)
+    segments = []
     for b, (o, r) in enumerate(pads):
         m = _element_mask(mask, b)
         keeps = m if m.dtype == torch.bool else m > EFFECTIVELY_MASKED   # in the mask's dtype (docs/spec.md)
@@ -569,6 +575,29 @@ def _by_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool)
                 end = sk
                 rows = _leading_rows(keeps, o, end, sq)
         end_rows = max(end, rows) if sq == sk else sq  # with Sq == Sk the rows of the right padding's keys follow
+        segments.append((m, o, end, rows, end_rows))
+    return segments
+
+
+def _segment_mask(m, o: int, end: int, rows: int, end_rows: int):
+    """The part of an element's mask ``m`` over its placed rows and the keys the form sees."""
+    m_rest = m if m.shape[2] == 1 else m[:, :, rows:end_rows]
+    return m_rest if m_rest.shape[3] == 1 else m_rest[..., o:end]
+
+
+def _by_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool):
+    """Spec, "Left padding" and "Right padding": per batch element, the form sees its keys from its first shown key
+    ``o`` to its right padding (and, with as many queries as keys, the rows of those keys); its left padding rows
+    (the leading rows that sit before ``o`` or keep no key) attend densely (every key their mask keeps); the rows of
+    its right padding are unspecified (invalid here). Returns None when no element is padded."""
+    b_, h_, sq, _ = q.shape
+    sk = k.shape[2]
+    segments = _padding_segments(mask, b_, h_, sq, sk)
+    if segments is None:
+        return None
+    out = torch.zeros(b_, h_, sq, v.shape[-1], dtype=F64)
+    valid = torch.zeros(b_, h_, sq, dtype=torch.bool)
+    for b, (m, o, end, rows, end_rows) in enumerate(segments):
         if rows:
             keep_all = torch.ones(1, h_, rows, sk, dtype=torch.bool)
             m_rows = m if m.shape[2] == 1 else m[:, :, :rows]
@@ -576,12 +605,30 @@ def _by_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool)
                 q[b:b + 1, :, :rows], k[b:b + 1], v[b:b + 1], keep_all, scale=scale, mask=m_rows)
         # the rows of the right padding (from end_rows on) are unspecified: left invalid
         if rows < end_rows:
-            m_rest = m if m.shape[2] == 1 else m[:, :, rows:end_rows]
-            m_rest = m_rest if m_rest.shape[3] == 1 else m_rest[..., o:end]
             out[b:b + 1, :, rows:end_rows], valid[b:b + 1, :, rows:end_rows] = expected_attention(
                 q[b:b + 1, :, rows:end_rows], k[b:b + 1, :, o:end], v[b:b + 1, :, o:end], forms, causal=causal,
-                mask=m_rest, scale=scale, is_causal_flag=flag, padding_cut=True)
+                mask=_segment_mask(m, o, end, rows, end_rows), scale=scale, is_causal_flag=flag, padding_cut=True)
     return out, valid
+
+
+def row_positions(mask, b_: int, h_: int, sq: int, sk: int, *, is_causal_flag: bool,
+                  padding_cut: bool = False) -> torch.Tensor:
+    """``[B, H, Sq]``: the query position at which a positional form places each row, among the keys the form sees
+    (spec, "Attention forms", "Left padding", "Right padding"), as :func:`expected_attention` places them; -1 for
+    the rows no form places (an element's left padding rows, which attend densely, and its right padding's rows)."""
+    if mask is not None and not is_causal_flag and not padding_cut:
+        segments = _padding_segments(mask, b_, h_, sq, sk)
+        if segments is not None:
+            out = torch.full((b_, h_, sq), -1, dtype=torch.long)
+            for b, (m, o, end, rows, end_rows) in enumerate(segments):
+                if rows < end_rows:
+                    out[b:b + 1, :, rows:end_rows] = row_positions(
+                        _segment_mask(m, o, end, rows, end_rows), 1, h_, end_rows - rows, end - o,
+                        is_causal_flag=is_causal_flag, padding_cut=True)
+            return out
+    if positions_from_mask(is_causal_flag, mask, sq, sk):
+        return mask_positions(mask, b_, h_, sq, sk)
+    return query_positions(sq, sk).expand(b_, h_, sq).clone()
 
 
 def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool, mask=None,

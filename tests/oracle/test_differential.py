@@ -131,28 +131,42 @@ def check_random_blocks(c, random_blocks, seed):
     again, _ = hn.compile_and_run(cases.model_of(c), (q, k, v, mask), c.spec)
     torch.testing.assert_close(again, out, atol=0, rtol=0, equal_nan=True)
     base_form = {key: val for key, val in rule.items() if key not in ("random_blocks", "seed")}
-    base = oracle.static_keep(base_form, c.sq, c.sk, c.causal)
-    qblock = oracle.query_positions(c.sq, c.sk) // block
+    flag = c.causal_via == "is_causal"
+    # Each row's query block where docs/spec.md places it (positions from the mask, blocks cut from the element's
+    # first shown key); -1: a padding row, which attends densely whatever was drawn.
+    pos = oracle.row_positions(mask, c.batch, c.heads, c.sq, c.sk, is_causal_flag=flag)
+    qblock = torch.where(pos >= 0, pos // block, -1)
     n_kb = math.ceil(c.sk / block)
-    scale = c.scale if c.scale is not None else 1.0 / math.sqrt(c.dim)
+    subsets = [s for n in range(random_blocks + 1) for s in itertools.combinations(range(n_kb), n)]
+    # The output with a given set of extra key blocks (blocks cut as the element's positions are) for every query
+    # block; the drawn set of each (head, query block) must be one of these, shared by elements padded alike.
+    expl = [oracle.expected_attention(q, k, v, [{**base_form, "extra_blocks": s}] * c.heads, causal=c.causal,
+                                      mask=mask, scale=c.scale, is_causal_flag=flag) for s in subsets]
     tol = hn.tolerance(c.torch_dtype)
-    full_mask = None if mask is None else torch.broadcast_to(mask, (c.batch, c.heads, c.sq, c.sk))
-    for a in qblock.unique().tolist():
-        rows_a = (qblock == a).nonzero().flatten()
-        kept = {j // block for j in base[rows_a[0]].nonzero().flatten().tolist()}
-        free = [b for b in range(n_kb) if b not in kept]
-        subsets = [s for n in range(random_blocks + 1) for s in itertools.combinations(free, n)]
-        q_a, m_a = q[:, :, rows_a], None if full_mask is None else full_mask[:, :, rows_a]
-        expl = [oracle.attend(q_a, k, v, (base | oracle.block_sparse_block_keep(c.sq, c.sk, block, s))[rows_a]
-                              .expand(c.batch, c.heads, len(rows_a), c.sk), scale=scale, mask=m_a)
-                for s in subsets]
-        for h in range(c.heads):
-            def fits(e):
-                exp, valid = e
-                sel = valid[:, h]
-                return torch.allclose(out[:, h, rows_a][sel].double(), exp[:, h][sel], **tol)
-            assert any(fits(e) for e in expl), f"head {h}, query block {a}: no set of <= {random_blocks} extra " \
-                                               f"key blocks explains the output; {c}"
+    # Elements padded alike see the same key blocks and share the draws; a padded element draws as it would alone
+    # (docs/spec.md, "Left padding", "Right padding"), so elements padded differently are explained apart.
+    pads = [(0, 0) if mask is None or flag else (oracle.left_padding(mask, b, c.sq, c.sk),
+                                                oracle.right_padding(mask, b, c.sq, c.sk)) for b in range(c.batch)]
+    groups = [torch.tensor([p == g for p in pads])[:, None] for g in sorted(set(pads))]
+    for h in range(c.heads):
+        for group in groups:
+            for a in qblock[:, h].unique().tolist():
+                check_query_block(out, expl, rows=(qblock[:, h] == a) & group, h=h, a=a, tol=tol,
+                                  why=f"head {h}, query block {a}: no set of <= {random_blocks} extra key blocks "
+                                      f"explains the output; {c}")
+
+
+def check_query_block(out, expl, *, rows, h: int, a: int, tol: dict, why: str) -> None:
+    """Some candidate of ``expl`` (outputs with given extra key blocks, the first with none) explains the rows
+    ``rows`` ([B, Sq]) of head ``h``; rows no form places (``a`` -1, padding rows) must be dense: the first."""
+    def fits(e):
+        exp, valid = e
+        sel = rows & valid[:, h]
+        return torch.allclose(out[:, h][sel].double(), exp[:, h][sel], **tol)
+    if a < 0:
+        assert fits(expl[0]), f"head {h}: a padding row is not dense attention; {why}"
+    else:
+        assert any(fits(e) for e in expl), why
 
 
 # ================================================================ attention: block_topk
