@@ -182,15 +182,6 @@ def _in_blocks(b: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
     return keep
 
 
-def block_sparse_block_keep(sq: int, sk: int, block: int, extra_blocks: Sequence[int]) -> torch.Tensor:
-    """``[Sq, Sk]``: keys of the given key blocks, for every query (used to add drawn random blocks)."""
-    j = torch.arange(sk)
-    keep = torch.zeros(sk, dtype=torch.bool)
-    for b in extra_blocks:
-        keep |= (j // block) == b
-    return keep[None, :].expand(sq, sk)
-
-
 def static_keep(form: Optional[dict], sq: int, sk: int, causal: bool) -> torch.Tensor:
     """The ``[Sq, Sk]`` keep mask of one head under a static form (None: dense), causality included."""
     if form is None or form["form"] == "dense":
