@@ -544,7 +544,7 @@ def _element_mask(mask, b: int):
     return m[b:b + 1] if m.shape[0] > 1 else m
 
 
-def _padding_segments(mask, b_: int, h_: int, sq: int, sk: int):
+def _padding_segments(mask, b_: int, sq: int, sk: int):
     """Spec, "Left padding" and "Right padding": per batch element, ``(m, o, end, rows, end_rows)``: its mask
     ``m`` (4-D), its first shown key ``o``, the end ``end`` of the keys the form sees, its leading padding rows
     ``[0, rows)`` (dense) and the rows the form places ``[rows, end_rows)`` (after them, with as many queries as
@@ -583,7 +583,7 @@ def _by_padding(q, k, v, forms, *, causal: bool, mask, scale: float, flag: bool)
     its right padding are unspecified (invalid here). Returns None when no element is padded."""
     b_, h_, sq, _ = q.shape
     sk = k.shape[2]
-    segments = _padding_segments(mask, b_, h_, sq, sk)
+    segments = _padding_segments(mask, b_, sq, sk)
     if segments is None:
         return None
     out = torch.zeros(b_, h_, sq, v.shape[-1], dtype=F64)
@@ -608,7 +608,7 @@ def row_positions(mask, b_: int, h_: int, sq: int, sk: int, *, is_causal_flag: b
     (spec, "Attention forms", "Left padding", "Right padding"), as :func:`expected_attention` places them; -1 for
     the rows no form places (an element's left padding rows, which attend densely, and its right padding's rows)."""
     if mask is not None and not is_causal_flag and not padding_cut:
-        segments = _padding_segments(mask, b_, h_, sq, sk)
+        segments = _padding_segments(mask, b_, sq, sk)
         if segments is not None:
             out = torch.full((b_, h_, sq), -1, dtype=torch.long)
             for b, (m, o, end, rows, end_rows) in enumerate(segments):
@@ -620,6 +620,13 @@ def row_positions(mask, b_: int, h_: int, sq: int, sk: int, *, is_causal_flag: b
     if positions_from_mask(is_causal_flag, mask, sq, sk):
         return mask_positions(mask, b_, h_, sq, sk)
     return query_positions(sq, sk).expand(b_, h_, sq).clone()
+
+
+def key_ranges(mask, b_: int, sq: int, sk: int, *, is_causal_flag: bool) -> List[Tuple[int, int]]:
+    """Per batch element, ``(o, end)``: the keys ``[o, end)`` its forms see after the spec's padding rules (where
+    its blocks are cut from, and what its random blocks are drawn among); ``(0, sk)`` where no rule applies."""
+    segments = None if mask is None or is_causal_flag else _padding_segments(mask, b_, sq, sk)
+    return [(0, sk)] * b_ if segments is None else [(o, end) for _, o, end, _, _ in segments]
 
 
 def expected_attention(q, k, v, forms: Sequence[Optional[dict]], *, causal: bool, mask=None,

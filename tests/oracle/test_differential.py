@@ -143,11 +143,10 @@ def check_random_blocks(c, random_blocks, seed):
     expl = [oracle.expected_attention(q, k, v, [{**base_form, "extra_blocks": s}] * c.heads, causal=c.causal,
                                       mask=mask, scale=c.scale, is_causal_flag=flag) for s in subsets]
     tol = hn.tolerance(c.torch_dtype)
-    # Elements padded alike see the same key blocks and share the draws; a padded element draws as it would alone
-    # (docs/spec.md, "Left padding", "Right padding"), so elements padded differently are explained apart.
-    pads = [(0, 0) if mask is None or flag else (oracle.left_padding(mask, b, c.sq, c.sk),
-                                                oracle.right_padding(mask, b, c.sq, c.sk)) for b in range(c.batch)]
-    groups = [torch.tensor([p == g for p in pads])[:, None] for g in sorted(set(pads))]
+    # Elements whose forms see the same keys share the draws; a padded element draws as it would alone
+    # (docs/spec.md, "Left padding", "Right padding"), so elements that see other keys are explained apart.
+    ranges = oracle.key_ranges(mask, c.batch, c.sq, c.sk, is_causal_flag=flag)
+    groups = [torch.tensor([r == g for r in ranges])[:, None] for g in sorted(set(ranges))]
     for h in range(c.heads):
         for group in groups:
             for a in qblock[:, h].unique().tolist():
