@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.oracle import oracle
+from tests.oracle import oracle, oracle_dynamic
 
 F64 = torch.float64
 
@@ -123,9 +123,9 @@ def test_block_topk_ragged_last_block_and_max_pool():
 
 def test_vertical_slash_merge_by_hand():
     """spec step 4 for one block: ranges [e - block, e) merged in descending t, single columns between them."""
-    keys = oracle._vs_merge([200, 100, 10, 0], [3, 70, 100, 170, 300], end=256, block=64)
+    keys = oracle_dynamic._vs_merge([200, 100, 10, 0], [3, 70, 100, 170, 300], end=256, block=64)
     assert keys == set(range(0, 64)) | set(range(92, 156)) | set(range(182, 310)) | {70, 170}
-    assert oracle._vs_merge([200, 100, 10, 0], [3, 70], end=64, block=64) == set(range(64))
+    assert oracle_dynamic._vs_merge([200, 100, 10, 0], [3, 70], end=64, block=64) == set(range(64))
 
 
 def test_vertical_slash_small_sequences_are_dense_and_bidirectional_is_dense():
