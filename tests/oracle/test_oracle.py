@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,21 @@ import torch.nn.functional as F
 from tests.oracle import oracle, oracle_dynamic
 
 F64 = torch.float64
+
+
+def test_oracle_modules_import_only_torch_and_each_other():
+    """The oracle is independent of what it checks: its modules import the standard library, torch and each
+    other, never sparsecc nor the harness that runs sparsecc."""
+    files = sorted(Path(__file__).parent.glob("oracle*.py"))
+    assert len(files) >= 4, files
+    allowed = ("__future__", "dataclasses", "fnmatch", "math", "typing", "torch", "tests.oracle.oracle")
+    bad = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{f.name}:{node.lineno} imports {n}" for n in names if not n.startswith(allowed)]
+    assert not bad, bad
 
 
 def rows(keep):
