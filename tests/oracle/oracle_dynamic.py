@@ -1,6 +1,6 @@
 """Expected keys of the dynamic attention forms (block_topk, vertical_slash), from docs/spec.md alone.
 
-Part of the oracle (``oracle.py`` re-exports every public name here), under its rules: nothing imported
+Part of the oracle (``oracle.py`` re-exports the two selections), under its rules: nothing imported
 from sparsecc. The spec computes these selections from float32 estimates; they are computed in float64
 here, and a decision closer than ``ESTIMATE_RTOL`` to its boundary is reported as undefined (a key in
 ``keep_max`` but not in ``keep_min``), because a float32 computation may fall on either side of it.
