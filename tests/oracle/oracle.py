@@ -147,13 +147,8 @@ def block_sparse_keep(sq: int, sk: int, block: int, local_blocks: int = 1, globa
     (or ``b`` in ``extra_blocks``: a given set of drawn random blocks, for every query block);
     then causality (and, in ``attention``, the model's mask) token by token.
     """
-    p = query_positions(sq, sk)[:, None]
-    j = torch.arange(sk)[None, :]
-    a, b = p // block, j // block
-    keep = ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks) | _in_blocks(b, extra_blocks)
-    if causal:
-        keep = keep & (j <= p)
-    return keep
+    keep = block_sparse_keep_at(query_positions(sq, sk), sk, block, local_blocks, global_blocks, extra_blocks)
+    return keep & causal_keep(sq, sk) if causal else keep
 
 
 def block_sparse_keep_at(p: torch.Tensor, sk: int, block: int, local_blocks: int = 1,
@@ -162,15 +157,8 @@ def block_sparse_keep_at(p: torch.Tensor, sk: int, block: int, local_blocks: int
     ``p // block``; ``extra_blocks`` as in :func:`block_sparse_keep`; ``[..., Sq, Sk]``."""
     j = torch.arange(sk)
     a, b = (p // block)[..., None], j // block
-    return ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks) | _in_blocks(b, extra_blocks)
-
-
-def _in_blocks(b: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
-    """Whether each key block index of ``b`` is one of ``blocks``."""
-    keep = torch.zeros_like(b, dtype=torch.bool)
-    for x in blocks:
-        keep |= b == x
-    return keep
+    drawn = torch.isin(b, torch.tensor(list(extra_blocks), dtype=b.dtype))
+    return ((a - b).abs() < local_blocks) | (a < global_blocks) | (b < global_blocks) | drawn
 
 
 def static_keep(form: Optional[dict], sq: int, sk: int, causal: bool) -> torch.Tensor:
