@@ -1,4 +1,5 @@
-"""bench/targets.py turns the benches' JSON rows into met / missed verdicts, and builds its table without a GPU.
+"""bench/targets.py and bench/target_verdicts.py turn the benches' JSON rows into met / missed verdicts, and build
+the table without a GPU.
 
 Rows are written in each bench's own schema: through the bench's writer where it needs no GPU
 (bench/prefill_hopper.py, bench/semi_compiled.py, bench/linear.py's ``Row``), else with the keys its code writes.
@@ -19,8 +20,9 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import linear  # noqa: E402
 import prefill_hopper  # noqa: E402
 import semi_compiled  # noqa: E402
+import target_verdicts  # noqa: E402
 import targets  # noqa: E402
-from targets import ERROR, MET, MISSED, NOT_MEASURED, NOT_RUN, REPORT, SKIPPED  # noqa: E402
+from target_verdicts import ERROR, MET, MISSED, NOT_MEASURED, NOT_RUN, REPORT, SKIPPED  # noqa: E402
 
 
 def verdicts(rows):
@@ -128,7 +130,7 @@ def test_prefill_rows_from_the_bench_writer(tmp_path):
     prefill_file(tmp_path / "prefill.json", of_ideal_64k=0.946)
     data = load(tmp_path / "prefill.json")
     assert data["rows"][0]["layout"] == "streaming" and data["rows"][3]["flex_ms"] is None   # NaN is written null
-    rows = by_workload(targets.evaluate_prefill(data))
+    rows = by_workload(target_verdicts.evaluate_prefill(data))
     assert rows["streaming 16K, shipped of ideal"].verdict == MET
     assert rows["streaming 64K, shipped of ideal"].verdict == MISSED
     assert rows["streaming 64K, shipped of ideal"].measured == "0.946 of ideal"   # not "0.95", which would read met
@@ -146,13 +148,13 @@ def test_prefill_rows_of_other_head_counts_are_not_judged(tmp_path):
     data = load(tmp_path / "prefill.json")
     for r in data["rows"]:
         r["hkv"] = 32
-    assert set(verdicts(targets.evaluate_prefill(data)).values()) == {NOT_MEASURED}   # reported rows too
+    assert set(verdicts(target_verdicts.evaluate_prefill(data)).values()) == {NOT_MEASURED}   # reported rows too
 
 
 def test_dense_spec_rows_of_attention_py(tmp_path, monkeypatch):
-    rows = verdicts(targets.evaluate_dense(dense_data(ratio_8k=1.01, ratio_32k=0.97)))
+    rows = verdicts(target_verdicts.evaluate_dense(dense_data(ratio_8k=1.01, ratio_32k=0.97)))
     assert rows == {"dense spec 8K (Hkv 32)": MET, "dense spec 32K (Hkv 32)": MISSED}   # the stream row is ignored
-    assert verdicts(targets.evaluate_dense({"header": [], "rows": []})) == {"dense spec": NOT_MEASURED}
+    assert verdicts(target_verdicts.evaluate_dense({"header": [], "rows": []})) == {"dense spec": NOT_MEASURED}
 
     import attention   # run_dense keeps attention.py's own row schema
 
@@ -160,11 +162,11 @@ def test_dense_spec_rows_of_attention_py(tmp_path, monkeypatch):
         rows.append(dense_data(ratio_32k=1.02)["rows"][2 if s == 32768 else 1])
     monkeypatch.setattr(attention, "run_dense_dispatch", fake_dispatch)
     assert targets.run_dense(["--lengths", "8192,32768", "--json", str(tmp_path / "dense.json")]) == 0
-    assert set(verdicts(targets.evaluate_dense(load(tmp_path / "dense.json"))).values()) == {MET}
+    assert set(verdicts(target_verdicts.evaluate_dense(load(tmp_path / "dense.json"))).values()) == {MET}
 
 
 def test_decode_targets_at_b8_and_the_other_batches_reported():
-    rows = by_workload(targets.evaluate_decode(decode_data()))
+    rows = by_workload(target_verdicts.evaluate_decode(decode_data()))
     assert rows["B8 KV 32K, graph replay"].verdict == MET                 # 6.6 >= 6.5
     assert rows["B8 KV 128K, graph replay"].verdict == MISSED             # 24.2 < 26
     assert rows["B8 KV 32K, kept K/V read"].verdict == MET                # 3.61 TB/s
@@ -176,7 +178,7 @@ def test_decode_targets_at_b8_and_the_other_batches_reported():
 
 
 def test_ffn_input_mode_with_teal_in_the_same_run():
-    rows = by_workload(targets.evaluate_ffn(ffn_data(teal=True)))
+    rows = by_workload(target_verdicts.evaluate_ffn(ffn_data(teal=True)))
     assert rows["input mode 1 token 50% fp16"].verdict == MET
     assert rows["input mode 1 token 70% fp16"].verdict == MISSED
     assert rows["input mode 1 token 90% fp16"].verdict == MET
@@ -190,19 +192,20 @@ def test_ffn_input_mode_with_teal_in_the_same_run():
 def test_ffn_anchor_says_how_graph_replays_were_timed():
     """Files from before bench_graph hid the host's submission carry no flag: their rows say it was exposed; a file
     with the flag says hidden, on every FFN group's rows (input mode, gate mode, 2-16 tokens)."""
-    old = by_workload(targets.evaluate_ffn(ffn_data(teal=True)))
+    old = by_workload(target_verdicts.evaluate_ffn(ffn_data(teal=True)))
     assert old["input mode 1 token 90% fp16"].anchor == "dense cuBLAS FFN, graph replay (submission exposed)"
     assert old["input mode 1 token 50% bfloat16"].anchor.endswith("(submission exposed)")
     new = {**ffn_data(teal=True), "graph_submit_hidden": True}
-    for row in targets.evaluate_ffn(new):
+    for row in target_verdicts.evaluate_ffn(new):
         if "TEAL" not in row.anchor:
             assert row.anchor == "dense cuBLAS FFN, graph replay (submission hidden)", row
     gate = {**gate_data(), "graph_submit_hidden": True}
-    assert all(r.anchor.endswith("(submission hidden)") for r in targets.evaluate_gate(gate))
-    assert all(r.anchor.endswith("(submission exposed)") for r in targets.evaluate_gate(gate_data()))
+    assert all(r.anchor.endswith("(submission hidden)") for r in target_verdicts.evaluate_gate(gate))
+    assert all(r.anchor.endswith("(submission exposed)") for r in target_verdicts.evaluate_gate(gate_data()))
     batch = [ffn_row(m, 0.7, "float16", 100.0, fused_us=60.0) for m in (2, 4, 8, 16)]
     assert all(r.anchor.endswith("(submission hidden)")
-               for r in targets.evaluate_batch({"rows": batch, "graph_submit_hidden": True}, fused_max_tokens=2))
+               for r in target_verdicts.evaluate_batch({"rows": batch, "graph_submit_hidden": True},
+                                                       fused_max_tokens=2))
 
 
 def test_ffn_one_and_two_launches_are_reported_beside_where_timed():
@@ -210,7 +213,7 @@ def test_ffn_one_and_two_launches_are_reported_beside_where_timed():
     without them add nothing."""
     data = ffn_data(teal=True)
     data["rows"][0].update(one_launch_ms=0.040, two_launch_ms=0.050)   # 2.50x and 2.00x of the 100 us dense
-    rows = by_workload(targets.evaluate_ffn(data))
+    rows = by_workload(target_verdicts.evaluate_ffn(data))
     assert rows["input mode 1 token 50% fp16, one launch"].verdict == REPORT
     assert rows["input mode 1 token 50% fp16, one launch"].measured == "2.50x"
     assert rows["input mode 1 token 50% fp16, two launches"].measured == "2.00x"
@@ -218,14 +221,14 @@ def test_ffn_one_and_two_launches_are_reported_beside_where_timed():
 
 
 def test_ffn_without_teal_skips_that_anchor_only():
-    rows = by_workload(targets.evaluate_ffn(ffn_data(teal=False)))
+    rows = by_workload(target_verdicts.evaluate_ffn(ffn_data(teal=False)))
     assert all(rows[f"input mode 1 token {p} fp16, fused x TEAL"].verdict == SKIPPED for p in ("50%", "70%", "90%"))
     assert rows["input mode 1 token 50% fp16"].verdict == MET
     assert rows["input mode 1 token 70% fp16"].verdict == MISSED
 
 
 def test_gate_mode():
-    rows = verdicts(targets.evaluate_gate(gate_data()))
+    rows = verdicts(target_verdicts.evaluate_gate(gate_data()))
     assert rows == {"gate mode 1 token 50% fp16": MET, "gate mode 1 token 90% fp16": MISSED,
                     "gate mode 1 token 50% bfloat16": REPORT, "gate mode 1 token 90% bfloat16": REPORT}
 
@@ -235,20 +238,20 @@ def test_batch_is_judged_on_the_form_the_compiler_plans():
     rows = [ffn_row(m, 0.7, "float16", 100.0, fused_us=100 / 1.5, three_op_us=100 / 1.1) for m in (2, 4, 8)]
     rows.append(ffn_row(16, 0.7, "float16", 100.0, fused_us=200.0, three_op_us=100 / 1.4))
     rows.append(ffn_row(4, 0.7, "bfloat16", 100.0, fused_us=120.0, three_op_us=105.0))
-    out = by_workload(targets.evaluate_batch({"rows": rows}, fused_max_tokens=1))
+    out = by_workload(target_verdicts.evaluate_batch({"rows": rows}, fused_max_tokens=1))
     assert out["input mode 2 tokens 70% fp16"].verdict == MISSED
     assert out["input mode 2 tokens 70% fp16"].measured == "1.10x (three-op; fused 1.50x)"
     assert out["input mode 16 tokens 70% fp16"].verdict == MET
     assert out["input mode 4 tokens 70% bfloat16"].verdict == REPORT
     # with the fused op planned up to 8 tokens, the same rows meet the target there
-    assert targets.evaluate_batch({"rows": rows}, fused_max_tokens=8)[0].verdict == MET
+    assert target_verdicts.evaluate_batch({"rows": rows}, fused_max_tokens=8)[0].verdict == MET
     from sparsecc.passes.ffn import FUSED_FFN_MAX_TOKENS
-    assert targets.planned_ffn_form(FUSED_FFN_MAX_TOKENS) == "fused"
-    assert targets.planned_ffn_form(FUSED_FFN_MAX_TOKENS + 1) == "three_op"
+    assert target_verdicts.planned_ffn_form(FUSED_FFN_MAX_TOKENS) == "fused"
+    assert target_verdicts.planned_ffn_form(FUSED_FFN_MAX_TOKENS + 1) == "three_op"
 
 
 def test_block_sparse_rows_of_linear_py():
-    rows = by_workload(targets.evaluate_bsr(bsr_data()))
+    rows = by_workload(target_verdicts.evaluate_bsr(bsr_data()))
     ten = rows["bsr x[8192,4096]->14336 64x64 10%"]
     assert ten.verdict == MISSED and ten.measured == "4.45x" and "torch BSR 3.13x" in ten.anchor
     assert rows["bsr x[8192,4096]->14336 64x64 50%"].verdict == MET   # 1.62x >= 1.6 (linear.py's own row says 1.7)
@@ -257,9 +260,9 @@ def test_block_sparse_rows_of_linear_py():
 
 def test_semi_structured_rows_from_the_bench_writer(tmp_path):
     semi_file(tmp_path / "semi.json", sparse_ms=1.06, inductor_ms=1.60)
-    assert verdicts(targets.evaluate_semi(load(tmp_path / "semi.json"))) == {"2:4 + bias + SiLU, M=8192": MET}
+    assert verdicts(target_verdicts.evaluate_semi(load(tmp_path / "semi.json"))) == {"2:4 + bias + SiLU, M=8192": MET}
     semi_file(tmp_path / "semi.json", sparse_ms=1.14, inductor_ms=1.61)
-    row, = targets.evaluate_semi(load(tmp_path / "semi.json"))
+    row, = target_verdicts.evaluate_semi(load(tmp_path / "semi.json"))
     assert row.verdict == MISSED and row.measured == "1.41x" and row.anchor == "Inductor dense, plain calls"
 
 
