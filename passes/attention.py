@@ -189,6 +189,8 @@ SLICED_SOFTMAX = ("the softmax runs over more logits than the keys and drops som
 PROBABILITIES_USED_ELSEWHERE = ("the attention probabilities are also used outside P @ V (e.g. returned, as with "
                                 "output_attentions=True), so they must be computed in full")
 LOGITS_NOT_QK = "the logits are not q @ kᵀ with only scale / mask / cast steps"
+LOGITS_USED_ELSEWHERE = ("the logits the softmax reads are also used outside it (e.g. a logsumexp that scales the "
+                         "output for a learned per-head sink), so they must be computed over every key")
 
 
 def _path_refusal(softmax_op, path: _ProbabilityPath) -> Optional[str]:
@@ -398,6 +400,9 @@ def search_softmax(gm: GraphModule, ctx) -> List[Site]:
 def _match_softmax(node: Node, op, pv: Node):
     """(site nodes, AttentionMatch) for one softmax -> P @ V candidate, or the reason it is refused."""
     chain: List[Node] = []
+    if any(user is not node for user in op.inputs[0].users):
+        # A sparse form would change the softmax and leave the other reader on every key's logits.
+        return LOGITS_USED_ELSEWHERE
     peeled = _peel_logits(op.inputs[0], chain)
     if isinstance(peeled, str):
         return f"{LOGITS_NOT_QK}: {peeled}"

@@ -68,6 +68,41 @@ def test_reused_probabilities_are_a_refused_site():
         "not rewritable: the attention probabilities are also used outside P @ V"), site.reason
 
 
+class _LogsumexpSinkAttention(zoo.AttentionBlock):
+    """A learned per-head sink applied after P @ V as ``sigmoid(logsumexp(logits) - sink)`` (the spelling of
+    transformers' GraniteSWA): the softmax's logits have a second reader."""
+
+    causal = False
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(self.heads))
+
+    def attend(self, q, k, v):
+        k, v = zoo.repeat_kv(k, self.heads // self.kv_heads), zoo.repeat_kv(v, self.heads // self.kv_heads)
+        logits = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+        scale = torch.sigmoid(torch.logsumexp(logits, dim=-1) - self.sinks.view(1, -1, 1))
+        return (torch.softmax(logits, dim=-1) @ v) * scale.unsqueeze(-1)
+
+
+def test_logits_with_a_second_reader_are_a_refused_site(eager_lowering):
+    """A sparse form would change the softmax and leave the logsumexp over every key: a silent wrong answer. The
+    site is listed, dense, with that reason, and the compiled block equals the eager one."""
+    torch.manual_seed(3)
+    block = _LogsumexpSinkAttention().eval()
+    x = torch.randn(1, 12, 32)
+    spec = {"version": 1, "defaults": {"policy": "force"},
+            "attention": [{"form": "streaming", "sink": 1, "window": 2}]}
+    with torch.no_grad():
+        out = sparsecc.compile(block, spec=spec, kernels="reference")(x)
+        expected = block(x)
+    (site,) = [s for s in sparsecc.last_report().sites if s.kind == "attention"]
+    assert not site.applied and site.reason.startswith(
+        "not rewritable: the logits the softmax reads are also used outside it"), site.reason
+    assert not _sparsecc_ops()
+    torch.testing.assert_close(out, expected)
+
+
 def test_a_softmax_that_feeds_no_p_at_v_is_not_a_site():
     """A softmax whose probabilities never meet a value matmul (a router, a classifier) is not attention."""
 
