@@ -1,7 +1,7 @@
 """Decoder LM families of transformers beyond those test_hf_models.py covers, from tiny configs (random weights, no
 downloads), compiled with ``defaults.policy = "force"`` (eager lowering, reference kernels).
 
-Each family is checked two ways:
+Each family is checked two ways; a few also with left padding, one across two compiles:
 
 * ``test_streaming_and_gate_equal_the_oracle``: streaming attention (sink 4, window 8) and gate-mode FFN thresholds.
   The report lists every layer's attention and FFN site, each applied or dense with the reason the family's entry
@@ -9,6 +9,9 @@ Each family is checked two ways:
   the model in which exactly the applied sites compute docs/spec.md's forms.
 * ``test_dense_forms_and_a_window_covering_every_token_equal_eager``: FFN and linear forms "dense" and a streaming
   window covering every token: the attention sites are applied and nothing changes (metamorphic: no oracle).
+* ``test_a_left_padded_sequence_attends_as_alone``: families whose masks carry biases or whose positions are
+  absolute, a left-padded sequence beside a longer one against the oracle on the sequence alone.
+* ``test_a_second_model_with_another_gate_multiplier_keeps_its_ffn_sites``: two Falcon-H1 models in one process.
 
 Expected values never come from sparsecc: the streaming keep mask is the oracle's (tests/models/streaming_oracle.py)
 and the gate thresholds are written here. Known defects are ``xfail(strict=True)`` with the finding. A family whose
@@ -38,7 +41,8 @@ SINK, WINDOW, TAU = 4, 8, 0.01
 SEQ = 32   # longer than sink + window and than the sliding windows (16) configured below
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
-MOE = dict(COMMON, moe_intermediate_size=32, num_experts_per_tok=2, experts_implementation="batched_mm")   # one graph, no per-expert breaks
+# batched_mm experts: one graph (eager experts break it per expert, 7 s a compile)
+MOE = dict(COMMON, moe_intermediate_size=32, num_experts_per_tok=2, experts_implementation="batched_mm")
 SLIDING = ["sliding_attention", "full_attention"]
 
 
@@ -77,9 +81,9 @@ GATE = {"form": "activation_threshold", "mode": "gate", "threshold": TAU}
 FAMILIES = {
     # layer 0 dense, layer 1 routed experts (stacked: no FFN site) beside a sigmoid-gated shared expert
     "qwen2_moe": Family("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(MOE, num_experts=4, mlp_only_layers=[0],
-                        shared_expert_intermediate_size=64), ffn=["model.layers.0.mlp", "model.layers.1.mlp.shared_expert"],
-                        ffn_glob="model.layers.*"),
-    "phi": Family("PhiConfig", "PhiForCausalLM", dict(COMMON, pad_token_id=0)),   # partial rotary, parallel attention + MLP
+                        shared_expert_intermediate_size=64), ffn_glob="model.layers.*",
+                        ffn=["model.layers.0.mlp", "model.layers.1.mlp.shared_expert"]),
+    "phi": Family("PhiConfig", "PhiForCausalLM", dict(COMMON, pad_token_id=0)),   # partial rotary, parallel MLP
     "stablelm": Family("StableLmConfig", "StableLmForCausalLM", dict(COMMON, qk_layernorm=True, pad_token_id=0),
                        since=OLD_DYNAMO),
     "starcoder2": Family("Starcoder2Config", "Starcoder2ForCausalLM", dict(COMMON, sliding_window=16)),
@@ -89,7 +93,6 @@ FAMILIES = {
                       residual_multiplier=0.8, embedding_multiplier=2.0, logits_scaling=1.5)),
     "olmo2": Family("Olmo2Config", "Olmo2ForCausalLM", COMMON),   # QK norm over all heads
     "olmo3": Family("Olmo3Config", "Olmo3ForCausalLM", dict(COMMON, sliding_window=16)),
-    "smollm3": Family("SmolLM3Config", "SmolLM3ForCausalLM", dict(COMMON, pad_token_id=0)),   # NoPE layers
     "falcon": Family("FalconConfig", "FalconForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True),
                      attn="transformer.h.{}.self_attention", ffn="transformer.h.{}.mlp", oracle="sdpa"),
@@ -102,7 +105,6 @@ FAMILIES = {
         COMMON, head_dim=16, mlp_multipliers=[0.5, 2.0], key_multiplier=0.7, attention_in_multiplier=1.3,
         mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16),
         ffn="model.layers.{}.feed_forward", ffn_refused="dense fallback: gate mode", since=OLD_DYNAMO),
-    "gemma": Family("GemmaConfig", "GemmaForCausalLM", dict(COMMON, head_dim=16)),
     "exaone4": Family("Exaone4Config", "Exaone4ForCausalLM", dict(COMMON, sliding_window=16, pad_token_id=0)),
     "glm": Family("GlmConfig", "GlmForCausalLM", dict(COMMON, head_dim=16, pad_token_id=0)),   # fused gate_up
     # MLA: q/k head dim 24 (16 without rotary + 8 rotary), v head dim 8; dense layers (first_k_dense_replace)
@@ -156,8 +158,9 @@ def _build(name: str, impl: Optional[str] = None):
     fam = FAMILIES[name]
     if not hasattr(transformers, fam.config):
         pytest.skip(f"transformers {transformers.__version__} has no {fam.config}")
-    if fam.since and Version(transformers.__version__) < Version(fam.since.split(":")[0]):
-        pytest.skip(f"transformers {transformers.__version__}: {fam.since}")
+    oldest, _, why = fam.since.partition(": ")
+    if oldest and Version(transformers.__version__) < Version(oldest):
+        pytest.skip(f"checked from transformers {oldest} (this is {transformers.__version__}); {why}")
     cfg = getattr(transformers, fam.config)(**fam.kwargs)
     cfg._attn_implementation = impl or fam.impl
     torch.manual_seed(0)
@@ -188,12 +191,12 @@ def _sdpa_streaming(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 
 
 def _softmax_streaming(x, dim=None, *args, sink, window, orig, **kwargs):
-    """For eager attention outside transformers' registry: the attention softmax (last two axes query x key, both
-    SEQ long) runs in float64 with the keys outside the streaming rule removed. Other softmaxes (a router's) go to
-    ``orig``, returned as ``(None, result)`` so that they are not counted."""
-    if not (x.dim() >= 3 and x.shape[-1] == x.shape[-2] == SEQ and dim in (-1, x.dim() - 1)):
+    """For eager attention outside transformers' registry: the attention softmax (its last two axes query x key,
+    as many queries as keys) runs in float64 with the keys outside the streaming rule removed. Other softmaxes (a
+    router's, 2-D) go to ``orig``, returned as ``(None, result)`` so that they are not counted."""
+    if not (x.dim() >= 3 and x.shape[-1] == x.shape[-2] and dim in (-1, x.dim() - 1)):
         return None, orig(x, dim, *args, **kwargs)
-    out = torch.softmax(x.double().masked_fill(~_keep(SEQ, SEQ, sink, window), float("-inf")), -1)
+    out = torch.softmax(x.double().masked_fill(~_keep(x.shape[-2], x.shape[-1], sink, window), float("-inf")), -1)
     return out.to(kwargs.get("dtype") or x.dtype)
 
 
@@ -226,8 +229,8 @@ def _oracle(model, fam: Family, ids, attention: bool, ffn_sites, sink=SINK, wind
     def counted(fn):
         def call(*args, **kwargs):
             out = fn(*args, **kwargs)
-            if isinstance(out, tuple) and out[0] is None:   # a softmax that is not attention
-                return out[1]
+            if isinstance(out, tuple) and out[0] is None:   # a softmax that is not attention (the registry's
+                return out[1]                               # functions return (output, None))
             calls.append(1)
             return out
         return call
@@ -308,24 +311,42 @@ def test_dense_forms_and_a_window_covering_every_token_equal_eager(name, eager_l
 
 @pytest.mark.parametrize("name", ["cohere2", "doge", "falcon_alibi", "gpt_bigcode", "mpt"])
 def test_a_left_padded_sequence_attends_as_alone(name, eager_lowering):
-    """docs/spec.md, "Left padding": beside a longer batch-mate, a left-padded sequence's streaming attention is
-    what it is alone (its sink moved past its padding). Families whose mask carries more than padding and causality
-    (ALiBi in Falcon's SDPA mask and in MPT's logits, Doge's learned bias, Cohere2's sliding window) or that add
-    absolute positions (GPT-BigCode), so a mask read wrongly would move the sink or the window."""
+    """docs/spec.md, "Left padding": beside a longer batch-mate, a left-padded sequence attends exactly as it does
+    alone (its sink moved past its padding): its logits equal the oracle's on the sequence alone. Families whose
+    mask carries more than padding and causality (ALiBi in Falcon's SDPA mask and in MPT's logits, Doge's learned
+    bias, Cohere2's sliding window) or that add absolute positions (GPT-BigCode): a mask read wrongly would move
+    the sink or the window."""
     fam, model = _build(name)
     pad, n = 8, 24
     alone, mate = torch.randint(3, 128, (1, n)), torch.randint(3, 128, (1, n + pad))
     ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), alone], 1), mate])
     mask = torch.ones_like(ids)
     mask[0, :pad] = 0
-    kwargs, kwargs_alone = {}, {}
+    kwargs = {}
     if "position_ids" in inspect.signature(model.forward).parameters:   # positions from 0 at the first token
-        positions = torch.stack([torch.cat([torch.zeros(pad, dtype=torch.long), torch.arange(n)]), torch.arange(n + pad)])
-        kwargs, kwargs_alone = {"position_ids": positions}, {"position_ids": positions[:1, pad:]}
-    spec = fam.rules(SINK, WINDOW, {"form": "dense"})
+        kwargs["position_ids"] = torch.stack([torch.arange(-pad, n).clamp(min=0), torch.arange(n + pad)])
     with torch.no_grad():
-        out = sparsecc.compile(model, spec=spec, kernels="reference")(ids, attention_mask=mask, **kwargs).logits
-        applied = sorted(s.module for s in sparsecc.last_report().applied if s.kind == "attention")
-        expected = sparsecc.compile(model, spec=spec, kernels="reference")(alone, **kwargs_alone).logits
+        out = sparsecc.compile(model, spec=fam.rules(SINK, WINDOW, {"form": "dense"}), kernels="reference")(
+            ids, attention_mask=mask, **kwargs).logits
+    applied = sorted(s.module for s in sparsecc.last_report().applied if s.kind == "attention")
     assert applied == fam.attn_sites()
-    torch.testing.assert_close(out[0, pad:], expected[0], atol=1e-5, rtol=1e-5)
+    expected, _ = _oracle(model, fam, alone, True, [])
+    torch.testing.assert_close(out[0, pad:].double(), expected[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="the second compile's FFN sites vanish without a reason: Dynamo passes the "
+                   "gate multiplier it saw change as a graph value, and the rule is only reported as matching nothing")
+def test_a_second_model_with_another_gate_multiplier_keeps_its_ffn_sites(eager_lowering):
+    """Two Falcon-H1 models in one process whose MLP gate multipliers differ (up * act(gate * m)): the second
+    compile still lists each layer's FFN site, applied or dense with its reason, as the first does (the first
+    keeps them dense: the multiplier sits between the gate projection and its activation)."""
+    _build("falcon_h1")   # (skips where the family is not checked)
+    spec = FAMILIES["falcon_h1"].rules(SINK, WINDOW, GATE)
+    ids = torch.randint(0, 128, (1, 16))
+    for gate_multiplier in (0.5, 1.0):
+        kwargs = dict(FAMILIES["falcon_h1"].kwargs, mlp_multipliers=[gate_multiplier, 2.0], num_hidden_layers=1)
+        model = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(**kwargs)).eval()
+        with torch.no_grad():
+            sparsecc.compile(model, spec=spec, kernels="reference")(ids)
+        ffn = [s.module for s in sparsecc.last_report().sites if s.kind == "ffn"]
+        assert ffn == ["model.layers.0.feed_forward"], gate_multiplier
